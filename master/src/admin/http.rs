@@ -1,0 +1,226 @@
+//! The Admin API's HTTP server.
+
+use super::{objects, status};
+use crate::state::{ApiKey, Control, Master};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+use wasmgate_shared::config::Role;
+use wasmgate_shared::model::Kind;
+
+/// Serves the Admin API on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, master: Arc<Master>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("admin: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let master = master.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let master = master.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&master, req, peer).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = conn.await;
+        });
+    }
+}
+
+fn reply(status: u16, body: Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        http::header::SERVER,
+        http::HeaderValue::from_static(concat!("wasmgate/", env!("CARGO_PKG_VERSION"))),
+    );
+    resp
+}
+
+fn err(status: u16, msg: impl Into<String>) -> Response<Full<Bytes>> {
+    reply(status, json!({ "error_msg": msg.into() }))
+}
+
+async fn handle(m: &Master, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = parse_query(req.uri().query());
+    let who = match authenticate(m, &req, &query) {
+        Ok(k) => k,
+        Err(desc) => {
+            return reply(401, json!({"error_msg": "failed to check token", "description": desc}))
+        }
+    };
+    if who.as_ref().is_some_and(|k| k.role == Role::Viewer) && method != Method::GET {
+        return reply(
+            401,
+            json!({"error_msg": "failed to check token", "description": "invalid method for role viewer"}),
+        );
+    }
+    let limit = m.config().config.deployment.admin.max_body_size as usize;
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return err(413, format!("request body too large (limit {limit} bytes, deployment.admin.max_body_size)"))
+        }
+        Err(e) => return err(400, format!("invalid request body: {e}")),
+    };
+    let resp = dispatch(m, &method, &path, &query, body).await;
+    if method != Method::GET {
+        let name = who.as_ref().map(|k| k.name.as_str()).unwrap_or("-");
+        tracing::info!(
+            "admin: {method} {path} by {name} from {} -> {}",
+            peer.ip(),
+            resp.status().as_u16()
+        );
+    }
+    resp
+}
+
+async fn dispatch(m: &Master, method: &Method, path: &str, query: &[(String, String)], body: Bytes) -> Response<Full<Bytes>> {
+    if let Some(rest) = path.strip_prefix("/wasmgate/") {
+        return wasmgate_endpoint(m, method, rest).await;
+    }
+    let Some(rest) = path.strip_prefix("/apisix/admin/") else {
+        return err(404, format!("not found: {path}"));
+    };
+    let mut parts = rest.trim_end_matches('/').splitn(3, '/');
+    let kind_seg = parts.next().unwrap_or("");
+    let Some(kind) = Kind::parse(kind_seg) else {
+        return err(404, format!("Unsupported resource type: {kind_seg}"));
+    };
+    let id = parts.next().filter(|s| !s.is_empty());
+    let sub = parts.next().filter(|s| !s.is_empty());
+    let parse_body = || -> Result<Value, Response<Full<Bytes>>> {
+        if body.is_empty() {
+            return Err(err(400, "invalid request body: empty body"));
+        }
+        serde_json::from_slice(&body).map_err(|e| err(400, format!("invalid request body: {e}")))
+    };
+    let (status, value) = match (method, id, sub) {
+        (&Method::GET, None, None) => {
+            let num = |k: &str| query.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.parse().ok());
+            objects::list(m, kind, num("page"), num("page_size"))
+        }
+        (&Method::GET, Some(id), None) => objects::get(m, kind, id),
+        (&Method::PUT, id, None) => match parse_body() {
+            Ok(b) => objects::put(m, kind, id, b),
+            Err(r) => return r,
+        },
+        (&Method::POST, None, None) => match parse_body() {
+            Ok(b) => objects::post(m, kind, b),
+            Err(r) => return r,
+        },
+        (&Method::PATCH, Some(id), sub) => match parse_body() {
+            Ok(b) => objects::patch(m, kind, id, sub, b),
+            Err(r) => return r,
+        },
+        (&Method::DELETE, Some(id), None) => objects::delete(m, kind, id),
+        _ => return err(405, format!("method {method} is not allowed on {path}")),
+    };
+    reply(status, value)
+}
+
+async fn wasmgate_endpoint(m: &Master, method: &Method, rest: &str) -> Response<Full<Bytes>> {
+    match (method, rest.trim_end_matches('/')) {
+        (&Method::GET, "status") | (&Method::GET, "workers") => reply(200, status::gateway(m)),
+        (&Method::POST, "reload") => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if m.control.send(Control::Reload(tx)).is_err() {
+                return err(503, "the master is shutting down");
+            }
+            match rx.await {
+                Ok(Ok(epoch)) => reply(200, json!({ "reloaded": true, "epoch": epoch })),
+                Ok(Err(e)) => err(400, format!("reload refused: {e}")),
+                Err(_) => err(503, "the master is shutting down"),
+            }
+        }
+        _ => err(404, format!("not found: /wasmgate/{rest}")),
+    }
+}
+
+/// Finds the caller's key: `X-API-KEY` header, `api_key` query argument or `x_api_key` cookie.
+/// `Ok(None)` when keys are not required.
+fn authenticate(m: &Master, req: &Request<Incoming>, query: &[(String, String)]) -> Result<Option<ApiKey>, &'static str> {
+    if !m.config().config.deployment.admin.admin_key_required {
+        return Ok(None);
+    }
+    let presented = req
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| query.iter().find(|(k, _)| k == "api_key").map(|(_, v)| v.clone()))
+        .or_else(|| cookie(req, "x_api_key"));
+    let Some(presented) = presented else {
+        return Err("missing apikey");
+    };
+    // Compare against every key, without early exit, so timing reveals nothing.
+    let mut found = None;
+    for k in &m.keys {
+        if keys_equal(k.key.as_bytes(), presented.as_bytes()) && found.is_none() {
+            found = Some(k.clone());
+        }
+    }
+    found.map(Some).ok_or("wrong apikey")
+}
+
+/// Constant-time comparison that also hides the length of the configured key.
+fn keys_equal(expected: &[u8], presented: &[u8]) -> bool {
+    const MAX: usize = 256;
+    if expected.is_empty() || expected.len() > MAX || presented.len() > MAX {
+        return false;
+    }
+    let mut a = [0u8; MAX];
+    let mut b = [0u8; MAX];
+    a[..expected.len()].copy_from_slice(expected);
+    b[..presented.len()].copy_from_slice(presented);
+    let same_len = (expected.len() as u64).ct_eq(&(presented.len() as u64));
+    bool::from(a.ct_eq(&b) & same_len)
+}
+
+fn cookie(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.headers()
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
+    q.map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keys_equal;
+
+    #[test]
+    fn key_comparison() {
+        assert!(keys_equal(b"abc", b"abc"));
+        assert!(!keys_equal(b"abc", b"abd"));
+        assert!(!keys_equal(b"abc", b"abcd"));
+        assert!(!keys_equal(b"abc", b""));
+        assert!(!keys_equal(b"", b""));
+    }
+}

@@ -1,0 +1,299 @@
+//! Admin API object operations (GET/PUT/POST/PATCH/DELETE) over the store, independent of HTTP.
+//!
+//! A write is validated, checked against what it references, sized against the shared-memory
+//! capacity, persisted, applied in memory and published to workers — in that order, so a
+//! failure at any step leaves memory, disk and workers agreeing on the previous state.
+
+use crate::state::Master;
+use crate::store::{Store, Stored};
+use serde_json::{json, Map, Value};
+use std::time::{SystemTime, UNIX_EPOCH};
+use wasmgate_shared::model::{self, valid_id, Kind, PluginCatalog};
+
+/// An HTTP-ready outcome: status code and JSON body.
+pub type Reply = (u16, Value);
+
+fn error(status: u16, msg: impl Into<String>) -> Reply {
+    (status, json!({ "error_msg": msg.into() }))
+}
+
+fn not_found() -> Reply {
+    (404, json!({ "message": "Key not found" }))
+}
+
+fn key(kind: Kind, id: &str) -> String {
+    format!("/apisix/{}/{id}", kind.as_str())
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn entry(kind: Kind, id: &str, s: &Stored) -> Value {
+    json!({
+        "key": key(kind, id),
+        "value": s.value,
+        "createdIndex": s.created_index,
+        "modifiedIndex": s.modified_index,
+    })
+}
+
+/// GET one.
+pub fn get(m: &Master, kind: Kind, id: &str) -> Reply {
+    let store = m.store();
+    match store.get(kind, id) {
+        Some(s) => (200, entry(kind, id, s)),
+        None => not_found(),
+    }
+}
+
+/// GET list, with APISIX's optional `page` / `page_size`.
+pub fn list(m: &Master, kind: Kind, page: Option<usize>, page_size: Option<usize>) -> Reply {
+    let store = m.store();
+    let all = store.list(kind);
+    let total = all.len();
+    let items: Vec<Value> = match (page, page_size) {
+        (None, None) => all.iter().map(|(id, s)| entry(kind, id, s)).collect(),
+        (p, ps) => {
+            let ps = ps.unwrap_or(10).clamp(10, 500);
+            let p = p.unwrap_or(1).max(1);
+            all.iter()
+                .skip((p - 1).saturating_mul(ps))
+                .take(ps)
+                .map(|(id, s)| entry(kind, id, s))
+                .collect()
+        }
+    };
+    (200, json!({ "total": total, "list": items }))
+}
+
+/// PUT with an id (from the path, or from the body when PUT to the collection).
+pub fn put(m: &Master, kind: Kind, path_id: Option<&str>, body: Value) -> Reply {
+    let body_id = match body.get("id") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(_) => return error(400, "invalid configuration: property \"id\" validation failed: an id is a string or an integer"),
+    };
+    let id = match (path_id, body_id) {
+        (Some(p), Some(b)) if p != b => return error(400, format!("wrong {} id", kind.noun())),
+        (Some(p), _) => p.to_string(),
+        (None, Some(b)) => b,
+        (None, None) => return error(400, format!("missing {} id", kind.noun())),
+    };
+    let mut store = m.store();
+    write(m, &mut store, kind, &id, body)
+}
+
+/// POST: create with a generated id.
+pub fn post(m: &Master, kind: Kind, body: Value) -> Reply {
+    if body.get("id").is_some() {
+        return error(400, format!("wrong {} id, do not need it", kind.noun()));
+    }
+    let mut store = m.store();
+    let id = store.generate_id(kind);
+    write(m, &mut store, kind, &id, body)
+}
+
+/// PATCH: a JSON merge patch on the whole object, or a replacement of one field when the
+/// path names it (`/routes/1/methods`).
+pub fn patch(m: &Master, kind: Kind, id: &str, sub_path: Option<&str>, body: Value) -> Reply {
+    let mut store = m.store();
+    let current = match store.get(kind, id) {
+        Some(s) => s.value.clone(),
+        None => return not_found(),
+    };
+    let mut merged = current;
+    match sub_path {
+        Some(path) => {
+            if let Err(e) = set_path(&mut merged, path, body) {
+                return error(400, e);
+            }
+        }
+        None => {
+            if !body.is_object() {
+                return error(400, "invalid configuration: the body must be a JSON object");
+            }
+            merge_patch(&mut merged, body);
+        }
+    }
+    write(m, &mut store, kind, id, merged)
+}
+
+/// DELETE, refused while another object still refers to this one.
+pub fn delete(m: &Master, kind: Kind, id: &str) -> Reply {
+    let mut store = m.store();
+    if store.get(kind, id).is_none() {
+        return not_found();
+    }
+    if let Some(msg) = still_used(&store, kind, id) {
+        return error(400, msg);
+    }
+    let snapshot = m.snapshot_with(&store, Some((kind, id, None)));
+    let bytes = match m.check_capacity(snapshot) {
+        Ok(b) => b,
+        Err(reply) => return reply,
+    };
+    if let Err(e) = store.delete(kind, id) {
+        tracing::error!("admin: delete {} {id} failed: {e}", kind.noun());
+        return error(503, format!("failed to persist the change: {e}"));
+    }
+    m.publish(store.revision(), &bytes);
+    (200, json!({ "deleted": id, "key": key(kind, id) }))
+}
+
+fn still_used(store: &Store, kind: Kind, id: &str) -> Option<String> {
+    let users: &[Kind] = match kind {
+        Kind::Upstreams => &[Kind::Routes, Kind::Services],
+        Kind::Services => &[Kind::Routes],
+        _ => &[],
+    };
+    let field = match kind {
+        Kind::Upstreams => "upstream_id",
+        _ => "service_id",
+    };
+    for user in users {
+        for (uid, s) in store.list(*user) {
+            if id_field(&s.value, field).as_deref() == Some(id) {
+                return Some(format!(
+                    "can not delete this {}, {} [{uid}] is still using it now",
+                    kind.noun(),
+                    user.noun()
+                ));
+            }
+        }
+    }
+    None
+}
+
+fn id_field(v: &Value, field: &str) -> Option<String> {
+    match v.get(field)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Validates, persists and publishes one object.
+fn write(m: &Master, store: &mut Store, kind: Kind, id: &str, mut body: Value) -> Reply {
+    if !valid_id(id) {
+        return error(400, format!("invalid configuration: property \"id\" validation failed: invalid id {id:?}: 1 to 64 characters from a-z A-Z 0-9 - _ ."));
+    }
+    let catalog = m.catalog();
+    let object = match model::validate(kind, &body, &catalog) {
+        Ok(o) => o,
+        Err(e) => return error(400, e),
+    };
+    for (rkind, rid) in object.references() {
+        if store.get(rkind, &rid).is_none() {
+            return error(
+                400,
+                format!("failed to fetch {} info by {} id [{rid}], response code: 404", rkind.noun(), rkind.noun()),
+            );
+        }
+    }
+    let existing = store.get(kind, id).cloned();
+    let t = now();
+    let obj = body.as_object_mut().expect("validated as an object");
+    obj.insert("id".into(), Value::String(id.to_string()));
+    let create_time = existing
+        .as_ref()
+        .and_then(|e| e.value.get("create_time").cloned())
+        .unwrap_or(json!(t));
+    obj.insert("create_time".into(), create_time);
+    obj.insert("update_time".into(), json!(t));
+    let revision = store.next_revision();
+    let stored = Stored {
+        value: body,
+        created_index: existing.as_ref().map(|e| e.created_index).unwrap_or(revision),
+        modified_index: revision,
+    };
+    let snapshot = m.snapshot_with(store, Some((kind, id, Some(&stored))));
+    let bytes = match m.check_capacity(snapshot) {
+        Ok(b) => b,
+        Err(reply) => return reply,
+    };
+    if let Err(e) = store.put(kind, id, stored.clone()) {
+        tracing::error!("admin: write {} {id} failed: {e}", kind.noun());
+        return error(503, format!("failed to persist the change: {e}"));
+    }
+    m.publish(revision, &bytes);
+    let status = if existing.is_some() { 200 } else { 201 };
+    (status, json!({ "key": key(kind, id), "value": stored.value }))
+}
+
+/// RFC 7396 JSON merge patch (APISIX's PATCH semantics: objects merge, `null` deletes,
+/// everything else replaces).
+pub fn merge_patch(target: &mut Value, patch: Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(Map::new());
+            }
+            let t = target.as_object_mut().expect("just made an object");
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(&k);
+                } else {
+                    merge_patch(t.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other,
+    }
+}
+
+fn set_path(target: &mut Value, path: &str, value: Value) -> Result<(), String> {
+    let mut cur = target;
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let Some((last, parents)) = parts.split_last() else {
+        return Err("invalid sub path".into());
+    };
+    for p in parents {
+        cur = cur
+            .as_object_mut()
+            .ok_or_else(|| format!("invalid sub path: {path}"))?
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+    let obj = cur.as_object_mut().ok_or_else(|| format!("invalid sub path: {path}"))?;
+    if value.is_null() {
+        obj.remove(*last);
+    } else {
+        obj.insert(last.to_string(), value);
+    }
+    Ok(())
+}
+
+/// Re-validates every stored object against a new plugin catalog (config reload): the first
+/// object that would break is reported and the reload refused.
+pub fn check_all(store: &Store, catalog: &PluginCatalog) -> Result<(), String> {
+    for (kind, id, s) in store.iter() {
+        model::validate(kind, &s.value, catalog)
+            .map_err(|e| format!("{} {id} would become invalid: {e}", kind.noun()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_patch_semantics() {
+        let mut v = json!({"a": 1, "b": {"c": 2, "d": 3}, "e": [1, 2]});
+        merge_patch(&mut v, json!({"a": null, "b": {"c": 9}, "e": [3]}));
+        assert_eq!(v, json!({"b": {"c": 9, "d": 3}, "e": [3]}));
+    }
+
+    #[test]
+    fn sub_path_patch() {
+        let mut v = json!({"uri": "/", "upstream": {"nodes": {"a:1": 1}}});
+        set_path(&mut v, "upstream/nodes", json!({"b:2": 1})).unwrap();
+        assert_eq!(v["upstream"]["nodes"], json!({"b:2": 1}));
+        assert!(set_path(&mut v, "uri/x", json!(1)).is_err());
+    }
+}

@@ -1,0 +1,131 @@
+//! The wasmgate master process.
+//!
+//! It owns the configuration and the object store, serves the Admin API, publishes snapshots
+//! to shared memory and supervises the workers. The flow, step by step, is written down in
+//! `docs/ARCHITECTURE.md`; [`start`] is where it begins.
+
+pub mod admin;
+pub mod cli;
+mod keys;
+mod listeners;
+mod run;
+pub mod state;
+pub mod store;
+pub mod supervisor;
+
+use anyhow::{bail, Context};
+use state::LoadedConfig;
+use std::path::{Path, PathBuf};
+use wasmgate_shared::config::{ConfigError, GatewayConfig, EMBEDDED_DEFAULT};
+
+/// Command-line options shared by `start`, `stop`, `reload` and `status`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The prefix directory: logs, data and the default config live under it.
+    pub prefix: PathBuf,
+    /// An explicit config.yaml (default: `<prefix>/conf/config.yaml`, else the embedded one).
+    pub config: Option<PathBuf>,
+    /// Stay in the foreground, logging to stderr too.
+    pub foreground: bool,
+}
+
+impl Options {
+    /// The config file that applies, if any (None: the embedded default).
+    fn config_path(&self) -> Option<PathBuf> {
+        if let Some(c) = &self.config {
+            return Some(self.prefix.join(c));
+        }
+        let p = self.prefix.join("conf/config.yaml");
+        p.exists().then_some(p)
+    }
+
+    /// Reads and validates the configuration that applies.
+    pub fn load_config(&self) -> Result<LoadedConfig, ConfigError> {
+        match self.config_path() {
+            Some(path) => {
+                let yaml = std::fs::read_to_string(&path)
+                    .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+                let origin = path.display().to_string();
+                let config = GatewayConfig::parse(&yaml, &origin)?;
+                Ok(LoadedConfig { config, yaml, origin })
+            }
+            None => {
+                let origin = "<embedded conf/config.yaml>".to_string();
+                let config = GatewayConfig::parse(EMBEDDED_DEFAULT, &origin)?;
+                Ok(LoadedConfig {
+                    config,
+                    yaml: EMBEDDED_DEFAULT.to_string(),
+                    origin,
+                })
+            }
+        }
+    }
+
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        self.prefix.join(p)
+    }
+}
+
+/// Checks what config.yaml points at on disk (plugin files), naming the plugin.
+pub fn check_plugin_files(config: &LoadedConfig, opts: &Options) -> Result<(), String> {
+    for p in &config.config.wasm.plugins {
+        let path = opts.resolve(&p.file);
+        std::fs::File::open(&path).map_err(|e| {
+            format!("{}: wasm plugin {:?}: cannot read file {}: {e}", config.origin, p.name, path.display())
+        })?;
+    }
+    Ok(())
+}
+
+/// `wasmgate start`.
+pub fn start(opts: Options) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&opts.prefix)
+        .with_context(|| format!("cannot create prefix directory {}", opts.prefix.display()))?;
+    let opts = Options {
+        prefix: opts.prefix.canonicalize()?,
+        ..opts
+    };
+    let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
+    check_plugin_files(&loaded, &opts).map_err(anyhow::Error::msg)?;
+    let cfg = &loaded.config;
+    let pid_path = opts.resolve(&cfg.wasmgate.pid_file);
+    if let Some(pid) = cli::running_pid(&pid_path) {
+        bail!("wasmgate is already running (pid {pid}, pid file {})", pid_path.display());
+    }
+    let data_dir = opts.resolve(&cfg.wasmgate.data_dir);
+    let store = store::Store::open(&data_dir)?;
+    admin::objects::check_all(&store, &loaded.catalog()).map_err(|e| {
+        anyhow::anyhow!("the stored configuration does not match {}: {e}", loaded.origin)
+    })?;
+    let keys = keys::resolve(cfg, &data_dir)?;
+    let proxy = listeners::bind_all(&cfg.apisix.node_listen)?;
+    let admin_addr = cfg.deployment.admin.admin_listen.addr();
+    let admin = listeners::bind(admin_addr).with_context(|| format!("cannot listen on {admin_addr} (deployment.admin.admin_listen)"))?;
+    let log_path = opts.resolve(&cfg.nginx_config.error_log);
+    if let Some(d) = pid_path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    if !opts.foreground {
+        // Everything that can fail because of the user's input has been checked above, while
+        // errors can still reach the terminal.
+        nix::unistd::daemon(true, false).context("cannot daemonize")?;
+    }
+    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+        .with_context(|| format!("cannot write pid file {}", pid_path.display()))?;
+    wasmgate_shared::logging::init(&log_path, cfg.nginx_config.error_log_level, "master", opts.foreground)
+        .with_context(|| format!("cannot open error log {}", log_path.display()))?;
+    let result = run::run(opts.clone(), loaded, store, keys, proxy, admin);
+    if let Err(e) = &result {
+        tracing::error!("master stopped on error: {e:#}");
+    }
+    cli::remove_pid_file(&pid_path);
+    result
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

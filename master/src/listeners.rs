@@ -1,0 +1,61 @@
+//! Binding the proxy and Admin API sockets.
+
+use crate::supervisor::Listener;
+use anyhow::Context;
+use socket2::{Domain, Socket, Type};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use wasmgate_shared::config::ListenAddr;
+
+/// Backlog of listening sockets: connections wait here while workers are replaced.
+const BACKLOG: i32 = 4096;
+
+/// Binds a listening TCP socket (SO_REUSEADDR, IPv6 sockets v6-only).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Binds every proxy listener, moving each fd to ≥ 64 (see [`Listener::fd`]).
+pub fn bind_all(addrs: &[ListenAddr]) -> anyhow::Result<Vec<Listener>> {
+    addrs
+        .iter()
+        .map(|a| {
+            let l = bind(a.0).with_context(|| format!("cannot listen on {} (apisix.node_listen)", a.0))?;
+            Ok(Listener {
+                addr: a.0,
+                fd: high_fd(OwnedFd::from(l))?,
+            })
+        })
+        .collect()
+}
+
+/// Reuses the sockets of `current` for addresses still listed and binds the new ones.
+pub fn rebind(current: &[Listener], addrs: &[ListenAddr]) -> anyhow::Result<Vec<Listener>> {
+    addrs
+        .iter()
+        .map(|a| match current.iter().find(|l| l.addr == a.0) {
+            Some(l) => Ok(Listener {
+                addr: l.addr,
+                fd: high_fd(l.fd.try_clone()?)?,
+            }),
+            None => bind_all(std::slice::from_ref(a)).map(|mut v| v.remove(0)),
+        })
+        .collect()
+}
+
+fn high_fd(fd: OwnedFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a valid fd we own returns a new fd or -1.
+    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 64) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a freshly duplicated fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}

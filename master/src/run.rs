@@ -1,0 +1,200 @@
+//! The master's main loop: signals, worker exits, reload requests, respawn timers.
+
+use crate::listeners;
+use crate::state::{ApiKey, Control, LoadedConfig, Master};
+use crate::store::Store;
+use crate::supervisor::{Listener, Supervisor};
+use crate::Options;
+use anyhow::Context;
+use nix::sys::signal::Signal;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc::UnboundedReceiver;
+use wasmgate_shared::shm::Segment;
+
+/// How long new workers may take to report ready before a start or reload is abandoned.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Loop {
+    opts: Options,
+    master: Arc<Master>,
+    sup: Supervisor,
+    exits: UnboundedReceiver<(u32, String)>,
+    control: Option<UnboundedReceiver<Control>>,
+}
+
+pub fn run(
+    opts: Options,
+    loaded: LoadedConfig,
+    store: Store,
+    keys: Vec<ApiKey>,
+    proxy: Vec<Listener>,
+    admin: std::net::TcpListener,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the master's runtime")?;
+    rt.block_on(async move {
+        let segment = Arc::new(Segment::create(loaded.config.wasmgate.shm_size)?);
+        let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
+        let master = Arc::new(Master::new(store, loaded, segment, keys, control_tx));
+        master.publish_current().map_err(anyhow::Error::msg)?;
+        admin.set_nonblocking(true)?;
+        let admin_addr = admin.local_addr()?;
+        let admin = tokio::net::TcpListener::from_std(admin)?;
+        tokio::spawn(crate::admin::http::serve(admin, master.clone()));
+        let (sup, exits) = Supervisor::new(master.clone(), proxy, opts.prefix.clone());
+        let mut l = Loop {
+            opts,
+            master,
+            sup,
+            exits,
+            control: Some(control_rx),
+        };
+        l.boot(admin_addr).await?;
+        l.main().await
+    })
+}
+
+impl Loop {
+    async fn boot(&mut self, admin_addr: std::net::SocketAddr) -> anyhow::Result<()> {
+        let config = self.master.config();
+        let n = config.config.nginx_config.worker_processes.resolve();
+        self.sup.start_set(n, 0, &config).map_err(anyhow::Error::msg)?;
+        if !self.wait_ready(0).await {
+            anyhow::bail!("workers failed to start; see the error log");
+        }
+        let proxy: Vec<String> = self.sup.listeners().iter().map(|l| l.addr.to_string()).collect();
+        tracing::warn!(
+            "wasmgate {} started: {n} workers, proxy on {}, Admin API on {admin_addr}, config {}",
+            wasmgate_shared::VERSION,
+            proxy.join(", "),
+            config.origin
+        );
+        Ok(())
+    }
+
+    async fn main(&mut self) -> anyhow::Result<()> {
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut quit = signal(SignalKind::quit())?;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut control = self.control.take().context("main loop started twice")?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    tracing::warn!("SIGHUP received: reloading configuration");
+                    let _ = self.reload().await;
+                }
+                _ = term.recv() => return self.stop(false).await,
+                _ = int.recv() => return self.stop(false).await,
+                _ = quit.recv() => return self.stop(true).await,
+                Some(Control::Reload(reply)) = control.recv() => {
+                    tracing::warn!("reload requested through the Admin API");
+                    let _ = reply.send(self.reload().await);
+                }
+                Some((pid, status)) = self.exits.recv() => self.sup.on_exit(pid, &status, false),
+                _ = tick.tick() => self.sup.tick(&self.master.config()),
+            }
+        }
+    }
+
+    /// Waits until every worker of `epoch` is ready; false if one died or time ran out.
+    async fn wait_ready(&mut self, epoch: u64) -> bool {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            while let Ok((pid, status)) = self.exits.try_recv() {
+                self.sup.on_exit(pid, &status, false);
+            }
+            if self.sup.epoch_failed(epoch) {
+                return false;
+            }
+            if self.sup.epoch_ready(epoch) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                tracing::error!("workers of epoch {epoch} not ready after {READY_TIMEOUT:?}");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Re-reads config.yaml and replaces the workers; the old set keeps serving on any error.
+    async fn reload(&mut self) -> Result<u64, String> {
+        let result = self.try_reload().await;
+        match &result {
+            Ok(epoch) => tracing::warn!("reload applied: epoch {epoch} serving, previous workers draining"),
+            Err(e) => tracing::error!("reload refused, the previous configuration keeps serving: {e}"),
+        }
+        result
+    }
+
+    async fn try_reload(&mut self) -> Result<u64, String> {
+        let new = self.opts.load_config().map_err(|e| e.to_string())?;
+        crate::check_plugin_files(&new, &self.opts)?;
+        crate::admin::objects::check_all(&self.master.store(), &new.catalog())?;
+        warn_restart_only(&self.master.config(), &new);
+        let listeners = listeners::rebind(self.sup.listeners(), &new.config.apisix.node_listen)
+            .map_err(|e| format!("{e:#}"))?;
+        let old_listeners = self.sup.replace_listeners(listeners);
+        let epoch = self.master.epoch.load(Ordering::Relaxed) + 1;
+        let n = new.config.nginx_config.worker_processes.resolve();
+        let started = self.sup.start_set(n, epoch, &new);
+        if started.is_err() || !self.wait_ready(epoch).await {
+            self.sup.abort_epoch(epoch);
+            self.sup.replace_listeners(old_listeners);
+            return Err(started.err().unwrap_or_else(|| "the new workers failed to start; see the error log".into()));
+        }
+        let timeout = new.config.nginx_config.worker_shutdown_timeout;
+        self.master.set_config(new);
+        self.master.epoch.store(epoch, Ordering::Relaxed);
+        self.sup.drain_others(epoch, timeout);
+        Ok(epoch)
+    }
+
+    /// Stops the workers (gracefully: let them drain) and returns.
+    async fn stop(&mut self, graceful: bool) -> anyhow::Result<()> {
+        let (sig, grace) = if graceful {
+            (Signal::SIGQUIT, self.master.config().config.nginx_config.worker_shutdown_timeout + Duration::from_secs(5))
+        } else {
+            (Signal::SIGTERM, Duration::from_secs(5))
+        };
+        tracing::warn!("{} stop: signalling {} workers", if graceful { "graceful" } else { "fast" }, self.sup.live());
+        self.sup.signal_all(sig);
+        let deadline = Instant::now() + grace;
+        while self.sup.live() > 0 && Instant::now() < deadline {
+            if let Ok(Some((pid, status))) = tokio::time::timeout(Duration::from_millis(100), self.exits.recv()).await {
+                self.sup.on_exit(pid, &status, true);
+            }
+        }
+        if self.sup.live() > 0 {
+            tracing::warn!("killing {} workers that did not stop in time", self.sup.live());
+            self.sup.signal_all(Signal::SIGKILL);
+        }
+        tracing::warn!("wasmgate stopped");
+        Ok(())
+    }
+}
+
+/// Settings a reload cannot change in place: say so instead of silently ignoring them.
+fn warn_restart_only(old: &LoadedConfig, new: &LoadedConfig) {
+    let (o, n) = (&old.config, &new.config);
+    let mut changed = Vec::new();
+    if o.deployment.admin != n.deployment.admin {
+        changed.push("deployment.admin");
+    }
+    if o.wasmgate != n.wasmgate {
+        changed.push("wasmgate");
+    }
+    if o.nginx_config.error_log != n.nginx_config.error_log {
+        changed.push("nginx_config.error_log");
+    }
+    if !changed.is_empty() {
+        tracing::warn!("reload: changes to {} take effect at the next restart", changed.join(", "));
+    }
+}

@@ -1,0 +1,163 @@
+//! The master's shared state: the store, the current configuration, the shared-memory segment.
+
+use crate::admin::objects::Reply;
+use crate::store::{Store, Stored};
+use serde_json::json;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use wasmgate_shared::config::{GatewayConfig, Role};
+use wasmgate_shared::model::{Kind, PluginCatalog};
+use wasmgate_shared::shm::Segment;
+use wasmgate_shared::snapshot::{Snapshot, SnapshotObject};
+
+/// A configuration as loaded from config.yaml (or the embedded default).
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub config: GatewayConfig,
+    /// The YAML text, handed to workers so they parse exactly what the master validated.
+    pub yaml: String,
+    /// The file name used in messages (`conf/config.yaml` or `<embedded>`).
+    pub origin: String,
+}
+
+impl LoadedConfig {
+    pub fn catalog(&self) -> PluginCatalog {
+        PluginCatalog::new(self.config.plugin_names().map(str::to_string))
+    }
+}
+
+/// An Admin API key with its role (resolved: generated keys filled in).
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub name: String,
+    pub key: String,
+    pub role: Role,
+}
+
+/// Requests the Admin API hands to the master's main loop.
+#[derive(Debug)]
+pub enum Control {
+    /// Reload config.yaml; the reply says whether it was applied.
+    Reload(tokio::sync::oneshot::Sender<Result<u64, String>>),
+}
+
+/// State shared by the Admin API and the master's main loop.
+pub struct Master {
+    store: Mutex<Store>,
+    config: RwLock<Arc<LoadedConfig>>,
+    catalog: RwLock<Arc<PluginCatalog>>,
+    pub segment: Arc<Segment>,
+    pub keys: Vec<ApiKey>,
+    pub control: tokio::sync::mpsc::UnboundedSender<Control>,
+    pub started_at_ms: u64,
+    /// The reload epoch of the current worker set (0 at start, +1 per applied reload).
+    pub epoch: std::sync::atomic::AtomicU64,
+}
+
+impl Master {
+    pub fn new(
+        store: Store,
+        config: LoadedConfig,
+        segment: Arc<Segment>,
+        keys: Vec<ApiKey>,
+        control: tokio::sync::mpsc::UnboundedSender<Control>,
+    ) -> Master {
+        let catalog = Arc::new(config.catalog());
+        Master {
+            store: Mutex::new(store),
+            config: RwLock::new(Arc::new(config)),
+            catalog: RwLock::new(catalog),
+            segment,
+            keys,
+            control,
+            started_at_ms: crate::now_ms(),
+            epoch: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The store, locked. Writers hold it from validation to publication so that changes are
+    /// applied, persisted and published in one order.
+    pub fn store(&self) -> MutexGuard<'_, Store> {
+        // A panic while holding the lock cannot leave the store half-applied (it persists
+        // first, then mutates one map entry), so a poisoned lock is safe to reuse.
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn config(&self) -> Arc<LoadedConfig> {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn catalog(&self) -> Arc<PluginCatalog> {
+        self.catalog.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Switches to a reloaded configuration (the caller validated it against the store).
+    pub fn set_config(&self, config: LoadedConfig) {
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config.catalog());
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+    }
+
+    /// The snapshot of `store` with one pending change applied: `(kind, id, Some(new))` puts,
+    /// `(kind, id, None)` deletes.
+    pub fn snapshot_with(&self, store: &Store, change: Option<(Kind, &str, Option<&Stored>)>) -> Snapshot {
+        let mut objects = Vec::new();
+        let mut generation = store.revision();
+        for (kind, id, s) in store.iter() {
+            if let Some((ck, cid, _)) = change {
+                if ck == kind && cid == id {
+                    continue;
+                }
+            }
+            objects.push(object(kind, id, s));
+        }
+        if let Some((kind, id, new)) = change {
+            generation = store.next_revision();
+            if let Some(s) = new {
+                objects.push(object(kind, id, s));
+            }
+        }
+        Snapshot { generation, objects }
+    }
+
+    /// Encodes a snapshot and checks it fits the shared-memory area.
+    pub fn check_capacity(&self, snapshot: Snapshot) -> Result<Vec<u8>, Reply> {
+        let bytes = snapshot.encode();
+        if bytes.len() > self.segment.capacity() {
+            return Err((
+                507,
+                json!({ "error_msg": format!(
+                    "configuration snapshot of {} bytes exceeds wasmgate.shm_size ({} bytes); raise wasmgate.shm_size in config.yaml",
+                    bytes.len(),
+                    self.segment.capacity()
+                )}),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Publishes an encoded snapshot to the workers.
+    pub fn publish(&self, generation: u64, bytes: &[u8]) {
+        if let Err(e) = self.segment.publish(generation, bytes) {
+            // check_capacity ran first, so this is unreachable in practice; log loudly anyway.
+            tracing::error!("publish of generation {generation} failed: {e}");
+        }
+    }
+
+    /// Publishes the store as it is (start-up, reload).
+    pub fn publish_current(&self) -> Result<u64, String> {
+        let store = self.store();
+        let snap = self.snapshot_with(&store, None);
+        let generation = snap.generation;
+        let bytes = self.check_capacity(snap).map_err(|(_, v)| v["error_msg"].to_string())?;
+        self.publish(generation, &bytes);
+        Ok(generation)
+    }
+}
+
+fn object(kind: Kind, id: &str, s: &Stored) -> SnapshotObject {
+    SnapshotObject {
+        kind: kind.into(),
+        id: id.to_string(),
+        revision: s.modified_index,
+        json: s.value.to_string(),
+    }
+}

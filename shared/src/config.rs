@@ -1,0 +1,527 @@
+//! The `config.yaml` model (APISIX-compatible keys), parsed once and validated with messages
+//! of the form `file:line: what is wrong`.
+//!
+//! Every section rejects unknown keys: a misspelt key is an error at start or reload, never a
+//! silently ignored setting. `docs/configuration.md` lists every key.
+
+use crate::units::{de_duration, de_size};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The configuration compiled into the binary, used when no `conf/config.yaml` exists.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../conf/config.yaml");
+
+/// A configuration error, already formatted as `file:line: message` where a line is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The whole `config.yaml`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub apisix: ApisixSection,
+    pub deployment: DeploymentSection,
+    pub nginx_config: NginxConfigSection,
+    pub wasm: WasmSection,
+    pub wasmgate: WasmgateSection,
+}
+
+/// `apisix:` — the proxy listeners.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApisixSection {
+    /// `node_listen`: ports (`9080`) or `{ip, port}` items. Default `[9080]` on all addresses.
+    pub node_listen: Vec<ListenAddr>,
+    /// Accepted for compatibility with APISIX files; the Admin API is always enabled.
+    pub enable_admin: bool,
+}
+
+impl Default for ApisixSection {
+    fn default() -> Self {
+        ApisixSection {
+            node_listen: vec![ListenAddr(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                9080,
+            ))],
+            enable_admin: true,
+        }
+    }
+}
+
+/// A listen address: a bare port, `"ip:port"`, or `{ip, port}`.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Hash)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Port(u16),
+            Text(String),
+            Map { ip: Option<String>, port: u16 },
+        }
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let addr = match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("a listen address is a port, \"ip:port\" or {ip, port}")
+        })? {
+            Raw::Port(p) => SocketAddr::new(any, p),
+            Raw::Text(t) => match t.parse::<u16>() {
+                Ok(p) => SocketAddr::new(any, p),
+                Err(_) => t.parse::<SocketAddr>().map_err(|_| {
+                    serde::de::Error::custom(format!("invalid listen address {t:?}"))
+                })?,
+            },
+            Raw::Map { ip, port } => {
+                let ip = match ip {
+                    Some(ip) => ip.parse::<IpAddr>().map_err(|_| {
+                        serde::de::Error::custom(format!("invalid listen ip {ip:?}"))
+                    })?,
+                    None => any,
+                };
+                SocketAddr::new(ip, port)
+            }
+        };
+        Ok(ListenAddr(addr))
+    }
+}
+
+/// `deployment:` — the Admin API.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeploymentSection {
+    /// Accepted for compatibility (`traditional`); wasmgate is always data plane + control plane.
+    pub role: Option<String>,
+    pub admin: AdminSection,
+}
+
+/// `deployment.admin:`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// When false, requests need no key (only sensible on a private loopback).
+    pub admin_key_required: bool,
+    /// Keys with a role: `admin` may write, `viewer` may only read.
+    pub admin_key: Vec<AdminKey>,
+    /// Where the Admin API listens; loopback by default.
+    pub admin_listen: AdminListen,
+    /// Largest accepted Admin API request body.
+    #[serde(deserialize_with = "de_size")]
+    pub max_body_size: u64,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            admin_key_required: true,
+            admin_key: vec![AdminKey {
+                name: "admin".into(),
+                key: String::new(),
+                role: Role::Admin,
+            }],
+            admin_listen: AdminListen::default(),
+            max_body_size: 1 << 20,
+        }
+    }
+}
+
+/// One Admin API key.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminKey {
+    pub name: String,
+    /// Empty: generated at first start, stored under the prefix and printed once.
+    #[serde(default)]
+    pub key: String,
+    #[serde(default)]
+    pub role: Role,
+}
+
+/// What an Admin API key may do.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Admin,
+    Viewer,
+}
+
+/// `deployment.admin.admin_listen`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminListen {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+impl Default for AdminListen {
+    fn default() -> Self {
+        AdminListen {
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 9180,
+        }
+    }
+}
+
+impl AdminListen {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port)
+    }
+}
+
+/// `nginx_config:` — process and HTTP settings, named as nginx names them.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NginxConfigSection {
+    pub worker_processes: WorkerProcesses,
+    /// Error log path, relative to the prefix.
+    pub error_log: PathBuf,
+    /// `debug`, `info`, `notice`, `warn`, `error`, `crit`, `alert`, `emerg`.
+    pub error_log_level: LogLevel,
+    /// How long old workers may drain in-flight requests on reload or graceful stop.
+    #[serde(deserialize_with = "de_duration")]
+    pub worker_shutdown_timeout: Duration,
+    pub http: HttpSection,
+}
+
+impl Default for NginxConfigSection {
+    fn default() -> Self {
+        NginxConfigSection {
+            worker_processes: WorkerProcesses::Auto,
+            error_log: PathBuf::from("logs/error.log"),
+            error_log_level: LogLevel::Warn,
+            worker_shutdown_timeout: Duration::from_secs(240),
+            http: HttpSection::default(),
+        }
+    }
+}
+
+/// `worker_processes`: `auto` (one per core) or a number.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub enum WorkerProcesses {
+    Auto,
+    Count(u16),
+}
+
+impl WorkerProcesses {
+    /// The number of workers to run on this machine.
+    pub fn resolve(self) -> usize {
+        match self {
+            WorkerProcesses::Auto => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            WorkerProcesses::Count(n) => n as usize,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkerProcesses {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(i64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) if (1..=1024).contains(&n) => Ok(WorkerProcesses::Count(n as u16)),
+            Raw::Text(t) if t == "auto" => Ok(WorkerProcesses::Auto),
+            Raw::Text(t) if t.parse::<u16>().is_ok_and(|n| (1..=1024).contains(&n)) => {
+                Ok(WorkerProcesses::Count(t.parse().unwrap_or(1)))
+            }
+            _ => Err(serde::de::Error::custom(
+                "worker_processes must be \"auto\" or a number from 1 to 1024",
+            )),
+        }
+    }
+}
+
+/// Error-log verbosity, in nginx's words.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Notice,
+    Warn,
+    Error,
+    Crit,
+    Alert,
+    Emerg,
+}
+
+impl LogLevel {
+    /// The `tracing` filter directive for this level.
+    pub fn as_tracing(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info | LogLevel::Notice => "info",
+            LogLevel::Warn => "warn",
+            _ => "error",
+        }
+    }
+}
+
+/// `nginx_config.http:`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// Access log path relative to the prefix, or `off`.
+    pub access_log: String,
+    /// Idle keep-alive time of client connections.
+    #[serde(deserialize_with = "de_duration")]
+    pub keepalive_timeout: Duration,
+    /// Time allowed to receive a request's headers.
+    #[serde(deserialize_with = "de_duration")]
+    pub client_header_timeout: Duration,
+    /// Largest request body (0 = unlimited); larger → 413.
+    #[serde(deserialize_with = "de_size")]
+    pub client_max_body_size: u64,
+    /// Largest request head (request line + headers); larger → 431.
+    #[serde(deserialize_with = "de_size")]
+    pub client_max_header_size: u64,
+    /// Idle upstream connections kept per worker per node.
+    pub upstream_keepalive: usize,
+    /// How long an idle upstream connection is kept.
+    #[serde(deserialize_with = "de_duration")]
+    pub upstream_keepalive_timeout: Duration,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            access_log: "logs/access.log".into(),
+            keepalive_timeout: Duration::from_secs(60),
+            client_header_timeout: Duration::from_secs(60),
+            client_max_body_size: 0,
+            client_max_header_size: 64 << 10,
+            upstream_keepalive: 320,
+            upstream_keepalive_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `wasm:` — the Proxy-Wasm plugins every worker loads.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WasmSection {
+    pub plugins: Vec<WasmPluginDecl>,
+}
+
+/// One `wasm.plugins` item.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WasmPluginDecl {
+    pub name: String,
+    pub priority: i64,
+    /// Path of the `.wasm` file, relative to the prefix when not absolute.
+    pub file: PathBuf,
+    #[serde(default)]
+    pub http_request_phase: RequestPhase,
+}
+
+/// The phase in which a plugin's `proxy_on_request_headers` runs.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestPhase {
+    Rewrite,
+    #[default]
+    Access,
+}
+
+/// `wasmgate:` — settings APISIX has no word for.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WasmgateSection {
+    /// Capacity of the shared-memory area that carries configuration snapshots.
+    #[serde(deserialize_with = "de_size")]
+    pub shm_size: u64,
+    /// Where Admin API objects are stored, relative to the prefix.
+    pub data_dir: PathBuf,
+    /// The master's pid file, relative to the prefix.
+    pub pid_file: PathBuf,
+}
+
+impl Default for WasmgateSection {
+    fn default() -> Self {
+        WasmgateSection {
+            shm_size: 64 << 20,
+            data_dir: PathBuf::from("data"),
+            pid_file: PathBuf::from("logs/wasmgate.pid"),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Parses and validates YAML text; `origin` names the file in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<GatewayConfig, ConfigError> {
+        // An empty file (or one holding only comments) means "all defaults".
+        if text.lines().all(|l| {
+            let l = l.trim();
+            l.is_empty() || l.starts_with('#') || l == "---"
+        }) {
+            return Ok(GatewayConfig::default());
+        }
+        let config: GatewayConfig = serde_norway::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line()).unwrap_or(0);
+            // serde_norway appends "at line N column M"; the prefix already says where.
+            let msg = e.to_string();
+            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            ConfigError(format!("{origin}:{line}: {msg}"))
+        })?;
+        config.validate(text, origin)?;
+        Ok(config)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        GatewayConfig::parse(&text, &path.display().to_string())
+    }
+
+    /// Checks what serde cannot: duplicates, ranges, cross-field rules.
+    fn validate(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        let err = |needle: &str, msg: String| {
+            ConfigError(format!("{origin}:{}: {msg}", line_of(text, needle)))
+        };
+        if self.apisix.node_listen.is_empty() {
+            return Err(err("node_listen", "apisix.node_listen must list at least one port".into()));
+        }
+        let mut seen = HashSet::new();
+        for l in &self.apisix.node_listen {
+            if l.0.port() == 0 {
+                return Err(err("node_listen", "apisix.node_listen: port 0 is not allowed".into()));
+            }
+            if !seen.insert(l.0) {
+                return Err(err("node_listen", format!("apisix.node_listen: {} is listed twice", l.0)));
+            }
+        }
+        let admin = &self.deployment.admin;
+        if admin.admin_key_required && admin.admin_key.is_empty() {
+            return Err(err(
+                "admin_key",
+                "deployment.admin.admin_key must hold at least one key when admin_key_required is true".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        for k in &admin.admin_key {
+            if k.name.is_empty() {
+                return Err(err("admin_key", "deployment.admin.admin_key: property \"name\" must not be empty".into()));
+            }
+            if !names.insert(k.name.as_str()) {
+                return Err(err(&k.name, format!("deployment.admin.admin_key: name {:?} is used twice", k.name)));
+            }
+        }
+        if self.nginx_config.http.client_max_header_size < 1024 {
+            return Err(err("client_max_header_size", "nginx_config.http.client_max_header_size must be at least 1k".into()));
+        }
+        if self.wasmgate.shm_size < (1 << 20) || self.wasmgate.shm_size > (4 << 30) {
+            return Err(err("shm_size", "wasmgate.shm_size must be between 1m and 4g".into()));
+        }
+        let mut plugin_names = HashSet::new();
+        for p in &self.wasm.plugins {
+            if !valid_plugin_name(&p.name) {
+                return Err(err(
+                    &p.name,
+                    format!("wasm.plugins: invalid plugin name {:?} (letters, digits, '-' and '_', at most 64)", p.name),
+                ));
+            }
+            if !plugin_names.insert(p.name.as_str()) {
+                return Err(err(&p.name, format!("wasm.plugins: plugin {:?} is declared twice", p.name)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The names of the declared wasm plugins.
+    pub fn plugin_names(&self) -> impl Iterator<Item = &str> {
+        self.wasm.plugins.iter().map(|p| p.name.as_str())
+    }
+}
+
+fn valid_plugin_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The 1-based line of the first occurrence of `needle` (0 when absent), so that semantic
+/// errors point at the right place in the file.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses() {
+        let c = GatewayConfig::parse(EMBEDDED_DEFAULT, "conf/config.yaml").unwrap();
+        assert_eq!(c.apisix.node_listen[0].0.port(), 9080);
+        assert_eq!(c.deployment.admin.admin_listen.addr().to_string(), "127.0.0.1:9180");
+        assert_eq!(c.nginx_config.worker_processes, WorkerProcesses::Auto);
+    }
+
+    #[test]
+    fn empty_file_is_defaults() {
+        assert_eq!(GatewayConfig::parse("# nothing\n", "x").unwrap(), GatewayConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let e = GatewayConfig::parse("apisix:\n  node_listen: [9080]\n  node_lisen: 1\n", "c.yaml")
+            .unwrap_err();
+        assert!(e.0.starts_with("c.yaml:3:"), "{e}");
+        assert!(e.0.contains("node_lisen"), "{e}");
+    }
+
+    #[test]
+    fn missing_plugin_priority_is_named() {
+        let y = "wasm:\n  plugins:\n    - name: a\n      file: a.wasm\n";
+        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
+        assert!(e.0.contains("priority"), "{e}");
+        assert!(e.0.starts_with("c.yaml:3:"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_plugin_is_refused() {
+        let y = "wasm:\n  plugins:\n    - name: a\n      priority: 1\n      file: a.wasm\n    - name: a\n      priority: 2\n      file: b.wasm\n";
+        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
+        assert!(e.0.contains("declared twice"), "{e}");
+    }
+
+    #[test]
+    fn listen_forms() {
+        let y = "apisix:\n  node_listen:\n    - 9080\n    - \"127.0.0.1:9081\"\n    - {ip: \"::1\", port: 9082}\n";
+        let c = GatewayConfig::parse(y, "c").unwrap();
+        let v: Vec<String> = c.apisix.node_listen.iter().map(|l| l.0.to_string()).collect();
+        assert_eq!(v, ["0.0.0.0:9080", "127.0.0.1:9081", "[::1]:9082"]);
+    }
+
+    #[test]
+    fn worker_processes_forms() {
+        let c = GatewayConfig::parse("nginx_config:\n  worker_processes: 3\n", "c").unwrap();
+        assert_eq!(c.nginx_config.worker_processes, WorkerProcesses::Count(3));
+        assert!(GatewayConfig::parse("nginx_config:\n  worker_processes: 0\n", "c").is_err());
+        assert!(GatewayConfig::parse("nginx_config:\n  worker_processes: many\n", "c").is_err());
+    }
+}

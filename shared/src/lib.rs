@@ -1,0 +1,19 @@
+//! Everything the master and the workers must agree on, with no I/O policy and no wasm:
+//!
+//! - [`config`]: the `config.yaml` model, parsed and validated once, with `file:line` errors;
+//! - [`model`]: the Admin API objects (routes, services, upstreams, global rules), their
+//!   APISIX-compatible schemas and the messages that name the offending field;
+//! - [`snapshot`]: the immutable set of objects the master publishes to workers;
+//! - [`shm`]: the shared-memory segment that carries snapshots (seqlock + generation counter)
+//!   and the per-worker status slots;
+//! - [`units`]: durations and sizes written the nginx way (`60s`, `1m`).
+
+pub mod config;
+pub mod logging;
+pub mod model;
+pub mod shm;
+pub mod snapshot;
+pub mod units;
+
+/// The version string the gateway reports (`Server` header, `wasmgate version`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,79 @@
+//! The error log, shared by the master and its workers (one file, `O_APPEND`).
+//!
+//! Lines look like nginx's: `2026/11/25 01:52:20 [warn] 4242#worker-1: message`, so operators'
+//! habits (grep, logrotate, tail) carry over.
+
+use crate::config::LogLevel;
+use std::fmt;
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::sync::Mutex;
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+struct NginxFormat {
+    role: String,
+}
+
+impl<S, N> FormatEvent<S, N> for NginxFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+        let level = match *event.metadata().level() {
+            Level::ERROR => "error",
+            Level::WARN => "warn",
+            Level::INFO => "info",
+            Level::DEBUG | Level::TRACE => "debug",
+        };
+        let now = chrono::Local::now().format("%Y/%m/%d %H:%M:%S");
+        write!(w, "{now} [{level}] {}#{}: ", std::process::id(), self.role)?;
+        ctx.format_fields(w.by_ref(), event)?;
+        writeln!(w)
+    }
+}
+
+/// Installs the global logger writing to `path` (created if needed) at `level`; with
+/// `stderr` the lines also go to standard error (foreground mode).
+pub fn init(path: &Path, level: LogLevel, role: &str, stderr: bool) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let writer = Tee {
+        file: Mutex::new(file),
+        stderr,
+    };
+    let filter = tracing_subscriber::EnvFilter::new(level.as_tracing());
+    let _ = tracing_subscriber::fmt()
+        .event_format(NginxFormat { role: role.to_string() })
+        .with_env_filter(filter)
+        .with_writer(std::sync::Arc::new(writer))
+        .try_init();
+    Ok(())
+}
+
+/// Writes each line to the file and, optionally, standard error.
+struct Tee {
+    file: Mutex<std::fs::File>,
+    stderr: bool,
+}
+
+impl std::io::Write for &Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.stderr {
+            let _ = std::io::stderr().write_all(buf);
+        }
+        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        // One write per line: O_APPEND keeps lines from different processes whole.
+        f.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,230 @@
+//! Admin API objects — routes, services, upstreams, global rules — with APISIX 3.x shapes.
+//!
+//! [`validate`] turns a request body into a typed [`Object`] or an APISIX-style error message
+//! (`invalid configuration: property "upstream.nodes" validation failed: …`). The master stores
+//! the JSON text of validated objects; workers parse the same text back into these types, so both
+//! sides read one definition.
+
+mod common;
+mod plugins;
+mod route;
+mod upstream;
+pub mod vars;
+
+pub use common::{valid_id, Id, Labels, Timeout};
+pub use plugins::{check_plugins, PluginCatalog, PluginConf, Plugins};
+pub use route::{GlobalRule, Route, Service};
+pub use upstream::{HashOn, LbType, Node, Nodes, PassHost, Upstream};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// The kinds of object the Admin API manages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Routes,
+    Services,
+    Upstreams,
+    GlobalRules,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Routes, Kind::Services, Kind::Upstreams, Kind::GlobalRules];
+
+    /// The path segment (`routes`, `global_rules`…), also the key segment in `/apisix/<kind>/<id>`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Routes => "routes",
+            Kind::Services => "services",
+            Kind::Upstreams => "upstreams",
+            Kind::GlobalRules => "global_rules",
+        }
+    }
+
+    pub fn parse(segment: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == segment)
+    }
+
+    /// The singular noun used in messages (`route`, `global rule`).
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Routes => "route",
+            Kind::Services => "service",
+            Kind::Upstreams => "upstream",
+            Kind::GlobalRules => "global rule",
+        }
+    }
+}
+
+/// A validated object of any kind.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Route(Route),
+    Service(Service),
+    Upstream(Upstream),
+    GlobalRule(GlobalRule),
+}
+
+impl Object {
+    /// Other objects this one refers to (`upstream_id`, `service_id`), which must exist.
+    pub fn references(&self) -> Vec<(Kind, String)> {
+        let mut out = Vec::new();
+        let (up, svc) = match self {
+            Object::Route(r) => (r.upstream_id.as_ref(), r.service_id.as_ref()),
+            Object::Service(s) => (s.upstream_id.as_ref(), None),
+            _ => (None, None),
+        };
+        if let Some(id) = up {
+            out.push((Kind::Upstreams, id.0.clone()));
+        }
+        if let Some(id) = svc {
+            out.push((Kind::Services, id.0.clone()));
+        }
+        out
+    }
+}
+
+/// Validates a JSON body as an object of `kind`. `catalog` lists the plugins declared in
+/// config.yaml. The error is the complete `error_msg` text.
+pub fn validate(kind: Kind, body: &Value, catalog: &PluginCatalog) -> Result<Object, String> {
+    if !body.is_object() {
+        return Err("invalid configuration: the body must be a JSON object".into());
+    }
+    match kind {
+        Kind::Routes => {
+            let r: Route = typed(body)?;
+            r.check(catalog)?;
+            Ok(Object::Route(r))
+        }
+        Kind::Services => {
+            let s: Service = typed(body)?;
+            s.check(catalog)?;
+            Ok(Object::Service(s))
+        }
+        Kind::Upstreams => {
+            let u: Upstream = typed(body)?;
+            u.check().map_err(|e| format!("invalid configuration: {e}"))?;
+            Ok(Object::Upstream(u))
+        }
+        Kind::GlobalRules => {
+            let g: GlobalRule = typed(body)?;
+            g.check(catalog)?;
+            Ok(Object::GlobalRule(g))
+        }
+    }
+}
+
+/// Deserializes with the failing field's path in the message.
+fn typed<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if let Some(field) = unknown_field(&inner) {
+            // The path ends with the unknown field itself; name its parent like APISIX does.
+            return match path.rsplit_once('.') {
+                Some((parent, _)) => format!(
+                    "invalid configuration: property \"{parent}\" validation failed: additional properties forbidden, found {field}"
+                ),
+                None => format!("invalid configuration: additional properties forbidden, found {field}"),
+            };
+        }
+        if path == "." {
+            format!("invalid configuration: {inner}")
+        } else {
+            format!("invalid configuration: property \"{path}\" validation failed: {inner}")
+        }
+    })
+}
+
+/// Extracts `foo` from serde's "unknown field `foo`, expected …".
+fn unknown_field(msg: &str) -> Option<&str> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn catalog() -> PluginCatalog {
+        PluginCatalog::new(["wasm_log".to_string()])
+    }
+
+    #[test]
+    fn seed_route_is_valid() {
+        let body = json!({
+            "uri": "/index.html",
+            "plugins": {"wasm_log": {"conf": "blahblah"}},
+            "upstream": {"type": "roundrobin", "nodes": {"127.0.0.1:1980": 1}}
+        });
+        assert!(validate(Kind::Routes, &body, &catalog()).is_ok());
+    }
+
+    #[test]
+    fn unknown_top_level_field() {
+        let e = validate(Kind::Routes, &json!({"uri": "/", "upstream_id": "1", "foo": 1}), &catalog())
+            .unwrap_err();
+        assert_eq!(e, "invalid configuration: additional properties forbidden, found foo");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let e = validate(Kind::Routes, &json!({"uri": "/", "upstream_id": "1", "methods": "GET"}), &catalog())
+            .unwrap_err();
+        assert!(e.contains("property \"methods\" validation failed"), "{e}");
+        let e = validate(
+            Kind::Routes,
+            &json!({"uri": "/", "upstream": {"nodes": {"127.0.0.1:80": "x"}}}),
+            &catalog(),
+        )
+        .unwrap_err();
+        assert!(e.contains("upstream.nodes"), "{e}");
+    }
+
+    #[test]
+    fn nested_unknown_field() {
+        let e = validate(
+            Kind::Routes,
+            &json!({"uri": "/", "upstream": {"nodes": {"127.0.0.1:80": 1}, "bogus": 1}}),
+            &catalog(),
+        )
+        .unwrap_err();
+        assert!(e.contains("\"upstream\"") && e.contains("found bogus"), "{e}");
+    }
+
+    #[test]
+    fn unknown_plugin_and_conf_rules() {
+        let e = validate(Kind::Routes, &json!({"uri": "/", "plugins": {"nope": {"conf": "x"}}}), &catalog())
+            .unwrap_err();
+        assert_eq!(e, "unknown plugin [nope]");
+        let e = validate(Kind::Routes, &json!({"uri": "/", "plugins": {"wasm_log": {}}}), &catalog())
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "failed to check the configuration of plugin wasm_log err: property \"conf\" is required"
+        );
+        for bad in [json!(""), json!({}), json!(1), json!([])] {
+            let e = validate(Kind::Routes, &json!({"uri": "/", "plugins": {"wasm_log": {"conf": bad}}}), &catalog())
+                .unwrap_err();
+            assert!(e.contains("property \"conf\" validation failed"), "{e}");
+        }
+        assert!(validate(
+            Kind::Routes,
+            &json!({"uri": "/", "plugins": {"wasm_log": {"conf": {"a": 1}}}}),
+            &catalog()
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn global_rule_needs_plugins() {
+        assert!(validate(Kind::GlobalRules, &json!({}), &catalog()).is_err());
+        assert!(validate(
+            Kind::GlobalRules,
+            &json!({"plugins": {"wasm_log": {"conf": "x"}}}),
+            &catalog()
+        )
+        .is_ok());
+    }
+}

@@ -1,0 +1,313 @@
+//! Upstreams: the nodes a route's requests go to and how they are chosen.
+
+use super::common::{Id, Labels, Timeout};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
+
+/// Load-balancing algorithm (`type`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LbType {
+    #[default]
+    Roundrobin,
+    Chash,
+    LeastConn,
+}
+
+/// What `chash` hashes (`hash_on`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HashOn {
+    #[default]
+    Vars,
+    Header,
+    Cookie,
+    Consumer,
+    VarsCombinations,
+}
+
+/// How the upstream request's `Host` is set (`pass_host`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PassHost {
+    /// The client's Host header.
+    #[default]
+    Pass,
+    /// The chosen node's `host[:port]`.
+    Node,
+    /// `upstream_host`.
+    Rewrite,
+}
+
+/// One node in list form.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+}
+
+fn default_port() -> u16 {
+    80
+}
+fn default_weight() -> u32 {
+    1
+}
+
+/// `nodes`: `{"host:port": weight}` or `[{host, port, weight}]`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Nodes {
+    Map(BTreeMap<String, u32>),
+    List(Vec<Node>),
+}
+
+impl Default for Nodes {
+    fn default() -> Self {
+        Nodes::List(Vec::new())
+    }
+}
+
+impl<'de> Deserialize<'de> for Nodes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Decide on the JSON shape first so the error says what was wrong inside it
+        // (serde's untagged enums only say "did not match any variant").
+        let v = serde_json::Value::deserialize(d)?;
+        match v {
+            serde_json::Value::Object(_) => serde_json::from_value(v)
+                .map(Nodes::Map)
+                .map_err(|e| serde::de::Error::custom(format!("nodes as a map of \"host:port\" to weight: {e}"))),
+            serde_json::Value::Array(_) => serde_json::from_value(v)
+                .map(Nodes::List)
+                .map_err(|e| serde::de::Error::custom(format!("nodes as a list of {{host, port, weight}}: {e}"))),
+            _ => Err(serde::de::Error::custom(
+                "nodes must be a map of \"host:port\" to weight or a list of {host, port, weight}",
+            )),
+        }
+    }
+}
+
+/// `keepalive_pool`: upstream connection reuse for this upstream.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeepalivePool {
+    pub size: Option<u32>,
+    pub idle_timeout: Option<f64>,
+    pub requests: Option<u32>,
+}
+
+/// An upstream.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Id>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desc: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Labels>,
+    #[serde(rename = "type", default)]
+    pub lb: LbType,
+    #[serde(default)]
+    pub nodes: Nodes,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOn>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Further nodes tried after a connect failure (default: number of nodes - 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// Total time allowed for retries, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_timeout: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Timeout>,
+    #[serde(default)]
+    pub pass_host: PassHost,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive_pool: Option<KeepalivePool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_time: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_time: Option<u64>,
+}
+
+/// A node in normalized form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAddr {
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+}
+
+impl NodeAddr {
+    /// `host:port`, with IPv6 hosts bracketed.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Upstream {
+    /// Checks a standalone upstream object.
+    pub fn check(&self) -> Result<(), String> {
+        self.check_as("")
+    }
+
+    /// Checks, naming fields under `prefix` (`upstream` when embedded in a route).
+    pub fn check_as(&self, prefix: &str) -> Result<(), String> {
+        let field = |f: &str| {
+            if prefix.is_empty() {
+                f.to_string()
+            } else {
+                format!("{prefix}.{f}")
+            }
+        };
+        let bad = |f: &str, why: String| format!("property \"{}\" validation failed: {why}", field(f));
+        self.normalized_nodes().map_err(|e| bad("nodes", e))?;
+        if let Some(t) = &self.timeout {
+            t.check(&field("timeout"))?;
+        }
+        if let Some(s) = &self.scheme {
+            if s != "http" {
+                return Err(bad("scheme", format!("{s:?} is not supported (only \"http\")")));
+            }
+        }
+        if self.pass_host == PassHost::Rewrite
+            && self.upstream_host.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(bad("upstream_host", "required when pass_host is \"rewrite\"".into()));
+        }
+        if let Some(h) = &self.upstream_host {
+            if h.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == b'/') || h.len() > 253 {
+                return Err(bad("upstream_host", format!("invalid host {h:?}")));
+            }
+        }
+        if self.lb == LbType::Chash {
+            let on = self.hash_on.unwrap_or_default();
+            match (&self.key, on) {
+                (_, HashOn::Consumer) => {}
+                (None, _) => return Err(bad("key", "required when type is \"chash\"".into())),
+                (Some(k), _) if k.is_empty() => return Err(bad("key", "must not be empty".into())),
+                _ => {}
+            }
+        }
+        if let Some(r) = self.retry_timeout {
+            if !(r >= 0.0 && r <= 86_400.0) {
+                return Err(bad("retry_timeout", format!("expected seconds in [0, 86400], got {r}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Nodes as a list of `host`, `port`, `weight`, in a stable order.
+    pub fn normalized_nodes(&self) -> Result<Vec<NodeAddr>, String> {
+        let mut out = Vec::new();
+        match &self.nodes {
+            Nodes::Map(map) => {
+                for (k, w) in map {
+                    let (host, port) = split_host_port(k).ok_or_else(|| format!("invalid node address {k:?} (expected host:port)"))?;
+                    out.push(NodeAddr { host, port, weight: *w });
+                }
+            }
+            Nodes::List(list) => {
+                for n in list {
+                    if !valid_node_host(&n.host) {
+                        return Err(format!("invalid node host {:?}", n.host));
+                    }
+                    if n.port == 0 {
+                        return Err(format!("invalid port 0 for node {:?}", n.host));
+                    }
+                    out.push(NodeAddr { host: n.host.trim_matches(|c| c == '[' || c == ']').to_string(), port: n.port, weight: n.weight });
+                }
+            }
+        }
+        if out.len() > 4096 {
+            return Err("at most 4096 nodes".into());
+        }
+        Ok(out)
+    }
+}
+
+fn valid_node_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']'))
+}
+
+/// Splits `host:port`, `[v6]:port` or a bare host (port 80).
+fn split_host_port(s: &str) -> Option<(String, u16)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        host.parse::<std::net::Ipv6Addr>().ok()?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok().filter(|p| *p != 0)?,
+            None if after.is_empty() => 80,
+            None => return None,
+        };
+        return Some((host.to_string(), port));
+    }
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, p.parse::<u16>().ok().filter(|p| *p != 0)?),
+        Some(_) => return None, // a bare IPv6 address must be bracketed when it has a port
+        None => (s, 80),
+    };
+    if !valid_node_host(host) || host.contains(':') {
+        return None;
+    }
+    Some((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn up(v: serde_json::Value) -> Upstream {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn node_forms_normalize() {
+        let a = up(json!({"nodes": {"127.0.0.1:1980": 2, "[::1]:81": 1, "example.com": 1}}));
+        let n = a.normalized_nodes().unwrap();
+        assert!(n.contains(&NodeAddr { host: "127.0.0.1".into(), port: 1980, weight: 2 }));
+        assert!(n.contains(&NodeAddr { host: "::1".into(), port: 81, weight: 1 }));
+        assert!(n.contains(&NodeAddr { host: "example.com".into(), port: 80, weight: 1 }));
+        let b = up(json!({"nodes": [{"host": "10.0.0.1", "port": 8080, "weight": 5}]}));
+        assert_eq!(b.normalized_nodes().unwrap()[0].authority(), "10.0.0.1:8080");
+    }
+
+    #[test]
+    fn bad_nodes_are_refused() {
+        for bad in ["127.0.0.1:0", "127.0.0.1:99999", "a b:80", "::1:80", ""] {
+            let u = up(json!({"nodes": {bad: 1}}));
+            assert!(u.check().is_err(), "{bad} accepted");
+        }
+        assert!(serde_json::from_value::<Upstream>(json!({"nodes": "x"})).is_err());
+    }
+
+    #[test]
+    fn chash_needs_key_and_rewrite_needs_host() {
+        assert!(up(json!({"type": "chash", "nodes": {"a:1": 1}})).check().is_err());
+        assert!(up(json!({"type": "chash", "key": "remote_addr", "nodes": {"a:1": 1}})).check().is_ok());
+        assert!(up(json!({"pass_host": "rewrite", "nodes": {"a:1": 1}})).check().is_err());
+    }
+}

@@ -1,0 +1,109 @@
+//! The configuration snapshot the master publishes and workers read.
+//!
+//! A snapshot is the complete set of Admin API objects at one generation. Each object travels as
+//! the JSON text the master stored (already validated) with its own revision, so a worker can
+//! skip re-parsing objects whose revision it has seen. The envelope is encoded with `postcard`.
+
+use crate::model::Kind;
+use serde::{Deserialize, Serialize};
+
+/// One object inside a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotObject {
+    pub kind: KindTag,
+    pub id: String,
+    /// The store revision at which this object last changed (APISIX's `modifiedIndex`).
+    pub revision: u64,
+    /// The object's JSON text.
+    pub json: String,
+}
+
+/// [`Kind`] as a stable wire tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KindTag {
+    Route,
+    Service,
+    Upstream,
+    GlobalRule,
+}
+
+impl From<Kind> for KindTag {
+    fn from(k: Kind) -> Self {
+        match k {
+            Kind::Routes => KindTag::Route,
+            Kind::Services => KindTag::Service,
+            Kind::Upstreams => KindTag::Upstream,
+            Kind::GlobalRules => KindTag::GlobalRule,
+        }
+    }
+}
+
+impl From<KindTag> for Kind {
+    fn from(k: KindTag) -> Self {
+        match k {
+            KindTag::Route => Kind::Routes,
+            KindTag::Service => Kind::Services,
+            KindTag::Upstream => Kind::Upstreams,
+            KindTag::GlobalRule => Kind::GlobalRules,
+        }
+    }
+}
+
+/// Every object at one generation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub objects: Vec<SnapshotObject>,
+}
+
+impl Snapshot {
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding plain structs of strings and integers into a Vec cannot fail.
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Snapshot, String> {
+        postcard::from_bytes(bytes).map_err(|e| format!("corrupt configuration snapshot: {e}"))
+    }
+}
+
+/// What a worker is told at start (on its standard input, as JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerBoot {
+    /// The config.yaml text the master validated, parsed again by the worker.
+    pub config_yaml: String,
+    /// Where that text came from, for messages.
+    pub config_origin: String,
+    /// The prefix directory (logs, data).
+    pub prefix: std::path::PathBuf,
+    /// The logical worker number (0..worker_processes).
+    pub worker_id: u32,
+    /// Index of the worker's status slot in shared memory.
+    pub slot: u32,
+    /// The reload epoch this worker belongs to.
+    pub epoch: u64,
+    /// How many listening sockets follow the shared-memory fd (fds 4, 5, …).
+    pub listeners: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_corruption() {
+        let s = Snapshot {
+            generation: 7,
+            objects: vec![SnapshotObject {
+                kind: KindTag::Route,
+                id: "1".into(),
+                revision: 7,
+                json: "{\"uri\":\"/\"}".into(),
+            }],
+        };
+        let bytes = s.encode();
+        assert_eq!(Snapshot::decode(&bytes).unwrap(), s);
+        assert!(Snapshot::decode(&bytes[..bytes.len() - 3]).is_err());
+        assert!(Snapshot::decode(&[0xff; 16]).is_err());
+    }
+}
