@@ -1,1 +1,113 @@
-fn main() {}
+//! `wasmgate`: an API gateway that runs unmodified Proxy-Wasm plugins.
+//!
+//! `wasmgate start` runs the master (which execs `wasmgate worker` for each worker process);
+//! `stop`, `reload` and `status` talk to a running master through its pid file and Admin API.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use wasmgate_master::Options;
+
+#[derive(Parser)]
+#[command(
+    name = "wasmgate",
+    version,
+    about = "An API gateway that runs unmodified Proxy-Wasm plugins"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Prefix directory: logs/, data/ and conf/config.yaml live under it.
+    #[arg(short, long, default_value = ".")]
+    prefix: PathBuf,
+    /// Configuration file (default: <prefix>/conf/config.yaml, else the embedded default).
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the gateway (master + workers), as a daemon unless --foreground.
+    Start {
+        #[command(flatten)]
+        common: Common,
+        /// Stay in the foreground and log to stderr too (containers, systemd, tests).
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop a running gateway (fast; --graceful lets in-flight requests finish).
+    Stop {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        graceful: bool,
+    },
+    /// Reload config.yaml and plugins without dropping requests (SIGHUP).
+    Reload {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Show the master and its workers.
+    Status {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Check the configuration and exit (like `nginx -t`).
+    Test {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Internal: a worker process, started by the master.
+    #[command(hide = true)]
+    Worker,
+}
+
+fn options(c: Common, foreground: bool) -> Options {
+    Options {
+        prefix: c.prefix,
+        config: c.config,
+        foreground,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Start { common, foreground } => {
+            wasmgate_master::start(options(common, foreground))
+        }
+        Command::Stop { common, graceful } => {
+            wasmgate_master::cli::stop(&options(common, false), graceful)
+        }
+        Command::Reload { common } => {
+            wasmgate_master::cli::signal_master(&options(common, false), nix_hup()).map(|pid| {
+                println!("reload signal sent to master {pid}; see the error log for the outcome");
+            })
+        }
+        Command::Status { common } => wasmgate_master::cli::status(&options(common, false)),
+        Command::Test { common } => test_config(&options(common, false)),
+        Command::Worker => wasmgate_worker::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wasmgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn nix_hup() -> wasmgate_master::cli::Signal {
+    wasmgate_master::cli::Signal::SIGHUP
+}
+
+fn test_config(opts: &Options) -> anyhow::Result<()> {
+    let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
+    wasmgate_master::check_plugin_files(&loaded, opts).map_err(anyhow::Error::msg)?;
+    println!("wasmgate: configuration {} is ok", loaded.origin);
+    Ok(())
+}

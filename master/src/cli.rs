@@ -3,7 +3,8 @@
 
 use crate::Options;
 use anyhow::{bail, Context};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::kill;
+pub use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use std::path::Path;
 
@@ -14,7 +15,9 @@ pub fn running_pid(path: &Path) -> Option<i32> {
     kill(Pid::from_raw(pid), None).ok()?;
     // A stale pid file may name a recycled pid: check the process is ours.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    String::from_utf8_lossy(&cmdline).contains("wasmgate").then_some(pid)
+    String::from_utf8_lossy(&cmdline)
+        .contains("wasmgate")
+        .then_some(pid)
 }
 
 /// Removes the pid file if it still names this process.
@@ -33,7 +36,10 @@ fn master_pid(opts: &Options) -> anyhow::Result<(i32, std::path::PathBuf)> {
     let pid_path = opts.resolve(&loaded.config.wasmgate.pid_file);
     match running_pid(&pid_path) {
         Some(pid) => Ok((pid, pid_path)),
-        None => bail!("wasmgate is not running (no live master in {})", pid_path.display()),
+        None => bail!(
+            "wasmgate is not running (no live master in {})",
+            pid_path.display()
+        ),
     }
 }
 
@@ -46,9 +52,14 @@ pub fn signal_master(opts: &Options, signal: Signal) -> anyhow::Result<i32> {
 
 /// `wasmgate stop`: signals the master and waits for it to exit.
 pub fn stop(opts: &Options, graceful: bool) -> anyhow::Result<()> {
-    let sig = if graceful { Signal::SIGQUIT } else { Signal::SIGTERM };
+    let sig = if graceful {
+        Signal::SIGQUIT
+    } else {
+        Signal::SIGTERM
+    };
     let pid = signal_master(opts, sig)?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(if graceful { 300 } else { 15 });
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_secs(if graceful { 300 } else { 15 });
     while kill(Pid::from_raw(pid), None).is_ok() {
         if std::time::Instant::now() > deadline {
             bail!("master {pid} is still running");
@@ -70,11 +81,16 @@ pub fn status(opts: &Options) -> anyhow::Result<()> {
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let body = http_get(addr, "/wasmgate/status", key.as_deref())
-        .with_context(|| format!("master {pid} is running but its Admin API on {addr} did not answer"))?;
-    let v: serde_json::Value = serde_json::from_str(&body).context("unexpected Admin API answer")?;
+    let body = http_get(addr, "/wasmgate/status", key.as_deref()).with_context(|| {
+        format!("master {pid} is running but its Admin API on {addr} did not answer")
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&body).context("unexpected Admin API answer")?;
     if let Some(e) = v.get("error_msg") {
-        bail!("Admin API: {e} ({})", v.get("description").and_then(|d| d.as_str()).unwrap_or(""));
+        bail!(
+            "Admin API: {e} ({})",
+            v.get("description").and_then(|d| d.as_str()).unwrap_or("")
+        );
     }
     print!("{}", render_status(&v, &pid_path));
     Ok(())
@@ -91,11 +107,22 @@ fn render_status(v: &serde_json::Value, pid_path: &Path) -> String {
         "{:<7} {:<5} {:<8} {:<9} {:<6} {:<9} {:<9} {:<10} {:<9}\n",
         "WORKER", "SLOT", "PID", "STATE", "EPOCH", "UPTIME", "RESTARTS", "GENERATION", "REQUESTS"
     ));
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     for w in v["workers"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{:<7} {:<5} {:<8} {:<9} {:<6} {:<9} {:<9} {:<10} {:<9}\n",
-            w["worker_id"], w["slot"], w["pid"], w["state"].as_str().unwrap_or("?"), w["epoch"],
-            format!("{}s", w["uptime_s"]), w["restarts"], w["generation_seen"], w["requests"]
+            text(&w["worker_id"]),
+            text(&w["slot"]),
+            text(&w["pid"]),
+            text(&w["state"]),
+            text(&w["epoch"]),
+            format!("{}s", text(&w["uptime_s"])),
+            text(&w["restarts"]),
+            text(&w["generation_seen"]),
+            text(&w["requests"])
         ));
     }
     out
@@ -103,10 +130,11 @@ fn render_status(v: &serde_json::Value, pid_path: &Path) -> String {
 
 /// The first usable key: configured, or generated and stored under the data directory.
 pub fn admin_key(cfg: &wasmgate_shared::config::GatewayConfig, data_dir: &Path) -> Option<String> {
-    let stored: std::collections::BTreeMap<String, String> = std::fs::read(data_dir.join("admin_key"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
+    let stored: std::collections::BTreeMap<String, String> =
+        std::fs::read(data_dir.join("admin_key"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
     cfg.deployment.admin.admin_key.iter().find_map(|k| {
         if k.key.is_empty() {
             stored.get(&k.name).cloned()
@@ -121,11 +149,18 @@ fn http_get(addr: std::net::SocketAddr, path: &str, key: Option<&str>) -> anyhow
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    let key_header = key.map(|k| format!("X-API-KEY: {k}\r\n")).unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{key_header}Connection: close\r\n\r\n")?;
+    let key_header = key
+        .map(|k| format!("X-API-KEY: {k}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{key_header}Connection: close\r\n\r\n"
+    )?;
     let mut buf = Vec::new();
     s.take(16 << 20).read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf);
-    let (_, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+    let (_, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
     Ok(body.to_string())
 }

@@ -13,7 +13,8 @@ use wasmgate_shared::config::GatewayConfig;
 pub fn resolve(cfg: &GatewayConfig, data_dir: &Path) -> anyhow::Result<Vec<ApiKey>> {
     let path = data_dir.join("admin_key");
     let mut stored: BTreeMap<String, String> = match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{}: not a JSON map of key names to keys", path.display()))?,
+        Ok(b) => serde_json::from_slice(&b)
+            .with_context(|| format!("{}: not a JSON map of key names to keys", path.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
@@ -25,12 +26,19 @@ pub fn resolve(cfg: &GatewayConfig, data_dir: &Path) -> anyhow::Result<Vec<ApiKe
         } else if let Some(s) = stored.get(&k.name) {
             s.clone()
         } else {
-            let key: String = rand::random::<[u8; 16]>().iter().map(|b| format!("{b:02x}")).collect();
+            let key: String = rand::random::<[u8; 16]>()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
             stored.insert(k.name.clone(), key.clone());
             generated.push((k.name.clone(), key.clone()));
             key
         };
-        keys.push(ApiKey { name: k.name.clone(), key, role: k.role });
+        keys.push(ApiKey {
+            name: k.name.clone(),
+            key,
+            role: k.role,
+        });
     }
     if !generated.is_empty() {
         let bytes = serde_json::to_vec_pretty(&stored)?;

@@ -47,7 +47,11 @@ impl Options {
                     .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
                 let origin = path.display().to_string();
                 let config = GatewayConfig::parse(&yaml, &origin)?;
-                Ok(LoadedConfig { config, yaml, origin })
+                Ok(LoadedConfig {
+                    config,
+                    yaml,
+                    origin,
+                })
             }
             None => {
                 let origin = "<embedded conf/config.yaml>".to_string();
@@ -71,7 +75,12 @@ pub fn check_plugin_files(config: &LoadedConfig, opts: &Options) -> Result<(), S
     for p in &config.config.wasm.plugins {
         let path = opts.resolve(&p.file);
         std::fs::File::open(&path).map_err(|e| {
-            format!("{}: wasm plugin {:?}: cannot read file {}: {e}", config.origin, p.name, path.display())
+            format!(
+                "{}: wasm plugin {:?}: cannot read file {}: {e}",
+                config.origin,
+                p.name,
+                path.display()
+            )
         })?;
     }
     Ok(())
@@ -90,17 +99,25 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
     let cfg = &loaded.config;
     let pid_path = opts.resolve(&cfg.wasmgate.pid_file);
     if let Some(pid) = cli::running_pid(&pid_path) {
-        bail!("wasmgate is already running (pid {pid}, pid file {})", pid_path.display());
+        bail!(
+            "wasmgate is already running (pid {pid}, pid file {})",
+            pid_path.display()
+        );
     }
     let data_dir = opts.resolve(&cfg.wasmgate.data_dir);
     let store = store::Store::open(&data_dir)?;
     admin::objects::check_all(&store, &loaded.catalog()).map_err(|e| {
-        anyhow::anyhow!("the stored configuration does not match {}: {e}", loaded.origin)
+        anyhow::anyhow!(
+            "the stored configuration does not match {}: {e}",
+            loaded.origin
+        )
     })?;
     let keys = keys::resolve(cfg, &data_dir)?;
     let proxy = listeners::bind_all(&cfg.apisix.node_listen)?;
     let admin_addr = cfg.deployment.admin.admin_listen.addr();
-    let admin = listeners::bind(admin_addr).with_context(|| format!("cannot listen on {admin_addr} (deployment.admin.admin_listen)"))?;
+    let admin = listeners::bind(admin_addr).with_context(|| {
+        format!("cannot listen on {admin_addr} (deployment.admin.admin_listen)")
+    })?;
     let log_path = opts.resolve(&cfg.nginx_config.error_log);
     if let Some(d) = pid_path.parent() {
         std::fs::create_dir_all(d)?;
@@ -112,8 +129,13 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
     }
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("cannot write pid file {}", pid_path.display()))?;
-    wasmgate_shared::logging::init(&log_path, cfg.nginx_config.error_log_level, "master", opts.foreground)
-        .with_context(|| format!("cannot open error log {}", log_path.display()))?;
+    wasmgate_shared::logging::init(
+        &log_path,
+        cfg.nginx_config.error_log_level,
+        "master",
+        opts.foreground,
+    )
+    .with_context(|| format!("cannot open error log {}", log_path.display()))?;
     let result = run::run(opts.clone(), loaded, store, keys, proxy, admin);
     if let Err(e) = &result {
         tracing::error!("master stopped on error: {e:#}");

@@ -63,11 +63,18 @@ impl Loop {
     async fn boot(&mut self, admin_addr: std::net::SocketAddr) -> anyhow::Result<()> {
         let config = self.master.config();
         let n = config.config.nginx_config.worker_processes.resolve();
-        self.sup.start_set(n, 0, &config).map_err(anyhow::Error::msg)?;
+        self.sup
+            .start_set(n, 0, &config)
+            .map_err(anyhow::Error::msg)?;
         if !self.wait_ready(0).await {
             anyhow::bail!("workers failed to start; see the error log");
         }
-        let proxy: Vec<String> = self.sup.listeners().iter().map(|l| l.addr.to_string()).collect();
+        let proxy: Vec<String> = self
+            .sup
+            .listeners()
+            .iter()
+            .map(|l| l.addr.to_string())
+            .collect();
         tracing::warn!(
             "wasmgate {} started: {n} workers, proxy on {}, Admin API on {admin_addr}, config {}",
             wasmgate_shared::VERSION,
@@ -128,8 +135,12 @@ impl Loop {
     async fn reload(&mut self) -> Result<u64, String> {
         let result = self.try_reload().await;
         match &result {
-            Ok(epoch) => tracing::warn!("reload applied: epoch {epoch} serving, previous workers draining"),
-            Err(e) => tracing::error!("reload refused, the previous configuration keeps serving: {e}"),
+            Ok(epoch) => {
+                tracing::warn!("reload applied: epoch {epoch} serving, previous workers draining")
+            }
+            Err(e) => {
+                tracing::error!("reload refused, the previous configuration keeps serving: {e}")
+            }
         }
         result
     }
@@ -148,7 +159,9 @@ impl Loop {
         if started.is_err() || !self.wait_ready(epoch).await {
             self.sup.abort_epoch(epoch);
             self.sup.replace_listeners(old_listeners);
-            return Err(started.err().unwrap_or_else(|| "the new workers failed to start; see the error log".into()));
+            return Err(started
+                .err()
+                .unwrap_or_else(|| "the new workers failed to start; see the error log".into()));
         }
         let timeout = new.config.nginx_config.worker_shutdown_timeout;
         self.master.set_config(new);
@@ -160,20 +173,37 @@ impl Loop {
     /// Stops the workers (gracefully: let them drain) and returns.
     async fn stop(&mut self, graceful: bool) -> anyhow::Result<()> {
         let (sig, grace) = if graceful {
-            (Signal::SIGQUIT, self.master.config().config.nginx_config.worker_shutdown_timeout + Duration::from_secs(5))
+            (
+                Signal::SIGQUIT,
+                self.master
+                    .config()
+                    .config
+                    .nginx_config
+                    .worker_shutdown_timeout
+                    + Duration::from_secs(5),
+            )
         } else {
             (Signal::SIGTERM, Duration::from_secs(5))
         };
-        tracing::warn!("{} stop: signalling {} workers", if graceful { "graceful" } else { "fast" }, self.sup.live());
+        tracing::warn!(
+            "{} stop: signalling {} workers",
+            if graceful { "graceful" } else { "fast" },
+            self.sup.live()
+        );
         self.sup.signal_all(sig);
         let deadline = Instant::now() + grace;
         while self.sup.live() > 0 && Instant::now() < deadline {
-            if let Ok(Some((pid, status))) = tokio::time::timeout(Duration::from_millis(100), self.exits.recv()).await {
+            if let Ok(Some((pid, status))) =
+                tokio::time::timeout(Duration::from_millis(100), self.exits.recv()).await
+            {
                 self.sup.on_exit(pid, &status, true);
             }
         }
         if self.sup.live() > 0 {
-            tracing::warn!("killing {} workers that did not stop in time", self.sup.live());
+            tracing::warn!(
+                "killing {} workers that did not stop in time",
+                self.sup.live()
+            );
             self.sup.signal_all(Signal::SIGKILL);
         }
         tracing::warn!("wasmgate stopped");
@@ -195,6 +225,9 @@ fn warn_restart_only(old: &LoadedConfig, new: &LoadedConfig) {
         changed.push("nginx_config.error_log");
     }
     if !changed.is_empty() {
-        tracing::warn!("reload: changes to {} take effect at the next restart", changed.join(", "));
+        tracing::warn!(
+            "reload: changes to {} take effect at the next restart",
+            changed.join(", ")
+        );
     }
 }

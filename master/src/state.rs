@@ -83,11 +83,17 @@ impl Master {
     }
 
     pub fn config(&self) -> Arc<LoadedConfig> {
-        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn catalog(&self) -> Arc<PluginCatalog> {
-        self.catalog.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Switches to a reloaded configuration (the caller validated it against the store).
@@ -98,7 +104,11 @@ impl Master {
 
     /// The snapshot of `store` with one pending change applied: `(kind, id, Some(new))` puts,
     /// `(kind, id, None)` deletes.
-    pub fn snapshot_with(&self, store: &Store, change: Option<(Kind, &str, Option<&Stored>)>) -> Snapshot {
+    pub fn snapshot_with(
+        &self,
+        store: &Store,
+        change: Option<(Kind, &str, Option<&Stored>)>,
+    ) -> Snapshot {
         let mut objects = Vec::new();
         let mut generation = store.revision();
         for (kind, id, s) in store.iter() {
@@ -115,7 +125,10 @@ impl Master {
                 objects.push(object(kind, id, s));
             }
         }
-        Snapshot { generation, objects }
+        Snapshot {
+            generation,
+            objects,
+        }
     }
 
     /// Encodes a snapshot and checks it fits the shared-memory area.
@@ -147,7 +160,9 @@ impl Master {
         let store = self.store();
         let snap = self.snapshot_with(&store, None);
         let generation = snap.generation;
-        let bytes = self.check_capacity(snap).map_err(|(_, v)| v["error_msg"].to_string())?;
+        let bytes = self
+            .check_capacity(snap)
+            .map_err(|(_, v)| v["error_msg"].to_string())?;
         self.publish(generation, &bytes);
         Ok(generation)
     }

@@ -51,7 +51,10 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         for kind in Kind::ALL {
             let d = dir.join(kind.as_str());
-            fs::create_dir_all(&d).map_err(|e| StoreError::Write { path: d.clone(), source: e })?;
+            fs::create_dir_all(&d).map_err(|e| StoreError::Write {
+                path: d.clone(),
+                source: e,
+            })?;
         }
         let mut objects = BTreeMap::new();
         let mut revision = read_revision(dir)?;
@@ -114,7 +117,10 @@ impl Store {
             return Ok(None);
         }
         let path = self.object_path(kind, id);
-        fs::remove_file(&path).map_err(|e| StoreError::Write { path: path.clone(), source: e })?;
+        fs::remove_file(&path).map_err(|e| StoreError::Write {
+            path: path.clone(),
+            source: e,
+        })?;
         sync_dir(path.parent().unwrap_or(&self.dir))?;
         self.bump_revision(self.revision + 1)?;
         Ok(self.objects.remove(&(kind, id.to_string())))
@@ -157,7 +163,11 @@ fn read_revision(dir: &Path) -> Result<u64, StoreError> {
     let path = dir.join("revision");
     match fs::read_to_string(&path) {
         Ok(t) => t.trim().parse().map_err(|_| {
-            StoreError::Load(format!("{}: not a revision number: {:?}", path.display(), t.trim()))
+            StoreError::Load(format!(
+                "{}: not a revision number: {:?}",
+                path.display(),
+                t.trim()
+            ))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
         Err(e) => Err(StoreError::Load(format!("{}: {e}", path.display()))),
@@ -166,7 +176,8 @@ fn read_revision(dir: &Path) -> Result<u64, StoreError> {
 
 fn load_kind(dir: &Path) -> Result<Vec<(String, Stored)>, StoreError> {
     let mut out = Vec::new();
-    let entries = fs::read_dir(dir).map_err(|e| StoreError::Load(format!("{}: {e}", dir.display())))?;
+    let entries =
+        fs::read_dir(dir).map_err(|e| StoreError::Load(format!("{}: {e}", dir.display())))?;
     for entry in entries {
         let entry = entry.map_err(|e| StoreError::Load(format!("{}: {e}", dir.display())))?;
         let path = entry.path();
@@ -179,7 +190,8 @@ fn load_kind(dir: &Path) -> Result<Vec<(String, Stored)>, StoreError> {
         let Some(id) = name.strip_suffix(".json") else {
             continue;
         };
-        let text = fs::read(&path).map_err(|e| StoreError::Load(format!("{}: {e}", path.display())))?;
+        let text =
+            fs::read(&path).map_err(|e| StoreError::Load(format!("{}: {e}", path.display())))?;
         let stored: Stored = serde_json::from_slice(&text).map_err(|e| {
             StoreError::Load(format!(
                 "{}: corrupted object file ({e}); fix or move it away, it is never overwritten",
@@ -194,9 +206,15 @@ fn load_kind(dir: &Path) -> Result<Vec<(String, Stored)>, StoreError> {
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new content.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".tmp-{name}"));
-    let err = |source| StoreError::Write { path: path.to_path_buf(), source };
+    let err = |source| StoreError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut f = File::create(&tmp).map_err(err)?;
     let res = f.write_all(bytes).and_then(|_| f.sync_all());
     if let Err(e) = res {
@@ -213,7 +231,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::Write { path: dir.to_path_buf(), source: e })
+        .map_err(|e| StoreError::Write {
+            path: dir.to_path_buf(),
+            source: e,
+        })
 }
 
 #[cfg(test)]
@@ -239,7 +260,11 @@ mod tests {
         s.delete(Kind::Routes, "10").unwrap();
         let s = Store::open(d.path()).unwrap();
         assert_eq!(s.revision(), 4);
-        let ids: Vec<_> = s.list(Kind::Routes).iter().map(|(id, _)| id.to_string()).collect();
+        let ids: Vec<_> = s
+            .list(Kind::Routes)
+            .iter()
+            .map(|(id, _)| id.to_string())
+            .collect();
         assert_eq!(ids, ["1", "2"]);
         assert!(s.list(Kind::Upstreams).is_empty());
     }
@@ -251,7 +276,10 @@ mod tests {
         let p = d.path().join("routes/5.json");
         fs::write(&p, b"{not json").unwrap();
         let e = Store::open(d.path()).err().unwrap().to_string();
-        assert!(e.contains("routes/5.json") && e.contains("corrupted"), "{e}");
+        assert!(
+            e.contains("routes/5.json") && e.contains("corrupted"),
+            "{e}"
+        );
         assert_eq!(fs::read(&p).unwrap(), b"{not json");
     }
 

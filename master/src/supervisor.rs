@@ -89,7 +89,12 @@ impl Supervisor {
     }
 
     /// Starts `count` workers of `epoch` with `config`.
-    pub fn start_set(&mut self, count: usize, epoch: u64, config: &LoadedConfig) -> Result<(), String> {
+    pub fn start_set(
+        &mut self,
+        count: usize,
+        epoch: u64,
+        config: &LoadedConfig,
+    ) -> Result<(), String> {
         for worker_id in 0..count as u32 {
             let slot = self
                 .master
@@ -108,7 +113,9 @@ impl Supervisor {
                 respawn_at: None,
                 drain_deadline: None,
             };
-            self.ctx.spawn(&mut w, config).map_err(|e| format!("cannot start worker {worker_id}: {e}"))?;
+            self.ctx
+                .spawn(&mut w, config)
+                .map_err(|e| format!("cannot start worker {worker_id}: {e}"))?;
             self.workers.push(w);
         }
         Ok(())
@@ -122,7 +129,11 @@ impl Supervisor {
         let w = &mut self.workers[idx];
         w.pid = None;
         if w.draining || stopping {
-            tracing::info!("worker {} (pid {pid}, epoch {}) exited: {status}", w.worker_id, w.epoch);
+            tracing::info!(
+                "worker {} (pid {pid}, epoch {}) exited: {status}",
+                w.worker_id,
+                w.epoch
+            );
             self.master.segment.slot(w.slot).reset();
             self.workers.remove(idx);
             return;
@@ -153,7 +164,11 @@ impl Supervisor {
     /// Respawns workers whose backoff ended; kills draining workers past their deadline.
     pub fn tick(&mut self, config: &LoadedConfig) {
         let now = Instant::now();
-        for w in self.workers.iter_mut().filter(|w| w.respawn_at.is_some_and(|t| t <= now)) {
+        for w in self
+            .workers
+            .iter_mut()
+            .filter(|w| w.respawn_at.is_some_and(|t| t <= now))
+        {
             if let Err(e) = self.ctx.spawn(w, config) {
                 tracing::error!("cannot respawn worker {}: {e}", w.worker_id);
                 w.respawn_at = Some(now + Duration::from_secs(1));
@@ -162,7 +177,10 @@ impl Supervisor {
         for w in &self.workers {
             if let (Some(pid), Some(deadline)) = (w.pid, w.drain_deadline) {
                 if deadline <= now {
-                    tracing::warn!("worker {} (pid {pid}) did not drain in time; killing it", w.worker_id);
+                    tracing::warn!(
+                        "worker {} (pid {pid}) did not drain in time; killing it",
+                        w.worker_id
+                    );
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 }
             }
@@ -174,21 +192,32 @@ impl Supervisor {
         self.workers
             .iter()
             .filter(|w| w.epoch == epoch && !w.draining)
-            .all(|w| w.pid.is_some() && self.master.segment.slot(w.slot).state() == SlotState::Ready)
+            .all(|w| {
+                w.pid.is_some() && self.master.segment.slot(w.slot).state() == SlotState::Ready
+            })
     }
 
     /// Whether a worker of `epoch` has died (used to abort a reload).
     pub fn epoch_failed(&self, epoch: u64) -> bool {
-        self.workers.iter().any(|w| w.epoch == epoch && w.pid.is_none())
+        self.workers
+            .iter()
+            .any(|w| w.epoch == epoch && w.pid.is_none())
     }
 
     /// Asks every worker not of `keep_epoch` to drain and exit.
     pub fn drain_others(&mut self, keep_epoch: u64, timeout: Duration) {
-        for w in self.workers.iter_mut().filter(|w| w.epoch != keep_epoch && !w.draining) {
+        for w in self
+            .workers
+            .iter_mut()
+            .filter(|w| w.epoch != keep_epoch && !w.draining)
+        {
             w.draining = true;
             w.respawn_at = None;
             w.drain_deadline = Some(Instant::now() + timeout + Duration::from_secs(5));
-            self.master.segment.slot(w.slot).set_state(SlotState::Draining);
+            self.master
+                .segment
+                .slot(w.slot)
+                .set_state(SlotState::Draining);
             match w.pid {
                 Some(pid) => {
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGQUIT);
@@ -243,7 +272,10 @@ impl SpawnCtx {
         fds.extend(self.listeners.iter().map(|l| l.fd.as_raw_fd()));
         let master_pid = std::process::id() as libc::pid_t;
         let mut cmd = tokio::process::Command::new("/proc/self/exe");
-        cmd.arg("worker").stdin(Stdio::piped()).kill_on_drop(false);
+        cmd.arg0("wasmgate: worker process")
+            .arg("worker")
+            .stdin(Stdio::piped())
+            .kill_on_drop(false);
         // SAFETY: the closure runs in the forked child before exec and only calls
         // async-signal-safe functions (dup2, prctl, getppid, setpgid) on values captured
         // by move; it allocates nothing.
@@ -291,7 +323,12 @@ impl SpawnCtx {
         w.pid = Some(pid);
         w.started = Instant::now();
         w.respawn_at = None;
-        tracing::info!("worker {} started (pid {pid}, slot {}, epoch {})", w.worker_id, w.slot, w.epoch);
+        tracing::info!(
+            "worker {} started (pid {pid}, slot {}, epoch {})",
+            w.worker_id,
+            w.slot,
+            w.epoch
+        );
         Ok(())
     }
 }
@@ -302,7 +339,9 @@ fn describe_exit(s: std::process::ExitStatus) -> String {
         (Some(c), _) => format!("exit code {c}"),
         (None, Some(sig)) => format!(
             "killed by signal {}",
-            Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or(sig.to_string())
+            Signal::try_from(sig)
+                .map(|s| s.as_str().to_string())
+                .unwrap_or(sig.to_string())
         ),
         _ => "unknown status".into(),
     }

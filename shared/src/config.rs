@@ -398,15 +398,24 @@ impl GatewayConfig {
             ConfigError(format!("{origin}:{}: {msg}", line_of(text, needle)))
         };
         if self.apisix.node_listen.is_empty() {
-            return Err(err("node_listen", "apisix.node_listen must list at least one port".into()));
+            return Err(err(
+                "node_listen",
+                "apisix.node_listen must list at least one port".into(),
+            ));
         }
         let mut seen = HashSet::new();
         for l in &self.apisix.node_listen {
             if l.0.port() == 0 {
-                return Err(err("node_listen", "apisix.node_listen: port 0 is not allowed".into()));
+                return Err(err(
+                    "node_listen",
+                    "apisix.node_listen: port 0 is not allowed".into(),
+                ));
             }
             if !seen.insert(l.0) {
-                return Err(err("node_listen", format!("apisix.node_listen: {} is listed twice", l.0)));
+                return Err(err(
+                    "node_listen",
+                    format!("apisix.node_listen: {} is listed twice", l.0),
+                ));
             }
         }
         let admin = &self.deployment.admin;
@@ -419,17 +428,32 @@ impl GatewayConfig {
         let mut names = HashSet::new();
         for k in &admin.admin_key {
             if k.name.is_empty() {
-                return Err(err("admin_key", "deployment.admin.admin_key: property \"name\" must not be empty".into()));
+                return Err(err(
+                    "admin_key",
+                    "deployment.admin.admin_key: property \"name\" must not be empty".into(),
+                ));
             }
             if !names.insert(k.name.as_str()) {
-                return Err(err(&k.name, format!("deployment.admin.admin_key: name {:?} is used twice", k.name)));
+                return Err(err(
+                    &k.name,
+                    format!(
+                        "deployment.admin.admin_key: name {:?} is used twice",
+                        k.name
+                    ),
+                ));
             }
         }
         if self.nginx_config.http.client_max_header_size < 1024 {
-            return Err(err("client_max_header_size", "nginx_config.http.client_max_header_size must be at least 1k".into()));
+            return Err(err(
+                "client_max_header_size",
+                "nginx_config.http.client_max_header_size must be at least 1k".into(),
+            ));
         }
         if self.wasmgate.shm_size < (1 << 20) || self.wasmgate.shm_size > (4 << 30) {
-            return Err(err("shm_size", "wasmgate.shm_size must be between 1m and 4g".into()));
+            return Err(err(
+                "shm_size",
+                "wasmgate.shm_size must be between 1m and 4g".into(),
+            ));
         }
         let mut plugin_names = HashSet::new();
         for p in &self.wasm.plugins {
@@ -440,7 +464,10 @@ impl GatewayConfig {
                 ));
             }
             if !plugin_names.insert(p.name.as_str()) {
-                return Err(err(&p.name, format!("wasm.plugins: plugin {:?} is declared twice", p.name)));
+                return Err(err(
+                    &p.name,
+                    format!("wasm.plugins: plugin {:?} is declared twice", p.name),
+                ));
             }
         }
         Ok(())
@@ -477,19 +504,28 @@ mod tests {
     fn embedded_default_parses() {
         let c = GatewayConfig::parse(EMBEDDED_DEFAULT, "conf/config.yaml").unwrap();
         assert_eq!(c.apisix.node_listen[0].0.port(), 9080);
-        assert_eq!(c.deployment.admin.admin_listen.addr().to_string(), "127.0.0.1:9180");
+        assert_eq!(
+            c.deployment.admin.admin_listen.addr().to_string(),
+            "127.0.0.1:9180"
+        );
         assert_eq!(c.nginx_config.worker_processes, WorkerProcesses::Auto);
     }
 
     #[test]
     fn empty_file_is_defaults() {
-        assert_eq!(GatewayConfig::parse("# nothing\n", "x").unwrap(), GatewayConfig::default());
+        assert_eq!(
+            GatewayConfig::parse("# nothing\n", "x").unwrap(),
+            GatewayConfig::default()
+        );
     }
 
     #[test]
     fn unknown_key_names_file_and_line() {
-        let e = GatewayConfig::parse("apisix:\n  node_listen: [9080]\n  node_lisen: 1\n", "c.yaml")
-            .unwrap_err();
+        let e = GatewayConfig::parse(
+            "apisix:\n  node_listen: [9080]\n  node_lisen: 1\n",
+            "c.yaml",
+        )
+        .unwrap_err();
         assert!(e.0.starts_with("c.yaml:3:"), "{e}");
         assert!(e.0.contains("node_lisen"), "{e}");
     }
@@ -513,7 +549,12 @@ mod tests {
     fn listen_forms() {
         let y = "apisix:\n  node_listen:\n    - 9080\n    - \"127.0.0.1:9081\"\n    - {ip: \"::1\", port: 9082}\n";
         let c = GatewayConfig::parse(y, "c").unwrap();
-        let v: Vec<String> = c.apisix.node_listen.iter().map(|l| l.0.to_string()).collect();
+        let v: Vec<String> = c
+            .apisix
+            .node_listen
+            .iter()
+            .map(|l| l.0.to_string())
+            .collect();
         assert_eq!(v, ["0.0.0.0:9080", "127.0.0.1:9081", "[::1]:9082"]);
     }
 

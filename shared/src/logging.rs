@@ -22,7 +22,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let level = match *event.metadata().level() {
             Level::ERROR => "error",
             Level::WARN => "warn",
@@ -49,7 +54,9 @@ pub fn init(path: &Path, level: LogLevel, role: &str, stderr: bool) -> std::io::
     };
     let filter = tracing_subscriber::EnvFilter::new(level.as_tracing());
     let _ = tracing_subscriber::fmt()
-        .event_format(NginxFormat { role: role.to_string() })
+        .event_format(NginxFormat {
+            role: role.to_string(),
+        })
         .with_env_filter(filter)
         .with_writer(std::sync::Arc::new(writer))
         .try_init();

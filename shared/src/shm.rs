@@ -145,18 +145,17 @@ impl Segment {
     /// Creates a segment with room for `data_capacity` snapshot bytes (master side).
     pub fn create(data_capacity: u64) -> Result<Segment, ShmError> {
         let data_capacity = (data_capacity as usize).next_multiple_of(8);
-        let fd = nix::sys::memfd::memfd_create(
-            c"wasmgate-shm",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )
-        .map_err(std::io::Error::from)?;
+        let fd =
+            nix::sys::memfd::memfd_create(c"wasmgate-shm", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .map_err(std::io::Error::from)?;
         let file = File::from(fd);
         // Sparse: pages cost memory only once written.
         file.set_len((DATA_OFFSET + data_capacity) as u64)?;
         let seg = Segment::map(file)?;
         let h = seg.header();
         h.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
-        h.data_capacity.store(data_capacity as u64, Ordering::Relaxed);
+        h.data_capacity
+            .store(data_capacity as u64, Ordering::Relaxed);
         h.magic.store(MAGIC, Ordering::Release);
         Ok(seg)
     }
@@ -326,7 +325,10 @@ mod tests {
     fn too_large_is_refused() {
         let seg = Segment::create(1 << 20).unwrap();
         let big = vec![1u8; (1 << 20) + 1];
-        assert!(matches!(seg.publish(1, &big), Err(ShmError::TooLarge { .. })));
+        assert!(matches!(
+            seg.publish(1, &big),
+            Err(ShmError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -356,7 +358,10 @@ mod tests {
                         }
                         let expect = (generation & 0xff) as u8;
                         assert_eq!(bytes.len(), 4096 + (generation as usize % 5000));
-                        assert!(bytes.iter().all(|b| *b == expect), "torn read at {generation}");
+                        assert!(
+                            bytes.iter().all(|b| *b == expect),
+                            "torn read at {generation}"
+                        );
                         checked += 1;
                     }
                     checked

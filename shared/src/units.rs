@@ -27,7 +27,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("invalid duration {text:?} (expected e.g. 60s, 500ms, 1m)"))?;
     if !value.is_finite() || value < 0.0 {
-        return Err(format!("invalid duration {text:?}: must be a non-negative number"));
+        return Err(format!(
+            "invalid duration {text:?}: must be a non-negative number"
+        ));
     }
     let ms = value * mult_ms;
     if ms > 365.0 * 86_400_000.0 {

@@ -1,1 +1,143 @@
+//! The wasmgate worker process: one single-threaded async runtime serving proxy traffic.
+//!
+//! - [`live`]: the configuration snapshot from shared memory, compiled into a [`router`];
+//! - [`server`]: accepting and serving client connections, draining on reload;
+//! - [`proxy`]: the phases of one request, from route match to access log;
+//! - [`upstream`]: balancing, connection pooling and forwarding;
+//! - [`access_log`], [`body`]: the log phase and body plumbing.
 
+pub mod access_log;
+pub mod body;
+pub mod live;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod upstream;
+
+use anyhow::Context;
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{signal, SignalKind};
+use wasmgate_shared::config::GatewayConfig;
+use wasmgate_shared::shm::{Segment, SlotState};
+use wasmgate_shared::snapshot::WorkerBoot;
+
+/// State shared by every connection of this worker.
+pub struct Worker {
+    pub live: live::Live,
+    pub pool: Arc<upstream::pool::Pool>,
+    pub access_log: access_log::AccessLog,
+    pub segment: Arc<Segment>,
+    pub slot: usize,
+    pub max_body_size: u64,
+    pub max_header_size: usize,
+    pub header_timeout: Duration,
+    /// Set once the master asked this worker to drain.
+    pub draining: AtomicBool,
+}
+
+/// `wasmgate worker`: started by the master only.
+pub fn run() -> anyhow::Result<()> {
+    let mut input = Vec::new();
+    std::io::stdin()
+        .take(64 << 20)
+        .read_to_end(&mut input)
+        .context("reading boot parameters")?;
+    let boot: WorkerBoot = serde_json::from_slice(&input)
+        .context("this command is started by the wasmgate master, not by hand")?;
+    let config = GatewayConfig::parse(&boot.config_yaml, &boot.config_origin)?;
+    let log_path = boot.prefix.join(&config.nginx_config.error_log);
+    let role = format!("worker-{}", boot.worker_id);
+    wasmgate_shared::logging::init(&log_path, config.nginx_config.error_log_level, &role, false)?;
+    // SAFETY: the master placed the shared-memory memfd at fd 3 and the listeners at 4, 5, …
+    // (see master/src/supervisor.rs); nothing else in this process owns those numbers.
+    let segment = Arc::new(Segment::open(unsafe { OwnedFd::from_raw_fd(3) })?);
+    let listeners: Vec<std::net::TcpListener> = (0..boot.listeners as i32)
+        // SAFETY: as above, fds 4.. are the inherited listening sockets.
+        .map(|i| unsafe { std::net::TcpListener::from_raw_fd(4 + i) })
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(serve(boot, config, segment, listeners));
+    if let Err(e) = &result {
+        tracing::error!("worker stopped on error: {e:#}");
+    }
+    result
+}
+
+async fn serve(
+    boot: WorkerBoot,
+    config: GatewayConfig,
+    segment: Arc<Segment>,
+    listeners: Vec<std::net::TcpListener>,
+) -> anyhow::Result<()> {
+    let http = &config.nginx_config.http;
+    let slot = boot.slot as usize;
+    let w = Arc::new(Worker {
+        live: live::Live::new(segment.clone(), slot),
+        pool: upstream::pool::Pool::new(http.upstream_keepalive, http.upstream_keepalive_timeout),
+        access_log: access_log::AccessLog::open(&boot.prefix, &http.access_log)
+            .with_context(|| format!("cannot open access log {}", http.access_log))?,
+        segment: segment.clone(),
+        slot,
+        max_body_size: http.client_max_body_size,
+        max_header_size: (http.client_max_header_size as usize).max(8192),
+        header_timeout: http
+            .client_header_timeout
+            .min(http.keepalive_timeout)
+            .max(Duration::from_millis(100)),
+        draining: AtomicBool::new(false),
+    });
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    for l in listeners {
+        l.set_nonblocking(true)?;
+        let l = tokio::net::TcpListener::from_std(l)?;
+        tokio::spawn(server::accept_loop(w.clone(), l, drain_rx.clone()));
+    }
+    tokio::spawn(housekeeping(w.clone()));
+    let s = segment.slot(slot);
+    if s.state() == SlotState::Starting {
+        s.set_state(SlotState::Ready);
+    }
+    tracing::info!(
+        "worker {} ready (slot {slot}, epoch {})",
+        boot.worker_id,
+        boot.epoch
+    );
+
+    let mut quit = signal(SignalKind::quit())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = quit.recv() => {}
+        _ = term.recv() => { w.access_log.flush(); return Ok(()); }
+        _ = int.recv() => { w.access_log.flush(); return Ok(()); }
+    }
+    // Graceful: stop accepting, let connections finish, then exit.
+    w.draining.store(true, Ordering::Relaxed);
+    let _ = drain_tx.send(true);
+    let deadline = Instant::now() + config.nginx_config.worker_shutdown_timeout;
+    while s.active_connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = term.recv() => break,
+        }
+    }
+    w.access_log.flush();
+    tracing::info!("worker {} drained, exiting", boot.worker_id);
+    Ok(())
+}
+
+/// Keeps the generation seen current while idle and flushes the access log.
+async fn housekeeping(w: Arc<Worker>) {
+    let mut tick = tokio::time::interval(access_log::FLUSH_EVERY);
+    loop {
+        tick.tick().await;
+        w.live.current();
+        w.access_log.flush();
+    }
+}

@@ -44,8 +44,10 @@ pub async fn serve(listener: tokio::net::TcpListener, master: Arc<Master>) {
 fn reply(status: u16, body: Value) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     resp.headers_mut().insert(
         http::header::SERVER,
         http::HeaderValue::from_static(concat!("wasmgate/", env!("CARGO_PKG_VERSION"))),
@@ -64,7 +66,10 @@ async fn handle(m: &Master, req: Request<Incoming>, peer: SocketAddr) -> Respons
     let who = match authenticate(m, &req, &query) {
         Ok(k) => k,
         Err(desc) => {
-            return reply(401, json!({"error_msg": "failed to check token", "description": desc}))
+            return reply(
+                401,
+                json!({"error_msg": "failed to check token", "description": desc}),
+            )
         }
     };
     if who.as_ref().is_some_and(|k| k.role == Role::Viewer) && method != Method::GET {
@@ -74,13 +79,17 @@ async fn handle(m: &Master, req: Request<Incoming>, peer: SocketAddr) -> Respons
         );
     }
     let limit = m.config().config.deployment.admin.max_body_size as usize;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return err(413, format!("request body too large (limit {limit} bytes, deployment.admin.max_body_size)"))
-        }
-        Err(e) => return err(400, format!("invalid request body: {e}")),
-    };
+    let body =
+        match Limited::new(req.into_body(), limit).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return err(
+                413,
+                format!(
+                    "request body too large (limit {limit} bytes, deployment.admin.max_body_size)"
+                ),
+            ),
+            Err(e) => return err(400, format!("invalid request body: {e}")),
+        };
     let resp = dispatch(m, &method, &path, &query, body).await;
     if method != Method::GET {
         let name = who.as_ref().map(|k| k.name.as_str()).unwrap_or("-");
@@ -93,7 +102,13 @@ async fn handle(m: &Master, req: Request<Incoming>, peer: SocketAddr) -> Respons
     resp
 }
 
-async fn dispatch(m: &Master, method: &Method, path: &str, query: &[(String, String)], body: Bytes) -> Response<Full<Bytes>> {
+async fn dispatch(
+    m: &Master,
+    method: &Method,
+    path: &str,
+    query: &[(String, String)],
+    body: Bytes,
+) -> Response<Full<Bytes>> {
     if let Some(rest) = path.strip_prefix("/wasmgate/") {
         return wasmgate_endpoint(m, method, rest).await;
     }
@@ -115,7 +130,12 @@ async fn dispatch(m: &Master, method: &Method, path: &str, query: &[(String, Str
     };
     let (status, value) = match (method, id, sub) {
         (&Method::GET, None, None) => {
-            let num = |k: &str| query.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.parse().ok());
+            let num = |k: &str| {
+                query
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .and_then(|(_, v)| v.parse().ok())
+            };
             objects::list(m, kind, num("page"), num("page_size"))
         }
         (&Method::GET, Some(id), None) => objects::get(m, kind, id),
@@ -157,7 +177,11 @@ async fn wasmgate_endpoint(m: &Master, method: &Method, rest: &str) -> Response<
 
 /// Finds the caller's key: `X-API-KEY` header, `api_key` query argument or `x_api_key` cookie.
 /// `Ok(None)` when keys are not required.
-fn authenticate(m: &Master, req: &Request<Incoming>, query: &[(String, String)]) -> Result<Option<ApiKey>, &'static str> {
+fn authenticate(
+    m: &Master,
+    req: &Request<Incoming>,
+    query: &[(String, String)],
+) -> Result<Option<ApiKey>, &'static str> {
     if !m.config().config.deployment.admin.admin_key_required {
         return Ok(None);
     }
@@ -166,7 +190,12 @@ fn authenticate(m: &Master, req: &Request<Incoming>, query: &[(String, String)])
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
-        .or_else(|| query.iter().find(|(k, _)| k == "api_key").map(|(_, v)| v.clone()))
+        .or_else(|| {
+            query
+                .iter()
+                .find(|(k, _)| k == "api_key")
+                .map(|(_, v)| v.clone())
+        })
         .or_else(|| cookie(req, "x_api_key"));
     let Some(presented) = presented else {
         return Err("missing apikey");

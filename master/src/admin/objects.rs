@@ -191,7 +191,11 @@ fn write(m: &Master, store: &mut Store, kind: Kind, id: &str, mut body: Value) -
         if store.get(rkind, &rid).is_none() {
             return error(
                 400,
-                format!("failed to fetch {} info by {} id [{rid}], response code: 404", rkind.noun(), rkind.noun()),
+                format!(
+                    "failed to fetch {} info by {} id [{rid}], response code: 404",
+                    rkind.noun(),
+                    rkind.noun()
+                ),
             );
         }
     }
@@ -208,7 +212,10 @@ fn write(m: &Master, store: &mut Store, kind: Kind, id: &str, mut body: Value) -
     let revision = store.next_revision();
     let stored = Stored {
         value: body,
-        created_index: existing.as_ref().map(|e| e.created_index).unwrap_or(revision),
+        created_index: existing
+            .as_ref()
+            .map(|e| e.created_index)
+            .unwrap_or(revision),
         modified_index: revision,
     };
     let snapshot = m.snapshot_with(store, Some((kind, id, Some(&stored))));
@@ -222,7 +229,10 @@ fn write(m: &Master, store: &mut Store, kind: Kind, id: &str, mut body: Value) -
     }
     m.publish(revision, &bytes);
     let status = if existing.is_some() { 200 } else { 201 };
-    (status, json!({ "key": key(kind, id), "value": stored.value }))
+    (
+        status,
+        json!({ "key": key(kind, id), "value": stored.value }),
+    )
 }
 
 /// RFC 7396 JSON merge patch (APISIX's PATCH semantics: objects merge, `null` deletes,
@@ -259,7 +269,9 @@ fn set_path(target: &mut Value, path: &str, value: Value) -> Result<(), String> 
             .entry(p.to_string())
             .or_insert_with(|| Value::Object(Map::new()));
     }
-    let obj = cur.as_object_mut().ok_or_else(|| format!("invalid sub path: {path}"))?;
+    let obj = cur
+        .as_object_mut()
+        .ok_or_else(|| format!("invalid sub path: {path}"))?;
     if value.is_null() {
         obj.remove(*last);
     } else {

@@ -58,7 +58,11 @@ pub struct Timeout {
 
 impl Timeout {
     pub fn check(&self, field: &str) -> Result<(), String> {
-        for (name, v) in [("connect", self.connect), ("send", self.send), ("read", self.read)] {
+        for (name, v) in [
+            ("connect", self.connect),
+            ("send", self.send),
+            ("read", self.read),
+        ] {
             if let Some(v) = v {
                 if !(v > 0.0 && v <= 86_400.0) {
                     return Err(format!(

@@ -14,7 +14,7 @@ pub mod vars;
 pub use common::{valid_id, Id, Labels, Timeout};
 pub use plugins::{check_plugins, PluginCatalog, PluginConf, Plugins};
 pub use route::{GlobalRule, Route, Service};
-pub use upstream::{HashOn, LbType, Node, Nodes, PassHost, Upstream};
+pub use upstream::{HashOn, LbType, Node, NodeAddr, Nodes, PassHost, Upstream};
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -29,7 +29,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Routes, Kind::Services, Kind::Upstreams, Kind::GlobalRules];
+    pub const ALL: [Kind; 4] = [
+        Kind::Routes,
+        Kind::Services,
+        Kind::Upstreams,
+        Kind::GlobalRules,
+    ];
 
     /// The path segment (`routes`, `global_rules`…), also the key segment in `/apisix/<kind>/<id>`.
     pub fn as_str(self) -> &'static str {
@@ -103,7 +108,8 @@ pub fn validate(kind: Kind, body: &Value, catalog: &PluginCatalog) -> Result<Obj
         }
         Kind::Upstreams => {
             let u: Upstream = typed(body)?;
-            u.check().map_err(|e| format!("invalid configuration: {e}"))?;
+            u.check()
+                .map_err(|e| format!("invalid configuration: {e}"))?;
             Ok(Object::Upstream(u))
         }
         Kind::GlobalRules => {
@@ -163,15 +169,26 @@ mod tests {
 
     #[test]
     fn unknown_top_level_field() {
-        let e = validate(Kind::Routes, &json!({"uri": "/", "upstream_id": "1", "foo": 1}), &catalog())
-            .unwrap_err();
-        assert_eq!(e, "invalid configuration: additional properties forbidden, found foo");
+        let e = validate(
+            Kind::Routes,
+            &json!({"uri": "/", "upstream_id": "1", "foo": 1}),
+            &catalog(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "invalid configuration: additional properties forbidden, found foo"
+        );
     }
 
     #[test]
     fn wrong_type_names_the_field() {
-        let e = validate(Kind::Routes, &json!({"uri": "/", "upstream_id": "1", "methods": "GET"}), &catalog())
-            .unwrap_err();
+        let e = validate(
+            Kind::Routes,
+            &json!({"uri": "/", "upstream_id": "1", "methods": "GET"}),
+            &catalog(),
+        )
+        .unwrap_err();
         assert!(e.contains("property \"methods\" validation failed"), "{e}");
         let e = validate(
             Kind::Routes,
@@ -190,23 +207,38 @@ mod tests {
             &catalog(),
         )
         .unwrap_err();
-        assert!(e.contains("\"upstream\"") && e.contains("found bogus"), "{e}");
+        assert!(
+            e.contains("\"upstream\"") && e.contains("found bogus"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_plugin_and_conf_rules() {
-        let e = validate(Kind::Routes, &json!({"uri": "/", "plugins": {"nope": {"conf": "x"}}}), &catalog())
-            .unwrap_err();
+        let e = validate(
+            Kind::Routes,
+            &json!({"uri": "/", "plugins": {"nope": {"conf": "x"}}}),
+            &catalog(),
+        )
+        .unwrap_err();
         assert_eq!(e, "unknown plugin [nope]");
-        let e = validate(Kind::Routes, &json!({"uri": "/", "plugins": {"wasm_log": {}}}), &catalog())
-            .unwrap_err();
+        let e = validate(
+            Kind::Routes,
+            &json!({"uri": "/", "plugins": {"wasm_log": {}}}),
+            &catalog(),
+        )
+        .unwrap_err();
         assert_eq!(
             e,
             "failed to check the configuration of plugin wasm_log err: property \"conf\" is required"
         );
         for bad in [json!(""), json!({}), json!(1), json!([])] {
-            let e = validate(Kind::Routes, &json!({"uri": "/", "plugins": {"wasm_log": {"conf": bad}}}), &catalog())
-                .unwrap_err();
+            let e = validate(
+                Kind::Routes,
+                &json!({"uri": "/", "plugins": {"wasm_log": {"conf": bad}}}),
+                &catalog(),
+            )
+            .unwrap_err();
             assert!(e.contains("property \"conf\" validation failed"), "{e}");
         }
         assert!(validate(

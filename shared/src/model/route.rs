@@ -76,7 +76,11 @@ impl Route {
     pub fn check(&self, catalog: &PluginCatalog) -> Result<(), String> {
         match (&self.uri, &self.uris) {
             (Some(_), Some(_)) => return Err("only one of uri or uris is allowed".into()),
-            (None, None) => return Err("invalid configuration: property \"uri\" is required (or \"uris\")".into()),
+            (None, None) => {
+                return Err(
+                    "invalid configuration: property \"uri\" is required (or \"uris\")".into(),
+                )
+            }
             (Some(u), None) => check_uri("uri", u)?,
             (None, Some(list)) => {
                 if list.is_empty() {
@@ -110,10 +114,12 @@ impl Route {
         check_text("name", &self.name)?;
         check_text("desc", &self.desc)?;
         if let Some(t) = &self.timeout {
-            t.check("timeout").map_err(|e| format!("invalid configuration: {e}"))?;
+            t.check("timeout")
+                .map_err(|e| format!("invalid configuration: {e}"))?;
         }
         if let Some(u) = &self.upstream {
-            u.check_as("upstream").map_err(|e| format!("invalid configuration: {e}"))?;
+            u.check_as("upstream")
+                .map_err(|e| format!("invalid configuration: {e}"))?;
         }
         if let Some(p) = &self.plugins {
             check_plugins(p, catalog)?;
@@ -175,7 +181,10 @@ fn check_uri(field: &str, uri: &str) -> Result<(), String> {
         return Err(invalid(field, "longer than 4096 bytes"));
     }
     if uri.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-        return Err(invalid(field, "must not contain spaces or control characters"));
+        return Err(invalid(
+            field,
+            "must not contain spaces or control characters",
+        ));
     }
     if let Some(pos) = uri.find('*') {
         if pos != uri.len() - 1 {
@@ -193,9 +202,9 @@ pub fn valid_host_pattern(h: &str) -> bool {
     let rest = h.strip_prefix('*').unwrap_or(h);
     !rest.is_empty()
         && h.len() <= 253
-        && rest
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':'))
+        && rest.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':')
+        })
 }
 
 fn check_hosts(host: &Option<String>, hosts: &Option<Vec<String>>) -> Result<(), String> {
@@ -213,7 +222,10 @@ fn check_hosts(host: &Option<String>, hosts: &Option<Vec<String>>) -> Result<(),
         }
         for (i, h) in list.iter().enumerate() {
             if !valid_host_pattern(h) {
-                return Err(invalid(&format!("hosts[{i}]"), format!("invalid host pattern {h:?}")));
+                return Err(invalid(
+                    &format!("hosts[{i}]"),
+                    format!("invalid host pattern {h:?}"),
+                ));
             }
         }
     }
@@ -231,7 +243,10 @@ fn check_remote_addrs(one: &Option<String>, many: &Option<Vec<String>>) -> Resul
     }
     for (i, a) in many.iter().flatten().enumerate() {
         if parse_cidr(a).is_none() {
-            return Err(invalid(&format!("remote_addrs[{i}]"), format!("invalid IP or CIDR {a:?}")));
+            return Err(invalid(
+                &format!("remote_addrs[{i}]"),
+                format!("invalid IP or CIDR {a:?}"),
+            ));
         }
     }
     Ok(())
@@ -271,7 +286,8 @@ impl Service {
         check_text("desc", &self.desc)?;
         check_hosts(&None, &self.hosts)?;
         if let Some(u) = &self.upstream {
-            u.check_as("upstream").map_err(|e| format!("invalid configuration: {e}"))?;
+            u.check_as("upstream")
+                .map_err(|e| format!("invalid configuration: {e}"))?;
         }
         if let Some(p) = &self.plugins {
             check_plugins(p, catalog)?;
@@ -297,7 +313,10 @@ pub struct GlobalRule {
 impl GlobalRule {
     pub fn check(&self, catalog: &PluginCatalog) -> Result<(), String> {
         if self.plugins.is_empty() {
-            return Err("invalid configuration: property \"plugins\" is required and must not be empty".into());
+            return Err(
+                "invalid configuration: property \"plugins\" is required and must not be empty"
+                    .into(),
+            );
         }
         check_plugins(&self.plugins, catalog)
     }

@@ -81,12 +81,20 @@ impl<'de> Deserialize<'de> for Nodes {
         // (serde's untagged enums only say "did not match any variant").
         let v = serde_json::Value::deserialize(d)?;
         match v {
-            serde_json::Value::Object(_) => serde_json::from_value(v)
-                .map(Nodes::Map)
-                .map_err(|e| serde::de::Error::custom(format!("nodes as a map of \"host:port\" to weight: {e}"))),
-            serde_json::Value::Array(_) => serde_json::from_value(v)
-                .map(Nodes::List)
-                .map_err(|e| serde::de::Error::custom(format!("nodes as a list of {{host, port, weight}}: {e}"))),
+            serde_json::Value::Object(_) => {
+                serde_json::from_value(v).map(Nodes::Map).map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "nodes as a map of \"host:port\" to weight: {e}"
+                    ))
+                })
+            }
+            serde_json::Value::Array(_) => {
+                serde_json::from_value(v).map(Nodes::List).map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "nodes as a list of {{host, port, weight}}: {e}"
+                    ))
+                })
+            }
             _ => Err(serde::de::Error::custom(
                 "nodes must be a map of \"host:port\" to weight or a list of {host, port, weight}",
             )),
@@ -179,23 +187,33 @@ impl Upstream {
                 format!("{prefix}.{f}")
             }
         };
-        let bad = |f: &str, why: String| format!("property \"{}\" validation failed: {why}", field(f));
+        let bad =
+            |f: &str, why: String| format!("property \"{}\" validation failed: {why}", field(f));
         self.normalized_nodes().map_err(|e| bad("nodes", e))?;
         if let Some(t) = &self.timeout {
             t.check(&field("timeout"))?;
         }
         if let Some(s) = &self.scheme {
             if s != "http" {
-                return Err(bad("scheme", format!("{s:?} is not supported (only \"http\")")));
+                return Err(bad(
+                    "scheme",
+                    format!("{s:?} is not supported (only \"http\")"),
+                ));
             }
         }
         if self.pass_host == PassHost::Rewrite
             && self.upstream_host.as_deref().is_none_or(str::is_empty)
         {
-            return Err(bad("upstream_host", "required when pass_host is \"rewrite\"".into()));
+            return Err(bad(
+                "upstream_host",
+                "required when pass_host is \"rewrite\"".into(),
+            ));
         }
         if let Some(h) = &self.upstream_host {
-            if h.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == b'/') || h.len() > 253 {
+            if h.bytes()
+                .any(|b| b.is_ascii_control() || b == b' ' || b == b'/')
+                || h.len() > 253
+            {
                 return Err(bad("upstream_host", format!("invalid host {h:?}")));
             }
         }
@@ -210,7 +228,10 @@ impl Upstream {
         }
         if let Some(r) = self.retry_timeout {
             if !(r >= 0.0 && r <= 86_400.0) {
-                return Err(bad("retry_timeout", format!("expected seconds in [0, 86400], got {r}")));
+                return Err(bad(
+                    "retry_timeout",
+                    format!("expected seconds in [0, 86400], got {r}"),
+                ));
             }
         }
         Ok(())
@@ -222,8 +243,14 @@ impl Upstream {
         match &self.nodes {
             Nodes::Map(map) => {
                 for (k, w) in map {
-                    let (host, port) = split_host_port(k).ok_or_else(|| format!("invalid node address {k:?} (expected host:port)"))?;
-                    out.push(NodeAddr { host, port, weight: *w });
+                    let (host, port) = split_host_port(k).ok_or_else(|| {
+                        format!("invalid node address {k:?} (expected host:port)")
+                    })?;
+                    out.push(NodeAddr {
+                        host,
+                        port,
+                        weight: *w,
+                    });
                 }
             }
             Nodes::List(list) => {
@@ -234,7 +261,11 @@ impl Upstream {
                     if n.port == 0 {
                         return Err(format!("invalid port 0 for node {:?}", n.host));
                     }
-                    out.push(NodeAddr { host: n.host.trim_matches(|c| c == '[' || c == ']').to_string(), port: n.port, weight: n.weight });
+                    out.push(NodeAddr {
+                        host: n.host.trim_matches(|c| c == '[' || c == ']').to_string(),
+                        port: n.port,
+                        weight: n.weight,
+                    });
                 }
             }
         }
@@ -248,8 +279,9 @@ impl Upstream {
 fn valid_node_host(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 253
-        && h.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']'))
+        && h.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']')
+        })
 }
 
 /// Splits `host:port`, `[v6]:port` or a bare host (port 80).
@@ -288,11 +320,26 @@ mod tests {
     fn node_forms_normalize() {
         let a = up(json!({"nodes": {"127.0.0.1:1980": 2, "[::1]:81": 1, "example.com": 1}}));
         let n = a.normalized_nodes().unwrap();
-        assert!(n.contains(&NodeAddr { host: "127.0.0.1".into(), port: 1980, weight: 2 }));
-        assert!(n.contains(&NodeAddr { host: "::1".into(), port: 81, weight: 1 }));
-        assert!(n.contains(&NodeAddr { host: "example.com".into(), port: 80, weight: 1 }));
+        assert!(n.contains(&NodeAddr {
+            host: "127.0.0.1".into(),
+            port: 1980,
+            weight: 2
+        }));
+        assert!(n.contains(&NodeAddr {
+            host: "::1".into(),
+            port: 81,
+            weight: 1
+        }));
+        assert!(n.contains(&NodeAddr {
+            host: "example.com".into(),
+            port: 80,
+            weight: 1
+        }));
         let b = up(json!({"nodes": [{"host": "10.0.0.1", "port": 8080, "weight": 5}]}));
-        assert_eq!(b.normalized_nodes().unwrap()[0].authority(), "10.0.0.1:8080");
+        assert_eq!(
+            b.normalized_nodes().unwrap()[0].authority(),
+            "10.0.0.1:8080"
+        );
     }
 
     #[test]
@@ -306,8 +353,16 @@ mod tests {
 
     #[test]
     fn chash_needs_key_and_rewrite_needs_host() {
-        assert!(up(json!({"type": "chash", "nodes": {"a:1": 1}})).check().is_err());
-        assert!(up(json!({"type": "chash", "key": "remote_addr", "nodes": {"a:1": 1}})).check().is_ok());
-        assert!(up(json!({"pass_host": "rewrite", "nodes": {"a:1": 1}})).check().is_err());
+        assert!(up(json!({"type": "chash", "nodes": {"a:1": 1}}))
+            .check()
+            .is_err());
+        assert!(
+            up(json!({"type": "chash", "key": "remote_addr", "nodes": {"a:1": 1}}))
+                .check()
+                .is_ok()
+        );
+        assert!(up(json!({"pass_host": "rewrite", "nodes": {"a:1": 1}}))
+            .check()
+            .is_err());
     }
 }

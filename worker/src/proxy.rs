@@ -1,0 +1,538 @@
+//! The life of one proxied request, phase by phase (the names are APISIX's and nginx's):
+//!
+//! 1. **rewrite** and 2. **access** — the route is matched; plugins of each phase run on the
+//!    request headers (the Proxy-Wasm host hooks in here). Requests no route matches end with
+//!    404 `{"error_msg":"404 Route Not Found"}`.
+//! 3. **upstream** — [`forward`]: a node is picked by the upstream's balancer, a pooled or new
+//!    connection is used, a connect failure moves on to the next node (up to `retries`); no node
+//!    → 502, no answer in `timeout.read` → 504.
+//! 4. **header_filter** — [`header_filter`]: hop-by-hop headers go, `Server` is set, and while the
+//!    worker drains, `Connection: close` tells keep-alive clients to reconnect elsewhere.
+//! 5. **body_filter** — bodies stream through untouched in both directions.
+//! 6. **log** — when the response body ends (or the client leaves), the access-log line is
+//!    written and the upstream node's active count is released.
+
+use crate::access_log::Entry;
+use crate::body::{self, Observed, ProxyBody};
+use crate::router::{RequestView, RouteEntry};
+use crate::upstream::pool::{Conn, PooledBody};
+use crate::upstream::UpstreamRuntime;
+use crate::Worker;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmgate_shared::model::{HashOn, PassHost};
+
+/// What the log phase needs to know about the upstream exchange.
+#[derive(Default)]
+struct UpstreamLog {
+    addrs: Vec<String>,
+    statuses: Vec<String>,
+    time: Option<Duration>,
+    /// The node whose active count to release at the end (least_conn).
+    active: Option<(Arc<UpstreamRuntime>, usize)>,
+}
+
+/// Serves one client request.
+pub async fn handle(
+    w: Arc<Worker>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    w.segment
+        .slot(w.slot)
+        .requests
+        .fetch_add(1, Ordering::Relaxed);
+    let cfg = w.live.current();
+    let (parts, body) = req.into_parts();
+    let host = request_host(&parts);
+    let route = {
+        let lookup = |name: &str| nginx_var(&parts, peer, name);
+        let view = RequestView {
+            method: &parts.method,
+            host: &host,
+            path: parts.uri.path(),
+            remote: peer.ip(),
+            vars: &lookup,
+        };
+        cfg.router.find(&view).cloned()
+    };
+    let mut up_log = UpstreamLog::default();
+    let resp = match &route {
+        None => json_error(StatusCode::NOT_FOUND, "404 Route Not Found"),
+        Some(route) => serve_route(&w, route, &parts, body, peer, &mut up_log).await,
+    };
+    let mut resp = header_filter(&w, resp);
+    // Answer in the client's protocol version, whatever the upstream spoke.
+    *resp.version_mut() = parts.version;
+    log_phase(
+        w,
+        resp,
+        &parts,
+        peer,
+        host,
+        route.map(|r| r.id.clone()),
+        started,
+        up_log,
+    )
+}
+
+async fn serve_route(
+    w: &Worker,
+    route: &RouteEntry,
+    parts: &http::request::Parts,
+    body: Incoming,
+    peer: SocketAddr,
+    up_log: &mut UpstreamLog,
+) -> Response<ProxyBody> {
+    let max = w.max_body_size;
+    if max > 0 && content_length(&parts.headers).is_some_and(|n| n > max) {
+        return error_page(StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    let Some(up) = &route.upstream else {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "missing upstream configuration in Route or Service",
+        );
+    };
+    let body = limit_body(body, max);
+    forward(w, up, parts, body, peer, up_log).await
+}
+
+/// Phase 3: sends the request to a node, moving to the next node on connect failures.
+async fn forward(
+    w: &Worker,
+    up: &Arc<UpstreamRuntime>,
+    parts: &http::request::Parts,
+    body: ProxyBody,
+    peer: SocketAddr,
+    log: &mut UpstreamLog,
+) -> Response<ProxyBody> {
+    let hash_key = hash_key(up, parts, peer);
+    let mut body = Some(body);
+    let mut tried = Vec::new();
+    let mut stale_retries = 0;
+    let deadline = up.retry_timeout.map(|t| Instant::now() + t);
+    let started = Instant::now();
+    loop {
+        let Some(idx) = up
+            .balancer
+            .pick(hash_key.as_deref().map(str::as_bytes), &tried)
+        else {
+            if up.nodes.is_empty() {
+                tracing::error!("no valid upstream node");
+            }
+            return error_page(StatusCode::BAD_GATEWAY);
+        };
+        let node = &up.nodes[idx];
+        let authority = node.authority();
+        let conn = match w.pool.checkout(&authority, up.connect_timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("connect() to {authority} failed: {e}");
+                log.addrs.push(authority);
+                log.statuses.push("502".into());
+                tried.push(idx);
+                let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+                if tried.len() > up.retries || out_of_time {
+                    return error_page(StatusCode::BAD_GATEWAY);
+                }
+                continue;
+            }
+        };
+        let Some(b) = body.take() else {
+            return error_page(StatusCode::BAD_GATEWAY);
+        };
+        let req = upstream_request(parts, b, node_host(up, parts, &authority), peer);
+        up.balancer.on_start(idx);
+        match send(w, conn, req, &authority, up.read_timeout).await {
+            Sent::Response(resp) => {
+                log.addrs.push(authority);
+                log.statuses.push(resp.status().as_u16().to_string());
+                log.time = Some(started.elapsed());
+                log.active = Some((up.clone(), idx));
+                return resp;
+            }
+            Sent::NotSent(req) if stale_retries < 3 => {
+                // The pooled connection was closed by the node before our request went out:
+                // nothing reached the node, so trying again on a fresh connection is safe.
+                up.balancer.on_finish(idx);
+                stale_retries += 1;
+                body = Some(req.into_body());
+            }
+            outcome => {
+                up.balancer.on_finish(idx);
+                log.addrs.push(authority.clone());
+                let status = match outcome {
+                    Sent::Timeout => {
+                        tracing::error!(
+                            "upstream {authority} timed out ({:?}) while reading response header",
+                            up.read_timeout
+                        );
+                        StatusCode::GATEWAY_TIMEOUT
+                    }
+                    Sent::Failed(e) => {
+                        tracing::error!(
+                            "upstream {authority} failed while reading response header: {e}"
+                        );
+                        StatusCode::BAD_GATEWAY
+                    }
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                log.statuses.push(status.as_u16().to_string());
+                return error_page(status);
+            }
+        }
+    }
+}
+
+enum Sent {
+    Response(Response<ProxyBody>),
+    NotSent(Request<ProxyBody>),
+    Timeout,
+    Failed(hyper::Error),
+}
+
+async fn send(
+    w: &Worker,
+    conn: Conn,
+    req: Request<ProxyBody>,
+    authority: &str,
+    read_timeout: Duration,
+) -> Sent {
+    let Conn { mut sender, reused } = conn;
+    let fut = sender.try_send_request(req);
+    match tokio::time::timeout(read_timeout, fut).await {
+        Err(_) => Sent::Timeout,
+        Ok(Ok(resp)) => {
+            let pool = w.pool.clone();
+            Sent::Response(resp.map(|b| {
+                PooledBody::new(b, pool, authority.to_string(), sender, read_timeout).boxed()
+            }))
+        }
+        Ok(Err(mut e)) => match e.take_message() {
+            Some(req) if reused => Sent::NotSent(req),
+            _ => Sent::Failed(e.into_error()),
+        },
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+/// The `Host` sent upstream, per `pass_host`.
+fn node_host(
+    up: &UpstreamRuntime,
+    parts: &http::request::Parts,
+    authority: &str,
+) -> Option<HeaderValue> {
+    match up.pass_host {
+        PassHost::Pass => parts.headers.get(header::HOST).cloned(),
+        PassHost::Node => {
+            HeaderValue::from_str(authority.strip_suffix(":80").unwrap_or(authority)).ok()
+        }
+        PassHost::Rewrite => up
+            .upstream_host
+            .as_deref()
+            .and_then(|h| HeaderValue::from_str(h).ok()),
+    }
+}
+
+fn upstream_request(
+    parts: &http::request::Parts,
+    body: ProxyBody,
+    host: Option<HeaderValue>,
+    peer: SocketAddr,
+) -> Request<ProxyBody> {
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    let ip = peer.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.clone(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&ip) {
+        headers.insert("x-real-ip", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(h) = parts.headers.get(header::HOST) {
+        headers.insert("x-forwarded-host", h.clone());
+    }
+    match host {
+        Some(h) => {
+            headers.insert(header::HOST, h);
+        }
+        None => {
+            headers.remove(header::HOST);
+        }
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = path.parse().unwrap_or_default();
+    *req.headers_mut() = headers;
+    req
+}
+
+/// Phase 4: response headers on their way to the client.
+fn header_filter(w: &Worker, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let h = resp.headers_mut();
+    strip_hop_by_hop(h);
+    h.insert(
+        header::SERVER,
+        HeaderValue::from_static(concat!("wasmgate/", env!("CARGO_PKG_VERSION"))),
+    );
+    if w.draining.load(Ordering::Relaxed) {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Phase 6: wraps the body so the log line is written when it ends.
+#[allow(clippy::too_many_arguments)]
+fn log_phase(
+    w: Arc<Worker>,
+    resp: Response<ProxyBody>,
+    parts: &http::request::Parts,
+    peer: SocketAddr,
+    host: String,
+    route_id: Option<String>,
+    started: Instant,
+    up: UpstreamLog,
+) -> Response<ProxyBody> {
+    let status = resp.status().as_u16();
+    let request_line = format!(
+        "{} {} {:?}",
+        parts.method,
+        parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/"),
+        parts.version
+    );
+    let header = |n: header::HeaderName| {
+        parts
+            .headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let (referer, user_agent) = (header(header::REFERER), header(header::USER_AGENT));
+    let remote = peer.ip().to_string();
+    resp.map(move |b| {
+        Observed::new(b, move |sent, _complete| {
+            if let Some((rt, idx)) = &up.active {
+                rt.balancer.on_finish(*idx);
+            }
+            w.access_log.log(&Entry {
+                remote_addr: &remote,
+                host: &host,
+                request_line: &request_line,
+                status,
+                body_bytes_sent: sent,
+                request_time: started.elapsed(),
+                referer: &referer,
+                user_agent: &user_agent,
+                upstream_addr: &up.addrs.join(", "),
+                upstream_status: up.statuses.last().and_then(|s| s.parse().ok()),
+                upstream_time: up.time,
+                route_id: route_id.as_deref().unwrap_or(""),
+            });
+        })
+        .boxed()
+    })
+}
+
+/// The request's host, lower-cased, without port (Host header, else the URI's authority).
+fn request_host(parts: &http::request::Parts) -> String {
+    let raw = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| parts.uri.host())
+        .unwrap_or("");
+    let host = if raw.starts_with('[') {
+        raw.split_inclusive(']').next().unwrap_or(raw)
+    } else {
+        raw.split(':').next().unwrap_or(raw)
+    };
+    host.to_ascii_lowercase()
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// nginx-style variables, for route `vars` and `chash` keys.
+pub fn nginx_var<'a>(
+    parts: &'a http::request::Parts,
+    peer: SocketAddr,
+    name: &str,
+) -> Option<Cow<'a, str>> {
+    if let Some(arg) = name.strip_prefix("arg_") {
+        let q = parts.uri.query()?;
+        return form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == arg)
+            .map(|(_, v)| Cow::Owned(v.into_owned()));
+    }
+    if let Some(h) = name.strip_prefix("http_") {
+        let h = h.replace('_', "-");
+        return parts
+            .headers
+            .get(h.as_str())
+            .and_then(|v| v.to_str().ok())
+            .map(Cow::Borrowed);
+    }
+    if let Some(c) = name.strip_prefix("cookie_") {
+        return cookie(&parts.headers, c).map(Cow::Owned);
+    }
+    Some(match name {
+        "uri" => Cow::Borrowed(parts.uri.path()),
+        "request_uri" => Cow::Borrowed(
+            parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/"),
+        ),
+        "args" | "query_string" => Cow::Borrowed(parts.uri.query().unwrap_or("")),
+        "host" => Cow::Owned(request_host(parts)),
+        "request_method" => Cow::Borrowed(parts.method.as_str()),
+        "remote_addr" => Cow::Owned(peer.ip().to_string()),
+        "remote_port" => Cow::Owned(peer.port().to_string()),
+        "scheme" => Cow::Borrowed("http"),
+        _ => return None,
+    })
+}
+
+fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+/// The `chash` key of a request (`hash_on` + `key`), None for other balancers.
+fn hash_key(
+    up: &UpstreamRuntime,
+    parts: &http::request::Parts,
+    peer: SocketAddr,
+) -> Option<String> {
+    let key = up.key.as_deref()?;
+    match up.hash_on {
+        HashOn::Vars => nginx_var(parts, peer, key).map(Cow::into_owned),
+        HashOn::Header => parts
+            .headers
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        HashOn::Cookie => cookie(&parts.headers, key),
+        // No consumers in wasmgate: hash on the client address.
+        HashOn::Consumer => Some(peer.ip().to_string()),
+        HashOn::VarsCombinations => Some(expand_vars(key, parts, peer)),
+    }
+}
+
+/// `$remote_addr$arg_x` → the concatenated values.
+fn expand_vars(template: &str, parts: &http::request::Parts, peer: SocketAddr) -> String {
+    let mut out = String::new();
+    for (i, piece) in template.split('$').enumerate() {
+        if i == 0 {
+            out.push_str(piece);
+            continue;
+        }
+        let end = piece
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(piece.len());
+        if let Some(v) = nginx_var(parts, peer, &piece[..end]) {
+            out.push_str(&v);
+        }
+        out.push_str(&piece[end..]);
+    }
+    out
+}
+
+/// Caps a streamed request body at `max` bytes (0 = unlimited).
+fn limit_body(body: Incoming, max: u64) -> ProxyBody {
+    let body = body.map_err(body::BoxError::from);
+    if max == 0 {
+        return body.boxed();
+    }
+    http_body_util::Limited::new(body, max as usize).boxed()
+}
+
+/// `{"error_msg": …}` with a status.
+pub fn json_error(status: StatusCode, msg: &str) -> Response<ProxyBody> {
+    let text = serde_json::json!({ "error_msg": msg }).to_string();
+    let mut r = Response::new(body::full(Bytes::from(text)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// nginx's style of error page for 4xx/5xx produced by the gateway itself.
+pub fn error_page(status: StatusCode) -> Response<ProxyBody> {
+    let line = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let html = format!(
+        "<html>\r\n<head><title>{line}</title></head>\r\n<body>\r\n<center><h1>{line}</h1></center>\r\n<hr><center>wasmgate</center>\r\n</body>\r\n</html>\r\n"
+    );
+    let mut r = Response::new(body::full(Bytes::from(html)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r
+}

@@ -1,0 +1,209 @@
+//! The router: from (method, host, path, client address, variables) to a route.
+//!
+//! Matching order, as APISIX's radixtree router: an exact `uri` first, then prefixes (`/api/*`)
+//! from the longest; among routes on the same path, higher `priority` first, then the lower id
+//! (stable). A route matches when its methods, hosts, client addresses and `vars` all match.
+
+use crate::upstream::UpstreamRuntime;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use wasmgate_shared::model::vars::{Cidr, VarsExpr};
+use wasmgate_shared::model::PluginConf;
+
+/// A host pattern: exact (`api.example.com`) or wildcard (`*.example.com`).
+#[derive(Debug, Clone)]
+pub enum HostPattern {
+    Exact(String),
+    /// The suffix including the dot: `.example.com`.
+    Suffix(String),
+}
+
+impl HostPattern {
+    pub fn parse(p: &str) -> HostPattern {
+        let p = p.to_ascii_lowercase();
+        match p.strip_prefix('*') {
+            Some(rest) => HostPattern::Suffix(rest.to_string()),
+            None => HostPattern::Exact(p),
+        }
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h.eq_ignore_ascii_case(host),
+            HostPattern::Suffix(s) => {
+                host.len() > s.len()
+                    && host.is_char_boundary(host.len() - s.len())
+                    && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
+        }
+    }
+}
+
+/// A compiled route, ready to serve.
+#[derive(Debug)]
+pub struct RouteEntry {
+    pub id: String,
+    pub name: Option<String>,
+    /// The store revision of the route (or of what it inherits, whichever is newest).
+    pub revision: u64,
+    pub priority: i64,
+    /// HTTP methods (empty = any).
+    pub methods: Vec<http::Method>,
+    pub hosts: Vec<HostPattern>,
+    pub remote_addrs: Vec<Cidr>,
+    pub vars: Option<VarsExpr>,
+    /// Plugins with their configuration (service's merged under the route's).
+    pub plugins: Vec<PluginConf>,
+    pub upstream: Option<Arc<UpstreamRuntime>>,
+}
+
+/// What a request offers to be matched.
+pub struct RequestView<'a> {
+    pub method: &'a http::Method,
+    /// Lower-cased host without port.
+    pub host: &'a str,
+    pub path: &'a str,
+    pub remote: IpAddr,
+    /// nginx-style variables for `vars` (`arg_x`, `http_x`, `cookie_x`, `uri`…).
+    pub vars: &'a dyn Fn(&str) -> Option<Cow<'a, str>>,
+}
+
+impl RouteEntry {
+    fn matches(&self, req: &RequestView<'_>) -> bool {
+        (self.methods.is_empty() || self.methods.contains(req.method))
+            && (self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(req.host)))
+            && (self.remote_addrs.is_empty()
+                || self.remote_addrs.iter().any(|c| c.contains(req.remote)))
+            && self.vars.as_ref().is_none_or(|v| v.eval(req.vars))
+    }
+}
+
+/// All enabled routes, indexed by path.
+#[derive(Debug, Default)]
+pub struct Router {
+    exact: HashMap<String, Vec<Arc<RouteEntry>>>,
+    /// Prefixes without the `*`, longest first.
+    prefixes: Vec<(String, Vec<Arc<RouteEntry>>)>,
+}
+
+impl Router {
+    pub fn new(routes: Vec<Arc<RouteEntry>>, paths: impl Fn(&RouteEntry) -> Vec<String>) -> Router {
+        let mut exact: HashMap<String, Vec<Arc<RouteEntry>>> = HashMap::new();
+        let mut prefixes: HashMap<String, Vec<Arc<RouteEntry>>> = HashMap::new();
+        for r in routes {
+            for p in paths(&r) {
+                match p.strip_suffix('*') {
+                    Some(prefix) => prefixes
+                        .entry(prefix.to_string())
+                        .or_default()
+                        .push(r.clone()),
+                    None => exact.entry(p).or_default().push(r.clone()),
+                }
+            }
+        }
+        let order = |v: &mut Vec<Arc<RouteEntry>>| {
+            v.sort_by(|a, b| {
+                b.priority
+                    .cmp(&a.priority)
+                    .then_with(|| id_cmp(&a.id, &b.id))
+            })
+        };
+        exact.values_mut().for_each(order);
+        let mut prefixes: Vec<_> = prefixes.into_iter().collect();
+        prefixes.iter_mut().for_each(|(_, v)| order(v));
+        prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        Router { exact, prefixes }
+    }
+
+    /// The route serving `req`, if any.
+    pub fn find(&self, req: &RequestView<'_>) -> Option<&Arc<RouteEntry>> {
+        if let Some(list) = self.exact.get(req.path) {
+            if let Some(r) = list.iter().find(|r| r.matches(req)) {
+                return Some(r);
+            }
+        }
+        self.prefixes
+            .iter()
+            .filter(|(p, _)| req.path.starts_with(p.as_str()))
+            .find_map(|(_, list)| list.iter().find(|r| r.matches(req)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.exact.values().map(Vec::len).sum::<usize>()
+            + self.prefixes.iter().map(|(_, v)| v.len()).sum::<usize>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn id_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        _ => a.cmp(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(id: &str, priority: i64, methods: &[&str], hosts: &[&str]) -> RouteEntry {
+        RouteEntry {
+            id: id.into(),
+            name: None,
+            revision: 1,
+            priority,
+            methods: methods.iter().map(|m| m.parse().unwrap()).collect(),
+            hosts: hosts.iter().map(|h| HostPattern::parse(h)).collect(),
+            remote_addrs: vec![],
+            vars: None,
+            plugins: vec![],
+            upstream: None,
+        }
+    }
+
+    fn find<'a>(r: &'a Router, method: &str, host: &str, path: &str) -> Option<&'a str> {
+        let m: http::Method = method.parse().unwrap();
+        let none = |_: &str| None;
+        let req = RequestView {
+            method: &m,
+            host,
+            path,
+            remote: "127.0.0.1".parse().unwrap(),
+            vars: &none,
+        };
+        r.find(&req).map(|e| e.id.as_str())
+    }
+
+    #[test]
+    fn exact_then_longest_prefix_then_priority() {
+        let routes = vec![
+            (route("1", 0, &[], &[]), "/a/*"),
+            (route("2", 0, &[], &[]), "/a/b/*"),
+            (route("3", 0, &[], &[]), "/a/b/c"),
+            (route("4", 5, &["POST"], &[]), "/a/b/c"),
+            (route("5", 0, &[], &["*.example.com"]), "/h"),
+            (route("6", 0, &[], &["api.test"]), "/h"),
+        ];
+        let paths: HashMap<String, String> = routes
+            .iter()
+            .map(|(r, p)| (r.id.clone(), p.to_string()))
+            .collect();
+        let router = Router::new(
+            routes.into_iter().map(|(r, _)| Arc::new(r)).collect(),
+            |r| vec![paths[&r.id].clone()],
+        );
+        assert_eq!(find(&router, "GET", "x", "/a/b/c"), Some("3"));
+        assert_eq!(find(&router, "POST", "x", "/a/b/c"), Some("4"));
+        assert_eq!(find(&router, "GET", "x", "/a/b/d"), Some("2"));
+        assert_eq!(find(&router, "GET", "x", "/a/x"), Some("1"));
+        assert_eq!(find(&router, "GET", "x", "/b"), None);
+        assert_eq!(find(&router, "GET", "foo.example.com", "/h"), Some("5"));
+        assert_eq!(find(&router, "GET", "example.com", "/h"), None);
+        assert_eq!(find(&router, "GET", "API.test", "/h"), Some("6"));
+    }
+}

@@ -1,0 +1,82 @@
+//! Upstreams at run time: nodes, load balancing, timeouts, the connection pool and forwarding
+//! with retries.
+
+pub mod balancer;
+pub mod pool;
+
+use balancer::{Balancer, BalancerKind, BalancerNode};
+use std::time::Duration;
+use wasmgate_shared::model::NodeAddr;
+use wasmgate_shared::model::{HashOn, LbType, PassHost, Timeout, Upstream};
+
+/// APISIX's default upstream timeouts (seconds).
+const DEFAULT_TIMEOUT: f64 = 60.0;
+
+/// An upstream compiled for serving; shared by every route using it and kept across router
+/// rebuilds while its revision is unchanged, so balancer state survives configuration changes.
+#[derive(Debug)]
+pub struct UpstreamRuntime {
+    pub nodes: Vec<NodeAddr>,
+    pub balancer: Balancer,
+    pub connect_timeout: Duration,
+    pub send_timeout: Duration,
+    pub read_timeout: Duration,
+    /// Further nodes tried after a connect failure.
+    pub retries: usize,
+    pub retry_timeout: Option<Duration>,
+    pub pass_host: PassHost,
+    pub upstream_host: Option<String>,
+    pub hash_on: HashOn,
+    pub key: Option<String>,
+}
+
+fn secs(v: Option<f64>) -> Duration {
+    Duration::from_secs_f64(v.unwrap_or(DEFAULT_TIMEOUT).clamp(0.001, 86_400.0))
+}
+
+impl UpstreamRuntime {
+    /// Compiles a validated upstream; `route_timeout` (a route's `timeout`) wins over the
+    /// upstream's own.
+    pub fn new(u: &Upstream, route_timeout: Option<&Timeout>) -> UpstreamRuntime {
+        let nodes = u.normalized_nodes().unwrap_or_default();
+        let kind = match u.lb {
+            LbType::Roundrobin => BalancerKind::RoundRobin,
+            LbType::Chash => BalancerKind::Chash,
+            LbType::LeastConn => BalancerKind::LeastConn,
+        };
+        let bnodes = nodes
+            .iter()
+            .map(|n| BalancerNode {
+                addr: n.authority(),
+                weight: n.weight,
+            })
+            .collect();
+        let t = |f: fn(&Timeout) -> Option<f64>| {
+            secs(
+                route_timeout
+                    .and_then(f)
+                    .or_else(|| u.timeout.as_ref().and_then(f)),
+            )
+        };
+        let usable = nodes.iter().filter(|n| n.weight > 0).count();
+        UpstreamRuntime {
+            balancer: Balancer::new(kind, bnodes),
+            connect_timeout: t(|t| t.connect),
+            send_timeout: t(|t| t.send),
+            read_timeout: t(|t| t.read),
+            retries: u
+                .retries
+                .map(|r| r as usize)
+                .unwrap_or(usable.saturating_sub(1)),
+            retry_timeout: u
+                .retry_timeout
+                .filter(|t| *t > 0.0)
+                .map(Duration::from_secs_f64),
+            pass_host: u.pass_host,
+            upstream_host: u.upstream_host.clone(),
+            hash_on: u.hash_on.unwrap_or_default(),
+            key: u.key.clone(),
+            nodes,
+        }
+    }
+}
