@@ -79,17 +79,18 @@ async fn handle(m: &Master, req: Request<Incoming>, peer: SocketAddr) -> Respons
         );
     }
     let limit = m.config().config.deployment.admin.max_body_size as usize;
-    let body =
-        match Limited::new(req.into_body(), limit).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return err(
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return err(
                 413,
                 format!(
                     "request body too large (limit {limit} bytes, deployment.admin.max_body_size)"
                 ),
-            ),
-            Err(e) => return err(400, format!("invalid request body: {e}")),
-        };
+            )
+        }
+        Err(e) => return err(400, format!("invalid request body: {e}")),
+    };
     let resp = dispatch(m, &method, &path, &query, body).await;
     if method != Method::GET {
         let name = who.as_ref().map(|k| k.name.as_str()).unwrap_or("-");

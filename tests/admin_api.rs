@@ -1,0 +1,358 @@
+//! The Admin API through a running gateway: APISIX 3.x shapes, status codes, errors, auth.
+
+mod common;
+
+use common::{admin, http, Gateway, TestUpstream, KEY, VIEWER_KEY};
+use serde_json::{json, Value};
+
+/// The seed's call, verbatim apart from the upstream address, then a proxied request.
+#[test]
+fn seed_route_is_created_and_proxied() {
+    let up = TestUpstream::start("u1");
+    let gw = Gateway::start();
+    let body = json!({
+        "uri": "/index.html",
+        "plugins": {"wasm_log": {"conf": "blahblah"}},
+        "upstream": {"type": "roundrobin", "nodes": {up.addr(): 1}}
+    });
+    let (status, v) = gw.admin("PUT", "/apisix/admin/routes/1", Some(body.clone()));
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["key"], "/apisix/routes/1");
+    assert_eq!(v["value"]["id"], "1");
+    assert_eq!(v["value"]["uri"], "/index.html");
+    assert!(v["value"]["create_time"].as_u64().unwrap() > 0);
+    gw.wait_propagated();
+
+    let r = http("GET", &gw.url("/index.html?a=1"), &[], None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-upstream"), Some("u1"));
+    let echo = r.json();
+    assert_eq!(echo["uri"], "/index.html?a=1");
+    assert_eq!(echo["headers"]["x-real-ip"], "127.0.0.1");
+    assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1");
+
+    // Replacing is 200 and keeps create_time.
+    let (status, v2) = gw.admin("PUT", "/apisix/admin/routes/1", Some(body));
+    assert_eq!(status, 200);
+    assert_eq!(v2["value"]["create_time"], v["value"]["create_time"]);
+
+    let r = http("GET", &gw.url("/nothing-here"), &[], None);
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json(), json!({"error_msg": "404 Route Not Found"}));
+}
+
+#[test]
+fn crud_for_every_resource() {
+    let up = TestUpstream::start("crud");
+    let gw = Gateway::start();
+    let upstream = json!({"type": "roundrobin", "nodes": {up.addr(): 1}});
+
+    // upstreams: POST generates an id.
+    let (s, v) = gw.admin("POST", "/apisix/admin/upstreams", Some(upstream.clone()));
+    assert_eq!(s, 201, "{v}");
+    let uid = v["value"]["id"].as_str().unwrap().to_string();
+    assert_eq!(v["key"], format!("/apisix/upstreams/{uid}"));
+
+    // services referencing it.
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/services/s1",
+        Some(json!({"upstream_id": uid, "plugins": {"wasm_log": {"conf": {"level": "info"}}}})),
+    );
+    assert_eq!(s, 201, "{v}");
+
+    // a route through the service; PUT to the collection with the id in the body.
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/routes",
+        Some(json!({"id": "r1", "uri": "/svc/*", "service_id": "s1"})),
+    );
+    assert_eq!(s, 201, "{v}");
+
+    // global rules.
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/global_rules/g1",
+        Some(json!({"plugins": {"wasm_log": {"conf": "x"}}})),
+    );
+    assert_eq!(s, 201, "{v}");
+
+    gw.wait_propagated();
+    let r = http("GET", &gw.url("/svc/a"), &[], None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-upstream"), Some("crud"));
+
+    // GET one and list shapes.
+    let (s, v) = gw.admin("GET", "/apisix/admin/routes/r1", None);
+    assert_eq!(s, 200);
+    assert_eq!(v["key"], "/apisix/routes/r1");
+    assert!(v["createdIndex"].as_u64().is_some() && v["modifiedIndex"].as_u64().is_some());
+    let (s, v) = gw.admin("GET", "/apisix/admin/services", None);
+    assert_eq!(s, 200);
+    assert_eq!(v["total"], 1);
+    assert_eq!(v["list"][0]["value"]["id"], "s1");
+    let (_, v) = gw.admin("GET", "/apisix/admin/global_rules", None);
+    assert_eq!(v["total"], 1);
+
+    // PATCH merges; PATCH of a sub path replaces one field.
+    let (s, v) = gw.admin(
+        "PATCH",
+        "/apisix/admin/routes/r1",
+        Some(json!({"methods": ["GET"], "name": "patched"})),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["value"]["uri"], "/svc/*");
+    assert_eq!(v["value"]["name"], "patched");
+    let (s, v) = gw.admin(
+        "PATCH",
+        "/apisix/admin/routes/r1/methods",
+        Some(json!(["POST"])),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["value"]["methods"], json!(["POST"]));
+    gw.wait_propagated();
+    assert_eq!(http("GET", &gw.url("/svc/a"), &[], None).status, 404);
+    assert_eq!(http("POST", &gw.url("/svc/a"), &[], Some(b"x")).status, 200);
+
+    // Deleting what is still used is refused; in order it works.
+    let (s, v) = gw.admin("DELETE", &format!("/apisix/admin/upstreams/{uid}"), None);
+    assert_eq!(s, 400);
+    assert_eq!(
+        v["error_msg"],
+        format!("can not delete this upstream, service [s1] is still using it now")
+    );
+    let (s, _) = gw.admin("DELETE", "/apisix/admin/services/s1", None);
+    assert_eq!(s, 400);
+    let (s, v) = gw.admin("DELETE", "/apisix/admin/routes/r1", None);
+    assert_eq!(s, 200);
+    assert_eq!(v, json!({"deleted": "r1", "key": "/apisix/routes/r1"}));
+    assert_eq!(gw.admin("DELETE", "/apisix/admin/services/s1", None).0, 200);
+    assert_eq!(
+        gw.admin("DELETE", &format!("/apisix/admin/upstreams/{uid}"), None)
+            .0,
+        200
+    );
+    assert_eq!(
+        gw.admin("DELETE", "/apisix/admin/global_rules/g1", None).0,
+        200
+    );
+
+    let (s, v) = gw.admin("GET", "/apisix/admin/routes/r1", None);
+    assert_eq!(s, 404);
+    assert_eq!(v, json!({"message": "Key not found"}));
+    assert_eq!(gw.admin("DELETE", "/apisix/admin/routes/r1", None).0, 404);
+    let (_, v) = gw.admin("GET", "/apisix/admin/routes", None);
+    assert_eq!(v, json!({"list": [], "total": 0}));
+    gw.wait_propagated();
+    assert_eq!(http("POST", &gw.url("/svc/a"), &[], Some(b"x")).status, 404);
+}
+
+#[test]
+fn paging_and_unknown_resources() {
+    let gw = Gateway::start();
+    for i in 1..=12 {
+        let (s, _) = gw.admin(
+            "PUT",
+            &format!("/apisix/admin/routes/{i}"),
+            Some(json!({"uri": format!("/p{i}"), "plugins": {"wasm_log": {"conf": "c"}}})),
+        );
+        assert_eq!(s, 201);
+    }
+    let (_, v) = gw.admin("GET", "/apisix/admin/routes?page=2&page_size=10", None);
+    assert_eq!(v["total"], 12);
+    assert_eq!(v["list"].as_array().unwrap().len(), 2);
+    assert_eq!(v["list"][0]["value"]["id"], "11");
+    let (s, v) = gw.admin("GET", "/apisix/admin/consumers_typo", None);
+    assert_eq!(s, 404);
+    assert_eq!(v["error_msg"], "Unsupported resource type: consumers_typo");
+}
+
+fn assert_400(gw: &Gateway, path: &str, body: Value, expect: &str) {
+    let (s, v) = gw.admin("PUT", path, Some(body.clone()));
+    assert_eq!(s, 400, "{body} -> {v}");
+    let msg = v["error_msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(expect),
+        "{body}: expected {expect:?} in {msg:?}"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_stored() {
+    let gw = Gateway::start();
+    let r = "/apisix/admin/routes/bad";
+    // Malformed JSON.
+    let resp = http(
+        "PUT",
+        &gw.admin_url(r),
+        &[("X-API-KEY", KEY)],
+        Some(b"{\"uri\": "),
+    );
+    assert_eq!(resp.status, 400);
+    assert!(resp.json()["error_msg"]
+        .as_str()
+        .unwrap()
+        .starts_with("invalid request body"));
+    // Types, unknown fields, nodes, hosts, regexes, plugins.
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "upstream_id": 1, "methods": "GET"}),
+        "property \"methods\" validation failed",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "upstream_id": 1, "colour": "red"}),
+        "additional properties forbidden, found colour",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "methods": ["FETCH"], "upstream": {"nodes": {"127.0.0.1:1": 1}}}),
+        "methods[0]",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "upstream": {"nodes": {"127.0.0.1:99999": 1}}}),
+        "upstream.nodes",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "upstream": {"nodes": {"127.0.0.1:80": "heavy"}}}),
+        "upstream.nodes",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "upstream": {"nodes": {"a:1": 1}, "timeout": {"read": -1}}}),
+        "upstream.timeout.read",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "host": "bad host!", "upstream": {"nodes": {"a:1": 1}}}),
+        "property \"host\"",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "hosts": ["ok.com", "*"], "upstream": {"nodes": {"a:1": 1}}}),
+        "hosts[1]",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "host": "a.com", "hosts": ["b.com"], "upstream": {"nodes": {"a:1": 1}}}),
+        "only one of host or hosts is allowed",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "vars": [["arg_x", "~~", "("]], "upstream": {"nodes": {"a:1": 1}}}),
+        "invalid regex",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/a*b", "upstream": {"nodes": {"a:1": 1}}}),
+        "only allowed at the end",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "no-slash", "upstream": {"nodes": {"a:1": 1}}}),
+        "must start with '/'",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "upstream_id": "missing"}),
+        "failed to fetch upstream info by upstream id [missing]",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "plugins": {"nope": {"conf": "x"}}}),
+        "unknown plugin [nope]",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "plugins": {"wasm_log": {}}}),
+        "property \"conf\" is required",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "plugins": {"wasm_log": {"conf": ""}}}),
+        "value should match only one schema, but matches none",
+    );
+    assert_400(
+        &gw,
+        r,
+        json!({"uri": "/", "plugins": {"wasm_log": {"conf": {}}}}),
+        "value should match only one schema, but matches none",
+    );
+    assert_400(
+        &gw,
+        "/apisix/admin/routes/1",
+        json!({"id": "2", "uri": "/", "plugins": {"wasm_log": {"conf": "x"}}}),
+        "wrong route id",
+    );
+    assert_400(
+        &gw,
+        "/apisix/admin/routes/bad$id",
+        json!({"uri": "/", "plugins": {"wasm_log": {"conf": "x"}}}),
+        "invalid id",
+    );
+    // A huge body is refused before parsing.
+    let huge = vec![b' '; 2 << 20];
+    let resp = http("PUT", &gw.admin_url(r), &[("X-API-KEY", KEY)], Some(&huge));
+    assert_eq!(resp.status, 413);
+    assert!(resp.json()["error_msg"]
+        .as_str()
+        .unwrap()
+        .contains("too large"));
+    // Nothing was stored.
+    let (_, v) = gw.admin("GET", "/apisix/admin/routes", None);
+    assert_eq!(v["total"], 0, "{v}");
+}
+
+#[test]
+fn keys_and_roles() {
+    let gw = Gateway::start();
+    let url = gw.admin_url("/apisix/admin/routes");
+    let (s, v) = admin(&url, "GET", None, None);
+    assert_eq!(s, 401);
+    assert_eq!(
+        v,
+        json!({"error_msg": "failed to check token", "description": "missing apikey"})
+    );
+    let (s, v) = admin(&url, "GET", Some("wrong"), None);
+    assert_eq!(s, 401);
+    assert_eq!(v["description"], "wrong apikey");
+    // The key may also come as a query argument or a cookie.
+    let (s, _) = admin(&format!("{url}?api_key={KEY}"), "GET", None, None);
+    assert_eq!(s, 200);
+    let r = http(
+        "GET",
+        &url,
+        &[("Cookie", &format!("x_api_key={KEY}"))],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    // A viewer reads but cannot write.
+    assert_eq!(admin(&url, "GET", Some(VIEWER_KEY), None).0, 200);
+    let (s, v) = admin(
+        &url,
+        "POST",
+        Some(VIEWER_KEY),
+        Some(json!({"uri": "/", "plugins": {"wasm_log": {"conf": "x"}}})),
+    );
+    assert_eq!(s, 401);
+    assert_eq!(v["description"], "invalid method for role viewer");
+    assert_eq!(gw.admin("GET", "/apisix/admin/routes", None).1["total"], 0);
+}

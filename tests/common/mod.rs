@@ -1,0 +1,293 @@
+//! Test harness: the real `wasmgate` binary (master + worker processes) on free loopback
+//! ports in a temporary prefix, a Rust test upstream, and a small blocking HTTP client.
+
+#![allow(dead_code, unused_imports)]
+
+pub mod client;
+pub mod upstream;
+
+pub use client::{admin, http, Resp};
+pub use upstream::TestUpstream;
+
+use serde_json::Value;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub const KEY: &str = "edd1c9f034335f136f87ad84b625c8f1";
+pub const VIEWER_KEY: &str = "viewer-key-0123456789";
+
+/// A free loopback port (bound then released; the global lock keeps tests from racing).
+pub fn free_port() -> u16 {
+    static LOCK: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut used = LOCK.lock().unwrap();
+    loop {
+        let p = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !used.contains(&p) {
+            used.push(p);
+            return p;
+        }
+    }
+}
+
+/// Knobs for a gateway under test.
+#[derive(Clone)]
+pub struct Setup {
+    pub workers: usize,
+    /// Extra lines under `nginx_config.http:` (indented by the harness).
+    pub http_extra: Vec<String>,
+    pub shutdown_timeout: String,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            workers: 2,
+            http_extra: Vec::new(),
+            shutdown_timeout: "10s".into(),
+        }
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub proxy_port: u16,
+    pub admin_port: u16,
+    pub child: Option<Child>,
+    pub setup: Setup,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_wasmgate")
+}
+
+impl Gateway {
+    pub fn start() -> Gateway {
+        Gateway::start_with(Setup::default())
+    }
+
+    pub fn start_with(setup: Setup) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = Gateway {
+            proxy_port: free_port(),
+            admin_port: free_port(),
+            dir,
+            child: None,
+            setup,
+        };
+        std::fs::create_dir_all(gw.dir.path().join("conf")).unwrap();
+        std::fs::write(gw.dir.path().join("log.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        std::fs::write(gw.config_path(), gw.config_yaml()).unwrap();
+        gw.spawn()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("conf/config.yaml")
+    }
+
+    pub fn prefix(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_yaml(&self) -> String {
+        let extra: String = self
+            .setup
+            .http_extra
+            .iter()
+            .map(|l| format!("    {l}\n"))
+            .collect();
+        format!(
+            "apisix:\n  node_listen:\n    - {{ip: 127.0.0.1, port: {proxy}}}\n\
+             deployment:\n  admin:\n    admin_key:\n      - {{name: admin, key: {KEY}, role: admin}}\n      - {{name: viewer, key: {VIEWER_KEY}, role: viewer}}\n    admin_listen: {{ip: 127.0.0.1, port: {admin}}}\n\
+             nginx_config:\n  worker_processes: {workers}\n  error_log_level: info\n  worker_shutdown_timeout: {st}\n  http:\n    keepalive_timeout: 60s\n{extra}\
+             wasm:\n  plugins:\n    - name: wasm_log\n      priority: 7999\n      file: log.wasm\n    - name: wasm_auth\n      priority: 8000\n      file: log.wasm\n      http_request_phase: rewrite\n",
+            proxy = self.proxy_port,
+            admin = self.admin_port,
+            workers = self.setup.workers,
+            st = self.setup.shutdown_timeout,
+        )
+    }
+
+    /// Starts the master in the foreground and waits until every worker is ready.
+    pub fn spawn(mut self) -> Gateway {
+        let child = Command::new(bin())
+            .args(["start", "--foreground", "-p"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+        self
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait().unwrap() {
+                    let mut err = String::new();
+                    c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                    panic!("gateway exited during start ({status}): {err}");
+                }
+            }
+            if let Ok(s) = self.try_status() {
+                let workers = s["workers"].as_array().cloned().unwrap_or_default();
+                let running = workers.iter().filter(|w| w["state"] == "running").count();
+                if running == self.setup.workers && workers.len() == self.setup.workers {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready in 30 s: {}",
+                self.error_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn master_pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.proxy_port, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.admin_port, path)
+    }
+
+    /// An Admin API call with the admin key.
+    pub fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        admin(&self.admin_url(path), method, Some(KEY), body)
+    }
+
+    pub fn try_status(&self) -> Result<Value, String> {
+        let r = client::request(
+            "GET",
+            &self.admin_url("/wasmgate/status"),
+            &[("X-API-KEY", KEY)],
+            None,
+        )?;
+        serde_json::from_slice(&r.body).map_err(|e| e.to_string())
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_status().unwrap()
+    }
+
+    /// Pids of the workers currently listed as running.
+    pub fn worker_pids(&self) -> Vec<i32> {
+        self.status()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["pid"].as_i64().unwrap() as i32)
+            .collect()
+    }
+
+    /// Waits until every worker has applied the master's generation.
+    pub fn wait_propagated(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.status();
+            let g = &s["master"]["generation"];
+            if s["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| &w["generation_seen"] == g)
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "generation not propagated: {s}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs/error.log")).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.master_pid()), sig).unwrap();
+    }
+
+    /// Waits for the master to exit; returns its status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        let c = self.child.as_mut().unwrap();
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "master did not exit in {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Puts a route pointing at `upstream`, waits until all workers serve it.
+    pub fn route(&self, id: &str, mut body: Value, upstream: Option<&TestUpstream>) {
+        if let Some(u) = upstream {
+            body["upstream"] = serde_json::json!({"type": "roundrobin", "nodes": {u.addr(): 1}});
+        }
+        let (status, v) = self.admin("PUT", &format!("/apisix/admin/routes/{id}"), Some(body));
+        assert!(status == 200 || status == 201, "route {id}: {status} {v}");
+        self.wait_propagated();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Whether a process exists.
+pub fn alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); read its state to tell.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .split(") ")
+            .nth(1)
+            .is_some_and(|rest| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Polls `cond` for up to `within`.
+pub fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
