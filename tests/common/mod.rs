@@ -44,6 +44,8 @@ pub struct Setup {
     /// Extra lines under `nginx_config.http:` (indented by the harness).
     pub http_extra: Vec<String>,
     pub shutdown_timeout: String,
+    /// A whole config.yaml instead of the generated one (`{proxy}` and `{admin}` are replaced).
+    pub raw_yaml: Option<String>,
 }
 
 impl Default for Setup {
@@ -52,6 +54,7 @@ impl Default for Setup {
             workers: 2,
             http_extra: Vec::new(),
             shutdown_timeout: "10s".into(),
+            raw_yaml: None,
         }
     }
 }
@@ -59,6 +62,8 @@ impl Default for Setup {
 /// A running gateway.
 pub struct Gateway {
     pub dir: tempfile::TempDir,
+    /// Everything the master wrote to stderr (drained continuously so it never blocks).
+    pub stderr: std::sync::Arc<Mutex<String>>,
     pub proxy_port: u16,
     pub admin_port: u16,
     pub child: Option<Child>,
@@ -80,6 +85,7 @@ impl Gateway {
             proxy_port: free_port(),
             admin_port: free_port(),
             dir,
+            stderr: Default::default(),
             child: None,
             setup,
         };
@@ -98,6 +104,11 @@ impl Gateway {
     }
 
     pub fn config_yaml(&self) -> String {
+        if let Some(raw) = &self.setup.raw_yaml {
+            return raw
+                .replace("{proxy}", &self.proxy_port.to_string())
+                .replace("{admin}", &self.admin_port.to_string());
+        }
         let extra: String = self
             .setup
             .http_extra
@@ -118,16 +129,42 @@ impl Gateway {
 
     /// Starts the master in the foreground and waits until every worker is ready.
     pub fn spawn(mut self) -> Gateway {
-        let child = Command::new(bin())
+        let mut child = Command::new(bin())
             .args(["start", "--foreground", "-p"])
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = self.stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
         self.child = Some(child);
         self.wait_ready();
         self
+    }
+
+    /// Starts the master again on the same prefix and ports (after it stopped or was killed).
+    pub fn restart(mut self) -> Gateway {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+        self.stderr.lock().unwrap().clear();
+        self.spawn()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
     }
 
     pub fn wait_ready(&mut self) {
@@ -135,9 +172,8 @@ impl Gateway {
         loop {
             if let Some(c) = self.child.as_mut() {
                 if let Some(status) = c.try_wait().unwrap() {
-                    let mut err = String::new();
-                    c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-                    panic!("gateway exited during start ({status}): {err}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    panic!("gateway exited during start ({status}): {}", self.stderr());
                 }
             }
             if let Ok(s) = self.try_status() {

@@ -1,0 +1,399 @@
+//! The process model as an operator sees it: daemon and CLI, worker respawn, reload under load
+//! with zero failed requests, refused reloads, persistence across `kill -9`, stops, bad config.
+
+mod common;
+
+use common::client::KeepAlive;
+use common::{alive, bin, eventually, http, Gateway, TestUpstream, KEY};
+use nix::sys::signal::Signal;
+use serde_json::json;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn proxied_route(gw: &Gateway, up: &TestUpstream) {
+    gw.route(
+        "1",
+        json!({"uri": "/*", "plugins": {"wasm_log": {"conf": "c"}}}),
+        Some(up),
+    );
+}
+
+#[test]
+fn worker_killed_is_respawned_and_traffic_continues() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start();
+    proxied_route(&gw, &up);
+    let before = gw.status();
+    let victim = &before["workers"][0];
+    let (victim_pid, victim_id) = (
+        victim["pid"].as_i64().unwrap() as i32,
+        victim["worker_id"].clone(),
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim_pid), Signal::SIGKILL).unwrap();
+    eventually(Duration::from_secs(10), "worker respawned", || {
+        let s = gw.status();
+        s["workers"].as_array().unwrap().iter().any(|w| {
+            w["worker_id"] == victim_id
+                && w["restarts"] == 1
+                && w["state"] == "running"
+                && w["pid"].as_i64() != Some(victim_pid as i64)
+        })
+    });
+    assert!(!alive(victim_pid));
+    for _ in 0..20 {
+        assert_eq!(http("GET", &gw.url("/x"), &[], None).status, 200);
+    }
+    assert!(
+        gw.error_log()
+            .contains("exited unexpectedly: killed by signal SIGKILL"),
+        "{}",
+        gw.error_log()
+    );
+}
+
+/// Clients hammer the gateway (keep-alive and one-shot) while it reloads several times: not a
+/// single request may fail, and no old worker may be left behind.
+#[test]
+fn reload_under_load_fails_no_request() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start();
+    proxied_route(&gw, &up);
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let (stop, ok, failures, base) = (stop.clone(), ok.clone(), failures.clone(), gw.url(""));
+        clients.push(std::thread::spawn(move || {
+            let mut ka = KeepAlive::new(&base);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let r = if i % 2 == 0 {
+                    ka.get("/load")
+                } else {
+                    common::client::request("GET", &format!("{base}/load"), &[], None)
+                };
+                match r {
+                    Ok(r) if r.status == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("status {}", r.status)),
+                    Err(e) => failures.lock().unwrap().push(e),
+                }
+            }
+        }));
+    }
+    let mut seen_pids: Vec<i32> = gw.worker_pids();
+    for epoch in 1..=4u64 {
+        std::thread::sleep(Duration::from_millis(400));
+        gw.signal(Signal::SIGHUP);
+        eventually(Duration::from_secs(10), "reload applied", || {
+            gw.status()["master"]["epoch"] == epoch
+        });
+        seen_pids.extend(gw.worker_pids());
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 100,
+        "only {} requests",
+        ok.load(Ordering::Relaxed)
+    );
+    // Old workers drain and exit; only the current set remains.
+    let current = gw.worker_pids();
+    assert_eq!(current.len(), 2);
+    eventually(Duration::from_secs(15), "old workers exited", || {
+        seen_pids
+            .iter()
+            .filter(|p| !current.contains(p))
+            .all(|p| !alive(*p))
+    });
+}
+
+#[test]
+fn invalid_reload_is_refused_and_old_config_keeps_serving() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start();
+    proxied_route(&gw, &up);
+    let pids = gw.worker_pids();
+    let good = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(gw.config_path(), format!("{good}\nnginx_config_typo: 1\n")).unwrap();
+    gw.signal(Signal::SIGHUP);
+    eventually(Duration::from_secs(10), "refusal logged", || {
+        gw.error_log().contains("reload refused")
+    });
+    let log = gw.error_log();
+    let line = log.lines().find(|l| l.contains("reload refused")).unwrap();
+    assert!(
+        line.contains("config.yaml:") && line.contains("nginx_config_typo"),
+        "{line}"
+    );
+    assert_eq!(gw.status()["master"]["epoch"], 0);
+    assert_eq!(gw.worker_pids(), pids);
+    assert_eq!(http("GET", &gw.url("/still"), &[], None).status, 200);
+
+    // A plugin removed from config.yaml while a route uses it: refused too, naming the route.
+    std::fs::write(gw.config_path(), good.replace("wasm_log", "other_plugin")).unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error_msg"].as_str().unwrap().contains("route 1"), "{v}");
+    assert_eq!(http("GET", &gw.url("/still"), &[], None).status, 200);
+
+    // Fixed: the Admin API reload applies it.
+    std::fs::write(gw.config_path(), &good).unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!((s, v["epoch"].as_u64()), (200, Some(1)), "{v}");
+}
+
+#[test]
+fn nothing_acknowledged_is_lost_when_the_master_is_killed() {
+    let up = TestUpstream::start("persisted");
+    let gw = Gateway::start();
+    let (s, _) = gw.admin(
+        "PUT",
+        "/apisix/admin/upstreams/u1",
+        Some(json!({"nodes": {up.addr(): 1}})),
+    );
+    assert_eq!(s, 201);
+    assert_eq!(
+        gw.admin(
+            "PUT",
+            "/apisix/admin/services/s1",
+            Some(json!({"upstream_id": "u1"}))
+        )
+        .0,
+        201
+    );
+    for i in 0..20 {
+        let (s, _) = gw.admin(
+            "PUT",
+            &format!("/apisix/admin/routes/{i}"),
+            Some(json!({"uri": format!("/r{i}"), "service_id": "s1"})),
+        );
+        assert_eq!(s, 201);
+    }
+    assert_eq!(gw.admin("DELETE", "/apisix/admin/routes/7", None).0, 200);
+    let workers = gw.worker_pids();
+    gw.signal(Signal::SIGKILL);
+    // Workers never outlive their master.
+    eventually(
+        Duration::from_secs(5),
+        "workers died with the master",
+        || workers.iter().all(|p| !alive(*p)),
+    );
+    let gw = gw.restart();
+    let (_, v) = gw.admin("GET", "/apisix/admin/routes", None);
+    assert_eq!(v["total"], 19);
+    assert_eq!(gw.admin("GET", "/apisix/admin/routes/7", None).0, 404);
+    for i in [0, 8, 19] {
+        let r = http("GET", &gw.url(&format!("/r{i}")), &[], None);
+        assert_eq!((r.status, r.header("x-upstream")), (200, Some("persisted")));
+    }
+}
+
+#[test]
+fn graceful_stop_lets_in_flight_requests_finish() {
+    let up = TestUpstream::start("slow");
+    let mut gw = Gateway::start();
+    proxied_route(&gw, &up);
+    let url = gw.url("/delay/1500");
+    let inflight = std::thread::spawn(move || http("GET", &url, &[], None));
+    std::thread::sleep(Duration::from_millis(300));
+    let pids = gw.worker_pids();
+    gw.signal(Signal::SIGQUIT);
+    let r = inflight.join().unwrap();
+    assert_eq!(r.status, 200);
+    assert!(gw.wait_exit(Duration::from_secs(15)).success());
+    assert!(pids.iter().all(|p| !alive(*p)));
+    assert!(!gw.prefix().join("logs/wasmgate.pid").exists());
+}
+
+#[test]
+fn fast_stop_on_term() {
+    let mut gw = Gateway::start();
+    let pids = gw.worker_pids();
+    gw.signal(Signal::SIGTERM);
+    assert!(gw.wait_exit(Duration::from_secs(10)).success());
+    eventually(Duration::from_secs(5), "workers gone", || {
+        pids.iter().all(|p| !alive(*p))
+    });
+}
+
+/// A prefix holding only a config.yaml made from `template` (`{proxy}`, `{admin}` replaced),
+/// for tests that drive the CLI themselves. Returns the directory and the admin port.
+fn bare_prefix(template: &str) -> (tempfile::TempDir, u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, admin) = (common::free_port(), common::free_port());
+    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
+    let yaml = template
+        .replace("{proxy}", &proxy.to_string())
+        .replace("{admin}", &admin.to_string());
+    std::fs::write(dir.path().join("conf/config.yaml"), yaml).unwrap();
+    (dir, admin)
+}
+
+/// Runs `wasmgate ARGS -p PREFIX`: (success, stdout, stderr).
+fn cli(args: &[&str], prefix: &std::path::Path) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .arg("-p")
+        .arg(prefix)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The README's way: a daemon managed through the pid file.
+#[test]
+fn daemon_with_status_reload_and_stop_commands() {
+    let up = TestUpstream::start("d");
+    let template = format!(
+        "apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {{proxy}}}}]\n\
+         deployment:\n  admin:\n    admin_key: [{{name: admin, key: {KEY}}}]\n    admin_listen: {{ip: 127.0.0.1, port: {{admin}}}}\n\
+         nginx_config:\n  worker_processes: 2\n"
+    );
+    let (dir, admin_port) = bare_prefix(&template);
+    let prefix = dir.path();
+    let (ok, _, err) = cli(&["start"], prefix);
+    assert!(ok, "{err}");
+    let pid: i32 = std::fs::read_to_string(prefix.join("logs/wasmgate.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(pid));
+    let (ok, _, err) = cli(&["start"], prefix);
+    assert!(!ok && err.contains("already running"), "{err}");
+    let (s, v) = common::admin(
+        &format!("http://127.0.0.1:{admin_port}/apisix/admin/routes/1"),
+        "PUT",
+        Some(KEY),
+        Some(json!({"uri": "/d", "upstream": {"nodes": {up.addr(): 1}}})),
+    );
+    assert_eq!(s, 201, "{v}");
+    eventually(
+        Duration::from_secs(10),
+        "status lists 2 running workers",
+        || {
+            let (ok, out, _) = cli(&["status"], prefix);
+            ok && out.contains(&format!("master  pid {pid}")) && out.matches("running").count() == 2
+        },
+    );
+    let (ok, out, _) = cli(&["reload"], prefix);
+    assert!(ok && out.contains("reload signal sent"), "{out}");
+    eventually(Duration::from_secs(10), "epoch 1", || {
+        cli(&["status"], prefix).1.contains("epoch 1")
+    });
+    let (ok, out, err) = cli(&["stop"], prefix);
+    assert!(ok, "{out}{err}");
+    assert!(!alive(pid));
+    assert!(!prefix.join("logs/wasmgate.pid").exists());
+    let (ok, _, err) = cli(&["status"], prefix);
+    assert!(!ok && err.contains("not running"), "{err}");
+    assert!(prefix.join("logs/access.log").exists() && prefix.join("logs/error.log").exists());
+}
+
+#[test]
+fn bad_config_exits_non_zero_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
+    std::fs::write(
+        dir.path().join("conf/config.yaml"),
+        "nginx_config:\n  worker_processes: many\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["start", "--foreground", "-p"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("conf/config.yaml:2:") && err.contains("worker_processes"),
+        "{err}"
+    );
+
+    std::fs::write(
+        dir.path().join("conf/config.yaml"),
+        "wasm:\n  plugins:\n    - name: p\n      priority: 1\n      file: missing.wasm\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["test", "-p"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("wasm plugin \"p\"") && err.contains("missing.wasm"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_empty_admin_key_is_generated_stored_and_printed_once() {
+    let (dir, admin) = bare_prefix(
+        "apisix:\n  node_listen: [{ip: 127.0.0.1, port: {proxy}}]\n\
+         deployment:\n  admin:\n    admin_key:\n      - {name: admin, key: \"\", role: admin}\n    admin_listen: {ip: 127.0.0.1, port: {admin}}\n\
+         nginx_config:\n  worker_processes: 1\n",
+    );
+    let start = || {
+        let (ok, _, err) = cli(&["start"], dir.path());
+        assert!(ok, "{err}");
+        err
+    };
+    let stop = || assert!(cli(&["stop"], dir.path()).0);
+    let err = start();
+    let key = err
+        .split("generated Admin API key for \"admin\": ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no key printed: {err}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(key.len(), 32);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("data/admin_key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let url = format!("http://127.0.0.1:{admin}/apisix/admin/routes");
+    eventually(Duration::from_secs(10), "admin API answers", || {
+        common::client::request("GET", &url, &[], None).is_ok()
+    });
+    assert_eq!(common::admin(&url, "GET", Some(&key), None).0, 200);
+    assert_eq!(common::admin(&url, "GET", None, None).0, 401);
+    // `wasmgate status` finds the generated key by itself.
+    assert!(cli(&["status"], dir.path()).0);
+    stop();
+    let err = start();
+    assert!(!err.contains("generated"), "printed twice: {err}");
+    eventually(Duration::from_secs(10), "admin API answers", || {
+        common::client::request("GET", &url, &[], None).is_ok()
+    });
+    assert_eq!(common::admin(&url, "GET", Some(&key), None).0, 200);
+    stop();
+}
