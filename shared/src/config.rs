@@ -433,6 +433,15 @@ impl GatewayConfig {
                     "deployment.admin.admin_key: property \"name\" must not be empty".into(),
                 ));
             }
+            if k.key.len() > 256 {
+                return Err(err(
+                    &k.name,
+                    format!(
+                        "deployment.admin.admin_key: key of {:?} is longer than 256 bytes",
+                        k.name
+                    ),
+                ));
+            }
             if !names.insert(k.name.as_str()) {
                 return Err(err(
                     &k.name,

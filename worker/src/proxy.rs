@@ -154,14 +154,14 @@ async fn forward(
         let req = upstream_request(parts, b, node_host(up, parts, &authority), peer);
         up.balancer.on_start(idx);
         match send(w, conn, req, &authority, up.read_timeout).await {
-            Sent::Response(resp) => {
+            Exchange::Response(resp) => {
                 log.addrs.push(authority);
                 log.statuses.push(resp.status().as_u16().to_string());
                 log.time = Some(started.elapsed());
                 log.active = Some((up.clone(), idx));
                 return resp;
             }
-            Sent::NotSent(req) if stale_retries < 3 => {
+            Exchange::NotSent(req) if stale_retries < 3 => {
                 // The pooled connection was closed by the node before our request went out:
                 // nothing reached the node, so trying again on a fresh connection is safe.
                 up.balancer.on_finish(idx);
@@ -172,14 +172,14 @@ async fn forward(
                 up.balancer.on_finish(idx);
                 log.addrs.push(authority.clone());
                 let status = match outcome {
-                    Sent::Timeout => {
+                    Exchange::Timeout => {
                         tracing::error!(
                             "upstream {authority} timed out ({:?}) while reading response header",
                             up.read_timeout
                         );
                         StatusCode::GATEWAY_TIMEOUT
                     }
-                    Sent::Failed(e) => {
+                    Exchange::Failed(e) => {
                         tracing::error!(
                             "upstream {authority} failed while reading response header: {e}"
                         );
@@ -194,7 +194,7 @@ async fn forward(
     }
 }
 
-enum Sent {
+enum Exchange {
     Response(Response<ProxyBody>),
     NotSent(Request<ProxyBody>),
     Timeout,
@@ -207,20 +207,20 @@ async fn send(
     req: Request<ProxyBody>,
     authority: &str,
     read_timeout: Duration,
-) -> Sent {
+) -> Exchange {
     let Conn { mut sender, reused } = conn;
     let fut = sender.try_send_request(req);
     match tokio::time::timeout(read_timeout, fut).await {
-        Err(_) => Sent::Timeout,
+        Err(_) => Exchange::Timeout,
         Ok(Ok(resp)) => {
             let pool = w.pool.clone();
-            Sent::Response(resp.map(|b| {
+            Exchange::Response(resp.map(|b| {
                 PooledBody::new(b, pool, authority.to_string(), sender, read_timeout).boxed()
             }))
         }
         Ok(Err(mut e)) => match e.take_message() {
-            Some(req) if reused => Sent::NotSent(req),
-            _ => Sent::Failed(e.into_error()),
+            Some(req) if reused => Exchange::NotSent(req),
+            _ => Exchange::Failed(e.into_error()),
         },
     }
 }

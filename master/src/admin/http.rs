@@ -123,11 +123,11 @@ async fn dispatch(
     };
     let id = parts.next().filter(|s| !s.is_empty());
     let sub = parts.next().filter(|s| !s.is_empty());
-    let parse_body = || -> Result<Value, Response<Full<Bytes>>> {
+    let parse_body = || -> Result<Value, String> {
         if body.is_empty() {
-            return Err(err(400, "invalid request body: empty body"));
+            return Err("invalid request body: empty body".into());
         }
-        serde_json::from_slice(&body).map_err(|e| err(400, format!("invalid request body: {e}")))
+        serde_json::from_slice(&body).map_err(|e| format!("invalid request body: {e}"))
     };
     let (status, value) = match (method, id, sub) {
         (&Method::GET, None, None) => {
@@ -142,15 +142,15 @@ async fn dispatch(
         (&Method::GET, Some(id), None) => objects::get(m, kind, id),
         (&Method::PUT, id, None) => match parse_body() {
             Ok(b) => objects::put(m, kind, id, b),
-            Err(r) => return r,
+            Err(e) => return err(400, e),
         },
         (&Method::POST, None, None) => match parse_body() {
             Ok(b) => objects::post(m, kind, b),
-            Err(r) => return r,
+            Err(e) => return err(400, e),
         },
         (&Method::PATCH, Some(id), sub) => match parse_body() {
             Ok(b) => objects::patch(m, kind, id, sub, b),
-            Err(r) => return r,
+            Err(e) => return err(400, e),
         },
         (&Method::DELETE, Some(id), None) => objects::delete(m, kind, id),
         _ => return err(405, format!("method {method} is not allowed on {path}")),

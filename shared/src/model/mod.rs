@@ -61,8 +61,9 @@ impl Kind {
     }
 }
 
-/// A validated object of any kind.
+/// A validated object of any kind (short-lived: validation result, so its size is no concern).
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum Object {
     Route(Route),
     Service(Service),

@@ -227,7 +227,7 @@ impl Upstream {
             }
         }
         if let Some(r) = self.retry_timeout {
-            if !(r >= 0.0 && r <= 86_400.0) {
+            if !(0.0..=86_400.0).contains(&r) {
                 return Err(bad(
                     "retry_timeout",
                     format!("expected seconds in [0, 86400], got {r}"),
