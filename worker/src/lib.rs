@@ -33,6 +33,8 @@ pub struct Worker {
     pub segment: Arc<Segment>,
     pub slot: usize,
     pub max_body_size: u64,
+    /// Largest request head; the parser's own buffer is kept a little above it so the
+    /// gateway, not the parser, answers 431 with its error page.
     pub max_header_size: usize,
     pub header_timeout: Duration,
     /// Set once the master asked this worker to drain.
@@ -85,7 +87,7 @@ async fn serve(
         segment: segment.clone(),
         slot,
         max_body_size: http.client_max_body_size,
-        max_header_size: (http.client_max_header_size as usize).max(8192),
+        max_header_size: http.client_max_header_size as usize,
         header_timeout: http
             .client_header_timeout
             .min(http.keepalive_timeout)

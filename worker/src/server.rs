@@ -76,7 +76,7 @@ async fn connection(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(w.header_timeout)
-        .max_buf_size(w.max_header_size)
+        .max_buf_size((w.max_header_size + 16 * 1024).max(16 * 1024))
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);

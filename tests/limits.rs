@@ -1,0 +1,57 @@
+//! Client-side limits: oversize heads, oversize bodies, slow clients.
+
+mod common;
+
+use common::{http, Gateway, Setup, TestUpstream};
+use serde_json::json;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+fn gateway() -> (TestUpstream, Gateway) {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start_with(Setup {
+        http_extra: vec![
+            "client_max_body_size: 1k".into(),
+            "client_max_header_size: 8k".into(),
+            "client_header_timeout: 1s".into(),
+        ],
+        ..Setup::default()
+    });
+    gw.route("1", json!({"uri": "/*"}), Some(&up));
+    (up, gw)
+}
+
+#[test]
+fn oversize_heads_get_431_and_oversize_bodies_413() {
+    let (up, gw) = gateway();
+    let big = "v".repeat(10_000);
+    let r = http("GET", &gw.url("/a"), &[("X-Big", &big)], None);
+    assert_eq!(r.status, 431);
+    let long_uri = format!("/a?{}", "q".repeat(9_000));
+    assert_eq!(http("GET", &gw.url(&long_uri), &[], None).status, 431);
+    let r = http("POST", &gw.url("/a"), &[], Some(&[b'x'; 2048]));
+    assert_eq!(r.status, 413);
+    assert!(r.text().contains("413 Request Entity Too Large") || r.text().contains("413 Payload Too Large"), "{}", r.text());
+    // None of them reached the upstream; a request within limits does.
+    assert_eq!(up.hits(), 0);
+    let r = http("POST", &gw.url("/a"), &[], Some(&[b'x'; 512]));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], 512);
+}
+
+#[test]
+fn a_slow_client_is_cut_off_and_others_are_served() {
+    let (_up, gw) = gateway();
+    let mut slow = TcpStream::connect(format!("127.0.0.1:{}", gw.proxy_port)).unwrap();
+    slow.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let started = Instant::now();
+    for _ in 0..5 {
+        assert_eq!(http("GET", &gw.url("/a"), &[], None).status, 200);
+    }
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "slow client kept for {waited:?}");
+}
