@@ -397,3 +397,41 @@ fn an_empty_admin_key_is_generated_stored_and_printed_once() {
     assert_eq!(common::admin(&url, "GET", Some(&key), None).0, 200);
     stop();
 }
+
+/// A worker that cannot start (its access log path became a directory) is retried with growing
+/// delays instead of a tight loop, and comes back once the cause is gone.
+#[test]
+fn crash_looping_worker_backs_off_then_recovers() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start();
+    proxied_route(&gw, &up);
+    let log = gw.prefix().join("logs/access.log");
+    std::fs::remove_file(&log).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    let victim = gw.worker_pids()[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let errors = gw.error_log();
+    let respawns = errors.matches("respawning in").count();
+    // 0, 100, 200, 400, 800 ms… : a handful in 1.5 s, not hundreds.
+    assert!(
+        (2..=8).contains(&respawns),
+        "{respawns} respawns in 1.5 s:\n{errors}"
+    );
+    assert!(
+        errors.contains("respawning in 200 ms") || errors.contains("respawning in 400 ms"),
+        "{errors}"
+    );
+    // The other worker kept serving throughout.
+    assert_eq!(http("GET", &gw.url("/x"), &[], None).status, 200);
+    std::fs::remove_dir(&log).unwrap();
+    eventually(Duration::from_secs(10), "worker back", || {
+        gw.status()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] == "running")
+            .count()
+            == 2
+    });
+}

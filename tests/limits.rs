@@ -32,7 +32,12 @@ fn oversize_heads_get_431_and_oversize_bodies_413() {
     assert_eq!(http("GET", &gw.url(&long_uri), &[], None).status, 431);
     let r = http("POST", &gw.url("/a"), &[], Some(&[b'x'; 2048]));
     assert_eq!(r.status, 413);
-    assert!(r.text().contains("413 Request Entity Too Large") || r.text().contains("413 Payload Too Large"), "{}", r.text());
+    assert!(
+        r.text().contains("413 Request Entity Too Large")
+            || r.text().contains("413 Payload Too Large"),
+        "{}",
+        r.text()
+    );
     // None of them reached the upstream; a request within limits does.
     assert_eq!(up.hits(), 0);
     let r = http("POST", &gw.url("/a"), &[], Some(&[b'x'; 512]));
@@ -49,9 +54,13 @@ fn a_slow_client_is_cut_off_and_others_are_served() {
     for _ in 0..5 {
         assert_eq!(http("GET", &gw.url("/a"), &[], None).status, 200);
     }
-    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut buf = Vec::new();
     let _ = slow.read_to_end(&mut buf);
     let waited = started.elapsed();
-    assert!(waited < Duration::from_secs(5), "slow client kept for {waited:?}");
+    assert!(
+        waited < Duration::from_secs(5),
+        "slow client kept for {waited:?}"
+    );
 }

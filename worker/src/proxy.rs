@@ -55,7 +55,16 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     if head_size(&parts) > w.max_header_size {
         let resp = header_filter(&w, error_page(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
-        return log_phase(w, resp, &parts, peer, String::new(), None, started, UpstreamLog::default());
+        return log_phase(
+            w,
+            resp,
+            &parts,
+            peer,
+            String::new(),
+            None,
+            started,
+            UpstreamLog::default(),
+        );
     }
     let host = request_host(&parts);
     let route = {
@@ -407,8 +416,18 @@ fn request_host(parts: &http::request::Parts) -> String {
 
 /// Bytes of the request line and headers, as received (near enough: names, values, separators).
 fn head_size(parts: &http::request::Parts) -> usize {
-    let line = parts.method.as_str().len() + parts.uri.path_and_query().map(|p| p.as_str().len()).unwrap_or(1) + 12;
-    line + parts.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>()
+    let line = parts.method.as_str().len()
+        + parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().len())
+            .unwrap_or(1)
+        + 12;
+    line + parts
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
