@@ -247,6 +247,18 @@ fn bare_prefix(template: &str) -> (tempfile::TempDir, u16) {
     (dir, admin)
 }
 
+/// Stops a daemon started by a test even when the test fails midway.
+struct StopOnDrop<'a>(&'a std::path::Path);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(bin())
+            .args(["stop", "-p"])
+            .arg(self.0)
+            .output();
+    }
+}
+
 /// Runs `wasmgate ARGS -p PREFIX`: (success, stdout, stderr).
 fn cli(args: &[&str], prefix: &std::path::Path) -> (bool, String, String) {
     let out = Command::new(bin())
@@ -273,6 +285,7 @@ fn daemon_with_status_reload_and_stop_commands() {
     );
     let (dir, admin_port) = bare_prefix(&template);
     let prefix = dir.path();
+    let _guard = StopOnDrop(prefix);
     let (ok, _, err) = cli(&["start"], prefix);
     assert!(ok, "{err}");
     let pid: i32 = std::fs::read_to_string(prefix.join("logs/wasmgate.pid"))
@@ -358,6 +371,7 @@ fn an_empty_admin_key_is_generated_stored_and_printed_once() {
          deployment:\n  admin:\n    admin_key:\n      - {name: admin, key: \"\", role: admin}\n    admin_listen: {ip: 127.0.0.1, port: {admin}}\n\
          nginx_config:\n  worker_processes: 1\n",
     );
+    let _guard = StopOnDrop(dir.path());
     let start = || {
         let (ok, _, err) = cli(&["start"], dir.path());
         assert!(ok, "{err}");

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod cli;
+mod daemon;
 mod keys;
 mod listeners;
 mod run;
@@ -122,26 +123,51 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
     if let Some(d) = pid_path.parent() {
         std::fs::create_dir_all(d)?;
     }
-    if !opts.foreground {
-        // Everything that can fail because of the user's input has been checked above, while
-        // errors can still reach the terminal.
-        nix::unistd::daemon(true, false).context("cannot daemonize")?;
-    }
-    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
-        .with_context(|| format!("cannot write pid file {}", pid_path.display()))?;
-    wasmgate_shared::logging::init(
-        &log_path,
-        cfg.nginx_config.error_log_level,
-        "master",
-        opts.foreground,
-    )
-    .with_context(|| format!("cannot open error log {}", log_path.display()))?;
-    let result = run::run(opts.clone(), loaded, store, keys, proxy, admin);
+    // Everything that can fail because of the user's input has been checked above, while
+    // errors still reach the terminal; what fails later is reported through `readiness`.
+    let mut readiness = if opts.foreground {
+        daemon::Readiness(None)
+    } else {
+        daemon::daemonize()?
+    };
+    let parts = Parts {
+        loaded,
+        store,
+        keys,
+        proxy,
+        admin,
+    };
+    let result = serve(&opts, parts, &pid_path, &log_path, &mut readiness);
     if let Err(e) = &result {
+        readiness.failed(&format!("{e:#}"));
         tracing::error!("master stopped on error: {e:#}");
     }
     cli::remove_pid_file(&pid_path);
     result
+}
+
+/// What `start` prepared before daemonizing.
+pub(crate) struct Parts {
+    pub loaded: LoadedConfig,
+    pub store: store::Store,
+    pub keys: Vec<state::ApiKey>,
+    pub proxy: Vec<supervisor::Listener>,
+    pub admin: std::net::TcpListener,
+}
+
+fn serve(
+    opts: &Options,
+    parts: Parts,
+    pid_path: &Path,
+    log_path: &Path,
+    readiness: &mut daemon::Readiness,
+) -> anyhow::Result<()> {
+    std::fs::write(pid_path, format!("{}\n", std::process::id()))
+        .with_context(|| format!("cannot write pid file {}", pid_path.display()))?;
+    let level = parts.loaded.config.nginx_config.error_log_level;
+    wasmgate_shared::logging::init(log_path, level, "master", opts.foreground)
+        .with_context(|| format!("cannot open error log {}", log_path.display()))?;
+    run::run(opts.clone(), parts, readiness)
 }
 
 /// Milliseconds since the Unix epoch.

@@ -1,9 +1,8 @@
 //! The master's main loop: signals, worker exits, reload requests, respawn timers.
 
 use crate::listeners;
-use crate::state::{ApiKey, Control, LoadedConfig, Master};
-use crate::store::Store;
-use crate::supervisor::{Listener, Supervisor};
+use crate::state::{Control, LoadedConfig, Master};
+use crate::supervisor::Supervisor;
 use crate::Options;
 use anyhow::Context;
 use nix::sys::signal::Signal;
@@ -27,12 +26,16 @@ struct Loop {
 
 pub fn run(
     opts: Options,
-    loaded: LoadedConfig,
-    store: Store,
-    keys: Vec<ApiKey>,
-    proxy: Vec<Listener>,
-    admin: std::net::TcpListener,
+    parts: crate::Parts,
+    readiness: &mut crate::daemon::Readiness,
 ) -> anyhow::Result<()> {
+    let crate::Parts {
+        loaded,
+        store,
+        keys,
+        proxy,
+        admin,
+    } = parts;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -55,6 +58,7 @@ pub fn run(
             control: Some(control_rx),
         };
         l.boot(admin_addr).await?;
+        readiness.ready();
         l.main().await
     })
 }

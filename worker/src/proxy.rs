@@ -293,10 +293,14 @@ fn upstream_request(
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
     let ip = peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.clone(),
-    };
+    // Repeated X-Forwarded-For lines form one list (as nginx's $proxy_add_x_forwarded_for).
+    let mut hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    hops.push(&ip);
+    let xff = hops.join(", ");
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert("x-forwarded-for", v);
     }

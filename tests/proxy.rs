@@ -1,0 +1,859 @@
+//! The proxy through a running gateway, as an HTTP client sees it: route matching, load
+//! balancing, retries and timeouts, headers crossing the proxy, bodies in both directions,
+//! upstream keep-alive and services.
+
+mod common;
+
+use common::{free_port, http, Gateway, Resp, TestUpstream};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// An upstream object over `(address, weight)` nodes, map form.
+fn nodes(list: &[(String, u32)]) -> Value {
+    let map: serde_json::Map<String, Value> = list
+        .iter()
+        .map(|(addr, w)| (addr.clone(), json!(w)))
+        .collect();
+    json!({"type": "roundrobin", "nodes": map})
+}
+
+/// PUTs any Admin API object and waits until every worker serves it.
+fn put(gw: &Gateway, path: &str, body: Value) {
+    let (status, v) = gw.admin("PUT", &format!("/apisix/admin/{path}"), Some(body));
+    assert!(status == 200 || status == 201, "PUT {path}: {status} {v}");
+    gw.wait_propagated();
+}
+
+/// PATCHes an Admin API object and waits until every worker serves it.
+fn patch(gw: &Gateway, path: &str, body: Value) {
+    let (status, v) = gw.admin("PATCH", &format!("/apisix/admin/{path}"), Some(body));
+    assert_eq!(status, 200, "PATCH {path}: {v}");
+    gw.wait_propagated();
+}
+
+/// One request through the gateway.
+fn send(gw: &Gateway, method: &str, path: &str, headers: &[(&str, &str)]) -> Resp {
+    let body: Option<&[u8]> = match method {
+        "POST" | "PUT" | "PATCH" => Some(b""),
+        _ => None,
+    };
+    http(method, &gw.url(path), headers, body)
+}
+
+/// Who answered: the test upstream's name (`x-upstream`), else the status code.
+fn who(gw: &Gateway, method: &str, path: &str, host: Option<&str>) -> String {
+    let headers: Vec<(&str, &str)> = host.map(|h| ("Host", h)).into_iter().collect();
+    let r = send(gw, method, path, &headers);
+    match r.header("x-upstream") {
+        Some(name) if r.status == 200 => name.to_string(),
+        _ => r.status.to_string(),
+    }
+}
+
+/// The echo of a GET that must reach an upstream.
+fn echo(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Value {
+    let r = send(gw, "GET", path, headers);
+    assert_eq!(r.status, 200, "{path}: {}", r.text());
+    r.json()
+}
+
+/// A 404 from the router, exactly as APISIX writes it.
+fn assert_route_not_found(r: &Resp) {
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json(), json!({"error_msg": "404 Route Not Found"}));
+}
+
+/// A loopback address on which nothing listens.
+fn dead_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// A minimal HTTP/1.1 keep-alive upstream that answers every request with fixed bytes and
+/// counts the connections it accepts.
+struct RawUpstream {
+    port: u16,
+    conns: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RawUpstream {
+    /// `response` is a whole HTTP/1.1 response with a `Content-Length`.
+    fn start(response: &'static [u8]) -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, r, s) = (conns.clone(), requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        c.fetch_add(1, Ordering::Relaxed);
+                        let r = r.clone();
+                        std::thread::spawn(move || serve_keepalive(stream, r, response));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        RawUpstream {
+            port,
+            conns,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Answers requests on one connection until the peer closes it (or 10 s of silence).
+fn serve_keepalive(stream: TcpStream, requests: Arc<AtomicUsize>, response: &[u8]) {
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    loop {
+        let mut len = 0usize;
+        let mut line = String::new();
+        let mut first = true;
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line.trim_end().is_empty() {
+                if first {
+                    continue;
+                }
+                break;
+            }
+            first = false;
+            if let Some((k, v)) = line.split_once(':') {
+                if k.trim().eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        requests.fetch_add(1, Ordering::Relaxed);
+        if w.write_all(response).is_err() {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Routing
+// ---------------------------------------------------------------------------------------------
+
+/// An exact `uri` wins over prefixes, the longest prefix over shorter ones; `uris` lists work.
+#[test]
+fn exact_uri_beats_prefix_and_longest_prefix_wins() {
+    let (a, b, c, d) = (
+        TestUpstream::start("a"),
+        TestUpstream::start("b"),
+        TestUpstream::start("c"),
+        TestUpstream::start("d"),
+    );
+    let gw = Gateway::start();
+    gw.route("short", json!({"uri": "/a/*"}), Some(&a));
+    gw.route("long", json!({"uri": "/a/b/*"}), Some(&b));
+    gw.route("exact", json!({"uri": "/a/b/c"}), Some(&c));
+    gw.route("list", json!({"uris": ["/u1", "/u2/*"]}), Some(&d));
+
+    assert_eq!(who(&gw, "GET", "/a/b/c", None), "c");
+    assert_eq!(who(&gw, "GET", "/a/b/c?x=1", None), "c");
+    assert_eq!(who(&gw, "GET", "/a/b/c/d", None), "b");
+    assert_eq!(who(&gw, "GET", "/a/b/x", None), "b");
+    assert_eq!(who(&gw, "GET", "/a/x", None), "a");
+    // Path and query reach the upstream as the client wrote them.
+    assert_eq!(
+        echo(&gw, "/a/x%2Fy?q=%41&r&s=a+b", &[])["uri"],
+        "/a/x%2Fy?q=%41&r&s=a+b"
+    );
+    assert_eq!(who(&gw, "GET", "/u1", None), "d");
+    assert_eq!(who(&gw, "GET", "/u2/deep/path", None), "d");
+    // `/u1` is exact: neither a longer path nor another path of the list's prefix matches.
+    assert_route_not_found(&send(&gw, "GET", "/u1/more", &[]));
+    assert_route_not_found(&send(&gw, "GET", "/u3", &[]));
+    assert_route_not_found(&send(&gw, "GET", "/b/c", &[]));
+}
+
+/// `methods` split one path between routes; a method no route lists is a 404.
+#[test]
+fn methods_select_the_route() {
+    let (getter, poster) = (TestUpstream::start("get"), TestUpstream::start("post"));
+    let gw = Gateway::start();
+    gw.route("g", json!({"uri": "/m", "methods": ["GET"]}), Some(&getter));
+    gw.route(
+        "p",
+        json!({"uri": "/m", "methods": ["POST"]}),
+        Some(&poster),
+    );
+
+    assert_eq!(who(&gw, "GET", "/m", None), "get");
+    assert_eq!(who(&gw, "POST", "/m", None), "post");
+    let r = send(&gw, "POST", "/m", &[]);
+    assert_eq!(r.json()["method"], "POST");
+    assert_route_not_found(&send(&gw, "PUT", "/m", &[]));
+    assert_route_not_found(&send(&gw, "DELETE", "/m", &[]));
+    assert_eq!(getter.hits(), 1);
+    assert_eq!(poster.hits(), 2);
+}
+
+/// `host` matches exactly (case- and port-insensitive); `*.example.com` matches sub-domains
+/// only, not `example.com` itself.
+#[test]
+fn host_and_wildcard_hosts() {
+    let (api, wild) = (TestUpstream::start("api"), TestUpstream::start("wild"));
+    let gw = Gateway::start();
+    gw.route("1", json!({"uri": "/h", "host": "api.test"}), Some(&api));
+    gw.route(
+        "2",
+        json!({"uri": "/h", "hosts": ["*.example.com", "other.test"]}),
+        Some(&wild),
+    );
+
+    assert_eq!(who(&gw, "GET", "/h", Some("api.test")), "api");
+    assert_eq!(who(&gw, "GET", "/h", Some("API.Test:9080")), "api");
+    assert_eq!(who(&gw, "GET", "/h", Some("foo.example.com")), "wild");
+    assert_eq!(who(&gw, "GET", "/h", Some("a.b.example.com")), "wild");
+    assert_eq!(who(&gw, "GET", "/h", Some("Foo.Example.COM:8080")), "wild");
+    assert_eq!(who(&gw, "GET", "/h", Some("other.test")), "wild");
+    for host in [
+        "example.com",
+        "notexample.com",
+        "api.test.evil",
+        "x.api.test",
+    ] {
+        let r = send(&gw, "GET", "/h", &[("Host", host)]);
+        assert_route_not_found(&r);
+    }
+}
+
+/// Among routes on the same path the higher `priority` wins; `status: 0` takes a route out of
+/// service and PATCH `{"status": 1}` brings it back.
+#[test]
+fn priority_and_status() {
+    let (low, high) = (TestUpstream::start("low"), TestUpstream::start("high"));
+    let gw = Gateway::start();
+    // The lower id would win a tie, so only the priority can send traffic to "high".
+    gw.route("1", json!({"uri": "/p", "priority": 1}), Some(&low));
+    gw.route("2", json!({"uri": "/p", "priority": 10}), Some(&high));
+    assert_eq!(who(&gw, "GET", "/p", None), "high");
+
+    // Disabling the winner falls back to the other route.
+    patch(&gw, "routes/2", json!({"status": 0}));
+    assert_eq!(who(&gw, "GET", "/p", None), "low");
+    patch(&gw, "routes/2", json!({"status": 1}));
+    assert_eq!(who(&gw, "GET", "/p", None), "high");
+
+    // A route created disabled is not served at all.
+    gw.route("3", json!({"uri": "/s", "status": 0}), Some(&low));
+    assert_route_not_found(&send(&gw, "GET", "/s", &[]));
+    patch(&gw, "routes/3", json!({"status": 1}));
+    assert_eq!(who(&gw, "GET", "/s", None), "low");
+}
+
+/// `vars` and `remote_addrs` narrow a route; a request they reject falls through to the next
+/// route on the path, or to a 404.
+#[test]
+fn vars_and_remote_addrs() {
+    let (base, special) = (TestUpstream::start("base"), TestUpstream::start("special"));
+    let gw = Gateway::start();
+    gw.route("base", json!({"uri": "/v"}), Some(&base));
+    gw.route(
+        "vars",
+        json!({"uri": "/v", "priority": 5, "vars": [["arg_v", "==", "2"]]}),
+        Some(&special),
+    );
+    assert_eq!(who(&gw, "GET", "/v?v=2", None), "special");
+    assert_eq!(who(&gw, "GET", "/v?x=1&v=2", None), "special");
+    assert_eq!(who(&gw, "GET", "/v?v=3", None), "base");
+    assert_eq!(who(&gw, "GET", "/v", None), "base");
+    // Header variables: `http_x_env` is the X-Env header.
+    gw.route(
+        "header-var",
+        json!({"uri": "/hv", "vars": [["http_x_env", "==", "canary"]]}),
+        Some(&special),
+    );
+    let canary = send(&gw, "GET", "/hv", &[("X-Env", "canary")]);
+    assert_eq!(canary.header("x-upstream"), Some("special"));
+    assert_route_not_found(&send(&gw, "GET", "/hv", &[("X-Env", "prod")]));
+
+    // The test client is 127.0.0.1: outside 10.0.0.0/8, inside 127.0.0.0/8.
+    gw.route("r-base", json!({"uri": "/r"}), Some(&base));
+    gw.route(
+        "r-ten",
+        json!({"uri": "/r", "priority": 5, "remote_addrs": ["10.0.0.0/8"]}),
+        Some(&special),
+    );
+    gw.route(
+        "only-ten",
+        json!({"uri": "/only-ten", "remote_addrs": ["10.0.0.0/8"]}),
+        Some(&special),
+    );
+    gw.route(
+        "loopback",
+        json!({"uri": "/loopback", "remote_addrs": ["10.0.0.0/8", "127.0.0.0/8"]}),
+        Some(&special),
+    );
+    assert_eq!(who(&gw, "GET", "/r", None), "base");
+    assert_route_not_found(&send(&gw, "GET", "/only-ten", &[]));
+    assert_eq!(who(&gw, "GET", "/loopback", None), "special");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Upstreams
+// ---------------------------------------------------------------------------------------------
+
+/// Weighted round robin: weights 3 and 1 share 80 requests about 60/20 (each worker keeps its
+/// own smooth-WRR state, hence the slack).
+#[test]
+fn weighted_round_robin_follows_weights() {
+    let (heavy, light) = (TestUpstream::start("heavy"), TestUpstream::start("light"));
+    let gw = Gateway::start();
+    put(
+        &gw,
+        "routes/wrr",
+        json!({"uri": "/w", "upstream": nodes(&[(heavy.addr(), 3), (light.addr(), 1)])}),
+    );
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..80 {
+        *seen.entry(who(&gw, "GET", "/w", None)).or_default() += 1;
+    }
+    let (h, l) = (seen.get("heavy").copied(), seen.get("light").copied());
+    assert_eq!(h.unwrap_or(0) + l.unwrap_or(0), 80, "{seen:?}");
+    assert!(l.unwrap_or(0) > 0, "light never picked: {seen:?}");
+    let h = h.unwrap_or(0);
+    assert!((50..=70).contains(&h), "heavy got {h} of 80: {seen:?}");
+    assert_eq!((heavy.hits(), light.hits()), (h, 80 - h));
+}
+
+/// `nodes` in list form, and an upstream object referenced by `upstream_id` whose nodes
+/// change under a route.
+#[test]
+fn list_nodes_and_upstream_id() {
+    let (a, b) = (TestUpstream::start("a"), TestUpstream::start("b"));
+    let gw = Gateway::start();
+    put(
+        &gw,
+        "routes/list",
+        json!({"uri": "/list", "upstream": {"type": "roundrobin",
+            "nodes": [{"host": "127.0.0.1", "port": a.port, "weight": 1}]}}),
+    );
+    for _ in 0..4 {
+        assert_eq!(who(&gw, "GET", "/list", None), "a");
+    }
+    // A node of weight 0 gets nothing.
+    put(
+        &gw,
+        "routes/zero",
+        json!({"uri": "/zero", "upstream": {"type": "roundrobin", "nodes": [
+            {"host": "127.0.0.1", "port": a.port, "weight": 1},
+            {"host": "127.0.0.1", "port": b.port, "weight": 0}]}}),
+    );
+    for _ in 0..6 {
+        assert_eq!(who(&gw, "GET", "/zero", None), "a");
+    }
+    assert_eq!(b.hits(), 0);
+
+    put(&gw, "upstreams/u1", nodes(&[(a.addr(), 1)]));
+    put(
+        &gw,
+        "routes/byid",
+        json!({"uri": "/byid", "upstream_id": "u1"}),
+    );
+    assert_eq!(who(&gw, "GET", "/byid", None), "a");
+    put(&gw, "upstreams/u1", nodes(&[(b.addr(), 1)]));
+    for _ in 0..4 {
+        assert_eq!(who(&gw, "GET", "/byid", None), "b");
+    }
+}
+
+/// `chash` on `arg_user`: a user always lands on the same node (whichever worker serves the
+/// request), and different users spread over both nodes.
+#[test]
+fn chash_on_a_query_argument_is_sticky() {
+    let (a, b) = (TestUpstream::start("a"), TestUpstream::start("b"));
+    let gw = Gateway::start();
+    put(
+        &gw,
+        "routes/ch",
+        json!({"uri": "/c", "upstream": {"type": "chash", "hash_on": "vars", "key": "arg_user",
+            "nodes": {a.addr(): 1, b.addr(): 1}}}),
+    );
+    let mut used = HashSet::new();
+    for user in 0..16 {
+        let path = format!("/c?user=user-{user}");
+        let first = who(&gw, "GET", &path, None);
+        assert!(first == "a" || first == "b", "{path}: {first}");
+        for _ in 0..4 {
+            assert_eq!(who(&gw, "GET", &path, None), first, "{path} moved");
+        }
+        used.insert(first);
+    }
+    assert_eq!(used.len(), 2, "16 users all on one node: {used:?}");
+}
+
+/// Connect failures move on to the next node; with `retries: 0` they do not; all nodes dead
+/// is a 502.
+#[test]
+fn dead_nodes_are_retried_and_all_dead_is_502() {
+    let live = TestUpstream::start("live");
+    let gw = Gateway::start();
+    put(
+        &gw,
+        "routes/retry",
+        json!({"uri": "/retry", "upstream": nodes(&[(dead_addr(), 1), (live.addr(), 1)])}),
+    );
+    for i in 0..20 {
+        let r = send(&gw, "GET", "/retry", &[]);
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(r.header("x-upstream"), Some("live"));
+    }
+    assert_eq!(live.hits(), 20);
+
+    let mut up = nodes(&[(dead_addr(), 1), (live.addr(), 1)]);
+    up["retries"] = json!(0);
+    put(
+        &gw,
+        "routes/noretry",
+        json!({"uri": "/noretry", "upstream": up}),
+    );
+    // Equal weights alternate per worker, so 10 requests meet both nodes.
+    let statuses: HashSet<u16> = (0..10)
+        .map(|_| send(&gw, "GET", "/noretry", &[]).status)
+        .collect();
+    assert_eq!(statuses, HashSet::from([200, 502]));
+
+    put(
+        &gw,
+        "routes/dead",
+        json!({"uri": "/dead", "upstream": nodes(&[(dead_addr(), 1), (dead_addr(), 1)])}),
+    );
+    let started = Instant::now();
+    let r = send(&gw, "GET", "/dead", &[]);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("502 Bad Gateway"), "{}", r.text());
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// `timeout.read` turns a slow upstream into a 504 without waiting for it, whether set on the
+/// upstream or on the route (over an inline upstream, an `upstream_id` or a service's
+/// upstream); routes sharing that upstream without a timeout of their own keep the default.
+#[test]
+fn read_timeout_is_504() {
+    let up = TestUpstream::start("slow");
+    let gw = Gateway::start();
+    let t = json!({"connect": 1, "send": 1, "read": 0.5});
+    put(&gw, "upstreams/shared", nodes(&[(up.addr(), 1)]));
+    put(
+        &gw,
+        "services/svc",
+        json!({"upstream": nodes(&[(up.addr(), 1)])}),
+    );
+    let mut with_timeout = nodes(&[(up.addr(), 1)]);
+    with_timeout["timeout"] = t.clone();
+    let routes = [
+        (
+            "route.test",
+            json!({"upstream": nodes(&[(up.addr(), 1)]), "timeout": t}),
+        ),
+        ("upstream.test", json!({"upstream": with_timeout})),
+        ("byid.test", json!({"upstream_id": "shared", "timeout": t})),
+        ("service.test", json!({"service_id": "svc", "timeout": t})),
+        ("byid-none.test", json!({"upstream_id": "shared"})),
+        ("service-none.test", json!({"service_id": "svc"})),
+    ];
+    for (host, mut body) in routes {
+        body["uri"] = json!("/delay/*");
+        body["host"] = json!(host);
+        put(&gw, &format!("routes/{host}"), body);
+    }
+
+    for host in ["route.test", "upstream.test", "byid.test", "service.test"] {
+        let started = Instant::now();
+        let r = send(&gw, "GET", "/delay/2000", &[("Host", host)]);
+        let took = started.elapsed();
+        assert_eq!(r.status, 504, "{host}: {}", r.text());
+        assert!(r.text().contains("504 Gateway Time"), "{}", r.text());
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
+            "{host}: 504 after {took:?}"
+        );
+        assert_eq!(who(&gw, "GET", "/delay/50", Some(host)), "slow", "{host}");
+    }
+    for host in ["byid-none.test", "service-none.test"] {
+        assert_eq!(who(&gw, "GET", "/delay/900", Some(host)), "slow", "{host}");
+    }
+}
+
+/// `pass_host`: `pass` sends the client's Host, `node` the node's `host:port`, `rewrite` the
+/// configured `upstream_host`.
+#[test]
+fn pass_host_modes() {
+    let up = TestUpstream::start("h");
+    let gw = Gateway::start();
+    let with = |mode: Value| {
+        let mut u = nodes(&[(up.addr(), 1)]);
+        for (k, v) in mode.as_object().unwrap() {
+            u[k] = v.clone();
+        }
+        u
+    };
+    put(
+        &gw,
+        "routes/default",
+        json!({"uri": "/default", "upstream": nodes(&[(up.addr(), 1)])}),
+    );
+    put(
+        &gw,
+        "routes/pass",
+        json!({"uri": "/pass", "upstream": with(json!({"pass_host": "pass"}))}),
+    );
+    put(
+        &gw,
+        "routes/node",
+        json!({"uri": "/node", "upstream": with(json!({"pass_host": "node"}))}),
+    );
+    put(
+        &gw,
+        "routes/rewrite",
+        json!({"uri": "/rewrite", "upstream":
+            with(json!({"pass_host": "rewrite", "upstream_host": "internal.svc"}))}),
+    );
+
+    let client_host = [("Host", "client.test:8080")];
+    assert_eq!(
+        echo(&gw, "/default", &client_host)["headers"]["host"],
+        "client.test:8080"
+    );
+    assert_eq!(
+        echo(&gw, "/pass", &client_host)["headers"]["host"],
+        "client.test:8080"
+    );
+    assert_eq!(
+        echo(&gw, "/node", &client_host)["headers"]["host"],
+        up.addr()
+    );
+    assert_eq!(
+        echo(&gw, "/rewrite", &client_host)["headers"]["host"],
+        "internal.svc"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Headers
+// ---------------------------------------------------------------------------------------------
+
+/// Hop-by-hop headers of the request (fixed ones and those named in `Connection`) stop at the
+/// proxy, other headers go through; responses carry `Server: wasmgate/…`.
+#[test]
+fn request_hop_by_hop_headers_stop_at_the_proxy() {
+    let up = TestUpstream::start("e");
+    let gw = Gateway::start();
+    gw.route("1", json!({"uri": "/e"}), Some(&up));
+
+    let r = send(
+        &gw,
+        "GET",
+        "/e",
+        &[
+            ("Connection", "keep-alive, X-Secret"),
+            ("X-Secret", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "x"),
+            ("TE", "trailers"),
+            ("X-Keep", "yes"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = &r.json()["headers"];
+    for gone in ["x-secret", "keep-alive", "proxy-connection", "te"] {
+        assert!(h.get(gone).is_none(), "{gone} reached the upstream: {h}");
+    }
+    if let Some(c) = h.get("connection").and_then(Value::as_str) {
+        assert!(!c.to_ascii_lowercase().contains("x-secret"), "{h}");
+    }
+    assert_eq!(h["x-keep"], "yes");
+    let server = r.header("server").unwrap_or_default();
+    assert!(server.starts_with("wasmgate/"), "server: {server:?}");
+    // The upstream's own headers come back.
+    assert_eq!(r.header("x-upstream"), Some("e"));
+
+    // The gateway's own answers carry the Server header too.
+    let r = send(&gw, "GET", "/nowhere", &[]);
+    assert_route_not_found(&r);
+    assert!(r
+        .header("server")
+        .is_some_and(|s| s.starts_with("wasmgate/")));
+}
+
+/// Hop-by-hop headers of the response (including those its `Connection` names) do not reach
+/// the client; its other headers do.
+#[test]
+fn response_hop_by_hop_headers_stop_at_the_proxy() {
+    let up = RawUpstream::start(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Internal\r\n\
+          X-Internal: 1\r\nKeep-Alive: timeout=5\r\nX-Public: 1\r\n\r\nok",
+    );
+    let gw = Gateway::start();
+    put(
+        &gw,
+        "routes/raw",
+        json!({"uri": "/raw", "upstream": nodes(&[(up.addr(), 1)])}),
+    );
+    let r = send(&gw, "GET", "/raw", &[]);
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    assert_eq!(r.header("x-public"), Some("1"));
+    assert_eq!(r.header("x-internal"), None, "{:?}", r.headers);
+    assert_eq!(r.header("keep-alive"), None, "{:?}", r.headers);
+}
+
+/// X-Forwarded-For appends the client to what came in (several header lines being one
+/// list), X-Real-IP is the client, X-Forwarded-Proto/-Host say how the client came.
+#[test]
+fn forwarded_headers() {
+    let up = TestUpstream::start("f");
+    let gw = Gateway::start();
+    gw.route("1", json!({"uri": "/f"}), Some(&up));
+
+    let h = &echo(&gw, "/f", &[("Host", "client.test")])["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "client.test");
+
+    let h = &echo(&gw, "/f", &[("X-Forwarded-For", "1.2.3.4")])["headers"];
+    assert_eq!(h["x-forwarded-for"], "1.2.3.4, 127.0.0.1");
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+
+    let two_lines = [
+        ("X-Forwarded-For", "1.1.1.1"),
+        ("X-Forwarded-For", "2.2.2.2"),
+    ];
+    let h = &echo(&gw, "/f", &two_lines)["headers"];
+    assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.1");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Bodies
+// ---------------------------------------------------------------------------------------------
+
+/// A 3 MiB request body reaches the upstream byte for byte.
+#[test]
+fn large_request_body_arrives_intact() {
+    let up = TestUpstream::start("b");
+    let gw = Gateway::start();
+    gw.route("1", json!({"uri": "/upload"}), Some(&up));
+    let body: Vec<u8> = (0..3usize << 20)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 9)) as u8)
+        .collect();
+    let sum: u64 = body.iter().map(|b| *b as u64).sum();
+    let r = http("POST", &gw.url("/upload"), &[], Some(&body));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["body_len"], body.len());
+    assert_eq!(v["body_sum"], sum);
+}
+
+/// A chunked request body (no Content-Length) streams to the upstream intact.
+#[test]
+fn chunked_request_body_arrives_intact() {
+    let up = TestUpstream::start("c");
+    let gw = Gateway::start();
+    gw.route("1", json!({"uri": "/upload"}), Some(&up));
+    let mut req = b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+                    Connection: close\r\n\r\n"
+        .to_vec();
+    let mut sent = Vec::new();
+    for i in 0..64usize {
+        let chunk: Vec<u8> = (0..1000 + i * 37).map(|j| (i * 7 + j * 13) as u8).collect();
+        req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        req.extend_from_slice(&chunk);
+        req.extend_from_slice(b"\r\n");
+        sent.extend_from_slice(&chunk);
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let mut s = TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&req).unwrap();
+    let r = common::client::read_response(&mut BufReader::new(s), false).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["body_len"], sent.len());
+    assert_eq!(v["body_sum"], sent.iter().map(|b| *b as u64).sum::<u64>());
+}
+
+/// A client that sends `Expect: 100-continue` (curl does for bodies over 1 MiB) is told to go
+/// on, and its body then arrives intact.
+#[test]
+fn expect_continue_upload() {
+    let up = TestUpstream::start("x");
+    let gw = Gateway::start();
+    gw.route("1", json!({"uri": "/upload"}), Some(&up));
+    let body: Vec<u8> = (0..(2usize << 20) + 3).map(|i| (i % 253) as u8).collect();
+    let mut s = TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\
+         Expect: 100-continue\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let interim = common::client::read_response(&mut r, true).unwrap();
+    assert_eq!(interim.status, 100, "{interim:?}");
+    r.get_mut().write_all(&body).unwrap();
+    let resp = common::client::read_response(&mut r, false).unwrap();
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let v = resp.json();
+    assert_eq!(v["body_len"], body.len());
+    assert_eq!(v["body_sum"], body.iter().map(|b| *b as u64).sum::<u64>());
+}
+
+/// Responses stream through untouched: a chunked stream, a 5 MB body, and an upstream error
+/// status passed through as is.
+#[test]
+fn response_bodies_stream_through() {
+    let up = TestUpstream::start("r");
+    let gw = Gateway::start();
+    gw.route("1", json!({"uri": "/*"}), Some(&up));
+
+    let r = send(&gw, "GET", "/stream/500", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 500 * 1024);
+    for i in 0..500 {
+        let want = b'a' + (i % 26) as u8;
+        assert_eq!(r.body[i * 1024], want, "chunk {i}");
+        assert_eq!(r.body[i * 1024 + 1023], want, "chunk {i} end");
+    }
+
+    let r = send(&gw, "GET", "/big/5000000", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 5_000_000);
+    assert!(r.body.iter().all(|b| *b == b'x'));
+
+    // HEAD: the upstream's length, no body.
+    let r = send(&gw, "HEAD", "/big/1000", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("1000"));
+    assert!(r.body.is_empty());
+
+    // The upstream's 503 is its own page, not the gateway's.
+    let r = send(&gw, "GET", "/status/503", &[]);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.text(), "status 503");
+    assert_eq!(r.header("x-upstream"), Some("r"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Upstream keep-alive
+// ---------------------------------------------------------------------------------------------
+
+/// 30 sequential requests reuse pooled upstream connections (one pool per worker) instead of
+/// opening one connection each.
+#[test]
+fn upstream_connections_are_reused() {
+    let up = RawUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    let gw = Gateway::start();
+    put(
+        &gw,
+        "routes/ka",
+        json!({"uri": "/ka", "upstream": nodes(&[(up.addr(), 1)])}),
+    );
+    for i in 0..30 {
+        let r = send(&gw, "GET", "/ka", &[]);
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"), "request {i}");
+    }
+    assert_eq!(up.requests.load(Ordering::Relaxed), 30);
+    let conns = up.conns.load(Ordering::Relaxed);
+    assert!(
+        (1..=4).contains(&conns),
+        "30 requests over {conns} upstream connections"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Services
+// ---------------------------------------------------------------------------------------------
+
+/// A route with `service_id` uses the service's upstream and, having no hosts of its own, the
+/// service's `hosts`; a route's own hosts and upstream win over the service's.
+#[test]
+fn routes_inherit_from_their_service() {
+    let (svc, own) = (TestUpstream::start("svc"), TestUpstream::start("own"));
+    let gw = Gateway::start();
+    put(
+        &gw,
+        "services/s1",
+        json!({"upstream": nodes(&[(svc.addr(), 1)]), "hosts": ["svc.test"]}),
+    );
+    put(&gw, "routes/1", json!({"uri": "/svc", "service_id": "s1"}));
+    assert_eq!(who(&gw, "GET", "/svc", Some("svc.test")), "svc");
+    assert_route_not_found(&send(&gw, "GET", "/svc", &[("Host", "other.test")]));
+
+    put(
+        &gw,
+        "routes/2",
+        json!({"uri": "/own-hosts", "service_id": "s1", "hosts": ["own.test"]}),
+    );
+    assert_eq!(who(&gw, "GET", "/own-hosts", Some("own.test")), "svc");
+    assert_route_not_found(&send(&gw, "GET", "/own-hosts", &[("Host", "svc.test")]));
+
+    put(
+        &gw,
+        "routes/3",
+        json!({"uri": "/own-upstream", "service_id": "s1",
+            "upstream": nodes(&[(own.addr(), 1)])}),
+    );
+    assert_eq!(who(&gw, "GET", "/own-upstream", Some("svc.test")), "own");
+
+    // A service's `upstream_id` works the same way.
+    put(&gw, "upstreams/u-own", nodes(&[(own.addr(), 1)]));
+    put(&gw, "services/s2", json!({"upstream_id": "u-own"}));
+    put(&gw, "routes/4", json!({"uri": "/s2", "service_id": "s2"}));
+    assert_eq!(who(&gw, "GET", "/s2", Some("anything.test")), "own");
+
+    // Changing the service's upstream moves its routes.
+    put(
+        &gw,
+        "services/s1",
+        json!({"upstream": nodes(&[(own.addr(), 1)]), "hosts": ["svc.test"]}),
+    );
+    assert_eq!(who(&gw, "GET", "/svc", Some("svc.test")), "own");
+}
