@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Rebuilds the Proxy-Wasm test plugins in tests/plugins/ (Rust SDK) into tests/plugins/wasm/,
+# and records a checksum manifest of sources and outputs (tests/plugins/wasm/MANIFEST) so a stale
+# fixture is detected by the tests.
+#
+# The rustup toolchain has no wasm32 target; Debian's rustc ships the standard library's source,
+# from which cargo builds std for wasm32 itself:
+#   apt-get install -y rustc-web rust-web-src
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root/tests/plugins"
+
+if ! command -v /usr/bin/rustc >/dev/null || [ ! -d /usr/lib/rustlib/src/rust/library ]; then
+  echo "needs Debian's rustc with the std source: apt-get install -y rustc-web rust-web-src" >&2
+  exit 1
+fi
+lld="$(rustc --print sysroot)/lib/rustlib/x86_64-unknown-linux-gnu/bin/rust-lld"
+remap="--remap-path-prefix=$HOME/.cargo/registry/src=/crates --remap-path-prefix=/usr/lib/rustlib/src/rust=/rust --remap-path-prefix=$root=/wasmgate"
+
+RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 RUSTFLAGS="$remap" \
+CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER="$lld" \
+  cargo build --release --target wasm32-unknown-unknown -Zbuild-std=std,panic_abort
+
+mkdir -p wasm
+for crate in */Cargo.toml; do
+  name=$(dirname "$crate")
+  cp "target/wasm32-unknown-unknown/release/$name.wasm" "wasm/$name.wasm"
+done
+./manifest.sh > wasm/MANIFEST
+ls -l wasm/

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Prints the checksums of the plugin sources and the built .wasm files (see
+# scripts/build-plugins.sh); tests compare it with wasm/MANIFEST to catch stale fixtures.
+set -euo pipefail
+cd "$(dirname "$0")"
+sha256sum Cargo.toml */Cargo.toml */src/*.rs wasm/*.wasm | LC_ALL=C sort -k2
