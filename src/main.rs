@@ -107,7 +107,7 @@ fn nix_hup() -> wasmgate_master::cli::Signal {
 
 fn test_config(opts: &Options) -> anyhow::Result<()> {
     let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
-    wasmgate_master::check_plugin_files(&loaded, opts).map_err(anyhow::Error::msg)?;
+    wasmgate_master::compile_plugins(&loaded, opts).map_err(anyhow::Error::msg)?;
     println!("wasmgate: configuration {} is ok", loaded.origin);
     Ok(())
 }

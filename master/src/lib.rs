@@ -71,11 +71,22 @@ impl Options {
     }
 }
 
-/// Checks what config.yaml points at on disk (plugin files), naming the plugin.
-pub fn check_plugin_files(config: &LoadedConfig, opts: &Options) -> Result<(), String> {
+/// Compiles and checks every `wasm.plugins` module (readable, valid, ABI marker, every import
+/// known), so a bad plugin stops `start` or `reload` with a message naming it. Returns, per
+/// plugin, a memfd holding the compiled module: workers load it without compiling again (a file
+/// listed by several plugins is compiled once).
+pub fn compile_plugins(
+    config: &LoadedConfig,
+    opts: &Options,
+) -> Result<Vec<std::os::fd::OwnedFd>, String> {
+    let level = config.config.nginx_config.error_log_level;
+    let mut compiled: std::collections::HashMap<Vec<u8>, std::os::fd::OwnedFd> =
+        std::collections::HashMap::new();
+    let mut out = Vec::new();
     for p in &config.config.wasm.plugins {
         let path = opts.resolve(&p.file);
-        std::fs::File::open(&path).map_err(|e| {
+        let settings = wasmgate_wasm::Settings::from_decl(p, level);
+        let bytes = std::fs::read(&path).map_err(|e| {
             format!(
                 "{}: wasm plugin {:?}: cannot read file {}: {e}",
                 config.origin,
@@ -83,8 +94,20 @@ pub fn check_plugin_files(config: &LoadedConfig, opts: &Options) -> Result<(), S
                 path.display()
             )
         })?;
+        let fd = match compiled.get(&bytes) {
+            Some(fd) => listeners::dup_high(fd).map_err(|e| e.to_string())?,
+            None => {
+                let module = wasmgate_wasm::PluginModule::from_bytes(settings, &bytes)
+                    .map_err(|e| format!("{}: {e}", config.origin))?;
+                let fd = listeners::memfd_with(&module.serialize()?)
+                    .map_err(|e| format!("compiled plugin {:?}: {e}", p.name))?;
+                compiled.insert(bytes, listeners::dup_high(&fd).map_err(|e| e.to_string())?);
+                fd
+            }
+        };
+        out.push(fd);
     }
-    Ok(())
+    Ok(out)
 }
 
 /// `wasmgate start`.
@@ -96,7 +119,7 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
         ..opts
     };
     let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
-    check_plugin_files(&loaded, &opts).map_err(anyhow::Error::msg)?;
+    let plugins = compile_plugins(&loaded, &opts).map_err(anyhow::Error::msg)?;
     let cfg = &loaded.config;
     let pid_path = opts.resolve(&cfg.wasmgate.pid_file);
     if let Some(pid) = cli::running_pid(&pid_path) {
@@ -135,6 +158,7 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
         store,
         keys,
         proxy,
+        plugins,
         admin,
     };
     let result = serve(&opts, parts, &pid_path, &log_path, &mut readiness);
@@ -152,6 +176,8 @@ pub(crate) struct Parts {
     pub store: store::Store,
     pub keys: Vec<state::ApiKey>,
     pub proxy: Vec<supervisor::Listener>,
+    /// Compiled plugin modules (memfds), one per `wasm.plugins` entry.
+    pub plugins: Vec<std::os::fd::OwnedFd>,
     pub admin: std::net::TcpListener,
 }
 

@@ -44,7 +44,7 @@ pub fn rebind(current: &[Listener], addrs: &[ListenAddr]) -> anyhow::Result<Vec<
         .map(|a| match current.iter().find(|l| l.addr == a.0) {
             Some(l) => Ok(Listener {
                 addr: l.addr,
-                fd: high_fd(l.fd.try_clone()?)?,
+                fd: dup_high(&l.fd)?,
             }),
             None => bind_all(std::slice::from_ref(a)).map(|mut v| v.remove(0)),
         })
@@ -59,4 +59,20 @@ fn high_fd(fd: OwnedFd) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: `raw` is a freshly duplicated fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// A duplicate of `fd` at ≥ 64 (see [`Listener::fd`] for why every inherited fd lives there).
+pub fn dup_high(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
+    high_fd(fd.try_clone()?)
+}
+
+/// A memfd (fd ≥ 64) holding `bytes`, for workers to read.
+pub fn memfd_with(bytes: &[u8]) -> std::io::Result<OwnedFd> {
+    use std::io::Write;
+    let fd =
+        nix::sys::memfd::memfd_create(c"wasmgate-plugin", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(std::io::Error::from)?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(bytes)?;
+    high_fd(OwnedFd::from(f))
 }

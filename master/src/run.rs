@@ -34,6 +34,7 @@ pub fn run(
         store,
         keys,
         proxy,
+        plugins,
         admin,
     } = parts;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -49,7 +50,7 @@ pub fn run(
         let admin_addr = admin.local_addr()?;
         let admin = tokio::net::TcpListener::from_std(admin)?;
         tokio::spawn(crate::admin::http::serve(admin, master.clone()));
-        let (sup, exits) = Supervisor::new(master.clone(), proxy, opts.prefix.clone());
+        let (sup, exits) = Supervisor::new(master.clone(), proxy, plugins, opts.prefix.clone());
         let mut l = Loop {
             opts,
             master,
@@ -151,18 +152,20 @@ impl Loop {
 
     async fn try_reload(&mut self) -> Result<u64, String> {
         let new = self.opts.load_config().map_err(|e| e.to_string())?;
-        crate::check_plugin_files(&new, &self.opts)?;
+        let plugins = crate::compile_plugins(&new, &self.opts)?;
         crate::admin::objects::check_all(&self.master.store(), &new.catalog())?;
         warn_restart_only(&self.master.config(), &new);
         let listeners = listeners::rebind(self.sup.listeners(), &new.config.apisix.node_listen)
             .map_err(|e| format!("{e:#}"))?;
         let old_listeners = self.sup.replace_listeners(listeners);
+        let old_plugins = self.sup.replace_plugins(plugins);
         let epoch = self.master.epoch.load(Ordering::Relaxed) + 1;
         let n = new.config.nginx_config.worker_processes.resolve();
         let started = self.sup.start_set(n, epoch, &new);
         if started.is_err() || !self.wait_ready(epoch).await {
             self.sup.abort_epoch(epoch);
             self.sup.replace_listeners(old_listeners);
+            self.sup.replace_plugins(old_plugins);
             return Err(started
                 .err()
                 .unwrap_or_else(|| "the new workers failed to start; see the error log".into()));

@@ -46,6 +46,8 @@ struct WorkerProc {
 struct SpawnCtx {
     master: Arc<Master>,
     listeners: Vec<Listener>,
+    /// Compiled plugin modules, passed after the listeners.
+    plugins: Vec<OwnedFd>,
     exits: mpsc::UnboundedSender<(u32, String)>,
     prefix: std::path::PathBuf,
 }
@@ -61,6 +63,7 @@ impl Supervisor {
     pub fn new(
         master: Arc<Master>,
         listeners: Vec<Listener>,
+        plugins: Vec<OwnedFd>,
         prefix: std::path::PathBuf,
     ) -> (Supervisor, mpsc::UnboundedReceiver<(u32, String)>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -69,6 +72,7 @@ impl Supervisor {
                 ctx: SpawnCtx {
                     master: master.clone(),
                     listeners,
+                    plugins,
                     exits: tx,
                     prefix,
                 },
@@ -82,6 +86,11 @@ impl Supervisor {
     /// Replaces the listeners new workers inherit (reload), returning the previous ones.
     pub fn replace_listeners(&mut self, listeners: Vec<Listener>) -> Vec<Listener> {
         std::mem::replace(&mut self.ctx.listeners, listeners)
+    }
+
+    /// Replaces the compiled plugins new workers inherit (reload), returning the previous ones.
+    pub fn replace_plugins(&mut self, plugins: Vec<OwnedFd>) -> Vec<OwnedFd> {
+        std::mem::replace(&mut self.ctx.plugins, plugins)
     }
 
     pub fn listeners(&self) -> &[Listener] {
@@ -267,9 +276,11 @@ impl SpawnCtx {
             slot: w.slot as u32,
             epoch: w.epoch,
             listeners: self.listeners.len() as u32,
+            plugins: self.plugins.len() as u32,
         };
         let mut fds: Vec<RawFd> = vec![self.master.segment.fd().as_raw_fd()];
         fds.extend(self.listeners.iter().map(|l| l.fd.as_raw_fd()));
+        fds.extend(self.plugins.iter().map(|p| p.as_raw_fd()));
         let master_pid = std::process::id() as libc::pid_t;
         let mut cmd = tokio::process::Command::new("/proc/self/exe");
         cmd.arg0("wasmgate: worker process")

@@ -330,6 +330,24 @@ pub struct WasmPluginDecl {
     pub file: PathBuf,
     #[serde(default)]
     pub http_request_phase: RequestPhase,
+    /// On a plugin fault (trap, time or memory limit) let the request continue without the
+    /// plugin instead of answering 503.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// Longest one callback may run.
+    #[serde(default = "default_callback_timeout", deserialize_with = "de_duration")]
+    pub callback_timeout: Duration,
+    /// Largest linear memory of one instance.
+    #[serde(default = "default_memory_limit", deserialize_with = "de_size")]
+    pub memory_limit: u64,
+}
+
+fn default_callback_timeout() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_memory_limit() -> u64 {
+    64 << 20
 }
 
 /// The phase in which a plugin's `proxy_on_request_headers` runs.

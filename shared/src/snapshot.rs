@@ -84,6 +84,8 @@ pub struct WorkerBoot {
     pub epoch: u64,
     /// How many listening sockets follow the shared-memory fd (fds 4, 5, …).
     pub listeners: u32,
+    /// How many compiled plugin modules follow the listeners, one per `wasm.plugins` entry.
+    pub plugins: u32,
 }
 
 #[cfg(test)]

@@ -20,21 +20,71 @@ use std::time::{Duration, Instant};
 pub const KEY: &str = "edd1c9f034335f136f87ad84b625c8f1";
 pub const VIEWER_KEY: &str = "viewer-key-0123456789";
 
-/// A free loopback port (bound then released; the global lock keeps tests from racing).
+/// A free loopback port for a gateway, taken below the kernel's ephemeral range (where port-0
+/// binds — test upstreams, clients — get theirs), so a port released here is not handed to
+/// someone else before the gateway binds it.
 pub fn free_port() -> u16 {
     static LOCK: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let mut used = LOCK.lock().unwrap();
+    let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
+    let mut n = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     loop {
-        let p = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !used.contains(&p) {
+        n = n
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let p = 20_000 + ((n >> 33) % 12_000) as u16;
+        if !used.contains(&p) && TcpListener::bind(("127.0.0.1", p)).is_ok() {
             used.push(p);
             return p;
         }
     }
+}
+
+/// The committed test plugins (tests/plugins/wasm/*.wasm).
+pub fn fixture(name: &str) -> String {
+    format!(
+        "{}/tests/plugins/wasm/{name}.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// Plugins every test gateway declares: (name, priority, file, phase, extra settings).
+pub const PLUGINS: [(&str, i64, &str, &str, &str); 8] = [
+    ("wasm_log", 7999, "recorder", "access", ""),
+    ("wasm_auth", 8000, "auth", "rewrite", ""),
+    ("echo", 100, "echo", "access", ""),
+    ("rewrite", 500, "header_rewrite", "access", ""),
+    ("rec_a", 300, "recorder", "access", ""),
+    ("rec_b", 200, "recorder", "rewrite", ""),
+    (
+        "faulty",
+        9000,
+        "faulty",
+        "access",
+        "callback_timeout: 200ms, memory_limit: 16m",
+    ),
+    (
+        "faulty_open",
+        9001,
+        "faulty",
+        "access",
+        "fail_open: true, callback_timeout: 200ms",
+    ),
+];
+
+fn plugins_yaml() -> String {
+    PLUGINS
+        .iter()
+        .map(|(name, prio, file, phase, extra)| {
+            let extra = if extra.is_empty() { String::new() } else { format!(", {extra}") };
+            format!(
+                "    - {{name: {name}, priority: {prio}, file: \"{}\", http_request_phase: {phase}{extra}}}\n",
+                fixture(file)
+            )
+        })
+        .collect()
 }
 
 /// Knobs for a gateway under test.
@@ -90,7 +140,6 @@ impl Gateway {
             setup,
         };
         std::fs::create_dir_all(gw.dir.path().join("conf")).unwrap();
-        std::fs::write(gw.dir.path().join("log.wasm"), b"\0asm\x01\0\0\0").unwrap();
         std::fs::write(gw.config_path(), gw.config_yaml()).unwrap();
         gw.spawn()
     }
@@ -119,11 +168,12 @@ impl Gateway {
             "apisix:\n  node_listen:\n    - {{ip: 127.0.0.1, port: {proxy}}}\n\
              deployment:\n  admin:\n    admin_key:\n      - {{name: admin, key: {KEY}, role: admin}}\n      - {{name: viewer, key: {VIEWER_KEY}, role: viewer}}\n    admin_listen: {{ip: 127.0.0.1, port: {admin}}}\n\
              nginx_config:\n  worker_processes: {workers}\n  error_log_level: info\n  worker_shutdown_timeout: {st}\n  http:\n    keepalive_timeout: 60s\n{extra}\
-             wasm:\n  plugins:\n    - name: wasm_log\n      priority: 7999\n      file: log.wasm\n    - name: wasm_auth\n      priority: 8000\n      file: log.wasm\n      http_request_phase: rewrite\n",
+             wasm:\n  plugins:\n{plugins}",
             proxy = self.proxy_port,
             admin = self.admin_port,
             workers = self.setup.workers,
             st = self.setup.shutdown_timeout,
+            plugins = plugins_yaml(),
         )
     }
 

@@ -3,16 +3,19 @@
 //! - [`live`]: the configuration snapshot from shared memory, compiled into a [`router`];
 //! - [`server`]: accepting and serving client connections, draining on reload;
 //! - [`proxy`]: the phases of one request, from route match to access log;
+//! - [`plugins`], [`wasm_glue`]: the Proxy-Wasm plugins and how requests run through them;
 //! - [`upstream`]: balancing, connection pooling and forwarding;
 //! - [`access_log`], [`body`]: the log phase and body plumbing.
 
 pub mod access_log;
 pub mod body;
 pub mod live;
+pub mod plugins;
 pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod upstream;
+pub mod wasm_glue;
 
 use anyhow::Context;
 use std::io::Read;
@@ -28,6 +31,7 @@ use wasmgate_shared::snapshot::WorkerBoot;
 /// State shared by every connection of this worker.
 pub struct Worker {
     pub live: live::Live,
+    pub plugins: plugins::Plugins,
     pub pool: Arc<upstream::pool::Pool>,
     pub access_log: access_log::AccessLog,
     pub segment: Arc<Segment>,
@@ -61,10 +65,15 @@ pub fn run() -> anyhow::Result<()> {
         // SAFETY: as above, fds 4.. are the inherited listening sockets.
         .map(|i| unsafe { std::net::TcpListener::from_raw_fd(4 + i) })
         .collect();
+    let first_plugin = 4 + boot.listeners as i32;
+    let artifacts: Vec<std::fs::File> = (0..boot.plugins as i32)
+        // SAFETY: the master placed one compiled-module memfd per plugin after the listeners.
+        .map(|i| unsafe { std::fs::File::from_raw_fd(first_plugin + i) })
+        .collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(serve(boot, config, segment, listeners));
+    let result = rt.block_on(serve(boot, config, segment, listeners, artifacts));
     if let Err(e) = &result {
         tracing::error!("worker stopped on error: {e:#}");
     }
@@ -76,11 +85,13 @@ async fn serve(
     config: GatewayConfig,
     segment: Arc<Segment>,
     listeners: Vec<std::net::TcpListener>,
+    artifacts: Vec<std::fs::File>,
 ) -> anyhow::Result<()> {
     let http = &config.nginx_config.http;
     let slot = boot.slot as usize;
     let w = Arc::new(Worker {
         live: live::Live::new(segment.clone(), slot),
+        plugins: plugins::Plugins::load(&config, &artifacts)?,
         pool: upstream::pool::Pool::new(http.upstream_keepalive, http.upstream_keepalive_timeout),
         access_log: access_log::AccessLog::open(&boot.prefix, &http.access_log)
             .with_context(|| format!("cannot open access log {}", http.access_log))?,

@@ -14,9 +14,12 @@
 
 use crate::access_log::Entry;
 use crate::body::{self, Observed, ProxyBody};
+use crate::live::Compiled;
+use crate::plugins::{Active, Verdict};
 use crate::router::{RequestView, RouteEntry};
 use crate::upstream::pool::{Conn, PooledBody};
 use crate::upstream::UpstreamRuntime;
+use crate::wasm_glue;
 use crate::Worker;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -29,6 +32,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmgate_shared::model::{HashOn, PassHost};
+use wasmgate_wasm::Stream;
 
 /// What the log phase needs to know about the upstream exchange.
 #[derive(Default)]
@@ -46,78 +50,132 @@ pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
     w.segment
         .slot(w.slot)
         .requests
         .fetch_add(1, Ordering::Relaxed);
     let cfg = w.live.current();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let mut log = LogInfo::new(&parts, peer);
     if head_size(&parts) > w.max_header_size {
         let resp = header_filter(&w, error_page(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
-        return log_phase(
-            w,
-            resp,
-            &parts,
-            peer,
-            String::new(),
-            None,
-            started,
-            UpstreamLog::default(),
-        );
+        return log_phase(w, resp, log, None);
     }
-    let host = request_host(&parts);
     let route = {
         let lookup = |name: &str| nginx_var(&parts, peer, name);
         let view = RequestView {
             method: &parts.method,
-            host: &host,
+            host: &log.host,
             path: parts.uri.path(),
             remote: peer.ip(),
             vars: &lookup,
         };
         cfg.router.find(&view).cloned()
     };
-    let mut up_log = UpstreamLog::default();
+    let mut wasm = None;
     let resp = match &route {
         None => json_error(StatusCode::NOT_FOUND, "404 Route Not Found"),
-        Some(route) => serve_route(&w, route, &parts, body, peer, &mut up_log).await,
+        Some(route) => {
+            log.route_id = route.id.clone();
+            serve_route(
+                &w,
+                &cfg,
+                route,
+                &mut parts,
+                body,
+                peer,
+                &mut log.upstream,
+                &mut wasm,
+            )
+            .await
+        }
     };
     let mut resp = header_filter(&w, resp);
     // Answer in the client's protocol version, whatever the upstream spoke.
     *resp.version_mut() = parts.version;
-    log_phase(
-        w,
-        resp,
-        &parts,
-        peer,
-        host,
-        route.map(|r| r.id.clone()),
-        started,
-        up_log,
-    )
+    log_phase(w, resp, log, wasm)
 }
 
+/// The Proxy-Wasm state of one request: the request as plugins see it and its HttpContexts.
+struct WasmRequest {
+    stream: Option<Stream>,
+    active: Vec<Active>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve_route(
     w: &Worker,
-    route: &RouteEntry,
-    parts: &http::request::Parts,
+    cfg: &Compiled,
+    route: &Arc<RouteEntry>,
+    parts: &mut http::request::Parts,
     body: Incoming,
     peer: SocketAddr,
     up_log: &mut UpstreamLog,
+    wasm: &mut Option<WasmRequest>,
 ) -> Response<ProxyBody> {
     let max = w.max_body_size;
     if max > 0 && content_length(&parts.headers).is_some_and(|n| n > max) {
         return error_page(StatusCode::PAYLOAD_TOO_LARGE);
     }
-    let Some(up) = &route.upstream else {
-        return json_error(
+    let chain = w.plugins.chain(&cfg.global_rules, route);
+    if !chain.is_empty() {
+        let props = Arc::new(wasm_glue::RequestProps::new(parts, peer, route));
+        let mut req = WasmRequest {
+            stream: Some(Stream::new(wasm_glue::request_pairs(parts), props)),
+            active: Vec::new(),
+        };
+        let verdict = w
+            .plugins
+            .on_request(&chain, &mut req.stream, &mut req.active);
+        let stream = req.stream.as_ref().expect("returned by on_request");
+        let early = match verdict {
+            Verdict::Reply(r) => Some(wasm_glue::local_reply(r)),
+            Verdict::Fail => Some(error_page(StatusCode::SERVICE_UNAVAILABLE)),
+            Verdict::Continue => wasm_glue::apply_request(&stream.request, parts)
+                .err()
+                .map(|e| {
+                    tracing::error!("route {}: plugins left an invalid request: {e}", route.id);
+                    error_page(StatusCode::INTERNAL_SERVER_ERROR)
+                }),
+        };
+        *wasm = Some(req);
+        if let Some(resp) = early {
+            return resp;
+        }
+    }
+    let resp = match &route.upstream {
+        None => json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "missing upstream configuration in Route or Service",
-        );
+        ),
+        Some(up) => forward(w, up, parts, limit_body(body, max), peer, up_log).await,
     };
-    let body = limit_body(body, max);
-    forward(w, up, parts, body, peer, up_log).await
+    match wasm.as_mut() {
+        Some(req) => response_phase(w, req, resp),
+        None => resp,
+    }
+}
+
+/// Runs `proxy_on_response_headers` and applies what the plugins changed.
+fn response_phase(
+    w: &Worker,
+    req: &mut WasmRequest,
+    mut resp: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    if let Some(s) = req.stream.as_mut() {
+        s.response = Some(wasm_glue::response_pairs(&resp));
+    }
+    match w.plugins.on_response(&req.active, &mut req.stream) {
+        Verdict::Reply(r) => wasm_glue::local_reply(r),
+        Verdict::Fail => error_page(StatusCode::SERVICE_UNAVAILABLE),
+        Verdict::Continue => {
+            let pairs = req.stream.as_ref().and_then(|s| s.response.as_ref());
+            if let Some(pairs) = pairs {
+                wasm_glue::apply_response(pairs, &mut resp);
+            }
+            resp
+        }
+    }
 }
 
 /// Phase 3: sends the request to a node, moving to the next node on connect failures.
@@ -345,57 +403,85 @@ fn header_filter(w: &Worker, mut resp: Response<ProxyBody>) -> Response<ProxyBod
     resp
 }
 
-/// Phase 6: wraps the body so the log line is written when it ends.
-#[allow(clippy::too_many_arguments)]
+/// What the access log needs, captured before plugins may change the request.
+struct LogInfo {
+    started: Instant,
+    remote: String,
+    host: String,
+    request_line: String,
+    referer: String,
+    user_agent: String,
+    route_id: String,
+    upstream: UpstreamLog,
+}
+
+impl LogInfo {
+    fn new(parts: &http::request::Parts, peer: SocketAddr) -> LogInfo {
+        let header = |n: header::HeaderName| {
+            parts
+                .headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        LogInfo {
+            started: Instant::now(),
+            remote: peer.ip().to_string(),
+            host: request_host(parts),
+            request_line: format!(
+                "{} {} {:?}",
+                parts.method,
+                parts
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/"),
+                parts.version
+            ),
+            referer: header(header::REFERER),
+            user_agent: header(header::USER_AGENT),
+            route_id: String::new(),
+            upstream: UpstreamLog::default(),
+        }
+    }
+}
+
+/// Phase 6: wraps the body so that, when it ends, the plugins' log callbacks run and the
+/// access-log line is written.
 fn log_phase(
     w: Arc<Worker>,
     resp: Response<ProxyBody>,
-    parts: &http::request::Parts,
-    peer: SocketAddr,
-    host: String,
-    route_id: Option<String>,
-    started: Instant,
-    up: UpstreamLog,
+    log: LogInfo,
+    wasm: Option<WasmRequest>,
 ) -> Response<ProxyBody> {
     let status = resp.status().as_u16();
-    let request_line = format!(
-        "{} {} {:?}",
-        parts.method,
-        parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/"),
-        parts.version
-    );
-    let header = |n: header::HeaderName| {
-        parts
-            .headers
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string()
-    };
-    let (referer, user_agent) = (header(header::REFERER), header(header::USER_AGENT));
-    let remote = peer.ip().to_string();
     resp.map(move |b| {
         Observed::new(b, move |sent, _complete| {
+            if let Some(WasmRequest {
+                stream: Some(stream),
+                active,
+            }) = wasm
+            {
+                w.plugins.on_log(active, stream);
+            }
+            let up = &log.upstream;
             if let Some((rt, idx)) = &up.active {
                 rt.balancer.on_finish(*idx);
             }
             w.access_log.log(&Entry {
-                remote_addr: &remote,
-                host: &host,
-                request_line: &request_line,
+                remote_addr: &log.remote,
+                host: &log.host,
+                request_line: &log.request_line,
                 status,
                 body_bytes_sent: sent,
-                request_time: started.elapsed(),
-                referer: &referer,
-                user_agent: &user_agent,
+                request_time: log.started.elapsed(),
+                referer: &log.referer,
+                user_agent: &log.user_agent,
                 upstream_addr: &up.addrs.join(", "),
                 upstream_status: up.statuses.last().and_then(|s| s.parse().ok()),
                 upstream_time: up.time,
-                route_id: route_id.as_deref().unwrap_or(""),
+                route_id: &log.route_id,
             });
         })
         .boxed()

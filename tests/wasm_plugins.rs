@@ -1,0 +1,357 @@
+//! Real Proxy-Wasm SDK plugins (tests/plugins/, Rust SDK) through a running gateway: contexts
+//! created lazily per route, header rewriting both ways, local replies, phase order, faults.
+
+mod common;
+
+use common::{alive, eventually, http, Gateway, Setup, TestUpstream};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn one_worker() -> Gateway {
+    Gateway::start_with(Setup {
+        workers: 1,
+        ..Setup::default()
+    })
+}
+
+fn echo(gw: &Gateway, path: &str) -> Value {
+    let r = http("GET", &gw.url(path), &[("X-Probe", "p1")], None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-echo"), Some("1"));
+    r.json()
+}
+
+/// The seed's model: one PluginContext per route, created by the first request (not by the
+/// Admin API write), configured with that route's `conf`; a route update makes a new one.
+#[test]
+fn plugin_contexts_are_per_route_and_lazy() {
+    let gw = one_worker();
+    gw.route(
+        "a",
+        json!({"uri": "/a", "name": "route-a", "plugins": {"echo": {"conf": "A"}}}),
+        None,
+    );
+    gw.route(
+        "b",
+        json!({"uri": "/b", "plugins": {"echo": {"conf": {"k": "B"}}}}),
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !gw.error_log().contains("echo: configured root context"),
+        "configured before any request"
+    );
+
+    let a = echo(&gw, "/a?a=42");
+    assert_eq!(
+        (a["conf"].as_str(), a["configures"].as_u64()),
+        (Some("A"), Some(1))
+    );
+    assert_eq!(a["vm_starts"], 1);
+    assert_eq!(
+        echo(&gw, "/a")["configures"],
+        1,
+        "second request reuses the context"
+    );
+    let b = echo(&gw, "/b");
+    assert_eq!(
+        (b["conf"].as_str(), b["configures"].as_u64()),
+        (Some("{\"k\":\"B\"}"), Some(2))
+    );
+    assert_ne!(a["root_id"], b["root_id"]);
+    assert_ne!(
+        a["context_id"],
+        echo(&gw, "/a")["context_id"],
+        "one HttpContext per request"
+    );
+
+    // Properties: Envoy names, the plugin's own, APISIX's nginx variables.
+    assert_eq!(a["plugin_name"], "echo");
+    assert_eq!(a["plugin_root_id"], "echo");
+    assert_eq!(a["route_name"], "route-a");
+    assert_eq!(a["route_id"], "a");
+    assert_eq!(a["path"], "/a?a=42");
+    assert_eq!(a["method"], "GET");
+    assert_eq!(a["host"], format!("127.0.0.1:{}", gw.proxy_port));
+    assert!(a["source"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(a["arg_a"], "42");
+    let headers = a["headers"].as_array().unwrap();
+    assert!(
+        headers.contains(&json!([":method", "GET"])) && headers.contains(&json!(["x-probe", "p1"])),
+        "{headers:?}"
+    );
+
+    // An update: new PluginContext with the new conf.
+    let (s, _) = gw.admin(
+        "PATCH",
+        "/apisix/admin/routes/a",
+        Some(json!({"plugins": {"echo": {"conf": "A2"}}})),
+    );
+    assert_eq!(s, 200);
+    gw.wait_propagated();
+    let a2 = echo(&gw, "/a");
+    assert_eq!(
+        (a2["conf"].as_str(), a2["configures"].as_u64()),
+        (Some("A2"), Some(3))
+    );
+    assert_ne!(a2["root_id"], a["root_id"]);
+}
+
+#[test]
+fn headers_are_rewritten_both_ways() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start();
+    let conf = json!({
+        "set": {"x-set": "1", "user-agent": "wasm"},
+        "add": {"x-added": "2"},
+        "remove": ["x-remove-me"],
+        "path": "/rewritten?q=1",
+        "response_set": {"x-resp": "yes"},
+        "response_remove": ["x-upstream"]
+    });
+    gw.route(
+        "1",
+        json!({"uri": "/orig", "plugins": {"rewrite": {"conf": conf}}}),
+        Some(&up),
+    );
+    let r = http(
+        "GET",
+        &gw.url("/orig"),
+        &[("X-Remove-Me", "x"), ("User-Agent", "curl")],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let echo = r.json();
+    assert_eq!(echo["uri"], "/rewritten?q=1");
+    let h = &echo["headers"];
+    assert_eq!(
+        (
+            h["x-set"].as_str(),
+            h["x-added"].as_str(),
+            h["user-agent"].as_str()
+        ),
+        (Some("1"), Some("2"), Some("wasm"))
+    );
+    assert!(h.get("x-remove-me").is_none(), "{h}");
+    assert_eq!(h["x-wasm-plugin"], "rewrite");
+    assert_eq!(r.header("x-resp"), Some("yes"));
+    assert_eq!(r.header("x-upstream"), None);
+}
+
+#[test]
+fn local_response_ends_the_request() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start();
+    gw.route(
+        "1",
+        json!({"uri": "/private", "plugins": {"wasm_auth": {"conf": "s3cret"}}}),
+        Some(&up),
+    );
+    let r = http("GET", &gw.url("/private"), &[], None);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.text(), "unauthorized\n");
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"wasmgate\"")
+    );
+    let r = http(
+        "GET",
+        &gw.url("/private"),
+        &[("Authorization", "Bearer wrong")],
+        None,
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(up.hits(), 0);
+    let r = http(
+        "GET",
+        &gw.url("/private"),
+        &[("Authorization", "Bearer s3cret")],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-authenticated"], "yes");
+    assert!(h.get("authorization").is_none());
+    assert_eq!(up.hits(), 1);
+}
+
+/// rewrite before access; global rules before the route in each phase; higher priority first;
+/// a global rule plus a route make two HttpContexts for one request, each finished at the end.
+#[test]
+fn phases_priorities_and_global_rules() {
+    let up = TestUpstream::start("u");
+    let gw = one_worker();
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/global_rules/1",
+        Some(json!({"plugins": {"rec_a": {"conf": "global-a"}}})),
+    );
+    assert_eq!(s, 201, "{v}");
+    gw.route(
+        "1",
+        json!({"uri": "/o", "plugins": {"rec_b": {"conf": "route-b"}, "wasm_log": {"conf": "route-log"}, "rec_a": {"conf": "route-a"}}}),
+        Some(&up),
+    );
+    let r = http("GET", &gw.url("/o"), &[], None);
+    assert_eq!(r.status, 200, "{}", gw.error_log());
+    assert_eq!(
+        r.json()["headers"]["x-order"],
+        "route-b,global-a,route-log,route-a"
+    );
+    assert_eq!(
+        r.header("x-order-response"),
+        Some("route-b,global-a,route-log,route-a")
+    );
+    assert_eq!(r.header("x-status-seen-by-global-a"), Some("200"));
+    eventually(Duration::from_secs(5), "log and done callbacks", || {
+        let log = gw.error_log();
+        ["route-b", "global-a", "route-log", "route-a"]
+            .iter()
+            .all(|l| {
+                log.contains(&format!("recorder {l}: on_log"))
+                    && log.contains(&format!("recorder {l}: on_done"))
+            })
+    });
+}
+
+#[test]
+fn refused_configuration_answers_503() {
+    let gw = Gateway::start();
+    gw.route(
+        "1",
+        json!({"uri": "/r", "plugins": {"echo": {"conf": "refuse"}}}),
+        None,
+    );
+    assert_eq!(http("GET", &gw.url("/r"), &[], None).status, 503);
+    assert!(
+        gw.error_log()
+            .contains("echo: failed to configure the plugin for route 1"),
+        "{}",
+        gw.error_log()
+    );
+}
+
+/// Traps, endless loops and memory bombs fail the request closed (503), are logged, and the
+/// plugin gets a fresh instance; `fail_open` lets the request through; the worker never dies.
+#[test]
+fn misbehaving_plugins_are_contained() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start();
+    let pids = gw.worker_pids();
+    for (id, mode) in [
+        ("trap", "trap"),
+        ("loop", "loop"),
+        ("oom", "oom"),
+        ("ok", "fine"),
+    ] {
+        gw.route(
+            id,
+            json!({"uri": format!("/{id}"), "plugins": {"faulty": {"conf": mode}}}),
+            Some(&up),
+        );
+    }
+    gw.route(
+        "open",
+        json!({"uri": "/open", "plugins": {"faulty_open": {"conf": "trap"}}}),
+        Some(&up),
+    );
+
+    assert_eq!(http("GET", &gw.url("/trap"), &[], None).status, 503);
+    let t = Instant::now();
+    assert_eq!(http("GET", &gw.url("/loop"), &[], None).status, 503);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "loop ran {:?}",
+        t.elapsed()
+    );
+    assert_eq!(http("GET", &gw.url("/oom"), &[], None).status, 503);
+    // Later requests succeed on a fresh instance.
+    for _ in 0..4 {
+        let r = http("GET", &gw.url("/ok"), &[], None);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["headers"]["x-faulty"], "ok");
+    }
+    // fail_open: the plugin traps, the request goes on without it.
+    let r = http("GET", &gw.url("/open"), &[], None);
+    assert_eq!(r.status, 200);
+    let log = gw.error_log();
+    assert!(log.contains("faulty: trap"), "{log}");
+    assert!(
+        log.contains("faulty: callback exceeded its time limit"),
+        "{log}"
+    );
+    assert!(
+        log.contains("faulty: instance exceeded its memory limit"),
+        "{log}"
+    );
+    assert!(
+        log.contains("faulty_open: trap") && log.contains("fail_open: the request continues"),
+        "{log}"
+    );
+    assert_eq!(gw.worker_pids(), pids, "a worker died");
+    assert!(pids.iter().all(|p| alive(*p)));
+}
+
+fn write_module(gw: &Gateway, file: &str, wat: &str) {
+    std::fs::write(gw.prefix().join(file), wat::parse_str(wat).unwrap()).unwrap();
+}
+
+/// Modules that cannot work are refused at start and at reload, naming the plugin and the
+/// symbol; on reload the old configuration keeps serving.
+#[test]
+fn bad_modules_are_refused_with_the_symbol_named() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start();
+    gw.route(
+        "1",
+        json!({"uri": "/x", "plugins": {"wasm_log": {"conf": "c"}}}),
+        Some(&up),
+    );
+    let good = std::fs::read_to_string(gw.config_path()).unwrap();
+    let with = |file: &str| format!("{good}    - {{name: extra, priority: 1, file: {file}}}\n");
+    write_module(
+        &gw,
+        "no_marker.wasm",
+        r#"(module (memory (export "memory") 1) (func (export "proxy_on_context_create") (param i32 i32)))"#,
+    );
+    write_module(
+        &gw,
+        "bad_import.wasm",
+        r#"(module (import "env" "proxy_does_not_exist" (func (param i32) (result i32)))
+                   (memory (export "memory") 1)
+                   (func (export "proxy_abi_version_0_2_1"))
+                   (func (export "proxy_on_context_create") (param i32 i32)))"#,
+    );
+    for (file, expect) in [
+        ("no_marker.wasm", "no Proxy-Wasm ABI marker"),
+        (
+            "bad_import.wasm",
+            "unknown import env::proxy_does_not_exist",
+        ),
+        ("missing.wasm", "cannot read"),
+    ] {
+        std::fs::write(gw.config_path(), with(file)).unwrap();
+        let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+        assert_eq!(s, 400, "{v}");
+        let msg = v["error_msg"].as_str().unwrap();
+        assert!(msg.contains("\"extra\"") && msg.contains(expect), "{msg}");
+        assert_eq!(http("GET", &gw.url("/x"), &[], None).status, 200);
+        // `wasmgate test` says the same.
+        let out = std::process::Command::new(common::bin())
+            .args(["test", "-p"])
+            .arg(gw.prefix())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(expect));
+    }
+    // ABI 0.2.0 modules (Go SDKs) load.
+    write_module(
+        &gw,
+        "abi020.wasm",
+        r#"(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_0")) (func (export "proxy_on_context_create") (param i32 i32)))"#,
+    );
+    std::fs::write(gw.config_path(), with("abi020.wasm")).unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+}

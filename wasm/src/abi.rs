@@ -1,0 +1,547 @@
+//! The Proxy-Wasm ABI host functions (module `env`), plus WASI preview1 under both of its
+//! module names. Every guest pointer and length is checked against guest memory; a bad one is
+//! answered with `BadArgument`, never trusted.
+
+use crate::map;
+use crate::state::{HostState, LocalReply, Status};
+use wasmtime::{Caller, Linker, Memory};
+
+type C<'a> = Caller<'a, HostState>;
+type R = wasmtime::Result<i32>;
+
+/// Largest single read from guest memory (a header set, a body, a local reply).
+const MAX_READ: usize = 64 << 20;
+/// Log lines a VM may write per second before the rest are dropped.
+const LOG_PER_SECOND: u32 = 200;
+
+fn ok(s: Status) -> R {
+    Ok(s as i32)
+}
+
+fn memory(c: &mut C<'_>) -> Option<Memory> {
+    c.get_export("memory")?.into_memory()
+}
+
+/// Copies `len` bytes at `ptr` out of guest memory.
+fn read(c: &mut C<'_>, ptr: i32, len: i32) -> Result<Vec<u8>, Status> {
+    let m = memory(c).ok_or(Status::BadArgument)?;
+    let (p, l) = (ptr as u32 as usize, len as u32 as usize);
+    if l > MAX_READ {
+        return Err(Status::BadArgument);
+    }
+    let end = p.checked_add(l).ok_or(Status::BadArgument)?;
+    m.data(&c)
+        .get(p..end)
+        .map(<[u8]>::to_vec)
+        .ok_or(Status::BadArgument)
+}
+
+fn read_str(c: &mut C<'_>, ptr: i32, len: i32) -> Result<String, Status> {
+    String::from_utf8(read(c, ptr, len)?).map_err(|_| Status::BadArgument)
+}
+
+fn write(c: &mut C<'_>, ptr: i32, bytes: &[u8]) -> Result<(), Status> {
+    let m = memory(c).ok_or(Status::BadArgument)?;
+    let p = ptr as u32 as usize;
+    let end = p.checked_add(bytes.len()).ok_or(Status::BadArgument)?;
+    m.data_mut(c)
+        .get_mut(p..end)
+        .ok_or(Status::BadArgument)?
+        .copy_from_slice(bytes);
+    Ok(())
+}
+
+/// Hands `data` to the guest: allocates with its `malloc` (or `proxy_on_memory_allocate`),
+/// copies, and writes pointer and size to the out-pointers. A trap in the allocator propagates.
+fn give(
+    c: &mut C<'_>,
+    data: &[u8],
+    ret_ptr: i32,
+    ret_len: i32,
+) -> wasmtime::Result<Result<(), Status>> {
+    let alloc = c
+        .get_export("malloc")
+        .or_else(|| c.get_export("proxy_on_memory_allocate"))
+        .and_then(|e| e.into_func());
+    let Some(alloc) = alloc else {
+        return Ok(Err(Status::InternalFailure));
+    };
+    let Ok(alloc) = alloc.typed::<i32, i32>(&c) else {
+        return Ok(Err(Status::InternalFailure));
+    };
+    let p = alloc.call(&mut *c, data.len() as i32)?;
+    if p == 0 && !data.is_empty() {
+        return Ok(Err(Status::InternalFailure));
+    }
+    Ok(write(c, p, data)
+        .and_then(|_| write(c, ret_ptr, &(p as u32).to_le_bytes()))
+        .and_then(|_| write(c, ret_len, &(data.len() as u32).to_le_bytes())))
+}
+
+/// `give` and the status to return.
+fn answer(c: &mut C<'_>, data: &[u8], ret_ptr: i32, ret_len: i32) -> R {
+    Ok(match give(c, data, ret_ptr, ret_len)? {
+        Ok(()) => Status::Ok as i32,
+        Err(s) => s as i32,
+    })
+}
+
+macro_rules! tri {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(s) => return ok(s),
+        }
+    };
+}
+
+/// Registers every host function on `linker`.
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    logging(linker)?;
+    buffers(linker)?;
+    headers(linker)?;
+    properties(linker)?;
+    stream_control(linker)?;
+    shared(linker)?;
+    not_yet(linker)?;
+    wasmtime_wasi::p1::add_to_linker_sync(linker, |s: &mut HostState| &mut s.wasi)?;
+    linker.alias_module("wasi_snapshot_preview1", "wasi_unstable")?;
+    Ok(())
+}
+
+fn logging(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_log",
+        |mut c: C<'_>, level: i32, ptr: i32, len: i32| -> R {
+            let msg = tri!(read(&mut c, ptr, len));
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let s = c.data_mut();
+            if s.log_window != now {
+                s.log_window = now;
+                s.log_budget = LOG_PER_SECOND;
+            }
+            if s.log_budget == 0 {
+                return ok(Status::Ok);
+            }
+            s.log_budget -= 1;
+            let (name, msg) = (s.plugin_name.clone(), String::from_utf8_lossy(&msg));
+            match level {
+                0 | 1 => tracing::debug!("{name}: {msg}"),
+                2 => tracing::info!("{name}: {msg}"),
+                3 => tracing::warn!("{name}: {msg}"),
+                _ => tracing::error!("{name}: {msg}"),
+            }
+            if s.log_budget == 0 {
+                tracing::warn!(
+                    "{name}: more than {LOG_PER_SECOND} log lines this second; dropping the rest"
+                );
+            }
+            ok(Status::Ok)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_log_level",
+        |mut c: C<'_>, ret: i32| -> R {
+            let level = c.data().log_level;
+            tri!(write(&mut c, ret, &level.to_le_bytes()));
+            ok(Status::Ok)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_current_time_nanoseconds",
+        |mut c: C<'_>, ret: i32| -> R {
+            let ns = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            tri!(write(&mut c, ret, &ns.to_le_bytes()));
+            ok(Status::Ok)
+        },
+    )?;
+    Ok(())
+}
+
+fn buffers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_get_buffer_bytes",
+        |mut c: C<'_>, kind: i32, start: i32, max: i32, ret_ptr: i32, ret_len: i32| -> R {
+            let data = match kind {
+                6 => c.data().vm_config.clone(),
+                7 => c.data().plugin_config.clone(),
+                _ => return ok(Status::NotFound),
+            };
+            let start = (start as u32 as usize).min(data.len());
+            let end = start.saturating_add(max as u32 as usize).min(data.len());
+            if start == end {
+                return ok(Status::NotFound);
+            }
+            answer(&mut c, &data[start..end], ret_ptr, ret_len)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_buffer_bytes",
+        |_c: C<'_>, _kind: i32, _start: i32, _size: i32, _ptr: i32, _len: i32| -> R {
+            ok(Status::BadArgument)
+        },
+    )?;
+    Ok(())
+}
+
+/// The header map a `map_type` names, during an HTTP callback.
+fn map_of(s: &mut HostState, map_type: i32) -> Result<&mut map::Pairs, Status> {
+    let stream = s.stream.as_mut().ok_or(Status::NotFound)?;
+    match map_type {
+        0 => Ok(&mut stream.request),
+        2 => stream.response.as_mut().ok_or(Status::NotFound),
+        1 => Ok(&mut stream.request_trailers),
+        3 => Ok(&mut stream.response_trailers),
+        _ => Err(Status::NotFound),
+    }
+}
+
+fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_pairs",
+        |mut c: C<'_>, t: i32, ret_ptr: i32, ret_len: i32| -> R {
+            let pairs = tri!(map_of(c.data_mut(), t));
+            let bytes = map::encode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+            answer(&mut c, &bytes, ret_ptr, ret_len)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_header_map_pairs",
+        |mut c: C<'_>, t: i32, ptr: i32, len: i32| -> R {
+            let bytes = tri!(read(&mut c, ptr, len));
+            let Ok(new) = map::decode(&bytes) else {
+                return ok(Status::BadArgument);
+            };
+            let pairs = tri!(map_of(c.data_mut(), t));
+            // A map without pseudo-headers keeps the current ones: they describe the request.
+            let mut merged: map::Pairs = pairs
+                .iter()
+                .filter(|(k, _)| k.starts_with(':') && !new.iter().any(|(n, _)| n == k))
+                .cloned()
+                .collect();
+            merged.extend(new.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)));
+            *pairs = merged;
+            ok(Status::Ok)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_size",
+        |mut c: C<'_>, t: i32, ret: i32| -> R {
+            let pairs = tri!(map_of(c.data_mut(), t));
+            let size =
+                map::encode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).len() as u32;
+            tri!(write(&mut c, ret, &size.to_le_bytes()));
+            ok(Status::Ok)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_value",
+        |mut c: C<'_>, t: i32, kp: i32, kl: i32, ret_ptr: i32, ret_len: i32| -> R {
+            let key = tri!(read_str(&mut c, kp, kl)).to_ascii_lowercase();
+            let pairs = tri!(map_of(c.data_mut(), t));
+            let Some(v) = pairs
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.clone())
+            else {
+                return ok(Status::NotFound);
+            };
+            answer(&mut c, &v, ret_ptr, ret_len)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_replace_header_map_value",
+        |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> R {
+            let key = tri!(read_str(&mut c, kp, kl)).to_ascii_lowercase();
+            let value = tri!(read(&mut c, vp, vl));
+            let pairs = tri!(map_of(c.data_mut(), t));
+            match pairs.iter().position(|(k, _)| *k == key) {
+                Some(i) => {
+                    pairs[i].1 = value;
+                    let mut seen = false;
+                    pairs.retain(|(k, _)| *k != key || !std::mem::replace(&mut seen, true));
+                }
+                None => pairs.push((key, value)),
+            }
+            ok(Status::Ok)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_add_header_map_value",
+        |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> R {
+            let key = tri!(read_str(&mut c, kp, kl)).to_ascii_lowercase();
+            let value = tri!(read(&mut c, vp, vl));
+            tri!(map_of(c.data_mut(), t)).push((key, value));
+            ok(Status::Ok)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_remove_header_map_value",
+        |mut c: C<'_>, t: i32, kp: i32, kl: i32| -> R {
+            let key = tri!(read_str(&mut c, kp, kl)).to_ascii_lowercase();
+            tri!(map_of(c.data_mut(), t)).retain(|(k, _)| *k != key);
+            ok(Status::Ok)
+        },
+    )?;
+    Ok(())
+}
+
+fn properties(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_get_property",
+        |mut c: C<'_>, pp: i32, pl: i32, ret_ptr: i32, ret_len: i32| -> R {
+            let raw = tri!(read(&mut c, pp, pl));
+            let path: Vec<&str> = raw
+                .split(|b| *b == 0)
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| std::str::from_utf8(s).ok())
+                .collect();
+            let Some(v) = crate::props::lookup(c.data(), &path) else {
+                return ok(Status::NotFound);
+            };
+            answer(&mut c, &v, ret_ptr, ret_len)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_property",
+        |mut c: C<'_>, pp: i32, pl: i32, vp: i32, vl: i32| -> R {
+            let path = tri!(read(&mut c, pp, pl));
+            let value = tri!(read(&mut c, vp, vl));
+            let key = String::from_utf8_lossy(&path)
+                .trim_end_matches('\0')
+                .replace('\0', ".");
+            let Some(stream) = c.data_mut().stream.as_mut() else {
+                return ok(Status::NotFound);
+            };
+            stream.set_props.retain(|(k, _)| *k != key);
+            stream.set_props.push((key, value));
+            ok(Status::Ok)
+        },
+    )?;
+    Ok(())
+}
+
+fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_send_local_response",
+        |mut c: C<'_>,
+         status: i32,
+         dp: i32,
+         dl: i32,
+         bp: i32,
+         bl: i32,
+         hp: i32,
+         hl: i32,
+         _grpc: i32|
+         -> R {
+            if !(100..=599).contains(&status) {
+                return ok(Status::BadArgument);
+            }
+            let details = String::from_utf8_lossy(&tri!(read(&mut c, dp, dl))).to_string();
+            let body = tri!(read(&mut c, bp, bl));
+            let Ok(headers) = map::decode(&tri!(read(&mut c, hp, hl))) else {
+                return ok(Status::BadArgument);
+            };
+            c.data_mut().local_reply = Some(LocalReply {
+                status: status as u16,
+                headers,
+                body,
+                details,
+            });
+            ok(Status::Ok)
+        },
+    )?;
+    for name in ["proxy_continue_stream", "proxy_close_stream"] {
+        l.func_wrap("env", name, |_c: C<'_>, _t: i32| -> R { ok(Status::Ok) })?;
+    }
+    for name in [
+        "proxy_continue_request",
+        "proxy_continue_response",
+        "proxy_done",
+        "proxy_clear_route_cache",
+    ] {
+        l.func_wrap("env", name, |_c: C<'_>| -> R { ok(Status::Ok) })?;
+    }
+    l.func_wrap(
+        "env",
+        "proxy_set_effective_context",
+        |mut c: C<'_>, id: i32| -> R {
+            c.data_mut().effective_context = id as u32;
+            ok(Status::Ok)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_tick_period_milliseconds",
+        |mut c: C<'_>, ms: i32| -> R {
+            c.data_mut().tick_period_ms = ms as u32;
+            ok(Status::Ok)
+        },
+    )?;
+    Ok(())
+}
+
+/// Shared data and queues, within this worker process (gateway-wide sharing comes with the
+/// complete host).
+fn shared(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_get_shared_data",
+        |mut c: C<'_>, kp: i32, kl: i32, ret_ptr: i32, ret_len: i32, ret_cas: i32| -> R {
+            let key = tri!(read(&mut c, kp, kl));
+            let Some((value, cas)) = crate::shared::get(&key) else {
+                return ok(Status::NotFound);
+            };
+            tri!(write(&mut c, ret_cas, &cas.to_le_bytes()));
+            answer(&mut c, &value, ret_ptr, ret_len)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_shared_data",
+        |mut c: C<'_>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> R {
+            let key = tri!(read(&mut c, kp, kl));
+            let value = tri!(read(&mut c, vp, vl));
+            ok(crate::shared::set(key, value, cas as u32))
+        },
+    )?;
+    Ok(())
+}
+
+/// Functions of the complete host (http_call, queues, gRPC, metrics, foreign functions): linked
+/// so that every SDK's modules load, answering with the status each SDK handles without trapping.
+fn not_yet(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_http_call",
+        |_c: C<'_>,
+         _a: i32,
+         _b: i32,
+         _d: i32,
+         _e: i32,
+         _f: i32,
+         _g: i32,
+         _h: i32,
+         _i: i32,
+         _t: i32,
+         _r: i32|
+         -> R { ok(Status::InternalFailure) },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_call",
+        |_c: C<'_>,
+         _a: i32,
+         _b: i32,
+         _d: i32,
+         _e: i32,
+         _f: i32,
+         _g: i32,
+         _h: i32,
+         _i: i32,
+         _j: i32,
+         _k: i32,
+         _t: i32,
+         _r: i32|
+         -> R { ok(Status::InternalFailure) },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_stream",
+        |_c: C<'_>,
+         _a: i32,
+         _b: i32,
+         _d: i32,
+         _e: i32,
+         _f: i32,
+         _g: i32,
+         _h: i32,
+         _i: i32,
+         _r: i32|
+         -> R { ok(Status::InternalFailure) },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_send",
+        |_c: C<'_>, _t: i32, _p: i32, _l: i32, _e: i32| -> R { ok(Status::NotFound) },
+    )?;
+    for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
+        l.func_wrap("env", name, |_c: C<'_>, _t: i32| -> R {
+            ok(Status::NotFound)
+        })?;
+    }
+    l.func_wrap(
+        "env",
+        "proxy_get_status",
+        |_c: C<'_>, _a: i32, _b: i32, _d: i32| -> R { ok(Status::NotFound) },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_call_foreign_function",
+        |_c: C<'_>, _a: i32, _b: i32, _d: i32, _e: i32, _f: i32, _g: i32| -> R {
+            ok(Status::NotFound)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_register_shared_queue",
+        |_c: C<'_>, _p: i32, _l: i32, _r: i32| -> R { ok(Status::InternalFailure) },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_resolve_shared_queue",
+        |_c: C<'_>, _a: i32, _b: i32, _d: i32, _e: i32, _r: i32| -> R { ok(Status::NotFound) },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_enqueue_shared_queue",
+        |_c: C<'_>, _q: i32, _p: i32, _l: i32| -> R { ok(Status::NotFound) },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_dequeue_shared_queue",
+        |_c: C<'_>, _q: i32, _p: i32, _l: i32| -> R { ok(Status::NotFound) },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_define_metric",
+        |_c: C<'_>, _t: i32, _p: i32, _l: i32, _r: i32| -> R { ok(Status::InternalFailure) },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_increment_metric",
+        |_c: C<'_>, _m: i32, _o: i64| -> R { ok(Status::NotFound) },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_record_metric",
+        |_c: C<'_>, _m: i32, _v: i64| -> R { ok(Status::NotFound) },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_metric",
+        |_c: C<'_>, _m: i32, _r: i32| -> R { ok(Status::NotFound) },
+    )?;
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! wasmgate's Proxy-Wasm host: unmodified SDK plugins (Rust, Go, AssemblyScript, C++) on
+//! wasmtime.
+//!
+//! - [`module`]: the engine, compiling and checking plugin modules (imports, ABI marker);
+//! - [`vm`]: one instance, its contexts (VMContext → PluginContext → HttpContext) and the calls
+//!   into it, each under a time and memory limit;
+//! - [`abi`]: the host functions, grouped by family (logging, buffers, header maps, properties,
+//!   stream control, shared data), plus WASI preview1;
+//! - [`map`]: the serialized header-map format; [`props`]: property names; [`state`]: what the
+//!   host functions see during a call.
+
+pub mod abi;
+pub mod map;
+pub mod module;
+pub mod props;
+pub mod shared;
+pub mod state;
+pub mod vm;
+
+pub use module::{PluginModule, Settings};
+pub use state::{LocalReply, Properties, Stream};
+pub use vm::{Action, Fault, PluginVm};

@@ -1,0 +1,131 @@
+//! The Proxy-Wasm serialized map format (header maps, `proxy_send_local_response` headers,
+//! `proxy_set_header_map_pairs`):
+//!
+//! ```text
+//! u32 count | count × (u32 key_len, u32 value_len) | count × (key bytes, 0, value bytes, 0)
+//! ```
+//!
+//! all integers little-endian. Decoding never trusts a length: every size is checked against the
+//! buffer, so malformed input is an error, never a panic or an out-of-bounds read.
+
+/// A header list in order, with names as given (lower-case for HTTP/1.1 by convention).
+pub type Pairs = Vec<(String, Vec<u8>)>;
+
+/// Most pairs accepted in one map (a plugin asking for more is answered BadArgument).
+pub const MAX_PAIRS: usize = 10_000;
+
+/// Serializes pairs.
+pub fn encode<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])> + Clone) -> Vec<u8> {
+    let count = pairs.clone().count();
+    let data: usize = pairs.clone().map(|(k, v)| k.len() + v.len() + 2).sum();
+    let mut out = Vec::with_capacity(4 + count * 8 + data);
+    out.extend_from_slice(&(count as u32).to_le_bytes());
+    for (k, v) in pairs.clone() {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v);
+        out.push(0);
+    }
+    out
+}
+
+/// Why a serialized map was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MalformedMap(pub &'static str);
+
+fn u32_at(buf: &[u8], at: usize) -> Result<usize, MalformedMap> {
+    let b = buf.get(at..at + 4).ok_or(MalformedMap("truncated"))?;
+    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+}
+
+/// Deserializes pairs; keys must be UTF-8.
+pub fn decode(buf: &[u8]) -> Result<Pairs, MalformedMap> {
+    if buf.is_empty() {
+        return Ok(Vec::new());
+    }
+    let count = u32_at(buf, 0)?;
+    if count > MAX_PAIRS {
+        return Err(MalformedMap("too many pairs"));
+    }
+    let sizes_end = 4usize
+        .checked_add(count.checked_mul(8).ok_or(MalformedMap("overflow"))?)
+        .ok_or(MalformedMap("overflow"))?;
+    if sizes_end > buf.len() {
+        return Err(MalformedMap("truncated size table"));
+    }
+    let mut pos = sizes_end;
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let klen = u32_at(buf, 4 + i * 8)?;
+        let vlen = u32_at(buf, 8 + i * 8)?;
+        let key = take(buf, &mut pos, klen)?;
+        let value = take(buf, &mut pos, vlen)?;
+        let key = std::str::from_utf8(key).map_err(|_| MalformedMap("key is not UTF-8"))?;
+        out.push((key.to_string(), value.to_vec()));
+    }
+    Ok(out)
+}
+
+/// Takes `len` bytes then a NUL terminator.
+fn take<'a>(buf: &'a [u8], pos: &mut usize, len: usize) -> Result<&'a [u8], MalformedMap> {
+    let end = pos.checked_add(len).ok_or(MalformedMap("overflow"))?;
+    let bytes = buf.get(*pos..end).ok_or(MalformedMap("truncated data"))?;
+    if buf.get(end) != Some(&0) {
+        return Err(MalformedMap("missing NUL terminator"));
+    }
+    *pos = end + 1;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        let pairs = vec![
+            (":method".to_string(), b"GET".to_vec()),
+            ("x".to_string(), Vec::new()),
+        ];
+        let enc = encode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+        assert_eq!(decode(&enc).unwrap(), pairs);
+        assert_eq!(decode(&[]).unwrap(), Vec::new());
+    }
+
+    #[test]
+    fn malformed_inputs_are_errors() {
+        let pairs = [("key".to_string(), b"value".to_vec())];
+        let enc = encode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+        for cut in 1..enc.len() {
+            assert!(decode(&enc[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(decode(&[0xff, 0xff, 0xff, 0xff]).is_err());
+        let mut bad = enc.clone();
+        let last = bad.len() - 1;
+        bad[last] = b'x';
+        assert!(decode(&bad).is_err());
+        // Sizes claiming 4 GiB.
+        let mut huge = vec![1, 0, 0, 0];
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&huge).is_err());
+    }
+
+    /// Every prefix and every single-byte corruption of a valid map decodes or errors cleanly.
+    #[test]
+    fn exhaustive_corruption_never_panics() {
+        let pairs: Vec<_> = (0..5).map(|i| (format!("k{i}"), vec![b'v'; i])).collect();
+        let enc = encode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+        for i in 0..enc.len() {
+            for b in [0u8, 1, 0x7f, 0xff] {
+                let mut c = enc.clone();
+                c[i] = b;
+                let _ = decode(&c);
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Plugin modules: the engine, compilation, and the checks that make a bad module a clear
+//! start/reload error instead of a runtime surprise.
+
+use crate::state::HostState;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use wasmtime::{Config, Engine, InstancePre, Linker, Module};
+
+/// Epoch tick: callback deadlines are counted in these.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// The process's engine, with a thread advancing the epoch for callback deadlines.
+pub fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut c = Config::new();
+        c.epoch_interruption(true);
+        let engine = Engine::new(&c).expect("the default wasmtime configuration is valid");
+        let ticker = engine.clone();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(EPOCH_TICK);
+                ticker.increment_epoch();
+            })
+            .expect("spawning the epoch thread");
+        engine
+    })
+}
+
+/// How a plugin is run (from its `wasm.plugins` entry).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub name: Arc<str>,
+    /// Longest a single callback may run before it is interrupted.
+    pub callback_timeout: Duration,
+    /// Largest linear memory of one instance.
+    pub memory_limit: usize,
+    /// The error-log level plugins are told (`proxy_get_log_level`).
+    pub log_level: u32,
+}
+
+/// A compiled, checked plugin, ready to instantiate.
+pub struct PluginModule {
+    pub settings: Settings,
+    pub pre: InstancePre<HostState>,
+    /// `proxy_abi_version_0_2_0` or `_0_2_1`.
+    pub abi: &'static str,
+}
+
+const ABI_MARKERS: [&str; 2] = ["proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0"];
+const REQUIRED_EXPORTS: [&str; 2] = ["proxy_on_context_create", "memory"];
+
+impl PluginModule {
+    /// Compiles `path` and checks imports and exports; errors name the plugin and the symbol.
+    pub fn load(settings: Settings, path: &Path) -> Result<PluginModule, String> {
+        let name = settings.name.clone();
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("wasm plugin {name:?}: cannot read {}: {e}", path.display()))?;
+        PluginModule::from_bytes(settings, &bytes)
+    }
+
+    /// Compiles wasm bytes (a `.wasm` file's content).
+    pub fn from_bytes(settings: Settings, bytes: &[u8]) -> Result<PluginModule, String> {
+        let module = Module::new(engine(), bytes)
+            .map_err(|e| format!("wasm plugin {:?}: not a valid module: {e:#}", settings.name))?;
+        PluginModule::check(settings, module)
+    }
+
+    /// Loads a module serialized by [`PluginModule::serialize`] in the master, so that each
+    /// worker skips compilation.
+    ///
+    /// # Safety
+    /// `bytes` must come from `serialize` of this same binary (the master hands them to its
+    /// workers through an inherited memfd); wasmtime cannot verify compiled code.
+    pub unsafe fn from_serialized(
+        settings: Settings,
+        bytes: &[u8],
+    ) -> Result<PluginModule, String> {
+        // SAFETY: per this function's contract, the bytes are our own compiled artifact.
+        let module = unsafe { Module::deserialize(engine(), bytes) }.map_err(|e| {
+            format!(
+                "wasm plugin {:?}: cannot load the compiled module: {e:#}",
+                settings.name
+            )
+        })?;
+        PluginModule::check(settings, module)
+    }
+
+    /// The compiled module, for [`PluginModule::from_serialized`].
+    pub fn serialize(&self) -> Result<Vec<u8>, String> {
+        self.pre
+            .module()
+            .serialize()
+            .map_err(|e| format!("wasm plugin {:?}: {e:#}", self.settings.name))
+    }
+
+    fn check(settings: Settings, module: Module) -> Result<PluginModule, String> {
+        let name = settings.name.clone();
+        let abi = ABI_MARKERS
+            .into_iter()
+            .find(|m| module.get_export(m).is_some())
+            .ok_or_else(|| format!("wasm plugin {name:?}: no Proxy-Wasm ABI marker export (expected proxy_abi_version_0_2_1 or proxy_abi_version_0_2_0)"))?;
+        for e in REQUIRED_EXPORTS {
+            if module.get_export(e).is_none() {
+                return Err(format!("wasm plugin {name:?}: missing export {e}"));
+            }
+        }
+        let mut linker = Linker::new(engine());
+        crate::abi::add_to_linker(&mut linker)
+            .map_err(|e| format!("linking host functions: {e:#}"))?;
+        let pre = linker.instantiate_pre(&module).map_err(|e| {
+            let msg = format!("{e:#}");
+            match msg.split('`').nth(1) {
+                Some(symbol) => format!("wasm plugin {name:?}: unknown import {symbol}"),
+                None => format!("wasm plugin {name:?}: {msg}"),
+            }
+        })?;
+        Ok(PluginModule { settings, pre, abi })
+    }
+}
+
+impl Settings {
+    /// The settings of a `wasm.plugins` entry.
+    pub fn from_decl(
+        d: &wasmgate_shared::config::WasmPluginDecl,
+        level: wasmgate_shared::config::LogLevel,
+    ) -> Settings {
+        use wasmgate_shared::config::LogLevel as L;
+        let log_level = match level {
+            L::Debug => 1,
+            L::Info | L::Notice => 2,
+            L::Warn => 3,
+            _ => 4,
+        };
+        Settings {
+            name: Arc::from(d.name.as_str()),
+            callback_timeout: d.callback_timeout,
+            memory_limit: d.memory_limit as usize,
+            log_level,
+        }
+    }
+}

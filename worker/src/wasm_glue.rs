@@ -1,0 +1,181 @@
+//! Between HTTP types and the Proxy-Wasm host: header lists with pseudo-headers, local replies,
+//! and the request properties plugins may read.
+
+use crate::body::{self, ProxyBody};
+use crate::proxy::{error_page, nginx_var};
+use crate::router::RouteEntry;
+use http::header::{HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use std::net::SocketAddr;
+use wasmgate_wasm::map::Pairs;
+use wasmgate_wasm::LocalReply;
+
+/// The request as plugins see it: `:method`, `:path`, `:authority`, `:scheme`, then headers.
+pub fn request_pairs(parts: &http::request::Parts) -> Pairs {
+    let authority = parts
+        .headers
+        .get(http::header::HOST)
+        .map(|v| v.as_bytes().to_vec())
+        .or_else(|| {
+            parts
+                .uri
+                .authority()
+                .map(|a| a.as_str().as_bytes().to_vec())
+        })
+        .unwrap_or_default();
+    let mut pairs = Vec::with_capacity(parts.headers.len() + 4);
+    pairs.push((
+        ":method".to_string(),
+        parts.method.as_str().as_bytes().to_vec(),
+    ));
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    pairs.push((":path".to_string(), path.as_bytes().to_vec()));
+    pairs.push((":authority".to_string(), authority));
+    pairs.push((":scheme".to_string(), b"http".to_vec()));
+    pairs.extend(
+        parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())),
+    );
+    pairs
+}
+
+fn header_map(pairs: &Pairs) -> Result<http::HeaderMap, String> {
+    let mut map = http::HeaderMap::with_capacity(pairs.len());
+    for (k, v) in pairs.iter().filter(|(k, _)| !k.starts_with(':')) {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("invalid header name {k:?}"))?;
+        let value =
+            HeaderValue::from_bytes(v).map_err(|_| format!("invalid value for header {k:?}"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+fn pseudo<'a>(pairs: &'a Pairs, name: &str) -> Option<&'a [u8]> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_slice())
+}
+
+/// Applies what plugins made of the request to `parts` (method, path, Host, headers).
+pub fn apply_request(pairs: &Pairs, parts: &mut http::request::Parts) -> Result<(), String> {
+    let mut headers = header_map(pairs)?;
+    if let Some(m) = pseudo(pairs, ":method") {
+        parts.method = http::Method::from_bytes(m).map_err(|_| "invalid :method".to_string())?;
+    }
+    if let Some(p) = pseudo(pairs, ":path") {
+        parts.uri = http::Uri::try_from(p).map_err(|_| "invalid :path".to_string())?;
+    }
+    if let Some(a) = pseudo(pairs, ":authority").filter(|a| !a.is_empty()) {
+        headers.insert(
+            http::header::HOST,
+            HeaderValue::from_bytes(a).map_err(|_| "invalid :authority".to_string())?,
+        );
+    }
+    parts.headers = headers;
+    Ok(())
+}
+
+/// The response as plugins see it: `:status`, then headers.
+pub fn response_pairs(resp: &Response<ProxyBody>) -> Pairs {
+    let mut pairs = Vec::with_capacity(resp.headers().len() + 1);
+    pairs.push((
+        ":status".to_string(),
+        resp.status().as_str().as_bytes().to_vec(),
+    ));
+    pairs.extend(
+        resp.headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())),
+    );
+    pairs
+}
+
+/// Applies what plugins made of the response headers.
+pub fn apply_response(pairs: &Pairs, resp: &mut Response<ProxyBody>) {
+    match header_map(pairs) {
+        Ok(h) => *resp.headers_mut() = h,
+        Err(e) => tracing::error!(
+            "plugins left invalid response headers ({e}); keeping the original ones"
+        ),
+    }
+    if let Some(s) = pseudo(pairs, ":status")
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse::<u16>().ok())
+    {
+        if let Ok(code) = StatusCode::from_u16(s) {
+            *resp.status_mut() = code;
+        }
+    }
+}
+
+/// A plugin's `proxy_send_local_response` as an HTTP response; an empty body gets the default
+/// page for the status, as nginx does.
+pub fn local_reply(r: LocalReply) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = if r.body.is_empty() && status.as_u16() >= 400 {
+        error_page(status)
+    } else {
+        let mut resp = Response::new(body::full(r.body));
+        *resp.status_mut() = status;
+        resp
+    };
+    for (k, v) in &r.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
+            resp.headers_mut().append(n, v);
+        }
+    }
+    resp
+}
+
+/// What `proxy_get_property` answers beyond the host's own names: route, client address, and
+/// APISIX's nginx variables (`remote_addr`, `arg_x`, `http_x`, `uri`…).
+pub struct RequestProps {
+    parts: http::request::Parts,
+    peer: SocketAddr,
+    route_id: String,
+    route_name: String,
+}
+
+impl RequestProps {
+    pub fn new(parts: &http::request::Parts, peer: SocketAddr, route: &RouteEntry) -> RequestProps {
+        let (mut p, ()) = http::Request::builder()
+            .method(parts.method.clone())
+            .uri(parts.uri.clone())
+            .body(())
+            .unwrap_or_default()
+            .into_parts();
+        p.headers = parts.headers.clone();
+        RequestProps {
+            parts: p,
+            peer,
+            route_id: route.id.clone(),
+            route_name: route.name.clone().unwrap_or_else(|| route.id.clone()),
+        }
+    }
+}
+
+impl wasmgate_wasm::Properties for RequestProps {
+    fn get(&self, path: &[&str]) -> Option<Vec<u8>> {
+        let text = match path {
+            ["route_name"] | ["route", "name"] => self.route_name.clone(),
+            ["route_id"] | ["route", "id"] => self.route_id.clone(),
+            ["source", "address"] => self.peer.to_string(),
+            ["source", "port"] => self.peer.port().to_string(),
+            ["request", "protocol"] => format!("{:?}", self.parts.version),
+            [var] => nginx_var(&self.parts, self.peer, var)?.into_owned(),
+            _ => return None,
+        };
+        Some(text.into_bytes())
+    }
+}
