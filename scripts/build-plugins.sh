@@ -27,4 +27,6 @@ for crate in */Cargo.toml; do
   cp "target/wasm32-unknown-unknown/release/$name.wasm" "wasm/$name.wasm"
 done
 ./manifest.sh > wasm/MANIFEST
+# The example plugin of the default configuration is the header_rewrite fixture.
+cp wasm/header_rewrite.wasm "$root/plugins/example_headers.wasm"
 ls -l wasm/

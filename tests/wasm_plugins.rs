@@ -355,3 +355,30 @@ fn bad_modules_are_refused_with_the_symbol_named() {
     let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
     assert_eq!(s, 200, "{v}");
 }
+
+/// The committed .wasm fixtures match their sources (scripts/build-plugins.sh records the
+/// checksums): a source changed without rebuilding fails here.
+#[test]
+fn plugin_fixtures_are_not_stale() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/plugins");
+    let out = std::process::Command::new("bash")
+        .arg(dir.join("manifest.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recorded = std::fs::read_to_string(dir.join("wasm/MANIFEST")).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        recorded,
+        "tests/plugins changed without scripts/build-plugins.sh being run"
+    );
+    let example = std::fs::read(dir.join("../../plugins/example_headers.wasm")).unwrap();
+    assert_eq!(
+        example,
+        std::fs::read(dir.join("wasm/header_rewrite.wasm")).unwrap()
+    );
+}

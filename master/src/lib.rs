@@ -110,6 +110,36 @@ pub fn compile_plugins(
     Ok(out)
 }
 
+/// The example plugin the embedded default configuration declares, carried in the binary so
+/// that the default configuration works in any prefix.
+const EXAMPLE_PLUGIN: (&str, &[u8]) = (
+    "plugins/example_headers.wasm",
+    include_bytes!("../../plugins/example_headers.wasm"),
+);
+
+/// With the embedded default configuration, writes its example plugin into the prefix if the
+/// file is not there yet (a file that exists is never overwritten).
+fn install_example_plugin(loaded: &LoadedConfig, opts: &Options) -> anyhow::Result<()> {
+    let path = opts.resolve(Path::new(EXAMPLE_PLUGIN.0));
+    if opts.config_path().is_some() || path.exists() {
+        return Ok(());
+    }
+    if !loaded
+        .config
+        .wasm
+        .plugins
+        .iter()
+        .any(|p| p.file == Path::new(EXAMPLE_PLUGIN.0))
+    {
+        return Ok(());
+    }
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&path, EXAMPLE_PLUGIN.1)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// `wasmgate start`.
 pub fn start(opts: Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(&opts.prefix)
@@ -119,6 +149,7 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
         ..opts
     };
     let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
+    install_example_plugin(&loaded, &opts)?;
     let plugins = compile_plugins(&loaded, &opts).map_err(anyhow::Error::msg)?;
     let cfg = &loaded.config;
     let pid_path = opts.resolve(&cfg.wasmgate.pid_file);
