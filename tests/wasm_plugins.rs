@@ -289,6 +289,16 @@ fn misbehaving_plugins_are_contained() {
         "{log}"
     );
     assert_eq!(gw.worker_pids(), pids, "a worker died");
+    let faults: u64 = gw.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["plugin_faults"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        faults, 4,
+        "trap, loop, oom and the fail_open trap are counted"
+    );
     assert!(pids.iter().all(|p| alive(*p)));
 }
 
@@ -345,11 +355,14 @@ fn bad_modules_are_refused_with_the_symbol_named() {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains(expect));
     }
-    // ABI 0.2.0 modules (Go SDKs) load.
+    // ABI 0.2.0 modules (Go SDKs) load, and so do modules importing WASI under either name.
     write_module(
         &gw,
         "abi020.wasm",
-        r#"(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_0")) (func (export "proxy_on_context_create") (param i32 i32)))"#,
+        r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+                   (import "wasi_unstable" "clock_time_get" (func (param i32 i64 i32) (result i32)))
+                   (import "wasi_snapshot_preview1" "random_get" (func (param i32 i32) (result i32)))
+                   (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_0")) (func (export "proxy_on_context_create") (param i32 i32)))"#,
     );
     std::fs::write(gw.config_path(), with("abi020.wasm")).unwrap();
     let (s, v) = gw.admin("POST", "/wasmgate/reload", None);

@@ -317,6 +317,7 @@ impl SpawnCtx {
         slot.generation_seen.store(0, Ordering::Relaxed);
         slot.requests.store(0, Ordering::Relaxed);
         slot.active_connections.store(0, Ordering::Relaxed);
+        slot.plugin_faults.store(0, Ordering::Relaxed);
         let json = serde_json::to_vec(&boot).unwrap_or_default();
         let mut stdin = child.stdin.take();
         let exits = self.exits.clone();

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"WGATESHM");
 /// Bumped whenever the layout below changes; a mismatch fails loudly.
-pub const LAYOUT_VERSION: u64 = 1;
+pub const LAYOUT_VERSION: u64 = 2;
 const HEADER_SIZE: usize = 4096;
 /// Number of worker status slots (live workers plus draining ones during a reload).
 pub const SLOTS: usize = 256;
@@ -103,6 +103,8 @@ pub struct WorkerSlot {
     pub requests: AtomicU64,
     /// Client connections open now.
     pub active_connections: AtomicU64,
+    /// Plugin faults (traps, time or memory limits) in this worker.
+    pub plugin_faults: AtomicU64,
 }
 
 const _: () = assert!(std::mem::size_of::<WorkerSlot>() <= SLOT_SIZE);
@@ -128,6 +130,7 @@ impl WorkerSlot {
             &self.generation_seen,
             &self.requests,
             &self.active_connections,
+            &self.plugin_faults,
         ] {
             a.store(0, Ordering::Relaxed);
         }

@@ -91,7 +91,7 @@ async fn serve(
     let slot = boot.slot as usize;
     let w = Arc::new(Worker {
         live: live::Live::new(segment.clone(), slot),
-        plugins: plugins::Plugins::load(&config, &artifacts)?,
+        plugins: plugins::Plugins::load(&config, &artifacts, Some((segment.clone(), slot)))?,
         pool: upstream::pool::Pool::new(http.upstream_keepalive, http.upstream_keepalive_timeout),
         access_log: access_log::AccessLog::open(&boot.prefix, &http.access_log)
             .with_context(|| format!("cannot open access log {}", http.access_log))?,

@@ -15,6 +15,7 @@ use crate::router::RouteEntry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use wasmgate_shared::config::{GatewayConfig, RequestPhase, WasmPluginDecl};
+use wasmgate_shared::shm::Segment;
 use wasmgate_wasm::{Action, Fault, LocalReply, PluginModule, PluginVm, Settings, Stream};
 
 /// A PluginContext in a VM.
@@ -43,6 +44,8 @@ pub struct Plugin {
 pub struct Plugins {
     list: Vec<Plugin>,
     by_name: HashMap<String, usize>,
+    /// Where faults are counted (the worker's status slot).
+    faults: Option<(Arc<Segment>, usize)>,
 }
 
 /// One plugin to run for a request.
@@ -72,7 +75,11 @@ pub enum Verdict {
 impl Plugins {
     /// Loads every plugin from the modules the master compiled (one memfd per `wasm.plugins`
     /// entry, in order) and starts its VM.
-    pub fn load(config: &GatewayConfig, artifacts: &[std::fs::File]) -> anyhow::Result<Plugins> {
+    pub fn load(
+        config: &GatewayConfig,
+        artifacts: &[std::fs::File],
+        faults: Option<(Arc<Segment>, usize)>,
+    ) -> anyhow::Result<Plugins> {
         use std::os::unix::fs::FileExt;
         let level = config.nginx_config.error_log_level;
         anyhow::ensure!(
@@ -108,7 +115,11 @@ impl Plugins {
             .enumerate()
             .map(|(i, p)| (p.decl.name.clone(), i))
             .collect();
-        Ok(Plugins { list, by_name })
+        Ok(Plugins {
+            list,
+            by_name,
+            faults,
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -169,7 +180,7 @@ impl Plugins {
                 Ok(Some(ids)) => ids,
                 Ok(None) => return Verdict::Fail,
                 Err(f) => {
-                    p.fault(&mut st, &f, "creating a context");
+                    self.fault(p, &mut st, &f, "creating a context");
                     if p.decl.fail_open {
                         continue;
                     }
@@ -192,7 +203,7 @@ impl Plugins {
                 }
                 Ok((Action::Continue, None)) => {}
                 Err(f) => {
-                    p.fault(&mut st, &f, "proxy_on_request_headers");
+                    self.fault(p, &mut st, &f, "proxy_on_request_headers");
                     if !p.decl.fail_open {
                         return Verdict::Fail;
                     }
@@ -269,7 +280,7 @@ impl Plugins {
             if let (Some(root), Some(vm)) = (st.roots.remove(&key), st.vm.as_mut()) {
                 if let Some(id) = root.id {
                     if let Err(f) = vm.finish(id) {
-                        p.fault(st, &f, "finishing a plugin context");
+                        self.fault(p, st, &f, "finishing a plugin context");
                         return;
                     }
                 }
@@ -292,7 +303,7 @@ impl Plugins {
                 Ok((_, Some(reply))) => return Verdict::Reply(reply),
                 Ok(_) => {}
                 Err(f) => {
-                    p.fault(&mut st, &f, "proxy_on_response_headers");
+                    self.fault(p, &mut st, &f, "proxy_on_response_headers");
                     if !p.decl.fail_open {
                         return Verdict::Fail;
                     }
@@ -315,7 +326,7 @@ impl Plugins {
             stream = s;
             let r = r.and_then(|_| vm.finish(a.http_id));
             if let Err(f) = r {
-                p.fault(&mut st, &f, "proxy_on_log");
+                self.fault(p, &mut st, &f, "proxy_on_log");
                 continue;
             }
             if let Some(root) = st.roots.get_mut(&a.owner) {
@@ -326,18 +337,23 @@ impl Plugins {
     }
 }
 
-impl Plugin {
-    /// Discards the VM after a fault; later requests get a new one.
-    fn fault(&self, st: &mut VmState, f: &Fault, during: &str) {
+impl Plugins {
+    /// Discards the VM after a fault (later requests get a new one), logs and counts it.
+    fn fault(&self, p: &Plugin, st: &mut VmState, f: &Fault, during: &str) {
+        let open = if p.decl.fail_open {
+            " (fail_open: the request continues)"
+        } else {
+            ""
+        };
         tracing::error!(
-            "{}: {f} in {during}; instance discarded, a new one serves later requests{}",
-            self.decl.name,
-            if self.decl.fail_open {
-                " (fail_open: the request continues)"
-            } else {
-                ""
-            }
+            "{}: {f} in {during}; instance discarded, a new one serves later requests{open}",
+            p.decl.name
         );
+        if let Some((seg, slot)) = &self.faults {
+            seg.slot(*slot)
+                .plugin_faults
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         st.vm = None;
         st.roots.clear();
         st.generation += 1;

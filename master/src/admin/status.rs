@@ -28,6 +28,7 @@ pub fn gateway(m: &Master) -> Value {
             "generation_seen": s.generation_seen.load(Ordering::Relaxed),
             "requests": s.requests.load(Ordering::Relaxed),
             "active_connections": s.active_connections.load(Ordering::Relaxed),
+            "plugin_faults": s.plugin_faults.load(Ordering::Relaxed),
         }));
     }
     workers.sort_by_key(|w| (w["epoch"].as_u64(), w["worker_id"].as_u64()));
