@@ -22,6 +22,10 @@ CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER="$lld" \
   cargo build --release --target wasm32-unknown-unknown -Zbuild-std=std,panic_abort
 
 mkdir -p wasm
+# The AssemblyScript SDK plugin, when node/npm are at hand (its .wasm is committed either way).
+if command -v npm >/dev/null; then
+  bash assemblyscript/build.sh
+fi
 for crate in */Cargo.toml; do
   name=$(dirname "$crate")
   cp "target/wasm32-unknown-unknown/release/$name.wasm" "wasm/$name.wasm"

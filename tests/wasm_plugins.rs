@@ -395,3 +395,53 @@ fn plugin_fixtures_are_not_stale() {
         std::fs::read(dir.join("wasm/header_rewrite.wasm")).unwrap()
     );
 }
+
+/// A route update creates a new PluginContext; the old one is finished (`proxy_on_done`) once
+/// it has no request in flight.
+#[test]
+fn an_updated_route_finishes_its_old_plugin_context() {
+    let up = TestUpstream::start("u");
+    let gw = one_worker();
+    gw.route(
+        "1",
+        json!({"uri": "/v", "plugins": {"wasm_log": {"conf": "v1"}}}),
+        Some(&up),
+    );
+    assert_eq!(http("GET", &gw.url("/v"), &[], None).status, 200);
+    assert!(!gw
+        .error_log()
+        .contains("recorder v1: plugin context on_done"));
+    let (s, _) = gw.admin(
+        "PATCH",
+        "/apisix/admin/routes/1",
+        Some(json!({"plugins": {"wasm_log": {"conf": "v2"}}})),
+    );
+    assert_eq!(s, 200);
+    gw.wait_propagated();
+    let r = http("GET", &gw.url("/v"), &[], None);
+    assert_eq!(r.json()["headers"]["x-order"], "v2");
+    eventually(Duration::from_secs(5), "old context finished", || {
+        gw.error_log()
+            .contains("recorder v1: plugin context on_done")
+    });
+    assert!(!gw
+        .error_log()
+        .contains("recorder v2: plugin context on_done"));
+}
+
+/// A plugin built with the AssemblyScript SDK (ABI 0.2.0, `wasi_unstable` import, root context
+/// chosen by the `plugin_root_id` property) works unmodified.
+#[test]
+fn assemblyscript_sdk_plugin() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start();
+    gw.route(
+        "1",
+        json!({"uri": "/as", "plugins": {"as_headers": {"conf": "hello-as"}}}),
+        Some(&up),
+    );
+    let r = http("GET", &gw.url("/as"), &[], None);
+    assert_eq!(r.status, 200, "{}", gw.error_log());
+    assert_eq!(r.json()["headers"]["x-as-plugin"], "hello-as");
+    assert_eq!(r.header("x-as-response"), Some("1"));
+}

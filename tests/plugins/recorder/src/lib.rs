@@ -13,7 +13,12 @@ struct Root {
     label: String,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        log::info!("recorder {}: plugin context on_done", self.label);
+        true
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
