@@ -64,3 +64,63 @@ fn a_slow_client_is_cut_off_and_others_are_served() {
         "slow client kept for {waited:?}"
     );
 }
+
+/// An upstream that stops reading the request body: `timeout.send` ends the wait with 504
+/// instead of holding the client forever.
+#[test]
+fn an_upstream_that_stops_reading_times_out_on_send() {
+    let stuck = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = stuck.local_addr().unwrap().port();
+    // Accepts, reads nothing, holds the connection.
+    let holder = std::thread::spawn(move || {
+        let conns: Vec<_> = (0..1).filter_map(|_| stuck.accept().ok()).collect();
+        std::thread::sleep(Duration::from_secs(3));
+        drop(conns);
+    });
+    let gw = Gateway::start();
+    gw.route(
+        "1",
+        json!({"uri": "/up", "upstream": {"nodes": {format!("127.0.0.1:{port}"): 1}, "timeout": {"connect": 1, "send": 0.5, "read": 10}}}),
+        None,
+    );
+    let mut s = TcpStream::connect(format!("127.0.0.1:{}", gw.proxy_port)).unwrap();
+    let size = 64 << 20;
+    s.write_all(
+        format!(
+            "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut writer = s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..64 {
+            if writer.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let started = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(
+        &head,
+        b"HTTP/1.1 504",
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        gw.error_log()
+            .contains("timed out while sending the request"),
+        "{}",
+        gw.error_log()
+    );
+    holder.join().unwrap();
+}

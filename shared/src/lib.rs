@@ -17,3 +17,13 @@ pub mod units;
 
 /// The version string the gateway reports (`Server` header, `wasmgate version`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The value of cookie `name` among `Cookie` header values (`a=1; b=2`), as the Admin API
+/// (`x_api_key`) and nginx's `cookie_<name>` variable read it.
+pub fn cookie<'a>(header_values: impl Iterator<Item = &'a str>, name: &str) -> Option<String> {
+    header_values
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}

@@ -82,3 +82,81 @@ impl<F: FnOnce(u64, bool) + Send + 'static> Drop for Observed<F> {
         self.finish(complete);
     }
 }
+
+/// How far a request body has been sent upstream (see `proxy::send`).
+pub struct SendProgress {
+    /// (last chunk taken, all sent at)
+    state: std::sync::Mutex<(std::time::Instant, Option<std::time::Instant>)>,
+}
+
+impl SendProgress {
+    pub fn new(already_done: bool) -> SendProgress {
+        let now = std::time::Instant::now();
+        SendProgress {
+            state: std::sync::Mutex::new((now, already_done.then_some(now))),
+        }
+    }
+
+    fn touch(&self, done: bool) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        s.0 = now;
+        if done && s.1.is_none() {
+            s.1 = Some(now);
+        }
+    }
+
+    /// When the exchange times out if nothing moves, and which wait that is.
+    pub fn deadline(
+        &self,
+        send: std::time::Duration,
+        read: std::time::Duration,
+    ) -> (std::time::Instant, &'static str) {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match s.1 {
+            Some(done) => (done + read, "reading the response header"),
+            None => (s.0 + send, "sending the request"),
+        }
+    }
+}
+
+/// A request body that reports its progress to a [`SendProgress`].
+pub struct SendWatch {
+    inner: ProxyBody,
+    progress: std::sync::Arc<SendProgress>,
+}
+
+impl SendWatch {
+    pub fn new(inner: ProxyBody, progress: std::sync::Arc<SendProgress>) -> SendWatch {
+        SendWatch { inner, progress }
+    }
+}
+
+impl Body for SendWatch {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.progress.touch(true),
+            Poll::Ready(Some(_)) => {
+                let end = self.inner.is_end_stream();
+                self.progress.touch(end);
+            }
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

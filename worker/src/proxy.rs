@@ -24,6 +24,7 @@ use crate::Worker;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::borrow::Cow;
@@ -224,7 +225,7 @@ async fn forward(
         };
         let req = upstream_request(parts, b, node_host(up, parts, &authority), peer);
         up.balancer.on_start(idx);
-        match send(w, conn, req, &authority, up.read_timeout).await {
+        match send(w, conn, req, &authority, up).await {
             Exchange::Response(resp) => {
                 log.addrs.push(authority);
                 log.statuses.push(resp.status().as_u16().to_string());
@@ -243,11 +244,8 @@ async fn forward(
                 up.balancer.on_finish(idx);
                 log.addrs.push(authority.clone());
                 let status = match outcome {
-                    Exchange::Timeout => {
-                        tracing::error!(
-                            "upstream {authority} timed out ({:?}) while reading response header",
-                            up.read_timeout
-                        );
+                    Exchange::Timeout(phase) => {
+                        tracing::error!("upstream {authority} timed out while {phase}");
                         StatusCode::GATEWAY_TIMEOUT
                     }
                     Exchange::Failed(e) => {
@@ -268,28 +266,47 @@ async fn forward(
 enum Exchange {
     Response(Response<ProxyBody>),
     NotSent(Request<ProxyBody>),
-    Timeout,
+    /// Which timeout: "sending the request" or "reading the response header".
+    Timeout(&'static str),
     Failed(hyper::Error),
 }
 
+/// Sends the request and waits for the response head: the request body must keep moving
+/// (`timeout.send` between two chunks taken by the upstream), and once it is all sent the
+/// response head must arrive within `timeout.read`.
 async fn send(
     w: &Worker,
     conn: Conn,
     req: Request<ProxyBody>,
     authority: &str,
-    read_timeout: Duration,
+    up: &UpstreamRuntime,
 ) -> Exchange {
     let Conn { mut sender, reused } = conn;
+    let progress = Arc::new(body::SendProgress::new(req.body().is_end_stream()));
+    let watched = progress.clone();
+    let req = req.map(move |b| body::SendWatch::new(b, watched).boxed());
     let fut = sender.try_send_request(req);
-    match tokio::time::timeout(read_timeout, fut).await {
-        Err(_) => Exchange::Timeout,
-        Ok(Ok(resp)) => {
+    tokio::pin!(fut);
+    let result = loop {
+        let (deadline, phase) = progress.deadline(up.send_timeout, up.read_timeout);
+        tokio::select! {
+            r = &mut fut => break r,
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                if progress.deadline(up.send_timeout, up.read_timeout).0 <= Instant::now() {
+                    return Exchange::Timeout(phase);
+                }
+            }
+        }
+    };
+    match result {
+        Ok(resp) => {
             let pool = w.pool.clone();
+            let read_timeout = up.read_timeout;
             Exchange::Response(resp.map(|b| {
                 PooledBody::new(b, pool, authority.to_string(), sender, read_timeout).boxed()
             }))
         }
-        Ok(Err(mut e)) => match e.take_message() {
+        Err(mut e) => match e.take_message() {
             Some(req) if reused => Exchange::NotSent(req),
             _ => Exchange::Failed(e.into_error()),
         },
@@ -567,13 +584,12 @@ pub fn nginx_var<'a>(
 }
 
 fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
-    h.get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
+    wasmgate_shared::cookie(
+        h.get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+        name,
+    )
 }
 
 /// The `chash` key of a request (`hash_on` + `key`), None for other balancers.

@@ -226,14 +226,12 @@ fn keys_equal(expected: &[u8], presented: &[u8]) -> bool {
 }
 
 fn cookie(req: &Request<Incoming>, name: &str) -> Option<String> {
-    req.headers()
+    let values = req
+        .headers()
         .get_all(http::header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
+        .filter_map(|v| v.to_str().ok());
+    wasmgate_shared::cookie(values, name)
 }
 
 fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
