@@ -68,7 +68,8 @@ enum Command {
 
 fn options(c: Common, foreground: bool) -> Options {
     Options {
-        prefix: c.prefix,
+        // Absolute, so messages name real paths (start creates the directory first).
+        prefix: c.prefix.canonicalize().unwrap_or(c.prefix),
         config: c.config,
         foreground,
     }
@@ -83,11 +84,13 @@ fn main() -> ExitCode {
         Command::Stop { common, graceful } => {
             wasmgate_master::cli::stop(&options(common, false), graceful)
         }
-        Command::Reload { common } => {
-            wasmgate_master::cli::signal_master(&options(common, false), nix_hup()).map(|pid| {
-                println!("reload signal sent to master {pid}; see the error log for the outcome");
-            })
-        }
+        Command::Reload { common } => wasmgate_master::cli::signal_master(
+            &options(common, false),
+            wasmgate_master::cli::Signal::SIGHUP,
+        )
+        .map(|pid| {
+            println!("reload signal sent to master {pid}; see the error log for the outcome");
+        }),
         Command::Status { common } => wasmgate_master::cli::status(&options(common, false)),
         Command::Test { common } => test_config(&options(common, false)),
         Command::Worker => wasmgate_worker::run(),
@@ -99,10 +102,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn nix_hup() -> wasmgate_master::cli::Signal {
-    wasmgate_master::cli::Signal::SIGHUP
 }
 
 fn test_config(opts: &Options) -> anyhow::Result<()> {
