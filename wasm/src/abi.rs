@@ -4,7 +4,7 @@
 
 use crate::map;
 use crate::state::{HostState, LocalReply, Status};
-use wasmtime::{Caller, Linker, Memory};
+use wasmtime::{Caller, FuncType, Linker, Memory, Val, ValType};
 
 type C<'a> = Caller<'a, HostState>;
 type R = wasmtime::Result<i32>;
@@ -432,116 +432,33 @@ fn shared(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
 /// Functions of the complete host (http_call, queues, gRPC, metrics, foreign functions): linked
 /// so that every SDK's modules load, answering with the status each SDK handles without trapping.
 fn not_yet(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    l.func_wrap(
-        "env",
-        "proxy_http_call",
-        |_c: C<'_>,
-         _a: i32,
-         _b: i32,
-         _d: i32,
-         _e: i32,
-         _f: i32,
-         _g: i32,
-         _h: i32,
-         _i: i32,
-         _t: i32,
-         _r: i32|
-         -> R { ok(Status::InternalFailure) },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_grpc_call",
-        |_c: C<'_>,
-         _a: i32,
-         _b: i32,
-         _d: i32,
-         _e: i32,
-         _f: i32,
-         _g: i32,
-         _h: i32,
-         _i: i32,
-         _j: i32,
-         _k: i32,
-         _t: i32,
-         _r: i32|
-         -> R { ok(Status::InternalFailure) },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_grpc_stream",
-        |_c: C<'_>,
-         _a: i32,
-         _b: i32,
-         _d: i32,
-         _e: i32,
-         _f: i32,
-         _g: i32,
-         _h: i32,
-         _i: i32,
-         _r: i32|
-         -> R { ok(Status::InternalFailure) },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_grpc_send",
-        |_c: C<'_>, _t: i32, _p: i32, _l: i32, _e: i32| -> R { ok(Status::NotFound) },
-    )?;
-    for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
-        l.func_wrap("env", name, |_c: C<'_>, _t: i32| -> R {
-            ok(Status::NotFound)
+    use Status::{InternalFailure, NotFound};
+    const I: ValType = ValType::I32;
+    const L: ValType = ValType::I64;
+    let stubs: [(&str, &[ValType], Status); 16] = [
+        ("proxy_http_call", &[I; 10], InternalFailure),
+        ("proxy_grpc_call", &[I; 12], InternalFailure),
+        ("proxy_grpc_stream", &[I; 9], InternalFailure),
+        ("proxy_grpc_send", &[I; 4], NotFound),
+        ("proxy_grpc_cancel", &[I; 1], NotFound),
+        ("proxy_grpc_close", &[I; 1], NotFound),
+        ("proxy_get_status", &[I; 3], NotFound),
+        ("proxy_call_foreign_function", &[I; 6], NotFound),
+        ("proxy_register_shared_queue", &[I; 3], InternalFailure),
+        ("proxy_resolve_shared_queue", &[I; 5], NotFound),
+        ("proxy_enqueue_shared_queue", &[I; 3], NotFound),
+        ("proxy_dequeue_shared_queue", &[I; 3], NotFound),
+        ("proxy_define_metric", &[I; 4], InternalFailure),
+        ("proxy_increment_metric", &[I, L], NotFound),
+        ("proxy_record_metric", &[I, L], NotFound),
+        ("proxy_get_metric", &[I; 2], NotFound),
+    ];
+    for (name, params, status) in stubs {
+        let ty = FuncType::new(l.engine(), params.iter().cloned(), [ValType::I32]);
+        l.func_new("env", name, ty, move |_, _, out| {
+            out[0] = Val::I32(status as i32);
+            Ok(())
         })?;
     }
-    l.func_wrap(
-        "env",
-        "proxy_get_status",
-        |_c: C<'_>, _a: i32, _b: i32, _d: i32| -> R { ok(Status::NotFound) },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_call_foreign_function",
-        |_c: C<'_>, _a: i32, _b: i32, _d: i32, _e: i32, _f: i32, _g: i32| -> R {
-            ok(Status::NotFound)
-        },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_register_shared_queue",
-        |_c: C<'_>, _p: i32, _l: i32, _r: i32| -> R { ok(Status::InternalFailure) },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_resolve_shared_queue",
-        |_c: C<'_>, _a: i32, _b: i32, _d: i32, _e: i32, _r: i32| -> R { ok(Status::NotFound) },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_enqueue_shared_queue",
-        |_c: C<'_>, _q: i32, _p: i32, _l: i32| -> R { ok(Status::NotFound) },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_dequeue_shared_queue",
-        |_c: C<'_>, _q: i32, _p: i32, _l: i32| -> R { ok(Status::NotFound) },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_define_metric",
-        |_c: C<'_>, _t: i32, _p: i32, _l: i32, _r: i32| -> R { ok(Status::InternalFailure) },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_increment_metric",
-        |_c: C<'_>, _m: i32, _o: i64| -> R { ok(Status::NotFound) },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_record_metric",
-        |_c: C<'_>, _m: i32, _v: i64| -> R { ok(Status::NotFound) },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_get_metric",
-        |_c: C<'_>, _m: i32, _r: i32| -> R { ok(Status::NotFound) },
-    )?;
     Ok(())
 }
