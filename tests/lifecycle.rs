@@ -334,13 +334,8 @@ fn bad_config_exits_non_zero_with_file_and_line() {
         "nginx_config:\n  worker_processes: many\n",
     )
     .unwrap();
-    let out = Command::new(bin())
-        .args(["start", "--foreground", "-p"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, _, err) = cli(&["start", "--foreground"], dir.path());
+    assert!(!ok);
     assert!(
         err.contains("conf/config.yaml:2:") && err.contains("worker_processes"),
         "{err}"
@@ -351,13 +346,8 @@ fn bad_config_exits_non_zero_with_file_and_line() {
         "wasm:\n  plugins:\n    - name: p\n      priority: 1\n      file: missing.wasm\n",
     )
     .unwrap();
-    let out = Command::new(bin())
-        .args(["test", "-p"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, _, err) = cli(&["test"], dir.path());
+    assert!(!ok);
     assert!(
         err.contains("wasm plugin \"p\"") && err.contains("missing.wasm"),
         "{err}"
