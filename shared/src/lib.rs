@@ -4,6 +4,8 @@
 //! - [`model`]: the Admin API objects (routes, services, upstreams, global rules), their
 //!   APISIX-compatible schemas and the messages that name the offending field;
 //! - [`snapshot`]: the immutable set of objects the master publishes to workers;
+//! - [`plugin_shm`]: the gateway-wide Proxy-Wasm state (shared data, queues, metrics) in a
+//!   shared-memory segment every worker maps;
 //! - [`shm`]: the shared-memory segment that carries snapshots (seqlock + generation counter)
 //!   and the per-worker status slots;
 //! - [`units`]: durations and sizes written the nginx way (`60s`, `1m`).
@@ -11,6 +13,7 @@
 pub mod config;
 pub mod logging;
 pub mod model;
+pub mod plugin_shm;
 pub mod shm;
 pub mod snapshot;
 pub mod units;
