@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::UnboundedReceiver;
+use wasmgate_shared::plugin_shm::PluginShm;
 use wasmgate_shared::shm::Segment;
 
 /// How long new workers may take to report ready before a start or reload is abandoned.
@@ -43,14 +44,22 @@ pub fn run(
         .context("cannot start the master's runtime")?;
     rt.block_on(async move {
         let segment = Arc::new(Segment::create(loaded.config.wasmgate.shm_size)?);
+        let plugin_shm = Arc::new(
+            PluginShm::create(loaded.config.wasmgate.plugin_shm_size as usize)
+                .context("cannot create the plugins' shared memory")?,
+        );
         let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
-        let master = Arc::new(Master::new(store, loaded, segment, keys, control_tx));
+        let master = Arc::new(Master::new(
+            store, loaded, segment, plugin_shm, keys, control_tx,
+        ));
         master.publish_current().map_err(anyhow::Error::msg)?;
         admin.set_nonblocking(true)?;
         let admin_addr = admin.local_addr()?;
         let admin = tokio::net::TcpListener::from_std(admin)?;
         tokio::spawn(crate::admin::http::serve(admin, master.clone()));
-        let (sup, exits) = Supervisor::new(master.clone(), proxy, plugins, opts.prefix.clone());
+        let shm_fd = listeners::dup_high(&master.plugin_shm.fd().try_clone_to_owned()?)?;
+        let (sup, exits) =
+            Supervisor::new(master.clone(), proxy, plugins, shm_fd, opts.prefix.clone());
         let mut l = Loop {
             opts,
             master,

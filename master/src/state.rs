@@ -46,6 +46,8 @@ pub struct Master {
     config: RwLock<Arc<LoadedConfig>>,
     catalog: RwLock<Arc<PluginCatalog>>,
     pub segment: Arc<Segment>,
+    /// Plugins' shared data, queues and metrics; kept across reloads.
+    pub plugin_shm: Arc<wasmgate_shared::plugin_shm::PluginShm>,
     pub keys: Vec<ApiKey>,
     pub control: tokio::sync::mpsc::UnboundedSender<Control>,
     pub started_at_ms: u64,
@@ -58,6 +60,7 @@ impl Master {
         store: Store,
         config: LoadedConfig,
         segment: Arc<Segment>,
+        plugin_shm: Arc<wasmgate_shared::plugin_shm::PluginShm>,
         keys: Vec<ApiKey>,
         control: tokio::sync::mpsc::UnboundedSender<Control>,
     ) -> Master {
@@ -67,6 +70,7 @@ impl Master {
             config: RwLock::new(Arc::new(config)),
             catalog: RwLock::new(catalog),
             segment,
+            plugin_shm,
             keys,
             control,
             started_at_ms: crate::now_ms(),

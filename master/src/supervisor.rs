@@ -48,6 +48,8 @@ struct SpawnCtx {
     listeners: Vec<Listener>,
     /// Compiled plugin modules, passed after the listeners.
     plugins: Vec<OwnedFd>,
+    /// The plugins' shared memory at fd ≥ 64, passed last.
+    plugin_shm: OwnedFd,
     exits: mpsc::UnboundedSender<(u32, String)>,
     prefix: std::path::PathBuf,
 }
@@ -64,6 +66,7 @@ impl Supervisor {
         master: Arc<Master>,
         listeners: Vec<Listener>,
         plugins: Vec<OwnedFd>,
+        plugin_shm: OwnedFd,
         prefix: std::path::PathBuf,
     ) -> (Supervisor, mpsc::UnboundedReceiver<(u32, String)>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -73,6 +76,7 @@ impl Supervisor {
                     master: master.clone(),
                     listeners,
                     plugins,
+                    plugin_shm,
                     exits: tx,
                     prefix,
                 },
@@ -281,6 +285,8 @@ impl SpawnCtx {
         let mut fds: Vec<RawFd> = vec![self.master.segment.fd().as_raw_fd()];
         fds.extend(self.listeners.iter().map(|l| l.fd.as_raw_fd()));
         fds.extend(self.plugins.iter().map(|p| p.as_raw_fd()));
+        // Last: the plugins' shared memory (see worker/src/lib.rs).
+        fds.push(self.plugin_shm.as_raw_fd());
         let master_pid = std::process::id() as libc::pid_t;
         let mut cmd = tokio::process::Command::new("/proc/self/exe");
         cmd.arg0("wasmgate: worker process")

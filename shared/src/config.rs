@@ -340,6 +340,14 @@ pub struct WasmPluginDecl {
     /// Largest linear memory of one instance.
     #[serde(default = "default_memory_limit", deserialize_with = "de_size")]
     pub memory_limit: u64,
+    /// Most body bytes the plugin may hold back (by pausing a body callback); beyond it the
+    /// request is answered 413 (request body) or 502 (response body).
+    #[serde(default = "default_body_buffer_limit", deserialize_with = "de_size")]
+    pub body_buffer_limit: u64,
+}
+
+fn default_body_buffer_limit() -> u64 {
+    1 << 20
 }
 
 fn default_callback_timeout() -> Duration {
@@ -366,6 +374,10 @@ pub struct WasmgateSection {
     /// Capacity of the shared-memory area that carries configuration snapshots.
     #[serde(deserialize_with = "de_size")]
     pub shm_size: u64,
+    /// Capacity of the shared memory holding plugins' shared data, shared queues and metrics
+    /// (gateway-wide: every worker maps it).
+    #[serde(deserialize_with = "de_size")]
+    pub plugin_shm_size: u64,
     /// Where Admin API objects are stored, relative to the prefix.
     pub data_dir: PathBuf,
     /// The master's pid file, relative to the prefix.
@@ -376,6 +388,7 @@ impl Default for WasmgateSection {
     fn default() -> Self {
         WasmgateSection {
             shm_size: 64 << 20,
+            plugin_shm_size: 16 << 20,
             data_dir: PathBuf::from("data"),
             pid_file: PathBuf::from("logs/wasmgate.pid"),
         }
@@ -480,6 +493,12 @@ impl GatewayConfig {
             return Err(err(
                 "shm_size",
                 "wasmgate.shm_size must be between 1m and 4g".into(),
+            ));
+        }
+        if self.wasmgate.plugin_shm_size < (1 << 20) || self.wasmgate.plugin_shm_size > (4 << 30) {
+            return Err(err(
+                "plugin_shm_size",
+                "wasmgate.plugin_shm_size must be between 1m and 4g".into(),
             ));
         }
         let mut plugin_names = HashSet::new();

@@ -51,7 +51,7 @@ pub fn fixture(name: &str) -> String {
 }
 
 /// Plugins every test gateway declares: (name, priority, file, phase, extra settings).
-pub const PLUGINS: [(&str, i64, &str, &str, &str); 9] = [
+pub const PLUGINS: [(&str, i64, &str, &str, &str); 15] = [
     ("wasm_log", 7999, "recorder", "access", ""),
     ("wasm_auth", 8000, "auth", "rewrite", ""),
     ("echo", 100, "echo", "access", ""),
@@ -73,6 +73,18 @@ pub const PLUGINS: [(&str, i64, &str, &str, &str); 9] = [
         "fail_open: true, callback_timeout: 200ms",
     ),
     ("as_headers", 50, "as_headers", "access", ""),
+    (
+        "body_rewrite",
+        40,
+        "body_rewrite",
+        "access",
+        "body_buffer_limit: 64k",
+    ),
+    ("http_auth", 7000, "http_auth", "access", ""),
+    ("shared_counter", 30, "shared_counter", "access", ""),
+    ("heartbeat", 20, "heartbeat", "access", ""),
+    ("queue", 10, "queue", "access", ""),
+    ("metrics", 5, "metrics", "access", ""),
 ];
 
 fn plugins_yaml() -> String {

@@ -4,6 +4,8 @@
 //! - `/stream/<n>`: streams `n` chunks of 1 KiB;
 //! - `/big/<bytes>`: a body of that many bytes;
 //! - `/status/<code>`: answers with that status;
+//! - `/auth`: 200 with `x-user: alice` and body `ok-body` for `Authorization: Bearer good`,
+//!   401 otherwise (an auth service for plugins' call-outs);
 //! - anything else: 200 with `{"server", "method", "uri", "headers", "body_len", "body_sum"}`.
 
 use bytes::Bytes;
@@ -124,6 +126,19 @@ async fn answer(
             Response::new(ChanBody(rx).boxed())
         }
         "big" => Response::new(full(vec![b'x'; arg as usize])),
+        "auth" => {
+            let good = req
+                .headers()
+                .get("authorization")
+                .is_some_and(|v| v == "Bearer good");
+            let mut r = Response::new(full(if good { "ok-body\n" } else { "no" }));
+            if good {
+                r.headers_mut().insert("x-user", "alice".parse().unwrap());
+            } else {
+                *r.status_mut() = hyper::StatusCode::UNAUTHORIZED;
+            }
+            r
+        }
         "status" => {
             let mut r = Response::new(full(format!("status {arg}")));
             *r.status_mut() =

@@ -167,36 +167,96 @@ fn logging(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
+/// The bytes a `buffer_type` names, for reading.
+fn buffer_of(s: &HostState, kind: i32) -> Option<&[u8]> {
+    match kind {
+        0 => s.stream.as_ref().map(|st| st.request_body.as_slice()),
+        1 => s.stream.as_ref().map(|st| st.response_body.as_slice()),
+        4 => s.call_response.as_ref().map(|r| r.body.as_slice()),
+        6 => Some(&s.vm_config),
+        7 => Some(&s.plugin_config),
+        _ => None,
+    }
+}
+
 fn buffers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_get_buffer_status",
+        |mut c: C<'_>, kind: i32, ret_len: i32, ret_flags: i32| -> R {
+            let Some(len) = buffer_of(c.data(), kind).map(<[u8]>::len) else {
+                return ok(Status::NotFound);
+            };
+            tri!(write(&mut c, ret_len, &(len as u32).to_le_bytes()));
+            tri!(write(&mut c, ret_flags, &0u32.to_le_bytes()));
+            ok(Status::Ok)
+        },
+    )?;
     l.func_wrap(
         "env",
         "proxy_get_buffer_bytes",
         |mut c: C<'_>, kind: i32, start: i32, max: i32, ret_ptr: i32, ret_len: i32| -> R {
-            let data = match kind {
-                6 => c.data().vm_config.clone(),
-                7 => c.data().plugin_config.clone(),
-                _ => return ok(Status::NotFound),
+            let Some(data) = buffer_of(c.data(), kind) else {
+                return ok(Status::NotFound);
             };
             let start = (start as u32 as usize).min(data.len());
             let end = start.saturating_add(max as u32 as usize).min(data.len());
             if start == end {
                 return ok(Status::NotFound);
             }
-            answer(&mut c, &data[start..end], ret_ptr, ret_len)
+            let bytes = data[start..end].to_vec();
+            answer(&mut c, &bytes, ret_ptr, ret_len)
         },
     )?;
     l.func_wrap(
         "env",
         "proxy_set_buffer_bytes",
-        |_c: C<'_>, _kind: i32, _start: i32, _size: i32, _ptr: i32, _len: i32| -> R {
-            ok(Status::BadArgument)
+        |mut c: C<'_>, kind: i32, start: i32, size: i32, ptr: i32, len: i32| -> R {
+            let data = tri!(read(&mut c, ptr, len));
+            let Some(stream) = c.data_mut().stream.as_mut() else {
+                return ok(Status::NotFound);
+            };
+            let buf = match kind {
+                0 => &mut stream.request_body,
+                1 => &mut stream.response_body,
+                _ => return ok(Status::BadArgument),
+            };
+            ok(splice(
+                buf,
+                start as u32 as usize,
+                size as u32 as usize,
+                &data,
+            ))
         },
     )?;
     Ok(())
 }
 
+/// Replaces `buf[start..start + size]` (clamped to the buffer) with `data`: (0, 0) prepends,
+/// (0, len) replaces, (len, 0) appends. A start past the end, or a result over
+/// [`MAX_READ`], is a BadArgument.
+pub fn splice(buf: &mut Vec<u8>, start: usize, size: usize, data: &[u8]) -> Status {
+    if start > buf.len() {
+        return Status::BadArgument;
+    }
+    let end = start.saturating_add(size).min(buf.len());
+    if buf.len() - (end - start) + data.len() > MAX_READ {
+        return Status::BadArgument;
+    }
+    buf.splice(start..end, data.iter().copied());
+    Status::Ok
+}
+
 /// The header map a `map_type` names, during an HTTP callback.
 fn map_of(s: &mut HostState, map_type: i32) -> Result<&mut map::Pairs, Status> {
+    if let 6 | 7 = map_type {
+        let r = s.call_response.as_mut().ok_or(Status::NotFound)?;
+        return Ok(if map_type == 6 {
+            &mut r.headers
+        } else {
+            &mut r.trailers
+        });
+    }
     let stream = s.stream.as_mut().ok_or(Status::NotFound)?;
     match map_type {
         0 => Ok(&mut stream.request),
@@ -372,15 +432,25 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             ok(Status::Ok)
         },
     )?;
-    for name in ["proxy_continue_stream", "proxy_close_stream"] {
-        l.func_wrap("env", name, |_c: C<'_>, _t: i32| -> R { ok(Status::Ok) })?;
+    // Resuming applies to the stream whose callback is running (or whose http_call answered).
+    l.func_wrap(
+        "env",
+        "proxy_continue_stream",
+        |mut c: C<'_>, _t: i32| -> R {
+            c.data_mut().resumed = true;
+            ok(Status::Ok)
+        },
+    )?;
+    for name in ["proxy_continue_request", "proxy_continue_response"] {
+        l.func_wrap("env", name, |mut c: C<'_>| -> R {
+            c.data_mut().resumed = true;
+            ok(Status::Ok)
+        })?;
     }
-    for name in [
-        "proxy_continue_request",
-        "proxy_continue_response",
-        "proxy_done",
-        "proxy_clear_route_cache",
-    ] {
+    l.func_wrap("env", "proxy_close_stream", |_c: C<'_>, _t: i32| -> R {
+        ok(Status::Ok)
+    })?;
+    for name in ["proxy_done", "proxy_clear_route_cache"] {
         l.func_wrap("env", name, |_c: C<'_>| -> R { ok(Status::Ok) })?;
     }
     l.func_wrap(
@@ -395,23 +465,84 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_tick_period_milliseconds",
         |mut c: C<'_>, ms: i32| -> R {
-            c.data_mut().tick_period_ms = ms as u32;
+            let s = c.data_mut();
+            let id = s.effective_context;
+            s.tick_periods.insert(id, ms as u32);
+            s.ticks_changed = true;
+            ok(Status::Ok)
+        },
+    )?;
+    http_call(l)
+}
+
+/// Most call-outs a VM may have in flight.
+const MAX_CALLS: usize = 1024;
+
+fn http_call(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_http_call",
+        |mut c: C<'_>,
+         up: i32,
+         up_len: i32,
+         hp: i32,
+         hl: i32,
+         bp: i32,
+         bl: i32,
+         tp: i32,
+         tl: i32,
+         timeout_ms: i32,
+         ret_token: i32|
+         -> R {
+            let target = tri!(read_str(&mut c, up, up_len));
+            let Ok(headers) = map::decode(&tri!(read(&mut c, hp, hl))) else {
+                return ok(Status::BadArgument);
+            };
+            let body = tri!(read(&mut c, bp, bl));
+            let Ok(trailers) = map::decode(&tri!(read(&mut c, tp, tl))) else {
+                return ok(Status::BadArgument);
+            };
+            let has = |n: &str| headers.iter().any(|(k, v)| k == n && !v.is_empty());
+            if target.is_empty() || !(has(":method") && has(":path") && has(":authority")) {
+                return ok(Status::BadArgument);
+            }
+            let s = c.data_mut();
+            if s.calls.len() >= MAX_CALLS {
+                return ok(Status::InternalFailure);
+            }
+            s.next_token = s.next_token.wrapping_add(1).max(1);
+            let token = s.next_token;
+            s.calls.push(crate::state::HttpCall {
+                token,
+                context: s.effective_context,
+                target,
+                headers,
+                body,
+                trailers,
+                timeout: std::time::Duration::from_millis(timeout_ms.max(1) as u64),
+            });
+            tri!(write(&mut c, ret_token, &token.to_le_bytes()));
             ok(Status::Ok)
         },
     )?;
     Ok(())
 }
 
-/// Shared data and queues, within this worker process (gateway-wide sharing comes with the
-/// complete host).
+/// Shared data, queues and metrics: gateway-wide, in shared memory (see [`crate::shared`]).
 fn shared(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    use crate::shared::{shm, status};
     l.func_wrap(
         "env",
         "proxy_get_shared_data",
         |mut c: C<'_>, kp: i32, kl: i32, ret_ptr: i32, ret_len: i32, ret_cas: i32| -> R {
             let key = tri!(read(&mut c, kp, kl));
-            let Some((value, cas)) = crate::shared::get(&key) else {
-                return ok(Status::NotFound);
+            let Some(store) = shm() else {
+                return ok(Status::InternalFailure);
+            };
+            let (value, cas) = match store.get(&key) {
+                Ok(Some(v)) => v,
+                Ok(None) => return ok(Status::NotFound),
+                Err(e) => return ok(status(e)),
             };
             tri!(write(&mut c, ret_cas, &cas.to_le_bytes()));
             answer(&mut c, &value, ret_ptr, ret_len)
@@ -423,20 +554,157 @@ fn shared(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> R {
             let key = tri!(read(&mut c, kp, kl));
             let value = tri!(read(&mut c, vp, vl));
-            ok(crate::shared::set(key, value, cas as u32))
+            let Some(store) = shm() else {
+                return ok(Status::InternalFailure);
+            };
+            match store.set(&key, &value, cas as u32) {
+                Ok(()) => ok(Status::Ok),
+                Err(e) => ok(status(e)),
+            }
+        },
+    )?;
+    queues(l)?;
+    metrics(l)
+}
+
+fn queues(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    use crate::shared::{shm, status};
+    l.func_wrap(
+        "env",
+        "proxy_register_shared_queue",
+        |mut c: C<'_>, np: i32, nl: i32, ret: i32| -> R {
+            let name = tri!(read_str(&mut c, np, nl));
+            let Some(store) = shm() else {
+                return ok(Status::InternalFailure);
+            };
+            let token = match store.register_queue("", &name) {
+                Ok(t) => t,
+                Err(e) => return ok(status(e)),
+            };
+            let s = c.data_mut();
+            let ctx = s.effective_context;
+            if !s.queue_regs.contains(&(token, ctx)) {
+                s.queue_regs.push((token, ctx));
+                s.queues_changed = true;
+            }
+            tri!(write(&mut c, ret, &token.to_le_bytes()));
+            ok(Status::Ok)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_resolve_shared_queue",
+        |mut c: C<'_>, _vp: i32, _vl: i32, np: i32, nl: i32, ret: i32| -> R {
+            // One vm_id space: the vm_id the plugin names is not part of the key.
+            let name = tri!(read_str(&mut c, np, nl));
+            let Some(token) = shm().and_then(|s| s.resolve_queue("", &name)) else {
+                return ok(Status::NotFound);
+            };
+            tri!(write(&mut c, ret, &token.to_le_bytes()));
+            ok(Status::Ok)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_enqueue_shared_queue",
+        |mut c: C<'_>, token: i32, vp: i32, vl: i32| -> R {
+            let value = tri!(read(&mut c, vp, vl));
+            let Some(store) = shm() else {
+                return ok(Status::InternalFailure);
+            };
+            match store.enqueue(token as u32, &value) {
+                Ok(()) => ok(Status::Ok),
+                Err(e) => ok(status(e)),
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_dequeue_shared_queue",
+        |mut c: C<'_>, token: i32, ret_ptr: i32, ret_len: i32| -> R {
+            let Some(store) = shm() else {
+                return ok(Status::InternalFailure);
+            };
+            match store.dequeue(token as u32) {
+                Ok(Some(v)) => answer(&mut c, &v, ret_ptr, ret_len),
+                Ok(None) => ok(Status::Empty),
+                Err(e) => ok(status(e)),
+            }
         },
     )?;
     Ok(())
 }
 
-/// Functions of the complete host (http_call, queues, gRPC, metrics, foreign functions): linked
-/// so that every SDK's modules load, answering with the status each SDK handles without trapping.
+fn metrics(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    use crate::shared::{shm, status};
+    use wasmgate_shared::plugin_shm::MetricKind;
+    l.func_wrap(
+        "env",
+        "proxy_define_metric",
+        |mut c: C<'_>, kind: i32, np: i32, nl: i32, ret: i32| -> R {
+            let kind = match kind {
+                0 => MetricKind::Counter,
+                1 => MetricKind::Gauge,
+                2 => MetricKind::Histogram,
+                _ => return ok(Status::BadArgument),
+            };
+            let name = tri!(read_str(&mut c, np, nl));
+            let Some(store) = shm() else {
+                return ok(Status::InternalFailure);
+            };
+            let id = match store.define_metric(kind, &name) {
+                Ok(id) => id,
+                Err(e) => return ok(status(e)),
+            };
+            tri!(write(&mut c, ret, &id.to_le_bytes()));
+            ok(Status::Ok)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_increment_metric",
+        |_c: C<'_>, id: i32, delta: i64| -> R {
+            match shm().map(|s| s.increment(id as u32, delta)) {
+                Some(Ok(())) => ok(Status::Ok),
+                Some(Err(e)) => ok(status(e)),
+                None => ok(Status::InternalFailure),
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_record_metric",
+        |_c: C<'_>, id: i32, value: i64| -> R {
+            match shm().map(|s| s.record(id as u32, value as u64)) {
+                Some(Ok(())) => ok(Status::Ok),
+                Some(Err(e)) => ok(status(e)),
+                None => ok(Status::InternalFailure),
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_metric",
+        |mut c: C<'_>, id: i32, ret: i32| -> R {
+            let v = match shm().map(|s| s.get_metric(id as u32)) {
+                Some(Ok(v)) => v,
+                Some(Err(e)) => return ok(status(e)),
+                None => return ok(Status::InternalFailure),
+            };
+            tri!(write(&mut c, ret, &(v as u64).to_le_bytes()));
+            ok(Status::Ok)
+        },
+    )?;
+    Ok(())
+}
+
+/// gRPC call-outs and foreign functions, which wasmgate does not provide: linked so that every
+/// SDK's modules load, answering with a failure status each SDK handles without trapping
+/// (InternalFailure where the SDKs accept no other error, NotFound elsewhere).
 fn not_yet(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     use Status::{InternalFailure, NotFound};
     const I: ValType = ValType::I32;
-    const L: ValType = ValType::I64;
-    let stubs: [(&str, &[ValType], Status); 16] = [
-        ("proxy_http_call", &[I; 10], InternalFailure),
+    let stubs: [(&str, &[ValType], Status); 7] = [
         ("proxy_grpc_call", &[I; 12], InternalFailure),
         ("proxy_grpc_stream", &[I; 9], InternalFailure),
         ("proxy_grpc_send", &[I; 4], NotFound),
@@ -444,14 +712,6 @@ fn not_yet(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ("proxy_grpc_close", &[I; 1], NotFound),
         ("proxy_get_status", &[I; 3], NotFound),
         ("proxy_call_foreign_function", &[I; 6], NotFound),
-        ("proxy_register_shared_queue", &[I; 3], InternalFailure),
-        ("proxy_resolve_shared_queue", &[I; 5], NotFound),
-        ("proxy_enqueue_shared_queue", &[I; 3], NotFound),
-        ("proxy_dequeue_shared_queue", &[I; 3], NotFound),
-        ("proxy_define_metric", &[I; 4], InternalFailure),
-        ("proxy_increment_metric", &[I, L], NotFound),
-        ("proxy_record_metric", &[I, L], NotFound),
-        ("proxy_get_metric", &[I; 2], NotFound),
     ];
     for (name, params, status) in stubs {
         let ty = FuncType::new(l.engine(), params.iter().cloned(), [ValType::I32]);

@@ -18,5 +18,5 @@ pub mod state;
 pub mod vm;
 
 pub use module::{PluginModule, Settings};
-pub use state::{LocalReply, Properties, Stream};
-pub use vm::{Action, Fault, PluginVm};
+pub use state::{CallResponse, HttpCall, LocalReply, Properties, Stream};
+pub use vm::{Action, Fault, Outcome, PluginVm};

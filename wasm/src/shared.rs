@@ -1,47 +1,52 @@
-//! Shared data (`proxy_get/set_shared_data`) with compare-and-swap, within one worker process.
-//! The complete host moves this into shared memory so that all workers see one store.
+//! Gateway-wide plugin state: shared data (`proxy_get/set_shared_data` with compare-and-swap),
+//! shared queues and metrics, all in one shared-memory segment
+//! ([`PluginShm`](wasmgate_shared::plugin_shm::PluginShm)) that the master creates and every
+//! worker maps, so a key written in one worker is read in all of them.
+//!
+//! All plugins share one namespace (Envoy separates by `vm_id`; wasmgate's plugins have one VM
+//! id space, and queues are registered and resolved under the empty vm_id).
 
 use crate::state::Status;
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, OnceLock};
+use wasmgate_shared::plugin_shm::{Error, PluginShm};
 
-/// Bytes of keys and values together before writes are refused.
-const CAPACITY: usize = 16 << 20;
+static SHM: OnceLock<Arc<PluginShm>> = OnceLock::new();
 
-struct Store {
-    map: HashMap<Vec<u8>, (Vec<u8>, u32)>,
-    bytes: usize,
+/// Size of the process-private store used when no segment was installed (tools and tests
+/// that run plugins outside a worker).
+const PRIVATE_SIZE: usize = 4 << 20;
+
+/// Installs the gateway's segment (once, at worker start, before any plugin runs).
+pub fn install(shm: Arc<PluginShm>) {
+    let _ = SHM.set(shm);
 }
 
-static STORE: Mutex<Option<Store>> = Mutex::new(None);
-
-pub fn get(key: &[u8]) -> Option<(Vec<u8>, u32)> {
-    let guard = STORE.lock().unwrap_or_else(|p| p.into_inner());
-    guard.as_ref()?.map.get(key).cloned()
+/// The segment: the gateway's, or a private one outside a worker.
+pub fn shm() -> Option<&'static PluginShm> {
+    if SHM.get().is_none() {
+        match PluginShm::create(PRIVATE_SIZE) {
+            Ok(s) => {
+                let _ = SHM.set(Arc::new(s));
+            }
+            Err(e) => tracing::error!("plugin shared memory unavailable: {e}"),
+        }
+    }
+    SHM.get().map(|s| &**s)
 }
 
-/// Sets `key`; `cas` 0 is unconditional, otherwise it must equal the current version.
-pub fn set(key: Vec<u8>, value: Vec<u8>, cas: u32) -> Status {
-    let mut guard = STORE.lock().unwrap_or_else(|p| p.into_inner());
-    let store = guard.get_or_insert_with(|| Store {
-        map: HashMap::new(),
-        bytes: 0,
-    });
-    let (old_len, version) = match store.map.get(&key) {
-        Some((v, ver)) => (key.len() + v.len(), *ver),
-        None => (0, 0),
-    };
-    if cas != 0 && cas != version {
-        return Status::CasMismatch;
+/// The Proxy-Wasm status for a store error, logging what is worth an operator's attention.
+pub fn status(e: Error) -> Status {
+    match e {
+        Error::CasMismatch => Status::CasMismatch,
+        Error::NotFound => Status::NotFound,
+        Error::BadArgument(_) => Status::BadArgument,
+        e @ (Error::Full { .. } | Error::TooLarge { .. }) => {
+            tracing::error!("plugin shared memory: {e}; write refused");
+            Status::InternalFailure
+        }
+        e => {
+            tracing::error!("plugin shared memory: {e}");
+            Status::InternalFailure
+        }
     }
-    let new_bytes = store.bytes - old_len + key.len() + value.len();
-    if new_bytes > CAPACITY {
-        tracing::error!("shared data full ({CAPACITY} bytes): write refused");
-        return Status::InternalFailure;
-    }
-    store.bytes = new_bytes;
-    store
-        .map
-        .insert(key, (value, version.wrapping_add(1).max(1)));
-    Status::Ok
 }

@@ -1,7 +1,9 @@
 //! What host functions see: the plugin, and — during an HTTP callback — the request's state.
 
 use crate::map::Pairs;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 use wasmtime::StoreLimits;
 
 /// Per-request facts a plugin may read as properties, supplied by the gateway.
@@ -32,6 +34,10 @@ pub struct Stream {
     pub props: Arc<dyn Properties>,
     /// Properties the plugin set (`proxy_set_property`), visible to later reads.
     pub set_props: Vec<(String, Vec<u8>)>,
+    /// The body bytes a body callback works on (`HttpRequestBody` / `HttpResponseBody`
+    /// buffers): what the plugin buffered so far, lent by the body filter for the call.
+    pub request_body: Vec<u8>,
+    pub response_body: Vec<u8>,
 }
 
 impl Stream {
@@ -43,8 +49,34 @@ impl Stream {
             response_trailers: Vec::new(),
             props,
             set_props: Vec::new(),
+            request_body: Vec::new(),
+            response_body: Vec::new(),
         }
     }
+}
+
+/// An HTTP call-out a plugin dispatched (`proxy_http_call`), for the gateway to perform.
+#[derive(Debug, Clone)]
+pub struct HttpCall {
+    pub token: u32,
+    /// The context that dispatched it, which gets `proxy_on_http_call_response`.
+    pub context: u32,
+    /// An upstream id, or a literal `host:port`.
+    pub target: String,
+    /// With `:method`, `:path` and `:authority`.
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+    pub trailers: Pairs,
+    pub timeout: Duration,
+}
+
+/// The answer to an [`HttpCall`], readable during `proxy_on_http_call_response`.
+#[derive(Debug, Clone, Default)]
+pub struct CallResponse {
+    /// `:status` first. Empty when the call failed or timed out.
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+    pub trailers: Pairs,
 }
 
 /// The store data of one plugin VM.
@@ -64,8 +96,23 @@ pub struct HostState {
     /// The context id the current callback runs for, or the one set with
     /// `proxy_set_effective_context`.
     pub effective_context: u32,
-    /// The tick period the plugin asked for (ticks are delivered by the complete host).
-    pub tick_period_ms: u32,
+    /// Tick periods the root contexts asked for (`proxy_set_tick_period_milliseconds`), by
+    /// context id; 0 stops ticks.
+    pub tick_periods: HashMap<u32, u32>,
+    /// Set when a tick period changed, so the gateway reschedules its tick timer.
+    pub ticks_changed: bool,
+    /// Call-outs dispatched since the gateway last collected them.
+    pub calls: Vec<HttpCall>,
+    pub next_token: u32,
+    /// Set during `proxy_on_http_call_response`.
+    pub call_response: Option<CallResponse>,
+    /// Shared queues this VM registered: (token, registering root context).
+    pub queue_regs: Vec<(u32, u32)>,
+    /// Set when `queue_regs` grew.
+    pub queues_changed: bool,
+    /// Set by `proxy_continue_stream` (or the older `proxy_continue_request/response`)
+    /// during a callback.
+    pub resumed: bool,
     /// Log lines left in the current second (a log flood is cut, not written).
     pub log_budget: u32,
     pub log_window: u64,

@@ -5,7 +5,8 @@
 //! a new one for later requests — the worker never goes down with a plugin.
 
 use crate::module::{PluginModule, EPOCH_TICK};
-use crate::state::{HostState, LocalReply, Stream};
+use crate::state::{CallResponse, HostState, HttpCall, LocalReply, Stream};
+use std::collections::HashMap;
 use wasmtime::{Store, StoreLimitsBuilder, TypedFunc};
 
 /// Why a call into the plugin failed; the VM must be discarded.
@@ -37,20 +38,39 @@ fn classify(e: wasmtime::Error) -> Fault {
     Fault::Trap(text.lines().next().unwrap_or("").to_string())
 }
 
-/// What a headers callback decided.
-#[derive(Debug, PartialEq, Eq)]
+/// What a stream callback decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Continue,
-    /// The plugin paused the stream (without a local reply).
+    /// The plugin paused the stream (headers: until it resumes it; body: to buffer more).
     Pause,
 }
+
+/// What one stream callback produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub action: Action,
+    /// `proxy_send_local_response` was called.
+    pub reply: Option<LocalReply>,
+    /// `proxy_continue_stream` was called.
+    pub resumed: bool,
+}
+
+type Callback3 = TypedFunc<(i32, i32, i32), i32>;
+/// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
+type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
 struct Exports {
     context_create: TypedFunc<(i32, i32), ()>,
     vm_start: Option<TypedFunc<(i32, i32), i32>>,
     configure: Option<TypedFunc<(i32, i32), i32>>,
-    request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
-    response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    request_headers: Option<Callback3>,
+    request_body: Option<Callback3>,
+    response_headers: Option<Callback3>,
+    response_body: Option<Callback3>,
+    http_call_response: Option<CallResponseFn>,
+    tick: Option<TypedFunc<i32, ()>>,
+    queue_ready: Option<TypedFunc<(i32, i32), ()>>,
     log: Option<TypedFunc<i32, ()>>,
     done: Option<TypedFunc<i32, i32>>,
     delete: Option<TypedFunc<i32, ()>>,
@@ -85,7 +105,14 @@ impl PluginVm {
             stream: None,
             local_reply: None,
             effective_context: 0,
-            tick_period_ms: 0,
+            tick_periods: HashMap::new(),
+            ticks_changed: false,
+            calls: Vec::new(),
+            next_token: 0,
+            call_response: None,
+            resumed: false,
+            queue_regs: Vec::new(),
+            queues_changed: false,
             log_budget: 0,
             log_window: 0,
             wasi: wasmtime_wasi::WasiCtxBuilder::new().build_p1(),
@@ -119,7 +146,12 @@ impl PluginVm {
             vm_start: typed!("proxy_on_vm_start"),
             configure: typed!("proxy_on_configure"),
             request_headers: typed!("proxy_on_request_headers"),
+            request_body: typed!("proxy_on_request_body"),
             response_headers: typed!("proxy_on_response_headers"),
+            response_body: typed!("proxy_on_response_body"),
+            http_call_response: typed!("proxy_on_http_call_response"),
+            tick: typed!("proxy_on_tick"),
+            queue_ready: typed!("proxy_on_queue_ready"),
             log: typed!("proxy_on_log"),
             done: typed!("proxy_on_done"),
             delete: typed!("proxy_on_delete"),
@@ -184,79 +216,207 @@ impl PluginVm {
         Ok(id)
     }
 
-    /// Runs a headers callback with `stream` lent to the host functions; returns the stream, the
-    /// action and any local reply.
-    fn headers_call(
+    /// Runs a stream callback `f(id, a, b)` with `stream` lent to the host functions (it is
+    /// handed back even when the call faults).
+    fn stream_call(
         &mut self,
-        f: Option<TypedFunc<(i32, i32, i32), i32>>,
+        f: Option<Callback3>,
         id: u32,
-        stream: Stream,
-        count: usize,
-    ) -> (Stream, Result<(Action, Option<LocalReply>), Fault>) {
+        stream: &mut Option<Stream>,
+        a: usize,
+        b: bool,
+    ) -> Result<Outcome, Fault> {
         let Some(f) = f else {
-            return (stream, Ok((Action::Continue, None)));
+            return Ok(Outcome {
+                action: Action::Continue,
+                reply: None,
+                resumed: false,
+            });
         };
-        {
-            let d = self.store.data_mut();
-            d.stream = Some(stream);
-            d.local_reply = None;
-            d.effective_context = id;
-        }
-        let r = self.call(|s| f.call(s, (id as i32, count as i32, 0)));
-        let d = self.store.data_mut();
-        let stream = d.stream.take().expect("the stream was lent for this call");
-        let reply = d.local_reply.take();
-        let r = r.map(|a| {
-            (
-                if a == 0 {
-                    Action::Continue
-                } else {
-                    Action::Pause
-                },
-                reply,
-            )
-        });
-        (stream, r)
+        self.enter(id, stream);
+        let r = self.call(|s| f.call(s, (id as i32, a as i32, b as i32)));
+        let (reply, resumed) = self.leave(stream);
+        Ok(Outcome {
+            action: if r? == 0 {
+                Action::Continue
+            } else {
+                Action::Pause
+            },
+            reply,
+            resumed,
+        })
     }
 
+    fn enter(&mut self, id: u32, stream: &mut Option<Stream>) {
+        let d = self.store.data_mut();
+        d.stream = stream.take();
+        d.local_reply = None;
+        d.resumed = false;
+        d.effective_context = id;
+    }
+
+    fn leave(&mut self, stream: &mut Option<Stream>) -> (Option<LocalReply>, bool) {
+        let d = self.store.data_mut();
+        *stream = d.stream.take();
+        (d.local_reply.take(), std::mem::take(&mut d.resumed))
+    }
+
+    /// `proxy_on_request_headers`.
     pub fn on_request_headers(
         &mut self,
         id: u32,
-        stream: Stream,
-    ) -> (Stream, Result<(Action, Option<LocalReply>), Fault>) {
-        let n = stream.request.len();
-        self.headers_call(self.f.request_headers.clone(), id, stream, n)
+        stream: &mut Option<Stream>,
+        end_of_stream: bool,
+    ) -> Result<Outcome, Fault> {
+        let n = stream.as_ref().map(|s| s.request.len()).unwrap_or(0);
+        self.stream_call(self.f.request_headers.clone(), id, stream, n, end_of_stream)
     }
 
+    /// `proxy_on_response_headers`.
     pub fn on_response_headers(
         &mut self,
         id: u32,
-        stream: Stream,
-    ) -> (Stream, Result<(Action, Option<LocalReply>), Fault>) {
-        let n = stream.response.as_ref().map(Vec::len).unwrap_or(0);
-        self.headers_call(self.f.response_headers.clone(), id, stream, n)
+        stream: &mut Option<Stream>,
+        end_of_stream: bool,
+    ) -> Result<Outcome, Fault> {
+        let n = stream
+            .as_ref()
+            .and_then(|s| s.response.as_ref())
+            .map(Vec::len)
+            .unwrap_or(0);
+        self.stream_call(
+            self.f.response_headers.clone(),
+            id,
+            stream,
+            n,
+            end_of_stream,
+        )
+    }
+
+    /// `proxy_on_request_body` with the buffered body in `stream.request_body`.
+    pub fn on_request_body(
+        &mut self,
+        id: u32,
+        stream: &mut Option<Stream>,
+        end_of_stream: bool,
+    ) -> Result<Outcome, Fault> {
+        let n = stream.as_ref().map(|s| s.request_body.len()).unwrap_or(0);
+        self.stream_call(self.f.request_body.clone(), id, stream, n, end_of_stream)
+    }
+
+    /// `proxy_on_response_body` with the buffered body in `stream.response_body`.
+    pub fn on_response_body(
+        &mut self,
+        id: u32,
+        stream: &mut Option<Stream>,
+        end_of_stream: bool,
+    ) -> Result<Outcome, Fault> {
+        let n = stream.as_ref().map(|s| s.response_body.len()).unwrap_or(0);
+        self.stream_call(self.f.response_body.clone(), id, stream, n, end_of_stream)
+    }
+
+    /// Whether the plugin has body callbacks at all (without them bodies stream untouched).
+    pub fn has_request_body(&self) -> bool {
+        self.f.request_body.is_some()
+    }
+
+    pub fn has_response_body(&self) -> bool {
+        self.f.response_body.is_some()
+    }
+
+    /// `proxy_on_http_call_response` for the context `id` that dispatched call `token`, with
+    /// the answer readable (None: the call failed or timed out, 0 headers). `stream` is lent
+    /// when `id` is an HTTP context whose request waits on the call.
+    pub fn on_http_call_response(
+        &mut self,
+        id: u32,
+        token: u32,
+        stream: &mut Option<Stream>,
+        response: Option<CallResponse>,
+    ) -> Result<Outcome, Fault> {
+        let Some(f) = self.f.http_call_response.clone() else {
+            return Ok(Outcome {
+                action: Action::Continue,
+                reply: None,
+                resumed: false,
+            });
+        };
+        let resp = response.unwrap_or_default();
+        let (h, b, t) = (resp.headers.len(), resp.body.len(), resp.trailers.len());
+        self.enter(id, stream);
+        self.store.data_mut().call_response = Some(resp);
+        let r = self.call(|s| f.call(s, (id as i32, token as i32, h as i32, b as i32, t as i32)));
+        self.store.data_mut().call_response = None;
+        let (reply, resumed) = self.leave(stream);
+        r?;
+        Ok(Outcome {
+            action: Action::Continue,
+            reply,
+            resumed,
+        })
+    }
+
+    /// `proxy_on_tick` on the root context `id`.
+    pub fn on_tick(&mut self, id: u32) -> Result<(), Fault> {
+        let Some(f) = self.f.tick.clone() else {
+            return Ok(());
+        };
+        self.store.data_mut().effective_context = id;
+        self.call(|s| f.call(s, id as i32))
+    }
+
+    /// `proxy_on_queue_ready` on the root context `id`.
+    pub fn on_queue_ready(&mut self, id: u32, queue: u32) -> Result<(), Fault> {
+        let Some(f) = self.f.queue_ready.clone() else {
+            return Ok(());
+        };
+        self.store.data_mut().effective_context = id;
+        self.call(|s| f.call(s, (id as i32, queue as i32)))
+    }
+
+    /// The call-outs dispatched since the last time this was asked.
+    pub fn take_calls(&mut self) -> Vec<HttpCall> {
+        std::mem::take(&mut self.store.data_mut().calls)
+    }
+
+    /// The shared queues registered by this VM's root contexts (token, context), when they
+    /// changed since the last time this was asked.
+    pub fn changed_queues(&mut self) -> Option<Vec<(u32, u32)>> {
+        let d = self.store.data_mut();
+        if !std::mem::take(&mut d.queues_changed) {
+            return None;
+        }
+        Some(d.queue_regs.clone())
+    }
+
+    /// The tick periods by root context, when they changed since the last time this was asked.
+    pub fn changed_ticks(&mut self) -> Option<HashMap<u32, u32>> {
+        let d = self.store.data_mut();
+        if !std::mem::take(&mut d.ticks_changed) {
+            return None;
+        }
+        d.tick_periods.retain(|_, p| *p > 0);
+        Some(d.tick_periods.clone())
     }
 
     /// `proxy_on_log` with the stream readable.
-    pub fn on_log(&mut self, id: u32, stream: Stream) -> (Stream, Result<(), Fault>) {
+    pub fn on_log(&mut self, id: u32, stream: &mut Option<Stream>) -> Result<(), Fault> {
         let Some(f) = self.f.log.clone() else {
-            return (stream, Ok(()));
+            return Ok(());
         };
-        self.store.data_mut().stream = Some(stream);
-        self.store.data_mut().effective_context = id;
+        self.enter(id, stream);
         let r = self.call(|s| f.call(s, id as i32));
-        let stream = self
-            .store
-            .data_mut()
-            .stream
-            .take()
-            .expect("lent for this call");
-        (stream, r)
+        self.leave(stream);
+        r
     }
 
     /// `proxy_on_done` then `proxy_on_delete`: the context is gone.
     pub fn finish(&mut self, id: u32) -> Result<(), Fault> {
-        self.store.data_mut().effective_context = id;
+        let d = self.store.data_mut();
+        d.effective_context = id;
+        if d.tick_periods.remove(&id).is_some() {
+            d.ticks_changed = true;
+        }
         if let Some(done) = self.f.done.clone() {
             self.call(|s| done.call(s, id as i32))?;
         }

@@ -9,12 +9,14 @@
 
 pub mod access_log;
 pub mod body;
+pub mod callout;
 pub mod live;
 pub mod plugins;
 pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod upstream;
+pub mod wasm_body;
 pub mod wasm_glue;
 
 use anyhow::Context;
@@ -31,7 +33,7 @@ use wasmgate_shared::snapshot::WorkerBoot;
 /// State shared by every connection of this worker.
 pub struct Worker {
     pub live: live::Live,
-    pub plugins: plugins::Plugins,
+    pub plugins: Arc<plugins::Plugins>,
     pub pool: Arc<upstream::pool::Pool>,
     pub access_log: access_log::AccessLog,
     pub segment: Arc<Segment>,
@@ -70,6 +72,11 @@ pub fn run() -> anyhow::Result<()> {
         // SAFETY: the master placed one compiled-module memfd per plugin after the listeners.
         .map(|i| unsafe { std::fs::File::from_raw_fd(first_plugin + i) })
         .collect();
+    // SAFETY: the plugins' shared memory follows the plugin memfds (master/src/supervisor.rs).
+    let plugin_shm = unsafe { OwnedFd::from_raw_fd(first_plugin + boot.plugins as i32) };
+    let plugin_shm = wasmgate_shared::plugin_shm::PluginShm::open(plugin_shm)
+        .context("mapping the plugins' shared memory")?;
+    wasmgate_wasm::shared::install(Arc::new(plugin_shm));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -91,7 +98,11 @@ async fn serve(
     let slot = boot.slot as usize;
     let w = Arc::new(Worker {
         live: live::Live::new(segment.clone(), slot),
-        plugins: plugins::Plugins::load(&config, &artifacts, Some((segment.clone(), slot)))?,
+        plugins: Arc::new(plugins::Plugins::load(
+            &config,
+            &artifacts,
+            Some((segment.clone(), slot)),
+        )?),
         pool: upstream::pool::Pool::new(http.upstream_keepalive, http.upstream_keepalive_timeout),
         access_log: access_log::AccessLog::open(&boot.prefix, &http.access_log)
             .with_context(|| format!("cannot open access log {}", http.access_log))?,
@@ -112,6 +123,9 @@ async fn serve(
         tokio::spawn(server::accept_loop(w.clone(), l, drain_rx.clone()));
     }
     tokio::spawn(housekeeping(w.clone()));
+    w.plugins
+        .set_callout(Arc::new(callout::WorkerCallout::new(Arc::downgrade(&w))));
+    tokio::spawn(w.plugins.clone().tick_loop());
     let s = segment.slot(slot);
     if s.state() == SlotState::Starting {
         s.set_state(SlotState::Ready);

@@ -33,6 +33,15 @@ pub struct Compiled {
     pub router: Router,
     pub global_rules: Vec<GlobalRuleEntry>,
     upstreams: HashMap<String, Arc<UpstreamRuntime>>,
+    /// Every upstream object by id (plugins' `proxy_http_call` names them).
+    by_upstream_id: HashMap<String, Arc<UpstreamRuntime>>,
+}
+
+impl Compiled {
+    /// The upstream object `id`, if the configuration has one.
+    pub fn upstream(&self, id: &str) -> Option<&Arc<UpstreamRuntime>> {
+        self.by_upstream_id.get(id)
+    }
 }
 
 /// The shared-memory snapshot and its compiled form.
@@ -175,11 +184,23 @@ fn compile(snap: Snapshot, prev: &Compiled) -> Compiled {
         })
         .collect();
     global_rules.sort_by(|a, b| a.id.cmp(&b.id));
+    let by_upstream_id = objects
+        .upstreams
+        .iter()
+        .map(|(uid, (urev, u))| {
+            let key = format!("upstream:{uid}:{urev}");
+            (
+                uid.clone(),
+                get_upstream(key, u, None, prev, &mut upstreams),
+            )
+        })
+        .collect();
     Compiled {
         generation,
         router,
         global_rules,
         upstreams,
+        by_upstream_id,
     }
 }
 

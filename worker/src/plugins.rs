@@ -9,14 +9,34 @@
 //! route, then higher `priority` first. A fault (trap, time or memory limit) discards the VM —
 //! the next request gets a fresh one — and fails the request with 503 unless the plugin is
 //! `fail_open`.
+//!
+//! **Pausing.** A headers callback that returns Pause after dispatching `proxy_http_call`s
+//! waits — without holding the VM, other requests go on — until a call's answer
+//! (`proxy_on_http_call_response`) resumes the stream (`proxy_continue_stream`) or answers it
+//! (`proxy_send_local_response`). Call-outs of contexts that did not pause, of root contexts
+//! (ticks, `proxy_on_configure`) or left over after a resume are delivered by a task of their
+//! own; a context that ended meanwhile no longer receives its answers.
+//!
+//! **Bodies** go through [`Plugins::on_body`] chunk by chunk (see `wasm_body`), only for
+//! plugins that export body callbacks.
+//!
+//! **Ticks**: [`Plugins::tick_loop`] calls `proxy_on_tick` on every root context that set a
+//! period.
 
 use crate::live::GlobalRuleEntry;
 use crate::router::RouteEntry;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 use wasmgate_shared::config::{GatewayConfig, RequestPhase, WasmPluginDecl};
 use wasmgate_shared::shm::Segment;
-use wasmgate_wasm::{Action, Fault, LocalReply, PluginModule, PluginVm, Settings, Stream};
+use wasmgate_wasm::{
+    Action, CallResponse, Fault, HttpCall, LocalReply, Outcome, PluginModule, PluginVm, Settings,
+    Stream,
+};
 
 /// A PluginContext in a VM.
 struct Root {
@@ -31,6 +51,14 @@ struct VmState {
     /// Bumped whenever the VM is replaced, so contexts of a discarded VM are not touched.
     generation: u64,
     roots: HashMap<String, Root>,
+    /// Call-outs in flight: token → the context that gets the answer.
+    calls: HashMap<u32, u32>,
+    /// Root contexts with a tick period: (period, next tick).
+    ticks: HashMap<u32, (Duration, Instant)>,
+    /// Set when `ticks` changed, until the tick loop is told.
+    ticks_dirty: bool,
+    /// Shared queues registered by root contexts: (token, context, enqueue count seen).
+    queues: Vec<(u32, u32, u64)>,
 }
 
 /// One `wasm.plugins` entry in this worker.
@@ -38,6 +66,15 @@ pub struct Plugin {
     pub decl: WasmPluginDecl,
     module: PluginModule,
     state: Mutex<VmState>,
+    /// Whether the module exports `proxy_on_request_body` / `proxy_on_response_body`.
+    request_body: bool,
+    response_body: bool,
+}
+
+/// Performs the plugins' `proxy_http_call`s (the worker's upstream client).
+pub trait Callout: Send + Sync {
+    /// The answer, or None when the call failed. The caller applies the call's timeout.
+    fn call(&self, call: HttpCall) -> Pin<Box<dyn Future<Output = Option<CallResponse>> + Send>>;
 }
 
 /// Every plugin of this worker.
@@ -46,21 +83,66 @@ pub struct Plugins {
     by_name: HashMap<String, usize>,
     /// Where faults are counted (the worker's status slot).
     faults: Option<(Arc<Segment>, usize)>,
+    callout: OnceLock<Arc<dyn Callout>>,
+    /// Woken when a tick period changed.
+    ticks_changed: tokio::sync::Notify,
 }
 
 /// One plugin to run for a request.
 pub struct Link {
     plugin: usize,
-    owner: String,
+    owner: Arc<str>,
     conf: String,
 }
 
 /// An HttpContext created for the current request.
+#[derive(Clone)]
 pub struct Active {
     plugin: usize,
-    owner: String,
+    owner: Arc<str>,
     http_id: u32,
     vm_generation: u64,
+}
+
+/// The Proxy-Wasm state of one request: the request as plugins see it and its HttpContexts.
+/// Dropping it runs the log phase (`proxy_on_log`, done, delete) if that has not happened, so
+/// a request abandoned half-way (client gone) never leaks contexts.
+pub struct WasmRequest {
+    plugins: Arc<Plugins>,
+    pub stream: Option<Stream>,
+    pub active: Vec<Active>,
+}
+
+impl WasmRequest {
+    pub fn new(plugins: Arc<Plugins>, stream: Stream) -> WasmRequest {
+        WasmRequest {
+            plugins,
+            stream: Some(stream),
+            active: Vec::new(),
+        }
+    }
+
+    /// Whether any HttpContext of this request has body callbacks in `dir`.
+    pub fn wants_body(&self, dir: Dir) -> bool {
+        self.active
+            .iter()
+            .any(|a| self.plugins.list[a.plugin].has_body(dir))
+    }
+
+    /// The log phase, once.
+    pub fn finish(&mut self) {
+        let active = std::mem::take(&mut self.active);
+        if active.is_empty() {
+            return;
+        }
+        self.plugins.on_log(active, &mut self.stream);
+    }
+}
+
+impl Drop for WasmRequest {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 /// How a phase ended.
@@ -70,6 +152,45 @@ pub enum Verdict {
     Reply(LocalReply),
     /// A plugin failed (configure refused, fault): 503.
     Fail,
+}
+
+/// Request or response body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    Request,
+    Response,
+}
+
+/// What a body chunk became.
+pub enum BodyStep {
+    /// Bytes every plugin let through (possibly none: a plugin is buffering).
+    Release(Vec<u8>),
+    Reply(LocalReply),
+    Fail,
+    /// A plugin's buffer would exceed the cap.
+    TooLarge,
+}
+
+impl Plugin {
+    fn has_body(&self, dir: Dir) -> bool {
+        match dir {
+            Dir::Request => self.request_body,
+            Dir::Response => self.response_body,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VmState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+type CallFuture = Pin<Box<dyn Future<Output = (u32, u32, Option<CallResponse>)> + Send>>;
+
+/// Which headers callback a step runs.
+#[derive(Clone, Copy)]
+enum Phase {
+    Request,
+    Response,
 }
 
 impl Plugins {
@@ -100,14 +221,24 @@ impl Plugins {
                     .map_err(anyhow::Error::msg)?;
             let vm = PluginVm::new(&module)
                 .map_err(|f| anyhow::anyhow!("wasm plugin {:?}: start failed: {f}", d.name))?;
+            let (request_body, response_body) = (vm.has_request_body(), vm.has_response_body());
+            // What `proxy_on_vm_start` asked for (ticks, call-outs) is picked up by
+            // `set_callout`.
+            let st = VmState {
+                vm: Some(vm),
+                generation: 0,
+                roots: HashMap::new(),
+                calls: HashMap::new(),
+                ticks: HashMap::new(),
+                ticks_dirty: false,
+                queues: Vec::new(),
+            };
             list.push(Plugin {
                 decl: d.clone(),
                 module,
-                state: Mutex::new(VmState {
-                    vm: Some(vm),
-                    generation: 0,
-                    roots: HashMap::new(),
-                }),
+                state: Mutex::new(st),
+                request_body,
+                response_body,
             });
         }
         let by_name = list
@@ -119,7 +250,25 @@ impl Plugins {
             list,
             by_name,
             faults,
+            callout: OnceLock::new(),
+            ticks_changed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Installs the client that performs call-outs (once, at worker start), and sends the
+    /// calls the plugins dispatched while starting.
+    pub fn set_callout(self: &Arc<Self>, c: Arc<dyn Callout>) {
+        let _ = self.callout.set(c);
+        for (i, p) in self.list.iter().enumerate() {
+            let (calls, generation) = {
+                let mut st = p.lock();
+                let generation = st.generation;
+                (st.collect(self), generation)
+            };
+            for c in calls {
+                self.spawn_call(i, generation, c);
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -130,6 +279,7 @@ impl Plugins {
     pub fn chain(&self, globals: &[GlobalRuleEntry], route: &RouteEntry) -> Vec<Link> {
         let mut links = Vec::new();
         let mut push = |owner: String, plugins: &[wasmgate_shared::model::PluginConf], rank: u8| {
+            let owner: Arc<str> = owner.into();
             for pc in plugins {
                 if let Some(&i) = self.by_name.get(&pc.name) {
                     links.push((
@@ -166,65 +316,255 @@ impl Plugins {
         links.into_iter().map(|(_, l)| l).collect()
     }
 
-    /// Request headers through every link; `stream` is the request as plugins see it.
-    pub fn on_request(
-        &self,
+    /// Request headers through every link, waiting out pauses. `end_of_stream`: the request
+    /// has no body.
+    pub async fn on_request(
+        self: &Arc<Self>,
         chain: &[Link],
-        stream: &mut Option<Stream>,
-        active: &mut Vec<Active>,
+        req: &mut WasmRequest,
+        end_of_stream: bool,
     ) -> Verdict {
         for link in chain {
             let p = &self.list[link.plugin];
-            let mut st = p.state.lock().unwrap_or_else(|e| e.into_inner());
-            let (http_id, generation) = match self.open(p, &mut st, link) {
-                Ok(Some(ids)) => ids,
-                Ok(None) => return Verdict::Fail,
-                Err(f) => {
-                    self.fault(p, &mut st, &f, "creating a context");
-                    if p.decl.fail_open {
-                        continue;
-                    }
-                    return Verdict::Fail;
-                }
-            };
-            active.push(Active {
-                plugin: link.plugin,
-                owner: link.owner.clone(),
-                http_id,
-                vm_generation: generation,
-            });
-            let vm = st.vm.as_mut().expect("opened above");
-            let (s, r) = vm.on_request_headers(http_id, stream.take().expect("stream present"));
-            *stream = Some(s);
-            match r {
-                Ok((_, Some(reply))) => return Verdict::Reply(reply),
-                Ok((Action::Pause, None)) => {
-                    tracing::warn!("{}: paused the request in proxy_on_request_headers; resuming (pausing needs an http_call)", p.decl.name);
-                }
-                Ok((Action::Continue, None)) => {}
-                Err(f) => {
-                    self.fault(p, &mut st, &f, "proxy_on_request_headers");
-                    if !p.decl.fail_open {
+            let (active, first, calls) = {
+                let mut st = p.lock();
+                let (http_id, generation) = match self.open(p, &mut st, link) {
+                    Ok(Some(ids)) => ids,
+                    Ok(None) => return Verdict::Fail,
+                    Err(f) => {
+                        self.fault(p, &mut st, &f, "creating a context");
+                        if p.decl.fail_open {
+                            continue;
+                        }
                         return Verdict::Fail;
                     }
-                }
+                };
+                let active = Active {
+                    plugin: link.plugin,
+                    owner: link.owner.clone(),
+                    http_id,
+                    vm_generation: generation,
+                };
+                req.active.push(active.clone());
+                let Some(vm) = st.vm.as_mut() else {
+                    return Verdict::Fail;
+                };
+                let r = vm.on_request_headers(http_id, &mut req.stream, end_of_stream);
+                let calls = st.collect(self);
+                (active, r, calls)
+            };
+            match self
+                .settle(&active, first, calls, &mut req.stream, Phase::Request)
+                .await
+            {
+                Verdict::Continue => {}
+                other => return other,
             }
         }
         Verdict::Continue
+    }
+
+    /// Response headers through the contexts of this request, waiting out pauses.
+    pub async fn on_response(
+        self: &Arc<Self>,
+        active: &[Active],
+        stream: &mut Option<Stream>,
+        end_of_stream: bool,
+    ) -> Verdict {
+        for a in active {
+            let p = &self.list[a.plugin];
+            let (first, calls) = {
+                let mut st = p.lock();
+                if st.generation != a.vm_generation {
+                    continue;
+                }
+                let Some(vm) = st.vm.as_mut() else { continue };
+                let r = vm.on_response_headers(a.http_id, stream, end_of_stream);
+                (r, st.collect(self))
+            };
+            match self.settle(a, first, calls, stream, Phase::Response).await {
+                Verdict::Continue => {}
+                other => return other,
+            }
+        }
+        Verdict::Continue
+    }
+
+    /// What a headers callback's outcome means for the request: a fault fails it (unless
+    /// `fail_open`), a local reply answers it, a pause waits for the context's call-outs.
+    async fn settle(
+        self: &Arc<Self>,
+        a: &Active,
+        first: Result<Outcome, Fault>,
+        calls: Vec<HttpCall>,
+        stream: &mut Option<Stream>,
+        phase: Phase,
+    ) -> Verdict {
+        let p = &self.list[a.plugin];
+        let mut mine: FuturesUnordered<CallFuture> = FuturesUnordered::new();
+        let mut outcome = first;
+        let mut calls = calls;
+        let mut delivered = false;
+        loop {
+            for c in calls.drain(..) {
+                if c.context == a.http_id {
+                    mine.push(self.call_future(c));
+                } else {
+                    self.spawn_call(a.plugin, a.vm_generation, c);
+                }
+            }
+            let o = match outcome {
+                Err(f) => {
+                    // A fault in a delivered answer was handled by `deliver`.
+                    if !delivered {
+                        self.fault(p, &mut p.lock(), &f, phase.callback());
+                    }
+                    return if p.decl.fail_open {
+                        Verdict::Continue
+                    } else {
+                        Verdict::Fail
+                    };
+                }
+                Ok(o) => o,
+            };
+            if let Some(reply) = o.reply {
+                self.detach(a, mine);
+                return Verdict::Reply(reply);
+            }
+            if o.action == Action::Continue || o.resumed {
+                self.detach(a, mine);
+                return Verdict::Continue;
+            }
+            let Some((ctx, token, resp)) = mine.next().await else {
+                tracing::warn!(
+                    "{}: paused the request in {} with no call-out pending; resuming it",
+                    p.decl.name,
+                    phase.callback()
+                );
+                return Verdict::Continue;
+            };
+            match self.deliver(a.plugin, a.vm_generation, ctx, token, resp, stream) {
+                Some((r, more)) => {
+                    delivered = true;
+                    outcome = r.map(|mut o| {
+                        // Still paused unless the callback resumed or answered.
+                        o.action = Action::Pause;
+                        o
+                    });
+                    calls = more;
+                }
+                // The VM was replaced meanwhile (another request's fault).
+                None => {
+                    return if p.decl.fail_open {
+                        Verdict::Continue
+                    } else {
+                        Verdict::Fail
+                    };
+                }
+            }
+        }
+    }
+
+    /// Call-outs still in flight when their context stopped waiting: delivered when they end.
+    fn detach(self: &Arc<Self>, a: &Active, mut mine: FuturesUnordered<CallFuture>) {
+        if mine.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        let (plugin, generation) = (a.plugin, a.vm_generation);
+        tokio::spawn(async move {
+            while let Some((ctx, token, resp)) = mine.next().await {
+                me.deliver_detached(plugin, generation, ctx, token, resp);
+            }
+        });
+    }
+
+    /// The future of one call-out, with its timeout applied: (context, token, answer).
+    fn call_future(&self, c: HttpCall) -> CallFuture {
+        let (ctx, token, timeout) = (c.context, c.token, c.timeout);
+        let fut = self.callout.get().map(|co| co.call(c));
+        Box::pin(async move {
+            let resp = match fut {
+                Some(f) => tokio::time::timeout(timeout, f).await.ok().flatten(),
+                None => None,
+            };
+            (ctx, token, resp)
+        })
+    }
+
+    /// Performs a call-out in a task of its own and delivers the answer.
+    fn spawn_call(self: &Arc<Self>, plugin: usize, generation: u64, c: HttpCall) {
+        let fut = self.call_future(c);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (ctx, token, resp) = fut.await;
+            me.deliver_detached(plugin, generation, ctx, token, resp);
+        });
+    }
+
+    /// Delivers an answer to a context whose request does not wait on it (no stream lent).
+    fn deliver_detached(
+        self: &Arc<Self>,
+        plugin: usize,
+        generation: u64,
+        ctx: u32,
+        token: u32,
+        resp: Option<CallResponse>,
+    ) {
+        let mut none = None;
+        if let Some((_, calls)) = self.deliver(plugin, generation, ctx, token, resp, &mut none) {
+            for c in calls {
+                self.spawn_call(plugin, generation, c);
+            }
+        }
+    }
+
+    /// `proxy_on_http_call_response`, if the VM and the call are still current. Returns the
+    /// callback's outcome and the calls it dispatched.
+    fn deliver(
+        self: &Arc<Self>,
+        plugin: usize,
+        generation: u64,
+        ctx: u32,
+        token: u32,
+        resp: Option<CallResponse>,
+        stream: &mut Option<Stream>,
+    ) -> Option<(Result<Outcome, Fault>, Vec<HttpCall>)> {
+        let p = &self.list[plugin];
+        let mut st = p.lock();
+        if st.generation != generation || st.calls.remove(&token).is_none() {
+            return None;
+        }
+        if resp.is_none() {
+            tracing::warn!("{}: http call {token} failed or timed out", p.decl.name);
+        }
+        let vm = st.vm.as_mut()?;
+        let r = vm.on_http_call_response(ctx, token, stream, resp);
+        let calls = st.collect(self);
+        if let Err(f) = &r {
+            self.fault(p, &mut st, f, "proxy_on_http_call_response");
+        }
+        Some((r, calls))
     }
 
     /// Ensures the VM and the PluginContext, then creates an HttpContext: (http id, VM generation),
     /// or None when the plugin refused its configuration.
     fn open(&self, p: &Plugin, st: &mut VmState, link: &Link) -> Result<Option<(u32, u64)>, Fault> {
         if st.vm.is_none() {
-            st.vm = Some(PluginVm::new(&p.module)?);
+            let vm = PluginVm::new(&p.module)?;
             st.generation += 1;
             st.roots.clear();
+            st.calls.clear();
+            st.ticks.clear();
+            st.queues.clear();
+            // Ticks and call-outs of its `proxy_on_vm_start` are collected after this request's
+            // first callback.
+            st.vm = Some(vm);
             tracing::warn!("{}: new instance started", p.decl.name);
         }
-        if !st.roots.contains_key(&link.owner) {
+        if !st.roots.contains_key(&*link.owner) {
             self.retire_older(p, st, &link.owner);
-            let vm = st.vm.as_mut().expect("ensured above");
+            let vm = st.vm.as_mut().ok_or(Fault::Trap("no instance".into()))?;
             let id = vm.create_plugin_context(link.conf.as_bytes())?;
             if id.is_none() {
                 tracing::error!(
@@ -234,7 +574,7 @@ impl Plugins {
                 );
             }
             st.roots.insert(
-                link.owner.clone(),
+                link.owner.to_string(),
                 Root {
                     id,
                     inflight: 0,
@@ -242,7 +582,7 @@ impl Plugins {
                 },
             );
         }
-        let root = st.roots.get_mut(&link.owner).expect("inserted above");
+        let root = st.roots.get_mut(&*link.owner).expect("inserted above");
         let Some(root_id) = root.id else {
             tracing::error!(
                 "{}: failed to configure the plugin for {}; answering 503",
@@ -252,7 +592,7 @@ impl Plugins {
             return Ok(None);
         };
         root.inflight += 1;
-        let vm = st.vm.as_mut().expect("ensured above");
+        let vm = st.vm.as_mut().ok_or(Fault::Trap("no instance".into()))?;
         let id = vm.create_http_context(root_id)?;
         Ok(Some((id, st.generation)))
     }
@@ -266,10 +606,10 @@ impl Plugins {
                 root.stale = true;
             }
         }
-        self.collect(p, st);
+        self.collect_stale(p, st);
     }
 
-    fn collect(&self, p: &Plugin, st: &mut VmState) {
+    fn collect_stale(&self, p: &Plugin, st: &mut VmState) {
         let done: Vec<String> = st
             .roots
             .iter()
@@ -277,62 +617,284 @@ impl Plugins {
             .map(|(k, _)| k.clone())
             .collect();
         for key in done {
-            if let (Some(root), Some(vm)) = (st.roots.remove(&key), st.vm.as_mut()) {
-                if let Some(id) = root.id {
-                    if let Err(f) = vm.finish(id) {
-                        self.fault(p, st, &f, "finishing a plugin context");
-                        return;
-                    }
-                }
+            let Some(root) = st.roots.remove(&key) else {
+                continue;
+            };
+            let (Some(id), Some(vm)) = (root.id, st.vm.as_mut()) else {
+                continue;
+            };
+            if let Err(f) = vm.finish(id) {
+                self.fault(p, st, &f, "finishing a plugin context");
+                return;
             }
+            st.calls.retain(|_, c| *c != id);
+            st.ticks.remove(&id);
+            st.queues.retain(|(_, c, _)| *c != id);
         }
     }
 
-    /// Response headers through the contexts of this request.
-    pub fn on_response(&self, active: &[Active], stream: &mut Option<Stream>) -> Verdict {
-        for a in active {
+    /// One body chunk through the request's contexts that have body callbacks, each with its
+    /// own buffer (`bufs`, one per active context): a plugin that pauses keeps the bytes (the
+    /// next call sees them all, `body_size` cumulative); bytes it lets through go to the next
+    /// plugin and finally to the peer. `end_of_stream` is true on the last call.
+    pub fn on_body(
+        self: &Arc<Self>,
+        req: &mut WasmRequest,
+        dir: Dir,
+        bufs: &mut [Vec<u8>],
+        mut data: Vec<u8>,
+        end_of_stream: bool,
+    ) -> BodyStep {
+        let active = req.active.clone();
+        for (a, buf) in active.iter().zip(bufs.iter_mut()) {
             let p = &self.list[a.plugin];
-            let mut st = p.state.lock().unwrap_or_else(|e| e.into_inner());
-            if st.generation != a.vm_generation {
+            if !p.has_body(dir) {
                 continue;
             }
-            let Some(vm) = st.vm.as_mut() else { continue };
-            let (s, r) = vm.on_response_headers(a.http_id, stream.take().expect("stream present"));
-            *stream = Some(s);
+            let Some(stream) = req.stream.as_mut() else {
+                // The stream is lent to a waiting headers phase: nothing to show the plugin.
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            data.clear();
+            let cap = p.decl.body_buffer_limit as usize;
+            if buf.len() > cap {
+                tracing::error!(
+                    "{}: buffered {} body bytes, over the {cap}-byte cap",
+                    p.decl.name,
+                    buf.len()
+                );
+                return BodyStep::TooLarge;
+            }
+            let lent = match dir {
+                Dir::Request => &mut stream.request_body,
+                Dir::Response => &mut stream.response_body,
+            };
+            std::mem::swap(lent, buf);
+            let r = {
+                let mut st = p.lock();
+                if st.generation != a.vm_generation || st.vm.is_none() {
+                    None
+                } else {
+                    let vm = st.vm.as_mut().expect("checked");
+                    let r = match dir {
+                        Dir::Request => {
+                            vm.on_request_body(a.http_id, &mut req.stream, end_of_stream)
+                        }
+                        Dir::Response => {
+                            vm.on_response_body(a.http_id, &mut req.stream, end_of_stream)
+                        }
+                    };
+                    let calls = st.collect(self);
+                    if let Err(f) = &r {
+                        self.fault(p, &mut st, f, dir.callback());
+                    }
+                    Some((r, calls))
+                }
+            };
+            if let Some(stream) = req.stream.as_mut() {
+                let lent = match dir {
+                    Dir::Request => &mut stream.request_body,
+                    Dir::Response => &mut stream.response_body,
+                };
+                std::mem::swap(lent, buf);
+            }
+            let Some((r, calls)) = r else {
+                // The VM was replaced: this context is gone, the bytes pass.
+                data = std::mem::take(buf);
+                continue;
+            };
+            for c in calls {
+                self.spawn_call(a.plugin, a.vm_generation, c);
+            }
             match r {
-                Ok((_, Some(reply))) => return Verdict::Reply(reply),
-                Ok(_) => {}
-                Err(f) => {
-                    self.fault(p, &mut st, &f, "proxy_on_response_headers");
-                    if !p.decl.fail_open {
-                        return Verdict::Fail;
+                Err(_) if p.decl.fail_open => {}
+                Err(_) => return BodyStep::Fail,
+                Ok(o) => {
+                    if let Some(reply) = o.reply {
+                        return BodyStep::Reply(reply);
+                    }
+                    if o.action == Action::Pause && !end_of_stream {
+                        return BodyStep::Release(Vec::new());
                     }
                 }
             }
+            data = std::mem::take(buf);
         }
-        Verdict::Continue
+        BodyStep::Release(data)
     }
 
     /// The log phase: `proxy_on_log`, then done and delete for every HttpContext.
-    pub fn on_log(&self, active: Vec<Active>, mut stream: Stream) {
+    fn on_log(&self, active: Vec<Active>, stream: &mut Option<Stream>) {
         for a in active {
             let p = &self.list[a.plugin];
-            let mut st = p.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = p.lock();
             if st.generation != a.vm_generation || st.vm.is_none() {
                 continue;
             }
             let vm = st.vm.as_mut().expect("checked");
-            let (s, r) = vm.on_log(a.http_id, stream);
-            stream = s;
-            let r = r.and_then(|_| vm.finish(a.http_id));
+            let r = vm
+                .on_log(a.http_id, stream)
+                .and_then(|_| vm.finish(a.http_id));
+            st.calls.retain(|_, c| *c != a.http_id);
             if let Err(f) = r {
                 self.fault(p, &mut st, &f, "proxy_on_log");
                 continue;
             }
-            if let Some(root) = st.roots.get_mut(&a.owner) {
+            if let Some(root) = st.roots.get_mut(&*a.owner) {
                 root.inflight = root.inflight.saturating_sub(1);
             }
-            self.collect(p, &mut st);
+            self.collect_stale(p, &mut st);
+        }
+    }
+
+    /// Runs forever: `proxy_on_tick` on each root context whose period elapsed.
+    pub async fn tick_loop(self: Arc<Self>) {
+        loop {
+            let now = Instant::now();
+            let mut next: Option<Instant> = None;
+            for (i, p) in self.list.iter().enumerate() {
+                let calls = {
+                    let mut st = p.lock();
+                    let due: Vec<u32> = st
+                        .ticks
+                        .iter()
+                        .filter(|(_, (_, at))| *at <= now)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    let mut calls = Vec::new();
+                    for id in due {
+                        if let Some((period, at)) = st.ticks.get_mut(&id) {
+                            // Late ticks are not made up for: the next one is a period from now.
+                            *at = now + *period;
+                        }
+                        let Some(vm) = st.vm.as_mut() else { break };
+                        let r = vm.on_tick(id);
+                        calls.extend(st.collect(&self));
+                        if let Err(f) = r {
+                            self.fault(p, &mut st, &f, "proxy_on_tick");
+                            break;
+                        }
+                    }
+                    calls.extend(self.poll_queues(p, &mut st));
+                    for (_, at) in st.ticks.values() {
+                        next = Some(next.map_or(*at, |n| n.min(*at)));
+                    }
+                    if !st.queues.is_empty() {
+                        let at = now + QUEUE_POLL;
+                        next = Some(next.map_or(at, |n| n.min(at)));
+                    }
+                    (calls, st.generation)
+                };
+                for c in calls.0 {
+                    self.spawn_call(i, calls.1, c);
+                }
+            }
+            let sleep = match next {
+                Some(at) => tokio::time::sleep_until(at.into()),
+                None => tokio::time::sleep(Duration::from_secs(3600)),
+            };
+            tokio::select! {
+                _ = sleep => {}
+                _ = self.ticks_changed.notified() => {}
+            }
+        }
+    }
+}
+
+/// How often registered shared queues are checked for new items (they are filled by any worker).
+const QUEUE_POLL: Duration = Duration::from_millis(5);
+
+impl Plugins {
+    /// `proxy_on_queue_ready` on the registering root context of each queue that received items
+    /// since the last look.
+    fn poll_queues(&self, p: &Plugin, st: &mut VmState) -> Vec<HttpCall> {
+        let Some(shm) = wasmgate_wasm::shared::shm() else {
+            return Vec::new();
+        };
+        let mut calls = Vec::new();
+        for i in 0..st.queues.len() {
+            let (token, ctx, seen) = st.queues[i];
+            let seq = shm.queue_seq(token).unwrap_or(seen);
+            if seq == seen {
+                continue;
+            }
+            st.queues[i].2 = seq;
+            let Some(vm) = st.vm.as_mut() else { break };
+            let r = vm.on_queue_ready(ctx, token);
+            calls.extend(st.collect(self));
+            if let Err(f) = r {
+                self.fault(p, st, &f, "proxy_on_queue_ready");
+                break;
+            }
+        }
+        calls
+    }
+}
+
+impl VmState {
+    /// After any call into the VM: registers the call-outs it dispatched (returned for the
+    /// caller to perform) and picks up changed tick periods.
+    fn collect(&mut self, plugins: &Plugins) -> Vec<HttpCall> {
+        let Some(mut vm) = self.vm.take() else {
+            return Vec::new();
+        };
+        let calls = self.absorb(&mut vm);
+        self.vm = Some(vm);
+        if self.ticks_changed_flag() {
+            plugins.ticks_changed.notify_one();
+        }
+        calls
+    }
+
+    fn absorb(&mut self, vm: &mut PluginVm) -> Vec<HttpCall> {
+        let calls = vm.take_calls();
+        for c in &calls {
+            self.calls.insert(c.token, c.context);
+        }
+        if let Some(periods) = vm.changed_ticks() {
+            let now = Instant::now();
+            let old = std::mem::take(&mut self.ticks);
+            for (id, ms) in periods {
+                let period = Duration::from_millis(ms as u64);
+                let at = match old.get(&id) {
+                    Some((p, at)) if *p == period => *at,
+                    _ => now + period,
+                };
+                self.ticks.insert(id, (period, at));
+            }
+            self.ticks_dirty = true;
+        }
+        if let Some(regs) = vm.changed_queues() {
+            for (token, ctx) in regs {
+                if !self.queues.iter().any(|(t, c, _)| (*t, *c) == (token, ctx)) {
+                    self.queues.push((token, ctx, 0));
+                    self.ticks_dirty = true;
+                }
+            }
+        }
+        calls
+    }
+
+    fn ticks_changed_flag(&mut self) -> bool {
+        std::mem::take(&mut self.ticks_dirty)
+    }
+}
+
+impl Phase {
+    fn callback(self) -> &'static str {
+        match self {
+            Phase::Request => "proxy_on_request_headers",
+            Phase::Response => "proxy_on_response_headers",
+        }
+    }
+}
+
+impl Dir {
+    fn callback(self) -> &'static str {
+        match self {
+            Dir::Request => "proxy_on_request_body",
+            Dir::Response => "proxy_on_response_body",
         }
     }
 }
@@ -356,6 +918,9 @@ impl Plugins {
         }
         st.vm = None;
         st.roots.clear();
+        st.calls.clear();
+        st.ticks.clear();
+        st.queues.clear();
         st.generation += 1;
     }
 }

@@ -15,10 +15,11 @@
 use crate::access_log::Entry;
 use crate::body::{self, Observed, ProxyBody};
 use crate::live::Compiled;
-use crate::plugins::{Active, Verdict};
+use crate::plugins::{Dir, Verdict, WasmRequest};
 use crate::router::{RequestView, RouteEntry};
 use crate::upstream::pool::{Conn, PooledBody};
 use crate::upstream::UpstreamRuntime;
+use crate::wasm_body::{BodyFailure, PluginBody, Primed};
 use crate::wasm_glue;
 use crate::Worker;
 use bytes::Bytes;
@@ -30,7 +31,7 @@ use hyper::body::Incoming;
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmgate_shared::model::{HashOn, PassHost};
 use wasmgate_wasm::Stream;
@@ -97,10 +98,11 @@ pub async fn handle(
     log_phase(w, resp, log, wasm)
 }
 
-/// The Proxy-Wasm state of one request: the request as plugins see it and its HttpContexts.
-struct WasmRequest {
-    stream: Option<Stream>,
-    active: Vec<Active>,
+/// A request's Proxy-Wasm state once it is shared with its body filters and the log phase.
+type SharedWasm = Arc<Mutex<WasmRequest>>;
+
+fn lock(w: &SharedWasm) -> std::sync::MutexGuard<'_, WasmRequest> {
+    w.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -112,36 +114,48 @@ async fn serve_route(
     body: Incoming,
     peer: SocketAddr,
     up_log: &mut UpstreamLog,
-    wasm: &mut Option<WasmRequest>,
+    wasm: &mut Option<SharedWasm>,
 ) -> Response<ProxyBody> {
     let max = w.max_body_size;
     if max > 0 && content_length(&parts.headers).is_some_and(|n| n > max) {
         return error_page(StatusCode::PAYLOAD_TOO_LARGE);
     }
+    let no_body = body.is_end_stream();
+    let mut body = limit_body(body, max);
+    let mut cut = None;
     let chain = w.plugins.chain(&cfg.global_rules, route);
     if !chain.is_empty() {
         let props = Arc::new(wasm_glue::RequestProps::new(parts, peer, route));
-        let mut req = WasmRequest {
-            stream: Some(Stream::new(wasm_glue::request_pairs(parts), props)),
-            active: Vec::new(),
-        };
-        let verdict = w
-            .plugins
-            .on_request(&chain, &mut req.stream, &mut req.active);
-        let stream = req.stream.as_ref().expect("returned by on_request");
+        let stream = Stream::new(wasm_glue::request_pairs(parts), props);
+        let mut req = WasmRequest::new(w.plugins.clone(), stream);
+        let verdict = w.plugins.on_request(&chain, &mut req, no_body).await;
         let early = match verdict {
             Verdict::Reply(r) => Some(wasm_glue::local_reply(r)),
             Verdict::Fail => Some(error_page(StatusCode::SERVICE_UNAVAILABLE)),
-            Verdict::Continue => wasm_glue::apply_request(&stream.request, parts)
-                .err()
-                .map(|e| {
-                    tracing::error!("route {}: plugins left an invalid request: {e}", route.id);
-                    error_page(StatusCode::INTERNAL_SERVER_ERROR)
-                }),
+            Verdict::Continue => match req.stream.as_ref() {
+                Some(stream) => wasm_glue::apply_request(&stream.request, parts)
+                    .err()
+                    .map(|e| {
+                        tracing::error!("route {}: plugins left an invalid request: {e}", route.id);
+                        error_page(StatusCode::INTERNAL_SERVER_ERROR)
+                    }),
+                None => None,
+            },
         };
-        *wasm = Some(req);
+        let wants_body = !no_body && req.wants_body(Dir::Request);
+        let shared = Arc::new(Mutex::new(req));
+        *wasm = Some(shared.clone());
         if let Some(resp) = early {
             return resp;
+        }
+        if wants_body {
+            match request_body(w, &shared, body, parts).await {
+                Ok((b, failure)) => {
+                    body = b;
+                    cut = Some(failure);
+                }
+                Err(resp) => return resp,
+            }
         }
     }
     let resp = match &route.upstream {
@@ -149,34 +163,99 @@ async fn serve_route(
             StatusCode::SERVICE_UNAVAILABLE,
             "missing upstream configuration in Route or Service",
         ),
-        Some(up) => forward(w, up, parts, limit_body(body, max), peer, up_log).await,
+        Some(up) => forward(w, up, parts, body, peer, up_log).await,
     };
-    match wasm.as_mut() {
-        Some(req) => response_phase(w, req, resp),
+    // A plugin cut the request body while it streamed: its verdict, not the upstream's.
+    let failure = cut.and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).take());
+    if let Some(f) = failure {
+        return failure_response(f, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    match wasm.as_ref() {
+        Some(shared) => response_phase(w, shared, resp).await,
         None => resp,
     }
 }
 
-/// Runs `proxy_on_response_headers` and applies what the plugins changed.
-fn response_phase(
+/// The request body through plugins' `proxy_on_request_body`, primed before the upstream is
+/// contacted: when the plugins are done with the whole body by then, `Content-Length` is set
+/// to its final size; a buffer over its cap answers 413, a plugin's reply answers instead.
+async fn request_body(
     w: &Worker,
-    req: &mut WasmRequest,
+    shared: &SharedWasm,
+    body: ProxyBody,
+    parts: &mut http::request::Parts,
+) -> Result<(ProxyBody, Arc<Mutex<Option<BodyFailure>>>), Response<ProxyBody>> {
+    let mut pb = PluginBody::new(body, shared.clone(), w.plugins.clone(), Dir::Request);
+    match pb.prime().await {
+        Primed::Complete(len) => {
+            parts.headers.remove(header::TRANSFER_ENCODING);
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        Primed::Streaming => {}
+        Primed::Failed(f) => return Err(failure_response(f, StatusCode::PAYLOAD_TOO_LARGE)),
+    }
+    let failure = pb.failure();
+    Ok((pb.boxed(), failure))
+}
+
+/// The answer for a body a plugin cut: `too_large` for a buffer over its cap (413 for a
+/// request body, 502 for a response body), the plugin's own reply, or 503 for a fault.
+fn failure_response(f: BodyFailure, too_large: StatusCode) -> Response<ProxyBody> {
+    match f {
+        BodyFailure::TooLarge => error_page(too_large),
+        BodyFailure::Reply(r) => wasm_glue::local_reply(r),
+        BodyFailure::Fault => error_page(StatusCode::SERVICE_UNAVAILABLE),
+    }
+}
+
+/// Runs `proxy_on_response_headers` (and, for plugins with body callbacks, primes the response
+/// body) and applies what the plugins changed.
+async fn response_phase(
+    w: &Worker,
+    shared: &SharedWasm,
     mut resp: Response<ProxyBody>,
 ) -> Response<ProxyBody> {
-    if let Some(s) = req.stream.as_mut() {
+    let (active, mut stream) = {
+        let mut g = lock(shared);
+        (g.active.clone(), g.stream.take())
+    };
+    if let Some(s) = stream.as_mut() {
         s.response = Some(wasm_glue::response_pairs(&resp));
     }
-    match w.plugins.on_response(&req.active, &mut req.stream) {
-        Verdict::Reply(r) => wasm_glue::local_reply(r),
-        Verdict::Fail => error_page(StatusCode::SERVICE_UNAVAILABLE),
+    let no_body = resp.body().is_end_stream();
+    let verdict = w.plugins.on_response(&active, &mut stream, no_body).await;
+    let pairs = stream.as_ref().and_then(|s| s.response.clone());
+    let wants_body = {
+        let mut g = lock(shared);
+        g.stream = stream;
+        !no_body && g.wants_body(Dir::Response)
+    };
+    match verdict {
+        Verdict::Reply(r) => return wasm_glue::local_reply(r),
+        Verdict::Fail => return error_page(StatusCode::SERVICE_UNAVAILABLE),
         Verdict::Continue => {
-            let pairs = req.stream.as_ref().and_then(|s| s.response.as_ref());
             if let Some(pairs) = pairs {
-                wasm_glue::apply_response(pairs, &mut resp);
+                wasm_glue::apply_response(&pairs, &mut resp);
             }
-            resp
         }
     }
+    if !wants_body {
+        return resp;
+    }
+    let (mut head, body) = resp.into_parts();
+    let mut pb = PluginBody::new(body, shared.clone(), w.plugins.clone(), Dir::Response);
+    match pb.prime().await {
+        Primed::Complete(len) => {
+            head.headers.remove(header::TRANSFER_ENCODING);
+            head.headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        Primed::Streaming => {}
+        Primed::Failed(f) => return failure_response(f, StatusCode::BAD_GATEWAY),
+    }
+    Response::from_parts(head, pb.boxed())
 }
 
 /// Phase 3: sends the request to a node, moving to the next node on connect failures.
@@ -470,17 +549,13 @@ fn log_phase(
     w: Arc<Worker>,
     resp: Response<ProxyBody>,
     log: LogInfo,
-    wasm: Option<WasmRequest>,
+    wasm: Option<SharedWasm>,
 ) -> Response<ProxyBody> {
     let status = resp.status().as_u16();
     resp.map(move |b| {
         Observed::new(b, move |sent, _complete| {
-            if let Some(WasmRequest {
-                stream: Some(stream),
-                active,
-            }) = wasm
-            {
-                w.plugins.on_log(active, stream);
+            if let Some(shared) = wasm {
+                lock(&shared).finish();
             }
             let up = &log.upstream;
             if let Some((rt, idx)) = &up.active {

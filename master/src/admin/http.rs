@@ -161,6 +161,14 @@ async fn dispatch(
 async fn wasmgate_endpoint(m: &Master, method: &Method, rest: &str) -> Response<Full<Bytes>> {
     match (method, rest.trim_end_matches('/')) {
         (&Method::GET, "status") | (&Method::GET, "workers") => reply(200, status::gateway(m)),
+        (&Method::GET, "metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(status::prometheus(m))));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
         (&Method::POST, "reload") => {
             let (tx, rx) = tokio::sync::oneshot::channel();
             if m.control.send(Control::Reload(tx)).is_err() {

@@ -1,0 +1,334 @@
+//! The complete Proxy-Wasm host through a running gateway with two workers and real Rust SDK
+//! plugins (tests/plugins/): call-outs that pause and resume requests, body rewriting with
+//! buffering and caps, shared data, queues and metrics shared by all workers, ticks.
+
+mod common;
+
+use common::{eventually, http, Gateway, TestUpstream};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+fn get(gw: &Gateway, path: &str) -> common::Resp {
+    http("GET", &gw.url(path), &[], None)
+}
+
+/// Workers that served at least one request.
+fn busy_workers(gw: &Gateway) -> usize {
+    gw.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["requests"].as_u64().unwrap_or(0) > 0)
+        .count()
+}
+
+/// Sends `n` requests from `threads` threads, each on its own connection (so both workers
+/// take some), and returns their statuses.
+fn burst(gw: &Gateway, path: &str, threads: usize, n: usize) -> Vec<u16> {
+    let url = gw.url(path);
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                (0..n)
+                    .map(|_| http("GET", &url, &[], None).status)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}
+
+/// `proxy_http_call` from an HTTP context: the request pauses until the auth service answers,
+/// then is resumed with headers the plugin added, or answered by the plugin.
+#[test]
+fn http_call_pauses_then_resumes_or_answers() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let auth = TestUpstream::start("auth");
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/upstreams/auth-svc",
+        Some(json!({"type": "roundrobin", "nodes": {auth.addr(): 1}})),
+    );
+    assert!(s == 200 || s == 201, "{s} {v}");
+    let conf = |target: &str, timeout: u64| json!({"conf": json!({"upstream": target, "timeout_ms": timeout}).to_string()});
+    gw.route(
+        "by-id",
+        json!({"uri": "/private", "plugins": {"http_auth": conf("auth-svc", 2000)}}),
+        Some(&app),
+    );
+    gw.route(
+        "literal",
+        json!({"uri": "/literal", "plugins": {"http_auth": conf(&auth.addr(), 2000)}}),
+        Some(&app),
+    );
+    // A peer that accepts connections (the kernel's backlog does) but never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    gw.route(
+        "silent",
+        json!({"uri": "/silent", "plugins": {"http_auth": conf(&silent_addr, 300)}}),
+        Some(&app),
+    );
+    gw.route(
+        "refused",
+        json!({"uri": "/refused", "plugins": {"http_auth": conf("127.0.0.1:1", 2000)}}),
+        Some(&app),
+    );
+
+    let good = [("Authorization", "Bearer good")];
+    for path in ["/private", "/literal"] {
+        let r = http("GET", &gw.url(path), &good, None);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let seen = r.json();
+        assert_eq!(seen["server"], "app");
+        assert_eq!(seen["headers"]["x-auth-user"], "alice", "{seen}");
+        assert_eq!(seen["headers"]["x-auth-body"], "ok-body");
+    }
+    let hits_before = auth.hits();
+    let r = http(
+        "GET",
+        &gw.url("/private"),
+        &[("Authorization", "Bearer bad")],
+        None,
+    );
+    assert_eq!(
+        (r.status, r.header("x-auth-status"), r.text().as_str()),
+        (403, Some("401"), "denied by auth")
+    );
+    assert_eq!(auth.hits(), hits_before + 1);
+
+    // Failure and timeout reach the plugin as an answer without headers.
+    let r = get(&gw, "/refused");
+    assert_eq!(
+        (r.status, r.header("x-auth-error")),
+        (503, Some("unavailable"))
+    );
+    let started = Instant::now();
+    let r = get(&gw, "/silent");
+    assert_eq!(
+        (r.status, r.header("x-auth-error")),
+        (503, Some("unavailable"))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the call's 300 ms timeout applies"
+    );
+    // Missing :path → BadArgument to the plugin, which answers 500 itself.
+    let r = http(
+        "GET",
+        &gw.url("/private"),
+        &[("Authorization", "Bearer good"), ("x-auth-bad-call", "1")],
+        None,
+    );
+    assert_eq!(
+        (r.status, r.header("x-auth-error")),
+        (500, Some("dispatch"))
+    );
+
+    // Paused requests do not hold the worker: many wait on the auth service at once.
+    let url = gw.url("/private");
+    let handles: Vec<_> = (0..16)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                http("GET", &url, &[("Authorization", "Bearer good")], None).status
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    drop(silent);
+}
+
+/// Body callbacks: the request body gets a suffix before it reaches the upstream; the response
+/// body is buffered whole, redacted and prefixed, with Content-Length fixed; buffers over the
+/// plugin's `body_buffer_limit` (64k here) answer 413 / 502.
+#[test]
+fn bodies_are_buffered_and_rewritten() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let conf = json!({"redact": "secret", "request_append": "+tail", "response_prepend": "<<"});
+    gw.route(
+        "b",
+        json!({"uri": "/*", "plugins": {"body_rewrite": {"conf": conf.to_string()}}}),
+        Some(&app),
+    );
+
+    let r = http(
+        "POST",
+        &gw.url("/echo"),
+        &[("x-note", "my secret word")],
+        Some(b"hello"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-body-rewrite"), Some("on"));
+    let text = r.text();
+    assert!(text.starts_with("<<{"), "{text}");
+    assert!(
+        !text.contains("secret") && text.contains("my ****** word"),
+        "{text}"
+    );
+    assert_eq!(
+        r.header("content-length"),
+        Some(r.body.len().to_string().as_str())
+    );
+    let seen: serde_json::Value = serde_json::from_str(&text[2..]).unwrap();
+    assert_eq!(
+        seen["body_len"], 10,
+        "hello+tail reached the upstream: {seen}"
+    );
+    assert_eq!(seen["headers"]["content-length"], "10");
+
+    // A streamed (chunked) response is buffered to its end, then rewritten.
+    let r = get(&gw, "/stream/40");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 40 * 1024 + 2);
+    assert!(r.body.starts_with(b"<<aaaa"));
+
+    // Over the cap: 502 for a response, 413 for a request body; the worker lives on.
+    assert_eq!(get(&gw, "/big/100000").status, 502);
+    let big = vec![b'x'; 100_000];
+    assert_eq!(http("POST", &gw.url("/echo"), &[], Some(&big)).status, 413);
+    assert_eq!(get(&gw, "/small").status, 200);
+
+    eventually(Duration::from_secs(5), "the plugin's log line", || {
+        gw.error_log().contains(
+            "body_rewrite: request_body_calls=1 request_body_size=5 response_body_calls=1",
+        )
+    });
+}
+
+/// `get/set_shared_data` with CAS is one store for every worker: concurrent increments from
+/// both workers add up exactly; an oversized value is refused without harming the store.
+#[test]
+fn shared_data_is_gateway_wide() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    gw.route(
+        "c",
+        json!({"uri": "/counter/*", "plugins": {"shared_counter": {"conf": "-"}}}),
+        Some(&app),
+    );
+    // The first write creates the key (the ABI has no atomic create): done alone.
+    let r = get(&gw, "/counter/inc");
+    assert_eq!((r.status, r.header("x-counter")), (200, Some("1")));
+    let statuses = burst(&gw, "/counter/inc", 8, 25);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(get(&gw, "/counter/read").text(), "201");
+    assert_eq!(busy_workers(&gw), 2, "both workers took part");
+
+    let r = get(&gw, "/counter/big?size=2000000");
+    assert_eq!((r.status, r.text().as_str()), (507, "InternalFailure"));
+    assert_eq!(get(&gw, "/counter/read").text(), "201");
+    assert!(gw.error_log().contains("write refused"));
+}
+
+/// `proxy_set_tick_period_milliseconds` → `proxy_on_tick` in every worker at that period until
+/// it is set to 0; a root context's `proxy_http_call` is answered to that root context.
+#[test]
+fn ticks_and_root_context_calls() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    gw.route(
+        "hb",
+        json!({"uri": "/hb", "plugins": {"heartbeat": {"conf": json!({"upstream": app.addr()}).to_string()}}}),
+        None,
+    );
+    // Each worker's VM root context ticks 5 times at 20 ms, then stops.
+    eventually(
+        Duration::from_secs(10),
+        "five ticks in each worker and the call's answer",
+        || {
+            let t = get(&gw, "/hb").text();
+            t.contains("local=5") && t.contains("call=200")
+        },
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let statuses = burst(&gw, "/hb", 4, 5);
+    assert!(statuses.iter().all(|s| *s == 200));
+    for _ in 0..10 {
+        let t = get(&gw, "/hb").text();
+        assert!(
+            t.contains("local=5"),
+            "ticks stopped at 5 in every worker: {t}"
+        );
+    }
+    // One plugin context per worker that served /hb, each making exactly one call-out.
+    assert_eq!(app.hits(), busy_workers(&gw));
+}
+
+/// Shared queues: registered by each worker's root context, filled by requests in any worker,
+/// drained by `proxy_on_queue_ready`.
+#[test]
+fn shared_queues_cross_workers() {
+    let gw = Gateway::start();
+    gw.route(
+        "q",
+        json!({"uri": "/queue/*", "plugins": {"queue": {"conf": "-"}}}),
+        None,
+    );
+    let push = |item: &str| {
+        let r = get(&gw, &format!("/queue/push?item={item}"));
+        assert_eq!((r.status, r.text().as_str()), (200, "queued"));
+    };
+    push("first");
+    eventually(Duration::from_secs(5), "the first item consumed", || {
+        get(&gw, "/queue/stats").text() == "consumed=1 last=first"
+    });
+    let url = gw.url("/queue/push");
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                for i in 0..10 {
+                    let r = http("GET", &format!("{url}?item=t{t}i{i}"), &[], None);
+                    assert_eq!(r.status, 200);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    eventually(Duration::from_secs(5), "41 items consumed", || {
+        get(&gw, "/queue/stats").text().starts_with("consumed=41 ")
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(get(&gw, "/queue/stats").text().starts_with("consumed=41 "));
+}
+
+/// Metrics defined by a plugin are one set for the gateway: increments from both workers add
+/// up, read back by `proxy_get_metric` and exported in Prometheus text format.
+#[test]
+fn plugin_metrics_aggregate_and_export() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    gw.route(
+        "m",
+        json!({"uri": "/metrics/*", "plugins": {"metrics": {"conf": "-"}}}),
+        Some(&app),
+    );
+    let statuses = burst(&gw, "/metrics/x", 5, 6);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let r = get(&gw, "/metrics/read");
+    assert_eq!(r.text(), "requests=31");
+    let url = gw.admin_url("/wasmgate/metrics");
+    let text = http("GET", &url, &[("X-API-KEY", common::KEY)], None).text();
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+            .to_string()
+    };
+    assert_eq!(line("wasm_requests_total "), "wasm_requests_total 31");
+    assert!(text.contains("# TYPE wasm_path_len histogram"));
+    assert_eq!(line("wasm_path_len_count "), "wasm_path_len_count 31");
+    assert_eq!(line("wasm_last_path_len "), "wasm_last_path_len 13");
+    assert!(text.contains("wasmgate_http_requests_total{worker=\"0\""));
+}

@@ -1,0 +1,154 @@
+//! Plugins' `proxy_http_call`s, performed with the worker's upstream connection pool.
+//!
+//! The call's target ("cluster" in Envoy's words) is an upstream object id of the current
+//! configuration — a node is picked by its balancer — or a literal `host:port`. The headers
+//! must carry `:method`, `:path` and `:authority` (the host checks that before dispatching);
+//! `:authority` becomes the `Host` header. The answer's body is read up to
+//! [`MAX_RESPONSE_BODY`]; a failure of any kind is an answer with no headers, which is how
+//! plugins learn of it.
+
+use crate::body::{self, ProxyBody};
+use crate::plugins::Callout;
+use crate::upstream::pool::{Conn, PooledBody};
+use crate::Worker;
+use http::header::{HeaderName, HeaderValue};
+use http::Request;
+use http_body_util::BodyExt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Weak;
+use std::time::Duration;
+use wasmgate_wasm::{CallResponse, HttpCall};
+
+/// Largest call-out answer body kept; a longer one fails the call.
+pub const MAX_RESPONSE_BODY: usize = 4 << 20;
+/// Connect timeout towards a literal `host:port` target (upstream objects have their own).
+const LITERAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The worker's call-out client.
+pub struct WorkerCallout {
+    worker: Weak<Worker>,
+}
+
+impl WorkerCallout {
+    pub fn new(worker: Weak<Worker>) -> WorkerCallout {
+        WorkerCallout { worker }
+    }
+}
+
+impl Callout for WorkerCallout {
+    fn call(&self, c: HttpCall) -> Pin<Box<dyn Future<Output = Option<CallResponse>> + Send>> {
+        let w = self.worker.upgrade();
+        Box::pin(async move {
+            let w = w?;
+            let target = c.target.clone();
+            match perform(&w, c).await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!("http call to {target:?} failed: {e}");
+                    None
+                }
+            }
+        })
+    }
+}
+
+/// Where a target points: (authority, connect timeout, read timeout).
+fn resolve(w: &Worker, target: &str) -> Result<(String, Duration, Duration), String> {
+    let cfg = w.live.current();
+    if let Some(up) = cfg.upstream(target) {
+        let idx = up
+            .balancer
+            .pick(None, &[])
+            .ok_or_else(|| format!("upstream {target} has no node"))?;
+        return Ok((
+            up.nodes[idx].authority(),
+            up.connect_timeout,
+            up.read_timeout,
+        ));
+    }
+    let valid = target
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    if !valid {
+        return Err("neither an upstream id nor host:port".into());
+    }
+    Ok((
+        target.to_string(),
+        LITERAL_CONNECT_TIMEOUT,
+        Duration::from_secs(60),
+    ))
+}
+
+fn request(c: &HttpCall) -> Result<Request<ProxyBody>, String> {
+    let pseudo = |n: &str| {
+        c.headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_slice())
+            .unwrap_or_default()
+    };
+    let mut req = Request::new(body::full(c.body.clone()));
+    *req.method_mut() =
+        http::Method::from_bytes(pseudo(":method")).map_err(|_| "invalid :method".to_string())?;
+    *req.uri_mut() = http::Uri::try_from(pseudo(":path")).map_err(|_| "invalid :path")?;
+    let h = req.headers_mut();
+    h.insert(
+        http::header::HOST,
+        HeaderValue::from_bytes(pseudo(":authority")).map_err(|_| "invalid :authority")?,
+    );
+    for (k, v) in c.headers.iter().filter(|(k, _)| !k.starts_with(':')) {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("bad header {k}"))?;
+        let value = HeaderValue::from_bytes(v).map_err(|_| format!("bad value for {k}"))?;
+        h.append(name, value);
+    }
+    if !c.body.is_empty() {
+        h.insert(
+            http::header::CONTENT_LENGTH,
+            HeaderValue::from(c.body.len()),
+        );
+    }
+    Ok(req)
+}
+
+async fn perform(w: &Worker, c: HttpCall) -> Result<CallResponse, String> {
+    let (authority, connect_timeout, read_timeout) = resolve(w, &c.target)?;
+    let req = request(&c)?;
+    let Conn { mut sender, .. } = w
+        .pool
+        .checkout(&authority, connect_timeout)
+        .await
+        .map_err(|e| format!("connect to {authority}: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("{authority}: {e}"))?;
+    let (head, incoming) = resp.into_parts();
+    // Through the pool's body so the connection is reused once the answer is read.
+    let body = PooledBody::new(incoming, w.pool.clone(), authority, sender, read_timeout);
+    let collected = http_body_util::Limited::new(body, MAX_RESPONSE_BODY)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    let trailers = collected
+        .trailers()
+        .map(|t| pairs(t.iter()))
+        .unwrap_or_default();
+    let mut headers = vec![(
+        ":status".to_string(),
+        head.status.as_str().as_bytes().to_vec(),
+    )];
+    headers.extend(pairs(head.headers.iter()));
+    Ok(CallResponse {
+        headers,
+        body: collected.to_bytes().to_vec(),
+        trailers,
+    })
+}
+
+fn pairs<'a>(
+    it: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) -> Vec<(String, Vec<u8>)> {
+    it.map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect()
+}

@@ -1,0 +1,185 @@
+//! Request and response bodies through plugins' body callbacks
+//! (`proxy_on_request_body` / `proxy_on_response_body`).
+//!
+//! [`PluginBody`] wraps a body: each chunk goes through [`Plugins::on_body`]; what every plugin
+//! lets through is passed on, what a plugin holds back (it paused) waits for more data. The
+//! last call has `end_of_stream` set.
+//!
+//! Before the head of a message is sent, the body is **primed** ([`PluginBody::prime`]): polled
+//! until its first bytes are let through. A plugin that buffers the whole body (the usual way
+//! to rewrite one) is thus done before the head leaves, so the gateway can set the right
+//! `Content-Length`, or answer 413/502 when a buffer cap is hit, or send a plugin's local
+//! reply — instead of cutting a message already under way.
+
+use crate::body::{BoxError, ProxyBody};
+use crate::plugins::{BodyStep, Dir, Plugins, WasmRequest};
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use wasmgate_wasm::LocalReply;
+
+/// Why a body was cut.
+#[derive(Debug)]
+pub enum BodyFailure {
+    /// A plugin's buffer went over its `body_buffer_limit`.
+    TooLarge,
+    /// A plugin answered from a body callback.
+    Reply(LocalReply),
+    /// A plugin faulted.
+    Fault,
+}
+
+/// A body seen by plugins.
+pub struct PluginBody {
+    inner: ProxyBody,
+    req: Arc<Mutex<WasmRequest>>,
+    plugins: Arc<Plugins>,
+    dir: Dir,
+    /// One buffer per HttpContext of the request.
+    bufs: Vec<Vec<u8>>,
+    /// A frame taken by `prime`, to be returned first.
+    front: Option<Frame<Bytes>>,
+    /// Trailers that arrived, returned after the last data.
+    trailers: Option<Frame<Bytes>>,
+    done: bool,
+    failure: Arc<Mutex<Option<BodyFailure>>>,
+}
+
+/// What priming found.
+pub enum Primed {
+    /// The whole body is known (every plugin is done with it): its final length.
+    Complete(u64),
+    /// Bytes flow; the rest follows as it arrives.
+    Streaming,
+    Failed(BodyFailure),
+}
+
+impl PluginBody {
+    pub fn new(
+        inner: ProxyBody,
+        req: Arc<Mutex<WasmRequest>>,
+        plugins: Arc<Plugins>,
+        dir: Dir,
+    ) -> PluginBody {
+        let n = req.lock().unwrap_or_else(|e| e.into_inner()).active.len();
+        PluginBody {
+            inner,
+            req,
+            plugins,
+            dir,
+            bufs: vec![Vec::new(); n],
+            front: None,
+            trailers: None,
+            done: false,
+            failure: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Where a failure after priming is recorded (the request body fails while it streams to
+    /// the upstream; the proxy then answers with it instead of a 502).
+    pub fn failure(&self) -> Arc<Mutex<Option<BodyFailure>>> {
+        self.failure.clone()
+    }
+
+    /// Polls until the first bytes are let through, the body ends, or it fails.
+    pub async fn prime(&mut self) -> Primed {
+        let first = std::future::poll_fn(|cx| Pin::new(&mut *self).poll_frame(cx)).await;
+        match first {
+            None => Primed::Complete(0),
+            Some(Ok(frame)) => {
+                let len = frame.data_ref().map(|d| d.len() as u64).unwrap_or(0);
+                self.front = Some(frame);
+                if self.done && self.trailers.is_none() {
+                    Primed::Complete(len)
+                } else {
+                    Primed::Streaming
+                }
+            }
+            Some(Err(_)) => {
+                let f = self
+                    .failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                Primed::Failed(f.unwrap_or(BodyFailure::Fault))
+            }
+        }
+    }
+
+    fn step(&mut self, data: Vec<u8>, end_of_stream: bool) -> Result<Option<Bytes>, BoxError> {
+        let mut req = self.req.lock().unwrap_or_else(|e| e.into_inner());
+        if self.bufs.len() < req.active.len() {
+            self.bufs.resize(req.active.len(), Vec::new());
+        }
+        let step = self
+            .plugins
+            .on_body(&mut req, self.dir, &mut self.bufs, data, end_of_stream);
+        let failure = match step {
+            BodyStep::Release(v) if v.is_empty() => return Ok(None),
+            BodyStep::Release(v) => return Ok(Some(Bytes::from(v))),
+            BodyStep::TooLarge => BodyFailure::TooLarge,
+            BodyStep::Reply(r) => BodyFailure::Reply(r),
+            BodyStep::Fail => BodyFailure::Fault,
+        };
+        let msg = match &failure {
+            BodyFailure::TooLarge => "a plugin's body buffer is over its limit",
+            BodyFailure::Reply(_) => "a plugin answered from a body callback",
+            BodyFailure::Fault => "a plugin failed in a body callback",
+        };
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure);
+        self.done = true;
+        Err(msg.into())
+    }
+}
+
+impl Body for PluginBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(f) = self.front.take() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        loop {
+            if self.done {
+                return Poll::Ready(self.trailers.take().map(Ok));
+            }
+            let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+            let (data, eos) = match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(d) => {
+                        let eos = self.inner.is_end_stream();
+                        (d.to_vec(), eos)
+                    }
+                    Err(trailers) => {
+                        // Trailers end the data: the last body call comes first.
+                        self.trailers = Some(trailers);
+                        (Vec::new(), true)
+                    }
+                },
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => (Vec::new(), true),
+            };
+            if eos {
+                self.done = true;
+            }
+            match self.step(data, eos) {
+                Ok(Some(bytes)) => return Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                Ok(None) => continue,
+                Err(e) => return Poll::Ready(Some(Err(e))),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.front.is_none() && self.trailers.is_none()
+    }
+}
