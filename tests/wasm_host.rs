@@ -259,7 +259,12 @@ fn ticks_and_root_context_calls() {
             "ticks stopped at 5 in every worker: {t}"
         );
     }
-    // One plugin context per worker that served /hb, each making exactly one call-out.
+    // One plugin context per worker that served /hb, each making exactly one call-out (its
+    // first tick comes 50 ms after that worker's first /hb).
+    eventually(Duration::from_secs(5), "one call-out per worker", || {
+        app.hits() == busy_workers(&gw)
+    });
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(app.hits(), busy_workers(&gw));
 }
 
@@ -331,4 +336,84 @@ fn plugin_metrics_aggregate_and_export() {
     assert_eq!(line("wasm_path_len_count "), "wasm_path_len_count 31");
     assert_eq!(line("wasm_last_path_len "), "wasm_last_path_len 13");
     assert!(text.contains("wasmgate_http_requests_total{worker=\"0\""));
+}
+
+/// A plugin passing out-of-bounds pointers, absurd lengths and malformed maps to host
+/// functions gets BadArgument for each (never a host panic, never a trap); gRPC and foreign
+/// functions, which wasmgate does not provide, answer with a status the SDKs handle.
+#[test]
+fn hostile_arguments_get_bad_argument() {
+    let gw = Gateway::start();
+    let wat = r#"(module
+      (import "env" "proxy_get_header_map_value" (func $ghv (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_set_header_map_pairs" (func $shp (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_set_buffer_bytes" (func $sbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_http_call" (func $hc (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_set_shared_data" (func $ssd (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_get_property" (func $gp (param i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_grpc_call" (func $grpc (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      ;; a map claiming 5 pairs with one size entry
+      (data (i32.const 16) "\05\00\00\00\01\00\00\00\01\00\00\00")
+      (data (i32.const 64) "127.0.0.1:1")
+      (global $bad (mut i32) (i32.const 0))
+      (func $count (param $s i32)
+        (if (i32.eq (local.get $s) (i32.const 2))
+          (then (global.set $bad (i32.add (global.get $bad) (i32.const 1))))))
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (local $extra i32)
+        (global.set $bad (i32.const 0))
+        (call $count (call $ghv (i32.const 0) (i32.const -16) (i32.const 100) (i32.const 0) (i32.const 4)))
+        (call $count (call $shp (i32.const 0) (i32.const 0) (i32.const 0x7fffffff)))
+        (call $count (call $shp (i32.const 0) (i32.const 16) (i32.const 12)))
+        (call $count (call $sbb (i32.const 1) (i32.const 0) (i32.const 0) (i32.const -256) (i32.const 1000)))
+        (call $count (call $hc (i32.const 64) (i32.const 11) (i32.const 16) (i32.const 12) (i32.const 0)
+                               (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 0)))
+        (call $count (call $ssd (i32.const -1) (i32.const 2) (i32.const 0) (i32.const 0) (i32.const 0)))
+        (call $count (call $gp (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 4)))
+        (call $count (call $log (i32.const 2) (i32.const -16) (i32.const 64)))
+        (if (i32.eq (call $ff (i32.const 64) (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 4))
+                    (i32.const 1))
+          (then (local.set $extra (i32.const 10))))
+        (if (i32.eq (call $grpc (i32.const 64) (i32.const 3) (i32.const 64) (i32.const 3) (i32.const 64) (i32.const 3)
+                                (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 0))
+                    (i32.const 10))
+          (then (local.set $extra (i32.add (local.get $extra) (i32.const 20)))))
+        (drop (call $reply (i32.add (i32.add (i32.const 200) (global.get $bad)) (local.get $extra))
+                           (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+        (i32.const 1)))"#;
+    std::fs::write(
+        gw.prefix().join("hostile.wasm"),
+        wat::parse_str(wat).unwrap(),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        format!("{config}    - {{name: hostile, priority: 1, file: hostile.wasm}}\n"),
+    )
+    .unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+    gw.route(
+        "h",
+        json!({"uri": "/hostile", "plugins": {"hostile": {"conf": "-"}}}),
+        None,
+    );
+    for _ in 0..5 {
+        // 8 BadArguments, NotFound from the foreign function (+10), InternalFailure from gRPC (+20).
+        assert_eq!(get(&gw, "/hostile").status, 238);
+    }
+    let faults: u64 = gw.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["plugin_faults"].as_u64().unwrap())
+        .sum();
+    assert_eq!(faults, 0);
 }

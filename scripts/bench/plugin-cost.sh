@@ -60,11 +60,27 @@ put 1 "{\"uri\": \"/one\", \"plugins\": {\"p1\": $conf}, $node}"
 put 3 "{\"uri\": \"/three\", \"plugins\": {\"p1\": $conf, \"p2\": $conf, \"p3\": $conf}, $node}"
 sleep 0.5
 
-run() { # name url -> "rps p50 p99"
+# CPU time (user + system, in clock ticks) of the process serving $1's port: the wasmgate
+# worker or the nginx worker. Per request it is a steadier measure than 1/throughput on a
+# shared machine, since it does not count time spent waiting for a core.
+server_pid() {
+  case "$1" in
+    nginx*) pgrep -f "nginx: worker process" | head -1 ;;
+    *) pgrep -f "wasmgate: worker process" | head -1 ;;
+  esac
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+
+run() { # name url -> "rps p50 p99 cpu_us_per_request"
   wrk -t1 -c"$conns" -d2s "$2" >/dev/null   # warm-up
-  wrk -t1 -c"$conns" -d"${secs}s" --latency "$2" | awk -v n="$1" '
-    /Requests\/sec/ {rps=$2} / 50%/ {p50=$2} / 99%/ {p99=$2}
-    END {printf "%s %s %s %s\n", n, rps, p50, p99}'
+  local pid c0 out c1
+  pid=$(server_pid "$1"); c0=$(cpu_ticks "$pid")
+  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "$2")
+  c1=$(cpu_ticks "$pid")
+  echo "$out" | awk -v n="$1" -v ticks=$((c1 - c0)) -v hz="$hz" '
+    /requests in/ {reqs=$1} /Requests\/sec/ {rps=$2} / 50%/ {p50=$2} / 99%/ {p99=$2}
+    END {printf "%s %s %s %s %.2f\n", n, rps, p50, p99, ticks * 1e6 / hz / reqs}'
 }
 results=$( {
   run nginx-proxy_pass "http://127.0.0.1:$base/none"
@@ -75,8 +91,10 @@ results=$( {
 echo "machine: $(nproc) cores; 1 worker each; wrk -t1 -c$conns -d${secs}s"
 echo "$results" | awk '
   NR==1 {base=$2}
-  {rps[NR]=$2; name[NR]=$1; printf "%-20s %10.0f req/s  %5.2fx nginx  p50 %-8s p99 %s\n", $1, $2, $2/base, $3, $4}
+  {rps[NR]=$2; cpu[NR]=$5; printf "%-20s %10.0f req/s  %5.2fx nginx  p50 %-8s p99 %-8s server CPU %6.2f us/req\n", $1, $2, $2/base, $3, $4, $5}
   END {
     none=1e6/rps[2]
-    printf "added per request vs no plugin: 1 plugin %.2f us, 3 plugins %.2f us (%.2f us per plugin)\n",
-      1e6/rps[3]-none, 1e6/rps[4]-none, (1e6/rps[4]-none)/3 }'
+    printf "added per request vs no plugin (1/throughput): 1 plugin %.2f us, 3 plugins %.2f us (%.2f us per plugin)\n",
+      1e6/rps[3]-none, 1e6/rps[4]-none, (1e6/rps[4]-none)/3
+    printf "added per request vs no plugin (worker CPU):   1 plugin %.2f us, 3 plugins %.2f us (%.2f us per plugin)\n",
+      cpu[3]-cpu[2], cpu[4]-cpu[2], (cpu[4]-cpu[2])/3 }'

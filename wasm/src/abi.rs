@@ -19,7 +19,7 @@ fn ok(s: Status) -> R {
 }
 
 fn memory(c: &mut C<'_>) -> Option<Memory> {
-    c.get_export("memory")?.into_memory()
+    c.data().memory
 }
 
 /// Copies `len` bytes at `ptr` out of guest memory.
@@ -59,14 +59,7 @@ fn give(
     ret_ptr: i32,
     ret_len: i32,
 ) -> wasmtime::Result<Result<(), Status>> {
-    let alloc = c
-        .get_export("malloc")
-        .or_else(|| c.get_export("proxy_on_memory_allocate"))
-        .and_then(|e| e.into_func());
-    let Some(alloc) = alloc else {
-        return Ok(Err(Status::InternalFailure));
-    };
-    let Ok(alloc) = alloc.typed::<i32, i32>(&c) else {
+    let Some(alloc) = c.data().alloc.clone() else {
         return Ok(Err(Status::InternalFailure));
     };
     let p = alloc.call(&mut *c, data.len() as i32)?;
@@ -247,6 +240,18 @@ pub fn splice(buf: &mut Vec<u8>, start: usize, size: usize, data: &[u8]) -> Stat
     Status::Ok
 }
 
+/// The header map a `map_type` names, for a change: marks the request or response changed.
+fn map_mut(s: &mut HostState, map_type: i32) -> Result<&mut map::Pairs, Status> {
+    if let Some(stream) = s.stream.as_mut() {
+        match map_type {
+            0 => stream.request_changed = true,
+            2 => stream.response_changed = true,
+            _ => {}
+        }
+    }
+    map_of(s, map_type)
+}
+
 /// The header map a `map_type` names, during an HTTP callback.
 fn map_of(s: &mut HostState, map_type: i32) -> Result<&mut map::Pairs, Status> {
     if let 6 | 7 = map_type {
@@ -285,7 +290,7 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let Ok(new) = map::decode(&bytes) else {
                 return ok(Status::BadArgument);
             };
-            let pairs = tri!(map_of(c.data_mut(), t));
+            let pairs = tri!(map_mut(c.data_mut(), t));
             // A map without pseudo-headers keeps the current ones: they describe the request.
             let mut merged: map::Pairs = pairs
                 .iter()
@@ -330,7 +335,7 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> R {
             let key = tri!(read_str(&mut c, kp, kl)).to_ascii_lowercase();
             let value = tri!(read(&mut c, vp, vl));
-            let pairs = tri!(map_of(c.data_mut(), t));
+            let pairs = tri!(map_mut(c.data_mut(), t));
             match pairs.iter().position(|(k, _)| *k == key) {
                 Some(i) => {
                     pairs[i].1 = value;
@@ -348,7 +353,7 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> R {
             let key = tri!(read_str(&mut c, kp, kl)).to_ascii_lowercase();
             let value = tri!(read(&mut c, vp, vl));
-            tri!(map_of(c.data_mut(), t)).push((key, value));
+            tri!(map_mut(c.data_mut(), t)).push((key, value));
             ok(Status::Ok)
         },
     )?;
@@ -357,7 +362,7 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_remove_header_map_value",
         |mut c: C<'_>, t: i32, kp: i32, kl: i32| -> R {
             let key = tri!(read_str(&mut c, kp, kl)).to_ascii_lowercase();
-            tri!(map_of(c.data_mut(), t)).retain(|(k, _)| *k != key);
+            tri!(map_mut(c.data_mut(), t)).retain(|(k, _)| *k != key);
             ok(Status::Ok)
         },
     )?;
@@ -721,4 +726,58 @@ fn not_yet(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_prepends_replaces_appends() {
+        let mut b = b"body".to_vec();
+        assert_eq!(splice(&mut b, 0, 0, b">"), Status::Ok);
+        assert_eq!(b, b">body");
+        let len = b.len();
+        assert_eq!(splice(&mut b, len, 0, b"<"), Status::Ok);
+        assert_eq!(b, b">body<");
+        assert_eq!(splice(&mut b, 0, usize::MAX, b"new"), Status::Ok);
+        assert_eq!(b, b"new");
+        assert_eq!(splice(&mut b, 4, 0, b"x"), Status::BadArgument);
+        assert_eq!(b, b"new");
+    }
+
+    /// Arbitrary (start, size, data) never panics, and the result is the clamped splice.
+    #[test]
+    fn splice_with_arbitrary_arguments() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let mut buf: Vec<u8> = (0..next() % 40).map(|i| i as u8).collect();
+            let start = match next() % 4 {
+                0 => usize::MAX - (next() % 3) as usize,
+                _ => (next() % 50) as usize,
+            };
+            let size = match next() % 4 {
+                0 => usize::MAX,
+                _ => (next() % 50) as usize,
+            };
+            let data: Vec<u8> = (0..next() % 8).map(|_| 0xAA).collect();
+            let before = buf.clone();
+            let status = splice(&mut buf, start, size, &data);
+            if start > before.len() {
+                assert_eq!((status, &buf), (Status::BadArgument, &before));
+            } else {
+                let end = start.saturating_add(size).min(before.len());
+                let mut expect = before[..start].to_vec();
+                expect.extend_from_slice(&data);
+                expect.extend_from_slice(&before[end..]);
+                assert_eq!((status, buf), (Status::Ok, expect));
+            }
+        }
+    }
 }

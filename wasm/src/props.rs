@@ -46,5 +46,5 @@ pub fn lookup(s: &HostState, path: &[&str]) -> Option<Vec<u8>> {
             .and_then(|r| header(r, &name.to_ascii_lowercase())),
         _ => None,
     };
-    value.or_else(|| stream.props.get(path))
+    value.or_else(|| stream.props.get(path, &stream.request))
 }

@@ -8,8 +8,9 @@ use wasmtime::StoreLimits;
 
 /// Per-request facts a plugin may read as properties, supplied by the gateway.
 pub trait Properties: Send + Sync {
-    /// The value at `path` (segments as the plugin sent them), or None.
-    fn get(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// The value at `path` (segments as the plugin sent them), or None. `request` is the
+    /// request as plugins left it so far.
+    fn get(&self, path: &[&str], request: &Pairs) -> Option<Vec<u8>>;
 }
 
 /// A response the plugin asked to send instead of proxying (`proxy_send_local_response`).
@@ -38,6 +39,10 @@ pub struct Stream {
     /// buffers): what the plugin buffered so far, lent by the body filter for the call.
     pub request_body: Vec<u8>,
     pub response_body: Vec<u8>,
+    /// Set when a plugin changed the request / response headers (so unchanged ones are not
+    /// rebuilt).
+    pub request_changed: bool,
+    pub response_changed: bool,
 }
 
 impl Stream {
@@ -51,6 +56,8 @@ impl Stream {
             set_props: Vec::new(),
             request_body: Vec::new(),
             response_body: Vec::new(),
+            request_changed: false,
+            response_changed: false,
         }
     }
 }
@@ -81,6 +88,9 @@ pub struct CallResponse {
 
 /// The store data of one plugin VM.
 pub struct HostState {
+    /// The instance's `memory` and allocator exports, looked up once at instantiation.
+    pub memory: Option<wasmtime::Memory>,
+    pub alloc: Option<wasmtime::TypedFunc<i32, i32>>,
     pub plugin_name: Arc<str>,
     /// The error-log level as the plugin sees it (`proxy_get_log_level`).
     pub log_level: u32,

@@ -93,6 +93,8 @@ impl PluginVm {
     pub fn new(m: &PluginModule) -> Result<PluginVm, Fault> {
         let s = &m.settings;
         let state = HostState {
+            memory: None,
+            alloc: None,
             plugin_name: s.name.clone(),
             log_level: s.log_level,
             limits: StoreLimitsBuilder::new()
@@ -123,6 +125,13 @@ impl PluginVm {
             (s.callback_timeout.as_millis() as u64 / EPOCH_TICK.as_millis() as u64).max(1) + 1;
         store.set_epoch_deadline(ticks);
         let instance = m.pre.instantiate(&mut store).map_err(classify)?;
+        // Host functions use these on every call: looked up once.
+        let memory = instance.get_memory(&mut store, "memory");
+        let alloc = ["malloc", "proxy_on_memory_allocate"]
+            .iter()
+            .find_map(|n| instance.get_typed_func::<i32, i32>(&mut store, n).ok());
+        store.data_mut().memory = memory;
+        store.data_mut().alloc = alloc;
         let get = |store: &mut Store<HostState>, name: &str| instance.get_func(&mut *store, name);
         for start in ["_initialize", "_start"] {
             if let Some(f) = get(&mut store, start) {

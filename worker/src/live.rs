@@ -24,6 +24,8 @@ pub struct GlobalRuleEntry {
     pub id: String,
     pub revision: u64,
     pub plugins: Vec<PluginConf>,
+    /// `global_rule:<id>:<revision>`: the key of its PluginContexts.
+    pub owner: Arc<str>,
 }
 
 /// Everything a request needs from one generation of the configuration.
@@ -178,6 +180,7 @@ fn compile(snap: Snapshot, prev: &Compiled) -> Compiled {
         .globals
         .iter()
         .map(|(id, rev, g)| GlobalRuleEntry {
+            owner: format!("global_rule:{id}:{rev}").into(),
             id: id.clone(),
             revision: *rev,
             plugins: plugin_list(Some(&g.plugins), None),
@@ -246,6 +249,7 @@ fn compile_route(
             .unwrap_or_default()
     };
     Some(RouteEntry {
+        owner: format!("route:{id}:{revision}").into(),
         id: id.to_string(),
         name: route.name.clone(),
         revision,

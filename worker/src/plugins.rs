@@ -32,6 +32,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use wasmgate_shared::config::{GatewayConfig, RequestPhase, WasmPluginDecl};
+use wasmgate_shared::model::PluginConf;
 use wasmgate_shared::shm::Segment;
 use wasmgate_wasm::{
     Action, CallResponse, Fault, HttpCall, LocalReply, Outcome, PluginModule, PluginVm, Settings,
@@ -88,11 +89,11 @@ pub struct Plugins {
     ticks_changed: tokio::sync::Notify,
 }
 
-/// One plugin to run for a request.
-pub struct Link {
+/// One plugin to run for a request (borrowing the route's configuration).
+pub struct Link<'a> {
     plugin: usize,
-    owner: Arc<str>,
-    conf: String,
+    owner: &'a Arc<str>,
+    conf: &'a str,
 }
 
 /// An HttpContext created for the current request.
@@ -276,35 +277,28 @@ impl Plugins {
     }
 
     /// The plugins a request on `route` runs, in order.
-    pub fn chain(&self, globals: &[GlobalRuleEntry], route: &RouteEntry) -> Vec<Link> {
+    pub fn chain<'a>(
+        &self,
+        globals: &'a [GlobalRuleEntry],
+        route: &'a RouteEntry,
+    ) -> Vec<Link<'a>> {
         let mut links = Vec::new();
-        let mut push = |owner: String, plugins: &[wasmgate_shared::model::PluginConf], rank: u8| {
-            let owner: Arc<str> = owner.into();
+        let mut push = |owner: &'a Arc<str>, plugins: &'a [PluginConf], rank: u8| {
             for pc in plugins {
                 if let Some(&i) = self.by_name.get(&pc.name) {
-                    links.push((
-                        rank,
-                        Link {
-                            plugin: i,
-                            owner: owner.clone(),
-                            conf: pc.conf.clone(),
-                        },
-                    ));
+                    let link = Link {
+                        plugin: i,
+                        owner,
+                        conf: &pc.conf,
+                    };
+                    links.push((rank, link));
                 }
             }
         };
         for g in globals {
-            push(
-                format!("global_rule:{}:{}", g.id, g.revision),
-                &g.plugins,
-                0,
-            );
+            push(&g.owner, &g.plugins, 0);
         }
-        push(
-            format!("route:{}:{}", route.id, route.revision),
-            &route.plugins,
-            1,
-        );
+        push(&route.owner, &route.plugins, 1);
         links.sort_by_key(|(rank, l)| {
             let d = &self.list[l.plugin].decl;
             let phase = match d.http_request_phase {
@@ -320,7 +314,7 @@ impl Plugins {
     /// has no body.
     pub async fn on_request(
         self: &Arc<Self>,
-        chain: &[Link],
+        chain: &[Link<'_>],
         req: &mut WasmRequest,
         end_of_stream: bool,
     ) -> Verdict {
@@ -562,7 +556,7 @@ impl Plugins {
             st.vm = Some(vm);
             tracing::warn!("{}: new instance started", p.decl.name);
         }
-        if !st.roots.contains_key(&*link.owner) {
+        if !st.roots.contains_key(&**link.owner) {
             self.retire_older(p, st, &link.owner);
             let vm = st.vm.as_mut().ok_or(Fault::Trap("no instance".into()))?;
             let id = vm.create_plugin_context(link.conf.as_bytes())?;
@@ -582,7 +576,7 @@ impl Plugins {
                 },
             );
         }
-        let root = st.roots.get_mut(&*link.owner).expect("inserted above");
+        let root = st.roots.get_mut(&**link.owner).expect("inserted above");
         let Some(root_id) = root.id else {
             tracing::error!(
                 "{}: failed to configure the plugin for {}; answering 503",

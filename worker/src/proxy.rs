@@ -125,14 +125,14 @@ async fn serve_route(
     let mut cut = None;
     let chain = w.plugins.chain(&cfg.global_rules, route);
     if !chain.is_empty() {
-        let props = Arc::new(wasm_glue::RequestProps::new(parts, peer, route));
+        let props = Arc::new(wasm_glue::RequestProps::new(peer, route, parts.version));
         let stream = Stream::new(wasm_glue::request_pairs(parts), props);
         let mut req = WasmRequest::new(w.plugins.clone(), stream);
         let verdict = w.plugins.on_request(&chain, &mut req, no_body).await;
         let early = match verdict {
             Verdict::Reply(r) => Some(wasm_glue::local_reply(r)),
             Verdict::Fail => Some(error_page(StatusCode::SERVICE_UNAVAILABLE)),
-            Verdict::Continue => match req.stream.as_ref() {
+            Verdict::Continue => match req.stream.as_ref().filter(|s| s.request_changed) {
                 Some(stream) => wasm_glue::apply_request(&stream.request, parts)
                     .err()
                     .map(|e| {
@@ -226,7 +226,10 @@ async fn response_phase(
     }
     let no_body = resp.body().is_end_stream();
     let verdict = w.plugins.on_response(&active, &mut stream, no_body).await;
-    let pairs = stream.as_ref().and_then(|s| s.response.clone());
+    let pairs = stream
+        .as_ref()
+        .filter(|s| s.response_changed)
+        .and_then(|s| s.response.clone());
     let wants_body = {
         let mut g = lock(shared);
         g.stream = stream;

@@ -56,6 +56,8 @@ pub struct RouteEntry {
     pub vars: Option<VarsExpr>,
     /// Plugins with their configuration (service's merged under the route's).
     pub plugins: Vec<PluginConf>,
+    /// `route:<id>:<revision>`: what its PluginContexts are keyed by (made once, not per request).
+    pub owner: Arc<str>,
     pub upstream: Option<Arc<UpstreamRuntime>>,
 }
 
@@ -162,6 +164,7 @@ mod tests {
             remote_addrs: vec![],
             vars: None,
             plugins: vec![],
+            owner: format!("route:{id}:1").into(),
             upstream: None,
         }
     }

@@ -2,11 +2,12 @@
 //! and the request properties plugins may read.
 
 use crate::body::{self, ProxyBody};
-use crate::proxy::{error_page, nginx_var};
+use crate::proxy::error_page;
 use crate::router::RouteEntry;
 use http::header::{HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use wasmgate_wasm::map::Pairs;
 use wasmgate_wasm::LocalReply;
 
@@ -139,41 +140,81 @@ pub fn local_reply(r: LocalReply) -> Response<ProxyBody> {
 }
 
 /// What `proxy_get_property` answers beyond the host's own names: route, client address, and
-/// APISIX's nginx variables (`remote_addr`, `arg_x`, `http_x`, `uri`…).
+/// APISIX's nginx variables (`remote_addr`, `arg_x`, `http_x`, `uri`…), read from the request as
+/// plugins left it (as nginx's variables follow rewrites).
 pub struct RequestProps {
-    parts: http::request::Parts,
     peer: SocketAddr,
-    route_id: String,
-    route_name: String,
+    route: Arc<RouteEntry>,
+    version: http::Version,
 }
 
 impl RequestProps {
-    pub fn new(parts: &http::request::Parts, peer: SocketAddr, route: &RouteEntry) -> RequestProps {
-        let (mut p, ()) = http::Request::builder()
-            .method(parts.method.clone())
-            .uri(parts.uri.clone())
-            .body(())
-            .unwrap_or_default()
-            .into_parts();
-        p.headers = parts.headers.clone();
+    pub fn new(peer: SocketAddr, route: &Arc<RouteEntry>, version: http::Version) -> RequestProps {
         RequestProps {
-            parts: p,
             peer,
-            route_id: route.id.clone(),
-            route_name: route.name.clone().unwrap_or_else(|| route.id.clone()),
+            route: route.clone(),
+            version,
         }
     }
 }
 
+fn text<'a>(pairs: &'a Pairs, name: &str) -> &'a str {
+    pseudo(pairs, name)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .unwrap_or("")
+}
+
+/// An nginx variable of the request in `pairs`.
+fn var(pairs: &Pairs, peer: SocketAddr, name: &str) -> Option<String> {
+    let path = text(pairs, ":path");
+    let (uri, query) = path.split_once('?').unwrap_or((path, ""));
+    if let Some(arg) = name.strip_prefix("arg_") {
+        return form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == arg)
+            .map(|(_, v)| v.into_owned());
+    }
+    if let Some(h) = name.strip_prefix("http_") {
+        let h = h.replace('_', "-");
+        return Some(text(pairs, &h).to_string()).filter(|_| pseudo(pairs, &h).is_some());
+    }
+    if let Some(c) = name.strip_prefix("cookie_") {
+        let cookies = pairs
+            .iter()
+            .filter(|(k, _)| k == "cookie")
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok());
+        return wasmgate_shared::cookie(cookies, c);
+    }
+    Some(match name {
+        "uri" => uri.to_string(),
+        "request_uri" => path.to_string(),
+        "args" | "query_string" => query.to_string(),
+        "host" => {
+            let raw = text(pairs, ":authority");
+            let host = if raw.starts_with('[') {
+                raw.split_inclusive(']').next().unwrap_or(raw)
+            } else {
+                raw.split(':').next().unwrap_or(raw)
+            };
+            host.to_ascii_lowercase()
+        }
+        "request_method" => text(pairs, ":method").to_string(),
+        "remote_addr" => peer.ip().to_string(),
+        "remote_port" => peer.port().to_string(),
+        "scheme" => "http".to_string(),
+        _ => return None,
+    })
+}
+
 impl wasmgate_wasm::Properties for RequestProps {
-    fn get(&self, path: &[&str]) -> Option<Vec<u8>> {
+    fn get(&self, path: &[&str], request: &Pairs) -> Option<Vec<u8>> {
+        let r = &self.route;
         let text = match path {
-            ["route_name"] | ["route", "name"] => self.route_name.clone(),
-            ["route_id"] | ["route", "id"] => self.route_id.clone(),
+            ["route_name"] | ["route", "name"] => r.name.clone().unwrap_or_else(|| r.id.clone()),
+            ["route_id"] | ["route", "id"] => r.id.clone(),
             ["source", "address"] => self.peer.to_string(),
             ["source", "port"] => self.peer.port().to_string(),
-            ["request", "protocol"] => format!("{:?}", self.parts.version),
-            [var] => nginx_var(&self.parts, self.peer, var)?.into_owned(),
+            ["request", "protocol"] => format!("{:?}", self.version),
+            [name] => var(request, self.peer, name)?,
             _ => return None,
         };
         Some(text.into_bytes())
