@@ -557,14 +557,14 @@ impl Plugins {
             tracing::warn!("{}: new instance started", p.decl.name);
         }
         if !st.roots.contains_key(&**link.owner) {
-            self.retire_older(p, st, &link.owner);
+            self.retire_older(p, st, link.owner);
             let vm = st.vm.as_mut().ok_or(Fault::Trap("no instance".into()))?;
             let id = vm.create_plugin_context(link.conf.as_bytes())?;
             if id.is_none() {
                 tracing::error!(
                     "{}: failed to configure the plugin for {} (proxy_on_configure returned false)",
                     p.decl.name,
-                    describe(&link.owner)
+                    describe(link.owner)
                 );
             }
             st.roots.insert(
@@ -581,7 +581,7 @@ impl Plugins {
             tracing::error!(
                 "{}: failed to configure the plugin for {}; answering 503",
                 p.decl.name,
-                describe(&link.owner)
+                describe(link.owner)
             );
             return Ok(None);
         };
