@@ -50,7 +50,13 @@ pub fn run(
         );
         let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
         let master = Arc::new(Master::new(
-            store, loaded, segment, plugin_shm, keys, control_tx,
+            store,
+            loaded,
+            segment,
+            plugin_shm,
+            opts.prefix.clone(),
+            keys,
+            control_tx,
         ));
         master.publish_current().map_err(anyhow::Error::msg)?;
         admin.set_nonblocking(true)?;

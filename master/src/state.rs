@@ -48,6 +48,8 @@ pub struct Master {
     pub segment: Arc<Segment>,
     /// Plugins' shared data, queues and metrics; kept across reloads.
     pub plugin_shm: Arc<wasmgate_shared::plugin_shm::PluginShm>,
+    /// The prefix directory (logs, data and conf are relative to it).
+    pub prefix: std::path::PathBuf,
     pub keys: Vec<ApiKey>,
     pub control: tokio::sync::mpsc::UnboundedSender<Control>,
     pub started_at_ms: u64,
@@ -61,6 +63,7 @@ impl Master {
         config: LoadedConfig,
         segment: Arc<Segment>,
         plugin_shm: Arc<wasmgate_shared::plugin_shm::PluginShm>,
+        prefix: std::path::PathBuf,
         keys: Vec<ApiKey>,
         control: tokio::sync::mpsc::UnboundedSender<Control>,
     ) -> Master {
@@ -71,6 +74,7 @@ impl Master {
             catalog: RwLock::new(catalog),
             segment,
             plugin_shm,
+            prefix,
             keys,
             control,
             started_at_ms: crate::now_ms(),

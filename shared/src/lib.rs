@@ -16,6 +16,7 @@ pub mod model;
 pub mod plugin_shm;
 pub mod shm;
 pub mod snapshot;
+pub mod stats;
 pub mod units;
 
 /// The version string the gateway reports (`Server` header, `wasmgate version`).

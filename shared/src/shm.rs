@@ -5,6 +5,8 @@
 //! ```text
 //! 0       header (4 KiB): magic, layout version, sizes, seqlock, generation, data length
 //! 4096    worker status slots: SLOTS × 256 bytes, written by workers (and pid/restarts by the master)
+//! …       statistics: SLOTS × (plugin instance memory table + CONTEXTS_PER_SLOT context records),
+//!         each slot's part written only by the worker in that slot (see [`crate::stats`])
 //! …       snapshot data area: `data_capacity` bytes, written only by the master
 //! ```
 //!
@@ -24,12 +26,13 @@ use std::time::Duration;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"WGATESHM");
 /// Bumped whenever the layout below changes; a mismatch fails loudly.
-pub const LAYOUT_VERSION: u64 = 2;
+pub const LAYOUT_VERSION: u64 = 3;
 const HEADER_SIZE: usize = 4096;
 /// Number of worker status slots (live workers plus draining ones during a reload).
 pub const SLOTS: usize = 256;
 const SLOT_SIZE: usize = 256;
-const DATA_OFFSET: usize = HEADER_SIZE + SLOTS * SLOT_SIZE;
+const STATS_OFFSET: usize = HEADER_SIZE + SLOTS * SLOT_SIZE;
+const DATA_OFFSET: usize = STATS_OFFSET + SLOTS * crate::stats::SLOT_STATS_SIZE;
 
 /// Errors opening or writing the segment.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +108,9 @@ pub struct WorkerSlot {
     pub active_connections: AtomicU64,
     /// Plugin faults (traps, time or memory limits) in this worker.
     pub plugin_faults: AtomicU64,
+    /// Context statistics records in use in this slot's statistics area (claimed in order by
+    /// the worker; readers look at no more than this many).
+    pub contexts: AtomicU32,
 }
 
 const _: () = assert!(std::mem::size_of::<WorkerSlot>() <= SLOT_SIZE);
@@ -134,6 +140,8 @@ impl WorkerSlot {
         ] {
             a.store(0, Ordering::Relaxed);
         }
+        // A new process starts with no context records: nothing stale is reported as live.
+        self.contexts.store(0, Ordering::Release);
         self.set_state(SlotState::Free);
     }
 }
@@ -221,6 +229,15 @@ impl Segment {
         // SAFETY: slots lie within the mapping (HEADER_SIZE + SLOTS*SLOT_SIZE = DATA_OFFSET),
         // each 256-byte aligned, WorkerSlot is repr(C) of atomics and fits SLOT_SIZE.
         unsafe { &*(self.map.as_ptr().add(HEADER_SIZE + i * SLOT_SIZE) as *const WorkerSlot) }
+    }
+
+    /// The statistics of slot `i` (panics only for `i >= SLOTS`, a programming error).
+    pub fn stats(&self, i: usize) -> crate::stats::SlotStats<'_> {
+        assert!(i < SLOTS, "slot index {i} out of range");
+        let off = STATS_OFFSET + i * crate::stats::SLOT_STATS_SIZE;
+        // SAFETY: the area lies within the mapping (STATS_OFFSET + SLOTS * SLOT_STATS_SIZE =
+        // DATA_OFFSET, checked in `map`), is 8-byte aligned, and holds only atomics.
+        unsafe { crate::stats::SlotStats::new(self.map.as_ptr().add(off), self.slot(i)) }
     }
 
     /// The generation published last (one atomic load: the per-request check).

@@ -383,6 +383,14 @@ impl PluginVm {
         self.call(|s| f.call(s, (id as i32, queue as i32)))
     }
 
+    /// Bytes of the instance's linear memory now.
+    pub fn memory_bytes(&self) -> u64 {
+        let d = self.store.data();
+        d.memory
+            .map(|m| m.data_size(&self.store) as u64)
+            .unwrap_or(0)
+    }
+
     /// The call-outs dispatched since the last time this was asked.
     pub fn take_calls(&mut self) -> Vec<HttpCall> {
         std::mem::take(&mut self.store.data_mut().calls)

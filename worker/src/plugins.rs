@@ -29,11 +29,13 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use wasmgate_shared::config::{GatewayConfig, RequestPhase, WasmPluginDecl};
 use wasmgate_shared::model::PluginConf;
 use wasmgate_shared::shm::Segment;
+use wasmgate_shared::stats::ContextStats;
 use wasmgate_wasm::{
     Action, CallResponse, Fault, HttpCall, LocalReply, Outcome, PluginModule, PluginVm, Settings,
     Stream,
@@ -60,6 +62,9 @@ struct VmState {
     ticks_dirty: bool,
     /// Shared queues registered by root contexts: (token, context, enqueue count seen).
     queues: Vec<(u32, u32, u64)>,
+    /// Statistics record of each route / global rule (`route:<id>`), kept across revisions and
+    /// instances.
+    records: HashMap<String, usize>,
 }
 
 /// One `wasm.plugins` entry in this worker.
@@ -82,8 +87,8 @@ pub trait Callout: Send + Sync {
 pub struct Plugins {
     list: Vec<Plugin>,
     by_name: HashMap<String, usize>,
-    /// Where faults are counted (the worker's status slot).
-    faults: Option<(Arc<Segment>, usize)>,
+    /// The worker's status slot: faults and per-context statistics are counted there.
+    slot: Option<(Arc<Segment>, usize)>,
     callout: OnceLock<Arc<dyn Callout>>,
     /// Woken when a tick period changed.
     ticks_changed: tokio::sync::Notify,
@@ -103,6 +108,8 @@ pub struct Active {
     owner: Arc<str>,
     http_id: u32,
     vm_generation: u64,
+    /// Its context's statistics record in this worker's slot.
+    record: Option<usize>,
 }
 
 /// The Proxy-Wasm state of one request: the request as plugins see it and its HttpContexts.
@@ -112,6 +119,8 @@ pub struct WasmRequest {
     plugins: Arc<Plugins>,
     pub stream: Option<Stream>,
     pub active: Vec<Active>,
+    /// Nanoseconds spent in each active context's callbacks for this request.
+    pub spent: Vec<u64>,
 }
 
 impl WasmRequest {
@@ -120,6 +129,7 @@ impl WasmRequest {
             plugins,
             stream: Some(stream),
             active: Vec::new(),
+            spent: Vec::new(),
         }
     }
 
@@ -136,7 +146,8 @@ impl WasmRequest {
         if active.is_empty() {
             return;
         }
-        self.plugins.on_log(active, &mut self.stream);
+        let spent = std::mem::take(&mut self.spent);
+        self.plugins.on_log(active, spent, &mut self.stream);
     }
 }
 
@@ -200,7 +211,7 @@ impl Plugins {
     pub fn load(
         config: &GatewayConfig,
         artifacts: &[std::fs::File],
-        faults: Option<(Arc<Segment>, usize)>,
+        slot: Option<(Arc<Segment>, usize)>,
     ) -> anyhow::Result<Plugins> {
         use std::os::unix::fs::FileExt;
         let level = config.nginx_config.error_log_level;
@@ -233,6 +244,7 @@ impl Plugins {
                 ticks: HashMap::new(),
                 ticks_dirty: false,
                 queues: Vec::new(),
+                records: HashMap::new(),
             };
             list.push(Plugin {
                 decl: d.clone(),
@@ -247,10 +259,21 @@ impl Plugins {
             .enumerate()
             .map(|(i, p)| (p.decl.name.clone(), i))
             .collect();
+        if let Some((seg, i)) = &slot {
+            // A respawned worker starts its statistics afresh: nothing of the previous process
+            // is reported as its own.
+            seg.slot(*i).contexts.store(0, Ordering::Release);
+            let stats = seg.stats(*i);
+            for (n, p) in list.iter().enumerate() {
+                if let (Some(cell), Some(vm)) = (stats.plugin_memory(n), p.lock().vm.as_ref()) {
+                    cell.store(vm.memory_bytes(), Ordering::Relaxed);
+                }
+            }
+        }
         Ok(Plugins {
             list,
             by_name,
-            faults,
+            slot,
             callout: OnceLock::new(),
             ticks_changed: tokio::sync::Notify::new(),
         })
@@ -320,13 +343,18 @@ impl Plugins {
     ) -> Verdict {
         for link in chain {
             let p = &self.list[link.plugin];
+            let started = Instant::now();
             let (active, first, calls) = {
                 let mut st = p.lock();
-                let (http_id, generation) = match self.open(p, &mut st, link) {
+                let record = self.record(link.plugin, &mut st, link.owner);
+                let (http_id, generation) = match self.open(p, &mut st, link, record) {
                     Ok(Some(ids)) => ids,
-                    Ok(None) => return Verdict::Fail,
+                    Ok(None) => {
+                        self.count(record, |r| &r.errors);
+                        return Verdict::Fail;
+                    }
                     Err(f) => {
-                        self.fault(p, &mut st, &f, "creating a context");
+                        self.fault(p, &mut st, &f, "creating a context", record);
                         if p.decl.fail_open {
                             continue;
                         }
@@ -338,8 +366,10 @@ impl Plugins {
                     owner: link.owner.clone(),
                     http_id,
                     vm_generation: generation,
+                    record,
                 };
                 req.active.push(active.clone());
+                req.spent.push(0);
                 let Some(vm) = st.vm.as_mut() else {
                     return Verdict::Fail;
                 };
@@ -347,10 +377,13 @@ impl Plugins {
                 let calls = st.collect(self);
                 (active, r, calls)
             };
-            match self
+            let (verdict, waited) = self
                 .settle(&active, first, calls, &mut req.stream, Phase::Request)
-                .await
-            {
+                .await;
+            if let Some(t) = req.spent.last_mut() {
+                *t += (started.elapsed() - waited).as_nanos() as u64;
+            }
+            match verdict {
                 Verdict::Continue => {}
                 other => return other,
             }
@@ -359,14 +392,17 @@ impl Plugins {
     }
 
     /// Response headers through the contexts of this request, waiting out pauses.
+    /// `spent` gets the time each context's callbacks took.
     pub async fn on_response(
         self: &Arc<Self>,
         active: &[Active],
+        spent: &mut [u64],
         stream: &mut Option<Stream>,
         end_of_stream: bool,
     ) -> Verdict {
-        for a in active {
+        for (a, t) in active.iter().zip(spent.iter_mut()) {
             let p = &self.list[a.plugin];
+            let started = Instant::now();
             let (first, calls) = {
                 let mut st = p.lock();
                 if st.generation != a.vm_generation {
@@ -376,7 +412,9 @@ impl Plugins {
                 let r = vm.on_response_headers(a.http_id, stream, end_of_stream);
                 (r, st.collect(self))
             };
-            match self.settle(a, first, calls, stream, Phase::Response).await {
+            let (verdict, waited) = self.settle(a, first, calls, stream, Phase::Response).await;
+            *t += (started.elapsed() - waited).as_nanos() as u64;
+            match verdict {
                 Verdict::Continue => {}
                 other => return other,
             }
@@ -393,12 +431,21 @@ impl Plugins {
         calls: Vec<HttpCall>,
         stream: &mut Option<Stream>,
         phase: Phase,
-    ) -> Verdict {
+    ) -> (Verdict, Duration) {
         let p = &self.list[a.plugin];
         let mut mine: FuturesUnordered<CallFuture> = FuturesUnordered::new();
         let mut outcome = first;
         let mut calls = calls;
         let mut delivered = false;
+        let mut waited = Duration::ZERO;
+        let failed = |me: &Self| {
+            if p.decl.fail_open {
+                Verdict::Continue
+            } else {
+                me.count(a.record, |r| &r.errors);
+                Verdict::Fail
+            }
+        };
         loop {
             for c in calls.drain(..) {
                 if c.context == a.http_id {
@@ -411,33 +458,42 @@ impl Plugins {
                 Err(f) => {
                     // A fault in a delivered answer was handled by `deliver`.
                     if !delivered {
-                        self.fault(p, &mut p.lock(), &f, phase.callback());
+                        self.fault(p, &mut p.lock(), &f, phase.callback(), a.record);
                     }
-                    return if p.decl.fail_open {
-                        Verdict::Continue
-                    } else {
-                        Verdict::Fail
-                    };
+                    return (failed(self), waited);
                 }
                 Ok(o) => o,
             };
             if let Some(reply) = o.reply {
                 self.detach(a, mine);
-                return Verdict::Reply(reply);
+                self.count(a.record, |r| &r.local_replies);
+                return (Verdict::Reply(reply), waited);
             }
             if o.action == Action::Continue || o.resumed {
                 self.detach(a, mine);
-                return Verdict::Continue;
+                return (Verdict::Continue, waited);
             }
-            let Some((ctx, token, resp)) = mine.next().await else {
+            let wait = Instant::now();
+            let next = mine.next().await;
+            waited += wait.elapsed();
+            let Some((ctx, token, resp)) = next else {
                 tracing::warn!(
                     "{}: paused the request in {} with no call-out pending; resuming it",
                     p.decl.name,
                     phase.callback()
                 );
-                return Verdict::Continue;
+                return (Verdict::Continue, waited);
             };
-            match self.deliver(a.plugin, a.vm_generation, ctx, token, resp, stream) {
+            let r = self.deliver(
+                a.plugin,
+                a.vm_generation,
+                ctx,
+                token,
+                resp,
+                stream,
+                a.record,
+            );
+            match r {
                 Some((r, more)) => {
                     delivered = true;
                     outcome = r.map(|mut o| {
@@ -448,13 +504,7 @@ impl Plugins {
                     calls = more;
                 }
                 // The VM was replaced meanwhile (another request's fault).
-                None => {
-                    return if p.decl.fail_open {
-                        Verdict::Continue
-                    } else {
-                        Verdict::Fail
-                    };
-                }
+                None => return (failed(self), waited),
             }
         }
     }
@@ -506,7 +556,9 @@ impl Plugins {
         resp: Option<CallResponse>,
     ) {
         let mut none = None;
-        if let Some((_, calls)) = self.deliver(plugin, generation, ctx, token, resp, &mut none) {
+        if let Some((_, calls)) =
+            self.deliver(plugin, generation, ctx, token, resp, &mut none, None)
+        {
             for c in calls {
                 self.spawn_call(plugin, generation, c);
             }
@@ -515,6 +567,7 @@ impl Plugins {
 
     /// `proxy_on_http_call_response`, if the VM and the call are still current. Returns the
     /// callback's outcome and the calls it dispatched.
+    #[allow(clippy::too_many_arguments)]
     fn deliver(
         self: &Arc<Self>,
         plugin: usize,
@@ -523,6 +576,7 @@ impl Plugins {
         token: u32,
         resp: Option<CallResponse>,
         stream: &mut Option<Stream>,
+        record: Option<usize>,
     ) -> Option<(Result<Outcome, Fault>, Vec<HttpCall>)> {
         let p = &self.list[plugin];
         let mut st = p.lock();
@@ -536,14 +590,20 @@ impl Plugins {
         let r = vm.on_http_call_response(ctx, token, stream, resp);
         let calls = st.collect(self);
         if let Err(f) = &r {
-            self.fault(p, &mut st, f, "proxy_on_http_call_response");
+            self.fault(p, &mut st, f, "proxy_on_http_call_response", record);
         }
         Some((r, calls))
     }
 
     /// Ensures the VM and the PluginContext, then creates an HttpContext: (http id, VM generation),
     /// or None when the plugin refused its configuration.
-    fn open(&self, p: &Plugin, st: &mut VmState, link: &Link) -> Result<Option<(u32, u64)>, Fault> {
+    fn open(
+        &self,
+        p: &Plugin,
+        st: &mut VmState,
+        link: &Link,
+        record: Option<usize>,
+    ) -> Result<Option<(u32, u64)>, Fault> {
         if st.vm.is_none() {
             let vm = PluginVm::new(&p.module)?;
             st.generation += 1;
@@ -560,6 +620,12 @@ impl Plugins {
             self.retire_older(p, st, link.owner);
             let vm = st.vm.as_mut().ok_or(Fault::Trap("no instance".into()))?;
             let id = vm.create_plugin_context(link.conf.as_bytes())?;
+            if let Some(r) = self.stats(record) {
+                ContextStats::add(&r.configures);
+                let generation = self.slot.as_ref().map(|(seg, _)| seg.generation());
+                r.generation
+                    .store(generation.unwrap_or(0), Ordering::Relaxed);
+            }
             if id.is_none() {
                 tracing::error!(
                     "{}: failed to configure the plugin for {} (proxy_on_configure returned false)",
@@ -586,6 +652,7 @@ impl Plugins {
             return Ok(None);
         };
         root.inflight += 1;
+        self.count(record, |r| &r.requests);
         let vm = st.vm.as_mut().ok_or(Fault::Trap("no instance".into()))?;
         let id = vm.create_http_context(root_id)?;
         Ok(Some((id, st.generation)))
@@ -618,7 +685,7 @@ impl Plugins {
                 continue;
             };
             if let Err(f) = vm.finish(id) {
-                self.fault(p, st, &f, "finishing a plugin context");
+                self.fault(p, st, &f, "finishing a plugin context", None);
                 return;
             }
             st.calls.retain(|_, c| *c != id);
@@ -640,11 +707,12 @@ impl Plugins {
         end_of_stream: bool,
     ) -> BodyStep {
         let active = req.active.clone();
-        for (a, buf) in active.iter().zip(bufs.iter_mut()) {
+        for (i, (a, buf)) in active.iter().zip(bufs.iter_mut()).enumerate() {
             let p = &self.list[a.plugin];
             if !p.has_body(dir) {
                 continue;
             }
+            let started = Instant::now();
             let Some(stream) = req.stream.as_mut() else {
                 // The stream is lent to a waiting headers phase: nothing to show the plugin.
                 continue;
@@ -681,7 +749,7 @@ impl Plugins {
                     };
                     let calls = st.collect(self);
                     if let Err(f) = &r {
-                        self.fault(p, &mut st, f, dir.callback());
+                        self.fault(p, &mut st, f, dir.callback(), a.record);
                     }
                     Some((r, calls))
                 }
@@ -693,6 +761,9 @@ impl Plugins {
                 };
                 std::mem::swap(lent, buf);
             }
+            if let Some(t) = req.spent.get_mut(i) {
+                *t += started.elapsed().as_nanos() as u64;
+            }
             let Some((r, calls)) = r else {
                 // The VM was replaced: this context is gone, the bytes pass.
                 data = std::mem::take(buf);
@@ -703,9 +774,13 @@ impl Plugins {
             }
             match r {
                 Err(_) if p.decl.fail_open => {}
-                Err(_) => return BodyStep::Fail,
+                Err(_) => {
+                    self.count(a.record, |r| &r.errors);
+                    return BodyStep::Fail;
+                }
                 Ok(o) => {
                     if let Some(reply) = o.reply {
+                        self.count(a.record, |r| &r.local_replies);
                         return BodyStep::Reply(reply);
                     }
                     if o.action == Action::Pause && !end_of_stream {
@@ -719,20 +794,31 @@ impl Plugins {
     }
 
     /// The log phase: `proxy_on_log`, then done and delete for every HttpContext.
-    fn on_log(&self, active: Vec<Active>, stream: &mut Option<Stream>) {
-        for a in active {
+    fn on_log(&self, active: Vec<Active>, spent: Vec<u64>, stream: &mut Option<Stream>) {
+        for (i, a) in active.into_iter().enumerate() {
             let p = &self.list[a.plugin];
             let mut st = p.lock();
             if st.generation != a.vm_generation || st.vm.is_none() {
                 continue;
             }
+            let started = Instant::now();
             let vm = st.vm.as_mut().expect("checked");
             let r = vm
                 .on_log(a.http_id, stream)
                 .and_then(|_| vm.finish(a.http_id));
+            let memory = vm.memory_bytes();
+            let ns = spent.get(i).copied().unwrap_or(0) + started.elapsed().as_nanos() as u64;
+            if let Some(rec) = self.stats(a.record) {
+                rec.record_time(ns);
+            }
+            if let Some((seg, slot)) = &self.slot {
+                if let Some(cell) = seg.stats(*slot).plugin_memory(a.plugin) {
+                    cell.store(memory, Ordering::Relaxed);
+                }
+            }
             st.calls.retain(|_, c| *c != a.http_id);
             if let Err(f) = r {
-                self.fault(p, &mut st, &f, "proxy_on_log");
+                self.fault(p, &mut st, &f, "proxy_on_log", a.record);
                 continue;
             }
             if let Some(root) = st.roots.get_mut(&*a.owner) {
@@ -766,7 +852,7 @@ impl Plugins {
                         let r = vm.on_tick(id);
                         calls.extend(st.collect(&self));
                         if let Err(f) = r {
-                            self.fault(p, &mut st, &f, "proxy_on_tick");
+                            self.fault(p, &mut st, &f, "proxy_on_tick", None);
                             break;
                         }
                     }
@@ -796,6 +882,41 @@ impl Plugins {
     }
 }
 
+impl Plugins {
+    /// The statistics record of `owner`'s object (`route:<id>`) for this plugin, claimed on
+    /// first use.
+    fn record(&self, plugin: usize, st: &mut VmState, owner: &str) -> Option<usize> {
+        let object = owner.rsplit_once(':').map(|(o, _)| o).unwrap_or(owner);
+        if let Some(r) = st.records.get(object) {
+            return Some(*r);
+        }
+        let (seg, slot) = self.slot.as_ref()?;
+        let r = seg.stats(*slot).claim(&self.list[plugin].decl.name, object);
+        match r {
+            Some(r) => {
+                st.records.insert(object.to_string(), r);
+            }
+            None => tracing::warn!(
+                "statistics: more than {} plugin contexts in this worker; {object} is not counted",
+                wasmgate_shared::stats::CONTEXTS_PER_SLOT
+            ),
+        }
+        r
+    }
+
+    fn stats(&self, record: Option<usize>) -> Option<&ContextStats> {
+        let (seg, slot) = self.slot.as_ref()?;
+        seg.stats(*slot).get(record?)
+    }
+
+    /// Adds one to the counter `which` picks in `record`.
+    fn count(&self, record: Option<usize>, which: impl Fn(&ContextStats) -> &AtomicU64) {
+        if let Some(r) = self.stats(record) {
+            ContextStats::add(which(r));
+        }
+    }
+}
+
 /// How often registered shared queues are checked for new items (they are filled by any worker).
 const QUEUE_POLL: Duration = Duration::from_millis(5);
 
@@ -818,7 +939,7 @@ impl Plugins {
             let r = vm.on_queue_ready(ctx, token);
             calls.extend(st.collect(self));
             if let Err(f) = r {
-                self.fault(p, st, &f, "proxy_on_queue_ready");
+                self.fault(p, st, &f, "proxy_on_queue_ready", None);
                 break;
             }
         }
@@ -895,7 +1016,7 @@ impl Dir {
 
 impl Plugins {
     /// Discards the VM after a fault (later requests get a new one), logs and counts it.
-    fn fault(&self, p: &Plugin, st: &mut VmState, f: &Fault, during: &str) {
+    fn fault(&self, p: &Plugin, st: &mut VmState, f: &Fault, during: &str, record: Option<usize>) {
         let open = if p.decl.fail_open {
             " (fail_open: the request continues)"
         } else {
@@ -905,11 +1026,16 @@ impl Plugins {
             "{}: {f} in {during}; instance discarded, a new one serves later requests{open}",
             p.decl.name
         );
-        if let Some((seg, slot)) = &self.faults {
+        if let Some((seg, slot)) = &self.slot {
             seg.slot(*slot)
                 .plugin_faults
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(1, Ordering::Relaxed);
         }
+        self.count(record, |r| match f {
+            Fault::Trap(_) => &r.traps,
+            Fault::Timeout => &r.timeouts,
+            Fault::Memory => &r.memory_hits,
+        });
         st.vm = None;
         st.roots.clear();
         st.calls.clear();

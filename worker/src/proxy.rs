@@ -217,15 +217,18 @@ async fn response_phase(
     shared: &SharedWasm,
     mut resp: Response<ProxyBody>,
 ) -> Response<ProxyBody> {
-    let (active, mut stream) = {
+    let (active, mut spent, mut stream) = {
         let mut g = lock(shared);
-        (g.active.clone(), g.stream.take())
+        (g.active.clone(), vec![0; g.active.len()], g.stream.take())
     };
     if let Some(s) = stream.as_mut() {
         s.response = Some(wasm_glue::response_pairs(&resp));
     }
     let no_body = resp.body().is_end_stream();
-    let verdict = w.plugins.on_response(&active, &mut stream, no_body).await;
+    let verdict = w
+        .plugins
+        .on_response(&active, &mut spent, &mut stream, no_body)
+        .await;
     let pairs = stream
         .as_ref()
         .filter(|s| s.response_changed)
@@ -233,6 +236,9 @@ async fn response_phase(
     let wants_body = {
         let mut g = lock(shared);
         g.stream = stream;
+        for (t, add) in g.spent.iter_mut().zip(spent) {
+            *t += add;
+        }
         !no_body && g.wants_body(Dir::Response)
     };
     match verdict {

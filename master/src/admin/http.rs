@@ -111,7 +111,7 @@ async fn dispatch(
     body: Bytes,
 ) -> Response<Full<Bytes>> {
     if let Some(rest) = path.strip_prefix("/wasmgate/") {
-        return wasmgate_endpoint(m, method, rest).await;
+        return wasmgate_endpoint(m, method, rest, query).await;
     }
     let Some(rest) = path.strip_prefix("/apisix/admin/") else {
         return err(404, format!("not found: {path}"));
@@ -158,9 +158,27 @@ async fn dispatch(
     reply(status, value)
 }
 
-async fn wasmgate_endpoint(m: &Master, method: &Method, rest: &str) -> Response<Full<Bytes>> {
+async fn wasmgate_endpoint(
+    m: &Master,
+    method: &Method,
+    rest: &str,
+    query: &[(String, String)],
+) -> Response<Full<Bytes>> {
     match (method, rest.trim_end_matches('/')) {
         (&Method::GET, "status") | (&Method::GET, "workers") => reply(200, status::gateway(m)),
+        (&Method::GET, "stats") => reply(200, status::stats(m)),
+        (&Method::GET, "plugins") => reply(200, status::plugins(m)),
+        (&Method::GET, "log") => {
+            let lines = query
+                .iter()
+                .find(|(k, _)| k == "lines")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(200);
+            match status::log(m, lines) {
+                Ok(v) => reply(200, v),
+                Err(e) => err(500, e),
+            }
+        }
         (&Method::GET, "metrics") => {
             let mut r = Response::new(Full::new(Bytes::from(status::prometheus(m))));
             r.headers_mut().insert(

@@ -29,6 +29,7 @@ pub fn gateway(m: &Master) -> Value {
             "requests": s.requests.load(Ordering::Relaxed),
             "active_connections": s.active_connections.load(Ordering::Relaxed),
             "plugin_faults": s.plugin_faults.load(Ordering::Relaxed),
+            "rss_bytes": rss_bytes(s.pid.load(Ordering::Relaxed)),
         }));
     }
     workers.sort_by_key(|w| (w["epoch"].as_u64(), w["worker_id"].as_u64()));
@@ -109,4 +110,170 @@ pub fn prometheus(m: &Master) -> String {
     );
     out.push_str(&m.plugin_shm.render_prometheus());
     out
+}
+
+/// Resident memory of a process (`/proc/<pid>/statm`), None when it cannot be read.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    if pid == 0 {
+        return None;
+    }
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(4096) as u64)
+}
+
+/// Slots of live workers (starting, running or draining), with their worker number.
+fn live_slots(m: &Master) -> Vec<(usize, u32)> {
+    (0..SLOTS)
+        .filter(|&i| {
+            matches!(
+                m.segment.slot(i).state(),
+                SlotState::Ready | SlotState::Draining
+            )
+        })
+        .map(|i| (i, m.segment.slot(i).worker_id.load(Ordering::Relaxed)))
+        .collect()
+}
+
+/// `GET /wasmgate/stats`: every PluginContext's statistics (route or global rule × plugin),
+/// summed over the workers, with each worker's share.
+pub fn stats(m: &Master) -> Value {
+    use std::collections::BTreeMap;
+    use wasmgate_shared::stats::{quantile, ContextSnapshot, LATENCY_BUCKETS};
+    let mut merged: BTreeMap<(String, String), (ContextSnapshot, Vec<Value>)> = BTreeMap::new();
+    for (slot, worker_id) in live_slots(m) {
+        let st = m.segment.stats(slot);
+        for i in 0..st.len() {
+            let Some(rec) = st.get(i) else { continue };
+            let r = rec.snapshot();
+            let (sum, per_worker) = merged
+                .entry((r.plugin.clone(), r.owner.clone()))
+                .or_insert_with(|| {
+                    let empty = ContextSnapshot {
+                        plugin: r.plugin.clone(),
+                        owner: r.owner.clone(),
+                        latency: vec![0; LATENCY_BUCKETS],
+                        ..Default::default()
+                    };
+                    (empty, Vec::new())
+                });
+            per_worker.push(json!({
+                "worker_id": worker_id,
+                "slot": slot,
+                "requests": r.requests,
+                "errors": r.errors,
+                "traps": r.traps,
+                "generation": r.generation,
+            }));
+            sum.requests += r.requests;
+            sum.local_replies += r.local_replies;
+            sum.errors += r.errors;
+            sum.traps += r.traps;
+            sum.timeouts += r.timeouts;
+            sum.memory_hits += r.memory_hits;
+            sum.configures += r.configures;
+            sum.time_ns += r.time_ns;
+            sum.generation = sum.generation.max(r.generation);
+            for (a, b) in sum.latency.iter_mut().zip(&r.latency) {
+                *a += b;
+            }
+        }
+    }
+    let contexts: Vec<Value> = merged
+        .into_values()
+        .map(|(c, workers)| {
+            let (kind, id) = c.owner.split_once(':').unwrap_or(("", &c.owner));
+            json!({
+                "plugin": c.plugin,
+                "owner_kind": kind,
+                "owner_id": id,
+                "requests": c.requests,
+                "local_replies": c.local_replies,
+                "errors": c.errors,
+                "traps": c.traps,
+                "timeouts": c.timeouts,
+                "memory_hits": c.memory_hits,
+                "configures": c.configures,
+                "time_us": c.time_ns / 1000,
+                "p50_us": quantile(&c.latency, 0.5),
+                "p99_us": quantile(&c.latency, 0.99),
+                "generation": c.generation,
+                "workers": workers,
+            })
+        })
+        .collect();
+    json!({ "generation": m.segment.generation(), "contexts": contexts })
+}
+
+/// `GET /wasmgate/plugins`: the plugins of config.yaml and each worker's instance memory.
+pub fn plugins(m: &Master) -> Value {
+    let cfg = m.config();
+    let slots = live_slots(m);
+    let list: Vec<Value> = cfg
+        .config
+        .wasm
+        .plugins
+        .iter()
+        .enumerate()
+        .map(|(n, p)| {
+            let instances: Vec<Value> = slots
+                .iter()
+                .map(|(slot, worker_id)| {
+                    let mem = m
+                        .segment
+                        .stats(*slot)
+                        .plugin_memory(n)
+                        .map(|c| c.load(Ordering::Relaxed));
+                    json!({"worker_id": worker_id, "slot": slot, "memory_bytes": mem})
+                })
+                .collect();
+            json!({
+                "name": p.name,
+                "priority": p.priority,
+                "phase": match p.http_request_phase {
+                    wasmgate_shared::config::RequestPhase::Rewrite => "rewrite",
+                    wasmgate_shared::config::RequestPhase::Access => "access",
+                },
+                "file": p.file,
+                "fail_open": p.fail_open,
+                "callback_timeout_ms": p.callback_timeout.as_millis() as u64,
+                "memory_limit": p.memory_limit,
+                "body_buffer_limit": p.body_buffer_limit,
+                "instances": instances,
+            })
+        })
+        .collect();
+    json!({ "plugins": list })
+}
+
+/// Most error-log lines `GET /wasmgate/log` returns.
+pub const MAX_LOG_LINES: usize = 2000;
+/// Bytes read from the end of the error log at most.
+const LOG_TAIL_BYTES: u64 = 1 << 20;
+
+/// `GET /wasmgate/log?lines=N`: the last lines of the error log.
+pub fn log(m: &Master, lines: usize) -> Result<Value, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let cfg = m.config();
+    let path = m.prefix.join(&cfg.config.nginx_config.error_log);
+    let mut f = std::fs::File::open(&path)
+        .map_err(|e| format!("cannot open the error log {}: {e}", path.display()))?;
+    let len = f.metadata().map(|md| md.len()).unwrap_or(0);
+    let start = len.saturating_sub(LOG_TAIL_BYTES);
+    f.seek(SeekFrom::Start(start)).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    f.take(LOG_TAIL_BYTES)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut all: Vec<&str> = text.lines().collect();
+    if start > 0 && !all.is_empty() {
+        // The first line was cut by the window.
+        all.remove(0);
+    }
+    let n = lines.min(MAX_LOG_LINES);
+    let tail = &all[all.len().saturating_sub(n)..];
+    Ok(json!({ "path": path, "lines": tail }))
 }
