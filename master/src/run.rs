@@ -109,6 +109,7 @@ impl Loop {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut quit = signal(SignalKind::quit())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut control = self.control.take().context("main loop started twice")?;
         loop {
@@ -120,6 +121,14 @@ impl Loop {
                 _ = term.recv() => return self.stop(false).await,
                 _ = int.recv() => return self.stop(false).await,
                 _ = quit.recv() => return self.stop(true).await,
+                _ = usr1.recv() => {
+                    // logrotate moved the files: reopen ours, then the workers' (nginx's way).
+                    if let Err(e) = wasmgate_shared::logging::reopen() {
+                        tracing::error!("reopening the error log failed: {e}");
+                    }
+                    tracing::warn!("SIGUSR1 received: logs reopened; telling the workers");
+                    self.sup.signal_live(Signal::SIGUSR1);
+                }
                 Some(Control::Reload(reply)) = control.recv() => {
                     tracing::warn!("reload requested through the Admin API");
                     let _ = reply.send(self.reload().await);

@@ -255,6 +255,13 @@ impl Supervisor {
         self.workers.retain(|w| w.pid.is_some() || w.epoch != epoch);
     }
 
+    /// Sends `signal` to every live worker, changing nothing else (log reopening).
+    pub fn signal_live(&self, signal: Signal) {
+        for pid in self.workers.iter().filter_map(|w| w.pid) {
+            let _ = kill(Pid::from_raw(pid as i32), signal);
+        }
+    }
+
     /// Sends `signal` to every live worker.
     pub fn signal_all(&mut self, signal: Signal) {
         for w in &mut self.workers {

@@ -280,6 +280,8 @@ impl LogLevel {
 pub struct HttpSection {
     /// Access log path relative to the prefix, or `off`.
     pub access_log: String,
+    /// The access log line, with nginx-style `$variables` (see `logformat::VARIABLES`).
+    pub access_log_format: String,
     /// Idle keep-alive time of client connections.
     #[serde(deserialize_with = "de_duration")]
     pub keepalive_timeout: Duration,
@@ -303,6 +305,7 @@ impl Default for HttpSection {
     fn default() -> Self {
         HttpSection {
             access_log: "logs/access.log".into(),
+            access_log_format: crate::logformat::DEFAULT.into(),
             keepalive_timeout: Duration::from_secs(60),
             client_header_timeout: Duration::from_secs(60),
             client_max_body_size: 0,
@@ -500,6 +503,11 @@ impl GatewayConfig {
                 "plugin_shm_size",
                 "wasmgate.plugin_shm_size must be between 1m and 4g".into(),
             ));
+        }
+        if let Err(e) =
+            crate::logformat::LogFormat::parse(&self.nginx_config.http.access_log_format)
+        {
+            return Err(err("access_log_format", e));
         }
         let mut plugin_names = HashSet::new();
         for p in &self.wasm.plugins {

@@ -11,6 +11,7 @@
 //! - [`units`]: durations and sizes written the nginx way (`60s`, `1m`).
 
 pub mod config;
+pub mod logformat;
 pub mod logging;
 pub mod model;
 pub mod plugin_shm;

@@ -6,8 +6,8 @@
 use crate::config::LogLevel;
 use std::fmt;
 use std::fs::OpenOptions;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -48,24 +48,43 @@ pub fn init(path: &Path, level: LogLevel, role: &str, stderr: bool) -> std::io::
         std::fs::create_dir_all(dir)?;
     }
     let file = OpenOptions::new().create(true).append(true).open(path)?;
-    let writer = Tee {
+    let writer = Arc::new(Tee {
         file: Mutex::new(file),
+        path: path.to_path_buf(),
         stderr,
-    };
+    });
+    let _ = LOG.set(writer.clone());
     let filter = tracing_subscriber::EnvFilter::new(level.as_tracing());
     let _ = tracing_subscriber::fmt()
         .event_format(NginxFormat {
             role: role.to_string(),
         })
         .with_env_filter(filter)
-        .with_writer(std::sync::Arc::new(writer))
+        .with_writer(writer)
         .try_init();
+    Ok(())
+}
+
+/// The installed error log, for [`reopen`].
+static LOG: OnceLock<Arc<Tee>> = OnceLock::new();
+
+/// Reopens the error log file by its path (after logrotate moved it away: SIGUSR1).
+pub fn reopen() -> std::io::Result<()> {
+    let Some(tee) = LOG.get() else {
+        return Ok(());
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&tee.path)?;
+    *tee.file.lock().unwrap_or_else(|p| p.into_inner()) = file;
     Ok(())
 }
 
 /// Writes each line to the file and, optionally, standard error.
 struct Tee {
     file: Mutex<std::fs::File>,
+    path: PathBuf,
     stderr: bool,
 }
 

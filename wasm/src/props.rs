@@ -36,6 +36,7 @@ pub fn lookup(s: &HostState, path: &[&str]) -> Option<Vec<u8>> {
             })
         }
         ["request", "method"] => header(req, ":method"),
+        ["request", "id"] => header(req, "x-request-id"),
         ["request", "host"] => header(req, ":authority"),
         ["request", "scheme"] => header(req, ":scheme"),
         ["request", "headers", name] => header(req, &name.to_ascii_lowercase()),

@@ -1,8 +1,10 @@
-//! The access log: one line per request, in APISIX's default (nginx-like) format:
+//! The access log: one line per request, in `nginx_config.http.access_log_format`
+//! (`wasmgate_shared::logformat`; by default APISIX's fields and the route id):
 //!
 //! ```text
-//! $remote_addr - - [$time_local] $http_host "$request" $status $body_bytes_sent $request_time
-//! "$http_referer" "$http_user_agent" $upstream_addr $upstream_status $upstream_response_time $route_id
+//! $remote_addr - $remote_user [$time_local] $http_host "$request" $status $body_bytes_sent
+//! $request_time "$http_referer" "$http_user_agent" $upstream_addr $upstream_status
+//! $upstream_response_time $route_id
 //! ```
 //!
 //! Lines are buffered per worker and written with one `write` per flush to a file opened with
@@ -13,13 +15,16 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
+use wasmgate_shared::logformat::LogFormat;
 
 /// Flush when this much is buffered, and at least every [`FLUSH_EVERY`].
 const FLUSH_AT: usize = 32 << 10;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
 pub struct AccessLog {
+    format: LogFormat,
     file: Option<Mutex<File>>,
+    path: Option<std::path::PathBuf>,
     buf: Mutex<Vec<u8>>,
 }
 
@@ -37,24 +42,40 @@ pub struct Entry<'a> {
     pub upstream_status: Option<u16>,
     pub upstream_time: Option<Duration>,
     pub route_id: &'a str,
+    pub request_id: &'a str,
 }
 
 impl AccessLog {
-    /// Opens `path` (`off` disables the log).
-    pub fn open(prefix: &Path, setting: &str) -> std::io::Result<AccessLog> {
-        let file = if setting == "off" {
-            None
+    /// Writes what is buffered, then reopens the file by its path (SIGUSR1, after logrotate).
+    pub fn reopen(&self) -> std::io::Result<()> {
+        self.flush();
+        let (Some(file), Some(path)) = (&self.file, &self.path) else {
+            return Ok(());
+        };
+        let f = OpenOptions::new().create(true).append(true).open(path)?;
+        *file.lock().unwrap_or_else(|p| p.into_inner()) = f;
+        Ok(())
+    }
+
+    /// Opens `path` (`off` disables the log); lines follow `format` (validated with the
+    /// configuration).
+    pub fn open(prefix: &Path, setting: &str, format: &str) -> std::io::Result<AccessLog> {
+        let format = LogFormat::parse(format)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let (file, path) = if setting == "off" {
+            (None, None)
         } else {
             let path = prefix.join(setting);
             if let Some(d) = path.parent() {
                 std::fs::create_dir_all(d)?;
             }
-            Some(Mutex::new(
-                OpenOptions::new().create(true).append(true).open(path)?,
-            ))
+            let f = OpenOptions::new().create(true).append(true).open(&path)?;
+            (Some(Mutex::new(f)), Some(path))
         };
         Ok(AccessLog {
+            format,
             file,
+            path,
             buf: Mutex::new(Vec::with_capacity(FLUSH_AT * 2)),
         })
     }
@@ -63,37 +84,40 @@ impl AccessLog {
         if self.file.is_none() {
             return;
         }
-        let now = chrono::Local::now().format("%d/%b/%Y:%H:%M:%S %z");
-        let dash = |s: &str| {
-            if s.is_empty() {
-                "-".to_string()
-            } else {
-                s.to_string()
+        let line = self.format.render(|var| match var {
+            "remote_addr" => e.remote_addr.to_string(),
+            "remote_user" => String::new(),
+            "time_local" => chrono::Local::now()
+                .format("%d/%b/%Y:%H:%M:%S %z")
+                .to_string(),
+            "time_iso8601" => chrono::Local::now()
+                .format("%Y-%m-%dT%H:%M:%S%:z")
+                .to_string(),
+            "msec" => {
+                let d = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                format!("{}.{:03}", d.as_secs(), d.subsec_millis())
             }
-        };
-        let up_status = e
-            .upstream_status
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "-".into());
-        let up_time = e
-            .upstream_time
-            .map(|t| format!("{:.3}", t.as_secs_f64()))
-            .unwrap_or_else(|| "-".into());
-        let line = format!(
-            "{} - - [{now}] {} \"{}\" {} {} {:.3} \"{}\" \"{}\" {} {} {} {}\n",
-            e.remote_addr,
-            dash(e.host),
-            e.request_line.escape_debug(),
-            e.status,
-            e.body_bytes_sent,
-            e.request_time.as_secs_f64(),
-            dash(e.referer).escape_debug(),
-            dash(e.user_agent).escape_debug(),
-            dash(e.upstream_addr),
-            up_status,
-            up_time,
-            dash(e.route_id),
-        );
+            "http_host" => e.host.to_string(),
+            "request" => e.request_line.to_string(),
+            "request_method" => e.request_line.split(' ').next().unwrap_or("").to_string(),
+            "request_uri" => e.request_line.split(' ').nth(1).unwrap_or("").to_string(),
+            "status" => e.status.to_string(),
+            "body_bytes_sent" => e.body_bytes_sent.to_string(),
+            "request_time" => format!("{:.3}", e.request_time.as_secs_f64()),
+            "http_referer" => e.referer.to_string(),
+            "http_user_agent" => e.user_agent.to_string(),
+            "upstream_addr" => e.upstream_addr.to_string(),
+            "upstream_status" => e.upstream_status.map(|s| s.to_string()).unwrap_or_default(),
+            "upstream_response_time" => e
+                .upstream_time
+                .map(|t| format!("{:.3}", t.as_secs_f64()))
+                .unwrap_or_default(),
+            "route_id" | "apisix_route_id" => e.route_id.to_string(),
+            "request_id" => e.request_id.to_string(),
+            _ => String::new(),
+        });
         let full = {
             let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
             buf.extend_from_slice(line.as_bytes());

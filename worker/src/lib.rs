@@ -104,8 +104,12 @@ async fn serve(
             Some((segment.clone(), slot)),
         )?),
         pool: upstream::pool::Pool::new(http.upstream_keepalive, http.upstream_keepalive_timeout),
-        access_log: access_log::AccessLog::open(&boot.prefix, &http.access_log)
-            .with_context(|| format!("cannot open access log {}", http.access_log))?,
+        access_log: access_log::AccessLog::open(
+            &boot.prefix,
+            &http.access_log,
+            &http.access_log_format,
+        )
+        .with_context(|| format!("cannot open access log {}", http.access_log))?,
         segment: segment.clone(),
         slot,
         max_body_size: http.client_max_body_size,
@@ -139,10 +143,14 @@ async fn serve(
     let mut quit = signal(SignalKind::quit())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = quit.recv() => {}
-        _ = term.recv() => { w.access_log.flush(); return Ok(()); }
-        _ = int.recv() => { w.access_log.flush(); return Ok(()); }
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    loop {
+        tokio::select! {
+            _ = quit.recv() => break,
+            _ = term.recv() => { w.access_log.flush(); return Ok(()); }
+            _ = int.recv() => { w.access_log.flush(); return Ok(()); }
+            _ = usr1.recv() => reopen_logs(&w),
+        }
     }
     // Graceful: stop accepting, let connections finish, then exit.
     w.draining.store(true, Ordering::Relaxed);
@@ -157,6 +165,17 @@ async fn serve(
     w.access_log.flush();
     tracing::info!("worker {} drained, exiting", boot.worker_id);
     Ok(())
+}
+
+/// SIGUSR1: reopen the error and access logs by their paths (logrotate moved the files).
+fn reopen_logs(w: &Worker) {
+    if let Err(e) = wasmgate_shared::logging::reopen() {
+        tracing::error!("reopening the error log failed: {e}");
+    }
+    match w.access_log.reopen() {
+        Ok(()) => tracing::info!("logs reopened"),
+        Err(e) => tracing::error!("reopening the access log failed: {e}"),
+    }
 }
 
 /// Keeps the generation seen current while idle and flushes the access log.

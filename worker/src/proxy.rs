@@ -59,6 +59,7 @@ pub async fn handle(
     let cfg = w.live.current();
     let (mut parts, body) = req.into_parts();
     let mut log = LogInfo::new(&parts, peer);
+    log.request_id = request_id(&mut parts.headers);
     if head_size(&parts) > w.max_header_size {
         let resp = header_filter(&w, error_page(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
         return log_phase(w, resp, log, None);
@@ -93,6 +94,9 @@ pub async fn handle(
         }
     };
     let mut resp = header_filter(&w, resp);
+    if let Ok(v) = HeaderValue::from_str(&log.request_id) {
+        resp.headers_mut().insert(X_REQUEST_ID, v);
+    }
     // Answer in the client's protocol version, whatever the upstream spoke.
     *resp.version_mut() = parts.version;
     log_phase(w, resp, log, wasm)
@@ -401,6 +405,33 @@ async fn send(
     }
 }
 
+const X_REQUEST_ID: &str = "x-request-id";
+
+/// The request's id: the client's `X-Request-Id` when it is a sane token (printable ASCII, at
+/// most 128 bytes), otherwise a new random one set on the request. The upstream, the plugins
+/// (`request.id`), the client and the access log (`$request_id`) all see the same id.
+fn request_id(h: &mut HeaderMap) -> String {
+    if let Some(v) = h.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {
+            return v.to_string();
+        }
+    }
+    let r: u128 = rand::random();
+    let hex = format!("{r:032x}");
+    let id = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    );
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert(X_REQUEST_ID, v);
+    }
+    id
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy.
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -517,6 +548,7 @@ struct LogInfo {
     referer: String,
     user_agent: String,
     route_id: String,
+    request_id: String,
     upstream: UpstreamLog,
 }
 
@@ -547,6 +579,7 @@ impl LogInfo {
             referer: header(header::REFERER),
             user_agent: header(header::USER_AGENT),
             route_id: String::new(),
+            request_id: String::new(),
             upstream: UpstreamLog::default(),
         }
     }
@@ -583,6 +616,7 @@ fn log_phase(
                 upstream_status: up.statuses.last().and_then(|s| s.parse().ok()),
                 upstream_time: up.time,
                 route_id: &log.route_id,
+                request_id: &log.request_id,
             });
         })
         .boxed()

@@ -1,0 +1,99 @@
+//! Operating a running gateway: request ids, the access-log format, and reopening logs on
+//! SIGUSR1 (logrotate's way).
+
+mod common;
+
+use common::{eventually, http, Gateway, Setup, TestUpstream};
+use serde_json::json;
+use std::time::Duration;
+
+fn access_log(gw: &Gateway) -> String {
+    std::fs::read_to_string(gw.prefix().join("logs/access.log")).unwrap_or_default()
+}
+
+/// A request without `X-Request-Id` gets one, seen by the upstream, the client, plugins and
+/// the access log; a client's own id is kept.
+#[test]
+fn request_ids_and_the_access_log_format() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start_with(Setup {
+        http_extra: vec![
+            r#"access_log_format: "$request_id $status $request_method $request_uri $route_id""#
+                .into(),
+        ],
+        ..Setup::default()
+    });
+    gw.route("ids", json!({"uri": "/ids"}), Some(&up));
+    gw.route(
+        "echo",
+        json!({"uri": "/echo", "plugins": {"echo": {"conf": "-"}}}),
+        Some(&up),
+    );
+
+    let r = http("GET", &gw.url("/ids?a=1"), &[], None);
+    assert_eq!(r.status, 200);
+    let id = r.header("x-request-id").unwrap().to_string();
+    assert_eq!(id.len(), 36, "{id}");
+    assert_eq!(r.json()["headers"]["x-request-id"], id.as_str());
+    let r = http("GET", &gw.url("/ids"), &[("X-Request-Id", "abc-123")], None);
+    assert_eq!(r.header("x-request-id"), Some("abc-123"));
+    assert_eq!(r.json()["headers"]["x-request-id"], "abc-123");
+
+    let r = http(
+        "GET",
+        &gw.url("/echo"),
+        &[("X-Request-Id", "from-client")],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let headers = r.json()["headers"].as_array().unwrap().clone();
+    assert!(
+        headers.contains(&json!(["x-request-id", "from-client"])),
+        "{headers:?}"
+    );
+
+    eventually(Duration::from_secs(5), "access log lines", || {
+        let log = access_log(&gw);
+        log.contains(&format!("{id} 200 GET /ids?a=1 ids\n"))
+            && log.contains("abc-123 200 GET /ids ids\n")
+    });
+
+    // An unknown variable is refused at reload, naming it; the old format keeps going.
+    let yaml = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(gw.config_path(), yaml.replace("$route_id\"", "$nope\"")).unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error_msg"].as_str().unwrap().contains("$nope"), "{v}");
+}
+
+/// SIGUSR1 makes the master and every worker reopen their log files: after logrotate renamed
+/// them, new lines go to fresh files.
+#[test]
+fn sigusr1_reopens_the_logs() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start();
+    gw.route("r", json!({"uri": "/r"}), Some(&up));
+    assert_eq!(http("GET", &gw.url("/r"), &[], None).status, 200);
+    eventually(Duration::from_secs(5), "the first access line", || {
+        access_log(&gw).contains("GET /r")
+    });
+    let logs = gw.prefix().join("logs");
+    std::fs::rename(logs.join("access.log"), logs.join("access.log.1")).unwrap();
+    std::fs::rename(logs.join("error.log"), logs.join("error.log.1")).unwrap();
+    gw.signal(nix::sys::signal::Signal::SIGUSR1);
+    eventually(Duration::from_secs(5), "a new error log", || {
+        std::fs::read_to_string(logs.join("error.log")).is_ok_and(|l| l.contains("logs reopened"))
+    });
+    for _ in 0..4 {
+        assert_eq!(http("GET", &gw.url("/r?after"), &[], None).status, 200);
+    }
+    eventually(
+        Duration::from_secs(5),
+        "new access lines in the new file",
+        || access_log(&gw).matches("GET /r?after").count() == 4,
+    );
+    let old = std::fs::read_to_string(logs.join("access.log.1")).unwrap();
+    assert!(!old.contains("GET /r?after"));
+    let old_err = std::fs::read_to_string(logs.join("error.log.1")).unwrap();
+    assert!(!old_err.contains("logs reopened"));
+}
