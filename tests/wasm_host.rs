@@ -417,3 +417,43 @@ fn hostile_arguments_get_bad_argument() {
         .sum();
     assert_eq!(faults, 0);
 }
+
+/// An AssemblyScript SDK plugin (tests/plugins/assemblyscript/assembly/body.ts) that pauses
+/// until `end_of_stream` and rewrites both bodies with `proxy_set_buffer_bytes`: "+as" appended
+/// to the request body, the response body upper-cased, `x-as-body: on` added.
+#[test]
+fn assemblyscript_plugin_rewrites_bodies() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    gw.route(
+        "asb",
+        json!({"uri": "/*", "plugins": {"as_body": {"conf": "-"}}}),
+        Some(&app),
+    );
+
+    let r = http("POST", &gw.url("/echo"), &[], Some(b"hello"));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.error_log());
+    assert_eq!(r.header("x-as-body"), Some("on"));
+    assert_eq!(
+        r.header("content-length"),
+        Some(r.body.len().to_string().as_str())
+    );
+    let text = r.text();
+    assert_eq!(text, text.to_ascii_uppercase());
+    assert!(
+        text.contains("\"BODY_LEN\":8"),
+        "hello+as reached the upstream: {text}"
+    );
+    assert!(text.contains("\"SERVER\":\"APP\""), "{text}");
+    let sum: u32 = b"hello+as".iter().map(|b| *b as u32).sum();
+    assert!(text.contains(&format!("\"BODY_SUM\":{sum}")), "{text}");
+    assert!(text.contains("\"CONTENT-LENGTH\":\"8\""), "{text}");
+
+    // A streamed (chunked) response is buffered to its end, then upper-cased whole.
+    let r = get(&gw, "/stream/20");
+    assert_eq!(r.status, 200, "{}", gw.error_log());
+    assert_eq!(r.header("x-as-body"), Some("on"));
+    assert_eq!(r.body.len(), 20 * 1024);
+    assert!(r.body.iter().all(u8::is_ascii_uppercase));
+    assert!(r.body.starts_with(b"AAAA") && r.body.ends_with(b"TTTT"));
+}

@@ -51,7 +51,7 @@ pub fn fixture(name: &str) -> String {
 }
 
 /// Plugins every test gateway declares: (name, priority, file, phase, extra settings).
-pub const PLUGINS: [(&str, i64, &str, &str, &str); 15] = [
+pub const PLUGINS: [(&str, i64, &str, &str, &str); 16] = [
     ("wasm_log", 7999, "recorder", "access", ""),
     ("wasm_auth", 8000, "auth", "rewrite", ""),
     ("echo", 100, "echo", "access", ""),
@@ -73,6 +73,7 @@ pub const PLUGINS: [(&str, i64, &str, &str, &str); 15] = [
         "fail_open: true, callback_timeout: 200ms",
     ),
     ("as_headers", 50, "as_headers", "access", ""),
+    ("as_body", 45, "as_body", "access", ""),
     (
         "body_rewrite",
         40,
