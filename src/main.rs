@@ -1,7 +1,8 @@
 //! `wasmgate`: an API gateway that runs unmodified Proxy-Wasm plugins.
 //!
 //! `wasmgate start` runs the master (which execs `wasmgate worker` for each worker process);
-//! `stop`, `reload` and `status` talk to a running master through its pid file and Admin API.
+//! `stop`, `reload` and `status` talk to a running master through its pid file and Admin API;
+//! `tui` is a terminal console on the Admin API (`wasmgate-tui`).
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -61,6 +62,18 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// A terminal console: routes, plugins, workers and the error log of a running gateway.
+    Tui {
+        #[command(flatten)]
+        common: Common,
+        /// Admin API address (default: deployment.admin.admin_listen of the configuration).
+        #[arg(long, value_name = "HOST:PORT")]
+        admin: Option<String>,
+        /// Admin API key (default: the first admin key of the configuration, or the one
+        /// generated into <prefix>/<data_dir>/admin_key).
+        #[arg(long)]
+        key: Option<String>,
+    },
     /// Internal: a worker process, started by the master.
     #[command(hide = true)]
     Worker,
@@ -93,6 +106,7 @@ fn main() -> ExitCode {
         }),
         Command::Status { common } => wasmgate_master::cli::status(&options(common, false)),
         Command::Test { common } => test_config(&options(common, false)),
+        Command::Tui { common, admin, key } => tui(&options(common, false), admin, key),
         Command::Worker => wasmgate_worker::run(),
     };
     match result {
@@ -109,4 +123,28 @@ fn test_config(opts: &Options) -> anyhow::Result<()> {
     wasmgate_master::compile_plugins(&loaded, opts).map_err(anyhow::Error::msg)?;
     println!("wasmgate: configuration {} is ok", loaded.origin);
     Ok(())
+}
+
+/// `wasmgate tui`: what is not given on the command line comes from the configuration.
+fn tui(opts: &Options, admin: Option<String>, key: Option<String>) -> anyhow::Result<()> {
+    let (admin, key) = match (admin, key) {
+        (Some(admin), Some(key)) => (admin, Some(key)),
+        (admin, key) => {
+            let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let cfg = &loaded.config;
+            let key = match key {
+                Some(k) => Some(k),
+                None => {
+                    wasmgate_tui::config::admin_key(cfg, &opts.resolve(&cfg.wasmgate.data_dir))?
+                }
+            };
+            let admin = admin.unwrap_or_else(|| wasmgate_tui::config::admin_address(cfg));
+            (admin, key)
+        }
+    };
+    wasmgate_tui::run(wasmgate_tui::Options {
+        admin,
+        key,
+        interval: std::time::Duration::from_secs(1),
+    })
 }

@@ -1,0 +1,378 @@
+//! What the Admin API answers, parsed leniently: every field the console shows is optional, so a
+//! gateway that does not report something yet (an older version, an endpoint being added) shows
+//! "-" instead of failing.
+
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+/// A route from `GET /apisix/admin/routes`: its id and its JSON as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub id: String,
+    pub value: Value,
+}
+
+/// Strings of a field that is either a string or an array of strings (`uri`/`uris`, …).
+fn strings(v: &Value, one: &str, many: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(s) = v.get(one).and_then(Value::as_str) {
+        out.push(s.to_string());
+    }
+    if let Some(a) = v.get(many).and_then(Value::as_array) {
+        out.extend(a.iter().map(scalar));
+    }
+    out
+}
+
+/// A JSON scalar as text (strings without quotes).
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl Route {
+    /// `uri` or `uris`.
+    pub fn uris(&self) -> Vec<String> {
+        strings(&self.value, "uri", "uris")
+    }
+
+    /// `host` or `hosts`.
+    pub fn hosts(&self) -> Vec<String> {
+        strings(&self.value, "host", "hosts")
+    }
+
+    pub fn methods(&self) -> Vec<String> {
+        strings(&self.value, "", "methods")
+    }
+
+    /// Names of the route's plugins, sorted.
+    pub fn plugins(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .value
+            .get("plugins")
+            .and_then(Value::as_object)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Where requests go: the inline upstream's nodes, `upstream_id`, or the service.
+    pub fn upstream(&self) -> String {
+        if let Some(id) = self.value.get("upstream_id") {
+            return format!("upstream {}", scalar(id));
+        }
+        if let Some(u) = self.value.get("upstream") {
+            let nodes = nodes(u);
+            if !nodes.is_empty() {
+                return nodes.join(",");
+            }
+        }
+        if let Some(id) = self.value.get("service_id") {
+            return format!("service {}", scalar(id));
+        }
+        "-".to_string()
+    }
+
+    /// `status` 1 (the default) or 0.
+    pub fn enabled(&self) -> bool {
+        self.value.get("status").and_then(Value::as_i64) != Some(0)
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        self.value.get("name").and_then(Value::as_str)
+    }
+
+    /// The JSON to edit: the stored value without the fields the gateway manages (`id`, which
+    /// the editor shows apart, and the timestamps), pretty-printed.
+    pub fn editable_json(&self) -> String {
+        let mut v = self.value.clone();
+        if let Some(m) = v.as_object_mut() {
+            for k in ["id", "create_time", "update_time"] {
+                m.remove(k);
+            }
+        }
+        serde_json::to_string_pretty(&v).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+/// An upstream's nodes as `host:port`, in either form (`{"host:port": w}` or `[{host, port}]`).
+fn nodes(u: &Value) -> Vec<String> {
+    match u.get("nodes") {
+        Some(Value::Object(m)) => m.keys().cloned().collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|n| {
+                let host = n.get("host").map(scalar).unwrap_or_default();
+                match n.get("port") {
+                    Some(p) => format!("{host}:{}", scalar(p)),
+                    None => host,
+                }
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Numbers first, in numeric order, then other ids in text order.
+pub fn id_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+        _ => a.cmp(b),
+    }
+}
+
+/// Parses `{"total":N,"list":[{"key","value",…}]}` (an empty `list` may be `{}`, as APISIX
+/// writes it).
+pub fn parse_routes(v: &Value) -> Result<Vec<Route>, String> {
+    let list = match v.get("list") {
+        Some(Value::Array(a)) => a.as_slice(),
+        Some(Value::Object(o)) if o.is_empty() => &[],
+        _ => return Err("no \"list\" in the answer".into()),
+    };
+    let mut routes: Vec<Route> = list
+        .iter()
+        .filter_map(|item| {
+            let value = item.get("value")?.clone();
+            let id = value.get("id").map(scalar).or_else(|| {
+                item.get("key")
+                    .and_then(Value::as_str)
+                    .and_then(|k| k.rsplit('/').next())
+                    .map(str::to_string)
+            })?;
+            Some(Route { id, value })
+        })
+        .collect();
+    routes.sort_by(|a, b| id_order(&a.id, &b.id));
+    Ok(routes)
+}
+
+/// Accepts a string or a number (ids are either).
+fn de_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<Value>::deserialize(d)?.and_then(|v| match v {
+        Value::Null => None,
+        other => Some(scalar(&other)),
+    }))
+}
+
+/// Accepts null or a missing field as an empty list.
+fn de_list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// One entry of `GET /wasmgate/plugins`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct PluginInfo {
+    pub name: String,
+    pub priority: Option<i64>,
+    pub phase: Option<String>,
+    pub file: Option<String>,
+    pub fail_open: Option<bool>,
+    #[serde(deserialize_with = "de_list")]
+    pub instances: Vec<PluginInstance>,
+}
+
+impl PluginInfo {
+    /// Memory of all its instances, when every instance reports it.
+    pub fn memory_bytes(&self) -> Option<u64> {
+        self.instances.iter().map(|i| i.memory_bytes).sum()
+    }
+}
+
+/// A plugin's VM in one worker.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct PluginInstance {
+    pub worker_id: Option<u64>,
+    pub slot: Option<u64>,
+    pub memory_bytes: Option<u64>,
+}
+
+/// `GET /wasmgate/plugins`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Plugins {
+    #[serde(deserialize_with = "de_list")]
+    pub plugins: Vec<PluginInfo>,
+}
+
+/// `GET /wasmgate/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Stats {
+    pub generation: Option<u64>,
+    #[serde(deserialize_with = "de_list")]
+    pub contexts: Vec<StatContext>,
+}
+
+/// Counters of one plugin on one route, service or global rule, summed over workers.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct StatContext {
+    pub plugin: String,
+    #[serde(deserialize_with = "de_opt_string")]
+    pub owner_kind: Option<String>,
+    #[serde(deserialize_with = "de_opt_string")]
+    pub owner_id: Option<String>,
+    pub requests: Option<u64>,
+    pub local_replies: Option<u64>,
+    pub errors: Option<u64>,
+    pub traps: Option<u64>,
+    pub timeouts: Option<u64>,
+    pub memory_hits: Option<u64>,
+    pub configures: Option<u64>,
+    pub time_us: Option<u64>,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    #[serde(deserialize_with = "de_list")]
+    pub workers: Vec<WorkerRequests>,
+}
+
+/// Which context a row of the stats table is: plugin, owner kind, owner id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ContextKey {
+    pub plugin: String,
+    pub owner_kind: String,
+    pub owner_id: String,
+}
+
+impl StatContext {
+    pub fn key(&self) -> ContextKey {
+        ContextKey {
+            plugin: self.plugin.clone(),
+            owner_kind: self.owner_kind.clone().unwrap_or_default(),
+            owner_id: self.owner_id.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl ContextKey {
+    /// `route 1`, `global_rule g1`, `service s`.
+    pub fn owner(&self) -> String {
+        match (self.owner_kind.as_str(), self.owner_id.as_str()) {
+            ("", "") => "-".into(),
+            ("", id) => id.into(),
+            (kind, "") => kind.into(),
+            (kind, id) => format!("{kind} {id}"),
+        }
+    }
+}
+
+/// A context's requests in one worker.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct WorkerRequests {
+    pub worker_id: Option<u64>,
+    pub requests: Option<u64>,
+}
+
+/// `GET /wasmgate/status`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct GatewayStatus {
+    pub master: MasterInfo,
+    #[serde(deserialize_with = "de_list")]
+    pub workers: Vec<WorkerInfo>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct MasterInfo {
+    pub pid: Option<u64>,
+    pub version: Option<String>,
+    pub uptime_s: Option<u64>,
+    pub epoch: Option<u64>,
+    pub generation: Option<u64>,
+    pub config: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct WorkerInfo {
+    pub worker_id: Option<u64>,
+    pub slot: Option<u64>,
+    pub pid: Option<u64>,
+    pub state: Option<String>,
+    pub epoch: Option<u64>,
+    pub uptime_s: Option<u64>,
+    pub restarts: Option<u64>,
+    pub generation_seen: Option<u64>,
+    pub requests: Option<u64>,
+    pub active_connections: Option<u64>,
+    pub plugin_faults: Option<u64>,
+    pub rss_bytes: Option<u64>,
+}
+
+/// `GET /wasmgate/log?lines=N`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct LogTail {
+    pub path: Option<String>,
+    #[serde(deserialize_with = "de_list")]
+    pub lines: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn routes_are_parsed_and_sorted_by_id() {
+        let v = json!({"total": 3, "list": [
+            {"key": "/apisix/routes/10", "value": {"id": "10", "uri": "/b", "status": 0,
+              "upstream_id": "u1"}},
+            {"key": "/apisix/routes/web", "value": {"uris": ["/x", "/y*"], "hosts": ["a.com"],
+              "methods": ["GET", "POST"], "service_id": 7}},
+            {"key": "/apisix/routes/2", "value": {"id": 2, "uri": "/a",
+              "plugins": {"b": {"conf": "x"}, "a": {"conf": "y"}},
+              "upstream": {"nodes": [{"host": "10.0.0.1", "port": 80, "weight": 1}]}}},
+        ]});
+        let r = parse_routes(&v).unwrap();
+        let ids: Vec<_> = r.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["2", "10", "web"]);
+        assert_eq!(r[0].plugins(), ["a", "b"]);
+        assert_eq!(r[0].upstream(), "10.0.0.1:80");
+        assert!(r[0].enabled());
+        assert!(!r[1].enabled());
+        assert_eq!(r[1].upstream(), "upstream u1");
+        assert_eq!(r[2].uris(), ["/x", "/y*"]);
+        assert_eq!(r[2].methods(), ["GET", "POST"]);
+        assert_eq!(r[2].upstream(), "service 7");
+        assert_eq!(
+            parse_routes(&json!({"total": 0, "list": {}})).unwrap(),
+            vec![]
+        );
+        assert!(parse_routes(&json!({"error_msg": "x"})).is_err());
+    }
+
+    #[test]
+    fn editable_json_leaves_out_managed_fields() {
+        let r = Route {
+            id: "1".into(),
+            value: json!({"id": "1", "uri": "/", "create_time": 1, "update_time": 2}),
+        };
+        assert_eq!(r.editable_json(), "{\n  \"uri\": \"/\"\n}");
+    }
+
+    #[test]
+    fn missing_and_odd_fields_are_tolerated() {
+        let s: Stats = serde_json::from_value(json!({"contexts": [
+            {"plugin": "echo", "owner_kind": "route", "owner_id": 1, "requests": 5, "p50_us": 12},
+            {"plugin": "x", "workers": null},
+        ]}))
+        .unwrap();
+        assert_eq!(s.contexts[0].owner_id.as_deref(), Some("1"));
+        assert_eq!(s.contexts[0].p50_us, Some(12.0));
+        assert_eq!(s.contexts[1].requests, None);
+        assert_eq!(s.contexts[1].key().owner(), "-");
+        let st: GatewayStatus = serde_json::from_value(json!({"workers": [{"pid": 3}]})).unwrap();
+        assert_eq!(st.workers[0].rss_bytes, None);
+        assert_eq!(st.master.epoch, None);
+    }
+}

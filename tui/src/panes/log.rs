@@ -1,0 +1,40 @@
+//! Screen 4: the tail of the error log, scrollable.
+
+use crate::app::App;
+use crate::render::{block, feed_problem};
+use crate::theme;
+use ratatui::layout::Rect;
+use ratatui::text::Line;
+use ratatui::widgets::Paragraph;
+use ratatui::Frame;
+
+pub fn draw(f: &mut Frame, area: Rect, app: &App) {
+    let lines = app.log_lines();
+    let height = area.height.saturating_sub(2) as usize;
+    // The window ends `log_scroll` lines before the end.
+    let end = lines.len().saturating_sub(app.log_scroll);
+    let start = end.saturating_sub(height);
+    let path = app
+        .log
+        .data
+        .as_ref()
+        .and_then(|l| l.path.clone())
+        .unwrap_or_else(|| "error log".into());
+    let position = if app.log_scroll == 0 {
+        "following".to_string()
+    } else {
+        format!("{}-{} of {}", start + 1, end, lines.len())
+    };
+    let mut b = block(format!(" Log — {path} ({position}) "));
+    if let Some(p) = feed_problem("log", &app.log) {
+        b = b.title_bottom(p);
+    }
+    let text: Vec<Line> = lines[start..end]
+        .iter()
+        .map(|l| Line::styled(l.clone(), theme::log_line(l)))
+        .collect();
+    f.render_widget(
+        Paragraph::new(text).block(b).scroll((0, app.log_hscroll)),
+        area,
+    );
+}

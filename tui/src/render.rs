@@ -1,0 +1,244 @@
+//! Drawing: a pure function of [`App`] into a ratatui `Frame` — the tab bar, the current
+//! screen (one module per screen under [`crate::panes`]), the status bar and whatever modal is
+//! open. Tests draw into a `TestBackend` and read the text.
+
+use crate::app::{App, Feed, Modal, Screen, HELP};
+use crate::client::ApiError;
+use crate::panes;
+use crate::theme;
+use ratatui::layout::{Alignment, Constraint, Layout, Rect};
+use ratatui::text::{Line, Span, Text};
+use ratatui::widgets::{Block, BorderType, Borders, Clear, Paragraph, Wrap};
+use ratatui::Frame;
+
+/// Draws the whole console.
+pub fn draw(f: &mut Frame, app: &App) {
+    let [top, body, bar] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(0),
+        Constraint::Length(1),
+    ])
+    .areas(f.area());
+    tabs(f, top, app);
+    match app.screen {
+        Screen::Routes => panes::routes::draw(f, body, app),
+        Screen::Plugins => panes::plugins::draw(f, body, app),
+        Screen::Workers => panes::workers::draw(f, body, app),
+        Screen::Log => panes::log::draw(f, body, app),
+    }
+    status_bar(f, bar, app);
+    match &app.modal {
+        None => {}
+        Some(Modal::Help) => help(f, f.area()),
+        Some(Modal::Confirm(c)) => dialog(
+            f,
+            &c.title,
+            &c.question,
+            Line::from(vec![
+                Span::styled("y", theme::key()),
+                Span::raw(" yes    "),
+                Span::styled("n", theme::key()),
+                Span::raw(" no"),
+            ]),
+            false,
+        ),
+        Some(Modal::Message { title, text, error }) => dialog(
+            f,
+            title,
+            text,
+            Line::styled("any key closes", theme::dim()),
+            *error,
+        ),
+        Some(Modal::Editor(ed)) => panes::editor::draw(f, body, ed),
+    }
+}
+
+/// ` wasmgate │ 1 Routes  2 Plugins  3 Workers  4 Log            gen 12 · epoch 1`
+fn tabs(f: &mut Frame, area: Rect, app: &App) {
+    let mut spans = vec![Span::styled(" wasmgate ", theme::title()), Span::raw("│")];
+    for s in Screen::ALL {
+        let label = format!(" {} {} ", s.index() + 1, s.title());
+        if s == app.screen {
+            spans.push(Span::styled(label, theme::tab_active()));
+        } else {
+            spans.push(Span::raw(label));
+        }
+    }
+    f.render_widget(Line::from(spans), area);
+    if let Some(m) = app.status.data.as_ref().map(|s| &s.master) {
+        let right = format!(
+            "gen {} · epoch {} ",
+            crate::fmt::opt(m.generation),
+            crate::fmt::opt(m.epoch)
+        );
+        f.render_widget(
+            Line::styled(right, theme::dim()).alignment(Alignment::Right),
+            area,
+        );
+    }
+}
+
+/// Keys worth knowing on a screen, for the status bar.
+fn hints(app: &App) -> &'static [(&'static str, &'static str)] {
+    match app.modal {
+        Some(_) => &[],
+        None => match app.screen {
+            Screen::Routes => &[
+                ("n", "new"),
+                ("e", "edit"),
+                ("d", "delete"),
+                ("spc", "on/off"),
+                ("?", "help"),
+                ("q", "quit"),
+            ],
+            Screen::Plugins => &[
+                ("s", "sort"),
+                ("r", "reverse"),
+                ("a", "all"),
+                ("?", "help"),
+                ("q", "quit"),
+            ],
+            Screen::Workers => &[("R", "reload"), ("?", "help"), ("q", "quit")],
+            Screen::Log => &[("←→", "scroll"), ("G", "end"), ("?", "help"), ("q", "quit")],
+        },
+    }
+}
+
+/// Connection state on the left; a note, or the screen's keys, after it.
+fn status_bar(f: &mut Frame, area: Rect, app: &App) {
+    let mut spans = match (app.connected, &app.unreachable) {
+        (Some(false), reason) => {
+            let mut s = vec![Span::styled(" ✗ disconnected, retrying… ", theme::error())];
+            if let Some(r) = reason {
+                s.push(Span::styled(format!("({r}) "), theme::error()));
+            }
+            s
+        }
+        (None, _) => vec![Span::styled(
+            format!(" connecting to {}… ", app.admin),
+            theme::warn(),
+        )],
+        (Some(true), _) => vec![Span::styled(format!(" ● {} ", app.admin), theme::ok())],
+    };
+    if app.reloading {
+        spans.push(Span::styled(" reloading… ", theme::warn()));
+    }
+    match &app.flash {
+        Some(n) => spans.push(Span::styled(
+            format!(" {} ", n.text),
+            if n.error { theme::error() } else { theme::ok() },
+        )),
+        None => {
+            for (k, what) in hints(app) {
+                spans.push(Span::styled(format!(" {k}"), theme::key()));
+                spans.push(Span::raw(format!(" {what}")));
+            }
+        }
+    }
+    f.render_widget(
+        Paragraph::new(Line::from(spans)).style(theme::status_bar()),
+        area,
+    );
+}
+
+/// A bordered block with a title.
+pub fn block(title: String) -> Block<'static> {
+    Block::default()
+        .borders(Borders::ALL)
+        .border_type(BorderType::Rounded)
+        .title(Span::styled(title, theme::title()))
+}
+
+/// A line saying why an endpoint's data is missing or stale; None when the last call worked.
+pub fn feed_problem<T>(what: &str, feed: &Feed<T>) -> Option<Line<'static>> {
+    let e = feed.error.as_ref()?;
+    let text = match (e, feed.data.is_some()) {
+        (ApiError::Status { status: 404, .. }, false) => {
+            format!("{what}: not available from this gateway ({e})")
+        }
+        (_, true) => format!("{what} (last known; {e})"),
+        (_, false) => format!("{what}: {e}"),
+    };
+    Some(Line::styled(text, theme::error()))
+}
+
+/// A rectangle of at most `w`×`h` centred in `area`.
+pub fn centered(area: Rect, w: u16, h: u16) -> Rect {
+    let w = w.min(area.width);
+    let h = h.min(area.height);
+    Rect {
+        x: area.x + (area.width - w) / 2,
+        y: area.y + (area.height - h) / 2,
+        width: w,
+        height: h,
+    }
+}
+
+/// A small box with a question or a result.
+fn dialog(f: &mut Frame, title: &str, text: &str, footer: Line<'static>, error: bool) {
+    let area = f.area();
+    let w = (text.chars().count() as u16 + 4).clamp(36, 64);
+    // Lines the text wraps to, roughly (it wraps at words).
+    let inner = w.saturating_sub(4).max(1) as usize;
+    let lines = text
+        .lines()
+        .map(|l| l.chars().count().div_ceil(inner).max(1))
+        .sum::<usize>() as u16;
+    let h = lines.min(12) + 4;
+    let r = centered(area, w, h);
+    f.render_widget(Clear, r);
+    let style = if error {
+        theme::error()
+    } else {
+        theme::title()
+    };
+    let b = Block::default()
+        .borders(Borders::ALL)
+        .border_type(BorderType::Double)
+        .border_style(style)
+        .title(Span::styled(format!(" {title} "), style));
+    let inside = b.inner(r);
+    f.render_widget(b, r);
+    let [msg, _, foot] = Layout::vertical([
+        Constraint::Min(1),
+        Constraint::Length(1),
+        Constraint::Length(1),
+    ])
+    .horizontal_margin(1)
+    .areas(inside);
+    f.render_widget(
+        Paragraph::new(text.to_string()).wrap(Wrap { trim: false }),
+        msg,
+    );
+    f.render_widget(footer.alignment(Alignment::Center), foot);
+}
+
+/// The key list, in two columns.
+fn help(f: &mut Frame, area: Rect) {
+    let r = centered(area, 78, 21);
+    f.render_widget(Clear, r);
+    let b = block(" Keys ".into()).title_bottom(Line::styled(" Esc or ? closes ", theme::dim()));
+    let inside = b.inner(r);
+    f.render_widget(b, r);
+    let [left, right] =
+        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(inside);
+    let column = |sections: &[(&str, &[(&str, &str)])]| {
+        let mut lines = Vec::new();
+        for (i, (section, keys)) in sections.iter().enumerate() {
+            if i > 0 {
+                lines.push(Line::raw(""));
+            }
+            lines.push(Line::styled(format!(" {section}"), theme::header()));
+            for (k, what) in keys.iter() {
+                lines.push(Line::from(vec![
+                    Span::styled(format!(" {k:<15}"), theme::key()),
+                    Span::raw(what.to_string()),
+                ]));
+            }
+        }
+        Text::from(lines)
+    };
+    let split = 3.min(HELP.len());
+    f.render_widget(Paragraph::new(column(&HELP[..split])), left);
+    f.render_widget(Paragraph::new(column(&HELP[split..])), right);
+}

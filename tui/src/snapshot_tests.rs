@@ -1,0 +1,254 @@
+//! Every screen and overlay drawn from fixed data at 80×24 and 120×40, compared with the
+//! snapshots in `src/snapshots/` (review changes with `cargo insta review`, or rerun with
+//! `INSTA_UPDATE=always` and read the diff). Rendering from real Admin API answers is tested in
+//! the root package's `tests/tui.rs`.
+
+use crate::app::{App, Command, Modal, Poll, Screen, Update};
+use crate::client::ApiError;
+use crate::model::{parse_routes, GatewayStatus, LogTail, Plugins, Stats};
+use ratatui::backend::TestBackend;
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use ratatui::Terminal;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+const SIZES: [(u16, u16); 2] = [(80, 24), (120, 40)];
+
+/// The screen as text, one line per row.
+pub fn text(app: &App, w: u16, h: u16) -> String {
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+    t.draw(|f| crate::render::draw(f, app)).unwrap();
+    let buf = t.backend().buffer();
+    let mut out = String::new();
+    for y in 0..h {
+        let mut line = String::new();
+        for x in 0..w {
+            line.push_str(buf[(x, y)].symbol());
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn key(app: &mut App, code: KeyCode) -> Option<Command> {
+    app.on_key(KeyEvent::new(code, KeyModifiers::NONE))
+}
+
+fn stats(requests: [u64; 3]) -> Stats {
+    serde_json::from_value(json!({"generation": 7, "contexts": [
+        {"plugin": "example_headers", "owner_kind": "route", "owner_id": "1",
+         "requests": requests[0], "local_replies": 0, "errors": 0, "traps": 0, "timeouts": 0,
+         "memory_hits": 0, "configures": 1, "time_us": 5400, "p50_us": 41.0, "p99_us": 180.5,
+         "workers": [{"worker_id": 0, "requests": requests[0]}]},
+        {"plugin": "auth", "owner_kind": "global_rule", "owner_id": "g1",
+         "requests": requests[1], "local_replies": 12, "errors": 1, "traps": 0, "timeouts": 0,
+         "memory_hits": 0, "configures": 1, "time_us": 90000, "p50_us": 850.0, "p99_us": 2300.0},
+        {"plugin": "faulty", "owner_kind": "route", "owner_id": "api",
+         "requests": requests[2], "errors": 3, "traps": 2, "timeouts": 1},
+    ]}))
+    .unwrap()
+}
+
+/// A gateway with three routes, two plugins, two workers and a few log lines, polled twice a
+/// second apart.
+fn app() -> App {
+    let routes = parse_routes(&json!({"total": 3, "list": [
+        {"key": "/apisix/routes/1", "value": {"id": "1", "uri": "/*", "name": "site",
+          "plugins": {"example_headers": {"conf": {"response_set": {"x-hello": "wasm"}}}},
+          "upstream": {"type": "roundrobin", "nodes": {"127.0.0.1:1980": 1}}}},
+        {"key": "/apisix/routes/2", "value": {"id": "2", "uris": ["/old", "/legacy/*"],
+          "hosts": ["example.com"], "methods": ["GET", "HEAD"], "status": 0,
+          "upstream_id": "backend"}},
+        {"key": "/apisix/routes/api", "value": {"id": "api", "uri": "/api/*",
+          "plugins": {"faulty": {"conf": "x"}, "auth": {"conf": "y"}},
+          "upstream": {"nodes": [{"host": "10.0.0.7", "port": 8080, "weight": 1}]}}},
+    ]}))
+    .unwrap();
+    let status: GatewayStatus = serde_json::from_value(json!({
+    "master": {"pid": 4242, "version": "0.1.0", "uptime_s": 3725, "epoch": 2,
+               "generation": 7, "config": "/srv/wasmgate/conf/config.yaml"},
+    "workers": [
+        {"worker_id": 0, "slot": 2, "pid": 4250, "state": "running", "epoch": 2,
+         "uptime_s": 600, "restarts": 0, "generation_seen": 7, "requests": 1520,
+         "active_connections": 3, "plugin_faults": 0, "rss_bytes": 35651584},
+        {"worker_id": 1, "slot": 3, "pid": 4251, "state": "running", "epoch": 2,
+         "uptime_s": 42, "restarts": 1, "generation_seen": 6, "requests": 980,
+         "active_connections": 1, "plugin_faults": 2},
+    ]}))
+    .unwrap();
+    let plugins: Plugins = serde_json::from_value(json!({"plugins": [
+        {"name": "example_headers", "priority": 1000, "phase": "access",
+         "file": "/srv/wasmgate/plugins/example_headers.wasm", "fail_open": false,
+         "instances": [{"worker_id": 0, "slot": 2, "memory_bytes": 1179648},
+                       {"worker_id": 1, "slot": 3, "memory_bytes": 1179648}]},
+        {"name": "auth", "priority": 8000, "phase": "rewrite", "file": "plugins/auth.wasm",
+         "fail_open": true, "instances": []},
+    ]}))
+    .unwrap();
+    let log = LogTail {
+        path: Some("/srv/wasmgate/logs/error.log".into()),
+        lines: (1..=30)
+            .map(|i| match i % 10 {
+                0 => format!("2025/11/25 12:00:{i:02} [warn] 4250#worker: plugin faulty: callback timed out after 200ms (request {i})"),
+                5 => format!("2025/11/25 12:00:{i:02} [error] 4251#worker: upstream 10.0.0.7:8080: connection refused"),
+                _ => format!("2025/11/25 12:00:{i:02} [info] 4242#master: PUT /apisix/admin/routes/{i} key=admin client=127.0.0.1 status=200"),
+            })
+            .collect(),
+    };
+    let mut app = App::new("127.0.0.1:9180");
+    let t0 = Instant::now();
+    let mut p = Poll {
+        at: t0,
+        routes: Ok(routes),
+        status: Ok(status),
+        plugins: Ok(plugins),
+        stats: Ok(stats([100, 40, 0])),
+        log: Ok(log),
+    };
+    app.on_update(Update::Poll(Box::new(p.clone())));
+    for (i, n) in [[120, 45, 2], [150, 46, 2], [190, 52, 5]]
+        .into_iter()
+        .enumerate()
+    {
+        p.at = t0 + Duration::from_secs(i as u64 + 1);
+        p.stats = Ok(stats(n));
+        app.on_update(Update::Poll(Box::new(p.clone())));
+    }
+    app
+}
+
+fn check(name: &str, app: &App) {
+    for (w, h) in SIZES {
+        insta::assert_snapshot!(format!("{name}_{w}x{h}"), text(app, w, h));
+    }
+}
+
+#[test]
+fn routes() {
+    check("routes", &app());
+}
+
+#[test]
+fn plugins() {
+    let mut a = app();
+    a.screen = Screen::Plugins;
+    check("plugins", &a);
+}
+
+#[test]
+fn workers() {
+    let mut a = app();
+    a.screen = Screen::Workers;
+    check("workers", &a);
+}
+
+#[test]
+fn log() {
+    let mut a = app();
+    a.screen = Screen::Log;
+    check("log", &a);
+}
+
+#[test]
+fn help() {
+    let mut a = app();
+    key(&mut a, KeyCode::Char('?'));
+    check("help", &a);
+}
+
+#[test]
+fn confirm_delete() {
+    let mut a = app();
+    key(&mut a, KeyCode::Char('G'));
+    key(&mut a, KeyCode::Char('d'));
+    check("confirm_delete", &a);
+}
+
+#[test]
+fn editor_with_error() {
+    let mut a = app();
+    key(&mut a, KeyCode::Char('e'));
+    let cmd = a
+        .on_key(KeyEvent::new(KeyCode::Char('s'), KeyModifiers::CONTROL))
+        .unwrap();
+    a.on_update(Update::Done {
+        command: cmd,
+        result: Err(ApiError::Status {
+            status: 400,
+            message: "invalid configuration: additional properties forbidden, found colour".into(),
+        }),
+    });
+    assert!(matches!(a.modal, Some(Modal::Editor(_))));
+    check("editor_error", &a);
+}
+
+#[test]
+fn new_route_editor() {
+    let mut a = app();
+    key(&mut a, KeyCode::Char('n'));
+    check("editor_new", &a);
+}
+
+#[test]
+fn disconnected() {
+    let mut a = app();
+    a.on_update(Update::Unreachable(
+        "io: Connection refused (os error 111)".into(),
+    ));
+    check("disconnected", &a);
+}
+
+#[test]
+fn reload_failed() {
+    let mut a = app();
+    a.screen = Screen::Workers;
+    a.on_update(Update::Done {
+        command: Command::Reload,
+        result: Err(ApiError::Status {
+            status: 400,
+            message: "reload refused: conf/config.yaml:3: unknown field `colour`".into(),
+        }),
+    });
+    check("reload_failed", &a);
+}
+
+#[test]
+fn endpoints_not_there_yet() {
+    // An older gateway: no /wasmgate/stats, /wasmgate/plugins or /wasmgate/log, no rss_bytes.
+    let mut a = App::new("127.0.0.1:9180");
+    let missing = |p: &str| ApiError::Status {
+        status: 404,
+        message: format!("not found: /wasmgate/{p}"),
+    };
+    a.on_update(Update::Poll(Box::new(Poll {
+        at: Instant::now(),
+        routes: Ok(vec![]),
+        status: Ok(GatewayStatus::default()),
+        plugins: Err(missing("plugins")),
+        stats: Err(missing("stats")),
+        log: Err(missing("log")),
+    })));
+    a.screen = Screen::Plugins;
+    check("plugins_missing", &a);
+    a.screen = Screen::Routes;
+    check("routes_empty", &a);
+}
+
+#[test]
+fn tiny_terminals_do_not_panic() {
+    let mut a = app();
+    for screen in Screen::ALL {
+        a.screen = screen;
+        for (w, h) in [(1, 1), (10, 3), (20, 5), (40, 10), (300, 100)] {
+            text(&a, w, h);
+        }
+    }
+    for k in ['?', 'n'] {
+        let mut a = app();
+        key(&mut a, KeyCode::Char(k));
+        for (w, h) in [(1, 1), (10, 3), (20, 5)] {
+            text(&a, w, h);
+        }
+    }
+}
