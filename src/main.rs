@@ -52,6 +52,11 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Reopen the error and access logs, after logrotate moved them (SIGUSR1).
+    Reopen {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Show the master and its workers.
     Status {
         #[command(flatten)]
@@ -104,6 +109,11 @@ fn main() -> ExitCode {
         .map(|pid| {
             println!("reload signal sent to master {pid}; see the error log for the outcome");
         }),
+        Command::Reopen { common } => wasmgate_master::cli::signal_master(
+            &options(common, false),
+            wasmgate_master::cli::Signal::SIGUSR1,
+        )
+        .map(|pid| println!("reopen signal sent to master {pid}")),
         Command::Status { common } => wasmgate_master::cli::status(&options(common, false)),
         Command::Test { common } => test_config(&options(common, false)),
         Command::Tui { common, admin, key } => tui(&options(common, false), admin, key),

@@ -66,8 +66,8 @@ fn request_ids_and_the_access_log_format() {
     assert!(v["error_msg"].as_str().unwrap().contains("$nope"), "{v}");
 }
 
-/// SIGUSR1 makes the master and every worker reopen their log files: after logrotate renamed
-/// them, new lines go to fresh files.
+/// `wasmgate reopen` (SIGUSR1) makes the master and every worker reopen their log files: after
+/// logrotate renamed them, new lines go to fresh files.
 #[test]
 fn sigusr1_reopens_the_logs() {
     let up = TestUpstream::start("u");
@@ -80,7 +80,13 @@ fn sigusr1_reopens_the_logs() {
     let logs = gw.prefix().join("logs");
     std::fs::rename(logs.join("access.log"), logs.join("access.log.1")).unwrap();
     std::fs::rename(logs.join("error.log"), logs.join("error.log.1")).unwrap();
-    gw.signal(nix::sys::signal::Signal::SIGUSR1);
+    // `wasmgate reopen` sends SIGUSR1 to the master through the pid file.
+    let out = std::process::Command::new(common::bin())
+        .args(["reopen", "-p"])
+        .arg(gw.prefix())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     eventually(Duration::from_secs(5), "a new error log", || {
         std::fs::read_to_string(logs.join("error.log")).is_ok_and(|l| l.contains("logs reopened"))
     });
