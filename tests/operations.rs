@@ -86,7 +86,11 @@ fn sigusr1_reopens_the_logs() {
         .arg(gw.prefix())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     eventually(Duration::from_secs(5), "a new error log", || {
         std::fs::read_to_string(logs.join("error.log")).is_ok_and(|l| l.contains("logs reopened"))
     });
