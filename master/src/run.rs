@@ -23,6 +23,30 @@ struct Loop {
     sup: Supervisor,
     exits: UnboundedReceiver<(u32, String)>,
     control: Option<UnboundedReceiver<Control>>,
+    signals: Option<Signals>,
+}
+
+/// The master's signal handlers, installed before anything can report the gateway ready (the
+/// Admin API's status, the daemon's readiness): a signal that arrives during the boot is kept
+/// for the main loop instead of killing the master by its default action.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+            usr1: signal(SignalKind::user_defined1())?,
+        })
+    }
 }
 
 pub fn run(
@@ -43,6 +67,7 @@ pub fn run(
         .build()
         .context("cannot start the master's runtime")?;
     rt.block_on(async move {
+        let signals = Signals::install()?;
         let segment = Arc::new(Segment::create(loaded.config.wasmgate.shm_size)?);
         let plugin_shm = Arc::new(
             PluginShm::create(loaded.config.wasmgate.plugin_shm_size as usize)
@@ -72,6 +97,7 @@ pub fn run(
             sup,
             exits,
             control: Some(control_rx),
+            signals: Some(signals),
         };
         l.boot(admin_addr).await?;
         readiness.ready();
@@ -105,11 +131,13 @@ impl Loop {
     }
 
     async fn main(&mut self) -> anyhow::Result<()> {
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut quit = signal(SignalKind::quit())?;
-        let mut usr1 = signal(SignalKind::user_defined1())?;
+        let Signals {
+            mut hup,
+            mut term,
+            mut int,
+            mut quit,
+            mut usr1,
+        } = self.signals.take().context("main loop started twice")?;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut control = self.control.take().context("main loop started twice")?;
         loop {

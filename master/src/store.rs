@@ -105,8 +105,11 @@ impl Store {
     pub fn put(&mut self, kind: Kind, id: &str, stored: Stored) -> Result<(), StoreError> {
         let path = self.object_path(kind, id);
         let bytes = serde_json::to_vec_pretty(&stored).unwrap_or_default();
-        write_atomic(&path, &bytes)?;
+        // The revision first: if it cannot be written nothing has changed, and if the object
+        // then fails only the counter moved on (it may skip numbers, never go back). The other
+        // order left an object on disk that a 503 had said was not stored.
         self.bump_revision(stored.modified_index)?;
+        write_atomic(&path, &bytes)?;
         self.objects.insert((kind, id.to_string()), stored);
         Ok(())
     }
@@ -117,12 +120,13 @@ impl Store {
             return Ok(None);
         }
         let path = self.object_path(kind, id);
+        // The revision first, as in `put`.
+        self.bump_revision(self.revision + 1)?;
         fs::remove_file(&path).map_err(|e| StoreError::Write {
             path: path.clone(),
             source: e,
         })?;
         sync_dir(path.parent().unwrap_or(&self.dir))?;
-        self.bump_revision(self.revision + 1)?;
         Ok(self.objects.remove(&(kind, id.to_string())))
     }
 
@@ -281,6 +285,25 @@ mod tests {
             "{e}"
         );
         assert_eq!(fs::read(&p).unwrap(), b"{not json");
+    }
+
+    /// A revision that cannot be written fails the change before the object is touched, so
+    /// disk and memory still agree (the revision file as a directory: rename over it fails).
+    #[test]
+    fn failed_revision_write_changes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(d.path()).unwrap();
+        s.put(Kind::Routes, "1", obj(1)).unwrap();
+        fs::remove_file(d.path().join("revision")).unwrap();
+        fs::create_dir(d.path().join("revision")).unwrap();
+        assert!(s.put(Kind::Routes, "2", obj(2)).is_err());
+        assert!(s.delete(Kind::Routes, "1").is_err());
+        assert!(!d.path().join("routes/2.json").exists());
+        assert!(d.path().join("routes/1.json").exists());
+        assert!(s.get(Kind::Routes, "1").is_some() && s.get(Kind::Routes, "2").is_none());
+        fs::remove_dir(d.path().join("revision")).unwrap();
+        let s = Store::open(d.path()).unwrap();
+        assert!(s.get(Kind::Routes, "1").is_some() && s.get(Kind::Routes, "2").is_none());
     }
 
     #[test]

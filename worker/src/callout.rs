@@ -100,7 +100,9 @@ fn request(c: &HttpCall) -> Result<Request<ProxyBody>, String> {
     for (k, v) in c.headers.iter().filter(|(k, _)| !k.starts_with(':')) {
         let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("bad header {k}"))?;
         let value = HeaderValue::from_bytes(v).map_err(|_| format!("bad value for {k}"))?;
-        h.append(name, value);
+        // Fallible: `append` panics past 32768 entries.
+        h.try_append(name, value)
+            .map_err(|_| format!("{} headers: too many", c.headers.len()))?;
     }
     if !c.body.is_empty() {
         h.insert(

@@ -47,13 +47,16 @@ pub fn request_pairs(parts: &http::request::Parts) -> Pairs {
 }
 
 fn header_map(pairs: &Pairs) -> Result<http::HeaderMap, String> {
-    let mut map = http::HeaderMap::with_capacity(pairs.len());
+    // `HeaderMap` holds at most 32768 entries and panics beyond (`with_capacity`, `append`);
+    // a plugin can add any number of headers, so use the fallible forms.
+    let too_many = |_| format!("{} headers, more than a header map can hold", pairs.len());
+    let mut map = http::HeaderMap::try_with_capacity(pairs.len()).map_err(too_many)?;
     for (k, v) in pairs.iter().filter(|(k, _)| !k.starts_with(':')) {
         let name = HeaderName::from_bytes(k.as_bytes())
             .map_err(|_| format!("invalid header name {k:?}"))?;
         let value =
             HeaderValue::from_bytes(v).map_err(|_| format!("invalid value for header {k:?}"))?;
-        map.append(name, value);
+        map.try_append(name, value).map_err(too_many)?;
     }
     Ok(map)
 }
@@ -133,7 +136,14 @@ pub fn local_reply(r: LocalReply) -> Response<ProxyBody> {
             HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_bytes(v),
         ) {
-            resp.headers_mut().append(n, v);
+            // Fallible: `append` panics past 32768 entries (a plugin's reply may carry more).
+            if resp.headers_mut().try_append(n, v).is_err() {
+                tracing::error!(
+                    "local reply with {} headers: keeping the first ones only",
+                    r.headers.len()
+                );
+                break;
+            }
         }
     }
     resp

@@ -96,6 +96,14 @@ pub fn validate(kind: Kind, body: &Value, catalog: &PluginCatalog) -> Result<Obj
     if !body.is_object() {
         return Err("invalid configuration: the body must be a JSON object".into());
     }
+    // Checked first, without recursion: deeper objects would overflow the stack of the
+    // (recursive) checks below, and the store and the workers read objects back with
+    // serde_json, which stops at 128 levels — an object it cannot read back must not be stored.
+    if nesting_exceeds(body, MAX_NESTING) {
+        return Err(format!(
+            "invalid configuration: nested deeper than {MAX_NESTING} levels"
+        ));
+    }
     match kind {
         Kind::Routes => {
             let r: Route = typed(body)?;
@@ -119,6 +127,27 @@ pub fn validate(kind: Kind, body: &Value, catalog: &PluginCatalog) -> Result<Obj
             Ok(Object::GlobalRule(g))
         }
     }
+}
+
+/// Deepest nesting of objects and arrays accepted in an Admin API object (the store file adds one
+/// level; serde_json, which reads it back, allows 128).
+pub const MAX_NESTING: usize = 100;
+
+/// Whether `v` nests objects/arrays more than `max` deep (iterative: any depth is safe).
+fn nesting_exceeds(v: &Value, max: usize) -> bool {
+    let mut stack = vec![(v, 1usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Object(m) => Box::new(m.values()),
+            Value::Array(a) => Box::new(a.iter()),
+            _ => continue,
+        };
+        if depth > max {
+            return true;
+        }
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    false
 }
 
 /// Deserializes with the failing field's path in the message.
@@ -156,6 +185,28 @@ mod tests {
 
     fn catalog() -> PluginCatalog {
         PluginCatalog::new(["wasm_log".to_string()])
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let nested = |levels: usize| {
+            let mut conf = json!(1);
+            for _ in 0..levels {
+                conf = json!({ "a": conf });
+            }
+            // route object → plugins → wasm_log → conf: 3 levels above `conf`.
+            json!({"uri": "/", "upstream_id": "1", "plugins": {"wasm_log": {"conf": conf}}})
+        };
+        assert!(validate(Kind::Routes, &nested(MAX_NESTING - 3), &catalog()).is_ok());
+        let e = validate(Kind::Routes, &nested(MAX_NESTING - 2), &catalog()).unwrap_err();
+        assert_eq!(e, "invalid configuration: nested deeper than 100 levels");
+        // Far deeper than any recursive check could survive.
+        let mut deep = json!(1);
+        for _ in 0..200_000 {
+            deep = Value::Array(vec![deep]);
+        }
+        assert!(nesting_exceeds(&deep, MAX_NESTING));
+        std::mem::forget(deep); // dropping it recursively is not what this test is about
     }
 
     #[test]
