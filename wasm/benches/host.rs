@@ -46,6 +46,7 @@ fn plugin() -> PluginModule {
         callback_timeout: Duration::from_secs(1),
         memory_limit: 64 << 20,
         log_level: 4,
+        log_gate: Arc::default(),
     };
     PluginModule::load(settings, std::path::Path::new(path)).expect("the example plugin loads")
 }

@@ -108,27 +108,25 @@ fn logging(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_log",
         |mut c: C<'_>, level: i32, ptr: i32, len: i32| -> R {
             let msg = tri!(read(&mut c, ptr, len));
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            let s = c.data_mut();
-            if s.log_window != now {
-                s.log_window = now;
-                s.log_budget = LOG_PER_SECOND;
-            }
-            if s.log_budget == 0 {
+            let s = c.data();
+            let name = &s.plugin_name;
+            let msg = String::from_utf8_lossy(&msg);
+            let pass = s.log_gate.pass(LOG_PER_SECOND);
+            if pass == crate::rate::Pass::No {
                 return ok(Status::Ok);
             }
-            s.log_budget -= 1;
-            let (name, msg) = (s.plugin_name.clone(), String::from_utf8_lossy(&msg));
+            if let crate::rate::Pass::Yes { dropped } = pass {
+                if dropped > 0 {
+                    tracing::warn!("{name}: {dropped} log lines dropped (over {LOG_PER_SECOND}/s)");
+                }
+            }
             match level {
                 0 | 1 => tracing::debug!("{name}: {msg}"),
                 2 => tracing::info!("{name}: {msg}"),
                 3 => tracing::warn!("{name}: {msg}"),
                 _ => tracing::error!("{name}: {msg}"),
             }
-            if s.log_budget == 0 {
+            if pass == crate::rate::Pass::Last {
                 tracing::warn!(
                     "{name}: more than {LOG_PER_SECOND} log lines this second; dropping the rest"
                 );

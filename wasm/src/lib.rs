@@ -13,6 +13,7 @@ pub mod abi;
 pub mod map;
 pub mod module;
 pub mod props;
+pub mod rate;
 pub mod shared;
 pub mod state;
 pub mod vm;

@@ -39,6 +39,9 @@ pub struct Settings {
     pub memory_limit: usize,
     /// The error-log level plugins are told (`proxy_get_log_level`).
     pub log_level: u32,
+    /// The plugin's `proxy_log` budget, shared by its instances (a new instance after a fault
+    /// does not get a fresh one).
+    pub log_gate: Arc<crate::rate::LogGate>,
 }
 
 /// A compiled, checked plugin, ready to instantiate.
@@ -138,6 +141,7 @@ impl Settings {
             name: Arc::from(d.name.as_str()),
             callback_timeout: d.callback_timeout,
             memory_limit: d.memory_limit as usize,
+            log_gate: Arc::default(),
             log_level,
         }
     }

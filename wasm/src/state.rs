@@ -124,8 +124,7 @@ pub struct HostState {
     /// during a callback.
     pub resumed: bool,
     /// Log lines left in the current second (a log flood is cut, not written).
-    pub log_budget: u32,
-    pub log_window: u64,
+    pub log_gate: Arc<crate::rate::LogGate>,
     pub wasi: wasmtime_wasi::p1::WasiP1Ctx,
 }
 

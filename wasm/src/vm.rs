@@ -115,8 +115,7 @@ impl PluginVm {
             resumed: false,
             queue_regs: Vec::new(),
             queues_changed: false,
-            log_budget: 0,
-            log_window: 0,
+            log_gate: s.log_gate.clone(),
             wasi: wasmtime_wasi::WasiCtxBuilder::new().build_p1(),
         };
         let mut store = Store::new(m.pre.module().engine(), state);

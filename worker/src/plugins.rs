@@ -75,7 +75,13 @@ pub struct Plugin {
     /// Whether the module exports `proxy_on_request_body` / `proxy_on_response_body`.
     request_body: bool,
     response_body: bool,
+    /// Caps the gateway's own lines about this plugin's faults (a plugin trapping on every
+    /// request must not flood the error log).
+    fault_log: wasmgate_wasm::rate::LogGate,
 }
+
+/// Fault lines (and "new instance" lines) written per plugin per second at most.
+const FAULT_LINES_PER_SECOND: u32 = 10;
 
 /// Performs the plugins' `proxy_http_call`s (the worker's upstream client).
 pub trait Callout: Send + Sync {
@@ -252,6 +258,7 @@ impl Plugins {
                 state: Mutex::new(st),
                 request_body,
                 response_body,
+                fault_log: Default::default(),
             });
         }
         let by_name = list
@@ -614,7 +621,9 @@ impl Plugins {
             // Ticks and call-outs of its `proxy_on_vm_start` are collected after this request's
             // first callback.
             st.vm = Some(vm);
-            tracing::warn!("{}: new instance started", p.decl.name);
+            if p.fault_log.pass(FAULT_LINES_PER_SECOND) != wasmgate_wasm::rate::Pass::No {
+                tracing::warn!("{}: new instance started", p.decl.name);
+            }
         }
         if !st.roots.contains_key(&**link.owner) {
             self.retire_older(p, st, link.owner);
@@ -1022,10 +1031,23 @@ impl Plugins {
         } else {
             ""
         };
-        tracing::error!(
-            "{}: {f} in {during}; instance discarded, a new one serves later requests{open}",
-            p.decl.name
-        );
+        use wasmgate_wasm::rate::Pass;
+        match p.fault_log.pass(FAULT_LINES_PER_SECOND) {
+            Pass::No => {}
+            pass => {
+                let dropped = match pass {
+                    Pass::Yes { dropped } if dropped > 0 => {
+                        format!(" ({dropped} similar lines suppressed)")
+                    }
+                    Pass::Last => " (further fault lines this second suppressed)".into(),
+                    _ => String::new(),
+                };
+                tracing::error!(
+                    "{}: {f} in {during}; instance discarded, a new one serves later requests{open}{dropped}",
+                    p.decl.name
+                );
+            }
+        }
         if let Some((seg, slot)) = &self.slot {
             seg.slot(*slot)
                 .plugin_faults

@@ -340,6 +340,11 @@ async fn forward(
                         tracing::error!("upstream {authority} timed out while {phase}");
                         StatusCode::GATEWAY_TIMEOUT
                     }
+                    // The client's body went over client_max_body_size while it streamed.
+                    Exchange::Failed(e) if body_over_limit(&e) => {
+                        log.statuses.push("-".into());
+                        return error_page(StatusCode::PAYLOAD_TOO_LARGE);
+                    }
                     Exchange::Failed(e) => {
                         tracing::error!(
                             "upstream {authority} failed while reading response header: {e}"
@@ -353,6 +358,19 @@ async fn forward(
             }
         }
     }
+}
+
+/// Whether an exchange failed because the request body passed `client_max_body_size`
+/// (a chunked body has no Content-Length to check up front).
+fn body_over_limit(e: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 enum Exchange {
