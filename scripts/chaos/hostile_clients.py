@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Fault: hostile clients, while well-behaved clients keep using the gateway.
+
+Limits under test (config: client_header_timeout 2s, client_max_header_size 8k,
+client_max_body_size 64k, keepalive_timeout 5s):
+
+  * slowloris: --slowloris connections trickling one header byte every 0.5 s, reconnecting when
+    cut: each must be cut within client_header_timeout (+1 s);
+  * idle: --idle connections that never send a byte: cut within client_header_timeout (+1 s);
+  * header floods: 150 headers, a 10 KB header, an endless header stream → 431, connection closed;
+  * oversize bodies: Content-Length 1 MB → 413; chunked 1 MB (no length) → 413;
+  * slow body (R.U.D.Y.): --slowbody requests whose body trickles in one byte every 0.5 s: should be
+    cut by some client body timeout;
+  * fd exhaustion: a second gateway with RLIMIT_NOFILE 1024 and 1 worker, 1500 idle connections.
+
+Good clients (keep-alive and one-shot) must see no failure; their latency is reported next to a
+baseline taken before the attack.
+
+usage: scripts/chaos/hostile_clients.py [--duration 20] [--slowloris 200] [--idle 500]
+                                        [--slowbody 20]
+"""
+import argparse
+import os
+import resource
+import socket
+import sys
+import threading
+import time
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gwlib import Gateway, Load, Upstream, log, pct, summary
+
+LIMITS = ["client_header_timeout: 2s", "client_max_header_size: 8k",
+          "client_max_body_size: 64k", "keepalive_timeout: 5s"]
+HEADER_TIMEOUT = 2.0
+
+
+def connect(port):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return s
+
+
+def closed(s):
+    """Whether the server closed `s` (non-blocking peek)."""
+    try:
+        s.setblocking(False)
+        d = s.recv(1, socket.MSG_PEEK)
+        return d == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        try:
+            s.setblocking(True)
+        except OSError:
+            pass
+
+
+class Trickle:
+    """`n` connections sending `head` then `unit` every `every` s; records each lifetime."""
+
+    def __init__(self, port, n, head, unit, every):
+        self.port, self.n, self.head, self.unit, self.every = port, n, head, unit, every
+        self.lifetimes, self.stop = [], threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        conns = []
+        while not self.stop.is_set():
+            while len(conns) < self.n and not self.stop.is_set():
+                try:
+                    s = connect(self.port)
+                    if self.head:
+                        s.sendall(self.head)
+                    conns.append((s, time.monotonic()))
+                except OSError:
+                    time.sleep(0.05)
+                    break
+            keep = []
+            for s, born in conns:
+                gone = closed(s)
+                if not gone and self.unit:
+                    try:
+                        s.sendall(self.unit)
+                    except OSError:
+                        gone = True
+                if gone:
+                    self.lifetimes.append(time.monotonic() - born)
+                    s.close()
+                else:
+                    keep.append((s, born))
+            conns = keep
+            self.stop.wait(self.every)
+        self.open_at_end = [time.monotonic() - b for _, b in conns]
+        for s, _ in conns:
+            s.close()
+
+
+def exchange(port, data, timeout=10):
+    """Sends `data`, returns (status line, seconds)."""
+    t0 = time.monotonic()
+    s = connect(port)
+    s.settimeout(timeout)
+    try:
+        s.sendall(data)
+    except OSError:
+        pass
+    out = b""
+    try:
+        while b"\r\n" not in out:
+            d = s.recv(4096)
+            if not d:
+                break
+            out += d
+    except OSError:
+        pass
+    s.close()
+    return out.split(b"\r\n")[0].decode(errors="replace"), time.monotonic() - t0
+
+
+def endless_headers(port):
+    """Header lines without end: (status line, bytes the gateway took before cutting)."""
+    s = connect(port)
+    s.settimeout(5)
+    sent = 0
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        while sent < 50 << 20:
+            s.sendall(b"X-Flood: " + b"a" * 1000 + b"\r\n")
+            sent += 1011
+    except OSError:
+        pass
+    try:
+        line = s.recv(200).split(b"\r\n")[0].decode(errors="replace")
+    except OSError as e:
+        line = f"<{e}>"
+    s.close()
+    return line, sent
+
+
+def floods(port, stop, results):
+    hdrs = "".join(f"X-H{i}: v\r\n" for i in range(150)).encode()
+    big = b"X-Big: " + b"v" * 10_000 + b"\r\n"
+    body = b"x" * (1 << 20)
+    chunked = b"100000\r\n" + body + b"\r\n0\r\n\r\n"
+    cases = {
+        "150 headers": (b"GET /a HTTP/1.1\r\nHost: x\r\n" + hdrs + b"Connection: close\r\n\r\n", "431"),
+        "10 KB header": (b"GET /a HTTP/1.1\r\nHost: x\r\n" + big + b"Connection: close\r\n\r\n", "431"),
+        "Content-Length 1 MB": (b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n"
+                                b"Connection: close\r\n\r\n" + body, "413"),
+        "chunked 1 MB": (b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                         b"Connection: close\r\n\r\n" + chunked, "413"),
+    }
+    while not stop.is_set():
+        for name, (data, want) in cases.items():
+            line, _ = exchange(port, data)
+            r = results.setdefault(name, {"sent": 0, "ok": 0, "got": {}})
+            r["sent"] += 1
+            code = line.split(" ")[1] if line.count(" ") >= 1 else line
+            r["got"][code] = r["got"].get(code, 0) + 1
+            if code == want:
+                r["ok"] += 1
+        line, taken = endless_headers(port)
+        r = results.setdefault("endless header stream", {"sent": 0, "ok": 0, "got": {}, "max_taken": 0})
+        r["sent"] += 1
+        code = line.split(" ")[1] if line.startswith("HTTP/") else line
+        r["got"][code] = r["got"].get(code, 0) + 1
+        r["max_taken"] = max(r["max_taken"], taken)
+        if code == "431":
+            r["ok"] += 1
+        stop.wait(0.2)
+
+
+def good_clients(port, seconds, concurrency=4):
+    load = Load(port, ["/good"], concurrency, timeout=30).start()
+    time.sleep(seconds)
+    load.stop()
+    return load
+
+
+def fd_exhaustion(up, seconds=8):
+    gw = Gateway(workers=1, http_extra=LIMITS, nofile=1024)
+    try:
+        gw.route("1", {"uri": "/*"}, up)
+        warm = Load(gw.proxy_port, ["/good"], 2).start()
+        time.sleep(1)
+        warm.stop()
+        idle = Trickle(gw.proxy_port, 1500, b"", b"", 0.2)
+        idle.t.start()
+        time.sleep(1)
+        load = good_clients(gw.proxy_port, seconds, 4)
+        idle.stop.set()
+        idle.t.join()
+        emfile = gw.error_log().count("accept() failed")
+        return load, emfile, idle
+    finally:
+        gw.cleanup()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=float, default=20)
+    ap.add_argument("--slowloris", type=int, default=200)
+    ap.add_argument("--idle", type=int, default=500)
+    ap.add_argument("--slowbody", type=int, default=20)
+    a = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    up = Upstream("u")
+    gw = Gateway(workers=2, http_extra=LIMITS)
+    try:
+        gw.route("1", {"uri": "/*", "upstream": {"nodes": {up.addr: 1},
+                                                 "timeout": {"connect": 2, "send": 5, "read": 5}}})
+        base = good_clients(gw.proxy_port, 5)
+        log(f"baseline: {base.ok}/{base.sent} ok, p50 {pct(base.latencies, 50) * 1000:.1f} ms, "
+            f"p99 {pct(base.latencies, 99) * 1000:.1f} ms")
+        loris = Trickle(gw.proxy_port, a.slowloris, b"GET /a HTTP/1.1\r\nHost: x\r\n", b"X", 0.5)
+        idle = Trickle(gw.proxy_port, a.idle, b"", b"", 0.5)
+        rudy = Trickle(gw.proxy_port, a.slowbody,
+                       b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n", b"x", 0.5)
+        stop, fl = threading.Event(), {}
+        ft = threading.Thread(target=floods, args=(gw.proxy_port, stop, fl), daemon=True)
+        for t in (loris.t, idle.t, rudy.t, ft):
+            t.start()
+        time.sleep(1)
+        attack = good_clients(gw.proxy_port, a.duration)
+        stop.set()
+        for x in (loris, idle, rudy):
+            x.stop.set()
+        for t in (loris.t, idle.t, rudy.t, ft):
+            t.join(30)
+        st = gw.status()
+        rss = max(w["rss_bytes"] for w in st["workers"]) >> 20
+        restarts = sum(w["restarts"] for w in st["workers"])
+        log(f"under attack: {attack.ok}/{attack.sent} ok, p50 "
+            f"{pct(attack.latencies, 50) * 1000:.1f} ms, p99 {pct(attack.latencies, 99) * 1000:.1f} ms"
+            f", max {max(attack.latencies or [0]) * 1000:.0f} ms; worker RSS max {rss} MiB, "
+            f"restarts {restarts}")
+        for e in attack.errors[:3]:
+            log(f"  good client failure: {e}")
+        loris_max = max(loris.lifetimes + loris.open_at_end or [0])
+        idle_max = max(idle.lifetimes + idle.open_at_end or [0])
+        rudy_max = max(rudy.lifetimes + rudy.open_at_end or [0])
+        log(f"slowloris: {len(loris.lifetimes)} connections cut, longest {loris_max:.1f} s")
+        log(f"idle: {len(idle.lifetimes)} connections cut, longest {idle_max:.1f} s")
+        log(f"slow body: {len(rudy.lifetimes)} cut, {len(rudy.open_at_end)} still open after "
+            f"{rudy_max:.1f} s")
+        flood_bad = 0
+        for name, r in fl.items():
+            log(f"{name}: {r['ok']}/{r['sent']} as expected, answers {r['got']}"
+                + (f", at most {r['max_taken'] >> 10} KiB taken" if "max_taken" in r else ""))
+            flood_bad += r["sent"] - r["ok"]
+        fd_load, emfile, fd_idle = fd_exhaustion(up)
+        log(f"fd exhaustion (nofile 1024, 1500 idle): good {fd_load.ok}/{fd_load.sent} ok, "
+            f"p99 {pct(fd_load.latencies, 99) * 1000:.0f} ms, max "
+            f"{max(fd_load.latencies or [0]) * 1000:.0f} ms; {emfile} accept() failures logged")
+        for e in fd_load.errors[:3]:
+            log(f"  good client failure: {e}")
+        limit = HEADER_TIMEOUT + 1.0
+        rudy_held = rudy_max > 10
+        failed = attack.failed + fd_load.failed
+        ok = (failed == 0 and loris_max <= limit and idle_max <= limit and flood_bad == 0
+              and not rudy_held and restarts == 0)
+        return summary(
+            "hostile clients",
+            f"{a.slowloris} slowloris + {a.idle} idle + {a.slowbody} slow-body connections, header/"
+            f"body floods for {a.duration:.0f}s; 1500 idle vs nofile 1024",
+            attack.sent + fd_load.sent, failed, 0, ok,
+            base_p99_ms=f"{pct(base.latencies, 99) * 1000:.1f}",
+            attack_p99_ms=f"{pct(attack.latencies, 99) * 1000:.1f}",
+            slowloris_max_s=f"{loris_max:.1f}", idle_max_s=f"{idle_max:.1f}",
+            slowbody_held_s=f"{rudy_max:.1f}", floods_unexpected=flood_bad,
+            fd_exhaustion_max_ms=f"{max(fd_load.latencies or [0]) * 1000:.0f}",
+            worker_rss_mib=rss)
+    finally:
+        gw.cleanup()
+        up.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
