@@ -255,14 +255,13 @@ impl Upstream {
             }
             Nodes::List(list) => {
                 for n in list {
-                    if !valid_node_host(&n.host) {
-                        return Err(format!("invalid node host {:?}", n.host));
-                    }
+                    let host = list_node_host(&n.host)
+                        .ok_or_else(|| format!("invalid node host {:?}", n.host))?;
                     if n.port == 0 {
                         return Err(format!("invalid port 0 for node {:?}", n.host));
                     }
                     out.push(NodeAddr {
-                        host: n.host.trim_matches(|c| c == '[' || c == ']').to_string(),
+                        host: host.to_string(),
                         port: n.port,
                         weight: n.weight,
                     });
@@ -276,12 +275,29 @@ impl Upstream {
     }
 }
 
-fn valid_node_host(h: &str) -> bool {
+/// A host name or an IPv4 address: 1 to 253 bytes of `a-z A-Z 0-9 - . _`.
+fn valid_node_name(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 253
-        && h.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']')
-        })
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+/// The `host` of a list-form node: a name, an IPv4 address, or an IPv6 address with or without
+/// brackets. Returns it without brackets; anything else (a ':' or a bracket outside an IPv6
+/// address, which no connection could use) is None.
+fn list_node_host(h: &str) -> Option<&str> {
+    let bracketed = h.starts_with('[');
+    let inner = if bracketed {
+        h.strip_prefix('[')?.strip_suffix(']')?
+    } else {
+        h
+    };
+    if bracketed || inner.contains(':') {
+        inner.parse::<std::net::Ipv6Addr>().ok()?;
+        return Some(inner);
+    }
+    valid_node_name(inner).then_some(inner)
 }
 
 /// Splits `host:port`, `[v6]:port` or a bare host (port 80).
@@ -301,7 +317,7 @@ fn split_host_port(s: &str) -> Option<(String, u16)> {
         Some(_) => return None, // a bare IPv6 address must be bracketed when it has a port
         None => (s, 80),
     };
-    if !valid_node_host(host) || host.contains(':') {
+    if !valid_node_name(host) {
         return None;
     }
     Some((host.to_string(), port))
@@ -349,6 +365,41 @@ mod tests {
             assert!(u.check().is_err(), "{bad} accepted");
         }
         assert!(serde_json::from_value::<Upstream>(json!({"nodes": "x"})).is_err());
+    }
+
+    /// Found by the admin_objects fuzz target: list-form hosts such as "12[.0.0.1" or "a:b"
+    /// were accepted, and the map form took "a[b:80"; no connection can use them.
+    #[test]
+    fn node_hosts_are_names_or_ip_addresses() {
+        for bad in [
+            "12[.0.0.1",
+            "a:b",
+            "[a]",
+            "[::1",
+            "::1]",
+            "[1.2.3.4]",
+            "a]",
+            "[]",
+            ":",
+        ] {
+            let u = up(json!({"nodes": [{"host": bad, "port": 80}]}));
+            assert!(u.check().is_err(), "list form accepted {bad:?}");
+        }
+        for bad in ["a[b:80", "a]:80", "[a]:80", "[]:80"] {
+            let u = up(json!({"nodes": {bad: 1}}));
+            assert!(u.check().is_err(), "map form accepted {bad:?}");
+        }
+        for (host, want) in [
+            ("[::1]", "::1"),
+            ("::1", "::1"),
+            ("2001:db8::7", "2001:db8::7"),
+            ("10.0.0.1", "10.0.0.1"),
+            ("backend_1.internal", "backend_1.internal"),
+        ] {
+            let u = up(json!({"nodes": [{"host": host, "port": 81}]}));
+            let n = u.normalized_nodes().unwrap();
+            assert_eq!(n[0].host, want, "{host}");
+        }
     }
 
     #[test]
