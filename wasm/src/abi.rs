@@ -533,19 +533,14 @@ fn http_call(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
 
 /// Shared data, queues and metrics: gateway-wide, in shared memory (see [`crate::shared`]).
 fn shared(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    use crate::shared::{shm, status};
+    use crate::shared::with;
     l.func_wrap(
         "env",
         "proxy_get_shared_data",
         |mut c: C<'_>, kp: i32, kl: i32, ret_ptr: i32, ret_len: i32, ret_cas: i32| -> R {
             let key = tri!(read(&mut c, kp, kl));
-            let Some(store) = shm() else {
-                return ok(Status::InternalFailure);
-            };
-            let (value, cas) = match store.get(&key) {
-                Ok(Some(v)) => v,
-                Ok(None) => return ok(Status::NotFound),
-                Err(e) => return ok(status(e)),
+            let Some((value, cas)) = tri!(with(|s| s.get(&key))) else {
+                return ok(Status::NotFound);
             };
             tri!(write(&mut c, ret_cas, &cas.to_le_bytes()));
             answer(&mut c, &value, ret_ptr, ret_len)
@@ -557,13 +552,8 @@ fn shared(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> R {
             let key = tri!(read(&mut c, kp, kl));
             let value = tri!(read(&mut c, vp, vl));
-            let Some(store) = shm() else {
-                return ok(Status::InternalFailure);
-            };
-            match store.set(&key, &value, cas as u32) {
-                Ok(()) => ok(Status::Ok),
-                Err(e) => ok(status(e)),
-            }
+            tri!(with(|s| s.set(&key, &value, cas as u32)));
+            ok(Status::Ok)
         },
     )?;
     queues(l)?;
@@ -571,19 +561,13 @@ fn shared(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
 }
 
 fn queues(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    use crate::shared::{shm, status};
+    use crate::shared::{shm, with};
     l.func_wrap(
         "env",
         "proxy_register_shared_queue",
         |mut c: C<'_>, np: i32, nl: i32, ret: i32| -> R {
             let name = tri!(read_str(&mut c, np, nl));
-            let Some(store) = shm() else {
-                return ok(Status::InternalFailure);
-            };
-            let token = match store.register_queue("", &name) {
-                Ok(t) => t,
-                Err(e) => return ok(status(e)),
-            };
+            let token = tri!(with(|s| s.register_queue("", &name)));
             let s = c.data_mut();
             let ctx = s.effective_context;
             if !s.queue_regs.contains(&(token, ctx)) {
@@ -612,26 +596,17 @@ fn queues(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_enqueue_shared_queue",
         |mut c: C<'_>, token: i32, vp: i32, vl: i32| -> R {
             let value = tri!(read(&mut c, vp, vl));
-            let Some(store) = shm() else {
-                return ok(Status::InternalFailure);
-            };
-            match store.enqueue(token as u32, &value) {
-                Ok(()) => ok(Status::Ok),
-                Err(e) => ok(status(e)),
-            }
+            tri!(with(|s| s.enqueue(token as u32, &value)));
+            ok(Status::Ok)
         },
     )?;
     l.func_wrap(
         "env",
         "proxy_dequeue_shared_queue",
         |mut c: C<'_>, token: i32, ret_ptr: i32, ret_len: i32| -> R {
-            let Some(store) = shm() else {
-                return ok(Status::InternalFailure);
-            };
-            match store.dequeue(token as u32) {
-                Ok(Some(v)) => answer(&mut c, &v, ret_ptr, ret_len),
-                Ok(None) => ok(Status::Empty),
-                Err(e) => ok(status(e)),
+            match tri!(with(|s| s.dequeue(token as u32))) {
+                Some(v) => answer(&mut c, &v, ret_ptr, ret_len),
+                None => ok(Status::Empty),
             }
         },
     )?;
@@ -639,7 +614,7 @@ fn queues(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
 }
 
 fn metrics(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    use crate::shared::{shm, status};
+    use crate::shared::with;
     use wasmgate_shared::plugin_shm::MetricKind;
     l.func_wrap(
         "env",
@@ -652,13 +627,7 @@ fn metrics(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 _ => return ok(Status::BadArgument),
             };
             let name = tri!(read_str(&mut c, np, nl));
-            let Some(store) = shm() else {
-                return ok(Status::InternalFailure);
-            };
-            let id = match store.define_metric(kind, &name) {
-                Ok(id) => id,
-                Err(e) => return ok(status(e)),
-            };
+            let id = tri!(with(|s| s.define_metric(kind, &name)));
             tri!(write(&mut c, ret, &id.to_le_bytes()));
             ok(Status::Ok)
         },
@@ -667,33 +636,23 @@ fn metrics(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_increment_metric",
         |_c: C<'_>, id: i32, delta: i64| -> R {
-            match shm().map(|s| s.increment(id as u32, delta)) {
-                Some(Ok(())) => ok(Status::Ok),
-                Some(Err(e)) => ok(status(e)),
-                None => ok(Status::InternalFailure),
-            }
+            tri!(with(|s| s.increment(id as u32, delta)));
+            ok(Status::Ok)
         },
     )?;
     l.func_wrap(
         "env",
         "proxy_record_metric",
         |_c: C<'_>, id: i32, value: i64| -> R {
-            match shm().map(|s| s.record(id as u32, value as u64)) {
-                Some(Ok(())) => ok(Status::Ok),
-                Some(Err(e)) => ok(status(e)),
-                None => ok(Status::InternalFailure),
-            }
+            tri!(with(|s| s.record(id as u32, value as u64)));
+            ok(Status::Ok)
         },
     )?;
     l.func_wrap(
         "env",
         "proxy_get_metric",
         |mut c: C<'_>, id: i32, ret: i32| -> R {
-            let v = match shm().map(|s| s.get_metric(id as u32)) {
-                Some(Ok(v)) => v,
-                Some(Err(e)) => return ok(status(e)),
-                None => return ok(Status::InternalFailure),
-            };
+            let v = tri!(with(|s| s.get_metric(id as u32)));
             tri!(write(&mut c, ret, &(v as u64).to_le_bytes()));
             ok(Status::Ok)
         },

@@ -34,6 +34,11 @@ pub fn shm() -> Option<&'static PluginShm> {
     SHM.get().map(|s| &**s)
 }
 
+/// Runs `f` on the segment: no segment answers InternalFailure, a store error its status.
+pub fn with<T>(f: impl FnOnce(&PluginShm) -> Result<T, Error>) -> Result<T, Status> {
+    f(shm().ok_or(Status::InternalFailure)?).map_err(status)
+}
+
 /// The Proxy-Wasm status for a store error, logging what is worth an operator's attention.
 pub fn status(e: Error) -> Status {
     match e {
