@@ -124,3 +124,67 @@ fn an_upstream_that_stops_reading_times_out_on_send() {
     );
     holder.join().unwrap();
 }
+
+/// Sends a request head announcing `len` body bytes, then `sent` bytes of it, then nothing;
+/// returns the status line's code and how long the answer took.
+fn stall_body(gw: &Gateway, path: &str, len: usize, sent: usize) -> (String, Duration) {
+    let mut s = TcpStream::connect(format!("127.0.0.1:{}", gw.proxy_port)).unwrap();
+    s.write_all(
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    s.write_all(&vec![b'x'; sent]).unwrap();
+    let started = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = [0u8; 12];
+    let got = s
+        .read_exact(&mut head)
+        .map(|_| String::from_utf8_lossy(&head[9..12]).into_owned());
+    (
+        got.unwrap_or_else(|e| format!("no answer: {e}")),
+        started.elapsed(),
+    )
+}
+
+/// `client_body_timeout` (1 s here): a client that stops sending its body gets 408 — on a
+/// plain route and on one whose plugin buffers the body — while a slow client that keeps
+/// sending (every 300 ms, 2 s in all) is served: the timeout is between reads, as nginx's.
+#[test]
+fn a_stalled_request_body_gets_408_and_a_slow_steady_one_is_served() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start_with(Setup {
+        http_extra: vec!["client_body_timeout: 1s".into()],
+        ..Setup::default()
+    });
+    gw.route("1", json!({"uri": "/plain/*"}), Some(&up));
+    let conf = json!({"request_append": "+tail"}).to_string();
+    gw.route(
+        "2",
+        json!({"uri": "/buffered/*", "plugins": {"body_rewrite": {"conf": conf}}}),
+        Some(&up),
+    );
+
+    for path in ["/plain/a", "/buffered/a"] {
+        let (status, took) = stall_body(&gw, path, 100, 10);
+        assert_eq!(status, "408", "{path}: {}", gw.error_log());
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+            "{path}: answered after {took:?}"
+        );
+    }
+
+    let mut s = TcpStream::connect(format!("127.0.0.1:{}", gw.proxy_port)).unwrap();
+    s.write_all(
+        b"POST /plain/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    for b in b"steady!" {
+        std::thread::sleep(Duration::from_millis(300));
+        s.write_all(&[*b]).unwrap();
+    }
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"body_len\":7"), "{answer}");
+}

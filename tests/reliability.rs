@@ -182,9 +182,9 @@ fn first_failures(t: &Tally) -> Vec<&String> {
 
 /// `kill -9` of a random worker every 200 ms for 5 s under 6 clients: only requests in flight
 /// on a killed worker fail (at most kills × clients, and each failure saw a kill while it was
-/// outstanding); the gateway serves during the run (the longest time without a success is
-/// bounded by the 5 s respawn backoff cap) and at the end, with exactly its workers and no
-/// killed process left.
+/// outstanding); the gateway serves throughout (a worker that was serving is replaced at once,
+/// so the longest time without a success stays far under a second; 2 s allows for a loaded
+/// machine) and at the end, with exactly its workers and no killed process left.
 #[test]
 fn killing_workers_under_load_fails_only_requests_in_flight() {
     let up = TestUpstream::start("u");
@@ -234,7 +234,7 @@ fn killing_workers_under_load_fails_only_requests_in_flight() {
         );
     }
     assert!(
-        stall < Duration::from_secs(7),
+        stall < Duration::from_secs(2),
         "nothing served for {stall:?}"
     );
     eventually(Duration::from_secs(15), "every worker back", || {

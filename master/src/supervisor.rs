@@ -151,11 +151,15 @@ impl Supervisor {
             self.workers.remove(idx);
             return;
         }
-        // Crash-loop backoff: immediate after a long life, doubling while it keeps dying fast.
-        if w.started.elapsed() < Duration::from_secs(2) {
-            w.quick_failures += 1;
-        } else {
+        // Crash-loop backoff only for workers that cannot boot (a plugin failing at start,
+        // say): doubling while they keep dying before they serve. A worker that was serving
+        // is replaced at once, however short its life, as nginx does — a worker killed over
+        // and over from outside must not leave the gateway with none.
+        let was_serving = self.master.segment.slot(w.slot).state() == SlotState::Ready;
+        if was_serving || w.started.elapsed() >= Duration::from_secs(2) {
             w.quick_failures = 0;
+        } else {
+            w.quick_failures += 1;
         }
         let delay = match w.quick_failures {
             0 => Duration::ZERO,

@@ -96,6 +96,8 @@ class _UpHandler(http.server.BaseHTTPRequestHandler):
         n = int(self.headers.get("content-length") or 0)
         if n:
             self.rfile.read(n)
+        elif "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+            self._read_chunked()
         parts = self.path.split("?")[0].strip("/").split("/")
         if parts[0] == "delay" and len(parts) > 1:
             time.sleep(int(parts[1]) / 1000.0)
@@ -107,6 +109,17 @@ class _UpHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _read_chunked(self):
+        # Reads the whole body as a real server does before answering, so an answer never
+        # races the body the gateway is still sending.
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return
+            self.rfile.read(size + 2)
 
     do_GET = do_POST = do_PUT = do_DELETE = _answer
 

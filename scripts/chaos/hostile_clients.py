@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Fault: hostile clients, while well-behaved clients keep using the gateway.
 
-Limits under test (config: client_header_timeout 2s, client_max_header_size 8k,
-client_max_body_size 64k, keepalive_timeout 5s):
+Limits under test (config: client_header_timeout 2s, client_body_timeout 2s,
+client_max_header_size 8k, client_max_body_size 64k, keepalive_timeout 5s):
 
   * slowloris: --slowloris connections trickling one header byte every 0.5 s, reconnecting when
     cut: each must be cut within client_header_timeout (+1 s);
   * idle: --idle connections that never send a byte: cut within client_header_timeout (+1 s);
   * header floods: 150 headers, a 10 KB header, an endless header stream → 431, connection closed;
   * oversize bodies: Content-Length 1 MB → 413; chunked 1 MB (no length) → 413;
-  * slow body (R.U.D.Y.): --slowbody requests whose body trickles in one byte every 0.5 s: should be
-    cut by some client body timeout;
+  * stalled body: --slowbody requests that send 10 of 60 000 announced body bytes, then nothing:
+    each must be cut (408) within client_body_timeout (+2 s). As in nginx, the timeout is
+    between two reads, so a body that keeps trickling is not cut by it;
   * fd exhaustion: a second gateway with RLIMIT_NOFILE 1024 and 1 worker, 1500 idle connections.
 
 Good clients (keep-alive and one-shot) must see no failure; their latency is reported next to a
@@ -31,9 +32,10 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gwlib import Gateway, Load, Upstream, log, pct, summary
 
-LIMITS = ["client_header_timeout: 2s", "client_max_header_size: 8k",
+LIMITS = ["client_header_timeout: 2s", "client_body_timeout: 2s", "client_max_header_size: 8k",
           "client_max_body_size: 64k", "keepalive_timeout: 5s"]
 HEADER_TIMEOUT = 2.0
+BODY_TIMEOUT = 2.0
 
 
 def connect(port):
@@ -42,11 +44,12 @@ def connect(port):
 
 
 def closed(s):
-    """Whether the server closed `s` (non-blocking peek)."""
+    """Whether the server cut `s`: closed it, or answered a request that was never completed
+    (the 408 for a stalled body); the answer is consumed so the next check sees the close."""
     try:
         s.setblocking(False)
-        d = s.recv(1, socket.MSG_PEEK)
-        return d == b""
+        d = s.recv(4096)
+        return True if d == b"" else d.startswith(b"HTTP/1.1 4") or closed(s)
     except BlockingIOError:
         return False
     except OSError:
@@ -219,7 +222,8 @@ def main():
         loris = Trickle(gw.proxy_port, a.slowloris, b"GET /a HTTP/1.1\r\nHost: x\r\n", b"X", 0.5)
         idle = Trickle(gw.proxy_port, a.idle, b"", b"", 0.5)
         rudy = Trickle(gw.proxy_port, a.slowbody,
-                       b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n", b"x", 0.5)
+                       b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n" + b"x" * 10,
+                       b"", 0.5)
         stop, fl = threading.Event(), {}
         ft = threading.Thread(target=floods, args=(gw.proxy_port, stop, fl), daemon=True)
         for t in (loris.t, idle.t, rudy.t, ft):
@@ -245,8 +249,9 @@ def main():
         rudy_max = max(rudy.lifetimes + rudy.open_at_end or [0])
         log(f"slowloris: {len(loris.lifetimes)} connections cut, longest {loris_max:.1f} s")
         log(f"idle: {len(idle.lifetimes)} connections cut, longest {idle_max:.1f} s")
-        log(f"slow body: {len(rudy.lifetimes)} cut, {len(rudy.open_at_end)} still open after "
-            f"{rudy_max:.1f} s")
+        log(f"stalled body: {len(rudy.lifetimes)} cut, p50 {pct(rudy.lifetimes, 50):.1f} s, "
+            f"longest {rudy_max:.1f} s, "
+            f"{len(rudy.open_at_end)} open at the end")
         flood_bad = 0
         for name, r in fl.items():
             log(f"{name}: {r['ok']}/{r['sent']} as expected, answers {r['got']}"
@@ -259,19 +264,22 @@ def main():
         for e in fd_load.errors[:3]:
             log(f"  good client failure: {e}")
         limit = HEADER_TIMEOUT + 1.0
-        rudy_held = rudy_max > 10
+        # + the 0.5 s between checks, + the upstream connect: the body is read (and its clock
+        # runs) once the upstream connection is up, and the upstream here is a Python server
+        # under the floods.
+        rudy_held = rudy_max > BODY_TIMEOUT + 2.0
         failed = attack.failed + fd_load.failed
         ok = (failed == 0 and loris_max <= limit and idle_max <= limit and flood_bad == 0
               and not rudy_held and restarts == 0)
         return summary(
             "hostile clients",
-            f"{a.slowloris} slowloris + {a.idle} idle + {a.slowbody} slow-body connections, header/"
+            f"{a.slowloris} slowloris + {a.idle} idle + {a.slowbody} stalled-body connections, header/"
             f"body floods for {a.duration:.0f}s; 1500 idle vs nofile 1024",
             attack.sent + fd_load.sent, failed, 0, ok,
             base_p99_ms=f"{pct(base.latencies, 99) * 1000:.1f}",
             attack_p99_ms=f"{pct(attack.latencies, 99) * 1000:.1f}",
             slowloris_max_s=f"{loris_max:.1f}", idle_max_s=f"{idle_max:.1f}",
-            slowbody_held_s=f"{rudy_max:.1f}", floods_unexpected=flood_bad,
+            stalled_body_max_s=f"{rudy_max:.1f}", floods_unexpected=flood_bad,
             fd_exhaustion_max_ms=f"{max(fd_load.latencies or [0]) * 1000:.0f}",
             worker_rss_mib=rss)
     finally:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fault: worker processes die (`kill -9` of a random live worker every --interval seconds)
 while clients load the gateway. Only requests in flight on the killed worker may fail; the
-master respawns workers (with crash-loop backoff), the listening sockets it owns keep new
+master respawns a worker that was serving at once, the listening sockets it owns keep new
 connections in the backlog, and at the end every worker slot is running again with no stray
 process.
 

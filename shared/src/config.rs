@@ -288,6 +288,10 @@ pub struct HttpSection {
     /// Time allowed to receive a request's headers.
     #[serde(deserialize_with = "de_duration")]
     pub client_header_timeout: Duration,
+    /// Longest wait for the next piece of a request body (nginx's `client_body_timeout`: the
+    /// time between two reads, not for the whole body); when it passes the client gets 408.
+    #[serde(deserialize_with = "de_duration")]
+    pub client_body_timeout: Duration,
     /// Largest request body (0 = unlimited); larger → 413.
     #[serde(deserialize_with = "de_size")]
     pub client_max_body_size: u64,
@@ -308,6 +312,7 @@ impl Default for HttpSection {
             access_log_format: crate::logformat::DEFAULT.into(),
             keepalive_timeout: Duration::from_secs(60),
             client_header_timeout: Duration::from_secs(60),
+            client_body_timeout: Duration::from_secs(60),
             client_max_body_size: 0,
             client_max_header_size: 64 << 10,
             upstream_keepalive: 320,

@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Empty, Full};
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -85,25 +86,47 @@ impl<F: FnOnce(u64, bool) + Send + 'static> Drop for Observed<F> {
 
 /// How far a request body has been sent upstream (see `proxy::send`).
 pub struct SendProgress {
-    /// (last chunk taken, all sent at)
-    state: std::sync::Mutex<(std::time::Instant, Option<std::time::Instant>)>,
+    state: std::sync::Mutex<Progress>,
+}
+
+struct Progress {
+    /// When the upstream last took a chunk.
+    last: std::time::Instant,
+    /// When the whole body was sent.
+    done: Option<std::time::Instant>,
+    /// The upstream asked for more and the client has not sent it yet: a stall that
+    /// `client_body_timeout` judges, not the upstream's send timeout.
+    awaiting_client: bool,
 }
 
 impl SendProgress {
     pub fn new(already_done: bool) -> SendProgress {
         let now = std::time::Instant::now();
         SendProgress {
-            state: std::sync::Mutex::new((now, already_done.then_some(now))),
+            state: std::sync::Mutex::new(Progress {
+                last: now,
+                done: already_done.then_some(now),
+                awaiting_client: false,
+            }),
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn touch(&self, done: bool) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.lock();
         let now = std::time::Instant::now();
-        s.0 = now;
-        if done && s.1.is_none() {
-            s.1 = Some(now);
+        s.last = now;
+        s.awaiting_client = false;
+        if done && s.done.is_none() {
+            s.done = Some(now);
         }
+    }
+
+    fn awaiting_client(&self) {
+        self.lock().awaiting_client = true;
     }
 
     /// When the exchange times out if nothing moves, and which wait that is.
@@ -112,10 +135,12 @@ impl SendProgress {
         send: std::time::Duration,
         read: std::time::Duration,
     ) -> (std::time::Instant, &'static str) {
-        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match s.1 {
+        let s = self.lock();
+        match s.done {
             Some(done) => (done + read, "reading the response header"),
-            None => (s.0 + send, "sending the request"),
+            // Re-checked after `send`: by then the client has sent more or timed out.
+            None if s.awaiting_client => (std::time::Instant::now() + send, "sending the request"),
+            None => (s.last + send, "sending the request"),
         }
     }
 }
@@ -147,7 +172,7 @@ impl Body for SendWatch {
                 let end = self.inner.is_end_stream();
                 self.progress.touch(end);
             }
-            Poll::Pending => {}
+            Poll::Pending => self.progress.awaiting_client(),
         }
         r
     }
@@ -159,4 +184,95 @@ impl Body for SendWatch {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The client stopped sending its request body for longer than `client_body_timeout`.
+#[derive(Debug)]
+pub struct ClientBodyTimeout(pub std::time::Duration);
+
+impl std::fmt::Display for ClientBodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "client sent no request body data for {:?} (client_body_timeout)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for ClientBodyTimeout {}
+
+/// A client's request body with nginx's `client_body_timeout`: the clock runs only while the
+/// body is being read and nothing arrives (a slow upstream taking chunks does not count), and
+/// restarts with every frame.
+pub struct ReadTimeout {
+    inner: ProxyBody,
+    timeout: std::time::Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl ReadTimeout {
+    pub fn new(inner: ProxyBody, timeout: std::time::Duration) -> ReadTimeout {
+        ReadTimeout {
+            inner,
+            timeout,
+            timer: None,
+        }
+    }
+}
+
+impl Body for ReadTimeout {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                this.timer = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let timeout = this.timeout;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        this.timer = None;
+                        Poll::Ready(Some(Err(Box::new(ClientBodyTimeout(timeout)))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The status to answer when a request failed because of the client's body: 413 when it went
+/// over `client_max_body_size` (a chunked body has no Content-Length to check up front), 408
+/// when it stalled past `client_body_timeout`. `None` for any other failure.
+pub fn client_fault(e: &(dyn std::error::Error + 'static)) -> Option<http::StatusCode> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return Some(http::StatusCode::PAYLOAD_TOO_LARGE);
+        }
+        if c.is::<ClientBodyTimeout>() {
+            return Some(http::StatusCode::REQUEST_TIMEOUT);
+        }
+        cause = c.source();
+    }
+    None
 }

@@ -43,6 +43,8 @@ pub struct Worker {
     /// gateway, not the parser, answers 431 with its error page.
     pub max_header_size: usize,
     pub header_timeout: Duration,
+    /// `client_body_timeout`: the longest wait for the next piece of a request body.
+    pub body_timeout: Duration,
     /// Set once the master asked this worker to drain.
     pub draining: AtomicBool,
 }
@@ -118,6 +120,7 @@ async fn serve(
             .client_header_timeout
             .min(http.keepalive_timeout)
             .max(Duration::from_millis(100)),
+        body_timeout: http.client_body_timeout.max(Duration::from_millis(100)),
         draining: AtomicBool::new(false),
     });
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);

@@ -125,7 +125,7 @@ async fn serve_route(
         return error_page(StatusCode::PAYLOAD_TOO_LARGE);
     }
     let no_body = body.is_end_stream();
-    let mut body = limit_body(body, max);
+    let mut body = client_body(body, max, w.body_timeout);
     let mut cut = None;
     let chain = w.plugins.chain(&cfg.global_rules, route);
     if !chain.is_empty() {
@@ -211,6 +211,7 @@ fn failure_response(f: BodyFailure, too_large: StatusCode) -> Response<ProxyBody
         BodyFailure::TooLarge => error_page(too_large),
         BodyFailure::Reply(r) => wasm_glue::local_reply(r),
         BodyFailure::Fault => error_page(StatusCode::SERVICE_UNAVAILABLE),
+        BodyFailure::Client(status) => error_page(status),
     }
 }
 
@@ -340,17 +341,21 @@ async fn forward(
                         tracing::error!("upstream {authority} timed out while {phase}");
                         StatusCode::GATEWAY_TIMEOUT
                     }
-                    // The client's body went over client_max_body_size while it streamed.
-                    Exchange::Failed(e) if body_over_limit(&e) => {
-                        log.statuses.push("-".into());
-                        return error_page(StatusCode::PAYLOAD_TOO_LARGE);
-                    }
-                    Exchange::Failed(e) => {
-                        tracing::error!(
-                            "upstream {authority} failed while reading response header: {e}"
-                        );
-                        StatusCode::BAD_GATEWAY
-                    }
+                    Exchange::Failed(e) => match body::client_fault(&e) {
+                        // The client's body went over client_max_body_size or stalled while
+                        // it streamed: the client's fault (413/408), not the upstream's.
+                        Some(status) => {
+                            tracing::info!("client request body failed: {e}");
+                            log.statuses.push("-".into());
+                            return error_page(status);
+                        }
+                        None => {
+                            tracing::error!(
+                                "upstream {authority} failed while reading response header: {e}"
+                            );
+                            StatusCode::BAD_GATEWAY
+                        }
+                    },
                     _ => StatusCode::BAD_GATEWAY,
                 };
                 log.statuses.push(status.as_u16().to_string());
@@ -358,19 +363,6 @@ async fn forward(
             }
         }
     }
-}
-
-/// Whether an exchange failed because the request body passed `client_max_body_size`
-/// (a chunked body has no Content-Length to check up front).
-fn body_over_limit(e: &hyper::Error) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(c) = cause {
-        if c.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
 }
 
 enum Exchange {
@@ -769,8 +761,9 @@ fn expand_vars(template: &str, parts: &http::request::Parts, peer: SocketAddr) -
 }
 
 /// Caps a streamed request body at `max` bytes (0 = unlimited).
-fn limit_body(body: Incoming, max: u64) -> ProxyBody {
-    let body = body.map_err(body::BoxError::from);
+/// The client's request body with `client_body_timeout` and `client_max_body_size` applied.
+fn client_body(body: Incoming, max: u64, timeout: Duration) -> ProxyBody {
+    let body = body::ReadTimeout::new(body.map_err(body::BoxError::from).boxed(), timeout);
     if max == 0 {
         return body.boxed();
     }

@@ -29,6 +29,8 @@ pub enum BodyFailure {
     Reply(LocalReply),
     /// A plugin faulted.
     Fault,
+    /// The client's body failed: over `client_max_body_size` (413) or stalled (408).
+    Client(http::StatusCode),
 }
 
 /// A body seen by plugins.
@@ -126,7 +128,7 @@ impl PluginBody {
         let msg = match &failure {
             BodyFailure::TooLarge => "a plugin's body buffer is over its limit",
             BodyFailure::Reply(_) => "a plugin answered from a body callback",
-            BodyFailure::Fault => "a plugin failed in a body callback",
+            BodyFailure::Fault | BodyFailure::Client(_) => "a plugin failed in a body callback",
         };
         *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure);
         self.done = true;
@@ -164,6 +166,10 @@ impl Body for PluginBody {
                 },
                 Some(Err(e)) => {
                     self.done = true;
+                    if let Some(status) = crate::body::client_fault(&*e) {
+                        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(BodyFailure::Client(status));
+                    }
                     return Poll::Ready(Some(Err(e)));
                 }
                 None => (Vec::new(), true),
