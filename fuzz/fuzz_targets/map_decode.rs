@@ -1,4 +1,4 @@
-//! `wasmgate_wasm::map::decode`: the Proxy-Wasm serialized header map a plugin hands to
+//! `wasmgate_abi::map::decode`: the Proxy-Wasm serialized header map a plugin hands to
 //! `proxy_set_header_map_pairs` / `proxy_send_local_response`.
 //!
 //! Arbitrary bytes must decode or be refused, never panic or read out of bounds; a map that
@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wasmgate_wasm::map::{decode, encode, MAX_PAIRS};
+use wasmgate_abi::map::{decode, encode, MAX_PAIRS};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(pairs) = decode(data) else {

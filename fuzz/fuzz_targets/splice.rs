@@ -1,4 +1,4 @@
-//! `wasmgate_wasm::abi::splice`, the buffer edit behind `proxy_set_buffer_bytes`, against a
+//! `wasmgate_abi::splice`, the buffer edit behind `proxy_set_buffer_bytes`, against a
 //! reference written independently with 128-bit arithmetic (no clamping shortcuts).
 //!
 //! `start` and `size` come from the plugin as u32 (the host casts them); the fuzzer also tries
@@ -8,12 +8,7 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use wasmgate_wasm::abi::splice;
-use wasmgate_wasm::state::Status;
-
-/// The host's cap on a buffer's size (`abi::MAX_READ`, private there). If it changes, this
-/// target reports a mismatch at the first input near the cap: update it here.
-const MAX_READ: usize = 64 << 20;
+use wasmgate_abi::{splice, Status, MAX_BUFFER as MAX_READ};
 
 #[derive(Arbitrary, Debug)]
 enum Pos {

@@ -3,7 +3,7 @@
 //! snapshot format shows up here) and, with `WRITE_SEEDS=1`, rewrites them:
 //!
 //! ```text
-//! WRITE_SEEDS=1 cargo test --manifest-path fuzz/Cargo.toml --no-default-features --test seeds
+//! WRITE_SEEDS=1 cargo test --manifest-path fuzz/Cargo.toml --test seeds
 //! ```
 
 use std::path::PathBuf;

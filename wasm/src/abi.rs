@@ -2,15 +2,15 @@
 //! module names. Every guest pointer and length is checked against guest memory; a bad one is
 //! answered with `BadArgument`, never trusted.
 
-use crate::map;
 use crate::state::{HostState, LocalReply, Status};
+use wasmgate_abi::{map, splice};
 use wasmtime::{Caller, FuncType, Linker, Memory, Val, ValType};
 
 type C<'a> = Caller<'a, HostState>;
 type R = wasmtime::Result<i32>;
 
 /// Largest single read from guest memory (a header set, a body, a local reply).
-const MAX_READ: usize = 64 << 20;
+const MAX_READ: usize = wasmgate_abi::MAX_BUFFER;
 /// Log lines a VM may write per second before the rest are dropped.
 const LOG_PER_SECOND: u32 = 200;
 
@@ -221,21 +221,6 @@ fn buffers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
     Ok(())
-}
-
-/// Replaces `buf[start..start + size]` (clamped to the buffer) with `data`: (0, 0) prepends,
-/// (0, len) replaces, (len, 0) appends. A start past the end, or a result over
-/// [`MAX_READ`], is a BadArgument.
-pub fn splice(buf: &mut Vec<u8>, start: usize, size: usize, data: &[u8]) -> Status {
-    if start > buf.len() {
-        return Status::BadArgument;
-    }
-    let end = start.saturating_add(size).min(buf.len());
-    if buf.len() - (end - start) + data.len() > MAX_READ {
-        return Status::BadArgument;
-    }
-    buf.splice(start..end, data.iter().copied());
-    Status::Ok
 }
 
 /// The header map a `map_type` names, for a change: marks the request or response changed.
@@ -683,58 +668,4 @@ fn not_yet(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         })?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splice_prepends_replaces_appends() {
-        let mut b = b"body".to_vec();
-        assert_eq!(splice(&mut b, 0, 0, b">"), Status::Ok);
-        assert_eq!(b, b">body");
-        let len = b.len();
-        assert_eq!(splice(&mut b, len, 0, b"<"), Status::Ok);
-        assert_eq!(b, b">body<");
-        assert_eq!(splice(&mut b, 0, usize::MAX, b"new"), Status::Ok);
-        assert_eq!(b, b"new");
-        assert_eq!(splice(&mut b, 4, 0, b"x"), Status::BadArgument);
-        assert_eq!(b, b"new");
-    }
-
-    /// Arbitrary (start, size, data) never panics, and the result is the clamped splice.
-    #[test]
-    fn splice_with_arbitrary_arguments() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for _ in 0..20_000 {
-            let mut buf: Vec<u8> = (0..next() % 40).map(|i| i as u8).collect();
-            let start = match next() % 4 {
-                0 => usize::MAX - (next() % 3) as usize,
-                _ => (next() % 50) as usize,
-            };
-            let size = match next() % 4 {
-                0 => usize::MAX,
-                _ => (next() % 50) as usize,
-            };
-            let data: Vec<u8> = (0..next() % 8).map(|_| 0xAA).collect();
-            let before = buf.clone();
-            let status = splice(&mut buf, start, size, &data);
-            if start > before.len() {
-                assert_eq!((status, &buf), (Status::BadArgument, &before));
-            } else {
-                let end = start.saturating_add(size).min(before.len());
-                let mut expect = before[..start].to_vec();
-                expect.extend_from_slice(&data);
-                expect.extend_from_slice(&before[end..]);
-                assert_eq!((status, buf), (Status::Ok, expect));
-            }
-        }
-    }
 }

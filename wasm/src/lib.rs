@@ -10,7 +10,6 @@
 //!   host functions see during a call.
 
 pub mod abi;
-pub mod map;
 pub mod module;
 pub mod props;
 pub mod rate;
@@ -21,3 +20,5 @@ pub mod vm;
 pub use module::{PluginModule, Settings};
 pub use state::{CallResponse, HttpCall, LocalReply, Properties, Stream};
 pub use vm::{Action, Fault, Outcome, PluginVm};
+/// The serialized map format (see `wasmgate-abi`).
+pub use wasmgate_abi::map;

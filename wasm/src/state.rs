@@ -129,16 +129,4 @@ pub struct HostState {
 }
 
 /// Proxy-Wasm status codes returned by host functions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(i32)]
-pub enum Status {
-    Ok = 0,
-    NotFound = 1,
-    BadArgument = 2,
-    SerializationFailure = 3,
-    ParseFailure = 4,
-    Empty = 7,
-    CasMismatch = 8,
-    InternalFailure = 10,
-    Unimplemented = 12,
-}
+pub use wasmgate_abi::Status;
