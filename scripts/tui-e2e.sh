@@ -126,6 +126,9 @@ nginx_config:
   worker_processes: 2
   error_log_level: info
   worker_shutdown_timeout: 5s
+plugin_attr:
+  prometheus:
+    enable_export_server: false
 wasm:
   plugins:
     - name: example_headers

@@ -242,7 +242,11 @@ fn bare_prefix(template: &str) -> (tempfile::TempDir, u16) {
     std::fs::create_dir_all(dir.path().join("conf")).unwrap();
     let yaml = template
         .replace("{proxy}", &proxy.to_string())
-        .replace("{admin}", &admin.to_string());
+        .replace("{admin}", &admin.to_string())
+        + &format!(
+            "plugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: {}}}\n",
+            common::free_port()
+        );
     std::fs::write(dir.path().join("conf/config.yaml"), yaml).unwrap();
     (dir, admin)
 }

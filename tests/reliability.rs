@@ -1508,7 +1508,8 @@ fn admin_api_binds_loopback_by_default() {
         format!(
             "apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {}}}]\n\
              deployment:\n  admin:\n    admin_key: [{{name: admin, key: {KEY}}}]\n\
-             nginx_config:\n  worker_processes: 1\n",
+             nginx_config:\n  worker_processes: 1\n\
+             plugin_attr:\n  prometheus:\n    enable_export_server: false\n",
             common::free_port()
         ),
     )

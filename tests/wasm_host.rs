@@ -335,7 +335,10 @@ fn plugin_metrics_aggregate_and_export() {
     assert!(text.contains("# TYPE wasm_path_len histogram"));
     assert_eq!(line("wasm_path_len_count "), "wasm_path_len_count 31");
     assert_eq!(line("wasm_last_path_len "), "wasm_last_path_len 13");
-    assert!(text.contains("wasmgate_http_requests_total{worker=\"0\""));
+    assert!(
+        text.contains("apisix_worker_requests_total{worker=\"0\""),
+        "{text}"
+    );
 }
 
 /// A plugin passing out-of-bounds pointers, absurd lengths and malformed maps to host

@@ -601,7 +601,7 @@ fn check_all(shm: &PluginShm, m: &Model) {
             assert_eq!(h.count, acc + x.buckets[HISTOGRAM_BOUNDS.len()]);
         }
     }
-    let _ = shm.render_prometheus();
+    let _ = shm.metrics();
 }
 
 fuzz_target!(|ops: Vec<Op>| {

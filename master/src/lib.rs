@@ -9,6 +9,7 @@ pub mod cli;
 mod daemon;
 mod keys;
 mod listeners;
+pub mod metrics;
 mod run;
 pub mod state;
 pub mod store;
@@ -173,6 +174,17 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
     let admin = listeners::bind(admin_addr).with_context(|| {
         format!("cannot listen on {admin_addr} (deployment.admin.admin_listen)")
     })?;
+    let prom = &cfg.plugin_attr.prometheus;
+    let metrics = match prom.enable_export_server {
+        false => None,
+        true => Some(listeners::bind(prom.export_addr.addr()).with_context(|| {
+            format!(
+                "cannot listen on {} (plugin_attr.prometheus.export_addr; \
+                 enable_export_server: false turns it off)",
+                prom.export_addr.addr()
+            )
+        })?),
+    };
     let log_path = opts.resolve(&cfg.nginx_config.error_log);
     if let Some(d) = pid_path.parent() {
         std::fs::create_dir_all(d)?;
@@ -191,6 +203,7 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
         proxy,
         plugins,
         admin,
+        metrics,
     };
     let result = serve(&opts, parts, &pid_path, &log_path, &mut readiness);
     if let Err(e) = &result {
@@ -210,6 +223,8 @@ pub(crate) struct Parts {
     /// Compiled plugin modules (memfds), one per `wasm.plugins` entry.
     pub plugins: Vec<std::os::fd::OwnedFd>,
     pub admin: std::net::TcpListener,
+    /// The Prometheus export listener, unless `enable_export_server` is false.
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 fn serve(

@@ -61,6 +61,7 @@ pub fn run(
         proxy,
         plugins,
         admin,
+        metrics,
     } = parts;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -88,6 +89,11 @@ pub fn run(
         let admin_addr = admin.local_addr()?;
         let admin = tokio::net::TcpListener::from_std(admin)?;
         tokio::spawn(crate::admin::http::serve(admin, master.clone()));
+        if let Some(l) = metrics {
+            l.set_nonblocking(true)?;
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tokio::spawn(crate::metrics::serve(l, master.clone()));
+        }
         let shm_fd = listeners::dup_high(&master.plugin_shm.fd().try_clone_to_owned()?)?;
         let (sup, exits) =
             Supervisor::new(master.clone(), proxy, plugins, shm_fd, opts.prefix.clone());

@@ -45,6 +45,8 @@ deployment:
 nginx_config:
   worker_processes: 1
   http: {access_log: "off"}
+plugin_attr:
+  prometheus: {enable_export_server: false}
 wasm:
   plugins:
     - {name: p1, priority: 3, file: plugins/example_headers.wasm}

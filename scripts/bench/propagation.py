@@ -64,6 +64,9 @@ nginx_config:
   worker_shutdown_timeout: 5s
   http:
     access_log: "off"
+plugin_attr:
+  prometheus:
+    enable_export_server: false
 """)
     subprocess.run([binary, "start", "-p", prefix], check=True)
     try:

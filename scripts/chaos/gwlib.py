@@ -158,6 +158,7 @@ class Gateway:
         self.workers = workers
         self.prefix = tempfile.mkdtemp(prefix="wasmgate-chaos-")
         self.proxy_port, self.admin_port = free_port(), free_port()
+        self.metrics_port = free_port()
         plugins = list(PLUGINS) + list(extra_plugins)
         lines = []
         for name, prio, f, phase, extra in plugins:
@@ -183,6 +184,7 @@ class Gateway:
                 f"  worker_shutdown_timeout: {shutdown_timeout}\n"
                 "  http:\n" + ("" if "keepalive_timeout" in http_lines
                                 else "    keepalive_timeout: 60s\n") + http_lines +
+                f"plugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: {self.metrics_port}}}\n"
                 "wasm:\n  plugins:\n" + "\n".join(lines) + "\n" +
                 (f"wasmgate:\n  data_dir: \"{data_dir}\"\n" if data_dir else ""))
         self._data_dir = data_dir or os.path.join(self.prefix, "data")

@@ -108,7 +108,8 @@ def main():
         with open(f"{d}/conf/config.yaml", "w") as f:
             f.write(f"apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {pport}}}]\n"
                     f"deployment:\n  admin:\n    admin_key: [{{name: admin, key: {KEY}}}]\n"
-                    "nginx_config:\n  worker_processes: 1\n")
+                    "nginx_config:\n  worker_processes: 1\n"
+                    "plugin_attr:\n  prometheus:\n    enable_export_server: false\n")
         p = subprocess.Popen([BIN, "start", "--foreground", "-p", d],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

@@ -35,7 +35,42 @@ pub struct GatewayConfig {
     pub deployment: DeploymentSection,
     pub nginx_config: NginxConfigSection,
     pub wasm: WasmSection,
+    pub plugin_attr: PluginAttrSection,
     pub wasmgate: WasmgateSection,
+}
+
+/// `plugin_attr:` — settings of built-in plugins, as APISIX names them.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginAttrSection {
+    pub prometheus: PrometheusAttr,
+}
+
+/// `plugin_attr.prometheus:` — the Prometheus endpoint the master serves.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusAttr {
+    /// Serve the metrics on their own listener (`export_addr`); when false they are only at
+    /// the Admin API's `/wasmgate/metrics`.
+    pub enable_export_server: bool,
+    pub export_addr: AdminListen,
+    pub export_uri: String,
+    /// Prefix of the gateway's metric names (plugin-defined metrics keep their own names).
+    pub metric_prefix: String,
+}
+
+impl Default for PrometheusAttr {
+    fn default() -> Self {
+        PrometheusAttr {
+            enable_export_server: true,
+            export_addr: AdminListen {
+                ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                port: 9091,
+            },
+            export_uri: "/apisix/prometheus/metrics".into(),
+            metric_prefix: "apisix_".into(),
+        }
+    }
 }
 
 /// `apisix:` — the proxy listeners.
@@ -514,6 +549,25 @@ impl GatewayConfig {
         {
             return Err(err("access_log_format", e));
         }
+        let prom = &self.plugin_attr.prometheus;
+        if !prom.export_uri.starts_with('/') || prom.export_uri.contains(char::is_whitespace) {
+            return Err(err(
+                "export_uri",
+                format!(
+                    "plugin_attr.prometheus.export_uri must be a path starting with '/', not {:?}",
+                    prom.export_uri
+                ),
+            ));
+        }
+        let name_ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+        if !prom.metric_prefix.chars().all(name_ok)
+            || prom.metric_prefix.starts_with(|c: char| c.is_ascii_digit())
+        {
+            return Err(err(
+                "metric_prefix",
+                format!("plugin_attr.prometheus.metric_prefix {:?}: only letters, digits, '_' and ':', not starting with a digit", prom.metric_prefix),
+            ));
+        }
         let mut plugin_names = HashSet::new();
         for p in &self.wasm.plugins {
             if !valid_plugin_name(&p.name) {
@@ -568,6 +622,27 @@ mod tests {
             "127.0.0.1:9180"
         );
         assert_eq!(c.nginx_config.worker_processes, WorkerProcesses::Auto);
+    }
+
+    #[test]
+    fn prometheus_attr_defaults_and_checks() {
+        let c = GatewayConfig::parse(EMBEDDED_DEFAULT, "conf/config.yaml").unwrap();
+        let p = &c.plugin_attr.prometheus;
+        assert_eq!(p.export_addr.addr().to_string(), "127.0.0.1:9091");
+        assert_eq!(p.export_uri, "/apisix/prometheus/metrics");
+        assert!(p.enable_export_server);
+        let y = "plugin_attr:\n  prometheus:\n    export_uri: metrics\n";
+        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
+        assert!(
+            e.0.starts_with("c.yaml:3:") && e.0.contains("export_uri"),
+            "{e}"
+        );
+        let y = "plugin_attr:\n  prometheus:\n    metric_prefix: \"my-gw\"\n";
+        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
+        assert!(e.0.contains("metric_prefix"), "{e}");
+        let y = "plugin_attr:\n  log-rotate:\n    interval: 3600\n";
+        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
+        assert!(e.0.contains("log-rotate"), "{e}");
     }
 
     #[test]

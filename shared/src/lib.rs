@@ -18,6 +18,7 @@ pub mod plugin_shm;
 pub mod shm;
 pub mod snapshot;
 pub mod stats;
+pub mod traffic;
 pub mod units;
 
 /// The version string the gateway reports (`Server` header, `wasmgate version`).

@@ -104,8 +104,6 @@
 //! * Metric ids are `index + 1` in the metric table: defining the same name and kind from any
 //!   process returns the same id; the same name with another kind is [`Error::BadArgument`].
 
-use std::collections::HashSet;
-use std::fmt::Write as _;
 use std::fs::File;
 use std::mem::{size_of, MaybeUninit};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -1253,40 +1251,6 @@ impl PluginShm {
                     value,
                     histogram,
                 });
-            }
-        }
-        out
-    }
-
-    /// Every metric in the Prometheus text exposition format (names sanitised with
-    /// [`prometheus_name`]; a name that collides with an earlier one after sanitising is
-    /// skipped with a comment, since Prometheus rejects duplicate families).
-    pub fn render_prometheus(&self) -> String {
-        let mut out = String::new();
-        let mut seen = HashSet::new();
-        for m in self.metrics() {
-            let name = prometheus_name(&m.name);
-            if !seen.insert(name.clone()) {
-                let _ = writeln!(
-                    out,
-                    "# wasmgate: skipped {:?}: same name as another metric once sanitised",
-                    m.name
-                );
-                continue;
-            }
-            let _ = writeln!(out, "# TYPE {name} {}", m.kind.as_str());
-            match &m.histogram {
-                None => {
-                    let _ = writeln!(out, "{name} {}", m.value);
-                }
-                Some(h) => {
-                    for (bound, count) in &h.buckets {
-                        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
-                    }
-                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-                    let _ = writeln!(out, "{name}_sum {}", h.sum);
-                    let _ = writeln!(out, "{name}_count {}", h.count);
-                }
             }
         }
         out
@@ -2538,48 +2502,6 @@ mod tests {
     }
 
     #[test]
-    fn prometheus_rendering() {
-        let shm = PluginShm::create(1 << 20).unwrap();
-        let c = shm
-            .define_metric(MetricKind::Counter, "requests total")
-            .unwrap();
-        let g = shm.define_metric(MetricKind::Gauge, "1temp").unwrap();
-        let h = shm
-            .define_metric(MetricKind::Histogram, "lat.ms:x")
-            .unwrap();
-        shm.define_metric(MetricKind::Counter, "requests.total")
-            .unwrap();
-        shm.increment(c, 3).unwrap();
-        shm.increment(g, -4).unwrap();
-        shm.record(h, 3).unwrap();
-        shm.record(h, 700).unwrap();
-        shm.record(h, 2_000_000_000).unwrap();
-        let text = shm.render_prometheus();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(
-            &lines[..4],
-            &[
-                "# TYPE requests_total counter",
-                "requests_total 3",
-                "# TYPE _1temp gauge",
-                "_1temp -4",
-            ]
-        );
-        assert_eq!(lines[4], "# TYPE lat_ms:x histogram");
-        assert_eq!(lines[5], "lat_ms:x_bucket{le=\"1\"} 0");
-        assert_eq!(lines[7], "lat_ms:x_bucket{le=\"5\"} 1");
-        assert!(lines.contains(&"lat_ms:x_bucket{le=\"1000\"} 2"));
-        assert!(lines.contains(&"lat_ms:x_bucket{le=\"1000000000\"} 2"));
-        assert!(lines.contains(&"lat_ms:x_bucket{le=\"+Inf\"} 3"));
-        assert!(lines.contains(&"lat_ms:x_sum 2000000703"));
-        assert!(lines.contains(&"lat_ms:x_count 3"));
-        assert_eq!(lines.len(), 4 + 1 + 29 + 2 + 1);
-        assert!(lines[lines.len() - 1].starts_with("# wasmgate: skipped"));
-        assert_eq!(prometheus_name("a-b/c.d é"), "a_b_c_d__");
-        assert_eq!(prometheus_name(""), "_");
-    }
-
-    #[test]
     fn open_checks_the_segment() {
         let fd = nix::sys::memfd::memfd_create(c"x", nix::sys::memfd::MFdFlags::empty()).unwrap();
         let f = File::from(fd);
@@ -2695,7 +2617,7 @@ mod tests {
                 }
                 let _ = shm.queues();
                 let _ = shm.resolve_queue("vm", "q");
-                let _ = shm.render_prometheus();
+                let _ = shm.metrics();
                 let _ = shm.register_queue("vm", "q2");
                 let _ = shm.define_metric(MetricKind::Gauge, "g");
             };

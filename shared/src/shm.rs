@@ -7,6 +7,8 @@
 //! 4096    worker status slots: SLOTS × 256 bytes, written by workers (and pid/restarts by the master)
 //! …       statistics: SLOTS × (plugin instance memory table + CONTEXTS_PER_SLOT context records),
 //!         each slot's part written only by the worker in that slot (see [`crate::stats`])
+//! …       traffic: SLOTS × ROUTES_PER_SLOT route records (status codes, latency, bytes; see
+//!         [`crate::traffic`]), written the same way
 //! …       snapshot data area: `data_capacity` bytes, written only by the master
 //! ```
 //!
@@ -26,13 +28,14 @@ use std::time::Duration;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"WGATESHM");
 /// Bumped whenever the layout below changes; a mismatch fails loudly.
-pub const LAYOUT_VERSION: u64 = 3;
+pub const LAYOUT_VERSION: u64 = 4;
 const HEADER_SIZE: usize = 4096;
 /// Number of worker status slots (live workers plus draining ones during a reload).
 pub const SLOTS: usize = 256;
 const SLOT_SIZE: usize = 256;
 const STATS_OFFSET: usize = HEADER_SIZE + SLOTS * SLOT_SIZE;
-const DATA_OFFSET: usize = STATS_OFFSET + SLOTS * crate::stats::SLOT_STATS_SIZE;
+const TRAFFIC_OFFSET: usize = STATS_OFFSET + SLOTS * crate::stats::SLOT_STATS_SIZE;
+const DATA_OFFSET: usize = TRAFFIC_OFFSET + SLOTS * crate::traffic::SLOT_TRAFFIC_SIZE;
 
 /// Errors opening or writing the segment.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +114,8 @@ pub struct WorkerSlot {
     /// Context statistics records in use in this slot's statistics area (claimed in order by
     /// the worker; readers look at no more than this many).
     pub contexts: AtomicU32,
+    /// Route traffic records in use in this slot's traffic area (see [`crate::traffic`]).
+    pub routes: AtomicU32,
 }
 
 const _: () = assert!(std::mem::size_of::<WorkerSlot>() <= SLOT_SIZE);
@@ -142,6 +147,7 @@ impl WorkerSlot {
         }
         // A new process starts with no context records: nothing stale is reported as live.
         self.contexts.store(0, Ordering::Release);
+        self.routes.store(0, Ordering::Release);
         self.set_state(SlotState::Free);
     }
 }
@@ -238,6 +244,15 @@ impl Segment {
         // SAFETY: the area lies within the mapping (STATS_OFFSET + SLOTS * SLOT_STATS_SIZE =
         // DATA_OFFSET, checked in `map`), is 8-byte aligned, and holds only atomics.
         unsafe { crate::stats::SlotStats::new(self.map.as_ptr().add(off), self.slot(i)) }
+    }
+
+    /// The route traffic of slot `i` (panics only for `i >= SLOTS`, a programming error).
+    pub fn traffic(&self, i: usize) -> crate::traffic::SlotTraffic<'_> {
+        assert!(i < SLOTS, "slot index {i} out of range");
+        let off = TRAFFIC_OFFSET + i * crate::traffic::SLOT_TRAFFIC_SIZE;
+        // SAFETY: the area lies within the mapping (TRAFFIC_OFFSET + SLOTS * SLOT_TRAFFIC_SIZE =
+        // DATA_OFFSET, checked in `map`), is 8-byte aligned, and holds only atomics.
+        unsafe { crate::traffic::SlotTraffic::new(self.map.as_ptr().add(off), self.slot(i)) }
     }
 
     /// The generation published last (one atomic load: the per-request check).

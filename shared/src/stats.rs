@@ -83,6 +83,27 @@ pub struct ContextSnapshot {
     pub latency: Vec<u64>,
 }
 
+impl ContextSnapshot {
+    /// Adds another worker's record of the same context.
+    pub fn merge(&mut self, r: &ContextSnapshot) {
+        self.requests += r.requests;
+        self.local_replies += r.local_replies;
+        self.errors += r.errors;
+        self.traps += r.traps;
+        self.timeouts += r.timeouts;
+        self.memory_hits += r.memory_hits;
+        self.configures += r.configures;
+        self.time_ns += r.time_ns;
+        self.generation = self.generation.max(r.generation);
+        if self.latency.len() < r.latency.len() {
+            self.latency.resize(r.latency.len(), 0);
+        }
+        for (a, b) in self.latency.iter_mut().zip(&r.latency) {
+            *a += b;
+        }
+    }
+}
+
 /// The bucket of a latency in microseconds: the smallest `i` with `us < 2^(i/2)`.
 pub fn bucket(us: u64) -> usize {
     if us == 0 {
@@ -138,13 +159,7 @@ impl ContextStats {
     }
 
     fn key(&self) -> String {
-        let len = (self.key_len.load(Ordering::Acquire) as usize).min(KEY_WORDS * 8);
-        let mut bytes = Vec::with_capacity(KEY_WORDS * 8);
-        for w in &self.key {
-            bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
-        }
-        bytes.truncate(len);
-        String::from_utf8_lossy(&bytes).into_owned()
+        unpack_key(&self.key, self.key_len.load(Ordering::Acquire) as usize)
     }
 
     pub fn snapshot(&self) -> ContextSnapshot {
@@ -184,18 +199,34 @@ impl ContextStats {
         for a in &self.latency {
             a.store(0, Ordering::Relaxed);
         }
-        let key = format!("{plugin}|{owner}");
-        let bytes = key.as_bytes();
-        let len = bytes.len().min(KEY_WORDS * 8);
-        for (i, w) in self.key.iter().enumerate() {
-            let mut word = [0u8; 8];
-            let start = (i * 8).min(len);
-            let end = (start + 8).min(len);
-            word[..end - start].copy_from_slice(&bytes[start..end]);
-            w.store(u64::from_le_bytes(word), Ordering::Relaxed);
-        }
+        let len = pack_key(&self.key, &format!("{plugin}|{owner}"));
         self.key_len.store(len as u64, Ordering::Release);
     }
+}
+
+/// Stores `key` (truncated to the words' capacity) in `words`; returns the length stored.
+pub(crate) fn pack_key(words: &[AtomicU64], key: &str) -> usize {
+    let bytes = key.as_bytes();
+    let len = bytes.len().min(words.len() * 8);
+    for (i, w) in words.iter().enumerate() {
+        let mut word = [0u8; 8];
+        let start = (i * 8).min(len);
+        let end = (start + 8).min(len);
+        word[..end - start].copy_from_slice(&bytes[start..end]);
+        w.store(u64::from_le_bytes(word), Ordering::Relaxed);
+    }
+    len
+}
+
+/// The key [`pack_key`] stored (`len` as it returned; bounded by the words' capacity).
+pub(crate) fn unpack_key(words: &[AtomicU64], len: usize) -> String {
+    let len = len.min(words.len() * 8);
+    let mut bytes = Vec::with_capacity(words.len() * 8);
+    for w in words {
+        bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+    }
+    bytes.truncate(len);
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// One worker slot's statistics area.

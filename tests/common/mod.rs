@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod client;
+pub mod prom;
 pub mod upstream;
 
 pub use client::{admin, http, Resp};
@@ -130,6 +131,8 @@ pub struct Gateway {
     pub stderr: std::sync::Arc<Mutex<String>>,
     pub proxy_port: u16,
     pub admin_port: u16,
+    /// The Prometheus export listener (`plugin_attr.prometheus.export_addr`).
+    pub metrics_port: u16,
     pub child: Option<Child>,
     pub setup: Setup,
 }
@@ -148,6 +151,7 @@ impl Gateway {
         let gw = Gateway {
             proxy_port: free_port(),
             admin_port: free_port(),
+            metrics_port: free_port(),
             dir,
             stderr: Default::default(),
             child: None,
@@ -167,10 +171,20 @@ impl Gateway {
     }
 
     pub fn config_yaml(&self) -> String {
+        // Gateways of parallel tests must not all take the default 127.0.0.1:9091.
+        let metrics = format!(
+            "plugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: {}}}\n",
+            self.metrics_port
+        );
         if let Some(raw) = &self.setup.raw_yaml {
-            return raw
+            let mut yaml = raw
                 .replace("{proxy}", &self.proxy_port.to_string())
-                .replace("{admin}", &self.admin_port.to_string());
+                .replace("{admin}", &self.admin_port.to_string())
+                .replace("{metrics}", &self.metrics_port.to_string());
+            if !yaml.contains("plugin_attr:") {
+                yaml.push_str(&metrics);
+            }
+            return yaml;
         }
         let extra: String = self
             .setup
@@ -182,7 +196,7 @@ impl Gateway {
             "apisix:\n  node_listen:\n    - {{ip: 127.0.0.1, port: {proxy}}}\n\
              deployment:\n  admin:\n    admin_key:\n      - {{name: admin, key: {KEY}, role: admin}}\n      - {{name: viewer, key: {VIEWER_KEY}, role: viewer}}\n    admin_listen: {{ip: 127.0.0.1, port: {admin}}}\n\
              nginx_config:\n  worker_processes: {workers}\n  error_log_level: info\n  worker_shutdown_timeout: {st}\n  http:\n    keepalive_timeout: 60s\n{extra}\
-             wasm:\n  plugins:\n{plugins}",
+             {metrics}wasm:\n  plugins:\n{plugins}",
             proxy = self.proxy_port,
             admin = self.admin_port,
             workers = self.setup.workers,

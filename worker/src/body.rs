@@ -204,19 +204,25 @@ impl std::error::Error for ClientBodyTimeout {}
 
 /// A client's request body with nginx's `client_body_timeout`: the clock runs only while the
 /// body is being read and nothing arrives (a slow upstream taking chunks does not count), and
-/// restarts with every frame.
+/// restarts with every frame. Counts the bytes received, for the bandwidth statistics.
 pub struct ReadTimeout {
     inner: ProxyBody,
     timeout: std::time::Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ReadTimeout {
-    pub fn new(inner: ProxyBody, timeout: std::time::Duration) -> ReadTimeout {
+    pub fn new(
+        inner: ProxyBody,
+        timeout: std::time::Duration,
+        received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> ReadTimeout {
         ReadTimeout {
             inner,
             timeout,
             timer: None,
+            received,
         }
     }
 }
@@ -233,6 +239,11 @@ impl Body for ReadTimeout {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(r) => {
                 this.timer = None;
+                if let Some(Ok(d)) = r.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+                    let n = d.map_or(0, |d| d.len() as u64);
+                    this.received
+                        .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
                 Poll::Ready(r)
             }
             Poll::Pending => {

@@ -5,7 +5,8 @@
 //! - [`proxy`]: the phases of one request, from route match to access log;
 //! - [`plugins`], [`wasm_glue`]: the Proxy-Wasm plugins and how requests run through them;
 //! - [`upstream`]: balancing, connection pooling and forwarding;
-//! - [`access_log`], [`body`]: the log phase and body plumbing.
+//! - [`access_log`], [`traffic`], [`body`]: the log phase (access log, route statistics) and
+//!   body plumbing.
 
 pub mod access_log;
 pub mod body;
@@ -15,6 +16,7 @@ pub mod plugins;
 pub mod proxy;
 pub mod router;
 pub mod server;
+pub mod traffic;
 pub mod upstream;
 pub mod wasm_body;
 pub mod wasm_glue;
@@ -47,6 +49,8 @@ pub struct Worker {
     pub body_timeout: Duration,
     /// Set once the master asked this worker to drain.
     pub draining: AtomicBool,
+    /// Per-route status, latency and bandwidth statistics.
+    pub traffic: traffic::Traffic,
 }
 
 /// `wasmgate worker`: started by the master only.
@@ -122,6 +126,7 @@ async fn serve(
             .max(Duration::from_millis(100)),
         body_timeout: http.client_body_timeout.max(Duration::from_millis(100)),
         draining: AtomicBool::new(false),
+        traffic: traffic::Traffic::new(segment.clone(), slot),
     });
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     for l in listeners {

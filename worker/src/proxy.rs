@@ -34,6 +34,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmgate_shared::model::{HashOn, PassHost};
+use wasmgate_shared::traffic::Observation;
 use wasmgate_wasm::Stream;
 
 /// What the log phase needs to know about the upstream exchange.
@@ -60,7 +61,8 @@ pub async fn handle(
     let (mut parts, body) = req.into_parts();
     let mut log = LogInfo::new(&parts, peer);
     log.request_id = request_id(&mut parts.headers);
-    if head_size(&parts) > w.max_header_size {
+    log.head_bytes = head_size(&parts) as u64;
+    if log.head_bytes as usize > w.max_header_size {
         let resp = header_filter(&w, error_page(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
         return log_phase(w, resp, log, None);
     }
@@ -76,6 +78,13 @@ pub async fn handle(
         cfg.router.find(&view).cloned()
     };
     let mut wasm = None;
+    let no_body = body.is_end_stream();
+    let body = client_body(
+        body,
+        w.max_body_size,
+        w.body_timeout,
+        log.body_bytes.clone(),
+    );
     let resp = match &route {
         None => json_error(StatusCode::NOT_FOUND, "404 Route Not Found"),
         Some(route) => {
@@ -85,7 +94,7 @@ pub async fn handle(
                 &cfg,
                 route,
                 &mut parts,
-                body,
+                (body, no_body),
                 peer,
                 &mut log.upstream,
                 &mut wasm,
@@ -115,7 +124,7 @@ async fn serve_route(
     cfg: &Compiled,
     route: &Arc<RouteEntry>,
     parts: &mut http::request::Parts,
-    body: Incoming,
+    (mut body, no_body): (ProxyBody, bool),
     peer: SocketAddr,
     up_log: &mut UpstreamLog,
     wasm: &mut Option<SharedWasm>,
@@ -124,8 +133,6 @@ async fn serve_route(
     if max > 0 && content_length(&parts.headers).is_some_and(|n| n > max) {
         return error_page(StatusCode::PAYLOAD_TOO_LARGE);
     }
-    let no_body = body.is_end_stream();
-    let mut body = client_body(body, max, w.body_timeout);
     let mut cut = None;
     let chain = w.plugins.chain(&cfg.global_rules, route);
     if !chain.is_empty() {
@@ -560,6 +567,9 @@ struct LogInfo {
     route_id: String,
     request_id: String,
     upstream: UpstreamLog,
+    /// Size of the request head, and body bytes received (bandwidth statistics).
+    head_bytes: u64,
+    body_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LogInfo {
@@ -591,6 +601,8 @@ impl LogInfo {
             route_id: String::new(),
             request_id: String::new(),
             upstream: UpstreamLog::default(),
+            head_bytes: 0,
+            body_bytes: Arc::default(),
         }
     }
 }
@@ -613,13 +625,24 @@ fn log_phase(
             if let Some((rt, idx)) = &up.active {
                 rt.balancer.on_finish(*idx);
             }
+            let request_time = log.started.elapsed();
+            w.traffic.record(
+                &log.route_id,
+                &Observation {
+                    status,
+                    request_us: request_time.as_micros() as u64,
+                    upstream_us: up.time.map(|t| t.as_micros() as u64),
+                    ingress: log.head_bytes + log.body_bytes.load(Ordering::Relaxed),
+                    egress: sent,
+                },
+            );
             w.access_log.log(&Entry {
                 remote_addr: &log.remote,
                 host: &log.host,
                 request_line: &log.request_line,
                 status,
                 body_bytes_sent: sent,
-                request_time: log.started.elapsed(),
+                request_time,
                 referer: &log.referer,
                 user_agent: &log.user_agent,
                 upstream_addr: &up.addrs.join(", "),
@@ -761,9 +784,16 @@ fn expand_vars(template: &str, parts: &http::request::Parts, peer: SocketAddr) -
 }
 
 /// Caps a streamed request body at `max` bytes (0 = unlimited).
-/// The client's request body with `client_body_timeout` and `client_max_body_size` applied.
-fn client_body(body: Incoming, max: u64, timeout: Duration) -> ProxyBody {
-    let body = body::ReadTimeout::new(body.map_err(body::BoxError::from).boxed(), timeout);
+/// The client's request body with `client_body_timeout` and `client_max_body_size` applied;
+/// the bytes received are added to `received`.
+fn client_body(
+    body: Incoming,
+    max: u64,
+    timeout: Duration,
+    received: Arc<std::sync::atomic::AtomicU64>,
+) -> ProxyBody {
+    let body = body.map_err(body::BoxError::from).boxed();
+    let body = body::ReadTimeout::new(body, timeout, received);
     if max == 0 {
         return body.boxed();
     }

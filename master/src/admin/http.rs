@@ -180,10 +180,10 @@ async fn wasmgate_endpoint(
             }
         }
         (&Method::GET, "metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(status::prometheus(m))));
+            let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(m))));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
             );
             r
         }

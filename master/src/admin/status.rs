@@ -46,72 +46,6 @@ pub fn gateway(m: &Master) -> Value {
     })
 }
 
-/// A gateway metric family read from the worker slots: name, type, help, value.
-type Family = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&wasmgate_shared::shm::WorkerSlot) -> u64,
-);
-
-/// `GET /wasmgate/metrics`: Prometheus text — the gateway's own counters per worker, then the
-/// metrics plugins defined (`proxy_define_metric`), aggregated across workers by construction
-/// (they live in shared memory).
-pub fn prometheus(m: &Master) -> String {
-    use std::fmt::Write;
-    let seg = &m.segment;
-    let mut out = String::new();
-    let families: [Family; 4] = [
-        (
-            "wasmgate_http_requests_total",
-            "counter",
-            "Requests handled by the worker.",
-            |s| s.requests.load(Ordering::Relaxed),
-        ),
-        (
-            "wasmgate_active_connections",
-            "gauge",
-            "Client connections open now.",
-            |s| s.active_connections.load(Ordering::Relaxed),
-        ),
-        (
-            "wasmgate_plugin_faults_total",
-            "counter",
-            "Plugin traps, time and memory limit hits.",
-            |s| s.plugin_faults.load(Ordering::Relaxed),
-        ),
-        (
-            "wasmgate_worker_restarts",
-            "gauge",
-            "Times the master respawned this worker number.",
-            |s| s.restarts.load(Ordering::Relaxed) as u64,
-        ),
-    ];
-    for (name, kind, help, value) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for i in 0..SLOTS {
-            let s = seg.slot(i);
-            if s.state() == SlotState::Free {
-                continue;
-            }
-            let _ = writeln!(
-                out,
-                "{name}{{worker=\"{}\",pid=\"{}\"}} {}",
-                s.worker_id.load(Ordering::Relaxed),
-                s.pid.load(Ordering::Relaxed),
-                value(s)
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP wasmgate_config_generation Configuration generation published.\n# TYPE wasmgate_config_generation gauge\nwasmgate_config_generation {}",
-        seg.generation()
-    );
-    out.push_str(&m.plugin_shm.render_prometheus());
-    out
-}
-
 /// Resident memory of a process (`/proc/<pid>/statm`), None when it cannot be read.
 fn rss_bytes(pid: u32) -> Option<u64> {
     if pid == 0 {
@@ -167,18 +101,7 @@ pub fn stats(m: &Master) -> Value {
                 "traps": r.traps,
                 "generation": r.generation,
             }));
-            sum.requests += r.requests;
-            sum.local_replies += r.local_replies;
-            sum.errors += r.errors;
-            sum.traps += r.traps;
-            sum.timeouts += r.timeouts;
-            sum.memory_hits += r.memory_hits;
-            sum.configures += r.configures;
-            sum.time_ns += r.time_ns;
-            sum.generation = sum.generation.max(r.generation);
-            for (a, b) in sum.latency.iter_mut().zip(&r.latency) {
-                *a += b;
-            }
+            sum.merge(&r);
         }
     }
     let contexts: Vec<Value> = merged

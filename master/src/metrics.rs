@@ -1,0 +1,568 @@
+//! The Prometheus endpoint: `plugin_attr.prometheus.export_addr` + `export_uri` (APISIX's
+//! 127.0.0.1:9091 `/apisix/prometheus/metrics` by default), and the Admin API's
+//! `/wasmgate/metrics`, both in Prometheus text format 0.0.4.
+//!
+//! Nothing is counted here: workers count in their shared-memory slots (route traffic in
+//! `wasmgate_shared::traffic`, plugin contexts in `wasmgate_shared::stats`, plugin-defined
+//! metrics in the plugin segment). A scrape reads every live slot, sums the workers, and
+//! encodes the result with `prometheus-client` through a [`Collector`].
+//!
+//! Names follow APISIX's with the configured prefix (`apisix_` by default); counters carry the
+//! `_total` suffix the exposition formats prescribe (`apisix_http_status_total`).
+
+use crate::state::Master;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use wasmgate_shared::plugin_shm::{prometheus_name, MetricKind, MetricSnapshot};
+use wasmgate_shared::shm::{SlotState, SLOTS};
+use wasmgate_shared::stats::{bucket_bound, ContextSnapshot};
+use wasmgate_shared::traffic::{HistogramSnapshot, Latency, RouteSnapshot, LATENCY_BOUNDS_MS};
+
+pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// The gateway's metric families, after the prefix. A plugin-defined metric with one of these
+/// names (prefix included) is not exported: the gateway's own family wins.
+pub const FAMILIES: [&str; 17] = [
+    "http_status",
+    "http_latency",
+    "bandwidth",
+    "nginx_http_current_connections",
+    "http_requests",
+    "node_info",
+    "config_generation",
+    "worker_requests",
+    "worker_connections",
+    "worker_plugin_faults",
+    "worker_restarts",
+    "wasm_plugin_requests",
+    "wasm_plugin_local_replies",
+    "wasm_plugin_errors",
+    "wasm_plugin_traps",
+    "wasm_plugin_timeouts",
+    "wasm_plugin_memory_hits",
+];
+/// Also a gateway family (a histogram, listed apart to keep [`FAMILIES`] the counters'
+/// and gauges' names).
+const PLUGIN_TIME: &str = "wasm_plugin_time_seconds";
+
+/// One worker's own counters.
+#[derive(Debug)]
+struct WorkerRow {
+    worker_id: u32,
+    pid: u32,
+    requests: u64,
+    connections: u64,
+    faults: u64,
+    restarts: u32,
+}
+
+/// Everything one scrape exports, copied out of shared memory.
+#[derive(Debug)]
+struct Scrape {
+    prefix: String,
+    hostname: String,
+    generation: u64,
+    workers: Vec<WorkerRow>,
+    /// Summed over workers, by route id.
+    routes: BTreeMap<String, RouteSnapshot>,
+    /// Summed over workers, by (plugin, owner).
+    contexts: BTreeMap<(String, String), ContextSnapshot>,
+    plugin_metrics: Vec<MetricSnapshot>,
+}
+
+/// The metrics page.
+pub fn render(m: &Master) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape::read(m)));
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
+        // Writing to a String cannot fail; a broken encoder still gets a readable page.
+        out.push_str(&format!("# wasmgate: encoding failed: {e}\n"));
+    }
+    out
+}
+
+impl Scrape {
+    fn read(m: &Master) -> Scrape {
+        let seg = &m.segment;
+        let mut scrape = Scrape {
+            prefix: m
+                .config()
+                .config
+                .plugin_attr
+                .prometheus
+                .metric_prefix
+                .clone(),
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            generation: seg.generation(),
+            workers: Vec::new(),
+            routes: BTreeMap::new(),
+            contexts: BTreeMap::new(),
+            plugin_metrics: m.plugin_shm.metrics(),
+        };
+        for i in 0..SLOTS {
+            let s = seg.slot(i);
+            if s.state() == SlotState::Free {
+                continue;
+            }
+            scrape.workers.push(WorkerRow {
+                worker_id: s.worker_id.load(Ordering::Relaxed),
+                pid: s.pid.load(Ordering::Relaxed),
+                requests: s.requests.load(Ordering::Relaxed),
+                connections: s.active_connections.load(Ordering::Relaxed),
+                faults: s.plugin_faults.load(Ordering::Relaxed),
+                restarts: s.restarts.load(Ordering::Relaxed),
+            });
+            for r in seg.traffic(i).snapshot() {
+                match scrape.routes.get_mut(&r.route) {
+                    Some(sum) => sum.merge(&r),
+                    None => {
+                        scrape.routes.insert(r.route.clone(), r);
+                    }
+                }
+            }
+            let stats = seg.stats(i);
+            for c in (0..stats.len()).filter_map(|j| stats.get(j)) {
+                let c = c.snapshot();
+                let key = (c.plugin.clone(), c.owner.clone());
+                match scrape.contexts.get_mut(&key) {
+                    Some(sum) => sum.merge(&c),
+                    None => {
+                        scrape.contexts.insert(key, c);
+                    }
+                }
+            }
+        }
+        scrape.workers.sort_by_key(|w| (w.worker_id, w.pid));
+        scrape
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+/// A per-context counter family: name (after `wasm_plugin_`), help, value.
+type ContextCounter = (&'static str, &'static str, fn(&ContextSnapshot) -> u64);
+
+/// Writes one family: its descriptor, then a sample per label set.
+fn family<T>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Labels, T)>,
+    mut sample: impl FnMut(
+        &mut prometheus_client::encoding::MetricEncoder,
+        T,
+    ) -> Result<(), std::fmt::Error>,
+) -> Result<(), std::fmt::Error> {
+    let mut rows = rows.into_iter().peekable();
+    if rows.peek().is_none() {
+        return Ok(());
+    }
+    let mut metric = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in rows {
+        sample(&mut metric.encode_family(&labels)?, value)?;
+    }
+    Ok(())
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    family(enc, name, help, MetricType::Counter, rows, |m, v| {
+        m.encode_counter::<NoLabelSet, _, u64>(&v, None)
+    })
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, i64)>,
+) -> Result<(), std::fmt::Error> {
+    family(enc, name, help, MetricType::Gauge, rows, |m, v| {
+        m.encode_gauge(&v)
+    })
+}
+
+/// A histogram from per-bucket (not cumulative) counts: `(upper bound, count)`, the last
+/// bound `+Inf`.
+fn histogram(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, (f64, Vec<(f64, u64)>))>,
+) -> Result<(), std::fmt::Error> {
+    family(
+        enc,
+        name,
+        help,
+        MetricType::Histogram,
+        rows,
+        |m, (sum, buckets)| {
+            let count = buckets.iter().map(|b| b.1).sum();
+            m.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+        },
+    )
+}
+
+/// A route latency histogram in milliseconds, APISIX's unit.
+fn latency_buckets(h: &HistogramSnapshot) -> (f64, Vec<(f64, u64)>) {
+    let bounds = LATENCY_BOUNDS_MS.iter().copied().chain([f64::INFINITY]);
+    let buckets = bounds
+        .zip(h.buckets.iter().copied().chain(std::iter::repeat(0)))
+        .collect();
+    (h.sum_us as f64 / 1000.0, buckets)
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let p = &self.prefix;
+        let route = |id: &str| ("route", id.to_string());
+        counter(
+            &mut enc,
+            &format!("{p}http_status"),
+            "HTTP responses by status code and route (route \"\": no route matched; \"*\": routes beyond a worker's table).",
+            self.routes.values().flat_map(|r| {
+                r.codes.iter().map(|&(code, n)| {
+                    let code = if code == 0 { "other".into() } else { code.to_string() };
+                    (vec![("code", code), route(&r.route)], n)
+                })
+            }),
+        )?;
+        histogram(
+            &mut enc,
+            &format!("{p}http_latency"),
+            "Request latency in milliseconds: type request (whole), upstream (until the upstream's response head), apisix (the gateway's share).",
+            self.routes.values().flat_map(|r| {
+                Latency::ALL.into_iter().filter_map(|t| {
+                    let h = &r.latency[t as usize];
+                    (h.count() > 0).then(|| {
+                        (vec![("type", t.label().to_string()), route(&r.route)], latency_buckets(h))
+                    })
+                })
+            }),
+        )?;
+        counter(
+            &mut enc,
+            &format!("{p}bandwidth"),
+            "Bytes received from clients (ingress) and sent to them (egress), by route.",
+            self.routes.values().flat_map(|r| {
+                [("ingress", r.ingress), ("egress", r.egress)]
+                    .map(|(t, n)| (vec![("type", t.to_string()), route(&r.route)], n))
+            }),
+        )?;
+        gauge(
+            &mut enc,
+            &format!("{p}nginx_http_current_connections"),
+            "Client connections open now, all workers.",
+            [(
+                vec![("state", "active".to_string())],
+                self.workers.iter().map(|w| w.connections as i64).sum(),
+            )],
+        )?;
+        counter(
+            &mut enc,
+            &format!("{p}http_requests"),
+            "Requests handled, all workers (since each worker started).",
+            [(Vec::new(), self.workers.iter().map(|w| w.requests).sum())],
+        )?;
+        gauge(
+            &mut enc,
+            &format!("{p}node_info"),
+            "This node: host name and version.",
+            [(
+                vec![
+                    ("hostname", self.hostname.clone()),
+                    ("version", wasmgate_shared::VERSION.to_string()),
+                ],
+                1,
+            )],
+        )?;
+        gauge(
+            &mut enc,
+            &format!("{p}config_generation"),
+            "Configuration generation published to the workers.",
+            [(Vec::new(), self.generation as i64)],
+        )?;
+        self.encode_workers(&mut enc)?;
+        self.encode_contexts(&mut enc)?;
+        self.encode_plugin_metrics(&mut enc)
+    }
+}
+
+impl Scrape {
+    fn encode_workers(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let p = &self.prefix;
+        let labels = |w: &WorkerRow| {
+            vec![
+                ("worker", w.worker_id.to_string()),
+                ("pid", w.pid.to_string()),
+            ]
+        };
+        counter(
+            enc,
+            &format!("{p}worker_requests"),
+            "Requests handled by each worker process.",
+            self.workers.iter().map(|w| (labels(w), w.requests)),
+        )?;
+        gauge(
+            enc,
+            &format!("{p}worker_connections"),
+            "Client connections open now in each worker process.",
+            self.workers
+                .iter()
+                .map(|w| (labels(w), w.connections as i64)),
+        )?;
+        counter(
+            enc,
+            &format!("{p}worker_plugin_faults"),
+            "Plugin traps and time or memory limit hits in each worker process.",
+            self.workers.iter().map(|w| (labels(w), w.faults)),
+        )?;
+        gauge(
+            enc,
+            &format!("{p}worker_restarts"),
+            "Times the master respawned this worker number.",
+            self.workers.iter().map(|w| (labels(w), w.restarts as i64)),
+        )
+    }
+
+    fn encode_contexts(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let p = &self.prefix;
+        let labels = |c: &ContextSnapshot| {
+            let (kind, id) = c.owner.split_once(':').unwrap_or(("", &c.owner));
+            vec![
+                ("plugin", c.plugin.clone()),
+                ("owner_kind", kind.to_string()),
+                ("owner_id", id.to_string()),
+            ]
+        };
+        let per_context: [ContextCounter; 6] = [
+            ("requests", "Requests through the plugin context.", |c| {
+                c.requests
+            }),
+            (
+                "local_replies",
+                "Requests the plugin answered itself.",
+                |c| c.local_replies,
+            ),
+            (
+                "errors",
+                "Requests failed because of the plugin (503).",
+                |c| c.errors,
+            ),
+            ("traps", "Traps in the plugin's callbacks.", |c| c.traps),
+            ("timeouts", "Callbacks stopped at callback_timeout.", |c| {
+                c.timeouts
+            }),
+            ("memory_hits", "Instances stopped at memory_limit.", |c| {
+                c.memory_hits
+            }),
+        ];
+        for (name, help, value) in per_context {
+            counter(
+                enc,
+                &format!("{p}wasm_plugin_{name}"),
+                help,
+                self.contexts.values().map(|c| (labels(c), value(c))),
+            )?;
+        }
+        histogram(
+            enc,
+            &format!("{p}{PLUGIN_TIME}"),
+            "Time spent in the plugin's callbacks per request, in seconds.",
+            self.contexts.values().filter(|c| c.requests > 0).map(|c| {
+                let buckets = c
+                    .latency
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| {
+                        let last = i + 1 == c.latency.len();
+                        (
+                            if last {
+                                f64::INFINITY
+                            } else {
+                                bucket_bound(i) / 1e6
+                            },
+                            n,
+                        )
+                    })
+                    .collect();
+                (labels(c), (c.time_ns as f64 / 1e9, buckets))
+            }),
+        )
+    }
+
+    /// Metrics plugins defined (`proxy_define_metric`), under their own sanitised names; one
+    /// that collides with a gateway family or, once sanitised, with another is skipped.
+    fn encode_plugin_metrics(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut seen = HashSet::new();
+        for m in &self.plugin_metrics {
+            let mut name = prometheus_name(&m.name);
+            if m.kind == MetricKind::Counter {
+                // The encoder appends `_total` to counters.
+                if let Some(stem) = name.strip_suffix("_total") {
+                    name = stem.to_string();
+                }
+            }
+            let gateway_family = name
+                .strip_prefix(self.prefix.as_str())
+                .is_some_and(|f| FAMILIES.contains(&f) || f == PLUGIN_TIME);
+            if gateway_family || !seen.insert(name.clone()) {
+                continue;
+            }
+            let help = "Defined by a Proxy-Wasm plugin (proxy_define_metric).";
+            match (&m.kind, &m.histogram) {
+                (MetricKind::Counter, _) => {
+                    counter(enc, &name, help, [(Vec::new(), m.value.max(0) as u64)])?
+                }
+                (MetricKind::Gauge, _) => gauge(enc, &name, help, [(Vec::new(), m.value)])?,
+                (MetricKind::Histogram, Some(h)) => {
+                    // The plugin segment keeps cumulative counts; the encoder wants per bucket.
+                    let mut below = 0;
+                    let mut buckets: Vec<(f64, u64)> = h
+                        .buckets
+                        .iter()
+                        .map(|&(bound, cumulative)| {
+                            let n = cumulative.saturating_sub(below);
+                            below = cumulative;
+                            (bound as f64, n)
+                        })
+                        .collect();
+                    buckets.push((f64::INFINITY, h.count.saturating_sub(below)));
+                    histogram(enc, &name, help, [(Vec::new(), (h.sum as f64, buckets))])?
+                }
+                (MetricKind::Histogram, None) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves the metrics page on the export listener until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, master: Arc<Master>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("prometheus: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let master = master.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let master = master.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&master, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = conn.await;
+        });
+    }
+}
+
+fn answer<B>(m: &Master, req: &Request<B>) -> Response<Full<Bytes>> {
+    let uri = m.config().config.plugin_attr.prometheus.export_uri.clone();
+    let (status, body) = if req.uri().path() != uri {
+        (
+            StatusCode::NOT_FOUND,
+            format!("not found: the metrics are at {uri}\n"),
+        )
+    } else if req.method() != Method::GET && req.method() != Method::HEAD {
+        (StatusCode::METHOD_NOT_ALLOWED, "only GET\n".to_string())
+    } else {
+        (StatusCode::OK, render(m))
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    let ct = if status == StatusCode::OK {
+        CONTENT_TYPE
+    } else {
+        "text/plain"
+    };
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(ct),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmgate_shared::plugin_shm::PluginShm;
+
+    fn page(plugin_metrics: Vec<MetricSnapshot>) -> String {
+        let scrape = Scrape {
+            prefix: "apisix_".into(),
+            hostname: "h".into(),
+            generation: 3,
+            workers: Vec::new(),
+            routes: BTreeMap::new(),
+            contexts: BTreeMap::new(),
+            plugin_metrics,
+        };
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(scrape));
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).unwrap();
+        out
+    }
+
+    /// Plugin metrics keep their (sanitised) names; histograms turn from the plugin segment's
+    /// cumulative counts into a valid Prometheus histogram; a name that collides once
+    /// sanitised, or with a gateway family, is skipped.
+    #[test]
+    fn plugin_metrics_are_exported_under_their_names() {
+        let shm = PluginShm::create(1 << 20).unwrap();
+        let c = shm
+            .define_metric(MetricKind::Counter, "requests total")
+            .unwrap();
+        let g = shm.define_metric(MetricKind::Gauge, "1temp").unwrap();
+        let h = shm
+            .define_metric(MetricKind::Histogram, "lat.ms:x")
+            .unwrap();
+        shm.define_metric(MetricKind::Counter, "requests.total")
+            .unwrap();
+        let clash = shm
+            .define_metric(MetricKind::Gauge, "apisix_http_requests")
+            .unwrap();
+        shm.increment(c, 3).unwrap();
+        shm.increment(g, -4).unwrap();
+        shm.increment(clash, 99).unwrap();
+        shm.record(h, 3).unwrap();
+        shm.record(h, 700).unwrap();
+        shm.record(h, 2_000_000_000).unwrap();
+        let text = page(shm.metrics());
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("# HELP")).collect();
+        assert!(lines.contains(&"# TYPE requests_total counter"), "{text}");
+        assert!(lines.contains(&"requests_total 3"), "{text}");
+        assert_eq!(text.matches("# TYPE requests_total").count(), 1, "{text}");
+        assert!(lines.contains(&"_1temp -4"), "{text}");
+        assert!(lines.contains(&"# TYPE lat_ms:x histogram"), "{text}");
+        assert!(lines.contains(&"lat_ms:x_bucket{le=\"1\"} 0"), "{text}");
+        assert!(lines.contains(&"lat_ms:x_bucket{le=\"5\"} 1"), "{text}");
+        assert!(lines.contains(&"lat_ms:x_bucket{le=\"1000\"} 2"), "{text}");
+        assert!(lines.contains(&"lat_ms:x_bucket{le=\"+Inf\"} 3"), "{text}");
+        assert!(lines.contains(&"lat_ms:x_count 3"), "{text}");
+        assert!(!text.contains(" 99"), "{text}");
+    }
+}

@@ -1,0 +1,204 @@
+//! The Prometheus endpoint as a monitoring system sees it: scraped from a running gateway (two
+//! workers) on `plugin_attr.prometheus.export_addr`, parsed strictly, and checked against the
+//! traffic the test sent.
+
+mod common;
+
+use common::prom::Page;
+use common::{http, Gateway, TestUpstream};
+use serde_json::json;
+
+fn scrape(gw: &Gateway) -> (Page, String) {
+    let url = format!(
+        "http://127.0.0.1:{}/apisix/prometheus/metrics",
+        gw.metrics_port
+    );
+    let r = http("GET", &url, &[], None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain; version=0.0.4")),
+        "{:?}",
+        r.header("content-type")
+    );
+    let text = r.text();
+    (Page::parse(&text), text)
+}
+
+/// Requests by route and status, latency histograms by type, bandwidth, plugin contexts and
+/// worker counters — summed over both workers.
+#[test]
+fn scraped_metrics_count_what_was_sent() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let conf = json!({"response_set": {"x-hello": "wasm"}}).to_string();
+    gw.route(
+        "api",
+        json!({"uri": "/status/*", "plugins": {"rewrite": {"conf": conf}}}),
+        Some(&app),
+    );
+    gw.route("slow", json!({"uri": "/delay/*"}), Some(&app));
+
+    for _ in 0..20 {
+        assert_eq!(http("GET", &gw.url("/status/200"), &[], None).status, 200);
+    }
+    for _ in 0..7 {
+        assert_eq!(http("GET", &gw.url("/status/503"), &[], None).status, 503);
+    }
+    for _ in 0..4 {
+        let r = http("POST", &gw.url("/status/201"), &[], Some(&[b'x'; 1000]));
+        assert_eq!(r.status, 201);
+    }
+    for _ in 0..5 {
+        assert_eq!(http("GET", &gw.url("/nowhere"), &[], None).status, 404);
+    }
+    for _ in 0..3 {
+        assert_eq!(http("GET", &gw.url("/delay/60"), &[], None).status, 200);
+    }
+
+    // The log phase runs when the response body ends: allow it a moment.
+    let mut page;
+    let mut tries = 0;
+    loop {
+        page = scrape(&gw).0;
+        let total: f64 = page
+            .find("apisix_http_status_total", &[])
+            .iter()
+            .map(|s| s.value)
+            .sum();
+        if total >= 39.0 || tries == 50 {
+            break;
+        }
+        tries += 1;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(page.types["apisix_http_status_total"], "counter");
+    let status = |code: &str, route: &str| {
+        page.value(
+            "apisix_http_status_total",
+            &[("code", code), ("route", route)],
+        )
+    };
+    assert_eq!(status("200", "api"), 20.0);
+    assert_eq!(status("503", "api"), 7.0);
+    assert_eq!(status("201", "api"), 4.0);
+    assert_eq!(status("404", ""), 5.0);
+    assert_eq!(status("200", "slow"), 3.0);
+
+    page.check_histograms();
+    let lat = |t: &str, route: &str, what: &str| {
+        page.value(
+            &format!("apisix_http_latency_{what}"),
+            &[("type", t), ("route", route)],
+        )
+    };
+    assert_eq!(lat("request", "api", "count"), 31.0);
+    assert_eq!(lat("upstream", "api", "count"), 31.0);
+    assert_eq!(lat("apisix", "api", "count"), 31.0);
+    // The upstream waited 60 ms: nothing at or under 50 ms, the sum at least 3 × 60 ms.
+    let slow_upstream_le_50 = page.value(
+        "apisix_http_latency_bucket",
+        &[("type", "upstream"), ("route", "slow"), ("le", "50")],
+    );
+    assert_eq!(slow_upstream_le_50, 0.0);
+    assert!(lat("upstream", "slow", "sum") >= 180.0);
+    assert!(lat("request", "slow", "sum") >= lat("upstream", "slow", "sum"));
+
+    let bw = |t: &str, route: &str| {
+        page.value("apisix_bandwidth_total", &[("type", t), ("route", route)])
+    };
+    assert!(bw("ingress", "api") >= 4000.0, "{}", bw("ingress", "api"));
+    assert!(bw("egress", "api") > 0.0);
+
+    // Plugin contexts: the route's plugin ran once per request.
+    let ctx = [
+        ("plugin", "rewrite"),
+        ("owner_kind", "route"),
+        ("owner_id", "api"),
+    ];
+    assert_eq!(page.value("apisix_wasm_plugin_requests_total", &ctx), 31.0);
+    assert_eq!(page.value("apisix_wasm_plugin_traps_total", &ctx), 0.0);
+    assert_eq!(
+        page.value("apisix_wasm_plugin_time_seconds_count", &ctx),
+        31.0
+    );
+
+    // Workers: both listed, and their requests add up to the gateway's total.
+    let workers = page.find("apisix_worker_requests_total", &[]);
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    let per_worker: f64 = workers.iter().map(|s| s.value).sum();
+    assert_eq!(per_worker, page.value("apisix_http_requests_total", &[]));
+    assert!(per_worker >= 39.0);
+    assert_eq!(page.find("apisix_worker_restarts", &[]).len(), 2);
+    assert!(page.value("apisix_config_generation", &[]) >= 2.0);
+    assert_eq!(page.types["apisix_nginx_http_current_connections"], "gauge");
+}
+
+/// Only the configured path is served; the Admin API's `/wasmgate/metrics` has the same
+/// families, behind the key.
+#[test]
+fn the_export_listener_serves_only_its_path() {
+    let gw = Gateway::start();
+    let base = format!("http://127.0.0.1:{}", gw.metrics_port);
+    let r = http("GET", &format!("{base}/metrics"), &[], None);
+    assert_eq!(r.status, 404);
+    assert!(
+        r.text().contains("/apisix/prometheus/metrics"),
+        "{}",
+        r.text()
+    );
+    let r = http(
+        "POST",
+        &format!("{base}/apisix/prometheus/metrics"),
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 405);
+
+    let (page, _) = scrape(&gw);
+    let admin = gw.admin_url("/wasmgate/metrics");
+    assert_eq!(http("GET", &admin, &[], None).status, 401);
+    let r = http("GET", &admin, &[("X-API-KEY", common::KEY)], None);
+    let via_admin = Page::parse(&r.text());
+    let mut a: Vec<_> = page.types.keys().collect();
+    let mut b: Vec<_> = via_admin.types.keys().collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+}
+
+/// `metric_prefix` renames the gateway's families; `enable_export_server: false` closes the
+/// listener (the Admin API still serves the page).
+#[test]
+fn prefix_and_disabled_export_server() {
+    let port = common::free_port();
+    let gw = Gateway::start_with(common::Setup {
+        raw_yaml: Some(format!(
+            "apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {{proxy}}}}]\n\
+             deployment:\n  admin:\n    admin_key: [{{name: admin, key: {key}}}]\n    admin_listen: {{ip: 127.0.0.1, port: {{admin}}}}\n\
+             nginx_config:\n  worker_processes: 1\n\
+             plugin_attr:\n  prometheus:\n    enable_export_server: false\n    export_addr: {{ip: 127.0.0.1, port: {port}}}\n    metric_prefix: edge_\n",
+            key = common::KEY
+        )),
+        workers: 1,
+        ..Default::default()
+    });
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    let r = http(
+        "GET",
+        &gw.admin_url("/wasmgate/metrics"),
+        &[("X-API-KEY", common::KEY)],
+        None,
+    );
+    let page = Page::parse(&r.text());
+    assert!(
+        page.types.contains_key("edge_http_requests_total"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        !page.types.keys().any(|k| k.starts_with("apisix_")),
+        "{}",
+        r.text()
+    );
+}
