@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod cli;
 mod daemon;
+pub mod etcd;
 mod keys;
 mod listeners;
 pub mod metrics;
@@ -161,7 +162,14 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
         );
     }
     let data_dir = opts.resolve(&cfg.wasmgate.data_dir);
-    let store = store::Store::open(&data_dir)?;
+    let (store, etcd, notes) = match &cfg.deployment.etcd {
+        None => (store::Store::open(&data_dir)?, None, Vec::new()),
+        Some(section) => {
+            let etcd = etcd::Etcd::new(section).map_err(anyhow::Error::msg)?;
+            let (store, refused) = load_from_etcd(&etcd, &loaded)?;
+            (store, Some(std::sync::Arc::new(etcd)), refused)
+        }
+    };
     admin::objects::check_all(&store, &loaded.catalog()).map_err(|e| {
         anyhow::anyhow!(
             "the stored configuration does not match {}: {e}",
@@ -204,6 +212,8 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
         plugins,
         admin,
         metrics,
+        etcd,
+        notes,
     };
     let result = serve(&opts, parts, &pid_path, &log_path, &mut readiness);
     if let Err(e) = &result {
@@ -225,6 +235,34 @@ pub(crate) struct Parts {
     pub admin: std::net::TcpListener,
     /// The Prometheus export listener, unless `enable_export_server` is false.
     pub metrics: Option<std::net::TcpListener>,
+    /// Cluster mode: the etcd the store was loaded from.
+    pub etcd: Option<std::sync::Arc<etcd::Etcd>>,
+    /// Problems found while loading, to be written to the error log once it is open.
+    pub notes: Vec<String>,
+}
+
+/// Reads the configuration from etcd at start (a runtime of its own: the master's starts
+/// later, after daemonizing), so an unreachable etcd stops the start with a clear message.
+/// Objects etcd holds that cannot be served are left out and named on stderr (the error log
+/// is not open yet; `Loop` logs them again once it is).
+fn load_from_etcd(
+    etcd: &etcd::Etcd,
+    loaded: &LoadedConfig,
+) -> anyhow::Result<(store::Store, Vec<String>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let catalog = loaded.catalog();
+    let (store, refused) = rt.block_on(etcd::load(etcd, &catalog)).with_context(|| {
+        format!(
+            "cannot read the configuration from etcd {} (deployment.etcd)",
+            etcd.endpoints().join(", ")
+        )
+    })?;
+    for why in &refused {
+        eprintln!("wasmgate: {why}");
+    }
+    Ok((store, refused))
 }
 
 fn serve(

@@ -31,7 +31,8 @@ pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// The gateway's metric families, after the prefix. A plugin-defined metric with one of these
 /// names (prefix included) is not exported: the gateway's own family wins.
-pub const FAMILIES: [&str; 17] = [
+pub const FAMILIES: [&str; 18] = [
+    "etcd_reachable",
     "http_status",
     "http_latency",
     "bandwidth",
@@ -77,6 +78,8 @@ struct Scrape {
     /// Summed over workers, by (plugin, owner).
     contexts: BTreeMap<(String, String), ContextSnapshot>,
     plugin_metrics: Vec<MetricSnapshot>,
+    /// Cluster mode: whether etcd answers.
+    etcd_reachable: Option<bool>,
 }
 
 /// The metrics page.
@@ -110,6 +113,7 @@ impl Scrape {
             routes: BTreeMap::new(),
             contexts: BTreeMap::new(),
             plugin_metrics: m.plugin_shm.metrics(),
+            etcd_reachable: m.etcd.as_ref().map(|e| e.reachable.load(Ordering::Relaxed)),
         };
         for i in 0..SLOTS {
             let s = seg.slot(i);
@@ -297,6 +301,12 @@ impl Collector for Scrape {
             &format!("{p}config_generation"),
             "Configuration generation published to the workers.",
             [(Vec::new(), self.generation as i64)],
+        )?;
+        gauge(
+            &mut enc,
+            &format!("{p}etcd_reachable"),
+            "Cluster mode: 1 while etcd answers, 0 while the last configuration is served without it.",
+            self.etcd_reachable.map(|r| (Vec::new(), r as i64)),
         )?;
         self.encode_workers(&mut enc)?;
         self.encode_contexts(&mut enc)?;
@@ -519,6 +529,7 @@ mod tests {
             routes: BTreeMap::new(),
             contexts: BTreeMap::new(),
             plugin_metrics,
+            etcd_reachable: None,
         };
         let mut registry = Registry::default();
         registry.register_collector(Box::new(scrape));

@@ -62,7 +62,12 @@ pub fn run(
         plugins,
         admin,
         metrics,
+        etcd,
+        notes,
     } = parts;
+    for note in notes {
+        tracing::error!("{note}");
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -83,12 +88,16 @@ pub fn run(
             opts.prefix.clone(),
             keys,
             control_tx,
+            etcd.clone(),
         ));
         master.publish_current().map_err(anyhow::Error::msg)?;
         admin.set_nonblocking(true)?;
         let admin_addr = admin.local_addr()?;
         let admin = tokio::net::TcpListener::from_std(admin)?;
         tokio::spawn(crate::admin::http::serve(admin, master.clone()));
+        if let Some(etcd) = etcd {
+            tokio::spawn(crate::etcd::follow(master.clone(), etcd));
+        }
         if let Some(l) = metrics {
             l.set_nonblocking(true)?;
             let l = tokio::net::TcpListener::from_std(l)?;

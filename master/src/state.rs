@@ -55,9 +55,13 @@ pub struct Master {
     pub started_at_ms: u64,
     /// The reload epoch of the current worker set (0 at start, +1 per applied reload).
     pub epoch: std::sync::atomic::AtomicU64,
+    /// Cluster mode: the etcd the objects live in (the store is then its local copy).
+    pub etcd: Option<Arc<crate::etcd::Etcd>>,
 }
 
 impl Master {
+    // One argument per part of the master's state, each built elsewhere at start.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         config: LoadedConfig,
@@ -66,6 +70,7 @@ impl Master {
         prefix: std::path::PathBuf,
         keys: Vec<ApiKey>,
         control: tokio::sync::mpsc::UnboundedSender<Control>,
+        etcd: Option<Arc<crate::etcd::Etcd>>,
     ) -> Master {
         let catalog = Arc::new(config.catalog());
         Master {
@@ -79,6 +84,7 @@ impl Master {
             control,
             started_at_ms: crate::now_ms(),
             epoch: std::sync::atomic::AtomicU64::new(0),
+            etcd,
         }
     }
 

@@ -39,9 +39,11 @@ pub enum StoreError {
     Load(String),
 }
 
-/// The in-memory copy of the persisted objects.
+/// The in-memory copy of the persisted objects. In cluster mode (etcd) it has no directory: it
+/// is the copy of etcd that the watch keeps current (`crate::etcd`), and writes go to etcd
+/// first.
 pub struct Store {
-    dir: PathBuf,
+    dir: Option<PathBuf>,
     objects: BTreeMap<(Kind, String), Stored>,
     revision: u64,
 }
@@ -65,10 +67,56 @@ impl Store {
             }
         }
         Ok(Store {
-            dir: dir.to_path_buf(),
+            dir: Some(dir.to_path_buf()),
             objects,
             revision,
         })
+    }
+
+    /// A store with no disk behind it, holding `objects` at etcd revision `revision`.
+    pub fn memory(objects: Vec<(Kind, String, Stored)>, revision: u64) -> Store {
+        Store {
+            dir: None,
+            objects: objects.into_iter().map(|(k, id, s)| ((k, id), s)).collect(),
+            revision,
+        }
+    }
+
+    /// Applies a change that etcd already holds (memory only): a put newer than the copy, or
+    /// a delete. `revision` is etcd's; the store's revision never goes back.
+    pub fn apply(&mut self, kind: Kind, id: &str, value: Option<Stored>, revision: u64) {
+        let key = (kind, id.to_string());
+        match value {
+            Some(s) => {
+                let newer = self
+                    .objects
+                    .get(&key)
+                    .is_none_or(|old| old.modified_index < s.modified_index);
+                if newer {
+                    self.objects.insert(key, s);
+                }
+            }
+            None => {
+                if self
+                    .objects
+                    .get(&key)
+                    .is_some_and(|old| old.modified_index < revision)
+                {
+                    self.objects.remove(&key);
+                }
+            }
+        }
+        self.revision = self.revision.max(revision);
+    }
+
+    /// Replaces the whole copy (a resynchronisation with etcd); returns whether anything
+    /// changed.
+    pub fn replace_all(&mut self, objects: Vec<(Kind, String, Stored)>, revision: u64) -> bool {
+        let new: BTreeMap<_, _> = objects.into_iter().map(|(k, id, s)| ((k, id), s)).collect();
+        let changed = new != self.objects;
+        self.objects = new;
+        self.revision = self.revision.max(revision);
+        changed
     }
 
     pub fn revision(&self) -> u64 {
@@ -103,7 +151,11 @@ impl Store {
 
     /// Persists then applies a create/replace. `stored.modified_index` must be `next_revision()`.
     pub fn put(&mut self, kind: Kind, id: &str, stored: Stored) -> Result<(), StoreError> {
-        let path = self.object_path(kind, id);
+        let Some(path) = self.object_path(kind, id) else {
+            self.revision = self.revision.max(stored.modified_index);
+            self.objects.insert((kind, id.to_string()), stored);
+            return Ok(());
+        };
         let bytes = serde_json::to_vec_pretty(&stored).unwrap_or_default();
         // The revision first: if it cannot be written nothing has changed, and if the object
         // then fails only the counter moved on (it may skip numbers, never go back). The other
@@ -119,28 +171,35 @@ impl Store {
         if self.get(kind, id).is_none() {
             return Ok(None);
         }
-        let path = self.object_path(kind, id);
+        let Some(path) = self.object_path(kind, id) else {
+            self.revision += 1;
+            return Ok(self.objects.remove(&(kind, id.to_string())));
+        };
         // The revision first, as in `put`.
         self.bump_revision(self.revision + 1)?;
         fs::remove_file(&path).map_err(|e| StoreError::Write {
             path: path.clone(),
             source: e,
         })?;
-        sync_dir(path.parent().unwrap_or(&self.dir))?;
+        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
         Ok(self.objects.remove(&(kind, id.to_string())))
     }
 
     fn bump_revision(&mut self, to: u64) -> Result<(), StoreError> {
-        write_atomic(&self.dir.join("revision"), to.to_string().as_bytes())?;
+        if let Some(dir) = &self.dir {
+            write_atomic(&dir.join("revision"), to.to_string().as_bytes())?;
+        }
         self.revision = to;
         Ok(())
     }
 
-    fn object_path(&self, kind: Kind, id: &str) -> PathBuf {
+    /// The object's file; None for a store with no disk (cluster mode).
+    fn object_path(&self, kind: Kind, id: &str) -> Option<PathBuf> {
         // Ids are validated ([a-zA-Z0-9-_.], no leading dot issues below), so they are safe
         // file names; the assert guards against a future caller skipping validation.
         debug_assert!(valid_id(id));
-        self.dir.join(kind.as_str()).join(format!("{id}.json"))
+        let dir = self.dir.as_ref()?;
+        Some(dir.join(kind.as_str()).join(format!("{id}.json")))
     }
 
     /// The smallest free numeric id at or above the revision, like APISIX's generated ids

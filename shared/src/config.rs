@@ -140,6 +140,61 @@ pub struct DeploymentSection {
     /// Accepted for compatibility (`traditional`); wasmgate is always data plane + control plane.
     pub role: Option<String>,
     pub admin: AdminSection,
+    /// When present, routes, services, upstreams and global rules live in etcd (cluster
+    /// mode, shared by every node pointing at it) instead of the local `data_dir`.
+    pub etcd: Option<EtcdSection>,
+}
+
+/// `deployment.etcd:` — APISIX's keys.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSection {
+    /// Endpoints, `http://host:port`, tried in order.
+    pub host: Vec<String>,
+    /// Key prefix: objects are `<prefix>/routes/<id>`, … as APISIX writes them.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// Seconds allowed for one etcd request.
+    #[serde(default = "default_etcd_timeout")]
+    pub timeout: u64,
+}
+
+fn default_etcd_prefix() -> String {
+    "/apisix".into()
+}
+
+fn default_etcd_timeout() -> u64 {
+    30
+}
+
+impl EtcdSection {
+    /// `(host, port)` of each endpoint; an error names the bad one.
+    pub fn endpoints(&self) -> Result<Vec<(String, u16)>, String> {
+        if self.host.is_empty() {
+            return Err("deployment.etcd.host: at least one endpoint is needed".into());
+        }
+        self.host
+            .iter()
+            .map(|h| {
+                let rest = h.strip_prefix("http://").ok_or_else(|| {
+                    format!("deployment.etcd.host: {h:?}: only http:// endpoints are supported")
+                })?;
+                let rest = rest.trim_end_matches('/');
+                let (host, port) = rest
+                    .rsplit_once(':')
+                    .map(|(h, p)| (h, p.parse::<u16>().ok()))
+                    .unwrap_or((rest, Some(2379)));
+                match port {
+                    Some(p) if !host.is_empty() && !host.contains('/') => {
+                        Ok((host.trim_matches(|c| c == '[' || c == ']').to_string(), p))
+                    }
+                    _ => Err(format!(
+                        "deployment.etcd.host: {h:?} is not http://host:port"
+                    )),
+                }
+            })
+            .collect()
+    }
 }
 
 /// `deployment.admin:`.
@@ -548,6 +603,25 @@ impl GatewayConfig {
             crate::logformat::LogFormat::parse(&self.nginx_config.http.access_log_format)
         {
             return Err(err("access_log_format", e));
+        }
+        if let Some(etcd) = &self.deployment.etcd {
+            etcd.endpoints().map_err(|e| err("etcd", e))?;
+            if !etcd.prefix.starts_with('/') || etcd.prefix.ends_with('/') && etcd.prefix.len() > 1
+            {
+                return Err(err(
+                    "prefix",
+                    format!(
+                        "deployment.etcd.prefix {:?}: a path like /apisix",
+                        etcd.prefix
+                    ),
+                ));
+            }
+            if etcd.timeout == 0 {
+                return Err(err(
+                    "timeout",
+                    "deployment.etcd.timeout must be at least 1 (seconds)".into(),
+                ));
+            }
         }
         let prom = &self.plugin_attr.prometheus;
         if !prom.export_uri.starts_with('/') || prom.export_uri.contains(char::is_whitespace) {

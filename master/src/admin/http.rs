@@ -129,7 +129,7 @@ async fn dispatch(
         }
         serde_json::from_slice(&body).map_err(|e| format!("invalid request body: {e}"))
     };
-    let (status, value) = match (method, id, sub) {
+    let outcome: objects::Outcome = match (method, id, sub) {
         (&Method::GET, None, None) => {
             let num = |k: &str| {
                 query
@@ -137,9 +137,9 @@ async fn dispatch(
                     .find(|(n, _)| n == k)
                     .and_then(|(_, v)| v.parse().ok())
             };
-            objects::list(m, kind, num("page"), num("page_size"))
+            objects::list(m, kind, num("page"), num("page_size")).into()
         }
-        (&Method::GET, Some(id), None) => objects::get(m, kind, id),
+        (&Method::GET, Some(id), None) => objects::get(m, kind, id).into(),
         (&Method::PUT, id, None) => match parse_body() {
             Ok(b) => objects::put(m, kind, id, b),
             Err(e) => return err(400, e),
@@ -154,6 +154,13 @@ async fn dispatch(
         },
         (&Method::DELETE, Some(id), None) => objects::delete(m, kind, id),
         _ => return err(405, format!("method {method} is not allowed on {path}")),
+    };
+    let (status, value) = match (outcome, &m.etcd) {
+        (objects::Outcome::Done(r), _) => r,
+        (objects::Outcome::Commit(change), Some(etcd)) => {
+            crate::etcd::commit(m, etcd, change).await
+        }
+        (objects::Outcome::Commit(_), None) => (500, json!({"error_msg": "no etcd configured"})),
     };
     reply(status, value)
 }

@@ -13,6 +13,37 @@ use wasmgate_shared::model::{self, valid_id, Kind, PluginCatalog};
 /// An HTTP-ready outcome: status code and JSON body.
 pub type Reply = (u16, Value);
 
+/// What a write comes to: answered here (local store: persisted and published, or refused),
+/// or a change to commit to etcd first (cluster mode, `crate::etcd::commit`).
+pub enum Outcome {
+    Done(Reply),
+    Commit(Change),
+}
+
+impl From<Reply> for Outcome {
+    fn from(r: Reply) -> Outcome {
+        Outcome::Done(r)
+    }
+}
+
+/// A validated change for etcd.
+pub enum Change {
+    Put {
+        kind: Kind,
+        id: String,
+        stored: Stored,
+        /// Only if the key's mod revision is this (0: only if it does not exist): PATCH and
+        /// POST must not overwrite a change another node made meanwhile.
+        expect: Option<u64>,
+        /// 201 (created) or 200 (replaced).
+        status: u16,
+    },
+    Delete {
+        kind: Kind,
+        id: String,
+    },
+}
+
 fn error(status: u16, msg: impl Into<String>) -> Reply {
     (status, json!({ "error_msg": msg.into() }))
 }
@@ -71,78 +102,84 @@ pub fn list(m: &Master, kind: Kind, page: Option<usize>, page_size: Option<usize
 }
 
 /// PUT with an id (from the path, or from the body when PUT to the collection).
-pub fn put(m: &Master, kind: Kind, path_id: Option<&str>, body: Value) -> Reply {
+pub fn put(m: &Master, kind: Kind, path_id: Option<&str>, body: Value) -> Outcome {
     let body_id = match body.get("id") {
         None => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Number(n)) => Some(n.to_string()),
-        Some(_) => return error(400, "invalid configuration: property \"id\" validation failed: an id is a string or an integer"),
+        Some(_) => return error(400, "invalid configuration: property \"id\" validation failed: an id is a string or an integer").into(),
     };
     let id = match (path_id, body_id) {
-        (Some(p), Some(b)) if p != b => return error(400, format!("wrong {} id", kind.noun())),
+        (Some(p), Some(b)) if p != b => {
+            return error(400, format!("wrong {} id", kind.noun())).into()
+        }
         (Some(p), _) => p.to_string(),
         (None, Some(b)) => b,
-        (None, None) => return error(400, format!("missing {} id", kind.noun())),
+        (None, None) => return error(400, format!("missing {} id", kind.noun())).into(),
     };
     let mut store = m.store();
-    write(m, &mut store, kind, &id, body)
+    write(m, &mut store, kind, &id, body, None)
 }
 
 /// POST: create with a generated id.
-pub fn post(m: &Master, kind: Kind, body: Value) -> Reply {
+pub fn post(m: &Master, kind: Kind, body: Value) -> Outcome {
     if body.get("id").is_some() {
-        return error(400, format!("wrong {} id, do not need it", kind.noun()));
+        return error(400, format!("wrong {} id, do not need it", kind.noun())).into();
     }
     let mut store = m.store();
     let id = store.generate_id(kind);
-    write(m, &mut store, kind, &id, body)
+    write(m, &mut store, kind, &id, body, Some(0))
 }
 
 /// PATCH: a JSON merge patch on the whole object, or a replacement of one field when the
 /// path names it (`/routes/1/methods`).
-pub fn patch(m: &Master, kind: Kind, id: &str, sub_path: Option<&str>, body: Value) -> Reply {
+pub fn patch(m: &Master, kind: Kind, id: &str, sub_path: Option<&str>, body: Value) -> Outcome {
     let mut store = m.store();
-    let current = match store.get(kind, id) {
-        Some(s) => s.value.clone(),
-        None => return not_found(),
+    let (current, revision) = match store.get(kind, id) {
+        Some(s) => (s.value.clone(), s.modified_index),
+        None => return not_found().into(),
     };
     let mut merged = current;
     match sub_path {
         Some(path) => {
             if let Err(e) = set_path(&mut merged, path, body) {
-                return error(400, e);
+                return error(400, e).into();
             }
         }
         None => {
             if !body.is_object() {
-                return error(400, "invalid configuration: the body must be a JSON object");
+                return error(400, "invalid configuration: the body must be a JSON object").into();
             }
             merge_patch(&mut merged, body);
         }
     }
-    write(m, &mut store, kind, id, merged)
+    write(m, &mut store, kind, id, merged, Some(revision))
 }
 
 /// DELETE, refused while another object still refers to this one.
-pub fn delete(m: &Master, kind: Kind, id: &str) -> Reply {
+pub fn delete(m: &Master, kind: Kind, id: &str) -> Outcome {
     let mut store = m.store();
     if store.get(kind, id).is_none() {
-        return not_found();
+        return not_found().into();
     }
     if let Some(msg) = still_used(&store, kind, id) {
-        return error(400, msg);
+        return error(400, msg).into();
+    }
+    if m.etcd.is_some() {
+        let id = id.to_string();
+        return Outcome::Commit(Change::Delete { kind, id });
     }
     let snapshot = m.snapshot_with(&store, Some((kind, id, None)));
     let bytes = match m.check_capacity(snapshot) {
         Ok(b) => b,
-        Err(reply) => return reply,
+        Err(reply) => return reply.into(),
     };
     if let Err(e) = store.delete(kind, id) {
         tracing::error!("admin: delete {} {id} failed: {e}", kind.noun());
-        return error(503, format!("failed to persist the change: {e}"));
+        return error(503, format!("failed to persist the change: {e}")).into();
     }
     m.publish(store.revision(), &bytes);
-    (200, json!({ "deleted": id, "key": key(kind, id) }))
+    (200, json!({ "deleted": id, "key": key(kind, id) })).into()
 }
 
 fn still_used(store: &Store, kind: Kind, id: &str) -> Option<String> {
@@ -178,14 +215,21 @@ fn id_field(v: &Value, field: &str) -> Option<String> {
 }
 
 /// Validates, persists and publishes one object.
-fn write(m: &Master, store: &mut Store, kind: Kind, id: &str, mut body: Value) -> Reply {
+fn write(
+    m: &Master,
+    store: &mut Store,
+    kind: Kind,
+    id: &str,
+    mut body: Value,
+    expect: Option<u64>,
+) -> Outcome {
     if !valid_id(id) {
-        return error(400, format!("invalid configuration: property \"id\" validation failed: invalid id {id:?}: 1 to 64 characters from a-z A-Z 0-9 - _ ."));
+        return error(400, format!("invalid configuration: property \"id\" validation failed: invalid id {id:?}: 1 to 64 characters from a-z A-Z 0-9 - _ .")).into();
     }
     let catalog = m.catalog();
     let object = match model::validate(kind, &body, &catalog) {
         Ok(o) => o,
-        Err(e) => return error(400, e),
+        Err(e) => return error(400, e).into(),
     };
     for (rkind, rid) in object.references() {
         if store.get(rkind, &rid).is_none() {
@@ -196,7 +240,8 @@ fn write(m: &Master, store: &mut Store, kind: Kind, id: &str, mut body: Value) -
                     rkind.noun(),
                     rkind.noun()
                 ),
-            );
+            )
+            .into();
         }
     }
     let existing = store.get(kind, id).cloned();
@@ -221,18 +266,29 @@ fn write(m: &Master, store: &mut Store, kind: Kind, id: &str, mut body: Value) -
     let snapshot = m.snapshot_with(store, Some((kind, id, Some(&stored))));
     let bytes = match m.check_capacity(snapshot) {
         Ok(b) => b,
-        Err(reply) => return reply,
+        Err(reply) => return reply.into(),
     };
+    let status = if existing.is_some() { 200 } else { 201 };
+    if m.etcd.is_some() {
+        let id = id.to_string();
+        return Outcome::Commit(Change::Put {
+            kind,
+            id,
+            stored,
+            expect,
+            status,
+        });
+    }
     if let Err(e) = store.put(kind, id, stored.clone()) {
         tracing::error!("admin: write {} {id} failed: {e}", kind.noun());
-        return error(503, format!("failed to persist the change: {e}"));
+        return error(503, format!("failed to persist the change: {e}")).into();
     }
     m.publish(revision, &bytes);
-    let status = if existing.is_some() { 200 } else { 201 };
     (
         status,
         json!({ "key": key(kind, id), "value": stored.value }),
     )
+        .into()
 }
 
 /// RFC 7396 JSON merge patch (APISIX's PATCH semantics: objects merge, `null` deletes,

@@ -33,7 +33,18 @@ pub fn gateway(m: &Master) -> Value {
         }));
     }
     workers.sort_by_key(|w| (w["epoch"].as_u64(), w["worker_id"].as_u64()));
+    let store = match &m.etcd {
+        None => json!({"kind": "local", "revision": m.store().revision()}),
+        Some(e) => json!({
+            "kind": "etcd",
+            "endpoints": e.endpoints(),
+            "prefix": e.prefix,
+            "reachable": e.reachable.load(Ordering::Relaxed),
+            "revision": e.revision.load(Ordering::Relaxed),
+        }),
+    };
     json!({
+        "store": store,
         "master": {
             "pid": std::process::id(),
             "version": wasmgate_shared::VERSION,

@@ -1,0 +1,595 @@
+//! Cluster mode: routes, services, upstreams and global rules in etcd, shared by every node
+//! whose `config.yaml` has `deployment.etcd` — with APISIX's key layout and JSON values
+//! (`/apisix/routes/1` holds the route's JSON), so etcd data written by APISIX works.
+//!
+//! - [`Etcd`]: a small client for etcd's v3 JSON API (`/v3/kv/range`, `put`, `deleterange`,
+//!   `txn`, `watch`) over plain HTTP/1.1 with hyper: no gRPC stack for five calls.
+//! - [`load`]: the whole prefix at start, into a disk-less [`Store`].
+//! - [`follow`]: the master's task that watches the prefix and publishes every change to the
+//!   workers; when etcd goes away the last configuration keeps serving, `reachable` turns
+//!   false (status and metrics say so) and, once etcd answers again, the copy is resynchronised
+//!   from a full read before watching resumes.
+//! - [`commit`]: an Admin API write — to etcd first, then applied to the local copy and
+//!   published, so the node that took the write serves it when it answers; the others get it
+//!   from their watch.
+
+use crate::admin::objects::{Change, Reply};
+use crate::state::Master;
+use crate::store::{Store, Stored};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use wasmgate_shared::config::EtcdSection;
+use wasmgate_shared::model::{self, Kind};
+
+/// Largest answer read from etcd (a full read of a big configuration).
+const MAX_ANSWER: usize = 256 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd unreachable ({0})")]
+    Unreachable(String),
+    #[error("etcd answered {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error("etcd answer unreadable: {0}")]
+    Protocol(String),
+}
+
+/// One key-value as etcd returns it.
+#[derive(Debug, Clone)]
+pub struct Kv {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub create_revision: u64,
+    pub mod_revision: u64,
+}
+
+/// A client for one etcd cluster, with the state the master reports.
+pub struct Etcd {
+    endpoints: Vec<(String, u16)>,
+    /// The endpoint that answered last (tried first).
+    current: AtomicUsize,
+    pub prefix: String,
+    timeout: Duration,
+    /// Whether etcd answered the last request or health check.
+    pub reachable: AtomicBool,
+    /// The etcd revision of the copy the workers serve.
+    pub revision: AtomicU64,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+fn b64(s: &[u8]) -> String {
+    B64.encode(s)
+}
+
+/// etcd's JSON API writes 64-bit integers as strings and leaves out zero values.
+fn int(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.parse().unwrap_or(0),
+        Value::Number(n) => n.as_u64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn header_revision(v: &Value) -> u64 {
+    int(&v["header"]["revision"])
+}
+
+fn parse_kv(v: &Value) -> Result<Kv, EtcdError> {
+    let decode = |field: &str| -> Result<Vec<u8>, EtcdError> {
+        match v[field].as_str() {
+            None => Ok(Vec::new()),
+            Some(s) => B64
+                .decode(s)
+                .map_err(|e| EtcdError::Protocol(format!("{field}: {e}"))),
+        }
+    };
+    Ok(Kv {
+        key: String::from_utf8_lossy(&decode("key")?).into_owned(),
+        value: decode("value")?,
+        create_revision: int(&v["create_revision"]),
+        mod_revision: int(&v["mod_revision"]),
+    })
+}
+
+/// The end of the key range that holds every key starting with `prefix` (etcd's convention:
+/// the prefix with its last byte incremented).
+fn range_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl Etcd {
+    pub fn new(cfg: &EtcdSection) -> Result<Etcd, String> {
+        Ok(Etcd {
+            endpoints: cfg.endpoints()?,
+            current: AtomicUsize::new(0),
+            prefix: cfg.prefix.clone(),
+            timeout: Duration::from_secs(cfg.timeout.max(1)),
+            reachable: AtomicBool::new(false),
+            revision: AtomicU64::new(0),
+        })
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.endpoints
+            .iter()
+            .map(|(h, p)| format!("http://{h}:{p}"))
+            .collect()
+    }
+
+    /// `<prefix>/<kind>/<id>`.
+    pub fn key(&self, kind: Kind, id: &str) -> String {
+        format!("{}/{}/{id}", self.prefix, kind.as_str())
+    }
+
+    /// Opens a request to one endpoint and returns the answer's status and body.
+    async fn open(
+        &self,
+        endpoint: usize,
+        path: &str,
+        body: &Value,
+    ) -> Result<(u16, hyper::body::Incoming), EtcdError> {
+        let (host, port) = &self.endpoints[endpoint];
+        let unreachable = |e: &dyn std::fmt::Display| {
+            EtcdError::Unreachable(format!("http://{host}:{port}: {e}"))
+        };
+        let connect = tokio::net::TcpStream::connect((host.as_str(), *port));
+        let stream = tokio::time::timeout(self.timeout.min(Duration::from_secs(5)), connect)
+            .await
+            .map_err(|_| unreachable(&"connect timed out"))?
+            .map_err(|e| unreachable(&e))?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| unreachable(&e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = http::Request::post(path)
+            .header(http::header::HOST, format!("{host}:{port}"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| EtcdError::Protocol(e.to_string()))?;
+        let resp = tokio::time::timeout(self.timeout, sender.send_request(req))
+            .await
+            .map_err(|_| unreachable(&"no answer in time"))?
+            .map_err(|e| unreachable(&e))?;
+        Ok((resp.status().as_u16(), resp.into_body()))
+    }
+
+    /// One request/answer call, trying each endpoint from the last good one.
+    async fn call(&self, path: &str, body: Value) -> Result<Value, EtcdError> {
+        let n = self.endpoints.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut last = EtcdError::Unreachable("no endpoint".into());
+        for i in (0..n).map(|k| (first + k) % n) {
+            match self.call_one(i, path, &body).await {
+                Ok(v) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    self.reachable.store(true, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e @ EtcdError::Unreachable(_)) => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        self.reachable.store(false, Ordering::Relaxed);
+        Err(last)
+    }
+
+    async fn call_one(&self, i: usize, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        let (status, incoming) = self.open(i, path, body).await?;
+        let limited = http_body_util::Limited::new(incoming, MAX_ANSWER);
+        let bytes = tokio::time::timeout(self.timeout, limited.collect())
+            .await
+            .map_err(|_| EtcdError::Unreachable("answer cut short".into()))?
+            .map_err(|e| EtcdError::Unreachable(format!("reading the answer: {e}")))?
+            .to_bytes();
+        if status != 200 {
+            return Err(EtcdError::Refused {
+                status,
+                body: String::from_utf8_lossy(&bytes).chars().take(300).collect(),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| EtcdError::Protocol(e.to_string()))
+    }
+
+    /// Every key under the prefix, and the revision they were read at.
+    pub async fn range_all(&self) -> Result<(u64, Vec<Kv>), EtcdError> {
+        let prefix = format!("{}/", self.prefix);
+        let v = self
+            .call(
+                "/v3/kv/range",
+                json!({"key": b64(prefix.as_bytes()), "range_end": b64(&range_end(&prefix))}),
+            )
+            .await?;
+        let kvs = v["kvs"]
+            .as_array()
+            .map(|a| a.iter().map(parse_kv).collect::<Result<Vec<_>, _>>())
+            .transpose()?
+            .unwrap_or_default();
+        Ok((header_revision(&v), kvs))
+    }
+
+    /// Writes `value` at `key`. With `expect`, only if the key's mod revision is that
+    /// (0: the key must not exist); `Ok(None)` when the comparison failed.
+    pub async fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        expect: Option<u64>,
+    ) -> Result<Option<u64>, EtcdError> {
+        let put = json!({"key": b64(key.as_bytes()), "value": b64(value)});
+        let Some(rev) = expect else {
+            return Ok(Some(header_revision(&self.call("/v3/kv/put", put).await?)));
+        };
+        let (target, field) = if rev == 0 {
+            ("CREATE", "create_revision")
+        } else {
+            ("MOD", "mod_revision")
+        };
+        let txn = json!({
+            "compare": [{"key": b64(key.as_bytes()), "target": target, "result": "EQUAL", field: rev.to_string()}],
+            "success": [{"request_put": put}],
+        });
+        let v = self.call("/v3/kv/txn", txn).await?;
+        Ok(v["succeeded"]
+            .as_bool()
+            .unwrap_or(false)
+            .then(|| header_revision(&v)))
+    }
+
+    /// Deletes `key`: the revision, and whether it existed.
+    pub async fn delete(&self, key: &str) -> Result<(u64, bool), EtcdError> {
+        let v = self
+            .call("/v3/kv/deleterange", json!({"key": b64(key.as_bytes())}))
+            .await?;
+        Ok((header_revision(&v), int(&v["deleted"]) > 0))
+    }
+
+    /// Splits `<prefix>/<kind>/<id>`; None for keys wasmgate does not serve (other APISIX
+    /// resources, directory markers).
+    fn split_key<'k>(&self, key: &'k str) -> Option<(Kind, &'k str)> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let (kind, id) = rest.split_once('/')?;
+        let kind = Kind::parse(kind)?;
+        (!id.is_empty() && model::valid_id(id)).then_some((kind, id))
+    }
+}
+
+type Object = (Kind, String, Stored);
+
+/// An object read from etcd, checked as an Admin API write would be: `Ok(None)` for keys that
+/// are not wasmgate objects, `Err` (saying why) for a value wasmgate cannot serve, which is
+/// then left out.
+fn object(etcd: &Etcd, catalog: &model::PluginCatalog, kv: &Kv) -> Result<Option<Object>, String> {
+    let Some((kind, id)) = etcd.split_key(&kv.key) else {
+        return Ok(None);
+    };
+    // APISIX marks its directories with the value "init_dir".
+    if kv.value.is_empty() || kv.value == b"init_dir" {
+        return Ok(None);
+    }
+    let mut value: Value = serde_json::from_slice(&kv.value)
+        .map_err(|e| format!("etcd: {} is not JSON ({e}); ignored", kv.key))?;
+    model::validate(kind, &value, catalog)
+        .map_err(|e| format!("etcd: {} refused: {e}; ignored", kv.key))?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.entry("id")
+            .or_insert_with(|| Value::String(id.to_string()));
+    }
+    Ok(Some((
+        kind,
+        id.to_string(),
+        Stored {
+            value,
+            created_index: kv.create_revision,
+            modified_index: kv.mod_revision,
+        },
+    )))
+}
+
+/// The objects among `kvs`, and why each refused one was left out.
+fn objects(etcd: &Etcd, catalog: &model::PluginCatalog, kvs: &[Kv]) -> (Vec<Object>, Vec<String>) {
+    let mut refused = Vec::new();
+    let objects = kvs
+        .iter()
+        .filter_map(|kv| {
+            object(etcd, catalog, kv)
+                .map_err(|e| refused.push(e))
+                .ok()?
+        })
+        .collect();
+    (objects, refused)
+}
+
+/// Reads the whole configuration from etcd (master start); also returns why objects were left
+/// out, for the caller to report once its log is open.
+pub async fn load(
+    etcd: &Etcd,
+    catalog: &model::PluginCatalog,
+) -> Result<(Store, Vec<String>), EtcdError> {
+    let (rev, kvs) = etcd.range_all().await?;
+    let (objects, refused) = objects(etcd, catalog, &kvs);
+    etcd.revision.store(rev, Ordering::Relaxed);
+    Ok((Store::memory(objects, rev), refused))
+}
+
+/// The master's task: keeps the local copy equal to etcd and the workers serving it.
+pub async fn follow(m: Arc<Master>, etcd: Arc<Etcd>) {
+    let mut from = etcd.revision.load(Ordering::Relaxed) + 1;
+    let mut down_since: Option<std::time::Instant> = None;
+    loop {
+        match watch(&m, &etcd, from).await {
+            Ok(next) => from = next,
+            Err(e) => {
+                if down_since.is_none() {
+                    tracing::error!(
+                        "etcd: {e}; serving the last configuration (revision {}) until it is back",
+                        etcd.revision.load(Ordering::Relaxed)
+                    );
+                    down_since = Some(std::time::Instant::now());
+                }
+                etcd.reachable.store(false, Ordering::Relaxed);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Whatever ended the watch, start again from a full read: nothing between the last
+        // event seen and now is missed, even across a compaction.
+        match resync(&m, &etcd).await {
+            Ok(rev) => {
+                if let Some(t) = down_since.take() {
+                    tracing::warn!(
+                        "etcd: back after {:.1} s; resynchronised at revision {rev}",
+                        t.elapsed().as_secs_f64()
+                    );
+                }
+                from = rev + 1;
+            }
+            Err(e) => {
+                if down_since.is_none() {
+                    tracing::error!("etcd: {e}; serving the last configuration");
+                    down_since = Some(std::time::Instant::now());
+                }
+            }
+        }
+    }
+}
+
+/// Replaces the copy with a full read and publishes it if anything changed.
+async fn resync(m: &Master, etcd: &Etcd) -> Result<u64, EtcdError> {
+    let (rev, kvs) = etcd.range_all().await?;
+    let (objects, refused) = objects(etcd, &m.catalog(), &kvs);
+    for why in refused {
+        tracing::error!("{why}");
+    }
+    let changed = m.store().replace_all(objects, rev);
+    etcd.revision.store(rev, Ordering::Relaxed);
+    if changed {
+        publish(m);
+    }
+    Ok(rev)
+}
+
+fn publish(m: &Master) {
+    if let Err(e) = m.publish_current() {
+        tracing::error!("etcd: the configuration cannot be published: {e}");
+    }
+}
+
+/// Watches the prefix from revision `from` until the stream ends; returns the revision to
+/// continue from.
+async fn watch(m: &Master, etcd: &Etcd, from: u64) -> Result<u64, EtcdError> {
+    let prefix = format!("{}/", etcd.prefix);
+    let req = json!({"create_request": {
+        "key": b64(prefix.as_bytes()),
+        "range_end": b64(&range_end(&prefix)),
+        "start_revision": from.to_string(),
+    }});
+    let n = etcd.endpoints.len();
+    let i = etcd.current.load(Ordering::Relaxed) % n;
+    let (status, mut body) = match etcd.open(i, "/v3/watch", &req).await {
+        Ok(x) => x,
+        Err(e) => {
+            // Next time, the next endpoint.
+            etcd.current.store((i + 1) % n, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    if status != 200 {
+        return Err(EtcdError::Refused {
+            status,
+            body: String::new(),
+        });
+    }
+    etcd.reachable.store(true, Ordering::Relaxed);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut next = from;
+    loop {
+        // A silent watch is normal; a health check every few seconds tells a dead peer.
+        let frame = match tokio::time::timeout(Duration::from_secs(3), body.frame()).await {
+            Err(_) => {
+                if !healthy(etcd).await {
+                    return Err(EtcdError::Unreachable("health check failed".into()));
+                }
+                continue;
+            }
+            Ok(None) => return Err(EtcdError::Unreachable("watch stream ended".into())),
+            Ok(Some(Err(e))) => return Err(EtcdError::Unreachable(format!("watch: {e}"))),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        if buf.len() > MAX_ANSWER {
+            return Err(EtcdError::Protocol("watch message too large".into()));
+        }
+        let mut consumed = 0;
+        let mut stream = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
+        while let Some(msg) = stream.next() {
+            let Ok(msg) = msg else { break };
+            consumed = stream.byte_offset();
+            let result = &msg["result"];
+            if result["canceled"].as_bool().unwrap_or(false) || int(&result["compact_revision"]) > 0
+            {
+                // Compacted past `from`, or canceled: resynchronise from a full read.
+                return Ok(next);
+            }
+            if let Some(events) = result["events"].as_array() {
+                next = apply_events(m, etcd, events, header_revision(result)).max(next);
+            }
+        }
+        buf.drain(..consumed);
+    }
+}
+
+/// Applies one batch of watch events and publishes; returns the revision to continue from.
+fn apply_events(m: &Master, etcd: &Etcd, events: &[Value], revision: u64) -> u64 {
+    let catalog = m.catalog();
+    let mut changed = false;
+    {
+        let mut store = m.store();
+        for ev in events {
+            let Ok(kv) = parse_kv(&ev["kv"]) else {
+                continue;
+            };
+            let Some((kind, id)) = etcd.split_key(&kv.key) else {
+                continue;
+            };
+            if ev["type"].as_str() == Some("DELETE") {
+                store.apply(kind, id, None, kv.mod_revision);
+                changed = true;
+            } else {
+                match object(etcd, &catalog, &kv) {
+                    Ok(Some((_, _, stored))) => {
+                        store.apply(kind, id, Some(stored), kv.mod_revision);
+                        changed = true;
+                    }
+                    Ok(None) => {}
+                    Err(why) => tracing::error!("{why}"),
+                }
+            }
+        }
+    }
+    etcd.revision.fetch_max(revision, Ordering::Relaxed);
+    if changed {
+        publish(m);
+    }
+    revision + 1
+}
+
+async fn healthy(etcd: &Etcd) -> bool {
+    let probe = json!({"key": b64(etcd.prefix.as_bytes()), "limit": 1, "keys_only": true});
+    let ok = etcd.call("/v3/kv/range", probe).await.is_ok();
+    etcd.reachable.store(ok, Ordering::Relaxed);
+    ok
+}
+
+/// An Admin API write in cluster mode: etcd first, then the local copy and the workers.
+pub async fn commit(m: &Master, etcd: &Etcd, change: Change) -> Reply {
+    let unavailable = |e: EtcdError| {
+        tracing::error!("admin: etcd write failed: {e}");
+        (
+            503,
+            json!({ "error_msg": format!("the change was not stored: {e}") }),
+        )
+    };
+    match change {
+        Change::Put {
+            kind,
+            id,
+            stored,
+            expect,
+            status,
+        } => {
+            let key = etcd.key(kind, &id);
+            let bytes = stored.value.to_string();
+            let rev = match etcd.put(&key, bytes.as_bytes(), expect).await {
+                Ok(Some(rev)) => rev,
+                Ok(None) => {
+                    return (
+                        409,
+                        json!({ "error_msg": format!("{} {id} was changed by another node meanwhile; read it again and retry", kind.noun()) }),
+                    )
+                }
+                Err(e) => return unavailable(e),
+            };
+            let stored = Stored {
+                created_index: if status == 201 {
+                    rev
+                } else {
+                    stored.created_index
+                },
+                modified_index: rev,
+                value: stored.value,
+            };
+            let value = stored.value.clone();
+            m.store().apply(kind, &id, Some(stored), rev);
+            publish(m);
+            (status, json!({ "key": key, "value": value }))
+        }
+        Change::Delete { kind, id } => {
+            let key = etcd.key(kind, &id);
+            match etcd.delete(&key).await {
+                Ok((rev, existed)) => {
+                    m.store().apply(kind, &id, None, rev);
+                    publish(m);
+                    if existed {
+                        (200, json!({ "deleted": id, "key": key }))
+                    } else {
+                        (404, json!({ "message": "Key not found" }))
+                    }
+                }
+                Err(e) => unavailable(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_end_is_the_prefix_incremented() {
+        assert_eq!(range_end("/apisix/"), b"/apisix0".to_vec());
+        assert_eq!(range_end("a\u{7f}"), b"a\x80".to_vec());
+    }
+
+    #[test]
+    fn keys_outside_the_served_kinds_are_skipped() {
+        let e = Etcd::new(&EtcdSection {
+            host: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/apisix".into(),
+            timeout: 5,
+        })
+        .unwrap();
+        assert_eq!(e.split_key("/apisix/routes/1"), Some((Kind::Routes, "1")));
+        assert_eq!(e.split_key("/apisix/routes/"), None);
+        assert_eq!(e.split_key("/apisix/ssls/1"), None);
+        assert_eq!(e.split_key("/apisixx/routes/1"), None);
+        assert_eq!(e.key(Kind::Upstreams, "u"), "/apisix/upstreams/u");
+    }
+}

@@ -1,0 +1,293 @@
+//! Cluster mode: a real etcd (Debian's `etcd-server`) and two wasmgate nodes on loopback that
+//! share their routes through it, APISIX-written etcd data, and an etcd outage.
+//!
+//! Without an `etcd` binary these tests say so and pass, unless `WASMGATE_REQUIRE_ETCD=1`
+//! (set by `.ci/run`, which installs etcd-server) makes that a failure.
+
+mod common;
+
+use common::{eventually, free_port, http, Gateway, Setup, TestUpstream, KEY};
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A single-member etcd in a temporary directory.
+struct Etcd {
+    dir: tempfile::TempDir,
+    port: u16,
+    peer: u16,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    /// None when no etcd binary is installed (and it is not required).
+    fn start() -> Option<Etcd> {
+        let found = Command::new("etcd")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            assert!(
+                std::env::var("WASMGATE_REQUIRE_ETCD").is_err(),
+                "WASMGATE_REQUIRE_ETCD is set but no etcd binary is installed (apt-get install etcd-server)"
+            );
+            eprintln!("no etcd binary (apt-get install etcd-server): cluster tests skipped");
+            return None;
+        }
+        let mut e = Etcd {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            peer: free_port(),
+            child: None,
+        };
+        e.run();
+        Some(e)
+    }
+
+    fn run(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.port);
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        eventually(Duration::from_secs(20), "etcd answers", || {
+            self.call("/v3/kv/range", json!({"key": b64("/")})).is_ok()
+        });
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn call(&self, path: &str, body: Value) -> Result<Value, String> {
+        let r = common::client::request(
+            "POST",
+            &format!("http://127.0.0.1:{}{path}", self.port),
+            &[("content-type", "application/json")],
+            Some(body.to_string().as_bytes()),
+        )?;
+        if r.status != 200 {
+            return Err(format!("{}: {}", r.status, r.text()));
+        }
+        serde_json::from_slice(&r.body).map_err(|e| e.to_string())
+    }
+
+    /// Writes a raw value, as APISIX (or etcdctl) would.
+    fn put(&self, key: &str, value: &str) {
+        self.call("/v3/kv/put", json!({"key": b64(key), "value": b64(value)}))
+            .unwrap();
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn b64(s: &str) -> String {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A node whose objects live in `etcd`.
+fn node(etcd: &Etcd) -> Gateway {
+    Gateway::start_with(Setup {
+        raw_yaml: Some(format!(
+            "apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {{proxy}}}}]\n\
+             deployment:\n  admin:\n    admin_key: [{{name: admin, key: {KEY}}}]\n    admin_listen: {{ip: 127.0.0.1, port: {{admin}}}}\n\
+             \x20 etcd:\n    host: [\"{}\"]\n    prefix: /apisix\n    timeout: 5\n\
+             nginx_config:\n  worker_processes: 1\n",
+            etcd.endpoint()
+        )),
+        workers: 1,
+        ..Setup::default()
+    })
+}
+
+fn status_of(gw: &Gateway, path: &str) -> u16 {
+    http("GET", &gw.url(path), &[], None).status
+}
+
+/// A route written on one node is served by both; a change on the other node reaches the
+/// first; a delete on either ends it everywhere; both list the same objects with etcd's
+/// revisions as indexes.
+#[test]
+fn two_nodes_share_their_configuration_through_etcd() {
+    let Some(etcd) = Etcd::start() else { return };
+    let app = TestUpstream::start("app");
+    let a = node(&etcd);
+    let b = node(&etcd);
+    a.route("shop", json!({"uri": "/shop/*"}), Some(&app));
+    assert_eq!(status_of(&a, "/shop/x"), 200);
+    eventually(Duration::from_secs(5), "node b serves the route", || {
+        status_of(&b, "/shop/x") == 200
+    });
+
+    let (s, v) = b.admin(
+        "PATCH",
+        "/apisix/admin/routes/shop",
+        Some(json!({"uri": "/store/*"})),
+    );
+    assert_eq!(s, 200, "{v}");
+    eventually(
+        Duration::from_secs(5),
+        "node a serves the patched route",
+        || status_of(&a, "/store/x") == 200 && status_of(&a, "/shop/x") == 404,
+    );
+    let (_, la) = a.admin("GET", "/apisix/admin/routes", None);
+    let (_, lb) = b.admin("GET", "/apisix/admin/routes", None);
+    assert_eq!(la, lb);
+    assert_eq!(la["total"], 1);
+    let idx = &la["list"][0];
+    assert!(
+        idx["modifiedIndex"].as_u64() > idx["createdIndex"].as_u64(),
+        "{idx}"
+    );
+
+    let (s, v) = a.admin("DELETE", "/apisix/admin/routes/shop", None);
+    assert_eq!(s, 200, "{v}");
+    eventually(Duration::from_secs(5), "node b dropped the route", || {
+        status_of(&b, "/store/x") == 404
+    });
+    let (s, _) = b.admin("GET", "/apisix/admin/routes/shop", None);
+    assert_eq!(s, 404);
+}
+
+/// Keys and values as APISIX writes them in etcd are served: an upstream and a route that
+/// refers to it, next to a directory marker, a resource kind wasmgate does not serve, and an
+/// invalid route (left out, with an error-log line naming the key).
+#[test]
+fn apisix_written_etcd_data_is_served() {
+    let Some(etcd) = Etcd::start() else { return };
+    let app = TestUpstream::start("app");
+    etcd.put("/apisix/routes", "init_dir");
+    etcd.put(
+        "/apisix/upstreams/1",
+        &json!({"id": "1", "type": "roundrobin", "nodes": {app.addr(): 1}}).to_string(),
+    );
+    etcd.put(
+        "/apisix/routes/1",
+        &json!({"id": "1", "uri": "/legacy/*", "upstream_id": "1", "create_time": 1700000000, "update_time": 1700000000}).to_string(),
+    );
+    etcd.put("/apisix/ssls/1", r#"{"cert":"x","key":"y"}"#);
+    etcd.put("/apisix/routes/broken", r#"{"upstream_id":"1"}"#);
+    let gw = node(&etcd);
+    let r = http("GET", &gw.url("/legacy/a"), &[], None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-upstream"), Some("app"));
+    let (s, v) = gw.admin("GET", "/apisix/admin/routes/1", None);
+    assert_eq!(s, 200);
+    assert_eq!(v["value"]["create_time"], 1700000000);
+    let (_, list) = gw.admin("GET", "/apisix/admin/routes", None);
+    assert_eq!(list["total"], 1, "{list}");
+    // Read at start, before the error log is open: the line is on the master's stderr.
+    let logs = gw.stderr() + &gw.error_log();
+    assert!(logs.contains("/apisix/routes/broken refused"), "{logs}");
+}
+
+/// etcd goes away: the node keeps serving its last configuration, says so in its status and
+/// metrics, and refuses writes with 503; etcd comes back: the node resynchronises, and writes
+/// made on another node reach it again.
+#[test]
+fn an_etcd_outage_keeps_the_last_configuration_serving() {
+    let Some(mut etcd) = Etcd::start() else {
+        return;
+    };
+    let app = TestUpstream::start("app");
+    let a = node(&etcd);
+    let b = node(&etcd);
+    a.route("r", json!({"uri": "/r"}), Some(&app));
+    eventually(Duration::from_secs(5), "node b serves r", || {
+        status_of(&b, "/r") == 200
+    });
+
+    etcd.kill();
+    let down = Instant::now();
+    eventually(Duration::from_secs(10), "node a reports etcd down", || {
+        a.status()["store"]["reachable"] == false
+    });
+    eprintln!("etcd loss noticed after {:?}", down.elapsed());
+    for _ in 0..20 {
+        assert_eq!(status_of(&a, "/r"), 200);
+        assert_eq!(status_of(&b, "/r"), 200);
+    }
+    let (s, v) = a.admin(
+        "PUT",
+        "/apisix/admin/routes/r2",
+        Some(json!({"uri": "/r2", "upstream": {"nodes": {app.addr(): 1}}})),
+    );
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("etcd unreachable"),
+        "{v}"
+    );
+    let metrics = http(
+        "GET",
+        &a.admin_url("/wasmgate/metrics"),
+        &[("X-API-KEY", KEY)],
+        None,
+    )
+    .text();
+    assert!(metrics.contains("apisix_etcd_reachable 0"), "{metrics}");
+
+    etcd.run();
+    eventually(Duration::from_secs(15), "both nodes see etcd again", || {
+        a.status()["store"]["reachable"] == true && b.status()["store"]["reachable"] == true
+    });
+    let (s, v) = b.admin(
+        "PUT",
+        "/apisix/admin/routes/r2",
+        Some(json!({"uri": "/r2", "upstream": {"nodes": {app.addr(): 1}}})),
+    );
+    assert_eq!(s, 201, "{v}");
+    eventually(
+        Duration::from_secs(10),
+        "node a serves the new route",
+        || status_of(&a, "/r2") == 200,
+    );
+    assert_eq!(status_of(&a, "/r"), 200);
+}
