@@ -278,14 +278,18 @@ fn cli(args: &[&str], prefix: &std::path::Path) -> (bool, String, String) {
     )
 }
 
-/// The README's way: a daemon managed through the pid file.
+/// The README's way: a daemon managed through the pid file. With a plugin: the daemon
+/// compiles it again on reload, after it forked (a compile thread pool created before the fork
+/// once hung that reload for ever).
 #[test]
 fn daemon_with_status_reload_and_stop_commands() {
     let up = TestUpstream::start("d");
     let template = format!(
         "apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {{proxy}}}}]\n\
          deployment:\n  admin:\n    admin_key: [{{name: admin, key: {KEY}}}]\n    admin_listen: {{ip: 127.0.0.1, port: {{admin}}}}\n\
-         nginx_config:\n  worker_processes: 2\n"
+         nginx_config:\n  worker_processes: 2\n\
+         wasm:\n  plugins:\n    - {{name: rewrite, priority: 1, file: \"{}\"}}\n",
+        common::fixture("header_rewrite")
     );
     let (dir, admin_port) = bare_prefix(&template);
     let prefix = dir.path();

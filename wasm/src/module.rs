@@ -16,6 +16,10 @@ pub fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| {
         let mut c = Config::new();
         c.epoch_interruption(true);
+        // No compile thread pool: the master compiles at start, then daemonizes (fork), then
+        // compiles again on reload. A pool created before the fork has no threads after it,
+        // and the reload waited on them for ever. Plugins are small; one thread compiles them.
+        c.parallel_compilation(false);
         let engine = Engine::new(&c).expect("the default wasmtime configuration is valid");
         let ticker = engine.clone();
         std::thread::Builder::new()
