@@ -1,5 +1,9 @@
 //! Micro-benchmarks of the Proxy-Wasm host without any networking: what one plugin costs a
-//! request in the host and the guest, and the header-map codec.
+//! request in the host and the guest, and the header-map codec; and the one-off costs around
+//! requests: a PluginContext (`proxy_on_context_create` + `proxy_on_configure`), which the first
+//! request on a route (or after the route changed) pays per plugin, and a plugin VM
+//! (instantiation, `_initialize`, the VM root context and `proxy_on_vm_start`), which a worker
+//! pays per plugin at start and after a plugin fault.
 //!
 //! `cargo bench -p wasmgate-wasm` (uses the committed `example_headers` plugin, the Rust SDK
 //! `header_rewrite` fixture).
@@ -7,7 +11,7 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wasmgate_wasm::map::{self, Pairs};
 use wasmgate_wasm::{PluginModule, PluginVm, Properties, Settings, Stream};
 
@@ -99,5 +103,33 @@ fn codec(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, round_trip, codec);
+fn setup_costs(c: &mut Criterion) {
+    let module = plugin();
+    let mut vm = PluginVm::new(&module).unwrap();
+    let conf = br#"{"set": {"x-a": "1"}, "response_set": {"x-b": "2"}}"#;
+    c.bench_function(
+        "plugin context: proxy_on_context_create + proxy_on_configure (small JSON conf)",
+        |b| {
+            // Only the creation is timed; each context is finished (proxy_on_done,
+            // proxy_on_delete) outside the timing so the guest does not accumulate them.
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    let id = vm.create_plugin_context(black_box(conf)).unwrap();
+                    total += t.elapsed();
+                    vm.finish(id.expect("the example plugin accepts its configuration"))
+                        .unwrap();
+                }
+                total
+            })
+        },
+    );
+    c.bench_function(
+        "plugin VM: instantiate, _initialize, proxy_on_vm_start",
+        |b| b.iter_with_large_drop(|| PluginVm::new(&module).unwrap()),
+    );
+}
+
+criterion_group!(benches, round_trip, codec, setup_costs);
 criterion_main!(benches);

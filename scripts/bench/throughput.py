@@ -1,0 +1,381 @@
+#!/usr/bin/env python3
+"""Proxy throughput and latency against nginx proxy_pass, measured in one run.
+
+An nginx upstream answers `return 200`; each proxy under test gets the same worker count and
+the same loopback load from wrk (fixed connections, a warm-up, then a timed run):
+
+  nginx-proxy_pass     nginx, upstream keepalive — the baseline
+  wasmgate             no plugin
+  wasmgate+1           one Rust SDK plugin (example_headers: a request and a response header)
+  wasmgate+3           three of them on the route
+  wasmgate+body        a body plugin (body_rewrite: the response body buffered and prefixed)
+
+For each: requests/s, p50/p99/p99.9 latency, the server's CPU time per request (user + system
+of its worker processes, from /proc: steadier than 1/throughput on a shared machine), and each
+as a ratio to the baseline. With --cpus, the proxy's workers run on their own cores (taskset)
+and the upstream and wrk on the others, so the proxy is the bottleneck being measured.
+
+Results go to stdout as a Markdown table, and with --json / --svg to files (the SVG is the
+plot in docs/BENCHMARKS.md). Needs wrk and nginx (Debian: wrk, nginx-light) and
+target/release/wasmgate.
+
+usage: scripts/bench/throughput.py [--workers 1] [--duration 10] [--connections 32]
+                                   [--json out.json] [--svg out.svg]
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+KEY = "bench-key-0123456789abcdef"
+HZ = os.sysconf("SC_CLK_TCK")
+
+# wrk prints these after its own summary: exact percentiles from its histogram.
+WRK_LUA = """
+done = function(summary, latency, requests)
+  io.write(string.format("REQS %d\\nERRS %d\\n", summary.requests,
+    summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.status + summary.errors.timeout))
+  for _, p in pairs({50, 99, 99.9}) do
+    io.write(string.format("P%s %d\\n", p, latency:percentile(p)))
+  end
+end
+"""
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"nothing listens on {port}")
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total
+
+
+def children(pattern):
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def taskset(cpus):
+    return ["taskset", "-c", cpus] if cpus and shutil.which("taskset") else []
+
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        self.work = tempfile.mkdtemp(prefix="wasmgate-bench-")
+        n = os.cpu_count() or 2
+        w = a.workers
+        # The proxy's workers on cores 0..w-1, the rest (upstream, wrk) on the others.
+        self.proxy_cpus = f"0-{w - 1}" if a.pin and n > w else ""
+        self.other_cpus = f"{w}-{n - 1}" if a.pin and n > w else ""
+        self.up, self.base, self.gw, self.admin = (free_port() for _ in range(4))
+        self.procs = []
+
+    def start_nginx(self):
+        d = os.path.join(self.work, "nginx")
+        os.makedirs(os.path.join(d, "logs"))
+        # The upstream: its own nginx, on the other cores.
+        up_conf = os.path.join(d, "up.conf")
+        with open(up_conf, "w") as f:
+            f.write(f"""worker_processes 1; daemon off; error_log logs/up-error.log; pid logs/up.pid;
+events {{ worker_connections 4096; }}
+http {{ access_log off; server {{ listen 127.0.0.1:{self.up}; location / {{ return 200 "ok\\n"; }} }} }}
+""")
+        # The baseline: nginx proxy_pass with upstream keepalive, same worker count.
+        base_conf = os.path.join(d, "base.conf")
+        with open(base_conf, "w") as f:
+            f.write(f"""worker_processes {self.a.workers}; daemon off; error_log logs/base-error.log; pid logs/base.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  upstream backend {{ server 127.0.0.1:{self.up}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{self.base};
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
+}}
+""")
+        for conf, cpus in ((up_conf, self.other_cpus), (base_conf, self.proxy_cpus)):
+            self.procs.append(subprocess.Popen(
+                taskset(cpus) + ["nginx", "-p", d, "-c", conf],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_port(self.up)
+        wait_port(self.base)
+
+    def start_gateway(self):
+        d = os.path.join(self.work, "gw")
+        os.makedirs(os.path.join(d, "conf"))
+        hdr = os.path.join(ROOT, "plugins", "example_headers.wasm")
+        body = os.path.join(ROOT, "tests", "plugins", "wasm", "body_rewrite.wasm")
+        with open(os.path.join(d, "conf", "config.yaml"), "w") as f:
+            f.write(f"""apisix:
+  node_listen: [{{ip: 127.0.0.1, port: {self.gw}}}]
+deployment:
+  admin:
+    admin_key: [{{name: admin, key: {KEY}}}]
+    admin_listen: {{ip: 127.0.0.1, port: {self.admin}}}
+nginx_config:
+  worker_processes: {self.a.workers}
+  error_log_level: warn
+  http: {{access_log: "off"}}
+plugin_attr:
+  prometheus: {{enable_export_server: false}}
+wasm:
+  plugins:
+    - {{name: p1, priority: 3, file: "{hdr}"}}
+    - {{name: p2, priority: 2, file: "{hdr}"}}
+    - {{name: p3, priority: 1, file: "{hdr}"}}
+    - {{name: body, priority: 0, file: "{body}"}}
+""")
+        binary = os.path.join(ROOT, "target", "release", "wasmgate")
+        if not os.path.exists(binary):
+            sys.exit("build first: cargo build --release")
+        # Workers inherit the master's affinity.
+        self.procs.append(subprocess.Popen(
+            taskset(self.proxy_cpus) + [binary, "start", "--foreground", "-p", d],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_port(self.admin)
+        node = {"type": "roundrobin", "nodes": {f"127.0.0.1:{self.up}": 1}}
+        conf = {"conf": {"set": {"x-a": "1"}, "response_set": {"x-b": "2"}}}
+        routes = {
+            "none": {"uri": "/none"},
+            "one": {"uri": "/one", "plugins": {"p1": conf}},
+            "three": {"uri": "/three", "plugins": {"p1": conf, "p2": conf, "p3": conf}},
+            "body": {"uri": "/body", "plugins": {"body": {"conf": json.dumps({"response_prepend": "<<"})}}},
+        }
+        for rid, r in routes.items():
+            r["upstream"] = node
+            self.admin_put(f"/apisix/admin/routes/{rid}", r)
+        wait_port(self.gw)
+        time.sleep(0.5)
+
+    def admin_put(self, path, body):
+        import http.client
+        c = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=10)
+        c.request("PUT", path, body=json.dumps(body), headers={"X-API-KEY": KEY})
+        r = c.getresponse()
+        r.read()
+        if r.status not in (200, 201):
+            sys.exit(f"PUT {path}: {r.status}")
+
+    def wrk(self, url, seconds):
+        lua = os.path.join(self.work, "pct.lua")
+        with open(lua, "w") as f:
+            f.write(WRK_LUA)
+        cmd = taskset(self.other_cpus) + [
+            "wrk", f"-t{self.a.threads}", f"-c{self.a.connections}", f"-d{seconds}s", "-s", lua, url]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+    def measure(self, name, url, pids):
+        self.wrk(url, self.a.warmup)
+        c0 = cpu_ticks(pids())
+        out = self.wrk(url, self.a.duration)
+        c1 = cpu_ticks(pids())
+        v = dict(re.findall(r"^(REQS|ERRS|P50|P99|P99\.9) (\d+)$", out, re.M))
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        reqs = int(v["REQS"])
+        return {
+            "name": name,
+            "rps": rps,
+            "errors": int(v["ERRS"]),
+            "p50_ms": int(v["P50"]) / 1000,
+            "p99_ms": int(v["P99"]) / 1000,
+            "p999_ms": int(v["P99.9"]) / 1000,
+            "cpu_us_per_req": (c1 - c0) * 1e6 / HZ / max(reqs, 1),
+        }
+
+    def run(self):
+        self.start_nginx()
+        self.start_gateway()
+        nginx_workers = lambda: children(f"nginx: worker process")  # noqa: E731
+        gw_workers = lambda: children("wasmgate: worker process")  # noqa: E731
+        # The baseline's workers only (the upstream nginx runs under its own master).
+        base_master = self.procs[1].pid
+        base_workers = lambda: [p for p in nginx_workers() if ppid(p) == base_master]  # noqa: E731
+        cases = [
+            ("nginx-proxy_pass", f"http://127.0.0.1:{self.base}/none", base_workers),
+            ("wasmgate", f"http://127.0.0.1:{self.gw}/none", gw_workers),
+            ("wasmgate+1", f"http://127.0.0.1:{self.gw}/one", gw_workers),
+            ("wasmgate+3", f"http://127.0.0.1:{self.gw}/three", gw_workers),
+            ("wasmgate+body", f"http://127.0.0.1:{self.gw}/body", gw_workers),
+        ]
+        rows = []
+        for rnd in range(self.a.rounds):
+            for name, url, pids in cases:
+                r = self.measure(name, url, pids)
+                r["round"] = rnd
+                rows.append(r)
+                print(f"  {name:18} {r['rps']:10.0f} req/s  p99 {r['p99_ms']:.2f} ms  "
+                      f"cpu {r['cpu_us_per_req']:.1f} us/req", file=sys.stderr)
+        return rows
+
+    def cleanup(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def summarize(rows):
+    """Median over rounds per case, with ratios to the baseline."""
+    names = []
+    for r in rows:
+        if r["name"] not in names:
+            names.append(r["name"])
+    out = []
+    for n in names:
+        rs = [r for r in rows if r["name"] == n]
+        out.append({k: (median([r[k] for r in rs]) if k != "name" else n)
+                    for k in ("name", "rps", "errors", "p50_ms", "p99_ms", "p999_ms", "cpu_us_per_req")})
+    base = out[0]
+    for r in out:
+        r["rps_ratio"] = r["rps"] / base["rps"]
+        r["p99_ratio"] = r["p99_ms"] / base["p99_ms"] if base["p99_ms"] else 0
+        r["cpu_ratio"] = r["cpu_us_per_req"] / base["cpu_us_per_req"] if base["cpu_us_per_req"] else 0
+    return out
+
+
+def table(summary, a):
+    lines = [
+        f"{os.cpu_count()} cores; {a.workers} worker(s) per proxy"
+        + (", pinned" if a.pin else "") + f"; wrk -t{a.threads} -c{a.connections}, "
+        f"{a.warmup} s warm-up + {a.duration} s, median of {a.rounds} round(s)",
+        "",
+        "| proxy | req/s | × nginx | p50 ms | p99 ms | p99.9 ms | p99 × nginx | server CPU µs/req | CPU × nginx | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary:
+        lines.append(
+            f"| {r['name']} | {r['rps']:.0f} | {r['rps_ratio']:.2f} | {r['p50_ms']:.2f} | "
+            f"{r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {r['p99_ratio']:.2f} | "
+            f"{r['cpu_us_per_req']:.1f} | {r['cpu_ratio']:.2f} | {r['errors']} |")
+    by = {r["name"]: r for r in summary}
+    if "wasmgate" in by and "wasmgate+3" in by:
+        none = by["wasmgate"]["cpu_us_per_req"]
+        lines.append("")
+        lines.append(
+            f"Added server CPU per request vs no plugin: 1 plugin "
+            f"{by['wasmgate+1']['cpu_us_per_req'] - none:.1f} µs, 3 plugins "
+            f"{by['wasmgate+3']['cpu_us_per_req'] - none:.1f} µs "
+            f"({(by['wasmgate+3']['cpu_us_per_req'] - none) / 3:.1f} µs per plugin), body plugin "
+            f"{by['wasmgate+body']['cpu_us_per_req'] - none:.1f} µs.")
+    return "\n".join(lines)
+
+
+def svg(summary, title):
+    """Two bar charts side by side: requests/s and CPU per request, relative to nginx."""
+    w, h, pad, bar = 760, 300, 40, 44
+    colors = ["#888888", "#2f6db5", "#4a90d9", "#7ab3e8", "#e0883a"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<text x="{w / 2}" y="18" text-anchor="middle" font-size="14">{title}</text>']
+    for panel, (key, label) in enumerate((("rps_ratio", "requests/s × nginx"),
+                                          ("cpu_ratio", "server CPU per request × nginx"))):
+        x0 = pad + panel * (w / 2)
+        top, bottom = 40, h - 60
+        vmax = max(1.2, max(r[key] for r in summary) * 1.1)
+        parts.append(f'<text x="{x0 + (w / 2 - 2 * pad) / 2}" y="{top - 6}" '
+                     f'text-anchor="middle">{label}</text>')
+        y1 = bottom - (bottom - top) / vmax
+        parts.append(f'<line x1="{x0}" x2="{x0 + w / 2 - 2 * pad}" y1="{y1:.1f}" y2="{y1:.1f}" '
+                     f'stroke="#c00" stroke-dasharray="4 3"/>')
+        parts.append(f'<text x="{x0 + w / 2 - 2 * pad}" y="{y1 - 3:.1f}" text-anchor="end" '
+                     f'fill="#c00" font-size="10">nginx = 1.0</text>')
+        for i, r in enumerate(summary):
+            v = r[key]
+            bh = (bottom - top) * v / vmax
+            bx = x0 + 8 + i * (bar + 10)
+            parts.append(f'<rect x="{bx}" y="{bottom - bh:.1f}" width="{bar}" height="{bh:.1f}" '
+                         f'fill="{colors[i % len(colors)]}"/>')
+            parts.append(f'<text x="{bx + bar / 2}" y="{bottom - bh - 4:.1f}" '
+                         f'text-anchor="middle" font-size="11">{v:.2f}</text>')
+            parts.append(f'<text x="{bx + bar / 2}" y="{bottom + 14}" text-anchor="end" '
+                         f'font-size="10" transform="rotate(-30 {bx + bar / 2} {bottom + 14})">'
+                         f'{r["name"]}</text>')
+        parts.append(f'<line x1="{x0}" x2="{x0 + w / 2 - 2 * pad}" y1="{bottom}" y2="{bottom}" '
+                     f'stroke="#333"/>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="do not pin the proxy to its own cores")
+    ap.add_argument("--json")
+    ap.add_argument("--svg")
+    a = ap.parse_args()
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool):
+            sys.exit(f"needs {tool} (Debian: apt-get install wrk nginx-light)")
+    b = Bench(a)
+    try:
+        rows = b.run()
+    finally:
+        b.cleanup()
+    summary = summarize(rows)
+    text = table(summary, a)
+    print(text)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"settings": vars(a), "rows": rows, "summary": summary}, f, indent=1)
+    if a.svg:
+        with open(a.svg, "w") as f:
+            f.write(svg(summary, f"wasmgate vs nginx proxy_pass, {a.workers} worker(s), "
+                                 f"{os.cpu_count()} cores"))
+
+
+if __name__ == "__main__":
+    main()
