@@ -7,6 +7,7 @@
 use crate::module::{PluginModule, EPOCH_TICK};
 use crate::state::{CallResponse, HostState, HttpCall, LocalReply, Stream};
 use std::collections::HashMap;
+use std::sync::Arc;
 use wasmtime::{Store, StoreLimitsBuilder, TypedFunc};
 
 /// Why a call into the plugin failed; the VM must be discarded.
@@ -79,7 +80,9 @@ struct Exports {
 /// A live plugin instance.
 pub struct PluginVm {
     store: Store<HostState>,
-    f: Exports,
+    /// Shared so that a call borrows an export without cloning it: a `TypedFunc` clone
+    /// registers its type again, which showed in profiles at seven clones per request.
+    f: Arc<Exports>,
     next_id: u32,
     ticks: u64,
 }
@@ -166,7 +169,7 @@ impl PluginVm {
         };
         let mut vm = PluginVm {
             store,
-            f,
+            f: Arc::new(f),
             next_id: VM_ROOT + 1,
             ticks,
         };
@@ -188,9 +191,9 @@ impl PluginVm {
     }
 
     fn context_create(&mut self, id: u32, parent: u32) -> Result<(), Fault> {
-        let f = self.f.context_create.clone();
+        let f = Arc::clone(&self.f);
         self.store.data_mut().effective_context = id;
-        self.call(|s| f.call(s, (id as i32, parent as i32)))
+        self.call(|s| f.context_create.call(s, (id as i32, parent as i32)))
     }
 
     fn new_id(&mut self) -> u32 {
@@ -204,7 +207,8 @@ impl PluginVm {
     pub fn create_plugin_context(&mut self, conf: &[u8]) -> Result<Option<u32>, Fault> {
         let id = self.new_id();
         self.context_create(id, 0)?;
-        let Some(configure) = self.f.configure.clone() else {
+        let f = Arc::clone(&self.f);
+        let Some(configure) = f.configure.as_ref() else {
             return Ok(Some(id));
         };
         self.store.data_mut().plugin_config = conf.to_vec();
@@ -228,7 +232,7 @@ impl PluginVm {
     /// handed back even when the call faults).
     fn stream_call(
         &mut self,
-        f: Option<Callback3>,
+        f: Option<&Callback3>,
         id: u32,
         stream: &mut Option<Stream>,
         a: usize,
@@ -277,7 +281,8 @@ impl PluginVm {
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
         let n = stream.as_ref().map(|s| s.request.len()).unwrap_or(0);
-        self.stream_call(self.f.request_headers.clone(), id, stream, n, end_of_stream)
+        let f = Arc::clone(&self.f);
+        self.stream_call(f.request_headers.as_ref(), id, stream, n, end_of_stream)
     }
 
     /// `proxy_on_response_headers`.
@@ -292,13 +297,8 @@ impl PluginVm {
             .and_then(|s| s.response.as_ref())
             .map(Vec::len)
             .unwrap_or(0);
-        self.stream_call(
-            self.f.response_headers.clone(),
-            id,
-            stream,
-            n,
-            end_of_stream,
-        )
+        let f = Arc::clone(&self.f);
+        self.stream_call(f.response_headers.as_ref(), id, stream, n, end_of_stream)
     }
 
     /// `proxy_on_request_body` with the buffered body in `stream.request_body`.
@@ -309,7 +309,8 @@ impl PluginVm {
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
         let n = stream.as_ref().map(|s| s.request_body.len()).unwrap_or(0);
-        self.stream_call(self.f.request_body.clone(), id, stream, n, end_of_stream)
+        let f = Arc::clone(&self.f);
+        self.stream_call(f.request_body.as_ref(), id, stream, n, end_of_stream)
     }
 
     /// `proxy_on_response_body` with the buffered body in `stream.response_body`.
@@ -320,7 +321,8 @@ impl PluginVm {
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
         let n = stream.as_ref().map(|s| s.response_body.len()).unwrap_or(0);
-        self.stream_call(self.f.response_body.clone(), id, stream, n, end_of_stream)
+        let f = Arc::clone(&self.f);
+        self.stream_call(f.response_body.as_ref(), id, stream, n, end_of_stream)
     }
 
     /// Whether the plugin has body callbacks at all (without them bodies stream untouched).
@@ -342,7 +344,8 @@ impl PluginVm {
         stream: &mut Option<Stream>,
         response: Option<CallResponse>,
     ) -> Result<Outcome, Fault> {
-        let Some(f) = self.f.http_call_response.clone() else {
+        let exports = Arc::clone(&self.f);
+        let Some(f) = exports.http_call_response.as_ref() else {
             return Ok(Outcome {
                 action: Action::Continue,
                 reply: None,
@@ -366,7 +369,8 @@ impl PluginVm {
 
     /// `proxy_on_tick` on the root context `id`.
     pub fn on_tick(&mut self, id: u32) -> Result<(), Fault> {
-        let Some(f) = self.f.tick.clone() else {
+        let exports = Arc::clone(&self.f);
+        let Some(f) = exports.tick.as_ref() else {
             return Ok(());
         };
         self.store.data_mut().effective_context = id;
@@ -375,7 +379,8 @@ impl PluginVm {
 
     /// `proxy_on_queue_ready` on the root context `id`.
     pub fn on_queue_ready(&mut self, id: u32, queue: u32) -> Result<(), Fault> {
-        let Some(f) = self.f.queue_ready.clone() else {
+        let exports = Arc::clone(&self.f);
+        let Some(f) = exports.queue_ready.as_ref() else {
             return Ok(());
         };
         self.store.data_mut().effective_context = id;
@@ -417,7 +422,8 @@ impl PluginVm {
 
     /// `proxy_on_log` with the stream readable.
     pub fn on_log(&mut self, id: u32, stream: &mut Option<Stream>) -> Result<(), Fault> {
-        let Some(f) = self.f.log.clone() else {
+        let exports = Arc::clone(&self.f);
+        let Some(f) = exports.log.as_ref() else {
             return Ok(());
         };
         self.enter(id, stream);
@@ -433,10 +439,11 @@ impl PluginVm {
         if d.tick_periods.remove(&id).is_some() {
             d.ticks_changed = true;
         }
-        if let Some(done) = self.f.done.clone() {
+        let f = Arc::clone(&self.f);
+        if let Some(done) = f.done.as_ref() {
             self.call(|s| done.call(s, id as i32))?;
         }
-        if let Some(delete) = self.f.delete.clone() {
+        if let Some(delete) = f.delete.as_ref() {
             self.call(|s| delete.call(s, id as i32))?;
         }
         Ok(())

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Every benchmark in docs/BENCHMARKS.md, in one run, on this machine:
+#
+#   1. throughput.py  — nginx proxy_pass vs wasmgate (no plugin, 1, 3, a body plugin): req/s,
+#                       p50/p99/p99.9, server CPU per request, ratios; a plot (SVG)
+#   2. throughput.py  — the same with 1…N workers (N = cores), unpinned: the scaling run
+#   3. footprint.py   — 1 / 100 / 10,000 routes with a plugin: RSS per worker, worker start,
+#                       PluginContext creation
+#   4. propagation.py — Admin API PUT → every worker serving it, p50/p99 over 1,000 edits
+#   5. criterion      — host round trip, header maps, plugin setup, snapshot path, router
+#
+# usage: scripts/bench/run_all.sh [out-dir]   (default: bench-results/<date>)
+# Needs: wrk, nginx (Debian: wrk nginx-light). Takes about 15 minutes on 2 cores; nothing else
+# should run meanwhile (the figures are ratios measured in the same run, but a busy machine
+# still widens them).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+out=${1:-$root/bench-results/$(date +%Y%m%d-%H%M)}
+mkdir -p "$out"
+cd "$root"
+cargo build --release -q
+echo "== results in $out"
+{
+  echo "# $(date -u) — $(nproc) cores, $(uname -r)"
+  echo "# $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+} >"$out/machine.txt"
+
+echo "== throughput (1 worker, pinned)"
+python3 scripts/bench/throughput.py --workers 1 --rounds 3 --duration 10 \
+  --json "$out/throughput-1.json" --svg "$out/throughput-1.svg" | tee "$out/throughput-1.md"
+
+echo "== scaling (1..$(nproc) workers, unpinned)"
+for w in $(seq 1 "$(nproc)"); do
+  python3 scripts/bench/throughput.py --workers "$w" --no-pin --rounds 1 --duration 8 \
+    --connections $((32 * w)) --threads "$w" --json "$out/scaling-$w.json" |
+    tee "$out/scaling-$w.md"
+done
+
+echo "== footprint"
+python3 scripts/bench/footprint.py --routes 1,100,10000 --json "$out/footprint.json" |
+  tee "$out/footprint.md"
+
+echo "== propagation"
+python3 scripts/bench/propagation.py --edits 1000 --reloads 20 | tee "$out/propagation.txt"
+
+echo "== criterion"
+for b in "wasmgate-wasm host" "wasmgate-shared snapshot" "wasmgate-worker router"; do
+  set -- $b
+  cargo bench -q -p "$1" --bench "$2" -- --warm-up-time 1 --measurement-time 3 2>&1 |
+    grep -E '^[a-zA-Z].*|time:' | tee -a "$out/criterion.txt"
+done
+echo "== done: $out"
