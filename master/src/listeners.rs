@@ -76,3 +76,38 @@ pub fn memfd_with(bytes: &[u8]) -> std::io::Result<OwnedFd> {
     f.write_all(bytes)?;
     high_fd(OwnedFd::from(f))
 }
+
+/// Serves HTTP/1.1 on `listener` until the process ends: each connection on a task of its own,
+/// each request answered by `handle(request, peer)`. Used by the Admin API and the Prometheus
+/// listener; `what` names the listener in log lines.
+pub async fn serve_http<F, Fut>(listener: tokio::net::TcpListener, what: &'static str, handle: F)
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>, SocketAddr) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = hyper::Response<http_body_util::Full<bytes::Bytes>>>
+        + Send
+        + 'static,
+{
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("{what}: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let answer = handle(req, peer);
+                async move { Ok::<_, std::convert::Infallible>(answer.await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            let _ = conn.await;
+        });
+    }
+}

@@ -14,7 +14,6 @@ use crate::state::Master;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -465,28 +464,11 @@ impl Scrape {
 
 /// Serves the metrics page on the export listener until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, master: Arc<Master>) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("prometheus: accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let master = master.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let master = master.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&master, &req)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), svc);
-            let _ = conn.await;
-        });
-    }
+    crate::listeners::serve_http(listener, "prometheus", move |req, _| {
+        let answer = answer(&master, &req);
+        async move { answer }
+    })
+    .await
 }
 
 fn answer<B>(m: &Master, req: &Request<B>) -> Response<Full<Bytes>> {

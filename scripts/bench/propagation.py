@@ -13,15 +13,9 @@ usage: scripts/bench/propagation.py [--edits 1000] [--reloads 20] [--workers 2] 
 """
 import argparse, http.client, json, os, shutil, socket, subprocess, sys, tempfile, time
 
-KEY = "bench-key-0123456789abcdef"
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import KEY, free_port, pct
 
 
 def request(port, method, path, body=None, headers=None):
@@ -31,11 +25,6 @@ def request(port, method, path, body=None, headers=None):
     data = r.read()
     c.close()
     return r.status, data
-
-
-def pct(values, p):
-    v = sorted(values)
-    return v[min(len(v) - 1, int(round(p / 100.0 * (len(v) - 1))))]
 
 
 def main():

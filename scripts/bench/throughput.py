@@ -27,14 +27,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-KEY = "bench-key-0123456789abcdef"
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import KEY, ROOT, free_port, median, wait_port
+
 HZ = os.sysconf("SC_CLK_TCK")
 
 # wrk prints these after its own summary: exact percentiles from its histogram.
@@ -48,25 +49,6 @@ done = function(summary, latency, requests)
   end
 end
 """
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(port, timeout=20):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"nothing listens on {port}")
 
 
 def cpu_ticks(pids):
@@ -255,11 +237,6 @@ def ppid(pid):
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except OSError:
         return 0
-
-
-def median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
 
 
 def summarize(rows):

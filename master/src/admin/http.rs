@@ -6,7 +6,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,29 +15,11 @@ use wasmgate_shared::model::Kind;
 
 /// Serves the Admin API on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, master: Arc<Master>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!("admin: accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    crate::listeners::serve_http(listener, "admin", move |req, peer| {
         let master = master.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let master = master.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&master, req, peer).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), svc);
-            let _ = conn.await;
-        });
-    }
+        async move { handle(&master, req, peer).await }
+    })
+    .await
 }
 
 fn reply(status: u16, body: Value) -> Response<Full<Bytes>> {
