@@ -102,6 +102,26 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
+/// A plugin's log message as one error-log line: control characters escaped (`\n`, `\r`,
+/// `\xNN`), so that a message can neither forge lines of its own nor make one call count as
+/// several lines against the log budget (a Rust panic message spans two).
+fn one_line(msg: &str) -> std::borrow::Cow<'_, str> {
+    if !msg.chars().any(|c| c.is_control() && c != '\t') {
+        return std::borrow::Cow::Borrowed(msg);
+    }
+    let mut out = String::with_capacity(msg.len() + 8);
+    for c in msg.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push('\t'),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn logging(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
@@ -110,7 +130,8 @@ fn logging(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let msg = tri!(read(&mut c, ptr, len));
             let s = c.data();
             let name = &s.plugin_name;
-            let msg = String::from_utf8_lossy(&msg);
+            let text = String::from_utf8_lossy(&msg);
+            let msg = one_line(&text);
             let pass = s.log_gate.pass(LOG_PER_SECOND);
             if pass == crate::rate::Pass::No {
                 return ok(Status::Ok);
@@ -668,4 +689,18 @@ fn not_yet(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn log_messages_stay_on_one_line() {
+        assert_eq!(one_line("plain\ttext"), "plain\ttext");
+        assert_eq!(
+            one_line("panicked at src/lib.rs:9:5:\nboom\r\u{1b}[31m"),
+            "panicked at src/lib.rs:9:5:\\nboom\\r\\x1b[31m"
+        );
+    }
 }
