@@ -479,13 +479,11 @@ fn apply_events(m: &Master, etcd: &Etcd, events: &[Value], revision: u64) -> u64
                 continue;
             };
             if ev["type"].as_str() == Some("DELETE") {
-                store.apply(kind, id, None, kv.mod_revision);
-                changed = true;
+                changed |= store.apply(kind, id, None, kv.mod_revision);
             } else {
                 match object(etcd, &catalog, &kv) {
                     Ok(Some((_, _, stored))) => {
-                        store.apply(kind, id, Some(stored), kv.mod_revision);
-                        changed = true;
+                        changed |= store.apply(kind, id, Some(stored), kv.mod_revision);
                     }
                     Ok(None) => {}
                     Err(why) => tracing::error!("{why}"),

@@ -83,10 +83,11 @@ impl Store {
     }
 
     /// Applies a change that etcd already holds (memory only): a put newer than the copy, or
-    /// a delete. `revision` is etcd's; the store's revision never goes back.
-    pub fn apply(&mut self, kind: Kind, id: &str, value: Option<Stored>, revision: u64) {
+    /// a delete. `revision` is etcd's; the store's revision never goes back. Returns whether
+    /// the copy changed (the watch's echo of this node's own write does not change it).
+    pub fn apply(&mut self, kind: Kind, id: &str, value: Option<Stored>, revision: u64) -> bool {
         let key = (kind, id.to_string());
-        match value {
+        let changed = match value {
             Some(s) => {
                 let newer = self
                     .objects
@@ -95,18 +96,21 @@ impl Store {
                 if newer {
                     self.objects.insert(key, s);
                 }
+                newer
             }
             None => {
-                if self
+                let older = self
                     .objects
                     .get(&key)
-                    .is_some_and(|old| old.modified_index < revision)
-                {
+                    .is_some_and(|old| old.modified_index < revision);
+                if older {
                     self.objects.remove(&key);
                 }
+                older
             }
-        }
+        };
         self.revision = self.revision.max(revision);
+        changed
     }
 
     /// Replaces the whole copy (a resynchronisation with etcd); returns whether anything
