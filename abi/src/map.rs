@@ -14,17 +14,26 @@ pub type Pairs = Vec<(String, Vec<u8>)>;
 /// Most pairs accepted in one map (a plugin asking for more is answered BadArgument).
 pub const MAX_PAIRS: usize = 10_000;
 
+/// Size of [`encode`]'s output for `pairs`.
+pub fn encoded_len<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])>) -> usize {
+    4 + pairs.map(|(k, v)| 8 + k.len() + v.len() + 2).sum::<usize>()
+}
+
 /// Serializes pairs.
 pub fn encode<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])> + Clone) -> Vec<u8> {
-    let count = pairs.clone().count();
-    let data: usize = pairs.clone().map(|(k, v)| k.len() + v.len() + 2).sum();
-    let mut out = Vec::with_capacity(4 + count * 8 + data);
-    out.extend_from_slice(&(count as u32).to_le_bytes());
-    for (k, v) in pairs.clone() {
+    encode_from(|| pairs.clone())
+}
+
+/// Serializes the pairs `pairs()` yields (called three times), for lists whose iterator
+/// cannot be cloned.
+pub fn encode_from<'a, I: Iterator<Item = (&'a str, &'a [u8])>>(pairs: impl Fn() -> I) -> Vec<u8> {
+    let mut out = Vec::with_capacity(encoded_len(pairs()));
+    out.extend_from_slice(&(pairs().count() as u32).to_le_bytes());
+    for (k, v) in pairs() {
         out.extend_from_slice(&(k.len() as u32).to_le_bytes());
         out.extend_from_slice(&(v.len() as u32).to_le_bytes());
     }
-    for (k, v) in pairs {
+    for (k, v) in pairs() {
         out.extend_from_slice(k.as_bytes());
         out.push(0);
         out.extend_from_slice(v);

@@ -13,17 +13,33 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmgate_wasm::map::{self, Pairs};
-use wasmgate_wasm::{PluginModule, PluginVm, Properties, Settings, Stream};
+use wasmgate_wasm::{Head, HeaderList, PluginModule, PluginVm, Properties, Settings, Stream};
 
 struct NoProps;
 
 impl Properties for NoProps {
-    fn get(&self, _path: &[&str], _request: &Pairs) -> Option<Vec<u8>> {
+    fn get(&self, _path: &[&str], _request: &Head) -> Option<Vec<u8>> {
         None
     }
 }
 
-/// A request with the four pseudo-headers and 10 ordinary headers.
+/// A request head with the four pseudo-headers and 10 ordinary headers, as the gateway lends
+/// it to plugins.
+fn request_head() -> Head {
+    Head::request(&request_parts(), "http")
+}
+
+fn request_parts() -> http::request::Parts {
+    let mut b = http::Request::builder()
+        .uri("/api/v1/orders?limit=10")
+        .header("host", "api.example.com");
+    for i in 0..9 {
+        b = b.header(format!("x-header-{i}"), format!("value number {i}"));
+    }
+    b.body(()).unwrap().into_parts().0
+}
+
+/// The same request as a pair list.
 fn request() -> Pairs {
     let mut p: Pairs = vec![
         (":method".into(), b"GET".to_vec()),
@@ -61,7 +77,7 @@ fn round_trip(c: &mut Criterion) {
     let conf = br#"{"set": {"x-a": "1"}, "response_set": {"x-b": "2"}}"#;
     let root = vm.create_plugin_context(conf).unwrap().unwrap();
     let props: Arc<dyn Properties> = Arc::new(NoProps);
-    let req = request();
+    let req = request_head();
     c.bench_function(
         "plugin request: context, request and response headers, log, done",
         |b| {
@@ -70,7 +86,7 @@ fn round_trip(c: &mut Criterion) {
                 let id = vm.create_http_context(root).unwrap();
                 vm.on_request_headers(id, &mut stream, true).unwrap();
                 if let Some(s) = stream.as_mut() {
-                    s.response = Some(vec![(":status".into(), b"200".to_vec())]);
+                    s.response = Some(Head::response(http::StatusCode::OK, &Default::default()));
                 }
                 vm.on_response_headers(id, &mut stream, false).unwrap();
                 vm.on_log(id, &mut stream).unwrap();
@@ -101,6 +117,18 @@ fn codec(c: &mut Criterion) {
     c.bench_function("header map decode (14 pairs)", |b| {
         b.iter(|| black_box(map::decode(black_box(&encoded)).unwrap()))
     });
+    let head = request_head();
+    c.bench_function(
+        "request head encode (14 pairs, proxy_get_header_map_pairs)",
+        |b| b.iter(|| black_box(black_box(&head).encode())),
+    );
+    c.bench_function(
+        "request head lent to plugins (Head::request, 14 pairs)",
+        |b| {
+            let parts = request_parts();
+            b.iter(|| black_box(Head::request(black_box(&parts), "http")))
+        },
+    );
 }
 
 fn setup_costs(c: &mut Criterion) {

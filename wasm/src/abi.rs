@@ -2,6 +2,7 @@
 //! module names. Every guest pointer and length is checked against guest memory; a bad one is
 //! answered with `BadArgument`, never trusted.
 
+use crate::head::HeaderList;
 use crate::state::{HostState, LocalReply, Status};
 use wasmgate_abi::{map, splice};
 use wasmtime::{Caller, FuncType, Linker, Memory, Val, ValType};
@@ -244,20 +245,8 @@ fn buffers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// The header map a `map_type` names, for a change: marks the request or response changed.
-fn map_mut(s: &mut HostState, map_type: i32) -> Result<&mut map::Pairs, Status> {
-    if let Some(stream) = s.stream.as_mut() {
-        match map_type {
-            0 => stream.request_changed = true,
-            2 => stream.response_changed = true,
-            _ => {}
-        }
-    }
-    map_of(s, map_type)
-}
-
-/// The header map a `map_type` names, during an HTTP callback.
-fn map_of(s: &mut HostState, map_type: i32) -> Result<&mut map::Pairs, Status> {
+/// The header list a `map_type` names, during an HTTP callback or a call-out's answer.
+fn map_of(s: &mut HostState, map_type: i32) -> Result<&mut dyn HeaderList, Status> {
     if let 6 | 7 = map_type {
         let r = s.call_response.as_mut().ok_or(Status::NotFound)?;
         return Ok(if map_type == 6 {
@@ -269,11 +258,38 @@ fn map_of(s: &mut HostState, map_type: i32) -> Result<&mut map::Pairs, Status> {
     let stream = s.stream.as_mut().ok_or(Status::NotFound)?;
     match map_type {
         0 => Ok(&mut stream.request),
-        2 => stream.response.as_mut().ok_or(Status::NotFound),
+        2 => Ok(stream.response.as_mut().ok_or(Status::NotFound)?),
         1 => Ok(&mut stream.request_trailers),
         3 => Ok(&mut stream.response_trailers),
         _ => Err(Status::NotFound),
     }
+}
+
+/// `len` bytes at `ptr` of guest memory, in place.
+fn slice(mem: &[u8], ptr: i32, len: i32) -> Result<&[u8], Status> {
+    let (p, l) = (ptr as u32 as usize, len as u32 as usize);
+    if l > MAX_READ {
+        return Err(Status::BadArgument);
+    }
+    mem.get(p..p.checked_add(l).ok_or(Status::BadArgument)?)
+        .ok_or(Status::BadArgument)
+}
+
+/// Runs `f` on the header list `map_type` names with a name (and a value) read in place from
+/// guest memory: no copy of either on the way (the per-request host path allocates nothing
+/// here beyond what the header map itself stores).
+fn with_entry<T>(
+    c: &mut C<'_>,
+    map_type: i32,
+    (kp, kl): (i32, i32),
+    (vp, vl): (i32, i32),
+    f: impl FnOnce(&mut dyn HeaderList, &str, &[u8]) -> T,
+) -> Result<T, Status> {
+    let m = memory(c).ok_or(Status::BadArgument)?;
+    let (mem, state) = m.data_and_store_mut(c);
+    let key = std::str::from_utf8(slice(mem, kp, kl)?).map_err(|_| Status::BadArgument)?;
+    let value = slice(mem, vp, vl)?;
+    Ok(f(map_of(state, map_type)?, key, value))
 }
 
 fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
@@ -281,8 +297,7 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_pairs",
         |mut c: C<'_>, t: i32, ret_ptr: i32, ret_len: i32| -> R {
-            let pairs = tri!(map_of(c.data_mut(), t));
-            let bytes = map::encode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+            let bytes = tri!(map_of(c.data_mut(), t)).encode();
             answer(&mut c, &bytes, ret_ptr, ret_len)
         },
     )?;
@@ -294,15 +309,7 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let Ok(new) = map::decode(&bytes) else {
                 return ok(Status::BadArgument);
             };
-            let pairs = tri!(map_mut(c.data_mut(), t));
-            // A map without pseudo-headers keeps the current ones: they describe the request.
-            let mut merged: map::Pairs = pairs
-                .iter()
-                .filter(|(k, _)| k.starts_with(':') && !new.iter().any(|(n, _)| n == k))
-                .cloned()
-                .collect();
-            merged.extend(new.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)));
-            *pairs = merged;
+            tri!(map_of(c.data_mut(), t)).set_all(new);
             ok(Status::Ok)
         },
     )?;
@@ -310,9 +317,7 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_size",
         |mut c: C<'_>, t: i32, ret: i32| -> R {
-            let pairs = tri!(map_of(c.data_mut(), t));
-            let size =
-                map::encode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).len() as u32;
+            let size = tri!(map_of(c.data_mut(), t)).encoded_len() as u32;
             tri!(write(&mut c, ret, &size.to_le_bytes()));
             ok(Status::Ok)
         },
@@ -321,33 +326,18 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_value",
         |mut c: C<'_>, t: i32, kp: i32, kl: i32, ret_ptr: i32, ret_len: i32| -> R {
-            let key = tri!(read_str(&mut c, kp, kl)).to_ascii_lowercase();
-            let pairs = tri!(map_of(c.data_mut(), t));
-            let Some(v) = pairs
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v.clone())
-            else {
+            let found = tri!(with_entry(&mut c, t, (kp, kl), (0, 0), |h, k, _| h.value(k)));
+            let Some(v) = found else {
                 return ok(Status::NotFound);
             };
-            answer(&mut c, &v, ret_ptr, ret_len)
+            answer(&mut c, v.as_ref(), ret_ptr, ret_len)
         },
     )?;
     l.func_wrap(
         "env",
         "proxy_replace_header_map_value",
         |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> R {
-            let key = tri!(read_str(&mut c, kp, kl)).to_ascii_lowercase();
-            let value = tri!(read(&mut c, vp, vl));
-            let pairs = tri!(map_mut(c.data_mut(), t));
-            match pairs.iter().position(|(k, _)| *k == key) {
-                Some(i) => {
-                    pairs[i].1 = value;
-                    let mut seen = false;
-                    pairs.retain(|(k, _)| *k != key || !std::mem::replace(&mut seen, true));
-                }
-                None => pairs.push((key, value)),
-            }
+            tri!(with_entry(&mut c, t, (kp, kl), (vp, vl), |h, k, v| h.replace(k, v)));
             ok(Status::Ok)
         },
     )?;
@@ -355,9 +345,7 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_add_header_map_value",
         |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> R {
-            let key = tri!(read_str(&mut c, kp, kl)).to_ascii_lowercase();
-            let value = tri!(read(&mut c, vp, vl));
-            tri!(map_mut(c.data_mut(), t)).push((key, value));
+            tri!(with_entry(&mut c, t, (kp, kl), (vp, vl), |h, k, v| h.add(k, v)));
             ok(Status::Ok)
         },
     )?;
@@ -365,8 +353,7 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_remove_header_map_value",
         |mut c: C<'_>, t: i32, kp: i32, kl: i32| -> R {
-            let key = tri!(read_str(&mut c, kp, kl)).to_ascii_lowercase();
-            tri!(map_mut(c.data_mut(), t)).retain(|(k, _)| *k != key);
+            tri!(with_entry(&mut c, t, (kp, kl), (0, 0), |h, k, _| h.remove(k)));
             ok(Status::Ok)
         },
     )?;

@@ -6,10 +6,12 @@
 //!   into it, each under a time and memory limit;
 //! - [`abi`]: the host functions, grouped by family (logging, buffers, header maps, properties,
 //!   stream control, shared data), plus WASI preview1;
-//! - [`map`]: the serialized header-map format; [`props`]: property names; [`state`]: what the
+//! - [`head`]: request and response heads as plugins see them (the gateway's header map,
+//!   lent without a copy); [`map`]: the serialized header-map format; [`props`]: property names; [`state`]: what the
 //!   host functions see during a call.
 
 pub mod abi;
+pub mod head;
 pub mod module;
 pub mod props;
 pub mod rate;
@@ -17,6 +19,7 @@ pub mod shared;
 pub mod state;
 pub mod vm;
 
+pub use head::{Head, HeaderList};
 pub use module::{PluginModule, Settings};
 pub use state::{CallResponse, HttpCall, LocalReply, Properties, Stream};
 pub use vm::{Action, Fault, Outcome, PluginVm};

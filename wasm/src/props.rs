@@ -1,13 +1,11 @@
 //! `proxy_get_property`: Envoy's attribute names, the plugin's own names, and — through the
 //! gateway's [`Properties`](crate::state::Properties) — APISIX's nginx variables.
 
+use crate::head::Head;
 use crate::state::HostState;
 
-fn header(pairs: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
-    pairs
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.clone())
+fn header(head: &Head, name: &str) -> Option<Vec<u8>> {
+    head.get(name).map(<[u8]>::to_vec)
 }
 
 /// The value of a property path, or None (NotFound).
@@ -39,12 +37,9 @@ pub fn lookup(s: &HostState, path: &[&str]) -> Option<Vec<u8>> {
         ["request", "id"] => header(req, "x-request-id"),
         ["request", "host"] => header(req, ":authority"),
         ["request", "scheme"] => header(req, ":scheme"),
-        ["request", "headers", name] => header(req, &name.to_ascii_lowercase()),
+        ["request", "headers", name] => header(req, name),
         ["response", "code"] => stream.response.as_ref().and_then(|r| header(r, ":status")),
-        ["response", "headers", name] => stream
-            .response
-            .as_ref()
-            .and_then(|r| header(r, &name.to_ascii_lowercase())),
+        ["response", "headers", name] => stream.response.as_ref().and_then(|r| header(r, name)),
         _ => None,
     };
     value.or_else(|| stream.props.get(path, &stream.request))

@@ -1,5 +1,6 @@
 //! What host functions see: the plugin, and — during an HTTP callback — the request's state.
 
+use crate::head::Head;
 use crate::map::Pairs;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use wasmtime::StoreLimits;
 pub trait Properties: Send + Sync {
     /// The value at `path` (segments as the plugin sent them), or None. `request` is the
     /// request as plugins left it so far.
-    fn get(&self, path: &[&str], request: &Pairs) -> Option<Vec<u8>>;
+    fn get(&self, path: &[&str], request: &Head) -> Option<Vec<u8>>;
 }
 
 /// A response the plugin asked to send instead of proxying (`proxy_send_local_response`).
@@ -25,9 +26,9 @@ pub struct LocalReply {
 /// The request (and, in the response phase, the response) a callback works on.
 pub struct Stream {
     /// Request headers, pseudo-headers (`:method`, `:path`, `:authority`, `:scheme`) first.
-    pub request: Pairs,
+    pub request: Head,
     /// Response headers with `:status` first, once the response phase started.
-    pub response: Option<Pairs>,
+    pub response: Option<Head>,
     /// Trailers (empty for HTTP/1.1 requests without trailers).
     pub request_trailers: Pairs,
     pub response_trailers: Pairs,
@@ -39,14 +40,10 @@ pub struct Stream {
     /// buffers): what the plugin buffered so far, lent by the body filter for the call.
     pub request_body: Vec<u8>,
     pub response_body: Vec<u8>,
-    /// Set when a plugin changed the request / response headers (so unchanged ones are not
-    /// rebuilt).
-    pub request_changed: bool,
-    pub response_changed: bool,
 }
 
 impl Stream {
-    pub fn new(request: Pairs, props: Arc<dyn Properties>) -> Stream {
+    pub fn new(request: Head, props: Arc<dyn Properties>) -> Stream {
         Stream {
             request,
             response: None,
@@ -56,8 +53,6 @@ impl Stream {
             set_props: Vec::new(),
             request_body: Vec::new(),
             response_body: Vec::new(),
-            request_changed: false,
-            response_changed: false,
         }
     }
 }

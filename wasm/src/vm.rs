@@ -4,6 +4,7 @@
 //! A trap, a deadline or the memory limit is a [`Fault`]: the caller discards the VM and makes
 //! a new one for later requests — the worker never goes down with a plugin.
 
+use crate::head::HeaderList;
 use crate::module::{PluginModule, EPOCH_TICK};
 use crate::state::{CallResponse, HostState, HttpCall, LocalReply, Stream};
 use std::collections::HashMap;
@@ -280,7 +281,7 @@ impl PluginVm {
         stream: &mut Option<Stream>,
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
-        let n = stream.as_ref().map(|s| s.request.len()).unwrap_or(0);
+        let n = stream.as_ref().map_or(0, |s| s.request.count());
         let f = Arc::clone(&self.f);
         self.stream_call(f.request_headers.as_ref(), id, stream, n, end_of_stream)
     }
@@ -295,8 +296,7 @@ impl PluginVm {
         let n = stream
             .as_ref()
             .and_then(|s| s.response.as_ref())
-            .map(Vec::len)
-            .unwrap_or(0);
+            .map_or(0, |h| h.count());
         let f = Arc::clone(&self.f);
         self.stream_call(f.response_headers.as_ref(), id, stream, n, end_of_stream)
     }

@@ -80,6 +80,11 @@ impl AccessLog {
         })
     }
 
+    /// Whether lines are written (not `off`).
+    pub fn enabled(&self) -> bool {
+        self.file.is_some()
+    }
+
     pub fn log(&self, e: &Entry<'_>) {
         if self.file.is_none() {
             return;

@@ -59,7 +59,7 @@ pub async fn handle(
         .fetch_add(1, Ordering::Relaxed);
     let cfg = w.live.current();
     let (mut parts, body) = req.into_parts();
-    let mut log = LogInfo::new(&parts, peer);
+    let mut log = LogInfo::new(&parts, peer, w.access_log.enabled());
     log.request_id = request_id(&mut parts.headers);
     log.head_bytes = head_size(&parts) as u64;
     if log.head_bytes as usize > w.max_header_size {
@@ -137,13 +137,13 @@ async fn serve_route(
     let chain = w.plugins.chain(&cfg.global_rules, route);
     if !chain.is_empty() {
         let props = Arc::new(wasm_glue::RequestProps::new(peer, route, parts.version));
-        let stream = Stream::new(wasm_glue::request_pairs(parts), props);
+        let stream = Stream::new(wasm_glue::request_head(parts), props);
         let mut req = WasmRequest::new(w.plugins.clone(), stream);
         let verdict = w.plugins.on_request(&chain, &mut req, no_body).await;
         let early = match verdict {
             Verdict::Reply(r) => Some(wasm_glue::local_reply(r)),
             Verdict::Fail => Some(error_page(StatusCode::SERVICE_UNAVAILABLE)),
-            Verdict::Continue => match req.stream.as_ref().filter(|s| s.request_changed) {
+            Verdict::Continue => match req.stream.as_ref().filter(|s| s.request.changed()) {
                 Some(stream) => wasm_glue::apply_request(&stream.request, parts)
                     .err()
                     .map(|e| {
@@ -234,17 +234,19 @@ async fn response_phase(
         (g.active.clone(), vec![0; g.active.len()], g.stream.take())
     };
     if let Some(s) = stream.as_mut() {
-        s.response = Some(wasm_glue::response_pairs(&resp));
+        s.response = Some(wasm_glue::response_head(&resp));
     }
     let no_body = resp.body().is_end_stream();
     let verdict = w
         .plugins
         .on_response(&active, &mut spent, &mut stream, no_body)
         .await;
-    let pairs = stream
-        .as_ref()
-        .filter(|s| s.response_changed)
-        .and_then(|s| s.response.clone());
+    if let Verdict::Continue = verdict {
+        let head = stream.as_ref().and_then(|s| s.response.as_ref());
+        if let Some(head) = head.filter(|h| h.changed()) {
+            wasm_glue::apply_response(head, &mut resp);
+        }
+    }
     let wants_body = {
         let mut g = lock(shared);
         g.stream = stream;
@@ -256,11 +258,7 @@ async fn response_phase(
     match verdict {
         Verdict::Reply(r) => return wasm_glue::local_reply(r),
         Verdict::Fail => return error_page(StatusCode::SERVICE_UNAVAILABLE),
-        Verdict::Continue => {
-            if let Some(pairs) = pairs {
-                wasm_glue::apply_response(&pairs, &mut resp);
-            }
-        }
+        Verdict::Continue => {}
     }
     if !wants_body {
         return resp;
@@ -433,20 +431,24 @@ fn request_id(h: &mut HeaderMap) -> String {
             return v.to_string();
         }
     }
-    let r: u128 = rand::random();
-    let hex = format!("{r:032x}");
-    let id = format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    );
+    let id = uuid_text(rand::random());
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert(X_REQUEST_ID, v);
     }
     id
+}
+
+/// 128 bits as a UUID's text (8-4-4-4-12 lower-case hex digits).
+fn uuid_text(r: u128) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(36);
+    for i in 0..32 {
+        if let 8 | 12 | 16 | 20 = i {
+            out.push('-');
+        }
+        out.push(HEX[(r >> (124 - 4 * i)) as usize & 0xf] as char);
+    }
+    out
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy.
@@ -462,6 +464,10 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names instead of eight removals.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+        return;
+    }
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -495,6 +501,11 @@ fn node_host(
     }
 }
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 fn upstream_request(
     parts: &http::request::Parts,
     body: ProxyBody,
@@ -505,22 +516,23 @@ fn upstream_request(
     strip_hop_by_hop(&mut headers);
     let ip = peer.ip().to_string();
     // Repeated X-Forwarded-For lines form one list (as nginx's $proxy_add_x_forwarded_for).
-    let mut hops: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    hops.push(&ip);
-    let xff = hops.join(", ");
+    let mut xff = String::new();
+    for v in headers.get_all(&X_FORWARDED_FOR).iter() {
+        if let Ok(v) = v.to_str() {
+            xff.push_str(v);
+            xff.push_str(", ");
+        }
+    }
+    xff.push_str(&ip);
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if let Ok(v) = HeaderValue::from_str(&ip) {
-        headers.insert("x-real-ip", v);
+        headers.insert(X_REAL_IP.clone(), v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     if let Some(h) = parts.headers.get(header::HOST) {
-        headers.insert("x-forwarded-host", h.clone());
+        headers.insert(X_FORWARDED_HOST.clone(), h.clone());
     }
     match host {
         Some(h) => {
@@ -530,14 +542,14 @@ fn upstream_request(
             headers.remove(header::HOST);
         }
     }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = path.parse().unwrap_or_default();
+    *req.uri_mut() = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .map(http::Uri::from)
+        .unwrap_or_default();
     *req.headers_mut() = headers;
     req
 }
@@ -573,29 +585,36 @@ struct LogInfo {
 }
 
 impl LogInfo {
-    fn new(parts: &http::request::Parts, peer: SocketAddr) -> LogInfo {
-        let header = |n: header::HeaderName| {
-            parts
+    /// `full`: the access log is on, so the request line and the headers it shows are kept
+    /// (formatting them costs every request otherwise).
+    fn new(parts: &http::request::Parts, peer: SocketAddr, full: bool) -> LogInfo {
+        let header = |n: header::HeaderName| match full {
+            true => parts
                 .headers
                 .get(n)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
-                .to_string()
+                .to_string(),
+            false => String::new(),
+        };
+        let request_line = match full {
+            true => format!(
+                "{} {} {:?}",
+                parts.method,
+                parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+                parts.version
+            ),
+            false => String::new(),
         };
         LogInfo {
             started: Instant::now(),
-            remote: peer.ip().to_string(),
+            remote: if full {
+                peer.ip().to_string()
+            } else {
+                String::new()
+            },
             host: request_host(parts),
-            request_line: format!(
-                "{} {} {:?}",
-                parts.method,
-                parts
-                    .uri
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/"),
-                parts.version
-            ),
+            request_line,
             referer: header(header::REFERER),
             user_agent: header(header::USER_AGENT),
             route_id: String::new(),
@@ -636,6 +655,9 @@ fn log_phase(
                     egress: sent,
                 },
             );
+            if !w.access_log.enabled() {
+                return;
+            }
             w.access_log.log(&Entry {
                 remote_addr: &log.remote,
                 host: &log.host,

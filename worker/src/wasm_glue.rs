@@ -8,76 +8,26 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use wasmgate_wasm::map::Pairs;
-use wasmgate_wasm::LocalReply;
+use wasmgate_wasm::{Head, LocalReply};
 
 /// The request as plugins see it: `:method`, `:path`, `:authority`, `:scheme`, then headers.
-pub fn request_pairs(parts: &http::request::Parts) -> Pairs {
-    let authority = parts
-        .headers
-        .get(http::header::HOST)
-        .map(|v| v.as_bytes().to_vec())
-        .or_else(|| {
-            parts
-                .uri
-                .authority()
-                .map(|a| a.as_str().as_bytes().to_vec())
-        })
-        .unwrap_or_default();
-    let mut pairs = Vec::with_capacity(parts.headers.len() + 4);
-    pairs.push((
-        ":method".to_string(),
-        parts.method.as_str().as_bytes().to_vec(),
-    ));
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    pairs.push((":path".to_string(), path.as_bytes().to_vec()));
-    pairs.push((":authority".to_string(), authority));
-    pairs.push((":scheme".to_string(), b"http".to_vec()));
-    pairs.extend(
-        parts
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())),
-    );
-    pairs
-}
-
-fn header_map(pairs: &Pairs) -> Result<http::HeaderMap, String> {
-    // `HeaderMap` holds at most 32768 entries and panics beyond (`with_capacity`, `append`);
-    // a plugin can add any number of headers, so use the fallible forms.
-    let too_many = |_| format!("{} headers, more than a header map can hold", pairs.len());
-    let mut map = http::HeaderMap::try_with_capacity(pairs.len()).map_err(too_many)?;
-    for (k, v) in pairs.iter().filter(|(k, _)| !k.starts_with(':')) {
-        let name = HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| format!("invalid header name {k:?}"))?;
-        let value =
-            HeaderValue::from_bytes(v).map_err(|_| format!("invalid value for header {k:?}"))?;
-        map.try_append(name, value).map_err(too_many)?;
-    }
-    Ok(map)
-}
-
-fn pseudo<'a>(pairs: &'a Pairs, name: &str) -> Option<&'a [u8]> {
-    pairs
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_slice())
+pub fn request_head(parts: &http::request::Parts) -> Head {
+    Head::request(parts, "http")
 }
 
 /// Applies what plugins made of the request to `parts` (method, path, Host, headers).
-pub fn apply_request(pairs: &Pairs, parts: &mut http::request::Parts) -> Result<(), String> {
-    let mut headers = header_map(pairs)?;
-    if let Some(m) = pseudo(pairs, ":method") {
+pub fn apply_request(head: &Head, parts: &mut http::request::Parts) -> Result<(), String> {
+    if let Some(e) = head.error() {
+        return Err(e);
+    }
+    let mut headers = head.headers().clone();
+    if let Some(m) = head.pseudo(":method") {
         parts.method = http::Method::from_bytes(m).map_err(|_| "invalid :method".to_string())?;
     }
-    if let Some(p) = pseudo(pairs, ":path") {
+    if let Some(p) = head.pseudo(":path") {
         parts.uri = http::Uri::try_from(p).map_err(|_| "invalid :path".to_string())?;
     }
-    if let Some(a) = pseudo(pairs, ":authority").filter(|a| !a.is_empty()) {
+    if let Some(a) = head.pseudo(":authority").filter(|a| !a.is_empty()) {
         headers.insert(
             http::header::HOST,
             HeaderValue::from_bytes(a).map_err(|_| "invalid :authority".to_string())?,
@@ -88,29 +38,19 @@ pub fn apply_request(pairs: &Pairs, parts: &mut http::request::Parts) -> Result<
 }
 
 /// The response as plugins see it: `:status`, then headers.
-pub fn response_pairs(resp: &Response<ProxyBody>) -> Pairs {
-    let mut pairs = Vec::with_capacity(resp.headers().len() + 1);
-    pairs.push((
-        ":status".to_string(),
-        resp.status().as_str().as_bytes().to_vec(),
-    ));
-    pairs.extend(
-        resp.headers()
-            .iter()
-            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())),
-    );
-    pairs
+pub fn response_head(resp: &Response<ProxyBody>) -> Head {
+    Head::response(resp.status(), resp.headers())
 }
 
-/// Applies what plugins made of the response headers.
-pub fn apply_response(pairs: &Pairs, resp: &mut Response<ProxyBody>) {
-    match header_map(pairs) {
-        Ok(h) => *resp.headers_mut() = h,
-        Err(e) => tracing::error!(
-            "plugins left invalid response headers ({e}); keeping the original ones"
-        ),
+/// Applies what plugins made of the response headers; headers the map could not take are
+/// left out, with an error-log line.
+pub fn apply_response(head: &Head, resp: &mut Response<ProxyBody>) {
+    if let Some(e) = head.error() {
+        tracing::error!("plugins left invalid response headers, not sent: {e}");
     }
-    if let Some(s) = pseudo(pairs, ":status")
+    *resp.headers_mut() = head.headers().clone();
+    if let Some(s) = head
+        .pseudo(":status")
         .and_then(|s| std::str::from_utf8(s).ok())
         .and_then(|s| s.parse::<u16>().ok())
     {
@@ -168,15 +108,15 @@ impl RequestProps {
     }
 }
 
-fn text<'a>(pairs: &'a Pairs, name: &str) -> &'a str {
-    pseudo(pairs, name)
+fn text<'a>(head: &'a Head, name: &str) -> &'a str {
+    head.get(name)
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or("")
 }
 
-/// An nginx variable of the request in `pairs`.
-fn var(pairs: &Pairs, peer: SocketAddr, name: &str) -> Option<String> {
-    let path = text(pairs, ":path");
+/// An nginx variable of the request in `head`.
+fn var(head: &Head, peer: SocketAddr, name: &str) -> Option<String> {
+    let path = text(head, ":path");
     let (uri, query) = path.split_once('?').unwrap_or((path, ""));
     if let Some(arg) = name.strip_prefix("arg_") {
         return form_urlencoded::parse(query.as_bytes())
@@ -185,13 +125,12 @@ fn var(pairs: &Pairs, peer: SocketAddr, name: &str) -> Option<String> {
     }
     if let Some(h) = name.strip_prefix("http_") {
         let h = h.replace('_', "-");
-        return Some(text(pairs, &h).to_string()).filter(|_| pseudo(pairs, &h).is_some());
+        return head.get(&h).map(|_| text(head, &h).to_string());
     }
     if let Some(c) = name.strip_prefix("cookie_") {
-        let cookies = pairs
-            .iter()
-            .filter(|(k, _)| k == "cookie")
-            .filter_map(|(_, v)| std::str::from_utf8(v).ok());
+        let cookies = head
+            .get_all("cookie")
+            .filter_map(|v| std::str::from_utf8(v).ok());
         return wasmgate_shared::cookie(cookies, c);
     }
     Some(match name {
@@ -199,7 +138,7 @@ fn var(pairs: &Pairs, peer: SocketAddr, name: &str) -> Option<String> {
         "request_uri" => path.to_string(),
         "args" | "query_string" => query.to_string(),
         "host" => {
-            let raw = text(pairs, ":authority");
+            let raw = text(head, ":authority");
             let host = if raw.starts_with('[') {
                 raw.split_inclusive(']').next().unwrap_or(raw)
             } else {
@@ -207,7 +146,7 @@ fn var(pairs: &Pairs, peer: SocketAddr, name: &str) -> Option<String> {
             };
             host.to_ascii_lowercase()
         }
-        "request_method" => text(pairs, ":method").to_string(),
+        "request_method" => text(head, ":method").to_string(),
         "remote_addr" => peer.ip().to_string(),
         "remote_port" => peer.port().to_string(),
         "scheme" => "http".to_string(),
@@ -216,7 +155,7 @@ fn var(pairs: &Pairs, peer: SocketAddr, name: &str) -> Option<String> {
 }
 
 impl wasmgate_wasm::Properties for RequestProps {
-    fn get(&self, path: &[&str], request: &Pairs) -> Option<Vec<u8>> {
+    fn get(&self, path: &[&str], request: &Head) -> Option<Vec<u8>> {
         let r = &self.route;
         let text = match path {
             ["route_name"] | ["route", "name"] => r.name.clone().unwrap_or_else(|| r.id.clone()),

@@ -1,0 +1,475 @@
+//! Header lists as plugins see them, behind one interface ([`HeaderList`]) for the header-map
+//! host functions:
+//!
+//! - [`Head`]: a request or response head — pseudo-headers (`:method`, `:path`, `:authority`,
+//!   `:scheme` / `:status`) and the gateway's own `http::HeaderMap`. The map is lent as it is:
+//!   no copy into a pair list on the way in and no re-parse on the way out, which profiles
+//!   showed as the largest part of the host's per-request cost.
+//! - [`Pairs`]: a plain list, for trailers and call-out answers.
+//!
+//! Names are matched case-insensitively and stored lower-case. A header the map cannot hold
+//! (invalid name or value, past the 32,768 entries of a `HeaderMap`) is not an error for the
+//! plugin — as in Envoy, the call succeeds — but the head records it, and the gateway fails the
+//! request with a line that names it (see [`Head::error`]).
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use std::borrow::Cow;
+use wasmgate_abi::map::{self, Pairs};
+
+/// A header list the header-map host functions work on.
+pub trait HeaderList {
+    /// The first value of `name`.
+    fn value(&self, name: &str) -> Option<Value>;
+    /// Number of pairs.
+    fn count(&self) -> usize;
+    /// The serialized map (see [`map`]).
+    fn encode(&self) -> Vec<u8>;
+    /// Size of [`HeaderList::encode`]'s output.
+    fn encoded_len(&self) -> usize;
+    /// Sets `name` to `value`, replacing every value it had.
+    fn replace(&mut self, name: &str, value: &[u8]);
+    /// Adds a value to `name`.
+    fn add(&mut self, name: &str, value: &[u8]);
+    fn remove(&mut self, name: &str);
+    /// Replaces every pair; pseudo-headers not in `pairs` are kept (they describe the request).
+    fn set_all(&mut self, pairs: Pairs);
+}
+
+/// A value handed out of a list: a header map's values are shared, not copied.
+pub enum Value {
+    Header(HeaderValue),
+    Bytes(Bytes),
+}
+
+impl AsRef<[u8]> for Value {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Value::Header(v) => v.as_bytes(),
+            Value::Bytes(b) => b,
+        }
+    }
+}
+
+/// Pseudo-header names known to the gateway, kept without an allocation.
+const PSEUDO: [&str; 6] = [
+    ":method",
+    ":path",
+    ":authority",
+    ":scheme",
+    ":status",
+    ":protocol",
+];
+
+fn pseudo_name(name: &str) -> Cow<'static, str> {
+    match PSEUDO.iter().find(|p| p.eq_ignore_ascii_case(name)) {
+        Some(p) => Cow::Borrowed(p),
+        None => Cow::Owned(name.to_ascii_lowercase()),
+    }
+}
+
+/// A request or response head lent to plugins.
+#[derive(Debug, Clone, Default)]
+pub struct Head {
+    pseudo: Vec<(Cow<'static, str>, Bytes)>,
+    headers: HeaderMap,
+    /// Set by any change, so an untouched head is not applied back.
+    changed: bool,
+    /// The first header the map could not take (invalid name or value), and how many were.
+    error: Option<String>,
+    refused: usize,
+    /// Headers refused because the map was full.
+    overflow: usize,
+}
+
+/// Most values a head holds: `HeaderMap`'s own bound on entries, applied to values too (a map
+/// takes any number of values per name, and a plugin adding 40,000 of them must not reach the
+/// upstream).
+pub const MAX_HEADERS: usize = 1 << 15;
+
+impl Head {
+    /// A request head: `:method`, `:path`, `:authority`, `:scheme`, then `headers`.
+    pub fn request(parts: &http::request::Parts, scheme: &'static str) -> Head {
+        let authority = parts
+            .headers
+            .get(http::header::HOST)
+            .map(|v| Bytes::copy_from_slice(v.as_bytes()))
+            .or_else(|| {
+                parts
+                    .uri
+                    .authority()
+                    .map(|a| Bytes::copy_from_slice(a.as_str().as_bytes()))
+            })
+            .unwrap_or_default();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let pseudo = vec![
+            (Cow::Borrowed(PSEUDO[0]), method_bytes(&parts.method)),
+            (
+                Cow::Borrowed(PSEUDO[1]),
+                Bytes::copy_from_slice(path.as_bytes()),
+            ),
+            (Cow::Borrowed(PSEUDO[2]), authority),
+            (
+                Cow::Borrowed(PSEUDO[3]),
+                Bytes::from_static(scheme.as_bytes()),
+            ),
+        ];
+        Head::new(pseudo, parts.headers.clone())
+    }
+
+    /// A response head: `:status`, then `headers`.
+    pub fn response(status: http::StatusCode, headers: &HeaderMap) -> Head {
+        let code = Bytes::copy_from_slice(status.as_str().as_bytes());
+        Head::new(vec![(Cow::Borrowed(PSEUDO[4]), code)], headers.clone())
+    }
+
+    /// A head from a pair list (pseudo-headers first); what the map cannot take is recorded
+    /// as for a plugin's change.
+    pub fn from_pairs(pairs: Pairs) -> Head {
+        let mut h = Head::new(Vec::new(), HeaderMap::new());
+        h.set_all(pairs);
+        h.changed = false;
+        h
+    }
+
+    fn new(pseudo: Vec<(Cow<'static, str>, Bytes)>, headers: HeaderMap) -> Head {
+        Head {
+            pseudo,
+            headers,
+            changed: false,
+            error: None,
+            refused: 0,
+            overflow: 0,
+        }
+    }
+
+    /// Whether a plugin changed anything.
+    pub fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// The header map as plugins left it.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// A pseudo-header's value.
+    pub fn pseudo(&self, name: &str) -> Option<&[u8]> {
+        self.pseudo
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// The first value of a header (or pseudo-header), borrowed.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        if name.starts_with(':') {
+            return self.pseudo(name);
+        }
+        self.headers.get(name).map(HeaderValue::as_bytes)
+    }
+
+    /// Every value of a header, in order.
+    pub fn get_all<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers.get_all(name).into_iter().map(|v| v.as_bytes())
+    }
+
+    /// Every pair: pseudo-headers first, then headers in the map's order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let pseudo = self.pseudo.iter().map(|(k, v)| (k.as_ref(), v.as_ref()));
+        let headers = self.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
+        pseudo.chain(headers)
+    }
+
+    /// Why the head cannot be sent as plugins left it: a header the map could not take.
+    pub fn error(&self) -> Option<String> {
+        if self.overflow > 0 {
+            let total = self.headers.len() + self.overflow;
+            return Some(format!("{total} headers, more than a header map can hold"));
+        }
+        let first = self.error.as_ref()?;
+        Some(match self.refused {
+            1 => first.clone(),
+            n => format!("{first} (and {} more refused)", n - 1),
+        })
+    }
+
+    fn refuse(&mut self, why: impl FnOnce() -> String) {
+        if self.error.is_none() {
+            self.error = Some(why());
+        }
+        self.refused += 1;
+    }
+
+    /// A checked name and value, or the refusal recorded.
+    fn entry(&mut self, name: &str, value: &[u8]) -> Option<(HeaderName, HeaderValue)> {
+        let Ok(n) = HeaderName::from_bytes(name.as_bytes()) else {
+            self.refuse(|| format!("invalid header name {name:?}"));
+            return None;
+        };
+        let Ok(v) = HeaderValue::from_bytes(value) else {
+            self.refuse(|| format!("invalid value for header {name:?}"));
+            return None;
+        };
+        Some((n, v))
+    }
+
+    fn set_pseudo(&mut self, name: &str, value: &[u8], replace: bool) {
+        let value = Bytes::copy_from_slice(value);
+        if replace {
+            if let Some(slot) = self
+                .pseudo
+                .iter_mut()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            {
+                slot.1 = value;
+                return;
+            }
+        }
+        self.pseudo.push((pseudo_name(name), value));
+    }
+}
+
+/// `http::Method` as bytes, without a copy for the standard methods.
+fn method_bytes(m: &http::Method) -> Bytes {
+    const STANDARD: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    match STANDARD.iter().find(|s| **s == m.as_str()) {
+        Some(s) => Bytes::from_static(s.as_bytes()),
+        None => Bytes::copy_from_slice(m.as_str().as_bytes()),
+    }
+}
+
+impl HeaderList for Head {
+    fn value(&self, name: &str) -> Option<Value> {
+        if name.starts_with(':') {
+            let found = self
+                .pseudo
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name));
+            return found.map(|(_, v)| Value::Bytes(v.clone()));
+        }
+        self.headers.get(name).cloned().map(Value::Header)
+    }
+
+    fn count(&self) -> usize {
+        self.pseudo.len() + self.headers.len()
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        map::encode_from(|| self.iter())
+    }
+
+    fn encoded_len(&self) -> usize {
+        map::encoded_len(self.iter())
+    }
+
+    fn replace(&mut self, name: &str, value: &[u8]) {
+        self.changed = true;
+        if name.starts_with(':') {
+            return self.set_pseudo(name, value, true);
+        }
+        if let Some((n, v)) = self.entry(name, value) {
+            if self.headers.try_insert(n, v).is_err() {
+                self.overflow += 1;
+            }
+        }
+    }
+
+    fn add(&mut self, name: &str, value: &[u8]) {
+        self.changed = true;
+        if name.starts_with(':') {
+            return self.set_pseudo(name, value, false);
+        }
+        if self.headers.len() >= MAX_HEADERS {
+            self.overflow += 1;
+            return;
+        }
+        if let Some((n, v)) = self.entry(name, value) {
+            if self.headers.try_append(n, v).is_err() {
+                self.overflow += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.changed = true;
+        if name.starts_with(':') {
+            self.pseudo.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        } else {
+            self.headers.remove(name);
+        }
+    }
+
+    fn set_all(&mut self, pairs: Pairs) {
+        let given = |n: &str| pairs.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
+        let kept: Vec<_> = std::mem::take(&mut self.pseudo)
+            .into_iter()
+            .filter(|(k, _)| !given(k))
+            .collect();
+        self.pseudo = kept;
+        self.headers.clear();
+        for (k, v) in &pairs {
+            self.add(k, v);
+        }
+        self.changed = true;
+    }
+}
+
+impl HeaderList for Pairs {
+    fn value(&self, name: &str) -> Option<Value> {
+        self.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| Value::Bytes(Bytes::copy_from_slice(v)))
+    }
+
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        map::encode(self.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+
+    fn encoded_len(&self) -> usize {
+        map::encoded_len(self.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+
+    fn replace(&mut self, name: &str, value: &[u8]) {
+        match self.iter().position(|(k, _)| k.eq_ignore_ascii_case(name)) {
+            Some(i) => {
+                self[i].1 = value.to_vec();
+                let mut seen = false;
+                self.retain(|(k, _)| {
+                    !k.eq_ignore_ascii_case(name) || !std::mem::replace(&mut seen, true)
+                });
+            }
+            None => self.push((name.to_ascii_lowercase(), value.to_vec())),
+        }
+    }
+
+    fn add(&mut self, name: &str, value: &[u8]) {
+        self.push((name.to_ascii_lowercase(), value.to_vec()));
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    }
+
+    fn set_all(&mut self, pairs: Pairs) {
+        let given = |n: &str| pairs.iter().any(|(k, _)| k == n);
+        let mut merged: Pairs = self
+            .iter()
+            .filter(|(k, _)| k.starts_with(':') && !given(k))
+            .cloned()
+            .collect();
+        merged.extend(pairs.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)));
+        *self = merged;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Head {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("/a?b=c")
+            .header("host", "example.com")
+            .header("x-one", "1")
+            .header("x-two", "2")
+            .header("x-two", "3")
+            .body(())
+            .unwrap();
+        Head::request(&req.into_parts().0, "http")
+    }
+
+    #[test]
+    fn a_request_head_lists_pseudo_headers_first_then_the_map() {
+        let h = request();
+        let pairs: Vec<_> = h
+            .iter()
+            .map(|(k, v)| (k, std::str::from_utf8(v).unwrap()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                (":method", "POST"),
+                (":path", "/a?b=c"),
+                (":authority", "example.com"),
+                (":scheme", "http"),
+                ("host", "example.com"),
+                ("x-one", "1"),
+                ("x-two", "2"),
+                ("x-two", "3"),
+            ]
+        );
+        assert_eq!(h.count(), 8);
+        assert_eq!(h.encoded_len(), h.encode().len());
+        assert_eq!(map::decode(&h.encode()).unwrap().len(), 8);
+        assert!(!h.changed());
+    }
+
+    #[test]
+    fn changes_follow_proxy_wasm_semantics() {
+        let mut h = request();
+        assert_eq!(h.value("X-Two").unwrap().as_ref(), b"2");
+        h.replace("X-Two", b"9");
+        assert_eq!(h.get_all("x-two").collect::<Vec<_>>(), [b"9"]);
+        h.add("x-new", b"a");
+        h.add("x-new", b"b");
+        assert_eq!(h.get_all("x-new").count(), 2);
+        h.remove("x-one");
+        assert_eq!(h.get("x-one"), None);
+        h.replace(":path", b"/new");
+        assert_eq!(h.pseudo(":path"), Some(&b"/new"[..]));
+        assert!(h.changed());
+        assert_eq!(h.error(), None);
+    }
+
+    #[test]
+    fn set_all_keeps_pseudo_headers_it_does_not_name() {
+        let mut h = request();
+        h.set_all(vec![
+            ("X-Only".into(), b"1".to_vec()),
+            (":path".into(), b"/p".to_vec()),
+        ]);
+        assert_eq!(h.pseudo(":method"), Some(&b"POST"[..]));
+        assert_eq!(h.pseudo(":path"), Some(&b"/p"[..]));
+        assert_eq!(h.headers().len(), 1);
+        assert_eq!(h.get("x-only"), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn what_the_map_cannot_hold_is_recorded_not_lost_silently() {
+        let mut h = request();
+        h.add("bad name", b"x");
+        h.add("x-ok", b"bad\nvalue");
+        let e = h.error().unwrap();
+        assert!(e.starts_with("invalid header name \"bad name\""), "{e}");
+        assert!(e.ends_with("(and 1 more refused)"), "{e}");
+        // Distinct names and values of one name alike.
+        for name in [None, Some("x-same")] {
+            let mut full = request();
+            for i in 0..40_000 {
+                full.add(name.unwrap_or(&format!("x-{i}")), b"v");
+            }
+            let e = full.error().unwrap();
+            assert_eq!(e, "40004 headers, more than a header map can hold");
+            assert!(full.headers().len() <= MAX_HEADERS);
+        }
+    }
+
+    #[test]
+    fn pair_lists_match_names_case_insensitively() {
+        let mut p: Pairs = vec![("a".into(), b"1".to_vec()), ("a".into(), b"2".to_vec())];
+        p.replace("A", b"3");
+        assert_eq!(p, vec![("a".to_string(), b"3".to_vec())]);
+        p.add("B", b"4");
+        assert_eq!(p.value("b").unwrap().as_ref(), b"4");
+        HeaderList::remove(&mut p, "b");
+        assert_eq!(p.count(), 1);
+    }
+}
