@@ -8,6 +8,8 @@
 #                       PluginContext creation
 #   4. propagation.py — Admin API PUT → every worker serving it, p50/p99 over 1,000 edits
 #   5. criterion      — host round trip, header maps, plugin setup, snapshot path, router
+#   6. instructions.sh — instructions per request through one plugin (callgrind; steady on a
+#                       busy machine, for comparing commits)
 #
 # usage: scripts/bench/run_all.sh [out-dir]   (default: bench-results/<date>)
 # Needs: wrk, nginx (Debian: wrk nginx-light). Takes about 15 minutes on 2 cores; nothing else
@@ -49,4 +51,8 @@ for b in "wasmgate-wasm host" "wasmgate-shared snapshot" "wasmgate-worker router
   cargo bench -q -p "$1" --bench "$2" -- --warm-up-time 1 --measurement-time 3 2>&1 |
     grep -E '^[a-zA-Z].*|time:' | tee -a "$out/criterion.txt"
 done
+if command -v valgrind >/dev/null; then
+  echo "== instructions (callgrind)"
+  scripts/bench/instructions.sh 2000 | tee "$out/instructions.txt"
+fi
 echo "== done: $out"

@@ -71,34 +71,74 @@ fn plugin() -> PluginModule {
     PluginModule::load(settings, std::path::Path::new(path)).expect("the example plugin loads")
 }
 
-fn round_trip(c: &mut Criterion) {
+/// One request through one plugin as the gateway runs it: the request head lent, an
+/// HttpContext, request headers, the response head, response headers, a one-chunk response
+/// body, log, done and delete.
+#[inline(never)]
+fn one_request(
+    vm: &mut PluginVm,
+    root: u32,
+    parts: &http::request::Parts,
+    props: &Arc<dyn Properties>,
+) -> Option<Box<Stream>> {
+    let mut stream = Some(Box::new(Stream::new(
+        Head::request(parts, "http"),
+        props.clone(),
+    )));
+    let id = vm.create_http_context(root).unwrap();
+    vm.on_request_headers(id, &mut stream, true).unwrap();
+    if let Some(s) = stream.as_mut() {
+        s.response = Some(Head::response(http::StatusCode::OK, &Default::default()));
+    }
+    vm.on_response_headers(id, &mut stream, false).unwrap();
+    if let Some(s) = stream.as_mut() {
+        s.response_body.extend_from_slice(b"ok\n");
+    }
+    vm.on_response_body(id, &mut stream, true).unwrap();
+    vm.on_log(id, &mut stream).unwrap();
+    vm.finish(id).unwrap();
+    stream
+}
+
+/// With `WASMGATE_BENCH_REQUESTS=n`, runs [`one_request`] n times and exits before criterion
+/// starts: `scripts/bench/instructions.sh` counts its instructions under callgrind, a figure
+/// that does not move with the machine's load.
+fn fixed_requests() {
+    let Some(n) = std::env::var("WASMGATE_BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
     let module = plugin();
     let mut vm = PluginVm::new(&module).unwrap();
-    let conf = br#"{"set": {"x-a": "1"}, "response_set": {"x-b": "2"}}"#;
-    let root = vm.create_plugin_context(conf).unwrap().unwrap();
+    let root = vm.create_plugin_context(CONF).unwrap().unwrap();
+    let props: Arc<dyn Properties> = Arc::new(NoProps);
+    let parts = request_parts();
+    for _ in 0..n {
+        black_box(one_request(&mut vm, root, &parts, &props));
+    }
+    std::process::exit(0);
+}
+
+const CONF: &[u8] = br#"{"set": {"x-a": "1"}, "response_set": {"x-b": "2"}}"#;
+
+fn round_trip(c: &mut Criterion) {
+    fixed_requests();
+    let module = plugin();
+    let mut vm = PluginVm::new(&module).unwrap();
+    let root = vm.create_plugin_context(CONF).unwrap().unwrap();
     let props: Arc<dyn Properties> = Arc::new(NoProps);
     let req = request_head();
+    let parts = request_parts();
     c.bench_function(
-        "plugin request: context, request and response headers, log, done",
-        |b| {
-            b.iter(|| {
-                let mut stream = Some(Stream::new(req.clone(), props.clone()));
-                let id = vm.create_http_context(root).unwrap();
-                vm.on_request_headers(id, &mut stream, true).unwrap();
-                if let Some(s) = stream.as_mut() {
-                    s.response = Some(Head::response(http::StatusCode::OK, &Default::default()));
-                }
-                vm.on_response_headers(id, &mut stream, false).unwrap();
-                vm.on_log(id, &mut stream).unwrap();
-                vm.finish(id).unwrap();
-                black_box(stream)
-            })
-        },
+        "plugin request: head lent, context, headers both ways, body, log, done",
+        |b| b.iter(|| black_box(one_request(&mut vm, root, &parts, &props))),
     );
     c.bench_function("plugin: proxy_on_request_headers alone (10 headers)", |b| {
         let id = vm.create_http_context(root).unwrap();
         b.iter(|| {
-            let mut stream = Some(Stream::new(req.clone(), props.clone()));
+            let mut stream = Some(Box::new(Stream::new(req.clone(), props.clone())));
             black_box(vm.on_request_headers(id, &mut stream, true).unwrap());
         })
     });
@@ -134,7 +174,7 @@ fn codec(c: &mut Criterion) {
 fn setup_costs(c: &mut Criterion) {
     let module = plugin();
     let mut vm = PluginVm::new(&module).unwrap();
-    let conf = br#"{"set": {"x-a": "1"}, "response_set": {"x-b": "2"}}"#;
+    let conf = CONF;
     c.bench_function(
         "plugin context: proxy_on_context_create + proxy_on_configure (small JSON conf)",
         |b| {

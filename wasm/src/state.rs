@@ -95,7 +95,7 @@ pub struct HostState {
     /// `VmConfiguration` buffer, set around `proxy_on_vm_start`.
     pub vm_config: Vec<u8>,
     /// Set only during an HTTP callback.
-    pub stream: Option<Stream>,
+    pub stream: Option<Box<Stream>>,
     /// Set by `proxy_send_local_response` during a callback.
     pub local_reply: Option<LocalReply>,
     /// The context id the current callback runs for, or the one set with

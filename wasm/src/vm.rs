@@ -235,7 +235,7 @@ impl PluginVm {
         &mut self,
         f: Option<&Callback3>,
         id: u32,
-        stream: &mut Option<Stream>,
+        stream: &mut Option<Box<Stream>>,
         a: usize,
         b: bool,
     ) -> Result<Outcome, Fault> {
@@ -260,7 +260,7 @@ impl PluginVm {
         })
     }
 
-    fn enter(&mut self, id: u32, stream: &mut Option<Stream>) {
+    fn enter(&mut self, id: u32, stream: &mut Option<Box<Stream>>) {
         let d = self.store.data_mut();
         d.stream = stream.take();
         d.local_reply = None;
@@ -268,7 +268,7 @@ impl PluginVm {
         d.effective_context = id;
     }
 
-    fn leave(&mut self, stream: &mut Option<Stream>) -> (Option<LocalReply>, bool) {
+    fn leave(&mut self, stream: &mut Option<Box<Stream>>) -> (Option<LocalReply>, bool) {
         let d = self.store.data_mut();
         *stream = d.stream.take();
         (d.local_reply.take(), std::mem::take(&mut d.resumed))
@@ -278,7 +278,7 @@ impl PluginVm {
     pub fn on_request_headers(
         &mut self,
         id: u32,
-        stream: &mut Option<Stream>,
+        stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
         let n = stream.as_ref().map_or(0, |s| s.request.count());
@@ -290,7 +290,7 @@ impl PluginVm {
     pub fn on_response_headers(
         &mut self,
         id: u32,
-        stream: &mut Option<Stream>,
+        stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
         let n = stream
@@ -305,7 +305,7 @@ impl PluginVm {
     pub fn on_request_body(
         &mut self,
         id: u32,
-        stream: &mut Option<Stream>,
+        stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
         let n = stream.as_ref().map(|s| s.request_body.len()).unwrap_or(0);
@@ -317,7 +317,7 @@ impl PluginVm {
     pub fn on_response_body(
         &mut self,
         id: u32,
-        stream: &mut Option<Stream>,
+        stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
         let n = stream.as_ref().map(|s| s.response_body.len()).unwrap_or(0);
@@ -341,7 +341,7 @@ impl PluginVm {
         &mut self,
         id: u32,
         token: u32,
-        stream: &mut Option<Stream>,
+        stream: &mut Option<Box<Stream>>,
         response: Option<CallResponse>,
     ) -> Result<Outcome, Fault> {
         let exports = Arc::clone(&self.f);
@@ -421,7 +421,7 @@ impl PluginVm {
     }
 
     /// `proxy_on_log` with the stream readable.
-    pub fn on_log(&mut self, id: u32, stream: &mut Option<Stream>) -> Result<(), Fault> {
+    pub fn on_log(&mut self, id: u32, stream: &mut Option<Box<Stream>>) -> Result<(), Fault> {
         let exports = Arc::clone(&self.f);
         let Some(f) = exports.log.as_ref() else {
             return Ok(());

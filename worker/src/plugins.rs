@@ -123,7 +123,7 @@ pub struct Active {
 /// a request abandoned half-way (client gone) never leaks contexts.
 pub struct WasmRequest {
     plugins: Arc<Plugins>,
-    pub stream: Option<Stream>,
+    pub stream: Option<Box<Stream>>,
     pub active: Vec<Active>,
     /// Nanoseconds spent in each active context's callbacks for this request.
     pub spent: Vec<u64>,
@@ -133,7 +133,7 @@ impl WasmRequest {
     pub fn new(plugins: Arc<Plugins>, stream: Stream) -> WasmRequest {
         WasmRequest {
             plugins,
-            stream: Some(stream),
+            stream: Some(Box::new(stream)),
             active: Vec::new(),
             spent: Vec::new(),
         }
@@ -404,7 +404,7 @@ impl Plugins {
         self: &Arc<Self>,
         active: &[Active],
         spent: &mut [u64],
-        stream: &mut Option<Stream>,
+        stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Verdict {
         for (a, t) in active.iter().zip(spent.iter_mut()) {
@@ -436,7 +436,7 @@ impl Plugins {
         a: &Active,
         first: Result<Outcome, Fault>,
         calls: Vec<HttpCall>,
-        stream: &mut Option<Stream>,
+        stream: &mut Option<Box<Stream>>,
         phase: Phase,
     ) -> (Verdict, Duration) {
         let p = &self.list[a.plugin];
@@ -582,7 +582,7 @@ impl Plugins {
         ctx: u32,
         token: u32,
         resp: Option<CallResponse>,
-        stream: &mut Option<Stream>,
+        stream: &mut Option<Box<Stream>>,
         record: Option<usize>,
     ) -> Option<(Result<Outcome, Fault>, Vec<HttpCall>)> {
         let p = &self.list[plugin];
@@ -803,7 +803,7 @@ impl Plugins {
     }
 
     /// The log phase: `proxy_on_log`, then done and delete for every HttpContext.
-    fn on_log(&self, active: Vec<Active>, spent: Vec<u64>, stream: &mut Option<Stream>) {
+    fn on_log(&self, active: Vec<Active>, spent: Vec<u64>, stream: &mut Option<Box<Stream>>) {
         for (i, a) in active.into_iter().enumerate() {
             let p = &self.list[a.plugin];
             let mut st = p.lock();

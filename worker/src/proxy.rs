@@ -281,12 +281,16 @@ async fn response_phase(
 async fn forward(
     w: &Worker,
     up: &Arc<UpstreamRuntime>,
-    parts: &http::request::Parts,
+    parts: &mut http::request::Parts,
     body: ProxyBody,
     peer: SocketAddr,
     log: &mut UpstreamLog,
 ) -> Response<ProxyBody> {
     let hash_key = hash_key(up, parts, peer);
+    // The client's headers are moved, not copied: nothing reads them after this phase.
+    let client_host = parts.headers.get(header::HOST).cloned();
+    let headers = std::mem::take(&mut parts.headers);
+    let mut headers = Some(upstream_headers(headers, client_host.as_ref(), peer));
     let mut body = Some(body);
     let mut tried = Vec::new();
     let mut stale_retries = 0;
@@ -318,10 +322,11 @@ async fn forward(
                 continue;
             }
         };
-        let Some(b) = body.take() else {
+        let (Some(b), Some(h)) = (body.take(), headers.take()) else {
             return error_page(StatusCode::BAD_GATEWAY);
         };
-        let req = upstream_request(parts, b, node_host(up, parts, &authority), peer);
+        let host = node_host(up, client_host.as_ref(), &authority);
+        let req = upstream_request(parts, h, host, b);
         up.balancer.on_start(idx);
         match send(w, conn, req, &authority, up).await {
             Exchange::Response(resp) => {
@@ -336,7 +341,9 @@ async fn forward(
                 // nothing reached the node, so trying again on a fresh connection is safe.
                 up.balancer.on_finish(idx);
                 stale_retries += 1;
-                body = Some(req.into_body());
+                let (head, b) = req.into_parts();
+                body = Some(b);
+                headers = Some(head.headers);
             }
             outcome => {
                 up.balancer.on_finish(idx);
@@ -486,11 +493,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// The `Host` sent upstream, per `pass_host`.
 fn node_host(
     up: &UpstreamRuntime,
-    parts: &http::request::Parts,
+    client_host: Option<&HeaderValue>,
     authority: &str,
 ) -> Option<HeaderValue> {
     match up.pass_host {
-        PassHost::Pass => parts.headers.get(header::HOST).cloned(),
+        PassHost::Pass => client_host.cloned(),
         PassHost::Node => {
             HeaderValue::from_str(authority.strip_suffix(":80").unwrap_or(authority)).ok()
         }
@@ -506,13 +513,13 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-fn upstream_request(
-    parts: &http::request::Parts,
-    body: ProxyBody,
-    host: Option<HeaderValue>,
+/// The client's headers as sent upstream: hop-by-hop headers stripped, `X-Forwarded-*` and
+/// `X-Real-IP` set. Made once per request; each attempt only sets `Host`.
+fn upstream_headers(
+    mut headers: HeaderMap,
+    client_host: Option<&HeaderValue>,
     peer: SocketAddr,
-) -> Request<ProxyBody> {
-    let mut headers = parts.headers.clone();
+) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     let ip = peer.ip().to_string();
     // Repeated X-Forwarded-For lines form one list (as nginx's $proxy_add_x_forwarded_for).
@@ -531,9 +538,19 @@ fn upstream_request(
         headers.insert(X_REAL_IP.clone(), v);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    if let Some(h) = parts.headers.get(header::HOST) {
+    if let Some(h) = client_host {
         headers.insert(X_FORWARDED_HOST.clone(), h.clone());
     }
+    headers
+}
+
+/// One attempt's request: `Host` per `pass_host` (none: no `Host` line).
+fn upstream_request(
+    parts: &http::request::Parts,
+    mut headers: HeaderMap,
+    host: Option<HeaderValue>,
+    body: ProxyBody,
+) -> Request<ProxyBody> {
     match host {
         Some(h) => {
             headers.insert(header::HOST, h);
