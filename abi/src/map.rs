@@ -24,22 +24,40 @@ pub fn encode<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])> + Clone) -> V
     encode_from(|| pairs.clone())
 }
 
-/// Serializes the pairs `pairs()` yields (called three times), for lists whose iterator
-/// cannot be cloned.
+/// Serializes the pairs `pairs()` yields, for lists whose iterator cannot be cloned.
 pub fn encode_from<'a, I: Iterator<Item = (&'a str, &'a [u8])>>(pairs: impl Fn() -> I) -> Vec<u8> {
-    let mut out = Vec::with_capacity(encoded_len(pairs()));
-    out.extend_from_slice(&(pairs().count() as u32).to_le_bytes());
-    for (k, v) in pairs() {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs() {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v);
-        out.push(0);
-    }
+    let mut out = vec![0; encoded_len(pairs())];
+    encode_into(&mut out, pairs);
     out
+}
+
+/// Serializes into `out` (which should be [`encoded_len`] bytes; `pairs()` is called three
+/// times) and returns the bytes written — straight into a plugin's memory, without a buffer of
+/// the host's. Never writes past `out`: what does not fit is left out, so the written count
+/// tells a short buffer.
+pub fn encode_into<'a, I: Iterator<Item = (&'a str, &'a [u8])>>(
+    out: &mut [u8],
+    pairs: impl Fn() -> I,
+) -> usize {
+    let mut at = 0;
+    let mut put = |bytes: &[u8]| {
+        if let Some(dst) = out.get_mut(at..at + bytes.len()) {
+            dst.copy_from_slice(bytes);
+            at += bytes.len();
+        }
+    };
+    put(&(pairs().count() as u32).to_le_bytes());
+    for (k, v) in pairs() {
+        put(&(k.len() as u32).to_le_bytes());
+        put(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs() {
+        put(k.as_bytes());
+        put(&[0]);
+        put(v);
+        put(&[0]);
+    }
+    at
 }
 
 /// Why a serialized map was refused.
@@ -103,6 +121,21 @@ mod tests {
         let enc = encode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
         assert_eq!(decode(&enc).unwrap(), pairs);
         assert_eq!(decode(&[]).unwrap(), Vec::new());
+        let it = || pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+        assert_eq!(encoded_len(it()), enc.len());
+        let mut exact = vec![0; enc.len()];
+        assert_eq!(encode_into(&mut exact, it), enc.len());
+        assert_eq!(exact, enc);
+    }
+
+    #[test]
+    fn encoding_into_a_short_buffer_stops_at_its_end() {
+        let pairs = [("key".to_string(), b"value".to_vec())];
+        let it = || pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+        for len in 0..encoded_len(it()) {
+            let mut short = vec![0; len];
+            assert!(encode_into(&mut short, it) <= len);
+        }
     }
 
     #[test]

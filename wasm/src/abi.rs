@@ -297,8 +297,30 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_pairs",
         |mut c: C<'_>, t: i32, ret_ptr: i32, ret_len: i32| -> R {
-            let bytes = tri!(map_of(c.data_mut(), t)).encode();
-            answer(&mut c, &bytes, ret_ptr, ret_len)
+            // Encoded straight into the plugin's allocation: no buffer of the host's.
+            let len = tri!(map_of(c.data_mut(), t)).encoded_len();
+            let Some(alloc) = c.data().alloc.clone() else {
+                return ok(Status::InternalFailure);
+            };
+            let p = alloc.call(&mut c, len as i32)?;
+            if p == 0 {
+                return ok(Status::InternalFailure);
+            }
+            let m = tri!(memory(&mut c).ok_or(Status::BadArgument));
+            let (mem, state) = m.data_and_store_mut(&mut c);
+            let start = p as u32 as usize;
+            let Some(dst) = start
+                .checked_add(len)
+                .and_then(|end| mem.get_mut(start..end))
+            else {
+                return ok(Status::InternalFailure);
+            };
+            if tri!(map_of(state, t)).encode_into(dst) != len {
+                return ok(Status::InternalFailure);
+            }
+            tri!(write(&mut c, ret_ptr, &(p as u32).to_le_bytes()));
+            tri!(write(&mut c, ret_len, &(len as u32).to_le_bytes()));
+            ok(Status::Ok)
         },
     )?;
     l.func_wrap(

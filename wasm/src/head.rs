@@ -24,7 +24,13 @@ pub trait HeaderList {
     /// Number of pairs.
     fn count(&self) -> usize;
     /// The serialized map (see [`map`]).
-    fn encode(&self) -> Vec<u8>;
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![0; self.encoded_len()];
+        self.encode_into(&mut out);
+        out
+    }
+    /// Serializes into `out` ([`HeaderList::encoded_len`] bytes); returns the bytes written.
+    fn encode_into(&self, out: &mut [u8]) -> usize;
     /// Size of [`HeaderList::encode`]'s output.
     fn encoded_len(&self) -> usize;
     /// Sets `name` to `value`, replacing every value it had.
@@ -257,8 +263,8 @@ impl HeaderList for Head {
         self.pseudo.len() + self.headers.len()
     }
 
-    fn encode(&self) -> Vec<u8> {
-        map::encode_from(|| self.iter())
+    fn encode_into(&self, out: &mut [u8]) -> usize {
+        map::encode_into(out, || self.iter())
     }
 
     fn encoded_len(&self) -> usize {
@@ -328,8 +334,8 @@ impl HeaderList for Pairs {
         self.len()
     }
 
-    fn encode(&self) -> Vec<u8> {
-        map::encode(self.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    fn encode_into(&self, out: &mut [u8]) -> usize {
+        map::encode_into(out, || self.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 
     fn encoded_len(&self) -> usize {

@@ -224,6 +224,7 @@ fn build(c: &mut Criterion) {
                 plugins: vec![],
                 owner: format!("route:r{i}:1").into(),
                 upstream: None,
+                traffic_record: Default::default(),
             })
         })
         .collect();

@@ -272,6 +272,7 @@ fn compile_route(
             service.and_then(|(_, (_, s))| s.plugins.as_ref()),
         ),
         upstream,
+        traffic_record: Default::default(),
     })
 }
 

@@ -88,7 +88,7 @@ pub async fn handle(
     let resp = match &route {
         None => json_error(StatusCode::NOT_FOUND, "404 Route Not Found"),
         Some(route) => {
-            log.route_id = route.id.clone();
+            log.route = Some(route.clone());
             serve_route(
                 &w,
                 &cfg,
@@ -593,7 +593,8 @@ struct LogInfo {
     request_line: String,
     referer: String,
     user_agent: String,
-    route_id: String,
+    /// The matched route, if any.
+    route: Option<Arc<RouteEntry>>,
     request_id: String,
     upstream: UpstreamLog,
     /// Size of the request head, and body bytes received (bandwidth statistics).
@@ -634,7 +635,7 @@ impl LogInfo {
             request_line,
             referer: header(header::REFERER),
             user_agent: header(header::USER_AGENT),
-            route_id: String::new(),
+            route: None,
             request_id: String::new(),
             upstream: UpstreamLog::default(),
             head_bytes: 0,
@@ -663,7 +664,7 @@ fn log_phase(
             }
             let request_time = log.started.elapsed();
             w.traffic.record(
-                &log.route_id,
+                log.route.as_deref(),
                 &Observation {
                     status,
                     request_us: request_time.as_micros() as u64,
@@ -687,7 +688,7 @@ fn log_phase(
                 upstream_addr: &up.addrs.join(", "),
                 upstream_status: up.statuses.last().and_then(|s| s.parse().ok()),
                 upstream_time: up.time,
-                route_id: &log.route_id,
+                route_id: log.route.as_ref().map_or("", |r| &r.id),
                 request_id: &log.request_id,
             });
         })

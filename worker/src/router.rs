@@ -59,6 +59,9 @@ pub struct RouteEntry {
     /// `route:<id>:<revision>`: what its PluginContexts are keyed by (made once, not per request).
     pub owner: Arc<str>,
     pub upstream: Option<Arc<UpstreamRuntime>>,
+    /// This worker's statistics record for the route (`traffic::Traffic`), found on its first
+    /// request so later ones skip the lookup by id.
+    pub traffic_record: std::sync::OnceLock<usize>,
 }
 
 /// What a request offers to be matched.
@@ -179,6 +182,7 @@ mod tests {
             plugins: vec![],
             owner: format!("route:{id}:1").into(),
             upstream: None,
+            traffic_record: Default::default(),
         }
     }
 
