@@ -21,13 +21,8 @@ pub fn encoded_len<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])>) -> usiz
 
 /// Serializes pairs.
 pub fn encode<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])> + Clone) -> Vec<u8> {
-    encode_from(|| pairs.clone())
-}
-
-/// Serializes the pairs `pairs()` yields, for lists whose iterator cannot be cloned.
-pub fn encode_from<'a, I: Iterator<Item = (&'a str, &'a [u8])>>(pairs: impl Fn() -> I) -> Vec<u8> {
-    let mut out = vec![0; encoded_len(pairs())];
-    encode_into(&mut out, pairs);
+    let mut out = vec![0; encoded_len(pairs.clone())];
+    encode_into(&mut out, || pairs.clone());
     out
 }
 

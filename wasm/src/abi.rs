@@ -60,16 +60,42 @@ fn give(
     ret_ptr: i32,
     ret_len: i32,
 ) -> wasmtime::Result<Result<(), Status>> {
+    give_with(c, data.len(), ret_ptr, ret_len, |dst, _| {
+        dst.copy_from_slice(data);
+        Ok(())
+    })
+}
+
+/// Hands the guest `len` bytes that `fill` writes straight into its allocation (with the host
+/// state at hand), so an answer built from host data needs no buffer of the host's.
+fn give_with(
+    c: &mut C<'_>,
+    len: usize,
+    ret_ptr: i32,
+    ret_len: i32,
+    fill: impl FnOnce(&mut [u8], &mut HostState) -> Result<(), Status>,
+) -> wasmtime::Result<Result<(), Status>> {
     let Some(alloc) = c.data().alloc.clone() else {
         return Ok(Err(Status::InternalFailure));
     };
-    let p = alloc.call(&mut *c, data.len() as i32)?;
-    if p == 0 && !data.is_empty() {
+    let p = alloc.call(&mut *c, len as i32)?;
+    if p == 0 && len > 0 {
         return Ok(Err(Status::InternalFailure));
     }
-    Ok(write(c, p, data)
+    let Some(m) = memory(c) else {
+        return Ok(Err(Status::BadArgument));
+    };
+    let (mem, state) = m.data_and_store_mut(&mut *c);
+    let start = p as u32 as usize;
+    let Some(dst) = start
+        .checked_add(len)
+        .and_then(|end| mem.get_mut(start..end))
+    else {
+        return Ok(Err(Status::BadArgument));
+    };
+    Ok(fill(dst, state)
         .and_then(|_| write(c, ret_ptr, &(p as u32).to_le_bytes()))
-        .and_then(|_| write(c, ret_len, &(data.len() as u32).to_le_bytes())))
+        .and_then(|_| write(c, ret_len, &(len as u32).to_le_bytes())))
 }
 
 /// `give` and the status to return.
@@ -299,28 +325,13 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, t: i32, ret_ptr: i32, ret_len: i32| -> R {
             // Encoded straight into the plugin's allocation: no buffer of the host's.
             let len = tri!(map_of(c.data_mut(), t)).encoded_len();
-            let Some(alloc) = c.data().alloc.clone() else {
-                return ok(Status::InternalFailure);
-            };
-            let p = alloc.call(&mut c, len as i32)?;
-            if p == 0 {
-                return ok(Status::InternalFailure);
-            }
-            let m = tri!(memory(&mut c).ok_or(Status::BadArgument));
-            let (mem, state) = m.data_and_store_mut(&mut c);
-            let start = p as u32 as usize;
-            let Some(dst) = start
-                .checked_add(len)
-                .and_then(|end| mem.get_mut(start..end))
-            else {
-                return ok(Status::InternalFailure);
-            };
-            if tri!(map_of(state, t)).encode_into(dst) != len {
-                return ok(Status::InternalFailure);
-            }
-            tri!(write(&mut c, ret_ptr, &(p as u32).to_le_bytes()));
-            tri!(write(&mut c, ret_len, &(len as u32).to_le_bytes()));
-            ok(Status::Ok)
+            let given = give_with(&mut c, len, ret_ptr, ret_len, |dst, state| {
+                match map_of(state, t)?.encode_into(dst) == len {
+                    true => Ok(()),
+                    false => Err(Status::InternalFailure),
+                }
+            })?;
+            ok(given.err().unwrap_or(Status::Ok))
         },
     )?;
     l.func_wrap(

@@ -129,15 +129,6 @@ impl Head {
         Head::new(vec![(Cow::Borrowed(PSEUDO[4]), code)], headers.clone())
     }
 
-    /// A head from a pair list (pseudo-headers first); what the map cannot take is recorded
-    /// as for a plugin's change.
-    pub fn from_pairs(pairs: Pairs) -> Head {
-        let mut h = Head::new(Vec::new(), HeaderMap::new());
-        h.set_all(pairs);
-        h.changed = false;
-        h
-    }
-
     fn new(pseudo: Vec<(Cow<'static, str>, Bytes)>, headers: HeaderMap) -> Head {
         Head {
             pseudo,
