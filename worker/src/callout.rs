@@ -16,7 +16,7 @@ use http::Request;
 use http_body_util::BodyExt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use wasmgate_wasm::{CallResponse, HttpCall};
 
@@ -54,7 +54,7 @@ impl Callout for WorkerCallout {
 }
 
 /// Where a target points: (authority, connect timeout, read timeout).
-fn resolve(w: &Worker, target: &str) -> Result<(String, Duration, Duration), String> {
+fn resolve(w: &Worker, target: &str) -> Result<(Arc<str>, Duration, Duration), String> {
     let cfg = w.live.current();
     if let Some(up) = cfg.upstream(target) {
         let idx = up
@@ -62,7 +62,7 @@ fn resolve(w: &Worker, target: &str) -> Result<(String, Duration, Duration), Str
             .pick(None, &[])
             .ok_or_else(|| format!("upstream {target} has no node"))?;
         return Ok((
-            up.nodes[idx].authority(),
+            up.authorities[idx].clone(),
             up.connect_timeout,
             up.read_timeout,
         ));
@@ -74,7 +74,7 @@ fn resolve(w: &Worker, target: &str) -> Result<(String, Duration, Duration), Str
         return Err("neither an upstream id nor host:port".into());
     }
     Ok((
-        target.to_string(),
+        Arc::from(target),
         LITERAL_CONNECT_TIMEOUT,
         Duration::from_secs(60),
     ))

@@ -40,8 +40,10 @@ use wasmgate_wasm::Stream;
 /// What the log phase needs to know about the upstream exchange.
 #[derive(Default)]
 struct UpstreamLog {
-    addrs: Vec<String>,
-    statuses: Vec<String>,
+    /// Every node tried, in order (`$upstream_addr`).
+    addrs: Vec<Arc<str>>,
+    /// The last attempt's status; none when the client's body failed (`$upstream_status`).
+    status: Option<u16>,
     time: Option<Duration>,
     /// The node whose active count to release at the end (least_conn).
     active: Option<(Arc<UpstreamRuntime>, usize)>,
@@ -306,14 +308,13 @@ async fn forward(
             }
             return error_page(StatusCode::BAD_GATEWAY);
         };
-        let node = &up.nodes[idx];
-        let authority = node.authority();
+        let authority = up.authorities[idx].clone();
         let conn = match w.pool.checkout(&authority, up.connect_timeout).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("connect() to {authority} failed: {e}");
                 log.addrs.push(authority);
-                log.statuses.push("502".into());
+                log.status = Some(502);
                 tried.push(idx);
                 let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
                 if tried.len() > up.retries || out_of_time {
@@ -331,7 +332,7 @@ async fn forward(
         match send(w, conn, req, &authority, up).await {
             Exchange::Response(resp) => {
                 log.addrs.push(authority);
-                log.statuses.push(resp.status().as_u16().to_string());
+                log.status = Some(resp.status().as_u16());
                 log.time = Some(started.elapsed());
                 log.active = Some((up.clone(), idx));
                 return resp;
@@ -358,7 +359,7 @@ async fn forward(
                         // it streamed: the client's fault (413/408), not the upstream's.
                         Some(status) => {
                             tracing::info!("client request body failed: {e}");
-                            log.statuses.push("-".into());
+                            log.status = None;
                             return error_page(status);
                         }
                         None => {
@@ -370,7 +371,7 @@ async fn forward(
                     },
                     _ => StatusCode::BAD_GATEWAY,
                 };
-                log.statuses.push(status.as_u16().to_string());
+                log.status = Some(status.as_u16());
                 return error_page(status);
             }
         }
@@ -392,7 +393,7 @@ async fn send(
     w: &Worker,
     conn: Conn,
     req: Request<ProxyBody>,
-    authority: &str,
+    authority: &Arc<str>,
     up: &UpstreamRuntime,
 ) -> Exchange {
     let Conn { mut sender, reused } = conn;
@@ -416,9 +417,11 @@ async fn send(
         Ok(resp) => {
             let pool = w.pool.clone();
             let read_timeout = up.read_timeout;
-            Exchange::Response(resp.map(|b| {
-                PooledBody::new(b, pool, authority.to_string(), sender, read_timeout).boxed()
-            }))
+            Exchange::Response(
+                resp.map(|b| {
+                    PooledBody::new(b, pool, authority.clone(), sender, read_timeout).boxed()
+                }),
+            )
         }
         Err(mut e) => match e.take_message() {
             Some(req) if reused => Exchange::NotSent(req),
@@ -458,21 +461,48 @@ fn uuid_text(r: u128) -> String {
     out
 }
 
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    // Standard names compare as enum tags, not strings.
+    *n == header::CONNECTION
+        || *n == header::TE
+        || *n == header::TRAILER
+        || *n == header::TRANSFER_ENCODING
+        || *n == header::UPGRADE
+        || *n == header::PROXY_AUTHENTICATE
+        || *n == KEEP_ALIVE
+        || *n == PROXY_CONNECTION
+}
+
+/// `Connection` options that need no lookup: `close`, or names that go anyway.
+const NOT_LISTED: [&str; 9] = [
+    "close",
     "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
+    "upgrade",
     "te",
     "trailer",
     "transfer-encoding",
-    "upgrade",
+    "connection",
+    "proxy-connection",
+    "proxy-authenticate",
 ];
 
+/// Removes the hop-by-hop headers and those the `Connection` header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none of them: one pass over the names instead of eight removals.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+    // Most messages carry at most `Connection: keep-alive` or `close`: one pass over the
+    // names finds what to remove, without parsing a name or allocating.
+    let mut found: [Option<HeaderName>; 8] = Default::default();
+    let mut n = 0;
+    for k in h.keys().filter(|k| is_hop_by_hop(k)) {
+        if n < found.len() {
+            found[n] = Some(k.clone());
+            n += 1;
+        }
+    }
+    if n == 0 {
         return;
     }
     let listed: Vec<HeaderName> = h
@@ -480,13 +510,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !NOT_LISTED.iter().any(|f| t.eq_ignore_ascii_case(f)))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    for n in listed {
-        h.remove(n);
-    }
-    for n in HOP_BY_HOP {
-        h.remove(n);
+    for name in found.iter().flatten().chain(&listed) {
+        h.remove(name);
     }
 }
 
@@ -686,7 +715,7 @@ fn log_phase(
                 referer: &log.referer,
                 user_agent: &log.user_agent,
                 upstream_addr: &up.addrs.join(", "),
-                upstream_status: up.statuses.last().and_then(|s| s.parse().ok()),
+                upstream_status: up.status,
                 upstream_time: up.time,
                 route_id: log.route.as_ref().map_or("", |r| &r.id),
                 request_id: &log.request_id,
@@ -869,4 +898,65 @@ pub fn error_page(status: StatusCode) -> Response<ProxyBody> {
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut v: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = headers(&[
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authenticate", "Basic"),
+            ("x-kept", "1"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["content-type", "x-kept"]);
+    }
+
+    #[test]
+    fn headers_named_by_connection_are_stripped() {
+        let mut h = headers(&[
+            ("connection", "close, X-Private , keep-alive"),
+            ("connection", "x-other"),
+            ("x-private", "secret"),
+            ("x-other", "1"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["x-kept"]);
+    }
+
+    #[test]
+    fn messages_without_hop_by_hop_headers_are_untouched() {
+        let mut h = headers(&[("x-kept", "1"), ("x-kept", "2"), ("host", "a")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get_all("x-kept").iter().count(), 2);
+        assert_eq!(names(&h), ["host", "x-kept"]);
+    }
 }

@@ -5,6 +5,7 @@ pub mod balancer;
 pub mod pool;
 
 use balancer::{Balancer, BalancerKind, BalancerNode};
+use std::sync::Arc;
 use std::time::Duration;
 use wasmgate_shared::model::NodeAddr;
 use wasmgate_shared::model::{HashOn, LbType, PassHost, Timeout, Upstream};
@@ -17,6 +18,8 @@ const DEFAULT_TIMEOUT: f64 = 60.0;
 #[derive(Debug)]
 pub struct UpstreamRuntime {
     pub nodes: Vec<NodeAddr>,
+    /// Each node's `host:port`, made once: it keys the connection pool and the access log.
+    pub authorities: Vec<Arc<str>>,
     pub balancer: Balancer,
     pub connect_timeout: Duration,
     pub send_timeout: Duration,
@@ -76,6 +79,7 @@ impl UpstreamRuntime {
             upstream_host: u.upstream_host.clone(),
             hash_on: u.hash_on.unwrap_or_default(),
             key: u.key.clone(),
+            authorities: nodes.iter().map(|n| Arc::from(n.authority())).collect(),
             nodes,
         }
     }

@@ -43,7 +43,9 @@ struct Idle {
 
 /// The pool of idle upstream connections.
 pub struct Pool {
-    idle: Mutex<HashMap<String, Vec<Idle>>>,
+    /// Per node, oldest first: connections are checked in in time order, so the expired ones
+    /// are always a prefix, and the newest (warmest) is taken first.
+    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -64,6 +66,12 @@ impl Pool {
         connect_timeout: Duration,
     ) -> Result<Conn, ConnectError> {
         while let Some(mut sender) = self.take_idle(authority) {
+            if sender.is_ready() {
+                return Ok(Conn {
+                    sender,
+                    reused: true,
+                });
+            }
             // A pooled connection may have been closed by the node meanwhile; `ready`
             // answers at once either way.
             if let Ok(Ok(())) =
@@ -85,8 +93,14 @@ impl Pool {
     fn take_idle(&self, authority: &str) -> Option<SendRequest<ProxyBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(authority)?;
+        // The newest went idle last: when it has expired, so have all the others.
+        let now = Instant::now();
         while let Some(i) = list.pop() {
-            if i.since.elapsed() < self.idle_timeout && !i.sender.is_closed() {
+            if now.duration_since(i.since) >= self.idle_timeout {
+                list.clear();
+                return None;
+            }
+            if !i.sender.is_closed() {
                 return Some(i.sender);
             }
         }
@@ -94,19 +108,35 @@ impl Pool {
     }
 
     /// Returns a connection whose exchange completed.
-    pub fn checkin(&self, authority: &str, sender: SendRequest<ProxyBody>) {
+    pub fn checkin(&self, authority: &Arc<str>, sender: SendRequest<ProxyBody>) {
         if self.max_idle == 0 || sender.is_closed() {
             return;
         }
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(authority.to_string()).or_default();
-        list.retain(|i| i.since.elapsed() < self.idle_timeout && !i.sender.is_closed());
-        if list.len() < self.max_idle {
-            list.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+        let list = match idle.get_mut(&**authority) {
+            Some(list) => list,
+            None => idle.entry(authority.clone()).or_default(),
+        };
+        // Expired connections are the oldest: one clock reading and a prefix, not a scan.
+        let expired = list
+            .iter()
+            .take_while(|i| now.duration_since(i.since) >= self.idle_timeout)
+            .count();
+        list.drain(..expired);
+        if list.len() >= self.max_idle {
+            list.retain(|i| !i.sender.is_closed());
         }
+        if list.len() < self.max_idle {
+            list.push(Idle { sender, since: now });
+        }
+    }
+
+    /// Idle connections kept for `authority` (tests).
+    #[cfg(test)]
+    fn idle_count(&self, authority: &str) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.get(authority).map_or(0, Vec::len)
     }
 }
 
@@ -146,7 +176,7 @@ async fn connect(
 /// An upstream response body that hands its connection back to the pool when it ends.
 pub struct PooledBody {
     inner: hyper::body::Incoming,
-    ret: Option<(Arc<Pool>, String, SendRequest<ProxyBody>)>,
+    ret: Option<(Arc<Pool>, Arc<str>, SendRequest<ProxyBody>)>,
     /// Longest wait for the next chunk (`timeout.read`).
     read_timeout: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -156,7 +186,7 @@ impl PooledBody {
     pub fn new(
         inner: hyper::body::Incoming,
         pool: Arc<Pool>,
-        authority: String,
+        authority: Arc<str>,
         sender: SendRequest<ProxyBody>,
         read_timeout: Duration,
     ) -> PooledBody {
@@ -231,5 +261,63 @@ impl Drop for PooledBody {
         if self.inner.is_end_stream() {
             self.give_back();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool connection to a local listener that accepts and holds its sockets open.
+    async fn connection(addr: std::net::SocketAddr) -> SendRequest<ProxyBody> {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    async fn listener() -> std::net::SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_capped_reused_and_expire() {
+        let addr = listener().await;
+        let authority: Arc<str> = Arc::from(addr.to_string());
+        let pool = Pool::new(2, Duration::from_millis(300));
+        for _ in 0..3 {
+            let c = connection(addr).await;
+            pool.checkin(&authority, c);
+        }
+        assert_eq!(pool.idle_count(&authority), 2, "max_idle caps the list");
+        let c = pool
+            .checkout(&authority, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(c.reused);
+        assert_eq!(pool.idle_count(&authority), 1);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let c = pool
+            .checkout(&authority, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(!c.reused, "an expired connection is not handed out");
+        assert_eq!(pool.idle_count(&authority), 0);
+        // Checking in drops the expired ones before keeping the new one.
+        pool.checkin(&authority, connection(addr).await);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        pool.checkin(&authority, connection(addr).await);
+        assert_eq!(pool.idle_count(&authority), 1);
     }
 }
