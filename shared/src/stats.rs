@@ -104,21 +104,12 @@ impl ContextSnapshot {
     }
 }
 
-/// The bucket of a latency in microseconds: the smallest `i` with `us < 2^(i/2)`.
+/// The bucket of a latency in microseconds: the smallest `i` with `us < 2^(i/2)`, that is
+/// with `us² < 2^i`: the bit length of `us²`. Integer arithmetic, exact at every bound (it
+/// runs for every plugin call; the floating-point form cost a `log2` and two `powf`).
 pub fn bucket(us: u64) -> usize {
-    if us == 0 {
-        return 0;
-    }
-    let x = us as f64;
-    let mut i = ((2.0 * x.log2()).floor() as usize + 1).min(LATENCY_BUCKETS - 1);
-    // Floating-point rounding near a bound: settle on the exact bucket.
-    while i > 0 && x < sqrt2_pow(i - 1) {
-        i -= 1;
-    }
-    while i < LATENCY_BUCKETS - 1 && x >= sqrt2_pow(i) {
-        i += 1;
-    }
-    i
+    let square = u128::from(us) * u128::from(us);
+    ((128 - square.leading_zeros()) as usize).min(LATENCY_BUCKETS - 1)
 }
 
 fn sqrt2_pow(i: usize) -> f64 {

@@ -8,7 +8,8 @@
 //! `cargo bench -p wasmgate-wasm` (uses the committed `example_headers` plugin, the Rust SDK
 //! `header_rewrite` fixture).
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::HeaderMap;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +31,7 @@ impl Properties for NoProps {
 /// A request head with the four pseudo-headers and 10 ordinary headers, as the gateway lends
 /// it to plugins.
 fn request_head() -> Head {
-    Head::request(&request_parts(), "http")
+    Head::request(&mut request_parts(), "http")
 }
 
 fn request_parts() -> http::request::Parts {
@@ -82,26 +83,33 @@ fn plugin() -> PluginModule {
 fn one_request(
     vm: &mut PluginVm,
     root: u32,
-    parts: &http::request::Parts,
+    mut parts: http::request::Parts,
     props: &Arc<dyn Properties>,
-) -> Option<Box<Stream>> {
+) -> (Option<Box<Stream>>, http::request::Parts, HeaderMap) {
     let mut stream = Some(Box::new(Stream::new(
-        Head::request(parts, "http"),
+        Head::request(&mut parts, "http"),
         props.clone(),
     )));
     let id = vm.create_http_context(root).unwrap();
     vm.on_request_headers(id, &mut stream, true).unwrap();
+    // As the gateway does: the headers come back from the head for the upstream request,
+    // and the response headers go in and come back for the client.
+    let mut response = HeaderMap::new();
     if let Some(s) = stream.as_mut() {
-        s.response = Some(Head::response(http::StatusCode::OK, &Default::default()));
+        parts.headers = s.request.headers().clone();
+        s.response = Some(Head::response(http::StatusCode::OK, HeaderMap::new()));
     }
     vm.on_response_headers(id, &mut stream, false).unwrap();
     if let Some(s) = stream.as_mut() {
+        if let Some(r) = &s.response {
+            response = r.headers().clone();
+        }
         s.response_body.extend_from_slice(b"ok\n");
     }
     vm.on_response_body(id, &mut stream, true).unwrap();
     vm.on_log(id, &mut stream).unwrap();
     vm.finish(id).unwrap();
-    stream
+    (stream, parts, response)
 }
 
 /// With `WASMGATE_BENCH_REQUESTS=n`, runs [`one_request`] n times and exits before criterion
@@ -118,9 +126,10 @@ fn fixed_requests() {
     let mut vm = PluginVm::new(&module).unwrap();
     let root = vm.create_plugin_context(CONF).unwrap().unwrap();
     let props: Arc<dyn Properties> = Arc::new(NoProps);
-    let parts = request_parts();
-    for _ in 0..n {
-        black_box(one_request(&mut vm, root, &parts, &props));
+    // Each request gets its own head, as each arrives with its own (made outside the count).
+    let heads: Vec<_> = (0..n).map(|_| request_parts()).collect();
+    for parts in heads {
+        black_box(one_request(&mut vm, root, parts, &props));
     }
     std::process::exit(0);
 }
@@ -137,7 +146,13 @@ fn round_trip(c: &mut Criterion) {
     let parts = request_parts();
     c.bench_function(
         "plugin request: head lent, context, headers both ways, body, log, done",
-        |b| b.iter(|| black_box(one_request(&mut vm, root, &parts, &props))),
+        |b| {
+            b.iter_batched(
+                || parts.clone(),
+                |p| black_box(one_request(&mut vm, root, p, &props)),
+                BatchSize::SmallInput,
+            )
+        },
     );
     c.bench_function("plugin: proxy_on_request_headers alone (10 headers)", |b| {
         let id = vm.create_http_context(root).unwrap();
@@ -170,7 +185,11 @@ fn codec(c: &mut Criterion) {
         "request head lent to plugins (Head::request, 14 pairs)",
         |b| {
             let parts = request_parts();
-            b.iter(|| black_box(Head::request(black_box(&parts), "http")))
+            b.iter_batched(
+                || parts.clone(),
+                |mut p| black_box(Head::request(&mut p, "http")),
+                BatchSize::SmallInput,
+            )
         },
     );
 }

@@ -94,8 +94,10 @@ pub struct Head {
 pub const MAX_HEADERS: usize = 1 << 15;
 
 impl Head {
-    /// A request head: `:method`, `:path`, `:authority`, `:scheme`, then `headers`.
-    pub fn request(parts: &http::request::Parts, scheme: &'static str) -> Head {
+    /// A request head: `:method`, `:path`, `:authority`, `:scheme`, then the headers, moved
+    /// out of `parts` (not copied): give them back with [`Head::headers`] once the plugins
+    /// are done with the request headers.
+    pub fn request(parts: &mut http::request::Parts, scheme: &'static str) -> Head {
         let authority = parts
             .headers
             .get(http::header::HOST)
@@ -120,13 +122,13 @@ impl Head {
                 Bytes::from_static(scheme.as_bytes()),
             ),
         ];
-        Head::new(pseudo, parts.headers.clone())
+        Head::new(pseudo, std::mem::take(&mut parts.headers))
     }
 
     /// A response head: `:status`, then `headers`.
-    pub fn response(status: http::StatusCode, headers: &HeaderMap) -> Head {
-        let code = Bytes::copy_from_slice(status.as_str().as_bytes());
-        Head::new(vec![(Cow::Borrowed(PSEUDO[4]), code)], headers.clone())
+    pub fn response(status: http::StatusCode, headers: HeaderMap) -> Head {
+        let code = status_bytes(status);
+        Head::new(vec![(Cow::Borrowed(PSEUDO[4]), code)], headers)
     }
 
     fn new(pseudo: Vec<(Cow<'static, str>, Bytes)>, headers: HeaderMap) -> Head {
@@ -225,6 +227,28 @@ impl Head {
         }
         self.pseudo.push((pseudo_name(name), value));
     }
+}
+
+/// The three digits of every status code 100–999, so `:status` is lent without a copy.
+static STATUS_DIGITS: [u8; 2700] = status_digits();
+
+const fn status_digits() -> [u8; 2700] {
+    let mut out = [0u8; 2700];
+    let mut i = 0;
+    while i < 900 {
+        let code = i + 100;
+        out[i * 3] = b'0' + (code / 100) as u8;
+        out[i * 3 + 1] = b'0' + (code / 10 % 10) as u8;
+        out[i * 3 + 2] = b'0' + (code % 10) as u8;
+        i += 1;
+    }
+    out
+}
+
+fn status_bytes(status: http::StatusCode) -> Bytes {
+    // `StatusCode` holds 100..=999 only.
+    let i = (status.as_u16() as usize).saturating_sub(100).min(899) * 3;
+    Bytes::from_static(&STATUS_DIGITS[i..i + 3])
 }
 
 /// `http::Method` as bytes, without a copy for the standard methods.
@@ -380,7 +404,17 @@ mod tests {
             .header("x-two", "3")
             .body(())
             .unwrap();
-        Head::request(&req.into_parts().0, "http")
+        Head::request(&mut req.into_parts().0, "http")
+    }
+
+    #[test]
+    fn every_status_code_is_lent_as_its_digits() {
+        for code in 100..=999u16 {
+            let status = http::StatusCode::from_u16(code).unwrap();
+            let head = Head::response(status, HeaderMap::new());
+            let value = head.value(":status").unwrap();
+            assert_eq!(value.as_ref(), code.to_string().as_bytes());
+        }
     }
 
     #[test]

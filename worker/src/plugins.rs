@@ -27,6 +27,10 @@ use crate::live::GlobalRuleEntry;
 use crate::router::RouteEntry;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::collections::HashMap;
+
+/// Maps looked up on every request with keys from the configuration (route and plugin names),
+/// never from the network: a fast hash instead of SipHash's flooding resistance.
+type FastMap<K, V> = foldhash::HashMap<K, V>;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,7 +57,7 @@ struct VmState {
     vm: Option<PluginVm>,
     /// Bumped whenever the VM is replaced, so contexts of a discarded VM are not touched.
     generation: u64,
-    roots: HashMap<String, Root>,
+    roots: FastMap<String, Root>,
     /// Call-outs in flight: token → the context that gets the answer.
     calls: HashMap<u32, u32>,
     /// Root contexts with a tick period: (period, next tick).
@@ -64,7 +68,7 @@ struct VmState {
     queues: Vec<(u32, u32, u64)>,
     /// Statistics record of each route / global rule (`route:<id>`), kept across revisions and
     /// instances.
-    records: HashMap<String, usize>,
+    records: FastMap<String, usize>,
 }
 
 /// One `wasm.plugins` entry in this worker.
@@ -92,7 +96,7 @@ pub trait Callout: Send + Sync {
 /// Every plugin of this worker.
 pub struct Plugins {
     list: Vec<Plugin>,
-    by_name: HashMap<String, usize>,
+    by_name: FastMap<String, usize>,
     /// The worker's status slot: faults and per-context statistics are counted there.
     slot: Option<(Arc<Segment>, usize)>,
     callout: OnceLock<Arc<dyn Callout>>,
@@ -245,12 +249,12 @@ impl Plugins {
             let st = VmState {
                 vm: Some(vm),
                 generation: 0,
-                roots: HashMap::new(),
+                roots: FastMap::default(),
                 calls: HashMap::new(),
                 ticks: HashMap::new(),
                 ticks_dirty: false,
                 queues: Vec::new(),
-                records: HashMap::new(),
+                records: FastMap::default(),
             };
             list.push(Plugin {
                 decl: d.clone(),
@@ -440,7 +444,9 @@ impl Plugins {
         phase: Phase,
     ) -> (Verdict, Duration) {
         let p = &self.list[a.plugin];
-        let mut mine: FuturesUnordered<CallFuture> = FuturesUnordered::new();
+        // Made on the first call-out: most callbacks dispatch none, and an empty set still
+        // allocates.
+        let mut mine: Option<FuturesUnordered<CallFuture>> = None;
         let mut outcome = first;
         let mut calls = calls;
         let mut delivered = false;
@@ -456,7 +462,8 @@ impl Plugins {
         loop {
             for c in calls.drain(..) {
                 if c.context == a.http_id {
-                    mine.push(self.call_future(c));
+                    mine.get_or_insert_with(FuturesUnordered::new)
+                        .push(self.call_future(c));
                 } else {
                     self.spawn_call(a.plugin, a.vm_generation, c);
                 }
@@ -481,7 +488,10 @@ impl Plugins {
                 return (Verdict::Continue, waited);
             }
             let wait = Instant::now();
-            let next = mine.next().await;
+            let next = match mine.as_mut() {
+                Some(m) => m.next().await,
+                None => None,
+            };
             waited += wait.elapsed();
             let Some((ctx, token, resp)) = next else {
                 tracing::warn!(
@@ -517,10 +527,10 @@ impl Plugins {
     }
 
     /// Call-outs still in flight when their context stopped waiting: delivered when they end.
-    fn detach(self: &Arc<Self>, a: &Active, mut mine: FuturesUnordered<CallFuture>) {
-        if mine.is_empty() {
+    fn detach(self: &Arc<Self>, a: &Active, mine: Option<FuturesUnordered<CallFuture>>) {
+        let Some(mut mine) = mine.filter(|m| !m.is_empty()) else {
             return;
-        }
+        };
         let me = self.clone();
         let (plugin, generation) = (a.plugin, a.vm_generation);
         tokio::spawn(async move {

@@ -145,14 +145,18 @@ async fn serve_route(
         let early = match verdict {
             Verdict::Reply(r) => Some(wasm_glue::local_reply(r)),
             Verdict::Fail => Some(error_page(StatusCode::SERVICE_UNAVAILABLE)),
-            Verdict::Continue => match req.stream.as_ref().filter(|s| s.request.changed()) {
+            // The headers went into the plugins' head: they come back from it.
+            Verdict::Continue => match req.stream.as_ref() {
                 Some(stream) => wasm_glue::apply_request(&stream.request, parts)
                     .err()
                     .map(|e| {
                         tracing::error!("route {}: plugins left an invalid request: {e}", route.id);
                         error_page(StatusCode::INTERNAL_SERVER_ERROR)
                     }),
-                None => None,
+                None => {
+                    tracing::error!("route {}: the request was lost in a plugin", route.id);
+                    Some(error_page(StatusCode::INTERNAL_SERVER_ERROR))
+                }
             },
         };
         let wants_body = !no_body && req.wants_body(Dir::Request);
@@ -236,7 +240,7 @@ async fn response_phase(
         (g.active.clone(), vec![0; g.active.len()], g.stream.take())
     };
     if let Some(s) = stream.as_mut() {
-        s.response = Some(wasm_glue::response_head(&resp));
+        s.response = Some(wasm_glue::response_head(&mut resp));
     }
     let no_body = resp.body().is_end_stream();
     let verdict = w
@@ -244,8 +248,8 @@ async fn response_phase(
         .on_response(&active, &mut spent, &mut stream, no_body)
         .await;
     if let Verdict::Continue = verdict {
-        let head = stream.as_ref().and_then(|s| s.response.as_ref());
-        if let Some(head) = head.filter(|h| h.changed()) {
+        // The headers went into the plugins' head (when there is one): they come back from it.
+        if let Some(head) = stream.as_ref().and_then(|s| s.response.as_ref()) {
             wasm_glue::apply_response(head, &mut resp);
         }
     }

@@ -11,12 +11,18 @@ use std::sync::Arc;
 use wasmgate_wasm::{Head, LocalReply};
 
 /// The request as plugins see it: `:method`, `:path`, `:authority`, `:scheme`, then headers.
-pub fn request_head(parts: &http::request::Parts) -> Head {
+/// The headers move into the head; [`apply_request`] gives them back.
+pub fn request_head(parts: &mut http::request::Parts) -> Head {
     Head::request(parts, "http")
 }
 
-/// Applies what plugins made of the request to `parts` (method, path, Host, headers).
+/// Gives `parts` the request as the plugins left it (method, path, Host, headers). The head
+/// keeps its own copy: later callbacks may still read the request headers.
 pub fn apply_request(head: &Head, parts: &mut http::request::Parts) -> Result<(), String> {
+    if !head.changed() {
+        parts.headers = head.headers().clone();
+        return Ok(());
+    }
     if let Some(e) = head.error() {
         return Err(e);
     }
@@ -37,14 +43,19 @@ pub fn apply_request(head: &Head, parts: &mut http::request::Parts) -> Result<()
     Ok(())
 }
 
-/// The response as plugins see it: `:status`, then headers.
-pub fn response_head(resp: &Response<ProxyBody>) -> Head {
-    Head::response(resp.status(), resp.headers())
+/// The response as plugins see it: `:status`, then headers (moved out of `resp`;
+/// [`apply_response`] gives them back).
+pub fn response_head(resp: &mut Response<ProxyBody>) -> Head {
+    Head::response(resp.status(), std::mem::take(resp.headers_mut()))
 }
 
-/// Applies what plugins made of the response headers; headers the map could not take are
-/// left out, with an error-log line.
+/// Gives `resp` the response headers as the plugins left them; headers the map could not
+/// take are left out, with an error-log line. The head keeps its own copy for `proxy_on_log`.
 pub fn apply_response(head: &Head, resp: &mut Response<ProxyBody>) {
+    if !head.changed() {
+        *resp.headers_mut() = head.headers().clone();
+        return;
+    }
     if let Some(e) = head.error() {
         tracing::error!("plugins left invalid response headers, not sent: {e}");
     }
