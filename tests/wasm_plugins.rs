@@ -369,6 +369,68 @@ fn bad_modules_are_refused_with_the_symbol_named() {
     assert_eq!(s, 200, "{v}");
 }
 
+/// The request headers stay readable after they went upstream: in `proxy_on_response_headers`
+/// (copied into a response header here) and in `proxy_on_log` (logged). A module written in
+/// the text format, so the check does not depend on an SDK.
+#[test]
+fn request_headers_are_readable_in_later_callbacks() {
+    let up = TestUpstream::start("u");
+    let gw = one_worker();
+    write_module(
+        &gw,
+        "late_reader.wasm",
+        r#"(module
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 4096))
+  (data (i32.const 16) "x-probe")
+  (data (i32.const 32) "x-seen")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  ;; The request's x-probe: its pointer at 64, its length at 68; 0 when found.
+  (func $probe (result i32)
+    (call $get (i32.const 0) (i32.const 16) (i32.const 7) (i32.const 64) (i32.const 68)))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eqz (call $probe))
+      (then (drop (call $add (i32.const 2) (i32.const 32) (i32.const 6)
+                      (i32.load (i32.const 64)) (i32.load (i32.const 68))))))
+    (i32.const 0))
+  (func (export "proxy_on_log") (param i32)
+    (if (i32.eqz (call $probe))
+      (then (drop (call $log (i32.const 4) (i32.load (i32.const 64)) (i32.load (i32.const 68))))))))"#,
+    );
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    let config = format!("{config}    - {{name: late, priority: 1, file: late_reader.wasm}}\n");
+    std::fs::write(gw.config_path(), config).unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+    gw.route(
+        "1",
+        json!({"uri": "/late", "plugins": {"late": {"conf": "-"}}}),
+        Some(&up),
+    );
+    let r = http(
+        "GET",
+        &gw.url("/late"),
+        &[("X-Probe", "seen-after-upstream")],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-seen"), Some("seen-after-upstream"));
+    // The upstream got the request headers too.
+    assert!(r.text().contains("seen-after-upstream"), "{}", r.text());
+    eventually(Duration::from_secs(5), "proxy_on_log's line", || {
+        gw.error_log().contains("seen-after-upstream")
+    });
+}
+
 /// The committed .wasm fixtures match their sources (scripts/build-plugins.sh records the
 /// checksums): a source changed without rebuilding fails here.
 #[test]
