@@ -3,6 +3,7 @@
 //! answered with `BadArgument`, never trusted.
 
 use crate::head::HeaderList;
+use crate::props::Found;
 use crate::state::{HostState, LocalReply, Status};
 use wasmgate_abi::{map, splice};
 use wasmtime::{Caller, FuncType, Linker, Memory, Val, ValType};
@@ -12,6 +13,10 @@ type R = wasmtime::Result<i32>;
 
 /// Largest single read from guest memory (a header set, a body, a local reply).
 const MAX_READ: usize = wasmgate_abi::MAX_BUFFER;
+/// A property path up to this long is read without a heap buffer.
+const PATH_ON_STACK: usize = 256;
+/// More segments than any property has: such a path is not found.
+const MAX_PATH_SEGMENTS: usize = 16;
 /// Log lines a VM may write per second before the rest are dropped.
 const LOG_PER_SECOND: u32 = 200;
 
@@ -398,16 +403,53 @@ fn properties(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_property",
         |mut c: C<'_>, pp: i32, pl: i32, ret_ptr: i32, ret_len: i32| -> R {
-            let raw = tri!(read(&mut c, pp, pl));
-            let path: Vec<&str> = raw
-                .split(|b| *b == 0)
-                .filter(|s| !s.is_empty())
-                .filter_map(|s| std::str::from_utf8(s).ok())
-                .collect();
-            let Some(v) = crate::props::lookup(c.data(), &path) else {
-                return ok(Status::NotFound);
+            // The path is copied to the stack (it is short), so the answer can be written
+            // into guest memory while the path is still at hand.
+            let mut stack = [0u8; PATH_ON_STACK];
+            let heap: Vec<u8>;
+            let raw: &[u8] = if pl as u32 as usize <= PATH_ON_STACK {
+                let m = tri!(memory(&mut c).ok_or(Status::BadArgument));
+                let src = tri!(slice(m.data(&c), pp, pl));
+                stack[..src.len()].copy_from_slice(src);
+                &stack[..src.len()]
+            } else {
+                heap = tri!(read(&mut c, pp, pl));
+                &heap
             };
-            answer(&mut c, &v, ret_ptr, ret_len)
+            let mut segments = [""; MAX_PATH_SEGMENTS];
+            let mut n = 0;
+            for s in raw.split(|b| *b == 0).filter(|s| !s.is_empty()) {
+                let Ok(s) = std::str::from_utf8(s) else {
+                    continue;
+                };
+                if n == MAX_PATH_SEGMENTS {
+                    return ok(Status::NotFound);
+                }
+                segments[n] = s;
+                n += 1;
+            }
+            let path = &segments[..n];
+            let len = match crate::props::lookup(c.data(), path) {
+                None => return ok(Status::NotFound),
+                Some(Found::Owned(v)) => return answer(&mut c, &v, ret_ptr, ret_len),
+                Some(Found::Borrowed(v)) => v.len(),
+            };
+            // Looked up again once the plugin's allocator has run (it may call the host).
+            let given =
+                give_with(
+                    &mut c,
+                    len,
+                    ret_ptr,
+                    ret_len,
+                    |dst, state| match crate::props::lookup(state, path) {
+                        Some(v) if v.as_bytes().len() == len => {
+                            dst.copy_from_slice(v.as_bytes());
+                            Ok(())
+                        }
+                        _ => Err(Status::InternalFailure),
+                    },
+                )?;
+            ok(given.err().unwrap_or(Status::Ok))
         },
     )?;
     l.func_wrap(

@@ -4,43 +4,102 @@
 use crate::head::Head;
 use crate::state::HostState;
 
-fn header(head: &Head, name: &str) -> Option<Vec<u8>> {
-    head.get(name).map(<[u8]>::to_vec)
+/// A property's value: borrowed from the host state where it lives there (the answer is then
+/// copied once, straight into the plugin's memory), or made for the call.
+pub enum Found<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Found<'_> {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Found::Borrowed(b) => b,
+            Found::Owned(v) => v,
+        }
+    }
+}
+
+/// Whether `key` (a property a plugin set, dot-separated) is `path` joined with dots.
+fn is_joined(key: &str, path: &[&str]) -> bool {
+    let mut rest = key;
+    for (i, segment) in path.iter().enumerate() {
+        if i > 0 {
+            let Some(r) = rest.strip_prefix('.') else {
+                return false;
+            };
+            rest = r;
+        }
+        let Some(r) = rest.strip_prefix(segment) else {
+            return false;
+        };
+        rest = r;
+    }
+    rest.is_empty()
+}
+
+/// `:path` up to the query.
+fn url_path(p: &[u8]) -> &[u8] {
+    p.split(|b| *b == b'?').next().unwrap_or(&[])
+}
+
+/// `:path` after the `?`; empty without one.
+fn query(p: &[u8]) -> &[u8] {
+    match p.iter().position(|b| *b == b'?') {
+        Some(i) => &p[i + 1..],
+        None => &[],
+    }
 }
 
 /// The value of a property path, or None (NotFound).
-pub fn lookup(s: &HostState, path: &[&str]) -> Option<Vec<u8>> {
-    match path {
-        ["plugin_name"] | ["plugin_root_id"] | ["plugin_vm_id"] => {
-            return Some(s.plugin_name.as_bytes().to_vec())
-        }
-        _ => {}
+pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
+    if let ["plugin_name"] | ["plugin_root_id"] | ["plugin_vm_id"] = path {
+        return Some(Found::Borrowed(s.plugin_name.as_bytes()));
     }
     let stream = s.stream.as_ref()?;
-    let joined = path.join(".");
-    if let Some((_, v)) = stream.set_props.iter().find(|(k, _)| *k == joined) {
-        return Some(v.clone());
+    if let Some((_, v)) = stream.set_props.iter().find(|(k, _)| is_joined(k, path)) {
+        return Some(Found::Borrowed(v));
     }
-    let req = &stream.request;
+    let req: &Head = &stream.request;
     let value = match path {
-        ["request", "path"] => header(req, ":path"),
-        ["request", "url_path"] => {
-            header(req, ":path").map(|p| p.split(|b| *b == b'?').next().unwrap_or(&[]).to_vec())
-        }
-        ["request", "query"] => {
-            header(req, ":path").map(|p| match p.iter().position(|b| *b == b'?') {
-                Some(i) => p[i + 1..].to_vec(),
-                None => Vec::new(),
-            })
-        }
-        ["request", "method"] => header(req, ":method"),
-        ["request", "id"] => header(req, "x-request-id"),
-        ["request", "host"] => header(req, ":authority"),
-        ["request", "scheme"] => header(req, ":scheme"),
-        ["request", "headers", name] => header(req, name),
-        ["response", "code"] => stream.response.as_ref().and_then(|r| header(r, ":status")),
-        ["response", "headers", name] => stream.response.as_ref().and_then(|r| header(r, name)),
+        ["request", "path"] => req.get(":path"),
+        ["request", "url_path"] => req.get(":path").map(url_path),
+        ["request", "query"] => req.get(":path").map(query),
+        ["request", "method"] => req.get(":method"),
+        ["request", "id"] => req.get("x-request-id"),
+        ["request", "host"] => req.get(":authority"),
+        ["request", "scheme"] => req.get(":scheme"),
+        ["request", "headers", name] => req.get(name),
+        ["response", "code"] => stream.response.as_ref().and_then(|r| r.get(":status")),
+        ["response", "headers", name] => stream.response.as_ref().and_then(|r| r.get(name)),
         _ => None,
     };
-    value.or_else(|| stream.props.get(path, &stream.request))
+    match value {
+        Some(v) => Some(Found::Borrowed(v)),
+        None => stream.props.get(path, req).map(Found::Owned),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_property_keys_match_their_path_joined_with_dots() {
+        assert!(is_joined("a.b.c", &["a", "b", "c"]));
+        assert!(is_joined("plain", &["plain"]));
+        assert!(!is_joined("a.b", &["a", "b", "c"]));
+        assert!(!is_joined("a.b.c", &["a", "b"]));
+        assert!(!is_joined("ab.c", &["a", "b", "c"]));
+        assert!(!is_joined("a.bc", &["a", "b"]));
+        assert!(is_joined("", &[]));
+    }
+
+    #[test]
+    fn path_and_query_split_at_the_first_question_mark() {
+        assert_eq!(url_path(b"/a/b?x=1?y"), b"/a/b");
+        assert_eq!(query(b"/a/b?x=1?y"), b"x=1?y");
+        assert_eq!(url_path(b"/a"), b"/a");
+        assert_eq!(query(b"/a"), b"");
+    }
 }
