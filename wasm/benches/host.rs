@@ -39,7 +39,8 @@ fn request_head() -> Head {
 /// names are copied out, as hyper does.
 fn request_parts() -> http::request::Parts {
     let mut text = String::from("api.example.com");
-    let mut ranges = vec![0..text.len()];
+    let mut ranges = Vec::new();
+    ranges.push(0..text.len());
     for i in 0..9 {
         let start = text.len();
         text.push_str(&format!("value number {i}"));
