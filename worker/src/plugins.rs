@@ -725,8 +725,11 @@ impl Plugins {
         mut data: Vec<u8>,
         end_of_stream: bool,
     ) -> BodyStep {
-        let active = req.active.clone();
-        for (i, (a, buf)) in active.iter().zip(bufs.iter_mut()).enumerate() {
+        // By index: the contexts are read as the stream is lent out of `req` (one `Active`
+        // cloned per step, not the whole list per chunk).
+        for i in 0..req.active.len().min(bufs.len()) {
+            let a = req.active[i].clone();
+            let buf = &mut bufs[i];
             let p = &self.list[a.plugin];
             if !p.has_body(dir) {
                 continue;
@@ -736,7 +739,12 @@ impl Plugins {
                 // The stream is lent to a waiting headers phase: nothing to show the plugin.
                 continue;
             };
-            buf.extend_from_slice(&data);
+            if buf.is_empty() {
+                // Nothing held back: the chunk becomes the buffer without a copy.
+                std::mem::swap(buf, &mut data);
+            } else {
+                buf.extend_from_slice(&data);
+            }
             data.clear();
             let cap = p.decl.body_buffer_limit as usize;
             if buf.len() > cap {

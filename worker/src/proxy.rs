@@ -105,8 +105,8 @@ pub async fn handle(
         }
     };
     let mut resp = header_filter(&w, resp);
-    if let Ok(v) = HeaderValue::from_str(&log.request_id) {
-        resp.headers_mut().insert(X_REQUEST_ID, v);
+    if let Some(v) = &log.request_id {
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), v.clone());
     }
     // Answer in the client's protocol version, whatever the upstream spoke.
     *resp.version_mut() = parts.version;
@@ -434,22 +434,23 @@ async fn send(
     }
 }
 
-const X_REQUEST_ID: &str = "x-request-id";
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The request's id: the client's `X-Request-Id` when it is a sane token (printable ASCII, at
 /// most 128 bytes), otherwise a new random one set on the request. The upstream, the plugins
-/// (`request.id`), the client and the access log (`$request_id`) all see the same id.
-fn request_id(h: &mut HeaderMap) -> String {
-    if let Some(v) = h.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {
-            return v.to_string();
+/// (`request.id`), the client and the access log (`$request_id`) all see the same id. The
+/// value is shared, not copied, between the request, the response and the log.
+fn request_id(h: &mut HeaderMap) -> Option<HeaderValue> {
+    if let Some(v) = h.get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|b| b.is_ascii_graphic()) {
+            return Some(v.clone());
         }
     }
     let id = uuid_text(rand::random());
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        h.insert(X_REQUEST_ID, v);
-    }
-    id
+    let v = HeaderValue::from_maybe_shared(Bytes::from(id)).ok()?;
+    h.insert(X_REQUEST_ID.clone(), v.clone());
+    Some(v)
 }
 
 /// 128 bits as a UUID's text (8-4-4-4-12 lower-case hex digits).
@@ -628,7 +629,7 @@ struct LogInfo {
     user_agent: String,
     /// The matched route, if any.
     route: Option<Arc<RouteEntry>>,
-    request_id: String,
+    request_id: Option<HeaderValue>,
     upstream: UpstreamLog,
     /// Size of the request head, and body bytes received (bandwidth statistics).
     head_bytes: u64,
@@ -669,7 +670,7 @@ impl LogInfo {
             referer: header(header::REFERER),
             user_agent: header(header::USER_AGENT),
             route: None,
-            request_id: String::new(),
+            request_id: None,
             upstream: UpstreamLog::default(),
             head_bytes: 0,
             body_bytes: Arc::default(),
@@ -722,7 +723,11 @@ fn log_phase(
                 upstream_status: up.status,
                 upstream_time: up.time,
                 route_id: log.route.as_ref().map_or("", |r| &r.id),
-                request_id: &log.request_id,
+                request_id: log
+                    .request_id
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
             });
         })
         .boxed()

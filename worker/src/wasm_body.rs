@@ -156,7 +156,8 @@ impl Body for PluginBody {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(d) => {
                         let eos = self.inner.is_end_stream();
-                        (d.to_vec(), eos)
+                        // Without a copy when the chunk is not shared.
+                        (Vec::from(d), eos)
                     }
                     Err(trailers) => {
                         // Trailers end the data: the last body call comes first.
