@@ -401,9 +401,16 @@ async fn send(
     up: &UpstreamRuntime,
 ) -> Exchange {
     let Conn { mut sender, reused } = conn;
-    let progress = Arc::new(body::SendProgress::new(req.body().is_end_stream()));
-    let watched = progress.clone();
-    let req = req.map(move |b| body::SendWatch::new(b, watched).boxed());
+    let no_body = req.body().is_end_stream();
+    let progress = Arc::new(body::SendProgress::new(no_body));
+    // A request without a body has no sending to watch: it goes as it is.
+    let req = match no_body {
+        true => req,
+        false => {
+            let watched = progress.clone();
+            req.map(move |b| body::SendWatch::new(b, watched).boxed())
+        }
+    };
     let fut = sender.try_send_request(req);
     tokio::pin!(fut);
     let result = loop {
