@@ -8,6 +8,13 @@
 //! stops the workers in order.
 
 use crate::state::{LoadedConfig, Master};
+
+/// The binary workers run: this process's own image (`/proc/self/exe`). For profiling only,
+/// `WASMGATE_WORKER_EXE` names a file instead: under valgrind, `/proc/self/exe` is valgrind
+/// itself (see scripts/bench/worker_instructions.sh).
+fn worker_exe() -> std::ffi::OsString {
+    std::env::var_os("WASMGATE_WORKER_EXE").unwrap_or_else(|| "/proc/self/exe".into())
+}
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -299,7 +306,7 @@ impl SpawnCtx {
         // Last: the plugins' shared memory (see worker/src/lib.rs).
         fds.push(self.plugin_shm.as_raw_fd());
         let master_pid = std::process::id() as libc::pid_t;
-        let mut cmd = tokio::process::Command::new("/proc/self/exe");
+        let mut cmd = tokio::process::Command::new(worker_exe());
         cmd.arg0("wasmgate: worker process")
             .arg("worker")
             .stdin(Stdio::piped())

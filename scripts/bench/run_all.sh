@@ -10,6 +10,8 @@
 #   5. criterion      — host round trip, header maps, plugin setup, snapshot path, router
 #   6. instructions.sh — instructions per request through one plugin (callgrind; steady on a
 #                       busy machine, for comparing commits)
+#   7. worker_instructions.py — instructions per request in a whole worker under callgrind
+#                       (no plugin, 1, 3), likewise steady
 #
 # usage: scripts/bench/run_all.sh [out-dir]   (default: bench-results/<date>)
 # Needs: wrk, nginx (Debian: wrk nginx-light). Takes about 15 minutes on 2 cores; nothing else
@@ -54,5 +56,6 @@ done
 if command -v valgrind >/dev/null; then
   echo "== instructions (callgrind)"
   scripts/bench/instructions.sh 2000 | tee "$out/instructions.txt"
+  python3 scripts/bench/worker_instructions.py --requests 2000 | tee -a "$out/instructions.txt"
 fi
 echo "== done: $out"

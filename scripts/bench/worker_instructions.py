@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Instructions a worker executes per proxied request, counted by callgrind: the whole worker
+(hyper, tokio, the router, the upstream pool, the Proxy-Wasm host and the plugins' code), not
+only the host's part that instructions.sh counts.
+
+The gateway runs under valgrind with its worker traced (WASMGATE_WORKER_EXE names the binary:
+under valgrind `/proc/self/exe` is valgrind itself); an nginx upstream answers `return 200`.
+For each route (no plugin, example_headers, three of them) the script warms up, zeroes the
+worker's counters, sends a fixed number of keep-alive requests one after the other, dumps the
+counters and divides. The count does not move with the machine's load, so two builds can be
+compared on a shared machine: run it with each binary.
+
+usage: scripts/bench/worker_instructions.py [--requests 2000] [--binary target/release/wasmgate]
+(needs valgrind and nginx)
+"""
+import argparse
+import glob
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import KEY, ROOT, free_port, wait_port
+
+ROUTES = ("none", "one", "three")
+
+
+def put(admin, path, body):
+    c = http.client.HTTPConnection("127.0.0.1", admin, timeout=30)
+    c.request("PUT", path, body=json.dumps(body), headers={"X-API-KEY": KEY})
+    r = c.getresponse()
+    r.read()
+    if r.status not in (200, 201):
+        sys.exit(f"PUT {path}: {r.status}")
+
+
+def requests(port, path, n):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for _ in range(n):
+        c.request("GET", path)
+        r = c.getresponse()
+        r.read()
+        if r.status != 200:
+            sys.exit(f"GET {path}: {r.status}")
+    c.close()
+
+
+def wait_route(port, path, timeout=60):
+    """Until the worker serves `path` (it builds its router a moment after the Admin API write)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        c.request("GET", path)
+        r = c.getresponse()
+        r.read()
+        c.close()
+        if r.status == 200:
+            return
+        time.sleep(0.2)
+    sys.exit(f"{path} is not served")
+
+
+def totals(path):
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    sys.exit(f"no totals in {path}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "wasmgate"))
+    a = ap.parse_args()
+    for tool in ("valgrind", "callgrind_control", "nginx"):
+        if not shutil.which(tool):
+            sys.exit(f"needs {tool} (Debian: apt-get install valgrind nginx-light)")
+    work = tempfile.mkdtemp(prefix="wasmgate-vg-")
+    up, gw, admin = free_port(), free_port(), free_port()
+    procs = []
+    try:
+        os.makedirs(os.path.join(work, "logs"))
+        os.makedirs(os.path.join(work, "conf"))
+        with open(os.path.join(work, "up.conf"), "w") as f:
+            f.write(f"""worker_processes 1; daemon off; error_log logs/up-error.log; pid logs/up.pid;
+events {{ worker_connections 1024; }}
+http {{ access_log off; server {{ listen 127.0.0.1:{up}; location / {{ return 200 "ok\\n"; }} }} }}
+""")
+        procs.append(subprocess.Popen(["nginx", "-p", work, "-c", os.path.join(work, "up.conf")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        hdr = os.path.join(ROOT, "plugins", "example_headers.wasm")
+        with open(os.path.join(work, "conf", "config.yaml"), "w") as f:
+            f.write(f"""apisix:
+  node_listen: [{{ip: 127.0.0.1, port: {gw}}}]
+deployment:
+  admin:
+    admin_key: [{{name: admin, key: {KEY}}}]
+    admin_listen: {{ip: 127.0.0.1, port: {admin}}}
+nginx_config:
+  worker_processes: 1
+  error_log_level: warn
+  http: {{access_log: "off"}}
+plugin_attr:
+  prometheus: {{enable_export_server: false}}
+wasm:
+  plugins:
+    - {{name: p1, priority: 3, file: "{hdr}"}}
+    - {{name: p2, priority: 2, file: "{hdr}"}}
+    - {{name: p3, priority: 1, file: "{hdr}"}}
+""")
+        binary = os.path.abspath(a.binary)
+        env = dict(os.environ, WASMGATE_WORKER_EXE=binary)
+        out = os.path.join(work, "cg.%p")
+        procs.append(subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={out}",
+             binary, "start", "--foreground", "-p", work],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_port(admin, 120)
+        node = {"type": "roundrobin", "nodes": {f"127.0.0.1:{up}": 1}}
+        conf = {"conf": {"set": {"x-a": "1"}, "response_set": {"x-b": "2"}}}
+        plugins = {"none": {}, "one": {"p1": conf}, "three": {"p1": conf, "p2": conf, "p3": conf}}
+        for r in ROUTES:
+            put(admin, f"/apisix/admin/routes/{r}", {"uri": f"/{r}", "plugins": plugins[r], "upstream": node})
+        wait_port(gw, 120)
+        time.sleep(2)
+        worker = None
+        for _ in range(100):
+            ps = subprocess.run(["pgrep", "-f", f"valgrind.*{re.escape(binary)} worker"], capture_output=True, text=True).stdout.split()
+            if ps:
+                worker = ps[0]
+                break
+            time.sleep(0.2)
+        if worker is None:
+            sys.exit("no worker under valgrind")
+        print(f"{os.path.basename(binary)}: instructions per request in the worker (callgrind, "
+              f"{a.requests} keep-alive requests per route)")
+        for r in ROUTES:
+            wait_route(gw, f"/{r}")
+            requests(gw, f"/{r}", 200)
+            subprocess.run(["callgrind_control", "-z", worker], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            requests(gw, f"/{r}", a.requests)
+            before = set(glob.glob(os.path.join(work, f"cg.{worker}.*")))
+            subprocess.run(["callgrind_control", "-d", worker], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            after = set(glob.glob(os.path.join(work, f"cg.{worker}.*"))) - before
+            if not after:
+                sys.exit("callgrind wrote no dump")
+            total = sum(totals(p) for p in after)
+            print(f"  {r:6} {total // a.requests:>8} instructions per request")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
