@@ -121,7 +121,8 @@ wasm:
         env = dict(os.environ, WASMGATE_WORKER_EXE=binary)
         out = os.path.join(work, "cg.%p")
         procs.append(subprocess.Popen(
-            ["valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={out}",
+            ["valgrind", "--tool=callgrind", "--trace-children=yes", "--compress-strings=no",
+             f"--callgrind-out-file={out}",
              binary, "start", "--foreground", "-p", work],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(admin, 120)

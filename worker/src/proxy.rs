@@ -49,12 +49,26 @@ struct UpstreamLog {
     active: Option<(Arc<UpstreamRuntime>, usize)>,
 }
 
+/// The client of a connection: its address, and the address as header text (`X-Real-IP`,
+/// `X-Forwarded-For`), made once per connection instead of formatted for every request.
+#[derive(Clone)]
+pub struct Client {
+    pub addr: SocketAddr,
+    pub ip: HeaderValue,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Client {
+        // An address's text is digits, dots, colons and hex letters: always a valid value.
+        let ip = HeaderValue::from_maybe_shared(Bytes::from(addr.ip().to_string()))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        Client { addr, ip }
+    }
+}
+
 /// Serves one client request.
-pub async fn handle(
-    w: Arc<Worker>,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-) -> Response<ProxyBody> {
+pub async fn handle(w: Arc<Worker>, req: Request<Incoming>, client: Client) -> Response<ProxyBody> {
+    let peer = client.addr;
     w.segment
         .slot(w.slot)
         .requests
@@ -62,6 +76,9 @@ pub async fn handle(
     let cfg = w.live.current();
     let (mut parts, body) = req.into_parts();
     let mut log = LogInfo::new(&parts, peer, w.access_log.enabled());
+    // Room for the headers the gateway adds (X-Request-Id, X-Forwarded-*, X-Real-IP): hyper
+    // sizes the map to what it parsed, and each insert past that would grow it again.
+    parts.headers.reserve(5);
     log.request_id = request_id(&mut parts.headers);
     log.head_bytes = head_size(&parts) as u64;
     if log.head_bytes as usize > w.max_header_size {
@@ -97,7 +114,7 @@ pub async fn handle(
                 route,
                 &mut parts,
                 (body, no_body),
-                peer,
+                &client,
                 &mut log.upstream,
                 &mut wasm,
             )
@@ -127,7 +144,7 @@ async fn serve_route(
     route: &Arc<RouteEntry>,
     parts: &mut http::request::Parts,
     (mut body, no_body): (ProxyBody, bool),
-    peer: SocketAddr,
+    client: &Client,
     up_log: &mut UpstreamLog,
     wasm: &mut Option<SharedWasm>,
 ) -> Response<ProxyBody> {
@@ -138,7 +155,11 @@ async fn serve_route(
     let mut cut = None;
     let chain = w.plugins.chain(&cfg.global_rules, route);
     if !chain.is_empty() {
-        let props = Arc::new(wasm_glue::RequestProps::new(peer, route, parts.version));
+        let props = Arc::new(wasm_glue::RequestProps::new(
+            client.addr,
+            route,
+            parts.version,
+        ));
         let stream = Stream::new(wasm_glue::request_head(parts), props);
         let mut req = WasmRequest::new(w.plugins.clone(), stream);
         let verdict = w.plugins.on_request(&chain, &mut req, no_body).await;
@@ -180,7 +201,7 @@ async fn serve_route(
             StatusCode::SERVICE_UNAVAILABLE,
             "missing upstream configuration in Route or Service",
         ),
-        Some(up) => forward(w, up, parts, body, peer, up_log).await,
+        Some(up) => forward(w, up, parts, body, client, up_log).await,
     };
     // A plugin cut the request body while it streamed: its verdict, not the upstream's.
     let failure = cut.and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).take());
@@ -289,14 +310,14 @@ async fn forward(
     up: &Arc<UpstreamRuntime>,
     parts: &mut http::request::Parts,
     body: ProxyBody,
-    peer: SocketAddr,
+    client: &Client,
     log: &mut UpstreamLog,
 ) -> Response<ProxyBody> {
-    let hash_key = hash_key(up, parts, peer);
+    let hash_key = hash_key(up, parts, client.addr);
     // The client's headers are moved, not copied: nothing reads them after this phase.
     let client_host = parts.headers.get(header::HOST).cloned();
     let headers = std::mem::take(&mut parts.headers);
-    let mut headers = Some(upstream_headers(headers, client_host.as_ref(), peer));
+    let mut headers = Some(upstream_headers(headers, client_host.as_ref(), &client.ip));
     let mut body = Some(body);
     let mut tried = Vec::new();
     let mut stale_retries = 0;
@@ -455,20 +476,22 @@ fn request_id(h: &mut HeaderMap) -> Option<HeaderValue> {
         }
     }
     let id = uuid_text(rand::random());
-    let v = HeaderValue::from_maybe_shared(Bytes::from(id)).ok()?;
+    let v = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&id)).ok()?;
     h.insert(X_REQUEST_ID.clone(), v.clone());
     Some(v)
 }
 
 /// 128 bits as a UUID's text (8-4-4-4-12 lower-case hex digits).
-fn uuid_text(r: u128) -> String {
+fn uuid_text(r: u128) -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(36);
-    for i in 0..32 {
-        if let 8 | 12 | 16 | 20 = i {
-            out.push('-');
+    let mut out = [b'-'; 36];
+    let mut digit = 0;
+    for (i, c) in out.iter_mut().enumerate() {
+        if let 8 | 13 | 18 | 23 = i {
+            continue;
         }
-        out.push(HEX[(r >> (124 - 4 * i)) as usize & 0xf] as char);
+        *c = HEX[(r >> (124 - 4 * digit)) as usize & 0xf];
+        digit += 1;
     }
     out
 }
@@ -559,25 +582,27 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 fn upstream_headers(
     mut headers: HeaderMap,
     client_host: Option<&HeaderValue>,
-    peer: SocketAddr,
+    ip: &HeaderValue,
 ) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
-    let ip = peer.ip().to_string();
-    // Repeated X-Forwarded-For lines form one list (as nginx's $proxy_add_x_forwarded_for).
-    let mut xff = String::new();
-    for v in headers.get_all(&X_FORWARDED_FOR).iter() {
-        if let Ok(v) = v.to_str() {
-            xff.push_str(v);
-            xff.push_str(", ");
+    // Repeated X-Forwarded-For lines form one list (as nginx's $proxy_add_x_forwarded_for);
+    // without one, the list is the client's address alone, shared, not copied.
+    let xff = match headers.contains_key(&X_FORWARDED_FOR) {
+        false => Some(ip.clone()),
+        true => {
+            let mut xff = Vec::new();
+            for v in headers.get_all(&X_FORWARDED_FOR).iter() {
+                xff.extend_from_slice(v.as_bytes());
+                xff.extend_from_slice(b", ");
+            }
+            xff.extend_from_slice(ip.as_bytes());
+            HeaderValue::from_maybe_shared(Bytes::from(xff)).ok()
         }
-    }
-    xff.push_str(&ip);
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    };
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    if let Ok(v) = HeaderValue::from_str(&ip) {
-        headers.insert(X_REAL_IP.clone(), v);
-    }
+    headers.insert(X_REAL_IP.clone(), ip.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     if let Some(h) = client_host {
         headers.insert(X_FORWARDED_HOST.clone(), h.clone());
@@ -935,6 +960,21 @@ mod tests {
         let mut v: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         v.sort_unstable();
         v
+    }
+
+    #[test]
+    fn request_ids_are_uuid_text() {
+        let id = uuid_text(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+        assert_eq!(&id, b"01234567-89ab-cdef-fedc-ba9876543210");
+        let mut h = HeaderMap::new();
+        let v = request_id(&mut h).unwrap();
+        assert_eq!(v.len(), 36);
+        assert_eq!(h.get("x-request-id"), Some(&v));
+        // A sane id from the client is kept; another is replaced.
+        let mut h = headers(&[("x-request-id", "abc-123")]);
+        assert_eq!(request_id(&mut h).unwrap(), "abc-123");
+        let mut h = headers(&[("x-request-id", "has space")]);
+        assert_eq!(request_id(&mut h).unwrap().len(), 36);
     }
 
     #[test]

@@ -69,9 +69,11 @@ async fn connection(
     let _guard = ConnGuard(w.clone());
     let _ = stream.set_nodelay(true);
     let svc_worker = w.clone();
+    let client = proxy::Client::new(peer);
     let svc = hyper::service::service_fn(move |req| {
         let w = svc_worker.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy::handle(w, req, peer).await) }
+        let client = client.clone();
+        async move { Ok::<_, std::convert::Infallible>(proxy::handle(w, req, client).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
