@@ -35,3 +35,32 @@ def pct(values, p):
 
 def median(values):
     return pct(values, 50)
+
+
+def upstream_conf(port):
+    """nginx.conf of the benchmarks' upstream: one worker answering `return 200` on `port`."""
+    return f"""worker_processes 1; daemon off; error_log logs/up-error.log; pid logs/up.pid;
+events {{ worker_connections 4096; }}
+http {{ access_log off; server {{ listen 127.0.0.1:{port}; location / {{ return 200 "ok\\n"; }} }} }}
+"""
+
+
+def gateway_config(proxy, admin, workers, plugins):
+    """config.yaml of a benchmarked gateway: loopback listeners, the benchmark key, no access
+    log, and `plugins` as (name, priority, file) in `wasm.plugins`."""
+    listed = "".join(f'    - {{name: {n}, priority: {p}, file: "{f}"}}\n' for n, p, f in plugins)
+    return f"""apisix:
+  node_listen: [{{ip: 127.0.0.1, port: {proxy}}}]
+deployment:
+  admin:
+    admin_key: [{{name: admin, key: {KEY}}}]
+    admin_listen: {{ip: 127.0.0.1, port: {admin}}}
+nginx_config:
+  worker_processes: {workers}
+  error_log_level: warn
+  http: {{access_log: "off"}}
+plugin_attr:
+  prometheus: {{enable_export_server: false}}
+wasm:
+  plugins:
+{listed}"""

@@ -34,7 +34,7 @@ import time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import KEY, ROOT, free_port, median, wait_port
+from benchlib import KEY, ROOT, free_port, gateway_config, median, upstream_conf, wait_port
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -90,10 +90,7 @@ class Bench:
         # The upstream: its own nginx, on the other cores.
         up_conf = os.path.join(d, "up.conf")
         with open(up_conf, "w") as f:
-            f.write(f"""worker_processes 1; daemon off; error_log logs/up-error.log; pid logs/up.pid;
-events {{ worker_connections 4096; }}
-http {{ access_log off; server {{ listen 127.0.0.1:{self.up}; location / {{ return 200 "ok\\n"; }} }} }}
-""")
+            f.write(upstream_conf(self.up))
         # The baseline: nginx proxy_pass with upstream keepalive, same worker count.
         base_conf = os.path.join(d, "base.conf")
         with open(base_conf, "w") as f:
@@ -119,25 +116,8 @@ http {{
         hdr = os.path.join(ROOT, "plugins", "example_headers.wasm")
         body = os.path.join(ROOT, "tests", "plugins", "wasm", "body_rewrite.wasm")
         with open(os.path.join(d, "conf", "config.yaml"), "w") as f:
-            f.write(f"""apisix:
-  node_listen: [{{ip: 127.0.0.1, port: {self.gw}}}]
-deployment:
-  admin:
-    admin_key: [{{name: admin, key: {KEY}}}]
-    admin_listen: {{ip: 127.0.0.1, port: {self.admin}}}
-nginx_config:
-  worker_processes: {self.a.workers}
-  error_log_level: warn
-  http: {{access_log: "off"}}
-plugin_attr:
-  prometheus: {{enable_export_server: false}}
-wasm:
-  plugins:
-    - {{name: p1, priority: 3, file: "{hdr}"}}
-    - {{name: p2, priority: 2, file: "{hdr}"}}
-    - {{name: p3, priority: 1, file: "{hdr}"}}
-    - {{name: body, priority: 0, file: "{body}"}}
-""")
+            f.write(gateway_config(self.gw, self.admin, self.a.workers, [
+                ("p1", 3, hdr), ("p2", 2, hdr), ("p3", 1, hdr), ("body", 0, body)]))
         binary = os.path.join(ROOT, "target", "release", "wasmgate")
         if not os.path.exists(binary):
             sys.exit("build first: cargo build --release")

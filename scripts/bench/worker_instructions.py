@@ -28,7 +28,7 @@ import time
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import KEY, ROOT, free_port, wait_port
+from benchlib import KEY, ROOT, free_port, gateway_config, upstream_conf, wait_port
 
 ROUTES = ("none", "one", "three")
 
@@ -91,32 +91,12 @@ def main():
         os.makedirs(os.path.join(work, "logs"))
         os.makedirs(os.path.join(work, "conf"))
         with open(os.path.join(work, "up.conf"), "w") as f:
-            f.write(f"""worker_processes 1; daemon off; error_log logs/up-error.log; pid logs/up.pid;
-events {{ worker_connections 1024; }}
-http {{ access_log off; server {{ listen 127.0.0.1:{up}; location / {{ return 200 "ok\\n"; }} }} }}
-""")
+            f.write(upstream_conf(up))
         procs.append(subprocess.Popen(["nginx", "-p", work, "-c", os.path.join(work, "up.conf")],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         hdr = os.path.join(ROOT, "plugins", "example_headers.wasm")
         with open(os.path.join(work, "conf", "config.yaml"), "w") as f:
-            f.write(f"""apisix:
-  node_listen: [{{ip: 127.0.0.1, port: {gw}}}]
-deployment:
-  admin:
-    admin_key: [{{name: admin, key: {KEY}}}]
-    admin_listen: {{ip: 127.0.0.1, port: {admin}}}
-nginx_config:
-  worker_processes: 1
-  error_log_level: warn
-  http: {{access_log: "off"}}
-plugin_attr:
-  prometheus: {{enable_export_server: false}}
-wasm:
-  plugins:
-    - {{name: p1, priority: 3, file: "{hdr}"}}
-    - {{name: p2, priority: 2, file: "{hdr}"}}
-    - {{name: p3, priority: 1, file: "{hdr}"}}
-""")
+            f.write(gateway_config(gw, admin, 1, [("p1", 3, hdr), ("p2", 2, hdr), ("p3", 1, hdr)]))
         binary = os.path.abspath(a.binary)
         env = dict(os.environ, WASMGATE_WORKER_EXE=binary)
         out = os.path.join(work, "cg.%p")
