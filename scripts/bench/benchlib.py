@@ -45,10 +45,12 @@ http {{ access_log off; server {{ listen 127.0.0.1:{port}; location / {{ return 
 """
 
 
-def gateway_config(proxy, admin, workers, plugins):
+def gateway_config(proxy, admin, workers, plugins, nginx_extra="", tail=""):
     """config.yaml of a benchmarked gateway: loopback listeners, the benchmark key, no access
-    log, and `plugins` as (name, priority, file) in `wasm.plugins`."""
+    log, `plugins` as (name, priority, file) in `wasm.plugins` (none: no `wasm` section),
+    `nginx_extra` lines in `nginx_config`, `tail` sections at the end."""
     listed = "".join(f'    - {{name: {n}, priority: {p}, file: "{f}"}}\n' for n, p, f in plugins)
+    wasm = f"wasm:\n  plugins:\n{listed}" if plugins else ""
     return f"""apisix:
   node_listen: [{{ip: 127.0.0.1, port: {proxy}}}]
 deployment:
@@ -58,9 +60,19 @@ deployment:
 nginx_config:
   worker_processes: {workers}
   error_log_level: warn
-  http: {{access_log: "off"}}
+{nginx_extra}  http: {{access_log: "off"}}
 plugin_attr:
   prometheus: {{enable_export_server: false}}
-wasm:
-  plugins:
-{listed}"""
+{wasm}{tail}"""
+
+
+def admin_put(admin, path, body, timeout=30):
+    """PUTs `body` (JSON) to the Admin API on port `admin`; exits on an error status."""
+    import http.client
+    import json
+    c = http.client.HTTPConnection("127.0.0.1", admin, timeout=timeout)
+    c.request("PUT", path, body=json.dumps(body), headers={"X-API-KEY": KEY})
+    r = c.getresponse()
+    r.read()
+    if r.status not in (200, 201):
+        sys.exit(f"PUT {path}: {r.status}")

@@ -30,7 +30,7 @@ import time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import KEY, ROOT, free_port, median
+from benchlib import KEY, ROOT, free_port, gateway_config, median
 
 
 class Conn:
@@ -59,24 +59,9 @@ def prepare(prefix, n, up_port, proxy, admin, workers):
     os.makedirs(os.path.join(prefix, "data", "routes"))
     plugin = os.path.join(ROOT, "plugins", "example_headers.wasm")
     with open(os.path.join(prefix, "conf", "config.yaml"), "w") as f:
-        f.write(f"""apisix:
-  node_listen: [{{ip: 127.0.0.1, port: {proxy}}}]
-deployment:
-  admin:
-    admin_key: [{{name: admin, key: {KEY}}}]
-    admin_listen: {{ip: 127.0.0.1, port: {admin}}}
-nginx_config:
-  worker_processes: {workers}
-  worker_shutdown_timeout: 5s
-  http: {{access_log: "off"}}
-plugin_attr:
-  prometheus: {{enable_export_server: false}}
-wasm:
-  plugins:
-    - {{name: example_headers, priority: 1000, file: "{plugin}"}}
-wasmgate:
-  shm_size: 256m
-""")
+        f.write(gateway_config(proxy, admin, workers, [("example_headers", 1000, plugin)],
+                               nginx_extra="  worker_shutdown_timeout: 5s\n",
+                               tail="wasmgate:\n  shm_size: 256m\n"))
     for i in range(n):
         value = {
             "id": f"r{i}",

@@ -15,7 +15,7 @@ import argparse, http.client, json, os, shutil, socket, subprocess, sys, tempfil
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import KEY, free_port, pct
+from benchlib import KEY, free_port, gateway_config, pct
 
 
 def request(port, method, path, body=None, headers=None):
@@ -42,21 +42,8 @@ def main():
     proxy, admin = free_port(), free_port()
     os.makedirs(f"{prefix}/conf")
     with open(f"{prefix}/conf/config.yaml", "w") as f:
-        f.write(f"""apisix:
-  node_listen: [{{ip: 127.0.0.1, port: {proxy}}}]
-deployment:
-  admin:
-    admin_key: [{{name: admin, key: {KEY}}}]
-    admin_listen: {{ip: 127.0.0.1, port: {admin}}}
-nginx_config:
-  worker_processes: {a.workers}
-  worker_shutdown_timeout: 5s
-  http:
-    access_log: "off"
-plugin_attr:
-  prometheus:
-    enable_export_server: false
-""")
+        f.write(gateway_config(proxy, admin, a.workers, [],
+                               nginx_extra="  worker_shutdown_timeout: 5s\n"))
     subprocess.run([binary, "start", "-p", prefix], check=True)
     try:
         hdr = {"X-API-KEY": KEY}

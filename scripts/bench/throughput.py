@@ -34,7 +34,8 @@ import time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import KEY, ROOT, free_port, gateway_config, median, upstream_conf, wait_port
+from benchlib import (ROOT, admin_put, free_port, gateway_config, median, upstream_conf,
+                      wait_port)
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -141,13 +142,7 @@ http {{
         time.sleep(0.5)
 
     def admin_put(self, path, body):
-        import http.client
-        c = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=10)
-        c.request("PUT", path, body=json.dumps(body), headers={"X-API-KEY": KEY})
-        r = c.getresponse()
-        r.read()
-        if r.status not in (200, 201):
-            sys.exit(f"PUT {path}: {r.status}")
+        admin_put(self.admin, path, body, timeout=10)
 
     def wrk(self, url, seconds):
         lua = os.path.join(self.work, "pct.lua")

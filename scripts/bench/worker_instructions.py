@@ -16,7 +16,6 @@ usage: scripts/bench/worker_instructions.py [--requests 2000] [--binary target/r
 import argparse
 import glob
 import http.client
-import json
 import os
 import re
 import shutil
@@ -28,18 +27,9 @@ import time
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import KEY, ROOT, free_port, gateway_config, upstream_conf, wait_port
+from benchlib import ROOT, admin_put, free_port, gateway_config, upstream_conf, wait_port
 
 ROUTES = ("none", "one", "three")
-
-
-def put(admin, path, body):
-    c = http.client.HTTPConnection("127.0.0.1", admin, timeout=30)
-    c.request("PUT", path, body=json.dumps(body), headers={"X-API-KEY": KEY})
-    r = c.getresponse()
-    r.read()
-    if r.status not in (200, 201):
-        sys.exit(f"PUT {path}: {r.status}")
 
 
 def requests(port, path, n):
@@ -110,7 +100,7 @@ def main():
         conf = {"conf": {"set": {"x-a": "1"}, "response_set": {"x-b": "2"}}}
         plugins = {"none": {}, "one": {"p1": conf}, "three": {"p1": conf, "p2": conf, "p3": conf}}
         for r in ROUTES:
-            put(admin, f"/apisix/admin/routes/{r}", {"uri": f"/{r}", "plugins": plugins[r], "upstream": node})
+            admin_put(admin, f"/apisix/admin/routes/{r}", {"uri": f"/{r}", "plugins": plugins[r], "upstream": node})
         wait_port(gw, 120)
         time.sleep(2)
         worker = None
