@@ -6,10 +6,14 @@
 //! reconnect to a new worker between requests, after which idle connections are closed.
 
 use crate::{proxy, Worker};
+use futures_util::task::AtomicWaker;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -82,9 +86,12 @@ async fn connection(
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
+    // The connection's task wakes a few times per request, for the connection's own I/O: the
+    // drain signal is polled only when it woke the task.
+    let drained = OnWake::new(until_drain(&mut drain));
     tokio::select! {
         _ = conn.as_mut() => return,
-        _ = until_drain(&mut drain) => {}
+        _ = drained => {}
     }
     tokio::select! {
         _ = conn.as_mut() => return,
@@ -92,4 +99,87 @@ async fn connection(
     }
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
+}
+
+/// A future polled only after its own waker fired (and once at first), however often the task
+/// that awaits it is woken for other reasons: the same thing `FuturesUnordered` does for many.
+struct OnWake<F> {
+    inner: Pin<Box<F>>,
+    flag: Arc<WokenFlag>,
+    waker: Waker,
+}
+
+struct WokenFlag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for WokenFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> OnWake<F> {
+    fn new(inner: F) -> OnWake<F> {
+        let flag = Arc::new(WokenFlag {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        OnWake {
+            inner: Box::pin(inner),
+            waker: Waker::from(flag.clone()),
+            flag,
+        }
+    }
+}
+
+impl<F: Future> Future for OnWake<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.flag.task.register(cx.waker());
+        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let this = &mut *self;
+        this.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.waker))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn on_wake_polls_its_future_only_once_that_future_was_woken() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<u8>();
+        let counted = {
+            let polls = polls.clone();
+            std::future::poll_fn(move |cx| {
+                polls.fetch_add(1, Ordering::Relaxed);
+                Pin::new(&mut rx).poll(cx)
+            })
+        };
+        let mut f = OnWake::new(counted);
+        let task = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&task);
+        // The task wakes for other reasons: the inner future is polled the first time only.
+        for _ in 0..5 {
+            assert!(Pin::new(&mut f).poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
+        tx.send(7).unwrap();
+        assert!(matches!(Pin::new(&mut f).poll(&mut cx), Poll::Ready(Ok(7))));
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
 }

@@ -91,8 +91,16 @@ impl Balancer {
     /// round robin). Indexes in `tried` are skipped; out-of-range ones are
     /// ignored. Returns `None` when no node with weight > 0 is left untried.
     pub fn pick(&self, hash_key: Option<&[u8]>, tried: &[usize]) -> Option<usize> {
-        let eligible = eligible_mask(&self.nodes, tried);
-        if !eligible.contains(&true) {
+        let eligible = Eligible {
+            nodes: &self.nodes,
+            tried,
+        };
+        // One node (the common upstream): every policy picks it, and none keeps state
+        // that one node could change.
+        if self.nodes.len() == 1 {
+            return eligible.get(0).then_some(0);
+        }
+        if !(0..self.nodes.len()).any(|i| eligible.get(i)) {
             return None;
         }
         match (self.kind, hash_key) {
@@ -139,13 +147,13 @@ impl Balancer {
 
     /// nginx smooth WRR: every eligible node gains its weight, the largest
     /// `current_weight` wins (first on ties) and pays back the total.
-    fn pick_round_robin(&self, eligible: &[bool]) -> Option<usize> {
+    fn pick_round_robin(&self, eligible: &Eligible) -> Option<usize> {
         let mut current = lock(&self.current);
         let mut total: i64 = 0;
         let mut best: Option<(usize, i64)> = None;
-        let candidates = self.nodes.iter().zip(eligible).zip(current.iter_mut());
-        for (i, ((node, &ok), cw)) in candidates.enumerate() {
-            if !ok {
+        let candidates = self.nodes.iter().zip(current.iter_mut());
+        for (i, (node, cw)) in candidates.enumerate() {
+            if !eligible.get(i) {
                 continue;
             }
             let weight = i64::from(node.weight);
@@ -164,7 +172,7 @@ impl Balancer {
 
     /// First ring point at or after the key's hash (wrapping), then onwards
     /// to the first point whose node is still eligible.
-    fn pick_chash(&self, key: &[u8], eligible: &[bool]) -> Option<usize> {
+    fn pick_chash(&self, key: &[u8], eligible: &Eligible) -> Option<usize> {
         let hash = hash_bytes(key);
         let start = self.ring.partition_point(|p| p.hash < hash);
         self.ring
@@ -173,12 +181,12 @@ impl Balancer {
             .skip(start)
             .take(self.ring.len())
             .map(|p| p.node)
-            .find(|&n| is_eligible(eligible, n))
+            .find(|&n| eligible.get(n))
     }
 
     /// Lowest `active / weight` among eligible nodes; the scan starts at a
     /// rotating offset so equally loaded nodes share traffic.
-    fn pick_least_conn(&self, eligible: &[bool]) -> Option<usize> {
+    fn pick_least_conn(&self, eligible: &Eligible) -> Option<usize> {
         let n = self.nodes.len();
         if n == 0 {
             return None;
@@ -186,7 +194,7 @@ impl Balancer {
         let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
         let mut best: Option<(usize, Load)> = None;
         for i in (0..n).map(|k| (start + k) % n) {
-            if !is_eligible(eligible, i) {
+            if !eligible.get(i) {
                 continue;
             }
             let load = self.load(i);
@@ -224,20 +232,18 @@ impl Load {
     }
 }
 
-/// Per-node flag: weight > 0 and not yet tried for this request.
-fn eligible_mask(nodes: &[BalancerNode], tried: &[usize]) -> Vec<bool> {
-    let mut mask: Vec<bool> = nodes.iter().map(|n| n.weight > 0).collect();
-    for &i in tried {
-        if let Some(slot) = mask.get_mut(i) {
-            *slot = false;
-        }
-    }
-    mask
+/// Which nodes an attempt may use: weight > 0 and not yet tried for this request (`tried` holds
+/// a few indexes at most, so it is scanned rather than turned into a per-request mask).
+struct Eligible<'a> {
+    nodes: &'a [BalancerNode],
+    tried: &'a [usize],
 }
 
-/// Bounds-checked lookup in an eligibility mask.
-fn is_eligible(mask: &[bool], i: usize) -> bool {
-    mask.get(i).copied().unwrap_or(false)
+impl Eligible<'_> {
+    /// Bounds-checked: an index past the nodes is not eligible.
+    fn get(&self, i: usize) -> bool {
+        self.nodes.get(i).is_some_and(|n| n.weight > 0) && !self.tried.contains(&i)
+    }
 }
 
 /// Locks a mutex, recovering from poisoning: the guarded weights stay valid
