@@ -13,8 +13,12 @@
 //! request with a line that names it (see [`Head::error`]).
 
 use bytes::Bytes;
+use foldhash::HashMap;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use smallvec::SmallVec;
 use std::borrow::Cow;
+use std::cell::RefCell;
 use wasmgate_abi::map::{self, Pairs};
 
 /// A header list the header-map host functions work on.
@@ -43,9 +47,12 @@ pub trait HeaderList {
 }
 
 /// A value handed out of a list: a header map's values are shared, not copied.
+#[derive(Debug, Clone)]
 pub enum Value {
     Header(HeaderValue),
     Bytes(Bytes),
+    /// The request's own path and query (`:path` as received), shared with its URI.
+    Path(PathAndQuery),
 }
 
 impl AsRef<[u8]> for Value {
@@ -53,6 +60,7 @@ impl AsRef<[u8]> for Value {
         match self {
             Value::Header(v) => v.as_bytes(),
             Value::Bytes(b) => b,
+            Value::Path(p) => p.as_str().as_bytes(),
         }
     }
 }
@@ -74,13 +82,28 @@ fn pseudo_name(name: &str) -> Cow<'static, str> {
     }
 }
 
+/// `name`'s bit in [`Head`]'s record of changed pseudo-headers (one per name of [`PSEUDO`];
+/// other pseudo-headers mean nothing to the gateway and share the last bit).
+fn pseudo_bit(name: &str) -> u8 {
+    let i = PSEUDO.iter().position(|p| p.eq_ignore_ascii_case(name));
+    1 << i.unwrap_or(PSEUDO.len())
+}
+
+/// Pseudo-headers of a head: four for a request, one for a response, kept inline.
+type PseudoList = SmallVec<[(Cow<'static, str>, Value); 4]>;
+
 /// A request or response head lent to plugins.
 #[derive(Debug, Clone, Default)]
 pub struct Head {
-    pseudo: Vec<(Cow<'static, str>, Bytes)>,
+    /// Lent from the request where they can be (`:path` shares the URI's bytes, `:authority`
+    /// the `Host` value): most plugins never read them.
+    pseudo: PseudoList,
     headers: HeaderMap,
     /// Set by any change, so an untouched head is not applied back.
     changed: bool,
+    /// Which pseudo-headers a plugin set or removed ([`pseudo_bit`]): only those are applied
+    /// back, so a plugin that sets a header costs no re-parse of the path or the authority.
+    pseudo_changed: u8,
     /// The first header the map could not take (invalid name or value), and how many were.
     error: Option<String>,
     refused: usize,
@@ -98,44 +121,44 @@ impl Head {
     /// out of `parts` (not copied): give them back with [`Head::headers`] once the plugins
     /// are done with the request headers.
     pub fn request(parts: &mut http::request::Parts, scheme: &'static str) -> Head {
-        let authority = parts
-            .headers
-            .get(http::header::HOST)
-            .map(|v| Bytes::copy_from_slice(v.as_bytes()))
-            .or_else(|| {
+        let authority = match parts.headers.get(http::header::HOST) {
+            Some(host) => Value::Header(host.clone()),
+            None => Value::Bytes(
                 parts
                     .uri
                     .authority()
                     .map(|a| Bytes::copy_from_slice(a.as_str().as_bytes()))
-            })
-            .unwrap_or_default();
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let pseudo = vec![
-            (Cow::Borrowed(PSEUDO[0]), method_bytes(&parts.method)),
-            (
-                Cow::Borrowed(PSEUDO[1]),
-                Bytes::copy_from_slice(path.as_bytes()),
+                    .unwrap_or_default(),
             ),
-            (Cow::Borrowed(PSEUDO[2]), authority),
-            (
-                Cow::Borrowed(PSEUDO[3]),
-                Bytes::from_static(scheme.as_bytes()),
-            ),
-        ];
+        };
+        let path = match parts.uri.path_and_query() {
+            Some(p) => Value::Path(p.clone()),
+            None => Value::Bytes(Bytes::from_static(b"/")),
+        };
+        let mut pseudo = PseudoList::new();
+        pseudo.push((Cow::Borrowed(PSEUDO[0]), method_value(&parts.method)));
+        pseudo.push((Cow::Borrowed(PSEUDO[1]), path));
+        pseudo.push((Cow::Borrowed(PSEUDO[2]), authority));
+        pseudo.push((
+            Cow::Borrowed(PSEUDO[3]),
+            Value::Bytes(Bytes::from_static(scheme.as_bytes())),
+        ));
         Head::new(pseudo, std::mem::take(&mut parts.headers))
     }
 
     /// A response head: `:status`, then `headers`.
     pub fn response(status: http::StatusCode, headers: HeaderMap) -> Head {
-        let code = status_bytes(status);
-        Head::new(vec![(Cow::Borrowed(PSEUDO[4]), code)], headers)
+        let mut pseudo = PseudoList::new();
+        pseudo.push((Cow::Borrowed(PSEUDO[4]), Value::Bytes(status_bytes(status))));
+        Head::new(pseudo, headers)
     }
 
-    fn new(pseudo: Vec<(Cow<'static, str>, Bytes)>, headers: HeaderMap) -> Head {
+    fn new(pseudo: PseudoList, headers: HeaderMap) -> Head {
         Head {
             pseudo,
             headers,
             changed: false,
+            pseudo_changed: 0,
             error: None,
             refused: 0,
             overflow: 0,
@@ -145,6 +168,11 @@ impl Head {
     /// Whether a plugin changed anything.
     pub fn changed(&self) -> bool {
         self.changed
+    }
+
+    /// Whether a plugin set or removed the pseudo-header `name` (`:path`, `:authority`…).
+    pub fn pseudo_changed(&self, name: &str) -> bool {
+        self.pseudo_changed != 0 && self.pseudo_changed & pseudo_bit(name) != 0
     }
 
     /// The header map as plugins left it.
@@ -202,11 +230,11 @@ impl Head {
 
     /// A checked name and value, or the refusal recorded.
     fn entry(&mut self, name: &str, value: &[u8]) -> Option<(HeaderName, HeaderValue)> {
-        let Ok(n) = HeaderName::from_bytes(name.as_bytes()) else {
+        let Some(n) = header_name(name) else {
             self.refuse(|| format!("invalid header name {name:?}"));
             return None;
         };
-        let Ok(v) = HeaderValue::from_bytes(value) else {
+        let Some(v) = header_value(value) else {
             self.refuse(|| format!("invalid value for header {name:?}"));
             return None;
         };
@@ -214,7 +242,8 @@ impl Head {
     }
 
     fn set_pseudo(&mut self, name: &str, value: &[u8], replace: bool) {
-        let value = Bytes::copy_from_slice(value);
+        self.pseudo_changed |= pseudo_bit(name);
+        let value = Value::Bytes(Bytes::copy_from_slice(value));
         if replace {
             if let Some(slot) = self
                 .pseudo
@@ -226,6 +255,65 @@ impl Head {
             }
         }
         self.pseudo.push((pseudo_name(name), value));
+    }
+}
+
+/// Most names [`header_name`] remembers per thread.
+const NAMES_KEPT: usize = 1024;
+
+std::thread_local! {
+    /// Header names plugins used, parsed once: a plugin sets the same few names on every
+    /// request, and a custom name parsed afresh is a copy, and another allocation the first
+    /// time the map holding it is cloned; a remembered one is shared.
+    static NAMES: RefCell<HashMap<Box<str>, HeaderName>> = RefCell::new(HashMap::default());
+}
+
+/// `name` as a header name (lower-cased), or `None` when it is not a valid one.
+fn header_name(name: &str) -> Option<HeaderName> {
+    NAMES.with(|names| {
+        let mut names = names.borrow_mut();
+        if let Some(n) = names.get(name) {
+            return Some(n.clone());
+        }
+        let n = HeaderName::from_bytes(name.as_bytes()).ok()?;
+        if names.len() < NAMES_KEPT {
+            names.insert(name.into(), n.clone());
+        }
+        Some(n)
+    })
+}
+
+/// A value a plugin set, checked. A short one (most are) lives inline in its one allocation:
+/// the gateway clones the map that holds it to send it on, and a plain copy would allocate
+/// again then to become shareable.
+fn header_value(value: &[u8]) -> Option<HeaderValue> {
+    let bytes = match InlineValue::new(value) {
+        Some(v) => Bytes::from_owner(v),
+        None => Bytes::copy_from_slice(value),
+    };
+    HeaderValue::from_maybe_shared(bytes).ok()
+}
+
+/// Up to 62 bytes, inline.
+struct InlineValue {
+    len: u8,
+    buf: [u8; 62],
+}
+
+impl InlineValue {
+    fn new(value: &[u8]) -> Option<InlineValue> {
+        let mut v = InlineValue {
+            len: u8::try_from(value.len()).ok()?,
+            buf: [0; 62],
+        };
+        v.buf.get_mut(..value.len())?.copy_from_slice(value);
+        Some(v)
+    }
+}
+
+impl AsRef<[u8]> for InlineValue {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
     }
 }
 
@@ -252,14 +340,14 @@ fn status_bytes(status: http::StatusCode) -> Bytes {
 }
 
 /// `http::Method` as bytes, without a copy for the standard methods.
-fn method_bytes(m: &http::Method) -> Bytes {
+fn method_value(m: &http::Method) -> Value {
     const STANDARD: [&str; 9] = [
         "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
     ];
-    match STANDARD.iter().find(|s| **s == m.as_str()) {
+    Value::Bytes(match STANDARD.iter().find(|s| **s == m.as_str()) {
         Some(s) => Bytes::from_static(s.as_bytes()),
         None => Bytes::copy_from_slice(m.as_str().as_bytes()),
-    }
+    })
 }
 
 impl HeaderList for Head {
@@ -269,7 +357,7 @@ impl HeaderList for Head {
                 .pseudo
                 .iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case(name));
-            return found.map(|(_, v)| Value::Bytes(v.clone()));
+            return found.map(|(_, v)| v.clone());
         }
         self.headers.get(name).cloned().map(Value::Header)
     }
@@ -317,6 +405,7 @@ impl HeaderList for Head {
     fn remove(&mut self, name: &str) {
         self.changed = true;
         if name.starts_with(':') {
+            self.pseudo_changed |= pseudo_bit(name);
             self.pseudo.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
         } else {
             self.headers.remove(name);
@@ -325,7 +414,7 @@ impl HeaderList for Head {
 
     fn set_all(&mut self, pairs: Pairs) {
         let given = |n: &str| pairs.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
-        let kept: Vec<_> = std::mem::take(&mut self.pseudo)
+        let kept: PseudoList = std::mem::take(&mut self.pseudo)
             .into_iter()
             .filter(|(k, _)| !given(k))
             .collect();
@@ -471,6 +560,51 @@ mod tests {
         assert_eq!(h.pseudo(":path"), Some(&b"/p"[..]));
         assert_eq!(h.headers().len(), 1);
         assert_eq!(h.get("x-only"), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn only_the_pseudo_headers_a_plugin_touched_count_as_changed() {
+        let mut h = request();
+        h.replace("host", b"other.example");
+        h.add("x-new", b"1");
+        assert!(h.changed());
+        for name in [":method", ":path", ":authority", ":scheme", ":status"] {
+            assert!(!h.pseudo_changed(name), "{name}");
+        }
+        // Lent from the request, read as they were received.
+        assert_eq!(h.pseudo(":path"), Some(&b"/a?b=c"[..]));
+        assert_eq!(h.pseudo(":authority"), Some(&b"example.com"[..]));
+        h.replace(":PATH", b"/b");
+        HeaderList::remove(&mut h, ":authority");
+        assert!(h.pseudo_changed(":path") && h.pseudo_changed(":authority"));
+        assert!(!h.pseudo_changed(":method"));
+        let mut h = request();
+        h.set_all(vec![(":method".into(), b"PUT".to_vec())]);
+        assert!(h.pseudo_changed(":method") && !h.pseudo_changed(":path"));
+    }
+
+    #[test]
+    fn values_of_every_length_are_kept_as_given() {
+        let mut h = request();
+        let cases = [
+            ("x-empty", Vec::new()),
+            ("x-short", b"abc".to_vec()),
+            ("x-62", vec![b'a'; 62]),
+            ("x-63", vec![b'b'; 63]),
+            ("x-long", vec![b'c'; 300]),
+        ];
+        for (name, value) in &cases {
+            h.replace(name, value);
+        }
+        // The map sent on holds the same values (shared, not copied).
+        let sent = h.headers().clone();
+        for (name, value) in &cases {
+            assert_eq!(h.get(name), Some(&value[..]), "{name}");
+            assert_eq!(sent.get(*name).unwrap().as_bytes(), &value[..], "{name}");
+        }
+        assert_eq!(h.error(), None);
+        h.replace("x-bad", b"a\nb");
+        assert!(h.error().is_some());
     }
 
     #[test]

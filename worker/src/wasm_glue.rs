@@ -17,7 +17,9 @@ pub fn request_head(parts: &mut http::request::Parts) -> Head {
 }
 
 /// Gives `parts` the request as the plugins left it (method, path, Host, headers). The head
-/// keeps its own copy: later callbacks may still read the request headers.
+/// keeps its own copy: later callbacks may still read the request headers. Only the
+/// pseudo-headers a plugin set are applied: a `Host` header a plugin set stays as it is unless
+/// it also set `:authority`.
 pub fn apply_request(head: &Head, parts: &mut http::request::Parts) -> Result<(), String> {
     if !head.changed() {
         parts.headers = head.headers().clone();
@@ -27,13 +29,17 @@ pub fn apply_request(head: &Head, parts: &mut http::request::Parts) -> Result<()
         return Err(e);
     }
     let mut headers = head.headers().clone();
-    if let Some(m) = head.pseudo(":method") {
+    let set = |name| match head.pseudo_changed(name) {
+        true => head.pseudo(name),
+        false => None,
+    };
+    if let Some(m) = set(":method") {
         parts.method = http::Method::from_bytes(m).map_err(|_| "invalid :method".to_string())?;
     }
-    if let Some(p) = head.pseudo(":path") {
+    if let Some(p) = set(":path") {
         parts.uri = http::Uri::try_from(p).map_err(|_| "invalid :path".to_string())?;
     }
-    if let Some(a) = head.pseudo(":authority").filter(|a| !a.is_empty()) {
+    if let Some(a) = set(":authority").filter(|a| !a.is_empty()) {
         headers.insert(
             http::header::HOST,
             HeaderValue::from_bytes(a).map_err(|_| "invalid :authority".to_string())?,
@@ -62,6 +68,7 @@ pub fn apply_response(head: &Head, resp: &mut Response<ProxyBody>) {
     *resp.headers_mut() = head.headers().clone();
     if let Some(s) = head
         .pseudo(":status")
+        .filter(|_| head.pseudo_changed(":status"))
         .and_then(|s| std::str::from_utf8(s).ok())
         .and_then(|s| s.parse::<u16>().ok())
     {
