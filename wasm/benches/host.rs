@@ -8,6 +8,7 @@
 //! `cargo bench -p wasmgate-wasm` (uses the committed `example_headers` plugin, the Rust SDK
 //! `header_rewrite` fixture).
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::HeaderMap;
 use std::hint::black_box;
@@ -118,7 +119,7 @@ fn one_request(
         if let Some(r) = &s.response {
             response = r.headers().clone();
         }
-        s.response_body.extend_from_slice(b"ok\n");
+        s.response_body = Bytes::from_static(b"ok\n").into();
     }
     vm.on_response_body(id, &mut stream, true).unwrap();
     vm.on_log(id, &mut stream).unwrap();

@@ -2,6 +2,7 @@
 
 use crate::head::Head;
 use crate::map::Pairs;
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,8 +39,68 @@ pub struct Stream {
     pub set_props: Vec<(String, Vec<u8>)>,
     /// The body bytes a body callback works on (`HttpRequestBody` / `HttpResponseBody`
     /// buffers): what the plugin buffered so far, lent by the body filter for the call.
-    pub request_body: Vec<u8>,
-    pub response_body: Vec<u8>,
+    pub request_body: BodyBuf,
+    pub response_body: BodyBuf,
+}
+
+/// A body buffer lent to plugins. A chunk as received stays shared with the connection's
+/// buffer, not copied, until a plugin changes it or more bytes are held back with it: most
+/// plugins with body callbacks only look, or let the chunk pass.
+#[derive(Debug, Default)]
+pub struct BodyBuf {
+    /// The bytes while nothing changed them; empty once `owned` holds them.
+    shared: Bytes,
+    owned: Option<Vec<u8>>,
+}
+
+impl BodyBuf {
+    pub fn as_slice(&self) -> &[u8] {
+        match &self.owned {
+            Some(v) => v,
+            None => &self.shared,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    /// The bytes to change: a shared chunk becomes the buffer's own first (taken without a
+    /// copy when nothing else holds it).
+    pub fn to_mut(&mut self) -> &mut Vec<u8> {
+        let shared = &mut self.shared;
+        self.owned
+            .get_or_insert_with(|| Vec::from(std::mem::take(shared)))
+    }
+
+    /// `more` after these bytes (moved in whole when this buffer is empty).
+    pub fn append(&mut self, more: BodyBuf) {
+        if self.is_empty() {
+            *self = more;
+        } else {
+            self.to_mut().extend_from_slice(more.as_slice());
+        }
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        match self.owned {
+            Some(v) => Bytes::from(v),
+            None => self.shared,
+        }
+    }
+}
+
+impl From<Bytes> for BodyBuf {
+    fn from(shared: Bytes) -> BodyBuf {
+        BodyBuf {
+            shared,
+            owned: None,
+        }
+    }
 }
 
 impl Stream {
@@ -51,8 +112,8 @@ impl Stream {
             response_trailers: Vec::new(),
             props,
             set_props: Vec::new(),
-            request_body: Vec::new(),
-            response_body: Vec::new(),
+            request_body: BodyBuf::default(),
+            response_body: BodyBuf::default(),
         }
     }
 }
@@ -125,3 +186,26 @@ pub struct HostState {
 
 /// Proxy-Wasm status codes returned by host functions.
 pub use wasmgate_abi::Status;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_chunk_is_lent_as_received_until_changed() {
+        let chunk = Bytes::from_static(b"hello");
+        let mut buf = BodyBuf::from(chunk.clone());
+        assert_eq!(buf.as_slice().as_ptr(), chunk.as_ptr(), "not copied");
+        // Held back with more: now the buffer's own.
+        buf.append(BodyBuf::from(Bytes::from_static(b" world")));
+        assert_eq!(buf.as_slice(), b"hello world");
+        buf.to_mut().truncate(5);
+        assert_eq!(buf.len(), 5);
+        assert_eq!(&buf.into_bytes()[..], b"hello");
+        // Into an empty buffer a chunk moves whole, and leaves as it came.
+        let mut empty = BodyBuf::default();
+        assert!(empty.is_empty());
+        empty.append(BodyBuf::from(chunk.clone()));
+        assert_eq!(empty.into_bytes().as_ptr(), chunk.as_ptr());
+    }
+}

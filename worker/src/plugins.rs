@@ -26,6 +26,7 @@
 use crate::live::GlobalRuleEntry;
 use crate::router::RouteEntry;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use smallvec::SmallVec;
 use std::collections::HashMap;
 
 /// Maps looked up on every request with keys from the configuration (route and plugin names),
@@ -41,8 +42,8 @@ use wasmgate_shared::model::PluginConf;
 use wasmgate_shared::shm::Segment;
 use wasmgate_shared::stats::ContextStats;
 use wasmgate_wasm::{
-    Action, CallResponse, Fault, HttpCall, LocalReply, Outcome, PluginModule, PluginVm, Settings,
-    Stream,
+    Action, BodyBuf, CallResponse, Fault, HttpCall, LocalReply, Outcome, PluginModule, PluginVm,
+    Settings, Stream,
 };
 
 /// A PluginContext in a VM.
@@ -111,6 +112,9 @@ pub struct Link<'a> {
     conf: &'a str,
 }
 
+/// The plugins a request runs, in order (see [`Plugins::chain`]).
+pub type Chain<'a> = SmallVec<[Link<'a>; 4]>;
+
 /// An HttpContext created for the current request.
 #[derive(Clone)]
 pub struct Active {
@@ -120,6 +124,8 @@ pub struct Active {
     vm_generation: u64,
     /// Its context's statistics record in this worker's slot.
     record: Option<usize>,
+    /// Nanoseconds spent in this context's callbacks for this request.
+    spent: u64,
 }
 
 /// The Proxy-Wasm state of one request: the request as plugins see it and its HttpContexts.
@@ -129,17 +135,15 @@ pub struct WasmRequest {
     plugins: Arc<Plugins>,
     pub stream: Option<Box<Stream>>,
     pub active: Vec<Active>,
-    /// Nanoseconds spent in each active context's callbacks for this request.
-    pub spent: Vec<u64>,
 }
 
 impl WasmRequest {
-    pub fn new(plugins: Arc<Plugins>, stream: Stream) -> WasmRequest {
+    /// `links`: how many plugins the request may run (room for their contexts).
+    pub fn new(plugins: Arc<Plugins>, stream: Stream, links: usize) -> WasmRequest {
         WasmRequest {
             plugins,
             stream: Some(Box::new(stream)),
-            active: Vec::new(),
-            spent: Vec::new(),
+            active: Vec::with_capacity(links),
         }
     }
 
@@ -156,8 +160,7 @@ impl WasmRequest {
         if active.is_empty() {
             return;
         }
-        let spent = std::mem::take(&mut self.spent);
-        self.plugins.on_log(active, spent, &mut self.stream);
+        self.plugins.on_log(active, &mut self.stream);
     }
 }
 
@@ -186,7 +189,7 @@ pub enum Dir {
 /// What a body chunk became.
 pub enum BodyStep {
     /// Bytes every plugin let through (possibly none: a plugin is buffering).
-    Release(Vec<u8>),
+    Release(BodyBuf),
     Reply(LocalReply),
     Fail,
     /// A plugin's buffer would exceed the cap.
@@ -311,12 +314,9 @@ impl Plugins {
     }
 
     /// The plugins a request on `route` runs, in order.
-    pub fn chain<'a>(
-        &self,
-        globals: &'a [GlobalRuleEntry],
-        route: &'a RouteEntry,
-    ) -> Vec<Link<'a>> {
-        let mut links = Vec::new();
+    pub fn chain<'a>(&self, globals: &'a [GlobalRuleEntry], route: &'a RouteEntry) -> Chain<'a> {
+        // Ranked first (global rules before the route's), kept inline: a route runs a few.
+        let mut links: SmallVec<[(u8, Link<'a>); 4]> = SmallVec::new();
         let mut push = |owner: &'a Arc<str>, plugins: &'a [PluginConf], rank: u8| {
             for pc in plugins {
                 if let Some(&i) = self.by_name.get(&pc.name) {
@@ -355,7 +355,7 @@ impl Plugins {
         for link in chain {
             let p = &self.list[link.plugin];
             let started = Instant::now();
-            let (active, first, calls) = {
+            let (first, calls) = {
                 let mut st = p.lock();
                 let record = self.record(link.plugin, &mut st, link.owner);
                 let (http_id, generation) = match self.open(p, &mut st, link, record) {
@@ -372,28 +372,27 @@ impl Plugins {
                         return Verdict::Fail;
                     }
                 };
-                let active = Active {
+                req.active.push(Active {
                     plugin: link.plugin,
                     owner: link.owner.clone(),
                     http_id,
                     vm_generation: generation,
                     record,
-                };
-                req.active.push(active.clone());
-                req.spent.push(0);
+                    spent: 0,
+                });
                 let Some(vm) = st.vm.as_mut() else {
                     return Verdict::Fail;
                 };
                 let r = vm.on_request_headers(http_id, &mut req.stream, end_of_stream);
-                let calls = st.collect(self);
-                (active, r, calls)
+                (r, st.collect(self))
+            };
+            let Some(active) = req.active.last_mut() else {
+                return Verdict::Fail;
             };
             let (verdict, waited) = self
-                .settle(&active, first, calls, &mut req.stream, Phase::Request)
+                .settle(active, first, calls, &mut req.stream, Phase::Request)
                 .await;
-            if let Some(t) = req.spent.last_mut() {
-                *t += (started.elapsed() - waited).as_nanos() as u64;
-            }
+            active.spent += (started.elapsed() - waited).as_nanos() as u64;
             match verdict {
                 Verdict::Continue => {}
                 other => return other,
@@ -402,16 +401,15 @@ impl Plugins {
         Verdict::Continue
     }
 
-    /// Response headers through the contexts of this request, waiting out pauses.
-    /// `spent` gets the time each context's callbacks took.
+    /// Response headers through the contexts of this request, waiting out pauses; each
+    /// context's `spent` gets the time its callbacks took.
     pub async fn on_response(
         self: &Arc<Self>,
-        active: &[Active],
-        spent: &mut [u64],
+        active: &mut [Active],
         stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Verdict {
-        for (a, t) in active.iter().zip(spent.iter_mut()) {
+        for a in active.iter_mut() {
             let p = &self.list[a.plugin];
             let started = Instant::now();
             let (first, calls) = {
@@ -424,7 +422,7 @@ impl Plugins {
                 (r, st.collect(self))
             };
             let (verdict, waited) = self.settle(a, first, calls, stream, Phase::Response).await;
-            *t += (started.elapsed() - waited).as_nanos() as u64;
+            a.spent += (started.elapsed() - waited).as_nanos() as u64;
             match verdict {
                 Verdict::Continue => {}
                 other => return other,
@@ -721,16 +719,17 @@ impl Plugins {
         self: &Arc<Self>,
         req: &mut WasmRequest,
         dir: Dir,
-        bufs: &mut [Vec<u8>],
-        mut data: Vec<u8>,
+        bufs: &mut [BodyBuf],
+        mut data: BodyBuf,
         end_of_stream: bool,
     ) -> BodyStep {
-        // By index: the contexts are read as the stream is lent out of `req` (one `Active`
-        // cloned per step, not the whole list per chunk).
+        // By index, each context's fields copied out: `req` lends its stream to the VM below.
         for i in 0..req.active.len().min(bufs.len()) {
-            let a = req.active[i].clone();
+            let a = &req.active[i];
+            let (plugin, http_id, vm_generation, record) =
+                (a.plugin, a.http_id, a.vm_generation, a.record);
             let buf = &mut bufs[i];
-            let p = &self.list[a.plugin];
+            let p = &self.list[plugin];
             if !p.has_body(dir) {
                 continue;
             }
@@ -739,13 +738,8 @@ impl Plugins {
                 // The stream is lent to a waiting headers phase: nothing to show the plugin.
                 continue;
             };
-            if buf.is_empty() {
-                // Nothing held back: the chunk becomes the buffer without a copy.
-                std::mem::swap(buf, &mut data);
-            } else {
-                buf.extend_from_slice(&data);
-            }
-            data.clear();
+            // Nothing held back: the chunk becomes the buffer as it is, not copied.
+            buf.append(std::mem::take(&mut data));
             let cap = p.decl.body_buffer_limit as usize;
             if buf.len() > cap {
                 tracing::error!(
@@ -762,21 +756,19 @@ impl Plugins {
             std::mem::swap(lent, buf);
             let r = {
                 let mut st = p.lock();
-                if st.generation != a.vm_generation || st.vm.is_none() {
+                if st.generation != vm_generation || st.vm.is_none() {
                     None
                 } else {
                     let vm = st.vm.as_mut().expect("checked");
                     let r = match dir {
-                        Dir::Request => {
-                            vm.on_request_body(a.http_id, &mut req.stream, end_of_stream)
-                        }
+                        Dir::Request => vm.on_request_body(http_id, &mut req.stream, end_of_stream),
                         Dir::Response => {
-                            vm.on_response_body(a.http_id, &mut req.stream, end_of_stream)
+                            vm.on_response_body(http_id, &mut req.stream, end_of_stream)
                         }
                     };
                     let calls = st.collect(self);
                     if let Err(f) = &r {
-                        self.fault(p, &mut st, f, dir.callback(), a.record);
+                        self.fault(p, &mut st, f, dir.callback(), record);
                     }
                     Some((r, calls))
                 }
@@ -788,8 +780,8 @@ impl Plugins {
                 };
                 std::mem::swap(lent, buf);
             }
-            if let Some(t) = req.spent.get_mut(i) {
-                *t += started.elapsed().as_nanos() as u64;
+            if let Some(a) = req.active.get_mut(i) {
+                a.spent += started.elapsed().as_nanos() as u64;
             }
             let Some((r, calls)) = r else {
                 // The VM was replaced: this context is gone, the bytes pass.
@@ -797,21 +789,21 @@ impl Plugins {
                 continue;
             };
             for c in calls {
-                self.spawn_call(a.plugin, a.vm_generation, c);
+                self.spawn_call(plugin, vm_generation, c);
             }
             match r {
                 Err(_) if p.decl.fail_open => {}
                 Err(_) => {
-                    self.count(a.record, |r| &r.errors);
+                    self.count(record, |r| &r.errors);
                     return BodyStep::Fail;
                 }
                 Ok(o) => {
                     if let Some(reply) = o.reply {
-                        self.count(a.record, |r| &r.local_replies);
+                        self.count(record, |r| &r.local_replies);
                         return BodyStep::Reply(reply);
                     }
                     if o.action == Action::Pause && !end_of_stream {
-                        return BodyStep::Release(Vec::new());
+                        return BodyStep::Release(BodyBuf::default());
                     }
                 }
             }
@@ -821,8 +813,8 @@ impl Plugins {
     }
 
     /// The log phase: `proxy_on_log`, then done and delete for every HttpContext.
-    fn on_log(&self, active: Vec<Active>, spent: Vec<u64>, stream: &mut Option<Box<Stream>>) {
-        for (i, a) in active.into_iter().enumerate() {
+    fn on_log(&self, active: Vec<Active>, stream: &mut Option<Box<Stream>>) {
+        for a in active {
             let p = &self.list[a.plugin];
             let mut st = p.lock();
             if st.generation != a.vm_generation || st.vm.is_none() {
@@ -834,7 +826,7 @@ impl Plugins {
                 .on_log(a.http_id, stream)
                 .and_then(|_| vm.finish(a.http_id));
             let memory = vm.memory_bytes();
-            let ns = spent.get(i).copied().unwrap_or(0) + started.elapsed().as_nanos() as u64;
+            let ns = a.spent + started.elapsed().as_nanos() as u64;
             if let Some(rec) = self.stats(a.record) {
                 rec.record_time(ns);
             }

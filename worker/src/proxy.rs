@@ -15,7 +15,7 @@
 use crate::access_log::Entry;
 use crate::body::{self, Observed, ProxyBody};
 use crate::live::Compiled;
-use crate::plugins::{Dir, Verdict, WasmRequest};
+use crate::plugins::{Active, Dir, Verdict, WasmRequest};
 use crate::router::{RequestView, RouteEntry};
 use crate::upstream::pool::{Conn, PooledBody};
 use crate::upstream::UpstreamRuntime;
@@ -89,7 +89,7 @@ pub async fn handle(w: Arc<Worker>, req: Request<Incoming>, client: Client) -> R
         let lookup = |name: &str| nginx_var(&parts, peer, name);
         let view = RequestView {
             method: &parts.method,
-            host: &log.host,
+            host: log.host.as_str(),
             path: parts.uri.path(),
             remote: peer.ip(),
             vars: &lookup,
@@ -98,12 +98,16 @@ pub async fn handle(w: Arc<Worker>, req: Request<Incoming>, client: Client) -> R
     };
     let mut wasm = None;
     let no_body = body.is_end_stream();
-    let body = client_body(
-        body,
-        w.max_body_size,
-        w.body_timeout,
-        log.body_bytes.clone(),
-    );
+    // A request without a body (most GETs) needs no size limit or read timer around it.
+    let body = match no_body {
+        true => body::empty(),
+        false => client_body(
+            body,
+            w.max_body_size,
+            w.body_timeout,
+            log.body_bytes.clone(),
+        ),
+    };
     let resp = match &route {
         None => json_error(StatusCode::NOT_FOUND, "404 Route Not Found"),
         Some(route) => {
@@ -161,7 +165,7 @@ async fn serve_route(
             parts.version,
         ));
         let stream = Stream::new(wasm_glue::request_head(parts), props);
-        let mut req = WasmRequest::new(w.plugins.clone(), stream);
+        let mut req = WasmRequest::new(w.plugins.clone(), stream, chain.len());
         let verdict = w.plugins.on_request(&chain, &mut req, no_body).await;
         let early = match verdict {
             Verdict::Reply(r) => Some(wasm_glue::local_reply(r)),
@@ -225,12 +229,7 @@ async fn request_body(
 ) -> Result<(ProxyBody, Arc<Mutex<Option<BodyFailure>>>), Response<ProxyBody>> {
     let mut pb = PluginBody::new(body, shared.clone(), w.plugins.clone(), Dir::Request);
     match pb.prime().await {
-        Primed::Complete(len) => {
-            parts.headers.remove(header::TRANSFER_ENCODING);
-            parts
-                .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-        }
+        Primed::Complete(len) => set_length(&mut parts.headers, len),
         Primed::Streaming => {}
         Primed::Failed(f) => return Err(failure_response(f, StatusCode::PAYLOAD_TOO_LARGE)),
     }
@@ -256,32 +255,25 @@ async fn response_phase(
     shared: &SharedWasm,
     mut resp: Response<ProxyBody>,
 ) -> Response<ProxyBody> {
-    let (active, mut spent, mut stream) = {
-        let mut g = lock(shared);
-        (g.active.clone(), vec![0; g.active.len()], g.stream.take())
-    };
-    if let Some(s) = stream.as_mut() {
+    // The contexts and the stream are lent out of the shared state while the callbacks run
+    // (they may wait for call-outs), and go back even if this future is dropped half-way.
+    let mut lent = Lent::take(shared);
+    if let Some(s) = lent.stream.as_mut() {
         s.response = Some(wasm_glue::response_head(&mut resp));
     }
     let no_body = resp.body().is_end_stream();
     let verdict = w
         .plugins
-        .on_response(&active, &mut spent, &mut stream, no_body)
+        .on_response(&mut lent.active, &mut lent.stream, no_body)
         .await;
     if let Verdict::Continue = verdict {
         // The headers went into the plugins' head (when there is one): they come back from it.
-        if let Some(head) = stream.as_ref().and_then(|s| s.response.as_ref()) {
+        if let Some(head) = lent.stream.as_ref().and_then(|s| s.response.as_ref()) {
             wasm_glue::apply_response(head, &mut resp);
         }
     }
-    let wants_body = {
-        let mut g = lock(shared);
-        g.stream = stream;
-        for (t, add) in g.spent.iter_mut().zip(spent) {
-            *t += add;
-        }
-        !no_body && g.wants_body(Dir::Response)
-    };
+    drop(lent);
+    let wants_body = !no_body && lock(shared).wants_body(Dir::Response);
     match verdict {
         Verdict::Reply(r) => return wasm_glue::local_reply(r),
         Verdict::Fail => return error_page(StatusCode::SERVICE_UNAVAILABLE),
@@ -293,15 +285,37 @@ async fn response_phase(
     let (mut head, body) = resp.into_parts();
     let mut pb = PluginBody::new(body, shared.clone(), w.plugins.clone(), Dir::Response);
     match pb.prime().await {
-        Primed::Complete(len) => {
-            head.headers.remove(header::TRANSFER_ENCODING);
-            head.headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-        }
+        Primed::Complete(len) => set_length(&mut head.headers, len),
         Primed::Streaming => {}
         Primed::Failed(f) => return failure_response(f, StatusCode::BAD_GATEWAY),
     }
     Response::from_parts(head, pb.boxed())
+}
+
+/// A request's contexts and stream, lent out of its shared state; they go back on drop.
+struct Lent<'a> {
+    shared: &'a SharedWasm,
+    active: Vec<Active>,
+    stream: Option<Box<Stream>>,
+}
+
+impl Lent<'_> {
+    fn take(shared: &SharedWasm) -> Lent<'_> {
+        let mut g = lock(shared);
+        Lent {
+            active: std::mem::take(&mut g.active),
+            stream: g.stream.take(),
+            shared,
+        }
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        let mut g = lock(self.shared);
+        g.active = std::mem::take(&mut self.active);
+        g.stream = self.stream.take();
+    }
 }
 
 /// Phase 3: sends the request to a node, moving to the next node on connect failures.
@@ -475,8 +489,9 @@ fn request_id(h: &mut HeaderMap) -> Option<HeaderValue> {
             return Some(v.clone());
         }
     }
-    let id = uuid_text(rand::random());
-    let v = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&id)).ok()?;
+    // One allocation holding the text, shared (not copied) by every clone of the value.
+    let id = Bytes::from_owner(uuid_text(rand::random()));
+    let v = HeaderValue::from_maybe_shared(id).ok()?;
     h.insert(X_REQUEST_ID.clone(), v.clone());
     Some(v)
 }
@@ -485,13 +500,14 @@ fn request_id(h: &mut HeaderMap) -> Option<HeaderValue> {
 fn uuid_text(r: u128) -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [b'-'; 36];
-    let mut digit = 0;
-    for (i, c) in out.iter_mut().enumerate() {
-        if let 8 | 13 | 18 | 23 = i {
-            continue;
+    let mut at = 0;
+    for (i, byte) in r.to_be_bytes().into_iter().enumerate() {
+        if let 4 | 6 | 8 | 10 = i {
+            at += 1;
         }
-        *c = HEX[(r >> (124 - 4 * digit)) as usize & 0xf];
-        digit += 1;
+        out[at] = HEX[usize::from(byte >> 4)];
+        out[at + 1] = HEX[usize::from(byte & 0xf)];
+        at += 2;
     }
     out
 }
@@ -540,17 +556,32 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     if n == 0 {
         return;
     }
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && !NOT_LISTED.iter().any(|f| t.eq_ignore_ascii_case(f)))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
+    let listed: Vec<HeaderName> = match connection_is_plain(h) {
+        true => Vec::new(),
+        false => h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && !NOT_LISTED.iter().any(|f| t.eq_ignore_ascii_case(f)))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect(),
+    };
     for name in found.iter().flatten().chain(&listed) {
         h.remove(name);
+    }
+}
+
+/// `Connection: keep-alive` or `close` alone (nearly every message): it names nothing more to
+/// remove, and the list need not be split.
+fn connection_is_plain(h: &HeaderMap) -> bool {
+    let mut values = h.get_all(header::CONNECTION).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => NOT_LISTED[..2]
+            .iter()
+            .any(|f| v.as_bytes().eq_ignore_ascii_case(f.as_bytes())),
+        _ => false,
     }
 }
 
@@ -655,7 +686,7 @@ fn header_filter(w: &Worker, mut resp: Response<ProxyBody>) -> Response<ProxyBod
 struct LogInfo {
     started: Instant,
     remote: String,
-    host: String,
+    host: HostName,
     request_line: String,
     referer: String,
     user_agent: String,
@@ -744,7 +775,7 @@ fn log_phase(
             }
             w.access_log.log(&Entry {
                 remote_addr: &log.remote,
-                host: &log.host,
+                host: log.host.as_str(),
                 request_line: &log.request_line,
                 status,
                 body_bytes_sent: sent,
@@ -766,11 +797,11 @@ fn log_phase(
     })
 }
 
-/// The request's host, lower-cased, without port (Host header, else the URI's authority).
-fn request_host(parts: &http::request::Parts) -> String {
-    let raw = parts
-        .headers
-        .get(header::HOST)
+/// The request's host, lower-cased, without port (Host header, else the URI's authority):
+/// lent from the `Host` value when that is already lower-case (the usual case).
+fn request_host(parts: &http::request::Parts) -> HostName {
+    let header = parts.headers.get(header::HOST);
+    let raw = header
         .and_then(|v| v.to_str().ok())
         .or_else(|| parts.uri.host())
         .unwrap_or("");
@@ -779,7 +810,28 @@ fn request_host(parts: &http::request::Parts) -> String {
     } else {
         raw.split(':').next().unwrap_or(raw)
     };
-    host.to_ascii_lowercase()
+    match header {
+        Some(v) if !host.bytes().any(|b| b.is_ascii_uppercase()) && host.len() <= v.len() => {
+            HostName::Lent(v.clone(), host.len())
+        }
+        _ => HostName::Owned(host.to_ascii_lowercase()),
+    }
+}
+
+/// A request's host name (see [`request_host`]).
+enum HostName {
+    /// The first bytes of the `Host` value (visible ASCII, checked when it was read).
+    Lent(HeaderValue, usize),
+    Owned(String),
+}
+
+impl HostName {
+    fn as_str(&self) -> &str {
+        match self {
+            HostName::Lent(v, len) => v.to_str().ok().and_then(|s| s.get(..*len)).unwrap_or(""),
+            HostName::Owned(s) => s,
+        }
+    }
 }
 
 /// Bytes of the request line and headers, as received (near enough: names, values, separators).
@@ -800,6 +852,17 @@ fn head_size(parts: &http::request::Parts) -> usize {
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// A body the plugins are done with goes with its final length, not chunked; a message that
+/// already says exactly that is left as it is.
+fn set_length(h: &mut HeaderMap, len: u64) {
+    let one_length = h.get_all(header::CONTENT_LENGTH).iter().count() == 1;
+    if one_length && content_length(h) == Some(len) && !h.contains_key(header::TRANSFER_ENCODING) {
+        return;
+    }
+    h.remove(header::TRANSFER_ENCODING);
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
 }
 
 /// nginx-style variables, for route `vars` and `chash` keys.
@@ -835,7 +898,7 @@ pub fn nginx_var<'a>(
                 .unwrap_or("/"),
         ),
         "args" | "query_string" => Cow::Borrowed(parts.uri.query().unwrap_or("")),
-        "host" => Cow::Owned(request_host(parts)),
+        "host" => Cow::Owned(request_host(parts).as_str().to_string()),
         "request_method" => Cow::Borrowed(parts.method.as_str()),
         "remote_addr" => Cow::Owned(peer.ip().to_string()),
         "remote_port" => Cow::Owned(peer.port().to_string()),
@@ -960,6 +1023,23 @@ mod tests {
         let mut v: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         v.sort_unstable();
         v
+    }
+
+    #[test]
+    fn the_host_is_lower_case_without_port() {
+        let host = |uri: &str, h: Option<&str>| {
+            let mut b = Request::builder().uri(uri);
+            if let Some(h) = h {
+                b = b.header("host", h);
+            }
+            let parts = b.body(()).unwrap().into_parts().0;
+            request_host(&parts).as_str().to_string()
+        };
+        assert_eq!(host("/", Some("example.com:8080")), "example.com");
+        assert_eq!(host("/", Some("Example.COM")), "example.com");
+        assert_eq!(host("/", Some("[::1]:80")), "[::1]");
+        assert_eq!(host("http://Abs.example:81/x", None), "abs.example");
+        assert_eq!(host("/", None), "");
     }
 
     #[test]

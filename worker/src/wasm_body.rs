@@ -18,7 +18,7 @@ use http_body::{Body, Frame};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
-use wasmgate_wasm::LocalReply;
+use wasmgate_wasm::{BodyBuf, LocalReply};
 
 /// Why a body was cut.
 #[derive(Debug)]
@@ -40,7 +40,7 @@ pub struct PluginBody {
     plugins: Arc<Plugins>,
     dir: Dir,
     /// One buffer per HttpContext of the request.
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<BodyBuf>,
     /// A frame taken by `prime`, to be returned first.
     front: Option<Frame<Bytes>>,
     /// Trailers that arrived, returned after the last data.
@@ -71,7 +71,7 @@ impl PluginBody {
             req,
             plugins,
             dir,
-            bufs: vec![Vec::new(); n],
+            bufs: std::iter::repeat_with(BodyBuf::default).take(n).collect(),
             front: None,
             trailers: None,
             done: false,
@@ -110,17 +110,17 @@ impl PluginBody {
         }
     }
 
-    fn step(&mut self, data: Vec<u8>, end_of_stream: bool) -> Result<Option<Bytes>, BoxError> {
+    fn step(&mut self, data: BodyBuf, end_of_stream: bool) -> Result<Option<Bytes>, BoxError> {
         let mut req = self.req.lock().unwrap_or_else(|e| e.into_inner());
         if self.bufs.len() < req.active.len() {
-            self.bufs.resize(req.active.len(), Vec::new());
+            self.bufs.resize_with(req.active.len(), BodyBuf::default);
         }
         let step = self
             .plugins
             .on_body(&mut req, self.dir, &mut self.bufs, data, end_of_stream);
         let failure = match step {
             BodyStep::Release(v) if v.is_empty() => return Ok(None),
-            BodyStep::Release(v) => return Ok(Some(Bytes::from(v))),
+            BodyStep::Release(v) => return Ok(Some(v.into_bytes())),
             BodyStep::TooLarge => BodyFailure::TooLarge,
             BodyStep::Reply(r) => BodyFailure::Reply(r),
             BodyStep::Fail => BodyFailure::Fault,
@@ -154,15 +154,11 @@ impl Body for PluginBody {
             let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
             let (data, eos) = match frame {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(d) => {
-                        let eos = self.inner.is_end_stream();
-                        // Without a copy when the chunk is not shared.
-                        (Vec::from(d), eos)
-                    }
+                    Ok(d) => (BodyBuf::from(d), self.inner.is_end_stream()),
                     Err(trailers) => {
                         // Trailers end the data: the last body call comes first.
                         self.trailers = Some(trailers);
-                        (Vec::new(), true)
+                        (BodyBuf::default(), true)
                     }
                 },
                 Some(Err(e)) => {
@@ -173,7 +169,7 @@ impl Body for PluginBody {
                     }
                     return Poll::Ready(Some(Err(e)));
                 }
-                None => (Vec::new(), true),
+                None => (BodyBuf::default(), true),
             };
             if eos {
                 self.done = true;
