@@ -11,6 +11,8 @@ counters and divides. The count does not move with the machine's load, so two bu
 compared on a shared machine: run it with each binary.
 
 usage: scripts/bench/worker_instructions.py [--requests 2000] [--binary target/release/wasmgate]
+                                           [--dumps DIR]
+With --dumps, each route's callgrind dump is kept as DIR/<route>.cg for `callgrind_annotate`.
 (needs valgrind and nginx)
 """
 import argparse
@@ -70,6 +72,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "wasmgate"))
+    ap.add_argument("--dumps", help="keep each route's callgrind dump in this folder")
     a = ap.parse_args()
     for tool in ("valgrind", "callgrind_control", "nginx"):
         if not shutil.which(tool):
@@ -125,6 +128,10 @@ def main():
             if not after:
                 sys.exit("callgrind wrote no dump")
             total = sum(totals(p) for p in after)
+            if a.dumps:
+                os.makedirs(a.dumps, exist_ok=True)
+                for i, p in enumerate(sorted(after)):
+                    shutil.copy(p, os.path.join(a.dumps, f"{r}.cg" + (f".{i}" if i else "")))
             print(f"  {r:6} {total // a.requests:>8} instructions per request")
     finally:
         for p in procs:
