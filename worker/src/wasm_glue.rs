@@ -187,3 +187,50 @@ impl wasmgate_wasm::Properties for RequestProps {
         Some(text.into_bytes())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmgate_wasm::HeaderList;
+
+    fn parts() -> http::request::Parts {
+        let req = http::Request::builder()
+            .uri("/a?b=1")
+            .header("host", "example.com")
+            .body(())
+            .unwrap();
+        req.into_parts().0
+    }
+
+    #[test]
+    fn only_what_plugins_set_is_applied_to_the_request() {
+        // A Host header set by a plugin stays: :authority was not touched.
+        let mut p = parts();
+        let mut head = request_head(&mut p);
+        head.replace("host", b"plugin.example");
+        head.replace("x-added", b"1");
+        apply_request(&head, &mut p).unwrap();
+        assert_eq!(p.headers["host"], "plugin.example");
+        assert_eq!(p.headers["x-added"], "1");
+        assert_eq!(p.uri, "/a?b=1");
+        // :path and :authority set by a plugin rewrite the URI and the Host.
+        let mut p = parts();
+        let mut head = request_head(&mut p);
+        head.replace(":path", b"/new?x=2");
+        head.replace(":authority", b"other.example:8080");
+        apply_request(&head, &mut p).unwrap();
+        assert_eq!(p.uri, "/new?x=2");
+        assert_eq!(p.headers["host"], "other.example:8080");
+        // An untouched head gives the headers back as they were.
+        let mut p = parts();
+        let head = request_head(&mut p);
+        assert!(p.headers.is_empty());
+        apply_request(&head, &mut p).unwrap();
+        assert_eq!(p.headers["host"], "example.com");
+        // A path that is no URI fails the request with a reason.
+        let mut p = parts();
+        let mut head = request_head(&mut p);
+        head.replace(":path", b"no spaces allowed");
+        assert_eq!(apply_request(&head, &mut p).unwrap_err(), "invalid :path");
+    }
+}
