@@ -100,12 +100,12 @@ struct Progress {
 }
 
 impl SendProgress {
-    pub fn new(already_done: bool) -> SendProgress {
-        let now = std::time::Instant::now();
+    /// A send that starts now.
+    pub fn started() -> SendProgress {
         SendProgress {
             state: std::sync::Mutex::new(Progress {
-                last: now,
-                done: already_done.then_some(now),
+                last: std::time::Instant::now(),
+                done: None,
                 awaiting_client: false,
             }),
         }
@@ -137,13 +137,16 @@ impl SendProgress {
     ) -> (std::time::Instant, &'static str) {
         let s = self.lock();
         match s.done {
-            Some(done) => (done + read, "reading the response header"),
+            Some(done) => (done + read, READING_HEAD),
             // Re-checked after `send`: by then the client has sent more or timed out.
             None if s.awaiting_client => (std::time::Instant::now() + send, "sending the request"),
             None => (s.last + send, "sending the request"),
         }
     }
 }
+
+/// The wait `timeout.read` bounds, as logged.
+pub const READING_HEAD: &str = "reading the response header";
 
 /// A request body that reports its progress to a [`SendProgress`].
 pub struct SendWatch {

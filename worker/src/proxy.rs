@@ -436,25 +436,28 @@ async fn send(
     up: &UpstreamRuntime,
 ) -> Exchange {
     let Conn { mut sender, reused } = conn;
-    let no_body = req.body().is_end_stream();
-    let progress = Arc::new(body::SendProgress::new(no_body));
-    // A request without a body has no sending to watch: it goes as it is.
-    let req = match no_body {
-        true => req,
+    let result = match req.body().is_end_stream() {
+        // A request without a body has no sending to watch: it goes as it is, and the
+        // response head must come within `timeout.read`.
+        true => match tokio::time::timeout(up.read_timeout, sender.try_send_request(req)).await {
+            Ok(r) => r,
+            Err(_) => return Exchange::Timeout(body::READING_HEAD),
+        },
         false => {
+            let progress = Arc::new(body::SendProgress::started());
             let watched = progress.clone();
-            req.map(move |b| body::SendWatch::new(b, watched).boxed())
-        }
-    };
-    let fut = sender.try_send_request(req);
-    tokio::pin!(fut);
-    let result = loop {
-        let (deadline, phase) = progress.deadline(up.send_timeout, up.read_timeout);
-        tokio::select! {
-            r = &mut fut => break r,
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                if progress.deadline(up.send_timeout, up.read_timeout).0 <= Instant::now() {
-                    return Exchange::Timeout(phase);
+            let req = req.map(move |b| body::SendWatch::new(b, watched).boxed());
+            let fut = sender.try_send_request(req);
+            tokio::pin!(fut);
+            loop {
+                let (deadline, phase) = progress.deadline(up.send_timeout, up.read_timeout);
+                tokio::select! {
+                    r = &mut fut => break r,
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        if progress.deadline(up.send_timeout, up.read_timeout).0 <= Instant::now() {
+                            return Exchange::Timeout(phase);
+                        }
+                    }
                 }
             }
         }
