@@ -6,13 +6,14 @@
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct Rules {
     set: BTreeMap<String, String>,
     add: BTreeMap<String, String>,
@@ -24,7 +25,8 @@ struct Rules {
 
 #[derive(Default)]
 struct Root {
-    rules: Rules,
+    /// Shared with every request's context, not copied for each.
+    rules: Rc<Rules>,
 }
 
 impl Context for Root {}
@@ -34,7 +36,7 @@ impl RootContext for Root {
         let Some(conf) = self.get_plugin_configuration() else { return false };
         match parse(&String::from_utf8_lossy(&conf)) {
             Some(r) => {
-                self.rules = r;
+                self.rules = Rc::new(r);
                 true
             }
             None => {
@@ -45,7 +47,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Rewrite { rules: self.rules.clone() }))
+        Some(Box::new(Rewrite { rules: Rc::clone(&self.rules) }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -54,7 +56,7 @@ impl RootContext for Root {
 }
 
 struct Rewrite {
-    rules: Rules,
+    rules: Rc<Rules>,
 }
 
 impl Context for Rewrite {}
@@ -75,7 +77,7 @@ impl HttpContext for Rewrite {
         }
         let name = self
             .get_property(vec!["plugin_name"])
-            .map(|b| String::from_utf8_lossy(&b).to_string())
+            .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_default();
         self.add_http_request_header("x-wasm-plugin", &name);
         Action::Continue
