@@ -803,7 +803,10 @@ fn log_phase(
 /// The request's host, lower-cased, without port (Host header, else the URI's authority):
 /// lent from the `Host` value when that is already lower-case (the usual case).
 fn request_host(parts: &http::request::Parts) -> HostName {
-    let header = parts.headers.get(header::HOST);
+    let header = parts
+        .headers
+        .get(header::HOST)
+        .filter(|v| v.to_str().is_ok());
     let raw = header
         .and_then(|v| v.to_str().ok())
         .or_else(|| parts.uri.host())
@@ -814,7 +817,8 @@ fn request_host(parts: &http::request::Parts) -> HostName {
         raw.split(':').next().unwrap_or(raw)
     };
     match header {
-        Some(v) if !host.bytes().any(|b| b.is_ascii_uppercase()) && host.len() <= v.len() => {
+        // `host` is then a prefix of the header's text.
+        Some(v) if !host.bytes().any(|b| b.is_ascii_uppercase()) => {
             HostName::Lent(v.clone(), host.len())
         }
         _ => HostName::Owned(host.to_ascii_lowercase()),
@@ -1043,6 +1047,16 @@ mod tests {
         assert_eq!(host("/", Some("[::1]:80")), "[::1]");
         assert_eq!(host("http://Abs.example:81/x", None), "abs.example");
         assert_eq!(host("/", None), "");
+        // A Host value that is not text is not used: the URI's host is.
+        let mut parts = Request::builder()
+            .uri("http://Uri.example/")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let odd = HeaderValue::from_bytes(b"caf\xe9.example").unwrap();
+        parts.headers.insert(header::HOST, odd);
+        assert_eq!(request_host(&parts).as_str(), "uri.example");
     }
 
     #[test]
