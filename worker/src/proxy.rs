@@ -28,6 +28,7 @@ use http::{Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -40,8 +41,8 @@ use wasmgate_wasm::Stream;
 /// What the log phase needs to know about the upstream exchange.
 #[derive(Default)]
 struct UpstreamLog {
-    /// Every node tried, in order (`$upstream_addr`).
-    addrs: Vec<Arc<str>>,
+    /// Every node tried, in order (`$upstream_addr`): one, nearly always.
+    addrs: SmallVec<[Arc<str>; 1]>,
     /// The last attempt's status; none when the client's body failed (`$upstream_status`).
     status: Option<u16>,
     time: Option<Duration>,
@@ -101,12 +102,11 @@ pub async fn handle(w: Arc<Worker>, req: Request<Incoming>, client: Client) -> R
     // A request without a body (most GETs) needs no size limit or read timer around it.
     let body = match no_body {
         true => body::empty(),
-        false => client_body(
-            body,
-            w.max_body_size,
-            w.body_timeout,
-            log.body_bytes.clone(),
-        ),
+        false => {
+            let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            log.body_bytes = Some(received.clone());
+            client_body(body, w.max_body_size, w.body_timeout, received)
+        }
     };
     let resp = match &route {
         None => json_error(StatusCode::NOT_FOUND, "404 Route Not Found"),
@@ -697,9 +697,10 @@ struct LogInfo {
     route: Option<Arc<RouteEntry>>,
     request_id: Option<HeaderValue>,
     upstream: UpstreamLog,
-    /// Size of the request head, and body bytes received (bandwidth statistics).
+    /// Size of the request head, and body bytes received (bandwidth statistics; counted only
+    /// for a request with a body).
     head_bytes: u64,
-    body_bytes: Arc<std::sync::atomic::AtomicU64>,
+    body_bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl LogInfo {
@@ -739,7 +740,7 @@ impl LogInfo {
             request_id: None,
             upstream: UpstreamLog::default(),
             head_bytes: 0,
-            body_bytes: Arc::default(),
+            body_bytes: None,
         }
     }
 }
@@ -769,7 +770,11 @@ fn log_phase(
                     status,
                     request_us: request_time.as_micros() as u64,
                     upstream_us: up.time.map(|t| t.as_micros() as u64),
-                    ingress: log.head_bytes + log.body_bytes.load(Ordering::Relaxed),
+                    ingress: log.head_bytes
+                        + log
+                            .body_bytes
+                            .as_ref()
+                            .map_or(0, |b| b.load(Ordering::Relaxed)),
                     egress: sent,
                 },
             );
