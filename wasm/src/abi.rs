@@ -57,22 +57,10 @@ fn write(c: &mut C<'_>, ptr: i32, bytes: &[u8]) -> Result<(), Status> {
     Ok(())
 }
 
-/// Hands `data` to the guest: allocates with its `malloc` (or `proxy_on_memory_allocate`),
-/// copies, and writes pointer and size to the out-pointers. A trap in the allocator propagates.
-fn give(
-    c: &mut C<'_>,
-    data: &[u8],
-    ret_ptr: i32,
-    ret_len: i32,
-) -> wasmtime::Result<Result<(), Status>> {
-    give_with(c, data.len(), ret_ptr, ret_len, |dst, _| {
-        dst.copy_from_slice(data);
-        Ok(())
-    })
-}
-
-/// Hands the guest `len` bytes that `fill` writes straight into its allocation (with the host
-/// state at hand), so an answer built from host data needs no buffer of the host's.
+/// Hands the guest `len` bytes: allocates with its `malloc` (or `proxy_on_memory_allocate`),
+/// lets `fill` write straight into that allocation (with the host state at hand, so an answer
+/// built from host data needs no buffer of the host's), and writes pointer and size to the
+/// out-pointers. A trap in the allocator propagates.
 fn give_with(
     c: &mut C<'_>,
     len: usize,
@@ -103,12 +91,24 @@ fn give_with(
         .and_then(|_| write(c, ret_len, &(len as u32).to_le_bytes())))
 }
 
-/// `give` and the status to return.
+/// `data` handed to the guest ([`give_with`]), and the status to return.
 fn answer(c: &mut C<'_>, data: &[u8], ret_ptr: i32, ret_len: i32) -> R {
-    Ok(match give(c, data, ret_ptr, ret_len)? {
-        Ok(()) => Status::Ok as i32,
-        Err(s) => s as i32,
+    answer_with(c, data.len(), ret_ptr, ret_len, |dst, _| {
+        dst.copy_from_slice(data);
+        Ok(())
     })
+}
+
+/// [`give_with`] and the status to return.
+fn answer_with(
+    c: &mut C<'_>,
+    len: usize,
+    ret_ptr: i32,
+    ret_len: i32,
+    fill: impl FnOnce(&mut [u8], &mut HostState) -> Result<(), Status>,
+) -> R {
+    let given = give_with(c, len, ret_ptr, ret_len, fill)?;
+    ok(given.err().unwrap_or(Status::Ok))
 }
 
 macro_rules! tri {
@@ -250,12 +250,11 @@ fn buffers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             }
             // Copied straight into the plugin's allocation. Its allocator is plugin code: the
             // buffer is looked up again after it ran, and checked.
-            let r = give_with(&mut c, end - start, ret_ptr, ret_len, |dst, state| {
+            answer_with(&mut c, end - start, ret_ptr, ret_len, |dst, state| {
                 let src = buffer_of(state, kind).and_then(|d| d.get(start..end));
                 dst.copy_from_slice(src.ok_or(Status::NotFound)?);
                 Ok(())
-            })?;
-            ok(r.err().unwrap_or(Status::Ok))
+            })
         },
     )?;
     l.func_wrap(
@@ -336,13 +335,12 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, t: i32, ret_ptr: i32, ret_len: i32| -> R {
             // Encoded straight into the plugin's allocation: no buffer of the host's.
             let len = tri!(map_of(c.data_mut(), t)).encoded_len();
-            let given = give_with(&mut c, len, ret_ptr, ret_len, |dst, state| {
+            answer_with(&mut c, len, ret_ptr, ret_len, |dst, state| {
                 match map_of(state, t)?.encode_into(dst) == len {
                     true => Ok(()),
                     false => Err(Status::InternalFailure),
                 }
-            })?;
-            ok(given.err().unwrap_or(Status::Ok))
+            })
         },
     )?;
     l.func_wrap(
@@ -441,21 +439,19 @@ fn properties(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 Some(Found::Borrowed(v)) => v.len(),
             };
             // Looked up again once the plugin's allocator has run (it may call the host).
-            let given =
-                give_with(
-                    &mut c,
-                    len,
-                    ret_ptr,
-                    ret_len,
-                    |dst, state| match crate::props::lookup(state, path) {
-                        Some(v) if v.as_bytes().len() == len => {
-                            dst.copy_from_slice(v.as_bytes());
-                            Ok(())
-                        }
-                        _ => Err(Status::InternalFailure),
-                    },
-                )?;
-            ok(given.err().unwrap_or(Status::Ok))
+            answer_with(
+                &mut c,
+                len,
+                ret_ptr,
+                ret_len,
+                |dst, state| match crate::props::lookup(state, path) {
+                    Some(v) if v.as_bytes().len() == len => {
+                        dst.copy_from_slice(v.as_bytes());
+                        Ok(())
+                    }
+                    _ => Err(Status::InternalFailure),
+                },
+            )
         },
     )?;
     l.func_wrap(

@@ -175,6 +175,14 @@ impl Head {
         self.pseudo_changed != 0 && self.pseudo_changed & pseudo_bit(name) != 0
     }
 
+    /// The pseudo-header's value when a plugin set it: what is to be applied back.
+    pub fn pseudo_set(&self, name: &str) -> Option<&[u8]> {
+        match self.pseudo_changed(name) {
+            true => self.pseudo(name),
+            false => None,
+        }
+    }
+
     /// The header map as plugins left it.
     pub fn headers(&self) -> &HeaderMap {
         &self.headers
@@ -302,12 +310,11 @@ struct InlineValue {
 
 impl InlineValue {
     fn new(value: &[u8]) -> Option<InlineValue> {
-        let mut v = InlineValue {
-            len: u8::try_from(value.len()).ok()?,
-            buf: [0; 62],
-        };
-        v.buf.get_mut(..value.len())?.copy_from_slice(value);
-        Some(v)
+        let mut buf = [0; 62];
+        buf.get_mut(..value.len())?.copy_from_slice(value);
+        // At most 62: fits.
+        let len = value.len() as u8;
+        Some(InlineValue { len, buf })
     }
 }
 

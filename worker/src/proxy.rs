@@ -808,12 +808,13 @@ fn log_phase(
 /// The request's host, lower-cased, without port (Host header, else the URI's authority):
 /// lent from the `Host` value when that is already lower-case (the usual case).
 fn request_host(parts: &http::request::Parts) -> HostName {
+    // The Host value with its text (a value that is not text is not used).
     let header = parts
         .headers
         .get(header::HOST)
-        .filter(|v| v.to_str().is_ok());
+        .and_then(|v| Some((v, v.to_str().ok()?)));
     let raw = header
-        .and_then(|v| v.to_str().ok())
+        .map(|(_, text)| text)
         .or_else(|| parts.uri.host())
         .unwrap_or("");
     let host = if raw.starts_with('[') {
@@ -823,7 +824,7 @@ fn request_host(parts: &http::request::Parts) -> HostName {
     };
     match header {
         // `host` is then a prefix of the header's text.
-        Some(v) if !host.bytes().any(|b| b.is_ascii_uppercase()) => {
+        Some((v, _)) if !host.bytes().any(|b| b.is_ascii_uppercase()) => {
             HostName::Lent(v.clone(), host.len())
         }
         _ => HostName::Owned(host.to_ascii_lowercase()),

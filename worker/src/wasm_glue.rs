@@ -29,17 +29,13 @@ pub fn apply_request(head: &Head, parts: &mut http::request::Parts) -> Result<()
         return Err(e);
     }
     let mut headers = head.headers().clone();
-    let set = |name| match head.pseudo_changed(name) {
-        true => head.pseudo(name),
-        false => None,
-    };
-    if let Some(m) = set(":method") {
+    if let Some(m) = head.pseudo_set(":method") {
         parts.method = http::Method::from_bytes(m).map_err(|_| "invalid :method".to_string())?;
     }
-    if let Some(p) = set(":path") {
+    if let Some(p) = head.pseudo_set(":path") {
         parts.uri = http::Uri::try_from(p).map_err(|_| "invalid :path".to_string())?;
     }
-    if let Some(a) = set(":authority").filter(|a| !a.is_empty()) {
+    if let Some(a) = head.pseudo_set(":authority").filter(|a| !a.is_empty()) {
         headers.insert(
             http::header::HOST,
             HeaderValue::from_bytes(a).map_err(|_| "invalid :authority".to_string())?,
@@ -67,8 +63,7 @@ pub fn apply_response(head: &Head, resp: &mut Response<ProxyBody>) {
     }
     *resp.headers_mut() = head.headers().clone();
     if let Some(s) = head
-        .pseudo(":status")
-        .filter(|_| head.pseudo_changed(":status"))
+        .pseudo_set(":status")
         .and_then(|s| std::str::from_utf8(s).ok())
         .and_then(|s| s.parse::<u16>().ok())
     {
