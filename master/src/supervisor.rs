@@ -8,13 +8,6 @@
 //! stops the workers in order.
 
 use crate::state::{LoadedConfig, Master};
-
-/// The binary workers run: this process's own image (`/proc/self/exe`). For profiling only,
-/// `WASMGATE_WORKER_EXE` names a file instead: under valgrind, `/proc/self/exe` is valgrind
-/// itself (see scripts/bench/worker_instructions.sh).
-fn worker_exe() -> std::ffi::OsString {
-    std::env::var_os("WASMGATE_WORKER_EXE").unwrap_or_else(|| "/proc/self/exe".into())
-}
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -26,6 +19,13 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use wasmgate_shared::shm::SlotState;
 use wasmgate_shared::snapshot::WorkerBoot;
+
+/// The binary workers run: this process's own image (`/proc/self/exe`). For profiling only,
+/// `WASMGATE_WORKER_EXE` names a file instead: under valgrind, `/proc/self/exe` is valgrind
+/// itself (see scripts/bench/worker_instructions.py).
+fn worker_exe() -> std::ffi::OsString {
+    std::env::var_os("WASMGATE_WORKER_EXE").unwrap_or_else(|| "/proc/self/exe".into())
+}
 
 /// A proxy listener kept open by the master for the life of the process.
 pub struct Listener {

@@ -32,6 +32,11 @@ use wasmgate_shared::config::GatewayConfig;
 use wasmgate_shared::shm::{Segment, SlotState};
 use wasmgate_shared::snapshot::WorkerBoot;
 
+/// Maps looked up on every request with keys from the configuration (route and plugin names,
+/// node addresses), never from the network: a fast hash instead of SipHash's flooding
+/// resistance.
+pub(crate) type FastMap<K, V> = foldhash::HashMap<K, V>;
+
 /// State shared by every connection of this worker.
 pub struct Worker {
     pub live: live::Live,

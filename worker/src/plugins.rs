@@ -25,13 +25,10 @@
 
 use crate::live::GlobalRuleEntry;
 use crate::router::RouteEntry;
+use crate::FastMap;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use smallvec::SmallVec;
 use std::collections::HashMap;
-
-/// Maps looked up on every request with keys from the configuration (route and plugin names),
-/// never from the network: a fast hash instead of SipHash's flooding resistance.
-type FastMap<K, V> = foldhash::HashMap<K, V>;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -116,7 +113,6 @@ pub struct Link<'a> {
 pub type Chain<'a> = SmallVec<[Link<'a>; 4]>;
 
 /// An HttpContext created for the current request.
-#[derive(Clone)]
 pub struct Active {
     plugin: usize,
     owner: Arc<str>,
@@ -738,7 +734,8 @@ impl Plugins {
                 // The stream is lent to a waiting headers phase: nothing to show the plugin.
                 continue;
             };
-            // Nothing held back: the chunk becomes the buffer as it is, not copied.
+            // Joins what this plugin held back; into an empty buffer the chunk moves as it
+            // is, not copied.
             buf.append(std::mem::take(&mut data));
             let cap = p.decl.body_buffer_limit as usize;
             if buf.len() > cap {

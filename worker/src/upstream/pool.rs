@@ -5,12 +5,11 @@
 //! reuse it. Idle connections expire after `idle_timeout`; at most `max_idle` are kept per node.
 
 use crate::body::{BoxError, ProxyBody};
+use crate::FastMap;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-// Keys are node addresses from the configuration, not from the network: a fast hash will do.
-use foldhash::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -46,7 +45,7 @@ struct Idle {
 pub struct Pool {
     /// Per node, oldest first: connections are checked in in time order, so the expired ones
     /// are always a prefix, and the newest (warmest) is taken first.
-    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
+    idle: Mutex<FastMap<Arc<str>, Vec<Idle>>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -54,7 +53,7 @@ pub struct Pool {
 impl Pool {
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Arc<Pool> {
         Arc::new(Pool {
-            idle: Mutex::new(HashMap::default()),
+            idle: Mutex::new(FastMap::default()),
             max_idle,
             idle_timeout,
         })
