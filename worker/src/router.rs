@@ -5,8 +5,8 @@
 //! (stable). A route matches when its methods, hosts, client addresses and `vars` all match.
 
 use crate::upstream::UpstreamRuntime;
+use crate::FastMap;
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use wasmgate_shared::model::vars::{Cidr, VarsExpr};
@@ -49,6 +49,8 @@ pub struct RouteEntry {
     /// The store revision of the route (or of what it inherits, whichever is newest).
     pub revision: u64,
     pub priority: i64,
+    /// The `uri`/`uris` it serves; a prefix ends with `*`.
+    pub paths: Vec<String>,
     /// HTTP methods (empty = any).
     pub methods: Vec<http::Method>,
     pub hosts: Vec<HostPattern>,
@@ -92,25 +94,28 @@ impl RouteEntry {
 /// not one comparison per route — with 10,000 prefix routes a scan took up to 28 µs.
 #[derive(Debug, Default)]
 pub struct Router {
-    exact: HashMap<String, Vec<Arc<RouteEntry>>>,
+    exact: FastMap<String, Vec<Arc<RouteEntry>>>,
     /// Prefixes without the `*`.
-    prefixes: HashMap<String, Vec<Arc<RouteEntry>>>,
+    prefixes: FastMap<String, Vec<Arc<RouteEntry>>>,
     /// The distinct lengths of `prefixes`' keys, longest first.
     prefix_lengths: Vec<usize>,
 }
 
 impl Router {
-    pub fn new(routes: Vec<Arc<RouteEntry>>, paths: impl Fn(&RouteEntry) -> Vec<String>) -> Router {
-        let mut exact: HashMap<String, Vec<Arc<RouteEntry>>> = HashMap::new();
-        let mut prefixes: HashMap<String, Vec<Arc<RouteEntry>>> = HashMap::new();
+    pub fn new<'a>(routes: impl IntoIterator<Item = &'a Arc<RouteEntry>>) -> Router {
+        let mut exact: FastMap<String, Vec<Arc<RouteEntry>>> = FastMap::default();
+        let mut prefixes: FastMap<String, Vec<Arc<RouteEntry>>> = FastMap::default();
         for r in routes {
-            for p in paths(&r) {
-                match p.strip_suffix('*') {
-                    Some(prefix) => prefixes
-                        .entry(prefix.to_string())
-                        .or_default()
-                        .push(r.clone()),
-                    None => exact.entry(p).or_default().push(r.clone()),
+            for p in &r.paths {
+                let (index, key) = match p.strip_suffix('*') {
+                    Some(prefix) => (&mut prefixes, prefix),
+                    None => (&mut exact, p.as_str()),
+                };
+                match index.get_mut(key) {
+                    Some(list) => list.push(r.clone()),
+                    None => {
+                        index.insert(key.to_string(), vec![r.clone()]);
+                    }
                 }
             }
         }
@@ -169,12 +174,13 @@ fn id_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 mod tests {
     use super::*;
 
-    fn route(id: &str, priority: i64, methods: &[&str], hosts: &[&str]) -> RouteEntry {
+    fn route(id: &str, path: &str, priority: i64, methods: &[&str], hosts: &[&str]) -> RouteEntry {
         RouteEntry {
             id: id.into(),
             name: None,
             revision: 1,
             priority,
+            paths: vec![path.to_string()],
             methods: methods.iter().map(|m| m.parse().unwrap()).collect(),
             hosts: hosts.iter().map(|h| HostPattern::parse(h)).collect(),
             remote_addrs: vec![],
@@ -201,22 +207,16 @@ mod tests {
 
     #[test]
     fn exact_then_longest_prefix_then_priority() {
-        let routes = vec![
-            (route("1", 0, &[], &[]), "/a/*"),
-            (route("2", 0, &[], &[]), "/a/b/*"),
-            (route("3", 0, &[], &[]), "/a/b/c"),
-            (route("4", 5, &["POST"], &[]), "/a/b/c"),
-            (route("5", 0, &[], &["*.example.com"]), "/h"),
-            (route("6", 0, &[], &["api.test"]), "/h"),
-        ];
-        let paths: HashMap<String, String> = routes
-            .iter()
-            .map(|(r, p)| (r.id.clone(), p.to_string()))
-            .collect();
-        let router = Router::new(
-            routes.into_iter().map(|(r, _)| Arc::new(r)).collect(),
-            |r| vec![paths[&r.id].clone()],
-        );
+        let routes = [
+            route("1", "/a/*", 0, &[], &[]),
+            route("2", "/a/b/*", 0, &[], &[]),
+            route("3", "/a/b/c", 0, &[], &[]),
+            route("4", "/a/b/c", 5, &["POST"], &[]),
+            route("5", "/h", 0, &[], &["*.example.com"]),
+            route("6", "/h", 0, &[], &["api.test"]),
+        ]
+        .map(Arc::new);
+        let router = Router::new(&routes);
         assert_eq!(find(&router, "GET", "x", "/a/b/c"), Some("3"));
         assert_eq!(find(&router, "POST", "x", "/a/b/c"), Some("4"));
         assert_eq!(find(&router, "GET", "x", "/a/b/d"), Some("2"));
@@ -235,16 +235,25 @@ mod tests {
     /// longer prefix whose only route does not match falls back to a shorter one.
     #[test]
     fn many_prefixes_and_fallback() {
-        let mut routes = Vec::new();
-        let mut paths = HashMap::new();
-        for i in 0..1000 {
-            let id = format!("p{i}");
-            paths.insert(id.clone(), format!("/api/r{i}/*"));
-            routes.push(Arc::new(route(&id, 0, &[], &[])));
-        }
-        paths.insert("post-only".into(), "/api/r7/x/*".into());
-        routes.push(Arc::new(route("post-only", 0, &["POST"], &[])));
-        let router = Router::new(routes, |r| vec![paths[&r.id].clone()]);
+        let mut routes: Vec<Arc<RouteEntry>> = (0..1000)
+            .map(|i| {
+                Arc::new(route(
+                    &format!("p{i}"),
+                    &format!("/api/r{i}/*"),
+                    0,
+                    &[],
+                    &[],
+                ))
+            })
+            .collect();
+        routes.push(Arc::new(route(
+            "post-only",
+            "/api/r7/x/*",
+            0,
+            &["POST"],
+            &[],
+        )));
+        let router = Router::new(&routes);
         assert_eq!(find(&router, "GET", "x", "/api/r999/q"), Some("p999"));
         assert_eq!(find(&router, "GET", "x", "/api/r7/x/y"), Some("p7"));
         assert_eq!(find(&router, "POST", "x", "/api/r7/x/y"), Some("post-only"));
