@@ -172,10 +172,15 @@ impl Loop {
                     tracing::warn!("SIGUSR1 received: logs reopened; telling the workers");
                     self.sup.signal_live(Signal::SIGUSR1);
                 }
-                Some(Control::Reload(reply)) = control.recv() => {
-                    tracing::warn!("reload requested through the Admin API");
-                    let _ = reply.send(self.reload().await);
-                }
+                Some(c) = control.recv() => match c {
+                    Control::Reload(reply) => {
+                        tracing::warn!("reload requested through the Admin API");
+                        let _ = reply.send(self.reload().await);
+                    }
+                    // SIGWINCH: ignored by default, so a worker that has not installed its
+                    // handler yet is not harmed (SIGUSR2's default would end it).
+                    Control::Published => self.sup.signal_live(Signal::SIGWINCH),
+                },
                 Some((pid, status)) = self.exits.recv() => self.sup.on_exit(pid, &status, false),
                 _ = tick.tick() => self.sup.tick(&self.master.config()),
             }

@@ -38,6 +38,8 @@ pub struct ApiKey {
 pub enum Control {
     /// Reload config.yaml; the reply says whether it was applied.
     Reload(tokio::sync::oneshot::Sender<Result<u64, String>>),
+    /// A new configuration generation was published: tell the workers.
+    Published,
 }
 
 /// State shared by the Admin API and the master's main loop.
@@ -125,18 +127,18 @@ impl Master {
     ) -> Snapshot {
         let mut objects = Vec::new();
         let mut generation = store.revision();
-        for (kind, id, s) in store.iter() {
+        for (kind, id, s, json) in store.iter_json() {
             if let Some((ck, cid, _)) = change {
                 if ck == kind && cid == id {
                     continue;
                 }
             }
-            objects.push(object(kind, id, s));
+            objects.push(object(kind, id, s, json.to_string()));
         }
         if let Some((kind, id, new)) = change {
             generation = store.next_revision();
             if let Some(s) = new {
-                objects.push(object(kind, id, s));
+                objects.push(object(kind, id, s, s.value.to_string()));
             }
         }
         Snapshot {
@@ -166,7 +168,12 @@ impl Master {
         if let Err(e) = self.segment.publish(generation, bytes) {
             // check_capacity ran first, so this is unreachable in practice; log loudly anyway.
             tracing::error!("publish of generation {generation} failed: {e}");
+            return;
         }
+        // Without the nudge a worker would notice on its next request (which would pay for
+        // applying the change) or its next housekeeping tick; with it every worker applies
+        // the change at once, in parallel.
+        let _ = self.control.send(Control::Published);
     }
 
     /// Publishes the store as it is (start-up, reload).
@@ -182,11 +189,11 @@ impl Master {
     }
 }
 
-fn object(kind: Kind, id: &str, s: &Stored) -> SnapshotObject {
+fn object(kind: Kind, id: &str, s: &Stored, json: String) -> SnapshotObject {
     SnapshotObject {
         kind: kind.into(),
         id: id.to_string(),
         revision: s.modified_index,
-        json: s.value.to_string(),
+        json,
     }
 }

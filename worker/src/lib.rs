@@ -32,9 +32,9 @@ use wasmgate_shared::config::GatewayConfig;
 use wasmgate_shared::shm::{Segment, SlotState};
 use wasmgate_shared::snapshot::WorkerBoot;
 
-/// Maps looked up on every request with keys from the configuration (route and plugin names,
-/// node addresses), never from the network: a fast hash instead of SipHash's flooding
-/// resistance.
+/// Maps whose keys come from the configuration (route paths and ids, plugin names, node
+/// addresses), never from the network: a fast hash instead of SipHash's flooding resistance.
+/// A request only looks keys up (the router with its path), which cannot make them collide.
 pub(crate) type FastMap<K, V> = foldhash::HashMap<K, V>;
 
 /// State shared by every connection of this worker.
@@ -157,9 +157,13 @@ async fn serve(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut published = signal(SignalKind::window_change())?;
     loop {
         tokio::select! {
             _ = quit.recv() => break,
+            // The master published a new configuration: apply it now rather than on the
+            // next request.
+            _ = published.recv() => { w.live.current(); }
             _ = term.recv() => { w.access_log.flush(); return Ok(()); }
             _ = int.recv() => { w.access_log.flush(); return Ok(()); }
             _ = usr1.recv() => reopen_logs(&w),
