@@ -45,7 +45,7 @@ http {{ access_log off; server {{ listen 127.0.0.1:{port}; location / {{ return 
 """
 
 
-def gateway_config(proxy, admin, workers, plugins, nginx_extra="", tail=""):
+def gateway_config(proxy, admin, workers, plugins, nginx_extra="", tail="", level="warn"):
     """config.yaml of a benchmarked gateway: loopback listeners, the benchmark key, no access
     log, `plugins` as (name, priority, file) in `wasm.plugins` (none: no `wasm` section),
     `nginx_extra` lines in `nginx_config`, `tail` sections at the end."""
@@ -59,7 +59,7 @@ deployment:
     admin_listen: {{ip: 127.0.0.1, port: {admin}}}
 nginx_config:
   worker_processes: {workers}
-  error_log_level: warn
+  error_log_level: {level}
 {nginx_extra}  http: {{access_log: "off"}}
 plugin_attr:
   prometheus: {{enable_export_server: false}}
@@ -76,3 +76,25 @@ def admin_put(admin, path, body, timeout=30):
     r.read()
     if r.status not in (200, 201):
         sys.exit(f"PUT {path}: {r.status}")
+
+
+def store_routes(prefix, n, upstream, plugin_conf=None):
+    """Writes routes `r0`…`r<n-1>` (`uri` `/r<i>/*`, one node `upstream`, `host:port`) into
+    the file store of `prefix`, as the Admin API would have, before the gateway starts.
+    `plugin_conf(i)` gives route i's `plugins` object (None: no plugins)."""
+    import json
+    os.makedirs(os.path.join(prefix, "data", "routes"), exist_ok=True)
+    for i in range(n):
+        value = {
+            "id": f"r{i}",
+            "uri": f"/r{i}/*",
+            "upstream": {"type": "roundrobin", "nodes": {upstream: 1}},
+            "create_time": 1700000000,
+            "update_time": 1700000000,
+        }
+        if plugin_conf:
+            value["plugins"] = plugin_conf(i)
+        with open(os.path.join(prefix, "data", "routes", f"r{i}.json"), "w") as f:
+            json.dump({"value": value, "createdIndex": i + 1, "modifiedIndex": i + 1}, f)
+    with open(os.path.join(prefix, "data", "revision"), "w") as f:
+        f.write(str(n))

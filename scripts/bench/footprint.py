@@ -30,7 +30,7 @@ import time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import KEY, ROOT, free_port, gateway_config, median
+from benchlib import KEY, ROOT, free_port, gateway_config, median, store_routes
 
 
 class Conn:
@@ -56,25 +56,13 @@ class Conn:
 
 def prepare(prefix, n, up_port, proxy, admin, workers):
     os.makedirs(os.path.join(prefix, "conf"))
-    os.makedirs(os.path.join(prefix, "data", "routes"))
     plugin = os.path.join(ROOT, "plugins", "example_headers.wasm")
     with open(os.path.join(prefix, "conf", "config.yaml"), "w") as f:
         f.write(gateway_config(proxy, admin, workers, [("example_headers", 1000, plugin)],
                                nginx_extra="  worker_shutdown_timeout: 5s\n",
                                tail="wasmgate:\n  shm_size: 256m\n"))
-    for i in range(n):
-        value = {
-            "id": f"r{i}",
-            "uri": f"/r{i}/*",
-            "upstream": {"type": "roundrobin", "nodes": {f"127.0.0.1:{up_port}": 1}},
-            "plugins": {"example_headers": {"conf": {"response_set": {"x-route": f"r{i}"}}}},
-            "create_time": 1700000000,
-            "update_time": 1700000000,
-        }
-        with open(os.path.join(prefix, "data", "routes", f"r{i}.json"), "w") as f:
-            json.dump({"value": value, "createdIndex": i + 1, "modifiedIndex": i + 1}, f)
-    with open(os.path.join(prefix, "data", "revision"), "w") as f:
-        f.write(str(n))
+    store_routes(prefix, n, f"127.0.0.1:{up_port}", lambda i: {
+        "example_headers": {"conf": {"response_set": {"x-route": f"r{i}"}}}})
 
 
 def workers(admin):

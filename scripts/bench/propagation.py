@@ -4,18 +4,20 @@
 Starts target/release/wasmgate in a temporary prefix (loopback ports), then:
   * propagation: N times, PUT a route with a new uri through the Admin API and time from the
     Admin API's answer until fresh client connections get something other than 404 on that uri
-    (each fresh connection may land on any worker; --probes of them must all see it);
+    (each fresh connection may land on any worker; --probes of them must all see it), with
+    --routes other routes in the configuration (written to the store before the start);
   * reload: M times, POST /wasmgate/reload and time until it answers (new workers ready).
 Prints p50/p99/max in milliseconds. Numbers depend on the machine: compare runs made on the same
 machine, and read them as a benchmark, never as a pass/fail test.
 
 usage: scripts/bench/propagation.py [--edits 1000] [--reloads 20] [--workers 2] [--probes 4]
+                                    [--routes 0]
 """
 import argparse, http.client, json, os, shutil, socket, subprocess, sys, tempfile, time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import KEY, free_port, gateway_config, pct
+from benchlib import KEY, free_port, gateway_config, pct, store_routes
 
 
 def request(port, method, path, body=None, headers=None):
@@ -33,6 +35,7 @@ def main():
     ap.add_argument("--reloads", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--probes", type=int, default=4)
+    ap.add_argument("--routes", type=int, default=0, help="routes already configured")
     ap.add_argument("--binary", default="target/release/wasmgate")
     a = ap.parse_args()
     binary = os.path.abspath(a.binary)
@@ -44,10 +47,11 @@ def main():
     with open(f"{prefix}/conf/config.yaml", "w") as f:
         f.write(gateway_config(proxy, admin, a.workers, [],
                                nginx_extra="  worker_shutdown_timeout: 5s\n"))
+    store_routes(prefix, a.routes, "127.0.0.1:1")
     subprocess.run([binary, "start", "-p", prefix], check=True)
     try:
         hdr = {"X-API-KEY": KEY}
-        deadline = time.time() + 20
+        deadline = time.time() + 60
         while True:
             try:
                 st, body = request(admin, "GET", "/wasmgate/status", headers=hdr)
@@ -80,7 +84,7 @@ def main():
             assert st == 200, body
             rel.append((time.perf_counter() - t0) * 1000)
 
-        print(f"machine: {os.cpu_count()} cores, {a.workers} workers")
+        print(f"machine: {os.cpu_count()} cores, {a.workers} workers, {a.routes} other routes")
         print(f"propagation (PUT answered -> {a.probes} fresh connections served), {a.edits} edits: "
               f"p50 {pct(lat, 50):.2f} ms, p99 {pct(lat, 99):.2f} ms, max {max(lat):.2f} ms")
         print(f"reload (POST /wasmgate/reload -> new workers ready), {a.reloads} reloads: "
