@@ -195,23 +195,40 @@ fn compile(snap: Snapshot, prev: &Compiled) -> Compiled {
         upstreams: FastMap::default(),
     };
     let mut routes = FastMap::with_capacity_and_hasher(route_objects.len(), Default::default());
-    let mut compiled_now = 0;
+    // Entries that leave the index and entries that enter it.
+    let (mut removed, mut added) = (Vec::new(), Vec::new());
+    let (mut known, mut compiled) = (0, 0);
     for (id, rev, json) in route_objects {
-        let route = match prev.routes.get(&id) {
+        let old = prev.routes.get(&id);
+        known += usize::from(old.is_some());
+        let route = match old {
             Some(c) if c.revision == rev && c.deps.unchanged(&objects) => {
                 build.carry_upstream(c);
                 c.clone()
             }
             _ => {
-                compiled_now += 1;
-                Arc::new(build.route(&id, rev, &json))
+                removed.extend(old.and_then(|c| c.entry.clone()));
+                compiled += 1;
+                let c = Arc::new(build.route(&id, rev, &json));
+                added.extend(c.entry.clone());
+                c
             }
         };
         routes.insert(id, route);
     }
-    // Same ids, none compiled again: the previous index serves as it is.
-    let router = if compiled_now == 0 && routes.len() == prev.routes.len() {
+    if known < prev.routes.len() {
+        let gone = prev
+            .routes
+            .iter()
+            .filter(|(id, _)| !routes.contains_key(*id));
+        removed.extend(gone.filter_map(|(_, c)| c.entry.clone()));
+    }
+    let changes = removed.len() + added.len();
+    let router = if changes == 0 {
         prev.router.clone()
+    } else if changes <= routes.len() / 8 {
+        // A few routes changed: patch a copy of the previous index.
+        Arc::new(prev.router.patch(&removed, &added))
     } else {
         Arc::new(Router::new(
             routes.values().filter_map(|c| c.entry.as_ref()),
@@ -237,8 +254,8 @@ fn compile(snap: Snapshot, prev: &Compiled) -> Compiled {
         })
         .collect();
     tracing::debug!(
-        "generation {generation}: {compiled_now} of {} routes compiled",
-        routes.len()
+        "generation {generation}: {compiled} of {} routes compiled, {changes} index changes",
+        routes.len(),
     );
     Compiled {
         generation,
@@ -487,8 +504,15 @@ mod tests {
             obj(KindTag::Upstream, "u1", 5, NODES),
             obj(KindTag::Service, "s1", 6, r#"{"upstream_id":"u1"}"#),
         ];
+        // Enough other routes that a change of one or two patches the index (the last step)
+        // and a larger one rebuilds it (the third).
+        for i in 0..30 {
+            let json = format!(r#"{{"uri":"/other/{i}","upstream_id":"u0"}}"#);
+            objects.push(obj(KindTag::Route, &format!("o{i}"), 1, &json));
+        }
+        objects.push(obj(KindTag::Upstream, "u0", 1, NODES));
         let g1 = serve(&seg, &live, 1, &objects);
-        assert_eq!(g1.router.len(), 3, "d waits for its service");
+        assert_eq!(g1.router.len(), 33, "d waits for its service");
         assert_eq!(entry(&g1, "c").revision, 6);
 
         // An unrelated object changes: every route and the index itself are reused.
@@ -542,6 +566,8 @@ mod tests {
         assert_eq!(get(&g4, "/a"), None);
         assert_eq!(get(&g4, "/a2").as_deref(), Some("a"));
         assert_eq!(get(&g4, "/b/x"), None);
+        assert_eq!(get(&g4, "/other/7").as_deref(), Some("o7"));
+        assert_eq!(g4.router.len(), 33);
         assert!(Arc::ptr_eq(entry(&g3, "c"), entry(&g4, "c")));
     }
 }
