@@ -116,18 +116,19 @@ fn request(c: &HttpCall) -> Result<Request<ProxyBody>, String> {
 async fn perform(w: &Worker, c: HttpCall) -> Result<CallResponse, String> {
     let (authority, connect_timeout, read_timeout) = resolve(w, &c.target)?;
     let req = request(&c)?;
-    let Conn { mut sender, .. } = w
+    let Conn { mut link, .. } = w
         .pool
         .checkout(&authority, connect_timeout)
         .await
         .map_err(|e| format!("connect to {authority}: {e}"))?;
-    let resp = sender
+    let resp = link
+        .sender
         .send_request(req)
         .await
         .map_err(|e| format!("{authority}: {e}"))?;
     let (head, incoming) = resp.into_parts();
     // Through the pool's body so the connection is reused once the answer is read.
-    let body = PooledBody::new(incoming, w.pool.clone(), authority, sender, read_timeout);
+    let body = PooledBody::new(incoming, w.pool.clone(), authority, link, read_timeout);
     let collected = http_body_util::Limited::new(body, MAX_RESPONSE_BODY)
         .collect()
         .await

@@ -435,25 +435,31 @@ async fn send(
     authority: &Arc<str>,
     up: &UpstreamRuntime,
 ) -> Exchange {
-    let Conn { mut sender, reused } = conn;
+    let Conn { mut link, reused } = conn;
     let result = match req.body().is_end_stream() {
         // A request without a body has no sending to watch: it goes as it is, and the
         // response head must come within `timeout.read`.
-        true => match tokio::time::timeout(up.read_timeout, sender.try_send_request(req)).await {
-            Ok(r) => r,
-            Err(_) => return Exchange::Timeout(body::READING_HEAD),
-        },
+        true => {
+            let fut = link.sender.try_send_request(req);
+            let timer = link.timer_at(Instant::now() + up.read_timeout);
+            tokio::select! {
+                biased;
+                r = fut => r,
+                _ = timer => return Exchange::Timeout(body::READING_HEAD),
+            }
+        }
         false => {
             let progress = Arc::new(body::SendProgress::started());
             let watched = progress.clone();
             let req = req.map(move |b| body::SendWatch::new(b, watched).boxed());
-            let fut = sender.try_send_request(req);
+            let fut = link.sender.try_send_request(req);
             tokio::pin!(fut);
             loop {
                 let (deadline, phase) = progress.deadline(up.send_timeout, up.read_timeout);
                 tokio::select! {
+                    biased;
                     r = &mut fut => break r,
-                    _ = tokio::time::sleep_until(deadline.into()) => {
+                    _ = link.timer_at(deadline) => {
                         if progress.deadline(up.send_timeout, up.read_timeout).0 <= Instant::now() {
                             return Exchange::Timeout(phase);
                         }
@@ -468,7 +474,7 @@ async fn send(
             let read_timeout = up.read_timeout;
             Exchange::Response(
                 resp.map(|b| {
-                    PooledBody::new(b, pool, authority.clone(), sender, read_timeout).boxed()
+                    PooledBody::new(b, pool, authority.clone(), link, read_timeout).boxed()
                 }),
             )
         }

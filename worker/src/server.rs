@@ -7,14 +7,14 @@
 
 use crate::{proxy, Worker};
 use futures_util::task::AtomicWaker;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -80,7 +80,7 @@ async fn connection(
         async move { Ok::<_, std::convert::Infallible>(proxy::handle(w, req, client).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
+        .timer(ConnTimer::default())
         .header_read_timeout(w.header_timeout)
         .max_buf_size((w.max_header_size + 16 * 1024).max(16 * 1024))
         .keep_alive(true)
@@ -100,6 +100,52 @@ async fn connection(
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
 }
+
+/// hyper's timer for one client connection. hyper asks for a new timer each time it waits for
+/// a request head (`header_read_timeout`); each one moves the connection's single tokio timer
+/// forward, which tokio does by updating the deadline of an entry already in its timer wheel,
+/// instead of putting a new timer into the wheel and taking it out again for every request.
+/// hyper's HTTP/1 server has one timer running at a time, the only kind it asks for.
+#[derive(Clone)]
+struct ConnTimer(Arc<Mutex<Pin<Box<tokio::time::Sleep>>>>);
+
+impl Default for ConnTimer {
+    fn default() -> ConnTimer {
+        ConnTimer(Arc::new(Mutex::new(Box::pin(tokio::time::sleep(
+            Duration::ZERO,
+        )))))
+    }
+}
+
+/// The connection's timer as hyper holds it.
+struct ConnSleep(Arc<Mutex<Pin<Box<tokio::time::Sleep>>>>);
+
+fn timer_lock(
+    t: &Mutex<Pin<Box<tokio::time::Sleep>>>,
+) -> std::sync::MutexGuard<'_, Pin<Box<tokio::time::Sleep>>> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl hyper::rt::Timer for ConnTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(Instant::now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        timer_lock(&self.0).as_mut().reset(deadline.into());
+        Box::pin(ConnSleep(self.0.clone()))
+    }
+}
+
+impl Future for ConnSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        timer_lock(&self.0).as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for ConnSleep {}
 
 /// A future polled only after its own waker fired (and once at first), however often the task
 /// that awaits it is woken for other reasons: the same thing `FuturesUnordered` does for many.
@@ -157,7 +203,27 @@ impl<F: Future> Future for OnWake<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::rt::Timer;
     use std::sync::atomic::AtomicUsize;
+
+    /// Each sleep hyper asks for waits for its own deadline, later or earlier than the last
+    /// one's, although they share one tokio timer.
+    #[tokio::test]
+    async fn conn_timer_sleeps_last_as_asked() {
+        let timer = ConnTimer::default();
+        for ms in [60, 20, 80, 10] {
+            let started = Instant::now();
+            timer.sleep(Duration::from_millis(ms)).await;
+            assert!(started.elapsed() >= Duration::from_millis(ms), "{ms} ms");
+        }
+        // A sleep dropped before its deadline leaves the next one unaffected.
+        let early = timer.sleep(Duration::from_secs(60));
+        drop(early);
+        let started = Instant::now();
+        timer.sleep(Duration::from_millis(30)).await;
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(30) && took < Duration::from_secs(30));
+    }
 
     #[test]
     fn on_wake_polls_its_future_only_once_that_future_was_woken() {

@@ -18,9 +18,39 @@ use std::time::{Duration, Instant};
 
 /// A connection ready to carry one request.
 pub struct Conn {
-    pub sender: SendRequest<ProxyBody>,
+    pub link: Link,
     /// Whether it came from the pool (a failure before sending is then retried on a new one).
     pub reused: bool,
+}
+
+/// An upstream connection's sending half, with the timer its exchanges are timed by.
+///
+/// The timer lives as long as the connection and is moved forward for each wait: tokio then
+/// only updates the deadline of an entry already in its timer wheel, where a timer per request
+/// is put into the wheel and taken out again every time.
+pub struct Link {
+    pub sender: SendRequest<ProxyBody>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Link {
+    pub fn new(sender: SendRequest<ProxyBody>) -> Link {
+        Link {
+            sender,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        }
+    }
+
+    /// The connection's timer, set to fire at `deadline`.
+    pub fn timer_at(&mut self, deadline: Instant) -> Pin<&mut tokio::time::Sleep> {
+        self.timer.as_mut().reset(deadline.into());
+        self.timer.as_mut()
+    }
+
+    /// The connection's timer as last set.
+    pub fn timer(&mut self) -> Pin<&mut tokio::time::Sleep> {
+        self.timer.as_mut()
+    }
 }
 
 /// Why a connection could not be made.
@@ -37,7 +67,7 @@ pub enum ConnectError {
 }
 
 struct Idle {
-    sender: SendRequest<ProxyBody>,
+    link: Link,
     since: Instant,
 }
 
@@ -65,32 +95,26 @@ impl Pool {
         authority: &str,
         connect_timeout: Duration,
     ) -> Result<Conn, ConnectError> {
-        while let Some(mut sender) = self.take_idle(authority) {
-            if sender.is_ready() {
-                return Ok(Conn {
-                    sender,
-                    reused: true,
-                });
+        while let Some(mut link) = self.take_idle(authority) {
+            if link.sender.is_ready() {
+                return Ok(Conn { link, reused: true });
             }
             // A pooled connection may have been closed by the node meanwhile; `ready`
             // answers at once either way.
             if let Ok(Ok(())) =
-                tokio::time::timeout(Duration::from_millis(200), sender.ready()).await
+                tokio::time::timeout(Duration::from_millis(200), link.sender.ready()).await
             {
-                return Ok(Conn {
-                    sender,
-                    reused: true,
-                });
+                return Ok(Conn { link, reused: true });
             }
         }
         let sender = connect(authority, connect_timeout).await?;
         Ok(Conn {
-            sender,
+            link: Link::new(sender),
             reused: false,
         })
     }
 
-    fn take_idle(&self, authority: &str) -> Option<SendRequest<ProxyBody>> {
+    fn take_idle(&self, authority: &str) -> Option<Link> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(authority)?;
         // The newest went idle last: when it has expired, so have all the others.
@@ -100,16 +124,16 @@ impl Pool {
                 list.clear();
                 return None;
             }
-            if !i.sender.is_closed() {
-                return Some(i.sender);
+            if !i.link.sender.is_closed() {
+                return Some(i.link);
             }
         }
         None
     }
 
     /// Returns a connection whose exchange completed.
-    pub fn checkin(&self, authority: &Arc<str>, sender: SendRequest<ProxyBody>) {
-        if self.max_idle == 0 || sender.is_closed() {
+    pub fn checkin(&self, authority: &Arc<str>, link: Link) {
+        if self.max_idle == 0 || link.sender.is_closed() {
             return;
         }
         let now = Instant::now();
@@ -125,10 +149,10 @@ impl Pool {
             .count();
         list.drain(..expired);
         if list.len() >= self.max_idle {
-            list.retain(|i| !i.sender.is_closed());
+            list.retain(|i| !i.link.sender.is_closed());
         }
         if list.len() < self.max_idle {
-            list.push(Idle { sender, since: now });
+            list.push(Idle { link, since: now });
         }
     }
 
@@ -176,10 +200,12 @@ async fn connect(
 /// An upstream response body that hands its connection back to the pool when it ends.
 pub struct PooledBody {
     inner: hyper::body::Incoming,
-    ret: Option<(Arc<Pool>, Arc<str>, SendRequest<ProxyBody>)>,
+    /// The connection, until it goes back to the pool (or is dropped: it cannot be reused).
+    ret: Option<(Arc<Pool>, Arc<str>, Link)>,
     /// Longest wait for the next chunk (`timeout.read`).
     read_timeout: Duration,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the connection's timer is set for the current wait.
+    waiting: bool,
 }
 
 impl PooledBody {
@@ -187,20 +213,20 @@ impl PooledBody {
         inner: hyper::body::Incoming,
         pool: Arc<Pool>,
         authority: Arc<str>,
-        sender: SendRequest<ProxyBody>,
+        link: Link,
         read_timeout: Duration,
     ) -> PooledBody {
         PooledBody {
             inner,
-            ret: Some((pool, authority, sender)),
+            ret: Some((pool, authority, link)),
             read_timeout,
-            timer: None,
+            waiting: false,
         }
     }
 
     fn give_back(&mut self) {
-        if let Some((pool, authority, sender)) = self.ret.take() {
-            pool.checkin(&authority, sender);
+        if let Some((pool, authority, link)) = self.ret.take() {
+            pool.checkin(&authority, link);
         }
     }
 }
@@ -216,12 +242,11 @@ impl Body for PooledBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(None) => {
-                this.timer = None;
                 this.give_back();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Ok(f))) => {
-                this.timer = None;
+                this.waiting = false;
                 Poll::Ready(Some(Ok(f)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -230,10 +255,15 @@ impl Body for PooledBody {
             }
             Poll::Pending => {
                 let timeout = this.read_timeout;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                if timer.as_mut().poll(cx).is_ready() {
+                // Without its connection the body cannot be pending for long: hyper ends it.
+                let Some((_, _, link)) = &mut this.ret else {
+                    return Poll::Pending;
+                };
+                let timer = match std::mem::replace(&mut this.waiting, true) {
+                    true => link.timer(),
+                    false => link.timer_at(Instant::now() + timeout),
+                };
+                if timer.poll(cx).is_ready() {
                     this.ret = None;
                     return Poll::Ready(Some(Err(format!(
                         "upstream read timed out after {timeout:?}"
@@ -298,7 +328,7 @@ mod tests {
         let pool = Pool::new(2, Duration::from_millis(300));
         for _ in 0..3 {
             let c = connection(addr).await;
-            pool.checkin(&authority, c);
+            pool.checkin(&authority, Link::new(c));
         }
         assert_eq!(pool.idle_count(&authority), 2, "max_idle caps the list");
         let c = pool
@@ -315,9 +345,9 @@ mod tests {
         assert!(!c.reused, "an expired connection is not handed out");
         assert_eq!(pool.idle_count(&authority), 0);
         // Checking in drops the expired ones before keeping the new one.
-        pool.checkin(&authority, connection(addr).await);
+        pool.checkin(&authority, Link::new(connection(addr).await));
         tokio::time::sleep(Duration::from_millis(400)).await;
-        pool.checkin(&authority, connection(addr).await);
+        pool.checkin(&authority, Link::new(connection(addr).await));
         assert_eq!(pool.idle_count(&authority), 1);
     }
 }
