@@ -15,6 +15,7 @@ use crate::body::{BoxError, ProxyBody};
 use crate::plugins::{BodyStep, Dir, Plugins, WasmRequest};
 use bytes::Bytes;
 use http_body::{Body, Frame};
+use smallvec::SmallVec;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -40,13 +41,37 @@ pub struct PluginBody {
     plugins: Arc<Plugins>,
     dir: Dir,
     /// One buffer per HttpContext of the request.
-    bufs: Vec<BodyBuf>,
+    bufs: SmallVec<[BodyBuf; 2]>,
     /// A frame taken by `prime`, to be returned first.
     front: Option<Frame<Bytes>>,
     /// Trailers that arrived, returned after the last data.
     trailers: Option<Frame<Bytes>>,
     done: bool,
-    failure: Arc<Mutex<Option<BodyFailure>>>,
+    failure: FailureSlot,
+}
+
+/// Where a body's failure is recorded: in the body, until the proxy asks for a shared handle
+/// ([`PluginBody::failure`], for a request body that fails while it streams upstream). A
+/// response body is never asked, and so costs no shared allocation.
+enum FailureSlot {
+    Own(Option<BodyFailure>),
+    Shared(Arc<Mutex<Option<BodyFailure>>>),
+}
+
+impl FailureSlot {
+    fn set(&mut self, f: BodyFailure) {
+        match self {
+            FailureSlot::Own(slot) => *slot = Some(f),
+            FailureSlot::Shared(slot) => *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(f),
+        }
+    }
+
+    fn take(&mut self) -> Option<BodyFailure> {
+        match self {
+            FailureSlot::Own(slot) => slot.take(),
+            FailureSlot::Shared(slot) => slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
+        }
+    }
 }
 
 /// What priming found.
@@ -75,14 +100,19 @@ impl PluginBody {
             front: None,
             trailers: None,
             done: false,
-            failure: Arc::new(Mutex::new(None)),
+            failure: FailureSlot::Own(None),
         }
     }
 
     /// Where a failure after priming is recorded (the request body fails while it streams to
     /// the upstream; the proxy then answers with it instead of a 502).
-    pub fn failure(&self) -> Arc<Mutex<Option<BodyFailure>>> {
-        self.failure.clone()
+    pub fn failure(&mut self) -> Arc<Mutex<Option<BodyFailure>>> {
+        let slot = match &mut self.failure {
+            FailureSlot::Shared(slot) => return slot.clone(),
+            FailureSlot::Own(f) => Arc::new(Mutex::new(f.take())),
+        };
+        self.failure = FailureSlot::Shared(slot.clone());
+        slot
     }
 
     /// Polls until the first bytes are let through, the body ends, or it fails.
@@ -99,14 +129,7 @@ impl PluginBody {
                     Primed::Streaming
                 }
             }
-            Some(Err(_)) => {
-                let f = self
-                    .failure
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take();
-                Primed::Failed(f.unwrap_or(BodyFailure::Fault))
-            }
+            Some(Err(_)) => Primed::Failed(self.failure.take().unwrap_or(BodyFailure::Fault)),
         }
     }
 
@@ -130,7 +153,7 @@ impl PluginBody {
             BodyFailure::Reply(_) => "a plugin answered from a body callback",
             BodyFailure::Fault | BodyFailure::Client(_) => "a plugin failed in a body callback",
         };
-        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure);
+        self.failure.set(failure);
         self.done = true;
         Err(msg.into())
     }
@@ -164,8 +187,7 @@ impl Body for PluginBody {
                 Some(Err(e)) => {
                     self.done = true;
                     if let Some(status) = crate::body::client_fault(&*e) {
-                        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(BodyFailure::Client(status));
+                        self.failure.set(BodyFailure::Client(status));
                     }
                     return Poll::Ready(Some(Err(e)));
                 }
