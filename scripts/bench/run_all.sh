@@ -6,7 +6,8 @@
 #   2. throughput.py  — the same with 1…N workers (N = cores), unpinned: the scaling run
 #   3. footprint.py   — 1 / 100 / 10,000 routes with a plugin: RSS per worker, worker start,
 #                       PluginContext creation
-#   4. propagation.py — Admin API PUT → every worker serving it, p50/p99 over 1,000 edits
+#   4. propagation.py — Admin API PUT → every worker serving it, p50/p99 over 1,000 edits,
+#                       alone and among 10,000 other routes
 #   5. criterion      — host round trip, header maps, plugin setup, snapshot path, router
 #   6. instructions.sh — instructions per request through one plugin (callgrind; steady on a
 #                       busy machine, for comparing commits)
@@ -46,6 +47,8 @@ python3 scripts/bench/footprint.py --routes 1,100,10000 --json "$out/footprint.j
 
 echo "== propagation"
 python3 scripts/bench/propagation.py --edits 1000 --reloads 20 | tee "$out/propagation.txt"
+python3 scripts/bench/propagation.py --edits 1000 --reloads 5 --routes 10000 |
+  tee -a "$out/propagation.txt"
 
 echo "== criterion"
 for b in "wasmgate-wasm host" "wasmgate-shared snapshot" "wasmgate-worker router"; do

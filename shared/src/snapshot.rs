@@ -67,6 +67,32 @@ impl Snapshot {
     }
 }
 
+/// A snapshot as a worker reads it: the objects' ids and JSON texts borrowed from the encoded
+/// bytes instead of copied, since most of them are only compared by revision with what the
+/// worker compiled before. Same encoding as [`Snapshot`] (postcard writes `String` and `&str`
+/// alike).
+#[derive(Debug, Deserialize)]
+pub struct SnapshotRef<'a> {
+    pub generation: u64,
+    #[serde(borrow)]
+    pub objects: Vec<ObjectRef<'a>>,
+}
+
+/// One object of a [`SnapshotRef`].
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+pub struct ObjectRef<'a> {
+    pub kind: KindTag,
+    pub id: &'a str,
+    pub revision: u64,
+    pub json: &'a str,
+}
+
+impl<'a> SnapshotRef<'a> {
+    pub fn decode(bytes: &'a [u8]) -> Result<SnapshotRef<'a>, String> {
+        postcard::from_bytes(bytes).map_err(|e| format!("corrupt configuration snapshot: {e}"))
+    }
+}
+
 /// What a worker is told at start (on its standard input, as JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerBoot {
@@ -107,5 +133,19 @@ mod tests {
         assert_eq!(Snapshot::decode(&bytes).unwrap(), s);
         assert!(Snapshot::decode(&bytes[..bytes.len() - 3]).is_err());
         assert!(Snapshot::decode(&[0xff; 16]).is_err());
+        // The borrowed reading sees the same objects, and refuses the same corruption.
+        let r = SnapshotRef::decode(&bytes).unwrap();
+        assert_eq!(r.generation, 7);
+        assert_eq!(
+            r.objects,
+            [ObjectRef {
+                kind: KindTag::Route,
+                id: "1",
+                revision: 7,
+                json: "{\"uri\":\"/\"}",
+            }]
+        );
+        assert!(SnapshotRef::decode(&bytes[..bytes.len() - 3]).is_err());
+        assert!(SnapshotRef::decode(&[0xff; 16]).is_err());
     }
 }

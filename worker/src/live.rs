@@ -17,7 +17,7 @@ use wasmgate_shared::model::{
     GlobalRule, Kind, PluginConf, Plugins, Route, Service, Timeout, Upstream,
 };
 use wasmgate_shared::shm::Segment;
-use wasmgate_shared::snapshot::Snapshot;
+use wasmgate_shared::snapshot::SnapshotRef;
 
 /// A global rule compiled for serving.
 #[derive(Debug)]
@@ -39,7 +39,7 @@ pub struct Compiled {
     /// Every upstream object by id (plugins' `proxy_http_call` names them).
     by_upstream_id: FastMap<String, Arc<UpstreamRuntime>>,
     /// Every route object by id, as compiled, for the next generation to reuse.
-    routes: FastMap<String, Arc<CompiledRoute>>,
+    routes: FastMap<Arc<str>, Arc<CompiledRoute>>,
 }
 
 impl Compiled {
@@ -82,7 +82,7 @@ impl Live {
             return cur.clone();
         }
         let (generation, bytes) = self.segment.read();
-        match Snapshot::decode(&bytes) {
+        match SnapshotRef::decode(&bytes) {
             Ok(snap) => {
                 let started = std::time::Instant::now();
                 *cur = Arc::new(compile(snap, &cur));
@@ -116,14 +116,14 @@ fn parse<T: DeserializeOwned>(kind: &str, id: &str, json: &str) -> Option<T> {
 
 /// A snapshot's objects. Routes stay JSON text until they need compiling: most of a change's
 /// routes were compiled by the previous generation already.
-struct Objects {
-    routes: Vec<(String, u64, String)>,
+struct Objects<'a> {
+    routes: Vec<(&'a str, u64, &'a str)>,
     services: HashMap<String, (u64, Service)>,
     upstreams: HashMap<String, (u64, Upstream)>,
     globals: Vec<(String, u64, GlobalRule)>,
 }
 
-fn split(snap: Snapshot) -> Objects {
+fn split(snap: SnapshotRef<'_>) -> Objects<'_> {
     let mut o = Objects {
         routes: Vec::new(),
         services: HashMap::new(),
@@ -135,18 +135,18 @@ fn split(snap: Snapshot) -> Objects {
         match Kind::from(obj.kind) {
             Kind::Routes => o.routes.push((id, rev, json)),
             Kind::Services => {
-                if let Some(s) = parse("service", &id, &json) {
-                    o.services.insert(id, (rev, s));
+                if let Some(s) = parse("service", id, json) {
+                    o.services.insert(id.to_string(), (rev, s));
                 }
             }
             Kind::Upstreams => {
-                if let Some(u) = parse("upstream", &id, &json) {
-                    o.upstreams.insert(id, (rev, u));
+                if let Some(u) = parse("upstream", id, json) {
+                    o.upstreams.insert(id.to_string(), (rev, u));
                 }
             }
             Kind::GlobalRules => o
                 .globals
-                .extend(parse("global rule", &id, &json).map(|g| (id, rev, g))),
+                .extend(parse("global rule", id, json).map(|g| (id.to_string(), rev, g))),
         }
     }
     o
@@ -185,7 +185,7 @@ impl Deps {
 }
 
 /// Builds the router for a snapshot, reusing `prev`'s unchanged routes and upstreams.
-fn compile(snap: Snapshot, prev: &Compiled) -> Compiled {
+fn compile(snap: SnapshotRef<'_>, prev: &Compiled) -> Compiled {
     let generation = snap.generation;
     let mut objects = split(snap);
     let route_objects = std::mem::take(&mut objects.routes);
@@ -199,7 +199,11 @@ fn compile(snap: Snapshot, prev: &Compiled) -> Compiled {
     let (mut removed, mut added) = (Vec::new(), Vec::new());
     let (mut known, mut compiled) = (0, 0);
     for (id, rev, json) in route_objects {
-        let old = prev.routes.get(&id);
+        let (key, old) = match prev.routes.get_key_value(id) {
+            // The previous generation's key, shared rather than copied.
+            Some((k, c)) => (k.clone(), Some(c)),
+            None => (Arc::from(id), None),
+        };
         known += usize::from(old.is_some());
         let route = match old {
             Some(c) if c.revision == rev && c.deps.unchanged(&objects) => {
@@ -209,12 +213,12 @@ fn compile(snap: Snapshot, prev: &Compiled) -> Compiled {
             _ => {
                 removed.extend(old.and_then(|c| c.entry.clone()));
                 compiled += 1;
-                let c = Arc::new(build.route(&id, rev, &json));
+                let c = Arc::new(build.route(id, rev, json));
                 added.extend(c.entry.clone());
                 c
             }
         };
-        routes.insert(id, route);
+        routes.insert(key, route);
     }
     if known < prev.routes.len() {
         let gone = prev
@@ -269,7 +273,7 @@ fn compile(snap: Snapshot, prev: &Compiled) -> Compiled {
 
 /// What compiling one generation reads and fills.
 struct Build<'a> {
-    objects: &'a Objects,
+    objects: &'a Objects<'a>,
     prev: &'a Compiled,
     /// The upstream runtimes of the new generation by key.
     upstreams: FastMap<Arc<str>, Arc<UpstreamRuntime>>,
@@ -450,7 +454,7 @@ fn plugin_list(own: Option<&Plugins>, inherited: Option<&Plugins>) -> Vec<Plugin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wasmgate_shared::snapshot::{KindTag, SnapshotObject};
+    use wasmgate_shared::snapshot::{KindTag, Snapshot, SnapshotObject};
 
     fn obj(kind: KindTag, id: &str, revision: u64, json: &str) -> SnapshotObject {
         SnapshotObject {
