@@ -10,12 +10,7 @@ use std::path::PathBuf;
 use wasmgate_shared::snapshot::{KindTag, Snapshot, SnapshotObject};
 
 fn obj(kind: KindTag, id: &str, revision: u64, json: &str) -> SnapshotObject {
-    SnapshotObject {
-        kind,
-        id: id.into(),
-        revision,
-        json: json.into(),
-    }
+    SnapshotObject::new(kind, id, revision, json)
 }
 
 /// One snapshot per file: what the master publishes after typical Admin API writes.

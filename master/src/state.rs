@@ -133,12 +133,17 @@ impl Master {
                     continue;
                 }
             }
-            objects.push(object(kind, id, s, json.to_string()));
+            objects.push(SnapshotObject::new(kind.into(), id, s.modified_index, json));
         }
         if let Some((kind, id, new)) = change {
             generation = store.next_revision();
             if let Some(s) = new {
-                objects.push(object(kind, id, s, s.value.to_string()));
+                objects.push(SnapshotObject::new(
+                    kind.into(),
+                    id,
+                    s.modified_index,
+                    s.value.to_string(),
+                ));
             }
         }
         Snapshot {
@@ -186,14 +191,5 @@ impl Master {
             .map_err(|(_, v)| v["error_msg"].to_string())?;
         self.publish(generation, &bytes);
         Ok(generation)
-    }
-}
-
-fn object(kind: Kind, id: &str, s: &Stored, json: String) -> SnapshotObject {
-    SnapshotObject {
-        kind: kind.into(),
-        id: id.to_string(),
-        revision: s.modified_index,
-        json,
     }
 }

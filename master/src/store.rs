@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use wasmgate_shared::model::{valid_id, Kind};
+use wasmgate_shared::model::{id_order, valid_id, Kind};
 
 /// A stored object with its etcd-style indexes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -255,15 +255,6 @@ impl Store {
             n += 1;
         }
         n.to_string()
-    }
-}
-
-fn id_order(a: &str, b: &str) -> std::cmp::Ordering {
-    match (a.parse::<u64>(), b.parse::<u64>()) {
-        (Ok(x), Ok(y)) => x.cmp(&y),
-        (Ok(_), Err(_)) => std::cmp::Ordering::Less,
-        (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
-        _ => a.cmp(b),
     }
 }
 

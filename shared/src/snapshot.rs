@@ -18,6 +18,17 @@ pub struct SnapshotObject {
     pub json: String,
 }
 
+impl SnapshotObject {
+    pub fn new(kind: KindTag, id: &str, revision: u64, json: impl Into<String>) -> SnapshotObject {
+        SnapshotObject {
+            kind,
+            id: id.to_string(),
+            revision,
+            json: json.into(),
+        }
+    }
+}
+
 /// [`Kind`] as a stable wire tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KindTag {

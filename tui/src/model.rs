@@ -116,15 +116,7 @@ fn nodes(u: &Value) -> Vec<String> {
     }
 }
 
-/// Numbers first, in numeric order, then other ids in text order.
-pub fn id_order(a: &str, b: &str) -> std::cmp::Ordering {
-    match (a.parse::<u64>(), b.parse::<u64>()) {
-        (Ok(x), Ok(y)) => x.cmp(&y),
-        (Ok(_), Err(_)) => std::cmp::Ordering::Less,
-        (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
-        _ => a.cmp(b),
-    }
-}
+pub use wasmgate_shared::model::id_order;
 
 /// Parses `{"total":N,"list":[{"key","value",…}]}` (an empty `list` may be `{}`, as APISIX
 /// writes it).

@@ -457,12 +457,7 @@ mod tests {
     use wasmgate_shared::snapshot::{KindTag, Snapshot, SnapshotObject};
 
     fn obj(kind: KindTag, id: &str, revision: u64, json: &str) -> SnapshotObject {
-        SnapshotObject {
-            kind,
-            id: id.into(),
-            revision,
-            json: json.into(),
-        }
+        SnapshotObject::new(kind, id, revision, json)
     }
 
     /// Publishes `objects` as generation `generation` and returns what the worker serves.

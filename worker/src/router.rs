@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use wasmgate_shared::model::vars::{Cidr, VarsExpr};
-use wasmgate_shared::model::PluginConf;
+use wasmgate_shared::model::{id_order, PluginConf};
 
 /// A host pattern: exact (`api.example.com`) or wildcard (`*.example.com`).
 #[derive(Debug, Clone)]
@@ -113,19 +113,15 @@ fn order(list: &mut [Arc<RouteEntry>]) {
     list.sort_by(|a, b| {
         b.priority
             .cmp(&a.priority)
-            .then_with(|| id_cmp(&a.id, &b.id))
+            .then_with(|| id_order(&a.id, &b.id))
     })
 }
 
-/// Where a route's path is indexed: the prefix index (without the `*`) or the exact one.
-fn slot<'a, 'p>(
-    exact: &'a mut Index,
-    prefixes: &'a mut Index,
-    path: &'p str,
-) -> (&'a mut Index, &'p str) {
+/// Where a path is indexed: `(true, prefix without the '*')` or `(false, exact path)`.
+fn index_key(path: &str) -> (bool, &str) {
     match path.strip_suffix('*') {
-        Some(prefix) => (prefixes, prefix),
-        None => (exact, path),
+        Some(prefix) => (true, prefix),
+        None => (false, path),
     }
 }
 
@@ -134,11 +130,11 @@ impl Router {
         let mut lists: [FastMap<&str, Vec<Arc<RouteEntry>>>; 2] = Default::default();
         for r in routes {
             for p in &r.paths {
-                let (i, key) = match p.strip_suffix('*') {
-                    Some(prefix) => (1, prefix),
-                    None => (0, p.as_str()),
-                };
-                lists[i].entry(key).or_default().push(r.clone());
+                let (prefix, key) = index_key(p);
+                lists[usize::from(prefix)]
+                    .entry(key)
+                    .or_default()
+                    .push(r.clone());
             }
         }
         let [exact, prefixes] = lists.map(|m| {
@@ -159,37 +155,45 @@ impl Router {
     }
 
     /// This index with `removed` routes taken out and `added` ones put in: what
-    /// `Router::new` would build from the routes after the change, at the cost of the paths
-    /// the change touches (plus copying the shared map).
+    /// `Router::new` would build from the routes after the change. Each path the change
+    /// touches gets its list made once; the rest is shared with `self`.
     pub fn patch(&self, removed: &[Arc<RouteEntry>], added: &[Arc<RouteEntry>]) -> Router {
-        let mut next = self.clone();
-        let Router {
-            exact, prefixes, ..
-        } = &mut next;
+        let gone: foldhash::HashSet<*const RouteEntry> = removed.iter().map(Arc::as_ptr).collect();
+        let mut touched: FastMap<(bool, &str), Vec<Arc<RouteEntry>>> = FastMap::default();
         for r in removed {
             for p in &r.paths {
-                let (index, key) = slot(exact, prefixes, p);
-                let Some(list) = index.get(key) else { continue };
-                let kept: Vec<_> = list
-                    .iter()
-                    .filter(|e| !Arc::ptr_eq(e, r))
-                    .cloned()
-                    .collect();
-                if kept.is_empty() {
-                    index.remove(key);
-                } else {
-                    index.insert(Arc::from(key), Arc::from(kept));
-                }
+                touched.entry(index_key(p)).or_default();
             }
         }
         for r in added {
             for p in &r.paths {
-                let (index, key) = slot(exact, prefixes, p);
-                let mut list: Vec<_> = index.get(key).map(|l| l.to_vec()).unwrap_or_default();
-                list.push(r.clone());
-                order(&mut list);
-                index.insert(Arc::from(key), Arc::from(list));
+                touched.entry(index_key(p)).or_default().push(r.clone());
             }
+        }
+        let mut next = self.clone();
+        for ((prefix, key), mut list) in touched {
+            let index = if prefix {
+                &mut next.prefixes
+            } else {
+                &mut next.exact
+            };
+            let old = index
+                .get_key_value(key)
+                .map(|(k, l)| (k.clone(), l.clone()));
+            if let Some((_, l)) = &old {
+                list.extend(
+                    l.iter()
+                        .filter(|e| !gone.contains(&Arc::as_ptr(e)))
+                        .cloned(),
+                );
+            }
+            if list.is_empty() {
+                index.remove(key);
+                continue;
+            }
+            order(&mut list);
+            let key = old.map_or_else(|| Arc::from(key), |(k, _)| k);
+            index.insert(key, Arc::from(list));
         }
         next.index_lengths();
         next
@@ -224,13 +228,6 @@ impl Router {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-fn id_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    match (a.parse::<u64>(), b.parse::<u64>()) {
-        (Ok(x), Ok(y)) => x.cmp(&y),
-        _ => a.cmp(b),
     }
 }
 
@@ -322,6 +319,20 @@ mod tests {
         assert_eq!(find(&router, "GET", "x", "/api/r7/x/y"), Some("p7"));
         assert_eq!(find(&router, "POST", "x", "/api/r7/x/y"), Some("post-only"));
         assert_eq!(find(&router, "GET", "x", "/api/r1000/q"), None);
+    }
+
+    /// Routes that tie on priority are ordered by id whatever order they come in, ids of
+    /// equal number ("1", "01") included: every worker and every rebuild picks the same one.
+    #[test]
+    fn ties_are_ordered_by_id() {
+        let make = |id: &str| Arc::new(route(id, "/x", 0, &[], &[]));
+        let (a, b, c) = (make("01"), make("1"), make("a"));
+        for routes in [[&a, &b, &c], [&c, &b, &a], [&b, &c, &a]] {
+            let router = Router::new(routes);
+            assert_eq!(find(&router, "GET", "h", "/x"), Some("01"));
+        }
+        let router = Router::new([&c]).patch(&[], &[b.clone(), a.clone()]);
+        assert_eq!(find(&router, "GET", "h", "/x"), Some("01"));
     }
 
     /// Patching the index for a change finds what indexing the changed set afresh finds.

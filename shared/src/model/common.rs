@@ -44,6 +44,19 @@ pub fn valid_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// How ids are listed and how routes that tie on priority are ordered: numbers first, in
+/// numeric order, then other ids in text order; ids of equal number ("1", "01") by their
+/// text. A total order, so every sort and every worker agree.
+pub fn id_order(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering::{Greater, Less};
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y).then_with(|| a.cmp(b)),
+        (Ok(_), Err(_)) => Less,
+        (Err(_), Ok(_)) => Greater,
+        _ => a.cmp(b),
+    }
+}
+
 /// `labels`: string keys to string values.
 pub type Labels = BTreeMap<String, String>;
 
@@ -72,5 +85,17 @@ impl Timeout {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_order_totally() {
+        let mut ids = vec!["b", "10", "1a", "2", "01", "1", "a"];
+        ids.sort_by(|a, b| id_order(a, b));
+        assert_eq!(ids, ["01", "1", "2", "10", "1a", "a", "b"]);
     }
 }

@@ -255,9 +255,10 @@ impl Body for PooledBody {
             }
             Poll::Pending => {
                 let timeout = this.read_timeout;
-                // Without its connection the body cannot be pending for long: hyper ends it.
+                // The connection was given up (a timeout or an error was returned): polled
+                // again, the body fails again rather than wait with no timer.
                 let Some((_, _, link)) = &mut this.ret else {
-                    return Poll::Pending;
+                    return Poll::Ready(Some(Err("upstream connection given up".into())));
                 };
                 let timer = match std::mem::replace(&mut this.waiting, true) {
                     true => link.timer(),
