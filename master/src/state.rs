@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use wasmgate_shared::config::{GatewayConfig, Role};
 use wasmgate_shared::model::{Kind, PluginCatalog};
 use wasmgate_shared::shm::Segment;
-use wasmgate_shared::snapshot::{Snapshot, SnapshotObject};
+use wasmgate_shared::snapshot::{ObjectRef, SnapshotRef};
 
 /// A configuration as loaded from config.yaml (or the embedded default).
 #[derive(Debug, Clone)]
@@ -118,43 +118,44 @@ impl Master {
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
     }
 
-    /// The snapshot of `store` with one pending change applied: `(kind, id, Some(new))` puts,
-    /// `(kind, id, None)` deletes.
+    /// The encoded snapshot of `store` with one pending change applied (`(kind, id,
+    /// Some(new))` puts, `(kind, id, None)` deletes), or the Admin API's 507 when it does not
+    /// fit the shared-memory area. Objects' texts are borrowed from the store, not copied.
     pub fn snapshot_with(
         &self,
         store: &Store,
         change: Option<(Kind, &str, Option<&Stored>)>,
-    ) -> Snapshot {
+    ) -> Result<Vec<u8>, Reply> {
+        let changed_text = change.and_then(|(_, _, new)| new.map(|s| s.value.to_string()));
         let mut objects = Vec::new();
-        let mut generation = store.revision();
         for (kind, id, s, json) in store.iter_json() {
-            if let Some((ck, cid, _)) = change {
-                if ck == kind && cid == id {
-                    continue;
-                }
+            if change.is_some_and(|(ck, cid, _)| ck == kind && cid == id) {
+                continue;
             }
-            objects.push(SnapshotObject::new(kind.into(), id, s.modified_index, json));
+            objects.push(ObjectRef {
+                kind: kind.into(),
+                id,
+                revision: s.modified_index,
+                json,
+            });
         }
+        let mut generation = store.revision();
         if let Some((kind, id, new)) = change {
             generation = store.next_revision();
-            if let Some(s) = new {
-                objects.push(SnapshotObject::new(
-                    kind.into(),
+            if let (Some(s), Some(json)) = (new, &changed_text) {
+                objects.push(ObjectRef {
+                    kind: kind.into(),
                     id,
-                    s.modified_index,
-                    s.value.to_string(),
-                ));
+                    revision: s.modified_index,
+                    json,
+                });
             }
         }
-        Snapshot {
+        let bytes = SnapshotRef {
             generation,
             objects,
         }
-    }
-
-    /// Encodes a snapshot and checks it fits the shared-memory area.
-    pub fn check_capacity(&self, snapshot: Snapshot) -> Result<Vec<u8>, Reply> {
-        let bytes = snapshot.encode();
+        .encode();
         if bytes.len() > self.segment.capacity() {
             return Err((
                 507,
@@ -171,7 +172,7 @@ impl Master {
     /// Publishes an encoded snapshot to the workers.
     pub fn publish(&self, generation: u64, bytes: &[u8]) {
         if let Err(e) = self.segment.publish(generation, bytes) {
-            // check_capacity ran first, so this is unreachable in practice; log loudly anyway.
+            // snapshot_with checked the size, so this is unreachable in practice; log loudly.
             tracing::error!("publish of generation {generation} failed: {e}");
             return;
         }
@@ -184,10 +185,9 @@ impl Master {
     /// Publishes the store as it is (start-up, reload).
     pub fn publish_current(&self) -> Result<u64, String> {
         let store = self.store();
-        let snap = self.snapshot_with(&store, None);
-        let generation = snap.generation;
+        let generation = store.revision();
         let bytes = self
-            .check_capacity(snap)
+            .snapshot_with(&store, None)
             .map_err(|(_, v)| v["error_msg"].to_string())?;
         self.publish(generation, &bytes);
         Ok(generation)

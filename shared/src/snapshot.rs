@@ -78,11 +78,11 @@ impl Snapshot {
     }
 }
 
-/// A snapshot as a worker reads it: the objects' ids and JSON texts borrowed from the encoded
-/// bytes instead of copied, since most of them are only compared by revision with what the
-/// worker compiled before. Same encoding as [`Snapshot`] (postcard writes `String` and `&str`
-/// alike).
-#[derive(Debug, Deserialize)]
+/// A snapshot with its objects' ids and JSON texts borrowed: the master encodes one from its
+/// store without copying every object's text, and a worker decodes one in place, since most
+/// objects are only compared by revision with what it compiled before. Same encoding as
+/// [`Snapshot`] (postcard writes `String` and `&str` alike).
+#[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotRef<'a> {
     pub generation: u64,
     #[serde(borrow)]
@@ -90,7 +90,7 @@ pub struct SnapshotRef<'a> {
 }
 
 /// One object of a [`SnapshotRef`].
-#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ObjectRef<'a> {
     pub kind: KindTag,
     pub id: &'a str,
@@ -99,6 +99,11 @@ pub struct ObjectRef<'a> {
 }
 
 impl<'a> SnapshotRef<'a> {
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding plain structs of strings and integers into a Vec cannot fail.
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
     pub fn decode(bytes: &'a [u8]) -> Result<SnapshotRef<'a>, String> {
         postcard::from_bytes(bytes).map_err(|e| format!("corrupt configuration snapshot: {e}"))
     }
@@ -156,6 +161,7 @@ mod tests {
                 json: "{\"uri\":\"/\"}",
             }]
         );
+        assert_eq!(r.encode(), bytes, "both forms encode alike");
         assert!(SnapshotRef::decode(&bytes[..bytes.len() - 3]).is_err());
         assert!(SnapshotRef::decode(&[0xff; 16]).is_err());
     }

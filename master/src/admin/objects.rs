@@ -169,8 +169,7 @@ pub fn delete(m: &Master, kind: Kind, id: &str) -> Outcome {
         let id = id.to_string();
         return Outcome::Commit(Change::Delete { kind, id });
     }
-    let snapshot = m.snapshot_with(&store, Some((kind, id, None)));
-    let bytes = match m.check_capacity(snapshot) {
+    let bytes = match m.snapshot_with(&store, Some((kind, id, None))) {
         Ok(b) => b,
         Err(reply) => return reply.into(),
     };
@@ -263,8 +262,7 @@ fn write(
             .unwrap_or(revision),
         modified_index: revision,
     };
-    let snapshot = m.snapshot_with(store, Some((kind, id, Some(&stored))));
-    let bytes = match m.check_capacity(snapshot) {
+    let bytes = match m.snapshot_with(store, Some((kind, id, Some(&stored)))) {
         Ok(b) => b,
         Err(reply) => return reply.into(),
     };
