@@ -7,6 +7,7 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use wasmgate_master::cli::say;
 use wasmgate_master::Options;
 
 /// Master and workers allocate through mimalloc: under load glibc's malloc and free (with
@@ -112,13 +113,15 @@ fn main() -> ExitCode {
             wasmgate_master::cli::Signal::SIGHUP,
         )
         .map(|pid| {
-            println!("reload signal sent to master {pid}; see the error log for the outcome");
+            say(&format!(
+                "reload signal sent to master {pid}; see the error log for the outcome\n"
+            ));
         }),
         Command::Reopen { common } => wasmgate_master::cli::signal_master(
             &options(common, false),
             wasmgate_master::cli::Signal::SIGUSR1,
         )
-        .map(|pid| println!("reopen signal sent to master {pid}")),
+        .map(|pid| say(&format!("reopen signal sent to master {pid}\n"))),
         Command::Status { common } => wasmgate_master::cli::status(&options(common, false)),
         Command::Test { common } => test_config(&options(common, false)),
         Command::Tui { common, admin, key } => tui(&options(common, false), admin, key),
@@ -136,7 +139,10 @@ fn main() -> ExitCode {
 fn test_config(opts: &Options) -> anyhow::Result<()> {
     let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
     wasmgate_master::compile_plugins(&loaded, opts).map_err(anyhow::Error::msg)?;
-    println!("wasmgate: configuration {} is ok", loaded.origin);
+    say(&format!(
+        "wasmgate: configuration {} is ok\n",
+        loaded.origin
+    ));
     Ok(())
 }
 

@@ -400,6 +400,20 @@ fn an_empty_admin_key_is_generated_stored_and_printed_once() {
     assert_eq!(common::admin(&url, "GET", None, None).0, 401);
     // `wasmgate status` finds the generated key by itself.
     assert!(cli(&["status"], dir.path()).0);
+    // Its output into a reader that went away (`wasmgate status | head -0`): no panic.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(bin())
+        .args(["status", "-p"])
+        .arg(dir.path())
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stop();
     let err = start();
     assert!(!err.contains("generated"), "printed twice: {err}");

@@ -66,7 +66,7 @@ pub fn stop(opts: &Options, graceful: bool) -> anyhow::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    println!("wasmgate stopped (pid {pid})");
+    say(&format!("wasmgate stopped (pid {pid})\n"));
     Ok(())
 }
 
@@ -92,7 +92,7 @@ pub fn status(opts: &Options) -> anyhow::Result<()> {
             v.get("description").and_then(|d| d.as_str()).unwrap_or("")
         );
     }
-    print!("{}", render_status(&v, &pid_path));
+    say(&render_status(&v, &pid_path));
     Ok(())
 }
 
@@ -163,4 +163,11 @@ fn http_get(addr: std::net::SocketAddr, path: &str, key: Option<&str>) -> anyhow
         .split_once("\r\n\r\n")
         .context("malformed HTTP answer")?;
     Ok(body.to_string())
+}
+
+/// Writes a command's output. A reader that went away (`wasmgate status | head -1`) is not
+/// an error worth a panic, which `print!` would make of it: the rest is dropped.
+pub fn say(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
