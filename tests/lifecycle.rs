@@ -403,16 +403,11 @@ fn an_empty_admin_key_is_generated_stored_and_printed_once() {
     // Its output into a reader that went away (`wasmgate status | head -0`): no panic.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let out = Command::new(bin())
-        .args(["status", "-p"])
-        .arg(dir.path())
-        .stdout(writer)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::run_ok(
+        Command::new(bin())
+            .args(["status", "-p"])
+            .arg(dir.path())
+            .stdout(writer),
     );
     stop();
     let err = start();

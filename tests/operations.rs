@@ -81,15 +81,10 @@ fn sigusr1_reopens_the_logs() {
     std::fs::rename(logs.join("access.log"), logs.join("access.log.1")).unwrap();
     std::fs::rename(logs.join("error.log"), logs.join("error.log.1")).unwrap();
     // `wasmgate reopen` sends SIGUSR1 to the master through the pid file.
-    let out = std::process::Command::new(common::bin())
-        .args(["reopen", "-p"])
-        .arg(gw.prefix())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::run_ok(
+        std::process::Command::new(common::bin())
+            .args(["reopen", "-p"])
+            .arg(gw.prefix()),
     );
     eventually(Duration::from_secs(5), "a new error log", || {
         std::fs::read_to_string(logs.join("error.log")).is_ok_and(|l| l.contains("logs reopened"))

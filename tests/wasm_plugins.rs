@@ -436,19 +436,10 @@ fn request_headers_are_readable_in_later_callbacks() {
 #[test]
 fn plugin_fixtures_are_not_stale() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/plugins");
-    let out = std::process::Command::new("bash")
-        .arg(dir.join("manifest.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let manifest = common::run_ok(std::process::Command::new("bash").arg(dir.join("manifest.sh")));
     let recorded = std::fs::read_to_string(dir.join("wasm/MANIFEST")).unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        recorded,
+        manifest, recorded,
         "tests/plugins changed without scripts/build-plugins.sh being run"
     );
     let example = std::fs::read(dir.join("../../plugins/example_headers.wasm")).unwrap();

@@ -141,6 +141,18 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_wasmgate")
 }
 
+/// Runs `cmd` to the end, asserts it succeeded (showing its stderr if not) and returns what
+/// it wrote to its standard output.
+pub fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 impl Gateway {
     pub fn start() -> Gateway {
         Gateway::start_with(Setup::default())
