@@ -57,41 +57,7 @@ fn write(c: &mut C<'_>, ptr: i32, bytes: &[u8]) -> Result<(), Status> {
     Ok(())
 }
 
-/// Hands the guest `len` bytes: allocates with its `malloc` (or `proxy_on_memory_allocate`),
-/// lets `fill` write straight into that allocation (with the host state at hand, so an answer
-/// built from host data needs no buffer of the host's), and writes pointer and size to the
-/// out-pointers. A trap in the allocator propagates.
-fn give_with(
-    c: &mut C<'_>,
-    len: usize,
-    ret_ptr: i32,
-    ret_len: i32,
-    fill: impl FnOnce(&mut [u8], &mut HostState) -> Result<(), Status>,
-) -> wasmtime::Result<Result<(), Status>> {
-    let Some(alloc) = c.data().alloc.clone() else {
-        return Ok(Err(Status::InternalFailure));
-    };
-    let p = alloc.call(&mut *c, len as i32)?;
-    if p == 0 && len > 0 {
-        return Ok(Err(Status::InternalFailure));
-    }
-    let Some(m) = memory(c) else {
-        return Ok(Err(Status::BadArgument));
-    };
-    let (mem, state) = m.data_and_store_mut(&mut *c);
-    let start = p as u32 as usize;
-    let Some(dst) = start
-        .checked_add(len)
-        .and_then(|end| mem.get_mut(start..end))
-    else {
-        return Ok(Err(Status::BadArgument));
-    };
-    Ok(fill(dst, state)
-        .and_then(|_| write(c, ret_ptr, &(p as u32).to_le_bytes()))
-        .and_then(|_| write(c, ret_len, &(len as u32).to_le_bytes())))
-}
-
-/// `data` handed to the guest ([`give_with`]), and the status to return.
+/// `data` handed to the guest ([`answer_with`]).
 fn answer(c: &mut C<'_>, data: &[u8], ret_ptr: i32, ret_len: i32) -> R {
     answer_with(c, data.len(), ret_ptr, ret_len, |dst, _| {
         dst.copy_from_slice(data);
@@ -99,7 +65,10 @@ fn answer(c: &mut C<'_>, data: &[u8], ret_ptr: i32, ret_len: i32) -> R {
     })
 }
 
-/// [`give_with`] and the status to return.
+/// Hands the guest `len` bytes and returns the call's status: allocates with its `malloc` (or
+/// `proxy_on_memory_allocate`), lets `fill` write straight into that allocation (with the host
+/// state at hand, so an answer built from host data needs no buffer of the host's), and writes
+/// pointer and size to the out-pointers. A trap in the allocator propagates.
 fn answer_with(
     c: &mut C<'_>,
     len: usize,
@@ -107,7 +76,27 @@ fn answer_with(
     ret_len: i32,
     fill: impl FnOnce(&mut [u8], &mut HostState) -> Result<(), Status>,
 ) -> R {
-    let given = give_with(c, len, ret_ptr, ret_len, fill)?;
+    let Some(alloc) = c.data().alloc.clone() else {
+        return ok(Status::InternalFailure);
+    };
+    let p = alloc.call(&mut *c, len as i32)?;
+    if p == 0 && len > 0 {
+        return ok(Status::InternalFailure);
+    }
+    let Some(m) = memory(c) else {
+        return ok(Status::BadArgument);
+    };
+    let (mem, state) = m.data_and_store_mut(&mut *c);
+    let start = p as u32 as usize;
+    let Some(dst) = start
+        .checked_add(len)
+        .and_then(|end| mem.get_mut(start..end))
+    else {
+        return ok(Status::BadArgument);
+    };
+    let given = fill(dst, state)
+        .and_then(|_| write(c, ret_ptr, &(p as u32).to_le_bytes()))
+        .and_then(|_| write(c, ret_len, &(len as u32).to_le_bytes()));
     ok(given.err().unwrap_or(Status::Ok))
 }
 
