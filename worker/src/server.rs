@@ -105,7 +105,8 @@ async fn connection(
 /// a request head (`header_read_timeout`); each one moves the connection's single tokio timer
 /// forward, which tokio does by updating the deadline of an entry already in its timer wheel,
 /// instead of putting a new timer into the wheel and taking it out again for every request.
-/// hyper's HTTP/1 server has one timer running at a time, the only kind it asks for.
+/// hyper's HTTP/1 server has one timer running at a time, the only kind it asks for; what it
+/// is handed is a handle on the same timer.
 #[derive(Clone)]
 struct ConnTimer(Arc<Mutex<Pin<Box<tokio::time::Sleep>>>>);
 
@@ -117,13 +118,10 @@ impl Default for ConnTimer {
     }
 }
 
-/// The connection's timer as hyper holds it.
-struct ConnSleep(Arc<Mutex<Pin<Box<tokio::time::Sleep>>>>);
-
-fn timer_lock(
-    t: &Mutex<Pin<Box<tokio::time::Sleep>>>,
-) -> std::sync::MutexGuard<'_, Pin<Box<tokio::time::Sleep>>> {
-    t.lock().unwrap_or_else(|p| p.into_inner())
+impl ConnTimer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pin<Box<tokio::time::Sleep>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl hyper::rt::Timer for ConnTimer {
@@ -132,20 +130,20 @@ impl hyper::rt::Timer for ConnTimer {
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        timer_lock(&self.0).as_mut().reset(deadline.into());
-        Box::pin(ConnSleep(self.0.clone()))
+        self.lock().as_mut().reset(deadline.into());
+        Box::pin(self.clone())
     }
 }
 
-impl Future for ConnSleep {
+impl Future for ConnTimer {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        timer_lock(&self.0).as_mut().poll(cx)
+        self.lock().as_mut().poll(cx)
     }
 }
 
-impl hyper::rt::Sleep for ConnSleep {}
+impl hyper::rt::Sleep for ConnTimer {}
 
 /// A future polled only after its own waker fired (and once at first), however often the task
 /// that awaits it is woken for other reasons: the same thing `FuturesUnordered` does for many.
