@@ -2,8 +2,10 @@
 //! router, refreshed lazily when the published generation moves.
 //!
 //! The per-request cost when nothing changed is one atomic load and one `Arc` clone. When the
-//! generation moved, the request that notices rebuilds the router from the new snapshot; the
-//! upstreams whose revision did not change are carried over with their balancer state.
+//! generation moved, the first to notice (a request, or the master's nudge) applies the new
+//! snapshot: only routes whose revisions moved are compiled again, the router's index is kept
+//! or patched, and upstreams whose revision did not change are carried over with their
+//! balancer state.
 
 use crate::router::{HostPattern, RouteEntry, Router};
 use crate::upstream::UpstreamRuntime;
@@ -114,18 +116,21 @@ fn parse<T: DeserializeOwned>(kind: &str, id: &str, json: &str) -> Option<T> {
         .ok()
 }
 
-/// A snapshot's objects. Routes stay JSON text until they need compiling: most of a change's
-/// routes were compiled by the previous generation already.
-struct Objects<'a> {
-    routes: Vec<(&'a str, u64, &'a str)>,
+/// A snapshot's services, upstreams and global rules, parsed.
+struct Objects {
     services: HashMap<String, (u64, Service)>,
     upstreams: HashMap<String, (u64, Upstream)>,
     globals: Vec<(String, u64, GlobalRule)>,
 }
 
-fn split(snap: SnapshotRef<'_>) -> Objects<'_> {
+/// A route object as the snapshot holds it: id, revision, JSON text.
+type RouteText<'a> = (&'a str, u64, &'a str);
+
+/// The snapshot's objects: routes stay JSON text until they need compiling (most of a
+/// change's routes were compiled by the previous generation already); the rest is parsed.
+fn split(snap: SnapshotRef<'_>) -> (Vec<RouteText<'_>>, Objects) {
+    let mut routes = Vec::new();
     let mut o = Objects {
-        routes: Vec::new(),
         services: HashMap::new(),
         upstreams: HashMap::new(),
         globals: Vec::new(),
@@ -133,7 +138,7 @@ fn split(snap: SnapshotRef<'_>) -> Objects<'_> {
     for obj in snap.objects {
         let (id, rev, json) = (obj.id, obj.revision, obj.json);
         match Kind::from(obj.kind) {
-            Kind::Routes => o.routes.push((id, rev, json)),
+            Kind::Routes => routes.push((id, rev, json)),
             Kind::Services => {
                 if let Some(s) = parse("service", id, json) {
                     o.services.insert(id.to_string(), (rev, s));
@@ -149,7 +154,7 @@ fn split(snap: SnapshotRef<'_>) -> Objects<'_> {
                 .extend(parse("global rule", id, json).map(|g| (id.to_string(), rev, g))),
         }
     }
-    o
+    (routes, o)
 }
 
 /// A route as one generation compiled it, kept for the next: a route whose own revision and
@@ -176,19 +181,18 @@ struct Deps {
 
 impl Deps {
     fn unchanged(&self, o: &Objects) -> bool {
-        let same = |dep: &Option<(String, Option<u64>)>, revs: &dyn Fn(&str) -> Option<u64>| {
-            dep.as_ref().is_none_or(|(id, rev)| revs(id) == *rev)
-        };
-        same(&self.service, &|id| o.services.get(id).map(|s| s.0))
-            && same(&self.upstream, &|id| o.upstreams.get(id).map(|u| u.0))
+        fn same<T>(dep: &Option<(String, Option<u64>)>, now: &HashMap<String, (u64, T)>) -> bool {
+            dep.as_ref()
+                .is_none_or(|(id, rev)| now.get(id).map(|(r, _)| *r) == *rev)
+        }
+        same(&self.service, &o.services) && same(&self.upstream, &o.upstreams)
     }
 }
 
 /// Builds the router for a snapshot, reusing `prev`'s unchanged routes and upstreams.
 fn compile(snap: SnapshotRef<'_>, prev: &Compiled) -> Compiled {
     let generation = snap.generation;
-    let mut objects = split(snap);
-    let route_objects = std::mem::take(&mut objects.routes);
+    let (route_objects, objects) = split(snap);
     let mut build = Build {
         objects: &objects,
         prev,
@@ -273,7 +277,7 @@ fn compile(snap: SnapshotRef<'_>, prev: &Compiled) -> Compiled {
 
 /// What compiling one generation reads and fills.
 struct Build<'a> {
-    objects: &'a Objects<'a>,
+    objects: &'a Objects,
     prev: &'a Compiled,
     /// The upstream runtimes of the new generation by key.
     upstreams: FastMap<Arc<str>, Arc<UpstreamRuntime>>,
