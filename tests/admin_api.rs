@@ -356,3 +356,101 @@ fn keys_and_roles() {
     assert_eq!(v["description"], "invalid method for role viewer");
     assert_eq!(gw.admin("GET", "/apisix/admin/routes", None).1["total"], 0);
 }
+
+/// Workers follow the configuration through its shared-memory journal: hundreds of edits in
+/// the smallest area (1 MiB) fill it again and again, and each time the master starts a new
+/// journal with a whole snapshot without a worker missing an edit. A change after which the
+/// whole configuration would no longer fit the area is refused with 507 and not stored.
+#[test]
+fn edits_fill_the_journal_and_a_configuration_too_large_is_refused() {
+    let up = TestUpstream::start("u1");
+    let gw = Gateway::start_with(common::Setup {
+        extra_yaml: "wasmgate:\n  shm_size: 1m\n".into(),
+        ..common::Setup::default()
+    });
+    gw.route("keep", json!({"uri": "/keep"}), Some(&up));
+    // A route about 20 KB long, its uri changing with each edit.
+    let padded = |uri: String, kb: usize| {
+        let pad = "p".repeat(kb << 10);
+        json!({
+            "uri": uri,
+            "plugins": {
+                "rewrite": {"conf": {"response_set": {"x-edit": uri}}},
+                "rec_a": {"conf": pad},
+            },
+            "upstream": {"type": "roundrobin", "nodes": {up.addr(): 1}},
+        })
+    };
+    for i in 0..200 {
+        let (status, v) = gw.admin(
+            "PUT",
+            "/apisix/admin/routes/e",
+            Some(padded(format!("/e/{i}"), 20)),
+        );
+        assert!(status == 200 || status == 201, "edit {i}: {status} {v}");
+        if i % 40 == 39 {
+            gw.wait_propagated();
+            for _ in 0..4 {
+                let r = http("GET", &gw.url(&format!("/e/{i}")), &[], None);
+                assert_eq!(r.status, 200, "edit {i}: {}", gw.error_log());
+                assert_eq!(r.header("x-edit"), Some(format!("/e/{i}").as_str()));
+                assert_eq!(
+                    http("GET", &gw.url(&format!("/e/{}", i - 1)), &[], None).status,
+                    404
+                );
+            }
+        }
+    }
+    // Routes of 200 KB until the whole configuration no longer fits.
+    let mut stored = 0;
+    let (status, v) = loop {
+        let id = format!("big{stored}");
+        let (status, v) = gw.admin(
+            "PUT",
+            &format!("/apisix/admin/routes/{id}"),
+            Some(padded(format!("/big/{stored}"), 200)),
+        );
+        if status != 201 {
+            break (status, v);
+        }
+        stored += 1;
+        assert!(stored < 10, "1 MiB holds fewer than ten routes of 200 KB");
+    };
+    assert_eq!(status, 507, "{v}");
+    let msg = v["error_msg"].as_str().unwrap();
+    assert!(
+        msg.contains("exceeds wasmgate.shm_size") && msg.contains("raise wasmgate.shm_size"),
+        "{msg}"
+    );
+    let refused = format!("/apisix/admin/routes/big{stored}");
+    assert_eq!(
+        gw.admin("GET", &refused, None).0,
+        404,
+        "a refused route is not stored"
+    );
+    // Everything stored is served; after a deletion the route fits.
+    gw.wait_propagated();
+    for path in ["/keep", "/e/199", "/big/0"] {
+        assert_eq!(http("GET", &gw.url(path), &[], None).status, 200, "{path}");
+    }
+    assert_eq!(gw.admin("DELETE", "/apisix/admin/routes/big0", None).0, 200);
+    gw.route(
+        &format!("big{stored}"),
+        padded(format!("/big/{stored}"), 200),
+        Some(&up),
+    );
+    assert_eq!(http("GET", &gw.url("/big/0"), &[], None).status, 404);
+    assert_eq!(
+        http("GET", &gw.url(&format!("/big/{stored}")), &[], None).status,
+        200
+    );
+    // Nothing was lost on the way: no record failed to publish, decode or parse.
+    let log = gw.error_log();
+    for failure in [
+        "publish of generation",
+        "corrupt configuration",
+        "unreadable in snapshot",
+    ] {
+        assert!(!log.contains(failure), "{failure}");
+    }
+}

@@ -11,6 +11,7 @@ pub mod etcd;
 mod keys;
 mod listeners;
 pub mod metrics;
+mod publish;
 mod run;
 pub mod state;
 pub mod store;

@@ -1,13 +1,13 @@
 //! The master's shared state: the store, the current configuration, the shared-memory segment.
 
 use crate::admin::objects::Reply;
-use crate::store::{Store, Stored};
+use crate::publish::Publisher;
+use crate::store::Store;
 use serde_json::json;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use wasmgate_shared::config::{GatewayConfig, Role};
 use wasmgate_shared::model::{Kind, PluginCatalog};
 use wasmgate_shared::shm::Segment;
-use wasmgate_shared::snapshot::{ObjectRef, SnapshotRef};
 
 /// A configuration as loaded from config.yaml (or the embedded default).
 #[derive(Debug, Clone)]
@@ -45,6 +45,8 @@ pub enum Control {
 /// State shared by the Admin API and the master's main loop.
 pub struct Master {
     store: Mutex<Store>,
+    /// What the workers were told; locked after the store.
+    publisher: Mutex<Publisher>,
     config: RwLock<Arc<LoadedConfig>>,
     catalog: RwLock<Arc<PluginCatalog>>,
     pub segment: Arc<Segment>,
@@ -77,6 +79,7 @@ impl Master {
         let catalog = Arc::new(config.catalog());
         Master {
             store: Mutex::new(store),
+            publisher: Mutex::new(Publisher::new(segment.clone())),
             config: RwLock::new(Arc::new(config)),
             catalog: RwLock::new(catalog),
             segment,
@@ -118,78 +121,49 @@ impl Master {
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
     }
 
-    /// The encoded snapshot of `store` with one pending change applied (`(kind, id,
-    /// Some(new))` puts, `(kind, id, None)` deletes), or the Admin API's 507 when it does not
-    /// fit the shared-memory area. Objects' texts are borrowed from the store, not copied.
-    pub fn snapshot_with(
-        &self,
-        store: &Store,
-        change: Option<(Kind, &str, Option<&Stored>)>,
-    ) -> Result<Vec<u8>, Reply> {
-        let changed_text = change.and_then(|(_, _, new)| new.map(|s| s.value.to_string()));
-        let mut objects = Vec::new();
-        for (kind, id, s, json) in store.iter_json() {
-            if change.is_some_and(|(ck, cid, _)| ck == kind && cid == id) {
-                continue;
-            }
-            objects.push(ObjectRef {
-                kind: kind.into(),
-                id,
-                revision: s.modified_index,
-                json,
-            });
-        }
-        let mut generation = store.revision();
-        if let Some((kind, id, new)) = change {
-            generation = store.next_revision();
-            if let (Some(s), Some(json)) = (new, &changed_text) {
-                objects.push(ObjectRef {
-                    kind: kind.into(),
-                    id,
-                    revision: s.modified_index,
-                    json,
-                });
-            }
-        }
-        let bytes = SnapshotRef {
-            generation,
-            objects,
-        }
-        .encode();
-        if bytes.len() > self.segment.capacity() {
-            return Err((
-                507,
-                json!({ "error_msg": format!(
-                    "configuration snapshot of {} bytes exceeds wasmgate.shm_size ({} bytes); raise wasmgate.shm_size in config.yaml",
-                    bytes.len(),
-                    self.segment.capacity()
-                )}),
-            ));
-        }
-        Ok(bytes)
+    /// The Admin API's 507 when a whole snapshot of `store` with object `(kind, id)` put as
+    /// `json` (None: deleted) would not fit the shared-memory area. Checked before the change
+    /// is persisted, so that what is stored can always be published.
+    pub fn check_fits(&self, kind: Kind, id: &str, json: Option<&str>) -> Result<(), Reply> {
+        self.publisher()
+            .check_fits(kind, id, json)
+            .map_err(|msg| (507, json!({ "error_msg": msg })))
     }
 
-    /// Publishes an encoded snapshot to the workers.
-    pub fn publish(&self, generation: u64, bytes: &[u8]) {
-        if let Err(e) = self.segment.publish(generation, bytes) {
-            // snapshot_with checked the size, so this is unreachable in practice; log loudly.
-            tracing::error!("publish of generation {generation} failed: {e}");
+    /// Publishes objects `changed` of `store` (just written or deleted) to the workers.
+    pub fn publish(&self, store: &Store, changed: &[(Kind, &str)]) {
+        if let Err(e) = self.publisher().publish(store, changed) {
+            // check_fits ran before the change was persisted, so this is unreachable in
+            // practice; log loudly.
+            tracing::error!("publish of generation {} failed: {e}", store.revision());
             return;
         }
-        // Without the nudge a worker would notice on its next request (which would pay for
-        // applying the change) or its next housekeeping tick; with it every worker applies
-        // the change at once, in parallel.
+        self.nudge();
+    }
+
+    /// Without the nudge a worker would notice on its next request (which would pay for
+    /// applying the change) or its next housekeeping tick; with it every worker applies the
+    /// change at once, in parallel.
+    fn nudge(&self) {
         let _ = self.control.send(Control::Published);
     }
 
-    /// Publishes the store as it is (start-up, reload).
+    /// Publishes whatever the store holds that the workers were not told yet (everything at
+    /// start; an etcd resynchronisation's changes).
     pub fn publish_current(&self) -> Result<u64, String> {
         let store = self.store();
-        let generation = store.revision();
-        let bytes = self
-            .snapshot_with(&store, None)
-            .map_err(|(_, v)| v["error_msg"].to_string())?;
-        self.publish(generation, &bytes);
-        Ok(generation)
+        let published = self
+            .publisher()
+            .publish_store(&store)
+            .map_err(|e| e.to_string())?;
+        if published {
+            self.nudge();
+        }
+        Ok(store.revision())
+    }
+
+    fn publisher(&self) -> MutexGuard<'_, Publisher> {
+        // Each publication leaves the publisher consistent before it returns or fails.
+        self.publisher.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -157,6 +157,13 @@ impl Store {
         self.objects.get(&(kind, id.to_string())).map(|h| &h.stored)
     }
 
+    /// Object `(kind, id)` with its value's JSON text.
+    pub fn get_json(&self, kind: Kind, id: &str) -> Option<(&Stored, &str)> {
+        self.objects
+            .get(&(kind, id.to_string()))
+            .map(|h| (&h.stored, h.json.as_str()))
+    }
+
     /// Objects of one kind, in id order (numeric ids sort numerically, like APISIX's listing).
     pub fn list(&self, kind: Kind) -> Vec<(&str, &Stored)> {
         let mut v: Vec<_> = self

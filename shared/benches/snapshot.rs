@@ -56,17 +56,20 @@ fn snapshot_path(c: &mut Criterion) {
             b.iter(|| seg.publish(snap.generation, black_box(bytes)).unwrap())
         });
         seg.publish(snap.generation, &bytes).unwrap();
-        assert_eq!(seg.read(), (snap.generation, bytes.clone()));
+        let read = seg.read_since(None);
+        assert_eq!(read.generation, snap.generation);
+        assert_eq!(read.records().next().unwrap().unwrap(), &bytes[..]);
         g.bench_function(BenchmarkId::new("read", n), |b| {
-            b.iter(|| black_box(seg.read()))
+            b.iter(|| black_box(seg.read_since(None)))
         });
         g.bench_with_input(BenchmarkId::new("decode", n), &bytes, |b, bytes| {
             b.iter(|| black_box(Snapshot::decode(black_box(bytes)).unwrap()))
         });
         g.bench_function(BenchmarkId::new("read + decode", n), |b| {
             b.iter(|| {
-                let (_, bytes) = seg.read();
-                black_box(Snapshot::decode(&bytes).unwrap())
+                let read = seg.read_since(None);
+                let bytes = read.records().next().unwrap().unwrap();
+                black_box(Snapshot::decode(bytes).unwrap())
             })
         });
     }

@@ -3,23 +3,32 @@
 //! Layout (all little-endian, 8-byte aligned):
 //!
 //! ```text
-//! 0       header (4 KiB): magic, layout version, sizes, seqlock, generation, data length
+//! 0       header (4 KiB): magic, layout version, sizes, seqlock, generation, data length, journal
 //! 4096    worker status slots: SLOTS × 256 bytes, written by workers (and pid/restarts by the master)
 //! …       statistics: SLOTS × (plugin instance memory table + CONTEXTS_PER_SLOT context records),
 //!         each slot's part written only by the worker in that slot (see [`crate::stats`])
 //! …       traffic: SLOTS × ROUTES_PER_SLOT route records (status codes, latency, bytes; see
 //!         [`crate::traffic`]), written the same way
-//! …       snapshot data area: `data_capacity` bytes, written only by the master
+//! …       configuration journal: `data_capacity` bytes, written only by the master
 //! ```
 //!
 //! The segment is a `memfd` (no name in any filesystem, freed with the last process that maps
 //! it), created by the master and inherited by workers as fd 3.
 //!
+//! The **journal** is a list of records, each a length word and the bytes padded to whole
+//! words: first a whole configuration snapshot, then the changes made since, appended one
+//! record per generation. A worker remembers how far it read ([`Position`]) and next time copies
+//! only the records after it, so one edit among 10,000 routes costs it one small record, not the
+//! whole snapshot. When the area is full (or the changes outweigh the snapshot: see the
+//! master's publisher) the master starts a new journal with a whole snapshot, and a reader whose
+//! position points into the old one reads everything.
+//!
 //! **Publication** uses a seqlock: the master makes the sequence odd, writes the data, makes it
 //! even again. A reader copies the data out and retries if the sequence was odd or changed, so a
-//! torn snapshot can never be decoded. All accesses to shared bytes are atomic operations, so no
-//! data race exists even in the language's model. Workers learn about a change with one atomic
-//! load of `generation` per request.
+//! torn snapshot can never be decoded. Appending only writes past the end a reader may be
+//! copying up to, but takes the seqlock all the same. All accesses to shared bytes are atomic
+//! operations, so no data race exists even in the language's model. Workers learn about a
+//! change with one atomic load of `generation` per request.
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -28,7 +37,7 @@ use std::time::Duration;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"WGATESHM");
 /// Bumped whenever the layout below changes; a mismatch fails loudly.
-pub const LAYOUT_VERSION: u64 = 4;
+pub const LAYOUT_VERSION: u64 = 5;
 const HEADER_SIZE: usize = 4096;
 /// Number of worker status slots (live workers plus draining ones during a reload).
 pub const SLOTS: usize = 256;
@@ -48,6 +57,8 @@ pub enum ShmError {
     LayoutMismatch { found: u64, expected: u64 },
     #[error("configuration snapshot of {size} bytes exceeds wasmgate.shm_size ({capacity} bytes)")]
     TooLarge { size: usize, capacity: usize },
+    #[error("shared memory: a journal record runs past the end of the data written")]
+    Corrupt,
 }
 
 #[repr(C)]
@@ -58,6 +69,47 @@ struct Header {
     seq: AtomicU64,
     generation: AtomicU64,
     data_len: AtomicU64,
+    /// Which journal the data area holds: bumped each time a whole snapshot starts it again.
+    journal: AtomicU64,
+}
+
+/// A point in the journal: what a reader has already read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub journal: u64,
+    /// Bytes from the start of the data area (a record boundary).
+    pub offset: usize,
+}
+
+/// Records copied out of the journal by [`Segment::read_since`].
+#[derive(Debug)]
+pub struct Journal {
+    /// The generation of the last record.
+    pub generation: u64,
+    /// Where the next read continues from.
+    pub position: Position,
+    /// Whether these are all the journal's records (the first being a whole snapshot) rather
+    /// than those after the position asked for.
+    pub whole: bool,
+    bytes: Vec<u8>,
+}
+
+impl Journal {
+    /// The records, in order; a length running past the end reads as an error.
+    pub fn records(&self) -> impl Iterator<Item = Result<&[u8], ShmError>> {
+        let mut rest = &self.bytes[..];
+        std::iter::from_fn(move || {
+            let (len, tail) = rest.split_first_chunk::<8>()?;
+            let len = u64::from_le_bytes(*len) as usize;
+            let padded = len.checked_next_multiple_of(8).filter(|p| *p <= tail.len());
+            let Some(padded) = padded else {
+                rest = &[];
+                return Some(Err(ShmError::Corrupt));
+            };
+            rest = &tail[padded..];
+            Some(Ok(&tail[..len]))
+        })
+    }
 }
 
 /// State of a worker status slot.
@@ -264,50 +316,87 @@ impl Segment {
         self.header().data_capacity.load(Ordering::Relaxed) as usize
     }
 
-    /// Publishes `bytes` as generation `generation`. Only the master calls this, from one task.
+    /// Publishes `bytes` (a whole snapshot) as generation `generation`: the journal starts
+    /// again with it as its one record. Only the master calls this, from one task.
     pub fn publish(&self, generation: u64, bytes: &[u8]) -> Result<(), ShmError> {
+        self.write_record(generation, bytes, true)
+    }
+
+    /// Appends `bytes` (a change since the previous record) to the journal as generation
+    /// `generation`; [`ShmError::TooLarge`] when the area has no room left for it (the master
+    /// then publishes a whole snapshot instead).
+    pub fn append(&self, generation: u64, bytes: &[u8]) -> Result<(), ShmError> {
+        self.write_record(generation, bytes, false)
+    }
+
+    /// Writes one record (a length word, then the bytes padded to whole words) under the
+    /// seqlock, at the start of the area (`restart`, a new journal) or after the last one.
+    fn write_record(&self, generation: u64, bytes: &[u8], restart: bool) -> Result<(), ShmError> {
         let words = self.data_words();
-        if bytes.len() > words.len() * 8 {
+        let h = self.header();
+        let start = if restart {
+            0
+        } else {
+            h.data_len.load(Ordering::Relaxed) as usize / 8
+        };
+        let needed = 1 + bytes.len().div_ceil(8);
+        if start + needed > words.len() {
             return Err(ShmError::TooLarge {
                 size: bytes.len(),
-                capacity: words.len() * 8,
+                capacity: (words.len() - start.min(words.len())).saturating_sub(1) * 8,
             });
         }
-        let h = self.header();
         let seq = h.seq.load(Ordering::Relaxed);
         h.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
         fence(Ordering::Release);
+        if restart {
+            h.journal.fetch_add(1, Ordering::Relaxed);
+        }
+        words[start].store(bytes.len() as u64, Ordering::Relaxed);
         for (i, chunk) in bytes.chunks(8).enumerate() {
             let mut w = [0u8; 8];
             w[..chunk.len()].copy_from_slice(chunk);
-            words[i].store(u64::from_le_bytes(w), Ordering::Relaxed);
+            words[start + 1 + i].store(u64::from_le_bytes(w), Ordering::Relaxed);
         }
-        h.data_len.store(bytes.len() as u64, Ordering::Relaxed);
+        h.data_len
+            .store(((start + needed) * 8) as u64, Ordering::Relaxed);
         h.generation.store(generation, Ordering::Relaxed);
         h.seq.store(seq.wrapping_add(2), Ordering::Release);
         Ok(())
     }
 
-    /// Copies out the current snapshot bytes and their generation, never torn.
-    pub fn read(&self) -> (u64, Vec<u8>) {
+    /// Copies out the journal, never torn: only the records after `since` when the journal
+    /// is still the one `since` points into, else all of them (the first a whole snapshot).
+    pub fn read_since(&self, since: Option<Position>) -> Journal {
         let h = self.header();
         let words = self.data_words();
-        let mut out = Vec::new();
+        let mut bytes = Vec::new();
         let mut spins = 0u32;
         loop {
             let s1 = h.seq.load(Ordering::Acquire);
             if s1 & 1 == 0 {
-                let len = (h.data_len.load(Ordering::Relaxed) as usize).min(words.len() * 8);
+                let end = (h.data_len.load(Ordering::Relaxed) as usize).min(words.len() * 8);
+                let journal = h.journal.load(Ordering::Relaxed);
                 let generation = h.generation.load(Ordering::Relaxed);
-                out.clear();
-                out.reserve(len);
-                for w in &words[..len.div_ceil(8)] {
-                    out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+                let from = since
+                    .filter(|p| p.journal == journal && p.offset <= end)
+                    .map_or(0, |p| p.offset);
+                bytes.clear();
+                bytes.reserve(end - from);
+                for w in &words[from / 8..end / 8] {
+                    bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
                 }
-                out.truncate(len);
                 fence(Ordering::Acquire);
                 if h.seq.load(Ordering::Relaxed) == s1 {
-                    return (generation, out);
+                    return Journal {
+                        generation,
+                        position: Position {
+                            journal,
+                            offset: end,
+                        },
+                        whole: from == 0,
+                        bytes,
+                    };
                 }
             }
             spins += 1;
@@ -346,14 +435,78 @@ mod tests {
         Segment::open(fd).unwrap()
     }
 
+    fn records(j: &Journal) -> Vec<Vec<u8>> {
+        j.records().map(|r| r.unwrap().to_vec()).collect()
+    }
+
     #[test]
     fn publish_and_read_back() {
         let seg = Segment::create(1 << 20).unwrap();
-        assert_eq!(seg.read(), (0, vec![]));
+        let empty = seg.read_since(None);
+        assert_eq!((empty.generation, records(&empty)), (0, vec![]));
         seg.publish(3, b"hello world").unwrap();
         let other = reopen(&seg);
         assert_eq!(other.generation(), 3);
-        assert_eq!(other.read(), (3, b"hello world".to_vec()));
+        let j = other.read_since(None);
+        assert_eq!((j.generation, j.whole), (3, true));
+        assert_eq!(records(&j), [b"hello world".to_vec()]);
+    }
+
+    /// A reader that read up to a point gets only the records appended since; one whose
+    /// point lies in an older journal gets the new one whole.
+    #[test]
+    fn appended_records_are_read_from_where_the_reader_stopped() {
+        let seg = Segment::create(1 << 20).unwrap();
+        seg.publish(1, b"snapshot").unwrap();
+        let first = seg.read_since(None);
+        seg.append(2, b"change 2").unwrap();
+        seg.append(3, b"the third change").unwrap();
+        let tail = seg.read_since(Some(first.position));
+        assert_eq!((tail.generation, tail.whole), (3, false));
+        assert_eq!(
+            records(&tail),
+            [b"change 2".to_vec(), b"the third change".to_vec()]
+        );
+        // Nothing new: no records.
+        assert!(records(&seg.read_since(Some(tail.position))).is_empty());
+        let all = seg.read_since(None);
+        assert_eq!(records(&all).len(), 3);
+        // A new journal: a reader of the old one reads it from its start.
+        seg.publish(4, b"new snapshot").unwrap();
+        let again = seg.read_since(Some(tail.position));
+        assert_eq!((again.generation, again.whole), (4, true));
+        assert_eq!(records(&again), [b"new snapshot".to_vec()]);
+    }
+
+    /// A record that does not fit what is left is refused, and the journal is unchanged.
+    #[test]
+    fn append_past_the_end_is_refused() {
+        let seg = Segment::create(64).unwrap();
+        seg.publish(1, &[7u8; 40]).unwrap();
+        assert!(matches!(
+            seg.append(2, &[1u8; 20]),
+            Err(ShmError::TooLarge { .. })
+        ));
+        assert_eq!(seg.generation(), 1);
+        seg.append(2, &[1u8; 8]).unwrap();
+        assert_eq!(records(&seg.read_since(None)).len(), 2);
+    }
+
+    #[test]
+    fn a_length_past_the_end_reads_as_corrupt() {
+        let j = Journal {
+            generation: 1,
+            position: Position {
+                journal: 1,
+                offset: 16,
+            },
+            whole: true,
+            bytes: [100u64.to_le_bytes(), [0; 8]].concat(),
+        };
+        assert!(matches!(
+            j.records().collect::<Vec<_>>()[..],
+            [Err(ShmError::Corrupt)]
+        ));
     }
 
     #[test]
@@ -374,8 +527,10 @@ mod tests {
         assert!(matches!(Segment::open(f.into()), Err(ShmError::BadMagic)));
     }
 
-    /// A writer publishes snapshots whose every byte equals the generation's low byte while
-    /// readers check each copy is uniform: a torn read would mix two generations.
+    /// A writer publishes snapshots and appends records whose every byte equals their
+    /// generation's low byte, while readers, each following the journal from where it stopped,
+    /// check every record is uniform and generations follow one another: a torn read would mix
+    /// two generations, and a missed or repeated record would break the sequence.
     #[test]
     fn no_torn_reads_under_concurrent_publication() {
         let seg = std::sync::Arc::new(Segment::create(1 << 20).unwrap());
@@ -385,27 +540,46 @@ mod tests {
                 let r = reopen(&seg);
                 let stop = stop.clone();
                 std::thread::spawn(move || {
-                    let mut checked = 0u64;
+                    let (mut checked, mut at, mut last) = (0u64, None, 0u64);
                     while !stop.load(Ordering::Relaxed) {
-                        let (generation, bytes) = r.read();
-                        if generation == 0 {
-                            continue;
+                        let j = r.read_since(at);
+                        at = Some(j.position);
+                        let mut records = j.records().map(Result::unwrap).collect::<Vec<_>>();
+                        if j.whole {
+                            // Only the journal's last record says its generation here.
+                            records.drain(..records.len().saturating_sub(1));
+                        } else {
+                            // Every record after the reader's position, one per generation.
+                            let first = j.generation + 1 - records.len() as u64;
+                            assert!(
+                                records.is_empty() || first == last + 1,
+                                "{first} after {last}"
+                            );
                         }
-                        let expect = (generation & 0xff) as u8;
-                        assert_eq!(bytes.len(), 4096 + (generation as usize % 5000));
-                        assert!(
-                            bytes.iter().all(|b| *b == expect),
-                            "torn read at {generation}"
-                        );
-                        checked += 1;
+                        for bytes in &records {
+                            let expect = bytes[0];
+                            assert!(bytes.iter().all(|b| *b == expect), "torn read");
+                            checked += 1;
+                        }
+                        if let Some(b) = records.last() {
+                            assert_eq!(b[0], (j.generation & 0xff) as u8);
+                        }
+                        last = j.generation;
                     }
                     checked
                 })
             })
             .collect();
-        for generation in 1..3000u64 {
-            let data = vec![(generation & 0xff) as u8; 4096 + (generation as usize % 5000)];
-            seg.publish(generation, &data).unwrap();
+        // At least 3,000 generations, and for long enough that the readers ran meanwhile.
+        let started = std::time::Instant::now();
+        for generation in 1u64.. {
+            if generation > 3000 && started.elapsed() > Duration::from_millis(200) {
+                break;
+            }
+            let data = vec![(generation & 0xff) as u8; 64 + (generation as usize % 5000)];
+            if generation % 16 == 1 || seg.append(generation, &data).is_err() {
+                seg.publish(generation, &data).unwrap();
+            }
         }
         stop.store(true, Ordering::Relaxed);
         for r in readers {

@@ -111,6 +111,8 @@ pub struct Setup {
     pub shutdown_timeout: String,
     /// A whole config.yaml instead of the generated one (`{proxy}` and `{admin}` are replaced).
     pub raw_yaml: Option<String>,
+    /// Top-level sections added to the generated config.yaml.
+    pub extra_yaml: String,
 }
 
 impl Default for Setup {
@@ -120,6 +122,7 @@ impl Default for Setup {
             http_extra: Vec::new(),
             shutdown_timeout: "10s".into(),
             raw_yaml: None,
+            extra_yaml: String::new(),
         }
     }
 }
@@ -208,11 +211,12 @@ impl Gateway {
             "apisix:\n  node_listen:\n    - {{ip: 127.0.0.1, port: {proxy}}}\n\
              deployment:\n  admin:\n    admin_key:\n      - {{name: admin, key: {KEY}, role: admin}}\n      - {{name: viewer, key: {VIEWER_KEY}, role: viewer}}\n    admin_listen: {{ip: 127.0.0.1, port: {admin}}}\n\
              nginx_config:\n  worker_processes: {workers}\n  error_log_level: info\n  worker_shutdown_timeout: {st}\n  http:\n    keepalive_timeout: 60s\n{extra}\
-             {metrics}wasm:\n  plugins:\n{plugins}",
+             {metrics}{top}wasm:\n  plugins:\n{plugins}",
             proxy = self.proxy_port,
             admin = self.admin_port,
             workers = self.setup.workers,
             st = self.setup.shutdown_timeout,
+            top = self.setup.extra_yaml,
             plugins = plugins_yaml(),
         )
     }

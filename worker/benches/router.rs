@@ -10,9 +10,9 @@
 //! - Build: what a worker pays on every configuration change, on the first request after it,
 //!   before that request is routed: copying the snapshot out of shared memory, decoding it,
 //!   parsing each route's JSON and indexing the router (`Live::new` at worker start;
-//!   `Live::current` after a new generation, which reuses the routes and upstreams that did
-//!   not change: either none did, or one route was edited), and `Router::new` alone (the
-//!   indexing part).
+//!   `Live::current` after a new whole snapshot, which reuses the routes and upstreams that did
+//!   not change: either none did, or one route was edited; and after one route's edit
+//!   published as a delta, as the master does), and `Router::new` alone (the indexing part).
 //!
 //! Routes are built the way the worker builds them: the master's snapshot of route JSON,
 //! published into a shared-memory segment and compiled by `live::Live`.
@@ -25,7 +25,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmgate_shared::shm::Segment;
-use wasmgate_shared::snapshot::{KindTag, Snapshot, SnapshotObject};
+use wasmgate_shared::snapshot::{Change, Delta, KindTag, Snapshot, SnapshotObject};
 use wasmgate_worker::live::Live;
 use wasmgate_worker::router::{HostPattern, RequestView, RouteEntry, Router};
 
@@ -223,6 +223,50 @@ fn build(c: &mut Criterion) {
             })
         });
     }
+
+    // The same edit as the master publishes it now: one delta appended to the journal, read
+    // and applied by the next `Live::current`. When the area is full the journal starts again
+    // (not timed).
+    let edit = |generation: u64| {
+        let i = ROUTES / 2;
+        let (id, json) = &routes[i];
+        let json = json.replace(
+            &format!("/api/r{i}/*"),
+            &format!("/api/r{i}/v{generation}/*"),
+        );
+        let change = Change {
+            kind: KindTag::Route,
+            id,
+            revision: generation,
+            json: Some(&json),
+        };
+        Delta {
+            generation,
+            changes: vec![change],
+        }
+        .encode()
+    };
+    g.bench_function("configuration change, one route edited, as a delta", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                generation += 1;
+                if seg.append(generation, &edit(generation)).is_err() {
+                    seg.publish(generation, &encode(generation, &routes, None))
+                        .unwrap();
+                    live.current();
+                    generation += 1;
+                    seg.append(generation, &edit(generation)).unwrap();
+                }
+                let t = Instant::now();
+                let cur = live.current();
+                total += t.elapsed();
+                assert_eq!(cur.generation, generation);
+                black_box(cur);
+            }
+            total
+        })
+    });
 
     // The indexing alone, from already compiled entries.
     let entries: Vec<Arc<RouteEntry>> = (0..ROUTES)

@@ -1,25 +1,27 @@
-//! The worker's view of the configuration: the snapshot in shared memory, compiled into a
-//! router, refreshed lazily when the published generation moves.
+//! The worker's view of the configuration: the journal in shared memory, compiled into a
+//! router, brought up to date lazily when the published generation moves.
 //!
 //! The per-request cost when nothing changed is one atomic load and one `Arc` clone. When the
-//! generation moved, the first to notice (a request, or the master's nudge) applies the new
-//! snapshot: only routes whose revisions moved are compiled again, the router's index is kept
-//! or patched, and upstreams whose revision did not change are carried over with their
-//! balancer state.
+//! generation moved, the first to notice (a request, or the master's nudge) reads the journal
+//! from where it stopped last: usually one delta naming the objects that changed. Only those
+//! routes, and the routes whose service or upstream changed, are compiled again; the router's
+//! index is patched; upstream runtimes whose key did not change keep their balancer state and
+//! idle connections. A whole snapshot (at start, or when the master starts a new journal) is
+//! compared with what was compiled and applied the same way, as the changes it amounts to.
 
 use crate::router::{HostPattern, RouteEntry, Router};
 use crate::upstream::UpstreamRuntime;
 use crate::FastMap;
 use serde::de::DeserializeOwned;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use wasmgate_shared::model::vars::{Cidr, VarsExpr};
 use wasmgate_shared::model::{
     GlobalRule, Kind, PluginConf, Plugins, Route, Service, Timeout, Upstream,
 };
-use wasmgate_shared::shm::Segment;
-use wasmgate_shared::snapshot::SnapshotRef;
+use wasmgate_shared::shm::{Journal, Position, Segment};
+use wasmgate_shared::snapshot::{Change, Delta, KindTag, SnapshotRef};
 
 /// A global rule compiled for serving.
 #[derive(Debug)]
@@ -36,12 +38,9 @@ pub struct GlobalRuleEntry {
 pub struct Compiled {
     pub generation: u64,
     pub router: Arc<Router>,
-    pub global_rules: Vec<GlobalRuleEntry>,
-    upstreams: FastMap<Arc<str>, Arc<UpstreamRuntime>>,
+    pub global_rules: Arc<[GlobalRuleEntry]>,
     /// Every upstream object by id (plugins' `proxy_http_call` names them).
-    by_upstream_id: FastMap<String, Arc<UpstreamRuntime>>,
-    /// Every route object by id, as compiled, for the next generation to reuse.
-    routes: FastMap<Arc<str>, Arc<CompiledRoute>>,
+    by_upstream_id: Arc<FastMap<String, Arc<UpstreamRuntime>>>,
 }
 
 impl Compiled {
@@ -51,13 +50,21 @@ impl Compiled {
     }
 }
 
-/// The shared-memory snapshot and its compiled form.
+/// The shared-memory journal and its compiled form.
 pub struct Live {
     segment: Arc<Segment>,
     slot: usize,
-    current: Mutex<Arc<Compiled>>,
+    state: Mutex<State>,
     /// A generation that failed to decode, so it is not retried on every request.
     failed: AtomicU64,
+}
+
+/// What the worker serves, and what it keeps to apply the next change.
+struct State {
+    current: Arc<Compiled>,
+    table: Table,
+    /// How far the journal was read and applied; None: read it whole next time.
+    read: Option<Position>,
 }
 
 impl Live {
@@ -65,48 +72,93 @@ impl Live {
         let live = Live {
             segment,
             slot,
-            // No generation is u64::MAX, so the first call always loads the snapshot.
-            current: Mutex::new(Arc::new(Compiled {
-                generation: u64::MAX,
-                ..Compiled::default()
-            })),
+            state: Mutex::new(State {
+                // No generation is u64::MAX, so the first call always reads the journal.
+                current: Arc::new(Compiled {
+                    generation: u64::MAX,
+                    ..Compiled::default()
+                }),
+                table: Table::default(),
+                read: None,
+            }),
             failed: AtomicU64::new(u64::MAX),
         };
         live.current();
         live
     }
 
-    /// The configuration to serve this request with, rebuilt first if a newer one was published.
+    /// The configuration to serve this request with, brought up to date first if a newer one
+    /// was published.
     pub fn current(&self) -> Arc<Compiled> {
         let published = self.segment.generation();
-        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if cur.generation == published || self.failed.load(Ordering::Relaxed) == published {
-            return cur.clone();
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.current.generation == published || self.failed.load(Ordering::Relaxed) == published {
+            return st.current.clone();
         }
-        let (generation, bytes) = self.segment.read();
-        match SnapshotRef::decode(&bytes) {
-            Ok(snap) => {
-                let started = std::time::Instant::now();
-                *cur = Arc::new(compile(snap, &cur));
+        let journal = self.segment.read_since(st.read);
+        let started = std::time::Instant::now();
+        match st.apply(&journal) {
+            Ok(stats) => {
                 tracing::debug!(
-                    "generation {generation} applied in {:?} ({} routes)",
+                    "generation {} applied in {:?} ({} routes, {stats})",
+                    journal.generation,
                     started.elapsed(),
-                    cur.router.len()
+                    st.current.router.len()
                 );
                 self.segment
                     .slot(self.slot)
                     .generation_seen
-                    .store(generation, Ordering::Relaxed);
+                    .store(journal.generation, Ordering::Relaxed);
             }
             Err(e) => {
                 tracing::error!(
-                    "generation {generation}: {e}; still serving generation {}",
-                    cur.generation
+                    "generation {}: {e}; still serving generation {}",
+                    journal.generation,
+                    st.current.generation
                 );
-                self.failed.store(generation, Ordering::Relaxed);
+                self.failed.store(journal.generation, Ordering::Relaxed);
+                // Whatever comes next is read whole, not after a record that failed.
+                st.read = None;
             }
         }
-        cur.clone()
+        st.current.clone()
+    }
+}
+
+impl State {
+    /// Applies the records of `journal`; on error nothing changed.
+    fn apply(&mut self, journal: &Journal) -> Result<Applied, String> {
+        let mut records = journal.records().map(|r| r.map_err(|e| e.to_string()));
+        // A whole journal starts with a snapshot: what it changes is its difference with
+        // what was compiled (everything, at start).
+        let snapshot = match journal.whole {
+            true => Some(match records.next().transpose()? {
+                Some(bytes) => SnapshotRef::decode(bytes)?,
+                None => SnapshotRef {
+                    generation: journal.generation,
+                    objects: Vec::new(),
+                },
+            }),
+            false => None,
+        };
+        let deltas = records
+            .map(|r| r.and_then(Delta::decode))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (mut changes, gone) = match snapshot {
+            Some(snap) => self.table.difference(snap),
+            None => Default::default(),
+        };
+        changes.extend(gone.iter().map(|(kind, id)| Change {
+            kind: *kind,
+            id,
+            revision: 0,
+            json: None,
+        }));
+        changes.extend(deltas.into_iter().flat_map(|d| d.changes));
+        let applied = self.table.apply(changes);
+        self.current = Arc::new(self.table.compiled(journal.generation));
+        self.read = Some(journal.position);
+        Ok(applied)
     }
 }
 
@@ -116,58 +168,28 @@ fn parse<T: DeserializeOwned>(kind: &str, id: &str, json: &str) -> Option<T> {
         .ok()
 }
 
-/// A snapshot's services, upstreams and global rules, parsed.
+/// The services, upstreams and global rules of the configuration, parsed, with their
+/// revisions.
+#[derive(Default)]
 struct Objects {
     services: HashMap<String, (u64, Service)>,
     upstreams: HashMap<String, (u64, Upstream)>,
-    globals: Vec<(String, u64, GlobalRule)>,
+    globals: BTreeMap<String, (u64, GlobalRule)>,
 }
 
-/// A route object as the snapshot holds it: id, revision, JSON text.
-type RouteText<'a> = (&'a str, u64, &'a str);
-
-/// The snapshot's objects: routes stay JSON text until they need compiling (most of a
-/// change's routes were compiled by the previous generation already); the rest is parsed.
-fn split(snap: SnapshotRef<'_>) -> (Vec<RouteText<'_>>, Objects) {
-    let mut routes = Vec::new();
-    let mut o = Objects {
-        services: HashMap::new(),
-        upstreams: HashMap::new(),
-        globals: Vec::new(),
-    };
-    for obj in snap.objects {
-        let (id, rev, json) = (obj.id, obj.revision, obj.json);
-        match Kind::from(obj.kind) {
-            Kind::Routes => routes.push((id, rev, json)),
-            Kind::Services => {
-                if let Some(s) = parse("service", id, json) {
-                    o.services.insert(id.to_string(), (rev, s));
-                }
-            }
-            Kind::Upstreams => {
-                if let Some(u) = parse("upstream", id, json) {
-                    o.upstreams.insert(id.to_string(), (rev, u));
-                }
-            }
-            Kind::GlobalRules => o
-                .globals
-                .extend(parse("global rule", id, json).map(|g| (id.to_string(), rev, g))),
-        }
-    }
-    (routes, o)
-}
-
-/// A route as one generation compiled it, kept for the next: a route whose own revision and
-/// whose service's and upstream's revisions did not change is served by the same entry, its
-/// JSON not parsed again. With 10,000 routes, compiling every route again cost a worker about
+/// A route as compiled, kept for the next generation: a route whose own revision and whose
+/// service's and upstream's revisions did not change is served by the same entry, its JSON
+/// not parsed again. With 10,000 routes, compiling every route again cost a worker about
 /// 100 ms per configuration change, paid by the request that noticed it.
 #[derive(Debug)]
 struct CompiledRoute {
     revision: u64,
+    /// The route's JSON text, to compile it again when its service or upstream changes.
+    json: Box<str>,
     deps: Deps,
     /// None for a route that is disabled, unreadable or skipped (its service is missing).
     entry: Option<Arc<RouteEntry>>,
-    /// The key its upstream runtime is kept under, so later generations carry it over.
+    /// The key its upstream runtime is kept under in [`Table::upstreams`].
     upstream_key: Option<Arc<str>>,
 }
 
@@ -189,110 +211,281 @@ impl Deps {
     }
 }
 
-/// Builds the router for a snapshot, reusing `prev`'s unchanged routes and upstreams.
-fn compile(snap: SnapshotRef<'_>, prev: &Compiled) -> Compiled {
-    let generation = snap.generation;
-    let (route_objects, objects) = split(snap);
-    let mut build = Build {
-        objects: &objects,
-        prev,
-        upstreams: FastMap::default(),
-    };
-    let mut routes = FastMap::with_capacity_and_hasher(route_objects.len(), Default::default());
-    // Entries that leave the index and entries that enter it.
-    let (mut removed, mut added) = (Vec::new(), Vec::new());
-    let (mut known, mut compiled) = (0, 0);
-    for (id, rev, json) in route_objects {
-        let (key, old) = match prev.routes.get_key_value(id) {
-            // The previous generation's key, shared rather than copied.
-            Some((k, c)) => (k.clone(), Some(c)),
-            None => (Arc::from(id), None),
-        };
-        known += usize::from(old.is_some());
-        let route = match old {
-            Some(c) if c.revision == rev && c.deps.unchanged(&objects) => {
-                build.carry_upstream(c);
-                c.clone()
-            }
-            _ => {
-                removed.extend(old.and_then(|c| c.entry.clone()));
-                compiled += 1;
-                let c = Arc::new(build.route(id, rev, json));
-                added.extend(c.entry.clone());
-                c
-            }
-        };
-        routes.insert(key, route);
-    }
-    if known < prev.routes.len() {
-        let gone = prev
-            .routes
-            .iter()
-            .filter(|(id, _)| !routes.contains_key(*id));
-        removed.extend(gone.filter_map(|(_, c)| c.entry.clone()));
-    }
-    let changes = removed.len() + added.len();
-    let router = if changes == 0 {
-        prev.router.clone()
-    } else if changes <= routes.len() / 8 {
-        // A few routes changed: patch a copy of the previous index.
-        Arc::new(prev.router.patch(&removed, &added))
-    } else {
-        Arc::new(Router::new(
-            routes.values().filter_map(|c| c.entry.as_ref()),
-        ))
-    };
-    let mut global_rules: Vec<GlobalRuleEntry> = objects
-        .globals
-        .iter()
-        .map(|(id, rev, g)| GlobalRuleEntry {
-            owner: format!("global_rule:{id}:{rev}").into(),
-            id: id.clone(),
-            revision: *rev,
-            plugins: plugin_list(Some(&g.plugins), None),
-        })
-        .collect();
-    global_rules.sort_by(|a, b| a.id.cmp(&b.id));
-    let by_upstream_id = objects
-        .upstreams
-        .iter()
-        .map(|(uid, (urev, u))| {
-            let key = format!("upstream:{uid}:{urev}").into();
-            (uid.clone(), build.upstream(key, u, None))
-        })
-        .collect();
-    tracing::debug!(
-        "generation {generation}: {compiled} of {} routes compiled, {changes} index changes",
-        routes.len(),
-    );
-    Compiled {
-        generation,
-        router,
-        global_rules,
-        upstreams: build.upstreams,
-        by_upstream_id,
-        routes,
+/// Everything compiled so far, changed in place by each generation. Requests never see it:
+/// they see the [`Compiled`] made from it.
+#[derive(Default)]
+struct Table {
+    routes: FastMap<Arc<str>, CompiledRoute>,
+    objects: Objects,
+    /// Upstream runtimes by key, with how many users (routes, upstream objects) each has: one
+    /// is dropped with its last user, and kept (balancer state, idle connections) as long as
+    /// one remains.
+    upstreams: FastMap<Arc<str>, (Arc<UpstreamRuntime>, usize)>,
+    /// The runtime of each upstream object, by id, and its key.
+    by_upstream_id: FastMap<String, Arc<str>>,
+    router: Arc<Router>,
+    global_rules: Arc<[GlobalRuleEntry]>,
+    /// `by_upstream_id` with the runtimes, as requests see it.
+    serving_upstreams: Arc<FastMap<String, Arc<UpstreamRuntime>>>,
+}
+
+/// What one generation changed, for the compiled configuration and the debug log.
+#[derive(Default)]
+struct Applied {
+    compiled: usize,
+    removed: Vec<Arc<RouteEntry>>,
+    added: Vec<Arc<RouteEntry>>,
+    /// A global rule changed.
+    globals: bool,
+    /// A service or upstream changed.
+    deps: bool,
+}
+
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} compiled, {} index changes",
+            self.compiled,
+            self.removed.len() + self.added.len()
+        )
     }
 }
 
-/// What compiling one generation reads and fills.
+impl Table {
+    /// The changes that turn what is compiled into `snap`: the objects it holds at another
+    /// revision, and (apart) the ids of those it no longer holds.
+    fn difference<'s>(&self, snap: SnapshotRef<'s>) -> (Vec<Change<'s>>, Vec<(KindTag, String)>) {
+        let mut held: FastMap<(KindTag, &str), ()> = FastMap::default();
+        let mut changes = Vec::new();
+        for o in snap.objects {
+            held.insert((o.kind, o.id), ());
+            if self.revision(o.kind.into(), o.id) != Some(o.revision) {
+                changes.push(Change {
+                    kind: o.kind,
+                    id: o.id,
+                    revision: o.revision,
+                    json: Some(o.json),
+                });
+            }
+        }
+        let o = &self.objects;
+        let compiled = (self.routes.keys().map(|id| (KindTag::Route, &**id)))
+            .chain(o.services.keys().map(|id| (KindTag::Service, id.as_str())))
+            .chain(
+                o.upstreams
+                    .keys()
+                    .map(|id| (KindTag::Upstream, id.as_str())),
+            )
+            .chain(
+                o.globals
+                    .keys()
+                    .map(|id| (KindTag::GlobalRule, id.as_str())),
+            );
+        let gone = compiled
+            .filter(|key| !held.contains_key(key))
+            .map(|(kind, id)| (kind, id.to_string()))
+            .collect();
+        (changes, gone)
+    }
+
+    /// The revision compiled for object `(kind, id)`.
+    fn revision(&self, kind: Kind, id: &str) -> Option<u64> {
+        match kind {
+            Kind::Routes => self.routes.get(id).map(|c| c.revision),
+            Kind::Services => self.objects.services.get(id).map(|s| s.0),
+            Kind::Upstreams => self.objects.upstreams.get(id).map(|u| u.0),
+            Kind::GlobalRules => self.objects.globals.get(id).map(|g| g.0),
+        }
+    }
+}
+impl Table {
+    /// Applies `changes` (in order: a later change of an object wins): objects are parsed or
+    /// removed, the routes they touch compiled again, the index patched.
+    fn apply(&mut self, changes: Vec<Change<'_>>) -> Applied {
+        let mut last: FastMap<(Kind, &str), Change<'_>> = FastMap::default();
+        for c in changes {
+            last.insert((c.kind.into(), c.id), c);
+        }
+        let mut a = Applied::default();
+        let mut routes = Vec::new();
+        for ((kind, id), c) in last {
+            let json = c.json;
+            match kind {
+                Kind::Routes => routes.push(c),
+                Kind::Services => {
+                    let s = json.and_then(|j| parse::<Service>("service", id, j));
+                    put(&mut self.objects.services, id, s.map(|s| (c.revision, s)));
+                    a.deps = true;
+                }
+                Kind::Upstreams => {
+                    let u = json.and_then(|j| parse::<Upstream>("upstream", id, j));
+                    self.upstream_object(id, u.map(|u| (c.revision, u)));
+                    a.deps = true;
+                }
+                Kind::GlobalRules => {
+                    let g = json.and_then(|j| parse::<GlobalRule>("global rule", id, j));
+                    match g {
+                        Some(g) => self.objects.globals.insert(id.to_string(), (c.revision, g)),
+                        None => self.objects.globals.remove(id),
+                    };
+                    a.globals = true;
+                }
+            }
+        }
+        for c in routes {
+            let old = self.routes.remove_entry(c.id);
+            let (key, old) = match old {
+                // The previous key, shared with the index rather than copied.
+                Some((k, old)) => (k, Some(old)),
+                None => (Arc::from(c.id), None),
+            };
+            let new = c.json.map(|json| (c.revision, Box::from(json)));
+            self.replace_route(key, old, new, &mut a);
+        }
+        if a.deps {
+            // Routes compiled against a service or upstream that changed since.
+            let stale: Vec<Arc<str>> = self
+                .routes
+                .iter()
+                .filter(|(_, c)| !c.deps.unchanged(&self.objects))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in stale {
+                if let Some(mut old) = self.routes.remove(&key) {
+                    let new = (old.revision, std::mem::take(&mut old.json));
+                    self.replace_route(key, Some(old), Some(new), &mut a);
+                }
+            }
+        }
+        self.index(&a);
+        a
+    }
+
+    /// Puts route `key` compiled from `new` (None: deleted) in place of `old`.
+    fn replace_route(
+        &mut self,
+        key: Arc<str>,
+        old: Option<CompiledRoute>,
+        new: Option<(u64, Box<str>)>,
+        a: &mut Applied,
+    ) {
+        // The new one first: an upstream runtime both use is kept, not dropped and made again.
+        if let Some((revision, json)) = new {
+            let mut build = Build {
+                objects: &self.objects,
+                upstreams: &mut self.upstreams,
+            };
+            let c = build.route(&key, revision, json);
+            a.compiled += 1;
+            a.added.extend(c.entry.clone());
+            self.routes.insert(key, c);
+        }
+        if let Some(old) = old {
+            a.removed.extend(old.entry);
+            release(&mut self.upstreams, old.upstream_key);
+        }
+    }
+
+    /// Puts upstream object `id` (None: deleted) and its runtime, keyed by its revision.
+    fn upstream_object(&mut self, id: &str, new: Option<(u64, Upstream)>) {
+        let old = self.by_upstream_id.remove(id);
+        if let Some((revision, u)) = &new {
+            let key: Arc<str> = format!("upstream:{id}:{revision}").into();
+            let mut build = Build {
+                objects: &self.objects,
+                upstreams: &mut self.upstreams,
+            };
+            build.upstream(key.clone(), u, None);
+            self.by_upstream_id.insert(id.to_string(), key);
+        }
+        release(&mut self.upstreams, old);
+        put(&mut self.objects.upstreams, id, new);
+    }
+
+    /// Patches or rebuilds the index, and remakes what requests see of the objects that changed.
+    fn index(&mut self, a: &Applied) {
+        let changes = a.removed.len() + a.added.len();
+        if changes > self.routes.len() / 8 {
+            let entries = self.routes.values().filter_map(|c| c.entry.as_ref());
+            self.router = Arc::new(Router::new(entries));
+        } else if changes > 0 {
+            self.router = Arc::new(self.router.patch(&a.removed, &a.added));
+        }
+        if a.globals {
+            self.global_rules = self
+                .objects
+                .globals
+                .iter()
+                .map(|(id, (rev, g))| GlobalRuleEntry {
+                    owner: format!("global_rule:{id}:{rev}").into(),
+                    id: id.clone(),
+                    revision: *rev,
+                    plugins: plugin_list(Some(&g.plugins), None),
+                })
+                .collect();
+        }
+        if a.deps {
+            let runtime = |key: &Arc<str>| self.upstreams.get(key).map(|u| u.0.clone());
+            self.serving_upstreams = Arc::new(
+                self.by_upstream_id
+                    .iter()
+                    .filter_map(|(id, key)| Some((id.clone(), runtime(key)?)))
+                    .collect(),
+            );
+        }
+    }
+
+    /// What requests are served with, as generation `generation`.
+    fn compiled(&self, generation: u64) -> Compiled {
+        Compiled {
+            generation,
+            router: self.router.clone(),
+            global_rules: self.global_rules.clone(),
+            by_upstream_id: self.serving_upstreams.clone(),
+        }
+    }
+}
+
+/// Sets `id` in `map` to `value`, or removes it.
+fn put<T>(map: &mut HashMap<String, (u64, T)>, id: &str, value: Option<(u64, T)>) {
+    match value {
+        Some(v) => map.insert(id.to_string(), v),
+        None => map.remove(id),
+    };
+}
+
+/// One user fewer for the upstream runtime `key`, dropped with its last.
+fn release(
+    upstreams: &mut FastMap<Arc<str>, (Arc<UpstreamRuntime>, usize)>,
+    key: Option<Arc<str>>,
+) {
+    let Some(key) = key else { return };
+    if let Some(held) = upstreams.get_mut(&key) {
+        held.1 -= 1;
+        if held.1 == 0 {
+            upstreams.remove(&key);
+        }
+    }
+}
+
+/// What compiling a route reads and fills.
 struct Build<'a> {
     objects: &'a Objects,
-    prev: &'a Compiled,
-    /// The upstream runtimes of the new generation by key.
-    upstreams: FastMap<Arc<str>, Arc<UpstreamRuntime>>,
+    upstreams: &'a mut FastMap<Arc<str>, (Arc<UpstreamRuntime>, usize)>,
 }
 
 impl Build<'_> {
     /// Compiles route `id` from its JSON, noting what it read.
-    fn route(&mut self, id: &str, rev: u64, json: &str) -> CompiledRoute {
+    fn route(&mut self, id: &str, rev: u64, json: Box<str>) -> CompiledRoute {
         let mut c = CompiledRoute {
             revision: rev,
+            json,
             deps: Deps::default(),
             entry: None,
             upstream_key: None,
         };
-        if let Some(route) = parse::<Route>("route", id, json).filter(Route::enabled) {
+        if let Some(route) = parse::<Route>("route", id, &c.json).filter(Route::enabled) {
             c.entry = self.route_entry(id, rev, &route, &mut c).map(Arc::new);
         }
         c
@@ -410,35 +603,19 @@ impl Build<'_> {
         Some((key, rt))
     }
 
-    /// The runtime for upstream `key`: this generation's, else the previous one's (keeping its
-    /// balancer state and idle connections), else a new one.
+    /// The runtime for upstream `key`, with one user more: the one in use, else a new one.
     fn upstream(
         &mut self,
         key: Arc<str>,
         u: &Upstream,
         timeout: Option<&Timeout>,
     ) -> Arc<UpstreamRuntime> {
-        if let Some(rt) = self.upstreams.get(&key) {
-            return rt.clone();
-        }
-        let rt = self
-            .prev
+        let held = self
             .upstreams
-            .get(&key)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(UpstreamRuntime::new(u, timeout)));
-        self.upstreams.insert(key, rt.clone());
-        rt
-    }
-
-    /// Keeps the runtime of a route carried over from the previous generation.
-    fn carry_upstream(&mut self, c: &CompiledRoute) {
-        let upstream = c.entry.as_ref().and_then(|e| e.upstream.as_ref());
-        if let (Some(key), Some(rt)) = (&c.upstream_key, upstream) {
-            self.upstreams
-                .entry(key.clone())
-                .or_insert_with(|| rt.clone());
-        }
+            .entry(key)
+            .or_insert_with(|| (Arc::new(UpstreamRuntime::new(u, timeout)), 0));
+        held.1 += 1;
+        held.0.clone()
     }
 }
 
@@ -458,31 +635,55 @@ fn plugin_list(own: Option<&Plugins>, inherited: Option<&Plugins>) -> Vec<Plugin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wasmgate_shared::snapshot::{KindTag, Snapshot, SnapshotObject};
+    use wasmgate_shared::snapshot::{Snapshot, SnapshotObject};
 
     fn obj(kind: KindTag, id: &str, revision: u64, json: &str) -> SnapshotObject {
         SnapshotObject::new(kind, id, revision, json)
     }
 
+    /// What a worker serves at one generation, with the route entries and upstream runtimes
+    /// it keeps for the next.
+    struct Served {
+        c: Arc<Compiled>,
+        entries: HashMap<String, Arc<RouteEntry>>,
+        runtimes: BTreeMap<String, Arc<UpstreamRuntime>>,
+    }
+
+    impl std::ops::Deref for Served {
+        type Target = Compiled;
+        fn deref(&self) -> &Compiled {
+            &self.c
+        }
+    }
+
+    fn served(live: &Live, generation: u64) -> Served {
+        let c = live.current();
+        assert_eq!(c.generation, generation);
+        let st = live.state.lock().unwrap();
+        let t = &st.table;
+        Served {
+            c,
+            entries: (t.routes.iter())
+                .filter_map(|(id, c)| Some((id.to_string(), c.entry.clone()?)))
+                .collect(),
+            runtimes: (t.upstreams.iter())
+                .map(|(k, (rt, _))| (k.to_string(), rt.clone()))
+                .collect(),
+        }
+    }
+
     /// Publishes `objects` as generation `generation` and returns what the worker serves.
-    fn serve(
-        seg: &Segment,
-        live: &Live,
-        generation: u64,
-        objects: &[SnapshotObject],
-    ) -> Arc<Compiled> {
+    fn serve(seg: &Segment, live: &Live, generation: u64, objects: &[SnapshotObject]) -> Served {
         let snap = Snapshot {
             generation,
             objects: objects.to_vec(),
         };
         seg.publish(generation, &snap.encode()).unwrap();
-        let cur = live.current();
-        assert_eq!(cur.generation, generation);
-        cur
+        served(live, generation)
     }
 
-    fn entry<'a>(c: &'a Compiled, id: &str) -> &'a Arc<RouteEntry> {
-        c.routes[id].entry.as_ref().expect("route is served")
+    fn entry<'a>(c: &'a Served, id: &str) -> &'a Arc<RouteEntry> {
+        c.entries.get(id).expect("route is served")
     }
 
     const NODES: &str = r#"{"nodes":{"127.0.0.1:1980":1},"type":"roundrobin"}"#;
@@ -538,7 +739,7 @@ mod tests {
         let g3 = serve(&seg, &live, 3, &objects);
         assert!(Arc::ptr_eq(entry(&g2, "a"), entry(&g3, "a")));
         assert!(Arc::ptr_eq(
-            g2.upstreams.get("route:a:1").unwrap(),
+            &g2.runtimes["route:a:1"],
             entry(&g3, "a").upstream.as_ref().unwrap()
         ));
         assert_eq!(entry(&g3, "b").revision, 8);
@@ -572,5 +773,189 @@ mod tests {
         assert_eq!(get(&g4, "/other/7").as_deref(), Some("o7"));
         assert_eq!(g4.router.len(), 33);
         assert!(Arc::ptr_eq(entry(&g3, "c"), entry(&g4, "c")));
+    }
+
+    /// The configuration kept by the test below, and how it is published.
+    struct Config {
+        objects: BTreeMap<(KindTag, String), (u64, String)>,
+        generation: u64,
+    }
+
+    impl Config {
+        /// Puts (Some) or deletes (None) objects as the next generation, and publishes it
+        /// whole on `whole` and as a delta on `delta`.
+        fn change(
+            &mut self,
+            whole: &Segment,
+            delta: &Segment,
+            edits: &[(KindTag, &str, Option<&str>)],
+        ) {
+            self.generation += 1;
+            let generation = self.generation;
+            let mut changes = Vec::new();
+            for &(kind, id, json) in edits {
+                match json {
+                    Some(j) => self
+                        .objects
+                        .insert((kind, id.into()), (generation, j.into())),
+                    None => self.objects.remove(&(kind, id.into())),
+                };
+                changes.push(Change {
+                    kind,
+                    id,
+                    revision: generation,
+                    json,
+                });
+            }
+            let objects = (self.objects.iter())
+                .map(|((k, id), (rev, json))| obj(*k, id, *rev, json))
+                .collect();
+            let snap = Snapshot {
+                generation,
+                objects,
+            }
+            .encode();
+            whole.publish(generation, &snap).unwrap();
+            let d = Delta {
+                generation,
+                changes,
+            }
+            .encode();
+            delta.append(generation, &d).unwrap();
+        }
+    }
+
+    /// What a request sees: for each path, the route serving it, its owner key and its
+    /// upstream's nodes; the global rules; the upstream objects.
+    fn seen(s: &Served) -> String {
+        let mut out = String::new();
+        for path in [
+            "/a", "/b/x", "/c", "/d", "/e", "/other/3", "/other/4", "/new",
+        ] {
+            let none = |_: &str| None;
+            let req = crate::router::RequestView {
+                method: &http::Method::GET,
+                host: "x",
+                path,
+                remote: "127.0.0.1".parse().unwrap(),
+                vars: &none,
+            };
+            let r = s.router.find(&req);
+            let nodes = r
+                .and_then(|r| r.upstream.as_ref())
+                .map(|u| format!("{:?}", u.nodes));
+            out += &format!("{path} -> {:?} {nodes:?}\n", r.map(|r| &r.owner));
+        }
+        for g in s.global_rules.iter() {
+            out += &format!("global {}\n", g.owner);
+        }
+        let mut ids: Vec<_> = s.by_upstream_id.keys().collect();
+        ids.sort();
+        out + &format!(
+            "upstreams {ids:?} runtimes {:?}",
+            s.runtimes.keys().collect::<Vec<_>>()
+        )
+    }
+
+    /// A worker following the journal's deltas serves what a worker reading whole snapshots
+    /// serves, at every step of a series of edits touching routes through their services and
+    /// upstreams; and once everything is deleted, no upstream runtime is left behind.
+    #[test]
+    fn deltas_serve_what_snapshots_serve() {
+        use KindTag::*;
+        let inline = format!(r#"{{"uri":"/a","upstream":{NODES}}}"#);
+        let nodes2 = r#"{"nodes":{"127.0.0.2:1980":1},"type":"roundrobin"}"#;
+        let svc_inline = format!(r#"{{"upstream":{nodes2}}}"#);
+        let others: Vec<String> = (0..10)
+            .map(|i| format!(r#"{{"uri":"/other/{i}","upstream_id":"u1"}}"#))
+            .collect();
+        let mut first: Vec<(KindTag, &str, Option<&str>)> = vec![
+            (Route, "a", Some(&inline)),
+            (Route, "b", Some(r#"{"uri":"/b/*","upstream_id":"u1"}"#)),
+            (Route, "c", Some(r#"{"uri":"/c","service_id":"s1"}"#)),
+            (Route, "d", Some(r#"{"uri":"/d","service_id":"s2"}"#)),
+            (
+                Route,
+                "e",
+                Some(
+                    r#"{"uri":"/e","upstream_id":"u1","timeout":{"connect":1,"send":1,"read":1}}"#,
+                ),
+            ),
+            (Upstream, "u1", Some(NODES)),
+            (Service, "s1", Some(r#"{"upstream_id":"u1"}"#)),
+            (GlobalRule, "g", Some(r#"{"plugins":{}}"#)),
+        ];
+        let ids: Vec<String> = (0..10).map(|i| format!("o{i}")).collect();
+        first.extend(
+            ids.iter()
+                .zip(&others)
+                .map(|(id, j)| (Route, id.as_str(), Some(j.as_str()))),
+        );
+        let steps: Vec<Vec<(KindTag, &str, Option<&str>)>> = vec![
+            first,
+            // The upstream changes (b, c, e and the others follow), s2 appears (d with it).
+            vec![
+                (Upstream, "u1", Some(nodes2)),
+                (Service, "s2", Some(&svc_inline)),
+            ],
+            // A route is edited, another deleted, one added on s1; a global rule added.
+            vec![
+                (Route, "a", Some(r#"{"uri":"/new","upstream_id":"u1"}"#)),
+                (Route, "o4", None),
+                (Route, "n", Some(r#"{"uri":"/a","service_id":"s1"}"#)),
+                (GlobalRule, "h", Some(r#"{"plugins":{}}"#)),
+            ],
+            // s1 gets its own upstream; the same route edited twice in one generation.
+            vec![
+                (Service, "s1", Some(&svc_inline)),
+                (Route, "o3", Some(r#"{"uri":"/x","upstream_id":"u1"}"#)),
+                (
+                    Route,
+                    "o3",
+                    Some(r#"{"uri":"/other/3","status":0,"upstream_id":"u1"}"#),
+                ),
+                (GlobalRule, "g", None),
+            ],
+            // s2 goes: d waits again.
+            vec![(Service, "s2", None)],
+        ];
+        // Both workers follow from an empty start, step by step.
+        let segment = || Arc::new(Segment::create(1 << 20).unwrap());
+        let (whole, delta) = (segment(), segment());
+        whole.publish(0, &Snapshot::default().encode()).unwrap();
+        delta.publish(0, &Snapshot::default().encode()).unwrap();
+        let (a, b) = (Live::new(whole.clone(), 0), Live::new(delta.clone(), 1));
+        let mut cfg = Config {
+            objects: BTreeMap::new(),
+            generation: 0,
+        };
+        for step in &steps {
+            cfg.change(&whole, &delta, step);
+            let g = cfg.generation;
+            let (sa, sb) = (served(&a, g), served(&b, g));
+            assert_eq!(seen(&sa), seen(&sb), "generation {g}");
+            // A worker starting now reads the journal whole: snapshot, then every delta.
+            let late = Live::new(delta.clone(), 2);
+            assert_eq!(seen(&served(&late, g)), seen(&sb), "late start at {g}");
+        }
+        let last = served(&b, cfg.generation);
+        assert!(
+            seen(&last).contains("/c -> Some(\"route:c:"),
+            "{}",
+            seen(&last)
+        );
+        assert!(seen(&last).contains("/d -> None"), "{}", seen(&last));
+        // Everything deleted: nothing served, no runtime kept.
+        let all: Vec<(KindTag, String)> = cfg.objects.keys().cloned().collect();
+        let edits: Vec<_> = all.iter().map(|(k, id)| (*k, id.as_str(), None)).collect();
+        cfg.change(&whole, &delta, &edits);
+        let (sa, sb) = (served(&a, cfg.generation), served(&b, cfg.generation));
+        assert_eq!(seen(&sa), seen(&sb));
+        assert!(
+            sb.entries.is_empty() && sb.runtimes.is_empty(),
+            "{}",
+            seen(&sb)
+        );
+        assert!(sa.runtimes.is_empty(), "{}", seen(&sa));
     }
 }

@@ -101,8 +101,9 @@ pub struct Router {
     exact: Index,
     /// Prefixes without the `*`.
     prefixes: Index,
-    /// The distinct lengths of `prefixes`' keys, longest first.
-    prefix_lengths: Vec<usize>,
+    /// The distinct lengths of `prefixes`' keys, longest first, each with how many keys
+    /// have it (so that a patch updates them without counting every key again).
+    prefix_lengths: Vec<(usize, usize)>,
 }
 
 /// Path → the routes on it, in matching order.
@@ -150,7 +151,9 @@ impl Router {
             prefixes,
             prefix_lengths: Vec::new(),
         };
-        router.index_lengths();
+        for len in router.prefixes.keys().map(|k| k.len()).collect::<Vec<_>>() {
+            router.count_length(len, true);
+        }
         router
     }
 
@@ -172,12 +175,8 @@ impl Router {
         }
         let mut next = self.clone();
         for ((prefix, key), mut list) in touched {
-            let index = if prefix {
-                &mut next.prefixes
-            } else {
-                &mut next.exact
-            };
-            let old = index
+            let old = next
+                .index(prefix)
                 .get_key_value(key)
                 .map(|(k, l)| (k.clone(), l.clone()));
             if let Some((_, l)) = &old {
@@ -188,22 +187,49 @@ impl Router {
                 );
             }
             if list.is_empty() {
-                index.remove(key);
+                if next.index(prefix).remove(key).is_some() && prefix {
+                    next.count_length(key.len(), false);
+                }
                 continue;
             }
             order(&mut list);
-            let key = old.map_or_else(|| Arc::from(key), |(k, _)| k);
-            index.insert(key, Arc::from(list));
+            let key = match old {
+                Some((k, _)) => k,
+                None => {
+                    if prefix {
+                        next.count_length(key.len(), true);
+                    }
+                    Arc::from(key)
+                }
+            };
+            next.index(prefix).insert(key, Arc::from(list));
         }
-        next.index_lengths();
         next
     }
 
-    fn index_lengths(&mut self) {
-        let mut lengths: Vec<usize> = self.prefixes.keys().map(|k| k.len()).collect();
-        lengths.sort_unstable_by(|a, b| b.cmp(a));
-        lengths.dedup();
-        self.prefix_lengths = lengths;
+    fn index(&mut self, prefix: bool) -> &mut Index {
+        if prefix {
+            &mut self.prefixes
+        } else {
+            &mut self.exact
+        }
+    }
+
+    /// One prefix key of length `len` more (`added`) or fewer.
+    fn count_length(&mut self, len: usize, added: bool) {
+        let lengths = &mut self.prefix_lengths;
+        // Longest first: the position of `len` in a descending list.
+        match lengths.binary_search_by(|(l, _)| len.cmp(l)) {
+            Ok(i) if added => lengths[i].1 += 1,
+            Ok(i) => {
+                lengths[i].1 -= 1;
+                if lengths[i].1 == 0 {
+                    lengths.remove(i);
+                }
+            }
+            Err(i) if added => lengths.insert(i, (len, 1)),
+            Err(_) => {}
+        }
     }
 
     /// The route serving `req`, if any.
@@ -216,8 +242,9 @@ impl Router {
         let path = req.path;
         self.prefix_lengths
             .iter()
-            .filter(|&&len| len <= path.len() && path.is_char_boundary(len))
-            .filter_map(|&len| self.prefixes.get(&path[..len]))
+            .map(|&(len, _)| len)
+            .filter(|&len| len <= path.len() && path.is_char_boundary(len))
+            .filter_map(|len| self.prefixes.get(&path[..len]))
             .find_map(|list| list.iter().find(|r| r.matches(req)))
     }
 

@@ -169,15 +169,11 @@ pub fn delete(m: &Master, kind: Kind, id: &str) -> Outcome {
         let id = id.to_string();
         return Outcome::Commit(Change::Delete { kind, id });
     }
-    let bytes = match m.snapshot_with(&store, Some((kind, id, None))) {
-        Ok(b) => b,
-        Err(reply) => return reply.into(),
-    };
     if let Err(e) = store.delete(kind, id) {
         tracing::error!("admin: delete {} {id} failed: {e}", kind.noun());
         return error(503, format!("failed to persist the change: {e}")).into();
     }
-    m.publish(store.revision(), &bytes);
+    m.publish(&store, &[(kind, id)]);
     (200, json!({ "deleted": id, "key": key(kind, id) })).into()
 }
 
@@ -262,10 +258,9 @@ fn write(
             .unwrap_or(revision),
         modified_index: revision,
     };
-    let bytes = match m.snapshot_with(store, Some((kind, id, Some(&stored)))) {
-        Ok(b) => b,
-        Err(reply) => return reply.into(),
-    };
+    if let Err(reply) = m.check_fits(kind, id, Some(&stored.value.to_string())) {
+        return reply.into();
+    }
     let status = if existing.is_some() { 200 } else { 201 };
     if m.etcd.is_some() {
         let id = id.to_string();
@@ -281,7 +276,7 @@ fn write(
         tracing::error!("admin: write {} {id} failed: {e}", kind.noun());
         return error(503, format!("failed to persist the change: {e}")).into();
     }
-    m.publish(revision, &bytes);
+    m.publish(store, &[(kind, id)]);
     (
         status,
         json!({ "key": key(kind, id), "value": stored.value }),
