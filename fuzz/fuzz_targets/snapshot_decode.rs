@@ -1,5 +1,5 @@
-//! `wasmgate_shared::snapshot::Snapshot::decode`: the postcard envelope a worker reads from the
-//! shared-memory segment the master publishes.
+//! `wasmgate_shared::snapshot::Snapshot::decode` and `Delta::decode`: the postcard records a
+//! worker reads from the shared-memory journal the master publishes.
 //!
 //! Arbitrary bytes must decode or be refused without panicking or allocating without bound; a
 //! snapshot that decodes must survive encode → decode unchanged; its objects are then parsed the
@@ -8,9 +8,13 @@
 
 use libfuzzer_sys::fuzz_target;
 use wasmgate_shared::model::{GlobalRule, Kind, Route, Service, Upstream};
-use wasmgate_shared::snapshot::Snapshot;
+use wasmgate_shared::snapshot::{Delta, Snapshot};
 
 fuzz_target!(|data: &[u8]| {
+    // The same bytes as a delta: refused or decoded, and a decoded one survives a round trip.
+    if let Ok(d) = Delta::decode(data) {
+        assert_eq!(Delta::decode(&d.encode()).as_ref(), Ok(&d), "delta changed");
+    }
     let Ok(snap) = Snapshot::decode(data) else {
         return;
     };

@@ -5,7 +5,8 @@ Starts target/release/wasmgate in a temporary prefix (loopback ports), then:
   * propagation: N times, PUT a route with a new uri through the Admin API and time from the
     Admin API's answer until fresh client connections get something other than 404 on that uri
     (each fresh connection may land on any worker; --probes of them must all see it), with
-    --routes other routes in the configuration (written to the store before the start);
+    --routes other routes in the configuration (written to the store before the start), and how
+    long each PUT took to be answered (persisted and published);
   * reload: M times, POST /wasmgate/reload and time until it answers (new workers ready).
 Prints p50/p99/max in milliseconds. Numbers depend on the machine: compare runs made on the same
 machine, and read them as a benchmark, never as a pass/fail test.
@@ -64,11 +65,13 @@ def main():
                 sys.exit("gateway did not start")
             time.sleep(0.05)
 
-        lat = []
+        lat, put = [], []
         for i in range(a.edits):
             route = {"uri": f"/p{i}", "upstream": {"nodes": {"127.0.0.1:1": 1}, "timeout": {"connect": 0.2}}}
+            t_put = time.perf_counter()
             st, _ = request(admin, "PUT", f"/apisix/admin/routes/{i % 50}", json.dumps(route), hdr)
             t0 = time.perf_counter()
+            put.append((t0 - t_put) * 1000)
             assert st in (200, 201), st
             seen = 0
             while seen < a.probes:
@@ -87,6 +90,8 @@ def main():
         print(f"machine: {os.cpu_count()} cores, {a.workers} workers, {a.routes} other routes")
         print(f"propagation (PUT answered -> {a.probes} fresh connections served), {a.edits} edits: "
               f"p50 {pct(lat, 50):.2f} ms, p99 {pct(lat, 99):.2f} ms, max {max(lat):.2f} ms")
+        print(f"Admin API PUT (request sent -> answered, persisted and published), {a.edits} edits: "
+              f"p50 {pct(put, 50):.2f} ms, p99 {pct(put, 99):.2f} ms")
         print(f"reload (POST /wasmgate/reload -> new workers ready), {a.reloads} reloads: "
               f"p50 {pct(rel, 50):.1f} ms, p99 {pct(rel, 99):.1f} ms")
     finally:
