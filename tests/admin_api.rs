@@ -422,6 +422,16 @@ fn edits_fill_the_journal_and_a_configuration_too_large_is_refused() {
         msg.contains("exceeds wasmgate.shm_size") && msg.contains("raise wasmgate.shm_size"),
         "{msg}"
     );
+    // The status says how full the area is: the stored routes' 200 KB each, within 1 MiB.
+    let shm = gw.admin("GET", "/wasmgate/status", None).1["master"]["shm"].clone();
+    let snapshot = shm["snapshot_bytes"].as_u64().unwrap();
+    let capacity = shm["capacity_bytes"].as_u64().unwrap();
+    assert!(
+        snapshot > stored * (200 << 10) && snapshot <= capacity,
+        "{shm}"
+    );
+    assert!(capacity > 1_000_000 && capacity <= 1 << 20, "{shm}");
+    assert!(shm["journal_bytes"].as_u64().unwrap() >= snapshot, "{shm}");
     let refused = format!("/apisix/admin/routes/big{stored}");
     assert_eq!(
         gw.admin("GET", &refused, None).0,

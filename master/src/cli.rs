@@ -103,6 +103,19 @@ fn render_status(v: &serde_json::Value, pid_path: &Path) -> String {
         m["pid"], m["version"].as_str().unwrap_or("?"), m["uptime_s"], m["epoch"], m["generation"],
         pid_path.display(), m["config"].as_str().unwrap_or("?")
     );
+    let shm = &m["shm"];
+    if let (Some(snapshot), Some(capacity)) = (
+        shm["snapshot_bytes"].as_u64(),
+        shm["capacity_bytes"].as_u64(),
+    ) {
+        out.push_str(&format!(
+            "        configuration {} of {} bytes of wasmgate.shm_size ({}%), journal {} bytes\n",
+            snapshot,
+            capacity,
+            snapshot * 100 / capacity.max(1),
+            shm["journal_bytes"]
+        ));
+    }
     out.push_str(&format!(
         "{:<7} {:<5} {:<8} {:<9} {:<6} {:<9} {:<9} {:<10} {:<9}\n",
         "WORKER", "SLOT", "PID", "STATE", "EPOCH", "UPTIME", "RESTARTS", "GENERATION", "REQUESTS"

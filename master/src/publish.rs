@@ -45,6 +45,13 @@ impl Publisher {
         }
     }
 
+    /// How full the area is: `(whole snapshot, journal, capacity)` in bytes. The 507 comes
+    /// when the whole snapshot would pass the capacity; the journal starts again when it fills.
+    pub fn usage(&self) -> (usize, usize, usize) {
+        let capacity = self.segment.capacity().saturating_sub(8);
+        (self.whole, self.segment.journal_len(), capacity)
+    }
+
     /// Whether a whole snapshot would still fit the area with object `(kind, id)` put with
     /// `json` (None: deleted); the error is the message for the Admin API's 507.
     pub fn check_fits(&self, kind: Kind, id: &str, json: Option<&str>) -> Result<(), String> {

@@ -162,6 +162,11 @@ impl Master {
         Ok(store.revision())
     }
 
+    /// The configuration's share of the shared-memory area (see [`Publisher::usage`]).
+    pub fn shm_usage(&self) -> (usize, usize, usize) {
+        self.publisher().usage()
+    }
+
     fn publisher(&self) -> MutexGuard<'_, Publisher> {
         // Each publication leaves the publisher consistent before it returns or fails.
         self.publisher.lock().unwrap_or_else(|p| p.into_inner())

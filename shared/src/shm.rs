@@ -312,6 +312,11 @@ impl Segment {
         self.header().generation.load(Ordering::Acquire)
     }
 
+    /// Bytes of the journal written so far.
+    pub fn journal_len(&self) -> usize {
+        self.header().data_len.load(Ordering::Relaxed) as usize
+    }
+
     pub fn capacity(&self) -> usize {
         self.header().data_capacity.load(Ordering::Relaxed) as usize
     }

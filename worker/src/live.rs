@@ -298,8 +298,7 @@ impl Table {
             Kind::GlobalRules => self.objects.globals.get(id).map(|g| g.0),
         }
     }
-}
-impl Table {
+
     /// Applies `changes` (in order: a later change of an object wins): objects are parsed or
     /// removed, the routes they touch compiled again, the index patched.
     fn apply(&mut self, changes: Vec<Change<'_>>) -> Applied {
@@ -686,6 +685,19 @@ mod tests {
         c.entries.get(id).expect("route is served")
     }
 
+    /// The route serving `GET http://x<path>`.
+    fn find<'c>(c: &'c Compiled, path: &str) -> Option<&'c Arc<RouteEntry>> {
+        let none = |_: &str| None;
+        let req = crate::router::RequestView {
+            method: &http::Method::GET,
+            host: "x",
+            path,
+            remote: "127.0.0.1".parse().unwrap(),
+            vars: &none,
+        };
+        c.router.find(&req)
+    }
+
     const NODES: &str = r#"{"nodes":{"127.0.0.1:1980":1},"type":"roundrobin"}"#;
 
     /// Only the routes whose object, service or upstream changed are compiled again; the
@@ -749,17 +761,7 @@ mod tests {
             entry(&g3, "b").upstream.as_ref().unwrap(),
             g3.upstream("u1").unwrap()
         ));
-        let get = |c: &Compiled, path: &str| {
-            let none = |_: &str| None;
-            let req = crate::router::RequestView {
-                method: &http::Method::GET,
-                host: "x",
-                path,
-                remote: "127.0.0.1".parse().unwrap(),
-                vars: &none,
-            };
-            c.router.find(&req).map(|r| r.id.clone())
-        };
+        let get = |c: &Compiled, path: &str| find(c, path).map(|r| r.id.clone());
         assert_eq!(get(&g3, "/b/x").as_deref(), Some("b"));
         assert_eq!(get(&g3, "/d").as_deref(), Some("d"));
 
@@ -832,15 +834,7 @@ mod tests {
         for path in [
             "/a", "/b/x", "/c", "/d", "/e", "/other/3", "/other/4", "/new",
         ] {
-            let none = |_: &str| None;
-            let req = crate::router::RequestView {
-                method: &http::Method::GET,
-                host: "x",
-                path,
-                remote: "127.0.0.1".parse().unwrap(),
-                vars: &none,
-            };
-            let r = s.router.find(&req);
+            let r = find(s, path);
             let nodes = r
                 .and_then(|r| r.upstream.as_ref())
                 .map(|u| format!("{:?}", u.nodes));

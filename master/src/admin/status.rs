@@ -52,8 +52,21 @@ pub fn gateway(m: &Master) -> Value {
             "epoch": m.epoch.load(Ordering::Relaxed),
             "generation": seg.generation(),
             "config": m.config().origin,
+            "shm": shm_usage(m),
         },
         "workers": workers,
+    })
+}
+
+/// The configuration's share of `wasmgate.shm_size`: a whole snapshot of every object must fit
+/// it (else the Admin API answers 507), and the journal of changes after the snapshot fills it
+/// before the master starts it again.
+fn shm_usage(m: &Master) -> serde_json::Value {
+    let (snapshot, journal, capacity) = m.shm_usage();
+    json!({
+        "snapshot_bytes": snapshot,
+        "journal_bytes": journal,
+        "capacity_bytes": capacity,
     })
 }
 
