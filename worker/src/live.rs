@@ -221,11 +221,9 @@ struct Table {
     /// is dropped with its last user, and kept (balancer state, idle connections) as long as
     /// one remains.
     upstreams: FastMap<Arc<str>, (Arc<UpstreamRuntime>, usize)>,
-    /// The runtime of each upstream object, by id, and its key.
-    by_upstream_id: FastMap<String, Arc<str>>,
     router: Arc<Router>,
     global_rules: Arc<[GlobalRuleEntry]>,
-    /// `by_upstream_id` with the runtimes, as requests see it.
+    /// The runtime of each upstream object, by id, as requests see it.
     serving_upstreams: Arc<FastMap<String, Arc<UpstreamRuntime>>>,
 }
 
@@ -256,10 +254,10 @@ impl Table {
     /// The changes that turn what is compiled into `snap`: the objects it holds at another
     /// revision, and (apart) the ids of those it no longer holds.
     fn difference<'s>(&self, snap: SnapshotRef<'s>) -> (Vec<Change<'s>>, Vec<(KindTag, String)>) {
-        let mut held: FastMap<(KindTag, &str), ()> = FastMap::default();
+        let mut held: foldhash::HashSet<(KindTag, &str)> = Default::default();
         let mut changes = Vec::new();
         for o in snap.objects {
-            held.insert((o.kind, o.id), ());
+            held.insert((o.kind, o.id));
             if self.revision(o.kind.into(), o.id) != Some(o.revision) {
                 changes.push(Change {
                     kind: o.kind,
@@ -283,7 +281,7 @@ impl Table {
                     .map(|id| (KindTag::GlobalRule, id.as_str())),
             );
         let gone = compiled
-            .filter(|key| !held.contains_key(key))
+            .filter(|key| !held.contains(key))
             .map(|(kind, id)| (kind, id.to_string()))
             .collect();
         (changes, gone)
@@ -371,11 +369,7 @@ impl Table {
     ) {
         // The new one first: an upstream runtime both use is kept, not dropped and made again.
         if let Some((revision, json)) = new {
-            let mut build = Build {
-                objects: &self.objects,
-                upstreams: &mut self.upstreams,
-            };
-            let c = build.route(&key, revision, json);
+            let c = self.build().route(&key, revision, json);
             a.compiled += 1;
             a.added.extend(c.entry.clone());
             self.routes.insert(key, c);
@@ -386,20 +380,25 @@ impl Table {
         }
     }
 
-    /// Puts upstream object `id` (None: deleted) and its runtime, keyed by its revision.
+    /// Puts upstream object `id` (None: deleted). An upstream object is one user of its
+    /// runtime, under [`upstream_key`]: a new revision takes a new one, the old is released.
     fn upstream_object(&mut self, id: &str, new: Option<(u64, Upstream)>) {
-        let old = self.by_upstream_id.remove(id);
+        let old = (self.objects.upstreams.get(id)).map(|(rev, _)| upstream_key(id, *rev).into());
         if let Some((revision, u)) = &new {
-            let key: Arc<str> = format!("upstream:{id}:{revision}").into();
-            let mut build = Build {
-                objects: &self.objects,
-                upstreams: &mut self.upstreams,
-            };
-            build.upstream(key.clone(), u, None);
-            self.by_upstream_id.insert(id.to_string(), key);
+            self.build()
+                .upstream(upstream_key(id, *revision).into(), u, None);
         }
         release(&mut self.upstreams, old);
         put(&mut self.objects.upstreams, id, new);
+    }
+
+    /// Compiling against the current objects, taking runtimes from (and adding them to) the
+    /// table's.
+    fn build(&mut self) -> Build<'_> {
+        Build {
+            objects: &self.objects,
+            upstreams: &mut self.upstreams,
+        }
     }
 
     /// Patches or rebuilds the index, and remakes what requests see of the objects that changed.
@@ -425,11 +424,13 @@ impl Table {
                 .collect();
         }
         if a.deps {
-            let runtime = |key: &Arc<str>| self.upstreams.get(key).map(|u| u.0.clone());
+            let runtime = |id: &str, rev: u64| {
+                let key = upstream_key(id, rev);
+                Some((id.to_string(), self.upstreams.get(key.as_str())?.0.clone()))
+            };
             self.serving_upstreams = Arc::new(
-                self.by_upstream_id
-                    .iter()
-                    .filter_map(|(id, key)| Some((id.clone(), runtime(key)?)))
+                (self.objects.upstreams.iter())
+                    .filter_map(|(id, (rev, _))| runtime(id, *rev))
                     .collect(),
             );
         }
@@ -444,6 +445,11 @@ impl Table {
             by_upstream_id: self.serving_upstreams.clone(),
         }
     }
+}
+
+/// The key of upstream object `id`'s runtime at revision `rev`.
+fn upstream_key(id: &str, rev: u64) -> String {
+    format!("upstream:{id}:{rev}")
 }
 
 /// Sets `id` in `map` to `value`, or removes it.
@@ -582,7 +588,7 @@ impl Build<'_> {
             c.deps.upstream = Some((uid.to_string(), found.map(|u| u.0)));
             let (urev, u) = found?;
             *revision = (*revision).max(*urev);
-            Some((owner(format!("upstream:{uid}:{urev}")), u))
+            Some((owner(upstream_key(uid, *urev)), u))
         };
         let (key, u): (String, &Upstream) = if let Some(uid) = &route.upstream_id {
             by_id(&uid.0)?
