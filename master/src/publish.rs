@@ -48,8 +48,12 @@ impl Publisher {
     /// How full the area is: `(whole snapshot, journal, capacity)` in bytes. The 507 comes
     /// when the whole snapshot would pass the capacity; the journal starts again when it fills.
     pub fn usage(&self) -> (usize, usize, usize) {
-        let capacity = self.segment.capacity().saturating_sub(8);
-        (self.whole, self.segment.journal_len(), capacity)
+        (self.whole, self.segment.journal_len(), self.capacity())
+    }
+
+    /// The most a whole snapshot may take: it is one record, a length word and its bytes.
+    fn capacity(&self) -> usize {
+        self.segment.capacity().saturating_sub(8)
     }
 
     /// Whether a whole snapshot would still fit the area with object `(kind, id)` put with
@@ -58,8 +62,7 @@ impl Publisher {
         let old = self.told.get(&(kind, id.to_string())).map_or(0, |t| t.1);
         let new = json.map_or(0, |json| object_len(kind, id, u64::MAX, json));
         let size = self.whole - old + new;
-        // The snapshot is one record: a length word, then its bytes.
-        let capacity = self.segment.capacity().saturating_sub(8);
+        let capacity = self.capacity();
         if size > capacity {
             return Err(format!(
                 "configuration snapshot of {size} bytes exceeds wasmgate.shm_size ({capacity} bytes); raise wasmgate.shm_size in config.yaml"
@@ -132,13 +135,21 @@ impl Publisher {
 
     /// Starts a new journal with a whole snapshot of the store.
     fn publish_whole(&mut self, store: &Store) -> Result<(), ShmError> {
+        let mut told = HashMap::new();
+        let mut whole = SNAPSHOT_HEAD;
         let objects: Vec<ObjectRef> = store
             .iter_json()
-            .map(|(kind, id, s, json)| ObjectRef {
-                kind: kind.into(),
-                id,
-                revision: s.modified_index,
-                json,
+            .map(|(kind, id, s, json)| {
+                let o = ObjectRef {
+                    kind: kind.into(),
+                    id,
+                    revision: s.modified_index,
+                    json,
+                };
+                let len = o.encoded_len();
+                whole += len;
+                told.insert((kind, id.to_string()), (o.revision, len));
+                o
             })
             .collect();
         let bytes = SnapshotRef {
@@ -147,12 +158,7 @@ impl Publisher {
         }
         .encode();
         self.segment.publish(store.revision(), &bytes)?;
-        self.told.clear();
-        self.whole = SNAPSHOT_HEAD;
-        for (kind, id, _, _) in store.iter_json() {
-            self.note(store, kind, id);
-        }
-        self.deltas = Some(0);
+        (self.told, self.whole, self.deltas) = (told, whole, Some(0));
         Ok(())
     }
 

@@ -348,7 +348,8 @@ impl Segment {
         if start + needed > words.len() {
             return Err(ShmError::TooLarge {
                 size: bytes.len(),
-                capacity: (words.len() - start.min(words.len())).saturating_sub(1) * 8,
+                // What is left past the record's length word.
+                capacity: words.len().saturating_sub(start + 1) * 8,
             });
         }
         let seq = h.seq.load(Ordering::Relaxed);

@@ -72,8 +72,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn encode(&self) -> Vec<u8> {
-        // Encoding plain structs of strings and integers into a Vec cannot fail.
-        postcard::to_allocvec(self).unwrap_or_default()
+        encode(self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, String> {
@@ -103,8 +102,7 @@ pub struct ObjectRef<'a> {
 
 impl<'a> SnapshotRef<'a> {
     pub fn encode(&self) -> Vec<u8> {
-        // Encoding plain structs of strings and integers into a Vec cannot fail.
-        postcard::to_allocvec(self).unwrap_or_default()
+        encode(self)
     }
 
     pub fn decode(bytes: &'a [u8]) -> Result<SnapshotRef<'a>, String> {
@@ -148,13 +146,17 @@ pub struct Change<'a> {
 
 impl<'a> Delta<'a> {
     pub fn encode(&self) -> Vec<u8> {
-        // Encoding plain structs of strings and integers into a Vec cannot fail.
-        postcard::to_allocvec(self).unwrap_or_default()
+        encode(self)
     }
 
     pub fn decode(bytes: &'a [u8]) -> Result<Delta<'a>, String> {
         postcard::from_bytes(bytes).map_err(|e| format!("corrupt configuration change: {e}"))
     }
+}
+
+fn encode(value: &impl Serialize) -> Vec<u8> {
+    // Encoding plain structs of strings and integers into a Vec cannot fail.
+    postcard::to_allocvec(value).unwrap_or_default()
 }
 
 /// What a worker is told at start (on its standard input, as JSON).
