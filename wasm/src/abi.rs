@@ -76,10 +76,15 @@ fn answer_with(
     ret_len: i32,
     fill: impl FnOnce(&mut [u8], &mut HostState) -> Result<(), Status>,
 ) -> R {
-    let Some(alloc) = c.data().alloc.clone() else {
+    // Taken out for the call and put back, not cloned: a `TypedFunc` clone registers its
+    // type again. (An allocator that called back into a host function that allocates would
+    // find none and get `InternalFailure`, not a loop.)
+    let Some(alloc) = c.data_mut().alloc.take() else {
         return ok(Status::InternalFailure);
     };
-    let p = alloc.call(&mut *c, len as i32)?;
+    let r = alloc.call(&mut *c, len as i32);
+    c.data_mut().alloc = Some(alloc);
+    let p = r?;
     if p == 0 && len > 0 {
         return ok(Status::InternalFailure);
     }

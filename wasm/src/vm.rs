@@ -8,7 +8,6 @@ use crate::head::HeaderList;
 use crate::module::{PluginModule, EPOCH_TICK};
 use crate::state::{CallResponse, HostState, HttpCall, LocalReply, Stream};
 use std::collections::HashMap;
-use std::sync::Arc;
 use wasmtime::{Store, StoreLimitsBuilder, TypedFunc};
 
 /// Why a call into the plugin failed; the VM must be discarded.
@@ -81,9 +80,9 @@ struct Exports {
 /// A live plugin instance.
 pub struct PluginVm {
     store: Store<HostState>,
-    /// Shared so that a call borrows an export without cloning it: a `TypedFunc` clone
-    /// registers its type again, which showed in profiles at seven clones per request.
-    f: Arc<Exports>,
+    /// Borrowed for each call, never cloned: a `TypedFunc` clone registers its type again,
+    /// which showed in profiles at seven clones per request.
+    f: Exports,
     next_id: u32,
     ticks: u64,
 }
@@ -170,31 +169,28 @@ impl PluginVm {
         };
         let mut vm = PluginVm {
             store,
-            f: Arc::new(f),
+            f,
             next_id: VM_ROOT + 1,
             ticks,
         };
         vm.context_create(VM_ROOT, 0)?;
-        if let Some(start) = vm.f.vm_start.clone() {
-            if vm.call(|s| start.call(s, (VM_ROOT as i32, 0)))? == 0 {
+        if let Some(start) = vm.f.vm_start.as_ref() {
+            if run(&mut vm.store, vm.ticks, |s| {
+                start.call(s, (VM_ROOT as i32, 0))
+            })? == 0
+            {
                 return Err(Fault::Trap("proxy_on_vm_start returned false".into()));
             }
         }
         Ok(vm)
     }
 
-    fn call<T>(
-        &mut self,
-        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
-    ) -> Result<T, Fault> {
-        self.store.set_epoch_deadline(self.ticks);
-        f(&mut self.store).map_err(classify)
-    }
-
     fn context_create(&mut self, id: u32, parent: u32) -> Result<(), Fault> {
-        let f = Arc::clone(&self.f);
         self.store.data_mut().effective_context = id;
-        self.call(|s| f.context_create.call(s, (id as i32, parent as i32)))
+        let f = &self.f.context_create;
+        run(&mut self.store, self.ticks, |s| {
+            f.call(s, (id as i32, parent as i32))
+        })
     }
 
     fn new_id(&mut self) -> u32 {
@@ -208,12 +204,13 @@ impl PluginVm {
     pub fn create_plugin_context(&mut self, conf: &[u8]) -> Result<Option<u32>, Fault> {
         let id = self.new_id();
         self.context_create(id, 0)?;
-        let f = Arc::clone(&self.f);
-        let Some(configure) = f.configure.as_ref() else {
+        let Some(configure) = self.f.configure.as_ref() else {
             return Ok(Some(id));
         };
         self.store.data_mut().plugin_config = conf.to_vec();
-        let r = self.call(|s| configure.call(s, (id as i32, conf.len() as i32)));
+        let r = run(&mut self.store, self.ticks, |s| {
+            configure.call(s, (id as i32, conf.len() as i32))
+        });
         self.store.data_mut().plugin_config.clear();
         if r? == 0 {
             self.finish(id)?;
@@ -233,22 +230,24 @@ impl PluginVm {
     /// handed back even when the call faults).
     fn stream_call(
         &mut self,
-        f: Option<&Callback3>,
+        pick: fn(&Exports) -> Option<&Callback3>,
         id: u32,
         stream: &mut Option<Box<Stream>>,
         a: usize,
         b: bool,
     ) -> Result<Outcome, Fault> {
-        let Some(f) = f else {
+        let Some(f) = pick(&self.f) else {
             return Ok(Outcome {
                 action: Action::Continue,
                 reply: None,
                 resumed: false,
             });
         };
-        self.enter(id, stream);
-        let r = self.call(|s| f.call(s, (id as i32, a as i32, b as i32)));
-        let (reply, resumed) = self.leave(stream);
+        enter(&mut self.store, id, stream);
+        let r = run(&mut self.store, self.ticks, |s| {
+            f.call(s, (id as i32, a as i32, b as i32))
+        });
+        let (reply, resumed) = leave(&mut self.store, stream);
         Ok(Outcome {
             action: if r? == 0 {
                 Action::Continue
@@ -260,20 +259,6 @@ impl PluginVm {
         })
     }
 
-    fn enter(&mut self, id: u32, stream: &mut Option<Box<Stream>>) {
-        let d = self.store.data_mut();
-        d.stream = stream.take();
-        d.local_reply = None;
-        d.resumed = false;
-        d.effective_context = id;
-    }
-
-    fn leave(&mut self, stream: &mut Option<Box<Stream>>) -> (Option<LocalReply>, bool) {
-        let d = self.store.data_mut();
-        *stream = d.stream.take();
-        (d.local_reply.take(), std::mem::take(&mut d.resumed))
-    }
-
     /// `proxy_on_request_headers`.
     pub fn on_request_headers(
         &mut self,
@@ -282,8 +267,7 @@ impl PluginVm {
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
         let n = stream.as_ref().map_or(0, |s| s.request.count());
-        let f = Arc::clone(&self.f);
-        self.stream_call(f.request_headers.as_ref(), id, stream, n, end_of_stream)
+        self.stream_call(|f| f.request_headers.as_ref(), id, stream, n, end_of_stream)
     }
 
     /// `proxy_on_response_headers`.
@@ -297,8 +281,13 @@ impl PluginVm {
             .as_ref()
             .and_then(|s| s.response.as_ref())
             .map_or(0, |h| h.count());
-        let f = Arc::clone(&self.f);
-        self.stream_call(f.response_headers.as_ref(), id, stream, n, end_of_stream)
+        self.stream_call(
+            |f| f.response_headers.as_ref(),
+            id,
+            stream,
+            n,
+            end_of_stream,
+        )
     }
 
     /// `proxy_on_request_body` with the buffered body in `stream.request_body`.
@@ -309,8 +298,7 @@ impl PluginVm {
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
         let n = stream.as_ref().map(|s| s.request_body.len()).unwrap_or(0);
-        let f = Arc::clone(&self.f);
-        self.stream_call(f.request_body.as_ref(), id, stream, n, end_of_stream)
+        self.stream_call(|f| f.request_body.as_ref(), id, stream, n, end_of_stream)
     }
 
     /// `proxy_on_response_body` with the buffered body in `stream.response_body`.
@@ -321,8 +309,7 @@ impl PluginVm {
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
         let n = stream.as_ref().map(|s| s.response_body.len()).unwrap_or(0);
-        let f = Arc::clone(&self.f);
-        self.stream_call(f.response_body.as_ref(), id, stream, n, end_of_stream)
+        self.stream_call(|f| f.response_body.as_ref(), id, stream, n, end_of_stream)
     }
 
     /// Whether the plugin has body callbacks at all (without them bodies stream untouched).
@@ -344,8 +331,7 @@ impl PluginVm {
         stream: &mut Option<Box<Stream>>,
         response: Option<CallResponse>,
     ) -> Result<Outcome, Fault> {
-        let exports = Arc::clone(&self.f);
-        let Some(f) = exports.http_call_response.as_ref() else {
+        let Some(f) = self.f.http_call_response.as_ref() else {
             return Ok(Outcome {
                 action: Action::Continue,
                 reply: None,
@@ -354,11 +340,13 @@ impl PluginVm {
         };
         let resp = response.unwrap_or_default();
         let (h, b, t) = (resp.headers.len(), resp.body.len(), resp.trailers.len());
-        self.enter(id, stream);
+        enter(&mut self.store, id, stream);
         self.store.data_mut().call_response = Some(resp);
-        let r = self.call(|s| f.call(s, (id as i32, token as i32, h as i32, b as i32, t as i32)));
+        let r = run(&mut self.store, self.ticks, |s| {
+            f.call(s, (id as i32, token as i32, h as i32, b as i32, t as i32))
+        });
         self.store.data_mut().call_response = None;
-        let (reply, resumed) = self.leave(stream);
+        let (reply, resumed) = leave(&mut self.store, stream);
         r?;
         Ok(Outcome {
             action: Action::Continue,
@@ -369,22 +357,22 @@ impl PluginVm {
 
     /// `proxy_on_tick` on the root context `id`.
     pub fn on_tick(&mut self, id: u32) -> Result<(), Fault> {
-        let exports = Arc::clone(&self.f);
-        let Some(f) = exports.tick.as_ref() else {
+        let Some(f) = self.f.tick.as_ref() else {
             return Ok(());
         };
         self.store.data_mut().effective_context = id;
-        self.call(|s| f.call(s, id as i32))
+        run(&mut self.store, self.ticks, |s| f.call(s, id as i32))
     }
 
     /// `proxy_on_queue_ready` on the root context `id`.
     pub fn on_queue_ready(&mut self, id: u32, queue: u32) -> Result<(), Fault> {
-        let exports = Arc::clone(&self.f);
-        let Some(f) = exports.queue_ready.as_ref() else {
+        let Some(f) = self.f.queue_ready.as_ref() else {
             return Ok(());
         };
         self.store.data_mut().effective_context = id;
-        self.call(|s| f.call(s, (id as i32, queue as i32)))
+        run(&mut self.store, self.ticks, |s| {
+            f.call(s, (id as i32, queue as i32))
+        })
     }
 
     /// Bytes of the instance's linear memory now.
@@ -393,6 +381,14 @@ impl PluginVm {
         d.memory
             .map(|m| m.data_size(&self.store) as u64)
             .unwrap_or(0)
+    }
+
+    /// Whether the last callbacks dispatched a call-out, or changed tick periods or queue
+    /// registrations: what [`PluginVm::take_calls`], [`PluginVm::changed_ticks`] and
+    /// [`PluginVm::changed_queues`] would report.
+    pub fn has_effects(&self) -> bool {
+        let d = self.store.data();
+        !d.calls.is_empty() || d.ticks_changed || d.queues_changed
     }
 
     /// The call-outs dispatched since the last time this was asked.
@@ -422,13 +418,12 @@ impl PluginVm {
 
     /// `proxy_on_log` with the stream readable.
     pub fn on_log(&mut self, id: u32, stream: &mut Option<Box<Stream>>) -> Result<(), Fault> {
-        let exports = Arc::clone(&self.f);
-        let Some(f) = exports.log.as_ref() else {
+        let Some(f) = self.f.log.as_ref() else {
             return Ok(());
         };
-        self.enter(id, stream);
-        let r = self.call(|s| f.call(s, id as i32));
-        self.leave(stream);
+        enter(&mut self.store, id, stream);
+        let r = run(&mut self.store, self.ticks, |s| f.call(s, id as i32));
+        leave(&mut self.store, stream);
         r
     }
 
@@ -436,16 +431,47 @@ impl PluginVm {
     pub fn finish(&mut self, id: u32) -> Result<(), Fault> {
         let d = self.store.data_mut();
         d.effective_context = id;
-        if d.tick_periods.remove(&id).is_some() {
+        // Only root contexts tick: most finished contexts are HttpContexts, and most plugins
+        // never tick.
+        if !d.tick_periods.is_empty() && d.tick_periods.remove(&id).is_some() {
             d.ticks_changed = true;
         }
-        let f = Arc::clone(&self.f);
-        if let Some(done) = f.done.as_ref() {
-            self.call(|s| done.call(s, id as i32))?;
+        if let Some(done) = self.f.done.as_ref() {
+            run(&mut self.store, self.ticks, |s| done.call(s, id as i32))?;
         }
-        if let Some(delete) = f.delete.as_ref() {
-            self.call(|s| delete.call(s, id as i32))?;
+        if let Some(delete) = self.f.delete.as_ref() {
+            run(&mut self.store, self.ticks, |s| delete.call(s, id as i32))?;
         }
         Ok(())
     }
+}
+
+/// Runs `f` (a call into the plugin) under the callback deadline. A free function over the
+/// store, so the caller can borrow the export it calls from the VM at the same time.
+fn run<T>(
+    store: &mut Store<HostState>,
+    ticks: u64,
+    f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
+) -> Result<T, Fault> {
+    store.set_epoch_deadline(ticks);
+    f(store).map_err(classify)
+}
+
+/// Lends `stream` to the host functions for a callback on context `id`.
+fn enter(store: &mut Store<HostState>, id: u32, stream: &mut Option<Box<Stream>>) {
+    let d = store.data_mut();
+    d.stream = stream.take();
+    d.local_reply = None;
+    d.resumed = false;
+    d.effective_context = id;
+}
+
+/// Takes the stream back after a callback: (its local reply, whether it resumed the stream).
+fn leave(
+    store: &mut Store<HostState>,
+    stream: &mut Option<Box<Stream>>,
+) -> (Option<LocalReply>, bool) {
+    let d = store.data_mut();
+    *stream = d.stream.take();
+    (d.local_reply.take(), std::mem::take(&mut d.resumed))
 }

@@ -49,6 +49,9 @@ struct Root {
     id: Option<u32>,
     inflight: usize,
     stale: bool,
+    /// Its object's statistics record (see [`Plugins::record`]), kept here so a request
+    /// finds it in the same lookup as the context.
+    record: Option<usize>,
 }
 
 struct VmState {
@@ -348,13 +351,14 @@ impl Plugins {
         req: &mut WasmRequest,
         end_of_stream: bool,
     ) -> Verdict {
+        // One clock reading per plugin: where one plugin's time ends the next one's starts.
+        let mut started = Instant::now();
         for link in chain {
             let p = &self.list[link.plugin];
-            let started = Instant::now();
             let (first, calls) = {
                 let mut st = p.lock();
-                let record = self.record(link.plugin, &mut st, link.owner);
-                let (http_id, generation) = match self.open(p, &mut st, link, record) {
+                let (record, opened) = self.open(p, &mut st, link);
+                let (http_id, generation) = match opened {
                     Ok(Some(ids)) => ids,
                     Ok(None) => {
                         self.count(record, |r| &r.errors);
@@ -363,6 +367,7 @@ impl Plugins {
                     Err(f) => {
                         self.fault(p, &mut st, &f, "creating a context", record);
                         if p.decl.fail_open {
+                            started = Instant::now();
                             continue;
                         }
                         return Verdict::Fail;
@@ -385,10 +390,16 @@ impl Plugins {
             let Some(active) = req.active.last_mut() else {
                 return Verdict::Fail;
             };
-            let (verdict, waited) = self
-                .settle(active, first, calls, &mut req.stream, Phase::Request)
-                .await;
-            active.spent += (started.elapsed() - waited).as_nanos() as u64;
+            let (verdict, waited) = match settled(first, calls) {
+                Ok(verdict) => (verdict, Duration::ZERO),
+                Err((first, calls)) => {
+                    self.settle(active, first, calls, &mut req.stream, Phase::Request)
+                        .await
+                }
+            };
+            let now = Instant::now();
+            active.spent += (now - started).saturating_sub(waited).as_nanos() as u64;
+            started = now;
             match verdict {
                 Verdict::Continue => {}
                 other => return other,
@@ -405,9 +416,9 @@ impl Plugins {
         stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Verdict {
+        let mut started = Instant::now();
         for a in active.iter_mut() {
             let p = &self.list[a.plugin];
-            let started = Instant::now();
             let (first, calls) = {
                 let mut st = p.lock();
                 if st.generation != a.vm_generation {
@@ -417,8 +428,13 @@ impl Plugins {
                 let r = vm.on_response_headers(a.http_id, stream, end_of_stream);
                 (r, st.collect(self))
             };
-            let (verdict, waited) = self.settle(a, first, calls, stream, Phase::Response).await;
-            a.spent += (started.elapsed() - waited).as_nanos() as u64;
+            let (verdict, waited) = match settled(first, calls) {
+                Ok(verdict) => (verdict, Duration::ZERO),
+                Err((first, calls)) => self.settle(a, first, calls, stream, Phase::Response).await,
+            };
+            let now = Instant::now();
+            a.spent += (now - started).saturating_sub(waited).as_nanos() as u64;
+            started = now;
             match verdict {
                 Verdict::Continue => {}
                 other => return other,
@@ -606,9 +622,31 @@ impl Plugins {
         Some((r, calls))
     }
 
-    /// Ensures the VM and the PluginContext, then creates an HttpContext: (http id, VM generation),
-    /// or None when the plugin refused its configuration.
+    /// Ensures the VM and the PluginContext, then creates an HttpContext: the statistics
+    /// record, and (http id, VM generation) or None when the plugin refused its configuration.
     fn open(
+        &self,
+        p: &Plugin,
+        st: &mut VmState,
+        link: &Link,
+    ) -> (Option<usize>, Result<Option<(u32, u64)>, Fault>) {
+        // A known PluginContext of a live VM (nearly every request): one lookup.
+        if st.vm.is_some() {
+            if let Some(root) = st.roots.get_mut(&**link.owner) {
+                if let Some(root_id) = root.id {
+                    root.inflight += 1;
+                    let record = root.record;
+                    return (record, self.http_context(st, root_id, record));
+                }
+            }
+        }
+        let record = self.record(link.plugin, st, link.owner);
+        (record, self.open_slow(p, st, link, record))
+    }
+
+    /// [`Plugins::open`] for a new VM, a new PluginContext, or one that refused its
+    /// configuration.
+    fn open_slow(
         &self,
         p: &Plugin,
         st: &mut VmState,
@@ -652,6 +690,7 @@ impl Plugins {
                     id,
                     inflight: 0,
                     stale: false,
+                    record,
                 },
             );
         }
@@ -665,6 +704,16 @@ impl Plugins {
             return Ok(None);
         };
         root.inflight += 1;
+        self.http_context(st, root_id, record)
+    }
+
+    /// A new HttpContext under the PluginContext `root_id` (its `inflight` already counted).
+    fn http_context(
+        &self,
+        st: &mut VmState,
+        root_id: u32,
+        record: Option<usize>,
+    ) -> Result<Option<(u32, u64)>, Fault> {
         self.count(record, |r| &r.requests);
         let vm = st.vm.as_mut().ok_or(Fault::Trap("no instance".into()))?;
         let id = vm.create_http_context(root_id)?;
@@ -719,6 +768,8 @@ impl Plugins {
         mut data: BodyBuf,
         end_of_stream: bool,
     ) -> BodyStep {
+        // One clock reading per context: where one's time ends the next one's starts.
+        let mut started = Instant::now();
         // By index, each context's fields copied out: `req` lends its stream to the VM below.
         for i in 0..req.active.len().min(bufs.len()) {
             let a = &req.active[i];
@@ -729,7 +780,6 @@ impl Plugins {
             if !p.has_body(dir) {
                 continue;
             }
-            let started = Instant::now();
             let Some(stream) = req.stream.as_mut() else {
                 // The stream is lent to a waiting headers phase: nothing to show the plugin.
                 continue;
@@ -777,9 +827,11 @@ impl Plugins {
                 };
                 std::mem::swap(lent, buf);
             }
+            let now = Instant::now();
             if let Some(a) = req.active.get_mut(i) {
-                a.spent += started.elapsed().as_nanos() as u64;
+                a.spent += (now - started).as_nanos() as u64;
             }
+            started = now;
             let Some((r, calls)) = r else {
                 // The VM was replaced: this context is gone, the bytes pass.
                 data = std::mem::take(buf);
@@ -811,19 +863,22 @@ impl Plugins {
 
     /// The log phase: `proxy_on_log`, then done and delete for every HttpContext.
     fn on_log(&self, active: Vec<Active>, stream: &mut Option<Box<Stream>>) {
+        // One clock reading per context: where one's time ends the next one's starts.
+        let mut started = Instant::now();
         for a in active {
             let p = &self.list[a.plugin];
             let mut st = p.lock();
             if st.generation != a.vm_generation || st.vm.is_none() {
                 continue;
             }
-            let started = Instant::now();
             let vm = st.vm.as_mut().expect("checked");
             let r = vm
                 .on_log(a.http_id, stream)
                 .and_then(|_| vm.finish(a.http_id));
             let memory = vm.memory_bytes();
-            let ns = a.spent + started.elapsed().as_nanos() as u64;
+            let now = Instant::now();
+            let ns = a.spent + (now - started).as_nanos() as u64;
+            started = now;
             if let Some(rec) = self.stats(a.record) {
                 rec.record_time(ns);
             }
@@ -832,15 +887,24 @@ impl Plugins {
                     cell.store(memory, Ordering::Relaxed);
                 }
             }
-            st.calls.retain(|_, c| *c != a.http_id);
+            if !st.calls.is_empty() {
+                st.calls.retain(|_, c| *c != a.http_id);
+            }
             if let Err(f) = r {
                 self.fault(p, &mut st, &f, "proxy_on_log", a.record);
                 continue;
             }
-            if let Some(root) = st.roots.get_mut(&*a.owner) {
-                root.inflight = root.inflight.saturating_sub(1);
+            let collectable = match st.roots.get_mut(&*a.owner) {
+                Some(root) => {
+                    root.inflight = root.inflight.saturating_sub(1);
+                    root.stale && root.inflight == 0
+                }
+                None => false,
+            };
+            // A PluginContext retired by a newer revision goes with its last request.
+            if collectable {
+                self.collect_stale(p, &mut st);
             }
-            self.collect_stale(p, &mut st);
         }
     }
 
@@ -963,10 +1027,34 @@ impl Plugins {
     }
 }
 
+/// A headers callback's verdict when it needs no waiting and no bookkeeping — it continued (or
+/// resumed) without a reply and dispatched no call-out, as nearly every one does; otherwise
+/// its outcome and calls back for [`Plugins::settle`].
+#[allow(clippy::type_complexity)]
+fn settled(
+    first: Result<Outcome, Fault>,
+    calls: Vec<HttpCall>,
+) -> Result<Verdict, (Result<Outcome, Fault>, Vec<HttpCall>)> {
+    match &first {
+        Ok(o)
+            if calls.is_empty()
+                && o.reply.is_none()
+                && (o.action == Action::Continue || o.resumed) =>
+        {
+            Ok(Verdict::Continue)
+        }
+        _ => Err((first, calls)),
+    }
+}
+
 impl VmState {
     /// After any call into the VM: registers the call-outs it dispatched (returned for the
     /// caller to perform) and picks up changed tick periods.
     fn collect(&mut self, plugins: &Plugins) -> Vec<HttpCall> {
+        // Nearly every callback dispatches nothing: one look, no bookkeeping.
+        if !self.vm.as_ref().is_some_and(PluginVm::has_effects) {
+            return Vec::new();
+        }
         let Some(mut vm) = self.vm.take() else {
             return Vec::new();
         };
