@@ -5,6 +5,7 @@
 use crate::head::HeaderList;
 use crate::props::Found;
 use crate::state::{HostState, LocalReply, Status};
+use http::header::HeaderName;
 use wasmgate_abi::{map, splice};
 use wasmtime::{Caller, FuncType, Linker, Memory, Val, ValType};
 
@@ -322,6 +323,43 @@ fn with_entry<T>(
     Ok(f(map_of(state, map_type)?, key, value))
 }
 
+/// [`with_entry`] for a call that stores a header: `parsed` gets the name parsed — from the
+/// instance's memo of names when the plugin passed the same bytes lately, the usual case —
+/// and `text` the names that are not header names (pseudo-headers, and invalid ones, which
+/// the list refuses and records).
+fn with_name(
+    c: &mut C<'_>,
+    map_type: i32,
+    (kp, kl): (i32, i32),
+    (vp, vl): (i32, i32),
+    parsed: impl FnOnce(&mut dyn HeaderList, HeaderName, &[u8]),
+    text: impl FnOnce(&mut dyn HeaderList, &str, &[u8]),
+) -> Result<(), Status> {
+    let m = memory(c).ok_or(Status::BadArgument)?;
+    let (mem, state) = m.data_and_store_mut(c);
+    let raw = slice(mem, kp, kl)?;
+    let value = slice(mem, vp, vl)?;
+    let known = state.names.find(raw).cloned();
+    let name = match known {
+        Some(n) => n,
+        None => {
+            let key = std::str::from_utf8(raw).map_err(|_| Status::BadArgument)?;
+            let n = match key.starts_with(':') {
+                true => None,
+                false => crate::head::header_name(key),
+            };
+            let Some(n) = n else {
+                text(map_of(state, map_type)?, key, value);
+                return Ok(());
+            };
+            state.names.remember(n.clone());
+            n
+        }
+    };
+    parsed(map_of(state, map_type)?, name, value);
+    Ok(())
+}
+
 fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
@@ -373,7 +411,14 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_replace_header_map_value",
         |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> R {
-            tri!(with_entry(&mut c, t, (kp, kl), (vp, vl), |h, k, v| h.replace(k, v)));
+            tri!(with_name(
+                &mut c,
+                t,
+                (kp, kl),
+                (vp, vl),
+                |h, n, v| h.replace_parsed(n, v),
+                |h, k, v| h.replace(k, v)
+            ));
             ok(Status::Ok)
         },
     )?;
@@ -381,7 +426,14 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_add_header_map_value",
         |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> R {
-            tri!(with_entry(&mut c, t, (kp, kl), (vp, vl), |h, k, v| h.add(k, v)));
+            tri!(with_name(
+                &mut c,
+                t,
+                (kp, kl),
+                (vp, vl),
+                |h, n, v| h.add_parsed(n, v),
+                |h, k, v| h.add(k, v)
+            ));
             ok(Status::Ok)
         },
     )?;

@@ -41,6 +41,14 @@ pub trait HeaderList {
     fn replace(&mut self, name: &str, value: &[u8]);
     /// Adds a value to `name`.
     fn add(&mut self, name: &str, value: &[u8]);
+    /// [`HeaderList::replace`] with the name already parsed.
+    fn replace_parsed(&mut self, name: HeaderName, value: &[u8]) {
+        self.replace(name.as_str(), value)
+    }
+    /// [`HeaderList::add`] with the name already parsed.
+    fn add_parsed(&mut self, name: HeaderName, value: &[u8]) {
+        self.add(name.as_str(), value)
+    }
     fn remove(&mut self, name: &str);
     /// Replaces every pair; pseudo-headers not in `pairs` are kept (they describe the request).
     fn set_all(&mut self, pairs: Pairs);
@@ -236,17 +244,22 @@ impl Head {
         self.refused += 1;
     }
 
-    /// A checked name and value, or the refusal recorded.
-    fn entry(&mut self, name: &str, value: &[u8]) -> Option<(HeaderName, HeaderValue)> {
-        let Some(n) = header_name(name) else {
+    /// A checked value for `name`, or the refusal recorded.
+    fn value_for(&mut self, name: &HeaderName, value: &[u8]) -> Option<HeaderValue> {
+        let v = header_value(value);
+        if v.is_none() {
+            self.refuse(|| format!("invalid value for header {:?}", name.as_str()));
+        }
+        v
+    }
+
+    /// `name` parsed, or the refusal recorded.
+    fn name(&mut self, name: &str) -> Option<HeaderName> {
+        let n = header_name(name);
+        if n.is_none() {
             self.refuse(|| format!("invalid header name {name:?}"));
-            return None;
-        };
-        let Some(v) = header_value(value) else {
-            self.refuse(|| format!("invalid value for header {name:?}"));
-            return None;
-        };
-        Some((n, v))
+        }
+        n
     }
 
     fn set_pseudo(&mut self, name: &str, value: &[u8], replace: bool) {
@@ -266,6 +279,37 @@ impl Head {
     }
 }
 
+/// The header names one plugin instance passed lately, parsed. A plugin passes the same few
+/// names on every request, so a host call compares the bytes it was given with these (most
+/// differ in length at once) before it checks them as text and looks them up in the worker's
+/// table ([`header_name`]), which costs several times more.
+#[derive(Debug, Default)]
+pub struct NameMemo {
+    names: Vec<HeaderName>,
+    /// Where the next name goes once the memo is full.
+    next: usize,
+}
+
+impl NameMemo {
+    /// Names kept: a plugin setting more on every request still finds the table behind.
+    const SIZE: usize = 8;
+
+    /// The name whose text is exactly `raw` (lower-case: a name given in capitals is parsed
+    /// each time).
+    pub fn find(&self, raw: &[u8]) -> Option<&HeaderName> {
+        self.names.iter().find(|n| n.as_str().as_bytes() == raw)
+    }
+
+    pub fn remember(&mut self, name: HeaderName) {
+        if self.names.len() < Self::SIZE {
+            self.names.push(name);
+        } else {
+            self.names[self.next] = name;
+            self.next = (self.next + 1) % Self::SIZE;
+        }
+    }
+}
+
 /// Most names [`header_name`] remembers per thread.
 const NAMES_KEPT: usize = 1024;
 
@@ -277,7 +321,7 @@ std::thread_local! {
 }
 
 /// `name` as a header name (lower-cased), or `None` when it is not a valid one.
-fn header_name(name: &str) -> Option<HeaderName> {
+pub fn header_name(name: &str) -> Option<HeaderName> {
     NAMES.with(|names| {
         let mut names = names.borrow_mut();
         if let Some(n) = names.get(name) {
@@ -386,10 +430,8 @@ impl HeaderList for Head {
         if name.starts_with(':') {
             return self.set_pseudo(name, value, true);
         }
-        if let Some((n, v)) = self.entry(name, value) {
-            if self.headers.try_insert(n, v).is_err() {
-                self.overflow += 1;
-            }
+        if let Some(n) = self.name(name) {
+            self.replace_parsed(n, value);
         }
     }
 
@@ -402,8 +444,28 @@ impl HeaderList for Head {
             self.overflow += 1;
             return;
         }
-        if let Some((n, v)) = self.entry(name, value) {
-            if self.headers.try_append(n, v).is_err() {
+        if let Some(n) = self.name(name) {
+            self.add_parsed(n, value);
+        }
+    }
+
+    fn replace_parsed(&mut self, name: HeaderName, value: &[u8]) {
+        self.changed = true;
+        if let Some(v) = self.value_for(&name, value) {
+            if self.headers.try_insert(name, v).is_err() {
+                self.overflow += 1;
+            }
+        }
+    }
+
+    fn add_parsed(&mut self, name: HeaderName, value: &[u8]) {
+        self.changed = true;
+        if self.headers.len() >= MAX_HEADERS {
+            self.overflow += 1;
+            return;
+        }
+        if let Some(v) = self.value_for(&name, value) {
+            if self.headers.try_append(name, v).is_err() {
                 self.overflow += 1;
             }
         }
@@ -632,6 +694,31 @@ mod tests {
             assert_eq!(e, "40004 headers, more than a header map can hold");
             assert!(full.headers().len() <= MAX_HEADERS);
         }
+    }
+
+    #[test]
+    fn the_name_memo_answers_only_exact_bytes_and_keeps_the_latest() {
+        let mut memo = NameMemo::default();
+        for i in 0..NameMemo::SIZE + 1 {
+            memo.remember(header_name(&format!("x-n{i}")).unwrap());
+        }
+        // The oldest made room for the newest.
+        assert!(memo.find(b"x-n0").is_none());
+        assert_eq!(memo.find(b"x-n8").unwrap().as_str(), "x-n8");
+        assert_eq!(memo.find(b"x-n1").unwrap().as_str(), "x-n1");
+        // Only the exact (lower-case) bytes: anything else is parsed as text.
+        assert!(memo.find(b"X-N1").is_none());
+        assert!(memo.find(b"x-n").is_none());
+        // A parsed name stores what the text would.
+        let (mut a, mut b) = (request(), request());
+        a.replace("x-n1", b"1");
+        a.add("x-n1", b"2");
+        b.replace_parsed(memo.find(b"x-n1").unwrap().clone(), b"1");
+        b.add_parsed(memo.find(b"x-n1").unwrap().clone(), b"2");
+        assert_eq!(a.headers(), b.headers());
+        assert!(b.changed());
+        b.add_parsed(memo.find(b"x-n2").unwrap().clone(), b"bad\nvalue");
+        assert_eq!(b.error().unwrap(), "invalid value for header \"x-n2\"");
     }
 
     #[test]

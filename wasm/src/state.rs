@@ -148,6 +148,8 @@ pub struct HostState {
     pub memory: Option<wasmtime::Memory>,
     pub alloc: Option<wasmtime::TypedFunc<i32, i32>>,
     pub plugin_name: Arc<str>,
+    /// Header names this instance passed lately, parsed (see [`crate::head::NameMemo`]).
+    pub names: crate::head::NameMemo,
     /// The error-log level as the plugin sees it (`proxy_get_log_level`).
     pub log_level: u32,
     pub limits: StoreLimits,

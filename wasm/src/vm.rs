@@ -99,6 +99,7 @@ impl PluginVm {
             memory: None,
             alloc: None,
             plugin_name: s.name.clone(),
+            names: Default::default(),
             log_level: s.log_level,
             limits: StoreLimitsBuilder::new()
                 .memory_size(s.memory_limit)

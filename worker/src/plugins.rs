@@ -210,6 +210,13 @@ impl Plugin {
 
 type CallFuture = Pin<Box<dyn Future<Output = (u32, u32, Option<CallResponse>)> + Send>>;
 
+/// A new HttpContext: (http id, VM generation), or None when the plugin refused its
+/// configuration.
+type Opened = Result<Option<(u32, u64)>, Fault>;
+
+/// A headers callback's outcome and the call-outs it dispatched.
+type Step = (Result<Outcome, Fault>, Vec<HttpCall>);
+
 /// Which headers callback a step runs.
 #[derive(Clone, Copy)]
 enum Phase {
@@ -624,12 +631,7 @@ impl Plugins {
 
     /// Ensures the VM and the PluginContext, then creates an HttpContext: the statistics
     /// record, and (http id, VM generation) or None when the plugin refused its configuration.
-    fn open(
-        &self,
-        p: &Plugin,
-        st: &mut VmState,
-        link: &Link,
-    ) -> (Option<usize>, Result<Option<(u32, u64)>, Fault>) {
+    fn open(&self, p: &Plugin, st: &mut VmState, link: &Link) -> (Option<usize>, Opened) {
         // A known PluginContext of a live VM (nearly every request): one lookup.
         if st.vm.is_some() {
             if let Some(root) = st.roots.get_mut(&**link.owner) {
@@ -652,7 +654,7 @@ impl Plugins {
         st: &mut VmState,
         link: &Link,
         record: Option<usize>,
-    ) -> Result<Option<(u32, u64)>, Fault> {
+    ) -> Opened {
         if st.vm.is_none() {
             let vm = PluginVm::new(&p.module)?;
             st.generation += 1;
@@ -708,12 +710,7 @@ impl Plugins {
     }
 
     /// A new HttpContext under the PluginContext `root_id` (its `inflight` already counted).
-    fn http_context(
-        &self,
-        st: &mut VmState,
-        root_id: u32,
-        record: Option<usize>,
-    ) -> Result<Option<(u32, u64)>, Fault> {
+    fn http_context(&self, st: &mut VmState, root_id: u32, record: Option<usize>) -> Opened {
         self.count(record, |r| &r.requests);
         let vm = st.vm.as_mut().ok_or(Fault::Trap("no instance".into()))?;
         let id = vm.create_http_context(root_id)?;
@@ -1030,11 +1027,7 @@ impl Plugins {
 /// A headers callback's verdict when it needs no waiting and no bookkeeping — it continued (or
 /// resumed) without a reply and dispatched no call-out, as nearly every one does; otherwise
 /// its outcome and calls back for [`Plugins::settle`].
-#[allow(clippy::type_complexity)]
-fn settled(
-    first: Result<Outcome, Fault>,
-    calls: Vec<HttpCall>,
-) -> Result<Verdict, (Result<Outcome, Fault>, Vec<HttpCall>)> {
+fn settled(first: Result<Outcome, Fault>, calls: Vec<HttpCall>) -> Result<Verdict, Step> {
     match &first {
         Ok(o)
             if calls.is_empty()
