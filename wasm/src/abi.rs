@@ -5,7 +5,6 @@
 use crate::head::HeaderList;
 use crate::props::Found;
 use crate::state::{HostState, LocalReply, Status};
-use http::header::HeaderName;
 use wasmgate_abi::{map, splice};
 use wasmtime::{Caller, FuncType, Linker, Memory, Val, ValType};
 
@@ -323,17 +322,23 @@ fn with_entry<T>(
     Ok(f(map_of(state, map_type)?, key, value))
 }
 
-/// [`with_entry`] for a call that stores a header: `parsed` gets the name parsed — from the
-/// instance's memo of names when the plugin passed the same bytes lately, the usual case —
-/// and `text` the names that are not header names (pseudo-headers, and invalid ones, which
-/// the list refuses and records).
-fn with_name(
+/// How a header is stored.
+#[derive(Clone, Copy)]
+enum HeaderOp {
+    Replace,
+    Add,
+}
+
+/// Stores a header in the list `map_type` names. The name goes in parsed — from the
+/// instance's memo of names when the plugin passed the same bytes lately, the usual case — or
+/// as text when it is not a header name (a pseudo-header, or an invalid name, which the list
+/// refuses and records).
+fn store_header(
     c: &mut C<'_>,
     map_type: i32,
     (kp, kl): (i32, i32),
     (vp, vl): (i32, i32),
-    parsed: impl FnOnce(&mut dyn HeaderList, HeaderName, &[u8]),
-    text: impl FnOnce(&mut dyn HeaderList, &str, &[u8]),
+    how: HeaderOp,
 ) -> Result<(), Status> {
     let m = memory(c).ok_or(Status::BadArgument)?;
     let (mem, state) = m.data_and_store_mut(c);
@@ -349,14 +354,22 @@ fn with_name(
                 false => crate::head::header_name(key),
             };
             let Some(n) = n else {
-                text(map_of(state, map_type)?, key, value);
+                let list = map_of(state, map_type)?;
+                match how {
+                    HeaderOp::Replace => list.replace(key, value),
+                    HeaderOp::Add => list.add(key, value),
+                }
                 return Ok(());
             };
             state.names.remember(n.clone());
             n
         }
     };
-    parsed(map_of(state, map_type)?, name, value);
+    let list = map_of(state, map_type)?;
+    match how {
+        HeaderOp::Replace => list.replace_parsed(name, value),
+        HeaderOp::Add => list.add_parsed(name, value),
+    }
     Ok(())
 }
 
@@ -407,36 +420,19 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             answer(&mut c, v.as_ref(), ret_ptr, ret_len)
         },
     )?;
-    l.func_wrap(
-        "env",
-        "proxy_replace_header_map_value",
-        |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> R {
-            tri!(with_name(
-                &mut c,
-                t,
-                (kp, kl),
-                (vp, vl),
-                |h, n, v| h.replace_parsed(n, v),
-                |h, k, v| h.replace(k, v)
-            ));
-            ok(Status::Ok)
-        },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_add_header_map_value",
-        |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> R {
-            tri!(with_name(
-                &mut c,
-                t,
-                (kp, kl),
-                (vp, vl),
-                |h, n, v| h.add_parsed(n, v),
-                |h, k, v| h.add(k, v)
-            ));
-            ok(Status::Ok)
-        },
-    )?;
+    for (name, how) in [
+        ("proxy_replace_header_map_value", HeaderOp::Replace),
+        ("proxy_add_header_map_value", HeaderOp::Add),
+    ] {
+        l.func_wrap(
+            "env",
+            name,
+            move |mut c: C<'_>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> R {
+                tri!(store_header(&mut c, t, (kp, kl), (vp, vl), how));
+                ok(Status::Ok)
+            },
+        )?;
+    }
     l.func_wrap(
         "env",
         "proxy_remove_header_map_value",

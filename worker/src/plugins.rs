@@ -358,7 +358,7 @@ impl Plugins {
         req: &mut WasmRequest,
         end_of_stream: bool,
     ) -> Verdict {
-        // One clock reading per plugin: where one plugin's time ends the next one's starts.
+        // Time per plugin: see `lap`.
         let mut started = Instant::now();
         for link in chain {
             let p = &self.list[link.plugin];
@@ -404,9 +404,7 @@ impl Plugins {
                         .await
                 }
             };
-            let now = Instant::now();
-            active.spent += (now - started).saturating_sub(waited).as_nanos() as u64;
-            started = now;
+            active.spent += nanos(lap(&mut started).saturating_sub(waited));
             match verdict {
                 Verdict::Continue => {}
                 other => return other,
@@ -439,9 +437,7 @@ impl Plugins {
                 Ok(verdict) => (verdict, Duration::ZERO),
                 Err((first, calls)) => self.settle(a, first, calls, stream, Phase::Response).await,
             };
-            let now = Instant::now();
-            a.spent += (now - started).saturating_sub(waited).as_nanos() as u64;
-            started = now;
+            a.spent += nanos(lap(&mut started).saturating_sub(waited));
             match verdict {
                 Verdict::Continue => {}
                 other => return other,
@@ -500,7 +496,7 @@ impl Plugins {
                 self.count(a.record, |r| &r.local_replies);
                 return (Verdict::Reply(reply), waited);
             }
-            if o.action == Action::Continue || o.resumed {
+            if goes_on(&o) {
                 self.detach(a, mine);
                 return (Verdict::Continue, waited);
             }
@@ -765,7 +761,6 @@ impl Plugins {
         mut data: BodyBuf,
         end_of_stream: bool,
     ) -> BodyStep {
-        // One clock reading per context: where one's time ends the next one's starts.
         let mut started = Instant::now();
         // By index, each context's fields copied out: `req` lends its stream to the VM below.
         for i in 0..req.active.len().min(bufs.len()) {
@@ -824,11 +819,10 @@ impl Plugins {
                 };
                 std::mem::swap(lent, buf);
             }
-            let now = Instant::now();
+            let spent = nanos(lap(&mut started));
             if let Some(a) = req.active.get_mut(i) {
-                a.spent += (now - started).as_nanos() as u64;
+                a.spent += spent;
             }
-            started = now;
             let Some((r, calls)) = r else {
                 // The VM was replaced: this context is gone, the bytes pass.
                 data = std::mem::take(buf);
@@ -860,7 +854,6 @@ impl Plugins {
 
     /// The log phase: `proxy_on_log`, then done and delete for every HttpContext.
     fn on_log(&self, active: Vec<Active>, stream: &mut Option<Box<Stream>>) {
-        // One clock reading per context: where one's time ends the next one's starts.
         let mut started = Instant::now();
         for a in active {
             let p = &self.list[a.plugin];
@@ -873,9 +866,7 @@ impl Plugins {
                 .on_log(a.http_id, stream)
                 .and_then(|_| vm.finish(a.http_id));
             let memory = vm.memory_bytes();
-            let now = Instant::now();
-            let ns = a.spent + (now - started).as_nanos() as u64;
-            started = now;
+            let ns = a.spent + nanos(lap(&mut started));
             if let Some(rec) = self.stats(a.record) {
                 rec.record_time(ns);
             }
@@ -1029,15 +1020,27 @@ impl Plugins {
 /// its outcome and calls back for [`Plugins::settle`].
 fn settled(first: Result<Outcome, Fault>, calls: Vec<HttpCall>) -> Result<Verdict, Step> {
     match &first {
-        Ok(o)
-            if calls.is_empty()
-                && o.reply.is_none()
-                && (o.action == Action::Continue || o.resumed) =>
-        {
-            Ok(Verdict::Continue)
-        }
+        Ok(o) if calls.is_empty() && o.reply.is_none() && goes_on(o) => Ok(Verdict::Continue),
         _ => Err((first, calls)),
     }
+}
+
+/// Whether a headers callback lets the request go on: it continued, or resumed the stream.
+fn goes_on(o: &Outcome) -> bool {
+    o.action == Action::Continue || o.resumed
+}
+
+/// The time since `started`, which moves to now: contexts run one after the other, so one
+/// clock reading ends one context's time and starts the next one's.
+fn lap(started: &mut Instant) -> Duration {
+    let now = Instant::now();
+    let spent = now - *started;
+    *started = now;
+    spent
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos() as u64
 }
 
 impl VmState {
