@@ -13,6 +13,8 @@
 #                       busy machine, for comparing commits)
 #   7. worker_instructions.py — instructions per request in a whole worker under callgrind
 #                       (no plugin, 1, 3), likewise steady
+#   8. cpu_split.py   — a worker's CPU per request by component (kernel, hyper, tokio, the
+#                       gateway, plugin code…) against nginx's, from perf samples
 #
 # usage: scripts/bench/run_all.sh [out-dir]   (default: bench-results/<date>)
 # Needs: wrk, nginx (Debian: wrk nginx-light). Takes about 15 minutes on 2 cores; nothing else
@@ -60,5 +62,9 @@ if command -v valgrind >/dev/null; then
   echo "== instructions (callgrind)"
   scripts/bench/instructions.sh 2000 | tee "$out/instructions.txt"
   python3 scripts/bench/worker_instructions.py --requests 2000 | tee -a "$out/instructions.txt"
+fi
+if command -v perf >/dev/null; then
+  echo "== CPU per request by component (perf)"
+  python3 scripts/bench/cpu_split.py | tee "$out/cpu_split.md"
 fi
 echo "== done: $out"
