@@ -2,9 +2,9 @@
 //! module names. Every guest pointer and length is checked against guest memory; a bad one is
 //! answered with `BadArgument`, never trusted.
 
-use crate::head::HeaderList;
+use crate::head::{HeaderList, HeaderOp};
 use crate::props::Found;
-use crate::state::{HostState, LocalReply, Status};
+use crate::state::{CallResponse, HostState, LocalReply, Status, Stream};
 use wasmgate_abi::{map, splice};
 use wasmtime::{Caller, FuncType, Linker, Memory, Val, ValType};
 
@@ -277,15 +277,25 @@ fn buffers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
 
 /// The header list a `map_type` names, during an HTTP callback or a call-out's answer.
 fn map_of(s: &mut HostState, map_type: i32) -> Result<&mut dyn HeaderList, Status> {
+    map_in(&mut s.stream, &mut s.call_response, map_type)
+}
+
+/// [`map_of`] from the two fields that hold header lists, so that a caller may borrow other
+/// fields of the state alongside.
+fn map_in<'a>(
+    stream: &'a mut Option<Box<Stream>>,
+    call_response: &'a mut Option<CallResponse>,
+    map_type: i32,
+) -> Result<&'a mut dyn HeaderList, Status> {
     if let 6 | 7 = map_type {
-        let r = s.call_response.as_mut().ok_or(Status::NotFound)?;
+        let r = call_response.as_mut().ok_or(Status::NotFound)?;
         return Ok(if map_type == 6 {
             &mut r.headers
         } else {
             &mut r.trailers
         });
     }
-    let stream = s.stream.as_mut().ok_or(Status::NotFound)?;
+    let stream = stream.as_mut().ok_or(Status::NotFound)?;
     match map_type {
         0 => Ok(&mut stream.request),
         2 => Ok(stream.response.as_mut().ok_or(Status::NotFound)?),
@@ -322,17 +332,11 @@ fn with_entry<T>(
     Ok(f(map_of(state, map_type)?, key, value))
 }
 
-/// How a header is stored.
-#[derive(Clone, Copy)]
-enum HeaderOp {
-    Replace,
-    Add,
-}
-
 /// Stores a header in the list `map_type` names. The name goes in parsed — from the
 /// instance's memo of names when the plugin passed the same bytes lately, the usual case — or
 /// as text when it is not a header name (a pseudo-header, or an invalid name, which the list
-/// refuses and records).
+/// refuses and records). A value the plugin set lately comes from the instance's memo of
+/// values, shared: setting a constant header allocates nothing.
 fn store_header(
     c: &mut C<'_>,
     map_type: i32,
@@ -365,11 +369,8 @@ fn store_header(
             n
         }
     };
-    let list = map_of(state, map_type)?;
-    match how {
-        HeaderOp::Replace => list.replace_parsed(name, value),
-        HeaderOp::Add => list.add_parsed(name, value),
-    }
+    let list = map_in(&mut state.stream, &mut state.call_response, map_type)?;
+    list.store_parsed(how, name, value, &mut state.values);
     Ok(())
 }
 

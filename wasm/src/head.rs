@@ -41,17 +41,33 @@ pub trait HeaderList {
     fn replace(&mut self, name: &str, value: &[u8]);
     /// Adds a value to `name`.
     fn add(&mut self, name: &str, value: &[u8]);
-    /// [`HeaderList::replace`] with the name already parsed.
-    fn replace_parsed(&mut self, name: HeaderName, value: &[u8]) {
-        self.replace(name.as_str(), value)
-    }
-    /// [`HeaderList::add`] with the name already parsed.
-    fn add_parsed(&mut self, name: HeaderName, value: &[u8]) {
-        self.add(name.as_str(), value)
+    /// [`HeaderList::replace`] or [`HeaderList::add`] with the name already parsed. A list
+    /// that keeps parsed values ([`Head`]) looks `value` up in the instance's memo of values
+    /// first (see [`Memo`]); a plain list stores text and has no use for it.
+    fn store_parsed(
+        &mut self,
+        op: HeaderOp,
+        name: HeaderName,
+        value: &[u8],
+        _values: &mut ValueMemo,
+    ) {
+        match op {
+            HeaderOp::Replace => self.replace(name.as_str(), value),
+            HeaderOp::Add => self.add(name.as_str(), value),
+        }
     }
     fn remove(&mut self, name: &str);
     /// Replaces every pair; pseudo-headers not in `pairs` are kept (they describe the request).
     fn set_all(&mut self, pairs: Pairs);
+}
+
+/// How a header call stores its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderOp {
+    /// Sets the name to the value, replacing every value it had.
+    Replace,
+    /// Adds a value to the name.
+    Add,
 }
 
 /// A value handed out of a list: a header map's values are shared, not copied.
@@ -244,13 +260,50 @@ impl Head {
         self.refused += 1;
     }
 
-    /// A checked value for `name`, or the refusal recorded.
-    fn value_for(&mut self, name: &HeaderName, value: &[u8]) -> Option<HeaderValue> {
+    /// A checked value for `name`, or the refusal recorded: from `memo` when the plugin set
+    /// the same bytes lately (shared, nothing allocated), else checked and made, and a short
+    /// one remembered there.
+    fn value_for(
+        &mut self,
+        name: &HeaderName,
+        value: &[u8],
+        memo: Option<&mut ValueMemo>,
+    ) -> Option<HeaderValue> {
+        if let Some(v) = memo.as_ref().and_then(|m| m.find(value)) {
+            return Some(v.clone());
+        }
         let v = header_value(value);
-        if v.is_none() {
-            self.refuse(|| format!("invalid value for header {:?}", name.as_str()));
+        match (&v, memo) {
+            (None, _) => self.refuse(|| format!("invalid value for header {:?}", name.as_str())),
+            (Some(v), Some(memo)) if value.len() <= INLINE_VALUE => memo.remember(v.clone()),
+            _ => {}
         }
         v
+    }
+
+    /// Stores `value` under `name` (`op`), counting what the map could not take.
+    fn store(
+        &mut self,
+        op: HeaderOp,
+        name: HeaderName,
+        value: &[u8],
+        memo: Option<&mut ValueMemo>,
+    ) {
+        self.changed = true;
+        if op == HeaderOp::Add && self.headers.len() >= MAX_HEADERS {
+            self.overflow += 1;
+            return;
+        }
+        let Some(v) = self.value_for(&name, value, memo) else {
+            return;
+        };
+        let full = match op {
+            HeaderOp::Replace => self.headers.try_insert(name, v).is_err(),
+            HeaderOp::Add => self.headers.try_append(name, v).is_err(),
+        };
+        if full {
+            self.overflow += 1;
+        }
     }
 
     /// `name` parsed, or the refusal recorded.
@@ -279,32 +332,65 @@ impl Head {
     }
 }
 
-/// The header names one plugin instance passed lately, parsed. A plugin passes the same few
-/// names on every request, so a host call compares the bytes it was given with these (most
-/// differ in length at once) before it checks them as text and looks them up in the worker's
-/// table ([`header_name`]), which costs several times more.
-#[derive(Debug, Default)]
-pub struct NameMemo {
-    names: Vec<HeaderName>,
-    /// Where the next name goes once the memo is full.
+/// The header names — or values — one plugin instance passed lately, parsed and checked. A
+/// plugin passes the same few names on every request, and often the same values, so a host
+/// call compares the bytes it was given with these (most differ in length at once) before it
+/// parses them: a remembered name skips the UTF-8 check and the lookup in the worker's table
+/// ([`header_name`]), which cost several times more; a remembered value skips its check, its
+/// copy and its allocation (the map shares it).
+#[derive(Debug)]
+pub struct Memo<T> {
+    items: Vec<T>,
+    /// Where the next item goes once the memo is full.
     next: usize,
 }
 
-impl NameMemo {
-    /// Names kept: a plugin setting more on every request still finds the table behind.
+/// Header names a plugin instance passed lately.
+pub type NameMemo = Memo<HeaderName>;
+/// Short header values a plugin instance set lately.
+pub type ValueMemo = Memo<HeaderValue>;
+
+/// What a [`Memo`] compares: the exact bytes a plugin passes.
+pub trait Recalled {
+    fn bytes(&self) -> &[u8];
+}
+
+impl Recalled for HeaderName {
+    fn bytes(&self) -> &[u8] {
+        self.as_str().as_bytes()
+    }
+}
+
+impl Recalled for HeaderValue {
+    fn bytes(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl<T> Default for Memo<T> {
+    fn default() -> Self {
+        Memo {
+            items: Vec::new(),
+            next: 0,
+        }
+    }
+}
+
+impl<T: Recalled> Memo<T> {
+    /// Items kept: a plugin setting more on every request still finds the slower path behind.
     const SIZE: usize = 8;
 
-    /// The name whose text is exactly `raw` (lower-case: a name given in capitals is parsed
-    /// each time).
-    pub fn find(&self, raw: &[u8]) -> Option<&HeaderName> {
-        self.names.iter().find(|n| n.as_str().as_bytes() == raw)
+    /// The item whose bytes are exactly `raw` (for names: lower-case, so a name given in
+    /// capitals is parsed each time).
+    pub fn find(&self, raw: &[u8]) -> Option<&T> {
+        self.items.iter().find(|n| n.bytes() == raw)
     }
 
-    pub fn remember(&mut self, name: HeaderName) {
-        if self.names.len() < Self::SIZE {
-            self.names.push(name);
+    pub fn remember(&mut self, item: T) {
+        if self.items.len() < Self::SIZE {
+            self.items.push(item);
         } else {
-            self.names[self.next] = name;
+            self.items[self.next] = item;
             self.next = (self.next + 1) % Self::SIZE;
         }
     }
@@ -346,15 +432,18 @@ fn header_value(value: &[u8]) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(bytes).ok()
 }
 
-/// Up to 62 bytes, inline.
+/// The longest value kept inline (and remembered in a [`ValueMemo`]).
+const INLINE_VALUE: usize = 62;
+
+/// Up to [`INLINE_VALUE`] bytes, inline.
 struct InlineValue {
     len: u8,
-    buf: [u8; 62],
+    buf: [u8; INLINE_VALUE],
 }
 
 impl InlineValue {
     fn new(value: &[u8]) -> Option<InlineValue> {
-        let mut buf = [0; 62];
+        let mut buf = [0; INLINE_VALUE];
         buf.get_mut(..value.len())?.copy_from_slice(value);
         // At most 62: fits.
         let len = value.len() as u8;
@@ -431,7 +520,7 @@ impl HeaderList for Head {
             return self.set_pseudo(name, value, true);
         }
         if let Some(n) = self.name(name) {
-            self.replace_parsed(n, value);
+            self.store(HeaderOp::Replace, n, value, None);
         }
     }
 
@@ -445,30 +534,18 @@ impl HeaderList for Head {
             return;
         }
         if let Some(n) = self.name(name) {
-            self.add_parsed(n, value);
+            self.store(HeaderOp::Add, n, value, None);
         }
     }
 
-    fn replace_parsed(&mut self, name: HeaderName, value: &[u8]) {
-        self.changed = true;
-        if let Some(v) = self.value_for(&name, value) {
-            if self.headers.try_insert(name, v).is_err() {
-                self.overflow += 1;
-            }
-        }
-    }
-
-    fn add_parsed(&mut self, name: HeaderName, value: &[u8]) {
-        self.changed = true;
-        if self.headers.len() >= MAX_HEADERS {
-            self.overflow += 1;
-            return;
-        }
-        if let Some(v) = self.value_for(&name, value) {
-            if self.headers.try_append(name, v).is_err() {
-                self.overflow += 1;
-            }
-        }
+    fn store_parsed(
+        &mut self,
+        op: HeaderOp,
+        name: HeaderName,
+        value: &[u8],
+        values: &mut ValueMemo,
+    ) {
+        self.store(op, name, value, Some(values));
     }
 
     fn remove(&mut self, name: &str) {
@@ -711,14 +788,55 @@ mod tests {
         assert!(memo.find(b"x-n").is_none());
         // A parsed name stores what the text would.
         let (mut a, mut b) = (request(), request());
+        let mut values = ValueMemo::default();
         a.replace("x-n1", b"1");
         a.add("x-n1", b"2");
-        b.replace_parsed(memo.find(b"x-n1").unwrap().clone(), b"1");
-        b.add_parsed(memo.find(b"x-n1").unwrap().clone(), b"2");
+        let n1 = memo.find(b"x-n1").unwrap().clone();
+        b.store_parsed(HeaderOp::Replace, n1.clone(), b"1", &mut values);
+        b.store_parsed(HeaderOp::Add, n1, b"2", &mut values);
         assert_eq!(a.headers(), b.headers());
         assert!(b.changed());
-        b.add_parsed(memo.find(b"x-n2").unwrap().clone(), b"bad\nvalue");
+        let n2 = memo.find(b"x-n2").unwrap().clone();
+        b.store_parsed(HeaderOp::Add, n2, b"bad\nvalue", &mut values);
         assert_eq!(b.error().unwrap(), "invalid value for header \"x-n2\"");
+    }
+
+    #[test]
+    fn a_value_set_again_is_shared_from_the_memo_and_a_bad_one_still_refused() {
+        let name = header_name("x-v").unwrap();
+        let mut values = ValueMemo::default();
+        let (mut a, mut b) = (request(), request());
+        a.store_parsed(HeaderOp::Replace, name.clone(), b"wasm", &mut values);
+        b.store_parsed(HeaderOp::Replace, name.clone(), b"wasm", &mut values);
+        // The second request got the first one's value, not a copy.
+        let (va, vb) = (&a.headers()["x-v"], &b.headers()["x-v"]);
+        assert_eq!(vb.as_bytes(), b"wasm");
+        assert_eq!(va.as_bytes().as_ptr(), vb.as_bytes().as_ptr());
+        // Other bytes are made afresh; a bad value is never remembered, always refused.
+        b.store_parsed(HeaderOp::Add, name.clone(), b"wasm2", &mut values);
+        assert_eq!(b.headers().get_all("x-v").iter().count(), 2);
+        for _ in 0..2 {
+            let mut c = request();
+            c.store_parsed(HeaderOp::Replace, name.clone(), b"bad\r\n", &mut values);
+            assert_eq!(c.error().unwrap(), "invalid value for header \"x-v\"");
+            assert!(c.headers().get("x-v").is_none());
+        }
+        // Only short values are kept: a long one is made each time.
+        let long = vec![b'a'; INLINE_VALUE + 1];
+        a.store_parsed(HeaderOp::Replace, name.clone(), &long, &mut values);
+        assert!(values.find(&long).is_none());
+        assert_eq!(a.headers()["x-v"].as_bytes(), &long[..]);
+        // The memo is bounded: the oldest value makes room.
+        for i in 0..ValueMemo::SIZE {
+            a.store_parsed(
+                HeaderOp::Replace,
+                name.clone(),
+                format!("v{i}").as_bytes(),
+                &mut values,
+            );
+        }
+        assert!(values.find(b"wasm").is_none());
+        assert!(values.find(b"v7").is_some());
     }
 
     #[test]

@@ -150,6 +150,8 @@ pub struct HostState {
     pub plugin_name: Arc<str>,
     /// Header names this instance passed lately, parsed (see [`crate::head::NameMemo`]).
     pub names: crate::head::NameMemo,
+    /// Short header values this instance set lately, checked (see [`crate::head::Memo`]).
+    pub values: crate::head::ValueMemo,
     /// The error-log level as the plugin sees it (`proxy_get_log_level`).
     pub log_level: u32,
     pub limits: StoreLimits,

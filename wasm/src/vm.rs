@@ -100,6 +100,7 @@ impl PluginVm {
             alloc: None,
             plugin_name: s.name.clone(),
             names: Default::default(),
+            values: Default::default(),
             log_level: s.log_level,
             limits: StoreLimitsBuilder::new()
                 .memory_size(s.memory_limit)
