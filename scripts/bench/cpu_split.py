@@ -19,11 +19,12 @@ throughput.py) is split by the share of samples in each component:
   nginx           the baseline's own code
   other           libc system-call wrappers and generic code (core, alloc, std)
 
-Samples are a statistic: two runs differ by a few tenths of a µs per component. Read the
-split, not the last digit. Needs perf (Debian: linux-perf) with
+Samples are a statistic: two runs differ by a few tenths of a µs per component, so each case
+is profiled --rounds times (cases interleaved) and the figures averaged. Read the split, not
+the last digit. Needs perf (Debian: linux-perf) with
 /proc/sys/kernel/perf_event_paranoid <= 1 (or root), wrk, nginx and target/release/wasmgate.
 
-usage: scripts/bench/cpu_split.py [--duration 8] [--cases nginx,none,one,three]
+usage: scripts/bench/cpu_split.py [--duration 8] [--rounds 2] [--cases nginx,none,one,three]
 """
 import argparse
 import collections
@@ -101,12 +102,13 @@ def profile(b, url, pids, seconds, work):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cases", default="nginx,none,one,three")
     a = ap.parse_args()
     for tool in ("perf", "wrk", "nginx"):
         if not shutil.which(tool):
             sys.exit(f"needs {tool} (Debian: apt-get install linux-perf wrk nginx-light)")
-    a.workers, a.pin, a.warmup, a.connections, a.threads, a.rounds = 1, True, 2, 32, 1, 1
+    a.workers, a.pin, a.warmup, a.connections, a.threads = 1, True, 2, 32, 1
     b = tp.Bench(a)
     work = tempfile.mkdtemp(prefix="wasmgate-split-")
     rows = []
@@ -123,22 +125,35 @@ def main():
                  "none": ("wasmgate", f"http://127.0.0.1:{b.gw}/none", gw),
                  "one": ("wasmgate+1", f"http://127.0.0.1:{b.gw}/one", gw),
                  "three": ("wasmgate+3", f"http://127.0.0.1:{b.gw}/three", gw)}
-        for key in a.cases.split(","):
-            name, url, pids = cases[key]
-            rps, cpu, shares = profile(b, url, pids, a.duration, work)
-            rows.append((name, rps, cpu, shares))
-            print(f"  {name:18} {rps:8.0f} req/s  {cpu:5.1f} µs/req", file=sys.stderr)
+        keys = a.cases.split(",")
+        runs = {k: [] for k in keys}
+        for _ in range(a.rounds):
+            for key in keys:
+                name, url, pids = cases[key]
+                rps, cpu, shares = profile(b, url, pids, a.duration, work)
+                runs[key].append((rps, cpu, shares))
+                print(f"  {name:18} {rps:8.0f} req/s  {cpu:5.1f} µs/req", file=sys.stderr)
+        for key in keys:
+            n = len(runs[key])
+            # µs per component averaged over the rounds, so the rows still add up.
+            us = collections.Counter()
+            for _, cpu, shares in runs[key]:
+                for c, v in shares.items():
+                    us[c] += v * cpu / n
+            rows.append((cases[key][0], sum(r[0] for r in runs[key]) / n,
+                         sum(r[1] for r in runs[key]) / n, us))
     finally:
         b.cleanup()
         shutil.rmtree(work, ignore_errors=True)
-    print("CPU µs per request of the proxy's worker, by component (perf samples × CPU time)\n")
+    print(f"CPU µs per request of the proxy's worker, by component (perf samples × CPU time, "
+          f"mean of {a.rounds} round(s) of {a.duration} s)\n")
     print("| component | " + " | ".join(r[0] for r in rows) + " |")
     print("|---|" + "---:|" * len(rows))
     for c in COMPONENTS:
-        if any(r[3].get(c, 0) >= 0.001 for r in rows):
-            print(f"| {c} | " + " | ".join(f"{r[3].get(c, 0) * r[2]:.2f}" for r in rows) + " |")
+        if any(r[3].get(c, 0) >= 0.005 for r in rows):
+            print(f"| {c} | " + " | ".join(f"{r[3].get(c, 0):.2f}" for r in rows) + " |")
     print("| **user space** | " + " | ".join(
-        f"**{(1 - r[3].get('kernel', 0)) * r[2]:.2f}**" for r in rows) + " |")
+        f"**{r[2] - r[3].get('kernel', 0):.2f}**" for r in rows) + " |")
     print("| **total** | " + " | ".join(f"**{r[2]:.2f}**" for r in rows) + " |")
     print("| req/s | " + " | ".join(f"{r[1]:.0f}" for r in rows) + " |")
 
