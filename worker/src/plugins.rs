@@ -667,7 +667,10 @@ impl Plugins {
         }
         if !st.roots.contains_key(&**link.owner) {
             self.retire_older(p, st, link.owner);
-            let vm = st.vm.as_mut().ok_or_else(|| Fault::Trap("no instance".into()))?;
+            let vm = st
+                .vm
+                .as_mut()
+                .ok_or_else(|| Fault::Trap("no instance".into()))?;
             let id = vm.create_plugin_context(link.conf.as_bytes())?;
             if let Some(r) = self.stats(record) {
                 ContextStats::add(&r.configures);
@@ -708,7 +711,10 @@ impl Plugins {
     /// A new HttpContext under the PluginContext `root_id` (its `inflight` already counted).
     fn http_context(&self, st: &mut VmState, root_id: u32, record: Option<usize>) -> Opened {
         self.count(record, |r| &r.requests);
-        let vm = st.vm.as_mut().ok_or_else(|| Fault::Trap("no instance".into()))?;
+        let vm = st
+            .vm
+            .as_mut()
+            .ok_or_else(|| Fault::Trap("no instance".into()))?;
         let id = vm.create_http_context(root_id)?;
         Ok(Some((id, st.generation)))
     }
