@@ -421,6 +421,70 @@ fn hostile_arguments_get_bad_argument() {
     assert_eq!(faults, 0);
 }
 
+/// `proxy_get_header_map_value` finds a header by its name in any case, the same way when the
+/// instance asks for the same bytes again (remembered names), never a previous request's
+/// value, pseudo-headers by text, and answers BadArgument for a name that is not UTF-8. The
+/// plugin replies with one bit per check passed.
+#[test]
+fn header_names_are_found_in_any_case_and_bad_text_refused() {
+    let gw = Gateway::start();
+    let wat = r#"(module
+      (import "env" "proxy_get_header_map_value" (func $ghv (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "X-Test")
+      (data (i32.const 110) "x-test")
+      (data (i32.const 120) "\ff\fe")
+      (data (i32.const 130) ":method")
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      ;; 1 when the header is found with a 3-byte value starting with $first
+      (func $has (param $k i32) (param $l i32) (param $first i32) (result i32)
+        (if (i32.ne (call $ghv (i32.const 0) (local.get $k) (local.get $l) (i32.const 200) (i32.const 204))
+                    (i32.const 0))
+          (then (return (i32.const 0))))
+        (i32.and (i32.eq (i32.load (i32.const 204)) (i32.const 3))
+                 (i32.eq (i32.load8_u (i32.load (i32.const 200))) (local.get $first))))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (local $s i32)
+        (local.set $s (call $has (i32.const 100) (i32.const 6) (i32.const 97)))
+        (local.set $s (i32.or (local.get $s)
+          (i32.shl (call $has (i32.const 110) (i32.const 6) (i32.const 97)) (i32.const 1))))
+        (local.set $s (i32.or (local.get $s)
+          (i32.shl (call $has (i32.const 110) (i32.const 6) (i32.const 97)) (i32.const 2))))
+        (local.set $s (i32.or (local.get $s)
+          (i32.shl (call $has (i32.const 130) (i32.const 7) (i32.const 71)) (i32.const 3))))
+        (if (i32.eq (call $ghv (i32.const 0) (i32.const 120) (i32.const 2) (i32.const 200) (i32.const 204))
+                    (i32.const 2))
+          (then (local.set $s (i32.or (local.get $s) (i32.const 16)))))
+        (drop (call $reply (i32.add (i32.const 200) (local.get $s))
+                           (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+        (i32.const 1)))"#;
+    std::fs::write(gw.prefix().join("names.wasm"), wat::parse_str(wat).unwrap()).unwrap();
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        format!("{config}    - {{name: names, priority: 1, file: names.wasm}}\n"),
+    )
+    .unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+    gw.route(
+        "n",
+        json!({"uri": "/names", "plugins": {"names": {"conf": "-"}}}),
+        None,
+    );
+    let url = gw.url("/names");
+    for _ in 0..3 {
+        // Every check passes: "X-Test" and "x-test" (twice) find "abc", `:method` is "GET",
+        // and the name that is not UTF-8 gets BadArgument.
+        assert_eq!(http("GET", &url, &[("x-test", "abc")], None).status, 231);
+        // Without the header, the remembered name finds nothing from the request before.
+        assert_eq!(http("GET", &url, &[], None).status, 224);
+    }
+}
+
 /// An AssemblyScript SDK plugin (tests/plugins/assemblyscript/assembly/body.ts) that pauses
 /// until `end_of_stream` and rewrites both bodies with `proxy_set_buffer_bytes`: "+as" appended
 /// to the request body, the response body upper-cased, `x-as-body: on` added.

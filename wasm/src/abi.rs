@@ -2,9 +2,10 @@
 //! module names. Every guest pointer and length is checked against guest memory; a bad one is
 //! answered with `BadArgument`, never trusted.
 
-use crate::head::{HeaderList, HeaderOp};
+use crate::head::{HeaderList, HeaderOp, NameMemo, ValueMemo};
 use crate::props::Found;
 use crate::state::{CallResponse, HostState, LocalReply, Status, Stream};
+use http::HeaderName;
 use wasmgate_abi::{map, splice};
 use wasmtime::{Caller, FuncType, Linker, Memory, Val, ValType};
 
@@ -315,63 +316,92 @@ fn slice(mem: &[u8], ptr: i32, len: i32) -> Result<&[u8], Status> {
         .ok_or(Status::BadArgument)
 }
 
-/// Runs `f` on the header list `map_type` names with a name (and a value) read in place from
-/// guest memory: no copy of either on the way (the per-request host path allocates nothing
-/// here beyond what the header map itself stores).
+/// A header name a plugin passed: parsed — from the instance's memo when it passed the same
+/// bytes lately, the usual case — or text when it is not a header name (a pseudo-header, or an
+/// invalid name, which a list refuses and records, or never holds).
+enum Name<'a> {
+    Parsed(HeaderName),
+    Text(&'a str),
+}
+
+impl Name<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Name::Parsed(n) => n.as_str(),
+            Name::Text(t) => t,
+        }
+    }
+}
+
+/// The name at `raw`: the memo's lookup is inlined into each host call, the parse is not.
+#[inline(always)]
+fn name_of<'a>(names: &mut NameMemo, raw: &'a [u8]) -> Result<Name<'a>, Status> {
+    match names.find(raw) {
+        Some(n) => Ok(Name::Parsed(n.clone())),
+        None => parse_name(names, raw),
+    }
+}
+
+fn parse_name<'a>(names: &mut NameMemo, raw: &'a [u8]) -> Result<Name<'a>, Status> {
+    let key = std::str::from_utf8(raw).map_err(|_| Status::BadArgument)?;
+    let parsed = match key.starts_with(':') {
+        true => None,
+        false => crate::head::header_name(key),
+    };
+    Ok(match parsed {
+        Some(n) => {
+            // The memo finds exact bytes only: a name given in capitals is parsed each time
+            // rather than filling the memo with copies of its lower-case form.
+            if n.as_str().as_bytes() == raw {
+                names.remember(n.clone());
+            }
+            Name::Parsed(n)
+        }
+        None => Name::Text(key),
+    })
+}
+
+/// Runs `f` on the header list `map_type` names, with the name and the value read in place
+/// from guest memory (no copy of either on the way) and the instance's memo of values.
 fn with_entry<T>(
     c: &mut C<'_>,
     map_type: i32,
     (kp, kl): (i32, i32),
     (vp, vl): (i32, i32),
-    f: impl FnOnce(&mut dyn HeaderList, &str, &[u8]) -> T,
+    f: impl FnOnce(&mut dyn HeaderList, Name<'_>, &[u8], &mut ValueMemo) -> T,
 ) -> Result<T, Status> {
-    let m = memory(c).ok_or(Status::BadArgument)?;
-    let (mem, state) = m.data_and_store_mut(c);
-    let key = std::str::from_utf8(slice(mem, kp, kl)?).map_err(|_| Status::BadArgument)?;
-    let value = slice(mem, vp, vl)?;
-    Ok(f(map_of(state, map_type)?, key, value))
-}
-
-/// Stores a header in the list `map_type` names. The name goes in parsed — from the
-/// instance's memo of names when the plugin passed the same bytes lately, the usual case — or
-/// as text when it is not a header name (a pseudo-header, or an invalid name, which the list
-/// refuses and records). A value the plugin set lately comes from the instance's memo of
-/// values, shared: setting a constant header allocates nothing.
-fn store_header(
-    c: &mut C<'_>,
-    map_type: i32,
-    (kp, kl): (i32, i32),
-    (vp, vl): (i32, i32),
-    how: HeaderOp,
-) -> Result<(), Status> {
     let m = memory(c).ok_or(Status::BadArgument)?;
     let (mem, state) = m.data_and_store_mut(c);
     let raw = slice(mem, kp, kl)?;
     let value = slice(mem, vp, vl)?;
-    let known = state.names.find(raw).cloned();
-    let name = match known {
-        Some(n) => n,
-        None => {
-            let key = std::str::from_utf8(raw).map_err(|_| Status::BadArgument)?;
-            let n = match key.starts_with(':') {
-                true => None,
-                false => crate::head::header_name(key),
-            };
-            let Some(n) = n else {
-                let list = map_of(state, map_type)?;
-                match how {
-                    HeaderOp::Replace => list.replace(key, value),
-                    HeaderOp::Add => list.add(key, value),
-                }
-                return Ok(());
-            };
-            state.names.remember(n.clone());
-            n
-        }
-    };
+    let name = name_of(&mut state.names, raw)?;
     let list = map_in(&mut state.stream, &mut state.call_response, map_type)?;
-    list.store_parsed(how, name, value, &mut state.values);
-    Ok(())
+    Ok(f(list, name, value, &mut state.values))
+}
+
+/// Stores a header in the list `map_type` names: a parsed name goes in parsed, and a value
+/// the plugin set lately comes from the instance's memo of values, shared (setting a constant
+/// header allocates nothing).
+fn store_header(
+    c: &mut C<'_>,
+    map_type: i32,
+    name: (i32, i32),
+    value: (i32, i32),
+    how: HeaderOp,
+) -> Result<(), Status> {
+    with_entry(
+        c,
+        map_type,
+        name,
+        value,
+        |list, name, value, values| match name {
+            Name::Parsed(n) => list.store_parsed(how, n, value, values),
+            Name::Text(key) => match how {
+                HeaderOp::Replace => list.replace(key, value),
+                HeaderOp::Add => list.add(key, value),
+            },
+        },
+    )
 }
 
 fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
@@ -414,7 +444,16 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_value",
         |mut c: C<'_>, t: i32, kp: i32, kl: i32, ret_ptr: i32, ret_len: i32| -> R {
-            let found = tri!(with_entry(&mut c, t, (kp, kl), (0, 0), |h, k, _| h.value(k)));
+            let found = tri!(with_entry(
+                &mut c,
+                t,
+                (kp, kl),
+                (0, 0),
+                |h, n, _, _| match n {
+                    Name::Parsed(n) => h.value_parsed(&n),
+                    Name::Text(k) => h.value(k),
+                }
+            ));
             let Some(v) = found else {
                 return ok(Status::NotFound);
             };
@@ -438,7 +477,8 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_remove_header_map_value",
         |mut c: C<'_>, t: i32, kp: i32, kl: i32| -> R {
-            tri!(with_entry(&mut c, t, (kp, kl), (0, 0), |h, k, _| h.remove(k)));
+            tri!(with_entry(&mut c, t, (kp, kl), (0, 0), |h, n, _, _| h
+                .remove(n.as_str())));
             ok(Status::Ok)
         },
     )?;

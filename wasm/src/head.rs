@@ -25,6 +25,10 @@ use wasmgate_abi::map::{self, Pairs};
 pub trait HeaderList {
     /// The first value of `name`.
     fn value(&self, name: &str) -> Option<Value>;
+    /// [`HeaderList::value`] with the name already parsed.
+    fn value_parsed(&self, name: &HeaderName) -> Option<Value> {
+        self.value(name.as_str())
+    }
     /// Number of pairs.
     fn count(&self) -> usize;
     /// The serialized map (see [`map`]).
@@ -499,6 +503,10 @@ impl HeaderList for Head {
                 .find(|(k, _)| k.eq_ignore_ascii_case(name));
             return found.map(|(_, v)| v.clone());
         }
+        self.headers.get(name).cloned().map(Value::Header)
+    }
+
+    fn value_parsed(&self, name: &HeaderName) -> Option<Value> {
         self.headers.get(name).cloned().map(Value::Header)
     }
 
