@@ -22,6 +22,26 @@ fn busy_workers(gw: &Gateway) -> usize {
         .count()
 }
 
+/// Adds the WAT module `wat` to config.yaml as plugin `name`, reloads, and puts it on a route
+/// at `uri`.
+fn wat_plugin_on_route(gw: &Gateway, name: &str, wat: &str, uri: &str) {
+    let file = format!("{name}.wasm");
+    std::fs::write(gw.prefix().join(&file), wat::parse_str(wat).unwrap()).unwrap();
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        format!("{config}    - {{name: {name}, priority: 1, file: {file}}}\n"),
+    )
+    .unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+    gw.route(
+        name,
+        json!({"uri": uri, "plugins": {name: {"conf": "-"}}}),
+        None,
+    );
+}
+
 /// Sends `n` requests from `threads` threads, each on its own connection (so both workers
 /// take some), and returns their statuses.
 fn burst(gw: &Gateway, path: &str, threads: usize, n: usize) -> Vec<u16> {
@@ -390,24 +410,7 @@ fn hostile_arguments_get_bad_argument() {
         (drop (call $reply (i32.add (i32.add (i32.const 200) (global.get $bad)) (local.get $extra))
                            (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
         (i32.const 1)))"#;
-    std::fs::write(
-        gw.prefix().join("hostile.wasm"),
-        wat::parse_str(wat).unwrap(),
-    )
-    .unwrap();
-    let config = std::fs::read_to_string(gw.config_path()).unwrap();
-    std::fs::write(
-        gw.config_path(),
-        format!("{config}    - {{name: hostile, priority: 1, file: hostile.wasm}}\n"),
-    )
-    .unwrap();
-    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
-    assert_eq!(s, 200, "{v}");
-    gw.route(
-        "h",
-        json!({"uri": "/hostile", "plugins": {"hostile": {"conf": "-"}}}),
-        None,
-    );
+    wat_plugin_on_route(&gw, "hostile", wat, "/hostile");
     for _ in 0..5 {
         // 8 BadArguments, NotFound from the foreign function (+10), InternalFailure from gRPC (+20).
         assert_eq!(get(&gw, "/hostile").status, 238);
@@ -461,20 +464,7 @@ fn header_names_are_found_in_any_case_and_bad_text_refused() {
         (drop (call $reply (i32.add (i32.const 200) (local.get $s))
                            (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
         (i32.const 1)))"#;
-    std::fs::write(gw.prefix().join("names.wasm"), wat::parse_str(wat).unwrap()).unwrap();
-    let config = std::fs::read_to_string(gw.config_path()).unwrap();
-    std::fs::write(
-        gw.config_path(),
-        format!("{config}    - {{name: names, priority: 1, file: names.wasm}}\n"),
-    )
-    .unwrap();
-    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
-    assert_eq!(s, 200, "{v}");
-    gw.route(
-        "n",
-        json!({"uri": "/names", "plugins": {"names": {"conf": "-"}}}),
-        None,
-    );
+    wat_plugin_on_route(&gw, "names", wat, "/names");
     let url = gw.url("/names");
     for _ in 0..3 {
         // Every check passes: "X-Test" and "x-test" (twice) find "abc", `:method` is "GET",
