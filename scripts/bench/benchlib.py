@@ -66,6 +66,32 @@ plugin_attr:
 {wasm}{tail}"""
 
 
+def bench_plugins():
+    """`wasm.plugins` of the throughput benchmarks: three instances of example_headers (Rust
+    SDK: a request header and a response header set, a property read) and body_rewrite (Rust
+    SDK: the response body buffered and prefixed)."""
+    hdr = os.path.join(ROOT, "plugins", "example_headers.wasm")
+    body = os.path.join(ROOT, "tests", "plugins", "wasm", "body_rewrite.wasm")
+    return [("p1", 3, hdr), ("p2", 2, hdr), ("p3", 1, hdr), ("body", 0, body)]
+
+
+def bench_routes(node):
+    """The routes of the throughput benchmarks, by id, to `node` (`host:port`): `/none`,
+    `/one` and `/three` (that many example_headers plugins), `/body` (body_rewrite)."""
+    import json
+    conf = {"conf": {"set": {"x-a": "1"}, "response_set": {"x-b": "2"}}}
+    routes = {
+        "none": {"uri": "/none"},
+        "one": {"uri": "/one", "plugins": {"p1": conf}},
+        "three": {"uri": "/three", "plugins": {"p1": conf, "p2": conf, "p3": conf}},
+        "body": {"uri": "/body",
+                 "plugins": {"body": {"conf": json.dumps({"response_prepend": "<<"})}}},
+    }
+    for r in routes.values():
+        r["upstream"] = {"type": "roundrobin", "nodes": {node: 1}}
+    return routes
+
+
 def admin_put(admin, path, body, timeout=30):
     """PUTs `body` (JSON) to the Admin API on port `admin`; exits on an error status."""
     import http.client

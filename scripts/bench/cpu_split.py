@@ -114,13 +114,12 @@ def main():
     rows = []
     try:
         b.start_nginx()
-        b.start_gateway()
+        _, gw = b.start_gateway()
         with open(os.path.join(b.work, "pct.lua"), "w") as f:
             f.write(tp.WRK_LUA)
         base_master = b.procs[1].pid
         base = lambda: [p for p in tp.children("nginx: worker process")  # noqa: E731
                         if tp.ppid(p) == base_master]
-        gw = lambda: tp.children("wasmgate: worker process")  # noqa: E731
         cases = {"nginx": ("nginx proxy_pass", f"http://127.0.0.1:{b.base}/none", base),
                  "none": ("wasmgate", f"http://127.0.0.1:{b.gw}/none", gw),
                  "one": ("wasmgate+1", f"http://127.0.0.1:{b.gw}/one", gw),

@@ -34,8 +34,8 @@ import time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import (ROOT, admin_put, free_port, gateway_config, median, upstream_conf,
-                      wait_port)
+from benchlib import (BINARY, admin_put, bench_plugins, bench_routes, free_port,
+                      gateway_config, median, upstream_conf, wait_port)
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -84,6 +84,7 @@ class Bench:
         self.other_cpus = f"{w}-{n - 1}" if a.pin and n > w else ""
         self.up, self.base, self.gw, self.admin = (free_port() for _ in range(4))
         self.procs = []
+        self.gateways = []
 
     def start_nginx(self):
         d = os.path.join(self.work, "nginx")
@@ -111,38 +112,31 @@ http {{
         wait_port(self.up)
         wait_port(self.base)
 
-    def start_gateway(self):
-        d = os.path.join(self.work, "gw")
+    def start_gateway(self, binary=BINARY):
+        """Starts a gateway running `binary` with the benchmark's plugins and routes (`/none`,
+        `/one`, `/three`, `/body`); the first one listens on self.gw. Returns its port and a
+        function listing its worker pids."""
+        port, admin = (self.gw, self.admin) if not self.gateways else (free_port(), free_port())
+        d = os.path.join(self.work, f"gw{len(self.gateways)}")
         os.makedirs(os.path.join(d, "conf"))
-        hdr = os.path.join(ROOT, "plugins", "example_headers.wasm")
-        body = os.path.join(ROOT, "tests", "plugins", "wasm", "body_rewrite.wasm")
         with open(os.path.join(d, "conf", "config.yaml"), "w") as f:
-            f.write(gateway_config(self.gw, self.admin, self.a.workers, [
-                ("p1", 3, hdr), ("p2", 2, hdr), ("p3", 1, hdr), ("body", 0, body)]))
-        binary = os.path.join(ROOT, "target", "release", "wasmgate")
+            f.write(gateway_config(port, admin, self.a.workers, bench_plugins()))
         if not os.path.exists(binary):
-            sys.exit("build first: cargo build --release")
+            sys.exit(f"{binary} does not exist: build first (cargo build --release)")
         # Workers inherit the master's affinity.
-        self.procs.append(subprocess.Popen(
+        master = subprocess.Popen(
             taskset(self.proxy_cpus) + [binary, "start", "--foreground", "-p", d],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_port(self.admin)
-        node = {"type": "roundrobin", "nodes": {f"127.0.0.1:{self.up}": 1}}
-        conf = {"conf": {"set": {"x-a": "1"}, "response_set": {"x-b": "2"}}}
-        routes = {
-            "none": {"uri": "/none"},
-            "one": {"uri": "/one", "plugins": {"p1": conf}},
-            "three": {"uri": "/three", "plugins": {"p1": conf, "p2": conf, "p3": conf}},
-            "body": {"uri": "/body", "plugins": {"body": {"conf": json.dumps({"response_prepend": "<<"})}}},
-        }
-        for rid, r in routes.items():
-            r["upstream"] = node
-            self.admin_put(f"/apisix/admin/routes/{rid}", r)
-        wait_port(self.gw)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(master)
+        self.gateways.append(master)
+        wait_port(admin)
+        for rid, r in bench_routes(f"127.0.0.1:{self.up}").items():
+            admin_put(admin, f"/apisix/admin/routes/{rid}", r, timeout=10)
+        wait_port(port)
         time.sleep(0.5)
-
-    def admin_put(self, path, body):
-        admin_put(self.admin, path, body, timeout=10)
+        workers = lambda: [p for p in children("wasmgate: worker process")  # noqa: E731
+                           if ppid(p) == master.pid]
+        return port, workers
 
     def wrk(self, url, seconds):
         lua = os.path.join(self.work, "pct.lua")
@@ -172,9 +166,8 @@ http {{
 
     def run(self):
         self.start_nginx()
-        self.start_gateway()
+        _, gw_workers = self.start_gateway()
         nginx_workers = lambda: children(f"nginx: worker process")  # noqa: E731
-        gw_workers = lambda: children("wasmgate: worker process")  # noqa: E731
         # The baseline's workers only (the upstream nginx runs under its own master).
         base_master = self.procs[1].pid
         base_workers = lambda: [p for p in nginx_workers() if ppid(p) == base_master]  # noqa: E731

@@ -29,7 +29,8 @@ import time
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import ROOT, admin_put, free_port, gateway_config, upstream_conf, wait_port
+from benchlib import (ROOT, admin_put, bench_plugins, bench_routes, free_port, gateway_config,
+                      upstream_conf, wait_port)
 
 ROUTES = ("none", "one", "three")
 
@@ -87,9 +88,8 @@ def main():
             f.write(upstream_conf(up))
         procs.append(subprocess.Popen(["nginx", "-p", work, "-c", os.path.join(work, "up.conf")],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        hdr = os.path.join(ROOT, "plugins", "example_headers.wasm")
         with open(os.path.join(work, "conf", "config.yaml"), "w") as f:
-            f.write(gateway_config(gw, admin, 1, [("p1", 3, hdr), ("p2", 2, hdr), ("p3", 1, hdr)]))
+            f.write(gateway_config(gw, admin, 1, bench_plugins()))
         binary = os.path.abspath(a.binary)
         env = dict(os.environ, WASMGATE_WORKER_EXE=binary)
         out = os.path.join(work, "cg.%p")
@@ -99,11 +99,9 @@ def main():
              binary, "start", "--foreground", "-p", work],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(admin, 120)
-        node = {"type": "roundrobin", "nodes": {f"127.0.0.1:{up}": 1}}
-        conf = {"conf": {"set": {"x-a": "1"}, "response_set": {"x-b": "2"}}}
-        plugins = {"none": {}, "one": {"p1": conf}, "three": {"p1": conf, "p2": conf, "p3": conf}}
+        routes = bench_routes(f"127.0.0.1:{up}")
         for r in ROUTES:
-            admin_put(admin, f"/apisix/admin/routes/{r}", {"uri": f"/{r}", "plugins": plugins[r], "upstream": node})
+            admin_put(admin, f"/apisix/admin/routes/{r}", routes[r])
         wait_port(gw, 120)
         time.sleep(2)
         worker = None
