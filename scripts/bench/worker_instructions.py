@@ -7,7 +7,8 @@ The gateway runs under valgrind with its worker traced (WASMGATE_WORKER_EXE name
 under valgrind `/proc/self/exe` is valgrind itself); an nginx upstream answers `return 200`.
 For each route (no plugin, example_headers, three of them) the script warms up, zeroes the
 worker's counters, sends a fixed number of keep-alive requests one after the other, dumps the
-counters and divides. The count does not move with the machine's load, so two builds can be
+counters and divides; it also counts the calls to the allocator (mimalloc's entry points)
+per request. The count does not move with the machine's load, so two builds can be
 compared on a shared machine: run it with each binary.
 
 usage: scripts/bench/worker_instructions.py [--requests 2000] [--binary target/release/wasmgate]
@@ -67,6 +68,31 @@ def totals(path):
             if line.startswith(("summary:", "totals:")):
                 return int(line.split()[1])
     sys.exit(f"no totals in {path}")
+
+
+# The allocator's entry points as the gateway calls them (mimalloc through the `mimalloc`
+# crate's GlobalAlloc): one call per allocation, one per growth.
+ALLOC_FNS = ("mi_malloc_aligned", "mi_zalloc_aligned")
+REALLOC_FNS = ("mi_realloc_aligned",)
+
+
+def allocations(path):
+    """Calls to the allocator in a dump: (allocations, reallocations)."""
+    allocs = reallocs = 0
+    target = None
+    with open(path) as f:
+        for line in f:
+            if line.startswith("cfn="):
+                # `cfn=(id) name` with compressed strings, `cfn=name` without.
+                target = line[4:].strip().split(") ", 1)[-1]
+            elif line.startswith("calls=") and target:
+                n = int(line[6:].split()[0])
+                if target in ALLOC_FNS:
+                    allocs += n
+                elif target in REALLOC_FNS:
+                    reallocs += n
+                target = None
+    return allocs, reallocs
 
 
 def main():
@@ -130,7 +156,11 @@ def main():
                 os.makedirs(a.dumps, exist_ok=True)
                 for i, p in enumerate(sorted(after)):
                     shutil.copy(p, os.path.join(a.dumps, f"{r}.cg" + (f".{i}" if i else "")))
-            print(f"  {r:6} {total // a.requests:>8} instructions per request")
+            allocs = [allocations(p) for p in after]
+            per = lambda n: n / a.requests  # noqa: E731
+            print(f"  {r:6} {total // a.requests:>8} instructions per request, "
+                  f"{per(sum(x[0] for x in allocs)):.1f} allocations "
+                  f"(+{per(sum(x[1] for x in allocs)):.1f} reallocations)")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -216,6 +216,15 @@ impl Head {
         &self.headers
     }
 
+    /// The headers to send on, as the plugins left them; the head keeps a copy for later
+    /// callbacks. The map given out is the one the plugins worked on, with the room its parser
+    /// gave it: the headers the proxy adds next (forwarding headers, the request id) then do
+    /// not grow a copy made to its exact size (one reallocation per request).
+    pub fn headers_out(&mut self) -> HeaderMap {
+        let copy = self.headers.clone();
+        std::mem::replace(&mut self.headers, copy)
+    }
+
     /// A pseudo-header's value.
     pub fn pseudo(&self, name: &str) -> Option<&[u8]> {
         self.pseudo

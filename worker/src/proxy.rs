@@ -171,8 +171,8 @@ async fn serve_route(
             Verdict::Reply(r) => Some(wasm_glue::local_reply(r)),
             Verdict::Fail => Some(error_page(StatusCode::SERVICE_UNAVAILABLE)),
             // The headers went into the plugins' head: they come back from it.
-            Verdict::Continue => match req.stream.as_ref() {
-                Some(stream) => wasm_glue::apply_request(&stream.request, parts)
+            Verdict::Continue => match req.stream.as_mut() {
+                Some(stream) => wasm_glue::apply_request(&mut stream.request, parts)
                     .err()
                     .map(|e| {
                         tracing::error!("route {}: plugins left an invalid request: {e}", route.id);
@@ -268,7 +268,7 @@ async fn response_phase(
         .await;
     if let Verdict::Continue = verdict {
         // The headers went into the plugins' head (when there is one): they come back from it.
-        if let Some(head) = lent.stream.as_ref().and_then(|s| s.response.as_ref()) {
+        if let Some(head) = lent.stream.as_mut().and_then(|s| s.response.as_mut()) {
             wasm_glue::apply_response(head, &mut resp);
         }
     }

@@ -20,15 +20,15 @@ pub fn request_head(parts: &mut http::request::Parts) -> Head {
 /// keeps its own copy: later callbacks may still read the request headers. Only the
 /// pseudo-headers a plugin set are applied: a `Host` header a plugin set stays as it is unless
 /// it also set `:authority`.
-pub fn apply_request(head: &Head, parts: &mut http::request::Parts) -> Result<(), String> {
+pub fn apply_request(head: &mut Head, parts: &mut http::request::Parts) -> Result<(), String> {
     if !head.changed() {
-        parts.headers = head.headers().clone();
+        parts.headers = head.headers_out();
         return Ok(());
     }
     if let Some(e) = head.error() {
         return Err(e);
     }
-    let mut headers = head.headers().clone();
+    let mut headers = head.headers_out();
     if let Some(m) = head.pseudo_set(":method") {
         parts.method = http::Method::from_bytes(m).map_err(|_| "invalid :method".to_string())?;
     }
@@ -53,15 +53,15 @@ pub fn response_head(resp: &mut Response<ProxyBody>) -> Head {
 
 /// Gives `resp` the response headers as the plugins left them; headers the map could not
 /// take are left out, with an error-log line. The head keeps its own copy for `proxy_on_log`.
-pub fn apply_response(head: &Head, resp: &mut Response<ProxyBody>) {
+pub fn apply_response(head: &mut Head, resp: &mut Response<ProxyBody>) {
     if !head.changed() {
-        *resp.headers_mut() = head.headers().clone();
+        *resp.headers_mut() = head.headers_out();
         return;
     }
     if let Some(e) = head.error() {
         tracing::error!("plugins left invalid response headers, not sent: {e}");
     }
-    *resp.headers_mut() = head.headers().clone();
+    *resp.headers_mut() = head.headers_out();
     if let Some(s) = head
         .pseudo_set(":status")
         .and_then(|s| std::str::from_utf8(s).ok())
@@ -204,28 +204,34 @@ mod tests {
         let mut head = request_head(&mut p);
         head.replace("host", b"plugin.example");
         head.replace("x-added", b"1");
-        apply_request(&head, &mut p).unwrap();
+        apply_request(&mut head, &mut p).unwrap();
         assert_eq!(p.headers["host"], "plugin.example");
         assert_eq!(p.headers["x-added"], "1");
+        assert_eq!(head.headers()["x-added"], "1");
         assert_eq!(p.uri, "/a?b=1");
         // :path and :authority set by a plugin rewrite the URI and the Host.
         let mut p = parts();
         let mut head = request_head(&mut p);
         head.replace(":path", b"/new?x=2");
         head.replace(":authority", b"other.example:8080");
-        apply_request(&head, &mut p).unwrap();
+        apply_request(&mut head, &mut p).unwrap();
         assert_eq!(p.uri, "/new?x=2");
         assert_eq!(p.headers["host"], "other.example:8080");
         // An untouched head gives the headers back as they were.
         let mut p = parts();
-        let head = request_head(&mut p);
+        let mut head = request_head(&mut p);
         assert!(p.headers.is_empty());
-        apply_request(&head, &mut p).unwrap();
+        apply_request(&mut head, &mut p).unwrap();
         assert_eq!(p.headers["host"], "example.com");
+        // The head keeps its own copy for later callbacks.
+        assert_eq!(head.headers()["host"], "example.com");
         // A path that is no URI fails the request with a reason.
         let mut p = parts();
         let mut head = request_head(&mut p);
         head.replace(":path", b"no spaces allowed");
-        assert_eq!(apply_request(&head, &mut p).unwrap_err(), "invalid :path");
+        assert_eq!(
+            apply_request(&mut head, &mut p).unwrap_err(),
+            "invalid :path"
+        );
     }
 }
