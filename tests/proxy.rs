@@ -808,6 +808,182 @@ fn upstream_connections_are_reused() {
     );
 }
 
+/// An upstream that answers each request with raw bytes chosen by its method and path, and
+/// closes a connection after an answer when told to, or after 150 ms of silence (a node with
+/// a short keep-alive timeout).
+struct ScriptedUpstream {
+    port: u16,
+    conns: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The bytes to answer, and whether to close the connection after them.
+type Script = fn(&str, &str) -> (&'static [u8], bool);
+
+impl ScriptedUpstream {
+    fn start(script: Script) -> ScriptedUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (conns.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        c.fetch_add(1, Ordering::Relaxed);
+                        std::thread::spawn(move || serve_script(stream, script));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        ScriptedUpstream {
+            port,
+            conns,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ScriptedUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Answers bodiless requests on one connection by the script.
+fn serve_script(stream: TcpStream, script: Script) {
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(150)))
+        .unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    loop {
+        let mut request_line = String::new();
+        match r.read_line(&mut request_line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) if line.trim_end().is_empty() => break,
+                Ok(_) => {}
+            }
+        }
+        let mut words = request_line.split_whitespace();
+        let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        let (answer, close) = script(method, path);
+        if w.write_all(answer).is_err() || close {
+            return;
+        }
+    }
+}
+
+fn framings(method: &str, path: &str) -> (&'static [u8], bool) {
+    match (method, path) {
+        ("HEAD", _) => (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", false),
+        (_, "/chunked") => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n",
+            false,
+        ),
+        (_, "/continue") => (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            false,
+        ),
+        (_, "/no-content") => (b"HTTP/1.1 204 No Content\r\nX-Seen: 1\r\n\r\n", false),
+        (_, "/not-modified") => (
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n",
+            false,
+        ),
+        (_, "/to-close") => (b"HTTP/1.0 200 OK\r\n\r\nread to the close", true),
+        (_, "/conn-close") => (
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbye",
+            true,
+        ),
+        (_, "/garbage") => (b"SPDY/9 what\r\n\r\n", true),
+        (_, "/two-lengths") => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
+            true,
+        ),
+        _ => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+    }
+}
+
+/// Every way an upstream may frame its answer reaches the client as the upstream meant it,
+/// and the connections carry on afterwards: chunked with extensions and trailers, a 100
+/// Continue before the answer, HEAD / 204 / 304 without a body, a body read to the close, an
+/// answer with `Connection: close`, and a pooled connection the node closed while idle. An
+/// answer that is not HTTP, or whose length is ambiguous, is a 502.
+#[test]
+fn upstream_framings_and_idle_closes() {
+    let up = ScriptedUpstream::start(framings);
+    let gw = Gateway::start();
+    let addr = format!("127.0.0.1:{}", up.port);
+    put(
+        &gw,
+        "routes/f",
+        json!({"uri": "/*", "upstream": nodes(&[(addr, 1)])}),
+    );
+    for round in 0..3 {
+        let r = send(&gw, "GET", "/chunked", &[]);
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "hello world"),
+            "round {round}"
+        );
+        let r = send(&gw, "GET", "/continue", &[]);
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"), "round {round}");
+        let r = send(&gw, "HEAD", "/anything", &[]);
+        assert_eq!(r.status, 200, "round {round}");
+        assert_eq!(r.header("content-length"), Some("1000"));
+        assert!(r.body.is_empty());
+        let r = send(&gw, "GET", "/no-content", &[]);
+        assert_eq!(
+            (r.status, r.header("x-seen")),
+            (204, Some("1")),
+            "round {round}"
+        );
+        let r = send(&gw, "GET", "/not-modified", &[]);
+        assert_eq!(r.status, 304, "round {round}");
+        assert!(r.body.is_empty());
+        let r = send(&gw, "GET", "/to-close", &[]);
+        assert_eq!((r.status, r.text().as_str()), (200, "read to the close"));
+        let r = send(&gw, "GET", "/conn-close", &[]);
+        assert_eq!((r.status, r.text().as_str()), (200, "bye"), "round {round}");
+        let r = send(&gw, "GET", "/garbage", &[]);
+        assert_eq!(r.status, 502, "round {round}");
+        let r = send(&gw, "GET", "/two-lengths", &[]);
+        assert_eq!(r.status, 502, "round {round}");
+        // The node closes its idle connections after 150 ms: the pooled ones are stale now.
+        std::thread::sleep(Duration::from_millis(400));
+        let r = send(&gw, "GET", "/plain", &[]);
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"), "round {round}");
+    }
+    let log = gw.error_log();
+    assert!(
+        log.contains("invalid response"),
+        "the 502s are explained: {log}"
+    );
+    // Connections end only where the answers said so (and at the node's idle close), so the
+    // bodiless and chunked answers left theirs reusable.
+    let conns = up.conns.load(Ordering::Relaxed);
+    assert!(
+        conns <= 3 * 6,
+        "{conns} upstream connections for 30 requests"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Services
 // ---------------------------------------------------------------------------------------------

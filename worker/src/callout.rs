@@ -9,10 +9,12 @@
 
 use crate::body::{self, ProxyBody};
 use crate::plugins::Callout;
-use crate::upstream::pool::{Conn, PooledBody};
+use crate::upstream::h1::ResponseBody;
+use crate::upstream::pool::Conn;
 use crate::Worker;
 use http::header::{HeaderName, HeaderValue};
 use http::Request;
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use std::future::Future;
 use std::pin::Pin;
@@ -121,14 +123,23 @@ async fn perform(w: &Worker, c: HttpCall) -> Result<CallResponse, String> {
         .checkout(&authority, connect_timeout)
         .await
         .map_err(|e| format!("connect to {authority}: {e}"))?;
-    let resp = link
-        .sender
-        .send_request(req)
+    let (parts, body) = req.into_parts();
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let out = link
+        .wire
+        .encode_head(&parts.method, target, &parts.headers, &body);
+    let head_request = parts.method == http::Method::HEAD;
+    let body = (!body.is_end_stream()).then_some((body, out));
+    let exchange = async {
+        link.wire.write_head().await?;
+        link.wire.exchange(body, head_request).await
+    };
+    let head = tokio::time::timeout(read_timeout, exchange)
         .await
+        .map_err(|_| format!("{authority}: no answer within {read_timeout:?}"))?
         .map_err(|e| format!("{authority}: {e}"))?;
-    let (head, incoming) = resp.into_parts();
     // Through the pool's body so the connection is reused once the answer is read.
-    let body = PooledBody::new(incoming, w.pool.clone(), authority, link, read_timeout);
+    let body = ResponseBody::new(link, &head, w.pool.clone(), authority, read_timeout);
     let collected = http_body_util::Limited::new(body, MAX_RESPONSE_BODY)
         .collect()
         .await

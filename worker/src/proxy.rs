@@ -17,7 +17,8 @@ use crate::body::{self, Observed, ProxyBody};
 use crate::live::Compiled;
 use crate::plugins::{Active, Dir, Verdict, WasmRequest};
 use crate::router::{RequestView, RouteEntry};
-use crate::upstream::pool::{Conn, PooledBody};
+use crate::upstream::h1::{ExchangeError, ResponseBody};
+use crate::upstream::pool::Conn;
 use crate::upstream::UpstreamRuntime;
 use crate::wasm_body::{BodyFailure, PluginBody, Primed};
 use crate::wasm_glue;
@@ -331,7 +332,7 @@ async fn forward(
     // The client's headers are moved, not copied: nothing reads them after this phase.
     let client_host = parts.headers.get(header::HOST).cloned();
     let headers = std::mem::take(&mut parts.headers);
-    let mut headers = Some(upstream_headers(headers, client_host.as_ref(), &client.ip));
+    let mut headers = upstream_headers(headers, client_host.as_ref(), &client.ip);
     let mut body = Some(body);
     let mut tried = Vec::new();
     let mut stale_retries = 0;
@@ -362,13 +363,15 @@ async fn forward(
                 continue;
             }
         };
-        let (Some(b), Some(h)) = (body.take(), headers.take()) else {
+        let Some(b) = body.take() else {
             return error_page(StatusCode::BAD_GATEWAY);
         };
-        let host = node_host(up, client_host.as_ref(), &authority);
-        let req = upstream_request(parts, h, host, b);
+        set_host(
+            &mut headers,
+            node_host(up, client_host.as_ref(), &authority),
+        );
         up.balancer.on_start(idx);
-        match send(w, conn, req, &authority, up).await {
+        match send(w, conn, parts, &headers, b, &authority, up).await {
             Exchange::Response(resp) => {
                 log.addrs.push(authority);
                 log.status = Some(resp.status().as_u16());
@@ -376,14 +379,12 @@ async fn forward(
                 log.active = Some((up.clone(), idx));
                 return resp;
             }
-            Exchange::NotSent(req) if stale_retries < 3 => {
-                // The pooled connection was closed by the node before our request went out:
-                // nothing reached the node, so trying again on a fresh connection is safe.
+            Exchange::NotSent(b) if stale_retries < 3 => {
+                // The pooled connection was closed by the node while idle: trying again on
+                // another connection is safe (see `send`).
                 up.balancer.on_finish(idx);
                 stale_retries += 1;
-                let (head, b) = req.into_parts();
                 body = Some(b);
-                headers = Some(head.headers);
             }
             outcome => {
                 up.balancer.on_finish(idx);
@@ -393,7 +394,7 @@ async fn forward(
                         tracing::error!("upstream {authority} timed out while {phase}");
                         StatusCode::GATEWAY_TIMEOUT
                     }
-                    Exchange::Failed(e) => match body::client_fault(&e) {
+                    Exchange::Failed(e) => match body::client_fault(&*e) {
                         // The client's body went over client_max_body_size or stalled while
                         // it streamed: the client's fault (413/408), not the upstream's.
                         Some(status) => {
@@ -419,47 +420,80 @@ async fn forward(
 
 enum Exchange {
     Response(Response<ProxyBody>),
-    NotSent(Request<ProxyBody>),
+    /// The request may be sent again, with this body.
+    NotSent(ProxyBody),
     /// Which timeout: "sending the request" or "reading the response header".
     Timeout(&'static str),
-    Failed(hyper::Error),
+    Failed(body::BoxError),
 }
 
 /// Sends the request and waits for the response head: the request body must keep moving
 /// (`timeout.send` between two chunks taken by the upstream), and once it is all sent the
 /// response head must arrive within `timeout.read`.
+///
+/// On a pooled connection the request may go again (`NotSent`) when writing its head failed
+/// (nothing reached the node), or when a request without a body and with an idempotent method
+/// found the connection closed before any answer — the node closed it while it was idle, the
+/// race nginx's keepalive retries too.
 async fn send(
     w: &Worker,
     conn: Conn,
-    req: Request<ProxyBody>,
+    parts: &http::request::Parts,
+    headers: &HeaderMap,
+    body: ProxyBody,
     authority: &Arc<str>,
     up: &UpstreamRuntime,
 ) -> Exchange {
     let Conn { mut link, reused } = conn;
-    let result = match req.body().is_end_stream() {
-        // A request without a body has no sending to watch: it goes as it is, and the
-        // response head must come within `timeout.read`.
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let out = link.wire.encode_head(&parts.method, target, headers, &body);
+    let head_request = parts.method == http::Method::HEAD;
+    let (wire, timer) = link.parts();
+    timer
+        .as_mut()
+        .reset((Instant::now() + up.send_timeout).into());
+    let wrote = tokio::select! {
+        biased;
+        r = wire.write_head() => r,
+        _ = timer.as_mut() => return Exchange::Timeout("sending the request"),
+    };
+    if let Err(e) = wrote {
+        return match reused {
+            true => Exchange::NotSent(body),
+            false => Exchange::Failed(e.into()),
+        };
+    }
+    let result = match body.is_end_stream() {
+        // A request without a body has no sending to watch: the response head must come
+        // within `timeout.read`.
         true => {
-            let fut = link.sender.try_send_request(req);
-            let timer = link.timer_at(Instant::now() + up.read_timeout);
-            tokio::select! {
+            timer
+                .as_mut()
+                .reset((Instant::now() + up.read_timeout).into());
+            let r = tokio::select! {
                 biased;
-                r = fut => r,
-                _ = timer => return Exchange::Timeout(body::READING_HEAD),
+                r = wire.exchange(None::<(ProxyBody, _)>, head_request) => r,
+                _ = timer.as_mut() => return Exchange::Timeout(body::READING_HEAD),
+            };
+            match r {
+                Err(ExchangeError::Closed(_)) if reused && parts.method.is_idempotent() => {
+                    return Exchange::NotSent(body);
+                }
+                r => r,
             }
         }
         false => {
             let progress = Arc::new(body::SendProgress::started());
-            let watched = progress.clone();
-            let req = req.map(move |b| body::SendWatch::new(b, watched).boxed());
-            let fut = link.sender.try_send_request(req);
+            let watched = body::SendWatch::new(body, progress.clone());
+            let fut = wire.exchange(Some((watched, out)), head_request);
             tokio::pin!(fut);
             loop {
                 let (deadline, phase) = progress.deadline(up.send_timeout, up.read_timeout);
+                timer.as_mut().reset(deadline.into());
                 tokio::select! {
                     biased;
                     r = &mut fut => break r,
-                    _ = link.timer_at(deadline) => {
+                    _ = timer.as_mut() => {
                         if progress.deadline(up.send_timeout, up.read_timeout).0 <= Instant::now() {
                             return Exchange::Timeout(phase);
                         }
@@ -469,19 +503,21 @@ async fn send(
         }
     };
     match result {
-        Ok(resp) => {
-            let pool = w.pool.clone();
-            let read_timeout = up.read_timeout;
-            Exchange::Response(
-                resp.map(|b| {
-                    PooledBody::new(b, pool, authority.clone(), link, read_timeout).boxed()
-                }),
-            )
+        Ok(head) => {
+            let body = ResponseBody::new(
+                link,
+                &head,
+                w.pool.clone(),
+                authority.clone(),
+                up.read_timeout,
+            );
+            let mut resp = Response::new(body.boxed());
+            *resp.status_mut() = head.status;
+            *resp.version_mut() = head.version;
+            *resp.headers_mut() = head.headers;
+            Exchange::Response(resp)
         }
-        Err(mut e) => match e.take_message() {
-            Some(req) if reused => Exchange::NotSent(req),
-            _ => Exchange::Failed(e.into_error()),
-        },
+        Err(e) => Exchange::Failed(e.into_box()),
     }
 }
 
@@ -650,13 +686,8 @@ fn upstream_headers(
     headers
 }
 
-/// One attempt's request: `Host` per `pass_host` (none: no `Host` line).
-fn upstream_request(
-    parts: &http::request::Parts,
-    mut headers: HeaderMap,
-    host: Option<HeaderValue>,
-    body: ProxyBody,
-) -> Request<ProxyBody> {
+/// One attempt's `Host`, per `pass_host` (none: no `Host` line).
+fn set_host(headers: &mut HeaderMap, host: Option<HeaderValue>) {
     match host {
         Some(h) => {
             headers.insert(header::HOST, h);
@@ -665,16 +696,6 @@ fn upstream_request(
             headers.remove(header::HOST);
         }
     }
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .map(http::Uri::from)
-        .unwrap_or_default();
-    *req.headers_mut() = headers;
-    req
 }
 
 /// Phase 4: response headers on their way to the client.

@@ -2,6 +2,7 @@
 //! with retries.
 
 pub mod balancer;
+pub mod h1;
 pub mod pool;
 
 use balancer::{Balancer, BalancerKind, BalancerNode};

@@ -1,56 +1,20 @@
 //! Keep-alive connections to upstream nodes, one pool per worker.
 //!
 //! A connection returns to the pool only once its response body has been read to the end
-//! ([`PooledBody`]); a response abandoned midway closes its connection, since HTTP/1.1 cannot
+//! ([`ResponseBody`](super::h1::ResponseBody)); a response abandoned midway closes its connection, since HTTP/1.1 cannot
 //! reuse it. Idle connections expire after `idle_timeout`; at most `max_idle` are kept per node.
 
-use crate::body::{BoxError, ProxyBody};
+pub use super::h1::Link;
 use crate::FastMap;
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
 
 /// A connection ready to carry one request.
 pub struct Conn {
     pub link: Link,
     /// Whether it came from the pool (a failure before sending is then retried on a new one).
     pub reused: bool,
-}
-
-/// An upstream connection's sending half, with the timer its exchanges are timed by.
-///
-/// The timer lives as long as the connection and is moved forward for each wait: tokio then
-/// only updates the deadline of an entry already in its timer wheel, where a timer per request
-/// is put into the wheel and taken out again every time.
-pub struct Link {
-    pub sender: SendRequest<ProxyBody>,
-    timer: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Link {
-    pub fn new(sender: SendRequest<ProxyBody>) -> Link {
-        Link {
-            sender,
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-        }
-    }
-
-    /// The connection's timer, set to fire at `deadline`.
-    pub fn timer_at(&mut self, deadline: Instant) -> Pin<&mut tokio::time::Sleep> {
-        self.timer.as_mut().reset(deadline.into());
-        self.timer.as_mut()
-    }
-
-    /// The connection's timer as last set.
-    pub fn timer(&mut self) -> Pin<&mut tokio::time::Sleep> {
-        self.timer.as_mut()
-    }
 }
 
 /// Why a connection could not be made.
@@ -62,8 +26,6 @@ pub enum ConnectError {
     Io(#[from] std::io::Error),
     #[error("cannot resolve {0}")]
     Resolve(String),
-    #[error("HTTP handshake failed: {0}")]
-    Handshake(hyper::Error),
 }
 
 struct Idle {
@@ -95,21 +57,12 @@ impl Pool {
         authority: &str,
         connect_timeout: Duration,
     ) -> Result<Conn, ConnectError> {
-        while let Some(mut link) = self.take_idle(authority) {
-            if link.sender.is_ready() {
-                return Ok(Conn { link, reused: true });
-            }
-            // A pooled connection may have been closed by the node meanwhile; `ready`
-            // answers at once either way.
-            if let Ok(Ok(())) =
-                tokio::time::timeout(Duration::from_millis(200), link.sender.ready()).await
-            {
-                return Ok(Conn { link, reused: true });
-            }
+        if let Some(link) = self.take_idle(authority) {
+            return Ok(Conn { link, reused: true });
         }
-        let sender = connect(authority, connect_timeout).await?;
+        let io = connect(authority, connect_timeout).await?;
         Ok(Conn {
-            link: Link::new(sender),
+            link: Link::new(io),
             reused: false,
         })
     }
@@ -124,7 +77,8 @@ impl Pool {
                 list.clear();
                 return None;
             }
-            if !i.link.sender.is_closed() {
+            // A node may have closed it while idle: the runtime has seen that already.
+            if i.link.wire.is_idle_usable() {
                 return Some(i.link);
             }
         }
@@ -133,7 +87,7 @@ impl Pool {
 
     /// Returns a connection whose exchange completed.
     pub fn checkin(&self, authority: &Arc<str>, link: Link) {
-        if self.max_idle == 0 || link.sender.is_closed() {
+        if self.max_idle == 0 {
             return;
         }
         let now = Instant::now();
@@ -149,7 +103,7 @@ impl Pool {
             .count();
         list.drain(..expired);
         if list.len() >= self.max_idle {
-            list.retain(|i| !i.link.sender.is_closed());
+            list.retain(|i| i.link.wire.is_idle_usable());
         }
         if list.len() < self.max_idle {
             list.push(Idle { link, since: now });
@@ -164,10 +118,7 @@ impl Pool {
     }
 }
 
-async fn connect(
-    authority: &str,
-    timeout: Duration,
-) -> Result<SendRequest<ProxyBody>, ConnectError> {
+async fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let attempt = async {
         let addrs: Vec<_> = tokio::net::lookup_host(authority)
             .await
@@ -175,17 +126,10 @@ async fn connect(
             .collect();
         let mut last = ConnectError::Resolve(authority.to_string());
         for addr in addrs {
-            match tokio::net::TcpStream::connect(addr).await {
+            match TcpStream::connect(addr).await {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
-                    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-                        .handshake(TokioIo::new(s))
-                        .await
-                        .map_err(ConnectError::Handshake)?;
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                    return Ok(sender);
+                    return Ok(s);
                 }
                 Err(e) => last = ConnectError::Io(e),
             }
@@ -197,117 +141,13 @@ async fn connect(
         .unwrap_or(Err(ConnectError::Timeout(timeout)))
 }
 
-/// An upstream response body that hands its connection back to the pool when it ends.
-pub struct PooledBody {
-    inner: hyper::body::Incoming,
-    /// The connection, until it goes back to the pool (or is dropped: it cannot be reused).
-    ret: Option<(Arc<Pool>, Arc<str>, Link)>,
-    /// Longest wait for the next chunk (`timeout.read`).
-    read_timeout: Duration,
-    /// Whether the connection's timer is set for the current wait.
-    waiting: bool,
-}
-
-impl PooledBody {
-    pub fn new(
-        inner: hyper::body::Incoming,
-        pool: Arc<Pool>,
-        authority: Arc<str>,
-        link: Link,
-        read_timeout: Duration,
-    ) -> PooledBody {
-        PooledBody {
-            inner,
-            ret: Some((pool, authority, link)),
-            read_timeout,
-            waiting: false,
-        }
-    }
-
-    fn give_back(&mut self) {
-        if let Some((pool, authority, link)) = self.ret.take() {
-            pool.checkin(&authority, link);
-        }
-    }
-}
-
-impl Body for PooledBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(None) => {
-                this.give_back();
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Ok(f))) => {
-                this.waiting = false;
-                Poll::Ready(Some(Ok(f)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.ret = None;
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Pending => {
-                let timeout = this.read_timeout;
-                // The connection was given up (a timeout or an error was returned): polled
-                // again, the body fails again rather than wait with no timer.
-                let Some((_, _, link)) = &mut this.ret else {
-                    return Poll::Ready(Some(Err("upstream connection given up".into())));
-                };
-                let timer = match std::mem::replace(&mut this.waiting, true) {
-                    true => link.timer(),
-                    false => link.timer_at(Instant::now() + timeout),
-                };
-                if timer.poll(cx).is_ready() {
-                    this.ret = None;
-                    return Poll::Ready(Some(Err(format!(
-                        "upstream read timed out after {timeout:?}"
-                    )
-                    .into())));
-                }
-                Poll::Pending
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        // Bodies that are empty by framing (HEAD, 204, 304, Content-Length: 0) may never be
-        // polled; their connection is still reusable.
-        if self.inner.is_end_stream() {
-            self.give_back();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// A pool connection to a local listener that accepts and holds its sockets open.
-    async fn connection(addr: std::net::SocketAddr) -> SendRequest<ProxyBody> {
-        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(s))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        sender
+    async fn connection(addr: std::net::SocketAddr) -> TcpStream {
+        TcpStream::connect(addr).await.unwrap()
     }
 
     async fn listener() -> std::net::SocketAddr {

@@ -1,0 +1,727 @@
+//! The HTTP/1.1 client the worker speaks to upstream nodes, driven from the request's own task.
+//!
+//! hyper's client runs each connection as a task of its own and hands requests and responses
+//! across channels: per request a oneshot, an unbounded channel, a wake-up of the other task,
+//! and a header map built through hyper's general-purpose parser. That was about 14,000 of
+//! the 35,800 instructions of a plugin-less request (docs/BENCHMARKS.md §6). Here the
+//! request's task writes the head from a buffer the connection keeps, parses the answer with
+//! `httparse` (what hyper uses underneath), and reads the body straight from the socket in the
+//! body's `poll_frame`; the connection goes back to the pool when the body ends.
+//!
+//! What it keeps from hyper's behaviour: 1xx answers skipped, HEAD / 204 / 304 answers without
+//! a body, `Transfer-Encoding: chunked` (with trailers) and `Content-Length` framing in both
+//! directions, bodies read to the connection's close, HTTP/1.0 and `Connection: close`
+//! answers never pooled, an answer that arrives while the request body is still being sent
+//! (a 413, say) relayed, at most [`MAX_HEADERS`] headers in a head of at most
+//! [`MAX_HEAD_BYTES`].
+
+use super::pool::Pool;
+use crate::body::BoxError;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Most headers an upstream's answer (or its trailers) may carry; hyper's limit too.
+pub const MAX_HEADERS: usize = 100;
+/// Largest response head (or trailer section) taken from an upstream.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// What one read asks of the socket: enough for the head and body of most answers.
+const READ_CHUNK: usize = 8 * 1024;
+/// Reads of long bodies ask for more at a time.
+const BODY_READ_CHUNK: usize = 64 * 1024;
+/// Body data up to this size is copied next to its framing and written in one call.
+const COALESCE: usize = 8 * 1024;
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The connection failed before any of the answer arrived.
+    #[error("connection closed before the response ({0})")]
+    Closed(io::Error),
+    /// The request body failed (the client's body: too large, too slow, gone).
+    #[error("request body: {0}")]
+    Body(BoxError),
+    /// The request body did not match the `Content-Length` it was sent with.
+    #[error("request body length differs from its Content-Length {0}")]
+    BodyLength(u64),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The node's answer is not valid HTTP/1.
+    #[error("invalid response: {0}")]
+    Invalid(&'static str),
+}
+
+impl ExchangeError {
+    /// The error to look at for the client's fault (413 / 408).
+    pub fn into_box(self) -> BoxError {
+        match self {
+            ExchangeError::Body(e) => e,
+            e => Box::new(e),
+        }
+    }
+}
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Framing {
+    /// Nothing (more) to read.
+    Empty,
+    /// So many bytes left.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the node closes the connection.
+    Close,
+}
+
+/// Where a chunked body's reader stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Chunk {
+    /// Before a size line.
+    Size,
+    /// Inside a chunk, so many bytes left.
+    Data(u64),
+    /// After a chunk's data, before its CRLF.
+    DataEnd,
+    /// After the last chunk: trailers, or the final CRLF.
+    Trailers,
+}
+
+/// A response head, parsed.
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    framing: Framing,
+    /// The connection may carry another exchange once the body is read.
+    keep_alive: bool,
+}
+
+/// A connection with the timer its exchanges are timed by.
+///
+/// The timer lives as long as the connection and is moved forward for each wait: tokio then
+/// only updates the deadline of an entry already in its timer wheel, where a timer per request
+/// is put into the wheel and taken out again every time.
+pub struct Link {
+    pub wire: Wire,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Link {
+    pub fn new(io: TcpStream) -> Link {
+        Link {
+            wire: Wire::new(io),
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        }
+    }
+
+    /// The connection's timer, set to fire at `deadline`.
+    pub fn timer_at(&mut self, deadline: Instant) -> Pin<&mut tokio::time::Sleep> {
+        self.timer.as_mut().reset(deadline.into());
+        self.timer.as_mut()
+    }
+
+    /// The connection's timer as last set.
+    pub fn timer(&mut self) -> Pin<&mut tokio::time::Sleep> {
+        self.timer.as_mut()
+    }
+
+    /// The wire and the timer, to wait on both.
+    pub fn parts(&mut self) -> (&mut Wire, &mut Pin<Box<tokio::time::Sleep>>) {
+        (&mut self.wire, &mut self.timer)
+    }
+}
+
+/// One connection to a node: the socket, and the buffers its exchanges reuse.
+pub struct Wire {
+    io: TcpStream,
+    /// Bytes read and not yet taken. Heads and body chunks are split off it and shared (not
+    /// copied) by the header values and body frames made from them.
+    rbuf: BytesMut,
+    /// The request head being written; kept for the next one.
+    wbuf: Vec<u8>,
+}
+
+impl Wire {
+    pub fn new(io: TcpStream) -> Wire {
+        Wire {
+            io,
+            rbuf: BytesMut::new(),
+            wbuf: Vec::with_capacity(1024),
+        }
+    }
+
+    /// Whether an idle connection can carry a request: nothing has arrived on it since its
+    /// last exchange (a close, or bytes nobody asked for). Uses the readiness the runtime has
+    /// already seen: no system call when the socket is quiet.
+    pub fn is_idle_usable(&self) -> bool {
+        if !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Puts a request head into the write buffer: request line, headers, and the framing of
+    /// `body` (its `Content-Length` when known, else chunked). Returns how the body is sent.
+    pub fn encode_head<B: Body>(
+        &mut self,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        body: &B,
+    ) -> BodyOut {
+        let w = &mut self.wbuf;
+        w.clear();
+        w.extend_from_slice(method.as_str().as_bytes());
+        w.push(b' ');
+        w.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
+        w.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in headers {
+            w.extend_from_slice(name.as_str().as_bytes());
+            w.extend_from_slice(b": ");
+            w.extend_from_slice(value.as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let out = match (body.is_end_stream(), declared, body.size_hint().exact()) {
+            (true, declared, _) => BodyOut::Length(declared.unwrap_or(0)),
+            (false, Some(n), _) => BodyOut::Length(n),
+            (false, None, Some(n)) => {
+                w.extend_from_slice(b"content-length: ");
+                w.extend_from_slice(n.to_string().as_bytes());
+                w.extend_from_slice(b"\r\n");
+                BodyOut::Length(n)
+            }
+            (false, None, None) => {
+                w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                BodyOut::Chunked
+            }
+        };
+        w.extend_from_slice(b"\r\n");
+        out
+    }
+
+    /// Writes the head put by [`encode_head`](Self::encode_head).
+    pub async fn write_head(&mut self) -> io::Result<()> {
+        self.io.write_all(&self.wbuf).await
+    }
+
+    /// After [`write_head`](Self::write_head): sends `body` and returns the answer's head. An
+    /// answer that comes while the body is still being sent ends the sending: the node has
+    /// decided (a 413, a redirect), and the connection is not reused.
+    pub async fn exchange<B>(
+        &mut self,
+        body: Option<(B, BodyOut)>,
+        head_request: bool,
+    ) -> Result<ResponseHead, ExchangeError>
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Unpin,
+    {
+        let Wire { io, rbuf, wbuf } = self;
+        if let Some((body, out)) = body {
+            let (mut rd, mut wr) = io.split();
+            tokio::select! {
+                biased;
+                sent = send_body(&mut wr, wbuf, body, out) => sent?,
+                early = read_head(&mut rd, rbuf, head_request) => {
+                    let mut head = early?;
+                    head.keep_alive = false;
+                    return Ok(head);
+                }
+            }
+        }
+        read_head(io, rbuf, head_request).await
+    }
+}
+
+/// How a request body goes out.
+#[derive(Debug, Clone, Copy)]
+pub enum BodyOut {
+    Length(u64),
+    Chunked,
+}
+
+async fn send_body<W, B>(
+    wr: &mut W,
+    buf: &mut Vec<u8>,
+    mut body: B,
+    out: BodyOut,
+) -> Result<(), ExchangeError>
+where
+    W: AsyncWrite + Unpin,
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    let mut left = match out {
+        BodyOut::Length(n) => n,
+        BodyOut::Chunked => u64::MAX,
+    };
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ExchangeError::Body)?;
+        buf.clear();
+        let data = match frame.into_data() {
+            Ok(data) if data.is_empty() => continue,
+            Ok(data) => data,
+            Err(frame) => {
+                // Trailers go only where the framing has room for them.
+                if let (BodyOut::Chunked, Ok(trailers)) = (out, frame.into_trailers()) {
+                    buf.extend_from_slice(b"0\r\n");
+                    for (name, value) in &trailers {
+                        buf.extend_from_slice(name.as_str().as_bytes());
+                        buf.extend_from_slice(b": ");
+                        buf.extend_from_slice(value.as_bytes());
+                        buf.extend_from_slice(b"\r\n");
+                    }
+                    buf.extend_from_slice(b"\r\n");
+                    wr.write_all(buf).await?;
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        match out {
+            BodyOut::Length(n) => {
+                left = left
+                    .checked_sub(data.len() as u64)
+                    .ok_or(ExchangeError::BodyLength(n))?;
+                wr.write_all(&data).await?;
+            }
+            BodyOut::Chunked => {
+                buf.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                if data.len() <= COALESCE {
+                    buf.extend_from_slice(&data);
+                    buf.extend_from_slice(b"\r\n");
+                    wr.write_all(buf).await?;
+                } else {
+                    wr.write_all(buf).await?;
+                    wr.write_all(&data).await?;
+                    wr.write_all(b"\r\n").await?;
+                }
+            }
+        }
+    }
+    match out {
+        BodyOut::Length(n) if left != 0 => Err(ExchangeError::BodyLength(n)),
+        BodyOut::Length(_) => Ok(()),
+        BodyOut::Chunked => Ok(wr.write_all(b"0\r\n\r\n").await?),
+    }
+}
+
+/// Reads until a final (non-1xx) response head is complete and takes it off `rbuf`.
+/// Cancel-safe: a head is consumed only once whole.
+async fn read_head<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    rbuf: &mut BytesMut,
+    head_request: bool,
+) -> Result<ResponseHead, ExchangeError> {
+    let mut received = !rbuf.is_empty();
+    loop {
+        if let Some(head) = parse_head(rbuf, head_request)? {
+            match head.status.is_informational() {
+                // 100 Continue and the like: the real answer follows.
+                true if head.status != StatusCode::SWITCHING_PROTOCOLS => continue,
+                true => return Err(ExchangeError::Invalid("101 answer to a non-upgrade")),
+                false => return Ok(head),
+            }
+        }
+        if rbuf.capacity() - rbuf.len() < 1024 {
+            rbuf.reserve(READ_CHUNK);
+        }
+        let n = match rd.read_buf(rbuf).await {
+            Ok(n) => n,
+            Err(e) if !received => return Err(ExchangeError::Closed(e)),
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            return Err(match received {
+                false => ExchangeError::Closed(io::ErrorKind::UnexpectedEof.into()),
+                true => ExchangeError::Invalid("connection closed inside the response head"),
+            });
+        }
+        received = true;
+    }
+}
+
+/// Parses a response head at the start of `rbuf`; `None` while incomplete.
+fn parse_head(
+    rbuf: &mut BytesMut,
+    head_request: bool,
+) -> Result<Option<ResponseHead>, ExchangeError> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, rbuf, &mut slots);
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if rbuf.len() >= MAX_HEAD_BYTES => {
+            return Err(ExchangeError::Invalid("response head too large"))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ExchangeError::Invalid("more than 100 response headers"))
+        }
+        Err(_) => return Err(ExchangeError::Invalid("malformed response head")),
+    };
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(ExchangeError::Invalid("bad status code"))?;
+    let version = match resp.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    // Where each name and value lies in the head, so that the values can share its bytes.
+    let base = rbuf.as_ptr() as usize;
+    let spans: smallvec::SmallVec<[(usize, usize, usize, usize); 16]> = resp
+        .headers
+        .iter()
+        .map(|h| {
+            let n = h.name.as_ptr() as usize - base;
+            let v = h.value.as_ptr() as usize - base;
+            (n, h.name.len(), v, h.value.len())
+        })
+        .collect();
+    let head = rbuf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (n, nl, v, vl) in spans {
+        let name = HeaderName::from_bytes(&head[n..n + nl])
+            .map_err(|_| ExchangeError::Invalid("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
+            .map_err(|_| ExchangeError::Invalid("bad header value"))?;
+        headers.append(name, value);
+    }
+    let framing = response_framing(status, head_request, &headers)?;
+    let keep_alive = version == Version::HTTP_11
+        && !matches!(framing, Framing::Close)
+        && !has_token(&headers, header::CONNECTION, "close");
+    Ok(Some(ResponseHead {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// How the answer's body is delimited (RFC 9112 §6.3).
+fn response_framing(
+    status: StatusCode,
+    head_request: bool,
+    headers: &HeaderMap,
+) -> Result<Framing, ExchangeError> {
+    if head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Empty);
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // Chunked must be the last coding; anything else is read to the close.
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .map(str::trim);
+        return Ok(match last {
+            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
+            _ => Framing::Close,
+        });
+    }
+    let mut length = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        let n = std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or(ExchangeError::Invalid("bad Content-Length"))?;
+        if length.is_some_and(|l| l != n) {
+            return Err(ExchangeError::Invalid("conflicting Content-Length headers"));
+        }
+        length = Some(n);
+    }
+    Ok(match length {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    })
+}
+
+/// Whether a comma-separated header lists `token`.
+fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// An upstream response body, read from the connection as the client takes it.
+pub struct ResponseBody {
+    /// The connection; gone once given back or given up.
+    link: Option<Link>,
+    framing: Framing,
+    keep_alive: bool,
+    /// Where the connection goes at the end.
+    pool: Arc<Pool>,
+    authority: Arc<str>,
+    /// Longest wait for the next bytes (`timeout.read`).
+    read_timeout: Duration,
+    /// Whether the connection's timer is set for the current wait.
+    waiting: bool,
+}
+
+impl ResponseBody {
+    pub fn new(
+        link: Link,
+        head: &ResponseHead,
+        pool: Arc<Pool>,
+        authority: Arc<str>,
+        read_timeout: Duration,
+    ) -> ResponseBody {
+        let mut body = ResponseBody {
+            link: Some(link),
+            framing: head.framing,
+            keep_alive: head.keep_alive,
+            pool,
+            authority,
+            read_timeout,
+            waiting: false,
+        };
+        if body.framing == Framing::Empty {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body has been read: the connection goes back when it can carry another exchange.
+    fn finish(&mut self) {
+        self.framing = Framing::Empty;
+        let Some(link) = self.link.take() else {
+            return;
+        };
+        // Bytes after the answer were never asked for: the connection is not trusted again.
+        if self.keep_alive && link.wire.rbuf.is_empty() {
+            self.pool.checkin(&self.authority, link);
+        }
+    }
+
+    fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.link = None;
+        self.framing = Framing::Empty;
+        Poll::Ready(Some(Err(e.into())))
+    }
+
+    /// Reads more into the buffer; `Ready(Ok(0))` at the node's close. Times the wait.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<Result<usize, BoxError>> {
+        let Some(link) = self.link.as_mut() else {
+            return Poll::Ready(Err("upstream connection given up".into()));
+        };
+        let rbuf = &mut link.wire.rbuf;
+        if rbuf.capacity() - rbuf.len() < 1024 {
+            rbuf.reserve(want.clamp(READ_CHUNK, BODY_READ_CHUNK));
+        }
+        let read = std::pin::pin!(link.wire.io.read_buf(rbuf)).poll(cx);
+        if let Poll::Ready(r) = read {
+            self.waiting = false;
+            return Poll::Ready(r.map_err(Into::into));
+        }
+        let timeout = self.read_timeout;
+        let timer = match std::mem::replace(&mut self.waiting, true) {
+            true => link.timer(),
+            false => link.timer_at(Instant::now() + timeout),
+        };
+        ready!(timer.poll(cx));
+        Poll::Ready(Err(
+            format!("upstream read timed out after {timeout:?}").into()
+        ))
+    }
+
+    /// Takes up to `max` buffered bytes as a data frame.
+    fn take(&mut self, max: u64) -> Bytes {
+        let Some(link) = self.link.as_mut() else {
+            return Bytes::new();
+        };
+        let rbuf = &mut link.wire.rbuf;
+        let n = rbuf.len().min(usize::try_from(max).unwrap_or(usize::MAX));
+        rbuf.split_to(n).freeze()
+    }
+
+    fn buffered(&self) -> usize {
+        self.link.as_ref().map_or(0, |l| l.wire.rbuf.len())
+    }
+
+    /// A chunked body's next frame, or its end.
+    fn poll_chunked(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut state: Chunk,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let Some(link) = self.link.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let buf = &mut link.wire.rbuf;
+            let next = match state {
+                Chunk::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        Some(match size {
+                            0 => Chunk::Trailers,
+                            n => Chunk::Data(n),
+                        })
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() < 4096 => None,
+                    _ => return self.fail("upstream sent a bad chunk size line"),
+                },
+                Chunk::Data(left) if !buf.is_empty() => {
+                    let data = self.take(left);
+                    let left = left - data.len() as u64;
+                    self.framing = Framing::Chunked(match left {
+                        0 => Chunk::DataEnd,
+                        n => Chunk::Data(n),
+                    });
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Chunk::Data(_) => None,
+                Chunk::DataEnd if buf.len() >= 2 => match buf.starts_with(b"\r\n") {
+                    true => {
+                        buf.advance(2);
+                        Some(Chunk::Size)
+                    }
+                    false => return self.fail("upstream chunk not followed by CRLF"),
+                },
+                Chunk::DataEnd => None,
+                Chunk::Trailers => match parse_trailers(buf) {
+                    Ok(Some(trailers)) => {
+                        self.finish();
+                        return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+                    }
+                    Ok(None) => None,
+                    Err(e) => return self.fail(e),
+                },
+            };
+            match next {
+                Some(next) => {
+                    state = next;
+                    self.framing = Framing::Chunked(next);
+                }
+                None => match ready!(self.poll_fill(cx, READ_CHUNK)) {
+                    Ok(0) => return self.fail("upstream closed the connection inside the body"),
+                    Ok(_) => {}
+                    Err(e) => return self.fail(e),
+                },
+            }
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // A body empty by its framing (HEAD, 204, 304, Content-Length: 0) went back at once;
+        // one dropped half-read closes its connection, which HTTP/1.1 cannot reuse.
+        if self.framing == Framing::Empty {
+            self.finish();
+        }
+    }
+}
+
+/// The trailer section after a chunked body's last chunk: `Some(None)` for none,
+/// `Some(Some(map))`, or `None` while incomplete.
+fn parse_trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, &'static str> {
+    if buf.starts_with(b"\r\n") {
+        buf.advance(2);
+        return Ok(Some(None));
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::parse_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete((len, fields))) => {
+            let mut map = HeaderMap::with_capacity(fields.len());
+            for f in fields {
+                let name =
+                    HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "bad trailer name")?;
+                let value = HeaderValue::from_bytes(f.value).map_err(|_| "bad trailer value")?;
+                map.append(name, value);
+            }
+            buf.advance(len);
+            Ok(Some(Some(map)))
+        }
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => Ok(None),
+        Ok(httparse::Status::Partial) => Err("upstream trailers too large"),
+        Err(_) => Err("upstream sent malformed trailers"),
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match this.framing {
+            Framing::Empty => Poll::Ready(None),
+            Framing::Chunked(state) => this.poll_chunked(cx, state),
+            Framing::Length(left) => {
+                if this.buffered() == 0 {
+                    let want = usize::try_from(left).unwrap_or(usize::MAX);
+                    match ready!(this.poll_fill(cx, want)) {
+                        Ok(0) => {
+                            return this.fail("upstream closed the connection inside the body")
+                        }
+                        Ok(_) => {}
+                        Err(e) => return this.fail(e),
+                    }
+                }
+                let data = this.take(left);
+                match left - data.len() as u64 {
+                    0 => this.finish(),
+                    n => this.framing = Framing::Length(n),
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Framing::Close => {
+                if this.buffered() == 0 {
+                    match ready!(this.poll_fill(cx, BODY_READ_CHUNK)) {
+                        Ok(0) => {
+                            this.keep_alive = false;
+                            this.finish();
+                            return Poll::Ready(None);
+                        }
+                        Ok(_) => {}
+                        Err(e) => return this.fail(e),
+                    }
+                }
+                Poll::Ready(Some(Ok(Frame::data(this.take(u64::MAX)))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Empty
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Empty => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
