@@ -395,18 +395,24 @@ fn parse_head(
         })
         .collect();
     let head = rbuf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for what the proxy adds to the answer (`Server`, `X-Request-Id`, plugins' headers)
+    // without growing the map.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
+    let mut delimiters = Delimiters::default();
     for (n, nl, v, vl) in spans {
         let name = HeaderName::from_bytes(&head[n..n + nl])
             .map_err(|_| ExchangeError::Invalid("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
             .map_err(|_| ExchangeError::Invalid("bad header value"))?;
+        delimiters.note(&name, value.as_bytes())?;
         headers.append(name, value);
     }
-    let framing = response_framing(status, head_request, &headers)?;
-    let keep_alive = version == Version::HTTP_11
-        && !matches!(framing, Framing::Close)
-        && !has_token(&headers, header::CONNECTION, "close");
+    let framing = delimiters.framing(status, head_request);
+    // Both lengths sent is how requests are smuggled: the answer is read, the connection
+    // not trusted again.
+    let both = delimiters.chunked.is_some() && delimiters.length.is_some();
+    let keep_alive =
+        version == Version::HTTP_11 && !delimiters.close && !both && framing != Framing::Close;
     Ok(Some(ResponseHead {
         status,
         version,
@@ -416,58 +422,57 @@ fn parse_head(
     }))
 }
 
-/// How the answer's body is delimited (RFC 9112 §6.3).
-fn response_framing(
-    status: StatusCode,
-    head_request: bool,
-    headers: &HeaderMap,
-) -> Result<Framing, ExchangeError> {
-    if head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Framing::Empty);
-    }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        // Chunked must be the last coding; anything else is read to the close.
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .map(str::trim);
-        return Ok(match last {
-            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
-            _ => Framing::Close,
-        });
-    }
-    let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        let n = std::str::from_utf8(v.as_bytes())
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or(ExchangeError::Invalid("bad Content-Length"))?;
-        if length.is_some_and(|l| l != n) {
-            return Err(ExchangeError::Invalid("conflicting Content-Length headers"));
-        }
-        length = Some(n);
-    }
-    Ok(match length {
-        Some(0) => Framing::Empty,
-        Some(n) => Framing::Length(n),
-        None => Framing::Close,
-    })
+/// What an answer's headers say about its body's end and its connection, noted as the head
+/// is read (three lookups in the finished map cost more than the comparisons of names).
+#[derive(Default)]
+struct Delimiters {
+    length: Option<u64>,
+    /// Some when `Transfer-Encoding` was sent: whether its last coding is chunked.
+    chunked: Option<bool>,
+    /// `Connection: close`.
+    close: bool,
 }
 
-/// Whether a comma-separated header lists `token`.
-fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    h.get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+impl Delimiters {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), ExchangeError> {
+        if *name == header::CONTENT_LENGTH {
+            let n = std::str::from_utf8(value)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or(ExchangeError::Invalid("bad Content-Length"))?;
+            if self.length.is_some_and(|l| l != n) {
+                return Err(ExchangeError::Invalid("conflicting Content-Length headers"));
+            }
+            self.length = Some(n);
+        } else if *name == header::TRANSFER_ENCODING {
+            // Chunked must be the last coding; anything else is read to the close.
+            let last = value.rsplit(|b| *b == b',').next().unwrap_or_default();
+            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if *name == header::CONNECTION {
+            self.close |= value
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+        Ok(())
+    }
+
+    /// How the answer's body is delimited (RFC 9112 §6.3): `Transfer-Encoding` wins over
+    /// `Content-Length`.
+    fn framing(&self, status: StatusCode, head_request: bool) -> Framing {
+        if head_request
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Framing::Empty;
+        }
+        match (self.chunked, self.length) {
+            (Some(true), _) => Framing::Chunked(Chunk::Size),
+            (Some(false), _) | (None, None) => Framing::Close,
+            (None, Some(0)) => Framing::Empty,
+            (None, Some(n)) => Framing::Length(n),
+        }
+    }
 }
 
 /// An upstream response body, read from the connection as the client takes it.
@@ -723,5 +728,88 @@ impl Body for ResponseBody {
             Framing::Length(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(head: &str) -> Result<Option<ResponseHead>, ExchangeError> {
+        parse_head(&mut BytesMut::from(head), false)
+    }
+
+    #[test]
+    fn heads_say_how_their_body_ends_and_whether_the_connection_stays() {
+        let h = parse("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Length(12), true));
+        assert!(
+            h.headers.capacity() > h.headers.len(),
+            "room for the proxy's headers"
+        );
+
+        let h = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        let h = h.unwrap().unwrap();
+        assert_eq!(
+            (h.framing, h.keep_alive),
+            (Framing::Chunked(Chunk::Size), true)
+        );
+
+        // Both lengths: Transfer-Encoding wins, and the connection is not trusted again.
+        let h = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let h = parse(h).unwrap().unwrap();
+        assert_eq!(
+            (h.framing, h.keep_alive),
+            (Framing::Chunked(Chunk::Size), false)
+        );
+
+        let h = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n");
+        assert_eq!(h.unwrap().unwrap().framing, Framing::Close);
+
+        let h =
+            parse("HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 1\r\n\r\n");
+        assert!(!h.unwrap().unwrap().keep_alive);
+
+        let h = parse("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.version, h.keep_alive), (Version::HTTP_10, false));
+
+        let h = parse("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n");
+        assert_eq!(h.unwrap().unwrap().framing, Framing::Empty);
+
+        assert!(
+            parse("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none(),
+            "incomplete"
+        );
+    }
+
+    #[test]
+    fn bad_heads_are_refused_by_name() {
+        let refused = |head: String, why: &str| match parse(&head) {
+            Err(ExchangeError::Invalid(w)) => assert_eq!(w, why, "{head:?}"),
+            _ => panic!("{head:?} taken"),
+        };
+        refused(
+            "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n".into(),
+            "bad Content-Length",
+        );
+        refused(
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n".into(),
+            "conflicting Content-Length headers",
+        );
+        let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
+        refused(
+            format!("HTTP/1.1 200 OK\r\n{many}\r\n"),
+            "more than 100 response headers",
+        );
+        let long = "v".repeat(MAX_HEAD_BYTES);
+        refused(
+            format!("HTTP/1.1 200 OK\r\nx: {long}"),
+            "response head too large",
+        );
+        refused("HTTP/1.1 2000 OK\r\n\r\n".into(), "malformed response head");
     }
 }
