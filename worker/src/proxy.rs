@@ -449,9 +449,15 @@ async fn send(
     let out = link.wire.encode_head(&parts.method, target, headers, &body);
     let head_request = parts.method == http::Method::HEAD;
     let (wire, timer) = link.parts();
-    timer
-        .as_mut()
-        .reset((Instant::now() + up.send_timeout).into());
+    // A request without a body has no sending to watch: its head goes out at once (it fits
+    // the socket's buffer), and with the answer's head it must take at most `timeout.read`;
+    // one timer setting covers both.
+    let no_body = body.is_end_stream();
+    let first_wait = match no_body {
+        true => up.read_timeout,
+        false => up.send_timeout,
+    };
+    timer.as_mut().reset((Instant::now() + first_wait).into());
     let wrote = tokio::select! {
         biased;
         r = wire.write_head() => r,
@@ -463,13 +469,8 @@ async fn send(
             false => Exchange::Failed(e.into()),
         };
     }
-    let result = match body.is_end_stream() {
-        // A request without a body has no sending to watch: the response head must come
-        // within `timeout.read`.
+    let result = match no_body {
         true => {
-            timer
-                .as_mut()
-                .reset((Instant::now() + up.read_timeout).into());
             let r = tokio::select! {
                 biased;
                 r = wire.exchange(None::<(ProxyBody, _)>, head_request) => r,
@@ -561,7 +562,7 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy.
-fn is_hop_by_hop(n: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(n: &HeaderName) -> bool {
     // Standard names compare as enum tags, not strings.
     *n == header::CONNECTION
         || *n == header::TE

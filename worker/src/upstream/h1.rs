@@ -405,6 +405,9 @@ fn parse_head(
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
             .map_err(|_| ExchangeError::Invalid("bad header value"))?;
         delimiters.note(&name, value.as_bytes())?;
+        if ends_here(&name, &value) {
+            continue;
+        }
         headers.append(name, value);
     }
     let framing = delimiters.framing(status, head_request);
@@ -420,6 +423,19 @@ fn parse_head(
         framing,
         keep_alive,
     }))
+}
+
+/// Whether a header of the answer stops at this hop (RFC 9110 §7.6.1): the proxy strips
+/// them from every answer, and a map that never holds them spares an insert and a removal per
+/// request (every nginx upstream sends `Connection: keep-alive`). A `Connection` header that
+/// names other headers stays, for the proxy to remove those too. Call-outs' answers reach
+/// plugins without them, as Envoy's codec hands them over.
+fn ends_here(name: &HeaderName, value: &HeaderValue) -> bool {
+    if *name == header::CONNECTION {
+        let v = value.as_bytes().trim_ascii();
+        return v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close");
+    }
+    crate::proxy::is_hop_by_hop(name)
 }
 
 /// What an answer's headers say about its body's end and its connection, noted as the head
@@ -741,10 +757,11 @@ mod tests {
 
     #[test]
     fn heads_say_how_their_body_ends_and_whether_the_connection_stays() {
-        let h = parse("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let h = "HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: keep-alive\r\n\r\n";
+        let h = parse(h).unwrap().unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Length(12), true));
+        let names: Vec<_> = h.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-length"], "hop-by-hop headers end here");
         assert!(
             h.headers.capacity() > h.headers.len(),
             "room for the proxy's headers"
@@ -768,9 +785,13 @@ mod tests {
         let h = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n");
         assert_eq!(h.unwrap().unwrap().framing, Framing::Close);
 
-        let h =
-            parse("HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 1\r\n\r\n");
-        assert!(!h.unwrap().unwrap().keep_alive);
+        let h = "HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 1\r\n\r\n";
+        let h = parse(h).unwrap().unwrap();
+        assert!(!h.keep_alive);
+        assert!(
+            h.headers.contains_key(header::CONNECTION),
+            "kept: it may name headers"
+        );
 
         let h = parse("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n")
             .unwrap()
