@@ -4,6 +4,7 @@
 #   1. throughput.py  — nginx proxy_pass vs wasmgate (no plugin, 1, 3, a body plugin): req/s,
 #                       p50/p99/p99.9, server CPU per request, ratios; a plot (SVG)
 #   2. throughput.py  — the same with 1…N workers (N = cores), unpinned: the scaling run
+#      bodies.py      — 64 KiB and 1 MiB answers streamed through, against nginx
 #   3. footprint.py   — 1 / 100 / 10,000 routes with a plugin: RSS per worker, worker start,
 #                       PluginContext creation
 #   4. propagation.py — Admin API PUT → every worker serving it, p50/p99 over 1,000 edits,
@@ -42,6 +43,9 @@ for w in $(seq 1 "$(nproc)"); do
     --connections $((32 * w)) --threads "$w" --json "$out/scaling-$w.json" |
     tee "$out/scaling-$w.md"
 done
+
+echo "== large bodies"
+python3 scripts/bench/bodies.py --sizes 64k,1m --rounds 3 | tee "$out/bodies.md"
 
 echo "== footprint"
 python3 scripts/bench/footprint.py --routes 1,100,10000 --json "$out/footprint.json" |

@@ -74,8 +74,10 @@ def taskset(cpus):
 
 
 class Bench:
-    def __init__(self, a):
+    def __init__(self, a, upstream=upstream_conf):
+        """`upstream(port)` is the upstream nginx's configuration (`return 200` by default)."""
         self.a = a
+        self.upstream_conf = upstream
         self.work = tempfile.mkdtemp(prefix="wasmgate-bench-")
         n = os.cpu_count() or 2
         w = a.workers
@@ -92,7 +94,7 @@ class Bench:
         # The upstream: its own nginx, on the other cores.
         up_conf = os.path.join(d, "up.conf")
         with open(up_conf, "w") as f:
-            f.write(upstream_conf(self.up))
+            f.write(self.upstream_conf(self.up))
         # The baseline: nginx proxy_pass with upstream keepalive, same worker count.
         base_conf = os.path.join(d, "base.conf")
         with open(base_conf, "w") as f:

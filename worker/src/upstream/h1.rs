@@ -38,8 +38,9 @@ pub const MAX_HEADERS: usize = 100;
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// What one read asks of the socket: enough for the head and body of most answers.
 const READ_CHUNK: usize = 8 * 1024;
-/// Reads of long bodies ask for more at a time.
-const BODY_READ_CHUNK: usize = 64 * 1024;
+/// Reads of long bodies ask for more at a time: a read that fills what it asked for doubles
+/// the next one, up to this (a frame holds its read's buffer until the client has it).
+const MAX_READ_CHUNK: usize = 512 * 1024;
 /// Body data up to this size is copied next to its framing and written in one call.
 const COALESCE: usize = 8 * 1024;
 
@@ -504,6 +505,8 @@ pub struct ResponseBody {
     read_timeout: Duration,
     /// Whether the connection's timer is set for the current wait.
     waiting: bool,
+    /// How much the next read of a long body asks for.
+    read_size: usize,
 }
 
 impl ResponseBody {
@@ -522,6 +525,7 @@ impl ResponseBody {
             authority,
             read_timeout,
             waiting: false,
+            read_size: READ_CHUNK,
         };
         if body.framing == Framing::Empty {
             body.finish();
@@ -554,11 +558,15 @@ impl ResponseBody {
         };
         let rbuf = &mut link.wire.rbuf;
         if rbuf.capacity() - rbuf.len() < 1024 {
-            rbuf.reserve(want.clamp(READ_CHUNK, BODY_READ_CHUNK));
+            rbuf.reserve(want.clamp(READ_CHUNK, self.read_size));
         }
+        let room = rbuf.capacity() - rbuf.len();
         let read = std::pin::pin!(link.wire.io.read_buf(rbuf)).poll(cx);
         if let Poll::Ready(r) = read {
             self.waiting = false;
+            if r.as_ref().is_ok_and(|n| *n == room) {
+                self.read_size = (self.read_size * 2).min(MAX_READ_CHUNK);
+            }
             return Poll::Ready(r.map_err(Into::into));
         }
         let timeout = self.read_timeout;
@@ -641,7 +649,7 @@ impl ResponseBody {
                     state = next;
                     self.framing = Framing::Chunked(next);
                 }
-                None => match ready!(self.poll_fill(cx, READ_CHUNK)) {
+                None => match ready!(self.poll_fill(cx, MAX_READ_CHUNK)) {
                     Ok(0) => return self.fail("upstream closed the connection inside the body"),
                     Ok(_) => {}
                     Err(e) => return self.fail(e),
@@ -719,7 +727,7 @@ impl Body for ResponseBody {
             }
             Framing::Close => {
                 if this.buffered() == 0 {
-                    match ready!(this.poll_fill(cx, BODY_READ_CHUNK)) {
+                    match ready!(this.poll_fill(cx, MAX_READ_CHUNK)) {
                         Ok(0) => {
                             this.keep_alive = false;
                             this.finish();
