@@ -124,15 +124,13 @@ async fn perform(w: &Worker, c: HttpCall) -> Result<CallResponse, String> {
         .await
         .map_err(|e| format!("connect to {authority}: {e}"))?;
     let (parts, body) = req.into_parts();
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let out = link
         .wire
-        .encode_head(&parts.method, target, &parts.headers, &body);
-    let head_request = parts.method == http::Method::HEAD;
-    let body = (!body.is_end_stream()).then_some((body, out));
+        .encode_head(&parts.method, &parts.uri, &parts.headers, &body);
+    let body = (!body.is_end_stream()).then_some(body);
     let exchange = async {
         link.wire.write_head().await?;
-        link.wire.exchange(body, head_request).await
+        link.wire.exchange(body, out).await
     };
     let head = tokio::time::timeout(read_timeout, exchange)
         .await

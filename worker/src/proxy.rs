@@ -445,9 +445,9 @@ async fn send(
     up: &UpstreamRuntime,
 ) -> Exchange {
     let Conn { mut link, reused } = conn;
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let out = link.wire.encode_head(&parts.method, target, headers, &body);
-    let head_request = parts.method == http::Method::HEAD;
+    let out = link
+        .wire
+        .encode_head(&parts.method, &parts.uri, headers, &body);
     let (wire, timer) = link.parts();
     // A request without a body has no sending to watch: its head goes out at once (it fits
     // the socket's buffer), and with the answer's head it must take at most `timeout.read`;
@@ -473,7 +473,7 @@ async fn send(
         true => {
             let r = tokio::select! {
                 biased;
-                r = wire.exchange(None::<(ProxyBody, _)>, head_request) => r,
+                r = wire.exchange(None::<ProxyBody>, out) => r,
                 _ = timer.as_mut() => return Exchange::Timeout(body::READING_HEAD),
             };
             match r {
@@ -486,7 +486,7 @@ async fn send(
         false => {
             let progress = Arc::new(body::SendProgress::started());
             let watched = body::SendWatch::new(body, progress.clone());
-            let fut = wire.exchange(Some((watched, out)), head_request);
+            let fut = wire.exchange(Some(watched), out);
             tokio::pin!(fut);
             loop {
                 let (deadline, phase) = progress.deadline(up.send_timeout, up.read_timeout);

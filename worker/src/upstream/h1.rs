@@ -173,27 +173,24 @@ impl Wire {
         matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Puts a request head into the write buffer: request line, headers, and the framing of
-    /// `body` (its `Content-Length` when known, else chunked). Returns how the body is sent.
+    /// Puts a request head into the write buffer: request line (origin form: `uri`'s path
+    /// and query), headers, and the framing of `body` (its `Content-Length` when known, else
+    /// chunked). Returns what [`exchange`](Self::exchange) needs to know of the request.
     pub fn encode_head<B: Body>(
         &mut self,
         method: &Method,
-        target: &str,
+        uri: &http::Uri,
         headers: &HeaderMap,
         body: &B,
-    ) -> BodyOut {
+    ) -> Outgoing {
+        let target = uri.path_and_query().map_or("/", |p| p.as_str());
         let w = &mut self.wbuf;
         w.clear();
         w.extend_from_slice(method.as_str().as_bytes());
         w.push(b' ');
         w.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in headers {
-            w.extend_from_slice(name.as_str().as_bytes());
-            w.extend_from_slice(b": ");
-            w.extend_from_slice(value.as_bytes());
-            w.extend_from_slice(b"\r\n");
-        }
+        put_fields(w, headers);
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -213,7 +210,10 @@ impl Wire {
             }
         };
         w.extend_from_slice(b"\r\n");
-        out
+        Outgoing {
+            body: out,
+            head_request: *method == Method::HEAD,
+        }
     }
 
     /// Writes the head put by [`encode_head`](Self::encode_head).
@@ -226,18 +226,19 @@ impl Wire {
     /// decided (a 413, a redirect), and the connection is not reused.
     pub async fn exchange<B>(
         &mut self,
-        body: Option<(B, BodyOut)>,
-        head_request: bool,
+        body: Option<B>,
+        out: Outgoing,
     ) -> Result<ResponseHead, ExchangeError>
     where
         B: Body<Data = Bytes, Error = BoxError> + Unpin,
     {
         let Wire { io, rbuf, wbuf } = self;
-        if let Some((body, out)) = body {
+        let head_request = out.head_request;
+        if let Some(body) = body {
             let (mut rd, mut wr) = io.split();
             tokio::select! {
                 biased;
-                sent = send_body(&mut wr, wbuf, body, out) => sent?,
+                sent = send_body(&mut wr, wbuf, body, out.body) => sent?,
                 early = read_head(&mut rd, rbuf, head_request) => {
                     let mut head = early?;
                     head.keep_alive = false;
@@ -249,11 +250,29 @@ impl Wire {
     }
 }
 
+/// What an exchange needs to know of the request whose head was encoded.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing {
+    body: BodyOut,
+    /// The answer to a HEAD request has no body, whatever its headers say.
+    head_request: bool,
+}
+
 /// How a request body goes out.
 #[derive(Debug, Clone, Copy)]
-pub enum BodyOut {
+enum BodyOut {
     Length(u64),
     Chunked,
+}
+
+/// Header fields as HTTP/1 writes them: `name: value` lines.
+fn put_fields(buf: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
+        buf.extend_from_slice(name.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
 }
 
 async fn send_body<W, B>(
@@ -280,12 +299,7 @@ where
                 // Trailers go only where the framing has room for them.
                 if let (BodyOut::Chunked, Ok(trailers)) = (out, frame.into_trailers()) {
                     buf.extend_from_slice(b"0\r\n");
-                    for (name, value) in &trailers {
-                        buf.extend_from_slice(name.as_str().as_bytes());
-                        buf.extend_from_slice(b": ");
-                        buf.extend_from_slice(value.as_bytes());
-                        buf.extend_from_slice(b"\r\n");
-                    }
+                    put_fields(buf, &trailers);
                     buf.extend_from_slice(b"\r\n");
                     wr.write_all(buf).await?;
                     return Ok(());

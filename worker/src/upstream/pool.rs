@@ -1,8 +1,9 @@
 //! Keep-alive connections to upstream nodes, one pool per worker.
 //!
 //! A connection returns to the pool only once its response body has been read to the end
-//! ([`ResponseBody`](super::h1::ResponseBody)); a response abandoned midway closes its connection, since HTTP/1.1 cannot
-//! reuse it. Idle connections expire after `idle_timeout`; at most `max_idle` are kept per node.
+//! ([`ResponseBody`](super::h1::ResponseBody)); a response abandoned midway closes its
+//! connection, since HTTP/1.1 cannot reuse it. Idle connections expire after `idle_timeout`;
+//! at most `max_idle` are kept per node.
 
 pub use super::h1::Link;
 use crate::FastMap;
