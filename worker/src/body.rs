@@ -139,14 +139,16 @@ impl SendProgress {
         match s.done {
             Some(done) => (done + read, READING_HEAD),
             // Re-checked after `send`: by then the client has sent more or timed out.
-            None if s.awaiting_client => (std::time::Instant::now() + send, "sending the request"),
-            None => (s.last + send, "sending the request"),
+            None if s.awaiting_client => (std::time::Instant::now() + send, SENDING),
+            None => (s.last + send, SENDING),
         }
     }
 }
 
 /// The wait `timeout.read` bounds, as logged.
 pub const READING_HEAD: &str = "reading the response header";
+/// The wait `timeout.send` bounds, as logged.
+pub const SENDING: &str = "sending the request";
 
 /// A request body that reports its progress to a [`SendProgress`].
 pub struct SendWatch {

@@ -422,7 +422,7 @@ enum Exchange {
     Response(Response<ProxyBody>),
     /// The request may be sent again, with this body.
     NotSent(ProxyBody),
-    /// Which timeout: "sending the request" or "reading the response header".
+    /// Which timeout: `body::SENDING` or `body::READING_HEAD`.
     Timeout(&'static str),
     Failed(body::BoxError),
 }
@@ -461,7 +461,7 @@ async fn send(
     let wrote = tokio::select! {
         biased;
         r = wire.write_head() => r,
-        _ = timer.as_mut() => return Exchange::Timeout("sending the request"),
+        _ = timer.as_mut() => return Exchange::Timeout(body::SENDING),
     };
     if let Err(e) = wrote {
         return match reused {
