@@ -15,7 +15,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmgate_wasm::map::{self, Pairs};
-use wasmgate_wasm::{Head, HeaderList, PluginModule, PluginVm, Properties, Settings, Stream};
+use wasmgate_wasm::{
+    Downstream, Head, HeaderList, PluginModule, PluginVm, Properties, Settings, Stream,
+};
 
 /// As in the gateway binary: allocation costs measured here are the ones it pays.
 #[global_allocator]
@@ -23,8 +25,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct NoProps;
 
+const DOWNSTREAM: Downstream = Downstream {
+    peer: std::net::SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::LOCALHOST,
+        40000,
+    )),
+    version: http::Version::HTTP_11,
+};
+
 impl Properties for NoProps {
-    fn get(&self, _path: &[&str], _request: &Head) -> Option<Vec<u8>> {
+    fn get(&self, _path: &[&str], _request: &Head, _from: &Downstream) -> Option<Vec<u8>> {
         None
     }
 }
@@ -104,6 +114,7 @@ fn one_request(
     let mut stream = Some(Box::new(Stream::new(
         Head::request(&mut parts, "http"),
         props.clone(),
+        DOWNSTREAM,
     )));
     let id = vm.create_http_context(root).unwrap();
     vm.on_request_headers(id, &mut stream, true).unwrap();
@@ -172,7 +183,11 @@ fn round_trip(c: &mut Criterion) {
     c.bench_function("plugin: proxy_on_request_headers alone (10 headers)", |b| {
         let id = vm.create_http_context(root).unwrap();
         b.iter(|| {
-            let mut stream = Some(Box::new(Stream::new(req.clone(), props.clone())));
+            let mut stream = Some(Box::new(Stream::new(
+                req.clone(),
+                props.clone(),
+                DOWNSTREAM,
+            )));
             black_box(vm.on_request_headers(id, &mut stream, true).unwrap());
         })
     });

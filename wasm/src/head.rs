@@ -225,6 +225,17 @@ impl Head {
         std::mem::replace(&mut self.headers, copy)
     }
 
+    /// The headers moved out, not copied, for a while when no callback reads them (the
+    /// request's headers while they go upstream); [`Head::put_headers`] gives them back.
+    pub fn take_headers(&mut self) -> HeaderMap {
+        std::mem::take(&mut self.headers)
+    }
+
+    /// Gives back headers [`Head::take_headers`] took (as they were sent on).
+    pub fn put_headers(&mut self, headers: HeaderMap) {
+        self.headers = headers;
+    }
+
     /// A pseudo-header's value.
     pub fn pseudo(&self, name: &str) -> Option<&[u8]> {
         self.pseudo

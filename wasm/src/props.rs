@@ -76,7 +76,10 @@ pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
     };
     match value {
         Some(v) => Some(Found::Borrowed(v)),
-        None => stream.props.get(path, req).map(Found::Owned),
+        None => stream
+            .props
+            .get(path, req, &stream.downstream)
+            .map(Found::Owned),
     }
 }
 

@@ -4,15 +4,24 @@ use crate::head::Head;
 use crate::map::Pairs;
 use bytes::Bytes;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::StoreLimits;
 
-/// Per-request facts a plugin may read as properties, supplied by the gateway.
+/// Facts a plugin may read as properties, supplied by the gateway (for a route: shared by its
+/// requests, so a request costs no allocation for them).
 pub trait Properties: Send + Sync {
     /// The value at `path` (segments as the plugin sent them), or None. `request` is the
-    /// request as plugins left it so far.
-    fn get(&self, path: &[&str], request: &Head) -> Option<Vec<u8>>;
+    /// request as plugins left it so far, `from` the client it came from.
+    fn get(&self, path: &[&str], request: &Head, from: &Downstream) -> Option<Vec<u8>>;
+}
+
+/// The client side of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Downstream {
+    pub peer: SocketAddr,
+    pub version: http::Version,
 }
 
 /// A response the plugin asked to send instead of proxying (`proxy_send_local_response`).
@@ -33,8 +42,9 @@ pub struct Stream {
     /// Trailers (empty for HTTP/1.1 requests without trailers).
     pub request_trailers: Pairs,
     pub response_trailers: Pairs,
-    /// Read-only request facts (client address, route, nginx variables…).
+    /// Read-only request facts (route, nginx variables…).
     pub props: Arc<dyn Properties>,
+    pub downstream: Downstream,
     /// Properties the plugin set (`proxy_set_property`), visible to later reads.
     pub set_props: Vec<(String, Vec<u8>)>,
     /// The body bytes a body callback works on (`HttpRequestBody` / `HttpResponseBody`
@@ -104,9 +114,10 @@ impl From<Bytes> for BodyBuf {
 }
 
 impl Stream {
-    pub fn new(request: Head, props: Arc<dyn Properties>) -> Stream {
+    pub fn new(request: Head, props: Arc<dyn Properties>, downstream: Downstream) -> Stream {
         Stream {
             request,
+            downstream,
             response: None,
             request_trailers: Vec::new(),
             response_trailers: Vec::new(),

@@ -133,8 +133,11 @@ pub struct Active {
 pub struct WasmRequest {
     plugins: Arc<Plugins>,
     pub stream: Option<Box<Stream>>,
-    pub active: Vec<Active>,
+    pub active: ActiveList,
 }
+
+/// A request's HttpContexts: most routes run one or two plugins, kept inline.
+pub type ActiveList = SmallVec<[Active; 2]>;
 
 impl WasmRequest {
     /// `links`: how many plugins the request may run (room for their contexts).
@@ -142,7 +145,7 @@ impl WasmRequest {
         WasmRequest {
             plugins,
             stream: Some(Box::new(stream)),
-            active: Vec::with_capacity(links),
+            active: SmallVec::with_capacity(links),
         }
     }
 
@@ -859,7 +862,7 @@ impl Plugins {
     }
 
     /// The log phase: `proxy_on_log`, then done and delete for every HttpContext.
-    fn on_log(&self, active: Vec<Active>, stream: &mut Option<Box<Stream>>) {
+    fn on_log(&self, active: ActiveList, stream: &mut Option<Box<Stream>>) {
         let mut started = Instant::now();
         for a in active {
             let p = &self.list[a.plugin];

@@ -15,7 +15,7 @@
 use crate::access_log::Entry;
 use crate::body::{self, Observed, ProxyBody};
 use crate::live::Compiled;
-use crate::plugins::{Active, Dir, Verdict, WasmRequest};
+use crate::plugins::{ActiveList, Dir, Verdict, WasmRequest};
 use crate::router::{RequestView, RouteEntry};
 use crate::upstream::h1::{ExchangeError, ResponseBody};
 use crate::upstream::pool::Conn;
@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmgate_shared::model::{HashOn, PassHost};
 use wasmgate_shared::traffic::Observation;
-use wasmgate_wasm::Stream;
+use wasmgate_wasm::{Downstream, Stream};
 
 /// What the log phase needs to know about the upstream exchange.
 #[derive(Default)]
@@ -158,37 +158,46 @@ async fn serve_route(
         return error_page(StatusCode::PAYLOAD_TOO_LARGE);
     }
     let mut cut = None;
+    // Whether the plugins' head lent its request headers to `parts` (see `apply_request`).
+    let mut lent_headers = false;
     let chain = w.plugins.chain(&cfg.global_rules, route);
     if !chain.is_empty() {
-        let props = Arc::new(wasm_glue::RequestProps::new(
-            client.addr,
-            route,
-            parts.version,
-        ));
-        let stream = Stream::new(wasm_glue::request_head(parts), props);
+        let from = Downstream {
+            peer: client.addr,
+            version: parts.version,
+        };
+        let stream = Stream::new(wasm_glue::request_head(parts), route.clone(), from);
         let mut req = WasmRequest::new(w.plugins.clone(), stream, chain.len());
         let verdict = w.plugins.on_request(&chain, &mut req, no_body).await;
+        let wants_body = !no_body && req.wants_body(Dir::Request);
         let early = match verdict {
             Verdict::Reply(r) => Some(wasm_glue::local_reply(r)),
             Verdict::Fail => Some(error_page(StatusCode::SERVICE_UNAVAILABLE)),
-            // The headers went into the plugins' head: they come back from it.
+            // The headers went into the plugins' head: they come back from it (moved, unless
+            // body callbacks may read them while the request goes upstream).
             Verdict::Continue => match req.stream.as_mut() {
-                Some(stream) => wasm_glue::apply_request(&mut stream.request, parts)
-                    .err()
-                    .map(|e| {
-                        tracing::error!("route {}: plugins left an invalid request: {e}", route.id);
-                        error_page(StatusCode::INTERNAL_SERVER_ERROR)
-                    }),
+                Some(stream) => {
+                    lent_headers = !wants_body;
+                    wasm_glue::apply_request(&mut stream.request, parts, wants_body)
+                        .err()
+                        .map(|e| {
+                            tracing::error!(
+                                "route {}: plugins left an invalid request: {e}",
+                                route.id
+                            );
+                            error_page(StatusCode::INTERNAL_SERVER_ERROR)
+                        })
+                }
                 None => {
                     tracing::error!("route {}: the request was lost in a plugin", route.id);
                     Some(error_page(StatusCode::INTERNAL_SERVER_ERROR))
                 }
             },
         };
-        let wants_body = !no_body && req.wants_body(Dir::Request);
         let shared = Arc::new(Mutex::new(req));
         *wasm = Some(shared.clone());
         if let Some(resp) = early {
+            restore_headers(&shared, parts, lent_headers);
             return resp;
         }
         if wants_body {
@@ -208,6 +217,9 @@ async fn serve_route(
         ),
         Some(up) => forward(w, up, parts, body, client, up_log).await,
     };
+    if let Some(shared) = wasm.as_ref() {
+        restore_headers(shared, parts, lent_headers);
+    }
     // A plugin cut the request body while it streamed: its verdict, not the upstream's.
     let failure = cut.and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).take());
     if let Some(f) = failure {
@@ -216,6 +228,16 @@ async fn serve_route(
     match wasm.as_ref() {
         Some(shared) => response_phase(w, shared, resp).await,
         None => resp,
+    }
+}
+
+/// Gives the plugins' request head back the headers it lent to `parts`, if it did.
+fn restore_headers(shared: &SharedWasm, parts: &mut http::request::Parts, lent: bool) {
+    if !lent {
+        return;
+    }
+    if let Some(stream) = lock(shared).stream.as_mut() {
+        wasm_glue::restore_request(&mut stream.request, parts);
     }
 }
 
@@ -296,7 +318,7 @@ async fn response_phase(
 /// A request's contexts and stream, lent out of its shared state; they go back on drop.
 struct Lent<'a> {
     shared: &'a SharedWasm,
-    active: Vec<Active>,
+    active: ActiveList,
     stream: Option<Box<Stream>>,
 }
 
@@ -329,10 +351,9 @@ async fn forward(
     log: &mut UpstreamLog,
 ) -> Response<ProxyBody> {
     let hash_key = hash_key(up, parts, client.addr);
-    // The client's headers are moved, not copied: nothing reads them after this phase.
+    // The client's headers become the upstream's in place, not copied.
     let client_host = parts.headers.get(header::HOST).cloned();
-    let headers = std::mem::take(&mut parts.headers);
-    let mut headers = upstream_headers(headers, client_host.as_ref(), &client.ip);
+    upstream_headers(&mut parts.headers, client_host.as_ref(), &client.ip);
     let mut body = Some(body);
     let mut tried = Vec::new();
     let mut stale_retries = 0;
@@ -367,11 +388,11 @@ async fn forward(
             return error_page(StatusCode::BAD_GATEWAY);
         };
         set_host(
-            &mut headers,
+            &mut parts.headers,
             node_host(up, client_host.as_ref(), &authority),
         );
         up.balancer.on_start(idx);
-        match send(w, conn, parts, &headers, b, &authority, up).await {
+        match send(w, conn, parts, b, &authority, up).await {
             Exchange::Response(resp) => {
                 log.addrs.push(authority);
                 log.status = Some(resp.status().as_u16());
@@ -439,7 +460,6 @@ async fn send(
     w: &Worker,
     conn: Conn,
     parts: &http::request::Parts,
-    headers: &HeaderMap,
     body: ProxyBody,
     authority: &Arc<str>,
     up: &UpstreamRuntime,
@@ -447,7 +467,7 @@ async fn send(
     let Conn { mut link, reused } = conn;
     let out = link
         .wire
-        .encode_head(&parts.method, &parts.uri, headers, &body);
+        .encode_head(&parts.method, &parts.uri, &parts.headers, &body);
     let (wire, timer) = link.parts();
     // A request without a body has no sending to watch: its head goes out at once (it fits
     // the socket's buffer), and with the answer's head it must take at most `timeout.read`;
@@ -656,12 +676,8 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 
 /// The client's headers as sent upstream: hop-by-hop headers stripped, `X-Forwarded-*` and
 /// `X-Real-IP` set. Made once per request; each attempt only sets `Host`.
-fn upstream_headers(
-    mut headers: HeaderMap,
-    client_host: Option<&HeaderValue>,
-    ip: &HeaderValue,
-) -> HeaderMap {
-    strip_hop_by_hop(&mut headers);
+fn upstream_headers(headers: &mut HeaderMap, client_host: Option<&HeaderValue>, ip: &HeaderValue) {
+    strip_hop_by_hop(headers);
     // Repeated X-Forwarded-For lines form one list (as nginx's $proxy_add_x_forwarded_for);
     // without one, the list is the client's address alone, shared, not copied.
     let xff = match headers.contains_key(&X_FORWARDED_FOR) {
@@ -684,7 +700,6 @@ fn upstream_headers(
     if let Some(h) = client_host {
         headers.insert(X_FORWARDED_HOST.clone(), h.clone());
     }
-    headers
 }
 
 /// One attempt's `Host`, per `pass_host` (none: no `Host` line).

@@ -7,8 +7,7 @@ use crate::router::RouteEntry;
 use http::header::{HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use wasmgate_wasm::{Head, LocalReply};
+use wasmgate_wasm::{Downstream, Head, LocalReply};
 
 /// The request as plugins see it: `:method`, `:path`, `:authority`, `:scheme`, then headers.
 /// The headers move into the head; [`apply_request`] gives them back.
@@ -16,19 +15,30 @@ pub fn request_head(parts: &mut http::request::Parts) -> Head {
     Head::request(parts, "http")
 }
 
-/// Gives `parts` the request as the plugins left it (method, path, Host, headers). The head
-/// keeps its own copy: later callbacks may still read the request headers. Only the
+/// Gives `parts` the request as the plugins left it (method, path, Host, headers). Only the
 /// pseudo-headers a plugin set are applied: a `Host` header a plugin set stays as it is unless
 /// it also set `:authority`.
-pub fn apply_request(head: &mut Head, parts: &mut http::request::Parts) -> Result<(), String> {
+///
+/// `copy`: the head keeps a copy of the headers, for body callbacks that run while the request
+/// goes upstream. Otherwise the headers move out of the head, and [`restore_request`] gives
+/// them back (as sent upstream) once the request is sent, for the response and log phases.
+pub fn apply_request(
+    head: &mut Head,
+    parts: &mut http::request::Parts,
+    copy: bool,
+) -> Result<(), String> {
+    let out = |head: &mut Head| match copy {
+        true => head.headers_out(),
+        false => head.take_headers(),
+    };
     if !head.changed() {
-        parts.headers = head.headers_out();
+        parts.headers = out(head);
         return Ok(());
     }
     if let Some(e) = head.error() {
         return Err(e);
     }
-    let mut headers = head.headers_out();
+    let mut headers = out(head);
     if let Some(m) = head.pseudo_set(":method") {
         parts.method = http::Method::from_bytes(m).map_err(|_| "invalid :method".to_string())?;
     }
@@ -43,6 +53,13 @@ pub fn apply_request(head: &mut Head, parts: &mut http::request::Parts) -> Resul
     }
     parts.headers = headers;
     Ok(())
+}
+
+/// Gives the plugins' request head back the headers [`apply_request`] moved out, as they went
+/// upstream (forwarding headers added, hop-by-hop headers gone, `Host` per `pass_host`), as
+/// Envoy's filters see the request headers its router sent.
+pub fn restore_request(head: &mut Head, parts: &mut http::request::Parts) {
+    head.put_headers(std::mem::take(&mut parts.headers));
 }
 
 /// The response as plugins see it: `:status`, then headers (moved out of `resp`;
@@ -104,20 +121,22 @@ pub fn local_reply(r: LocalReply) -> Response<ProxyBody> {
 
 /// What `proxy_get_property` answers beyond the host's own names: route, client address, and
 /// APISIX's nginx variables (`remote_addr`, `arg_x`, `http_x`, `uri`…), read from the request as
-/// plugins left it (as nginx's variables follow rewrites).
-pub struct RequestProps {
-    peer: SocketAddr,
-    route: Arc<RouteEntry>,
-    version: http::Version,
-}
-
-impl RequestProps {
-    pub fn new(peer: SocketAddr, route: &Arc<RouteEntry>, version: http::Version) -> RequestProps {
-        RequestProps {
-            peer,
-            route: route.clone(),
-            version,
-        }
+/// plugins left it (as nginx's variables follow rewrites). The route answers them itself: its
+/// requests share it.
+impl wasmgate_wasm::Properties for RouteEntry {
+    fn get(&self, path: &[&str], request: &Head, from: &Downstream) -> Option<Vec<u8>> {
+        let text = match path {
+            ["route_name"] | ["route", "name"] => {
+                self.name.clone().unwrap_or_else(|| self.id.clone())
+            }
+            ["route_id"] | ["route", "id"] => self.id.clone(),
+            ["source", "address"] => from.peer.to_string(),
+            ["source", "port"] => from.peer.port().to_string(),
+            ["request", "protocol"] => format!("{:?}", from.version),
+            [name] => var(request, from.peer, name)?,
+            _ => return None,
+        };
+        Some(text.into_bytes())
     }
 }
 
@@ -167,22 +186,6 @@ fn var(head: &Head, peer: SocketAddr, name: &str) -> Option<String> {
     })
 }
 
-impl wasmgate_wasm::Properties for RequestProps {
-    fn get(&self, path: &[&str], request: &Head) -> Option<Vec<u8>> {
-        let r = &self.route;
-        let text = match path {
-            ["route_name"] | ["route", "name"] => r.name.clone().unwrap_or_else(|| r.id.clone()),
-            ["route_id"] | ["route", "id"] => r.id.clone(),
-            ["source", "address"] => self.peer.to_string(),
-            ["source", "port"] => self.peer.port().to_string(),
-            ["request", "protocol"] => format!("{:?}", self.version),
-            [name] => var(request, self.peer, name)?,
-            _ => return None,
-        };
-        Some(text.into_bytes())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,7 +207,7 @@ mod tests {
         let mut head = request_head(&mut p);
         head.replace("host", b"plugin.example");
         head.replace("x-added", b"1");
-        apply_request(&mut head, &mut p).unwrap();
+        apply_request(&mut head, &mut p, true).unwrap();
         assert_eq!(p.headers["host"], "plugin.example");
         assert_eq!(p.headers["x-added"], "1");
         assert_eq!(head.headers()["x-added"], "1");
@@ -214,14 +217,14 @@ mod tests {
         let mut head = request_head(&mut p);
         head.replace(":path", b"/new?x=2");
         head.replace(":authority", b"other.example:8080");
-        apply_request(&mut head, &mut p).unwrap();
+        apply_request(&mut head, &mut p, true).unwrap();
         assert_eq!(p.uri, "/new?x=2");
         assert_eq!(p.headers["host"], "other.example:8080");
         // An untouched head gives the headers back as they were.
         let mut p = parts();
         let mut head = request_head(&mut p);
         assert!(p.headers.is_empty());
-        apply_request(&mut head, &mut p).unwrap();
+        apply_request(&mut head, &mut p, true).unwrap();
         assert_eq!(p.headers["host"], "example.com");
         // The head keeps its own copy for later callbacks.
         assert_eq!(head.headers()["host"], "example.com");
@@ -230,8 +233,26 @@ mod tests {
         let mut head = request_head(&mut p);
         head.replace(":path", b"no spaces allowed");
         assert_eq!(
-            apply_request(&mut head, &mut p).unwrap_err(),
+            apply_request(&mut head, &mut p, true).unwrap_err(),
             "invalid :path"
         );
+    }
+
+    #[test]
+    fn request_headers_lent_upstream_come_back_as_sent() {
+        let mut p = parts();
+        let mut head = request_head(&mut p);
+        head.replace("x-added", b"1");
+        apply_request(&mut head, &mut p, false).unwrap();
+        // Moved, not copied: the head holds none while the request goes upstream.
+        assert_eq!(p.headers["x-added"], "1");
+        assert!(head.headers().is_empty());
+        // The proxy's changes to what it sent are what later callbacks read.
+        p.headers
+            .insert("x-real-ip", HeaderValue::from_static("10.0.0.1"));
+        restore_request(&mut head, &mut p);
+        assert_eq!(head.get("x-added"), Some(&b"1"[..]));
+        assert_eq!(head.get("x-real-ip"), Some(&b"10.0.0.1"[..]));
+        assert_eq!(head.get(":path"), Some(&b"/a?b=1"[..]));
     }
 }
