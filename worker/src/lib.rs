@@ -37,6 +37,15 @@ use wasmgate_shared::snapshot::WorkerBoot;
 /// A request only looks keys up (the router with its path), which cannot make them collide.
 pub(crate) type FastMap<K, V> = foldhash::HashMap<K, V>;
 
+/// `make()`'s value in a new box, written there directly. `Box::new(value)` builds the value
+/// first, on the stack, and copies it into the box made after; here the box exists first, so
+/// the compiler builds the value in it. It matters for large values made once per request:
+/// a request's future (about 3 KB, most of it room for later phases) cost a 340-instruction
+/// copy (docs/BENCHMARKS.md §6).
+pub(crate) fn boxed_in_place<T>(make: impl FnOnce() -> T) -> Box<T> {
+    Box::write(Box::new_uninit(), make())
+}
+
 /// State shared by every connection of this worker.
 pub struct Worker {
     pub live: live::Live,

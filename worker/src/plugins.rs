@@ -143,10 +143,10 @@ pub type ActiveList = Vec<Active>;
 
 impl WasmRequest {
     /// `links`: how many plugins the request may run (room for their contexts).
-    pub fn new(plugins: Arc<Plugins>, stream: Stream, links: usize) -> WasmRequest {
+    pub fn new(plugins: Arc<Plugins>, stream: Box<Stream>, links: usize) -> WasmRequest {
         WasmRequest {
             plugins,
-            stream: Some(Box::new(stream)),
+            stream: Some(stream),
             active: ActiveList::with_capacity(links),
         }
     }

@@ -166,7 +166,10 @@ async fn serve_route(
             peer: client.addr,
             version: parts.version,
         };
-        let stream = Stream::new(wasm_glue::request_head(parts), route.clone(), from);
+        // Made in its box: a stream is large, and the box would otherwise be filled by a copy.
+        let stream = crate::boxed_in_place(|| {
+            Stream::new(wasm_glue::request_head(parts), route.clone(), from)
+        });
         let mut req = WasmRequest::new(w.plugins.clone(), stream, chain.len());
         let verdict = w.plugins.on_request(&chain, &mut req, no_body).await;
         let wants_body = !no_body && req.wants_body(Dir::Request);
@@ -257,7 +260,7 @@ async fn request_body(
         Primed::Failed(f) => return Err(failure_response(f, StatusCode::PAYLOAD_TOO_LARGE)),
     }
     let failure = pb.failure();
-    Ok((pb.boxed(), failure))
+    Ok((ProxyBody::new(pb), failure))
 }
 
 /// The answer for a body a plugin cut: `too_large` for a buffer over its cap (413 for a
@@ -312,7 +315,7 @@ async fn response_phase(
         Primed::Streaming => {}
         Primed::Failed(f) => return failure_response(f, StatusCode::BAD_GATEWAY),
     }
-    Response::from_parts(head, pb.boxed())
+    Response::from_parts(head, ProxyBody::new(pb))
 }
 
 /// A request's contexts and stream, lent out of its shared state; they go back on drop.
@@ -532,7 +535,7 @@ async fn send(
                 authority.clone(),
                 up.read_timeout,
             );
-            let mut resp = Response::new(body.boxed());
+            let mut resp = Response::new(ProxyBody::new(body));
             *resp.status_mut() = head.status;
             *resp.version_mut() = head.version;
             *resp.headers_mut() = head.headers;
@@ -798,53 +801,54 @@ fn log_phase(
 ) -> Response<ProxyBody> {
     let status = resp.status().as_u16();
     resp.map(move |b| {
-        Observed::new(b, move |sent, _complete| {
-            if let Some(shared) = wasm {
-                lock(&shared).finish();
-            }
-            let up = &log.upstream;
-            if let Some((rt, idx)) = &up.active {
-                rt.balancer.on_finish(*idx);
-            }
-            let request_time = log.started.elapsed();
-            w.traffic.record(
-                log.route.as_deref(),
-                &Observation {
+        ProxyBody::made(|| {
+            Observed::new(b, move |sent, _complete| {
+                if let Some(shared) = wasm {
+                    lock(&shared).finish();
+                }
+                let up = &log.upstream;
+                if let Some((rt, idx)) = &up.active {
+                    rt.balancer.on_finish(*idx);
+                }
+                let request_time = log.started.elapsed();
+                w.traffic.record(
+                    log.route.as_deref(),
+                    &Observation {
+                        status,
+                        request_us: request_time.as_micros() as u64,
+                        upstream_us: up.time.map(|t| t.as_micros() as u64),
+                        ingress: log.head_bytes
+                            + log
+                                .body_bytes
+                                .as_ref()
+                                .map_or(0, |b| b.load(Ordering::Relaxed)),
+                        egress: sent,
+                    },
+                );
+                if !w.access_log.enabled() {
+                    return;
+                }
+                w.access_log.log(&Entry {
+                    remote_addr: &log.remote,
+                    host: log.host.as_str(),
+                    request_line: &log.request_line,
                     status,
-                    request_us: request_time.as_micros() as u64,
-                    upstream_us: up.time.map(|t| t.as_micros() as u64),
-                    ingress: log.head_bytes
-                        + log
-                            .body_bytes
-                            .as_ref()
-                            .map_or(0, |b| b.load(Ordering::Relaxed)),
-                    egress: sent,
-                },
-            );
-            if !w.access_log.enabled() {
-                return;
-            }
-            w.access_log.log(&Entry {
-                remote_addr: &log.remote,
-                host: log.host.as_str(),
-                request_line: &log.request_line,
-                status,
-                body_bytes_sent: sent,
-                request_time,
-                referer: &log.referer,
-                user_agent: &log.user_agent,
-                upstream_addr: &up.addrs.join(", "),
-                upstream_status: up.status,
-                upstream_time: up.time,
-                route_id: log.route.as_ref().map_or("", |r| &r.id),
-                request_id: log
-                    .request_id
-                    .as_ref()
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or(""),
-            });
+                    body_bytes_sent: sent,
+                    request_time,
+                    referer: &log.referer,
+                    user_agent: &log.user_agent,
+                    upstream_addr: &up.addrs.join(", "),
+                    upstream_status: up.status,
+                    upstream_time: up.time,
+                    route_id: log.route.as_ref().map_or("", |r| &r.id),
+                    request_id: log
+                        .request_id
+                        .as_ref()
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(""),
+                });
+            })
         })
-        .boxed()
     })
 }
 
@@ -1021,12 +1025,12 @@ fn client_body(
     timeout: Duration,
     received: Arc<std::sync::atomic::AtomicU64>,
 ) -> ProxyBody {
-    let body = body.map_err(body::BoxError::from).boxed();
+    let body = ProxyBody::new(body.map_err(body::BoxError::from));
     let body = body::ReadTimeout::new(body, timeout, received);
     if max == 0 {
-        return body.boxed();
+        return ProxyBody::new(body);
     }
-    http_body_util::Limited::new(body, max as usize).boxed()
+    ProxyBody::new(http_body_util::Limited::new(body, max as usize))
 }
 
 /// `{"error_msg": …}` with a status.
