@@ -414,17 +414,21 @@ fn parse_head(
     // without growing the map.
     let mut headers = HeaderMap::with_capacity(spans.len() + 4);
     let mut delimiters = Delimiters::default();
-    for (n, nl, v, vl) in spans {
-        let name = HeaderName::from_bytes(&head[n..n + nl])
-            .map_err(|_| ExchangeError::Invalid("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
-            .map_err(|_| ExchangeError::Invalid("bad header value"))?;
-        delimiters.note(&name, value.as_bytes())?;
-        if ends_here(&name, &value) {
-            continue;
+    NAMES.with_borrow_mut(|names| {
+        for (n, nl, v, vl) in spans {
+            let name = names
+                .parse(&head[n..n + nl])
+                .ok_or(ExchangeError::Invalid("bad header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
+                .map_err(|_| ExchangeError::Invalid("bad header value"))?;
+            delimiters.note(&name, value.as_bytes())?;
+            if ends_here(&name, &value) {
+                continue;
+            }
+            headers.append(name, value);
         }
-        headers.append(name, value);
-    }
+        Ok::<_, ExchangeError>(())
+    })?;
     let framing = delimiters.framing(status, head_request);
     // Both lengths sent is how requests are smuggled: the answer is read, the connection
     // not trusted again.
@@ -438,6 +442,51 @@ fn parse_head(
         framing,
         keep_alive,
     }))
+}
+
+thread_local! {
+    /// The header names this worker's upstreams answered with lately (a worker serves from
+    /// one thread).
+    static NAMES: std::cell::RefCell<Names> = std::cell::RefCell::new(Names::default());
+}
+
+/// Header names as received and as parsed. An upstream sends the same few names in every
+/// answer, spelled the same way, and comparing the bytes costs less than parsing the name
+/// again (`HeaderName::from_bytes` lower-cases it and looks it up among the standard names).
+/// A small table indexed by the name's length and a few of its bytes: a name is compared with
+/// one remembered name at most, and one that collides replaces it.
+#[derive(Default)]
+struct Names {
+    slots: Vec<Option<(Box<[u8]>, HeaderName)>>,
+}
+
+impl Names {
+    const SLOTS: usize = 64;
+
+    fn slot(raw: &[u8]) -> usize {
+        let (first, mid, last) = (raw[0], raw[raw.len() / 2], raw[raw.len() - 1]);
+        let h = raw.len() ^ (first as usize) << 1 ^ (mid as usize) << 2 ^ (last as usize) << 3;
+        h % Self::SLOTS
+    }
+
+    /// `raw` as a header name; None when it is not one.
+    fn parse(&mut self, raw: &[u8]) -> Option<HeaderName> {
+        if raw.is_empty() {
+            return None;
+        }
+        if self.slots.is_empty() {
+            self.slots.resize(Self::SLOTS, None);
+        }
+        let slot = &mut self.slots[Self::slot(raw)];
+        if let Some((r, name)) = slot {
+            if **r == *raw {
+                return Some(name.clone());
+            }
+        }
+        let name = HeaderName::from_bytes(raw).ok()?;
+        *slot = Some((Box::from(raw), name.clone()));
+        Some(name)
+    }
 }
 
 /// Whether a header of the answer stops at this hop (RFC 9110 §7.6.1): the proxy strips
@@ -827,6 +876,31 @@ mod tests {
             parse("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none(),
             "incomplete"
         );
+    }
+
+    #[test]
+    fn remembered_names_parse_as_before() {
+        let mut names = Names::default();
+        // More distinct names than there are slots, twice: each parses to itself every time,
+        // in any spelling, whether it was remembered or pushed out.
+        for round in 0..2 {
+            for i in 0..Names::SLOTS * 2 {
+                let raw = format!("X-Name-{i}");
+                let name = names.parse(raw.as_bytes()).unwrap();
+                assert_eq!(name.as_str(), raw.to_ascii_lowercase(), "round {round}");
+            }
+            assert_eq!(names.parse(b"Content-Type"), Some(header::CONTENT_TYPE));
+            assert_eq!(names.parse(b"content-type"), Some(header::CONTENT_TYPE));
+            assert_eq!(names.parse(b"bad name"), None);
+            assert_eq!(names.parse(b""), None);
+        }
+        // Through the parser: the second answer on the same names reads the same.
+        for _ in 0..2 {
+            let h = "HTTP/1.1 200 OK\r\nX-Up: 1\r\nContent-Length: 3\r\n\r\n";
+            let h = parse(h).unwrap().unwrap();
+            assert_eq!(h.headers["x-up"], "1");
+            assert_eq!(h.framing, Framing::Length(3));
+        }
     }
 
     #[test]
