@@ -137,6 +137,8 @@ pub struct Head {
     refused: usize,
     /// Headers refused because the map was full.
     overflow: usize,
+    /// The headers are lent out ([`Head::take_headers`]).
+    lent: bool,
 }
 
 /// Most values a head holds: `HeaderMap`'s own bound on entries, applied to values too (a map
@@ -190,7 +192,13 @@ impl Head {
             error: None,
             refused: 0,
             overflow: 0,
+            lent: false,
         }
+    }
+
+    /// Whether the headers are lent out ([`Head::take_headers`]).
+    pub fn lent(&self) -> bool {
+        self.lent
     }
 
     /// Whether a plugin changed anything.
@@ -225,14 +233,16 @@ impl Head {
         std::mem::replace(&mut self.headers, copy)
     }
 
-    /// The headers moved out, not copied, for a while when no callback reads them (the
+    /// The headers lent out, not copied, for a while when no callback reads them (the
     /// request's headers while they go upstream); [`Head::put_headers`] gives them back.
     pub fn take_headers(&mut self) -> HeaderMap {
+        self.lent = true;
         std::mem::take(&mut self.headers)
     }
 
-    /// Gives back headers [`Head::take_headers`] took (as they were sent on).
+    /// Gives back headers [`Head::take_headers`] lent (as they were sent on).
     pub fn put_headers(&mut self, headers: HeaderMap) {
+        self.lent = false;
         self.headers = headers;
     }
 

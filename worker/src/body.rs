@@ -9,59 +9,32 @@ use std::task::{Context, Poll};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Any body the proxy sends, to a client or an upstream: every kind of body, boxed.
-pub struct ProxyBody(Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send + Sync>>);
+/// Any body the proxy sends, to a client or an upstream: every kind of body, boxed (a pinned
+/// box of a body is itself a body).
+pub type ProxyBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send + Sync>>;
 
-impl ProxyBody {
-    pub fn new<B>(body: B) -> ProxyBody
-    where
-        B: Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
-    {
-        ProxyBody(Box::pin(body))
-    }
-
-    /// [`ProxyBody::new`] for a body made here: made in its box, not copied there (see
-    /// [`crate::boxed_in_place`]).
-    pub fn made<B>(make: impl FnOnce() -> B) -> ProxyBody
-    where
-        B: Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
-    {
-        ProxyBody(Box::into_pin(crate::boxed_in_place(make)))
-    }
+pub fn boxed<B>(body: B) -> ProxyBody
+where
+    B: Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
+{
+    Box::pin(body)
 }
 
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.0.as_mut().poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.0.size_hint()
-    }
-}
-
-impl std::fmt::Debug for ProxyBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ProxyBody")
-    }
+/// [`boxed`] for a body made here: made in its box, not copied there (see
+/// [`crate::boxed_in_place`]).
+pub fn made<B>(make: impl FnOnce() -> B) -> ProxyBody
+where
+    B: Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
+{
+    Box::into_pin(crate::boxed_in_place(make))
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    ProxyBody::new(Full::new(bytes.into()).map_err(|never| match never {}))
+    boxed(Full::new(bytes.into()).map_err(|never| match never {}))
 }
 
 pub fn empty() -> ProxyBody {
-    ProxyBody::new(Empty::new().map_err(|never| match never {}))
+    boxed(Empty::new().map_err(|never| match never {}))
 }
 
 /// Wraps a response body to count the bytes sent and run `done` once — when the body ends,

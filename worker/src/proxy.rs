@@ -15,7 +15,7 @@
 use crate::access_log::Entry;
 use crate::body::{self, Observed, ProxyBody};
 use crate::live::Compiled;
-use crate::plugins::{ActiveList, Dir, Verdict, WasmRequest};
+use crate::plugins::{Active, Dir, Verdict, WasmRequest};
 use crate::router::{RequestView, RouteEntry};
 use crate::upstream::h1::{ExchangeError, ResponseBody};
 use crate::upstream::pool::Conn;
@@ -158,8 +158,6 @@ async fn serve_route(
         return error_page(StatusCode::PAYLOAD_TOO_LARGE);
     }
     let mut cut = None;
-    // Whether the plugins' head lent its request headers to `parts` (see `apply_request`).
-    let mut lent_headers = false;
     let chain = w.plugins.chain(&cfg.global_rules, route);
     if !chain.is_empty() {
         let from = Downstream {
@@ -179,18 +177,12 @@ async fn serve_route(
             // The headers went into the plugins' head: they come back from it (moved, unless
             // body callbacks may read them while the request goes upstream).
             Verdict::Continue => match req.stream.as_mut() {
-                Some(stream) => {
-                    lent_headers = !wants_body;
-                    wasm_glue::apply_request(&mut stream.request, parts, wants_body)
-                        .err()
-                        .map(|e| {
-                            tracing::error!(
-                                "route {}: plugins left an invalid request: {e}",
-                                route.id
-                            );
-                            error_page(StatusCode::INTERNAL_SERVER_ERROR)
-                        })
-                }
+                Some(stream) => wasm_glue::apply_request(&mut stream.request, parts, wants_body)
+                    .err()
+                    .map(|e| {
+                        tracing::error!("route {}: plugins left an invalid request: {e}", route.id);
+                        error_page(StatusCode::INTERNAL_SERVER_ERROR)
+                    }),
                 None => {
                     tracing::error!("route {}: the request was lost in a plugin", route.id);
                     Some(error_page(StatusCode::INTERNAL_SERVER_ERROR))
@@ -200,7 +192,7 @@ async fn serve_route(
         let shared = Arc::new(Mutex::new(req));
         *wasm = Some(shared.clone());
         if let Some(resp) = early {
-            restore_headers(&shared, parts, lent_headers);
+            restore_headers(&shared, parts);
             return resp;
         }
         if wants_body {
@@ -221,7 +213,7 @@ async fn serve_route(
         Some(up) => forward(w, up, parts, body, client, up_log).await,
     };
     if let Some(shared) = wasm.as_ref() {
-        restore_headers(shared, parts, lent_headers);
+        restore_headers(shared, parts);
     }
     // A plugin cut the request body while it streamed: its verdict, not the upstream's.
     let failure = cut.and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).take());
@@ -235,10 +227,7 @@ async fn serve_route(
 }
 
 /// Gives the plugins' request head back the headers it lent to `parts`, if it did.
-fn restore_headers(shared: &SharedWasm, parts: &mut http::request::Parts, lent: bool) {
-    if !lent {
-        return;
-    }
+fn restore_headers(shared: &SharedWasm, parts: &mut http::request::Parts) {
     if let Some(stream) = lock(shared).stream.as_mut() {
         wasm_glue::restore_request(&mut stream.request, parts);
     }
@@ -260,7 +249,7 @@ async fn request_body(
         Primed::Failed(f) => return Err(failure_response(f, StatusCode::PAYLOAD_TOO_LARGE)),
     }
     let failure = pb.failure();
-    Ok((ProxyBody::new(pb), failure))
+    Ok((body::boxed(pb), failure))
 }
 
 /// The answer for a body a plugin cut: `too_large` for a buffer over its cap (413 for a
@@ -315,13 +304,13 @@ async fn response_phase(
         Primed::Streaming => {}
         Primed::Failed(f) => return failure_response(f, StatusCode::BAD_GATEWAY),
     }
-    Response::from_parts(head, ProxyBody::new(pb))
+    Response::from_parts(head, body::boxed(pb))
 }
 
 /// A request's contexts and stream, lent out of its shared state; they go back on drop.
 struct Lent<'a> {
     shared: &'a SharedWasm,
-    active: ActiveList,
+    active: Vec<Active>,
     stream: Option<Box<Stream>>,
 }
 
@@ -535,7 +524,7 @@ async fn send(
                 authority.clone(),
                 up.read_timeout,
             );
-            let mut resp = Response::new(ProxyBody::new(body));
+            let mut resp = Response::new(body::boxed(body));
             *resp.status_mut() = head.status;
             *resp.version_mut() = head.version;
             *resp.headers_mut() = head.headers;
@@ -801,7 +790,7 @@ fn log_phase(
 ) -> Response<ProxyBody> {
     let status = resp.status().as_u16();
     resp.map(move |b| {
-        ProxyBody::made(|| {
+        body::made(|| {
             Observed::new(b, move |sent, _complete| {
                 if let Some(shared) = wasm {
                     lock(&shared).finish();
@@ -1025,12 +1014,12 @@ fn client_body(
     timeout: Duration,
     received: Arc<std::sync::atomic::AtomicU64>,
 ) -> ProxyBody {
-    let body = ProxyBody::new(body.map_err(body::BoxError::from));
+    let body = body::boxed(body.map_err(body::BoxError::from));
     let body = body::ReadTimeout::new(body, timeout, received);
     if max == 0 {
-        return ProxyBody::new(body);
+        return body::boxed(body);
     }
-    ProxyBody::new(http_body_util::Limited::new(body, max as usize))
+    body::boxed(http_body_util::Limited::new(body, max as usize))
 }
 
 /// `{"error_msg": …}` with a status.

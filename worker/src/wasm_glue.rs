@@ -57,9 +57,12 @@ pub fn apply_request(
 
 /// Gives the plugins' request head back the headers [`apply_request`] moved out, as they went
 /// upstream (forwarding headers added, hop-by-hop headers gone, `Host` per `pass_host`), as
-/// Envoy's filters see the request headers its router sent.
+/// Envoy's filters see the request headers its router sent. A head that kept its headers
+/// (a copy, or none given out) keeps them.
 pub fn restore_request(head: &mut Head, parts: &mut http::request::Parts) {
-    head.put_headers(std::mem::take(&mut parts.headers));
+    if head.lent() {
+        head.put_headers(std::mem::take(&mut parts.headers));
+    }
 }
 
 /// The response as plugins see it: `:status`, then headers (moved out of `resp`;
@@ -254,5 +257,12 @@ mod tests {
         assert_eq!(head.get("x-added"), Some(&b"1"[..]));
         assert_eq!(head.get("x-real-ip"), Some(&b"10.0.0.1"[..]));
         assert_eq!(head.get(":path"), Some(&b"/a?b=1"[..]));
+        // A head that kept a copy keeps it: what the proxy did to its own is not given back.
+        let mut p = parts();
+        let mut head = request_head(&mut p);
+        apply_request(&mut head, &mut p, true).unwrap();
+        p.headers.clear();
+        restore_request(&mut head, &mut p);
+        assert_eq!(head.get("host"), Some(&b"example.com"[..]));
     }
 }
