@@ -11,6 +11,7 @@
 pub mod access_log;
 pub mod body;
 pub mod callout;
+pub mod codec;
 pub mod live;
 pub mod plugins;
 pub mod proxy;

@@ -17,11 +17,13 @@
 
 use super::pool::Pool;
 use crate::body::BoxError;
-use bytes::{Buf, Bytes, BytesMut};
+use crate::codec::{
+    self, put_fields, send_body, BodyOut, Chunk, Decoded, Framing, SendError, MAX_HEADERS,
+};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
@@ -29,11 +31,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Most headers an upstream's answer (or its trailers) may carry; hyper's limit too.
-pub const MAX_HEADERS: usize = 100;
 /// Largest response head (or trailer section) taken from an upstream.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// What one read asks of the socket: enough for the head and body of most answers.
@@ -41,8 +41,6 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Reads of long bodies ask for more at a time: a read that fills what it asked for doubles
 /// the next one, up to this (a frame holds its read's buffer until the client has it).
 const MAX_READ_CHUNK: usize = 512 * 1024;
-/// Body data up to this size is copied next to its framing and written in one call.
-const COALESCE: usize = 8 * 1024;
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +61,16 @@ pub enum ExchangeError {
     Invalid(&'static str),
 }
 
+impl From<SendError> for ExchangeError {
+    fn from(e: SendError) -> ExchangeError {
+        match e {
+            SendError::Body(e) => ExchangeError::Body(e),
+            SendError::Length(n) => ExchangeError::BodyLength(n),
+            SendError::Io(e) => ExchangeError::Io(e),
+        }
+    }
+}
+
 impl ExchangeError {
     /// The error to look at for the client's fault (413 / 408).
     pub fn into_box(self) -> BoxError {
@@ -71,31 +79,6 @@ impl ExchangeError {
             e => Box::new(e),
         }
     }
-}
-
-/// How a message body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Framing {
-    /// Nothing (more) to read.
-    Empty,
-    /// So many bytes left.
-    Length(u64),
-    Chunked(Chunk),
-    /// Until the node closes the connection.
-    Close,
-}
-
-/// Where a chunked body's reader stands.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Chunk {
-    /// Before a size line.
-    Size,
-    /// Inside a chunk, so many bytes left.
-    Data(u64),
-    /// After a chunk's data, before its CRLF.
-    DataEnd,
-    /// After the last chunk: trailers, or the final CRLF.
-    Trailers,
 }
 
 /// A response head, parsed.
@@ -238,7 +221,7 @@ impl Wire {
             let (mut rd, mut wr) = io.split();
             tokio::select! {
                 biased;
-                sent = send_body(&mut wr, wbuf, body, out.body) => sent?,
+                sent = send_body(&mut wr, wbuf, body, out.body) => { sent?; }
                 early = read_head(&mut rd, rbuf, head_request) => {
                     let mut head = early?;
                     head.keep_alive = false;
@@ -256,83 +239,6 @@ pub struct Outgoing {
     body: BodyOut,
     /// The answer to a HEAD request has no body, whatever its headers say.
     head_request: bool,
-}
-
-/// How a request body goes out.
-#[derive(Debug, Clone, Copy)]
-enum BodyOut {
-    Length(u64),
-    Chunked,
-}
-
-/// Header fields as HTTP/1 writes them: `name: value` lines.
-fn put_fields(buf: &mut Vec<u8>, fields: &HeaderMap) {
-    for (name, value) in fields {
-        buf.extend_from_slice(name.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(value.as_bytes());
-        buf.extend_from_slice(b"\r\n");
-    }
-}
-
-async fn send_body<W, B>(
-    wr: &mut W,
-    buf: &mut Vec<u8>,
-    mut body: B,
-    out: BodyOut,
-) -> Result<(), ExchangeError>
-where
-    W: AsyncWrite + Unpin,
-    B: Body<Data = Bytes, Error = BoxError> + Unpin,
-{
-    let mut left = match out {
-        BodyOut::Length(n) => n,
-        BodyOut::Chunked => u64::MAX,
-    };
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(ExchangeError::Body)?;
-        buf.clear();
-        let data = match frame.into_data() {
-            Ok(data) if data.is_empty() => continue,
-            Ok(data) => data,
-            Err(frame) => {
-                // Trailers go only where the framing has room for them.
-                if let (BodyOut::Chunked, Ok(trailers)) = (out, frame.into_trailers()) {
-                    buf.extend_from_slice(b"0\r\n");
-                    put_fields(buf, &trailers);
-                    buf.extend_from_slice(b"\r\n");
-                    wr.write_all(buf).await?;
-                    return Ok(());
-                }
-                continue;
-            }
-        };
-        match out {
-            BodyOut::Length(n) => {
-                left = left
-                    .checked_sub(data.len() as u64)
-                    .ok_or(ExchangeError::BodyLength(n))?;
-                wr.write_all(&data).await?;
-            }
-            BodyOut::Chunked => {
-                buf.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                if data.len() <= COALESCE {
-                    buf.extend_from_slice(&data);
-                    buf.extend_from_slice(b"\r\n");
-                    wr.write_all(buf).await?;
-                } else {
-                    wr.write_all(buf).await?;
-                    wr.write_all(&data).await?;
-                    wr.write_all(b"\r\n").await?;
-                }
-            }
-        }
-    }
-    match out {
-        BodyOut::Length(n) if left != 0 => Err(ExchangeError::BodyLength(n)),
-        BodyOut::Length(_) => Ok(()),
-        BodyOut::Chunked => Ok(wr.write_all(b"0\r\n\r\n").await?),
-    }
 }
 
 /// Reads until a final (non-1xx) response head is complete and takes it off `rbuf`.
@@ -414,7 +320,7 @@ fn parse_head(
     // without growing the map.
     let mut headers = HeaderMap::with_capacity(spans.len() + 4);
     let mut delimiters = Delimiters::default();
-    NAMES.with_borrow_mut(|names| {
+    codec::UPSTREAM_NAMES.with_borrow_mut(|names| {
         for (n, nl, v, vl) in spans {
             let name = names
                 .parse(&head[n..n + nl])
@@ -442,51 +348,6 @@ fn parse_head(
         framing,
         keep_alive,
     }))
-}
-
-thread_local! {
-    /// The header names this worker's upstreams answered with lately (a worker serves from
-    /// one thread).
-    static NAMES: std::cell::RefCell<Names> = std::cell::RefCell::new(Names::default());
-}
-
-/// Header names as received and as parsed. An upstream sends the same few names in every
-/// answer, spelled the same way, and comparing the bytes costs less than parsing the name
-/// again (`HeaderName::from_bytes` lower-cases it and looks it up among the standard names).
-/// A small table indexed by the name's length and a few of its bytes: a name is compared with
-/// one remembered name at most, and one that collides replaces it.
-#[derive(Default)]
-struct Names {
-    slots: Vec<Option<(Box<[u8]>, HeaderName)>>,
-}
-
-impl Names {
-    const SLOTS: usize = 64;
-
-    fn slot(raw: &[u8]) -> usize {
-        let (first, mid, last) = (raw[0], raw[raw.len() / 2], raw[raw.len() - 1]);
-        let h = raw.len() ^ (first as usize) << 1 ^ (mid as usize) << 2 ^ (last as usize) << 3;
-        h % Self::SLOTS
-    }
-
-    /// `raw` as a header name; None when it is not one.
-    fn parse(&mut self, raw: &[u8]) -> Option<HeaderName> {
-        if raw.is_empty() {
-            return None;
-        }
-        if self.slots.is_empty() {
-            self.slots.resize(Self::SLOTS, None);
-        }
-        let slot = &mut self.slots[Self::slot(raw)];
-        if let Some((r, name)) = slot {
-            if **r == *raw {
-                return Some(name.clone());
-            }
-        }
-        let name = HeaderName::from_bytes(raw).ok()?;
-        *slot = Some((Box::from(raw), name.clone()));
-        Some(name)
-    }
 }
 
 /// Whether a header of the answer stops at this hop (RFC 9110 §7.6.1): the proxy strips
@@ -642,84 +503,6 @@ impl ResponseBody {
             format!("upstream read timed out after {timeout:?}").into()
         ))
     }
-
-    /// Takes up to `max` buffered bytes as a data frame.
-    fn take(&mut self, max: u64) -> Bytes {
-        let Some(link) = self.link.as_mut() else {
-            return Bytes::new();
-        };
-        let rbuf = &mut link.wire.rbuf;
-        let n = rbuf.len().min(usize::try_from(max).unwrap_or(usize::MAX));
-        rbuf.split_to(n).freeze()
-    }
-
-    fn buffered(&self) -> usize {
-        self.link.as_ref().map_or(0, |l| l.wire.rbuf.len())
-    }
-
-    /// A chunked body's next frame, or its end.
-    fn poll_chunked(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut state: Chunk,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        loop {
-            let Some(link) = self.link.as_mut() else {
-                return Poll::Ready(None);
-            };
-            let buf = &mut link.wire.rbuf;
-            let next = match state {
-                Chunk::Size => match httparse::parse_chunk_size(buf) {
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        buf.advance(used);
-                        Some(match size {
-                            0 => Chunk::Trailers,
-                            n => Chunk::Data(n),
-                        })
-                    }
-                    Ok(httparse::Status::Partial) if buf.len() < 4096 => None,
-                    _ => return self.fail("upstream sent a bad chunk size line"),
-                },
-                Chunk::Data(left) if !buf.is_empty() => {
-                    let data = self.take(left);
-                    let left = left - data.len() as u64;
-                    self.framing = Framing::Chunked(match left {
-                        0 => Chunk::DataEnd,
-                        n => Chunk::Data(n),
-                    });
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Chunk::Data(_) => None,
-                Chunk::DataEnd if buf.len() >= 2 => match buf.starts_with(b"\r\n") {
-                    true => {
-                        buf.advance(2);
-                        Some(Chunk::Size)
-                    }
-                    false => return self.fail("upstream chunk not followed by CRLF"),
-                },
-                Chunk::DataEnd => None,
-                Chunk::Trailers => match parse_trailers(buf) {
-                    Ok(Some(trailers)) => {
-                        self.finish();
-                        return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
-                    }
-                    Ok(None) => None,
-                    Err(e) => return self.fail(e),
-                },
-            };
-            match next {
-                Some(next) => {
-                    state = next;
-                    self.framing = Framing::Chunked(next);
-                }
-                None => match ready!(self.poll_fill(cx, MAX_READ_CHUNK)) {
-                    Ok(0) => return self.fail("upstream closed the connection inside the body"),
-                    Ok(_) => {}
-                    Err(e) => return self.fail(e),
-                },
-            }
-        }
-    }
 }
 
 impl Drop for ResponseBody {
@@ -732,32 +515,6 @@ impl Drop for ResponseBody {
     }
 }
 
-/// The trailer section after a chunked body's last chunk: `Some(None)` for none,
-/// `Some(Some(map))`, or `None` while incomplete.
-fn parse_trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, &'static str> {
-    if buf.starts_with(b"\r\n") {
-        buf.advance(2);
-        return Ok(Some(None));
-    }
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    match httparse::parse_headers(buf, &mut slots) {
-        Ok(httparse::Status::Complete((len, fields))) => {
-            let mut map = HeaderMap::with_capacity(fields.len());
-            for f in fields {
-                let name =
-                    HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "bad trailer name")?;
-                let value = HeaderValue::from_bytes(f.value).map_err(|_| "bad trailer value")?;
-                map.append(name, value);
-            }
-            buf.advance(len);
-            Ok(Some(Some(map)))
-        }
-        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => Ok(None),
-        Ok(httparse::Status::Partial) => Err("upstream trailers too large"),
-        Err(_) => Err("upstream sent malformed trailers"),
-    }
-}
-
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -767,41 +524,33 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match this.framing {
-            Framing::Empty => Poll::Ready(None),
-            Framing::Chunked(state) => this.poll_chunked(cx, state),
-            Framing::Length(left) => {
-                if this.buffered() == 0 {
-                    let want = usize::try_from(left).unwrap_or(usize::MAX);
-                    match ready!(this.poll_fill(cx, want)) {
-                        Ok(0) => {
-                            return this.fail("upstream closed the connection inside the body")
-                        }
-                        Ok(_) => {}
-                        Err(e) => return this.fail(e),
+        loop {
+            let Some(link) = this.link.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let frame = match codec::decode(&mut link.wire.rbuf, &mut this.framing) {
+                Ok(Decoded::Data(data)) => Frame::data(data),
+                Ok(Decoded::Trailers(trailers)) => Frame::trailers(trailers),
+                Ok(Decoded::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::More) => match ready!(this.poll_fill(cx, this.framing.wants())) {
+                    Ok(0) if this.framing == Framing::Close => {
+                        this.keep_alive = false;
+                        this.finish();
+                        return Poll::Ready(None);
                     }
-                }
-                let data = this.take(left);
-                match left - data.len() as u64 {
-                    0 => this.finish(),
-                    n => this.framing = Framing::Length(n),
-                }
-                Poll::Ready(Some(Ok(Frame::data(data))))
+                    Ok(0) => return this.fail("upstream closed the connection inside the body"),
+                    Ok(_) => continue,
+                    Err(e) => return this.fail(e),
+                },
+                Err(e) => return this.fail(format!("upstream body: {e}")),
+            };
+            if this.framing == Framing::Empty {
+                this.finish();
             }
-            Framing::Close => {
-                if this.buffered() == 0 {
-                    match ready!(this.poll_fill(cx, MAX_READ_CHUNK)) {
-                        Ok(0) => {
-                            this.keep_alive = false;
-                            this.finish();
-                            return Poll::Ready(None);
-                        }
-                        Ok(_) => {}
-                        Err(e) => return this.fail(e),
-                    }
-                }
-                Poll::Ready(Some(Ok(Frame::data(this.take(u64::MAX)))))
-            }
+            return Poll::Ready(Some(Ok(frame)));
         }
     }
 
@@ -880,20 +629,6 @@ mod tests {
 
     #[test]
     fn remembered_names_parse_as_before() {
-        let mut names = Names::default();
-        // More distinct names than there are slots, twice: each parses to itself every time,
-        // in any spelling, whether it was remembered or pushed out.
-        for round in 0..2 {
-            for i in 0..Names::SLOTS * 2 {
-                let raw = format!("X-Name-{i}");
-                let name = names.parse(raw.as_bytes()).unwrap();
-                assert_eq!(name.as_str(), raw.to_ascii_lowercase(), "round {round}");
-            }
-            assert_eq!(names.parse(b"Content-Type"), Some(header::CONTENT_TYPE));
-            assert_eq!(names.parse(b"content-type"), Some(header::CONTENT_TYPE));
-            assert_eq!(names.parse(b"bad name"), None);
-            assert_eq!(names.parse(b""), None);
-        }
         // Through the parser: the second answer on the same names reads the same.
         for _ in 0..2 {
             let h = "HTTP/1.1 200 OK\r\nX-Up: 1\r\nContent-Length: 3\r\n\r\n";

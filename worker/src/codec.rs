@@ -1,0 +1,371 @@
+//! HTTP/1 message pieces both sides of the proxy share: how a body is delimited and read out of
+//! a buffer ([`Framing`], [`decode`]), how one is written ([`send_body`]), header fields as
+//! lines, trailer sections, and the table of header names recently received ([`Names`]).
+//!
+//! The client side ([`crate::server`]) reads requests and writes responses with them; the
+//! upstream side ([`crate::upstream::h1`]) writes requests and reads responses.
+
+use crate::body::BoxError;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body::Body;
+use http_body_util::BodyExt;
+use std::io;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// Most header fields a head (or a trailer section) may carry; hyper's limit too.
+pub const MAX_HEADERS: usize = 100;
+/// Largest trailer section taken.
+const MAX_TRAILER_BYTES: usize = 64 * 1024;
+/// Body data up to this size is copied next to its framing and written in one call.
+pub const COALESCE: usize = 8 * 1024;
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Framing {
+    /// Nothing (more) to read.
+    Empty,
+    /// So many bytes left.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the peer closes the connection (answers only).
+    Close,
+}
+
+/// Where a chunked body's reader stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Chunk {
+    /// Before a size line.
+    Size,
+    /// Inside a chunk, so many bytes left.
+    Data(u64),
+    /// After a chunk's data, before its CRLF.
+    DataEnd,
+    /// After the last chunk: trailers, or the final CRLF.
+    Trailers,
+}
+
+/// What [`decode`] found in the buffer.
+#[derive(Debug)]
+pub enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    /// The body is over.
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+impl Framing {
+    /// How much the next read should ask for.
+    pub fn wants(&self) -> usize {
+        match self {
+            Framing::Length(n) => usize::try_from(*n).unwrap_or(usize::MAX),
+            _ => usize::MAX,
+        }
+    }
+}
+
+/// Takes the body's next frame out of `buf`, moving `framing` on; [`Decoded::More`] when the
+/// buffer holds too little. Data frames share the buffer's bytes. A chunked body's framing is
+/// taken out of the way; its data comes as it arrives, not a whole chunk at a time.
+pub fn decode(buf: &mut BytesMut, framing: &mut Framing) -> Result<Decoded, &'static str> {
+    loop {
+        let state = match *framing {
+            Framing::Empty => return Ok(Decoded::End),
+            Framing::Close if buf.is_empty() => return Ok(Decoded::More),
+            Framing::Close => return Ok(Decoded::Data(buf.split().freeze())),
+            Framing::Length(_) if buf.is_empty() => return Ok(Decoded::More),
+            Framing::Length(left) => {
+                let data = take(buf, left);
+                *framing = match left - data.len() as u64 {
+                    0 => Framing::Empty,
+                    n => Framing::Length(n),
+                };
+                return Ok(Decoded::Data(data));
+            }
+            Framing::Chunked(state) => state,
+        };
+        let next = match state {
+            Chunk::Size => match httparse::parse_chunk_size(buf) {
+                Ok(httparse::Status::Complete((used, size))) => {
+                    buf.advance(used);
+                    match size {
+                        0 => Chunk::Trailers,
+                        n => Chunk::Data(n),
+                    }
+                }
+                Ok(httparse::Status::Partial) if buf.len() < 4096 => return Ok(Decoded::More),
+                _ => return Err("bad chunk size line"),
+            },
+            Chunk::Data(_) if buf.is_empty() => return Ok(Decoded::More),
+            Chunk::Data(left) => {
+                let data = take(buf, left);
+                *framing = Framing::Chunked(match left - data.len() as u64 {
+                    0 => Chunk::DataEnd,
+                    n => Chunk::Data(n),
+                });
+                return Ok(Decoded::Data(data));
+            }
+            Chunk::DataEnd if buf.len() < 2 => return Ok(Decoded::More),
+            Chunk::DataEnd if buf.starts_with(b"\r\n") => {
+                buf.advance(2);
+                Chunk::Size
+            }
+            Chunk::DataEnd => return Err("chunk data not followed by CRLF"),
+            Chunk::Trailers => {
+                return match parse_trailers(buf)? {
+                    None => Ok(Decoded::More),
+                    Some(trailers) => {
+                        *framing = Framing::Empty;
+                        Ok(trailers.map_or(Decoded::End, Decoded::Trailers))
+                    }
+                }
+            }
+        };
+        *framing = Framing::Chunked(next);
+    }
+}
+
+/// Up to `max` bytes off the front of `buf`.
+fn take(buf: &mut BytesMut, max: u64) -> Bytes {
+    let n = buf.len().min(usize::try_from(max).unwrap_or(usize::MAX));
+    buf.split_to(n).freeze()
+}
+
+/// The trailer section after a chunked body's last chunk: `Some(None)` for none,
+/// `Some(Some(map))`, or `None` while incomplete.
+fn parse_trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, &'static str> {
+    if buf.starts_with(b"\r\n") {
+        buf.advance(2);
+        return Ok(Some(None));
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::parse_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete((len, fields))) => {
+            let mut map = HeaderMap::with_capacity(fields.len());
+            for f in fields {
+                let name =
+                    HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "bad trailer name")?;
+                let value = HeaderValue::from_bytes(f.value).map_err(|_| "bad trailer value")?;
+                map.append(name, value);
+            }
+            buf.advance(len);
+            Ok(Some(Some(map)))
+        }
+        Ok(httparse::Status::Partial) if buf.len() < MAX_TRAILER_BYTES => Ok(None),
+        Ok(httparse::Status::Partial) => Err("trailers too large"),
+        Err(_) => Err("malformed trailers"),
+    }
+}
+
+/// Header fields as HTTP/1 writes them: `name: value` lines.
+pub fn put_fields(buf: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
+        buf.extend_from_slice(name.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+}
+
+/// How a body goes out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BodyOut {
+    Length(u64),
+    Chunked,
+    /// As it comes; the connection's close ends it (answers to HTTP/1.0 clients).
+    Close,
+}
+
+/// Why sending a body stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The body itself failed.
+    #[error("{0}")]
+    Body(BoxError),
+    /// The body did not match the `Content-Length` it was sent with.
+    #[error("body length differs from its Content-Length {0}")]
+    Length(u64),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Writes `body` framed as `out` says (`buf` is scratch room for the framing). Returns the
+/// bytes of data written.
+pub async fn send_body<W, B>(
+    wr: &mut W,
+    buf: &mut Vec<u8>,
+    mut body: B,
+    out: BodyOut,
+) -> Result<u64, SendError>
+where
+    W: AsyncWrite + Unpin,
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    let mut sent = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(SendError::Body)?;
+        buf.clear();
+        let data = match frame.into_data() {
+            Ok(data) if data.is_empty() => continue,
+            Ok(data) => data,
+            Err(frame) => {
+                // Trailers go only where the framing has room for them.
+                if let (BodyOut::Chunked, Ok(trailers)) = (out, frame.into_trailers()) {
+                    buf.extend_from_slice(b"0\r\n");
+                    put_fields(buf, &trailers);
+                    buf.extend_from_slice(b"\r\n");
+                    wr.write_all(buf).await?;
+                    return Ok(sent);
+                }
+                continue;
+            }
+        };
+        sent += data.len() as u64;
+        match out {
+            BodyOut::Length(n) if sent > n => return Err(SendError::Length(n)),
+            BodyOut::Length(_) | BodyOut::Close => wr.write_all(&data).await?,
+            BodyOut::Chunked => {
+                put_chunk_size(buf, data.len());
+                if data.len() <= COALESCE {
+                    buf.extend_from_slice(&data);
+                    buf.extend_from_slice(b"\r\n");
+                    wr.write_all(buf).await?;
+                } else {
+                    wr.write_all(buf).await?;
+                    wr.write_all(&data).await?;
+                    wr.write_all(b"\r\n").await?;
+                }
+            }
+        }
+    }
+    match out {
+        BodyOut::Length(n) if sent != n => Err(SendError::Length(n)),
+        BodyOut::Chunked => Ok(wr.write_all(b"0\r\n\r\n").await.map(|_| sent)?),
+        _ => Ok(sent),
+    }
+}
+
+/// A chunk's size line.
+pub fn put_chunk_size(buf: &mut Vec<u8>, len: usize) {
+    buf.extend_from_slice(format!("{len:x}\r\n").as_bytes());
+}
+
+/// A decimal number, as header values and status lines write them.
+pub fn put_decimal(buf: &mut Vec<u8>, n: u64) {
+    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+thread_local! {
+    /// The header names this worker's upstreams answered with lately (a worker serves from
+    /// one thread).
+    pub static UPSTREAM_NAMES: std::cell::RefCell<Names> = std::cell::RefCell::new(Names::default());
+    /// The header names this worker's clients sent lately.
+    pub static CLIENT_NAMES: std::cell::RefCell<Names> = std::cell::RefCell::new(Names::default());
+}
+
+/// Header names as received and as parsed. A peer sends the same few names in every message,
+/// spelled the same way, and comparing the bytes costs less than parsing the name again
+/// (`HeaderName::from_bytes` lower-cases it and looks it up among the standard names). A
+/// small table indexed by the name's length and a few of its bytes: a name is compared with
+/// one remembered name at most, and one that collides replaces it.
+#[derive(Default)]
+pub struct Names {
+    slots: Vec<Option<(Box<[u8]>, HeaderName)>>,
+}
+
+impl Names {
+    pub const SLOTS: usize = 64;
+
+    fn slot(raw: &[u8]) -> usize {
+        let (first, mid, last) = (raw[0], raw[raw.len() / 2], raw[raw.len() - 1]);
+        let h = raw.len() ^ (first as usize) << 1 ^ (mid as usize) << 2 ^ (last as usize) << 3;
+        h % Self::SLOTS
+    }
+
+    /// `raw` as a header name; None when it is not one.
+    pub fn parse(&mut self, raw: &[u8]) -> Option<HeaderName> {
+        if raw.is_empty() {
+            return None;
+        }
+        if self.slots.is_empty() {
+            self.slots.resize(Self::SLOTS, None);
+        }
+        let slot = &mut self.slots[Self::slot(raw)];
+        if let Some((r, name)) = slot {
+            if **r == *raw {
+                return Some(name.clone());
+            }
+        }
+        let name = HeaderName::from_bytes(raw).ok()?;
+        *slot = Some((Box::from(raw), name.clone()));
+        Some(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::header;
+
+    #[test]
+    fn remembered_names_parse_as_before() {
+        let mut names = Names::default();
+        // More distinct names than there are slots, twice: each parses to itself every time,
+        // in any spelling, whether it was remembered or pushed out.
+        for round in 0..2 {
+            for i in 0..Names::SLOTS * 2 {
+                let raw = format!("X-Name-{i}");
+                let name = names.parse(raw.as_bytes()).unwrap();
+                assert_eq!(name.as_str(), raw.to_ascii_lowercase(), "round {round}");
+            }
+            assert_eq!(names.parse(b"Content-Type"), Some(header::CONTENT_TYPE));
+            assert_eq!(names.parse(b"content-type"), Some(header::CONTENT_TYPE));
+            assert_eq!(names.parse(b"bad name"), None);
+            assert_eq!(names.parse(b""), None);
+        }
+    }
+
+    /// A chunked body read a byte at a time gives the same data and trailers as one read
+    /// whole; a bad size line or a missing CRLF is refused.
+    #[test]
+    fn chunked_bodies_decode_however_they_arrive() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 9\r\n\r\nNEXT";
+        for step in [1, 3, wire.len()] {
+            let mut buf = BytesMut::new();
+            let mut framing = Framing::Chunked(Chunk::Size);
+            let (mut data, mut trailers, mut fed) = (Vec::new(), None, 0);
+            loop {
+                match decode(&mut buf, &mut framing).unwrap() {
+                    Decoded::Data(d) => data.extend_from_slice(&d),
+                    Decoded::Trailers(t) => trailers = Some(t),
+                    Decoded::End => break,
+                    Decoded::More => {
+                        let end = (fed + step).min(wire.len());
+                        buf.extend_from_slice(&wire[fed..end]);
+                        fed = end;
+                    }
+                }
+                if framing == Framing::Empty {
+                    break;
+                }
+            }
+            assert_eq!(data, b"hello world", "step {step}");
+            assert_eq!(trailers.unwrap()["x-sum"], "9", "step {step}");
+            assert!(wire[..fed].ends_with(b"\r\n\r\n") || buf.starts_with(b"NEXT"));
+        }
+        for bad in [&b"zz\r\n"[..], b"2\r\nabXY"] {
+            let mut buf = BytesMut::from(bad);
+            let mut framing = Framing::Chunked(Chunk::Size);
+            let r = std::iter::from_fn(|| Some(decode(&mut buf, &mut framing)))
+                .find(|r| !matches!(r, Ok(Decoded::Data(_))))
+                .unwrap();
+            assert!(r.is_err(), "{bad:?}: {r:?}");
+        }
+        let mut buf = BytesMut::from(&b"abcdef"[..]);
+        let mut framing = Framing::Length(4);
+        assert!(matches!(decode(&mut buf, &mut framing), Ok(Decoded::Data(d)) if d == "abcd"));
+        assert_eq!((framing, &buf[..]), (Framing::Empty, &b"ef"[..]));
+    }
+}
