@@ -293,7 +293,8 @@ impl Body for ReadTimeout {
 
 /// The status to answer when a request failed because of the client's body: 413 when it went
 /// over `client_max_body_size` (a chunked body has no Content-Length to check up front), 408
-/// when it stalled past `client_body_timeout`. `None` for any other failure.
+/// when it stalled past `client_body_timeout`, 400 when it broke its framing or stopped short.
+/// `None` for any other failure.
 pub fn client_fault(e: &(dyn std::error::Error + 'static)) -> Option<http::StatusCode> {
     let mut cause = Some(e);
     while let Some(c) = cause {
@@ -302,6 +303,9 @@ pub fn client_fault(e: &(dyn std::error::Error + 'static)) -> Option<http::Statu
         }
         if c.is::<ClientBodyTimeout>() {
             return Some(http::StatusCode::REQUEST_TIMEOUT);
+        }
+        if c.is::<crate::server::h1::BadClientBody>() {
+            return Some(http::StatusCode::BAD_REQUEST);
         }
         cause = c.source();
     }

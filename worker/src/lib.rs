@@ -11,7 +11,6 @@
 pub mod access_log;
 pub mod body;
 pub mod callout;
-pub mod codec;
 pub mod live;
 pub mod plugins;
 pub mod proxy;
@@ -56,8 +55,7 @@ pub struct Worker {
     pub segment: Arc<Segment>,
     pub slot: usize,
     pub max_body_size: u64,
-    /// Largest request head; the parser's own buffer is kept a little above it so the
-    /// gateway, not the parser, answers 431 with its error page.
+    /// Largest request head (request line and fields, as received); larger → 431.
     pub max_header_size: usize,
     pub header_timeout: Duration,
     /// `client_body_timeout`: the longest wait for the next piece of a request body.

@@ -17,6 +17,7 @@ use crate::body::{self, Observed, ProxyBody};
 use crate::live::Compiled;
 use crate::plugins::{Active, Dir, Verdict, WasmRequest};
 use crate::router::{RequestView, RouteEntry};
+use crate::server::ClientBody;
 use crate::upstream::h1::{ExchangeError, ResponseBody};
 use crate::upstream::pool::Conn;
 use crate::upstream::UpstreamRuntime;
@@ -28,7 +29,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -69,7 +69,11 @@ impl Client {
 }
 
 /// Serves one client request.
-pub async fn handle(w: Arc<Worker>, req: Request<Incoming>, client: Client) -> Response<ProxyBody> {
+pub async fn handle(
+    w: Arc<Worker>,
+    req: Request<ClientBody>,
+    client: Client,
+) -> Response<ProxyBody> {
     let peer = client.addr;
     w.segment
         .slot(w.slot)
@@ -78,9 +82,6 @@ pub async fn handle(w: Arc<Worker>, req: Request<Incoming>, client: Client) -> R
     let cfg = w.live.current();
     let (mut parts, body) = req.into_parts();
     let mut log = LogInfo::new(&parts, peer, w.access_log.enabled());
-    // Room for the headers the gateway adds (X-Request-Id, X-Forwarded-*, X-Real-IP): hyper
-    // sizes the map to what it parsed, and each insert past that would grow it again.
-    parts.headers.reserve(5);
     log.request_id = request_id(&mut parts.headers);
     log.head_bytes = head_size(&parts) as u64;
     if log.head_bytes as usize > w.max_header_size {
@@ -1009,7 +1010,7 @@ fn expand_vars(template: &str, parts: &http::request::Parts, peer: SocketAddr) -
 /// The client's request body with `client_body_timeout` and `client_max_body_size` applied;
 /// the bytes received are added to `received`.
 fn client_body(
-    body: Incoming,
+    body: ClientBody,
     max: u64,
     timeout: Duration,
     received: Arc<std::sync::atomic::AtomicU64>,

@@ -1,20 +1,23 @@
-//! Client connections: accept, serve HTTP/1.1 with keep-alive, drain on reload.
+//! Client connections: accept, serve HTTP/1.1 with keep-alive ([`h1`]), drain on reload.
 //!
 //! Draining (SIGQUIT from the master) stops accepting at once — the listening socket stays open
 //! in the master and the new workers, so no connection is refused — then lets each connection
 //! finish: for [`DRAIN_GRACE`] responses carry `Connection: close` so busy keep-alive clients
 //! reconnect to a new worker between requests, after which idle connections are closed.
 
+pub mod h1;
+
+pub use h1::ClientBody;
+
 use crate::{proxy, Worker};
 use futures_util::task::AtomicWaker;
-use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -72,84 +75,124 @@ async fn connection(
         .fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(w.clone());
     let _ = stream.set_nodelay(true);
-    let svc_worker = w.clone();
+    let conn = h1::Conn::new(stream);
     let client = proxy::Client::new(peer);
-    let svc = hyper::service::service_fn(move |req| {
-        let w = svc_worker.clone();
-        let client = client.clone();
-        // Boxed: the request's future holds every phase's state (several KB), and hyper moves
-        // the service's future into its slot for each request; a box moves 8 bytes instead.
-        // perf: memcpy fell from 4.8 % to 3.4 % of a worker's time with one plugin. Made in its
-        // box, not copied there.
-        Box::into_pin(crate::boxed_in_place(move || async move {
-            Ok::<_, std::convert::Infallible>(proxy::handle(w, req, client).await)
-        }))
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(ConnTimer::default())
-        .header_read_timeout(w.header_timeout)
-        .max_buf_size((w.max_header_size + 16 * 1024).max(16 * 1024))
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    // The connection's task wakes a few times per request, for the connection's own I/O: the
-    // drain signal is polled only when it woke the task.
-    let drained = OnWake::new(until_drain(&mut drain));
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = drained => {}
-    }
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = tokio::time::sleep(DRAIN_GRACE) => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
-}
-
-/// hyper's timer for one client connection. hyper asks for a new timer each time it waits for
-/// a request head (`header_read_timeout`); each one moves the connection's single tokio timer
-/// forward, which tokio does by updating the deadline of an entry already in its timer wheel,
-/// instead of putting a new timer into the wheel and taking it out again for every request.
-/// hyper's HTTP/1 server has one timer running at a time, the only kind it asks for; what it
-/// is handed is a handle on the same timer.
-#[derive(Clone)]
-struct ConnTimer(Arc<Mutex<Pin<Box<tokio::time::Sleep>>>>);
-
-impl Default for ConnTimer {
-    fn default() -> ConnTimer {
-        ConnTimer(Arc::new(Mutex::new(Box::pin(tokio::time::sleep(
-            Duration::ZERO,
-        )))))
+    let mut wbuf = Vec::with_capacity(1024);
+    let mut waiting = HeadWait::new(w.header_timeout, &mut drain);
+    loop {
+        let head = match waiting.next(&conn, w.max_header_size).await {
+            Ok(head) => head,
+            Err(h1::NoHead::Closed) => return,
+            Err(h1::NoHead::Refused(why)) => {
+                if let h1::Refusal::Bad(why) = why {
+                    tracing::info!("bad request from {peer}: {why}");
+                }
+                let page = refusal(why.status());
+                let _ = conn.respond(&mut wbuf, page, &h1::Meta::refusal()).await;
+                conn.linger_close().await;
+                return;
+            }
+        };
+        let meta = head.meta;
+        let req = conn.request(head);
+        // Boxed: the request's future holds every phase's state (several KB); made in its box,
+        // not copied there.
+        let handler = {
+            let (w, client) = (w.clone(), client.clone());
+            Box::into_pin(crate::boxed_in_place(move || proxy::handle(w, req, client)))
+        };
+        let Some(resp) = until_answer(&conn, handler, w.max_header_size).await else {
+            return; // The client left: its request is dropped, as hyper and nginx do.
+        };
+        match conn.respond(&mut wbuf, resp, &meta).await {
+            Ok(true) if conn.finish_request() => continue,
+            Ok(_) => {
+                if !conn.finish_request() {
+                    conn.linger_close().await;
+                }
+                return;
+            }
+            Err(_) => return,
+        }
     }
 }
 
-impl ConnTimer {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pin<Box<tokio::time::Sleep>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
+/// The answer to a head refused before it reached the proxy.
+fn refusal(status: http::StatusCode) -> http::Response<crate::body::ProxyBody> {
+    let mut page = proxy::error_page(status);
+    page.headers_mut().insert(
+        http::header::SERVER,
+        http::HeaderValue::from_static(concat!("wasmgate/", env!("CARGO_PKG_VERSION"))),
+    );
+    page
 }
 
-impl hyper::rt::Timer for ConnTimer {
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        self.sleep_until(Instant::now() + duration)
-    }
-
-    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        self.lock().as_mut().reset(deadline.into());
-        Box::pin(self.clone())
-    }
+/// Runs `handler` until it answers; None when the client closes the connection first.
+async fn until_answer<F>(conn: &h1::Conn, mut handler: Pin<Box<F>>, max: usize) -> Option<F::Output>
+where
+    F: Future,
+{
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
+            return Poll::Ready(Some(resp));
+        }
+        conn.poll_gone(cx, max).map(|()| None)
+    })
+    .await
 }
 
-impl Future for ConnTimer {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.lock().as_mut().poll(cx)
-    }
+/// Waiting for the next request head on a connection: `client_header_timeout` from the start
+/// of the wait, and once the worker drains, [`DRAIN_GRACE`] for a request to begin.
+///
+/// One tokio timer serves every wait of the connection. The deadline only moves later from one
+/// request to the next, so the timer is left where it was and, when it fires early, moved to
+/// the deadline then: a wait costs a reading of the clock instead of an update of tokio's timer
+/// wheel per request.
+struct HeadWait<'a> {
+    timeout: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    drained: OnWake<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
+    /// When draining: the end of the grace.
+    grace_end: Option<tokio::time::Instant>,
 }
 
-impl hyper::rt::Sleep for ConnTimer {}
+impl<'a> HeadWait<'a> {
+    fn new(timeout: Duration, drain: &'a mut watch::Receiver<bool>) -> HeadWait<'a> {
+        HeadWait {
+            timeout,
+            timer: Box::pin(tokio::time::sleep(timeout)),
+            drained: OnWake::new(Box::pin(until_drain(drain))),
+            grace_end: None,
+        }
+    }
+
+    async fn next(&mut self, conn: &h1::Conn, max: usize) -> Result<h1::Head, h1::NoHead> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        std::future::poll_fn(|cx| {
+            if self.grace_end.is_none() && Pin::new(&mut self.drained).poll(cx).is_ready() {
+                self.grace_end = Some(tokio::time::Instant::now() + DRAIN_GRACE);
+            }
+            if let Poll::Ready(r) = conn.poll_head(cx, max) {
+                return Poll::Ready(r);
+            }
+            let limit = match self.grace_end {
+                Some(grace) if conn.nothing_buffered() => grace.min(deadline),
+                _ => deadline,
+            };
+            if self.timer.deadline() > limit {
+                self.timer.as_mut().reset(limit);
+            }
+            while self.timer.as_mut().poll(cx).is_ready() {
+                if tokio::time::Instant::now() >= limit {
+                    return Poll::Ready(Err(h1::NoHead::Closed));
+                }
+                self.timer.as_mut().reset(limit);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
 
 /// A future polled only after its own waker fired (and once at first), however often the task
 /// that awaits it is woken for other reasons: the same thing `FuturesUnordered` does for many.
@@ -207,27 +250,7 @@ impl<F: Future> Future for OnWake<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hyper::rt::Timer;
     use std::sync::atomic::AtomicUsize;
-
-    /// Each sleep hyper asks for waits for its own deadline, later or earlier than the last
-    /// one's, although they share one tokio timer.
-    #[tokio::test]
-    async fn conn_timer_sleeps_last_as_asked() {
-        let timer = ConnTimer::default();
-        for ms in [60, 20, 80, 10] {
-            let started = Instant::now();
-            timer.sleep(Duration::from_millis(ms)).await;
-            assert!(started.elapsed() >= Duration::from_millis(ms), "{ms} ms");
-        }
-        // A sleep dropped before its deadline leaves the next one unaffected.
-        let early = timer.sleep(Duration::from_secs(60));
-        drop(early);
-        let started = Instant::now();
-        timer.sleep(Duration::from_millis(30)).await;
-        let took = started.elapsed();
-        assert!(took >= Duration::from_millis(30) && took < Duration::from_secs(30));
-    }
 
     #[test]
     fn on_wake_polls_its_future_only_once_that_future_was_woken() {

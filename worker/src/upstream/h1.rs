@@ -17,9 +17,6 @@
 
 use super::pool::Pool;
 use crate::body::BoxError;
-use crate::codec::{
-    self, put_fields, send_body, BodyOut, Chunk, Decoded, Framing, SendError, MAX_HEADERS,
-};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
@@ -33,6 +30,10 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use wasmgate_http1::codec::{
+    self, put_fields, send_body, BodyOut, Chunk, Decoded, Delimiters, Framing, SendError,
+    MAX_HEADERS,
+};
 
 /// Largest response head (or trailer section) taken from an upstream.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -327,7 +328,9 @@ fn parse_head(
                 .ok_or(ExchangeError::Invalid("bad header name"))?;
             let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
                 .map_err(|_| ExchangeError::Invalid("bad header value"))?;
-            delimiters.note(&name, value.as_bytes())?;
+            delimiters
+                .note(&name, value.as_bytes())
+                .map_err(ExchangeError::Invalid)?;
             if ends_here(&name, &value) {
                 continue;
             }
@@ -335,7 +338,7 @@ fn parse_head(
         }
         Ok::<_, ExchangeError>(())
     })?;
-    let framing = delimiters.framing(status, head_request);
+    let framing = response_framing(&delimiters, status, head_request);
     // Both lengths sent is how requests are smuggled: the answer is read, the connection
     // not trusted again.
     let both = delimiters.chunked.is_some() && delimiters.length.is_some();
@@ -363,56 +366,21 @@ fn ends_here(name: &HeaderName, value: &HeaderValue) -> bool {
     crate::proxy::is_hop_by_hop(name)
 }
 
-/// What an answer's headers say about its body's end and its connection, noted as the head
-/// is read (three lookups in the finished map cost more than the comparisons of names).
-#[derive(Default)]
-struct Delimiters {
-    length: Option<u64>,
-    /// Some when `Transfer-Encoding` was sent: whether its last coding is chunked.
-    chunked: Option<bool>,
-    /// `Connection: close`.
-    close: bool,
-}
-
-impl Delimiters {
-    fn note(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), ExchangeError> {
-        if *name == header::CONTENT_LENGTH {
-            let n = std::str::from_utf8(value)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or(ExchangeError::Invalid("bad Content-Length"))?;
-            if self.length.is_some_and(|l| l != n) {
-                return Err(ExchangeError::Invalid("conflicting Content-Length headers"));
-            }
-            self.length = Some(n);
-        } else if *name == header::TRANSFER_ENCODING {
-            // Chunked must be the last coding; anything else is read to the close.
-            let last = value.rsplit(|b| *b == b',').next().unwrap_or_default();
-            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if *name == header::CONNECTION {
-            self.close |= value
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-        }
-        Ok(())
+/// How an answer's body is delimited (RFC 9112 §6.3): `Transfer-Encoding` wins over
+/// `Content-Length`.
+fn response_framing(d: &Delimiters, status: StatusCode, head_request: bool) -> Framing {
+    if head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Framing::Empty;
     }
-
-    /// How the answer's body is delimited (RFC 9112 §6.3): `Transfer-Encoding` wins over
-    /// `Content-Length`.
-    fn framing(&self, status: StatusCode, head_request: bool) -> Framing {
-        if head_request
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
-            return Framing::Empty;
-        }
-        match (self.chunked, self.length) {
-            (Some(true), _) => Framing::Chunked(Chunk::Size),
-            (Some(false), _) | (None, None) => Framing::Close,
-            (None, Some(0)) => Framing::Empty,
-            (None, Some(n)) => Framing::Length(n),
-        }
+    match (d.chunked, d.length) {
+        (Some(true), _) => Framing::Chunked(Chunk::Size),
+        (Some(false), _) | (None, None) => Framing::Close,
+        (None, Some(0)) => Framing::Empty,
+        (None, Some(n)) => Framing::Length(n),
     }
 }
 

@@ -2,12 +2,12 @@
 //! a buffer ([`Framing`], [`decode`]), how one is written ([`send_body`]), header fields as
 //! lines, trailer sections, and the table of header names recently received ([`Names`]).
 //!
-//! The client side ([`crate::server`]) reads requests and writes responses with them; the
-//! upstream side ([`crate::upstream::h1`]) writes requests and reads responses.
+//! The worker's server reads requests and writes responses with them; its client to
+//! upstreams writes requests and reads responses.
 
-use crate::body::BoxError;
+use crate::BoxError;
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::Body;
 use http_body_util::BodyExt;
 use std::io;
@@ -159,6 +159,49 @@ fn parse_trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, &'sta
     }
 }
 
+/// What a head's fields say about its body's end and its connection, noted as the head is
+/// read (three lookups in the finished map cost more than the comparisons of names).
+#[derive(Default)]
+pub struct Delimiters {
+    pub length: Option<u64>,
+    /// Some when `Transfer-Encoding` was sent: whether its last coding is chunked.
+    pub chunked: Option<bool>,
+    /// `Connection: close`.
+    pub close: bool,
+    /// `Connection: keep-alive` (what an HTTP/1.0 peer asks to keep its connection).
+    pub keep_alive: bool,
+}
+
+impl Delimiters {
+    /// Notes one field; refuses a bad or a second, different `Content-Length`.
+    pub fn note(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), &'static str> {
+        if *name == header::CONTENT_LENGTH {
+            let digits = value.trim_ascii();
+            let n = match digits.iter().all(u8::is_ascii_digit) {
+                true => std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok()),
+                false => None,
+            }
+            .ok_or("bad Content-Length")?;
+            if self.length.is_some_and(|l| l != n) {
+                return Err("conflicting Content-Length headers");
+            }
+            self.length = Some(n);
+        } else if *name == header::TRANSFER_ENCODING {
+            // Chunked must be the last coding.
+            let last = value.rsplit(|b| *b == b',').next().unwrap_or_default();
+            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if *name == header::CONNECTION {
+            for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Header fields as HTTP/1 writes them: `name: value` lines.
 pub fn put_fields(buf: &mut Vec<u8>, fields: &HeaderMap) {
     for (name, value) in fields {
@@ -307,7 +350,6 @@ impl Names {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::header;
 
     #[test]
     fn remembered_names_parse_as_before() {

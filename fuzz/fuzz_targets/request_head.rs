@@ -1,0 +1,73 @@
+//! `wasmgate_http1`: request heads as a client sends them (`request::parse_head`), then each
+//! request's body read out of the same buffer with the framing the head gave (`codec::decode`),
+//! then the next pipelined head, as the worker's server does.
+//!
+//! The first byte picks the head size limit. Besides "no panic":
+//! - a head is taken off the buffer only whole: every shorter prefix of it parses as
+//!   incomplete (or too large, past the limit), never as another head;
+//! - an accepted head was at most the limit, has one way to delimit its body (never both
+//!   `Content-Length` and `Transfer-Encoding`), and its `Content-Length` says what the framing
+//!   says;
+//! - a body's data is never more than its `Content-Length`; the buffer only shrinks.
+#![no_main]
+
+use bytes::BytesMut;
+use http::header;
+use libfuzzer_sys::fuzz_target;
+use wasmgate_http1::codec::{decode, Decoded, Framing};
+use wasmgate_http1::request::{parse_head, Refusal};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&limit, wire)) = data.split_first() else {
+        return;
+    };
+    let max = 64 + limit as usize * 32;
+    let mut buf = BytesMut::from(wire);
+    for _ in 0..16 {
+        let before = buf.clone();
+        let head = match parse_head(&mut buf, max) {
+            Ok(Some(head)) => head,
+            Ok(None) => {
+                assert_eq!(buf, before, "an incomplete head is left in place");
+                return;
+            }
+            Err(Refusal::TooLarge | Refusal::Bad(_)) => return,
+        };
+        let used = before.len() - buf.len();
+        assert!(used > 0 && used <= max, "head of {used} bytes, limit {max}");
+        for cut in [used - 1, used / 2, 1] {
+            let mut prefix = BytesMut::from(&before[..cut]);
+            match parse_head(&mut prefix, max) {
+                Ok(Some(_)) => panic!("a prefix of {cut} of {used} bytes parsed as a head"),
+                Ok(None) | Err(_) => {}
+            }
+        }
+        let length = head.headers.get(header::CONTENT_LENGTH);
+        assert!(
+            length.is_none() || !head.headers.contains_key(header::TRANSFER_ENCODING),
+            "both delimiters accepted"
+        );
+        let declared = length.map(|v| v.to_str().unwrap().trim().parse::<u64>().unwrap());
+        match head.framing {
+            Framing::Length(n) => assert_eq!(declared, Some(n)),
+            Framing::Empty => assert!(declared.unwrap_or(0) == 0),
+            Framing::Chunked(_) => assert_eq!(declared, None),
+            Framing::Close => panic!("a request read to the close"),
+        }
+        let mut framing = head.framing;
+        let mut body = 0u64;
+        loop {
+            let len = buf.len();
+            match decode(&mut buf, &mut framing) {
+                Ok(Decoded::Data(d)) => body += d.len() as u64,
+                Ok(Decoded::Trailers(_)) => {}
+                Ok(Decoded::End) => break,
+                Ok(Decoded::More) | Err(_) => return,
+            }
+            assert!(buf.len() <= len);
+            if let Some(n) = declared {
+                assert!(body <= n, "{body} bytes of a body of {n}");
+            }
+        }
+    }
+});

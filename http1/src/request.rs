@@ -1,0 +1,261 @@
+//! Request heads as clients send them: parsed off the front of a connection's buffer, with
+//! what the server needs to know to read the body and to answer.
+
+use crate::codec::{Chunk, Delimiters, Framing, MAX_HEADERS};
+use bytes::BytesMut;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, StatusCode, Uri, Version};
+use std::mem::MaybeUninit;
+
+/// Why a head was refused: the status to answer with before closing.
+#[derive(Debug, PartialEq)]
+pub enum Refusal {
+    /// 431: over `client_max_header_size` or [`MAX_HEADERS`].
+    TooLarge,
+    /// 400, and why.
+    Bad(&'static str),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::Bad(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// A request head as parsed, before it becomes a [`Request`].
+pub struct Head {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// `Expect: 100-continue` with a body to send: the client waits to be told to go on.
+    pub expect_continue: bool,
+    pub meta: Meta,
+}
+
+/// What answering a request needs to know of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Meta {
+    /// A HEAD request: the answer has no body, whatever its headers say.
+    pub head: bool,
+    pub version: Version,
+    /// The connection may carry another request after this one.
+    pub keep_alive: bool,
+}
+
+impl Meta {
+    /// For an answer sent before any request was understood.
+    pub fn refusal() -> Meta {
+        Meta {
+            head: false,
+            version: Version::HTTP_11,
+            keep_alive: false,
+        }
+    }
+}
+
+/// Parses a request head at the start of `rbuf` (its room: `max` bytes); `None` while
+/// incomplete. The head is taken off the buffer only once whole.
+pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusal> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, rbuf, &mut slots)
+    {
+        Ok(httparse::Status::Complete(len)) if len > max => return Err(Refusal::TooLarge),
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if rbuf.len() >= max => return Err(Refusal::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooLarge),
+        Err(_) => return Err(Refusal::Bad("malformed request head")),
+    };
+    let method = req.method.unwrap_or_default();
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| Refusal::Bad("bad method"))?;
+    let version = match req.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    // Where the target and each field lie in the head, so that they can share its bytes.
+    let base = rbuf.as_ptr() as usize;
+    let offset = |s: &[u8]| s.as_ptr() as usize - base;
+    let path = req.path.unwrap_or_default().as_bytes();
+    let target = (offset(path), path.len());
+    let spans: smallvec::SmallVec<[(usize, usize, usize, usize); 16]> = req
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                offset(h.name.as_bytes()),
+                h.name.len(),
+                offset(h.value),
+                h.value.len(),
+            )
+        })
+        .collect();
+    let head = rbuf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
+        .map_err(|_| Refusal::Bad("bad request target"))?;
+    // Room for the headers the gateway adds (X-Request-Id, X-Forwarded-*, X-Real-IP).
+    let mut headers = HeaderMap::with_capacity(spans.len() + 5);
+    let mut delimiters = Delimiters::default();
+    let mut expect_continue = false;
+    crate::codec::CLIENT_NAMES.with_borrow_mut(|names| {
+        for (n, nl, v, vl) in spans {
+            let name = names
+                .parse(&head[n..n + nl])
+                .ok_or(Refusal::Bad("bad header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
+                .map_err(|_| Refusal::Bad("bad header value"))?;
+            delimiters
+                .note(&name, value.as_bytes())
+                .map_err(Refusal::Bad)?;
+            if name == header::EXPECT {
+                expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+            }
+            headers.append(name, value);
+        }
+        Ok::<_, Refusal>(())
+    })?;
+    let framing = match (delimiters.chunked, delimiters.length) {
+        (Some(_), Some(_)) => {
+            return Err(Refusal::Bad("both Content-Length and Transfer-Encoding"))
+        }
+        (Some(true), None) if version == Version::HTTP_11 => Framing::Chunked(Chunk::Size),
+        (Some(_), None) => return Err(Refusal::Bad("unsupported Transfer-Encoding")),
+        (None, Some(0)) | (None, None) => Framing::Empty,
+        (None, Some(n)) => Framing::Length(n),
+    };
+    let keep_alive = match version {
+        Version::HTTP_11 => !delimiters.close,
+        _ => delimiters.keep_alive && !delimiters.close,
+    };
+    Ok(Some(Head {
+        meta: Meta {
+            head: method == Method::HEAD,
+            version,
+            keep_alive,
+        },
+        method,
+        uri,
+        version,
+        headers,
+        expect_continue: expect_continue
+            && version == Version::HTTP_11
+            && framing != Framing::Empty,
+        framing,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(head: &str) -> Result<Option<Head>, Refusal> {
+        parse_head(&mut BytesMut::from(head), 8192)
+    }
+
+    #[test]
+    fn request_heads_say_how_their_body_ends_and_whether_the_connection_stays() {
+        let h = parse("POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (h.method.as_str(), h.uri.to_string().as_str()),
+            ("POST", "/a?b=1")
+        );
+        assert_eq!((h.framing, h.meta.keep_alive), (Framing::Length(5), true));
+        assert_eq!(h.headers["host"], "x");
+
+        let h = parse("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\nExpect: 100-continue\r\n\r\n");
+        let h = h.unwrap().unwrap();
+        assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
+        assert!(!h.meta.keep_alive && h.expect_continue);
+
+        let h = parse("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert_eq!(
+            (h.meta.version, h.meta.keep_alive),
+            (Version::HTTP_10, false)
+        );
+        let h = parse("HEAD / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.meta.keep_alive && h.meta.head);
+        // Expecting to send a body when there is none: nothing to continue.
+        let h = parse("GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.expect_continue && h.framing == Framing::Empty);
+
+        assert!(
+            parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none(),
+            "incomplete"
+        );
+    }
+
+    #[test]
+    fn bad_and_large_heads_are_refused_by_name() {
+        let refused = |head: &str| {
+            parse(head)
+                .err()
+                .unwrap_or_else(|| panic!("{head:?} taken"))
+        };
+        for (head, why) in [
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "both Content-Length and Transfer-Encoding",
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+                "unsupported Transfer-Encoding",
+            ),
+            (
+                "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "unsupported Transfer-Encoding",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                "conflicting Content-Length headers",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                "bad Content-Length",
+            ),
+            (
+                "GET / HTTP/1.1\r\nBad Name: v\r\n\r\n",
+                "malformed request head",
+            ),
+            ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "malformed request head"),
+        ] {
+            assert_eq!(refused(head), Refusal::Bad(why), "{head:?}");
+        }
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        assert_eq!(
+            refused(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
+            Refusal::TooLarge
+        );
+        let long = "v".repeat(8192);
+        assert_eq!(
+            refused(&format!("GET / HTTP/1.1\r\nx: {long}")),
+            Refusal::TooLarge
+        );
+        assert_eq!(
+            refused(&format!("GET / HTTP/1.1\r\nx: {long}\r\n\r\n")),
+            Refusal::TooLarge
+        );
+    }
+
+    #[test]
+    fn pipelined_heads_come_off_one_at_a_time() {
+        let mut buf = BytesMut::from("GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3");
+        let first = parse_head(&mut buf, 8192).unwrap().unwrap();
+        let second = parse_head(&mut buf, 8192).unwrap().unwrap();
+        assert_eq!((first.uri.path(), second.uri.path()), ("/1", "/2"));
+        assert!(parse_head(&mut buf, 8192).unwrap().is_none());
+        assert_eq!(&buf[..], b"GET /3");
+    }
+}
