@@ -74,27 +74,103 @@ fn http10_clients_get_http10_answers_and_keep_alive_only_when_asked() {
     assert_eq!(second.json()["uri"], "/e/b");
 }
 
-/// A request with both lengths, or a coding other than chunked last, is how requests are
-/// smuggled past a proxy: 400, the connection closed, nothing sent upstream.
+/// A request with both lengths, or a coding other than chunked alone, is how requests are
+/// smuggled past a proxy: refused (400, or nginx's 501 for an unknown coding), the connection
+/// closed, nothing sent upstream.
 #[test]
 fn ambiguous_request_framing_is_refused() {
     let (up, gw) = echoing();
-    for head in [
-        "POST /e/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
-        "POST /e/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-        "POST /e/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n",
-        "GET /e/a HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n",
+    for (head, status) in [
+        ("POST /e/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        ("POST /e/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 501),
+        ("POST /e/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        ("POST /e/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n", 400),
+        ("GET /e/a HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n", 400),
     ] {
         let mut s = connect(&gw);
         s.write_all(head.as_bytes()).unwrap();
         s.write_all(b"0\r\n\r\n").unwrap();
         let mut r = BufReader::new(s);
         let resp = read_response(&mut r, false).unwrap();
-        assert_eq!(resp.status, 400, "{head:?}: {}", resp.text());
+        assert_eq!(resp.status, status, "{head:?}: {}", resp.text());
         assert_eq!(resp.header("connection"), Some("close"), "{head:?}");
         assert!(closed_by_gateway(&mut r), "{head:?}");
     }
     assert_eq!(up.hits(), 0);
+}
+
+/// A chunk size line or trailer ended by a bare LF is refused: a proxy in front that ends the
+/// line elsewhere would see a different request.
+#[test]
+fn chunked_lines_end_only_with_crlf() {
+    let (_up, gw) = echoing();
+    for body in ["2;\nab\r\n0\r\n\r\n", "2\r\nab\r\n0\r\nX: a\n\n"] {
+        let mut s = connect(&gw);
+        let head = "POST /e/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        s.write_all(format!("{head}{body}").as_bytes()).unwrap();
+        let resp = read_response(&mut BufReader::new(s), false).unwrap();
+        assert_eq!(resp.status, 400, "{body:?}: {}", resp.text());
+    }
+}
+
+/// Requests pipelined and then the sending side closed (`nc -N`): each request that has
+/// another after it is answered. (The close after the last one reads as a client gone, which
+/// abandons that request, as with hyper and nginx's default `proxy_ignore_client_abort off`.)
+#[test]
+fn pipelined_requests_before_a_half_close_are_answered() {
+    let (_up, gw) = echoing();
+    let mut s = connect(&gw);
+    s.write_all(
+        b"GET /e/1 HTTP/1.1\r\nHost: x\r\n\r\nGET /e/2 HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /e/3 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut r = BufReader::new(s);
+    for path in ["/e/1", "/e/2"] {
+        let resp = read_response(&mut r, false).unwrap();
+        assert_eq!(resp.json()["uri"], path);
+    }
+}
+
+/// An upstream answer with both lengths is framed by its chunks, and the client never gets a
+/// byte more than the length the gateway announces (what follows would read as an answer).
+#[test]
+fn an_upstream_answer_with_both_lengths_cannot_split_the_response() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let smuggled = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged";
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{smuggled}\r\n0\r\n\r\n",
+                smuggled.len()
+            );
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    let gw = Gateway::start();
+    let (status, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/routes/1",
+        Some(json!({"uri": "/*", "upstream": {"type": "roundrobin", "nodes": {addr.to_string(): 1}}})),
+    );
+    assert!(status == 200 || status == 201, "{v}");
+    gw.wait_propagated();
+    let mut s = connect(&gw);
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(s);
+    let resp = read_response(&mut r, false).unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("content-length"), None, "{:?}", resp.headers);
+    assert!(resp.text().ends_with("forged"), "{}", resp.text());
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
 }
 
 /// A chunked body that breaks its framing midway is the client's fault, not the upstream's.

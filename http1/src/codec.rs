@@ -87,16 +87,15 @@ pub fn decode(buf: &mut BytesMut, framing: &mut Framing) -> Result<Decoded, &'st
             Framing::Chunked(state) => state,
         };
         let next = match state {
-            Chunk::Size => match httparse::parse_chunk_size(buf) {
-                Ok(httparse::Status::Complete((used, size))) => {
+            Chunk::Size => match parse_chunk_size(buf)? {
+                Some((used, size)) => {
                     buf.advance(used);
                     match size {
                         0 => Chunk::Trailers,
                         n => Chunk::Data(n),
                     }
                 }
-                Ok(httparse::Status::Partial) if buf.len() < 4096 => return Ok(Decoded::More),
-                _ => return Err("bad chunk size line"),
+                None => return Ok(Decoded::More),
             },
             Chunk::Data(_) if buf.is_empty() => return Ok(Decoded::More),
             Chunk::Data(left) => {
@@ -127,6 +126,48 @@ pub fn decode(buf: &mut BytesMut, framing: &mut Framing) -> Result<Decoded, &'st
     }
 }
 
+/// Longest chunk size line taken, extensions included.
+const MAX_SIZE_LINE: usize = 4096;
+
+/// A chunk's size line (`1f;name=value CRLF`): its length and the size, `None` while
+/// incomplete. Stricter than `httparse::parse_chunk_size`, which takes any byte in an
+/// extension, a bare LF included: two parsers that end a line in different places are how
+/// requests are smuggled past a proxy, so only CRLF ends the line, and control characters,
+/// a size over 16 hex digits or a line over [`MAX_SIZE_LINE`] are refused.
+fn parse_chunk_size(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
+    let digits = buf.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits > 16 {
+        return Err("chunk size too large");
+    }
+    if digits == buf.len() {
+        return Ok(None);
+    }
+    if digits == 0 {
+        return Err("bad chunk size line");
+    }
+    let size = buf[..digits].iter().fold(0u64, |n, b| {
+        n << 4 | (*b as char).to_digit(16).unwrap_or(0) as u64
+    });
+    // What follows the digits (whitespace, extensions) is skipped up to the CRLF.
+    for (i, &b) in buf.iter().enumerate().skip(digits) {
+        if i >= MAX_SIZE_LINE {
+            return Err("chunk size line too long");
+        }
+        match b {
+            b'\r' => {
+                return match buf.get(i + 1) {
+                    None => Ok(None),
+                    Some(b'\n') => Ok(Some((i + 2, size))),
+                    Some(_) => Err("bad chunk size line"),
+                }
+            }
+            b'\t' | b' '..=b'~' | 0x80..=0xff => {}
+            _ => return Err("bad chunk size line"),
+        }
+    }
+    Ok(None)
+}
+
 /// Up to `max` bytes off the front of `buf`.
 fn take(buf: &mut BytesMut, max: u64) -> Bytes {
     let n = buf.len().min(usize::try_from(max).unwrap_or(usize::MAX));
@@ -143,6 +184,14 @@ fn parse_trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, &'sta
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     match httparse::parse_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete((len, fields))) => {
+            // httparse also ends a line at a bare LF; only CRLF is taken (see parse_chunk_size).
+            if buf[..len]
+                .iter()
+                .enumerate()
+                .any(|(i, b)| *b == b'\n' && (i == 0 || buf[i - 1] != b'\r'))
+            {
+                return Err("trailer line not ended by CRLF");
+            }
             let mut map = HeaderMap::with_capacity(fields.len());
             for f in fields {
                 let name =
@@ -397,7 +446,15 @@ mod tests {
             assert_eq!(trailers.unwrap()["x-sum"], "9", "step {step}");
             assert!(wire[..fed].ends_with(b"\r\n\r\n") || buf.starts_with(b"NEXT"));
         }
-        for bad in [&b"zz\r\n"[..], b"2\r\nabXY"] {
+        for bad in [
+            &b"zz\r\n"[..],
+            b"2\r\nabXY",
+            b"2;\nab\r\n",
+            b"2\n",
+            b"11111111111111111\r\n",
+            b"0\r\nX: a\n\n",
+            b"2\r\nab\r\n0\r\nX: a\r\n\n",
+        ] {
             let mut buf = BytesMut::from(bad);
             let mut framing = Framing::Chunked(Chunk::Size);
             let r = std::iter::from_fn(|| Some(decode(&mut buf, &mut framing)))

@@ -14,6 +14,8 @@ pub enum Refusal {
     TooLarge,
     /// 400, and why.
     Bad(&'static str),
+    /// 501: a transfer coding other than chunked (nginx's answer too).
+    Unsupported(&'static str),
 }
 
 impl Refusal {
@@ -21,6 +23,7 @@ impl Refusal {
         match self {
             Refusal::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::Bad(_) => StatusCode::BAD_REQUEST,
+            Refusal::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 }
@@ -125,8 +128,15 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
         (Some(_), Some(_)) => {
             return Err(Refusal::Bad("both Content-Length and Transfer-Encoding"))
         }
-        (Some(true), None) if version == Version::HTTP_11 => Framing::Chunked(Chunk::Size),
-        (Some(_), None) => return Err(Refusal::Bad("unsupported Transfer-Encoding")),
+        (Some(_), None) if version != Version::HTTP_11 => {
+            return Err(Refusal::Bad("Transfer-Encoding in an HTTP/1.0 request"))
+        }
+        // Chunked alone: any other coding would reach the upstream undeclared, since
+        // Transfer-Encoding stops at this hop.
+        (Some(_), None) if only_chunked(&headers) => Framing::Chunked(Chunk::Size),
+        (Some(_), None) => {
+            return Err(Refusal::Unsupported("a transfer coding other than chunked"))
+        }
         (None, Some(0)) | (None, None) => Framing::Empty,
         (None, Some(n)) => Framing::Length(n),
     };
@@ -149,6 +159,15 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
             && framing != Framing::Empty,
         framing,
     }))
+}
+
+/// Whether the request's only transfer coding is chunked, in a single field.
+fn only_chunked(headers: &HeaderMap) -> bool {
+    let mut all = headers.get_all(header::TRANSFER_ENCODING).iter();
+    matches!(
+        (all.next(), all.next()),
+        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked")
+    )
 }
 
 #[cfg(test)]
@@ -210,12 +229,8 @@ mod tests {
                 "both Content-Length and Transfer-Encoding",
             ),
             (
-                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
-                "unsupported Transfer-Encoding",
-            ),
-            (
                 "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
-                "unsupported Transfer-Encoding",
+                "Transfer-Encoding in an HTTP/1.0 request",
             ),
             (
                 "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
@@ -232,6 +247,17 @@ mod tests {
             ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "malformed request head"),
         ] {
             assert_eq!(refused(head), Refusal::Bad(why), "{head:?}");
+        }
+        for head in [
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert_eq!(
+                refused(head),
+                Refusal::Unsupported("a transfer coding other than chunked"),
+                "{head:?}"
+            );
         }
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
         assert_eq!(

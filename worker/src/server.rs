@@ -101,17 +101,20 @@ async fn connection(
             let (w, client) = (w.clone(), client.clone());
             Box::into_pin(crate::boxed_in_place(move || proxy::handle(w, req, client)))
         };
-        let Some(resp) = until_answer(&conn, handler, w.max_header_size).await else {
+        let Some(resp) = until_answer(&conn, handler).await else {
             return; // The client left: its request is dropped, as hyper and nginx do.
         };
         match conn.respond(&mut wbuf, resp, &meta).await {
-            Ok(true) if conn.finish_request() => continue,
-            Ok(_) => {
-                if !conn.finish_request() {
-                    conn.linger_close().await;
+            Ok(keep_alive) => {
+                if conn.finish_request() && keep_alive {
+                    continue;
                 }
+                // The answer went whole: the client reads it before the close, even with
+                // more of its input unread (a body, pipelined requests while draining).
+                conn.linger_close().await;
                 return;
             }
+            // Cut midway (the body failed, the client left): the close says so.
             Err(_) => return,
         }
     }
@@ -128,7 +131,7 @@ fn refusal(status: http::StatusCode) -> http::Response<crate::body::ProxyBody> {
 }
 
 /// Runs `handler` until it answers; None when the client closes the connection first.
-async fn until_answer<F>(conn: &h1::Conn, mut handler: Pin<Box<F>>, max: usize) -> Option<F::Output>
+async fn until_answer<F>(conn: &h1::Conn, mut handler: Pin<Box<F>>) -> Option<F::Output>
 where
     F: Future,
 {
@@ -136,7 +139,7 @@ where
         if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
             return Poll::Ready(Some(resp));
         }
-        conn.poll_gone(cx, max).map(|()| None)
+        conn.poll_gone(cx).map(|()| None)
     })
     .await
 }

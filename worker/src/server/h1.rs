@@ -20,6 +20,7 @@ use bytes::{Bytes, BytesMut};
 use http::header;
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -59,6 +60,8 @@ struct Inbound {
     responding: bool,
     /// The request body failed (bad framing, the client's close): the connection ends.
     broken: bool,
+    /// How much of `rbuf` was looked at for the end of a head.
+    scanned: usize,
 }
 
 /// Why waiting for a request head ended without one.
@@ -78,6 +81,7 @@ impl Conn {
             continue_left: 0,
             responding: false,
             broken: false,
+            scanned: 0,
         })))
     }
 
@@ -85,23 +89,28 @@ impl Conn {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether no byte of a next request has arrived.
+    /// Whether no byte of a next request has arrived (empty lines before a request do not
+    /// count: clients may send a CRLF after a body).
     pub fn nothing_buffered(&self) -> bool {
-        self.lock().rbuf.is_empty()
+        self.lock().rbuf.iter().all(|b| *b == b'\r' || *b == b'\n')
     }
 
-    /// Polls for the next request head, `max` bytes at most.
+    /// Polls for the next request head, `max` bytes at most. The buffer is parsed only once
+    /// the end of a head may be in it: a client sending a byte at a time would otherwise have
+    /// the whole head parsed again for every byte.
     pub fn poll_head(&self, cx: &mut Context<'_>, max: usize) -> Poll<Result<Head, NoHead>> {
         let mut g = self.lock();
         let g = &mut *g;
         loop {
-            if !g.rbuf.is_empty() {
+            if head_may_end(&g.rbuf, g.scanned) || g.rbuf.len() >= max {
+                g.scanned = 0;
                 match parse_head(&mut g.rbuf, max) {
                     Ok(Some(head)) => return Poll::Ready(Ok(head)),
                     Ok(None) => {}
                     Err(r) => return Poll::Ready(Err(NoHead::Refused(r))),
                 }
             }
+            g.scanned = g.rbuf.len();
             match ready!(poll_read(&mut g.io, &mut g.rbuf, cx, READ_CHUNK)) {
                 Ok(0) | Err(_) => return Poll::Ready(Err(NoHead::Closed)),
                 Ok(_) => {}
@@ -137,22 +146,21 @@ impl Conn {
         req
     }
 
-    /// Polls whether the client is gone while its request is served: once its body has been
-    /// read, the connection is read on (pipelined requests are kept for later) until it closes.
-    /// A client that closes before its answer abandons the request, as with hyper and nginx.
-    pub fn poll_gone(&self, cx: &mut Context<'_>, max: usize) -> Poll<()> {
+    /// Polls whether the client is gone while its request is served or its answer streams:
+    /// once its body has been read, the connection is read on until it closes or the next
+    /// request begins. A client that closes before its answer ends abandons the request, as
+    /// with hyper and nginx.
+    pub fn poll_gone(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut g = self.lock();
         let g = &mut *g;
-        if g.framing != Framing::Empty || g.rbuf.len() >= max {
+        // Once a pipelined request is here, a close that follows it is a half-close after
+        // the last request, not a client gone: no more reading until its turn (hyper too).
+        if g.framing != Framing::Empty || !g.rbuf.is_empty() {
             return Poll::Pending;
         }
         match ready!(poll_read(&mut g.io, &mut g.rbuf, cx, READ_CHUNK)) {
             Ok(0) | Err(_) => Poll::Ready(()),
-            // A pipelined request: kept, and the next poll reads on.
-            Ok(_) => {
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
+            Ok(_) => Poll::Pending,
         }
     }
 
@@ -164,12 +172,21 @@ impl Conn {
         resp: Response<ProxyBody>,
         meta: &Meta,
     ) -> Result<bool, codec::SendError> {
-        self.lock().responding = true;
         let (parts, mut body) = resp.into_parts();
         let (out, keep_alive) = encode_head(wbuf, &parts, &body, meta);
+        // A `100 Continue` cut short by a full socket is finished first: the answer's head
+        // must not land in the middle of it.
+        let interim = {
+            let mut g = self.lock();
+            g.responding = true;
+            let left = std::mem::take(&mut g.continue_left);
+            &CONTINUE[CONTINUE.len() - if left < CONTINUE.len() { left } else { 0 }..]
+        };
+        let mut w = self.writer();
+        w.write_all(interim).await?;
         let Some(out) = out else {
             drop(body);
-            self.writer().write_all(wbuf).await?;
+            w.write_all(wbuf).await?;
             return Ok(keep_alive);
         };
         // A first piece of body that is there already goes out with the head.
@@ -182,32 +199,39 @@ impl Conn {
                 None => {}
             }
         }
-        let mut sent = 0u64;
+        let mut out = out;
         if let Some(data) = first.as_mut().and_then(|f| f.data_mut()) {
             if data.len() <= codec::COALESCE {
                 let data = std::mem::take(data);
-                sent = data.len() as u64;
+                match out {
+                    // Never more than the length announced: what follows would read as
+                    // another answer.
+                    BodyOut::Length(n) if data.len() as u64 > n => {
+                        return Err(codec::SendError::Length(n))
+                    }
+                    BodyOut::Length(n) => out = BodyOut::Length(n - data.len() as u64),
+                    BodyOut::Chunked if !data.is_empty() => codec::put_chunk_size(wbuf, data.len()),
+                    _ => {}
+                }
+                wbuf.extend_from_slice(&data);
                 if out == BodyOut::Chunked && !data.is_empty() {
-                    codec::put_chunk_size(wbuf, data.len());
-                    wbuf.extend_from_slice(&data);
                     wbuf.extend_from_slice(b"\r\n");
-                } else {
-                    wbuf.extend_from_slice(&data);
                 }
                 first = None;
             }
         }
-        let mut w = self.writer();
         w.write_all(wbuf).await?;
-        let out = match out {
-            BodyOut::Length(n) => {
-                BodyOut::Length(n.checked_sub(sent).ok_or(codec::SendError::Length(n))?)
-            }
-            out => out,
-        };
         let rest = Prepend { first, body };
-        codec::send_body(&mut w, wbuf, rest, out).await?;
-        Ok(keep_alive)
+        let mut send = std::pin::pin!(codec::send_body(&mut w, wbuf, rest, out));
+        // A client that leaves while a long answer streams ends it (and its upstream).
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = send.as_mut().poll(cx) {
+                return Poll::Ready(r.map(|_| keep_alive));
+            }
+            self.poll_gone(cx)
+                .map(|()| Err(io::Error::from(io::ErrorKind::ConnectionAborted).into()))
+        })
+        .await
     }
 
     /// After the answer: whether the connection can carry the next request. A body the proxy
@@ -250,6 +274,20 @@ impl Conn {
     }
 }
 
+/// Whether the bytes of `buf` after `scanned` (and the three before, where an end may have
+/// begun) hold an empty line: the end of a head, `\n\n` or `\n\r\n`.
+fn head_may_end(buf: &[u8], scanned: usize) -> bool {
+    let from = scanned.saturating_sub(3);
+    buf.get(from..)
+        .unwrap_or_default()
+        .windows(2)
+        .enumerate()
+        .any(|(i, w)| {
+            w[0] == b'\n'
+                && (w[1] == b'\n' || (w[1] == b'\r' && buf.get(from + i + 2) == Some(&b'\n')))
+        })
+}
+
 /// Reads into `buf`, making room for `want` (within reason) first.
 fn poll_read(
     io: &mut TcpStream,
@@ -287,12 +325,21 @@ fn encode_head(
     wbuf.push(b' ');
     wbuf.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     wbuf.extend_from_slice(b"\r\n");
-    put_fields(wbuf, &parts.headers);
     let mut keep_alive = meta.keep_alive;
     let mut delimiters = Delimiters::default();
+    let mut bad_length = false;
     for (name, value) in parts.headers.iter().filter(|(n, _)| is_delimiter(n)) {
-        // A length the proxy itself could not read is left to the body's own size.
-        let _ = delimiters.note(name, value.as_bytes());
+        bad_length |= delimiters.note(name, value.as_bytes()).is_err();
+    }
+    match bad_length {
+        // A length that does not parse (a plugin's) is not sent: the body's own size is.
+        true => {
+            delimiters.length = None;
+            let mut fields = parts.headers.clone();
+            fields.remove(header::CONTENT_LENGTH);
+            put_fields(wbuf, &fields);
+        }
+        false => put_fields(wbuf, &parts.headers),
     }
     keep_alive &= !delimiters.close;
     if !parts.headers.contains_key(header::DATE) {
@@ -303,12 +350,15 @@ fn encode_head(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     let out = match (bodiless, delimiters.length, body.size_hint().exact()) {
+        // The answer to HEAD tells the length a GET would get, when it is known.
+        (true, None, Some(n)) if meta.head && n > 0 => {
+            put_length(wbuf, n);
+            None
+        }
         (true, _, _) => None,
         (false, Some(n), _) => Some(BodyOut::Length(n)),
         (false, None, Some(n)) => {
-            wbuf.extend_from_slice(b"content-length: ");
-            codec::put_decimal(wbuf, n);
-            wbuf.extend_from_slice(b"\r\n");
+            put_length(wbuf, n);
             Some(BodyOut::Length(n))
         }
         (false, None, None) if meta.version == Version::HTTP_11 => {
@@ -327,6 +377,12 @@ fn encode_head(
     }
     wbuf.extend_from_slice(b"\r\n");
     (out, keep_alive)
+}
+
+fn put_length(wbuf: &mut Vec<u8>, n: u64) {
+    wbuf.extend_from_slice(b"content-length: ");
+    codec::put_decimal(wbuf, n);
+    wbuf.extend_from_slice(b"\r\n");
 }
 
 /// Whether a response header bears on the framing or the connection.
@@ -432,7 +488,9 @@ impl Body for ClientBody {
         let mut g = self.conn.lock();
         let g = &mut *g;
         if g.seq != self.seq {
-            return Poll::Ready(None);
+            return Poll::Ready(Some(Err(Box::new(BadClientBody(
+                "read after its request was answered",
+            )))));
         }
         while g.continue_left > 0 && !g.responding {
             let from = CONTINUE.len() - g.continue_left;
@@ -527,11 +585,41 @@ mod tests {
         assert_eq!(text.matches("connection").count(), 1, "{text}");
         assert!(!text.contains("content-length"), "{text}");
 
+        // A HEAD answered by the gateway itself tells its length; a length that does not
+        // parse (a plugin's) is replaced by the body's own.
+        let head_meta = Meta { head: true, ..meta };
+        let (text, out, _) = head(Response::new(crate::body::full("abc")), &head_meta);
+        assert!(
+            text.contains("content-length: 3\r\n") && out.is_none(),
+            "{text}"
+        );
+        let mut r = Response::new(crate::body::full("abcd"));
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, http::HeaderValue::from_static("x1"));
+        let (text, out, _) = head(r, &meta);
+        assert_eq!(text.matches("content-length").count(), 1, "{text}");
+        assert!(text.contains("content-length: 4\r\n"), "{text}");
+        assert_eq!(out, Some(BodyOut::Length(4)));
+
         let closing = Meta {
             keep_alive: false,
             ..meta
         };
         let (text, _, keep) = head(Response::new(crate::body::empty()), &closing);
         assert!(text.contains("connection: close\r\n") && !keep, "{text}");
+    }
+
+    #[test]
+    fn only_an_empty_line_sends_a_head_to_the_parser() {
+        let ends = |text: &str, scanned: usize| head_may_end(text.as_bytes(), scanned);
+        assert!(!ends("GET / HTTP/1.1\r\nHost: x\r\n", 0));
+        assert!(ends("GET / HTTP/1.1\r\nHost: x\r\n\r\n", 0));
+        assert!(ends("GET / HTTP/1.1\n\n", 0));
+        // The end split across reads is found from where the last look stopped.
+        let text = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        for scanned in 0..text.len() {
+            assert!(ends(text, scanned), "{scanned}");
+        }
+        assert!(!ends("GET / HTTP/1.1\r\n\r", 0));
     }
 }

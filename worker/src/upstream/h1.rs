@@ -251,7 +251,12 @@ async fn read_head<R: AsyncRead + Unpin>(
 ) -> Result<ResponseHead, ExchangeError> {
     let mut received = !rbuf.is_empty();
     loop {
-        if let Some(head) = parse_head(rbuf, head_request)? {
+        // An empty buffer (the usual case: the answer has not come) is not worth parsing.
+        let parsed = match rbuf.is_empty() {
+            true => None,
+            false => parse_head(rbuf, head_request)?,
+        };
+        if let Some(head) = parsed {
             match head.status.is_informational() {
                 // 100 Continue and the like: the real answer follows.
                 true if head.status != StatusCode::SWITCHING_PROTOCOLS => continue,
@@ -338,6 +343,11 @@ fn parse_head(
         }
         Ok::<_, ExchangeError>(())
     })?;
+    if delimiters.chunked.is_some() && delimiters.length.is_some() {
+        // RFC 9112 §6.3: Transfer-Encoding wins, and a proxy removes the length, which
+        // would frame the answer differently downstream.
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let framing = response_framing(&delimiters, status, head_request);
     // Both lengths sent is how requests are smuggled: the answer is read, the connection
     // not trusted again.
