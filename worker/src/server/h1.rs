@@ -277,6 +277,10 @@ impl Conn {
 /// Whether the bytes of `buf` after `scanned` (and the three before, where an end may have
 /// begun) hold an empty line: the end of a head, `\n\n` or `\n\r\n`.
 fn head_may_end(buf: &[u8], scanned: usize) -> bool {
+    // Most heads come whole in one read, ending the buffer: no scan.
+    if buf.ends_with(b"\n\r\n") || buf.ends_with(b"\n\n") {
+        return true;
+    }
     let from = scanned.saturating_sub(3);
     buf.get(from..)
         .unwrap_or_default()
