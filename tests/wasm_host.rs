@@ -514,3 +514,63 @@ fn assemblyscript_plugin_rewrites_bodies() {
     assert!(r.body.iter().all(u8::is_ascii_uppercase));
     assert!(r.body.starts_with(b"AAAA") && r.body.ends_with(b"TTTT"));
 }
+
+/// A plugin reading the response headers after they were sent — in its body callback and in
+/// `proxy_on_log` — reads them as the client got them: the upstream's, and the gateway's own
+/// (`Server`), whether or not the plugin has body callbacks.
+#[test]
+fn response_headers_read_after_sending_are_the_ones_sent() {
+    let gw = Gateway::start();
+    let up = TestUpstream::start("sent-upstream");
+    let module = |body_callback: bool| {
+        let body = match body_callback {
+            true => {
+                r#"(func (export "proxy_on_response_body") (param i32 i32 i32) (result i32)
+                 (call $show (i32.const 100) (i32.const 10)) (i32.const 0))"#
+            }
+            false => "",
+        };
+        format!(
+            r#"(module
+      (import "env" "proxy_get_header_map_value" (func $ghv (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "x-upstream")
+      (data (i32.const 120) "server")
+      (data (i32.const 140) "no such response header")
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      ;; logs the response header's value at error level, or that it is missing
+      (func $show (param $k i32) (param $l i32)
+        (if (i32.eq (call $ghv (i32.const 2) (local.get $k) (local.get $l) (i32.const 200) (i32.const 204))
+                    (i32.const 0))
+          (then (drop (call $log (i32.const 4) (i32.load (i32.const 200)) (i32.load (i32.const 204)))))
+          (else (drop (call $log (i32.const 4) (i32.const 140) (i32.const 23))))))
+      {body}
+      (func (export "proxy_on_log") (param i32)
+        (call $show (i32.const 100) (i32.const 10))
+        (call $show (i32.const 120) (i32.const 6))))"#
+        )
+    };
+    for (name, body_callback) in [("sent_log", false), ("sent_body", true)] {
+        wat_plugin_on_route(&gw, name, &module(body_callback), &format!("/{name}"));
+        gw.route(
+            name,
+            json!({"uri": format!("/{name}"), "plugins": {name: {"conf": "-"}}}),
+            Some(&up),
+        );
+        let r = get(&gw, &format!("/{name}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    eventually(Duration::from_secs(5), "the plugins' log lines", || {
+        let log = gw.error_log();
+        // on_log twice (two routes) and the body callback once.
+        log.matches("sent-upstream").count() >= 3 && log.matches("wasmgate/").count() >= 2
+    });
+    assert!(
+        !gw.error_log().contains("no such response header"),
+        "{}",
+        gw.error_log()
+    );
+}

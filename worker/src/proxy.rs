@@ -68,12 +68,13 @@ impl Client {
     }
 }
 
-/// Serves one client request.
+/// Serves one client request. The answer's headers go back to the plugins once written
+/// ([`HeadersBack`]).
 pub async fn handle(
     w: Arc<Worker>,
     req: Request<ClientBody>,
     client: Client,
-) -> Response<ProxyBody> {
+) -> (Response<ProxyBody>, HeadersBack) {
     let peer = client.addr;
     w.segment
         .slot(w.slot)
@@ -86,7 +87,7 @@ pub async fn handle(
     log.head_bytes = head_size(&parts) as u64;
     if log.head_bytes as usize > w.max_header_size {
         let resp = header_filter(&w, error_page(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
-        return log_phase(w, resp, log, None);
+        return (log_phase(w, resp, log, None), HeadersBack(None));
     }
     let route = {
         let lookup = |name: &str| nginx_var(&parts, peer, name);
@@ -133,7 +134,8 @@ pub async fn handle(
     }
     // Answer in the client's protocol version, whatever the upstream spoke.
     *resp.version_mut() = parts.version;
-    log_phase(w, resp, log, wasm)
+    let back = HeadersBack(wasm.clone());
+    (log_phase(w, resp, log, wasm), back)
 }
 
 /// A request's Proxy-Wasm state once it is shared with its body filters and the log phase.
@@ -282,12 +284,6 @@ async fn response_phase(
         .plugins
         .on_response(&mut lent.active, &mut lent.stream, no_body)
         .await;
-    if let Verdict::Continue = verdict {
-        // The headers went into the plugins' head (when there is one): they come back from it.
-        if let Some(head) = lent.stream.as_mut().and_then(|s| s.response.as_mut()) {
-            wasm_glue::apply_response(head, &mut resp);
-        }
-    }
     drop(lent);
     let wants_body = !no_body && lock(shared).wants_body(Dir::Response);
     match verdict {
@@ -296,16 +292,49 @@ async fn response_phase(
         Verdict::Continue => {}
     }
     if !wants_body {
+        lend_response_headers(shared, &mut resp);
         return resp;
     }
-    let (mut head, body) = resp.into_parts();
+    // Primed first: body callbacks before the head goes out still find the headers in the
+    // plugins' head.
+    let (parts, body) = resp.into_parts();
     let mut pb = PluginBody::new(body, shared.clone(), w.plugins.clone(), Dir::Response);
-    match pb.prime().await {
-        Primed::Complete(len) => set_length(&mut head.headers, len),
-        Primed::Streaming => {}
+    let primed = pb.prime().await;
+    let mut resp = Response::from_parts(parts, body::boxed(pb));
+    match primed {
         Primed::Failed(f) => return failure_response(f, StatusCode::BAD_GATEWAY),
+        Primed::Complete(len) => {
+            lend_response_headers(shared, &mut resp);
+            set_length(resp.headers_mut(), len);
+        }
+        Primed::Streaming => lend_response_headers(shared, &mut resp),
     }
-    Response::from_parts(head, body::boxed(pb))
+    resp
+}
+
+/// The headers as the plugins left them go out with `resp`, lent by the plugins' head (when
+/// there is one) until the server has written them ([`HeadersBack`]).
+fn lend_response_headers(shared: &SharedWasm, resp: &mut Response<ProxyBody>) {
+    let mut g = lock(shared);
+    if let Some(head) = g.stream.as_mut().and_then(|s| s.response.as_mut()) {
+        wasm_glue::apply_response(head, resp);
+    }
+}
+
+/// Where an answer's headers go once the server has written them: back to the plugins' head
+/// that lent them, for the body callbacks that follow and `proxy_on_log`.
+pub struct HeadersBack(Option<SharedWasm>);
+
+impl HeadersBack {
+    pub fn give(self, headers: HeaderMap) {
+        let Some(shared) = self.0 else {
+            return;
+        };
+        let mut g = lock(&shared);
+        if let Some(head) = g.stream.as_mut().and_then(|s| s.response.as_mut()) {
+            wasm_glue::restore_response(head, headers);
+        }
+    }
 }
 
 /// A request's contexts and stream, lent out of its shared state; they go back on drop.

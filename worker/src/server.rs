@@ -88,7 +88,9 @@ async fn connection(
                     tracing::info!("bad request from {peer}: {why}");
                 }
                 let page = refusal(why.status());
-                let _ = conn.respond(&mut wbuf, page, &h1::Meta::refusal()).await;
+                let _ = conn
+                    .respond(&mut wbuf, page, &h1::Meta::refusal(), drop)
+                    .await;
                 conn.linger_close().await;
                 return;
             }
@@ -101,10 +103,10 @@ async fn connection(
             let (w, client) = (w.clone(), client.clone());
             Box::into_pin(crate::boxed_in_place(move || proxy::handle(w, req, client)))
         };
-        let Some(resp) = until_answer(&conn, handler).await else {
+        let Some((resp, back)) = until_answer(&conn, handler).await else {
             return; // The client left: its request is dropped, as hyper and nginx do.
         };
-        match conn.respond(&mut wbuf, resp, &meta).await {
+        match conn.respond(&mut wbuf, resp, &meta, |h| back.give(h)).await {
             Ok(keep_alive) => {
                 if conn.finish_request() && keep_alive {
                     continue;

@@ -4,7 +4,7 @@
 use crate::body::{self, ProxyBody};
 use crate::proxy::error_page;
 use crate::router::RouteEntry;
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use std::net::SocketAddr;
 use wasmgate_wasm::{Downstream, Head, LocalReply};
@@ -65,6 +65,15 @@ pub fn restore_request(head: &mut Head, parts: &mut http::request::Parts) {
     }
 }
 
+/// Gives the plugins' response head back the headers [`apply_response`] lent, as the client
+/// got them (with `Server`, `X-Request-Id` and the like), as Envoy's filters see the headers
+/// its codec sent.
+pub fn restore_response(head: &mut Head, headers: HeaderMap) {
+    if head.lent() {
+        head.put_headers(headers);
+    }
+}
+
 /// The response as plugins see it: `:status`, then headers (moved out of `resp`;
 /// [`apply_response`] gives them back).
 pub fn response_head(resp: &mut Response<ProxyBody>) -> Head {
@@ -72,16 +81,18 @@ pub fn response_head(resp: &mut Response<ProxyBody>) -> Head {
 }
 
 /// Gives `resp` the response headers as the plugins left them; headers the map could not
-/// take are left out, with an error-log line. The head keeps its own copy for `proxy_on_log`.
+/// take are left out, with an error-log line. They are lent, not copied: the server gives
+/// them back to the head once it has written them ([`restore_response`]), for the body
+/// callbacks that follow and `proxy_on_log`.
 pub fn apply_response(head: &mut Head, resp: &mut Response<ProxyBody>) {
     if !head.changed() {
-        *resp.headers_mut() = head.headers_out();
+        *resp.headers_mut() = head.take_headers();
         return;
     }
     if let Some(e) = head.error() {
         tracing::error!("plugins left invalid response headers, not sent: {e}");
     }
-    *resp.headers_mut() = head.headers_out();
+    *resp.headers_mut() = head.take_headers();
     if let Some(s) = head
         .pseudo_set(":status")
         .and_then(|s| std::str::from_utf8(s).ok())

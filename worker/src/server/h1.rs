@@ -164,16 +164,21 @@ impl Conn {
         }
     }
 
-    /// Writes `resp` for the request `meta` describes (`wbuf`: the connection's scratch room).
-    /// Returns whether the connection may carry another request.
+    /// Writes `resp` for the request `meta` describes (`wbuf`: the connection's scratch room);
+    /// its headers go to `written` once encoded, before any of the body is read. Returns
+    /// whether the connection may carry another request.
     pub async fn respond(
         &self,
         wbuf: &mut Vec<u8>,
         resp: Response<ProxyBody>,
         meta: &Meta,
+        written: impl FnOnce(http::HeaderMap),
     ) -> Result<bool, codec::SendError> {
-        let (parts, mut body) = resp.into_parts();
+        let (mut parts, mut body) = resp.into_parts();
         let (out, keep_alive) = encode_head(wbuf, &parts, &body, meta);
+        // The head is in the buffer: its headers are not needed any more (the plugins that
+        // lent them read them in their later callbacks).
+        written(std::mem::take(&mut parts.headers));
         // A `100 Continue` cut short by a full socket is finished first: the answer's head
         // must not land in the middle of it.
         let interim = {
