@@ -319,12 +319,11 @@ where
             BodyOut::Length(n) if sent > n => return Err(SendError::Length(n)),
             BodyOut::Length(_) | BodyOut::Close => wr.write_all(&data).await?,
             BodyOut::Chunked => {
-                put_chunk_size(buf, data.len());
                 if data.len() <= COALESCE {
-                    buf.extend_from_slice(&data);
-                    buf.extend_from_slice(b"\r\n");
+                    put_chunk(buf, &data);
                     wr.write_all(buf).await?;
                 } else {
+                    put_chunk_size(buf, data.len());
                     wr.write_all(buf).await?;
                     wr.write_all(&data).await?;
                     wr.write_all(b"\r\n").await?;
@@ -344,9 +343,27 @@ pub fn put_chunk_size(buf: &mut Vec<u8>, len: usize) {
     buf.extend_from_slice(format!("{len:x}\r\n").as_bytes());
 }
 
-/// A decimal number, as header values and status lines write them.
-pub fn put_decimal(buf: &mut Vec<u8>, n: u64) {
+/// A `content-length` field line.
+pub fn put_length(buf: &mut Vec<u8>, n: u64) {
+    buf.extend_from_slice(b"content-length: ");
     buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// A whole chunk: size line, data, CRLF (`data` not empty: an empty chunk ends the body).
+pub fn put_chunk(buf: &mut Vec<u8>, data: &[u8]) {
+    put_chunk_size(buf, data.len());
+    buf.extend_from_slice(data);
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// Whether an answer has no body whatever its headers say (RFC 9112 §6.3): one to HEAD, a
+/// 1xx, 204 or 304.
+pub fn bodiless(status: http::StatusCode, head_request: bool) -> bool {
+    head_request
+        || status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
 }
 
 thread_local! {

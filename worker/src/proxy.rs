@@ -299,15 +299,15 @@ async fn response_phase(
     // plugins' head.
     let (parts, body) = resp.into_parts();
     let mut pb = PluginBody::new(body, shared.clone(), w.plugins.clone(), Dir::Response);
-    let primed = pb.prime().await;
-    let mut resp = Response::from_parts(parts, body::boxed(pb));
-    match primed {
+    let complete = match pb.prime().await {
         Primed::Failed(f) => return failure_response(f, StatusCode::BAD_GATEWAY),
-        Primed::Complete(len) => {
-            lend_response_headers(shared, &mut resp);
-            set_length(resp.headers_mut(), len);
-        }
-        Primed::Streaming => lend_response_headers(shared, &mut resp),
+        Primed::Complete(len) => Some(len),
+        Primed::Streaming => None,
+    };
+    let mut resp = Response::from_parts(parts, body::boxed(pb));
+    lend_response_headers(shared, &mut resp);
+    if let Some(len) = complete {
+        set_length(resp.headers_mut(), len);
     }
     resp
 }
@@ -737,13 +737,15 @@ fn set_host(headers: &mut HeaderMap, host: Option<HeaderValue>) {
 }
 
 /// Phase 4: response headers on their way to the client.
+/// The `Server` header of every answer.
+pub fn server_header() -> HeaderValue {
+    HeaderValue::from_static(concat!("wasmgate/", env!("CARGO_PKG_VERSION")))
+}
+
 fn header_filter(w: &Worker, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let h = resp.headers_mut();
     strip_hop_by_hop(h);
-    h.insert(
-        header::SERVER,
-        HeaderValue::from_static(concat!("wasmgate/", env!("CARGO_PKG_VERSION"))),
-    );
+    h.insert(header::SERVER, server_header());
     if w.draining.load(Ordering::Relaxed) {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }

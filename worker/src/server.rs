@@ -125,10 +125,8 @@ async fn connection(
 /// The answer to a head refused before it reached the proxy.
 fn refusal(status: http::StatusCode) -> http::Response<crate::body::ProxyBody> {
     let mut page = proxy::error_page(status);
-    page.headers_mut().insert(
-        http::header::SERVER,
-        http::HeaderValue::from_static(concat!("wasmgate/", env!("CARGO_PKG_VERSION"))),
-    );
+    page.headers_mut()
+        .insert(http::header::SERVER, proxy::server_header());
     page
 }
 

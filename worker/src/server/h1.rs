@@ -11,14 +11,14 @@
 //! What it keeps from hyper and nginx: pipelined requests answered in order, keep-alive by the
 //! version's default and `Connection`, `Expect: 100-continue` answered when the body is first
 //! read (not when a plugin or the router refuses first), `Content-Length` and chunked request
-//! bodies, a request with both or with an unknown coding refused (400: the way requests are
-//! smuggled), at most 100 headers in a head of `client_max_header_size` (431),
+//! bodies, a request with both lengths refused (400) and one with a coding other than chunked
+//! alone (501: the ways requests are smuggled), at most 100 headers in a head of `client_max_header_size` (431),
 //! `Date` on every answer, and a connection whose client left abandoned with its request.
 
 use crate::body::{BoxError, ProxyBody};
 use bytes::{Bytes, BytesMut};
 use http::header;
-use http::{Request, Response, StatusCode, Version};
+use http::{Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use std::future::Future;
 use std::io;
@@ -52,7 +52,7 @@ struct Inbound {
     rbuf: BytesMut,
     /// How much of the current request's body is left to read.
     framing: Framing,
-    /// The request being served; a body kept past its request reads nothing more.
+    /// The request being served; a body kept past its request reads nothing more (an error).
     seq: u64,
     /// Bytes of `100 Continue` still to send when the body is first read.
     continue_left: usize,
@@ -181,11 +181,14 @@ impl Conn {
         written(std::mem::take(&mut parts.headers));
         // A `100 Continue` cut short by a full socket is finished first: the answer's head
         // must not land in the middle of it.
-        let interim = {
+        let interim: &[u8] = {
             let mut g = self.lock();
             g.responding = true;
-            let left = std::mem::take(&mut g.continue_left);
-            &CONTINUE[CONTINUE.len() - if left < CONTINUE.len() { left } else { 0 }..]
+            match std::mem::take(&mut g.continue_left) {
+                // Begun: its rest. Not begun: too late for it.
+                left if left < CONTINUE.len() => &CONTINUE[CONTINUE.len() - left..],
+                _ => &[],
+            }
         };
         let mut w = self.writer();
         w.write_all(interim).await?;
@@ -214,13 +217,13 @@ impl Conn {
                     BodyOut::Length(n) if data.len() as u64 > n => {
                         return Err(codec::SendError::Length(n))
                     }
-                    BodyOut::Length(n) => out = BodyOut::Length(n - data.len() as u64),
-                    BodyOut::Chunked if !data.is_empty() => codec::put_chunk_size(wbuf, data.len()),
-                    _ => {}
-                }
-                wbuf.extend_from_slice(&data);
-                if out == BodyOut::Chunked && !data.is_empty() {
-                    wbuf.extend_from_slice(b"\r\n");
+                    BodyOut::Length(n) => {
+                        out = BodyOut::Length(n - data.len() as u64);
+                        wbuf.extend_from_slice(&data);
+                    }
+                    BodyOut::Chunked if data.is_empty() => {}
+                    BodyOut::Chunked => codec::put_chunk(wbuf, &data),
+                    BodyOut::Close => wbuf.extend_from_slice(&data),
                 }
                 first = None;
             }
@@ -354,20 +357,17 @@ fn encode_head(
     if !parts.headers.contains_key(header::DATE) {
         put_date(wbuf);
     }
-    let bodiless = meta.head
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
+    let bodiless = codec::bodiless(status, meta.head);
     let out = match (bodiless, delimiters.length, body.size_hint().exact()) {
         // The answer to HEAD tells the length a GET would get, when it is known.
         (true, None, Some(n)) if meta.head && n > 0 => {
-            put_length(wbuf, n);
+            codec::put_length(wbuf, n);
             None
         }
         (true, _, _) => None,
         (false, Some(n), _) => Some(BodyOut::Length(n)),
         (false, None, Some(n)) => {
-            put_length(wbuf, n);
+            codec::put_length(wbuf, n);
             Some(BodyOut::Length(n))
         }
         (false, None, None) if meta.version == Version::HTTP_11 => {
@@ -386,12 +386,6 @@ fn encode_head(
     }
     wbuf.extend_from_slice(b"\r\n");
     (out, keep_alive)
-}
-
-fn put_length(wbuf: &mut Vec<u8>, n: u64) {
-    wbuf.extend_from_slice(b"content-length: ");
-    codec::put_decimal(wbuf, n);
-    wbuf.extend_from_slice(b"\r\n");
 }
 
 /// Whether a response header bears on the framing or the connection.
@@ -586,7 +580,7 @@ mod tests {
         assert_eq!((out, keep), (Some(BodyOut::Close), false));
 
         let mut r = Response::new(crate::body::empty());
-        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        *r.status_mut() = http::StatusCode::NOT_MODIFIED;
         r.headers_mut()
             .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
         let (text, out, keep) = head(r, &meta);

@@ -183,9 +183,7 @@ impl Wire {
             (true, declared, _) => BodyOut::Length(declared.unwrap_or(0)),
             (false, Some(n), _) => BodyOut::Length(n),
             (false, None, Some(n)) => {
-                w.extend_from_slice(b"content-length: ");
-                w.extend_from_slice(n.to_string().as_bytes());
-                w.extend_from_slice(b"\r\n");
+                codec::put_length(w, n);
                 BodyOut::Length(n)
             }
             (false, None, None) => {
@@ -379,11 +377,7 @@ fn ends_here(name: &HeaderName, value: &HeaderValue) -> bool {
 /// How an answer's body is delimited (RFC 9112 §6.3): `Transfer-Encoding` wins over
 /// `Content-Length`.
 fn response_framing(d: &Delimiters, status: StatusCode, head_request: bool) -> Framing {
-    if head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    if codec::bodiless(status, head_request) {
         return Framing::Empty;
     }
     match (d.chunked, d.length) {
