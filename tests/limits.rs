@@ -188,3 +188,73 @@ fn a_stalled_request_body_gets_408_and_a_slow_steady_one_is_served() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"body_len\":7"), "{answer}");
 }
+
+/// Reads what `s` still brings, for at most `within`: the bytes, and whether the gateway
+/// closed the connection (end of stream or a reset) rather than going quiet.
+fn read_rest(s: &mut TcpStream, within: Duration) -> (usize, bool) {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (total, true),
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (total, true),
+            Err(_) => return (total, false),
+        }
+    }
+}
+
+/// `send_timeout` (1 s here): a client that stops reading a large answer loses its connection
+/// — it gets what the socket buffers held, then the close — while a slow client that keeps
+/// reading (a little every 250 ms) gets all of it: the timeout is between writes, as nginx's.
+/// The worker serves on.
+#[test]
+fn a_client_that_stops_reading_is_cut_after_send_timeout_and_a_slow_reader_is_served() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start_with(Setup {
+        http_extra: vec!["send_timeout: 1s".into()],
+        ..Setup::default()
+    });
+    gw.route("1", json!({"uri": "/big/*"}), Some(&up));
+    let get = |len: usize| {
+        let mut s = TcpStream::connect(format!("127.0.0.1:{}", gw.proxy_port)).unwrap();
+        let req = format!("GET /big/{len} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        s
+    };
+
+    // 64 MiB: far more than loopback's socket buffers hold.
+    let big = 64 << 20;
+    let mut stalled = get(big);
+    std::thread::sleep(Duration::from_millis(3500));
+    let (got, closed) = read_rest(&mut stalled, Duration::from_secs(5));
+    assert!(
+        closed,
+        "the gateway kept the connection of a client that stopped reading"
+    );
+    assert!(
+        got < big,
+        "a client that stopped reading got the whole answer ({got} bytes)"
+    );
+    assert!(got > 0, "not even the head arrived");
+
+    let len = 16 << 20;
+    let mut slow = get(len);
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 2 << 20];
+    let mut total = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        match slow.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => panic!("the slow reader's answer broke after {total} bytes: {e}"),
+        }
+    }
+    assert!(
+        total > len,
+        "the slow reader got {total} bytes of a {len}-byte body"
+    );
+    assert_eq!(http("GET", &gw.url("/big/3"), &[], None).status, 200);
+}

@@ -102,7 +102,10 @@ class _UpHandler(http.server.BaseHTTPRequestHandler):
         if parts[0] == "delay" and len(parts) > 1:
             time.sleep(int(parts[1]) / 1000.0)
         self.server.hits += 1
-        body = json.dumps({"server": self.server.name, "uri": self.path}).encode()
+        if parts[0] == "big" and len(parts) > 1:
+            body = b"x" * int(parts[1])
+        else:
+            body = json.dumps({"server": self.server.name, "uri": self.path}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("x-upstream", self.server.name)
@@ -125,7 +128,8 @@ class _UpHandler(http.server.BaseHTTPRequestHandler):
 
 
 class Upstream:
-    """A threaded HTTP/1.1 upstream answering `x-upstream: <name>`; `/delay/<ms>` waits."""
+    """A threaded HTTP/1.1 upstream answering `x-upstream: <name>`; `/delay/<ms>` waits,
+    `/big/<bytes>` answers that many bytes."""
 
     def __init__(self, name="u"):
         self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _UpHandler)

@@ -2,7 +2,7 @@
 """Fault: hostile clients, while well-behaved clients keep using the gateway.
 
 Limits under test (config: client_header_timeout 2s, client_body_timeout 2s,
-client_max_header_size 8k, client_max_body_size 64k, keepalive_timeout 5s):
+client_max_header_size 8k, client_max_body_size 64k, keepalive_timeout 5s, send_timeout 2s):
 
   * slowloris: --slowloris connections trickling one header byte every 0.5 s, reconnecting when
     cut: each must be cut within client_header_timeout (+1 s);
@@ -12,13 +12,16 @@ client_max_header_size 8k, client_max_body_size 64k, keepalive_timeout 5s):
   * stalled body: --slowbody requests that send 10 of 60 000 announced body bytes, then nothing:
     each must be cut (408) within client_body_timeout (+2 s). As in nginx, the timeout is
     between two reads, so a body that keeps trickling is not cut by it;
+  * non-readers: --nonreaders connections that ask for an 8 MiB answer and never read it: the
+    gateway must let go of each (its worker's connection count falls back) within send_timeout
+    (+3 s), however long the client keeps its socket open;
   * fd exhaustion: a second gateway with RLIMIT_NOFILE 1024 and 1 worker, 1500 idle connections.
 
 Good clients (keep-alive and one-shot) must see no failure; their latency is reported next to a
 baseline taken before the attack.
 
 usage: scripts/chaos/hostile_clients.py [--duration 20] [--slowloris 200] [--idle 500]
-                                        [--slowbody 20]
+                                        [--slowbody 20] [--nonreaders 50]
 """
 import argparse
 import os
@@ -33,9 +36,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gwlib import Gateway, Load, Upstream, log, pct, summary
 
 LIMITS = ["client_header_timeout: 2s", "client_body_timeout: 2s", "client_max_header_size: 8k",
-          "client_max_body_size: 64k", "keepalive_timeout: 5s"]
+          "client_max_body_size: 64k", "keepalive_timeout: 5s", "send_timeout: 2s"]
 HEADER_TIMEOUT = 2.0
 BODY_TIMEOUT = 2.0
+SEND_TIMEOUT = 2.0
 
 
 def connect(port):
@@ -183,6 +187,35 @@ def good_clients(port, seconds, concurrency=4):
     return load
 
 
+def connections(gw):
+    return sum(w["active_connections"] for w in gw.status()["workers"])
+
+
+def non_readers(gw, n):
+    """`n` clients ask for 8 MiB each and never read. Returns the gateway's connection count
+    once they are all in, and how long it took to fall back to what it was before (None: it did
+    not within send_timeout + 10 s). The clients' sockets stay open all along."""
+    before = connections(gw)
+    socks = []
+    for _ in range(n):
+        s = connect(gw.proxy_port)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        s.sendall(b"GET /big/8388608 HTTP/1.1\r\nHost: x\r\n\r\n")
+        socks.append(s)
+    started = time.monotonic()
+    time.sleep(0.5)
+    held = connections(gw)
+    released = None
+    while time.monotonic() - started < SEND_TIMEOUT + 10:
+        if connections(gw) <= before:
+            released = time.monotonic() - started
+            break
+        time.sleep(0.1)
+    for s in socks:
+        s.close()
+    return held, released
+
+
 def fd_exhaustion(up, seconds=8):
     gw = Gateway(workers=1, http_extra=LIMITS, nofile=1024)
     try:
@@ -208,6 +241,7 @@ def main():
     ap.add_argument("--slowloris", type=int, default=200)
     ap.add_argument("--idle", type=int, default=500)
     ap.add_argument("--slowbody", type=int, default=20)
+    ap.add_argument("--nonreaders", type=int, default=50)
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -257,6 +291,10 @@ def main():
             log(f"{name}: {r['ok']}/{r['sent']} as expected, answers {r['got']}"
                 + (f", at most {r['max_taken'] >> 10} KiB taken" if "max_taken" in r else ""))
             flood_bad += r["sent"] - r["ok"]
+        held, released = non_readers(gw, a.nonreaders)
+        log(f"non-readers: {a.nonreaders} asked for 8 MiB and never read; {held} connections "
+            f"held, " + (f"all let go after {released:.1f} s" if released is not None
+                         else f"still held after {SEND_TIMEOUT + 10:.0f} s"))
         fd_load, emfile, fd_idle = fd_exhaustion(up)
         log(f"fd exhaustion (nofile 1024, 1500 idle): good {fd_load.ok}/{fd_load.sent} ok, "
             f"p99 {pct(fd_load.latencies, 99) * 1000:.0f} ms, max "
@@ -269,17 +307,22 @@ def main():
         # under the floods.
         rudy_held = rudy_max > BODY_TIMEOUT + 2.0
         failed = attack.failed + fd_load.failed
+        # + the time to fill the sockets' buffers (the clock starts at the last write that
+        # went through; the Python upstream makes each 8 MiB answer), + the count's refresh.
+        readers_held = released is None or released > SEND_TIMEOUT + 3.0
         ok = (failed == 0 and loris_max <= limit and idle_max <= limit and flood_bad == 0
-              and not rudy_held and restarts == 0)
+              and not rudy_held and not readers_held and restarts == 0)
         return summary(
             "hostile clients",
             f"{a.slowloris} slowloris + {a.idle} idle + {a.slowbody} stalled-body connections, header/"
-            f"body floods for {a.duration:.0f}s; 1500 idle vs nofile 1024",
+            f"body floods for {a.duration:.0f}s; {a.nonreaders} non-readers; 1500 idle vs nofile "
+            f"1024",
             attack.sent + fd_load.sent, failed, 0, ok,
             base_p99_ms=f"{pct(base.latencies, 99) * 1000:.1f}",
             attack_p99_ms=f"{pct(attack.latencies, 99) * 1000:.1f}",
             slowloris_max_s=f"{loris_max:.1f}", idle_max_s=f"{idle_max:.1f}",
             stalled_body_max_s=f"{rudy_max:.1f}", floods_unexpected=flood_bad,
+            non_readers_released_s=f"{released:.1f}" if released is not None else "never",
             fd_exhaustion_max_ms=f"{max(fd_load.latencies or [0]) * 1000:.0f}",
             worker_rss_mib=rss)
     finally:

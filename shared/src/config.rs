@@ -382,6 +382,10 @@ pub struct HttpSection {
     /// time between two reads, not for the whole body); when it passes the client gets 408.
     #[serde(deserialize_with = "de_duration")]
     pub client_body_timeout: Duration,
+    /// Longest wait for a client to take more of its answer (nginx's `send_timeout`: the time
+    /// between two writes, not for the whole answer); when it passes the connection closes.
+    #[serde(deserialize_with = "de_duration")]
+    pub send_timeout: Duration,
     /// Largest request body (0 = unlimited); larger → 413.
     #[serde(deserialize_with = "de_size")]
     pub client_max_body_size: u64,
@@ -403,6 +407,8 @@ impl Default for HttpSection {
             keepalive_timeout: Duration::from_secs(60),
             client_header_timeout: Duration::from_secs(60),
             client_body_timeout: Duration::from_secs(60),
+            // APISIX's default (nginx's own is 60 s).
+            send_timeout: Duration::from_secs(10),
             client_max_body_size: 0,
             client_max_header_size: 64 << 10,
             upstream_keepalive: 320,

@@ -60,6 +60,9 @@ pub struct Worker {
     pub header_timeout: Duration,
     /// `client_body_timeout`: the longest wait for the next piece of a request body.
     pub body_timeout: Duration,
+    /// `send_timeout`: the longest a client may leave its answer untaken before the
+    /// connection closes.
+    pub send_timeout: Duration,
     /// Set once the master asked this worker to drain.
     pub draining: AtomicBool,
     /// Per-route status, latency and bandwidth statistics.
@@ -138,6 +141,7 @@ async fn serve(
             .min(http.keepalive_timeout)
             .max(Duration::from_millis(100)),
         body_timeout: http.client_body_timeout.max(Duration::from_millis(100)),
+        send_timeout: http.send_timeout.max(Duration::from_millis(100)),
         draining: AtomicBool::new(false),
         traffic: traffic::Traffic::new(segment.clone(), slot),
     });

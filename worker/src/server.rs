@@ -20,6 +20,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use wasmgate_http1::codec;
 
 /// How long a draining worker keeps serving keep-alive connections before closing idle ones.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
@@ -75,7 +76,7 @@ async fn connection(
         .fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(w.clone());
     let _ = stream.set_nodelay(true);
-    let conn = h1::Conn::new(stream);
+    let conn = h1::Conn::new(stream, w.send_timeout);
     let client = proxy::Client::new(peer);
     let mut wbuf = Vec::with_capacity(1024);
     let mut waiting = HeadWait::new(w.header_timeout, &mut drain);
@@ -116,8 +117,16 @@ async fn connection(
                 conn.linger_close().await;
                 return;
             }
-            // Cut midway (the body failed, the client left): the close says so.
-            Err(_) => return,
+            // Cut midway (the body failed, the client left or stopped reading): the close
+            // says so.
+            Err(e) => {
+                if let codec::SendError::Io(e) = &e {
+                    if e.kind() == std::io::ErrorKind::TimedOut {
+                        tracing::info!("answer to {peer} cut: {e}");
+                    }
+                }
+                return;
+            }
         }
     }
 }

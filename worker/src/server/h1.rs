@@ -62,6 +62,8 @@ struct Inbound {
     broken: bool,
     /// How much of `rbuf` was looked at for the end of a head.
     scanned: usize,
+    /// `send_timeout`: how long a write may wait for the client to take more of its answer.
+    send_timeout: Duration,
 }
 
 /// Why waiting for a request head ended without one.
@@ -72,7 +74,8 @@ pub enum NoHead {
 }
 
 impl Conn {
-    pub fn new(io: TcpStream) -> Conn {
+    /// A connection whose answers fail when the client takes nothing for `send_timeout`.
+    pub fn new(io: TcpStream, send_timeout: Duration) -> Conn {
         Conn(Arc::new(Mutex::new(Inbound {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -82,6 +85,7 @@ impl Conn {
             responding: false,
             broken: false,
             scanned: 0,
+            send_timeout,
         })))
     }
 
@@ -278,7 +282,12 @@ impl Conn {
     }
 
     fn writer(&self) -> Writer<'_> {
-        Writer(self)
+        Writer {
+            conn: self,
+            timeout: self.lock().send_timeout,
+            stall: None,
+            waiting: false,
+        }
     }
 }
 
@@ -418,8 +427,37 @@ fn put_date(wbuf: &mut Vec<u8>) {
     });
 }
 
-/// The connection as something to write to.
-struct Writer<'a>(&'a Conn);
+/// The connection as something to write to, with nginx's `send_timeout`: a write that waits
+/// longer than `timeout` for the client to take more fails with `TimedOut`. The clock runs
+/// only while a write waits, and restarts with each write that goes through, so a slow reader
+/// that keeps reading gets its whole answer.
+struct Writer<'a> {
+    conn: &'a Conn,
+    timeout: Duration,
+    /// The timer, made the first time a write waits (most answers never wait).
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the timer runs for the current wait.
+    waiting: bool,
+}
+
+impl Writer<'_> {
+    /// Called while a write waits: an error once it waited `timeout`.
+    fn poll_stall<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let timeout = self.timeout;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if !self.waiting {
+            self.waiting = true;
+            stall.as_mut().reset(tokio::time::Instant::now() + timeout);
+        }
+        ready!(stall.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client took nothing of its answer for {timeout:?} (send_timeout)"),
+        )))
+    }
+}
 
 impl AsyncWrite for Writer<'_> {
     fn poll_write(
@@ -427,7 +465,13 @@ impl AsyncWrite for Writer<'_> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0.lock().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.conn.lock().io).poll_write(cx, buf);
+        if r.is_pending() {
+            return this.poll_stall(cx);
+        }
+        this.waiting = false;
+        r
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -435,7 +479,12 @@ impl AsyncWrite for Writer<'_> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0.lock().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.conn.lock().io).poll_shutdown(cx);
+        if r.is_pending() {
+            return this.poll_stall(cx);
+        }
+        r
     }
 }
 
