@@ -6,7 +6,8 @@
 //! pays per plugin at start and after a plugin fault.
 //!
 //! `cargo bench -p wasmgate-wasm` (uses the committed `example_headers` plugin, the Rust SDK
-//! `header_rewrite` fixture).
+//! `header_rewrite` fixture; `WASMGATE_BENCH_PLUGIN=<file>` runs another, such as
+//! `benches/noop.wat`, whose callbacks do nothing).
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
@@ -87,10 +88,11 @@ fn request() -> Pairs {
 }
 
 fn plugin() -> PluginModule {
-    let path = concat!(
+    let default = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../plugins/example_headers.wasm"
     );
+    let path = std::env::var("WASMGATE_BENCH_PLUGIN").unwrap_or_else(|_| default.into());
     let settings = Settings {
         name: Arc::from("example_headers"),
         callback_timeout: Duration::from_secs(1),
@@ -98,7 +100,7 @@ fn plugin() -> PluginModule {
         log_level: 4,
         log_gate: Arc::default(),
     };
-    PluginModule::load(settings, std::path::Path::new(path)).expect("the example plugin loads")
+    PluginModule::load(settings, std::path::Path::new(&path)).expect("the example plugin loads")
 }
 
 /// One request through one plugin as the gateway runs it: the request head lent, an
