@@ -127,12 +127,18 @@ class _UpHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = _answer
 
 
+class _UpServer(http.server.ThreadingHTTPServer):
+    # Python's default backlog is 5: more connections at once wait for SYN retries (1 s, 3 s),
+    # which the gateway would see as a slow upstream.
+    request_queue_size = 1024
+
+
 class Upstream:
     """A threaded HTTP/1.1 upstream answering `x-upstream: <name>`; `/delay/<ms>` waits,
     `/big/<bytes>` answers that many bytes."""
 
     def __init__(self, name="u"):
-        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _UpHandler)
+        self.srv = _UpServer(("127.0.0.1", 0), _UpHandler)
         self.srv.daemon_threads = True
         self.srv.handle_error = lambda request, address: None  # resets are expected here
         self.srv.name = name

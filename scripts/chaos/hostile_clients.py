@@ -192,9 +192,14 @@ def connections(gw):
 
 
 def non_readers(gw, n):
-    """`n` clients ask for 8 MiB each and never read. Returns the gateway's connection count
-    once they are all in, and how long it took to fall back to what it was before (None: it did
-    not within send_timeout + 10 s). The clients' sockets stay open all along."""
+    """`n` clients ask for 8 MiB each and never read, keeping their sockets open. Returns the
+    gateway's connection count once they are all in (over the count before), how long after
+    the last request it fell back (None: not within send_timeout + 10 s), and how many of the
+    answers the access log shows cut short (status 200, fewer than 8 MiB sent)."""
+    # The floods' connections close within their linger: a quiet count to start from.
+    deadline = time.monotonic() + 5
+    while connections(gw) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
     before = connections(gw)
     socks = []
     for _ in range(n):
@@ -204,7 +209,7 @@ def non_readers(gw, n):
         socks.append(s)
     started = time.monotonic()
     time.sleep(0.5)
-    held = connections(gw)
+    held = connections(gw) - before
     released = None
     while time.monotonic() - started < SEND_TIMEOUT + 10:
         if connections(gw) <= before:
@@ -213,7 +218,14 @@ def non_readers(gw, n):
         time.sleep(0.1)
     for s in socks:
         s.close()
-    return held, released
+    time.sleep(0.5)
+    cut = 0
+    with open(os.path.join(gw.prefix, "logs", "access.log"), errors="replace") as f:
+        for line in f:
+            if '"GET /big/8388608 HTTP/1.1"' in line:
+                status, sent = line.split('"GET /big/8388608 HTTP/1.1"', 1)[1].split()[:2]
+                cut += status == "200" and int(sent) < 8388608
+    return held, released, cut
 
 
 def fd_exhaustion(up, seconds=8):
@@ -291,10 +303,12 @@ def main():
             log(f"{name}: {r['ok']}/{r['sent']} as expected, answers {r['got']}"
                 + (f", at most {r['max_taken'] >> 10} KiB taken" if "max_taken" in r else ""))
             flood_bad += r["sent"] - r["ok"]
-        held, released = non_readers(gw, a.nonreaders)
+        held, released, cut = non_readers(gw, a.nonreaders)
         log(f"non-readers: {a.nonreaders} asked for 8 MiB and never read; {held} connections "
-            f"held, " + (f"all let go after {released:.1f} s" if released is not None
-                         else f"still held after {SEND_TIMEOUT + 10:.0f} s"))
+            f"held, " + (f"all let go {released:.1f} s after the last request"
+                         if released is not None
+                         else f"still held after {SEND_TIMEOUT + 10:.0f} s")
+            + f"; {cut} answers cut short in the access log")
         fd_load, emfile, fd_idle = fd_exhaustion(up)
         log(f"fd exhaustion (nofile 1024, 1500 idle): good {fd_load.ok}/{fd_load.sent} ok, "
             f"p99 {pct(fd_load.latencies, 99) * 1000:.0f} ms, max "
@@ -309,7 +323,10 @@ def main():
         failed = attack.failed + fd_load.failed
         # + the time to fill the sockets' buffers (the clock starts at the last write that
         # went through; the Python upstream makes each 8 MiB answer), + the count's refresh.
-        readers_held = released is None or released > SEND_TIMEOUT + 3.0
+        # At least send_timeout: the timeout let them go, not some other error.
+        readers_held = (released is None or released > SEND_TIMEOUT + 3.0
+                        or released < SEND_TIMEOUT or held < a.nonreaders
+                        or cut != a.nonreaders)
         ok = (failed == 0 and loris_max <= limit and idle_max <= limit and flood_bad == 0
               and not rudy_held and not readers_held and restarts == 0)
         return summary(

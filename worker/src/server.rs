@@ -89,10 +89,13 @@ async fn connection(
                     tracing::info!("bad request from {peer}: {why}");
                 }
                 let page = refusal(why.status());
-                let _ = conn
+                match conn
                     .respond(&mut wbuf, page, &h1::Meta::refusal(), drop)
-                    .await;
-                conn.linger_close().await;
+                    .await
+                {
+                    Ok(_) => conn.linger_close().await,
+                    Err(e) => answer_cut(&conn, peer, &e),
+                }
                 return;
             }
         };
@@ -120,13 +123,21 @@ async fn connection(
             // Cut midway (the body failed, the client left or stopped reading): the close
             // says so.
             Err(e) => {
-                if let codec::SendError::Io(e) = &e {
-                    if e.kind() == std::io::ErrorKind::TimedOut {
-                        tracing::info!("answer to {peer} cut: {e}");
-                    }
-                }
+                answer_cut(&conn, peer, &e);
                 return;
             }
+        }
+    }
+}
+
+/// An answer that could not be sent whole. One the client stopped taking (`send_timeout`) is
+/// logged, as nginx does at `info`, and its connection reset: the kernel would otherwise hold
+/// the unsent rest for a client that reads nothing.
+fn answer_cut(conn: &h1::Conn, peer: SocketAddr, e: &codec::SendError) {
+    if let codec::SendError::Io(e) = e {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            tracing::info!("answer to {peer} cut: {e}");
+            conn.reset_on_close();
         }
     }
 }

@@ -62,8 +62,50 @@ struct Inbound {
     broken: bool,
     /// How much of `rbuf` was looked at for the end of a head.
     scanned: usize,
-    /// `send_timeout`: how long a write may wait for the client to take more of its answer.
+    /// `send_timeout`: how long a write may wait for the client to take more.
     send_timeout: Duration,
+    /// The `send_timeout` clock, made the first time a write waits (most connections never
+    /// wait); it runs while `stalled`, from the first write that waited since the last one
+    /// that went through.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    stalled: bool,
+}
+
+impl Inbound {
+    /// Writes to the client under `send_timeout`: a write that waits for the client longer
+    /// than that fails with `TimedOut`. The clock restarts with each write that goes through.
+    fn poll_send(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if r.is_pending() {
+            return self.poll_stall(cx);
+        }
+        self.stalled = false;
+        r
+    }
+
+    /// Called while a write waits: Pending until `send_timeout` has passed since the wait
+    /// began, then the error.
+    fn poll_stall<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let timeout = self.send_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let stall = match &mut self.stall {
+            Some(stall) => {
+                if !self.stalled {
+                    stall.as_mut().reset(deadline);
+                }
+                stall
+            }
+            None => self
+                .stall
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.stalled = true;
+        ready!(stall.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client took nothing for {timeout:?} (send_timeout)"),
+        )))
+    }
 }
 
 /// Why waiting for a request head ended without one.
@@ -86,6 +128,8 @@ impl Conn {
             broken: false,
             scanned: 0,
             send_timeout,
+            stall: None,
+            stalled: false,
         })))
     }
 
@@ -282,12 +326,19 @@ impl Conn {
     }
 
     fn writer(&self) -> Writer<'_> {
-        Writer {
-            conn: self,
-            timeout: self.lock().send_timeout,
-            stall: None,
-            waiting: false,
-        }
+        Writer(self)
+    }
+
+    /// Closes the connection with a reset instead of a FIN: for a client that takes nothing,
+    /// so the kernel drops the answer it still holds for it at once instead of probing a
+    /// closed window for minutes (nginx's `reset_timedout_connection`).
+    pub fn reset_on_close(&self) {
+        let g = self.lock();
+        let none = nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        let _ = nix::sys::socket::setsockopt(&g.io, nix::sys::socket::sockopt::Linger, &none);
     }
 }
 
@@ -427,37 +478,8 @@ fn put_date(wbuf: &mut Vec<u8>) {
     });
 }
 
-/// The connection as something to write to, with nginx's `send_timeout`: a write that waits
-/// longer than `timeout` for the client to take more fails with `TimedOut`. The clock runs
-/// only while a write waits, and restarts with each write that goes through, so a slow reader
-/// that keeps reading gets its whole answer.
-struct Writer<'a> {
-    conn: &'a Conn,
-    timeout: Duration,
-    /// The timer, made the first time a write waits (most answers never wait).
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Whether the timer runs for the current wait.
-    waiting: bool,
-}
-
-impl Writer<'_> {
-    /// Called while a write waits: an error once it waited `timeout`.
-    fn poll_stall<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        let timeout = self.timeout;
-        let stall = self
-            .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        if !self.waiting {
-            self.waiting = true;
-            stall.as_mut().reset(tokio::time::Instant::now() + timeout);
-        }
-        ready!(stall.as_mut().poll(cx));
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("the client took nothing of its answer for {timeout:?} (send_timeout)"),
-        )))
-    }
-}
+/// The connection as something to write to, under `send_timeout` (`Inbound::poll_send`).
+struct Writer<'a>(&'a Conn);
 
 impl AsyncWrite for Writer<'_> {
     fn poll_write(
@@ -465,13 +487,7 @@ impl AsyncWrite for Writer<'_> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.conn.lock().io).poll_write(cx, buf);
-        if r.is_pending() {
-            return this.poll_stall(cx);
-        }
-        this.waiting = false;
-        r
+        self.0.lock().poll_send(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -479,12 +495,7 @@ impl AsyncWrite for Writer<'_> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.conn.lock().io).poll_shutdown(cx);
-        if r.is_pending() {
-            return this.poll_stall(cx);
-        }
-        r
+        Pin::new(&mut self.0.lock().io).poll_shutdown(cx)
     }
 }
 
@@ -546,8 +557,14 @@ impl Body for ClientBody {
         }
         while g.continue_left > 0 && !g.responding {
             let from = CONTINUE.len() - g.continue_left;
-            match ready!(Pin::new(&mut g.io).poll_write(cx, &CONTINUE[from..])) {
+            match ready!(g.poll_send(cx, &CONTINUE[from..])) {
                 Ok(n) if n > 0 => g.continue_left -= n,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    g.broken = true;
+                    return Poll::Ready(Some(Err(Box::new(BadClientBody(
+                        "the client took no 100 Continue for send_timeout",
+                    )))));
+                }
                 _ => {
                     g.broken = true;
                     return Poll::Ready(Some(Err(Box::new(BadClientBody("connection lost")))));
