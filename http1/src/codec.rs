@@ -413,6 +413,51 @@ impl Names {
     }
 }
 
+/// Where each field of a parsed head lies in the buffer that starts at `base`: the name's and
+/// the value's offset and length. Taken while the parser's borrow lasts, so that the fields can
+/// share the head's bytes once it is split off the buffer ([`read_fields`]).
+pub type FieldSpans = smallvec::SmallVec<[(usize, usize, usize, usize); 16]>;
+
+#[inline]
+pub fn field_spans(base: usize, fields: &[httparse::Header<'_>]) -> FieldSpans {
+    fields
+        .iter()
+        .map(|h| {
+            let n = h.name.as_ptr() as usize - base;
+            let v = h.value.as_ptr() as usize - base;
+            (n, h.name.len(), v, h.value.len())
+        })
+        .collect()
+}
+
+/// The fields at `spans` of `head` into `headers`: names through `names` (remembered as
+/// received), values sharing `head`'s bytes, every field noted in the returned
+/// [`Delimiters`]; a field `keep` refuses is noted but left out of the map. (The map is the
+/// caller's, not returned: moving it out through the thread-local's closure cost copies.)
+#[inline]
+pub fn read_fields(
+    names: &'static std::thread::LocalKey<std::cell::RefCell<Names>>,
+    head: &Bytes,
+    spans: FieldSpans,
+    headers: &mut HeaderMap,
+    mut keep: impl FnMut(&HeaderName, &HeaderValue) -> bool,
+) -> Result<Delimiters, &'static str> {
+    let mut delimiters = Delimiters::default();
+    names.with_borrow_mut(|names| {
+        for (n, nl, v, vl) in spans {
+            let name = names.parse(&head[n..n + nl]).ok_or("bad header name")?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
+                .map_err(|_| "bad header value")?;
+            delimiters.note(&name, value.as_bytes())?;
+            if keep(&name, &value) {
+                headers.append(name, value);
+            }
+        }
+        Ok::<_, &'static str>(())
+    })?;
+    Ok(delimiters)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

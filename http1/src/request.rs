@@ -1,9 +1,9 @@
 //! Request heads as clients send them: parsed off the front of a connection's buffer, with
 //! what the server needs to know to read the body and to answer.
 
-use crate::codec::{Chunk, Delimiters, Framing, MAX_HEADERS};
+use crate::codec::{field_spans, read_fields, Chunk, Framing, CLIENT_NAMES, MAX_HEADERS};
 use bytes::BytesMut;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, Uri, Version};
 use std::mem::MaybeUninit;
 
@@ -88,42 +88,20 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
     let offset = |s: &[u8]| s.as_ptr() as usize - base;
     let path = req.path.unwrap_or_default().as_bytes();
     let target = (offset(path), path.len());
-    let spans: smallvec::SmallVec<[(usize, usize, usize, usize); 16]> = req
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                offset(h.name.as_bytes()),
-                h.name.len(),
-                offset(h.value),
-                h.value.len(),
-            )
-        })
-        .collect();
+    let spans = field_spans(base, req.headers);
     let head = rbuf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|_| Refusal::Bad("bad request target"))?;
     // Room for the headers the gateway adds (X-Request-Id, X-Forwarded-*, X-Real-IP).
     let mut headers = HeaderMap::with_capacity(spans.len() + 5);
-    let mut delimiters = Delimiters::default();
     let mut expect_continue = false;
-    crate::codec::CLIENT_NAMES.with_borrow_mut(|names| {
-        for (n, nl, v, vl) in spans {
-            let name = names
-                .parse(&head[n..n + nl])
-                .ok_or(Refusal::Bad("bad header name"))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
-                .map_err(|_| Refusal::Bad("bad header value"))?;
-            delimiters
-                .note(&name, value.as_bytes())
-                .map_err(Refusal::Bad)?;
-            if name == header::EXPECT {
-                expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
-            }
-            headers.append(name, value);
+    let delimiters = read_fields(&CLIENT_NAMES, &head, spans, &mut headers, |name, value| {
+        if name == header::EXPECT {
+            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
         }
-        Ok::<_, Refusal>(())
-    })?;
+        true
+    })
+    .map_err(Refusal::Bad)?;
     let framing = match (delimiters.chunked, delimiters.length) {
         (Some(_), Some(_)) => {
             return Err(Refusal::Bad("both Content-Length and Transfer-Encoding"))

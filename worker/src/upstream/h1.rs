@@ -309,38 +309,19 @@ fn parse_head(
         _ => Version::HTTP_10,
     };
     // Where each name and value lies in the head, so that the values can share its bytes.
-    let base = rbuf.as_ptr() as usize;
-    let spans: smallvec::SmallVec<[(usize, usize, usize, usize); 16]> = resp
-        .headers
-        .iter()
-        .map(|h| {
-            let n = h.name.as_ptr() as usize - base;
-            let v = h.value.as_ptr() as usize - base;
-            (n, h.name.len(), v, h.value.len())
-        })
-        .collect();
+    let spans = codec::field_spans(rbuf.as_ptr() as usize, resp.headers);
     let head = rbuf.split_to(len).freeze();
     // Room for what the proxy adds to the answer (`Server`, `X-Request-Id`, plugins' headers)
     // without growing the map.
     let mut headers = HeaderMap::with_capacity(spans.len() + 4);
-    let mut delimiters = Delimiters::default();
-    codec::UPSTREAM_NAMES.with_borrow_mut(|names| {
-        for (n, nl, v, vl) in spans {
-            let name = names
-                .parse(&head[n..n + nl])
-                .ok_or(ExchangeError::Invalid("bad header name"))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
-                .map_err(|_| ExchangeError::Invalid("bad header value"))?;
-            delimiters
-                .note(&name, value.as_bytes())
-                .map_err(ExchangeError::Invalid)?;
-            if ends_here(&name, &value) {
-                continue;
-            }
-            headers.append(name, value);
-        }
-        Ok::<_, ExchangeError>(())
-    })?;
+    let delimiters = codec::read_fields(
+        &codec::UPSTREAM_NAMES,
+        &head,
+        spans,
+        &mut headers,
+        |n, v| !ends_here(n, v),
+    )
+    .map_err(ExchangeError::Invalid)?;
     if delimiters.chunked.is_some() && delimiters.length.is_some() {
         // RFC 9112 §6.3: Transfer-Encoding wins, and a proxy removes the length, which
         // would frame the answer differently downstream.
