@@ -103,11 +103,11 @@ async fn connection(
         let req = conn.request(head);
         // Boxed: the request's future holds every phase's state (several KB); made in its box,
         // not copied there.
-        let handler = {
+        let mut handler = {
             let (w, client) = (w.clone(), client.clone());
             Box::into_pin(crate::boxed_in_place(move || proxy::handle(w, req, client)))
         };
-        let Some((resp, back)) = until_answer(&conn, handler).await else {
+        let Some((resp, back)) = conn.unless_gone(handler.as_mut()).await else {
             return; // The client left: its request is dropped, as hyper and nginx do.
         };
         match conn.respond(&mut wbuf, resp, &meta, |h| back.give(h)).await {
@@ -148,20 +148,6 @@ fn refusal(status: http::StatusCode) -> http::Response<crate::body::ProxyBody> {
     page.headers_mut()
         .insert(http::header::SERVER, proxy::server_header());
     page
-}
-
-/// Runs `handler` until it answers; None when the client closes the connection first.
-async fn until_answer<F>(conn: &h1::Conn, mut handler: Pin<Box<F>>) -> Option<F::Output>
-where
-    F: Future,
-{
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
-            return Poll::Ready(Some(resp));
-        }
-        conn.poll_gone(cx).map(|()| None)
-    })
-    .await
 }
 
 /// Waiting for the next request head on a connection: `client_header_timeout` from the start

@@ -87,20 +87,18 @@ impl Inbound {
     /// began, then the error.
     fn poll_stall<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
         let timeout = self.send_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
-        let stall = match &mut self.stall {
-            Some(stall) => {
-                if !self.stalled {
-                    stall.as_mut().reset(deadline);
-                }
-                stall
+        if !self.stalled {
+            // A new wait: the clock starts now.
+            self.stalled = true;
+            let deadline = tokio::time::Instant::now() + timeout;
+            match &mut self.stall {
+                Some(stall) => stall.as_mut().reset(deadline),
+                None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
             }
-            None => self
-                .stall
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
-        };
-        self.stalled = true;
-        ready!(stall.as_mut().poll(cx));
+        }
+        if let Some(stall) = &mut self.stall {
+            ready!(stall.as_mut().poll(cx));
+        }
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("the client took nothing for {timeout:?} (send_timeout)"),
@@ -278,16 +276,29 @@ impl Conn {
         }
         w.write_all(wbuf).await?;
         let rest = Prepend { first, body };
-        let mut send = std::pin::pin!(codec::send_body(&mut w, wbuf, rest, out));
         // A client that leaves while a long answer streams ends it (and its upstream).
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = send.as_mut().poll(cx) {
-                return Poll::Ready(r.map(|_| keep_alive));
+        let send = std::pin::pin!(codec::send_body(&mut w, wbuf, rest, out));
+        match self.unless_gone(send).await {
+            Some(sent) => sent.map(|_| keep_alive),
+            None => Err(io::Error::from(io::ErrorKind::ConnectionAborted).into()),
+        }
+    }
+
+    /// Runs `fut` to its end; None when the client closes the connection first ([`poll_gone`]:
+    /// a request it abandoned, an answer it no longer waits for). Pinned where it lies, not
+    /// moved: the futures run here are large.
+    ///
+    /// [`poll_gone`]: Conn::poll_gone
+    pub fn unless_gone<'a, F: Future>(
+        &'a self,
+        mut fut: Pin<&'a mut F>,
+    ) -> impl Future<Output = Option<F::Output>> + 'a {
+        std::future::poll_fn(move |cx| {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
             }
-            self.poll_gone(cx)
-                .map(|()| Err(io::Error::from(io::ErrorKind::ConnectionAborted).into()))
+            self.poll_gone(cx).map(|()| None)
         })
-        .await
     }
 
     /// After the answer: whether the connection can carry the next request. A body the proxy
