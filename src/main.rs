@@ -11,9 +11,10 @@ use wasmgate_master::cli::say;
 use wasmgate_master::Options;
 
 /// Master and workers allocate through mimalloc: under load glibc's malloc and free (with
-/// their consolidation passes) took about a tenth of a worker's time.
+/// their consolidation passes) took about a tenth of a worker's time. The wrapper
+/// (`wasmgate_shared::alloc`) skips mimalloc's aligned path where plain `mi_malloc` suffices.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: wasmgate_shared::alloc::Mimalloc = wasmgate_shared::alloc::Mimalloc;
 
 #[derive(Parser)]
 #[command(

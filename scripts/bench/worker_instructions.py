@@ -70,10 +70,10 @@ def totals(path):
     sys.exit(f"no totals in {path}")
 
 
-# The allocator's entry points as the gateway calls them (mimalloc through the `mimalloc`
-# crate's GlobalAlloc): one call per allocation, one per growth.
-ALLOC_FNS = ("mi_malloc_aligned", "mi_zalloc_aligned")
-REALLOC_FNS = ("mi_realloc_aligned",)
+# The allocator's entry points as the gateway calls them (mimalloc through
+# wasmgate_shared::alloc): one call per allocation, one per growth.
+ALLOC_FNS = ("mi_malloc", "mi_zalloc", "mi_malloc_aligned", "mi_zalloc_aligned")
+REALLOC_FNS = ("mi_realloc", "mi_realloc_aligned")
 
 
 def allocations(path):

@@ -1,5 +1,6 @@
 //! Everything the master and the workers must agree on, with no I/O policy and no wasm:
 //!
+//! - [`alloc`]: the process-wide allocator (mimalloc, without its aligned slow path);
 //! - [`config`]: the `config.yaml` model, parsed and validated once, with `file:line` errors;
 //! - [`model`]: the Admin API objects (routes, services, upstreams, global rules), their
 //!   APISIX-compatible schemas and the messages that name the offending field;
@@ -10,6 +11,7 @@
 //!   and the per-worker status slots;
 //! - [`units`]: durations and sizes written the nginx way (`60s`, `1m`).
 
+pub mod alloc;
 pub mod config;
 pub mod logformat;
 pub mod logging;

@@ -22,7 +22,7 @@ use wasmgate_wasm::{
 
 /// As in the gateway binary: allocation costs measured here are the ones it pays.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: wasmgate_shared::alloc::Mimalloc = wasmgate_shared::alloc::Mimalloc;
 
 struct NoProps;
 

@@ -30,7 +30,7 @@ use wasmgate_worker::live::Live;
 use wasmgate_worker::router::{HostPattern, RequestView, RouteEntry, Router};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: wasmgate_shared::alloc::Mimalloc = wasmgate_shared::alloc::Mimalloc;
 
 const ROUTES: usize = 10_000;
 /// Routes sharing the `uri` `/tenant`, one per host, in the exact-uri configuration.
