@@ -667,6 +667,22 @@ fn forwarded_headers() {
     ];
     let h = &echo(&gw, "/f", &two_lines)["headers"];
     assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.1");
+
+    // What the client claims under the proxy's own names is replaced, not passed on beside
+    // the proxy's value (the echo joins repeated lines with ", ").
+    let spoofed = [
+        ("Host", "client.test"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("x-forwarded-proto", "https"),
+        ("X-Forwarded-Host", "evil.test"),
+        ("X-Other", "kept"),
+    ];
+    let h = &echo(&gw, "/f", &spoofed)["headers"];
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "client.test");
+    assert_eq!(h["host"], "client.test");
+    assert_eq!(h["x-other"], "kept");
 }
 
 // ---------------------------------------------------------------------------------------------

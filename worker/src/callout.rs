@@ -126,7 +126,7 @@ async fn perform(w: &Worker, c: HttpCall) -> Result<CallResponse, String> {
     let (parts, body) = req.into_parts();
     let out = link
         .wire
-        .encode_head(&parts.method, &parts.uri, &parts.headers, &body);
+        .encode_head(&parts.method, &parts.uri, &parts.headers, &[], &body);
     let body = (!body.is_end_stream()).then_some(body);
     let exchange = async {
         link.wire.write_head().await?;

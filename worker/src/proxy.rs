@@ -35,6 +35,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use wasmgate_http1::codec::{SetField, SetFields};
 use wasmgate_shared::model::{HashOn, PassHost};
 use wasmgate_shared::traffic::Observation;
 use wasmgate_wasm::{Downstream, Stream};
@@ -373,9 +374,11 @@ async fn forward(
     log: &mut UpstreamLog,
 ) -> Response<ProxyBody> {
     let hash_key = hash_key(up, parts, client.addr);
-    // The client's headers become the upstream's in place, not copied.
+    // The client's headers go upstream as they are, less the hop-by-hop ones; what the proxy
+    // sets is written with them (`Forwarding`), not stored in the map.
+    strip_hop_by_hop(&mut parts.headers);
     let client_host = parts.headers.get(header::HOST).cloned();
-    upstream_headers(&mut parts.headers, client_host.as_ref(), &client.ip);
+    let forwarding = Forwarding::new(&parts.headers, client_host.as_ref(), &client.ip);
     let mut body = Some(body);
     let mut tried = Vec::new();
     let mut stale_retries = 0;
@@ -409,12 +412,10 @@ async fn forward(
         let Some(b) = body.take() else {
             return error_page(StatusCode::BAD_GATEWAY);
         };
-        set_host(
-            &mut parts.headers,
-            node_host(up, client_host.as_ref(), &authority),
-        );
+        let host = node_host(up, client_host.as_ref(), &authority);
+        let set = forwarding.fields(host.as_ref());
         up.balancer.on_start(idx);
-        match send(w, conn, parts, b, &authority, up).await {
+        match send(w, conn, parts, &set, b, &authority, up).await {
             Exchange::Response(resp) => {
                 log.addrs.push(authority);
                 log.status = Some(resp.status().as_u16());
@@ -482,6 +483,7 @@ async fn send(
     w: &Worker,
     conn: Conn,
     parts: &http::request::Parts,
+    set: &SetFields<'_>,
     body: ProxyBody,
     authority: &Arc<str>,
     up: &UpstreamRuntime,
@@ -489,7 +491,7 @@ async fn send(
     let Conn { mut link, reused } = conn;
     let out = link
         .wire
-        .encode_head(&parts.method, &parts.uri, &parts.headers, &body);
+        .encode_head(&parts.method, &parts.uri, &parts.headers, set, &body);
     let (wire, timer) = link.parts();
     // A request without a body has no sending to watch: its head goes out at once (it fits
     // the socket's buffer), and with the answer's head it must take at most `timeout.read`;
@@ -696,45 +698,62 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// The client's headers as sent upstream: hop-by-hop headers stripped, `X-Forwarded-*` and
-/// `X-Real-IP` set. Made once per request; each attempt only sets `Host`.
-fn upstream_headers(headers: &mut HeaderMap, client_host: Option<&HeaderValue>, ip: &HeaderValue) {
-    strip_hop_by_hop(headers);
-    // Repeated X-Forwarded-For lines form one list (as nginx's $proxy_add_x_forwarded_for);
-    // without one, the list is the client's address alone, shared, not copied.
-    let xff = match headers.contains_key(&X_FORWARDED_FOR) {
-        false => Some(ip.clone()),
-        true => {
-            let mut xff = Vec::new();
-            for v in headers.get_all(&X_FORWARDED_FOR).iter() {
-                xff.extend_from_slice(v.as_bytes());
-                xff.extend_from_slice(b", ");
+/// What the proxy sets on the request it sends upstream, in place of any field of the same
+/// name the client sent: `X-Forwarded-For` (the client's list with the client appended),
+/// `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host`, and each attempt's `Host`. Written
+/// with the head ([`wasmgate_http1::codec::put_fields_setting`]) rather than inserted into the request's map,
+/// which plugins' later callbacks and the log go on reading as the client sent it — as
+/// nginx's `$http_*` variables do after `proxy_set_header`. Made once per request.
+struct Forwarding {
+    xff: Option<HeaderValue>,
+    real_ip: HeaderValue,
+    host: Option<HeaderValue>,
+}
+
+impl Forwarding {
+    fn new(headers: &HeaderMap, client_host: Option<&HeaderValue>, ip: &HeaderValue) -> Self {
+        // Repeated X-Forwarded-For lines form one list (as nginx's
+        // $proxy_add_x_forwarded_for); without one, the list is the client's address alone,
+        // shared, not copied.
+        let mut sent = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+        let xff = match sent.peek() {
+            None => Some(ip.clone()),
+            Some(_) => {
+                let mut xff = Vec::new();
+                for v in sent {
+                    xff.extend_from_slice(v.as_bytes());
+                    xff.extend_from_slice(b", ");
+                }
+                xff.extend_from_slice(ip.as_bytes());
+                HeaderValue::from_maybe_shared(Bytes::from(xff)).ok()
             }
-            xff.extend_from_slice(ip.as_bytes());
-            HeaderValue::from_maybe_shared(Bytes::from(xff)).ok()
+        };
+        Forwarding {
+            xff,
+            real_ip: ip.clone(),
+            host: client_host.cloned(),
         }
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    headers.insert(X_REAL_IP.clone(), ip.clone());
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    if let Some(h) = client_host {
-        headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+
+    /// The fields to set on one attempt, whose `Host` is `host` (`None`: no `Host` line, as
+    /// `pass_host` decided). A field without a value here (no `X-Forwarded-Host` when the
+    /// client sent no `Host`) leaves the client's as it came.
+    fn fields<'a>(&'a self, host: Option<&'a HeaderValue>) -> SmallVec<[SetField<'a>; 5]> {
+        let mut set = SmallVec::new();
+        set.push((&header::HOST, host));
+        if let Some(xff) = &self.xff {
+            set.push((&X_FORWARDED_FOR, Some(xff)));
+        }
+        set.push((&X_REAL_IP, Some(&self.real_ip)));
+        set.push((&X_FORWARDED_PROTO, Some(&HTTP_SCHEME)));
+        if let Some(h) = &self.host {
+            set.push((&X_FORWARDED_HOST, Some(h)));
+        }
+        set
     }
 }
 
-/// One attempt's `Host`, per `pass_host` (none: no `Host` line).
-fn set_host(headers: &mut HeaderMap, host: Option<HeaderValue>) {
-    match host {
-        Some(h) => {
-            headers.insert(header::HOST, h);
-        }
-        None => {
-            headers.remove(header::HOST);
-        }
-    }
-}
+static HTTP_SCHEME: HeaderValue = HeaderValue::from_static("http");
 
 /// Phase 4: response headers on their way to the client.
 /// The `Server` header of every answer.

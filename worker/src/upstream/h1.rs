@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wasmgate_http1::codec::{
-    self, put_fields, send_body, BodyOut, Chunk, Decoded, Delimiters, Framing, SendError,
+    self, send_body, BodyOut, Chunk, Decoded, Delimiters, Framing, SendError, SetFields,
     MAX_HEADERS,
 };
 
@@ -158,13 +158,16 @@ impl Wire {
     }
 
     /// Puts a request head into the write buffer: request line (origin form: `uri`'s path
-    /// and query), headers, and the framing of `body` (its `Content-Length` when known, else
-    /// chunked). Returns what [`exchange`](Self::exchange) needs to know of the request.
+    /// and query), headers with `set` applied ([`codec::put_fields_setting`]: the proxy's
+    /// forwarding fields and `Host`), and the framing of `body` (its `Content-Length` when
+    /// known, else chunked). Returns what [`exchange`](Self::exchange) needs to know of the
+    /// request.
     pub fn encode_head<B: Body>(
         &mut self,
         method: &Method,
         uri: &http::Uri,
         headers: &HeaderMap,
+        set: &SetFields<'_>,
         body: &B,
     ) -> Outgoing {
         let target = uri.path_and_query().map_or("/", |p| p.as_str());
@@ -174,9 +177,7 @@ impl Wire {
         w.push(b' ');
         w.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");
-        put_fields(w, headers);
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
+        let declared = codec::put_fields_setting(w, headers, set)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         let out = match (body.is_end_stream(), declared, body.size_hint().exact()) {
