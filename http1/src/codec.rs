@@ -469,7 +469,8 @@ pub fn field_spans(base: usize, fields: &[httparse::Header<'_>]) -> FieldSpans {
         .collect()
 }
 
-/// The fields at `spans` of `head` into `headers`: names through `names` (remembered as
+/// The fields at `spans` of `head` into `headers` — spans of a head httparse parsed with its
+/// default configuration (see the value's SAFETY note): names through `names` (remembered as
 /// received), values sharing `head`'s bytes, every field noted in the returned
 /// [`Delimiters`]; a field `keep` refuses is noted but left out of the map. (The map is the
 /// caller's, not returned: moving it out through the thread-local's closure cost copies.)
@@ -485,8 +486,12 @@ pub fn read_fields(
     names.with_borrow_mut(|names| {
         for (n, nl, v, vl) in spans {
             let name = names.parse(&head[n..n + nl]).ok_or("bad header name")?;
-            let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
-                .map_err(|_| "bad header value")?;
+            // SAFETY (validity, not memory): the spans are of values httparse took, with its
+            // default configuration (no obsolete line folding), and the bytes it takes in a
+            // value (HTAB, SP to `~`, 0x80–0xFF) are exactly those `HeaderValue` allows: the
+            // check `from_maybe_shared` would make again, a few instructions a byte, cannot
+            // fail. (Debug builds still make it.)
+            let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(v..v + vl)) };
             delimiters.note(&name, value.as_bytes())?;
             if keep(&name, &value) {
                 headers.append(name, value);
@@ -500,6 +505,22 @@ pub fn read_fields(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `read_fields` builds values unchecked because httparse takes exactly the bytes
+    /// `HeaderValue` allows: every byte, in a value as httparse's default parser reads it.
+    #[test]
+    fn httparse_takes_exactly_the_value_bytes_header_value_allows() {
+        for b in 0..=255u8 {
+            let wire = [&b"X: a"[..], &[b], b"a\r\n\r\n"].concat();
+            let mut slots = [httparse::EMPTY_HEADER; 4];
+            let taken = matches!(
+                httparse::parse_headers(&wire, &mut slots),
+                Ok(httparse::Status::Complete((_, [f]))) if f.value == [b'a', b, b'a']
+            );
+            let valid = HeaderValue::from_bytes(&[b'a', b, b'a']).is_ok();
+            assert_eq!(taken, valid, "byte {b:#04x}");
+        }
+    }
 
     #[test]
     fn remembered_names_parse_as_before() {
