@@ -88,9 +88,10 @@ async fn connection(
                 if let h1::Refusal::Bad(why) = why {
                     tracing::info!("bad request from {peer}: {why}");
                 }
-                let page = refusal(why.status());
+                let page = proxy::error_page(why.status());
+                let set = proxy::answer_fields(None, false);
                 match conn
-                    .respond(&mut wbuf, page, &h1::Meta::refusal(), drop)
+                    .respond(&mut wbuf, page, &h1::Meta::refusal(), &set, drop)
                     .await
                 {
                     Ok(_) => conn.linger_close().await,
@@ -107,10 +108,20 @@ async fn connection(
             let (w, client) = (w.clone(), client.clone());
             Box::into_pin(crate::boxed_in_place(move || proxy::handle(w, req, client)))
         };
-        let Some((resp, back)) = conn.unless_gone(handler.as_mut()).await else {
+        let Some(answer) = conn.unless_gone(handler.as_mut()).await else {
             return; // The client left: its request is dropped, as hyper and nginx do.
         };
-        match conn.respond(&mut wbuf, resp, &meta, |h| back.give(h)).await {
+        let proxy::Answer {
+            response,
+            back,
+            request_id,
+        } = answer;
+        let draining = w.draining.load(Ordering::Relaxed);
+        let set = proxy::answer_fields(request_id.as_ref(), draining);
+        match conn
+            .respond(&mut wbuf, response, &meta, &set, |h| back.give(h, &set))
+            .await
+        {
             Ok(keep_alive) => {
                 if conn.finish_request() && keep_alive {
                     continue;
@@ -140,14 +151,6 @@ fn answer_cut(conn: &h1::Conn, peer: SocketAddr, e: &codec::SendError) {
             conn.reset_on_close();
         }
     }
-}
-
-/// The answer to a head refused before it reached the proxy.
-fn refusal(status: http::StatusCode) -> http::Response<crate::body::ProxyBody> {
-    let mut page = proxy::error_page(status);
-    page.headers_mut()
-        .insert(http::header::SERVER, proxy::server_header());
-    page
 }
 
 /// Waiting for the next request head on a connection: `client_header_timeout` from the start

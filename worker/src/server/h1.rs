@@ -28,7 +28,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use wasmgate_http1::codec::{self, put_fields, BodyOut, Decoded, Delimiters, Framing};
+use wasmgate_http1::codec::{self, put_field, BodyOut, Decoded, Delimiters, Framing, SetFields};
 pub use wasmgate_http1::request::{parse_head, Head, Meta, Refusal};
 
 /// What one read asks of the socket for a head.
@@ -210,18 +210,20 @@ impl Conn {
         }
     }
 
-    /// Writes `resp` for the request `meta` describes (`wbuf`: the connection's scratch room);
-    /// its headers go to `written` once encoded, before any of the body is read. Returns
+    /// Writes `resp` for the request `meta` describes (`wbuf`: the connection's scratch room),
+    /// with the fields `set` names set on the way (`proxy::answer_fields`); its headers go to
+    /// `written` once encoded, before any of the body is read. Returns
     /// whether the connection may carry another request.
     pub async fn respond(
         &self,
         wbuf: &mut Vec<u8>,
         resp: Response<ProxyBody>,
         meta: &Meta,
+        set: &SetFields<'_>,
         written: impl FnOnce(http::HeaderMap),
     ) -> Result<bool, codec::SendError> {
         let (mut parts, mut body) = resp.into_parts();
-        let (out, keep_alive) = encode_head(wbuf, &parts, &body, meta);
+        let (out, keep_alive) = encode_head(wbuf, &parts, &body, meta, set);
         // The head is in the buffer: its headers are not needed any more (the plugins that
         // lent them read them in their later callbacks).
         written(std::mem::take(&mut parts.headers));
@@ -390,13 +392,15 @@ fn poll_read(
     Poll::Ready(Ok(n))
 }
 
-/// Puts the status line and headers of an answer into `wbuf`, with the framing of its body.
-/// Returns how the body goes out (None: it has none) and whether the connection stays.
+/// Puts the status line and headers of an answer into `wbuf`, with the framing of its body and
+/// `set` applied ([`codec::put_fields_setting`]'s rule). Returns how the body goes out (None: it
+/// has none) and whether the connection stays.
 fn encode_head(
     wbuf: &mut Vec<u8>,
     parts: &http::response::Parts,
     body: &ProxyBody,
     meta: &Meta,
+    set: &SetFields<'_>,
 ) -> (Option<BodyOut>, bool) {
     let status = parts.status;
     wbuf.clear();
@@ -408,24 +412,16 @@ fn encode_head(
     wbuf.push(b' ');
     wbuf.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     wbuf.extend_from_slice(b"\r\n");
-    let mut keep_alive = meta.keep_alive;
-    let mut delimiters = Delimiters::default();
-    let mut bad_length = false;
-    for (name, value) in parts.headers.iter().filter(|(n, _)| is_delimiter(n)) {
-        bad_length |= delimiters.note(name, value.as_bytes()).is_err();
-    }
-    match bad_length {
+    let start = wbuf.len();
+    let mut fields = put_answer_fields(wbuf, &parts.headers, set, true);
+    if fields.bad_length {
         // A length that does not parse (a plugin's) is not sent: the body's own size is.
-        true => {
-            delimiters.length = None;
-            let mut fields = parts.headers.clone();
-            fields.remove(header::CONTENT_LENGTH);
-            put_fields(wbuf, &fields);
-        }
-        false => put_fields(wbuf, &parts.headers),
+        wbuf.truncate(start);
+        fields = put_answer_fields(wbuf, &parts.headers, set, false);
     }
-    keep_alive &= !delimiters.close;
-    if !parts.headers.contains_key(header::DATE) {
+    let delimiters = fields.delimiters;
+    let mut keep_alive = meta.keep_alive && !delimiters.close;
+    if !fields.date {
         put_date(wbuf);
     }
     let bodiless = codec::bodiless(status, meta.head);
@@ -462,6 +458,45 @@ fn encode_head(
 /// Whether a response header bears on the framing or the connection.
 fn is_delimiter(name: &header::HeaderName) -> bool {
     *name == header::CONTENT_LENGTH || *name == header::CONNECTION
+}
+
+/// What [`put_answer_fields`] saw of the fields it wrote.
+struct AnswerFields {
+    delimiters: Delimiters,
+    /// A `Content-Length` did not parse or two differed.
+    bad_length: bool,
+    /// A `Date` was among them.
+    date: bool,
+}
+
+/// Writes the answer's fields with `set` applied, noting on the way what bears on framing and
+/// whether a `Date` came with them; `lengths`: whether `Content-Length` fields are written.
+fn put_answer_fields(
+    wbuf: &mut Vec<u8>,
+    headers: &http::HeaderMap,
+    set: &SetFields<'_>,
+    lengths: bool,
+) -> AnswerFields {
+    let mut seen = AnswerFields {
+        delimiters: Delimiters::default(),
+        bad_length: false,
+        date: false,
+    };
+    let set_values = set.iter().filter_map(|(n, v)| Some((*n, (*v)?)));
+    let kept = headers
+        .iter()
+        .filter(|(n, _)| !set.iter().any(|(s, _)| s == n));
+    for (name, value) in kept.chain(set_values) {
+        if is_delimiter(name) {
+            if *name == header::CONTENT_LENGTH && !lengths {
+                continue;
+            }
+            seen.bad_length |= seen.delimiters.note(name, value.as_bytes()).is_err();
+        }
+        seen.date |= *name == header::DATE;
+        put_field(wbuf, name, value);
+    }
+    seen
 }
 
 thread_local! {
@@ -629,7 +664,7 @@ mod tests {
         let head = |resp: Response<ProxyBody>, meta: &Meta| {
             let mut wbuf = Vec::new();
             let (parts, body) = resp.into_parts();
-            let (out, keep) = encode_head(&mut wbuf, &parts, &body, meta);
+            let (out, keep) = encode_head(&mut wbuf, &parts, &body, meta, &[]);
             (String::from_utf8(wbuf).unwrap(), out, keep)
         };
         let (text, out, keep) = head(Response::new(crate::body::full("abc")), &meta);
@@ -687,6 +722,46 @@ mod tests {
         };
         let (text, _, keep) = head(Response::new(crate::body::empty()), &closing);
         assert!(text.contains("connection: close\r\n") && !keep, "{text}");
+    }
+
+    /// The fields the server sets replace the answer's own of those names, bear on the
+    /// framing as the answer's would, and leave the map as it was.
+    #[test]
+    fn set_fields_replace_the_answers_own() {
+        let meta = Meta {
+            head: false,
+            version: Version::HTTP_11,
+            keep_alive: true,
+        };
+        let mut r = Response::new(crate::body::full("abc"));
+        let h = r.headers_mut();
+        h.insert(header::SERVER, http::HeaderValue::from_static("nginx"));
+        h.insert(
+            header::DATE,
+            http::HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"),
+        );
+        h.insert("x-kept", http::HeaderValue::from_static("1"));
+        let (parts, body) = r.into_parts();
+        let server = http::HeaderValue::from_static("wasmgate");
+        let close = http::HeaderValue::from_static("close");
+        let set = [
+            (&header::SERVER, Some(&server)),
+            (&header::CONNECTION, Some(&close)),
+            (&header::VIA, None),
+        ];
+        let mut wbuf = Vec::new();
+        let (out, keep) = encode_head(&mut wbuf, &parts, &body, &meta, &set);
+        let text = String::from_utf8(wbuf).unwrap();
+        assert_eq!(text.matches("server: ").count(), 1, "{text}");
+        assert!(text.contains("server: wasmgate\r\n"), "{text}");
+        assert_eq!(text.matches("connection: ").count(), 1, "{text}");
+        assert_eq!(text.matches("date: ").count(), 1, "{text}");
+        assert!(
+            text.contains("x-kept: 1\r\n") && !text.contains("via"),
+            "{text}"
+        );
+        assert_eq!((out, keep), (Some(BodyOut::Length(3)), false));
+        assert_eq!(parts.headers[header::SERVER], "nginx");
     }
 
     #[test]
