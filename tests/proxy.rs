@@ -683,6 +683,16 @@ fn forwarded_headers() {
     assert_eq!(h["x-forwarded-host"], "client.test");
     assert_eq!(h["host"], "client.test");
     assert_eq!(h["x-other"], "kept");
+
+    // A `Connection` header naming Host removes the client's line, not the Host the request
+    // was routed by: the upstream still gets it.
+    let h = &echo(
+        &gw,
+        "/f",
+        &[("Host", "client.test"), ("Connection", "host")],
+    )["headers"];
+    assert_eq!(h["host"], "client.test");
+    assert_eq!(h["x-forwarded-host"], "client.test");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -92,8 +92,9 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
     let head = rbuf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|_| Refusal::Bad("bad request target"))?;
-    // Room for the headers the gateway adds (X-Request-Id, X-Forwarded-*, X-Real-IP).
-    let mut headers = HeaderMap::with_capacity(spans.len() + 5);
+    // Room for what may be added to the map (the gateway's X-Request-Id, plugins' headers);
+    // the forwarding fields are written with the upstream head, not stored.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 3);
     let mut expect_continue = false;
     let delimiters = read_fields(&CLIENT_NAMES, &head, spans, &mut headers, |name, value| {
         if name == header::EXPECT {

@@ -5,9 +5,12 @@
 //! table) fell to mimalloc's generic aligned path, which over-allocates by the alignment and
 //! marks the page as holding interior pointers: about 1,300 instructions of a worker's request.
 //! Rust's own `System` allocator avoids the same trap with the same rule as below: an
-//! alignment that plain `malloc` already guarantees needs no aligned call. mimalloc guarantees
-//! 16-byte alignment for every block of 16 bytes or more and word alignment below that
-//! (`MI_MAX_ALIGN_SIZE`; mimalloc asserts it in `_mi_page_malloc_zero`).
+//! alignment that plain `malloc` already gives needs no aligned call. mimalloc's size classes
+//! on 64-bit targets are multiples of two words from 16 bytes on, laid out from a 16-byte
+//! aligned page start, so a block of more than 8 bytes is 16-byte aligned and a smaller one
+//! word aligned (`MI_MAX_ALIGN_SIZE`; its debug builds assert it in `mi_page_malloc_zero`).
+//! The one build that gives this up, a guarded debug build run with
+//! `MIMALLOC_GUARDED_PRECISE=1`, is not one the gateway makes.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ffi::c_void;

@@ -394,10 +394,12 @@ async fn forward(
     log: &mut UpstreamLog,
 ) -> Response<ProxyBody> {
     let hash_key = hash_key(up, parts, client.addr);
+    // Read before the hop-by-hop headers go: a `Connection: host` must not take the Host the
+    // request was routed by away from the upstream.
+    let client_host = parts.headers.get(header::HOST).cloned();
     // The client's headers go upstream as they are, less the hop-by-hop ones; what the proxy
     // sets is written with them (`Forwarding`), not stored in the map.
     strip_hop_by_hop(&mut parts.headers);
-    let client_host = parts.headers.get(header::HOST).cloned();
     let forwarding = Forwarding::new(&parts.headers, client_host.as_ref(), &client.ip);
     let mut body = Some(body);
     let mut tried = Vec::new();
@@ -719,11 +721,12 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// What the proxy sets on the request it sends upstream, in place of any field of the same
-/// name the client sent: `X-Forwarded-For` (the client's list with the client appended),
-/// `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host`, and each attempt's `Host`. Written
-/// with the head ([`wasmgate_http1::codec::put_fields_setting`]) rather than inserted into the request's map,
-/// which plugins' later callbacks and the log go on reading as the client sent it — as
-/// nginx's `$http_*` variables do after `proxy_set_header`. Made once per request.
+/// name the client sent: each attempt's `Host`, `X-Forwarded-For` (the client's list with
+/// the client appended), `X-Real-IP`, `X-Forwarded-Proto` and `X-Forwarded-Host`. Written
+/// with the head ([`wasmgate_http1::codec::put_fields_setting`]) rather than inserted into
+/// the request's map, which plugins' later callbacks read as the request phase left it — as
+/// nginx's `$http_*` variables stay the client's after `proxy_set_header`. Made once per
+/// request.
 struct Forwarding {
     xff: Option<HeaderValue>,
     real_ip: HeaderValue,

@@ -55,10 +55,11 @@ pub fn apply_request(
     Ok(())
 }
 
-/// Gives the plugins' request head back the headers [`apply_request`] moved out, as they went
-/// upstream (forwarding headers added, hop-by-hop headers gone, `Host` per `pass_host`), as
-/// Envoy's filters see the request headers its router sent. A head that kept its headers
-/// (a copy, or none given out) keeps them.
+/// Gives the plugins' request head back the headers [`apply_request`] moved out, as the
+/// proxy left them: hop-by-hop headers gone, the forwarding fields and `Host` per `pass_host`
+/// not in them (those are written with the upstream head only, as APISIX's
+/// `proxy_set_header` leaves `ngx.req`). A head that kept its headers (a copy, or none given
+/// out) keeps them.
 pub fn restore_request(head: &mut Head, parts: &mut http::request::Parts) {
     if head.lent() {
         head.put_headers(std::mem::take(&mut parts.headers));
@@ -261,12 +262,13 @@ mod tests {
         // Moved, not copied: the head holds none while the request goes upstream.
         assert_eq!(p.headers["x-added"], "1");
         assert!(head.headers().is_empty());
-        // The proxy's changes to what it sent are what later callbacks read.
+        // What the proxy changed in the map (hop-by-hop headers removed, say) is what later
+        // callbacks read.
         p.headers
-            .insert("x-real-ip", HeaderValue::from_static("10.0.0.1"));
+            .insert("x-by-proxy", HeaderValue::from_static("10.0.0.1"));
         restore_request(&mut head, &mut p);
         assert_eq!(head.get("x-added"), Some(&b"1"[..]));
-        assert_eq!(head.get("x-real-ip"), Some(&b"10.0.0.1"[..]));
+        assert_eq!(head.get("x-by-proxy"), Some(&b"10.0.0.1"[..]));
         assert_eq!(head.get(":path"), Some(&b"/a?b=1"[..]));
         // A head that kept a copy keeps it: what the proxy did to its own is not given back.
         let mut p = parts();

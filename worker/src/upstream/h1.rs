@@ -312,8 +312,8 @@ fn parse_head(
     // Where each name and value lies in the head, so that the values can share its bytes.
     let spans = codec::field_spans(rbuf.as_ptr() as usize, resp.headers);
     let head = rbuf.split_to(len).freeze();
-    // Room for what the proxy adds to the answer (`Server`, `X-Request-Id`, plugins' headers)
-    // without growing the map.
+    // Room for what plugins add to the answer, and the `Server` and `X-Request-Id` put into
+    // the map given back to them once it is sent, without growing the map.
     let mut headers = HeaderMap::with_capacity(spans.len() + 4);
     let delimiters = codec::read_fields(
         &codec::UPSTREAM_NAMES,
