@@ -169,7 +169,8 @@ async fn serve_route(
     wasm: &mut Option<SharedWasm>,
 ) -> Response<ProxyBody> {
     let max = w.max_body_size;
-    if max > 0 && content_length(&parts.headers).is_some_and(|n| n > max) {
+    // The length the client declared, as its body's framing holds it (no header lookup).
+    if max > 0 && body.size_hint().exact().is_some_and(|n| n > max) {
         return error_page(StatusCode::PAYLOAD_TOO_LARGE);
     }
     let mut cut = None;
@@ -932,29 +933,34 @@ fn log_phase(
 }
 
 /// The request's host, lower-cased, without port (Host header, else the URI's authority):
-/// lent from the `Host` value when that is already lower-case (the usual case).
+/// lent from the `Host` value when that is already lower-case (the usual case). One pass over
+/// the value's bytes; a value that is not text (`to_str` would refuse it) is not used.
 fn request_host(parts: &http::request::Parts) -> HostName {
-    // The Host value with its text (a value that is not text is not used).
-    let header = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|v| Some((v, v.to_str().ok()?)));
-    let raw = header
-        .map(|(_, text)| text)
-        .or_else(|| parts.uri.host())
-        .unwrap_or("");
-    let host = if raw.starts_with('[') {
-        raw.split_inclusive(']').next().unwrap_or(raw)
-    } else {
-        raw.split(':').next().unwrap_or(raw)
-    };
-    match header {
-        // `host` is then a prefix of the header's text.
-        Some((v, _)) if !host.bytes().any(|b| b.is_ascii_uppercase()) => {
-            HostName::Lent(v.clone(), host.len())
+    if let Some(v) = parts.headers.get(header::HOST) {
+        let bytes = v.as_bytes();
+        if bytes
+            .iter()
+            .all(|b| (b' '..=b'~').contains(b) || *b == b'\t')
+        {
+            let host = &bytes[..host_end(bytes)];
+            return match host.iter().any(u8::is_ascii_uppercase) {
+                false => HostName::Lent(v.clone(), host.len()),
+                true => HostName::Owned(String::from_utf8_lossy(host).to_ascii_lowercase()),
+            };
         }
-        _ => HostName::Owned(host.to_ascii_lowercase()),
     }
+    let raw = parts.uri.host().unwrap_or("");
+    HostName::Owned(raw[..host_end(raw.as_bytes())].to_ascii_lowercase())
+}
+
+/// Where the host name ends in `host[:port]`: after an IPv6 literal's `]`, else before the
+/// first `:`.
+fn host_end(raw: &[u8]) -> usize {
+    let end = match raw.first() {
+        Some(b'[') => raw.iter().position(|b| *b == b']').map(|i| i + 1),
+        _ => raw.iter().position(|b| *b == b':'),
+    };
+    end.unwrap_or(raw.len())
 }
 
 /// A request's host name (see [`request_host`]).
@@ -967,7 +973,8 @@ enum HostName {
 impl HostName {
     fn as_str(&self) -> &str {
         match self {
-            HostName::Lent(v, len) => v.to_str().ok().and_then(|s| s.get(..*len)).unwrap_or(""),
+            // Checked as text when it was lent.
+            HostName::Lent(v, len) => std::str::from_utf8(&v.as_bytes()[..*len]).unwrap_or(""),
             HostName::Owned(s) => s,
         }
     }
