@@ -112,6 +112,9 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
     };
     let mut wasm = None;
     let no_body = body.is_end_stream();
+    // The length the client declared, as the parser framed the body (no header lookup); read
+    // before the size limit wraps the body and caps its hint.
+    let declared = body.size_hint().exact();
     // A request without a body (most GETs) needs no size limit or read timer around it.
     let body = match no_body {
         true => body::empty(),
@@ -130,7 +133,7 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
                 &cfg,
                 route,
                 &mut parts,
-                (body, no_body),
+                (body, no_body, declared),
                 &client,
                 &mut log.upstream,
                 &mut wasm,
@@ -163,14 +166,13 @@ async fn serve_route(
     cfg: &Compiled,
     route: &Arc<RouteEntry>,
     parts: &mut http::request::Parts,
-    (mut body, no_body): (ProxyBody, bool),
+    (mut body, no_body, declared): (ProxyBody, bool, Option<u64>),
     client: &Client,
     up_log: &mut UpstreamLog,
     wasm: &mut Option<SharedWasm>,
 ) -> Response<ProxyBody> {
     let max = w.max_body_size;
-    // The length the client declared, as its body's framing holds it (no header lookup).
-    if max > 0 && body.size_hint().exact().is_some_and(|n| n > max) {
+    if max > 0 && declared.is_some_and(|n| n > max) {
         return error_page(StatusCode::PAYLOAD_TOO_LARGE);
     }
     let mut cut = None;
