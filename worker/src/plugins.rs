@@ -158,11 +158,20 @@ impl WasmRequest {
 
     /// The log phase, once.
     pub fn finish(&mut self) {
+        // Dropping a finished request reads no clock.
+        if !self.active.is_empty() {
+            self.finish_at(Instant::now());
+        }
+    }
+
+    /// [`WasmRequest::finish`] with a clock reading just taken (`now`), which starts the
+    /// phase's plugin timing.
+    pub fn finish_at(&mut self, now: Instant) {
         let active = std::mem::take(&mut self.active);
         if active.is_empty() {
             return;
         }
-        self.plugins.on_log(active, &mut self.stream);
+        self.plugins.on_log(active, &mut self.stream, now);
     }
 }
 
@@ -417,14 +426,17 @@ impl Plugins {
     }
 
     /// Response headers through the contexts of this request, waiting out pauses; each
-    /// context's `spent` gets the time its callbacks took.
+    /// context's `spent` gets the time its callbacks took, counted from `since` (a clock
+    /// reading taken as the answer's head came, when there is one: the clock is not read
+    /// again for nothing in between).
     pub async fn on_response(
         self: &Arc<Self>,
         active: &mut [Active],
         stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
+        since: Option<Instant>,
     ) -> Verdict {
-        let mut started = Instant::now();
+        let mut started = since.unwrap_or_else(Instant::now);
         for a in active.iter_mut() {
             let p = &self.list[a.plugin];
             let (first, calls) = {
@@ -862,8 +874,8 @@ impl Plugins {
     }
 
     /// The log phase: `proxy_on_log`, then done and delete for every HttpContext.
-    fn on_log(&self, active: Vec<Active>, stream: &mut Option<Box<Stream>>) {
-        let mut started = Instant::now();
+    fn on_log(&self, active: Vec<Active>, stream: &mut Option<Box<Stream>>, now: Instant) {
+        let mut started = now;
         for a in active {
             let p = &self.list[a.plugin];
             let mut st = p.lock();

@@ -48,6 +48,9 @@ struct UpstreamLog {
     /// The last attempt's status; none when the client's body failed (`$upstream_status`).
     status: Option<u16>,
     time: Option<Duration>,
+    /// When the answer's head came (the reading `time` ends at): the response phase's plugin
+    /// timing starts from it instead of reading the clock again.
+    answered: Option<Instant>,
     /// The node whose active count to release at the end (least_conn).
     active: Option<(Arc<UpstreamRuntime>, usize)>,
 }
@@ -239,7 +242,7 @@ async fn serve_route(
         return failure_response(f, StatusCode::PAYLOAD_TOO_LARGE);
     }
     match wasm.as_ref() {
-        Some(shared) => response_phase(w, shared, resp).await,
+        Some(shared) => response_phase(w, shared, resp, up_log.answered).await,
         None => resp,
     }
 }
@@ -287,6 +290,7 @@ async fn response_phase(
     w: &Worker,
     shared: &SharedWasm,
     mut resp: Response<ProxyBody>,
+    answered: Option<Instant>,
 ) -> Response<ProxyBody> {
     // The contexts and the stream are lent out of the shared state while the callbacks run
     // (they may wait for call-outs), and go back even if this future is dropped half-way.
@@ -297,7 +301,7 @@ async fn response_phase(
     let no_body = resp.body().is_end_stream();
     let verdict = w
         .plugins
-        .on_response(&mut lent.active, &mut lent.stream, no_body)
+        .on_response(&mut lent.active, &mut lent.stream, no_body, answered)
         .await;
     drop(lent);
     let wants_body = !no_body && lock(shared).wants_body(Dir::Response);
@@ -444,7 +448,9 @@ async fn forward(
             Exchange::Response(resp) => {
                 log.addrs.push(authority);
                 log.status = Some(resp.status().as_u16());
-                log.time = Some(started.elapsed());
+                let now = Instant::now();
+                log.time = Some(now - started);
+                log.answered = Some(now);
                 log.active = Some((up.clone(), idx));
                 return resp;
             }
@@ -885,14 +891,17 @@ fn log_phase(
     resp.map(move |b| {
         body::made(|| {
             Observed::new(b, move |sent, _complete| {
+                // One reading ends the request's time and starts the log phase's plugin
+                // timing (`proxy_on_log` is not counted in `$request_time`).
+                let now = Instant::now();
                 if let Some(shared) = wasm {
-                    lock(&shared).finish();
+                    lock(&shared).finish_at(now);
                 }
                 let up = &log.upstream;
                 if let Some((rt, idx)) = &up.active {
                     rt.balancer.on_finish(*idx);
                 }
-                let request_time = log.started.elapsed();
+                let request_time = now - log.started;
                 w.traffic.record(
                     log.route.as_deref(),
                     &Observation {
