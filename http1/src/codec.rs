@@ -277,27 +277,23 @@ pub type SetFields<'a> = [SetField<'a>];
 /// `Host` it holds goes first, as RFC 9112 §3.2 asks of a client), then the map's fields less
 /// those `set` names. The map stays as received, and no field is inserted into it (a map
 /// insert of a name outside the standard ones hashes it and probes, about 230 instructions;
-/// comparing names costs a few). Returns the map's `Content-Length` value, seen in passing.
+/// comparing names costs a few). Each field about to be written goes through `each` first,
+/// which notes what its caller needs of it (framing, a `Date`) and may leave it out (false).
 pub fn put_fields_setting<'a>(
     buf: &mut Vec<u8>,
     fields: &'a HeaderMap,
-    set: &SetFields<'_>,
-) -> Option<&'a HeaderValue> {
-    for (name, value) in set {
-        if let Some(value) = value {
+    set: &SetFields<'a>,
+    mut each: impl FnMut(&'a HeaderName, &'a HeaderValue) -> bool,
+) {
+    let set_values = set.iter().filter_map(|(n, v)| Some((*n, (*v)?)));
+    let kept = fields
+        .iter()
+        .filter(|(n, _)| !set.iter().any(|(s, _)| s == n));
+    for (name, value) in set_values.chain(kept) {
+        if each(name, value) {
             put_field(buf, name, value);
         }
     }
-    let mut length = None;
-    for (name, value) in fields {
-        if *name == header::CONTENT_LENGTH {
-            length.get_or_insert(value);
-        }
-        if !set.iter().any(|(n, _)| *n == name) {
-            put_field(buf, name, value);
-        }
-    }
-    length
 }
 
 /// How a body goes out.

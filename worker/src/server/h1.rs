@@ -28,7 +28,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use wasmgate_http1::codec::{self, put_field, BodyOut, Decoded, Delimiters, Framing, SetFields};
+use wasmgate_http1::codec::{self, BodyOut, Decoded, Delimiters, Framing, SetFields};
 pub use wasmgate_http1::request::{parse_head, Head, Meta, Refusal};
 
 /// What one read asks of the socket for a head.
@@ -469,8 +469,9 @@ struct AnswerFields {
     date: bool,
 }
 
-/// Writes the answer's fields with `set` applied, noting on the way what bears on framing and
-/// whether a `Date` came with them; `lengths`: whether `Content-Length` fields are written.
+/// Writes the answer's fields with `set` applied ([`codec::put_fields_setting`]), noting on
+/// the way what bears on framing and whether a `Date` came with them; `lengths`: whether
+/// `Content-Length` fields are written.
 fn put_answer_fields(
     wbuf: &mut Vec<u8>,
     headers: &http::HeaderMap,
@@ -482,20 +483,16 @@ fn put_answer_fields(
         bad_length: false,
         date: false,
     };
-    let set_values = set.iter().filter_map(|(n, v)| Some((*n, (*v)?)));
-    let kept = headers
-        .iter()
-        .filter(|(n, _)| !set.iter().any(|(s, _)| s == n));
-    for (name, value) in kept.chain(set_values) {
+    codec::put_fields_setting(wbuf, headers, set, |name, value| {
         if is_delimiter(name) {
             if *name == header::CONTENT_LENGTH && !lengths {
-                continue;
+                return false;
             }
             seen.bad_length |= seen.delimiters.note(name, value.as_bytes()).is_err();
         }
         seen.date |= *name == header::DATE;
-        put_field(wbuf, name, value);
-    }
+        true
+    });
     seen
 }
 

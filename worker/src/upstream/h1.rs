@@ -177,7 +177,14 @@ impl Wire {
         w.push(b' ');
         w.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");
-        let declared = codec::put_fields_setting(w, headers, set)
+        let mut length = None;
+        codec::put_fields_setting(w, headers, set, |name, value| {
+            if *name == header::CONTENT_LENGTH {
+                length.get_or_insert(value);
+            }
+            true
+        });
+        let declared = length
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         let out = match (body.is_end_stream(), declared, body.size_hint().exact()) {
