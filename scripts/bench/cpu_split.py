@@ -25,6 +25,8 @@ the last digit. Needs perf (Debian: linux-perf) with
 /proc/sys/kernel/perf_event_paranoid <= 1 (or root), wrk, nginx and target/release/wasmgate.
 
 usage: scripts/bench/cpu_split.py [--duration 8] [--rounds 2] [--cases nginx,none,one,three]
+                                 [--keep DIR]   (perf.data of each case and round, for
+                                                 `perf report -i DIR/one-1.data`)
 """
 import argparse
 import collections
@@ -104,6 +106,7 @@ def main():
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cases", default="nginx,none,one,three")
+    ap.add_argument("--keep", help="a folder to keep each case's perf.data in")
     a = ap.parse_args()
     for tool in ("perf", "wrk", "nginx"):
         if not shutil.which(tool):
@@ -126,10 +129,14 @@ def main():
                  "three": ("wasmgate+3", f"http://127.0.0.1:{b.gw}/three", gw)}
         keys = a.cases.split(",")
         runs = {k: [] for k in keys}
-        for _ in range(a.rounds):
+        for round_ in range(a.rounds):
             for key in keys:
                 name, url, pids = cases[key]
                 rps, cpu, shares = profile(b, url, pids, a.duration, work)
+                if a.keep:
+                    os.makedirs(a.keep, exist_ok=True)
+                    shutil.copy(os.path.join(work, "perf.data"),
+                                os.path.join(a.keep, f"{key}-{round_ + 1}.data"))
                 runs[key].append((rps, cpu, shares))
                 print(f"  {name:18} {rps:8.0f} req/s  {cpu:5.1f} µs/req", file=sys.stderr)
         for key in keys:

@@ -228,7 +228,7 @@ def summarize(rows):
     return out
 
 
-def table(summary, a):
+def table(summary, a, rows=()):
     lines = [
         f"{os.cpu_count()} cores; {a.workers} worker(s) per proxy"
         + (", pinned" if a.pin else "") + f"; wrk -t{a.threads} -c{a.connections}, "
@@ -252,7 +252,35 @@ def table(summary, a):
             f"{by['wasmgate+3']['cpu_us_per_req'] - none:.1f} µs "
             f"({(by['wasmgate+3']['cpu_us_per_req'] - none) / 3:.1f} µs per plugin), body plugin "
             f"{by['wasmgate+body']['cpu_us_per_req'] - none:.1f} µs.")
+    if rows:
+        lines += ["", "Paired within each round (its cases run back to back), then the median "
+                  "and range over the rounds:", ""] + paired(rows)
     return "\n".join(lines)
+
+
+def paired(rows):
+    """Figures taken within each round, then spread over the rounds: the machine's load
+    drifts between rounds, and a difference of two medians taken in different rounds mixes
+    that drift into what one plugin costs."""
+    rounds = {}
+    for r in rows:
+        rounds.setdefault(r["round"], {})[r["name"]] = r
+    figures = (
+        ("wasmgate+1 req/s × nginx", lambda c: c["wasmgate+1"]["rps"] / c["nginx-proxy_pass"]["rps"]),
+        ("wasmgate req/s × nginx", lambda c: c["wasmgate"]["rps"] / c["nginx-proxy_pass"]["rps"]),
+        ("first plugin, added CPU µs/req",
+         lambda c: c["wasmgate+1"]["cpu_us_per_req"] - c["wasmgate"]["cpu_us_per_req"]),
+        ("per plugin with three, added CPU µs/req",
+         lambda c: (c["wasmgate+3"]["cpu_us_per_req"] - c["wasmgate"]["cpu_us_per_req"]) / 3),
+    )
+    out = ["| figure | median | lowest | highest |", "|---|---:|---:|---:|"]
+    for label, f in figures:
+        try:
+            values = [f(c) for c in rounds.values()]
+        except (KeyError, ZeroDivisionError):
+            continue
+        out.append(f"| {label} | {median(values):.2f} | {min(values):.2f} | {max(values):.2f} |")
+    return out
 
 
 def svg(summary, title):
@@ -313,7 +341,7 @@ def main():
     finally:
         b.cleanup()
     summary = summarize(rows)
-    text = table(summary, a)
+    text = table(summary, a, rows)
     print(text)
     if a.json:
         with open(a.json, "w") as f:

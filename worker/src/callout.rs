@@ -120,7 +120,7 @@ async fn perform(w: &Worker, c: HttpCall) -> Result<CallResponse, String> {
     let req = request(&c)?;
     let Conn { mut link, .. } = w
         .pool
-        .checkout(&authority, connect_timeout)
+        .checkout(&authority, connect_timeout, std::time::Instant::now())
         .await
         .map_err(|e| format!("connect to {authority}: {e}"))?;
     let (parts, body) = req.into_parts();

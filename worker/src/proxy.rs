@@ -299,7 +299,7 @@ async fn response_phase(
         s.response = Some(wasm_glue::response_head(&mut resp));
     }
     let no_body = resp.body().is_end_stream();
-    let verdict = w
+    let (verdict, last_reading) = w
         .plugins
         .on_response(&mut lent.active, &mut lent.stream, no_body, answered)
         .await;
@@ -318,6 +318,7 @@ async fn response_phase(
     // plugins' head.
     let (parts, body) = resp.into_parts();
     let mut pb = PluginBody::new(body, shared.clone(), w.plugins.clone(), Dir::Response);
+    pb.since(last_reading);
     let complete = match pb.prime().await {
         Primed::Failed(f) => return failure_response(f, StatusCode::BAD_GATEWAY),
         Primed::Complete(len) => Some(len),
@@ -411,8 +412,11 @@ async fn forward(
     let mut body = Some(body);
     let mut tried = Vec::new();
     let mut stale_retries = 0;
-    let deadline = up.retry_timeout.map(|t| Instant::now() + t);
+    // One reading starts `$upstream_response_time`, the retry deadline, the idle check of
+    // the pool and the first attempt's timer.
     let started = Instant::now();
+    let deadline = up.retry_timeout.map(|t| started + t);
+    let mut attempt_at = started;
     loop {
         let Some(idx) = up
             .balancer
@@ -424,14 +428,19 @@ async fn forward(
             return error_page(StatusCode::BAD_GATEWAY);
         };
         let authority = up.authorities[idx].clone();
-        let conn = match w.pool.checkout(&authority, up.connect_timeout).await {
+        let conn = match w
+            .pool
+            .checkout(&authority, up.connect_timeout, attempt_at)
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("connect() to {authority} failed: {e}");
                 log.addrs.push(authority);
                 log.status = Some(502);
                 tried.push(idx);
-                let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+                attempt_at = Instant::now();
+                let out_of_time = deadline.is_some_and(|d| attempt_at >= d);
                 if tried.len() > up.retries || out_of_time {
                     return error_page(StatusCode::BAD_GATEWAY);
                 }
@@ -460,6 +469,7 @@ async fn forward(
                 up.balancer.on_finish(idx);
                 stale_retries += 1;
                 body = Some(b);
+                attempt_at = Instant::now();
             }
             outcome => {
                 up.balancer.on_finish(idx);
@@ -519,7 +529,11 @@ async fn send(
     authority: &Arc<str>,
     up: &UpstreamRuntime,
 ) -> Exchange {
-    let Conn { mut link, reused } = conn;
+    let Conn {
+        mut link,
+        reused,
+        at,
+    } = conn;
     let out = link
         .wire
         .encode_head(&parts.method, &parts.uri, &parts.headers, set, &body);
@@ -532,7 +546,7 @@ async fn send(
         true => up.read_timeout,
         false => up.send_timeout,
     };
-    timer.as_mut().reset((Instant::now() + first_wait).into());
+    timer.as_mut().reset((at + first_wait).into());
     let wrote = tokio::select! {
         biased;
         r = wire.write_head() => r,

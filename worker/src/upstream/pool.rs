@@ -16,6 +16,10 @@ pub struct Conn {
     pub link: Link,
     /// Whether it came from the pool (a failure before sending is then retried on a new one).
     pub reused: bool,
+    /// When it was handed out: the caller's reading for a pooled one (nothing waited in
+    /// between), a reading after the connect for a new one. The exchange's first timer starts
+    /// from it, so a request reads the clock once for both.
+    pub at: Instant,
 }
 
 /// Why a connection could not be made.
@@ -52,27 +56,33 @@ impl Pool {
         })
     }
 
-    /// An idle connection to `authority`, or a new one.
+    /// An idle connection to `authority`, or a new one. `now` is a clock reading the caller
+    /// has just taken (idle connections are checked against it).
     pub async fn checkout(
         &self,
         authority: &str,
         connect_timeout: Duration,
+        now: Instant,
     ) -> Result<Conn, ConnectError> {
-        if let Some(link) = self.take_idle(authority) {
-            return Ok(Conn { link, reused: true });
+        if let Some(link) = self.take_idle(authority, now) {
+            return Ok(Conn {
+                link,
+                reused: true,
+                at: now,
+            });
         }
         let io = connect(authority, connect_timeout).await?;
         Ok(Conn {
             link: Link::new(io),
             reused: false,
+            at: Instant::now(),
         })
     }
 
-    fn take_idle(&self, authority: &str) -> Option<Link> {
+    fn take_idle(&self, authority: &str, now: Instant) -> Option<Link> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(authority)?;
         // The newest went idle last: when it has expired, so have all the others.
-        let now = Instant::now();
         while let Some(i) = list.pop() {
             if now.duration_since(i.since) >= self.idle_timeout {
                 list.clear();
@@ -174,14 +184,14 @@ mod tests {
         }
         assert_eq!(pool.idle_count(&authority), 2, "max_idle caps the list");
         let c = pool
-            .checkout(&authority, Duration::from_secs(1))
+            .checkout(&authority, Duration::from_secs(1), Instant::now())
             .await
             .unwrap();
         assert!(c.reused);
         assert_eq!(pool.idle_count(&authority), 1);
         tokio::time::sleep(Duration::from_millis(400)).await;
         let c = pool
-            .checkout(&authority, Duration::from_secs(1))
+            .checkout(&authority, Duration::from_secs(1), Instant::now())
             .await
             .unwrap();
         assert!(!c.reused, "an expired connection is not handed out");
