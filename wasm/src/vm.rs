@@ -462,8 +462,15 @@ fn run<T>(
 /// Lends `stream` to the host functions for a callback on context `id`.
 fn enter(store: &mut Store<HostState>, id: u32, stream: &mut Option<Box<Stream>>) {
     let d = store.data_mut();
-    d.stream = stream.take();
-    d.local_reply = None;
+    // Swapped, not assigned: the store's side is empty between callbacks (`leave` takes
+    // it back), and an assignment would call the drop code of what it replaces every time.
+    std::mem::swap(&mut d.stream, stream);
+    if stream.is_some() {
+        *stream = None;
+    }
+    if d.local_reply.is_some() {
+        d.local_reply = None;
+    }
     d.resumed = false;
     d.effective_context = id;
 }
@@ -474,6 +481,9 @@ fn leave(
     stream: &mut Option<Box<Stream>>,
 ) -> (Option<LocalReply>, bool) {
     let d = store.data_mut();
-    *stream = d.stream.take();
+    std::mem::swap(stream, &mut d.stream);
+    if d.stream.is_some() {
+        d.stream = None;
+    }
     (d.local_reply.take(), std::mem::take(&mut d.resumed))
 }
