@@ -362,7 +362,7 @@ impl PluginVm {
         let Some(f) = self.f.tick.as_ref() else {
             return Ok(());
         };
-        self.store.data_mut().effective_context = id;
+        outside_stream(&mut self.store, id);
         run(&mut self.store, self.ticks, |s| f.call(s, id as i32))
     }
 
@@ -371,7 +371,7 @@ impl PluginVm {
         let Some(f) = self.f.queue_ready.as_ref() else {
             return Ok(());
         };
-        self.store.data_mut().effective_context = id;
+        outside_stream(&mut self.store, id);
         run(&mut self.store, self.ticks, |s| {
             f.call(s, (id as i32, queue as i32))
         })
@@ -431,8 +431,8 @@ impl PluginVm {
 
     /// `proxy_on_done` then `proxy_on_delete`: the context is gone.
     pub fn finish(&mut self, id: u32) -> Result<(), Fault> {
+        outside_stream(&mut self.store, id);
         let d = self.store.data_mut();
-        d.effective_context = id;
         // Only root contexts tick: most finished contexts are HttpContexts, and most plugins
         // never tick.
         if !d.tick_periods.is_empty() && d.tick_periods.remove(&id).is_some() {
@@ -472,6 +472,18 @@ fn enter(store: &mut Store<HostState>, id: u32, stream: &mut Option<Box<Stream>>
         d.local_reply = None;
     }
     d.resumed = false;
+    d.effective_context = id;
+}
+
+/// Readies the store for a callback on context `id` that no request's stream is lent to. A
+/// stream is only ever in the store between [`enter`] and [`leave`]; one left there by a
+/// callback that never returned (a panic unwound through it) goes, so that no later
+/// callback can read another request's headers.
+fn outside_stream(store: &mut Store<HostState>, id: u32) {
+    let d = store.data_mut();
+    if d.stream.is_some() {
+        d.stream = None;
+    }
     d.effective_context = id;
 }
 

@@ -428,15 +428,14 @@ impl Plugins {
     /// Response headers through the contexts of this request, waiting out pauses; each
     /// context's `spent` gets the time its callbacks took, counted from `since` (a clock
     /// reading taken as the answer's head came, when there is one: the clock is not read
-    /// again for nothing in between). Also returns the last reading taken, for the body
-    /// callbacks that follow at once.
+    /// again for nothing in between).
     pub async fn on_response(
         self: &Arc<Self>,
         active: &mut [Active],
         stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
         since: Option<Instant>,
-    ) -> (Verdict, Instant) {
+    ) -> Verdict {
         let mut started = since.unwrap_or_else(Instant::now);
         for a in active.iter_mut() {
             let p = &self.list[a.plugin];
@@ -456,10 +455,10 @@ impl Plugins {
             a.spent += nanos(lap(&mut started).saturating_sub(waited));
             match verdict {
                 Verdict::Continue => {}
-                other => return (other, started),
+                other => return other,
             }
         }
-        (Verdict::Continue, started)
+        Verdict::Continue
     }
 
     /// What a headers callback's outcome means for the request: a fault fails it (unless
@@ -782,9 +781,8 @@ impl Plugins {
         bufs: &mut [BodyBuf],
         mut data: BodyBuf,
         end_of_stream: bool,
-        since: Option<Instant>,
     ) -> BodyStep {
-        let mut started = since.unwrap_or_else(Instant::now);
+        let mut started = Instant::now();
         // By index, each context's fields copied out: `req` lends its stream to the VM below.
         for i in 0..req.active.len().min(bufs.len()) {
             let a = &req.active[i];

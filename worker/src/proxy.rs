@@ -299,7 +299,7 @@ async fn response_phase(
         s.response = Some(wasm_glue::response_head(&mut resp));
     }
     let no_body = resp.body().is_end_stream();
-    let (verdict, last_reading) = w
+    let verdict = w
         .plugins
         .on_response(&mut lent.active, &mut lent.stream, no_body, answered)
         .await;
@@ -318,7 +318,6 @@ async fn response_phase(
     // plugins' head.
     let (parts, body) = resp.into_parts();
     let mut pb = PluginBody::new(body, shared.clone(), w.plugins.clone(), Dir::Response);
-    pb.since(last_reading);
     let complete = match pb.prime().await {
         Primed::Failed(f) => return failure_response(f, StatusCode::BAD_GATEWAY),
         Primed::Complete(len) => Some(len),

@@ -18,8 +18,7 @@ use http_body::{Body, Frame};
 use smallvec::SmallVec;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::Instant;
+use std::task::{ready, Context, Poll};
 use wasmgate_wasm::{BodyBuf, LocalReply};
 
 /// Why a body was cut.
@@ -49,8 +48,6 @@ pub struct PluginBody {
     trailers: Option<Frame<Bytes>>,
     done: bool,
     failure: FailureSlot,
-    /// A clock reading the first body callback's time counts from (see [`PluginBody::since`]).
-    since: Option<Instant>,
 }
 
 /// Where a body's failure is recorded: in the body, until the proxy asks for a shared handle
@@ -104,15 +101,7 @@ impl PluginBody {
             trailers: None,
             done: false,
             failure: FailureSlot::Own(None),
-            since: None,
         }
-    }
-
-    /// The first body callback's time counts from `reading`, one the caller has just taken
-    /// (the end of the headers callbacks, when the body is primed right after them): the
-    /// clock is not read again for nothing in between.
-    pub fn since(&mut self, reading: Instant) {
-        self.since = Some(reading);
     }
 
     /// Where a failure after priming is recorded (the request body fails while it streams to
@@ -149,14 +138,9 @@ impl PluginBody {
         if self.bufs.len() < req.active.len() {
             self.bufs.resize_with(req.active.len(), BodyBuf::default);
         }
-        let step = self.plugins.on_body(
-            &mut req,
-            self.dir,
-            &mut self.bufs,
-            data,
-            end_of_stream,
-            self.since.take(),
-        );
+        let step = self
+            .plugins
+            .on_body(&mut req, self.dir, &mut self.bufs, data, end_of_stream);
         let failure = match step {
             BodyStep::Release(v) if v.is_empty() => return Ok(None),
             BodyStep::Release(v) => return Ok(Some(v.into_bytes())),
@@ -190,15 +174,7 @@ impl Body for PluginBody {
             if self.done {
                 return Poll::Ready(self.trailers.take().map(Ok));
             }
-            let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
-                Poll::Ready(frame) => frame,
-                Poll::Pending => {
-                    // Waiting for the peer is no plugin's time: a reading from before the
-                    // wait is of no use to the body callback that follows.
-                    self.since = None;
-                    return Poll::Pending;
-                }
-            };
+            let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
             let (data, eos) = match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(d) => (BodyBuf::from(d), self.inner.is_end_stream()),
