@@ -138,6 +138,51 @@ fn headers_are_rewritten_both_ways() {
     assert_eq!(r.header("x-upstream"), None);
 }
 
+/// A plugin that sets, removes or replaces the answer's framing fields (`Content-Length`,
+/// `Transfer-Encoding`) cannot make the gateway send a body that disagrees with them: the
+/// framing is worked out again from the body the plugins let through. One that leaves them
+/// alone keeps the upstream's.
+#[test]
+fn plugins_cannot_break_the_answers_framing() {
+    let up = TestUpstream::start("u");
+    let gw = one_worker();
+    let routes = [
+        ("wrong", json!({"response_set": {"content-length": "999"}})),
+        ("gone", json!({"response_remove": ["content-length"]})),
+        (
+            "chunked",
+            json!({"response_set": {"transfer-encoding": "chunked"}}),
+        ),
+        ("other", json!({"response_set": {"x-other": "1"}})),
+    ];
+    for (id, conf) in &routes {
+        gw.route(
+            id,
+            json!({"uri": format!("/{id}"), "plugins": {"rewrite": {"conf": conf}}}),
+            Some(&up),
+        );
+    }
+    for (id, _) in &routes {
+        // The client reads exactly Content-Length bytes: a wrong one would cut the JSON short
+        // or leave it waiting for bytes that never come.
+        let r = http("GET", &gw.url(&format!("/{id}")), &[], None);
+        assert_eq!(r.status, 200, "/{id}: {}", r.text());
+        assert_eq!(
+            r.header("content-length"),
+            Some(r.body.len().to_string().as_str()),
+            "/{id}: {:?}",
+            r.headers
+        );
+        assert_eq!(
+            r.header("transfer-encoding"),
+            None,
+            "/{id}: {:?}",
+            r.headers
+        );
+        assert_eq!(r.json()["uri"], format!("/{id}"), "/{id}");
+    }
+}
+
 #[test]
 fn local_response_ends_the_request() {
     let up = TestUpstream::start("u");

@@ -139,6 +139,9 @@ pub struct Head {
     overflow: usize,
     /// The headers are lent out ([`Head::take_headers`]).
     lent: bool,
+    /// A plugin set, added or removed `Content-Length` or `Transfer-Encoding` (or replaced
+    /// every header): the message's framing has to be worked out again.
+    framing_changed: bool,
 }
 
 /// Most values a head holds: `HeaderMap`'s own bound on entries, applied to values too (a map
@@ -193,7 +196,14 @@ impl Head {
             refused: 0,
             overflow: 0,
             lent: false,
+            framing_changed: false,
         }
+    }
+
+    /// Whether a plugin touched the fields that frame the body (`Content-Length`,
+    /// `Transfer-Encoding`): when none did, the framing the headers came with still holds.
+    pub fn framing_changed(&self) -> bool {
+        self.framing_changed
     }
 
     /// Whether the headers are lent out ([`Head::take_headers`]).
@@ -324,6 +334,7 @@ impl Head {
         memo: Option<&mut ValueMemo>,
     ) {
         self.changed = true;
+        self.framing_changed |= is_framing(&name);
         if op == HeaderOp::Add && self.headers.len() >= MAX_HEADERS {
             self.overflow += 1;
             return;
@@ -364,6 +375,11 @@ impl Head {
         }
         self.pseudo.push((pseudo_name(name), value));
     }
+}
+
+/// `Content-Length` or `Transfer-Encoding`.
+fn is_framing(name: &HeaderName) -> bool {
+    *name == http::header::CONTENT_LENGTH || *name == http::header::TRANSFER_ENCODING
 }
 
 /// The header names — or values — one plugin instance passed lately, parsed and checked. A
@@ -592,11 +608,15 @@ impl HeaderList for Head {
             self.pseudo_changed |= pseudo_bit(name);
             self.pseudo.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
         } else {
+            self.framing_changed |= name
+                .eq_ignore_ascii_case(http::header::CONTENT_LENGTH.as_str())
+                || name.eq_ignore_ascii_case(http::header::TRANSFER_ENCODING.as_str());
             self.headers.remove(name);
         }
     }
 
     fn set_all(&mut self, pairs: Pairs) {
+        self.framing_changed = true;
         let given = |n: &str| pairs.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
         let kept: PseudoList = std::mem::take(&mut self.pseudo)
             .into_iter()

@@ -317,6 +317,8 @@ async fn response_phase(
     // Primed first: body callbacks before the head goes out still find the headers in the
     // plugins' head.
     let (parts, body) = resp.into_parts();
+    // The length the upstream's own framing gave (a single `Content-Length`, no chunking).
+    let declared = body.size_hint().exact();
     let mut pb = PluginBody::new(body, shared.clone(), w.plugins.clone(), Dir::Response);
     let complete = match pb.prime().await {
         Primed::Failed(f) => return failure_response(f, StatusCode::BAD_GATEWAY),
@@ -324,19 +326,29 @@ async fn response_phase(
         Primed::Streaming => None,
     };
     let mut resp = Response::from_parts(parts, body::boxed(pb));
-    lend_response_headers(shared, &mut resp);
+    let untouched = lend_response_headers(shared, &mut resp);
     if let Some(len) = complete {
-        set_length(resp.headers_mut(), len);
+        // Framing fields no plugin touched, over a body of the length they declare, are
+        // right as they are: the three lookups of `set_length` are skipped.
+        if !(untouched && declared == Some(len)) {
+            set_length(resp.headers_mut(), len);
+        }
     }
     resp
 }
 
 /// The headers as the plugins left them go out with `resp`, lent by the plugins' head (when
-/// there is one) until the server has written them ([`HeadersBack`]).
-fn lend_response_headers(shared: &SharedWasm, resp: &mut Response<ProxyBody>) {
+/// there is one) until the server has written them ([`HeadersBack`]). Returns whether their
+/// framing fields (`Content-Length`, `Transfer-Encoding`) are the upstream's, untouched.
+fn lend_response_headers(shared: &SharedWasm, resp: &mut Response<ProxyBody>) -> bool {
     let mut g = lock(shared);
-    if let Some(head) = g.stream.as_mut().and_then(|s| s.response.as_mut()) {
-        wasm_glue::apply_response(head, resp);
+    match g.stream.as_mut().and_then(|s| s.response.as_mut()) {
+        Some(head) => {
+            let untouched = !head.framing_changed();
+            wasm_glue::apply_response(head, resp);
+            untouched
+        }
+        None => false,
     }
 }
 
