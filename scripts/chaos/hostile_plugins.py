@@ -32,6 +32,10 @@ from gwlib import Gateway, Load, Upstream, hostile_module, log, pct, summary
 http.client._MAXHEADERS = 100_000  # /hdrbig answers with 2 000 headers
 
 HOSTILE = {"/trap": 503, "/loop": 503, "/oom": 503, "/logflood": 200, "/hdrflood": 500}
+# The plugin behind each hostile route: proxy_log output is capped per plugin, so a phase may
+# log up to the cap once for each distinct plugin in it.
+PLUGIN = {"/trap": "faulty", "/loop": "faulty", "/oom": "faulty", "/logflood": "logflood",
+          "/hdrflood": "hdrflood"}
 
 
 def main():
@@ -69,6 +73,7 @@ def main():
             f" p99 {pct(base.latencies, 99) * 1000:.1f} ms")
         phases = [[p] for p in HOSTILE] + [list(HOSTILE)]
         total_sent, total_failed, worst_plugin_rate, rows = base.sent, 0, 0.0, []
+        bounded = True
         for phase in phases:
             before = gw.stats()["contexts"]
             log_before = len(gw.error_log().splitlines())
@@ -116,6 +121,8 @@ def main():
             wrong = sum(x.failed for x in hostile)
             plugin_rate = by["plugin output"] / elapsed
             worst_plugin_rate = max(worst_plugin_rate, plugin_rate)
+            # Capped at 200 lines/s per plugin and worker (2 workers, + the cap notices).
+            bounded &= plugin_rate <= 2 * 201 * len({PLUGIN[p] for p in phase})
             total_sent += attack.sent + sum(sent.values())
             total_failed += attack.failed + wrong + (0 if counted_ok else 1)
             name = "+".join(phase) if len(phase) > 1 else phase[0]
@@ -134,8 +141,6 @@ def main():
         same_workers = gw.worker_pids() == pids
         rss = max(w["rss_bytes"] for w in gw.status()["workers"]) >> 20
         log(f"workers unchanged: {same_workers}; RSS max {rss} MiB")
-        # Plugin output is capped at 200 lines/s per instance (2 workers, + the cap notices).
-        bounded = worst_plugin_rate <= 2 * 201
         ok = total_failed == 0 and same_workers and bounded
         return summary(
             "hostile plugins",
