@@ -183,6 +183,48 @@ fn plugins_cannot_break_the_answers_framing() {
     }
 }
 
+/// `WASMGATE_PERF_MAP=1`: each worker writes /tmp/perf-<pid>.map naming the plugins' compiled
+/// functions, so that `perf` attributes a worker's samples inside plugin code.
+#[test]
+fn perf_map_names_the_plugins_code() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start_with(Setup {
+        workers: 1,
+        env: vec![("WASMGATE_PERF_MAP", "1")],
+        ..Setup::default()
+    });
+    let conf = json!({"response_set": {"x-resp": "yes"}});
+    gw.route(
+        "1",
+        json!({"uri": "/p", "plugins": {"rewrite": {"conf": conf}}}),
+        Some(&up),
+    );
+    let r = http("GET", &gw.url("/p"), &[], None);
+    assert_eq!((r.status, r.header("x-resp")), (200, Some("yes")));
+    for pid in gw.worker_pids() {
+        let path = format!("/tmp/perf-{pid}.map");
+        let map = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let _ = std::fs::remove_file(&path);
+        // perf's format: `<start, hex> <size, hex> <name>`, one function a line.
+        let functions = map
+            .lines()
+            .filter(|l| {
+                let mut f = l.splitn(3, ' ');
+                let (Some(start), Some(size), Some(name)) = (f.next(), f.next(), f.next()) else {
+                    return false;
+                };
+                u64::from_str_radix(start.trim_start_matches("0x"), 16).is_ok()
+                    && u64::from_str_radix(size, 16).is_ok_and(|n| n > 0)
+                    && name.contains("function[")
+            })
+            .count();
+        assert!(
+            functions > 50,
+            "{functions} plugin functions in {path}:\n{map:.2000}"
+        );
+    }
+}
+
 #[test]
 fn local_response_ends_the_request() {
     let up = TestUpstream::start("u");

@@ -113,6 +113,8 @@ pub struct Setup {
     pub raw_yaml: Option<String>,
     /// Top-level sections added to the generated config.yaml.
     pub extra_yaml: String,
+    /// Environment variables the master is started with (its workers inherit them).
+    pub env: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for Setup {
@@ -123,6 +125,7 @@ impl Default for Setup {
             shutdown_timeout: "10s".into(),
             raw_yaml: None,
             extra_yaml: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -226,6 +229,7 @@ impl Gateway {
         let mut child = Command::new(bin())
             .args(["start", "--foreground", "-p"])
             .arg(self.dir.path())
+            .envs(self.setup.env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -20,6 +20,11 @@ pub fn engine() -> &'static Engine {
         // compiles again on reload. A pool created before the fork has no threads after it,
         // and the reload waited on them for ever. Plugins are small; one thread compiles them.
         c.parallel_compilation(false);
+        if perf_map_wanted(std::env::var_os(PERF_MAP_ENV).as_deref()) {
+            // Names the compiled plugin functions for `perf` (/tmp/perf-<pid>.map): a profile of
+            // a worker then shows which function of which plugin the samples fall in.
+            c.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&c).expect("the default wasmtime configuration is valid");
         let ticker = engine.clone();
         std::thread::Builder::new()
@@ -31,6 +36,14 @@ pub fn engine() -> &'static Engine {
             .expect("spawning the epoch thread");
         engine
     })
+}
+
+/// The environment variable that makes each process write a perf map of the plugins' code.
+pub const PERF_MAP_ENV: &str = "WASMGATE_PERF_MAP";
+
+/// Whether the value of [`PERF_MAP_ENV`] asks for the map: set, and neither empty nor `0`.
+fn perf_map_wanted(value: Option<&std::ffi::OsStr>) -> bool {
+    value.is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// How a plugin is run (from its `wasm.plugins` entry).
