@@ -375,6 +375,7 @@ fn hostile_arguments_get_bad_argument() {
       (import "env" "proxy_set_shared_data" (func $ssd (param i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_get_property" (func $gp (param i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_grpc_call" (func $grpc (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
@@ -516,8 +517,9 @@ fn assemblyscript_plugin_rewrites_bodies() {
 }
 
 /// A plugin reading the response headers after they were sent — in its body callback and in
-/// `proxy_on_log` — reads them as the client got them: the upstream's, and the gateway's own
-/// (`Server`), whether or not the plugin has body callbacks.
+/// `proxy_on_log`, as a header or as the `response.headers.*` property — reads them as the
+/// client got them: the upstream's, and the gateway's own (`Server`), whether or not the
+/// plugin has body callbacks.
 #[test]
 fn response_headers_read_after_sending_are_the_ones_sent() {
     let gw = Gateway::start();
@@ -534,10 +536,12 @@ fn response_headers_read_after_sending_are_the_ones_sent() {
             r#"(module
       (import "env" "proxy_get_header_map_value" (func $ghv (param i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
       (memory (export "memory") 1)
       (data (i32.const 100) "x-upstream")
       (data (i32.const 120) "server")
       (data (i32.const 140) "no such response header")
+      (data (i32.const 170) "response\00headers\00server")
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
       (func (export "proxy_on_context_create") (param i32 i32))
@@ -549,6 +553,11 @@ fn response_headers_read_after_sending_are_the_ones_sent() {
           (else (drop (call $log (i32.const 4) (i32.const 140) (i32.const 23))))))
       {body}
       (func (export "proxy_on_log") (param i32)
+        ;; the property first: it alone has to bring in the gateway's own fields
+        (if (i32.eq (call $prop (i32.const 170) (i32.const 23) (i32.const 200) (i32.const 204))
+                    (i32.const 0))
+          (then (drop (call $log (i32.const 4) (i32.load (i32.const 200)) (i32.load (i32.const 204)))))
+          (else (drop (call $log (i32.const 4) (i32.const 140) (i32.const 23)))))
         (call $show (i32.const 100) (i32.const 10))
         (call $show (i32.const 120) (i32.const 6))))"#
         )
@@ -565,8 +574,9 @@ fn response_headers_read_after_sending_are_the_ones_sent() {
     }
     eventually(Duration::from_secs(5), "the plugins' log lines", || {
         let log = gw.error_log();
-        // on_log twice (two routes) and the body callback once.
-        log.matches("sent-upstream").count() >= 3 && log.matches("wasmgate/").count() >= 2
+        // on_log twice (two routes) and the body callback once; `Server` as a property and
+        // as a header in each on_log.
+        log.matches("sent-upstream").count() >= 3 && log.matches("wasmgate/").count() >= 4
     });
     assert!(
         !gw.error_log().contains("no such response header"),
