@@ -255,3 +255,132 @@ fn a_client_that_leaves_abandons_its_request() {
         || connections() == 0,
     );
 }
+
+/// RFC 9112 §3.2: one valid `Host` (required in HTTP/1.1) or 400, as nginx answers; an
+/// absolute-form target names the host, for routing and upstream alike, whatever `Host` says;
+/// an HTTP/1.0 request without one still reaches the upstream with a `Host` (the node's).
+#[test]
+fn the_host_is_one_valid_field_or_the_targets() {
+    let (up, gw) = echoing();
+    gw.route(
+        "h",
+        json!({"uri": "/h/*", "host": "abs.example"}),
+        Some(&up),
+    );
+    for head in [
+        "GET /e/a HTTP/1.1\r\n\r\n",
+        "GET /e/a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+        "GET /e/a HTTP/1.1\r\nHost: a/../b\r\n\r\n",
+        "GET /e/a HTTP/1.1\r\nHost: a b\r\n\r\n",
+        "GET /e/a HTTP/1.1\r\nHost:\r\n\r\n",
+        "GET http://u@abs.example/h/a HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let mut s = connect(&gw);
+        s.write_all(head.as_bytes()).unwrap();
+        let resp = read_response(&mut BufReader::new(s), false).unwrap();
+        assert_eq!(resp.status, 400, "{head:?}: {}", resp.text());
+    }
+    assert_eq!(up.hits(), 0);
+
+    let get = |head: &str| {
+        let mut s = connect(&gw);
+        s.write_all(head.as_bytes()).unwrap();
+        read_response(&mut BufReader::new(s), false).unwrap()
+    };
+    let r = get("GET http://abs.example/h/a?q=1 HTTP/1.1\r\nHost: other\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.json();
+    assert_eq!(seen["uri"], "/h/a?q=1");
+    assert_eq!(seen["headers"]["host"], "abs.example");
+    assert_eq!(seen["headers"]["x-forwarded-host"], "abs.example");
+    let r = get("GET http://other/h/a HTTP/1.1\r\nHost: abs.example\r\n\r\n");
+    assert_eq!(r.status, 404, "routed by the Host field: {}", r.text());
+
+    let r = get("GET /e/old HTTP/1.0\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["host"], up.addr().as_str());
+}
+
+/// What a client puts in its request that the upstream must not get as it came: framing
+/// fields among the trailers, a `Content-Length` repeated, a chunk size with anything but
+/// extensions after it.
+#[test]
+fn framing_fields_reach_the_upstream_once_and_never_as_trailers() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let node = listener.local_addr().unwrap().to_string();
+    // One request at a time: what the upstream read, answered once it stops coming.
+    let captured = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let sink = captured.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            conn.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            sink.lock().unwrap().push(got);
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    let gw = Gateway::start();
+    gw.route(
+        "raw",
+        json!({"uri": "/raw", "upstream": {"type": "roundrobin", "nodes": {node.as_str(): 1}}}),
+        None,
+    );
+    let send = |req: &str| {
+        let mut s = connect(&gw);
+        s.write_all(req.as_bytes()).unwrap();
+        read_response(&mut BufReader::new(s), false).unwrap()
+    };
+    let r = send(
+        "POST /raw HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+         5\r\nhello\r\n0\r\nX-Sum: 7\r\nContent-Length: 99\r\nHost: evil\r\nX-Real-IP: 6.6.6.6\r\n\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r =
+        send("POST /raw HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen: Vec<String> = captured
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).to_ascii_lowercase())
+        .collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let trailers = seen[0].split("\r\n0\r\n").nth(1).unwrap_or_default();
+    assert!(trailers.contains("x-sum: 7"), "{}", seen[0]);
+    for barred in ["content-length", "host", "x-real-ip"] {
+        assert!(
+            !trailers.contains(barred),
+            "{barred} in the trailers: {}",
+            seen[0]
+        );
+    }
+    assert_eq!(
+        seen[1].matches("content-length: 3").count(),
+        1,
+        "{}",
+        seen[1]
+    );
+
+    for body in ["0x5\r\nhello\r\n0\r\n\r\n", "5 zz\r\nhello\r\n0\r\n\r\n"] {
+        let head = "POST /raw HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let r = send(&format!("{head}{body}"));
+        assert_eq!(r.status, 400, "{body:?}: {}", r.text());
+    }
+    let r = send("POST /raw HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5 ;a=b\r\nhello\r\n0\r\n\r\n");
+    assert_eq!(
+        r.status,
+        200,
+        "a chunk extension after whitespace: {}",
+        r.text()
+    );
+}

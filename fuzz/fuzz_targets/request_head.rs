@@ -8,7 +8,9 @@
 //! - an accepted head was at most the limit, has one way to delimit its body (never both
 //!   `Content-Length` and `Transfer-Encoding`), and its `Content-Length` says what the framing
 //!   says;
-//! - a body's data is never more than its `Content-Length`; the buffer only shrinks.
+//! - a body's data is never more than its `Content-Length`; the buffer only shrinks;
+//! - an accepted head has one `Host` (none only in HTTP/1.0), the target's when the target
+//!   names one.
 #![no_main]
 
 use bytes::BytesMut;
@@ -41,6 +43,14 @@ fuzz_target!(|data: &[u8]| {
                 Ok(Some(_)) => panic!("a prefix of {cut} of {used} bytes parsed as a head"),
                 Ok(None) | Err(_) => {}
             }
+        }
+        let hosts = head.headers.get_all(header::HOST).iter().count();
+        assert!(
+            hosts == 1 || (hosts == 0 && head.version == http::Version::HTTP_10),
+            "{hosts} Host fields accepted"
+        );
+        if let Some(authority) = head.uri.authority() {
+            assert_eq!(head.headers[header::HOST], authority.as_str(), "Host is the target's");
         }
         let length = head.headers.get(header::CONTENT_LENGTH);
         assert!(

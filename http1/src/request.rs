@@ -96,13 +96,30 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
     // the forwarding fields are written with the upstream head, not stored.
     let mut headers = HeaderMap::with_capacity(spans.len() + 3);
     let mut expect_continue = false;
+    let (mut hosts, mut hosts_valid) = (0usize, true);
     let delimiters = read_fields(&CLIENT_NAMES, &head, spans, &mut headers, |name, value| {
         if name == header::EXPECT {
             expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::HOST {
+            hosts += 1;
+            hosts_valid &= valid_host(value.as_bytes());
         }
         true
     })
     .map_err(Refusal::Bad)?;
+    check_host(version, hosts, hosts_valid)?;
+    if let Some(authority) = uri.authority() {
+        // Absolute form (RFC 9112 §3.2.2): the target names the host, and the `Host` field
+        // is replaced by it, so that routing, `pass_host` and `X-Forwarded-Host` all see the
+        // host the target names, as nginx's `$host` does.
+        let authority = authority.as_str();
+        if authority.contains('@') || !valid_host(authority.as_bytes()) {
+            return Err(Refusal::Bad("invalid host in the request target"));
+        }
+        let value = header::HeaderValue::from_str(authority)
+            .map_err(|_| Refusal::Bad("invalid host in the request target"))?;
+        headers.insert(header::HOST, value);
+    }
     let framing = match (delimiters.chunked, delimiters.length) {
         (Some(_), Some(_)) => {
             return Err(Refusal::Bad("both Content-Length and Transfer-Encoding"))
@@ -140,6 +157,29 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
     }))
 }
 
+/// RFC 9112 §3.2: one `Host` field, required in HTTP/1.1, and a value fit to route by
+/// (nginx answers 400 to the same requests).
+fn check_host(version: Version, hosts: usize, valid: bool) -> Result<(), Refusal> {
+    match hosts {
+        0 if version == Version::HTTP_11 => Err(Refusal::Bad("an HTTP/1.1 request without Host")),
+        0 | 1 if valid => Ok(()),
+        0 | 1 => Err(Refusal::Bad("invalid Host")),
+        _ => Err(Refusal::Bad("more than one Host")),
+    }
+}
+
+/// Whether `host` is a `host[:port]` to route by: not empty, only the bytes a URI's authority
+/// holds (RFC 3986 §3.2.2: letters, digits, `-._~`, sub-delims, `%`, `:` and the brackets of
+/// an IPv6 literal) and no `..` — no path, no spaces, no way to name a parent directory, as
+/// nginx's check of `Host`.
+pub fn valid_host(host: &[u8]) -> bool {
+    !host.is_empty()
+        && !host.windows(2).any(|w| w == b"..")
+        && host
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(b))
+}
+
 /// Whether the request's only transfer coding is chunked, in a single field.
 fn only_chunked(headers: &HeaderMap) -> bool {
     let mut all = headers.get_all(header::TRANSFER_ENCODING).iter();
@@ -169,7 +209,7 @@ mod tests {
         assert_eq!((h.framing, h.meta.keep_alive), (Framing::Length(5), true));
         assert_eq!(h.headers["host"], "x");
 
-        let h = parse("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\nExpect: 100-continue\r\n\r\n");
+        let h = parse("PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\nExpect: 100-continue\r\n\r\n");
         let h = h.unwrap().unwrap();
         assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
         assert!(!h.meta.keep_alive && h.expect_continue);
@@ -184,7 +224,7 @@ mod tests {
             .unwrap();
         assert!(h.meta.keep_alive && h.meta.head);
         // Expecting to send a body when there is none: nothing to continue.
-        let h = parse("GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n")
+        let h = parse("GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n")
             .unwrap()
             .unwrap();
         assert!(!h.expect_continue && h.framing == Framing::Empty);
@@ -204,7 +244,7 @@ mod tests {
         };
         for (head, why) in [
             (
-                "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
                 "both Content-Length and Transfer-Encoding",
             ),
             (
@@ -212,15 +252,15 @@ mod tests {
                 "Transfer-Encoding in an HTTP/1.0 request",
             ),
             (
-                "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
                 "conflicting Content-Length headers",
             ),
             (
-                "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
                 "bad Content-Length",
             ),
             (
-                "GET / HTTP/1.1\r\nBad Name: v\r\n\r\n",
+                "GET / HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n",
                 "malformed request head",
             ),
             ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "malformed request head"),
@@ -228,9 +268,9 @@ mod tests {
             assert_eq!(refused(head), Refusal::Bad(why), "{head:?}");
         }
         for head in [
-            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert_eq!(
                 refused(head),
@@ -240,27 +280,68 @@ mod tests {
         }
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
         assert_eq!(
-            refused(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
+            refused(&format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n")),
             Refusal::TooLarge
         );
         let long = "v".repeat(8192);
         assert_eq!(
-            refused(&format!("GET / HTTP/1.1\r\nx: {long}")),
+            refused(&format!("GET / HTTP/1.1\r\nHost: x\r\nx: {long}")),
             Refusal::TooLarge
         );
         assert_eq!(
-            refused(&format!("GET / HTTP/1.1\r\nx: {long}\r\n\r\n")),
+            refused(&format!("GET / HTTP/1.1\r\nHost: x\r\nx: {long}\r\n\r\n")),
             Refusal::TooLarge
         );
     }
 
     #[test]
     fn pipelined_heads_come_off_one_at_a_time() {
-        let mut buf = BytesMut::from("GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3");
+        let mut buf = BytesMut::from(
+            "GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\nGET /3",
+        );
         let first = parse_head(&mut buf, 8192).unwrap().unwrap();
         let second = parse_head(&mut buf, 8192).unwrap().unwrap();
         assert_eq!((first.uri.path(), second.uri.path()), ("/1", "/2"));
         assert!(parse_head(&mut buf, 8192).unwrap().is_none());
         assert_eq!(&buf[..], b"GET /3");
+    }
+
+    #[test]
+    fn one_valid_host_or_the_targets() {
+        for (head, why) in [
+            ("GET / HTTP/1.1\r\n\r\n", "an HTTP/1.1 request without Host"),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+                "more than one Host",
+            ),
+            ("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", "invalid Host"),
+            ("GET / HTTP/1.0\r\nHost: ..\r\n\r\n", "invalid Host"),
+            ("GET / HTTP/1.1\r\nHost:\r\n\r\n", "invalid Host"),
+            (
+                "GET http://u@h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+                "invalid host in the request target",
+            ),
+        ] {
+            assert_eq!(parse(head).err(), Some(Refusal::Bad(why)), "{head:?}");
+        }
+        let h = parse("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(h.headers.get("host").is_none());
+        let h = parse("GET http://Target.example:81/p?q HTTP/1.1\r\nHost: other\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.headers["host"], "Target.example:81");
+        assert_eq!(h.headers.get_all("host").iter().count(), 1);
+        for ok in [
+            "a.example",
+            "a-b_c.example:8080",
+            "[::1]:80",
+            "127.0.0.1",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in ["", "a/b", "a\\b", "a..b", "a b", "a?b", "a#b", "a@b"] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
     }
 }
