@@ -148,7 +148,9 @@ fn parse_chunk_size(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
     let size = buf[..digits].iter().fold(0u64, |n, b| {
         n << 4 | (*b as char).to_digit(16).unwrap_or(0) as u64
     });
-    // What follows the digits (whitespace, extensions) is skipped up to the CRLF.
+    // After the digits only whitespace, then extensions (`;`…), up to the CRLF (RFC 9112
+    // §7.1): `5 zz` or `0x5` is refused, not read as a size the next hop may read otherwise.
+    let mut extension = false;
     for (i, &b) in buf.iter().enumerate().skip(digits) {
         if i >= MAX_SIZE_LINE {
             return Err("chunk size line too long");
@@ -161,7 +163,9 @@ fn parse_chunk_size(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
                     Some(_) => Err("bad chunk size line"),
                 }
             }
-            b'\t' | b' '..=b'~' | 0x80..=0xff => {}
+            b';' => extension = true,
+            b'\t' | b' ' => {}
+            b'!'..=b'~' | 0x80..=0xff if extension => {}
             _ => return Err("bad chunk size line"),
         }
     }
@@ -172,6 +176,44 @@ fn parse_chunk_size(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
 fn take(buf: &mut BytesMut, max: u64) -> Bytes {
     let n = buf.len().min(usize::try_from(max).unwrap_or(usize::MAX));
     buf.split_to(n).freeze()
+}
+
+/// Fields a trailer section may not carry (RFC 9110 §6.5.1: framing, routing, request
+/// modifiers, authentication, how to process the content), and the forwarding fields the
+/// gateway sets: left out of the trailers passed on, so that a peer merging trailers into the
+/// head cannot be handed them this way.
+fn barred_in_trailers(name: &HeaderName) -> bool {
+    use http::header::*;
+    const BARRED: [HeaderName; 19] = [
+        CONTENT_LENGTH,
+        TRANSFER_ENCODING,
+        HOST,
+        CONNECTION,
+        TE,
+        TRAILER,
+        UPGRADE,
+        EXPECT,
+        MAX_FORWARDS,
+        RANGE,
+        AUTHORIZATION,
+        PROXY_AUTHORIZATION,
+        COOKIE,
+        SET_COOKIE,
+        CONTENT_ENCODING,
+        CONTENT_TYPE,
+        CONTENT_RANGE,
+        CACHE_CONTROL,
+        PROXY_AUTHENTICATE,
+    ];
+    const FORWARDING: [&str; 5] = [
+        "keep-alive",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+    ];
+    let s = name.as_str();
+    BARRED.contains(name) || FORWARDING.contains(&s) || s.starts_with("if-")
 }
 
 /// The trailer section after a chunked body's last chunk: `Some(None)` for none,
@@ -197,7 +239,9 @@ fn parse_trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, &'sta
                 let name =
                     HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "bad trailer name")?;
                 let value = HeaderValue::from_bytes(f.value).map_err(|_| "bad trailer value")?;
-                map.append(name, value);
+                if !barred_in_trailers(&name) {
+                    map.append(name, value);
+                }
             }
             buf.advance(len);
             Ok(Some(Some(map)))

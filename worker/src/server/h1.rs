@@ -18,7 +18,7 @@
 use crate::body::{BoxError, ProxyBody};
 use bytes::{Bytes, BytesMut};
 use http::header;
-use http::{Request, Response, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use std::future::Future;
 use std::io;
@@ -413,7 +413,9 @@ fn encode_head(
     wbuf.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     wbuf.extend_from_slice(b"\r\n");
     let start = wbuf.len();
-    let mut fields = put_answer_fields(wbuf, &parts.headers, set, true);
+    // A 204 carries no Content-Length (RFC 9110 §8.6), whatever the upstream or a plugin put.
+    let lengths = status != StatusCode::NO_CONTENT && !status.is_informational();
+    let mut fields = put_answer_fields(wbuf, &parts.headers, set, lengths);
     if fields.bad_length {
         // A length that does not parse (a plugin's) is not sent: the body's own size is.
         wbuf.truncate(start);
@@ -485,8 +487,15 @@ fn put_answer_fields(
     };
     codec::put_fields_setting(wbuf, headers, set, |name, value| {
         if is_delimiter(name) {
-            if *name == header::CONTENT_LENGTH && !lengths {
-                return false;
+            if *name == header::CONTENT_LENGTH {
+                if !lengths {
+                    return false;
+                }
+                let repeat = seen.delimiters.length.is_some();
+                seen.bad_length |= seen.delimiters.note(name, value.as_bytes()).is_err();
+                // One line: an equal repeat is left out (an unequal one makes `bad_length`,
+                // and the body's own size is written instead).
+                return !repeat;
             }
             seen.bad_length |= seen.delimiters.note(name, value.as_bytes()).is_err();
         }
