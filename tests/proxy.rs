@@ -1059,3 +1059,86 @@ fn routes_inherit_from_their_service() {
     );
     assert_eq!(who(&gw, "GET", "/svc", Some("svc.test")), "own");
 }
+
+/// An upstream's 204 loses the `Content-Length` a 204 may not carry (RFC 9110 §8.6, as
+/// nginx); a status outside 100–599 is not an HTTP answer: 502.
+#[test]
+fn answers_outside_the_rules_are_mended_or_refused() {
+    let no_content = RawUpstream::start(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n");
+    let odd = RawUpstream::start(b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok");
+    let gw = Gateway::start();
+    put(
+        &gw,
+        "routes/nc",
+        json!({"uri": "/nc", "upstream": nodes(&[(no_content.addr(), 1)])}),
+    );
+    put(
+        &gw,
+        "routes/odd",
+        json!({"uri": "/odd", "upstream": nodes(&[(odd.addr(), 1)])}),
+    );
+    let r = send(&gw, "GET", "/nc", &[]);
+    assert_eq!((r.status, r.header("content-length")), (204, None));
+    // The connection is still good for the next answer.
+    let r = send(&gw, "GET", "/nc", &[]);
+    assert_eq!(r.status, 204);
+    let r = send(&gw, "GET", "/odd", &[]);
+    assert_eq!(r.status, 502, "{}", r.text());
+}
+
+/// A node that answers before reading the whole body (a 413) and closes: the body it left
+/// unread makes its kernel reset the connection, so the gateway's next write fails. The
+/// answer it had sent is relayed, not a 502 (RFC 9112 §9.5 lets a server answer early).
+#[test]
+fn an_early_answer_before_a_reset_is_relayed() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let node = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let (mut got, mut buf) = (0, [0u8; 65536]);
+                while got < 100_000 {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+                let _ = conn.write_all(
+                    b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 7\r\n\r\ntoo big",
+                );
+                // Dropped with unread bytes: the kernel answers them with a reset.
+            });
+        }
+    });
+    let gw = Gateway::start();
+    put(
+        &gw,
+        "routes/big",
+        json!({"uri": "/big", "upstream": nodes(&[(node, 1)])}),
+    );
+    for round in 0..4 {
+        let s = TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let head = b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 30000000\r\n\r\n";
+            if w.write_all(head).is_err() {
+                return;
+            }
+            let chunk = vec![0u8; 65536];
+            for _ in 0..458 {
+                if w.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        let r = common::client::read_response(&mut BufReader::new(s), false).unwrap();
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (413, "too big"),
+            "round {round}"
+        );
+        let _ = writer.join();
+    }
+}

@@ -19,7 +19,7 @@ use crate::plugins::{Active, Dir, Verdict, WasmRequest};
 use crate::router::{RequestView, RouteEntry};
 use crate::server::ClientBody;
 use crate::upstream::h1::{ExchangeError, ResponseBody};
-use crate::upstream::pool::Conn;
+use crate::upstream::pool::{Conn, ConnectError};
 use crate::upstream::UpstreamRuntime;
 use crate::wasm_body::{BodyFailure, PluginBody, Primed};
 use crate::wasm_glue;
@@ -447,13 +447,18 @@ async fn forward(
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("connect() to {authority} failed: {e}");
+                // A connect that timed out is a gateway timeout, as nginx answers it.
+                let status = match e {
+                    ConnectError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
                 log.addrs.push(authority);
-                log.status = Some(502);
+                log.status = Some(status.as_u16());
                 tried.push(idx);
                 attempt_at = Instant::now();
                 let out_of_time = deadline.is_some_and(|d| attempt_at >= d);
                 if tried.len() > up.retries || out_of_time {
-                    return error_page(StatusCode::BAD_GATEWAY);
+                    return error_page(status);
                 }
                 continue;
             }
@@ -731,21 +736,22 @@ fn connection_is_plain(h: &HeaderMap) -> bool {
     }
 }
 
-/// The `Host` sent upstream, per `pass_host`.
+/// The `Host` sent upstream, per `pass_host`. An HTTP/1.0 client may send none; the request
+/// upstream is HTTP/1.1, which must carry one (RFC 9112 §3.2), so it then names the node.
 fn node_host(
     up: &UpstreamRuntime,
     client_host: Option<&HeaderValue>,
     authority: &str,
 ) -> Option<HeaderValue> {
+    let node = || HeaderValue::from_str(authority.strip_suffix(":80").unwrap_or(authority)).ok();
     match up.pass_host {
-        PassHost::Pass => client_host.cloned(),
-        PassHost::Node => {
-            HeaderValue::from_str(authority.strip_suffix(":80").unwrap_or(authority)).ok()
-        }
+        PassHost::Pass => client_host.cloned().or_else(node),
+        PassHost::Node => node(),
         PassHost::Rewrite => up
             .upstream_host
             .as_deref()
-            .and_then(|h| HeaderValue::from_str(h).ok()),
+            .and_then(|h| HeaderValue::from_str(h).ok())
+            .or_else(node),
     }
 }
 

@@ -39,6 +39,9 @@ use wasmgate_http1::codec::{
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// What one read asks of the socket: enough for the head and body of most answers.
 const READ_CHUNK: usize = 8 * 1024;
+/// How long an answer is waited for once sending the request body failed on the connection
+/// (the node may have answered, then closed on the body it would not read).
+const ANSWER_AFTER_SEND_FAILED: Duration = Duration::from_millis(200);
 /// Reads of long bodies ask for more at a time: a read that fills what it asked for doubles
 /// the next one, up to this (a frame holds its read's buffer until the client has it).
 const MAX_READ_CHUNK: usize = 512 * 1024;
@@ -180,7 +183,12 @@ impl Wire {
         let mut length = None;
         codec::put_fields_setting(w, headers, set, |name, value| {
             if *name == header::CONTENT_LENGTH {
-                length.get_or_insert(value);
+                // One line, however many equal ones the client sent (unequal ones it was
+                // refused for).
+                if length.is_some() {
+                    return false;
+                }
+                length = Some(value);
             }
             true
         });
@@ -228,7 +236,24 @@ impl Wire {
             let (mut rd, mut wr) = io.split();
             tokio::select! {
                 biased;
-                sent = send_body(&mut wr, wbuf, body, out.body) => { sent?; }
+                sent = send_body(&mut wr, wbuf, body, out.body) => {
+                    if let Err(SendError::Io(e)) = sent {
+                        // The node may have answered and closed without reading the rest (a
+                        // 413): its answer, if it came, is relayed rather than a 502.
+                        let late = tokio::time::timeout(
+                            ANSWER_AFTER_SEND_FAILED,
+                            read_head(&mut rd, rbuf, head_request),
+                        );
+                        return match late.await {
+                            Ok(Ok(mut head)) => {
+                                head.keep_alive = false;
+                                Ok(head)
+                            }
+                            _ => Err(ExchangeError::Io(e)),
+                        };
+                    }
+                    sent?;
+                }
                 early = read_head(&mut rd, rbuf, head_request) => {
                     let mut head = early?;
                     head.keep_alive = false;
@@ -308,8 +333,10 @@ fn parse_head(
         }
         Err(_) => return Err(ExchangeError::Invalid("malformed response head")),
     };
+    // 100–599 only (RFC 9110 §15): `StatusCode` takes up to 999.
     let status = resp
         .code
+        .filter(|c| *c < 600)
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(ExchangeError::Invalid("bad status code"))?;
     let version = match resp.version {
