@@ -1142,3 +1142,39 @@ fn an_early_answer_before_a_reset_is_relayed() {
         let _ = writer.join();
     }
 }
+
+/// `retries` as nginx's default `proxy_next_upstream error timeout`: a node that takes the
+/// request and closes without answering makes an idempotent request without a body go to the
+/// next node; a POST is not sent twice (502).
+#[test]
+fn idempotent_requests_move_on_from_a_node_that_fails_them() {
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in dead.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            // Closed without an answer.
+        }
+    });
+    let good = RawUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    let gw = Gateway::start();
+    put(
+        &gw,
+        "routes/two",
+        json!({"uri": "/two", "upstream": nodes(&[(dead_addr, 1), (good.addr(), 1)])}),
+    );
+    for i in 0..6 {
+        let r = send(&gw, "GET", "/two", &[]);
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"), "GET {i}");
+    }
+    let posts: Vec<u16> = (0..6)
+        .map(|_| http("POST", &gw.url("/two"), &[], Some(b"x")).status)
+        .collect();
+    assert!(
+        posts.contains(&502),
+        "a POST the dead node took is not replayed: {posts:?}"
+    );
+    assert!(posts.contains(&200), "{posts:?}");
+}

@@ -4,8 +4,10 @@
 //!    request headers (the Proxy-Wasm host hooks in here). Requests no route matches end with
 //!    404 `{"error_msg":"404 Route Not Found"}`.
 //! 3. **upstream** — [`forward`]: a node is picked by the upstream's balancer, a pooled or new
-//!    connection is used, a connect failure moves on to the next node (up to `retries`); no node
-//!    → 502, no answer in `timeout.read` → 504.
+//!    connection is used, a connect failure moves on to the next node (up to `retries`), and so
+//!    does a failure or timeout before the answer's head for an idempotent request without a
+//!    body (nginx's default `proxy_next_upstream error timeout`); no node → 502, no answer in
+//!    `timeout.read` → 504.
 //! 4. **header_filter** — [`header_filter`]: hop-by-hop headers go, `Server` is set, and while the
 //!    worker drains, `Connection: close` tells keep-alive clients to reconnect elsewhere.
 //! 5. **body_filter** — bodies stream through untouched in both directions.
@@ -420,6 +422,9 @@ async fn forward(
     // sets is written with them (`Forwarding`), not stored in the map.
     strip_hop_by_hop(&mut parts.headers);
     let forwarding = Forwarding::new(&parts.headers, client_host.as_ref(), &client.ip);
+    // Without a body, an idempotent request may go to another node after a failure past the
+    // connect: nothing of it is lost, and the node may not have acted on it twice.
+    let replayable = body.is_end_stream() && parts.method.is_idempotent();
     let mut body = Some(body);
     let mut tried = Vec::new();
     let mut stale_retries = 0;
@@ -490,6 +495,10 @@ async fn forward(
             outcome => {
                 up.balancer.on_finish(idx);
                 log.addrs.push(authority.clone());
+                // An answer that is not HTTP is the node's answer (nginx's `invalid_header`,
+                // not among its default reasons to try the next node).
+                let invalid = matches!(&outcome, Exchange::Failed(e)
+                    if matches!(e.downcast_ref(), Some(ExchangeError::Invalid(_))));
                 let status = match outcome {
                     Exchange::Timeout(phase) => {
                         tracing::error!("upstream {authority} timed out while {phase}");
@@ -513,7 +522,13 @@ async fn forward(
                     _ => StatusCode::BAD_GATEWAY,
                 };
                 log.status = Some(status.as_u16());
-                return error_page(status);
+                tried.push(idx);
+                attempt_at = Instant::now();
+                let out_of_time = deadline.is_some_and(|d| attempt_at >= d);
+                if !replayable || invalid || tried.len() > up.retries || out_of_time {
+                    return error_page(status);
+                }
+                body = Some(body::empty());
             }
         }
     }
