@@ -1178,3 +1178,40 @@ fn idempotent_requests_move_on_from_a_node_that_fails_them() {
     );
     assert!(posts.contains(&200), "{posts:?}");
 }
+
+/// An answer whose body the upstream cuts short (it closes before the `Content-Length` it
+/// announced) is cut for the client too, and said in the error log: the access log shows
+/// the 200 that went out.
+#[test]
+fn an_answer_cut_by_the_upstream_is_logged() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let node = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort");
+        }
+    });
+    let gw = Gateway::start();
+    put(
+        &gw,
+        "routes/cut",
+        json!({"uri": "/cut", "upstream": nodes(&[(node, 1)])}),
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.ends_with("short"),
+        "{got}"
+    );
+    common::eventually(Duration::from_secs(5), "the error-log line", || {
+        gw.error_log().contains("its body failed")
+    });
+}

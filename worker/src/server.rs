@@ -143,13 +143,20 @@ async fn connection(
 
 /// An answer that could not be sent whole. One the client stopped taking (`send_timeout`) is
 /// logged, as nginx does at `info`, and its connection reset: the kernel would otherwise hold
-/// the unsent rest for a client that reads nothing.
+/// the unsent rest for a client that reads nothing. One whose body failed on the way (the
+/// upstream closed early, sent a broken chunk or went silent; a plugin failed) is an error,
+/// as nginx's "upstream prematurely closed connection": the access log alone shows a 200.
 fn answer_cut(conn: &h1::Conn, peer: SocketAddr, e: &codec::SendError) {
-    if let codec::SendError::Io(e) = e {
-        if e.kind() == std::io::ErrorKind::TimedOut {
+    match e {
+        codec::SendError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => {
             tracing::info!("answer to {peer} cut: {e}");
             conn.reset_on_close();
         }
+        codec::SendError::Body(e) => tracing::error!("answer to {peer} cut, its body failed: {e}"),
+        codec::SendError::Length(n) => {
+            tracing::error!("answer to {peer} cut: its body is not the {n} bytes announced")
+        }
+        codec::SendError::Io(_) => {}
     }
 }
 
