@@ -224,6 +224,23 @@ fn refused_requests_leave_their_connection_usable() {
     .unwrap();
     let first = read_response(&mut BufReader::new(s), false).unwrap();
     assert_eq!(first.status, 404, "no 100 Continue before a final answer");
+    assert_eq!(
+        first.header("connection"),
+        Some("close"),
+        "its body never came"
+    );
+
+    // Half the body here: the answer says the connection ends, and it does.
+    let mut s = connect(&gw);
+    s.write_all(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        .unwrap();
+    let mut r = BufReader::new(s);
+    let resp = read_response(&mut r, false).unwrap();
+    assert_eq!(
+        (resp.status, resp.header("connection")),
+        (404, Some("close"))
+    );
+    assert!(closed_by_gateway(&mut r));
 }
 
 /// A client that closes while its request waits on a slow upstream abandons it: the worker

@@ -223,6 +223,12 @@ impl Conn {
         written: impl FnOnce(http::HeaderMap),
     ) -> Result<bool, codec::SendError> {
         let (mut parts, mut body) = resp.into_parts();
+        // A request body left unread that is not all here yet (an early answer) ends the
+        // connection: the head says so, for a client that would pipeline the next request.
+        let meta = &Meta {
+            keep_alive: meta.keep_alive && self.skip_unread_body(),
+            ..*meta
+        };
         let (out, keep_alive) = encode_head(wbuf, &parts, &body, meta, set);
         // The head is in the buffer: its headers are not needed any more (the plugins that
         // lent them read them in their later callbacks).
@@ -307,11 +313,20 @@ impl Conn {
     /// did not read (a request refused early) is skipped when it is all here; otherwise the
     /// connection cannot find the next request and ends.
     pub fn finish_request(&self) -> bool {
+        {
+            let mut g = self.lock();
+            g.seq += 1;
+            g.responding = false;
+            g.continue_left = 0;
+        }
+        self.skip_unread_body()
+    }
+
+    /// Skips what is left of the request's body when it is all in the buffer; whether the
+    /// next request can be found after it.
+    fn skip_unread_body(&self) -> bool {
         let mut g = self.lock();
         let g = &mut *g;
-        g.seq += 1;
-        g.responding = false;
-        g.continue_left = 0;
         loop {
             match codec::decode(&mut g.rbuf, &mut g.framing) {
                 Ok(Decoded::Data(_)) | Ok(Decoded::Trailers(_)) => continue,
