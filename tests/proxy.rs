@@ -1177,6 +1177,30 @@ fn idempotent_requests_move_on_from_a_node_that_fails_them() {
         "a POST the dead node took is not replayed: {posts:?}"
     );
     assert!(posts.contains(&200), "{posts:?}");
+
+    // Two nodes that never answer: both tried, and the answer is the last one's, a 504.
+    let silent: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<(String, u32)> = silent
+        .iter()
+        .map(|l| (l.local_addr().unwrap().to_string(), 1))
+        .collect();
+    let mut upstream = nodes(&addrs);
+    upstream["timeout"] = json!({"connect": 1, "send": 1, "read": 1});
+    put(
+        &gw,
+        "routes/silent",
+        json!({"uri": "/silent", "upstream": upstream}),
+    );
+    let started = Instant::now();
+    let r = send(&gw, "GET", "/silent", &[]);
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "both nodes waited on"
+    );
+    drop(silent);
 }
 
 /// An answer whose body the upstream cuts short (it closes before the `Content-Length` it

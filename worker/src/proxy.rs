@@ -424,7 +424,8 @@ async fn forward(
     let forwarding = Forwarding::new(&parts.headers, client_host.as_ref(), &client.ip);
     // Without a body, an idempotent request may go to another node after a failure past the
     // connect: nothing of it is lost, and the node may not have acted on it twice.
-    let replayable = body.is_end_stream() && parts.method.is_idempotent();
+    let no_body = body.is_end_stream();
+    let replayable = no_body && parts.method.is_idempotent();
     let mut body = Some(body);
     let mut tried = Vec::new();
     let mut stale_retries = 0;
@@ -441,7 +442,10 @@ async fn forward(
             if up.nodes.is_empty() {
                 tracing::error!("no valid upstream node");
             }
-            return error_page(StatusCode::BAD_GATEWAY);
+            // Every node tried: the last attempt's answer (one that timed out stays a 504).
+            let last = log.status.filter(|_| !tried.is_empty());
+            let status = last.and_then(|s| StatusCode::from_u16(s).ok());
+            return error_page(status.unwrap_or(StatusCode::BAD_GATEWAY));
         };
         let authority = up.authorities[idx].clone();
         let conn = match w
@@ -474,7 +478,7 @@ async fn forward(
         let host = node_host(up, client_host.as_ref(), &authority);
         let set = forwarding.fields(host.as_ref());
         up.balancer.on_start(idx);
-        match send(w, conn, parts, &set, b, &authority, up).await {
+        match send(w, conn, parts, &set, (b, no_body), &authority, up).await {
             Exchange::Response(resp) => {
                 log.addrs.push(authority);
                 log.status = Some(resp.status().as_u16());
@@ -556,7 +560,7 @@ async fn send(
     conn: Conn,
     parts: &http::request::Parts,
     set: &SetFields<'_>,
-    body: ProxyBody,
+    (body, no_body): (ProxyBody, bool),
     authority: &Arc<str>,
     up: &UpstreamRuntime,
 ) -> Exchange {
@@ -572,7 +576,6 @@ async fn send(
     // A request without a body has no sending to watch: its head goes out at once (it fits
     // the socket's buffer), and with the answer's head it must take at most `timeout.read`;
     // one timer setting covers both.
-    let no_body = body.is_end_stream();
     let first_wait = match no_body {
         true => up.read_timeout,
         false => up.send_timeout,

@@ -152,6 +152,10 @@ fn answer_cut(conn: &h1::Conn, peer: SocketAddr, e: &codec::SendError) {
             tracing::info!("answer to {peer} cut: {e}");
             conn.reset_on_close();
         }
+        // A plugin's failure is in the log already, under the plugins' rate limit.
+        codec::SendError::Body(e) if e.is::<crate::wasm_body::PluginBodyFailed>() => {
+            tracing::debug!("answer to {peer} cut: {e}")
+        }
         codec::SendError::Body(e) => tracing::error!("answer to {peer} cut, its body failed: {e}"),
         codec::SendError::Length(n) => {
             tracing::error!("answer to {peer} cut: its body is not the {n} bytes announced")

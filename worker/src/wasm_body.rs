@@ -155,9 +155,15 @@ impl PluginBody {
         };
         self.failure.set(failure);
         self.done = true;
-        Err(msg.into())
+        Err(Box::new(PluginBodyFailed(msg)))
     }
 }
+
+/// A body cut by its plugins (the reason is logged where the plugin failed, under the
+/// plugins' rate limit): told apart from a body the upstream cut.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PluginBodyFailed(pub &'static str);
 
 impl Body for PluginBody {
     type Data = Bytes;

@@ -223,27 +223,28 @@ impl Conn {
         written: impl FnOnce(http::HeaderMap),
     ) -> Result<bool, codec::SendError> {
         let (mut parts, mut body) = resp.into_parts();
-        // A request body left unread that is not all here yet (an early answer) ends the
-        // connection: the head says so, for a client that would pipeline the next request.
+        // A `100 Continue` cut short by a full socket is finished first: the answer's head
+        // must not land in the middle of it. A request body left unread that is not all here
+        // yet (an early answer) ends the connection: the head says so, for a client that
+        // would pipeline the next request.
+        let (interim, settled): (&[u8], bool) = {
+            let mut g = self.lock();
+            g.responding = true;
+            let interim = match std::mem::take(&mut g.continue_left) {
+                // Begun: its rest. Not begun: too late for it.
+                left if left < CONTINUE.len() => &CONTINUE[CONTINUE.len() - left..],
+                _ => &[],
+            };
+            (interim, skip_unread_body(&mut g))
+        };
         let meta = &Meta {
-            keep_alive: meta.keep_alive && self.skip_unread_body(),
+            keep_alive: meta.keep_alive && settled,
             ..*meta
         };
         let (out, keep_alive) = encode_head(wbuf, &parts, &body, meta, set);
         // The head is in the buffer: its headers are not needed any more (the plugins that
         // lent them read them in their later callbacks).
         written(std::mem::take(&mut parts.headers));
-        // A `100 Continue` cut short by a full socket is finished first: the answer's head
-        // must not land in the middle of it.
-        let interim: &[u8] = {
-            let mut g = self.lock();
-            g.responding = true;
-            match std::mem::take(&mut g.continue_left) {
-                // Begun: its rest. Not begun: too late for it.
-                left if left < CONTINUE.len() => &CONTINUE[CONTINUE.len() - left..],
-                _ => &[],
-            }
-        };
         let mut w = self.writer();
         w.write_all(interim).await?;
         let Some(out) = out else {
@@ -313,27 +314,11 @@ impl Conn {
     /// did not read (a request refused early) is skipped when it is all here; otherwise the
     /// connection cannot find the next request and ends.
     pub fn finish_request(&self) -> bool {
-        {
-            let mut g = self.lock();
-            g.seq += 1;
-            g.responding = false;
-            g.continue_left = 0;
-        }
-        self.skip_unread_body()
-    }
-
-    /// Skips what is left of the request's body when it is all in the buffer; whether the
-    /// next request can be found after it.
-    fn skip_unread_body(&self) -> bool {
         let mut g = self.lock();
-        let g = &mut *g;
-        loop {
-            match codec::decode(&mut g.rbuf, &mut g.framing) {
-                Ok(Decoded::Data(_)) | Ok(Decoded::Trailers(_)) => continue,
-                Ok(Decoded::End) => return !g.broken,
-                Ok(Decoded::More) | Err(_) => return false,
-            }
-        }
+        g.seq += 1;
+        g.responding = false;
+        g.continue_left = 0;
+        skip_unread_body(&mut g)
     }
 
     /// Closes after reading (and dropping) what the client still sends, for at most
@@ -407,6 +392,18 @@ fn poll_read(
     Poll::Ready(Ok(n))
 }
 
+/// Skips what is left of the request's body when it is all in the buffer; whether the next
+/// request can be found after it.
+fn skip_unread_body(g: &mut Inbound) -> bool {
+    loop {
+        match codec::decode(&mut g.rbuf, &mut g.framing) {
+            Ok(Decoded::Data(_)) | Ok(Decoded::Trailers(_)) => continue,
+            Ok(Decoded::End) => return !g.broken,
+            Ok(Decoded::More) | Err(_) => return false,
+        }
+    }
+}
+
 /// Puts the status line and headers of an answer into `wbuf`, with the framing of its body and
 /// `set` applied ([`codec::put_fields_setting`]'s rule). Returns how the body goes out (None: it
 /// has none) and whether the connection stays.
@@ -444,7 +441,7 @@ fn encode_head(
     let bodiless = codec::bodiless(status, meta.head);
     let out = match (bodiless, delimiters.length, body.size_hint().exact()) {
         // The answer to HEAD tells the length a GET would get, when it is known.
-        (true, None, Some(n)) if meta.head && n > 0 => {
+        (true, None, Some(n)) if meta.head && n > 0 && lengths => {
             codec::put_length(wbuf, n);
             None
         }

@@ -306,7 +306,12 @@ async fn read_head<R: AsyncRead + Unpin>(
         if n == 0 {
             return Err(match received {
                 false => ExchangeError::Closed(io::ErrorKind::UnexpectedEof.into()),
-                true => ExchangeError::Invalid("connection closed inside the response head"),
+                // A failure to read the head (nginx's `error`, retried as one), not an answer
+                // that is not HTTP.
+                true => ExchangeError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed inside the response head",
+                )),
             });
         }
         received = true;
