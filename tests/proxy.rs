@@ -1143,21 +1143,29 @@ fn an_early_answer_before_a_reset_is_relayed() {
     }
 }
 
+/// A node that reads one request's first bytes on each connection, writes `answer` and
+/// closes; its address.
+fn node_answering(answer: &'static [u8]) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(answer);
+        }
+    });
+    addr
+}
+
 /// `retries` as nginx's default `proxy_next_upstream error timeout`: a node that takes the
 /// request and closes without answering makes an idempotent request without a body go to the
 /// next node; a POST is not sent twice (502).
 #[test]
 fn idempotent_requests_move_on_from_a_node_that_fails_them() {
-    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_addr = dead.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for conn in dead.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf);
-            // Closed without an answer.
-        }
-    });
+    // Takes the request, closes without an answer.
+    let dead_addr = node_answering(b"");
     let good = RawUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
     let gw = Gateway::start();
     put(
@@ -1208,16 +1216,7 @@ fn idempotent_requests_move_on_from_a_node_that_fails_them() {
 /// the 200 that went out.
 #[test]
 fn an_answer_cut_by_the_upstream_is_logged() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let node = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf);
-            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort");
-        }
-    });
+    let node = node_answering(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort");
     let gw = Gateway::start();
     put(
         &gw,
