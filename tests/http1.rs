@@ -312,6 +312,13 @@ fn the_host_is_one_valid_field_or_the_targets() {
     assert_eq!(seen["headers"]["x-forwarded-host"], "abs.example");
     let r = get("GET http://other/h/a HTTP/1.1\r\nHost: abs.example\r\n\r\n");
     assert_eq!(r.status, 404, "routed by the Host field: {}", r.text());
+    let r = get("GET /h/a HTTP/1.1\r\nHost: ABS.example.:80\r\n\r\n");
+    assert_eq!(
+        r.status,
+        200,
+        "the name's case, root dot and port: {}",
+        r.text()
+    );
 
     let r = get("GET /e/old HTTP/1.0\r\n\r\n");
     assert_eq!(r.status, 200, "{}", r.text());

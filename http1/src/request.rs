@@ -201,7 +201,18 @@ pub fn valid_host(host: &[u8]) -> bool {
         }
         prev = b;
     }
-    !host.is_empty()
+    // A name before the port: not `:80`, `.` (the root alone) or `[]`.
+    let name = match host.first() {
+        Some(b'[') => {
+            &host[..host
+                .iter()
+                .position(|b| *b == b']')
+                .map_or(host.len(), |i| i + 1)]
+        }
+        _ => &host[..host.iter().position(|b| *b == b':').unwrap_or(host.len())],
+    };
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    !name.is_empty() && name != b"[]"
 }
 
 /// Whether the request's only transfer coding is chunked, in a single field.
@@ -365,10 +376,13 @@ mod tests {
             "[::1]:80",
             "127.0.0.1",
             "xn--bcher-kva.example",
+            "a.example.",
         ] {
             assert!(valid_host(ok.as_bytes()), "{ok}");
         }
-        for bad in ["", "a/b", "a\\b", "a..b", "a b", "a?b", "a#b", "a@b"] {
+        for bad in [
+            "", "a/b", "a\\b", "a..b", "a b", "a?b", "a#b", "a@b", ":80", ".", "[]", "[]:80",
+        ] {
             assert!(!valid_host(bad.as_bytes()), "{bad:?}");
         }
     }

@@ -1003,6 +1003,8 @@ fn request_host(parts: &http::request::Parts) -> HostName {
             .all(|b| (b' '..=b'~').contains(b) || *b == b'\t')
         {
             let host = &bytes[..host_end(bytes)];
+            // `example.com.` is `example.com` (DNS's root label), as nginx's `$host`.
+            let host = host.strip_suffix(b".").unwrap_or(host);
             return match host.iter().any(u8::is_ascii_uppercase) {
                 false => HostName::Lent(v.clone(), host.len()),
                 true => HostName::Owned(String::from_utf8_lossy(host).to_ascii_lowercase()),
@@ -1010,7 +1012,8 @@ fn request_host(parts: &http::request::Parts) -> HostName {
         }
     }
     let raw = parts.uri.host().unwrap_or("");
-    HostName::Owned(raw[..host_end(raw.as_bytes())].to_ascii_lowercase())
+    let raw = &raw[..host_end(raw.as_bytes())];
+    HostName::Owned(raw.strip_suffix('.').unwrap_or(raw).to_ascii_lowercase())
 }
 
 /// Where the host name ends in `host[:port]`: after an IPv6 literal's `]`, else before the
