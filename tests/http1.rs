@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::client::read_response;
+use common::client::{read_response, Resp};
 use common::{eventually, Gateway, TestUpstream};
 use serde_json::json;
 use std::io::{BufReader, Read, Write};
@@ -15,6 +15,13 @@ fn connect(gw: &Gateway) -> TcpStream {
     let s = TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s
+}
+
+/// The answer to `request`, sent alone on a new connection.
+fn ask(gw: &Gateway, request: &str) -> Resp {
+    let mut s = connect(gw);
+    s.write_all(request.as_bytes()).unwrap();
+    read_response(&mut BufReader::new(s), false).unwrap()
 }
 
 /// A gateway routing every path to a test upstream that echoes what it got.
@@ -105,10 +112,8 @@ fn ambiguous_request_framing_is_refused() {
 fn chunked_lines_end_only_with_crlf() {
     let (_up, gw) = echoing();
     for body in ["2;\nab\r\n0\r\n\r\n", "2\r\nab\r\n0\r\nX: a\n\n"] {
-        let mut s = connect(&gw);
         let head = "POST /e/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
-        s.write_all(format!("{head}{body}").as_bytes()).unwrap();
-        let resp = read_response(&mut BufReader::new(s), false).unwrap();
+        let resp = ask(&gw, &format!("{head}{body}"));
         assert_eq!(resp.status, 400, "{body:?}: {}", resp.text());
     }
 }
@@ -177,12 +182,10 @@ fn an_upstream_answer_with_both_lengths_cannot_split_the_response() {
 #[test]
 fn a_broken_chunked_body_gets_400() {
     let (_up, gw) = echoing();
-    let mut s = connect(&gw);
-    s.write_all(
-        b"POST /e/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n",
-    )
-    .unwrap();
-    let resp = read_response(&mut BufReader::new(s), false).unwrap();
+    let resp = ask(
+        &gw,
+        "POST /e/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n",
+    );
     assert_eq!(resp.status, 400, "{}", resp.text());
 }
 
@@ -292,18 +295,12 @@ fn the_host_is_one_valid_field_or_the_targets() {
         "GET /e/a HTTP/1.1\r\nHost:\r\n\r\n",
         "GET http://u@abs.example/h/a HTTP/1.1\r\nHost: x\r\n\r\n",
     ] {
-        let mut s = connect(&gw);
-        s.write_all(head.as_bytes()).unwrap();
-        let resp = read_response(&mut BufReader::new(s), false).unwrap();
+        let resp = ask(&gw, head);
         assert_eq!(resp.status, 400, "{head:?}: {}", resp.text());
     }
     assert_eq!(up.hits(), 0);
 
-    let get = |head: &str| {
-        let mut s = connect(&gw);
-        s.write_all(head.as_bytes()).unwrap();
-        read_response(&mut BufReader::new(s), false).unwrap()
-    };
+    let get = |head: &str| ask(&gw, head);
     let r = get("GET http://abs.example/h/a?q=1 HTTP/1.1\r\nHost: other\r\n\r\n");
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = r.json();
@@ -359,11 +356,7 @@ fn framing_fields_reach_the_upstream_once_and_never_as_trailers() {
         json!({"uri": "/raw", "upstream": {"type": "roundrobin", "nodes": {node.as_str(): 1}}}),
         None,
     );
-    let send = |req: &str| {
-        let mut s = connect(&gw);
-        s.write_all(req.as_bytes()).unwrap();
-        read_response(&mut BufReader::new(s), false).unwrap()
-    };
+    let send = |req: &str| ask(&gw, req);
     let r = send(
         "POST /raw HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
          5\r\nhello\r\n0\r\nX-Sum: 7\r\nContent-Length: 99\r\nHost: evil\r\nX-Real-IP: 6.6.6.6\r\n\r\n",

@@ -202,17 +202,20 @@ pub fn valid_host(host: &[u8]) -> bool {
         prev = b;
     }
     // A name before the port: not `:80`, `.` (the root alone) or `[]`.
-    let name = match host.first() {
-        Some(b'[') => {
-            &host[..host
-                .iter()
-                .position(|b| *b == b']')
-                .map_or(host.len(), |i| i + 1)]
-        }
-        _ => &host[..host.iter().position(|b| *b == b':').unwrap_or(host.len())],
-    };
-    let name = name.strip_suffix(b".").unwrap_or(name);
+    let name = host_name(host);
     !name.is_empty() && name != b"[]"
+}
+
+/// The name in `host[:port]`: up to an IPv6 literal's `]`, else up to the first `:`, less a
+/// trailing root dot (`example.com.` is `example.com`, as nginx's `$host`). A prefix of
+/// `host`.
+pub fn host_name(host: &[u8]) -> &[u8] {
+    let end = match host.first() {
+        Some(b'[') => host.iter().position(|b| *b == b']').map(|i| i + 1),
+        _ => host.iter().position(|b| *b == b':'),
+    };
+    let name = &host[..end.unwrap_or(host.len())];
+    name.strip_suffix(b".").unwrap_or(name)
 }
 
 /// Whether the request's only transfer coding is chunked, in a single field.

@@ -38,6 +38,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmgate_http1::codec::{SetField, SetFields};
+use wasmgate_http1::request::host_name;
 use wasmgate_shared::model::{HashOn, PassHost};
 use wasmgate_shared::traffic::Observation;
 use wasmgate_wasm::{Downstream, Stream};
@@ -463,11 +464,9 @@ async fn forward(
                 };
                 log.addrs.push(authority);
                 log.status = Some(status.as_u16());
-                tried.push(idx);
-                attempt_at = Instant::now();
-                let out_of_time = deadline.is_some_and(|d| attempt_at >= d);
-                if tried.len() > up.retries || out_of_time {
-                    return error_page(status);
+                match another_node(&mut tried, idx, up, deadline) {
+                    Some(at) => attempt_at = at,
+                    None => return error_page(status),
                 }
                 continue;
             }
@@ -526,16 +525,31 @@ async fn forward(
                     _ => StatusCode::BAD_GATEWAY,
                 };
                 log.status = Some(status.as_u16());
-                tried.push(idx);
-                attempt_at = Instant::now();
-                let out_of_time = deadline.is_some_and(|d| attempt_at >= d);
-                if !replayable || invalid || tried.len() > up.retries || out_of_time {
+                if !replayable || invalid {
                     return error_page(status);
+                }
+                match another_node(&mut tried, idx, up, deadline) {
+                    Some(at) => attempt_at = at,
+                    None => return error_page(status),
                 }
                 body = Some(body::empty());
             }
         }
     }
+}
+
+/// After a failed attempt on node `idx`: notes it, and whether another node may be tried
+/// (within `retries` and `retry_timeout`, counted to `deadline`) — the time that attempt
+/// starts.
+fn another_node(
+    tried: &mut Vec<usize>,
+    idx: usize,
+    up: &UpstreamRuntime,
+    deadline: Option<Instant>,
+) -> Option<Instant> {
+    tried.push(idx);
+    let now = Instant::now();
+    (tried.len() <= up.retries && deadline.is_none_or(|d| now < d)).then_some(now)
 }
 
 enum Exchange {
@@ -1002,9 +1016,7 @@ fn request_host(parts: &http::request::Parts) -> HostName {
             .iter()
             .all(|b| (b' '..=b'~').contains(b) || *b == b'\t')
         {
-            let host = &bytes[..host_end(bytes)];
-            // `example.com.` is `example.com` (DNS's root label), as nginx's `$host`.
-            let host = host.strip_suffix(b".").unwrap_or(host);
+            let host = host_name(bytes);
             return match host.iter().any(u8::is_ascii_uppercase) {
                 false => HostName::Lent(v.clone(), host.len()),
                 true => HostName::Owned(String::from_utf8_lossy(host).to_ascii_lowercase()),
@@ -1012,18 +1024,7 @@ fn request_host(parts: &http::request::Parts) -> HostName {
         }
     }
     let raw = parts.uri.host().unwrap_or("");
-    let raw = &raw[..host_end(raw.as_bytes())];
-    HostName::Owned(raw.strip_suffix('.').unwrap_or(raw).to_ascii_lowercase())
-}
-
-/// Where the host name ends in `host[:port]`: after an IPv6 literal's `]`, else before the
-/// first `:`.
-fn host_end(raw: &[u8]) -> usize {
-    let end = match raw.first() {
-        Some(b'[') => raw.iter().position(|b| *b == b']').map(|i| i + 1),
-        _ => raw.iter().position(|b| *b == b':'),
-    };
-    end.unwrap_or(raw.len())
+    HostName::Owned(raw[..host_name(raw.as_bytes()).len()].to_ascii_lowercase())
 }
 
 /// A request's host name (see [`request_host`]).
