@@ -302,6 +302,23 @@ fn bad_input_is_refused_and_nothing_is_stored() {
         json!({"id": "2", "uri": "/", "plugins": {"wasm_log": {"conf": "x"}}}),
         "wrong route id",
     );
+    // A leading dot would name the store's own files (`.tmp-*`, removed at start) or `..`.
+    for id in [".tmp-x", ".hidden"] {
+        assert_400(
+            &gw,
+            &format!("/apisix/admin/routes/{id}"),
+            json!({"uri": "/", "plugins": {"wasm_log": {"conf": "x"}}}),
+            "not starting with .",
+        );
+    }
+    // Objects do not expire: a ttl is refused, not ignored.
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/routes/t?ttl=2",
+        Some(json!({"uri": "/", "plugins": {"wasm_log": {"conf": "x"}}})),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error_msg"].as_str().unwrap().contains("ttl"), "{v}");
     assert_400(
         &gw,
         "/apisix/admin/routes/bad$id",
@@ -463,4 +480,35 @@ fn edits_fill_the_journal_and_a_configuration_too_large_is_refused() {
     ] {
         assert!(!log.contains(failure), "{failure}");
     }
+}
+
+/// A plugin with `_meta.disable` stays in the object and does not run; the stored objects,
+/// which hold plugin settings (tokens), are readable by their owner only.
+#[test]
+fn disabled_plugins_do_not_run_and_objects_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let up = TestUpstream::start("u1");
+    let gw = Gateway::start();
+    let set = json!({"response_set": {"x-edit": "yes"}});
+    gw.route(
+        "on",
+        json!({"uri": "/on", "plugins": {"rewrite": {"conf": set}}}),
+        Some(&up),
+    );
+    gw.route(
+        "off",
+        json!({"uri": "/off", "plugins": {"rewrite": {"conf": set, "_meta": {"disable": true}}}}),
+        Some(&up),
+    );
+    assert_eq!(
+        http("GET", &gw.url("/on"), &[], None).header("x-edit"),
+        Some("yes")
+    );
+    let r = http("GET", &gw.url("/off"), &[], None);
+    assert_eq!((r.status, r.header("x-edit")), (200, None));
+    let (_, v) = gw.admin("GET", "/apisix/admin/routes/off", None);
+    assert_eq!(v["value"]["plugins"]["rewrite"]["_meta"]["disable"], true);
+    let file = gw.prefix().join("data/routes/off.json");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", file.display());
 }

@@ -401,3 +401,51 @@ fn framing_fields_reach_the_upstream_once_and_never_as_trailers() {
         r.text()
     );
 }
+
+/// Routes are matched on the path as nginx resolves it (`$uri`): dot segments, escapes and
+/// doubled slashes cannot take a request for `/admin/...` past the `/admin/*` route to the
+/// catch-all one; the request itself goes upstream as the client wrote it (nginx's
+/// `proxy_pass` without a URI). A path that climbs above the root or has a broken escape is
+/// refused.
+#[test]
+fn routes_match_the_resolved_path() {
+    let admin = TestUpstream::start("admin");
+    let public = TestUpstream::start("public");
+    let gw = Gateway::start();
+    gw.route("admin", json!({"uri": "/admin/*"}), Some(&admin));
+    gw.route("all", json!({"uri": "/*"}), Some(&public));
+    for path in [
+        "/admin/x",
+        "/public/../admin/x",
+        "/%61dmin/x",
+        "/public/%2e%2e/admin/x",
+        "//admin/x",
+        "/x/..%2Fadmin/x",
+        "/admin%2Fx",
+        "/./admin/./x",
+    ] {
+        let r = ask(
+            &gw,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(
+            (r.status, r.header("x-upstream")),
+            (200, Some("admin")),
+            "{path}"
+        );
+        let seen: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(seen["uri"], path, "sent upstream as written");
+    }
+    let r = ask(
+        &gw,
+        "GET /public/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.header("x-upstream"), Some("public"));
+    for path in ["/..", "/a/../../admin/x", "/%zz", "/a%00b"] {
+        let r = ask(
+            &gw,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(r.status, 400, "{path}");
+    }
+}

@@ -1238,3 +1238,157 @@ fn an_answer_cut_by_the_upstream_is_logged() {
         gw.error_log().contains("its body failed")
     });
 }
+
+/// A node that switches to an echo protocol when asked (`Upgrade`), else answers `plain`;
+/// its address and the request heads it saw.
+fn switching_node() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut head = String::new();
+                while reader.read_line(&mut head).unwrap_or(0) > 2 {}
+                let head = head.to_ascii_lowercase();
+                seen.lock().unwrap().push(head.clone());
+                let mut conn = conn;
+                if !head.contains("\r\nupgrade: websocket\r\n") {
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain");
+                    return;
+                }
+                let _ = conn.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                      Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+                );
+                let mut buf = [0u8; 1024];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            let mut out = b"echo:".to_vec();
+                            out.extend_from_slice(&buf[..n]);
+                            if conn.write_all(&out).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// Sends a WebSocket handshake for `path`; the connection and the answer's head.
+fn handshake(gw: &Gateway, path: &str) -> (TcpStream, String) {
+    let mut c = TcpStream::connect(
+        gw.url("")
+            .trim_start_matches("http://")
+            .trim_end_matches('/'),
+    )
+    .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && c.read(&mut byte).unwrap_or(0) == 1 {
+        head.push(byte[0]);
+    }
+    (c, String::from_utf8_lossy(&head).to_ascii_lowercase())
+}
+
+/// `enable_websocket`: the handshake reaches the node with its `Upgrade`, the client gets the
+/// node's 101, and bytes then cross both ways on the same connection until it closes; a
+/// route without it drops `Upgrade` like any hop-by-hop field; a tunnel idle for the route's
+/// `timeout.read` is closed.
+#[test]
+fn websocket_routes_tunnel_after_the_handshake() {
+    let (node, heads) = switching_node();
+    let gw = Gateway::start();
+    let upstream = nodes(&[(node, 1)]);
+    put(
+        &gw,
+        "routes/ws",
+        json!({"uri": "/ws", "enable_websocket": true, "upstream": upstream.clone()}),
+    );
+    put(
+        &gw,
+        "routes/plain",
+        json!({"uri": "/plain", "upstream": upstream.clone()}),
+    );
+    put(
+        &gw,
+        "routes/short",
+        json!({"uri": "/short", "enable_websocket": true, "timeout": {"read": 1},
+               "upstream": upstream}),
+    );
+
+    let (mut c, head) = handshake(&gw, "/ws");
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+    assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(head.contains("\r\nsec-websocket-accept: "), "{head}");
+    let node_head = heads.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        node_head.contains("\r\nconnection: upgrade\r\n"),
+        "{node_head}"
+    );
+    assert!(node_head.contains("\r\nsec-websocket-key: "), "{node_head}");
+    for word in ["ping", "again"] {
+        c.write_all(word.as_bytes()).unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], format!("echo:{word}").as_bytes());
+    }
+    // The client's close reaches the node, whose close ends the tunnel.
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+
+    let (_, head) = handshake(&gw, "/plain");
+    assert!(head.starts_with("http/1.1 200 "), "{head}");
+    let node_head = heads.lock().unwrap().last().cloned().unwrap();
+    assert!(!node_head.contains("upgrade"), "{node_head}");
+
+    let (mut c, head) = handshake(&gw, "/short");
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(8), "closed after {waited:?}");
+}
+
+/// Global rules run for a request no route matched, as APISIX runs them before its 404: an
+/// auth plugin in a global rule answers such a request; let through, it gets the 404.
+#[test]
+fn global_rules_run_when_no_route_matches() {
+    let gw = Gateway::start();
+    let up = TestUpstream::start("up");
+    gw.route("r", json!({"uri": "/known"}), Some(&up));
+    assert_eq!(send(&gw, "GET", "/unknown", &[]).status, 404);
+    put(
+        &gw,
+        "global_rules/g",
+        json!({"plugins": {"wasm_auth": {"conf": "tok"}}}),
+    );
+    assert_eq!(send(&gw, "GET", "/unknown", &[]).status, 401);
+    let r = send(&gw, "GET", "/unknown", &[("Authorization", "Bearer tok")]);
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error_msg"], "404 Route Not Found");
+    let r = send(&gw, "GET", "/known", &[("Authorization", "Bearer tok")]);
+    assert_eq!((r.status, r.header("x-upstream")), (200, Some("up")));
+    assert_eq!(send(&gw, "GET", "/known", &[]).status, 401);
+}

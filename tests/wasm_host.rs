@@ -361,11 +361,12 @@ fn plugin_metrics_aggregate_and_export() {
     );
 }
 
-/// A plugin passing out-of-bounds pointers, absurd lengths and malformed maps to host
-/// functions gets BadArgument for each (never a host panic, never a trap); gRPC and foreign
-/// functions, which wasmgate does not provide, answer with a status the SDKs handle.
+/// A plugin passing out-of-bounds pointers gets InvalidMemoryAccess, absurd lengths and
+/// malformed maps BadArgument, for each call (never a host panic, never a trap), as
+/// proxy-wasm-cpp-host answers them; gRPC and foreign functions, which wasmgate does not
+/// provide, answer with a status the SDKs handle.
 #[test]
-fn hostile_arguments_get_bad_argument() {
+fn hostile_arguments_are_refused() {
     let gw = Gateway::start();
     let wat = r#"(module
       (import "env" "proxy_get_header_map_value" (func $ghv (param i32 i32 i32 i32 i32) (result i32)))
@@ -384,9 +385,12 @@ fn hostile_arguments_get_bad_argument() {
       (data (i32.const 16) "\05\00\00\00\01\00\00\00\01\00\00\00")
       (data (i32.const 64) "127.0.0.1:1")
       (global $bad (mut i32) (i32.const 0))
+      ;; +1 per BadArgument, +5 per InvalidMemoryAccess
       (func $count (param $s i32)
         (if (i32.eq (local.get $s) (i32.const 2))
-          (then (global.set $bad (i32.add (global.get $bad) (i32.const 1))))))
+          (then (global.set $bad (i32.add (global.get $bad) (i32.const 1)))))
+        (if (i32.eq (local.get $s) (i32.const 6))
+          (then (global.set $bad (i32.add (global.get $bad) (i32.const 5))))))
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_context_create") (param i32 i32))
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
@@ -403,18 +407,19 @@ fn hostile_arguments_get_bad_argument() {
         (call $count (call $log (i32.const 2) (i32.const -16) (i32.const 64)))
         (if (i32.eq (call $ff (i32.const 64) (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 4))
                     (i32.const 1))
-          (then (local.set $extra (i32.const 10))))
+          (then (local.set $extra (i32.const 40))))
         (if (i32.eq (call $grpc (i32.const 64) (i32.const 3) (i32.const 64) (i32.const 3) (i32.const 64) (i32.const 3)
                                 (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 0))
                     (i32.const 10))
-          (then (local.set $extra (i32.add (local.get $extra) (i32.const 20)))))
+          (then (local.set $extra (i32.add (local.get $extra) (i32.const 80)))))
         (drop (call $reply (i32.add (i32.add (i32.const 200) (global.get $bad)) (local.get $extra))
                            (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
         (i32.const 1)))"#;
     wat_plugin_on_route(&gw, "hostile", wat, "/hostile");
     for _ in 0..5 {
-        // 8 BadArguments, NotFound from the foreign function (+10), InternalFailure from gRPC (+20).
-        assert_eq!(get(&gw, "/hostile").status, 238);
+        // 4 BadArguments (lengths, maps), 4 InvalidMemoryAccess (pointers: +20), NotFound
+        // from the foreign function (+40), InternalFailure from gRPC (+80).
+        assert_eq!(get(&gw, "/hostile").status, 344);
     }
     let faults: u64 = gw.status()["workers"]
         .as_array()
@@ -583,4 +588,158 @@ fn response_headers_read_after_sending_are_the_ones_sent() {
         "{}",
         gw.error_log()
     );
+}
+
+/// Edge answers as proxy-wasm-cpp-host and Envoy give them, which SDKs rely on (the Rust SDK
+/// panics on any status it does not expect): a header map the phase has not got yet is an
+/// empty map (Ok, null pointer); an empty value or an empty range of a body is Ok with a null
+/// pointer and no call to the plugin's allocator; an unknown map type is a BadArgument; a
+/// property set by the plugin does not hide the host's own (`request.path`); integers
+/// (`response.code`) are 8 bytes, little-endian. Each request-phase check is one bit of the
+/// `x-bits` answer header ('0' + bits); `x-code` says whether `response.code` read as 200.
+#[test]
+fn edge_answers_match_envoy() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let wat = r#"(module
+      (import "env" "proxy_get_header_map_pairs" (func $pairs (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_get_header_map_value" (func $ghv (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_add_header_map_value" (func $ahv (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_get_property" (func $gp (param i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_set_property" (func $sp (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "x-empty")
+      (data (i32.const 120) "request\00path")
+      (data (i32.const 140) "/forged")
+      (data (i32.const 160) "response\00code")
+      (data (i32.const 180) "x-bits")
+      (data (i32.const 190) "x-code")
+      (global $mallocs (mut i32) (i32.const 0))
+      (global $bits (mut i32) (i32.const 0))
+      (func (export "malloc") (param $n i32) (result i32)
+        (global.set $mallocs (i32.add (global.get $mallocs) (i32.const 1)))
+        (i32.const 4096))
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      ;; sets bit $b when $ok
+      (func $bit (param $ok i32) (param $b i32)
+        (if (local.get $ok)
+          (then (global.set $bits (i32.or (global.get $bits) (i32.shl (i32.const 1) (local.get $b)))))))
+      ;; Ok, and a null pointer with no bytes at 200/204 (preset to 0xAA bytes)
+      (func $null (param $status i32) (result i32)
+        (i32.and (i32.eqz (local.get $status))
+          (i32.and (i32.eqz (i32.load (i32.const 200))) (i32.eqz (i32.load (i32.const 204))))))
+      (func $preset
+        (i32.store (i32.const 200) (i32.const 0xAAAAAAAA))
+        (i32.store (i32.const 204) (i32.const 0xAAAAAAAA)))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (global.set $bits (i32.const 0))
+        (global.set $mallocs (i32.const 0))
+        (call $preset)
+        (call $bit (call $null (call $pairs (i32.const 2) (i32.const 200) (i32.const 204))) (i32.const 0))
+        (call $preset)
+        (call $bit (call $null (call $ghv (i32.const 0) (i32.const 100) (i32.const 7) (i32.const 200) (i32.const 204))) (i32.const 1))
+        (call $preset)
+        (call $bit (call $null (call $gbb (i32.const 0) (i32.const 0) (i32.const 10) (i32.const 200) (i32.const 204))) (i32.const 2))
+        (call $bit (i32.eq (call $pairs (i32.const 99) (i32.const 200) (i32.const 204)) (i32.const 2)) (i32.const 3))
+        (call $bit (i32.eqz (global.get $mallocs)) (i32.const 4))
+        (drop (call $sp (i32.const 120) (i32.const 12) (i32.const 140) (i32.const 7)))
+        ;; the real path (/edge), not /forged: its second byte is 'e'
+        (if (i32.eqz (call $gp (i32.const 120) (i32.const 12) (i32.const 200) (i32.const 204)))
+          (then (call $bit (i32.eq (i32.load8_u (i32.add (i32.load (i32.const 200)) (i32.const 1)))
+                                   (i32.const 101))
+                           (i32.const 5))))
+        (i32.const 0))
+      (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+        (i32.store8 (i32.const 210) (i32.add (i32.const 48) (global.get $bits)))
+        (drop (call $ahv (i32.const 2) (i32.const 180) (i32.const 6) (i32.const 210) (i32.const 1)))
+        (i32.store8 (i32.const 211) (i32.const 78))
+        (if (i32.eqz (call $gp (i32.const 160) (i32.const 13) (i32.const 200) (i32.const 204)))
+          (then (if (i32.and (i32.eq (i32.load (i32.const 204)) (i32.const 8))
+                             (i64.eq (i64.load (i32.load (i32.const 200))) (i64.const 200)))
+            (then (i32.store8 (i32.const 211) (i32.const 89))))))
+        (drop (call $ahv (i32.const 2) (i32.const 190) (i32.const 6) (i32.const 211) (i32.const 1)))
+        (i32.const 0)))"#;
+    wat_plugin_on_route(&gw, "edges", wat, "/edge");
+    gw.route(
+        "edges",
+        json!({"uri": "/edge", "plugins": {"edges": {"conf": "-"}}}),
+        Some(&app),
+    );
+    let r = http("GET", &gw.url("/edge"), &[("x-empty", "")], None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let bits = r.header("x-bits").map(|b| b.as_bytes()[0] - b'0');
+    assert_eq!(bits, Some(0b11_1111), "bits passed: {bits:?}");
+    assert_eq!(r.header("x-code"), Some("Y"));
+}
+
+/// Envoy's contexts for call-outs and held headers: the answer to a call-out made from an
+/// HTTP context comes to its root context (`proxy_on_http_call_response(root, …)`, which the
+/// Go SDK requires), and the plugin then sets the HTTP context as effective to change the
+/// request; a plugin that pauses the headers of a request with a body may still change them
+/// in `proxy_on_request_body` until the upstream is contacted.
+#[test]
+fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let wat = r#"(module
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_set_effective_context" (func $effective (param i32) (result i32)))
+      (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+      (memory (export "memory") 1)
+      ;; :method GET, :path /, :authority x
+      (data (i32.const 100) "\03\00\00\00\07\00\00\00\03\00\00\00\05\00\00\00\01\00\00\00\0a\00\00\00\01\00\00\00:method\00GET\00:path\00/\00:authority\00x\00")
+      (data (i32.const 200) "x-root")
+      (data (i32.const 210) "x-from-body")
+      (data (i32.const 230) "yes")
+      (data (i32.const 240) "no")
+      (global $root (mut i32) (i32.const 0))
+      (global $http (mut i32) (i32.const 0))
+      (global $heap (mut i32) (i32.const 4096))
+      (func (export "malloc") (param $n i32) (result i32)
+        (local $p i32)
+        (local.set $p (global.get $heap))
+        (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+        (local.get $p))
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param $id i32) (param $parent i32)
+        (if (i32.and (i32.eqz (local.get $parent)) (i32.gt_u (local.get $id) (i32.const 1)))
+          (then (global.set $root (local.get $id)))))
+      ;; the plugin configuration is the call-out's target (host:port), kept at 300/304
+      (func (export "proxy_on_configure") (param i32 i32) (result i32)
+        (drop (call $gbb (i32.const 7) (i32.const 0) (i32.const 64) (i32.const 300) (i32.const 304)))
+        (i32.const 1))
+      (func (export "proxy_on_request_headers") (param $id i32) (param i32) (param $eos i32) (result i32)
+        (global.set $http (local.get $id))
+        (if (local.get $eos)
+          (then (drop (call $call (i32.load (i32.const 300)) (i32.load (i32.const 304))
+                                  (i32.const 100) (i32.const 61) (i32.const 0) (i32.const 0)
+                                  (i32.const 0) (i32.const 0) (i32.const 2000) (i32.const 320)))))
+        (i32.const 1))
+      (func (export "proxy_on_http_call_response") (param $ctx i32) (param i32 i32 i32 i32)
+        (drop (call $effective (global.get $http)))
+        (if (i32.eq (local.get $ctx) (global.get $root))
+          (then (drop (call $add (i32.const 0) (i32.const 200) (i32.const 6) (i32.const 230) (i32.const 3))))
+          (else (drop (call $add (i32.const 0) (i32.const 200) (i32.const 6) (i32.const 240) (i32.const 2)))))
+        (drop (call $continue (i32.const 0))))
+      (func (export "proxy_on_request_body") (param i32) (param i32) (param $eos i32) (result i32)
+        (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+        (drop (call $add (i32.const 0) (i32.const 210) (i32.const 11) (i32.const 230) (i32.const 3)))
+        (i32.const 0)))"#;
+    wat_plugin_on_route(&gw, "contexts", wat, "/ctx");
+    gw.route(
+        "contexts",
+        json!({"uri": "/ctx", "plugins": {"contexts": {"conf": app.addr()}}}),
+        Some(&app),
+    );
+    let r = get(&gw, "/ctx");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["x-root"], "yes", "{}", r.text());
+    let r = http("POST", &gw.url("/ctx"), &[], Some(b"some body"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["x-from-body"], "yes", "{}", r.text());
+    assert_eq!(r.json()["body_len"], 9);
 }

@@ -219,6 +219,73 @@ pub fn host_name(host: &[u8]) -> &[u8] {
 }
 
 /// Whether the request's only transfer coding is chunked, in a single field.
+/// A request path as routes are matched against it (nginx's `$uri`): `%XX` escapes decoded,
+/// runs of `/` merged, `.` and `..` segments resolved. A path that needs none of it (nearly
+/// all) is returned as it is, without a copy. An escape that is not two hex digits, an
+/// escaped NUL, or a `..` above the root is refused (nginx answers 400 too).
+///
+/// Routing on the raw path would let `/public/../admin/x`, `/%61dmin/x` or `//admin/x` reach
+/// a node's `/admin/x` past the plugins of the `/admin/*` route.
+pub fn normalized_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
+    let b = path.as_bytes();
+    let plain = !b.contains(&b'%') && !b.windows(2).any(|w| w == b"//" || w == b"/.");
+    if plain {
+        return Ok(std::borrow::Cow::Borrowed(path));
+    }
+    let mut decoded = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'%' {
+            decoded.push(b[i]);
+            i += 1;
+            continue;
+        }
+        let hex = |c: u8| (c as char).to_digit(16);
+        let (Some(h), Some(l)) = (
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) else {
+            return Err("bad percent-escape in the path");
+        };
+        let c = (h * 16 + l) as u8;
+        if c == 0 {
+            return Err("NUL in the path");
+        }
+        decoded.push(c);
+        i += 3;
+    }
+    // Segments between slashes; empty ones (a run of slashes) and `.` go, `..` takes the one
+    // before it.
+    let mut out: Vec<&[u8]> = Vec::new();
+    let segments: Vec<&[u8]> = decoded.split(|c| *c == b'/').collect();
+    let last = segments.len() - 1;
+    let mut trailing = false;
+    for (n, seg) in segments.iter().enumerate() {
+        trailing = n == last && (seg.is_empty() || *seg == b"." || *seg == b"..");
+        match *seg {
+            b"" | b"." => {}
+            b".." => {
+                if out.pop().is_none() {
+                    return Err("path goes above the root");
+                }
+            }
+            seg => out.push(seg),
+        }
+    }
+    let mut path = Vec::with_capacity(decoded.len());
+    for seg in &out {
+        path.push(b'/');
+        path.extend_from_slice(seg);
+    }
+    if trailing || path.is_empty() {
+        path.push(b'/');
+    }
+    Ok(match String::from_utf8(path) {
+        Ok(s) => std::borrow::Cow::Owned(s),
+        Err(e) => std::borrow::Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    })
+}
+
 fn only_chunked(headers: &HeaderMap) -> bool {
     let mut all = headers.get_all(header::TRANSFER_ENCODING).iter();
     matches!(
@@ -229,6 +296,36 @@ fn only_chunked(headers: &HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn paths_are_matched_as_nginx_normalizes_them() {
+        let n = |p: &str| normalized_path(p).map(|c| c.into_owned());
+        for (raw, want) in [
+            ("/", "/"),
+            ("/admin/x", "/admin/x"),
+            ("/public/../admin/x", "/admin/x"),
+            ("/%61dmin/x", "/admin/x"),
+            ("/public/%2e%2e/admin/x", "/admin/x"),
+            ("//admin//x", "/admin/x"),
+            ("/x/..%2Fadmin/x", "/admin/x"),
+            ("/admin%2Fx", "/admin/x"),
+            ("/a/./b/.", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/a/", "/a/"),
+            ("/..a/.b", "/..a/.b"),
+            ("/caf%C3%A9", "/caf\u{e9}"),
+        ] {
+            assert_eq!(n(raw).as_deref(), Ok(want), "{raw}");
+        }
+        for bad in ["/..", "/a/../..", "/%zz", "/%4", "/a%00b", "/%2e%2e/x"] {
+            assert!(n(bad).is_err(), "{bad}");
+        }
+        // Nothing to do: the path itself, not a copy.
+        assert!(matches!(
+            normalized_path("/a/b.c"),
+            Ok(std::borrow::Cow::Borrowed(_))
+        ));
+    }
     use super::*;
 
     fn parse(head: &str) -> Result<Option<Head>, Refusal> {

@@ -234,16 +234,28 @@ impl Loop {
         let epoch = self.master.epoch.load(Ordering::Relaxed) + 1;
         let n = new.config.nginx_config.worker_processes.resolve();
         let started = self.sup.start_set(n, epoch, &new);
-        if started.is_err() || !self.wait_ready(epoch).await {
+        let ready = match started {
+            Ok(()) if self.wait_ready(epoch).await => Ok(()),
+            Ok(()) => Err("the new workers failed to start; see the error log".into()),
+            Err(e) => Err(e),
+        };
+        // Checked again, and the new plugin list put in place, under the store's lock: an
+        // Admin API write while the new workers started was checked against the old list
+        // (a route naming a plugin the new config drops would pass, then run without it and
+        // make the next start refuse the store). Writes wait for the lock meanwhile.
+        let timeout = new.config.nginx_config.worker_shutdown_timeout;
+        let applied = ready.and_then(|()| {
+            let store = self.master.store();
+            crate::admin::objects::check_all(&store, &new.catalog())?;
+            self.master.set_config(new);
+            Ok(())
+        });
+        if let Err(e) = applied {
             self.sup.abort_epoch(epoch);
             self.sup.replace_listeners(old_listeners);
             self.sup.replace_plugins(old_plugins);
-            return Err(started
-                .err()
-                .unwrap_or_else(|| "the new workers failed to start; see the error log".into()));
+            return Err(e);
         }
-        let timeout = new.config.nginx_config.worker_shutdown_timeout;
-        self.master.set_config(new);
         self.master.epoch.store(epoch, Ordering::Relaxed);
         self.sup.drain_others(epoch, timeout);
         Ok(epoch)
@@ -300,8 +312,19 @@ fn warn_restart_only(old: &LoadedConfig, new: &LoadedConfig) {
     if o.wasmgate != n.wasmgate {
         changed.push("wasmgate");
     }
+    if o.deployment.etcd != n.deployment.etcd {
+        changed.push("deployment.etcd");
+    }
     if o.nginx_config.error_log != n.nginx_config.error_log {
         changed.push("nginx_config.error_log");
+    }
+    if o.nginx_config.error_log_level != n.nginx_config.error_log_level {
+        changed
+            .push("nginx_config.error_log_level (of the master's own lines; new workers use it)");
+    }
+    let (op, np) = (&o.plugin_attr.prometheus, &n.plugin_attr.prometheus);
+    if op.enable_export_server != np.enable_export_server || op.export_addr != np.export_addr {
+        changed.push("plugin_attr.prometheus.export_addr");
     }
     if !changed.is_empty() {
         tracing::warn!(

@@ -14,6 +14,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use wasmgate_shared::model::{id_order, valid_id, Kind};
 
@@ -79,10 +80,14 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         for kind in Kind::ALL {
             let d = dir.join(kind.as_str());
-            fs::create_dir_all(&d).map_err(|e| StoreError::Write {
-                path: d.clone(),
-                source: e,
-            })?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .map_err(|e| StoreError::Write {
+                    path: d.clone(),
+                    source: e,
+                })?;
         }
         let mut objects = BTreeMap::new();
         let mut revision = read_revision(dir)?;
@@ -321,7 +326,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = File::create(&tmp).map_err(err)?;
+    // Owner-only, as `data/admin_key`: plugin configurations hold secrets (tokens, keys).
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
     let res = f.write_all(bytes).and_then(|_| f.sync_all());
     if let Err(e) = res {
         let _ = fs::remove_file(&tmp);

@@ -554,6 +554,45 @@ impl GatewayConfig {
             }
         }
         let admin = &self.deployment.admin;
+        // Every listener on its own port: a clash is otherwise found only when the second
+        // bind fails, at start or — worse — in the middle of a reload.
+        let admin_addr = admin.admin_listen.addr();
+        let prom = &self.plugin_attr.prometheus;
+        let mut own = vec![("deployment.admin.admin_listen", "admin_listen", admin_addr)];
+        if prom.enable_export_server {
+            own.push((
+                "plugin_attr.prometheus.export_addr",
+                "export_addr",
+                prom.export_addr.addr(),
+            ));
+        }
+        for (what, needle, addr) in &own {
+            if addr.port() == 0 {
+                return Err(err(needle, format!("{what}: port 0 is not allowed")));
+            }
+        }
+        let overlap = |a: SocketAddr, b: SocketAddr| {
+            a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        };
+        let listeners = self
+            .apisix
+            .node_listen
+            .iter()
+            .map(|l| ("apisix.node_listen", l.0));
+        let all: Vec<(&str, SocketAddr)> = listeners
+            .chain(own.iter().map(|(what, _, a)| (*what, *a)))
+            .collect();
+        for (i, (what, a)) in all.iter().enumerate() {
+            if let Some((other, _)) = all[i + 1..].iter().find(|(_, b)| overlap(*a, *b)) {
+                if what != other {
+                    return Err(err(
+                        "node_listen",
+                        format!("{what} and {other} both want port {}", a.port()),
+                    ));
+                }
+            }
+        }
         if admin.admin_key_required && admin.admin_key.is_empty() {
             return Err(err(
                 "admin_key",
@@ -750,6 +789,19 @@ mod tests {
         let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
         assert!(e.0.contains("priority"), "{e}");
         assert!(e.0.starts_with("c.yaml:3:"), "{e}");
+    }
+
+    #[test]
+    fn listeners_need_ports_of_their_own() {
+        let clash = "apisix:\n  node_listen: [9180]\ndeployment:\n  admin:\n    admin_listen: {ip: 127.0.0.1, port: 9180}\n";
+        let e = GatewayConfig::parse(clash, "c.yaml").unwrap_err();
+        assert!(e.0.contains("both want port 9180"), "{e}");
+        let zero = "deployment:\n  admin:\n    admin_listen: {ip: 127.0.0.1, port: 0}\n";
+        let e = GatewayConfig::parse(zero, "c.yaml").unwrap_err();
+        assert!(e.0.contains("admin_listen: port 0"), "{e}");
+        // Another address on the same port is no clash.
+        let apart = "apisix:\n  node_listen: [{ip: 127.0.0.2, port: 9180}]\n";
+        assert!(GatewayConfig::parse(apart, "c.yaml").is_ok());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The Proxy-Wasm ABI host functions (module `env`), plus WASI preview1 under both of its
 //! module names. Every guest pointer and length is checked against guest memory; a bad one is
-//! answered with `BadArgument`, never trusted.
+//! answered with `InvalidMemoryAccess` (as proxy-wasm-cpp-host), never trusted.
 
 use crate::head::{HeaderList, HeaderOp, NameMemo, ValueMemo};
 use crate::props::Found;
@@ -31,29 +31,29 @@ fn memory(c: &mut C<'_>) -> Option<Memory> {
 
 /// Copies `len` bytes at `ptr` out of guest memory.
 fn read(c: &mut C<'_>, ptr: i32, len: i32) -> Result<Vec<u8>, Status> {
-    let m = memory(c).ok_or(Status::BadArgument)?;
+    let m = memory(c).ok_or(BAD_MEMORY)?;
     let (p, l) = (ptr as u32 as usize, len as u32 as usize);
     if l > MAX_READ {
         return Err(Status::BadArgument);
     }
-    let end = p.checked_add(l).ok_or(Status::BadArgument)?;
-    m.data(&c)
-        .get(p..end)
-        .map(<[u8]>::to_vec)
-        .ok_or(Status::BadArgument)
+    let end = p.checked_add(l).ok_or(BAD_MEMORY)?;
+    m.data(&c).get(p..end).map(<[u8]>::to_vec).ok_or(BAD_MEMORY)
 }
+
+/// A pointer or length outside the guest's memory.
+const BAD_MEMORY: Status = Status::InvalidMemoryAccess;
 
 fn read_str(c: &mut C<'_>, ptr: i32, len: i32) -> Result<String, Status> {
     String::from_utf8(read(c, ptr, len)?).map_err(|_| Status::BadArgument)
 }
 
 fn write(c: &mut C<'_>, ptr: i32, bytes: &[u8]) -> Result<(), Status> {
-    let m = memory(c).ok_or(Status::BadArgument)?;
+    let m = memory(c).ok_or(BAD_MEMORY)?;
     let p = ptr as u32 as usize;
-    let end = p.checked_add(bytes.len()).ok_or(Status::BadArgument)?;
+    let end = p.checked_add(bytes.len()).ok_or(BAD_MEMORY)?;
     m.data_mut(c)
         .get_mut(p..end)
-        .ok_or(Status::BadArgument)?
+        .ok_or(BAD_MEMORY)?
         .copy_from_slice(bytes);
     Ok(())
 }
@@ -77,6 +77,13 @@ fn answer_with(
     ret_len: i32,
     fill: impl FnOnce(&mut [u8], &mut HostState) -> Result<(), Status>,
 ) -> R {
+    if len == 0 {
+        // Nothing to hand over: no allocation, a null pointer (as proxy-wasm-cpp-host, whose
+        // SDKs read it as "no value").
+        let given = write(c, ret_ptr, &0u32.to_le_bytes())
+            .and_then(|_| write(c, ret_len, &0u32.to_le_bytes()));
+        return ok(given.err().unwrap_or(Status::Ok));
+    }
     // Taken out for the call and put back, not cloned: a `TypedFunc` clone registers its
     // type again. (An allocator that called back into a host function that allocates would
     // find none and get `InternalFailure`, not a loop.)
@@ -86,11 +93,11 @@ fn answer_with(
     let r = alloc.call(&mut *c, len as i32);
     c.data_mut().alloc = Some(alloc);
     let p = r?;
-    if p == 0 && len > 0 {
+    if p == 0 {
         return ok(Status::InternalFailure);
     }
     let Some(m) = memory(c) else {
-        return ok(Status::BadArgument);
+        return ok(BAD_MEMORY);
     };
     let (mem, state) = m.data_and_store_mut(&mut *c);
     let start = p as u32 as usize;
@@ -98,7 +105,7 @@ fn answer_with(
         .checked_add(len)
         .and_then(|end| mem.get_mut(start..end))
     else {
-        return ok(Status::BadArgument);
+        return ok(BAD_MEMORY);
     };
     let given = fill(dst, state)
         .and_then(|_| write(c, ret_ptr, &(p as u32).to_le_bytes()))
@@ -218,13 +225,22 @@ fn buffer_of(s: &HostState, kind: i32) -> Option<&[u8]> {
     }
 }
 
+/// The ABI's buffer types run from 0 (request body) to 8 (foreign call data): another
+/// number is a BadArgument, a known one the host does not hold is NotFound.
+fn missing_buffer(kind: i32) -> Status {
+    match kind {
+        0..=8 => Status::NotFound,
+        _ => Status::BadArgument,
+    }
+}
+
 fn buffers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
         "proxy_get_buffer_status",
         |mut c: C<'_>, kind: i32, ret_len: i32, ret_flags: i32| -> R {
             let Some(len) = buffer_of(c.data(), kind).map(<[u8]>::len) else {
-                return ok(Status::NotFound);
+                return ok(missing_buffer(kind));
             };
             tri!(write(&mut c, ret_len, &(len as u32).to_le_bytes()));
             tri!(write(&mut c, ret_flags, &0u32.to_le_bytes()));
@@ -236,13 +252,11 @@ fn buffers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_get_buffer_bytes",
         |mut c: C<'_>, kind: i32, start: i32, max: i32, ret_ptr: i32, ret_len: i32| -> R {
             let Some(data) = buffer_of(c.data(), kind) else {
-                return ok(Status::NotFound);
+                return ok(missing_buffer(kind));
             };
             let start = (start as u32 as usize).min(data.len());
             let end = start.saturating_add(max as u32 as usize).min(data.len());
-            if start == end {
-                return ok(Status::NotFound);
-            }
+            // Nothing in range: Ok with a null pointer and no bytes, as cpp-host.
             // Copied straight into the plugin's allocation. Its allocator is plugin code: the
             // buffer is looked up again after it ran, and checked.
             answer_with(&mut c, end - start, ret_ptr, ret_len, |dst, state| {
@@ -263,7 +277,7 @@ fn buffers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let buf = match kind {
                 0 => stream.request_body.to_mut(),
                 1 => stream.response_body.to_mut(),
-                _ => return ok(Status::BadArgument),
+                _ => return ok(missing_buffer(kind)),
             };
             ok(splice(
                 buf,
@@ -296,6 +310,10 @@ fn map_in<'a>(
             &mut r.trailers
         });
     }
+    // Map types run from 0 (request headers) to 7 (a call-out's answer trailers).
+    if !(0..=7).contains(&map_type) {
+        return Err(Status::BadArgument);
+    }
     let stream = stream.as_mut().ok_or(Status::NotFound)?;
     match map_type {
         0 => Ok(&mut stream.request),
@@ -312,8 +330,8 @@ fn slice(mem: &[u8], ptr: i32, len: i32) -> Result<&[u8], Status> {
     if l > MAX_READ {
         return Err(Status::BadArgument);
     }
-    mem.get(p..p.checked_add(l).ok_or(Status::BadArgument)?)
-        .ok_or(Status::BadArgument)
+    mem.get(p..p.checked_add(l).ok_or(BAD_MEMORY)?)
+        .ok_or(BAD_MEMORY)
 }
 
 /// A header name a plugin passed: parsed — from the instance's memo when it passed the same
@@ -370,7 +388,7 @@ fn with_entry<T>(
     (vp, vl): (i32, i32),
     f: impl FnOnce(&mut dyn HeaderList, Name<'_>, &[u8], &mut ValueMemo) -> T,
 ) -> Result<T, Status> {
-    let m = memory(c).ok_or(Status::BadArgument)?;
+    let m = memory(c).ok_or(BAD_MEMORY)?;
     let (mem, state) = m.data_and_store_mut(c);
     let raw = slice(mem, kp, kl)?;
     let value = slice(mem, vp, vl)?;
@@ -409,8 +427,14 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_pairs",
         |mut c: C<'_>, t: i32, ret_ptr: i32, ret_len: i32| -> R {
-            // Encoded straight into the plugin's allocation: no buffer of the host's.
-            let len = tri!(map_of(c.data_mut(), t)).encoded_len();
+            // Encoded straight into the plugin's allocation: no buffer of the host's. A map
+            // this callback has none of is an empty one (Envoy's answer), and so is a map
+            // without entries: no bytes, a null pointer.
+            let len = match map_of(c.data_mut(), t) {
+                Ok(m) if m.count() > 0 => m.encoded_len(),
+                Ok(_) | Err(Status::NotFound) => 0,
+                Err(s) => return ok(s),
+            };
             answer_with(&mut c, len, ret_ptr, ret_len, |dst, state| {
                 match map_of(state, t)?.encode_into(dst) == len {
                     true => Ok(()),
@@ -435,7 +459,10 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_size",
         |mut c: C<'_>, t: i32, ret: i32| -> R {
-            let size = tri!(map_of(c.data_mut(), t)).encoded_len() as u32;
+            // Envoy's `byteSize()`: the names' and values' bytes, without the encoding's
+            // lengths and terminators (4 bytes of count, then 8 + 2 per entry).
+            let m = tri!(map_of(c.data_mut(), t));
+            let size = (m.encoded_len().saturating_sub(4 + 10 * m.count())) as u32;
             tri!(write(&mut c, ret, &size.to_le_bytes()));
             ok(Status::Ok)
         },
@@ -495,7 +522,7 @@ fn properties(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let mut stack = [0u8; PATH_ON_STACK];
             let heap: Vec<u8>;
             let raw: &[u8] = if pl as u32 as usize <= PATH_ON_STACK {
-                let m = tri!(memory(&mut c).ok_or(Status::BadArgument));
+                let m = tri!(memory(&mut c).ok_or(BAD_MEMORY));
                 let src = tri!(slice(m.data(&c), pp, pl));
                 stack[..src.len()].copy_from_slice(src);
                 &stack[..src.len()]
@@ -622,7 +649,8 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_set_tick_period_milliseconds",
         |mut c: C<'_>, ms: i32| -> R {
             let s = c.data_mut();
-            let id = s.effective_context;
+            // The root context ticks, whichever context set the period (as Envoy).
+            let id = s.root_context;
             s.tick_periods.insert(id, ms as u32);
             s.ticks_changed = true;
             ok(Status::Ok)
@@ -671,11 +699,15 @@ fn http_call(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             s.calls.push(crate::state::HttpCall {
                 token,
                 context: s.effective_context,
+                root: s.root_context,
                 target,
                 headers,
                 body,
                 trailers,
-                timeout: std::time::Duration::from_millis(timeout_ms.max(1) as u64),
+                // 0: no time limit of the call's own (Envoy's rule); the target's connect
+                // and read timeouts still bound it.
+                timeout: (timeout_ms > 0)
+                    .then(|| std::time::Duration::from_millis(timeout_ms as u64)),
             });
             tri!(write(&mut c, ret_token, &token.to_le_bytes()));
             ok(Status::Ok)
@@ -722,7 +754,8 @@ fn queues(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let name = tri!(read_str(&mut c, np, nl));
             let token = tri!(with(|s| s.register_queue("", &name)));
             let s = c.data_mut();
-            let ctx = s.effective_context;
+            // `proxy_on_queue_ready` goes to the root context (as Envoy).
+            let ctx = s.root_context;
             if !s.queue_regs.contains(&(token, ctx)) {
                 s.queue_regs.push((token, ctx));
                 s.queues_changed = true;

@@ -216,6 +216,14 @@ impl Head {
         self.changed
     }
 
+    /// Marks what plugins changed so far as applied: [`Head::changed`] then tells whether
+    /// later callbacks (a request's body callbacks, before the upstream is contacted) changed
+    /// more.
+    pub fn settle(&mut self) {
+        self.changed = false;
+        self.pseudo_changed = 0;
+    }
+
     /// Whether a plugin set or removed the pseudo-header `name` (`:path`, `:authority`…).
     pub fn pseudo_changed(&self, name: &str) -> bool {
         self.pseudo_changed != 0 && self.pseudo_changed & pseudo_bit(name) != 0

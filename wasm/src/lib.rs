@@ -22,6 +22,6 @@ pub mod vm;
 pub use head::{Head, HeaderList};
 pub use module::{PluginModule, Settings};
 pub use state::{BodyBuf, CallResponse, Downstream, HttpCall, LocalReply, Properties, Stream};
-pub use vm::{Action, Fault, Outcome, PluginVm};
+pub use vm::{Action, Fault, HttpCtx, Outcome, PluginVm};
 /// The serialized map format (see `wasmgate-abi`).
 pub use wasmgate_abi::map;

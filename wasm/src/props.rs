@@ -57,9 +57,6 @@ pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
         return Some(Found::Borrowed(s.plugin_name.as_bytes()));
     }
     let stream = s.stream.as_ref()?;
-    if let Some((_, v)) = stream.set_props.iter().find(|(k, _)| is_joined(k, path)) {
-        return Some(Found::Borrowed(v));
-    }
     let req: &Head = &stream.request;
     let value = match path {
         ["request", "path"] => req.get(":path"),
@@ -70,17 +67,28 @@ pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
         ["request", "host"] => req.get(":authority"),
         ["request", "scheme"] => req.get(":scheme"),
         ["request", "headers", name] => req.get(name),
-        ["response", "code"] => stream.response.as_ref().and_then(|r| r.get(":status")),
+        // Envoy's integers are 8 bytes, little-endian (what its SDK users decode).
+        ["response", "code"] => {
+            let status = stream.response.as_ref().and_then(|r| r.get(":status"))?;
+            let code: i64 = std::str::from_utf8(status).ok()?.parse().ok()?;
+            return Some(Found::Owned(code.to_le_bytes().to_vec()));
+        }
         ["response", "headers", name] => stream.response.as_ref().and_then(|r| r.get(name)),
         _ => None,
     };
-    match value {
-        Some(v) => Some(Found::Borrowed(v)),
-        None => stream
-            .props
-            .get(path, req, &stream.downstream)
-            .map(Found::Owned),
+    if let Some(v) = value {
+        return Some(Found::Borrowed(v));
     }
+    // The host's own names first: a plugin's `proxy_set_property` cannot forge them (Envoy
+    // keeps set values apart, under `wasm.`).
+    if let Some(v) = stream.props.get(path, req, &stream.downstream) {
+        return Some(Found::Owned(v));
+    }
+    stream
+        .set_props
+        .iter()
+        .find(|(k, _)| is_joined(k, path))
+        .map(|(_, v)| Found::Borrowed(v.as_slice()))
 }
 
 #[cfg(test)]

@@ -133,15 +133,18 @@ impl Stream {
 #[derive(Debug, Clone)]
 pub struct HttpCall {
     pub token: u32,
-    /// The context that dispatched it, which gets `proxy_on_http_call_response`.
+    /// The context that dispatched it (whose request may wait on it).
     pub context: u32,
+    /// Its root context, which gets `proxy_on_http_call_response`.
+    pub root: u32,
     /// An upstream id, or a literal `host:port`.
     pub target: String,
     /// With `:method`, `:path` and `:authority`.
     pub headers: Pairs,
     pub body: Vec<u8>,
     pub trailers: Pairs,
-    pub timeout: Duration,
+    /// None: no limit of its own (`timeout_milliseconds` 0).
+    pub timeout: Option<Duration>,
 }
 
 /// The answer to an [`HttpCall`], readable during `proxy_on_http_call_response`.
@@ -177,6 +180,9 @@ pub struct HostState {
     /// The context id the current callback runs for, or the one set with
     /// `proxy_set_effective_context`.
     pub effective_context: u32,
+    /// The root context of the context the current callback runs on: call-outs answer to it,
+    /// and its ticks and queue registrations are its own (Envoy's `root_context()`).
+    pub root_context: u32,
     /// Tick periods the root contexts asked for (`proxy_set_tick_period_milliseconds`), by
     /// context id; 0 stops ticks.
     pub tick_periods: HashMap<u32, u32>,

@@ -90,6 +90,15 @@ pub struct PluginVm {
 /// The VM root context's id (the plugin's VMContext).
 pub const VM_ROOT: u32 = 1;
 
+/// An HttpContext and the root context (PluginContext) it was created under: what the host
+/// functions a stream callback calls need to know of it (call-outs, ticks and queues belong
+/// to the root, as in Envoy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpCtx {
+    pub id: u32,
+    pub root: u32,
+}
+
 impl PluginVm {
     /// Instantiates, runs `_initialize`/`_start`, creates the VM root context and calls
     /// `proxy_on_vm_start`.
@@ -112,6 +121,7 @@ impl PluginVm {
             stream: None,
             local_reply: None,
             effective_context: 0,
+            root_context: 0,
             tick_periods: HashMap::new(),
             ticks_changed: false,
             calls: Vec::new(),
@@ -188,7 +198,9 @@ impl PluginVm {
     }
 
     fn context_create(&mut self, id: u32, parent: u32) -> Result<(), Fault> {
-        self.store.data_mut().effective_context = id;
+        let d = self.store.data_mut();
+        d.effective_context = id;
+        d.root_context = if parent == 0 { id } else { parent };
         let f = &self.f.context_create;
         run(&mut self.store, self.ticks, |s| {
             f.call(s, (id as i32, parent as i32))
@@ -222,10 +234,10 @@ impl PluginVm {
     }
 
     /// An HttpContext under the PluginContext `root`.
-    pub fn create_http_context(&mut self, root: u32) -> Result<u32, Fault> {
+    pub fn create_http_context(&mut self, root: u32) -> Result<HttpCtx, Fault> {
         let id = self.new_id();
         self.context_create(id, root)?;
-        Ok(id)
+        Ok(HttpCtx { id, root })
     }
 
     /// Runs a stream callback `f(id, a, b)` with `stream` lent to the host functions (it is
@@ -233,11 +245,12 @@ impl PluginVm {
     fn stream_call(
         &mut self,
         pick: fn(&Exports) -> Option<&Callback3>,
-        id: u32,
+        ctx: HttpCtx,
         stream: &mut Option<Box<Stream>>,
         a: usize,
         b: bool,
     ) -> Result<Outcome, Fault> {
+        let id = ctx.id;
         let Some(f) = pick(&self.f) else {
             return Ok(Outcome {
                 action: Action::Continue,
@@ -245,7 +258,7 @@ impl PluginVm {
                 resumed: false,
             });
         };
-        enter(&mut self.store, id, stream);
+        enter(&mut self.store, ctx, stream);
         let r = run(&mut self.store, self.ticks, |s| {
             f.call(s, (id as i32, a as i32, b as i32))
         });
@@ -264,18 +277,24 @@ impl PluginVm {
     /// `proxy_on_request_headers`.
     pub fn on_request_headers(
         &mut self,
-        id: u32,
+        ctx: HttpCtx,
         stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
         let n = stream.as_ref().map_or(0, |s| s.request.count());
-        self.stream_call(|f| f.request_headers.as_ref(), id, stream, n, end_of_stream)
+        self.stream_call(
+            |f| f.request_headers.as_ref(),
+            ctx,
+            stream,
+            n,
+            end_of_stream,
+        )
     }
 
     /// `proxy_on_response_headers`.
     pub fn on_response_headers(
         &mut self,
-        id: u32,
+        ctx: HttpCtx,
         stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
@@ -285,7 +304,7 @@ impl PluginVm {
             .map_or(0, |h| h.count());
         self.stream_call(
             |f| f.response_headers.as_ref(),
-            id,
+            ctx,
             stream,
             n,
             end_of_stream,
@@ -295,23 +314,23 @@ impl PluginVm {
     /// `proxy_on_request_body` with the buffered body in `stream.request_body`.
     pub fn on_request_body(
         &mut self,
-        id: u32,
+        ctx: HttpCtx,
         stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
         let n = stream.as_ref().map(|s| s.request_body.len()).unwrap_or(0);
-        self.stream_call(|f| f.request_body.as_ref(), id, stream, n, end_of_stream)
+        self.stream_call(|f| f.request_body.as_ref(), ctx, stream, n, end_of_stream)
     }
 
     /// `proxy_on_response_body` with the buffered body in `stream.response_body`.
     pub fn on_response_body(
         &mut self,
-        id: u32,
+        ctx: HttpCtx,
         stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Result<Outcome, Fault> {
         let n = stream.as_ref().map(|s| s.response_body.len()).unwrap_or(0);
-        self.stream_call(|f| f.response_body.as_ref(), id, stream, n, end_of_stream)
+        self.stream_call(|f| f.response_body.as_ref(), ctx, stream, n, end_of_stream)
     }
 
     /// Whether the plugin has body callbacks at all (without them bodies stream untouched).
@@ -323,9 +342,11 @@ impl PluginVm {
         self.f.response_body.is_some()
     }
 
-    /// `proxy_on_http_call_response` for the context `id` that dispatched call `token`, with
-    /// the answer readable (None: the call failed or timed out, 0 headers). `stream` is lent
-    /// when `id` is an HTTP context whose request waits on the call.
+    /// `proxy_on_http_call_response` on the root context `id` of the context that dispatched
+    /// call `token` (as Envoy: the SDKs find the dispatcher by the token, and the Go SDK
+    /// refuses any other id), with the answer readable (None: the call failed or timed out, 0
+    /// headers). `stream` is lent when the dispatcher is an HTTP context whose request waits
+    /// on the call.
     pub fn on_http_call_response(
         &mut self,
         id: u32,
@@ -342,7 +363,7 @@ impl PluginVm {
         };
         let resp = response.unwrap_or_default();
         let (h, b, t) = (resp.headers.len(), resp.body.len(), resp.trailers.len());
-        enter(&mut self.store, id, stream);
+        enter(&mut self.store, HttpCtx { id, root: id }, stream);
         self.store.data_mut().call_response = Some(resp);
         let r = run(&mut self.store, self.ticks, |s| {
             f.call(s, (id as i32, token as i32, h as i32, b as i32, t as i32))
@@ -419,12 +440,12 @@ impl PluginVm {
     }
 
     /// `proxy_on_log` with the stream readable.
-    pub fn on_log(&mut self, id: u32, stream: &mut Option<Box<Stream>>) -> Result<(), Fault> {
+    pub fn on_log(&mut self, ctx: HttpCtx, stream: &mut Option<Box<Stream>>) -> Result<(), Fault> {
         let Some(f) = self.f.log.as_ref() else {
             return Ok(());
         };
-        enter(&mut self.store, id, stream);
-        let r = run(&mut self.store, self.ticks, |s| f.call(s, id as i32));
+        enter(&mut self.store, ctx, stream);
+        let r = run(&mut self.store, self.ticks, |s| f.call(s, ctx.id as i32));
         leave(&mut self.store, stream);
         r
     }
@@ -459,8 +480,8 @@ fn run<T>(
     f(store).map_err(classify)
 }
 
-/// Lends `stream` to the host functions for a callback on context `id`.
-fn enter(store: &mut Store<HostState>, id: u32, stream: &mut Option<Box<Stream>>) {
+/// Lends `stream` to the host functions for a callback on context `ctx`.
+fn enter(store: &mut Store<HostState>, ctx: HttpCtx, stream: &mut Option<Box<Stream>>) {
     let d = store.data_mut();
     // Swapped, not assigned: the store's side is empty between callbacks (`leave` takes
     // it back), and an assignment would call the drop code of what it replaces every time.
@@ -472,7 +493,8 @@ fn enter(store: &mut Store<HostState>, id: u32, stream: &mut Option<Box<Stream>>
         d.local_reply = None;
     }
     d.resumed = false;
-    d.effective_context = id;
+    d.effective_context = ctx.id;
+    d.root_context = ctx.root;
 }
 
 /// Readies the store for a callback on context `id` that no request's stream is lent to. A
@@ -485,6 +507,7 @@ fn outside_stream(store: &mut Store<HostState>, id: u32) {
         d.stream = None;
     }
     d.effective_context = id;
+    d.root_context = id;
 }
 
 /// Takes the stream back after a callback: (its local reply, whether it resumed the stream).

@@ -284,6 +284,7 @@ fn build(c: &mut Criterion) {
                 plugins: vec![],
                 owner: format!("route:r{i}:1").into(),
                 upstream: None,
+                websocket: false,
                 traffic_record: Default::default(),
             })
         })

@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod traffic;
+pub mod tunnel;
 pub mod upstream;
 pub mod wasm_body;
 pub mod wasm_glue;

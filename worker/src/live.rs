@@ -561,6 +561,10 @@ impl Build<'_> {
                 service.and_then(|(_, (_, s))| s.plugins.as_ref()),
             ),
             upstream,
+            websocket: route
+                .enable_websocket
+                .or_else(|| service.and_then(|(_, (_, s))| s.enable_websocket))
+                .unwrap_or(false),
             traffic_record: Default::default(),
         })
     }
@@ -633,6 +637,11 @@ fn plugin_list(own: Option<&Plugins>, inherited: Option<&Plugins>) -> Vec<Plugin
     }
     merged
         .iter()
+        // APISIX's `_meta.disable`: kept in the object, not run (the route's own entry wins
+        // over its service's, so a route can turn off what its service runs).
+        .filter(|(_, attrs)| {
+            attrs.pointer("/_meta/disable") != Some(&serde_json::Value::Bool(true))
+        })
         .map(|(name, attrs)| PluginConf::from_attrs(name, attrs))
         .collect()
 }

@@ -39,8 +39,8 @@ use wasmgate_shared::model::PluginConf;
 use wasmgate_shared::shm::Segment;
 use wasmgate_shared::stats::ContextStats;
 use wasmgate_wasm::{
-    Action, BodyBuf, CallResponse, Fault, HttpCall, LocalReply, Outcome, PluginModule, PluginVm,
-    Settings, Stream,
+    Action, BodyBuf, CallResponse, Fault, HttpCall, HttpCtx, LocalReply, Outcome, PluginModule,
+    PluginVm, Settings, Stream,
 };
 
 /// A PluginContext in a VM.
@@ -119,7 +119,7 @@ pub type Chain<'a> = SmallVec<[Link<'a>; 4]>;
 pub struct Active {
     plugin: usize,
     owner: Arc<str>,
-    http_id: u32,
+    http: HttpCtx,
     vm_generation: u64,
     /// Its context's statistics record in this worker's slot.
     record: Option<usize>,
@@ -224,7 +224,7 @@ type CallFuture = Pin<Box<dyn Future<Output = (u32, u32, Option<CallResponse>)> 
 
 /// A new HttpContext: (http id, VM generation), or None when the plugin refused its
 /// configuration.
-type Opened = Result<Option<(u32, u64)>, Fault>;
+type Opened = Result<Option<(HttpCtx, u64)>, Fault>;
 
 /// A headers callback's outcome and the call-outs it dispatched.
 type Step = (Result<Outcome, Fault>, Vec<HttpCall>);
@@ -377,7 +377,7 @@ impl Plugins {
             let (first, calls) = {
                 let mut st = p.lock();
                 let (record, opened) = self.open(p, &mut st, link);
-                let (http_id, generation) = match opened {
+                let (http, generation) = match opened {
                     Ok(Some(ids)) => ids,
                     Ok(None) => {
                         self.count(record, |r| &r.errors);
@@ -395,7 +395,7 @@ impl Plugins {
                 req.active.push(Active {
                     plugin: link.plugin,
                     owner: link.owner.clone(),
-                    http_id,
+                    http,
                     vm_generation: generation,
                     record,
                     spent: 0,
@@ -403,7 +403,7 @@ impl Plugins {
                 let Some(vm) = st.vm.as_mut() else {
                     return Verdict::Fail;
                 };
-                let r = vm.on_request_headers(http_id, &mut req.stream, end_of_stream);
+                let r = vm.on_request_headers(http, &mut req.stream, end_of_stream);
                 (r, st.collect(self))
             };
             let Some(active) = req.active.last_mut() else {
@@ -445,7 +445,7 @@ impl Plugins {
                     continue;
                 }
                 let Some(vm) = st.vm.as_mut() else { continue };
-                let r = vm.on_response_headers(a.http_id, stream, end_of_stream);
+                let r = vm.on_response_headers(a.http, stream, end_of_stream);
                 (r, st.collect(self))
             };
             let (verdict, waited) = match settled(first, calls) {
@@ -489,7 +489,7 @@ impl Plugins {
         };
         loop {
             for c in calls.drain(..) {
-                if c.context == a.http_id {
+                if c.context == a.http.id {
                     mine.get_or_insert_with(FuturesUnordered::new)
                         .push(self.call_future(c));
                 } else {
@@ -522,11 +522,21 @@ impl Plugins {
             };
             waited += wait.elapsed();
             let Some((ctx, token, resp)) = next else {
-                tracing::warn!(
-                    "{}: paused the request in {} with no call-out pending; resuming it",
-                    p.decl.name,
-                    phase.callback()
-                );
+                // A plugin with request body callbacks that pauses the headers waits for the
+                // body (its header changes still apply until the upstream is contacted);
+                // another pause with nothing to wait for is worth a line.
+                if matches!(phase, Phase::Request) && p.has_body(Dir::Request) {
+                    tracing::debug!(
+                        "{}: paused the request headers; resuming them for the body",
+                        p.decl.name
+                    );
+                } else {
+                    tracing::warn!(
+                        "{}: paused the request in {} with no call-out pending; resuming it",
+                        p.decl.name,
+                        phase.callback()
+                    );
+                }
                 return (Verdict::Continue, waited);
             };
             let r = self.deliver(
@@ -570,11 +580,15 @@ impl Plugins {
 
     /// The future of one call-out, with its timeout applied: (context, token, answer).
     fn call_future(&self, c: HttpCall) -> CallFuture {
-        let (ctx, token, timeout) = (c.context, c.token, c.timeout);
+        // The answer goes to the dispatcher's root context (`PluginVm::on_http_call_response`).
+        let (ctx, token, timeout) = (c.root, c.token, c.timeout);
         let fut = self.callout.get().map(|co| co.call(c));
         Box::pin(async move {
             let resp = match fut {
-                Some(f) => tokio::time::timeout(timeout, f).await.ok().flatten(),
+                Some(f) => match timeout {
+                    Some(t) => tokio::time::timeout(t, f).await.ok().flatten(),
+                    None => f.await,
+                },
                 None => None,
             };
             (ctx, token, resp)
@@ -786,8 +800,8 @@ impl Plugins {
         // By index, each context's fields copied out: `req` lends its stream to the VM below.
         for i in 0..req.active.len().min(bufs.len()) {
             let a = &req.active[i];
-            let (plugin, http_id, vm_generation, record) =
-                (a.plugin, a.http_id, a.vm_generation, a.record);
+            let (plugin, http, vm_generation, record) =
+                (a.plugin, a.http, a.vm_generation, a.record);
             let buf = &mut bufs[i];
             let p = &self.list[plugin];
             if !p.has_body(dir) {
@@ -821,10 +835,8 @@ impl Plugins {
                 } else {
                     let vm = st.vm.as_mut().expect("checked");
                     let r = match dir {
-                        Dir::Request => vm.on_request_body(http_id, &mut req.stream, end_of_stream),
-                        Dir::Response => {
-                            vm.on_response_body(http_id, &mut req.stream, end_of_stream)
-                        }
+                        Dir::Request => vm.on_request_body(http, &mut req.stream, end_of_stream),
+                        Dir::Response => vm.on_response_body(http, &mut req.stream, end_of_stream),
                     };
                     let calls = st.collect(self);
                     if let Err(f) = &r {
@@ -883,9 +895,7 @@ impl Plugins {
                 continue;
             }
             let vm = st.vm.as_mut().expect("checked");
-            let r = vm
-                .on_log(a.http_id, stream)
-                .and_then(|_| vm.finish(a.http_id));
+            let r = vm.on_log(a.http, stream).and_then(|_| vm.finish(a.http.id));
             let memory = vm.memory_bytes();
             let ns = a.spent + nanos(lap(&mut started));
             if let Some(rec) = self.stats(a.record) {
@@ -897,7 +907,7 @@ impl Plugins {
                 }
             }
             if !st.calls.is_empty() {
-                st.calls.retain(|_, c| *c != a.http_id);
+                st.calls.retain(|_, c| *c != a.http.id);
             }
             if let Err(f) = r {
                 self.fault(p, &mut st, &f, "proxy_on_log", a.record);

@@ -20,6 +20,7 @@ use crate::live::Compiled;
 use crate::plugins::{Active, Dir, Verdict, WasmRequest};
 use crate::router::{RequestView, RouteEntry};
 use crate::server::ClientBody;
+use crate::tunnel;
 use crate::upstream::h1::{ExchangeError, ResponseBody};
 use crate::upstream::pool::{Conn, ConnectError};
 use crate::upstream::UpstreamRuntime;
@@ -38,7 +39,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmgate_http1::codec::{SetField, SetFields};
-use wasmgate_http1::request::host_name;
+use wasmgate_http1::request::{host_name, normalized_path};
 use wasmgate_shared::model::{HashOn, PassHost};
 use wasmgate_shared::traffic::Observation;
 use wasmgate_wasm::{Downstream, Stream};
@@ -97,20 +98,22 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
     log.request_id = request_id(&mut parts.headers);
     log.head_bytes = head_size(&parts) as u64;
     if log.head_bytes as usize > w.max_header_size {
-        let resp = header_filter(error_page(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
-        let request_id = log.request_id.clone();
-        return Answer {
-            response: log_phase(w, resp, log, None),
-            back: HeadersBack(None),
-            request_id,
-        };
+        return refusal(w, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, log);
     }
     let route = {
+        // Matched as nginx matches locations: on the path decoded and resolved (`$uri`).
+        let path = match normalized_path(parts.uri.path()) {
+            Ok(path) => path,
+            Err(why) => {
+                tracing::info!("bad request from {peer}: {why}");
+                return refusal(w, StatusCode::BAD_REQUEST, log);
+            }
+        };
         let lookup = |name: &str| nginx_var(&parts, peer, name);
         let view = RequestView {
             method: &parts.method,
             host: log.host.as_str(),
-            path: parts.uri.path(),
+            path: &path,
             remote: peer.ip(),
             vars: &lookup,
         };
@@ -130,10 +133,19 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
             client_body(body, w.max_body_size, w.body_timeout, received)
         }
     };
-    let resp = match &route {
-        None => json_error(StatusCode::NOT_FOUND, "404 Route Not Found"),
+    // Global rules run for a request no route matched too (APISIX's rule): their plugins
+    // may answer it (an auth plugin's 401); otherwise it is the 404.
+    let route = match route {
         Some(route) => {
             log.route = Some(route.clone());
+            Some(route)
+        }
+        None if !cfg.global_rules.is_empty() => Some(RouteEntry::unmatched()),
+        None => None,
+    };
+    let resp = match &route {
+        None => not_found(),
+        Some(route) => {
             serve_route(
                 &w,
                 &cfg,
@@ -155,6 +167,22 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
     Answer {
         response: log_phase(w, resp, log, wasm),
         back,
+        request_id,
+    }
+}
+
+/// APISIX's answer when no route matches.
+fn not_found() -> Response<ProxyBody> {
+    json_error(StatusCode::NOT_FOUND, "404 Route Not Found")
+}
+
+/// The error page for a request refused before routing, logged.
+fn refusal(w: Arc<Worker>, status: StatusCode, log: LogInfo) -> Answer {
+    let resp = header_filter(error_page(status));
+    let request_id = log.request_id.clone();
+    Answer {
+        response: log_phase(w, resp, log, None),
+        back: HeadersBack(None),
         request_id,
     }
 }
@@ -230,11 +258,12 @@ async fn serve_route(
         }
     }
     let resp = match &route.upstream {
+        None if route.is_unmatched() => not_found(),
         None => json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "missing upstream configuration in Route or Service",
         ),
-        Some(up) => forward(w, up, parts, body, client, up_log).await,
+        Some(up) => forward(w, up, (parts, route.websocket), body, client, up_log).await,
     };
     if let Some(shared) = wasm.as_ref() {
         restore_headers(shared, parts);
@@ -267,10 +296,24 @@ async fn request_body(
     parts: &mut http::request::Parts,
 ) -> Result<(ProxyBody, Arc<Mutex<Option<BodyFailure>>>), Response<ProxyBody>> {
     let mut pb = PluginBody::new(body, shared.clone(), w.plugins.clone(), Dir::Request);
-    match pb.prime().await {
-        Primed::Complete(len) => set_length(&mut parts.headers, len),
-        Primed::Streaming => {}
+    let complete = match pb.prime().await {
         Primed::Failed(f) => return Err(failure_response(f, StatusCode::PAYLOAD_TOO_LARGE)),
+        Primed::Complete(len) => Some(len),
+        Primed::Streaming => None,
+    };
+    // Header changes the body callbacks made so far still go upstream (as in Envoy, where a
+    // plugin that holds the headers until the body is in may still change them): nothing has
+    // been sent yet.
+    if let Some(stream) = lock(shared).stream.as_mut() {
+        if stream.request.changed() {
+            wasm_glue::apply_request(&mut stream.request, parts, true).map_err(|e| {
+                tracing::error!("plugins left an invalid request in a body callback: {e}");
+                error_page(StatusCode::INTERNAL_SERVER_ERROR)
+            })?;
+        }
+    }
+    if let Some(len) = complete {
+        set_length(&mut parts.headers, len);
     }
     let failure = pb.failure();
     Ok((body::boxed(pb), failure))
@@ -407,10 +450,11 @@ impl Drop for Lent<'_> {
 }
 
 /// Phase 3: sends the request to a node, moving to the next node on connect failures.
+/// `websocket`: the route's `enable_websocket`, which lets an `Upgrade` request through.
 async fn forward(
     w: &Worker,
     up: &Arc<UpstreamRuntime>,
-    parts: &mut http::request::Parts,
+    (parts, websocket): (&mut http::request::Parts, bool),
     body: ProxyBody,
     client: &Client,
     log: &mut UpstreamLog,
@@ -419,13 +463,25 @@ async fn forward(
     // Read before the hop-by-hop headers go: a `Connection: host` must not take the Host the
     // request was routed by away from the upstream.
     let client_host = parts.headers.get(header::HOST).cloned();
+    let no_body = body.is_end_stream();
+    let upgrade = match websocket && no_body {
+        true => tunnel::asked(parts),
+        false => None,
+    };
     // The client's headers go upstream as they are, less the hop-by-hop ones; what the proxy
     // sets is written with them (`Forwarding`), not stored in the map.
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = upgrade.clone() {
+        // The two hop-by-hop fields a switch of protocols needs go on to the node (nginx's
+        // `proxy_set_header Upgrade $http_upgrade; Connection "upgrade"`).
+        parts.headers.insert(header::UPGRADE, protocol);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     let forwarding = Forwarding::new(&parts.headers, client_host.as_ref(), &client.ip);
     // Without a body, an idempotent request may go to another node after a failure past the
     // connect: nothing of it is lost, and the node may not have acted on it twice.
-    let no_body = body.is_end_stream();
     let replayable = no_body && parts.method.is_idempotent();
     let mut body = Some(body);
     let mut tried = Vec::new();
@@ -477,7 +533,8 @@ async fn forward(
         let host = node_host(up, client_host.as_ref(), &authority);
         let set = forwarding.fields(host.as_ref());
         up.balancer.on_start(idx);
-        match send(w, conn, parts, &set, (b, no_body), &authority, up).await {
+        let request = (&*parts, &set[..], upgrade.is_some());
+        match send(w, conn, request, (b, no_body), &authority, up).await {
             Exchange::Response(resp) => {
                 log.addrs.push(authority);
                 log.status = Some(resp.status().as_u16());
@@ -572,8 +629,7 @@ enum Exchange {
 async fn send(
     w: &Worker,
     conn: Conn,
-    parts: &http::request::Parts,
-    set: &SetFields<'_>,
+    (parts, set, upgrade): (&http::request::Parts, &SetFields<'_>, bool),
     (body, no_body): (ProxyBody, bool),
     authority: &Arc<str>,
     up: &UpstreamRuntime,
@@ -583,9 +639,12 @@ async fn send(
         reused,
         at,
     } = conn;
-    let out = link
+    let mut out = link
         .wire
         .encode_head(&parts.method, &parts.uri, &parts.headers, set, &body);
+    if upgrade {
+        out = out.upgrading();
+    }
     let (wire, timer) = link.parts();
     // A request without a body has no sending to watch: its head goes out at once (it fits
     // the socket's buffer), and with the answer's head it must take at most `timeout.read`;
@@ -641,6 +700,16 @@ async fn send(
         }
     };
     match result {
+        Ok(head) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
+            // The node switched: its connection is the tunnel's, once the client has the 101.
+            let (io, rest) = link.into_io();
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = head.status;
+            *resp.headers_mut() = head.headers;
+            resp.extensions_mut()
+                .insert(tunnel::Upstream::new(io, rest, up.read_timeout));
+            Exchange::Response(resp)
+        }
         Ok(head) => {
             let body = ResponseBody::new(
                 link,
@@ -850,9 +919,19 @@ impl Forwarding {
 
 static HTTP_SCHEME: HeaderValue = HeaderValue::from_static("http");
 
-/// Phase 4: response headers on their way to the client.
+/// Phase 4: response headers on their way to the client. An answer that switches protocols
+/// keeps its `Upgrade`, with `Connection: upgrade`.
 fn header_filter(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let switching = resp.extensions().get::<tunnel::Upstream>().is_some();
+    let protocol = switching
+        .then(|| resp.headers().get(header::UPGRADE).cloned())
+        .flatten();
     strip_hop_by_hop(resp.headers_mut());
+    if let Some(protocol) = protocol {
+        let h = resp.headers_mut();
+        h.insert(header::UPGRADE, protocol);
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     resp
 }
 
@@ -1099,7 +1178,7 @@ pub fn nginx_var<'a>(
         return cookie(&parts.headers, c).map(Cow::Owned);
     }
     Some(match name {
-        "uri" => Cow::Borrowed(parts.uri.path()),
+        "uri" => normalized_path(parts.uri.path()).unwrap_or(Cow::Borrowed(parts.uri.path())),
         "request_uri" => Cow::Borrowed(
             parts
                 .uri

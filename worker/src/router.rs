@@ -61,6 +61,9 @@ pub struct RouteEntry {
     /// `route:<id>:<revision>`: what its PluginContexts are keyed by (made once, not per request).
     pub owner: Arc<str>,
     pub upstream: Option<Arc<UpstreamRuntime>>,
+    /// `enable_websocket` (the route's, else its service's): an `Upgrade` request is passed
+    /// to the upstream and, once it answers 101, the connection becomes a tunnel.
+    pub websocket: bool,
     /// This worker's statistics record for the route (`traffic::Traffic`), found on its first
     /// request so later ones skip the lookup by id.
     pub traffic_record: std::sync::OnceLock<usize>,
@@ -78,6 +81,38 @@ pub struct RequestView<'a> {
 }
 
 impl RouteEntry {
+    /// What a request no route matched is served as when global rules exist (APISIX runs
+    /// them before its 404): no path, no plugins of its own, no upstream. Its id is empty,
+    /// which no route's is.
+    pub fn unmatched() -> Arc<RouteEntry> {
+        static UNMATCHED: std::sync::OnceLock<Arc<RouteEntry>> = std::sync::OnceLock::new();
+        UNMATCHED
+            .get_or_init(|| {
+                Arc::new(RouteEntry {
+                    id: String::new(),
+                    name: None,
+                    revision: 0,
+                    priority: 0,
+                    paths: Vec::new(),
+                    methods: Vec::new(),
+                    hosts: Vec::new(),
+                    remote_addrs: Vec::new(),
+                    vars: None,
+                    plugins: Vec::new(),
+                    owner: "unmatched".into(),
+                    upstream: None,
+                    websocket: false,
+                    traffic_record: Default::default(),
+                })
+            })
+            .clone()
+    }
+
+    /// Whether this is [`RouteEntry::unmatched`].
+    pub fn is_unmatched(&self) -> bool {
+        self.id.is_empty()
+    }
+
     fn matches(&self, req: &RequestView<'_>) -> bool {
         (self.methods.is_empty() || self.methods.contains(req.method))
             && (self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(req.host)))
@@ -276,6 +311,7 @@ mod tests {
             plugins: vec![],
             owner: format!("route:{id}:1").into(),
             upstream: None,
+            websocket: false,
             traffic_record: Default::default(),
         }
     }

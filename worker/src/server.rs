@@ -9,7 +9,7 @@ pub mod h1;
 
 pub use h1::ClientBody;
 
-use crate::{proxy, Worker};
+use crate::{proxy, tunnel, Worker};
 use futures_util::task::AtomicWaker;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -112,16 +112,30 @@ async fn connection(
             return; // The client left: its request is dropped, as hyper and nginx do.
         };
         let proxy::Answer {
-            response,
+            mut response,
             back,
             request_id,
         } = answer;
-        let draining = w.draining.load(Ordering::Relaxed);
+        // A 101 from the node: once it is written, the connection is a tunnel. (A plugin
+        // that answered in its place dropped the node's side with the node's answer.)
+        let switching = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+        let tunnel = response
+            .extensions_mut()
+            .remove::<tunnel::Upstream>()
+            .filter(|_| switching);
+        let draining = w.draining.load(Ordering::Relaxed) && tunnel.is_none();
         let set = proxy::answer_fields(request_id.as_ref(), draining);
         match conn
             .respond(&mut wbuf, response, &meta, &set, |h| back.give(h, &set))
             .await
         {
+            Ok(_) if tunnel.is_some() => {
+                drop(handler);
+                if let (Some(tunnel), Some((io, rest))) = (tunnel, conn.into_io()) {
+                    tunnel.run(io, rest, peer).await;
+                }
+                return;
+            }
             Ok(keep_alive) => {
                 if conn.finish_request() && keep_alive {
                     continue;

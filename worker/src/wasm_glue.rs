@@ -52,6 +52,10 @@ pub fn apply_request(
         );
     }
     parts.headers = headers;
+    if copy {
+        // Body callbacks may change the head again before the upstream is contacted.
+        head.settle();
+    }
     Ok(())
 }
 
@@ -109,7 +113,14 @@ pub fn apply_response(head: &mut Head, resp: &mut Response<ProxyBody>) {
 /// page for the status, as nginx does.
 pub fn local_reply(r: LocalReply) -> Response<ProxyBody> {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut resp = if r.body.is_empty() && status.as_u16() >= 400 {
+    // nginx's error page stands in for an empty error answer, unless the plugin said what
+    // its answer is (a `Content-Type` of its own): the page would go out under the plugin's
+    // type, next to its own.
+    let typed = r
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+    let mut resp = if r.body.is_empty() && status.as_u16() >= 400 && !typed {
         error_page(status)
     } else {
         let mut resp = Response::new(body::full(r.body));
@@ -146,7 +157,8 @@ impl wasmgate_wasm::Properties for RouteEntry {
             }
             ["route_id"] | ["route", "id"] => self.id.clone(),
             ["source", "address"] => from.peer.to_string(),
-            ["source", "port"] => from.peer.port().to_string(),
+            // Envoy's integers are 8 bytes, little-endian.
+            ["source", "port"] => return Some(i64::from(from.peer.port()).to_le_bytes().to_vec()),
             ["request", "protocol"] => format!("{:?}", from.version),
             [name] => var(request, from.peer, name)?,
             _ => return None,

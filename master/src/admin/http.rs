@@ -104,6 +104,10 @@ async fn dispatch(
     };
     let id = parts.next().filter(|s| !s.is_empty());
     let sub = parts.next().filter(|s| !s.is_empty());
+    if method != Method::GET && query.iter().any(|(n, _)| n == "ttl") {
+        // Objects that expire are not kept: refused rather than stored for ever.
+        return err(400, "ttl is not supported: objects do not expire");
+    }
     let parse_body = || -> Result<Value, String> {
         if body.is_empty() {
             return Err("invalid request body: empty body".into());

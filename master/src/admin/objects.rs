@@ -219,7 +219,7 @@ fn write(
     expect: Option<u64>,
 ) -> Outcome {
     if !valid_id(id) {
-        return error(400, format!("invalid configuration: property \"id\" validation failed: invalid id {id:?}: 1 to 64 characters from a-z A-Z 0-9 - _ .")).into();
+        return error(400, format!("invalid configuration: property \"id\" validation failed: invalid id {id:?}: 1 to 64 characters from a-z A-Z 0-9 - _ ., not starting with .")).into();
     }
     let catalog = m.catalog();
     let object = match model::validate(kind, &body, &catalog) {

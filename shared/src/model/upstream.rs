@@ -159,6 +159,9 @@ pub struct NodeAddr {
     pub host: String,
     pub port: u16,
     pub weight: u32,
+    /// APISIX's node `priority` (default 0): nodes of a lower priority serve only once every
+    /// node of a higher one has been tried.
+    pub priority: i64,
 }
 
 impl NodeAddr {
@@ -250,6 +253,7 @@ impl Upstream {
                         host,
                         port,
                         weight: *w,
+                        priority: 0,
                     });
                 }
             }
@@ -264,6 +268,7 @@ impl Upstream {
                         host: host.to_string(),
                         port: n.port,
                         weight: n.weight,
+                        priority: n.priority.unwrap_or(0),
                     });
                 }
             }
@@ -339,17 +344,20 @@ mod tests {
         assert!(n.contains(&NodeAddr {
             host: "127.0.0.1".into(),
             port: 1980,
-            weight: 2
+            weight: 2,
+            priority: 0
         }));
         assert!(n.contains(&NodeAddr {
             host: "::1".into(),
             port: 81,
-            weight: 1
+            weight: 1,
+            priority: 0
         }));
         assert!(n.contains(&NodeAddr {
             host: "example.com".into(),
             port: 80,
-            weight: 1
+            weight: 1,
+            priority: 0
         }));
         let b = up(json!({"nodes": [{"host": "10.0.0.1", "port": 8080, "weight": 5}]}));
         assert_eq!(

@@ -131,6 +131,14 @@ impl Conn {
         })))
     }
 
+    /// The socket and what was read past the last request's head, for a tunnel
+    /// ([`crate::tunnel`]); None while the request's body is still held elsewhere.
+    pub fn into_io(self) -> Option<(TcpStream, BytesMut)> {
+        let inbound = Arc::try_unwrap(self.0).ok()?;
+        let inbound = inbound.into_inner().unwrap_or_else(|p| p.into_inner());
+        Some((inbound.io, inbound.rbuf))
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inbound> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }

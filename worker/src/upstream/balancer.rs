@@ -26,6 +26,9 @@ pub struct BalancerNode {
     pub addr: String,
     /// Relative weight; a node with weight 0 is never picked.
     pub weight: u32,
+    /// Only the highest priority among the nodes not yet tried is picked from (APISIX's
+    /// backup nodes: a lower priority serves once the higher ones have failed).
+    pub priority: i64,
 }
 
 /// Which load-balancing strategy a [`Balancer`] uses.
@@ -91,9 +94,18 @@ impl Balancer {
     /// round robin). Indexes in `tried` are skipped; out-of-range ones are
     /// ignored. Returns `None` when no node with weight > 0 is left untried.
     pub fn pick(&self, hash_key: Option<&[u8]>, tried: &[usize]) -> Option<usize> {
+        let top = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| n.weight > 0 && !tried.contains(i))
+            .map(|(_, n)| n.priority)
+            .max()
+            .unwrap_or(0);
         let eligible = Eligible {
             nodes: &self.nodes,
             tried,
+            top,
         };
         // One node (the common upstream): every policy picks it, and none keeps state
         // that one node could change.
@@ -237,12 +249,17 @@ impl Load {
 struct Eligible<'a> {
     nodes: &'a [BalancerNode],
     tried: &'a [usize],
+    /// The highest priority among the untried nodes: only its nodes are picked.
+    top: i64,
 }
 
 impl Eligible<'_> {
     /// Bounds-checked: an index past the nodes is not eligible.
     fn get(&self, i: usize) -> bool {
-        self.nodes.get(i).is_some_and(|n| n.weight > 0) && !self.tried.contains(&i)
+        self.nodes
+            .get(i)
+            .is_some_and(|n| n.weight > 0 && n.priority == self.top)
+            && !self.tried.contains(&i)
     }
 }
 
@@ -326,6 +343,7 @@ mod tests {
             .map(|(i, &weight)| BalancerNode {
                 addr: format!("10.0.0.{i}:80"),
                 weight,
+                priority: 0,
             })
             .collect()
     }
@@ -551,6 +569,28 @@ mod tests {
             assert!(!zeros.is_empty());
             assert_eq!(zeros.pick(Some(b"k"), &[]), None);
             assert_eq!(zeros.pick(None, &[]), None);
+        }
+    }
+
+    /// APISIX's node priorities: the backup (lower priority) nodes serve only once every
+    /// node above them has been tried, under every policy.
+    #[test]
+    fn lower_priorities_serve_once_higher_ones_were_tried() {
+        for kind in [
+            BalancerKind::RoundRobin,
+            BalancerKind::Chash,
+            BalancerKind::LeastConn,
+        ] {
+            let mut list = nodes(&[1, 1, 1]);
+            list[0].priority = 1;
+            list[1].priority = 1;
+            list[2].priority = -1;
+            let b = Balancer::new(kind, list);
+            for _ in 0..20 {
+                assert_ne!(b.pick(Some(b"k"), &[]), Some(2), "{kind:?}");
+            }
+            assert_eq!(b.pick(Some(b"k"), &[0]), Some(1), "{kind:?}");
+            assert_eq!(b.pick(Some(b"k"), &[0, 1]), Some(2), "{kind:?}");
         }
     }
 

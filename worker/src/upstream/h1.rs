@@ -128,6 +128,12 @@ impl Link {
     pub fn parts(&mut self) -> (&mut Wire, &mut Pin<Box<tokio::time::Sleep>>) {
         (&mut self.wire, &mut self.timer)
     }
+
+    /// The socket and what was read past the answer's head: a connection switched to another
+    /// protocol (101) is the tunnel's, never the pool's.
+    pub fn into_io(self) -> (TcpStream, BytesMut) {
+        (self.wire.io, self.wire.rbuf)
+    }
 }
 
 /// One connection to a node: the socket, and the buffers its exchanges reuse.
@@ -211,6 +217,7 @@ impl Wire {
         Outgoing {
             body: out,
             head_request: *method == Method::HEAD,
+            upgrade: false,
         }
     }
 
@@ -231,7 +238,6 @@ impl Wire {
         B: Body<Data = Bytes, Error = BoxError> + Unpin,
     {
         let Wire { io, rbuf, wbuf } = self;
-        let head_request = out.head_request;
         if let Some(body) = body {
             let (mut rd, mut wr) = io.split();
             tokio::select! {
@@ -242,7 +248,7 @@ impl Wire {
                         // 413): its answer, if it came, is relayed rather than a 502.
                         let late = tokio::time::timeout(
                             ANSWER_AFTER_SEND_FAILED,
-                            read_head(&mut rd, rbuf, head_request),
+                            read_head(&mut rd, rbuf, out),
                         );
                         return match late.await {
                             Ok(Ok(mut head)) => {
@@ -254,14 +260,14 @@ impl Wire {
                     }
                     sent?;
                 }
-                early = read_head(&mut rd, rbuf, head_request) => {
+                early = read_head(&mut rd, rbuf, out) => {
                     let mut head = early?;
                     head.keep_alive = false;
                     return Ok(head);
                 }
             }
         }
-        read_head(io, rbuf, head_request).await
+        read_head(io, rbuf, out).await
     }
 }
 
@@ -271,15 +277,29 @@ pub struct Outgoing {
     body: BodyOut,
     /// The answer to a HEAD request has no body, whatever its headers say.
     head_request: bool,
+    /// The request asks to switch protocols (`Upgrade`): a 101 is its answer, not an error.
+    upgrade: bool,
 }
 
-/// Reads until a final (non-1xx) response head is complete and takes it off `rbuf`.
-/// Cancel-safe: a head is consumed only once whole.
+impl Outgoing {
+    /// The request carries `Upgrade` and `Connection: upgrade` (a WebSocket handshake).
+    pub fn upgrading(self) -> Outgoing {
+        Outgoing {
+            upgrade: true,
+            ..self
+        }
+    }
+}
+
+/// Reads until a final (non-1xx) response head is complete and takes it off `rbuf`; a 101
+/// is final for a request that asked to upgrade. Cancel-safe: a head is consumed only once
+/// whole.
 async fn read_head<R: AsyncRead + Unpin>(
     rd: &mut R,
     rbuf: &mut BytesMut,
-    head_request: bool,
+    out: Outgoing,
 ) -> Result<ResponseHead, ExchangeError> {
+    let head_request = out.head_request;
     let mut received = !rbuf.is_empty();
     loop {
         // An empty buffer (the usual case: the answer has not come) is not worth parsing.
@@ -291,6 +311,7 @@ async fn read_head<R: AsyncRead + Unpin>(
             match head.status.is_informational() {
                 // 100 Continue and the like: the real answer follows.
                 true if head.status != StatusCode::SWITCHING_PROTOCOLS => continue,
+                true if out.upgrade => return Ok(head),
                 true => return Err(ExchangeError::Invalid("101 answer to a non-upgrade")),
                 false => return Ok(head),
             }
@@ -354,12 +375,14 @@ fn parse_head(
     // Room for what plugins add to the answer, and the `Server` and `X-Request-Id` put into
     // the map given back to them once it is sent, without growing the map.
     let mut headers = HeaderMap::with_capacity(spans.len() + 4);
+    // A switch of protocols says which protocol in its `Upgrade`: the client needs it.
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let delimiters = codec::read_fields(
         &codec::UPSTREAM_NAMES,
         &head,
         spans,
         &mut headers,
-        |n, v| !ends_here(n, v),
+        |n, v| !ends_here(n, v) || (switching && *n == header::UPGRADE),
     )
     .map_err(ExchangeError::Invalid)?;
     if delimiters.chunked.is_some() && delimiters.length.is_some() {

@@ -53,6 +53,7 @@ impl UpstreamRuntime {
             .map(|n| BalancerNode {
                 addr: n.authority(),
                 weight: n.weight,
+                priority: n.priority,
             })
             .collect();
         let t = |f: fn(&Timeout) -> Option<f64>| {
