@@ -10,14 +10,16 @@
 //!   says;
 //! - a body's data is never more than its `Content-Length`; the buffer only shrinks;
 //! - an accepted head has one `Host` (none only in HTTP/1.0), the target's when the target
-//!   names one.
+//!   names one;
+//! - its path as routes match it (`request::normalized_path`) starts with `/` and has no
+//!   empty, `.` or `..` segment left, and normalizing it again changes nothing.
 #![no_main]
 
 use bytes::BytesMut;
 use http::header;
 use libfuzzer_sys::fuzz_target;
 use wasmgate_http1::codec::{decode, Decoded, Framing};
-use wasmgate_http1::request::{parse_head, Refusal};
+use wasmgate_http1::request::{normalized_path, parse_head, Refusal};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&limit, wire)) = data.split_first() else {
@@ -51,6 +53,18 @@ fuzz_target!(|data: &[u8]| {
         );
         if let Some(authority) = head.uri.authority() {
             assert_eq!(head.headers[header::HOST], authority.as_str(), "Host is the target's");
+        }
+        if let Ok(path) = normalized_path(head.uri.path()) {
+            assert!(path.starts_with('/'), "{path:?}");
+            let segments: Vec<&str> = path[1..].split('/').collect();
+            let last = segments.len() - 1;
+            for (i, s) in segments.iter().enumerate() {
+                assert!(*s != "." && *s != "..", "{path:?}");
+                assert!(!s.is_empty() || i == last, "{path:?}");
+            }
+            if !path.contains('%') {
+                assert_eq!(normalized_path(&path).as_deref(), Ok(&*path), "idempotent");
+            }
         }
         let length = head.headers.get(header::CONTENT_LENGTH);
         assert!(

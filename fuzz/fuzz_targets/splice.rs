@@ -42,19 +42,23 @@ struct Input {
 }
 
 /// What the reference says `splice(buf, start, size, data)` must do to a buffer of `len` bytes:
-/// `None` (BadArgument, buffer unchanged) or `Some((end, new_len))` for the result
-/// `buf[..start] ++ data ++ buf[end..]`. 128-bit arithmetic, so nothing can overflow.
-fn reference(len: usize, start: usize, size: usize, data_len: usize) -> Option<(usize, usize)> {
-    let (len_w, start_w) = (len as u128, start as u128);
-    if start_w > len_w {
-        return None;
-    }
+/// `None` (BadArgument, buffer unchanged) or `Some((start, end, new_len))` for the result
+/// `buf[..start] ++ data ++ buf[end..]`, a start past the end appending (Envoy's `copyFrom`).
+/// 128-bit arithmetic, so nothing can overflow.
+fn reference(
+    len: usize,
+    start: usize,
+    size: usize,
+    data_len: usize,
+) -> Option<(usize, usize, usize)> {
+    let len_w = len as u128;
+    let start_w = (start as u128).min(len_w);
     let end = (start_w + size as u128).min(len_w);
     let new_len = len_w - (end - start_w) + data_len as u128;
     if new_len > MAX_READ as u128 {
         return None;
     }
-    Some((end as usize, new_len as usize))
+    Some((start_w as usize, end as usize, new_len as usize))
 }
 
 /// Indices of `0..len` to compare: all of them for small buffers, otherwise windows around the
@@ -81,7 +85,7 @@ fn check(prefix: &[u8], len: usize, start: usize, size: usize, data: &[u8]) {
     let orig = |i: usize| prefix.get(i).copied().unwrap_or(0);
     let status = splice(&mut buf, start, size, data);
     match reference(len, start, size, data.len()) {
-        Some((end, new_len)) => {
+        Some((start, end, new_len)) => {
             assert_eq!(status, Status::Ok, "len {len} start {start} size {size}");
             assert_eq!(buf.len(), new_len, "len {len} start {start} size {size}");
             let removed = end - start;
