@@ -404,9 +404,10 @@ fn framing_fields_reach_the_upstream_once_and_never_as_trailers() {
 
 /// Routes are matched on the path as nginx resolves it (`$uri`): dot segments, escapes and
 /// doubled slashes cannot take a request for `/admin/...` past the `/admin/*` route to the
-/// catch-all one; the request itself goes upstream as the client wrote it (nginx's
-/// `proxy_pass` without a URI). A path that climbs above the root or has a broken escape is
-/// refused.
+/// catch-all one, nor one for `/public/...` into it; a path with dot segments goes upstream
+/// resolved, so the node serves the path the route was chosen by, and any other as written
+/// (an escaped slash stays escaped). A path that climbs above the root or has a broken
+/// escape is refused.
 #[test]
 fn routes_match_the_resolved_path() {
     let admin = TestUpstream::start("admin");
@@ -424,28 +425,45 @@ fn routes_match_the_resolved_path() {
         "/admin%2Fx",
         "/./admin/./x",
     ] {
-        let r = ask(
-            &gw,
-            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-        );
+        let r = get_raw(&gw, &format!("{path}?q=1"));
         assert_eq!(
             (r.status, r.header("x-upstream")),
             (200, Some("admin")),
             "{path}"
         );
         let seen: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
-        assert_eq!(seen["uri"], path, "sent upstream as written");
-    }
-    let r = ask(
-        &gw,
-        "GET /public/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
-    assert_eq!(r.header("x-upstream"), Some("public"));
-    for path in ["/..", "/a/../../admin/x", "/%zz", "/a%00b"] {
-        let r = ask(
-            &gw,
-            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        let sent = match path.contains("/.") || path.contains("%2e") || path.contains("..%2F") {
+            true => "/admin/x?q=1".to_string(),
+            false => format!("{path}?q=1"),
+        };
+        assert_eq!(
+            seen["uri"], sent,
+            "{path}: dot segments resolved, nothing else"
         );
-        assert_eq!(r.status, 400, "{path}");
     }
+    for path in ["/public/x", "/admin/../public/x", "/admin/%2e%2e/public/x"] {
+        let r = get_raw(&gw, path);
+        assert_eq!(r.header("x-upstream"), Some("public"), "{path}");
+        let seen: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(
+            seen["uri"], "/public/x",
+            "{path}: no /admin/ for the node to read"
+        );
+    }
+    let seen: serde_json::Value = serde_json::from_str(&get_raw(&gw, "/a%20b/%25").text()).unwrap();
+    assert_eq!(
+        seen["uri"], "/a%20b/%25",
+        "escapes a path needs stay escaped"
+    );
+    for path in ["/..", "/a/../../admin/x", "/%zz", "/a%00b"] {
+        assert_eq!(get_raw(&gw, path).status, 400, "{path}");
+    }
+}
+
+/// A GET of `target` exactly as written (clients resolve dot segments themselves).
+fn get_raw(gw: &Gateway, target: &str) -> Resp {
+    ask(
+        gw,
+        &format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
 }

@@ -687,6 +687,7 @@ fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
       (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_set_effective_context" (func $effective (param i32) (result i32)))
       (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
       (memory (export "memory") 1)
@@ -696,6 +697,8 @@ fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
       (data (i32.const 210) "x-from-body")
       (data (i32.const 230) "yes")
       (data (i32.const 240) "no")
+      (data (i32.const 250) ":authority")
+      (data (i32.const 270) "internal.svc")
       (global $root (mut i32) (i32.const 0))
       (global $http (mut i32) (i32.const 0))
       (global $heap (mut i32) (i32.const 4096))
@@ -717,7 +720,9 @@ fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
         (if (local.get $eos)
           (then (drop (call $call (i32.load (i32.const 300)) (i32.load (i32.const 304))
                                   (i32.const 100) (i32.const 61) (i32.const 0) (i32.const 0)
-                                  (i32.const 0) (i32.const 0) (i32.const 2000) (i32.const 320)))))
+                                  (i32.const 0) (i32.const 0) (i32.const 2000) (i32.const 320))))
+          ;; a request with a body: a new authority now, one more header with the body
+          (else (drop (call $replace (i32.const 0) (i32.const 250) (i32.const 10) (i32.const 270) (i32.const 12)))))
         (i32.const 1))
       (func (export "proxy_on_http_call_response") (param $ctx i32) (param i32 i32 i32 i32)
         (drop (call $effective (global.get $http)))
@@ -741,5 +746,7 @@ fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
     let r = http("POST", &gw.url("/ctx"), &[], Some(b"some body"));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["headers"]["x-from-body"], "yes", "{}", r.text());
+    // A `:authority` set with the headers survives the body callback's change.
+    assert_eq!(r.json()["headers"]["host"], "internal.svc", "{}", r.text());
     assert_eq!(r.json()["body_len"], 9);
 }

@@ -218,7 +218,6 @@ pub fn host_name(host: &[u8]) -> &[u8] {
     name.strip_suffix(b".").unwrap_or(name)
 }
 
-/// Whether the request's only transfer coding is chunked, in a single field.
 /// A request path as routes are matched against it (nginx's `$uri`): `%XX` escapes decoded,
 /// runs of `/` merged, `.` and `..` segments resolved. A path that needs none of it (nearly
 /// all) is returned as it is, without a copy. An escape that is not two hex digits, an
@@ -227,10 +226,17 @@ pub fn host_name(host: &[u8]) -> &[u8] {
 /// Routing on the raw path would let `/public/../admin/x`, `/%61dmin/x` or `//admin/x` reach
 /// a node's `/admin/x` past the plugins of the `/admin/*` route.
 pub fn normalized_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
+    resolve_path(path).map(|(p, _)| p)
+}
+
+/// [`normalized_path`], and whether a `.` or `..` segment was resolved: a node that reads the
+/// path as sent may not resolve them the same way (or at all), so such a path is sent on
+/// resolved, while one that was only decoded or had slashes merged goes as written (an
+/// escaped slash in it stays escaped).
+pub fn resolve_path(path: &str) -> Result<(std::borrow::Cow<'_, str>, bool), &'static str> {
     let b = path.as_bytes();
-    let plain = !b.contains(&b'%') && !b.windows(2).any(|w| w == b"//" || w == b"/.");
-    if plain {
-        return Ok(std::borrow::Cow::Borrowed(path));
+    if !needs_resolving(b) {
+        return Ok((std::borrow::Cow::Borrowed(path), false));
     }
     let mut decoded = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -260,8 +266,10 @@ pub fn normalized_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static
     let segments: Vec<&[u8]> = decoded.split(|c| *c == b'/').collect();
     let last = segments.len() - 1;
     let mut trailing = false;
+    let mut dots = false;
     for (n, seg) in segments.iter().enumerate() {
         trailing = n == last && (seg.is_empty() || *seg == b"." || *seg == b"..");
+        dots |= *seg == b"." || *seg == b"..";
         match *seg {
             b"" | b"." => {}
             b".." => {
@@ -280,12 +288,62 @@ pub fn normalized_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static
     if trailing || path.is_empty() {
         path.push(b'/');
     }
-    Ok(match String::from_utf8(path) {
-        Ok(s) => std::borrow::Cow::Owned(s),
-        Err(e) => std::borrow::Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
-    })
+    let path = match String::from_utf8(path) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    };
+    Ok((std::borrow::Cow::Owned(path), dots))
 }
 
+/// A resolved path ([`normalized_path`]) as a request target again: bytes a path may not hold
+/// as they are (controls, space, `%`, `?`, `#`, non-ASCII, …) escaped, the rest kept.
+pub fn escape_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len() + 8);
+    for &b in path.as_bytes() {
+        let plain = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'/' | b'-'
+                    | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'@'
+            );
+        if plain {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether a path holds an escape, `//` or a segment starting with `.`: one pass, as every
+/// request's path is looked at.
+fn needs_resolving(path: &[u8]) -> bool {
+    let mut after_slash = false;
+    for &c in path {
+        if c == b'%' || (after_slash && (c == b'/' || c == b'.')) {
+            return true;
+        }
+        after_slash = c == b'/';
+    }
+    false
+}
+
+/// Whether the request's only transfer coding is chunked, in a single field.
 fn only_chunked(headers: &HeaderMap) -> bool {
     let mut all = headers.get_all(header::TRANSFER_ENCODING).iter();
     matches!(
@@ -320,6 +378,21 @@ mod tests {
         for bad in ["/..", "/a/../..", "/%zz", "/%4", "/a%00b", "/%2e%2e/x"] {
             assert!(n(bad).is_err(), "{bad}");
         }
+        for (resolved, target) in [
+            ("/a b/%", "/a%20b/%25"),
+            ("/caf\u{e9}?#", "/caf%C3%A9%3F%23"),
+        ] {
+            assert_eq!(escape_path(resolved), target);
+            assert_eq!(
+                n(target).as_deref(),
+                Ok(resolved),
+                "escaping is undone by resolving"
+            );
+        }
+        let dots = |p: &str| resolve_path(p).map(|(_, d)| d);
+        assert_eq!(dots("/a/../b"), Ok(true));
+        assert_eq!(dots("/a/%2e/b"), Ok(true));
+        assert_eq!(dots("/a%2Fb//c"), Ok(false));
         // Nothing to do: the path itself, not a copy.
         assert!(matches!(
             normalized_path("/a/b.c"),

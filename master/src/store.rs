@@ -14,7 +14,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use wasmgate_shared::model::{id_order, valid_id, Kind};
 
@@ -88,6 +88,8 @@ impl Store {
                     path: d.clone(),
                     source: e,
                 })?;
+            // One an earlier version made readable by all is made private (best effort).
+            let _ = fs::set_permissions(&d, fs::Permissions::from_mode(0o700));
         }
         let mut objects = BTreeMap::new();
         let mut revision = read_revision(dir)?;
@@ -301,6 +303,9 @@ fn load_kind(dir: &Path) -> Result<Vec<(String, Stored)>, StoreError> {
         let Some(id) = name.strip_suffix(".json") else {
             continue;
         };
+        // Files an earlier version wrote readable by all (plugin settings hold secrets) are
+        // made private; a failure to (another owner) is no reason to refuse the store.
+        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o600));
         let text =
             fs::read(&path).map_err(|e| StoreError::Load(format!("{}: {e}", path.display())))?;
         let stored: Stored = serde_json::from_slice(&text).map_err(|e| {

@@ -571,8 +571,10 @@ impl GatewayConfig {
                 return Err(err(needle, format!("{what}: port 0 is not allowed")));
             }
         }
+        // IPv6 listeners are bound v6-only: `[::]` and `0.0.0.0` on one port do not clash.
         let overlap = |a: SocketAddr, b: SocketAddr| {
             a.port() == b.port()
+                && a.is_ipv4() == b.is_ipv4()
                 && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
         };
         let listeners = self
@@ -584,13 +586,11 @@ impl GatewayConfig {
             .chain(own.iter().map(|(what, _, a)| (*what, *a)))
             .collect();
         for (i, (what, a)) in all.iter().enumerate() {
-            if let Some((other, _)) = all[i + 1..].iter().find(|(_, b)| overlap(*a, *b)) {
-                if what != other {
-                    return Err(err(
-                        "node_listen",
-                        format!("{what} and {other} both want port {}", a.port()),
-                    ));
-                }
+            if let Some((other, b)) = all[i + 1..].iter().find(|(_, b)| overlap(*a, *b)) {
+                return Err(err(
+                    "node_listen",
+                    format!("{what} {a} and {other} {b} both want port {}", a.port()),
+                ));
             }
         }
         if admin.admin_key_required && admin.admin_key.is_empty() {
@@ -613,6 +613,22 @@ impl GatewayConfig {
                     format!(
                         "deployment.admin.admin_key: key of {:?} is longer than 256 bytes",
                         k.name
+                    ),
+                ));
+            }
+            // One key, one role: the first match would decide, so a key listed as a viewer's
+            // and an admin's would write.
+            if let Some(other) = admin
+                .admin_key
+                .iter()
+                .take_while(|o| !std::ptr::eq(*o, k))
+                .find(|o| !k.key.is_empty() && o.key == k.key)
+            {
+                return Err(err(
+                    &k.name,
+                    format!(
+                        "deployment.admin.admin_key: {:?} and {:?} have the same key",
+                        other.name, k.name
                     ),
                 ));
             }
@@ -792,6 +808,13 @@ mod tests {
     }
 
     #[test]
+    fn a_key_has_one_role() {
+        let y = "deployment:\n  admin:\n    admin_key:\n      - {name: a, key: k1, role: viewer}\n      - {name: b, key: k1, role: admin}\n";
+        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
+        assert!(e.0.contains("same key"), "{e}");
+    }
+
+    #[test]
     fn listeners_need_ports_of_their_own() {
         let clash = "apisix:\n  node_listen: [9180]\ndeployment:\n  admin:\n    admin_listen: {ip: 127.0.0.1, port: 9180}\n";
         let e = GatewayConfig::parse(clash, "c.yaml").unwrap_err();
@@ -799,9 +822,13 @@ mod tests {
         let zero = "deployment:\n  admin:\n    admin_listen: {ip: 127.0.0.1, port: 0}\n";
         let e = GatewayConfig::parse(zero, "c.yaml").unwrap_err();
         assert!(e.0.contains("admin_listen: port 0"), "{e}");
-        // Another address on the same port is no clash.
-        let apart = "apisix:\n  node_listen: [{ip: 127.0.0.2, port: 9180}]\n";
+        // Another address on the same port is no clash, nor the other family's wildcard.
+        let apart =
+            "apisix:\n  node_listen: [{ip: 127.0.0.2, port: 9180}, {ip: \"::\", port: 9180}]\n";
         assert!(GatewayConfig::parse(apart, "c.yaml").is_ok());
+        let wildcard = "apisix:\n  node_listen: [9080, {ip: 127.0.0.1, port: 9080}]\n";
+        let e = GatewayConfig::parse(wildcard, "c.yaml").unwrap_err();
+        assert!(e.0.contains("both want port 9080"), "{e}");
     }
 
     #[test]

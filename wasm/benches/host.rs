@@ -136,7 +136,7 @@ fn one_request(
     }
     vm.on_response_body(id, &mut stream, true).unwrap();
     vm.on_log(id, &mut stream).unwrap();
-    vm.finish(id.id).unwrap();
+    vm.finish_http(id).unwrap();
     (stream, parts, response)
 }
 

@@ -619,7 +619,10 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
         "proxy_continue_stream",
-        |mut c: C<'_>, _t: i32| -> R {
+        |mut c: C<'_>, t: i32| -> R {
+            if !STREAM_TYPES.contains(&t) {
+                return ok(Status::BadArgument);
+            }
             c.data_mut().resumed = true;
             ok(Status::Ok)
         },
@@ -630,8 +633,11 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             ok(Status::Ok)
         })?;
     }
-    l.func_wrap("env", "proxy_close_stream", |_c: C<'_>, _t: i32| -> R {
-        ok(Status::Ok)
+    l.func_wrap("env", "proxy_close_stream", |_c: C<'_>, t: i32| -> R {
+        match STREAM_TYPES.contains(&t) {
+            true => ok(Status::Ok),
+            false => ok(Status::BadArgument),
+        }
     })?;
     for name in ["proxy_done", "proxy_clear_route_cache"] {
         l.func_wrap("env", name, |_c: C<'_>| -> R { ok(Status::Ok) })?;
@@ -658,6 +664,10 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     )?;
     http_call(l)
 }
+
+/// The ABI's stream types: request, response, downstream, upstream (another is a
+/// BadArgument, as proxy-wasm-cpp-host answers).
+const STREAM_TYPES: std::ops::RangeInclusive<i32> = 0..=3;
 
 /// Most call-outs a VM may have in flight.
 const MAX_CALLS: usize = 1024;

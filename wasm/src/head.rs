@@ -218,10 +218,10 @@ impl Head {
 
     /// Marks what plugins changed so far as applied: [`Head::changed`] then tells whether
     /// later callbacks (a request's body callbacks, before the upstream is contacted) changed
-    /// more.
+    /// more. The record of set pseudo-headers stays: applying them again is harmless, and a
+    /// `:authority` set earlier must still become the `Host` of headers taken again.
     pub fn settle(&mut self) {
         self.changed = false;
-        self.pseudo_changed = 0;
     }
 
     /// Whether a plugin set or removed the pseudo-header `name` (`:path`, `:authority`…).

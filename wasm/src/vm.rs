@@ -450,9 +450,21 @@ impl PluginVm {
         r
     }
 
-    /// `proxy_on_done` then `proxy_on_delete`: the context is gone.
+    /// `proxy_on_done` then `proxy_on_delete` of the root context `id`: the context is gone.
     pub fn finish(&mut self, id: u32) -> Result<(), Fault> {
+        self.end(HttpCtx { id, root: id })
+    }
+
+    /// [`PluginVm::finish`] for an HttpContext: what its last callbacks ask for (a tick, a
+    /// queue, a call-out) is its root's, as in every other callback.
+    pub fn finish_http(&mut self, ctx: HttpCtx) -> Result<(), Fault> {
+        self.end(ctx)
+    }
+
+    fn end(&mut self, ctx: HttpCtx) -> Result<(), Fault> {
+        let id = ctx.id;
         outside_stream(&mut self.store, id);
+        self.store.data_mut().root_context = ctx.root;
         let d = self.store.data_mut();
         // Only root contexts tick: most finished contexts are HttpContexts, and most plugins
         // never tick.

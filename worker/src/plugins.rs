@@ -895,7 +895,9 @@ impl Plugins {
                 continue;
             }
             let vm = st.vm.as_mut().expect("checked");
-            let r = vm.on_log(a.http, stream).and_then(|_| vm.finish(a.http.id));
+            let r = vm
+                .on_log(a.http, stream)
+                .and_then(|_| vm.finish_http(a.http));
             let memory = vm.memory_bytes();
             let ns = a.spent + nanos(lap(&mut started));
             if let Some(rec) = self.stats(a.record) {

@@ -39,7 +39,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmgate_http1::codec::{SetField, SetFields};
-use wasmgate_http1::request::{host_name, normalized_path};
+use wasmgate_http1::request::{escape_path, host_name, normalized_path, resolve_path};
 use wasmgate_shared::model::{HashOn, PassHost};
 use wasmgate_shared::traffic::Observation;
 use wasmgate_wasm::{Downstream, Stream};
@@ -100,25 +100,38 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
     if log.head_bytes as usize > w.max_header_size {
         return refusal(w, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, log);
     }
-    let route = {
+    let (route, resolved) = {
         // Matched as nginx matches locations: on the path decoded and resolved (`$uri`).
-        let path = match normalized_path(parts.uri.path()) {
-            Ok(path) => path,
+        let (path, dots) = match resolve_path(parts.uri.path()) {
+            Ok(resolved) => resolved,
             Err(why) => {
                 tracing::info!("bad request from {peer}: {why}");
                 return refusal(w, StatusCode::BAD_REQUEST, log);
             }
         };
-        let lookup = |name: &str| nginx_var(&parts, peer, name);
-        let view = RequestView {
-            method: &parts.method,
-            host: log.host.as_str(),
-            path: &path,
-            remote: peer.ip(),
-            vars: &lookup,
+        let route = {
+            let lookup = |name: &str| nginx_var(&parts, peer, name);
+            let view = RequestView {
+                method: &parts.method,
+                host: log.host.as_str(),
+                path: &path,
+                remote: peer.ip(),
+                vars: &lookup,
+            };
+            cfg.router.find(&view).cloned()
         };
-        cfg.router.find(&view).cloned()
+        (route, dots.then(|| path.into_owned()))
     };
+    // A path with dot segments goes on resolved: the node, and the plugins, see the path the
+    // route was chosen by (`/admin/../public/x` is `/public/x` to them too, not a path a node
+    // that keeps or resolves dot segments otherwise might read as under `/admin/`). One that
+    // was only decoded or had slashes merged goes as written: the route chosen by its decoded
+    // form is the one a decoding node serves, and an escaped slash (`a%2Fb`) stays escaped.
+    if let Some(path) = resolved {
+        if set_path(&mut parts.uri, &escape_path(&path)).is_err() {
+            return refusal(w, StatusCode::BAD_REQUEST, log);
+        }
+    }
     let mut wasm = None;
     let no_body = body.is_end_stream();
     // The length the client declared, as the parser framed the body (no header lookup); read
@@ -169,6 +182,18 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
         back,
         request_id,
     }
+}
+
+/// Replaces the path of `uri`, keeping its query (and scheme and authority, if any).
+fn set_path(uri: &mut http::Uri, path: &str) -> Result<(), http::Error> {
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = Some(target.try_into()?);
+    *uri = http::Uri::from_parts(parts)?;
+    Ok(())
 }
 
 /// APISIX's answer when no route matches.
@@ -541,7 +566,11 @@ async fn forward(
                 let now = Instant::now();
                 log.time = Some(now - started);
                 log.answered = Some(now);
-                log.active = Some((up.clone(), idx));
+                // A switched connection keeps its node busy until the tunnel ends.
+                match resp.extensions().get::<tunnel::Upstream>() {
+                    Some(tunnel) => tunnel.hold(up.clone(), idx),
+                    None => log.active = Some((up.clone(), idx)),
+                }
                 return resp;
             }
             Exchange::NotSent(b) if stale_retries < 3 => {
@@ -922,7 +951,8 @@ static HTTP_SCHEME: HeaderValue = HeaderValue::from_static("http");
 /// Phase 4: response headers on their way to the client. An answer that switches protocols
 /// keeps its `Upgrade`, with `Connection: upgrade`.
 fn header_filter(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
-    let switching = resp.extensions().get::<tunnel::Upstream>().is_some();
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && resp.extensions().get::<tunnel::Upstream>().is_some();
     let protocol = switching
         .then(|| resp.headers().get(header::UPGRADE).cloned())
         .flatten();
@@ -1178,6 +1208,7 @@ pub fn nginx_var<'a>(
         return cookie(&parts.headers, c).map(Cow::Owned);
     }
     Some(match name {
+        // nginx's `$uri`: decoded and resolved, as routes match it.
         "uri" => normalized_path(parts.uri.path()).unwrap_or(Cow::Borrowed(parts.uri.path())),
         "request_uri" => Cow::Borrowed(
             parts

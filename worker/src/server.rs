@@ -132,7 +132,9 @@ async fn connection(
             Ok(_) if tunnel.is_some() => {
                 drop(handler);
                 if let (Some(tunnel), Some((io, rest))) = (tunnel, conn.into_io()) {
-                    tunnel.run(io, rest, peer).await;
+                    // Boxed: the tunnel's state would otherwise be part of every
+                    // connection's future, which is moved and polled for each request.
+                    Box::pin(tunnel.run(io, rest, peer)).await;
                 }
                 return;
             }

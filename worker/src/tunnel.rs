@@ -9,24 +9,30 @@
 //! flight still arrives), or when nothing has crossed it either way for the route's
 //! `timeout.read`.
 
+use crate::upstream::UpstreamRuntime;
 use bytes::BytesMut;
 use http::header::{self, HeaderValue};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// What one read of either side takes at most.
 const CHUNK: usize = 16 * 1024;
 
-/// The `Upgrade` a request asks for: an HTTP/1.1 request with `Upgrade` and the `upgrade`
-/// option in `Connection`.
+/// The `Upgrade` a request asks for: an HTTP/1.1 request with `Upgrade: websocket` and the
+/// `upgrade` option in `Connection`. Other protocols (`h2c`…) are not tunnelled: the option is
+/// WebSocket's, and an `h2c` upgrade through a proxy is a known way past its rules.
 pub fn asked(parts: &http::request::Parts) -> Option<HeaderValue> {
     if parts.version != http::Version::HTTP_11 {
         return None;
     }
-    let protocol = parts.headers.get(header::UPGRADE)?;
+    let protocol = parts
+        .headers
+        .get(header::UPGRADE)
+        .filter(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))?;
     let listed = parts
         .headers
         .get_all(header::CONNECTION)
@@ -41,8 +47,25 @@ pub fn asked(parts: &http::request::Parts) -> Option<HeaderValue> {
 /// extensions (which must be `Clone`: the socket is taken out once).
 #[derive(Clone)]
 pub struct Upstream {
-    io: Arc<Mutex<Option<(TcpStream, BytesMut)>>>,
+    node: Arc<Mutex<Option<Node>>>,
     idle: Duration,
+}
+
+struct Node {
+    io: TcpStream,
+    /// What the node sent after its 101.
+    rest: BytesMut,
+    held: Option<Held>,
+}
+
+/// A node counted busy by its balancer (`least_conn`) for as long as the tunnel lasts, as
+/// nginx frees an upgraded connection's peer only when it closes.
+struct Held(Arc<UpstreamRuntime>, usize);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.balancer.on_finish(self.1);
+    }
 }
 
 impl Upstream {
@@ -50,16 +73,37 @@ impl Upstream {
     /// nothing before it is closed.
     pub fn new(io: TcpStream, rest: BytesMut, idle: Duration) -> Upstream {
         Upstream {
-            io: Arc::new(Mutex::new(Some((io, rest)))),
+            node: Arc::new(Mutex::new(Some(Node {
+                io,
+                rest,
+                held: None,
+            }))),
             idle,
+        }
+    }
+
+    fn take(&self) -> Option<Node> {
+        self.node.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Keeps node `idx` of `up` counted busy (its `on_start` was called) until the tunnel
+    /// ends, or until the answer is dropped unsent.
+    pub fn hold(&self, up: Arc<UpstreamRuntime>, idx: usize) {
+        let held = Held(up, idx);
+        if let Some(node) = self.node.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            node.held = Some(held);
         }
     }
 
     /// Carries bytes between the client (`client`, with `client_rest` read past its request
     /// head) and the node until the tunnel ends.
     pub async fn run(self, mut client: TcpStream, client_rest: BytesMut, peer: SocketAddr) {
-        let taken = self.io.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some((mut node, node_rest)) = taken else {
+        let Some(Node {
+            io: mut node,
+            rest: node_rest,
+            held: _held,
+        }) = self.take()
+        else {
             return;
         };
         let idle = self.idle;
@@ -70,9 +114,7 @@ impl Upstream {
         if !matches!(tokio::time::timeout(idle, early).await, Ok(Ok(()))) {
             return;
         }
-        let (mut cr, mut cw) = client.split();
-        let (mut nr, mut nw) = node.split();
-        match pipe(&mut cr, &mut cw, &mut nr, &mut nw, idle).await {
+        match pipe(&mut client, &mut node, idle).await {
             Ok(End::Closed) => {}
             Ok(End::Idle) => tracing::info!("tunnel of {peer} closed: idle for {idle:?}"),
             Err(e) => tracing::info!("tunnel of {peer} failed: {e}"),
@@ -88,48 +130,58 @@ enum End {
     Idle,
 }
 
-/// Copies client → node and node → client until both directions have ended (a side's close
-/// half-closes the other side's writing) or nothing moves for `idle`.
-async fn pipe<CR, CW, NR, NW>(
-    cr: &mut CR,
-    cw: &mut CW,
-    nr: &mut NR,
-    nw: &mut NW,
+/// Copies client → node and node → client at once (a side that waits to send while the other
+/// sends must not stall the tunnel) until both directions have ended — a side's close
+/// half-closes the other's writing — or nothing has moved either way for `idle`. One timer
+/// watches the whole tunnel: moved on when it fires early, not for every chunk.
+async fn pipe(
+    client: &mut TcpStream,
+    node: &mut TcpStream,
     idle: Duration,
-) -> std::io::Result<End>
-where
-    CR: AsyncRead + Unpin,
-    CW: AsyncWrite + Unpin,
-    NR: AsyncRead + Unpin,
-    NW: AsyncWrite + Unpin,
-{
-    let mut up = vec![0u8; CHUNK];
-    let mut down = vec![0u8; CHUNK];
-    let (mut client_open, mut node_open) = (true, true);
-    while client_open || node_open {
-        let moved = tokio::time::timeout(idle, async {
-            tokio::select! {
-                r = cr.read(&mut up), if client_open => match r? {
-                    0 => {
-                        client_open = false;
-                        nw.shutdown().await
-                    }
-                    n => nw.write_all(&up[..n]).await,
-                },
-                r = nr.read(&mut down), if node_open => match r? {
-                    0 => {
-                        node_open = false;
-                        cw.shutdown().await
-                    }
-                    n => cw.write_all(&down[..n]).await,
-                },
+) -> std::io::Result<End> {
+    let start = Instant::now();
+    // When bytes last moved, in nanoseconds since `start`.
+    let last = AtomicU64::new(0);
+    let touch = || last.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    let (mut cr, mut cw) = client.split();
+    let (mut nr, mut nw) = node.split();
+    let both = async {
+        tokio::try_join!(
+            copy_one(&mut cr, &mut nw, &touch),
+            copy_one(&mut nr, &mut cw, &touch)
+        )
+    };
+    let watch = async {
+        loop {
+            let moved = Duration::from_nanos(last.load(Ordering::Relaxed));
+            tokio::time::sleep_until((start + moved + idle).into()).await;
+            if start.elapsed() >= Duration::from_nanos(last.load(Ordering::Relaxed)) + idle {
+                return;
             }
-        })
-        .await;
-        match moved {
-            Ok(r) => r?,
-            Err(_) => return Ok(End::Idle),
         }
+    };
+    tokio::select! {
+        r = both => r.map(|_| End::Closed),
+        () = watch => Ok(End::Idle),
     }
-    Ok(End::Closed)
+}
+
+/// One direction of a tunnel: until the reader's close, which is passed on as a half-close.
+async fn copy_one<R, W>(r: &mut R, w: &mut W, touch: &impl Fn()) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            // The other side may be gone already: its close ends its own direction.
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        touch();
+        w.write_all(&buf[..n]).await?;
+        touch();
+    }
 }

@@ -218,7 +218,10 @@ fn write(
     mut body: Value,
     expect: Option<u64>,
 ) -> Outcome {
-    if !valid_id(id) {
+    // Ids name files in the store (`data/routes/<id>.json`), where `..` is a directory and
+    // `.tmp-*` the store's own files, removed at start as a crash's leftovers: a new object's
+    // id may not start with a dot. (Objects stored before this rule, and etcd's, still load.)
+    if !valid_id(id) || id.starts_with('.') {
         return error(400, format!("invalid configuration: property \"id\" validation failed: invalid id {id:?}: 1 to 64 characters from a-z A-Z 0-9 - _ ., not starting with .")).into();
     }
     let catalog = m.catalog();

@@ -468,8 +468,12 @@ fn encode_head(
             Some(BodyOut::Close)
         }
     };
+    // A switch of protocols (101) says `Connection: upgrade`, never `close` beside it.
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     match (keep_alive, meta.version) {
-        (false, _) if !delimiters.close => wbuf.extend_from_slice(b"connection: close\r\n"),
+        (false, _) if !delimiters.close && !switching => {
+            wbuf.extend_from_slice(b"connection: close\r\n")
+        }
         (true, Version::HTTP_10) => wbuf.extend_from_slice(b"connection: keep-alive\r\n"),
         _ => {}
     }

@@ -94,6 +94,11 @@ impl Balancer {
     /// round robin). Indexes in `tried` are skipped; out-of-range ones are
     /// ignored. Returns `None` when no node with weight > 0 is left untried.
     pub fn pick(&self, hash_key: Option<&[u8]>, tried: &[usize]) -> Option<usize> {
+        // One node (the common upstream): every policy picks it, and none keeps state
+        // that one node could change.
+        if let [node] = &self.nodes[..] {
+            return (node.weight > 0 && !tried.contains(&0)).then_some(0);
+        }
         let top = self
             .nodes
             .iter()
@@ -107,11 +112,6 @@ impl Balancer {
             tried,
             top,
         };
-        // One node (the common upstream): every policy picks it, and none keeps state
-        // that one node could change.
-        if self.nodes.len() == 1 {
-            return eligible.get(0).then_some(0);
-        }
         if !(0..self.nodes.len()).any(|i| eligible.get(i)) {
             return None;
         }
