@@ -324,6 +324,17 @@ fn daemon_with_status_reload_and_stop_commands() {
     eventually(Duration::from_secs(10), "epoch 1", || {
         cli(&["status"], prefix).1.contains("epoch 1")
     });
+    // A config.yaml broken on disk: status names the error and says the master still runs.
+    let conf = prefix.join("conf/config.yaml");
+    let good = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, "nginx_config:\n  worker_processes: many\n").unwrap();
+    let (ok, _, err) = cli(&["status"], prefix);
+    assert!(!ok && err.contains("worker_processes"), "{err}");
+    assert!(
+        err.contains(&format!("master (pid {pid}) is running")),
+        "{err}"
+    );
+    std::fs::write(&conf, good).unwrap();
     let (ok, out, err) = cli(&["stop"], prefix);
     assert!(ok, "{out}{err}");
     assert!(!alive(pid));

@@ -72,8 +72,23 @@ pub fn stop(opts: &Options, graceful: bool) -> anyhow::Result<()> {
 
 /// `wasmgate status`: the master and its workers, from the Admin API.
 pub fn status(opts: &Options) -> anyhow::Result<()> {
+    let loaded = match opts.load_config() {
+        Ok(loaded) => loaded,
+        // Right after a bad edit is when an operator asks: say whether the gateway still
+        // runs (on its last good configuration), from the default pid file.
+        Err(e) => {
+            let default = wasmgate_shared::config::WasmgateSection::default().pid_file;
+            let running = running_pid(&opts.resolve(&default))
+                .map(|pid| {
+                    format!(
+                        "; the master (pid {pid}) is running on the last configuration that loaded"
+                    )
+                })
+                .unwrap_or_default();
+            bail!("{e}{running}");
+        }
+    };
     let (pid, pid_path) = master_pid(opts)?;
-    let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
     let admin = &loaded.config.deployment.admin;
     let data_dir = opts.resolve(&loaded.config.wasmgate.data_dir);
     let key = admin_key(&loaded.config, &data_dir);
