@@ -78,7 +78,8 @@ fn held(objects: Vec<(Kind, String, Stored)>) -> BTreeMap<(Kind, String), Held> 
 impl Store {
     /// Opens (creating if needed) the store under `dir` and loads every object.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        for kind in Kind::ALL {
+        let mut loose = [false; Kind::ALL.len()];
+        for (kind, loose) in Kind::ALL.into_iter().zip(&mut loose) {
             let d = dir.join(kind.as_str());
             fs::DirBuilder::new()
                 .recursive(true)
@@ -88,13 +89,17 @@ impl Store {
                     path: d.clone(),
                     source: e,
                 })?;
-            // One an earlier version made readable by all is made private (best effort).
-            let _ = fs::set_permissions(&d, fs::Permissions::from_mode(0o700));
+            // One an earlier version made readable by others is made private (best effort),
+            // and so are its files, once: the files this version writes are private already.
+            *loose = fs::metadata(&d).is_ok_and(|m| m.permissions().mode() & 0o077 != 0);
+            if *loose {
+                let _ = fs::set_permissions(&d, fs::Permissions::from_mode(0o700));
+            }
         }
         let mut objects = BTreeMap::new();
         let mut revision = read_revision(dir)?;
-        for kind in Kind::ALL {
-            for (id, stored) in load_kind(&dir.join(kind.as_str()))? {
+        for (kind, loose) in Kind::ALL.into_iter().zip(loose) {
+            for (id, stored) in load_kind(&dir.join(kind.as_str()), loose)? {
                 revision = revision.max(stored.modified_index);
                 objects.insert((kind, id), stored.into());
             }
@@ -287,7 +292,8 @@ fn read_revision(dir: &Path) -> Result<u64, StoreError> {
     }
 }
 
-fn load_kind(dir: &Path) -> Result<Vec<(String, Stored)>, StoreError> {
+/// The objects in `dir`; `tighten`: make each file private (an earlier version's store).
+fn load_kind(dir: &Path, tighten: bool) -> Result<Vec<(String, Stored)>, StoreError> {
     let mut out = Vec::new();
     let entries =
         fs::read_dir(dir).map_err(|e| StoreError::Load(format!("{}: {e}", dir.display())))?;
@@ -303,9 +309,11 @@ fn load_kind(dir: &Path) -> Result<Vec<(String, Stored)>, StoreError> {
         let Some(id) = name.strip_suffix(".json") else {
             continue;
         };
-        // Files an earlier version wrote readable by all (plugin settings hold secrets) are
-        // made private; a failure to (another owner) is no reason to refuse the store.
-        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o600));
+        // Plugin settings hold secrets; a failure (another owner) is no reason to refuse the
+        // store.
+        if tighten {
+            let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o600));
+        }
         let text =
             fs::read(&path).map_err(|e| StoreError::Load(format!("{}: {e}", path.display())))?;
         let stored: Stored = serde_json::from_slice(&text).map_err(|e| {
@@ -390,6 +398,23 @@ mod tests {
             .collect();
         assert_eq!(ids, ["1", "2"]);
         assert!(s.list(Kind::Upstreams).is_empty());
+    }
+
+    /// A store an earlier version left readable by others is made private at open: its
+    /// directories and the files in them.
+    #[test]
+    fn a_loose_store_is_made_private() {
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(d.path()).unwrap();
+        s.put(Kind::Routes, "1", obj(1)).unwrap();
+        let (dir, file) = (d.path().join("routes"), d.path().join("routes/1.json"));
+        assert_eq!((mode(&dir), mode(&file)), (0o700, 0o600));
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        let s = Store::open(d.path()).unwrap();
+        assert!(s.get(Kind::Routes, "1").is_some());
+        assert_eq!((mode(&dir), mode(&file)), (0o700, 0o600));
     }
 
     #[test]
