@@ -296,38 +296,30 @@ pub fn resolve_path(path: &str) -> Result<(std::borrow::Cow<'_, str>, bool), &'s
 }
 
 /// A resolved path ([`normalized_path`]) as a request target again: bytes a path may not hold
-/// as they are (controls, space, `%`, `?`, `#`, non-ASCII, …) escaped, the rest kept.
+/// as they are (controls, space, `%`, `?`, `#`, non-ASCII, …) escaped, RFC 3986's `pchar`s and
+/// `/` kept.
 pub fn escape_path(path: &str) -> String {
-    let mut out = String::with_capacity(path.len() + 8);
-    for &b in path.as_bytes() {
-        let plain = b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'/' | b'-'
-                    | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-                    | b':'
-                    | b'@'
-            );
-        if plain {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+    const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'/')
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~')
+        .remove(b'!')
+        .remove(b'$')
+        .remove(b'&')
+        .remove(b'\'')
+        .remove(b'(')
+        .remove(b')')
+        .remove(b'*')
+        .remove(b'+')
+        .remove(b',')
+        .remove(b';')
+        .remove(b'=')
+        .remove(b':')
+        .remove(b'@');
+    utf8_percent_encode(path, ESCAPED).to_string()
 }
 
 /// Whether a path holds an escape, `//` or a segment starting with `.`: one pass, as every

@@ -600,7 +600,7 @@ impl GatewayConfig {
             ));
         }
         let mut names = HashSet::new();
-        for k in &admin.admin_key {
+        for (n, k) in admin.admin_key.iter().enumerate() {
             if k.name.is_empty() {
                 return Err(err(
                     "admin_key",
@@ -618,12 +618,8 @@ impl GatewayConfig {
             }
             // One key, one role: the first match would decide, so a key listed as a viewer's
             // and an admin's would write.
-            if let Some(other) = admin
-                .admin_key
-                .iter()
-                .take_while(|o| !std::ptr::eq(*o, k))
-                .find(|o| !k.key.is_empty() && o.key == k.key)
-            {
+            let before = &admin.admin_key[..n];
+            if let Some(other) = before.iter().find(|o| !k.key.is_empty() && o.key == k.key) {
                 return Err(err(
                     &k.name,
                     format!(

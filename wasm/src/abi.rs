@@ -620,9 +620,7 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_continue_stream",
         |mut c: C<'_>, t: i32| -> R {
-            if !STREAM_TYPES.contains(&t) {
-                return ok(Status::BadArgument);
-            }
+            tri!(stream_type(t));
             c.data_mut().resumed = true;
             ok(Status::Ok)
         },
@@ -634,10 +632,8 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         })?;
     }
     l.func_wrap("env", "proxy_close_stream", |_c: C<'_>, t: i32| -> R {
-        match STREAM_TYPES.contains(&t) {
-            true => ok(Status::Ok),
-            false => ok(Status::BadArgument),
-        }
+        tri!(stream_type(t));
+        ok(Status::Ok)
     })?;
     for name in ["proxy_done", "proxy_clear_route_cache"] {
         l.func_wrap("env", name, |_c: C<'_>| -> R { ok(Status::Ok) })?;
@@ -665,9 +661,14 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     http_call(l)
 }
 
-/// The ABI's stream types: request, response, downstream, upstream (another is a
-/// BadArgument, as proxy-wasm-cpp-host answers).
-const STREAM_TYPES: std::ops::RangeInclusive<i32> = 0..=3;
+/// The ABI's stream types: request, response, downstream, upstream; another is a
+/// BadArgument, as proxy-wasm-cpp-host answers.
+fn stream_type(t: i32) -> Result<(), Status> {
+    match t {
+        0..=3 => Ok(()),
+        _ => Err(Status::BadArgument),
+    }
+}
 
 /// Most call-outs a VM may have in flight.
 const MAX_CALLS: usize = 1024;

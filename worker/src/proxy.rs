@@ -497,12 +497,8 @@ async fn forward(
     // sets is written with them (`Forwarding`), not stored in the map.
     strip_hop_by_hop(&mut parts.headers);
     if let Some(protocol) = upgrade.clone() {
-        // The two hop-by-hop fields a switch of protocols needs go on to the node (nginx's
-        // `proxy_set_header Upgrade $http_upgrade; Connection "upgrade"`).
-        parts.headers.insert(header::UPGRADE, protocol);
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        // nginx's `proxy_set_header Upgrade $http_upgrade; Connection "upgrade"`.
+        tunnel::put_upgrade(&mut parts.headers, protocol);
     }
     let forwarding = Forwarding::new(&parts.headers, client_host.as_ref(), &client.ip);
     // Without a body, an idempotent request may go to another node after a failure past the
@@ -951,16 +947,12 @@ static HTTP_SCHEME: HeaderValue = HeaderValue::from_static("http");
 /// Phase 4: response headers on their way to the client. An answer that switches protocols
 /// keeps its `Upgrade`, with `Connection: upgrade`.
 fn header_filter(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
-    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && resp.extensions().get::<tunnel::Upstream>().is_some();
-    let protocol = switching
+    let protocol = tunnel::switching(&resp)
         .then(|| resp.headers().get(header::UPGRADE).cloned())
         .flatten();
     strip_hop_by_hop(resp.headers_mut());
     if let Some(protocol) = protocol {
-        let h = resp.headers_mut();
-        h.insert(header::UPGRADE, protocol);
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        tunnel::put_upgrade(resp.headers_mut(), protocol);
     }
     resp
 }

@@ -118,7 +118,7 @@ async fn connection(
         } = answer;
         // A 101 from the node: once it is written, the connection is a tunnel. (A plugin
         // that answered in its place dropped the node's side with the node's answer.)
-        let switching = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+        let switching = tunnel::switching(&response);
         let tunnel = response
             .extensions_mut()
             .remove::<tunnel::Upstream>()

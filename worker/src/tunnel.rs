@@ -43,6 +43,19 @@ pub fn asked(parts: &http::request::Parts) -> Option<HeaderValue> {
     (listed && !protocol.is_empty()).then(|| protocol.clone())
 }
 
+/// The two hop-by-hop fields a switch of protocols keeps, on its way to the node and back.
+pub fn put_upgrade(headers: &mut http::HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::UPGRADE, protocol);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+}
+
+/// Whether an answer switches the connection to a tunnel: the node's 101, still a 101 after
+/// the plugins, with the node's side of it.
+pub fn switching<B>(resp: &http::Response<B>) -> bool {
+    resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+        && resp.extensions().get::<Upstream>().is_some()
+}
+
 /// The node's side of a switched connection, carried to the server in the 101 answer's
 /// extensions (which must be `Clone`: the socket is taken out once).
 #[derive(Clone)]

@@ -96,25 +96,10 @@ impl Balancer {
     pub fn pick(&self, hash_key: Option<&[u8]>, tried: &[usize]) -> Option<usize> {
         // One node (the common upstream): every policy picks it, and none keeps state
         // that one node could change.
-        if let [node] = &self.nodes[..] {
-            return (node.weight > 0 && !tried.contains(&0)).then_some(0);
+        if self.nodes.len() == 1 {
+            return usable(&self.nodes, tried, 0).then_some(0);
         }
-        let top = self
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, n)| n.weight > 0 && !tried.contains(i))
-            .map(|(_, n)| n.priority)
-            .max()
-            .unwrap_or(0);
-        let eligible = Eligible {
-            nodes: &self.nodes,
-            tried,
-            top,
-        };
-        if !(0..self.nodes.len()).any(|i| eligible.get(i)) {
-            return None;
-        }
+        let eligible = Eligible::new(&self.nodes, tried)?;
         match (self.kind, hash_key) {
             (BalancerKind::Chash, Some(key)) => self.pick_chash(key, &eligible),
             (BalancerKind::LeastConn, _) => self.pick_least_conn(&eligible),
@@ -253,14 +238,26 @@ struct Eligible<'a> {
     top: i64,
 }
 
-impl Eligible<'_> {
+impl<'a> Eligible<'a> {
+    /// The nodes an attempt may use, None when every usable one has been tried.
+    fn new(nodes: &'a [BalancerNode], tried: &'a [usize]) -> Option<Eligible<'a>> {
+        let top = (0..nodes.len())
+            .filter(|&i| usable(nodes, tried, i))
+            .map(|i| nodes[i].priority)
+            .max()?;
+        Some(Eligible { nodes, tried, top })
+    }
+
     /// Bounds-checked: an index past the nodes is not eligible.
     fn get(&self, i: usize) -> bool {
-        self.nodes
-            .get(i)
-            .is_some_and(|n| n.weight > 0 && n.priority == self.top)
-            && !self.tried.contains(&i)
+        usable(self.nodes, self.tried, i) && self.nodes[i].priority == self.top
     }
+}
+
+/// Whether node `i` may take an attempt whatever its priority: it exists, has a weight, and
+/// has not been tried for this request.
+fn usable(nodes: &[BalancerNode], tried: &[usize], i: usize) -> bool {
+    nodes.get(i).is_some_and(|n| n.weight > 0) && !tried.contains(&i)
 }
 
 /// Locks a mutex, recovering from poisoning: the guarded weights stay valid
