@@ -99,6 +99,11 @@ fn http_call_pauses_then_resumes_or_answers() {
         json!({"uri": "/refused", "plugins": {"http_auth": conf("127.0.0.1:1", 2000)}}),
         Some(&app),
     );
+    gw.route(
+        "unknown",
+        json!({"uri": "/unknown", "plugins": {"http_auth": conf("no-such-upstream", 2000)}}),
+        Some(&app),
+    );
 
     let good = [("Authorization", "Bearer good")];
     for path in ["/private", "/literal"] {
@@ -145,6 +150,14 @@ fn http_call_pauses_then_resumes_or_answers() {
         &[("Authorization", "Bearer good"), ("x-auth-bad-call", "1")],
         None,
     );
+    assert_eq!(
+        (r.status, r.header("x-auth-error")),
+        (500, Some("dispatch"))
+    );
+
+    // A target that is neither an upstream nor host:port: BadArgument at dispatch, as
+    // Envoy answers for an unknown cluster (not a failed call later).
+    let r = get(&gw, "/unknown");
     assert_eq!(
         (r.status, r.header("x-auth-error")),
         (500, Some("dispatch"))

@@ -585,3 +585,110 @@ fn assemblyscript_sdk_plugin() {
     assert_eq!(r.json()["headers"]["x-as-plugin"], "hello-as");
     assert_eq!(r.header("x-as-response"), Some("1"));
 }
+
+/// Envoy's connection, timing and size attributes as the Rust SDK reads them (8-byte
+/// little-endian integers, nanoseconds for times): the sizes and the duration only in
+/// `proxy_on_log`, once the request is over; the node the request went to once it answered.
+#[test]
+fn connection_timing_and_size_attributes() {
+    let up = TestUpstream::start("u");
+    let gw = one_worker();
+    gw.route(
+        "1",
+        json!({"uri": "/attrs", "plugins": {"rec_a": {"conf": "attrs"}}}),
+        Some(&up),
+    );
+    let epoch_ns = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64
+    };
+    let before = epoch_ns();
+    let r = http(
+        "POST",
+        &gw.url("/attrs"),
+        &[("User-Agent", "attrs-test/1")],
+        Some(b"hello"),
+    );
+    let after = epoch_ns();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let line = |prefix: &str| {
+        let log = gw.error_log();
+        log.lines()
+            .find(|l| l.contains(prefix))
+            .map(|l| l[l.find(prefix).unwrap() + prefix.len()..].to_string())
+    };
+    eventually(Duration::from_secs(5), "the log phase's attributes", || {
+        line("recorder attrs: attributes ").is_some()
+    });
+    let early = line("recorder attrs: early ").expect("the request phase's line");
+    assert_eq!(
+        early.trim(),
+        "duration=<none> response.size=<none> upstream=<none>",
+        "not known before the request is over"
+    );
+    let attrs = line("recorder attrs: attributes ").unwrap();
+    let map: std::collections::HashMap<&str, &str> = attrs
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    let int = |k: &str| -> i64 {
+        map.get(k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {attrs}"))
+    };
+    assert!(
+        (before..=after).contains(&int("request.time")),
+        "request.time {} within [{before}, {after}]",
+        int("request.time")
+    );
+    let duration = int("request.duration");
+    assert!(duration > 0 && duration <= after - before, "{attrs}");
+    assert_eq!(int("request.size"), 5, "{attrs}");
+    assert!(int("request.total_size") > 5 + 40, "head and body: {attrs}");
+    assert_eq!(int("response.size"), r.body.len() as i64, "{attrs}");
+    assert!(
+        int("response.total_size") > r.body.len() as i64,
+        "with the headers: {attrs}"
+    );
+    let gateway = format!("127.0.0.1:{}", gw.proxy_port);
+    assert_eq!(map["destination.address"], gateway, "{attrs}");
+    assert_eq!(int("destination.port"), gw.proxy_port as i64);
+    assert!(map["source.address"].starts_with("127.0.0.1:"), "{attrs}");
+    assert_eq!(
+        map["source.address"].rsplit(':').next().unwrap(),
+        int("source.port").to_string()
+    );
+    assert_eq!(map["upstream.address"], up.addr(), "{attrs}");
+    assert_eq!(
+        int("upstream.port").to_string(),
+        up.addr().rsplit(':').next().unwrap()
+    );
+    assert_eq!(map["request.useragent"], "attrs-test/1");
+    // Each connection its own id (the test client opens one per request).
+    let first = int("connection.id");
+    assert_ne!(first, 0);
+    assert_eq!(http("GET", &gw.url("/attrs"), &[], None).status, 200);
+    eventually(
+        Duration::from_secs(5),
+        "the second request's attributes",
+        || {
+            gw.error_log()
+                .matches("recorder attrs: attributes ")
+                .count()
+                == 2
+        },
+    );
+    let log = gw.error_log();
+    let second = log
+        .lines()
+        .filter(|l| l.contains("recorder attrs: attributes "))
+        .nth(1)
+        .unwrap();
+    assert!(
+        !second.contains(&format!("connection.id={first} ")),
+        "{second}"
+    );
+    assert!(second.contains("request.size=0 "), "no body: {second}");
+}

@@ -26,13 +26,16 @@ static GLOBAL: wasmgate_shared::alloc::Mimalloc = wasmgate_shared::alloc::Mimall
 
 struct NoProps;
 
-const DOWNSTREAM: Downstream = Downstream {
-    peer: std::net::SocketAddr::V4(std::net::SocketAddrV4::new(
-        std::net::Ipv4Addr::LOCALHOST,
-        40000,
-    )),
-    version: http::Version::HTTP_11,
-};
+fn downstream() -> Downstream {
+    let at = |port| std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+    Downstream {
+        peer: at(40000),
+        local: at(9080),
+        connection: 1,
+        version: http::Version::HTTP_11,
+        started: std::time::Instant::now(),
+    }
+}
 
 impl Properties for NoProps {
     fn get(&self, _path: &[&str], _request: &Head, _from: &Downstream) -> Option<Vec<u8>> {
@@ -99,6 +102,7 @@ fn plugin() -> PluginModule {
         memory_limit: 64 << 20,
         log_level: 4,
         log_gate: Arc::default(),
+        targets: Default::default(),
     };
     PluginModule::load(settings, std::path::Path::new(&path)).expect("the example plugin loads")
 }
@@ -116,7 +120,7 @@ fn one_request(
     let mut stream = Some(Box::new(Stream::new(
         Head::request(&mut parts, "http"),
         props.clone(),
-        DOWNSTREAM,
+        downstream(),
     )));
     let id = vm.create_http_context(root).unwrap();
     vm.on_request_headers(id, &mut stream, true).unwrap();
@@ -188,7 +192,7 @@ fn round_trip(c: &mut Criterion) {
             let mut stream = Some(Box::new(Stream::new(
                 req.clone(),
                 props.clone(),
-                DOWNSTREAM,
+                downstream(),
             )));
             black_box(vm.on_request_headers(id, &mut stream, true).unwrap());
         })

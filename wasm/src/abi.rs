@@ -459,10 +459,7 @@ fn headers(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_size",
         |mut c: C<'_>, t: i32, ret: i32| -> R {
-            // Envoy's `byteSize()`: the names' and values' bytes, without the encoding's
-            // lengths and terminators (4 bytes of count, then 8 + 2 per entry).
-            let m = tri!(map_of(c.data_mut(), t));
-            let size = (m.encoded_len().saturating_sub(4 + 10 * m.count())) as u32;
+            let size = tri!(map_of(c.data_mut(), t)).byte_size() as u32;
             tri!(write(&mut c, ret, &size.to_le_bytes()));
             ok(Status::Ok)
         },
@@ -698,10 +695,13 @@ fn http_call(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 return ok(Status::BadArgument);
             };
             let has = |n: &str| headers.iter().any(|(k, v)| k == n && !v.is_empty());
-            if target.is_empty() || !(has(":method") && has(":path") && has(":authority")) {
+            if !(has(":method") && has(":path") && has(":authority")) {
                 return ok(Status::BadArgument);
             }
             let s = c.data_mut();
+            if !s.targets.knows(&target) {
+                return ok(Status::BadArgument);
+            }
             if s.calls.len() >= MAX_CALLS {
                 return ok(Status::InternalFailure);
             }

@@ -41,6 +41,11 @@ pub trait HeaderList {
     fn encode_into(&self, out: &mut [u8]) -> usize;
     /// Size of [`HeaderList::encode`]'s output.
     fn encoded_len(&self) -> usize;
+    /// Envoy's `byteSize()`: the names' and values' bytes, without the encoding's lengths and
+    /// terminators (4 bytes of count, then 8 + 2 per entry).
+    fn byte_size(&self) -> usize {
+        self.encoded_len().saturating_sub(4 + 10 * self.count())
+    }
     /// Sets `name` to `value`, replacing every value it had.
     fn replace(&mut self, name: &str, value: &[u8]);
     /// Adds a value to `name`.

@@ -21,7 +21,10 @@ pub mod vm;
 
 pub use head::{Head, HeaderList};
 pub use module::{PluginModule, Settings};
-pub use state::{BodyBuf, CallResponse, Downstream, HttpCall, LocalReply, Properties, Stream};
+pub use state::{
+    BodyBuf, CallResponse, CallTargets, Downstream, HttpCall, LocalReply, Properties, Stream,
+    Targets, Totals,
+};
 pub use vm::{Action, Fault, HttpCtx, Outcome, PluginVm};
 /// The serialized map format (see `wasmgate-abi`).
 pub use wasmgate_abi::map;

@@ -59,6 +59,8 @@ pub struct Settings {
     /// The plugin's `proxy_log` budget, shared by its instances (a new instance after a fault
     /// does not get a fresh one).
     pub log_gate: Arc<crate::rate::LogGate>,
+    /// What its call-outs may target (the gateway fills it in; see [`crate::state::Targets`]).
+    pub targets: crate::state::Targets,
 }
 
 /// A compiled, checked plugin, ready to instantiate.
@@ -160,6 +162,7 @@ impl Settings {
             memory_limit: d.memory_limit as usize,
             log_gate: Arc::default(),
             log_level,
+            targets: Default::default(),
         }
     }
 }

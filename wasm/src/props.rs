@@ -1,8 +1,9 @@
 //! `proxy_get_property`: Envoy's attribute names, the plugin's own names, and — through the
 //! gateway's [`Properties`](crate::state::Properties) — APISIX's nginx variables.
 
-use crate::head::Head;
-use crate::state::HostState;
+use crate::head::{Head, HeaderList};
+use crate::state::{HostState, Stream};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A property's value: borrowed from the host state where it lives there (the answer is then
 /// copied once, straight into the plugin's memory), or made for the call.
@@ -51,6 +52,55 @@ fn query(p: &[u8]) -> &[u8] {
     }
 }
 
+/// Envoy's integers (and its timestamps and durations, in nanoseconds): 8 bytes,
+/// little-endian.
+fn int(n: i64) -> Option<Found<'static>> {
+    Some(Found::Owned(n.to_le_bytes().to_vec()))
+}
+
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+/// Connection, timing and size attributes (Envoy's names); the sizes and the duration only
+/// once the request is over, in `proxy_on_log`, as Envoy has them.
+fn fact<'a>(stream: &'a Stream, path: &[&str]) -> Option<Found<'a>> {
+    let from = &stream.downstream;
+    let totals = stream.totals.as_ref();
+    match path {
+        ["source", "address"] => Some(Found::Owned(from.peer.to_string().into_bytes())),
+        ["source", "port"] => int(from.peer.port().into()),
+        ["destination", "address"] => Some(Found::Owned(from.local.to_string().into_bytes())),
+        ["destination", "port"] => int(from.local.port().into()),
+        // A uint64 in Envoy: the same 8 bytes.
+        ["connection", "id"] => Some(Found::Owned(from.connection.to_le_bytes().to_vec())),
+        // A bool is one byte; listeners speak plain HTTP.
+        ["connection", "mtls"] => Some(Found::Borrowed(&[0])),
+        ["request", "time"] => {
+            let at = SystemTime::now().checked_sub(from.started.elapsed())?;
+            int(nanos(at.duration_since(UNIX_EPOCH).ok()?))
+        }
+        ["request", "duration"] => int(nanos(totals?.duration)),
+        // Envoy's rule: the declared length, else the bytes received.
+        ["request", "size"] => match stream.request.get("content-length") {
+            Some(v) => int(std::str::from_utf8(v).ok()?.trim().parse().ok()?),
+            None => int(totals?.request_body as i64),
+        },
+        ["request", "total_size"] => int(totals?.request_total as i64),
+        ["response", "size"] => int(totals?.response_body as i64),
+        ["response", "total_size"] => {
+            let head = stream.response.as_ref().map_or(0, |r| r.byte_size());
+            int(totals?.response_body as i64 + head as i64)
+        }
+        ["upstream", "address"] => Some(Found::Borrowed(stream.upstream.as_deref()?.as_bytes())),
+        ["upstream", "port"] => {
+            let (_, port) = stream.upstream.as_deref()?.rsplit_once(':')?;
+            int(port.parse().ok()?)
+        }
+        _ => None,
+    }
+}
+
 /// The value of a property path, or None (NotFound).
 pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
     if let ["plugin_name"] | ["plugin_root_id"] | ["plugin_vm_id"] = path {
@@ -67,6 +117,8 @@ pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
         ["request", "host"] => req.get(":authority"),
         ["request", "scheme"] => req.get(":scheme"),
         ["request", "headers", name] => req.get(name),
+        ["request", "referer"] => req.get("referer"),
+        ["request", "useragent"] => req.get("user-agent"),
         // Envoy's integers are 8 bytes, little-endian (what its SDK users decode).
         ["response", "code"] => {
             let status = stream.response.as_ref().and_then(|r| r.get(":status"))?;
@@ -78,6 +130,9 @@ pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
     };
     if let Some(v) = value {
         return Some(Found::Borrowed(v));
+    }
+    if let Some(v) = fact(stream, path) {
+        return Some(v);
     }
     // The host's own names first: a plugin's `proxy_set_property` cannot forge them (Envoy
     // keeps set values apart, under `wasm.`).

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wasmtime::StoreLimits;
 
 /// Facts a plugin may read as properties, supplied by the gateway (for a route: shared by its
@@ -21,7 +21,29 @@ pub trait Properties: Send + Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Downstream {
     pub peer: SocketAddr,
+    /// The gateway's address the client connected to (`destination.*`).
+    pub local: SocketAddr,
+    /// The client connection's id, unique on the host (`connection.id`).
+    pub connection: u64,
     pub version: http::Version,
+    /// When the request's head was read (`request.time`; its wall-clock time is worked out
+    /// only when a plugin asks, so requests pay no clock reading for it).
+    pub started: Instant,
+}
+
+/// What the log phase knows of a finished request: Envoy's `request.duration`,
+/// `request.total_size`, `response.size` (and the request body's size when it had no
+/// `Content-Length`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// From the head's arrival to the answer's last byte (`$request_time`).
+    pub duration: Duration,
+    /// Request body bytes received.
+    pub request_body: u64,
+    /// The request as it came: head and body.
+    pub request_total: u64,
+    /// Response body bytes sent.
+    pub response_body: u64,
 }
 
 /// A response the plugin asked to send instead of proxying (`proxy_send_local_response`).
@@ -51,6 +73,10 @@ pub struct Stream {
     /// buffers): what the plugin buffered so far, lent by the body filter for the call.
     pub request_body: BodyBuf,
     pub response_body: BodyBuf,
+    /// The node the request went to, once it answered (`upstream.address`).
+    pub upstream: Option<Arc<str>>,
+    /// Set for the log phase.
+    pub totals: Option<Totals>,
 }
 
 /// A body buffer lent to plugins. A chunk as received stays shared with the connection's
@@ -125,6 +151,8 @@ impl Stream {
             set_props: Vec::new(),
             request_body: BodyBuf::default(),
             response_body: BodyBuf::default(),
+            upstream: None,
+            totals: None,
         }
     }
 }
@@ -145,6 +173,43 @@ pub struct HttpCall {
     pub trailers: Pairs,
     /// None: no limit of its own (`timeout_milliseconds` 0).
     pub timeout: Option<Duration>,
+}
+
+/// Whether a `proxy_http_call` target names something the gateway can call. Asked when the
+/// plugin dispatches: Envoy answers BadArgument at once for a cluster it does not know, and
+/// the SDKs hand that status to the plugin, where a failed call would only show later.
+pub trait CallTargets: Send + Sync {
+    fn knows(&self, target: &str) -> bool;
+}
+
+/// The gateway's [`CallTargets`], shared by every instance of its plugins. Filled in once the
+/// gateway can answer: VMs start (and may dispatch from `proxy_on_vm_start`) before its
+/// call-out client exists, and until then every non-empty target is taken.
+#[derive(Clone, Default)]
+pub struct Targets(Arc<std::sync::OnceLock<Arc<dyn CallTargets>>>);
+
+impl Targets {
+    pub fn set(&self, t: Arc<dyn CallTargets>) {
+        let _ = self.0.set(t);
+    }
+
+    pub fn knows(&self, target: &str) -> bool {
+        !target.is_empty()
+            && match self.0.get() {
+                Some(t) => t.knows(target),
+                None => true,
+            }
+    }
+}
+
+impl std::fmt::Debug for Targets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Targets(set)"
+        } else {
+            "Targets(any)"
+        })
+    }
 }
 
 /// The answer to an [`HttpCall`], readable during `proxy_on_http_call_response`.
@@ -193,6 +258,8 @@ pub struct HostState {
     pub next_token: u32,
     /// Set during `proxy_on_http_call_response`.
     pub call_response: Option<CallResponse>,
+    /// What `proxy_http_call` may target (the plugin's [`Settings`](crate::Settings)).
+    pub targets: Targets,
     /// Shared queues this VM registered: (token, registering root context).
     pub queue_regs: Vec<(u32, u32)>,
     /// Set when `queue_regs` grew.

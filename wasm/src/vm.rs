@@ -127,6 +127,7 @@ impl PluginVm {
             calls: Vec::new(),
             next_token: 0,
             call_response: None,
+            targets: s.targets.clone(),
             resumed: false,
             queue_regs: Vec::new(),
             queues_changed: false,

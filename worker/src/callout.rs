@@ -3,7 +3,8 @@
 //! The call's target ("cluster" in Envoy's words) is an upstream object id of the current
 //! configuration — a node is picked by its balancer — or a literal `host:port`. The headers
 //! must carry `:method`, `:path` and `:authority` (the host checks that before dispatching);
-//! `:authority` becomes the `Host` header. The answer's body is read up to
+//! `:authority` becomes the `Host` header. A target that is neither is refused when the plugin
+//! dispatches (BadArgument, as Envoy answers for an unknown cluster). The answer's body is read up to
 //! [`MAX_RESPONSE_BODY`]; a failure of any kind is an answer with no headers, which is how
 //! plugins learn of it.
 
@@ -39,6 +40,15 @@ impl WorkerCallout {
 }
 
 impl Callout for WorkerCallout {
+    /// An upstream of the current configuration, or a literal `host:port`.
+    fn knows(&self, target: &str) -> bool {
+        is_literal(target)
+            || self
+                .worker
+                .upgrade()
+                .is_some_and(|w| w.live.current().upstream(target).is_some())
+    }
+
     fn call(&self, c: HttpCall) -> Pin<Box<dyn Future<Output = Option<CallResponse>> + Send>> {
         let w = self.worker.upgrade();
         Box::pin(async move {
@@ -55,6 +65,13 @@ impl Callout for WorkerCallout {
     }
 }
 
+/// A `host:port` target (as opposed to an upstream id).
+fn is_literal(target: &str) -> bool {
+    target
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+}
+
 /// Where a target points: (authority, connect timeout, read timeout).
 fn resolve(w: &Worker, target: &str) -> Result<(Arc<str>, Duration, Duration), String> {
     let cfg = w.live.current();
@@ -69,10 +86,7 @@ fn resolve(w: &Worker, target: &str) -> Result<(Arc<str>, Duration, Duration), S
             up.read_timeout,
         ));
     }
-    let valid = target
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-    if !valid {
+    if !is_literal(target) {
         return Err("neither an upstream id nor host:port".into());
     }
     Ok((

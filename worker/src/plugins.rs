@@ -39,8 +39,8 @@ use wasmgate_shared::model::PluginConf;
 use wasmgate_shared::shm::Segment;
 use wasmgate_shared::stats::ContextStats;
 use wasmgate_wasm::{
-    Action, BodyBuf, CallResponse, Fault, HttpCall, HttpCtx, LocalReply, Outcome, PluginModule,
-    PluginVm, Settings, Stream,
+    Action, BodyBuf, CallResponse, CallTargets, Fault, HttpCall, HttpCtx, LocalReply, Outcome,
+    PluginModule, PluginVm, Settings, Stream, Targets, Totals,
 };
 
 /// A PluginContext in a VM.
@@ -90,8 +90,19 @@ const FAULT_LINES_PER_SECOND: u32 = 10;
 
 /// Performs the plugins' `proxy_http_call`s (the worker's upstream client).
 pub trait Callout: Send + Sync {
+    /// Whether `target` names something [`Callout::call`] can reach (asked at dispatch).
+    fn knows(&self, target: &str) -> bool;
     /// The answer, or None when the call failed. The caller applies the call's timeout.
     fn call(&self, call: HttpCall) -> Pin<Box<dyn Future<Output = Option<CallResponse>> + Send>>;
+}
+
+/// The call-out client's [`Callout::knows`], as the plugins' instances ask it.
+struct ByCallout(Arc<dyn Callout>);
+
+impl CallTargets for ByCallout {
+    fn knows(&self, target: &str) -> bool {
+        self.0.knows(target)
+    }
 }
 
 /// Every plugin of this worker.
@@ -101,6 +112,8 @@ pub struct Plugins {
     /// The worker's status slot: faults and per-context statistics are counted there.
     slot: Option<(Arc<Segment>, usize)>,
     callout: OnceLock<Arc<dyn Callout>>,
+    /// What call-outs may target, shared with every plugin's instances.
+    targets: Targets,
     /// Woken when a tick period changed.
     ticks_changed: tokio::sync::Notify,
 }
@@ -160,16 +173,20 @@ impl WasmRequest {
     pub fn finish(&mut self) {
         // Dropping a finished request reads no clock.
         if !self.active.is_empty() {
-            self.finish_at(Instant::now());
+            self.finish_at(Instant::now(), None);
         }
     }
 
     /// [`WasmRequest::finish`] with a clock reading just taken (`now`), which starts the
-    /// phase's plugin timing.
-    pub fn finish_at(&mut self, now: Instant) {
+    /// phase's plugin timing, and what is known of the finished request (none when it was
+    /// abandoned).
+    pub fn finish_at(&mut self, now: Instant, totals: Option<Totals>) {
         let active = std::mem::take(&mut self.active);
         if active.is_empty() {
             return;
+        }
+        if let Some(stream) = self.stream.as_mut() {
+            stream.totals = totals;
         }
         self.plugins.on_log(active, &mut self.stream, now);
     }
@@ -253,15 +270,19 @@ impl Plugins {
             config.wasm.plugins.len()
         );
         let mut list = Vec::new();
+        let targets = Targets::default();
         for (d, f) in config.wasm.plugins.iter().zip(artifacts) {
             // Positional reads: the memfd's file offset is shared with every other worker.
             let mut bytes = vec![0; f.metadata()?.len() as usize];
             f.read_exact_at(&mut bytes, 0)?;
             // SAFETY: the bytes are the master's own `PluginModule::serialize` output, passed
             // through an inherited memfd (see master/src/lib.rs: compile_plugins).
-            let module =
-                unsafe { PluginModule::from_serialized(Settings::from_decl(d, level), &bytes) }
-                    .map_err(anyhow::Error::msg)?;
+            let settings = Settings {
+                targets: targets.clone(),
+                ..Settings::from_decl(d, level)
+            };
+            let module = unsafe { PluginModule::from_serialized(settings, &bytes) }
+                .map_err(anyhow::Error::msg)?;
             let vm = PluginVm::new(&module)
                 .map_err(|f| anyhow::anyhow!("wasm plugin {:?}: start failed: {f}", d.name))?;
             let (request_body, response_body) = (vm.has_request_body(), vm.has_response_body());
@@ -307,6 +328,7 @@ impl Plugins {
             by_name,
             slot,
             callout: OnceLock::new(),
+            targets,
             ticks_changed: tokio::sync::Notify::new(),
         })
     }
@@ -314,6 +336,7 @@ impl Plugins {
     /// Installs the client that performs call-outs (once, at worker start), and sends the
     /// calls the plugins dispatched while starting.
     pub fn set_callout(self: &Arc<Self>, c: Arc<dyn Callout>) {
+        self.targets.set(Arc::new(ByCallout(c.clone())));
         let _ = self.callout.set(c);
         for (i, p) in self.list.iter().enumerate() {
             let (calls, generation) = {

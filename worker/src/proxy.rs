@@ -35,14 +35,14 @@ use http_body_util::BodyExt;
 use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmgate_http1::codec::{SetField, SetFields};
 use wasmgate_http1::request::{escape_path, host_name, normalized_path, resolve_path};
 use wasmgate_shared::model::{HashOn, PassHost};
 use wasmgate_shared::traffic::Observation;
-use wasmgate_wasm::{Downstream, Stream};
+use wasmgate_wasm::{Downstream, Stream, Totals};
 
 /// What the log phase needs to know about the upstream exchange.
 #[derive(Default)]
@@ -65,14 +65,26 @@ struct UpstreamLog {
 pub struct Client {
     pub addr: SocketAddr,
     pub ip: HeaderValue,
+    /// The gateway's side of the connection.
+    pub local: SocketAddr,
+    /// Unique on the host while the worker lives: its pid, then a count of its connections.
+    pub id: u64,
 }
 
 impl Client {
-    pub fn new(addr: SocketAddr) -> Client {
+    pub fn new(addr: SocketAddr, local: SocketAddr) -> Client {
+        static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
         // An address's text is digits, dots, colons and hex letters: always a valid value.
         let ip = HeaderValue::from_maybe_shared(Bytes::from(addr.ip().to_string()))
             .unwrap_or_else(|_| HeaderValue::from_static(""));
-        Client { addr, ip }
+        let n = CONNECTIONS.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
+        let id = (u64::from(std::process::id()) << 32) | n;
+        Client {
+            addr,
+            ip,
+            local,
+            id,
+        }
     }
 }
 
@@ -165,7 +177,7 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
                 route,
                 &mut parts,
                 (body, no_body, declared),
-                &client,
+                (&client, log.started),
                 &mut log.upstream,
                 &mut wasm,
             )
@@ -226,7 +238,7 @@ async fn serve_route(
     route: &Arc<RouteEntry>,
     parts: &mut http::request::Parts,
     (mut body, no_body, declared): (ProxyBody, bool, Option<u64>),
-    client: &Client,
+    (client, started): (&Client, Instant),
     up_log: &mut UpstreamLog,
     wasm: &mut Option<SharedWasm>,
 ) -> Response<ProxyBody> {
@@ -239,7 +251,10 @@ async fn serve_route(
     if !chain.is_empty() {
         let from = Downstream {
             peer: client.addr,
+            local: client.local,
+            connection: client.id,
             version: parts.version,
+            started,
         };
         // Made in its box: a stream is large, and the box would otherwise be filled by a copy.
         let stream = crate::boxed_in_place(|| {
@@ -291,7 +306,10 @@ async fn serve_route(
         Some(up) => forward(w, up, (parts, route.websocket), body, client, up_log).await,
     };
     if let Some(shared) = wasm.as_ref() {
-        restore_headers(shared, parts);
+        if let Some(stream) = lock(shared).stream.as_mut() {
+            wasm_glue::restore_request(&mut stream.request, parts);
+            stream.upstream = up_log.addrs.last().cloned();
+        }
     }
     // A plugin cut the request body while it streamed: its verdict, not the upstream's.
     let failure = cut.and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).take());
@@ -1058,25 +1076,31 @@ fn log_phase(
                 // One reading ends the request's time and starts the log phase's plugin
                 // timing (`proxy_on_log` is not counted in `$request_time`).
                 let now = Instant::now();
+                let request_body = log
+                    .body_bytes
+                    .as_ref()
+                    .map_or(0, |b| b.load(Ordering::Relaxed));
+                let totals = Totals {
+                    duration: now - log.started,
+                    request_body,
+                    request_total: log.head_bytes + request_body,
+                    response_body: sent,
+                };
                 if let Some(shared) = wasm {
-                    lock(&shared).finish_at(now);
+                    lock(&shared).finish_at(now, Some(totals));
                 }
                 let up = &log.upstream;
                 if let Some((rt, idx)) = &up.active {
                     rt.balancer.on_finish(*idx);
                 }
-                let request_time = now - log.started;
+                let request_time = totals.duration;
                 w.traffic.record(
                     log.route.as_deref(),
                     &Observation {
                         status,
                         request_us: request_time.as_micros() as u64,
                         upstream_us: up.time.map(|t| t.as_micros() as u64),
-                        ingress: log.head_bytes
-                            + log
-                                .body_bytes
-                                .as_ref()
-                                .map_or(0, |b| b.load(Ordering::Relaxed)),
+                        ingress: totals.request_total,
                         egress: sent,
                     },
                 );

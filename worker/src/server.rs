@@ -76,8 +76,11 @@ async fn connection(
         .fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(w.clone());
     let _ = stream.set_nodelay(true);
+    let local = stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let conn = h1::Conn::new(stream, w.send_timeout);
-    let client = proxy::Client::new(peer);
+    let client = proxy::Client::new(peer, local);
     let mut wbuf = Vec::with_capacity(1024);
     let mut waiting = HeadWait::new(w.header_timeout, &mut drain);
     loop {

@@ -156,9 +156,6 @@ impl wasmgate_wasm::Properties for RouteEntry {
                 self.name.clone().unwrap_or_else(|| self.id.clone())
             }
             ["route_id"] | ["route", "id"] => self.id.clone(),
-            ["source", "address"] => from.peer.to_string(),
-            // Envoy's integers are 8 bytes, little-endian.
-            ["source", "port"] => return Some(i64::from(from.peer.port()).to_le_bytes().to_vec()),
             ["request", "protocol"] => format!("{:?}", from.version),
             [name] => var(request, from.peer, name)?,
             _ => return None,

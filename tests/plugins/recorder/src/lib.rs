@@ -1,5 +1,9 @@
 //! Records the order of callbacks: appends its configuration (a label) to the request header
-//! `x-order` and the response header `x-order-response`, and logs every callback.
+//! `x-order` and the response header `x-order-response`, and logs every callback. It also logs
+//! Envoy's connection, timing and size attributes as it reads them: in the request phase
+//! (`recorder <label>: early …`, where the sizes and the duration are not known yet) and in
+//! `on_log` (`recorder <label>: attributes …`), integers decoded from 8 little-endian bytes,
+//! `<none>` for a property the host does not have.
 
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
@@ -58,9 +62,34 @@ fn append(prev: Option<String>, label: &str) -> String {
     }
 }
 
+impl Recorder {
+    fn int(&self, path: &[&str]) -> String {
+        match self.get_property(path.to_vec()) {
+            Some(b) if b.len() == 8 => {
+                i64::from_le_bytes(b.as_slice().try_into().unwrap()).to_string()
+            }
+            Some(b) => format!("<{} bytes>", b.len()),
+            None => "<none>".into(),
+        }
+    }
+
+    fn text(&self, path: &[&str]) -> String {
+        self.get_property(path.to_vec())
+            .map(|b| String::from_utf8_lossy(&b).to_string())
+            .unwrap_or_else(|| "<none>".into())
+    }
+}
+
 impl HttpContext for Recorder {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
         log::info!("recorder {}: on_request_headers {}", self.label, self.id);
+        log::info!(
+            "recorder {}: early duration={} response.size={} upstream={}",
+            self.label,
+            self.int(&["request", "duration"]),
+            self.int(&["response", "size"]),
+            self.text(&["upstream", "address"]),
+        );
         let v = append(self.get_http_request_header("x-order"), &self.label);
         self.set_http_request_header("x-order", Some(&v));
         Action::Continue
@@ -77,5 +106,27 @@ impl HttpContext for Recorder {
 
     fn on_log(&mut self) {
         log::info!("recorder {}: on_log {}", self.label, self.id);
+        let ints = [
+            "request.time",
+            "request.duration",
+            "request.size",
+            "request.total_size",
+            "response.size",
+            "response.total_size",
+            "source.port",
+            "destination.port",
+            "connection.id",
+            "upstream.port",
+        ]
+        .map(|name| {
+            let path: Vec<&str> = name.split('.').collect();
+            format!("{name}={}", self.int(&path))
+        });
+        let texts = ["source.address", "destination.address", "upstream.address", "request.useragent"]
+            .map(|name| {
+                let path: Vec<&str> = name.split('.').collect();
+                format!("{name}={}", self.text(&path))
+            });
+        log::info!("recorder {}: attributes {} {}", self.label, ints.join(" "), texts.join(" "));
     }
 }
