@@ -485,6 +485,22 @@ fn admin_api_answers_match_openapi_document() {
         true,
         "upstream_host",
     );
+    // APISIX requires nodes (an empty set is allowed); stored, an upstream without them would
+    // answer every request 503.
+    api.refused(
+        "PUT",
+        "/apisix/admin/upstreams/u9",
+        json!({"type": "roundrobin"}),
+        true,
+        "property \"nodes\" is required",
+    );
+    api.expect(
+        201,
+        "PUT",
+        "/apisix/admin/upstreams/u9",
+        Some(json!({"type": "roundrobin", "nodes": {}})),
+    );
+    api.expect(200, "DELETE", "/apisix/admin/upstreams/u9", None);
     api.expect(
         404,
         "PATCH",

@@ -209,6 +209,21 @@ fn id_field(v: &Value, field: &str) -> Option<String> {
     }
 }
 
+/// APISIX's schema requires an upstream's `nodes` (an empty set is allowed: its requests get
+/// 503), or service discovery, which is not provided: an upstream written without them would
+/// otherwise be stored, and every request on it answered 503, with no word at the write.
+/// Checked on writes only: objects stored earlier load as before.
+fn missing_nodes(kind: Kind, body: &Value) -> Option<String> {
+    let (up, field) = match kind {
+        Kind::Upstreams => (body, "nodes"),
+        Kind::Routes | Kind::Services => (body.get("upstream")?, "upstream.nodes"),
+        Kind::GlobalRules => return None,
+    };
+    (up.is_object() && up.get("nodes").is_none()).then(|| {
+        format!("invalid configuration: property \"{field}\" is required: the upstream's nodes (may be empty); service discovery (service_name, discovery_type) is not supported")
+    })
+}
+
 /// Validates, persists and publishes one object.
 fn write(
     m: &Master,
@@ -223,6 +238,9 @@ fn write(
     // id may not start with a dot. (Objects stored before this rule, and etcd's, still load.)
     if !valid_id(id) || id.starts_with('.') {
         return error(400, format!("invalid configuration: property \"id\" validation failed: invalid id {id:?}: 1 to 64 characters from a-z A-Z 0-9 - _ ., not starting with .")).into();
+    }
+    if let Some(e) = missing_nodes(kind, &body) {
+        return error(400, e).into();
     }
     let catalog = m.catalog();
     let object = match model::validate(kind, &body, &catalog) {
