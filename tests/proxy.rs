@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{free_port, http, Gateway, Resp, TestUpstream};
+use common::{eventually, free_port, http, Gateway, Resp, TestUpstream};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -1350,11 +1350,34 @@ fn websocket_routes_tunnel_after_the_handshake() {
         let n = c.read(&mut buf).unwrap();
         assert_eq!(&buf[..n], format!("echo:{word}").as_bytes());
     }
+    // The request is logged when its tunnel closes, as nginx logs an upgraded request.
+    let access_log = || std::fs::read_to_string(gw.prefix().join("logs/access.log")).unwrap();
+    let ws_line = || {
+        access_log()
+            .lines()
+            .find(|l| l.contains("\"GET /ws HTTP/1.1\" 101 "))
+            .map(str::to_string)
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(ws_line(), None, "logged before the tunnel closed");
     // The client's close reaches the node, whose close ends the tunnel.
     c.shutdown(std::net::Shutdown::Write).unwrap();
     let mut rest = Vec::new();
     c.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty(), "{rest:?}");
+    eventually(
+        Duration::from_secs(5),
+        "the tunnel's access log line",
+        || ws_line().is_some(),
+    );
+    // `$body_bytes_sent` counts what the tunnel carried to the client: "echo:ping" and
+    // "echo:again".
+    let line = ws_line().unwrap();
+    let sent = line
+        .split("\" 101 ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next());
+    assert_eq!(sent, Some("19"), "{line}");
 
     let (_, head) = handshake(&gw, "/plain");
     assert!(head.starts_with("http/1.1 200 "), "{head}");

@@ -20,7 +20,7 @@ use crate::live::Compiled;
 use crate::plugins::{Active, Dir, Verdict, WasmRequest};
 use crate::router::{RequestView, RouteEntry};
 use crate::server::ClientBody;
-use crate::tunnel;
+use crate::tunnel::{self, Carried};
 use crate::upstream::h1::{ExchangeError, ResponseBody};
 use crate::upstream::pool::{Conn, ConnectError};
 use crate::upstream::UpstreamRuntime;
@@ -1070,65 +1070,91 @@ fn log_phase(
     wasm: Option<SharedWasm>,
 ) -> Response<ProxyBody> {
     let status = resp.status().as_u16();
+    // A switched connection's request ends with its tunnel.
+    let tunnel = match status {
+        101 => resp.extensions().get::<tunnel::Upstream>().cloned(),
+        _ => None,
+    };
     resp.map(move |b| {
         body::made(|| {
             Observed::new(b, move |sent, _complete| {
-                // One reading ends the request's time and starts the log phase's plugin
-                // timing (`proxy_on_log` is not counted in `$request_time`).
-                let now = Instant::now();
-                let request_body = log
-                    .body_bytes
-                    .as_ref()
-                    .map_or(0, |b| b.load(Ordering::Relaxed));
-                let totals = Totals {
-                    duration: now - log.started,
-                    request_body,
-                    request_total: log.head_bytes + request_body,
-                    response_body: sent,
-                };
-                if let Some(shared) = wasm {
-                    lock(&shared).finish_at(now, Some(totals));
+                let end = move |carried| log_request(&w, log, wasm, (status, sent), carried);
+                match tunnel {
+                    Some(t) => {
+                        if let Err(end) = t.on_close(Box::new(end)) {
+                            end(Carried::default());
+                        }
+                    }
+                    None => end(Carried::default()),
                 }
-                let up = &log.upstream;
-                if let Some((rt, idx)) = &up.active {
-                    rt.balancer.on_finish(*idx);
-                }
-                let request_time = totals.duration;
-                w.traffic.record(
-                    log.route.as_deref(),
-                    &Observation {
-                        status,
-                        request_us: request_time.as_micros() as u64,
-                        upstream_us: up.time.map(|t| t.as_micros() as u64),
-                        ingress: totals.request_total,
-                        egress: sent,
-                    },
-                );
-                if !w.access_log.enabled() {
-                    return;
-                }
-                w.access_log.log(&Entry {
-                    remote_addr: &log.remote,
-                    host: log.host.as_str(),
-                    request_line: &log.request_line,
-                    status,
-                    body_bytes_sent: sent,
-                    request_time,
-                    referer: &log.referer,
-                    user_agent: &log.user_agent,
-                    upstream_addr: &up.addrs.join(", "),
-                    upstream_status: up.status,
-                    upstream_time: up.time,
-                    route_id: log.route.as_ref().map_or("", |r| &r.id),
-                    request_id: log
-                        .request_id
-                        .as_ref()
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or(""),
-                });
             })
         })
     })
+}
+
+/// The log phase of a request whose answer (`status`, `sent` body bytes) is out, and whose
+/// tunnel, if it had one, is over: plugins' `proxy_on_log`, statistics, the access log.
+fn log_request(
+    w: &Worker,
+    log: LogInfo,
+    wasm: Option<SharedWasm>,
+    (status, sent): (u16, u64),
+    carried: Carried,
+) {
+    // One reading ends the request's time and starts the log phase's plugin timing
+    // (`proxy_on_log` is not counted in `$request_time`).
+    let now = Instant::now();
+    let request_body = log
+        .body_bytes
+        .as_ref()
+        .map_or(0, |b| b.load(Ordering::Relaxed));
+    let sent = sent + carried.to_client;
+    let totals = Totals {
+        duration: now - log.started,
+        request_body,
+        request_total: log.head_bytes + request_body + carried.from_client,
+        response_body: sent,
+    };
+    if let Some(shared) = wasm {
+        lock(&shared).finish_at(now, Some(totals));
+    }
+    let up = &log.upstream;
+    if let Some((rt, idx)) = &up.active {
+        rt.balancer.on_finish(*idx);
+    }
+    let request_time = totals.duration;
+    w.traffic.record(
+        log.route.as_deref(),
+        &Observation {
+            status,
+            request_us: request_time.as_micros() as u64,
+            upstream_us: up.time.map(|t| t.as_micros() as u64),
+            ingress: totals.request_total,
+            egress: sent,
+        },
+    );
+    if !w.access_log.enabled() {
+        return;
+    }
+    w.access_log.log(&Entry {
+        remote_addr: &log.remote,
+        host: log.host.as_str(),
+        request_line: &log.request_line,
+        status,
+        body_bytes_sent: sent,
+        request_time,
+        referer: &log.referer,
+        user_agent: &log.user_agent,
+        upstream_addr: &up.addrs.join(", "),
+        upstream_status: up.status,
+        upstream_time: up.time,
+        route_id: log.route.as_ref().map_or("", |r| &r.id),
+        request_id: log
+            .request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    });
 }
 
 /// The request's host, lower-cased, without port (Host header, else the URI's authority):

@@ -69,6 +69,33 @@ struct Node {
     /// What the node sent after its 101.
     rest: BytesMut,
     held: Option<Held>,
+    closing: Closing,
+}
+
+/// The bytes a tunnel carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub from_client: u64,
+    pub to_client: u64,
+}
+
+/// The request's log phase, left for when the tunnel closes.
+pub type OnClose = Box<dyn FnOnce(Carried) + Send>;
+
+/// Runs the log phase with what was carried once the tunnel is over — or when the tunnel
+/// never ran (the 101 could not be sent): it is dropped then, and logs nothing carried.
+#[derive(Default)]
+struct Closing {
+    log: Option<OnClose>,
+    carried: Carried,
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            log(self.carried);
+        }
+    }
 }
 
 /// A node counted busy by its balancer (`least_conn`) for as long as the tunnel lasts, as
@@ -90,6 +117,7 @@ impl Upstream {
                 io,
                 rest,
                 held: None,
+                closing: Closing::default(),
             }))),
             idle,
         }
@@ -108,13 +136,27 @@ impl Upstream {
         }
     }
 
+    /// Leaves the request's log phase to the tunnel's end. Given back when the tunnel is
+    /// gone already, for the caller to run at once.
+    pub fn on_close(&self, log: OnClose) -> Result<(), OnClose> {
+        match self.node.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(node) => {
+                node.closing.log = Some(log);
+                Ok(())
+            }
+            None => Err(log),
+        }
+    }
+
     /// Carries bytes between the client (`client`, with `client_rest` read past its request
     /// head) and the node until the tunnel ends.
     pub async fn run(self, mut client: TcpStream, client_rest: BytesMut, peer: SocketAddr) {
+        // Dropped last: the node stays counted busy until the log phase has run.
         let Some(Node {
             io: mut node,
             rest: node_rest,
             held: _held,
+            mut closing,
         }) = self.take()
         else {
             return;
@@ -127,10 +169,35 @@ impl Upstream {
         if !matches!(tokio::time::timeout(idle, early).await, Ok(Ok(()))) {
             return;
         }
-        match pipe(&mut client, &mut node, idle).await {
+        let carried = Counts::new(client_rest.len(), node_rest.len());
+        let end = pipe(&mut client, &mut node, idle, &carried).await;
+        closing.carried = carried.get();
+        match end {
             Ok(End::Closed) => {}
             Ok(End::Idle) => tracing::info!("tunnel of {peer} closed: idle for {idle:?}"),
             Err(e) => tracing::info!("tunnel of {peer} failed: {e}"),
+        }
+    }
+}
+
+/// Bytes carried each way so far.
+struct Counts {
+    from_client: AtomicU64,
+    to_client: AtomicU64,
+}
+
+impl Counts {
+    fn new(from_client: usize, to_client: usize) -> Counts {
+        Counts {
+            from_client: AtomicU64::new(from_client as u64),
+            to_client: AtomicU64::new(to_client as u64),
+        }
+    }
+
+    fn get(&self) -> Carried {
+        Carried {
+            from_client: self.from_client.load(Ordering::Relaxed),
+            to_client: self.to_client.load(Ordering::Relaxed),
         }
     }
 }
@@ -151,6 +218,7 @@ async fn pipe(
     client: &mut TcpStream,
     node: &mut TcpStream,
     idle: Duration,
+    carried: &Counts,
 ) -> std::io::Result<End> {
     let start = Instant::now();
     // When bytes last moved, in nanoseconds since `start`.
@@ -160,8 +228,8 @@ async fn pipe(
     let (mut nr, mut nw) = node.split();
     let both = async {
         tokio::try_join!(
-            copy_one(&mut cr, &mut nw, &touch),
-            copy_one(&mut nr, &mut cw, &touch)
+            copy_one(&mut cr, &mut nw, &touch, &carried.from_client),
+            copy_one(&mut nr, &mut cw, &touch, &carried.to_client)
         )
     };
     let watch = async {
@@ -180,7 +248,12 @@ async fn pipe(
 }
 
 /// One direction of a tunnel: until the reader's close, which is passed on as a half-close.
-async fn copy_one<R, W>(r: &mut R, w: &mut W, touch: &impl Fn()) -> std::io::Result<()>
+async fn copy_one<R, W>(
+    r: &mut R,
+    w: &mut W,
+    touch: &impl Fn(),
+    count: &AtomicU64,
+) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -195,6 +268,7 @@ where
         }
         touch();
         w.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
         touch();
     }
 }
