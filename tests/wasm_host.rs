@@ -763,3 +763,98 @@ fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
     assert_eq!(r.json()["headers"]["host"], "internal.svc", "{}", r.text());
     assert_eq!(r.json()["body_len"], 9);
 }
+
+/// A body callback that pauses with a call-out of its own in flight holds the body until the
+/// answer (as Envoy holds a body a filter stopped): the answer's callback resumes the stream
+/// — the body then goes upstream — or answers in its place, and the body never leaves. The
+/// plugin dispatches at the body's end to the target its configuration names; an answer
+/// with headers resumes, a failed call (no headers) answers 403. A call-out dispatched in
+/// `proxy_on_log` goes out as well.
+#[test]
+fn body_callbacks_wait_for_their_call_outs() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let auth = TestUpstream::start("auth");
+    // The call's headers, in the ABI's map encoding, as WAT string escapes.
+    let pairs = [
+        (":method", "GET"),
+        (":path", "/check"),
+        (":authority", "auth"),
+    ];
+    let mut map = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in pairs {
+        map.extend((k.len() as u32).to_le_bytes());
+        map.extend((v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        map.extend(k.bytes().chain([0]).chain(v.bytes()).chain([0]));
+    }
+    let escaped: String = map.iter().map(|b| format!("\\{b:02x}")).collect();
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_continue_stream" (func $cont (param i32) (result i32)))
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (global $heap (mut i32) (i32.const 8192))
+      (global $tptr (mut i32) (i32.const 0))
+      (global $tlen (mut i32) (i32.const 0))
+      (data (i32.const 300) "{escaped}")
+      (data (i32.const 600) "denied")
+      (func (export "malloc") (param $n i32) (result i32)
+        (local $p i32)
+        (local.set $p (global.get $heap))
+        (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+        (local.get $p))
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_configure") (param i32 i32) (result i32)
+        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get 1) (i32.const 200) (i32.const 204)))
+        (global.set $tptr (i32.load (i32.const 200)))
+        (global.set $tlen (i32.load (i32.const 204)))
+        (i32.const 1))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+      (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32)
+        (if (local.get 2)
+          (then (drop (call $call (global.get $tptr) (global.get $tlen) (i32.const 300) (i32.const {len})
+                                  (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+                                  (i32.const 2000) (i32.const 208)))))
+        (i32.const 1))
+      ;; a call-out from the log phase goes out too (its answer comes to the root context)
+      (func (export "proxy_on_log") (param i32)
+        (drop (call $call (global.get $tptr) (global.get $tlen) (i32.const 300) (i32.const {len})
+                          (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+                          (i32.const 2000) (i32.const 208))))
+      (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+        (if (i32.gt_u (local.get 2) (i32.const 0))
+          (then (drop (call $cont (i32.const 0))))
+          (else (drop (call $reply (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 600)
+                                   (i32.const 6) (i32.const 0) (i32.const 0) (i32.const 0)))))))"#,
+        len = map.len()
+    );
+    wat_plugin_on_route(&gw, "body_check", &wat, "/unused");
+    let conf = |target: String| json!({"conf": target});
+    gw.route(
+        "allow",
+        json!({"uri": "/allow", "plugins": {"body_check": conf(auth.addr())}}),
+        Some(&app),
+    );
+    gw.route(
+        "deny",
+        json!({"uri": "/deny", "plugins": {"body_check": conf("127.0.0.1:1".into())}}),
+        Some(&app),
+    );
+    let hits = app.hits();
+    let r = http("POST", &gw.url("/deny"), &[], Some(b"evil payload"));
+    assert_eq!((r.status, r.text().as_str()), (403, "denied"));
+    assert_eq!(app.hits(), hits, "the held body never reached the upstream");
+    let r = http("POST", &gw.url("/allow"), &[], Some(b"good payload"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["body_len"], 12);
+    // The body's call, then the log phase's.
+    common::eventually(Duration::from_secs(5), "the log phase's call-out", || {
+        auth.hits() == 2
+    });
+    assert!(!gw.error_log().contains("panicked"));
+}

@@ -222,7 +222,20 @@ pub enum BodyStep {
     Fail,
     /// A plugin's buffer would exceed the cap.
     TooLarge,
+    /// A plugin paused with call-outs of its own in flight: the body waits for their answers
+    /// ([`Plugins::body_wait`]), as Envoy holds a body a filter stopped until it continues.
+    Wait(BodyWait),
 }
+
+/// A body held by the plugin of the request's `at`-th context until its call-outs answer.
+pub struct BodyWait {
+    at: usize,
+    calls: FuturesUnordered<CallFuture>,
+    end_of_stream: bool,
+}
+
+/// The body buffers of a request's contexts, one each.
+pub type BodyBufs = SmallVec<[BodyBuf; 2]>;
 
 impl Plugin {
     fn has_body(&self, dir: Dir) -> bool {
@@ -589,11 +602,19 @@ impl Plugins {
 
     /// Call-outs still in flight when their context stopped waiting: delivered when they end.
     fn detach(self: &Arc<Self>, a: &Active, mine: Option<FuturesUnordered<CallFuture>>) {
+        self.detach_to(a.plugin, a.vm_generation, mine);
+    }
+
+    fn detach_to(
+        self: &Arc<Self>,
+        plugin: usize,
+        generation: u64,
+        mine: Option<FuturesUnordered<CallFuture>>,
+    ) {
         let Some(mut mine) = mine.filter(|m| !m.is_empty()) else {
             return;
         };
         let me = self.clone();
-        let (plugin, generation) = (a.plugin, a.vm_generation);
         tokio::spawn(async move {
             while let Some((ctx, token, resp)) = mine.next().await {
                 me.deliver_detached(plugin, generation, ctx, token, resp);
@@ -816,12 +837,26 @@ impl Plugins {
         req: &mut WasmRequest,
         dir: Dir,
         bufs: &mut [BodyBuf],
+        data: BodyBuf,
+        end_of_stream: bool,
+    ) -> BodyStep {
+        self.on_body_from(req, dir, bufs, data, end_of_stream, 0)
+    }
+
+    /// [`Plugins::on_body`] from the request's `start`-th context on (the ones before it let
+    /// `data` through already).
+    fn on_body_from(
+        self: &Arc<Self>,
+        req: &mut WasmRequest,
+        dir: Dir,
+        bufs: &mut [BodyBuf],
         mut data: BodyBuf,
         end_of_stream: bool,
+        start: usize,
     ) -> BodyStep {
         let mut started = Instant::now();
         // By index, each context's fields copied out: `req` lends its stream to the VM below.
-        for i in 0..req.active.len().min(bufs.len()) {
+        for i in start..req.active.len().min(bufs.len()) {
             let a = &req.active[i];
             let (plugin, http, vm_generation, record) =
                 (a.plugin, a.http, a.vm_generation, a.record);
@@ -830,10 +865,10 @@ impl Plugins {
             if !p.has_body(dir) {
                 continue;
             }
-            let Some(stream) = req.stream.as_mut() else {
+            if req.stream.is_none() {
                 // The stream is lent to a waiting headers phase: nothing to show the plugin.
                 continue;
-            };
+            }
             // Joins what this plugin held back; into an empty buffer the chunk moves as it
             // is, not copied.
             buf.append(std::mem::take(&mut data));
@@ -846,11 +881,7 @@ impl Plugins {
                 );
                 return BodyStep::TooLarge;
             }
-            let lent = match dir {
-                Dir::Request => &mut stream.request_body,
-                Dir::Response => &mut stream.response_body,
-            };
-            std::mem::swap(lent, buf);
+            lend_body(&mut req.stream, dir, buf);
             let r = {
                 let mut st = p.lock();
                 if st.generation != vm_generation || st.vm.is_none() {
@@ -868,13 +899,7 @@ impl Plugins {
                     Some((r, calls))
                 }
             };
-            if let Some(stream) = req.stream.as_mut() {
-                let lent = match dir {
-                    Dir::Request => &mut stream.request_body,
-                    Dir::Response => &mut stream.response_body,
-                };
-                std::mem::swap(lent, buf);
-            }
+            lend_body(&mut req.stream, dir, buf);
             let spent = nanos(lap(&mut started));
             if let Some(a) = req.active.get_mut(i) {
                 a.spent += spent;
@@ -884,8 +909,23 @@ impl Plugins {
                 data = std::mem::take(buf);
                 continue;
             };
+            // The context's own call-outs hold the body when it paused for them.
+            let holds = matches!(&r, Ok(o) if o.reply.is_none() && !goes_on(o));
+            let mut mine: Option<FuturesUnordered<CallFuture>> = None;
             for c in calls {
-                self.spawn_call(plugin, vm_generation, c);
+                if holds && c.context == http.id {
+                    mine.get_or_insert_with(FuturesUnordered::new)
+                        .push(self.call_future(c));
+                } else {
+                    self.spawn_call(plugin, vm_generation, c);
+                }
+            }
+            if let Some(calls) = mine {
+                return BodyStep::Wait(BodyWait {
+                    at: i,
+                    calls,
+                    end_of_stream,
+                });
             }
             match r {
                 Err(_) if p.decl.fail_open => {}
@@ -908,8 +948,120 @@ impl Plugins {
         BodyStep::Release(data)
     }
 
+    /// Waits out a [`BodyStep::Wait`]: each answer goes to the plugin's root context with the
+    /// request's stream and the held bytes lent; a local reply answers the request, a resume
+    /// lets the held bytes on through the contexts after it. With no call-out left and no
+    /// resume, the bytes stay held until more of the body comes — or, at its end, go on (a
+    /// pause with nothing to wait for, as in the headers phase).
+    pub async fn body_wait(
+        self: Arc<Self>,
+        req: Arc<Mutex<WasmRequest>>,
+        dir: Dir,
+        mut bufs: BodyBufs,
+        wait: BodyWait,
+    ) -> (BodyBufs, BodyStep) {
+        let BodyWait {
+            at,
+            mut calls,
+            end_of_stream,
+        } = wait;
+        fn lock(r: &Mutex<WasmRequest>) -> MutexGuard<'_, WasmRequest> {
+            r.lock().unwrap_or_else(|e| e.into_inner())
+        }
+        loop {
+            let Some((ctx, token, resp)) = calls.next().await else {
+                if !end_of_stream {
+                    return (bufs, BodyStep::Release(BodyBuf::default()));
+                }
+                if let Some(a) = lock(&req).active.get(at) {
+                    tracing::warn!(
+                        "{}: paused the body with no call-out pending; resuming it",
+                        self.list[a.plugin].decl.name
+                    );
+                }
+                break;
+            };
+            let mut guard = lock(&req);
+            let req_now = &mut *guard;
+            let Some(a) = req_now.active.get(at) else {
+                return (bufs, BodyStep::Fail);
+            };
+            let (plugin, generation, record, id) = (a.plugin, a.vm_generation, a.record, a.http.id);
+            let Some(buf) = bufs.get_mut(at) else {
+                return (bufs, BodyStep::Fail);
+            };
+            lend_body(&mut req_now.stream, dir, buf);
+            let delivered = self.deliver(
+                plugin,
+                generation,
+                ctx,
+                token,
+                resp,
+                &mut req_now.stream,
+                record,
+            );
+            lend_body(&mut req_now.stream, dir, buf);
+            let Some((r, more)) = delivered else {
+                // The VM was replaced meanwhile (another request's fault).
+                return (bufs, BodyStep::Fail);
+            };
+            for c in more {
+                if c.context == id {
+                    calls.push(self.call_future(c));
+                } else {
+                    self.spawn_call(plugin, generation, c);
+                }
+            }
+            match r {
+                Err(_) if self.list[plugin].decl.fail_open => break,
+                Err(_) => {
+                    self.count(record, |r| &r.errors);
+                    return (bufs, BodyStep::Fail);
+                }
+                Ok(o) => {
+                    if let Some(reply) = o.reply {
+                        self.count(record, |r| &r.local_replies);
+                        return (bufs, BodyStep::Reply(reply));
+                    }
+                    if o.resumed {
+                        break;
+                    }
+                }
+            }
+        }
+        // Resumed: what the plugin held goes on through the contexts after it; answers still
+        // to come are delivered on their own.
+        self.detach_calls(&req, at, calls);
+        let mut guard = lock(&req);
+        let data = bufs.get_mut(at).map(std::mem::take).unwrap_or_default();
+        let step = self.on_body_from(&mut guard, dir, &mut bufs, data, end_of_stream, at + 1);
+        drop(guard);
+        (bufs, step)
+    }
+
+    /// [`Plugins::detach`] for a body's wait.
+    fn detach_calls(
+        self: &Arc<Self>,
+        req: &Arc<Mutex<WasmRequest>>,
+        at: usize,
+        calls: FuturesUnordered<CallFuture>,
+    ) {
+        let a = {
+            let req = req.lock().unwrap_or_else(|e| e.into_inner());
+            req.active.get(at).map(|a| (a.plugin, a.vm_generation))
+        };
+        if let Some((plugin, generation)) = a {
+            self.detach_to(plugin, generation, Some(calls));
+        }
+    }
+
     /// The log phase: `proxy_on_log`, then done and delete for every HttpContext.
-    fn on_log(&self, active: Vec<Active>, stream: &mut Option<Box<Stream>>, now: Instant) {
+    fn on_log(
+        self: &Arc<Self>,
+        active: Vec<Active>,
+        stream: &mut Option<Box<Stream>>,
+        now: Instant,
+    ) {
         let mut started = now;
         for a in active {
             let p = &self.list[a.plugin];
@@ -933,6 +1085,11 @@ impl Plugins {
             }
             if !st.calls.is_empty() {
                 st.calls.retain(|_, c| *c != a.http.id);
+            }
+            // Call-outs dispatched in `proxy_on_log` or `proxy_on_done` go out now: they are
+            // the root context's, whose callback gets the answer (as in Envoy).
+            for c in st.collect(self) {
+                self.spawn_call(a.plugin, a.vm_generation, c);
             }
             if let Err(f) = r {
                 self.fault(p, &mut st, &f, "proxy_on_log", a.record);
@@ -1084,6 +1241,17 @@ fn settled(first: Result<Outcome, Fault>, calls: Vec<HttpCall>) -> Result<Verdic
 /// Whether a headers callback lets the request go on: it continued, or resumed the stream.
 fn goes_on(o: &Outcome) -> bool {
     o.action == Action::Continue || o.resumed
+}
+
+/// Swaps `buf` with the stream's body buffer of `dir` (lent to a callback, then taken back).
+fn lend_body(stream: &mut Option<Box<Stream>>, dir: Dir, buf: &mut BodyBuf) {
+    if let Some(stream) = stream.as_mut() {
+        let lent = match dir {
+            Dir::Request => &mut stream.request_body,
+            Dir::Response => &mut stream.response_body,
+        };
+        std::mem::swap(lent, buf);
+    }
 }
 
 /// The time since `started`, which moves to now: contexts run one after the other, so one

@@ -1078,15 +1078,17 @@ fn log_phase(
     resp.map(move |b| {
         body::made(|| {
             Observed::new(b, move |sent, _complete| {
-                let end = move |carried| log_request(&w, log, wasm, (status, sent), carried);
-                match tunnel {
-                    Some(t) => {
-                        if let Err(end) = t.on_close(Box::new(end)) {
-                            end(Carried::default());
-                        }
+                // The request's state is used where it lies (it is large: moving it into
+                // another closure or a call costs copies), but for a tunnel.
+                if let Some(t) = tunnel {
+                    let end: tunnel::OnClose =
+                        Box::new(move |c| log_request(&w, &log, wasm, (status, sent), c));
+                    if let Err(end) = t.on_close(end) {
+                        end(Carried::default());
                     }
-                    None => end(Carried::default()),
+                    return;
                 }
+                log_request(&w, &log, wasm, (status, sent), Carried::default());
             })
         })
     })
@@ -1096,7 +1098,7 @@ fn log_phase(
 /// tunnel, if it had one, is over: plugins' `proxy_on_log`, statistics, the access log.
 fn log_request(
     w: &Worker,
-    log: LogInfo,
+    log: &LogInfo,
     wasm: Option<SharedWasm>,
     (status, sent): (u16, u64),
     carried: Carried,

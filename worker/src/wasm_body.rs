@@ -12,10 +12,10 @@
 //! reply — instead of cutting a message already under way.
 
 use crate::body::{BoxError, ProxyBody};
-use crate::plugins::{BodyStep, Dir, Plugins, WasmRequest};
+use crate::plugins::{BodyBufs, BodyStep, Dir, Plugins, WasmRequest};
 use bytes::Bytes;
 use http_body::{Body, Frame};
-use smallvec::SmallVec;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -34,6 +34,8 @@ pub enum BodyFailure {
     Client(http::StatusCode),
 }
 
+type Wait = Pin<Box<dyn Future<Output = (BodyBufs, BodyStep)> + Send>>;
+
 /// A body seen by plugins.
 pub struct PluginBody {
     inner: ProxyBody,
@@ -41,7 +43,10 @@ pub struct PluginBody {
     plugins: Arc<Plugins>,
     dir: Dir,
     /// One buffer per HttpContext of the request.
-    bufs: SmallVec<[BodyBuf; 2]>,
+    bufs: BodyBufs,
+    /// A plugin's wait for its call-outs' answers, which holds the body (it has the buffers
+    /// meanwhile). In a mutex only to be `Sync` as bodies must be; never contended.
+    waiting: Option<Mutex<Wait>>,
     /// A frame taken by `prime`, to be returned first.
     front: Option<Frame<Bytes>>,
     /// Trailers that arrived, returned after the last data.
@@ -97,6 +102,7 @@ impl PluginBody {
             plugins,
             dir,
             bufs: std::iter::repeat_with(BodyBuf::default).take(n).collect(),
+            waiting: None,
             front: None,
             trailers: None,
             done: false,
@@ -141,7 +147,22 @@ impl PluginBody {
         let step = self
             .plugins
             .on_body(&mut req, self.dir, &mut self.bufs, data, end_of_stream);
+        drop(req);
+        self.outcome(step)
+    }
+
+    /// What a step of the plugins made of a chunk: bytes to pass on, none yet, or a failure.
+    fn outcome(&mut self, step: BodyStep) -> Result<Option<Bytes>, BoxError> {
         let failure = match step {
+            BodyStep::Wait(wait) => {
+                let bufs = std::mem::take(&mut self.bufs);
+                let wait = self
+                    .plugins
+                    .clone()
+                    .body_wait(self.req.clone(), self.dir, bufs, wait);
+                self.waiting = Some(Mutex::new(Box::pin(wait)));
+                return Ok(None);
+            }
             BodyStep::Release(v) if v.is_empty() => return Ok(None),
             BodyStep::Release(v) => return Ok(Some(v.into_bytes())),
             BodyStep::TooLarge => BodyFailure::TooLarge,
@@ -177,6 +198,17 @@ impl Body for PluginBody {
             return Poll::Ready(Some(Ok(f)));
         }
         loop {
+            if let Some(wait) = self.waiting.as_mut() {
+                let wait = wait.get_mut().unwrap_or_else(|e| e.into_inner());
+                let (bufs, step) = ready!(wait.as_mut().poll(cx));
+                self.waiting = None;
+                self.bufs = bufs;
+                match self.outcome(step) {
+                    Ok(Some(bytes)) => return Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                    Ok(None) => continue,
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                }
+            }
             if self.done {
                 return Poll::Ready(self.trailers.take().map(Ok));
             }
@@ -211,6 +243,6 @@ impl Body for PluginBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.front.is_none() && self.trailers.is_none()
+        self.done && self.waiting.is_none() && self.front.is_none() && self.trailers.is_none()
     }
 }
