@@ -260,3 +260,60 @@ fn a_client_that_stops_reading_is_cut_after_send_timeout_and_a_slow_reader_is_se
     );
     assert_eq!(http("GET", &gw.url("/big/3"), &[], None).status, 200);
 }
+
+/// nginx's two waits for a request head: a keep-alive connection may stay idle between
+/// requests for `keepalive_timeout` (here 60 s, longer than `client_header_timeout`, 1 s),
+/// then the next head, once begun, must come whole within `client_header_timeout`.
+/// `keepalive_timeout: 0s` turns keep-alive off: every answer says `Connection: close`.
+#[test]
+fn keepalive_and_header_timeouts_are_separate() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start_with(Setup {
+        http_extra: vec!["client_header_timeout: 1s".into()],
+        ..Setup::default()
+    });
+    gw.route("1", json!({"uri": "/*"}), Some(&up));
+    let s = TcpStream::connect(format!("127.0.0.1:{}", gw.proxy_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let authority = format!("127.0.0.1:{}", gw.proxy_port);
+    for _ in 0..2 {
+        common::client::write_request(&mut w, "GET", &authority, "/a", &[], None, false).unwrap();
+        let r = common::client::read_response(&mut reader, false).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection"), None);
+        // Idle for longer than client_header_timeout: the connection is still there.
+        std::thread::sleep(Duration::from_millis(1800));
+    }
+    // A head begun and left unfinished is cut after client_header_timeout, not keepalive's.
+    w.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = reader.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(2500),
+        "an unfinished head kept for {waited:?}"
+    );
+
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        config.replace("keepalive_timeout: 60s", "keepalive_timeout: 0s"),
+    )
+    .unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+    common::eventually(Duration::from_secs(10), "keep-alive off", || {
+        http("GET", &gw.url("/a"), &[], None).header("connection") == Some("close")
+    });
+    // A request sent a while after connecting is answered (and the connection closed).
+    let mut s = TcpStream::connect(format!("127.0.0.1:{}", gw.proxy_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    common::client::write_request(&mut s, "GET", &authority, "/a", &[], None, false).unwrap();
+    let mut reader = std::io::BufReader::new(s);
+    let r = common::client::read_response(&mut reader, false).unwrap();
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+}

@@ -58,7 +58,12 @@ pub struct Worker {
     pub max_body_size: u64,
     /// Largest request head (request line and fields, as received); larger → 431.
     pub max_header_size: usize,
+    /// `client_header_timeout`: a request head must come whole within it, counted from the
+    /// connection's start for the first request and from its first bytes for the next ones.
     pub header_timeout: Duration,
+    /// `keepalive_timeout`: how long a connection may stay idle between requests; zero turns
+    /// keep-alive off (every answer closes its connection), as in nginx.
+    pub keepalive_timeout: Duration,
     /// `client_body_timeout`: the longest wait for the next piece of a request body.
     pub body_timeout: Duration,
     /// `send_timeout`: the longest a client may leave its answer untaken before the
@@ -137,10 +142,8 @@ async fn serve(
         slot,
         max_body_size: http.client_max_body_size,
         max_header_size: http.client_max_header_size as usize,
-        header_timeout: http
-            .client_header_timeout
-            .min(http.keepalive_timeout)
-            .max(Duration::from_millis(100)),
+        header_timeout: http.client_header_timeout.max(Duration::from_millis(100)),
+        keepalive_timeout: http.keepalive_timeout,
         body_timeout: http.client_body_timeout.max(Duration::from_millis(100)),
         send_timeout: http.send_timeout.max(Duration::from_millis(100)),
         draining: AtomicBool::new(false),

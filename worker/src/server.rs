@@ -82,7 +82,7 @@ async fn connection(
     let conn = h1::Conn::new(stream, w.send_timeout);
     let client = proxy::Client::new(peer, local);
     let mut wbuf = Vec::with_capacity(1024);
-    let mut waiting = HeadWait::new(w.header_timeout, &mut drain);
+    let mut waiting = HeadWait::new(w.header_timeout, w.keepalive_timeout, &mut drain);
     loop {
         let head = match waiting.next(&conn, w.max_header_size).await {
             Ok(head) => head,
@@ -126,7 +126,9 @@ async fn connection(
             .extensions_mut()
             .remove::<tunnel::Upstream>()
             .filter(|_| switching);
-        let draining = w.draining.load(Ordering::Relaxed) && tunnel.is_none();
+        // Draining, or keep-alive off: the answer closes the connection.
+        let draining = (w.draining.load(Ordering::Relaxed) || w.keepalive_timeout.is_zero())
+            && tunnel.is_none();
         let set = proxy::answer_fields(request_id.as_ref(), draining);
         match conn
             .respond(&mut wbuf, response, &meta, &set, |h| back.give(h, &set))
@@ -183,15 +185,21 @@ fn answer_cut(conn: &h1::Conn, peer: SocketAddr, e: &codec::SendError) {
     }
 }
 
-/// Waiting for the next request head on a connection: `client_header_timeout` from the start
-/// of the wait, and once the worker drains, [`DRAIN_GRACE`] for a request to begin.
+/// Waiting for the next request head on a connection, as nginx waits: the first request's
+/// head must come whole within `client_header_timeout` of the connection's start; between
+/// requests the connection may stay idle for `keepalive_timeout`, and once the next request's
+/// first bytes are in, the rest of its head gets `client_header_timeout`. Once the worker
+/// drains, [`DRAIN_GRACE`] for a request to begin.
 ///
 /// One tokio timer serves every wait of the connection. The deadline only moves later from one
 /// request to the next, so the timer is left where it was and, when it fires early, moved to
 /// the deadline then: a wait costs a reading of the clock instead of an update of tokio's timer
 /// wheel per request.
 struct HeadWait<'a> {
-    timeout: Duration,
+    header: Duration,
+    idle: Duration,
+    /// No request came yet.
+    first: bool,
     timer: Pin<Box<tokio::time::Sleep>>,
     drained: OnWake<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
     /// When draining: the end of the grace.
@@ -199,23 +207,32 @@ struct HeadWait<'a> {
 }
 
 impl<'a> HeadWait<'a> {
-    fn new(timeout: Duration, drain: &'a mut watch::Receiver<bool>) -> HeadWait<'a> {
+    fn new(header: Duration, idle: Duration, drain: &'a mut watch::Receiver<bool>) -> HeadWait<'a> {
         HeadWait {
-            timeout,
-            timer: Box::pin(tokio::time::sleep(timeout)),
+            header,
+            idle,
+            first: true,
+            timer: Box::pin(tokio::time::sleep(header)),
             drained: OnWake::new(Box::pin(until_drain(drain))),
             grace_end: None,
         }
     }
 
     async fn next(&mut self, conn: &h1::Conn, max: usize) -> Result<h1::Head, h1::NoHead> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        let now = tokio::time::Instant::now();
+        // Idle until bytes come: not for the first request, nor for one already in (pipelined).
+        let mut idle = !std::mem::take(&mut self.first) && conn.nothing_buffered();
+        let mut deadline = now + if idle { self.idle } else { self.header };
         std::future::poll_fn(|cx| {
             if self.grace_end.is_none() && Pin::new(&mut self.drained).poll(cx).is_ready() {
                 self.grace_end = Some(tokio::time::Instant::now() + DRAIN_GRACE);
             }
             if let Poll::Ready(r) = conn.poll_head(cx, max) {
                 return Poll::Ready(r);
+            }
+            if idle && !conn.nothing_buffered() {
+                idle = false;
+                deadline = tokio::time::Instant::now() + self.header;
             }
             let limit = match self.grace_end {
                 Some(grace) if conn.nothing_buffered() => grace.min(deadline),
