@@ -623,10 +623,9 @@ fn connection_timing_and_size_attributes() {
         line("recorder attrs: attributes ").is_some()
     });
     let early = line("recorder attrs: early ").expect("the request phase's line");
-    assert_eq!(
-        early.trim(),
-        "duration=<none> response.size=<none> upstream=<none>",
-        "not known before the request is over"
+    assert!(
+        early.starts_with("duration=<none> response.size=<none> upstream=<none> "),
+        "not known before the request is over: {early}"
     );
     let attrs = line("recorder attrs: attributes ").unwrap();
     let map: std::collections::HashMap<&str, &str> = attrs
@@ -642,6 +641,11 @@ fn connection_timing_and_size_attributes() {
         (before..=after).contains(&int("request.time")),
         "request.time {} within [{before}, {after}]",
         int("request.time")
+    );
+    // The same start time at every read of the request.
+    assert!(
+        early.ends_with(&format!(" request.time={}", int("request.time"))),
+        "{early} / {attrs}"
     );
     let duration = int("request.duration");
     assert!(duration > 0 && duration <= after - before, "{attrs}");
@@ -691,4 +695,34 @@ fn connection_timing_and_size_attributes() {
         "{second}"
     );
     assert!(second.contains("request.size=0 "), "no body: {second}");
+    assert!(second.contains("response.code=200 "), "{second}");
+
+    // A plugin's local reply (echo answers itself) is the response the log phase reads.
+    gw.route(
+        "2",
+        json!({"uri": "/echoed", "plugins": {"rec_a": {"conf": "echoed"}, "echo": {"conf": "x"}}}),
+        None,
+    );
+    let r = http("GET", &gw.url("/echoed"), &[], None);
+    assert_eq!((r.status, r.header("x-echo")), (200, Some("1")));
+    eventually(
+        Duration::from_secs(5),
+        "the local reply's attributes",
+        || gw.error_log().contains("recorder echoed: attributes "),
+    );
+    let log = gw.error_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("recorder echoed: attributes "))
+        .unwrap();
+    assert!(line.contains("response.code=200 "), "{line}");
+    assert!(
+        line.contains(&format!("response.size={} ", r.body.len())),
+        "{line}"
+    );
+    assert!(
+        line.contains("response.headers.content-type=application/json"),
+        "{line}"
+    );
+    assert!(line.contains("upstream.address=<none>"), "{line}");
 }

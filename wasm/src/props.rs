@@ -77,7 +77,14 @@ fn fact<'a>(stream: &'a Stream, path: &[&str]) -> Option<Found<'a>> {
         // A bool is one byte; listeners speak plain HTTP.
         ["connection", "mtls"] => Some(Found::Borrowed(&[0])),
         ["request", "time"] => {
-            let at = SystemTime::now().checked_sub(from.started.elapsed())?;
+            let at = match stream.wall_start.get() {
+                Some(at) => at,
+                None => {
+                    let at = SystemTime::now().checked_sub(from.started.elapsed())?;
+                    stream.wall_start.set(Some(at));
+                    at
+                }
+            };
             int(nanos(at.duration_since(UNIX_EPOCH).ok()?))
         }
         ["request", "duration"] => int(nanos(totals?.duration)),

@@ -27,7 +27,7 @@ pub struct Downstream {
     pub connection: u64,
     pub version: http::Version,
     /// When the request's head was read (`request.time`; its wall-clock time is worked out
-    /// only when a plugin asks, so requests pay no clock reading for it).
+    /// only when a plugin asks, so requests pay no clock reading for it, and kept).
     pub started: Instant,
 }
 
@@ -77,6 +77,8 @@ pub struct Stream {
     pub upstream: Option<Arc<str>>,
     /// Set for the log phase.
     pub totals: Option<Totals>,
+    /// `request.time`, worked out at its first read and the same at every later one.
+    pub wall_start: std::cell::Cell<Option<std::time::SystemTime>>,
 }
 
 /// A body buffer lent to plugins. A chunk as received stays shared with the connection's
@@ -153,6 +155,7 @@ impl Stream {
             response_body: BodyBuf::default(),
             upstream: None,
             totals: None,
+            wall_start: Default::default(),
         }
     }
 }

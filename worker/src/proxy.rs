@@ -42,7 +42,7 @@ use wasmgate_http1::codec::{SetField, SetFields};
 use wasmgate_http1::request::{escape_path, host_name, normalized_path, resolve_path};
 use wasmgate_shared::model::{HashOn, PassHost};
 use wasmgate_shared::traffic::Observation;
-use wasmgate_wasm::{Downstream, Stream, Totals};
+use wasmgate_wasm::{Downstream, Head, Stream, Totals};
 
 /// What the log phase needs to know about the upstream exchange.
 #[derive(Default)]
@@ -171,7 +171,7 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
     let resp = match &route {
         None => not_found(),
         Some(route) => {
-            serve_route(
+            let resp = serve_route(
                 &w,
                 &cfg,
                 route,
@@ -181,7 +181,11 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
                 &mut log.upstream,
                 &mut wasm,
             )
-            .await
+            .await;
+            match &wasm {
+                Some(shared) => own_answer(shared, resp),
+                None => resp,
+            }
         }
     };
     let mut resp = header_filter(resp);
@@ -320,6 +324,23 @@ async fn serve_route(
         Some(shared) => response_phase(w, shared, resp, up_log.answered).await,
         None => resp,
     }
+}
+
+/// An answer the gateway or a plugin made in place of the upstream's (a local reply, an error
+/// page): the plugins' later callbacks read it as the response — `response.code` and its
+/// headers in `proxy_on_log` — as Envoy shows a local reply. The upstream's answer, whose
+/// headers the response phase lent to it, is left as it is.
+fn own_answer(shared: &SharedWasm, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let mut g = lock(shared);
+    if let Some(s) = g.stream.as_mut() {
+        if !s.response.as_ref().is_some_and(Head::lent) {
+            // Lent to the answer like the upstream's, and given back once written.
+            let mut head = wasm_glue::response_head(&mut resp);
+            wasm_glue::apply_response(&mut head, &mut resp);
+            s.response = Some(head);
+        }
+    }
+    resp
 }
 
 /// Gives the plugins' request head back the headers it lent to `parts`, if it did.

@@ -84,11 +84,12 @@ impl HttpContext for Recorder {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
         log::info!("recorder {}: on_request_headers {}", self.label, self.id);
         log::info!(
-            "recorder {}: early duration={} response.size={} upstream={}",
+            "recorder {}: early duration={} response.size={} upstream={} request.time={}",
             self.label,
             self.int(&["request", "duration"]),
             self.int(&["response", "size"]),
             self.text(&["upstream", "address"]),
+            self.int(&["request", "time"]),
         );
         let v = append(self.get_http_request_header("x-order"), &self.label);
         self.set_http_request_header("x-order", Some(&v));
@@ -117,12 +118,19 @@ impl HttpContext for Recorder {
             "destination.port",
             "connection.id",
             "upstream.port",
+            "response.code",
         ]
         .map(|name| {
             let path: Vec<&str> = name.split('.').collect();
             format!("{name}={}", self.int(&path))
         });
-        let texts = ["source.address", "destination.address", "upstream.address", "request.useragent"]
+        let texts = [
+            "source.address",
+            "destination.address",
+            "upstream.address",
+            "request.useragent",
+            "response.headers.content-type",
+        ]
             .map(|name| {
                 let path: Vec<&str> = name.split('.').collect();
                 format!("{name}={}", self.text(&path))
