@@ -25,12 +25,17 @@ pub enum Status {
     Unimplemented = 12,
 }
 
-/// Replaces `buf[start..start + size]` (clamped to the buffer) with `data`: (0, 0) prepends,
-/// (0, len) replaces, (len, 0) appends, and so does any start past the end (as Envoy's
-/// `copyFrom`). A result over [`MAX_BUFFER`] is a BadArgument.
+/// Envoy's `copyFrom`: at start 0, replaces the first `size` bytes (clamped to the buffer)
+/// with `data` — (0, 0) prepends, (0, len) replaces — and at a start at or past the end,
+/// appends. A start inside the buffer is a BadArgument, as in Envoy (where the Rust SDK
+/// panics on it: a plugin that relied on it here would fail there), and so is a result over
+/// [`MAX_BUFFER`].
 pub fn splice(buf: &mut Vec<u8>, start: usize, size: usize, data: &[u8]) -> Status {
-    let start = start.min(buf.len());
-    let end = start.saturating_add(size).min(buf.len());
+    let (start, end) = match start {
+        0 => (0, size.min(buf.len())),
+        s if s >= buf.len() => (buf.len(), buf.len()),
+        _ => return Status::BadArgument,
+    };
     if buf.len() - (end - start) + data.len() > MAX_BUFFER {
         return Status::BadArgument;
     }
@@ -43,7 +48,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn splice_prepends_replaces_appends() {
+    fn splice_prepends_replaces_appends_and_refuses_the_middle() {
         let mut b = b"body".to_vec();
         assert_eq!(splice(&mut b, 0, 0, b">"), Status::Ok);
         assert_eq!(b, b">body");
@@ -53,6 +58,9 @@ mod tests {
         assert_eq!(splice(&mut b, 0, usize::MAX, b"new"), Status::Ok);
         assert_eq!(b, b"new");
         assert_eq!(splice(&mut b, 40, 0, b"x"), Status::Ok);
+        assert_eq!(b, b"newx");
+        // Inside the buffer: refused, as Envoy refuses it.
+        assert_eq!(splice(&mut b, 1, 1, b"y"), Status::BadArgument);
         assert_eq!(b, b"newx");
     }
 
@@ -79,6 +87,10 @@ mod tests {
             let data: Vec<u8> = (0..next() % 8).map(|_| 0xAA).collect();
             let before = buf.clone();
             let status = splice(&mut buf, start, size, &data);
+            if start > 0 && start < before.len() {
+                assert_eq!((status, &buf), (Status::BadArgument, &before));
+                continue;
+            }
             let start = start.min(before.len());
             let end = start.saturating_add(size).min(before.len());
             let mut expect = before[..start].to_vec();

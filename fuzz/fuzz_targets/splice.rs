@@ -43,14 +43,17 @@ struct Input {
 
 /// What the reference says `splice(buf, start, size, data)` must do to a buffer of `len` bytes:
 /// `None` (BadArgument, buffer unchanged) or `Some((start, end, new_len))` for the result
-/// `buf[..start] ++ data ++ buf[end..]`, a start past the end appending (Envoy's `copyFrom`).
-/// 128-bit arithmetic, so nothing can overflow.
+/// `buf[..start] ++ data ++ buf[end..]`, a start past the end appending, a start inside the
+/// buffer refused (Envoy's `copyFrom`). 128-bit arithmetic, so nothing can overflow.
 fn reference(
     len: usize,
     start: usize,
     size: usize,
     data_len: usize,
 ) -> Option<(usize, usize, usize)> {
+    if start > 0 && start < len {
+        return None;
+    }
     let len_w = len as u128;
     let start_w = (start as u128).min(len_w);
     let end = (start_w + size as u128).min(len_w);

@@ -705,8 +705,11 @@ fn http_call(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             if s.calls.len() >= MAX_CALLS {
                 return ok(Status::InternalFailure);
             }
-            s.next_token = s.next_token.wrapping_add(1).max(1);
-            let token = s.next_token;
+            let token = s.next_token.wrapping_add(1).max(1);
+            // The token first: a call whose token the plugin cannot get is not made.
+            tri!(write(&mut c, ret_token, &token.to_le_bytes()));
+            let s = c.data_mut();
+            s.next_token = token;
             s.calls.push(crate::state::HttpCall {
                 token,
                 context: s.effective_context,
@@ -720,7 +723,6 @@ fn http_call(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 timeout: (timeout_ms > 0)
                     .then(|| std::time::Duration::from_millis(timeout_ms as u64)),
             });
-            tri!(write(&mut c, ret_token, &token.to_le_bytes()));
             ok(Status::Ok)
         },
     )?;
