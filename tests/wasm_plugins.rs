@@ -537,7 +537,8 @@ fn plugin_fixtures_are_not_stale() {
 }
 
 /// A route update creates a new PluginContext; the old one is finished (`proxy_on_done`) once
-/// it has no request in flight.
+/// it has no request in flight — or, without a request, once the worker applies the change,
+/// as it does for a deleted route.
 #[test]
 fn an_updated_route_finishes_its_old_plugin_context() {
     let up = TestUpstream::start("u");
@@ -567,6 +568,29 @@ fn an_updated_route_finishes_its_old_plugin_context() {
     assert!(!gw
         .error_log()
         .contains("recorder v2: plugin context on_done"));
+    // Changed again with no request since, or deleted: the context ends all the same (its
+    // ticks and queues would otherwise live on until a reload).
+    let (s, _) = gw.admin(
+        "PATCH",
+        "/apisix/admin/routes/1",
+        Some(json!({"plugins": {"wasm_log": {"conf": "v3"}}})),
+    );
+    assert_eq!(s, 200);
+    eventually(Duration::from_secs(5), "v2's context finished", || {
+        gw.error_log()
+            .contains("recorder v2: plugin context on_done")
+    });
+    assert_eq!(http("GET", &gw.url("/v"), &[], None).status, 200);
+    let (s, _) = gw.admin("DELETE", "/apisix/admin/routes/1", None);
+    assert_eq!(s, 200);
+    eventually(
+        Duration::from_secs(5),
+        "the deleted route's context finished",
+        || {
+            gw.error_log()
+                .contains("recorder v3: plugin context on_done")
+        },
+    );
 }
 
 /// A plugin built with the AssemblyScript SDK (ABI 0.2.0, `wasi_unstable` import, root context

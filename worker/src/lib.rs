@@ -211,12 +211,24 @@ fn reopen_logs(w: &Worker) {
     }
 }
 
-/// Keeps the generation seen current while idle and flushes the access log.
+/// Keeps the generation seen current while idle, finishes the plugin contexts of routes and
+/// global rules a new generation removed or changed, and flushes the access log.
 async fn housekeeping(w: Arc<Worker>) {
     let mut tick = tokio::time::interval(access_log::FLUSH_EVERY);
+    let mut seen = None;
     loop {
         tick.tick().await;
-        w.live.current();
+        let cfg = w.live.current();
+        if seen != Some(cfg.generation) && !w.plugins.is_empty() {
+            seen = Some(cfg.generation);
+            let owners: foldhash::HashSet<&str> = cfg
+                .router
+                .routes()
+                .map(|r| &*r.owner)
+                .chain(cfg.global_rules.iter().map(|g| &*g.owner))
+                .collect();
+            w.plugins.retire_gone(&owners);
+        }
         w.access_log.flush();
     }
 }

@@ -792,6 +792,26 @@ impl Plugins {
         Ok(Some((id, st.generation)))
     }
 
+    /// Finishes the PluginContexts whose route or global rule is gone from the configuration
+    /// or was changed (a new revision is another owner): at once when idle, else with their
+    /// last request. Their ticks, queue registrations and call-outs end with them. `live`:
+    /// the owners of the current configuration.
+    pub fn retire_gone(self: &Arc<Self>, live: &foldhash::HashSet<&str>) {
+        for p in &self.list {
+            let mut st = p.lock();
+            let mut any = false;
+            for (key, root) in st.roots.iter_mut() {
+                if !root.stale && !live.contains(key.as_str()) {
+                    root.stale = true;
+                    any = true;
+                }
+            }
+            if any {
+                self.collect_stale(p, &mut st);
+            }
+        }
+    }
+
     /// A new revision of `owner`'s object: older PluginContexts of the same object are finished
     /// now if idle, or when their last request ends.
     fn retire_older(&self, p: &Plugin, st: &mut VmState, owner: &str) {

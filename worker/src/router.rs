@@ -192,6 +192,14 @@ impl Router {
         router
     }
 
+    /// Every route indexed (a route on several paths comes once per path).
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<RouteEntry>> + '_ {
+        self.exact
+            .values()
+            .chain(self.prefixes.values())
+            .flat_map(|list| list.iter())
+    }
+
     /// This index with `removed` routes taken out and `added` ones put in: what
     /// `Router::new` would build from the routes after the change. Each path the change
     /// touches gets its list made once; the rest is shared with `self`.
