@@ -93,6 +93,8 @@ fn ambiguous_request_framing_is_refused() {
         ("POST /e/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
         ("POST /e/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n", 400),
         ("GET /e/a HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n", 400),
+        // A method in lower case (nginx's 400): `get` would pass routes limited to `GET`.
+        ("get /e/a HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ] {
         let mut s = connect(&gw);
         s.write_all(head.as_bytes()).unwrap();

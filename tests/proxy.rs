@@ -746,7 +746,7 @@ fn chunked_request_body_arrives_intact() {
 }
 
 /// A client that sends `Expect: 100-continue` (curl does for bodies over 1 MiB) is told to go
-/// on, and its body then arrives intact.
+/// on, and its body then arrives intact, without the `Expect` the gateway answered.
 #[test]
 fn expect_continue_upload() {
     let up = TestUpstream::start("x");
@@ -770,6 +770,8 @@ fn expect_continue_upload() {
     let v = resp.json();
     assert_eq!(v["body_len"], body.len());
     assert_eq!(v["body_sum"], body.iter().map(|b| *b as u64).sum::<u64>());
+    // The gateway answered the expectation itself: the upstream is not asked again (nginx).
+    assert_eq!(v["headers"].get("expect"), None, "{v}");
 }
 
 /// Responses stream through untouched: a chunked stream, a 5 MB body, and an upstream error

@@ -78,6 +78,14 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
         Err(_) => return Err(Refusal::Bad("malformed request head")),
     };
     let method = req.method.unwrap_or_default();
+    // nginx's rule: upper-case letters, `_` and `-` only. A lower-case `get` would otherwise
+    // pass routes limited to `GET` and reach a catch-all route.
+    if !method
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b == b'_' || b == b'-')
+    {
+        return Err(Refusal::Bad("bad method"));
+    }
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| Refusal::Bad("bad method"))?;
     let version = match req.version {
         Some(1) => Version::HTTP_11,

@@ -831,10 +831,12 @@ fn uuid_text(r: u128) -> [u8; 36] {
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy.
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy; nor does `Expect`, which the
+/// gateway answers itself (its `100 Continue` goes when the body is first read), as nginx.
 pub(crate) fn is_hop_by_hop(n: &HeaderName) -> bool {
     // Standard names compare as enum tags, not strings.
     *n == header::CONNECTION
+        || *n == header::EXPECT
         || *n == header::TE
         || *n == header::TRAILER
         || *n == header::TRANSFER_ENCODING

@@ -349,6 +349,11 @@ fn parse_head(
     let parsed = httparse::ParserConfig::default()
         .parse_response_with_uninit_headers(&mut resp, rbuf, &mut slots);
     let len = match parsed {
+        // Over the limit whole as well as in parts: whether a large head is taken must not
+        // depend on how the node's writes were split.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD_BYTES => {
+            return Err(ExchangeError::Invalid("response head too large"))
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if rbuf.len() >= MAX_HEAD_BYTES => {
             return Err(ExchangeError::Invalid("response head too large"))
@@ -676,6 +681,11 @@ mod tests {
         let long = "v".repeat(MAX_HEAD_BYTES);
         refused(
             format!("HTTP/1.1 200 OK\r\nx: {long}"),
+            "response head too large",
+        );
+        // The same, arrived whole in one read.
+        refused(
+            format!("HTTP/1.1 200 OK\r\nx: {long}\r\n\r\n"),
             "response head too large",
         );
         refused("HTTP/1.1 2000 OK\r\n\r\n".into(), "malformed response head");
