@@ -230,6 +230,22 @@ fn bodies_are_buffered_and_rewritten() {
     assert_eq!(http("POST", &gw.url("/echo"), &[], Some(&big)).status, 413);
     assert_eq!(get(&gw, "/small").status, 200);
 
+    // The gateway's own error page, through a body plugin that leaves it as it is, keeps its
+    // length (nginx sends one), not chunked.
+    gw.route(
+        "dead",
+        json!({"uri": "/dead", "plugins": {"body_rewrite": {"conf": "{}"}},
+               "upstream": {"nodes": {"127.0.0.1:1": 1}}}),
+        None,
+    );
+    let r = get(&gw, "/dead");
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("transfer-encoding"), None);
+    assert_eq!(
+        r.header("content-length"),
+        Some(r.body.len().to_string().as_str())
+    );
+
     eventually(Duration::from_secs(5), "the plugin's log line", || {
         gw.error_log().contains(
             "body_rewrite: request_body_calls=1 request_body_size=5 response_body_calls=1",

@@ -220,8 +220,9 @@ impl<'a> HeadWait<'a> {
 
     async fn next(&mut self, conn: &h1::Conn, max: usize) -> Result<h1::Head, h1::NoHead> {
         let now = tokio::time::Instant::now();
-        // Idle until bytes come: not for the first request, nor for one already in (pipelined).
-        let mut idle = !std::mem::take(&mut self.first) && conn.nothing_buffered();
+        // Idle until bytes come (not for the first request): a head already begun (pipelined)
+        // is seen at the first poll, which switches to the header timeout.
+        let mut idle = !std::mem::take(&mut self.first);
         let mut deadline = now + if idle { self.idle } else { self.header };
         std::future::poll_fn(|cx| {
             if self.grace_end.is_none() && Pin::new(&mut self.drained).poll(cx).is_ready() {
