@@ -219,7 +219,8 @@ async fn housekeeping(w: Arc<Worker>) {
     loop {
         tick.tick().await;
         let cfg = w.live.current();
-        if seen != Some(cfg.generation) && !w.plugins.is_empty() {
+        let changed = seen != Some(cfg.generation) || w.plugins.roots_added();
+        if changed && !w.plugins.is_empty() {
             seen = Some(cfg.generation);
             let owners: foldhash::HashSet<&str> = cfg
                 .router

@@ -31,7 +31,7 @@ use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use wasmgate_shared::config::{GatewayConfig, RequestPhase, WasmPluginDecl};
@@ -114,6 +114,10 @@ pub struct Plugins {
     callout: OnceLock<Arc<dyn Callout>>,
     /// What call-outs may target, shared with every plugin's instances.
     targets: Targets,
+    /// Set when a PluginContext was made: the housekeeping then checks its owner is still in
+    /// the configuration (a request that began under an older generation may make one for a
+    /// route the newer one removed).
+    roots_added: AtomicBool,
     /// Woken when a tick period changed.
     ticks_changed: tokio::sync::Notify,
 }
@@ -342,6 +346,7 @@ impl Plugins {
             slot,
             callout: OnceLock::new(),
             targets,
+            roots_added: AtomicBool::new(false),
             ticks_changed: tokio::sync::Notify::new(),
         })
     }
@@ -758,6 +763,7 @@ impl Plugins {
                     describe(link.owner)
                 );
             }
+            self.roots_added.store(true, Ordering::Relaxed);
             st.roots.insert(
                 link.owner.to_string(),
                 Root {
@@ -797,6 +803,7 @@ impl Plugins {
     /// last request. Their ticks, queue registrations and call-outs end with them. `live`:
     /// the owners of the current configuration.
     pub fn retire_gone(self: &Arc<Self>, live: &foldhash::HashSet<&str>) {
+        self.roots_added.store(false, Ordering::Relaxed);
         for p in &self.list {
             let mut st = p.lock();
             let mut any = false;
@@ -810,6 +817,11 @@ impl Plugins {
                 self.collect_stale(p, &mut st);
             }
         }
+    }
+
+    /// Whether a PluginContext was made since [`Plugins::retire_gone`] last ran.
+    pub fn roots_added(&self) -> bool {
+        self.roots_added.load(Ordering::Relaxed)
     }
 
     /// A new revision of `owner`'s object: older PluginContexts of the same object are finished
