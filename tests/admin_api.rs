@@ -512,3 +512,60 @@ fn disabled_plugins_do_not_run_and_objects_are_private() {
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{}", file.display());
 }
+
+/// An upstream needs `nodes` (APISIX's schema) when written; one stored without them by an
+/// earlier version still loads and can still be changed.
+#[test]
+fn upstreams_need_nodes_but_older_ones_stay_editable() {
+    let gw = Gateway::start();
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/upstreams/legacy",
+        Some(json!({"type": "roundrobin", "nodes": {"127.0.0.1:1": 1}})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/upstreams/new",
+        Some(json!({"type": "roundrobin"})),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("property \"nodes\" is required"),
+        "{v}"
+    );
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/routes/r",
+        Some(json!({"uri": "/r", "upstream": {"type": "roundrobin"}})),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error_msg"].as_str().unwrap().contains("upstream.nodes"),
+        "{v}"
+    );
+    // As an earlier version stored it: no nodes.
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
+    let file = gw.prefix().join("data/upstreams/legacy.json");
+    let mut stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    fn strip(v: &mut serde_json::Value) {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("nodes");
+            o.values_mut().for_each(strip);
+        }
+    }
+    strip(&mut stored);
+    std::fs::write(&file, stored.to_string()).unwrap();
+    let gw = gw.restart();
+    let (s, v) = gw.admin(
+        "PATCH",
+        "/apisix/admin/upstreams/legacy",
+        Some(json!({"desc": "still editable"})),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["value"]["desc"], "still editable");
+}

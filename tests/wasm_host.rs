@@ -6,6 +6,7 @@ mod common;
 
 use common::{eventually, http, Gateway, TestUpstream};
 use serde_json::json;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 fn get(gw: &Gateway, path: &str) -> common::Resp {
@@ -873,4 +874,57 @@ fn body_callbacks_wait_for_their_call_outs() {
         auth.hits() == 2
     });
     assert!(!gw.error_log().contains("panicked"));
+}
+
+/// `proxy_on_request_trailers` runs once the body is through, with the request's trailers as
+/// map type 1; a plugin with no body callback of its own still gets it. Here the plugin
+/// answers with the value of the trailer it read.
+#[test]
+fn trailers_reach_the_trailers_callback() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let wat = r#"(module
+      (import "env" "proxy_get_header_map_value" (func $ghv (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (global $heap (mut i32) (i32.const 8192))
+      (data (i32.const 100) "x-t")
+      (func (export "malloc") (param $n i32) (result i32)
+        (local $p i32)
+        (local.set $p (global.get $heap))
+        (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+        (local.get $p))
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_request_trailers") (param i32 i32) (result i32)
+        (if (i32.eqz (call $ghv (i32.const 1) (i32.const 100) (i32.const 3) (i32.const 200) (i32.const 204)))
+          (then (drop (call $reply (i32.const 200) (i32.const 0) (i32.const 0)
+                                   (i32.load (i32.const 200)) (i32.load (i32.const 204))
+                                   (i32.const 0) (i32.const 0) (i32.const 0)))))
+        (i32.const 0)))"#;
+    wat_plugin_on_route(&gw, "trailers", wat, "/unused");
+    gw.route(
+        "t",
+        json!({"uri": "/t", "plugins": {"trailers": {"conf": "-"}}}),
+        Some(&app),
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        b"POST /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\nx-t: from-trailer\r\n\r\n",
+    )
+    .unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let resp = common::client::read_response(&mut r, false).unwrap();
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "from-trailer"),
+        "{}",
+        gw.error_log()
+    );
+    // Without trailers the request goes through as usual.
+    let resp = http("POST", &gw.url("/t"), &[], Some(b"plain"));
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["body_len"], 5);
 }

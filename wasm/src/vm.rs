@@ -58,6 +58,8 @@ pub struct Outcome {
 }
 
 type Callback3 = TypedFunc<(i32, i32, i32), i32>;
+/// `proxy_on_request_trailers` / `proxy_on_response_trailers`: (context, trailer count).
+type Callback2 = TypedFunc<(i32, i32), i32>;
 /// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
 type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
@@ -69,6 +71,8 @@ struct Exports {
     request_body: Option<Callback3>,
     response_headers: Option<Callback3>,
     response_body: Option<Callback3>,
+    request_trailers: Option<Callback2>,
+    response_trailers: Option<Callback2>,
     http_call_response: Option<CallResponseFn>,
     tick: Option<TypedFunc<i32, ()>>,
     queue_ready: Option<TypedFunc<(i32, i32), ()>>,
@@ -173,6 +177,8 @@ impl PluginVm {
             request_body: typed!("proxy_on_request_body"),
             response_headers: typed!("proxy_on_response_headers"),
             response_body: typed!("proxy_on_response_body"),
+            request_trailers: typed!("proxy_on_request_trailers"),
+            response_trailers: typed!("proxy_on_response_trailers"),
             http_call_response: typed!("proxy_on_http_call_response"),
             tick: typed!("proxy_on_tick"),
             queue_ready: typed!("proxy_on_queue_ready"),
@@ -332,6 +338,53 @@ impl PluginVm {
     ) -> Result<Outcome, Fault> {
         let n = stream.as_ref().map(|s| s.response_body.len()).unwrap_or(0);
         self.stream_call(|f| f.response_body.as_ref(), ctx, stream, n, end_of_stream)
+    }
+
+    /// `proxy_on_request_trailers`, or `proxy_on_response_trailers` (`response`), with the
+    /// stream's trailers of that side as the map the plugin reads and changes.
+    pub fn on_trailers(
+        &mut self,
+        ctx: HttpCtx,
+        stream: &mut Option<Box<Stream>>,
+        response: bool,
+    ) -> Result<Outcome, Fault> {
+        let f = match response {
+            true => self.f.response_trailers.as_ref(),
+            false => self.f.request_trailers.as_ref(),
+        };
+        let Some(f) = f else {
+            return Ok(Outcome {
+                action: Action::Continue,
+                reply: None,
+                resumed: false,
+            });
+        };
+        let n = stream.as_ref().map_or(0, |s| match response {
+            true => s.response_trailers.len(),
+            false => s.request_trailers.len(),
+        });
+        enter(&mut self.store, ctx, stream);
+        let r = run(&mut self.store, self.ticks, |s| {
+            f.call(s, (ctx.id as i32, n as i32))
+        });
+        let (reply, resumed) = leave(&mut self.store, stream);
+        Ok(Outcome {
+            action: if r? == 0 {
+                Action::Continue
+            } else {
+                Action::Pause
+            },
+            reply,
+            resumed,
+        })
+    }
+
+    /// Whether the plugin has a trailers callback for requests, or responses (`response`).
+    pub fn has_trailers(&self, response: bool) -> bool {
+        match response {
+            true => self.f.response_trailers.is_some(),
+            false => self.f.request_trailers.is_some(),
+        }
     }
 
     /// Whether the plugin has body callbacks at all (without them bodies stream untouched).

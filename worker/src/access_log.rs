@@ -145,3 +145,11 @@ impl AccessLog {
         }
     }
 }
+
+/// What is still buffered is written when the worker goes: requests logged as its runtime
+/// shuts down (a tunnel a draining worker closes) come after its last flush.
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}

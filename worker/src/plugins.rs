@@ -80,6 +80,8 @@ pub struct Plugin {
     /// Whether the module exports `proxy_on_request_body` / `proxy_on_response_body`.
     request_body: bool,
     response_body: bool,
+    /// Whether it exports `proxy_on_request_trailers` / `proxy_on_response_trailers`.
+    trailers: [bool; 2],
     /// Caps the gateway's own lines about this plugin's faults (a plugin trapping on every
     /// request must not flood the error log).
     fault_log: wasmgate_wasm::rate::LogGate,
@@ -166,11 +168,13 @@ impl WasmRequest {
         }
     }
 
-    /// Whether any HttpContext of this request has body callbacks in `dir`.
+    /// Whether any HttpContext of this request has body callbacks in `dir` (or a trailers
+    /// callback: the body is then watched for its trailers).
     pub fn wants_body(&self, dir: Dir) -> bool {
-        self.active
-            .iter()
-            .any(|a| self.plugins.list[a.plugin].has_body(dir))
+        self.active.iter().any(|a| {
+            let p = &self.plugins.list[a.plugin];
+            p.has_body(dir) || p.trailers[usize::from(dir == Dir::Response)]
+        })
     }
 
     /// The log phase, once.
@@ -303,6 +307,7 @@ impl Plugins {
             let vm = PluginVm::new(&module)
                 .map_err(|f| anyhow::anyhow!("wasm plugin {:?}: start failed: {f}", d.name))?;
             let (request_body, response_body) = (vm.has_request_body(), vm.has_response_body());
+            let trailers = [vm.has_trailers(false), vm.has_trailers(true)];
             // What `proxy_on_vm_start` asked for (ticks, call-outs) is picked up by
             // `set_callout`.
             let st = VmState {
@@ -321,6 +326,7 @@ impl Plugins {
                 state: Mutex::new(st),
                 request_body,
                 response_body,
+                trailers,
                 fault_log: Default::default(),
             });
         }
@@ -980,6 +986,90 @@ impl Plugins {
         BodyStep::Release(data)
     }
 
+    /// A message's trailers through the request's contexts (`proxy_on_request_trailers` /
+    /// `proxy_on_response_trailers`, after the last body callback): each plugin reads and may
+    /// change them (map types 1 and 3); a local reply or a fault cuts the message as in a
+    /// body callback. Nothing follows trailers, so a pause is not waited on.
+    pub fn on_trailers(
+        self: &Arc<Self>,
+        req: &mut WasmRequest,
+        dir: Dir,
+        trailers: &mut http::HeaderMap,
+    ) -> BodyStep {
+        let response = dir == Dir::Response;
+        let wanted = |a: &Active| self.list[a.plugin].trailers[usize::from(response)];
+        if !req.active.iter().any(wanted) {
+            return BodyStep::Release(BodyBuf::default());
+        }
+        let Some(stream) = req.stream.as_mut() else {
+            return BodyStep::Release(BodyBuf::default());
+        };
+        let pairs: wasmgate_wasm::map::Pairs = trailers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect();
+        *trailers_of(stream, response) = pairs;
+        let mut step = BodyStep::Release(BodyBuf::default());
+        for i in 0..req.active.len() {
+            let a = &req.active[i];
+            if !wanted(a) {
+                continue;
+            }
+            let (plugin, http, generation, record) = (a.plugin, a.http, a.vm_generation, a.record);
+            let p = &self.list[plugin];
+            let (r, calls) = {
+                let mut st = p.lock();
+                if st.generation != generation {
+                    continue;
+                }
+                let Some(vm) = st.vm.as_mut() else { continue };
+                let r = vm.on_trailers(http, &mut req.stream, response);
+                let calls = st.collect(self);
+                if let Err(f) = &r {
+                    let during = match response {
+                        true => "proxy_on_response_trailers",
+                        false => "proxy_on_request_trailers",
+                    };
+                    self.fault(p, &mut st, f, during, record);
+                }
+                (r, calls)
+            };
+            for c in calls {
+                self.spawn_call(plugin, generation, c);
+            }
+            match r {
+                Err(_) if p.decl.fail_open => {}
+                Err(_) => {
+                    self.count(record, |r| &r.errors);
+                    step = BodyStep::Fail;
+                    break;
+                }
+                Ok(o) => {
+                    if let Some(reply) = o.reply {
+                        self.count(record, |r| &r.local_replies);
+                        step = BodyStep::Reply(reply);
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(stream) = req.stream.as_mut() {
+            trailers.clear();
+            for (k, v) in std::mem::take(trailers_of(stream, response)) {
+                if let (Ok(n), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.as_bytes()),
+                    http::HeaderValue::from_bytes(&v),
+                ) {
+                    // Fallible: `append` panics past 32768 entries.
+                    if trailers.try_append(n, v).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        step
+    }
+
     /// Waits out a [`BodyStep::Wait`]: each answer goes to the plugin's root context with the
     /// request's stream and the held bytes lent; a local reply answers the request, a resume
     /// lets the held bytes on through the contexts after it. With no call-out left and no
@@ -1034,7 +1124,12 @@ impl Plugins {
             );
             lend_body(&mut req_now.stream, dir, buf);
             let Some((r, more)) = delivered else {
-                // The VM was replaced meanwhile (another request's fault).
+                // The VM was replaced meanwhile (another request's fault): the context is
+                // gone, and the body goes on only if the plugin fails open.
+                if self.list[plugin].decl.fail_open {
+                    break;
+                }
+                self.count(record, |r| &r.errors);
                 return (bufs, BodyStep::Fail);
             };
             for c in more {
@@ -1273,6 +1368,14 @@ fn settled(first: Result<Outcome, Fault>, calls: Vec<HttpCall>) -> Result<Verdic
 /// Whether a headers callback lets the request go on: it continued, or resumed the stream.
 fn goes_on(o: &Outcome) -> bool {
     o.action == Action::Continue || o.resumed
+}
+
+/// The stream's request trailers, or its response trailers (`response`).
+fn trailers_of(stream: &mut Stream, response: bool) -> &mut wasmgate_wasm::map::Pairs {
+    match response {
+        true => &mut stream.response_trailers,
+        false => &mut stream.request_trailers,
+    }
 }
 
 /// Swaps `buf` with the stream's body buffer of `dir` (lent to a callback, then taken back).

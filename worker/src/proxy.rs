@@ -864,8 +864,10 @@ const NOT_LISTED: [&str; 9] = [
 /// Removes the hop-by-hop headers and those the `Connection` header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Most messages carry at most `Connection: keep-alive` or `close`: one pass over the
-    // names finds what to remove, without parsing a name or allocating.
-    let mut found: [Option<HeaderName>; 8] = Default::default();
+    // names finds what to remove, without parsing a name or allocating. Room for every name
+    // `is_hop_by_hop` takes (a map's names are distinct): one more name there needs one more
+    // slot here, or the last one found would cross (the unit test below sends them all).
+    let mut found: [Option<HeaderName>; 9] = Default::default();
     let mut n = 0;
     for k in h.keys().filter(|k| is_hop_by_hop(k)) {
         if n < found.len() {
@@ -1467,6 +1469,7 @@ mod tests {
             ("upgrade", "websocket"),
             ("proxy-connection", "keep-alive"),
             ("proxy-authenticate", "Basic"),
+            ("expect", "100-continue"),
             ("x-kept", "1"),
             ("content-type", "text/plain"),
         ]);

@@ -82,18 +82,18 @@ pub struct Carried {
 /// The request's log phase, left for when the tunnel closes.
 pub type OnClose = Box<dyn FnOnce(Carried) + Send>;
 
-/// Runs the log phase with what was carried once the tunnel is over — or when the tunnel
-/// never ran (the 101 could not be sent): it is dropped then, and logs nothing carried.
+/// Runs the log phase with what was carried once the tunnel is over — however it ends: its
+/// task dropped as a draining worker exits, or never run (the 101 could not be sent).
 #[derive(Default)]
 struct Closing {
     log: Option<OnClose>,
-    carried: Carried,
+    carried: Counts,
 }
 
 impl Drop for Closing {
     fn drop(&mut self) {
         if let Some(log) = self.log.take() {
-            log(self.carried);
+            log(self.carried.get());
         }
     }
 }
@@ -169,9 +169,8 @@ impl Upstream {
         if !matches!(tokio::time::timeout(idle, early).await, Ok(Ok(()))) {
             return;
         }
-        let carried = Counts::new(client_rest.len(), node_rest.len());
-        let end = pipe(&mut client, &mut node, idle, &carried).await;
-        closing.carried = carried.get();
+        closing.carried = Counts::new(client_rest.len(), node_rest.len());
+        let end = pipe(&mut client, &mut node, idle, &closing.carried).await;
         match end {
             Ok(End::Closed) => {}
             Ok(End::Idle) => tracing::info!("tunnel of {peer} closed: idle for {idle:?}"),
@@ -181,6 +180,7 @@ impl Upstream {
 }
 
 /// Bytes carried each way so far.
+#[derive(Default)]
 struct Counts {
     from_client: AtomicU64,
     to_client: AtomicU64,

@@ -151,6 +151,14 @@ impl PluginBody {
         self.outcome(step)
     }
 
+    /// The trailers through the plugins' trailers callbacks, once the body is through.
+    fn trailers_step(&mut self, map: &mut http::HeaderMap) -> Result<(), BoxError> {
+        let mut req = self.req.lock().unwrap_or_else(|e| e.into_inner());
+        let step = self.plugins.on_trailers(&mut req, self.dir, map);
+        drop(req);
+        self.outcome(step).map(|_| ())
+    }
+
     /// What a step of the plugins made of a chunk: bytes to pass on, none yet, or a failure.
     fn outcome(&mut self, step: BodyStep) -> Result<Option<Bytes>, BoxError> {
         let failure = match step {
@@ -210,7 +218,15 @@ impl Body for PluginBody {
                 }
             }
             if self.done {
-                return Poll::Ready(self.trailers.take().map(Ok));
+                let Some(mut trailers) = self.trailers.take() else {
+                    return Poll::Ready(None);
+                };
+                if let Some(map) = trailers.trailers_mut() {
+                    if let Err(e) = self.trailers_step(map) {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+                return Poll::Ready(Some(Ok(trailers)));
             }
             let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
             let (data, eos) = match frame {

@@ -212,7 +212,7 @@ fn id_field(v: &Value, field: &str) -> Option<String> {
 /// APISIX's schema requires an upstream's `nodes` (an empty set is allowed: its requests get
 /// 503), or service discovery, which is not provided: an upstream written without them would
 /// otherwise be stored, and every request on it answered 503, with no word at the write.
-/// Checked on writes only: objects stored earlier load as before.
+/// Checked on writes only: objects stored earlier load, and can be changed, as before.
 fn missing_nodes(kind: Kind, body: &Value) -> Option<String> {
     let (up, field) = match kind {
         Kind::Upstreams => (body, "nodes"),
@@ -239,7 +239,12 @@ fn write(
     if !valid_id(id) || id.starts_with('.') {
         return error(400, format!("invalid configuration: property \"id\" validation failed: invalid id {id:?}: 1 to 64 characters from a-z A-Z 0-9 - _ ., not starting with .")).into();
     }
-    if let Some(e) = missing_nodes(kind, &body) {
+    // An object stored without nodes by an earlier version stays editable (a PATCH carries
+    // the stored upstream along).
+    let legacy = store
+        .get(kind, id)
+        .is_some_and(|s| missing_nodes(kind, &s.value).is_some());
+    if let Some(e) = missing_nodes(kind, &body).filter(|_| !legacy) {
         return error(400, e).into();
     }
     let catalog = m.catalog();
