@@ -57,6 +57,15 @@ pub struct Outcome {
     pub resumed: bool,
 }
 
+impl Outcome {
+    /// What a callback the plugin does not export amounts to.
+    pub const CONTINUE: Outcome = Outcome {
+        action: Action::Continue,
+        reply: None,
+        resumed: false,
+    };
+}
+
 type Callback3 = TypedFunc<(i32, i32, i32), i32>;
 /// `proxy_on_request_trailers` / `proxy_on_response_trailers`: (context, trailer count).
 type Callback2 = TypedFunc<(i32, i32), i32>;
@@ -259,25 +268,10 @@ impl PluginVm {
     ) -> Result<Outcome, Fault> {
         let id = ctx.id;
         let Some(f) = pick(&self.f) else {
-            return Ok(Outcome {
-                action: Action::Continue,
-                reply: None,
-                resumed: false,
-            });
+            return Ok(Outcome::CONTINUE);
         };
-        enter(&mut self.store, ctx, stream);
-        let r = run(&mut self.store, self.ticks, |s| {
+        lent_call(&mut self.store, self.ticks, ctx, stream, |s| {
             f.call(s, (id as i32, a as i32, b as i32))
-        });
-        let (reply, resumed) = leave(&mut self.store, stream);
-        Ok(Outcome {
-            action: if r? == 0 {
-                Action::Continue
-            } else {
-                Action::Pause
-            },
-            reply,
-            resumed,
         })
     }
 
@@ -353,29 +347,14 @@ impl PluginVm {
             false => self.f.request_trailers.as_ref(),
         };
         let Some(f) = f else {
-            return Ok(Outcome {
-                action: Action::Continue,
-                reply: None,
-                resumed: false,
-            });
+            return Ok(Outcome::CONTINUE);
         };
         let n = stream.as_ref().map_or(0, |s| match response {
             true => s.response_trailers.len(),
             false => s.request_trailers.len(),
         });
-        enter(&mut self.store, ctx, stream);
-        let r = run(&mut self.store, self.ticks, |s| {
+        lent_call(&mut self.store, self.ticks, ctx, stream, |s| {
             f.call(s, (ctx.id as i32, n as i32))
-        });
-        let (reply, resumed) = leave(&mut self.store, stream);
-        Ok(Outcome {
-            action: if r? == 0 {
-                Action::Continue
-            } else {
-                Action::Pause
-            },
-            reply,
-            resumed,
         })
     }
 
@@ -409,11 +388,7 @@ impl PluginVm {
         response: Option<CallResponse>,
     ) -> Result<Outcome, Fault> {
         let Some(f) = self.f.http_call_response.as_ref() else {
-            return Ok(Outcome {
-                action: Action::Continue,
-                reply: None,
-                resumed: false,
-            });
+            return Ok(Outcome::CONTINUE);
         };
         let resp = response.unwrap_or_default();
         let (h, b, t) = (resp.headers.len(), resp.body.len(), resp.trailers.len());
@@ -544,6 +519,29 @@ fn run<T>(
 ) -> Result<T, Fault> {
     store.set_epoch_deadline(ticks);
     f(store).map_err(classify)
+}
+
+/// Runs a stream callback (`call`, returning the plugin's action) on context `ctx` with
+/// `stream` lent to the host functions; the stream comes back even when the call faults.
+fn lent_call(
+    store: &mut Store<HostState>,
+    ticks: u64,
+    ctx: HttpCtx,
+    stream: &mut Option<Box<Stream>>,
+    call: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<i32>,
+) -> Result<Outcome, Fault> {
+    enter(store, ctx, stream);
+    let r = run(store, ticks, call);
+    let (reply, resumed) = leave(store, stream);
+    Ok(Outcome {
+        action: if r? == 0 {
+            Action::Continue
+        } else {
+            Action::Pause
+        },
+        reply,
+        resumed,
+    })
 }
 
 /// Lends `stream` to the host functions for a callback on context `ctx`.
