@@ -927,4 +927,32 @@ fn trailers_reach_the_trailers_callback() {
     let resp = http("POST", &gw.url("/t"), &[], Some(b"plain"));
     assert_eq!(resp.status, 200);
     assert_eq!(resp.json()["body_len"], 5);
+    let chunked = |path: &str, trailer: &str, body: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let chunk = match body.len() {
+            0 => String::new(),
+            n => format!("{n:x}\r\n{body}\r\n"),
+        };
+        s.write_all(format!("{head}{chunk}0\r\n{trailer}\r\n\r\n").as_bytes())
+            .unwrap();
+        common::client::read_response(&mut std::io::BufReader::new(s), false).unwrap()
+    };
+    // An empty body with trailers the plugin lets pass stays chunked (a length of 0 would
+    // drop the trailers).
+    let resp = chunked("/t", "x-other: 1", "");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["headers"]["transfer-encoding"], "chunked");
+    // With the whole body held by another plugin, the trailers' callback runs before the
+    // upstream is contacted: its answer comes first and nothing is sent.
+    gw.route(
+        "held",
+        json!({"uri": "/held", "plugins": {"trailers": {"conf": "-"}, "body_rewrite": {"conf": "{}"}}}),
+        Some(&app),
+    );
+    let hits = app.hits();
+    let resp = chunked("/held", "x-t: early", "hello");
+    assert_eq!((resp.status, resp.text().as_str()), (200, "early"));
+    assert_eq!(app.hits(), hits, "the upstream was contacted");
 }

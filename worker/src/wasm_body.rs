@@ -51,6 +51,8 @@ pub struct PluginBody {
     front: Option<Frame<Bytes>>,
     /// Trailers that arrived, returned after the last data.
     trailers: Option<Frame<Bytes>>,
+    /// The plugins' trailers callbacks ran (they run once, when the body is through).
+    trailers_run: bool,
     done: bool,
     failure: FailureSlot,
 }
@@ -105,6 +107,7 @@ impl PluginBody {
             waiting: None,
             front: None,
             trailers: None,
+            trailers_run: false,
             done: false,
             failure: FailureSlot::Own(None),
         }
@@ -128,8 +131,18 @@ impl PluginBody {
             None => Primed::Complete(0),
             Some(Ok(frame)) => {
                 let len = frame.data_ref().map(|d| d.len() as u64).unwrap_or(0);
+                // Trailers as the first frame (an empty body with trailers): not a body of
+                // a known length, or setting one would drop them.
+                let data = frame.is_data();
                 self.front = Some(frame);
-                if self.done && self.trailers.is_none() {
+                // The body is whole and its trailers are in: their callbacks run now, before
+                // the head goes, so that a local reply there can still answer.
+                if self.done {
+                    if let Err(f) = self.run_trailers() {
+                        return Primed::Failed(f);
+                    }
+                }
+                if self.done && self.trailers.is_none() && data {
                     Primed::Complete(len)
                 } else {
                     Primed::Streaming
@@ -151,12 +164,23 @@ impl PluginBody {
         self.outcome(step)
     }
 
-    /// The trailers through the plugins' trailers callbacks, once the body is through.
-    fn trailers_step(&mut self, map: &mut http::HeaderMap) -> Result<(), BoxError> {
+    /// The trailers (if any came) through the plugins' trailers callbacks, once the body is
+    /// through; once.
+    fn run_trailers(&mut self) -> Result<(), BodyFailure> {
+        if std::mem::replace(&mut self.trailers_run, true) {
+            return Ok(());
+        }
+        let Some(map) = self.trailers.as_mut().and_then(Frame::trailers_mut) else {
+            return Ok(());
+        };
         let mut req = self.req.lock().unwrap_or_else(|e| e.into_inner());
         let step = self.plugins.on_trailers(&mut req, self.dir, map);
         drop(req);
-        self.outcome(step).map(|_| ())
+        match step {
+            BodyStep::Reply(r) => Err(BodyFailure::Reply(r)),
+            BodyStep::Fail => Err(BodyFailure::Fault),
+            _ => Ok(()),
+        }
     }
 
     /// What a step of the plugins made of a chunk: bytes to pass on, none yet, or a failure.
@@ -218,15 +242,15 @@ impl Body for PluginBody {
                 }
             }
             if self.done {
-                let Some(mut trailers) = self.trailers.take() else {
-                    return Poll::Ready(None);
-                };
-                if let Some(map) = trailers.trailers_mut() {
-                    if let Err(e) = self.trailers_step(map) {
-                        return Poll::Ready(Some(Err(e)));
-                    }
+                if let Err(f) = self.run_trailers() {
+                    let msg = match f {
+                        BodyFailure::Reply(_) => "a plugin answered from a trailers callback",
+                        _ => "a plugin failed in a trailers callback",
+                    };
+                    self.failure.set(f);
+                    return Poll::Ready(Some(Err(Box::new(PluginBodyFailed(msg)))));
                 }
-                return Poll::Ready(Some(Ok(trailers)));
+                return Poll::Ready(self.trailers.take().map(Ok));
             }
             let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
             let (data, eos) = match frame {
