@@ -568,4 +568,11 @@ fn upstreams_need_nodes_but_older_ones_stay_editable() {
     );
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["value"]["desc"], "still editable");
+    // Replaced whole, it must say its nodes.
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/upstreams/legacy",
+        Some(json!({"type": "roundrobin"})),
+    );
+    assert_eq!(s, 400, "{v}");
 }

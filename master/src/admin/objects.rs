@@ -239,11 +239,13 @@ fn write(
     if !valid_id(id) || id.starts_with('.') {
         return error(400, format!("invalid configuration: property \"id\" validation failed: invalid id {id:?}: 1 to 64 characters from a-z A-Z 0-9 - _ ., not starting with .")).into();
     }
-    // An object stored without nodes by an earlier version stays editable (a PATCH carries
-    // the stored upstream along).
-    let legacy = store
-        .get(kind, id)
-        .is_some_and(|s| missing_nodes(kind, &s.value).is_some());
+    // An object stored without nodes by an earlier version stays editable: a PATCH (the only
+    // write that expects a revision above 0) carries the stored upstream along. A PUT is a
+    // new body, and must say its nodes.
+    let legacy = expect.is_some_and(|r| r > 0)
+        && store
+            .get(kind, id)
+            .is_some_and(|s| missing_nodes(kind, &s.value).is_some());
     if let Some(e) = missing_nodes(kind, &body).filter(|_| !legacy) {
         return error(400, e).into();
     }
