@@ -81,7 +81,8 @@ pub struct Plugin {
     request_body: bool,
     response_body: bool,
     /// Whether it exports `proxy_on_request_trailers` / `proxy_on_response_trailers`.
-    trailers: [bool; 2],
+    request_trailers: bool,
+    response_trailers: bool,
     /// Caps the gateway's own lines about this plugin's faults (a plugin trapping on every
     /// request must not flood the error log).
     fault_log: wasmgate_wasm::rate::LogGate,
@@ -173,7 +174,7 @@ impl WasmRequest {
     pub fn wants_body(&self, dir: Dir) -> bool {
         self.active.iter().any(|a| {
             let p = &self.plugins.list[a.plugin];
-            p.has_body(dir) || p.trailers[usize::from(dir == Dir::Response)]
+            p.has_body(dir) || p.has_trailers(dir)
         })
     }
 
@@ -253,6 +254,13 @@ impl Plugin {
         }
     }
 
+    fn has_trailers(&self, dir: Dir) -> bool {
+        match dir {
+            Dir::Request => self.request_trailers,
+            Dir::Response => self.response_trailers,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, VmState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -307,7 +315,8 @@ impl Plugins {
             let vm = PluginVm::new(&module)
                 .map_err(|f| anyhow::anyhow!("wasm plugin {:?}: start failed: {f}", d.name))?;
             let (request_body, response_body) = (vm.has_request_body(), vm.has_response_body());
-            let trailers = [vm.has_trailers(false), vm.has_trailers(true)];
+            let (request_trailers, response_trailers) =
+                (vm.has_trailers(false), vm.has_trailers(true));
             // What `proxy_on_vm_start` asked for (ticks, call-outs) is picked up by
             // `set_callout`.
             let st = VmState {
@@ -326,7 +335,8 @@ impl Plugins {
                 state: Mutex::new(st),
                 request_body,
                 response_body,
-                trailers,
+                request_trailers,
+                response_trailers,
                 fault_log: Default::default(),
             });
         }
@@ -997,7 +1007,7 @@ impl Plugins {
         trailers: &mut http::HeaderMap,
     ) -> BodyStep {
         let response = dir == Dir::Response;
-        let wanted = |a: &Active| self.list[a.plugin].trailers[usize::from(response)];
+        let wanted = |a: &Active| self.list[a.plugin].has_trailers(dir);
         if !req.active.iter().any(wanted) {
             return BodyStep::Release(BodyBuf::default());
         }
@@ -1090,25 +1100,27 @@ impl Plugins {
         fn lock(r: &Mutex<WasmRequest>) -> MutexGuard<'_, WasmRequest> {
             r.lock().unwrap_or_else(|e| e.into_inner())
         }
+        // The waiting context: a request's contexts stay as they are while its body flows.
+        let Some((plugin, generation, record, id)) = lock(&req)
+            .active
+            .get(at)
+            .map(|a| (a.plugin, a.vm_generation, a.record, a.http.id))
+        else {
+            return (bufs, BodyStep::Fail);
+        };
         loop {
             let Some((ctx, token, resp)) = calls.next().await else {
                 if !end_of_stream {
                     return (bufs, BodyStep::Release(BodyBuf::default()));
                 }
-                if let Some(a) = lock(&req).active.get(at) {
-                    tracing::warn!(
-                        "{}: paused the body with no call-out pending; resuming it",
-                        self.list[a.plugin].decl.name
-                    );
-                }
+                tracing::warn!(
+                    "{}: paused the body with no call-out pending; resuming it",
+                    self.list[plugin].decl.name
+                );
                 break;
             };
             let mut guard = lock(&req);
             let req_now = &mut *guard;
-            let Some(a) = req_now.active.get(at) else {
-                return (bufs, BodyStep::Fail);
-            };
-            let (plugin, generation, record, id) = (a.plugin, a.vm_generation, a.record, a.http.id);
             let Some(buf) = bufs.get_mut(at) else {
                 return (bufs, BodyStep::Fail);
             };
@@ -1158,28 +1170,12 @@ impl Plugins {
         }
         // Resumed: what the plugin held goes on through the contexts after it; answers still
         // to come are delivered on their own.
-        self.detach_calls(&req, at, calls);
+        self.detach_to(plugin, generation, Some(calls));
         let mut guard = lock(&req);
         let data = bufs.get_mut(at).map(std::mem::take).unwrap_or_default();
         let step = self.on_body_from(&mut guard, dir, &mut bufs, data, end_of_stream, at + 1);
         drop(guard);
         (bufs, step)
-    }
-
-    /// [`Plugins::detach`] for a body's wait.
-    fn detach_calls(
-        self: &Arc<Self>,
-        req: &Arc<Mutex<WasmRequest>>,
-        at: usize,
-        calls: FuturesUnordered<CallFuture>,
-    ) {
-        let a = {
-            let req = req.lock().unwrap_or_else(|e| e.into_inner());
-            req.active.get(at).map(|a| (a.plugin, a.vm_generation))
-        };
-        if let Some((plugin, generation)) = a {
-            self.detach_to(plugin, generation, Some(calls));
-        }
     }
 
     /// The log phase: `proxy_on_log`, then done and delete for every HttpContext.

@@ -137,10 +137,8 @@ impl PluginBody {
                 self.front = Some(frame);
                 // The body is whole and its trailers are in: their callbacks run now, before
                 // the head goes, so that a local reply there can still answer.
-                if self.done {
-                    if let Err(f) = self.run_trailers() {
-                        return Primed::Failed(f);
-                    }
+                if self.done && self.run_trailers().is_err() {
+                    return Primed::Failed(self.failure.take().unwrap_or(BodyFailure::Fault));
                 }
                 if self.done && self.trailers.is_none() && data {
                     Primed::Complete(len)
@@ -166,7 +164,7 @@ impl PluginBody {
 
     /// The trailers (if any came) through the plugins' trailers callbacks, once the body is
     /// through; once.
-    fn run_trailers(&mut self) -> Result<(), BodyFailure> {
+    fn run_trailers(&mut self) -> Result<(), BoxError> {
         if std::mem::replace(&mut self.trailers_run, true) {
             return Ok(());
         }
@@ -176,11 +174,7 @@ impl PluginBody {
         let mut req = self.req.lock().unwrap_or_else(|e| e.into_inner());
         let step = self.plugins.on_trailers(&mut req, self.dir, map);
         drop(req);
-        match step {
-            BodyStep::Reply(r) => Err(BodyFailure::Reply(r)),
-            BodyStep::Fail => Err(BodyFailure::Fault),
-            _ => Ok(()),
-        }
+        self.outcome(step).map(|_| ())
     }
 
     /// What a step of the plugins made of a chunk: bytes to pass on, none yet, or a failure.
@@ -203,8 +197,10 @@ impl PluginBody {
         };
         let msg = match &failure {
             BodyFailure::TooLarge => "a plugin's body buffer is over its limit",
-            BodyFailure::Reply(_) => "a plugin answered from a body callback",
-            BodyFailure::Fault | BodyFailure::Client(_) => "a plugin failed in a body callback",
+            BodyFailure::Reply(_) => "a plugin answered from a body or trailers callback",
+            BodyFailure::Fault | BodyFailure::Client(_) => {
+                "a plugin failed in a body or trailers callback"
+            }
         };
         self.failure.set(failure);
         self.done = true;
@@ -242,13 +238,8 @@ impl Body for PluginBody {
                 }
             }
             if self.done {
-                if let Err(f) = self.run_trailers() {
-                    let msg = match f {
-                        BodyFailure::Reply(_) => "a plugin answered from a trailers callback",
-                        _ => "a plugin failed in a trailers callback",
-                    };
-                    self.failure.set(f);
-                    return Poll::Ready(Some(Err(Box::new(PluginBodyFailed(msg)))));
+                if let Err(e) = self.run_trailers() {
+                    return Poll::Ready(Some(Err(e)));
                 }
                 return Poll::Ready(self.trailers.take().map(Ok));
             }
