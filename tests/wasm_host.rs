@@ -7,6 +7,15 @@ mod common;
 use common::{eventually, http, Gateway, TestUpstream};
 use serde_json::json;
 use std::io::Write;
+
+/// A bump allocator for hand-written plugins: `malloc` hands out memory from 8 KiB on,
+/// never freed (a test plugin lives for a few requests).
+const BUMP_MALLOC: &str = r#"(global $heap (mut i32) (i32.const 8192))
+      (func (export "malloc") (param $n i32) (result i32)
+        (local $p i32)
+        (local.set $p (global.get $heap))
+        (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+        (local.get $p))"#;
 use std::time::{Duration, Instant};
 
 fn get(gw: &Gateway, path: &str) -> common::Resp {
@@ -713,7 +722,8 @@ fn edge_answers_match_envoy() {
 fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
     let gw = Gateway::start();
     let app = TestUpstream::start("app");
-    let wat = r#"(module
+    let wat = format!(
+        r#"(module
       (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
@@ -731,12 +741,7 @@ fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
       (data (i32.const 270) "internal.svc")
       (global $root (mut i32) (i32.const 0))
       (global $http (mut i32) (i32.const 0))
-      (global $heap (mut i32) (i32.const 4096))
-      (func (export "malloc") (param $n i32) (result i32)
-        (local $p i32)
-        (local.set $p (global.get $heap))
-        (global.set $heap (i32.add (global.get $heap) (local.get $n)))
-        (local.get $p))
+      {BUMP_MALLOC}
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_context_create") (param $id i32) (param $parent i32)
         (if (i32.and (i32.eqz (local.get $parent)) (i32.gt_u (local.get $id) (i32.const 1)))
@@ -763,8 +768,9 @@ fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
       (func (export "proxy_on_request_body") (param i32) (param i32) (param $eos i32) (result i32)
         (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
         (drop (call $add (i32.const 0) (i32.const 210) (i32.const 11) (i32.const 230) (i32.const 3)))
-        (i32.const 0)))"#;
-    wat_plugin_on_route(&gw, "contexts", wat, "/ctx");
+        (i32.const 0)))"#
+    );
+    wat_plugin_on_route(&gw, "contexts", &wat, "/ctx");
     gw.route(
         "contexts",
         json!({"uri": "/ctx", "plugins": {"contexts": {"conf": app.addr()}}}),
@@ -814,16 +820,11 @@ fn body_callbacks_wait_for_their_call_outs() {
       (import "env" "proxy_continue_stream" (func $cont (param i32) (result i32)))
       (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
       (memory (export "memory") 1)
-      (global $heap (mut i32) (i32.const 8192))
       (global $tptr (mut i32) (i32.const 0))
       (global $tlen (mut i32) (i32.const 0))
       (data (i32.const 300) "{escaped}")
       (data (i32.const 600) "denied")
-      (func (export "malloc") (param $n i32) (result i32)
-        (local $p i32)
-        (local.set $p (global.get $heap))
-        (global.set $heap (i32.add (global.get $heap) (local.get $n)))
-        (local.get $p))
+      {BUMP_MALLOC}
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_context_create") (param i32 i32))
       (func (export "proxy_on_configure") (param i32 i32) (result i32)
@@ -883,17 +884,13 @@ fn body_callbacks_wait_for_their_call_outs() {
 fn trailers_reach_the_trailers_callback() {
     let gw = Gateway::start();
     let app = TestUpstream::start("app");
-    let wat = r#"(module
+    let wat = format!(
+        r#"(module
       (import "env" "proxy_get_header_map_value" (func $ghv (param i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
       (memory (export "memory") 1)
-      (global $heap (mut i32) (i32.const 8192))
       (data (i32.const 100) "x-t")
-      (func (export "malloc") (param $n i32) (result i32)
-        (local $p i32)
-        (local.set $p (global.get $heap))
-        (global.set $heap (i32.add (global.get $heap) (local.get $n)))
-        (local.get $p))
+      {BUMP_MALLOC}
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_context_create") (param i32 i32))
       (func (export "proxy_on_request_trailers") (param i32 i32) (result i32)
@@ -901,8 +898,9 @@ fn trailers_reach_the_trailers_callback() {
           (then (drop (call $reply (i32.const 200) (i32.const 0) (i32.const 0)
                                    (i32.load (i32.const 200)) (i32.load (i32.const 204))
                                    (i32.const 0) (i32.const 0) (i32.const 0)))))
-        (i32.const 0)))"#;
-    wat_plugin_on_route(&gw, "trailers", wat, "/unused");
+        (i32.const 0)))"#
+    );
+    wat_plugin_on_route(&gw, "trailers", &wat, "/unused");
     gw.route(
         "t",
         json!({"uri": "/t", "plugins": {"trailers": {"conf": "-"}}}),
