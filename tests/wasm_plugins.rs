@@ -262,6 +262,51 @@ fn local_response_ends_the_request() {
     assert_eq!(up.hits(), 1);
 }
 
+/// A local reply goes through the response phase of the contexts that saw the request, the
+/// replying one included (Envoy's filters, APISIX's header_filter): headers a plugin adds to
+/// every answer reach a 401 made by another plugin; a plugin that never ran does not see it.
+#[test]
+fn local_replies_go_through_the_response_phase() {
+    let up = TestUpstream::start("u");
+    let gw = one_worker();
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/global_rules/1",
+        Some(json!({"plugins": {"rec_b": {"conf": "global-b"}}})),
+    );
+    assert_eq!(s, 201, "{v}");
+    // Rewrite phase: the global rule's rec_b, then the route's wasm_auth; access: rec_a.
+    gw.route(
+        "1",
+        json!({"uri": "/guarded", "plugins": {"wasm_auth": {"conf": "s3cret"}, "rec_a": {"conf": "route-a"}}}),
+        Some(&up),
+    );
+    let r = http("GET", &gw.url("/guarded"), &[], None);
+    assert_eq!(r.status, 401, "{}", gw.error_log());
+    assert_eq!(r.text(), "unauthorized\n");
+    assert_eq!(r.header("x-order-response"), Some("global-b"));
+    assert_eq!(r.header("x-status-seen-by-global-b"), Some("401"));
+    assert_eq!(r.header("x-status-seen-by-route-a"), None);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"wasmgate\"")
+    );
+    assert_eq!(up.hits(), 0);
+    // Let through, the upstream's answer gets all three.
+    let r = http(
+        "GET",
+        &gw.url("/guarded"),
+        &[("Authorization", "Bearer s3cret")],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-order-response"), Some("global-b,route-a"));
+    // A 404 for a request no route matched, from the global rule's point of view.
+    let r = http("GET", &gw.url("/nowhere"), &[], None);
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("x-status-seen-by-global-b"), Some("404"));
+}
+
 /// rewrite before access; global rules before the route in each phase; higher priority first;
 /// a global rule plus a route make two HttpContexts for one request, each finished at the end.
 #[test]

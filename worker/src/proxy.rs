@@ -289,9 +289,14 @@ async fn serve_route(
         };
         let shared = Arc::new(Mutex::new(req));
         *wasm = Some(shared.clone());
+        // A local reply (or an error page) made in the request phase goes through the
+        // response phase of the contexts that ran, the replying one included, as Envoy sends
+        // a local reply through the filters that saw the request and APISIX runs every
+        // plugin's header_filter on an `ngx.exit`: a CORS plugin's headers reach an auth
+        // plugin's 401.
         if let Some(resp) = early {
             restore_headers(&shared, parts);
-            return resp;
+            return response_phase(w, &shared, resp, None).await;
         }
         if wants_body {
             match request_body(w, &shared, body, parts).await {
@@ -299,7 +304,7 @@ async fn serve_route(
                     body = b;
                     cut = Some(failure);
                 }
-                Err(resp) => return resp,
+                Err(resp) => return response_phase(w, &shared, resp, None).await,
             }
         }
     }
@@ -319,9 +324,10 @@ async fn serve_route(
     }
     // A plugin cut the request body while it streamed: its verdict, not the upstream's.
     let failure = cut.and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).take());
-    if let Some(f) = failure {
-        return failure_response(f, StatusCode::PAYLOAD_TOO_LARGE);
-    }
+    let resp = match failure {
+        Some(f) => failure_response(f, StatusCode::PAYLOAD_TOO_LARGE),
+        None => resp,
+    };
     match wasm.as_ref() {
         Some(shared) => response_phase(w, shared, resp, up_log.answered).await,
         None => resp,
