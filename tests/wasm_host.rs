@@ -954,3 +954,82 @@ fn trailers_reach_the_trailers_callback() {
     assert_eq!((resp.status, resp.text().as_str()), (200, "early"));
     assert_eq!(app.hits(), hits, "the upstream was contacted");
 }
+
+/// `proxy_close_stream` resets the HTTP stream, as Envoy does: closed in the request phase, the
+/// upstream is never contacted and the client gets no answer, only the connection's close; in
+/// the response phase, the upstream's answer is dropped the same way. The access log shows
+/// nginx's 444. The connection types (downstream, upstream) are a network filter's:
+/// BadArgument, as an unknown type.
+#[test]
+fn close_stream_resets_the_request() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let wat = r#"(module
+      (import "env" "proxy_get_header_map_value" (func $ghv (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_add_header_map_value" (func $ahv (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_close_stream" (func $close (param i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "x-reset-request")
+      (data (i32.const 120) "x-reset-response")
+      (data (i32.const 140) "x-close-args")
+      (global $later (mut i32) (i32.const 0))
+      (global $args (mut i32) (i32.const 0))
+      (func (export "malloc") (param i32) (result i32) (i32.const 4096))
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        ;; two digits: the status of closing the downstream connection, then of type 9
+        (global.set $args (i32.add (i32.mul (call $close (i32.const 2)) (i32.const 10))
+                                   (call $close (i32.const 9))))
+        (global.set $later (i32.eqz
+          (call $ghv (i32.const 0) (i32.const 120) (i32.const 16) (i32.const 200) (i32.const 204))))
+        (if (i32.eqz (call $ghv (i32.const 0) (i32.const 100) (i32.const 15) (i32.const 200) (i32.const 204)))
+          (then (drop (call $close (i32.const 0)))))
+        (i32.const 0))
+      (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+        (i32.store8 (i32.const 160) (i32.add (i32.const 48) (i32.div_u (global.get $args) (i32.const 10))))
+        (i32.store8 (i32.const 161) (i32.add (i32.const 48) (i32.rem_u (global.get $args) (i32.const 10))))
+        (drop (call $ahv (i32.const 2) (i32.const 140) (i32.const 12) (i32.const 160) (i32.const 2)))
+        (if (global.get $later) (then (drop (call $close (i32.const 1)))))
+        (i32.const 0)))"#;
+    wat_plugin_on_route(&gw, "closer", wat, "/unused");
+    gw.route(
+        "closer",
+        json!({"uri": "/close", "plugins": {"closer": {"conf": "-"}}}),
+        Some(&app),
+    );
+    // What a client gets: every byte until the gateway closes.
+    let raw = |header: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("GET /close HTTP/1.1\r\nHost: x\r\n{header}\r\n").as_bytes())
+            .unwrap();
+        let mut got = Vec::new();
+        let read = std::io::Read::read_to_end(&mut s, &mut got);
+        assert!(
+            read.is_ok()
+                || read
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the connection was not closed: {read:?}"
+        );
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    let r = http("GET", &gw.url("/close"), &[], None);
+    assert_eq!(r.status, 200, "{}", gw.error_log());
+    assert_eq!(r.header("x-close-args"), Some("22"));
+    assert_eq!(app.hits(), 1);
+    assert_eq!(raw("x-reset-request: 1\r\n"), "");
+    assert_eq!(app.hits(), 1, "a reset request reached the upstream");
+    assert_eq!(raw("x-reset-response: 1\r\n"), "");
+    assert_eq!(app.hits(), 2);
+    // The gateway goes on serving, and logged both with 444.
+    assert_eq!(get(&gw, "/close").status, 200);
+    eventually(Duration::from_secs(5), "444 in the access log", || {
+        let log = std::fs::read_to_string(gw.prefix().join("logs/access.log")).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("\"GET /close HTTP/1.1\" 444 "))
+            .count()
+            == 2
+    });
+}

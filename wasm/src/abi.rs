@@ -603,12 +603,16 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let Ok(headers) = map::decode(&tri!(read(&mut c, hp, hl))) else {
                 return ok(Status::BadArgument);
             };
-            c.data_mut().local_reply = Some(LocalReply {
-                status: status as u16,
-                headers,
-                body,
-                details,
-            });
+            let d = c.data_mut();
+            // A reset is final: the stream is gone, there is nothing left to answer.
+            if !d.local_reply.as_ref().is_some_and(LocalReply::is_reset) {
+                d.local_reply = Some(LocalReply {
+                    status: status as u16,
+                    headers,
+                    body,
+                    details,
+                });
+            }
             ok(Status::Ok)
         },
     )?;
@@ -628,8 +632,19 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             ok(Status::Ok)
         })?;
     }
-    l.func_wrap("env", "proxy_close_stream", |_c: C<'_>, t: i32| -> R {
+    // The request or response stream: reset, as Envoy resets the HTTP stream (no answer, or
+    // the answer cut where it is). The connection types (downstream, upstream) are a network
+    // filter's, which an HTTP plugin is not: BadArgument, as Envoy answers there. Outside a
+    // request's callback there is no stream to close.
+    l.func_wrap("env", "proxy_close_stream", |mut c: C<'_>, t: i32| -> R {
         tri!(stream_type(t));
+        if t > 1 {
+            return ok(Status::BadArgument);
+        }
+        let d = c.data_mut();
+        if d.stream.is_some() {
+            d.local_reply = Some(LocalReply::reset());
+        }
         ok(Status::Ok)
     })?;
     for name in ["proxy_done", "proxy_clear_route_cache"] {

@@ -46,13 +46,34 @@ pub struct Totals {
     pub response_body: u64,
 }
 
-/// A response the plugin asked to send instead of proxying (`proxy_send_local_response`).
+/// A response the plugin asked to send instead of proxying (`proxy_send_local_response`), or
+/// no response at all: the stream reset (`proxy_close_stream`, status 0, see
+/// [`LocalReply::reset`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalReply {
     pub status: u16,
     pub headers: Pairs,
     pub body: Vec<u8>,
     pub details: String,
+}
+
+impl LocalReply {
+    /// What `proxy_close_stream` of the request or the response leaves: Envoy resets the
+    /// stream, so the client gets no answer (or no more of it) and the upstream no more of
+    /// the request. It ends the request wherever a local reply would.
+    pub fn reset() -> LocalReply {
+        LocalReply {
+            status: 0,
+            headers: Pairs::new(),
+            body: Vec::new(),
+            details: "wasm_close_stream".into(),
+        }
+    }
+
+    /// Whether this is a reset, not an answer ([`LocalReply::reset`]).
+    pub fn is_reset(&self) -> bool {
+        self.status == 0
+    }
 }
 
 /// The request (and, in the response phase, the response) a callback works on.

@@ -296,7 +296,7 @@ async fn serve_route(
         // plugin's 401.
         if let Some(resp) = early {
             restore_headers(&shared, parts);
-            return response_phase(w, &shared, resp, None).await;
+            return own_response_phase(w, &shared, resp).await;
         }
         if wants_body {
             match request_body(w, &shared, body, parts).await {
@@ -304,7 +304,7 @@ async fn serve_route(
                     body = b;
                     cut = Some(failure);
                 }
-                Err(resp) => return response_phase(w, &shared, resp, None).await,
+                Err(resp) => return own_response_phase(w, &shared, resp).await,
             }
         }
     }
@@ -324,13 +324,29 @@ async fn serve_route(
     }
     // A plugin cut the request body while it streamed: its verdict, not the upstream's.
     let failure = cut.and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).take());
-    let resp = match failure {
-        Some(f) => failure_response(f, StatusCode::PAYLOAD_TOO_LARGE),
-        None => resp,
-    };
+    if let Some(f) = failure {
+        let resp = failure_response(f, StatusCode::PAYLOAD_TOO_LARGE);
+        return match wasm.as_ref() {
+            Some(shared) => own_response_phase(w, shared, resp).await,
+            None => resp,
+        };
+    }
     match wasm.as_ref() {
         Some(shared) => response_phase(w, shared, resp, up_log.answered).await,
         None => resp,
+    }
+}
+
+/// The response phase for an answer made in the request phase (see [`response_phase`]), but
+/// for a reset stream, which has no answer to go through it.
+async fn own_response_phase(
+    w: &Worker,
+    shared: &SharedWasm,
+    resp: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    match is_reset(&resp) {
+        true => resp,
+        false => response_phase(w, shared, resp, None).await,
     }
 }
 
@@ -339,6 +355,10 @@ async fn serve_route(
 /// headers in `proxy_on_log` — as Envoy shows a local reply. The upstream's answer, whose
 /// headers the response phase lent to it, is left as it is.
 fn own_answer(shared: &SharedWasm, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    // A reset stream has no answer: the log phase finds none, as after a client that left.
+    if is_reset(&resp) {
+        return resp;
+    }
     let mut g = lock(shared);
     if let Some(s) = g.stream.as_mut() {
         if !s.response.as_ref().is_some_and(Head::lent) {
@@ -1399,6 +1419,25 @@ pub fn error_page(status: StatusCode) -> Response<ProxyBody> {
         "<html>\r\n<head><title>{line}</title></head>\r\n<body>\r\n<center><h1>{line}</h1></center>\r\n<hr><center>wasmgate</center>\r\n</body>\r\n</html>\r\n"
     );
     own_page(status, "text/html; charset=utf-8", html)
+}
+
+/// Marks an answer that is not to be written: a plugin reset the stream
+/// (`proxy_close_stream`). The server closes the connection without a byte of it; the request
+/// is logged with nginx's 444, its status for a connection closed without a response.
+#[derive(Clone, Copy)]
+pub struct StreamReset;
+
+/// The answer standing for a reset stream ([`StreamReset`]).
+pub fn reset_answer() -> Response<ProxyBody> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::from_u16(444).unwrap_or(StatusCode::BAD_REQUEST);
+    resp.extensions_mut().insert(StreamReset);
+    resp
+}
+
+/// Whether `resp` stands for a reset stream.
+pub fn is_reset(resp: &Response<ProxyBody>) -> bool {
+    resp.extensions().get::<StreamReset>().is_some()
 }
 
 #[cfg(test)]

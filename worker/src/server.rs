@@ -119,6 +119,12 @@ async fn connection(
             back,
             request_id,
         } = answer;
+        // A plugin reset the stream: the connection closes without an answer (the request's
+        // log phase runs as the answer is dropped).
+        if proxy::is_reset(&response) {
+            tracing::debug!("request from {peer}: a plugin reset the stream, closing");
+            return;
+        }
         // A 101 from the node: once it is written, the connection is a tunnel. (A plugin
         // that answered in its place dropped the node's side with the node's answer.)
         let switching = tunnel::switching(&response);

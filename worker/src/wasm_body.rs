@@ -197,6 +197,7 @@ impl PluginBody {
         };
         let msg = match &failure {
             BodyFailure::TooLarge => "a plugin's body buffer is over its limit",
+            BodyFailure::Reply(r) if r.is_reset() => "a plugin reset the stream",
             BodyFailure::Reply(_) => "a plugin answered from a body or trailers callback",
             BodyFailure::Fault | BodyFailure::Client(_) => {
                 "a plugin failed in a body or trailers callback"

@@ -110,8 +110,12 @@ pub fn apply_response(head: &mut Head, resp: &mut Response<ProxyBody>) {
 }
 
 /// A plugin's `proxy_send_local_response` as an HTTP response; an empty body gets the default
-/// page for the status, as nginx does.
+/// page for the status, as nginx does. A reset (`proxy_close_stream`) is the answer that
+/// stands for none ([`crate::proxy::reset_answer`]).
 pub fn local_reply(r: LocalReply) -> Response<ProxyBody> {
+    if r.is_reset() {
+        return crate::proxy::reset_answer();
+    }
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     // nginx's error page stands in for an empty error answer, unless the plugin said what
     // its answer is (a `Content-Type` of its own): the page would go out under the plugin's
