@@ -995,7 +995,7 @@ fn close_stream_resets_the_request() {
     wat_plugin_on_route(&gw, "closer", wat, "/unused");
     gw.route(
         "closer",
-        json!({"uri": "/close", "plugins": {"closer": {"conf": "-"}}}),
+        json!({"uri": "/close", "plugins": {"closer": {"conf": "-"}, "rec_a": {"conf": "closed"}}}),
         Some(&app),
     );
     // What a client gets: every byte until the gateway closes.
@@ -1023,6 +1023,23 @@ fn close_stream_resets_the_request() {
     assert_eq!(app.hits(), 1, "a reset request reached the upstream");
     assert_eq!(raw("x-reset-response: 1\r\n"), "");
     assert_eq!(app.hits(), 2);
+    // The log phase ran for both, with no answer to read: not the upstream's, dropped (the
+    // first request's line has its 200).
+    eventually(Duration::from_secs(5), "the recorder's log phase", || {
+        let log = gw.error_log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("recorder closed: attributes "))
+            .collect();
+        lines.len() == 3
+            && lines
+                .iter()
+                .filter(|l| {
+                    l.contains(" response.code=<none> ") && l.contains(" response.total_size=0 ")
+                })
+                .count()
+                == 2
+    });
     // The gateway goes on serving, and logged both with 444.
     assert_eq!(get(&gw, "/close").status, 200);
     eventually(Duration::from_secs(5), "444 in the access log", || {

@@ -291,6 +291,9 @@ fn local_replies_go_through_the_response_phase() {
         r.header("www-authenticate"),
         Some("Bearer realm=\"wasmgate\"")
     );
+    // Its length stays in its head, though the recorder's body callbacks held it.
+    assert_eq!(r.header("content-length"), Some("13"));
+    assert_eq!(r.header("transfer-encoding"), None);
     assert_eq!(up.hits(), 0);
     // Let through, the upstream's answer gets all three.
     let r = http(

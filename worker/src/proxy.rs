@@ -355,8 +355,12 @@ async fn own_response_phase(
 /// headers in `proxy_on_log` — as Envoy shows a local reply. The upstream's answer, whose
 /// headers the response phase lent to it, is left as it is.
 fn own_answer(shared: &SharedWasm, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
-    // A reset stream has no answer: the log phase finds none, as after a client that left.
+    // A reset stream has no answer: the log phase finds none (not the upstream's, dropped
+    // by a reset in the response phase), as after a client that left.
     if is_reset(&resp) {
+        if let Some(s) = lock(shared).stream.as_mut() {
+            s.response = None;
+        }
         return resp;
     }
     let mut g = lock(shared);

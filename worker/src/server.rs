@@ -179,9 +179,12 @@ fn answer_cut(conn: &h1::Conn, peer: SocketAddr, e: &codec::SendError) {
             tracing::info!("answer to {peer} cut: {e}");
             conn.reset_on_close();
         }
-        // A plugin's failure is in the log already, under the plugins' rate limit.
+        // A plugin's failure is in the log already, under the plugins' rate limit. The close
+        // is a reset: a client reading to the close (HTTP/1.0, no length) must not take the
+        // cut answer for a whole one — and a plugin that reset the stream asked for one.
         codec::SendError::Body(e) if e.is::<crate::wasm_body::PluginBodyFailed>() => {
-            tracing::debug!("answer to {peer} cut: {e}")
+            tracing::debug!("answer to {peer} cut: {e}");
+            conn.reset_on_close();
         }
         codec::SendError::Body(e) => tracing::error!("answer to {peer} cut, its body failed: {e}"),
         codec::SendError::Length(n) => {

@@ -146,6 +146,17 @@ pub fn local_reply(r: LocalReply) -> Response<ProxyBody> {
             }
         }
     }
+    // Its length in its head, the gateway's (a plugin's own `Content-Length` could disagree
+    // with the body): the reply goes through the response phase, where a body plugin that
+    // leaves it as it is hides the body's size, and it must not become chunked (or, for an
+    // HTTP/1.0 client, close-delimited). None where the status allows no body.
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if let (false, Some(len)) = (bodiless, resp.body().size_hint().exact()) {
+        resp.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
     resp
 }
 
