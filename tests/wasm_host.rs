@@ -1050,3 +1050,94 @@ fn close_stream_resets_the_request() {
             == 2
     });
 }
+
+/// WASI as toolchains use it, answered without blocking the worker (wasmtime-wasi's own
+/// functions for streams would start a tokio runtime inside the worker's and panic):
+/// stdout and stderr go to the error log a line at a time, stdin is empty, the standard
+/// descriptors are character devices, there are no files, `poll_oneoff` sleeps. A panic in a
+/// host function would be the instance's fault, never the worker's.
+#[test]
+fn wasi_output_goes_to_the_log_and_nothing_blocks() {
+    let gw = Gateway::start();
+    let wat = r#"(module
+      (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "fd_fdstat_get" (func $fdstat (param i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "path_open" (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+      (import "wasi_unstable" "fd_write" (func $write0 (param i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "hello from stdout\nhalf a ")
+      (data (i32.const 130) "line\n")
+      (data (i32.const 140) "panic: on stderr\nunfinished")
+      (data (i32.const 180) "etc/passwd")
+      ;; iovecs at 200: [100, 25]; at 208: [130, 5]; at 216: [140, 27]
+      (data (i32.const 200) "\64\00\00\00\19\00\00\00\82\00\00\00\05\00\00\00\8c\00\00\00\1b\00\00\00")
+      ;; a clock subscription at 300: userdata 7, tag 0, monotonic clock, 3 ms, relative
+      (data (i32.const 300) "\07\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\01\00\00\00\00\00\00\00\c0\c6\2d\00\00\00\00\00")
+      (global $bits (mut i32) (i32.const 0))
+      (func $bit (param $ok i32) (param $b i32)
+        (if (local.get $ok)
+          (then (global.set $bits (i32.or (global.get $bits) (i32.shl (i32.const 1) (local.get $b)))))))
+      (func (export "malloc") (param i32) (result i32) (i32.const 4096))
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "_initialize")
+        ;; as Go's runtime starts: the standard descriptors checked
+        (drop (call $fdstat (i32.const 1) (i32.const 500))))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (global.set $bits (i32.const 0))
+        ;; stdout: one line and half of the next, then its end; the count written is 30
+        (call $bit (i32.eqz (call $write (i32.const 1) (i32.const 200) (i32.const 1) (i32.const 400))) (i32.const 0))
+        (call $bit (i32.eqz (call $write (i32.const 1) (i32.const 208) (i32.const 1) (i32.const 404))) (i32.const 1))
+        (call $bit (i32.eq (i32.add (i32.load (i32.const 400)) (i32.load (i32.const 404))) (i32.const 30)) (i32.const 2))
+        ;; stderr through the older module name; an unfinished line, logged at the callback's end
+        (call $bit (i32.eqz (call $write0 (i32.const 2) (i32.const 216) (i32.const 1) (i32.const 400))) (i32.const 3))
+        ;; stdin: at its end
+        (i32.store (i32.const 400) (i32.const 99))
+        (call $bit (i32.and (i32.eqz (call $read (i32.const 0) (i32.const 200) (i32.const 1) (i32.const 400)))
+                            (i32.eqz (i32.load (i32.const 400)))) (i32.const 4))
+        ;; a character device (filetype 2); no descriptor 3
+        (call $bit (i32.and (i32.eqz (call $fdstat (i32.const 2) (i32.const 500)))
+                            (i32.eq (i32.load8_u (i32.const 500)) (i32.const 2))) (i32.const 5))
+        ;; no files: EBADF
+        (call $bit (i32.and (i32.eq (call $fdstat (i32.const 3) (i32.const 500)) (i32.const 8))
+                            (i32.eq (call $open (i32.const 3) (i32.const 0) (i32.const 180) (i32.const 10) (i32.const 0)
+                                                (i64.const 0) (i64.const 0) (i32.const 0) (i32.const 400))
+                                    (i32.const 8))) (i32.const 6))
+        ;; a 3 ms sleep: one event, the clock's
+        (call $bit (i32.and (i32.eqz (call $poll (i32.const 300) (i32.const 600) (i32.const 1) (i32.const 400)))
+                            (i32.and (i32.eq (i32.load (i32.const 400)) (i32.const 1))
+                                     (i32.eq (i32.load (i32.const 600)) (i32.const 7)))) (i32.const 7))
+        (drop (call $reply (i32.add (i32.const 200) (global.get $bits))
+                           (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+        (i32.const 1)))"#;
+    wat_plugin_on_route(&gw, "wasi_io", wat, "/wasi");
+    let started = Instant::now();
+    let r = get(&gw, "/wasi");
+    assert_eq!(r.status, 200 + 0b1111_1111, "{}", gw.error_log());
+    assert!(started.elapsed() >= Duration::from_millis(3));
+    eventually(
+        Duration::from_secs(5),
+        "the plugin's output in the log",
+        || {
+            let log = gw.error_log();
+            let line = |level: &str, text: &str| {
+                log.lines()
+                    .any(|l| l.contains(level) && l.ends_with(&format!("wasi_io: {text}")))
+            };
+            line("[info]", "hello from stdout")
+                && line("[info]", "half a line")
+                && line("[error]", "panic: on stderr")
+                && line("[error]", "unfinished")
+        },
+    );
+    let faults: u64 = gw.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["plugin_faults"].as_u64().unwrap())
+        .sum();
+    assert_eq!(faults, 0);
+}

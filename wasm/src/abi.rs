@@ -1,5 +1,5 @@
 //! The Proxy-Wasm ABI host functions (module `env`), plus WASI preview1 under both of its
-//! module names. Every guest pointer and length is checked against guest memory; a bad one is
+//! module names (wasmtime-wasi's, with the functions that would block replaced: `wasi`). Every guest pointer and length is checked against guest memory; a bad one is
 //! answered with `InvalidMemoryAccess` (as proxy-wasm-cpp-host), never trusted.
 
 use crate::head::{HeaderList, HeaderOp, NameMemo, ValueMemo};
@@ -132,6 +132,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     shared(linker)?;
     not_yet(linker)?;
     wasmtime_wasi::p1::add_to_linker_sync(linker, |s: &mut HostState| &mut s.wasi)?;
+    crate::wasi::shadow(linker)?;
     linker.alias_module("wasi_snapshot_preview1", "wasi_unstable")?;
     Ok(())
 }
@@ -156,6 +157,32 @@ fn one_line(msg: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// One line of plugin `name` in the error log at Proxy-Wasm `level`, under the plugin's log
+/// rate limit (`gate`): what `proxy_log` and the plugin's stdout and stderr come to.
+pub(crate) fn log_line(name: &str, gate: &crate::rate::LogGate, level: i32, text: &str) {
+    let msg = one_line(text);
+    let pass = gate.pass(LOG_PER_SECOND);
+    if pass == crate::rate::Pass::No {
+        return;
+    }
+    if let crate::rate::Pass::Yes { dropped } = pass {
+        if dropped > 0 {
+            tracing::warn!("{name}: {dropped} log lines dropped (over {LOG_PER_SECOND}/s)");
+        }
+    }
+    match level {
+        0 | 1 => tracing::debug!("{name}: {msg}"),
+        2 => tracing::info!("{name}: {msg}"),
+        3 => tracing::warn!("{name}: {msg}"),
+        _ => tracing::error!("{name}: {msg}"),
+    }
+    if pass == crate::rate::Pass::Last {
+        tracing::warn!(
+            "{name}: more than {LOG_PER_SECOND} log lines this second; dropping the rest"
+        );
+    }
+}
+
 fn logging(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
@@ -163,29 +190,12 @@ fn logging(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, level: i32, ptr: i32, len: i32| -> R {
             let msg = tri!(read(&mut c, ptr, len));
             let s = c.data();
-            let name = &s.plugin_name;
-            let text = String::from_utf8_lossy(&msg);
-            let msg = one_line(&text);
-            let pass = s.log_gate.pass(LOG_PER_SECOND);
-            if pass == crate::rate::Pass::No {
-                return ok(Status::Ok);
-            }
-            if let crate::rate::Pass::Yes { dropped } = pass {
-                if dropped > 0 {
-                    tracing::warn!("{name}: {dropped} log lines dropped (over {LOG_PER_SECOND}/s)");
-                }
-            }
-            match level {
-                0 | 1 => tracing::debug!("{name}: {msg}"),
-                2 => tracing::info!("{name}: {msg}"),
-                3 => tracing::warn!("{name}: {msg}"),
-                _ => tracing::error!("{name}: {msg}"),
-            }
-            if pass == crate::rate::Pass::Last {
-                tracing::warn!(
-                    "{name}: more than {LOG_PER_SECOND} log lines this second; dropping the rest"
-                );
-            }
+            log_line(
+                &s.plugin_name,
+                &s.log_gate,
+                level,
+                &String::from_utf8_lossy(&msg),
+            );
             ok(Status::Ok)
         },
     )?;

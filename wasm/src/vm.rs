@@ -36,6 +36,15 @@ fn classify(e: wasmtime::Error) -> Fault {
     if text.contains("forcing trap when growing memory") || text.contains("memory allocation") {
         return Fault::Memory;
     }
+    // The trap itself (`wasm \`unreachable\` instruction executed`), or the guest's exit
+    // (`proc_exit`, as Go's runtime ends after a panic), rather than the first line of the
+    // backtrace that wraps it.
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+        return Fault::Trap(trap.to_string());
+    }
+    if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return Fault::Trap(format!("the plugin exited with status {}", exit.0));
+    }
     Fault::Trap(text.lines().next().unwrap_or("").to_string())
 }
 
@@ -145,6 +154,7 @@ impl PluginVm {
             queue_regs: Vec::new(),
             queues_changed: false,
             log_gate: s.log_gate.clone(),
+            stdio: Default::default(),
             wasi: wasmtime_wasi::WasiCtxBuilder::new().build_p1(),
         };
         let mut store = Store::new(m.pre.module().engine(), state);
@@ -163,11 +173,8 @@ impl PluginVm {
         let get = |store: &mut Store<HostState>, name: &str| instance.get_func(&mut *store, name);
         for start in ["_initialize", "_start"] {
             if let Some(f) = get(&mut store, start) {
-                store.set_epoch_deadline(ticks);
-                f.typed::<(), ()>(&store)
-                    .map_err(classify)?
-                    .call(&mut store, ())
-                    .map_err(classify)?;
+                let f = f.typed::<(), ()>(&store).map_err(classify)?;
+                run(&mut store, ticks, |s| f.call(s, ()))?;
                 break;
             }
         }
@@ -518,7 +525,28 @@ fn run<T>(
     f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
 ) -> Result<T, Fault> {
     store.set_epoch_deadline(ticks);
-    f(store).map_err(classify)
+    // A panic in a host function (a bug of the host's or of a library it calls) comes out
+    // of the guest's frames here: a fault of this instance, not of the worker.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *store)));
+    // What the callback wrote short of a newline is logged with it.
+    if store.data().stdio.pending() {
+        let (stdio, log) = store.data_mut().stdio_and_log();
+        stdio.flush(&log);
+    }
+    match r {
+        Ok(r) => r.map_err(classify),
+        Err(panic) => Err(host_panic(panic)),
+    }
+}
+
+/// A host function's panic as the fault it is, with its message.
+fn host_panic(panic: Box<dyn std::any::Any + Send>) -> Fault {
+    let msg = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    Fault::Trap(format!("host function panicked: {msg}"))
 }
 
 /// Runs a stream callback (`call`, returning the plugin's action) on context `ctx` with
