@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Rebuilds the Proxy-Wasm test plugins in tests/plugins/ (Rust SDK) into tests/plugins/wasm/,
+# Rebuilds the Proxy-Wasm test plugins in tests/plugins/ (Rust SDK, AssemblyScript SDK, C with
+# wasi-libc, Go) into tests/plugins/wasm/,
 # and records a checksum manifest of sources and outputs (tests/plugins/wasm/MANIFEST) so a stale
 # fixture is detected by the tests.
 #
@@ -22,10 +23,16 @@ CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER="$lld" \
   cargo build --release --target wasm32-unknown-unknown -Zbuild-std=std,panic_abort
 
 mkdir -p wasm
-# The AssemblyScript SDK plugin, when node/npm are at hand (its .wasm is committed either way).
+# The AssemblyScript SDK plugin, when node/npm are at hand; the C plugin, when clang and
+# wasi-libc are; the Go plugin (it finds or installs Go itself). Their .wasm files are
+# committed either way.
 if command -v npm >/dev/null; then
   bash assemblyscript/build.sh
 fi
+if command -v clang >/dev/null; then
+  bash c/build.sh || echo "c/build.sh failed: tests/plugins/wasm/c_headers.wasm left as it was" >&2
+fi
+bash go/build.sh || echo "go/build.sh failed: tests/plugins/wasm/go_headers.wasm left as it was" >&2
 for crate in */Cargo.toml; do
   name=$(dirname "$crate")
   cp "target/wasm32-unknown-unknown/release/$name.wasm" "wasm/$name.wasm"

@@ -798,3 +798,214 @@ fn connection_timing_and_size_attributes() {
     );
     assert!(line.contains("upstream.address=<none>"), "{line}");
 }
+
+/// A plugin written in C against the raw ABI and built with clang + wasi-libc as a WASI
+/// reactor (tests/plugins/c/build.sh), as with the C++ SDK's toolchain: wasi-libc's malloc
+/// handed to the host as `proxy_on_memory_allocate`, a conf per root context, the serialized
+/// header map read and written whole, a held body replaced, a local reply.
+#[test]
+fn c_wasi_libc_plugin() {
+    let up = TestUpstream::start("u");
+    let gw = one_worker();
+    for (id, uri, conf) in [("1", "/c/a/*", "alpha"), ("2", "/c/b/*", "beta")] {
+        gw.route(
+            id,
+            json!({"uri": uri, "plugins": {"c_headers": {"conf": conf}}}),
+            Some(&up),
+        );
+    }
+
+    // Each route's conf is its own root context's. The request map, read whole with
+    // proxy_get_header_map_pairs: :method :path :authority :scheme, host, x-one, connection and
+    // the gateway's x-request-id. The response map is set back whole with x-c-pairs added.
+    for (path, conf) in [("/c/a/1", "alpha"), ("/c/b/1", "beta"), ("/c/a/2", "alpha")] {
+        let r = http("GET", &gw.url(path), &[("X-One", "1")], None);
+        assert_eq!(r.status, 200, "{}", gw.error_log());
+        let h = &r.json()["headers"];
+        assert_eq!(h["x-c-conf"], conf, "{h}");
+        assert_eq!(h["x-c-header-count"], "8", "{h}");
+        assert_eq!(r.header("x-c-plugin"), Some(conf));
+        assert_eq!(r.header("x-c-pairs"), Some("yes"));
+        assert_eq!(
+            r.header("x-upstream"),
+            Some("u"),
+            "the upstream's headers are kept"
+        );
+    }
+    let r = http(
+        "GET",
+        &gw.url("/c/a/dup"),
+        &[("X-One", "1"), ("X-Dup", "1"), ("X-Dup", "2")],
+        None,
+    );
+    let h = &r.json()["headers"];
+    assert_eq!(
+        (&h["x-c-header-count"], &h["x-dup"]),
+        (&json!("10"), &json!("1, 2"))
+    );
+
+    // x-c-upper: the body is held to its end, uppercased and put back (start 0, size = its
+    // length: a replacement); the upstream gets it with its Content-Length, chunked or not.
+    let body = b"hello, World! abc xyz 123\n".repeat(40);
+    let sum = |b: &[u8]| b.iter().map(|&c| c as u64).sum::<u64>();
+    let upper = sum(&body.to_ascii_uppercase());
+    assert_ne!(upper, sum(&body));
+    let r = http(
+        "POST",
+        &gw.url("/c/a/post"),
+        &[("x-c-upper", "1")],
+        Some(&body),
+    );
+    let j = r.json();
+    assert_eq!(
+        (j["body_len"].as_u64(), j["body_sum"].as_u64()),
+        (Some(1040), Some(upper))
+    );
+    assert_eq!(j["headers"]["content-length"], "1040");
+    let chunked = {
+        use std::io::{BufReader, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+        write!(
+            s,
+            "POST /c/b/post HTTP/1.1\r\nHost: x\r\nx-c-upper: 1\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        for part in body.chunks(100) {
+            write!(s, "{:x}\r\n", part.len()).unwrap();
+            s.write_all(part).unwrap();
+            s.write_all(b"\r\n").unwrap();
+        }
+        s.write_all(b"0\r\n\r\n").unwrap();
+        common::client::read_response(&mut BufReader::new(s), false).unwrap()
+    };
+    let j = chunked.json();
+    assert_eq!(
+        (j["body_len"].as_u64(), j["body_sum"].as_u64()),
+        (Some(1040), Some(upper))
+    );
+    assert_eq!(j["headers"]["content-length"], "1040");
+    assert!(j["headers"].get("transfer-encoding").is_none(), "{j}");
+    let j = http("POST", &gw.url("/c/b/post"), &[], Some(&body)).json();
+    assert_eq!(
+        j["body_sum"].as_u64(),
+        Some(sum(&body)),
+        "untouched without x-c-upper"
+    );
+
+    // x-c-deny: a local reply, which then goes through the plugin's response phase.
+    let hits = up.hits();
+    for (path, conf) in [("/c/a/deny", "alpha"), ("/c/b/deny", "beta")] {
+        let r = http("GET", &gw.url(path), &[("x-c-deny", "yes")], None);
+        assert_eq!(r.status, 418);
+        assert_eq!(r.text(), "teapot\n");
+        assert_eq!(r.header("x-c-reason"), Some("denied"));
+        assert_eq!(r.header("x-c-plugin"), Some(conf));
+        assert_eq!(r.header("x-c-pairs"), Some("yes"));
+    }
+    assert_eq!(up.hits(), hits);
+
+    // proxy_log (Info) from proxy_on_configure and proxy_on_log; an updated route's old root
+    // context is deleted, and the plugin frees its conf then.
+    let (s, _) = gw.admin(
+        "PATCH",
+        "/apisix/admin/routes/1",
+        Some(json!({"plugins": {"c_headers": {"conf": "alpha2"}}})),
+    );
+    assert_eq!(s, 200);
+    gw.wait_propagated();
+    let r = http("GET", &gw.url("/c/a/3"), &[], None);
+    assert_eq!(r.header("x-c-plugin"), Some("alpha2"));
+    eventually(
+        Duration::from_secs(5),
+        "the old root context deleted",
+        || {
+            let log = gw.error_log();
+            log.lines()
+                .any(|l| l.contains("c_headers: deleted root context") && l.ends_with(": alpha"))
+        },
+    );
+    let log = gw.error_log();
+    for line in [
+        "c_headers: VM started",
+        ": alpha2",
+        "c_headers: GET /c/a/1 -> 200",
+        "c_headers: GET /c/b/deny -> 418",
+        "c_headers: POST /c/a/post -> 200",
+    ] {
+        assert!(log.contains(line), "{line:?} not in {log}");
+    }
+    assert!(log.contains("c_headers: configured root context"), "{log}");
+    assert!(!log.contains("num_headers"), "{log}");
+}
+
+/// A gateway whose only plugin is the Go fixture (tests/plugins/go: the standard Go toolchain,
+/// GOOS=wasip1, built the way the Go SDK builds plugins), so the other tests do not compile it
+/// (a Go module is 2.5 MB: about 2 s of compilation).
+fn go_gateway() -> Gateway {
+    Gateway::start_with(Setup {
+        workers: 1,
+        raw_yaml: Some(format!(
+            "apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {{proxy}}}}]\n\
+             deployment:\n  admin:\n    admin_key: [{{name: admin, key: {key}, role: admin}}]\n    admin_listen: {{ip: 127.0.0.1, port: {{admin}}}}\n\
+             nginx_config:\n  worker_processes: 1\n  error_log_level: info\n\
+             wasm:\n  plugins:\n    - {{name: go_headers, priority: 60, file: \"{file}\", http_request_phase: access}}\n",
+            key = common::KEY,
+            file = common::fixture("go_headers"),
+        )),
+        ..Setup::default()
+    })
+}
+
+/// A Go plugin — its runtime and garbage collector, `fmt` and `os` set up at its start through
+/// WASI — reads its conf, rewrites headers both ways, answers locally and logs, request after
+/// request; a Go panic (printed to stderr, then the runtime aborts) is a plugin fault like a
+/// Rust panic: 503, logged with the panic's message, a new instance for the next request.
+#[test]
+fn go_plugins_run_and_their_panics_are_contained() {
+    let up = TestUpstream::start("u");
+    let gw = go_gateway();
+    let pids = gw.worker_pids();
+    gw.route(
+        "go",
+        json!({"uri": "/go/*", "plugins": {"go_headers": {"conf": "hello"}}}),
+        Some(&up),
+    );
+    let r = http("GET", &gw.url("/go/x?q=1"), &[("X-Probe", "p1")], None);
+    assert_eq!(r.status, 200, "{}", gw.error_log());
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-go-conf"], "hello", "{h}");
+    assert_eq!(h["x-go-path"], "/go/x?q=1", "{h}");
+    assert_eq!(r.header("x-go-plugin"), Some("hello"));
+    assert_eq!(r.header("x-go-status-seen"), Some("200"));
+    // A local reply: the upstream never sees it; the response callback runs on it.
+    let hits = up.hits();
+    let r = http("GET", &gw.url("/go/deny"), &[("x-go-deny", "yes")], None);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.text(), "denied by go\n");
+    assert_eq!(r.header("x-go-status-seen"), Some("403"));
+    assert_eq!(up.hits(), hits, "a denied request reached the upstream");
+    let r = http("GET", &gw.url("/go/p"), &[("x-go-panic", "yes")], None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    let r = http("GET", &gw.url("/go/b"), &[], None);
+    assert_eq!(r.status, 200, "{}", gw.error_log());
+    assert_eq!(r.header("x-go-plugin"), Some("hello"));
+    // Enough garbage for the Go GC to run in the instance (after the panic's lines: these
+    // requests' own lines use up the plugin's log budget for the second).
+    for i in 0..500 {
+        let r = http("GET", &gw.url(&format!("/go/n{i}")), &[], None);
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(r.json()["headers"]["x-go-path"], format!("/go/n{i}"));
+    }
+    eventually(Duration::from_secs(5), "the plugin's log lines", || {
+        let log = gw.error_log();
+        log.contains("go_headers: go_headers: on_vm_start (go1.")
+            && log.contains("go_headers: go_headers hello: on_log /go/x?q=1 200")
+            && log.contains("go_headers: go_headers hello: on_log /go/deny 403")
+            && log.contains("[error]")
+            && log.contains("go_headers: panic: go_headers: asked to panic on /go/p")
+            && log.contains("go_headers: trap: wasm trap: wasm `unreachable` instruction executed in proxy_on_request_headers")
+    });
+    assert_eq!(gw.worker_pids(), pids, "a worker died");
+    assert_eq!(gw.status()["workers"][0]["plugin_faults"], 1);
+}

@@ -52,7 +52,7 @@ pub fn fixture(name: &str) -> String {
 }
 
 /// Plugins every test gateway declares: (name, priority, file, phase, extra settings).
-pub const PLUGINS: [(&str, i64, &str, &str, &str); 16] = [
+pub const PLUGINS: [(&str, i64, &str, &str, &str); 17] = [
     ("wasm_log", 7999, "recorder", "access", ""),
     ("wasm_auth", 8000, "auth", "rewrite", ""),
     ("echo", 100, "echo", "access", ""),
@@ -87,6 +87,7 @@ pub const PLUGINS: [(&str, i64, &str, &str, &str); 16] = [
     ("heartbeat", 20, "heartbeat", "access", ""),
     ("queue", 10, "queue", "access", ""),
     ("metrics", 5, "metrics", "access", ""),
+    ("c_headers", 55, "c_headers", "access", ""),
 ];
 
 fn plugins_yaml() -> String {

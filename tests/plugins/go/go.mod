@@ -1,0 +1,3 @@
+module wasmgate.test/plugins/go
+
+go 1.24
