@@ -1141,3 +1141,45 @@ fn wasi_output_goes_to_the_log_and_nothing_blocks() {
         .sum();
     assert_eq!(faults, 0);
 }
+
+/// A reload compiles a plugin file again only when its bytes changed: the same file is
+/// reused (and logged so), a file rewritten in place is compiled and served anew.
+#[test]
+fn reloads_compile_only_changed_plugins() {
+    let gw = Gateway::start();
+    let answering = |status: u16| {
+        format!(
+            r#"(module
+              (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+              (memory (export "memory") 1)
+              (func (export "malloc") (param i32) (result i32) (i32.const 4096))
+              (func (export "proxy_abi_version_0_2_1"))
+              (func (export "proxy_on_context_create") (param i32 i32))
+              (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+                (drop (call $reply (i32.const {status}) (i32.const 0) (i32.const 0) (i32.const 0)
+                                   (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+                (i32.const 1)))"#
+        )
+    };
+    wat_plugin_on_route(&gw, "versioned", &answering(201), "/versioned");
+    assert_eq!(get(&gw, "/versioned").status, 201);
+    let reload = || {
+        let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+        assert_eq!(s, 200, "{v}");
+    };
+    reload();
+    assert!(
+        gw.error_log()
+            .contains("wasm plugin \"versioned\": unchanged, its compiled code reused"),
+        "{}",
+        gw.error_log()
+    );
+    assert_eq!(get(&gw, "/versioned").status, 201);
+    std::fs::write(
+        gw.prefix().join("versioned.wasm"),
+        wat::parse_str(answering(202)).unwrap(),
+    )
+    .unwrap();
+    reload();
+    assert_eq!(get(&gw, "/versioned").status, 202);
+}

@@ -74,17 +74,30 @@ impl Options {
     }
 }
 
+/// The compiled form of each plugin file the last successful start or reload used, by the
+/// file's bytes: a reload that leaves a file as it was does not compile it again (a Go plugin
+/// takes seconds to compile). The engine is the process's own, so the code stays valid.
+static LAST_COMPILED: std::sync::Mutex<Vec<Compiled>> = std::sync::Mutex::new(Vec::new());
+
+/// A plugin file's bytes and its compiled code.
+type Compiled = (Vec<u8>, std::sync::Arc<Vec<u8>>);
+
 /// Compiles and checks every `wasm.plugins` module (readable, valid, ABI marker, every import
 /// known), so a bad plugin stops `start` or `reload` with a message naming it. Returns, per
 /// plugin, a memfd holding the compiled module: workers load it without compiling again (a file
-/// listed by several plugins is compiled once).
+/// listed by several plugins is compiled once, and a file unchanged since the last start or
+/// reload is not compiled again).
 pub fn compile_plugins(
     config: &LoadedConfig,
     opts: &Options,
 ) -> Result<Vec<std::os::fd::OwnedFd>, String> {
+    use std::sync::Arc;
     let level = config.config.nginx_config.error_log_level;
-    let mut compiled: std::collections::HashMap<Vec<u8>, std::os::fd::OwnedFd> =
-        std::collections::HashMap::new();
+    let last = LAST_COMPILED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut now: Vec<(Vec<u8>, Arc<Vec<u8>>, std::os::fd::OwnedFd)> = Vec::new();
     let mut out = Vec::new();
     for p in &config.config.wasm.plugins {
         let path = opts.resolve(&p.file);
@@ -97,19 +110,31 @@ pub fn compile_plugins(
                 path.display()
             )
         })?;
-        let fd = match compiled.get(&bytes) {
-            Some(fd) => listeners::dup_high(fd).map_err(|e| e.to_string())?,
+        if let Some((_, _, fd)) = now.iter().find(|(b, _, _)| *b == bytes) {
+            out.push(listeners::dup_high(fd).map_err(|e| e.to_string())?);
+            continue;
+        }
+        let code = match last.iter().find(|(b, _)| *b == bytes) {
+            Some((_, code)) => {
+                tracing::info!(
+                    "wasm plugin {:?}: unchanged, its compiled code reused",
+                    p.name
+                );
+                code.clone()
+            }
             None => {
                 let module = wasmgate_wasm::PluginModule::from_bytes(settings, &bytes)
                     .map_err(|e| format!("{}: {e}", config.origin))?;
-                let fd = listeners::memfd_with(&module.serialize()?)
-                    .map_err(|e| format!("compiled plugin {:?}: {e}", p.name))?;
-                compiled.insert(bytes, listeners::dup_high(&fd).map_err(|e| e.to_string())?);
-                fd
+                Arc::new(module.serialize()?)
             }
         };
-        out.push(fd);
+        let fd = listeners::memfd_with(&code)
+            .map_err(|e| format!("compiled plugin {:?}: {e}", p.name))?;
+        out.push(listeners::dup_high(&fd).map_err(|e| e.to_string())?);
+        now.push((bytes, code, fd));
     }
+    *LAST_COMPILED.lock().unwrap_or_else(|e| e.into_inner()) =
+        now.into_iter().map(|(b, code, _)| (b, code)).collect();
     Ok(out)
 }
 
