@@ -460,12 +460,7 @@ fn hostile_arguments_are_refused() {
         // from the foreign function (+40), InternalFailure from gRPC (+80).
         assert_eq!(get(&gw, "/hostile").status, 344);
     }
-    let faults: u64 = gw.status()["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["plugin_faults"].as_u64().unwrap())
-        .sum();
+    let faults = gw.plugin_faults();
     assert_eq!(faults, 0);
 }
 
@@ -1133,12 +1128,7 @@ fn wasi_output_goes_to_the_log_and_nothing_blocks() {
                 && line("[error]", "unfinished")
         },
     );
-    let faults: u64 = gw.status()["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["plugin_faults"].as_u64().unwrap())
-        .sum();
+    let faults = gw.plugin_faults();
     assert_eq!(faults, 0);
 }
 

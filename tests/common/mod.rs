@@ -323,6 +323,16 @@ impl Gateway {
     }
 
     /// Pids of the workers currently listed as running.
+    /// Plugin faults counted by the live workers, summed.
+    pub fn plugin_faults(&self) -> u64 {
+        self.status()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["plugin_faults"].as_u64().unwrap())
+            .sum()
+    }
+
     pub fn worker_pids(&self) -> Vec<i32> {
         self.status()["workers"]
             .as_array()

@@ -900,12 +900,24 @@ fn not_yet(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ("proxy_call_foreign_function", &[I; 6], NotFound),
     ];
     for (name, params, status) in stubs {
-        let ty = FuncType::new(l.engine(), params.iter().cloned(), [ValType::I32]);
-        l.func_new("env", name, ty, move |_, _, out| {
-            out[0] = Val::I32(status as i32);
-            Ok(())
-        })?;
+        stub(l, "env", name, params, move |_| status as i32)?;
     }
+    Ok(())
+}
+
+/// Defines `module::name`, taking `params` and answering the i32 `answer` makes of them.
+pub(crate) fn stub(
+    l: &mut Linker<HostState>,
+    module: &str,
+    name: &str,
+    params: &[ValType],
+    answer: impl Fn(&[Val]) -> i32 + Send + Sync + 'static,
+) -> wasmtime::Result<()> {
+    let ty = FuncType::new(l.engine(), params.iter().cloned(), [ValType::I32]);
+    l.func_new(module, name, ty, move |_, args, out| {
+        out[0] = Val::I32(answer(args));
+        Ok(())
+    })?;
     Ok(())
 }
 

@@ -13,9 +13,10 @@
 //! callback's time limit still ends a plugin that sleeps too long. The other WASI functions
 //! (clocks, random numbers, arguments, environment, `proc_exit`) are wasmtime-wasi's.
 
+use crate::abi::stub;
 use crate::state::HostState;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use wasmtime::{Caller, FuncType, Linker, Val, ValType};
+use wasmtime::{Caller, Linker, Val, ValType};
 
 type C<'a> = Caller<'a, HostState>;
 
@@ -308,11 +309,11 @@ fn refuse_the_rest(l: &mut Linker<HostState>, module: &str) -> wasmtime::Result<
         ("fd_renumber", &[I, I], NOTSUP),
     ];
     for (name, params, stdio) in fd_calls {
-        let ty = FuncType::new(l.engine(), params.iter().cloned(), [I]);
-        l.func_new(module, name, ty, move |_, args, out| {
-            let fd = args.first().and_then(Val::i32).unwrap_or(-1);
-            out[0] = Val::I32(if is_stdio(fd) { stdio } else { BADF });
-            Ok(())
+        stub(l, module, name, params, move |args| {
+            match args.first().and_then(Val::i32).is_some_and(is_stdio) {
+                true => stdio,
+                false => BADF,
+            }
         })?;
     }
     let path_calls: [(&str, &[ValType]); 10] = [
@@ -328,11 +329,7 @@ fn refuse_the_rest(l: &mut Linker<HostState>, module: &str) -> wasmtime::Result<
         ("path_unlink_file", &[I, I, I]),
     ];
     for (name, params) in path_calls {
-        let ty = FuncType::new(l.engine(), params.iter().cloned(), [I]);
-        l.func_new(module, name, ty, |_, _, out| {
-            out[0] = Val::I32(BADF);
-            Ok(())
-        })?;
+        stub(l, module, name, params, |_| BADF)?;
     }
     Ok(())
 }
