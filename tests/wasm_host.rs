@@ -1062,7 +1062,7 @@ fn wasi_output_goes_to_the_log_and_nothing_blocks() {
       (import "wasi_snapshot_preview1" "path_open" (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
       (import "wasi_unstable" "fd_write" (func $write0 (param i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
-      (memory (export "memory") 1)
+      (memory (export "memory") 20)
       (data (i32.const 100) "hello from stdout\nhalf a ")
       (data (i32.const 130) "line\n")
       (data (i32.const 140) "panic: on stderr\nunfinished")
@@ -1072,6 +1072,19 @@ fn wasi_output_goes_to_the_log_and_nothing_blocks() {
       ;; a clock subscription at 300: userdata 7, tag 0, monotonic clock, 3 ms, relative
       (data (i32.const 300) "\07\00\00\00\00\00\00\00\00\00\00\00\00\00\00\00\01\00\00\00\00\00\00\00\c0\c6\2d\00\00\00\00\00")
       (global $bits (mut i32) (i32.const 0))
+      (global $n (mut i32) (i32.const 0))
+      ;; 1 MiB of empty lines in one write: 64 KiB of it taken (the rest is for further calls),
+      ;; at once (the lines past the log budget are dropped): answers 201 then.
+      (func $flood (result i32)
+        (memory.fill (i32.const 0x10000) (i32.const 10) (i32.const 0x100000))
+        (i32.store (i32.const 240) (i32.const 0x10000))
+        (i32.store (i32.const 244) (i32.const 0x100000))
+        (drop (call $reply
+          (i32.add (i32.const 200)
+            (i32.and (i32.eqz (call $write (i32.const 1) (i32.const 240) (i32.const 1) (i32.const 404)))
+                     (i32.eq (i32.load (i32.const 404)) (i32.const 65536))))
+          (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+        (i32.const 1))
       (func $bit (param $ok i32) (param $b i32)
         (if (local.get $ok)
           (then (global.set $bits (i32.or (global.get $bits) (i32.shl (i32.const 1) (local.get $b)))))))
@@ -1083,6 +1096,8 @@ fn wasi_output_goes_to_the_log_and_nothing_blocks() {
       (func (export "proxy_on_context_create") (param i32 i32))
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
         (global.set $bits (i32.const 0))
+        (global.set $n (i32.add (global.get $n) (i32.const 1)))
+        (if (i32.eq (global.get $n) (i32.const 2)) (then (return (call $flood))))
         ;; stdout: one line and half of the next, then its end; the count written is 30
         (call $bit (i32.eqz (call $write (i32.const 1) (i32.const 200) (i32.const 1) (i32.const 400))) (i32.const 0))
         (call $bit (i32.eqz (call $write (i32.const 1) (i32.const 208) (i32.const 1) (i32.const 404))) (i32.const 1))
@@ -1105,7 +1120,7 @@ fn wasi_output_goes_to_the_log_and_nothing_blocks() {
         (call $bit (i32.and (i32.eqz (call $poll (i32.const 300) (i32.const 600) (i32.const 1) (i32.const 400)))
                             (i32.and (i32.eq (i32.load (i32.const 400)) (i32.const 1))
                                      (i32.eq (i32.load (i32.const 600)) (i32.const 7)))) (i32.const 7))
-        (drop (call $reply (i32.add (i32.const 200) (global.get $bits))
+(drop (call $reply (i32.add (i32.const 200) (global.get $bits))
                            (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
         (i32.const 1)))"#;
     wat_plugin_on_route(&gw, "wasi_io", wat, "/wasi");
@@ -1128,6 +1143,7 @@ fn wasi_output_goes_to_the_log_and_nothing_blocks() {
                 && line("[error]", "unfinished")
         },
     );
+    assert_eq!(get(&gw, "/wasi").status, 201, "{}", gw.error_log());
     let faults = gw.plugin_faults();
     assert_eq!(faults, 0);
 }

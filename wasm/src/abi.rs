@@ -141,7 +141,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 /// `\xNN`), so that a message can neither forge lines of its own nor make one call count as
 /// several lines against the log budget (a Rust panic message spans two).
 fn one_line(msg: &str) -> std::borrow::Cow<'_, str> {
-    if !msg.chars().any(|c| c.is_control() && c != '\t') {
+    if !msg.chars().any(|c| c != '\t' && escaped(c)) {
         return std::borrow::Cow::Borrowed(msg);
     }
     let mut out = String::with_capacity(msg.len() + 8);
@@ -151,6 +151,7 @@ fn one_line(msg: &str) -> std::borrow::Cow<'_, str> {
             '\r' => out.push_str("\\r"),
             '\t' => out.push('\t'),
             c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if escaped(c) => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
             c => out.push(c),
         }
     }
@@ -159,12 +160,14 @@ fn one_line(msg: &str) -> std::borrow::Cow<'_, str> {
 
 /// One line of plugin `name` in the error log at Proxy-Wasm `level`, under the plugin's log
 /// rate limit (`gate`): what `proxy_log` and the plugin's stdout and stderr come to.
-pub(crate) fn log_line(name: &str, gate: &crate::rate::LogGate, level: i32, text: &str) {
-    let msg = one_line(text);
+pub(crate) fn log_line(name: &str, gate: &crate::rate::LogGate, level: i32, text: &[u8]) {
+    // The budget first: a line over it costs no conversion.
     let pass = gate.pass(LOG_PER_SECOND);
     if pass == crate::rate::Pass::No {
         return;
     }
+    let text = String::from_utf8_lossy(text);
+    let msg = one_line(&text);
     if let crate::rate::Pass::Yes { dropped } = pass {
         if dropped > 0 {
             tracing::warn!("{name}: {dropped} log lines dropped (over {LOG_PER_SECOND}/s)");
@@ -183,6 +186,13 @@ pub(crate) fn log_line(name: &str, gate: &crate::rate::LogGate, level: i32, text
     }
 }
 
+/// Characters a log line shows escaped: control characters, and the separators and
+/// direction overrides that would make a viewer show one line as two, or out of order.
+fn escaped(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 fn logging(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
@@ -190,12 +200,7 @@ fn logging(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, level: i32, ptr: i32, len: i32| -> R {
             let msg = tri!(read(&mut c, ptr, len));
             let s = c.data();
-            log_line(
-                &s.plugin_name,
-                &s.log_gate,
-                level,
-                &String::from_utf8_lossy(&msg),
-            );
+            log_line(&s.plugin_name, &s.log_gate, level, &msg);
             ok(Status::Ok)
         },
     )?;
@@ -932,5 +937,6 @@ mod tests {
             one_line("panicked at src/lib.rs:9:5:\nboom\r\u{1b}[31m"),
             "panicked at src/lib.rs:9:5:\\nboom\\r\\x1b[31m"
         );
+        assert_eq!(one_line("a\u{2028}b\u{202e}c"), "a\\u{2028}b\\u{202e}c");
     }
 }

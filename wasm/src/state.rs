@@ -295,14 +295,16 @@ pub struct HostState {
     pub log_gate: Arc<crate::rate::LogGate>,
     /// What the plugin wrote to stdout and stderr short of a newline.
     pub stdio: crate::wasi::Stdio,
+    /// The monotonic clock WASI gives the plugin.
+    pub monotonic: crate::wasi::Monotonic,
     pub wasi: wasmtime_wasi::p1::WasiP1Ctx,
 }
 
 impl HostState {
     /// The plugin's unfinished stdout and stderr lines, and where finished ones go.
-    pub fn stdio_and_log(&mut self) -> (&mut crate::wasi::Stdio, impl Fn(i32, &str) + '_) {
+    pub fn stdio_and_log(&mut self) -> (&mut crate::wasi::Stdio, impl Fn(i32, &[u8]) + '_) {
         let (name, gate) = (&self.plugin_name, &self.log_gate);
-        let log = move |level: i32, text: &str| crate::abi::log_line(name, gate, level, text);
+        let log = move |level: i32, text: &[u8]| crate::abi::log_line(name, gate, level, text);
         (&mut self.stdio, log)
     }
 }

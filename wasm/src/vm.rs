@@ -40,12 +40,16 @@ fn classify(e: wasmtime::Error) -> Fault {
     // (`proc_exit`, as Go's runtime ends after a panic), rather than the first line of the
     // backtrace that wraps it.
     if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
-        return Fault::Trap(trap.to_string());
+        let text = trap.to_string();
+        return Fault::Trap(text.trim_start_matches("wasm trap: ").to_string());
     }
     if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
         return Fault::Trap(format!("the plugin exited with status {}", exit.0));
     }
-    Fault::Trap(text.lines().next().unwrap_or("").to_string())
+    // Another error a host function raised (a WASI argument out of the plugin's memory):
+    // its cause, not the backtrace that wraps it.
+    let cause = e.root_cause().to_string();
+    Fault::Trap(cause.lines().next().unwrap_or("").to_string())
 }
 
 /// What a stream callback decided.
@@ -126,6 +130,7 @@ impl PluginVm {
     /// `proxy_on_vm_start`.
     pub fn new(m: &PluginModule) -> Result<PluginVm, Fault> {
         let s = &m.settings;
+        let monotonic = crate::wasi::Monotonic(std::time::Instant::now());
         let state = HostState {
             memory: None,
             alloc: None,
@@ -155,7 +160,10 @@ impl PluginVm {
             queues_changed: false,
             log_gate: s.log_gate.clone(),
             stdio: Default::default(),
-            wasi: wasmtime_wasi::WasiCtxBuilder::new().build_p1(),
+            monotonic,
+            wasi: wasmtime_wasi::WasiCtxBuilder::new()
+                .monotonic_clock(monotonic)
+                .build_p1(),
         };
         let mut store = Store::new(m.pre.module().engine(), state);
         store.limiter(|s| &mut s.limits);

@@ -15,7 +15,7 @@
 
 use crate::abi::stub;
 use crate::state::HostState;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use wasmtime::{Caller, Linker, Val, ValType};
 
 type C<'a> = Caller<'a, HostState>;
@@ -25,6 +25,7 @@ const SUCCESS: i32 = 0;
 const BADF: i32 = 8;
 const FAULT: i32 = 21;
 const INVAL: i32 = 28;
+const NOTSOCK: i32 = 57;
 const NOTSUP: i32 = 58;
 const SPIPE: i32 = 70;
 
@@ -41,11 +42,30 @@ const RIGHT_POLL: u64 = 1 << 27;
 pub const MAX_LINE: usize = 4096;
 /// Most buffers one `fd_write` may gather (POSIX's `IOV_MAX`).
 const MAX_IOVS: usize = 1024;
+/// Most bytes one `fd_write` takes: a larger write is taken in part (the count written says
+/// how much, as POSIX allows), and the guest writes the rest with further calls, between
+/// which the callback's time limit is checked.
+const MAX_WRITE: usize = 64 * 1024;
 /// Most subscriptions one `poll_oneoff` may pass.
 const MAX_SUBSCRIPTIONS: usize = 64;
 /// Longest sleep of one `poll_oneoff`: a longer one wakes early (the guest's runtime sleeps
 /// again), so that the callback's time limit is checked between sleeps.
 const MAX_SLEEP: Duration = Duration::from_millis(10);
+
+/// The monotonic clock WASI gives the plugin, nanoseconds since the instance began: the
+/// host's own, so that `poll_oneoff` can tell how far an absolute time on it is.
+#[derive(Clone, Copy)]
+pub struct Monotonic(pub Instant);
+
+impl wasmtime_wasi::HostMonotonicClock for Monotonic {
+    fn resolution(&self) -> u64 {
+        1
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
 
 /// What a plugin wrote to stdout or stderr and has not ended with a newline yet.
 #[derive(Default)]
@@ -55,20 +75,31 @@ pub struct Stdio {
 }
 
 impl Stdio {
-    /// Appends `bytes` written to `fd` (1 or 2) and logs every line they complete.
-    fn write(&mut self, fd: i32, bytes: &[u8], log: &impl Fn(i32, &str)) {
+    /// Appends `bytes` written to `fd` (1 or 2) and logs every line they complete. Linear in
+    /// the bytes: the lines are found in what was written, and only an unfinished tail (under
+    /// [`MAX_LINE`]) is kept.
+    fn write(&mut self, fd: i32, bytes: &[u8], log: &impl Fn(i32, &[u8])) {
         let (buf, level) = match fd {
             1 => (&mut self.out, LEVEL_OUT),
             _ => (&mut self.err, LEVEL_ERR),
         };
-        buf.extend_from_slice(bytes);
-        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-            log(level, &String::from_utf8_lossy(&buf[..end]));
-            buf.drain(..=end);
+        let mut rest = bytes;
+        while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+            let (line, after) = (&rest[..end], &rest[end + 1..]);
+            if buf.is_empty() {
+                log_cut(level, line, log);
+            } else {
+                buf.extend_from_slice(line);
+                log_cut(level, buf, log);
+                buf.clear();
+            }
+            rest = after;
         }
-        while buf.len() >= MAX_LINE {
-            log(level, &String::from_utf8_lossy(&buf[..MAX_LINE]));
-            buf.drain(..MAX_LINE);
+        buf.extend_from_slice(rest);
+        if buf.len() >= MAX_LINE {
+            let whole = buf.len() - buf.len() % MAX_LINE;
+            log_cut(level, &buf[..whole], log);
+            buf.drain(..whole);
         }
     }
 
@@ -78,13 +109,23 @@ impl Stdio {
     }
 
     /// Logs what is waiting: a callback's output does not wait for the next one's newline.
-    pub fn flush(&mut self, log: &impl Fn(i32, &str)) {
+    pub fn flush(&mut self, log: &impl Fn(i32, &[u8])) {
         for (buf, level) in [(&mut self.out, LEVEL_OUT), (&mut self.err, LEVEL_ERR)] {
             if !buf.is_empty() {
-                log(level, &String::from_utf8_lossy(buf));
+                log_cut(level, buf, log);
                 buf.clear();
             }
         }
+    }
+}
+
+/// Logs `line`, in pieces of at most [`MAX_LINE`] bytes.
+fn log_cut(level: i32, line: &[u8], log: &impl Fn(i32, &[u8])) {
+    if line.is_empty() {
+        return log(level, line);
+    }
+    for piece in line.chunks(MAX_LINE) {
+        log(level, piece);
     }
 }
 
@@ -132,6 +173,15 @@ pub fn shadow(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         true => SUCCESS,
         false => BADF,
     })?;
+    // Taken and ignored for the standard descriptors (Go sets them non-blocking).
+    l.func_wrap(
+        M,
+        "fd_fdstat_set_flags",
+        |_c: C<'_>, fd: i32, _flags: i32| match is_stdio(fd) {
+            true => SUCCESS,
+            false => BADF,
+        },
+    )?;
     l.func_wrap(M, "poll_oneoff", poll_oneoff)?;
     refuse_the_rest(l, M)?;
     l.allow_shadowing(false);
@@ -181,8 +231,14 @@ fn fd_write(mut c: C<'_>, fd: i32, iovs: i32, n: i32, written: i32) -> i32 {
     if n > MAX_IOVS {
         return INVAL;
     }
+    // The count's place first: nothing is logged for a write that will answer EFAULT (a
+    // guest retrying it would log it twice).
+    if store_u32(&mut c, written, 0) != SUCCESS {
+        return FAULT;
+    }
     let (mem, state) = m.data_and_store_mut(&mut c);
-    let mut total: u32 = 0;
+    // Checked whole before any of it is taken.
+    let mut parts = Vec::with_capacity(n.min(16));
     for i in 0..n {
         let at = iovs as u32 as usize + i * 8;
         let (Some(buf), Some(len)) = (le::<4>(mem, at), le::<4>(mem, at + 4)) else {
@@ -192,21 +248,31 @@ fn fd_write(mut c: C<'_>, fd: i32, iovs: i32, n: i32, written: i32) -> i32 {
             u32::from_le_bytes(buf) as usize,
             u32::from_le_bytes(len) as usize,
         );
-        let Some(bytes) = buf.checked_add(len).and_then(|end| mem.get(buf..end)) else {
-            return FAULT;
-        };
-        let (stdio, log) = state.stdio_and_log();
-        stdio.write(fd, bytes, &log);
-        total = total.saturating_add(len as u32);
+        match buf.checked_add(len) {
+            Some(end) if end <= mem.len() => parts.push((buf, len)),
+            _ => return FAULT,
+        }
     }
-    store_u32(&mut c, written, total)
+    let mut total = 0usize;
+    for (buf, len) in parts {
+        let take = len.min(MAX_WRITE - total);
+        let (stdio, log) = state.stdio_and_log();
+        stdio.write(fd, &mem[buf..buf + take], &log);
+        total += take;
+        if total == MAX_WRITE {
+            break;
+        }
+    }
+    store_u32(&mut c, written, total as u32)
 }
 
 /// Subscriptions and events as WASI preview1 lays them out.
 const SUBSCRIPTION: usize = 48;
 const EVENT: usize = 32;
 const TAG_CLOCK: u8 = 0;
+const TAG_FD_WRITE: u8 = 2;
 const CLOCK_REALTIME: u32 = 0;
+const CLOCK_MONOTONIC: u32 = 1;
 const SUBSCRIPTION_CLOCK_ABSTIME: u16 = 1;
 const EVENT_FD_READWRITE_HANGUP: u16 = 1;
 
@@ -221,6 +287,7 @@ fn poll_oneoff(mut c: C<'_>, subs: i32, events: i32, n: i32, nevents: i32) -> i3
     let Some(m) = c.data().memory else {
         return FAULT;
     };
+    let origin = c.data().monotonic.0;
     let mem = m.data(&c);
     let mut out: Vec<[u8; EVENT]> = Vec::new();
     let mut first_clock: Option<(Duration, u64)> = None;
@@ -231,11 +298,16 @@ fn poll_oneoff(mut c: C<'_>, subs: i32, events: i32, n: i32, nevents: i32) -> i3
         };
         let userdata = u64::from_le_bytes(sub[0..8].try_into().unwrap_or_default());
         let tag = sub[8];
+        if tag > TAG_FD_WRITE {
+            return INVAL;
+        }
         if tag == TAG_CLOCK {
             let id = u32::from_le_bytes(sub[16..20].try_into().unwrap_or_default());
             let timeout = u64::from_le_bytes(sub[24..32].try_into().unwrap_or_default());
             let flags = u16::from_le_bytes(sub[40..42].try_into().unwrap_or_default());
-            let wait = clock_wait(id, timeout, flags);
+            let Some(wait) = clock_wait(id, timeout, flags, origin) else {
+                return INVAL;
+            };
             match first_clock {
                 Some((first, _)) if first <= wait => {}
                 _ => first_clock = Some((wait, userdata)),
@@ -275,28 +347,34 @@ fn poll_oneoff(mut c: C<'_>, subs: i32, events: i32, n: i32, nevents: i32) -> i3
     }
 }
 
-/// How long until a clock subscription's time: relative, or absolute on the realtime clock
-/// (an absolute time on another clock, whose origin is the runtime's, is taken as now).
-fn clock_wait(id: u32, timeout: u64, flags: u16) -> Duration {
+/// How long until a clock subscription's time: relative, or absolute on the realtime clock or
+/// on the monotonic one (which began at `origin`); None for another clock (the process and
+/// thread CPU clocks, which WASI does not give), as wasmtime-wasi answers.
+fn clock_wait(id: u32, timeout: u64, flags: u16, origin: Instant) -> Option<Duration> {
+    if id != CLOCK_REALTIME && id != CLOCK_MONOTONIC {
+        return None;
+    }
+    let at = Duration::from_nanos(timeout);
     if flags & SUBSCRIPTION_CLOCK_ABSTIME == 0 {
-        return Duration::from_nanos(timeout);
+        return Some(at);
     }
-    if id != CLOCK_REALTIME {
-        return Duration::ZERO;
-    }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    Duration::from_nanos(timeout).saturating_sub(now)
+    let now = match id {
+        CLOCK_REALTIME => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default(),
+        _ => origin.elapsed(),
+    };
+    Some(at.saturating_sub(now))
 }
 
-/// The other functions wasmtime-wasi would run through tokio: there are no files, so
-/// `EBADF` for any descriptor (no directory is preopened: every `path_*` call names one that
-/// does not exist), and for stdin, stdout and stderr what a terminal answers (`ESPIPE` to a
-/// seek, `ENOTSUP` to the rest).
+/// The other functions wasmtime-wasi would run through tokio (and its sockets, which log at
+/// every call): there are no files, so `EBADF` for any descriptor (no directory is
+/// preopened: every `path_*` call names one that does not exist), and for stdin, stdout and
+/// stderr what a terminal answers (`ESPIPE` to a seek, `ENOTSOCK` to a socket call,
+/// `ENOTSUP` to the rest).
 fn refuse_the_rest(l: &mut Linker<HostState>, module: &str) -> wasmtime::Result<()> {
     use ValType::{I32 as I, I64 as L};
-    let fd_calls: [(&str, &[ValType], i32); 10] = [
+    let fd_calls: [(&str, &[ValType], i32); 14] = [
         ("fd_seek", &[I, L, I, I], SPIPE),
         ("fd_pread", &[I, I, I, L, I], SPIPE),
         ("fd_pwrite", &[I, I, I, L, I], SPIPE),
@@ -307,6 +385,11 @@ fn refuse_the_rest(l: &mut Linker<HostState>, module: &str) -> wasmtime::Result<
         ("fd_filestat_set_times", &[I, L, L, I], NOTSUP),
         ("fd_readdir", &[I, I, I, L, I], NOTSUP),
         ("fd_renumber", &[I, I], NOTSUP),
+        // wasmtime-wasi's log a warning at each call, past the plugin's log budget.
+        ("sock_accept", &[I, I, I], NOTSOCK),
+        ("sock_recv", &[I, I, I, I, I, I], NOTSOCK),
+        ("sock_send", &[I, I, I, I, I], NOTSOCK),
+        ("sock_shutdown", &[I, I], NOTSOCK),
     ];
     for (name, params, stdio) in fd_calls {
         stub(l, module, name, params, move |args| {
@@ -342,7 +425,11 @@ mod tests {
     #[test]
     fn output_is_logged_a_line_at_a_time() {
         let lines = RefCell::new(Vec::new());
-        let log = |level: i32, text: &str| lines.borrow_mut().push((level, text.to_string()));
+        let log = |level: i32, text: &[u8]| {
+            lines
+                .borrow_mut()
+                .push((level, String::from_utf8_lossy(text).into_owned()))
+        };
         let mut s = Stdio::default();
         s.write(1, b"hello, ", &log);
         s.write(2, b"panic: boom\n\ngoroutine 1", &log);
@@ -365,7 +452,7 @@ mod tests {
     #[test]
     fn a_line_without_end_is_cut_at_its_limit() {
         let count = RefCell::new(0);
-        let log = |_: i32, text: &str| {
+        let log = |_: i32, text: &[u8]| {
             assert!(text.len() <= MAX_LINE);
             *count.borrow_mut() += 1;
         };
@@ -378,18 +465,23 @@ mod tests {
     }
 
     #[test]
-    fn clock_waits_are_relative_or_on_the_realtime_clock() {
-        assert_eq!(clock_wait(1, 5_000_000, 0), Duration::from_millis(5));
+    fn clock_waits_are_relative_or_absolute_on_either_clock() {
+        let origin = Instant::now() - Duration::from_secs(1);
+        let abs = SUBSCRIPTION_CLOCK_ABSTIME;
         assert_eq!(
-            clock_wait(1, 5_000_000, SUBSCRIPTION_CLOCK_ABSTIME),
-            Duration::ZERO
+            clock_wait(1, 5_000_000, 0, origin),
+            Some(Duration::from_millis(5))
         );
+        // Monotonic, 1 s after the origin: passed already; 61 s after it: about 60 s away.
+        assert_eq!(
+            clock_wait(1, 500_000_000, abs, origin),
+            Some(Duration::ZERO)
+        );
+        let wait = clock_wait(1, 61_000_000_000, abs, origin).unwrap();
+        assert!(wait > Duration::from_secs(59) && wait <= Duration::from_secs(60));
         let soon = SystemTime::now().duration_since(UNIX_EPOCH).unwrap() + Duration::from_secs(60);
-        let wait = clock_wait(
-            CLOCK_REALTIME,
-            soon.as_nanos() as u64,
-            SUBSCRIPTION_CLOCK_ABSTIME,
-        );
+        let wait = clock_wait(0, soon.as_nanos() as u64, abs, origin).unwrap();
         assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60));
+        assert_eq!(clock_wait(2, 1, 0, origin), None);
     }
 }
