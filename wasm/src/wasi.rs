@@ -8,9 +8,10 @@
 //!
 //! What a plugin gets is what proxy-wasm-cpp-host gives it: stdout and stderr go to the error
 //! log (stdout at `info`, stderr at `error`, a line per line, under the plugin's log rate
-//! limit), stdin is empty, there are no files (every other descriptor is `EBADF`), and
-//! `poll_oneoff` sleeps for the shortest clock it is given, a little at a time, so that the
-//! callback's time limit still ends a plugin that sleeps too long. The other WASI functions
+//! limit; one write takes at most 64 KiB, in time linear in its bytes), stdin is empty, there
+//! are no files or sockets (every other descriptor is `EBADF`), and `poll_oneoff` sleeps for
+//! the shortest clock it is given, a little at a time, so that the callback's time limit still
+//! ends a plugin that sleeps too long. The other WASI functions
 //! (clocks, random numbers, arguments, environment, `proc_exit`) are wasmtime-wasi's.
 
 use crate::abi::stub;
