@@ -134,6 +134,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     wasmtime_wasi::p1::add_to_linker_sync(linker, |s: &mut HostState| &mut s.wasi)?;
     crate::wasi::shadow(linker)?;
     linker.alias_module("wasi_snapshot_preview1", "wasi_unstable")?;
+    crate::wasi::shadow_unstable(linker)?;
     Ok(())
 }
 

@@ -163,12 +163,7 @@ pub fn shadow(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         store(&mut c, out, &stat)
     })?;
     l.func_wrap(M, "fd_filestat_get", |mut c: C<'_>, fd: i32, out: i32| {
-        if !is_stdio(fd) {
-            return BADF;
-        }
-        let mut stat = [0u8; 64];
-        stat[16] = CHARACTER_DEVICE;
-        store(&mut c, out, &stat)
+        filestat(&mut c, fd, out, 64)
     })?;
     l.func_wrap(M, "fd_close", |_c: C<'_>, fd: i32| match is_stdio(fd) {
         true => SUCCESS,
@@ -189,13 +184,53 @@ pub fn shadow(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
+/// Under `wasi_unstable`, after the preview1 functions were aliased there: the two whose
+/// structures preview0 lays out otherwise (its `filestat` is 56 bytes, its clock subscription
+/// has an identifier first).
+pub fn shadow_unstable(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    const M: &str = "wasi_unstable";
+    l.allow_shadowing(true);
+    l.func_wrap(M, "fd_filestat_get", |mut c: C<'_>, fd: i32, out: i32| {
+        filestat(&mut c, fd, out, 56)
+    })?;
+    l.func_wrap(
+        M,
+        "poll_oneoff",
+        |c: C<'_>, s: i32, e: i32, n: i32, ne: i32| poll(c, &PREVIEW0, (s, e, n, ne)),
+    )?;
+    l.allow_shadowing(false);
+    Ok(())
+}
+
+/// A standard descriptor's `filestat` (`size` bytes: 64 in preview1, 56 in preview0; the file
+/// type at 16 in both): a character device, nothing else known.
+fn filestat(c: &mut C<'_>, fd: i32, out: i32, size: usize) -> i32 {
+    if !is_stdio(fd) {
+        return BADF;
+    }
+    let mut stat = [0u8; 64];
+    stat[16] = CHARACTER_DEVICE;
+    store(c, out, &stat[..size])
+}
+
 fn is_stdio(fd: i32) -> bool {
     (0..=2).contains(&fd)
 }
 
+/// The plugin's memory: the one looked up at instantiation, or, during it (a module's
+/// `start` function runs before), the calling instance's export.
+fn memory(c: &mut C<'_>) -> Option<wasmtime::Memory> {
+    match c.data().memory {
+        Some(m) => Some(m),
+        None => c
+            .get_export("memory")
+            .and_then(wasmtime::Extern::into_memory),
+    }
+}
+
 /// Writes `bytes` at `ptr` in guest memory: SUCCESS, or FAULT outside it.
 fn store(c: &mut C<'_>, ptr: i32, bytes: &[u8]) -> i32 {
-    let Some(m) = c.data().memory else {
+    let Some(m) = memory(c) else {
         return FAULT;
     };
     let p = ptr as u32 as usize;
@@ -225,7 +260,7 @@ fn fd_write(mut c: C<'_>, fd: i32, iovs: i32, n: i32, written: i32) -> i32 {
     if fd != 1 && fd != 2 {
         return BADF;
     }
-    let Some(m) = c.data().memory else {
+    let Some(m) = memory(&mut c) else {
         return FAULT;
     };
     let n = n as u32 as usize;
@@ -267,8 +302,28 @@ fn fd_write(mut c: C<'_>, fd: i32, iovs: i32, n: i32, written: i32) -> i32 {
     store_u32(&mut c, written, total as u32)
 }
 
-/// Subscriptions and events as WASI preview1 lays them out.
-const SUBSCRIPTION: usize = 48;
+/// Where a clock subscription's fields lie: preview1 (`wasi_snapshot_preview1`) and the older
+/// `wasi_unstable` differ (the latter has an identifier before the clock id). Events are laid
+/// out alike in both.
+struct Layout {
+    size: usize,
+    clock_id: usize,
+    timeout: usize,
+    flags: usize,
+}
+
+const PREVIEW1: Layout = Layout {
+    size: 48,
+    clock_id: 16,
+    timeout: 24,
+    flags: 40,
+};
+const PREVIEW0: Layout = Layout {
+    size: 56,
+    clock_id: 24,
+    timeout: 32,
+    flags: 48,
+};
 const EVENT: usize = 32;
 const TAG_CLOCK: u8 = 0;
 const TAG_FD_WRITE: u8 = 2;
@@ -280,12 +335,17 @@ const EVENT_FD_READWRITE_HANGUP: u16 = 1;
 /// Descriptors are ready at once (stdin at its end, stdout and stderr writable, others
 /// `EBADF`); with clocks alone, sleeps until the first of them (at most [`MAX_SLEEP`]) and
 /// reports it.
-fn poll_oneoff(mut c: C<'_>, subs: i32, events: i32, n: i32, nevents: i32) -> i32 {
+fn poll_oneoff(c: C<'_>, subs: i32, events: i32, n: i32, nevents: i32) -> i32 {
+    poll(c, &PREVIEW1, (subs, events, n, nevents))
+}
+
+/// [`poll_oneoff`] with the subscriptions laid out as `layout` says.
+fn poll(mut c: C<'_>, layout: &Layout, (subs, events, n, nevents): (i32, i32, i32, i32)) -> i32 {
     let n = n as u32 as usize;
     if n == 0 || n > MAX_SUBSCRIPTIONS {
         return INVAL;
     }
-    let Some(m) = c.data().memory else {
+    let Some(m) = memory(&mut c) else {
         return FAULT;
     };
     let origin = c.data().monotonic.0;
@@ -293,9 +353,15 @@ fn poll_oneoff(mut c: C<'_>, subs: i32, events: i32, n: i32, nevents: i32) -> i3
     let mut out: Vec<[u8; EVENT]> = Vec::new();
     let mut first_clock: Option<(Duration, u64)> = None;
     for i in 0..n {
-        let at = subs as u32 as usize + i * SUBSCRIPTION;
-        let Some(sub) = mem.get(at..at + SUBSCRIPTION) else {
+        let at = subs as u32 as usize + i * layout.size;
+        let Some(sub) = mem.get(at..at + layout.size) else {
             return FAULT;
+        };
+        let field = |at: usize, n: usize| {
+            sub[at..at + n]
+                .iter()
+                .rev()
+                .fold(0u64, |v, b| v << 8 | *b as u64)
         };
         let userdata = u64::from_le_bytes(sub[0..8].try_into().unwrap_or_default());
         let tag = sub[8];
@@ -303,9 +369,9 @@ fn poll_oneoff(mut c: C<'_>, subs: i32, events: i32, n: i32, nevents: i32) -> i3
             return INVAL;
         }
         if tag == TAG_CLOCK {
-            let id = u32::from_le_bytes(sub[16..20].try_into().unwrap_or_default());
-            let timeout = u64::from_le_bytes(sub[24..32].try_into().unwrap_or_default());
-            let flags = u16::from_le_bytes(sub[40..42].try_into().unwrap_or_default());
+            let id = field(layout.clock_id, 4) as u32;
+            let timeout = field(layout.timeout, 8);
+            let flags = field(layout.flags, 2) as u16;
             let Some(wait) = clock_wait(id, timeout, flags, origin) else {
                 return INVAL;
             };
