@@ -158,23 +158,16 @@ async fn perform(w: &Worker, c: HttpCall) -> Result<CallResponse, String> {
         .map_err(|e| format!("reading the answer: {e}"))?;
     let trailers = collected
         .trailers()
-        .map(|t| pairs(t.iter()))
+        .map(crate::wasm_glue::header_pairs)
         .unwrap_or_default();
     let mut headers = vec![(
         ":status".to_string(),
         head.status.as_str().as_bytes().to_vec(),
     )];
-    headers.extend(pairs(head.headers.iter()));
+    headers.extend(crate::wasm_glue::header_pairs(&head.headers));
     Ok(CallResponse {
         headers,
         body: collected.to_bytes().to_vec(),
         trailers,
     })
-}
-
-fn pairs<'a>(
-    it: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
-) -> Vec<(String, Vec<u8>)> {
-    it.map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
-        .collect()
 }

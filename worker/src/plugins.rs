@@ -975,21 +975,12 @@ impl Plugins {
                     end_of_stream,
                 });
             }
-            match r {
-                Err(_) if p.decl.fail_open => {}
-                Err(_) => {
-                    self.count(record, |r| &r.errors);
-                    return BodyStep::Fail;
+            match self.ended(p, record, r) {
+                Err(step) => return step,
+                Ok(Some(o)) if o.action == Action::Pause && !end_of_stream => {
+                    return BodyStep::Release(BodyBuf::default());
                 }
-                Ok(o) => {
-                    if let Some(reply) = o.reply {
-                        self.count(record, |r| &r.local_replies);
-                        return BodyStep::Reply(reply);
-                    }
-                    if o.action == Action::Pause && !end_of_stream {
-                        return BodyStep::Release(BodyBuf::default());
-                    }
-                }
+                Ok(_) => {}
             }
             data = std::mem::take(buf);
         }
@@ -1014,11 +1005,7 @@ impl Plugins {
         let Some(stream) = req.stream.as_mut() else {
             return BodyStep::Release(BodyBuf::default());
         };
-        let pairs: wasmgate_wasm::map::Pairs = trailers
-            .iter()
-            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
-            .collect();
-        *trailers_of(stream, response) = pairs;
+        *trailers_of(stream, response) = crate::wasm_glue::header_pairs(trailers);
         let mut step = BodyStep::Release(BodyBuf::default());
         for i in 0..req.active.len() {
             let a = &req.active[i];
@@ -1047,37 +1034,45 @@ impl Plugins {
             for c in calls {
                 self.spawn_call(plugin, generation, c);
             }
-            match r {
-                Err(_) if p.decl.fail_open => {}
-                Err(_) => {
-                    self.count(record, |r| &r.errors);
-                    step = BodyStep::Fail;
-                    break;
-                }
-                Ok(o) => {
-                    if let Some(reply) = o.reply {
-                        self.count(record, |r| &r.local_replies);
-                        step = BodyStep::Reply(reply);
-                        break;
-                    }
-                }
+            if let Err(ended) = self.ended(p, record, r) {
+                step = ended;
+                break;
             }
         }
         if let Some(stream) = req.stream.as_mut() {
             trailers.clear();
-            for (k, v) in std::mem::take(trailers_of(stream, response)) {
-                if let (Ok(n), Ok(v)) = (
-                    http::HeaderName::from_bytes(k.as_bytes()),
-                    http::HeaderValue::from_bytes(&v),
-                ) {
-                    // Fallible: `append` panics past 32768 entries.
-                    if trailers.try_append(n, v).is_err() {
-                        break;
-                    }
-                }
-            }
+            crate::wasm_glue::append_pairs(
+                trailers,
+                &std::mem::take(trailers_of(stream, response)),
+            );
         }
         step
+    }
+
+    /// What a body or trailers callback's result (its fault already logged) does to the
+    /// message: ends it (`Err`: a fault, unless the plugin fails open; a local reply), each
+    /// counted in the context's statistics, or lets it go on (`Ok`: the outcome, None for a
+    /// fault let pass).
+    fn ended(
+        &self,
+        p: &Plugin,
+        record: Option<usize>,
+        r: Result<Outcome, Fault>,
+    ) -> Result<Option<Outcome>, BodyStep> {
+        match r {
+            Err(_) if p.decl.fail_open => Ok(None),
+            Err(_) => {
+                self.count(record, |r| &r.errors);
+                Err(BodyStep::Fail)
+            }
+            Ok(Outcome {
+                reply: Some(reply), ..
+            }) => {
+                self.count(record, |r| &r.local_replies);
+                Err(BodyStep::Reply(reply))
+            }
+            Ok(o) => Ok(Some(o)),
+        }
     }
 
     /// Waits out a [`BodyStep::Wait`]: each answer goes to the plugin's root context with the

@@ -131,33 +131,46 @@ pub fn local_reply(r: LocalReply) -> Response<ProxyBody> {
         *resp.status_mut() = status;
         resp
     };
-    for (k, v) in &r.headers {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_bytes(v),
-        ) {
-            // Fallible: `append` panics past 32768 entries (a plugin's reply may carry more).
-            if resp.headers_mut().try_append(n, v).is_err() {
-                tracing::error!(
-                    "local reply with {} headers: keeping the first ones only",
-                    r.headers.len()
-                );
-                break;
-            }
-        }
+    if !append_pairs(resp.headers_mut(), &r.headers) {
+        tracing::error!(
+            "local reply with {} headers: keeping the first ones only",
+            r.headers.len()
+        );
     }
     // Its length in its head, the gateway's (a plugin's own `Content-Length` could disagree
     // with the body): the reply goes through the response phase, where a body plugin that
     // leaves it as it is hides the body's size, and it must not become chunked (or, for an
     // HTTP/1.0 client, close-delimited). None where the status allows no body.
-    let bodiless = status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
+    let bodiless = wasmgate_http1::codec::bodiless(status, false);
     if let (false, Some(len)) = (bodiless, resp.body().size_hint().exact()) {
         resp.headers_mut()
             .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     resp
+}
+
+/// A header map as the ABI's pairs (names lower-case, values as bytes).
+pub fn header_pairs(h: &HeaderMap) -> wasmgate_wasm::map::Pairs {
+    h.iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+/// Appends a plugin's `pairs` to `h`, leaving out those HTTP cannot carry (a name or value
+/// that is not valid). Returns false when the map was full (32,768 entries: `append` would
+/// panic), with the pairs after that point left out.
+pub fn append_pairs(h: &mut HeaderMap, pairs: &[(String, Vec<u8>)]) -> bool {
+    for (k, v) in pairs {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
+            if h.try_append(n, v).is_err() {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// What `proxy_get_property` answers beyond the host's own names: route, client address, and
