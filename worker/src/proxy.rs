@@ -296,7 +296,7 @@ async fn serve_route(
         // plugin's 401.
         if let Some(resp) = early {
             restore_headers(&shared, parts);
-            return own_response_phase(w, &shared, resp).await;
+            return response_phase(w, &shared, resp, None).await;
         }
         if wants_body {
             match request_body(w, &shared, body, parts).await {
@@ -304,7 +304,7 @@ async fn serve_route(
                     body = b;
                     cut = Some(failure);
                 }
-                Err(resp) => return own_response_phase(w, &shared, resp).await,
+                Err(resp) => return response_phase(w, &shared, resp, None).await,
             }
         }
     }
@@ -324,29 +324,13 @@ async fn serve_route(
     }
     // A plugin cut the request body while it streamed: its verdict, not the upstream's.
     let failure = cut.and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).take());
-    if let Some(f) = failure {
-        let resp = failure_response(f, StatusCode::PAYLOAD_TOO_LARGE);
-        return match wasm.as_ref() {
-            Some(shared) => own_response_phase(w, shared, resp).await,
-            None => resp,
-        };
-    }
+    let (resp, answered) = match failure {
+        Some(f) => (failure_response(f, StatusCode::PAYLOAD_TOO_LARGE), None),
+        None => (resp, up_log.answered),
+    };
     match wasm.as_ref() {
-        Some(shared) => response_phase(w, shared, resp, up_log.answered).await,
+        Some(shared) => response_phase(w, shared, resp, answered).await,
         None => resp,
-    }
-}
-
-/// The response phase for an answer made in the request phase (see [`response_phase`]), but
-/// for a reset stream, which has no answer to go through it.
-async fn own_response_phase(
-    w: &Worker,
-    shared: &SharedWasm,
-    resp: Response<ProxyBody>,
-) -> Response<ProxyBody> {
-    match is_reset(&resp) {
-        true => resp,
-        false => response_phase(w, shared, resp, None).await,
     }
 }
 
@@ -427,13 +411,17 @@ fn failure_response(f: BodyFailure, too_large: StatusCode) -> Response<ProxyBody
 }
 
 /// Runs `proxy_on_response_headers` (and, for plugins with body callbacks, primes the response
-/// body) and applies what the plugins changed.
+/// body) and applies what the plugins changed: on the upstream's answer, or on one made in
+/// its place (a local reply, an error page) — but for a reset stream, which has no answer.
 async fn response_phase(
     w: &Worker,
     shared: &SharedWasm,
     mut resp: Response<ProxyBody>,
     answered: Option<Instant>,
 ) -> Response<ProxyBody> {
+    if is_reset(&resp) {
+        return resp;
+    }
     // The contexts and the stream are lent out of the shared state while the callbacks run
     // (they may wait for call-outs), and go back even if this future is dropped half-way.
     let mut lent = Lent::take(shared);
