@@ -93,10 +93,8 @@ pub fn compile_plugins(
 ) -> Result<Vec<std::os::fd::OwnedFd>, String> {
     use std::sync::Arc;
     let level = config.config.nginx_config.error_log_level;
-    let last = LAST_COMPILED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    // Held to the end, not copied: the master compiles on one thread.
+    let mut last = LAST_COMPILED.lock().unwrap_or_else(|e| e.into_inner());
     let mut now: Vec<(Vec<u8>, Arc<Vec<u8>>, std::os::fd::OwnedFd)> = Vec::new();
     let mut out = Vec::new();
     for p in &config.config.wasm.plugins {
@@ -133,8 +131,7 @@ pub fn compile_plugins(
         out.push(listeners::dup_high(&fd).map_err(|e| e.to_string())?);
         now.push((bytes, code, fd));
     }
-    *LAST_COMPILED.lock().unwrap_or_else(|e| e.into_inner()) =
-        now.into_iter().map(|(b, code, _)| (b, code)).collect();
+    *last = now.into_iter().map(|(b, code, _)| (b, code)).collect();
     Ok(out)
 }
 
