@@ -1,6 +1,7 @@
 //! The Proxy-Wasm ABI host functions (module `env`), plus WASI preview1 under both of its
-//! module names (wasmtime-wasi's, with the functions that would block replaced: `wasi`). Every guest pointer and length is checked against guest memory; a bad one is
-//! answered with `InvalidMemoryAccess` (as proxy-wasm-cpp-host), never trusted.
+//! module names (wasmtime-wasi's, with the functions that would block replaced: `wasi`).
+//! Every guest pointer and length is checked against guest memory; a bad one is answered
+//! with `InvalidMemoryAccess` (as proxy-wasm-cpp-host), never trusted.
 
 use crate::head::{HeaderList, HeaderOp, NameMemo, ValueMemo};
 use crate::props::Found;
@@ -25,8 +26,15 @@ fn ok(s: Status) -> R {
     Ok(s as i32)
 }
 
-fn memory(c: &mut C<'_>) -> Option<Memory> {
-    c.data().memory
+/// The plugin's memory: the one looked up at instantiation, or, during it (a module's
+/// `start` function runs before), the calling instance's export.
+pub(crate) fn memory(c: &mut C<'_>) -> Option<Memory> {
+    match c.data().memory {
+        Some(m) => Some(m),
+        None => c
+            .get_export("memory")
+            .and_then(wasmtime::Extern::into_memory),
+    }
 }
 
 /// Copies `len` bytes at `ptr` out of guest memory.
@@ -47,7 +55,7 @@ fn read_str(c: &mut C<'_>, ptr: i32, len: i32) -> Result<String, Status> {
     String::from_utf8(read(c, ptr, len)?).map_err(|_| Status::BadArgument)
 }
 
-fn write(c: &mut C<'_>, ptr: i32, bytes: &[u8]) -> Result<(), Status> {
+pub(crate) fn write(c: &mut C<'_>, ptr: i32, bytes: &[u8]) -> Result<(), Status> {
     let m = memory(c).ok_or(BAD_MEMORY)?;
     let p = ptr as u32 as usize;
     let end = p.checked_add(bytes.len()).ok_or(BAD_MEMORY)?;

@@ -14,7 +14,7 @@
 //! ends a plugin that sleeps too long. The other WASI functions
 //! (clocks, random numbers, arguments, environment, `proc_exit`) are wasmtime-wasi's.
 
-use crate::abi::stub;
+use crate::abi::{memory, stub, write};
 use crate::state::HostState;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use wasmtime::{Caller, Linker, Val, ValType};
@@ -165,18 +165,12 @@ pub fn shadow(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(M, "fd_filestat_get", |mut c: C<'_>, fd: i32, out: i32| {
         filestat(&mut c, fd, out, 64)
     })?;
-    l.func_wrap(M, "fd_close", |_c: C<'_>, fd: i32| match is_stdio(fd) {
-        true => SUCCESS,
-        false => BADF,
-    })?;
+    l.func_wrap(M, "fd_close", |_c: C<'_>, fd: i32| stdio_only(fd))?;
     // Taken and ignored for the standard descriptors (Go sets them non-blocking).
     l.func_wrap(
         M,
         "fd_fdstat_set_flags",
-        |_c: C<'_>, fd: i32, _flags: i32| match is_stdio(fd) {
-            true => SUCCESS,
-            false => BADF,
-        },
+        |_c: C<'_>, fd: i32, _flags: i32| stdio_only(fd),
     )?;
     l.func_wrap(M, "poll_oneoff", poll_oneoff)?;
     refuse_the_rest(l, M)?;
@@ -217,32 +211,19 @@ fn is_stdio(fd: i32) -> bool {
     (0..=2).contains(&fd)
 }
 
-/// The plugin's memory: the one looked up at instantiation, or, during it (a module's
-/// `start` function runs before), the calling instance's export.
-fn memory(c: &mut C<'_>) -> Option<wasmtime::Memory> {
-    match c.data().memory {
-        Some(m) => Some(m),
-        None => c
-            .get_export("memory")
-            .and_then(wasmtime::Extern::into_memory),
+/// SUCCESS for a standard descriptor (the call is taken, nothing to do), EBADF for another.
+fn stdio_only(fd: i32) -> i32 {
+    match is_stdio(fd) {
+        true => SUCCESS,
+        false => BADF,
     }
 }
 
 /// Writes `bytes` at `ptr` in guest memory: SUCCESS, or FAULT outside it.
 fn store(c: &mut C<'_>, ptr: i32, bytes: &[u8]) -> i32 {
-    let Some(m) = memory(c) else {
-        return FAULT;
-    };
-    let p = ptr as u32 as usize;
-    match p
-        .checked_add(bytes.len())
-        .and_then(|end| m.data_mut(&mut *c).get_mut(p..end))
-    {
-        Some(dst) => {
-            dst.copy_from_slice(bytes);
-            SUCCESS
-        }
-        None => FAULT,
+    match write(c, ptr, bytes) {
+        Ok(()) => SUCCESS,
+        Err(_) => FAULT,
     }
 }
 
@@ -357,21 +338,17 @@ fn poll(mut c: C<'_>, layout: &Layout, (subs, events, n, nevents): (i32, i32, i3
         let Some(sub) = mem.get(at..at + layout.size) else {
             return FAULT;
         };
-        let field = |at: usize, n: usize| {
-            sub[at..at + n]
-                .iter()
-                .rev()
-                .fold(0u64, |v, b| v << 8 | *b as u64)
-        };
-        let userdata = u64::from_le_bytes(sub[0..8].try_into().unwrap_or_default());
+        // Within the subscription read: every field is there.
+        let field = |at: usize| le::<8>(sub, at).map_or(0, u64::from_le_bytes);
+        let userdata = field(0);
         let tag = sub[8];
         if tag > TAG_FD_WRITE {
             return INVAL;
         }
         if tag == TAG_CLOCK {
-            let id = field(layout.clock_id, 4) as u32;
-            let timeout = field(layout.timeout, 8);
-            let flags = field(layout.flags, 2) as u16;
+            let id = field(layout.clock_id) as u32;
+            let timeout = field(layout.timeout);
+            let flags = field(layout.flags) as u16;
             let Some(wait) = clock_wait(id, timeout, flags, origin) else {
                 return INVAL;
             };
@@ -381,7 +358,7 @@ fn poll(mut c: C<'_>, layout: &Layout, (subs, events, n, nevents): (i32, i32, i3
             }
             continue;
         }
-        let fd = i32::from_le_bytes(sub[16..20].try_into().unwrap_or_default());
+        let fd = field(16) as u32 as i32;
         let mut event = [0u8; EVENT];
         event[0..8].copy_from_slice(&userdata.to_le_bytes());
         event[10] = tag;
