@@ -711,7 +711,7 @@ fn edge_answers_match_envoy() {
 /// Envoy's contexts for call-outs and held headers: the answer to a call-out made from an
 /// HTTP context comes to its root context (`proxy_on_http_call_response(root, …)`, which the
 /// Go SDK requires), and the plugin then sets the HTTP context as effective to change the
-/// request; a plugin that pauses the headers of a request with a body may still change them
+/// request (an id no live context has is refused, as proxy-wasm-cpp-host does); a plugin that pauses the headers of a request with a body may still change them
 /// in `proxy_on_request_body` until the upstream is contacted.
 #[test]
 fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
@@ -734,6 +734,7 @@ fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
       (data (i32.const 240) "no")
       (data (i32.const 250) ":authority")
       (data (i32.const 270) "internal.svc")
+      (data (i32.const 340) "x-unknown-refused")
       (global $root (mut i32) (i32.const 0))
       (global $http (mut i32) (i32.const 0))
       {BUMP_MALLOC}
@@ -755,7 +756,12 @@ fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
           (else (drop (call $replace (i32.const 0) (i32.const 250) (i32.const 10) (i32.const 270) (i32.const 12)))))
         (i32.const 1))
       (func (export "proxy_on_http_call_response") (param $ctx i32) (param i32 i32 i32 i32)
+        ;; an id no context has is refused (BadArgument), and the effective context stays
+        (local $unknown i32)
+        (local.set $unknown (call $effective (i32.const 99999)))
         (drop (call $effective (global.get $http)))
+        (if (i32.eq (local.get $unknown) (i32.const 2))
+          (then (drop (call $add (i32.const 0) (i32.const 340) (i32.const 17) (i32.const 230) (i32.const 3)))))
         (if (i32.eq (local.get $ctx) (global.get $root))
           (then (drop (call $add (i32.const 0) (i32.const 200) (i32.const 6) (i32.const 230) (i32.const 3))))
           (else (drop (call $add (i32.const 0) (i32.const 200) (i32.const 6) (i32.const 240) (i32.const 2)))))
@@ -774,6 +780,12 @@ fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
     let r = get(&gw, "/ctx");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["headers"]["x-root"], "yes", "{}", r.text());
+    assert_eq!(
+        r.json()["headers"]["x-unknown-refused"],
+        "yes",
+        "{}",
+        r.text()
+    );
     let r = http("POST", &gw.url("/ctx"), &[], Some(b"some body"));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["headers"]["x-from-body"], "yes", "{}", r.text());

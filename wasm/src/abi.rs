@@ -678,7 +678,11 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_effective_context",
         |mut c: C<'_>, id: i32| -> R {
-            c.data_mut().effective_context = id as u32;
+            let d = c.data_mut();
+            if !d.live_contexts.contains(&(id as u32)) {
+                return ok(Status::BadArgument);
+            }
+            d.effective_context = id as u32;
             ok(Status::Ok)
         },
     )?;

@@ -269,6 +269,9 @@ pub struct HostState {
     /// The context id the current callback runs for, or the one set with
     /// `proxy_set_effective_context`.
     pub effective_context: u32,
+    /// The contexts this instance created and has not deleted: `proxy_set_effective_context`
+    /// with any other id is a BadArgument, as in proxy-wasm-cpp-host.
+    pub live_contexts: foldhash::HashSet<u32>,
     /// The root context of the context the current callback runs on: call-outs answer to it,
     /// and its ticks and queue registrations are its own (Envoy's `root_context()`).
     pub root_context: u32,

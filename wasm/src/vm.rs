@@ -148,6 +148,7 @@ impl PluginVm {
             stream: None,
             local_reply: None,
             effective_context: 0,
+            live_contexts: Default::default(),
             root_context: 0,
             tick_periods: HashMap::new(),
             ticks_changed: false,
@@ -232,6 +233,7 @@ impl PluginVm {
         let d = self.store.data_mut();
         d.effective_context = id;
         d.root_context = if parent == 0 { id } else { parent };
+        d.live_contexts.insert(id);
         let f = &self.f.context_create;
         run(&mut self.store, self.ticks, |s| {
             f.call(s, (id as i32, parent as i32))
@@ -518,10 +520,12 @@ impl PluginVm {
         if let Some(done) = self.f.done.as_ref() {
             run(&mut self.store, self.ticks, |s| done.call(s, id as i32))?;
         }
-        if let Some(delete) = self.f.delete.as_ref() {
-            run(&mut self.store, self.ticks, |s| delete.call(s, id as i32))?;
-        }
-        Ok(())
+        let deleted = match self.f.delete.as_ref() {
+            Some(delete) => run(&mut self.store, self.ticks, |s| delete.call(s, id as i32)),
+            None => Ok(()),
+        };
+        self.store.data_mut().live_contexts.remove(&id);
+        deleted
     }
 }
 
