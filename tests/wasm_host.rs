@@ -34,6 +34,22 @@ fn busy_workers(gw: &Gateway) -> usize {
 
 /// Adds the WAT module `wat` to config.yaml as plugin `name`, reloads, and puts it on a route
 /// at `uri`.
+/// Header pairs in the ABI's map encoding, as WAT string escapes, and their length.
+fn wat_map(pairs: &[(&str, &str)]) -> (String, usize) {
+    let mut map = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in pairs {
+        map.extend((k.len() as u32).to_le_bytes());
+        map.extend((v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        map.extend(k.bytes().chain([0]).chain(v.bytes()).chain([0]));
+    }
+    (
+        map.iter().map(|b| format!("\\{b:02x}")).collect(),
+        map.len(),
+    )
+}
+
 fn wat_plugin_on_route(gw: &Gateway, name: &str, wat: &str, uri: &str) {
     let file = format!("{name}.wasm");
     std::fs::write(gw.prefix().join(&file), wat::parse_str(wat).unwrap()).unwrap();
@@ -805,21 +821,11 @@ fn body_callbacks_wait_for_their_call_outs() {
     let gw = Gateway::start();
     let app = TestUpstream::start("app");
     let auth = TestUpstream::start("auth");
-    // The call's headers, in the ABI's map encoding, as WAT string escapes.
-    let pairs = [
+    let (escaped, len) = wat_map(&[
         (":method", "GET"),
         (":path", "/check"),
         (":authority", "auth"),
-    ];
-    let mut map = (pairs.len() as u32).to_le_bytes().to_vec();
-    for (k, v) in pairs {
-        map.extend((k.len() as u32).to_le_bytes());
-        map.extend((v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs {
-        map.extend(k.bytes().chain([0]).chain(v.bytes()).chain([0]));
-    }
-    let escaped: String = map.iter().map(|b| format!("\\{b:02x}")).collect();
+    ]);
     let wat = format!(
         r#"(module
       (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
@@ -855,8 +861,7 @@ fn body_callbacks_wait_for_their_call_outs() {
         (if (i32.gt_u (local.get 2) (i32.const 0))
           (then (drop (call $cont (i32.const 0))))
           (else (drop (call $reply (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 600)
-                                   (i32.const 6) (i32.const 0) (i32.const 0) (i32.const 0)))))))"#,
-        len = map.len()
+                                   (i32.const 6) (i32.const 0) (i32.const 0) (i32.const 0)))))))"#
     );
     wat_plugin_on_route(&gw, "body_check", &wat, "/unused");
     let conf = |target: String| json!({"conf": target});
@@ -880,6 +885,72 @@ fn body_callbacks_wait_for_their_call_outs() {
     // The body's call, then the log phase's.
     common::eventually(Duration::from_secs(5), "the log phase's call-out", || {
         auth.hits() == 2
+    });
+    assert!(!gw.error_log().contains("panicked"));
+}
+
+/// A call-out whose request did not wait for it is still answered once the request is over,
+/// on the root context (Envoy makes every call on the root): the Rust and Go SDKs keep a
+/// callback per token until then. Here the answer sets a shared-data key that the next
+/// requests show.
+#[test]
+fn call_outs_of_finished_requests_still_answer_the_root() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let (escaped, len) = wat_map(&[
+        (":method", "GET"),
+        (":path", "/delay/300/late"),
+        (":authority", "app"),
+    ]);
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_get_shared_data" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_set_shared_data" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (global $tptr (mut i32) (i32.const 0))
+      (global $tlen (mut i32) (i32.const 0))
+      (data (i32.const 300) "{escaped}")
+      (data (i32.const 600) "late-answer")
+      (data (i32.const 620) "x-late-answer")
+      (data (i32.const 640) "yes")
+      {BUMP_MALLOC}
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_configure") (param i32 i32) (result i32)
+        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get 1) (i32.const 200) (i32.const 204)))
+        (global.set $tptr (i32.load (i32.const 200)))
+        (global.set $tlen (i32.load (i32.const 204)))
+        (i32.const 1))
+      ;; shows whether an earlier call's answer came, then calls and lets the request go on
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (if (i32.eqz (call $get (i32.const 600) (i32.const 11) (i32.const 210) (i32.const 214) (i32.const 218)))
+          (then (drop (call $add (i32.const 0) (i32.const 620) (i32.const 13) (i32.const 640) (i32.const 3)))))
+        (drop (call $call (global.get $tptr) (global.get $tlen) (i32.const 300) (i32.const {len})
+                          (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+                          (i32.const 5000) (i32.const 208)))
+        (i32.const 0))
+      (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+        (if (i32.gt_u (local.get 2) (i32.const 0))
+          (then (drop (call $set (i32.const 600) (i32.const 11) (i32.const 640) (i32.const 3) (i32.const 0)))))))"#
+    );
+    wat_plugin_on_route(&gw, "late", &wat, "/unused");
+    gw.route(
+        "late",
+        json!({"uri": "/late", "plugins": {"late": {"conf": app.addr()}}}),
+        Some(&app),
+    );
+    let r = get(&gw, "/late");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.json()["headers"]["x-late-answer"].is_null(),
+        "{}",
+        r.text()
+    );
+    common::eventually(Duration::from_secs(5), "the late answer", || {
+        get(&gw, "/late").json()["headers"]["x-late-answer"] == "yes"
     });
     assert!(!gw.error_log().contains("panicked"));
 }

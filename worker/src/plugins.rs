@@ -1201,8 +1201,13 @@ impl Plugins {
                     cell.store(memory, Ordering::Relaxed);
                 }
             }
+            // Its call-outs still in flight answer to its root context, which their callback
+            // runs on anyway (Envoy makes every call on the root): the SDKs then clear the
+            // callback they keep by token.
             if !st.calls.is_empty() {
-                st.calls.retain(|_, c| *c != a.http.id);
+                for c in st.calls.values_mut().filter(|c| **c == a.http.id) {
+                    *c = a.http.root;
+                }
             }
             // Call-outs dispatched in `proxy_on_log` or `proxy_on_done` go out now: they are
             // the root context's, whose callback gets the answer (as in Envoy).
