@@ -106,7 +106,14 @@ impl<'de> Deserialize<'de> for ListenAddr {
         enum Raw {
             Port(u16),
             Text(String),
-            Map { ip: Option<String>, port: u16 },
+            Map {
+                ip: Option<String>,
+                port: Option<u16>,
+                enable_http2: Option<bool>,
+                // A misspelt key must not leave a listener on every address unnoticed.
+                #[serde(flatten)]
+                rest: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
+            },
         }
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         let addr = match Raw::deserialize(d).map_err(|_| {
@@ -119,7 +126,25 @@ impl<'de> Deserialize<'de> for ListenAddr {
                     serde::de::Error::custom(format!("invalid listen address {t:?}"))
                 })?,
             },
-            Raw::Map { ip, port } => {
+            Raw::Map {
+                ip,
+                port,
+                enable_http2,
+                rest,
+            } => {
+                if let Some(key) = rest.keys().next() {
+                    return Err(serde::de::Error::custom(format!(
+                        "unknown key {key:?} in a listen address (expected ip, port)"
+                    )));
+                }
+                if enable_http2 == Some(true) {
+                    return Err(serde::de::Error::custom(
+                        "enable_http2: HTTP/2 is not supported; listeners speak HTTP/1.1",
+                    ));
+                }
+                let Some(port) = port else {
+                    return Err(serde::de::Error::custom("a listen address needs a port"));
+                };
                 let ip = match ip {
                     Some(ip) => ip.parse::<IpAddr>().map_err(|_| {
                         serde::de::Error::custom(format!("invalid listen ip {ip:?}"))
@@ -845,6 +870,19 @@ mod tests {
             .map(|l| l.0.to_string())
             .collect();
         assert_eq!(v, ["0.0.0.0:9080", "127.0.0.1:9081", "[::1]:9082"]);
+        // APISIX's `enable_http2: false` is taken; a misspelt key is not (it would leave the
+        // listener on every address), nor HTTP/2, nor an item without a port.
+        let y = "apisix:\n  node_listen:\n    - {port: 9080, enable_http2: false}\n";
+        assert!(GatewayConfig::parse(y, "c").is_ok());
+        for (item, says) in [
+            ("{addr: 127.0.0.1, port: 9080}", "unknown key \"addr\""),
+            ("{ip: 127.0.0.1, port: 9080, enable_http2: true}", "HTTP/2"),
+            ("{ip: 127.0.0.1}", "needs a port"),
+        ] {
+            let y = format!("apisix:\n  node_listen:\n    - {item}\n");
+            let e = GatewayConfig::parse(&y, "c.yaml").unwrap_err();
+            assert!(e.0.contains(says) && e.0.starts_with("c.yaml:3"), "{item}: {e}");
+        }
     }
 
     #[test]
