@@ -158,6 +158,20 @@ fn invalid_reload_is_refused_and_old_config_keeps_serving() {
     std::fs::write(gw.config_path(), &good).unwrap();
     let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
     assert_eq!((s, v["epoch"].as_u64()), (200, Some(1)), "{v}");
+
+    // `deployment.admin` waits for a restart, all of it: a reload that turns the key off
+    // leaves the Admin API closed, says so, and applies the rest.
+    let open = good.replace("  admin:\n", "  admin:\n    admin_key_required: false\n");
+    assert_ne!(open, good);
+    std::fs::write(gw.config_path(), open).unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!((s, v["epoch"].as_u64()), (200, Some(2)), "{v}");
+    assert!(gw
+        .error_log()
+        .contains("changes to deployment.admin take effect at the next restart"));
+    let url = gw.admin_url("/apisix/admin/routes/9");
+    let (s, v) = common::client::admin(&url, "PUT", None, Some(json!({"uri": "/nine"})));
+    assert_eq!(s, 401, "{v}");
 }
 
 #[test]

@@ -223,10 +223,10 @@ impl Loop {
     }
 
     async fn try_reload(&mut self) -> Result<u64, String> {
-        let new = self.opts.load_config().map_err(|e| e.to_string())?;
+        let mut new = self.opts.load_config().map_err(|e| e.to_string())?;
         let plugins = crate::compile_plugins(&new, &self.opts)?;
         crate::admin::objects::check_all(&self.master.store(), &new.catalog())?;
-        warn_restart_only(&self.master.config(), &new);
+        keep_restart_only(&self.master.config(), &mut new);
         let listeners = listeners::rebind(self.sup.listeners(), &new.config.apisix.node_listen)
             .map_err(|e| format!("{e:#}"))?;
         let old_listeners = self.sup.replace_listeners(listeners);
@@ -302,7 +302,18 @@ impl Loop {
     }
 }
 
-/// Settings a reload cannot change in place: say so instead of silently ignoring them.
+/// Settings a reload cannot change in place: say so, and keep the running values in the
+/// master's configuration, so that nothing of them applies half-way (a reload that turned
+/// `admin_key_required` off opened the Admin API at once while its keys waited).
+fn keep_restart_only(old: &LoadedConfig, new: &mut LoadedConfig) {
+    warn_restart_only(old, new);
+    let (o, n) = (&old.config, &mut new.config);
+    n.deployment.admin = o.deployment.admin.clone();
+    n.deployment.etcd = o.deployment.etcd.clone();
+    n.wasmgate = o.wasmgate.clone();
+}
+
+/// Names the restart-only settings a reload changed.
 fn warn_restart_only(old: &LoadedConfig, new: &LoadedConfig) {
     let (o, n) = (&old.config, &new.config);
     let mut changed = Vec::new();

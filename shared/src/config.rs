@@ -881,7 +881,10 @@ mod tests {
         ] {
             let y = format!("apisix:\n  node_listen:\n    - {item}\n");
             let e = GatewayConfig::parse(&y, "c.yaml").unwrap_err();
-            assert!(e.0.contains(says) && e.0.starts_with("c.yaml:3"), "{item}: {e}");
+            assert!(
+                e.0.contains(says) && e.0.starts_with("c.yaml:3"),
+                "{item}: {e}"
+            );
         }
     }
 
