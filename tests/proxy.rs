@@ -389,6 +389,22 @@ fn list_nodes_and_upstream_id() {
         assert_eq!(who(&gw, "GET", "/zero", None), "a");
     }
     assert_eq!(b.hits(), 0);
+    // Nothing to pick — no node, or only weight-0 ones — is APISIX's 502, with its log line.
+    put(
+        &gw,
+        "routes/none",
+        json!({"uri": "/none", "upstream": {"type": "roundrobin", "nodes": {}}}),
+    );
+    put(
+        &gw,
+        "routes/zeros",
+        json!({"uri": "/zeros", "upstream": {"nodes": {b.addr(): 0}}}),
+    );
+    for path in ["/none", "/zeros"] {
+        assert_eq!(http("GET", &gw.url(path), &[], None).status, 502, "{path}");
+    }
+    assert_eq!(b.hits(), 0);
+    assert_eq!(gw.error_log().matches("no valid upstream node").count(), 2);
 
     put(&gw, "upstreams/u1", nodes(&[(a.addr(), 1)]));
     put(

@@ -576,7 +576,8 @@ async fn forward(
             .balancer
             .pick(hash_key.as_deref().map(str::as_bytes), &tried)
         else {
-            if up.nodes.is_empty() {
+            // Nothing to pick at all (no node, or only weight-0 ones): APISIX's 502 and line.
+            if tried.is_empty() {
                 tracing::error!("no valid upstream node");
             }
             // Every node tried: the last attempt's answer (one that timed out stays a 504).
