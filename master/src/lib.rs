@@ -122,7 +122,7 @@ pub fn compile_plugins(
             }
             None => {
                 let module = wasmgate_wasm::PluginModule::from_bytes(settings, &bytes)
-                    .map_err(|e| format!("{}: {e}", config.origin))?;
+                    .map_err(|e| format!("{}: {e} ({})", config.origin, path.display()))?;
                 Arc::new(module.serialize()?)
             }
         };

@@ -80,11 +80,20 @@ impl PluginModule {
         let name = settings.name.clone();
         let bytes = std::fs::read(path)
             .map_err(|e| format!("wasm plugin {name:?}: cannot read {}: {e}", path.display()))?;
-        PluginModule::from_bytes(settings, &bytes)
+        PluginModule::from_bytes(settings, &bytes).map_err(|e| format!("{e} ({})", path.display()))
     }
 
     /// Compiles wasm bytes (a `.wasm` file's content).
     pub fn from_bytes(settings: Settings, bytes: &[u8]) -> Result<PluginModule, String> {
+        // Binary modules start with the magic; WebAssembly text (accepted too) with `(` or a
+        // comment. Anything else gets a plain answer, not the text parser's complaint.
+        let text = bytes.trim_ascii_start();
+        if !(bytes.starts_with(b"\0asm") || text.starts_with(b"(") || text.starts_with(b";;")) {
+            return Err(format!(
+                "wasm plugin {:?}: not a WebAssembly module (a .wasm file starts with \"\\0asm\")",
+                settings.name
+            ));
+        }
         let module = Module::new(engine(), bytes)
             .map_err(|e| format!("wasm plugin {:?}: not a valid module: {e:#}", settings.name))?;
         PluginModule::check(settings, module)
