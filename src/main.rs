@@ -109,15 +109,7 @@ fn main() -> ExitCode {
         Command::Stop { common, graceful } => {
             wasmgate_master::cli::stop(&options(common, false), graceful)
         }
-        Command::Reload { common } => wasmgate_master::cli::signal_master(
-            &options(common, false),
-            wasmgate_master::cli::Signal::SIGHUP,
-        )
-        .map(|pid| {
-            say(&format!(
-                "reload signal sent to master {pid}; see the error log for the outcome\n"
-            ));
-        }),
+        Command::Reload { common } => wasmgate_master::cli::reload(&options(common, false)),
         Command::Reopen { common } => wasmgate_master::cli::signal_master(
             &options(common, false),
             wasmgate_master::cli::Signal::SIGUSR1,

@@ -249,8 +249,9 @@ fn fast_stop_on_term() {
 }
 
 /// A prefix holding only a config.yaml made from `template` (`{proxy}`, `{admin}` replaced),
-/// for tests that drive the CLI themselves. Returns the directory and the admin port.
-fn bare_prefix(template: &str) -> (tempfile::TempDir, u16) {
+/// for tests that drive the CLI themselves. Returns the directory, the admin port and the
+/// proxy's.
+fn bare_prefix(template: &str) -> (tempfile::TempDir, u16, u16) {
     let dir = tempfile::tempdir().unwrap();
     let (proxy, admin) = (common::free_port(), common::free_port());
     std::fs::create_dir_all(dir.path().join("conf")).unwrap();
@@ -262,7 +263,7 @@ fn bare_prefix(template: &str) -> (tempfile::TempDir, u16) {
             common::free_port()
         );
     std::fs::write(dir.path().join("conf/config.yaml"), yaml).unwrap();
-    (dir, admin)
+    (dir, admin, proxy)
 }
 
 /// Stops a daemon started by a test even when the test fails midway.
@@ -305,7 +306,7 @@ fn daemon_with_status_reload_and_stop_commands() {
          wasm:\n  plugins:\n    - {{name: rewrite, priority: 1, file: \"{}\"}}\n",
         common::fixture("header_rewrite")
     );
-    let (dir, admin_port) = bare_prefix(&template);
+    let (dir, admin_port, proxy_port) = bare_prefix(&template);
     let prefix = dir.path();
     let _guard = StopOnDrop(prefix);
     let (ok, _, err) = cli(&["start"], prefix);
@@ -333,14 +334,57 @@ fn daemon_with_status_reload_and_stop_commands() {
             ok && out.contains(&format!("master  pid {pid}")) && out.matches("running").count() == 2
         },
     );
-    let (ok, out, _) = cli(&["reload"], prefix);
-    assert!(ok && out.contains("reload signal sent"), "{out}");
-    eventually(Duration::from_secs(10), "epoch 1", || {
-        cli(&["status"], prefix).1.contains("epoch 1")
-    });
-    // A config.yaml broken on disk: status names the error and says the master still runs.
+    // `reload` reports the outcome, and its exit status says it (systemd's ExecReload).
+    let (ok, out, err) = cli(&["reload"], prefix);
+    assert!(
+        ok && out.contains("reload applied") && out.contains("epoch 1"),
+        "{out}{err}"
+    );
+    assert!(cli(&["status"], prefix).1.contains("epoch 1"));
     let conf = prefix.join("conf/config.yaml");
     let good = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(prefix.join("bad.wasm"), b"not a module").unwrap();
+    let bad_plugin = good.replace(&common::fixture("header_rewrite"), "bad.wasm");
+    assert_ne!(bad_plugin, good);
+    std::fs::write(&conf, bad_plugin).unwrap();
+    let (ok, _, err) = cli(&["reload"], prefix);
+    assert!(
+        !ok && err.contains("reload refused") && err.contains("not a WebAssembly module"),
+        "{err}"
+    );
+    assert!(err.contains("bad.wasm"), "{err}");
+    // Signals meant for nginx's master or for the master alone harm nothing: SIGUSR2 (no
+    // binary switch) is logged, SIGHUP to a worker ignored.
+    let workers: Vec<i32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGUSR2).unwrap();
+    for w in &workers {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*w), Signal::SIGHUP).unwrap();
+    }
+    let error_log = prefix.join("logs/error.log");
+    eventually(Duration::from_secs(5), "SIGUSR2 logged", || {
+        std::fs::read_to_string(&error_log)
+            .unwrap()
+            .contains("SIGUSR2 ignored")
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(alive(pid) && workers.iter().all(|w| alive(*w)));
+    assert_eq!(
+        http(
+            "GET",
+            &format!("http://127.0.0.1:{proxy_port}/d"),
+            &[],
+            None
+        )
+        .status,
+        200
+    );
+    // A config.yaml broken on disk: status names the error and says the master still runs;
+    // reload sends nothing; reopen (logrotate's hook) and stop still reach the master.
     std::fs::write(&conf, "nginx_config:\n  worker_processes: many\n").unwrap();
     let (ok, _, err) = cli(&["status"], prefix);
     assert!(!ok && err.contains("worker_processes"), "{err}");
@@ -348,14 +392,36 @@ fn daemon_with_status_reload_and_stop_commands() {
         err.contains(&format!("master (pid {pid}) is running")),
         "{err}"
     );
-    std::fs::write(&conf, good).unwrap();
+    let (ok, _, err) = cli(&["reload"], prefix);
+    assert!(!ok && err.contains("nothing sent"), "{err}");
+    let (ok, out, err) = cli(&["reopen"], prefix);
+    assert!(ok && out.contains(&format!("master {pid}")), "{out}{err}");
+    assert!(
+        err.contains("worker_processes") && err.contains("default pid file"),
+        "{err}"
+    );
     let (ok, out, err) = cli(&["stop"], prefix);
     assert!(ok, "{out}{err}");
     assert!(!alive(pid));
     assert!(!prefix.join("logs/wasmgate.pid").exists());
+    std::fs::write(&conf, good).unwrap();
     let (ok, _, err) = cli(&["status"], prefix);
     assert!(!ok && err.contains("not running"), "{err}");
     assert!(prefix.join("logs/access.log").exists() && prefix.join("logs/error.log").exists());
+    // A stale pid file naming a process that merely mentions wasmgate is not a master: stop
+    // leaves that process alone.
+    use std::os::unix::process::CommandExt;
+    let mut other = Command::new("sleep")
+        .arg0("tail -f /var/log/wasmgate/error.log")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    std::fs::write(prefix.join("logs/wasmgate.pid"), other.id().to_string()).unwrap();
+    let (ok, _, err) = cli(&["stop"], prefix);
+    assert!(!ok && err.contains("not running"), "{err}");
+    assert!(alive(other.id() as i32));
+    other.kill().unwrap();
+    other.wait().unwrap();
 }
 
 #[test]
@@ -389,7 +455,7 @@ fn bad_config_exits_non_zero_with_file_and_line() {
 
 #[test]
 fn an_empty_admin_key_is_generated_stored_and_printed_once() {
-    let (dir, admin) = bare_prefix(
+    let (dir, admin, _) = bare_prefix(
         "apisix:\n  node_listen: [{ip: 127.0.0.1, port: {proxy}}]\n\
          deployment:\n  admin:\n    admin_key:\n      - {name: admin, key: \"\", role: admin}\n    admin_listen: {ip: 127.0.0.1, port: {admin}}\n\
          nginx_config:\n  worker_processes: 1\n",

@@ -1,6 +1,7 @@
 //! `wasmgate stop | reload | status`: talking to a running master through its pid file and
 //! Admin API.
 
+use crate::state::LoadedConfig;
 use crate::Options;
 use anyhow::{bail, Context};
 use nix::sys::signal::kill;
@@ -13,11 +14,40 @@ pub fn running_pid(path: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(path).ok()?;
     let pid: i32 = text.trim().parse().ok()?;
     kill(Pid::from_raw(pid), None).ok()?;
-    // A stale pid file may name a recycled pid: check the process is ours.
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    String::from_utf8_lossy(&cmdline)
-        .contains("wasmgate")
-        .then_some(pid)
+    // A stale pid file may name a recycled pid: check the process is a wasmgate master.
+    is_master(pid).then_some(pid)
+}
+
+/// Whether process `pid` is a wasmgate master: started with `start`, running this very binary
+/// (an upgrade in place shows the old one as deleted) or a program named wasmgate…. Any
+/// process whose command line merely mentions wasmgate (`tail -f /var/log/wasmgate/…`) is not,
+/// nor another wasmgate command (`tui`).
+fn is_master(pid: i32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline.split(|b| *b == 0).map(String::from_utf8_lossy);
+    let argv0 = args.next().unwrap_or_default().into_owned();
+    if !args.any(|a| a == "start") {
+        return false;
+    }
+    let exe = |p: &str| {
+        std::fs::read_link(p).ok().map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_suffix(" (deleted)")
+                .map(str::to_string)
+                .unwrap_or(l)
+        })
+    };
+    let same_binary = matches!(
+        (exe(&format!("/proc/{pid}/exe")), exe("/proc/self/exe")),
+        (Some(theirs), Some(ours)) if theirs == ours
+    );
+    same_binary
+        || argv0
+            .rsplit('/')
+            .next()
+            .is_some_and(|n| n.starts_with("wasmgate"))
 }
 
 /// Removes the pid file if it still names this process.
@@ -43,26 +73,102 @@ fn master_pid(opts: &Options) -> anyhow::Result<(i32, std::path::PathBuf)> {
     }
 }
 
+/// The running master for a command that needs nothing of config.yaml but the pid file's
+/// place (`stop`, `reopen`): with the file broken on disk — mid-edit when logrotate runs — the
+/// default pid file is tried, and the error named, rather than nothing sent.
+fn master_pid_even_if_broken(opts: &Options) -> anyhow::Result<(i32, Option<LoadedConfig>)> {
+    match opts.load_config() {
+        Ok(loaded) => master_pid(opts).map(|(pid, _)| (pid, Some(loaded))),
+        Err(e) => {
+            let default = wasmgate_shared::config::WasmgateSection::default().pid_file;
+            let Some(pid) = running_pid(&opts.resolve(&default)) else {
+                bail!("{e}");
+            };
+            eprintln!("wasmgate: {e}\nwasmgate: using the default pid file: master {pid}");
+            Ok((pid, None))
+        }
+    }
+}
+
 /// Sends `signal` to the master named by the pid file.
 pub fn signal_master(opts: &Options, signal: Signal) -> anyhow::Result<i32> {
-    let (pid, _) = master_pid(opts)?;
+    let (pid, _) = master_pid_even_if_broken(opts)?;
     kill(Pid::from_raw(pid), signal).with_context(|| format!("cannot signal pid {pid}"))?;
     Ok(pid)
 }
 
-/// `wasmgate stop`: signals the master and waits for it to exit.
+/// `wasmgate reload`: asks the master through its Admin API and reports the outcome — the
+/// exit status says whether the new configuration serves (so `systemctl reload` fails when
+/// the reload is refused). Without an Admin API to reach, SIGHUP, whose outcome the error
+/// log tells. A config.yaml that does not load is refused here, before anything is sent.
+pub fn reload(opts: &Options) -> anyhow::Result<()> {
+    let loaded = opts
+        .load_config()
+        .map_err(|e| anyhow::anyhow!("{e}; nothing sent, the running configuration stays"))?;
+    let (pid, _) = master_pid(opts)?;
+    let (addr, key) = admin_access(opts, &loaded);
+    match http_request(addr, "POST", "/wasmgate/reload", key.as_deref()) {
+        Ok((200, body)) => {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            say(&format!(
+                "reload applied by master {pid}: epoch {} serving\n",
+                v["epoch"]
+            ));
+            Ok(())
+        }
+        // A key the running master does not know (changed in config.yaml, which applies at
+        // the next restart): the signal needs none.
+        Ok((401 | 403, _)) | Err(_) => {
+            kill(Pid::from_raw(pid), Signal::SIGHUP)
+                .with_context(|| format!("cannot signal pid {pid}"))?;
+            say(&format!(
+                "the Admin API on {addr} could not be asked: reload signal sent to master {pid}; \
+                 see the error log for the outcome\n"
+            ));
+            Ok(())
+        }
+        Ok((status, body)) => {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            match v["error_msg"].as_str() {
+                Some(msg) => bail!("{msg}"),
+                None => bail!("the Admin API answered {status} to the reload: {body}"),
+            }
+        }
+    }
+}
+
+/// Where the Admin API listens (loopback for a wildcard address) and the key to call it with.
+fn admin_access(opts: &Options, loaded: &LoadedConfig) -> (std::net::SocketAddr, Option<String>) {
+    let data_dir = opts.resolve(&loaded.config.wasmgate.data_dir);
+    let key = admin_key(&loaded.config, &data_dir);
+    let mut addr = loaded.config.deployment.admin.admin_listen.addr();
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    (addr, key)
+}
+
+/// `wasmgate stop`: signals the master and waits for it to exit (a graceful stop as long as
+/// the master may drain: `worker_shutdown_timeout`, and some).
 pub fn stop(opts: &Options, graceful: bool) -> anyhow::Result<()> {
     let sig = if graceful {
         Signal::SIGQUIT
     } else {
         Signal::SIGTERM
     };
-    let pid = signal_master(opts, sig)?;
-    let deadline =
-        std::time::Instant::now() + std::time::Duration::from_secs(if graceful { 300 } else { 15 });
+    let (pid, loaded) = master_pid_even_if_broken(opts)?;
+    kill(Pid::from_raw(pid), sig).with_context(|| format!("cannot signal pid {pid}"))?;
+    let drain = loaded.map_or(std::time::Duration::from_secs(300), |l| {
+        l.config.nginx_config.worker_shutdown_timeout
+    });
+    let wait = match graceful {
+        true => drain + std::time::Duration::from_secs(15),
+        false => std::time::Duration::from_secs(15),
+    };
+    let deadline = std::time::Instant::now() + wait;
     while kill(Pid::from_raw(pid), None).is_ok() {
         if std::time::Instant::now() > deadline {
-            bail!("master {pid} is still running");
+            bail!("master {pid} is still running after {}s", wait.as_secs());
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -89,16 +195,11 @@ pub fn status(opts: &Options) -> anyhow::Result<()> {
         }
     };
     let (pid, pid_path) = master_pid(opts)?;
-    let admin = &loaded.config.deployment.admin;
-    let data_dir = opts.resolve(&loaded.config.wasmgate.data_dir);
-    let key = admin_key(&loaded.config, &data_dir);
-    let mut addr = admin.admin_listen.addr();
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let body = http_get(addr, "/wasmgate/status", key.as_deref()).with_context(|| {
-        format!("master {pid} is running but its Admin API on {addr} did not answer")
-    })?;
+    let (addr, key) = admin_access(opts, &loaded);
+    let (_, body) =
+        http_request(addr, "GET", "/wasmgate/status", key.as_deref()).with_context(|| {
+            format!("master {pid} is running but its Admin API on {addr} did not answer")
+        })?;
     let v: serde_json::Value =
         serde_json::from_str(&body).context("unexpected Admin API answer")?;
     if let Some(e) = v.get("error_msg") {
@@ -172,25 +273,37 @@ pub fn admin_key(cfg: &wasmgate_shared::config::GatewayConfig, data_dir: &Path) 
     })
 }
 
-/// A minimal blocking HTTP/1.1 GET on loopback (the CLI needs nothing more).
-fn http_get(addr: std::net::SocketAddr, path: &str, key: Option<&str>) -> anyhow::Result<String> {
+/// A minimal blocking HTTP/1.1 request without a body, on loopback (the CLI needs nothing
+/// more): the answer's status and body.
+fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    // A reload waits for the new workers to be ready (plugins compiled, VMs started).
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
     let key_header = key
         .map(|k| format!("X-API-KEY: {k}\r\n"))
         .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{key_header}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{key_header}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut buf = Vec::new();
     s.take(16 << 20).read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf);
-    let (_, body) = text
+    let (head, body) = text
         .split_once("\r\n\r\n")
         .context("malformed HTTP answer")?;
-    Ok(body.to_string())
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("malformed HTTP status line")?;
+    Ok((status, body.to_string()))
 }
 
 /// Writes a command's output. A reader that went away (`wasmgate status | head -1`) is not

@@ -35,6 +35,9 @@ struct Signals {
     int: tokio::signal::unix::Signal,
     quit: tokio::signal::unix::Signal,
     usr1: tokio::signal::unix::Signal,
+    /// nginx's binary switch, which wasmgate does not have: logged, not fatal (its default
+    /// action would end the master and, with it, every worker).
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -45,6 +48,7 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             quit: signal(SignalKind::quit())?,
             usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 }
@@ -104,8 +108,14 @@ pub fn run(
             tokio::spawn(crate::metrics::serve(l, master.clone()));
         }
         let shm_fd = listeners::dup_high(&master.plugin_shm.fd().try_clone_to_owned()?)?;
-        let (sup, exits) =
-            Supervisor::new(master.clone(), proxy, plugins, shm_fd, opts.prefix.clone());
+        let (sup, exits) = Supervisor::new(
+            master.clone(),
+            proxy,
+            plugins,
+            shm_fd,
+            opts.prefix.clone(),
+            opts.foreground,
+        );
         let mut l = Loop {
             opts,
             master,
@@ -152,6 +162,7 @@ impl Loop {
             mut int,
             mut quit,
             mut usr1,
+            mut usr2,
         } = self.signals.take().context("main loop started twice")?;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut control = self.control.take().context("main loop started twice")?;
@@ -164,6 +175,12 @@ impl Loop {
                 _ = term.recv() => return self.stop(false).await,
                 _ = int.recv() => return self.stop(false).await,
                 _ = quit.recv() => return self.stop(true).await,
+                _ = usr2.recv() => {
+                    tracing::warn!(
+                        "SIGUSR2 ignored: there is no binary switch; upgrade with \
+                         `wasmgate stop --graceful` then `wasmgate start` (docs/operations.md)"
+                    );
+                }
                 _ = usr1.recv() => {
                     // logrotate moved the files: reopen ours, then the workers' (nginx's way).
                     if let Err(e) = wasmgate_shared::logging::reopen() {

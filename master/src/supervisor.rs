@@ -59,6 +59,8 @@ struct SpawnCtx {
     plugin_shm: OwnedFd,
     exits: mpsc::UnboundedSender<(u32, String)>,
     prefix: std::path::PathBuf,
+    /// `start --foreground`: workers log to standard error too, as the master does.
+    stderr: bool,
 }
 
 /// The worker set and everything needed to (re)spawn it.
@@ -75,6 +77,7 @@ impl Supervisor {
         plugins: Vec<OwnedFd>,
         plugin_shm: OwnedFd,
         prefix: std::path::PathBuf,
+        stderr: bool,
     ) -> (Supervisor, mpsc::UnboundedReceiver<(u32, String)>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
@@ -86,6 +89,7 @@ impl Supervisor {
                     plugin_shm,
                     exits: tx,
                     prefix,
+                    stderr,
                 },
                 master,
                 workers: Vec::new(),
@@ -299,6 +303,7 @@ impl SpawnCtx {
             epoch: w.epoch,
             listeners: self.listeners.len() as u32,
             plugins: self.plugins.len() as u32,
+            stderr: self.stderr,
         };
         let mut fds: Vec<RawFd> = vec![self.master.segment.fd().as_raw_fd()];
         fds.extend(self.listeners.iter().map(|l| l.fd.as_raw_fd()));

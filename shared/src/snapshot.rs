@@ -178,6 +178,9 @@ pub struct WorkerBoot {
     pub listeners: u32,
     /// How many compiled plugin modules follow the listeners, one per `wasm.plugins` entry.
     pub plugins: u32,
+    /// Log to standard error too (the master runs in the foreground).
+    #[serde(default)]
+    pub stderr: bool,
 }
 
 #[cfg(test)]

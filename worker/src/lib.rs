@@ -87,7 +87,15 @@ pub fn run() -> anyhow::Result<()> {
     let config = GatewayConfig::parse(&boot.config_yaml, &boot.config_origin)?;
     let log_path = boot.prefix.join(&config.nginx_config.error_log);
     let role = format!("worker-{}", boot.worker_id);
-    wasmgate_shared::logging::init(&log_path, config.nginx_config.error_log_level, &role, false)?;
+    wasmgate_shared::logging::init(
+        &log_path,
+        config.nginx_config.error_log_level,
+        &role,
+        boot.stderr,
+    )?;
+    // What `top`, `pidof` and `ps -C` show: the executable's name would be `exe` (workers
+    // start from /proc/self/exe). Fifteen bytes at most.
+    let _ = nix::sys::prctl::set_name(c"wasmgate-worker");
     // SAFETY: the master placed the shared-memory memfd at fd 3 and the listeners at 4, 5, …
     // (see master/src/supervisor.rs); nothing else in this process owns those numbers.
     let segment = Arc::new(Segment::open(unsafe { OwnedFd::from_raw_fd(3) })?);
@@ -174,6 +182,13 @@ async fn serve(
     let mut int = signal(SignalKind::interrupt())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let mut published = signal(SignalKind::window_change())?;
+    // Signals meant for the master (a reload, nginx's binary switch) that reach a worker —
+    // `pkill -HUP wasmgate` — are ignored, as nginx's workers do, instead of ending it with
+    // its requests. Once installed, tokio's handlers replace the default action for good.
+    let _for_the_master = (
+        signal(SignalKind::hangup())?,
+        signal(SignalKind::user_defined2())?,
+    );
     loop {
         tokio::select! {
             _ = quit.recv() => break,
