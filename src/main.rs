@@ -130,12 +130,15 @@ fn main() -> ExitCode {
 }
 
 fn test_config(opts: &Options) -> anyhow::Result<()> {
-    let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
-    wasmgate_master::compile_plugins(&loaded, opts).map_err(anyhow::Error::msg)?;
-    say(&format!(
-        "wasmgate: configuration {} is ok\n",
-        loaded.origin
-    ));
+    let notes = wasmgate_master::check(opts)?;
+    let origin = opts
+        .load_config()
+        .map(|l| l.origin)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for n in notes {
+        say(&format!("wasmgate: note: {n}\n"));
+    }
+    say(&format!("wasmgate: configuration {origin} is ok\n"));
     Ok(())
 }
 

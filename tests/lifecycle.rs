@@ -174,6 +174,44 @@ fn invalid_reload_is_refused_and_old_config_keeps_serving() {
     assert_eq!(s, 401, "{v}");
 }
 
+/// `wasmgate test` refuses what `start` would refuse, as `nginx -t`: a plugin the stored
+/// routes use and config.yaml no longer declares, a plugin that cannot start under its
+/// `memory_limit`, a log file that cannot be opened. A fresh prefix with the embedded default
+/// configuration passes (its example plugin comes from the binary).
+#[test]
+fn the_test_command_refuses_what_start_would() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start();
+    proxied_route(&gw, &up);
+    let test = |prefix: &std::path::Path| cli(&["test"], prefix);
+    let (ok, out, err) = test(gw.prefix());
+    assert!(ok && out.contains("is ok"), "{out}{err}");
+    let good = std::fs::read_to_string(gw.config_path()).unwrap();
+    for (bad, says) in [
+        (good.replace("wasm_log", "other_plugin"), "route 1"),
+        (
+            good.replace("{name: wasm_auth,", "{memory_limit: 10k, name: wasm_auth,"),
+            "memory limit",
+        ),
+        (
+            format!("{good}\n").replace(
+                "nginx_config:\n",
+                "nginx_config:\n  error_log: /proc/no/e.log\n",
+            ),
+            "nginx_config.error_log",
+        ),
+    ] {
+        assert_ne!(bad, good);
+        std::fs::write(gw.config_path(), &bad).unwrap();
+        let (ok, out, err) = test(gw.prefix());
+        assert!(!ok && err.contains(says), "{says}: {out}{err}");
+    }
+    std::fs::write(gw.config_path(), &good).unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let (ok, out, err) = test(fresh.path());
+    assert!(ok && out.contains("embedded"), "{out}{err}");
+}
+
 #[test]
 fn nothing_acknowledged_is_lost_when_the_master_is_killed() {
     let up = TestUpstream::start("persisted");

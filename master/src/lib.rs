@@ -100,7 +100,7 @@ pub fn compile_plugins(
     for p in &config.config.wasm.plugins {
         let path = opts.resolve(&p.file);
         let settings = wasmgate_wasm::Settings::from_decl(p, level);
-        let bytes = std::fs::read(&path).map_err(|e| {
+        let bytes = read_plugin(config, opts, p).map_err(|e| {
             format!(
                 "{}: wasm plugin {:?}: cannot read file {}: {e}",
                 config.origin,
@@ -145,24 +145,118 @@ const EXAMPLE_PLUGIN: (&str, &[u8]) = (
 /// With the embedded default configuration, writes its example plugin into the prefix if the
 /// file is not there yet (a file that exists is never overwritten).
 fn install_example_plugin(loaded: &LoadedConfig, opts: &Options) -> anyhow::Result<()> {
+    if !example_missing(loaded, opts) {
+        return Ok(());
+    }
     let path = opts.resolve(Path::new(EXAMPLE_PLUGIN.0));
-    if opts.config_path().is_some() || path.exists() {
-        return Ok(());
-    }
-    if !loaded
-        .config
-        .wasm
-        .plugins
-        .iter()
-        .any(|p| p.file == Path::new(EXAMPLE_PLUGIN.0))
-    {
-        return Ok(());
-    }
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
     std::fs::write(&path, EXAMPLE_PLUGIN.1)
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// A plugin's file. The embedded default configuration's example plugin, which `start`
+/// writes into the prefix, is read from the binary while the prefix lacks it (`wasmgate test`
+/// on a fresh prefix).
+fn read_plugin(
+    loaded: &LoadedConfig,
+    opts: &Options,
+    p: &wasmgate_shared::config::WasmPluginDecl,
+) -> std::io::Result<Vec<u8>> {
+    let path = opts.resolve(&p.file);
+    match std::fs::read(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && example_missing(loaded, opts) => {
+            Ok(EXAMPLE_PLUGIN.1.to_vec())
+        }
+        r => r,
+    }
+}
+
+/// Whether the embedded default configuration declares the example plugin and the prefix
+/// lacks its file.
+fn example_missing(loaded: &LoadedConfig, opts: &Options) -> bool {
+    let path = opts.resolve(Path::new(EXAMPLE_PLUGIN.0));
+    opts.config_path().is_none()
+        && !path.exists()
+        && loaded
+            .config
+            .wasm
+            .plugins
+            .iter()
+            .any(|p| p.file == Path::new(EXAMPLE_PLUGIN.0))
+}
+
+/// `wasmgate test`, nginx's `-t`: everything `start` and `reload` would refuse, found without
+/// touching a running gateway — the file, each plugin compiled *and started* once (its
+/// `proxy_on_vm_start`, under its `memory_limit`), the log files opened for appending, and
+/// the stored objects (a local store) read and checked against the plugin list. Returns
+/// what the operator should know besides.
+pub fn check(opts: &Options) -> anyhow::Result<Vec<String>> {
+    let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = &loaded.config;
+    let level = cfg.nginx_config.error_log_level;
+    for p in &cfg.wasm.plugins {
+        let path = opts.resolve(&p.file);
+        let bytes = read_plugin(&loaded, opts, p).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: wasm plugin {:?}: cannot read file {}: {e}",
+                loaded.origin,
+                p.name,
+                path.display()
+            )
+        })?;
+        let settings = wasmgate_wasm::Settings::from_decl(p, level);
+        let module = wasmgate_wasm::PluginModule::from_bytes(settings, &bytes)
+            .map_err(|e| anyhow::anyhow!("{}: {e} ({})", loaded.origin, path.display()))?;
+        wasmgate_wasm::PluginVm::new(&module).map_err(|f| {
+            anyhow::anyhow!(
+                "{}: wasm plugin {:?}: start failed: {f}",
+                loaded.origin,
+                p.name
+            )
+        })?;
+    }
+    let http = &cfg.nginx_config.http;
+    let logs = [
+        (
+            "nginx_config.error_log",
+            Some(cfg.nginx_config.error_log.as_path()),
+        ),
+        (
+            "nginx_config.http.access_log",
+            (http.access_log != "off").then(|| Path::new(&http.access_log)),
+        ),
+    ];
+    for (key, path) in logs {
+        let Some(path) = path.map(|p| opts.resolve(p)) else {
+            continue;
+        };
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d)
+                .with_context(|| format!("{key}: cannot create {}", d.display()))?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("{key}: cannot open {} for appending", path.display()))?;
+    }
+    let mut notes = Vec::new();
+    let data_dir = opts.resolve(&cfg.wasmgate.data_dir);
+    if cfg.deployment.etcd.is_some() {
+        notes.push("the objects in etcd are checked when the gateway starts".to_string());
+    } else if data_dir.exists() {
+        let store = store::Store::open(&data_dir)
+            .with_context(|| format!("the stored objects in {}", data_dir.display()))?;
+        admin::objects::check_all(&store, &loaded.catalog()).map_err(|e| {
+            anyhow::anyhow!(
+                "the stored configuration does not match {}: {e}",
+                loaded.origin
+            )
+        })?;
+    }
+    Ok(notes)
 }
 
 /// `wasmgate start`.
