@@ -618,6 +618,14 @@ impl GatewayConfig {
                 ));
             }
         }
+        // 0 would refuse every Admin API write (unlike `client_max_body_size`, where nginx's
+        // 0 means no limit).
+        if admin.max_body_size == 0 {
+            return Err(err(
+                "max_body_size",
+                "deployment.admin.max_body_size must be at least 1 byte".into(),
+            ));
+        }
         if admin.admin_key_required && admin.admin_key.is_empty() {
             return Err(err(
                 "admin_key",
@@ -886,6 +894,13 @@ mod tests {
                 "{item}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn an_admin_body_limit_of_zero_is_refused() {
+        let y = "deployment:\n  admin:\n    max_body_size: 0\n";
+        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
+        assert!(e.0.starts_with("c.yaml:3:") && e.0.contains("at least 1 byte"), "{e}");
     }
 
     #[test]
