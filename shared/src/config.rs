@@ -900,7 +900,10 @@ mod tests {
     fn an_admin_body_limit_of_zero_is_refused() {
         let y = "deployment:\n  admin:\n    max_body_size: 0\n";
         let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
-        assert!(e.0.starts_with("c.yaml:3:") && e.0.contains("at least 1 byte"), "{e}");
+        assert!(
+            e.0.starts_with("c.yaml:3:") && e.0.contains("at least 1 byte"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -290,11 +290,24 @@ impl Head {
         self.headers.get_all(name).into_iter().map(|v| v.as_bytes())
     }
 
-    /// Every pair: pseudo-headers first, then headers in the map's order.
+    /// Every pair: pseudo-headers first, then headers in the map's order. A request's `Host`
+    /// is its `:authority` (as Envoy's codec makes it), not a header of its own: a plugin that
+    /// sends the pairs on (a call-out) must not send two. `get("host")` still answers, for
+    /// plugins written against nginx.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
         let pseudo = self.pseudo.iter().map(|(k, v)| (k.as_ref(), v.as_ref()));
-        let headers = self.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
+        let hide = self.hides_host();
+        let headers = self
+            .headers
+            .iter()
+            .filter(move |(k, _)| !(hide && *k == http::header::HOST))
+            .map(|(k, v)| (k.as_str(), v.as_bytes()));
         pseudo.chain(headers)
+    }
+
+    /// Whether this is a request's head, whose `Host` the pairs show as `:authority` only.
+    fn hides_host(&self) -> bool {
+        self.pseudo.iter().any(|(k, _)| *k == PSEUDO[2])
     }
 
     /// Why the head cannot be sent as plugins left it: a header the map could not take.
@@ -570,7 +583,11 @@ impl HeaderList for Head {
     }
 
     fn count(&self) -> usize {
-        self.pseudo.len() + self.headers.len()
+        let host = match self.hides_host() {
+            true => self.headers.get_all(http::header::HOST).iter().count(),
+            false => 0,
+        };
+        self.pseudo.len() + self.headers.len() - host
     }
 
     fn encode_into(&self, out: &mut [u8]) -> usize {
@@ -737,15 +754,17 @@ mod tests {
                 (":path", "/a?b=c"),
                 (":authority", "example.com"),
                 (":scheme", "http"),
-                ("host", "example.com"),
                 ("x-one", "1"),
                 ("x-two", "2"),
                 ("x-two", "3"),
             ]
         );
-        assert_eq!(h.count(), 8);
+        // `Host` is the `:authority` above, not a pair of its own (as in Envoy); asked by
+        // name it still answers.
+        assert_eq!(h.count(), 7);
+        assert_eq!(h.get("host"), Some(&b"example.com"[..]));
         assert_eq!(h.encoded_len(), h.encode().len());
-        assert_eq!(map::decode(&h.encode()).unwrap().len(), 8);
+        assert_eq!(map::decode(&h.encode()).unwrap().len(), 7);
         assert!(!h.changed());
     }
 
