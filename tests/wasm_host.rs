@@ -640,6 +640,45 @@ fn response_headers_read_after_sending_are_the_ones_sent() {
     );
 }
 
+/// `request.headers.<name>` gives every value of the name joined with `,`, as Envoy's
+/// attribute does (a repeated `x-forwarded-for` reads whole); one value is given as it is.
+#[test]
+fn header_properties_join_every_value() {
+    let gw = Gateway::start();
+    let up = TestUpstream::start("joined");
+    let wat = r#"(module
+      (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "request\00headers\00x-multi")
+      (data (i32.const 140) "x-multi-property")
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (if (i32.eqz (call $prop (i32.const 100) (i32.const 23) (i32.const 200) (i32.const 204)))
+          (then (drop (call $add (i32.const 0) (i32.const 140) (i32.const 16)
+                                 (i32.load (i32.const 200)) (i32.load (i32.const 204))))))
+        (i32.const 0)))"#;
+    wat_plugin_on_route(&gw, "joined", wat, "/joined");
+    gw.route(
+        "joined",
+        json!({"uri": "/joined", "plugins": {"joined": {"conf": "-"}}}),
+        Some(&up),
+    );
+    let seen = |headers: &[(&str, &str)]| {
+        let r = http("GET", &gw.url("/joined"), headers, None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["headers"]["x-multi-property"].clone()
+    };
+    assert_eq!(
+        seen(&[("x-multi", "a"), ("x-multi", "b"), ("x-multi", "c")]),
+        "a,b,c"
+    );
+    assert_eq!(seen(&[("x-multi", "only")]), "only");
+    assert!(seen(&[]).is_null());
+}
+
 /// Edge answers as proxy-wasm-cpp-host and Envoy give them, which SDKs rely on (the Rust SDK
 /// panics on any status it does not expect): a header map the phase has not got yet is an
 /// empty map (Ok, null pointer); an empty value or an empty range of a body is Ok with a null

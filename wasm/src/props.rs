@@ -108,6 +108,25 @@ fn fact<'a>(stream: &'a Stream, path: &[&str]) -> Option<Found<'a>> {
     }
 }
 
+/// A header's value as Envoy's attribute gives it: every value of the name, joined with `,`
+/// (`x-forwarded-for` sent twice reads whole). Borrowed when there is one.
+fn header<'a>(head: &'a Head, name: &str) -> Option<Found<'a>> {
+    let mut values = head.get_all(name);
+    let first = match name.starts_with(':') {
+        true => return head.get(name).map(Found::Borrowed),
+        false => values.next()?,
+    };
+    let Some(second) = values.next() else {
+        return Some(Found::Borrowed(first));
+    };
+    let mut joined = [first, second].join(&b","[..]);
+    for v in values {
+        joined.push(b',');
+        joined.extend_from_slice(v);
+    }
+    Some(Found::Owned(joined))
+}
+
 /// The value of a property path, or None (NotFound).
 pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
     if let ["plugin_name"] | ["plugin_root_id"] | ["plugin_vm_id"] = path {
@@ -123,7 +142,7 @@ pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
         ["request", "id"] => req.get("x-request-id"),
         ["request", "host"] => req.get(":authority"),
         ["request", "scheme"] => req.get(":scheme"),
-        ["request", "headers", name] => req.get(name),
+        ["request", "headers", name] => return header(req, name),
         ["request", "referer"] => req.get("referer"),
         ["request", "useragent"] => req.get("user-agent"),
         // Envoy's integers are 8 bytes, little-endian (what its SDK users decode).
@@ -132,7 +151,7 @@ pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
             let code: i64 = std::str::from_utf8(status).ok()?.parse().ok()?;
             return Some(Found::Owned(code.to_le_bytes().to_vec()));
         }
-        ["response", "headers", name] => stream.response.as_ref().and_then(|r| r.get(name)),
+        ["response", "headers", name] => return header(stream.response.as_ref()?, name),
         _ => None,
     };
     if let Some(v) = value {
