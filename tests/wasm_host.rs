@@ -383,6 +383,62 @@ fn shared_queues_cross_workers() {
     assert!(get(&gw, "/queue/stats").text().starts_with("consumed=41 "));
 }
 
+/// `proxy_on_queue_ready` comes once per item enqueued, as proxy-wasm-cpp-host calls it once
+/// per enqueue: a plugin that takes one item a call (the Go SDK's example) gets them all, not
+/// one per look. Five items enqueued in one callback; each call dequeues one and counts it.
+#[test]
+fn queue_ready_comes_once_per_item() {
+    let gw = Gateway::start();
+    let wat = r#"(module
+      (import "env" "proxy_register_shared_queue" (func $register (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_dequeue_shared_queue" (func $dequeue (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_increment_metric" (func $increment (param i32 i64) (result i32)))
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "one_at_a_time")
+      (data (i32.const 120) "one_at_a_time_dequeued")
+      (data (i32.const 150) "item")
+      (global $queue (mut i32) (i32.const 0))
+      (global $metric (mut i32) (i32.const 0))
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+        (drop (call $register (i32.const 100) (i32.const 13) (i32.const 200)))
+        (global.set $queue (i32.load (i32.const 200)))
+        (drop (call $define (i32.const 0) (i32.const 120) (i32.const 22) (i32.const 204)))
+        (global.set $metric (i32.load (i32.const 204)))
+        (i32.const 1))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (local $i i32)
+        (loop $five
+          (drop (call $enqueue (global.get $queue) (i32.const 150) (i32.const 4)))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $five (i32.lt_u (local.get $i) (i32.const 5))))
+        (drop (call $reply (i32.const 200) (i32.const 0) (i32.const 0) (i32.const 150) (i32.const 4)
+                           (i32.const 0) (i32.const 0) (i32.const 0)))
+        (i32.const 1))
+      (func (export "proxy_on_queue_ready") (param i32 i32)
+        (if (i32.eqz (call $dequeue (local.get 1) (i32.const 300) (i32.const 304)))
+          (then (drop (call $increment (global.get $metric) (i64.const 1)))))))"#;
+    wat_plugin_on_route(&gw, "one_at_a_time", wat, "/one");
+    assert_eq!(get(&gw, "/one").text(), "item");
+    let url = gw.admin_url("/wasmgate/metrics");
+    let dequeued = || {
+        let text = http("GET", &url, &[("X-API-KEY", common::KEY)], None).text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("one_at_a_time_dequeued_total "))
+            .map(|v| v.to_string())
+    };
+    eventually(Duration::from_secs(5), "five items dequeued", || {
+        dequeued().as_deref() == Some("5")
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(dequeued().as_deref(), Some("5"));
+}
+
 /// Metrics defined by a plugin are one set for the gateway: increments from both workers add
 /// up, read back by `proxy_get_metric` and exported in Prometheus text format.
 #[test]

@@ -1324,9 +1324,14 @@ impl Plugins {
 /// How often registered shared queues are checked for new items (they are filled by any worker).
 const QUEUE_POLL: Duration = Duration::from_millis(5);
 
+/// Most `proxy_on_queue_ready` calls one queue gets per look; items beyond wait for the next.
+const QUEUE_READY_PER_POLL: u64 = 256;
+
 impl Plugins {
     /// `proxy_on_queue_ready` on the registering root context of each queue that received items
-    /// since the last look.
+    /// since the last look: once per item, as proxy-wasm-cpp-host calls it once per enqueue
+    /// (the Go SDK's example dequeues one item a call), while items are left — another
+    /// worker's context may take them first, or the plugin take several in one call.
     fn poll_queues(&self, p: &Plugin, st: &mut VmState) -> Vec<HttpCall> {
         let Some(shm) = wasmgate_wasm::shared::shm() else {
             return Vec::new();
@@ -1335,17 +1340,25 @@ impl Plugins {
         for i in 0..st.queues.len() {
             let (token, ctx, seen) = st.queues[i];
             let seq = shm.queue_seq(token).unwrap_or(seen);
-            if seq == seen {
-                continue;
+            let due = seq.saturating_sub(seen).min(QUEUE_READY_PER_POLL);
+            let mut told = 0;
+            while told < due && shm.queue_len(token).unwrap_or(0) > 0 {
+                told += 1;
+                let Some(vm) = st.vm.as_mut() else {
+                    return calls;
+                };
+                let r = vm.on_queue_ready(ctx, token);
+                calls.extend(st.collect(self));
+                if let Err(f) = r {
+                    self.fault(p, st, &f, "proxy_on_queue_ready", None);
+                    return calls;
+                }
             }
-            st.queues[i].2 = seq;
-            let Some(vm) = st.vm.as_mut() else { break };
-            let r = vm.on_queue_ready(ctx, token);
-            calls.extend(st.collect(self));
-            if let Err(f) = r {
-                self.fault(p, st, &f, "proxy_on_queue_ready", None);
-                break;
-            }
+            // Items taken elsewhere need no call; items past the limit get theirs next time.
+            st.queues[i].2 = match told == QUEUE_READY_PER_POLL {
+                true => seen + told,
+                false => seq,
+            };
         }
         calls
     }
