@@ -984,6 +984,64 @@ fn body_callbacks_wait_for_their_call_outs() {
     assert!(!gw.error_log().contains("panicked"));
 }
 
+/// `proxy_continue_stream` resumes the stream it names, as Envoy continues decoding or
+/// encoding: a paused request is not resumed by resuming the response (1) or the downstream
+/// connection (2, Ok with nothing done); the upstream connection (3) is Unimplemented. The
+/// request here, left paused with nothing to wait for, goes on with a warning.
+#[test]
+fn continue_stream_resumes_the_stream_it_names() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let (escaped, len) = wat_map(&[(":method", "GET"), (":path", "/x"), (":authority", "app")]);
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+      (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (global $tptr (mut i32) (i32.const 0))
+      (global $tlen (mut i32) (i32.const 0))
+      (data (i32.const 300) "{escaped}")
+      (data (i32.const 600) "x-continue-rc")
+      {BUMP_MALLOC}
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_configure") (param i32 i32) (result i32)
+        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get 1) (i32.const 200) (i32.const 204)))
+        (global.set $tptr (i32.load (i32.const 200)))
+        (global.set $tlen (i32.load (i32.const 204)))
+        (i32.const 1))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (drop (call $call (global.get $tptr) (global.get $tlen) (i32.const 300) (i32.const {len})
+                          (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+                          (i32.const 5000) (i32.const 208)))
+        (i32.const 1))
+      ;; the three statuses as '0' + status each, on the request
+      (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+        (i32.store8 (i32.const 640) (i32.add (i32.const 48) (call $continue (i32.const 1))))
+        (i32.store8 (i32.const 641) (i32.add (i32.const 48) (call $continue (i32.const 2))))
+        (i32.store8 (i32.const 642) (i32.add (i32.const 48) (call $continue (i32.const 3))))
+        (drop (call $add (i32.const 0) (i32.const 600) (i32.const 13) (i32.const 640) (i32.const 3)))))"#
+    );
+    wat_plugin_on_route(&gw, "wrong_stream", &wat, "/unused");
+    gw.route(
+        "wrong_stream",
+        json!({"uri": "/wrong", "plugins": {"wrong_stream": {"conf": app.addr()}}}),
+        Some(&app),
+    );
+    let r = get(&gw, "/wrong");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["x-continue-rc"], "00<", "{}", r.text());
+    let log = gw.error_log();
+    assert!(
+        log.contains(
+            "wrong_stream: paused the request in proxy_on_request_headers with no call-out pending"
+        ),
+        "{log}"
+    );
+}
+
 /// A call-out whose request did not wait for it is still answered once the request is over,
 /// on the root context (Envoy makes every call on the root): the Rust and Go SDKs keep a
 /// callback per token until then. Here the answer sets a shared-data key that the next
@@ -1131,8 +1189,8 @@ fn trailers_reach_the_trailers_callback() {
 /// `proxy_close_stream` resets the HTTP stream, as Envoy does: closed in the request phase, the
 /// upstream is never contacted and the client gets no answer, only the connection's close; in
 /// the response phase, the upstream's answer is dropped the same way. The access log shows
-/// nginx's 444. The connection types (downstream, upstream) are a network filter's:
-/// BadArgument, as an unknown type.
+/// nginx's 444. The connection types (downstream, upstream) are a network filter's: Ok with
+/// nothing done for an HTTP plugin, as Envoy answers; an unknown type is a BadArgument.
 #[test]
 fn close_stream_resets_the_request() {
     let gw = Gateway::start();
@@ -1190,7 +1248,7 @@ fn close_stream_resets_the_request() {
     };
     let r = http("GET", &gw.url("/close"), &[], None);
     assert_eq!(r.status, 200, "{}", gw.error_log());
-    assert_eq!(r.header("x-close-args"), Some("22"));
+    assert_eq!(r.header("x-close-args"), Some("02"));
     assert_eq!(app.hits(), 1);
     assert_eq!(raw("x-reset-request: 1\r\n"), "");
     assert_eq!(app.hits(), 1, "a reset request reached the upstream");

@@ -640,30 +640,40 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             ok(Status::Ok)
         },
     )?;
-    // Resuming applies to the stream whose callback is running (or whose http_call answered).
+    // Resuming applies to the request (0) or the response (1) of the stream whose callback is
+    // running (or whose http_call answered), each on its own, as Envoy continues decoding or
+    // encoding. The connection types are a network filter's: Ok with nothing to do for
+    // downstream, Unimplemented for upstream, as Envoy answers an HTTP filter.
     l.func_wrap(
         "env",
         "proxy_continue_stream",
         |mut c: C<'_>, t: i32| -> R {
             tri!(stream_type(t));
-            c.data_mut().resumed = true;
+            match t {
+                0 | 1 => c.data_mut().resumed |= 1 << t,
+                3 => return ok(Status::Unimplemented),
+                _ => {}
+            }
             ok(Status::Ok)
         },
     )?;
-    for name in ["proxy_continue_request", "proxy_continue_response"] {
-        l.func_wrap("env", name, |mut c: C<'_>| -> R {
-            c.data_mut().resumed = true;
+    for (name, bit) in [
+        ("proxy_continue_request", 1),
+        ("proxy_continue_response", 2),
+    ] {
+        l.func_wrap("env", name, move |mut c: C<'_>| -> R {
+            c.data_mut().resumed |= bit;
             ok(Status::Ok)
         })?;
     }
     // The request or response stream: reset, as Envoy resets the HTTP stream (no answer, or
     // the answer cut where it is). The connection types (downstream, upstream) are a network
-    // filter's, which an HTTP plugin is not: BadArgument, as Envoy answers there. Outside a
-    // request's callback there is no stream to close.
+    // filter's, which an HTTP plugin is not: Ok with nothing done, as Envoy answers an HTTP
+    // filter. Outside a request's callback there is no stream to close.
     l.func_wrap("env", "proxy_close_stream", |mut c: C<'_>, t: i32| -> R {
         tri!(stream_type(t));
         if t > 1 {
-            return ok(Status::BadArgument);
+            return ok(Status::Ok);
         }
         let d = c.data_mut();
         if d.stream.is_some() {

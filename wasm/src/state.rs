@@ -293,7 +293,7 @@ pub struct HostState {
     pub queues_changed: bool,
     /// Set by `proxy_continue_stream` (or the older `proxy_continue_request/response`)
     /// during a callback.
-    pub resumed: bool,
+    pub resumed: u8,
     /// Log lines left in the current second (a log flood is cut, not written).
     pub log_gate: Arc<crate::rate::LogGate>,
     /// What the plugin wrote to stdout and stderr short of a newline.

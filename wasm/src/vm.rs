@@ -66,8 +66,9 @@ pub struct Outcome {
     pub action: Action,
     /// `proxy_send_local_response` was called.
     pub reply: Option<LocalReply>,
-    /// `proxy_continue_stream` was called.
-    pub resumed: bool,
+    /// Which streams `proxy_continue_stream` resumed: bit 0 the request (stream type 0,
+    /// `proxy_continue_request`), bit 1 the response (type 1, `proxy_continue_response`).
+    pub resumed: u8,
 }
 
 impl Outcome {
@@ -75,8 +76,15 @@ impl Outcome {
     pub const CONTINUE: Outcome = Outcome {
         action: Action::Continue,
         reply: None,
-        resumed: false,
+        resumed: 0,
     };
+
+    /// Whether the callback resumed the request's (`response` false) or the response's
+    /// stream: resuming one leaves the other paused, as in Envoy (`continueDecoding` /
+    /// `continueEncoding`).
+    pub fn resumed(&self, response: bool) -> bool {
+        self.resumed & (1 << response as u8) != 0
+    }
 }
 
 type Callback3 = TypedFunc<(i32, i32, i32), i32>;
@@ -156,7 +164,7 @@ impl PluginVm {
             next_token: 0,
             call_response: None,
             targets: s.targets.clone(),
-            resumed: false,
+            resumed: 0,
             queue_regs: Vec::new(),
             queues_changed: false,
             log_gate: s.log_gate.clone(),
@@ -596,7 +604,7 @@ fn enter(store: &mut Store<HostState>, ctx: HttpCtx, stream: &mut Option<Box<Str
     if d.local_reply.is_some() {
         d.local_reply = None;
     }
-    d.resumed = false;
+    d.resumed = 0;
     d.effective_context = ctx.id;
     d.root_context = ctx.root;
 }
@@ -614,11 +622,11 @@ fn outside_stream(store: &mut Store<HostState>, id: u32) {
     d.root_context = id;
 }
 
-/// Takes the stream back after a callback: (its local reply, whether it resumed the stream).
+/// Takes the stream back after a callback: (its local reply, which streams it resumed).
 fn leave(
     store: &mut Store<HostState>,
     stream: &mut Option<Box<Stream>>,
-) -> (Option<LocalReply>, bool) {
+) -> (Option<LocalReply>, u8) {
     let d = store.data_mut();
     std::mem::swap(stream, &mut d.stream);
     if d.stream.is_some() {

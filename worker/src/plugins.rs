@@ -466,7 +466,7 @@ impl Plugins {
             let Some(active) = req.active.last_mut() else {
                 return Verdict::Fail;
             };
-            let (verdict, waited) = match settled(first, calls) {
+            let (verdict, waited) = match settled(first, calls, false) {
                 Ok(verdict) => (verdict, Duration::ZERO),
                 Err((first, calls)) => {
                     self.settle(active, first, calls, &mut req.stream, Phase::Request)
@@ -505,7 +505,7 @@ impl Plugins {
                 let r = vm.on_response_headers(a.http, stream, end_of_stream);
                 (r, st.collect(self))
             };
-            let (verdict, waited) = match settled(first, calls) {
+            let (verdict, waited) = match settled(first, calls, true) {
                 Ok(verdict) => (verdict, Duration::ZERO),
                 Err((first, calls)) => self.settle(a, first, calls, stream, Phase::Response).await,
             };
@@ -568,7 +568,7 @@ impl Plugins {
                 self.count(a.record, |r| &r.local_replies);
                 return (Verdict::Reply(reply), waited);
             }
-            if goes_on(&o) {
+            if goes_on(&o, matches!(phase, Phase::Response)) {
                 self.detach(a, mine);
                 return (Verdict::Continue, waited);
             }
@@ -958,7 +958,8 @@ impl Plugins {
                 continue;
             };
             // The context's own call-outs hold the body when it paused for them.
-            let holds = matches!(&r, Ok(o) if o.reply.is_none() && !goes_on(o));
+            let response = dir == Dir::Response;
+            let holds = matches!(&r, Ok(o) if o.reply.is_none() && !goes_on(o, response));
             let mut mine: Option<FuturesUnordered<CallFuture>> = None;
             for c in calls {
                 if holds && c.context == http.id {
@@ -1157,7 +1158,7 @@ impl Plugins {
                         self.count(record, |r| &r.local_replies);
                         return (bufs, BodyStep::Reply(reply));
                     }
-                    if o.resumed {
+                    if o.resumed(dir == Dir::Response) {
                         break;
                     }
                 }
@@ -1367,16 +1368,23 @@ impl Plugins {
 /// A headers callback's verdict when it needs no waiting and no bookkeeping — it continued (or
 /// resumed) without a reply and dispatched no call-out, as nearly every one does; otherwise
 /// its outcome and calls back for [`Plugins::settle`].
-fn settled(first: Result<Outcome, Fault>, calls: Vec<HttpCall>) -> Result<Verdict, Step> {
+fn settled(
+    first: Result<Outcome, Fault>,
+    calls: Vec<HttpCall>,
+    response: bool,
+) -> Result<Verdict, Step> {
     match &first {
-        Ok(o) if calls.is_empty() && o.reply.is_none() && goes_on(o) => Ok(Verdict::Continue),
+        Ok(o) if calls.is_empty() && o.reply.is_none() && goes_on(o, response) => {
+            Ok(Verdict::Continue)
+        }
         _ => Err((first, calls)),
     }
 }
 
-/// Whether a headers callback lets the request go on: it continued, or resumed the stream.
-fn goes_on(o: &Outcome) -> bool {
-    o.action == Action::Continue || o.resumed
+/// Whether a headers or body callback of the request's (`response` false) or the response's
+/// stream lets it go on: it continued, or resumed that stream.
+fn goes_on(o: &Outcome, response: bool) -> bool {
+    o.action == Action::Continue || o.resumed(response)
 }
 
 /// The stream's request trailers, or its response trailers (`response`).
