@@ -696,6 +696,78 @@ fn response_headers_read_after_sending_are_the_ones_sent() {
     );
 }
 
+/// `wasm.plugins[].root_id` is what `plugin_root_id` answers (the C++ SDK's default root id
+/// is ""), and `vm_config` the buffer `proxy_on_vm_start` reads, with its size; without them,
+/// the plugin's name and an empty configuration.
+#[test]
+fn root_id_and_vm_config_come_from_the_plugin_entry() {
+    let gw = Gateway::start();
+    let up = TestUpstream::start("ids");
+    let wat = r#"(module
+      (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "plugin_root_id")
+      (data (i32.const 120) "x-root-id")
+      (data (i32.const 140) "x-vm-config")
+      (global $vm_ptr (mut i32) (i32.const 0))
+      (global $vm_len (mut i32) (i32.const 0))
+      (global $heap (mut i32) (i32.const 4096))
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "malloc") (param $n i32) (result i32)
+        (local $p i32)
+        (local.set $p (global.get $heap))
+        (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+        (local.get $p))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+        (global.set $vm_len (local.get 1))
+        (if (i32.gt_u (local.get 1) (i32.const 0))
+          (then
+            (drop (call $gbb (i32.const 6) (i32.const 0) (local.get 1) (i32.const 200) (i32.const 204)))
+            (global.set $vm_ptr (i32.load (i32.const 200)))))
+        (i32.const 1))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (drop (call $prop (i32.const 100) (i32.const 14) (i32.const 208) (i32.const 212)))
+        (drop (call $add (i32.const 0) (i32.const 120) (i32.const 9)
+                         (i32.load (i32.const 208)) (i32.load (i32.const 212))))
+        (drop (call $add (i32.const 0) (i32.const 140) (i32.const 11)
+                         (global.get $vm_ptr) (global.get $vm_len)))
+        (i32.const 0)))"#;
+    std::fs::write(gw.prefix().join("ids.wasm"), wat::parse_str(wat).unwrap()).unwrap();
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        format!(
+            "{config}    - {{name: ids_set, priority: 1, file: ids.wasm, root_id: my_root, vm_config: \"mode=fast\"}}\n\
+             \x20   - {{name: ids_default, priority: 1, file: ids.wasm}}\n"
+        ),
+    )
+    .unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+    for name in ["ids_set", "ids_default"] {
+        gw.route(
+            name,
+            json!({"uri": format!("/{name}"), "plugins": {name: {"conf": "-"}}}),
+            Some(&up),
+        );
+    }
+    let h = get(&gw, "/ids_set").json()["headers"].clone();
+    assert_eq!(
+        (&h["x-root-id"], &h["x-vm-config"]),
+        (&json!("my_root"), &json!("mode=fast")),
+        "{h}"
+    );
+    let h = get(&gw, "/ids_default").json()["headers"].clone();
+    assert_eq!(
+        (&h["x-root-id"], &h["x-vm-config"]),
+        (&json!("ids_default"), &json!("")),
+        "{h}"
+    );
+}
+
 /// `request.headers.<name>` gives every value of the name joined with `,`, as Envoy's
 /// attribute does (a repeated `x-forwarded-for` reads whole); one value is given as it is.
 #[test]

@@ -473,6 +473,14 @@ pub struct WasmPluginDecl {
     /// request is answered 413 (request body) or 502 (response body).
     #[serde(default = "default_body_buffer_limit", deserialize_with = "de_size")]
     pub body_buffer_limit: u64,
+    /// What the `plugin_root_id` property answers (Envoy's `root_id`), by which the C++ and
+    /// AssemblyScript SDKs pick the root context class; default: the plugin's name, as APISIX.
+    #[serde(default)]
+    pub root_id: Option<String>,
+    /// The VM configuration (Envoy's `vm_config.configuration`): the buffer
+    /// `proxy_on_vm_start` reads (type 6) and the size it is given; default empty.
+    #[serde(default)]
+    pub vm_config: String,
 }
 
 fn default_body_buffer_limit() -> u64 {

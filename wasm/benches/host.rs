@@ -103,6 +103,8 @@ fn plugin() -> PluginModule {
         log_level: 4,
         log_gate: Arc::default(),
         targets: Default::default(),
+        root_id: Arc::from("example_headers"),
+        vm_config: Arc::from(&b""[..]),
     };
     PluginModule::load(settings, std::path::Path::new(&path)).expect("the example plugin loads")
 }

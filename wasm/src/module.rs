@@ -61,6 +61,10 @@ pub struct Settings {
     pub log_gate: Arc<crate::rate::LogGate>,
     /// What its call-outs may target (the gateway fills it in; see [`crate::state::Targets`]).
     pub targets: crate::state::Targets,
+    /// The `plugin_root_id` property.
+    pub root_id: Arc<str>,
+    /// The buffer `proxy_on_vm_start` reads (VmConfiguration).
+    pub vm_config: Arc<[u8]>,
 }
 
 /// A compiled, checked plugin, ready to instantiate.
@@ -163,9 +167,12 @@ impl Settings {
             L::Debug => 1,
             L::Info | L::Notice => 2,
             L::Warn => 3,
-            _ => 4,
+            L::Error => 4,
+            L::Crit | L::Alert | L::Emerg => 5,
         };
         Settings {
+            root_id: Arc::from(d.root_id.as_deref().unwrap_or(&d.name)),
+            vm_config: Arc::from(d.vm_config.as_bytes()),
             name: Arc::from(d.name.as_str()),
             callback_timeout: d.callback_timeout,
             memory_limit: d.memory_limit as usize,

@@ -129,8 +129,12 @@ fn header<'a>(head: &'a Head, name: &str) -> Option<Found<'a>> {
 
 /// The value of a property path, or None (NotFound).
 pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
-    if let ["plugin_name"] | ["plugin_root_id"] | ["plugin_vm_id"] = path {
-        return Some(Found::Borrowed(s.plugin_name.as_bytes()));
+    match path {
+        ["plugin_name"] | ["plugin_vm_id"] => {
+            return Some(Found::Borrowed(s.plugin_name.as_bytes()))
+        }
+        ["plugin_root_id"] => return Some(Found::Borrowed(s.root_id.as_bytes())),
+        _ => {}
     }
     let stream = s.stream.as_ref()?;
     let req: &Head = &stream.request;

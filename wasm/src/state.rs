@@ -251,6 +251,8 @@ pub struct HostState {
     pub memory: Option<wasmtime::Memory>,
     pub alloc: Option<wasmtime::TypedFunc<i32, i32>>,
     pub plugin_name: Arc<str>,
+    /// What `plugin_root_id` answers (`wasm.plugins[].root_id`, default the name).
+    pub root_id: Arc<str>,
     /// Header names this instance passed lately, parsed (see [`crate::head::NameMemo`]).
     pub names: crate::head::NameMemo,
     /// Short header values this instance set lately, checked (see [`crate::head::Memo`]).

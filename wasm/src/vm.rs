@@ -143,6 +143,7 @@ impl PluginVm {
             memory: None,
             alloc: None,
             plugin_name: s.name.clone(),
+            root_id: s.root_id.clone(),
             names: Default::default(),
             values: Default::default(),
             log_level: s.log_level,
@@ -152,7 +153,7 @@ impl PluginVm {
                 .trap_on_grow_failure(true)
                 .build(),
             plugin_config: Vec::new(),
-            vm_config: Vec::new(),
+            vm_config: s.vm_config.to_vec(),
             stream: None,
             local_reply: None,
             effective_context: 0,
@@ -226,9 +227,10 @@ impl PluginVm {
             ticks,
         };
         vm.context_create(VM_ROOT, 0)?;
+        let size = vm.store.data().vm_config.len() as i32;
         if let Some(start) = vm.f.vm_start.as_ref() {
             if run(&mut vm.store, vm.ticks, |s| {
-                start.call(s, (VM_ROOT as i32, 0))
+                start.call(s, (VM_ROOT as i32, size))
             })? == 0
             {
                 return Err(Fault::Trap("proxy_on_vm_start returned false".into()));
