@@ -1045,6 +1045,8 @@ fn body_callbacks_wait_for_their_call_outs() {
     let hits = app.hits();
     let r = http("POST", &gw.url("/deny"), &[], Some(b"evil payload"));
     assert_eq!((r.status, r.text().as_str()), (403, "denied"));
+    // A local reply's body with no type of the plugin's is text, as Envoy says.
+    assert_eq!(r.header("content-type"), Some("text/plain"));
     assert_eq!(app.hits(), hits, "the held body never reached the upstream");
     let r = http("POST", &gw.url("/allow"), &[], Some(b"good payload"));
     assert_eq!(r.status, 200, "{}", r.text());

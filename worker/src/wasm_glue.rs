@@ -127,8 +127,16 @@ pub fn local_reply(r: LocalReply) -> Response<ProxyBody> {
     let mut resp = if r.body.is_empty() && status.as_u16() >= 400 && !typed {
         error_page(status)
     } else {
+        // A body with no type of the plugin's own is text, as Envoy's local replies say.
+        let untyped_text = !typed && !r.body.is_empty();
         let mut resp = Response::new(body::full(r.body));
         *resp.status_mut() = status;
+        if untyped_text {
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain"),
+            );
+        }
         resp
     };
     if !append_pairs(resp.headers_mut(), &r.headers) {
