@@ -106,6 +106,12 @@ fn ambiguous_request_framing_is_refused() {
         assert!(closed_by_gateway(&mut r), "{head:?}");
     }
     assert_eq!(up.hits(), 0);
+    // Each refusal is in the access log, as nginx logs its 400s.
+    let log = gw.prefix().join("logs/access.log");
+    common::eventually(Duration::from_secs(5), "the refusals logged", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.matches("\"-\" 400 ").count() == 4 && text.matches("\"-\" 501 ").count() == 2
+    });
 }
 
 /// A chunk size line or trailer ended by a bare LF is refused: a proxy in front that ends the

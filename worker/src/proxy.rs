@@ -1205,6 +1205,40 @@ fn log_request(
     });
 }
 
+/// A request refused before it was understood (malformed, headers too large): counted with
+/// the requests no route matched, and logged in the access log with what is known of it, as
+/// nginx logs its 400s, so that an operator sees them.
+pub fn log_refused(w: &Worker, peer: std::net::SocketAddr, status: u16, sent: u64) {
+    w.traffic.record(
+        None,
+        &Observation {
+            status,
+            request_us: 0,
+            upstream_us: None,
+            ingress: 0,
+            egress: sent,
+        },
+    );
+    if !w.access_log.enabled() {
+        return;
+    }
+    w.access_log.log(&Entry {
+        remote_addr: &peer.ip().to_string(),
+        host: "",
+        request_line: "",
+        status,
+        body_bytes_sent: sent,
+        request_time: Duration::ZERO,
+        referer: "",
+        user_agent: "",
+        upstream_addr: "",
+        upstream_status: None,
+        upstream_time: None,
+        route_id: "",
+        request_id: "",
+    });
+}
+
 /// The request's host, lower-cased, without port (Host header, else the URI's authority):
 /// lent from the `Host` value when that is already lower-case (the usual case). One pass over
 /// the value's bytes; a value that is not text (`to_str` would refuse it) is not used.

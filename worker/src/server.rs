@@ -92,6 +92,8 @@ async fn connection(
                     tracing::info!("bad request from {peer}: {why}");
                 }
                 let page = proxy::error_page(why.status());
+                let sent = http_body::Body::size_hint(page.body()).exact().unwrap_or(0);
+                proxy::log_refused(&w, peer, why.status().as_u16(), sent);
                 let set = proxy::answer_fields(None, false);
                 match conn
                     .respond(&mut wbuf, page, &h1::Meta::refusal(), &set, drop)
