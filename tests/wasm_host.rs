@@ -1058,6 +1058,66 @@ fn body_callbacks_wait_for_their_call_outs() {
     assert!(!gw.error_log().contains("panicked"));
 }
 
+/// A request paused on a call-out whose client gives up before the answer: the answer still
+/// comes, to the root context, once it is there (Envoy's calls belong to the root context);
+/// a dropped answer would leave the SDK's callback for it behind forever.
+#[test]
+fn an_abandoned_requests_call_out_still_answers() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let (escaped, len) = wat_map(&[
+        (":method", "GET"),
+        (":path", "/delay/400/abandoned"),
+        (":authority", "app"),
+    ]);
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (global $tptr (mut i32) (i32.const 0))
+      (global $tlen (mut i32) (i32.const 0))
+      (data (i32.const 300) "{escaped}")
+      (data (i32.const 600) "the abandoned request's call answered")
+      {BUMP_MALLOC}
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_configure") (param i32 i32) (result i32)
+        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get 1) (i32.const 200) (i32.const 204)))
+        (global.set $tptr (i32.load (i32.const 200)))
+        (global.set $tlen (i32.load (i32.const 204)))
+        (i32.const 1))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (drop (call $call (global.get $tptr) (global.get $tlen) (i32.const 300) (i32.const {len})
+                          (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+                          (i32.const 5000) (i32.const 208)))
+        (i32.const 1))
+      (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+        (if (i32.gt_u (local.get 2) (i32.const 0))
+          (then (drop (call $log (i32.const 2) (i32.const 600) (i32.const 37)))))))"#
+    );
+    wat_plugin_on_route(&gw, "abandon", &wat, "/unused");
+    gw.route(
+        "abandon",
+        json!({"uri": "/abandon", "plugins": {"abandon": {"conf": app.addr()}}}),
+        Some(&app),
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /abandon HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(s);
+    eventually(
+        Duration::from_secs(5),
+        "the abandoned request's answer",
+        || {
+            gw.error_log()
+                .contains("the abandoned request's call answered")
+        },
+    );
+    assert!(!gw.error_log().contains("panicked"));
+}
+
 /// `proxy_continue_stream` resumes the stream it names, as Envoy continues decoding or
 /// encoding: a paused request is not resumed by resuming the response (1) or the downstream
 /// connection (2, Ok with nothing done); the upstream connection (3) is Unimplemented. The

@@ -2,7 +2,7 @@
 //! what the server needs to know to read the body and to answer.
 
 use crate::codec::{field_spans, read_fields, Chunk, Framing, CLIENT_NAMES, MAX_HEADERS};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, Uri, Version};
 use std::mem::MaybeUninit;
@@ -62,6 +62,27 @@ impl Meta {
     }
 }
 
+/// Bytes nginx takes in a request target as they are and the `http` crate's URI does not
+/// (`"` `<` `>` in a query, `<` `>` `` ` `` in a path: JSON or markup in a query string, as
+/// clients send it), percent-encoded so that the request is served rather than refused with
+/// a 400. The upstream gets them encoded, which every server decodes to the same bytes.
+const LENIENT: &[u8] = b"\"<>`";
+
+/// An origin-form target with the [`LENIENT`] bytes percent-encoded, if that makes it a URI.
+fn lenient_target(raw: &[u8]) -> Option<Uri> {
+    if !raw.starts_with(b"/") || !raw.iter().any(|b| LENIENT.contains(b)) {
+        return None;
+    }
+    let mut encoded = Vec::with_capacity(raw.len() + 16);
+    for &b in raw {
+        match LENIENT.contains(&b) {
+            true => encoded.extend_from_slice(format!("%{b:02X}").as_bytes()),
+            false => encoded.push(b),
+        }
+    }
+    Uri::from_maybe_shared(Bytes::from(encoded)).ok()
+}
+
 /// Parses a request head at the start of `rbuf` (its room: `max` bytes); `None` while
 /// incomplete. The head is taken off the buffer only once whole.
 pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusal> {
@@ -98,8 +119,11 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
     let target = (offset(path), path.len());
     let spans = field_spans(base, req.headers);
     let head = rbuf.split_to(len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
-        .map_err(|_| Refusal::Bad("bad request target"))?;
+    let raw = head.slice(target.0..target.0 + target.1);
+    let uri = match Uri::from_maybe_shared(raw.clone()) {
+        Ok(uri) => uri,
+        Err(_) => lenient_target(&raw).ok_or(Refusal::Bad("bad request target"))?,
+    };
     // Room for what may be added to the map (the gateway's X-Request-Id, plugins' headers);
     // the forwarding fields are written with the upstream head, not stored.
     let mut headers = HeaderMap::with_capacity(spans.len() + 3);

@@ -14,8 +14,9 @@
 //! waits — without holding the VM, other requests go on — until a call's answer
 //! (`proxy_on_http_call_response`) resumes the stream (`proxy_continue_stream`) or answers it
 //! (`proxy_send_local_response`). Call-outs of contexts that did not pause, of root contexts
-//! (ticks, `proxy_on_configure`) or left over after a resume are delivered by a task of their
-//! own; a context that ended meanwhile no longer receives its answers.
+//! (ticks, `proxy_on_configure`), left over after a resume or of a request its client
+//! abandoned are delivered by a task of their own, to the root context (as every answer); a
+//! root context retired meanwhile no longer receives them.
 //!
 //! **Bodies** go through [`Plugins::on_body`] chunk by chunk (see `wasm_body`), only for
 //! plugins that export body callbacks.
@@ -59,7 +60,9 @@ struct VmState {
     /// Bumped whenever the VM is replaced, so contexts of a discarded VM are not touched.
     generation: u64,
     roots: FastMap<String, Root>,
-    /// Call-outs in flight: token → the context that gets the answer.
+    /// Call-outs in flight: token → the root context that gets the answer (Envoy makes
+    /// every call on the root context: it outlives the HttpContext that dispatched it, and
+    /// its calls go with it when it is retired).
     calls: HashMap<u32, u32>,
     /// Root contexts with a tick period: (period, next tick).
     ticks: HashMap<u32, (Duration, Instant)>,
@@ -548,7 +551,7 @@ impl Plugins {
             for c in calls.drain(..) {
                 if c.context == a.http.id {
                     mine.get_or_insert_with(FuturesUnordered::new)
-                        .push(self.call_future(c));
+                        .push(self.waited_call(a.plugin, a.vm_generation, c));
                 } else {
                     self.spawn_call(a.plugin, a.vm_generation, c);
                 }
@@ -621,26 +624,28 @@ impl Plugins {
         }
     }
 
-    /// Call-outs still in flight when their context stopped waiting: delivered when they end.
-    fn detach(self: &Arc<Self>, a: &Active, mine: Option<FuturesUnordered<CallFuture>>) {
-        self.detach_to(a.plugin, a.vm_generation, mine);
+    /// Call-outs still in flight when their context stopped waiting: each one's task
+    /// delivers its answer on its own ([`Plugins::waited_call`]).
+    fn detach(self: &Arc<Self>, _a: &Active, mine: Option<FuturesUnordered<CallFuture>>) {
+        drop(mine);
     }
 
-    fn detach_to(
-        self: &Arc<Self>,
-        plugin: usize,
-        generation: u64,
-        mine: Option<FuturesUnordered<CallFuture>>,
-    ) {
-        let Some(mut mine) = mine.filter(|m| !m.is_empty()) else {
-            return;
-        };
+    /// A call-out a paused context waits for, run in a task of its own: the answer comes
+    /// through the returned future while the context waits, and is delivered on its own
+    /// (to the root context, as every answer) once nothing waits for it — the context
+    /// resumed, or its request was abandoned by the client. No call is lost half-way, so
+    /// the SDKs' tables of pending calls are always cleared.
+    fn waited_call(self: &Arc<Self>, plugin: usize, generation: u64, c: HttpCall) -> CallFuture {
+        let (ctx, token) = (c.root, c.token);
+        let fut = self.call_future(c);
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let me = self.clone();
         tokio::spawn(async move {
-            while let Some((ctx, token, resp)) = mine.next().await {
+            if let Err((ctx, token, resp)) = tx.send(fut.await) {
                 me.deliver_detached(plugin, generation, ctx, token, resp);
             }
         });
+        Box::pin(async move { rx.await.unwrap_or((ctx, token, None)) })
     }
 
     /// The future of one call-out, with its timeout applied: (context, token, answer).
@@ -964,7 +969,7 @@ impl Plugins {
             for c in calls {
                 if holds && c.context == http.id {
                     mine.get_or_insert_with(FuturesUnordered::new)
-                        .push(self.call_future(c));
+                        .push(self.waited_call(plugin, vm_generation, c));
                 } else {
                     self.spawn_call(plugin, vm_generation, c);
                 }
@@ -1142,7 +1147,7 @@ impl Plugins {
             };
             for c in more {
                 if c.context == id {
-                    calls.push(self.call_future(c));
+                    calls.push(self.waited_call(plugin, generation, c));
                 } else {
                     self.spawn_call(plugin, generation, c);
                 }
@@ -1158,15 +1163,15 @@ impl Plugins {
                         self.count(record, |r| &r.local_replies);
                         return (bufs, BodyStep::Reply(reply));
                     }
-                    if o.resumed(dir == Dir::Response) {
+                    if goes_on_resumed(&o, dir == Dir::Response) {
                         break;
                     }
                 }
             }
         }
         // Resumed: what the plugin held goes on through the contexts after it; answers still
-        // to come are delivered on their own.
-        self.detach_to(plugin, generation, Some(calls));
+        // to come are delivered on their own (`waited_call`).
+        drop(calls);
         let mut guard = lock(&req);
         let data = bufs.get_mut(at).map(std::mem::take).unwrap_or_default();
         let step = self.on_body_from(&mut guard, dir, &mut bufs, data, end_of_stream, at + 1);
@@ -1200,14 +1205,6 @@ impl Plugins {
             if let Some((seg, slot)) = &self.slot {
                 if let Some(cell) = seg.stats(*slot).plugin_memory(a.plugin) {
                     cell.store(memory, Ordering::Relaxed);
-                }
-            }
-            // Its call-outs still in flight answer to its root context, which their callback
-            // runs on anyway (Envoy makes every call on the root): the SDKs then clear the
-            // callback they keep by token.
-            if !st.calls.is_empty() {
-                for c in st.calls.values_mut().filter(|c| **c == a.http.id) {
-                    *c = a.http.root;
                 }
             }
             // Call-outs dispatched in `proxy_on_log` or `proxy_on_done` go out now: they are
@@ -1325,25 +1322,31 @@ impl Plugins {
 /// How often registered shared queues are checked for new items (they are filled by any worker).
 const QUEUE_POLL: Duration = Duration::from_millis(5);
 
-/// Most `proxy_on_queue_ready` calls one queue gets per look; items beyond wait for the next.
-const QUEUE_READY_PER_POLL: u64 = 256;
+/// Most time one look spends in `proxy_on_queue_ready` calls, all queues together: the calls
+/// run on the worker's thread, between requests. Items beyond get theirs at the next look.
+const QUEUE_READY_BUDGET: Duration = Duration::from_millis(2);
 
 impl Plugins {
     /// `proxy_on_queue_ready` on the registering root context of each queue that received items
     /// since the last look: once per item, as proxy-wasm-cpp-host calls it once per enqueue
     /// (the Go SDK's example dequeues one item a call), while items are left — another
-    /// worker's context may take them first, or the plugin take several in one call.
+    /// worker's context may take them first, or the plugin take several in one call — and
+    /// within [`QUEUE_READY_BUDGET`].
     fn poll_queues(&self, p: &Plugin, st: &mut VmState) -> Vec<HttpCall> {
         let Some(shm) = wasmgate_wasm::shared::shm() else {
             return Vec::new();
         };
         let mut calls = Vec::new();
+        let until = Instant::now() + QUEUE_READY_BUDGET;
         for i in 0..st.queues.len() {
             let (token, ctx, seen) = st.queues[i];
             let seq = shm.queue_seq(token).unwrap_or(seen);
-            let due = seq.saturating_sub(seen).min(QUEUE_READY_PER_POLL);
+            let due = seq.saturating_sub(seen);
             let mut told = 0;
-            while told < due && shm.queue_len(token).unwrap_or(0) > 0 {
+            while told < due
+                && shm.queue_len(token).unwrap_or(0) > 0
+                && (told == 0 || Instant::now() < until)
+            {
                 told += 1;
                 let Some(vm) = st.vm.as_mut() else {
                     return calls;
@@ -1355,8 +1358,10 @@ impl Plugins {
                     return calls;
                 }
             }
-            // Items taken elsewhere need no call; items past the limit get theirs next time.
-            st.queues[i].2 = match told == QUEUE_READY_PER_POLL {
+            // Items taken elsewhere need no call; items left when the time ran out get theirs
+            // at the next look.
+            let left = told < due && shm.queue_len(token).unwrap_or(0) > 0;
+            st.queues[i].2 = match left {
                 true => seen + told,
                 false => seq,
             };
@@ -1382,9 +1387,17 @@ fn settled(
 }
 
 /// Whether a headers or body callback of the request's (`response` false) or the response's
-/// stream lets it go on: it continued, or resumed that stream.
+/// stream lets it go on: it continued, or resumed that stream. In the response phase the
+/// request's stream is over, so resuming it can only mean the response (the AssemblyScript
+/// SDK's contexts offer `continueRequest` alone); in the request phase there is no response
+/// to resume yet, and resuming it leaves the request paused, as in Envoy.
 fn goes_on(o: &Outcome, response: bool) -> bool {
-    o.action == Action::Continue || o.resumed(response)
+    o.action == Action::Continue || goes_on_resumed(o, response)
+}
+
+/// Whether the callback resumed the stream of its phase (see [`goes_on`]).
+fn goes_on_resumed(o: &Outcome, response: bool) -> bool {
+    o.resumed(response) || (response && o.resumed(false))
 }
 
 /// The stream's request trailers, or its response trailers (`response`).
@@ -1441,7 +1454,7 @@ impl VmState {
     fn absorb(&mut self, vm: &mut PluginVm) -> Vec<HttpCall> {
         let calls = vm.take_calls();
         for c in &calls {
-            self.calls.insert(c.token, c.context);
+            self.calls.insert(c.token, c.root);
         }
         if let Some(periods) = vm.changed_ticks() {
             let now = Instant::now();
