@@ -54,7 +54,8 @@ enum Command {
         #[arg(long)]
         graceful: bool,
     },
-    /// Reload config.yaml and plugins without dropping requests (SIGHUP).
+    /// Reload config.yaml and plugins without dropping requests, and report the outcome
+    /// (through the Admin API; SIGHUP when it cannot be asked).
     Reload {
         #[command(flatten)]
         common: Common,

@@ -196,7 +196,7 @@ fn the_test_command_refuses_what_start_would() {
         (
             format!("{good}\n").replace(
                 "nginx_config:\n",
-                "nginx_config:\n  error_log: /proc/no/e.log\n",
+                "nginx_config:\n  error_log: conf/config.yaml/e.log\n",
             ),
             "nginx_config.error_log",
         ),
@@ -210,6 +210,13 @@ fn the_test_command_refuses_what_start_would() {
     let fresh = tempfile::tempdir().unwrap();
     let (ok, out, err) = test(fresh.path());
     assert!(ok && out.contains("embedded"), "{out}{err}");
+    // It writes nothing: no log folder in the fresh prefix, and a write of the running
+    // master's in progress (its temporary file) is left alone.
+    assert!(!fresh.path().join("logs").exists());
+    let in_progress = gw.prefix().join("data/routes/.tmp-in-progress.json");
+    std::fs::write(&in_progress, b"{").unwrap();
+    assert!(test(gw.prefix()).0);
+    assert!(in_progress.exists());
 }
 
 #[test]

@@ -99,48 +99,60 @@ pub fn signal_master(opts: &Options, signal: Signal) -> anyhow::Result<i32> {
 
 /// `wasmgate reload`: asks the master through its Admin API and reports the outcome — the
 /// exit status says whether the new configuration serves (so `systemctl reload` fails when
-/// the reload is refused). Without an Admin API to reach, SIGHUP, whose outcome the error
-/// log tells. A config.yaml that does not load is refused here, before anything is sent.
+/// the reload is refused). The Admin API is asked only once its status names the master of
+/// the pid file (config.yaml may name another gateway's address); without an Admin API to
+/// reach there, or with a key the running master does not know, SIGHUP, whose outcome the
+/// error log tells. A config.yaml that does not load is refused here, before anything is sent.
 pub fn reload(opts: &Options) -> anyhow::Result<()> {
     let loaded = opts
         .load_config()
         .map_err(|e| anyhow::anyhow!("{e}; nothing sent, the running configuration stays"))?;
     let (pid, _) = master_pid(opts)?;
-    let (addr, key) = admin_access(opts, &loaded);
-    match http_request(addr, "POST", "/wasmgate/reload", key.as_deref()) {
-        Ok((200, body)) => {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let (addr, key) = admin_access(opts, &loaded, true);
+    let answering = match http_request(addr, "GET", "/wasmgate/status", key.as_deref()) {
+        Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["master"]["pid"].as_i64()),
+        _ => None,
+    };
+    if answering != Some(pid as i64) {
+        kill(Pid::from_raw(pid), Signal::SIGHUP)
+            .with_context(|| format!("cannot signal pid {pid}"))?;
+        say(&format!(
+            "the Admin API on {addr} could not be asked (no answer, another master, or a key \
+             it does not know): reload signal sent to master {pid}; see the error log for the \
+             outcome\n"
+        ));
+        return Ok(());
+    }
+    let (status, body) = http_request(addr, "POST", "/wasmgate/reload", key.as_deref())
+        .with_context(|| {
+            format!(
+                "no answer to the reload from the Admin API on {addr} (is master {pid} stopping?)"
+            )
+        })?;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    match (status, v["error_msg"].as_str()) {
+        (200, _) => {
             say(&format!(
                 "reload applied by master {pid}: epoch {} serving\n",
                 v["epoch"]
             ));
             Ok(())
         }
-        // A key the running master does not know (changed in config.yaml, which applies at
-        // the next restart): the signal needs none.
-        Ok((401 | 403, _)) | Err(_) => {
-            kill(Pid::from_raw(pid), Signal::SIGHUP)
-                .with_context(|| format!("cannot signal pid {pid}"))?;
-            say(&format!(
-                "the Admin API on {addr} could not be asked: reload signal sent to master {pid}; \
-                 see the error log for the outcome\n"
-            ));
-            Ok(())
-        }
-        Ok((status, body)) => {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            match v["error_msg"].as_str() {
-                Some(msg) => bail!("{msg}"),
-                None => bail!("the Admin API answered {status} to the reload: {body}"),
-            }
-        }
+        (_, Some(msg)) => bail!("{msg}"),
+        _ => bail!("the Admin API answered {status} to the reload: {body}"),
     }
 }
 
 /// Where the Admin API listens (loopback for a wildcard address) and the key to call it with.
-fn admin_access(opts: &Options, loaded: &LoadedConfig) -> (std::net::SocketAddr, Option<String>) {
+fn admin_access(
+    opts: &Options,
+    loaded: &LoadedConfig,
+    to_write: bool,
+) -> (std::net::SocketAddr, Option<String>) {
     let data_dir = opts.resolve(&loaded.config.wasmgate.data_dir);
-    let key = admin_key(&loaded.config, &data_dir);
+    let key = admin_key_for(&loaded.config, &data_dir, to_write);
     let mut addr = loaded.config.deployment.admin.admin_listen.addr();
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -195,7 +207,7 @@ pub fn status(opts: &Options) -> anyhow::Result<()> {
         }
     };
     let (pid, pid_path) = master_pid(opts)?;
-    let (addr, key) = admin_access(opts, &loaded);
+    let (addr, key) = admin_access(opts, &loaded, false);
     let (_, body) =
         http_request(addr, "GET", "/wasmgate/status", key.as_deref()).with_context(|| {
             format!("master {pid} is running but its Admin API on {addr} did not answer")
@@ -259,18 +271,29 @@ fn render_status(v: &serde_json::Value, pid_path: &Path) -> String {
 
 /// The first usable key: configured, or generated and stored under the data directory.
 pub fn admin_key(cfg: &wasmgate_shared::config::GatewayConfig, data_dir: &Path) -> Option<String> {
+    admin_key_for(cfg, data_dir, false)
+}
+
+/// [`admin_key`], of the admin role when `to_write` (a viewer's key cannot reload).
+fn admin_key_for(
+    cfg: &wasmgate_shared::config::GatewayConfig,
+    data_dir: &Path,
+    to_write: bool,
+) -> Option<String> {
     let stored: std::collections::BTreeMap<String, String> =
         std::fs::read(data_dir.join("admin_key"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-    cfg.deployment.admin.admin_key.iter().find_map(|k| {
-        if k.key.is_empty() {
-            stored.get(&k.name).cloned()
-        } else {
-            Some(k.key.clone())
-        }
-    })
+    let keys = cfg.deployment.admin.admin_key.iter();
+    keys.filter(|k| !to_write || k.role == wasmgate_shared::config::Role::Admin)
+        .find_map(|k| {
+            if k.key.is_empty() {
+                stored.get(&k.name).cloned()
+            } else {
+                Some(k.key.clone())
+            }
+        })
 }
 
 /// A minimal blocking HTTP/1.1 request without a body, on loopback (the CLI needs nothing

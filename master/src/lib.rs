@@ -188,14 +188,19 @@ fn example_missing(loaded: &LoadedConfig, opts: &Options) -> bool {
 }
 
 /// `wasmgate test`, nginx's `-t`: everything `start` and `reload` would refuse, found without
-/// touching a running gateway — the file, each plugin compiled *and started* once (its
-/// `proxy_on_vm_start`, under its `memory_limit`), the log files opened for appending, and
-/// the stored objects (a local store) read and checked against the plugin list. Returns
-/// what the operator should know besides.
+/// touching a running gateway or writing anything — the file, each plugin compiled *and
+/// started* once (its `proxy_on_vm_start`, under its `memory_limit`, with shared memory of
+/// `plugin_shm_size`), the log files writable, and the stored objects (a local store) read
+/// and checked against the plugin list. Returns what the operator should know besides.
 pub fn check(opts: &Options) -> anyhow::Result<Vec<String>> {
     let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
     let cfg = &loaded.config;
     let level = cfg.nginx_config.error_log_level;
+    // The plugins' shared memory as large as the gateway's: a plugin filling it at start
+    // must not fail here only.
+    let shm = wasmgate_shared::plugin_shm::PluginShm::create(cfg.wasmgate.plugin_shm_size as usize)
+        .map_err(|e| anyhow::anyhow!("wasmgate.plugin_shm_size: {e}"))?;
+    wasmgate_wasm::shared::install(std::sync::Arc::new(shm));
     for p in &cfg.wasm.plugins {
         let path = opts.resolve(&p.file);
         let bytes = read_plugin(&loaded, opts, p).map_err(|e| {
@@ -232,22 +237,33 @@ pub fn check(opts: &Options) -> anyhow::Result<Vec<String>> {
         let Some(path) = path.map(|p| opts.resolve(p)) else {
             continue;
         };
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d)
-                .with_context(|| format!("{key}: cannot create {}", d.display()))?;
+        // Checked, not created: files made here would belong to whoever runs the check.
+        if path.exists() {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("{key}: cannot open {} for appending", path.display()))?;
+            continue;
         }
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("{key}: cannot open {} for appending", path.display()))?;
+        // The nearest folder that exists must be one, and writable: `start` makes the rest.
+        let dir = path.ancestors().skip(1).find(|d| d.exists());
+        let writable = dir.is_some_and(|d| {
+            d.is_dir() && nix::unistd::access(d, nix::unistd::AccessFlags::W_OK).is_ok()
+        });
+        if !writable {
+            bail!(
+                "{key}: cannot create {}: {} is not a writable folder",
+                path.display(),
+                dir.map_or("its folder".into(), |d| d.display().to_string())
+            );
+        }
     }
     let mut notes = Vec::new();
     let data_dir = opts.resolve(&cfg.wasmgate.data_dir);
     if cfg.deployment.etcd.is_some() {
         notes.push("the objects in etcd are checked when the gateway starts".to_string());
-    } else if data_dir.exists() {
-        let store = store::Store::open(&data_dir)
+    } else {
+        let store = store::Store::read_only(&data_dir)
             .with_context(|| format!("the stored objects in {}", data_dir.display()))?;
         admin::objects::check_all(&store, &loaded.catalog()).map_err(|e| {
             anyhow::anyhow!(

@@ -172,9 +172,11 @@ impl Loop {
                     tracing::warn!("SIGHUP received: reloading configuration");
                     let _ = self.reload().await;
                 }
-                _ = term.recv() => return self.stop(false).await,
-                _ = int.recv() => return self.stop(false).await,
-                _ = quit.recv() => return self.stop(true).await,
+                // The control channel goes first: an Admin API reload asked during the stop
+                // gets 503 at once rather than waiting for an answer that never comes.
+                _ = term.recv() => { drop(control); return self.stop(false).await }
+                _ = int.recv() => { drop(control); return self.stop(false).await }
+                _ = quit.recv() => { drop(control); return self.stop(true).await }
                 _ = usr2.recv() => {
                     tracing::warn!(
                         "SIGUSR2 ignored: there is no binary switch; upgrade with \
@@ -344,7 +346,7 @@ fn warn_restart_only(old: &LoadedConfig, new: &LoadedConfig) {
         changed.push("deployment.etcd");
     }
     if o.nginx_config.error_log != n.nginx_config.error_log {
-        changed.push("nginx_config.error_log");
+        changed.push("nginx_config.error_log (of the master's own lines; new workers use it)");
     }
     if o.nginx_config.error_log_level != n.nginx_config.error_log_level {
         changed

@@ -111,6 +111,30 @@ impl Store {
         })
     }
 
+    /// The objects stored under `dir`, read without changing anything there (`wasmgate test`
+    /// beside a running master: no folder made, no permission tightened, and the master's
+    /// temporary files, which may be writes in progress, left alone). A folder not there
+    /// holds nothing.
+    pub fn read_only(dir: &Path) -> Result<Store, StoreError> {
+        let mut objects = BTreeMap::new();
+        let mut revision = read_revision(dir)?;
+        for kind in Kind::ALL {
+            let d = dir.join(kind.as_str());
+            if !d.is_dir() {
+                continue;
+            }
+            for (id, stored) in read_kind(&d, Visit::ReadOnly)? {
+                revision = revision.max(stored.modified_index);
+                objects.insert((kind, id), stored.into());
+            }
+        }
+        Ok(Store {
+            dir: None,
+            objects,
+            revision,
+        })
+    }
+
     /// A store with no disk behind it, holding `objects` at etcd revision `revision`.
     pub fn memory(objects: Vec<(Kind, String, Stored)>, revision: u64) -> Store {
         Store {
@@ -293,7 +317,19 @@ fn read_revision(dir: &Path) -> Result<u64, StoreError> {
 }
 
 /// The objects in `dir`; `tighten`: make each file private (an earlier version's store).
+/// How a store folder is read: by the store that owns it (leftovers of a crash removed,
+/// permissions made private where `tighten`), or only read.
+#[derive(Clone, Copy, PartialEq)]
+enum Visit {
+    Owner { tighten: bool },
+    ReadOnly,
+}
+
 fn load_kind(dir: &Path, tighten: bool) -> Result<Vec<(String, Stored)>, StoreError> {
+    read_kind(dir, Visit::Owner { tighten })
+}
+
+fn read_kind(dir: &Path, visit: Visit) -> Result<Vec<(String, Stored)>, StoreError> {
     let mut out = Vec::new();
     let entries =
         fs::read_dir(dir).map_err(|e| StoreError::Load(format!("{}: {e}", dir.display())))?;
@@ -303,7 +339,9 @@ fn load_kind(dir: &Path, tighten: bool) -> Result<Vec<(String, Stored)>, StoreEr
         let name = entry.file_name().to_string_lossy().to_string();
         // Leftover temporary files from a crash mid-write are not objects.
         if name.starts_with(".tmp-") {
-            let _ = fs::remove_file(&path);
+            if visit != Visit::ReadOnly {
+                let _ = fs::remove_file(&path);
+            }
             continue;
         }
         let Some(id) = name.strip_suffix(".json") else {
@@ -311,7 +349,7 @@ fn load_kind(dir: &Path, tighten: bool) -> Result<Vec<(String, Stored)>, StoreEr
         };
         // Plugin settings hold secrets; a failure (another owner) is no reason to refuse the
         // store.
-        if tighten {
+        if visit == (Visit::Owner { tighten: true }) {
             let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o600));
         }
         let text =

@@ -317,8 +317,8 @@ impl SpawnCtx {
             .stdin(Stdio::piped())
             .kill_on_drop(false);
         // SAFETY: the closure runs in the forked child before exec and only calls
-        // async-signal-safe functions (dup2, prctl, getppid, setpgid) on values captured
-        // by move; it allocates nothing.
+        // async-signal-safe functions (dup2, prctl, getppid, setpgid, signal) on values
+        // captured by move; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
                 for (i, fd) in fds.iter().enumerate() {
@@ -331,6 +331,12 @@ impl SpawnCtx {
                     libc::_exit(1);
                 }
                 libc::setpgid(0, 0);
+                // Signals meant for the master (a reload, nginx's binary switch) that reach a
+                // worker — `pkill -HUP wasmgate` — are ignored, as nginx's workers do. Ignored
+                // dispositions survive exec: the worker is immune from its first instruction,
+                // while it still loads its plugins too.
+                libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                libc::signal(libc::SIGUSR2, libc::SIG_IGN);
                 Ok(())
             });
         }

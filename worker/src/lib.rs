@@ -182,13 +182,7 @@ async fn serve(
     let mut int = signal(SignalKind::interrupt())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let mut published = signal(SignalKind::window_change())?;
-    // Signals meant for the master (a reload, nginx's binary switch) that reach a worker —
-    // `pkill -HUP wasmgate` — are ignored, as nginx's workers do, instead of ending it with
-    // its requests. Once installed, tokio's handlers replace the default action for good.
-    let _for_the_master = (
-        signal(SignalKind::hangup())?,
-        signal(SignalKind::user_defined2())?,
-    );
+    // HUP and USR2 are the master's: ignored here from the start (master/src/supervisor.rs).
     loop {
         tokio::select! {
             _ = quit.recv() => break,
