@@ -50,6 +50,26 @@ fn wat_map(pairs: &[(&str, &str)]) -> (String, usize) {
     )
 }
 
+/// WAT for a plugin whose configuration is a call-out target (`host:port`): kept in `$tptr`
+/// and `$tlen` by `proxy_on_configure` (needs `$gbb`, `proxy_get_buffer_bytes`).
+const CALL_TARGET_FROM_CONF: &str = r#"(global $tptr (mut i32) (i32.const 0))
+      (global $tlen (mut i32) (i32.const 0))
+      (func (export "proxy_on_configure") (param i32 i32) (result i32)
+        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get 1) (i32.const 200) (i32.const 204)))
+        (global.set $tptr (i32.load (i32.const 200)))
+        (global.set $tlen (i32.load (i32.const 204)))
+        (i32.const 1))"#;
+
+/// WAT calling `$call` (`proxy_http_call`) to that target with the headers at 300 (`len`
+/// bytes, from [`wat_map`]), no body or trailers, the token written at 208.
+fn dispatch(len: usize, timeout_ms: u32) -> String {
+    format!(
+        "(call $call (global.get $tptr) (global.get $tlen) (i32.const 300) (i32.const {len})
+                     (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+                     (i32.const {timeout_ms}) (i32.const 208))"
+    )
+}
+
 fn wat_plugin_on_route(gw: &Gateway, name: &str, wat: &str, uri: &str) {
     let file = format!("{name}.wasm");
     std::fs::write(gw.prefix().join(&file), wat::parse_str(wat).unwrap()).unwrap();
@@ -993,6 +1013,7 @@ fn body_callbacks_wait_for_their_call_outs() {
         (":path", "/check"),
         (":authority", "auth"),
     ]);
+    let call_2000 = dispatch(len, 2000);
     let wat = format!(
         r#"(module
       (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
@@ -1000,30 +1021,20 @@ fn body_callbacks_wait_for_their_call_outs() {
       (import "env" "proxy_continue_stream" (func $cont (param i32) (result i32)))
       (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
       (memory (export "memory") 1)
-      (global $tptr (mut i32) (i32.const 0))
-      (global $tlen (mut i32) (i32.const 0))
       (data (i32.const 300) "{escaped}")
       (data (i32.const 600) "denied")
       {BUMP_MALLOC}
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_context_create") (param i32 i32))
-      (func (export "proxy_on_configure") (param i32 i32) (result i32)
-        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get 1) (i32.const 200) (i32.const 204)))
-        (global.set $tptr (i32.load (i32.const 200)))
-        (global.set $tlen (i32.load (i32.const 204)))
-        (i32.const 1))
+      {CALL_TARGET_FROM_CONF}
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
       (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32)
         (if (local.get 2)
-          (then (drop (call $call (global.get $tptr) (global.get $tlen) (i32.const 300) (i32.const {len})
-                                  (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
-                                  (i32.const 2000) (i32.const 208)))))
+          (then (drop {call_2000})))
         (i32.const 1))
       ;; a call-out from the log phase goes out too (its answer comes to the root context)
       (func (export "proxy_on_log") (param i32)
-        (drop (call $call (global.get $tptr) (global.get $tlen) (i32.const 300) (i32.const {len})
-                          (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
-                          (i32.const 2000) (i32.const 208))))
+        (drop {call_2000}))
       (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
         (if (i32.gt_u (local.get 2) (i32.const 0))
           (then (drop (call $cont (i32.const 0))))
@@ -1070,28 +1081,21 @@ fn an_abandoned_requests_call_out_still_answers() {
         (":path", "/delay/400/abandoned"),
         (":authority", "app"),
     ]);
+    let call_5000 = dispatch(len, 5000);
     let wat = format!(
         r#"(module
       (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
       (memory (export "memory") 1)
-      (global $tptr (mut i32) (i32.const 0))
-      (global $tlen (mut i32) (i32.const 0))
       (data (i32.const 300) "{escaped}")
       (data (i32.const 600) "the abandoned request's call answered")
       {BUMP_MALLOC}
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_context_create") (param i32 i32))
-      (func (export "proxy_on_configure") (param i32 i32) (result i32)
-        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get 1) (i32.const 200) (i32.const 204)))
-        (global.set $tptr (i32.load (i32.const 200)))
-        (global.set $tlen (i32.load (i32.const 204)))
-        (i32.const 1))
+      {CALL_TARGET_FROM_CONF}
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-        (drop (call $call (global.get $tptr) (global.get $tlen) (i32.const 300) (i32.const {len})
-                          (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
-                          (i32.const 5000) (i32.const 208)))
+        (drop {call_5000})
         (i32.const 1))
       (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
         (if (i32.gt_u (local.get 2) (i32.const 0))
@@ -1127,6 +1131,7 @@ fn continue_stream_resumes_the_stream_it_names() {
     let gw = Gateway::start();
     let app = TestUpstream::start("app");
     let (escaped, len) = wat_map(&[(":method", "GET"), (":path", "/x"), (":authority", "app")]);
+    let call_5000 = dispatch(len, 5000);
     let wat = format!(
         r#"(module
       (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
@@ -1134,22 +1139,14 @@ fn continue_stream_resumes_the_stream_it_names() {
       (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
       (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
       (memory (export "memory") 1)
-      (global $tptr (mut i32) (i32.const 0))
-      (global $tlen (mut i32) (i32.const 0))
       (data (i32.const 300) "{escaped}")
       (data (i32.const 600) "x-continue-rc")
       {BUMP_MALLOC}
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_context_create") (param i32 i32))
-      (func (export "proxy_on_configure") (param i32 i32) (result i32)
-        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get 1) (i32.const 200) (i32.const 204)))
-        (global.set $tptr (i32.load (i32.const 200)))
-        (global.set $tlen (i32.load (i32.const 204)))
-        (i32.const 1))
+      {CALL_TARGET_FROM_CONF}
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-        (drop (call $call (global.get $tptr) (global.get $tlen) (i32.const 300) (i32.const {len})
-                          (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
-                          (i32.const 5000) (i32.const 208)))
+        (drop {call_5000})
         (i32.const 1))
       ;; the three statuses as '0' + status each, on the request
       (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
@@ -1189,6 +1186,7 @@ fn call_outs_of_finished_requests_still_answer_the_root() {
         (":path", "/delay/300/late"),
         (":authority", "app"),
     ]);
+    let call_5000 = dispatch(len, 5000);
     let wat = format!(
         r#"(module
       (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
@@ -1197,8 +1195,6 @@ fn call_outs_of_finished_requests_still_answer_the_root() {
       (import "env" "proxy_set_shared_data" (func $set (param i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
       (memory (export "memory") 1)
-      (global $tptr (mut i32) (i32.const 0))
-      (global $tlen (mut i32) (i32.const 0))
       (data (i32.const 300) "{escaped}")
       (data (i32.const 600) "late-answer")
       (data (i32.const 620) "x-late-answer")
@@ -1206,18 +1202,12 @@ fn call_outs_of_finished_requests_still_answer_the_root() {
       {BUMP_MALLOC}
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_context_create") (param i32 i32))
-      (func (export "proxy_on_configure") (param i32 i32) (result i32)
-        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get 1) (i32.const 200) (i32.const 204)))
-        (global.set $tptr (i32.load (i32.const 200)))
-        (global.set $tlen (i32.load (i32.const 204)))
-        (i32.const 1))
+      {CALL_TARGET_FROM_CONF}
       ;; shows whether an earlier call's answer came, then calls and lets the request go on
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
         (if (i32.eqz (call $get (i32.const 600) (i32.const 11) (i32.const 210) (i32.const 214) (i32.const 218)))
           (then (drop (call $add (i32.const 0) (i32.const 620) (i32.const 13) (i32.const 640) (i32.const 3)))))
-        (drop (call $call (global.get $tptr) (global.get $tlen) (i32.const 300) (i32.const {len})
-                          (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
-                          (i32.const 5000) (i32.const 208)))
+        (drop {call_5000})
         (i32.const 0))
       (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
         (if (i32.gt_u (local.get 2) (i32.const 0))
