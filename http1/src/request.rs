@@ -378,6 +378,25 @@ fn only_chunked(headers: &HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_nginx_takes_are_served_with_those_bytes_encoded() {
+        let head = |target: &str| {
+            parse(&format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n"))
+                .map(|h| h.map(|h| h.uri.to_string()))
+        };
+        for (raw, served) in [
+            ("/x?q=\"a\"", "/x?q=%22a%22"),
+            ("/x?q=<b>", "/x?q=%3Cb%3E"),
+            ("/a<b>/`c`", "/a%3Cb%3E/%60c%60"),
+            ("/x?q={a}|^", "/x?q={a}|^"),
+        ] {
+            assert_eq!(head(raw).ok().flatten().as_deref(), Some(served), "{raw}");
+        }
+        // Bytes no server takes stay refused.
+        assert!(head("/x?q=\x7f").is_err());
+    }
 
     #[test]
     fn paths_are_matched_as_nginx_normalizes_them() {
@@ -423,7 +442,6 @@ mod tests {
             Ok(std::borrow::Cow::Borrowed(_))
         ));
     }
-    use super::*;
 
     fn parse(head: &str) -> Result<Option<Head>, Refusal> {
         parse_head(&mut BytesMut::from(head), 8192)
