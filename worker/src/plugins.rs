@@ -567,12 +567,13 @@ impl Plugins {
                 Ok(o) => o,
             };
             if let Some(reply) = o.reply {
-                self.detach(a, mine);
+                // Calls still in flight answer on their own (`waited_call`).
+                drop(mine);
                 self.count(a.record, |r| &r.local_replies);
                 return (Verdict::Reply(reply), waited);
             }
             if goes_on(&o, matches!(phase, Phase::Response)) {
-                self.detach(a, mine);
+                drop(mine);
                 return (Verdict::Continue, waited);
             }
             let wait = Instant::now();
@@ -624,12 +625,6 @@ impl Plugins {
         }
     }
 
-    /// Call-outs still in flight when their context stopped waiting: each one's task
-    /// delivers its answer on its own ([`Plugins::waited_call`]).
-    fn detach(self: &Arc<Self>, _a: &Active, mine: Option<FuturesUnordered<CallFuture>>) {
-        drop(mine);
-    }
-
     /// A call-out a paused context waits for, run in a task of its own: the answer comes
     /// through the returned future while the context waits, and is delivered on its own
     /// (to the root context, as every answer) once nothing waits for it — the context
@@ -667,12 +662,8 @@ impl Plugins {
 
     /// Performs a call-out in a task of its own and delivers the answer.
     fn spawn_call(self: &Arc<Self>, plugin: usize, generation: u64, c: HttpCall) {
-        let fut = self.call_future(c);
-        let me = self.clone();
-        tokio::spawn(async move {
-            let (ctx, token, resp) = fut.await;
-            me.deliver_detached(plugin, generation, ctx, token, resp);
-        });
+        // A waited call nobody waits for: its task delivers the answer.
+        drop(self.waited_call(plugin, generation, c));
     }
 
     /// Delivers an answer to a context whose request does not wait on it (no stream lent).
