@@ -131,11 +131,14 @@ fn main() -> ExitCode {
 }
 
 fn test_config(opts: &Options) -> anyhow::Result<()> {
+    let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
+    // What plugins log while they start (why `proxy_on_vm_start` refused, say) goes to
+    // stderr at the configured level, as `start --foreground` would show it; the error log
+    // file is not touched.
+    let level = loaded.config.nginx_config.error_log_level;
+    wasmgate_shared::logging::init_stderr(level, "test");
     let notes = wasmgate_master::check(opts)?;
-    let origin = opts
-        .load_config()
-        .map(|l| l.origin)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let origin = loaded.origin;
     for n in notes {
         say(&format!("wasmgate: note: {n}\n"));
     }

@@ -206,6 +206,33 @@ fn the_test_command_refuses_what_start_would() {
         let (ok, out, err) = test(gw.prefix());
         assert!(!ok && err.contains(says), "{says}: {out}{err}");
     }
+    // A plugin that refuses to start says why on stderr, in its own words.
+    let refuser = r#"(module
+      (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 16) "vm_config must name a region")
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+        (drop (call $log (i32.const 4) (i32.const 16) (i32.const 28)))
+        (i32.const 0)))"#;
+    std::fs::write(
+        gw.prefix().join("refuser.wasm"),
+        wat::parse_str(refuser).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        gw.config_path(),
+        format!("{good}    - {{name: refuser, priority: 1, file: refuser.wasm}}\n"),
+    )
+    .unwrap();
+    let (ok, out, err) = test(gw.prefix());
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains("refuser: vm_config must name a region")
+            && err.contains("\"refuser\": start failed"),
+        "{err}"
+    );
     std::fs::write(gw.config_path(), &good).unwrap();
     let fresh = tempfile::tempdir().unwrap();
     let (ok, out, err) = test(fresh.path());

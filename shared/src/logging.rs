@@ -65,6 +65,19 @@ pub fn init(path: &Path, level: LogLevel, role: &str, stderr: bool) -> std::io::
     Ok(())
 }
 
+/// Installs a logger writing to standard error only, at `level`: for commands that must not
+/// touch the error log file but should show what plugins and checks say (`wasmgate test`).
+pub fn init_stderr(level: LogLevel, role: &str) {
+    let filter = tracing_subscriber::EnvFilter::new(level.as_tracing());
+    let _ = tracing_subscriber::fmt()
+        .event_format(NginxFormat {
+            role: role.to_string(),
+        })
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// The installed error log, for [`reopen`].
 static LOG: OnceLock<Arc<Tee>> = OnceLock::new();
 
