@@ -1568,3 +1568,98 @@ fn reloads_compile_only_changed_plugins() {
         get(&gw, "/versioned").status == 202
     });
 }
+
+/// A root context whose `proxy_on_done` returns false lives on until it calls `proxy_done`,
+/// as in Envoy: here it flushes through a call-out when its route goes away and when its
+/// worker exits on a reload, and is deleted only once the answer came and it said so.
+#[test]
+fn a_root_context_finishes_its_work_before_it_is_deleted() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let flush = TestUpstream::start("flush");
+    let (escaped, len) = wat_map(&[
+        (":method", "GET"),
+        (":path", "/flush"),
+        (":authority", "flush"),
+    ]);
+    let call = dispatch(len, 5000);
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_done" (func $done (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 300) "{escaped}")
+      (data (i32.const 700) "flushing")
+      (data (i32.const 720) "flushed")
+      (data (i32.const 740) "done ok")
+      (data (i32.const 760) "done again: not found")
+      (data (i32.const 800) "root deleted")
+      {BUMP_MALLOC}
+      (func (export "proxy_abi_version_0_2_1"))
+      ;; which contexts are PluginContexts: a byte each at 2000 + id
+      (func $is_root (param $id i32) (result i32)
+        (if (result i32) (i32.and (i32.ne (local.get $id) (i32.const 1)) (i32.lt_u (local.get $id) (i32.const 4000)))
+          (then (i32.load8_u (i32.add (i32.const 2000) (local.get $id))))
+          (else (i32.const 0))))
+      (func (export "proxy_on_context_create") (param $id i32) (param $parent i32)
+        (if (i32.and (i32.eqz (local.get $parent)) (i32.lt_u (local.get $id) (i32.const 4000)))
+          (then (i32.store8 (i32.add (i32.const 2000) (local.get $id)) (i32.const 1)))))
+      {CALL_TARGET_FROM_CONF}
+      (func (export "proxy_on_done") (param $id i32) (result i32)
+        (if (result i32) (call $is_root (local.get $id))
+          (then
+            (drop (call $log (i32.const 2) (i32.const 700) (i32.const 8)))
+            (drop {call})
+            (i32.const 0))
+          (else (i32.const 1))))
+      (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+        (drop (call $log (i32.const 2) (i32.const 720) (i32.const 7)))
+        (if (i32.eqz (call $done))
+          (then (drop (call $log (i32.const 2) (i32.const 740) (i32.const 7)))))
+        (if (i32.eq (call $done) (i32.const 1))
+          (then (drop (call $log (i32.const 2) (i32.const 760) (i32.const 21))))))
+      (func (export "proxy_on_delete") (param $id i32)
+        (if (call $is_root (local.get $id))
+          (then (drop (call $log (i32.const 2) (i32.const 800) (i32.const 12)))))))"#
+    );
+    wat_plugin_on_route(&gw, "flusher", &wat, "/unused");
+    let route = json!({"uri": "/flushed", "plugins": {"flusher": {"conf": flush.addr()}}});
+    gw.route("flusher", route.clone(), Some(&app));
+    assert_eq!(get(&gw, "/flushed").status, 200);
+    assert_eq!(flush.hits(), 0);
+    let lines = |what: &str| {
+        gw.error_log()
+            .lines()
+            .filter(|l| l.contains(&format!("flusher: {what}")))
+            .count()
+    };
+    // The route goes away: its context flushes, then is deleted once it called proxy_done.
+    assert_eq!(
+        gw.admin("DELETE", "/apisix/admin/routes/flusher", None).0,
+        200
+    );
+    common::eventually(Duration::from_secs(5), "the retired root deleted", || {
+        lines("root deleted") == 1
+    });
+    assert_eq!(flush.hits(), 1);
+    assert_eq!(
+        (lines("flushing"), lines("flushed"), lines("done ok")),
+        (1, 1, 1)
+    );
+    assert_eq!(lines("done again: not found"), 1);
+    // A worker that exits (replaced by a reload) finishes its contexts the same way.
+    gw.route("flusher", route, Some(&app));
+    assert_eq!(get(&gw, "/flushed").status, 200);
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+    common::eventually(
+        Duration::from_secs(10),
+        "the exiting worker's flush",
+        || lines("root deleted") == 2,
+    );
+    assert_eq!(flush.hits(), 2);
+    assert_eq!(lines("done ok"), 2);
+    assert!(!gw.error_log().contains("proxy_done in time"));
+}

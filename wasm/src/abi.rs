@@ -681,9 +681,20 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         }
         ok(Status::Ok)
     })?;
-    for name in ["proxy_done", "proxy_clear_route_cache"] {
-        l.func_wrap("env", name, |_c: C<'_>| -> R { ok(Status::Ok) })?;
-    }
+    // A root context whose `proxy_on_done` returned false says it has finished: deleted after
+    // this callback. Any other context is not waited for: NotFound, as proxy-wasm-cpp-host.
+    l.func_wrap("env", "proxy_done", |mut c: C<'_>| -> R {
+        let d = c.data_mut();
+        let id = d.effective_context;
+        if !d.pending_done.remove(&id) {
+            return ok(Status::NotFound);
+        }
+        d.done_now.push(id);
+        ok(Status::Ok)
+    })?;
+    l.func_wrap("env", "proxy_clear_route_cache", |_c: C<'_>| -> R {
+        ok(Status::Ok)
+    })?;
     l.func_wrap(
         "env",
         "proxy_set_effective_context",

@@ -28,6 +28,6 @@ pub use state::{
     BodyBuf, CallResponse, CallTargets, Downstream, HttpCall, LocalReply, Properties, Stream,
     Targets, Totals,
 };
-pub use vm::{Action, Fault, HttpCtx, Outcome, PluginVm};
+pub use vm::{Action, Fault, HttpCtx, Outcome, PluginVm, VM_ROOT};
 /// The serialized map format (see `wasmgate-abi`).
 pub use wasmgate_abi::map;

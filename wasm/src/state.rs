@@ -274,6 +274,11 @@ pub struct HostState {
     /// The contexts this instance created and has not deleted: `proxy_set_effective_context`
     /// with any other id is a BadArgument, as in proxy-wasm-cpp-host.
     pub live_contexts: foldhash::HashSet<u32>,
+    /// Root contexts whose `proxy_on_done` returned false: alive until they call `proxy_done`.
+    pub pending_done: foldhash::HashSet<u32>,
+    /// Those of them that called `proxy_done`, not yet deleted (the gateway deletes them after
+    /// the callback, as proxy-wasm-cpp-host does).
+    pub done_now: Vec<u32>,
     /// The root context of the context the current callback runs on: call-outs answer to it,
     /// and its ticks and queue registrations are its own (Envoy's `root_context()`).
     pub root_context: u32,

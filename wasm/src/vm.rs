@@ -158,6 +158,8 @@ impl PluginVm {
             local_reply: None,
             effective_context: 0,
             live_contexts: Default::default(),
+            pending_done: Default::default(),
+            done_now: Vec::new(),
             root_context: 0,
             tick_periods: HashMap::new(),
             ticks_changed: false,
@@ -270,7 +272,10 @@ impl PluginVm {
         });
         self.store.data_mut().plugin_config.clear();
         if r? == 0 {
-            self.finish(id)?;
+            // Refused: nothing of it is waited for, whatever its `proxy_on_done` says.
+            if !self.finish(id)? {
+                self.delete(id)?;
+            }
             return Ok(None);
         }
         Ok(Some(id))
@@ -467,7 +472,13 @@ impl PluginVm {
     /// [`PluginVm::changed_queues`] would report.
     pub fn has_effects(&self) -> bool {
         let d = self.store.data();
-        !d.calls.is_empty() || d.ticks_changed || d.queues_changed
+        !d.calls.is_empty() || d.ticks_changed || d.queues_changed || !d.done_now.is_empty()
+    }
+
+    /// The root contexts that called `proxy_done` since the last time this was asked: each
+    /// is to be deleted ([`PluginVm::delete`]).
+    pub fn take_done(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.store.data_mut().done_now)
     }
 
     /// The call-outs dispatched since the last time this was asked.
@@ -506,27 +517,47 @@ impl PluginVm {
         r
     }
 
-    /// `proxy_on_done` then `proxy_on_delete` of the root context `id`: the context is gone.
-    pub fn finish(&mut self, id: u32) -> Result<(), Fault> {
-        self.end(HttpCtx { id, root: id })
+    /// `proxy_on_done` of the root context `id`, then `proxy_on_delete`: true when the
+    /// context is gone. False when `proxy_on_done` returned false, as a plugin does that has
+    /// work to finish first (a last call-out, a flush on its next tick): the context then lives
+    /// on — its ticks, call-outs and queues with it — until it calls `proxy_done`
+    /// ([`PluginVm::take_done`]) or the gateway stops waiting ([`PluginVm::delete`]), as in
+    /// Envoy.
+    pub fn finish(&mut self, id: u32) -> Result<bool, Fault> {
+        outside_stream(&mut self.store, id);
+        if let Some(done) = self.f.done.as_ref() {
+            if run(&mut self.store, self.ticks, |s| done.call(s, id as i32))? == 0 {
+                self.store.data_mut().pending_done.insert(id);
+                return Ok(false);
+            }
+        }
+        self.delete(id)?;
+        Ok(true)
     }
 
-    /// [`PluginVm::finish`] for an HttpContext: what its last callbacks ask for (a tick, a
-    /// queue, a call-out) is its root's, as in every other callback.
+    /// `proxy_on_delete` of the root context `id` (finished, or no longer waited for).
+    pub fn delete(&mut self, id: u32) -> Result<(), Fault> {
+        outside_stream(&mut self.store, id);
+        let d = self.store.data_mut();
+        d.pending_done.remove(&id);
+        if d.tick_periods.remove(&id).is_some() {
+            d.ticks_changed = true;
+        }
+        let deleted = match self.f.delete.as_ref() {
+            Some(delete) => run(&mut self.store, self.ticks, |s| delete.call(s, id as i32)),
+            None => Ok(()),
+        };
+        self.store.data_mut().live_contexts.remove(&id);
+        deleted
+    }
+
+    /// `proxy_on_done` then `proxy_on_delete` of an HttpContext (what `proxy_on_done` returns
+    /// is not waited on for a stream, as in Envoy): what its last callbacks ask for (a
+    /// call-out) is its root's, as in every other callback.
     pub fn finish_http(&mut self, ctx: HttpCtx) -> Result<(), Fault> {
-        self.end(ctx)
-    }
-
-    fn end(&mut self, ctx: HttpCtx) -> Result<(), Fault> {
         let id = ctx.id;
         outside_stream(&mut self.store, id);
         self.store.data_mut().root_context = ctx.root;
-        let d = self.store.data_mut();
-        // Only root contexts tick: most finished contexts are HttpContexts, and most plugins
-        // never tick.
-        if !d.tick_periods.is_empty() && d.tick_periods.remove(&id).is_some() {
-            d.ticks_changed = true;
-        }
         if let Some(done) = self.f.done.as_ref() {
             run(&mut self.store, self.ticks, |s| done.call(s, id as i32))?;
         }

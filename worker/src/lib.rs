@@ -204,6 +204,23 @@ async fn serve(
             _ = term.recv() => break,
         }
     }
+    // The plugins finish as in Envoy at shutdown: `proxy_on_done` on every root context; one
+    // with work left (a last flush) has what is left of worker_shutdown_timeout to call
+    // `proxy_done`, its ticks and call-outs running meanwhile.
+    w.plugins.finish_all(deadline);
+    while w.plugins.finishing() > 0 && Instant::now() < deadline {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            _ = term.recv() => break,
+        }
+    }
+    let left = w.plugins.finishing();
+    if left > 0 {
+        tracing::warn!(
+            "worker {}: {left} plugin contexts had not called proxy_done",
+            boot.worker_id
+        );
+    }
     w.access_log.flush();
     tracing::info!("worker {} drained, exiting", boot.worker_id);
     Ok(())

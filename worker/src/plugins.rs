@@ -73,6 +73,14 @@ struct VmState {
     /// Statistics record of each route / global rule (`route:<id>`), kept across revisions and
     /// instances.
     records: FastMap<String, usize>,
+    /// Root contexts finished whose `proxy_on_done` returned false, with the time their
+    /// `proxy_done` is waited for until: they tick, call out and answer meanwhile.
+    finishing: HashMap<u32, Instant>,
+    /// Those that called `proxy_done`, to delete (by the tick loop, after the callback).
+    done: Vec<u32>,
+    /// Call-outs dispatched where nothing sends them (a retired root's `proxy_on_done`): the
+    /// tick loop sends them.
+    unsent: Vec<HttpCall>,
 }
 
 /// One `wasm.plugins` entry in this worker.
@@ -331,6 +339,9 @@ impl Plugins {
                 ticks_dirty: false,
                 queues: Vec::new(),
                 records: FastMap::default(),
+                finishing: HashMap::new(),
+                done: Vec::new(),
+                unsent: Vec::new(),
             };
             list.push(Plugin {
                 decl: d.clone(),
@@ -744,10 +755,7 @@ impl Plugins {
         if st.vm.is_none() {
             let vm = PluginVm::new(&p.module)?;
             st.generation += 1;
-            st.roots.clear();
-            st.calls.clear();
-            st.ticks.clear();
-            st.queues.clear();
+            st.clear_contexts();
             // Ticks and call-outs of its `proxy_on_vm_start` are collected after this request's
             // first callback.
             st.vm = Some(vm);
@@ -859,17 +867,93 @@ impl Plugins {
             let Some(root) = st.roots.remove(&key) else {
                 continue;
             };
-            let (Some(id), Some(vm)) = (root.id, st.vm.as_mut()) else {
-                continue;
-            };
-            if let Err(f) = vm.finish(id) {
-                self.fault(p, st, &f, "finishing a plugin context", None);
-                return;
+            if let Some(id) = root.id {
+                if !self.finish_root(p, st, id, Instant::now() + DONE_WAIT) {
+                    return;
+                }
             }
-            st.calls.retain(|_, c| *c != id);
-            st.ticks.remove(&id);
-            st.queues.retain(|(_, c, _)| *c != id);
         }
+    }
+
+    /// `proxy_on_done` of the root context `id`: deleted at once, or — when the plugin has
+    /// work to finish — waited for until it calls `proxy_done`, or until `until`. False when
+    /// the plugin faulted (its instance is gone).
+    fn finish_root(&self, p: &Plugin, st: &mut VmState, id: u32, until: Instant) -> bool {
+        let Some(vm) = st.vm.as_mut() else {
+            return false;
+        };
+        let finished = vm.finish(id);
+        // Call-outs `proxy_on_done` dispatched (a last flush) go out from the tick loop.
+        let mut calls = st.collect(self);
+        match finished {
+            Err(f) => {
+                self.fault(p, st, &f, "finishing a plugin context", None);
+                return false;
+            }
+            Ok(true) => {
+                calls.retain(|c| c.root != id);
+                st.forget_root(id);
+            }
+            Ok(false) => {
+                st.finishing.insert(id, until);
+                st.ticks_dirty = true;
+            }
+        }
+        if !calls.is_empty() || st.ticks_dirty {
+            st.unsent.extend(calls);
+            st.ticks_dirty = false;
+            self.ticks_changed.notify_one();
+        }
+        true
+    }
+
+    /// Deletes the finishing root contexts that called `proxy_done`, and those waited for
+    /// long enough (`now` past their time). False when the plugin faulted.
+    fn reap_finished(&self, p: &Plugin, st: &mut VmState, now: Instant) -> bool {
+        let mut gone = std::mem::take(&mut st.done);
+        for (id, until) in &st.finishing {
+            if *until <= now && !gone.contains(id) {
+                tracing::warn!(
+                    "{}: plugin context {id} did not call proxy_done in time after proxy_on_done returned false; deleted",
+                    p.decl.name
+                );
+                gone.push(*id);
+            }
+        }
+        for id in gone {
+            st.finishing.remove(&id);
+            let Some(vm) = st.vm.as_mut() else {
+                return false;
+            };
+            let r = vm.delete(id);
+            st.collect(self);
+            st.forget_root(id);
+            if let Err(f) = r {
+                self.fault(p, st, &f, "proxy_on_delete", None);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Worker exit: `proxy_on_done` for every root context, the VM's own included (as Envoy
+    /// at shutdown); those with work to finish are waited for until `until`
+    /// ([`Plugins::finishing`]).
+    pub fn finish_all(&self, until: Instant) {
+        for p in &self.list {
+            let mut st = p.lock();
+            let roots: Vec<u32> = st.roots.drain().filter_map(|(_, r)| r.id).collect();
+            for id in roots.into_iter().chain([wasmgate_wasm::VM_ROOT]) {
+                if !self.finish_root(p, &mut st, id, until) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// How many root contexts are finishing (waited for until they call `proxy_done`).
+    pub fn finishing(&self) -> usize {
+        self.list.iter().map(|p| p.lock().finishing.len()).sum()
     }
 
     /// One body chunk through the request's contexts that have body callbacks, each with its
@@ -1250,7 +1334,17 @@ impl Plugins {
                         }
                     }
                     calls.extend(self.poll_queues(p, &mut st));
-                    for (_, at) in st.ticks.values() {
+                    calls.append(&mut st.unsent);
+                    if !st.finishing.is_empty() || !st.done.is_empty() {
+                        self.reap_finished(p, &mut st, now);
+                        calls.append(&mut st.unsent);
+                    }
+                    for at in st
+                        .ticks
+                        .values()
+                        .map(|(_, at)| at)
+                        .chain(st.finishing.values())
+                    {
                         next = Some(next.map_or(*at, |n| n.min(*at)));
                     }
                     if !st.queues.is_empty() {
@@ -1312,6 +1406,11 @@ impl Plugins {
 
 /// How often registered shared queues are checked for new items (they are filled by any worker).
 const QUEUE_POLL: Duration = Duration::from_millis(5);
+
+/// How long a retired root context whose `proxy_on_done` returned false is waited for (its
+/// `proxy_done`) before it is deleted anyway. Envoy waits without a limit; a plugin that never
+/// calls `proxy_done` would keep one context per route change alive here.
+const DONE_WAIT: Duration = Duration::from_secs(60);
 
 /// Most time one look spends in `proxy_on_queue_ready` calls, all queues together: the calls
 /// run on the worker's thread, between requests. Items beyond get theirs at the next look.
@@ -1460,6 +1559,11 @@ impl VmState {
             }
             self.ticks_dirty = true;
         }
+        let done = vm.take_done();
+        if !done.is_empty() {
+            self.done.extend(done);
+            self.ticks_dirty = true;
+        }
         if let Some(regs) = vm.changed_queues() {
             for (token, ctx) in regs {
                 if !self.queues.iter().any(|(t, c, _)| (*t, *c) == (token, ctx)) {
@@ -1473,6 +1577,25 @@ impl VmState {
 
     fn ticks_changed_flag(&mut self) -> bool {
         std::mem::take(&mut self.ticks_dirty)
+    }
+
+    /// A root context deleted: its call-outs, ticks and queue registrations end with it.
+    fn forget_root(&mut self, id: u32) {
+        self.calls.retain(|_, c| *c != id);
+        self.ticks.remove(&id);
+        self.queues.retain(|(_, c, _)| *c != id);
+        self.finishing.remove(&id);
+    }
+
+    /// The instance is gone: so are all its contexts.
+    fn clear_contexts(&mut self) {
+        self.roots.clear();
+        self.calls.clear();
+        self.ticks.clear();
+        self.queues.clear();
+        self.finishing.clear();
+        self.done.clear();
+        self.unsent.clear();
     }
 }
 
@@ -1530,10 +1653,7 @@ impl Plugins {
             Fault::Memory => &r.memory_hits,
         });
         st.vm = None;
-        st.roots.clear();
-        st.calls.clear();
-        st.ticks.clear();
-        st.queues.clear();
+        st.clear_contexts();
         st.generation += 1;
     }
 }
