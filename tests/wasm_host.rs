@@ -71,12 +71,17 @@ fn dispatch(len: usize, timeout_ms: u32) -> String {
 }
 
 fn wat_plugin_on_route(gw: &Gateway, name: &str, wat: &str, uri: &str) {
+    wat_plugin_with(gw, name, wat, uri, "")
+}
+
+/// [`wat_plugin_on_route`] with more settings in the plugin's entry (`extra`: `, key: value`).
+fn wat_plugin_with(gw: &Gateway, name: &str, wat: &str, uri: &str, extra: &str) {
     let file = format!("{name}.wasm");
     std::fs::write(gw.prefix().join(&file), wat::parse_str(wat).unwrap()).unwrap();
     let config = std::fs::read_to_string(gw.config_path()).unwrap();
     std::fs::write(
         gw.config_path(),
-        format!("{config}    - {{name: {name}, priority: 1, file: {file}}}\n"),
+        format!("{config}    - {{name: {name}, priority: 1, file: {file}{extra}}}\n"),
     )
     .unwrap();
     let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
@@ -1125,7 +1130,8 @@ fn an_abandoned_requests_call_out_still_answers() {
 /// `proxy_continue_stream` resumes the stream it names, as Envoy continues decoding or
 /// encoding: a paused request is not resumed by resuming the response (1) or the downstream
 /// connection (2, Ok with nothing done); the upstream connection (3) is Unimplemented. The
-/// request here, left paused with nothing to wait for, goes on with a warning.
+/// request here, still paused after the first answer, waits for a second call-out whose
+/// answer resumes it.
 #[test]
 fn continue_stream_resumes_the_stream_it_names() {
     let gw = Gateway::start();
@@ -1145,15 +1151,24 @@ fn continue_stream_resumes_the_stream_it_names() {
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_context_create") (param i32 i32))
       {CALL_TARGET_FROM_CONF}
+      (global $answers (mut i32) (i32.const 0))
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (global.set $answers (i32.const 0))
         (drop {call_5000})
         (i32.const 1))
-      ;; the three statuses as '0' + status each, on the request
+      ;; first answer: the three statuses as '0' + status each, and a second call; second
+      ;; answer: them on the request, which it resumes
       (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
-        (i32.store8 (i32.const 640) (i32.add (i32.const 48) (call $continue (i32.const 1))))
-        (i32.store8 (i32.const 641) (i32.add (i32.const 48) (call $continue (i32.const 2))))
-        (i32.store8 (i32.const 642) (i32.add (i32.const 48) (call $continue (i32.const 3))))
-        (drop (call $add (i32.const 0) (i32.const 600) (i32.const 13) (i32.const 640) (i32.const 3)))))"#
+        (global.set $answers (i32.add (global.get $answers) (i32.const 1)))
+        (if (i32.eq (global.get $answers) (i32.const 1))
+          (then
+            (i32.store8 (i32.const 640) (i32.add (i32.const 48) (call $continue (i32.const 1))))
+            (i32.store8 (i32.const 641) (i32.add (i32.const 48) (call $continue (i32.const 2))))
+            (i32.store8 (i32.const 642) (i32.add (i32.const 48) (call $continue (i32.const 3))))
+            (drop {call_5000}))
+          (else
+            (drop (call $add (i32.const 0) (i32.const 600) (i32.const 13) (i32.const 640) (i32.const 3)))
+            (drop (call $continue (i32.const 0)))))))"#
     );
     wat_plugin_on_route(&gw, "wrong_stream", &wat, "/unused");
     gw.route(
@@ -1163,14 +1178,8 @@ fn continue_stream_resumes_the_stream_it_names() {
     );
     let r = get(&gw, "/wrong");
     assert_eq!(r.status, 200, "{}", r.text());
+    // Resumed by the first answer, the request would have gone without the header.
     assert_eq!(r.json()["headers"]["x-continue-rc"], "00<", "{}", r.text());
-    let log = gw.error_log();
-    assert!(
-        log.contains(
-            "wrong_stream: paused the request in proxy_on_request_headers with no call-out pending"
-        ),
-        "{log}"
-    );
 }
 
 /// A call-out whose request did not wait for it is still answered once the request is over,
@@ -1662,4 +1671,81 @@ fn a_root_context_finishes_its_work_before_it_is_deleted() {
     assert_eq!(flush.hits(), 2);
     assert_eq!(lines("done ok"), 2);
     assert!(!gw.error_log().contains("proxy_done in time"));
+}
+
+/// A request paused with nothing in flight waits until another callback resumes it, as in
+/// Envoy: here the plugin holds each request in `proxy_on_request_headers` and its root
+/// context lets it go on its next tick, through `proxy_set_effective_context` — resumed
+/// (conf `r`), answered 429 (conf `d`), or left paused (conf `n`), which `pause_timeout` ends
+/// with a 503.
+#[test]
+fn a_paused_request_is_let_go_from_a_tick() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
+      (import "env" "proxy_set_effective_context" (func $eff (param i32) (result i32)))
+      (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "held, then denied")
+      {BUMP_MALLOC}
+      (func (export "proxy_abi_version_0_2_1"))
+      ;; an HttpContext's root at 16384 + 4 * id
+      (func (export "proxy_on_context_create") (param $id i32) (param $parent i32)
+        (if (i32.and (i32.ne (local.get $parent) (i32.const 0)) (i32.lt_u (local.get $id) (i32.const 8000)))
+          (then (i32.store (i32.add (i32.const 16384) (i32.shl (local.get $id) (i32.const 2))) (local.get $parent)))))
+      ;; a root's verdict (the conf's first byte) at 3000 + root; it ticks every 20 ms
+      (func (export "proxy_on_configure") (param $root i32) (param $size i32) (result i32)
+        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get $size) (i32.const 200) (i32.const 204)))
+        (i32.store8 (i32.add (i32.const 3000) (local.get $root)) (i32.load8_u (i32.load (i32.const 200))))
+        (drop (call $tick (i32.const 20)))
+        (i32.const 1))
+      ;; the request held by its root, at 4000 + 4 * root
+      (func (export "proxy_on_request_headers") (param $id i32) (param i32 i32) (result i32)
+        (i32.store
+          (i32.add (i32.const 4000) (i32.shl (i32.load (i32.add (i32.const 16384) (i32.shl (local.get $id) (i32.const 2)))) (i32.const 2)))
+          (local.get $id))
+        (i32.const 1))
+      (func (export "proxy_on_tick") (param $root i32)
+        (local $slot i32) (local $held i32) (local $verdict i32)
+        (local.set $slot (i32.add (i32.const 4000) (i32.shl (local.get $root) (i32.const 2))))
+        (local.set $held (i32.load (local.get $slot)))
+        (if (i32.eqz (local.get $held)) (then (return)))
+        (i32.store (local.get $slot) (i32.const 0))
+        (drop (call $eff (local.get $held)))
+        (local.set $verdict (i32.load8_u (i32.add (i32.const 3000) (local.get $root))))
+        (if (i32.eq (local.get $verdict) (i32.const 114))
+          (then (drop (call $continue (i32.const 0)))))
+        (if (i32.eq (local.get $verdict) (i32.const 100))
+          (then (drop (call $reply (i32.const 429) (i32.const 0) (i32.const 0)
+                                   (i32.const 100) (i32.const 17) (i32.const 0) (i32.const 0) (i32.const 0)))))))"#
+    );
+    wat_plugin_with(&gw, "holder", &wat, "/unused", ", pause_timeout: 400ms");
+    for (id, conf) in [("resume", "r"), ("deny", "d"), ("never", "n")] {
+        gw.route(
+            id,
+            json!({"uri": format!("/held/{id}"), "plugins": {"holder": {"conf": conf}}}),
+            Some(&app),
+        );
+    }
+    for _ in 0..3 {
+        let r = get(&gw, "/held/resume");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["server"], "app");
+        let r = get(&gw, "/held/deny");
+        assert_eq!((r.status, r.text()), (429, "held, then denied".to_string()));
+    }
+    let started = Instant::now();
+    let r = get(&gw, "/held/never");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    common::eventually(Duration::from_secs(3), "the pause_timeout line", || {
+        gw.error_log().contains(
+            "holder: paused the request in proxy_on_request_headers and did not resume it within 400ms (pause_timeout)",
+        )
+    });
+    assert_eq!(app.hits(), 3);
 }

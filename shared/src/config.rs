@@ -469,6 +469,10 @@ pub struct WasmPluginDecl {
     /// Largest linear memory of one instance.
     #[serde(default = "default_memory_limit", deserialize_with = "de_size")]
     pub memory_limit: u64,
+    /// Longest a request (or response) stays paused by one of the plugin's headers callbacks
+    /// waiting for a resume; then it is failed as a fault is (503, or on with `fail_open`).
+    #[serde(default = "default_pause_timeout", deserialize_with = "de_duration")]
+    pub pause_timeout: Duration,
     /// Most body bytes the plugin may hold back (by pausing a body callback); beyond it the
     /// request is answered 413 (request body) or 502 (response body).
     #[serde(default = "default_body_buffer_limit", deserialize_with = "de_size")]
@@ -485,6 +489,10 @@ pub struct WasmPluginDecl {
 
 fn default_body_buffer_limit() -> u64 {
     1 << 20
+}
+
+fn default_pause_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_callback_timeout() -> Duration {
@@ -754,6 +762,15 @@ impl GatewayConfig {
                     format!("wasm.plugins: plugin {:?} is declared twice", p.name),
                 ));
             }
+            if p.pause_timeout.is_zero() {
+                return Err(err(
+                    "pause_timeout",
+                    format!(
+                        "wasm.plugins: plugin {:?}: pause_timeout must be above 0",
+                        p.name
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -834,6 +851,18 @@ mod tests {
         .unwrap_err();
         assert!(e.0.starts_with("c.yaml:3:"), "{e}");
         assert!(e.0.contains("node_lisen"), "{e}");
+    }
+
+    #[test]
+    fn pause_timeout_defaults_and_must_be_positive() {
+        let y = "wasm:\n  plugins:\n    - {name: a, priority: 1, file: a.wasm}\n";
+        let c = GatewayConfig::parse(y, "c.yaml").unwrap();
+        assert_eq!(c.wasm.plugins[0].pause_timeout, Duration::from_secs(60));
+        let y =
+            "wasm:\n  plugins:\n    - {name: a, priority: 1, file: a.wasm, pause_timeout: 0s}\n";
+        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
+        assert!(e.0.contains("pause_timeout must be above 0"), "{e}");
+        assert!(e.0.starts_with("c.yaml:3:"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use crate::head::{HeaderList, HeaderOp, NameMemo, ValueMemo};
 use crate::props::Found;
-use crate::state::{CallResponse, HostState, LocalReply, Status, Stream};
+use crate::state::{CallResponse, Foreign, HostState, LocalReply, Status, Stream};
 use http::HeaderName;
 use wasmgate_abi::{map, splice};
 use wasmtime::{Caller, FuncType, Linker, Memory, Val, ValType};
@@ -200,6 +200,15 @@ pub(crate) fn log_line(name: &str, gate: &crate::rate::LogGate, level: i32, text
 fn escaped(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Resumes the current callback's stream (`bits`: 1 the request, 2 the response), or the
+/// stream of the context the plugin made effective.
+fn resume(d: &mut HostState, bits: u8) {
+    match d.foreign_target() {
+        Some(t) => d.foreign.push((t, Foreign::Resume(bits))),
+        None => d.resumed |= bits,
+    }
 }
 
 fn logging(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
@@ -628,14 +637,19 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 return ok(Status::BadArgument);
             };
             let d = c.data_mut();
+            let reply = LocalReply {
+                status: status as u16,
+                headers,
+                body,
+                details,
+            };
+            if let Some(t) = d.foreign_target() {
+                d.foreign.push((t, Foreign::Reply(reply)));
+                return ok(Status::Ok);
+            }
             // A reset is final: the stream is gone, there is nothing left to answer.
             if !d.local_reply.as_ref().is_some_and(LocalReply::is_reset) {
-                d.local_reply = Some(LocalReply {
-                    status: status as u16,
-                    headers,
-                    body,
-                    details,
-                });
+                d.local_reply = Some(reply);
             }
             ok(Status::Ok)
         },
@@ -650,7 +664,7 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, t: i32| -> R {
             tri!(stream_type(t));
             match t {
-                0 | 1 => c.data_mut().resumed |= 1 << t,
+                0 | 1 => resume(c.data_mut(), 1 << t),
                 3 => return ok(Status::Unimplemented),
                 _ => {}
             }
@@ -662,7 +676,7 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ("proxy_continue_response", 2),
     ] {
         l.func_wrap("env", name, move |mut c: C<'_>| -> R {
-            c.data_mut().resumed |= bit;
+            resume(c.data_mut(), bit);
             ok(Status::Ok)
         })?;
     }
@@ -676,7 +690,9 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             return ok(Status::Ok);
         }
         let d = c.data_mut();
-        if d.stream.is_some() {
+        if let Some(t) = d.foreign_target() {
+            d.foreign.push((t, Foreign::Reply(LocalReply::reset())));
+        } else if d.stream.is_some() {
             d.local_reply = Some(LocalReply::reset());
         }
         ok(Status::Ok)

@@ -46,6 +46,17 @@ pub struct Totals {
     pub response_body: u64,
 }
 
+/// What a callback did to another request's stream — one it named with
+/// `proxy_set_effective_context`, not the one lent to it: the gateway hands it to that request
+/// if it is paused (a plugin that holds requests and lets them go on a tick, as in Envoy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Foreign {
+    /// `proxy_continue_stream` and the like: bit 0 the request, bit 1 the response.
+    Resume(u8),
+    /// `proxy_send_local_response` (or `proxy_close_stream`: a reset).
+    Reply(LocalReply),
+}
+
 /// A response the plugin asked to send instead of proxying (`proxy_send_local_response`), or
 /// no response at all: the stream reset (`proxy_close_stream`, status 0, see
 /// [`LocalReply::reset`]).
@@ -274,6 +285,13 @@ pub struct HostState {
     /// The contexts this instance created and has not deleted: `proxy_set_effective_context`
     /// with any other id is a BadArgument, as in proxy-wasm-cpp-host.
     pub live_contexts: foldhash::HashSet<u32>,
+    /// The context the current callback was called for (before any
+    /// `proxy_set_effective_context`).
+    pub invoked: u32,
+    /// The HttpContext whose stream is lent to the current callback (0 when none is).
+    pub stream_owner: u32,
+    /// What callbacks did to other requests' streams, since the gateway last collected it.
+    pub foreign: Vec<(u32, Foreign)>,
     /// Root contexts whose `proxy_on_done` returned false: alive until they call `proxy_done`.
     pub pending_done: foldhash::HashSet<u32>,
     /// Those of them that called `proxy_done`, not yet deleted (the gateway deletes them after
@@ -311,6 +329,13 @@ pub struct HostState {
 }
 
 impl HostState {
+    /// The context a resume or a local reply is for when it is not the current callback's
+    /// own stream: the effective context, when the plugin set it to another one.
+    pub(crate) fn foreign_target(&self) -> Option<u32> {
+        let t = self.effective_context;
+        (t != self.invoked && t != self.stream_owner && t != self.root_context).then_some(t)
+    }
+
     /// The plugin's unfinished stdout and stderr lines, and where finished ones go.
     pub fn stdio_and_log(&mut self) -> (&mut crate::wasi::Stdio, impl Fn(i32, &[u8]) + '_) {
         let (name, gate) = (&self.plugin_name, &self.log_gate);

@@ -6,7 +6,7 @@
 
 use crate::head::HeaderList;
 use crate::module::{PluginModule, EPOCH_TICK};
-use crate::state::{CallResponse, HostState, HttpCall, LocalReply, Stream};
+use crate::state::{CallResponse, Foreign, HostState, HttpCall, LocalReply, Stream};
 use std::collections::HashMap;
 use wasmtime::{Store, StoreLimitsBuilder, TypedFunc};
 
@@ -158,6 +158,9 @@ impl PluginVm {
             local_reply: None,
             effective_context: 0,
             live_contexts: Default::default(),
+            invoked: 0,
+            stream_owner: 0,
+            foreign: Vec::new(),
             pending_done: Default::default(),
             done_now: Vec::new(),
             root_context: 0,
@@ -412,10 +415,13 @@ impl PluginVm {
     /// refuses any other id), with the answer readable (None: the call failed or timed out, 0
     /// headers). `stream` is lent when the dispatcher is an HTTP context whose request waits
     /// on the call.
+    /// `owner`: the HttpContext whose stream is lent (the one that waits for this answer), or
+    /// 0.
     pub fn on_http_call_response(
         &mut self,
         id: u32,
         token: u32,
+        owner: u32,
         stream: &mut Option<Box<Stream>>,
         response: Option<CallResponse>,
     ) -> Result<Outcome, Fault> {
@@ -425,7 +431,16 @@ impl PluginVm {
         let resp = response.unwrap_or_default();
         let (h, b, t) = (resp.headers.len(), resp.body.len(), resp.trailers.len());
         enter(&mut self.store, HttpCtx { id, root: id }, stream);
-        self.store.data_mut().call_response = Some(resp);
+        let d = self.store.data_mut();
+        d.call_response = Some(resp);
+        if d.stream.is_some() {
+            // The waiting HttpContext is the current context, the root's id what the plugin is
+            // told — as proxy-wasm-cpp-host calls it on the dispatching context: a resume or a
+            // reply is for that request, a call-out made here is that request's to wait for.
+            d.stream_owner = owner;
+            d.invoked = owner;
+            d.effective_context = owner;
+        }
         let r = run(&mut self.store, self.ticks, |s| {
             f.call(s, (id as i32, token as i32, h as i32, b as i32, t as i32))
         });
@@ -472,7 +487,17 @@ impl PluginVm {
     /// [`PluginVm::changed_queues`] would report.
     pub fn has_effects(&self) -> bool {
         let d = self.store.data();
-        !d.calls.is_empty() || d.ticks_changed || d.queues_changed || !d.done_now.is_empty()
+        !d.calls.is_empty()
+            || d.ticks_changed
+            || d.queues_changed
+            || !d.done_now.is_empty()
+            || !d.foreign.is_empty()
+    }
+
+    /// What callbacks did to other requests' streams (by HttpContext id) since the last time
+    /// this was asked.
+    pub fn take_foreign(&mut self) -> Vec<(u32, Foreign)> {
+        std::mem::take(&mut self.store.data_mut().foreign)
     }
 
     /// The root contexts that called `proxy_done` since the last time this was asked: each
@@ -639,6 +664,8 @@ fn enter(store: &mut Store<HostState>, ctx: HttpCtx, stream: &mut Option<Box<Str
     }
     d.resumed = 0;
     d.effective_context = ctx.id;
+    d.invoked = ctx.id;
+    d.stream_owner = if d.stream.is_some() { ctx.id } else { 0 };
     d.root_context = ctx.root;
 }
 
@@ -652,6 +679,8 @@ fn outside_stream(store: &mut Store<HostState>, id: u32) {
         d.stream = None;
     }
     d.effective_context = id;
+    d.invoked = id;
+    d.stream_owner = 0;
     d.root_context = id;
 }
 

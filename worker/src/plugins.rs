@@ -40,8 +40,8 @@ use wasmgate_shared::model::PluginConf;
 use wasmgate_shared::shm::Segment;
 use wasmgate_shared::stats::ContextStats;
 use wasmgate_wasm::{
-    Action, BodyBuf, CallResponse, CallTargets, Fault, HttpCall, HttpCtx, LocalReply, Outcome,
-    PluginModule, PluginVm, Settings, Stream, Targets, Totals,
+    Action, BodyBuf, CallResponse, CallTargets, Fault, Foreign, HttpCall, HttpCtx, LocalReply,
+    Outcome, PluginModule, PluginVm, Settings, Stream, Targets, Totals,
 };
 
 /// A PluginContext in a VM.
@@ -81,6 +81,9 @@ struct VmState {
     /// Call-outs dispatched where nothing sends them (a retired root's `proxy_on_done`): the
     /// tick loop sends them.
     unsent: Vec<HttpCall>,
+    /// HttpContexts paused in a headers callback, by id: how another callback's resume or
+    /// local reply for one reaches its request ([`Parked`]).
+    paused: HashMap<u32, tokio::sync::oneshot::Sender<Foreign>>,
 }
 
 /// One `wasm.plugins` entry in this worker.
@@ -342,6 +345,7 @@ impl Plugins {
                 finishing: HashMap::new(),
                 done: Vec::new(),
                 unsent: Vec::new(),
+                paused: HashMap::new(),
             };
             list.push(Plugin {
                 decl: d.clone(),
@@ -550,6 +554,8 @@ impl Plugins {
         let mut calls = calls;
         let mut delivered = false;
         let mut waited = Duration::ZERO;
+        let mut parked_slot: Option<Parked> = None;
+        let mut limit: Option<Instant> = None;
         let failed = |me: &Self| {
             if p.decl.fail_open {
                 Verdict::Continue
@@ -587,35 +593,68 @@ impl Plugins {
                 drop(mine);
                 return (Verdict::Continue, waited);
             }
+            // A plugin with request body callbacks that pauses the headers with no call-out in
+            // flight waits for the body (its header changes still apply until the upstream is
+            // contacted), as Envoy holds the headers while the body goes through the filter.
+            let idle = mine.as_ref().is_none_or(FuturesUnordered::is_empty);
+            if idle && matches!(phase, Phase::Request) && p.has_body(Dir::Request) {
+                tracing::debug!(
+                    "{}: paused the request headers; resuming them for the body",
+                    p.decl.name
+                );
+                return (Verdict::Continue, waited);
+            }
+            // Paused: it waits for its call-outs' answers, or for another callback — a tick, a
+            // queue, another request's — to resume or answer it through
+            // `proxy_set_effective_context`, as in Envoy; up to the plugin's pause_timeout.
             let wait = Instant::now();
-            let next = match mine.as_mut() {
-                Some(m) => m.next().await,
-                None => None,
+            let until = *limit.get_or_insert(wait + p.decl.pause_timeout);
+            let parked = parked_slot.get_or_insert_with(|| Parked::new(p, a.http.id));
+            let woken = tokio::select! {
+                Some(answer) = next_answer(&mut mine) => Woken::Answer(answer),
+                foreign = &mut parked.rx => Woken::Foreign(foreign.ok()),
+                _ = tokio::time::sleep_until(until.into()) => Woken::Timeout,
             };
             waited += wait.elapsed();
-            let Some((ctx, token, resp)) = next else {
-                // A plugin with request body callbacks that pauses the headers waits for the
-                // body (its header changes still apply until the upstream is contacted);
-                // another pause with nothing to wait for is worth a line.
-                if matches!(phase, Phase::Request) && p.has_body(Dir::Request) {
-                    tracing::debug!(
-                        "{}: paused the request headers; resuming them for the body",
-                        p.decl.name
-                    );
-                } else {
-                    tracing::warn!(
-                        "{}: paused the request in {} with no call-out pending; resuming it",
+            let (ctx, token, resp) =
+                match woken {
+                    Woken::Answer(answer) => answer,
+                    Woken::Foreign(action) => {
+                        // Registered again if it is still paused after this.
+                        parked_slot = None;
+                        outcome = match action {
+                            Some(Foreign::Resume(bits)) => Ok(Outcome {
+                                action: Action::Pause,
+                                reply: None,
+                                resumed: bits,
+                            }),
+                            Some(Foreign::Reply(reply)) => Ok(Outcome {
+                                action: Action::Pause,
+                                reply: Some(reply),
+                                resumed: 0,
+                            }),
+                            // The instance was replaced meanwhile (a fault).
+                            None => return (failed(self), waited),
+                        };
+                        continue;
+                    }
+                    Woken::Timeout => {
+                        tracing::error!(
+                        "{}: paused the {} in {} and did not resume it within {:?} (pause_timeout)",
                         p.decl.name,
-                        phase.callback()
+                        if matches!(phase, Phase::Response) { "response" } else { "request" },
+                        phase.callback(),
+                        p.decl.pause_timeout
                     );
-                }
-                return (Verdict::Continue, waited);
-            };
+                        return (failed(self), waited);
+                    }
+                };
             let r = self.deliver(
                 a.plugin,
                 a.vm_generation,
                 ctx,
                 token,
+                a.http.id,
                 resp,
                 stream,
                 a.record,
@@ -688,7 +727,7 @@ impl Plugins {
     ) {
         let mut none = None;
         if let Some((_, calls)) =
-            self.deliver(plugin, generation, ctx, token, resp, &mut none, None)
+            self.deliver(plugin, generation, ctx, token, 0, resp, &mut none, None)
         {
             for c in calls {
                 self.spawn_call(plugin, generation, c);
@@ -705,6 +744,7 @@ impl Plugins {
         generation: u64,
         ctx: u32,
         token: u32,
+        owner: u32,
         resp: Option<CallResponse>,
         stream: &mut Option<Box<Stream>>,
         record: Option<usize>,
@@ -718,7 +758,7 @@ impl Plugins {
             tracing::warn!("{}: http call {token} failed or timed out", p.decl.name);
         }
         let vm = st.vm.as_mut()?;
-        let r = vm.on_http_call_response(ctx, token, stream, resp);
+        let r = vm.on_http_call_response(ctx, token, owner, stream, resp);
         let calls = st.collect(self);
         if let Err(f) = &r {
             self.fault(p, &mut st, f, "proxy_on_http_call_response", record);
@@ -1206,6 +1246,7 @@ impl Plugins {
                 generation,
                 ctx,
                 token,
+                id,
                 resp,
                 &mut req_now.stream,
                 record,
@@ -1460,6 +1501,47 @@ impl Plugins {
     }
 }
 
+/// A paused HttpContext's entry in its plugin's `VmState::paused`: another callback's resume
+/// or local reply for it comes through `rx`. The entry goes when this is dropped — the wait
+/// over, or the request abandoned.
+struct Parked<'a> {
+    plugin: &'a Plugin,
+    id: u32,
+    rx: tokio::sync::oneshot::Receiver<Foreign>,
+}
+
+impl<'a> Parked<'a> {
+    fn new(plugin: &'a Plugin, id: u32) -> Parked<'a> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        plugin.lock().paused.insert(id, tx);
+        Parked { plugin, id, rx }
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.plugin.lock().paused.remove(&self.id);
+    }
+}
+
+/// What woke a paused context.
+enum Woken {
+    Answer((u32, u32, Option<CallResponse>)),
+    /// Another callback's resume or reply; None when the instance went away.
+    Foreign(Option<Foreign>),
+    Timeout,
+}
+
+/// The next answer to a paused context's call-outs; None when none is in flight.
+async fn next_answer(
+    mine: &mut Option<FuturesUnordered<CallFuture>>,
+) -> Option<(u32, u32, Option<CallResponse>)> {
+    match mine {
+        Some(m) => m.next().await,
+        None => None,
+    }
+}
+
 /// A headers callback's verdict when it needs no waiting and no bookkeeping — it continued (or
 /// resumed) without a reply and dispatched no call-out, as nearly every one does; otherwise
 /// its outcome and calls back for [`Plugins::settle`].
@@ -1559,6 +1641,12 @@ impl VmState {
             }
             self.ticks_dirty = true;
         }
+        for (ctx, action) in vm.take_foreign() {
+            // A stream that is not paused (any more) has nothing to resume, as in Envoy.
+            if let Some(tx) = self.paused.remove(&ctx) {
+                let _ = tx.send(action);
+            }
+        }
         let done = vm.take_done();
         if !done.is_empty() {
             self.done.extend(done);
@@ -1596,6 +1684,8 @@ impl VmState {
         self.finishing.clear();
         self.done.clear();
         self.unsent.clear();
+        // Their requests, woken with nothing, fail as the instance's requests do.
+        self.paused.clear();
     }
 }
 
