@@ -1004,3 +1004,76 @@ fn go_plugins_run_and_their_panics_are_contained() {
     assert_eq!(gw.worker_pids(), pids, "a worker died");
     assert_eq!(gw.status()["workers"][0]["plugin_faults"], 1);
 }
+
+/// Rust SDK, beyond the callback at hand (tests/plugins/gatekeeper): a request paused with
+/// nothing in flight is let go by another request's `on_log`
+/// (`set_effective_context` + `resume_http_request`), one at a time; a PluginContext whose
+/// `on_done` returns false flushes through a call-out when its route goes, and its `done()`
+/// ends it.
+#[test]
+fn rust_sdk_requests_are_let_go_by_other_requests_and_contexts_flush() {
+    let gw = Gateway::start_with(Setup {
+        workers: 1,
+        raw_yaml: Some(format!(
+            "apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {{proxy}}}}]\n\
+             deployment:\n  admin:\n    admin_key: [{{name: admin, key: {key}, role: admin}}]\n    admin_listen: {{ip: 127.0.0.1, port: {{admin}}}}\n\
+             nginx_config:\n  worker_processes: 1\n  error_log_level: info\n\
+             wasm:\n  plugins:\n    - {{name: gatekeeper, priority: 1, file: \"{file}\", pause_timeout: 20s}}\n",
+            key = common::KEY,
+            file = common::fixture("gatekeeper"),
+        )),
+        ..Setup::default()
+    });
+    let app = TestUpstream::start("app");
+    let flush = TestUpstream::start("flush");
+    gw.route(
+        "gated",
+        json!({"uri": "/delay/*", "plugins": {"gatekeeper": {"conf": {"flush": flush.addr()}}}}),
+        Some(&app),
+    );
+    let send = |path: &str| {
+        let url = gw.url(path);
+        std::thread::spawn(move || {
+            let r = http("GET", &url, &[], None);
+            (
+                r.status,
+                r.json()["headers"]["x-held"].clone(),
+                Instant::now(),
+            )
+        })
+    };
+    let first = send("/delay/700/first");
+    eventually(Duration::from_secs(5), "the first request upstream", || {
+        app.hits() == 1
+    });
+    let held: Vec<_> = ["/delay/10/second", "/delay/10/third"]
+        .iter()
+        .map(|p| send(p))
+        .collect();
+    let (status, mark, first_done) = first.join().unwrap();
+    assert_eq!((status, mark), (200, Value::Null));
+    let mut ends = Vec::new();
+    for h in held {
+        let (status, mark, done) = h.join().unwrap();
+        assert_eq!((status, mark), (200, json!("yes")));
+        ends.push(done);
+    }
+    // Held until the gate's holder was done.
+    assert!(ends.iter().all(|e| *e > first_done));
+    assert_eq!(app.hits(), 3);
+    // The route goes: its context flushes, then says it is done.
+    assert_eq!(
+        gw.admin("DELETE", "/apisix/admin/routes/gated", None).0,
+        200
+    );
+    eventually(Duration::from_secs(5), "the flush", || {
+        gw.error_log().contains("gatekeeper: flushed 200")
+    });
+    assert_eq!(flush.hits(), 1);
+    let log = gw.error_log();
+    assert!(log.contains("gatekeeper: flushing"), "{log}");
+    assert!(
+        !log.contains("proxy_done in time") && !log.contains("panicked"),
+        "{log}"
+    );
+}

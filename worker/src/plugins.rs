@@ -487,8 +487,15 @@ impl Plugins {
             let (verdict, waited) = match settled(first, calls, false) {
                 Ok(verdict) => (verdict, Duration::ZERO),
                 Err((first, calls)) => {
-                    self.settle(active, first, calls, &mut req.stream, Phase::Request)
-                        .await
+                    self.settle(
+                        active,
+                        first,
+                        calls,
+                        &mut req.stream,
+                        Phase::Request,
+                        !end_of_stream,
+                    )
+                    .await
                 }
             };
             active.spent += nanos(lap(&mut started).saturating_sub(waited));
@@ -525,7 +532,10 @@ impl Plugins {
             };
             let (verdict, waited) = match settled(first, calls, true) {
                 Ok(verdict) => (verdict, Duration::ZERO),
-                Err((first, calls)) => self.settle(a, first, calls, stream, Phase::Response).await,
+                Err((first, calls)) => {
+                    self.settle(a, first, calls, stream, Phase::Response, false)
+                        .await
+                }
             };
             a.spent += nanos(lap(&mut started).saturating_sub(waited));
             match verdict {
@@ -537,7 +547,8 @@ impl Plugins {
     }
 
     /// What a headers callback's outcome means for the request: a fault fails it (unless
-    /// `fail_open`), a local reply answers it, a pause waits for the context's call-outs.
+    /// `fail_open`), a local reply answers it, a pause waits for the context's call-outs or
+    /// another callback's resume. `body_follows`: the request headers did not end the request.
     async fn settle(
         self: &Arc<Self>,
         a: &Active,
@@ -545,6 +556,7 @@ impl Plugins {
         calls: Vec<HttpCall>,
         stream: &mut Option<Box<Stream>>,
         phase: Phase,
+        body_follows: bool,
     ) -> (Verdict, Duration) {
         let p = &self.list[a.plugin];
         // Made on the first call-out: most callbacks dispatch none, and an empty set still
@@ -593,11 +605,12 @@ impl Plugins {
                 drop(mine);
                 return (Verdict::Continue, waited);
             }
-            // A plugin with request body callbacks that pauses the headers with no call-out in
-            // flight waits for the body (its header changes still apply until the upstream is
-            // contacted), as Envoy holds the headers while the body goes through the filter.
+            // A plugin with request body callbacks that pauses the headers of a request with a
+            // body, no call-out in flight, waits for the body (its header changes still apply
+            // until the upstream is contacted), as Envoy holds the headers while the body goes
+            // through the filter.
             let idle = mine.as_ref().is_none_or(FuturesUnordered::is_empty);
-            if idle && matches!(phase, Phase::Request) && p.has_body(Dir::Request) {
+            if idle && body_follows && p.has_body(Dir::Request) {
                 tracing::debug!(
                     "{}: paused the request headers; resuming them for the body",
                     p.decl.name
