@@ -5,6 +5,7 @@
 //! silently ignored setting. `docs/configuration.md` lists every key.
 
 use crate::units::{de_duration, de_size};
+use crate::yaml_lines::{line_of, Step, Step::Item, Step::Key};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::HashSet;
 use std::fmt;
@@ -570,26 +571,32 @@ impl GatewayConfig {
 
     /// Checks what serde cannot: duplicates, ranges, cross-field rules.
     fn validate(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
-        let err = |needle: &str, msg: String| {
-            ConfigError(format!("{origin}:{}: {msg}", line_of(text, needle)))
+        let err = |path: &[Step], msg: String| {
+            ConfigError(format!("{origin}:{}: {msg}", line_of(text, path)))
         };
+        let listen = [Key("apisix"), Key("node_listen")];
+        let admin_at = |k| [Key("deployment"), Key("admin"), Key(k)];
+        let key_at = |n| [Key("deployment"), Key("admin"), Key("admin_key"), Item(n)];
+        let etcd_at = |k| [Key("deployment"), Key("etcd"), Key(k)];
+        let prom_at = |k| [Key("plugin_attr"), Key("prometheus"), Key(k)];
         if self.apisix.node_listen.is_empty() {
             return Err(err(
-                "node_listen",
+                &listen,
                 "apisix.node_listen must list at least one port".into(),
             ));
         }
         let mut seen = HashSet::new();
-        for l in &self.apisix.node_listen {
+        for (i, l) in self.apisix.node_listen.iter().enumerate() {
+            let item = [listen[0], listen[1], Item(i)];
             if l.0.port() == 0 {
                 return Err(err(
-                    "node_listen",
+                    &item,
                     "apisix.node_listen: port 0 is not allowed".into(),
                 ));
             }
             if !seen.insert(l.0) {
                 return Err(err(
-                    "node_listen",
+                    &item,
                     format!("apisix.node_listen: {} is listed twice", l.0),
                 ));
             }
@@ -599,17 +606,21 @@ impl GatewayConfig {
         // bind fails, at start or — worse — in the middle of a reload.
         let admin_addr = admin.admin_listen.addr();
         let prom = &self.plugin_attr.prometheus;
-        let mut own = vec![("deployment.admin.admin_listen", "admin_listen", admin_addr)];
+        let mut own = vec![(
+            "deployment.admin.admin_listen",
+            admin_at("admin_listen"),
+            admin_addr,
+        )];
         if prom.enable_export_server {
             own.push((
                 "plugin_attr.prometheus.export_addr",
-                "export_addr",
+                prom_at("export_addr"),
                 prom.export_addr.addr(),
             ));
         }
-        for (what, needle, addr) in &own {
+        for (what, path, addr) in &own {
             if addr.port() == 0 {
-                return Err(err(needle, format!("{what}: port 0 is not allowed")));
+                return Err(err(path, format!("{what}: port 0 is not allowed")));
             }
         }
         // IPv6 listeners are bound v6-only: `[::]` and `0.0.0.0` on one port do not clash.
@@ -629,7 +640,7 @@ impl GatewayConfig {
         for (i, (what, a)) in all.iter().enumerate() {
             if let Some((other, b)) = all[i + 1..].iter().find(|(_, b)| overlap(*a, *b)) {
                 return Err(err(
-                    "node_listen",
+                    &listen,
                     format!("{what} {a} and {other} {b} both want port {}", a.port()),
                 ));
             }
@@ -638,13 +649,13 @@ impl GatewayConfig {
         // 0 means no limit).
         if admin.max_body_size == 0 {
             return Err(err(
-                "max_body_size",
+                &admin_at("max_body_size"),
                 "deployment.admin.max_body_size must be at least 1 byte".into(),
             ));
         }
         if admin.admin_key_required && admin.admin_key.is_empty() {
             return Err(err(
-                "admin_key",
+                &admin_at("admin_key"),
                 "deployment.admin.admin_key must hold at least one key when admin_key_required is true".into(),
             ));
         }
@@ -652,13 +663,14 @@ impl GatewayConfig {
         for (n, k) in admin.admin_key.iter().enumerate() {
             if k.name.is_empty() {
                 return Err(err(
-                    "admin_key",
+                    &key_at(n),
                     "deployment.admin.admin_key: property \"name\" must not be empty".into(),
                 ));
             }
+            let [a, b, c, d] = key_at(n);
             if k.key.len() > 256 {
                 return Err(err(
-                    &k.name,
+                    &[a, b, c, d, Key("key")],
                     format!(
                         "deployment.admin.admin_key: key of {:?} is longer than 256 bytes",
                         k.name
@@ -670,7 +682,7 @@ impl GatewayConfig {
             let before = &admin.admin_key[..n];
             if let Some(other) = before.iter().find(|o| !k.key.is_empty() && o.key == k.key) {
                 return Err(err(
-                    &k.name,
+                    &[a, b, c, d, Key("key")],
                     format!(
                         "deployment.admin.admin_key: {:?} and {:?} have the same key",
                         other.name, k.name
@@ -679,7 +691,7 @@ impl GatewayConfig {
             }
             if !names.insert(k.name.as_str()) {
                 return Err(err(
-                    &k.name,
+                    &[a, b, c, d, Key("name")],
                     format!(
                         "deployment.admin.admin_key: name {:?} is used twice",
                         k.name
@@ -689,33 +701,41 @@ impl GatewayConfig {
         }
         if self.nginx_config.http.client_max_header_size < 1024 {
             return Err(err(
-                "client_max_header_size",
+                &[
+                    Key("nginx_config"),
+                    Key("http"),
+                    Key("client_max_header_size"),
+                ],
                 "nginx_config.http.client_max_header_size must be at least 1k".into(),
             ));
         }
         if self.wasmgate.shm_size < (1 << 20) || self.wasmgate.shm_size > (4 << 30) {
             return Err(err(
-                "shm_size",
+                &[Key("wasmgate"), Key("shm_size")],
                 "wasmgate.shm_size must be between 1m and 4g".into(),
             ));
         }
         if self.wasmgate.plugin_shm_size < (1 << 20) || self.wasmgate.plugin_shm_size > (4 << 30) {
             return Err(err(
-                "plugin_shm_size",
+                &[Key("wasmgate"), Key("plugin_shm_size")],
                 "wasmgate.plugin_shm_size must be between 1m and 4g".into(),
             ));
         }
         if let Err(e) =
             crate::logformat::LogFormat::parse(&self.nginx_config.http.access_log_format)
         {
-            return Err(err("access_log_format", e));
+            return Err(err(
+                &[Key("nginx_config"), Key("http"), Key("access_log_format")],
+                e,
+            ));
         }
         if let Some(etcd) = &self.deployment.etcd {
-            etcd.endpoints().map_err(|e| err("etcd", e))?;
+            etcd.endpoints()
+                .map_err(|e| err(&[Key("deployment"), Key("etcd"), Key("host")], e))?;
             if !etcd.prefix.starts_with('/') || etcd.prefix.ends_with('/') && etcd.prefix.len() > 1
             {
                 return Err(err(
-                    "prefix",
+                    &etcd_at("prefix"),
                     format!(
                         "deployment.etcd.prefix {:?}: a path like /apisix",
                         etcd.prefix
@@ -724,7 +744,7 @@ impl GatewayConfig {
             }
             if etcd.timeout == 0 {
                 return Err(err(
-                    "timeout",
+                    &etcd_at("timeout"),
                     "deployment.etcd.timeout must be at least 1 (seconds)".into(),
                 ));
             }
@@ -732,7 +752,7 @@ impl GatewayConfig {
         let prom = &self.plugin_attr.prometheus;
         if !prom.export_uri.starts_with('/') || prom.export_uri.contains(char::is_whitespace) {
             return Err(err(
-                "export_uri",
+                &prom_at("export_uri"),
                 format!(
                     "plugin_attr.prometheus.export_uri must be a path starting with '/', not {:?}",
                     prom.export_uri
@@ -744,27 +764,28 @@ impl GatewayConfig {
             || prom.metric_prefix.starts_with(|c: char| c.is_ascii_digit())
         {
             return Err(err(
-                "metric_prefix",
+                &prom_at("metric_prefix"),
                 format!("plugin_attr.prometheus.metric_prefix {:?}: only letters, digits, '_' and ':', not starting with a digit", prom.metric_prefix),
             ));
         }
         let mut plugin_names = HashSet::new();
-        for p in &self.wasm.plugins {
+        for (i, p) in self.wasm.plugins.iter().enumerate() {
+            let at = |k| [Key("wasm"), Key("plugins"), Item(i), Key(k)];
             if !valid_plugin_name(&p.name) {
                 return Err(err(
-                    &p.name,
+                    &at("name"),
                     format!("wasm.plugins: invalid plugin name {:?} (letters, digits, '-' and '_', at most 64)", p.name),
                 ));
             }
             if !plugin_names.insert(p.name.as_str()) {
                 return Err(err(
-                    &p.name,
+                    &at("name"),
                     format!("wasm.plugins: plugin {:?} is declared twice", p.name),
                 ));
             }
             if p.pause_timeout.is_zero() {
                 return Err(err(
-                    "pause_timeout",
+                    &at("pause_timeout"),
                     format!(
                         "wasm.plugins: plugin {:?}: pause_timeout must be above 0",
                         p.name
@@ -787,15 +808,6 @@ fn valid_plugin_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// The 1-based line of the first occurrence of `needle` (0 when absent), so that semantic
-/// errors point at the right place in the file.
-fn line_of(text: &str, needle: &str) -> usize {
-    text.lines()
-        .position(|l| l.contains(needle))
-        .map(|i| i + 1)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -851,6 +863,22 @@ mod tests {
         .unwrap_err();
         assert!(e.0.starts_with("c.yaml:3:"), "{e}");
         assert!(e.0.contains("node_lisen"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_line_of_the_value_at_fault() {
+        // The second declaration, not the first mention of the name (here a comment's).
+        let y = "# echo: the echo plugin\nwasm:\n  plugins:\n    - {name: echo, priority: 1, file: e.wasm}\n    - name: echo\n      priority: 2\n      file: e.wasm\n";
+        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
+        assert!(e.0.starts_with("c.yaml:5:") && e.0.contains("declared twice"), "{e}");
+        // shm_size, not the plugin_shm_size line above it.
+        let y = "wasmgate:\n  plugin_shm_size: 16m\n  shm_size: 1k\n";
+        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
+        assert!(e.0.starts_with("c.yaml:3:") && e.0.contains("wasmgate.shm_size"), "{e}");
+        // The second of two equal ports.
+        let y = "apisix:\n  node_listen:\n    - 9080\n    - 9081\n    - 9080\n";
+        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
+        assert!(e.0.starts_with("c.yaml:5:") && e.0.contains("listed twice"), "{e}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod snapshot;
 pub mod stats;
 pub mod traffic;
 pub mod units;
+pub mod yaml_lines;
 
 /// The version string the gateway reports (`Server` header, `wasmgate version`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

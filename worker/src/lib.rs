@@ -208,6 +208,13 @@ async fn serve(
     // with work left (a last flush) has what is left of worker_shutdown_timeout to call
     // `proxy_done`, its ticks and call-outs running meanwhile.
     w.plugins.finish_all(deadline);
+    let finishing = w.plugins.finishing();
+    if finishing > 0 {
+        tracing::info!(
+            "worker {}: waiting for {finishing} plugin contexts to call proxy_done",
+            boot.worker_id
+        );
+    }
     while w.plugins.finishing() > 0 && Instant::now() < deadline {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
