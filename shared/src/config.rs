@@ -870,15 +870,24 @@ mod tests {
         // The second declaration, not the first mention of the name (here a comment's).
         let y = "# echo: the echo plugin\nwasm:\n  plugins:\n    - {name: echo, priority: 1, file: e.wasm}\n    - name: echo\n      priority: 2\n      file: e.wasm\n";
         let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
-        assert!(e.0.starts_with("c.yaml:5:") && e.0.contains("declared twice"), "{e}");
+        assert!(
+            e.0.starts_with("c.yaml:5:") && e.0.contains("declared twice"),
+            "{e}"
+        );
         // shm_size, not the plugin_shm_size line above it.
         let y = "wasmgate:\n  plugin_shm_size: 16m\n  shm_size: 1k\n";
         let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
-        assert!(e.0.starts_with("c.yaml:3:") && e.0.contains("wasmgate.shm_size"), "{e}");
+        assert!(
+            e.0.starts_with("c.yaml:3:") && e.0.contains("wasmgate.shm_size"),
+            "{e}"
+        );
         // The second of two equal ports.
         let y = "apisix:\n  node_listen:\n    - 9080\n    - 9081\n    - 9080\n";
         let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
-        assert!(e.0.starts_with("c.yaml:5:") && e.0.contains("listed twice"), "{e}");
+        assert!(
+            e.0.starts_with("c.yaml:5:") && e.0.contains("listed twice"),
+            "{e}"
+        );
     }
 
     #[test]

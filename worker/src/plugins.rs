@@ -622,7 +622,8 @@ impl Plugins {
             // `proxy_set_effective_context`, as in Envoy; up to the plugin's pause_timeout.
             let wait = Instant::now();
             let until = *limit.get_or_insert(wait + p.decl.pause_timeout);
-            let parked = parked_slot.get_or_insert_with(|| Parked::new(p, a.http.id));
+            let parked =
+                parked_slot.get_or_insert_with(|| Parked::new(p, a.http.id, a.vm_generation));
             let woken = tokio::select! {
                 Some(answer) = next_answer(&mut mine) => Woken::Answer(answer),
                 foreign = &mut parked.rx => Woken::Foreign(foreign.ok()),
@@ -1520,20 +1521,36 @@ impl Plugins {
 struct Parked<'a> {
     plugin: &'a Plugin,
     id: u32,
+    /// The instance's generation: a new instance numbers its contexts afresh, and the entry
+    /// of one of its own with the same id is not this one's to remove.
+    generation: u64,
     rx: tokio::sync::oneshot::Receiver<Foreign>,
 }
 
 impl<'a> Parked<'a> {
-    fn new(plugin: &'a Plugin, id: u32) -> Parked<'a> {
+    /// Registers HttpContext `id` of the instance of `generation`. When that instance is gone
+    /// already, nothing is registered and `rx` reports it at once (its sender dropped).
+    fn new(plugin: &'a Plugin, id: u32, generation: u64) -> Parked<'a> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        plugin.lock().paused.insert(id, tx);
-        Parked { plugin, id, rx }
+        let mut st = plugin.lock();
+        if st.generation == generation {
+            st.paused.insert(id, tx);
+        }
+        Parked {
+            plugin,
+            id,
+            generation,
+            rx,
+        }
     }
 }
 
 impl Drop for Parked<'_> {
     fn drop(&mut self) {
-        self.plugin.lock().paused.remove(&self.id);
+        let mut st = self.plugin.lock();
+        if st.generation == self.generation {
+            st.paused.remove(&self.id);
+        }
     }
 }
 
