@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eventually, http, Gateway, TestUpstream};
+use common::{eventually, http, Gateway, Setup, TestUpstream};
 use serde_json::json;
 use std::io::Write;
 
@@ -1748,4 +1748,100 @@ fn a_paused_request_is_let_go_from_a_tick() {
         )
     });
     assert_eq!(app.hits(), 3);
+}
+
+/// What a callback can do for another request it made effective: resume it (here from another
+/// request's headers callback), but not read or change its headers through its own lent
+/// stream — those calls answer NotFound and leave both requests as they were, and setting its
+/// own context back gives it its stream again. Response headers paused with a body to follow
+/// and nothing in flight go on to the body, as in Envoy.
+#[test]
+fn another_requests_context_is_resumed_but_not_written_through() {
+    let gw = Gateway::start_with(Setup {
+        workers: 1,
+        ..Setup::default()
+    });
+    let app = TestUpstream::start("app");
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_set_effective_context" (func $eff (param i32) (result i32)))
+      (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+      (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "x-foreign")
+      (data (i32.const 120) "yes")
+      (data (i32.const 140) "x-rc")
+      {BUMP_MALLOC}
+      (global $held (mut i32) (i32.const 0))
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      ;; a root's verdict (the conf's first byte) at 3000 + root
+      (func (export "proxy_on_configure") (param $root i32) (param $size i32) (result i32)
+        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get $size) (i32.const 200) (i32.const 204)))
+        (i32.store8 (i32.add (i32.const 3000) (local.get $root)) (i32.load8_u (i32.load (i32.const 200))))
+        (i32.const 1))
+      (global $root_of (mut i32) (i32.const 0))
+      (func (export "proxy_on_request_headers") (param $id i32) (param i32 i32) (result i32)
+        (local $verdict i32)
+        (local.set $verdict (i32.load8_u (i32.add (i32.const 3000) (i32.load (i32.const 208)))))
+        ;; 'h': held until another request lets it go
+        (if (i32.eq (local.get $verdict) (i32.const 104))
+          (then (global.set $held (local.get $id)) (return (i32.const 1))))
+        ;; 'x': lets the held one go, and tries to write a header on it first
+        (if (i32.eq (local.get $verdict) (i32.const 120))
+          (then
+            (drop (call $eff (global.get $held)))
+            (i32.store8 (i32.const 160)
+              (i32.add (i32.const 48) (call $add (i32.const 0) (i32.const 100) (i32.const 9) (i32.const 120) (i32.const 3))))
+            (drop (call $continue (i32.const 0)))
+            (drop (call $eff (local.get $id)))
+            (drop (call $add (i32.const 0) (i32.const 140) (i32.const 4) (i32.const 160) (i32.const 1)))))
+        (i32.const 0))
+      ;; 'p': pauses the response headers, nothing in flight
+      (func (export "proxy_on_response_headers") (param $id i32) (param i32 i32) (result i32)
+        (i32.eq (i32.load8_u (i32.add (i32.const 3000) (i32.load (i32.const 208)))) (i32.const 112))))"#
+    );
+    // Which root an HttpContext runs under: the WAT above reads it at 208, kept there by
+    // proxy_on_context_create.
+    let wat = wat.replace(
+        r#"(func (export "proxy_on_context_create") (param i32 i32))"#,
+        r#"(func (export "proxy_on_context_create") (param $id i32) (param $parent i32)
+        (if (i32.ne (local.get $parent) (i32.const 0)) (then (i32.store (i32.const 208) (local.get $parent)))))"#,
+    );
+    wat_plugin_with(&gw, "peer", &wat, "/unused", ", pause_timeout: 5s");
+    for (id, conf) in [("held", "h"), ("other", "x"), ("answer", "p")] {
+        gw.route(
+            id,
+            json!({"uri": format!("/peer/{id}"), "plugins": {"peer": {"conf": conf}}}),
+            Some(&app),
+        );
+    }
+    let url = gw.url("/peer/held");
+    let held = std::thread::spawn(move || http("GET", &url, &[], None));
+    // Until the held request is parked, the other one finds no context to let go (its
+    // own write then lands on itself, rc 0): it is sent again.
+    let mut other = None;
+    eventually(Duration::from_secs(5), "the held request let go", || {
+        let r = get(&gw, "/peer/other");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let let_go = r.json()["headers"]["x-rc"] == "1";
+        other = let_go.then_some(r);
+        let_go
+    });
+    // NotFound (1) for the write through the other request's context, and its own request
+    // untouched by it.
+    let other = other.unwrap();
+    assert!(
+        other.json()["headers"]["x-foreign"].is_null(),
+        "{}",
+        other.text()
+    );
+    let held = held.join().unwrap();
+    assert_eq!(held.status, 200, "{}", held.text());
+    assert!(held.json()["headers"]["x-foreign"].is_null());
+    let started = Instant::now();
+    let r = get(&gw, "/peer/answer");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(started.elapsed() < Duration::from_secs(4));
 }

@@ -25,6 +25,7 @@ struct Line<'t> {
 /// The 1-based line of `path` in `text`: that of the last step found (0 when not even the
 /// first was).
 pub fn line_of(text: &str, path: &[Step]) -> usize {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let lines: Vec<Line> = text
         .lines()
         .enumerate()
@@ -38,9 +39,11 @@ pub fn line_of(text: &str, path: &[Step]) -> usize {
             })
         })
         .collect();
-    // The block being searched: lines[from..to], and what is left of the line that opened it
-    // (an item's `- key: …`, a key's inline value).
+    // The block being searched: lines[from..to], the column of its keys when the line that
+    // opened it says (an item's `- key: …`), and what is left of that line (an item's first
+    // key, a key's inline value).
     let (mut from, mut to) = (0, lines.len());
+    let mut column: Option<usize> = None;
     let mut inline: Option<(usize, &str)> = None;
     let mut found = 0;
     for step in path {
@@ -56,16 +59,21 @@ pub fn line_of(text: &str, path: &[Step]) -> usize {
                         }
                         continue;
                     }
-                    if rest.starts_with('{') || rest.starts_with('[') {
+                    if rest.starts_with(['{', '[', '|', '>']) {
                         return found;
                     }
                 }
-                let Some(at) = block_key(&lines[from..to], key).map(|i| from + i) else {
+                // After an item whose first key opens a block scalar (`- vm_config: |`), the
+                // block begins with the scalar's text.
+                let skip = inline.is_some_and(|(_, rest)| opens_scalar(rest));
+                let block = &lines[from..to];
+                let Some(at) = block_key(block, key, column, skip).map(|i| from + i) else {
                     return found;
                 };
                 found = lines[at].number;
                 let after = key_in(lines[at].code, key).unwrap_or("");
                 inline = (!after.is_empty()).then_some((found, after));
+                column = None;
                 (from, to) = (at + 1, block_end(&lines, at));
             }
             Step::Item(n) => {
@@ -78,8 +86,12 @@ pub fn line_of(text: &str, path: &[Step]) -> usize {
                     return found;
                 };
                 found = lines[at].number;
-                let rest = lines[at].code[1..].trim_start();
+                let after_dash = &lines[at].code[1..];
+                let rest = after_dash.trim_start();
                 inline = (!rest.is_empty()).then_some((found, rest));
+                // The item's keys stand where its first one does.
+                column = (!rest.is_empty())
+                    .then(|| lines[at].indent + 1 + after_dash.len() - rest.len());
                 (from, to) = (at + 1, block_end(&lines, at));
             }
         }
@@ -130,12 +142,31 @@ fn key_in<'c>(code: &'c str, key: &str) -> Option<&'c str> {
     None
 }
 
-/// The index of the line of `block` that holds `key` at the block's own indentation.
-fn block_key(block: &[Line], key: &str) -> Option<usize> {
-    let indent = block.first()?.indent;
-    block
-        .iter()
-        .position(|l| l.indent == indent && key_in(l.code, key).is_some())
+/// The index of the line of `block` that holds `key` at the block's keys' column (`column`,
+/// or the first line's), past the text of block scalars (`key: |`); `skip`: the block begins
+/// with such a text.
+fn block_key(block: &[Line], key: &str, column: Option<usize>, skip: bool) -> Option<usize> {
+    let indent = column.unwrap_or(block.first()?.indent);
+    let mut in_scalar = skip;
+    for (i, l) in block.iter().enumerate() {
+        if in_scalar && l.indent > indent {
+            continue;
+        }
+        in_scalar = false;
+        if l.indent == indent {
+            if key_in(l.code, key).is_some() {
+                return Some(i);
+            }
+            in_scalar = opens_scalar(l.code);
+        }
+    }
+    None
+}
+
+/// Whether the value on this line opens a block scalar (`|`, `>`, with their modifiers).
+fn opens_scalar(code: &str) -> bool {
+    code.split_once(':')
+        .is_some_and(|(_, value)| value.trim_start().starts_with(['|', '>']))
 }
 
 /// The indexes of the lines of `block` that start its sequence's items.
@@ -232,5 +263,24 @@ wasm:
             line_of("plugin_shm_size: 1\nshm_size: 2\n", &[Key("shm_size")]),
             2
         );
+    }
+
+    #[test]
+    fn block_scalars_and_a_byte_order_mark_are_stepped_over() {
+        let y = "\u{feff}wasm:\n  plugins:\n  - vm_config: |\n      pause_timeout: 5s\n      {\"name\": \"a\"}\n    name: a\n    pause_timeout: 0s\n  - name: b\n    vm_config: >\n      name: c\n    root_id: x\n";
+        let plugin = |n, k| [Key("wasm"), Key("plugins"), Item(n), Key(k)];
+        assert_eq!(line_of(y, &plugin(0, "pause_timeout")), 7);
+        assert_eq!(line_of(y, &plugin(0, "name")), 6);
+        assert_eq!(line_of(y, &plugin(1, "root_id")), 11);
+        assert_eq!(line_of(y, &plugin(1, "name")), 8);
+        // Into a scalar there is no path.
+        let into = [
+            Key("wasm"),
+            Key("plugins"),
+            Item(1),
+            Key("vm_config"),
+            Key("name"),
+        ];
+        assert_eq!(line_of(y, &into), 9);
     }
 }

@@ -720,6 +720,16 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 return ok(Status::BadArgument);
             }
             d.effective_context = id as u32;
+            // Another request's context: the stream lent to this callback is not its, so the
+            // header, body and property calls find none (NotFound) rather than change the
+            // wrong request; set back, they find it again.
+            if d.foreign_target().is_some() {
+                if d.stream.is_some() {
+                    d.hidden_stream = d.stream.take();
+                }
+            } else if d.hidden_stream.is_some() {
+                d.stream = d.hidden_stream.take();
+            }
             ok(Status::Ok)
         },
     )?;

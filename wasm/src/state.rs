@@ -290,6 +290,9 @@ pub struct HostState {
     pub invoked: u32,
     /// The HttpContext whose stream is lent to the current callback (0 when none is).
     pub stream_owner: u32,
+    /// The stream lent to the current callback while the plugin made another request's
+    /// context effective (see `proxy_set_effective_context`).
+    pub hidden_stream: Option<Box<Stream>>,
     /// What callbacks did to other requests' streams, since the gateway last collected it.
     pub foreign: Vec<(u32, Foreign)>,
     /// Root contexts whose `proxy_on_done` returned false: alive until they call `proxy_done`.

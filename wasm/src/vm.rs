@@ -161,6 +161,7 @@ impl PluginVm {
             invoked: 0,
             stream_owner: 0,
             foreign: Vec::new(),
+            hidden_stream: None,
             pending_done: Default::default(),
             done_now: Vec::new(),
             root_context: 0,
@@ -435,8 +436,9 @@ impl PluginVm {
         d.call_response = Some(resp);
         if d.stream.is_some() {
             // The waiting HttpContext is the current context, the root's id what the plugin is
-            // told — as proxy-wasm-cpp-host calls it on the dispatching context: a resume or a
-            // reply is for that request, a call-out made here is that request's to wait for.
+            // told: a resume or a reply is for that request, a call-out made here is that
+            // request's to wait for — what the SDKs get by making the dispatcher effective
+            // (proxy-wasm-cpp-host leaves the root current and relies on them to).
             d.stream_owner = owner;
             d.invoked = owner;
             d.effective_context = owner;
@@ -662,6 +664,9 @@ fn enter(store: &mut Store<HostState>, ctx: HttpCtx, stream: &mut Option<Box<Str
     if d.local_reply.is_some() {
         d.local_reply = None;
     }
+    if d.hidden_stream.is_some() {
+        d.hidden_stream = None;
+    }
     d.resumed = 0;
     d.effective_context = ctx.id;
     d.invoked = ctx.id;
@@ -678,6 +683,9 @@ fn outside_stream(store: &mut Store<HostState>, id: u32) {
     if d.stream.is_some() {
         d.stream = None;
     }
+    if d.hidden_stream.is_some() {
+        d.hidden_stream = None;
+    }
     d.effective_context = id;
     d.invoked = id;
     d.stream_owner = 0;
@@ -690,6 +698,9 @@ fn leave(
     stream: &mut Option<Box<Stream>>,
 ) -> (Option<LocalReply>, u8) {
     let d = store.data_mut();
+    if d.hidden_stream.is_some() {
+        d.stream = d.hidden_stream.take();
+    }
     std::mem::swap(stream, &mut d.stream);
     if d.stream.is_some() {
         d.stream = None;

@@ -533,7 +533,7 @@ impl Plugins {
             let (verdict, waited) = match settled(first, calls, true) {
                 Ok(verdict) => (verdict, Duration::ZERO),
                 Err((first, calls)) => {
-                    self.settle(a, first, calls, stream, Phase::Response, false)
+                    self.settle(a, first, calls, stream, Phase::Response, !end_of_stream)
                         .await
                 }
             };
@@ -548,7 +548,7 @@ impl Plugins {
 
     /// What a headers callback's outcome means for the request: a fault fails it (unless
     /// `fail_open`), a local reply answers it, a pause waits for the context's call-outs or
-    /// another callback's resume. `body_follows`: the request headers did not end the request.
+    /// another callback's resume. `body_follows`: the headers did not end the message.
     async fn settle(
         self: &Arc<Self>,
         a: &Active,
@@ -605,15 +605,16 @@ impl Plugins {
                 drop(mine);
                 return (Verdict::Continue, waited);
             }
-            // A plugin with request body callbacks that pauses the headers of a request with a
-            // body, no call-out in flight, waits for the body (its header changes still apply
-            // until the upstream is contacted), as Envoy holds the headers while the body goes
-            // through the filter.
+            // Headers paused with a body to follow and no call-out in flight go on to the body,
+            // as Envoy passes the body to the filter that stopped the headers: a body callback
+            // (the SDKs' default continues; none exported is Continue) decides from there, and
+            // header changes still apply until the head is sent.
             let idle = mine.as_ref().is_none_or(FuturesUnordered::is_empty);
-            if idle && body_follows && p.has_body(Dir::Request) {
+            if idle && body_follows {
                 tracing::debug!(
-                    "{}: paused the request headers; resuming them for the body",
-                    p.decl.name
+                    "{}: paused the headers in {}; going on to the body",
+                    p.decl.name,
+                    phase.callback()
                 );
                 return (Verdict::Continue, waited);
             }
@@ -630,39 +631,40 @@ impl Plugins {
                 _ = tokio::time::sleep_until(until.into()) => Woken::Timeout,
             };
             waited += wait.elapsed();
-            let (ctx, token, resp) =
-                match woken {
-                    Woken::Answer(answer) => answer,
-                    Woken::Foreign(action) => {
-                        // Registered again if it is still paused after this.
-                        parked_slot = None;
-                        outcome = match action {
-                            Some(Foreign::Resume(bits)) => Ok(Outcome {
-                                action: Action::Pause,
-                                reply: None,
-                                resumed: bits,
-                            }),
-                            Some(Foreign::Reply(reply)) => Ok(Outcome {
-                                action: Action::Pause,
-                                reply: Some(reply),
-                                resumed: 0,
-                            }),
-                            // The instance was replaced meanwhile (a fault).
-                            None => return (failed(self), waited),
-                        };
-                        continue;
-                    }
-                    Woken::Timeout => {
-                        tracing::error!(
-                        "{}: paused the {} in {} and did not resume it within {:?} (pause_timeout)",
+            let (ctx, token, resp) = match woken {
+                Woken::Answer(answer) => answer,
+                Woken::Foreign(action) => {
+                    // Registered again if it is still paused after this.
+                    parked_slot = None;
+                    outcome = match action {
+                        Some(Foreign::Resume(bits)) => Ok(Outcome {
+                            action: Action::Pause,
+                            reply: None,
+                            resumed: bits,
+                        }),
+                        Some(Foreign::Reply(reply)) => Ok(Outcome {
+                            action: Action::Pause,
+                            reply: Some(reply),
+                            resumed: 0,
+                        }),
+                        // The instance was replaced meanwhile (a fault).
+                        None => return (failed(self), waited),
+                    };
+                    continue;
+                }
+                Woken::Timeout => {
+                    let calls = mine.as_ref().map_or(0, FuturesUnordered::len);
+                    tracing::error!(
+                        "{}: paused the {} in {} and did not resume it within {:?} (pause_timeout){}",
                         p.decl.name,
                         if matches!(phase, Phase::Response) { "response" } else { "request" },
                         phase.callback(),
-                        p.decl.pause_timeout
+                        p.decl.pause_timeout,
+                        if calls > 0 { format!("; {calls} call-outs still in flight") } else { String::new() }
                     );
-                        return (failed(self), waited);
-                    }
-                };
+                    return (failed(self), waited);
+                }
+            };
             let r = self.deliver(
                 a.plugin,
                 a.vm_generation,
@@ -749,7 +751,8 @@ impl Plugins {
         }
     }
 
-    /// `proxy_on_http_call_response`, if the VM and the call are still current. Returns the
+    /// `proxy_on_http_call_response`, if the VM and the call are still current (`owner`: the
+    /// HttpContext that waits for the answer, its stream lent, or 0). Returns the
     /// callback's outcome and the calls it dispatched.
     #[allow(clippy::too_many_arguments)]
     fn deliver(
