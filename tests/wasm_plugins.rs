@@ -934,22 +934,32 @@ fn c_wasi_libc_plugin() {
     assert!(!log.contains("num_headers"), "{log}");
 }
 
-/// A gateway whose only plugin is the Go fixture (tests/plugins/go: the standard Go toolchain,
-/// GOOS=wasip1, built the way the Go SDK builds plugins), so the other tests do not compile it
-/// (a Go module is 2.5 MB: about 2 s of compilation).
-fn go_gateway() -> Gateway {
+/// A gateway with one worker whose only plugin is the fixture `fixture`, declared as `name`
+/// with the extra settings `extra` (`, key: value`).
+fn gateway_with_only(name: &str, fixture: &str, extra: &str) -> Gateway {
     Gateway::start_with(Setup {
         workers: 1,
         raw_yaml: Some(format!(
             "apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {{proxy}}}}]\n\
              deployment:\n  admin:\n    admin_key: [{{name: admin, key: {key}, role: admin}}]\n    admin_listen: {{ip: 127.0.0.1, port: {{admin}}}}\n\
              nginx_config:\n  worker_processes: 1\n  error_log_level: info\n\
-             wasm:\n  plugins:\n    - {{name: go_headers, priority: 60, file: \"{file}\", http_request_phase: access}}\n",
+             wasm:\n  plugins:\n    - {{name: {name}, file: \"{file}\"{extra}}}\n",
             key = common::KEY,
-            file = common::fixture("go_headers"),
+            file = common::fixture(fixture),
         )),
         ..Setup::default()
     })
+}
+
+/// A gateway whose only plugin is the Go fixture (tests/plugins/go: the standard Go toolchain,
+/// GOOS=wasip1, built the way the Go SDK builds plugins), so the other tests do not compile it
+/// (a Go module is 2.5 MB: about 2 s of compilation).
+fn go_gateway() -> Gateway {
+    gateway_with_only(
+        "go_headers",
+        "go_headers",
+        ", priority: 60, http_request_phase: access",
+    )
 }
 
 /// A Go plugin — its runtime and garbage collector, `fmt` and `os` set up at its start through
@@ -1012,18 +1022,11 @@ fn go_plugins_run_and_their_panics_are_contained() {
 /// ends it.
 #[test]
 fn rust_sdk_requests_are_let_go_by_other_requests_and_contexts_flush() {
-    let gw = Gateway::start_with(Setup {
-        workers: 1,
-        raw_yaml: Some(format!(
-            "apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {{proxy}}}}]\n\
-             deployment:\n  admin:\n    admin_key: [{{name: admin, key: {key}, role: admin}}]\n    admin_listen: {{ip: 127.0.0.1, port: {{admin}}}}\n\
-             nginx_config:\n  worker_processes: 1\n  error_log_level: info\n\
-             wasm:\n  plugins:\n    - {{name: gatekeeper, priority: 1, file: \"{file}\", pause_timeout: 20s}}\n",
-            key = common::KEY,
-            file = common::fixture("gatekeeper"),
-        )),
-        ..Setup::default()
-    });
+    let gw = gateway_with_only(
+        "gatekeeper",
+        "gatekeeper",
+        ", priority: 1, pause_timeout: 20s",
+    );
     let app = TestUpstream::start("app");
     let flush = TestUpstream::start("flush");
     gw.route(
