@@ -570,12 +570,7 @@ impl PluginVm {
         if d.tick_periods.remove(&id).is_some() {
             d.ticks_changed = true;
         }
-        let deleted = match self.f.delete.as_ref() {
-            Some(delete) => run(&mut self.store, self.ticks, |s| delete.call(s, id as i32)),
-            None => Ok(()),
-        };
-        self.store.data_mut().live_contexts.remove(&id);
-        deleted
+        self.on_delete(id)
     }
 
     /// `proxy_on_done` then `proxy_on_delete` of an HttpContext (what `proxy_on_done` returns
@@ -588,6 +583,11 @@ impl PluginVm {
         if let Some(done) = self.f.done.as_ref() {
             run(&mut self.store, self.ticks, |s| done.call(s, id as i32))?;
         }
+        self.on_delete(id)
+    }
+
+    /// `proxy_on_delete(id)`; the context is no longer live, whatever the callback did.
+    fn on_delete(&mut self, id: u32) -> Result<(), Fault> {
         let deleted = match self.f.delete.as_ref() {
             Some(delete) => run(&mut self.store, self.ticks, |s| delete.call(s, id as i32)),
             None => Ok(()),

@@ -942,7 +942,7 @@ impl Plugins {
         let finished = vm.finish(id);
         // Call-outs `proxy_on_done` dispatched (a last flush) go out from the tick loop.
         let mut calls = st.collect(self);
-        match finished {
+        let waits = match finished {
             Err(f) => {
                 self.fault(p, st, &f, "finishing a plugin context", None);
                 return false;
@@ -950,15 +950,16 @@ impl Plugins {
             Ok(true) => {
                 calls.retain(|c| c.root != id);
                 st.forget_root(id);
+                false
             }
             Ok(false) => {
                 st.finishing.insert(id, until);
-                st.ticks_dirty = true;
+                true
             }
-        }
-        if !calls.is_empty() || st.ticks_dirty {
+        };
+        // The tick loop sends the calls and wakes at the end of the wait.
+        if waits || !calls.is_empty() {
             st.unsent.extend(calls);
-            st.ticks_dirty = false;
             self.ticks_changed.notify_one();
         }
         true
@@ -983,6 +984,8 @@ impl Plugins {
                 return false;
             };
             let r = vm.delete(id);
+            // Ticks changed by the deletion are picked up; call-outs of `proxy_on_delete` end
+            // with the context, as its others do.
             st.collect(self);
             st.forget_root(id);
             if let Err(f) = r {
@@ -1395,7 +1398,6 @@ impl Plugins {
                     calls.append(&mut st.unsent);
                     if !st.finishing.is_empty() || !st.done.is_empty() {
                         self.reap_finished(p, &mut st, now);
-                        calls.append(&mut st.unsent);
                     }
                     for at in st
                         .ticks
