@@ -814,6 +814,16 @@ fn valid_plugin_name(name: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Asserts that `yaml` is refused with a message that names line `line` of c.yaml and
+    /// says `says`.
+    fn assert_refused_at(yaml: &str, line: usize, says: &str) {
+        let e = GatewayConfig::parse(yaml, "c.yaml").unwrap_err();
+        assert!(
+            e.0.starts_with(&format!("c.yaml:{line}:")) && e.0.contains(says),
+            "{e}"
+        );
+    }
+
     #[test]
     fn embedded_default_parses() {
         let c = GatewayConfig::parse(EMBEDDED_DEFAULT, "conf/config.yaml").unwrap();
@@ -833,11 +843,7 @@ mod tests {
         assert_eq!(p.export_uri, "/apisix/prometheus/metrics");
         assert!(p.enable_export_server);
         let y = "plugin_attr:\n  prometheus:\n    export_uri: metrics\n";
-        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
-        assert!(
-            e.0.starts_with("c.yaml:3:") && e.0.contains("export_uri"),
-            "{e}"
-        );
+        assert_refused_at(y, 3, "export_uri");
         let y = "plugin_attr:\n  prometheus:\n    metric_prefix: \"my-gw\"\n";
         let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
         assert!(e.0.contains("metric_prefix"), "{e}");
@@ -856,38 +862,21 @@ mod tests {
 
     #[test]
     fn unknown_key_names_file_and_line() {
-        let e = GatewayConfig::parse(
-            "apisix:\n  node_listen: [9080]\n  node_lisen: 1\n",
-            "c.yaml",
-        )
-        .unwrap_err();
-        assert!(e.0.starts_with("c.yaml:3:"), "{e}");
-        assert!(e.0.contains("node_lisen"), "{e}");
+        let y = "apisix:\n  node_listen: [9080]\n  node_lisen: 1\n";
+        assert_refused_at(y, 3, "node_lisen");
     }
 
     #[test]
     fn errors_name_the_line_of_the_value_at_fault() {
         // The second declaration, not the first mention of the name (here a comment's).
         let y = "# echo: the echo plugin\nwasm:\n  plugins:\n    - {name: echo, priority: 1, file: e.wasm}\n    - name: echo\n      priority: 2\n      file: e.wasm\n";
-        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
-        assert!(
-            e.0.starts_with("c.yaml:5:") && e.0.contains("declared twice"),
-            "{e}"
-        );
+        assert_refused_at(y, 5, "declared twice");
         // shm_size, not the plugin_shm_size line above it.
         let y = "wasmgate:\n  plugin_shm_size: 16m\n  shm_size: 1k\n";
-        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
-        assert!(
-            e.0.starts_with("c.yaml:3:") && e.0.contains("wasmgate.shm_size"),
-            "{e}"
-        );
+        assert_refused_at(y, 3, "wasmgate.shm_size");
         // The second of two equal ports.
         let y = "apisix:\n  node_listen:\n    - 9080\n    - 9081\n    - 9080\n";
-        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
-        assert!(
-            e.0.starts_with("c.yaml:5:") && e.0.contains("listed twice"),
-            "{e}"
-        );
+        assert_refused_at(y, 5, "listed twice");
     }
 
     #[test]
@@ -897,17 +886,13 @@ mod tests {
         assert_eq!(c.wasm.plugins[0].pause_timeout, Duration::from_secs(60));
         let y =
             "wasm:\n  plugins:\n    - {name: a, priority: 1, file: a.wasm, pause_timeout: 0s}\n";
-        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
-        assert!(e.0.contains("pause_timeout must be above 0"), "{e}");
-        assert!(e.0.starts_with("c.yaml:3:"), "{e}");
+        assert_refused_at(y, 3, "pause_timeout must be above 0");
     }
 
     #[test]
     fn missing_plugin_priority_is_named() {
         let y = "wasm:\n  plugins:\n    - name: a\n      file: a.wasm\n";
-        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
-        assert!(e.0.contains("priority"), "{e}");
-        assert!(e.0.starts_with("c.yaml:3:"), "{e}");
+        assert_refused_at(y, 3, "priority");
     }
 
     #[test]
@@ -973,11 +958,7 @@ mod tests {
     #[test]
     fn an_admin_body_limit_of_zero_is_refused() {
         let y = "deployment:\n  admin:\n    max_body_size: 0\n";
-        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
-        assert!(
-            e.0.starts_with("c.yaml:3:") && e.0.contains("at least 1 byte"),
-            "{e}"
-        );
+        assert_refused_at(y, 3, "at least 1 byte");
     }
 
     #[test]
