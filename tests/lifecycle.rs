@@ -159,19 +159,141 @@ fn invalid_reload_is_refused_and_old_config_keeps_serving() {
     let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
     assert_eq!((s, v["epoch"].as_u64()), (200, Some(1)), "{v}");
 
-    // `deployment.admin` waits for a restart, all of it: a reload that turns the key off
-    // leaves the Admin API closed, says so, and applies the rest.
+    // `deployment.admin` applies with the reload, all of it at once: turned off, the key is
+    // no longer asked for.
+    let url = gw.admin_url("/apisix/admin/routes/1");
+    let (s, v) = common::client::admin(&url, "GET", None, None);
+    assert_eq!(s, 401, "{v}");
     let open = good.replace("  admin:\n", "  admin:\n    admin_key_required: false\n");
     assert_ne!(open, good);
     std::fs::write(gw.config_path(), open).unwrap();
     let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
     assert_eq!((s, v["epoch"].as_u64()), (200, Some(2)), "{v}");
-    assert!(gw
-        .error_log()
-        .contains("changes to deployment.admin take effect at the next restart"));
-    let url = gw.admin_url("/apisix/admin/routes/9");
-    let (s, v) = common::client::admin(&url, "PUT", None, Some(json!({"uri": "/nine"})));
-    assert_eq!(s, 401, "{v}");
+    let (s, v) = common::client::admin(&url, "GET", None, None);
+    assert_eq!(s, 200, "{v}");
+}
+
+/// A reload applies what config.yaml says of the master's own servers and files, as nginx
+/// applies a new `pid` and APISIX a new admin address: the Admin API moves and takes its new
+/// keys, the Prometheus export moves, the pid file moves, the master's own lines go to the new
+/// error log. Only what lives in shared memory or names the store waits for a restart. Before
+/// the reload, the command line finds the master by its data directory, which config.yaml's
+/// new `pid_file` does not name; and a second master on that data directory is refused.
+#[test]
+fn a_reload_moves_the_admin_api_the_pid_file_and_the_error_log() {
+    let up = TestUpstream::start("u");
+    let mut gw = Gateway::start();
+    proxied_route(&gw, &up);
+    let good = std::fs::read_to_string(gw.config_path()).unwrap();
+    // A move that cannot be made refuses the whole reload and leaves nothing behind.
+    let taken = good.replace(
+        &format!("port: {}}}", gw.admin_port),
+        &format!("port: {}}}", up.port),
+    ) + "wasmgate:\n  pid_file: run/refused.pid\n";
+    std::fs::write(gw.config_path(), &taken).unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 400, "{v}");
+    let msg = v["error_msg"].as_str().unwrap();
+    assert!(msg.contains("(deployment.admin.admin_listen)"), "{msg}");
+    assert!(!gw.prefix().join("run/refused.pid").exists());
+
+    let (admin, metrics) = (common::free_port(), common::free_port());
+    let new_key = "moved-key-0123456789abcdef";
+    let moved =
+        good.replace(
+            &format!("port: {}}}", gw.admin_port),
+            &format!("port: {admin}}}"),
+        )
+        .replace(
+            &format!("port: {}}}", gw.metrics_port),
+            &format!("port: {metrics}}}"),
+        )
+        .replace(KEY, new_key)
+        .replace(
+            "nginx_config:\n",
+            "nginx_config:\n  error_log: logs/moved.log\n",
+        ) + "wasmgate:\n  pid_file: run/gw.pid\n  shm_size: 32m\n";
+    std::fs::write(gw.config_path(), &moved).unwrap();
+
+    let (ok, out, err) = cli(&["reload"], gw.prefix());
+    assert!(ok, "{out}{err}");
+    assert!(
+        err.contains(&format!("master {} holds", gw.master_pid())),
+        "{err}"
+    );
+    let moved_log =
+        || std::fs::read_to_string(gw.prefix().join("logs/moved.log")).unwrap_or_default();
+    eventually(Duration::from_secs(20), "reload applied", || {
+        moved_log().contains("reload applied: epoch 1")
+    });
+    let log = moved_log();
+    assert!(log.contains("the Admin API moved"), "{log}");
+    let old_log = gw.error_log();
+    assert!(
+        old_log.contains("changes to wasmgate.shm_size take effect at the next restart"),
+        "{old_log}"
+    );
+    assert!(!gw.error_log().contains("reload applied"));
+
+    let at = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+    assert!(
+        common::client::request("GET", &gw.admin_url("/apisix/admin/routes"), &[], None).is_err()
+    );
+    let url = at(admin, "/apisix/admin/routes/1");
+    let (s, v) = common::client::admin(&url, "GET", Some(new_key), None);
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = common::client::admin(&url, "GET", Some(KEY), None);
+    assert_eq!(s, 401);
+    let scrape =
+        |port| common::client::request("GET", &at(port, "/apisix/prometheus/metrics"), &[], None);
+    assert!(scrape(gw.metrics_port).is_err());
+    assert_eq!(scrape(metrics).unwrap().status, 200);
+    assert_eq!(http("GET", &gw.url("/still"), &[], None).status, 200);
+
+    let pid = gw.master_pid().to_string();
+    let pid_file = |p: &str| std::fs::read_to_string(gw.prefix().join(p)).ok();
+    assert_eq!(
+        pid_file("run/gw.pid").as_deref().map(str::trim),
+        Some(pid.as_str())
+    );
+    assert_eq!(pid_file("logs/wasmgate.pid"), None);
+    let (ok, out, err) = cli(&["status"], gw.prefix());
+    assert!(ok && out.contains(&pid), "{out}{err}");
+
+    // Another config naming the same data directory (and its own pid file and ports).
+    let other = moved
+        .replace("run/gw.pid", "run/other.pid")
+        .replace(
+            &format!("port: {admin}}}"),
+            &format!("port: {}}}", common::free_port()),
+        )
+        .replace(
+            &format!("port: {metrics}}}"),
+            &format!("port: {}}}", common::free_port()),
+        )
+        .replace(
+            &format!("port: {}}}", gw.proxy_port),
+            &format!("port: {}}}", common::free_port()),
+        );
+    std::fs::write(gw.prefix().join("conf/other.yaml"), other).unwrap();
+    let (ok, out, err) = cli(&["start", "-c", "conf/other.yaml"], gw.prefix());
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains(&format!("already running (pid {pid}) on data directory")),
+        "{err}"
+    );
+
+    // `stop` waits for the pid to go, and this test's child is not reaped until wait_exit.
+    let stop = Command::new(bin())
+        .args(["stop", "-p"])
+        .arg(gw.prefix())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(gw.wait_exit(Duration::from_secs(15)).success());
+    let out = stop.wait_with_output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&pid));
+    assert!(!gw.prefix().join("run/gw.pid").exists());
 }
 
 /// `wasmgate test` refuses what `start` would refuse, as `nginx -t`: a plugin the stored

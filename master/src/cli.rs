@@ -13,9 +13,12 @@ use std::path::Path;
 pub fn running_pid(path: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(path).ok()?;
     let pid: i32 = text.trim().parse().ok()?;
-    kill(Pid::from_raw(pid), None).ok()?;
-    // A stale pid file may name a recycled pid: check the process is a wasmgate master.
-    is_master(pid).then_some(pid)
+    running_pid_is_master(pid).then_some(pid)
+}
+
+/// Whether `pid` is alive and a wasmgate master (a stale file may name a recycled pid).
+pub(crate) fn running_pid_is_master(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok() && is_master(pid)
 }
 
 /// Whether process `pid` is a wasmgate master: started with `start`, running this very binary
@@ -64,13 +67,30 @@ pub fn remove_pid_file(path: &Path) {
 fn master_pid(opts: &Options) -> anyhow::Result<(i32, std::path::PathBuf)> {
     let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
     let pid_path = opts.resolve(&loaded.config.wasmgate.pid_file);
-    match running_pid(&pid_path) {
+    match master_of(opts, &loaded.config.wasmgate) {
         Some(pid) => Ok((pid, pid_path)),
         None => bail!(
             "wasmgate is not running (no live master in {})",
             pid_path.display()
         ),
     }
+}
+
+/// The master named by the pid file, else the one holding the data directory: config.yaml's
+/// `pid_file` may have been edited since the master wrote its file (a reload moves it).
+fn master_of(opts: &Options, section: &wasmgate_shared::config::WasmgateSection) -> Option<i32> {
+    let pid_path = opts.resolve(&section.pid_file);
+    running_pid(&pid_path).or_else(|| {
+        let data_dir = opts.resolve(&section.data_dir);
+        let pid = crate::lock::holder(&data_dir)?;
+        eprintln!(
+            "wasmgate: no master in {}; master {pid} holds {} (its pid file moves with the next \
+             reload)",
+            pid_path.display(),
+            data_dir.display()
+        );
+        Some(pid)
+    })
 }
 
 /// The running master for a command that needs nothing of config.yaml but the pid file's
@@ -80,8 +100,8 @@ fn master_pid_even_if_broken(opts: &Options) -> anyhow::Result<(i32, Option<Load
     match opts.load_config() {
         Ok(loaded) => master_pid(opts).map(|(pid, _)| (pid, Some(loaded))),
         Err(e) => {
-            let default = wasmgate_shared::config::WasmgateSection::default().pid_file;
-            let Some(pid) = running_pid(&opts.resolve(&default)) else {
+            let default = wasmgate_shared::config::WasmgateSection::default();
+            let Some(pid) = master_of(opts, &default) else {
                 bail!("{e}");
             };
             eprintln!("wasmgate: {e}\nwasmgate: using the default pid file: master {pid}");
@@ -195,8 +215,8 @@ pub fn status(opts: &Options) -> anyhow::Result<()> {
         // Right after a bad edit is when an operator asks: say whether the gateway still
         // runs (on its last good configuration), from the default pid file.
         Err(e) => {
-            let default = wasmgate_shared::config::WasmgateSection::default().pid_file;
-            let running = running_pid(&opts.resolve(&default))
+            let default = wasmgate_shared::config::WasmgateSection::default();
+            let running = master_of(opts, &default)
                 .map(|pid| {
                     format!(
                         "; the master (pid {pid}) is running on the last configuration that loaded"

@@ -45,6 +45,11 @@ pub fn resolve(cfg: &GatewayConfig, data_dir: &Path) -> anyhow::Result<Vec<ApiKe
         crate::store::write_atomic(&path, &bytes)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         for (name, key) in generated {
+            // The error log gets the fact, not the key (at start it is not open yet).
+            tracing::warn!(
+                "generated an Admin API key for {name:?}, stored in {}",
+                path.display()
+            );
             eprintln!(
                 "wasmgate: generated Admin API key for {name:?}: {key}\n          (stored in {}; set deployment.admin.admin_key in config.yaml to choose one)",
                 path.display()

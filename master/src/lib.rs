@@ -10,6 +10,7 @@ mod daemon;
 pub mod etcd;
 mod keys;
 mod listeners;
+mod lock;
 pub mod metrics;
 mod publish;
 mod run;
@@ -295,6 +296,12 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
         );
     }
     let data_dir = opts.resolve(&cfg.wasmgate.data_dir);
+    if let Some(pid) = lock::holder(&data_dir) {
+        bail!(
+            "wasmgate is already running (pid {pid}) on data directory {} (wasmgate.data_dir)",
+            data_dir.display()
+        );
+    }
     let (store, etcd, notes) = match &cfg.deployment.etcd {
         None => (store::Store::open(&data_dir)?, None, Vec::new()),
         Some(section) => {
@@ -405,12 +412,15 @@ fn serve(
     log_path: &Path,
     readiness: &mut daemon::Readiness,
 ) -> anyhow::Result<()> {
+    // Taken here, in the daemon itself: the kernel lists a lock under the pid that took it.
+    let data_dir = opts.resolve(&parts.loaded.config.wasmgate.data_dir);
+    let _lock = lock::MasterLock::acquire(&data_dir)?;
     std::fs::write(pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("cannot write pid file {}", pid_path.display()))?;
     let level = parts.loaded.config.nginx_config.error_log_level;
     wasmgate_shared::logging::init(log_path, level, "master", opts.foreground)
         .with_context(|| format!("cannot open error log {}", log_path.display()))?;
-    run::run(opts.clone(), parts, readiness)
+    run::run(opts.clone(), parts, pid_path.to_path_buf(), readiness)
 }
 
 /// Milliseconds since the Unix epoch.

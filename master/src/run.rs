@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::UnboundedReceiver;
+use wasmgate_shared::config::GatewayConfig;
 use wasmgate_shared::plugin_shm::PluginShm;
 use wasmgate_shared::shm::Segment;
 
@@ -21,6 +22,11 @@ struct Loop {
     opts: Options,
     master: Arc<Master>,
     sup: Supervisor,
+    /// The Admin API's server and the Prometheus export's, moved by a reload that moves them.
+    admin: Served,
+    metrics: Option<Served>,
+    /// The pid file written last (a reload may move it, as nginx's does).
+    pid_path: std::path::PathBuf,
     exits: UnboundedReceiver<(u32, String)>,
     control: Option<UnboundedReceiver<Control>>,
     signals: Option<Signals>,
@@ -53,9 +59,51 @@ impl Signals {
     }
 }
 
+/// A server of the master's own — the Admin API, the Prometheus export — and the task that
+/// accepts its connections. Dropping it stops accepting (the port is free again at once);
+/// connections already accepted run to their end.
+struct Served {
+    addr: std::net::SocketAddr,
+    accept: tokio::task::AbortHandle,
+}
+
+#[derive(Clone, Copy)]
+enum Server {
+    Admin,
+    Metrics,
+}
+
+impl Served {
+    fn start(
+        l: std::net::TcpListener,
+        what: Server,
+        master: &Arc<Master>,
+    ) -> anyhow::Result<Served> {
+        l.set_nonblocking(true)?;
+        let addr = l.local_addr()?;
+        let l = tokio::net::TcpListener::from_std(l)?;
+        let master = master.clone();
+        let accept = match what {
+            Server::Admin => tokio::spawn(crate::admin::http::serve(l, master)),
+            Server::Metrics => tokio::spawn(crate::metrics::serve(l, master)),
+        };
+        Ok(Served {
+            addr,
+            accept: accept.abort_handle(),
+        })
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
 pub fn run(
     opts: Options,
     parts: crate::Parts,
+    pid_path: std::path::PathBuf,
     readiness: &mut crate::daemon::Readiness,
 ) -> anyhow::Result<()> {
     let crate::Parts {
@@ -95,18 +143,14 @@ pub fn run(
             etcd.clone(),
         ));
         master.publish_current().map_err(anyhow::Error::msg)?;
-        admin.set_nonblocking(true)?;
-        let admin_addr = admin.local_addr()?;
-        let admin = tokio::net::TcpListener::from_std(admin)?;
-        tokio::spawn(crate::admin::http::serve(admin, master.clone()));
+        let admin = Served::start(admin, Server::Admin, &master)?;
         if let Some(etcd) = etcd {
             tokio::spawn(crate::etcd::follow(master.clone(), etcd));
         }
-        if let Some(l) = metrics {
-            l.set_nonblocking(true)?;
-            let l = tokio::net::TcpListener::from_std(l)?;
-            tokio::spawn(crate::metrics::serve(l, master.clone()));
-        }
+        let metrics = match metrics {
+            Some(l) => Some(Served::start(l, Server::Metrics, &master)?),
+            None => None,
+        };
         let shm_fd = listeners::dup_high(&master.plugin_shm.fd().try_clone_to_owned()?)?;
         let (sup, exits) = Supervisor::new(
             master.clone(),
@@ -120,18 +164,24 @@ pub fn run(
             opts,
             master,
             sup,
+            admin,
+            metrics,
+            pid_path,
             exits,
             control: Some(control_rx),
             signals: Some(signals),
         };
-        l.boot(admin_addr).await?;
+        l.boot().await?;
         readiness.ready();
-        l.main().await
+        let result = l.main().await;
+        crate::cli::remove_pid_file(&l.pid_path);
+        result
     })
 }
 
 impl Loop {
-    async fn boot(&mut self, admin_addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    async fn boot(&mut self) -> anyhow::Result<()> {
+        let admin_addr = self.admin.addr;
         let config = self.master.config();
         let n = config.config.nginx_config.worker_processes.resolve();
         self.sup
@@ -245,9 +295,20 @@ impl Loop {
         let mut new = self.opts.load_config().map_err(|e| e.to_string())?;
         let plugins = crate::compile_plugins(&new, &self.opts)?;
         crate::admin::objects::check_all(&self.master.store(), &new.catalog())?;
-        keep_restart_only(&self.master.config(), &mut new);
+        let old = self.master.config();
+        keep_restart_only(&old, &mut new);
+        let data_dir = self.opts.resolve(&new.config.wasmgate.data_dir);
+        let keys = crate::keys::resolve(&new.config, &data_dir).map_err(|e| format!("{e:#}"))?;
+        let moves = self.prepare_moves(&old.config, &new.config)?;
         let listeners = listeners::rebind(self.sup.listeners(), &new.config.apisix.node_listen)
-            .map_err(|e| format!("{e:#}"))?;
+            .map_err(|e| format!("{e:#}"));
+        let listeners = match listeners {
+            Ok(l) => l,
+            Err(e) => {
+                moves.undo();
+                return Err(e);
+            }
+        };
         let old_listeners = self.sup.replace_listeners(listeners);
         let old_plugins = self.sup.replace_plugins(plugins);
         let epoch = self.master.epoch.load(Ordering::Relaxed) + 1;
@@ -263,21 +324,114 @@ impl Loop {
         // (a route naming a plugin the new config drops would pass, then run without it and
         // make the next start refuse the store). Writes wait for the lock meanwhile.
         let timeout = new.config.nginx_config.worker_shutdown_timeout;
+        let log = (
+            self.opts.resolve(&new.config.nginx_config.error_log),
+            new.config.nginx_config.error_log_level,
+        );
         let applied = ready.and_then(|()| {
             let store = self.master.store();
             crate::admin::objects::check_all(&store, &new.catalog())?;
-            self.master.set_config(new);
+            self.master.set_config(new, keys);
             Ok(())
         });
         if let Err(e) = applied {
             self.sup.abort_epoch(epoch);
             self.sup.replace_listeners(old_listeners);
             self.sup.replace_plugins(old_plugins);
+            moves.undo();
             return Err(e);
         }
         self.master.epoch.store(epoch, Ordering::Relaxed);
         self.sup.drain_others(epoch, timeout);
+        // The master's own lines follow the new workers' (nginx's master opens the new
+        // cycle's error log too); a file that cannot be opened leaves them where they were.
+        if let Err(e) = wasmgate_shared::logging::retarget(&log.0, log.1) {
+            tracing::error!(
+                "reload: the master keeps writing to its previous error log: cannot open {}: {e}",
+                log.0.display()
+            );
+        }
+        self.apply_moves(moves);
         Ok(epoch)
+    }
+
+    /// Binds the Admin API's and the Prometheus export's new addresses and writes the new pid
+    /// file, before any worker starts: a reload that cannot do them is refused whole.
+    fn prepare_moves(&self, old: &GatewayConfig, new: &GatewayConfig) -> Result<Moves, String> {
+        let mut moves = Moves::default();
+        let admin = new.deployment.admin.admin_listen.addr();
+        if admin != old.deployment.admin.admin_listen.addr() {
+            let l = listeners::bind(admin).map_err(|e| {
+                format!("cannot listen on {admin} (deployment.admin.admin_listen): {e}")
+            })?;
+            moves.admin = Some(l);
+        }
+        let export = |c: &GatewayConfig| {
+            let p = &c.plugin_attr.prometheus;
+            p.enable_export_server.then(|| p.export_addr.addr())
+        };
+        if export(old) != export(new) {
+            moves.metrics = Some(match export(new) {
+                None => None,
+                Some(addr) => Some(listeners::bind(addr).map_err(|e| {
+                    format!("cannot listen on {addr} (plugin_attr.prometheus.export_addr): {e}")
+                })?),
+            });
+        }
+        let pid_path = self.opts.resolve(&new.wasmgate.pid_file);
+        if pid_path != self.pid_path {
+            write_pid_file(&pid_path)?;
+            moves.pid_path = Some(pid_path);
+        }
+        Ok(moves)
+    }
+
+    /// Puts a reload's moves in place once its workers serve.
+    fn apply_moves(&mut self, moves: Moves) {
+        let Moves {
+            admin,
+            metrics,
+            pid_path,
+        } = moves;
+        if let Some(l) = admin {
+            match Served::start(l, Server::Admin, &self.master) {
+                Ok(served) => {
+                    tracing::warn!(
+                        "reload: the Admin API moved from {} to {}",
+                        self.admin.addr,
+                        served.addr
+                    );
+                    self.admin = served;
+                }
+                Err(e) => tracing::error!("reload: the Admin API stays where it was: {e:#}"),
+            }
+        }
+        if let Some(l) = metrics {
+            // The old server stops first: its replacement listens elsewhere already.
+            self.metrics = None;
+            match l.map(|l| Served::start(l, Server::Metrics, &self.master)) {
+                None => tracing::warn!("reload: the Prometheus export server stopped"),
+                Some(Ok(served)) => {
+                    tracing::warn!(
+                        "reload: the Prometheus export server listens on {}",
+                        served.addr
+                    );
+                    self.metrics = Some(served);
+                }
+                Some(Err(e)) => {
+                    tracing::error!("reload: the Prometheus export server stopped: {e:#}")
+                }
+            }
+        }
+        if let Some(path) = pid_path {
+            crate::cli::remove_pid_file(&self.pid_path);
+            tracing::warn!(
+                "reload: the pid file moved from {} to {}",
+                self.pid_path.display(),
+                path.display()
+            );
+            self.pid_path = path;
+        }
     }
 
     /// Stops the workers (gracefully: let them drain) and returns.
@@ -321,40 +475,69 @@ impl Loop {
     }
 }
 
-/// Settings a reload cannot change in place: say so, and keep the running values in the
-/// master's configuration, so that nothing of them applies half-way (a reload that turned
-/// `admin_key_required` off opened the Admin API at once while its keys waited).
-fn keep_restart_only(old: &LoadedConfig, new: &mut LoadedConfig) {
-    warn_restart_only(old, new);
-    let (o, n) = (&old.config, &mut new.config);
-    n.deployment.admin = o.deployment.admin.clone();
-    n.deployment.etcd = o.deployment.etcd.clone();
-    n.wasmgate = o.wasmgate.clone();
+/// What a reload moves besides its workers, prepared before they start (listeners bound, the
+/// pid file written) and put in place once they serve — or undone.
+#[derive(Default)]
+struct Moves {
+    /// The Admin API's new listener, when `admin_listen` changed.
+    admin: Option<std::net::TcpListener>,
+    /// When the Prometheus export changed: its new listener, or None to stop it.
+    metrics: Option<Option<std::net::TcpListener>>,
+    /// The new pid file, already written.
+    pid_path: Option<std::path::PathBuf>,
 }
 
-/// Names the restart-only settings a reload changed.
-fn warn_restart_only(old: &LoadedConfig, new: &LoadedConfig) {
-    let (o, n) = (&old.config, &new.config);
+impl Moves {
+    /// A refused reload: the new listeners close with the drop, the new pid file goes.
+    fn undo(self) {
+        if let Some(path) = &self.pid_path {
+            crate::cli::remove_pid_file(path);
+        }
+    }
+}
+
+/// Writes this process's pid to `path`, refusing to take over another live master's file.
+fn write_pid_file(path: &std::path::Path) -> Result<(), String> {
+    let ours = std::process::id() as i32;
+    if let Some(pid) = crate::cli::running_pid(path).filter(|p| *p != ours) {
+        return Err(format!(
+            "wasmgate.pid_file {} names another running master (pid {pid})",
+            path.display()
+        ));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {} (wasmgate.pid_file): {e}", dir.display()))?;
+    }
+    std::fs::write(path, format!("{ours}\n")).map_err(|e| {
+        format!(
+            "cannot write pid file {} (wasmgate.pid_file): {e}",
+            path.display()
+        )
+    })
+}
+
+/// Settings a reload cannot change in place — what lives in the master's shared memory and
+/// its store — : say so, and keep the running values, so that nothing of them applies
+/// half-way.
+fn keep_restart_only(old: &LoadedConfig, new: &mut LoadedConfig) {
+    let (o, n) = (&old.config, &mut new.config);
     let mut changed = Vec::new();
-    if o.deployment.admin != n.deployment.admin {
-        changed.push("deployment.admin");
-    }
-    if o.wasmgate != n.wasmgate {
-        changed.push("wasmgate");
-    }
     if o.deployment.etcd != n.deployment.etcd {
         changed.push("deployment.etcd");
     }
-    if o.nginx_config.error_log != n.nginx_config.error_log {
-        changed.push("nginx_config.error_log (of the master's own lines; new workers use it)");
-    }
-    if o.nginx_config.error_log_level != n.nginx_config.error_log_level {
-        changed
-            .push("nginx_config.error_log_level (of the master's own lines; new workers use it)");
-    }
-    let (op, np) = (&o.plugin_attr.prometheus, &n.plugin_attr.prometheus);
-    if op.enable_export_server != np.enable_export_server || op.export_addr != np.export_addr {
-        changed.push("plugin_attr.prometheus.export_addr");
+    let (ow, nw) = (&o.wasmgate, &mut n.wasmgate);
+    for (name, differs) in [
+        ("wasmgate.shm_size", ow.shm_size != nw.shm_size),
+        (
+            "wasmgate.plugin_shm_size",
+            ow.plugin_shm_size != nw.plugin_shm_size,
+        ),
+        ("wasmgate.data_dir", ow.data_dir != nw.data_dir),
+    ] {
+        if differs {
+            changed.push(name);
+        }
     }
     if !changed.is_empty() {
         tracing::warn!(
@@ -362,4 +545,8 @@ fn warn_restart_only(old: &LoadedConfig, new: &LoadedConfig) {
             changed.join(", ")
         );
     }
+    n.deployment.etcd = o.deployment.etcd.clone();
+    nw.shm_size = ow.shm_size;
+    nw.plugin_shm_size = ow.plugin_shm_size;
+    nw.data_dir = ow.data_dir.clone();
 }

@@ -47,14 +47,15 @@ pub struct Master {
     store: Mutex<Store>,
     /// What the workers were told; locked after the store.
     publisher: Mutex<Publisher>,
-    config: RwLock<Arc<LoadedConfig>>,
+    /// The configuration and the Admin API keys resolved from it, swapped together by a
+    /// reload: a request is checked against one or the other, never half of each.
+    config: RwLock<(Arc<LoadedConfig>, Arc<[ApiKey]>)>,
     catalog: RwLock<Arc<PluginCatalog>>,
     pub segment: Arc<Segment>,
     /// Plugins' shared data, queues and metrics; kept across reloads.
     pub plugin_shm: Arc<wasmgate_shared::plugin_shm::PluginShm>,
     /// The prefix directory (logs, data and conf are relative to it).
     pub prefix: std::path::PathBuf,
-    pub keys: Vec<ApiKey>,
     pub control: tokio::sync::mpsc::UnboundedSender<Control>,
     pub started_at_ms: u64,
     /// The reload epoch of the current worker set (0 at start, +1 per applied reload).
@@ -80,12 +81,11 @@ impl Master {
         Master {
             store: Mutex::new(store),
             publisher: Mutex::new(Publisher::new(segment.clone())),
-            config: RwLock::new(Arc::new(config)),
+            config: RwLock::new((Arc::new(config), keys.into())),
             catalog: RwLock::new(catalog),
             segment,
             plugin_shm,
             prefix,
-            keys,
             control,
             started_at_ms: crate::now_ms(),
             epoch: std::sync::atomic::AtomicU64::new(0),
@@ -102,6 +102,11 @@ impl Master {
     }
 
     pub fn config(&self) -> Arc<LoadedConfig> {
+        self.config_and_keys().0
+    }
+
+    /// The configuration with the Admin API keys that go with it.
+    pub fn config_and_keys(&self) -> (Arc<LoadedConfig>, Arc<[ApiKey]>) {
         self.config
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -115,10 +120,11 @@ impl Master {
             .clone()
     }
 
-    /// Switches to a reloaded configuration (the caller validated it against the store).
-    pub fn set_config(&self, config: LoadedConfig) {
+    /// Switches to a reloaded configuration and its Admin API keys (the caller validated it
+    /// against the store).
+    pub fn set_config(&self, config: LoadedConfig, keys: Vec<ApiKey>) {
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config.catalog());
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(config), keys.into());
     }
 
     /// The Admin API's 507 when a whole snapshot of `store` with object `(kind, id)` put as

@@ -44,24 +44,31 @@ where
 /// Installs the global logger writing to `path` (created if needed) at `level`; with
 /// `stderr` the lines also go to standard error (foreground mode).
 pub fn init(path: &Path, level: LogLevel, role: &str, stderr: bool) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let file = open_append(path)?;
     let writer = Arc::new(Tee {
-        file: Mutex::new(file),
-        path: path.to_path_buf(),
+        file: Mutex::new((file, path.to_path_buf())),
         stderr,
     });
-    let _ = LOG.set(writer.clone());
     let filter = tracing_subscriber::EnvFilter::new(level.as_tracing());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .event_format(NginxFormat {
             role: role.to_string(),
         })
         .with_env_filter(filter)
-        .with_writer(writer)
-        .try_init();
+        .with_writer(writer.clone())
+        .with_filter_reloading();
+    let filter = builder.reload_handle();
+    if builder.try_init().is_ok() {
+        let set_level: SetLevel = Box::new(move |level: LogLevel| {
+            filter
+                .reload(tracing_subscriber::EnvFilter::new(level.as_tracing()))
+                .map_err(|e| e.to_string())
+        });
+        let _ = LOG.set(Installed {
+            tee: writer,
+            set_level,
+        });
+    }
     Ok(())
 }
 
@@ -78,26 +85,52 @@ pub fn init_stderr(level: LogLevel, role: &str) {
         .try_init();
 }
 
-/// The installed error log, for [`reopen`].
-static LOG: OnceLock<Arc<Tee>> = OnceLock::new();
+type SetLevel = Box<dyn Fn(LogLevel) -> Result<(), String> + Send + Sync>;
+
+/// The error log [`init`] installed, for [`reopen`] and [`retarget`].
+struct Installed {
+    tee: Arc<Tee>,
+    set_level: SetLevel,
+}
+
+static LOG: OnceLock<Installed> = OnceLock::new();
 
 /// Reopens the error log file by its path (after logrotate moved it away: SIGUSR1).
 pub fn reopen() -> std::io::Result<()> {
-    let Some(tee) = LOG.get() else {
+    let Some(log) = LOG.get() else {
         return Ok(());
     };
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&tee.path)?;
-    *tee.file.lock().unwrap_or_else(|p| p.into_inner()) = file;
+    let mut file = log.tee.file.lock().unwrap_or_else(|p| p.into_inner());
+    file.0 = open_append(&file.1)?;
     Ok(())
+}
+
+/// Moves the installed error log to `path` at `level` (a reload that changed them). The file
+/// is opened first: on error the log stays where it was, as it was.
+pub fn retarget(path: &Path, level: LogLevel) -> std::io::Result<()> {
+    let Some(log) = LOG.get() else {
+        return Ok(());
+    };
+    {
+        let mut file = log.tee.file.lock().unwrap_or_else(|p| p.into_inner());
+        if file.1 != path {
+            *file = (open_append(path)?, path.to_path_buf());
+        }
+    }
+    (log.set_level)(level).map_err(std::io::Error::other)
+}
+
+fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    OpenOptions::new().create(true).append(true).open(path)
 }
 
 /// Writes each line to the file and, optionally, standard error.
 struct Tee {
-    file: Mutex<std::fs::File>,
-    path: PathBuf,
+    /// The open file and the path it was opened by (reopened by path for logrotate).
+    file: Mutex<(std::fs::File, PathBuf)>,
     stderr: bool,
 }
 
@@ -108,7 +141,7 @@ impl std::io::Write for &Tee {
         }
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         // One write per line: O_APPEND keeps lines from different processes whole.
-        f.write_all(buf)?;
+        f.0.write_all(buf)?;
         Ok(buf.len())
     }
 

@@ -201,7 +201,8 @@ fn authenticate(
     req: &Request<Incoming>,
     query: &[(String, String)],
 ) -> Result<Option<ApiKey>, &'static str> {
-    if !m.config().config.deployment.admin.admin_key_required {
+    let (config, keys) = m.config_and_keys();
+    if !config.config.deployment.admin.admin_key_required {
         return Ok(None);
     }
     let presented = req
@@ -221,7 +222,7 @@ fn authenticate(
     };
     // Compare against every key, without early exit, so timing reveals nothing.
     let mut found = None;
-    for k in &m.keys {
+    for k in keys.iter() {
         if keys_equal(k.key.as_bytes(), presented.as_bytes()) && found.is_none() {
             found = Some(k.clone());
         }
