@@ -719,13 +719,20 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             if !d.live_contexts.contains(&(id as u32)) {
                 return ok(Status::BadArgument);
             }
+            d.give_back_lent();
             d.effective_context = id as u32;
-            // Another request's context: the stream lent to this callback is not its, so the
-            // header, body and property calls find none (NotFound) rather than change the
-            // wrong request; set back, they find it again.
+            // Another request's context: the stream lent to this callback is not its, so it
+            // is put aside; the header, body and property calls reach that request's stream
+            // when it is paused and left with the VM (`parked`), as in Envoy, and find none
+            // (NotFound) otherwise rather than change the wrong request. Set back, the
+            // callback's own stream is found again.
             if d.foreign_target().is_some() {
                 if d.stream.is_some() {
                     d.hidden_stream = d.stream.take();
+                }
+                if let Some(s) = d.parked.remove(&(id as u32)) {
+                    d.stream = Some(s);
+                    d.lent = id as u32;
                 }
             } else if d.hidden_stream.is_some() {
                 d.stream = d.hidden_stream.take();

@@ -293,6 +293,12 @@ pub struct HostState {
     /// The stream lent to the current callback while the plugin made another request's
     /// context effective (see `proxy_set_effective_context`).
     pub hidden_stream: Option<Box<Stream>>,
+    /// The streams of paused requests, by HttpContext id, left with the VM while they wait
+    /// ([`PluginVm::park`](crate::PluginVm::park)): a callback that makes one's context
+    /// effective reads and changes that request, as Envoy lets it.
+    pub parked: foldhash::HashMap<u32, Box<Stream>>,
+    /// The context whose parked stream is in `stream` now (0: none).
+    pub lent: u32,
     /// What callbacks did to other requests' streams, since the gateway last collected it.
     pub foreign: Vec<(u32, Foreign)>,
     /// Root contexts whose `proxy_on_done` returned false: alive until they call `proxy_done`.
@@ -332,6 +338,16 @@ pub struct HostState {
 }
 
 impl HostState {
+    /// Puts a parked stream lent to the current callback back with the others.
+    pub(crate) fn give_back_lent(&mut self) {
+        if self.lent != 0 {
+            if let Some(s) = self.stream.take() {
+                self.parked.insert(self.lent, s);
+            }
+            self.lent = 0;
+        }
+    }
+
     /// The context a resume or a local reply is for when it is not the current callback's
     /// own stream: the effective context, when the plugin set it to another one.
     pub(crate) fn foreign_target(&self) -> Option<u32> {

@@ -162,6 +162,8 @@ impl PluginVm {
             stream_owner: 0,
             foreign: Vec::new(),
             hidden_stream: None,
+            parked: Default::default(),
+            lent: 0,
             pending_done: Default::default(),
             done_now: Vec::new(),
             root_context: 0,
@@ -496,6 +498,25 @@ impl PluginVm {
             || !d.foreign.is_empty()
     }
 
+    /// Leaves the stream of HttpContext `id`, paused, with the VM while its request waits:
+    /// another callback that makes `id` the effective context reads and changes it there.
+    pub fn park(&mut self, id: u32, stream: Box<Stream>) {
+        self.store.data_mut().parked.insert(id, stream);
+    }
+
+    /// Takes back the stream [`PluginVm::park`] left (None: it was never left).
+    pub fn unpark(&mut self, id: u32) -> Option<Box<Stream>> {
+        self.store.data_mut().parked.remove(&id)
+    }
+
+    /// Every parked stream, for an instance about to be dropped: their requests still need
+    /// them.
+    pub fn take_parked(&mut self) -> Vec<(u32, Box<Stream>)> {
+        let d = self.store.data_mut();
+        d.give_back_lent();
+        d.parked.drain().collect()
+    }
+
     /// What callbacks did to other requests' streams (by HttpContext id) since the last time
     /// this was asked.
     pub fn take_foreign(&mut self) -> Vec<(u32, Foreign)> {
@@ -608,6 +629,9 @@ fn run<T>(
     // A panic in a host function (a bug of the host's or of a library it calls) comes out
     // of the guest's frames here: a fault of this instance, not of the worker.
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *store)));
+    // A paused request's stream the callback made effective goes back to wait with the
+    // others, whatever the callback was (a tick, a queue, a call-out's answer).
+    store.data_mut().give_back_lent();
     // What the callback wrote short of a newline is logged with it.
     if store.data().stdio.pending() {
         let (stdio, log) = store.data_mut().stdio_and_log();
@@ -655,6 +679,7 @@ fn lent_call(
 /// Lends `stream` to the host functions for a callback on context `ctx`.
 fn enter(store: &mut Store<HostState>, ctx: HttpCtx, stream: &mut Option<Box<Stream>>) {
     let d = store.data_mut();
+    d.give_back_lent();
     // Swapped, not assigned: the store's side is empty between callbacks (`leave` takes
     // it back), and an assignment would call the drop code of what it replaces every time.
     std::mem::swap(&mut d.stream, stream);
@@ -680,6 +705,7 @@ fn enter(store: &mut Store<HostState>, ctx: HttpCtx, stream: &mut Option<Box<Str
 /// callback can read another request's headers.
 fn outside_stream(store: &mut Store<HostState>, id: u32) {
     let d = store.data_mut();
+    d.give_back_lent();
     if d.stream.is_some() {
         d.stream = None;
     }
@@ -698,6 +724,7 @@ fn leave(
     stream: &mut Option<Box<Stream>>,
 ) -> (Option<LocalReply>, u8) {
     let d = store.data_mut();
+    d.give_back_lent();
     if d.hidden_stream.is_some() {
         d.stream = d.hidden_stream.take();
     }

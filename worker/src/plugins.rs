@@ -84,6 +84,10 @@ struct VmState {
     /// HttpContexts paused in a headers callback, by id: how another callback's resume or
     /// local reply for one reaches its request ([`Parked`]).
     paused: HashMap<u32, tokio::sync::oneshot::Sender<Foreign>>,
+    /// The streams paused requests had left with an instance that a fault discarded, by
+    /// (that instance's generation, HttpContext id): their requests take them back to fail
+    /// (or, with `fail_open`, go on).
+    orphans: HashMap<(u64, u32), Box<Stream>>,
 }
 
 /// One `wasm.plugins` entry in this worker.
@@ -346,6 +350,7 @@ impl Plugins {
                 done: Vec::new(),
                 unsent: Vec::new(),
                 paused: HashMap::new(),
+                orphans: HashMap::new(),
             };
             list.push(Plugin {
                 decl: d.clone(),
@@ -625,11 +630,13 @@ impl Plugins {
             let until = *limit.get_or_insert(wait + p.decl.pause_timeout);
             let parked =
                 parked_slot.get_or_insert_with(|| Parked::new(p, a.http.id, a.vm_generation));
+            parked.leave(stream);
             let woken = tokio::select! {
                 Some(answer) = next_answer(&mut mine) => Woken::Answer(answer),
                 foreign = &mut parked.rx => Woken::Foreign(foreign.ok()),
                 _ = tokio::time::sleep_until(until.into()) => Woken::Timeout,
             };
+            parked.take_back(stream);
             waited += wait.elapsed();
             let (ctx, token, resp) = match woken {
                 Woken::Answer(answer) => answer,
@@ -1530,6 +1537,8 @@ struct Parked<'a> {
     /// of one of its own with the same id is not this one's to remove.
     generation: u64,
     rx: tokio::sync::oneshot::Receiver<Foreign>,
+    /// Whether the request's stream is left with the instance ([`Parked::leave`]).
+    left: bool,
 }
 
 impl<'a> Parked<'a> {
@@ -1546,7 +1555,35 @@ impl<'a> Parked<'a> {
             id,
             generation,
             rx,
+            left: false,
         }
+    }
+
+    /// Leaves the request's stream with the instance while it waits, where another callback
+    /// that makes this context effective reads and changes it (as Envoy lets a plugin change
+    /// the request it holds before letting it go).
+    fn leave(&mut self, stream: &mut Option<Box<Stream>>) {
+        let mut st = self.plugin.lock();
+        if st.generation != self.generation {
+            return;
+        }
+        if let (Some(vm), Some(s)) = (st.vm.as_mut(), stream.take()) {
+            vm.park(self.id, s);
+            self.left = true;
+        }
+    }
+
+    /// Takes the stream back: from the instance, or from the orphans of one a fault
+    /// discarded meanwhile.
+    fn take_back(&mut self, stream: &mut Option<Box<Stream>>) {
+        if !std::mem::take(&mut self.left) {
+            return;
+        }
+        let mut st = self.plugin.lock();
+        *stream = match st.generation == self.generation {
+            true => st.vm.as_mut().and_then(|vm| vm.unpark(self.id)),
+            false => st.orphans.remove(&(self.generation, self.id)),
+        };
     }
 }
 
@@ -1555,6 +1592,11 @@ impl Drop for Parked<'_> {
         let mut st = self.plugin.lock();
         if st.generation == self.generation {
             st.paused.remove(&self.id);
+            if self.left {
+                st.vm.as_mut().and_then(|vm| vm.unpark(self.id));
+            }
+        } else if self.left {
+            st.orphans.remove(&(self.generation, self.id));
         }
     }
 }
@@ -1777,6 +1819,11 @@ impl Plugins {
             Fault::Timeout => &r.timeouts,
             Fault::Memory => &r.memory_hits,
         });
+        if let Some(vm) = st.vm.as_mut() {
+            for (id, stream) in vm.take_parked() {
+                st.orphans.insert((st.generation, id), stream);
+            }
+        }
         st.vm = None;
         st.clear_contexts();
         st.generation += 1;

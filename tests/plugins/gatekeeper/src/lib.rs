@@ -6,8 +6,9 @@
 //!   target) keeps a gate. A request that finds the gate free takes it; one that finds it taken
 //!   gets the request header `x-held: yes`, is queued, and pauses (`Action::Pause`, nothing in
 //!   flight). When the request holding the gate logs (`on_log`), the gate passes to the oldest
-//!   queued request: `proxy_set_effective_context(<its id>)` then `resume_http_request`, from
-//!   another request's callback. With nobody queued the gate is free again.
+//!   queued request: `proxy_set_effective_context(<its id>)`, its `x-held` header set to
+//!   `released`, then `resume_http_request`, all from another request's callback. With nobody
+//!   queued the gate is free again.
 //! - `on_done` of a PluginContext whose configuration names `flush`: logs `gatekeeper:
 //!   flushing`, dispatches `GET /flush` (`:authority: flush`, timeout 5 s) to that target and
 //!   returns false (not finished). Its `on_http_call_response` logs `gatekeeper: flushed
@@ -119,6 +120,9 @@ impl HttpContext for Request {
         // A queued request deleted meanwhile is refused by the host: the next one, then.
         while let Some(next) = gate.queued.pop_front() {
             if hostcalls::set_effective_context(next).is_ok() {
+                // The held request's headers, changed from this one's callback (the SDK
+                // panics on any answer but Ok).
+                self.set_http_request_header("x-held", Some("released"));
                 self.resume_http_request();
                 return;
             }
