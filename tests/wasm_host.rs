@@ -1756,6 +1756,75 @@ fn a_paused_request_is_let_go_from_a_tick() {
     assert_eq!(app.hits(), 3);
 }
 
+/// A request paused with nothing in flight outlives the instance it waits in: when another
+/// request's fault discards that instance, the held request takes its stream back and fails as
+/// the instance's requests do — with `fail_open`, it goes on to its upstream with the headers
+/// the plugin set before pausing, long before its `pause_timeout`.
+#[test]
+fn a_paused_request_survives_the_fault_that_discards_its_instance() {
+    let gw = Gateway::start_with(Setup {
+        workers: 1,
+        ..Setup::default()
+    });
+    let app = TestUpstream::start("app");
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "x-held")
+      (data (i32.const 120) "yes")
+      {BUMP_MALLOC}
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param $id i32) (param $parent i32)
+        (if (i32.ne (local.get $parent) (i32.const 0)) (then (i32.store (i32.const 208) (local.get $parent)))))
+      ;; a root's verdict (the conf's first byte) at 3000 + root
+      (func (export "proxy_on_configure") (param $root i32) (param $size i32) (result i32)
+        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get $size) (i32.const 200) (i32.const 204)))
+        (i32.store8 (i32.add (i32.const 3000) (local.get $root)) (i32.load8_u (i32.load (i32.const 200))))
+        (i32.const 1))
+      ;; 'h': marked and held; 't': traps
+      (func (export "proxy_on_request_headers") (param $id i32) (param i32 i32) (result i32)
+        (local $verdict i32)
+        (local.set $verdict (i32.load8_u (i32.add (i32.const 3000) (i32.load (i32.const 208)))))
+        (if (i32.eq (local.get $verdict) (i32.const 116)) (then unreachable))
+        (drop (call $add (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 120) (i32.const 3)))
+        (i32.const 1)))"#
+    );
+    wat_plugin_with(
+        &gw,
+        "fragile",
+        &wat,
+        "/unused",
+        ", fail_open: true, pause_timeout: 20s",
+    );
+    for (id, conf) in [("held", "h"), ("trap", "t")] {
+        gw.route(
+            id,
+            json!({"uri": format!("/fragile/{id}"), "plugins": {"fragile": {"conf": conf}}}),
+            Some(&app),
+        );
+    }
+    let started = Instant::now();
+    let url = gw.url("/fragile/held");
+    let held = std::thread::spawn(move || http("GET", &url, &[], None));
+    // A fault before the held request is parked leaves it in the next instance: again.
+    eventually(
+        Duration::from_secs(10),
+        "the held request let go by a fault",
+        || {
+            assert_eq!(get(&gw, "/fragile/trap").status, 200);
+            held.is_finished()
+        },
+    );
+    let r = held.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["x-held"], "yes", "{}", r.text());
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(gw.error_log().contains("instance discarded"));
+    assert!(!gw.error_log().contains("lost in a plugin"));
+}
+
 /// What a callback can do for another request it made effective, here from another request's
 /// headers callback: change the held request's headers (its paused stream is left with the
 /// VM) and resume it, as in Envoy, without touching its own request; setting its own context
