@@ -338,14 +338,22 @@ pub struct HostState {
 }
 
 impl HostState {
-    /// Puts a parked stream lent to the current callback back with the others.
+    /// Puts a parked stream lent to the current callback back with the others. Asked after
+    /// every callback, and nearly never true: the work is out of line.
+    #[inline]
     pub(crate) fn give_back_lent(&mut self) {
         if self.lent != 0 {
-            if let Some(s) = self.stream.take() {
-                self.parked.insert(self.lent, s);
-            }
-            self.lent = 0;
+            self.give_back_lent_now();
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn give_back_lent_now(&mut self) {
+        if let Some(s) = self.stream.take() {
+            self.parked.insert(self.lent, s);
+        }
+        self.lent = 0;
     }
 
     /// The context a resume or a local reply is for when it is not the current callback's

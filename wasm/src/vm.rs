@@ -679,7 +679,6 @@ fn lent_call(
 /// Lends `stream` to the host functions for a callback on context `ctx`.
 fn enter(store: &mut Store<HostState>, ctx: HttpCtx, stream: &mut Option<Box<Stream>>) {
     let d = store.data_mut();
-    d.give_back_lent();
     // Swapped, not assigned: the store's side is empty between callbacks (`leave` takes
     // it back), and an assignment would call the drop code of what it replaces every time.
     std::mem::swap(&mut d.stream, stream);
@@ -705,7 +704,6 @@ fn enter(store: &mut Store<HostState>, ctx: HttpCtx, stream: &mut Option<Box<Str
 /// callback can read another request's headers.
 fn outside_stream(store: &mut Store<HostState>, id: u32) {
     let d = store.data_mut();
-    d.give_back_lent();
     if d.stream.is_some() {
         d.stream = None;
     }
@@ -724,7 +722,7 @@ fn leave(
     stream: &mut Option<Box<Stream>>,
 ) -> (Option<LocalReply>, u8) {
     let d = store.data_mut();
-    d.give_back_lent();
+    // A lent parked stream went back in `run`.
     if d.hidden_stream.is_some() {
         d.stream = d.hidden_stream.take();
     }
