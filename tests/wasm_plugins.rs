@@ -69,6 +69,8 @@ fn plugin_contexts_are_per_route_and_lazy() {
     assert_eq!(a["plugin_name"], "echo");
     assert_eq!(a["plugin_root_id"], "echo");
     assert_eq!(a["route_name"], "route-a");
+    assert_eq!(a["xds_route_name"], "route-a");
+    assert_eq!(a["protocol"], "HTTP/1.1");
     assert_eq!(a["route_id"], "a");
     assert_eq!(a["path"], "/a?a=42");
     assert_eq!(a["method"], "GET");

@@ -188,7 +188,8 @@ pub fn append_pairs(h: &mut HeaderMap, pairs: &[(String, Vec<u8>)]) -> bool {
 impl wasmgate_wasm::Properties for RouteEntry {
     fn get(&self, path: &[&str], request: &Head, from: &Downstream) -> Option<Vec<u8>> {
         let text = match path {
-            ["route_name"] | ["route", "name"] => {
+            // `xds.route_name`: the name Envoy gives it since its attributes moved under xds.
+            ["route_name"] | ["route", "name"] | ["xds", "route_name"] => {
                 self.name.clone().unwrap_or_else(|| self.id.clone())
             }
             ["route_id"] | ["route", "id"] => self.id.clone(),

@@ -82,7 +82,7 @@ impl HttpContext for Echo {
             .map(|(k, v)| format!("[\"{}\",\"{}\"]", esc(k), esc(v)))
             .collect();
         let body = format!(
-            "{{\"conf\":\"{}\",\"configures\":{},\"vm_starts\":{},\"context_id\":{},\"root_id\":{},\"plugin_name\":\"{}\",\"plugin_root_id\":\"{}\",\"route_name\":\"{}\",\"route_id\":\"{}\",\"path\":\"{}\",\"method\":\"{}\",\"host\":\"{}\",\"source\":\"{}\",\"arg_a\":\"{}\",\"headers\":[{}]}}",
+            "{{\"conf\":\"{}\",\"configures\":{},\"vm_starts\":{},\"context_id\":{},\"root_id\":{},\"plugin_name\":\"{}\",\"plugin_root_id\":\"{}\",\"route_name\":\"{}\",\"xds_route_name\":\"{}\",\"protocol\":\"{}\",\"route_id\":\"{}\",\"path\":\"{}\",\"method\":\"{}\",\"host\":\"{}\",\"source\":\"{}\",\"arg_a\":\"{}\",\"headers\":[{}]}}",
             esc(&self.conf),
             CONFIGURES.load(Ordering::Relaxed),
             VM_STARTS.load(Ordering::Relaxed),
@@ -91,6 +91,8 @@ impl HttpContext for Echo {
             esc(&self.prop(&["plugin_name"])),
             esc(&self.prop(&["plugin_root_id"])),
             esc(&self.prop(&["route_name"])),
+            esc(&self.prop(&["xds", "route_name"])),
+            esc(&self.prop(&["request", "protocol"])),
             esc(&self.prop(&["route", "id"])),
             esc(&self.prop(&["request", "path"])),
             esc(&self.prop(&["request", "method"])),
