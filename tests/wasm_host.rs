@@ -18,6 +18,19 @@ const BUMP_MALLOC: &str = r#"(global $heap (mut i32) (i32.const 8192))
         (local.get $p))"#;
 use std::time::{Duration, Instant};
 
+/// One plugin, one verdict per route: `proxy_on_configure` keeps the first byte of each root's
+/// configuration at 3000 + root, `proxy_on_context_create` the root of the last HttpContext
+/// made at 208, and `$verdict` reads the current request's (made just before its headers
+/// callback). Needs `$gbb` (`proxy_get_buffer_bytes`) imported.
+const VERDICT_BY_ROOT: &str = r#"(func (export "proxy_on_context_create") (param $id i32) (param $parent i32)
+        (if (i32.ne (local.get $parent) (i32.const 0)) (then (i32.store (i32.const 208) (local.get $parent)))))
+      (func (export "proxy_on_configure") (param $root i32) (param $size i32) (result i32)
+        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get $size) (i32.const 200) (i32.const 204)))
+        (i32.store8 (i32.add (i32.const 3000) (local.get $root)) (i32.load8_u (i32.load (i32.const 200))))
+        (i32.const 1))
+      (func $verdict (result i32)
+        (i32.load8_u (i32.add (i32.const 3000) (i32.load (i32.const 208)))))"#;
+
 fn get(gw: &Gateway, path: &str) -> common::Resp {
     http("GET", &gw.url(path), &[], None)
 }
@@ -1776,18 +1789,10 @@ fn a_paused_request_survives_the_fault_that_discards_its_instance() {
       (data (i32.const 120) "yes")
       {BUMP_MALLOC}
       (func (export "proxy_abi_version_0_2_1"))
-      (func (export "proxy_on_context_create") (param $id i32) (param $parent i32)
-        (if (i32.ne (local.get $parent) (i32.const 0)) (then (i32.store (i32.const 208) (local.get $parent)))))
-      ;; a root's verdict (the conf's first byte) at 3000 + root
-      (func (export "proxy_on_configure") (param $root i32) (param $size i32) (result i32)
-        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get $size) (i32.const 200) (i32.const 204)))
-        (i32.store8 (i32.add (i32.const 3000) (local.get $root)) (i32.load8_u (i32.load (i32.const 200))))
-        (i32.const 1))
+      {VERDICT_BY_ROOT}
       ;; 'h': marked and held; 't': traps
       (func (export "proxy_on_request_headers") (param $id i32) (param i32 i32) (result i32)
-        (local $verdict i32)
-        (local.set $verdict (i32.load8_u (i32.add (i32.const 3000) (i32.load (i32.const 208)))))
-        (if (i32.eq (local.get $verdict) (i32.const 116)) (then unreachable))
+        (if (i32.eq (call $verdict) (i32.const 116)) (then unreachable))
         (drop (call $add (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 120) (i32.const 3)))
         (i32.const 1)))"#
     );
@@ -1850,16 +1855,10 @@ fn another_requests_context_is_changed_and_resumed_through_its_paused_stream() {
       {BUMP_MALLOC}
       (global $held (mut i32) (i32.const 0))
       (func (export "proxy_abi_version_0_2_1"))
-      (func (export "proxy_on_context_create") (param i32 i32))
-      ;; a root's verdict (the conf's first byte) at 3000 + root
-      (func (export "proxy_on_configure") (param $root i32) (param $size i32) (result i32)
-        (drop (call $gbb (i32.const 7) (i32.const 0) (local.get $size) (i32.const 200) (i32.const 204)))
-        (i32.store8 (i32.add (i32.const 3000) (local.get $root)) (i32.load8_u (i32.load (i32.const 200))))
-        (i32.const 1))
-      (global $root_of (mut i32) (i32.const 0))
+      {VERDICT_BY_ROOT}
       (func (export "proxy_on_request_headers") (param $id i32) (param i32 i32) (result i32)
         (local $verdict i32)
-        (local.set $verdict (i32.load8_u (i32.add (i32.const 3000) (i32.load (i32.const 208)))))
+        (local.set $verdict (call $verdict))
         ;; 'h': held until another request lets it go
         (if (i32.eq (local.get $verdict) (i32.const 104))
           (then (global.set $held (local.get $id)) (return (i32.const 1))))
@@ -1875,14 +1874,7 @@ fn another_requests_context_is_changed_and_resumed_through_its_paused_stream() {
         (i32.const 0))
       ;; 'p': pauses the response headers, nothing in flight
       (func (export "proxy_on_response_headers") (param $id i32) (param i32 i32) (result i32)
-        (i32.eq (i32.load8_u (i32.add (i32.const 3000) (i32.load (i32.const 208)))) (i32.const 112))))"#
-    );
-    // Which root an HttpContext runs under: the WAT above reads it at 208, kept there by
-    // proxy_on_context_create.
-    let wat = wat.replace(
-        r#"(func (export "proxy_on_context_create") (param i32 i32))"#,
-        r#"(func (export "proxy_on_context_create") (param $id i32) (param $parent i32)
-        (if (i32.ne (local.get $parent) (i32.const 0)) (then (i32.store (i32.const 208) (local.get $parent)))))"#,
+        (i32.eq (call $verdict) (i32.const 112))))"#
     );
     wat_plugin_with(&gw, "peer", &wat, "/unused", ", pause_timeout: 5s");
     for (id, conf) in [("held", "h"), ("other", "x"), ("answer", "p")] {
