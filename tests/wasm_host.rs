@@ -1089,7 +1089,9 @@ fn body_callbacks_wait_for_their_call_outs() {
 
 /// A request paused on a call-out whose client gives up before the answer: the answer still
 /// comes, to the root context, once it is there (Envoy's calls belong to the root context);
-/// a dropped answer would leave the SDK's callback for it behind forever.
+/// a dropped answer would leave the SDK's callback for it behind forever. The abandoned
+/// request's `proxy_on_log` still reads its headers: the stream it left with the instance
+/// while it waited comes back to it.
 #[test]
 fn an_abandoned_requests_call_out_still_answers() {
     let gw = Gateway::start();
@@ -1105,9 +1107,11 @@ fn an_abandoned_requests_call_out_still_answers() {
       (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
       (memory (export "memory") 1)
       (data (i32.const 300) "{escaped}")
       (data (i32.const 600) "the abandoned request's call answered")
+      (data (i32.const 700) ":path")
       {BUMP_MALLOC}
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_context_create") (param i32 i32))
@@ -1115,6 +1119,9 @@ fn an_abandoned_requests_call_out_still_answers() {
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
         (drop {call_5000})
         (i32.const 1))
+      (func (export "proxy_on_log") (param i32)
+        (if (i32.eqz (call $get (i32.const 0) (i32.const 700) (i32.const 5) (i32.const 800) (i32.const 804)))
+          (then (drop (call $log (i32.const 2) (i32.load (i32.const 800)) (i32.load (i32.const 804)))))))
       (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
         (if (i32.gt_u (local.get 2) (i32.const 0))
           (then (drop (call $log (i32.const 2) (i32.const 600) (i32.const 37)))))))"#
@@ -1136,6 +1143,11 @@ fn an_abandoned_requests_call_out_still_answers() {
             gw.error_log()
                 .contains("the abandoned request's call answered")
         },
+    );
+    assert!(
+        gw.error_log().contains("abandon: /abandon"),
+        "{}",
+        gw.error_log()
     );
     assert!(!gw.error_log().contains("panicked"));
 }

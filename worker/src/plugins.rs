@@ -630,13 +630,16 @@ impl Plugins {
             let until = *limit.get_or_insert(wait + p.decl.pause_timeout);
             let parked =
                 parked_slot.get_or_insert_with(|| Parked::new(p, a.http.id, a.vm_generation));
-            parked.leave(stream);
-            let woken = tokio::select! {
-                Some(answer) = next_answer(&mut mine) => Woken::Answer(answer),
-                foreign = &mut parked.rx => Woken::Foreign(foreign.ok()),
-                _ = tokio::time::sleep_until(until.into()) => Woken::Timeout,
+            let woken = {
+                // Back in `stream` when this ends — or when the request is abandoned
+                // meanwhile, for its log phase.
+                let _left = Left::new(parked, stream);
+                tokio::select! {
+                    Some(answer) = next_answer(&mut mine) => Woken::Answer(answer),
+                    foreign = &mut parked.rx => Woken::Foreign(foreign.ok()),
+                    _ = tokio::time::sleep_until(until.into()) => Woken::Timeout,
+                }
             };
-            parked.take_back(stream);
             waited += wait.elapsed();
             let (ctx, token, resp) = match woken {
                 Woken::Answer(answer) => answer,
@@ -1537,8 +1540,6 @@ struct Parked<'a> {
     /// of one of its own with the same id is not this one's to remove.
     generation: u64,
     rx: tokio::sync::oneshot::Receiver<Foreign>,
-    /// Whether the request's stream is left with the instance ([`Parked::leave`]).
-    left: bool,
 }
 
 impl<'a> Parked<'a> {
@@ -1555,35 +1556,7 @@ impl<'a> Parked<'a> {
             id,
             generation,
             rx,
-            left: false,
         }
-    }
-
-    /// Leaves the request's stream with the instance while it waits, where another callback
-    /// that makes this context effective reads and changes it (as Envoy lets a plugin change
-    /// the request it holds before letting it go).
-    fn leave(&mut self, stream: &mut Option<Box<Stream>>) {
-        let mut st = self.plugin.lock();
-        if st.generation != self.generation {
-            return;
-        }
-        if let (Some(vm), Some(s)) = (st.vm.as_mut(), stream.take()) {
-            vm.park(self.id, s);
-            self.left = true;
-        }
-    }
-
-    /// Takes the stream back: from the instance, or from the orphans of one a fault
-    /// discarded meanwhile.
-    fn take_back(&mut self, stream: &mut Option<Box<Stream>>) {
-        if !std::mem::take(&mut self.left) {
-            return;
-        }
-        let mut st = self.plugin.lock();
-        *stream = match st.generation == self.generation {
-            true => st.vm.as_mut().and_then(|vm| vm.unpark(self.id)),
-            false => st.orphans.remove(&(self.generation, self.id)),
-        };
     }
 }
 
@@ -1592,12 +1565,53 @@ impl Drop for Parked<'_> {
         let mut st = self.plugin.lock();
         if st.generation == self.generation {
             st.paused.remove(&self.id);
-            if self.left {
-                st.vm.as_mut().and_then(|vm| vm.unpark(self.id));
-            }
-        } else if self.left {
-            st.orphans.remove(&(self.generation, self.id));
         }
+    }
+}
+
+/// A paused request's stream left with its instance while it waits, where another callback
+/// that makes its context effective reads and changes it (as Envoy lets a plugin change the
+/// request it holds before letting it go). Dropped, it takes the stream back into its place:
+/// from the instance, or from the orphans of one a fault discarded meanwhile.
+struct Left<'a, 's> {
+    plugin: &'a Plugin,
+    id: u32,
+    generation: u64,
+    home: &'s mut Option<Box<Stream>>,
+    left: bool,
+}
+
+impl<'a, 's> Left<'a, 's> {
+    fn new(parked: &Parked<'a>, home: &'s mut Option<Box<Stream>>) -> Left<'a, 's> {
+        let mut left = Left {
+            plugin: parked.plugin,
+            id: parked.id,
+            generation: parked.generation,
+            home,
+            left: false,
+        };
+        let mut st = left.plugin.lock();
+        if st.generation == left.generation {
+            if let (Some(vm), Some(s)) = (st.vm.as_mut(), left.home.take()) {
+                vm.park(left.id, s);
+                left.left = true;
+            }
+        }
+        drop(st);
+        left
+    }
+}
+
+impl Drop for Left<'_, '_> {
+    fn drop(&mut self) {
+        if !self.left {
+            return;
+        }
+        let mut st = self.plugin.lock();
+        *self.home = match st.generation == self.generation {
+            true => st.vm.as_mut().and_then(|vm| vm.unpark(self.id)),
+            false => st.orphans.remove(&(self.generation, self.id)),
+        };
     }
 }
 
