@@ -154,6 +154,25 @@ fn invalid_reload_is_refused_and_old_config_keeps_serving() {
     assert!(v["error_msg"].as_str().unwrap().contains("route 1"), "{v}");
     assert_eq!(http("GET", &gw.url("/still"), &[], None).status, 200);
 
+    // An error log the new workers could not open: refused, naming the key.
+    std::fs::write(
+        gw.config_path(),
+        good.replace(
+            "nginx_config:\n",
+            "nginx_config:\n  error_log: conf/config.yaml/e.log\n",
+        ),
+    )
+    .unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("nginx_config.error_log"),
+        "{v}"
+    );
+
     // Fixed: the Admin API reload applies it.
     std::fs::write(gw.config_path(), &good).unwrap();
     let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
@@ -279,9 +298,26 @@ fn a_reload_moves_the_admin_api_the_pid_file_and_the_error_log() {
     let (ok, out, err) = cli(&["start", "-c", "conf/other.yaml"], gw.prefix());
     assert!(!ok, "{out}{err}");
     assert!(
-        err.contains(&format!("already running (pid {pid}) on data directory")),
+        err.contains(&format!("already running (pid {pid}, config")),
         "{err}"
     );
+    // Nor does a command run with that configuration act on this master.
+    let (ok, out, err) = cli(&["stop", "-c", "conf/other.yaml"], gw.prefix());
+    assert!(!ok && err.contains("was started with"), "{out}{err}");
+    // The pid file cannot be the lock.
+    std::fs::write(
+        gw.config_path(),
+        moved.replace("run/gw.pid", "data/master.lock"),
+    )
+    .unwrap();
+    let reload = at(admin, "/wasmgate/reload");
+    let (s, v) = common::client::admin(&reload, "POST", Some(new_key), None);
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error_msg"].as_str().unwrap().contains("lock file"),
+        "{v}"
+    );
+    std::fs::write(gw.config_path(), &moved).unwrap();
 
     // `stop` waits for the pid to go, and this test's child is not reaped until wait_exit.
     let stop = Command::new(bin())

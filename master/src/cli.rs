@@ -64,11 +64,23 @@ pub fn remove_pid_file(path: &Path) {
     }
 }
 
-fn master_pid(opts: &Options) -> anyhow::Result<(i32, std::path::PathBuf)> {
+/// The running master config.yaml leads to: its pid, the pid file config.yaml names, and
+/// where its Admin API listens when the master recorded it.
+struct Found {
+    pid: i32,
+    pid_path: std::path::PathBuf,
+    admin: Option<std::net::SocketAddr>,
+}
+
+fn master_pid(opts: &Options) -> anyhow::Result<Found> {
     let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
     let pid_path = opts.resolve(&loaded.config.wasmgate.pid_file);
-    match master_of(opts, &loaded.config.wasmgate) {
-        Some(pid) => Ok((pid, pid_path)),
+    match master_of(opts, &loaded.config.wasmgate, Some(&loaded.origin))? {
+        Some((pid, admin)) => Ok(Found {
+            pid,
+            pid_path,
+            admin,
+        }),
         None => bail!(
             "wasmgate is not running (no live master in {})",
             pid_path.display()
@@ -76,21 +88,53 @@ fn master_pid(opts: &Options) -> anyhow::Result<(i32, std::path::PathBuf)> {
     }
 }
 
-/// The master named by the pid file, else the one holding the data directory: config.yaml's
-/// `pid_file` may have been edited since the master wrote its file (a reload moves it).
-fn master_of(opts: &Options, section: &wasmgate_shared::config::WasmgateSection) -> Option<i32> {
+/// The master serving the data directory config.yaml names (it holds the directory's lock),
+/// else — a master of a version without the lock — the one its pid file names. The pid file
+/// alone can mislead: it may have been edited since the master wrote it (a reload moves it),
+/// or name another gateway's file. A master started with another configuration (`origin`,
+/// when known) is not this one's to act on.
+fn master_of(
+    opts: &Options,
+    section: &wasmgate_shared::config::WasmgateSection,
+    origin: Option<&str>,
+) -> anyhow::Result<Option<(i32, Option<std::net::SocketAddr>)>> {
     let pid_path = opts.resolve(&section.pid_file);
-    running_pid(&pid_path).or_else(|| {
-        let data_dir = opts.resolve(&section.data_dir);
-        let pid = crate::lock::holder(&data_dir)?;
-        eprintln!(
-            "wasmgate: no master in {}; master {pid} holds {} (its pid file moves with the next \
-             reload)",
-            pid_path.display(),
-            data_dir.display()
+    let data_dir = opts.resolve(&section.data_dir);
+    let by_file = running_pid(&pid_path);
+    let Some(h) = crate::lock::holder(&data_dir) else {
+        return Ok(by_file.map(|pid| (pid, None)));
+    };
+    if let Some(origin) = origin.filter(|o| !same_config(o, &h.config)) {
+        bail!(
+            "master {} serving data directory {} was started with {}, not {origin}: run the \
+             command with that configuration",
+            h.pid,
+            data_dir.display(),
+            h.config
         );
-        Some(pid)
-    })
+    }
+    match by_file {
+        Some(pid) if pid == h.pid => {}
+        Some(pid) => eprintln!(
+            "wasmgate: {} names master {pid}, which does not serve {}: master {} does",
+            pid_path.display(),
+            data_dir.display(),
+            h.pid
+        ),
+        None => eprintln!(
+            "wasmgate: no master in {}; master {} holds {} (a reload moves its pid file there)",
+            pid_path.display(),
+            h.pid,
+            data_dir.display()
+        ),
+    }
+    Ok(Some((h.pid, h.admin)))
+}
+
+/// Whether two configuration origins name the same file (paths compared once resolved).
+fn same_config(a: &str, b: &str) -> bool {
+    let canonical = |p: &str| std::fs::canonicalize(p).ok();
+    a == b || matches!((canonical(a), canonical(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// The running master for a command that needs nothing of config.yaml but the pid file's
@@ -98,10 +142,10 @@ fn master_of(opts: &Options, section: &wasmgate_shared::config::WasmgateSection)
 /// default pid file is tried, and the error named, rather than nothing sent.
 fn master_pid_even_if_broken(opts: &Options) -> anyhow::Result<(i32, Option<LoadedConfig>)> {
     match opts.load_config() {
-        Ok(loaded) => master_pid(opts).map(|(pid, _)| (pid, Some(loaded))),
+        Ok(loaded) => master_pid(opts).map(|f| (f.pid, Some(loaded))),
         Err(e) => {
             let default = wasmgate_shared::config::WasmgateSection::default();
-            let Some(pid) = master_of(opts, &default) else {
+            let Some((pid, _)) = master_of(opts, &default, None)? else {
                 bail!("{e}");
             };
             eprintln!("wasmgate: {e}\nwasmgate: using the default pid file: master {pid}");
@@ -127,8 +171,8 @@ pub fn reload(opts: &Options) -> anyhow::Result<()> {
     let loaded = opts
         .load_config()
         .map_err(|e| anyhow::anyhow!("{e}; nothing sent, the running configuration stays"))?;
-    let (pid, _) = master_pid(opts)?;
-    let (addr, key) = admin_access(opts, &loaded, true);
+    let Found { pid, admin, .. } = master_pid(opts)?;
+    let (addr, key) = admin_access(opts, &loaded, admin, true);
     let answering = match http_request(addr, "GET", "/wasmgate/status", key.as_deref()) {
         Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
             .ok()
@@ -165,15 +209,18 @@ pub fn reload(opts: &Options) -> anyhow::Result<()> {
     }
 }
 
-/// Where the Admin API listens (loopback for a wildcard address) and the key to call it with.
+/// Where the Admin API listens (loopback for a wildcard address) and the key to call it with:
+/// where the master recorded it listens (`recorded`), else where config.yaml says — the key
+/// is not sent to an address no reload applied yet, where anything may listen.
 fn admin_access(
     opts: &Options,
     loaded: &LoadedConfig,
+    recorded: Option<std::net::SocketAddr>,
     to_write: bool,
 ) -> (std::net::SocketAddr, Option<String>) {
     let data_dir = opts.resolve(&loaded.config.wasmgate.data_dir);
     let key = admin_key_for(&loaded.config, &data_dir, to_write);
-    let mut addr = loaded.config.deployment.admin.admin_listen.addr();
+    let mut addr = recorded.unwrap_or_else(|| loaded.config.deployment.admin.admin_listen.addr());
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
@@ -216,7 +263,10 @@ pub fn status(opts: &Options) -> anyhow::Result<()> {
         // runs (on its last good configuration), from the default pid file.
         Err(e) => {
             let default = wasmgate_shared::config::WasmgateSection::default();
-            let running = master_of(opts, &default)
+            let running = master_of(opts, &default, None)
+                .ok()
+                .flatten()
+                .map(|(pid, _)| pid)
                 .map(|pid| {
                     format!(
                         "; the master (pid {pid}) is running on the last configuration that loaded"
@@ -226,8 +276,12 @@ pub fn status(opts: &Options) -> anyhow::Result<()> {
             bail!("{e}{running}");
         }
     };
-    let (pid, pid_path) = master_pid(opts)?;
-    let (addr, key) = admin_access(opts, &loaded, false);
+    let Found {
+        pid,
+        pid_path,
+        admin,
+    } = master_pid(opts)?;
+    let (addr, key) = admin_access(opts, &loaded, admin, false);
     let (_, body) =
         http_request(addr, "GET", "/wasmgate/status", key.as_deref()).with_context(|| {
             format!("master {pid} is running but its Admin API on {addr} did not answer")

@@ -188,6 +188,49 @@ fn example_missing(loaded: &LoadedConfig, opts: &Options) -> bool {
             .any(|p| p.file == Path::new(EXAMPLE_PLUGIN.0))
 }
 
+/// The log files `cfg` names can be written: opened for appending where they exist, else
+/// their nearest existing folder writable (`start` makes the rest). Checked, not created:
+/// files made here would belong to whoever runs the check (`wasmgate test`), and a reload
+/// refused later must leave nothing behind.
+pub(crate) fn check_logs(opts: &Options, cfg: &GatewayConfig) -> anyhow::Result<()> {
+    let http = &cfg.nginx_config.http;
+    let logs = [
+        (
+            "nginx_config.error_log",
+            Some(cfg.nginx_config.error_log.as_path()),
+        ),
+        (
+            "nginx_config.http.access_log",
+            (http.access_log != "off").then(|| Path::new(&http.access_log)),
+        ),
+    ];
+    for (key, path) in logs {
+        let Some(path) = path.map(|p| opts.resolve(p)) else {
+            continue;
+        };
+        if path.exists() {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("{key}: cannot open {} for appending", path.display()))?;
+            continue;
+        }
+        // The nearest folder that exists must be one, and writable: `start` makes the rest.
+        let dir = path.ancestors().skip(1).find(|d| d.exists());
+        let writable = dir.is_some_and(|d| {
+            d.is_dir() && nix::unistd::access(d, nix::unistd::AccessFlags::W_OK).is_ok()
+        });
+        if !writable {
+            bail!(
+                "{key}: cannot create {}: {} is not a writable folder",
+                path.display(),
+                dir.map_or("its folder".into(), |d| d.display().to_string())
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `wasmgate test`, nginx's `-t`: everything `start` and `reload` would refuse, found without
 /// touching a running gateway or writing anything — the file, each plugin compiled *and
 /// started* once (its `proxy_on_vm_start`, under its `memory_limit`, with shared memory of
@@ -223,42 +266,7 @@ pub fn check(opts: &Options) -> anyhow::Result<Vec<String>> {
             )
         })?;
     }
-    let http = &cfg.nginx_config.http;
-    let logs = [
-        (
-            "nginx_config.error_log",
-            Some(cfg.nginx_config.error_log.as_path()),
-        ),
-        (
-            "nginx_config.http.access_log",
-            (http.access_log != "off").then(|| Path::new(&http.access_log)),
-        ),
-    ];
-    for (key, path) in logs {
-        let Some(path) = path.map(|p| opts.resolve(p)) else {
-            continue;
-        };
-        // Checked, not created: files made here would belong to whoever runs the check.
-        if path.exists() {
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(&path)
-                .with_context(|| format!("{key}: cannot open {} for appending", path.display()))?;
-            continue;
-        }
-        // The nearest folder that exists must be one, and writable: `start` makes the rest.
-        let dir = path.ancestors().skip(1).find(|d| d.exists());
-        let writable = dir.is_some_and(|d| {
-            d.is_dir() && nix::unistd::access(d, nix::unistd::AccessFlags::W_OK).is_ok()
-        });
-        if !writable {
-            bail!(
-                "{key}: cannot create {}: {} is not a writable folder",
-                path.display(),
-                dir.map_or("its folder".into(), |d| d.display().to_string())
-            );
-        }
-    }
+    check_logs(opts, cfg)?;
     let mut notes = Vec::new();
     let data_dir = opts.resolve(&cfg.wasmgate.data_dir);
     if cfg.deployment.etcd.is_some() {
@@ -296,10 +304,19 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
         );
     }
     let data_dir = opts.resolve(&cfg.wasmgate.data_dir);
-    if let Some(pid) = lock::holder(&data_dir) {
+    if let Some(h) = lock::holder(&data_dir) {
         bail!(
-            "wasmgate is already running (pid {pid}) on data directory {} (wasmgate.data_dir)",
+            "wasmgate is already running (pid {}, config {}) on data directory {} \
+             (wasmgate.data_dir)",
+            h.pid,
+            h.config,
             data_dir.display()
+        );
+    }
+    if lock::is_lock_file(&pid_path, &data_dir) {
+        bail!(
+            "wasmgate.pid_file {} is the data directory's lock file: name another file",
+            pid_path.display()
         );
     }
     let (store, etcd, notes) = match &cfg.deployment.etcd {
@@ -414,13 +431,14 @@ fn serve(
 ) -> anyhow::Result<()> {
     // Taken here, in the daemon itself: the kernel lists a lock under the pid that took it.
     let data_dir = opts.resolve(&parts.loaded.config.wasmgate.data_dir);
-    let _lock = lock::MasterLock::acquire(&data_dir)?;
+    let lock =
+        lock::MasterLock::acquire(&data_dir, &parts.loaded.origin, parts.admin.local_addr()?)?;
     std::fs::write(pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("cannot write pid file {}", pid_path.display()))?;
     let level = parts.loaded.config.nginx_config.error_log_level;
     wasmgate_shared::logging::init(log_path, level, "master", opts.foreground)
         .with_context(|| format!("cannot open error log {}", log_path.display()))?;
-    run::run(opts.clone(), parts, pid_path.to_path_buf(), readiness)
+    run::run(opts.clone(), parts, pid_path.to_path_buf(), lock, readiness)
 }
 
 /// Milliseconds since the Unix epoch.

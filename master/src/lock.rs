@@ -6,30 +6,45 @@
 //! command line where the master is when config.yaml's `pid_file` was edited and not yet
 //! reloaded: the data directory cannot change without a restart, the pid file can.
 //!
-//! The kernel drops the lock with the process, so a master that was killed leaves no stale
-//! claim; a pid read from the file counts only while `/proc/locks` shows that very process
-//! holding the lock on that very file.
+//! The file holds three lines: the pid, the configuration the master was started with, and
+//! where its Admin API listens now. The kernel drops the lock with the process, so a master
+//! that was killed leaves no stale claim; a pid read from the file counts only while
+//! `/proc/locks` shows that very process holding the lock on that very file.
 
 use anyhow::Context;
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// The held lock; dropping it (or the process ending) releases it.
 pub struct MasterLock {
-    _file: Flock<File>,
+    file: Flock<File>,
+    /// What the file says besides the pid (rewritten when the Admin API moves).
+    config: String,
 }
 
-fn lock_path(data_dir: &Path) -> PathBuf {
+/// What the lock file says of the master that holds it.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    pub pid: i32,
+    /// The configuration it was started with (`LoadedConfig::origin`).
+    pub config: String,
+    /// Where its Admin API listens now: the command line asks there, not at an address
+    /// config.yaml names and no reload applied yet (where something else may listen).
+    pub admin: Option<SocketAddr>,
+}
+
+/// The lock file's path: also what `wasmgate.pid_file` must not name.
+pub fn lock_path(data_dir: &Path) -> PathBuf {
     data_dir.join("master.lock")
 }
 
 impl MasterLock {
-    /// Takes the data directory's lock for this process and records its pid, or says which
-    /// master holds it.
-    pub fn acquire(data_dir: &Path) -> anyhow::Result<MasterLock> {
+    /// Takes the data directory's lock for this process and records its pid, configuration and
+    /// Admin API address, or says which master holds it.
+    pub fn acquire(data_dir: &Path, config: &str, admin: SocketAddr) -> anyhow::Result<MasterLock> {
         let path = lock_path(data_dir);
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
@@ -40,11 +55,13 @@ impl MasterLock {
             .truncate(false)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(f) => f,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                let who = holder(data_dir)
-                    .map_or("another process".into(), |p| format!("wasmgate master {p}"));
+                let who = match holder(data_dir) {
+                    Some(h) => format!("wasmgate master {} (config {})", h.pid, h.config),
+                    None => "another wasmgate master, starting,".into(),
+                };
                 anyhow::bail!(
                     "{who} already serves data directory {} (wasmgate.data_dir): one master \
                      per store",
@@ -55,21 +72,52 @@ impl MasterLock {
                 return Err(e).with_context(|| format!("cannot lock {}", path.display()))
             }
         };
-        file.set_len(0)?;
-        file.write_all(format!("{}\n", std::process::id()).as_bytes())
+        let mut lock = MasterLock {
+            file,
+            config: config.to_string(),
+        };
+        lock.record(admin)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(MasterLock { _file: file })
+        Ok(lock)
+    }
+
+    /// Writes the record again with the Admin API's address (after a reload moved it).
+    pub fn record(&mut self, admin: SocketAddr) -> std::io::Result<()> {
+        let text = format!("{}\n{}\n{admin}\n", std::process::id(), self.config);
+        self.file.set_len(0)?;
+        self.file.write_all_at(text.as_bytes(), 0)
     }
 }
 
+/// Whether `pid_file` names `data_dir`'s lock file (however spelled): a pid file written there
+/// would overwrite the lock's record, and removing it later would unlink the lock.
+pub fn is_lock_file(pid_file: &Path, data_dir: &Path) -> bool {
+    let canonical = |p: &Path| -> Option<PathBuf> {
+        let dir = p.parent()?.canonicalize().ok()?;
+        Some(dir.join(p.file_name()?))
+    };
+    let lock = lock_path(data_dir);
+    pid_file == lock
+        || matches!((canonical(pid_file), canonical(&lock)), (Some(a), Some(b)) if a == b)
+}
+
 /// The master holding `data_dir`'s lock, if a live wasmgate master does.
-pub fn holder(data_dir: &Path) -> Option<i32> {
+pub fn holder(data_dir: &Path) -> Option<Holder> {
     let path = lock_path(data_dir);
-    let pid: i32 = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+    let text = std::fs::read_to_string(&path).ok()?;
+    let mut lines = text.lines();
+    let pid: i32 = lines.next()?.trim().parse().ok()?;
     let inode = std::fs::metadata(&path).ok()?.ino();
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
     let holds = locks.lines().any(|l| holds_lock(l, pid, inode));
-    (holds && crate::cli::running_pid_is_master(pid)).then_some(pid)
+    if !holds || !crate::cli::running_pid_is_master(pid) {
+        return None;
+    }
+    Some(Holder {
+        pid,
+        config: lines.next().unwrap_or("").to_string(),
+        admin: lines.next().and_then(|a| a.parse().ok()),
+    })
 }
 
 /// Whether a `/proc/locks` line is a `flock` held by `pid` on the file `inode`:

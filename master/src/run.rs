@@ -27,6 +27,8 @@ struct Loop {
     metrics: Option<Served>,
     /// The pid file written last (a reload may move it, as nginx's does).
     pid_path: std::path::PathBuf,
+    /// The data directory's lock, whose record names the Admin API's address.
+    lock: crate::lock::MasterLock,
     exits: UnboundedReceiver<(u32, String)>,
     control: Option<UnboundedReceiver<Control>>,
     signals: Option<Signals>,
@@ -104,6 +106,7 @@ pub fn run(
     opts: Options,
     parts: crate::Parts,
     pid_path: std::path::PathBuf,
+    lock: crate::lock::MasterLock,
     readiness: &mut crate::daemon::Readiness,
 ) -> anyhow::Result<()> {
     let crate::Parts {
@@ -167,6 +170,7 @@ pub fn run(
             admin,
             metrics,
             pid_path,
+            lock,
             exits,
             control: Some(control_rx),
             signals: Some(signals),
@@ -293,6 +297,8 @@ impl Loop {
 
     async fn try_reload(&mut self) -> Result<u64, String> {
         let mut new = self.opts.load_config().map_err(|e| e.to_string())?;
+        // A log file the new workers could not open would only show as workers failing.
+        crate::check_logs(&self.opts, &new.config).map_err(|e| format!("{e:#}"))?;
         let plugins = crate::compile_plugins(&new, &self.opts)?;
         crate::admin::objects::check_all(&self.master.store(), &new.catalog())?;
         let old = self.master.config();
@@ -380,6 +386,13 @@ impl Loop {
         }
         let pid_path = self.opts.resolve(&new.wasmgate.pid_file);
         if pid_path != self.pid_path {
+            let data_dir = self.opts.resolve(&new.wasmgate.data_dir);
+            if crate::lock::is_lock_file(&pid_path, &data_dir) {
+                return Err(format!(
+                    "wasmgate.pid_file {} is the data directory's lock file: name another file",
+                    pid_path.display()
+                ));
+            }
             write_pid_file(&pid_path)?;
             moves.pid_path = Some(pid_path);
         }
@@ -402,6 +415,12 @@ impl Loop {
                         served.addr
                     );
                     self.admin = served;
+                    if let Err(e) = self.lock.record(self.admin.addr) {
+                        tracing::error!(
+                            "reload: cannot record the Admin API's address in the data \
+                             directory's lock ({e}): the command line asks config.yaml's"
+                        );
+                    }
                 }
                 Err(e) => tracing::error!("reload: the Admin API stays where it was: {e:#}"),
             }
