@@ -214,8 +214,14 @@ fn a_reload_moves_the_admin_api_the_pid_file_and_the_error_log() {
     assert_eq!(s, 400, "{v}");
     let msg = v["error_msg"].as_str().unwrap();
     assert!(msg.contains("(deployment.admin.admin_listen)"), "{msg}");
-    assert!(!gw.prefix().join("run/refused.pid").exists());
+    assert!(
+        !gw.prefix().join("run").exists(),
+        "the folder made for it stays"
+    );
 
+    // A client kept alive on the export's old address does not keep it after the move.
+    let mut kept = KeepAlive::new(&format!("http://127.0.0.1:{}", gw.metrics_port));
+    assert_eq!(kept.get("/apisix/prometheus/metrics").unwrap().status, 200);
     let (admin, metrics) = (common::free_port(), common::free_port());
     let new_key = "moved-key-0123456789abcdef";
     let moved =
@@ -266,6 +272,7 @@ fn a_reload_moves_the_admin_api_the_pid_file_and_the_error_log() {
     let scrape =
         |port| common::client::request("GET", &at(port, "/apisix/prometheus/metrics"), &[], None);
     assert!(scrape(gw.metrics_port).is_err());
+    assert!(kept.get("/apisix/prometheus/metrics").is_err());
     assert_eq!(scrape(metrics).unwrap().status, 200);
     assert_eq!(http("GET", &gw.url("/still"), &[], None).status, 200);
 

@@ -80,8 +80,15 @@ pub fn memfd_with(bytes: &[u8]) -> std::io::Result<OwnedFd> {
 /// Serves HTTP/1.1 on `listener` until the process ends: each connection on a task of its own,
 /// each request answered by `handle(request, peer)`. Used by the Admin API and the Prometheus
 /// listener; `what` names the listener in log lines.
-pub async fn serve_http<F, Fut>(listener: tokio::net::TcpListener, what: &'static str, handle: F)
-where
+/// Told when a server of the master's own stops: its sender dropped (`run::Served`).
+pub type Stop = tokio::sync::watch::Receiver<()>;
+
+pub async fn serve_http<F, Fut>(
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    stop: Stop,
+    handle: F,
+) where
     F: Fn(hyper::Request<hyper::body::Incoming>, SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = hyper::Response<http_body_util::Full<bytes::Bytes>>>
         + Send
@@ -98,6 +105,7 @@ where
             }
         };
         let handle = handle.clone();
+        let mut stop = stop.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let answer = handle(req, peer);
@@ -107,7 +115,16 @@ where
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(30))
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-            let _ = conn.await;
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                // The server moved (or stopped): the request in progress is answered, then
+                // the connection closes — a keep-alive client does not keep the old address.
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
         });
     }
 }

@@ -463,8 +463,12 @@ impl Scrape {
 }
 
 /// Serves the metrics page on the export listener until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, master: Arc<Master>) {
-    crate::listeners::serve_http(listener, "prometheus", move |req, _| {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    master: Arc<Master>,
+    stop: crate::listeners::Stop,
+) {
+    crate::listeners::serve_http(listener, "prometheus", stop, move |req, _| {
         let answer = answer(&master, &req);
         async move { answer }
     })

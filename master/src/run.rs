@@ -62,11 +62,15 @@ impl Signals {
 }
 
 /// A server of the master's own — the Admin API, the Prometheus export — and the task that
-/// accepts its connections. Dropping it stops accepting (the port is free again at once);
-/// connections already accepted run to their end.
+/// accepts its connections. Dropping it stops accepting (the port is free again at once), and
+/// its connections close once the request in progress is answered: a client kept alive on
+/// the old address is not served there any more (moving the Admin API off an exposed
+/// address moves it).
 struct Served {
     addr: std::net::SocketAddr,
     accept: tokio::task::AbortHandle,
+    /// Dropped with this: its connections close once their request in progress is answered.
+    _stop: tokio::sync::watch::Sender<()>,
 }
 
 #[derive(Clone, Copy)]
@@ -85,13 +89,15 @@ impl Served {
         let addr = l.local_addr()?;
         let l = tokio::net::TcpListener::from_std(l)?;
         let master = master.clone();
+        let (stop, told) = tokio::sync::watch::channel(());
         let accept = match what {
-            Server::Admin => tokio::spawn(crate::admin::http::serve(l, master)),
-            Server::Metrics => tokio::spawn(crate::metrics::serve(l, master)),
+            Server::Admin => tokio::spawn(crate::admin::http::serve(l, master, told)),
+            Server::Metrics => tokio::spawn(crate::metrics::serve(l, master, told)),
         };
         Ok(Served {
             addr,
             accept: accept.abort_handle(),
+            _stop: stop,
         })
     }
 }
@@ -393,7 +399,7 @@ impl Loop {
                     pid_path.display()
                 ));
             }
-            write_pid_file(&pid_path)?;
+            moves.made_dirs = write_pid_file(&pid_path)?;
             moves.pid_path = Some(pid_path);
         }
         Ok(moves)
@@ -405,6 +411,7 @@ impl Loop {
             admin,
             metrics,
             pid_path,
+            ..
         } = moves;
         if let Some(l) = admin {
             match Served::start(l, Server::Admin, &self.master) {
@@ -504,6 +511,8 @@ struct Moves {
     metrics: Option<Option<std::net::TcpListener>>,
     /// The new pid file, already written.
     pid_path: Option<std::path::PathBuf>,
+    /// The folders made for it, deepest first.
+    made_dirs: Vec<std::path::PathBuf>,
 }
 
 impl Moves {
@@ -512,11 +521,13 @@ impl Moves {
         if let Some(path) = &self.pid_path {
             crate::cli::remove_pid_file(path);
         }
+        remove_empty(&self.made_dirs);
     }
 }
 
 /// Writes this process's pid to `path`, refusing to take over another live master's file.
-fn write_pid_file(path: &std::path::Path) -> Result<(), String> {
+/// Returns the folders it made for it, deepest first (removed again when it fails).
+fn write_pid_file(path: &std::path::Path) -> Result<Vec<std::path::PathBuf>, String> {
     let ours = std::process::id() as i32;
     if let Some(pid) = crate::cli::running_pid(path).filter(|p| *p != ours) {
         return Err(format!(
@@ -524,16 +535,39 @@ fn write_pid_file(path: &std::path::Path) -> Result<(), String> {
             path.display()
         ));
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {} (wasmgate.pid_file): {e}", dir.display()))?;
+    let made: Vec<_> = path
+        .ancestors()
+        .skip(1)
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(std::path::Path::to_path_buf)
+        .collect();
+    let written = match path.parent() {
+        Some(dir) => std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {} (wasmgate.pid_file): {e}", dir.display())),
+        None => Ok(()),
     }
-    std::fs::write(path, format!("{ours}\n")).map_err(|e| {
-        format!(
-            "cannot write pid file {} (wasmgate.pid_file): {e}",
-            path.display()
-        )
-    })
+    .and_then(|()| {
+        std::fs::write(path, format!("{ours}\n")).map_err(|e| {
+            format!(
+                "cannot write pid file {} (wasmgate.pid_file): {e}",
+                path.display()
+            )
+        })
+    });
+    match written {
+        Ok(()) => Ok(made),
+        Err(e) => {
+            remove_empty(&made);
+            Err(e)
+        }
+    }
+}
+
+/// Removes folders a refused reload made, deepest first, each only if still empty.
+fn remove_empty(dirs: &[std::path::PathBuf]) {
+    for dir in dirs {
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 /// Settings a reload cannot change in place — what lives in the master's shared memory and

@@ -14,8 +14,12 @@ use wasmgate_shared::config::Role;
 use wasmgate_shared::model::Kind;
 
 /// Serves the Admin API on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, master: Arc<Master>) {
-    crate::listeners::serve_http(listener, "admin", move |req, peer| {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    master: Arc<Master>,
+    stop: crate::listeners::Stop,
+) {
+    crate::listeners::serve_http(listener, "admin", stop, move |req, peer| {
         let master = master.clone();
         async move { handle(&master, req, peer).await }
     })
