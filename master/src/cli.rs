@@ -294,16 +294,24 @@ pub fn status(opts: &Options) -> anyhow::Result<()> {
             v.get("description").and_then(|d| d.as_str()).unwrap_or("")
         );
     }
-    say(&render_status(&v, &pid_path));
+    // Found by the data directory's lock, the master has not written config.yaml's pid file.
+    let pid_file = match running_pid(&pid_path) == Some(pid) {
+        true => pid_path.display().to_string(),
+        false => format!(
+            "{} (not written yet: the next reload moves it there)",
+            pid_path.display()
+        ),
+    };
+    say(&render_status(&v, &pid_file));
     Ok(())
 }
 
-fn render_status(v: &serde_json::Value, pid_path: &Path) -> String {
+fn render_status(v: &serde_json::Value, pid_file: &str) -> String {
     let m = &v["master"];
     let mut out = format!(
         "master  pid {}  version {}  uptime {}s  epoch {}  generation {}\n        pid file {}  config {}\n",
         m["pid"], m["version"].as_str().unwrap_or("?"), m["uptime_s"], m["epoch"], m["generation"],
-        pid_path.display(), m["config"].as_str().unwrap_or("?")
+        pid_file, m["config"].as_str().unwrap_or("?")
     );
     let shm = &m["shm"];
     if let (Some(snapshot), Some(capacity)) = (
