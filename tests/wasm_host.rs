@@ -1781,6 +1781,70 @@ fn a_paused_request_is_let_go_from_a_tick() {
     assert_eq!(app.hits(), 3);
 }
 
+/// A body paused at its end with nothing in flight waits until another callback resumes it,
+/// as Envoy holds a body a filter stopped: here the VM's root context, on its tick, makes the
+/// held request's context effective, prepends to its body and resumes it — the upstream gets
+/// the changed body. A body never resumed fails at `pause_timeout` with a line that says so.
+#[test]
+fn a_body_held_at_its_end_is_let_go_from_a_tick() {
+    let gw = Gateway::start_with(Setup {
+        workers: 1,
+        ..Setup::default()
+    });
+    let app = TestUpstream::start("app");
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
+      (import "env" "proxy_set_effective_context" (func $eff (param i32) (result i32)))
+      (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+      (import "env" "proxy_set_buffer_bytes" (func $sbb (param i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "released:")
+      {BUMP_MALLOC}
+      (global $held (mut i32) (i32.const 0))
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+        (drop (call $tick (i32.const 20)))
+        (i32.const 1))
+      ;; buffered to its end, then held; a body starting with 'n' is never let go
+      (func (export "proxy_on_request_body") (param $id i32) (param $size i32) (param $eos i32) (result i32)
+        (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+        (drop (call $gbb (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 200) (i32.const 204)))
+        (if (i32.ne (i32.load8_u (i32.load (i32.const 200))) (i32.const 110))
+          (then (global.set $held (local.get $id))))
+        (i32.const 1))
+      (func (export "proxy_on_tick") (param i32)
+        (local $h i32)
+        (local.set $h (global.get $held))
+        (if (i32.eqz (local.get $h)) (then (return)))
+        (global.set $held (i32.const 0))
+        (drop (call $eff (local.get $h)))
+        (drop (call $sbb (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 100) (i32.const 9)))
+        (drop (call $continue (i32.const 0)))))"#
+    );
+    wat_plugin_with(&gw, "bodyhold", &wat, "/unused", ", pause_timeout: 400ms");
+    gw.route(
+        "held",
+        json!({"uri": "/bodyhold", "plugins": {"bodyhold": {"conf": "-"}}}),
+        Some(&app),
+    );
+    let r = http("POST", &gw.url("/bodyhold"), &[], Some(b"abc"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["body_len"], 12, "{}", r.text());
+    let started = Instant::now();
+    let r = http("POST", &gw.url("/bodyhold"), &[], Some(b"never"));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    eventually(Duration::from_secs(3), "the pause_timeout line", || {
+        gw.error_log().contains(
+            "bodyhold: paused the body in proxy_on_request_body and did not resume it within 400ms (pause_timeout)",
+        )
+    });
+    assert_eq!(app.hits(), 1);
+}
+
 /// A request paused with nothing in flight outlives the instance it waits in: when another
 /// request's fault discards that instance, the held request takes its stream back and fails as
 /// the instance's requests do — with `fail_open`, it goes on to its upstream with the headers

@@ -249,7 +249,8 @@ pub enum BodyStep {
     Fail,
     /// A plugin's buffer would exceed the cap.
     TooLarge,
-    /// A plugin paused with call-outs of its own in flight: the body waits for their answers
+    /// A plugin paused with call-outs of its own in flight, or at the end of the body with
+    /// none: the body waits for their answers or for another callback's resume
     /// ([`Plugins::body_wait`]), as Envoy holds a body a filter stopped until it continues.
     Wait(BodyWait),
 }
@@ -1119,10 +1120,14 @@ impl Plugins {
                     self.spawn_call(plugin, vm_generation, c);
                 }
             }
-            if let Some(calls) = mine {
+            // Paused at the end of the message with nothing in flight, the body waits for
+            // another callback's resume, as Envoy holds a body a filter stopped until it
+            // continues (before that, only more of the body could come).
+            let held = holds && end_of_stream && mine.is_none();
+            if held || mine.is_some() {
                 return BodyStep::Wait(BodyWait {
                     at: i,
-                    calls,
+                    calls: mine.unwrap_or_default(),
                     end_of_stream,
                 });
             }
@@ -1243,11 +1248,8 @@ impl Plugins {
             mut calls,
             end_of_stream,
         } = wait;
-        fn lock(r: &Mutex<WasmRequest>) -> MutexGuard<'_, WasmRequest> {
-            r.lock().unwrap_or_else(|e| e.into_inner())
-        }
         // The waiting context: a request's contexts stay as they are while its body flows.
-        let Some((plugin, generation, record, id)) = lock(&req)
+        let Some((plugin, generation, record, id)) = lock_request(&req)
             .active
             .get(at)
             .map(|a| (a.plugin, a.vm_generation, a.record, a.http.id))
@@ -1259,13 +1261,20 @@ impl Plugins {
                 if !end_of_stream {
                     return (bufs, BodyStep::Release(BodyBuf::default()));
                 }
-                tracing::warn!(
-                    "{}: paused the body with no call-out pending; resuming it",
-                    self.list[plugin].decl.name
-                );
-                break;
+                let Some(buf) = bufs.get_mut(at) else {
+                    return (bufs, BodyStep::Fail);
+                };
+                let held = (plugin, generation, record, id);
+                match self.held_body(&req, held, dir, buf).await {
+                    Held::Resumed => break,
+                    Held::Reply(reply) => {
+                        self.count(record, |r| &r.local_replies);
+                        return (bufs, BodyStep::Reply(reply));
+                    }
+                    Held::Failed => return (bufs, BodyStep::Fail),
+                }
             };
-            let mut guard = lock(&req);
+            let mut guard = lock_request(&req);
             let req_now = &mut *guard;
             let Some(buf) = bufs.get_mut(at) else {
                 return (bufs, BodyStep::Fail);
@@ -1318,11 +1327,69 @@ impl Plugins {
         // Resumed: what the plugin held goes on through the contexts after it; answers still
         // to come are delivered on their own (`waited_call`).
         drop(calls);
-        let mut guard = lock(&req);
+        let mut guard = lock_request(&req);
         let data = bufs.get_mut(at).map(std::mem::take).unwrap_or_default();
         let step = self.on_body_from(&mut guard, dir, &mut bufs, data, end_of_stream, at + 1);
         drop(guard);
         (bufs, step)
+    }
+
+    /// A body paused at its end with nothing in flight: waits for another callback to resume
+    /// or answer its context (`proxy_set_effective_context`), up to the plugin's
+    /// `pause_timeout`. Meanwhile the request's stream, with the held body lent to it, waits
+    /// with the instance, where that callback reads and changes it.
+    async fn held_body(
+        &self,
+        req: &Arc<Mutex<WasmRequest>>,
+        (plugin, generation, record, id): (usize, u64, Option<usize>, u32),
+        dir: Dir,
+        buf: &mut BodyBuf,
+    ) -> Held {
+        let p = &self.list[plugin];
+        let until = Instant::now() + p.decl.pause_timeout;
+        let failed = || match p.decl.fail_open {
+            true => Held::Resumed,
+            false => {
+                self.count(record, |r| &r.errors);
+                Held::Failed
+            }
+        };
+        loop {
+            let mut parked = Parked::new(p, id, generation);
+            let woken = {
+                let mut home = StreamHome::take(req, dir, buf);
+                let _left = Left::new(&parked, &mut home.stream);
+                tokio::select! {
+                    foreign = &mut parked.rx => Some(foreign.ok()),
+                    _ = tokio::time::sleep_until(until.into()) => None,
+                }
+            };
+            lend_body(&mut lock_request(req).stream, dir, buf);
+            match woken {
+                Some(Some(Foreign::Resume(bits))) => {
+                    let o = Outcome {
+                        action: Action::Pause,
+                        reply: None,
+                        resumed: bits,
+                    };
+                    if goes_on_resumed(&o, dir == Dir::Response) {
+                        return Held::Resumed;
+                    }
+                }
+                Some(Some(Foreign::Reply(reply))) => return Held::Reply(reply),
+                // The instance was replaced meanwhile (a fault).
+                Some(None) => return failed(),
+                None => {
+                    tracing::error!(
+                        "{}: paused the body in {} and did not resume it within {:?} (pause_timeout)",
+                        p.decl.name,
+                        dir.callback(),
+                        p.decl.pause_timeout
+                    );
+                    return failed();
+                }
+            }
+        }
     }
 
     /// The log phase: `proxy_on_log`, then done and delete for every HttpContext.
@@ -1613,6 +1680,40 @@ impl Drop for Left<'_, '_> {
             false => st.orphans.remove(&(self.generation, self.id)),
         };
     }
+}
+
+/// How a body held at its end with nothing in flight came out of its wait.
+enum Held {
+    Resumed,
+    Reply(LocalReply),
+    Failed,
+}
+
+/// A request's stream taken out of its shared state while its held body waits (with the body
+/// lent to it): put back when this is dropped — the wait over, or the request abandoned, whose
+/// log phase then still finds it.
+struct StreamHome<'r> {
+    req: &'r Arc<Mutex<WasmRequest>>,
+    stream: Option<Box<Stream>>,
+}
+
+impl<'r> StreamHome<'r> {
+    fn take(req: &'r Arc<Mutex<WasmRequest>>, dir: Dir, buf: &mut BodyBuf) -> StreamHome<'r> {
+        let mut guard = lock_request(req);
+        lend_body(&mut guard.stream, dir, buf);
+        let stream = guard.stream.take();
+        StreamHome { req, stream }
+    }
+}
+
+impl Drop for StreamHome<'_> {
+    fn drop(&mut self) {
+        lock_request(self.req).stream = self.stream.take();
+    }
+}
+
+fn lock_request(r: &Mutex<WasmRequest>) -> MutexGuard<'_, WasmRequest> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What woke a paused context.
