@@ -1781,6 +1781,69 @@ fn a_paused_request_is_let_go_from_a_tick() {
     assert_eq!(app.hits(), 3);
 }
 
+/// Any callback can let a paused request go — `proxy_on_context_create` of the next request
+/// here, which runs no stream of its own: the held request's headers are lent to it and the
+/// resume reaches the held request, not the last callback's.
+#[test]
+fn a_paused_request_is_let_go_from_another_contexts_creation() {
+    let gw = Gateway::start_with(Setup {
+        workers: 1,
+        ..Setup::default()
+    });
+    let app = TestUpstream::start("app");
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_set_effective_context" (func $eff (param i32) (result i32)))
+      (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+      (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "x-hold")
+      (data (i32.const 120) "x-let-go")
+      (data (i32.const 140) "context_create")
+      {BUMP_MALLOC}
+      (global $held (mut i32) (i32.const 0))
+      (func (export "proxy_abi_version_0_2_1"))
+      ;; an HttpContext made while one is held lets it go, stamped
+      (func (export "proxy_on_context_create") (param $id i32) (param $parent i32)
+        (local $h i32)
+        (local.set $h (global.get $held))
+        (if (i32.and (i32.ne (local.get $parent) (i32.const 0)) (i32.ne (local.get $h) (i32.const 0)))
+          (then
+            (global.set $held (i32.const 0))
+            (drop (call $eff (local.get $h)))
+            (drop (call $add (i32.const 0) (i32.const 120) (i32.const 8) (i32.const 140) (i32.const 14)))
+            (drop (call $continue (i32.const 0))))))
+      ;; a request with x-hold is held
+      (func (export "proxy_on_request_headers") (param $id i32) (param i32 i32) (result i32)
+        (if (i32.eqz (call $get (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 200) (i32.const 204)))
+          (then (global.set $held (local.get $id)) (return (i32.const 1))))
+        (i32.const 0)))"#
+    );
+    wat_plugin_with(&gw, "creator", &wat, "/unused", ", pause_timeout: 20s");
+    gw.route(
+        "cc",
+        json!({"uri": "/cc", "plugins": {"creator": {"conf": "-"}}}),
+        Some(&app),
+    );
+    let url = gw.url("/cc");
+    let held = std::thread::spawn(move || http("GET", &url, &[("x-hold", "1")], None));
+    // Held, with its headers callback the instance's last call: then the next request.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get(&gw, "/cc").status, 200);
+    eventually(Duration::from_secs(3), "the held request let go", || {
+        held.is_finished()
+    });
+    let r = held.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["headers"]["x-let-go"],
+        "context_create",
+        "{}",
+        r.text()
+    );
+}
+
 /// A body paused at its end with nothing in flight waits until another callback resumes it,
 /// as Envoy holds a body a filter stopped: here the VM's root context, on its tick, makes the
 /// held request's context effective, prepends to its body and resumes it — the upstream gets

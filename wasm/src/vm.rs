@@ -248,8 +248,10 @@ impl PluginVm {
     }
 
     fn context_create(&mut self, id: u32, parent: u32) -> Result<(), Fault> {
+        // The new context is the current one: a resume or a stream lent from here is for
+        // the context the plugin names, not for the last callback's.
+        outside_stream(&mut self.store, id);
         let d = self.store.data_mut();
-        d.effective_context = id;
         d.root_context = if parent == 0 { id } else { parent };
         d.live_contexts.insert(id);
         let f = &self.f.context_create;
@@ -272,6 +274,7 @@ impl PluginVm {
         let Some(configure) = self.f.configure.as_ref() else {
             return Ok(Some(id));
         };
+        outside_stream(&mut self.store, id);
         self.store.data_mut().plugin_config = conf.to_vec();
         let r = run(&mut self.store, self.ticks, |s| {
             configure.call(s, (id as i32, conf.len() as i32))
@@ -500,8 +503,15 @@ impl PluginVm {
 
     /// Leaves the stream of HttpContext `id`, paused, with the VM while its request waits:
     /// another callback that makes `id` the effective context reads and changes it there.
-    pub fn park(&mut self, id: u32, stream: Box<Stream>) {
-        self.store.data_mut().parked.insert(id, stream);
+    /// Refused (the stream given back) when a stream of `id` is parked already.
+    pub fn park(&mut self, id: u32, stream: Box<Stream>) -> Result<(), Box<Stream>> {
+        match self.store.data_mut().parked.entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => Err(stream),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(stream);
+                Ok(())
+            }
+        }
     }
 
     /// Takes back the stream [`PluginVm::park`] left (None: it was never left).

@@ -81,9 +81,10 @@ struct VmState {
     /// Call-outs dispatched where nothing sends them (a retired root's `proxy_on_done`): the
     /// tick loop sends them.
     unsent: Vec<HttpCall>,
-    /// HttpContexts paused in a headers callback, by id: how another callback's resume or
-    /// local reply for one reaches its request ([`Parked`]).
-    paused: HashMap<u32, tokio::sync::oneshot::Sender<Foreign>>,
+    /// HttpContexts paused, by id and phase (true: the response's): how another callback's
+    /// resume or local reply for one reaches its request ([`Parked`]). A context may wait in
+    /// both phases at once (an upstream that answers before the request body is let go).
+    paused: HashMap<(u32, bool), tokio::sync::oneshot::Sender<Foreign>>,
     /// The streams paused requests had left with an instance that a fault discarded, by
     /// (that instance's generation, HttpContext id): their requests take them back to fail
     /// (or, with `fail_open`, go on).
@@ -629,8 +630,10 @@ impl Plugins {
             // `proxy_set_effective_context`, as in Envoy; up to the plugin's pause_timeout.
             let wait = Instant::now();
             let until = *limit.get_or_insert(wait + p.decl.pause_timeout);
-            let parked =
-                parked_slot.get_or_insert_with(|| Parked::new(p, a.http.id, a.vm_generation));
+            let parked = parked_slot.get_or_insert_with(|| {
+                let response = matches!(phase, Phase::Response);
+                Parked::new(p, a.http.id, a.vm_generation, response)
+            });
             let woken = {
                 // Back in `stream` when this ends — or when the request is abandoned
                 // meanwhile, for its log phase.
@@ -1355,7 +1358,7 @@ impl Plugins {
             }
         };
         loop {
-            let mut parked = Parked::new(p, id, generation);
+            let mut parked = Parked::new(p, id, generation, dir == Dir::Response);
             let woken = {
                 let mut home = StreamHome::take(req, dir, buf);
                 let _left = Left::new(&parked, &mut home.stream);
@@ -1364,7 +1367,6 @@ impl Plugins {
                     _ = tokio::time::sleep_until(until.into()) => None,
                 }
             };
-            lend_body(&mut lock_request(req).stream, dir, buf);
             match woken {
                 Some(Some(Foreign::Resume(bits))) => {
                     let o = Outcome {
@@ -1603,6 +1605,8 @@ impl Plugins {
 struct Parked<'a> {
     plugin: &'a Plugin,
     id: u32,
+    /// Whether it waits in the response's phase.
+    response: bool,
     /// The instance's generation: a new instance numbers its contexts afresh, and the entry
     /// of one of its own with the same id is not this one's to remove.
     generation: u64,
@@ -1612,15 +1616,16 @@ struct Parked<'a> {
 impl<'a> Parked<'a> {
     /// Registers HttpContext `id` of the instance of `generation`. When that instance is gone
     /// already, nothing is registered and `rx` reports it at once (its sender dropped).
-    fn new(plugin: &'a Plugin, id: u32, generation: u64) -> Parked<'a> {
+    fn new(plugin: &'a Plugin, id: u32, generation: u64, response: bool) -> Parked<'a> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut st = plugin.lock();
         if st.generation == generation {
-            st.paused.insert(id, tx);
+            st.paused.insert((id, response), tx);
         }
         Parked {
             plugin,
             id,
+            response,
             generation,
             rx,
         }
@@ -1631,7 +1636,7 @@ impl Drop for Parked<'_> {
     fn drop(&mut self) {
         let mut st = self.plugin.lock();
         if st.generation == self.generation {
-            st.paused.remove(&self.id);
+            st.paused.remove(&(self.id, self.response));
         }
     }
 }
@@ -1658,10 +1663,14 @@ impl<'a, 's> Left<'a, 's> {
             left: false,
         };
         let mut st = left.plugin.lock();
-        if st.generation == left.generation {
-            if let (Some(vm), Some(s)) = (st.vm.as_mut(), left.home.take()) {
-                vm.park(left.id, s);
-                left.left = true;
+        if st.generation == left.generation && left.home.is_some() {
+            if let Some(vm) = st.vm.as_mut() {
+                let s = left.home.take().expect("checked");
+                // Refused when the context's stream is already parked: kept here then.
+                match vm.park(left.id, s) {
+                    Ok(()) => left.left = true,
+                    Err(s) => *left.home = Some(s),
+                }
             }
         }
         drop(st);
@@ -1689,26 +1698,42 @@ enum Held {
     Failed,
 }
 
-/// A request's stream taken out of its shared state while its held body waits (with the body
-/// lent to it): put back when this is dropped — the wait over, or the request abandoned, whose
-/// log phase then still finds it.
-struct StreamHome<'r> {
+/// A request's stream taken out of its shared state while its held body waits, with the body
+/// lent to it: on drop — the wait over, or the request abandoned, whose log phase then still
+/// finds it — the body goes back to its buffer and the stream to its place. When another phase
+/// holds the stream meanwhile (the response's, an upstream having answered early), nothing is
+/// taken, nothing is put back.
+struct StreamHome<'r, 'b> {
     req: &'r Arc<Mutex<WasmRequest>>,
+    dir: Dir,
+    buf: &'b mut BodyBuf,
     stream: Option<Box<Stream>>,
 }
 
-impl<'r> StreamHome<'r> {
-    fn take(req: &'r Arc<Mutex<WasmRequest>>, dir: Dir, buf: &mut BodyBuf) -> StreamHome<'r> {
+impl<'r, 'b> StreamHome<'r, 'b> {
+    fn take(req: &'r Arc<Mutex<WasmRequest>>, dir: Dir, buf: &'b mut BodyBuf) -> Self {
         let mut guard = lock_request(req);
-        lend_body(&mut guard.stream, dir, buf);
-        let stream = guard.stream.take();
-        StreamHome { req, stream }
+        let mut stream = guard.stream.take();
+        lend_body(&mut stream, dir, buf);
+        StreamHome {
+            req,
+            dir,
+            buf,
+            stream,
+        }
     }
 }
 
-impl Drop for StreamHome<'_> {
+impl Drop for StreamHome<'_, '_> {
     fn drop(&mut self) {
-        lock_request(self.req).stream = self.stream.take();
+        if self.stream.is_none() {
+            return;
+        }
+        lend_body(&mut self.stream, self.dir, self.buf);
+        let mut guard = lock_request(self.req);
+        if guard.stream.is_none() {
+            guard.stream = self.stream.take();
+        }
     }
 }
 
@@ -1834,10 +1859,7 @@ impl VmState {
             self.ticks_dirty = true;
         }
         for (ctx, action) in vm.take_foreign() {
-            // A stream that is not paused (any more) has nothing to resume, as in Envoy.
-            if let Some(tx) = self.paused.remove(&ctx) {
-                let _ = tx.send(action);
-            }
+            self.tell_paused(ctx, action);
         }
         let done = vm.take_done();
         if !done.is_empty() {
@@ -1853,6 +1875,35 @@ impl VmState {
             }
         }
         calls
+    }
+
+    /// Hands another callback's resume or reply to the wait of context `ctx` it is for. A
+    /// stream that is not paused (any more) has nothing to resume, as in Envoy. A resume names
+    /// its stream — the request's (1), the response's (2) — except that with no request
+    /// waiting, the request's means the response (the AssemblyScript SDK's contexts offer
+    /// `continueRequest` alone); a reply goes to the response's wait first.
+    fn tell_paused(&mut self, ctx: u32, action: Foreign) {
+        match action {
+            Foreign::Resume(bits) => {
+                let request = bits & 1 != 0 && self.paused.contains_key(&(ctx, false));
+                if request {
+                    if let Some(tx) = self.paused.remove(&(ctx, false)) {
+                        let _ = tx.send(Foreign::Resume(bits));
+                    }
+                }
+                if bits & 2 != 0 || (bits & 1 != 0 && !request) {
+                    if let Some(tx) = self.paused.remove(&(ctx, true)) {
+                        let _ = tx.send(Foreign::Resume(bits));
+                    }
+                }
+            }
+            Foreign::Reply(reply) => {
+                let wait = self.paused.remove(&(ctx, true));
+                if let Some(tx) = wait.or_else(|| self.paused.remove(&(ctx, false))) {
+                    let _ = tx.send(Foreign::Reply(reply));
+                }
+            }
+        }
     }
 
     fn ticks_changed_flag(&mut self) -> bool {
