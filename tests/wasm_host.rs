@@ -35,6 +35,31 @@ fn get(gw: &Gateway, path: &str) -> common::Resp {
     http("GET", &gw.url(path), &[], None)
 }
 
+/// A gateway with one worker (so that requests meet the same plugin instance) and an upstream.
+fn one_worker_and_app() -> (Gateway, TestUpstream) {
+    let gw = Gateway::start_with(Setup {
+        workers: 1,
+        ..Setup::default()
+    });
+    (gw, TestUpstream::start("app"))
+}
+
+/// Sends `(method, path, body)` to a plugin that never resumes it under a `pause_timeout` of
+/// 400 ms: answered 503 no sooner, with the error line `line`.
+fn fails_at_pause_timeout(
+    gw: &Gateway,
+    (method, path, body): (&str, &str, Option<&[u8]>),
+    line: &str,
+) {
+    let started = Instant::now();
+    let r = http(method, &gw.url(path), &[], body);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    eventually(Duration::from_secs(3), "the pause_timeout line", || {
+        gw.error_log().contains(line)
+    });
+}
+
 /// Workers that served at least one request.
 fn busy_workers(gw: &Gateway) -> usize {
     gw.status()["workers"]
@@ -1769,15 +1794,11 @@ fn a_paused_request_is_let_go_from_a_tick() {
         let r = get(&gw, "/held/deny");
         assert_eq!((r.status, r.text()), (429, "held, then denied".to_string()));
     }
-    let started = Instant::now();
-    let r = get(&gw, "/held/never");
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert!(started.elapsed() >= Duration::from_millis(400));
-    common::eventually(Duration::from_secs(3), "the pause_timeout line", || {
-        gw.error_log().contains(
-            "holder: paused the request in proxy_on_request_headers and did not resume it within 400ms (pause_timeout)",
-        )
-    });
+    fails_at_pause_timeout(
+        &gw,
+        ("GET", "/held/never", None),
+        "holder: paused the request in proxy_on_request_headers and did not resume it within 400ms (pause_timeout)",
+    );
     assert_eq!(app.hits(), 3);
 }
 
@@ -1786,11 +1807,7 @@ fn a_paused_request_is_let_go_from_a_tick() {
 /// resume reaches the held request, not the last callback's.
 #[test]
 fn a_paused_request_is_let_go_from_another_contexts_creation() {
-    let gw = Gateway::start_with(Setup {
-        workers: 1,
-        ..Setup::default()
-    });
-    let app = TestUpstream::start("app");
+    let (gw, app) = one_worker_and_app();
     let wat = format!(
         r#"(module
       (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
@@ -1850,11 +1867,7 @@ fn a_paused_request_is_let_go_from_another_contexts_creation() {
 /// the changed body. A body never resumed fails at `pause_timeout` with a line that says so.
 #[test]
 fn a_body_held_at_its_end_is_let_go_from_a_tick() {
-    let gw = Gateway::start_with(Setup {
-        workers: 1,
-        ..Setup::default()
-    });
-    let app = TestUpstream::start("app");
+    let (gw, app) = one_worker_and_app();
     let wat = format!(
         r#"(module
       (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
@@ -1896,15 +1909,11 @@ fn a_body_held_at_its_end_is_let_go_from_a_tick() {
     let r = http("POST", &gw.url("/bodyhold"), &[], Some(b"abc"));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["body_len"], 12, "{}", r.text());
-    let started = Instant::now();
-    let r = http("POST", &gw.url("/bodyhold"), &[], Some(b"never"));
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert!(started.elapsed() >= Duration::from_millis(400));
-    eventually(Duration::from_secs(3), "the pause_timeout line", || {
-        gw.error_log().contains(
-            "bodyhold: paused the body in proxy_on_request_body and did not resume it within 400ms (pause_timeout)",
-        )
-    });
+    fails_at_pause_timeout(
+        &gw,
+        ("POST", "/bodyhold", Some(b"never")),
+        "bodyhold: paused the body in proxy_on_request_body and did not resume it within 400ms (pause_timeout)",
+    );
     assert_eq!(app.hits(), 1);
 }
 
@@ -1914,11 +1923,7 @@ fn a_body_held_at_its_end_is_let_go_from_a_tick() {
 /// the plugin set before pausing, long before its `pause_timeout`.
 #[test]
 fn a_paused_request_survives_the_fault_that_discards_its_instance() {
-    let gw = Gateway::start_with(Setup {
-        workers: 1,
-        ..Setup::default()
-    });
-    let app = TestUpstream::start("app");
+    let (gw, app) = one_worker_and_app();
     let wat = format!(
         r#"(module
       (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
@@ -1976,11 +1981,7 @@ fn a_paused_request_survives_the_fault_that_discards_its_instance() {
 /// nothing in flight go on to the body, as in Envoy.
 #[test]
 fn another_requests_context_is_changed_and_resumed_through_its_paused_stream() {
-    let gw = Gateway::start_with(Setup {
-        workers: 1,
-        ..Setup::default()
-    });
-    let app = TestUpstream::start("app");
+    let (gw, app) = one_worker_and_app();
     let wat = format!(
         r#"(module
       (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
