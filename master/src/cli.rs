@@ -148,7 +148,10 @@ fn master_pid_even_if_broken(opts: &Options) -> anyhow::Result<(i32, Option<Load
             let Some((pid, _)) = master_of(opts, &default, None)? else {
                 bail!("{e}");
             };
-            eprintln!("wasmgate: {e}\nwasmgate: using the default pid file: master {pid}");
+            eprintln!(
+                "wasmgate: {e}\nwasmgate: found by the default pid file or data directory: \
+                 master {pid}"
+            );
             Ok((pid, None))
         }
     }
