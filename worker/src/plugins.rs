@@ -575,13 +575,9 @@ impl Plugins {
         let mut waited = Duration::ZERO;
         let mut parked_slot: Option<Parked> = None;
         let mut limit: Option<Instant> = None;
-        let failed = |me: &Self| {
-            if p.decl.fail_open {
-                Verdict::Continue
-            } else {
-                me.count(a.record, |r| &r.errors);
-                Verdict::Fail
-            }
+        let failed = |me: &Self| match me.fails_open(p, a.record) {
+            true => Verdict::Continue,
+            false => Verdict::Fail,
         };
         loop {
             for c in calls.drain(..) {
@@ -651,31 +647,19 @@ impl Plugins {
                     // Registered again if it is still paused after this.
                     parked_slot = None;
                     outcome = match action {
-                        Some(Foreign::Resume(bits)) => Ok(Outcome {
-                            action: Action::Pause,
-                            reply: None,
-                            resumed: bits,
-                        }),
-                        Some(Foreign::Reply(reply)) => Ok(Outcome {
-                            action: Action::Pause,
-                            reply: Some(reply),
-                            resumed: 0,
-                        }),
+                        Some(action) => Ok(foreign_outcome(action)),
                         // The instance was replaced meanwhile (a fault).
                         None => return (failed(self), waited),
                     };
                     continue;
                 }
                 Woken::Timeout => {
+                    let what = match phase {
+                        Phase::Response => "response",
+                        Phase::Request => "request",
+                    };
                     let calls = mine.as_ref().map_or(0, FuturesUnordered::len);
-                    tracing::error!(
-                        "{}: paused the {} in {} and did not resume it within {:?} (pause_timeout){}",
-                        p.decl.name,
-                        if matches!(phase, Phase::Response) { "response" } else { "request" },
-                        phase.callback(),
-                        p.decl.pause_timeout,
-                        if calls > 0 { format!("; {calls} call-outs still in flight") } else { String::new() }
-                    );
+                    pause_timed_out(p, what, phase.callback(), calls);
                     return (failed(self), waited);
                 }
             };
@@ -1208,6 +1192,15 @@ impl Plugins {
         step
     }
 
+    /// Whether a request whose context of plugin `p` failed goes on without it (`fail_open`);
+    /// when it does not, the failure is counted in the context's statistics.
+    fn fails_open(&self, p: &Plugin, record: Option<usize>) -> bool {
+        if !p.decl.fail_open {
+            self.count(record, |r| &r.errors);
+        }
+        p.decl.fail_open
+    }
+
     /// What a body or trailers callback's result (its fault already logged) does to the
     /// message: ends it (`Err`: a fault, unless the plugin fails open; a local reply), each
     /// counted in the context's statistics, or lets it go on (`Ok`: the outcome, None for a
@@ -1219,11 +1212,10 @@ impl Plugins {
         r: Result<Outcome, Fault>,
     ) -> Result<Option<Outcome>, BodyStep> {
         match r {
-            Err(_) if p.decl.fail_open => Ok(None),
-            Err(_) => {
-                self.count(record, |r| &r.errors);
-                Err(BodyStep::Fail)
-            }
+            Err(_) => match self.fails_open(p, record) {
+                true => Ok(None),
+                false => Err(BodyStep::Fail),
+            },
             Ok(Outcome {
                 reply: Some(reply), ..
             }) => {
@@ -1297,10 +1289,9 @@ impl Plugins {
             let Some((r, more)) = delivered else {
                 // The VM was replaced meanwhile (another request's fault): the context is
                 // gone, and the body goes on only if the plugin fails open.
-                if self.list[plugin].decl.fail_open {
+                if self.fails_open(&self.list[plugin], record) {
                     break;
                 }
-                self.count(record, |r| &r.errors);
                 return (bufs, BodyStep::Fail);
             };
             for c in more {
@@ -1311,11 +1302,8 @@ impl Plugins {
                 }
             }
             match r {
-                Err(_) if self.list[plugin].decl.fail_open => break,
-                Err(_) => {
-                    self.count(record, |r| &r.errors);
-                    return (bufs, BodyStep::Fail);
-                }
+                Err(_) if self.fails_open(&self.list[plugin], record) => break,
+                Err(_) => return (bufs, BodyStep::Fail),
                 Ok(o) => {
                     if let Some(reply) = o.reply {
                         self.count(record, |r| &r.local_replies);
@@ -1350,12 +1338,9 @@ impl Plugins {
     ) -> Held {
         let p = &self.list[plugin];
         let until = Instant::now() + p.decl.pause_timeout;
-        let failed = || match p.decl.fail_open {
+        let failed = || match self.fails_open(p, record) {
             true => Held::Resumed,
-            false => {
-                self.count(record, |r| &r.errors);
-                Held::Failed
-            }
+            false => Held::Failed,
         };
         loop {
             let mut parked = Parked::new(p, id, generation, dir == Dir::Response);
@@ -1367,27 +1352,17 @@ impl Plugins {
                     _ = tokio::time::sleep_until(until.into()) => None,
                 }
             };
-            match woken {
-                Some(Some(Foreign::Resume(bits))) => {
-                    let o = Outcome {
-                        action: Action::Pause,
-                        reply: None,
-                        resumed: bits,
-                    };
-                    if goes_on_resumed(&o, dir == Dir::Response) {
-                        return Held::Resumed;
-                    }
-                }
-                Some(Some(Foreign::Reply(reply))) => return Held::Reply(reply),
+            match woken.map(|action| action.map(foreign_outcome)) {
+                Some(Some(Outcome {
+                    reply: Some(reply), ..
+                })) => return Held::Reply(reply),
+                Some(Some(o)) if goes_on_resumed(&o, dir == Dir::Response) => return Held::Resumed,
+                // Resumed the other stream: still held.
+                Some(Some(_)) => {}
                 // The instance was replaced meanwhile (a fault).
                 Some(None) => return failed(),
                 None => {
-                    tracing::error!(
-                        "{}: paused the body in {} and did not resume it within {:?} (pause_timeout)",
-                        p.decl.name,
-                        dir.callback(),
-                        p.decl.pause_timeout
-                    );
+                    pause_timed_out(p, "body", dir.callback(), 0);
                     return failed();
                 }
             }
@@ -1689,6 +1664,35 @@ impl Drop for Left<'_, '_> {
             false => st.orphans.remove(&(self.generation, self.id)),
         };
     }
+}
+
+/// Another callback's resume or reply for a paused context, as the outcome of its own
+/// callback would say it: still paused unless it resumed the stream or answered.
+fn foreign_outcome(action: Foreign) -> Outcome {
+    let (reply, resumed) = match action {
+        Foreign::Resume(bits) => (None, bits),
+        Foreign::Reply(reply) => (Some(reply), 0),
+    };
+    Outcome {
+        action: Action::Pause,
+        reply,
+        resumed,
+    }
+}
+
+/// The error line of a pause no callback ended within the plugin's `pause_timeout`: `what`
+/// (the request, the response, the body) paused in `callback`, with `calls` call-outs of its
+/// own still in flight.
+fn pause_timed_out(p: &Plugin, what: &str, callback: &str, calls: usize) {
+    let calls = match calls {
+        0 => String::new(),
+        n => format!("; {n} call-outs still in flight"),
+    };
+    tracing::error!(
+        "{}: paused the {what} in {callback} and did not resume it within {:?} (pause_timeout){calls}",
+        p.decl.name,
+        p.decl.pause_timeout
+    );
 }
 
 /// How a body held at its end with nothing in flight came out of its wait.
