@@ -313,12 +313,7 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
             data_dir.display()
         );
     }
-    if lock::is_lock_file(&pid_path, &data_dir) {
-        bail!(
-            "wasmgate.pid_file {} is the data directory's lock file: name another file",
-            pid_path.display()
-        );
-    }
+    lock::check_pid_file(&pid_path, &data_dir).map_err(anyhow::Error::msg)?;
     let (store, etcd, notes) = match &cfg.deployment.etcd {
         None => (store::Store::open(&data_dir)?, None, Vec::new()),
         Some(section) => {

@@ -89,9 +89,20 @@ impl MasterLock {
     }
 }
 
-/// Whether `pid_file` names `data_dir`'s lock file (however spelled): a pid file written there
-/// would overwrite the lock's record, and removing it later would unlink the lock.
-pub fn is_lock_file(pid_file: &Path, data_dir: &Path) -> bool {
+/// Refuses a `pid_file` that names `data_dir`'s lock file (however spelled): a pid file
+/// written there would overwrite the lock's record, and removing it later would unlink the
+/// lock. Asked at start and by a reload that moves the pid file.
+pub fn check_pid_file(pid_file: &Path, data_dir: &Path) -> Result<(), String> {
+    match is_lock_file(pid_file, data_dir) {
+        false => Ok(()),
+        true => Err(format!(
+            "wasmgate.pid_file {} is the data directory's lock file: name another file",
+            pid_file.display()
+        )),
+    }
+}
+
+fn is_lock_file(pid_file: &Path, data_dir: &Path) -> bool {
     let canonical = |p: &Path| -> Option<PathBuf> {
         let dir = p.parent()?.canonicalize().ok()?;
         Some(dir.join(p.file_name()?))

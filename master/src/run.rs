@@ -393,12 +393,7 @@ impl Loop {
         let pid_path = self.opts.resolve(&new.wasmgate.pid_file);
         if pid_path != self.pid_path {
             let data_dir = self.opts.resolve(&new.wasmgate.data_dir);
-            if crate::lock::is_lock_file(&pid_path, &data_dir) {
-                return Err(format!(
-                    "wasmgate.pid_file {} is the data directory's lock file: name another file",
-                    pid_path.display()
-                ));
-            }
+            crate::lock::check_pid_file(&pid_path, &data_dir)?;
             moves.made_dirs = write_pid_file(&pid_path)?;
             moves.pid_path = Some(pid_path);
         }
