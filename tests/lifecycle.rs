@@ -20,6 +20,14 @@ fn proxied_route(gw: &Gateway, up: &TestUpstream) {
     );
 }
 
+/// Asks the Admin API at `url` (`.../wasmgate/reload`) to reload: refused (400), saying `says`.
+fn reload_refused(url: &str, key: &str, says: &str) {
+    let (s, v) = common::client::admin(url, "POST", Some(key), None);
+    assert_eq!(s, 400, "{v}");
+    let msg = v["error_msg"].as_str().unwrap_or_default();
+    assert!(msg.contains(says), "{v}");
+}
+
 #[test]
 fn worker_killed_is_respawned_and_traffic_continues() {
     let up = TestUpstream::start("u");
@@ -149,9 +157,7 @@ fn invalid_reload_is_refused_and_old_config_keeps_serving() {
 
     // A plugin removed from config.yaml while a route uses it: refused too, naming the route.
     std::fs::write(gw.config_path(), good.replace("wasm_log", "other_plugin")).unwrap();
-    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
-    assert_eq!(s, 400, "{v}");
-    assert!(v["error_msg"].as_str().unwrap().contains("route 1"), "{v}");
+    reload_refused(&gw.admin_url("/wasmgate/reload"), KEY, "route 1");
     assert_eq!(http("GET", &gw.url("/still"), &[], None).status, 200);
 
     // An error log the new workers could not open: refused, naming the key.
@@ -163,14 +169,10 @@ fn invalid_reload_is_refused_and_old_config_keeps_serving() {
         ),
     )
     .unwrap();
-    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
-    assert_eq!(s, 400, "{v}");
-    assert!(
-        v["error_msg"]
-            .as_str()
-            .unwrap()
-            .contains("nginx_config.error_log"),
-        "{v}"
+    reload_refused(
+        &gw.admin_url("/wasmgate/reload"),
+        KEY,
+        "nginx_config.error_log",
     );
 
     // Fixed: the Admin API reload applies it.
@@ -210,10 +212,11 @@ fn a_reload_moves_the_admin_api_the_pid_file_and_the_error_log() {
         &format!("port: {}}}", up.port),
     ) + "wasmgate:\n  pid_file: run/refused.pid\n";
     std::fs::write(gw.config_path(), &taken).unwrap();
-    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
-    assert_eq!(s, 400, "{v}");
-    let msg = v["error_msg"].as_str().unwrap();
-    assert!(msg.contains("(deployment.admin.admin_listen)"), "{msg}");
+    reload_refused(
+        &gw.admin_url("/wasmgate/reload"),
+        KEY,
+        "(deployment.admin.admin_listen)",
+    );
     assert!(
         !gw.prefix().join("run").exists(),
         "the folder made for it stays"
@@ -317,13 +320,7 @@ fn a_reload_moves_the_admin_api_the_pid_file_and_the_error_log() {
         moved.replace("run/gw.pid", "data/master.lock"),
     )
     .unwrap();
-    let reload = at(admin, "/wasmgate/reload");
-    let (s, v) = common::client::admin(&reload, "POST", Some(new_key), None);
-    assert_eq!(s, 400, "{v}");
-    assert!(
-        v["error_msg"].as_str().unwrap().contains("lock file"),
-        "{v}"
-    );
+    reload_refused(&at(admin, "/wasmgate/reload"), new_key, "lock file");
     std::fs::write(gw.config_path(), &moved).unwrap();
 
     // `stop` waits for the pid to go, and this test's child is not reaped until wait_exit.
