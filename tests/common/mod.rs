@@ -428,6 +428,14 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// The whole lines of a log that contain `needle`: a line another process is appending may
+/// be read half-way (a reader can see a write's first page before its last), and is left out
+/// until its end is there.
+pub fn log_lines<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
+    let whole = log.rfind('\n').map_or("", |end| &log[..end]);
+    whole.lines().filter(|l| l.contains(needle)).collect()
+}
+
 /// Polls `cond` for up to `within`.
 pub fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
