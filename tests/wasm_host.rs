@@ -1369,6 +1369,113 @@ fn trailers_reach_the_trailers_callback() {
     assert_eq!(app.hits(), hits, "the upstream was contacted");
 }
 
+/// A plugin's local reply carries the details it gave, blanks made `_` as Envoy does: a
+/// logging plugin reads them as `response.code_details` in its log phase, next to no flags.
+#[test]
+fn a_local_reply_gives_its_details_to_the_log_phase() {
+    let gw = Gateway::start();
+    let wat = r#"(module
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "denied by\tpolicy")
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (drop (call $reply (i32.const 403) (i32.const 100) (i32.const 16) (i32.const 0) (i32.const 0)
+                           (i32.const 0) (i32.const 0) (i32.const -1)))
+        (i32.const 1)))"#;
+    wat_plugin_on_route(&gw, "denier", wat, "/unused");
+    gw.route(
+        "deny",
+        json!({"uri": "/deny", "plugins": {"denier": {"conf": "-"}, "rec_a": {"conf": "denied"}}}),
+        None,
+    );
+    assert_eq!(get(&gw, "/deny").status, 403);
+    let prefix = "recorder denied: attributes ";
+    eventually(Duration::from_secs(5), "the log phase", || {
+        !common::log_lines(&gw.error_log(), prefix).is_empty()
+    });
+    let log = gw.error_log();
+    let line = common::log_lines(&log, prefix)[0];
+    assert!(
+        line.contains(" response.code_details=denied_by_policy"),
+        "{line}"
+    );
+    assert!(line.contains(" response.flags=0 "), "{line}");
+    assert!(line.contains(" response.code=403 "), "{line}");
+}
+
+/// The upstream's trailers stay readable in the log phase (map type 3 and the
+/// `response.trailers.<name>` property), as Envoy keeps them for its access log, and still
+/// reach the client.
+#[test]
+fn response_trailers_are_read_in_the_log_phase() {
+    let gw = Gateway::start();
+    // An upstream that answers chunked, with a trailer.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let node = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match std::io::Read::read(&mut conn, &mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-trl\r\n\
+                  Connection: close\r\n\r\n2\r\nok\r\n0\r\nx-trl: kept\r\n\r\n",
+            );
+        }
+    });
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_header_map_value" (func $ghv (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "x-trl")
+      (data (i32.const 120) "response\00trailers\00x-trl")
+      {BUMP_MALLOC}
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_response_trailers") (param i32 i32) (result i32) (i32.const 0))
+      (func (export "proxy_on_log") (param i32)
+        (if (i32.eqz (call $ghv (i32.const 3) (i32.const 100) (i32.const 5) (i32.const 200) (i32.const 204)))
+          (then (drop (call $log (i32.const 2) (i32.load (i32.const 200)) (i32.load (i32.const 204))))))
+        (if (i32.eqz (call $prop (i32.const 120) (i32.const 23) (i32.const 200) (i32.const 204)))
+          (then (drop (call $log (i32.const 2) (i32.load (i32.const 200)) (i32.load (i32.const 204))))))))"#
+    );
+    wat_plugin_on_route(&gw, "trailer_log", &wat, "/unused");
+    gw.route(
+        "trl",
+        json!({"uri": "/trl", "plugins": {"trailer_log": {"conf": "-"}},
+               "upstream": {"type": "roundrobin", "nodes": {node: 1}}}),
+        None,
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /trl HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut got);
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(
+        got.contains("x-trl: kept"),
+        "the trailer reaches the client: {got}"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "both reads in the log phase",
+        || gw.error_log().matches("trailer_log: kept").count() == 2,
+    );
+}
+
 /// `proxy_close_stream` resets the HTTP stream, as Envoy does: closed in the request phase, the
 /// upstream is never contacted and the client gets no answer, only the connection's close; in
 /// the response phase, the upstream's answer is dropped the same way. The access log shows

@@ -684,9 +684,8 @@ fn connection_timing_and_size_attributes() {
     assert_eq!(r.status, 200, "{}", r.text());
     let line = |prefix: &str| {
         let log = gw.error_log();
-        log.lines()
-            .find(|l| l.contains(prefix))
-            .map(|l| l[l.find(prefix).unwrap() + prefix.len()..].to_string())
+        let line = common::log_lines(&log, prefix).first()?.to_string();
+        Some(line[line.find(prefix).unwrap() + prefix.len()..].to_string())
     };
     eventually(Duration::from_secs(5), "the log phase's attributes", || {
         line("recorder attrs: attributes ").is_some()
@@ -739,6 +738,23 @@ fn connection_timing_and_size_attributes() {
         up.addr().rsplit(':').next().unwrap()
     );
     assert_eq!(map["request.useragent"], "attrs-test/1");
+    // Why the answer is what it is, as Envoy says it: the upstream's, no flag; gRPC's Unknown
+    // for an HTTP 200.
+    assert_eq!(map["response.code_details"], "via_upstream", "{attrs}");
+    assert_eq!(int("response.flags"), 0);
+    assert_eq!(int("response.grpc_status"), 2);
+    // Whole maps, in the pairs encoding: each name once, `Host` as the `:authority`.
+    let names: Vec<&str> = map["request.headers"].split(',').collect();
+    for name in [":method", ":path", ":authority", ":scheme", "user-agent"] {
+        assert!(names.contains(&name), "{name} in {names:?}");
+    }
+    assert!(!names.contains(&"host"), "{names:?}");
+    assert_eq!(map["request.headers[user-agent]"], "attrs-test/1");
+    let names: Vec<&str> = map["response.headers"].split(',').collect();
+    assert!(
+        names.contains(&":status") && names.contains(&"x-upstream"),
+        "{names:?}"
+    );
     // Each connection its own id (the test client opens one per request).
     let first = int("connection.id");
     assert_ne!(first, 0);
@@ -746,19 +762,10 @@ fn connection_timing_and_size_attributes() {
     eventually(
         Duration::from_secs(5),
         "the second request's attributes",
-        || {
-            gw.error_log()
-                .matches("recorder attrs: attributes ")
-                .count()
-                == 2
-        },
+        || common::log_lines(&gw.error_log(), "recorder attrs: attributes ").len() == 2,
     );
     let log = gw.error_log();
-    let second = log
-        .lines()
-        .filter(|l| l.contains("recorder attrs: attributes "))
-        .nth(1)
-        .unwrap();
+    let second = common::log_lines(&log, "recorder attrs: attributes ")[1];
     assert!(
         !second.contains(&format!("connection.id={first} ")),
         "{second}"
@@ -774,16 +781,14 @@ fn connection_timing_and_size_attributes() {
     );
     let r = http("GET", &gw.url("/echoed"), &[], None);
     assert_eq!((r.status, r.header("x-echo")), (200, Some("1")));
-    eventually(
-        Duration::from_secs(5),
-        "the local reply's attributes",
-        || gw.error_log().contains("recorder echoed: attributes "),
-    );
-    let log = gw.error_log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("recorder echoed: attributes "))
-        .unwrap();
+    let attributes = |label: &str| {
+        let prefix = format!("recorder {label}: attributes ");
+        eventually(Duration::from_secs(5), &prefix, || {
+            !common::log_lines(&gw.error_log(), &prefix).is_empty()
+        });
+        common::log_lines(&gw.error_log(), &prefix)[0].to_string()
+    };
+    let line = attributes("echoed");
     assert!(line.contains("response.code=200 "), "{line}");
     assert!(
         line.contains(&format!("response.size={} ", r.body.len())),
@@ -794,6 +799,40 @@ fn connection_timing_and_size_attributes() {
         "{line}"
     );
     assert!(line.contains("upstream.address=<none>"), "{line}");
+
+    // The gateway's own answers say why, with Envoy's details and flag bits: an upstream
+    // that refuses the connection (UF, 0x20), a route with no upstream at all (NC).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let node = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    gw.route(
+        "3",
+        json!({"uri": "/refused", "plugins": {"rec_a": {"conf": "refused"}},
+               "upstream": {"type": "roundrobin", "nodes": {node: 1}}}),
+        None,
+    );
+    gw.route(
+        "4",
+        json!({"uri": "/nowhere", "plugins": {"rec_a": {"conf": "nowhere"}}}),
+        None,
+    );
+    assert_eq!(http("GET", &gw.url("/refused"), &[], None).status, 502);
+    assert_eq!(http("GET", &gw.url("/nowhere"), &[], None).status, 503);
+    let refused = attributes("refused");
+    assert!(
+        refused.contains(
+            " response.code_details=upstream_reset_before_response_started{connection_failure}"
+        ),
+        "{refused}"
+    );
+    assert!(refused.contains(" response.flags=32 "), "{refused}");
+    assert!(refused.contains(" response.grpc_status=14 "), "{refused}");
+    let nowhere = attributes("nowhere");
+    assert!(
+        nowhere.contains(" response.code_details=cluster_not_found"),
+        "{nowhere}"
+    );
+    assert!(nowhere.contains(" response.flags=16777216 "), "{nowhere}");
 }
 
 /// A plugin written in C against the raw ABI and built with clang + wasi-libc as a WASI

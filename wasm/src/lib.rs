@@ -25,8 +25,8 @@ pub mod wasi;
 pub use head::{Head, HeaderList};
 pub use module::{PluginModule, Settings};
 pub use state::{
-    BodyBuf, CallResponse, CallTargets, Downstream, Foreign, HttpCall, LocalReply, Properties,
-    Stream, Targets, Totals,
+    flags, AnswerDetails, BodyBuf, CallResponse, CallTargets, Downstream, Foreign, HttpCall,
+    LocalReply, Properties, Stream, Targets, Totals,
 };
 pub use vm::{Action, Fault, HttpCtx, Outcome, PluginVm, VM_ROOT};
 /// The serialized map format (see `wasmgate-abi`).

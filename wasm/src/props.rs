@@ -44,12 +44,13 @@ fn url_path(p: &[u8]) -> &[u8] {
     p.split(|b| *b == b'?').next().unwrap_or(&[])
 }
 
-/// `:path` after the `?`; empty without one.
+/// `:path` after the `?`, up to a fragment (as Envoy's attribute); empty without one.
 fn query(p: &[u8]) -> &[u8] {
-    match p.iter().position(|b| *b == b'?') {
-        Some(i) => &p[i + 1..],
-        None => &[],
-    }
+    let Some(i) = p.iter().position(|b| *b == b'?') else {
+        return &[];
+    };
+    let q = &p[i + 1..];
+    q.split(|b| *b == b'#').next().unwrap_or(q)
 }
 
 /// Envoy's integers (and its timestamps and durations, in nanoseconds): 8 bytes,
@@ -74,8 +75,10 @@ fn fact<'a>(stream: &'a Stream, path: &[&str]) -> Option<Found<'a>> {
         ["destination", "port"] => int(from.local.port().into()),
         // A uint64 in Envoy: the same 8 bytes.
         ["connection", "id"] => Some(Found::Owned(from.connection.to_le_bytes().to_vec())),
-        // A bool is one byte; listeners speak plain HTTP.
+        // A bool is one byte; listeners speak plain HTTP, so no name came with TLS (Envoy's
+        // empty string).
         ["connection", "mtls"] => Some(Found::Borrowed(&[0])),
+        ["connection", "requested_server_name"] => Some(Found::Borrowed(&[])),
         ["request", "time"] => {
             let at = match stream.wall_start.get() {
                 Some(at) => at,
@@ -127,6 +130,87 @@ fn header<'a>(head: &'a Head, name: &str) -> Option<Found<'a>> {
     Some(Found::Owned(joined))
 }
 
+/// A whole header map as Envoy's attribute gives it (`request.headers`, `response.headers`,
+/// `response.trailers`): each name once, where it first appears, with every value of it
+/// joined with `,`, serialized as Proxy-Wasm pairs (what the SDKs' map decoders read).
+fn whole_map<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])>) -> Found<'static> {
+    let mut names: Vec<(&str, Vec<u8>)> = Vec::new();
+    // Most heads are short: a scan finds a name sooner than a table would be made.
+    let mut index: Option<foldhash::HashMap<&str, usize>> = None;
+    for (name, value) in pairs {
+        let at = match &index {
+            Some(index) => index.get(name).copied(),
+            None => names.iter().position(|(n, _)| *n == name),
+        };
+        match at {
+            Some(at) => {
+                let joined = &mut names[at].1;
+                joined.push(b',');
+                joined.extend_from_slice(value);
+            }
+            None => {
+                if let Some(index) = &mut index {
+                    index.insert(name, names.len());
+                }
+                names.push((name, value.to_vec()));
+                if index.is_none() && names.len() > 32 {
+                    index = Some(
+                        names
+                            .iter()
+                            .enumerate()
+                            .map(|(i, (n, _))| (*n, i))
+                            .collect(),
+                    );
+                }
+            }
+        }
+    }
+    let pairs = names.iter().map(|(n, v)| (*n, v.as_slice()));
+    Found::Owned(wasmgate_abi::map::encode(pairs))
+}
+
+/// A trailer's value, its values joined with `,` as a header's.
+fn trailer<'a>(trailers: &'a [(String, Vec<u8>)], name: &str) -> Option<Found<'a>> {
+    let mut values = trailers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice());
+    let first = values.next()?;
+    let Some(second) = values.next() else {
+        return Some(Found::Borrowed(first));
+    };
+    let mut joined = [first, second].join(&b","[..]);
+    for v in values {
+        joined.push(b',');
+        joined.extend_from_slice(v);
+    }
+    Some(Found::Owned(joined))
+}
+
+/// `response.grpc_status` as Envoy works it out: the `grpc-status` trailer, else the header
+/// (a trailers-only answer), else the gRPC status the HTTP status maps to.
+fn grpc_status(stream: &Stream) -> Option<Found<'static>> {
+    let response = stream.response.as_ref()?;
+    let sent = trailer(&stream.response_trailers, "grpc-status")
+        .map(|f| f.as_bytes().to_vec())
+        .or_else(|| response.get("grpc-status").map(<[u8]>::to_vec));
+    if let Some(sent) = sent {
+        return int(std::str::from_utf8(&sent).ok()?.trim().parse().ok()?);
+    }
+    let status: u16 = std::str::from_utf8(response.get(":status")?)
+        .ok()?
+        .parse()
+        .ok()?;
+    int(match status {
+        400 => 13,                   // Internal
+        401 => 16,                   // Unauthenticated
+        403 => 7,                    // PermissionDenied
+        404 => 12,                   // Unimplemented
+        429 | 502 | 503 | 504 => 14, // Unavailable
+        _ => 2,                      // Unknown
+    })
+}
+
 /// The value of a property path, or None (NotFound).
 pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
     match path {
@@ -146,6 +230,7 @@ pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
         ["request", "id"] => req.get("x-request-id"),
         ["request", "host"] => req.get(":authority"),
         ["request", "scheme"] => req.get(":scheme"),
+        ["request", "headers"] => return Some(whole_map(req.iter())),
         ["request", "headers", name] => return header(req, name),
         ["request", "referer"] => req.get("referer"),
         ["request", "useragent"] => req.get("user-agent"),
@@ -155,7 +240,20 @@ pub fn lookup<'a>(s: &'a HostState, path: &[&str]) -> Option<Found<'a>> {
             let code: i64 = std::str::from_utf8(status).ok()?.parse().ok()?;
             return Some(Found::Owned(code.to_le_bytes().to_vec()));
         }
+        ["response", "headers"] => return Some(whole_map(stream.response.as_ref()?.iter())),
         ["response", "headers", name] => return header(stream.response.as_ref()?, name),
+        ["response", "trailers"] => {
+            let trailers = stream.response_trailers.iter();
+            return Some(whole_map(trailers.map(|(k, v)| (k.as_str(), v.as_slice()))));
+        }
+        ["response", "trailers", name] => return trailer(&stream.response_trailers, name),
+        ["response", "grpc_status"] => return grpc_status(stream),
+        ["response", "code_details"] => {
+            let details = stream.details.as_ref()?;
+            return Some(Found::Borrowed(details.details.as_bytes()));
+        }
+        // Envoy's flags are always there: none set is 0.
+        ["response", "flags"] => return int(stream.details.as_ref().map_or(0, |d| d.flags as i64)),
         _ => None,
     };
     if let Some(v) = value {
@@ -197,5 +295,32 @@ mod tests {
         assert_eq!(query(b"/a/b?x=1?y"), b"x=1?y");
         assert_eq!(url_path(b"/a"), b"/a");
         assert_eq!(query(b"/a"), b"");
+        assert_eq!(query(b"/a?x=1#frag"), b"x=1");
+    }
+
+    fn decoded(found: Found) -> Vec<(String, Vec<u8>)> {
+        wasmgate_abi::map::decode(found.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_whole_map_names_each_header_once_with_its_values_joined() {
+        let pairs = [("a", &b"1"[..]), ("b", b"2"), ("a", b"3"), ("c", b"")];
+        let map = decoded(whole_map(pairs.into_iter()));
+        let want = [("a", "1,3"), ("b", "2"), ("c", "")];
+        let want: Vec<(String, Vec<u8>)> = want
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(map, want);
+        // Past the scan's reach, the index finds repeated names the same way.
+        let names: Vec<String> = (0..40).map(|i| format!("h{i}")).collect();
+        let many = names
+            .iter()
+            .chain(names.iter())
+            .map(|n| (n.as_str(), &b"v"[..]));
+        let map = decoded(whole_map(many));
+        assert_eq!(map.len(), 40);
+        assert!(map.iter().all(|(_, v)| v == b"v,v"));
+        assert!(decoded(whole_map(std::iter::empty())).is_empty());
     }
 }

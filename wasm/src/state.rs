@@ -111,6 +111,44 @@ pub struct Stream {
     pub totals: Option<Totals>,
     /// `request.time`, worked out at its first read and the same at every later one.
     pub wall_start: std::cell::Cell<Option<std::time::SystemTime>>,
+    /// Why the answer is what it is (`response.code_details`, `response.flags`), from the
+    /// response phase on; None while unknown.
+    pub details: Option<AnswerDetails>,
+}
+
+/// Why an answer is what it is, as Envoy tells it to plugins: `response.code_details`
+/// (`via_upstream` for the upstream's answer; otherwise what made the gateway answer itself,
+/// or the details a plugin gave its local reply) and `response.flags`, Envoy's legacy response
+/// flag bits. The gateway's own answers carry it as a response extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerDetails {
+    pub details: std::borrow::Cow<'static, str>,
+    pub flags: u64,
+}
+
+impl AnswerDetails {
+    pub const VIA_UPSTREAM: AnswerDetails = AnswerDetails::of("via_upstream", 0);
+
+    pub const fn of(details: &'static str, flags: u64) -> AnswerDetails {
+        AnswerDetails {
+            details: std::borrow::Cow::Borrowed(details),
+            flags,
+        }
+    }
+}
+
+/// Envoy's legacy response flags (`response.flags`) that the gateway's answers can carry.
+pub mod flags {
+    pub const NO_HEALTHY_UPSTREAM: u64 = 0x2;
+    pub const UPSTREAM_REQUEST_TIMEOUT: u64 = 0x4;
+    pub const UPSTREAM_CONNECTION_FAILURE: u64 = 0x20;
+    pub const UPSTREAM_CONNECTION_TERMINATION: u64 = 0x40;
+    pub const NO_ROUTE_FOUND: u64 = 0x100;
+    pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: u64 = 0x8000;
+    pub const STREAM_IDLE_TIMEOUT: u64 = 0x1_0000;
+    pub const DOWNSTREAM_PROTOCOL_ERROR: u64 = 0x4_0000;
+    pub const UPSTREAM_PROTOCOL_ERROR: u64 = 0x80_0000;
+    pub const NO_CLUSTER_FOUND: u64 = 0x100_0000;
 }
 
 /// A body buffer lent to plugins. A chunk as received stays shared with the connection's
@@ -188,6 +226,7 @@ impl Stream {
             upstream: None,
             totals: None,
             wall_start: Default::default(),
+            details: None,
         }
     }
 }

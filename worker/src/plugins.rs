@@ -1142,13 +1142,14 @@ impl Plugins {
     ) -> BodyStep {
         let response = dir == Dir::Response;
         let wanted = |a: &Active| self.list[a.plugin].has_trailers(dir);
-        if !req.active.iter().any(wanted) {
-            return BodyStep::Release(BodyBuf::default());
-        }
         let Some(stream) = req.stream.as_mut() else {
             return BodyStep::Release(BodyBuf::default());
         };
+        // Kept for the log phase, whether or not a plugin reads them now.
         *trailers_of(stream, response) = crate::wasm_glue::header_pairs(trailers);
+        if !req.active.iter().any(wanted) {
+            return BodyStep::Release(BodyBuf::default());
+        }
         let mut step = BodyStep::Release(BodyBuf::default());
         for i in 0..req.active.len() {
             let a = &req.active[i];
@@ -1182,12 +1183,11 @@ impl Plugins {
                 break;
             }
         }
+        // Copied, not taken: the log phase still reads them (`response.trailers`, map 3 in
+        // `proxy_on_log`, as Envoy keeps them for its access log).
         if let Some(stream) = req.stream.as_mut() {
             trailers.clear();
-            crate::wasm_glue::append_pairs(
-                trailers,
-                &std::mem::take(trailers_of(stream, response)),
-            );
+            crate::wasm_glue::append_pairs(trailers, trailers_of(stream, response));
         }
         step
     }

@@ -42,7 +42,7 @@ use wasmgate_http1::codec::{SetField, SetFields};
 use wasmgate_http1::request::{escape_path, host_name, normalized_path, resolve_path};
 use wasmgate_shared::model::{HashOn, PassHost};
 use wasmgate_shared::traffic::Observation;
-use wasmgate_wasm::{Downstream, Head, Stream, Totals};
+use wasmgate_wasm::{flags, AnswerDetails, Downstream, Head, Stream, Totals};
 
 /// What the log phase needs to know about the upstream exchange.
 #[derive(Default)]
@@ -216,7 +216,39 @@ fn set_path(uri: &mut http::Uri, path: &str) -> Result<(), http::Error> {
 
 /// APISIX's answer when no route matches.
 fn not_found() -> Response<ProxyBody> {
-    json_error(StatusCode::NOT_FOUND, "404 Route Not Found")
+    let why = AnswerDetails::of("route_not_found", flags::NO_ROUTE_FOUND);
+    because(
+        json_error(StatusCode::NOT_FOUND, "404 Route Not Found"),
+        why,
+    )
+}
+
+/// A plugin failed the request (a fault, a context it could not make): Envoy's 503.
+fn plugin_failed() -> Response<ProxyBody> {
+    let why = AnswerDetails::of("wasm_fail_stream", 0);
+    because(error_page(StatusCode::SERVICE_UNAVAILABLE), why)
+}
+
+/// Plugins left a request head HTTP cannot carry.
+fn plugins_broke_request() -> Response<ProxyBody> {
+    let why = AnswerDetails::of("wasm_invalid_request_headers", 0);
+    because(error_page(StatusCode::INTERNAL_SERVER_ERROR), why)
+}
+
+/// The answer to a client whose request body failed: over its size limit, stalled, or not
+/// HTTP.
+fn client_failed(status: StatusCode) -> Response<ProxyBody> {
+    let why = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => AnswerDetails::of("request_payload_too_large", 0),
+        StatusCode::REQUEST_TIMEOUT => {
+            AnswerDetails::of("stream_idle_timeout", flags::STREAM_IDLE_TIMEOUT)
+        }
+        _ => AnswerDetails::of(
+            "downstream_protocol_error",
+            flags::DOWNSTREAM_PROTOCOL_ERROR,
+        ),
+    };
+    because(error_page(status), why)
 }
 
 /// The error page for a request refused before routing, logged.
@@ -250,7 +282,7 @@ async fn serve_route(
 ) -> Response<ProxyBody> {
     let max = w.max_body_size;
     if max > 0 && declared.is_some_and(|n| n > max) {
-        return error_page(StatusCode::PAYLOAD_TOO_LARGE);
+        return client_failed(StatusCode::PAYLOAD_TOO_LARGE);
     }
     let mut cut = None;
     let chain = w.plugins.chain(&cfg.global_rules, route);
@@ -271,7 +303,7 @@ async fn serve_route(
         let wants_body = !no_body && req.wants_body(Dir::Request);
         let early = match verdict {
             Verdict::Reply(r) => Some(wasm_glue::local_reply(r)),
-            Verdict::Fail => Some(error_page(StatusCode::SERVICE_UNAVAILABLE)),
+            Verdict::Fail => Some(plugin_failed()),
             // The headers went into the plugins' head: they come back from it (moved, unless
             // body callbacks may read them while the request goes upstream).
             Verdict::Continue => match req.stream.as_mut() {
@@ -279,11 +311,11 @@ async fn serve_route(
                     .err()
                     .map(|e| {
                         tracing::error!("route {}: plugins left an invalid request: {e}", route.id);
-                        error_page(StatusCode::INTERNAL_SERVER_ERROR)
+                        plugins_broke_request()
                     }),
                 None => {
                     tracing::error!("route {}: the request was lost in a plugin", route.id);
-                    Some(error_page(StatusCode::INTERNAL_SERVER_ERROR))
+                    Some(plugins_broke_request())
                 }
             },
         };
@@ -310,9 +342,12 @@ async fn serve_route(
     }
     let resp = match &route.upstream {
         None if route.is_unmatched() => not_found(),
-        None => json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "missing upstream configuration in Route or Service",
+        None => because(
+            json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "missing upstream configuration in Route or Service",
+            ),
+            AnswerDetails::of("cluster_not_found", flags::NO_CLUSTER_FOUND),
         ),
         Some(up) => forward(w, up, (parts, route.websocket), body, client, up_log).await,
     };
@@ -349,6 +384,9 @@ fn own_answer(shared: &SharedWasm, mut resp: Response<ProxyBody>) -> Response<Pr
     }
     let mut g = lock(shared);
     if let Some(s) = g.stream.as_mut() {
+        if let Some(why) = resp.extensions().get::<AnswerDetails>() {
+            s.details = Some(why.clone());
+        }
         if !s.response.as_ref().is_some_and(Head::lent) {
             // Lent to the answer like the upstream's, and given back once written.
             let mut head = wasm_glue::response_head(&mut resp);
@@ -388,7 +426,7 @@ async fn request_body(
         if stream.request.changed() {
             wasm_glue::apply_request(&mut stream.request, parts, true).map_err(|e| {
                 tracing::error!("plugins left an invalid request in a body callback: {e}");
-                error_page(StatusCode::INTERNAL_SERVER_ERROR)
+                plugins_broke_request()
             })?;
         }
     }
@@ -403,10 +441,16 @@ async fn request_body(
 /// request body, 502 for a response body), the plugin's own reply, or 503 for a fault.
 fn failure_response(f: BodyFailure, too_large: StatusCode) -> Response<ProxyBody> {
     match f {
-        BodyFailure::TooLarge => error_page(too_large),
+        BodyFailure::TooLarge => {
+            let details = match too_large {
+                StatusCode::PAYLOAD_TOO_LARGE => "request_payload_too_large",
+                _ => "response_payload_too_large",
+            };
+            because(error_page(too_large), AnswerDetails::of(details, 0))
+        }
         BodyFailure::Reply(r) => wasm_glue::local_reply(r),
-        BodyFailure::Fault => error_page(StatusCode::SERVICE_UNAVAILABLE),
-        BodyFailure::Client(status) => error_page(status),
+        BodyFailure::Fault => plugin_failed(),
+        BodyFailure::Client(status) => client_failed(status),
     }
 }
 
@@ -427,6 +471,10 @@ async fn response_phase(
     let mut lent = Lent::take(shared);
     if let Some(s) = lent.stream.as_mut() {
         s.response = Some(wasm_glue::response_head(&mut resp));
+        s.details = match resp.extensions().get::<AnswerDetails>() {
+            Some(why) => Some(why.clone()),
+            None => answered.map(|_| AnswerDetails::VIA_UPSTREAM),
+        };
     }
     let no_body = resp.body().is_end_stream();
     let verdict = w
@@ -437,7 +485,7 @@ async fn response_phase(
     let wants_body = !no_body && lock(shared).wants_body(Dir::Response);
     match verdict {
         Verdict::Reply(r) => return wasm_glue::local_reply(r),
-        Verdict::Fail => return error_page(StatusCode::SERVICE_UNAVAILABLE),
+        Verdict::Fail => return plugin_failed(),
         Verdict::Continue => {}
     }
     if !wants_body {
@@ -571,6 +619,8 @@ async fn forward(
     let started = Instant::now();
     let deadline = up.retry_timeout.map(|t| started + t);
     let mut attempt_at = started;
+    // Why the last attempt failed, for the answer made once no node is left.
+    let mut why = AnswerDetails::of("no_healthy_upstream", flags::NO_HEALTHY_UPSTREAM);
     loop {
         let Some(idx) = up
             .balancer
@@ -583,7 +633,10 @@ async fn forward(
             // Every node tried: the last attempt's answer (one that timed out stays a 504).
             let last = log.status.filter(|_| !tried.is_empty());
             let status = last.and_then(|s| StatusCode::from_u16(s).ok());
-            return error_page(status.unwrap_or(StatusCode::BAD_GATEWAY));
+            if tried.len() > 1 {
+                why.flags |= flags::UPSTREAM_RETRY_LIMIT_EXCEEDED;
+            }
+            return because(error_page(status.unwrap_or(StatusCode::BAD_GATEWAY)), why);
         };
         let authority = up.authorities[idx].clone();
         let conn = match w
@@ -595,15 +648,16 @@ async fn forward(
             Err(e) => {
                 tracing::warn!("connect() to {authority} failed: {e}");
                 // A connect that timed out is a gateway timeout, as nginx answers it.
-                let status = match e {
-                    ConnectError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-                    _ => StatusCode::BAD_GATEWAY,
+                let (status, reason) = match e {
+                    ConnectError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, CONNECT_TIMEOUT),
+                    _ => (StatusCode::BAD_GATEWAY, CONNECT_FAILURE),
                 };
+                why = AnswerDetails::of(reason, flags::UPSTREAM_CONNECTION_FAILURE);
                 log.addrs.push(authority);
                 log.status = Some(status.as_u16());
                 match another_node(&mut tried, idx, up, deadline) {
                     Some(at) => attempt_at = at,
-                    None => return error_page(status),
+                    None => return because(error_page(status), why),
                 }
                 continue;
             }
@@ -644,9 +698,15 @@ async fn forward(
                 // not among its default reasons to try the next node).
                 let invalid = matches!(&outcome, Exchange::Failed(e)
                     if matches!(e.downcast_ref(), Some(ExchangeError::Invalid(_))));
+                let terminated =
+                    || AnswerDetails::of(TERMINATED, flags::UPSTREAM_CONNECTION_TERMINATION);
                 let status = match outcome {
                     Exchange::Timeout(phase) => {
                         tracing::error!("upstream {authority} timed out while {phase}");
+                        why = AnswerDetails::of(
+                            "upstream_response_timeout",
+                            flags::UPSTREAM_REQUEST_TIMEOUT,
+                        );
                         StatusCode::GATEWAY_TIMEOUT
                     }
                     Exchange::Failed(e) => match body::client_fault(&*e) {
@@ -655,29 +715,50 @@ async fn forward(
                         Some(status) => {
                             tracing::info!("client request body failed: {e}");
                             log.status = None;
-                            return error_page(status);
+                            return client_failed(status);
                         }
                         None => {
                             tracing::error!(
                                 "upstream {authority} failed while reading response header: {e}"
                             );
+                            why = match invalid {
+                                true => AnswerDetails::of(NOT_HTTP, flags::UPSTREAM_PROTOCOL_ERROR),
+                                false => terminated(),
+                            };
                             StatusCode::BAD_GATEWAY
                         }
                     },
-                    _ => StatusCode::BAD_GATEWAY,
+                    _ => {
+                        why = terminated();
+                        StatusCode::BAD_GATEWAY
+                    }
                 };
                 log.status = Some(status.as_u16());
                 if !replayable || invalid {
-                    return error_page(status);
+                    return because(error_page(status), why);
                 }
                 match another_node(&mut tried, idx, up, deadline) {
                     Some(at) => attempt_at = at,
-                    None => return error_page(status),
+                    None => return because(error_page(status), why),
                 }
                 body = Some(body::empty());
             }
         }
     }
+}
+
+/// Envoy's details for an upstream that failed before its answer began.
+const CONNECT_TIMEOUT: &str = "upstream_reset_before_response_started{connection_timeout}";
+const CONNECT_FAILURE: &str = "upstream_reset_before_response_started{connection_failure}";
+const TERMINATED: &str = "upstream_reset_before_response_started{connection_termination}";
+const NOT_HTTP: &str = "upstream_reset_before_response_started{protocol_error}";
+
+/// `resp` marked with why the gateway answered itself (`response.code_details` and
+/// `response.flags` for plugins); made on error paths only, where the extension's map is
+/// allocated.
+fn because(mut resp: Response<ProxyBody>, why: AnswerDetails) -> Response<ProxyBody> {
+    resp.extensions_mut().insert(why);
+    resp
 }
 
 /// After a failed attempt on node `idx`: notes it, and whether another node may be tried

@@ -7,7 +7,7 @@ use crate::router::RouteEntry;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use std::net::SocketAddr;
-use wasmgate_wasm::{Downstream, Head, LocalReply};
+use wasmgate_wasm::{AnswerDetails, Downstream, Head, LocalReply};
 
 /// The request as plugins see it: `:method`, `:path`, `:authority`, `:scheme`, then headers.
 /// The headers move into the head; [`apply_request`] gives them back.
@@ -145,6 +145,16 @@ pub fn local_reply(r: LocalReply) -> Response<ProxyBody> {
             r.headers.len()
         );
     }
+    // `response.code_details`: the details the plugin gave, blanks made `_` as Envoy does.
+    let details: String = r
+        .details
+        .chars()
+        .map(|c| if c.is_whitespace() { '_' } else { c })
+        .collect();
+    resp.extensions_mut().insert(AnswerDetails {
+        details: details.into(),
+        flags: 0,
+    });
     // Its length in its head, the gateway's (a plugin's own `Content-Length` could disagree
     // with the body): the reply goes through the response phase, where a body plugin that
     // leaves it as it is hides the body's size, and it must not become chunked (or, for an

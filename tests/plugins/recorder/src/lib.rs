@@ -73,6 +73,34 @@ impl Recorder {
         }
     }
 
+    /// A whole map (`request.headers`…) in the pairs encoding: its names joined with `,`,
+    /// and the value of `name` in it.
+    fn map(&self, path: &[&str], name: &str) -> (String, String) {
+        let Some(b) = self.get_property(path.to_vec()) else {
+            return ("<none>".into(), "<none>".into());
+        };
+        let u32_at = |at: usize| -> usize {
+            b.get(at..at + 4)
+                .map_or(0, |s| u32::from_le_bytes(s.try_into().unwrap()) as usize)
+        };
+        let count = u32_at(0);
+        let mut at = 4 + count * 8;
+        let (mut names, mut value) = (Vec::new(), "<absent>".to_string());
+        for i in 0..count {
+            let (kl, vl) = (u32_at(4 + i * 8), u32_at(8 + i * 8));
+            let (Some(k), Some(v)) = (b.get(at..at + kl), b.get(at + kl + 1..at + kl + 1 + vl)) else {
+                return ("<malformed>".into(), "<malformed>".into());
+            };
+            let k = String::from_utf8_lossy(k).to_string();
+            if k == name {
+                value = String::from_utf8_lossy(v).to_string();
+            }
+            names.push(k);
+            at += kl + vl + 2;
+        }
+        (names.join(","), value)
+    }
+
     fn text(&self, path: &[&str]) -> String {
         self.get_property(path.to_vec())
             .map(|b| String::from_utf8_lossy(&b).to_string())
@@ -119,6 +147,8 @@ impl HttpContext for Recorder {
             "connection.id",
             "upstream.port",
             "response.code",
+            "response.flags",
+            "response.grpc_status",
         ]
         .map(|name| {
             let path: Vec<&str> = name.split('.').collect();
@@ -130,11 +160,17 @@ impl HttpContext for Recorder {
             "upstream.address",
             "request.useragent",
             "response.headers.content-type",
+            "response.code_details",
         ]
             .map(|name| {
                 let path: Vec<&str> = name.split('.').collect();
                 format!("{name}={}", self.text(&path))
             });
-        log::info!("recorder {}: attributes {} {}", self.label, ints.join(" "), texts.join(" "));
+        let (request_names, agent) = self.map(&["request", "headers"], "user-agent");
+        let (response_names, _) = self.map(&["response", "headers"], "");
+        let maps = format!(
+            "request.headers={request_names} request.headers[user-agent]={agent} response.headers={response_names}"
+        );
+        log::info!("recorder {}: attributes {} {} {maps}", self.label, ints.join(" "), texts.join(" "));
     }
 }
