@@ -587,6 +587,31 @@ fn daemon_with_status_reload_and_stop_commands() {
         "{err}"
     );
     assert!(err.contains("bad.wasm"), "{err}");
+    // A reload that changes the Admin API's key cannot be asked with the new key before it
+    // applies: `reload` signals, then reads the outcome the master records in the data
+    // directory's lock and reports it the same way, exit status included.
+    let rekeyed = good.replace(KEY, "another-admin-key-0123456789");
+    assert_ne!(rekeyed, good);
+    std::fs::write(&conf, &rekeyed).unwrap();
+    let (ok, out, err) = cli(&["reload"], prefix);
+    assert!(
+        ok && out.contains("reload applied") && out.contains("epoch 2"),
+        "{out}{err}"
+    );
+    assert!(err.contains("could not be asked"), "{err}");
+    let refused = rekeyed
+        .replace(
+            "another-admin-key-0123456789",
+            "a-third-admin-key-0123456789",
+        )
+        .replace(&common::fixture("header_rewrite"), "bad.wasm");
+    std::fs::write(&conf, refused).unwrap();
+    let (ok, _, err) = cli(&["reload"], prefix);
+    assert!(
+        !ok && err.contains("reload refused") && err.contains("not a WebAssembly module"),
+        "{err}"
+    );
+    std::fs::write(&conf, &rekeyed).unwrap();
     // Signals meant for nginx's master or for the master alone harm nothing: SIGUSR2 (no
     // binary switch) is logged, SIGHUP to a worker ignored.
     let workers: Vec<i32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))

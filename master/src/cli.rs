@@ -183,14 +183,8 @@ pub fn reload(opts: &Options) -> anyhow::Result<()> {
         _ => None,
     };
     if answering != Some(pid as i64) {
-        kill(Pid::from_raw(pid), Signal::SIGHUP)
-            .with_context(|| format!("cannot signal pid {pid}"))?;
-        say(&format!(
-            "the Admin API on {addr} could not be asked (no answer, another master, or a key \
-             it does not know): reload signal sent to master {pid}; see the error log for the \
-             outcome\n"
-        ));
-        return Ok(());
+        let data_dir = opts.resolve(&loaded.config.wasmgate.data_dir);
+        return reload_by_signal(pid, &data_dir, addr);
     }
     let (status, body) = http_request(addr, "POST", "/wasmgate/reload", key.as_deref())
         .with_context(|| {
@@ -210,6 +204,56 @@ pub fn reload(opts: &Options) -> anyhow::Result<()> {
         (_, Some(msg)) => bail!("{msg}"),
         _ => bail!("the Admin API answered {status} to the reload: {body}"),
     }
+}
+
+/// How long `wasmgate reload` waits for the outcome of a reload it asked by signal: the
+/// master's own wait for the new workers (30 s), and some.
+const RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
+
+/// A reload asked with SIGHUP, when the Admin API cannot be asked (a key changed in
+/// config.yaml and not yet reloaded, an Admin API turned off or unreachable): the outcome is
+/// read from the data directory's lock, where the master records each reload's, and
+/// reported as through the Admin API — the exit status says whether it applied.
+fn reload_by_signal(pid: i32, data_dir: &Path, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let seq = |h: crate::lock::Holder| h.last_reload.map_or(0, |r| r.seq);
+    let before = crate::lock::holder(data_dir)
+        .filter(|h| h.pid == pid)
+        .map(seq);
+    kill(Pid::from_raw(pid), Signal::SIGHUP).with_context(|| format!("cannot signal pid {pid}"))?;
+    let why = format!(
+        "the Admin API on {addr} could not be asked (no answer, another master, or a key it \
+         does not know): reload signal sent to master {pid}"
+    );
+    // A master that keeps no record (of a version before it): the error log tells.
+    let Some(before) = before else {
+        say(&format!("{why}; see the error log for the outcome\n"));
+        return Ok(());
+    };
+    eprintln!("wasmgate: {why}");
+    let deadline = std::time::Instant::now() + RELOAD_WAIT;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let Some(h) = crate::lock::holder(data_dir).filter(|h| h.pid == pid) else {
+            bail!("master {pid} is gone: see the error log");
+        };
+        match h.last_reload {
+            Some(r) if r.seq > before => match r.outcome {
+                Ok(epoch) => {
+                    say(&format!(
+                        "reload applied by master {pid}: epoch {epoch} serving\n"
+                    ));
+                    return Ok(());
+                }
+                Err(e) => bail!("reload refused: {e}"),
+            },
+            _ => {}
+        }
+    }
+    say(&format!(
+        "no outcome from master {pid} after {}s: see the error log\n",
+        RELOAD_WAIT.as_secs()
+    ));
+    Ok(())
 }
 
 /// Where the Admin API listens (loopback for a wildcard address) and the key to call it with:

@@ -6,8 +6,9 @@
 //! command line where the master is when config.yaml's `pid_file` was edited and not yet
 //! reloaded: the data directory cannot change without a restart, the pid file can.
 //!
-//! The file holds three lines: the pid, the configuration the master was started with, and
-//! where its Admin API listens now. The kernel drops the lock with the process, so a master
+//! The file holds four lines: the pid, the configuration the master was started with, where
+//! its Admin API listens now, and the outcome of its last reload (JSON: a count and the epoch
+//! or the refusal), by which `wasmgate reload` reports a reload it asked by signal. The kernel drops the lock with the process, so a master
 //! that was killed leaves no stale claim; a pid read from the file counts only while
 //! `/proc/locks` shows that very process holding the lock on that very file.
 
@@ -23,6 +24,19 @@ pub struct MasterLock {
     file: Flock<File>,
     /// What the file says besides the pid (rewritten when the Admin API moves).
     config: String,
+    admin: SocketAddr,
+    /// The last reload's outcome, as its line says it.
+    last_reload: Option<Reloaded>,
+}
+
+/// A reload's outcome, as the lock's record keeps the last one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reloaded {
+    /// How many reloads the master has run (by signal or through the Admin API), this one
+    /// included.
+    pub seq: u64,
+    /// The epoch serving once applied, or why it was refused.
+    pub outcome: Result<u64, String>,
 }
 
 /// What the lock file says of the master that holds it.
@@ -34,6 +48,8 @@ pub struct Holder {
     /// Where its Admin API listens now: the command line asks there, not at an address
     /// config.yaml names and no reload applied yet (where something else may listen).
     pub admin: Option<SocketAddr>,
+    /// Its last reload's outcome; None before the first.
+    pub last_reload: Option<Reloaded>,
 }
 
 /// The lock file's path: also what `wasmgate.pid_file` must not name.
@@ -75,6 +91,8 @@ impl MasterLock {
         let mut lock = MasterLock {
             file,
             config: config.to_string(),
+            admin,
+            last_reload: None,
         };
         lock.record(admin)
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -83,9 +101,30 @@ impl MasterLock {
 
     /// Writes the record again with the Admin API's address (after a reload moved it).
     pub fn record(&mut self, admin: SocketAddr) -> std::io::Result<()> {
-        let text = format!("{}\n{}\n{admin}\n", std::process::id(), self.config);
-        self.file.set_len(0)?;
-        self.file.write_all_at(text.as_bytes(), 0)
+        self.admin = admin;
+        let reload = match &self.last_reload {
+            Some(r) => serde_json::to_string(r).map_err(std::io::Error::other)?,
+            None => String::new(),
+        };
+        let text = format!(
+            "{}\n{}\n{admin}\n{reload}\n",
+            std::process::id(),
+            self.config
+        );
+        // The whole record written over the old one, then the rest cut: a reader finds whole
+        // lines first, never an empty file (the pid line is the same every time).
+        self.file.write_all_at(text.as_bytes(), 0)?;
+        self.file.set_len(text.len() as u64)
+    }
+
+    /// Records a reload's outcome (`wasmgate reload` waits for it after its signal).
+    pub fn record_reload(&mut self, outcome: &Result<u64, String>) -> std::io::Result<()> {
+        let seq = self.last_reload.as_ref().map_or(0, |r| r.seq) + 1;
+        self.last_reload = Some(Reloaded {
+            seq,
+            outcome: outcome.clone(),
+        });
+        self.record(self.admin)
     }
 }
 
@@ -128,6 +167,7 @@ pub fn holder(data_dir: &Path) -> Option<Holder> {
         pid,
         config: lines.next().unwrap_or("").to_string(),
         admin: lines.next().and_then(|a| a.parse().ok()),
+        last_reload: lines.next().and_then(|r| serde_json::from_str(r).ok()),
     })
 }
 

@@ -298,6 +298,10 @@ impl Loop {
                 tracing::error!("reload refused, the previous configuration keeps serving: {e}")
             }
         }
+        // For `wasmgate reload` when it signalled: it reads the outcome there.
+        if let Err(e) = self.lock.record_reload(&result) {
+            tracing::error!("cannot record the reload's outcome in the data directory's lock: {e}");
+        }
         result
     }
 
