@@ -72,6 +72,8 @@ pub enum Update {
     Poll(Box<Poll>),
     /// A poll could not reach the gateway.
     Unreachable(String),
+    /// A poll reached the address, which refused the key or is no wasmgate Admin API.
+    Refused(String),
     /// A [`Command`] finished.
     Done {
         command: Command,
@@ -500,6 +502,9 @@ pub struct App {
     pub connected: Option<bool>,
     /// Why the gateway could not be reached.
     pub unreachable: Option<String>,
+    /// What `unreachable` says is a refusal (the key, or not a gateway), not an address
+    /// that does not answer.
+    pub refused: bool,
     pub routes: Feed<Vec<Route>>,
     /// The selected route, by id (so it stays put when the list changes).
     pub route_selected: Option<String>,
@@ -510,6 +515,9 @@ pub struct App {
     pub log: Feed<LogTail>,
     /// Lines scrolled up from the end of the log (0: follow it).
     pub log_scroll: usize,
+    /// Lines the log's pane showed at its last drawing: scrolling back stops once its first
+    /// line is in view (0 before the first drawing).
+    pub log_view: std::cell::Cell<usize>,
     /// Columns scrolled right.
     pub log_hscroll: u16,
     /// A reload is on its way.
@@ -526,6 +534,7 @@ impl App {
             modal: None,
             connected: None,
             unreachable: None,
+            refused: false,
             routes: Feed::default(),
             route_selected: None,
             status: Feed::default(),
@@ -534,6 +543,7 @@ impl App {
             stats: StatsView::default(),
             log: Feed::default(),
             log_scroll: 0,
+            log_view: std::cell::Cell::new(0),
             log_hscroll: 0,
             reloading: false,
             flash: None,
@@ -627,11 +637,18 @@ impl App {
             Update::Unreachable(e) => {
                 self.connected = Some(false);
                 self.unreachable = Some(e);
+                self.refused = false;
+            }
+            Update::Refused(e) => {
+                self.connected = Some(false);
+                self.unreachable = Some(e);
+                self.refused = true;
             }
             Update::Poll(p) => {
                 let p = *p;
                 self.connected = Some(true);
                 self.unreachable = None;
+                self.refused = false;
                 self.routes.apply(p.routes);
                 self.keep_route_selection();
                 self.status.apply(p.status);
@@ -646,7 +663,7 @@ impl App {
                     // Scrolled back: stay on the same lines while new ones arrive (the tail
                     // is a window of the last N lines, so this holds until it fills).
                     let grown = self.log_lines().len().saturating_sub(before);
-                    self.log_scroll = (self.log_scroll + grown).min(self.log_lines().len());
+                    self.log_scroll = (self.log_scroll + grown).min(self.log_scroll_max());
                 }
             }
             Update::Done { command, result } => self.on_done(command, result),
@@ -898,8 +915,13 @@ impl App {
         None
     }
 
+    /// The furthest the log scrolls back: its first line at the top of the pane.
+    pub fn log_scroll_max(&self) -> usize {
+        self.log_lines().len().saturating_sub(self.log_view.get())
+    }
+
     fn log_key(&mut self, key: KeyEvent) {
-        let total = self.log_lines().len();
+        let furthest = self.log_scroll_max();
         match key.code {
             KeyCode::Left | KeyCode::Char('h') => {
                 self.log_hscroll = self.log_hscroll.saturating_sub(8)
@@ -911,7 +933,7 @@ impl App {
                 if let Some(d) = Self::movement(&key) {
                     // Up scrolls back: away from the end.
                     self.log_scroll =
-                        (self.log_scroll as isize - d).clamp(0, total as isize) as usize;
+                        (self.log_scroll as isize - d).clamp(0, furthest as isize) as usize;
                 }
             }
         }
@@ -1389,6 +1411,14 @@ mod tests {
         assert_eq!(app.log_scroll, 0);
         app.on_key(ch('g'));
         assert_eq!(app.log_scroll, 53);
+        // Drawn 41 lines high, the top is 12 lines back: the first line at the top, the pane
+        // full, and the next key down scrolls at once.
+        app.log_view.set(41);
+        app.on_key(ch('G'));
+        app.on_key(ch('g'));
+        assert_eq!(app.log_scroll, 12);
+        app.on_key(key(KeyCode::Down));
+        assert_eq!(app.log_scroll, 11);
         app.on_key(key(KeyCode::Right));
         app.on_key(key(KeyCode::Right));
         app.on_key(key(KeyCode::Left));

@@ -56,6 +56,9 @@ pub fn error_message(status: u16, body: &str) -> String {
     let body = body.trim();
     if body.is_empty() {
         format!("HTTP {status}")
+    } else if body.starts_with('<') {
+        // A web page, not an Admin API's answer: its markup would fill the screen.
+        format!("HTTP {status} with a web page, not an Admin API's answer")
     } else {
         body.chars().take(500).collect()
     }

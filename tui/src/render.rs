@@ -107,6 +107,10 @@ fn hints(app: &App) -> &'static [(&'static str, &'static str)] {
 /// Connection state on the left; a note, or the screen's keys, after it.
 fn status_bar(f: &mut Frame, area: Rect, app: &App) {
     let mut spans = match (app.connected, &app.unreachable) {
+        (Some(false), Some(reason)) if app.refused => vec![Span::styled(
+            format!(" ✗ {}: {reason} — retrying… ", app.admin),
+            theme::error(),
+        )],
         (Some(false), reason) => {
             let mut s = vec![Span::styled(" ✗ disconnected, retrying… ", theme::error())];
             if let Some(r) = reason {

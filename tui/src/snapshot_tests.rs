@@ -199,6 +199,16 @@ fn disconnected() {
     check("disconnected", &a);
 }
 
+/// A wrong key is said in the status bar, in red, not shown as a connection that loads for ever.
+#[test]
+fn key_refused() {
+    let mut a = app();
+    a.on_update(Update::Refused(
+        "admin key refused (failed to check token: wrong apikey)".into(),
+    ));
+    check("key_refused", &a);
+}
+
 #[test]
 fn reload_failed() {
     let mut a = app();

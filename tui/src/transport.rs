@@ -29,8 +29,26 @@ pub fn poll(client: &Client) -> Update {
         })
     };
     match all() {
-        Ok(p) => Update::Poll(Box::new(p)),
+        Ok(p) => match refusal(&p) {
+            Some(why) => Update::Refused(why),
+            None => Update::Poll(Box::new(p)),
+        },
         Err(e) => Update::Unreachable(e),
+    }
+}
+
+/// Why a poll that reached something got nothing usable from it: the key refused (every
+/// endpoint answers 401/403 then), or no wasmgate Admin API at that address (its status
+/// endpoint unknown).
+fn refusal(p: &Poll) -> Option<String> {
+    match &p.status {
+        Err(ApiError::Status { status: 401 | 403, message }) => {
+            Some(format!("admin key refused ({message})"))
+        }
+        Err(ApiError::Status { status: 404, .. }) => {
+            Some("no wasmgate Admin API at this address (404 on /wasmgate/status)".into())
+        }
+        _ => None,
     }
 }
 
@@ -77,4 +95,38 @@ pub fn spawn(client: Client, interval: Duration) -> (Sender<Command>, Receiver<U
         })
         .expect("cannot start the Admin API thread");
     (cmd_tx, up_rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{GatewayStatus, Plugins, Stats};
+
+    fn poll_with(status: Result<GatewayStatus, ApiError>) -> Poll {
+        Poll {
+            at: Instant::now(),
+            routes: Ok(vec![]),
+            status,
+            plugins: Ok(Plugins::default()),
+            stats: Ok(Stats::default()),
+            log: Err(ApiError::Invalid("-".into())),
+        }
+    }
+
+    #[test]
+    fn a_refused_key_or_another_server_is_no_connection() {
+        let refused = |status: u16| {
+            refusal(&poll_with(Err(ApiError::Status {
+                status,
+                message: "failed to check token: wrong apikey".into(),
+            })))
+        };
+        assert_eq!(
+            refused(401).as_deref(),
+            Some("admin key refused (failed to check token: wrong apikey)")
+        );
+        assert!(refused(404).unwrap().contains("no wasmgate Admin API"));
+        assert_eq!(refused(500), None, "an error of the gateway's own is shown where it is");
+        assert_eq!(refusal(&poll_with(Ok(GatewayStatus::default()))), None);
+    }
 }

@@ -11,8 +11,11 @@ use ratatui::Frame;
 pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     let lines = app.log_lines();
     let height = area.height.saturating_sub(2) as usize;
-    // The window ends `log_scroll` lines before the end.
-    let end = lines.len().saturating_sub(app.log_scroll);
+    app.log_view.set(height);
+    // The window ends `log_scroll` lines before the end, and starts at the first line at the
+    // furthest (the pane may have grown since the scroll).
+    let scroll = app.log_scroll.min(app.log_scroll_max());
+    let end = lines.len().saturating_sub(scroll);
     let start = end.saturating_sub(height);
     let path = app
         .log
@@ -20,7 +23,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
         .as_ref()
         .and_then(|l| l.path.clone())
         .unwrap_or_else(|| "error log".into());
-    let position = if app.log_scroll == 0 {
+    let position = if scroll == 0 {
         "following".to_string()
     } else {
         format!("{}-{} of {}", start + 1, end, lines.len())
