@@ -359,13 +359,28 @@ fn refused_configuration_answers_503() {
         json!({"uri": "/r", "plugins": {"echo": {"conf": "refuse"}}}),
         None,
     );
-    assert_eq!(http("GET", &gw.url("/r"), &[], None).status, 503);
+    for _ in 0..3 {
+        assert_eq!(http("GET", &gw.url("/r"), &[], None).status, 503);
+    }
     assert!(
         gw.error_log()
             .contains("echo: failed to configure the plugin for route 1"),
         "{}",
         gw.error_log()
     );
+    // Its statistics count the requests it failed as requests, each an error: the route is
+    // failing, not idle.
+    eventually(Duration::from_secs(5), "3 requests, 3 errors", || {
+        let (_, v) = gw.admin("GET", "/wasmgate/stats", None);
+        v["contexts"].as_array().is_some_and(|c| {
+            c.iter().any(|c| {
+                c["plugin"] == "echo"
+                    && c["owner_id"] == "1"
+                    && c["requests"] == 3
+                    && c["errors"] == 3
+            })
+        })
+    });
 }
 
 /// Traps, endless loops and memory bombs fail the request closed (503), are logged, and the

@@ -42,9 +42,10 @@ pub fn poll(client: &Client) -> Update {
 /// endpoint unknown).
 fn refusal(p: &Poll) -> Option<String> {
     match &p.status {
-        Err(ApiError::Status { status: 401 | 403, message }) => {
-            Some(format!("admin key refused ({message})"))
-        }
+        Err(ApiError::Status {
+            status: 401 | 403,
+            message,
+        }) => Some(format!("admin key refused ({message})")),
         Err(ApiError::Status { status: 404, .. }) => {
             Some("no wasmgate Admin API at this address (404 on /wasmgate/status)".into())
         }
@@ -126,7 +127,11 @@ mod tests {
             Some("admin key refused (failed to check token: wrong apikey)")
         );
         assert!(refused(404).unwrap().contains("no wasmgate Admin API"));
-        assert_eq!(refused(500), None, "an error of the gateway's own is shown where it is");
+        assert_eq!(
+            refused(500),
+            None,
+            "an error of the gateway's own is shown where it is"
+        );
         assert_eq!(refusal(&poll_with(Ok(GatewayStatus::default()))), None);
     }
 }

@@ -856,6 +856,9 @@ impl Plugins {
                 p.decl.name,
                 describe(link.owner)
             );
+            // A request it failed, counted as one (its error is counted by the caller): a
+            // route whose every request fails must not look idle.
+            self.count(record, |r| &r.requests);
             return Ok(None);
         };
         root.inflight += 1;
