@@ -267,8 +267,10 @@ fn routes_screen_editor_and_dialogs() {
     assert!(!s.contains("create_time"), "{s}");
     press(&mut app, KeyCode::Esc);
 
-    // Space disables route 1.
-    let cmd = press(&mut app, KeyCode::Char(' ')).unwrap();
+    // Space disables route 1, once confirmed.
+    assert_eq!(press(&mut app, KeyCode::Char(' ')), None);
+    assert_line(&screen(&app, SMALL), &["Disable route 1"]);
+    let cmd = press(&mut app, KeyCode::Char('y')).unwrap();
     app.on_update(transport::execute(&c, &cmd));
     assert_eq!(
         gw.admin("GET", "/apisix/admin/routes/1", None).1["value"]["status"],
@@ -472,10 +474,18 @@ fn log_screen_tails_the_error_log() {
     assert!(s.contains("logs/error.log (following)"), "{s}");
     let s = screen(&app, (200, 50));
     assert_line(&s, &["[info]", "PUT /apisix/admin/routes/logged-route"]);
-    // Scrolling back shows where the window is.
+    // Scrolling back shows where the window is; it stops once the first line is at the top.
+    let short = (200, 8);
+    screen(&app, short);
     press(&mut app, KeyCode::Up);
-    let s = screen(&app, LARGE);
+    let s = screen(&app, short);
     assert!(s.contains(" of "), "{s}");
+    press(&mut app, KeyCode::Char('g'));
+    let s = screen(&app, short);
+    assert!(s.contains("(1-4 of "), "the first four lines: {s}");
+    // In a pane that holds the whole log, there is nothing to scroll back to.
+    let s = screen(&app, (200, 200));
+    assert!(s.contains("(following)"), "{s}");
 }
 
 /// When the gateway goes away the console keeps its data and says it is retrying; the

@@ -333,6 +333,8 @@ pub struct RouteEditor {
     pub error: Option<String>,
     /// A save is on its way.
     pub saving: bool,
+    /// The id and the text as opened: closing with changes asks first.
+    opened: (String, String),
 }
 
 /// Which field of the route editor has the cursor.
@@ -362,25 +364,28 @@ impl RouteEditor {
     }
 
     pub fn new_route(id: &str) -> RouteEditor {
-        RouteEditor {
-            new: true,
-            id: Self::field(id),
-            body: TextArea::new(NEW_ROUTE_TEMPLATE),
-            focus: Focus::Body,
-            error: None,
-            saving: false,
-        }
+        Self::open(true, id, NEW_ROUTE_TEMPLATE)
     }
 
     pub fn edit(route: &Route) -> RouteEditor {
+        Self::open(false, &route.id, &route.editable_json())
+    }
+
+    fn open(new: bool, id: &str, text: &str) -> RouteEditor {
         RouteEditor {
-            new: false,
-            id: Self::field(&route.id),
-            body: TextArea::new(&route.editable_json()),
+            new,
+            id: Self::field(id),
+            body: TextArea::new(text),
             focus: Focus::Body,
             error: None,
             saving: false,
+            opened: (id.to_string(), text.to_string()),
         }
+    }
+
+    /// Whether the id or the text differ from what was opened (closing would lose them).
+    pub fn changed(&self) -> bool {
+        self.id.text() != self.opened.0 || self.body.text() != self.opened.1
     }
 
     pub fn id_text(&self) -> String {
@@ -468,6 +473,12 @@ pub enum Modal {
     Help,
     Confirm(Confirm),
     Editor(Box<RouteEditor>),
+    /// Closing an editor with changes (`quit`: the whole console): `y` loses them, `n` or
+    /// `Esc` goes back to the editor.
+    Discard {
+        editor: Box<RouteEditor>,
+        quit: bool,
+    },
     /// A result that deserves more than the status bar (a refused reload, a failed delete).
     Message {
         title: String,
@@ -748,11 +759,19 @@ impl App {
             return None;
         }
         let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
-        if ctrl && key.code == KeyCode::Char('c') {
-            self.quit = true;
-            return None;
-        }
+        let interrupt = ctrl && key.code == KeyCode::Char('c');
         match self.modal.take() {
+            Some(Modal::Editor(ed)) if ed.changed() && (interrupt || key.code == KeyCode::Esc) => {
+                self.modal = Some(Modal::Discard {
+                    editor: ed,
+                    quit: interrupt,
+                });
+                None
+            }
+            _ if interrupt => {
+                self.quit = true;
+                None
+            }
             Some(Modal::Editor(mut ed)) => {
                 if key.code == KeyCode::Esc {
                     return None;
@@ -760,6 +779,16 @@ impl App {
                 let cmd = ed.on_key(key);
                 self.modal = Some(Modal::Editor(ed));
                 cmd
+            }
+            Some(Modal::Discard { editor, quit }) => {
+                match key.code {
+                    KeyCode::Char('y') | KeyCode::Char('Y') | KeyCode::Enter => self.quit = quit,
+                    KeyCode::Char('n') | KeyCode::Char('N') | KeyCode::Esc => {
+                        self.modal = Some(Modal::Editor(editor))
+                    }
+                    _ => self.modal = Some(Modal::Discard { editor, quit }),
+                }
+                None
             }
             Some(Modal::Confirm(c)) => match key.code {
                 KeyCode::Char('y') | KeyCode::Char('Y') | KeyCode::Enter => {
@@ -868,10 +897,26 @@ impl App {
             }
             KeyCode::Char(' ') => {
                 if let Some(r) = self.selected_route() {
-                    return Some(Command::SetRouteStatus {
+                    let command = Command::SetRouteStatus {
                         id: r.id.clone(),
                         enabled: !r.enabled(),
-                    });
+                    };
+                    // Enabling serves more; disabling a live route answers its clients 404:
+                    // asked first, as a delete is.
+                    if r.enabled() {
+                        self.modal = Some(Modal::Confirm(Confirm {
+                            title: "Disable route".into(),
+                            question: format!(
+                                "Disable route {} ({})? Its requests get 404 until it is \
+                                 enabled again.",
+                                r.id,
+                                r.uris().join(" ")
+                            ),
+                            command,
+                        }));
+                        return None;
+                    }
+                    return Some(command);
                 }
             }
             _ => {}
@@ -958,14 +1003,14 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
             ("n", "new route"),
             ("e, Enter", "edit selected route"),
             ("d", "delete (asks first)"),
-            ("space", "enable / disable"),
+            ("space", "enable/disable (asks)"),
         ],
     ),
     (
         "Route editor",
         &[
             ("Ctrl-S", "save (PUT)"),
-            ("Esc", "cancel"),
+            ("Esc", "close (asks if edited)"),
             ("Tab", "id / JSON (new route)"),
             ("Ctrl-K, Ctrl-U", "cut to line end/start"),
         ],
@@ -1106,8 +1151,11 @@ mod tests {
     #[test]
     fn space_toggles_the_status() {
         let mut app = app_with_routes();
+        // Disabling a live route asks first.
+        assert_eq!(app.on_key(ch(' ')), None);
+        assert!(matches!(&app.modal, Some(Modal::Confirm(_))));
         assert_eq!(
-            app.on_key(ch(' ')),
+            app.on_key(ch('y')),
             Some(Command::SetRouteStatus {
                 id: "1".into(),
                 enabled: false
@@ -1256,8 +1304,35 @@ mod tests {
         };
         assert_eq!(ed.focus, Focus::Body);
         assert!(ed.body.text().starts_with("  {"));
+        // Changed: Esc asks; `n` (or Esc) goes back to the text as it was, `y` drops it.
+        app.on_key(key(KeyCode::Esc));
+        assert!(matches!(
+            &app.modal,
+            Some(Modal::Discard { quit: false, .. })
+        ));
+        app.on_key(ch('n'));
+        let Some(Modal::Editor(ed)) = &app.modal else {
+            panic!("the editor is back")
+        };
+        assert!(ed.body.text().starts_with("  {"));
+        app.on_key(key(KeyCode::Esc));
+        app.on_key(ch('y'));
+        assert_eq!(app.modal, None);
+        assert!(!app.quit);
+        // Unchanged: Esc closes at once. Ctrl-C with changes asks too, then quits.
+        app.on_key(key(KeyCode::Enter));
         app.on_key(key(KeyCode::Esc));
         assert_eq!(app.modal, None);
+        app.on_key(key(KeyCode::Enter));
+        app.on_key(ch('x'));
+        app.on_key(ctrl('c'));
+        assert!(matches!(
+            &app.modal,
+            Some(Modal::Discard { quit: true, .. })
+        ));
+        assert!(!app.quit);
+        app.on_key(ch('y'));
+        assert!(app.quit);
     }
 
     #[test]

@@ -50,6 +50,26 @@ pub fn draw(f: &mut Frame, app: &App) {
             *error,
         ),
         Some(Modal::Editor(ed)) => panes::editor::draw(f, body, ed),
+        Some(Modal::Discard { editor, quit }) => {
+            panes::editor::draw(f, body, editor);
+            let question = format!(
+                "{} and lose your changes to route {}?",
+                if *quit { "Quit" } else { "Close the editor" },
+                editor.id_text()
+            );
+            dialog(
+                f,
+                "Discard changes",
+                &question,
+                Line::from(vec![
+                    Span::styled("y", theme::key()),
+                    Span::raw(" discard    "),
+                    Span::styled("n", theme::key()),
+                    Span::raw(" keep editing"),
+                ]),
+                false,
+            )
+        }
     }
 }
 
