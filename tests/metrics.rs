@@ -7,6 +7,7 @@ mod common;
 use common::prom::Page;
 use common::{http, Gateway, TestUpstream};
 use serde_json::json;
+use std::time::Duration;
 
 fn scrape(gw: &Gateway) -> (Page, String) {
     let url = format!(
@@ -132,6 +133,85 @@ fn scraped_metrics_count_what_was_sent() {
     assert_eq!(page.find("apisix_worker_restarts", &[]).len(), 2);
     assert!(page.value("apisix_config_generation", &[]) >= 2.0);
     assert_eq!(page.types["apisix_nginx_http_current_connections"], "gauge");
+}
+
+/// Counters only grow while the master runs: a reload replaces both workers and a killed
+/// worker is replaced, and what they had counted stays in the totals (APISIX's counters
+/// outlive a reload in nginx's shared dictionaries).
+#[test]
+fn counters_go_on_across_a_reload_and_a_crash() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let conf = json!({"response_set": {"x-hello": "wasm"}}).to_string();
+    gw.route(
+        "api",
+        json!({"uri": "/status/*", "plugins": {"rewrite": {"conf": conf}}}),
+        Some(&app),
+    );
+    let send = |n: usize| {
+        for _ in 0..n {
+            assert_eq!(http("GET", &gw.url("/status/200"), &[], None).status, 200);
+        }
+    };
+    let ctx = [
+        ("plugin", "rewrite"),
+        ("owner_kind", "route"),
+        ("owner_id", "api"),
+    ];
+    // (responses of the route, its plugin's requests, all requests, /wasmgate/stats' count)
+    let counted = || {
+        let page = scrape(&gw).0;
+        let (_, stats) = gw.admin("GET", "/wasmgate/stats", None);
+        let in_stats = stats["contexts"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["owner_id"] == "api"))
+            .and_then(|c| c["requests"].as_u64());
+        (
+            page.value(
+                "apisix_http_status_total",
+                &[("code", "200"), ("route", "api")],
+            ),
+            page.value("apisix_wasm_plugin_requests_total", &ctx),
+            page.value("apisix_http_requests_total", &[]),
+            in_stats,
+        )
+    };
+    let reaches = |n: f64| {
+        common::eventually(Duration::from_secs(10), &format!("{n} counted"), || {
+            let (status, plugin, all, stats) = counted();
+            status == n && plugin == n && all >= n && stats == Some(n as u64)
+        });
+    };
+    let gone = |pids: &[i32]| {
+        common::eventually(Duration::from_secs(15), "the old workers gone", || {
+            pids.iter()
+                .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        });
+    };
+    send(10);
+    reaches(10.0);
+    let old = gw.worker_pids();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+    gone(&old);
+    reaches(10.0);
+    send(5);
+    reaches(15.0);
+    // A worker killed: the master replaces it and keeps its counts.
+    let victim = gw.worker_pids()[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    gone(&[victim]);
+    common::eventually(Duration::from_secs(10), "two workers again", || {
+        let pids = gw.worker_pids();
+        pids.len() == 2 && !pids.contains(&victim) && pids.iter().all(|p| *p != 0)
+    });
+    reaches(15.0);
+    send(5);
+    reaches(20.0);
 }
 
 /// Only the configured path is served; the Admin API's `/wasmgate/metrics` has the same

@@ -13,6 +13,7 @@ mod listeners;
 mod lock;
 pub mod metrics;
 mod publish;
+pub mod retired;
 mod run;
 pub mod state;
 pub mod store;

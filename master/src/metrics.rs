@@ -72,6 +72,8 @@ struct Scrape {
     hostname: String,
     generation: u64,
     workers: Vec<WorkerRow>,
+    /// Requests served by workers that left (a reload, a crash): the total goes on from there.
+    retired_requests: u64,
     /// Summed over workers, by route id.
     routes: BTreeMap<String, RouteSnapshot>,
     /// Summed over workers, by (plugin, owner).
@@ -96,6 +98,8 @@ pub fn render(m: &Master) -> String {
 impl Scrape {
     fn read(m: &Master) -> Scrape {
         let seg = &m.segment;
+        // Held while the slots are read: a leaving worker is counted in its slot or here.
+        let retired = m.retired();
         let mut scrape = Scrape {
             prefix: m
                 .config()
@@ -109,8 +113,9 @@ impl Scrape {
                 .unwrap_or_default(),
             generation: seg.generation(),
             workers: Vec::new(),
-            routes: BTreeMap::new(),
-            contexts: BTreeMap::new(),
+            retired_requests: retired.requests,
+            routes: retired.routes.clone(),
+            contexts: retired.contexts.clone(),
             plugin_metrics: m.plugin_shm.metrics(),
             etcd_reachable: m.etcd.as_ref().map(|e| e.reachable.load(Ordering::Relaxed)),
         };
@@ -128,23 +133,11 @@ impl Scrape {
                 restarts: s.restarts.load(Ordering::Relaxed),
             });
             for r in seg.traffic(i).snapshot() {
-                match scrape.routes.get_mut(&r.route) {
-                    Some(sum) => sum.merge(&r),
-                    None => {
-                        scrape.routes.insert(r.route.clone(), r);
-                    }
-                }
+                crate::retired::add_route(&mut scrape.routes, r);
             }
             let stats = seg.stats(i);
             for c in (0..stats.len()).filter_map(|j| stats.get(j)) {
-                let c = c.snapshot();
-                let key = (c.plugin.clone(), c.owner.clone());
-                match scrape.contexts.get_mut(&key) {
-                    Some(sum) => sum.merge(&c),
-                    None => {
-                        scrape.contexts.insert(key, c);
-                    }
-                }
+                crate::retired::add_context(&mut scrape.contexts, c.snapshot());
             }
         }
         scrape.workers.sort_by_key(|w| (w.worker_id, w.pid));
@@ -280,8 +273,11 @@ impl Collector for Scrape {
         counter(
             &mut enc,
             &format!("{p}http_requests"),
-            "Requests handled, all workers (since each worker started).",
-            [(Vec::new(), self.workers.iter().map(|w| w.requests).sum())],
+            "Requests handled, all workers (those replaced by a reload or a crash included).",
+            [(
+                Vec::new(),
+                self.retired_requests + self.workers.iter().map(|w| w.requests).sum::<u64>(),
+            )],
         )?;
         gauge(
             &mut enc,
@@ -512,6 +508,7 @@ mod tests {
             hostname: "h".into(),
             generation: 3,
             workers: Vec::new(),
+            retired_requests: 0,
             routes: BTreeMap::new(),
             contexts: BTreeMap::new(),
             plugin_metrics,

@@ -62,6 +62,8 @@ pub struct Master {
     pub epoch: std::sync::atomic::AtomicU64,
     /// Cluster mode: the etcd the objects live in (the store is then its local copy).
     pub etcd: Option<Arc<crate::etcd::Etcd>>,
+    /// The counters of workers that left; every export adds them to the live workers'.
+    retired: Mutex<crate::retired::Retired>,
 }
 
 impl Master {
@@ -90,7 +92,31 @@ impl Master {
             started_at_ms: crate::now_ms(),
             epoch: std::sync::atomic::AtomicU64::new(0),
             etcd,
+            retired: Mutex::default(),
         }
+    }
+
+    /// The counters of workers that left, locked: held while the live slots are read, so that
+    /// a worker's counters are counted once, in its slot or here, never both or neither.
+    pub fn retired(&self) -> MutexGuard<'_, crate::retired::Retired> {
+        self.retired.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Frees slot `i` of a worker that exited (drained, or never started), its counters kept.
+    pub fn free_slot(&self, i: usize) {
+        let mut retired = self.retired();
+        retired.fold(&self.segment, i, true);
+        self.segment.slot(i).reset();
+    }
+
+    /// Keeps the request and plugin counters of a crashed worker, whose replacement takes
+    /// slot `i` and counts them afresh (its route traffic stays in the slot, counted on).
+    pub fn keep_crashed_counters(&self, i: usize) {
+        let mut retired = self.retired();
+        retired.fold(&self.segment, i, false);
+        let slot = self.segment.slot(i);
+        slot.requests.store(0, std::sync::atomic::Ordering::Relaxed);
+        slot.contexts.store(0, std::sync::atomic::Ordering::Release);
     }
 
     /// The store, locked. Writers hold it from validation to publication so that changes are

@@ -158,7 +158,7 @@ impl Supervisor {
                 w.worker_id,
                 w.epoch
             );
-            self.master.segment.slot(w.slot).reset();
+            self.master.free_slot(w.slot);
             self.workers.remove(idx);
             return;
         }
@@ -178,6 +178,7 @@ impl Supervisor {
         };
         w.restarts += 1;
         w.respawn_at = Some(Instant::now() + delay);
+        self.master.keep_crashed_counters(w.slot);
         let slot = self.master.segment.slot(w.slot);
         slot.pid.store(0, Ordering::Relaxed);
         slot.restarts.store(w.restarts, Ordering::Relaxed);
@@ -250,7 +251,7 @@ impl Supervisor {
                 Some(pid) => {
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGQUIT);
                 }
-                None => self.master.segment.slot(w.slot).reset(),
+                None => self.master.free_slot(w.slot),
             }
         }
         self.workers.retain(|w| w.pid.is_some() || !w.draining);
@@ -264,7 +265,7 @@ impl Supervisor {
             if let Some(pid) = w.pid {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             } else {
-                self.master.segment.slot(w.slot).reset();
+                self.master.free_slot(w.slot);
             }
         }
         self.workers.retain(|w| w.pid.is_some() || w.epoch != epoch);

@@ -281,6 +281,8 @@ pub struct MasterInfo {
     pub epoch: Option<u64>,
     pub generation: Option<u64>,
     pub config: Option<String>,
+    /// Requests since the master started, workers replaced by reloads included.
+    pub requests: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

@@ -10,6 +10,10 @@ pub fn gateway(m: &Master) -> Value {
     let now = crate::now_ms();
     let seg = &m.segment;
     let mut workers = Vec::new();
+    // Requests since the master started: the workers that left (a reload, a crash) and the
+    // live ones.
+    let retired = m.retired();
+    let mut requests = retired.requests;
     for i in 0..SLOTS {
         let s = seg.slot(i);
         let state = s.state();
@@ -17,6 +21,7 @@ pub fn gateway(m: &Master) -> Value {
             continue;
         }
         let started = s.started_at_ms.load(Ordering::Relaxed);
+        requests += s.requests.load(Ordering::Relaxed);
         workers.push(json!({
             "worker_id": s.worker_id.load(Ordering::Relaxed),
             "slot": i,
@@ -32,6 +37,7 @@ pub fn gateway(m: &Master) -> Value {
             "rss_bytes": rss_bytes(s.pid.load(Ordering::Relaxed)),
         }));
     }
+    drop(retired);
     workers.sort_by_key(|w| (w["epoch"].as_u64(), w["worker_id"].as_u64()));
     let store = match &m.etcd {
         None => json!({"kind": "local", "revision": m.store().revision()}),
@@ -53,6 +59,7 @@ pub fn gateway(m: &Master) -> Value {
             "generation": seg.generation(),
             "config": m.config().origin,
             "shm": shm_usage(m),
+            "requests": requests,
         },
         "workers": workers,
     })
@@ -101,6 +108,12 @@ pub fn stats(m: &Master) -> Value {
     use std::collections::BTreeMap;
     use wasmgate_shared::stats::{quantile, ContextSnapshot, LATENCY_BUCKETS};
     let mut merged: BTreeMap<(String, String), (ContextSnapshot, Vec<Value>)> = BTreeMap::new();
+    // What workers that left had counted (before a reload, a crash) goes on in the sums; the
+    // workers' shares are the live ones'. Held while the slots are read.
+    let retired = m.retired();
+    for (key, c) in &retired.contexts {
+        merged.insert(key.clone(), (c.clone(), Vec::new()));
+    }
     for (slot, worker_id) in live_slots(m) {
         let st = m.segment.stats(slot);
         for i in 0..st.len() {

@@ -43,7 +43,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
 
     let workers = status.map_or(&[][..], |s| s.workers.as_slice());
     let generation = master.and_then(|m| m.generation);
-    let total: u64 = workers.iter().filter_map(|w| w.requests).sum();
+    // The master's count goes on across reloads; a gateway without one, the live workers'.
+    let live: u64 = workers.iter().filter_map(|w| w.requests).sum();
+    let total = master.and_then(|m| m.requests).unwrap_or(live);
     let b = block(format!(" Workers ({}) — {total} requests ", workers.len()));
     // Narrow terminals leave out the slot.
     let wide = rest.width >= 100;
