@@ -47,6 +47,27 @@ pub fn fit(natural: &[u16], width: u16, spacing: u16) -> Vec<u16> {
     w
 }
 
+/// `s` cut to `width` columns, its last one a `…` when it does not fit: a cut id or address
+/// must not read as another, whole one.
+pub fn clip(s: String, width: u16) -> String {
+    if text_width(&s) <= width {
+        return s;
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    let mut buf = [0u8; 4];
+    for c in s.chars() {
+        let w = text_width(c.encode_utf8(&mut buf));
+        if used + w + 1 > width {
+            break;
+        }
+        used += w;
+        out.push(c);
+    }
+    out.push('…');
+    out
+}
+
 /// A table whose columns are sized by [`fit`] for `inner_width` columns.
 pub fn grid(header: Vec<String>, rows: Vec<Cells>, inner_width: u16) -> Table<'static> {
     let mut natural: Vec<u16> = header.iter().map(|h| text_width(h)).collect();
@@ -57,13 +78,18 @@ pub fn grid(header: Vec<String>, rows: Vec<Cells>, inner_width: u16) -> Table<'s
             }
         }
     }
-    let widths: Vec<Constraint> = fit(&natural, inner_width, 1)
+    let fitted = fit(&natural, inner_width, 1);
+    let rows: Vec<Row> = rows
         .into_iter()
-        .map(Constraint::Length)
+        .map(|r| {
+            let cells = r.into_iter().enumerate().map(|(i, (s, st))| {
+                let width = fitted.get(i).copied().unwrap_or(u16::MAX);
+                Cell::from(clip(s, width)).style(st)
+            });
+            Row::new(cells)
+        })
         .collect();
-    let rows = rows
-        .into_iter()
-        .map(|r| Row::new(r.into_iter().map(|(s, st)| Cell::from(s).style(st))));
+    let widths: Vec<Constraint> = fitted.iter().copied().map(Constraint::Length).collect();
     Table::new(rows, widths)
         .header(Row::new(
             header
@@ -77,6 +103,15 @@ pub fn grid(header: Vec<String>, rows: Vec<Cells>, inner_width: u16) -> Table<'s
 #[cfg(test)]
 mod tests {
     use super::fit;
+
+    #[test]
+    fn cut_text_ends_with_an_ellipsis() {
+        use super::clip;
+        assert_eq!(clip("127.0.0.1:8080".into(), 20), "127.0.0.1:8080");
+        assert_eq!(clip("127.0.0.1:8080".into(), 14), "127.0.0.1:8080");
+        assert_eq!(clip("127.0.0.1:8080".into(), 10), "127.0.0.1…");
+        assert_eq!(clip("long-route-id".into(), 1), "…");
+    }
 
     #[test]
     fn widest_columns_shrink_first() {
