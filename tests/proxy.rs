@@ -485,6 +485,18 @@ fn dead_nodes_are_retried_and_all_dead_is_502() {
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(r.text().contains("502 Bad Gateway"), "{}", r.text());
     assert!(started.elapsed() < Duration::from_secs(5));
+    // The error log names the request each failure was for, as nginx's line does.
+    let log = gw.error_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("connect() to") && l.contains("GET /dead HTTP/1.1"))
+        .unwrap_or_else(|| panic!("no connect() line for /dead: {log}"));
+    assert!(line.contains("[error]"), "{line}");
+    assert!(
+        line.contains("while connecting to upstream, client: 127.0.0.1"),
+        "{line}"
+    );
+    assert!(line.contains("upstream: \"http://127.0.0.1:"), "{line}");
 }
 
 /// `timeout.read` turns a slow upstream into a 504 without waiting for it, whether set on the

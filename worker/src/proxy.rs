@@ -628,7 +628,8 @@ async fn forward(
         else {
             // Nothing to pick at all (no node, or only weight-0 ones): APISIX's 502 and line.
             if tried.is_empty() {
-                tracing::error!("no valid upstream node");
+                let at = upstream_context(client, parts, None, client_host.as_ref());
+                tracing::error!("no valid upstream node{at}");
             }
             // Every node tried: the last attempt's answer (one that timed out stays a 504).
             let last = log.status.filter(|_| !tried.is_empty());
@@ -646,7 +647,10 @@ async fn forward(
         {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("connect() to {authority} failed: {e}");
+                let at = upstream_context(client, parts, Some(&authority), client_host.as_ref());
+                tracing::error!(
+                    "connect() to {authority} failed ({e}) while connecting to upstream{at}"
+                );
                 // A connect that timed out is a gateway timeout, as nginx answers it.
                 let (status, reason) = match e {
                     ConnectError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, CONNECT_TIMEOUT),
@@ -702,7 +706,9 @@ async fn forward(
                     || AnswerDetails::of(TERMINATED, flags::UPSTREAM_CONNECTION_TERMINATION);
                 let status = match outcome {
                     Exchange::Timeout(phase) => {
-                        tracing::error!("upstream {authority} timed out while {phase}");
+                        let at =
+                            upstream_context(client, parts, Some(&authority), client_host.as_ref());
+                        tracing::error!("upstream {authority} timed out while {phase}{at}");
                         why = AnswerDetails::of(
                             "upstream_response_timeout",
                             flags::UPSTREAM_REQUEST_TIMEOUT,
@@ -718,8 +724,11 @@ async fn forward(
                             return client_failed(status);
                         }
                         None => {
+                            let host = client_host.as_ref();
+                            let at = upstream_context(client, parts, Some(&authority), host);
                             tracing::error!(
-                                "upstream {authority} failed while reading response header: {e}"
+                                "upstream {authority} failed while reading response header \
+                                 ({e}){at}"
                             );
                             why = match invalid {
                                 true => AnswerDetails::of(NOT_HTTP, flags::UPSTREAM_PROTOCOL_ERROR),
@@ -759,6 +768,28 @@ const NOT_HTTP: &str = "upstream_reset_before_response_started{protocol_error}";
 fn because(mut resp: Response<ProxyBody>, why: AnswerDetails) -> Response<ProxyBody> {
     resp.extensions_mut().insert(why);
     resp
+}
+
+/// nginx's context for an upstream error line: the client, the request, the node it went to
+/// and the `Host` asked for (`, client: 10.0.0.1, request: "GET /a HTTP/1.1", upstream:
+/// "http://10.0.0.7:8080/a", host: "example.com"`), so that a line names the request it
+/// failed. Made only on error paths.
+fn upstream_context(
+    client: &Client,
+    parts: &http::request::Parts,
+    node: Option<&str>,
+    host: Option<&HeaderValue>,
+) -> String {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = format!("{} {path} {:?}", parts.method, parts.version);
+    let host = host.and_then(|h| h.to_str().ok()).unwrap_or("");
+    let client = client.addr.ip();
+    match node {
+        Some(node) => format!(
+            ", client: {client}, request: \"{request}\", upstream: \"http://{node}{path}\", host: \"{host}\""
+        ),
+        None => format!(", client: {client}, request: \"{request}\", host: \"{host}\""),
+    }
 }
 
 /// After a failed attempt on node `idx`: notes it, and whether another node may be tried
