@@ -769,8 +769,23 @@ fn admin_api_answers_match_openapi_document() {
         "{stats}"
     );
 
+    let traffic = api.expect(200, "GET", "/wasmgate/traffic", None);
+    let pub_route = traffic["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "r1")
+        .unwrap_or_else(|| panic!("no r1 in {traffic}"));
+    assert_eq!(pub_route["requests"], 10, "{traffic}");
+    assert_eq!(pub_route["2xx"], 10, "{traffic}");
+    assert_eq!(pub_route["codes"]["200"], 10, "{traffic}");
+
     let status = api.expect(200, "GET", "/wasmgate/status", None);
     assert_eq!(status["workers"].as_array().unwrap().len(), 2);
+    assert!(
+        status["master"]["requests"].as_u64().unwrap() >= 10,
+        "{status}"
+    );
     let (s, _) = api.call("GET", "/wasmgate/workers", Auth::Header(VIEWER_KEY), None);
     assert_eq!(s, 200);
     let (s, _) = api.call("GET", "/wasmgate/status", Auth::None, None);
@@ -792,11 +807,12 @@ fn admin_api_answers_match_openapi_document() {
 
     // ---- the document is strict: real answers with a field renamed, dropped or added fail ---
     let t = "/apisix/admin/routes/{id}";
-    let (st, sx, pl, lg) = (
+    let (st, sx, pl, lg, tr) = (
         "/wasmgate/status",
         "/wasmgate/stats",
         "/wasmgate/plugins",
         "/wasmgate/log",
+        "/wasmgate/traffic",
     );
     let e = &r1_entry;
     #[rustfmt::skip]
@@ -820,6 +836,8 @@ fn admin_api_answers_match_openapi_document() {
         (sx, "get", 200, renamed(stats.clone(), "/contexts/0/workers/0", "traps", "trap"), "a renamed traps"),
         (pl, "get", 200, set(plugins.clone(), "/plugins/0/instances/0/extra", json!(1)), "an unknown field"),
         (lg, "get", 200, set(log.clone(), "/lines/0", json!(1)), "a non-string line"),
+        (st, "get", 200, removed(status.clone(), "/master", "requests"), "a missing master.requests"),
+        (tr, "get", 200, removed(traffic.clone(), "/routes/0", "5xx"), "a missing 5xx"),
     ];
     for (template, method, status, mutated, what) in mutations {
         refuses(&spec, template, method, status, mutated, what);

@@ -358,6 +358,28 @@ fn plugins_screen_counts_requests() {
     assert!(s.contains("sorted by requests ▼"), "{s}");
     press(&mut app, KeyCode::Char('r'));
     assert!(screen(&app, LARGE).contains("sorted by requests ▲"));
+
+    // The Routes screen counts each route's requests and errors: 30 answered, and 4 that
+    // the route's unreachable upstream turned into 502s on a second route.
+    gw.route(
+        "2",
+        json!({"uri": "/dead", "upstream": {"nodes": {"127.0.0.1:1": 1}}}),
+        None,
+    );
+    for _ in 0..4 {
+        assert_eq!(http("GET", &gw.url("/dead"), &[], None).status, 502);
+    }
+    let p = poll_until(&c, "the 502s counted", |p| {
+        p.traffic.as_ref().is_ok_and(|t| {
+            t.of("2").and_then(|r| r.server_errors) == Some(4)
+                && t.of("1").and_then(|r| r.requests) == Some(30)
+        })
+    });
+    app.on_update(Update::Poll(p));
+    app.screen = Screen::Routes;
+    let s = screen(&app, LARGE);
+    assert_line(&s, &["1", "/a", "30", "0", "0", "enabled"]);
+    assert_line(&s, &["2", "/dead", "4", "0", "4", "enabled"]);
 }
 
 /// Screen 3: the master and a live worker table; `R` reloads through the Admin API and the

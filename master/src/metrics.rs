@@ -83,6 +83,22 @@ struct Scrape {
     etcd_reachable: Option<bool>,
 }
 
+/// Every route's traffic summed over the workers, those that left included (by route id;
+/// `""`: requests no route matched).
+pub fn route_traffic(m: &Master) -> BTreeMap<String, RouteSnapshot> {
+    let retired = m.retired();
+    let mut routes = retired.routes.clone();
+    for i in 0..SLOTS {
+        if m.segment.slot(i).state() == SlotState::Free {
+            continue;
+        }
+        for r in m.segment.traffic(i).snapshot() {
+            crate::retired::add_route(&mut routes, r);
+        }
+    }
+    routes
+}
+
 /// The metrics page.
 pub fn render(m: &Master) -> String {
     let mut registry = Registry::default();

@@ -4,7 +4,9 @@
 
 use crate::client::ApiError;
 use crate::editor::TextArea;
-use crate::model::{ContextKey, GatewayStatus, LogTail, Plugins, Route, StatContext, Stats};
+use crate::model::{
+    ContextKey, GatewayStatus, LogTail, Plugins, Route, StatContext, Stats, Traffic,
+};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
@@ -64,6 +66,7 @@ pub struct Poll {
     pub plugins: Result<Plugins, ApiError>,
     pub stats: Result<Stats, ApiError>,
     pub log: Result<LogTail, ApiError>,
+    pub traffic: Result<Traffic, ApiError>,
 }
 
 /// What the transport thread reports.
@@ -524,6 +527,8 @@ pub struct App {
     pub plugins: Feed<Plugins>,
     pub stats: StatsView,
     pub log: Feed<LogTail>,
+    /// Each route's requests by status class (the Routes table's counts).
+    pub traffic: Feed<Traffic>,
     /// Lines scrolled up from the end of the log (0: follow it).
     pub log_scroll: usize,
     /// Lines the log's pane showed at its last drawing: scrolling back stops once its first
@@ -553,6 +558,7 @@ impl App {
             plugins: Feed::default(),
             stats: StatsView::default(),
             log: Feed::default(),
+            traffic: Feed::default(),
             log_scroll: 0,
             log_view: std::cell::Cell::new(0),
             log_hscroll: 0,
@@ -670,6 +676,7 @@ impl App {
                 self.stats.apply(p.stats, p.at);
                 let before = self.log_lines().len();
                 self.log.apply(p.log);
+                self.traffic.apply(p.traffic);
                 if self.log_scroll > 0 {
                     // Scrolled back: stay on the same lines while new ones arrive (the tail
                     // is a window of the last N lines, so this holds until it fills).
@@ -1059,6 +1066,7 @@ mod tests {
             status: Ok(GatewayStatus::default()),
             plugins: Ok(Plugins::default()),
             stats: Ok(stats),
+            traffic: Ok(Traffic::default()),
             log: Ok(LogTail::default()),
         }))
     }
@@ -1474,6 +1482,7 @@ mod tests {
             plugins: Ok(Plugins::default()),
             stats: Ok(Stats::default()),
             log: Ok(lines(50)),
+            traffic: Ok(Traffic::default()),
         };
         app.on_update(Update::Poll(Box::new(p.clone())));
         app.on_key(key(KeyCode::Up));

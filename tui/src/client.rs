@@ -1,7 +1,7 @@
 //! A blocking client for the Admin API: the reads the console polls and the writes its keys
 //! make. It never runs on the UI thread (see [`crate::transport`]).
 
-use crate::model::{self, GatewayStatus, LogTail, Plugins, Route, Stats};
+use crate::model::{self, GatewayStatus, LogTail, Plugins, Route, Stats, Traffic};
 use serde_json::Value;
 use std::fmt;
 use std::time::Duration;
@@ -195,6 +195,11 @@ impl Client {
     /// `GET /wasmgate/plugins`.
     pub fn plugins(&self) -> Result<Plugins, ApiError> {
         self.get_as("/wasmgate/plugins")
+    }
+
+    /// `GET /wasmgate/traffic`.
+    pub fn traffic(&self) -> Result<Traffic, ApiError> {
+        self.get_as("/wasmgate/traffic")
     }
 
     /// `GET /wasmgate/stats`.

@@ -193,6 +193,34 @@ pub struct Plugins {
     pub plugins: Vec<PluginInfo>,
 }
 
+/// `GET /wasmgate/traffic`: each route's requests by status class.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Traffic {
+    #[serde(deserialize_with = "de_list")]
+    pub routes: Vec<RouteTraffic>,
+}
+
+/// One route's traffic, summed over the workers.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct RouteTraffic {
+    #[serde(deserialize_with = "de_opt_string")]
+    pub route: Option<String>,
+    pub requests: Option<u64>,
+    #[serde(rename = "4xx")]
+    pub client_errors: Option<u64>,
+    #[serde(rename = "5xx")]
+    pub server_errors: Option<u64>,
+}
+
+impl Traffic {
+    /// The traffic of route `id`.
+    pub fn of(&self, id: &str) -> Option<&RouteTraffic> {
+        self.routes.iter().find(|r| r.route.as_deref() == Some(id))
+    }
+}
+
 /// `GET /wasmgate/stats`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]

@@ -5,7 +5,7 @@
 
 use crate::app::{App, Command, Modal, Poll, Screen, Update};
 use crate::client::ApiError;
-use crate::model::{parse_routes, GatewayStatus, LogTail, Plugins, Stats};
+use crate::model::{parse_routes, GatewayStatus, LogTail, Plugins, Stats, Traffic};
 use ratatui::backend::TestBackend;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::Terminal;
@@ -96,6 +96,11 @@ fn app() -> App {
             })
             .collect(),
     };
+    let traffic: Traffic = serde_json::from_value(json!({"routes": [
+        {"route": "1", "requests": 2480, "2xx": 2400, "4xx": 60, "5xx": 20},
+        {"route": "api", "requests": 35, "2xx": 0, "4xx": 0, "5xx": 35},
+    ]}))
+    .unwrap();
     let mut app = App::new("127.0.0.1:9180");
     let t0 = Instant::now();
     let mut p = Poll {
@@ -105,6 +110,7 @@ fn app() -> App {
         plugins: Ok(plugins),
         stats: Ok(stats([100, 40, 0])),
         log: Ok(log),
+        traffic: Ok(traffic),
     };
     app.on_update(Update::Poll(Box::new(p.clone())));
     for (i, n) in [[120, 45, 2], [150, 46, 2], [190, 52, 5]]
@@ -238,6 +244,7 @@ fn endpoints_not_there_yet() {
         plugins: Err(missing("plugins")),
         stats: Err(missing("stats")),
         log: Err(missing("log")),
+        traffic: Err(missing("traffic")),
     })));
     a.screen = Screen::Plugins;
     check("plugins_missing", &a);

@@ -25,6 +25,7 @@ pub fn poll(client: &Client) -> Update {
             plugins: reach(client.plugins())?,
             stats: reach(client.stats())?,
             log: reach(client.log(LOG_LINES))?,
+            traffic: reach(client.traffic())?,
             at: Instant::now(),
         })
     };
@@ -111,6 +112,7 @@ mod tests {
             plugins: Ok(Plugins::default()),
             stats: Ok(Stats::default()),
             log: Err(ApiError::Invalid("-".into())),
+            traffic: Ok(Default::default()),
         }
     }
 

@@ -163,6 +163,7 @@ async fn wasmgate_endpoint(
     match (method, rest.trim_end_matches('/')) {
         (&Method::GET, "status") | (&Method::GET, "workers") => reply(200, status::gateway(m)),
         (&Method::GET, "stats") => reply(200, status::stats(m)),
+        (&Method::GET, "traffic") => reply(200, status::traffic(m)),
         (&Method::GET, "plugins") => reply(200, status::plugins(m)),
         (&Method::GET, "log") => {
             let lines = query

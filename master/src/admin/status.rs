@@ -102,6 +102,65 @@ fn live_slots(m: &Master) -> Vec<(usize, u32)> {
         .collect()
 }
 
+/// `GET /wasmgate/traffic`: each route's requests by status class and code, and its request
+/// latency, summed over the workers (those a reload or a crash replaced included), as the
+/// metrics page counts them.
+pub fn traffic(m: &Master) -> Value {
+    use wasmgate_shared::traffic::{Latency, LATENCY_BOUNDS_MS};
+    let routes: Vec<Value> = crate::metrics::route_traffic(m)
+        .into_values()
+        .map(|r| {
+            let class = |c: u16| {
+                r.codes
+                    .iter()
+                    .filter(|(code, _)| *code / 100 == c)
+                    .map(|(_, n)| n)
+                    .sum::<u64>()
+            };
+            let codes: serde_json::Map<String, Value> = r
+                .codes
+                .iter()
+                .map(|(code, n)| {
+                    let key = if *code == 0 {
+                        "other".to_string()
+                    } else {
+                        code.to_string()
+                    };
+                    (key, json!(n))
+                })
+                .collect();
+            let latency = &r.latency[Latency::Request as usize];
+            // The bound of the bucket that holds the quantile, in ms (None above the last).
+            let quantile = |q: f64| {
+                let total = latency.count();
+                if total == 0 {
+                    return None;
+                }
+                let rank = (q * total as f64).ceil().max(1.0) as u64;
+                let mut seen = 0;
+                latency.buckets.iter().enumerate().find_map(|(i, n)| {
+                    seen += n;
+                    (seen >= rank).then(|| LATENCY_BOUNDS_MS.get(i).copied())
+                })?
+            };
+            json!({
+                "route": r.route,
+                "requests": r.codes.iter().map(|(_, n)| n).sum::<u64>(),
+                "2xx": class(2),
+                "3xx": class(3),
+                "4xx": class(4),
+                "5xx": class(5),
+                "codes": codes,
+                "p50_ms": quantile(0.5),
+                "p99_ms": quantile(0.99),
+                "ingress_bytes": r.ingress,
+                "egress_bytes": r.egress,
+            })
+        })
+        .collect();
+    json!({ "routes": routes })
+}
+
 /// `GET /wasmgate/stats`: every PluginContext's statistics (route or global rule × plugin),
 /// summed over the workers, with each worker's share.
 pub fn stats(m: &Master) -> Value {

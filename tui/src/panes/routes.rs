@@ -45,6 +45,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     }
 
     let plain = Style::new();
+    let traffic = app.traffic.data.as_ref();
     let rows = routes
         .iter()
         .map(|r| {
@@ -60,6 +61,11 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
             } else {
                 ("disabled".to_string(), theme::dim())
             };
+            // Requests and errors since the master started (a gateway without the traffic
+            // endpoint: `-`); a route answering 5xx stands out.
+            let t = traffic.and_then(|t| t.of(&r.id));
+            let count = |n: Option<u64>| n.map_or("-".to_string(), |n| n.to_string());
+            let errors = t.and_then(|t| t.server_errors).unwrap_or(0);
             vec![
                 (r.id.clone(), plain),
                 (r.uris().join(" "), plain),
@@ -67,12 +73,21 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
                 (list(r.methods()), plain),
                 (list(r.plugins()), plain),
                 (r.upstream(), plain),
+                (count(t.map_or(traffic.map(|_| 0), |t| t.requests)), plain),
+                (
+                    count(t.map_or(traffic.map(|_| 0), |t| t.client_errors)),
+                    plain,
+                ),
+                (
+                    count(t.map_or(traffic.map(|_| 0), |t| t.server_errors)),
+                    if errors > 0 { theme::error() } else { plain },
+                ),
                 status,
             ]
         })
         .collect();
     let header = [
-        "id", "uri", "hosts", "methods", "plugins", "upstream", "status",
+        "id", "uri", "hosts", "methods", "plugins", "upstream", "reqs", "4xx", "5xx", "status",
     ]
     .map(String::from)
     .to_vec();
