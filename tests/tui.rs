@@ -267,6 +267,26 @@ fn routes_screen_editor_and_dialogs() {
     assert!(!s.contains("create_time"), "{s}");
     press(&mut app, KeyCode::Esc);
 
+    // Someone else changes route 1 while it is open here: saving asks before replacing it.
+    press(&mut app, KeyCode::Char('e'));
+    let (st, v) = gw.admin(
+        "PATCH",
+        "/apisix/admin/routes/1",
+        Some(json!({"desc": "theirs"})),
+    );
+    assert_eq!(st, 200, "{v}");
+    app.on_update(Update::Poll(poll(&c)));
+    assert_eq!(ctrl(&mut app, 's'), None);
+    let s = screen(&app, LARGE);
+    assert!(s.contains("was changed since you opened it"), "{s}");
+    press(&mut app, KeyCode::Char('n'));
+    press(&mut app, KeyCode::Esc);
+    assert!(app.modal.is_none());
+    assert_eq!(
+        gw.admin("GET", "/apisix/admin/routes/1", None).1["value"]["desc"],
+        "theirs"
+    );
+
     // Space disables route 1, once confirmed.
     assert_eq!(press(&mut app, KeyCode::Char(' ')), None);
     assert_line(&screen(&app, SMALL), &["Disable route 1"]);

@@ -338,6 +338,8 @@ pub struct RouteEditor {
     pub saving: bool,
     /// The id and the text as opened: closing with changes asks first.
     opened: (String, String),
+    /// The route's revision when it was opened (None for a new route).
+    pub revision: Option<u64>,
 }
 
 /// Which field of the route editor has the cursor.
@@ -371,7 +373,9 @@ impl RouteEditor {
     }
 
     pub fn edit(route: &Route) -> RouteEditor {
-        Self::open(false, &route.id, &route.editable_json())
+        let mut ed = Self::open(false, &route.id, &route.editable_json());
+        ed.revision = route.revision;
+        ed
     }
 
     fn open(new: bool, id: &str, text: &str) -> RouteEditor {
@@ -383,6 +387,7 @@ impl RouteEditor {
             error: None,
             saving: false,
             opened: (id.to_string(), text.to_string()),
+            revision: None,
         }
     }
 
@@ -481,6 +486,13 @@ pub enum Modal {
     Discard {
         editor: Box<RouteEditor>,
         quit: bool,
+    },
+    /// A save that would overwrite what someone else stored meanwhile (`why` says what):
+    /// `y` saves anyway, `n` or `Esc` goes back to the editor.
+    Overwrite {
+        editor: Box<RouteEditor>,
+        save: Command,
+        why: String,
     },
     /// A result that deserves more than the status bar (a refused reload, a failed delete).
     Message {
@@ -784,9 +796,36 @@ impl App {
                     return None;
                 }
                 let cmd = ed.on_key(key);
+                if let Some(why) = cmd.as_ref().and_then(|c| self.overwrites(&ed, c)) {
+                    self.modal = Some(Modal::Overwrite {
+                        editor: ed,
+                        save: cmd?,
+                        why,
+                    });
+                    return None;
+                }
                 self.modal = Some(Modal::Editor(ed));
                 cmd
             }
+            Some(Modal::Overwrite {
+                mut editor,
+                save,
+                why,
+            }) => match key.code {
+                KeyCode::Char('y') | KeyCode::Char('Y') | KeyCode::Enter => {
+                    self.modal = Some(Modal::Editor(editor));
+                    Some(save)
+                }
+                KeyCode::Char('n') | KeyCode::Char('N') | KeyCode::Esc => {
+                    editor.saving = false;
+                    self.modal = Some(Modal::Editor(editor));
+                    None
+                }
+                _ => {
+                    self.modal = Some(Modal::Overwrite { editor, save, why });
+                    None
+                }
+            },
             Some(Modal::Discard { editor, quit }) => {
                 match key.code {
                     KeyCode::Char('y') | KeyCode::Char('Y') | KeyCode::Enter => self.quit = quit,
@@ -820,6 +859,27 @@ impl App {
             }
             Some(Modal::Message { .. }) => None,
             None => self.on_screen_key(key),
+        }
+    }
+
+    /// Why saving `ed` with `save` would overwrite a route someone else stored since it was
+    /// opened (as the last poll shows it), or a route a new one's id names; None when not.
+    fn overwrites(&self, ed: &RouteEditor, save: &Command) -> Option<String> {
+        let Command::SaveRoute { id, .. } = save else {
+            return None;
+        };
+        let stored = self.route_list().iter().find(|r| &r.id == id)?;
+        if ed.new || *id != ed.opened.0 {
+            return Some(format!(
+                "Route {id} exists: saving replaces it with this text. Save anyway?"
+            ));
+        }
+        match (ed.revision, stored.revision) {
+            (Some(opened), Some(now)) if now != opened => Some(format!(
+                "Route {id} was changed since you opened it (revision {opened}, now {now}): \
+                 saving replaces that change with this text. Save anyway?"
+            )),
+            _ => None,
         }
     }
 
@@ -1056,6 +1116,7 @@ mod tests {
         Route {
             id: id.into(),
             value,
+            revision: Some(1),
         }
     }
 
@@ -1080,6 +1141,60 @@ mod tests {
         ];
         app.on_update(poll(Instant::now(), routes, Stats::default()));
         app
+    }
+
+    #[test]
+    fn a_save_over_someone_elses_change_asks_first() {
+        let mut app = app_with_routes();
+        app.on_key(key(KeyCode::Enter));
+        app.on_key(ch('x'));
+        // Unchanged since opened: saved at once.
+        assert!(matches!(
+            app.on_key(ctrl('s')),
+            Some(Command::SaveRoute { .. })
+        ));
+        app.on_update(Update::Done {
+            command: Command::SaveRoute {
+                id: "1".into(),
+                body: String::new(),
+            },
+            result: Err(ApiError::Status {
+                status: 400,
+                message: "x".into(),
+            }),
+        });
+        // Someone stores route 1 meanwhile (the next poll shows its new revision).
+        let mut changed = route("1", json!({"uri": "/a", "desc": "theirs"}));
+        changed.revision = Some(2);
+        let others = app.route_list()[1..].to_vec();
+        app.on_update(poll(
+            Instant::now(),
+            [vec![changed], others].concat(),
+            Stats::default(),
+        ));
+        assert_eq!(app.on_key(ctrl('s')), None);
+        let Some(Modal::Overwrite { why, .. }) = &app.modal else {
+            panic!("no question: {:?}", app.modal)
+        };
+        assert!(why.contains("revision 1, now 2"), "{why}");
+        // `n`: back to the text, not saving.
+        app.on_key(ch('n'));
+        let Some(Modal::Editor(ed)) = &app.modal else {
+            panic!("the editor is back")
+        };
+        assert!(!ed.saving && ed.body.text().starts_with('x'));
+        app.on_key(ctrl('s'));
+        assert!(matches!(app.on_key(ch('y')), Some(Command::SaveRoute { id, .. }) if id == "1"));
+        // A new route with an existing route's id asks too.
+        let mut app = app_with_routes();
+        app.on_key(ch('n'));
+        app.on_key(key(KeyCode::Tab));
+        app.on_key(ctrl('u'));
+        app.on_key(ch('2'));
+        assert_eq!(app.on_key(ctrl('s')), None);
+        assert!(
+            matches!(&app.modal, Some(Modal::Overwrite { why, .. }) if why.contains("Route 2 exists"))
+        );
     }
 
     fn ctx(plugin: &str, owner: &str, requests: u64) -> StatContext {

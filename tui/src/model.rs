@@ -10,6 +10,9 @@ use serde_json::Value;
 pub struct Route {
     pub id: String,
     pub value: Value,
+    /// The store's `modifiedIndex` of the route: a save over a route changed since it was
+    /// opened asks first.
+    pub revision: Option<u64>,
 }
 
 /// Strings of a field that is either a string or an array of strings (`uri`/`uris`, …).
@@ -136,7 +139,12 @@ pub fn parse_routes(v: &Value) -> Result<Vec<Route>, String> {
                     .and_then(|k| k.rsplit('/').next())
                     .map(str::to_string)
             })?;
-            Some(Route { id, value })
+            let revision = item.get("modifiedIndex").and_then(Value::as_u64);
+            Some(Route {
+                id,
+                value,
+                revision,
+            })
         })
         .collect();
     routes.sort_by(|a, b| id_order(&a.id, &b.id));
@@ -378,6 +386,7 @@ mod tests {
         let r = Route {
             id: "1".into(),
             value: json!({"id": "1", "uri": "/", "create_time": 1, "update_time": 2}),
+            revision: None,
         };
         assert_eq!(r.editable_json(), "{\n  \"uri\": \"/\"\n}");
     }

@@ -50,6 +50,21 @@ pub fn draw(f: &mut Frame, app: &App) {
             *error,
         ),
         Some(Modal::Editor(ed)) => panes::editor::draw(f, body, ed),
+        Some(Modal::Overwrite { editor, why, .. }) => {
+            panes::editor::draw(f, body, editor);
+            dialog(
+                f,
+                "Overwrite",
+                why,
+                Line::from(vec![
+                    Span::styled("y", theme::key()),
+                    Span::raw(" save    "),
+                    Span::styled("n", theme::key()),
+                    Span::raw(" keep editing"),
+                ]),
+                false,
+            )
+        }
         Some(Modal::Discard { editor, quit }) => {
             panes::editor::draw(f, body, editor);
             let question = format!(
