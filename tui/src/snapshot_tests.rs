@@ -269,3 +269,17 @@ fn tiny_terminals_do_not_panic() {
         }
     }
 }
+
+/// A route gone from the configuration keeps its plugin counts (they outlive reloads), marked
+/// as deleted; live routes are not marked.
+#[test]
+fn a_deleted_routes_counts_are_marked() {
+    let mut a = app();
+    a.screen = Screen::Plugins;
+    if let Some(routes) = a.routes.data.as_mut() {
+        routes.retain(|r| r.id != "api");
+    }
+    let s = text(&a, 120, 40);
+    assert!(s.contains("route api (deleted)"), "{s}");
+    assert!(!s.contains("route 1 (deleted)"), "{s}");
+}

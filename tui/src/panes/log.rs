@@ -28,6 +28,11 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     } else {
         format!("{}-{} of {}", start + 1, end, lines.len())
     };
+    // Scrolled sideways: said, as the lines' starts are hidden.
+    let position = match app.log_hscroll {
+        0 => position,
+        n => format!("{position}, from column {}", n + 1),
+    };
     let mut b = block(format!(" Log — {path} ({position}) "));
     if let Some(p) = feed_problem("log", &app.log) {
         b = b.title_bottom(p);

@@ -3,6 +3,7 @@
 
 use crate::app::{App, SortBy};
 use crate::fmt;
+use crate::model::StatContext;
 use crate::render::{block, feed_problem};
 use crate::theme;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -137,13 +138,26 @@ fn stats(f: &mut Frame, area: Rect, app: &App) {
         };
         (fmt::opt(n), style)
     };
+    // A route gone from the configuration keeps its counts (they outlive reloads): marked.
+    let routes = app.routes.data.as_ref();
+    let gone = |c: &StatContext| {
+        c.owner_kind.as_deref() == Some("route")
+            && routes.is_some_and(|rs| {
+                !rs.iter()
+                    .any(|r| Some(r.id.as_str()) == c.owner_id.as_deref())
+            })
+    };
     let table_rows = rows
         .iter()
         .map(|c| {
             let key = c.key();
+            let owner = match gone(c) {
+                true => (format!("{} (deleted)", key.owner()), theme::dim()),
+                false => (key.owner(), plain),
+            };
             let mut cells = vec![
                 (c.plugin.clone(), plain),
-                (key.owner(), plain),
+                owner,
                 (fmt::rate(view.rates.get(&key).copied()), plain),
                 (fmt::opt(c.requests), plain),
                 bad(c.errors),

@@ -79,7 +79,15 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
                 (state, state_style),
                 (fmt::opt(w.epoch), plain),
                 (fmt::uptime(w.uptime_s), plain),
-                (fmt::opt(w.restarts), plain),
+                (
+                    fmt::opt(w.restarts),
+                    // A worker that died and was replaced.
+                    if w.restarts.unwrap_or(0) > 0 {
+                        theme::warn()
+                    } else {
+                        plain
+                    },
+                ),
                 (
                     fmt::opt(w.generation_seen),
                     if lagging { theme::warn() } else { plain },
