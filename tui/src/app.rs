@@ -707,15 +707,30 @@ impl App {
         };
         match (command, result) {
             (Command::SaveRoute { id, .. }, Ok(_)) => {
-                if matches!(&self.modal, Some(Modal::Editor(e)) if e.saving) {
-                    self.modal = None;
+                match self.modal.take() {
+                    // Saved: nothing is lost by closing, whether the editor is open or its
+                    // discard question (asked while the save was on its way).
+                    Some(Modal::Editor(e)) if e.saving => {}
+                    Some(Modal::Discard { editor, quit }) if editor.saving => self.quit = quit,
+                    other => self.modal = other,
                 }
                 self.note(format!("route {id} saved"), false);
                 self.route_selected = Some(id);
             }
-            (Command::SaveRoute { id, .. }, Err(e)) => match &mut self.modal {
-                Some(Modal::Editor(ed)) if ed.saving => ed.failed(message(&e)),
-                _ => self.note(format!("route {id} not saved: {}", message(&e)), true),
+            (Command::SaveRoute { id, .. }, Err(e)) => match self.modal.take() {
+                Some(Modal::Editor(mut ed)) if ed.saving => {
+                    ed.failed(message(&e));
+                    self.modal = Some(Modal::Editor(ed));
+                }
+                // Not saved: back to the text, with why, rather than a discard of it.
+                Some(Modal::Discard { mut editor, .. }) if editor.saving => {
+                    editor.failed(message(&e));
+                    self.modal = Some(Modal::Editor(editor));
+                }
+                other => {
+                    self.modal = other;
+                    self.note(format!("route {id} not saved: {}", message(&e)), true)
+                }
             },
             (Command::SetRouteStatus { id, enabled }, Ok(_)) => {
                 if let Some(r) = self
@@ -787,6 +802,10 @@ impl App {
                 });
                 None
             }
+            Some(Modal::Overwrite { editor, .. }) if interrupt && editor.changed() => {
+                self.modal = Some(Modal::Discard { editor, quit: true });
+                None
+            }
             _ if interrupt => {
                 self.quit = true;
                 None
@@ -827,8 +846,9 @@ impl App {
                 }
             },
             Some(Modal::Discard { editor, quit }) => {
+                // Only `y` discards: text typed on after a stray Esc must not.
                 match key.code {
-                    KeyCode::Char('y') | KeyCode::Char('Y') | KeyCode::Enter => self.quit = quit,
+                    KeyCode::Char('y') | KeyCode::Char('Y') => self.quit = quit,
                     KeyCode::Char('n') | KeyCode::Char('N') | KeyCode::Esc => {
                         self.modal = Some(Modal::Editor(editor))
                     }
@@ -1195,6 +1215,46 @@ mod tests {
         assert!(
             matches!(&app.modal, Some(Modal::Overwrite { why, .. }) if why.contains("Route 2 exists"))
         );
+    }
+
+    #[test]
+    fn a_save_answered_while_its_discard_question_is_up() {
+        let saved = |ok: bool| Update::Done {
+            command: Command::SaveRoute {
+                id: "1".into(),
+                body: String::new(),
+            },
+            result: match ok {
+                true => Ok(json!({})),
+                false => Err(ApiError::Status {
+                    status: 400,
+                    message: "bad".into(),
+                }),
+            },
+        };
+        let mut app = app_with_routes();
+        app.on_key(key(KeyCode::Enter));
+        app.on_key(ch('x'));
+        assert!(app.on_key(ctrl('s')).is_some());
+        app.on_key(key(KeyCode::Esc));
+        assert!(matches!(&app.modal, Some(Modal::Discard { .. })));
+        // Refused: back to the text with why, ready to save again.
+        app.on_update(saved(false));
+        let Some(Modal::Editor(ed)) = &app.modal else {
+            panic!("the editor is back: {:?}", app.modal)
+        };
+        assert!(!ed.saving && ed.error.as_deref() == Some("400: bad"));
+        // Saved: nothing to discard, the question goes.
+        assert!(app.on_key(ctrl('s')).is_some());
+        app.on_key(key(KeyCode::Esc));
+        app.on_key(key(KeyCode::Enter));
+        assert!(
+            matches!(&app.modal, Some(Modal::Discard { .. })),
+            "Enter does not discard"
+        );
+        app.on_update(saved(true));
+        assert_eq!(app.modal, None);
+        assert!(!app.quit);
     }
 
     fn ctx(plugin: &str, owner: &str, requests: u64) -> StatContext {
