@@ -197,8 +197,16 @@ fn counters_go_on_across_a_reload_and_a_crash() {
     reaches(10.0);
     send(5);
     reaches(15.0);
-    // A worker killed: the master replaces it and keeps its counts.
-    let victim = gw.worker_pids()[0];
+    // A worker killed — one that served some of them: the master replaces it and keeps its
+    // counts.
+    let status = gw.status();
+    let victim = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["requests"].as_u64() > Some(0))
+        .and_then(|w| w["pid"].as_i64())
+        .unwrap_or_else(|| panic!("no worker served: {status}")) as i32;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(victim),
         nix::sys::signal::Signal::SIGKILL,

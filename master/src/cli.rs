@@ -215,20 +215,22 @@ const RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
 /// read from the data directory's lock, where the master records each reload's, and
 /// reported as through the Admin API — the exit status says whether it applied.
 fn reload_by_signal(pid: i32, data_dir: &Path, addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    let seq = |h: crate::lock::Holder| h.last_reload.map_or(0, |r| r.seq);
-    let before = crate::lock::holder(data_dir)
+    let recorded = crate::lock::holder(data_dir)
         .filter(|h| h.pid == pid)
-        .map(seq);
+        .is_some_and(|h| h.records_reloads);
+    // Outcomes of reloads begun from here on are this signal's: one running already (asked
+    // through the Admin API) began before, and the master takes the signal after it.
+    let sent_ms = crate::now_ms();
     kill(Pid::from_raw(pid), Signal::SIGHUP).with_context(|| format!("cannot signal pid {pid}"))?;
     let why = format!(
         "the Admin API on {addr} could not be asked (no answer, another master, or a key it \
          does not know): reload signal sent to master {pid}"
     );
     // A master that keeps no record (of a version before it): the error log tells.
-    let Some(before) = before else {
+    if !recorded {
         say(&format!("{why}; see the error log for the outcome\n"));
         return Ok(());
-    };
+    }
     eprintln!("wasmgate: {why}");
     let deadline = std::time::Instant::now() + RELOAD_WAIT;
     while std::time::Instant::now() < deadline {
@@ -237,7 +239,7 @@ fn reload_by_signal(pid: i32, data_dir: &Path, addr: std::net::SocketAddr) -> an
             bail!("master {pid} is gone: see the error log");
         };
         match h.last_reload {
-            Some(r) if r.seq > before => match r.outcome {
+            Some(r) if r.started_ms >= sent_ms => match r.outcome {
                 Ok(epoch) => {
                     say(&format!(
                         "reload applied by master {pid}: epoch {epoch} serving\n"
@@ -249,11 +251,12 @@ fn reload_by_signal(pid: i32, data_dir: &Path, addr: std::net::SocketAddr) -> an
             _ => {}
         }
     }
-    say(&format!(
-        "no outcome from master {pid} after {}s: see the error log\n",
+    // Unknown is not success: `systemctl reload` must not say it applied.
+    bail!(
+        "no outcome from master {pid} after {}s (the reload may still be running): see the \
+         error log",
         RELOAD_WAIT.as_secs()
-    ));
-    Ok(())
+    )
 }
 
 /// Where the Admin API listens (loopback for a wildcard address) and the key to call it with:

@@ -29,14 +29,19 @@ pub struct MasterLock {
     last_reload: Option<Reloaded>,
 }
 
-/// A reload's outcome, as the lock's record keeps the last one.
+/// A reload's outcome, as the lock's record keeps the last one. The outcome is written first:
+/// a reader that meets the record half rewritten (new bytes, then old ones) never finds a new
+/// start time next to an old outcome.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reloaded {
+    /// The epoch serving once applied, or why it was refused.
+    pub outcome: Result<u64, String>,
+    /// When the reload began (ms since the Unix epoch): `wasmgate reload` takes the outcome
+    /// of a reload begun after its signal, not of one that was running when it sent it.
+    pub started_ms: u64,
     /// How many reloads the master has run (by signal or through the Admin API), this one
     /// included.
     pub seq: u64,
-    /// The epoch serving once applied, or why it was refused.
-    pub outcome: Result<u64, String>,
 }
 
 /// What the lock file says of the master that holds it.
@@ -50,6 +55,8 @@ pub struct Holder {
     pub admin: Option<SocketAddr>,
     /// Its last reload's outcome; None before the first.
     pub last_reload: Option<Reloaded>,
+    /// Whether its record has the line for reloads (a master of an earlier version has not).
+    pub records_reloads: bool,
 }
 
 /// The lock file's path: also what `wasmgate.pid_file` must not name.
@@ -117,12 +124,18 @@ impl MasterLock {
         self.file.set_len(text.len() as u64)
     }
 
-    /// Records a reload's outcome (`wasmgate reload` waits for it after its signal).
-    pub fn record_reload(&mut self, outcome: &Result<u64, String>) -> std::io::Result<()> {
+    /// Records the outcome of a reload begun at `started_ms` (`wasmgate reload` waits for it
+    /// after its signal).
+    pub fn record_reload(
+        &mut self,
+        started_ms: u64,
+        outcome: &Result<u64, String>,
+    ) -> std::io::Result<()> {
         let seq = self.last_reload.as_ref().map_or(0, |r| r.seq) + 1;
         self.last_reload = Some(Reloaded {
-            seq,
             outcome: outcome.clone(),
+            started_ms,
+            seq,
         });
         self.record(self.admin)
     }
@@ -163,11 +176,15 @@ pub fn holder(data_dir: &Path) -> Option<Holder> {
     if !holds || !crate::cli::running_pid_is_master(pid) {
         return None;
     }
+    let config = lines.next().unwrap_or("").to_string();
+    let admin = lines.next().and_then(|a| a.parse().ok());
+    let reload = lines.next();
     Some(Holder {
         pid,
-        config: lines.next().unwrap_or("").to_string(),
-        admin: lines.next().and_then(|a| a.parse().ok()),
-        last_reload: lines.next().and_then(|r| serde_json::from_str(r).ok()),
+        config,
+        admin,
+        records_reloads: reload.is_some(),
+        last_reload: reload.and_then(|r| serde_json::from_str(r).ok()),
     })
 }
 

@@ -23,14 +23,11 @@ pub struct Retired {
 }
 
 impl Retired {
-    /// Folds slot `i`'s counters in. `traffic`: its route traffic too — for a slot being
-    /// freed; a crashed worker's replacement goes on counting its route traffic in place.
-    pub fn fold(&mut self, seg: &Segment, i: usize, traffic: bool) {
+    /// Folds slot `i`'s counters in (the caller then clears them in the slot).
+    pub fn fold(&mut self, seg: &Segment, i: usize) {
         self.requests += seg.slot(i).requests.load(Ordering::Relaxed);
-        if traffic {
-            for r in seg.traffic(i).snapshot() {
-                add_route(&mut self.routes, r);
-            }
+        for r in seg.traffic(i).snapshot() {
+            add_route(&mut self.routes, r);
         }
         let stats = seg.stats(i);
         for c in (0..stats.len()).filter_map(|j| stats.get(j)) {

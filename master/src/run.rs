@@ -289,6 +289,7 @@ impl Loop {
 
     /// Re-reads config.yaml and replaces the workers; the old set keeps serving on any error.
     async fn reload(&mut self) -> Result<u64, String> {
+        let started_ms = crate::now_ms();
         let result = self.try_reload().await;
         match &result {
             Ok(epoch) => {
@@ -299,7 +300,7 @@ impl Loop {
             }
         }
         // For `wasmgate reload` when it signalled: it reads the outcome there.
-        if let Err(e) = self.lock.record_reload(&result) {
+        if let Err(e) = self.lock.record_reload(started_ms, &result) {
             tracing::error!("cannot record the reload's outcome in the data directory's lock: {e}");
         }
         result

@@ -105,18 +105,20 @@ impl Master {
     /// Frees slot `i` of a worker that exited (drained, or never started), its counters kept.
     pub fn free_slot(&self, i: usize) {
         let mut retired = self.retired();
-        retired.fold(&self.segment, i, true);
+        retired.fold(&self.segment, i);
         self.segment.slot(i).reset();
     }
 
-    /// Keeps the request and plugin counters of a crashed worker, whose replacement takes
-    /// slot `i` and counts them afresh (its route traffic stays in the slot, counted on).
+    /// Keeps the counters of a crashed worker, whose replacement takes slot `i` and counts
+    /// afresh: requests, plugin contexts and route traffic (a new process claims new route
+    /// records; the old ones left in place would fill the table crash after crash).
     pub fn keep_crashed_counters(&self, i: usize) {
         let mut retired = self.retired();
-        retired.fold(&self.segment, i, false);
+        retired.fold(&self.segment, i);
         let slot = self.segment.slot(i);
         slot.requests.store(0, std::sync::atomic::Ordering::Relaxed);
         slot.contexts.store(0, std::sync::atomic::Ordering::Release);
+        slot.routes.store(0, std::sync::atomic::Ordering::Release);
     }
 
     /// The store, locked. Writers hold it from validation to publication so that changes are

@@ -634,9 +634,7 @@ async fn forward(
             // Every node tried: the last attempt's answer (one that timed out stays a 504).
             let last = log.status.filter(|_| !tried.is_empty());
             let status = last.and_then(|s| StatusCode::from_u16(s).ok());
-            if tried.len() > 1 {
-                why.flags |= flags::UPSTREAM_RETRY_LIMIT_EXCEEDED;
-            }
+            let why = gave_up(why, &tried);
             return because(error_page(status.unwrap_or(StatusCode::BAD_GATEWAY)), why);
         };
         let authority = up.authorities[idx].clone();
@@ -661,7 +659,7 @@ async fn forward(
                 log.status = Some(status.as_u16());
                 match another_node(&mut tried, idx, up, deadline) {
                     Some(at) => attempt_at = at,
-                    None => return because(error_page(status), why),
+                    None => return because(error_page(status), gave_up(why, &tried)),
                 }
                 continue;
             }
@@ -748,12 +746,21 @@ async fn forward(
                 }
                 match another_node(&mut tried, idx, up, deadline) {
                     Some(at) => attempt_at = at,
-                    None => return because(error_page(status), why),
+                    None => return because(error_page(status), gave_up(why, &tried)),
                 }
                 body = Some(body::empty());
             }
         }
     }
+}
+
+/// The last failure's details once no further node is tried, Envoy's `URX` flag added when
+/// more than one was (its retries ran out).
+fn gave_up(mut why: AnswerDetails, tried: &[usize]) -> AnswerDetails {
+    if tried.len() > 1 {
+        why.flags |= flags::UPSTREAM_RETRY_LIMIT_EXCEEDED;
+    }
+    why
 }
 
 /// Envoy's details for an upstream that failed before its answer began.
