@@ -26,10 +26,8 @@ fn scrape(gw: &Gateway) -> (Page, String) {
     (Page::parse(&text), text)
 }
 
-/// Requests by route and status, latency histograms by type, bandwidth, plugin contexts and
-/// worker counters — summed over both workers.
-#[test]
-fn scraped_metrics_count_what_was_sent() {
+/// A gateway whose route `api` (`/status/*`) runs the `rewrite` plugin, and its upstream.
+fn with_api_route() -> (Gateway, TestUpstream) {
     let gw = Gateway::start();
     let app = TestUpstream::start("app");
     let conf = json!({"response_set": {"x-hello": "wasm"}}).to_string();
@@ -38,6 +36,14 @@ fn scraped_metrics_count_what_was_sent() {
         json!({"uri": "/status/*", "plugins": {"rewrite": {"conf": conf}}}),
         Some(&app),
     );
+    (gw, app)
+}
+
+/// Requests by route and status, latency histograms by type, bandwidth, plugin contexts and
+/// worker counters — summed over both workers.
+#[test]
+fn scraped_metrics_count_what_was_sent() {
+    let (gw, app) = with_api_route();
     gw.route("slow", json!({"uri": "/delay/*"}), Some(&app));
 
     for _ in 0..20 {
@@ -140,14 +146,7 @@ fn scraped_metrics_count_what_was_sent() {
 /// outlive a reload in nginx's shared dictionaries).
 #[test]
 fn counters_go_on_across_a_reload_and_a_crash() {
-    let gw = Gateway::start();
-    let app = TestUpstream::start("app");
-    let conf = json!({"response_set": {"x-hello": "wasm"}}).to_string();
-    gw.route(
-        "api",
-        json!({"uri": "/status/*", "plugins": {"rewrite": {"conf": conf}}}),
-        Some(&app),
-    );
+    let (gw, _app) = with_api_route();
     let send = |n: usize| {
         for _ in 0..n {
             assert_eq!(http("GET", &gw.url("/status/200"), &[], None).status, 200);

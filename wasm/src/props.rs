@@ -114,11 +114,15 @@ fn fact<'a>(stream: &'a Stream, path: &[&str]) -> Option<Found<'a>> {
 /// A header's value as Envoy's attribute gives it: every value of the name, joined with `,`
 /// (`x-forwarded-for` sent twice reads whole). Borrowed when there is one.
 fn header<'a>(head: &'a Head, name: &str) -> Option<Found<'a>> {
-    let mut values = head.get_all(name);
-    let first = match name.starts_with(':') {
-        true => return head.get(name).map(Found::Borrowed),
-        false => values.next()?,
-    };
+    if name.starts_with(':') {
+        return head.get(name).map(Found::Borrowed);
+    }
+    joined(head.get_all(name))
+}
+
+/// Values joined with `,`; borrowed when there is one, None when there is none.
+fn joined<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Option<Found<'a>> {
+    let first = values.next()?;
     let Some(second) = values.next() else {
         return Some(Found::Borrowed(first));
     };
@@ -171,20 +175,11 @@ fn whole_map<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])>) -> Found<'sta
 
 /// A trailer's value, its values joined with `,` as a header's.
 fn trailer<'a>(trailers: &'a [(String, Vec<u8>)], name: &str) -> Option<Found<'a>> {
-    let mut values = trailers
+    let values = trailers
         .iter()
         .filter(|(k, _)| k.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_slice());
-    let first = values.next()?;
-    let Some(second) = values.next() else {
-        return Some(Found::Borrowed(first));
-    };
-    let mut joined = [first, second].join(&b","[..]);
-    for v in values {
-        joined.push(b',');
-        joined.extend_from_slice(v);
-    }
-    Some(Found::Owned(joined))
+    joined(values)
 }
 
 /// `response.grpc_status` as Envoy works it out: the `grpc-status` trailer, else the header
