@@ -119,7 +119,8 @@ fn context_statistics_add_up_over_workers() {
 }
 
 /// A worker killed and respawned starts with no context records: the dead process's counts are
-/// not reported as live.
+/// not reported as the new one's share, and the master keeps them in the sums (counters only
+/// grow while it runs).
 #[test]
 fn a_respawned_worker_reports_nothing_stale() {
     let up = TestUpstream::start("u");
@@ -158,7 +159,23 @@ fn a_respawned_worker_reports_nothing_stale() {
     });
     let (_, stats) = gw.admin("GET", "/wasmgate/stats", None);
     let after = context(&stats, "rewrite", "pub");
-    assert_eq!(after["requests"].as_u64().unwrap(), 30 - lost, "{after}");
+    assert_eq!(after["requests"].as_u64().unwrap(), 30, "{after}");
+    assert!(lost > 0, "{before}");
+    let shares: u64 = after["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(shares, 30 - lost, "the live workers' shares: {after}");
+    assert!(
+        after["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["slot"].as_u64() != Some(slot) || w["requests"] == 0),
+        "the respawned worker has nothing of its predecessor's: {after}"
+    );
     let restarts: u64 = gw.status()["workers"]
         .as_array()
         .unwrap()
