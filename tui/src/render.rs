@@ -30,18 +30,7 @@ pub fn draw(f: &mut Frame, app: &App) {
     match &app.modal {
         None => {}
         Some(Modal::Help) => help(f, f.area()),
-        Some(Modal::Confirm(c)) => dialog(
-            f,
-            &c.title,
-            &c.question,
-            Line::from(vec![
-                Span::styled("y", theme::key()),
-                Span::raw(" yes    "),
-                Span::styled("n", theme::key()),
-                Span::raw(" no"),
-            ]),
-            false,
-        ),
+        Some(Modal::Confirm(c)) => dialog(f, &c.title, &c.question, yes_no("yes", "no"), false),
         Some(Modal::Message { title, text, error }) => dialog(
             f,
             title,
@@ -52,18 +41,7 @@ pub fn draw(f: &mut Frame, app: &App) {
         Some(Modal::Editor(ed)) => panes::editor::draw(f, body, ed),
         Some(Modal::Overwrite { editor, why, .. }) => {
             panes::editor::draw(f, body, editor);
-            dialog(
-                f,
-                "Overwrite",
-                why,
-                Line::from(vec![
-                    Span::styled("y", theme::key()),
-                    Span::raw(" save    "),
-                    Span::styled("n", theme::key()),
-                    Span::raw(" keep editing"),
-                ]),
-                false,
-            )
+            dialog(f, "Overwrite", why, yes_no("save", "keep editing"), false)
         }
         Some(Modal::Discard { editor, quit }) => {
             panes::editor::draw(f, body, editor);
@@ -76,12 +54,7 @@ pub fn draw(f: &mut Frame, app: &App) {
                 f,
                 "Discard changes",
                 &question,
-                Line::from(vec![
-                    Span::styled("y", theme::key()),
-                    Span::raw(" discard    "),
-                    Span::styled("n", theme::key()),
-                    Span::raw(" keep editing"),
-                ]),
+                yes_no("discard", "keep editing"),
                 false,
             )
         }
@@ -137,6 +110,16 @@ fn hints(app: &App) -> &'static [(&'static str, &'static str)] {
             Screen::Log => &[("←→", "scroll"), ("G", "end"), ("?", "help"), ("q", "quit")],
         },
     }
+}
+
+/// The keys of a question: `y` does `yes`, `n` does `no`.
+fn yes_no(yes: &str, no: &str) -> Line<'static> {
+    Line::from(vec![
+        Span::styled("y", theme::key()),
+        Span::raw(format!(" {yes}    ")),
+        Span::styled("n", theme::key()),
+        Span::raw(format!(" {no}")),
+    ])
 }
 
 /// Connection state on the left; a note, or the screen's keys, after it.
