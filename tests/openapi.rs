@@ -8,10 +8,11 @@
 
 mod common;
 
-use common::{http, Gateway, Resp, TestUpstream, KEY, VIEWER_KEY};
+use common::{eventually, http, Gateway, Resp, TestUpstream, KEY, VIEWER_KEY};
 use serde_json::{json, Value};
 use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 /// Operations of docs/openapi.yaml this test does not call: (path, method, reason).
 const NOT_EXERCISED: &[(&str, &str, &str)] = &[];
@@ -769,13 +770,19 @@ fn admin_api_answers_match_openapi_document() {
         "{stats}"
     );
 
+    // Counted in each request's log phase, which may end a moment after its answer is read.
+    let r1 = |traffic: &Value| {
+        traffic["routes"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["route"] == "r1"))
+            .cloned()
+    };
+    eventually(Duration::from_secs(5), "r1's 10 requests counted", || {
+        let traffic = api.expect(200, "GET", "/wasmgate/traffic", None);
+        r1(&traffic).is_some_and(|r| r["requests"] == 10)
+    });
     let traffic = api.expect(200, "GET", "/wasmgate/traffic", None);
-    let pub_route = traffic["routes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["route"] == "r1")
-        .unwrap_or_else(|| panic!("no r1 in {traffic}"));
+    let pub_route = r1(&traffic).unwrap_or_else(|| panic!("no r1 in {traffic}"));
     assert_eq!(pub_route["requests"], 10, "{traffic}");
     assert_eq!(pub_route["2xx"], 10, "{traffic}");
     assert_eq!(pub_route["codes"]["200"], 10, "{traffic}");
