@@ -282,6 +282,18 @@ fn a_client_that_leaves_abandons_its_request() {
         "the connection released",
         || connections() == 0,
     );
+    // Logged and counted as nginx does, 499, naming the node it waited on.
+    eventually(Duration::from_secs(5), "the 499 in the access log", || {
+        let log = std::fs::read_to_string(gw.prefix().join("logs/access.log")).unwrap_or_default();
+        log.lines()
+            .any(|l| l.contains("\"GET /delay/4000 HTTP/1.1\" 499 ") && l.contains(&up.addr()))
+    });
+    assert!(
+        gw.error_log()
+            .contains("client prematurely closed connection, request abandoned"),
+        "{}",
+        gw.error_log()
+    );
 }
 
 /// RFC 9112 §3.2: one valid `Host` (required in HTTP/1.1) or 400, as nginx answers; an
@@ -328,6 +340,17 @@ fn the_host_is_one_valid_field_or_the_targets() {
     let r = get("GET /e/old HTTP/1.0\r\n\r\n");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["headers"]["host"], up.addr().as_str());
+
+    // A target with no path goes on as `/`, its query kept.
+    gw.route(
+        "root",
+        json!({"uri": "/", "host": "root.example"}),
+        Some(&up),
+    );
+    gw.wait_propagated();
+    let r = get("GET http://root.example?q=1 HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["uri"], "/?q=1");
 }
 
 /// What a client puts in its request that the upstream must not get as it came: framing
@@ -466,6 +489,11 @@ fn routes_match_the_resolved_path() {
     for path in ["/..", "/a/../../admin/x", "/%zz", "/a%00b"] {
         assert_eq!(get_raw(&gw, path).status, 400, "{path}");
     }
+    // Bytes that are not UTF-8 go on as they came when the dots are resolved.
+    let r = get_raw(&gw, "/admin/caf%e9/./x");
+    assert_eq!(r.header("x-upstream"), Some("admin"));
+    let seen: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+    assert_eq!(seen["uri"], "/admin/caf%E9/x");
 }
 
 /// A GET of `target` exactly as written (clients resolve dot segments themselves).

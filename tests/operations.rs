@@ -18,7 +18,7 @@ fn request_ids_and_the_access_log_format() {
     let up = TestUpstream::start("u");
     let gw = Gateway::start_with(Setup {
         http_extra: vec![
-            r#"access_log_format: "$request_id $status $request_method $request_uri $route_id""#
+            r#"access_log_format: "$request_id $status $request_method $request_uri $route_id $http_user_agent""#
                 .into(),
         ],
         ..Setup::default()
@@ -52,15 +52,31 @@ fn request_ids_and_the_access_log_format() {
         "{headers:?}"
     );
 
+    // Two ids: the first is the request's, for the node too (not both).
+    let r = http(
+        "GET",
+        &gw.url("/ids?two"),
+        &[
+            ("X-Request-Id", "one"),
+            ("X-Request-Id", "two"),
+            ("User-Agent", "café/1.0"),
+        ],
+        None,
+    );
+    assert_eq!(r.header("x-request-id"), Some("one"));
+    assert_eq!(r.json()["headers"]["x-request-id"], "one");
+
     eventually(Duration::from_secs(5), "access log lines", || {
         let log = access_log(&gw);
-        log.contains(&format!("{id} 200 GET /ids?a=1 ids\n"))
-            && log.contains("abc-123 200 GET /ids ids\n")
+        log.contains(&format!("{id} 200 GET /ids?a=1 ids -\n"))
+            && log.contains("abc-123 200 GET /ids ids -\n")
+            // Text that is not ASCII is logged as it came, not as `-`.
+            && log.contains("one 200 GET /ids?two ids café/1.0\n")
     });
 
     // An unknown variable is refused at reload, naming it; the old format keeps going.
     let yaml = std::fs::read_to_string(gw.config_path()).unwrap();
-    std::fs::write(gw.config_path(), yaml.replace("$route_id\"", "$nope\"")).unwrap();
+    std::fs::write(gw.config_path(), yaml.replace("$route_id ", "$nope ")).unwrap();
     let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
     assert_eq!(s, 400, "{v}");
     assert!(v["error_msg"].as_str().unwrap().contains("$nope"), "{v}");

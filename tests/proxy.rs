@@ -1173,6 +1173,47 @@ fn an_early_answer_before_a_reset_is_relayed() {
     }
 }
 
+/// `least_conn` counts a request on its node until it ends, however it ends: requests whose
+/// clients left while the node kept them waiting give the node back, and the two nodes share
+/// the traffic again afterwards (a count leaked by each would send everything to the other).
+#[test]
+fn a_left_request_gives_its_least_conn_node_back() {
+    let slow = TestUpstream::start("slow");
+    let quick = RawUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    let gw = Gateway::start_with(common::Setup {
+        workers: 1,
+        ..Default::default()
+    });
+    let nodes = json!({(slow.addr()): 1, (quick.addr()): 1});
+    put(
+        &gw,
+        "routes/lc",
+        json!({"uri": "/*", "upstream": {"type": "least_conn", "nodes": nodes}}),
+    );
+    // `slow` holds those it gets (`quick` answers at once) until their clients leave.
+    let waiting: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+            s.write_all(b"GET /delay/4000 HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            s
+        })
+        .collect();
+    common::eventually(Duration::from_secs(3), "slow held some", || slow.hits() > 0);
+    drop(waiting);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = slow.hits();
+    for _ in 0..20 {
+        assert_eq!(send(&gw, "GET", "/quick", &[]).status, 200);
+    }
+    assert!(
+        slow.hits() - before >= 5,
+        "the slow node got {} of 20: its abandoned requests still count",
+        slow.hits() - before
+    );
+}
+
 /// A node that reads one request's first bytes on each connection, writes `answer` and
 /// closes; its address.
 fn node_answering(answer: &'static [u8]) -> String {
@@ -1266,6 +1307,61 @@ fn an_answer_cut_by_the_upstream_is_logged() {
     );
     common::eventually(Duration::from_secs(5), "the error-log line", || {
         gw.error_log().contains("its body failed")
+    });
+}
+
+/// A body plugin reads the answer's body before its head goes out: a node that cuts the body
+/// there gets nginx's 502 (a stall, its 504) and an error-log line, not a plugin's 503 and
+/// nothing said.
+#[test]
+fn an_answer_cut_before_a_body_plugin_had_it_is_a_502() {
+    let cut = node_answering(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort");
+    let stall = RawUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort");
+    let gw = Gateway::start();
+    let plugins = json!({"body_rewrite": {"conf": "{\"redact\": \"secret\"}"}});
+    put(
+        &gw,
+        "routes/cut",
+        json!({"uri": "/cut", "plugins": plugins, "upstream": nodes(&[(cut, 1)])}),
+    );
+    let mut upstream = nodes(&[(stall.addr(), 1)]);
+    upstream["timeout"] = json!({"connect": 2, "send": 2, "read": 1});
+    put(
+        &gw,
+        "routes/stall",
+        json!({"uri": "/stall", "plugins": plugins, "upstream": upstream}),
+    );
+    let r = send(&gw, "GET", "/cut", &[]);
+    assert_eq!(r.status, 502, "{}", r.text());
+    let r = send(&gw, "GET", "/stall", &[]);
+    assert_eq!(r.status, 504, "{}", r.text());
+    eventually(Duration::from_secs(5), "two error-log lines", || {
+        common::log_lines(
+            &gw.error_log(),
+            "upstream prematurely closed the answer's body",
+        )
+        .len()
+            == 2
+    });
+}
+
+/// A transfer coding other than chunked would reach the client undeclared (the field stops
+/// at the proxy): nginx's 502, said in the error log.
+#[test]
+fn an_unknown_transfer_coding_from_a_node_is_a_502() {
+    let gzip = node_answering(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nGZGZG\r\n0\r\n\r\n",
+    );
+    let gw = Gateway::start();
+    put(
+        &gw,
+        "routes/gz",
+        json!({"uri": "/gz", "upstream": nodes(&[(gzip, 1)])}),
+    );
+    let r = send(&gw, "GET", "/gz", &[]);
+    assert_eq!(r.status, 502, "{}", r.text());
+    eventually(Duration::from_secs(5), "the error-log line", || {
+        gw.error_log().contains("unknown Transfer-Encoding")
     });
 }
 

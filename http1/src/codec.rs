@@ -259,6 +259,10 @@ pub struct Delimiters {
     pub length: Option<u64>,
     /// Some when `Transfer-Encoding` was sent: whether its last coding is chunked.
     pub chunked: Option<bool>,
+    /// A transfer coding other than chunked alone was sent (`gzip, chunked`, two fields): a
+    /// coding the other side of the proxy would receive undeclared, since the field stops at
+    /// this hop. Refused both ways, as nginx does.
+    pub other_coding: bool,
     /// `Connection: close`.
     pub close: bool,
     /// `Connection: keep-alive` (what an HTTP/1.0 peer asks to keep its connection).
@@ -284,6 +288,8 @@ impl Delimiters {
         } else if *name == header::TRANSFER_ENCODING {
             // Chunked must be the last coding.
             let last = value.rsplit(|b| *b == b',').next().unwrap_or_default();
+            self.other_coding |=
+                self.chunked.is_some() || !value.trim_ascii().eq_ignore_ascii_case(b"chunked");
             self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if *name == header::CONNECTION {
             for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {

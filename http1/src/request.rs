@@ -120,7 +120,7 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
     let spans = field_spans(base, req.headers);
     let head = rbuf.split_to(len).freeze();
     let raw = head.slice(target.0..target.0 + target.1);
-    let uri = match Uri::from_maybe_shared(raw.clone()) {
+    let mut uri = match Uri::from_maybe_shared(raw.clone()) {
         Ok(uri) => uri,
         Err(_) => lenient_target(&raw).ok_or(Refusal::Bad("bad request target"))?,
     };
@@ -155,6 +155,14 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
         let value = header::HeaderValue::from_str(authority)
             .map_err(|_| Refusal::Bad("invalid host in the request target"))?;
         headers.insert(header::HOST, value);
+        // `http://host?q` has an empty path: the request goes on as `/?q`, as nginx sends it
+        // (the origin form always starts with a slash).
+        if !uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str().starts_with('/'))
+        {
+            uri = rooted(uri).ok_or(Refusal::Bad("bad request target"))?;
+        }
     }
     let framing = match (delimiters.chunked, delimiters.length) {
         (Some(_), Some(_)) => {
@@ -165,7 +173,7 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
         }
         // Chunked alone: any other coding would reach the upstream undeclared, since
         // Transfer-Encoding stops at this hop.
-        (Some(_), None) if only_chunked(&headers) => Framing::Chunked(Chunk::Size),
+        (Some(_), None) if !delimiters.other_coding => Framing::Chunked(Chunk::Size),
         (Some(_), None) => {
             return Err(Refusal::Unsupported("a transfer coding other than chunked"))
         }
@@ -202,6 +210,14 @@ fn check_host(version: Version, hosts: usize, valid: bool) -> Result<(), Refusal
         0 | 1 => Err(Refusal::Bad("invalid Host")),
         _ => Err(Refusal::Bad("more than one Host")),
     }
+}
+
+/// `uri` with a `/` before its (empty) path: `http://host?q` as `http://host/?q`.
+fn rooted(uri: Uri) -> Option<Uri> {
+    let mut parts = uri.into_parts();
+    let query = parts.path_and_query.as_ref().map_or("", |p| p.as_str());
+    parts.path_and_query = Some(format!("/{query}").try_into().ok()?);
+    Uri::from_parts(parts).ok()
 }
 
 /// Whether `host` is a `host[:port]` to route by: not empty, only the bytes a URI's authority
@@ -261,14 +277,18 @@ pub fn normalized_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static
     resolve_path(path).map(|(p, _)| p)
 }
 
-/// [`normalized_path`], and whether a `.` or `..` segment was resolved: a node that reads the
-/// path as sent may not resolve them the same way (or at all), so such a path is sent on
-/// resolved, while one that was only decoded or had slashes merged goes as written (an
-/// escaped slash in it stays escaped).
-pub fn resolve_path(path: &str) -> Result<(std::borrow::Cow<'_, str>, bool), &'static str> {
+/// A path resolved by [`resolve_path`].
+type Resolved<'a> = (std::borrow::Cow<'a, str>, Option<String>);
+
+/// [`normalized_path`] (bytes that are not UTF-8 shown as U+FFFD, for matching), and, when a
+/// `.` or `..` segment was resolved, the resolved path escaped again to be sent on: a node
+/// that reads the path as sent may not resolve them the same way (or at all). A path that was
+/// only decoded or had slashes merged goes as written (an escaped slash in it stays escaped).
+/// The path sent on keeps the request's own bytes (`%E9` stays `%E9`), as nginx's does.
+pub fn resolve_path(path: &str) -> Result<Resolved<'_>, &'static str> {
     let b = path.as_bytes();
     if !needs_resolving(b) {
-        return Ok((std::borrow::Cow::Borrowed(path), false));
+        return Ok((std::borrow::Cow::Borrowed(path), None));
     }
     let mut decoded = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -320,18 +340,19 @@ pub fn resolve_path(path: &str) -> Result<(std::borrow::Cow<'_, str>, bool), &'s
     if trailing || path.is_empty() {
         path.push(b'/');
     }
+    let target = dots.then(|| escape_path(&path));
     let path = match String::from_utf8(path) {
         Ok(s) => s,
         Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
     };
-    Ok((std::borrow::Cow::Owned(path), dots))
+    Ok((std::borrow::Cow::Owned(path), target))
 }
 
 /// A resolved path ([`normalized_path`]) as a request target again: bytes a path may not hold
 /// as they are (controls, space, `%`, `?`, `#`, non-ASCII, …) escaped, RFC 3986's `pchar`s and
 /// `/` kept.
-pub fn escape_path(path: &str) -> String {
-    use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+pub fn escape_path(path: &[u8]) -> String {
+    use percent_encoding::{percent_encode, AsciiSet, NON_ALPHANUMERIC};
     const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC
         .remove(b'/')
         .remove(b'-')
@@ -351,7 +372,7 @@ pub fn escape_path(path: &str) -> String {
         .remove(b'=')
         .remove(b':')
         .remove(b'@');
-    utf8_percent_encode(path, ESCAPED).to_string()
+    percent_encode(path, ESCAPED).to_string()
 }
 
 /// Whether a path holds an escape, `//` or a segment starting with `.`: one pass, as every
@@ -365,15 +386,6 @@ fn needs_resolving(path: &[u8]) -> bool {
         after_slash = c == b'/';
     }
     false
-}
-
-/// Whether the request's only transfer coding is chunked, in a single field.
-fn only_chunked(headers: &HeaderMap) -> bool {
-    let mut all = headers.get_all(header::TRANSFER_ENCODING).iter();
-    matches!(
-        (all.next(), all.next()),
-        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked")
-    )
 }
 
 #[cfg(test)]
@@ -425,17 +437,20 @@ mod tests {
             ("/a b/%", "/a%20b/%25"),
             ("/caf\u{e9}?#", "/caf%C3%A9%3F%23"),
         ] {
-            assert_eq!(escape_path(resolved), target);
+            assert_eq!(escape_path(resolved.as_bytes()), target);
             assert_eq!(
                 n(target).as_deref(),
                 Ok(resolved),
                 "escaping is undone by resolving"
             );
         }
-        let dots = |p: &str| resolve_path(p).map(|(_, d)| d);
-        assert_eq!(dots("/a/../b"), Ok(true));
-        assert_eq!(dots("/a/%2e/b"), Ok(true));
-        assert_eq!(dots("/a%2Fb//c"), Ok(false));
+        let sent = |p: &str| resolve_path(p).map(|(_, t)| t);
+        assert_eq!(sent("/a/../b"), Ok(Some("/b".to_string())));
+        assert_eq!(sent("/a/%2e/b"), Ok(Some("/a/b".to_string())));
+        assert_eq!(sent("/a%2Fb//c"), Ok(None));
+        // Bytes that are not UTF-8 are matched as U+FFFD but sent on as they came.
+        assert_eq!(sent("/caf%e9/./x"), Ok(Some("/caf%E9/x".to_string())));
+        assert_eq!(n("/caf%e9/./x").as_deref(), Ok("/caf\u{fffd}/x"));
         // Nothing to do: the path itself, not a copy.
         assert!(matches!(
             normalized_path("/a/b.c"),
@@ -585,6 +600,18 @@ mod tests {
             .unwrap();
         assert_eq!(h.headers["host"], "Target.example:81");
         assert_eq!(h.headers.get_all("host").iter().count(), 1);
+        // No path: it goes on as `/`, the query kept.
+        for (head, target) in [
+            (
+                "GET http://a.example?q=1 HTTP/1.1\r\nHost: a\r\n\r\n",
+                "/?q=1",
+            ),
+            ("GET http://a.example HTTP/1.1\r\nHost: a\r\n\r\n", "/"),
+        ] {
+            let h = parse(head).unwrap().unwrap();
+            assert_eq!(h.uri.path_and_query().unwrap().as_str(), target, "{head:?}");
+            assert_eq!(h.headers["host"], "a.example");
+        }
         for ok in [
             "a.example",
             "a-b_c.example:8080",

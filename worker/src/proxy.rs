@@ -23,7 +23,7 @@ use crate::server::ClientBody;
 use crate::tunnel::{self, Carried};
 use crate::upstream::h1::{ExchangeError, ResponseBody};
 use crate::upstream::pool::{Conn, ConnectError};
-use crate::upstream::UpstreamRuntime;
+use crate::upstream::{Busy, UpstreamRuntime};
 use crate::wasm_body::{BodyFailure, PluginBody, Primed};
 use crate::wasm_glue;
 use crate::Worker;
@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmgate_http1::codec::{SetField, SetFields};
-use wasmgate_http1::request::{escape_path, host_name, normalized_path, resolve_path};
+use wasmgate_http1::request::{host_name, normalized_path, resolve_path};
 use wasmgate_shared::model::{HashOn, PassHost};
 use wasmgate_shared::traffic::Observation;
 use wasmgate_wasm::{flags, AnswerDetails, Downstream, Head, Stream, Totals};
@@ -55,8 +55,8 @@ struct UpstreamLog {
     /// When the answer's head came (the reading `time` ends at): the response phase's plugin
     /// timing starts from it instead of reading the clock again.
     answered: Option<Instant>,
-    /// The node whose active count to release at the end (least_conn).
-    active: Option<(Arc<UpstreamRuntime>, usize)>,
+    /// The node counted busy until the request ends (least_conn).
+    active: Option<Busy>,
 }
 
 /// The client of a connection: its address, and the address as header text (`X-Real-IP`,
@@ -111,12 +111,13 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
     let mut log = Box::new(LogInfo::new(&parts, peer, w.access_log.enabled()));
     log.request_id = request_id(&mut parts.headers);
     log.head_bytes = head_size(&parts) as u64;
+    log.abandoned = Some(w.clone());
     if log.head_bytes as usize > w.max_header_size {
         return refusal(w, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, log);
     }
     let (route, resolved) = {
         // Matched as nginx matches locations: on the path decoded and resolved (`$uri`).
-        let (path, dots) = match resolve_path(parts.uri.path()) {
+        let (path, resolved) = match resolve_path(parts.uri.path()) {
             Ok(resolved) => resolved,
             Err(why) => {
                 tracing::info!("bad request from {peer}: {why}");
@@ -134,7 +135,7 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
             };
             cfg.router.find(&view).cloned()
         };
-        (route, dots.then(|| path.into_owned()))
+        (route, resolved)
     };
     // A path with dot segments goes on resolved: the node, and the plugins, see the path the
     // route was chosen by (`/admin/../public/x` is `/public/x` to them too, not a path a node
@@ -142,7 +143,7 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
     // was only decoded or had slashes merged goes as written: the route chosen by its decoded
     // form is the one a decoding node serves, and an escaped slash (`a%2Fb`) stays escaped.
     if let Some(path) = resolved {
-        if set_path(&mut parts.uri, &escape_path(&path)).is_err() {
+        if set_path(&mut parts.uri, &path).is_err() {
             return refusal(w, StatusCode::BAD_REQUEST, log);
         }
     }
@@ -451,6 +452,31 @@ fn failure_response(f: BodyFailure, too_large: StatusCode) -> Response<ProxyBody
         BodyFailure::Reply(r) => wasm_glue::local_reply(r),
         BodyFailure::Fault => plugin_failed(),
         BodyFailure::Client(status) => client_failed(status),
+        BodyFailure::Source(e) if too_large == StatusCode::PAYLOAD_TOO_LARGE => {
+            tracing::info!("client request body failed: {e}");
+            client_failed(StatusCode::BAD_REQUEST)
+        }
+        BodyFailure::Source(e) => body_cut(&*e),
+    }
+}
+
+/// The answer for an upstream whose answer's body failed while plugins were reading it,
+/// before its head went out: as nginx answers a node that failed before the answer was sent,
+/// 504 for a stall, 502 for a cut.
+fn body_cut(e: &(dyn std::error::Error + 'static)) -> Response<ProxyBody> {
+    tracing::error!("upstream prematurely closed the answer's body while plugins read it ({e})");
+    let stalled = e
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
+    match stalled {
+        true => because(
+            error_page(StatusCode::GATEWAY_TIMEOUT),
+            AnswerDetails::of("upstream_response_timeout", flags::UPSTREAM_REQUEST_TIMEOUT),
+        ),
+        false => because(
+            error_page(StatusCode::BAD_GATEWAY),
+            AnswerDetails::of(BODY_CUT, flags::UPSTREAM_CONNECTION_TERMINATION),
+        ),
     }
 }
 
@@ -669,33 +695,34 @@ async fn forward(
         };
         let host = node_host(up, client_host.as_ref(), &authority);
         let set = forwarding.fields(host.as_ref());
-        up.balancer.on_start(idx);
+        let busy = Busy::start(up, idx);
         let request = (&*parts, &set[..], upgrade.is_some());
+        // Recorded before the wait: a request its client abandons names its node too.
+        log.addrs.push(authority.clone());
         match send(w, conn, request, (b, no_body), &authority, up).await {
             Exchange::Response(resp) => {
-                log.addrs.push(authority);
                 log.status = Some(resp.status().as_u16());
                 let now = Instant::now();
                 log.time = Some(now - started);
                 log.answered = Some(now);
                 // A switched connection keeps its node busy until the tunnel ends.
                 match resp.extensions().get::<tunnel::Upstream>() {
-                    Some(tunnel) => tunnel.hold(up.clone(), idx),
-                    None => log.active = Some((up.clone(), idx)),
+                    Some(tunnel) => tunnel.hold(busy),
+                    None => log.active = Some(busy),
                 }
                 return resp;
             }
             Exchange::NotSent(b) if stale_retries < 3 => {
                 // The pooled connection was closed by the node while idle: trying again on
                 // another connection is safe (see `send`).
-                up.balancer.on_finish(idx);
+                drop(busy);
+                log.addrs.pop();
                 stale_retries += 1;
                 body = Some(b);
                 attempt_at = Instant::now();
             }
             outcome => {
-                up.balancer.on_finish(idx);
-                log.addrs.push(authority.clone());
+                drop(busy);
                 // An answer that is not HTTP is the node's answer (nginx's `invalid_header`,
                 // not among its default reasons to try the next node).
                 let invalid = matches!(&outcome, Exchange::Failed(e)
@@ -768,6 +795,7 @@ const CONNECT_TIMEOUT: &str = "upstream_reset_before_response_started{connection
 const CONNECT_FAILURE: &str = "upstream_reset_before_response_started{connection_failure}";
 const TERMINATED: &str = "upstream_reset_before_response_started{connection_termination}";
 const NOT_HTTP: &str = "upstream_reset_before_response_started{protocol_error}";
+const BODY_CUT: &str = "upstream_reset_after_response_started{connection_termination}";
 
 /// `resp` marked with why the gateway answered itself (`response.code_details` and
 /// `response.flags` for plugins); made on error paths only, where the extension's map is
@@ -942,7 +970,12 @@ fn request_id(h: &mut HeaderMap) -> Option<HeaderValue> {
     if let Some(v) = h.get(&X_REQUEST_ID) {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= 128 && b.iter().all(|b| b.is_ascii_graphic()) {
-            return Some(v.clone());
+            let v = v.clone();
+            // One id: a second field would reach the node while everything else saw the first.
+            if h.get_all(&X_REQUEST_ID).iter().nth(1).is_some() {
+                h.insert(X_REQUEST_ID.clone(), v.clone());
+            }
+            return Some(v);
         }
     }
     // One allocation holding the text, shared (not copied) by every clone of the value.
@@ -1182,20 +1215,28 @@ struct LogInfo {
     /// for a request with a body).
     head_bytes: u64,
     body_bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Set while the answer is being made: a request dropped before its log phase (its
+    /// client left, and the connection dropped the request's future) is logged from here.
+    abandoned: Option<Arc<Worker>>,
+}
+
+impl Drop for LogInfo {
+    fn drop(&mut self) {
+        if let Some(w) = self.abandoned.take() {
+            log_abandoned(&w, self);
+        }
+    }
 }
 
 impl LogInfo {
     /// `full`: the access log is on, so the request line and the headers it shows are kept
     /// (formatting them costs every request otherwise).
     fn new(parts: &http::request::Parts, peer: SocketAddr, full: bool) -> LogInfo {
-        let header = |n: header::HeaderName| match full {
-            true => parts
-                .headers
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string(),
-            false => String::new(),
+        // Text that is not ASCII (a UTF-8 `User-Agent`) is kept, bytes that are not UTF-8 shown
+        // as U+FFFD; the log's writer escapes what could forge a line.
+        let header = |n: header::HeaderName| match (full, parts.headers.get(n)) {
+            (true, Some(v)) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            _ => String::new(),
         };
         let request_line = match full {
             true => format!(
@@ -1222,6 +1263,7 @@ impl LogInfo {
             upstream: UpstreamLog::default(),
             head_bytes: 0,
             body_bytes: None,
+            abandoned: None,
         }
     }
 }
@@ -1231,9 +1273,10 @@ impl LogInfo {
 fn log_phase(
     w: Arc<Worker>,
     resp: Response<ProxyBody>,
-    log: Box<LogInfo>,
+    mut log: Box<LogInfo>,
     wasm: Option<SharedWasm>,
 ) -> Response<ProxyBody> {
+    log.abandoned = None;
     let status = resp.status().as_u16();
     // A switched connection's request ends with its tunnel.
     let tunnel = match status {
@@ -1285,18 +1328,25 @@ fn log_request(
     if let Some(shared) = wasm {
         lock(&shared).finish_at(now, Some(totals));
     }
+    record(
+        w,
+        log,
+        (status, sent),
+        totals.request_total,
+        totals.duration,
+    );
+}
+
+/// Counts a request in the route's traffic and writes its access-log line.
+fn record(w: &Worker, log: &LogInfo, (status, sent): (u16, u64), ingress: u64, took: Duration) {
     let up = &log.upstream;
-    if let Some((rt, idx)) = &up.active {
-        rt.balancer.on_finish(*idx);
-    }
-    let request_time = totals.duration;
     w.traffic.record(
         log.route.as_deref(),
         &Observation {
             status,
-            request_us: request_time.as_micros() as u64,
+            request_us: took.as_micros() as u64,
             upstream_us: up.time.map(|t| t.as_micros() as u64),
-            ingress: totals.request_total,
+            ingress,
             egress: sent,
         },
     );
@@ -1309,7 +1359,7 @@ fn log_request(
         request_line: &log.request_line,
         status,
         body_bytes_sent: sent,
-        request_time,
+        request_time: took,
         referer: &log.referer,
         user_agent: &log.user_agent,
         upstream_addr: &up.addrs.join(", "),
@@ -1322,6 +1372,36 @@ fn log_request(
             .and_then(|v| v.to_str().ok())
             .unwrap_or(""),
     });
+}
+
+/// nginx's status for a request whose client closed the connection before the answer.
+const CLIENT_CLOSED: u16 = 499;
+
+/// A request whose client left before its answer was made (waiting on its node, or paused by
+/// a plugin): logged and counted with nginx's 499, its node given back to the balancer (the
+/// request's [`Busy`] goes with it). The plugins' own log phase runs as their state drops.
+fn log_abandoned(w: &Worker, log: &LogInfo) {
+    let route = log.route.as_ref().map_or("", |r| &r.id);
+    tracing::info!(
+        "client prematurely closed connection, request abandoned (route {route:?}, {}){}",
+        match log.upstream.addrs.last() {
+            Some(node) => format!("upstream: {node}"),
+            None => "before its upstream".into(),
+        },
+        match log.request_line.is_empty() {
+            true => String::new(),
+            false => format!(
+                ", client: {}, request: \"{}\"",
+                log.remote, log.request_line
+            ),
+        },
+    );
+    let received = log
+        .body_bytes
+        .as_ref()
+        .map_or(0, |b| b.load(Ordering::Relaxed));
+    let took = log.started.elapsed();
+    record(w, log, (CLIENT_CLOSED, 0), log.head_bytes + received, took);
 }
 
 /// A request refused before it was understood (malformed, headers too large): counted with

@@ -9,7 +9,7 @@
 //! flight still arrives), or when nothing has crossed it either way for the route's
 //! `timeout.read`.
 
-use crate::upstream::UpstreamRuntime;
+use crate::upstream::Busy;
 use bytes::BytesMut;
 use http::header::{self, HeaderValue};
 use std::net::SocketAddr;
@@ -68,7 +68,7 @@ struct Node {
     io: TcpStream,
     /// What the node sent after its 101.
     rest: BytesMut,
-    held: Option<Held>,
+    held: Option<Busy>,
     closing: Closing,
 }
 
@@ -98,16 +98,6 @@ impl Drop for Closing {
     }
 }
 
-/// A node counted busy by its balancer (`least_conn`) for as long as the tunnel lasts, as
-/// nginx frees an upgraded connection's peer only when it closes.
-struct Held(Arc<UpstreamRuntime>, usize);
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.0.balancer.on_finish(self.1);
-    }
-}
-
 impl Upstream {
     /// `rest`: what the node sent after its 101; `idle`: how long the tunnel may carry
     /// nothing before it is closed.
@@ -127,10 +117,9 @@ impl Upstream {
         self.node.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// Keeps node `idx` of `up` counted busy (its `on_start` was called) until the tunnel
-    /// ends, or until the answer is dropped unsent.
-    pub fn hold(&self, up: Arc<UpstreamRuntime>, idx: usize) {
-        let held = Held(up, idx);
+    /// Keeps the node counted busy until the tunnel ends, or until the answer is dropped
+    /// unsent, as nginx frees an upgraded connection's peer only when it closes.
+    pub fn hold(&self, held: Busy) {
         if let Some(node) = self.node.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             node.held = Some(held);
         }

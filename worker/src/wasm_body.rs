@@ -32,6 +32,9 @@ pub enum BodyFailure {
     Fault,
     /// The client's body failed: over `client_max_body_size` (413) or stalled (408).
     Client(http::StatusCode),
+    /// The body's own source failed before the plugins had it whole: the upstream cut or
+    /// stalled its answer's body, or the client its request's.
+    Source(BoxError),
 }
 
 type Wait = Pin<Box<dyn Future<Output = (BodyBufs, BodyStep)> + Send>>;
@@ -146,7 +149,7 @@ impl PluginBody {
                     Primed::Streaming
                 }
             }
-            Some(Err(_)) => Primed::Failed(self.failure.take().unwrap_or(BodyFailure::Fault)),
+            Some(Err(e)) => Primed::Failed(self.failure.take().unwrap_or(BodyFailure::Source(e))),
         }
     }
 
@@ -199,7 +202,7 @@ impl PluginBody {
             BodyFailure::TooLarge => "a plugin's body buffer is over its limit",
             BodyFailure::Reply(r) if r.is_reset() => "a plugin reset the stream",
             BodyFailure::Reply(_) => "a plugin answered from a body or trailers callback",
-            BodyFailure::Fault | BodyFailure::Client(_) => {
+            BodyFailure::Fault | BodyFailure::Client(_) | BodyFailure::Source(_) => {
                 "a plugin failed in a body or trailers callback"
             }
         };

@@ -187,22 +187,30 @@ impl Wire {
         w.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");
         let mut length = None;
+        let empty = body.is_end_stream();
         codec::put_fields_setting(w, headers, set, |name, value| {
             if *name == header::CONTENT_LENGTH {
                 // One line, however many equal ones the client sent (unequal ones it was
-                // refused for).
-                if length.is_some() {
-                    return false;
-                }
-                length = Some(value);
+                // refused for); none for a request without a body (below).
+                let first = length.is_none();
+                length = length.or(Some(value));
+                return first && !empty;
             }
             true
         });
         let declared = length
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let out = match (body.is_end_stream(), declared, body.size_hint().exact()) {
-            (true, declared, _) => BodyOut::Length(declared.unwrap_or(0)),
+        let out = match (empty, declared, body.size_hint().exact()) {
+            // No body goes: a length the request carried (a plugin may have set one) is
+            // written as 0, as nginx writes the length of the body it sends. Another number
+            // would have the node take the next request on the connection for this body.
+            (true, _, _) => {
+                if length.is_some() {
+                    codec::put_length(w, 0);
+                }
+                BodyOut::Length(0)
+            }
             (false, Some(n), _) => BodyOut::Length(n),
             (false, None, Some(n)) => {
                 codec::put_length(w, n);
@@ -390,6 +398,11 @@ fn parse_head(
         |n, v| !ends_here(n, v) || (switching && *n == header::UPGRADE),
     )
     .map_err(ExchangeError::Invalid)?;
+    if delimiters.other_coding && !codec::bodiless(status, head_request) {
+        // The coding would reach the client undeclared (the field stops at this hop):
+        // nginx's 502 for an "unknown Transfer-Encoding".
+        return Err(ExchangeError::Invalid("unknown Transfer-Encoding"));
+    }
     if delimiters.chunked.is_some() && delimiters.length.is_some() {
         // RFC 9112 §6.3: Transfer-Encoding wins, and a proxy removes the length, which
         // would frame the answer differently downstream.
@@ -520,9 +533,9 @@ impl ResponseBody {
             false => link.timer_at(Instant::now() + timeout),
         };
         ready!(timer.poll(cx));
-        Poll::Ready(Err(
-            format!("upstream read timed out after {timeout:?}").into()
-        ))
+        // An `io::Error` of kind `TimedOut`: a plugin reading the body answers it with a 504.
+        let why = format!("upstream read timed out after {timeout:?}");
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why).into()))
     }
 }
 
@@ -608,7 +621,17 @@ mod tests {
             "room for the proxy's headers"
         );
 
-        let h = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        // A coding besides chunked would reach the client undeclared: nginx's 502.
+        for te in ["gzip, chunked", "gzip", "chunked, chunked"] {
+            let h = parse(&format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: {te}\r\n\r\n"
+            ));
+            assert!(
+                matches!(h, Err(ExchangeError::Invalid("unknown Transfer-Encoding"))),
+                "{te}"
+            );
+        }
+        let h = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked \r\n\r\n");
         let h = h.unwrap().unwrap();
         assert_eq!(
             (h.framing, h.keep_alive),
@@ -622,9 +645,6 @@ mod tests {
             (h.framing, h.keep_alive),
             (Framing::Chunked(Chunk::Size), false)
         );
-
-        let h = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n");
-        assert_eq!(h.unwrap().unwrap().framing, Framing::Close);
 
         let h = "HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 1\r\n\r\n";
         let h = parse(h).unwrap().unwrap();

@@ -34,6 +34,26 @@ pub struct UpstreamRuntime {
     pub key: Option<String>,
 }
 
+/// Node `idx` of an upstream counted busy by its balancer (`least_conn`) until this is dropped:
+/// however the request ends — answered, failed, or dropped with its future when the client
+/// leaves first — the count goes back down, as nginx frees the peer when it finalizes the
+/// request. A tunnel keeps it for as long as it lasts.
+#[derive(Debug)]
+pub struct Busy(Arc<UpstreamRuntime>, usize);
+
+impl Busy {
+    pub fn start(up: &Arc<UpstreamRuntime>, idx: usize) -> Busy {
+        up.balancer.on_start(idx);
+        Busy(up.clone(), idx)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.balancer.on_finish(self.1);
+    }
+}
+
 fn secs(v: Option<f64>) -> Duration {
     Duration::from_secs_f64(v.unwrap_or(DEFAULT_TIMEOUT).clamp(0.001, 86_400.0))
 }
