@@ -1374,24 +1374,36 @@ fn trailers_reach_the_trailers_callback() {
 #[test]
 fn a_local_reply_gives_its_details_to_the_log_phase() {
     let gw = Gateway::start();
-    let wat = r#"(module
+    // Its headers: one HTTP cannot carry (left out, and said), one it can.
+    let (escaped, len) = wat_map(&[("bad name", "v"), ("x-ok", "1")]);
+    let wat = format!(
+        r#"(module
       (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
       (memory (export "memory") 1)
       (data (i32.const 100) "denied by\tpolicy")
+      (data (i32.const 300) "{escaped}")
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
       (func (export "proxy_on_context_create") (param i32 i32))
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
         (drop (call $reply (i32.const 403) (i32.const 100) (i32.const 16) (i32.const 0) (i32.const 0)
-                           (i32.const 0) (i32.const 0) (i32.const -1)))
-        (i32.const 1)))"#;
-    wat_plugin_on_route(&gw, "denier", wat, "/unused");
+                           (i32.const 300) (i32.const {len}) (i32.const -1)))
+        (i32.const 1)))"#
+    );
+    wat_plugin_on_route(&gw, "denier", &wat, "/unused");
     gw.route(
         "deny",
         json!({"uri": "/deny", "plugins": {"denier": {"conf": "-"}, "rec_a": {"conf": "denied"}}}),
         None,
     );
-    assert_eq!(get(&gw, "/deny").status, 403);
+    let r = get(&gw, "/deny");
+    assert_eq!((r.status, r.header("x-ok")), (403, Some("1")));
+    assert!(
+        gw.error_log()
+            .contains("a plugin's local reply: field \"bad name\" left out: not a valid name"),
+        "{}",
+        gw.error_log()
+    );
     let prefix = "recorder denied: attributes ";
     eventually(Duration::from_secs(5), "the log phase", || {
         !common::log_lines(&gw.error_log(), prefix).is_empty()
@@ -1404,6 +1416,128 @@ fn a_local_reply_gives_its_details_to_the_log_phase() {
     );
     assert!(line.contains(" response.flags=0 "), "{line}");
     assert!(line.contains(" response.code=403 "), "{line}");
+}
+
+/// A plugin's call-outs in flight hold no more bytes of requests than its `memory_limit`:
+/// past it a call fails at once with InternalFailure (Envoy's circuit breaker fails a call over
+/// its limits too), said once in the error log, and the room comes back when calls end. The
+/// plugin answers `200 + 10 × first call's status + second's`: each request dispatches two
+/// calls of 1.2 MB to a peer that never answers, under a 2 MB budget.
+#[test]
+fn call_outs_in_flight_have_a_budget() {
+    // One worker: the budget is a worker's.
+    let gw = Gateway::start_with(common::Setup {
+        workers: 1,
+        ..Default::default()
+    });
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (escaped, len) = wat_map(&[
+        (":method", "POST"),
+        (":path", "/big"),
+        (":authority", "peer"),
+    ]);
+    let call = format!(
+        "(call $call (global.get $tptr) (global.get $tlen) (i32.const 300) (i32.const {len})
+                     (i32.const 65536) (i32.const 1200000) (i32.const 0) (i32.const 0)
+                     (i32.const 400) (i32.const 208))"
+    );
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 20)
+      (data (i32.const 300) "{escaped}")
+      {BUMP_MALLOC}
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      {CALL_TARGET_FROM_CONF}
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (local $first i32)
+        (local.set $first {call})
+        (drop (call $reply
+          (i32.add (i32.const 200) (i32.add (i32.mul (local.get $first) (i32.const 10)) {call}))
+          (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+          (i32.const -1)))
+        (i32.const 1))
+      (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)))"#
+    );
+    wat_plugin_with(&gw, "budget", &wat, "/unused", ", memory_limit: 2m");
+    gw.route(
+        "budget",
+        json!({"uri": "/budget", "plugins": {"budget": {"conf": silent.local_addr().unwrap().to_string()}}}),
+        None,
+    );
+    // The first call goes (0), the second is over the budget (InternalFailure, 10).
+    assert_eq!(get(&gw, "/budget").status, 210);
+    common::eventually(Duration::from_secs(5), "the refusal's line", || {
+        gw.error_log().contains("budget: call-out to")
+    });
+    // Once the calls time out (0.4 s), their room is back: the first call goes again.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(get(&gw, "/budget").status, 210);
+    drop(silent);
+}
+
+/// A table is host memory too: one grown past its limit is the instance's fault (503), not
+/// memory taken from the worker without end.
+#[test]
+fn a_table_grown_past_its_limit_is_a_fault() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let wat = r#"(module
+      (memory (export "memory") 1)
+      (table $t 1 funcref)
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (drop (table.grow $t (ref.null func) (i32.const 2000000)))
+        (i32.const 0)))"#;
+    wat_plugin_on_route(&gw, "tables", wat, "/unused");
+    gw.route(
+        "tables",
+        json!({"uri": "/tables", "plugins": {"tables": {"conf": "-"}}}),
+        Some(&app),
+    );
+    assert_eq!(get(&gw, "/tables").status, 503);
+    common::eventually(Duration::from_secs(5), "the fault's line", || {
+        gw.error_log()
+            .contains("tables: trap: a table grew past its limit of 1048576 elements")
+    });
+}
+
+/// A fault names the callback it happened in: `proxy_on_done` and `proxy_on_delete` are not
+/// `proxy_on_log`.
+#[test]
+fn a_fault_names_its_callback() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let wat = r#"(module
+      (memory (export "memory") 1)
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_done") (param i32) (result i32)
+        (loop $l (br $l))
+        (i32.const 1)))"#;
+    wat_plugin_with(
+        &gw,
+        "stuck_done",
+        wat,
+        "/unused",
+        ", callback_timeout: 100ms",
+    );
+    gw.route(
+        "done",
+        json!({"uri": "/done", "plugins": {"stuck_done": {"conf": "-"}}}),
+        Some(&app),
+    );
+    assert_eq!(get(&gw, "/done").status, 200);
+    common::eventually(Duration::from_secs(5), "the fault's line", || {
+        gw.error_log()
+            .contains("stuck_done: callback exceeded its time limit in proxy_on_done")
+    });
 }
 
 /// The upstream's trailers stay readable in the log phase (map type 3 and the

@@ -183,6 +183,20 @@ fn plugins_cannot_break_the_answers_framing() {
         );
         assert_eq!(r.json()["uri"], format!("/{id}"), "/{id}");
     }
+
+    // The request's side: a length a plugin sets on a request without a body goes upstream
+    // as 0. As written, the node would wait for 7 bytes, or take the next request's.
+    gw.route(
+        "req",
+        json!({"uri": "/req", "plugins": {"rewrite": {"conf": {"set": {"content-length": "7"}}}}}),
+        Some(&up),
+    );
+    let mut c = common::client::KeepAlive::new(&gw.url(""));
+    for _ in 0..2 {
+        let r = c.get("/req").unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["headers"]["content-length"], "0", "{}", r.text());
+    }
 }
 
 /// `WASMGATE_PERF_MAP=1`: each worker writes /tmp/perf-<pid>.map naming the plugins' compiled
@@ -479,8 +493,17 @@ fn bad_modules_are_refused_with_the_symbol_named() {
                    (func (export "proxy_abi_version_0_2_1"))
                    (func (export "proxy_on_context_create") (param i32 i32)))"#,
     );
+    // A second memory would be outside `memory_limit`.
+    write_module(
+        &gw,
+        "two_memories.wasm",
+        r#"(module (memory (export "memory") 1) (memory $other 1)
+                   (func (export "proxy_abi_version_0_2_1"))
+                   (func (export "proxy_on_context_create") (param i32 i32)))"#,
+    );
     for (file, expect) in [
         ("no_marker.wasm", "no Proxy-Wasm ABI marker"),
+        ("two_memories.wasm", "memories"),
         (
             "bad_import.wasm",
             "unknown import env::proxy_does_not_exist",

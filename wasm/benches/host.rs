@@ -103,6 +103,7 @@ fn plugin() -> PluginModule {
         log_level: 4,
         log_gate: Arc::default(),
         targets: Default::default(),
+        call_budget: Arc::new(wasmgate_wasm::state::CallBudget::new(64 << 20)),
         root_id: Arc::from("example_headers"),
         vm_config: Arc::from(&b""[..]),
     };

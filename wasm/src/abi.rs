@@ -764,9 +764,6 @@ fn stream_type(t: i32) -> Result<(), Status> {
     }
 }
 
-/// Most call-outs a VM may have in flight.
-const MAX_CALLS: usize = 1024;
-
 fn http_call(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
@@ -799,9 +796,26 @@ fn http_call(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             if !s.targets.knows(&target) {
                 return ok(Status::BadArgument);
             }
-            if s.calls.len() >= MAX_CALLS {
-                return ok(Status::InternalFailure);
-            }
+            // Its room among the plugin's call-outs in flight (Envoy's circuit breaker
+            // fails a call over its limit too).
+            let size = |p: &map::Pairs| p.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            let bytes = body.len() + size(&headers) + size(&trailers);
+            let slot = match s.call_budget.take(bytes) {
+                Ok(slot) => std::sync::Arc::new(slot),
+                Err(first) => {
+                    if first {
+                        let (calls, held) = s.call_budget.in_flight();
+                        tracing::warn!(
+                            "{}: call-out to {target:?} refused: {calls} calls holding {held} \
+                             bytes are in flight (at most {} calls, and the plugin's \
+                             memory_limit in bytes); more are refused until one ends",
+                            s.plugin_name,
+                            crate::state::MAX_CALLS_IN_FLIGHT
+                        );
+                    }
+                    return ok(Status::InternalFailure);
+                }
+            };
             let token = s.next_token.wrapping_add(1).max(1);
             // The token first: a call whose token the plugin cannot get is not made.
             tri!(write(&mut c, ret_token, &token.to_le_bytes()));
@@ -819,6 +833,7 @@ fn http_call(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 // and read timeouts still bound it.
                 timeout: (timeout_ms > 0)
                     .then(|| std::time::Duration::from_millis(timeout_ms as u64)),
+                slot,
             });
             ok(Status::Ok)
         },

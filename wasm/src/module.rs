@@ -16,6 +16,9 @@ pub fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| {
         let mut c = Config::new();
         c.epoch_interruption(true);
+        // One linear memory per module, as every Proxy-Wasm SDK builds and as
+        // `memory_limit` accounts for: a module with more is refused when it is loaded.
+        c.wasm_multi_memory(false);
         // No compile thread pool: the master compiles at start, then daemonizes (fork), then
         // compiles again on reload. A pool created before the fork has no threads after it,
         // and the reload waited on them for ever. Plugins are small; one thread compiles them.
@@ -61,6 +64,8 @@ pub struct Settings {
     pub log_gate: Arc<crate::rate::LogGate>,
     /// What its call-outs may target (the gateway fills it in; see [`crate::state::Targets`]).
     pub targets: crate::state::Targets,
+    /// What its call-outs in flight may hold, shared by its instances.
+    pub call_budget: Arc<crate::state::CallBudget>,
     /// The `plugin_root_id` property.
     pub root_id: Arc<str>,
     /// The buffer `proxy_on_vm_start` reads (VmConfiguration).
@@ -179,6 +184,7 @@ impl Settings {
             log_gate: Arc::default(),
             log_level,
             targets: Default::default(),
+            call_budget: Arc::new(crate::state::CallBudget::new(d.memory_limit as usize)),
         }
     }
 }

@@ -5,6 +5,7 @@ use crate::map::Pairs;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::StoreLimits;
@@ -231,6 +232,75 @@ impl Stream {
     }
 }
 
+/// What one plugin's call-outs in flight may hold in a worker, shared by its instances (an
+/// instance made after a fault does not get a fresh budget while the old one's calls are
+/// still out): 1,024 calls at once, Envoy's default circuit breaker for a cluster, and no more
+/// bytes of requests than the plugin's `memory_limit`. Without it one request could set off a
+/// storm of call-outs (each answer dispatching more) that ate the worker's file descriptors
+/// and memory, and with them every other route's requests.
+#[derive(Debug)]
+pub struct CallBudget {
+    calls: AtomicUsize,
+    bytes: AtomicUsize,
+    max_bytes: usize,
+    /// Set at the first refusal, cleared at the next call let out: one log line per episode.
+    refusing: AtomicBool,
+}
+
+/// Most call-outs of one plugin in flight in a worker.
+pub const MAX_CALLS_IN_FLIGHT: usize = 1024;
+
+impl CallBudget {
+    pub fn new(max_bytes: usize) -> CallBudget {
+        CallBudget {
+            calls: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_bytes,
+            refusing: AtomicBool::new(false),
+        }
+    }
+
+    /// Room for one more call of `bytes`, held until the [`CallSlot`] drops; `Err(first)`
+    /// when over either limit, `first` for the first refusal since a call was let out.
+    pub fn take(self: &Arc<Self>, bytes: usize) -> Result<CallSlot, bool> {
+        let calls = self.calls.load(Ordering::Relaxed);
+        let held = self.bytes.load(Ordering::Relaxed);
+        if calls >= MAX_CALLS_IN_FLIGHT || held.saturating_add(bytes) > self.max_bytes {
+            return Err(!self.refusing.swap(true, Ordering::Relaxed));
+        }
+        self.refusing.store(false, Ordering::Relaxed);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(CallSlot {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Calls in flight, and the bytes of their requests.
+    pub fn in_flight(&self) -> (usize, usize) {
+        (
+            self.calls.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One call-out's room in its plugin's [`CallBudget`], given back when it drops (the answer
+/// came, or the call failed or was dropped).
+#[derive(Debug)]
+pub struct CallSlot {
+    budget: Arc<CallBudget>,
+    bytes: usize,
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        self.budget.calls.fetch_sub(1, Ordering::Relaxed);
+        self.budget.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 /// An HTTP call-out a plugin dispatched (`proxy_http_call`), for the gateway to perform.
 #[derive(Debug, Clone)]
 pub struct HttpCall {
@@ -247,6 +317,8 @@ pub struct HttpCall {
     pub trailers: Pairs,
     /// None: no limit of its own (`timeout_milliseconds` 0).
     pub timeout: Option<Duration>,
+    /// Its room in the plugin's [`CallBudget`], held while it is out.
+    pub slot: Arc<CallSlot>,
 }
 
 /// Whether a `proxy_http_call` target names something the gateway can call. Asked when the
@@ -360,6 +432,8 @@ pub struct HostState {
     pub call_response: Option<CallResponse>,
     /// What `proxy_http_call` may target (the plugin's [`Settings`](crate::Settings)).
     pub targets: Targets,
+    /// What its call-outs in flight may hold (the plugin's [`Settings`](crate::Settings)).
+    pub call_budget: Arc<CallBudget>,
     /// Shared queues this VM registered: (token, registering root context).
     pub queue_regs: Vec<(u32, u32)>,
     /// Set when `queue_regs` grew.

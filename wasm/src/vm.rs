@@ -10,6 +10,12 @@ use crate::state::{CallResponse, Foreign, HostState, HttpCall, LocalReply, Strea
 use std::collections::HashMap;
 use wasmtime::{Store, StoreLimitsBuilder, TypedFunc};
 
+/// Most tables an instance may have (SDK-built modules have one).
+const MAX_TABLES: usize = 4;
+/// Most elements a table may hold: room for a large program's functions (a Go plugin's table
+/// holds a few thousand), not for a plugin growing one without end.
+pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
 /// Why a call into the plugin failed; the VM must be discarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
@@ -35,6 +41,11 @@ fn classify(e: wasmtime::Error) -> Fault {
     let text = format!("{e:#}");
     if text.contains("forcing trap when growing memory") || text.contains("memory allocation") {
         return Fault::Memory;
+    }
+    if text.contains("forcing trap when growing table") {
+        return Fault::Trap(format!(
+            "a table grew past its limit of {MAX_TABLE_ELEMENTS} elements"
+        ));
     }
     // The trap itself (`wasm \`unreachable\` instruction executed`), or the guest's exit
     // (`proc_exit`, as Go's runtime ends after a panic), rather than the first line of the
@@ -147,8 +158,13 @@ impl PluginVm {
             names: Default::default(),
             values: Default::default(),
             log_level: s.log_level,
+            // One memory, under `memory_limit`, and tables of bounded size: a table that
+            // grows is host memory too (8 bytes an element), outside the memory limit.
             limits: StoreLimitsBuilder::new()
                 .memory_size(s.memory_limit)
+                .memories(1)
+                .tables(MAX_TABLES)
+                .table_elements(MAX_TABLE_ELEMENTS)
                 .instances(1)
                 .trap_on_grow_failure(true)
                 .build(),
@@ -173,6 +189,7 @@ impl PluginVm {
             next_token: 0,
             call_response: None,
             targets: s.targets.clone(),
+            call_budget: s.call_budget.clone(),
             resumed: 0,
             queue_regs: Vec::new(),
             queues_changed: false,
@@ -607,14 +624,16 @@ impl PluginVm {
     /// `proxy_on_done` then `proxy_on_delete` of an HttpContext (what `proxy_on_done` returns
     /// is not waited on for a stream, as in Envoy): what its last callbacks ask for (a
     /// call-out) is its root's, as in every other callback.
-    pub fn finish_http(&mut self, ctx: HttpCtx) -> Result<(), Fault> {
+    /// A fault names the callback it came from.
+    pub fn finish_http(&mut self, ctx: HttpCtx) -> Result<(), (Fault, &'static str)> {
         let id = ctx.id;
         outside_stream(&mut self.store, id);
         self.store.data_mut().root_context = ctx.root;
         if let Some(done) = self.f.done.as_ref() {
-            run(&mut self.store, self.ticks, |s| done.call(s, id as i32))?;
+            run(&mut self.store, self.ticks, |s| done.call(s, id as i32))
+                .map_err(|f| (f, "proxy_on_done"))?;
         }
-        self.on_delete(id)
+        self.on_delete(id).map_err(|f| (f, "proxy_on_delete"))
     }
 
     /// `proxy_on_delete(id)`; the context is no longer live, whatever the callback did.

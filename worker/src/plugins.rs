@@ -89,6 +89,45 @@ struct VmState {
     /// (that instance's generation, HttpContext id): their requests take them back to fail
     /// (or, with `fail_open`, go on).
     orphans: HashMap<(u64, u32), Box<Stream>>,
+    /// The time its `proxy_on_tick` callbacks took in the current window: a plugin that
+    /// ticks often and long holds up every route's requests, attached to them or not.
+    tick_time: TickTime,
+}
+
+/// How long a window [`TickTime`] measures over.
+const TICK_WINDOW: Duration = Duration::from_secs(10);
+/// The share of a window above which a plugin's ticks are reported.
+const TICK_SHARE_REPORTED: f64 = 0.25;
+
+/// The time a plugin's ticks took since `since`.
+struct TickTime {
+    since: Instant,
+    spent: Duration,
+}
+
+impl TickTime {
+    fn new() -> TickTime {
+        TickTime {
+            since: Instant::now(),
+            spent: Duration::ZERO,
+        }
+    }
+
+    /// Adds one tick's time; at the end of a window, the share the ticks took if it was
+    /// over [`TICK_SHARE_REPORTED`].
+    fn add(&mut self, spent: Duration, now: Instant) -> Option<f64> {
+        self.spent += spent;
+        let window = now.saturating_duration_since(self.since);
+        if window < TICK_WINDOW {
+            return None;
+        }
+        let share = self.spent.as_secs_f64() / window.as_secs_f64();
+        *self = TickTime {
+            since: now,
+            spent: Duration::ZERO,
+        };
+        (share > TICK_SHARE_REPORTED).then_some(share)
+    }
 }
 
 /// One `wasm.plugins` entry in this worker.
@@ -290,7 +329,14 @@ type CallFuture = Pin<Box<dyn Future<Output = (u32, u32, Option<CallResponse>)> 
 
 /// A new HttpContext: (http id, VM generation), or None when the plugin refused its
 /// configuration.
-type Opened = Result<Option<(HttpCtx, u64)>, Fault>;
+/// A request's HttpContext and its VM's generation; none when its PluginContext refused its
+/// configuration. A fault names what failed.
+type Opened = Result<Option<(HttpCtx, u64)>, (Fault, &'static str)>;
+
+/// What failed when there was no instance to make a context in.
+fn no_instance() -> (Fault, &'static str) {
+    (Fault::Trap("no instance".into()), "creating a context")
+}
 
 /// A headers callback's outcome and the call-outs it dispatched.
 type Step = (Result<Outcome, Fault>, Vec<HttpCall>);
@@ -353,6 +399,7 @@ impl Plugins {
                 unsent: Vec::new(),
                 paused: HashMap::new(),
                 orphans: HashMap::new(),
+                tick_time: TickTime::new(),
             };
             list.push(Plugin {
                 decl: d.clone(),
@@ -465,8 +512,8 @@ impl Plugins {
                         self.count(record, |r| &r.errors);
                         return Verdict::Fail;
                     }
-                    Err(f) => {
-                        self.fault(p, &mut st, &f, "creating a context", record);
+                    Err((f, phase)) => {
+                        self.fault(p, &mut st, &f, phase, record);
                         if p.decl.fail_open {
                             started = Instant::now();
                             continue;
@@ -711,6 +758,8 @@ impl Plugins {
     fn call_future(&self, c: HttpCall) -> CallFuture {
         // The answer goes to the dispatcher's root context (`PluginVm::on_http_call_response`).
         let (ctx, token, timeout) = (c.root, c.token, c.timeout);
+        // The call's room in its plugin's budget is held until its answer is in.
+        let slot = c.slot.clone();
         let fut = self.callout.get().map(|co| co.call(c));
         Box::pin(async move {
             let resp = match fut {
@@ -720,6 +769,7 @@ impl Plugins {
                 },
                 None => None,
             };
+            drop(slot);
             (ctx, token, resp)
         })
     }
@@ -808,7 +858,7 @@ impl Plugins {
         record: Option<usize>,
     ) -> Opened {
         if st.vm.is_none() {
-            let vm = PluginVm::new(&p.module)?;
+            let vm = PluginVm::new(&p.module).map_err(|f| (f, "starting an instance"))?;
             st.generation += 1;
             st.clear_contexts();
             // Ticks and call-outs of its `proxy_on_vm_start` are collected after this request's
@@ -820,11 +870,10 @@ impl Plugins {
         }
         if !st.roots.contains_key(&**link.owner) {
             self.retire_older(p, st, link.owner);
-            let vm = st
-                .vm
-                .as_mut()
-                .ok_or_else(|| Fault::Trap("no instance".into()))?;
-            let id = vm.create_plugin_context(link.conf.as_bytes())?;
+            let vm = st.vm.as_mut().ok_or_else(no_instance)?;
+            let id = vm
+                .create_plugin_context(link.conf.as_bytes())
+                .map_err(|f| (f, "proxy_on_context_create or proxy_on_configure"))?;
             if let Some(r) = self.stats(record) {
                 ContextStats::add(&r.configures);
                 let generation = self.slot.as_ref().map(|(seg, _)| seg.generation());
@@ -868,11 +917,10 @@ impl Plugins {
     /// A new HttpContext under the PluginContext `root_id` (its `inflight` already counted).
     fn http_context(&self, st: &mut VmState, root_id: u32, record: Option<usize>) -> Opened {
         self.count(record, |r| &r.requests);
-        let vm = st
-            .vm
-            .as_mut()
-            .ok_or_else(|| Fault::Trap("no instance".into()))?;
-        let id = vm.create_http_context(root_id)?;
+        let vm = st.vm.as_mut().ok_or_else(no_instance)?;
+        let id = vm
+            .create_http_context(root_id)
+            .map_err(|f| (f, "proxy_on_context_create"))?;
         Ok(Some((id, st.generation)))
     }
 
@@ -1190,7 +1238,11 @@ impl Plugins {
         // `proxy_on_log`, as Envoy keeps them for its access log).
         if let Some(stream) = req.stream.as_mut() {
             trailers.clear();
-            crate::wasm_glue::append_pairs(trailers, trailers_of(stream, response));
+            let what = match response {
+                true => "the plugins' response trailers",
+                false => "the plugins' request trailers",
+            };
+            crate::wasm_glue::append_pairs(trailers, trailers_of(stream, response), what);
         }
         step
     }
@@ -1389,6 +1441,7 @@ impl Plugins {
             let vm = st.vm.as_mut().expect("checked");
             let r = vm
                 .on_log(a.http, stream)
+                .map_err(|f| (f, "proxy_on_log"))
                 .and_then(|_| vm.finish_http(a.http));
             let memory = vm.memory_bytes();
             let ns = a.spent + nanos(lap(&mut started));
@@ -1405,8 +1458,8 @@ impl Plugins {
             for c in st.collect(self) {
                 self.spawn_call(a.plugin, a.vm_generation, c);
             }
-            if let Err(f) = r {
-                self.fault(p, &mut st, &f, "proxy_on_log", a.record);
+            if let Err((f, callback)) = r {
+                self.fault(p, &mut st, &f, callback, a.record);
                 continue;
             }
             let collectable = match st.roots.get_mut(&*a.owner) {
@@ -1444,7 +1497,18 @@ impl Plugins {
                             *at = now + *period;
                         }
                         let Some(vm) = st.vm.as_mut() else { break };
+                        let started = Instant::now();
                         let r = vm.on_tick(id);
+                        let ended = Instant::now();
+                        if let Some(share) = st.tick_time.add(ended - started, ended) {
+                            tracing::warn!(
+                                "{}: proxy_on_tick took {:.0}% of this worker's time over the \
+                                 last {}s; requests on every route wait while it runs",
+                                p.decl.name,
+                                share * 100.0,
+                                TICK_WINDOW.as_secs()
+                            );
+                        }
                         calls.extend(st.collect(&self));
                         if let Err(f) = r {
                             self.fault(p, &mut st, &f, "proxy_on_tick", None);

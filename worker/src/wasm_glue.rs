@@ -139,7 +139,7 @@ pub fn local_reply(r: LocalReply) -> Response<ProxyBody> {
         }
         resp
     };
-    if !append_pairs(resp.headers_mut(), &r.headers) {
+    if !append_pairs(resp.headers_mut(), &r.headers, "a plugin's local reply") {
         tracing::error!(
             "local reply with {} headers: keeping the first ones only",
             r.headers.len()
@@ -175,17 +175,29 @@ pub fn header_pairs(h: &HeaderMap) -> wasmgate_wasm::map::Pairs {
 }
 
 /// Appends a plugin's `pairs` to `h`, leaving out those HTTP cannot carry (a name or value
-/// that is not valid). Returns false when the map was full (32,768 entries: `append` would
-/// panic), with the pairs after that point left out.
-pub fn append_pairs(h: &mut HeaderMap, pairs: &[(String, Vec<u8>)]) -> bool {
+/// that is not valid), each with an error-log line naming it and `what` the pairs are.
+/// Returns false when the map was full (32,768 entries: `append` would panic), with the pairs
+/// after that point left out.
+pub fn append_pairs(h: &mut HeaderMap, pairs: &[(String, Vec<u8>)], what: &str) -> bool {
+    // The name as the log shows it: its first 64 characters.
+    let shown = |k: &str| k.chars().take(64).collect::<String>();
     for (k, v) in pairs {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_bytes(v),
-        ) {
-            if h.try_append(n, v).is_err() {
-                return false;
+        let name = HeaderName::from_bytes(k.as_bytes());
+        match (name, HeaderValue::from_bytes(v)) {
+            (Ok(n), Ok(v)) => {
+                if h.try_append(n, v).is_err() {
+                    return false;
+                }
             }
+            (Err(_), _) => {
+                tracing::error!("{what}: field {:?} left out: not a valid name", shown(k))
+            }
+            (_, Err(_)) => tracing::error!(
+                "{what}: field {:?} left out: its value ({} bytes) holds a byte HTTP cannot \
+                 carry (CR, LF, NUL or another control)",
+                shown(k),
+                v.len()
+            ),
         }
     }
     true
