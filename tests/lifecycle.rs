@@ -175,10 +175,39 @@ fn invalid_reload_is_refused_and_old_config_keeps_serving() {
         "nginx_config.error_log",
     );
 
-    // Fixed: the Admin API reload applies it.
+    // A plugin whose workers fail to start it: refused, with the workers' own reason.
+    let refuser = r#"(module
+      (memory (export "memory") 1)
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 0)))"#;
+    std::fs::write(
+        gw.prefix().join("refuser.wasm"),
+        wat::parse_str(refuser).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        gw.config_path(),
+        format!("{good}    - {{name: refuser, priority: 1, file: refuser.wasm}}\n"),
+    )
+    .unwrap();
+    reload_refused(
+        &gw.admin_url("/wasmgate/reload"),
+        KEY,
+        "the new workers failed to start: wasm plugin \"refuser\"",
+    );
+    assert_eq!(http("GET", &gw.url("/still"), &[], None).status, 200);
+
+    // Fixed: the Admin API reload applies it; a pid file removed meanwhile is written again.
+    let pid_file = gw.prefix().join("logs/wasmgate.pid");
+    std::fs::remove_file(&pid_file).unwrap();
     std::fs::write(gw.config_path(), &good).unwrap();
     let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
     assert_eq!((s, v["epoch"].as_u64()), (200, Some(1)), "{v}");
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        gw.master_pid().to_string()
+    );
 
     // `deployment.admin` applies with the reload, all of it at once: turned off, the key is
     // no longer asked for.
@@ -362,11 +391,46 @@ fn the_test_command_refuses_what_start_would() {
             ),
             "nginx_config.error_log",
         ),
+        // A folder that says it is writable but takes no files (root may write to /proc).
+        (
+            good.replace(
+                "  http:\n",
+                "  http:\n    access_log: /proc/wasmgate-nope/access.log\n",
+            ),
+            "nginx_config.http.access_log",
+        ),
     ] {
         assert_ne!(bad, good);
         std::fs::write(gw.config_path(), &bad).unwrap();
         let (ok, out, err) = test(gw.prefix());
         assert!(!ok && err.contains(says), "{says}: {out}{err}");
+    }
+    // Stored objects a smaller `shm_size` could not hold: the next start would fail, so
+    // `test` (and a reload, below) refuse it.
+    for i in 0..8 {
+        let uris: Vec<String> = (0..5000)
+            .map(|n| format!("/stored/{i}/a-path-of-some-length-{n:06}"))
+            .collect();
+        gw.route(&format!("big{i}"), json!({ "uris": uris }), Some(&up));
+    }
+    let small = good.replace(
+        "nginx_config:\n",
+        "wasmgate:\n  shm_size: 1m\nnginx_config:\n",
+    );
+    std::fs::write(gw.config_path(), &small).unwrap();
+    let (ok, out, err) = test(gw.prefix());
+    assert!(
+        !ok && err.contains("cannot hold the stored configuration"),
+        "{out}{err}"
+    );
+    reload_refused(
+        &gw.admin_url("/wasmgate/reload"),
+        KEY,
+        "cannot hold the stored configuration",
+    );
+    for i in 0..8 {
+        let (s, v) = gw.admin("DELETE", &format!("/apisix/admin/routes/big{i}"), None);
+        assert_eq!(s, 200, "{v}");
     }
     // A plugin that refuses to start says why on stderr, in its own words.
     let refuser = r#"(module

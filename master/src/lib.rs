@@ -228,15 +228,39 @@ pub(crate) fn check_logs(opts: &Options, cfg: &GatewayConfig) -> anyhow::Result<
                 dir.map_or("its folder".into(), |d| d.display().to_string())
             );
         }
+        // Write access is not all (a folder of /proc says writable to root): the first
+        // missing part is made and removed again, as `start` would make it.
+        if let Some(first) = path.ancestors().filter(|d| !d.exists()).last() {
+            probe_create(first, first == path)
+                .with_context(|| format!("{key}: cannot create {}", path.display()))?;
+        }
     }
     Ok(())
 }
 
+/// Makes `path` (a file, or a folder) and removes it again: whether it can be made.
+fn probe_create(path: &Path, file: bool) -> std::io::Result<()> {
+    match file {
+        true => {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .open(path)?;
+            std::fs::remove_file(path)
+        }
+        false => {
+            std::fs::create_dir(path)?;
+            std::fs::remove_dir(path)
+        }
+    }
+}
+
 /// `wasmgate test`, nginx's `-t`: everything `start` and `reload` would refuse, found without
-/// touching a running gateway or writing anything — the file, each plugin compiled *and
-/// started* once (its `proxy_on_vm_start`, under its `memory_limit`, with shared memory of
-/// `plugin_shm_size`), the log files writable, and the stored objects (a local store) read
-/// and checked against the plugin list. Returns what the operator should know besides.
+/// touching a running gateway or leaving anything written (a missing log file is made and
+/// removed again) — the file, each plugin compiled *and started* once (its
+/// `proxy_on_vm_start`, under its `memory_limit`, with shared memory of `plugin_shm_size`),
+/// the log files writable, and the stored objects (a local store) read, checked against the
+/// plugin list and against `shm_size`. Returns what the operator should know besides.
 pub fn check(opts: &Options) -> anyhow::Result<Vec<String>> {
     let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
     let cfg = &loaded.config;
@@ -268,7 +292,7 @@ pub fn check(opts: &Options) -> anyhow::Result<Vec<String>> {
         })?;
     }
     check_logs(opts, cfg)?;
-    let mut notes = Vec::new();
+    let mut notes = cfg.warnings();
     let data_dir = opts.resolve(&cfg.wasmgate.data_dir);
     if cfg.deployment.etcd.is_some() {
         notes.push("the objects in etcd are checked when the gateway starts".to_string());
@@ -281,6 +305,8 @@ pub fn check(opts: &Options) -> anyhow::Result<Vec<String>> {
                 loaded.origin
             )
         })?;
+        publish::check_shm_size(&store, cfg.wasmgate.shm_size)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", loaded.origin))?;
     }
     Ok(notes)
 }

@@ -180,6 +180,25 @@ impl Publisher {
 /// varints of at most 10 bytes each.
 const SNAPSHOT_HEAD: usize = 20;
 
+/// Whether a whole snapshot of `store`'s objects fits an area of `shm_size` bytes (the
+/// setting as config.yaml gives it): `wasmgate test` and a reload that changes the setting
+/// refuse one the next start could not publish.
+pub fn check_shm_size(store: &Store, shm_size: u64) -> Result<(), String> {
+    let size = SNAPSHOT_HEAD
+        + store
+            .iter_json()
+            .map(|(kind, id, s, json)| object_len(kind, id, s.modified_index, json))
+            .sum::<usize>();
+    let capacity = (shm_size as usize).next_multiple_of(8).saturating_sub(8);
+    match size > capacity {
+        true => Err(format!(
+            "wasmgate.shm_size ({shm_size} bytes) cannot hold the stored configuration (a \
+             snapshot of {size} bytes): the gateway would not start; raise wasmgate.shm_size"
+        )),
+        false => Ok(()),
+    }
+}
+
 fn object_len(kind: Kind, id: &str, revision: u64, json: &str) -> usize {
     let o = ObjectRef {
         kind: kind.into(),

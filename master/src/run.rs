@@ -193,12 +193,18 @@ impl Loop {
     async fn boot(&mut self) -> anyhow::Result<()> {
         let admin_addr = self.admin.addr;
         let config = self.master.config();
+        for w in config.config.warnings() {
+            tracing::warn!("{w}");
+        }
         let n = config.config.nginx_config.worker_processes.resolve();
         self.sup
             .start_set(n, 0, &config)
             .map_err(anyhow::Error::msg)?;
         if !self.wait_ready(0).await {
-            anyhow::bail!("workers failed to start; see the error log");
+            match self.sup.take_failure() {
+                Some(why) => anyhow::bail!("workers failed to start: {why}"),
+                None => anyhow::bail!("workers failed to start; see the error log"),
+            }
         }
         let proxy: Vec<String> = self
             .sup
@@ -308,10 +314,16 @@ impl Loop {
 
     async fn try_reload(&mut self) -> Result<u64, String> {
         let mut new = self.opts.load_config().map_err(|e| e.to_string())?;
+        for w in new.config.warnings() {
+            tracing::warn!("reload: {w}");
+        }
         // A log file the new workers could not open would only show as workers failing.
         crate::check_logs(&self.opts, &new.config).map_err(|e| format!("{e:#}"))?;
         let plugins = crate::compile_plugins(&new, &self.opts)?;
         crate::admin::objects::check_all(&self.master.store(), &new.catalog())?;
+        if new.config.wasmgate.shm_size != self.master.config().config.wasmgate.shm_size {
+            crate::publish::check_shm_size(&self.master.store(), new.config.wasmgate.shm_size)?;
+        }
         let old = self.master.config();
         keep_restart_only(&old, &mut new);
         let data_dir = self.opts.resolve(&new.config.wasmgate.data_dir);
@@ -330,10 +342,14 @@ impl Loop {
         let old_plugins = self.sup.replace_plugins(plugins);
         let epoch = self.master.epoch.load(Ordering::Relaxed) + 1;
         let n = new.config.nginx_config.worker_processes.resolve();
+        self.sup.take_failure();
         let started = self.sup.start_set(n, epoch, &new);
         let ready = match started {
             Ok(()) if self.wait_ready(epoch).await => Ok(()),
-            Ok(()) => Err("the new workers failed to start; see the error log".into()),
+            Ok(()) => Err(match self.sup.take_failure() {
+                Some(why) => format!("the new workers failed to start: {why}"),
+                None => "the new workers failed to start; see the error log".into(),
+            }),
             Err(e) => Err(e),
         };
         // Checked again, and the new plugin list put in place, under the store's lock: an
@@ -457,6 +473,16 @@ impl Loop {
                 path.display()
             );
             self.pid_path = path;
+        } else if crate::cli::running_pid(&self.pid_path) != Some(std::process::id() as i32) {
+            // Removed (or overwritten) since: a reload writes it again, as the command line
+            // says when it finds the master through the data directory's lock instead.
+            match write_pid_file(&self.pid_path) {
+                Ok(_) => tracing::warn!(
+                    "reload: the pid file {} did not name this master: written again",
+                    self.pid_path.display()
+                ),
+                Err(e) => tracing::error!("reload: {e}"),
+            }
         }
     }
 

@@ -31,10 +31,12 @@ pub struct Stored {
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot write {path}: {source}")]
+    /// The cause is in the message, not a `source`: a report of the whole chain would say
+    /// it twice.
+    #[error("cannot write {path}: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("cannot read the object store: {0}")]
     Load(String),
@@ -87,7 +89,7 @@ impl Store {
                 .create(&d)
                 .map_err(|e| StoreError::Write {
                     path: d.clone(),
-                    source: e,
+                    error: e,
                 })?;
             // One an earlier version made readable by others is made private (best effort),
             // and so are its files, once: the files this version writes are private already.
@@ -264,7 +266,7 @@ impl Store {
         self.bump_revision(self.revision + 1)?;
         fs::remove_file(&path).map_err(|e| StoreError::Write {
             path: path.clone(),
-            source: e,
+            error: e,
         })?;
         sync_dir(path.parent().unwrap_or(Path::new(".")))?;
         Ok(self
@@ -373,9 +375,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
     let tmp = dir.join(format!(".tmp-{name}"));
-    let err = |source| StoreError::Write {
+    let err = |error| StoreError::Write {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     // Owner-only, as `data/admin_key`: plugin configurations hold secrets (tokens, keys).
     let mut f = fs::OpenOptions::new()
@@ -402,7 +404,7 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .and_then(|d| d.sync_all())
         .map_err(|e| StoreError::Write {
             path: dir.to_path_buf(),
-            source: e,
+            error: e,
         })
 }
 

@@ -68,6 +68,9 @@ pub struct Supervisor {
     ctx: SpawnCtx,
     master: Arc<Master>,
     workers: Vec<WorkerProc>,
+    /// The reason the last worker that stopped on an error gave: a reload whose workers
+    /// failed to start says it.
+    last_failure: Option<String>,
 }
 
 impl Supervisor {
@@ -93,6 +96,7 @@ impl Supervisor {
                 },
                 master,
                 workers: Vec::new(),
+                last_failure: None,
             },
             rx,
         )
@@ -152,6 +156,14 @@ impl Supervisor {
         };
         let w = &mut self.workers[idx];
         w.pid = None;
+        // What the worker said as it stopped, where its own log may not have taken it
+        // (cleared: a respawn in the same slot must not inherit it).
+        let slot = self.master.segment.slot(w.slot);
+        let reason = slot.fatal();
+        slot.set_fatal("");
+        let said = reason
+            .as_ref()
+            .map_or(String::new(), |why| format!(" ({why})"));
         if w.draining || stopping {
             tracing::info!(
                 "worker {} (pid {pid}, epoch {}) exited: {status}",
@@ -184,10 +196,13 @@ impl Supervisor {
         slot.restarts.store(w.restarts, Ordering::Relaxed);
         slot.set_state(SlotState::Starting);
         tracing::error!(
-            "worker {} (pid {pid}) exited unexpectedly: {status}; respawning in {} ms",
+            "worker {} (pid {pid}) exited unexpectedly: {status}{said}; respawning in {} ms",
             w.worker_id,
             delay.as_millis()
         );
+        if reason.is_some() {
+            self.last_failure = reason;
+        }
     }
 
     /// Respawns workers whose backoff ended; kills draining workers past their deadline.
@@ -227,6 +242,11 @@ impl Supervisor {
     }
 
     /// Whether a worker of `epoch` has died (used to abort a reload).
+    /// Takes the reason the last worker that stopped on an error gave, if any.
+    pub fn take_failure(&mut self) -> Option<String> {
+        self.last_failure.take()
+    }
+
     pub fn epoch_failed(&self, epoch: u64) -> bool {
         self.workers
             .iter()

@@ -351,15 +351,16 @@ impl<'de> Deserialize<'de> for WorkerProcesses {
             N(i64),
             Text(String),
         }
-        match Raw::deserialize(d)? {
+        const WHAT: &str = "worker_processes must be \"auto\" or a number from 1 to 1024";
+        // Anything else (1.5, a list) gets the same plain answer, not serde's "did not match
+        // any variant".
+        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom(WHAT))? {
             Raw::N(n) if (1..=1024).contains(&n) => Ok(WorkerProcesses::Count(n as u16)),
             Raw::Text(t) if t == "auto" => Ok(WorkerProcesses::Auto),
             Raw::Text(t) if t.parse::<u16>().is_ok_and(|n| (1..=1024).contains(&n)) => {
                 Ok(WorkerProcesses::Count(t.parse().unwrap_or(1)))
             }
-            _ => Err(serde::de::Error::custom(
-                "worker_processes must be \"auto\" or a number from 1 to 1024",
-            )),
+            _ => Err(serde::de::Error::custom(WHAT)),
         }
     }
 }
@@ -542,6 +543,21 @@ impl Default for WasmgateSection {
 }
 
 impl GatewayConfig {
+    /// What is allowed but dangerous, for `start`, `reload` and `test` to say (APISIX warns
+    /// "Admin key is bypassed!" likewise).
+    pub fn warnings(&self) -> Vec<String> {
+        let admin = &self.deployment.admin;
+        let addr = admin.admin_listen.addr();
+        let mut out = Vec::new();
+        if !admin.admin_key_required && !addr.ip().is_loopback() {
+            out.push(format!(
+                "deployment.admin.admin_key_required is false and the Admin API listens on \
+                 {addr}: anyone who reaches it can change the configuration"
+            ));
+        }
+        out
+    }
+
     /// Parses and validates YAML text; `origin` names the file in error messages.
     pub fn parse(text: &str, origin: &str) -> Result<GatewayConfig, ConfigError> {
         // An empty file (or one holding only comments) means "all defaults".
@@ -967,5 +983,7 @@ mod tests {
         assert_eq!(c.nginx_config.worker_processes, WorkerProcesses::Count(3));
         assert!(GatewayConfig::parse("nginx_config:\n  worker_processes: 0\n", "c").is_err());
         assert!(GatewayConfig::parse("nginx_config:\n  worker_processes: many\n", "c").is_err());
+        let e = GatewayConfig::parse("nginx_config:\n  worker_processes: 1.5\n", "c").unwrap_err();
+        assert!(e.to_string().contains("a number from 1 to 1024"), "{e}");
     }
 }

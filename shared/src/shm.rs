@@ -32,12 +32,12 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"WGATESHM");
 /// Bumped whenever the layout below changes; a mismatch fails loudly.
-pub const LAYOUT_VERSION: u64 = 5;
+pub const LAYOUT_VERSION: u64 = 6;
 const HEADER_SIZE: usize = 4096;
 /// Number of worker status slots (live workers plus draining ones during a reload).
 pub const SLOTS: usize = 256;
@@ -168,7 +168,15 @@ pub struct WorkerSlot {
     pub contexts: AtomicU32,
     /// Route traffic records in use in this slot's traffic area (see [`crate::traffic`]).
     pub routes: AtomicU32,
+    /// Bytes of `fatal` written (after them).
+    fatal_len: AtomicU32,
+    /// Why the process stopped on an error (its first bytes): the master names it where the
+    /// worker's own error log may not be (one it could not open).
+    fatal: [AtomicU8; FATAL_BYTES],
 }
+
+/// Room for a worker's reason to stop in its slot.
+const FATAL_BYTES: usize = 160;
 
 const _: () = assert!(std::mem::size_of::<WorkerSlot>() <= SLOT_SIZE);
 const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_SIZE);
@@ -183,7 +191,30 @@ impl WorkerSlot {
     }
 
     /// Clears every counter, for a new process taking the slot.
+    /// Records why the process stops (its first [`FATAL_BYTES`] bytes, cut at a character).
+    pub fn set_fatal(&self, why: &str) {
+        let mut end = why.len().min(FATAL_BYTES);
+        while !why.is_char_boundary(end) {
+            end -= 1;
+        }
+        for (cell, b) in self.fatal.iter().zip(&why.as_bytes()[..end]) {
+            cell.store(*b, Ordering::Relaxed);
+        }
+        self.fatal_len.store(end as u32, Ordering::Release);
+    }
+
+    /// What [`WorkerSlot::set_fatal`] recorded, if anything.
+    pub fn fatal(&self) -> Option<String> {
+        let len = (self.fatal_len.load(Ordering::Acquire) as usize).min(FATAL_BYTES);
+        let bytes: Vec<u8> = self.fatal[..len]
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        (len > 0).then(|| String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     pub fn reset(&self) {
+        self.fatal_len.store(0, Ordering::Relaxed);
         for a in [&self.pid, &self.worker_id, &self.restarts] {
             a.store(0, Ordering::Relaxed);
         }

@@ -116,9 +116,12 @@ pub fn run() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(serve(boot, config, segment, listeners, artifacts));
+    let slot = boot.slot as usize;
+    let result = rt.block_on(serve(boot, config, segment.clone(), listeners, artifacts));
     if let Err(e) = &result {
         tracing::error!("worker stopped on error: {e:#}");
+        // For the master to say too: this error may be that the error log cannot be opened.
+        segment.slot(slot).set_fatal(&format!("{e:#}"));
     }
     result
 }

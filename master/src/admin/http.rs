@@ -142,7 +142,20 @@ async fn dispatch(
             Err(e) => return err(400, e),
         },
         (&Method::DELETE, Some(id), None) => objects::delete(m, kind, id),
-        _ => return err(405, format!("method {method} is not allowed on {path}")),
+        _ => {
+            // RFC 9110 §15.5.6: a 405 says what is allowed.
+            let allow = match (id, sub) {
+                (None, _) => "GET, PUT, POST",
+                (Some(_), None) => "GET, PUT, PATCH, DELETE",
+                (Some(_), Some(_)) => "PATCH",
+            };
+            let mut r = err(405, format!("method {method} is not allowed on {path}"));
+            r.headers_mut().insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static(allow),
+            );
+            return r;
+        }
     };
     let (status, value) = match (outcome, &m.etcd) {
         (objects::Outcome::Done(r), _) => r,

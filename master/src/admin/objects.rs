@@ -237,7 +237,7 @@ fn write(
     // `.tmp-*` the store's own files, removed at start as a crash's leftovers: a new object's
     // id may not start with a dot. (Objects stored before this rule, and etcd's, still load.)
     if !valid_id(id) || id.starts_with('.') {
-        return error(400, format!("invalid configuration: property \"id\" validation failed: invalid id {id:?}: 1 to 64 characters from a-z A-Z 0-9 - _ ., not starting with .")).into();
+        return error(400, format!("invalid configuration: property \"id\" validation failed: invalid id {:?}: 1 to 64 characters from a-z A-Z 0-9 - _ ., not starting with .", wasmgate_shared::model::shown_id(id))).into();
     }
     // An object stored without nodes by an earlier version stays editable: a PATCH (the only
     // write that expects a revision above 0) carries the stored upstream along. A PUT is a

@@ -23,7 +23,8 @@ impl<'de> Deserialize<'de> for Id {
         };
         if !valid_id(&s) {
             return Err(serde::de::Error::custom(format!(
-                "invalid id {s:?}: 1 to 64 characters from a-z A-Z 0-9 - _ ."
+                "invalid id {:?}: 1 to 64 characters from a-z A-Z 0-9 - _ .",
+                shown_id(&s)
             )));
         }
         Ok(Id(s))
@@ -33,6 +34,14 @@ impl<'de> Deserialize<'de> for Id {
 impl Serialize for Id {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.0)
+    }
+}
+
+/// An id as an error shows it: its first 64 characters, then `…` (a 10 kB id is not echoed).
+pub fn shown_id(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
     }
 }
 

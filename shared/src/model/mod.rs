@@ -11,7 +11,7 @@ mod route;
 mod upstream;
 pub mod vars;
 
-pub use common::{id_order, valid_id, Id, Labels, Timeout};
+pub use common::{id_order, shown_id, valid_id, Id, Labels, Timeout};
 pub use plugins::{check_plugins, PluginCatalog, PluginConf, Plugins};
 pub use route::{GlobalRule, Route, Service};
 pub use upstream::{HashOn, LbType, Node, NodeAddr, Nodes, PassHost, Upstream};

@@ -74,6 +74,89 @@ pub fn check_plugins(plugins: &Plugins, catalog: &PluginCatalog) -> Result<(), S
                 )
             }
         }
+        if let Some(meta) = attrs.get("_meta") {
+            check_meta(meta)
+                .or_else(|why| fail(&format!("property \"_meta\" validation failed: {why}")))?;
+        }
     }
     Ok(())
+}
+
+/// A plugin entry's `_meta`: an object whose `disable` is a boolean, as APISIX's schema has
+/// it (`"disable": "true"` would otherwise leave the plugin running while its operator
+/// believes it off). APISIX's other `_meta` fields (`priority`, `filter`, `error_response`,
+/// `pre_function`) are refused by name rather than ignored: the plugin would run in another
+/// order, or where its filter says it must not.
+fn check_meta(meta: &Value) -> Result<(), String> {
+    let Some(meta) = meta.as_object() else {
+        return Err(format!(
+            "wrong type: expected object, got {}",
+            type_name(meta)
+        ));
+    };
+    for (key, value) in meta {
+        match key.as_str() {
+            "disable" if value.is_boolean() => {}
+            "disable" => {
+                return Err(format!(
+                    "property \"disable\" validation failed: wrong type: expected boolean, got {}",
+                    type_name(value)
+                ))
+            }
+            "priority" | "filter" | "error_response" | "pre_function" => {
+                return Err(format!(
+                    "property \"{key}\" is not supported by wasmgate (only \"disable\" is)"
+                ))
+            }
+            _ => return Err(format!("additional properties forbidden, found {key}")),
+        }
+    }
+    Ok(())
+}
+
+/// A JSON value's type, as APISIX's schema errors name it.
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(attrs: Value) -> Result<(), String> {
+        let plugins = Plugins::from([("p".to_string(), attrs)]);
+        check_plugins(&plugins, &PluginCatalog::new(["p".to_string()]))
+    }
+
+    #[test]
+    fn meta_disable_is_a_boolean_and_nothing_else_is_taken() {
+        assert_eq!(
+            check(json!({"conf": "x", "_meta": {"disable": true}})),
+            Ok(())
+        );
+        assert_eq!(check(json!({"conf": "x", "_meta": {}})), Ok(()));
+        for (meta, why) in [
+            (json!({"disable": "true"}), "expected boolean, got string"),
+            (json!({"disable": 1}), "expected boolean, got number"),
+            (json!("off"), "expected object, got string"),
+            (json!({"priority": 5}), "\"priority\" is not supported"),
+            (json!({"filter": []}), "\"filter\" is not supported"),
+            (
+                json!({"disabled": true}),
+                "additional properties forbidden, found disabled",
+            ),
+        ] {
+            let e = check(json!({"conf": "x", "_meta": meta})).unwrap_err();
+            assert!(e.contains("property \"_meta\" validation failed"), "{e}");
+            assert!(e.contains(why), "{meta}: {e}");
+        }
+    }
 }
