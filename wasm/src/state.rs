@@ -508,4 +508,28 @@ mod tests {
         empty.append(BodyBuf::from(chunk.clone()));
         assert_eq!(empty.into_bytes().as_ptr(), chunk.as_ptr());
     }
+
+    #[test]
+    fn call_outs_hold_their_room_until_they_end() {
+        let budget = Arc::new(CallBudget::new(100));
+        let a = budget.take(60).unwrap();
+        assert_eq!(
+            budget.take(60).err(),
+            Some(true),
+            "over the bytes: the first refusal"
+        );
+        assert_eq!(
+            budget.take(60).err(),
+            Some(false),
+            "and not the first any more"
+        );
+        drop(a);
+        assert_eq!(budget.in_flight(), (0, 0));
+        let held: Vec<_> = (0..MAX_CALLS_IN_FLIGHT)
+            .map(|_| budget.take(0).unwrap())
+            .collect();
+        assert_eq!(budget.take(0).err(), Some(true), "over the count");
+        drop(held);
+        assert!(budget.take(100).is_ok());
+    }
 }

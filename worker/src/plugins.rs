@@ -2078,3 +2078,27 @@ fn describe(owner: &str) -> String {
 
 /// Shared by every connection.
 pub type SharedPlugins = Arc<Plugins>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_reported_when_they_take_over_a_quarter_of_a_window() {
+        let start = Instant::now();
+        let mut t = TickTime {
+            since: start,
+            spent: Duration::ZERO,
+        };
+        assert_eq!(
+            t.add(Duration::from_secs(2), start + Duration::from_secs(5)),
+            None
+        );
+        // The window ends: 3 s of 10 s.
+        let share = t.add(Duration::from_secs(1), start + TICK_WINDOW).unwrap();
+        assert!((share - 0.3).abs() < 1e-9, "{share}");
+        // A new window: 1 s of 10 s is not reported.
+        let later = start + 2 * TICK_WINDOW;
+        assert_eq!(t.add(Duration::from_secs(1), later), None);
+    }
+}
