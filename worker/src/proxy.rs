@@ -967,12 +967,13 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// (`request.id`), the client and the access log (`$request_id`) all see the same id. The
 /// value is shared, not copied, between the request, the response and the log.
 fn request_id(h: &mut HeaderMap) -> Option<HeaderValue> {
-    if let Some(v) = h.get(&X_REQUEST_ID) {
+    let mut given = h.get_all(&X_REQUEST_ID).iter();
+    if let Some(v) = given.next() {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= 128 && b.iter().all(|b| b.is_ascii_graphic()) {
-            let v = v.clone();
+            let (v, more) = (v.clone(), given.next().is_some());
             // One id: a second field would reach the node while everything else saw the first.
-            if h.get_all(&X_REQUEST_ID).iter().nth(1).is_some() {
+            if more {
                 h.insert(X_REQUEST_ID.clone(), v.clone());
             }
             return Some(v);
@@ -1234,9 +1235,11 @@ impl LogInfo {
     fn new(parts: &http::request::Parts, peer: SocketAddr, full: bool) -> LogInfo {
         // Text that is not ASCII (a UTF-8 `User-Agent`) is kept, bytes that are not UTF-8 shown
         // as U+FFFD; the log's writer escapes what could forge a line.
-        let header = |n: header::HeaderName| match (full, parts.headers.get(n)) {
-            (true, Some(v)) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            _ => String::new(),
+        let header = |n: header::HeaderName| match full {
+            true => parts.headers.get(n).map_or_else(String::new, |v| {
+                String::from_utf8_lossy(v.as_bytes()).into()
+            }),
+            false => String::new(),
         };
         let request_line = match full {
             true => format!(
