@@ -802,13 +802,13 @@ fn http_call(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let bytes = body.len() + size(&headers) + size(&trailers);
             let slot = match s.call_budget.take(bytes) {
                 Ok(slot) => std::sync::Arc::new(slot),
-                Err(first) => {
-                    if first {
+                Err(report) => {
+                    if let Some(refused) = report {
                         let (calls, held) = s.call_budget.in_flight();
                         tracing::warn!(
-                            "{}: call-out to {target:?} refused: {calls} calls holding {held} \
-                             bytes are in flight (at most {} calls, and the plugin's \
-                             memory_limit in bytes); more are refused until one ends",
+                            "{}: {refused} call-outs refused (the last to {target:?}): {calls} \
+                             calls holding {held} bytes are in flight (at most {} calls, and \
+                             the plugin's memory_limit in bytes); said at most every 10 s",
                             s.plugin_name,
                             crate::state::MAX_CALLS_IN_FLIGHT
                         );

@@ -5,7 +5,7 @@ use crate::map::Pairs;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::StoreLimits;
@@ -243,8 +243,19 @@ pub struct CallBudget {
     calls: AtomicUsize,
     bytes: AtomicUsize,
     max_bytes: usize,
-    /// Set at the first refusal, cleared at the next call let out: one log line per episode.
-    refusing: AtomicBool,
+    /// Refusals, and when the last report was: one log line per [`REFUSALS_REPORTED_EVERY`]
+    /// at most (a storm of call-outs is refused thousands of times a second, each answer
+    /// letting one more out).
+    refusals: std::sync::Mutex<Refusals>,
+}
+
+/// How often refused call-outs are reported, at most.
+const REFUSALS_REPORTED_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct Refusals {
+    since_report: u64,
+    reported: Option<Instant>,
 }
 
 /// Most call-outs of one plugin in flight in a worker.
@@ -256,25 +267,39 @@ impl CallBudget {
             calls: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
             max_bytes,
-            refusing: AtomicBool::new(false),
+            refusals: Default::default(),
         }
     }
 
-    /// Room for one more call of `bytes`, held until the [`CallSlot`] drops; `Err(first)`
-    /// when over either limit, `first` for the first refusal since a call was let out.
-    pub fn take(self: &Arc<Self>, bytes: usize) -> Result<CallSlot, bool> {
+    /// Room for one more call of `bytes`, held until the [`CallSlot`] drops. Over either
+    /// limit: `Err(Some(n))` when the refusals are to be reported now (`n` of them since the
+    /// last report, this one included), `Err(None)` otherwise.
+    pub fn take(self: &Arc<Self>, bytes: usize) -> Result<CallSlot, Option<u64>> {
         let calls = self.calls.load(Ordering::Relaxed);
         let held = self.bytes.load(Ordering::Relaxed);
         if calls >= MAX_CALLS_IN_FLIGHT || held.saturating_add(bytes) > self.max_bytes {
-            return Err(!self.refusing.swap(true, Ordering::Relaxed));
+            return Err(self.refused());
         }
-        self.refusing.store(false, Ordering::Relaxed);
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok(CallSlot {
             budget: self.clone(),
             bytes,
         })
+    }
+
+    /// Counts a refusal; the count to report, when one is due.
+    fn refused(&self) -> Option<u64> {
+        let mut r = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        r.since_report += 1;
+        let now = Instant::now();
+        if r.reported
+            .is_some_and(|at| now.duration_since(at) < REFUSALS_REPORTED_EVERY)
+        {
+            return None;
+        }
+        r.reported = Some(now);
+        Some(std::mem::take(&mut r.since_report))
     }
 
     /// Calls in flight, and the bytes of their requests.
@@ -515,21 +540,25 @@ mod tests {
         let a = budget.take(60).unwrap();
         assert_eq!(
             budget.take(60).err(),
-            Some(true),
-            "over the bytes: the first refusal"
+            Some(Some(1)),
+            "over the bytes: reported"
         );
-        assert_eq!(
-            budget.take(60).err(),
-            Some(false),
-            "and not the first any more"
-        );
+        assert_eq!(budget.take(60).err(), Some(None), "not again so soon");
         drop(a);
         assert_eq!(budget.in_flight(), (0, 0));
         let held: Vec<_> = (0..MAX_CALLS_IN_FLIGHT)
             .map(|_| budget.take(0).unwrap())
             .collect();
-        assert_eq!(budget.take(0).err(), Some(true), "over the count");
+        assert_eq!(
+            budget.take(0).err(),
+            Some(None),
+            "over the count, within the window"
+        );
         drop(held);
         assert!(budget.take(100).is_ok());
+        // A window later, the refusals since the last report are reported with their count.
+        budget.refusals.lock().unwrap().reported = Some(Instant::now() - REFUSALS_REPORTED_EVERY);
+        let _full = budget.take(100).unwrap();
+        assert_eq!(budget.take(1).err(), Some(Some(3)));
     }
 }
