@@ -535,6 +535,43 @@ fn graceful_stop_lets_in_flight_requests_finish() {
     assert!(!gw.prefix().join("logs/wasmgate.pid").exists());
 }
 
+/// A request still open when `worker_shutdown_timeout` runs out on a draining worker is cut
+/// by the gateway: logged 444 (nginx's "closed without an answer") with a warning, not as its
+/// client's doing (499).
+#[test]
+fn a_request_past_worker_shutdown_timeout_is_cut_and_logged() {
+    let up = TestUpstream::start("slow");
+    let gw = Gateway::start_with(common::Setup {
+        shutdown_timeout: "1s".into(),
+        ..Default::default()
+    });
+    proxied_route(&gw, &up);
+    let url = gw.url("/delay/4000");
+    let inflight = std::thread::spawn(move || common::client::request("GET", &url, &[], None));
+    eventually(Duration::from_secs(3), "the request upstream", || {
+        up.hits() > 0
+    });
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+    assert!(inflight.join().unwrap().is_err(), "cut without an answer");
+    let access = gw.prefix().join("logs/access.log");
+    eventually(Duration::from_secs(5), "the 444 line", || {
+        std::fs::read_to_string(&access)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("\"GET /delay/4000 HTTP/1.1\" 444 "))
+    });
+    let log = gw.error_log();
+    assert!(
+        log.contains("request cut: worker_shutdown_timeout ran out"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("client prematurely closed connection"),
+        "{log}"
+    );
+}
+
 #[test]
 fn fast_stop_on_term() {
     let mut gw = Gateway::start();

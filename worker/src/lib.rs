@@ -71,6 +71,9 @@ pub struct Worker {
     pub send_timeout: Duration,
     /// Set once the master asked this worker to drain.
     pub draining: AtomicBool,
+    /// Set when `worker_shutdown_timeout` ran out with requests still open: they are cut by
+    /// the gateway, not abandoned by their clients (logged 444, not 499).
+    pub cutting: AtomicBool,
     /// Per-route status, latency and bandwidth statistics.
     pub traffic: traffic::Traffic,
 }
@@ -158,6 +161,7 @@ async fn serve(
         body_timeout: http.client_body_timeout.max(Duration::from_millis(100)),
         send_timeout: http.send_timeout.max(Duration::from_millis(100)),
         draining: AtomicBool::new(false),
+        cutting: AtomicBool::new(false),
         traffic: traffic::Traffic::new(segment.clone(), slot),
     });
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
@@ -206,6 +210,15 @@ async fn serve(
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             _ = term.recv() => break,
         }
+    }
+    let open = s.active_connections.load(Ordering::Relaxed);
+    if open > 0 {
+        w.cutting.store(true, Ordering::Relaxed);
+        tracing::warn!(
+            "worker {}: worker_shutdown_timeout ran out with {open} connections open: their \
+             requests are cut",
+            boot.worker_id
+        );
     }
     // The plugins finish as in Envoy at shutdown: `proxy_on_done` on every root context; one
     // with work left (a last flush) has what is left of worker_shutdown_timeout to call

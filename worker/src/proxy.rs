@@ -1379,32 +1379,44 @@ fn record(w: &Worker, log: &LogInfo, (status, sent): (u16, u64), ingress: u64, t
 
 /// nginx's status for a request whose client closed the connection before the answer.
 const CLIENT_CLOSED: u16 = 499;
+/// nginx's status for a connection closed without an answer: a request the worker cut when
+/// `worker_shutdown_timeout` ran out.
+const CUT: u16 = 444;
 
-/// A request whose client left before its answer was made (waiting on its node, or paused by
-/// a plugin): logged and counted with nginx's 499, its node given back to the balancer (the
-/// request's [`Busy`] goes with it). The plugins' own log phase runs as their state drops.
+/// A request dropped before its answer was made (waiting on its node, or paused by a
+/// plugin): its client left (nginx's 499), or the worker cut it at `worker_shutdown_timeout`
+/// (444). Logged and counted, its node given back to the balancer (the request's [`Busy`] goes
+/// with it). The plugins' own log phase runs as their state drops.
 fn log_abandoned(w: &Worker, log: &LogInfo) {
     let route = log.route.as_ref().map_or("", |r| &r.id);
-    tracing::info!(
-        "client prematurely closed connection, request abandoned (route {route:?}, {}){}",
-        match log.upstream.addrs.last() {
-            Some(node) => format!("upstream: {node}"),
-            None => "before its upstream".into(),
-        },
-        match log.request_line.is_empty() {
-            true => String::new(),
-            false => format!(
-                ", client: {}, request: \"{}\"",
-                log.remote, log.request_line
-            ),
-        },
-    );
+    let node = match log.upstream.addrs.last() {
+        Some(node) => format!("upstream: {node}"),
+        None => "before its upstream".into(),
+    };
+    let request = match log.request_line.is_empty() {
+        true => String::new(),
+        false => format!(
+            ", client: {}, request: \"{}\"",
+            log.remote, log.request_line
+        ),
+    };
+    let cut = w.cutting.load(Ordering::Relaxed);
+    match cut {
+        true => tracing::warn!(
+            "request cut: worker_shutdown_timeout ran out (route {route:?}, {node}){request}"
+        ),
+        false => tracing::info!(
+            "client prematurely closed connection, request abandoned (route {route:?}, \
+             {node}){request}"
+        ),
+    }
     let received = log
         .body_bytes
         .as_ref()
         .map_or(0, |b| b.load(Ordering::Relaxed));
     let took = log.started.elapsed();
-    record(w, log, (CLIENT_CLOSED, 0), log.head_bytes + received, took);
+    let status = if cut { CUT } else { CLIENT_CLOSED };
+    record(w, log, (status, 0), log.head_bytes + received, took);
 }
 
 /// A request refused before it was understood (malformed, headers too large): counted with
