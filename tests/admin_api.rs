@@ -372,6 +372,45 @@ fn keys_and_roles() {
     assert_eq!(s, 401);
     assert_eq!(v["description"], "invalid method for role viewer");
     assert_eq!(gw.admin("GET", "/apisix/admin/routes", None).1["total"], 0);
+
+    // CORS, APISIX's `enable_admin_cors` (on by default): a preflight is answered without a
+    // key, allowing what it asks; answers carry the headers; the key is still asked for.
+    let preflight = [
+        ("Origin", "http://dashboard.example"),
+        ("Access-Control-Request-Method", "PUT"),
+        ("Access-Control-Request-Headers", "x-api-key, content-type"),
+    ];
+    let r = http("OPTIONS", &url, &preflight, None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(r.header("access-control-allow-methods"), Some("PUT"));
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        Some("x-api-key, content-type")
+    );
+    let from_page = [("Origin", "http://dashboard.example")];
+    let r = http("GET", &url, &from_page, None);
+    assert_eq!(
+        (r.status, r.header("access-control-allow-origin")),
+        (401, Some("*"))
+    );
+    let r = http("GET", &url, &[from_page[0], ("X-API-KEY", KEY)], None);
+    assert_eq!(
+        (r.status, r.header("access-control-allow-origin")),
+        (200, Some("*"))
+    );
+    // Turned off: no headers, and a preflight is a request like any other.
+    let yaml = std::fs::read_to_string(gw.config_path()).unwrap();
+    let off = yaml.replace("  admin:\n", "  admin:\n    enable_admin_cors: false\n");
+    assert_ne!(off, yaml);
+    std::fs::write(gw.config_path(), off).unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+    let r = http("OPTIONS", &url, &preflight, None);
+    assert_eq!(
+        (r.status, r.header("access-control-allow-origin")),
+        (401, None)
+    );
 }
 
 /// Workers follow the configuration through its shared-memory journal: hundreds of edits in

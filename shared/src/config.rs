@@ -236,6 +236,9 @@ pub struct AdminSection {
     /// Largest accepted Admin API request body.
     #[serde(deserialize_with = "de_size")]
     pub max_body_size: u64,
+    /// CORS headers on every answer and preflights answered, as APISIX's default: a browser
+    /// page (a dashboard) may call the Admin API, with a key still asked for.
+    pub enable_admin_cors: bool,
 }
 
 impl Default for AdminSection {
@@ -249,6 +252,7 @@ impl Default for AdminSection {
             }],
             admin_listen: AdminListen::default(),
             max_body_size: 1 << 20,
+            enable_admin_cors: true,
         }
     }
 }

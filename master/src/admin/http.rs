@@ -45,6 +45,49 @@ fn err(status: u16, msg: impl Into<String>) -> Response<Full<Bytes>> {
 }
 
 async fn handle(m: &Master, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    if !m.config().config.deployment.admin.enable_admin_cors {
+        return answer(m, req, peer).await;
+    }
+    // APISIX's `enable_admin_cors`: what the preflight asks for is allowed (the key is still
+    // checked on the request itself, and `*` lets no browser send cookies).
+    let asked = |name: &str| {
+        req.headers()
+            .get(name)
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .unwrap_or(http::HeaderValue::from_static("*"))
+    };
+    let cors = [
+        (
+            "access-control-allow-origin",
+            http::HeaderValue::from_static("*"),
+        ),
+        (
+            "access-control-allow-methods",
+            asked("access-control-request-method"),
+        ),
+        (
+            "access-control-allow-headers",
+            asked("access-control-request-headers"),
+        ),
+        (
+            "access-control-max-age",
+            http::HeaderValue::from_static("3600"),
+        ),
+    ];
+    let mut resp = match req.method() == Method::OPTIONS {
+        true => Response::new(Full::new(Bytes::new())),
+        false => answer(m, req, peer).await,
+    };
+    for (name, value) in cors {
+        resp.headers_mut()
+            .insert(http::HeaderName::from_static(name), value);
+    }
+    resp
+}
+
+/// Answers one request (its key checked).
+async fn answer(m: &Master, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = parse_query(req.uri().query());
