@@ -1335,14 +1335,22 @@ fn an_answer_cut_before_a_body_plugin_had_it_is_a_502() {
     assert_eq!(r.status, 502, "{}", r.text());
     let r = send(&gw, "GET", "/stall", &[]);
     assert_eq!(r.status, 504, "{}", r.text());
+    let said = "upstream prematurely closed the answer's body";
     eventually(Duration::from_secs(5), "two error-log lines", || {
-        common::log_lines(
-            &gw.error_log(),
-            "upstream prematurely closed the answer's body",
-        )
-        .len()
-            == 2
+        common::log_lines(&gw.error_log(), said).len() == 2
     });
+    // Each says where, as the other upstream errors do.
+    let log = gw.error_log();
+    let lines = common::log_lines(&log, said);
+    for (path, why) in [("/cut", "inside the body"), ("/stall", "timed out")] {
+        let request = format!("request: \"GET {path} HTTP/1.1\"");
+        assert!(
+            lines.iter().any(|l| l.contains(why)
+                && l.contains(&request)
+                && l.contains("upstream: \"http://127.0.0.1:")),
+            "{path}: {lines:?}"
+        );
+    }
 }
 
 /// A transfer coding other than chunked would reach the client undeclared (the field stops

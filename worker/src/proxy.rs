@@ -329,7 +329,7 @@ async fn serve_route(
         // plugin's 401.
         if let Some(resp) = early {
             restore_headers(&shared, parts);
-            return response_phase(w, &shared, resp, None).await;
+            return response_phase(w, &shared, resp, None, &String::new).await;
         }
         if wants_body {
             match request_body(w, &shared, body, parts).await {
@@ -337,7 +337,7 @@ async fn serve_route(
                     body = b;
                     cut = Some(failure);
                 }
-                Err(resp) => return response_phase(w, &shared, resp, None).await,
+                Err(resp) => return response_phase(w, &shared, resp, None, &String::new).await,
             }
         }
     }
@@ -361,11 +361,20 @@ async fn serve_route(
     // A plugin cut the request body while it streamed: its verdict, not the upstream's.
     let failure = cut.and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).take());
     let (resp, answered) = match failure {
-        Some(f) => (failure_response(f, StatusCode::PAYLOAD_TOO_LARGE), None),
+        Some(f) => (
+            failure_response(f, StatusCode::PAYLOAD_TOO_LARGE, &String::new),
+            None,
+        ),
         None => (resp, up_log.answered),
     };
+    // Where an error line about the answer says it happened, made only for one.
+    let node = up_log.addrs.last().cloned();
+    let at = || {
+        let host = parts.headers.get(header::HOST);
+        upstream_context(client, parts, node.as_deref(), host)
+    };
     match wasm.as_ref() {
-        Some(shared) => response_phase(w, shared, resp, answered).await,
+        Some(shared) => response_phase(w, shared, resp, answered, &at).await,
         None => resp,
     }
 }
@@ -398,6 +407,10 @@ fn own_answer(shared: &SharedWasm, mut resp: Response<ProxyBody>) -> Response<Pr
     resp
 }
 
+/// Where an error line says a request's failure happened (client, request, node, host), made
+/// only for an error.
+type Context<'a> = dyn Fn() -> String + Sync + 'a;
+
 /// Gives the plugins' request head back the headers it lent to `parts`, if it did.
 fn restore_headers(shared: &SharedWasm, parts: &mut http::request::Parts) {
     if let Some(stream) = lock(shared).stream.as_mut() {
@@ -416,7 +429,13 @@ async fn request_body(
 ) -> Result<(ProxyBody, Arc<Mutex<Option<BodyFailure>>>), Response<ProxyBody>> {
     let mut pb = PluginBody::new(body, shared.clone(), w.plugins.clone(), Dir::Request);
     let complete = match pb.prime().await {
-        Primed::Failed(f) => return Err(failure_response(f, StatusCode::PAYLOAD_TOO_LARGE)),
+        Primed::Failed(f) => {
+            return Err(failure_response(
+                f,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &String::new,
+            ))
+        }
         Primed::Complete(len) => Some(len),
         Primed::Streaming => None,
     };
@@ -439,8 +458,9 @@ async fn request_body(
 }
 
 /// The answer for a body a plugin cut: `too_large` for a buffer over its cap (413 for a
-/// request body, 502 for a response body), the plugin's own reply, or 503 for a fault.
-fn failure_response(f: BodyFailure, too_large: StatusCode) -> Response<ProxyBody> {
+/// request body, 502 for a response body), the plugin's own reply, or 503 for a fault; for a
+/// body its source cut, 400, or 502 / 504 (`at`: where, for the error line).
+fn failure_response(f: BodyFailure, too_large: StatusCode, at: &Context) -> Response<ProxyBody> {
     match f {
         BodyFailure::TooLarge => {
             let details = match too_large {
@@ -456,15 +476,18 @@ fn failure_response(f: BodyFailure, too_large: StatusCode) -> Response<ProxyBody
             tracing::info!("client request body failed: {e}");
             client_failed(StatusCode::BAD_REQUEST)
         }
-        BodyFailure::Source(e) => body_cut(&*e),
+        BodyFailure::Source(e) => body_cut(&*e, at),
     }
 }
 
 /// The answer for an upstream whose answer's body failed while plugins were reading it,
 /// before its head went out: as nginx answers a node that failed before the answer was sent,
 /// 504 for a stall, 502 for a cut.
-fn body_cut(e: &(dyn std::error::Error + 'static)) -> Response<ProxyBody> {
-    tracing::error!("upstream prematurely closed the answer's body while plugins read it ({e})");
+fn body_cut(e: &(dyn std::error::Error + 'static), at: &Context) -> Response<ProxyBody> {
+    tracing::error!(
+        "upstream prematurely closed the answer's body while plugins read it ({e}){}",
+        at()
+    );
     let stalled = e
         .downcast_ref::<std::io::Error>()
         .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
@@ -488,6 +511,7 @@ async fn response_phase(
     shared: &SharedWasm,
     mut resp: Response<ProxyBody>,
     answered: Option<Instant>,
+    at: &Context<'_>,
 ) -> Response<ProxyBody> {
     if is_reset(&resp) {
         return resp;
@@ -525,7 +549,7 @@ async fn response_phase(
     let declared = body.size_hint().exact();
     let mut pb = PluginBody::new(body, shared.clone(), w.plugins.clone(), Dir::Response);
     let complete = match pb.prime().await {
-        Primed::Failed(f) => return failure_response(f, StatusCode::BAD_GATEWAY),
+        Primed::Failed(f) => return failure_response(f, StatusCode::BAD_GATEWAY, at),
         Primed::Complete(len) => Some(len),
         Primed::Streaming => None,
     };
