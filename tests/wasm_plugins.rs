@@ -199,6 +199,63 @@ fn plugins_cannot_break_the_answers_framing() {
     }
 }
 
+/// `callback_timeout: off` runs a plugin without a time limit, compiled without the checks a
+/// limit needs (another engine): the same file under two entries, one with a limit and one
+/// without, serves both, at start and after a reload that reuses the compiled code. A limit
+/// of 0 is refused, naming `off`.
+#[test]
+fn a_plugin_without_a_time_limit_runs_beside_the_same_file_with_one() {
+    let up = TestUpstream::start("u");
+    let gw = one_worker();
+    let good = std::fs::read_to_string(gw.config_path()).unwrap();
+    let file = common::fixture("header_rewrite");
+    let with = |limit: &str| {
+        format!(
+            "{good}    - {{name: free, priority: 2, file: \"{file}\", callback_timeout: {limit}}}\n"
+        )
+    };
+    std::fs::write(gw.config_path(), with("off")).unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+    for (id, plugin) in [("limited", "rewrite"), ("free", "free")] {
+        let conf = json!({"response_set": {"x-by": plugin}});
+        gw.route(
+            id,
+            json!({"uri": format!("/{id}"), "plugins": {plugin: {"conf": conf}}}),
+            Some(&up),
+        );
+    }
+    let check = || {
+        for (id, plugin) in [("limited", "rewrite"), ("free", "free")] {
+            let r = http("GET", &gw.url(&format!("/{id}")), &[], None);
+            assert_eq!((r.status, r.header("x-by")), (200, Some(plugin)), "/{id}");
+        }
+    };
+    check();
+    let (s, plugins) = gw.admin("GET", "/wasmgate/plugins", None);
+    assert_eq!(s, 200, "{plugins}");
+    let limit = |name: &str| {
+        plugins["plugins"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+            .map(|p| p["callback_timeout_ms"].clone())
+    };
+    assert_eq!(limit("free"), Some(Value::Null), "{plugins}");
+    assert_eq!(limit("rewrite"), Some(json!(100)), "{plugins}");
+    // Reloaded unchanged: each entry's compiled code is reused on its own engine.
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+    check();
+    std::fs::write(gw.config_path(), with("0")).unwrap();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error_msg"].as_str().unwrap().contains("say `off`"),
+        "{v}"
+    );
+    check();
+}
+
 /// `WASMGATE_PERF_MAP=1`: each worker writes /tmp/perf-<pid>.map naming the plugins' compiled
 /// functions, so that `perf` attributes a worker's samples inside plugin code.
 #[test]

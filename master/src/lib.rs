@@ -81,8 +81,9 @@ impl Options {
 /// takes seconds to compile). The engine is the process's own, so the code stays valid.
 static LAST_COMPILED: std::sync::Mutex<Vec<Compiled>> = std::sync::Mutex::new(Vec::new());
 
-/// A plugin file's bytes and its compiled code.
-type Compiled = (Vec<u8>, std::sync::Arc<Vec<u8>>);
+/// A plugin file's bytes, whether it is compiled with interruption checks (the engine), and
+/// its compiled code.
+type Compiled = (Vec<u8>, bool, std::sync::Arc<Vec<u8>>);
 
 /// Compiles and checks every `wasm.plugins` module (readable, valid, ABI marker, every import
 /// known), so a bad plugin stops `start` or `reload` with a message naming it. Returns, per
@@ -97,7 +98,7 @@ pub fn compile_plugins(
     let level = config.config.nginx_config.error_log_level;
     // Held to the end, not copied: the master compiles on one thread.
     let mut last = LAST_COMPILED.lock().unwrap_or_else(|e| e.into_inner());
-    let mut now: Vec<(Vec<u8>, Arc<Vec<u8>>, std::os::fd::OwnedFd)> = Vec::new();
+    let mut now: Vec<(Compiled, std::os::fd::OwnedFd)> = Vec::new();
     let mut out = Vec::new();
     for p in &config.config.wasm.plugins {
         let path = opts.resolve(&p.file);
@@ -110,12 +111,15 @@ pub fn compile_plugins(
                 path.display()
             )
         })?;
-        if let Some((_, _, fd)) = now.iter().find(|(b, _, _)| *b == bytes) {
+        // The same file on the same engine: the same compiled code.
+        let interrupts = settings.interrupts();
+        let same = |(b, i, _): &Compiled| *b == bytes && *i == interrupts;
+        if let Some((_, fd)) = now.iter().find(|(c, _)| same(c)) {
             out.push(listeners::dup_high(fd).map_err(|e| e.to_string())?);
             continue;
         }
-        let code = match last.iter().find(|(b, _)| *b == bytes) {
-            Some((_, code)) => {
+        let code = match last.iter().find(|c| same(c)) {
+            Some((_, _, code)) => {
                 tracing::info!(
                     "wasm plugin {:?}: unchanged, its compiled code reused",
                     p.name
@@ -131,9 +135,9 @@ pub fn compile_plugins(
         let fd = listeners::memfd_with(&code)
             .map_err(|e| format!("compiled plugin {:?}: {e}", p.name))?;
         out.push(listeners::dup_high(&fd).map_err(|e| e.to_string())?);
-        now.push((bytes, code, fd));
+        now.push(((bytes, interrupts, code), fd));
     }
-    *last = now.into_iter().map(|(b, code, _)| (b, code)).collect();
+    *last = now.into_iter().map(|(compiled, _)| compiled).collect();
     Ok(out)
 }
 

@@ -49,7 +49,8 @@ def gateway_config(proxy, admin, workers, plugins, nginx_extra="", tail="", leve
     """config.yaml of a benchmarked gateway: loopback listeners, the benchmark key, no access
     log, `plugins` as (name, priority, file) in `wasm.plugins` (none: no `wasm` section),
     `nginx_extra` lines in `nginx_config`, `tail` sections at the end."""
-    listed = "".join(f'    - {{name: {n}, priority: {p}, file: "{f}"}}\n' for n, p, f in plugins)
+    listed = "".join(f'    - {{name: {n}, priority: {p}, file: "{f}"{entry_extra(rest)}}}\n'
+                     for n, p, f, *rest in plugins)
     wasm = f"wasm:\n  plugins:\n{listed}" if plugins else ""
     return f"""apisix:
   node_listen: [{{ip: 127.0.0.1, port: {proxy}}}]
@@ -66,13 +67,21 @@ plugin_attr:
 {wasm}{tail}"""
 
 
-def bench_plugins():
+def entry_extra(rest):
+    """More settings of a `wasm.plugins` entry (`key: value` text), if a plugin tuple has them."""
+    return f", {rest[0]}" if rest and rest[0] else ""
+
+
+def bench_plugins(callback_timeout=None):
     """`wasm.plugins` of the throughput benchmarks: three instances of example_headers (Rust
     SDK: a request header and a response header set, a property read) and body_rewrite (Rust
-    SDK: the response body buffered and prefixed)."""
+    SDK: the response body buffered and prefixed). `callback_timeout`: the entries' setting
+    (`off`: no limit, code without the interruption checks), or the default."""
     hdr = os.path.join(ROOT, "plugins", "example_headers.wasm")
     body = os.path.join(ROOT, "tests", "plugins", "wasm", "body_rewrite.wasm")
-    return [("p1", 3, hdr), ("p2", 2, hdr), ("p3", 1, hdr), ("body", 0, body)]
+    extra = f"callback_timeout: {callback_timeout}" if callback_timeout else ""
+    return [("p1", 3, hdr, extra), ("p2", 2, hdr, extra), ("p3", 1, hdr, extra),
+            ("body", 0, body, extra)]
 
 
 def bench_routes(node):

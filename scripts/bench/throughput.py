@@ -122,7 +122,8 @@ http {{
         d = os.path.join(self.work, f"gw{len(self.gateways)}")
         os.makedirs(os.path.join(d, "conf"))
         with open(os.path.join(d, "conf", "config.yaml"), "w") as f:
-            f.write(gateway_config(port, admin, self.a.workers, bench_plugins()))
+            f.write(gateway_config(port, admin, self.a.workers,
+                                   bench_plugins(self.a.callback_timeout)))
         if not os.path.exists(binary):
             sys.exit(f"{binary} does not exist: build first (cargo build --release)")
         # Workers inherit the master's affinity.
@@ -329,6 +330,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="do not pin the proxy to its own cores")
+    ap.add_argument("--callback-timeout", help="the plugins' callback_timeout (off: no limit)")
     ap.add_argument("--json")
     ap.add_argument("--svg")
     a = ap.parse_args()

@@ -12,7 +12,7 @@ per request. The count does not move with the machine's load, so two builds can 
 compared on a shared machine: run it with each binary.
 
 usage: scripts/bench/worker_instructions.py [--requests 2000] [--binary target/release/wasmgate]
-                                           [--dumps DIR]
+                                           [--dumps DIR] [--callback-timeout off]
 With --dumps, each route's callgrind dump is kept as DIR/<route>.cg for `callgrind_annotate`.
 (needs valgrind and nginx)
 """
@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "wasmgate"))
     ap.add_argument("--dumps", help="keep each route's callgrind dump in this folder")
+    ap.add_argument("--callback-timeout", help="the plugins' callback_timeout (off: no limit)")
     a = ap.parse_args()
     for tool in ("valgrind", "callgrind_control", "nginx"):
         if not shutil.which(tool):
@@ -115,7 +116,7 @@ def main():
         procs.append(subprocess.Popen(["nginx", "-p", work, "-c", os.path.join(work, "up.conf")],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         with open(os.path.join(work, "conf", "config.yaml"), "w") as f:
-            f.write(gateway_config(gw, admin, 1, bench_plugins()))
+            f.write(gateway_config(gw, admin, 1, bench_plugins(a.callback_timeout)))
         binary = os.path.abspath(a.binary)
         env = dict(os.environ, WASMGATE_WORKER_EXE=binary)
         out = os.path.join(work, "cg.%p")

@@ -4,7 +4,7 @@
 //! Every section rejects unknown keys: a misspelt key is an error at start or reload, never a
 //! silently ignored setting. `docs/configuration.md` lists every key.
 
-use crate::units::{de_duration, de_size};
+use crate::units::{de_duration, de_limit, de_size};
 use crate::yaml_lines::{line_of, Step, Step::Item, Step::Key};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::HashSet;
@@ -469,9 +469,10 @@ pub struct WasmPluginDecl {
     /// plugin instead of answering 503.
     #[serde(default)]
     pub fail_open: bool,
-    /// Longest one callback may run.
-    #[serde(default = "default_callback_timeout", deserialize_with = "de_duration")]
-    pub callback_timeout: Duration,
+    /// Longest one callback may run; None (`off`): no limit, as Envoy runs plugins, and the
+    /// plugin's code compiled without the checks a limit needs.
+    #[serde(default = "default_callback_timeout", deserialize_with = "de_limit")]
+    pub callback_timeout: Option<Duration>,
     /// Largest linear memory of one instance.
     #[serde(default = "default_memory_limit", deserialize_with = "de_size")]
     pub memory_limit: u64,
@@ -501,8 +502,8 @@ fn default_pause_timeout() -> Duration {
     Duration::from_secs(60)
 }
 
-fn default_callback_timeout() -> Duration {
-    Duration::from_millis(100)
+fn default_callback_timeout() -> Option<Duration> {
+    Some(Duration::from_millis(100))
 }
 
 fn default_memory_limit() -> u64 {

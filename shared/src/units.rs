@@ -72,6 +72,21 @@ pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     .map_err(serde::de::Error::custom)
 }
 
+/// Serde helper: a time limit, as [`de_duration`], or `off` for none (None). 0 is refused: it
+/// would be a limit nothing fits in, where `off` says what is meant.
+pub fn de_limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    match NumOrText::deserialize(d)? {
+        NumOrText::Text(t) if t.trim() == "off" => Ok(None),
+        NumOrText::Num(n) => parse_duration(&n.to_string()).map(Some),
+        NumOrText::Text(t) => parse_duration(&t).map(Some),
+    }
+    .and_then(|limit| match limit {
+        Some(d) if d.is_zero() => Err("a limit of 0 (say `off` for no limit)".to_string()),
+        limit => Ok(limit),
+    })
+    .map_err(serde::de::Error::custom)
+}
+
 /// Serde helper: a size written as a number of bytes or a string such as `1m`.
 pub fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     match NumOrText::deserialize(d)? {

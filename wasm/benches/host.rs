@@ -98,7 +98,7 @@ fn plugin() -> PluginModule {
     let path = std::env::var("WASMGATE_BENCH_PLUGIN").unwrap_or_else(|_| default.into());
     let settings = Settings {
         name: Arc::from("example_headers"),
-        callback_timeout: Duration::from_secs(1),
+        callback_timeout: Some(Duration::from_secs(1)),
         memory_limit: 64 << 20,
         log_level: 4,
         log_gate: Arc::default(),

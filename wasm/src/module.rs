@@ -10,35 +10,47 @@ use wasmtime::{Config, Engine, InstancePre, Linker, Module};
 /// Epoch tick: callback deadlines are counted in these.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
-/// The process's engine, with a thread advancing the epoch for callback deadlines.
-pub fn engine() -> &'static Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| {
-        let mut c = Config::new();
-        c.epoch_interruption(true);
-        // One linear memory per module, as every Proxy-Wasm SDK builds and as
-        // `memory_limit` accounts for: a module with more is refused when it is loaded.
-        c.wasm_multi_memory(false);
-        // No compile thread pool: the master compiles at start, then daemonizes (fork), then
-        // compiles again on reload. A pool created before the fork has no threads after it,
-        // and the reload waited on them for ever. Plugins are small; one thread compiles them.
-        c.parallel_compilation(false);
-        if perf_map_wanted(std::env::var_os(PERF_MAP_ENV).as_deref()) {
-            // Names the compiled plugin functions for `perf` (/tmp/perf-<pid>.map): a profile of
-            // a worker then shows which function of which plugin the samples fall in.
-            c.profiler(wasmtime::ProfilingStrategy::PerfMap);
-        }
-        let engine = Engine::new(&c).expect("the default wasmtime configuration is valid");
-        let ticker = engine.clone();
-        std::thread::Builder::new()
-            .name("wasm-epoch".into())
-            .spawn(move || loop {
-                std::thread::sleep(EPOCH_TICK);
-                ticker.increment_epoch();
-            })
-            .expect("spawning the epoch thread");
-        engine
-    })
+/// The process's engines: `interrupts` for plugins with a `callback_timeout` (their code checks
+/// an epoch a thread advances, at each function entry and loop), the other for plugins that
+/// run without one (`off`), whose code has no checks: about 770 instructions less per request
+/// for the example plugin (docs/BENCHMARKS.md §6). A module is compiled, serialized and loaded
+/// on the engine its settings name.
+pub fn engine(interrupts: bool) -> &'static Engine {
+    static EPOCH: OnceLock<Engine> = OnceLock::new();
+    static PLAIN: OnceLock<Engine> = OnceLock::new();
+    match interrupts {
+        true => EPOCH.get_or_init(|| {
+            let engine = new_engine(true);
+            let ticker = engine.clone();
+            std::thread::Builder::new()
+                .name("wasm-epoch".into())
+                .spawn(move || loop {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker.increment_epoch();
+                })
+                .expect("spawning the epoch thread");
+            engine
+        }),
+        false => PLAIN.get_or_init(|| new_engine(false)),
+    }
+}
+
+fn new_engine(interrupts: bool) -> Engine {
+    let mut c = Config::new();
+    c.epoch_interruption(interrupts);
+    // One linear memory per module, as every Proxy-Wasm SDK builds and as `memory_limit`
+    // accounts for: a module with more is refused when it is loaded.
+    c.wasm_multi_memory(false);
+    // No compile thread pool: the master compiles at start, then daemonizes (fork), then
+    // compiles again on reload. A pool created before the fork has no threads after it, and
+    // the reload waited on them for ever. Plugins are small; one thread compiles them.
+    c.parallel_compilation(false);
+    if perf_map_wanted(std::env::var_os(PERF_MAP_ENV).as_deref()) {
+        // Names the compiled plugin functions for `perf` (/tmp/perf-<pid>.map): a profile of a
+        // worker then shows which function of which plugin the samples fall in.
+        c.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
+    Engine::new(&c).expect("the default wasmtime configuration is valid")
 }
 
 /// The environment variable that makes each process write a perf map of the plugins' code.
@@ -53,8 +65,8 @@ fn perf_map_wanted(value: Option<&std::ffi::OsStr>) -> bool {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub name: Arc<str>,
-    /// Longest a single callback may run before it is interrupted.
-    pub callback_timeout: Duration,
+    /// Longest a single callback may run before it is interrupted; None: no limit.
+    pub callback_timeout: Option<Duration>,
     /// Largest linear memory of one instance.
     pub memory_limit: usize,
     /// The error-log level plugins are told (`proxy_get_log_level`).
@@ -103,7 +115,7 @@ impl PluginModule {
                 settings.name
             ));
         }
-        let module = Module::new(engine(), bytes)
+        let module = Module::new(engine(settings.interrupts()), bytes)
             .map_err(|e| format!("wasm plugin {:?}: not a valid module: {e:#}", settings.name))?;
         PluginModule::check(settings, module)
     }
@@ -119,7 +131,8 @@ impl PluginModule {
         bytes: &[u8],
     ) -> Result<PluginModule, String> {
         // SAFETY: per this function's contract, the bytes are our own compiled artifact.
-        let module = unsafe { Module::deserialize(engine(), bytes) }.map_err(|e| {
+        let engine = engine(settings.interrupts());
+        let module = unsafe { Module::deserialize(engine, bytes) }.map_err(|e| {
             format!(
                 "wasm plugin {:?}: cannot load the compiled module: {e:#}",
                 settings.name
@@ -147,7 +160,7 @@ impl PluginModule {
                 return Err(format!("wasm plugin {name:?}: missing export {e}"));
             }
         }
-        let mut linker = Linker::new(engine());
+        let mut linker = Linker::new(module.engine());
         crate::abi::add_to_linker(&mut linker)
             .map_err(|e| format!("linking host functions: {e:#}"))?;
         let pre = linker.instantiate_pre(&module).map_err(|e| {
@@ -162,6 +175,12 @@ impl PluginModule {
 }
 
 impl Settings {
+    /// Whether its callbacks are interrupted at a time limit (its code compiled with the
+    /// checks, on the engine that advances an epoch).
+    pub fn interrupts(&self) -> bool {
+        self.callback_timeout.is_some()
+    }
+
     /// The settings of a `wasm.plugins` entry.
     pub fn from_decl(
         d: &wasmgate_shared::config::WasmPluginDecl,

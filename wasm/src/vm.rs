@@ -1,6 +1,7 @@
 //! One instance of a plugin and the calls into it.
 //!
-//! Every call runs under an epoch deadline (`callback_timeout`) and the store's memory limit.
+//! Every call runs under an epoch deadline (`callback_timeout`, unless it is `off`) and the
+//! store's memory limit.
 //! A trap, a deadline or the memory limit is a [`Fault`]: the caller discards the VM and makes
 //! a new one for later requests — the worker never goes down with a plugin.
 
@@ -202,8 +203,10 @@ impl PluginVm {
         };
         let mut store = Store::new(m.pre.module().engine(), state);
         store.limiter(|s| &mut s.limits);
-        let ticks =
-            (s.callback_timeout.as_millis() as u64 / EPOCH_TICK.as_millis() as u64).max(1) + 1;
+        // Without a limit the engine checks no epoch: the deadline is never looked at.
+        let ticks = s.callback_timeout.map_or(u32::MAX as u64, |t| {
+            (t.as_millis() as u64 / EPOCH_TICK.as_millis() as u64).max(1) + 1
+        });
         store.set_epoch_deadline(ticks);
         let instance = m.pre.instantiate(&mut store).map_err(classify)?;
         // Host functions use these on every call: looked up once.

@@ -257,7 +257,7 @@ pub fn plugins(m: &Master) -> Value {
                 },
                 "file": p.file,
                 "fail_open": p.fail_open,
-                "callback_timeout_ms": p.callback_timeout.as_millis() as u64,
+                "callback_timeout_ms": p.callback_timeout.map(|t| t.as_millis() as u64),
                 "pause_timeout_ms": p.pause_timeout.as_millis() as u64,
                 "memory_limit": p.memory_limit,
                 "body_buffer_limit": p.body_buffer_limit,
