@@ -20,6 +20,20 @@ fn proxied_route(gw: &Gateway, up: &TestUpstream) {
     );
 }
 
+/// Writes `wat` as `refuser.wasm` and config.yaml as `good` with it added as plugin `refuser`.
+fn add_refuser(gw: &Gateway, good: &str, wat: &str) {
+    std::fs::write(
+        gw.prefix().join("refuser.wasm"),
+        wat::parse_str(wat).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        gw.config_path(),
+        format!("{good}    - {{name: refuser, priority: 1, file: refuser.wasm}}\n"),
+    )
+    .unwrap();
+}
+
 /// Asks the Admin API at `url` (`.../wasmgate/reload`) to reload: refused (400), saying `says`.
 fn reload_refused(url: &str, key: &str, says: &str) {
     let (s, v) = common::client::admin(url, "POST", Some(key), None);
@@ -181,16 +195,7 @@ fn invalid_reload_is_refused_and_old_config_keeps_serving() {
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_context_create") (param i32 i32))
       (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 0)))"#;
-    std::fs::write(
-        gw.prefix().join("refuser.wasm"),
-        wat::parse_str(refuser).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        gw.config_path(),
-        format!("{good}    - {{name: refuser, priority: 1, file: refuser.wasm}}\n"),
-    )
-    .unwrap();
+    add_refuser(&gw, &good, refuser);
     reload_refused(
         &gw.admin_url("/wasmgate/reload"),
         KEY,
@@ -442,16 +447,7 @@ fn the_test_command_refuses_what_start_would() {
       (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
         (drop (call $log (i32.const 4) (i32.const 16) (i32.const 28)))
         (i32.const 0)))"#;
-    std::fs::write(
-        gw.prefix().join("refuser.wasm"),
-        wat::parse_str(refuser).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        gw.config_path(),
-        format!("{good}    - {{name: refuser, priority: 1, file: refuser.wasm}}\n"),
-    )
-    .unwrap();
+    add_refuser(&gw, &good, refuser);
     let (ok, out, err) = test(gw.prefix());
     assert!(!ok, "{out}{err}");
     assert!(
