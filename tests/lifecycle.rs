@@ -455,6 +455,23 @@ fn the_test_command_refuses_what_start_would() {
             && err.contains("\"refuser\": start failed"),
         "{err}"
     );
+    // One that never returns from its start, with no time limit of its own (`off`): `test`
+    // starts it under one and reports it, rather than waiting for ever.
+    let looping = r#"(module
+      (memory (export "memory") 1)
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+        (loop $l (br $l))
+        (i32.const 1)))"#;
+    add_refuser(&gw, &good, looping);
+    let unlimited = std::fs::read_to_string(gw.config_path()).unwrap().replace(
+        "file: refuser.wasm}",
+        "file: refuser.wasm, callback_timeout: off}",
+    );
+    std::fs::write(gw.config_path(), unlimited).unwrap();
+    let (ok, out, err) = test(gw.prefix());
+    assert!(!ok && err.contains("exceeded its time limit"), "{out}{err}");
     std::fs::write(gw.config_path(), &good).unwrap();
     let fresh = tempfile::tempdir().unwrap();
     let (ok, out, err) = test(fresh.path());

@@ -259,6 +259,9 @@ fn probe_create(path: &Path, file: bool) -> std::io::Result<()> {
     }
 }
 
+/// The time limit `wasmgate test` starts a plugin without one under.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `wasmgate test`, nginx's `-t`: everything `start` and `reload` would refuse, found without
 /// touching a running gateway or leaving anything written (a missing log file is made and
 /// removed again) — the file, each plugin compiled *and started* once (its
@@ -284,7 +287,10 @@ pub fn check(opts: &Options) -> anyhow::Result<Vec<String>> {
                 path.display()
             )
         })?;
-        let settings = wasmgate_wasm::Settings::from_decl(p, level);
+        let mut settings = wasmgate_wasm::Settings::from_decl(p, level);
+        // `test` must end: a plugin without a time limit (`off`) is started here under one, so
+        // that a `proxy_on_vm_start` that never returns is a refusal, not a hang.
+        settings.callback_timeout.get_or_insert(CHECK_TIMEOUT);
         let module = wasmgate_wasm::PluginModule::from_bytes(settings, &bytes)
             .map_err(|e| anyhow::anyhow!("{}: {e} ({})", loaded.origin, path.display()))?;
         wasmgate_wasm::PluginVm::new(&module).map_err(|f| {
