@@ -368,10 +368,10 @@ async fn serve_route(
         None => (resp, up_log.answered),
     };
     // Where an error line about the answer says it happened, made only for one.
-    let node = up_log.addrs.last().cloned();
+    let up_log = &*up_log;
     let at = || {
         let host = parts.headers.get(header::HOST);
-        upstream_context(client, parts, node.as_deref(), host)
+        upstream_context(client, parts, up_log.addrs.last().map(|a| &**a), host)
     };
     match wasm.as_ref() {
         Some(shared) => response_phase(w, shared, resp, answered, &at).await,
