@@ -51,9 +51,9 @@ impl Publisher {
         (self.whole, self.segment.journal_len(), self.capacity())
     }
 
-    /// The most a whole snapshot may take: it is one record, a length word and its bytes.
+    /// The most a whole snapshot may take in this area.
     fn capacity(&self) -> usize {
-        self.segment.capacity().saturating_sub(8)
+        snapshot_room(self.segment.capacity())
     }
 
     /// Whether a whole snapshot would still fit the area with object `(kind, id)` put with
@@ -189,7 +189,7 @@ pub fn check_shm_size(store: &Store, shm_size: u64) -> Result<(), String> {
             .iter_json()
             .map(|(kind, id, s, json)| object_len(kind, id, s.modified_index, json))
             .sum::<usize>();
-    let capacity = (shm_size as usize).next_multiple_of(8).saturating_sub(8);
+    let capacity = snapshot_room(Segment::data_capacity(shm_size));
     match size > capacity {
         true => Err(format!(
             "wasmgate.shm_size ({shm_size} bytes) cannot hold the stored configuration (a \
@@ -197,6 +197,12 @@ pub fn check_shm_size(store: &Store, shm_size: u64) -> Result<(), String> {
         )),
         false => Ok(()),
     }
+}
+
+/// The most a whole snapshot may take in an area of `capacity` bytes: it is one record, a
+/// length word and its bytes.
+fn snapshot_room(capacity: usize) -> usize {
+    capacity.saturating_sub(8)
 }
 
 fn object_len(kind: Kind, id: &str, revision: u64, json: &str) -> usize {

@@ -201,10 +201,7 @@ impl Loop {
             .start_set(n, 0, &config)
             .map_err(anyhow::Error::msg)?;
         if !self.wait_ready(0).await {
-            match self.sup.take_failure() {
-                Some(why) => anyhow::bail!("workers failed to start: {why}"),
-                None => anyhow::bail!("workers failed to start; see the error log"),
-            }
+            anyhow::bail!("workers {}", self.sup.failure());
         }
         let proxy: Vec<String> = self
             .sup
@@ -321,10 +318,10 @@ impl Loop {
         crate::check_logs(&self.opts, &new.config).map_err(|e| format!("{e:#}"))?;
         let plugins = crate::compile_plugins(&new, &self.opts)?;
         crate::admin::objects::check_all(&self.master.store(), &new.catalog())?;
-        if new.config.wasmgate.shm_size != self.master.config().config.wasmgate.shm_size {
+        let old = self.master.config();
+        if new.config.wasmgate.shm_size != old.config.wasmgate.shm_size {
             crate::publish::check_shm_size(&self.master.store(), new.config.wasmgate.shm_size)?;
         }
-        let old = self.master.config();
         keep_restart_only(&old, &mut new);
         let data_dir = self.opts.resolve(&new.config.wasmgate.data_dir);
         let keys = crate::keys::resolve(&new.config, &data_dir).map_err(|e| format!("{e:#}"))?;
@@ -342,14 +339,11 @@ impl Loop {
         let old_plugins = self.sup.replace_plugins(plugins);
         let epoch = self.master.epoch.load(Ordering::Relaxed) + 1;
         let n = new.config.nginx_config.worker_processes.resolve();
-        self.sup.take_failure();
+        self.sup.clear_failure();
         let started = self.sup.start_set(n, epoch, &new);
         let ready = match started {
             Ok(()) if self.wait_ready(epoch).await => Ok(()),
-            Ok(()) => Err(match self.sup.take_failure() {
-                Some(why) => format!("the new workers failed to start: {why}"),
-                None => "the new workers failed to start; see the error log".into(),
-            }),
+            Ok(()) => Err(format!("the new workers {}", self.sup.failure())),
             Err(e) => Err(e),
         };
         // Checked again, and the new plugin list put in place, under the store's lock: an

@@ -241,12 +241,21 @@ impl Supervisor {
             })
     }
 
-    /// Whether a worker of `epoch` has died (used to abort a reload).
-    /// Takes the reason the last worker that stopped on an error gave, if any.
-    pub fn take_failure(&mut self) -> Option<String> {
-        self.last_failure.take()
+    /// Forgets the reason the last worker that stopped on an error gave (before a start).
+    pub fn clear_failure(&mut self) {
+        self.last_failure = None;
     }
 
+    /// Why workers failed to start, for a refusal: the reason the last worker that stopped
+    /// on an error gave, else a pointer to the error log.
+    pub fn failure(&mut self) -> String {
+        match self.last_failure.take() {
+            Some(why) => format!("failed to start: {why}"),
+            None => "failed to start; see the error log".into(),
+        }
+    }
+
+    /// Whether a worker of `epoch` has died (used to abort a reload).
     pub fn epoch_failed(&self, epoch: u64) -> bool {
         self.workers
             .iter()

@@ -190,7 +190,6 @@ impl WorkerSlot {
         self.state.store(s as u32, Ordering::Release);
     }
 
-    /// Clears every counter, for a new process taking the slot.
     /// Records why the process stops (its first [`FATAL_BYTES`] bytes, cut at a character).
     pub fn set_fatal(&self, why: &str) {
         let mut end = why.len().min(FATAL_BYTES);
@@ -213,6 +212,7 @@ impl WorkerSlot {
         (len > 0).then(|| String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// Clears every counter, for a new process taking the slot.
     pub fn reset(&self) {
         self.fatal_len.store(0, Ordering::Relaxed);
         for a in [&self.pid, &self.worker_id, &self.restarts] {
@@ -242,9 +242,14 @@ pub struct Segment {
 }
 
 impl Segment {
+    /// The journal's room in a segment created for `requested` bytes (`wasmgate.shm_size`).
+    pub fn data_capacity(requested: u64) -> usize {
+        (requested as usize).next_multiple_of(8)
+    }
+
     /// Creates a segment with room for `data_capacity` snapshot bytes (master side).
     pub fn create(data_capacity: u64) -> Result<Segment, ShmError> {
-        let data_capacity = (data_capacity as usize).next_multiple_of(8);
+        let data_capacity = Segment::data_capacity(data_capacity);
         let fd =
             nix::sys::memfd::memfd_create(c"wasmgate-shm", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
                 .map_err(std::io::Error::from)?;
