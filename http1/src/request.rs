@@ -83,6 +83,34 @@ fn lenient_target(raw: &[u8]) -> Option<Uri> {
     Uri::from_maybe_shared(Bytes::from(encoded)).ok()
 }
 
+/// The parser refuses a request line whose target is not UTF-8 (a Latin-1 `/caf\xe9` from an
+/// old client), which nginx takes as it is: parses it again with its bytes above 0x7F
+/// percent-encoded. Routes then match the decoded path, as nginx's locations do, and the
+/// upstream gets the encoded target, which every server decodes to the same bytes. Only on
+/// the parser's error path; a line all ASCII is refused as it was.
+fn parse_escaped(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusal> {
+    let malformed = Refusal::Bad("malformed request head");
+    let end = rbuf.iter().position(|&b| b == b'\n').unwrap_or(rbuf.len());
+    if rbuf[..end].is_ascii() || end == rbuf.len() {
+        return Err(malformed);
+    }
+    let mut escaped = BytesMut::with_capacity(rbuf.len() + 32);
+    for &b in &rbuf[..end] {
+        match b {
+            0x80.. => escaped.extend_from_slice(format!("%{b:02X}").as_bytes()),
+            _ => escaped.extend_from_slice(&[b]),
+        }
+    }
+    escaped.extend_from_slice(&rbuf[end..]);
+    // The line is ASCII now: a second refusal does not come back here.
+    let grown = escaped.len() - rbuf.len();
+    let head = parse_head(&mut escaped, max + grown)?;
+    if head.is_some() {
+        *rbuf = escaped;
+    }
+    Ok(head)
+}
+
 /// Parses a request head at the start of `rbuf` (its room: `max` bytes); `None` while
 /// incomplete. The head is taken off the buffer only once whole.
 pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusal> {
@@ -96,7 +124,7 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
         Ok(httparse::Status::Partial) if rbuf.len() >= max => return Err(Refusal::TooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooLarge),
-        Err(_) => return Err(Refusal::Bad("malformed request head")),
+        Err(_) => return parse_escaped(rbuf, max),
     };
     let method = req.method.unwrap_or_default();
     // nginx's rule: upper-case letters, `_` and `-` only. A lower-case `get` would otherwise
@@ -408,6 +436,26 @@ mod tests {
         }
         // Bytes no server takes stay refused.
         assert!(head("/x?q=\x7f").is_err());
+        // UTF-8 sent unescaped (curl sends it so) goes on as it came; a target that is not
+        // UTF-8 at all, with those bytes encoded, and what follows the head left as it was.
+        let mut buf = BytesMut::from(&b"GET /caf\xe9?q=\xff HTTP/1.1\r\nHost: a\r\n\r\nnext"[..]);
+        let uri = |h: Result<Option<Head>, Refusal>| h.ok().flatten().map(|h| h.uri.to_string());
+        assert_eq!(
+            uri(parse_head(&mut buf, 8192)).as_deref(),
+            Some("/caf%E9?q=%FF")
+        );
+        assert_eq!(&buf[..], b"next");
+        assert_eq!(
+            head("/caf\u{e9}").ok().flatten().as_deref(),
+            Some("/caf\u{e9}")
+        );
+        // Still refused: other bad bytes in such a line, and non-ASCII outside the target.
+        assert!(head("/caf\u{e9}\x7f").is_err());
+        assert!(parse_head(
+            &mut BytesMut::from(&b"G\xc9T / HTTP/1.1\r\nHost: a\r\n\r\n"[..]),
+            8192
+        )
+        .is_err());
     }
 
     #[test]
