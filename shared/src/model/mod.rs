@@ -18,6 +18,7 @@ pub use upstream::{HashOn, LbType, Node, NodeAddr, Nodes, PassHost, Upstream};
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use serde_path_to_error::Segment;
 
 /// The kinds of object the Admin API manages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -153,23 +154,49 @@ fn nesting_exceeds(v: &Value, max: usize) -> bool {
 /// Deserializes with the failing field's path in the message.
 fn typed<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
     serde_path_to_error::deserialize(body).map_err(|e| {
-        let path = e.path().to_string();
+        let segments: Vec<Segment> = e.path().iter().cloned().collect();
+        let path = shown_path(&segments);
         let inner = e.into_inner().to_string();
         if let Some(field) = unknown_field(&inner) {
             // The path ends with the unknown field itself; name its parent like APISIX does.
-            return match path.rsplit_once('.') {
-                Some((parent, _)) => format!(
-                    "invalid configuration: property \"{parent}\" validation failed: additional properties forbidden, found {field}"
+            return match segments.split_last() {
+                Some((_, parent)) if !parent.is_empty() => format!(
+                    "invalid configuration: property \"{}\" validation failed: additional properties forbidden, found {field}",
+                    shown_path(parent)
                 ),
-                None => format!("invalid configuration: additional properties forbidden, found {field}"),
+                _ => format!("invalid configuration: additional properties forbidden, found {field}"),
             };
         }
-        if path == "." {
+        if path.is_empty() {
             format!("invalid configuration: {inner}")
         } else {
             format!("invalid configuration: property \"{path}\" validation failed: {inner}")
         }
     })
+}
+
+/// A field's path as `upstream.nodes`, `plugins[0]`, or `labels["a.b"]` for a key that is not
+/// a plain name (a dot in a label's key would otherwise read as one more level).
+fn shown_path(segments: &[Segment]) -> String {
+    let mut out = String::new();
+    for segment in segments {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                let plain = !key.is_empty()
+                    && key
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                match (plain, out.is_empty()) {
+                    (true, true) => out.push_str(key),
+                    (true, false) => out.push_str(&format!(".{key}")),
+                    (false, _) => out.push_str(&format!("[{key:?}]")),
+                }
+            }
+            Segment::Unknown => out.push_str("[?]"),
+        }
+    }
+    out
 }
 
 /// Extracts `foo` from serde's "unknown field `foo`, expected …".
@@ -217,6 +244,20 @@ mod tests {
             "upstream": {"type": "roundrobin", "nodes": {"127.0.0.1:1980": 1}}
         });
         assert!(validate(Kind::Routes, &body, &catalog()).is_ok());
+    }
+
+    #[test]
+    fn errors_name_keys_with_dots_as_one_key() {
+        let e = |body| validate(Kind::Routes, &body, &catalog()).unwrap_err();
+        assert_eq!(
+            e(json!({"uri": "/", "upstream_id": "1", "labels": {"a.b": 5}})),
+            "invalid configuration: property \"labels[\"a.b\"]\" validation failed: invalid type: integer `5`, expected a string"
+        );
+        let e = e(json!({"uri": "/", "upstream_id": "1", "hosts": ["a", 5]}));
+        assert!(
+            e.starts_with("invalid configuration: property \"hosts[1]\""),
+            "{e}"
+        );
     }
 
     #[test]
