@@ -133,11 +133,19 @@ const MAX_SIZE_LINE: usize = 4096;
 /// incomplete. Stricter than `httparse::parse_chunk_size`, which takes any byte in an
 /// extension, a bare LF included: two parsers that end a line in different places are how
 /// requests are smuggled past a proxy, so only CRLF ends the line, and control characters,
-/// a size over 16 hex digits or a line over [`MAX_SIZE_LINE`] are refused.
+/// a size over nginx's largest (2^63 − 1; leading zeros taken, as nginx takes them) or a line
+/// over [`MAX_SIZE_LINE`] are refused.
 fn parse_chunk_size(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
     let digits = buf.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits > 16 {
-        return Err("chunk size too large");
+    let mut size = 0u64;
+    for b in &buf[..digits] {
+        if size > i64::MAX as u64 >> 4 {
+            return Err("chunk size too large");
+        }
+        size = size << 4 | (*b as char).to_digit(16).unwrap_or(0) as u64;
+    }
+    if digits >= MAX_SIZE_LINE {
+        return Err("chunk size line too long");
     }
     if digits == buf.len() {
         return Ok(None);
@@ -145,9 +153,6 @@ fn parse_chunk_size(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
     if digits == 0 {
         return Err("bad chunk size line");
     }
-    let size = buf[..digits].iter().fold(0u64, |n, b| {
-        n << 4 | (*b as char).to_digit(16).unwrap_or(0) as u64
-    });
     // After the digits only whitespace, then extensions (`;`…), up to the CRLF (RFC 9112
     // §7.1): `5 zz` or `0x5` is refused, not read as a size the next hop may read otherwise.
     let mut extension = false;
@@ -551,6 +556,18 @@ pub fn read_fields(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_sizes_are_limited_by_value_as_nginx_limits_them() {
+        let size = |line: &str| parse_chunk_size(line.as_bytes()).map(|s| s.map(|(_, n)| n));
+        assert_eq!(size("00000000000000000005\r\n"), Ok(Some(5)));
+        assert_eq!(size("7fffffffffffffff\r\n"), Ok(Some(i64::MAX as u64)));
+        assert_eq!(size("8000000000000000\r\n"), Err("chunk size too large"));
+        assert_eq!(size("10000000000000000\r\n"), Err("chunk size too large"));
+        assert_eq!(size("000000"), Ok(None));
+        let zeros = "0".repeat(MAX_SIZE_LINE);
+        assert_eq!(size(&zeros), Err("chunk size line too long"));
+    }
 
     /// `read_fields` builds values unchecked because httparse takes exactly the bytes
     /// `HeaderValue` allows: every byte, at offsets that reach httparse's byte-at-a-time
