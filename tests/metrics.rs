@@ -289,3 +289,73 @@ fn prefix_and_disabled_export_server() {
         r.text()
     );
 }
+
+/// Routes created and deleted through the Admin API for as long as a worker lives: a deleted
+/// route's series end once its requests are counted, and its record is taken by the next
+/// route, so that a worker that saw more routes come and go than its table holds (1 024)
+/// still counts each live route under its own id — not under `route="*"`.
+#[test]
+fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
+    let gw = Gateway::start_with(common::Setup {
+        workers: 1,
+        ..Default::default()
+    });
+    let app = TestUpstream::start("app");
+    let upstream = json!({"type": "roundrobin", "nodes": {app.addr(): 1}});
+    let mut client = common::client::KeepAlive::new(&gw.url("/"));
+    let started = std::time::Instant::now();
+    let routes = wasmgate_shared::traffic::ROUTES_PER_SLOT + 100;
+    for i in 0..routes {
+        let body = json!({"uri": format!("/r/{i}"), "upstream": upstream});
+        let (s, v) = gw.admin("PUT", &format!("/apisix/admin/routes/r{i}"), Some(body));
+        assert!(s == 200 || s == 201, "route r{i}: {s} {v}");
+        let r = client.get(&format!("/r/{i}")).unwrap();
+        assert_eq!(r.status, 200, "/r/{i}: {}", r.text());
+        if i % 200 == 0 {
+            // The series of a live route, before it goes.
+            let page = scrape(&gw).0;
+            let code = [("code", "200"), ("route", &format!("r{i}") as &str)];
+            assert_eq!(page.value("apisix_http_status_total", &code), 1.0);
+        }
+        let (s, v) = gw.admin("DELETE", &format!("/apisix/admin/routes/r{i}"), None);
+        assert_eq!(s, 200, "delete r{i}: {v}");
+    }
+    eprintln!(
+        "{routes} routes created, served and deleted in {:?}",
+        started.elapsed()
+    );
+    gw.route("last", json!({"uri": "/last"}), Some(&app));
+    for _ in 0..3 {
+        assert_eq!(client.get("/last").unwrap().status, 200);
+    }
+    let (page, text) = scrape(&gw);
+    let last = [("code", "200"), ("route", "last")];
+    assert_eq!(page.value("apisix_http_status_total", &last), 3.0, "{text}");
+    let named: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("apisix_http_status_total{"))
+        .collect();
+    assert_eq!(
+        named.len(),
+        1,
+        "only the live route has a series: {named:?}"
+    );
+    // A reload replaces the worker: the deleted routes do not come back from the counts the
+    // master keeps of the workers that left.
+    let old = gw.worker_pids();
+    let (s, v) = gw.admin("POST", "/wasmgate/reload", None);
+    assert_eq!(s, 200, "{v}");
+    common::eventually(Duration::from_secs(15), "the old worker gone", || {
+        old.iter().all(|p| !common::alive(*p))
+    });
+    assert_eq!(http("GET", &gw.url("/last"), &[], None).status, 200);
+    common::eventually(Duration::from_secs(10), "4 requests counted", || {
+        scrape(&gw).0.value("apisix_http_status_total", &last) == 4.0
+    });
+    let text = scrape(&gw).1;
+    let routes: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("apisix_http_status_total{"))
+        .collect();
+    assert_eq!(routes.len(), 1, "{routes:?}");
+}

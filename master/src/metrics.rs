@@ -86,7 +86,7 @@ struct Scrape {
 /// Every route's traffic summed over the workers, those that left included (by route id;
 /// `""`: requests no route matched).
 pub fn route_traffic(m: &Master) -> BTreeMap<String, RouteSnapshot> {
-    let retired = m.retired();
+    let retired = m.retired_routes_that_exist();
     let mut routes = retired.routes.clone();
     for i in 0..SLOTS {
         if m.segment.slot(i).state() == SlotState::Free {
@@ -115,7 +115,7 @@ impl Scrape {
     fn read(m: &Master) -> Scrape {
         let seg = &m.segment;
         // Held while the slots are read: a leaving worker is counted in its slot or here.
-        let retired = m.retired();
+        let retired = m.retired_routes_that_exist();
         let mut scrape = Scrape {
             prefix: m
                 .config()

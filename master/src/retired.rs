@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use wasmgate_shared::shm::Segment;
 use wasmgate_shared::stats::ContextSnapshot;
-use wasmgate_shared::traffic::RouteSnapshot;
+use wasmgate_shared::traffic::{RouteSnapshot, NO_ROUTE, OVERFLOW};
 
 /// What the workers that left had counted.
 #[derive(Debug, Default)]
@@ -33,6 +33,16 @@ impl Retired {
         for c in (0..stats.len()).filter_map(|j| stats.get(j)) {
             add_context(&mut self.contexts, c.snapshot());
         }
+    }
+}
+
+impl Retired {
+    /// Drops the counts of routes that were deleted since their workers left: a deleted
+    /// route's series end (its live records are released in the workers once its last
+    /// request is counted), rather than go on as a remnant of workers long gone.
+    pub fn forget_deleted_routes(&mut self, exists: impl Fn(&str) -> bool) {
+        self.routes
+            .retain(|id, _| id == NO_ROUTE || id == OVERFLOW || exists(id));
     }
 }
 

@@ -102,6 +102,15 @@ impl Master {
         self.retired.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The counters of workers that left, locked, with those of routes since deleted
+    /// dropped: for the exports, which should not name a route that no longer exists.
+    pub fn retired_routes_that_exist(&self) -> MutexGuard<'_, crate::retired::Retired> {
+        let store = self.store();
+        let mut retired = self.retired();
+        retired.forget_deleted_routes(|id| store.get(Kind::Routes, id).is_some());
+        retired
+    }
+
     /// Frees slot `i` of a worker that exited (drained, or never started), its counters kept.
     pub fn free_slot(&self, i: usize) {
         let mut retired = self.retired();

@@ -10,9 +10,16 @@
 //!
 //! Record keys: a route id, [`NO_ROUTE`] for requests no route matched, and [`OVERFLOW`] for
 //! routes beyond the table's capacity (ids are `[a-zA-Z0-9._-]`, so neither can collide).
+//!
+//! A deleted route's record is released once its last request is logged, and taken again by
+//! the next route that needs one: route ids come and go through the Admin API for as long as
+//! a worker lives, and the table holds the routes that exist, not every route that ever did.
+//! Releasing and taking again change a record's key and zero its counters under a sequence
+//! number (odd while it changes), so that the master reading the slot skips a record caught
+//! changing rather than export one route's counts under another's name.
 
 use crate::shm::WorkerSlot;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 /// Route records per worker; later routes share the [`OVERFLOW`] record.
 pub const ROUTES_PER_SLOT: usize = 1024;
@@ -62,9 +69,15 @@ struct Histogram {
     sum_us: AtomicU64,
 }
 
+/// `key_len` of a released record: nothing to export.
+const RELEASED: u64 = u64::MAX;
+
 /// One route's traffic in one worker.
 #[repr(C)]
 struct RouteRecord {
+    /// Odd while the worker changes the key (release, taking again); see the module's notes.
+    seq: AtomicU64,
+    /// The key's length, or [`RELEASED`].
     key_len: AtomicU64,
     key: [AtomicU64; KEY_WORDS],
     /// Status code of each counter below (0: unused).
@@ -215,8 +228,37 @@ impl RouteRecord {
         self.egress.fetch_add(o.egress, Ordering::Relaxed);
     }
 
-    fn snapshot(&self) -> RouteSnapshot {
-        let len = self.key_len.load(Ordering::Acquire) as usize;
+    /// `init` over a record in use: readers skip it until done.
+    fn reinit(&self, route: &str) {
+        self.changing(|| self.init(route));
+    }
+
+    fn release(&self) {
+        self.changing(|| self.key_len.store(RELEASED, Ordering::Relaxed));
+    }
+
+    /// Runs the worker's change `f` with the sequence number odd.
+    fn changing(&self, f: impl FnOnce()) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq | 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        f();
+        self.seq.store((seq | 1) + 1, Ordering::Release);
+    }
+
+    /// A copy, unless the record is released or was changing while read.
+    fn snapshot(&self) -> Option<RouteSnapshot> {
+        let seq = self.seq.load(Ordering::Acquire);
+        let len = self.key_len.load(Ordering::Acquire);
+        if seq & 1 == 1 || len == RELEASED {
+            return None;
+        }
+        let snap = self.read(len as usize);
+        fence(Ordering::Acquire);
+        (self.seq.load(Ordering::Relaxed) == seq).then_some(snap)
+    }
+
+    fn read(&self, len: usize) -> RouteSnapshot {
         let mut codes: Vec<(u16, u64)> = self
             .codes
             .iter()
@@ -269,19 +311,41 @@ impl<'a> SlotTraffic<'a> {
         self.len() == 0
     }
 
-    /// Claims a zeroed record for `route` (worker side, single writer); the last free record
-    /// is kept for [`OVERFLOW`].
-    pub fn claim(&self, route: &str) -> usize {
+    /// Claims a zeroed record for `route` past those in use (worker side, single writer); the
+    /// last one is kept for [`OVERFLOW`], which routes beyond it share. Returns its index
+    /// and whether it is [`OVERFLOW`]'s (shared: never to be released).
+    pub fn claim(&self, route: &str) -> (usize, bool) {
         let n = self.len();
         let overflow = n >= ROUTES_PER_SLOT - 1;
         if overflow {
-            if let Some(i) = (0..n).find(|&i| self.record(i).snapshot().route == OVERFLOW) {
-                return i;
+            if let Some(i) = (0..n).find(|&i| self.key_is(i, OVERFLOW)) {
+                return (i, true);
             }
         }
         self.record(n).init(if overflow { OVERFLOW } else { route });
         self.slot.routes.store(n as u32 + 1, Ordering::Release);
-        n
+        (n, overflow)
+    }
+
+    fn key_is(&self, i: usize, key: &str) -> bool {
+        let r = self.record(i);
+        let len = r.key_len.load(Ordering::Relaxed);
+        len == key.len() as u64 && crate::stats::unpack_key(&r.key, len as usize) == key
+    }
+
+    /// Takes released record `i` (from [`release`](Self::release)) for `route`, zeroed.
+    pub fn reclaim(&self, i: usize, route: &str) {
+        if i < self.len() {
+            self.record(i).reinit(route);
+        }
+    }
+
+    /// Releases record `i`: its route was deleted and its last request counted. It is no
+    /// longer exported, and [`reclaim`](Self::reclaim) may give it to another route.
+    pub fn release(&self, i: usize) {
+        if i < self.len() {
+            self.record(i).release();
+        }
     }
 
     /// Adds one request to record `i` (from [`claim`](Self::claim)).
@@ -291,9 +355,11 @@ impl<'a> SlotTraffic<'a> {
         }
     }
 
-    /// Copies of the records in use.
+    /// Copies of the records in use (not those released, nor one caught changing).
     pub fn snapshot(&self) -> Vec<RouteSnapshot> {
-        (0..self.len()).map(|i| self.record(i).snapshot()).collect()
+        (0..self.len())
+            .filter_map(|i| self.record(i).snapshot())
+            .collect()
     }
 }
 
@@ -317,7 +383,7 @@ mod tests {
         let seg = Segment::create(1 << 20).unwrap();
         let s = seg.claim_slot().unwrap();
         let t = seg.traffic(s);
-        let r = t.claim("orders");
+        let (r, _) = t.claim("orders");
         t.observe(r, &obs(200, 3, Some(2)));
         t.observe(r, &obs(200, 40, Some(30)));
         t.observe(r, &obs(503, 70_000, None));
@@ -343,7 +409,7 @@ mod tests {
         let seg = Segment::create(1 << 20).unwrap();
         let s = seg.claim_slot().unwrap();
         let t = seg.traffic(s);
-        let r = t.claim("r");
+        let (r, _) = t.claim("r");
         for code in 200..240 {
             t.observe(r, &obs(code, 1, None));
         }
@@ -356,6 +422,33 @@ mod tests {
         assert_eq!(t.len(), ROUTES_PER_SLOT);
         let routes = t.snapshot();
         assert_eq!(routes.iter().filter(|r| r.route == OVERFLOW).count(), 1);
+        assert_eq!(t.claim("more"), (ROUTES_PER_SLOT - 1, true));
+    }
+
+    #[test]
+    fn released_records_are_not_exported_and_are_taken_again_zeroed() {
+        let seg = Segment::create(1 << 20).unwrap();
+        let s = seg.claim_slot().unwrap();
+        let t = seg.traffic(s);
+        let (a, _) = t.claim("a");
+        let (b, _) = t.claim("b");
+        t.observe(a, &obs(200, 1, None));
+        t.observe(b, &obs(404, 1, None));
+        t.release(a);
+        let routes: Vec<String> = t.snapshot().into_iter().map(|r| r.route).collect();
+        assert_eq!(routes, ["b"]);
+        t.reclaim(a, "c");
+        let snap = t.snapshot();
+        assert_eq!(snap[0].route, "c");
+        assert!(snap[0].codes.is_empty(), "{:?}", snap[0].codes);
+        assert_eq!(snap[0].latency[0].count(), 0);
+        assert_eq!(snap[1].codes, vec![(404, 1)]);
+        // A record caught changing is skipped, not shown half made.
+        let r = t.record(a);
+        r.seq.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(t.snapshot().len(), 1);
+        r.seq.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(t.snapshot().len(), 2);
     }
 
     #[test]

@@ -196,13 +196,14 @@ async fn serve(
             // The master published a new configuration: apply it now rather than on the
             // next request.
             _ = published.recv() => { w.live.current(); }
-            _ = term.recv() => { w.access_log.flush(); return Ok(()); }
-            _ = int.recv() => { w.access_log.flush(); return Ok(()); }
+            _ = term.recv() => { w.traffic.draining(); w.access_log.flush(); return Ok(()); }
+            _ = int.recv() => { w.traffic.draining(); w.access_log.flush(); return Ok(()); }
             _ = usr1.recv() => reopen_logs(&w),
         }
     }
     // Graceful: stop accepting, let connections finish, then exit.
     w.draining.store(true, Ordering::Relaxed);
+    w.traffic.draining();
     let _ = drain_tx.send(true);
     let deadline = Instant::now() + config.nginx_config.worker_shutdown_timeout;
     while s.active_connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {

@@ -10,6 +10,7 @@
 //! compared with what was compiled and applied the same way, as the changes it amounts to.
 
 use crate::router::{HostPattern, RouteEntry, Router};
+use crate::traffic::RecordCell;
 use crate::upstream::UpstreamRuntime;
 use crate::FastMap;
 use serde::de::DeserializeOwned;
@@ -369,7 +370,12 @@ impl Table {
     ) {
         // The new one first: an upstream runtime both use is kept, not dropped and made again.
         if let Some((revision, json)) = new {
-            let c = self.build().route(&key, revision, json);
+            // The route's traffic record goes on from revision to revision; a deleted route's
+            // is released when its last revision is dropped (`traffic.rs`).
+            let record = (old.as_ref().and_then(|o| o.entry.as_ref()))
+                .map(|e| e.traffic_record.clone())
+                .unwrap_or_default();
+            let c = self.build().route(&key, revision, json, record);
             a.compiled += 1;
             a.added.extend(c.entry.clone());
             self.routes.insert(key, c);
@@ -482,7 +488,7 @@ struct Build<'a> {
 
 impl Build<'_> {
     /// Compiles route `id` from its JSON, noting what it read.
-    fn route(&mut self, id: &str, rev: u64, json: Box<str>) -> CompiledRoute {
+    fn route(&mut self, id: &str, rev: u64, json: Box<str>, record: RecordCell) -> CompiledRoute {
         let mut c = CompiledRoute {
             revision: rev,
             json,
@@ -491,7 +497,12 @@ impl Build<'_> {
             upstream_key: None,
         };
         if let Some(route) = parse::<Route>("route", id, &c.json).filter(Route::enabled) {
-            c.entry = self.route_entry(id, rev, &route, &mut c).map(Arc::new);
+            c.entry = (self.route_entry(id, rev, &route, &mut c)).map(|e| {
+                Arc::new(RouteEntry {
+                    traffic_record: record,
+                    ..e
+                })
+            });
         }
         c
     }

@@ -64,9 +64,9 @@ pub struct RouteEntry {
     /// `enable_websocket` (the route's, else its service's): an `Upgrade` request is passed
     /// to the upstream and, once it answers 101, the connection becomes a tunnel.
     pub websocket: bool,
-    /// This worker's statistics record for the route (`traffic::Traffic`), found on its first
-    /// request so later ones skip the lookup by id.
-    pub traffic_record: std::sync::OnceLock<usize>,
+    /// This worker's statistics record for the route (`traffic::Traffic`), claimed on its
+    /// first request; shared by the route's revisions, released after the last.
+    pub traffic_record: crate::traffic::RecordCell,
 }
 
 /// What a request offers to be matched.
