@@ -957,8 +957,10 @@ fn edge_answers_match_envoy() {
 /// Envoy's contexts for call-outs and held headers: the answer to a call-out made from an
 /// HTTP context comes to its root context (`proxy_on_http_call_response(root, …)`, which the
 /// Go SDK requires), and the plugin then sets the HTTP context as effective to change the
-/// request (an id no live context has is refused, as proxy-wasm-cpp-host does); a plugin that pauses the headers of a request with a body may still change them
-/// in `proxy_on_request_body` until the upstream is contacted.
+/// request (an id no live context has is refused, as proxy-wasm-cpp-host does). Paused
+/// headers hold a request's body too, as Envoy holds it: the body callback runs once the
+/// call-out's answer resumed the stream, and may still change the headers until the upstream
+/// is contacted.
 #[test]
 fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
     let gw = Gateway::start();
@@ -994,12 +996,12 @@ fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
         (i32.const 1))
       (func (export "proxy_on_request_headers") (param $id i32) (param i32) (param $eos i32) (result i32)
         (global.set $http (local.get $id))
-        (if (local.get $eos)
-          (then (drop (call $call (i32.load (i32.const 300)) (i32.load (i32.const 304))
-                                  (i32.const 100) (i32.const 61) (i32.const 0) (i32.const 0)
-                                  (i32.const 0) (i32.const 0) (i32.const 2000) (i32.const 320))))
-          ;; a request with a body: a new authority now, one more header with the body
-          (else (drop (call $replace (i32.const 0) (i32.const 250) (i32.const 10) (i32.const 270) (i32.const 12)))))
+        (drop (call $call (i32.load (i32.const 300)) (i32.load (i32.const 304))
+                          (i32.const 100) (i32.const 61) (i32.const 0) (i32.const 0)
+                          (i32.const 0) (i32.const 0) (i32.const 2000) (i32.const 320)))
+        ;; a request with a body: a new authority now, one more header with the body
+        (if (i32.eqz (local.get $eos))
+          (then (drop (call $replace (i32.const 0) (i32.const 250) (i32.const 10) (i32.const 270) (i32.const 12)))))
         (i32.const 1))
       (func (export "proxy_on_http_call_response") (param $ctx i32) (param i32 i32 i32 i32)
         ;; an id no context has is refused (BadArgument), and the effective context stays
@@ -1034,6 +1036,7 @@ fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
     );
     let r = http("POST", &gw.url("/ctx"), &[], Some(b"some body"));
     assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["x-root"], "yes", "{}", r.text());
     assert_eq!(r.json()["headers"]["x-from-body"], "yes", "{}", r.text());
     // A `:authority` set with the headers survives the body callback's change.
     assert_eq!(r.json()["headers"]["host"], "internal.svc", "{}", r.text());
@@ -2219,8 +2222,9 @@ fn a_paused_request_survives_the_fault_that_discards_its_instance() {
 /// What a callback can do for another request it made effective, here from another request's
 /// headers callback: change the held request's headers (its paused stream is left with the
 /// VM) and resume it, as in Envoy, without touching its own request; setting its own context
-/// back gives it its own stream again. Response headers paused with a body to follow and
-/// nothing in flight go on to the body, as in Envoy.
+/// back gives it its own stream again. Paused headers hold the whole message, its body too,
+/// as Envoy holds it: the held request is a POST, and its body waits with it (it used to go
+/// on to the body callback, and so upstream, at once); so do paused response headers.
 #[test]
 fn another_requests_context_is_changed_and_resumed_through_its_paused_stream() {
     let (gw, app) = one_worker_and_app();
@@ -2267,7 +2271,7 @@ fn another_requests_context_is_changed_and_resumed_through_its_paused_stream() {
         );
     }
     let url = gw.url("/peer/held");
-    let held = std::thread::spawn(move || http("GET", &url, &[], None));
+    let held = std::thread::spawn(move || http("POST", &url, &[], Some(b"held body")));
     // Until the held request is parked, the other one finds no context to let go (its
     // effective context stays its own, and the write lands on itself): it is sent again.
     eventually(Duration::from_secs(5), "the held request let go", || {
@@ -2285,8 +2289,45 @@ fn another_requests_context_is_changed_and_resumed_through_its_paused_stream() {
         "{}",
         held.text()
     );
+    assert_eq!(held.json()["body_len"], 9, "{}", held.text());
+    // Response headers paused with nothing in flight and no one to resume them: held, body
+    // and all, until the pause_timeout (5 s) fails the request.
     let started = Instant::now();
     let r = get(&gw, "/peer/answer");
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        gw.error_log().contains("proxy_on_response_headers"),
+        "{}",
+        gw.error_log()
+    );
+}
+
+/// `proxy_get_status` answers as Envoy does without a gRPC call: Ok, code 0, no message (the
+/// Rust SDK's `get_grpc_status` panics on any other status).
+#[test]
+fn get_status_answers_ok_with_code_zero() {
+    let (gw, _app) = one_worker_and_app();
+    let wat = r#"(module
+      (import "env" "proxy_get_status" (func $status (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (i32.store (i32.const 400) (i32.const 7))
+        (i32.store (i32.const 408) (i32.const 7))
+        (i32.store8 (i32.const 500) (i32.add (i32.const 48) (call $status (i32.const 400) (i32.const 404) (i32.const 408))))
+        (i32.store8 (i32.const 501) (i32.add (i32.const 48) (i32.load (i32.const 400))))
+        (i32.store8 (i32.const 502) (i32.add (i32.const 48) (i32.load (i32.const 408))))
+        (drop (call $reply (i32.const 200) (i32.const 0) (i32.const 0) (i32.const 500) (i32.const 3)
+                           (i32.const 0) (i32.const 0) (i32.const -1)))
+        (i32.const 1)))"#;
+    wat_plugin_on_route(&gw, "status", wat, "/status");
+    let r = get(&gw, "/status");
+    assert_eq!((r.status, r.text().as_str()), (200, "000"));
 }

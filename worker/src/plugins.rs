@@ -541,15 +541,8 @@ impl Plugins {
             let (verdict, waited) = match settled(first, calls, false) {
                 Ok(verdict) => (verdict, Duration::ZERO),
                 Err((first, calls)) => {
-                    self.settle(
-                        active,
-                        first,
-                        calls,
-                        &mut req.stream,
-                        Phase::Request,
-                        !end_of_stream,
-                    )
-                    .await
+                    self.settle(active, first, calls, &mut req.stream, Phase::Request)
+                        .await
                 }
             };
             active.spent += nanos(lap(&mut started).saturating_sub(waited));
@@ -586,10 +579,7 @@ impl Plugins {
             };
             let (verdict, waited) = match settled(first, calls, true) {
                 Ok(verdict) => (verdict, Duration::ZERO),
-                Err((first, calls)) => {
-                    self.settle(a, first, calls, stream, Phase::Response, !end_of_stream)
-                        .await
-                }
+                Err((first, calls)) => self.settle(a, first, calls, stream, Phase::Response).await,
             };
             a.spent += nanos(lap(&mut started).saturating_sub(waited));
             match verdict {
@@ -602,7 +592,10 @@ impl Plugins {
 
     /// What a headers callback's outcome means for the request: a fault fails it (unless
     /// `fail_open`), a local reply answers it, a pause waits for the context's call-outs or
-    /// another callback's resume. `body_follows`: the headers did not end the message.
+    /// another callback's resume. Paused headers hold the whole message, its body included,
+    /// as Envoy holds it (proxy-wasm-cpp-host turns a headers callback's StopIteration into
+    /// StopAllIterationAndWatermark): no body callback runs until the stream is resumed, so
+    /// that a plugin holding a request (a rate limiter, an admission queue) holds a POST too.
     async fn settle(
         self: &Arc<Self>,
         a: &Active,
@@ -610,7 +603,6 @@ impl Plugins {
         calls: Vec<HttpCall>,
         stream: &mut Option<Box<Stream>>,
         phase: Phase,
-        body_follows: bool,
     ) -> (Verdict, Duration) {
         let p = &self.list[a.plugin];
         // Made on the first call-out: most callbacks dispatch none, and an empty set still
@@ -653,19 +645,6 @@ impl Plugins {
             }
             if goes_on(&o, matches!(phase, Phase::Response)) {
                 drop(mine);
-                return (Verdict::Continue, waited);
-            }
-            // Headers paused with a body to follow and no call-out in flight go on to the body,
-            // as Envoy passes the body to the filter that stopped the headers: a body callback
-            // (the SDKs' default continues; none exported is Continue) decides from there, and
-            // header changes still apply until the head is sent.
-            let idle = mine.as_ref().is_none_or(FuturesUnordered::is_empty);
-            if idle && body_follows {
-                tracing::debug!(
-                    "{}: paused the headers in {}; going on to the body",
-                    p.decl.name,
-                    phase.callback()
-                );
                 return (Verdict::Continue, waited);
             }
             // Paused: it waits for its call-outs' answers, or for another callback — a tick, a
