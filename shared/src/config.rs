@@ -74,13 +74,58 @@ impl Default for PrometheusAttr {
     }
 }
 
+/// A list of listen addresses, or one alone (a port, `"ip:port"` or `{ip, port}`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ListenAddr>, D::Error> {
+    use serde::de::value::{MapAccessDeserializer, StrDeserializer, U64Deserializer};
+    struct Listens;
+    impl<'de> serde::de::Visitor<'de> for Listens {
+        type Value = Vec<ListenAddr>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of listen addresses, or one")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut all = Vec::new();
+            while let Some(one) = seq.next_element()? {
+                all.push(one);
+            }
+            Ok(all)
+        }
+        fn visit_u64<E: serde::de::Error>(self, port: u64) -> Result<Self::Value, E> {
+            Ok(vec![ListenAddr::deserialize(U64Deserializer::<E>::new(
+                port,
+            ))?])
+        }
+        fn visit_i64<E: serde::de::Error>(self, port: i64) -> Result<Self::Value, E> {
+            let port = u64::try_from(port).map_err(|_| E::custom("a port is 1 to 65535"))?;
+            self.visit_u64(port)
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            Ok(vec![ListenAddr::deserialize(StrDeserializer::<E>::new(
+                text,
+            ))?])
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            Ok(vec![ListenAddr::deserialize(MapAccessDeserializer::new(
+                map,
+            ))?])
+        }
+    }
+    d.deserialize_any(Listens)
+}
+
 /// `apisix:` — the proxy listeners.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApisixSection {
-    /// `node_listen`: ports (`9080`) or `{ip, port}` items. Default `[9080]` on all addresses.
+    /// `node_listen`: ports (`9080`) or `{ip, port}` items, or one port alone as APISIX 2's
+    /// files write it (`node_listen: 9080`). Default `[9080]` on all addresses.
+    #[serde(deserialize_with = "one_or_many")]
     pub node_listen: Vec<ListenAddr>,
-    /// Accepted for compatibility with APISIX files; the Admin API is always enabled.
+    /// APISIX's switch for the Admin API: `true` only (every node serves it, on loopback by
+    /// default); `false` is refused rather than ignored.
     pub enable_admin: bool,
 }
 
@@ -163,7 +208,9 @@ impl<'de> Deserialize<'de> for ListenAddr {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeploymentSection {
-    /// Accepted for compatibility (`traditional`); wasmgate is always data plane + control plane.
+    /// APISIX's deployment role: only `traditional` (proxy and Admin API on every node) is
+    /// accepted; `data_plane` would leave an Admin API its operator expects off, so it is
+    /// refused rather than ignored.
     pub role: Option<String>,
     pub admin: AdminSection,
     /// When present, routes, services, upstreams and global rules live in etcd (cluster
@@ -600,6 +647,32 @@ impl GatewayConfig {
         let key_at = |n| [Key("deployment"), Key("admin"), Key("admin_key"), Item(n)];
         let etcd_at = |k| [Key("deployment"), Key("etcd"), Key(k)];
         let prom_at = |k| [Key("plugin_attr"), Key("prometheus"), Key(k)];
+        if !self.apisix.enable_admin {
+            return Err(err(
+                &[Key("apisix"), Key("enable_admin")],
+                "apisix.enable_admin: false is not supported: the Admin API is how `wasmgate \
+                 reload`, `status` and `tui` reach the master; keep it on loopback \
+                 (deployment.admin.admin_listen) to keep it private"
+                    .into(),
+            ));
+        }
+        if let Some(role) = self.deployment.role.as_deref() {
+            let why = match role {
+                "traditional" => None,
+                "data_plane" | "control_plane" => Some(format!(
+                    "deployment.role: {role} is not supported: every wasmgate node is \
+                     `traditional` (proxy and Admin API); nodes that share their routes take \
+                     them from deployment.etcd, each with its Admin API on loopback"
+                )),
+                other => Some(format!(
+                    "deployment.role: unknown role {other:?} (APISIX's are traditional, \
+                     data_plane, control_plane; wasmgate runs traditional)"
+                )),
+            };
+            if let Some(why) = why {
+                return Err(err(&[Key("deployment"), Key("role")], why));
+            }
+        }
         if self.apisix.node_listen.is_empty() {
             return Err(err(
                 &listen,
@@ -914,6 +987,27 @@ mod tests {
     fn missing_plugin_priority_is_named() {
         let y = "wasm:\n  plugins:\n    - name: a\n      file: a.wasm\n";
         assert_refused_at(y, 3, "priority");
+    }
+
+    #[test]
+    fn apisix_keys_that_would_turn_the_admin_api_off_are_refused_by_name() {
+        assert_refused_at(
+            "deployment:\n  role: data_plane\n",
+            2,
+            "data_plane is not supported",
+        );
+        assert_refused_at("deployment:\n  role: edge\n", 2, "unknown role \"edge\"");
+        assert_refused_at("apisix:\n  enable_admin: false\n", 2, "enable_admin: false");
+        let y = "deployment:\n  role: traditional\napisix:\n  enable_admin: true\n";
+        assert!(GatewayConfig::parse(y, "c.yaml").is_ok());
+    }
+
+    #[test]
+    fn one_listen_port_alone_as_apisix_2_writes_it() {
+        let c = GatewayConfig::parse("apisix:\n  node_listen: 9081\n", "c.yaml").unwrap();
+        assert_eq!(c.apisix.node_listen.len(), 1);
+        assert_eq!(c.apisix.node_listen[0].0.port(), 9081);
+        assert_refused_at("apisix:\n  node_listen: abc\n", 2, "node_listen");
     }
 
     #[test]
