@@ -4,6 +4,7 @@ mod common;
 
 use common::{admin, http, Gateway, TestUpstream, KEY, VIEWER_KEY};
 use serde_json::{json, Value};
+use std::time::Duration;
 
 /// The seed's call, verbatim apart from the upstream address, then a proxied request.
 #[test]
@@ -123,6 +124,18 @@ fn crud_for_every_resource() {
     );
     let (s, _) = gw.admin("DELETE", "/apisix/admin/services/s1", None);
     assert_eq!(s, 400);
+    // APISIX's `?force=true` deletes it all the same: the route's requests then get 503,
+    // with APISIX's error line.
+    let forced = format!("/apisix/admin/upstreams/{uid}?force=true");
+    let (s, v) = gw.admin("DELETE", &forced, None);
+    assert_eq!(s, 200, "{v}");
+    gw.wait_propagated();
+    let r = http("POST", &gw.url("/svc/a"), &[], Some(b"x"));
+    assert_eq!(r.status, 503, "{}", r.text());
+    common::eventually(Duration::from_secs(5), "the error line", || {
+        gw.error_log()
+            .contains("route r1: missing upstream configuration in Route or Service")
+    });
     let (s, v) = gw.admin("DELETE", "/apisix/admin/routes/r1", None);
     assert_eq!(s, 200);
     assert_eq!(v, json!({"deleted": "r1", "key": "/apisix/routes/r1"}));
@@ -130,7 +143,7 @@ fn crud_for_every_resource() {
     assert_eq!(
         gw.admin("DELETE", &format!("/apisix/admin/upstreams/{uid}"), None)
             .0,
-        200
+        404
     );
     assert_eq!(
         gw.admin("DELETE", "/apisix/admin/global_rules/g1", None).0,

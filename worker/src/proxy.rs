@@ -343,13 +343,23 @@ async fn serve_route(
     }
     let resp = match &route.upstream {
         None if route.is_unmatched() => not_found(),
-        None => because(
-            json_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "missing upstream configuration in Route or Service",
-            ),
-            AnswerDetails::of("cluster_not_found", flags::NO_CLUSTER_FOUND),
-        ),
+        None => {
+            // APISIX's error line for the same 503: the route names no upstream, or names an
+            // upstream object that was deleted (`DELETE …?force=true`).
+            let host = parts.headers.get(http::header::HOST);
+            tracing::error!(
+                "route {}: missing upstream configuration in Route or Service{}",
+                route.id,
+                upstream_context(client, parts, None, host)
+            );
+            because(
+                json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "missing upstream configuration in Route or Service",
+                ),
+                AnswerDetails::of("cluster_not_found", flags::NO_CLUSTER_FOUND),
+            )
+        }
         Some(up) => forward(w, up, (parts, route.websocket), body, client, up_log).await,
     };
     if let Some(shared) = wasm.as_ref() {

@@ -184,7 +184,12 @@ async fn dispatch(
             Ok(b) => objects::patch(m, kind, id, sub, b),
             Err(e) => return err(400, e),
         },
-        (&Method::DELETE, Some(id), None) => objects::delete(m, kind, id),
+        (&Method::DELETE, Some(id), None) => {
+            // APISIX's `?force=true`: deletes an upstream or service that routes still use
+            // (their requests then get 503, "missing upstream configuration").
+            let force = query.iter().any(|(n, v)| n == "force" && v == "true");
+            objects::delete(m, kind, id, force)
+        }
         _ => {
             // RFC 9110 §15.5.6: a 405 says what is allowed.
             let allow = match (id, sub) {

@@ -156,14 +156,21 @@ pub fn patch(m: &Master, kind: Kind, id: &str, sub_path: Option<&str>, body: Val
     write(m, &mut store, kind, id, merged, Some(revision))
 }
 
-/// DELETE, refused while another object still refers to this one.
-pub fn delete(m: &Master, kind: Kind, id: &str) -> Outcome {
+/// DELETE, refused while another object still refers to this one, unless `force` (APISIX's
+/// `?force=true`).
+pub fn delete(m: &Master, kind: Kind, id: &str, force: bool) -> Outcome {
     let mut store = m.store();
     if store.get(kind, id).is_none() {
         return not_found().into();
     }
-    if let Some(msg) = still_used(&store, kind, id) {
-        return error(400, msg).into();
+    match still_used(&store, kind, id) {
+        Some(msg) if !force => return error(400, msg).into(),
+        Some(msg) => tracing::warn!(
+            "admin: {} {id} deleted with force=true while in use: its users' requests get \
+             503 ({msg})",
+            kind.noun()
+        ),
+        None => {}
     }
     if m.etcd.is_some() {
         let id = id.to_string();
