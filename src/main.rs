@@ -1,6 +1,7 @@
 //! `wasmgate`: an API gateway that runs unmodified Proxy-Wasm plugins.
 //!
-//! `wasmgate start` runs the master (which execs `wasmgate worker` for each worker process);
+//! `wasmgate start` runs the master (which execs itself for each worker, titled `wasmgate:
+//! worker process`, with `WASMGATE_WORKER` set);
 //! `stop`, `reload` and `status` talk to a running master through its pid file and Admin API;
 //! `tui` is a terminal console on the Admin API (`wasmgate-tui`).
 
@@ -51,6 +52,8 @@ enum Command {
     Stop {
         #[command(flatten)]
         common: Common,
+        /// Stop accepting, let in-flight requests finish (up to worker_shutdown_timeout),
+        /// then exit: SIGQUIT, as `nginx -s quit`. Without it: SIGTERM, as `nginx -s stop`.
         #[arg(long)]
         graceful: bool,
     },
@@ -87,9 +90,6 @@ enum Command {
         #[arg(long)]
         key: Option<String>,
     },
-    /// Internal: a worker process, started by the master.
-    #[command(hide = true)]
-    Worker,
 }
 
 fn options(c: Common, foreground: bool) -> Options {
@@ -102,6 +102,10 @@ fn options(c: Common, foreground: bool) -> Options {
 }
 
 fn main() -> ExitCode {
+    // A worker the master started: its title is `wasmgate: worker process`, no arguments.
+    if std::env::var_os(wasmgate_shared::WORKER_ENV).is_some() {
+        return exit_code(wasmgate_worker::run());
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Start { common, foreground } => {
@@ -119,8 +123,11 @@ fn main() -> ExitCode {
         Command::Status { common } => wasmgate_master::cli::status(&options(common, false)),
         Command::Test { common } => test_config(&options(common, false)),
         Command::Tui { common, admin, key } => tui(&options(common, false), admin, key),
-        Command::Worker => wasmgate_worker::run(),
     };
+    exit_code(result)
+}
+
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -33,9 +33,33 @@ fn seed_route_is_created_and_proxied() {
     assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1");
 
     // Replacing is 200 and keeps create_time.
-    let (status, v2) = gw.admin("PUT", "/apisix/admin/routes/1", Some(body));
+    let (status, v2) = gw.admin("PUT", "/apisix/admin/routes/1", Some(body.clone()));
     assert_eq!(status, 200);
     assert_eq!(v2["value"]["create_time"], v["value"]["create_time"]);
+    // Timestamps the body gives are kept, as APISIX keeps them (a restored export keeps its
+    // dates); a PATCH without update_time sets it to now.
+    let mut dated = body.clone();
+    dated["create_time"] = json!(1_600_000_000u64);
+    dated["update_time"] = json!(1_600_000_001u64);
+    let (status, v3) = gw.admin("PUT", "/apisix/admin/routes/dated", Some(dated));
+    assert_eq!(status, 201, "{v3}");
+    assert_eq!(v3["value"]["create_time"], 1_600_000_000u64);
+    assert_eq!(v3["value"]["update_time"], 1_600_000_001u64);
+    let (status, v4) = gw.admin(
+        "PATCH",
+        "/apisix/admin/routes/dated",
+        Some(json!({"name": "d"})),
+    );
+    assert_eq!(status, 200, "{v4}");
+    assert_eq!(v4["value"]["create_time"], 1_600_000_000u64);
+    assert!(
+        v4["value"]["update_time"].as_u64() > Some(1_700_000_000),
+        "{v4}"
+    );
+    assert_eq!(
+        gw.admin("DELETE", "/apisix/admin/routes/dated", None).0,
+        200
+    );
 
     let r = http("GET", &gw.url("/nothing-here"), &[], None);
     assert_eq!(r.status, 404);

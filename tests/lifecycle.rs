@@ -322,6 +322,19 @@ fn a_reload_moves_the_admin_api_the_pid_file_and_the_error_log() {
     assert_eq!(pid_file("logs/wasmgate.pid"), None);
     let (ok, out, err) = cli(&["status"], gw.prefix());
     assert!(ok && out.contains(&pid), "{out}{err}");
+    // A row per worker, with what operations.md says it shows: connections, faults, RSS.
+    let header = out
+        .lines()
+        .find(|l| l.starts_with("WORKER"))
+        .unwrap_or_default();
+    assert!(header.ends_with("REQUESTS  CONNS  FAULTS  RSS"), "{out}");
+    let rows: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("WORKER"))
+        .skip(1)
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(rows.iter().all(|r| r.trim_end().ends_with('M')), "{out}");
 
     // Another config naming the same data directory (and its own pid file and ports).
     let other = moved

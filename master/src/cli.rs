@@ -377,8 +377,19 @@ fn render_status(v: &serde_json::Value, pid_file: &str) -> String {
         ));
     }
     out.push_str(&format!(
-        "{:<7} {:<5} {:<8} {:<9} {:<6} {:<9} {:<9} {:<10} {:<9}\n",
-        "WORKER", "SLOT", "PID", "STATE", "EPOCH", "UPTIME", "RESTARTS", "GENERATION", "REQUESTS"
+        "{:<7} {:<5} {:<8} {:<9} {:<6} {:<9} {:<9} {:<10} {:<9} {:<6} {:<7} {}\n",
+        "WORKER",
+        "SLOT",
+        "PID",
+        "STATE",
+        "EPOCH",
+        "UPTIME",
+        "RESTARTS",
+        "GENERATION",
+        "REQUESTS",
+        "CONNS",
+        "FAULTS",
+        "RSS"
     ));
     let text = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => s.clone(),
@@ -386,7 +397,7 @@ fn render_status(v: &serde_json::Value, pid_file: &str) -> String {
     };
     for w in v["workers"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "{:<7} {:<5} {:<8} {:<9} {:<6} {:<9} {:<9} {:<10} {:<9}\n",
+            "{:<7} {:<5} {:<8} {:<9} {:<6} {:<9} {:<9} {:<10} {:<9} {:<6} {:<7} {}\n",
             text(&w["worker_id"]),
             text(&w["slot"]),
             text(&w["pid"]),
@@ -395,10 +406,18 @@ fn render_status(v: &serde_json::Value, pid_file: &str) -> String {
             format!("{}s", text(&w["uptime_s"])),
             text(&w["restarts"]),
             text(&w["generation_seen"]),
-            text(&w["requests"])
+            text(&w["requests"]),
+            text(&w["active_connections"]),
+            text(&w["plugin_faults"]),
+            w["rss_bytes"].as_u64().map_or("-".into(), mebibytes),
         ));
     }
     out
+}
+
+/// `12.3M`, as `ps` and `top` show memory.
+fn mebibytes(bytes: u64) -> String {
+    format!("{:.1}M", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// The first usable key: configured, or generated and stored under the data directory.

@@ -46,6 +46,7 @@ struct Signals {
     /// nginx's binary switch, which wasmgate does not have: logged, not fatal (its default
     /// action would end the master and, with it, every worker).
     usr2: tokio::signal::unix::Signal,
+    winch: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -57,6 +58,7 @@ impl Signals {
             quit: signal(SignalKind::quit())?,
             usr1: signal(SignalKind::user_defined1())?,
             usr2: signal(SignalKind::user_defined2())?,
+            winch: signal(SignalKind::window_change())?,
         })
     }
 }
@@ -226,6 +228,7 @@ impl Loop {
             mut quit,
             mut usr1,
             mut usr2,
+            mut winch,
         } = self.signals.take().context("main loop started twice")?;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut control = self.control.take().context("main loop started twice")?;
@@ -244,6 +247,12 @@ impl Loop {
                     tracing::warn!(
                         "SIGUSR2 ignored: there is no binary switch; upgrade with \
                          `wasmgate stop --graceful` then `wasmgate start` (docs/operations.md)"
+                    );
+                }
+                _ = winch.recv() => {
+                    tracing::warn!(
+                        "SIGWINCH ignored: the master does not stop its workers on it as \
+                         nginx's does; stop gracefully with SIGQUIT (`wasmgate stop --graceful`)"
                     );
                 }
                 _ = usr1.recv() => {

@@ -342,8 +342,9 @@ impl SpawnCtx {
         fds.push(self.plugin_shm.as_raw_fd());
         let master_pid = std::process::id() as libc::pid_t;
         let mut cmd = tokio::process::Command::new(worker_exe());
+        // Told by the environment, not an argument, so that `ps` shows nginx's title alone.
         cmd.arg0("wasmgate: worker process")
-            .arg("worker")
+            .env(wasmgate_shared::WORKER_ENV, "1")
             .stdin(Stdio::piped())
             .kill_on_drop(false);
         // SAFETY: the closure runs in the forked child before exec and only calls

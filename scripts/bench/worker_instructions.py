@@ -133,7 +133,7 @@ def main():
         time.sleep(2)
         worker = None
         for _ in range(100):
-            ps = subprocess.run(["pgrep", "-f", f"valgrind.*{re.escape(binary)} worker"], capture_output=True, text=True).stdout.split()
+            ps = subprocess.run(["pgrep", "-f", f"valgrind.*{re.escape(binary)}( worker)?$"], capture_output=True, text=True).stdout.split()
             if ps:
                 worker = ps[0]
                 break

@@ -11,6 +11,10 @@
 //!   and the per-worker status slots;
 //! - [`units`]: durations and sizes written the nginx way (`60s`, `1m`).
 
+/// Set in a worker's environment by the master that starts it (`wasmgate: worker process`,
+/// no arguments, as nginx's workers show in `ps`).
+pub const WORKER_ENV: &str = "WASMGATE_WORKER";
+
 pub mod alloc;
 pub mod config;
 pub mod logformat;

@@ -140,6 +140,8 @@ pub fn patch(m: &Master, kind: Kind, id: &str, sub_path: Option<&str>, body: Val
         None => return not_found().into(),
     };
     let mut merged = current;
+    // APISIX's rule: a PATCH sets `update_time` to now unless it gives one itself.
+    let keeps_update_time = sub_path.is_none() && body.get("update_time").is_some();
     match sub_path {
         Some(path) => {
             if let Err(e) = set_path(&mut merged, path, body) {
@@ -151,6 +153,11 @@ pub fn patch(m: &Master, kind: Kind, id: &str, sub_path: Option<&str>, body: Val
                 return error(400, "invalid configuration: the body must be a JSON object").into();
             }
             merge_patch(&mut merged, body);
+        }
+    }
+    if !keeps_update_time {
+        if let Some(obj) = merged.as_object_mut() {
+            obj.remove("update_time");
         }
     }
     write(m, &mut store, kind, id, merged, Some(revision))
@@ -278,12 +285,20 @@ fn write(
     let t = now();
     let obj = body.as_object_mut().expect("validated as an object");
     obj.insert("id".into(), Value::String(id.to_string()));
-    let create_time = existing
-        .as_ref()
-        .and_then(|e| e.value.get("create_time").cloned())
+    // Timestamps the body gives are kept, as APISIX keeps them (an export restored keeps its
+    // dates); else a create_time stays what it was, and update_time is now.
+    let given =
+        |obj: &serde_json::Map<String, Value>, k: &str| obj.get(k).filter(|v| v.is_u64()).cloned();
+    let create_time = given(obj, "create_time")
+        .or_else(|| {
+            existing
+                .as_ref()
+                .and_then(|e| e.value.get("create_time").cloned())
+        })
         .unwrap_or(json!(t));
+    let update_time = given(obj, "update_time").unwrap_or(json!(t));
     obj.insert("create_time".into(), create_time);
-    obj.insert("update_time".into(), json!(t));
+    obj.insert("update_time".into(), update_time);
     let revision = store.next_revision();
     let stored = Stored {
         value: body,
