@@ -11,6 +11,48 @@ fn access_log(gw: &Gateway) -> String {
     std::fs::read_to_string(gw.prefix().join("logs/access.log")).unwrap_or_default()
 }
 
+/// nginx's request variables in the access-log format: `$http_<field>` as sent (`$http_host`
+/// keeps its case and port, where `$host` is the routing host), `$arg_<name>`, `$cookie_<name>`,
+/// `$remote_user` from Basic credentials, and what went upstream — APISIX's own default format
+/// ends with `"$upstream_scheme://$upstream_host$upstream_uri"`.
+#[test]
+fn request_variables_in_the_access_log_format() {
+    let up = TestUpstream::start("u");
+    let format = "$remote_user|$http_host|$host|$arg_page|$cookie_sid|$http_x_trace|\
+                  $upstream_scheme://$upstream_host$upstream_uri|$uri|$args|$server_protocol|$scheme";
+    let gw = Gateway::start_with(Setup {
+        http_extra: vec![format!("access_log_format: \"{format}\"")],
+        workers: 1,
+        ..Setup::default()
+    });
+    gw.route("vars", json!({"uri": "/vars/*"}), Some(&up));
+    let r = http(
+        "GET",
+        &gw.url("/vars/x?page=2&b=1"),
+        &[
+            ("Host", "Example.COM:8443"),
+            ("Cookie", "a=1; sid=s9"),
+            ("X-Trace", "t1"),
+            // bob:pw
+            ("Authorization", "Basic Ym9iOnB3"),
+        ],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = http("GET", &gw.url("/nowhere"), &[], None);
+    assert_eq!(r.status, 404);
+    eventually(Duration::from_secs(5), "access log lines", || {
+        let log = access_log(&gw);
+        log.contains(
+            "bob|Example.COM:8443|example.com|2|s9|t1|\
+             http://Example.COM:8443/vars/x?page=2&b=1|/vars/x|page=2&b=1|HTTP/1.1|http\n",
+        ) && log.contains(&format!(
+            "-|127.0.0.1:{}|127.0.0.1|-|-|-|-://--|/nowhere|-|HTTP/1.1|http\n",
+            gw.proxy_port
+        ))
+    });
+}
+
 /// A request without `X-Request-Id` gets one, seen by the upstream, the client, plugins and
 /// the access log; a client's own id is kept.
 #[test]

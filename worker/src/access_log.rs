@@ -23,6 +23,9 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
 pub struct AccessLog {
     format: LogFormat,
+    /// The format shows what went upstream (`$upstream_host`, `$upstream_uri`): only then is
+    /// it kept for each request.
+    pub upstream_target: bool,
     file: Option<Mutex<File>>,
     path: Option<std::path::PathBuf>,
     buf: Mutex<Vec<u8>>,
@@ -31,18 +34,23 @@ pub struct AccessLog {
 /// The fields of one line.
 pub struct Entry<'a> {
     pub remote_addr: &'a str,
+    pub remote_port: u16,
+    /// nginx's `$host`: the request's host, lower-cased, without its port.
     pub host: &'a str,
     pub request_line: &'a str,
     pub status: u16,
     pub body_bytes_sent: u64,
     pub request_time: Duration,
-    pub referer: &'a str,
-    pub user_agent: &'a str,
     pub upstream_addr: &'a str,
     pub upstream_status: Option<u16>,
     pub upstream_time: Option<Duration>,
+    /// The `Host` and target the last attempt sent upstream (when the format shows them).
+    pub upstream_host: &'a str,
+    pub upstream_uri: &'a str,
     pub route_id: &'a str,
     pub request_id: &'a str,
+    /// The format's [`wasmgate_shared::logformat::Capture`]s, read off the request's head.
+    pub captured: &'a [String],
 }
 
 impl AccessLog {
@@ -73,11 +81,17 @@ impl AccessLog {
             (Some(Mutex::new(f)), Some(path))
         };
         Ok(AccessLog {
+            upstream_target: format.uses(&["upstream_host", "upstream_uri"]),
             format,
             file,
             path,
             buf: Mutex::new(Vec::with_capacity(FLUSH_AT * 2)),
         })
+    }
+
+    /// What a line shows: the request's captures are read with its head.
+    pub fn format(&self) -> &LogFormat {
+        &self.format
     }
 
     /// Whether lines are written (not `off`).
@@ -89,40 +103,49 @@ impl AccessLog {
         if self.file.is_none() {
             return;
         }
-        let line = self.format.render(|var| match var {
-            "remote_addr" => e.remote_addr.to_string(),
-            "remote_user" => String::new(),
-            "time_local" => chrono::Local::now()
-                .format("%d/%b/%Y:%H:%M:%S %z")
-                .to_string(),
-            "time_iso8601" => chrono::Local::now()
-                .format("%Y-%m-%dT%H:%M:%S%:z")
-                .to_string(),
-            "msec" => {
-                let d = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default();
-                format!("{}.{:03}", d.as_secs(), d.subsec_millis())
-            }
-            "http_host" => e.host.to_string(),
-            "request" => e.request_line.to_string(),
-            "request_method" => e.request_line.split(' ').next().unwrap_or("").to_string(),
-            "request_uri" => e.request_line.split(' ').nth(1).unwrap_or("").to_string(),
-            "status" => e.status.to_string(),
-            "body_bytes_sent" => e.body_bytes_sent.to_string(),
-            "request_time" => format!("{:.3}", e.request_time.as_secs_f64()),
-            "http_referer" => e.referer.to_string(),
-            "http_user_agent" => e.user_agent.to_string(),
-            "upstream_addr" => e.upstream_addr.to_string(),
-            "upstream_status" => e.upstream_status.map(|s| s.to_string()).unwrap_or_default(),
-            "upstream_response_time" => e
-                .upstream_time
-                .map(|t| format!("{:.3}", t.as_secs_f64()))
-                .unwrap_or_default(),
-            "route_id" | "apisix_route_id" => e.route_id.to_string(),
-            "request_id" => e.request_id.to_string(),
-            _ => String::new(),
-        });
+        let target = e.request_line.split(' ').nth(1).unwrap_or("");
+        let line = self.format.render(
+            |var| match var {
+                "remote_addr" => e.remote_addr.to_string(),
+                "remote_port" => e.remote_port.to_string(),
+                "time_local" => chrono::Local::now()
+                    .format("%d/%b/%Y:%H:%M:%S %z")
+                    .to_string(),
+                "time_iso8601" => chrono::Local::now()
+                    .format("%Y-%m-%dT%H:%M:%S%:z")
+                    .to_string(),
+                "msec" => {
+                    let d = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+                }
+                "host" => e.host.to_string(),
+                "request" => e.request_line.to_string(),
+                "request_method" => e.request_line.split(' ').next().unwrap_or("").to_string(),
+                "request_uri" => target.to_string(),
+                "uri" => target.split('?').next().unwrap_or("").to_string(),
+                "args" => target.split_once('?').map_or("", |(_, q)| q).to_string(),
+                "server_protocol" => e.request_line.rsplit(' ').next().unwrap_or("").to_string(),
+                "scheme" => "http".into(),
+                "status" => e.status.to_string(),
+                "body_bytes_sent" => e.body_bytes_sent.to_string(),
+                "request_time" => format!("{:.3}", e.request_time.as_secs_f64()),
+                "upstream_addr" => e.upstream_addr.to_string(),
+                "upstream_status" => e.upstream_status.map(|s| s.to_string()).unwrap_or_default(),
+                "upstream_response_time" => e
+                    .upstream_time
+                    .map(|t| format!("{:.3}", t.as_secs_f64()))
+                    .unwrap_or_default(),
+                "upstream_scheme" if !e.upstream_addr.is_empty() => "http".into(),
+                "upstream_host" => e.upstream_host.to_string(),
+                "upstream_uri" => e.upstream_uri.to_string(),
+                "route_id" | "apisix_route_id" => e.route_id.to_string(),
+                "request_id" => e.request_id.to_string(),
+                _ => String::new(),
+            },
+            e.captured,
+        );
         let full = {
             let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
             buf.extend_from_slice(line.as_bytes());

@@ -14,7 +14,7 @@
 //! 6. **log** — when the response body ends (or the client leaves), the access-log line is
 //!    written and the upstream node's active count is released.
 
-use crate::access_log::Entry;
+use crate::access_log::{AccessLog, Entry};
 use crate::body::{self, Observed, ProxyBody};
 use crate::live::Compiled;
 use crate::plugins::{Active, Dir, Verdict, WasmRequest};
@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmgate_http1::codec::{SetField, SetFields};
 use wasmgate_http1::request::{host_name, normalized_path, resolve_path};
+use wasmgate_shared::logformat;
 use wasmgate_shared::model::{HashOn, PassHost};
 use wasmgate_shared::traffic::Observation;
 use wasmgate_wasm::{flags, AnswerDetails, Downstream, Head, Stream, Totals};
@@ -57,6 +58,10 @@ struct UpstreamLog {
     answered: Option<Instant>,
     /// The node counted busy until the request ends (least_conn).
     active: Option<Busy>,
+    /// The `Host` and target the last attempt sent (`$upstream_host`, `$upstream_uri`): kept
+    /// only when the access log's format shows them.
+    host: Option<HeaderValue>,
+    uri: Option<http::Uri>,
 }
 
 /// The client of a connection: its address, and the address as header text (`X-Real-IP`,
@@ -108,7 +113,7 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) ->
     let (mut parts, body) = req.into_parts();
     // Boxed: it goes on to the log phase's closure, and moving it (some 300 bytes) from the
     // request's future into the body wrapper took several copies per request.
-    let mut log = Box::new(LogInfo::new(&parts, peer, w.access_log.enabled()));
+    let mut log = Box::new(LogInfo::new(&parts, peer, &w.access_log));
     log.request_id = request_id(&mut parts.headers);
     log.head_bytes = head_size(&parts) as u64;
     log.abandoned = Some(w.clone());
@@ -733,6 +738,9 @@ async fn forward(
         let request = (&*parts, &set[..], upgrade.is_some());
         // Recorded before the wait: a request its client abandons names its node too.
         log.addrs.push(authority.clone());
+        if w.access_log.upstream_target {
+            (log.host, log.uri) = (host.clone(), Some(parts.uri.clone()));
+        }
         match send(w, conn, request, (b, no_body), &authority, up).await {
             Exchange::Response(resp) => {
                 log.status = Some(resp.status().as_u16());
@@ -1238,10 +1246,11 @@ pub fn answer_fields(
 struct LogInfo {
     started: Instant,
     remote: String,
+    remote_port: u16,
     host: HostName,
     request_line: String,
-    referer: String,
-    user_agent: String,
+    /// The access log format's captures (`$http_user_agent`, …), read off the head.
+    captured: Vec<String>,
     /// The matched route, if any.
     route: Option<Arc<RouteEntry>>,
     request_id: Option<HeaderValue>,
@@ -1264,16 +1273,17 @@ impl Drop for LogInfo {
 }
 
 impl LogInfo {
-    /// `full`: the access log is on, so the request line and the headers it shows are kept
-    /// (formatting them costs every request otherwise).
-    fn new(parts: &http::request::Parts, peer: SocketAddr, full: bool) -> LogInfo {
-        // Text that is not ASCII (a UTF-8 `User-Agent`) is kept, bytes that are not UTF-8 shown
-        // as U+FFFD; the log's writer escapes what could forge a line.
-        let header = |n: header::HeaderName| match full {
-            true => parts.headers.get(n).map_or_else(String::new, |v| {
-                String::from_utf8_lossy(v.as_bytes()).into()
-            }),
-            false => String::new(),
+    /// With the access log on, the request line and what its format reads off the head are
+    /// kept (formatting them costs every request otherwise). Text that is not ASCII (a UTF-8
+    /// `User-Agent`) is kept, bytes that are not UTF-8 shown as U+FFFD; the log's writer
+    /// escapes what could forge a line.
+    fn new(parts: &http::request::Parts, peer: SocketAddr, log: &AccessLog) -> LogInfo {
+        let full = log.enabled();
+        let captured = match full {
+            true => (log.format().captures.iter())
+                .map(|c| logformat::captured(c, &parts.headers, parts.uri.query()))
+                .collect(),
+            false => Vec::new(),
         };
         let request_line = match full {
             true => format!(
@@ -1291,10 +1301,10 @@ impl LogInfo {
             } else {
                 String::new()
             },
+            remote_port: peer.port(),
             host: request_host(parts),
             request_line,
-            referer: header(header::REFERER),
-            user_agent: header(header::USER_AGENT),
+            captured,
             route: None,
             request_id: None,
             upstream: UpstreamLog::default(),
@@ -1390,24 +1400,27 @@ fn record(w: &Worker, log: &LogInfo, (status, sent): (u16, u64), ingress: u64, t
     if !w.access_log.enabled() {
         return;
     }
+    let upstream_uri = up.uri.as_ref().and_then(|u| u.path_and_query());
     w.access_log.log(&Entry {
         remote_addr: &log.remote,
+        remote_port: log.remote_port,
         host: log.host.as_str(),
         request_line: &log.request_line,
         status,
         body_bytes_sent: sent,
         request_time: took,
-        referer: &log.referer,
-        user_agent: &log.user_agent,
         upstream_addr: &up.addrs.join(", "),
         upstream_status: up.status,
         upstream_time: up.time,
+        upstream_host: up.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
+        upstream_uri: upstream_uri.map_or("", |p| p.as_str()),
         route_id: log.route.as_ref().map_or("", |r| &r.id),
         request_id: log
             .request_id
             .as_ref()
             .and_then(|v| v.to_str().ok())
             .unwrap_or(""),
+        captured: &log.captured,
     });
 }
 
@@ -1472,18 +1485,20 @@ pub fn log_refused(w: &Worker, peer: std::net::SocketAddr, status: u16, sent: u6
     }
     w.access_log.log(&Entry {
         remote_addr: &peer.ip().to_string(),
+        remote_port: peer.port(),
         host: "",
         request_line: "",
         status,
         body_bytes_sent: sent,
         request_time: Duration::ZERO,
-        referer: "",
-        user_agent: "",
         upstream_addr: "",
         upstream_status: None,
         upstream_time: None,
+        upstream_host: "",
+        upstream_uri: "",
         route_id: "",
         request_id: "",
+        captured: &[],
     });
 }
 
