@@ -358,6 +358,13 @@ fn a_reload_moves_the_admin_api_the_pid_file_and_the_error_log() {
         err.contains(&format!("already running (pid {pid}, config")),
         "{err}"
     );
+    // As nginx's [emerg] lines: in the error log too, for starts run by scripts.
+    let moved_log = std::fs::read_to_string(gw.prefix().join("logs/moved.log")).unwrap();
+    let emerg = common::log_lines(&moved_log, "[emerg]").join("\n");
+    assert!(
+        emerg.contains("#master: start refused: wasmgate is already running"),
+        "{emerg}"
+    );
     // Nor does a command run with that configuration act on this master.
     let (ok, out, err) = cli(&["stop", "-c", "conf/other.yaml"], gw.prefix());
     assert!(!ok && err.contains("was started with"), "{out}{err}");

@@ -330,8 +330,52 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
         ..opts
     };
     let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
-    install_example_plugin(&loaded, &opts)?;
-    let plugins = compile_plugins(&loaded, &opts).map_err(anyhow::Error::msg)?;
+    let log_path = opts.resolve(&loaded.config.nginx_config.error_log);
+    let (parts, pid_path) = prepare(&opts, loaded).inspect_err(|e| emerg(&log_path, e))?;
+    // Everything that can fail because of the user's input has been checked above, while
+    // errors still reach the terminal; what fails later is reported through `readiness`.
+    let mut readiness = if opts.foreground {
+        daemon::Readiness(None)
+    } else {
+        daemon::daemonize()?
+    };
+    let result = serve(&opts, parts, &pid_path, &log_path, &mut readiness);
+    if let Err(e) = &result {
+        readiness.failed(&format!("{e:#}"));
+        tracing::error!("master stopped on error: {e:#}");
+    }
+    cli::remove_pid_file(&pid_path);
+    result
+}
+
+/// A start refused before the master runs goes to the error log too, as nginx writes its
+/// `[emerg]` lines there as well as to the terminal: a start run by a script leaves a trace
+/// where the operator looks. Best effort: a log that cannot be written is the terminal's
+/// message alone.
+fn emerg(log_path: &Path, e: &anyhow::Error) {
+    use std::io::Write;
+    let prefix = wasmgate_shared::logging::line_prefix("emerg", "master");
+    let line = format!("{prefix}start refused: {e:#}\n");
+    let file = log_path
+        .parent()
+        .map(std::fs::create_dir_all)
+        .and_then(|_| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log_path)
+                .ok()
+        });
+    if let Some(mut f) = file {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+/// Everything `start` checks and opens before daemonizing: the plugins compiled, the store
+/// read, the listeners bound.
+fn prepare(opts: &Options, loaded: LoadedConfig) -> anyhow::Result<(Parts, std::path::PathBuf)> {
+    install_example_plugin(&loaded, opts)?;
+    let plugins = compile_plugins(&loaded, opts).map_err(anyhow::Error::msg)?;
     let cfg = &loaded.config;
     let pid_path = opts.resolve(&cfg.wasmgate.pid_file);
     if let Some(pid) = cli::running_pid(&pid_path) {
@@ -382,17 +426,9 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
             )
         })?),
     };
-    let log_path = opts.resolve(&cfg.nginx_config.error_log);
     if let Some(d) = pid_path.parent() {
         std::fs::create_dir_all(d)?;
     }
-    // Everything that can fail because of the user's input has been checked above, while
-    // errors still reach the terminal; what fails later is reported through `readiness`.
-    let mut readiness = if opts.foreground {
-        daemon::Readiness(None)
-    } else {
-        daemon::daemonize()?
-    };
     let parts = Parts {
         loaded,
         store,
@@ -404,13 +440,7 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
         etcd,
         notes,
     };
-    let result = serve(&opts, parts, &pid_path, &log_path, &mut readiness);
-    if let Err(e) = &result {
-        readiness.failed(&format!("{e:#}"));
-        tracing::error!("master stopped on error: {e:#}");
-    }
-    cli::remove_pid_file(&pid_path);
-    result
+    Ok((parts, pid_path))
 }
 
 /// What `start` prepared before daemonizing.

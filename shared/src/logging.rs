@@ -34,11 +34,16 @@ where
             Level::INFO => "info",
             Level::DEBUG | Level::TRACE => "debug",
         };
-        let now = chrono::Local::now().format("%Y/%m/%d %H:%M:%S");
-        write!(w, "{now} [{level}] {}#{}: ", std::process::id(), self.role)?;
+        write!(w, "{}", line_prefix(level, &self.role))?;
         ctx.format_fields(w.by_ref(), event)?;
         writeln!(w)
     }
+}
+
+/// The start of an error-log line, as nginx writes it: `2026/12/06 09:00:00 [warn] 123#master: `.
+pub fn line_prefix(level: &str, role: &str) -> String {
+    let now = chrono::Local::now().format("%Y/%m/%d %H:%M:%S");
+    format!("{now} [{level}] {}#{role}: ", std::process::id())
 }
 
 /// Installs the global logger writing to `path` (created if needed) at `level`; with
