@@ -296,6 +296,15 @@ fn keepalive_and_header_timeouts_are_separate() {
         waited < Duration::from_millis(2500),
         "an unfinished head kept for {waited:?}"
     );
+    // Closed without an answer, and logged as nginx logs it: 408.
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    common::eventually(Duration::from_secs(5), "the 408 logged", || {
+        let log = std::fs::read_to_string(gw.prefix().join("logs/access.log")).unwrap_or_default();
+        log.lines().any(|l| l.contains("\"-\" 408 0 "))
+            && gw
+                .error_log()
+                .contains("client timed out while reading client request headers")
+    });
 
     let config = std::fs::read_to_string(gw.config_path()).unwrap();
     std::fs::write(

@@ -87,6 +87,14 @@ async fn connection(
         let head = match waiting.next(&conn, w.max_header_size).await {
             Ok(head) => head,
             Err(h1::NoHead::Closed) => return,
+            Err(h1::NoHead::TimedOut) => {
+                // nginx's way: logged as 408, the connection closed without an answer.
+                tracing::info!(
+                    "client timed out while reading client request headers, client: {peer}"
+                );
+                proxy::log_refused(&w, peer, 408, 0);
+                return;
+            }
             Err(h1::NoHead::Refused(why)) => {
                 if let h1::Refusal::Bad(why) = why {
                     tracing::info!("bad request from {peer}: {why}");
@@ -255,7 +263,10 @@ impl<'a> HeadWait<'a> {
             }
             while self.timer.as_mut().poll(cx).is_ready() {
                 if tokio::time::Instant::now() >= limit {
-                    return Poll::Ready(Err(h1::NoHead::Closed));
+                    return Poll::Ready(Err(match conn.nothing_buffered() {
+                        true => h1::NoHead::Closed,
+                        false => h1::NoHead::TimedOut,
+                    }));
                 }
                 self.timer.as_mut().reset(limit);
             }

@@ -108,8 +108,10 @@ impl Inbound {
 
 /// Why waiting for a request head ended without one.
 pub enum NoHead {
-    /// The client closed, or the connection failed.
+    /// The client closed, or the connection failed, or it stayed idle past its timeout.
     Closed,
+    /// `client_header_timeout` ran out with part of a head read (nginx's 408).
+    TimedOut,
     Refused(Refusal),
 }
 
