@@ -291,9 +291,10 @@ fn prefix_and_disabled_export_server() {
 }
 
 /// Routes created and deleted through the Admin API for as long as a worker lives: a deleted
-/// route's series end once its requests are counted, and its record is taken by the next
-/// route, so that a worker that saw more routes come and go than its table holds (1 024)
-/// still counts each live route under its own id — not under `route="*"`.
+/// route's series end once its requests are counted, and its records (route traffic, its
+/// plugin's context) are taken by the next route, so that a worker that saw more routes come
+/// and go than its tables hold (1 024 routes, 512 plugin contexts) still counts each live
+/// route under its own id — not under `route="*"`, and not left out.
 #[test]
 fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
     let gw = Gateway::start_with(common::Setup {
@@ -302,11 +303,12 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
     });
     let app = TestUpstream::start("app");
     let upstream = json!({"type": "roundrobin", "nodes": {app.addr(): 1}});
+    let plugin = json!({"rewrite": {"conf": json!({"response_set": {"x-n": "1"}}).to_string()}});
     let mut client = common::client::KeepAlive::new(&gw.url("/"));
     let started = std::time::Instant::now();
     let routes = wasmgate_shared::traffic::ROUTES_PER_SLOT + 100;
     for i in 0..routes {
-        let body = json!({"uri": format!("/r/{i}"), "upstream": upstream});
+        let body = json!({"uri": format!("/r/{i}"), "upstream": upstream, "plugins": plugin});
         let (s, v) = gw.admin("PUT", &format!("/apisix/admin/routes/r{i}"), Some(body));
         assert!(s == 200 || s == 201, "route r{i}: {s} {v}");
         let r = client.get(&format!("/r/{i}")).unwrap();
@@ -314,8 +316,11 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
         if i % 200 == 0 {
             // The series of a live route, before it goes.
             let page = scrape(&gw).0;
-            let code = [("code", "200"), ("route", &format!("r{i}") as &str)];
+            let id = format!("r{i}");
+            let code = [("code", "200"), ("route", id.as_str())];
             assert_eq!(page.value("apisix_http_status_total", &code), 1.0);
+            let ctx = [("plugin", "rewrite"), ("owner_id", id.as_str())];
+            assert_eq!(page.value("apisix_wasm_plugin_requests_total", &ctx), 1.0);
         }
         let (s, v) = gw.admin("DELETE", &format!("/apisix/admin/routes/r{i}"), None);
         assert_eq!(s, 200, "delete r{i}: {v}");
@@ -324,7 +329,11 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
         "{routes} routes created, served and deleted in {:?}",
         started.elapsed()
     );
-    gw.route("last", json!({"uri": "/last"}), Some(&app));
+    gw.route(
+        "last",
+        json!({"uri": "/last", "plugins": plugin}),
+        Some(&app),
+    );
     for _ in 0..3 {
         assert_eq!(client.get("/last").unwrap().status, 200);
     }
@@ -339,6 +348,24 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
         named.len(),
         1,
         "only the live route has a series: {named:?}"
+    );
+    let ctx = [("plugin", "rewrite"), ("owner_id", "last")];
+    assert_eq!(
+        page.value("apisix_wasm_plugin_requests_total", &ctx),
+        3.0,
+        "{text}"
+    );
+    // Contexts go with the worker's housekeeping (every 200 ms), after their route.
+    common::eventually(
+        Duration::from_secs(10),
+        "only the live route's context",
+        || {
+            let text = scrape(&gw).1;
+            let contexts = text
+                .lines()
+                .filter(|l| l.starts_with("apisix_wasm_plugin_requests_total{"));
+            contexts.count() == 1
+        },
     );
     // A reload replaces the worker: the deleted routes do not come back from the counts the
     // master keeps of the workers that left.

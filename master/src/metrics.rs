@@ -86,7 +86,7 @@ struct Scrape {
 /// Every route's traffic summed over the workers, those that left included (by route id;
 /// `""`: requests no route matched).
 pub fn route_traffic(m: &Master) -> BTreeMap<String, RouteSnapshot> {
-    let retired = m.retired_routes_that_exist();
+    let retired = m.retired_of_live_objects();
     let mut routes = retired.routes.clone();
     for i in 0..SLOTS {
         if m.segment.slot(i).state() == SlotState::Free {
@@ -115,7 +115,7 @@ impl Scrape {
     fn read(m: &Master) -> Scrape {
         let seg = &m.segment;
         // Held while the slots are read: a leaving worker is counted in its slot or here.
-        let retired = m.retired_routes_that_exist();
+        let retired = m.retired_of_live_objects();
         let mut scrape = Scrape {
             prefix: m
                 .config()
@@ -153,7 +153,9 @@ impl Scrape {
             }
             let stats = seg.stats(i);
             for c in (0..stats.len()).filter_map(|j| stats.get(j)) {
-                crate::retired::add_context(&mut scrape.contexts, c.snapshot());
+                if let Some(c) = c.snapshot() {
+                    crate::retired::add_context(&mut scrape.contexts, c);
+                }
             }
         }
         scrape.workers.sort_by_key(|w| (w.worker_id, w.pid));

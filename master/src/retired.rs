@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use wasmgate_shared::model::Kind;
 use wasmgate_shared::shm::Segment;
 use wasmgate_shared::stats::ContextSnapshot;
 use wasmgate_shared::traffic::{RouteSnapshot, NO_ROUTE, OVERFLOW};
@@ -31,18 +32,27 @@ impl Retired {
         }
         let stats = seg.stats(i);
         for c in (0..stats.len()).filter_map(|j| stats.get(j)) {
-            add_context(&mut self.contexts, c.snapshot());
+            if let Some(c) = c.snapshot() {
+                add_context(&mut self.contexts, c);
+            }
         }
     }
 }
 
 impl Retired {
-    /// Drops the counts of routes that were deleted since their workers left: a deleted
-    /// route's series end (its live records are released in the workers once its last
-    /// request is counted), rather than go on as a remnant of workers long gone.
-    pub fn forget_deleted_routes(&mut self, exists: impl Fn(&str) -> bool) {
+    /// Drops the counts of routes (and of plugin contexts of routes and global rules) that
+    /// were deleted since their workers left: a deleted route's series end (its live records
+    /// are released in the workers once its last request is counted), rather than go on as
+    /// a remnant of workers long gone. `exists(kind, id)` asks the store.
+    pub fn forget_deleted(&mut self, exists: impl Fn(Kind, &str) -> bool) {
         self.routes
-            .retain(|id, _| id == NO_ROUTE || id == OVERFLOW || exists(id));
+            .retain(|id, _| id == NO_ROUTE || id == OVERFLOW || exists(Kind::Routes, id));
+        self.contexts
+            .retain(|(_, owner), _| match owner.split_once(':') {
+                Some(("route", id)) => exists(Kind::Routes, id),
+                Some(("global_rule", id)) => exists(Kind::GlobalRules, id),
+                _ => true,
+            });
     }
 }
 

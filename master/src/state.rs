@@ -102,12 +102,13 @@ impl Master {
         self.retired.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The counters of workers that left, locked, with those of routes since deleted
-    /// dropped: for the exports, which should not name a route that no longer exists.
-    pub fn retired_routes_that_exist(&self) -> MutexGuard<'_, crate::retired::Retired> {
+    /// The counters of workers that left, locked, with those of routes and global rules
+    /// since deleted dropped: for the exports, which should not name an object that no
+    /// longer exists.
+    pub fn retired_of_live_objects(&self) -> MutexGuard<'_, crate::retired::Retired> {
         let store = self.store();
         let mut retired = self.retired();
-        retired.forget_deleted_routes(|id| store.get(Kind::Routes, id).is_some());
+        retired.forget_deleted(|kind, id| store.get(kind, id).is_some());
         retired
     }
 

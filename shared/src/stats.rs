@@ -34,9 +34,17 @@ pub const LATENCY_BUCKETS: usize = 40;
 /// are at most 64 characters each).
 const KEY_WORDS: usize = 20;
 
+/// `key_len` of a released record: nothing to report.
+const RELEASED: u64 = u64::MAX;
+
 /// The statistics of one PluginContext in one worker.
 #[repr(C)]
 pub struct ContextStats {
+    /// Odd while the worker releases the record or takes it again for another context, so
+    /// that a reader skips it rather than report one context's counts under another's name
+    /// (as `crate::traffic`'s records).
+    seq: AtomicU64,
+    /// The key's length, or [`RELEASED`].
     key_len: AtomicU64,
     /// `<plugin>|<owner>`, UTF-8.
     key: [AtomicU64; KEY_WORDS],
@@ -149,13 +157,20 @@ impl ContextStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn key(&self) -> String {
-        unpack_key(&self.key, self.key_len.load(Ordering::Acquire) as usize)
+    /// A copy, unless the record is released or was changing while read.
+    pub fn snapshot(&self) -> Option<ContextSnapshot> {
+        let seq = self.seq.load(Ordering::Acquire);
+        let len = self.key_len.load(Ordering::Acquire);
+        if seq & 1 == 1 || len == RELEASED {
+            return None;
+        }
+        let snap = self.read(unpack_key(&self.key, len as usize));
+        std::sync::atomic::fence(Ordering::Acquire);
+        (self.seq.load(Ordering::Relaxed) == seq).then_some(snap)
     }
 
-    pub fn snapshot(&self) -> ContextSnapshot {
+    fn read(&self, key: String) -> ContextSnapshot {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let key = self.key();
         let (plugin, owner) = key.split_once('|').unwrap_or(("", &key));
         ContextSnapshot {
             plugin: plugin.to_string(),
@@ -192,6 +207,15 @@ impl ContextStats {
         }
         let len = pack_key(&self.key, &format!("{plugin}|{owner}"));
         self.key_len.store(len as u64, Ordering::Release);
+    }
+
+    /// Runs the worker's change `f` with the sequence number odd.
+    fn changing(&self, f: impl FnOnce()) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq | 1, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        f();
+        self.seq.store((seq | 1) + 1, Ordering::Release);
     }
 }
 
@@ -261,6 +285,21 @@ impl<'a> SlotStats<'a> {
         Some(n)
     }
 
+    /// Takes released record `i` (from [`release`](Self::release)) for (plugin, owner), zeroed.
+    pub fn reclaim(&self, i: usize, plugin: &str, owner: &str) {
+        if let Some(r) = self.get(i) {
+            r.changing(|| r.init(plugin, owner));
+        }
+    }
+
+    /// Releases record `i`: its route or global rule is gone and no context of it is left.
+    /// It is no longer reported, and [`reclaim`](Self::reclaim) may give it to another.
+    pub fn release(&self, i: usize) {
+        if let Some(r) = self.get(i) {
+            r.changing(|| r.key_len.store(RELEASED, Ordering::Relaxed));
+        }
+    }
+
     /// Record `i`, if claimed.
     pub fn get(&self, i: usize) -> Option<&'a ContextStats> {
         (i < self.len()).then(|| self.record(i))
@@ -320,7 +359,7 @@ mod tests {
         let rec = st.get(r).unwrap();
         ContextStats::add(&rec.requests);
         rec.record_time(12_000);
-        let snap = st.get(r).unwrap().snapshot();
+        let snap = st.get(r).unwrap().snapshot().unwrap();
         assert_eq!(
             (snap.plugin.as_str(), snap.owner.as_str(), snap.requests),
             ("auth", "route:orders-api", 1)
@@ -330,6 +369,14 @@ mod tests {
         assert!(seg.stats(i).is_empty());
         // A reclaimed record starts from zero.
         let r = seg.stats(i).claim("auth", "route:x").unwrap();
-        assert_eq!(seg.stats(i).get(r).unwrap().snapshot().requests, 0);
+        assert_eq!(seg.stats(i).get(r).unwrap().snapshot().unwrap().requests, 0);
+        // Released: not reported; taken again by another context, from zero.
+        let st = seg.stats(i);
+        ContextStats::add(&st.get(r).unwrap().requests);
+        st.release(r);
+        assert!(st.get(r).unwrap().snapshot().is_none());
+        st.reclaim(r, "auth", "route:y");
+        let snap = st.get(r).unwrap().snapshot().unwrap();
+        assert_eq!((snap.owner.as_str(), snap.requests), ("route:y", 0));
     }
 }

@@ -73,6 +73,9 @@ struct VmState {
     /// Statistics record of each route / global rule (`route:<id>`), kept across revisions and
     /// instances.
     records: FastMap<String, usize>,
+    /// Objects gone from the configuration whose records wait for their last contexts to go
+    /// (then released: [`Plugins::release_departed`]).
+    departed: Vec<String>,
     /// Root contexts finished whose `proxy_on_done` returned false, with the time their
     /// `proxy_done` is waited for until: they tick, call out and answer meanwhile.
     finishing: HashMap<u32, Instant>,
@@ -181,6 +184,10 @@ pub struct Plugins {
     roots_added: AtomicBool,
     /// Woken when a tick period changed.
     ticks_changed: tokio::sync::Notify,
+    /// Statistics records released by objects gone from the configuration, for the next new
+    /// context to take: a worker that lives through thousands of routes created and deleted
+    /// keeps a record for each that exists.
+    released_stats: Mutex<Vec<usize>>,
 }
 
 /// One plugin to run for a request (borrowing the route's configuration).
@@ -394,6 +401,7 @@ impl Plugins {
                 ticks_dirty: false,
                 queues: Vec::new(),
                 records: FastMap::default(),
+                departed: Vec::new(),
                 finishing: HashMap::new(),
                 done: Vec::new(),
                 unsent: Vec::new(),
@@ -436,6 +444,7 @@ impl Plugins {
             targets,
             roots_added: AtomicBool::new(false),
             ticks_changed: tokio::sync::Notify::new(),
+            released_stats: Mutex::new(Vec::new()),
         })
     }
 
@@ -909,6 +918,7 @@ impl Plugins {
     /// the owners of the current configuration.
     pub fn retire_gone(self: &Arc<Self>, live: &foldhash::HashSet<&str>) {
         self.roots_added.store(false, Ordering::Relaxed);
+        let objects: foldhash::HashSet<&str> = live.iter().map(|o| object_of(o)).collect();
         for p in &self.list {
             let mut st = p.lock();
             let mut any = false;
@@ -918,8 +928,30 @@ impl Plugins {
                     any = true;
                 }
             }
+            st.departed = (st.records.keys())
+                .filter(|o| !objects.contains(o.as_str()))
+                .cloned()
+                .collect();
             if any {
                 self.collect_stale(p, &mut st);
+            }
+            self.release_departed(&mut st);
+        }
+    }
+
+    /// Releases the statistics records of objects gone from the configuration once none of
+    /// their contexts is left (the last one goes with its last request): no longer reported,
+    /// and taken by the next new context.
+    fn release_departed(&self, st: &mut VmState) {
+        let Some((seg, slot)) = &self.slot else {
+            return;
+        };
+        for object in std::mem::take(&mut st.departed) {
+            if st.roots.keys().any(|k| object_of(k) == object) {
+                st.departed.push(object);
+            } else if let Some(i) = st.records.remove(&object) {
+                seg.stats(*slot).release(i);
+                lock(&self.released_stats).push(i);
             }
         }
     }
@@ -932,9 +964,9 @@ impl Plugins {
     /// A new revision of `owner`'s object: older PluginContexts of the same object are finished
     /// now if idle, or when their last request ends.
     fn retire_older(&self, p: &Plugin, st: &mut VmState, owner: &str) {
-        let object = owner.rsplit_once(':').map(|(o, _)| o).unwrap_or(owner);
+        let object = object_of(owner);
         for (key, root) in st.roots.iter_mut() {
-            if key.rsplit_once(':').map(|(o, _)| o) == Some(object) && key != owner {
+            if object_of(key) == object && key != owner {
                 root.stale = true;
             }
         }
@@ -942,6 +974,13 @@ impl Plugins {
     }
 
     fn collect_stale(&self, p: &Plugin, st: &mut VmState) {
+        self.collect_stale_roots(p, st);
+        if !st.departed.is_empty() {
+            self.release_departed(st);
+        }
+    }
+
+    fn collect_stale_roots(&self, p: &Plugin, st: &mut VmState) {
         let done: Vec<String> = st
             .roots
             .iter()
@@ -1533,12 +1572,20 @@ impl Plugins {
     /// The statistics record of `owner`'s object (`route:<id>`) for this plugin, claimed on
     /// first use.
     fn record(&self, plugin: usize, st: &mut VmState, owner: &str) -> Option<usize> {
-        let object = owner.rsplit_once(':').map(|(o, _)| o).unwrap_or(owner);
+        let object = object_of(owner);
         if let Some(r) = st.records.get(object) {
             return Some(*r);
         }
         let (seg, slot) = self.slot.as_ref()?;
-        let r = seg.stats(*slot).claim(&self.list[plugin].decl.name, object);
+        let (stats, name) = (seg.stats(*slot), &self.list[plugin].decl.name);
+        let released = lock(&self.released_stats).pop();
+        let r = match released {
+            Some(i) => {
+                stats.reclaim(i, name, object);
+                Some(i)
+            }
+            None => stats.claim(name, object),
+        };
         match r {
             Some(r) => {
                 st.records.insert(object.to_string(), r);
@@ -1785,6 +1832,16 @@ impl Drop for StreamHome<'_, '_> {
             guard.stream = self.stream.take();
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The object (`route:<id>`, `global_rule:<id>`) a PluginContext's owner
+/// (`route:<id>:<revision>`) belongs to.
+fn object_of(owner: &str) -> &str {
+    owner.rsplit_once(':').map_or(owner, |(o, _)| o)
 }
 
 fn lock_request(r: &Mutex<WasmRequest>) -> MutexGuard<'_, WasmRequest> {

@@ -169,7 +169,7 @@ pub fn stats(m: &Master) -> Value {
     let mut merged: BTreeMap<(String, String), (ContextSnapshot, Vec<Value>)> = BTreeMap::new();
     // What workers that left had counted (before a reload, a crash) goes on in the sums; the
     // workers' shares are the live ones'. Held while the slots are read.
-    let retired = m.retired();
+    let retired = m.retired_of_live_objects();
     for (key, c) in &retired.contexts {
         merged.insert(key.clone(), (c.clone(), Vec::new()));
     }
@@ -177,7 +177,7 @@ pub fn stats(m: &Master) -> Value {
         let st = m.segment.stats(slot);
         for i in 0..st.len() {
             let Some(rec) = st.get(i) else { continue };
-            let r = rec.snapshot();
+            let Some(r) = rec.snapshot() else { continue };
             let (sum, per_worker) = merged
                 .entry((r.plugin.clone(), r.owner.clone()))
                 .or_insert_with(|| {
