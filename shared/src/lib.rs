@@ -21,6 +21,7 @@ pub mod logformat;
 pub mod logging;
 pub mod model;
 pub mod plugin_shm;
+mod seqlock;
 pub mod shm;
 pub mod snapshot;
 pub mod stats;

@@ -17,6 +17,7 @@
 //! Latencies go into a histogram with √2-wide buckets (bucket `i` holds times below
 //! 2^(i/2) µs; the last bucket everything longer), enough for p50/p99 within ±20 %.
 
+use crate::seqlock;
 use crate::shm::WorkerSlot;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -34,17 +35,13 @@ pub const LATENCY_BUCKETS: usize = 40;
 /// are at most 64 characters each).
 const KEY_WORDS: usize = 20;
 
-/// `key_len` of a released record: nothing to report.
-const RELEASED: u64 = u64::MAX;
-
 /// The statistics of one PluginContext in one worker.
 #[repr(C)]
 pub struct ContextStats {
-    /// Odd while the worker releases the record or takes it again for another context, so
-    /// that a reader skips it rather than report one context's counts under another's name
-    /// (as `crate::traffic`'s records).
+    /// Odd while the worker releases the record or takes it again for another context
+    /// (`crate::seqlock`).
     seq: AtomicU64,
-    /// The key's length, or [`RELEASED`].
+    /// The key's length, or [`seqlock::RELEASED`].
     key_len: AtomicU64,
     /// `<plugin>|<owner>`, UTF-8.
     key: [AtomicU64; KEY_WORDS],
@@ -159,14 +156,9 @@ impl ContextStats {
 
     /// A copy, unless the record is released or was changing while read.
     pub fn snapshot(&self) -> Option<ContextSnapshot> {
-        let seq = self.seq.load(Ordering::Acquire);
-        let len = self.key_len.load(Ordering::Acquire);
-        if seq & 1 == 1 || len == RELEASED {
-            return None;
-        }
-        let snap = self.read(unpack_key(&self.key, len as usize));
-        std::sync::atomic::fence(Ordering::Acquire);
-        (self.seq.load(Ordering::Relaxed) == seq).then_some(snap)
+        seqlock::consistent(&self.seq, &self.key_len, |len| {
+            self.read(unpack_key(&self.key, len))
+        })
     }
 
     fn read(&self, key: String) -> ContextSnapshot {
@@ -207,15 +199,6 @@ impl ContextStats {
         }
         let len = pack_key(&self.key, &format!("{plugin}|{owner}"));
         self.key_len.store(len as u64, Ordering::Release);
-    }
-
-    /// Runs the worker's change `f` with the sequence number odd.
-    fn changing(&self, f: impl FnOnce()) {
-        let seq = self.seq.load(Ordering::Relaxed);
-        self.seq.store(seq | 1, Ordering::Relaxed);
-        std::sync::atomic::fence(Ordering::Release);
-        f();
-        self.seq.store((seq | 1) + 1, Ordering::Release);
     }
 }
 
@@ -288,7 +271,7 @@ impl<'a> SlotStats<'a> {
     /// Takes released record `i` (from [`release`](Self::release)) for (plugin, owner), zeroed.
     pub fn reclaim(&self, i: usize, plugin: &str, owner: &str) {
         if let Some(r) = self.get(i) {
-            r.changing(|| r.init(plugin, owner));
+            seqlock::changing(&r.seq, || r.init(plugin, owner));
         }
     }
 
@@ -296,7 +279,9 @@ impl<'a> SlotStats<'a> {
     /// It is no longer reported, and [`reclaim`](Self::reclaim) may give it to another.
     pub fn release(&self, i: usize) {
         if let Some(r) = self.get(i) {
-            r.changing(|| r.key_len.store(RELEASED, Ordering::Relaxed));
+            seqlock::changing(&r.seq, || {
+                r.key_len.store(seqlock::RELEASED, Ordering::Relaxed)
+            });
         }
     }
 

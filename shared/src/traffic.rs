@@ -14,12 +14,13 @@
 //! A deleted route's record is released once its last request is logged, and taken again by
 //! the next route that needs one: route ids come and go through the Admin API for as long as
 //! a worker lives, and the table holds the routes that exist, not every route that ever did.
-//! Releasing and taking again change a record's key and zero its counters under a sequence
-//! number (odd while it changes), so that the master reading the slot skips a record caught
+//! Releasing and taking again change a record's key and zero its counters under its sequence
+//! number (`crate::seqlock`), so that the master reading the slot skips a record caught
 //! changing rather than export one route's counts under another's name.
 
+use crate::seqlock;
 use crate::shm::WorkerSlot;
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Route records per worker; later routes share the [`OVERFLOW`] record.
 pub const ROUTES_PER_SLOT: usize = 1024;
@@ -69,15 +70,12 @@ struct Histogram {
     sum_us: AtomicU64,
 }
 
-/// `key_len` of a released record: nothing to export.
-const RELEASED: u64 = u64::MAX;
-
 /// One route's traffic in one worker.
 #[repr(C)]
 struct RouteRecord {
     /// Odd while the worker changes the key (release, taking again); see the module's notes.
     seq: AtomicU64,
-    /// The key's length, or [`RELEASED`].
+    /// The key's length, or [`seqlock::RELEASED`].
     key_len: AtomicU64,
     key: [AtomicU64; KEY_WORDS],
     /// Status code of each counter below (0: unused).
@@ -234,28 +232,16 @@ impl RouteRecord {
     }
 
     fn release(&self) {
-        self.changing(|| self.key_len.store(RELEASED, Ordering::Relaxed));
+        self.changing(|| self.key_len.store(seqlock::RELEASED, Ordering::Relaxed));
     }
 
-    /// Runs the worker's change `f` with the sequence number odd.
     fn changing(&self, f: impl FnOnce()) {
-        let seq = self.seq.load(Ordering::Relaxed);
-        self.seq.store(seq | 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        f();
-        self.seq.store((seq | 1) + 1, Ordering::Release);
+        seqlock::changing(&self.seq, f);
     }
 
     /// A copy, unless the record is released or was changing while read.
     fn snapshot(&self) -> Option<RouteSnapshot> {
-        let seq = self.seq.load(Ordering::Acquire);
-        let len = self.key_len.load(Ordering::Acquire);
-        if seq & 1 == 1 || len == RELEASED {
-            return None;
-        }
-        let snap = self.read(len as usize);
-        fence(Ordering::Acquire);
-        (self.seq.load(Ordering::Relaxed) == seq).then_some(snap)
+        seqlock::consistent(&self.seq, &self.key_len, |len| self.read(len))
     }
 
     fn read(&self, len: usize) -> RouteSnapshot {
