@@ -2331,3 +2331,43 @@ fn get_status_answers_ok_with_code_zero() {
     let r = get(&gw, "/status");
     assert_eq!((r.status, r.text().as_str()), (200, "000"));
 }
+
+/// A client that leaves while a plugin holds its POST (headers paused, the body unread, as
+/// Envoy holds the whole message) is seen at once: logged 499 with "client prematurely
+/// closed connection", not held until pause_timeout and answered 503 to no one.
+#[test]
+fn a_held_post_whose_client_leaves_is_a_499() {
+    let (gw, app) = one_worker_and_app();
+    let wat = r#"(module
+      (memory (export "memory") 1)
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (i32.const 1)))"#;
+    wat_plugin_with(&gw, "holder", wat, "/unused", ", pause_timeout: 20s");
+    gw.route(
+        "held",
+        json!({"uri": "/held", "plugins": {"holder": {"conf": "-"}}}),
+        Some(&app),
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+    s.write_all(b"POST /held HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let left = Instant::now();
+    drop(s);
+    eventually(Duration::from_secs(5), "the 499 in the access log", || {
+        let log = std::fs::read_to_string(gw.prefix().join("logs/access.log")).unwrap_or_default();
+        log.lines()
+            .any(|l| l.contains("\"POST /held HTTP/1.1\" 499 "))
+    });
+    assert!(
+        left.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        left.elapsed()
+    );
+    assert!(gw
+        .error_log()
+        .contains("client prematurely closed connection"));
+    assert_eq!(app.hits(), 0, "the held body never went upstream");
+}

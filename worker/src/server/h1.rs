@@ -33,6 +33,8 @@ pub use wasmgate_http1::request::{parse_head, Head, Meta, Refusal};
 
 /// What one read asks of the socket for a head.
 const READ_CHUNK: usize = 4 * 1024;
+/// Body bytes read ahead of a body not yet polled, to see its client leave.
+const READ_AHEAD: usize = 64 * 1024;
 /// Largest read for a request body.
 const MAX_BODY_READ: usize = 64 * 1024;
 /// How long a connection closed with input left unread keeps reading (and dropping) it, so
@@ -60,6 +62,9 @@ struct Inbound {
     responding: bool,
     /// The request body failed (bad framing, the client's close): the connection ends.
     broken: bool,
+    /// The request's body was polled: until then (its headers held by a plugin), the
+    /// connection's task reads ahead to see the client leave ([`Conn::poll_gone`]).
+    body_polled: bool,
     /// How much of `rbuf` was looked at for the end of a head.
     scanned: usize,
     /// `send_timeout`: how long a write may wait for the client to take more.
@@ -126,6 +131,7 @@ impl Conn {
             continue_left: 0,
             responding: false,
             broken: false,
+            body_polled: false,
             scanned: 0,
             send_timeout,
             stall: None,
@@ -187,6 +193,7 @@ impl Conn {
             };
             g.responding = false;
             g.broken = false;
+            g.body_polled = false;
             g.seq
         };
         let body = ClientBody {
@@ -209,9 +216,17 @@ impl Conn {
     pub fn poll_gone(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut g = self.lock();
         let g = &mut *g;
-        // Once a pipelined request is here, a close that follows it is a half-close after
-        // the last request, not a client gone: no more reading until its turn (hyper too).
-        if g.framing != Framing::Empty || !g.rbuf.is_empty() {
+        if g.framing != Framing::Empty && !g.body_polled {
+            // A body nothing reads yet (a plugin holds its request's headers, as Envoy holds
+            // the whole message): read ahead, up to READ_AHEAD, so that a client that leaves
+            // meanwhile is seen; the bytes wait in the buffer for the body.
+            if g.rbuf.len() >= READ_AHEAD {
+                return Poll::Pending;
+            }
+        } else if g.framing != Framing::Empty || !g.rbuf.is_empty() {
+            // The body is being read (by the request's task: one reader at a time); or a
+            // pipelined request is here, and a close that follows it is a half-close after the
+            // last request, not a client gone: no more reading until its turn (hyper too).
             return Poll::Pending;
         }
         match ready!(poll_read(&mut g.io, &mut g.rbuf, cx, READ_CHUNK)) {
@@ -633,6 +648,7 @@ impl Body for ClientBody {
                 "read after its request was answered",
             )))));
         }
+        g.body_polled = true;
         while g.continue_left > 0 && !g.responding {
             let from = CONTINUE.len() - g.continue_left;
             match ready!(g.poll_send(cx, &CONTINUE[from..])) {
