@@ -305,6 +305,35 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
     let upstream = json!({"type": "roundrobin", "nodes": {app.addr(): 1}});
     let plugin = json!({"rewrite": {"conf": json!({"response_set": {"x-n": "1"}}).to_string()}});
     let mut client = common::client::KeepAlive::new(&gw.url("/"));
+    // A route disabled and enabled again is not deleted: its counters go on.
+    gw.route(
+        "kept",
+        json!({"uri": "/kept", "plugins": plugin}),
+        Some(&app),
+    );
+    for status in [None, Some(0), Some(1)] {
+        if let Some(status) = status {
+            let (s, v) = gw.admin(
+                "PATCH",
+                "/apisix/admin/routes/kept",
+                Some(json!({"status": status})),
+            );
+            assert_eq!(s, 200, "{v}");
+            gw.wait_propagated();
+            // The housekeeping that releases records of deleted objects runs meanwhile.
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        if status != Some(0) {
+            assert_eq!(client.get("/kept").unwrap().status, 200);
+        }
+    }
+    let page = scrape(&gw).0;
+    let kept = [("code", "200"), ("route", "kept")];
+    assert_eq!(page.value("apisix_http_status_total", &kept), 2.0);
+    let kept = [("plugin", "rewrite"), ("owner_id", "kept")];
+    assert_eq!(page.value("apisix_wasm_plugin_requests_total", &kept), 2.0);
+    let (s, v) = gw.admin("DELETE", "/apisix/admin/routes/kept", None);
+    assert_eq!(s, 200, "{v}");
     let started = std::time::Instant::now();
     let routes = wasmgate_shared::traffic::ROUTES_PER_SLOT + 100;
     for i in 0..routes {

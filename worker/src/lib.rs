@@ -278,7 +278,8 @@ async fn housekeeping(w: Arc<Worker>) {
                 .map(|r| &*r.owner)
                 .chain(cfg.global_rules.iter().map(|g| &*g.owner))
                 .collect();
-            w.plugins.retire_gone(&owners);
+            w.plugins
+                .retire_gone(&owners, |object| w.live.has_object(object));
         }
         w.access_log.flush();
     }

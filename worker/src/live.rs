@@ -126,6 +126,19 @@ impl Live {
     }
 }
 
+impl Live {
+    /// Whether the configuration holds `object` (`route:<id>`, `global_rule:<id>`), a disabled
+    /// route included: its plugin contexts' statistics are kept while it does.
+    pub fn has_object(&self, object: &str) -> bool {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match object.split_once(':') {
+            Some(("route", id)) => st.table.routes.contains_key(id),
+            Some(("global_rule", id)) => st.table.objects.globals.contains_key(id),
+            _ => false,
+        }
+    }
+}
+
 impl State {
     /// Applies the records of `journal`; on error nothing changed.
     fn apply(&mut self, journal: &Journal) -> Result<Applied, String> {
@@ -192,6 +205,9 @@ struct CompiledRoute {
     entry: Option<Arc<RouteEntry>>,
     /// The key its upstream runtime is kept under in [`Table::upstreams`].
     upstream_key: Option<Arc<str>>,
+    /// Its traffic record, kept from revision to revision, a disabled one's included (so that
+    /// disabling and enabling a route does not start its counters again).
+    record: RecordCell,
 }
 
 /// The service and upstream objects a route was compiled from, by id, with the revision each
@@ -372,9 +388,7 @@ impl Table {
         if let Some((revision, json)) = new {
             // The route's traffic record goes on from revision to revision; a deleted route's
             // is released when its last revision is dropped (`traffic.rs`).
-            let record = (old.as_ref().and_then(|o| o.entry.as_ref()))
-                .map(|e| e.traffic_record.clone())
-                .unwrap_or_default();
+            let record = old.as_ref().map(|o| o.record.clone()).unwrap_or_default();
             let c = self.build().route(&key, revision, json, record);
             a.compiled += 1;
             a.added.extend(c.entry.clone());
@@ -495,8 +509,10 @@ impl Build<'_> {
             deps: Deps::default(),
             entry: None,
             upstream_key: None,
+            record,
         };
         if let Some(route) = parse::<Route>("route", id, &c.json).filter(Route::enabled) {
+            let record = c.record.clone();
             c.entry = (self.route_entry(id, rev, &route, &mut c)).map(|e| {
                 Arc::new(RouteEntry {
                     traffic_record: record,

@@ -916,9 +916,14 @@ impl Plugins {
     /// or was changed (a new revision is another owner): at once when idle, else with their
     /// last request. Their ticks, queue registrations and call-outs end with them. `live`:
     /// the owners of the current configuration.
-    pub fn retire_gone(self: &Arc<Self>, live: &foldhash::HashSet<&str>) {
+    /// `exists(object)`: whether the configuration still holds a route or global rule (a
+    /// disabled route too: its statistics are kept while it does).
+    pub fn retire_gone(
+        self: &Arc<Self>,
+        live: &foldhash::HashSet<&str>,
+        exists: impl Fn(&str) -> bool,
+    ) {
         self.roots_added.store(false, Ordering::Relaxed);
-        let objects: foldhash::HashSet<&str> = live.iter().map(|o| object_of(o)).collect();
         for p in &self.list {
             let mut st = p.lock();
             let mut any = false;
@@ -929,7 +934,7 @@ impl Plugins {
                 }
             }
             st.departed = (st.records.keys())
-                .filter(|o| !objects.contains(o.as_str()))
+                .filter(|o| !exists(o.as_str()))
                 .cloned()
                 .collect();
             if any {
