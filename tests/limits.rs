@@ -300,7 +300,8 @@ fn keepalive_and_header_timeouts_are_separate() {
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     common::eventually(Duration::from_secs(5), "the 408 logged", || {
         let log = std::fs::read_to_string(gw.prefix().join("logs/access.log")).unwrap_or_default();
-        log.lines().any(|l| l.contains("\"-\" 408 0 "))
+        // $request_time: the time the client had, as nginx logs it.
+        log.lines().any(|l| l.contains("\"-\" 408 0 1.000 "))
             && gw
                 .error_log()
                 .contains("client timed out while reading client request headers")

@@ -41,15 +41,19 @@ fn request_variables_in_the_access_log_format() {
     assert_eq!(r.status, 200, "{}", r.text());
     let r = http("GET", &gw.url("/nowhere"), &[], None);
     assert_eq!(r.status, 404);
+    // `$uri` decoded, as nginx's (and as routes match it).
+    let r = http("GET", &gw.url("/vars/caf%C3%A9"), &[], None);
+    assert_eq!(r.status, 200);
     eventually(Duration::from_secs(5), "access log lines", || {
         let log = access_log(&gw);
         log.contains(
             "bob|Example.COM:8443|example.com|2|s9|t1|\
              http://Example.COM:8443/vars/x?page=2&b=1|/vars/x|page=2&b=1|HTTP/1.1|http\n",
-        ) && log.contains(&format!(
-            "-|127.0.0.1:{}|127.0.0.1|-|-|-|-://--|/nowhere|-|HTTP/1.1|http\n",
-            gw.proxy_port
-        ))
+        ) && log.contains("|/vars/caf\u{e9}|")
+            && log.contains(&format!(
+                "-|127.0.0.1:{}|127.0.0.1|-|-|-|-://--|/nowhere|-|HTTP/1.1|http\n",
+                gw.proxy_port
+            ))
     });
 }
 

@@ -355,7 +355,9 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
 fn emerg(log_path: &Path, e: &anyhow::Error) {
     use std::io::Write;
     let prefix = wasmgate_shared::logging::line_prefix("emerg", "master");
-    let line = format!("{prefix}start refused: {e:#}\n");
+    // One line, as every line of the log: a plugin's compile error spans several.
+    let why = format!("{e:#}").replace('\n', " ");
+    let line = format!("{prefix}start refused: {why}\n");
     let file = log_path
         .parent()
         .map(std::fs::create_dir_all)

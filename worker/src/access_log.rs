@@ -124,7 +124,14 @@ impl AccessLog {
                 "request" => e.request_line.to_string(),
                 "request_method" => e.request_line.split(' ').next().unwrap_or("").to_string(),
                 "request_uri" => target.to_string(),
-                "uri" => target.split('?').next().unwrap_or("").to_string(),
+                // nginx's `$uri`: the path decoded and normalized, as routes match it.
+                "uri" => {
+                    let path = target.split('?').next().unwrap_or("");
+                    match wasmgate_http1::request::normalized_path(path) {
+                        Ok(p) => p.into_owned(),
+                        Err(_) => path.to_string(),
+                    }
+                }
                 "args" => target.split_once('?').map_or("", |(_, q)| q).to_string(),
                 "server_protocol" => e.request_line.rsplit(' ').next().unwrap_or("").to_string(),
                 "scheme" => "http".into(),

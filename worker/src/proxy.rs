@@ -1469,12 +1469,13 @@ fn log_abandoned(w: &Worker, log: &LogInfo) {
 /// A request refused before it was understood (malformed, headers too large): counted with
 /// the requests no route matched, and logged in the access log with what is known of it, as
 /// nginx logs its 400s, so that an operator sees them.
-pub fn log_refused(w: &Worker, peer: std::net::SocketAddr, status: u16, sent: u64) {
+/// `took`: how long the client had been sending what was refused (nginx's `$request_time`).
+pub fn log_refused(w: &Worker, peer: SocketAddr, (status, sent): (u16, u64), took: Duration) {
     w.traffic.record(
         None,
         &Observation {
             status,
-            request_us: 0,
+            request_us: took.as_micros() as u64,
             upstream_us: None,
             ingress: 0,
             egress: sent,
@@ -1490,7 +1491,7 @@ pub fn log_refused(w: &Worker, peer: std::net::SocketAddr, status: u16, sent: u6
         request_line: "",
         status,
         body_bytes_sent: sent,
-        request_time: Duration::ZERO,
+        request_time: took,
         upstream_addr: "",
         upstream_status: None,
         upstream_time: None,

@@ -92,7 +92,7 @@ async fn connection(
                 tracing::info!(
                     "client timed out while reading client request headers, client: {peer}"
                 );
-                proxy::log_refused(&w, peer, 408, 0);
+                proxy::log_refused(&w, peer, (408, 0), w.header_timeout);
                 return;
             }
             Err(h1::NoHead::Refused(why)) => {
@@ -101,7 +101,7 @@ async fn connection(
                 }
                 let page = proxy::error_page(why.status());
                 let sent = http_body::Body::size_hint(page.body()).exact().unwrap_or(0);
-                proxy::log_refused(&w, peer, why.status().as_u16(), sent);
+                proxy::log_refused(&w, peer, (why.status().as_u16(), sent), Duration::ZERO);
                 let set = proxy::answer_fields(None, false);
                 match conn
                     .respond(&mut wbuf, page, &h1::Meta::refusal(), &set, drop)
