@@ -290,6 +290,20 @@ fn prefix_and_disabled_export_server() {
     );
 }
 
+/// Waits until the page has the one sample `name{labels}` with the value `n` (requests are
+/// counted in their log phase, which may end after the client has its answer).
+fn counted(gw: &Gateway, name: &str, labels: &[(&str, &str)], n: f64) {
+    common::eventually(
+        Duration::from_secs(10),
+        &format!("{name}{labels:?} = {n}"),
+        || {
+            let page = scrape(gw).0;
+            let found = page.find(name, labels);
+            found.len() == 1 && found[0].value == n
+        },
+    );
+}
+
 /// Routes created and deleted through the Admin API for as long as a worker lives: a deleted
 /// route's series end once its requests are counted, and its records (route traffic, its
 /// plugin's context) are taken by the next route, so that a worker that saw more routes come
@@ -327,11 +341,10 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
             assert_eq!(client.get("/kept").unwrap().status, 200);
         }
     }
-    let page = scrape(&gw).0;
     let kept = [("code", "200"), ("route", "kept")];
-    assert_eq!(page.value("apisix_http_status_total", &kept), 2.0);
+    counted(&gw, "apisix_http_status_total", &kept, 2.0);
     let kept = [("plugin", "rewrite"), ("owner_id", "kept")];
-    assert_eq!(page.value("apisix_wasm_plugin_requests_total", &kept), 2.0);
+    counted(&gw, "apisix_wasm_plugin_requests_total", &kept, 2.0);
     let (s, v) = gw.admin("DELETE", "/apisix/admin/routes/kept", None);
     assert_eq!(s, 200, "{v}");
     let started = std::time::Instant::now();
@@ -344,12 +357,11 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
         assert_eq!(r.status, 200, "/r/{i}: {}", r.text());
         if i % 200 == 0 {
             // The series of a live route, before it goes.
-            let page = scrape(&gw).0;
             let id = format!("r{i}");
             let code = [("code", "200"), ("route", id.as_str())];
-            assert_eq!(page.value("apisix_http_status_total", &code), 1.0);
+            counted(&gw, "apisix_http_status_total", &code, 1.0);
             let ctx = [("plugin", "rewrite"), ("owner_id", id.as_str())];
-            assert_eq!(page.value("apisix_wasm_plugin_requests_total", &ctx), 1.0);
+            counted(&gw, "apisix_wasm_plugin_requests_total", &ctx, 1.0);
         }
         let (s, v) = gw.admin("DELETE", &format!("/apisix/admin/routes/r{i}"), None);
         assert_eq!(s, 200, "delete r{i}: {v}");
@@ -366,9 +378,11 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
     for _ in 0..3 {
         assert_eq!(client.get("/last").unwrap().status, 200);
     }
-    let (page, text) = scrape(&gw);
     let last = [("code", "200"), ("route", "last")];
-    assert_eq!(page.value("apisix_http_status_total", &last), 3.0, "{text}");
+    counted(&gw, "apisix_http_status_total", &last, 3.0);
+    let ctx = [("plugin", "rewrite"), ("owner_id", "last")];
+    counted(&gw, "apisix_wasm_plugin_requests_total", &ctx, 3.0);
+    let text = scrape(&gw).1;
     let named: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("apisix_http_status_total{"))
@@ -377,12 +391,6 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
         named.len(),
         1,
         "only the live route has a series: {named:?}"
-    );
-    let ctx = [("plugin", "rewrite"), ("owner_id", "last")];
-    assert_eq!(
-        page.value("apisix_wasm_plugin_requests_total", &ctx),
-        3.0,
-        "{text}"
     );
     // Contexts go with the worker's housekeeping (every 200 ms), after their route.
     common::eventually(
