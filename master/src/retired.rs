@@ -48,11 +48,7 @@ impl Retired {
         self.routes
             .retain(|id, _| id == NO_ROUTE || id == OVERFLOW || exists(Kind::Routes, id));
         self.contexts
-            .retain(|(_, owner), _| match owner.split_once(':') {
-                Some(("route", id)) => exists(Kind::Routes, id),
-                Some(("global_rule", id)) => exists(Kind::GlobalRules, id),
-                _ => true,
-            });
+            .retain(|(_, owner), _| Kind::of_object(owner).is_none_or(|(k, id)| exists(k, id)));
     }
 }
 

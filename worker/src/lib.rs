@@ -43,6 +43,12 @@ pub(crate) type FastMap<K, V> = foldhash::HashMap<K, V>;
 /// the compiler builds the value in it. It matters for large values made once per request:
 /// a request's future (about 3 KB, most of it room for later phases) cost a 340-instruction
 /// copy (docs/BENCHMARKS.md §6).
+/// Locks `m`, whether or not a thread panicked holding it: the worker's shared state stays
+/// usable (each holder leaves it whole between statements).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub(crate) fn boxed_in_place<T>(make: impl FnOnce() -> T) -> Box<T> {
     Box::write(Box::new_uninit(), make())
 }

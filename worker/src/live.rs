@@ -124,16 +124,14 @@ impl Live {
         }
         st.current.clone()
     }
-}
 
-impl Live {
     /// Whether the configuration holds `object` (`route:<id>`, `global_rule:<id>`), a disabled
     /// route included: its plugin contexts' statistics are kept while it does.
     pub fn has_object(&self, object: &str) -> bool {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match object.split_once(':') {
-            Some(("route", id)) => st.table.routes.contains_key(id),
-            Some(("global_rule", id)) => st.table.objects.globals.contains_key(id),
+        let st = crate::lock(&self.state);
+        match Kind::of_object(object) {
+            Some((Kind::Routes, id)) => st.table.routes.contains_key(id),
+            Some((Kind::GlobalRules, id)) => st.table.objects.globals.contains_key(id),
             _ => false,
         }
     }

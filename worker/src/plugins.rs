@@ -25,6 +25,7 @@
 //! period.
 
 use crate::live::GlobalRuleEntry;
+use crate::lock;
 use crate::router::RouteEntry;
 use crate::FastMap;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -328,7 +329,7 @@ impl Plugin {
     }
 
     fn lock(&self) -> MutexGuard<'_, VmState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 }
 
@@ -1322,7 +1323,7 @@ impl Plugins {
             end_of_stream,
         } = wait;
         // The waiting context: a request's contexts stay as they are while its body flows.
-        let Some((plugin, generation, record, id)) = lock_request(&req)
+        let Some((plugin, generation, record, id)) = lock(&req)
             .active
             .get(at)
             .map(|a| (a.plugin, a.vm_generation, a.record, a.http.id))
@@ -1347,7 +1348,7 @@ impl Plugins {
                     Held::Failed => return (bufs, BodyStep::Fail),
                 }
             };
-            let mut guard = lock_request(&req);
+            let mut guard = lock(&req);
             let req_now = &mut *guard;
             let Some(buf) = bufs.get_mut(at) else {
                 return (bufs, BodyStep::Fail);
@@ -1396,7 +1397,7 @@ impl Plugins {
         // Resumed: what the plugin held goes on through the contexts after it; answers still
         // to come are delivered on their own (`waited_call`).
         drop(calls);
-        let mut guard = lock_request(&req);
+        let mut guard = lock(&req);
         let data = bufs.get_mut(at).map(std::mem::take).unwrap_or_default();
         let step = self.on_body_from(&mut guard, dir, &mut bufs, data, end_of_stream, at + 1);
         drop(guard);
@@ -1814,7 +1815,7 @@ struct StreamHome<'r, 'b> {
 
 impl<'r, 'b> StreamHome<'r, 'b> {
     fn take(req: &'r Arc<Mutex<WasmRequest>>, dir: Dir, buf: &'b mut BodyBuf) -> Self {
-        let mut guard = lock_request(req);
+        let mut guard = lock(req);
         let mut stream = guard.stream.take();
         lend_body(&mut stream, dir, buf);
         StreamHome {
@@ -1832,25 +1833,17 @@ impl Drop for StreamHome<'_, '_> {
             return;
         }
         lend_body(&mut self.stream, self.dir, self.buf);
-        let mut guard = lock_request(self.req);
+        let mut guard = lock(self.req);
         if guard.stream.is_none() {
             guard.stream = self.stream.take();
         }
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The object (`route:<id>`, `global_rule:<id>`) a PluginContext's owner
 /// (`route:<id>:<revision>`) belongs to.
 fn object_of(owner: &str) -> &str {
     owner.rsplit_once(':').map_or(owner, |(o, _)| o)
-}
-
-fn lock_request(r: &Mutex<WasmRequest>) -> MutexGuard<'_, WasmRequest> {
-    r.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What woke a paused context.

@@ -9,6 +9,7 @@
 //! next new route. A worker that lives through thousands of routes created and deleted keeps
 //! a record for each route that exists, not for each that ever did.
 
+use crate::lock;
 use crate::router::RouteEntry;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -58,10 +59,6 @@ impl Drop for Claim {
             lock(&self.records.released).push(self.index);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Traffic {

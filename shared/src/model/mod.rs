@@ -51,6 +51,16 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.as_str() == segment)
     }
 
+    /// The kind and id of a plugin context's object (`route:<id>`, `global_rule:<id>`), the
+    /// key both the workers' statistics and the master's sums use.
+    pub fn of_object(object: &str) -> Option<(Kind, &str)> {
+        match object.split_once(':')? {
+            ("route", id) => Some((Kind::Routes, id)),
+            ("global_rule", id) => Some((Kind::GlobalRules, id)),
+            _ => None,
+        }
+    }
+
     /// The singular noun used in messages (`route`, `global rule`).
     pub fn noun(self) -> &'static str {
         match self {
