@@ -19,8 +19,14 @@ Results go to stdout as a Markdown table, and with --json / --svg to files (the 
 plot in docs/BENCHMARKS.md). Needs wrk and nginx (Debian: wrk, nginx-light) and
 target/release/wasmgate.
 
+With --rates, each case also (or only) runs at fixed offered loads: wrk sends on a schedule
+(a Lua `delay` hook), so every proxy serves the same requests per second and their latency
+compares at equal load, as a gateway runs in production, below its saturation. In a
+saturating run the latency is mostly queueing (connections / throughput), and a slower proxy's
+p99 is higher for that reason alone.
+
 usage: scripts/bench/throughput.py [--workers 1] [--duration 10] [--connections 32]
-                                   [--json out.json] [--svg out.svg]
+                                   [--rates max,20000,40000] [--json out.json] [--svg out.svg]
 """
 import argparse
 import json
@@ -48,6 +54,31 @@ done = function(summary, latency, requests)
   for _, p in pairs({50, 99, 99.9}) do
     io.write(string.format("P%s %d\\n", p, latency:percentile(p)))
   end
+end
+"""
+
+# With --rates: each wrk thread sends on a schedule, one request every INTERVAL ms, so the
+# offered load is the same for every proxy and below what each can serve. wrk calls
+# `delay()` before each next request of a connection; the schedule is kept per thread (its
+# connections share one Lua state) with the monotonic clock through LuaJIT's FFI, so the
+# load does not slow down when a proxy answers more slowly, as it does in the closed loop of
+# a saturating run. A thread that falls behind its schedule sends at once until it catches up.
+PACE_LUA = """
+local ffi = require("ffi")
+ffi.cdef[[ typedef struct { long tv_sec; long tv_nsec; } wg_timespec;
+           int clock_gettime(int, wg_timespec *); ]]
+local ts = ffi.new("wg_timespec")
+local function now_ms()
+  ffi.C.clock_gettime(1, ts)
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
+local next_at = nil
+delay = function()
+  local now = now_ms()
+  if next_at == nil then next_at = now end
+  next_at = next_at + INTERVAL
+  if next_at < now then return 0 end
+  return next_at - now
 end
 """
 
@@ -141,24 +172,29 @@ http {{
                            if ppid(p) == master.pid]
         return port, workers
 
-    def wrk(self, url, seconds):
-        lua = os.path.join(self.work, "pct.lua")
+    def wrk(self, url, seconds, rate=None):
+        """wrk's output for `seconds` of load on `url`: as fast as the proxy answers, or with
+        `rate`, that many requests per second offered on a schedule (PACE_LUA)."""
+        lua = os.path.join(self.work, f"pct-{rate or 0}.lua")
         with open(lua, "w") as f:
             f.write(WRK_LUA)
+            if rate:
+                f.write(PACE_LUA.replace("INTERVAL", repr(1000.0 * self.a.threads / rate)))
         cmd = taskset(self.other_cpus) + [
             "wrk", f"-t{self.a.threads}", f"-c{self.a.connections}", f"-d{seconds}s", "-s", lua, url]
         return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
-    def measure(self, name, url, pids):
-        self.wrk(url, self.a.warmup)
+    def measure(self, name, url, pids, rate=None):
+        self.wrk(url, self.a.warmup, rate)
         c0 = cpu_ticks(pids())
-        out = self.wrk(url, self.a.duration)
+        out = self.wrk(url, self.a.duration, rate)
         c1 = cpu_ticks(pids())
         v = dict(re.findall(r"^(REQS|ERRS|P50|P99|P99\.9) (\d+)$", out, re.M))
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
         reqs = int(v["REQS"])
         return {
             "name": name,
+            "rate": rate,
             "rps": rps,
             "errors": int(v["ERRS"]),
             "p50_ms": int(v["P50"]) / 1000,
@@ -182,13 +218,16 @@ http {{
             ("wasmgate+body", f"http://127.0.0.1:{self.gw}/body", gw_workers),
         ]
         rows = []
+        loads = [None] if not self.a.rates else self.a.rates
         for rnd in range(self.a.rounds):
-            for name, url, pids in cases:
-                r = self.measure(name, url, pids)
-                r["round"] = rnd
-                rows.append(r)
-                print(f"  {name:18} {r['rps']:10.0f} req/s  p99 {r['p99_ms']:.2f} ms  "
-                      f"cpu {r['cpu_us_per_req']:.1f} us/req", file=sys.stderr)
+            for rate in loads:
+                for name, url, pids in cases:
+                    r = self.measure(name, url, pids, rate)
+                    r["round"] = rnd
+                    rows.append(r)
+                    print(f"  {name:18} {r['rps']:10.0f} req/s  p99 {r['p99_ms']:.2f} ms  "
+                          f"cpu {r['cpu_us_per_req']:.1f} us/req"
+                          + (f"  (offered {rate}/s)" if rate else ""), file=sys.stderr)
         return rows
 
     def cleanup(self):
@@ -229,10 +268,11 @@ def summarize(rows):
     return out
 
 
-def table(summary, a, rows=()):
+def table(summary, a, rows=(), rate=None):
+    load = f"{rate} requests/s offered" if rate else "as fast as answered"
     lines = [
         f"{os.cpu_count()} cores; {a.workers} worker(s) per proxy"
-        + (", pinned" if a.pin else "") + f"; wrk -t{a.threads} -c{a.connections}, "
+        + (", pinned" if a.pin else "") + f"; wrk -t{a.threads} -c{a.connections}, {load}, "
         f"{a.warmup} s warm-up + {a.duration} s, median of {a.rounds} round(s)",
         "",
         "| proxy | req/s | × nginx | p50 ms | p99 ms | p99.9 ms | p99 × nginx | server CPU µs/req | CPU × nginx | errors |",
@@ -274,6 +314,14 @@ def paired(rows):
         ("per plugin with three, added CPU µs/req",
          lambda c: (c["wasmgate+3"]["cpu_us_per_req"] - c["wasmgate"]["cpu_us_per_req"]) / 3),
     )
+    if any(r.get("rate") for r in rows):
+        # At a fixed offered load every proxy serves the same requests per second: what
+        # differs is how long they wait, and what they cost.
+        p99 = lambda case: lambda c: c[case]["p99_ms"] / c["nginx-proxy_pass"]["p99_ms"]  # noqa: E731
+        figures = (("wasmgate p99 × nginx", p99("wasmgate")),
+                   ("wasmgate+1 p99 × nginx", p99("wasmgate+1")),
+                   ("wasmgate+3 p99 × nginx", p99("wasmgate+3")),
+                   ("wasmgate+body p99 × nginx", p99("wasmgate+body"))) + figures[2:]
     out = ["| figure | median | lowest | highest |", "|---|---:|---:|---:|"]
     for label, f in figures:
         try:
@@ -320,6 +368,20 @@ def svg(summary, title):
     return "\n".join(parts) + "\n"
 
 
+def rates(text):
+    """`--rates`: `max,20000` → [None, 20000] (None: as fast as answered)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "max":
+            out.append(None)
+        elif part.isdigit() and int(part) > 0:
+            out.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"{part!r}: a number of requests/s or `max`")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=1)
@@ -331,6 +393,9 @@ def main():
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="do not pin the proxy to its own cores")
     ap.add_argument("--callback-timeout", help="the plugins' callback_timeout (off: no limit)")
+    ap.add_argument("--rates", type=rates,
+                    help="comma-separated offered loads in requests/s, `max` for as fast as "
+                         "answered (the default): latency compared at the same load")
     ap.add_argument("--json")
     ap.add_argument("--svg")
     a = ap.parse_args()
@@ -342,12 +407,17 @@ def main():
         rows = b.run()
     finally:
         b.cleanup()
-    summary = summarize(rows)
-    text = table(summary, a, rows)
-    print(text)
+    texts, summaries = [], {}
+    for rate in a.rates or [None]:
+        these = [r for r in rows if r["rate"] == rate]
+        summary = summaries[rate or "max"] = summarize(these)
+        texts.append(table(summary, a, these, rate))
+    print("\n\n".join(texts))
+    summary = summaries.get("max") or next(iter(summaries.values()))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"settings": vars(a), "rows": rows, "summary": summary}, f, indent=1)
+            json.dump({"settings": vars(a), "rows": rows, "summary": summary,
+                       "by_load": summaries}, f, indent=1)
     if a.svg:
         with open(a.svg, "w") as f:
             f.write(svg(summary, f"wasmgate vs nginx proxy_pass, {a.workers} worker(s), "
