@@ -383,7 +383,8 @@ fn local_replies_go_through_the_response_phase() {
     assert_eq!(r.header("x-status-seen-by-global-b"), Some("404"));
 }
 
-/// rewrite before access; global rules before the route in each phase; higher priority first;
+/// global rules before the route (their access-phase plugins before the route's rewrite-phase
+/// ones, as APISIX runs global rules first); rewrite before access; higher priority first;
 /// a global rule plus a route make two HttpContexts for one request, each finished at the end.
 #[test]
 fn phases_priorities_and_global_rules() {
@@ -404,16 +405,16 @@ fn phases_priorities_and_global_rules() {
     assert_eq!(r.status, 200, "{}", gw.error_log());
     assert_eq!(
         r.json()["headers"]["x-order"],
-        "route-b,global-a,route-log,route-a"
+        "global-a,route-b,route-log,route-a"
     );
     assert_eq!(
         r.header("x-order-response"),
-        Some("route-b,global-a,route-log,route-a")
+        Some("global-a,route-b,route-log,route-a")
     );
     assert_eq!(r.header("x-status-seen-by-global-a"), Some("200"));
     eventually(Duration::from_secs(5), "log and done callbacks", || {
         let log = gw.error_log();
-        ["route-b", "global-a", "route-log", "route-a"]
+        ["global-a", "route-b", "route-log", "route-a"]
             .iter()
             .all(|l| {
                 log.contains(&format!("recorder {l}: on_log"))

@@ -490,13 +490,17 @@ impl Plugins {
             push(&g.owner, &g.plugins, 0);
         }
         push(&route.owner, &route.plugins, 1);
+        // As APISIX's `http_access_phase`: the global rules' plugins (their rewrite phase,
+        // then access) before any of the route's, so that a global auth plugin runs first;
+        // then the route's rewrite-phase plugins, then its access-phase ones. The response
+        // phases keep this order (APISIX's `common_phase`: global rules, then the route).
         links.sort_by_key(|(rank, l)| {
             let d = &self.list[l.plugin].decl;
             let phase = match d.http_request_phase {
                 RequestPhase::Rewrite => 0,
                 RequestPhase::Access => 1,
             };
-            (phase, *rank, std::cmp::Reverse(d.priority))
+            (*rank, phase, std::cmp::Reverse(d.priority))
         });
         links.into_iter().map(|(_, l)| l).collect()
     }
