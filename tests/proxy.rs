@@ -261,6 +261,21 @@ fn host_and_wildcard_hosts() {
         let r = send(&gw, "GET", "/h", &[("Host", host)]);
         assert_route_not_found(&r);
     }
+    // As APISIX's radixtree_host_uri: a host's routes before any route without hosts, even
+    // one with a more specific path, so that a host's own plugins cannot be passed by.
+    let plain = TestUpstream::start("plain");
+    gw.route("3", json!({"uri": "/login"}), Some(&plain));
+    gw.route("4", json!({"uri": "/*", "host": "api.test"}), Some(&api));
+    assert_eq!(who(&gw, "GET", "/login", Some("api.test")), "api");
+    assert_eq!(who(&gw, "GET", "/login", Some("elsewhere.test")), "plain");
+    assert_eq!(who(&gw, "GET", "/login", Some("foo.example.com")), "plain");
+    gw.route(
+        "5",
+        json!({"uri": "/log*", "host": "*.example.com"}),
+        Some(&wild),
+    );
+    assert_eq!(who(&gw, "GET", "/login", Some("foo.example.com")), "wild");
+    assert_eq!(who(&gw, "GET", "/h", Some("api.test")), "api");
 }
 
 /// Among routes on the same path the higher `priority` wins; `status: 0` takes a route out of

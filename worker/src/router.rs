@@ -1,8 +1,13 @@
 //! The router: from (method, host, path, client address, variables) to a route.
 //!
-//! Matching order, as APISIX's radixtree router: an exact `uri` first, then prefixes (`/api/*`)
+//! Matching order, as APISIX's default router (`radixtree_host_uri`): routes with `hosts` first,
+//! those of the request's exact host, then those of wildcard hosts from the longest suffix;
+//! then the routes without hosts. Within each, an exact `uri` first, then prefixes (`/api/*`)
 //! from the longest; among routes on the same path, higher `priority` first, then the lower id
 //! (stable). A route matches when its methods, hosts, client addresses and `vars` all match.
+//! So a route bound to `api.example.com` on `/*` serves `api.example.com/login` even when a
+//! route without hosts has the exact path `/login`: a host's own routes (its auth plugin, say)
+//! cannot be passed by.
 
 use crate::upstream::UpstreamRuntime;
 use crate::FastMap;
@@ -122,17 +127,51 @@ impl RouteEntry {
     }
 }
 
-/// All enabled routes, indexed by path.
+/// All enabled routes: those with hosts by host ([`HostPattern`]), each host's routes indexed
+/// by path, and those without hosts indexed by path. A route with several hosts is in each
+/// host's index. The indexes are shared (`Arc`): a change copies the maps of hosts and
+/// patches the indexes it touches.
+#[derive(Debug, Default, Clone)]
+pub struct Router {
+    exact_hosts: FastMap<Arc<str>, Arc<PathIndex>>,
+    /// By suffix with its dot (`.example.com` for `*.example.com`).
+    suffix_hosts: FastMap<Arc<str>, Arc<PathIndex>>,
+    /// The distinct lengths of `suffix_hosts`' keys, longest first, with their counts.
+    suffix_lengths: Vec<(usize, usize)>,
+    no_host: PathIndex,
+}
+
+/// Where a route is indexed: under a host of its, or with the routes without hosts.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Tier<'a> {
+    Exact(&'a str),
+    Suffix(&'a str),
+    NoHost,
+}
+
+fn tiers(route: &RouteEntry) -> impl Iterator<Item = Tier<'_>> {
+    let none = route.hosts.is_empty().then_some(Tier::NoHost);
+    route
+        .hosts
+        .iter()
+        .map(|h| match h {
+            HostPattern::Exact(h) => Tier::Exact(h),
+            HostPattern::Suffix(s) => Tier::Suffix(s),
+        })
+        .chain(none)
+}
+
+/// Routes indexed by path: the routes of one host, or the routes without hosts.
 ///
 /// Prefixes are found by hashing the request path's leading bytes at each length some prefix
 /// has, longest first: a lookup costs one hash probe per distinct prefix length (a handful),
 /// not one comparison per route — with 10,000 prefix routes a scan took up to 28 µs.
 ///
 /// Keys and lists are shared (`Arc`), so a configuration change that touches a few routes
-/// copies the index cheaply and patches it ([`Router::patch`]) instead of indexing every route
+/// copies the index cheaply and patches it ([`PathIndex::patch`]) instead of indexing every route
 /// again.
 #[derive(Debug, Default, Clone)]
-pub struct Router {
+struct PathIndex {
     exact: Index,
     /// Prefixes without the `*`.
     prefixes: Index,
@@ -163,6 +202,136 @@ fn index_key(path: &str) -> (bool, &str) {
 
 impl Router {
     pub fn new<'a>(routes: impl IntoIterator<Item = &'a Arc<RouteEntry>>) -> Router {
+        let mut by_tier: FastMap<Tier<'_>, Vec<Arc<RouteEntry>>> = FastMap::default();
+        for r in routes {
+            for t in tiers(r) {
+                by_tier.entry(t).or_default().push(r.clone());
+            }
+        }
+        let mut router = Router::default();
+        for (tier, list) in by_tier {
+            router.set(tier, PathIndex::new(&list));
+        }
+        router
+    }
+
+    /// Puts `index` as `tier`'s (an empty one: takes the tier out).
+    fn set(&mut self, tier: Tier<'_>, index: PathIndex) {
+        let (map, key) = match tier {
+            Tier::NoHost => {
+                self.no_host = index;
+                return;
+            }
+            Tier::Exact(h) => (&mut self.exact_hosts, h),
+            Tier::Suffix(s) => (&mut self.suffix_hosts, s),
+        };
+        let suffix = matches!(tier, Tier::Suffix(_));
+        if index.is_empty() {
+            if map.remove(key).is_some() && suffix {
+                count(&mut self.suffix_lengths, key.len(), false);
+            }
+        } else if map.insert(Arc::from(key), Arc::new(index)).is_none() && suffix {
+            count(&mut self.suffix_lengths, key.len(), true);
+        }
+    }
+
+    fn get(&self, tier: Tier<'_>) -> Option<&PathIndex> {
+        match tier {
+            Tier::NoHost => Some(&self.no_host),
+            Tier::Exact(h) => self.exact_hosts.get(h).map(|i| &**i),
+            Tier::Suffix(s) => self.suffix_hosts.get(s).map(|i| &**i),
+        }
+    }
+
+    /// Every route indexed (a route on several paths or hosts comes once for each).
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<RouteEntry>> + '_ {
+        self.exact_hosts
+            .values()
+            .chain(self.suffix_hosts.values())
+            .flat_map(|i| i.routes())
+            .chain(self.no_host.routes())
+    }
+
+    /// This router with `removed` routes taken out and `added` ones put in: what
+    /// `Router::new` would build from the routes after the change. Only the indexes of the
+    /// hosts the change touches are patched; the others are shared with `self`.
+    pub fn patch(&self, removed: &[Arc<RouteEntry>], added: &[Arc<RouteEntry>]) -> Router {
+        type Change = (Vec<Arc<RouteEntry>>, Vec<Arc<RouteEntry>>);
+        let mut touched: FastMap<Tier<'_>, Change> = FastMap::default();
+        for r in removed {
+            for t in tiers(r) {
+                touched.entry(t).or_default().0.push(r.clone());
+            }
+        }
+        for r in added {
+            for t in tiers(r) {
+                touched.entry(t).or_default().1.push(r.clone());
+            }
+        }
+        let mut next = self.clone();
+        for (tier, (gone, new)) in touched {
+            let index = match self.get(tier) {
+                Some(i) => i.patch(&gone, &new),
+                None => PathIndex::new(&new),
+            };
+            next.set(tier, index);
+        }
+        next
+    }
+
+    /// The route serving `req`, if any: see the module's documentation for the order.
+    pub fn find(&self, req: &RequestView<'_>) -> Option<&Arc<RouteEntry>> {
+        let host = req.host;
+        if !self.exact_hosts.is_empty() {
+            if let Some(r) = self.exact_hosts.get(host).and_then(|i| i.find(req)) {
+                return Some(r);
+            }
+        }
+        for &(len, _) in &self.suffix_lengths {
+            // `*.example.com` needs at least one character before its dot.
+            if len >= host.len() || !host.is_char_boundary(host.len() - len) {
+                continue;
+            }
+            let suffix = &host[host.len() - len..];
+            if let Some(r) = self.suffix_hosts.get(suffix).and_then(|i| i.find(req)) {
+                return Some(r);
+            }
+        }
+        self.no_host.find(req)
+    }
+
+    pub fn len(&self) -> usize {
+        self.exact_hosts
+            .values()
+            .chain(self.suffix_hosts.values())
+            .map(|i| i.len())
+            .sum::<usize>()
+            + self.no_host.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One key of length `len` more (`added`) or fewer in a list of lengths, longest first, with
+/// how many keys have each.
+fn count(lengths: &mut Vec<(usize, usize)>, len: usize, added: bool) {
+    match lengths.binary_search_by(|(l, _)| len.cmp(l)) {
+        Ok(i) if added => lengths[i].1 += 1,
+        Ok(i) => {
+            lengths[i].1 -= 1;
+            if lengths[i].1 == 0 {
+                lengths.remove(i);
+            }
+        }
+        Err(i) if added => lengths.insert(i, (len, 1)),
+        Err(_) => {}
+    }
+}
+
+impl PathIndex {
+    fn new(routes: &[Arc<RouteEntry>]) -> PathIndex {
         let mut lists: [FastMap<&str, Vec<Arc<RouteEntry>>>; 2] = Default::default();
         for r in routes {
             for p in &r.paths {
@@ -181,19 +350,19 @@ impl Router {
                 })
                 .collect::<Index>()
         });
-        let mut router = Router {
+        let mut index = PathIndex {
             exact,
             prefixes,
             prefix_lengths: Vec::new(),
         };
-        for len in router.prefixes.keys().map(|k| k.len()).collect::<Vec<_>>() {
-            router.count_length(len, true);
+        for len in index.prefixes.keys().map(|k| k.len()).collect::<Vec<_>>() {
+            count(&mut index.prefix_lengths, len, true);
         }
-        router
+        index
     }
 
     /// Every route indexed (a route on several paths comes once per path).
-    pub fn routes(&self) -> impl Iterator<Item = &Arc<RouteEntry>> + '_ {
+    fn routes(&self) -> impl Iterator<Item = &Arc<RouteEntry>> + '_ {
         self.exact
             .values()
             .chain(self.prefixes.values())
@@ -201,9 +370,9 @@ impl Router {
     }
 
     /// This index with `removed` routes taken out and `added` ones put in: what
-    /// `Router::new` would build from the routes after the change. Each path the change
+    /// `PathIndex::new` would build from the routes after the change. Each path the change
     /// touches gets its list made once; the rest is shared with `self`.
-    pub fn patch(&self, removed: &[Arc<RouteEntry>], added: &[Arc<RouteEntry>]) -> Router {
+    fn patch(&self, removed: &[Arc<RouteEntry>], added: &[Arc<RouteEntry>]) -> PathIndex {
         let gone: foldhash::HashSet<*const RouteEntry> = removed.iter().map(Arc::as_ptr).collect();
         let mut touched: FastMap<(bool, &str), Vec<Arc<RouteEntry>>> = FastMap::default();
         for r in removed {
@@ -231,7 +400,7 @@ impl Router {
             }
             if list.is_empty() {
                 if next.index(prefix).remove(key).is_some() && prefix {
-                    next.count_length(key.len(), false);
+                    count(&mut next.prefix_lengths, key.len(), false);
                 }
                 continue;
             }
@@ -240,7 +409,7 @@ impl Router {
                 Some((k, _)) => k,
                 None => {
                     if prefix {
-                        next.count_length(key.len(), true);
+                        count(&mut next.prefix_lengths, key.len(), true);
                     }
                     Arc::from(key)
                 }
@@ -258,25 +427,8 @@ impl Router {
         }
     }
 
-    /// One prefix key of length `len` more (`added`) or fewer.
-    fn count_length(&mut self, len: usize, added: bool) {
-        let lengths = &mut self.prefix_lengths;
-        // Longest first: the position of `len` in a descending list.
-        match lengths.binary_search_by(|(l, _)| len.cmp(l)) {
-            Ok(i) if added => lengths[i].1 += 1,
-            Ok(i) => {
-                lengths[i].1 -= 1;
-                if lengths[i].1 == 0 {
-                    lengths.remove(i);
-                }
-            }
-            Err(i) if added => lengths.insert(i, (len, 1)),
-            Err(_) => {}
-        }
-    }
-
-    /// The route serving `req`, if any.
-    pub fn find(&self, req: &RequestView<'_>) -> Option<&Arc<RouteEntry>> {
+    /// The route of this index serving `req`, if any.
+    fn find(&self, req: &RequestView<'_>) -> Option<&Arc<RouteEntry>> {
         if let Some(list) = self.exact.get(req.path) {
             if let Some(r) = list.iter().find(|r| r.matches(req)) {
                 return Some(r);
@@ -291,13 +443,13 @@ impl Router {
             .find_map(|list| list.iter().find(|r| r.matches(req)))
     }
 
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.exact.values().map(|l| l.len()).sum::<usize>()
             + self.prefixes.values().map(|l| l.len()).sum::<usize>()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.prefixes.is_empty()
     }
 }
 
@@ -327,9 +479,11 @@ mod tests {
     fn find<'a>(r: &'a Router, method: &str, host: &str, path: &str) -> Option<&'a str> {
         let m: http::Method = method.parse().unwrap();
         let none = |_: &str| None;
+        // Lower-cased, as the proxy gives it.
+        let host = host.to_ascii_lowercase();
         let req = RequestView {
             method: &m,
-            host,
+            host: &host,
             path,
             remote: "127.0.0.1".parse().unwrap(),
             vars: &none,
@@ -361,6 +515,53 @@ mod tests {
         assert_eq!(find(&router, "GET", "x", "/a/"), Some("1"));
         assert_eq!(find(&router, "GET", "x", "/a"), None);
         assert_eq!(find(&router, "GET", "x", "/a/bé"), Some("1"));
+    }
+
+    /// As APISIX's `radixtree_host_uri`: a host's routes before the routes without hosts,
+    /// whatever their paths; the exact host before wildcards, the longer wildcard first; a
+    /// host whose routes do not match the request falls back to the next.
+    #[test]
+    fn routes_with_hosts_come_first() {
+        let routes = [
+            route("host-any-path", "/*", 0, &[], &["api.test"]),
+            route("exact-path", "/login", 0, &[], &[]),
+            route("wild", "/*", 0, &[], &["*.test"]),
+            route("wild-longer", "/w/*", 0, &[], &["*.b.test"]),
+            route("host-post", "/p", 0, &["POST"], &["p.test"]),
+            route("plain-p", "/p", 0, &[], &[]),
+        ]
+        .map(Arc::new);
+        let router = Router::new(&routes);
+        assert_eq!(
+            find(&router, "GET", "api.test", "/login"),
+            Some("host-any-path")
+        );
+        assert_eq!(
+            find(&router, "GET", "other.org", "/login"),
+            Some("exact-path")
+        );
+        assert_eq!(find(&router, "GET", "x.test", "/login"), Some("wild"));
+        assert_eq!(
+            find(&router, "GET", "a.b.test", "/w/1"),
+            Some("wild-longer")
+        );
+        assert_eq!(find(&router, "GET", "a.b.test", "/v"), Some("wild"));
+        // `*.test` wants something before its dot.
+        assert_eq!(find(&router, "GET", "test", "/login"), Some("exact-path"));
+        assert_eq!(find(&router, "POST", "p.test", "/p"), Some("host-post"));
+        assert_eq!(find(&router, "GET", "p.test", "/p"), Some("wild"));
+        // A patch that takes a host's last route out leaves the others as they were.
+        let router = router.patch(&[routes[0].clone(), routes[2].clone()], &[]);
+        assert_eq!(
+            find(&router, "GET", "api.test", "/login"),
+            Some("exact-path")
+        );
+        assert_eq!(find(&router, "GET", "p.test", "/p"), Some("plain-p"));
+        assert_eq!(
+            find(&router, "GET", "a.b.test", "/w/1"),
+            Some("wild-longer")
+        );
+        assert_eq!(router.len(), 4);
     }
 
     /// With many prefixes of the same length, the one the path starts with serves, and a
@@ -422,10 +623,12 @@ mod tests {
         let paths = [
             "/a", "/a/*", "/a/b/*", "/b", "/b/*", "/", "/*", "/c/d", "/c/*",
         ];
+        let hosts: [&[&str]; 5] = [&[], &[], &["a.test"], &["*.test"], &["a.test", "*.x.test"]];
         let make = |id: usize| {
             let path = paths[next(paths.len() as u64) as usize];
             let methods: &[&str] = if next(3) == 0 { &["POST"] } else { &[] };
-            Arc::new(route(&id.to_string(), path, next(3) as i64, methods, &[]))
+            let hosts = hosts[next(hosts.len() as u64) as usize];
+            Arc::new(route(&id.to_string(), path, next(3) as i64, methods, hosts))
         };
         let mut live: Vec<Arc<RouteEntry>> = (0..40).map(make).collect();
         let mut router = Router::new(&live);
@@ -463,15 +666,25 @@ mod tests {
             router = router.patch(&removed, &added);
             let rebuilt = Router::new(&live);
             assert_eq!(router.len(), rebuilt.len());
-            assert_eq!(router.prefix_lengths, rebuilt.prefix_lengths);
+            assert_eq!(
+                router.no_host.prefix_lengths,
+                rebuilt.no_host.prefix_lengths
+            );
+            assert_eq!(router.suffix_lengths, rebuilt.suffix_lengths);
             for path in [
                 "/a", "/a/", "/a/b/c", "/b", "/b/x", "/", "/x", "/c/d", "/c/e",
             ] {
-                for method in ["GET", "POST"] {
+                for (method, host) in [
+                    ("GET", "h"),
+                    ("POST", "h"),
+                    ("GET", "a.test"),
+                    ("POST", "b.test"),
+                    ("GET", "q.x.test"),
+                ] {
                     assert_eq!(
-                        find(&router, method, "h", path),
-                        find(&rebuilt, method, "h", path),
-                        "{method} {path}"
+                        find(&router, method, host, path),
+                        find(&rebuilt, method, host, path),
+                        "{method} {host} {path}"
                     );
                 }
             }
