@@ -199,6 +199,49 @@ fn paging_and_unknown_resources() {
     assert_eq!(v["total"], 12);
     assert_eq!(v["list"].as_array().unwrap().len(), 2);
     assert_eq!(v["list"][0]["value"]["id"], "11");
+    // Pages follow creation order, as APISIX's: route 1, replaced, stays first.
+    let (s, _) = gw.admin(
+        "PUT",
+        "/apisix/admin/routes/1",
+        Some(
+            json!({"uri": "/p1", "name": "billing-api", "labels": {"team": "pay"},
+                    "plugins": {"wasm_log": {"conf": "c"}}}),
+        ),
+    );
+    assert_eq!(s, 200);
+    let (_, v) = gw.admin("GET", "/apisix/admin/routes?page=1&page_size=10", None);
+    assert_eq!(v["list"][0]["value"]["id"], "1");
+    // APISIX's filters: `name` and `uri` are regular expressions, `label` a key of labels;
+    // `total` counts what they keep.
+    let ids = |q: &str| {
+        let (s, v) = gw.admin("GET", &format!("/apisix/admin/routes?{q}"), None);
+        assert_eq!(s, 200, "{q}: {v}");
+        let ids: Vec<String> = v["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["value"]["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(v["total"], ids.len(), "{q}");
+        ids
+    };
+    assert_eq!(ids("name=^billing"), ["1"]);
+    assert_eq!(ids("name=nothing-like-it"), Vec::<String>::new());
+    assert_eq!(ids("label=team"), ["1"]);
+    assert_eq!(ids("uri=^/p1"), ["1", "10", "11", "12"]);
+    assert_eq!(ids("uri=p1$&label=team"), ["1"]);
+    for (q, says) in [
+        ("page=1&page_size=5", "page_size must be between 10 and 500"),
+        (
+            "page=1&page_size=501",
+            "page_size must be between 10 and 500",
+        ),
+        ("name=(unclosed", "invalid name filter"),
+    ] {
+        let (s, v) = gw.admin("GET", &format!("/apisix/admin/routes?{q}"), None);
+        assert_eq!(s, 400, "{q}: {v}");
+        assert!(v["error_msg"].as_str().unwrap().contains(says), "{q}: {v}");
+    }
     let (s, v) = gw.admin("GET", "/apisix/admin/consumers_typo", None);
     assert_eq!(s, 404);
     assert_eq!(v["error_msg"], "Unsupported resource type: consumers_typo");

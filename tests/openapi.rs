@@ -645,6 +645,7 @@ fn admin_api_answers_match_openapi_document() {
     assert_eq!(r1_entry["value"]["id"], "r1");
     let list = api.expect(200, "GET", "/apisix/admin/routes", None);
     assert_eq!(list["total"], 3);
+    api.expect(400, "GET", "/apisix/admin/routes?page=1&page_size=1", None);
     let page = api.expect(200, "GET", "/apisix/admin/routes?page=2&page_size=10", None);
     assert_eq!((&page["total"], &page["list"]), (&json!(3), &json!([])));
     api.expect(

@@ -163,13 +163,15 @@ async fn dispatch(
     };
     let outcome: objects::Outcome = match (method, id, sub) {
         (&Method::GET, None, None) => {
-            let num = |k: &str| {
-                query
-                    .iter()
-                    .find(|(n, _)| n == k)
-                    .and_then(|(_, v)| v.parse().ok())
+            let arg = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+            let q = objects::ListQuery {
+                name: arg("name"),
+                uri: arg("uri"),
+                label: arg("label"),
+                page: arg("page"),
+                page_size: arg("page_size"),
             };
-            objects::list(m, kind, num("page"), num("page_size")).into()
+            objects::list(m, kind, &q).into()
         }
         (&Method::GET, Some(id), None) => objects::get(m, kind, id).into(),
         (&Method::PUT, id, None) => match parse_body() {

@@ -81,23 +81,77 @@ pub fn get(m: &Master, kind: Kind, id: &str) -> Reply {
     }
 }
 
-/// GET list, with APISIX's optional `page` / `page_size`.
-pub fn list(m: &Master, kind: Kind, page: Option<usize>, page_size: Option<usize>) -> Reply {
-    let store = m.store();
-    let all = store.list(kind);
-    let total = all.len();
-    let items: Vec<Value> = match (page, page_size) {
-        (None, None) => all.iter().map(|(id, s)| entry(kind, id, s)).collect(),
-        (p, ps) => {
-            let ps = ps.unwrap_or(10).clamp(10, 500);
-            let p = p.unwrap_or(1).max(1);
-            all.iter()
-                .skip((p - 1).saturating_mul(ps))
-                .take(ps)
-                .map(|(id, s)| entry(kind, id, s))
-                .collect()
-        }
+/// What a GET of a collection asks for (APISIX's `v3_adapter`): `name` and `uri` (regular
+/// expressions found in the object's `name`, its `uri` or one of its `uris`), `label` (a key
+/// of its `labels`), and a page, when both `page` and `page_size` are given.
+#[derive(Default)]
+pub struct ListQuery<'a> {
+    pub name: Option<&'a str>,
+    pub uri: Option<&'a str>,
+    pub label: Option<&'a str>,
+    pub page: Option<&'a str>,
+    pub page_size: Option<&'a str>,
+}
+
+/// GET list: the objects the query's filters keep, `total` counting them, one page of them
+/// when asked (in creation order, as APISIX pages).
+pub fn list(m: &Master, kind: Kind, q: &ListQuery<'_>) -> Reply {
+    let pattern = |what: &str, p: Option<&str>| {
+        p.map(|p| {
+            regex::RegexBuilder::new(p)
+                .size_limit(1 << 20)
+                .build()
+                .map_err(|e| error(400, format!("invalid {what} filter {p:?}: {e}")))
+        })
+        .transpose()
     };
+    let (name, uri) = match (pattern("name", q.name), pattern("uri", q.uri)) {
+        (Ok(n), Ok(u)) => (n, u),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
+    let kept = |s: &Stored| {
+        let v = &s.value;
+        name.as_ref()
+            .is_none_or(|re| text(v, "name").is_some_and(|n| re.is_match(&n)))
+            && q.label.is_none_or(|l| {
+                v.get("labels")
+                    .and_then(Value::as_object)
+                    .is_some_and(|m| m.contains_key(l))
+            })
+            && uri.as_ref().is_none_or(|re| {
+                let uris = v.get("uris").and_then(Value::as_array);
+                text(v, "uri").is_some_and(|u| re.is_match(&u))
+                    || uris
+                        .is_some_and(|l| l.iter().filter_map(Value::as_str).any(|u| re.is_match(u)))
+            })
+    };
+    let store = m.store();
+    let mut all: Vec<_> = store
+        .list(kind)
+        .into_iter()
+        .filter(|(_, s)| kept(s))
+        .collect();
+    let total = all.len();
+    let page = match (q.page, q.page_size) {
+        (Some(p), Some(ps)) => match (p.parse::<i64>(), ps.parse::<i64>()) {
+            (_, Ok(ps)) if !(10..=500).contains(&ps) => {
+                return error(400, "page_size must be between 10 and 500")
+            }
+            (p, Ok(ps)) => Some((p.unwrap_or(1).max(1) as usize, ps as usize)),
+            (_, Err(_)) => None,
+        },
+        _ => None,
+    };
+    if let Some((p, ps)) = page {
+        all.sort_by_key(|(_, s)| s.created_index);
+        all = all
+            .into_iter()
+            .skip((p - 1).saturating_mul(ps))
+            .take(ps)
+            .collect();
+    }
+    let items: Vec<Value> = all.iter().map(|(id, s)| entry(kind, id, s)).collect();
     (200, json!({ "total": total, "list": items }))
 }
 
