@@ -403,6 +403,29 @@ fn the_test_command_refuses_what_start_would() {
     let (ok, out, err) = test(gw.prefix());
     assert!(ok && out.contains("is ok"), "{out}{err}");
     let good = std::fs::read_to_string(gw.config_path()).unwrap();
+    // APISIX's keys that wasmgate has no use for pass, each named; a variable reference with
+    // no value and no default does not.
+    let apisix = good.replace(
+        "nginx_config:\n",
+        "plugins: [wasm, prometheus]\nnginx_config:\n  event:\n    worker_connections: 10620\n",
+    );
+    std::fs::write(gw.config_path(), &apisix).unwrap();
+    let (ok, out, err) = test(gw.prefix());
+    assert!(
+        ok && format!("{out}{err}").contains("nginx_config.event: an APISIX setting"),
+        "{out}{err}"
+    );
+    let unset = good.replace(
+        "nginx_config:\n",
+        "wasmgate:\n  pid_file: ${{WASMGATE_TEST_NEVER_SET}}\nnginx_config:\n",
+    );
+    std::fs::write(gw.config_path(), &unset).unwrap();
+    let (ok, out, err) = test(gw.prefix());
+    assert!(
+        !ok && err.contains("WASMGATE_TEST_NEVER_SET is not set"),
+        "{out}{err}"
+    );
+    std::fs::write(gw.config_path(), &good).unwrap();
     for (bad, says) in [
         (good.replace("wasm_log", "other_plugin"), "route 1"),
         (

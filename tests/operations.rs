@@ -57,6 +57,33 @@ fn request_variables_in_the_access_log_format() {
     });
 }
 
+/// `access_log_format_escape: json` (APISIX's key, nginx's `escape=json`): a format that
+/// writes JSON stays JSON whatever a client sends; an absent value is empty, not `-`.
+#[test]
+fn json_escaped_access_log_lines_parse() {
+    let up = TestUpstream::start("u");
+    let gw = Gateway::start_with(Setup {
+        http_extra: vec![
+            "access_log_format_escape: json".into(),
+            r#"access_log_format: '{"ua":"$http_user_agent","ref":"$http_referer","status":$status}'"#
+                .into(),
+        ],
+        workers: 1,
+        ..Setup::default()
+    });
+    gw.route("j", json!({"uri": "/j"}), Some(&up));
+    let ua = "evil\" \\ \t\"status\":1}";
+    let r = http("GET", &gw.url("/j"), &[("User-Agent", ua)], None);
+    assert_eq!(r.status, 200);
+    eventually(Duration::from_secs(5), "the access log line", || {
+        !access_log(&gw).is_empty()
+    });
+    let log = access_log(&gw);
+    let line: serde_json::Value =
+        serde_json::from_str(log.lines().next().unwrap()).unwrap_or_else(|e| panic!("{e}: {log}"));
+    assert_eq!(line, json!({"ua": ua, "ref": "", "status": 200}));
+}
+
 /// A request without `X-Request-Id` gets one, seen by the upstream, the client, plugins and
 /// the access log; a client's own id is kept.
 #[test]

@@ -4,7 +4,7 @@
 //! Every section rejects unknown keys: a misspelt key is an error at start or reload, never a
 //! silently ignored setting. `docs/configuration.md` lists every key.
 
-use crate::units::{de_duration, de_limit, de_size};
+use crate::units::{de_duration, de_limit, de_opt_duration, de_size};
 use crate::yaml_lines::{line_of, Step, Step::Item, Step::Key};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::HashSet;
@@ -14,6 +14,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The configuration compiled into the binary, used when no `conf/config.yaml` exists.
+/// The Admin API keys of APISIX's sample configuration (admin, viewer), known to everyone.
+const PUBLISHED_KEYS: [&str; 2] = [
+    "edd1c9f034335f136f87ad84b625c8f1",
+    "4054f7cf07e344346cd3f287985e76a2",
+];
+
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../conf/config.yaml");
 
 /// A configuration error, already formatted as `file:line: message` where a line is known.
@@ -38,6 +44,10 @@ pub struct GatewayConfig {
     pub wasm: WasmSection,
     pub plugin_attr: PluginAttrSection,
     pub wasmgate: WasmgateSection,
+    /// The APISIX keys the file holds that wasmgate does not use, each with why
+    /// ([`crate::apisix_keys`]): said as warnings.
+    #[serde(skip)]
+    pub set_aside: Vec<String>,
 }
 
 /// `plugin_attr:` — settings of built-in plugins, as APISIX names them.
@@ -475,6 +485,41 @@ pub struct HttpSection {
     /// How long an idle upstream connection is kept.
     #[serde(deserialize_with = "de_duration")]
     pub upstream_keepalive_timeout: Duration,
+    /// APISIX's switch for the access log: false is `access_log: off`.
+    pub enable_access_log: bool,
+    /// How values are escaped in access-log lines: `default` or `json` (nginx's `escape=`).
+    pub access_log_format_escape: crate::logformat::Escape,
+    /// APISIX's names for the upstream keep-alive settings: `keepalive` and
+    /// `keepalive_timeout`, used over `upstream_keepalive` and `upstream_keepalive_timeout`
+    /// when given; `keepalive_requests` is accepted (connections are reused without a count).
+    pub upstream: Option<ApisixUpstreamKeepalive>,
+}
+
+/// `nginx_config.http.upstream:` as APISIX writes it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApisixUpstreamKeepalive {
+    pub keepalive: Option<usize>,
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub keepalive_timeout: Option<Duration>,
+    pub keepalive_requests: Option<u64>,
+}
+
+impl HttpSection {
+    /// Folds APISIX's spellings into the settings they stand for.
+    fn settle(&mut self) {
+        if !self.enable_access_log {
+            self.access_log = "off".into();
+        }
+        if let Some(u) = &self.upstream {
+            if let Some(n) = u.keepalive {
+                self.upstream_keepalive = n;
+            }
+            if let Some(t) = u.keepalive_timeout {
+                self.upstream_keepalive_timeout = t;
+            }
+        }
+    }
 }
 
 impl Default for HttpSection {
@@ -491,6 +536,9 @@ impl Default for HttpSection {
             client_max_header_size: 64 << 10,
             upstream_keepalive: 320,
             upstream_keepalive_timeout: Duration::from_secs(60),
+            enable_access_log: true,
+            access_log_format_escape: crate::logformat::Escape::Default,
+            upstream: None,
         }
     }
 }
@@ -600,26 +648,53 @@ impl GatewayConfig {
     pub fn warnings(&self) -> Vec<String> {
         let admin = &self.deployment.admin;
         let addr = admin.admin_listen.addr();
-        let mut out = Vec::new();
+        let mut out = self.set_aside.clone();
         if !admin.admin_key_required && !addr.ip().is_loopback() {
             out.push(format!(
                 "deployment.admin.admin_key_required is false and the Admin API listens on \
                  {addr}: anyone who reaches it can change the configuration"
             ));
         }
+        // APISIX's sample keys are in its documentation and countless copies of its
+        // config.yaml (APISIX warns about them too).
+        for k in &admin.admin_key {
+            if PUBLISHED_KEYS.contains(&k.key.as_str()) {
+                out.push(format!(
+                    "deployment.admin.admin_key {:?} uses APISIX's published sample key:                      anyone who can reach the Admin API can guess it; leave key empty to have                      one generated, or set your own",
+                    k.name
+                ));
+            }
+        }
         out
     }
 
     /// Parses and validates YAML text; `origin` names the file in error messages.
     pub fn parse(text: &str, origin: &str) -> Result<GatewayConfig, ConfigError> {
+        GatewayConfig::parse_with_env(text, origin, |name| std::env::var(name).ok())
+    }
+
+    /// [`GatewayConfig::parse`] with `env` answering the `${{NAME}}` references
+    /// ([`crate::yaml_env`]) instead of the process's environment.
+    pub fn parse_with_env(
+        text: &str,
+        origin: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<GatewayConfig, ConfigError> {
+        let at = |(line, msg): (usize, String)| ConfigError(format!("{origin}:{line}: {msg}"));
+        let text = crate::yaml_env::expand(text, env).map_err(at)?;
+        let (text, set_aside) = crate::apisix_keys::set_aside(&text).map_err(at)?;
+        let text = &*text;
         // An empty file (or one holding only comments) means "all defaults".
         if text.lines().all(|l| {
             let l = l.trim();
             l.is_empty() || l.starts_with('#') || l == "---"
         }) {
-            return Ok(GatewayConfig::default());
+            return Ok(GatewayConfig {
+                set_aside,
+                ..GatewayConfig::default()
+            });
         }
-        let config: GatewayConfig = serde_norway::from_str(text).map_err(|e| {
+        let mut config: GatewayConfig = serde_norway::from_str(text).map_err(|e| {
             let line = e.location().map(|l| l.line()).unwrap_or(0);
             // serde_norway appends "at line N column M"; the prefix already says where.
             let msg = e.to_string();
@@ -627,6 +702,8 @@ impl GatewayConfig {
             ConfigError(format!("{origin}:{line}: {msg}"))
         })?;
         config.validate(text, origin)?;
+        config.nginx_config.http.settle();
+        config.set_aside = set_aside;
         Ok(config)
     }
 
@@ -929,6 +1006,145 @@ mod tests {
         assert_eq!(c.nginx_config.worker_processes, WorkerProcesses::Auto);
     }
 
+    /// `${{NAME}}` and `${{NAME:=default}}` as APISIX reads them; a key whose variable is not
+    /// set is refused, never taken as the literal text.
+    #[test]
+    fn environment_variables_fill_values() {
+        let env = |n: &str| match n {
+            "ADMIN_KEY" => Some("from-the-env".to_string()),
+            _ => None,
+        };
+        let y = "apisix:\n  node_listen: ${{PORT:=9181}}\ndeployment:\n  admin:\n    admin_key:\n      - name: admin\n        key: ${{ADMIN_KEY}} # ${{NOT_READ}}\n        role: admin\n";
+        let c = GatewayConfig::parse_with_env(y, "c.yaml", env).unwrap();
+        assert_eq!(c.apisix.node_listen[0].0.port(), 9181);
+        assert_eq!(c.deployment.admin.admin_key[0].key, "from-the-env");
+        let e = GatewayConfig::parse_with_env(y, "c.yaml", |_| None).unwrap_err();
+        assert!(
+            e.0.starts_with("c.yaml:7:") && e.0.contains("ADMIN_KEY is not set"),
+            "{e}"
+        );
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        // APISIX's sample key is accepted, with a warning.
+        let sample =
+            |n: &str| (n == "ADMIN_KEY").then(|| "edd1c9f034335f136f87ad84b625c8f1".into());
+        let c = GatewayConfig::parse_with_env(y, "c.yaml", sample).unwrap();
+        assert!(
+            c.warnings()[0].contains("published sample key"),
+            "{:?}",
+            c.warnings()
+        );
+    }
+
+    /// A config.yaml as APISIX 3 installations write it loads: the keys wasmgate does not use
+    /// are named in warnings; APISIX's spellings of settings wasmgate has take effect.
+    #[test]
+    fn an_apisix_config_yaml_loads() {
+        let y = r#"apisix:
+  node_listen:
+    - 9080
+  enable_ipv6: false
+  enable_server_tokens: true
+  enable_admin: true
+  router:
+    http: radixtree_host_uri
+    ssl: radixtree_sni
+  ssl:
+    enable: false
+nginx_config:
+  error_log_level: warn
+  worker_processes: auto
+  worker_rlimit_nofile: 20480
+  event:
+    worker_connections: 10620
+  meta:
+    lua_shared_dict:
+      prometheus-metrics: 15m
+  http:
+    enable_access_log: false
+    access_log_format_escape: json
+    keepalive_timeout: 60s
+    underscores_in_headers: "on"
+    real_ip_header: X-Real-IP
+    real_ip_from:
+      - 127.0.0.1
+      - "unix:"
+    lua_shared_dict:
+      internal-status: 10m
+    upstream:
+      keepalive: 100
+      keepalive_requests: 1000
+      keepalive_timeout: 30s
+  http_configuration_snippet: |
+    # Add custom Nginx http configuration to nginx.conf.
+deployment:
+  role: traditional
+  role_traditional:
+    config_provider: etcd
+  admin:
+    admin_key:
+      - name: admin
+        key: ${{ADMIN_KEY}}
+        role: admin
+    allow_admin:
+      - 127.0.0.0/24
+    admin_listen:
+      ip: 127.0.0.1
+      port: 9180
+    admin_api_version: v3
+  etcd:
+    host:
+      - "http://127.0.0.1:2379"
+    prefix: /apisix
+    timeout: 30
+    watch_timeout: 50
+    startup_retry: 2
+plugins:
+  - wasm
+  - prometheus
+plugin_attr:
+  prometheus:
+    export_addr:
+      ip: 127.0.0.1
+      port: 9091
+  log-rotate:
+    interval: 3600
+"#;
+        let env = |n: &str| (n == "ADMIN_KEY").then(|| "k-0123456789".to_string());
+        let c = GatewayConfig::parse_with_env(y, "c.yaml", env).unwrap();
+        let http = &c.nginx_config.http;
+        assert_eq!(http.access_log, "off");
+        assert_eq!(
+            http.access_log_format_escape,
+            crate::logformat::Escape::Json
+        );
+        assert_eq!(http.upstream_keepalive, 100);
+        assert_eq!(http.upstream_keepalive_timeout, Duration::from_secs(30));
+        assert_eq!(c.deployment.admin.admin_key[0].key, "k-0123456789");
+        assert_eq!(c.deployment.etcd.as_ref().unwrap().prefix, "/apisix");
+        let w = c.warnings();
+        for key in [
+            "apisix.enable_ipv6",
+            "apisix.router",
+            "nginx_config.event",
+            "nginx_config.http.real_ip_from",
+            "nginx_config.http_configuration_snippet",
+            "deployment.admin.allow_admin",
+            "deployment.etcd.watch_timeout",
+            "plugins:",
+            "plugin_attr.log-rotate",
+        ] {
+            assert!(w.iter().any(|l| l.starts_with(key)), "{key} in {w:#?}");
+        }
+        // A misspelt key is still an error, on its line.
+        let e =
+            GatewayConfig::parse_with_env(&y.replace("enable_ipv6", "enable_ipv7"), "c.yaml", env)
+                .unwrap_err();
+        assert!(
+            e.0.starts_with("c.yaml:4:") && e.0.contains("enable_ipv7"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn prometheus_attr_defaults_and_checks() {
         let c = GatewayConfig::parse(EMBEDDED_DEFAULT, "conf/config.yaml").unwrap();
@@ -941,9 +1157,14 @@ mod tests {
         let y = "plugin_attr:\n  prometheus:\n    metric_prefix: \"my-gw\"\n";
         let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
         assert!(e.0.contains("metric_prefix"), "{e}");
+        // Another plugin's settings: accepted, and said to be ignored.
         let y = "plugin_attr:\n  log-rotate:\n    interval: 3600\n";
-        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
-        assert!(e.0.contains("log-rotate"), "{e}");
+        let c = GatewayConfig::parse(y, "c.yaml").unwrap();
+        assert!(
+            c.warnings()[0].contains("plugin_attr.log-rotate"),
+            "{:?}",
+            c.warnings()
+        );
     }
 
     #[test]

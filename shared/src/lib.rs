@@ -16,6 +16,7 @@
 pub const WORKER_ENV: &str = "WASMGATE_WORKER";
 
 pub mod alloc;
+pub mod apisix_keys;
 pub mod config;
 pub mod logformat;
 pub mod logging;
@@ -27,6 +28,7 @@ pub mod snapshot;
 pub mod stats;
 pub mod traffic;
 pub mod units;
+pub mod yaml_env;
 pub mod yaml_lines;
 
 /// The version string the gateway reports (`Server` header, `wasmgate version`).

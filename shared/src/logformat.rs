@@ -62,12 +62,27 @@ pub enum Piece {
     Captured(usize),
 }
 
+/// How values are escaped in a line: nginx's `log_format … escape=`, APISIX's
+/// `nginx_config.http.access_log_format_escape`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Escape {
+    /// Quotes, backslashes and control characters escaped as Rust's `escape_debug` writes
+    /// them; an empty value is `-`.
+    #[default]
+    Default,
+    /// As a JSON string's contents (`\"`, `\\`, `\n`, `\u001b`); an empty value is empty,
+    /// as nginx's `escape=json` writes it: a JSON format stays valid JSON.
+    Json,
+}
+
 /// A parsed format.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogFormat {
     pub pieces: Vec<Piece>,
     /// What to read off each request's head for it, in the order of the pieces.
     pub captures: Vec<Capture>,
+    pub escape: Escape,
 }
 
 /// The [`Capture`] a variable name is, if it is one.
@@ -194,7 +209,16 @@ impl LogFormat {
         if !text.is_empty() {
             pieces.push(Piece::Text(text));
         }
-        Ok(LogFormat { pieces, captures })
+        Ok(LogFormat {
+            pieces,
+            captures,
+            escape: Escape::Default,
+        })
+    }
+
+    /// This format with values escaped as `escape` says.
+    pub fn escaped(self, escape: Escape) -> LogFormat {
+        LogFormat { escape, ..self }
     }
 
     /// Whether a piece names one of `names` (values only some formats need).
@@ -218,10 +242,10 @@ impl LogFormat {
                 Piece::Var(i) => value(VARIABLES[*i]),
                 Piece::Captured(i) => captured.get(*i).cloned().unwrap_or_default(),
             };
-            if v.is_empty() {
-                out.push('-');
-            } else {
-                out.extend(v.escape_debug());
+            match self.escape {
+                Escape::Default if v.is_empty() => out.push('-'),
+                Escape::Default => out.extend(v.escape_debug()),
+                Escape::Json => json_escaped(&v, &mut out),
             }
         }
         out.push('\n');
@@ -229,9 +253,38 @@ impl LogFormat {
     }
 }
 
+/// `v` as the contents of a JSON string (RFC 8259 §7).
+fn json_escaped(v: &str, out: &mut String) {
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_escape_keeps_a_json_format_valid() {
+        let f = LogFormat::parse("{\"ua\":\"$http_user_agent\",\"ref\":\"$http_referer\"}")
+            .unwrap()
+            .escaped(Escape::Json);
+        let hostile = "a\"b\\c\nd\u{1b}é".to_string();
+        let line = f.render(|_| String::new(), &[hostile, String::new()]);
+        let v: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(v["ua"], "a\"b\\c\nd\u{1b}é");
+        assert_eq!(v["ref"], "");
+    }
 
     #[test]
     fn parses_and_renders() {

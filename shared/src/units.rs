@@ -72,6 +72,11 @@ pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     .map_err(serde::de::Error::custom)
 }
 
+/// Serde helper: an optional duration, as [`de_duration`] when present.
+pub fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
 /// Serde helper: a time limit, as [`de_duration`], or `off` for none (None). 0 is refused: it
 /// would be a limit nothing fits in, where `off` says what is meant.
 pub fn de_limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {

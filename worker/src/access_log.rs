@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
-use wasmgate_shared::logformat::LogFormat;
+use wasmgate_shared::logformat::{Escape, LogFormat};
 
 /// Flush when this much is buffered, and at least every [`FLUSH_EVERY`].
 const FLUSH_AT: usize = 32 << 10;
@@ -67,9 +67,15 @@ impl AccessLog {
 
     /// Opens `path` (`off` disables the log); lines follow `format` (validated with the
     /// configuration).
-    pub fn open(prefix: &Path, setting: &str, format: &str) -> std::io::Result<AccessLog> {
+    pub fn open(
+        prefix: &Path,
+        setting: &str,
+        format: &str,
+        escape: Escape,
+    ) -> std::io::Result<AccessLog> {
         let format = LogFormat::parse(format)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?
+            .escaped(escape);
         let (file, path) = if setting == "off" {
             (None, None)
         } else {

@@ -156,6 +156,7 @@ async fn serve(
             &boot.prefix,
             &http.access_log,
             &http.access_log_format,
+            http.access_log_format_escape,
         )
         .with_context(|| format!("cannot open access log {}", http.access_log))?,
         segment: segment.clone(),
