@@ -168,6 +168,16 @@ fn typed<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
         let path = shown_path(&segments);
         let inner = e.into_inner().to_string();
         if let Some(field) = unknown_field(&inner) {
+            if let Some(why) = unsupported_apisix_field(field) {
+                // APISIX has it: say that wasmgate does not, rather than what reads as a typo.
+                return format!(
+                    "invalid configuration: property \"{}\" is not supported by wasmgate ({why})",
+                    match path.is_empty() {
+                        true => field.to_string(),
+                        false => path,
+                    }
+                );
+            }
             // The path ends with the unknown field itself; name its parent like APISIX does.
             return match segments.split_last() {
                 Some((_, parent)) if !parent.is_empty() => format!(
@@ -182,6 +192,24 @@ fn typed<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
         } else {
             format!("invalid configuration: property \"{path}\" validation failed: {inner}")
         }
+    })
+}
+
+/// Why wasmgate has no field APISIX has in its routes, services and upstreams.
+fn unsupported_apisix_field(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "checks" => {
+            "health checks: a node that cannot be reached is skipped for the request, which \
+             goes to the next node, up to `retries`"
+        }
+        "plugin_config_id" => "plugin configs: put the plugins on the route or its service",
+        "filter_func" | "script" | "script_id" => "Lua: match with `vars`, act with wasm plugins",
+        "discovery_type" | "service_name" | "discovery_args" => {
+            "service discovery: list the nodes in `nodes`"
+        }
+        "tls" => "TLS to nodes: nodes are reached over plain HTTP",
+        "service_protocol" => "gRPC and Dubbo upstreams",
+        _ => return None,
     })
 }
 
@@ -254,6 +282,29 @@ mod tests {
             "upstream": {"type": "roundrobin", "nodes": {"127.0.0.1:1980": 1}}
         });
         assert!(validate(Kind::Routes, &body, &catalog()).is_ok());
+    }
+
+    /// APISIX's fields that wasmgate lacks are named as such, not as typos.
+    #[test]
+    fn apisix_fields_wasmgate_lacks_say_so() {
+        let e = |body| validate(Kind::Routes, &body, &catalog()).unwrap_err();
+        let msg = e(json!({"uri": "/", "upstream": {"nodes": {"a:1": 1}, "checks": {}}}));
+        assert!(
+            msg.starts_with(
+                "invalid configuration: property \"upstream.checks\" is not supported by wasmgate (health checks"
+            ),
+            "{msg}"
+        );
+        let msg = e(json!({"uri": "/", "upstream_id": "1", "plugin_config_id": "p"}));
+        assert!(
+            msg.contains("\"plugin_config_id\" is not supported by wasmgate (plugin configs"),
+            "{msg}"
+        );
+        let msg = e(json!({"uri": "/", "upstream_id": "1", "colour": "red"}));
+        assert!(
+            msg.contains("additional properties forbidden, found colour"),
+            "{msg}"
+        );
     }
 
     #[test]
