@@ -56,6 +56,11 @@ struct Clause {
 enum Op {
     Eq(String),
     Ne(String),
+    /// `==` / `~=` with a number on the right: the request's text read as a number, as
+    /// lua-resty-expr's `tonumber` reads it (`01` and `1.0` equal `1`; text that is no number
+    /// equals no number).
+    EqNum(f64),
+    NeNum(f64),
     /// Numeric comparison; `None` when the configured value is not a number, which makes the
     /// clause false (lua-resty-expr's `tonumber` yields nil there; it is not a config error).
     Cmp(CmpOp, Option<f64>),
@@ -289,6 +294,14 @@ fn compile_op(op: &Value, value: &Value) -> Result<Op, String> {
     let name = op.as_str().ok_or("the operator must be a string")?;
     let cmp = |c| scalar(value).map(|v| Op::Cmp(c, parse_number(&v)));
     match name.to_ascii_lowercase().as_str() {
+        "==" | "~=" if value.is_number() => {
+            let n = value.as_f64().ok_or("the number is out of range")?;
+            Ok(if name == "==" {
+                Op::EqNum(n)
+            } else {
+                Op::NeNum(n)
+            })
+        }
         "==" => Ok(Op::Eq(scalar(value)?)),
         "~=" => Ok(Op::Ne(scalar(value)?)),
         ">" => cmp(CmpOp::Gt),
@@ -402,7 +415,7 @@ impl Clause {
         let hit = match lookup(&self.var) {
             Some(actual) => self.op.test(&actual),
             // An absent variable differs from every value and equals none.
-            None => matches!(self.op, Op::Ne(_)),
+            None => matches!(self.op, Op::Ne(_) | Op::NeNum(_)),
         };
         hit != self.negate
     }
@@ -413,6 +426,8 @@ impl Op {
         match self {
             Op::Eq(v) => actual == v,
             Op::Ne(v) => actual != v,
+            Op::EqNum(v) => parse_number(actual) == Some(*v),
+            Op::NeNum(v) => parse_number(actual) != Some(*v),
             Op::Cmp(op, v) => compare(*op, actual, *v),
             Op::Regex(re) => re.is_match(actual),
             Op::In(list) => list.iter().any(|v| v == actual),
@@ -478,6 +493,15 @@ mod tests {
     fn scalar_values_compare_as_text() {
         assert!(check(json!([["arg_n", "==", 1]]), &[("arg_n", "1")]));
         assert!(check(json!([["arg_n", "==", 1.5]]), &[("arg_n", "1.5")]));
+        // A number on the right compares numbers, as lua-resty-expr's `tonumber`.
+        assert!(check(json!([["arg_n", "==", 1]]), &[("arg_n", "01")]));
+        assert!(check(json!([["arg_n", "==", 1]]), &[("arg_n", "1.0")]));
+        assert!(!check(json!([["arg_n", "==", 1]]), &[("arg_n", "one")]));
+        assert!(check(json!([["arg_n", "~=", 1]]), &[("arg_n", "one")]));
+        assert!(!check(json!([["arg_n", "~=", 1]]), &[("arg_n", "1.00")]));
+        assert!(check(json!([["arg_n", "~=", 1]]), &[]));
+        // A string on the right compares text.
+        assert!(!check(json!([["arg_n", "==", "1"]]), &[("arg_n", "01")]));
         assert!(check(json!([["arg_b", "==", true]]), &[("arg_b", "true")]));
         assert!(!check(
             json!([["arg_b", "==", false]]),
