@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eventually, free_port, http, Gateway, Resp, TestUpstream};
+use common::{eventually, free_port, http, Gateway, Resp, Setup, TestUpstream};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -699,6 +699,7 @@ fn forwarded_headers() {
     assert_eq!(h["x-real-ip"], "127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], "client.test");
+    assert_eq!(h["x-forwarded-port"], gw.proxy_port.to_string());
 
     let h = &echo(&gw, "/f", &[("X-Forwarded-For", "1.2.3.4")])["headers"];
     assert_eq!(h["x-forwarded-for"], "1.2.3.4, 127.0.0.1");
@@ -718,12 +719,14 @@ fn forwarded_headers() {
         ("X-Real-IP", "6.6.6.6"),
         ("x-forwarded-proto", "https"),
         ("X-Forwarded-Host", "evil.test"),
+        ("X-Forwarded-Port", "443"),
         ("X-Other", "kept"),
     ];
     let h = &echo(&gw, "/f", &spoofed)["headers"];
     assert_eq!(h["x-real-ip"], "127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], "client.test");
+    assert_eq!(h["x-forwarded-port"], gw.proxy_port.to_string());
     assert_eq!(h["host"], "client.test");
     assert_eq!(h["x-other"], "kept");
 
@@ -736,6 +739,36 @@ fn forwarded_headers() {
     )["headers"];
     assert_eq!(h["host"], "client.test");
     assert_eq!(h["x-forwarded-host"], "client.test");
+}
+
+/// From `apisix.trusted_addresses` (a load balancer that terminated TLS), the client's
+/// X-Forwarded-Proto/-Host/-Port go upstream as they came; what it did not send is the
+/// gateway's. X-Forwarded-For and X-Real-IP are the gateway's either way.
+#[test]
+fn trusted_addresses_pass_their_forwarded_headers_on() {
+    let up = TestUpstream::start("f");
+    let gw = Gateway::start_with(Setup {
+        apisix_extra: vec!["trusted_addresses: [10.0.0.0/8, 127.0.0.1]".into()],
+        workers: 1,
+        ..Setup::default()
+    });
+    gw.route("1", json!({"uri": "/f"}), Some(&up));
+    let lb = [
+        ("Host", "client.test"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "shop.example"),
+        ("X-Forwarded-Port", "443"),
+        ("X-Real-IP", "6.6.6.6"),
+    ];
+    let h = &echo(&gw, "/f", &lb)["headers"];
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-host"], "shop.example");
+    assert_eq!(h["x-forwarded-port"], "443");
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+    let h = &echo(&gw, "/f", &[("Host", "client.test")])["headers"];
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "client.test");
+    assert_eq!(h["x-forwarded-port"], gw.proxy_port.to_string());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -137,6 +137,10 @@ pub struct ApisixSection {
     /// APISIX's switch for the Admin API: `true` only (every node serves it, on loopback by
     /// default); `false` is refused rather than ignored.
     pub enable_admin: bool,
+    /// Addresses (IPs or CIDRs) whose `X-Forwarded-Proto`, `-Host` and `-Port` are passed on
+    /// upstream as they came (a load balancer in front that terminates TLS); from any other
+    /// client the gateway's own values replace them. APISIX's key; empty: trust none.
+    pub trusted_addresses: Vec<String>,
 }
 
 impl Default for ApisixSection {
@@ -147,6 +151,7 @@ impl Default for ApisixSection {
                 9080,
             ))],
             enable_admin: true,
+            trusted_addresses: Vec::new(),
         }
     }
 }
@@ -769,6 +774,14 @@ impl GatewayConfig {
                 return Err(err(
                     &item,
                     format!("apisix.node_listen: {} is listed twice", l.0),
+                ));
+            }
+        }
+        for (i, a) in self.apisix.trusted_addresses.iter().enumerate() {
+            if crate::model::vars::Cidr::parse(a).is_none() {
+                return Err(err(
+                    &[Key("apisix"), Key("trusted_addresses"), Item(i)],
+                    format!("apisix.trusted_addresses: {a:?} is not an IP address or CIDR"),
                 ));
             }
         }

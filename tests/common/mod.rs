@@ -109,6 +109,8 @@ pub struct Setup {
     pub workers: usize,
     /// Extra lines under `nginx_config.http:` (indented by the harness).
     pub http_extra: Vec<String>,
+    /// Extra lines under `apisix:` (indented by the harness).
+    pub apisix_extra: Vec<String>,
     pub shutdown_timeout: String,
     /// A whole config.yaml instead of the generated one (`{proxy}` and `{admin}` are replaced).
     pub raw_yaml: Option<String>,
@@ -123,6 +125,7 @@ impl Default for Setup {
         Setup {
             workers: 2,
             http_extra: Vec::new(),
+            apisix_extra: Vec::new(),
             shutdown_timeout: "10s".into(),
             raw_yaml: None,
             extra_yaml: String::new(),
@@ -211,8 +214,14 @@ impl Gateway {
             .iter()
             .map(|l| format!("    {l}\n"))
             .collect();
+        let apisix: String = self
+            .setup
+            .apisix_extra
+            .iter()
+            .map(|l| format!("  {l}\n"))
+            .collect();
         format!(
-            "apisix:\n  node_listen:\n    - {{ip: 127.0.0.1, port: {proxy}}}\n\
+            "apisix:\n  node_listen:\n    - {{ip: 127.0.0.1, port: {proxy}}}\n{apisix}\
              deployment:\n  admin:\n    admin_key:\n      - {{name: admin, key: {KEY}, role: admin}}\n      - {{name: viewer, key: {VIEWER_KEY}, role: viewer}}\n    admin_listen: {{ip: 127.0.0.1, port: {admin}}}\n\
              nginx_config:\n  worker_processes: {workers}\n  error_log_level: info\n  worker_shutdown_timeout: {st}\n  http:\n    keepalive_timeout: 60s\n{extra}\
              {metrics}{top}wasm:\n  plugins:\n{plugins}",

@@ -82,6 +82,9 @@ pub struct Worker {
     pub cutting: AtomicBool,
     /// Per-route status, latency and bandwidth statistics.
     pub traffic: traffic::Traffic,
+    /// `apisix.trusted_addresses`: clients whose `X-Forwarded-Proto`, `-Host` and `-Port` go
+    /// upstream as they came.
+    pub trusted: Vec<wasmgate_shared::model::vars::Cidr>,
 }
 
 /// `wasmgate worker`: started by the master only.
@@ -170,6 +173,13 @@ async fn serve(
         draining: AtomicBool::new(false),
         cutting: AtomicBool::new(false),
         traffic: traffic::Traffic::new(segment.clone(), slot),
+        // Checked when the configuration was loaded.
+        trusted: config
+            .apisix
+            .trusted_addresses
+            .iter()
+            .filter_map(|a| wasmgate_shared::model::vars::Cidr::parse(a))
+            .collect(),
     });
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     for l in listeners {

@@ -72,6 +72,8 @@ pub struct Client {
     pub ip: HeaderValue,
     /// The gateway's side of the connection.
     pub local: SocketAddr,
+    /// Its port, as `X-Forwarded-Port` says it (made once per connection).
+    pub local_port: HeaderValue,
     /// Unique on the host while the worker lives: its pid, then a count of its connections.
     pub id: u64,
 }
@@ -88,6 +90,7 @@ impl Client {
             addr,
             ip,
             local,
+            local_port: HeaderValue::from(local.port()),
             id,
         }
     }
@@ -672,7 +675,8 @@ async fn forward(
         // nginx's `proxy_set_header Upgrade $http_upgrade; Connection "upgrade"`.
         tunnel::put_upgrade(&mut parts.headers, protocol);
     }
-    let forwarding = Forwarding::new(&parts.headers, client_host.as_ref(), &client.ip);
+    let trusted = w.trusted.iter().any(|c| c.contains(client.addr.ip()));
+    let forwarding = Forwarding::new(&parts.headers, client_host.as_ref(), client, trusted);
     // Without a body, an idempotent request may go to another node after a failure past the
     // connect: nothing of it is lost, and the node may not have acted on it twice.
     let replayable = no_body && parts.method.is_idempotent();
@@ -1144,10 +1148,14 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 
 /// What the proxy sets on the request it sends upstream, in place of any field of the same
 /// name the client sent: each attempt's `Host`, `X-Forwarded-For` (the client's list with
-/// the client appended), `X-Real-IP`, `X-Forwarded-Proto` and `X-Forwarded-Host`. Written
+/// the client appended), `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host` and
+/// `X-Forwarded-Port` — the last three the client's own when it is one of
+/// `apisix.trusted_addresses` and sent them (a load balancer that terminated TLS says
+/// `https`), the gateway's otherwise, as APISIX does. Written
 /// with the head ([`wasmgate_http1::codec::put_fields_setting`]) rather than inserted into
 /// the request's map, which plugins' later callbacks read as the request phase left it — as
 /// nginx's `$http_*` variables stay the client's after `proxy_set_header`. Made once per
@@ -1156,10 +1164,18 @@ struct Forwarding {
     xff: Option<HeaderValue>,
     real_ip: HeaderValue,
     host: Option<HeaderValue>,
+    proto: HeaderValue,
+    port: HeaderValue,
 }
 
 impl Forwarding {
-    fn new(headers: &HeaderMap, client_host: Option<&HeaderValue>, ip: &HeaderValue) -> Self {
+    fn new(
+        headers: &HeaderMap,
+        client_host: Option<&HeaderValue>,
+        client: &Client,
+        trusted: bool,
+    ) -> Self {
+        let ip = &client.ip;
         // Repeated X-Forwarded-For lines form one list (as nginx's
         // $proxy_add_x_forwarded_for); without one, the list is the client's address alone,
         // shared, not copied.
@@ -1176,27 +1192,31 @@ impl Forwarding {
                 HeaderValue::from_maybe_shared(Bytes::from(xff)).ok()
             }
         };
+        let theirs = |name: &HeaderName| headers.get(name).filter(|_| trusted).cloned();
         Forwarding {
             xff,
             real_ip: ip.clone(),
-            host: client_host.cloned(),
+            host: theirs(&X_FORWARDED_HOST).or_else(|| client_host.cloned()),
+            proto: theirs(&X_FORWARDED_PROTO).unwrap_or_else(|| HTTP_SCHEME.clone()),
+            port: theirs(&X_FORWARDED_PORT).unwrap_or_else(|| client.local_port.clone()),
         }
     }
 
     /// The fields to set on one attempt, whose `Host` is `host` (`None`: no `Host` line, as
     /// `pass_host` decided). A field without a value here (no `X-Forwarded-Host` when the
     /// client sent no `Host`) leaves the client's as it came.
-    fn fields<'a>(&'a self, host: Option<&'a HeaderValue>) -> SmallVec<[SetField<'a>; 5]> {
+    fn fields<'a>(&'a self, host: Option<&'a HeaderValue>) -> SmallVec<[SetField<'a>; 6]> {
         let mut set = SmallVec::new();
         set.push((&header::HOST, host));
         if let Some(xff) = &self.xff {
             set.push((&X_FORWARDED_FOR, Some(xff)));
         }
         set.push((&X_REAL_IP, Some(&self.real_ip)));
-        set.push((&X_FORWARDED_PROTO, Some(&HTTP_SCHEME)));
+        set.push((&X_FORWARDED_PROTO, Some(&self.proto)));
         if let Some(h) = &self.host {
             set.push((&X_FORWARDED_HOST, Some(h)));
         }
+        set.push((&X_FORWARDED_PORT, Some(&self.port)));
         set
     }
 }
