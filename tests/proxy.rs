@@ -741,6 +741,53 @@ fn forwarded_headers() {
     assert_eq!(h["x-forwarded-host"], "client.test");
 }
 
+/// `real_ip_from` / `real_ip_header` / `real_ip_recursive` (nginx's realip module, APISIX's
+/// keys): a trusted peer names the client, which routes, `X-Real-IP` and `X-Forwarded-For`
+/// then see; a value that is no address leaves the peer.
+#[test]
+fn real_ip_from_a_trusted_proxy() {
+    let (inside, outside) = (
+        TestUpstream::start("inside"),
+        TestUpstream::start("outside"),
+    );
+    let gw = Gateway::start_with(Setup {
+        http_extra: vec![
+            "real_ip_from: [127.0.0.1, \"unix:\"]".into(),
+            "real_ip_header: X-Forwarded-For".into(),
+            "real_ip_recursive: \"on\"".into(),
+        ],
+        workers: 1,
+        ..Setup::default()
+    });
+    gw.route(
+        "in",
+        json!({"uri": "/r", "remote_addrs": ["10.1.0.0/16"], "priority": 1}),
+        Some(&inside),
+    );
+    gw.route("out", json!({"uri": "/r"}), Some(&outside));
+    // The last address that is not a trusted proxy: 10.1.2.3 (127.0.0.1 is ours).
+    let r = echo(
+        &gw,
+        "/r",
+        &[("X-Forwarded-For", "6.6.6.6, 10.1.2.3, 127.0.0.1")],
+    );
+    let h = &r["headers"];
+    assert_eq!(h["x-real-ip"], "10.1.2.3", "{r}");
+    assert_eq!(
+        h["x-forwarded-for"],
+        "6.6.6.6, 10.1.2.3, 127.0.0.1, 10.1.2.3"
+    );
+    assert_eq!(who(&gw, "GET", "/r", None), "outside");
+    let named = |xff: &str| {
+        let r = send(&gw, "GET", "/r", &[("X-Forwarded-For", xff)]);
+        r.header("x-upstream").unwrap_or_default().to_string()
+    };
+    assert_eq!(named("10.1.9.9"), "inside");
+    assert_eq!(named("[::ffff:10.1.9.9]:443"), "outside");
+    assert_eq!(named("10.1.9.9:5555"), "inside");
+    assert_eq!(named("not-an-address"), "outside");
+}
+
 /// From `apisix.trusted_addresses` (a load balancer that terminated TLS), the client's
 /// X-Forwarded-Proto/-Host/-Port go upstream as they came; what it did not send is the
 /// gateway's. X-Forwarded-For and X-Real-IP are the gateway's either way.

@@ -4,7 +4,7 @@
 //! Every section rejects unknown keys: a misspelt key is an error at start or reload, never a
 //! silently ignored setting. `docs/configuration.md` lists every key.
 
-use crate::units::{de_duration, de_limit, de_opt_duration, de_size};
+use crate::units::{de_duration, de_limit, de_on_off, de_opt_duration, de_size};
 use crate::yaml_lines::{line_of, Step, Step::Item, Step::Key};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::HashSet;
@@ -490,6 +490,15 @@ pub struct HttpSection {
     /// How long an idle upstream connection is kept.
     #[serde(deserialize_with = "de_duration")]
     pub upstream_keepalive_timeout: Duration,
+    /// nginx's realip module, as APISIX configures it: from a peer in `real_ip_from` (IPs or
+    /// CIDRs; APISIX's `unix:` is accepted and matches nothing, there being no unix
+    /// listeners), the client address is the one `real_ip_header` gives (`X-Real-IP` by
+    /// default, or `X-Forwarded-For`); with `real_ip_recursive`, the last address of the list
+    /// that is not itself in `real_ip_from`. Empty `real_ip_from`: the peer is the client.
+    pub real_ip_header: String,
+    pub real_ip_from: Vec<String>,
+    #[serde(deserialize_with = "de_on_off")]
+    pub real_ip_recursive: bool,
     /// APISIX's switch for the access log: false is `access_log: off`.
     pub enable_access_log: bool,
     /// How values are escaped in access-log lines: `default` or `json` (nginx's `escape=`).
@@ -541,6 +550,9 @@ impl Default for HttpSection {
             client_max_header_size: 64 << 10,
             upstream_keepalive: 320,
             upstream_keepalive_timeout: Duration::from_secs(60),
+            real_ip_header: "X-Real-IP".into(),
+            real_ip_from: Vec::new(),
+            real_ip_recursive: false,
             enable_access_log: true,
             access_log_format_escape: crate::logformat::Escape::Default,
             upstream: None,
@@ -746,9 +758,15 @@ impl GatewayConfig {
                      `traditional` (proxy and Admin API); nodes that share their routes take \
                      them from deployment.etcd, each with its Admin API on loopback"
                 )),
+                "standalone" => Some(
+                    "deployment.role: standalone is not supported: routes live in the data \
+                     directory (through the Admin API) or in deployment.etcd, not in an \
+                     apisix.yaml; use role: traditional"
+                        .to_string(),
+                ),
                 other => Some(format!(
                     "deployment.role: unknown role {other:?} (APISIX's are traditional, \
-                     data_plane, control_plane; wasmgate runs traditional)"
+                     data_plane, control_plane and standalone; wasmgate runs traditional)"
                 )),
             };
             if let Some(why) = why {
@@ -776,6 +794,30 @@ impl GatewayConfig {
                     format!("apisix.node_listen: {} is listed twice", l.0),
                 ));
             }
+        }
+        let http = &self.nginx_config.http;
+        let http_at = |k| [Key("nginx_config"), Key("http"), Key(k)];
+        for (i, a) in http.real_ip_from.iter().enumerate() {
+            if a != "unix:" && crate::model::vars::Cidr::parse(a).is_none() {
+                return Err(err(
+                    &[
+                        Key("nginx_config"),
+                        Key("http"),
+                        Key("real_ip_from"),
+                        Item(i),
+                    ],
+                    format!("nginx_config.http.real_ip_from: {a:?} is not an IP address or CIDR"),
+                ));
+            }
+        }
+        if http::HeaderName::from_bytes(http.real_ip_header.as_bytes()).is_err() {
+            return Err(err(
+                &http_at("real_ip_header"),
+                format!(
+                    "nginx_config.http.real_ip_header: {:?} is not a header name",
+                    http.real_ip_header
+                ),
+            ));
         }
         for (i, a) in self.apisix.trusted_addresses.iter().enumerate() {
             if crate::model::vars::Cidr::parse(a).is_none() {
@@ -1132,6 +1174,8 @@ plugin_attr:
         );
         assert_eq!(http.upstream_keepalive, 100);
         assert_eq!(http.upstream_keepalive_timeout, Duration::from_secs(30));
+        assert_eq!(http.real_ip_header, "X-Real-IP");
+        assert_eq!(http.real_ip_from, ["127.0.0.1", "unix:"]);
         assert_eq!(c.deployment.admin.admin_key[0].key, "k-0123456789");
         assert_eq!(c.deployment.etcd.as_ref().unwrap().prefix, "/apisix");
         let w = c.warnings();
@@ -1139,7 +1183,6 @@ plugin_attr:
             "apisix.enable_ipv6",
             "apisix.router",
             "nginx_config.event",
-            "nginx_config.http.real_ip_from",
             "nginx_config.http_configuration_snippet",
             "deployment.admin.allow_admin",
             "deployment.etcd.watch_timeout",

@@ -77,6 +77,26 @@ pub fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duratio
     de_duration(d).map(Some)
 }
 
+/// Serde helper: a switch written as nginx writes one (`on` / `off`) or as a boolean.
+pub fn de_on_off<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Switch {
+        Bool(bool),
+        Text(String),
+    }
+    match Switch::deserialize(d)? {
+        Switch::Bool(b) => Ok(b),
+        Switch::Text(t) => match t.trim() {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?}: `on` or `off` (or true / false)"
+            ))),
+        },
+    }
+}
+
 /// Serde helper: a time limit, as [`de_duration`], or `off` for none (None). 0 is refused: it
 /// would be a limit nothing fits in, where `off` says what is meant.
 pub fn de_limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {

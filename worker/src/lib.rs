@@ -85,6 +85,8 @@ pub struct Worker {
     /// `apisix.trusted_addresses`: clients whose `X-Forwarded-Proto`, `-Host` and `-Port` go
     /// upstream as they came.
     pub trusted: Vec<wasmgate_shared::model::vars::Cidr>,
+    /// `real_ip_from` and its header: who may name the client (`proxy::RealIp`).
+    pub real_ip: Option<proxy::RealIp>,
 }
 
 /// `wasmgate worker`: started by the master only.
@@ -180,6 +182,7 @@ async fn serve(
             .iter()
             .filter_map(|a| wasmgate_shared::model::vars::Cidr::parse(a))
             .collect(),
+        real_ip: proxy::RealIp::new(http),
     });
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     for l in listeners {

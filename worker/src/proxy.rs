@@ -34,7 +34,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use smallvec::SmallVec;
 use std::borrow::Cow;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -79,6 +79,13 @@ pub struct Client {
 }
 
 impl Client {
+    /// The same connection, its client at `addr` (the address a trusted proxy named).
+    fn at(self, addr: SocketAddr) -> Client {
+        let ip = HeaderValue::from_maybe_shared(Bytes::from(addr.ip().to_string()))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        Client { addr, ip, ..self }
+    }
+
     pub fn new(addr: SocketAddr, local: SocketAddr) -> Client {
         static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
         // An address's text is digits, dots, colons and hex letters: always a valid value.
@@ -96,6 +103,83 @@ impl Client {
     }
 }
 
+/// nginx's realip module (`real_ip_from`, `real_ip_header`, `real_ip_recursive`): a peer in
+/// `from` — a load balancer or proxy the operator runs — may name the client in `header`.
+pub struct RealIp {
+    header: HeaderName,
+    from: Vec<wasmgate_shared::model::vars::Cidr>,
+    recursive: bool,
+}
+
+impl RealIp {
+    /// None when no peer is trusted (`real_ip_from` empty, or only `unix:`).
+    pub fn new(http: &wasmgate_shared::config::HttpSection) -> Option<RealIp> {
+        let from: Vec<_> = http
+            .real_ip_from
+            .iter()
+            .filter_map(|a| wasmgate_shared::model::vars::Cidr::parse(a))
+            .collect();
+        let header = HeaderName::from_bytes(http.real_ip_header.as_bytes()).ok()?;
+        (!from.is_empty()).then_some(RealIp {
+            header,
+            from,
+            recursive: http.real_ip_recursive,
+        })
+    }
+
+    fn trusted(&self, ip: IpAddr) -> bool {
+        self.from.iter().any(|c| c.contains(ip))
+    }
+
+    /// The request's client: the connection's peer, or the address the header names when
+    /// the peer is trusted. The header's lines form one list (as `X-Forwarded-For`'s); the
+    /// last address is taken, or with `recursive` the last one that is not trusted itself
+    /// (the first address of the list when all are). Anything that is not an address
+    /// leaves the peer.
+    pub fn client(&self, client: Client, headers: &HeaderMap) -> Client {
+        if !self.trusted(client.addr.ip()) {
+            return client;
+        }
+        let mut named: SmallVec<[IpAddr; 4]> = SmallVec::new();
+        for v in headers.get_all(&self.header) {
+            let Ok(text) = v.to_str() else {
+                return client;
+            };
+            for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                match address(item) {
+                    Some(ip) => named.push(ip),
+                    None => return client,
+                }
+            }
+        }
+        let chosen = match self.recursive {
+            false => named.last().copied(),
+            true => named
+                .iter()
+                .rev()
+                .find(|ip| !self.trusted(**ip))
+                .or(named.first())
+                .copied(),
+        };
+        match chosen {
+            Some(ip) => {
+                let port = client.addr.port();
+                client.at(SocketAddr::new(ip, port))
+            }
+            None => client,
+        }
+    }
+}
+
+/// An address as headers write them: `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1`,
+/// `[2001:db8::1]:443`.
+fn address(item: &str) -> Option<IpAddr> {
+    if let Ok(ip) = item.parse() {
+        return Some(ip);
+    }
+    item.parse::<SocketAddr>().ok().map(|a| a.ip())
+}
+
 /// What [`handle`] gives the server for a request.
 pub struct Answer {
     pub response: Response<ProxyBody>,
@@ -107,6 +191,10 @@ pub struct Answer {
 
 /// Serves one client request.
 pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) -> Answer {
+    let client = match &w.real_ip {
+        Some(r) => r.client(client, req.headers()),
+        None => client,
+    };
     let peer = client.addr;
     w.segment
         .slot(w.slot)
