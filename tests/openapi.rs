@@ -804,6 +804,27 @@ fn admin_api_answers_match_openapi_document() {
         plugins["plugins"].as_array().unwrap().len(),
         common::PLUGINS.len()
     );
+    // APISIX's plugin endpoints: the names by priority, each one's schema.
+    let (s, names) = api.call(
+        "GET",
+        "/apisix/admin/plugins/list",
+        Auth::Header(VIEWER_KEY),
+        None,
+    );
+    assert_eq!(s, 200);
+    let names: Vec<&str> = names
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), common::PLUGINS.len());
+    assert!(names.contains(&"wasm_log"), "{names:?}");
+    let all = api.expect(200, "GET", "/apisix/admin/plugins?all=true", None);
+    assert_eq!(all["wasm_log"]["name"], "wasm_log");
+    let schema = api.expect(200, "GET", "/apisix/admin/plugins/wasm_log", None);
+    assert_eq!(schema["required"], json!(["conf"]));
+    api.expect(404, "GET", "/apisix/admin/plugins/no_such_plugin", None);
     let (s, log) = api.call("GET", "/wasmgate/log?lines=5", Auth::Cookie(KEY), None);
     assert_eq!(s, 200);
     assert_eq!(log["lines"].as_array().unwrap().len(), 5, "{log}");

@@ -131,6 +131,60 @@ async fn answer(m: &Master, req: Request<Incoming>, peer: SocketAddr) -> Respons
     resp
 }
 
+/// APISIX's plugin endpoints, for dashboards and linters: `plugins/list` (the names of the
+/// plugins routes may use: the `wasm.plugins` of config.yaml, by priority), `plugins/<name>`
+/// (the schema of its configuration on a route: a `conf`, as APISIX's wasm plugins take it),
+/// and `plugins` (each plugin with its priority, phase and schema).
+fn plugins_endpoint(m: &Master, method: &Method, what: &str) -> Response<Full<Bytes>> {
+    if method != Method::GET {
+        let mut r = err(405, format!("method {method} is not allowed on plugins"));
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET"),
+        );
+        return r;
+    }
+    let cfg = m.config();
+    let mut list: Vec<_> = cfg.config.wasm.plugins.iter().collect();
+    list.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
+    let schema = || {
+        json!({
+            "type": "object",
+            "properties": {
+                "conf": {"oneOf": [
+                    {"type": "object", "minProperties": 1},
+                    {"type": "string", "minLength": 1}
+                ]},
+                "_meta": {"type": "object", "properties": {"disable": {"type": "boolean"}}}
+            },
+            "required": ["conf"]
+        })
+    };
+    match what {
+        "list" => reply(200, json!(list.iter().map(|p| &p.name).collect::<Vec<_>>())),
+        "" => reply(
+            200,
+            Value::Object(
+                list.iter()
+                    .map(|p| {
+                        let phase = match p.http_request_phase {
+                            wasmgate_shared::config::RequestPhase::Rewrite => "rewrite",
+                            wasmgate_shared::config::RequestPhase::Access => "access",
+                        };
+                        let about = json!({"name": p.name, "priority": p.priority,
+                                           "http_request_phase": phase, "schema": schema()});
+                        (p.name.clone(), about)
+                    })
+                    .collect(),
+            ),
+        ),
+        name => match list.iter().any(|p| p.name == name) {
+            true => reply(200, schema()),
+            false => err(404, format!("plugin not found: {name}")),
+        },
+    }
+}
+
 async fn dispatch(
     m: &Master,
     method: &Method,
@@ -144,6 +198,9 @@ async fn dispatch(
     let Some(rest) = path.strip_prefix("/apisix/admin/") else {
         return err(404, format!("not found: {path}"));
     };
+    if rest.trim_end_matches('/') == "plugins" || rest.starts_with("plugins/") {
+        return plugins_endpoint(m, method, rest["plugins".len()..].trim_matches('/'));
+    }
     let mut parts = rest.trim_end_matches('/').splitn(3, '/');
     let kind_seg = parts.next().unwrap_or("");
     let Some(kind) = Kind::parse(kind_seg) else {
