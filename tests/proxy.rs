@@ -327,6 +327,22 @@ fn vars_and_remote_addrs() {
     let canary = send(&gw, "GET", "/hv", &[("X-Env", "canary")]);
     assert_eq!(canary.header("x-upstream"), Some("special"));
     assert_route_not_found(&send(&gw, "GET", "/hv", &[("X-Env", "prod")]));
+    // `request_uri` is APISIX 3's: the normalized path with the query, so an escaped or
+    // dotted path cannot pass a rule on it; the target as sent is `real_request_uri`.
+    gw.route(
+        "ru",
+        json!({"uri": "/ru/*", "vars": [["request_uri", "~~", "^/ru/admin\\?k=1$"]]}),
+        Some(&special),
+    );
+    gw.route(
+        "raw",
+        json!({"uri": "/ru/*", "priority": -1, "vars": [["real_request_uri", "~~", "%61"]]}),
+        Some(&base),
+    );
+    assert_eq!(who(&gw, "GET", "/ru/admin?k=1", None), "special");
+    assert_eq!(who(&gw, "GET", "/ru/%61dmin?k=1", None), "special");
+    assert_eq!(who(&gw, "GET", "/ru/x/../admin?k=1", None), "special");
+    assert_eq!(who(&gw, "GET", "/ru/%61dmin?k=2", None), "base");
 
     // The test client is 127.0.0.1: outside 10.0.0.0/8, inside 127.0.0.0/8.
     gw.route("r-base", json!({"uri": "/r"}), Some(&base));

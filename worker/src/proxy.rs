@@ -1706,7 +1706,17 @@ pub fn nginx_var<'a>(
     Some(match name {
         // nginx's `$uri`: decoded and resolved, as routes match it.
         "uri" => normalized_path(parts.uri.path()).unwrap_or(Cow::Borrowed(parts.uri.path())),
-        "request_uri" => Cow::Borrowed(
+        // APISIX 3's: the normalized `$uri` with the query, so that `/%61dmin` or
+        // `/public/../admin` cannot pass a `vars` rule on `^/admin`; the target as sent is
+        // `real_request_uri`.
+        "request_uri" => {
+            let uri = normalized_path(parts.uri.path()).unwrap_or(Cow::Borrowed(parts.uri.path()));
+            match parts.uri.query() {
+                Some(q) => Cow::Owned(format!("{uri}?{q}")),
+                None => uri,
+            }
+        }
+        "real_request_uri" => Cow::Borrowed(
             parts
                 .uri
                 .path_and_query()
