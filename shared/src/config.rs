@@ -14,6 +14,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The configuration compiled into the binary, used when no `conf/config.yaml` exists.
+/// serde's "missing field `name`" in APISIX's words, `property "name" is required`.
+fn apisix_wording(msg: &str) -> String {
+    match msg.split_once("missing field `") {
+        Some((before, rest)) => match rest.split_once('`') {
+            Some((field, after)) => format!("{before}property \"{field}\" is required{after}"),
+            None => msg.to_string(),
+        },
+        None => msg.to_string(),
+    }
+}
+
 /// The Admin API keys of APISIX's sample configuration (admin, viewer), known to everyone.
 const PUBLISHED_KEYS: [&str; 2] = [
     "edd1c9f034335f136f87ad84b625c8f1",
@@ -716,7 +727,7 @@ impl GatewayConfig {
             // serde_norway appends "at line N column M"; the prefix already says where.
             let msg = e.to_string();
             let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-            ConfigError(format!("{origin}:{line}: {msg}"))
+            ConfigError(format!("{origin}:{line}: {}", apisix_wording(&msg)))
         })?;
         config.validate(text, origin)?;
         config.nginx_config.http.settle();
@@ -1199,6 +1210,13 @@ plugin_attr:
             e.0.starts_with("c.yaml:4:") && e.0.contains("enable_ipv7"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_missing_field_is_said_as_apisix_says_it() {
+        let y = "wasm:\n  plugins:\n    - name: a\n      file: a.wasm\n";
+        let e = GatewayConfig::parse(y, "c.yaml").unwrap_err();
+        assert!(e.0.contains("property \"priority\" is required"), "{e}");
     }
 
     #[test]

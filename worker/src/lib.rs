@@ -87,6 +87,18 @@ pub struct Worker {
     pub trusted: Vec<wasmgate_shared::model::vars::Cidr>,
     /// `real_ip_from` and its header: who may name the client (`proxy::RealIp`).
     pub real_ip: Option<proxy::RealIp>,
+    /// The listeners' ports as header text (`X-Forwarded-Port`), made once.
+    pub listener_ports: Vec<(u16, http::HeaderValue)>,
+}
+
+impl Worker {
+    /// `port` as `X-Forwarded-Port` writes it.
+    pub fn listener_port(&self, port: u16) -> http::HeaderValue {
+        match self.listener_ports.iter().find(|(p, _)| *p == port) {
+            Some((_, v)) => v.clone(),
+            None => http::HeaderValue::from(port),
+        }
+    }
 }
 
 /// `wasmgate worker`: started by the master only.
@@ -183,6 +195,12 @@ async fn serve(
             .filter_map(|a| wasmgate_shared::model::vars::Cidr::parse(a))
             .collect(),
         real_ip: proxy::RealIp::new(http),
+        listener_ports: config
+            .apisix
+            .node_listen
+            .iter()
+            .map(|l| (l.0.port(), http::HeaderValue::from(l.0.port())))
+            .collect(),
     });
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     for l in listeners {

@@ -72,8 +72,6 @@ pub struct Client {
     pub ip: HeaderValue,
     /// The gateway's side of the connection.
     pub local: SocketAddr,
-    /// Its port, as `X-Forwarded-Port` says it (made once per connection).
-    pub local_port: HeaderValue,
     /// Unique on the host while the worker lives: its pid, then a count of its connections.
     pub id: u64,
 }
@@ -97,7 +95,6 @@ impl Client {
             addr,
             ip,
             local,
-            local_port: HeaderValue::from(local.port()),
             id,
         }
     }
@@ -764,7 +761,13 @@ async fn forward(
         tunnel::put_upgrade(&mut parts.headers, protocol);
     }
     let trusted = w.trusted.iter().any(|c| c.contains(client.addr.ip()));
-    let forwarding = Forwarding::new(&parts.headers, client_host.as_ref(), client, trusted);
+    let port = w.listener_port(client.local.port());
+    let forwarding = Forwarding::new(
+        &parts.headers,
+        client_host.as_ref(),
+        client,
+        (trusted, port),
+    );
     // Without a body, an idempotent request may go to another node after a failure past the
     // connect: nothing of it is lost, and the node may not have acted on it twice.
     let replayable = no_body && parts.method.is_idempotent();
@@ -1257,11 +1260,13 @@ struct Forwarding {
 }
 
 impl Forwarding {
+    /// `port`: the listener's port as header text; `trusted`: the client is one of
+    /// `apisix.trusted_addresses`.
     fn new(
         headers: &HeaderMap,
         client_host: Option<&HeaderValue>,
         client: &Client,
-        trusted: bool,
+        (trusted, port): (bool, HeaderValue),
     ) -> Self {
         let ip = &client.ip;
         // Repeated X-Forwarded-For lines form one list (as nginx's
@@ -1280,13 +1285,17 @@ impl Forwarding {
                 HeaderValue::from_maybe_shared(Bytes::from(xff)).ok()
             }
         };
-        let theirs = |name: &HeaderName| headers.get(name).filter(|_| trusted).cloned();
+        // Looked up only for a trusted client: three map look-ups cost ~480 instructions.
+        let theirs = |name: &HeaderName| match trusted {
+            true => headers.get(name).cloned(),
+            false => None,
+        };
         Forwarding {
             xff,
             real_ip: ip.clone(),
             host: theirs(&X_FORWARDED_HOST).or_else(|| client_host.cloned()),
             proto: theirs(&X_FORWARDED_PROTO).unwrap_or_else(|| HTTP_SCHEME.clone()),
-            port: theirs(&X_FORWARDED_PORT).unwrap_or_else(|| client.local_port.clone()),
+            port: theirs(&X_FORWARDED_PORT).unwrap_or(port),
         }
     }
 
