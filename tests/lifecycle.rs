@@ -412,7 +412,7 @@ fn the_test_command_refuses_what_start_would() {
     std::fs::write(gw.config_path(), &apisix).unwrap();
     let (ok, out, err) = test(gw.prefix());
     assert!(
-        ok && format!("{out}{err}").contains("nginx_config.event: an APISIX setting"),
+        ok && format!("{out}{err}").contains("nginx_config.event: ignored, an APISIX setting"),
         "{out}{err}"
     );
     let unset = good.replace(

@@ -56,12 +56,12 @@ const KEYS: &[(&[&str], Rule)] = &[
     (&["apisix", "router"], Check(router, "wasmgate routes as APISIX's radixtree_host_uri")),
     (&["apisix", "ssl"], Check(ssl_off, "the listeners speak plain HTTP")),
     (&["nginx_config", "user"], Ignore("the gateway runs as the user that starts it")),
-    (&["nginx_config", "worker_rlimit_nofile"], Ignore("raise the limit with ulimit or the service manager (LimitNOFILE)")),
+    (&["nginx_config", "worker_rlimit_nofile"], Ignore("raise the limit with ulimit or the service manager's LimitNOFILE")),
     (&["nginx_config", "worker_rlimit_core"], Ignore("core dumps follow the service manager's limits")),
     (&["nginx_config", "enable_cpu_affinity"], Ignore("workers are not pinned")),
     (&["nginx_config", "max_pending_timers"], Ignore(NO_LUA)),
     (&["nginx_config", "max_running_timers"], Ignore(NO_LUA)),
-    (&["nginx_config", "event"], Ignore("connections per worker are not capped (client_header_timeout and the limits bound what each holds)")),
+    (&["nginx_config", "event"], Ignore("connections per worker are not capped; client_header_timeout and the limits bound what each holds")),
     (&["nginx_config", "envs"], Ignore("workers inherit the master's environment")),
     (&["nginx_config", "meta"], Ignore(NO_LUA)),
     (&["nginx_config", "stream"], Ignore("there are no stream listeners")),
@@ -227,7 +227,7 @@ pub fn set_aside(text: &str) -> Result<(Cow<'_, str>, Vec<String>), (usize, Stri
         let dotted = path.join(".");
         if blank(&mut lines, text, path) {
             warnings.push(format!(
-                "{dotted}: an APISIX setting wasmgate does not use ({why}); ignored"
+                "{dotted}: ignored, an APISIX setting wasmgate has no use for: {why}"
             ));
         }
         // Else the key is written where lines cannot be blanked (inside `{…}`): the parser
@@ -326,7 +326,7 @@ mod tests {
         );
         assert_eq!(warnings.len(), 6, "{warnings:?}");
         assert!(
-            warnings[0].starts_with("apisix.enable_ipv6: an APISIX setting"),
+            warnings[0].starts_with("apisix.enable_ipv6: ignored, an APISIX setting"),
             "{warnings:?}"
         );
     }

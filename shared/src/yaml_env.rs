@@ -58,8 +58,10 @@ fn expand_line(
             Quoting::Plain if b == b'"' => quoting = Quoting::Double,
             Quoting::Plain if b == b'\'' => quoting = Quoting::Single,
             Quoting::Double if b == b'\\' && i + 1 < bytes.len() => {
-                out.push_str(&line[i..i + 2]);
-                i += 2;
+                // The backslash and the whole character it escapes (which may be multi-byte).
+                let next = line[i + 1..].chars().next().map_or(1, char::len_utf8);
+                out.push_str(&line[i..i + 1 + next]);
+                i += 1 + next;
                 continue;
             }
             Quoting::Double if b == b'"' => quoting = Quoting::Plain,
@@ -264,5 +266,7 @@ mod tests {
         assert!(msg.contains("letters, digits"), "{msg}");
         let (_, msg) = ex("h: ${{KEY\n").unwrap_err();
         assert!(msg.contains("closing"), "{msg}");
+        // An escaped multi-byte character in a quoted scalar is copied whole.
+        assert_eq!(ex("k: \"\\é ${{PORT}}\"\n").unwrap(), "k: \"\\é 9080\"\n");
     }
 }
