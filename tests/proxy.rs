@@ -766,15 +766,23 @@ fn real_ip_from_a_trusted_proxy() {
         TestUpstream::start("inside"),
         TestUpstream::start("outside"),
     );
+    let lb = TestUpstream::start("lb");
     let gw = Gateway::start_with(Setup {
         http_extra: vec![
             "real_ip_from: [127.0.0.1, \"unix:\"]".into(),
             "real_ip_header: X-Forwarded-For".into(),
             "real_ip_recursive: \"on\"".into(),
         ],
+        apisix_extra: vec!["trusted_addresses: [127.0.0.1]".into()],
         workers: 1,
         ..Setup::default()
     });
+    // What only the load balancer (127.0.0.1) itself may reach.
+    gw.route(
+        "lb-only",
+        json!({"uri": "/r", "remote_addrs": ["127.0.0.0/8"], "priority": 2}),
+        Some(&lb),
+    );
     gw.route(
         "in",
         json!({"uri": "/r", "remote_addrs": ["10.1.0.0/16"], "priority": 1}),
@@ -793,7 +801,7 @@ fn real_ip_from_a_trusted_proxy() {
         h["x-forwarded-for"],
         "6.6.6.6, 10.1.2.3, 127.0.0.1, 10.1.2.3"
     );
-    assert_eq!(who(&gw, "GET", "/r", None), "outside");
+    assert_eq!(who(&gw, "GET", "/r", None), "lb");
     let named = |xff: &str| {
         let r = send(&gw, "GET", "/r", &[("X-Forwarded-For", xff)]);
         r.header("x-upstream").unwrap_or_default().to_string()
@@ -801,7 +809,24 @@ fn real_ip_from_a_trusted_proxy() {
     assert_eq!(named("10.1.9.9"), "inside");
     assert_eq!(named("[::ffff:10.1.9.9]:443"), "outside");
     assert_eq!(named("10.1.9.9:5555"), "inside");
-    assert_eq!(named("not-an-address"), "outside");
+    // Read from the right, no further than needed: what a client wrote on the left cannot
+    // make the load balancer itself the client.
+    assert_eq!(named("garbage, 10.1.9.9"), "inside");
+    assert_eq!(named("unknown, 1.2.3.4"), "outside");
+    // Nothing usable where the load balancer writes: the peer stays the client, as nginx.
+    assert_eq!(named("not-an-address"), "lb");
+    // The load balancer is a trusted address too: its X-Forwarded-Proto goes on, though
+    // realip named another client.
+    let h = &echo(
+        &gw,
+        "/r",
+        &[
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-Proto", "https"),
+        ],
+    )["headers"];
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-real-ip"], "6.6.6.6");
 }
 
 /// From `apisix.trusted_addresses` (a load balancer that terminated TLS), the client's

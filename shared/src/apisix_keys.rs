@@ -114,6 +114,12 @@ fn no_snippet(v: &Value, _: &Value) -> Option<String> {
 
 /// `apisix.router`: the default routers only.
 fn router(v: &Value, _: &Value) -> Option<String> {
+    if !v.is_mapping() {
+        return Some(
+            "apisix.router: expected a mapping, {http: radixtree_host_uri, ssl: radixtree_sni}"
+                .into(),
+        );
+    }
     let http = v.get("http").and_then(Value::as_str);
     let ssl = v.get("ssl").and_then(Value::as_str);
     match (http, ssl) {
@@ -152,10 +158,12 @@ fn etcd_provider(v: &Value, _: &Value) -> Option<String> {
 /// `deployment.admin.allow_admin`: harmless only when it allows loopback alone and the Admin
 /// API listens on loopback, which is what wasmgate does by default.
 fn loopback_admin(v: &Value, root: &Value) -> Option<String> {
+    // A network inside 127.0.0.0/8, or ::1 itself: `127.0.0.1/0` is every address.
     let loopback = |s: &str| {
-        let ip = s.split('/').next().unwrap_or(s);
-        ip.parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+        crate::model::vars::Cidr::parse(s).is_some_and(|c| match c.parts() {
+            (std::net::IpAddr::V4(ip), bits) => ip.is_loopback() && bits >= 8,
+            (std::net::IpAddr::V6(ip), bits) => ip.is_loopback() && bits == 128,
+        })
     };
     let listed = v.as_sequence().map(|l| l.iter().filter_map(Value::as_str));
     let all_loopback = listed.is_some_and(|mut l| l.all(loopback));
@@ -300,10 +308,17 @@ fn blank(lines: &mut [String], text: &str, path: &[&str]) -> bool {
     if !named {
         return false;
     }
+    // `key:` with nothing after it may have its list's items at its own indentation.
+    let block_value = code
+        .split_once(':')
+        .is_some_and(|(_, v)| v.trim().is_empty() || v.trim_start().starts_with('#'));
     lines[at].clear();
     for l in lines[at + 1..].iter_mut() {
         let t = l.trim_start();
-        if !t.is_empty() && !t.starts_with('#') && l.len() - t.len() <= indent {
+        let own_item = block_value && (t.starts_with("- ") || t == "-");
+        let column = l.len() - t.len();
+        let text = !t.is_empty() && !t.starts_with('#');
+        if text && (column < indent || (column == indent && !own_item)) {
             break;
         }
         l.clear();
@@ -329,6 +344,27 @@ mod tests {
             warnings[0].starts_with("apisix.enable_ipv6: ignored, an APISIX setting"),
             "{warnings:?}"
         );
+    }
+
+    /// A list whose items stand at the key's own indentation (valid YAML) goes with it; the
+    /// next key does not.
+    #[test]
+    fn lists_at_the_keys_indentation() {
+        let y = "plugins:\n- key-auth\n- wasm\napisix:\n  node_listen: 9080\n";
+        let (text, warnings) = set_aside(y).unwrap();
+        assert_eq!(text, "\n\n\napisix:\n  node_listen: 9080\n");
+        assert_eq!(warnings.len(), 1);
+        let y = "deployment:\n  admin:\n    allow_admin:\n    - 127.0.0.0/24\n    admin_listen: {ip: 127.0.0.1, port: 9180}\n";
+        let (text, _) = set_aside(y).unwrap();
+        assert_eq!(
+            text,
+            "deployment:\n  admin:\n\n\n    admin_listen: {ip: 127.0.0.1, port: 9180}\n"
+        );
+        let (_, msg) = set_aside("apisix:\n  router: radixtree_uri\n").unwrap_err();
+        assert!(msg.contains("expected a mapping"), "{msg}");
+        let (_, msg) =
+            set_aside("deployment:\n  admin:\n    allow_admin: [127.0.0.1/0]\n").unwrap_err();
+        assert!(msg.contains("no address filter"), "{msg}");
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub struct Client {
     pub local: SocketAddr,
     /// Unique on the host while the worker lives: its pid, then a count of its connections.
     pub id: u64,
+    /// The connection's peer is one of `apisix.trusted_addresses` (judged on the peer, before
+    /// `real_ip_from` may name another client).
+    pub trusted_peer: bool,
 }
 
 impl Client {
@@ -96,6 +99,7 @@ impl Client {
             ip,
             local,
             id,
+            trusted_peer: false,
         }
     }
 }
@@ -129,35 +133,33 @@ impl RealIp {
     }
 
     /// The request's client: the connection's peer, or the address the header names when
-    /// the peer is trusted. The header's lines form one list (as `X-Forwarded-For`'s); the
-    /// last address is taken, or with `recursive` the last one that is not trusted itself
-    /// (the first address of the list when all are). Anything that is not an address
-    /// leaves the peer.
+    /// the peer is trusted. The header's lines form one list (as `X-Forwarded-For`'s), read
+    /// from the right as nginx reads it, never further than needed: without `recursive`, the
+    /// last address; with it, the last one that is not trusted itself, or the last trusted
+    /// one read before the list ends or holds something that is not an address. The part of
+    /// the list a client wrote is never looked at once an address is found, and nothing in
+    /// it can make the trusted proxy itself the client.
     pub fn client(&self, client: Client, headers: &HeaderMap) -> Client {
         if !self.trusted(client.addr.ip()) {
             return client;
         }
-        let mut named: SmallVec<[IpAddr; 4]> = SmallVec::new();
-        for v in headers.get_all(&self.header) {
-            let Ok(text) = v.to_str() else {
-                return client;
+        let items = headers
+            .get_all(&self.header)
+            .iter()
+            .rev()
+            .flat_map(|v| v.as_bytes().rsplit(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|i| !i.is_empty());
+        let mut chosen = None;
+        for item in items {
+            let Some(ip) = std::str::from_utf8(item).ok().and_then(address) else {
+                break;
             };
-            for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-                match address(item) {
-                    Some(ip) => named.push(ip),
-                    None => return client,
-                }
+            chosen = Some(ip);
+            if !self.recursive || !self.trusted(ip) {
+                break;
             }
         }
-        let chosen = match self.recursive {
-            false => named.last().copied(),
-            true => named
-                .iter()
-                .rev()
-                .find(|ip| !self.trusted(**ip))
-                .or(named.first())
-                .copied(),
-        };
         match chosen {
             Some(ip) => {
                 let port = client.addr.port();
@@ -187,7 +189,10 @@ pub struct Answer {
 }
 
 /// Serves one client request.
-pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, client: Client) -> Answer {
+pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, mut client: Client) -> Answer {
+    if !w.trusted.is_empty() {
+        client.trusted_peer = w.trusted.iter().any(|c| c.contains(client.addr.ip()));
+    }
     let client = match &w.real_ip {
         Some(r) => r.client(client, req.headers()),
         None => client,
@@ -760,13 +765,12 @@ async fn forward(
         // nginx's `proxy_set_header Upgrade $http_upgrade; Connection "upgrade"`.
         tunnel::put_upgrade(&mut parts.headers, protocol);
     }
-    let trusted = w.trusted.iter().any(|c| c.contains(client.addr.ip()));
     let port = w.listener_port(client.local.port());
     let forwarding = Forwarding::new(
         &parts.headers,
         client_host.as_ref(),
         client,
-        (trusted, port),
+        (client.trusted_peer, port),
     );
     // Without a body, an idempotent request may go to another node after a failure past the
     // connect: nothing of it is lost, and the node may not have acted on it twice.
