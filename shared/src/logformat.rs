@@ -253,8 +253,9 @@ impl LogFormat {
     }
 }
 
-/// `v` as the contents of a JSON string (RFC 8259 §7).
-fn json_escaped(v: &str, out: &mut String) {
+/// `v` as the contents of a JSON string (RFC 8259 §7); valid in a YAML double-quoted scalar
+/// too (YAML's escapes include JSON's).
+pub(crate) fn json_escaped(v: &str, out: &mut String) {
     for c in v.chars() {
         match c {
             '"' => out.push_str("\\\""),

@@ -305,18 +305,10 @@ impl Place {
     }
 }
 
-/// `value` escaped for a double-quoted scalar.
+/// `value` escaped for a double-quoted scalar: as in a JSON string, whose escapes YAML's
+/// include.
 fn double_quoted(value: &str, out: &mut String) {
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
-        }
-    }
+    crate::logformat::json_escaped(value, out);
 }
 
 #[cfg(test)]
