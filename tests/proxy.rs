@@ -343,6 +343,26 @@ fn vars_and_remote_addrs() {
     assert_eq!(who(&gw, "GET", "/ru/%61dmin?k=1", None), "special");
     assert_eq!(who(&gw, "GET", "/ru/x/../admin?k=1", None), "special");
     assert_eq!(who(&gw, "GET", "/ru/%61dmin?k=2", None), "base");
+    // nginx's server variables; a variable wasmgate lacks is accepted and said in the log.
+    let port = gw.proxy_port.to_string();
+    gw.route(
+        "sp",
+        json!({"uri": "/sp", "vars": [["server_port", "==", port], ["server_protocol", "==", "HTTP/1.1"], ["is_args", "==", "?"]]}),
+        Some(&special),
+    );
+    assert_eq!(who(&gw, "GET", "/sp?a=1", None), "special");
+    assert_route_not_found(&send(&gw, "GET", "/sp", &[]));
+    gw.route(
+        "unknown-var",
+        json!({"uri": "/uv", "vars": [["post_arg_name", "==", "x"]]}),
+        Some(&special),
+    );
+    assert!(
+        gw.error_log()
+            .contains("route unknown-var: reads $post_arg_name, which wasmgate does not provide"),
+        "{}",
+        gw.error_log()
+    );
 
     // The test client is 127.0.0.1: outside 10.0.0.0/8, inside 127.0.0.0/8.
     gw.route("r-base", json!({"uri": "/r"}), Some(&base));

@@ -223,7 +223,7 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, mut client: Client
             }
         };
         let route = {
-            let lookup = |name: &str| nginx_var(&parts, peer, name);
+            let lookup = |name: &str| nginx_var(&parts, &client, name);
             let view = RequestView {
                 method: &parts.method,
                 host: log.host.as_str(),
@@ -749,7 +749,7 @@ async fn forward(
     client: &Client,
     log: &mut UpstreamLog,
 ) -> Response<ProxyBody> {
-    let hash_key = hash_key(up, parts, client.addr);
+    let hash_key = hash_key(up, parts, client);
     // Read before the hop-by-hop headers go: a `Connection: host` must not take the Host the
     // request was routed by away from the upstream.
     let client_host = parts.headers.get(header::HOST).cloned();
@@ -1693,12 +1693,23 @@ fn set_length(h: &mut HeaderMap, len: u64) {
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
 }
 
-/// nginx-style variables, for route `vars` and `chash` keys.
+/// A header's value as text, if it has one.
+fn header_text(parts: &http::request::Parts, name: HeaderName) -> Option<Cow<'_, str>> {
+    parts
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(Cow::Borrowed)
+}
+
+/// nginx-style variables, for route `vars` and `chash` keys: the names
+/// `wasmgate_shared::model::vars::known_variable` accepts.
 pub fn nginx_var<'a>(
     parts: &'a http::request::Parts,
-    peer: SocketAddr,
+    client: &Client,
     name: &str,
 ) -> Option<Cow<'a, str>> {
+    let peer = client.addr;
     if let Some(arg) = name.strip_prefix("arg_") {
         let q = parts.uri.query()?;
         return form_urlencoded::parse(q.as_bytes())
@@ -1742,6 +1753,15 @@ pub fn nginx_var<'a>(
         "remote_addr" => Cow::Owned(peer.ip().to_string()),
         "remote_port" => Cow::Owned(peer.port().to_string()),
         "scheme" => Cow::Borrowed("http"),
+        "is_args" => Cow::Borrowed(if parts.uri.query().is_some() { "?" } else { "" }),
+        "server_addr" => Cow::Owned(client.local.ip().to_string()),
+        "server_port" => Cow::Owned(client.local.port().to_string()),
+        "server_protocol" => Cow::Borrowed(match parts.version {
+            http::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        }),
+        "content_type" => return header_text(parts, header::CONTENT_TYPE),
+        "content_length" => return header_text(parts, header::CONTENT_LENGTH),
         _ => return None,
     })
 }
@@ -1756,14 +1776,11 @@ fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
 }
 
 /// The `chash` key of a request (`hash_on` + `key`), None for other balancers.
-fn hash_key(
-    up: &UpstreamRuntime,
-    parts: &http::request::Parts,
-    peer: SocketAddr,
-) -> Option<String> {
+fn hash_key(up: &UpstreamRuntime, parts: &http::request::Parts, client: &Client) -> Option<String> {
+    let peer = client.addr;
     let key = up.key.as_deref()?;
     match up.hash_on {
-        HashOn::Vars => nginx_var(parts, peer, key).map(Cow::into_owned),
+        HashOn::Vars => nginx_var(parts, client, key).map(Cow::into_owned),
         HashOn::Header => parts
             .headers
             .get(key)
@@ -1772,12 +1789,12 @@ fn hash_key(
         HashOn::Cookie => cookie(&parts.headers, key),
         // No consumers in wasmgate: hash on the client address.
         HashOn::Consumer => Some(peer.ip().to_string()),
-        HashOn::VarsCombinations => Some(expand_vars(key, parts, peer)),
+        HashOn::VarsCombinations => Some(expand_vars(key, parts, client)),
     }
 }
 
 /// `$remote_addr$arg_x` → the concatenated values.
-fn expand_vars(template: &str, parts: &http::request::Parts, peer: SocketAddr) -> String {
+fn expand_vars(template: &str, parts: &http::request::Parts, client: &Client) -> String {
     let mut out = String::new();
     for (i, piece) in template.split('$').enumerate() {
         if i == 0 {
@@ -1787,7 +1804,7 @@ fn expand_vars(template: &str, parts: &http::request::Parts, peer: SocketAddr) -
         let end = piece
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .unwrap_or(piece.len());
-        if let Some(v) = nginx_var(parts, peer, &piece[..end]) {
+        if let Some(v) = nginx_var(parts, client, &piece[..end]) {
             out.push_str(&v);
         }
         out.push_str(&piece[end..]);
@@ -1865,6 +1882,35 @@ pub fn is_reset(resp: &Response<ProxyBody>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every name the shared list says the gateway gives has a value here (the master warns
+    /// about the others when an object uses them).
+    #[test]
+    fn every_known_variable_has_a_value() {
+        let req = http::Request::get("/a/b?x=1")
+            .header("host", "h.test")
+            .header("content-type", "text/plain")
+            .header("content-length", "0")
+            .header("cookie", "c=1")
+            .body(())
+            .unwrap();
+        let (parts, _) = req.into_parts();
+        let client = Client::new(
+            "10.0.0.1:5555".parse().unwrap(),
+            "127.0.0.1:9080".parse().unwrap(),
+        );
+        let names = wasmgate_shared::model::vars::VARIABLES
+            .iter()
+            .copied()
+            .chain(["arg_x", "http_host", "cookie_c"]);
+        for name in names {
+            assert!(wasmgate_shared::model::vars::known_variable(name), "{name}");
+            assert!(nginx_var(&parts, &client, name).is_some(), "{name}");
+        }
+        assert_eq!(nginx_var(&parts, &client, "server_port").unwrap(), "9080");
+        assert!(!wasmgate_shared::model::vars::known_variable("post_arg_x"));
+        assert!(!wasmgate_shared::model::vars::known_variable("arg_"));
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

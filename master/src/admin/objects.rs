@@ -155,6 +155,51 @@ pub fn list(m: &Master, kind: Kind, q: &ListQuery<'_>) -> Reply {
     (200, json!({ "total": total, "list": items }))
 }
 
+/// Says in the error log when an object reads a variable the gateway does not give (APISIX
+/// has many more): a `vars` clause on it never matches, its `~=` always does, a `chash` key
+/// of it spreads requests as round robin would. Accepted all the same — objects APISIX wrote
+/// into a shared etcd must not stop the gateway — but not silently.
+fn warn_unknown_variables(kind: Kind, id: &str, body: &Value) {
+    use wasmgate_shared::model::vars::{known_variable, VarsExpr};
+    let mut unknown: Vec<String> = Vec::new();
+    if let Some(expr) = body.get("vars").and_then(|v| VarsExpr::compile(v).ok()) {
+        unknown.extend(
+            expr.variables()
+                .into_iter()
+                .filter(|n| !known_variable(n))
+                .map(str::to_owned),
+        );
+    }
+    let upstream = match kind {
+        Kind::Upstreams => Some(body),
+        _ => body.get("upstream"),
+    };
+    if let Some(up) = upstream.filter(|u| u.get("hash_on").and_then(Value::as_str) == Some("vars"))
+    {
+        if let Some(key) = up
+            .get("key")
+            .and_then(Value::as_str)
+            .filter(|k| !known_variable(k))
+        {
+            unknown.push(key.to_string());
+        }
+    }
+    unknown.sort();
+    unknown.dedup();
+    if !unknown.is_empty() {
+        tracing::warn!(
+            "{} {id}: reads {}, which wasmgate does not provide: a vars clause on it never \
+             matches (its ~= always does), a chash key of it balances as round robin would",
+            kind.noun(),
+            unknown
+                .iter()
+                .map(|n| format!("${n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+}
+
 /// PUT with an id (from the path, or from the body when PUT to the collection).
 pub fn put(m: &Master, kind: Kind, path_id: Option<&str>, body: Value) -> Outcome {
     let body_id = match body.get("id") {
@@ -322,6 +367,7 @@ fn write(
         Ok(o) => o,
         Err(e) => return error(400, e).into(),
     };
+    warn_unknown_variables(kind, id, &body);
     for (rkind, rid) in object.references() {
         if store.get(rkind, &rid).is_none() {
             return error(

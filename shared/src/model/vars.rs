@@ -19,6 +19,35 @@ pub const MAX_DEPTH: usize = 8;
 /// Compiled-size cap for each regex, so a hostile pattern cannot exhaust memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
+/// The variables the gateway gives `vars` and `chash` keys besides the families `arg_<name>`,
+/// `http_<header>` and `cookie_<name>` (the worker's `proxy::nginx_var`).
+pub const VARIABLES: [&str; 16] = [
+    "uri",
+    "request_uri",
+    "real_request_uri",
+    "args",
+    "query_string",
+    "is_args",
+    "host",
+    "request_method",
+    "remote_addr",
+    "remote_port",
+    "scheme",
+    "server_addr",
+    "server_port",
+    "server_protocol",
+    "content_type",
+    "content_length",
+];
+
+/// Whether the gateway gives `name` a value (else it reads as absent).
+pub fn known_variable(name: &str) -> bool {
+    ["arg_", "http_", "cookie_"]
+        .iter()
+        .any(|p| name.strip_prefix(p).is_some_and(|rest| !rest.is_empty()))
+        || VARIABLES.contains(&name)
+}
+
 /// A compiled `vars` expression.
 #[derive(Debug, Clone)]
 pub struct VarsExpr {
@@ -165,6 +194,19 @@ impl VarsExpr {
 
     /// Evaluates with a variable lookup (e.g. "arg_name", "http_x_user", "uri", "host",
     /// "remote_addr", "cookie_x"). `None` means the variable is absent.
+    /// The variables the expression reads.
+    pub fn variables(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut stack = vec![&self.root];
+        while let Some(node) = stack.pop() {
+            match node {
+                Node::Group { items, .. } => stack.extend(items),
+                Node::Clause(c) => out.push(c.var.as_str()),
+            }
+        }
+        out
+    }
+
     pub fn eval<'a>(&self, lookup: &dyn Fn(&str) -> Option<Cow<'a, str>>) -> bool {
         self.root.eval(lookup)
     }
