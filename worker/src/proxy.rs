@@ -82,16 +82,13 @@ pub struct Client {
 impl Client {
     /// The same connection, its client at `addr` (the address a trusted proxy named).
     fn at(self, addr: SocketAddr) -> Client {
-        let ip = HeaderValue::from_maybe_shared(Bytes::from(addr.ip().to_string()))
-            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        let ip = ip_text(addr.ip());
         Client { addr, ip, ..self }
     }
 
     pub fn new(addr: SocketAddr, local: SocketAddr) -> Client {
         static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
-        // An address's text is digits, dots, colons and hex letters: always a valid value.
-        let ip = HeaderValue::from_maybe_shared(Bytes::from(addr.ip().to_string()))
-            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        let ip = ip_text(addr.ip());
         let n = CONNECTIONS.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
         let id = (u64::from(std::process::id()) << 32) | n;
         Client {
@@ -102,6 +99,13 @@ impl Client {
             trusted_peer: false,
         }
     }
+}
+
+/// An address as header text (`X-Real-IP`, `X-Forwarded-For`). Its text is digits, dots,
+/// colons and hex letters: always a valid value.
+fn ip_text(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_maybe_shared(Bytes::from(ip.to_string()))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// nginx's realip module (`real_ip_from`, `real_ip_header`, `real_ip_recursive`): a peer in
@@ -1727,14 +1731,15 @@ pub fn nginx_var<'a>(
     if let Some(c) = name.strip_prefix("cookie_") {
         return cookie(&parts.headers, c).map(Cow::Owned);
     }
+    // nginx's `$uri`: decoded and resolved, as routes match it.
+    let uri = || normalized_path(parts.uri.path()).unwrap_or(Cow::Borrowed(parts.uri.path()));
     Some(match name {
-        // nginx's `$uri`: decoded and resolved, as routes match it.
-        "uri" => normalized_path(parts.uri.path()).unwrap_or(Cow::Borrowed(parts.uri.path())),
+        "uri" => uri(),
         // APISIX 3's: the normalized `$uri` with the query, so that `/%61dmin` or
         // `/public/../admin` cannot pass a `vars` rule on `^/admin`; the target as sent is
         // `real_request_uri`.
         "request_uri" => {
-            let uri = normalized_path(parts.uri.path()).unwrap_or(Cow::Borrowed(parts.uri.path()));
+            let uri = uri();
             match parts.uri.query() {
                 Some(q) => Cow::Owned(format!("{uri}?{q}")),
                 None => uri,

@@ -159,10 +159,18 @@ pub fn list(m: &Master, kind: Kind, q: &ListQuery<'_>) -> Reply {
 /// has many more): a `vars` clause on it never matches, its `~=` always does, a `chash` key
 /// of it spreads requests as round robin would. Accepted all the same — objects APISIX wrote
 /// into a shared etcd must not stop the gateway — but not silently.
-fn warn_unknown_variables(kind: Kind, id: &str, body: &Value) {
-    use wasmgate_shared::model::vars::{known_variable, VarsExpr};
+fn warn_unknown_variables(kind: Kind, id: &str, object: &model::Object) {
+    use model::vars::{known_variable, VarsExpr};
+    use model::HashOn;
+    use model::Object;
+    let (vars, upstream) = match object {
+        Object::Route(r) => (r.vars.as_ref(), r.upstream.as_ref()),
+        Object::Service(s) => (None, s.upstream.as_ref()),
+        Object::Upstream(u) => (None, Some(u)),
+        Object::GlobalRule(_) => (None, None),
+    };
     let mut unknown: Vec<String> = Vec::new();
-    if let Some(expr) = body.get("vars").and_then(|v| VarsExpr::compile(v).ok()) {
+    if let Some(expr) = vars.and_then(|v| VarsExpr::compile(v).ok()) {
         unknown.extend(
             expr.variables()
                 .into_iter()
@@ -170,17 +178,8 @@ fn warn_unknown_variables(kind: Kind, id: &str, body: &Value) {
                 .map(str::to_owned),
         );
     }
-    let upstream = match kind {
-        Kind::Upstreams => Some(body),
-        _ => body.get("upstream"),
-    };
-    if let Some(up) = upstream.filter(|u| u.get("hash_on").and_then(Value::as_str) == Some("vars"))
-    {
-        if let Some(key) = up
-            .get("key")
-            .and_then(Value::as_str)
-            .filter(|k| !known_variable(k))
-        {
+    if let Some(up) = upstream.filter(|u| u.hash_on == Some(HashOn::Vars)) {
+        if let Some(key) = up.key.as_deref().filter(|k| !known_variable(k)) {
             unknown.push(key.to_string());
         }
     }
@@ -367,7 +366,7 @@ fn write(
         Ok(o) => o,
         Err(e) => return error(400, e).into(),
     };
-    warn_unknown_variables(kind, id, &body);
+    warn_unknown_variables(kind, id, &object);
     for (rkind, rid) in object.references() {
         if store.get(rkind, &rid).is_none() {
             return error(
