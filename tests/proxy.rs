@@ -363,6 +363,28 @@ fn vars_and_remote_addrs() {
         "{}",
         gw.error_log()
     );
+    // The same for each variable of a `vars_combinations` key, and for a plain chash key
+    // (`hash_on` left out is `vars`).
+    let (code, body) = gw.admin(
+        "PUT",
+        "/apisix/admin/upstreams/combo",
+        Some(json!({"type": "chash", "hash_on": "vars_combinations",
+                    "key": "$remote_addr-$upstream_bytes_sent", "nodes": {"127.0.0.1:9": 1}})),
+    );
+    assert!(code == 200 || code == 201, "{code} {body}");
+    let (code, body) = gw.admin(
+        "PUT",
+        "/apisix/admin/upstreams/plain-key",
+        Some(json!({"type": "chash", "key": "request_length", "nodes": {"127.0.0.1:9": 1}})),
+    );
+    assert!(code == 200 || code == 201, "{code} {body}");
+    let log = gw.error_log();
+    assert!(
+        log.contains("upstream combo: reads $upstream_bytes_sent, which wasmgate")
+            && !log.contains("reads $remote_addr")
+            && log.contains("upstream plain-key: reads $request_length, which wasmgate"),
+        "{log}"
+    );
 
     // The test client is 127.0.0.1: outside 10.0.0.0/8, inside 127.0.0.0/8.
     gw.route("r-base", json!({"uri": "/r"}), Some(&base));

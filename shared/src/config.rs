@@ -642,6 +642,16 @@ pub enum RequestPhase {
     Access,
 }
 
+impl RequestPhase {
+    /// The name config.yaml spells it with (`http_request_phase`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestPhase::Rewrite => "rewrite",
+            RequestPhase::Access => "access",
+        }
+    }
+}
+
 /// `wasmgate:` — settings APISIX has no word for.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

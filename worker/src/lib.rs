@@ -84,7 +84,7 @@ pub struct Worker {
     pub traffic: traffic::Traffic,
     /// `apisix.trusted_addresses`: clients whose `X-Forwarded-Proto`, `-Host` and `-Port` go
     /// upstream as they came.
-    pub trusted: Vec<wasmgate_shared::model::vars::Cidr>,
+    pub trusted: wasmgate_shared::model::vars::CidrList,
     /// `real_ip_from` and its header: who may name the client (`proxy::RealIp`).
     pub real_ip: Option<proxy::RealIp>,
     /// The listeners' ports as header text (`X-Forwarded-Port`), made once.
@@ -188,12 +188,7 @@ async fn serve(
         cutting: AtomicBool::new(false),
         traffic: traffic::Traffic::new(segment.clone(), slot),
         // Checked when the configuration was loaded.
-        trusted: config
-            .apisix
-            .trusted_addresses
-            .iter()
-            .filter_map(|a| wasmgate_shared::model::vars::Cidr::parse(a))
-            .collect(),
+        trusted: wasmgate_shared::model::vars::CidrList::parse(&config.apisix.trusted_addresses),
         real_ip: proxy::RealIp::new(http),
         listener_ports: config
             .apisix

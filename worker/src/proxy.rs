@@ -112,18 +112,14 @@ fn ip_text(ip: IpAddr) -> HeaderValue {
 /// `from` — a load balancer or proxy the operator runs — may name the client in `header`.
 pub struct RealIp {
     header: HeaderName,
-    from: Vec<wasmgate_shared::model::vars::Cidr>,
+    from: wasmgate_shared::model::vars::CidrList,
     recursive: bool,
 }
 
 impl RealIp {
     /// None when no peer is trusted (`real_ip_from` empty, or only `unix:`).
     pub fn new(http: &wasmgate_shared::config::HttpSection) -> Option<RealIp> {
-        let from: Vec<_> = http
-            .real_ip_from
-            .iter()
-            .filter_map(|a| wasmgate_shared::model::vars::Cidr::parse(a))
-            .collect();
+        let from = wasmgate_shared::model::vars::CidrList::parse(&http.real_ip_from);
         let header = HeaderName::from_bytes(http.real_ip_header.as_bytes()).ok()?;
         (!from.is_empty()).then_some(RealIp {
             header,
@@ -133,7 +129,7 @@ impl RealIp {
     }
 
     fn trusted(&self, ip: IpAddr) -> bool {
-        self.from.iter().any(|c| c.contains(ip))
+        self.from.contains(ip)
     }
 
     /// The request's client: the connection's peer, or the address the header names when
@@ -195,7 +191,7 @@ pub struct Answer {
 /// Serves one client request.
 pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, mut client: Client) -> Answer {
     if !w.trusted.is_empty() {
-        client.trusted_peer = w.trusted.iter().any(|c| c.contains(client.addr.ip()));
+        client.trusted_peer = w.trusted.contains(client.addr.ip());
     }
     let client = match &w.real_ip {
         Some(r) => r.client(client, req.headers()),
@@ -1800,19 +1796,13 @@ fn hash_key(up: &UpstreamRuntime, parts: &http::request::Parts, client: &Client)
 
 /// `$remote_addr$arg_x` → the concatenated values.
 fn expand_vars(template: &str, parts: &http::request::Parts, client: &Client) -> String {
-    let mut out = String::new();
-    for (i, piece) in template.split('$').enumerate() {
-        if i == 0 {
-            out.push_str(piece);
-            continue;
-        }
-        let end = piece
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(piece.len());
-        if let Some(v) = nginx_var(parts, client, &piece[..end]) {
+    let (head, vars) = wasmgate_shared::model::vars::split_template(template);
+    let mut out = head.to_string();
+    for (name, text) in vars {
+        if let Some(v) = nginx_var(parts, client, name) {
             out.push_str(&v);
         }
-        out.push_str(&piece[end..]);
+        out.push_str(text);
     }
     out
 }

@@ -131,18 +131,24 @@ async fn answer(m: &Master, req: Request<Incoming>, peer: SocketAddr) -> Respons
     resp
 }
 
+/// 405 naming the method and the path, with the methods the path takes in `Allow` (RFC 9110
+/// §15.5.6: a 405 says what is allowed).
+fn not_allowed(method: &Method, path: &str, allow: &'static str) -> Response<Full<Bytes>> {
+    let mut r = err(405, format!("method {method} is not allowed on {path}"));
+    r.headers_mut().insert(
+        hyper::header::ALLOW,
+        hyper::header::HeaderValue::from_static(allow),
+    );
+    r
+}
+
 /// APISIX's plugin endpoints, for dashboards and linters: `plugins/list` (the names of the
 /// plugins routes may use: the `wasm.plugins` of config.yaml, by priority), `plugins/<name>`
 /// (the schema of its configuration on a route: a `conf`, as APISIX's wasm plugins take it),
 /// and `plugins` (each plugin with its priority, phase and schema).
 fn plugins_endpoint(m: &Master, method: &Method, what: &str) -> Response<Full<Bytes>> {
     if method != Method::GET {
-        let mut r = err(405, format!("method {method} is not allowed on plugins"));
-        r.headers_mut().insert(
-            hyper::header::ALLOW,
-            hyper::header::HeaderValue::from_static("GET"),
-        );
-        return r;
+        return not_allowed(method, "plugins", "GET");
     }
     let cfg = m.config();
     let mut list: Vec<_> = cfg.config.wasm.plugins.iter().collect();
@@ -167,12 +173,9 @@ fn plugins_endpoint(m: &Master, method: &Method, what: &str) -> Response<Full<By
             Value::Object(
                 list.iter()
                     .map(|p| {
-                        let phase = match p.http_request_phase {
-                            wasmgate_shared::config::RequestPhase::Rewrite => "rewrite",
-                            wasmgate_shared::config::RequestPhase::Access => "access",
-                        };
                         let about = json!({"name": p.name, "priority": p.priority,
-                                           "http_request_phase": phase, "schema": schema()});
+                                           "http_request_phase": p.http_request_phase.as_str(),
+                                           "schema": schema()});
                         (p.name.clone(), about)
                     })
                     .collect(),
@@ -250,18 +253,12 @@ async fn dispatch(
             objects::delete(m, kind, id, force)
         }
         _ => {
-            // RFC 9110 §15.5.6: a 405 says what is allowed.
             let allow = match (id, sub) {
                 (None, _) => "GET, PUT, POST",
                 (Some(_), None) => "GET, PUT, PATCH, DELETE",
                 (Some(_), Some(_)) => "PATCH",
             };
-            let mut r = err(405, format!("method {method} is not allowed on {path}"));
-            r.headers_mut().insert(
-                hyper::header::ALLOW,
-                hyper::header::HeaderValue::from_static(allow),
-            );
-            return r;
+            return not_allowed(method, path, allow);
         }
     };
     let (status, value) = match (outcome, &m.etcd) {

@@ -157,10 +157,11 @@ pub fn list(m: &Master, kind: Kind, q: &ListQuery<'_>) -> Reply {
 
 /// Says in the error log when an object reads a variable the gateway does not give (APISIX
 /// has many more): a `vars` clause on it never matches, its `~=` always does, a `chash` key
-/// of it spreads requests as round robin would. Accepted all the same — objects APISIX wrote
+/// of it spreads requests as round robin would, and in a `vars_combinations` key it reads
+/// as empty text. Accepted all the same — objects APISIX wrote
 /// into a shared etcd must not stop the gateway — but not silently.
 fn warn_unknown_variables(kind: Kind, id: &str, object: &model::Object) {
-    use model::vars::{known_variable, VarsExpr};
+    use model::vars::{known_variable, split_template, VarsExpr};
     use model::HashOn;
     use model::Object;
     let (vars, upstream) = match object {
@@ -178,9 +179,17 @@ fn warn_unknown_variables(kind: Kind, id: &str, object: &model::Object) {
                 .map(str::to_owned),
         );
     }
-    if let Some(up) = upstream.filter(|u| u.hash_on == Some(HashOn::Vars)) {
-        if let Some(key) = up.key.as_deref().filter(|k| !known_variable(k)) {
-            unknown.push(key.to_string());
+    if let Some((up, key)) = upstream.and_then(|u| Some(u).zip(u.key.as_deref())) {
+        match up.hash_on.unwrap_or_default() {
+            HashOn::Vars if !known_variable(key) => unknown.push(key.to_string()),
+            HashOn::VarsCombinations => unknown.extend(
+                split_template(key)
+                    .1
+                    .map(|(name, _)| name)
+                    .filter(|n| !known_variable(n))
+                    .map(str::to_owned),
+            ),
+            _ => {}
         }
     }
     unknown.sort();

@@ -251,10 +251,7 @@ pub fn plugins(m: &Master) -> Value {
             json!({
                 "name": p.name,
                 "priority": p.priority,
-                "phase": match p.http_request_phase {
-                    wasmgate_shared::config::RequestPhase::Rewrite => "rewrite",
-                    wasmgate_shared::config::RequestPhase::Access => "access",
-                },
+                "phase": p.http_request_phase.as_str(),
                 "file": p.file,
                 "fail_open": p.fail_open,
                 "callback_timeout_ms": p.callback_timeout.map(|t| t.as_millis() as u64),

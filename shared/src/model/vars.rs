@@ -48,6 +48,21 @@ pub fn known_variable(name: &str) -> bool {
         || VARIABLES.contains(&name)
 }
 
+/// Splits a `vars_combinations` key (`"$remote_addr:$uri"`) into the text before its first
+/// variable and, for each `$name`, the name and the text up to the next one. A name is the
+/// letters, digits and `_` after `$`, as nginx reads `$name` in text.
+pub fn split_template(template: &str) -> (&str, impl Iterator<Item = (&str, &str)>) {
+    let mut pieces = template.split('$');
+    let head = pieces.next().unwrap_or("");
+    let vars = pieces.map(|piece| {
+        let end = piece
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(piece.len());
+        piece.split_at(end)
+    });
+    (head, vars)
+}
+
 /// A compiled `vars` expression.
 #[derive(Debug, Clone)]
 pub struct VarsExpr {
@@ -149,6 +164,28 @@ impl Cidr {
         // Compare only the leading `prefix` bits; a shift of 128 (prefix 0) keeps nothing.
         let shift = u32::from(bits - self.prefix);
         net.checked_shr(shift).unwrap_or(0) == host.checked_shr(shift).unwrap_or(0)
+    }
+}
+
+/// A list of networks, as config.yaml's address lists (`real_ip_from`,
+/// `apisix.trusted_addresses`) give them.
+#[derive(Debug, Clone, Default)]
+pub struct CidrList(Vec<Cidr>);
+
+impl CidrList {
+    /// The entries that parse; the others (`unix:`, or text the configuration's check
+    /// refused already) are left out.
+    pub fn parse<'a>(entries: impl IntoIterator<Item = &'a String>) -> CidrList {
+        CidrList(entries.into_iter().filter_map(|a| Cidr::parse(a)).collect())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether any network holds `ip`.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|c| c.contains(ip))
     }
 }
 
@@ -508,6 +545,28 @@ mod tests {
     use super::*;
     use serde_json::json;
     use std::collections::HashMap;
+
+    #[test]
+    fn templates_split_into_text_and_variables() {
+        let (head, vars) = split_template("k:$remote_addr-$uri/$$arg_a");
+        let vars: Vec<_> = vars.collect();
+        assert_eq!(head, "k:");
+        assert_eq!(
+            vars,
+            [("remote_addr", "-"), ("uri", "/"), ("", ""), ("arg_a", "")]
+        );
+        let (head, vars) = split_template("plain");
+        assert_eq!((head, vars.count()), ("plain", 0));
+    }
+
+    #[test]
+    fn cidr_lists_skip_what_does_not_parse() {
+        let list = CidrList::parse(&["unix:".to_string(), "10.0.0.0/8".to_string()]);
+        assert!(!list.is_empty());
+        assert!(list.contains("10.1.2.3".parse().unwrap()));
+        assert!(!list.contains("11.0.0.1".parse().unwrap()));
+        assert!(CidrList::parse(&["unix:".to_string()]).is_empty());
+    }
 
     /// Compiles `vars` and evaluates it against `pairs`.
     fn check(vars: Value, pairs: &[(&str, &str)]) -> bool {
