@@ -5,9 +5,9 @@ only the host's part that instructions.sh counts.
 
 The gateway runs under valgrind with its worker traced (WASMGATE_WORKER_EXE names the binary:
 under valgrind `/proc/self/exe` is valgrind itself); an nginx upstream answers `return 200`.
-For each route (no plugin, example_headers, three of them) the script warms up, zeroes the
-worker's counters, sends a fixed number of keep-alive requests one after the other, dumps the
-counters and divides; it also counts the calls to the allocator (mimalloc's entry points)
+For each route (no plugin, example_headers, three of them, shared_counter) the script warms
+up, zeroes the worker's counters, sends a fixed number of keep-alive requests one after the
+other, dumps the counters and divides; it also counts the calls to the allocator (mimalloc's entry points)
 per request. The count does not move with the machine's load, so two builds can be
 compared on a shared machine: run it with each binary.
 
@@ -33,7 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (ROOT, admin_put, bench_plugins, bench_routes, free_port, gateway_config,
                       upstream_conf, wait_port)
 
-ROUTES = ("none", "one", "three")
+ROUTES = ("none", "one", "three", "counter")
+
+# A plugin whose header value changes from request to request (shared_counter's
+# `x-counter: <n>`, the count kept in shared data), as an auth plugin's user id or a trace id
+# does: what setting such a value costs, beside example_headers' constant ones.
+COUNTER = ("counter", 5, os.path.join(ROOT, "tests", "plugins", "wasm", "shared_counter.wasm"), "")
 
 
 def requests(port, path, n):
@@ -116,7 +121,7 @@ def main():
         procs.append(subprocess.Popen(["nginx", "-p", work, "-c", os.path.join(work, "up.conf")],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         with open(os.path.join(work, "conf", "config.yaml"), "w") as f:
-            f.write(gateway_config(gw, admin, 1, bench_plugins(a.callback_timeout)))
+            f.write(gateway_config(gw, admin, 1, bench_plugins(a.callback_timeout) + [COUNTER]))
         binary = os.path.abspath(a.binary)
         env = dict(os.environ, WASMGATE_WORKER_EXE=binary)
         out = os.path.join(work, "cg.%p")
@@ -127,6 +132,8 @@ def main():
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(admin, 120)
         routes = bench_routes(f"127.0.0.1:{up}")
+        routes["counter"] = {"uri": "/counter", "plugins": {"counter": {"conf": "-"}},
+                             "upstream": routes["none"]["upstream"]}
         for r in ROUTES:
             admin_put(admin, f"/apisix/admin/routes/{r}", routes[r])
         wait_port(gw, 120)

@@ -904,12 +904,19 @@ impl PluginShm {
 
     /// The value of `key` and its CAS, or None.
     pub fn get(&self, key: &[u8]) -> Result<Option<(Vec<u8>, u32)>, Error> {
+        let mut value = Vec::new();
+        Ok(self.get_into(key, &mut value)?.map(|cas| (value, cas)))
+    }
+
+    /// The value of `key` copied into `out` (replacing what it held: a buffer the caller keeps
+    /// spares an allocation per read) and its CAS, or None.
+    pub fn get_into(&self, key: &[u8], out: &mut Vec<u8>) -> Result<Option<u32>, Error> {
         if key.len() > MAX_KEY_LEN {
             return Ok(None);
         }
         let hash = hash_key(key);
         let g = self.lock()?;
-        let r = g.kv_get(key, hash);
+        let r = g.kv_get(key, hash, out);
         g.settle(r)
     }
 
@@ -1475,15 +1482,16 @@ impl<'a> Locked<'a> {
         Ok(Probe::NoRoom)
     }
 
-    fn kv_get(&self, key: &[u8], hash: u64) -> Result<Option<(Vec<u8>, u32)>, Fail> {
+    fn kv_get(&self, key: &[u8], hash: u64, out: &mut Vec<u8>) -> Result<Option<u32>, Fail> {
         let top = self.kv_top()?;
         match self.kv_find(key, hash, top)? {
             Probe::Found { rec, off, .. } => {
-                let mut v = vec![0u8; rec.val_len];
+                out.clear();
+                out.resize(rec.val_len, 0);
                 let at = off + (REC_HEADER + rec.key_len) as u64;
-                self.read(self.shm.layout.kv_arena, at, &mut v)
+                self.read(self.shm.layout.kv_arena, at, out)
                     .ok_or(Fail::Kv("value out of bounds"))?;
-                Ok(Some((v, rec.cas)))
+                Ok(Some(rec.cas))
             }
             _ => Ok(None),
         }

@@ -15,6 +15,8 @@ type R = wasmtime::Result<i32>;
 
 /// Largest single read from guest memory (a header set, a body, a local reply).
 const MAX_READ: usize = wasmgate_abi::MAX_BUFFER;
+/// The largest buffer an instance keeps for the shared-data values it reads.
+const SHARED_VALUE_KEPT: usize = 64 << 10;
 /// A property path up to this long is read without a heap buffer.
 const PATH_ON_STACK: usize = 256;
 /// More segments than any property has: such a path is not found.
@@ -848,21 +850,40 @@ fn shared(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_shared_data",
         |mut c: C<'_>, kp: i32, kl: i32, ret_ptr: i32, ret_len: i32, ret_cas: i32| -> R {
-            let key = tri!(read(&mut c, kp, kl));
-            let Some((value, cas)) = tri!(with(|s| s.get(&key))) else {
-                return ok(Status::NotFound);
+            // The key is read in place and the value copied into the instance's buffer, kept
+            // from call to call: a read allocates nothing on the host's side.
+            let mut value = std::mem::take(&mut c.data_mut().shared_value);
+            let found = match memory(&mut c).ok_or(BAD_MEMORY) {
+                Ok(m) => {
+                    slice(m.data(&c), kp, kl).and_then(|key| with(|s| s.get_into(key, &mut value)))
+                }
+                Err(e) => Err(e),
             };
-            tri!(write(&mut c, ret_cas, &cas.to_le_bytes()));
-            answer(&mut c, &value, ret_ptr, ret_len)
+            let r = match found {
+                Err(status) => ok(status),
+                Ok(None) => ok(Status::NotFound),
+                Ok(Some(cas)) => match write(&mut c, ret_cas, &cas.to_le_bytes()) {
+                    Err(status) => ok(status),
+                    Ok(()) => answer(&mut c, &value, ret_ptr, ret_len),
+                },
+            };
+            // A large value is not kept for the instance's life.
+            if value.capacity() <= SHARED_VALUE_KEPT {
+                c.data_mut().shared_value = value;
+            }
+            r
         },
     )?;
     l.func_wrap(
         "env",
         "proxy_set_shared_data",
         |mut c: C<'_>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> R {
-            let key = tri!(read(&mut c, kp, kl));
-            let value = tri!(read(&mut c, vp, vl));
-            tri!(with(|s| s.set(&key, &value, cas as u32)));
+            // Key and value are read in place, not copied first.
+            let m = tri!(memory(&mut c).ok_or(BAD_MEMORY));
+            let data = m.data(&c);
+            let key = tri!(slice(data, kp, kl));
+            let value = tri!(slice(data, vp, vl));
+            tri!(with(|s| s.set(key, value, cas as u32)));
             ok(Status::Ok)
         },
     )?;

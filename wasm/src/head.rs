@@ -12,7 +12,7 @@
 //! plugin — as in Envoy, the call succeeds — but the head records it, and the gateway fails the
 //! request with a line that names it (see [`Head::error`]).
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use foldhash::HashMap;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
@@ -388,7 +388,7 @@ impl Head {
 
     fn set_pseudo(&mut self, name: &str, value: &[u8], replace: bool) {
         self.pseudo_changed |= pseudo_bit(name);
-        let value = Value::Bytes(Bytes::copy_from_slice(value));
+        let value = Value::Bytes(carve(value));
         if replace {
             if let Some(slot) = self
                 .pseudo
@@ -497,40 +497,49 @@ pub fn header_name(name: &str) -> Option<HeaderName> {
     })
 }
 
-/// A value a plugin set, checked. A short one (most are) lives inline in its one allocation:
-/// the gateway clones the map that holds it to send it on, and a plain copy would allocate
-/// again then to become shareable.
+/// A value a plugin set, checked, in shared bytes (see [`carve`]).
 fn header_value(value: &[u8]) -> Option<HeaderValue> {
-    let bytes = match InlineValue::new(value) {
-        Some(v) => Bytes::from_owner(v),
-        None => Bytes::copy_from_slice(value),
-    };
-    HeaderValue::from_maybe_shared(bytes).ok()
+    HeaderValue::from_maybe_shared(carve(value)).ok()
 }
 
-/// The longest value kept inline (and remembered in a [`ValueMemo`]).
+/// The longest value remembered in a [`ValueMemo`].
 const INLINE_VALUE: usize = 62;
 
-/// Up to [`INLINE_VALUE`] bytes, inline.
-struct InlineValue {
-    len: u8,
-    buf: [u8; INLINE_VALUE],
+/// Values up to this length are carved out of the thread's [`VALUES`] buffer; a longer one
+/// gets an allocation of its own, which weighs little against copying it.
+const CARVED_VALUE: usize = 256;
+
+/// The size of each [`VALUES`] buffer.
+const VALUES_CHUNK: usize = 4096;
+
+std::thread_local! {
+    /// The bytes of the values plugins set, one after the other: each value is a slice of
+    /// it shared by reference count, so setting a value that changes from request to request
+    /// (a user id, a trace id) costs no allocation. When the buffer is full it is reused in
+    /// place if no value in it is alive any more (the requests that held them are over),
+    /// else a new one is taken and the old one is freed with its last value: one
+    /// allocation per 4 KiB of values at most, none in the steady state.
+    static VALUES: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
-impl InlineValue {
-    fn new(value: &[u8]) -> Option<InlineValue> {
-        let mut buf = [0; INLINE_VALUE];
-        buf.get_mut(..value.len())?.copy_from_slice(value);
-        // At most 62: fits.
-        let len = value.len() as u8;
-        Some(InlineValue { len, buf })
+/// `value` copied into shared bytes, without an allocation of its own when it is short. The
+/// gateway clones the maps that hold values to send them on; shared bytes make that a
+/// reference count, where a plain copy would allocate again to become shareable.
+pub fn carve(value: &[u8]) -> Bytes {
+    if value.is_empty() {
+        return Bytes::new();
     }
-}
-
-impl AsRef<[u8]> for InlineValue {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[..usize::from(self.len)]
+    if value.len() > CARVED_VALUE {
+        return Bytes::copy_from_slice(value);
     }
+    VALUES.with(|values| {
+        let mut values = values.borrow_mut();
+        if values.capacity() - values.len() < value.len() {
+            values.reserve(VALUES_CHUNK);
+        }
+        values.extend_from_slice(value);
+        values.split().freeze()
+    })
 }
 
 /// The three digits of every status code 100–999, so `:status` is lent without a copy.
@@ -716,6 +725,44 @@ impl HeaderList for Pairs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_are_carved_from_one_buffer_reused_once_free() {
+        // A thread of its own: the buffer is per thread, and other tests carve too.
+        std::thread::spawn(|| {
+            let a = carve(b"user-1");
+            let b = carve(b"trace-2");
+            assert_eq!((&a[..], &b[..]), (&b"user-1"[..], &b"trace-2"[..]));
+            // Side by side in one buffer: no allocation of their own.
+            assert_eq!(b.as_ptr() as usize, a.as_ptr() as usize + a.len());
+            let start = a.as_ptr() as usize;
+            drop((a, b));
+            // Fill the buffer; with no earlier value alive it is reused from its start.
+            let mut last = carve(&[b'x'; CARVED_VALUE]);
+            while last.as_ptr() as usize + 2 * CARVED_VALUE <= start + VALUES_CHUNK {
+                last = carve(&[b'x'; CARVED_VALUE]);
+            }
+            drop(last);
+            let again = carve(&[b'y'; CARVED_VALUE]);
+            assert_eq!(
+                again.as_ptr() as usize,
+                start,
+                "the free buffer was not reused"
+            );
+            // A value still alive keeps its bytes when the buffer moves on.
+            let kept = carve(b"kept");
+            let in_first =
+                |v: &Bytes| (start..start + VALUES_CHUNK).contains(&(v.as_ptr() as usize));
+            while in_first(&carve(&[b'z'; CARVED_VALUE])) {}
+            assert_eq!(&kept[..], b"kept");
+            drop(again);
+            // Long values and empty ones are not carved.
+            assert_eq!(carve(&[b'l'; CARVED_VALUE + 1]).len(), CARVED_VALUE + 1);
+            assert!(carve(b"").is_empty());
+        })
+        .join()
+        .unwrap();
+    }
 
     fn request() -> Head {
         let req = http::Request::builder()

@@ -404,6 +404,9 @@ pub struct HostState {
     pub names: crate::head::NameMemo,
     /// Short header values this instance set lately, checked (see [`crate::head::Memo`]).
     pub values: crate::head::ValueMemo,
+    /// The buffer `proxy_get_shared_data` copies a value into before handing it over, kept
+    /// from call to call (up to 64 KiB).
+    pub shared_value: Vec<u8>,
     /// The error-log level as the plugin sees it (`proxy_get_log_level`).
     pub log_level: u32,
     pub limits: StoreLimits,

@@ -158,6 +158,7 @@ impl PluginVm {
             root_id: s.root_id.clone(),
             names: Default::default(),
             values: Default::default(),
+            shared_value: Vec::new(),
             log_level: s.log_level,
             // One memory, under `memory_limit`, and tables of bounded size: a table that
             // grows is host memory too (8 bytes an element), outside the memory limit.
