@@ -291,3 +291,143 @@ fn an_etcd_outage_keeps_the_last_configuration_serving() {
     );
     assert_eq!(status_of(&a, "/r"), 200);
 }
+
+/// What an operator does to etcd behind the gateway's back, and what the gateway makes of it:
+/// an object overwritten with a value it refuses (dropped, as a full read would drop it, so
+/// every node agrees), a refused key deleted through the Admin API, a key whose id it cannot
+/// take (said in the log), writes to one object at once through one node (taken one after
+/// the other, no 409), a reload that adds the plugin an object wanted, an etcd wiped and
+/// started again (its revisions start again too), and an etcd that turns authentication on.
+#[test]
+fn etcd_changed_behind_the_gateways_back() {
+    let Some(mut etcd) = Etcd::start() else {
+        return;
+    };
+    let app = TestUpstream::start("app");
+    let a = node(&etcd);
+    let route = |uri: &str| {
+        json!({"uri": uri, "upstream": {"type": "roundrobin", "nodes": {app.addr(): 1}}})
+            .to_string()
+    };
+    etcd.put("/apisix/routes/good", &route("/good"));
+    eventually(Duration::from_secs(10), "good served", || {
+        status_of(&a, "/good") == 200
+    });
+
+    // Overwritten with what the gateway refuses: no longer served, and said.
+    etcd.put("/apisix/routes/good", "{\"uri\": \"/good\", ");
+    eventually(
+        Duration::from_secs(10),
+        "the refused version drops good",
+        || status_of(&a, "/good") == 404,
+    );
+    assert!(
+        a.error_log().contains("/apisix/routes/good is not JSON")
+            && a.error_log()
+                .contains("its previous version is no longer served"),
+        "{}",
+        a.error_log()
+    );
+    // The Admin API deletes the refused key from etcd, as APISIX's does.
+    let (s, v) = a.admin("DELETE", "/apisix/admin/routes/good", None);
+    assert_eq!(s, 200, "{v}");
+    let left = etcd
+        .call("/v3/kv/range", json!({"key": b64("/apisix/routes/good")}))
+        .unwrap();
+    assert!(left["kvs"].is_null(), "{left}");
+
+    // An id the gateway cannot take is left out with a line saying why.
+    etcd.put("/apisix/routes/a b", &route("/ab"));
+    eventually(Duration::from_secs(10), "the bad id is logged", || {
+        a.error_log()
+            .contains("/apisix/routes/a b left out: \"a b\" is not a route id")
+    });
+
+    // Writes to one object through one node go one after the other.
+    a.route("pc", json!({"uri": "/pc"}), Some(&app));
+    let writers: Vec<_> = (0..8)
+        .map(|i| {
+            let url = a.admin_url("/apisix/admin/routes/pc");
+            std::thread::spawn(move || {
+                let body = json!({"desc": format!("writer {i}")}).to_string();
+                http("PATCH", &url, &[("X-API-KEY", KEY)], Some(body.as_bytes())).status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    // An object refused for a plugin config.yaml lacks is served once a reload adds it.
+    let with_plugin = json!({"uri": "/plug", "plugins": {"hdr": {"conf": {"response_set": {"x-from": "hdr"}}}},
+                             "upstream": {"type": "roundrobin", "nodes": {app.addr(): 1}}});
+    etcd.put("/apisix/routes/plug", &with_plugin.to_string());
+    eventually(Duration::from_secs(10), "plug refused", || {
+        a.error_log().contains("unknown plugin [hdr]")
+    });
+    let mut yaml = std::fs::read_to_string(a.config_path()).unwrap();
+    yaml.push_str(&format!(
+        "wasm:\n  plugins:\n    - {{name: hdr, priority: 1, file: {}}}\n",
+        common::fixture("header_rewrite")
+    ));
+    std::fs::write(a.config_path(), yaml).unwrap();
+    a.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually(
+        Duration::from_secs(20),
+        "plug served after the reload",
+        || http("GET", &a.url("/plug"), &[], None).header("x-from") == Some("hdr"),
+    );
+
+    // etcd wiped: its revisions start again below the ones the gateway saw. What the new
+    // etcd holds is served, and nothing of the old one.
+    for i in 0..30 {
+        etcd.put("/apisix/routes/old", &route(&format!("/old{}", i % 2)));
+    }
+    eventually(Duration::from_secs(10), "old served", || {
+        status_of(&a, "/old1") == 200
+    });
+    etcd.kill();
+    std::fs::remove_dir_all(etcd.dir.path().join("data")).unwrap();
+    etcd.run();
+    etcd.put("/apisix/routes/fresh", &route("/fresh"));
+    eventually(
+        Duration::from_secs(20),
+        "the new etcd's route served",
+        || status_of(&a, "/fresh") == 200 && status_of(&a, "/old1") == 404,
+    );
+    assert!(
+        a.error_log().contains("its revision went back from"),
+        "{}",
+        a.error_log()
+    );
+    let (s, v) = a.admin("GET", "/apisix/admin/routes", None);
+    assert_eq!((s, v["total"].as_u64()), (200, Some(1)), "{v}");
+
+    // Authentication turned on: etcd answers, but not this node. Not reachable, and why.
+    for (path, body) in [
+        ("/v3/auth/role/add", json!({"name": "root"})),
+        (
+            "/v3/auth/user/add",
+            json!({"name": "root", "password": "pw"}),
+        ),
+        (
+            "/v3/auth/user/grant",
+            json!({"user": "root", "role": "root"}),
+        ),
+        ("/v3/auth/enable", json!({})),
+    ] {
+        etcd.call(path, body).unwrap();
+    }
+    eventually(Duration::from_secs(20), "etcd reported unreachable", || {
+        a.status()["store"]["reachable"] == false
+    });
+    let logged = Instant::now() + Duration::from_secs(10);
+    while !a.error_log().contains("user name is empty") && Instant::now() < logged {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        a.error_log().contains("user name is empty"),
+        "{}",
+        a.error_log()
+    );
+    assert_eq!(status_of(&a, "/fresh"), 200);
+}

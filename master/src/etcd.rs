@@ -38,7 +38,15 @@ pub enum EtcdError {
     Refused { status: u16, body: String },
     #[error("etcd answer unreadable: {0}")]
     Protocol(String),
+    /// etcd ended the watch for a reason other than a compaction (auth turned on, a
+    /// permission taken away): it is answering, but not serving this node.
+    #[error("etcd canceled the watch: {0}")]
+    Canceled(String),
 }
+
+/// How long a health check waits for etcd's answer: a hung etcd (stopped, or behind a
+/// firewall that drops packets) is then found within a few seconds, not after `timeout`.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One key-value as etcd returns it.
 #[derive(Debug, Clone)]
@@ -60,6 +68,13 @@ pub struct Etcd {
     pub reachable: AtomicBool,
     /// The etcd revision of the copy the workers serve.
     pub revision: AtomicU64,
+    /// Admin API writes through this node, one at a time: a write reads the object it
+    /// changes from the local copy (a PATCH, the revision a PUT expects), and two at once
+    /// would make the second fail as if another node had changed the object.
+    pub writes: tokio::sync::Mutex<()>,
+    /// Asks the watching task for a full read (a reload changed which plugins exist, so
+    /// objects refused before may be served now, and the reverse).
+    resync: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -127,7 +142,14 @@ impl Etcd {
             timeout: Duration::from_secs(cfg.timeout.max(1)),
             reachable: AtomicBool::new(false),
             revision: AtomicU64::new(0),
+            writes: tokio::sync::Mutex::new(()),
+            resync: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Makes the watching task read everything again, with the plugins as they are now.
+    pub fn resync_soon(&self) {
+        self.resync.notify_one();
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -269,12 +291,30 @@ impl Etcd {
     }
 
     /// Splits `<prefix>/<kind>/<id>`; None for keys wasmgate does not serve (other APISIX
-    /// resources, directory markers).
+    /// resources, directory markers) and for ids it cannot take (see [`Etcd::bad_id`]).
     fn split_key<'k>(&self, key: &'k str) -> Option<(Kind, &'k str)> {
+        let (kind, id) = self.kind_and_id(key)?;
+        (!id.is_empty() && model::valid_id(id)).then_some((kind, id))
+    }
+
+    /// `<prefix>/<kind>/<rest>` for a kind wasmgate serves.
+    fn kind_and_id<'k>(&self, key: &'k str) -> Option<(Kind, &'k str)> {
         let rest = key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
         let (kind, id) = rest.split_once('/')?;
-        let kind = Kind::parse(kind)?;
-        (!id.is_empty() && model::valid_id(id)).then_some((kind, id))
+        Some((Kind::parse(kind)?, id))
+    }
+
+    /// Why a key of a served kind is left out for its id (`/apisix/routes/a b`, a nested key,
+    /// a 70-character id), None when the id is fine (or the key is not of a served kind).
+    fn bad_id(&self, key: &str) -> Option<String> {
+        let (kind, id) = self.kind_and_id(key)?;
+        (!id.is_empty() && !model::valid_id(id)).then(|| {
+            format!(
+                "etcd: {key} left out: {id:?} is not a {} id wasmgate takes (1-64 characters \
+                 among letters, digits, '-', '_' and '.')",
+                kind.noun()
+            )
+        })
     }
 }
 
@@ -285,7 +325,7 @@ type Object = (Kind, String, Stored);
 /// then left out.
 fn object(etcd: &Etcd, catalog: &model::PluginCatalog, kv: &Kv) -> Result<Option<Object>, String> {
     let Some((kind, id)) = etcd.split_key(&kv.key) else {
-        return Ok(None);
+        return etcd.bad_id(&kv.key).map_or(Ok(None), Err);
     };
     // APISIX marks its directories with the value "init_dir".
     if kv.value.is_empty() || kv.value == b"init_dir" {
@@ -333,7 +373,40 @@ pub async fn load(
     let (rev, kvs) = etcd.range_all().await?;
     let (objects, refused) = objects(etcd, catalog, &kvs);
     etcd.revision.store(rev, Ordering::Relaxed);
+    tracing::info!(
+        "{}",
+        loaded_line(etcd, rev, &objects, refused.len(), kvs.len())
+    );
     Ok((Store::memory(objects, rev), refused))
+}
+
+/// What a full read found, for the error log: an operator who sees no route served can tell
+/// a wrong prefix or an empty etcd from refused objects.
+fn loaded_line(etcd: &Etcd, rev: u64, objects: &[Object], refused: usize, keys: usize) -> String {
+    let count = |kind: Kind| objects.iter().filter(|o| o.0 == kind).count();
+    let mut line = format!(
+        "etcd: read {} routes, {} services, {} upstreams and {} global rules under {}/ at \
+         revision {rev}",
+        count(Kind::Routes),
+        count(Kind::Services),
+        count(Kind::Upstreams),
+        count(Kind::GlobalRules),
+        etcd.prefix,
+    );
+    if refused > 0 {
+        line += &format!(" ({refused} refused, said above)");
+    }
+    let others = keys - objects.len() - refused;
+    if others > 0 {
+        line += &format!(
+            "; {others} other keys (APISIX resources wasmgate does not serve: ssls, consumers, \
+             plugin metadata, …) not read"
+        );
+    }
+    if keys == 0 {
+        line += "; nothing is stored under this prefix: check deployment.etcd.prefix";
+    }
+    line
 }
 
 /// The master's task: keeps the local copy equal to etcd and the workers serving it.
@@ -381,10 +454,29 @@ pub async fn follow(m: Arc<Master>, etcd: Arc<Etcd>) {
 async fn resync(m: &Master, etcd: &Etcd) -> Result<u64, EtcdError> {
     let (rev, kvs) = etcd.range_all().await?;
     let (objects, refused) = objects(etcd, &m.catalog(), &kvs);
-    for why in refused {
+    for why in &refused {
         tracing::error!("{why}");
     }
-    let changed = m.store().replace_all(objects, rev);
+    let known = etcd.revision.load(Ordering::Relaxed);
+    // etcd's revisions only grow: fewer means another history (an etcd wiped, restored from
+    // a backup, or another cluster at the same address). What it holds now is the truth,
+    // and the workers, who know objects by revision, are told it as all new.
+    let went_back = rev < known;
+    let changed = if went_back {
+        tracing::warn!(
+            "etcd: its revision went back from {known} to {rev} (an etcd wiped, restored from \
+             a backup, or another cluster): serving what it holds now"
+        );
+        tracing::info!(
+            "{}",
+            loaded_line(etcd, rev, &objects, refused.len(), kvs.len())
+        );
+        m.store().reset(objects, rev);
+        m.rebase_publication();
+        true
+    } else {
+        m.store().replace_all(objects, rev)
+    };
     etcd.revision.store(rev, Ordering::Relaxed);
     if changed {
         publish(m);
@@ -423,16 +515,17 @@ async fn watch(m: &Master, etcd: &Etcd, from: u64) -> Result<u64, EtcdError> {
             body: String::new(),
         });
     }
-    etcd.reachable.store(true, Ordering::Relaxed);
     let mut buf: Vec<u8> = Vec::new();
     let mut next = from;
     loop {
         // A silent watch is normal; a health check every few seconds tells a dead peer.
-        let frame = match tokio::time::timeout(Duration::from_secs(3), body.frame()).await {
+        let frame = tokio::select! {
+            _ = etcd.resync.notified() => return Ok(next),
+            frame = tokio::time::timeout(Duration::from_secs(3), body.frame()) => frame,
+        };
+        let frame = match frame {
             Err(_) => {
-                if !healthy(etcd).await {
-                    return Err(EtcdError::Unreachable("health check failed".into()));
-                }
+                healthy(etcd).await?;
                 continue;
             }
             Ok(None) => return Err(EtcdError::Unreachable("watch stream ended".into())),
@@ -452,11 +545,19 @@ async fn watch(m: &Master, etcd: &Etcd, from: u64) -> Result<u64, EtcdError> {
             let Ok(msg) = msg else { break };
             consumed = stream.byte_offset();
             let result = &msg["result"];
-            if result["canceled"].as_bool().unwrap_or(false) || int(&result["compact_revision"]) > 0
-            {
-                // Compacted past `from`, or canceled: resynchronise from a full read.
+            if int(&result["compact_revision"]) > 0 {
+                // Compacted past `from`: resynchronise from a full read.
                 return Ok(next);
             }
+            if result["canceled"].as_bool().unwrap_or(false) {
+                let why = result["cancel_reason"]
+                    .as_str()
+                    .unwrap_or("no reason given");
+                return Err(EtcdError::Canceled(why.chars().take(300).collect()));
+            }
+            // Answering and watching: reachable (a 200 alone is not: a watch refused for
+            // want of a user name is a 200 whose message says it is canceled).
+            etcd.reachable.store(true, Ordering::Relaxed);
             if let Some(events) = result["events"].as_array() {
                 next = apply_events(m, etcd, events, header_revision(result)).max(next);
             }
@@ -475,10 +576,14 @@ fn apply_events(m: &Master, etcd: &Etcd, events: &[Value], revision: u64) -> u64
             let Ok(kv) = parse_kv(&ev["kv"]) else {
                 continue;
             };
+            let deleted = ev["type"].as_str() == Some("DELETE");
             let Some((kind, id)) = etcd.split_key(&kv.key) else {
+                if let Some(why) = etcd.bad_id(&kv.key).filter(|_| !deleted) {
+                    tracing::error!("{why}");
+                }
                 continue;
             };
-            if ev["type"].as_str() == Some("DELETE") {
+            if deleted {
                 changed |= store.apply(kind, id, None, kv.mod_revision);
             } else {
                 match object(etcd, &catalog, &kv) {
@@ -486,7 +591,18 @@ fn apply_events(m: &Master, etcd: &Etcd, events: &[Value], revision: u64) -> u64
                         changed |= store.apply(kind, id, Some(stored), kv.mod_revision);
                     }
                     Ok(None) => {}
-                    Err(why) => tracing::error!("{why}"),
+                    Err(why) => {
+                        // As a full read would leave it (and APISIX does): a refused value
+                        // replaces the previous one, so every node serves the same.
+                        let dropped = store.apply(kind, id, None, kv.mod_revision);
+                        changed |= dropped;
+                        match dropped {
+                            true => {
+                                tracing::error!("{why}; its previous version is no longer served")
+                            }
+                            false => tracing::error!("{why}"),
+                        }
+                    }
                 }
             }
         }
@@ -498,11 +614,20 @@ fn apply_events(m: &Master, etcd: &Etcd, events: &[Value], revision: u64) -> u64
     revision + 1
 }
 
-async fn healthy(etcd: &Etcd) -> bool {
+/// A health check: a one-key read, answered within [`PROBE_TIMEOUT`]; the error says why
+/// not (no answer, or etcd's refusal, such as authentication turned on).
+async fn healthy(etcd: &Etcd) -> Result<(), EtcdError> {
     let probe = json!({"key": b64(etcd.prefix.as_bytes()), "limit": 1, "keys_only": true});
-    let ok = etcd.call("/v3/kv/range", probe).await.is_ok();
-    etcd.reachable.store(ok, Ordering::Relaxed);
-    ok
+    let r = match tokio::time::timeout(PROBE_TIMEOUT, etcd.call("/v3/kv/range", probe)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(EtcdError::Unreachable(format!(
+            "health check: no answer within {} s",
+            PROBE_TIMEOUT.as_secs()
+        ))),
+    };
+    etcd.reachable.store(r.is_ok(), Ordering::Relaxed);
+    r
 }
 
 /// An Admin API write in cluster mode: etcd first, then the local copy and the workers.
@@ -529,7 +654,7 @@ pub async fn commit(m: &Master, etcd: &Etcd, change: Change) -> Reply {
                 Ok(None) => {
                     return (
                         409,
-                        json!({ "error_msg": format!("{} {id} was changed by another node meanwhile; read it again and retry", kind.noun()) }),
+                        json!({ "error_msg": format!("{} {id} was changed in etcd meanwhile (by another node or client); read it again and retry", kind.noun()) }),
                     )
                 }
                 Err(e) => return unavailable(e),

@@ -33,6 +33,11 @@ pub struct Publisher {
     whole: usize,
     /// Bytes of deltas since the last whole snapshot; None before the first.
     deltas: Option<usize>,
+    /// Added to the store's revisions in what the workers are told. Workers know an object
+    /// by its id and revision, and a generation by its number: when etcd's revisions start
+    /// again (an etcd wiped, restored from a backup, or another cluster), [`Publisher::rebase`]
+    /// moves every number the workers see past all those they saw before.
+    base: u64,
 }
 
 impl Publisher {
@@ -42,7 +47,23 @@ impl Publisher {
             told: HashMap::new(),
             whole: 0,
             deltas: None,
+            base: 0,
         }
+    }
+
+    /// Makes the next publication a whole snapshot whose generation and object revisions are
+    /// all above every one published so far, whatever the store's revisions: for a store
+    /// whose revisions went back (see [`Publisher::base`]).
+    pub fn rebase(&mut self) {
+        self.base = self.segment.generation() + 1;
+        self.told.clear();
+        self.whole = 0;
+        self.deltas = None;
+    }
+
+    /// The generation the workers are told for the store as it is.
+    fn generation(&self, store: &Store) -> u64 {
+        self.base + store.revision()
     }
 
     /// How full the area is: `(whole snapshot, journal, capacity)` in bytes. The 507 comes
@@ -72,9 +93,9 @@ impl Publisher {
     }
 
     /// Publishes the objects `changed` as the store now holds them (absent ones as deleted),
-    /// as generation `store.revision()`.
+    /// as generation `store.revision()` (plus the base).
     pub fn publish(&mut self, store: &Store, changed: &[(Kind, &str)]) -> Result<(), ShmError> {
-        let generation = store.revision();
+        let generation = self.generation(store);
         let Some(deltas) = self.deltas else {
             return self.publish_whole(store);
         };
@@ -85,7 +106,7 @@ impl Publisher {
                 Change {
                     kind: kind.into(),
                     id,
-                    revision: now.map_or(generation, |(s, _)| s.modified_index),
+                    revision: now.map_or(generation, |(s, _)| self.base + s.modified_index),
                     json: now.map(|(_, json)| json),
                 }
             })
@@ -143,21 +164,22 @@ impl Publisher {
                 let o = ObjectRef {
                     kind: kind.into(),
                     id,
-                    revision: s.modified_index,
+                    revision: self.base + s.modified_index,
                     json,
                 };
                 let len = o.encoded_len();
                 whole += len;
-                told.insert((kind, id.to_string()), (o.revision, len));
+                told.insert((kind, id.to_string()), (s.modified_index, len));
                 o
             })
             .collect();
+        let generation = self.generation(store);
         let bytes = SnapshotRef {
-            generation: store.revision(),
+            generation,
             objects,
         }
         .encode();
-        self.segment.publish(store.revision(), &bytes)?;
+        self.segment.publish(generation, &bytes)?;
         (self.told, self.whole, self.deltas) = (told, whole, Some(0));
         Ok(())
     }
@@ -169,7 +191,7 @@ impl Publisher {
             self.whole -= size;
         }
         if let Some((s, json)) = store.get_json(kind, id) {
-            let size = object_len(kind, id, s.modified_index, json);
+            let size = object_len(kind, id, self.base + s.modified_index, json);
             self.whole += size;
             self.told.insert(key, (s.modified_index, size));
         }

@@ -163,6 +163,16 @@ impl Master {
     pub fn set_config(&self, config: LoadedConfig, keys: Vec<ApiKey>) {
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config.catalog());
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(config), keys.into());
+        // Objects in etcd were checked against the plugins that existed: one refused for a
+        // plugin this configuration adds is served now.
+        if let Some(etcd) = &self.etcd {
+            etcd.resync_soon();
+        }
+    }
+
+    /// The next publication tells the workers everything anew (see `Publisher::rebase`).
+    pub fn rebase_publication(&self) {
+        self.publisher().rebase();
     }
 
     /// The Admin API's 507 when a whole snapshot of `store` with object `(kind, id)` put as

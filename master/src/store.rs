@@ -187,6 +187,13 @@ impl Store {
         changed
     }
 
+    /// Replaces the whole copy with etcd's at `revision`, which may be lower than the
+    /// copy's: another etcd history (see `etcd::resync`).
+    pub fn reset(&mut self, objects: Vec<(Kind, String, Stored)>, revision: u64) {
+        self.objects = held(objects);
+        self.revision = revision;
+    }
+
     pub fn revision(&self) -> u64 {
         self.revision
     }

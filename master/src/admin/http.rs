@@ -221,6 +221,11 @@ async fn dispatch(
         }
         serde_json::from_slice(&body).map_err(|e| format!("invalid request body: {e}"))
     };
+    // In cluster mode this node's writes go one at a time (see `Etcd::writes`).
+    let _one_write = match &m.etcd {
+        Some(etcd) if method != Method::GET => Some(etcd.writes.lock().await),
+        _ => None,
+    };
     let outcome: objects::Outcome = match (method, id, sub) {
         (&Method::GET, None, None) => {
             let arg = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
