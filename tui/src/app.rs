@@ -56,12 +56,36 @@ pub enum Command {
     Reload,
 }
 
+impl Command {
+    /// The route the command writes.
+    pub fn route_id(&self) -> Option<&str> {
+        match self {
+            Command::SaveRoute { id, .. }
+            | Command::SetRouteStatus { id, .. }
+            | Command::DeleteRoute { id } => Some(id),
+            Command::Reload => None,
+        }
+    }
+}
+
+/// How many lines at the end of `new` were written after `old`'s: the tail is a window of the
+/// last N lines, so `new` is what is left of `old` once lines were dropped from its front,
+/// followed by the new lines. No overlap (a rotated log, or more than a window written): all.
+fn appended(old: &[String], new: &[String]) -> usize {
+    (0..old.len())
+        .find(|&dropped| new.starts_with(&old[dropped..]))
+        .map_or(new.len(), |dropped| new.len() - (old.len() - dropped))
+}
+
 /// Everything one poll fetched.
 #[derive(Debug, Clone)]
 pub struct Poll {
     /// When the answers came (rates are computed between two polls).
     pub at: Instant,
-    pub routes: Result<Vec<Route>, ApiError>,
+    /// The route and service lists; None when the configuration did not change since they
+    /// were last fetched (see [`crate::transport::Poller`]).
+    pub routes: Option<Result<Vec<Route>, ApiError>>,
+    pub services: Option<Result<Vec<Route>, ApiError>>,
     pub status: Result<GatewayStatus, ApiError>,
     pub plugins: Result<Plugins, ApiError>,
     pub stats: Result<Stats, ApiError>,
@@ -514,7 +538,7 @@ pub struct Flash {
 /// How long a note stays in the status bar.
 pub const FLASH_FOR: Duration = Duration::from_secs(5);
 
-/// Lines moved by PageUp/PageDown.
+/// Lines moved by PageUp/PageDown before a screen was drawn (then: its visible rows).
 const PAGE: usize = 10;
 
 /// The whole console.
@@ -532,6 +556,16 @@ pub struct App {
     /// that does not answer.
     pub refused: bool,
     pub routes: Feed<Vec<Route>>,
+    /// The services, for what routes take from theirs (hosts, plugins).
+    pub services: Feed<Vec<Route>>,
+    /// Counts changes of the route and service lists: what is measured over the whole list
+    /// is measured again only when it moved.
+    pub config_version: u64,
+    /// The Routes table's column widths over the whole list, and the `config_version` they
+    /// were measured at (filled when drawing).
+    pub route_widths: std::cell::RefCell<Option<(u64, Vec<u16>)>>,
+    /// The first route row shown at the last drawing (the table draws only the rows in view).
+    pub route_offset: std::cell::Cell<usize>,
     /// The selected route, by id (so it stays put when the list changes).
     pub route_selected: Option<String>,
     pub status: Feed<GatewayStatus>,
@@ -548,6 +582,11 @@ pub struct App {
     pub log_view: std::cell::Cell<usize>,
     /// Columns scrolled right.
     pub log_hscroll: u16,
+    /// Rows of the current screen's list at its last drawing: what PageUp/PageDown move.
+    pub page: std::cell::Cell<usize>,
+    /// The open question or editor did not fit on the screen at its last drawing: only the
+    /// keys that cancel act (nothing is confirmed or saved unseen).
+    pub blind: std::cell::Cell<bool>,
     /// A reload is on its way.
     pub reloading: bool,
     pub flash: Option<Flash>,
@@ -564,6 +603,10 @@ impl App {
             unreachable: None,
             refused: false,
             routes: Feed::default(),
+            services: Feed::default(),
+            config_version: 0,
+            route_widths: Default::default(),
+            route_offset: Default::default(),
             route_selected: None,
             status: Feed::default(),
             worker_selected: 0,
@@ -574,6 +617,8 @@ impl App {
             log_scroll: 0,
             log_view: std::cell::Cell::new(0),
             log_hscroll: 0,
+            page: std::cell::Cell::new(PAGE),
+            blind: Default::default(),
             reloading: false,
             flash: None,
             quit: false,
@@ -588,20 +633,30 @@ impl App {
         });
     }
 
-    /// Time passes: notes expire.
-    pub fn tick(&mut self, now: Instant) {
+    /// Time passes: notes expire. Returns whether the screen changed (a note went).
+    pub fn tick(&mut self, now: Instant) -> bool {
         if let Some(f) = &mut self.flash {
             match f.shown_at {
                 None => f.shown_at = Some(now),
-                Some(t) if now.saturating_duration_since(t) >= FLASH_FOR => self.flash = None,
+                Some(t) if now.saturating_duration_since(t) >= FLASH_FOR => {
+                    self.flash = None;
+                    return true;
+                }
                 Some(_) => {}
             }
         }
+        false
     }
 
     /// The routes as listed.
     pub fn route_list(&self) -> &[Route] {
         self.routes.data.as_deref().unwrap_or(&[])
+    }
+
+    /// Service `id`, as last read.
+    pub fn service(&self, id: &str) -> Option<&Route> {
+        let services = self.services.data.as_deref().unwrap_or(&[]);
+        services.iter().find(|s| s.id == id)
     }
 
     pub fn route_index(&self) -> Option<usize> {
@@ -678,7 +733,14 @@ impl App {
                 self.connected = Some(true);
                 self.unreachable = None;
                 self.refused = false;
-                self.routes.apply(p.routes);
+                if let Some(routes) = p.routes {
+                    self.routes.apply(routes);
+                    self.config_version += 1;
+                }
+                if let Some(services) = p.services {
+                    self.services.apply(services);
+                    self.config_version += 1;
+                }
                 self.keep_route_selection();
                 self.status.apply(p.status);
                 self.worker_selected = self
@@ -686,26 +748,50 @@ impl App {
                     .min(self.worker_count().saturating_sub(1));
                 self.plugins.apply(p.plugins);
                 self.stats.apply(p.stats, p.at);
-                let before = self.log_lines().len();
-                self.log.apply(p.log);
+                self.apply_log(p.log);
                 self.traffic.apply(p.traffic);
-                if self.log_scroll > 0 {
-                    // Scrolled back: stay on the same lines while new ones arrive (the tail
-                    // is a window of the last N lines, so this holds until it fills).
-                    let grown = self.log_lines().len().saturating_sub(before);
-                    self.log_scroll = (self.log_scroll + grown).min(self.log_scroll_max());
-                }
             }
             Update::Done { command, result } => self.on_done(command, result),
         }
     }
 
+    /// A new tail of the log. Scrolled back, the view stays on the same lines: by as many
+    /// lines as were written since, whether the tail grew or dropped as many from its front.
+    fn apply_log(&mut self, r: Result<LogTail, ApiError>) {
+        if self.log_scroll > 0 {
+            if let Ok(new) = &r {
+                let added = appended(self.log_lines(), &new.lines);
+                let max = new.lines.len().saturating_sub(self.log_view.get());
+                self.log_scroll = (self.log_scroll + added).min(max);
+            }
+        }
+        self.log.apply(r);
+    }
+
     fn on_done(&mut self, command: Command, result: Result<Value, ApiError>) {
-        let message = |e: &ApiError| match e {
-            ApiError::Status { status, message } => format!("{status}: {message}"),
-            other => other.to_string(),
+        // The Admin API names a refused id as it got it, escaped for the path (`a%2Fb`):
+        // shown as typed.
+        let message = |e: &ApiError| {
+            let text = match e {
+                ApiError::Status { status, message } => format!("{status}: {message}"),
+                other => other.to_string(),
+            };
+            match command.route_id() {
+                Some(id) => text.replace(&crate::client::segment(id), id),
+                None => text,
+            }
         };
-        match (command, result) {
+        if matches!(
+            (&command, &result),
+            (
+                Command::SetRouteStatus { .. } | Command::DeleteRoute { .. },
+                Ok(_)
+            )
+        ) {
+            // Changed here, before the next poll shows it.
+            self.config_version += 1;
+        }
+        match (command.clone(), result) {
             (Command::SaveRoute { id, .. }, Ok(_)) => {
                 match self.modal.take() {
                     // Saved: nothing is lost by closing, whether the editor is open or its
@@ -794,6 +880,9 @@ impl App {
         }
         let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
         let interrupt = ctrl && key.code == KeyCode::Char('c');
+        if self.acting_blind() && !interrupt && key.code != KeyCode::Esc {
+            return None;
+        }
         match self.modal.take() {
             Some(Modal::Editor(ed)) if ed.changed() && (interrupt || key.code == KeyCode::Esc) => {
                 self.modal = Some(Modal::Discard {
@@ -831,7 +920,8 @@ impl App {
                 save,
                 why,
             }) => match key.code {
-                KeyCode::Char('y') | KeyCode::Char('Y') | KeyCode::Enter => {
+                // Only `y`: an Enter typed on from the text must not overwrite.
+                KeyCode::Char('y') | KeyCode::Char('Y') => {
                     self.modal = Some(Modal::Editor(editor));
                     Some(save)
                 }
@@ -857,7 +947,9 @@ impl App {
                 None
             }
             Some(Modal::Confirm(c)) => match key.code {
-                KeyCode::Char('y') | KeyCode::Char('Y') | KeyCode::Enter => {
+                // Only `y`, as the question says: Enter (the edit key on Routes) must not
+                // delete, disable or reload.
+                KeyCode::Char('y') | KeyCode::Char('Y') => {
                     if c.command == Command::Reload {
                         self.reloading = true;
                     }
@@ -882,14 +974,40 @@ impl App {
         }
     }
 
+    /// Whether a key would act on a question or an editor that the last drawing could not
+    /// show (the terminal too small).
+    fn acting_blind(&self) -> bool {
+        self.blind.get()
+            && matches!(
+                self.modal,
+                Some(
+                    Modal::Editor(_)
+                        | Modal::Confirm(_)
+                        | Modal::Overwrite { .. }
+                        | Modal::Discard { .. }
+                )
+            )
+    }
+
     /// Why saving `ed` with `save` would overwrite a route someone else stored since it was
     /// opened (as the last poll shows it), or a route a new one's id names; None when not.
     fn overwrites(&self, ed: &RouteEditor, save: &Command) -> Option<String> {
         let Command::SaveRoute { id, .. } = save else {
             return None;
         };
-        let stored = self.route_list().iter().find(|r| &r.id == id)?;
-        if ed.new || *id != ed.opened.0 {
+        let stored = self.route_list().iter().find(|r| &r.id == id);
+        let same_route = !ed.new && *id == ed.opened.0;
+        let Some(stored) = stored else {
+            // Gone from the list: deleted by someone else since it was opened (a delete is a
+            // change too), unless the editor holds a new route.
+            return same_route.then(|| {
+                format!(
+                    "Route {id} was deleted since you opened it: saving creates it again with \
+                     this text. Save anyway?"
+                )
+            });
+        };
+        if !same_route {
             return Some(format!(
                 "Route {id} exists: saving replaces it with this text. Save anyway?"
             ));
@@ -942,12 +1060,14 @@ impl App {
     }
 
     /// Up/Down/PageUp/PageDown/Home/End (and j/k/g/G) as a signed move; None for other keys.
-    fn movement(key: &KeyEvent) -> Option<isize> {
+    /// A page is what the screen's list showed at its last drawing.
+    fn movement(&self, key: &KeyEvent) -> Option<isize> {
+        let page = self.page.get().max(1) as isize;
         Some(match key.code {
             KeyCode::Up | KeyCode::Char('k') => -1,
             KeyCode::Down | KeyCode::Char('j') => 1,
-            KeyCode::PageUp => -(PAGE as isize),
-            KeyCode::PageDown => PAGE as isize,
+            KeyCode::PageUp => -page,
+            KeyCode::PageDown => page,
             KeyCode::Home | KeyCode::Char('g') => isize::MIN / 2,
             KeyCode::End | KeyCode::Char('G') => isize::MAX / 2,
             _ => return None,
@@ -955,12 +1075,14 @@ impl App {
     }
 
     fn routes_key(&mut self, key: KeyEvent) -> Option<Command> {
-        if let Some(d) = Self::movement(&key) {
+        if let Some(d) = self.movement(&key) {
             self.move_route(d);
             return None;
         }
         match key.code {
-            KeyCode::Char('n') => {
+            // Not before the routes were read once: the new id, and whether it exists, come
+            // from them.
+            KeyCode::Char('n') if self.routes.data.is_some() => {
                 let ed = RouteEditor::new_route(&self.next_route_id());
                 self.modal = Some(Modal::Editor(Box::new(ed)));
             }
@@ -1012,7 +1134,7 @@ impl App {
     }
 
     fn plugins_key(&mut self, key: KeyEvent) {
-        if let Some(d) = Self::movement(&key) {
+        if let Some(d) = self.movement(&key) {
             self.stats.move_selection(d);
             self.stats.show_all = false;
             return;
@@ -1029,7 +1151,7 @@ impl App {
     }
 
     fn workers_key(&mut self, key: KeyEvent) -> Option<Command> {
-        if let Some(d) = Self::movement(&key) {
+        if let Some(d) = self.movement(&key) {
             let n = self.worker_count();
             if n > 0 {
                 self.worker_selected =
@@ -1062,7 +1184,7 @@ impl App {
                 self.log_hscroll = self.log_hscroll.saturating_add(8).min(2000)
             }
             _ => {
-                if let Some(d) = Self::movement(&key) {
+                if let Some(d) = self.movement(&key) {
                     // Up scrolls back: away from the end.
                     self.log_scroll =
                         (self.log_scroll as isize - d).clamp(0, furthest as isize) as usize;
@@ -1072,14 +1194,17 @@ impl App {
     }
 }
 
-/// Keys listed by the help overlay: (section, [(keys, what they do)]).
+/// Keys listed by the help overlay: (section, [(keys, what they do)]), as `on_key`, the
+/// screens' handlers and [`TextArea::on_key`] take them. The first [`HELP_LEFT`] sections
+/// make the left column.
 pub const HELP: &[(&str, &[(&str, &str)])] = &[
     (
         "Everywhere",
         &[
-            ("1-4, Tab", "switch screen"),
+            ("1-4, Tab, S-Tab", "switch screen"),
             ("Up/Down, j/k", "select, scroll"),
-            ("PgUp/PgDn, g/G", "page, top/bottom"),
+            ("PgUp/PgDn", "a page up/down"),
+            ("Home/End, g/G", "top/bottom"),
             ("?", "this help"),
             ("q, Ctrl-C", "quit"),
         ],
@@ -1089,17 +1214,21 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
         &[
             ("n", "new route"),
             ("e, Enter", "edit selected route"),
-            ("d", "delete (asks first)"),
+            ("d, Delete", "delete (asks first)"),
             ("space", "enable/disable (asks)"),
         ],
     ),
+    ("Questions", &[("y", "yes"), ("n, Esc", "no")]),
     (
         "Route editor",
         &[
             ("Ctrl-S", "save (PUT)"),
-            ("Esc", "close (asks if edited)"),
-            ("Tab", "id / JSON (new route)"),
+            ("Esc", "close, asks if edited"),
+            ("Tab, S-Tab", "id/JSON (new), indent"),
+            ("Ctrl-A, Ctrl-E", "line start/end"),
+            ("Ctrl-Home/End", "text start/end"),
             ("Ctrl-K, Ctrl-U", "cut to line end/start"),
+            ("Ctrl-D, Ctrl-H", "delete, backspace"),
         ],
     ),
     (
@@ -1110,8 +1239,17 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
         ],
     ),
     ("Workers", &[("R", "reload (asks first)")]),
-    ("Log", &[("Left/Right", "scroll sideways")]),
+    (
+        "Log",
+        &[
+            ("Left/Right, h/l", "scroll sideways"),
+            ("G, End", "follow new lines"),
+        ],
+    ),
 ];
+
+/// Sections of [`HELP`] in its left column.
+pub const HELP_LEFT: usize = 3;
 
 #[cfg(test)]
 mod tests {
@@ -1143,7 +1281,8 @@ mod tests {
     fn poll(at: Instant, routes: Vec<Route>, stats: Stats) -> Update {
         Update::Poll(Box::new(Poll {
             at,
-            routes: Ok(routes),
+            routes: Some(Ok(routes)),
+            services: Some(Ok(vec![])),
             status: Ok(GatewayStatus::default()),
             plugins: Ok(Plugins::default()),
             stats: Ok(stats),
@@ -1215,6 +1354,138 @@ mod tests {
         assert!(
             matches!(&app.modal, Some(Modal::Overwrite { why, .. }) if why.contains("Route 2 exists"))
         );
+    }
+
+    #[test]
+    fn a_save_over_a_route_deleted_meanwhile_asks_first() {
+        let mut app = app_with_routes();
+        app.on_key(key(KeyCode::Enter));
+        app.on_key(ch('x'));
+        // Someone deletes route 1 while it is open.
+        let others = app.route_list()[1..].to_vec();
+        app.on_update(poll(Instant::now(), others, Stats::default()));
+        assert_eq!(app.on_key(ctrl('s')), None, "not re-created silently");
+        let Some(Modal::Overwrite { why, .. }) = &app.modal else {
+            panic!("no question: {:?}", app.modal)
+        };
+        assert!(
+            why.contains("Route 1 was deleted since you opened it"),
+            "{why}"
+        );
+        assert!(matches!(app.on_key(ch('y')), Some(Command::SaveRoute { id, .. }) if id == "1"));
+    }
+
+    #[test]
+    fn enter_confirms_nothing() {
+        let mut app = app_with_routes();
+        app.on_key(ch('d'));
+        assert_eq!(app.on_key(key(KeyCode::Enter)), None);
+        assert!(
+            matches!(&app.modal, Some(Modal::Confirm(_))),
+            "still asking"
+        );
+        app.on_key(key(KeyCode::Esc));
+        assert_eq!(app.modal, None);
+        app.on_key(ch(' '));
+        assert_eq!(app.on_key(key(KeyCode::Enter)), None);
+        assert!(matches!(&app.modal, Some(Modal::Confirm(_))));
+        app.on_key(ch('n'));
+        // The overwrite question too: an Enter typed on from the text does not save.
+        app.on_key(ch('n'));
+        app.on_key(key(KeyCode::Tab));
+        app.on_key(ctrl('u'));
+        app.on_key(ch('2'));
+        app.on_key(ctrl('s'));
+        assert!(matches!(&app.modal, Some(Modal::Overwrite { .. })));
+        assert_eq!(app.on_key(key(KeyCode::Enter)), None);
+        assert!(matches!(&app.modal, Some(Modal::Overwrite { .. })));
+    }
+
+    #[test]
+    fn no_new_route_before_the_routes_were_read() {
+        let mut app = App::new("x");
+        app.on_update(Update::Refused("admin key refused (wrong apikey)".into()));
+        app.on_key(ch('n'));
+        assert_eq!(app.modal, None);
+    }
+
+    #[test]
+    fn a_refused_id_is_shown_as_typed() {
+        let mut app = app_with_routes();
+        app.on_key(ch('n'));
+        app.on_key(key(KeyCode::Tab));
+        app.on_key(ctrl('u'));
+        app.on_paste("a/b c");
+        let cmd = app.on_key(ctrl('s')).unwrap();
+        app.on_update(Update::Done {
+            command: cmd,
+            result: Err(ApiError::Status {
+                status: 400,
+                message: "invalid id \"a%2Fb%20c\"".into(),
+            }),
+        });
+        let Some(Modal::Editor(ed)) = &app.modal else {
+            panic!("no editor")
+        };
+        assert_eq!(ed.error.as_deref(), Some("400: invalid id \"a/b c\""));
+    }
+
+    #[test]
+    fn page_keys_move_by_the_rows_in_view() {
+        let mut app = app_with_routes();
+        let many = (1..=100).map(|i| route(&i.to_string(), json!({"uri": "/"})));
+        app.on_update(poll(Instant::now(), many.collect(), Stats::default()));
+        app.page.set(17);
+        app.on_key(ch('g'));
+        app.on_key(key(KeyCode::PageDown));
+        assert_eq!(app.route_index(), Some(17));
+        app.on_key(key(KeyCode::PageUp));
+        assert_eq!(app.route_index(), Some(0));
+    }
+
+    #[test]
+    fn keys_do_not_act_on_a_question_that_was_not_shown() {
+        let mut app = app_with_routes();
+        app.on_key(ch('d'));
+        app.blind.set(true);
+        assert_eq!(app.on_key(ch('y')), None);
+        assert!(matches!(&app.modal, Some(Modal::Confirm(_))));
+        app.on_key(key(KeyCode::Esc));
+        assert_eq!(app.modal, None, "Esc still cancels");
+    }
+
+    #[test]
+    fn the_log_stays_on_its_lines_when_the_tail_is_full() {
+        let tail = |from: usize| LogTail {
+            path: None,
+            lines: (from..from + 200).map(|i| format!("line {i}")).collect(),
+        };
+        let mut app = App::new("x");
+        let at_top = |app: &App| {
+            let lines = app.log_lines();
+            lines[lines.len() - app.log_scroll - app.log_view.get()].clone()
+        };
+        let mut p = match poll(Instant::now(), vec![], Stats::default()) {
+            Update::Poll(p) => p,
+            _ => unreachable!(),
+        };
+        p.log = Ok(tail(0));
+        app.on_update(Update::Poll(p.clone()));
+        app.log_view.set(40);
+        app.on_key(ch('4'));
+        for _ in 0..5 {
+            app.on_key(ch('k'));
+        }
+        assert_eq!(at_top(&app), "line 155");
+        // Three lines written: three dropped from the front.
+        p.log = Ok(tail(3));
+        app.on_update(Update::Poll(p.clone()));
+        assert_eq!(at_top(&app), "line 155");
+        assert_eq!(app.log_scroll, 8);
+        // A new file: nothing in common, all new.
+        p.log = Ok(tail(1000));
+        app.on_update(Update::Poll(p));
+        assert_eq!(app.log_scroll, 160, "as far back as it goes");
     }
 
     #[test]
@@ -1521,6 +1792,7 @@ mod tests {
     #[test]
     fn an_empty_id_is_refused_locally() {
         let mut app = App::new("x");
+        app.on_update(poll(Instant::now(), vec![], Stats::default()));
         app.on_key(ch('n'));
         app.on_key(key(KeyCode::Tab));
         app.on_key(key(KeyCode::Backspace));
@@ -1534,6 +1806,7 @@ mod tests {
     #[test]
     fn paste_goes_to_the_focused_field() {
         let mut app = App::new("x");
+        app.on_update(poll(Instant::now(), vec![], Stats::default()));
         app.on_key(ch('n'));
         app.on_key(ctrl('k'));
         app.on_paste("{\"uri\":\n\"/p\"");
@@ -1552,7 +1825,9 @@ mod tests {
         app.on_key(ch('3'));
         app.on_key(ch('R'));
         assert!(matches!(&app.modal, Some(Modal::Confirm(c)) if c.command == Command::Reload));
-        assert_eq!(app.on_key(key(KeyCode::Enter)), Some(Command::Reload));
+        assert_eq!(app.on_key(key(KeyCode::Enter)), None, "only y confirms");
+        assert!(matches!(&app.modal, Some(Modal::Confirm(_))));
+        assert_eq!(app.on_key(ch('y')), Some(Command::Reload));
         assert!(app.reloading);
         app.on_key(ch('R'));
         assert_eq!(app.modal, None, "no second reload while one runs");
@@ -1652,7 +1927,8 @@ mod tests {
         };
         let mut p = Poll {
             at: Instant::now(),
-            routes: Ok(vec![]),
+            routes: Some(Ok(vec![])),
+            services: Some(Ok(vec![])),
             status: Ok(GatewayStatus::default()),
             plugins: Ok(Plugins::default()),
             stats: Ok(Stats::default()),

@@ -66,7 +66,7 @@ pub fn error_message(status: u16, body: &str) -> String {
 
 /// Escapes what may not appear raw in a path segment, so a mistyped id reaches the Admin API
 /// (which names what is wrong with it) instead of another path.
-fn segment(id: &str) -> String {
+pub fn segment(id: &str) -> String {
     let mut out = String::new();
     for b in id.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
@@ -184,6 +184,12 @@ impl Client {
     /// `GET /apisix/admin/routes`, sorted by id.
     pub fn routes(&self) -> Result<Vec<Route>, ApiError> {
         let v = self.call("GET", "/apisix/admin/routes", None)?;
+        model::parse_routes(&v).map_err(ApiError::Invalid)
+    }
+
+    /// `GET /apisix/admin/services`, sorted by id (parsed as routes are: an id and a JSON).
+    pub fn services(&self) -> Result<Vec<Route>, ApiError> {
+        let v = self.call("GET", "/apisix/admin/services", None)?;
         model::parse_routes(&v).map_err(ApiError::Invalid)
     }
 

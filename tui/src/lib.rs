@@ -32,8 +32,16 @@ use ratatui::prelude::CrosstermBackend;
 use ratatui::Terminal;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::TryRecvError;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// How long the loop waits for a key before it looks for answers and signals again.
+const WAIT: Duration = Duration::from_millis(100);
+
+/// The screen is drawn when something changed (a key, an answer, a resize, a note that
+/// expired), and at least this often.
+const REDRAW_EVERY: Duration = Duration::from_secs(5);
 
 /// What `wasmgate tui` was asked for.
 #[derive(Debug, Clone)]
@@ -77,13 +85,46 @@ impl Drop for TerminalGuard {
     }
 }
 
-/// Runs the console until `q`.
+/// Makes SIGTERM, SIGHUP and SIGINT (sent by `kill`, a closed terminal or a supervisor; in the
+/// console's raw mode Ctrl-C is a key, not a SIGINT) set the returned flag, on which the
+/// console ends as on `q`, the terminal restored. A second one while the first is being
+/// handled ends the process at once.
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGTERM, SIGHUP, SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))
+            .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&stop)))
+            .context("cannot handle signals")?;
+    }
+    Ok(stop)
+}
+
+/// Applies every answer that came in; whether there was any.
+fn take_updates(app: &mut app::App, updates: &Receiver<app::Update>) -> anyhow::Result<bool> {
+    let mut any = false;
+    loop {
+        match updates.try_recv() {
+            Ok(u) => {
+                app.on_update(u);
+                any = true;
+            }
+            Err(TryRecvError::Empty) => return Ok(any),
+            Err(TryRecvError::Disconnected) => {
+                anyhow::bail!("the thread talking to the Admin API stopped")
+            }
+        }
+    }
+}
+
+/// Runs the console until `q` (or a signal to stop).
 pub fn run(opts: Options) -> anyhow::Result<()> {
     if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
         anyhow::bail!("the console needs a terminal (stdin and stdout)");
     }
     let client = client::Client::new(&opts.admin, opts.key.clone());
     let (commands, updates) = transport::spawn(client, opts.interval);
+    let stop = stop_on_signals()?;
 
     // A panic anywhere restores the terminal before the message is printed, so it is readable
     // and the shell is usable.
@@ -106,45 +147,59 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     terminal.clear()?;
 
     let mut app = app::App::new(&opts.admin);
-    loop {
+    let mut changed = true;
+    let mut drawn = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
         if PANICKED.load(Ordering::SeqCst) {
             // Another thread panicked: the terminal is restored already, draw no more.
             anyhow::bail!("the console stopped after a panic (see above)");
         }
-        loop {
-            match updates.try_recv() {
-                Ok(u) => app.on_update(u),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    anyhow::bail!("the thread talking to the Admin API stopped")
-                }
-            }
+        changed |= take_updates(&mut app, &updates)?;
+        let now = Instant::now();
+        changed |= app.tick(now);
+        // Drawing formats what is in view: not done again while nothing changed.
+        if changed || now.saturating_duration_since(drawn) >= REDRAW_EVERY {
+            terminal.draw(|f| render::draw(f, &app))?;
+            changed = false;
+            drawn = now;
         }
-        app.tick(Instant::now());
-        terminal.draw(|f| render::draw(f, &app))?;
         if app.quit {
             break;
         }
         // Wait for input a little, then take everything typed meanwhile before drawing again.
-        if event::poll(Duration::from_millis(100))? {
-            loop {
-                match event::read()? {
-                    Event::Key(k) => {
-                        if let Some(c) = app.on_key(k) {
-                            // The thread only goes away with the process.
-                            let _ = commands.send(c);
-                        }
-                    }
-                    Event::Paste(text) => app.on_paste(&text),
-                    // The next draw takes the new size.
-                    Event::Resize(..) => {}
-                    _ => {}
-                }
-                if app.quit || !event::poll(Duration::ZERO)? {
-                    break;
-                }
-            }
+        let ready = match event::poll(WAIT) {
+            Ok(ready) => ready,
+            // A signal interrupted the wait: the console ends as on `q`.
+            Err(_) if stop.load(Ordering::SeqCst) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if ready {
+            changed = true;
+            read_events(&mut app, &commands)?;
         }
     }
     Ok(())
+}
+
+/// Takes every event waiting: keys (their writes go to the transport thread), pastes and
+/// resizes (the next drawing takes the new size).
+fn read_events(
+    app: &mut app::App,
+    commands: &std::sync::mpsc::Sender<app::Command>,
+) -> anyhow::Result<()> {
+    loop {
+        match event::read()? {
+            Event::Key(k) => {
+                if let Some(c) = app.on_key(k) {
+                    // The thread only goes away with the process.
+                    let _ = commands.send(c);
+                }
+            }
+            Event::Paste(text) => app.on_paste(&text),
+            _ => {}
+        }
+        if app.quit || !event::poll(Duration::ZERO)? {
+            return Ok(());
+        }
+    }
 }

@@ -79,6 +79,11 @@ impl Route {
         "-".to_string()
     }
 
+    /// `service_id`: the service whose hosts, plugins and upstream the route takes.
+    pub fn service_id(&self) -> Option<String> {
+        self.value.get("service_id").map(scalar)
+    }
+
     /// `status` 1 (the default) or 0.
     pub fn enabled(&self) -> bool {
         self.value.get("status").and_then(Value::as_i64) != Some(0)
@@ -203,10 +208,34 @@ pub struct Plugins {
 
 /// `GET /wasmgate/traffic`: each route's requests by status class.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
+#[serde(from = "TrafficAnswer")]
 pub struct Traffic {
-    #[serde(deserialize_with = "de_list")]
     pub routes: Vec<RouteTraffic>,
+    /// Where each route is in `routes`: looked up for every row, of thousands.
+    by_route: std::collections::HashMap<String, usize>,
+}
+
+/// [`Traffic`] as answered.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct TrafficAnswer {
+    #[serde(deserialize_with = "de_list")]
+    routes: Vec<RouteTraffic>,
+}
+
+impl From<TrafficAnswer> for Traffic {
+    fn from(a: TrafficAnswer) -> Traffic {
+        let by_route = a
+            .routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| Some((r.route.clone()?, i)))
+            .collect();
+        Traffic {
+            routes: a.routes,
+            by_route,
+        }
+    }
 }
 
 /// One route's traffic, summed over the workers.
@@ -225,7 +254,7 @@ pub struct RouteTraffic {
 impl Traffic {
     /// The traffic of route `id`.
     pub fn of(&self, id: &str) -> Option<&RouteTraffic> {
-        self.routes.iter().find(|r| r.route.as_deref() == Some(id))
+        self.routes.get(*self.by_route.get(id)?)
     }
 }
 

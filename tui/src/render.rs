@@ -2,7 +2,7 @@
 //! screen (one module per screen under [`crate::panes`]), the status bar and whatever modal is
 //! open. Tests draw into a `TestBackend` and read the text.
 
-use crate::app::{App, Feed, Modal, Screen, HELP};
+use crate::app::{App, Feed, Modal, Screen, HELP, HELP_LEFT};
 use crate::client::ApiError;
 use crate::panes;
 use crate::theme;
@@ -27,38 +27,78 @@ pub fn draw(f: &mut Frame, app: &App) {
         Screen::Log => panes::log::draw(f, body, app),
     }
     status_bar(f, bar, app);
+    let shown = modal(f, body, app);
+    app.blind.set(!shown);
+}
+
+/// Draws the open modal; false when the terminal is too small to show it whole (a notice
+/// says so instead).
+fn modal(f: &mut Frame, body: Rect, app: &App) -> bool {
     match &app.modal {
-        None => {}
-        Some(Modal::Help) => help(f, f.area()),
-        Some(Modal::Confirm(c)) => dialog(f, &c.title, &c.question, yes_no("yes", "no"), false),
+        None => true,
+        Some(Modal::Help) => {
+            help(f, f.area());
+            true
+        }
+        Some(Modal::Confirm(c)) => dialog(
+            f,
+            &c.title,
+            &c.question,
+            yes_no("yes", "no"),
+            Fit::Whole,
+            false,
+        ),
         Some(Modal::Message { title, text, error }) => dialog(
             f,
             title,
             text,
             Line::styled("any key closes", theme::dim()),
+            Fit::Cut,
             *error,
         ),
         Some(Modal::Editor(ed)) => panes::editor::draw(f, body, ed),
         Some(Modal::Overwrite { editor, why, .. }) => {
-            panes::editor::draw(f, body, editor);
-            dialog(f, "Overwrite", why, yes_no("save", "keep editing"), false)
+            panes::editor::draw(f, body, editor)
+                && dialog(
+                    f,
+                    "Overwrite",
+                    why,
+                    yes_no("save", "keep editing"),
+                    Fit::Whole,
+                    false,
+                )
         }
         Some(Modal::Discard { editor, quit }) => {
-            panes::editor::draw(f, body, editor);
             let question = format!(
                 "{} and lose your changes to route {}?",
                 if *quit { "Quit" } else { "Close the editor" },
                 editor.id_text()
             );
-            dialog(
-                f,
-                "Discard changes",
-                &question,
-                yes_no("discard", "keep editing"),
-                false,
-            )
+            panes::editor::draw(f, body, editor)
+                && dialog(
+                    f,
+                    "Discard changes",
+                    &question,
+                    yes_no("discard", "keep editing"),
+                    Fit::Whole,
+                    false,
+                )
         }
     }
+}
+
+/// Said instead of a question or the editor when the terminal cannot show it whole: keys
+/// other than Esc and Ctrl-C wait until it is larger.
+pub fn too_small(f: &mut Frame, area: Rect) {
+    f.render_widget(Clear, area);
+    let text = "Terminal too small: enlarge it, or Esc";
+    let line = Line::styled(panes::clip(text.to_string(), area.width), theme::error());
+    let middle = Rect {
+        y: area.y + area.height / 2,
+        height: area.height.min(1),
+        ..area
+    };
+    f.render_widget(line.alignment(Alignment::Center), middle);
 }
 
 /// ` wasmgate │ 1 Routes  2 Plugins  3 Workers  4 Log            gen 12 · epoch 1`
@@ -90,6 +130,10 @@ fn tabs(f: &mut Frame, area: Rect, app: &App) {
 fn hints(app: &App) -> &'static [(&'static str, &'static str)] {
     match app.modal {
         Some(_) => &[],
+        // Nothing to edit, and no new route, before the routes were read.
+        None if app.screen == Screen::Routes && app.routes.data.is_none() => {
+            &[("?", "help"), ("q", "quit")]
+        }
         None => match app.screen {
             Screen::Routes => &[
                 ("n", "new"),
@@ -196,17 +240,40 @@ pub fn centered(area: Rect, w: u16, h: u16) -> Rect {
     }
 }
 
-/// A small box with a question or a result.
-fn dialog(f: &mut Frame, title: &str, text: &str, footer: Line<'static>, error: bool) {
+/// Narrowest a dialog is drawn: its footer (`y discard    n keep editing`) must fit.
+const DIALOG_MIN_WIDTH: u16 = 32;
+
+/// How a dialog that the screen cannot show whole is drawn.
+#[derive(Clone, Copy, PartialEq)]
+enum Fit {
+    /// A question: not at all (a notice instead), as it must not be answered unread.
+    Whole,
+    /// A result: cut to the screen.
+    Cut,
+}
+
+/// A small box with a question or a result, as tall as its text wrapped; false (and a notice
+/// instead) when a question does not fit.
+fn dialog(
+    f: &mut Frame,
+    title: &str,
+    text: &str,
+    footer: Line<'static>,
+    fit: Fit,
+    error: bool,
+) -> bool {
     let area = f.area();
-    let w = (text.chars().count() as u16 + 4).clamp(36, 64);
-    // Lines the text wraps to, roughly (it wraps at words).
-    let inner = w.saturating_sub(4).max(1) as usize;
-    let lines = text
-        .lines()
-        .map(|l| l.chars().count().div_ceil(inner).max(1))
-        .sum::<usize>() as u16;
-    let h = lines.min(12) + 4;
+    let w = (text.chars().count() as u16 + 4)
+        .clamp(36, 64)
+        .min(area.width);
+    // Borders and margins take 4 columns; borders, a blank line and the footer 4 rows.
+    let paragraph = Paragraph::new(text.to_string()).wrap(Wrap { trim: false });
+    let lines = paragraph.line_count(w.saturating_sub(4));
+    let h = lines.saturating_add(4).min(u16::MAX as usize) as u16;
+    if fit == Fit::Whole && (h > area.height || w < DIALOG_MIN_WIDTH) {
+        too_small(f, area);
+        return false;
+    }
     let r = centered(area, w, h);
     f.render_widget(Clear, r);
     let style = if error {
@@ -228,11 +295,9 @@ fn dialog(f: &mut Frame, title: &str, text: &str, footer: Line<'static>, error: 
     ])
     .horizontal_margin(1)
     .areas(inside);
-    f.render_widget(
-        Paragraph::new(text.to_string()).wrap(Wrap { trim: false }),
-        msg,
-    );
+    f.render_widget(paragraph, msg);
     f.render_widget(footer.alignment(Alignment::Center), foot);
+    true
 }
 
 /// The key list, in two columns.
@@ -253,14 +318,14 @@ fn help(f: &mut Frame, area: Rect) {
             lines.push(Line::styled(format!(" {section}"), theme::header()));
             for (k, what) in keys.iter() {
                 lines.push(Line::from(vec![
-                    Span::styled(format!(" {k:<15}"), theme::key()),
+                    Span::styled(format!(" {k:<16}"), theme::key()),
                     Span::raw(what.to_string()),
                 ]));
             }
         }
         Text::from(lines)
     };
-    let split = 3.min(HELP.len());
+    let split = HELP_LEFT.min(HELP.len());
     f.render_widget(Paragraph::new(column(&HELP[..split])), left);
     f.render_widget(Paragraph::new(column(&HELP[split..])), right);
 }

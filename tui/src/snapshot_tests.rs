@@ -105,7 +105,8 @@ fn app() -> App {
     let t0 = Instant::now();
     let mut p = Poll {
         at: t0,
-        routes: Ok(routes),
+        routes: Some(Ok(routes)),
+        services: Some(Ok(vec![])),
         status: Ok(status),
         plugins: Ok(plugins),
         stats: Ok(stats([100, 40, 0])),
@@ -239,7 +240,8 @@ fn endpoints_not_there_yet() {
     };
     a.on_update(Update::Poll(Box::new(Poll {
         at: Instant::now(),
-        routes: Ok(vec![]),
+        routes: Some(Ok(vec![])),
+        services: Some(Ok(vec![])),
         status: Ok(GatewayStatus::default()),
         plugins: Err(missing("plugins")),
         stats: Err(missing("stats")),
@@ -282,4 +284,170 @@ fn a_deleted_routes_counts_are_marked() {
     let s = text(&a, 120, 40);
     assert!(s.contains("route api (deleted)"), "{s}");
     assert!(!s.contains("route 1 (deleted)"), "{s}");
+}
+
+/// A poll of `routes` and `services` (JSON objects with their ids) and nothing else.
+fn config_poll(routes: Vec<serde_json::Value>, services: Vec<serde_json::Value>) -> Update {
+    let list = |kind: &str, objects: Vec<serde_json::Value>| {
+        let list: Vec<_> = objects
+            .into_iter()
+            .map(|v| json!({"key": format!("/apisix/{kind}/{}", v["id"]), "value": v}))
+            .collect();
+        parse_routes(&json!({ "list": list })).unwrap()
+    };
+    Update::Poll(Box::new(Poll {
+        at: Instant::now(),
+        routes: Some(Ok(list("routes", routes))),
+        services: Some(Ok(list("services", services))),
+        status: Ok(GatewayStatus::default()),
+        plugins: Ok(Plugins::default()),
+        stats: Ok(Stats::default()),
+        log: Ok(LogTail::default()),
+        traffic: Ok(Traffic::default()),
+    }))
+}
+
+/// A question's whole text shows, however it wraps at words.
+#[test]
+fn dialogs_are_as_tall_as_their_wrapped_text() {
+    let mut a = app();
+    key(&mut a, KeyCode::Char('e'));
+    a.modal = match a.modal.take() {
+        Some(Modal::Editor(editor)) => Some(Modal::Overwrite {
+            why: "Route api was changed since you opened it (revision 12, now 13): saving \
+                  replaces that change with this text. Save anyway?"
+                .into(),
+            save: Command::Reload,
+            editor,
+        }),
+        other => panic!("{other:?}"),
+    };
+    for (w, h) in SIZES {
+        let s = text(&a, w, h);
+        assert!(s.contains("anyway?"), "{s}");
+    }
+    let long = "reload refused: conf/config.yaml:12: plugin wasm_auth: cannot load \
+                plugins/auth.wasm: No such file or directory (os error 2); the previous \
+                workers keep serving";
+    a.on_update(Update::Done {
+        command: Command::Reload,
+        result: Err(ApiError::Status {
+            status: 400,
+            message: long.into(),
+        }),
+    });
+    let s = text(&a, 80, 24);
+    assert!(s.contains("keep serving"), "{s}");
+}
+
+/// Every cut cell ends with `…`; columns that cannot fit are left out rather than cut bare.
+#[test]
+fn narrow_terminals_cut_with_an_ellipsis() {
+    let mut a = App::new("127.0.0.1:9180");
+    let routes = (2981..=2989)
+        .map(|i| json!({"id": i.to_string(), "uri": format!("/some/long/path/{i}")}))
+        .collect();
+    a.on_update(config_poll(routes, vec![]));
+    let s = text(&a, 40, 10);
+    for i in 2981..=2985 {
+        assert!(s.contains(&format!("│{i} ")), "id {i} whole: {s}");
+    }
+    assert!(s.contains("│2981 /so… "), "{s}");
+    let s = text(&a, 12, 10);
+    assert!(s.contains("│2…") || s.contains("│2981"), "{s}");
+    assert!(!s.contains("│29 "), "cut without …: {s}");
+}
+
+/// Too small to show a question or the editor whole: a notice, and `y`/Ctrl-S do nothing.
+#[test]
+fn too_small_for_a_question_says_so() {
+    let mut a = app();
+    key(&mut a, KeyCode::Char('d'));
+    let s = text(&a, 20, 6);
+    assert!(s.contains("Terminal too"), "{s}");
+    assert_eq!(key(&mut a, KeyCode::Char('y')), None);
+    assert!(matches!(a.modal, Some(Modal::Confirm(_))));
+    text(&a, 80, 24);
+    assert!(key(&mut a, KeyCode::Char('y')).is_some(), "shown: answered");
+
+    key(&mut a, KeyCode::Char('e'));
+    assert!(text(&a, 20, 6).contains("Terminal too"));
+    let save = KeyEvent::new(KeyCode::Char('s'), KeyModifiers::CONTROL);
+    assert_eq!(a.on_key(save), None);
+    text(&a, 80, 24);
+    assert!(a.on_key(save).is_some());
+}
+
+/// A route with a `service_id` shows the hosts and plugins it takes from the service.
+#[test]
+fn routes_show_what_their_service_gives_them() {
+    let mut a = App::new("127.0.0.1:9180");
+    a.on_update(config_poll(
+        vec![
+            json!({"id": "1", "uri": "/a", "service_id": "s1"}),
+            json!({"id": "2", "uri": "/b", "service_id": "s1", "hosts": ["own.example.com"],
+                   "plugins": {"echo": {"conf": "x"}}}),
+        ],
+        vec![json!({"id": "s1", "hosts": ["svc.example.com"],
+                    "plugins": {"auth": {"conf": "y"}}})],
+    ));
+    let s = text(&a, 160, 24);
+    assert!(
+        s.contains("svc.example.com (service s1) -       auth (service s1)"),
+        "{s}"
+    );
+    assert!(
+        s.contains("own.example.com              -       echo + auth (service s1)"),
+        "{s}"
+    );
+}
+
+/// A console that never got through says why in the table, and offers no new route.
+#[test]
+fn never_connected_says_why() {
+    let mut a = App::new("127.0.0.1:9180");
+    a.on_update(Update::Refused(
+        "admin key refused (failed to check token: wrong apikey)".into(),
+    ));
+    let s = text(&a, 80, 24);
+    assert!(!s.contains("Loading"), "{s}");
+    assert!(
+        s.contains("│  admin key refused (failed to check token"),
+        "{s}"
+    );
+    assert!(!s.contains(" n new"), "{s}");
+    a.on_update(Update::Unreachable("io: Connection refused".into()));
+    let s = text(&a, 80, 24);
+    assert!(
+        s.contains("gateway unreachable: io: Connection refused"),
+        "{s}"
+    );
+}
+
+/// Thousands of routes: only the rows in view are drawn, the selection stays in view, and the
+/// widths over the whole list are measured once per change of the list.
+#[test]
+fn many_routes_draw_the_rows_in_view() {
+    let mut a = App::new("127.0.0.1:9180");
+    let routes = (1..=5000)
+        .map(|i| json!({"id": i.to_string(), "uri": format!("/r{i}")}))
+        .collect();
+    a.on_update(config_poll(routes, vec![]));
+    key(&mut a, KeyCode::End);
+    let s = text(&a, 80, 24);
+    assert!(s.contains("│5000 /r5000"), "{s}");
+    assert_eq!(a.page.get(), 19);
+    key(&mut a, KeyCode::PageUp);
+    let s = text(&a, 80, 24);
+    assert!(s.contains("│4981 /r4981"), "{s}");
+    let measured = a.route_widths.borrow().clone();
+    assert_eq!(measured.as_ref().map(|m| m.0), Some(a.config_version));
+    a.route_widths
+        .replace(Some((a.config_version, vec![4, 6, 5, 7, 7, 8, 4, 3, 3, 6])));
+    text(&a, 80, 24);
+    assert_eq!(
+        a.route_widths.borrow().as_ref().unwrap().1[0],
+        4,
+        "not measured again while the list stands"
+    );
 }

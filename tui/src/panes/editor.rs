@@ -9,7 +9,17 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, BorderType, Borders, Clear, Paragraph, Wrap};
 use ratatui::Frame;
 
-pub fn draw(f: &mut Frame, area: Rect, ed: &RouteEditor) {
+/// The smallest area the editor is drawn in: its borders, the id, a line of text in its box
+/// and the keys, with room for the id.
+pub const MIN_SIZE: (u16, u16) = (30, 7);
+
+/// Draws the editor; false (and a notice instead) when `area` is smaller than [`MIN_SIZE`], as
+/// keys must not edit or save text that cannot be seen.
+pub fn draw(f: &mut Frame, area: Rect, ed: &RouteEditor) -> bool {
+    if area.width < MIN_SIZE.0 || area.height < MIN_SIZE.1 {
+        crate::render::too_small(f, area);
+        return false;
+    }
     let r = area;
     f.render_widget(Clear, r);
     let title = if ed.new {
@@ -26,10 +36,16 @@ pub fn draw(f: &mut Frame, area: Rect, ed: &RouteEditor) {
     f.render_widget(b, r);
 
     // The error, wrapped, takes what it needs up to a third of the height.
-    let error_height = ed.error.as_ref().map_or(0, |e| {
-        let w = inside.width.saturating_sub(2).max(1) as usize;
-        let lines = e.chars().count().div_ceil(w) as u16;
-        (lines + 2).min(inside.height / 3).max(3)
+    let error_text = ed.error.as_ref().map(|e| {
+        Paragraph::new(e.clone())
+            .style(theme::error())
+            .wrap(Wrap { trim: false })
+    });
+    let error_height = error_text.as_ref().map_or(0, |p| {
+        let lines = p
+            .line_count(inside.width.saturating_sub(2))
+            .min(u16::MAX as usize) as u16;
+        lines.saturating_add(2).min(inside.height / 3).max(3)
     });
     let [id_area, body_area, error_area, keys_area] = Layout::vertical([
         Constraint::Length(1),
@@ -46,10 +62,12 @@ pub fn draw(f: &mut Frame, area: Rect, ed: &RouteEditor) {
         ratatui::style::Style::new()
     };
     let mut id_line = vec![Span::styled(" id: ", theme::header())];
+    // A long id is cut with `…`, so that it does not read as another.
+    let id = super::clip(ed.id.text(), id_area.width.saturating_sub(7));
     if ed.new {
-        id_line.push(Span::styled(format!(" {} ", ed.id.text()), id_style));
+        id_line.push(Span::styled(format!(" {id} "), id_style));
     } else {
-        id_line.push(Span::raw(ed.id.text()));
+        id_line.push(Span::raw(id));
         id_line.push(Span::styled("  (PUT replaces the route)", theme::dim()));
     }
     f.render_widget(Line::from(id_line), id_area);
@@ -79,18 +97,12 @@ pub fn draw(f: &mut Frame, area: Rect, ed: &RouteEditor) {
     }
 
     // The Admin API's answer
-    if let Some(e) = &ed.error {
+    if let Some(p) = error_text {
         let b = Block::default()
             .borders(Borders::ALL)
             .border_style(theme::error())
             .title(Span::styled(" not saved ", theme::error()));
-        f.render_widget(
-            Paragraph::new(e.clone())
-                .style(theme::error())
-                .wrap(Wrap { trim: false })
-                .block(b),
-            error_area,
-        );
+        f.render_widget(p.block(b), error_area);
     }
 
     // keys
@@ -114,6 +126,7 @@ pub fn draw(f: &mut Frame, area: Rect, ed: &RouteEditor) {
         theme::dim(),
     ));
     f.render_widget(Line::from(keys), keys_area);
+    true
 }
 
 /// Draws the text with line numbers, scrolled so the cursor is in view; returns where the

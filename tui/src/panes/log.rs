@@ -12,6 +12,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     let lines = app.log_lines();
     let height = area.height.saturating_sub(2) as usize;
     app.log_view.set(height);
+    app.page.set(height);
     // The window ends `log_scroll` lines before the end, and starts at the first line at the
     // furthest (the pane may have grown since the scroll).
     let scroll = app.log_scroll.min(app.log_scroll_max());

@@ -1,6 +1,11 @@
 //! Screen 1: routes — a table of every route, and at larger sizes the selected route's JSON.
+//!
+//! Thousands of routes are drawn at the cost of the rows in view: only they are formatted, and
+//! the columns' widths over the whole list are measured once per change of the list.
 
+use super::Cells;
 use crate::app::App;
+use crate::model::Route;
 use crate::render::{block, feed_problem};
 use crate::theme;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -8,6 +13,13 @@ use ratatui::style::Style;
 use ratatui::text::{Line, Text};
 use ratatui::widgets::Paragraph;
 use ratatui::Frame;
+
+const HEADER: [&str; 10] = [
+    "id", "uri", "hosts", "methods", "plugins", "upstream", "reqs", "4xx", "5xx", "status",
+];
+
+/// The columns counted from `GET /wasmgate/traffic` (they change with every poll).
+const COUNTS: std::ops::Range<usize> = 6..9;
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     let routes = app.route_list();
@@ -29,70 +41,25 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
         b = b.title_bottom(p);
     }
     if routes.is_empty() {
-        let text = if app.routes.data.is_some() {
-            Text::from(vec![
-                Line::raw(""),
-                Line::styled("  No routes yet: press n to create one.", theme::dim()),
-            ])
-        } else {
-            Text::from(vec![
-                Line::raw(""),
-                Line::styled("  Loading…", theme::dim()),
-            ])
-        };
+        let note = empty_note(app);
+        let text = Text::from(vec![Line::raw(""), note]);
         f.render_widget(Paragraph::new(text).block(b), table_area);
         return;
     }
 
-    let plain = Style::new();
-    let traffic = app.traffic.data.as_ref();
-    let rows = routes
-        .iter()
-        .map(|r| {
-            let list = |v: Vec<String>| {
-                if v.is_empty() {
-                    "-".to_string()
-                } else {
-                    v.join(",")
-                }
-            };
-            let status = if r.enabled() {
-                ("enabled".to_string(), theme::ok())
-            } else {
-                ("disabled".to_string(), theme::dim())
-            };
-            // Requests and errors since the master started (a gateway without the traffic
-            // endpoint: `-`); a route answering 5xx stands out.
-            let t = traffic.and_then(|t| t.of(&r.id));
-            let count = |n: Option<u64>| n.map_or("-".to_string(), |n| n.to_string());
-            let errors = t.and_then(|t| t.server_errors).unwrap_or(0);
-            vec![
-                (r.id.clone(), plain),
-                (r.uris().join(" "), plain),
-                (list(r.hosts()), plain),
-                (list(r.methods()), plain),
-                (list(r.plugins()), plain),
-                (r.upstream(), plain),
-                (count(t.map_or(traffic.map(|_| 0), |t| t.requests)), plain),
-                (
-                    count(t.map_or(traffic.map(|_| 0), |t| t.client_errors)),
-                    plain,
-                ),
-                (
-                    count(t.map_or(traffic.map(|_| 0), |t| t.server_errors)),
-                    if errors > 0 { theme::error() } else { plain },
-                ),
-                status,
-            ]
-        })
-        .collect();
-    let header = [
-        "id", "uri", "hosts", "methods", "plugins", "upstream", "reqs", "4xx", "5xx", "status",
-    ]
-    .map(String::from)
-    .to_vec();
-    let table = super::grid(header, rows, table_area.width.saturating_sub(2)).block(b);
-    let mut state = super::table_state(app.route_index());
+    // Borders and the header row.
+    let height = table_area.height.saturating_sub(3) as usize;
+    app.page.set(height);
+    let selected = app.route_index().unwrap_or(0);
+    let offset = super::scroll_offset(app.route_offset.get(), selected, height, routes.len());
+    app.route_offset.set(offset);
+    let shown = &routes[offset..(offset + height).min(routes.len())];
+    let rows: Vec<Cells> = shown.iter().map(|r| cells(app, r)).collect();
+    let header = HEADER.map(String::from).to_vec();
+    let natural = widths(app);
+    let table =
+        super::grid_sized(header, rows, &natural, table_area.width.saturating_sub(2)).block(b);
+    let mut state = super::table_state(app.route_index().map(|i| i - offset));
     f.render_stateful_widget(table, table_area, &mut state);
 
     if detail_height > 0 {
@@ -107,4 +74,126 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
             );
         }
     }
+}
+
+/// What an empty table says: no routes, still loading, or why nothing could be read.
+fn empty_note(app: &App) -> Line<'static> {
+    let (text, style) = match (&app.routes.data, &app.routes.error, &app.unreachable) {
+        (Some(_), _, _) => ("No routes yet: press n to create one.".into(), theme::dim()),
+        (None, Some(e), _) => (format!("routes: {e}"), theme::error()),
+        (None, None, Some(why)) if app.refused => (why.clone(), theme::error()),
+        (None, None, Some(why)) => (format!("gateway unreachable: {why}"), theme::error()),
+        (None, None, None) => ("Loading…".into(), theme::dim()),
+    };
+    Line::styled(format!("  {text}"), style)
+}
+
+/// The natural widths of the columns over every route: those of the text columns as measured
+/// at the last change of the route or service list, those of the counts from the traffic now.
+fn widths(app: &App) -> Vec<u16> {
+    let mut cache = app.route_widths.borrow_mut();
+    let measured = match cache.as_ref() {
+        Some((version, w)) if *version == app.config_version => w,
+        _ => {
+            let header = HEADER.map(String::from);
+            let all: Vec<Cells> = app.route_list().iter().map(|r| cells(app, r)).collect();
+            &cache
+                .insert((app.config_version, super::natural_widths(&header, &all)))
+                .1
+        }
+    };
+    let mut w = measured.clone();
+    let counts = app
+        .traffic
+        .data
+        .as_ref()
+        .map_or(&[][..], |t| t.routes.as_slice());
+    let digits = |n: Option<u64>| n.map_or(1, |n| n.to_string().len() as u16);
+    for t in counts {
+        for (i, n) in COUNTS.zip([t.requests, t.client_errors, t.server_errors]) {
+            w[i] = w[i].max(digits(n));
+        }
+    }
+    w
+}
+
+/// One route's row.
+fn cells(app: &App, r: &Route) -> Cells {
+    let plain = Style::new();
+    let status = if r.enabled() {
+        ("enabled".to_string(), theme::ok())
+    } else {
+        ("disabled".to_string(), theme::dim())
+    };
+    // Requests and errors since the master started (a gateway without the traffic endpoint:
+    // `-`); a route answering 5xx stands out.
+    let traffic = app.traffic.data.as_ref();
+    let t = traffic.and_then(|t| t.of(&r.id));
+    let count = |n: Option<u64>| n.map_or("-".to_string(), |n| n.to_string());
+    let or_zero = |n: Option<u64>| t.map_or(traffic.map(|_| 0), |_| n);
+    let errors = t.and_then(|t| t.server_errors).unwrap_or(0);
+    let (hosts, plugins) = hosts_and_plugins(app, r);
+    vec![
+        (r.id.clone(), plain),
+        (r.uris().join(" "), plain),
+        (hosts, plain),
+        (list(r.methods()), plain),
+        (plugins, plain),
+        (r.upstream(), plain),
+        (count(or_zero(t.and_then(|t| t.requests))), plain),
+        (count(or_zero(t.and_then(|t| t.client_errors))), plain),
+        (
+            count(or_zero(t.and_then(|t| t.server_errors))),
+            if errors > 0 { theme::error() } else { plain },
+        ),
+        status,
+    ]
+}
+
+fn list(v: Vec<String>) -> String {
+    if v.is_empty() {
+        "-".to_string()
+    } else {
+        v.join(",")
+    }
+}
+
+/// A column's values: the route's own, then those its service adds, followed by
+/// `(service ID)`.
+fn with_service(own: Vec<String>, from_service: Vec<String>, service: Option<&str>) -> String {
+    match service {
+        Some(id) if !from_service.is_empty() => {
+            let inherited = format!("{} (service {id})", from_service.join(","));
+            if own.is_empty() {
+                inherited
+            } else {
+                format!("{} + {inherited}", own.join(","))
+            }
+        }
+        _ => list(own),
+    }
+}
+
+/// The hosts and plugins columns: a route with a `service_id` takes the service's hosts when
+/// it has none of its own, and the service's plugins it does not configure itself.
+fn hosts_and_plugins(app: &App, r: &Route) -> (String, String) {
+    let (hosts, plugins) = (r.hosts(), r.plugins());
+    let id = r.service_id();
+    let Some(service) = id.as_deref().and_then(|id| app.service(id)) else {
+        return (list(hosts), list(plugins));
+    };
+    let service_hosts = if hosts.is_empty() {
+        service.hosts()
+    } else {
+        Vec::new()
+    };
+    let service_plugins = service
+        .plugins()
+        .into_iter()
+        .filter(|p| !plugins.contains(p))
+        .collect();
+    (
+        with_service(hosts, service_hosts, id.as_deref()),
+        with_service(plugins, service_plugins, id.as_deref()),
+    )
 }

@@ -109,6 +109,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
         })
         .collect();
     let table = super::grid(header, rows, rest.width.saturating_sub(2)).block(b);
+    app.page.set(rest.height.saturating_sub(3) as usize);
     let selected = (!workers.is_empty()).then_some(app.worker_selected);
     let mut state = super::table_state(selected);
     f.render_stateful_widget(table, rest, &mut state);
