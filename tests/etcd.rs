@@ -336,6 +336,16 @@ fn etcd_changed_behind_the_gateways_back() {
         .unwrap();
     assert!(left["kvs"].is_null(), "{left}");
 
+    // The key names the object, whatever `id` its value holds (as in APISIX).
+    let mut named = serde_json::from_str::<Value>(&route("/named")).unwrap();
+    named["id"] = json!("999");
+    etcd.put("/apisix/routes/405", &named.to_string());
+    eventually(Duration::from_secs(10), "405 served", || {
+        status_of(&a, "/named") == 200
+    });
+    let (_, v) = a.admin("GET", "/apisix/admin/routes/405", None);
+    assert_eq!(v["value"]["id"], "405", "{v}");
+
     // An id the gateway cannot take is left out with a line saying why.
     etcd.put("/apisix/routes/a b", &route("/ab"));
     eventually(Duration::from_secs(10), "the bad id is logged", || {
@@ -430,4 +440,18 @@ fn etcd_changed_behind_the_gateways_back() {
         a.error_log()
     );
     assert_eq!(status_of(&a, "/fresh"), 200);
+    // `wasmgate status` says so too.
+    let out = Command::new(common::bin())
+        .args(["status", "-p"])
+        .arg(a.prefix())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains(&format!(
+            "store etcd {} prefix /apisix  UNREACHABLE",
+            etcd.endpoint()
+        )),
+        "{out}"
+    );
 }

@@ -322,6 +322,7 @@ fn a_reload_moves_the_admin_api_the_pid_file_and_the_error_log() {
     assert_eq!(pid_file("logs/wasmgate.pid"), None);
     let (ok, out, err) = cli(&["status"], gw.prefix());
     assert!(ok && out.contains(&pid), "{out}{err}");
+    assert!(out.contains("store local  revision "), "{out}");
     // A row per worker, with what operations.md says it shows: connections, faults, RSS.
     let header = out
         .lines()

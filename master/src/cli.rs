@@ -356,6 +356,33 @@ pub fn status(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the objects live: the data directory, or etcd (endpoints, prefix, whether it
+/// answers, the revision served).
+fn store_line(store: &serde_json::Value) -> String {
+    match store["kind"].as_str() {
+        Some("etcd") => {
+            let endpoints: Vec<&str> = store["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.as_str())
+                .collect();
+            let reachable = match store["reachable"].as_bool() {
+                Some(true) => "reachable",
+                _ => "UNREACHABLE (serving the last configuration read)",
+            };
+            format!(
+                "        store etcd {} prefix {}  {reachable}  revision {}\n",
+                endpoints.join(","),
+                store["prefix"].as_str().unwrap_or("?"),
+                store["revision"]
+            )
+        }
+        Some(kind) => format!("        store {kind}  revision {}\n", store["revision"]),
+        None => String::new(),
+    }
+}
+
 fn render_status(v: &serde_json::Value, pid_file: &str) -> String {
     let m = &v["master"];
     let mut out = format!(
@@ -376,6 +403,7 @@ fn render_status(v: &serde_json::Value, pid_file: &str) -> String {
             shm["journal_bytes"]
         ));
     }
+    out.push_str(&store_line(&v["store"]));
     out.push_str(&format!(
         "{:<7} {:<5} {:<8} {:<9} {:<6} {:<9} {:<9} {:<10} {:<9} {:<6} {:<7} {}\n",
         "WORKER",

@@ -336,8 +336,9 @@ fn object(etcd: &Etcd, catalog: &model::PluginCatalog, kv: &Kv) -> Result<Option
     model::validate(kind, &value, catalog)
         .map_err(|e| format!("etcd: {} refused: {e}; ignored", kv.key))?;
     if let Some(obj) = value.as_object_mut() {
-        obj.entry("id")
-            .or_insert_with(|| Value::String(id.to_string()));
+        // The key names the object; an `id` in the value that says otherwise is replaced,
+        // as APISIX does, so that what is listed is what is served.
+        obj.insert("id".into(), Value::String(id.to_string()));
     }
     Ok(Some((
         kind,
