@@ -62,6 +62,34 @@ fn scraped_metrics_count_what_was_sent() {
     for _ in 0..3 {
         assert_eq!(http("GET", &gw.url("/delay/60"), &[], None).status, 200);
     }
+    // An answer whose head comes at once and whose body takes 30 × 2 ms: the upstream's
+    // time runs to the body's end, as nginx's `$upstream_response_time` does.
+    gw.route("streamed", json!({"uri": "/stream/*"}), Some(&app));
+    for _ in 0..3 {
+        assert_eq!(http("GET", &gw.url("/stream/30"), &[], None).status, 200);
+    }
+    // An upstream that times out: its time is the wait, not nothing.
+    gw.route(
+        "late",
+        json!({"uri": "/delay/1000/*", "timeout": {"connect": 1, "send": 1, "read": 0.2}}),
+        Some(&app),
+    );
+    assert_eq!(http("GET", &gw.url("/delay/1000/x"), &[], None).status, 504);
+    // Ingress: the bytes the client sent, to the byte.
+    gw.route("bytes", json!({"uri": "/bytes"}), Some(&app));
+    let raw = b"GET /bytes HTTP/1.1\r\nHost: metrics.test\r\nX-Pad: 0123456789\r\nConnection: close\r\n\r\n";
+    {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+        c.write_all(raw).unwrap();
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
 
     // The log phase runs when the response body ends: allow it a moment.
     let mut page;
@@ -73,7 +101,7 @@ fn scraped_metrics_count_what_was_sent() {
             .iter()
             .map(|s| s.value)
             .sum();
-        if total >= 39.0 || tries == 50 {
+        if total >= 44.0 || tries == 50 {
             break;
         }
         tries += 1;
@@ -110,11 +138,21 @@ fn scraped_metrics_count_what_was_sent() {
     assert_eq!(slow_upstream_le_50, 0.0);
     assert!(lat("upstream", "slow", "sum") >= 180.0);
     assert!(lat("request", "slow", "sum") >= lat("upstream", "slow", "sum"));
+    let streamed = lat("upstream", "streamed", "sum");
+    assert!(streamed >= 3.0 * 55.0, "upstream {streamed} ms");
+    assert!(
+        lat("apisix", "streamed", "sum") < streamed / 2.0,
+        "the body's wait was put on the gateway: {}",
+        lat("apisix", "streamed", "sum")
+    );
+    assert_eq!(lat("upstream", "late", "count"), 1.0);
+    assert!(lat("upstream", "late", "sum") >= 190.0);
 
     let bw = |t: &str, route: &str| {
         page.value("apisix_bandwidth_total", &[("type", t), ("route", route)])
     };
     assert!(bw("ingress", "api") >= 4000.0, "{}", bw("ingress", "api"));
+    assert_eq!(bw("ingress", "bytes"), raw.len() as f64);
     assert!(bw("egress", "api") > 0.0);
 
     // Plugin contexts: the route's plugin ran once per request.

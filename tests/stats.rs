@@ -87,6 +87,9 @@ fn context_statistics_add_up_over_workers() {
     );
     let looped = context(&stats, "faulty", "loop");
     assert_eq!(looped["timeouts"], 1);
+    // The callback ended by its time limit (200 ms) counts in the time statistics.
+    let slowest = looped["p99_us"].as_f64().unwrap_or(0.0);
+    assert!(slowest >= 100_000.0, "{looped}");
 
     // Instance memory of the plugins that ran, per worker; RSS per worker.
     let (_, plugins) = gw.admin("GET", "/wasmgate/plugins", None);

@@ -54,6 +54,27 @@ pub const FAMILIES: [&str; 18] = [
 /// and gauges' names).
 const PLUGIN_TIME: &str = "wasm_plugin_time_seconds";
 
+/// Says once per name, in the error log, that a plugin's metric is not exported: its name
+/// is one of the gateway's families, or another plugin metric's once sanitised.
+fn warn_skipped(defined: &str, exported: &str, gateway_family: bool) {
+    static WARNED: std::sync::Mutex<Option<HashSet<String>>> = std::sync::Mutex::new(None);
+    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    if !warned
+        .get_or_insert_with(HashSet::new)
+        .insert(exported.to_string())
+    {
+        return;
+    }
+    let why = match gateway_family {
+        true => "the gateway exports a metric of that name",
+        false => "another plugin metric has that name once made a Prometheus name",
+    };
+    tracing::warn!(
+        "plugin metric {defined:?} is not exported as {exported}: {why}; rename it in the \
+         plugin (or change plugin_attr.prometheus.metric_prefix)"
+    );
+}
+
 /// One worker's own counters.
 #[derive(Debug)]
 struct WorkerRow {
@@ -446,6 +467,7 @@ impl Scrape {
                 .strip_prefix(self.prefix.as_str())
                 .is_some_and(|f| FAMILIES.contains(&f) || f == PLUGIN_TIME);
             if gateway_family || !seen.insert(name.clone()) {
+                warn_skipped(&m.name, &name, gateway_family);
                 continue;
             }
             let help = "Defined by a Proxy-Wasm plugin (proxy_define_metric).";

@@ -217,6 +217,14 @@ impl Loop {
             proxy.join(", "),
             config.origin
         );
+        if config.origin.starts_with('<') {
+            // A mistyped `-p` lands here too: say it where the operator looks.
+            tracing::warn!(
+                "no conf/config.yaml under the prefix {}: running the embedded default \
+                 configuration; write that file (or pass -c FILE) to configure this gateway",
+                self.master.prefix.display()
+            );
+        }
         Ok(())
     }
 
@@ -257,10 +265,15 @@ impl Loop {
                 }
                 _ = usr1.recv() => {
                     // logrotate moved the files: reopen ours, then the workers' (nginx's way).
-                    if let Err(e) = wasmgate_shared::logging::reopen() {
-                        tracing::error!("reopening the error log failed: {e}");
+                    match wasmgate_shared::logging::reopen() {
+                        Ok(()) => tracing::warn!(
+                            "SIGUSR1 received: the error log reopened; telling the workers"
+                        ),
+                        Err(e) => tracing::error!(
+                            "SIGUSR1 received: reopening the error log failed: {e}; still \
+                             writing to the file it had open; telling the workers"
+                        ),
                     }
-                    tracing::warn!("SIGUSR1 received: logs reopened; telling the workers");
                     self.sup.signal_live(Signal::SIGUSR1);
                 }
                 Some(c) = control.recv() => match c {

@@ -285,12 +285,15 @@ async fn serve(
 
 /// SIGUSR1: reopen the error and access logs by their paths (logrotate moved the files).
 fn reopen_logs(w: &Worker) {
-    if let Err(e) = wasmgate_shared::logging::reopen() {
-        tracing::error!("reopening the error log failed: {e}");
-    }
-    match w.access_log.reopen() {
-        Ok(()) => tracing::info!("logs reopened"),
-        Err(e) => tracing::error!("reopening the access log failed: {e}"),
+    // Each failure says so, and which file is kept open; only both done says "reopened".
+    let error_log = wasmgate_shared::logging::reopen().map_err(|e| {
+        tracing::error!("reopening the error log failed: {e}; still writing to the old file")
+    });
+    let access_log = w.access_log.reopen().map_err(|e| {
+        tracing::error!("reopening the access log failed: {e}; still writing to the old file")
+    });
+    if error_log.is_ok() && access_log.is_ok() {
+        tracing::info!("logs reopened");
     }
 }
 

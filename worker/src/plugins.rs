@@ -1464,6 +1464,12 @@ impl Plugins {
             let p = &self.list[a.plugin];
             let mut st = p.lock();
             if st.generation != a.vm_generation || st.vm.is_none() {
+                // The instance faulted during this request (and was replaced): the time its
+                // callbacks took still counts — a callback ended by `callback_timeout` is the
+                // slowest there is, and p99 must show it.
+                if let Some(rec) = self.stats(a.record) {
+                    rec.record_time(a.spent);
+                }
                 continue;
             }
             let vm = st.vm.as_mut().expect("checked");

@@ -207,8 +207,9 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, mut client: Client
     // Boxed: it goes on to the log phase's closure, and moving it (some 300 bytes) from the
     // request's future into the body wrapper took several copies per request.
     let mut log = Box::new(LogInfo::new(&parts, peer, &w.access_log));
-    log.request_id = request_id(&mut parts.headers);
+    // The head as the client sent it: before the request id the gateway may add.
     log.head_bytes = head_size(&parts) as u64;
+    log.request_id = request_id(&mut parts.headers);
     log.abandoned = Some(w.clone());
     if log.head_bytes as usize > w.max_header_size {
         return refusal(w, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, log);
@@ -864,6 +865,8 @@ async fn forward(
             }
             outcome => {
                 drop(busy);
+                // The time spent on the nodes so far, as nginx counts a failed attempt's.
+                log.time = Some(started.elapsed());
                 // An answer that is not HTTP is the node's answer (nginx's `invalid_header`,
                 // not among its default reasons to try the next node).
                 let invalid = matches!(&outcome, Exchange::Failed(e)
@@ -1508,12 +1511,19 @@ fn log_request(
 /// Counts a request in the route's traffic and writes its access-log line.
 fn record(w: &Worker, log: &LogInfo, (status, sent): (u16, u64), ingress: u64, took: Duration) {
     let up = &log.upstream;
+    // `$upstream_response_time` as nginx's: from the first attempt to the answer's end (its
+    // body passed on), not to its head, so that a node slow to send its body is not taken for
+    // the gateway's time (`type="apisix"` is the request's time less this).
+    let upstream_time = match (up.time, up.answered) {
+        (Some(head), Some(at)) => Some(head + (log.started + took).saturating_duration_since(at)),
+        (time, _) => time,
+    };
     w.traffic.record(
         log.route.as_deref(),
         &Observation {
             status,
             request_us: took.as_micros() as u64,
-            upstream_us: up.time.map(|t| t.as_micros() as u64),
+            upstream_us: upstream_time.map(|t| t.as_micros() as u64),
             ingress,
             egress: sent,
         },
@@ -1532,7 +1542,7 @@ fn record(w: &Worker, log: &LogInfo, (status, sent): (u16, u64), ingress: u64, t
         request_time: took,
         upstream_addr: &up.addrs.join(", "),
         upstream_status: up.status,
-        upstream_time: up.time,
+        upstream_time,
         upstream_host: up.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
         upstream_uri: upstream_uri.map_or("", |p| p.as_str()),
         route_id: log.route.as_ref().map_or("", |r| &r.id),
@@ -1663,6 +1673,9 @@ impl HostName {
 }
 
 /// Bytes of the request line and headers, as received (near enough: names, values, separators).
+/// The bytes of the request's head as HTTP/1.1 writes it: `METHOD target HTTP/1.1\r\n`,
+/// `name: value\r\n` per field, and the empty line (what a client sends, unless it spaced
+/// its fields unusually).
 fn head_size(parts: &http::request::Parts) -> usize {
     let line = parts.method.as_str().len()
         + parts
@@ -1676,6 +1689,7 @@ fn head_size(parts: &http::request::Parts) -> usize {
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum::<usize>()
+        + 2
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
