@@ -26,9 +26,78 @@ pub struct AccessLog {
     /// The format shows what went upstream (`$upstream_host`, `$upstream_uri`): only then is
     /// it kept for each request.
     pub upstream_target: bool,
-    file: Option<Mutex<File>>,
+    file: Option<Mutex<Sink>>,
     path: Option<std::path::PathBuf>,
     buf: Mutex<Vec<u8>>,
+}
+
+/// The open file, and what failed writes (a full disk, a read-only mount) cost.
+struct Sink {
+    file: File,
+    /// Lines not written since the last write that went through.
+    lost: u64,
+    /// The last write stopped inside a line: the next one ends that line first, so no two
+    /// requests share a line.
+    torn: bool,
+}
+
+impl Sink {
+    fn new(file: File) -> Sink {
+        Sink {
+            file,
+            lost: 0,
+            torn: false,
+        }
+    }
+
+    /// Writes `data` (whole lines); on a failure counts the lines that did not make it, and
+    /// once writes go through again says how many were lost.
+    fn write(&mut self, data: &[u8]) {
+        if self.torn {
+            match self.file.write(b"\n") {
+                Ok(1) => self.torn = false,
+                _ => {
+                    self.lost += lines(data);
+                    return;
+                }
+            }
+        }
+        let mut done = 0;
+        while done < data.len() {
+            match self.file.write(&data[done..]) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if self.lost == 0 {
+                        tracing::error!(
+                            "access log write failed: {e}; lines are lost until it works"
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+        if done < data.len() {
+            // The line cut short counts as lost too.
+            let rest = &data[done..];
+            self.lost += lines(rest);
+            self.torn = done > 0 && data[done - 1] != b'\n';
+            return;
+        }
+        if self.lost > 0 {
+            tracing::warn!(
+                "access log writes work again; {} lines were lost meanwhile",
+                self.lost
+            );
+            self.lost = 0;
+        }
+    }
+}
+
+/// Lines in `data` (each ends with a newline).
+fn lines(data: &[u8]) -> u64 {
+    data.iter().filter(|b| **b == b'\n').count() as u64
 }
 
 /// The fields of one line.
@@ -61,7 +130,9 @@ impl AccessLog {
             return Ok(());
         };
         let f = OpenOptions::new().create(true).append(true).open(path)?;
-        *file.lock().unwrap_or_else(|p| p.into_inner()) = f;
+        let mut sink = file.lock().unwrap_or_else(|p| p.into_inner());
+        // A new file starts with no line cut short; the count of lost lines goes on.
+        (sink.file, sink.torn) = (f, false);
         Ok(())
     }
 
@@ -84,7 +155,7 @@ impl AccessLog {
                 std::fs::create_dir_all(d)?;
             }
             let f = OpenOptions::new().create(true).append(true).open(&path)?;
-            (Some(Mutex::new(f)), Some(path))
+            (Some(Mutex::new(Sink::new(f))), Some(path))
         };
         Ok(AccessLog {
             upstream_target: format.uses(&["upstream_host", "upstream_uri"]),
@@ -175,10 +246,7 @@ impl AccessLog {
         if data.is_empty() {
             return;
         }
-        let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f.write_all(&data) {
-            tracing::error!("access log write failed: {e}");
-        }
+        file.lock().unwrap_or_else(|p| p.into_inner()).write(&data);
     }
 }
 
@@ -187,5 +255,28 @@ impl AccessLog {
 impl Drop for AccessLog {
     fn drop(&mut self) {
         self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/dev/full` fails every write with ENOSPC, as a full disk does.
+    #[test]
+    fn lines_lost_to_a_full_disk_are_counted_and_no_line_is_shared() {
+        let mut sink = Sink::new(File::options().write(true).open("/dev/full").unwrap());
+        sink.write(b"one\ntwo\n");
+        sink.write(b"three\n");
+        assert_eq!((sink.lost, sink.torn), (3, false));
+        // Space again, after a write that stopped inside a line.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        std::fs::write(&path, "half a li").unwrap();
+        sink.file = File::options().append(true).open(&path).unwrap();
+        sink.torn = true;
+        sink.write(b"four\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "half a li\nfour\n");
+        assert_eq!((sink.lost, sink.torn), (0, false));
     }
 }
