@@ -412,6 +412,58 @@ fn etcd_changed_behind_the_gateways_back() {
     let (s, v) = a.admin("GET", "/apisix/admin/routes", None);
     assert_eq!((s, v["total"].as_u64()), (200, Some(1)), "{v}");
 
+    // Wiped again while the master could not see it (stopped, as a host that hangs), and
+    // filled until its revisions reach the old ones: a route of the same id and revision
+    // with other content, and one last changed before the revision known. Another history,
+    // though the revision did not go back.
+    etcd.put("/apisix/routes/same", &route("/same-a"));
+    eventually(Duration::from_secs(10), "same-a served", || {
+        status_of(&a, "/same-a") == 200
+    });
+    let master = nix::unistd::Pid::from_raw(a.master_pid());
+    nix::sys::signal::kill(master, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    etcd.kill();
+    std::fs::remove_dir_all(etcd.dir.path().join("data")).unwrap();
+    etcd.run();
+    etcd.put("/apisix/routes/pad", &route("/pad"));
+    etcd.put("/apisix/routes/same", &route("/same-b"));
+    nix::sys::signal::kill(master, nix::sys::signal::Signal::SIGCONT).unwrap();
+    eventually(Duration::from_secs(20), "the other history served", || {
+        status_of(&a, "/same-b") == 200
+            && status_of(&a, "/same-a") == 404
+            && status_of(&a, "/fresh") == 404
+    });
+    assert!(
+        a.error_log().contains("is not what was read at revision"),
+        "{}",
+        a.error_log()
+    );
+
+    // A value emptied (or APISIX's init_dir written over it): no object any more.
+    etcd.put("/apisix/routes/pad", "init_dir");
+    eventually(Duration::from_secs(10), "pad dropped", || {
+        status_of(&a, "/pad") == 404
+    });
+    assert!(a
+        .error_log()
+        .contains("/apisix/routes/pad holds no object any more"));
+
+    // A refused upstream that a route names is still in use: DELETE says so, as APISIX's.
+    etcd.put(
+        "/apisix/upstreams/hc",
+        &json!({"nodes": {app.addr(): 1}, "checks": {"active": {"http_path": "/"}}}).to_string(),
+    );
+    etcd.put(
+        "/apisix/routes/uses-hc",
+        &json!({"uri": "/uses-hc", "upstream_id": "hc"}).to_string(),
+    );
+    eventually(Duration::from_secs(10), "uses-hc read", || {
+        a.admin("GET", "/apisix/admin/routes/uses-hc", None).0 == 200
+    });
+    let (s, v) = a.admin("DELETE", "/apisix/admin/upstreams/hc", None);
+    assert_eq!(s, 400, "{v}");
+    assert!(v.to_string().contains("is still using it"), "{v}");
+
     // Authentication turned on: etcd answers, but not this node. Not reachable, and why.
     for (path, body) in [
         ("/v3/auth/role/add", json!({"name": "root"})),
@@ -439,7 +491,27 @@ fn etcd_changed_behind_the_gateways_back() {
         "{}",
         a.error_log()
     );
-    assert_eq!(status_of(&a, "/fresh"), 200);
+    assert_eq!(status_of(&a, "/same-b"), 200);
+    // Writes are refused at once, not after etcd's timeout.
+    let asked = Instant::now();
+    let (s, v) = a.admin(
+        "PUT",
+        "/apisix/admin/routes/late",
+        Some(json!({"uri": "/late", "upstream": {"nodes": {app.addr(): 1}}})),
+    );
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("etcd unreachable or refusing"),
+        "{v}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
     // `wasmgate status` says so too.
     let out = Command::new(common::bin())
         .args(["status", "-p"])

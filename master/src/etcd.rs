@@ -38,6 +38,9 @@ pub enum EtcdError {
     Refused { status: u16, body: String },
     #[error("etcd answer unreadable: {0}")]
     Protocol(String),
+    /// The request went out and no whole answer came back: etcd may have acted on it.
+    #[error("etcd gave no answer ({0})")]
+    Unanswered(String),
     /// etcd ended the watch for a reason other than a compaction (auth turned on, a
     /// permission taken away): it is answering, but not serving this node.
     #[error("etcd canceled the watch: {0}")]
@@ -193,10 +196,12 @@ impl Etcd {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| EtcdError::Protocol(e.to_string()))?;
+        let unanswered =
+            |e: &dyn std::fmt::Display| EtcdError::Unanswered(format!("http://{host}:{port}: {e}"));
         let resp = tokio::time::timeout(self.timeout, sender.send_request(req))
             .await
-            .map_err(|_| unreachable(&"no answer in time"))?
-            .map_err(|e| unreachable(&e))?;
+            .map_err(|_| unanswered(&"no answer in time"))?
+            .map_err(|e| unanswered(&e))?;
         Ok((resp.status().as_u16(), resp.into_body()))
     }
 
@@ -212,7 +217,14 @@ impl Etcd {
                     self.reachable.store(true, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Err(e @ EtcdError::Unreachable(_)) => last = e,
+                // A request that may have been acted on stays the error reported, whatever
+                // the next endpoint says: the caller must not take it as not done.
+                Err(e @ EtcdError::Unreachable(_)) => {
+                    if !matches!(last, EtcdError::Unanswered(_)) {
+                        last = e;
+                    }
+                }
+                Err(e @ EtcdError::Unanswered(_)) => last = e,
                 Err(e) => return Err(e),
             }
         }
@@ -225,8 +237,8 @@ impl Etcd {
         let limited = http_body_util::Limited::new(incoming, MAX_ANSWER);
         let bytes = tokio::time::timeout(self.timeout, limited.collect())
             .await
-            .map_err(|_| EtcdError::Unreachable("answer cut short".into()))?
-            .map_err(|e| EtcdError::Unreachable(format!("reading the answer: {e}")))?
+            .map_err(|_| EtcdError::Unanswered("answer cut short".into()))?
+            .map_err(|e| EtcdError::Unanswered(format!("reading the answer: {e}")))?
             .to_bytes();
         if status != 200 {
             return Err(EtcdError::Refused {
@@ -367,19 +379,37 @@ fn objects(etcd: &Etcd, catalog: &model::PluginCatalog, kvs: &[Kv]) -> (Vec<Obje
 
 /// Reads the whole configuration from etcd (master start); also returns why objects were left
 /// out, for the caller to report once its log is open.
-pub async fn load(
-    etcd: &Etcd,
-    catalog: &model::PluginCatalog,
-) -> Result<(Store, Vec<String>), EtcdError> {
+pub async fn load(etcd: &Etcd, catalog: &model::PluginCatalog) -> Result<Loaded, EtcdError> {
     let (rev, kvs) = etcd.range_all().await?;
     let (objects, refused) = objects(etcd, catalog, &kvs);
     etcd.revision.store(rev, Ordering::Relaxed);
-    tracing::info!(
-        "{}",
-        loaded_line(etcd, rev, &objects, refused.len(), kvs.len())
-    );
-    Ok((Store::memory(objects, rev), refused))
+    let summary = loaded_line(etcd, rev, &objects, refused.len(), kvs.len());
+    Ok(Loaded {
+        store: Store::memory(objects, rev),
+        refused,
+        summary,
+    })
 }
+
+/// What the start's full read found.
+pub struct Loaded {
+    pub store: Store,
+    /// Why each refused object was left out.
+    pub refused: Vec<String>,
+    /// What was read, for the error log (see [`log_summary`]).
+    pub summary: String,
+}
+
+/// Logs what a full read found: at `info`, or as a warning when nothing at all is stored
+/// under the prefix (a misspelt `prefix` serves nothing, without any other sign).
+pub fn log_summary(summary: &str) {
+    match summary.contains(NOTHING_STORED) {
+        true => tracing::warn!("{summary}"),
+        false => tracing::info!("{summary}"),
+    }
+}
+
+const NOTHING_STORED: &str = "nothing is stored under this prefix";
 
 /// What a full read found, for the error log: an operator who sees no route served can tell
 /// a wrong prefix or an empty etcd from refused objects.
@@ -405,7 +435,7 @@ fn loaded_line(etcd: &Etcd, rev: u64, objects: &[Object], refused: usize, keys: 
         );
     }
     if keys == 0 {
-        line += "; nothing is stored under this prefix: check deployment.etcd.prefix";
+        line += &format!("; {NOTHING_STORED}: check deployment.etcd.prefix");
     }
     line
 }
@@ -415,36 +445,39 @@ pub async fn follow(m: Arc<Master>, etcd: Arc<Etcd>) {
     let mut from = etcd.revision.load(Ordering::Relaxed) + 1;
     let mut down_since: Option<std::time::Instant> = None;
     loop {
-        match watch(&m, &etcd, from).await {
-            Ok(next) => from = next,
-            Err(e) => {
-                if down_since.is_none() {
-                    tracing::error!(
-                        "etcd: {e}; serving the last configuration (revision {}) until it is back",
-                        etcd.revision.load(Ordering::Relaxed)
-                    );
-                    down_since = Some(std::time::Instant::now());
-                }
-                etcd.reachable.store(false, Ordering::Relaxed);
+        if let Err(e) = watch(&m, &etcd, from).await {
+            if down_since.is_none() {
+                tracing::error!(
+                    "etcd: {e}; serving the last configuration (revision {}) until it is back",
+                    etcd.revision.load(Ordering::Relaxed)
+                );
+                down_since = Some(std::time::Instant::now());
             }
+            etcd.reachable.store(false, Ordering::Relaxed);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        // Whatever ended the watch, start again from a full read: nothing between the last
-        // event seen and now is missed, even across a compaction.
-        match resync(&m, &etcd).await {
-            Ok(rev) => {
-                if let Some(t) = down_since.take() {
-                    tracing::warn!(
-                        "etcd: back after {:.1} s; resynchronised at revision {rev}",
-                        t.elapsed().as_secs_f64()
-                    );
+        // Whatever ended the watch, the next one starts after a full read that succeeded:
+        // nothing between the last event seen and now is missed (even across a compaction),
+        // and an etcd that came back with another history is found by the read, never
+        // watched from a revision of the old one.
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            match resync(&m, &etcd).await {
+                Ok(rev) => {
+                    if let Some(t) = down_since.take() {
+                        tracing::warn!(
+                            "etcd: back after {:.1} s; resynchronised at revision {rev}",
+                            t.elapsed().as_secs_f64()
+                        );
+                    }
+                    from = rev + 1;
+                    break;
                 }
-                from = rev + 1;
-            }
-            Err(e) => {
-                if down_since.is_none() {
-                    tracing::error!("etcd: {e}; serving the last configuration");
-                    down_since = Some(std::time::Instant::now());
+                Err(e) => {
+                    if down_since.is_none() {
+                        tracing::error!("etcd: {e}; serving the last configuration");
+                        down_since = Some(std::time::Instant::now());
+                    }
+                    etcd.reachable.store(false, Ordering::Relaxed);
                 }
             }
         }
@@ -459,19 +492,16 @@ async fn resync(m: &Master, etcd: &Etcd) -> Result<u64, EtcdError> {
         tracing::error!("{why}");
     }
     let known = etcd.revision.load(Ordering::Relaxed);
-    // etcd's revisions only grow: fewer means another history (an etcd wiped, restored from
-    // a backup, or another cluster at the same address). What it holds now is the truth,
-    // and the workers, who know objects by revision, are told it as all new.
-    let went_back = rev < known;
-    let changed = if went_back {
+    // Another history (an etcd wiped, restored from a backup, or another cluster at the same
+    // address): what it holds now is the truth, and the workers, who know objects by
+    // revision, are told it as all new.
+    let other = other_history(&m.store(), known, rev, &objects);
+    let changed = if let Some(sign) = other {
         tracing::warn!(
-            "etcd: its revision went back from {known} to {rev} (an etcd wiped, restored from \
-             a backup, or another cluster): serving what it holds now"
+            "etcd: {sign} (an etcd wiped, restored from a backup, or another cluster): \
+             serving what it holds now"
         );
-        tracing::info!(
-            "{}",
-            loaded_line(etcd, rev, &objects, refused.len(), kvs.len())
-        );
+        log_summary(&loaded_line(etcd, rev, &objects, refused.len(), kvs.len()));
         m.store().reset(objects, rev);
         m.rebase_publication();
         true
@@ -483,6 +513,34 @@ async fn resync(m: &Master, etcd: &Etcd) -> Result<u64, EtcdError> {
         publish(m);
     }
     Ok(rev)
+}
+
+/// Whether a full read at revision `rev` comes from another history than the copy, read up
+/// to revision `known`, and the sign of it. etcd's revisions only grow, so fewer is one sign;
+/// the other is an object last changed at or before `known` that the copy holds otherwise
+/// (or not at all): in one history the copy has every such object as it is. (An object
+/// refused before and served now, after a reload, looks the same: it is then published as
+/// all new too, which costs only a whole snapshot.)
+fn other_history(store: &Store, known: u64, rev: u64, objects: &[Object]) -> Option<String> {
+    if rev < known {
+        return Some(format!("its revision went back from {known} to {rev}"));
+    }
+    objects
+        .iter()
+        .filter(|(_, _, s)| s.modified_index <= known)
+        .find(|(kind, id, s)| {
+            store
+                .get(*kind, id)
+                .map(|c| (c.created_index, c.modified_index))
+                != Some((s.created_index, s.modified_index))
+        })
+        .map(|(kind, id, s)| {
+            format!(
+                "{} {id} at revision {} is not what was read at revision {known}",
+                kind.noun(),
+                s.modified_index
+            )
+        })
 }
 
 fn publish(m: &Master) {
@@ -591,7 +649,18 @@ fn apply_events(m: &Master, etcd: &Etcd, events: &[Value], revision: u64) -> u64
                     Ok(Some((_, _, stored))) => {
                         changed |= store.apply(kind, id, Some(stored), kv.mod_revision);
                     }
-                    Ok(None) => {}
+                    Ok(None) => {
+                        // Emptied (or APISIX's `init_dir` written over it): no object any
+                        // more, as a full read would find.
+                        if store.apply(kind, id, None, kv.mod_revision) {
+                            changed = true;
+                            tracing::error!(
+                                "etcd: {} holds no object any more (an empty value or \
+                                 init_dir); its previous version is no longer served",
+                                kv.key
+                            );
+                        }
+                    }
                     Err(why) => {
                         // As a full read would leave it (and APISIX does): a refused value
                         // replaces the previous one, so every node serves the same.
@@ -635,10 +704,13 @@ async fn healthy(etcd: &Etcd) -> Result<(), EtcdError> {
 pub async fn commit(m: &Master, etcd: &Etcd, change: Change) -> Reply {
     let unavailable = |e: EtcdError| {
         tracing::error!("admin: etcd write failed: {e}");
-        (
-            503,
-            json!({ "error_msg": format!("the change was not stored: {e}") }),
-        )
+        let msg = match e {
+            EtcdError::Unanswered(_) => {
+                format!("the change may have been stored: {e}; read the object before trying again")
+            }
+            e => format!("the change was not stored: {e}"),
+        };
+        (503, json!({ "error_msg": msg }))
     };
     match change {
         Change::Put {

@@ -397,12 +397,14 @@ fn prepare(opts: &Options, loaded: LoadedConfig) -> anyhow::Result<(Parts, std::
         );
     }
     lock::check_pid_file(&pid_path, &data_dir).map_err(anyhow::Error::msg)?;
+    let mut etcd_read = None;
     let (store, etcd, notes) = match &cfg.deployment.etcd {
         None => (store::Store::open(&data_dir)?, None, Vec::new()),
         Some(section) => {
             let etcd = etcd::Etcd::new(section).map_err(anyhow::Error::msg)?;
-            let (store, refused) = load_from_etcd(&etcd, &loaded)?;
-            (store, Some(std::sync::Arc::new(etcd)), refused)
+            let read = load_from_etcd(&etcd, &loaded)?;
+            etcd_read = Some(read.summary);
+            (read.store, Some(std::sync::Arc::new(etcd)), read.refused)
         }
     };
     admin::objects::check_all(&store, &loaded.catalog()).map_err(|e| {
@@ -441,6 +443,7 @@ fn prepare(opts: &Options, loaded: LoadedConfig) -> anyhow::Result<(Parts, std::
         metrics,
         etcd,
         notes,
+        etcd_read,
     };
     Ok((parts, pid_path))
 }
@@ -460,30 +463,29 @@ pub(crate) struct Parts {
     pub etcd: Option<std::sync::Arc<etcd::Etcd>>,
     /// Problems found while loading, to be written to the error log once it is open.
     pub notes: Vec<String>,
+    /// Cluster mode: what the full read found (see `etcd::log_summary`).
+    pub etcd_read: Option<String>,
 }
 
 /// Reads the configuration from etcd at start (a runtime of its own: the master's starts
 /// later, after daemonizing), so an unreachable etcd stops the start with a clear message.
 /// Objects etcd holds that cannot be served are left out and named on stderr (the error log
 /// is not open yet; `Loop` logs them again once it is).
-fn load_from_etcd(
-    etcd: &etcd::Etcd,
-    loaded: &LoadedConfig,
-) -> anyhow::Result<(store::Store, Vec<String>)> {
+fn load_from_etcd(etcd: &etcd::Etcd, loaded: &LoadedConfig) -> anyhow::Result<etcd::Loaded> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let catalog = loaded.catalog();
-    let (store, refused) = rt.block_on(etcd::load(etcd, &catalog)).with_context(|| {
+    let read = rt.block_on(etcd::load(etcd, &catalog)).with_context(|| {
         format!(
             "cannot read the configuration from etcd {} (deployment.etcd)",
             etcd.endpoints().join(", ")
         )
     })?;
-    for why in &refused {
+    for why in &read.refused {
         eprintln!("wasmgate: {why}");
     }
-    Ok((store, refused))
+    Ok(read)
 }
 
 fn serve(

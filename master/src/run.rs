@@ -127,9 +127,13 @@ pub fn run(
         metrics,
         etcd,
         notes,
+        etcd_read,
     } = parts;
     for note in notes {
         tracing::error!("{note}");
+    }
+    if let Some(summary) = etcd_read {
+        crate::etcd::log_summary(&summary);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -179,9 +179,14 @@ fn etcd_user(v: &Value, _: &Value) -> Option<String> {
     })
 }
 
-/// `deployment.etcd.tls`: wasmgate's etcd client speaks plain HTTP.
+/// `deployment.etcd.tls`: wasmgate's etcd client speaks plain HTTP. APISIX's default
+/// (`verify: true` alone, which only matters for https:// endpoints) changes nothing here.
 fn etcd_tls(v: &Value, _: &Value) -> Option<String> {
-    (!is_empty(v)).then(|| {
+    let verify_only = v
+        .as_mapping()
+        .is_some_and(|m| m.keys().all(|k| k.as_str() == Some("verify")));
+    let off = matches!(v, Value::Bool(false));
+    (!is_empty(v) && !verify_only && !off).then(|| {
         "deployment.etcd.tls: TLS to etcd is not supported: the endpoints are http:// ones \
          (on a private network), or leave this key out"
             .into()
@@ -425,8 +430,11 @@ mod tests {
             msg.contains("etcd authentication is not supported"),
             "{msg}"
         );
-        let (_, msg) = set_aside(&etcd("    tls:\n      verify: true\n")).unwrap_err();
+        let (_, msg) = set_aside(&etcd("    tls:\n      cert: /a.pem\n")).unwrap_err();
         assert!(msg.contains("TLS to etcd is not supported"), "{msg}");
+        // APISIX's default, `verify` alone, changes nothing for http:// endpoints.
+        let verify = etcd("    tls:\n      verify: true\n");
+        assert_eq!(set_aside(&verify).unwrap().1.len(), 1);
         let blank = etcd("    user: \"\"\n    tls: {}\n");
         let (text, warnings) = set_aside(&blank).unwrap();
         assert_eq!(warnings.len(), 2, "{warnings:?}");

@@ -131,6 +131,9 @@ async fn answer(m: &Master, req: Request<Incoming>, peer: SocketAddr) -> Respons
     resp
 }
 
+/// Longest a write waits for the writes before it through this node (cluster mode).
+const WRITE_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// 405 naming the method and the path, with the methods the path takes in `Allow` (RFC 9110
 /// §15.5.6: a 405 says what is allowed).
 fn not_allowed(method: &Method, path: &str, allow: &'static str) -> Response<Full<Bytes>> {
@@ -221,11 +224,30 @@ async fn dispatch(
         }
         serde_json::from_slice(&body).map_err(|e| format!("invalid request body: {e}"))
     };
-    // In cluster mode this node's writes go one at a time (see `Etcd::writes`).
-    let _one_write = match &m.etcd {
-        Some(etcd) if method != Method::GET => Some(etcd.writes.lock().await),
-        _ => None,
-    };
+    // In cluster mode this node's writes go one at a time (see `Etcd::writes`), and none
+    // waits on an etcd known to be away or on a queue behind one that hangs.
+    let _one_write =
+        match &m.etcd {
+            Some(etcd) if method != Method::GET => {
+                if !etcd.reachable.load(std::sync::atomic::Ordering::Relaxed) {
+                    return err(
+                        503,
+                        "the change was not stored: etcd unreachable or refusing this node (see \
+                     the error log and GET /wasmgate/status); writes go through again once it \
+                     answers",
+                    );
+                }
+                match tokio::time::timeout(WRITE_QUEUE_WAIT, etcd.writes.lock()).await {
+                    Ok(turn) => Some(turn),
+                    Err(_) => return err(
+                        503,
+                        "the change was not stored: an earlier write through this node is still \
+                         waiting for etcd",
+                    ),
+                }
+            }
+            _ => None,
+        };
     let outcome: objects::Outcome = match (method, id, sub) {
         (&Method::GET, None, None) => {
             let arg = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());

@@ -274,14 +274,11 @@ pub fn patch(m: &Master, kind: Kind, id: &str, sub_path: Option<&str>, body: Val
 /// `?force=true`).
 pub fn delete(m: &Master, kind: Kind, id: &str, force: bool) -> Outcome {
     let mut store = m.store();
-    if store.get(kind, id).is_none() {
-        // A key the local copy left out (refused when read: not JSON, an unknown plugin) is
-        // still in etcd, and deleting it is how an operator cleans it up, as with APISIX:
-        // etcd says whether it existed.
-        if m.etcd.is_some() {
-            let id = id.to_string();
-            return Outcome::Commit(Change::Delete { kind, id });
-        }
+    // A key the local copy left out (refused when read: not JSON, an unknown plugin) is still
+    // in etcd, and deleting it is how an operator cleans it up, as with APISIX: etcd says
+    // whether it existed. Objects that name it still count as its users.
+    let refused_in_etcd = m.etcd.is_some();
+    if store.get(kind, id).is_none() && !refused_in_etcd {
         return not_found().into();
     }
     match still_used(&store, kind, id) {
