@@ -538,6 +538,9 @@ pub struct Flash {
 /// How long a note stays in the status bar.
 pub const FLASH_FOR: Duration = Duration::from_secs(5);
 
+/// The longest Routes filter, in characters.
+const MAX_FILTER: usize = 200;
+
 /// Lines moved by PageUp/PageDown before a screen was drawn (then: its visible rows).
 const PAGE: usize = 10;
 
@@ -568,6 +571,14 @@ pub struct App {
     pub route_offset: std::cell::Cell<usize>,
     /// The selected route, by id (so it stays put when the list changes).
     pub route_selected: Option<String>,
+    /// The Routes filter (`/`): the routes shown are those that contain it (any case).
+    pub route_filter: String,
+    /// The filter is being typed: keys go to it.
+    pub filtering: bool,
+    /// The routes the filter lets through (None: no filter), and the `config_version` they
+    /// were picked at.
+    shown: Option<Vec<Route>>,
+    shown_at: u64,
     pub status: Feed<GatewayStatus>,
     pub worker_selected: usize,
     pub plugins: Feed<Plugins>,
@@ -608,6 +619,10 @@ impl App {
             route_widths: Default::default(),
             route_offset: Default::default(),
             route_selected: None,
+            route_filter: String::new(),
+            filtering: false,
+            shown: None,
+            shown_at: 0,
             status: Feed::default(),
             worker_selected: 0,
             plugins: Feed::default(),
@@ -648,9 +663,56 @@ impl App {
         false
     }
 
-    /// The routes as listed.
+    /// The routes as listed: those the filter lets through.
     pub fn route_list(&self) -> &[Route] {
+        self.shown.as_deref().unwrap_or_else(|| self.all_routes())
+    }
+
+    /// Every route, whatever the filter.
+    pub fn all_routes(&self) -> &[Route] {
         self.routes.data.as_deref().unwrap_or(&[])
+    }
+
+    /// Picks the routes the filter lets through again (the list or the filter changed).
+    fn refilter(&mut self) {
+        let needle = self.route_filter.to_lowercase();
+        self.shown = (!needle.is_empty()).then(|| {
+            let all = self.all_routes().iter();
+            all.filter(|r| r.matches(&needle)).cloned().collect()
+        });
+        self.shown_at = self.config_version;
+        self.keep_route_selection();
+    }
+
+    /// A key while the filter is typed: text edits it (the list follows each key), `Enter`
+    /// keeps it, `Esc` drops it; the arrows still move the selection.
+    fn filter_key(&mut self, key: KeyEvent) -> Option<Command> {
+        match key.code {
+            KeyCode::Char(c) if !key.modifiers.contains(KeyModifiers::CONTROL) => {
+                if !c.is_control() && self.route_filter.chars().count() < MAX_FILTER {
+                    self.route_filter.push(c);
+                }
+            }
+            KeyCode::Backspace => {
+                self.route_filter.pop();
+            }
+            KeyCode::Enter => {
+                self.filtering = false;
+                return None;
+            }
+            KeyCode::Esc => {
+                self.filtering = false;
+                self.route_filter.clear();
+            }
+            KeyCode::Up | KeyCode::Down | KeyCode::PageUp | KeyCode::PageDown => {
+                return self.routes_key(key);
+            }
+            _ => return None,
+        }
+        // The widths are measured again over what is shown.
+        self.config_version += 1;
+        self.refilter();
+        None
     }
 
     /// Service `id`, as last read.
@@ -699,7 +761,7 @@ impl App {
     /// The id a new route is offered: one more than the largest numeric id.
     pub fn next_route_id(&self) -> String {
         let max = self
-            .route_list()
+            .all_routes()
             .iter()
             .filter_map(|r| r.id.parse::<u64>().ok())
             .max()
@@ -752,6 +814,9 @@ impl App {
                 self.traffic.apply(p.traffic);
             }
             Update::Done { command, result } => self.on_done(command, result),
+        }
+        if self.shown_at != self.config_version {
+            self.refilter();
         }
     }
 
@@ -995,7 +1060,7 @@ impl App {
         let Command::SaveRoute { id, .. } = save else {
             return None;
         };
-        let stored = self.route_list().iter().find(|r| &r.id == id);
+        let stored = self.all_routes().iter().find(|r| &r.id == id);
         let same_route = !ed.new && *id == ed.opened.0;
         let Some(stored) = stored else {
             // Gone from the list: deleted by someone else since it was opened (a delete is a
@@ -1022,6 +1087,9 @@ impl App {
     }
 
     fn on_screen_key(&mut self, key: KeyEvent) -> Option<Command> {
+        if self.filtering && self.screen == Screen::Routes {
+            return self.filter_key(key);
+        }
         match key.code {
             KeyCode::Char('q') => {
                 self.quit = true;
@@ -1085,6 +1153,13 @@ impl App {
             KeyCode::Char('n') if self.routes.data.is_some() => {
                 let ed = RouteEditor::new_route(&self.next_route_id());
                 self.modal = Some(Modal::Editor(Box::new(ed)));
+            }
+            KeyCode::Char('/') => self.filtering = true,
+            // Esc drops a filter that was kept.
+            KeyCode::Esc if !self.route_filter.is_empty() => {
+                self.route_filter.clear();
+                self.config_version += 1;
+                self.refilter();
             }
             KeyCode::Char('e') | KeyCode::Enter => {
                 if let Some(r) = self.selected_route() {
@@ -1216,6 +1291,7 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
             ("e, Enter", "edit selected route"),
             ("d, Delete", "delete (asks first)"),
             ("space", "enable/disable (asks)"),
+            ("/", "filter; Esc drops it"),
         ],
     ),
     ("Questions", &[("y", "yes"), ("n, Esc", "no")]),
@@ -1300,6 +1376,43 @@ mod tests {
         ];
         app.on_update(poll(Instant::now(), routes, Stats::default()));
         app
+    }
+
+    #[test]
+    fn the_filter_narrows_the_list_and_esc_drops_it() {
+        let mut app = app_with_routes();
+        app.on_key(ch('/'));
+        for c in "SIT".chars() {
+            app.on_key(ch(c));
+        }
+        // By name, any case; `q` typed into the filter does not quit.
+        assert_eq!(app.route_list().len(), 1);
+        assert_eq!(app.selected_route().map(|r| r.id.as_str()), Some("web"));
+        app.on_key(ch('q'));
+        assert!(!app.quit && app.route_list().is_empty());
+        app.on_key(key(KeyCode::Backspace));
+        app.on_key(key(KeyCode::Enter));
+        assert!(!app.filtering);
+        // Kept across polls; keys act on what is shown.
+        let routes = app.all_routes().to_vec();
+        app.on_update(poll(Instant::now(), routes, Stats::default()));
+        assert_eq!(app.route_list().len(), 1);
+        app.on_key(ch('d'));
+        let Some(Modal::Confirm(c)) = &app.modal else {
+            panic!("{:?}", app.modal)
+        };
+        assert_eq!(c.command, Command::DeleteRoute { id: "web".into() });
+        app.on_key(ch('n'));
+        // A new route's id counts the routes the filter hides.
+        assert_eq!(app.next_route_id(), "3");
+        app.on_key(key(KeyCode::Esc));
+        assert_eq!((app.route_list().len(), app.route_filter.as_str()), (3, ""));
+        // By uri too.
+        app.on_key(ch('/'));
+        app.on_key(ch('/'));
+        app.on_key(ch('b'));
+        assert_eq!(app.route_list().len(), 1);
+        assert_eq!(app.route_list()[0].id, "2");
     }
 
     #[test]

@@ -93,6 +93,20 @@ impl Route {
         self.value.get("name").and_then(Value::as_str)
     }
 
+    /// Whether the route's id, name, description, uris, hosts, plugins or upstream contain
+    /// `needle` (lower case), ignoring case: what the Routes filter (`/`) looks at.
+    pub fn matches(&self, needle: &str) -> bool {
+        let has = |s: &str| s.to_lowercase().contains(needle);
+        let desc = self.value.get("desc").and_then(Value::as_str);
+        has(&self.id)
+            || self.name().is_some_and(has)
+            || desc.is_some_and(has)
+            || self.uris().iter().any(|u| has(u))
+            || self.hosts().iter().any(|h| has(h))
+            || self.plugins().iter().any(|p| has(p))
+            || has(&self.upstream())
+    }
+
     /// The JSON to edit: the stored value without the fields the gateway manages (`id`, which
     /// the editor shows apart, and the timestamps), pretty-printed.
     pub fn editable_json(&self) -> String {

@@ -134,8 +134,12 @@ fn hints(app: &App) -> &'static [(&'static str, &'static str)] {
         None if app.screen == Screen::Routes && app.routes.data.is_none() => {
             &[("?", "help"), ("q", "quit")]
         }
+        None if app.screen == Screen::Routes && app.filtering => {
+            &[("Enter", "keep filter"), ("Esc", "drop it")]
+        }
         None => match app.screen {
             Screen::Routes => &[
+                ("/", "filter"),
                 ("n", "new"),
                 ("e", "edit"),
                 ("d", "delete"),

@@ -136,6 +136,28 @@ fn routes() {
     check("routes", &app());
 }
 
+/// The filter as it is typed, in the title, and a filter that lets nothing through.
+#[test]
+fn a_filtered_list_says_what_it_shows() {
+    let mut a = app();
+    key(&mut a, KeyCode::Char('/'));
+    for c in "legacy".chars() {
+        key(&mut a, KeyCode::Char(c));
+    }
+    let screen = text(&a, 100, 24);
+    assert!(screen.contains("Routes (1 of 3) /legacy▏"), "{screen}");
+    assert!(screen.contains("Enter keep filter"), "{screen}");
+    assert!(!screen.contains("site"), "{screen}");
+    key(&mut a, KeyCode::Char('x'));
+    key(&mut a, KeyCode::Enter);
+    let screen = text(&a, 100, 24);
+    assert!(screen.contains("Routes (0 of 3) /legacyx "), "{screen}");
+    assert!(
+        screen.contains("No route matches the filter: Esc drops it."),
+        "{screen}"
+    );
+}
+
 #[test]
 fn plugins() {
     let mut a = app();

@@ -35,7 +35,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     let [table_area, detail_area] =
         Layout::vertical([Constraint::Min(5), Constraint::Length(detail_height)]).areas(area);
 
-    let title = format!(" Routes ({}) ", routes.len());
+    let title = title(app, routes.len());
     let mut b = block(title);
     if let Some(p) = feed_problem("routes", &app.routes) {
         b = b.title_bottom(p);
@@ -76,8 +76,25 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     }
 }
 
+/// ` Routes (12) `, or with a filter ` Routes (3 of 12) /api▏ ` (the bar while it is typed).
+fn title(app: &App, shown: usize) -> String {
+    if app.route_filter.is_empty() && !app.filtering {
+        return format!(" Routes ({shown}) ");
+    }
+    let cursor = if app.filtering { "▏" } else { "" };
+    format!(
+        " Routes ({shown} of {}) /{}{cursor} ",
+        app.all_routes().len(),
+        app.route_filter
+    )
+}
+
 /// What an empty table says: no routes, still loading, or why nothing could be read.
 fn empty_note(app: &App) -> Line<'static> {
+    if app.routes.data.is_some() && !app.route_filter.is_empty() {
+        let text = "  No route matches the filter: Esc drops it.";
+        return Line::styled(text, theme::dim());
+    }
     let (text, style) = match (&app.routes.data, &app.routes.error, &app.unreachable) {
         (Some(_), _, _) => ("No routes yet: press n to create one.".into(), theme::dim()),
         (None, Some(e), _) => (format!("routes: {e}"), theme::error()),
