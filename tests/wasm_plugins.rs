@@ -1146,7 +1146,7 @@ fn go_plugins_run_and_their_panics_are_contained() {
             && log.contains("go_headers: go_headers hello: on_log /go/deny 403")
             && log.contains("[error]")
             && log.contains("go_headers: panic: go_headers: asked to panic on /go/p")
-            && log.contains("go_headers: trap: wasm `unreachable` instruction executed in proxy_on_request_headers")
+            && log.contains("go_headers: trap: wasm `unreachable` instruction executed in proxy_on_request_headers (serving route go)")
     });
     assert_eq!(gw.worker_pids(), pids, "a worker died");
     assert_eq!(gw.status()["workers"][0]["plugin_faults"], 1);

@@ -2084,8 +2084,13 @@ impl Plugins {
                     Pass::Last => " (further fault lines this second suppressed)".into(),
                     _ => String::new(),
                 };
+                // Which route or global rule the callback ran for: the operator's first question.
+                let serving = record
+                    .and_then(|r| st.records.iter().find(|(_, i)| **i == r))
+                    .map(|(object, _)| format!(" (serving {})", describe(object)))
+                    .unwrap_or_default();
                 tracing::error!(
-                    "{}: {f} in {during}; instance discarded, a new one serves later requests{open}{dropped}",
+                    "{}: {f} in {during}{serving}; instance discarded, a new one serves later requests{open}{dropped}",
                     p.decl.name
                 );
             }
