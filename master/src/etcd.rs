@@ -78,6 +78,9 @@ pub struct Etcd {
     /// Asks the watching task for a full read (a reload changed which plugins exist, so
     /// objects refused before may be served now, and the reverse).
     resync: tokio::sync::Notify,
+    /// That read follows a reload: an object the copy lacks may be one refused until now,
+    /// not a sign of another history (see [`other_history`]).
+    after_reload: AtomicBool,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -147,11 +150,13 @@ impl Etcd {
             revision: AtomicU64::new(0),
             writes: tokio::sync::Mutex::new(()),
             resync: tokio::sync::Notify::new(),
+            after_reload: AtomicBool::new(false),
         })
     }
 
     /// Makes the watching task read everything again, with the plugins as they are now.
     pub fn resync_soon(&self) {
+        self.after_reload.store(true, Ordering::Relaxed);
         self.resync.notify_one();
     }
 
@@ -495,7 +500,8 @@ async fn resync(m: &Master, etcd: &Etcd) -> Result<u64, EtcdError> {
     // Another history (an etcd wiped, restored from a backup, or another cluster at the same
     // address): what it holds now is the truth, and the workers, who know objects by
     // revision, are told it as all new.
-    let other = other_history(&m.store(), known, rev, &objects);
+    let lacking_counts = !etcd.after_reload.swap(false, Ordering::Relaxed);
+    let other = other_history(&m.store(), known, rev, &objects, lacking_counts);
     let changed = if let Some(sign) = other {
         tracing::warn!(
             "etcd: {sign} (an etcd wiped, restored from a backup, or another cluster): \
@@ -517,22 +523,26 @@ async fn resync(m: &Master, etcd: &Etcd) -> Result<u64, EtcdError> {
 
 /// Whether a full read at revision `rev` comes from another history than the copy, read up
 /// to revision `known`, and the sign of it. etcd's revisions only grow, so fewer is one sign;
-/// the other is an object last changed at or before `known` that the copy holds otherwise
-/// (or not at all): in one history the copy has every such object as it is. (An object
-/// refused before and served now, after a reload, looks the same: it is then published as
-/// all new too, which costs only a whole snapshot.)
-fn other_history(store: &Store, known: u64, rev: u64, objects: &[Object]) -> Option<String> {
+/// the other is an object last changed at or before `known` that the copy holds otherwise,
+/// or lacks (`lacking_counts`): in one history the copy has every such object as it is.
+/// Right after a reload a lacking object is no sign: it may have been refused for a plugin
+/// the reload added.
+fn other_history(
+    store: &Store,
+    known: u64,
+    rev: u64,
+    objects: &[Object],
+    lacking_counts: bool,
+) -> Option<String> {
     if rev < known {
         return Some(format!("its revision went back from {known} to {rev}"));
     }
     objects
         .iter()
         .filter(|(_, _, s)| s.modified_index <= known)
-        .find(|(kind, id, s)| {
-            store
-                .get(*kind, id)
-                .map(|c| (c.created_index, c.modified_index))
-                != Some((s.created_index, s.modified_index))
+        .find(|(kind, id, s)| match store.get(*kind, id) {
+            Some(c) => (c.created_index, c.modified_index) != (s.created_index, s.modified_index),
+            None => lacking_counts,
         })
         .map(|(kind, id, s)| {
             format!(
