@@ -654,36 +654,32 @@ fn apply_events(m: &Master, etcd: &Etcd, events: &[Value], revision: u64) -> u64
             };
             if deleted {
                 changed |= store.apply(kind, id, None, kv.mod_revision);
-            } else {
-                match object(etcd, &catalog, &kv) {
-                    Ok(Some((_, _, stored))) => {
-                        changed |= store.apply(kind, id, Some(stored), kv.mod_revision);
-                    }
-                    Ok(None) => {
-                        // Emptied (or APISIX's `init_dir` written over it): no object any
-                        // more, as a full read would find.
-                        if store.apply(kind, id, None, kv.mod_revision) {
-                            changed = true;
-                            tracing::error!(
-                                "etcd: {} holds no object any more (an empty value or \
-                                 init_dir); its previous version is no longer served",
-                                kv.key
-                            );
-                        }
-                    }
-                    Err(why) => {
-                        // As a full read would leave it (and APISIX does): a refused value
-                        // replaces the previous one, so every node serves the same.
-                        let dropped = store.apply(kind, id, None, kv.mod_revision);
-                        changed |= dropped;
-                        match dropped {
-                            true => {
-                                tracing::error!("{why}; its previous version is no longer served")
-                            }
-                            false => tracing::error!("{why}"),
-                        }
-                    }
+                continue;
+            }
+            // A refused value, or one emptied (APISIX's `init_dir` written over it), replaces
+            // the previous version as a full read would leave it (and as APISIX does), so
+            // every node serves the same.
+            let refused = match object(etcd, &catalog, &kv) {
+                Ok(Some((_, _, stored))) => {
+                    changed |= store.apply(kind, id, Some(stored), kv.mod_revision);
+                    continue;
                 }
+                Ok(None) => None,
+                Err(why) => Some(why),
+            };
+            let dropped = store.apply(kind, id, None, kv.mod_revision);
+            changed |= dropped;
+            match (refused, dropped) {
+                (Some(why), true) => {
+                    tracing::error!("{why}; its previous version is no longer served")
+                }
+                (Some(why), false) => tracing::error!("{why}"),
+                (None, true) => tracing::error!(
+                    "etcd: {} holds no object any more (an empty value or init_dir); its \
+                     previous version is no longer served",
+                    kv.key
+                ),
+                (None, false) => {}
             }
         }
     }

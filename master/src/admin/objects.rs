@@ -277,8 +277,7 @@ pub fn delete(m: &Master, kind: Kind, id: &str, force: bool) -> Outcome {
     // A key the local copy left out (refused when read: not JSON, an unknown plugin) is still
     // in etcd, and deleting it is how an operator cleans it up, as with APISIX: etcd says
     // whether it existed. Objects that name it still count as its users.
-    let refused_in_etcd = m.etcd.is_some();
-    if store.get(kind, id).is_none() && !refused_in_etcd {
+    if store.get(kind, id).is_none() && m.etcd.is_none() {
         return not_found().into();
     }
     match still_used(&store, kind, id) {
