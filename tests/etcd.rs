@@ -17,6 +17,8 @@ struct Etcd {
     port: u16,
     peer: u16,
     child: Option<Child>,
+    /// With authentication on: the root user's token (`call` signs in again when it dies).
+    root: std::sync::Mutex<Option<String>>,
 }
 
 impl Etcd {
@@ -40,6 +42,7 @@ impl Etcd {
             port: free_port(),
             peer: free_port(),
             child: None,
+            root: Default::default(),
         };
         e.run();
         Some(e)
@@ -69,8 +72,10 @@ impl Etcd {
             .spawn()
             .unwrap();
         self.child = Some(child);
+        // Any answer will do: with authentication on, an unsigned read is refused.
         eventually(Duration::from_secs(20), "etcd answers", || {
-            self.call("/v3/kv/range", json!({"key": b64("/")})).is_ok()
+            self.send("/v3/kv/range", &json!({"key": b64("/")}), None)
+                .is_ok()
         });
     }
 
@@ -81,17 +86,85 @@ impl Etcd {
         }
     }
 
-    fn call(&self, path: &str, body: Value) -> Result<Value, String> {
-        let r = common::client::request(
+    fn send(
+        &self,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Result<common::client::Resp, String> {
+        let mut headers = vec![("content-type", "application/json")];
+        headers.extend(token.map(|t| ("authorization", t)));
+        common::client::request(
             "POST",
             &format!("http://127.0.0.1:{}{path}", self.port),
-            &[("content-type", "application/json")],
+            &headers,
             Some(body.to_string().as_bytes()),
-        )?;
+        )
+    }
+
+    /// One call, as root once authentication is on.
+    fn call(&self, path: &str, body: Value) -> Result<Value, String> {
+        let token = self.root.lock().unwrap().clone();
+        let mut r = self.send(path, &body, token.as_deref())?;
+        if r.status == 401 && token.is_some() {
+            // A restarted etcd forgot its tokens.
+            let token = self.sign_in("root", "rootpw");
+            r = self.send(path, &body, Some(&token))?;
+            *self.root.lock().unwrap() = Some(token);
+        }
         if r.status != 200 {
             return Err(format!("{}: {}", r.status, r.text()));
         }
         serde_json::from_slice(&r.body).map_err(|e| e.to_string())
+    }
+
+    fn sign_in(&self, user: &str, password: &str) -> String {
+        let r = self
+            .send(
+                "/v3/auth/authenticate",
+                &json!({"name": user, "password": password}),
+                None,
+            )
+            .unwrap();
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    /// Turns authentication on with users `root` (rootpw), `gw` (gwpw: reads and writes
+    /// `/apisix/`) and `ro` (ropw: only reads it); `call` goes on as root.
+    fn enable_auth(&self) {
+        let prefix = json!({"key": b64("/apisix/"), "range_end": b64("/apisix0")});
+        let perm = |t: &str| {
+            let mut p = prefix.clone();
+            p["permType"] = json!(t);
+            p
+        };
+        for (path, body) in [
+            ("/v3/auth/role/add", json!({"name": "root"})),
+            ("/v3/auth/role/add", json!({"name": "gw"})),
+            ("/v3/auth/role/add", json!({"name": "ro"})),
+            (
+                "/v3/auth/role/grant",
+                json!({"name": "gw", "perm": perm("READWRITE")}),
+            ),
+            (
+                "/v3/auth/role/grant",
+                json!({"name": "ro", "perm": perm("READ")}),
+            ),
+        ] {
+            self.call(path, body).unwrap();
+        }
+        for (user, password) in [("root", "rootpw"), ("gw", "gwpw"), ("ro", "ropw")] {
+            self.call(
+                "/v3/auth/user/add",
+                json!({"name": user, "password": password}),
+            )
+            .unwrap();
+            self.call("/v3/auth/user/grant", json!({"user": user, "role": user}))
+                .unwrap();
+        }
+        self.call("/v3/auth/enable", json!({})).unwrap();
+        *self.root.lock().unwrap() = Some(self.sign_in("root", "rootpw"));
     }
 
     /// Writes a raw value, as APISIX (or etcdctl) would.
@@ -132,17 +205,27 @@ fn b64(s: &str) -> String {
 
 /// A node whose objects live in `etcd`.
 fn node(etcd: &Etcd) -> Gateway {
-    Gateway::start_with(Setup {
+    Gateway::start_with(node_setup(etcd, ""))
+}
+
+/// A node's set-up, with `etcd_extra` (whole lines) under `deployment.etcd`.
+fn node_setup(etcd: &Etcd, etcd_extra: &str) -> Setup {
+    Setup {
         raw_yaml: Some(format!(
             "apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {{proxy}}}}]\n\
              deployment:\n  admin:\n    admin_key: [{{name: admin, key: {KEY}}}]\n    admin_listen: {{ip: 127.0.0.1, port: {{admin}}}}\n\
-             \x20 etcd:\n    host: [\"{}\"]\n    prefix: /apisix\n    timeout: 5\n\
+             \x20 etcd:\n    host: [\"{}\"]\n    prefix: /apisix\n    timeout: 5\n{etcd_extra}\
              nginx_config:\n  worker_processes: 1\n",
             etcd.endpoint()
         )),
         workers: 1,
         ..Setup::default()
-    })
+    }
+}
+
+/// The lines of an etcd user and password.
+fn signed_in(user: &str, password: &str) -> String {
+    format!("    user: {user}\n    password: {password}\n")
 }
 
 fn status_of(gw: &Gateway, path: &str) -> u16 {
@@ -532,4 +615,126 @@ fn etcd_changed_behind_the_gateways_back() {
         )),
         "{out}"
     );
+}
+
+/// etcd with authentication on: a node signs in with `deployment.etcd.user` and `password`
+/// (also when etcd turns authentication on while it runs), serves what etcd holds and writes
+/// through it; a wrong password stops the start with etcd's
+/// reason; an etcd restarted (its tokens gone) is signed in to again; a user that may only
+/// read gets writes refused with the reason; a password changed in etcd is said in the log
+/// and taken from config.yaml by a reload.
+#[test]
+fn etcd_with_authentication() {
+    let Some(mut etcd) = Etcd::start() else {
+        return;
+    };
+    let app = TestUpstream::start("app");
+    // A node with a user, started while etcd has authentication off: it goes in without a
+    // token, and signs in once etcd turns authentication on.
+    let mut a = Gateway::start_with(node_setup(&etcd, &signed_in("gw", "gwpw")));
+    etcd.enable_auth();
+    let route = |uri: &str| json!({"uri": uri, "upstream": {"nodes": {app.addr(): 1}}}).to_string();
+    etcd.put("/apisix/routes/before", &route("/before"));
+
+    // The wrong password: the start stops, and says why.
+    let wrong = tempfile::tempdir().unwrap();
+    let setup = node_setup(&etcd, &signed_in("gw", "wrong"));
+    let yaml = setup
+        .raw_yaml
+        .unwrap()
+        .replace("{proxy}", &free_port().to_string());
+    let yaml = yaml.replace("{admin}", &free_port().to_string());
+    std::fs::create_dir_all(wrong.path().join("conf")).unwrap();
+    std::fs::write(wrong.path().join("conf/config.yaml"), yaml).unwrap();
+    let out = Command::new(common::bin())
+        .args(["start", "--foreground", "-p"])
+        .arg(wrong.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(r#"etcd refused user "gw": etcdserver: authentication failed, invalid user ID or password (deployment.etcd.user and password)"#),
+        "{err}"
+    );
+
+    // The right one: served, and written through.
+    eventually(Duration::from_secs(10), "node a serves /before", || {
+        status_of(&a, "/before") == 200
+    });
+    let admin_put = |gw: &Gateway, id: &str| {
+        gw.admin(
+            "PUT",
+            &format!("/apisix/admin/routes/{id}"),
+            Some(json!({"uri": format!("/{id}"), "upstream": {"nodes": {app.addr(): 1}}})),
+        )
+    };
+    let (s, v) = admin_put(&a, "put-a");
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(status_of(&a, "/put-a"), 200);
+    let stored = etcd
+        .call("/v3/kv/range", json!({"key": b64("/apisix/routes/put-a")}))
+        .unwrap();
+    assert_eq!(stored["count"], "1", "{stored}");
+
+    // etcd restarted: its simple tokens are gone; the node signs in again, watches again and
+    // writes again.
+    etcd.kill();
+    etcd.run();
+    etcd.put("/apisix/routes/after", &route("/after"));
+    eventually(Duration::from_secs(20), "the node serves /after", || {
+        status_of(&a, "/after") == 200
+    });
+    let (s, v) = admin_put(&a, "put-b");
+    assert_eq!(s, 201, "{v}");
+
+    // A user that may only read: served, and writes refused with the reason.
+    let r = Gateway::start_with(node_setup(&etcd, &signed_in("ro", "ropw")));
+    assert_eq!(status_of(&r, "/after"), 200);
+    let (s, v) = admin_put(&r, "put-ro");
+    assert_eq!(s, 503, "{v}");
+    let msg = v["error_msg"].as_str().unwrap();
+    assert!(
+        msg.contains("etcdserver: permission denied (the etcd user needs read and write permission on the keys under /apisix/)"),
+        "{v}"
+    );
+
+    // The password changed in etcd: the node's token dies with it, and signing in again
+    // fails; the log says so, and etcd is reported unreachable. A reload with the new one
+    // brings it back.
+    etcd.call(
+        "/v3/auth/user/changepw",
+        json!({"name": "gw", "password": "gwpw2"}),
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "node a reports etcd refusing",
+        || a.status()["store"]["reachable"] == false,
+    );
+    let said = r#"etcd refused user "gw": etcdserver: authentication failed"#;
+    eventually(Duration::from_secs(10), "the refusal logged", || {
+        a.error_log().contains(said)
+    });
+    let yaml = std::fs::read_to_string(a.config_path()).unwrap();
+    std::fs::write(
+        a.config_path(),
+        yaml.replace("password: gwpw", "password: gwpw2"),
+    )
+    .unwrap();
+    a.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually(Duration::from_secs(20), "node a back", || {
+        a.status()["store"]["reachable"] == true
+    });
+    etcd.put("/apisix/routes/rotated", &route("/rotated"));
+    eventually(Duration::from_secs(10), "the node serves /rotated", || {
+        status_of(&a, "/rotated") == 200
+    });
+    // Where the objects live is not changed by a reload; who signs in is, without a warning.
+    assert!(
+        !a.error_log().contains("take effect at the next restart"),
+        "{}",
+        a.error_log()
+    );
+    a.wait_ready();
 }

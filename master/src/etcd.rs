@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use wasmgate_shared::config::EtcdSection;
+use wasmgate_shared::config::{EtcdCredentials, EtcdSection};
 use wasmgate_shared::model::{self, Kind};
 
 /// Largest answer read from etcd (a full read of a big configuration).
@@ -45,11 +45,34 @@ pub enum EtcdError {
     /// permission taken away): it is answering, but not serving this node.
     #[error("etcd canceled the watch: {0}")]
     Canceled(String),
+    /// etcd refused the configured user and password.
+    #[error("etcd refused user {user:?}: {why} (deployment.etcd.user and password)")]
+    Auth { user: String, why: String },
 }
 
 /// How long a health check waits for etcd's answer: a hung etcd (stopped, or behind a
 /// firewall that drops packets) is then found within a few seconds, not after `timeout`.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long the watching task waits before trying again after etcd refused the user: each
+/// try costs etcd a password hash, and a wrong password stays wrong until a reload.
+const AUTH_RETRY: Duration = Duration::from_secs(5);
+
+/// Where this node stands with etcd's authentication, per endpoint: simple tokens (etcd's
+/// default) are known only to the member that issued them, and die with its process.
+#[derive(Debug, Clone)]
+enum Session {
+    /// Not asked yet, or the last token was refused.
+    Unknown,
+    /// The endpoint answered that authentication is off: requests go without a token.
+    Open {
+        endpoint: usize,
+    },
+    Token {
+        endpoint: usize,
+        token: Arc<str>,
+    },
+}
 
 /// One key-value as etcd returns it.
 #[derive(Debug, Clone)]
@@ -81,6 +104,9 @@ pub struct Etcd {
     /// That read follows a reload: an object the copy lacks may be one refused until now,
     /// not a sign of another history (see [`other_history`]).
     after_reload: AtomicBool,
+    /// The user and password (`deployment.etcd.user`, `password`); a reload may change them.
+    credentials: std::sync::Mutex<Option<EtcdCredentials>>,
+    session: std::sync::Mutex<Session>,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -151,7 +177,72 @@ impl Etcd {
             writes: tokio::sync::Mutex::new(()),
             resync: tokio::sync::Notify::new(),
             after_reload: AtomicBool::new(false),
+            credentials: std::sync::Mutex::new(cfg.credentials()?),
+            session: std::sync::Mutex::new(Session::Unknown),
         })
+    }
+
+    /// Takes a reload's user and password: the next request authenticates with them.
+    pub fn set_credentials(&self, credentials: Option<EtcdCredentials>) {
+        let mut held = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+        if *held != credentials {
+            *held = credentials;
+            self.forget_session();
+        }
+    }
+
+    fn forget_session(&self) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Session::Unknown;
+    }
+
+    /// The token to send to `endpoint` (None: no user configured, or authentication is off
+    /// there), asking etcd for one first when none is held for it.
+    async fn token(&self, endpoint: usize) -> Result<Option<Arc<str>>, EtcdError> {
+        let Some(creds) = self
+            .credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return Ok(None);
+        };
+        match &*self.session.lock().unwrap_or_else(|p| p.into_inner()) {
+            Session::Token { endpoint: e, token } if *e == endpoint => {
+                return Ok(Some(token.clone()))
+            }
+            Session::Open { endpoint: e } if *e == endpoint => return Ok(None),
+            _ => {}
+        }
+        let body = json!({"name": creds.user, "password": creds.password.0});
+        let (status, incoming) = self
+            .send(endpoint, "/v3/auth/authenticate", &body, None)
+            .await?;
+        let (session, token) = match self.answer(status, incoming).await {
+            Ok(v) => {
+                let token: Arc<str> = v["token"].as_str().unwrap_or_default().into();
+                (
+                    Session::Token {
+                        endpoint,
+                        token: token.clone(),
+                    },
+                    Some(token),
+                )
+            }
+            Err(EtcdError::Refused { body, .. })
+                if body.contains("authentication is not enabled") =>
+            {
+                (Session::Open { endpoint }, None)
+            }
+            Err(EtcdError::Refused { body, .. }) => {
+                return Err(EtcdError::Auth {
+                    user: creds.user,
+                    why: body,
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = session;
+        Ok(token)
     }
 
     /// Makes the watching task read everything again, with the plugins as they are now.
@@ -172,12 +263,30 @@ impl Etcd {
         format!("{}/{}/{id}", self.prefix, kind.as_str())
     }
 
-    /// Opens a request to one endpoint and returns the answer's status and body.
+    /// Opens a request to one endpoint, as the configured user if there is one, and returns
+    /// the answer's status and body.
     async fn open(
         &self,
         endpoint: usize,
         path: &str,
         body: &Value,
+    ) -> Result<(u16, hyper::body::Incoming), EtcdError> {
+        let token = self.token(endpoint).await?;
+        let sent = self.send(endpoint, path, body, token.as_deref()).await;
+        if let Err(EtcdError::Unanswered(_)) = &sent {
+            // A token etcd cannot place (one issued before it was wiped, at a raft index it
+            // has not reached again) makes it wait rather than refuse: ask for a new one.
+            self.forget_session();
+        }
+        sent
+    }
+
+    async fn send(
+        &self,
+        endpoint: usize,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
     ) -> Result<(u16, hyper::body::Incoming), EtcdError> {
         let (host, port) = &self.endpoints[endpoint];
         let unreachable = |e: &dyn std::fmt::Display| {
@@ -196,9 +305,13 @@ impl Etcd {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = http::Request::post(path)
+        let mut req = http::Request::post(path)
             .header(http::header::HOST, format!("{host}:{port}"))
-            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(token) = token {
+            req = req.header(http::header::AUTHORIZATION, token);
+        }
+        let req = req
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| EtcdError::Protocol(e.to_string()))?;
         let unanswered =
@@ -239,6 +352,35 @@ impl Etcd {
 
     async fn call_one(&self, i: usize, path: &str, body: &Value) -> Result<Value, EtcdError> {
         let (status, incoming) = self.open(i, path, body).await?;
+        match self.answer(status, incoming).await {
+            // The token died (the member restarted, or it was another member's), or etcd
+            // turned authentication on since it said it was off: once more, with a new one.
+            Err(EtcdError::Refused { body: why, .. }) if self.token_refused(&why) => {
+                self.forget_session();
+                let (status, incoming) = self.open(i, path, body).await?;
+                self.answer(status, incoming).await
+            }
+            answer => answer,
+        }
+    }
+
+    /// Whether etcd's refusal `why` asks for a new token, with a user configured.
+    fn token_refused(&self, why: &str) -> bool {
+        let auth_message = why.contains("invalid auth token") || why.contains("user name is empty");
+        auth_message
+            && self
+                .credentials
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+    }
+
+    /// Reads a whole answer: its JSON when etcd said 200, or its refusal.
+    async fn answer(
+        &self,
+        status: u16,
+        incoming: hyper::body::Incoming,
+    ) -> Result<Value, EtcdError> {
         let limited = http_body_util::Limited::new(incoming, MAX_ANSWER);
         let bytes = tokio::time::timeout(self.timeout, limited.collect())
             .await
@@ -248,10 +390,29 @@ impl Etcd {
         if status != 200 {
             return Err(EtcdError::Refused {
                 status,
-                body: String::from_utf8_lossy(&bytes).chars().take(300).collect(),
+                body: self.refusal(&bytes),
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| EtcdError::Protocol(e.to_string()))
+    }
+
+    /// What a refusal says: etcd's message (its JSON's `error`), or the start of the body.
+    fn refusal(&self, body: &[u8]) -> String {
+        let parsed = serde_json::from_slice::<Value>(body).ok();
+        let message = match parsed.as_ref().and_then(|v| v["error"].as_str()) {
+            Some(m) => m.chars().take(300).collect(),
+            None => String::from_utf8_lossy(body)
+                .chars()
+                .take(300)
+                .collect::<String>(),
+        };
+        match message.contains("permission denied") {
+            true => format!(
+                "{message} (the etcd user needs read and write permission on the keys under {}/)",
+                self.prefix
+            ),
+            false => message,
+        }
     }
 
     /// Every key under the prefix, and the revision they were read at.
@@ -448,43 +609,66 @@ fn loaded_line(etcd: &Etcd, rev: u64, objects: &[Object], refused: usize, keys: 
 /// The master's task: keeps the local copy equal to etcd and the workers serving it.
 pub async fn follow(m: Arc<Master>, etcd: Arc<Etcd>) {
     let mut from = etcd.revision.load(Ordering::Relaxed) + 1;
-    let mut down_since: Option<std::time::Instant> = None;
+    let mut outage = Outage::default();
     loop {
         if let Err(e) = watch(&m, &etcd, from).await {
-            if down_since.is_none() {
-                tracing::error!(
-                    "etcd: {e}; serving the last configuration (revision {}) until it is back",
-                    etcd.revision.load(Ordering::Relaxed)
-                );
-                down_since = Some(std::time::Instant::now());
-            }
-            etcd.reachable.store(false, Ordering::Relaxed);
+            outage.failed(&etcd, &e);
         }
         // Whatever ended the watch, the next one starts after a full read that succeeded:
         // nothing between the last event seen and now is missed (even across a compaction),
         // and an etcd that came back with another history is found by the read, never
         // watched from a revision of the old one.
+        let mut pause = Duration::from_millis(500);
         loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(pause).await;
             match resync(&m, &etcd).await {
                 Ok(rev) => {
-                    if let Some(t) = down_since.take() {
-                        tracing::warn!(
-                            "etcd: back after {:.1} s; resynchronised at revision {rev}",
-                            t.elapsed().as_secs_f64()
-                        );
-                    }
+                    outage.ended(rev);
                     from = rev + 1;
                     break;
                 }
                 Err(e) => {
-                    if down_since.is_none() {
-                        tracing::error!("etcd: {e}; serving the last configuration");
-                        down_since = Some(std::time::Instant::now());
-                    }
-                    etcd.reachable.store(false, Ordering::Relaxed);
+                    outage.failed(&etcd, &e);
+                    pause = match e {
+                        EtcdError::Auth { .. } => AUTH_RETRY,
+                        _ => Duration::from_millis(500),
+                    };
                 }
             }
+        }
+    }
+}
+
+/// The time etcd has not been serving this node, and what it said last: each new kind of
+/// failure is logged once (unreachable, then a refused user, say), not every retry.
+#[derive(Default)]
+struct Outage {
+    since: Option<std::time::Instant>,
+    last: Option<std::mem::Discriminant<EtcdError>>,
+}
+
+impl Outage {
+    fn failed(&mut self, etcd: &Etcd, e: &EtcdError) {
+        etcd.reachable.store(false, Ordering::Relaxed);
+        let kind = std::mem::discriminant(e);
+        if self.last == Some(kind) {
+            return;
+        }
+        self.last = Some(kind);
+        self.since.get_or_insert_with(std::time::Instant::now);
+        tracing::error!(
+            "etcd: {e}; serving the last configuration (revision {}) until it is back",
+            etcd.revision.load(Ordering::Relaxed)
+        );
+    }
+
+    fn ended(&mut self, rev: u64) {
+        self.last = None;
+        if let Some(t) = self.since.take() {
+            tracing::warn!(
+                "etcd: back after {:.1} s; resynchronised at revision {rev}",
+                t.elapsed().as_secs_f64()
+            );
         }
     }
 }
@@ -622,6 +806,9 @@ async fn watch(m: &Master, etcd: &Etcd, from: u64) -> Result<u64, EtcdError> {
                 let why = result["cancel_reason"]
                     .as_str()
                     .unwrap_or("no reason given");
+                if etcd.token_refused(why) {
+                    etcd.forget_session();
+                }
                 return Err(EtcdError::Canceled(why.chars().take(300).collect()));
             }
             // Answering and watching: reachable (a 200 alone is not: a watch refused for
@@ -786,6 +973,8 @@ mod tests {
             host: vec!["http://127.0.0.1:2379".into()],
             prefix: "/apisix".into(),
             timeout: 5,
+            user: None,
+            password: None,
         })
         .unwrap();
         assert_eq!(e.split_key("/apisix/routes/1"), Some((Kind::Routes, "1")));

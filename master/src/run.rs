@@ -622,7 +622,14 @@ fn remove_empty(dirs: &[std::path::PathBuf]) {
 fn keep_restart_only(old: &LoadedConfig, new: &mut LoadedConfig) {
     let (o, n) = (&old.config, &mut new.config);
     let mut changed = Vec::new();
-    if o.deployment.etcd != n.deployment.etcd {
+    // The etcd user and password apply at once (`Master::set_config`): a password rotated in
+    // etcd is then followed with a reload. Where the objects live does not change in place.
+    let mut etcd = o.deployment.etcd.clone();
+    if let (Some(kept), Some(new)) = (&mut etcd, &n.deployment.etcd) {
+        kept.user = new.user.clone();
+        kept.password = new.password.clone();
+    }
+    if etcd != n.deployment.etcd {
         changed.push("deployment.etcd");
     }
     let (ow, nw) = (&o.wasmgate, &mut n.wasmgate);
@@ -644,7 +651,7 @@ fn keep_restart_only(old: &LoadedConfig, new: &mut LoadedConfig) {
             changed.join(", ")
         );
     }
-    n.deployment.etcd = o.deployment.etcd.clone();
+    n.deployment.etcd = etcd;
     nw.shm_size = ow.shm_size;
     nw.plugin_shm_size = ow.plugin_shm_size;
     nw.data_dir = ow.data_dir.clone();

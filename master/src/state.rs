@@ -161,6 +161,10 @@ impl Master {
     /// Switches to a reloaded configuration and its Admin API keys (the caller validated it
     /// against the store).
     pub fn set_config(&self, config: LoadedConfig, keys: Vec<ApiKey>) {
+        if let (Some(etcd), Some(section)) = (&self.etcd, &config.config.deployment.etcd) {
+            // Checked when the configuration was read.
+            etcd.set_credentials(section.credentials().unwrap_or_default());
+        }
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config.catalog());
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(config), keys.into());
         // Objects in etcd were checked against the plugins that existed: one refused for a

@@ -86,8 +86,6 @@ const KEYS: &[(&[&str], Rule)] = &[
     (&["deployment", "admin", "allow_admin"], Check(loopback_admin, "the Admin API has no address filter")),
     (&["deployment", "etcd", "watch_timeout"], Ignore("an etcd client setting of APISIX's")),
     (&["deployment", "etcd", "startup_retry"], Ignore("an etcd that does not answer stops `start` at once: let the service manager retry (systemd's Restart=on-failure)")),
-    (&["deployment", "etcd", "user"], Check(etcd_user, "no user is set")),
-    (&["deployment", "etcd", "password"], Check(etcd_user, "no password is set")),
     (&["deployment", "etcd", "tls"], Check(etcd_tls, "no TLS setting is made")),
     (&["deployment", "etcd", "resync_delay"], Ignore("an etcd client setting of APISIX's")),
     (&["deployment", "etcd", "health_check_timeout"], Ignore("an etcd client setting of APISIX's")),
@@ -166,17 +164,6 @@ fn is_empty(v: &Value) -> bool {
         Value::Mapping(m) => m.is_empty(),
         _ => false,
     }
-}
-
-/// `deployment.etcd.user` and `password`: wasmgate's etcd client does not authenticate.
-fn etcd_user(v: &Value, _: &Value) -> Option<String> {
-    (!is_empty(v)).then(|| {
-        "deployment.etcd.user and password: etcd authentication is not supported: wasmgate \
-         connects without a user, so an etcd with authentication turned on refuses it; use \
-         one that lets the gateway's nodes in without a user (on a private network), or \
-         leave these keys out"
-            .into()
-    })
 }
 
 /// `deployment.etcd.tls`: wasmgate's etcd client speaks plain HTTP. APISIX's default
@@ -422,22 +409,20 @@ mod tests {
         assert!(msg.contains("snippets"), "{msg}");
         let empty = "nginx_config:\n  http_configuration_snippet: |\n    # nothing\n";
         assert_eq!(set_aside(empty).unwrap().1.len(), 1);
-        // etcd with a user or TLS: refused by name, not "unknown field".
+        // etcd with TLS: refused by name, not "unknown field"; a user and password are
+        // wasmgate's own keys now (GatewayConfig checks them).
         let etcd = |rest: &str| format!("deployment:\n  etcd:\n    host: [http://e:2379]\n{rest}");
-        let (line, msg) = set_aside(&etcd("    user: root\n    password: x\n")).unwrap_err();
-        assert_eq!(line, 4);
-        assert!(
-            msg.contains("etcd authentication is not supported"),
-            "{msg}"
-        );
+        let auth = etcd("    user: root\n    password: x\n");
+        let (text, warnings) = set_aside(&auth).unwrap();
+        assert_eq!((text.as_ref(), warnings.len()), (auth.as_str(), 0));
         let (_, msg) = set_aside(&etcd("    tls:\n      cert: /a.pem\n")).unwrap_err();
         assert!(msg.contains("TLS to etcd is not supported"), "{msg}");
         // APISIX's default, `verify` alone, changes nothing for http:// endpoints.
         let verify = etcd("    tls:\n      verify: true\n");
         assert_eq!(set_aside(&verify).unwrap().1.len(), 1);
-        let blank = etcd("    user: \"\"\n    tls: {}\n");
+        let blank = etcd("    tls: {}\n");
         let (text, warnings) = set_aside(&blank).unwrap();
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert!(!text.contains("user") && !text.contains("tls"), "{text}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(!text.contains("tls"), "{text}");
     }
 }

@@ -256,6 +256,29 @@ pub struct EtcdSection {
     /// Seconds allowed for one etcd request.
     #[serde(default = "default_etcd_timeout")]
     pub timeout: u64,
+    /// etcd user the nodes authenticate as (etcd's `auth enable`); with `password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+}
+
+/// A value kept out of debug output and logs (the etcd password).
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"(hidden)\"")
+    }
+}
+
+/// The user and password a node authenticates to etcd with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdCredentials {
+    pub user: String,
+    pub password: Secret,
 }
 
 fn default_etcd_prefix() -> String {
@@ -267,6 +290,26 @@ fn default_etcd_timeout() -> u64 {
 }
 
 impl EtcdSection {
+    /// The user and password, when both are set (empty ones count as unset, as in APISIX's
+    /// sample configuration); one without the other is an error.
+    pub fn credentials(&self) -> Result<Option<EtcdCredentials>, String> {
+        let user = self.user.as_deref().filter(|u| !u.is_empty());
+        let password = self.password.as_ref().filter(|p| !p.0.is_empty());
+        match (user, password) {
+            (None, None) => Ok(None),
+            (Some(user), Some(password)) => Ok(Some(EtcdCredentials {
+                user: user.to_string(),
+                password: password.clone(),
+            })),
+            (Some(_), None) => Err("deployment.etcd.user is set without a password: \
+                                    set deployment.etcd.password too"
+                .into()),
+            (None, Some(_)) => Err("deployment.etcd.password is set without a user: \
+                                    set deployment.etcd.user too"
+                .into()),
+        }
+    }
+
     /// `(host, port)` of each endpoint; an error names the bad one.
     pub fn endpoints(&self) -> Result<Vec<(String, u16)>, String> {
         if self.host.is_empty() {
@@ -989,6 +1032,14 @@ impl GatewayConfig {
                     ),
                 ));
             }
+            if let Err(e) = etcd.credentials() {
+                let key = if e.starts_with("deployment.etcd.user") {
+                    "user"
+                } else {
+                    "password"
+                };
+                return Err(err(&etcd_at(key), e));
+            }
             if etcd.timeout == 0 {
                 return Err(err(
                     &etcd_at("timeout"),
@@ -1220,6 +1271,42 @@ plugin_attr:
             e.0.starts_with("c.yaml:4:") && e.0.contains("enable_ipv7"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn etcd_credentials_come_in_pairs_and_stay_out_of_debug_output() {
+        let base = "deployment:\n  etcd:\n    host: [http://127.0.0.1:2379]\n";
+        let env = |n: &str| (n == "ETCD_PW").then(|| "s3cret-pw".to_string());
+        let c = GatewayConfig::parse_with_env(
+            &format!("{base}    user: gw\n    password: ${{{{ETCD_PW}}}}\n"),
+            "c.yaml",
+            env,
+        )
+        .unwrap();
+        let etcd = c.deployment.etcd.as_ref().unwrap();
+        let creds = etcd.credentials().unwrap().unwrap();
+        assert_eq!(
+            (creds.user.as_str(), creds.password.0.as_str()),
+            ("gw", "s3cret-pw")
+        );
+        assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
+        // Empty ones are unset, as in APISIX's sample configuration.
+        let blank = format!("{base}    user: \"\"\n    password: \"\"\n");
+        let c = GatewayConfig::parse(&blank, "c.yaml").unwrap();
+        assert_eq!(c.deployment.etcd.unwrap().credentials(), Ok(None));
+        for (rest, says) in [
+            (
+                "    user: gw\n",
+                "c.yaml:4: deployment.etcd.user is set without a password",
+            ),
+            (
+                "    password: pw\n",
+                "c.yaml:4: deployment.etcd.password is set without a user",
+            ),
+        ] {
+            let e = GatewayConfig::parse(&format!("{base}{rest}"), "c.yaml").unwrap_err();
+            assert!(e.0.starts_with(says), "{e}");
+        }
     }
 
     #[test]
