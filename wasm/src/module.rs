@@ -45,6 +45,10 @@ fn new_engine(interrupts: bool) -> Engine {
     // compiles again on reload. A pool created before the fork has no threads after it, and
     // the reload waited on them for ever. Plugins are small; one thread compiles them.
     c.parallel_compilation(false);
+    // Tables filled at instantiation rather than on first use: an indirect call (the SDKs'
+    // dispatch to a context's callbacks is one) then skips the lazy-fill check. Instances
+    // live as long as their worker, so the one-off cost is paid once (§6 of BENCHMARKS.md).
+    c.table_lazy_init(false);
     if perf_map_wanted(std::env::var_os(PERF_MAP_ENV).as_deref()) {
         // Names the compiled plugin functions for `perf` (/tmp/perf-<pid>.map): a profile of a
         // worker then shows which function of which plugin the samples fall in.
