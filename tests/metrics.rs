@@ -91,28 +91,61 @@ fn scraped_metrics_count_what_was_sent() {
         );
     }
 
+    // A route of a service: APISIX's `service` label names it.
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/services/svc",
+        Some(json!({"upstream": {"nodes": {app.addr(): 1}}})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/routes/in-svc",
+        Some(json!({"uri": "/in-svc/*", "service_id": "svc"})),
+    );
+    assert_eq!(s, 201, "{v}");
+    gw.wait_propagated();
+    for _ in 0..2 {
+        assert_eq!(
+            http("GET", &gw.url("/in-svc/status/200"), &[], None).status,
+            200
+        );
+    }
+
     // The log phase runs when the response body ends: allow it a moment.
     let mut page;
     let mut tries = 0;
     loop {
         page = scrape(&gw).0;
         let total: f64 = page
-            .find("apisix_http_status_total", &[])
+            .find("apisix_http_status", &[])
             .iter()
             .map(|s| s.value)
             .sum();
-        if total >= 44.0 || tries == 50 {
+        if total >= 46.0 || tries == 50 {
             break;
         }
         tries += 1;
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    assert_eq!(page.types["apisix_http_status_total"], "counter");
-    let status = |code: &str, route: &str| {
+    // APISIX's names, so that its dashboards and alerts find them: no `_total` on these.
+    assert_eq!(page.types["apisix_http_status"], "counter");
+    assert_eq!(page.types["apisix_bandwidth"], "counter");
+    assert_eq!(page.types["apisix_http_latency"], "histogram");
+    for name in ["apisix_http_status_total", "apisix_bandwidth_total"] {
+        assert!(!page.types.contains_key(name), "{name}");
+    }
+    let in_svc = [("code", "200"), ("route", "in-svc"), ("service", "svc")];
+    assert_eq!(page.value("apisix_http_status", &in_svc), 2.0);
+    assert_eq!(
         page.value(
-            "apisix_http_status_total",
-            &[("code", code), ("route", route)],
-        )
+            "apisix_http_status",
+            &[("code", "200"), ("route", "api"), ("service", "")]
+        ),
+        20.0
+    );
+    let status = |code: &str, route: &str| {
+        page.value("apisix_http_status", &[("code", code), ("route", route)])
     };
     assert_eq!(status("200", "api"), 20.0);
     assert_eq!(status("503", "api"), 7.0);
@@ -148,9 +181,8 @@ fn scraped_metrics_count_what_was_sent() {
     assert_eq!(lat("upstream", "late", "count"), 1.0);
     assert!(lat("upstream", "late", "sum") >= 190.0);
 
-    let bw = |t: &str, route: &str| {
-        page.value("apisix_bandwidth_total", &[("type", t), ("route", route)])
-    };
+    let bw =
+        |t: &str, route: &str| page.value("apisix_bandwidth", &[("type", t), ("route", route)]);
     assert!(bw("ingress", "api") >= 4000.0, "{}", bw("ingress", "api"));
     assert_eq!(bw("ingress", "bytes"), raw.len() as f64);
     assert!(bw("egress", "api") > 0.0);
@@ -204,10 +236,7 @@ fn counters_go_on_across_a_reload_and_a_crash() {
             .and_then(|c| c.iter().find(|c| c["owner_id"] == "api"))
             .and_then(|c| c["requests"].as_u64());
         (
-            page.value(
-                "apisix_http_status_total",
-                &[("code", "200"), ("route", "api")],
-            ),
+            page.value("apisix_http_status", &[("code", "200"), ("route", "api")]),
             page.value("apisix_wasm_plugin_requests_total", &ctx),
             page.value("apisix_http_requests_total", &[]),
             in_stats,
@@ -380,7 +409,7 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
         }
     }
     let kept = [("code", "200"), ("route", "kept")];
-    counted(&gw, "apisix_http_status_total", &kept, 2.0);
+    counted(&gw, "apisix_http_status", &kept, 2.0);
     let kept = [("plugin", "rewrite"), ("owner_id", "kept")];
     counted(&gw, "apisix_wasm_plugin_requests_total", &kept, 2.0);
     let (s, v) = gw.admin("DELETE", "/apisix/admin/routes/kept", None);
@@ -397,7 +426,7 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
             // The series of a live route, before it goes.
             let id = format!("r{i}");
             let code = [("code", "200"), ("route", id.as_str())];
-            counted(&gw, "apisix_http_status_total", &code, 1.0);
+            counted(&gw, "apisix_http_status", &code, 1.0);
             let ctx = [("plugin", "rewrite"), ("owner_id", id.as_str())];
             counted(&gw, "apisix_wasm_plugin_requests_total", &ctx, 1.0);
         }
@@ -417,13 +446,13 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
         assert_eq!(client.get("/last").unwrap().status, 200);
     }
     let last = [("code", "200"), ("route", "last")];
-    counted(&gw, "apisix_http_status_total", &last, 3.0);
+    counted(&gw, "apisix_http_status", &last, 3.0);
     let ctx = [("plugin", "rewrite"), ("owner_id", "last")];
     counted(&gw, "apisix_wasm_plugin_requests_total", &ctx, 3.0);
     let text = scrape(&gw).1;
     let named: Vec<&str> = text
         .lines()
-        .filter(|l| l.starts_with("apisix_http_status_total{"))
+        .filter(|l| l.starts_with("apisix_http_status{"))
         .collect();
     assert_eq!(
         named.len(),
@@ -452,12 +481,12 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
     });
     assert_eq!(http("GET", &gw.url("/last"), &[], None).status, 200);
     common::eventually(Duration::from_secs(10), "4 requests counted", || {
-        scrape(&gw).0.value("apisix_http_status_total", &last) == 4.0
+        scrape(&gw).0.value("apisix_http_status", &last) == 4.0
     });
     let text = scrape(&gw).1;
     let routes: Vec<&str> = text
         .lines()
-        .filter(|l| l.starts_with("apisix_http_status_total{"))
+        .filter(|l| l.starts_with("apisix_http_status{"))
         .collect();
     assert_eq!(routes.len(), 1, "{routes:?}");
 }

@@ -12,6 +12,7 @@ mod keys;
 mod listeners;
 mod lock;
 pub mod metrics;
+pub mod prom_text;
 mod publish;
 pub mod retired;
 mod run;

@@ -5,28 +5,28 @@
 //! Nothing is counted here: workers count in their shared-memory slots (route traffic in
 //! `wasmgate_shared::traffic`, plugin contexts in `wasmgate_shared::stats`, plugin-defined
 //! metrics in the plugin segment). A scrape reads every live slot, sums the workers, and
-//! encodes the result with `prometheus-client` through a [`Collector`].
+//! writes the page with [`crate::prom_text`].
 //!
-//! Names follow APISIX's with the configured prefix (`apisix_` by default); counters carry the
-//! `_total` suffix the exposition formats prescribe (`apisix_http_status_total`).
+//! Names follow APISIX's with the configured prefix (`apisix_` by default), so APISIX's
+//! dashboards and alerts work unchanged: `apisix_http_status` and `apisix_bandwidth` are
+//! counters without `_total`, as APISIX's exporter names them; the families of wasmgate's own
+//! end their counters in `_total`, as the Prometheus conventions ask.
 
+use crate::prom_text::{Labels, Page};
 use crate::state::Master;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::Registry;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use wasmgate_shared::model::Kind;
 use wasmgate_shared::plugin_shm::{prometheus_name, MetricKind, MetricSnapshot};
 use wasmgate_shared::shm::{SlotState, SLOTS};
 use wasmgate_shared::stats::{bucket_bound, ContextSnapshot};
 use wasmgate_shared::traffic::{HistogramSnapshot, Latency, RouteSnapshot, LATENCY_BOUNDS_MS};
 
-pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+pub use crate::prom_text::CONTENT_TYPE;
 
 /// The gateway's metric families, after the prefix. A plugin-defined metric with one of these
 /// names (prefix included) is not exported: the gateway's own family wins.
@@ -102,6 +102,8 @@ struct Scrape {
     plugin_metrics: Vec<MetricSnapshot>,
     /// Cluster mode: whether etcd answers.
     etcd_reachable: Option<bool>,
+    /// Route id → its `service_id`, for APISIX's `service` label.
+    services: BTreeMap<String, String>,
 }
 
 /// Every route's traffic summed over the workers, those that left included (by route id;
@@ -122,14 +124,24 @@ pub fn route_traffic(m: &Master) -> BTreeMap<String, RouteSnapshot> {
 
 /// The metrics page.
 pub fn render(m: &Master) -> String {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(Scrape::read(m)));
-    let mut out = String::new();
-    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
-        // Writing to a String cannot fail; a broken encoder still gets a readable page.
-        out.push_str(&format!("# wasmgate: encoding failed: {e}\n"));
-    }
-    out
+    let mut scrape = Scrape::read(m);
+    // After the read, whose lock on the counters of workers that left is not held with the
+    // store's.
+    let store = m.store();
+    scrape.services = scrape
+        .routes
+        .keys()
+        .filter_map(|id| {
+            let service = store.get(Kind::Routes, id)?.value.get("service_id")?;
+            let service = match service {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            Some((id.clone(), service))
+        })
+        .collect();
+    drop(store);
+    scrape.page()
 }
 
 impl Scrape {
@@ -155,6 +167,7 @@ impl Scrape {
             contexts: retired.contexts.clone(),
             plugin_metrics: m.plugin_shm.metrics(),
             etcd_reachable: m.etcd.as_ref().map(|e| e.reachable.load(Ordering::Relaxed)),
+            services: BTreeMap::new(),
         };
         for i in 0..SLOTS {
             let s = seg.slot(i);
@@ -184,75 +197,8 @@ impl Scrape {
     }
 }
 
-type Labels = Vec<(&'static str, String)>;
-/// A per-context counter family: name (after `wasm_plugin_`), help, value.
+/// A per-context counter family: name (after `wasm_plugin_`, before `_total`), help, value.
 type ContextCounter = (&'static str, &'static str, fn(&ContextSnapshot) -> u64);
-
-/// Writes one family: its descriptor, then a sample per label set.
-fn family<T>(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    rows: impl IntoIterator<Item = (Labels, T)>,
-    mut sample: impl FnMut(
-        &mut prometheus_client::encoding::MetricEncoder,
-        T,
-    ) -> Result<(), std::fmt::Error>,
-) -> Result<(), std::fmt::Error> {
-    let mut rows = rows.into_iter().peekable();
-    if rows.peek().is_none() {
-        return Ok(());
-    }
-    let mut metric = enc.encode_descriptor(name, help, None, kind)?;
-    for (labels, value) in rows {
-        sample(&mut metric.encode_family(&labels)?, value)?;
-    }
-    Ok(())
-}
-
-fn counter(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: impl IntoIterator<Item = (Labels, u64)>,
-) -> Result<(), std::fmt::Error> {
-    family(enc, name, help, MetricType::Counter, rows, |m, v| {
-        m.encode_counter::<NoLabelSet, _, u64>(&v, None)
-    })
-}
-
-fn gauge(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: impl IntoIterator<Item = (Labels, i64)>,
-) -> Result<(), std::fmt::Error> {
-    family(enc, name, help, MetricType::Gauge, rows, |m, v| {
-        m.encode_gauge(&v)
-    })
-}
-
-/// A histogram from per-bucket (not cumulative) counts: `(upper bound, count)`, the last
-/// bound `+Inf`.
-fn histogram(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: impl IntoIterator<Item = (Labels, (f64, Vec<(f64, u64)>))>,
-) -> Result<(), std::fmt::Error> {
-    family(
-        enc,
-        name,
-        help,
-        MetricType::Histogram,
-        rows,
-        |m, (sum, buckets)| {
-            let count = buckets.iter().map(|b| b.1).sum();
-            m.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
-        },
-    )
-}
 
 /// A route latency histogram in milliseconds, APISIX's unit.
 fn latency_buckets(h: &HistogramSnapshot) -> (f64, Vec<(f64, u64)>) {
@@ -263,63 +209,64 @@ fn latency_buckets(h: &HistogramSnapshot) -> (f64, Vec<(f64, u64)>) {
     (h.sum_us as f64 / 1000.0, buckets)
 }
 
-impl Collector for Scrape {
-    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+impl Scrape {
+    fn page(&self) -> String {
+        let mut page = Page::default();
+        let enc = &mut page;
         let p = &self.prefix;
-        let route = |id: &str| ("route", id.to_string());
-        counter(
-            &mut enc,
+        // APISIX's labels that wasmgate has: the route and its service ("" without one).
+        let route = |id: &str, mut labels: Labels| {
+            let service = self.services.get(id).cloned().unwrap_or_default();
+            labels.extend([("route", id.to_string()), ("service", service)]);
+            labels
+        };
+        enc.counter(
             &format!("{p}http_status"),
             "HTTP responses by status code and route (route \"\": no route matched; \"*\": routes beyond a worker's table).",
             self.routes.values().flat_map(|r| {
                 r.codes.iter().map(|&(code, n)| {
                     let code = if code == 0 { "other".into() } else { code.to_string() };
-                    (vec![("code", code), route(&r.route)], n)
+                    (route(&r.route, vec![("code", code)]), n)
                 })
             }),
-        )?;
-        histogram(
-            &mut enc,
+        );
+        enc.histogram(
             &format!("{p}http_latency"),
-            "Request latency in milliseconds: type request (whole), upstream (until the upstream's response head), apisix (the gateway's share).",
+            "Request latency in milliseconds: type request (whole), upstream (the upstream's time, until its answer ends), apisix (the gateway's share).",
             self.routes.values().flat_map(|r| {
                 Latency::ALL.into_iter().filter_map(|t| {
                     let h = &r.latency[t as usize];
                     (h.count() > 0).then(|| {
-                        (vec![("type", t.label().to_string()), route(&r.route)], latency_buckets(h))
+                        (route(&r.route, vec![("type", t.label().to_string())]), latency_buckets(h))
                     })
                 })
             }),
-        )?;
-        counter(
-            &mut enc,
+        );
+        enc.counter(
             &format!("{p}bandwidth"),
             "Bytes received from clients (ingress) and sent to them (egress), by route.",
             self.routes.values().flat_map(|r| {
                 [("ingress", r.ingress), ("egress", r.egress)]
-                    .map(|(t, n)| (vec![("type", t.to_string()), route(&r.route)], n))
+                    .map(|(t, n)| (route(&r.route, vec![("type", t.to_string())]), n))
             }),
-        )?;
-        gauge(
-            &mut enc,
+        );
+        enc.gauge(
             &format!("{p}nginx_http_current_connections"),
             "Client connections open now, all workers.",
             [(
                 vec![("state", "active".to_string())],
                 self.workers.iter().map(|w| w.connections as i64).sum(),
             )],
-        )?;
-        counter(
-            &mut enc,
-            &format!("{p}http_requests"),
+        );
+        enc.counter(
+            &format!("{p}http_requests_total"),
             "Requests handled, all workers (those replaced by a reload or a crash included).",
             [(
                 Vec::new(),
                 self.retired_requests + self.workers.iter().map(|w| w.requests).sum::<u64>(),
             )],
-        )?;
-        gauge(
-            &mut enc,
+        );
+        enc.gauge(
             &format!("{p}node_info"),
             "This node: host name and version.",
             [(
@@ -329,27 +276,24 @@ impl Collector for Scrape {
                 ],
                 1,
             )],
-        )?;
-        gauge(
-            &mut enc,
+        );
+        enc.gauge(
             &format!("{p}config_generation"),
             "Configuration generation published to the workers.",
             [(Vec::new(), self.generation as i64)],
-        )?;
-        gauge(
-            &mut enc,
+        );
+        enc.gauge(
             &format!("{p}etcd_reachable"),
             "Cluster mode: 1 while etcd answers, 0 while the last configuration is served without it.",
             self.etcd_reachable.map(|r| (Vec::new(), r as i64)),
-        )?;
-        self.encode_workers(&mut enc)?;
-        self.encode_contexts(&mut enc)?;
-        self.encode_plugin_metrics(&mut enc)
+        );
+        self.encode_workers(enc);
+        self.encode_contexts(enc);
+        self.encode_plugin_metrics(enc);
+        page.into_text()
     }
-}
 
-impl Scrape {
-    fn encode_workers(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode_workers(&self, enc: &mut Page) {
         let p = &self.prefix;
         let labels = |w: &WorkerRow| {
             vec![
@@ -357,35 +301,31 @@ impl Scrape {
                 ("pid", w.pid.to_string()),
             ]
         };
-        counter(
-            enc,
-            &format!("{p}worker_requests"),
+        enc.counter(
+            &format!("{p}worker_requests_total"),
             "Requests handled by each worker process.",
             self.workers.iter().map(|w| (labels(w), w.requests)),
-        )?;
-        gauge(
-            enc,
+        );
+        enc.gauge(
             &format!("{p}worker_connections"),
             "Client connections open now in each worker process.",
             self.workers
                 .iter()
                 .map(|w| (labels(w), w.connections as i64)),
-        )?;
-        counter(
-            enc,
-            &format!("{p}worker_plugin_faults"),
+        );
+        enc.counter(
+            &format!("{p}worker_plugin_faults_total"),
             "Plugin traps and time or memory limit hits in each worker process.",
             self.workers.iter().map(|w| (labels(w), w.faults)),
-        )?;
-        gauge(
-            enc,
+        );
+        enc.gauge(
             &format!("{p}worker_restarts"),
             "Times the master respawned this worker number.",
             self.workers.iter().map(|w| (labels(w), w.restarts as i64)),
         )
     }
 
-    fn encode_contexts(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode_contexts(&self, enc: &mut Page) {
         let p = &self.prefix;
         let labels = |c: &ContextSnapshot| {
             let (kind, id) = c.owner.split_once(':').unwrap_or(("", &c.owner));
@@ -418,15 +358,13 @@ impl Scrape {
             }),
         ];
         for (name, help, value) in per_context {
-            counter(
-                enc,
-                &format!("{p}wasm_plugin_{name}"),
+            enc.counter(
+                &format!("{p}wasm_plugin_{name}_total"),
                 help,
                 self.contexts.values().map(|c| (labels(c), value(c))),
-            )?;
+            );
         }
-        histogram(
-            enc,
+        enc.histogram(
             &format!("{p}{PLUGIN_TIME}"),
             "Time spent in the plugin's callbacks per request, in seconds.",
             self.contexts.values().filter(|c| c.requests > 0).map(|c| {
@@ -453,12 +391,12 @@ impl Scrape {
 
     /// Metrics plugins defined (`proxy_define_metric`), under their own sanitised names; one
     /// that collides with a gateway family or, once sanitised, with another is skipped.
-    fn encode_plugin_metrics(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode_plugin_metrics(&self, enc: &mut Page) {
         let mut seen = HashSet::new();
         for m in &self.plugin_metrics {
             let mut name = prometheus_name(&m.name);
             if m.kind == MetricKind::Counter {
-                // The encoder appends `_total` to counters.
+                // A counter is exported with `_total` (added below): compared without it.
                 if let Some(stem) = name.strip_suffix("_total") {
                     name = stem.to_string();
                 }
@@ -472,10 +410,12 @@ impl Scrape {
             }
             let help = "Defined by a Proxy-Wasm plugin (proxy_define_metric).";
             match (&m.kind, &m.histogram) {
-                (MetricKind::Counter, _) => {
-                    counter(enc, &name, help, [(Vec::new(), m.value.max(0) as u64)])?
-                }
-                (MetricKind::Gauge, _) => gauge(enc, &name, help, [(Vec::new(), m.value)])?,
+                (MetricKind::Counter, _) => enc.counter(
+                    &format!("{name}_total"),
+                    help,
+                    [(Vec::new(), m.value.max(0) as u64)],
+                ),
+                (MetricKind::Gauge, _) => enc.gauge(&name, help, [(Vec::new(), m.value)]),
                 (MetricKind::Histogram, Some(h)) => {
                     // The plugin segment keeps cumulative counts; the encoder wants per bucket.
                     let mut below = 0;
@@ -489,12 +429,11 @@ impl Scrape {
                         })
                         .collect();
                     buckets.push((f64::INFINITY, h.count.saturating_sub(below)));
-                    histogram(enc, &name, help, [(Vec::new(), (h.sum as f64, buckets))])?
+                    enc.histogram(&name, help, [(Vec::new(), (h.sum as f64, buckets))])
                 }
                 (MetricKind::Histogram, None) => {}
             }
         }
-        Ok(())
     }
 }
 
@@ -553,12 +492,9 @@ mod tests {
             contexts: BTreeMap::new(),
             plugin_metrics,
             etcd_reachable: None,
+            services: BTreeMap::new(),
         };
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(scrape));
-        let mut out = String::new();
-        prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).unwrap();
-        out
+        scrape.page()
     }
 
     /// Plugin metrics keep their (sanitised) names; histograms turn from the plugin segment's
