@@ -286,6 +286,70 @@ fn counters_go_on_across_a_reload_and_a_crash() {
     reaches(15.0);
     send(5);
     reaches(20.0);
+    // Connections accepted go on too (a connection per request here), as nginx's `accepts`.
+    let accepted = scrape(&gw).0.value(
+        "apisix_nginx_http_current_connections",
+        &[("state", "accepted")],
+    );
+    assert!(accepted >= 20.0, "{accepted}");
+}
+
+/// `apisix_nginx_http_current_connections` has nginx's stub_status states, as APISIX's
+/// dashboard reads them: idle keep-alive connections wait, one whose head is half sent
+/// reads, one whose request is being handled writes; accepted and handled only grow.
+#[test]
+fn connection_states_as_nginx_counts_them() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    gw.route("r", json!({"uri": "/*"}), Some(&app));
+    let states = || {
+        let page = scrape(&gw).0;
+        let v = |s: &str| page.value("apisix_nginx_http_current_connections", &[("state", s)]);
+        [
+            "accepted", "handled", "active", "reading", "writing", "waiting",
+        ]
+        .map(v)
+    };
+    // Three keep-alive connections, each after one request: waiting.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+        c.write_all(b"GET /status/200 HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+        idle.push((c, r));
+    }
+    // One whose head is half sent: reading.
+    let mut half = std::net::TcpStream::connect(("127.0.0.1", gw.proxy_port)).unwrap();
+    half.write_all(b"GET /status/200 HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
+    // One whose request waits on a slow upstream: writing.
+    let slow_port = gw.proxy_port;
+    let slow = std::thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", slow_port)).unwrap();
+        c.write_all(b"GET /delay/1500 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        answer
+    });
+    common::eventually(Duration::from_secs(5), "the states counted", || {
+        let [_, _, active, reading, writing, waiting] = states();
+        (active, reading, writing, waiting) == (5.0, 1.0, 1.0, 3.0)
+    });
+    let [accepted, handled, ..] = states();
+    assert_eq!(accepted, 5.0);
+    assert_eq!(handled, accepted);
+    assert!(slow.join().unwrap().starts_with("HTTP/1.1 200"));
+    drop(idle);
+    drop(half);
+    common::eventually(Duration::from_secs(5), "all closed", || {
+        states() == [5.0, 5.0, 0.0, 0.0, 0.0, 0.0]
+    });
 }
 
 /// Only the configured path is served; the Admin API's `/wasmgate/metrics` has the same

@@ -82,6 +82,9 @@ struct WorkerRow {
     pid: u32,
     requests: u64,
     connections: u64,
+    accepted: u64,
+    reading: u64,
+    writing: u64,
     faults: u64,
     restarts: u32,
 }
@@ -95,6 +98,8 @@ struct Scrape {
     workers: Vec<WorkerRow>,
     /// Requests served by workers that left (a reload, a crash): the total goes on from there.
     retired_requests: u64,
+    /// Connections accepted by workers that left.
+    retired_accepted: u64,
     /// Summed over workers, by route id.
     routes: BTreeMap<String, RouteSnapshot>,
     /// Summed over workers, by (plugin, owner).
@@ -163,6 +168,7 @@ impl Scrape {
             generation: seg.generation(),
             workers: Vec::new(),
             retired_requests: retired.requests,
+            retired_accepted: retired.accepted,
             routes: retired.routes.clone(),
             contexts: retired.contexts.clone(),
             plugin_metrics: m.plugin_shm.metrics(),
@@ -179,6 +185,9 @@ impl Scrape {
                 pid: s.pid.load(Ordering::Relaxed),
                 requests: s.requests.load(Ordering::Relaxed),
                 connections: s.active_connections.load(Ordering::Relaxed),
+                accepted: s.accepted.load(Ordering::Relaxed),
+                reading: s.reading.load(Ordering::Relaxed).into(),
+                writing: s.writing.load(Ordering::Relaxed).into(),
                 faults: s.plugin_faults.load(Ordering::Relaxed),
                 restarts: s.restarts.load(Ordering::Relaxed),
             });
@@ -252,11 +261,9 @@ impl Scrape {
         );
         enc.gauge(
             &format!("{p}nginx_http_current_connections"),
-            "Client connections open now, all workers.",
-            [(
-                vec![("state", "active".to_string())],
-                self.workers.iter().map(|w| w.connections as i64).sum(),
-            )],
+            "Client connections as nginx's stub_status counts them, all workers: accepted and handled since start; active now, of which reading a request head, writing (a request being handled) and waiting for a request.",
+            self.connection_states()
+                .map(|(state, n)| (vec![("state", state.to_string())], n as i64)),
         );
         enc.counter(
             &format!("{p}http_requests_total"),
@@ -291,6 +298,27 @@ impl Scrape {
         self.encode_contexts(enc);
         self.encode_plugin_metrics(enc);
         page.into_text()
+    }
+
+    /// nginx's stub_status figures summed over the workers. Every accepted connection is
+    /// handled (none is dropped for want of resources). A connection is counted as reading
+    /// or writing by its worker; the rest of the active ones are waiting.
+    fn connection_states(&self) -> [(&'static str, u64); 6] {
+        let sum = |f: fn(&WorkerRow) -> u64| self.workers.iter().map(f).sum::<u64>();
+        let accepted = self.retired_accepted + sum(|w| w.accepted);
+        let (active, reading, writing) = (
+            sum(|w| w.connections),
+            sum(|w| w.reading),
+            sum(|w| w.writing),
+        );
+        [
+            ("accepted", accepted),
+            ("handled", accepted),
+            ("active", active),
+            ("reading", reading),
+            ("writing", writing),
+            ("waiting", active.saturating_sub(reading + writing)),
+        ]
     }
 
     fn encode_workers(&self, enc: &mut Page) {
@@ -488,6 +516,7 @@ mod tests {
             generation: 3,
             workers: Vec::new(),
             retired_requests: 0,
+            retired_accepted: 0,
             routes: BTreeMap::new(),
             contexts: BTreeMap::new(),
             plugin_metrics,

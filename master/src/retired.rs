@@ -17,6 +17,8 @@ use wasmgate_shared::traffic::{RouteSnapshot, NO_ROUTE, OVERFLOW};
 pub struct Retired {
     /// Requests they served (`apisix_http_requests_total`).
     pub requests: u64,
+    /// Connections they accepted (`apisix_nginx_http_current_connections{state="accepted"}`).
+    pub accepted: u64,
     /// Their route traffic, by route id.
     pub routes: BTreeMap<String, RouteSnapshot>,
     /// Their plugin contexts' counters, by (plugin, owner).
@@ -27,6 +29,7 @@ impl Retired {
     /// Folds slot `i`'s counters in (the caller then clears them in the slot).
     pub fn fold(&mut self, seg: &Segment, i: usize) {
         self.requests += seg.slot(i).requests.load(Ordering::Relaxed);
+        self.accepted += seg.slot(i).accepted.load(Ordering::Relaxed);
         for r in seg.traffic(i).snapshot() {
             add_route(&mut self.routes, r);
         }

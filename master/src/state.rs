@@ -127,6 +127,7 @@ impl Master {
         retired.fold(&self.segment, i);
         let slot = self.segment.slot(i);
         slot.requests.store(0, std::sync::atomic::Ordering::Relaxed);
+        slot.accepted.store(0, std::sync::atomic::Ordering::Relaxed);
         slot.contexts.store(0, std::sync::atomic::Ordering::Release);
         slot.routes.store(0, std::sync::atomic::Ordering::Release);
     }

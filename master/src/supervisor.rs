@@ -382,8 +382,15 @@ impl SpawnCtx {
         slot.started_at_ms.store(crate::now_ms(), Ordering::Relaxed);
         slot.generation_seen.store(0, Ordering::Relaxed);
         slot.requests.store(0, Ordering::Relaxed);
-        slot.active_connections.store(0, Ordering::Relaxed);
-        slot.plugin_faults.store(0, Ordering::Relaxed);
+        for counter in [
+            &slot.active_connections,
+            &slot.accepted,
+            &slot.plugin_faults,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+        slot.reading.store(0, Ordering::Relaxed);
+        slot.writing.store(0, Ordering::Relaxed);
         let json = serde_json::to_vec(&boot).unwrap_or_default();
         let mut stdin = child.stdin.take();
         let exits = self.exits.clone();

@@ -161,6 +161,13 @@ pub struct WorkerSlot {
     pub requests: AtomicU64,
     /// Client connections open now.
     pub active_connections: AtomicU64,
+    /// Client connections accepted since the process started (nginx's `accepts`).
+    pub accepted: AtomicU64,
+    /// Connections reading a request head that has begun to arrive (nginx's `Reading`).
+    pub reading: AtomicU32,
+    /// Requests being handled, from their whole head to their answer's end (nginx's
+    /// `Writing`). The rest of the open connections wait for a request (`Waiting`).
+    pub writing: AtomicU32,
     /// Plugin faults (traps, time or memory limits) in this worker.
     pub plugin_faults: AtomicU64,
     /// Context statistics records in use in this slot's statistics area (claimed in order by
@@ -215,7 +222,13 @@ impl WorkerSlot {
     /// Clears every counter, for a new process taking the slot.
     pub fn reset(&self) {
         self.fatal_len.store(0, Ordering::Relaxed);
-        for a in [&self.pid, &self.worker_id, &self.restarts] {
+        for a in [
+            &self.pid,
+            &self.worker_id,
+            &self.restarts,
+            &self.reading,
+            &self.writing,
+        ] {
             a.store(0, Ordering::Relaxed);
         }
         for a in [
@@ -224,6 +237,7 @@ impl WorkerSlot {
             &self.generation_seen,
             &self.requests,
             &self.active_connections,
+            &self.accepted,
             &self.plugin_faults,
         ] {
             a.store(0, Ordering::Relaxed);

@@ -14,7 +14,7 @@ use futures_util::task::AtomicWaker;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -51,6 +51,23 @@ async fn until_drain(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|d| *d).await.map(|_| ());
 }
 
+/// Counts something in one of the worker's slot gauges (nginx's connection states) for as
+/// long as it lives.
+struct Gauge<'a>(&'a AtomicU32);
+
+impl<'a> Gauge<'a> {
+    fn up(cell: &'a AtomicU32) -> Gauge<'a> {
+        cell.fetch_add(1, Ordering::Relaxed);
+        Gauge(cell)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counts a connection in the worker's status slot for as long as it lives.
 struct ConnGuard(Arc<Worker>);
 
@@ -70,10 +87,9 @@ async fn connection(
     peer: SocketAddr,
     mut drain: watch::Receiver<bool>,
 ) {
-    w.segment
-        .slot(w.slot)
-        .active_connections
-        .fetch_add(1, Ordering::Relaxed);
+    let slot = w.segment.slot(w.slot);
+    slot.active_connections.fetch_add(1, Ordering::Relaxed);
+    slot.accepted.fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(w.clone());
     let _ = stream.set_nodelay(true);
     let local = stream
@@ -84,7 +100,7 @@ async fn connection(
     let mut wbuf = Vec::with_capacity(1024);
     let mut waiting = HeadWait::new(w.header_timeout, w.keepalive_timeout, &mut drain);
     loop {
-        let head = match waiting.next(&conn, w.max_header_size).await {
+        let head = match waiting.next(&conn, w.max_header_size, &slot.reading).await {
             Ok(head) => head,
             Err(h1::NoHead::Closed) => return,
             Err(h1::NoHead::TimedOut) => {
@@ -113,6 +129,8 @@ async fn connection(
                 return;
             }
         };
+        // Until the answer is sent (or the tunnel it opened closes).
+        let _writing = Gauge::up(&slot.writing);
         let meta = head.meta;
         let req = conn.request(head);
         // Boxed: the request's future holds every phase's state (several KB); made in its box,
@@ -237,7 +255,14 @@ impl<'a> HeadWait<'a> {
         }
     }
 
-    async fn next(&mut self, conn: &h1::Conn, max: usize) -> Result<h1::Head, h1::NoHead> {
+    /// The next head; counted in `reading` while it has begun to arrive and is not whole.
+    async fn next(
+        &mut self,
+        conn: &h1::Conn,
+        max: usize,
+        reading: &AtomicU32,
+    ) -> Result<h1::Head, h1::NoHead> {
+        let mut begun: Option<Gauge> = None;
         let now = tokio::time::Instant::now();
         // Idle until bytes come (not for the first request): a head already begun (pipelined)
         // is seen at the first poll, which switches to the header timeout.
@@ -249,6 +274,9 @@ impl<'a> HeadWait<'a> {
             }
             if let Poll::Ready(r) = conn.poll_head(cx, max) {
                 return Poll::Ready(r);
+            }
+            if begun.is_none() && !conn.nothing_buffered() {
+                begun = Some(Gauge::up(reading));
             }
             if idle && !conn.nothing_buffered() {
                 idle = false;
