@@ -153,6 +153,22 @@ fn scraped_metrics_count_what_was_sent() {
     assert_eq!(status("404", ""), 5.0);
     assert_eq!(status("200", "slow"), 3.0);
 
+    // APISIX's modify indexes: each kind's last change, as the Admin API lists it.
+    let (_, list) = gw.admin("GET", "/apisix/admin/routes", None);
+    let last_route = list["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["modifiedIndex"].as_u64())
+        .max()
+        .unwrap();
+    let index = |key: &str| page.value("apisix_etcd_modify_indexes", &[("key", key)]);
+    assert_eq!(index("routes"), last_route as f64);
+    assert!(index("services") > 0.0 && index("services") < index("routes"));
+    assert_eq!(index("upstreams"), 0.0);
+    assert_eq!(index("max_modify_index"), index("routes"));
+    assert!(index("x_etcd_index") >= index("max_modify_index"));
+
     page.check_histograms();
     let lat = |t: &str, route: &str, what: &str| {
         page.value(

@@ -30,8 +30,9 @@ pub use crate::prom_text::CONTENT_TYPE;
 
 /// The gateway's metric families, after the prefix. A plugin-defined metric with one of these
 /// names (prefix included) is not exported: the gateway's own family wins.
-pub const FAMILIES: [&str; 18] = [
+pub const FAMILIES: [&str; 19] = [
     "etcd_reachable",
+    "etcd_modify_indexes",
     "http_status",
     "http_latency",
     "bandwidth",
@@ -109,6 +110,9 @@ struct Scrape {
     etcd_reachable: Option<bool>,
     /// Route id → its `service_id`, for APISIX's `service` label.
     services: BTreeMap<String, String>,
+    /// APISIX's `etcd_modify_indexes`: by key, the last change of each kind of object, their
+    /// maximum and the store's revision (etcd's in cluster mode).
+    modify_indexes: Vec<(String, u64)>,
 }
 
 /// Every route's traffic summed over the workers, those that left included (by route id;
@@ -145,8 +149,24 @@ pub fn render(m: &Master) -> String {
             Some((id.clone(), service))
         })
         .collect();
+    scrape.modify_indexes = modify_indexes(&store);
     drop(store);
     scrape.page()
+}
+
+/// The last change of each kind of object (the largest `modifiedIndex` among those stored),
+/// their maximum and the store's revision, under APISIX's keys.
+fn modify_indexes(store: &crate::store::Store) -> Vec<(String, u64)> {
+    let mut last: BTreeMap<&'static str, u64> = Kind::ALL.iter().map(|k| (k.as_str(), 0)).collect();
+    for (kind, _, stored) in store.iter() {
+        let m = last.entry(kind.as_str()).or_default();
+        *m = (*m).max(stored.modified_index);
+    }
+    let max = last.values().copied().max().unwrap_or(0);
+    let mut out: Vec<(String, u64)> = last.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    out.push(("max_modify_index".into(), max));
+    out.push(("x_etcd_index".into(), store.revision()));
+    out
 }
 
 impl Scrape {
@@ -174,6 +194,7 @@ impl Scrape {
             plugin_metrics: m.plugin_shm.metrics(),
             etcd_reachable: m.etcd.as_ref().map(|e| e.reachable.load(Ordering::Relaxed)),
             services: BTreeMap::new(),
+            modify_indexes: Vec::new(),
         };
         for i in 0..SLOTS {
             let s = seg.slot(i);
@@ -288,6 +309,13 @@ impl Scrape {
             &format!("{p}config_generation"),
             "Configuration generation published to the workers.",
             [(Vec::new(), self.generation as i64)],
+        );
+        enc.gauge(
+            &format!("{p}etcd_modify_indexes"),
+            "The last change of each kind of object (its modifiedIndex), the largest of them, and the store's revision (etcd's in cluster mode).",
+            self.modify_indexes
+                .iter()
+                .map(|(k, v)| (vec![("key", k.clone())], *v as i64)),
         );
         enc.gauge(
             &format!("{p}etcd_reachable"),
@@ -522,6 +550,7 @@ mod tests {
             plugin_metrics,
             etcd_reachable: None,
             services: BTreeMap::new(),
+            modify_indexes: Vec::new(),
         };
         scrape.page()
     }
