@@ -576,7 +576,8 @@ fn etcd_changed_behind_the_gateways_back() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        a.error_log().contains("user name is empty"),
+        a.error_log()
+            .contains("user name is empty (etcd has authentication on: set deployment.etcd.user and password)"),
         "{}",
         a.error_log()
     );
@@ -669,6 +670,15 @@ fn etcd_with_authentication() {
             Some(json!({"uri": format!("/{id}"), "upstream": {"nodes": {app.addr(): 1}}})),
         )
     };
+    // Quiet for longer than a health check's wait: the checks read where the user may read
+    // (inside /apisix/, not the key /apisix), so etcd stays reachable.
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(a.status()["store"]["reachable"], true);
+    assert!(
+        !a.error_log().contains("permission denied"),
+        "{}",
+        a.error_log()
+    );
     let (s, v) = admin_put(&a, "put-a");
     assert_eq!(s, 201, "{v}");
     assert_eq!(status_of(&a, "/put-a"), 200);
@@ -686,6 +696,30 @@ fn etcd_with_authentication() {
         status_of(&a, "/after") == 200
     });
     let (s, v) = admin_put(&a, "put-b");
+    assert_eq!(s, 201, "{v}");
+
+    // A reload with a password etcd refuses is refused; the node keeps its user.
+    let yaml = std::fs::read_to_string(a.config_path()).unwrap();
+    std::fs::write(
+        a.config_path(),
+        yaml.replace("password: gwpw", "password: nope"),
+    )
+    .unwrap();
+    let out = Command::new(common::bin())
+        .args(["reload", "-p"])
+        .arg(a.prefix())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains(r#"etcd refused user "gw""#)
+            && said.contains("the running user and password are kept"),
+        "{said}"
+    );
+    std::fs::write(a.config_path(), yaml).unwrap();
+    assert_eq!(a.status()["store"]["reachable"], true);
+    let (s, v) = admin_put(&a, "put-c");
     assert_eq!(s, 201, "{v}");
 
     // A user that may only read: served, and writes refused with the reason.
@@ -716,6 +750,12 @@ fn etcd_with_authentication() {
     eventually(Duration::from_secs(10), "the refusal logged", || {
         a.error_log().contains(said)
     });
+    // The status says why, not only that etcd is away.
+    let why = a.status()["store"]["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(why.contains(said), "{why}");
     let yaml = std::fs::read_to_string(a.config_path()).unwrap();
     std::fs::write(
         a.config_path(),

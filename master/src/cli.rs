@@ -371,12 +371,16 @@ fn store_line(store: &serde_json::Value) -> String {
                 Some(true) => "reachable",
                 _ => "UNREACHABLE (serving the last configuration read)",
             };
-            format!(
+            let mut line = format!(
                 "        store etcd {} prefix {}  {reachable}  revision {}\n",
                 endpoints.join(","),
                 store["prefix"].as_str().unwrap_or("?"),
                 store["revision"]
-            )
+            );
+            if let Some(why) = store["error"].as_str() {
+                line += &format!("              {why}\n");
+            }
+            line
         }
         Some(kind) => format!("        store {kind}  revision {}\n", store["revision"]),
         None => String::new(),

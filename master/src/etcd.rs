@@ -54,6 +54,9 @@ pub enum EtcdError {
 /// firewall that drops packets) is then found within a few seconds, not after `timeout`.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The longest a watch goes without a health check, however busy it is.
+const PROBE_EVERY: Duration = Duration::from_secs(10);
+
 /// How long the watching task waits before trying again after etcd refused the user: each
 /// try costs etcd a password hash, and a wrong password stays wrong until a reload.
 const AUTH_RETRY: Duration = Duration::from_secs(5);
@@ -104,9 +107,21 @@ pub struct Etcd {
     /// That read follows a reload: an object the copy lacks may be one refused until now,
     /// not a sign of another history (see [`other_history`]).
     after_reload: AtomicBool,
-    /// The user and password (`deployment.etcd.user`, `password`); a reload may change them.
-    credentials: std::sync::Mutex<Option<EtcdCredentials>>,
-    session: std::sync::Mutex<Session>,
+    /// Who this node signs in as, and its token.
+    auth: std::sync::Mutex<Auth>,
+    /// Why etcd is not serving this node, while it is not (for the status).
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+/// The user and password (`deployment.etcd.user`, `password`: a reload may change them) and
+/// the session they opened. Kept together so that a token obtained for credentials a reload
+/// has since replaced is not kept.
+#[derive(Debug)]
+struct Auth {
+    credentials: Option<EtcdCredentials>,
+    /// Counts the changes of `credentials`.
+    generation: u64,
+    session: Session,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -177,72 +192,102 @@ impl Etcd {
             writes: tokio::sync::Mutex::new(()),
             resync: tokio::sync::Notify::new(),
             after_reload: AtomicBool::new(false),
-            credentials: std::sync::Mutex::new(cfg.credentials()?),
-            session: std::sync::Mutex::new(Session::Unknown),
+            auth: std::sync::Mutex::new(Auth {
+                credentials: cfg.credentials()?,
+                generation: 0,
+                session: Session::Unknown,
+            }),
+            last_error: std::sync::Mutex::new(None),
         })
+    }
+
+    fn auth(&self) -> std::sync::MutexGuard<'_, Auth> {
+        self.auth.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes a reload's user and password: the next request authenticates with them.
     pub fn set_credentials(&self, credentials: Option<EtcdCredentials>) {
-        let mut held = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
-        if *held != credentials {
-            *held = credentials;
-            self.forget_session();
+        let mut auth = self.auth();
+        if auth.credentials != credentials {
+            auth.credentials = credentials;
+            auth.generation += 1;
+            auth.session = Session::Unknown;
+        }
+    }
+
+    /// Whether etcd takes `credentials` (a reload's, before they replace the running ones):
+    /// `Err(EtcdError::Auth)` when it refuses them; other errors say it could not be asked.
+    pub async fn try_credentials(&self, credentials: &EtcdCredentials) -> Result<(), EtcdError> {
+        let endpoint = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+        match tokio::time::timeout(PROBE_TIMEOUT, self.sign_in(endpoint, credentials)).await {
+            Ok(signed_in) => signed_in.map(|_| ()),
+            Err(_) => Err(EtcdError::Unreachable(format!(
+                "no answer within {} s",
+                PROBE_TIMEOUT.as_secs()
+            ))),
         }
     }
 
     fn forget_session(&self) {
-        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Session::Unknown;
+        self.auth().session = Session::Unknown;
     }
 
     /// The token to send to `endpoint` (None: no user configured, or authentication is off
     /// there), asking etcd for one first when none is held for it.
     async fn token(&self, endpoint: usize) -> Result<Option<Arc<str>>, EtcdError> {
-        let Some(creds) = self
-            .credentials
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        else {
-            return Ok(None);
-        };
-        match &*self.session.lock().unwrap_or_else(|p| p.into_inner()) {
-            Session::Token { endpoint: e, token } if *e == endpoint => {
-                return Ok(Some(token.clone()))
+        let (credentials, generation) = {
+            let auth = self.auth();
+            match &auth.session {
+                Session::Token { endpoint: e, token } if *e == endpoint => {
+                    return Ok(Some(token.clone()))
+                }
+                Session::Open { endpoint: e } if *e == endpoint => return Ok(None),
+                _ => {}
             }
-            Session::Open { endpoint: e } if *e == endpoint => return Ok(None),
-            _ => {}
+            match &auth.credentials {
+                None => return Ok(None),
+                Some(c) => (c.clone(), auth.generation),
+            }
+        };
+        let session = self.sign_in(endpoint, &credentials).await?;
+        let token = match &session {
+            Session::Token { token, .. } => Some(token.clone()),
+            _ => None,
+        };
+        let mut auth = self.auth();
+        // Credentials a reload replaced meanwhile: used for this request, not kept.
+        if auth.generation == generation {
+            auth.session = session;
         }
-        let body = json!({"name": creds.user, "password": creds.password.0});
+        Ok(token)
+    }
+
+    /// Asks `endpoint` for a token for `credentials` (`/v3/auth/authenticate`).
+    async fn sign_in(
+        &self,
+        endpoint: usize,
+        credentials: &EtcdCredentials,
+    ) -> Result<Session, EtcdError> {
+        let body = json!({"name": credentials.user, "password": credentials.password.0});
         let (status, incoming) = self
             .send(endpoint, "/v3/auth/authenticate", &body, None)
             .await?;
-        let (session, token) = match self.answer(status, incoming).await {
-            Ok(v) => {
-                let token: Arc<str> = v["token"].as_str().unwrap_or_default().into();
-                (
-                    Session::Token {
-                        endpoint,
-                        token: token.clone(),
-                    },
-                    Some(token),
-                )
-            }
+        match self.answer(status, incoming).await {
+            Ok(v) => Ok(Session::Token {
+                endpoint,
+                token: v["token"].as_str().unwrap_or_default().into(),
+            }),
             Err(EtcdError::Refused { body, .. })
                 if body.contains("authentication is not enabled") =>
             {
-                (Session::Open { endpoint }, None)
+                Ok(Session::Open { endpoint })
             }
-            Err(EtcdError::Refused { body, .. }) => {
-                return Err(EtcdError::Auth {
-                    user: creds.user,
-                    why: body,
-                })
-            }
-            Err(e) => return Err(e),
-        };
-        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = session;
-        Ok(token)
+            Err(EtcdError::Refused { body, .. }) => Err(EtcdError::Auth {
+                user: credentials.user.clone(),
+                why: body,
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// Makes the watching task read everything again, with the plugins as they are now.
@@ -367,12 +412,7 @@ impl Etcd {
     /// Whether etcd's refusal `why` asks for a new token, with a user configured.
     fn token_refused(&self, why: &str) -> bool {
         let auth_message = why.contains("invalid auth token") || why.contains("user name is empty");
-        auth_message
-            && self
-                .credentials
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_some()
+        auth_message && self.auth().credentials.is_some()
     }
 
     /// Reads a whole answer: its JSON when etcd said 200, or its refusal.
@@ -406,13 +446,18 @@ impl Etcd {
                 .take(300)
                 .collect::<String>(),
         };
-        match message.contains("permission denied") {
-            true => format!(
+        if message.contains("permission denied") {
+            return format!(
                 "{message} (the etcd user needs read and write permission on the keys under {}/)",
                 self.prefix
-            ),
-            false => message,
+            );
         }
+        if message.contains("user name is empty") && self.auth().credentials.is_none() {
+            return format!(
+                "{message} (etcd has authentication on: set deployment.etcd.user and password)"
+            );
+        }
+        message
     }
 
     /// Every key under the prefix, and the revision they were read at.
@@ -613,6 +658,9 @@ pub async fn follow(m: Arc<Master>, etcd: Arc<Etcd>) {
     loop {
         if let Err(e) = watch(&m, &etcd, from).await {
             outage.failed(&etcd, &e);
+            // Whatever broke the watch (a restarted or wiped etcd, a member gone) may have
+            // taken the token with it: the next read signs in afresh.
+            etcd.forget_session();
         }
         // Whatever ended the watch, the next one starts after a full read that succeeded:
         // nothing between the last event seen and now is missed (even across a compaction),
@@ -620,10 +668,14 @@ pub async fn follow(m: Arc<Master>, etcd: Arc<Etcd>) {
         // watched from a revision of the old one.
         let mut pause = Duration::from_millis(500);
         loop {
-            tokio::time::sleep(pause).await;
+            // A reload (new credentials, say) tries at once.
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = etcd.resync.notified() => {}
+            }
             match resync(&m, &etcd).await {
                 Ok(rev) => {
-                    outage.ended(rev);
+                    outage.ended(&etcd, rev);
                     from = rev + 1;
                     break;
                 }
@@ -650,6 +702,7 @@ struct Outage {
 impl Outage {
     fn failed(&mut self, etcd: &Etcd, e: &EtcdError) {
         etcd.reachable.store(false, Ordering::Relaxed);
+        *etcd.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
         let kind = std::mem::discriminant(e);
         if self.last == Some(kind) {
             return;
@@ -662,8 +715,9 @@ impl Outage {
         );
     }
 
-    fn ended(&mut self, rev: u64) {
+    fn ended(&mut self, etcd: &Etcd, rev: u64) {
         self.last = None;
+        *etcd.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let Some(t) = self.since.take() {
             tracing::warn!(
                 "etcd: back after {:.1} s; resynchronised at revision {rev}",
@@ -770,8 +824,15 @@ async fn watch(m: &Master, etcd: &Etcd, from: u64) -> Result<u64, EtcdError> {
     }
     let mut buf: Vec<u8> = Vec::new();
     let mut next = from;
+    let mut probed = std::time::Instant::now();
     loop {
-        // A silent watch is normal; a health check every few seconds tells a dead peer.
+        // A silent watch is normal; a health check every few seconds tells a dead peer. A busy
+        // one is checked too, every PROBE_EVERY: a watch goes on delivering after the node's
+        // user was refused (a password changed), which only a new request finds.
+        if probed.elapsed() >= PROBE_EVERY {
+            healthy(etcd).await?;
+            probed = std::time::Instant::now();
+        }
         let frame = tokio::select! {
             _ = etcd.resync.notified() => return Ok(next),
             frame = tokio::time::timeout(Duration::from_secs(3), body.frame()) => frame,
@@ -779,6 +840,7 @@ async fn watch(m: &Master, etcd: &Etcd, from: u64) -> Result<u64, EtcdError> {
         let frame = match frame {
             Err(_) => {
                 healthy(etcd).await?;
+                probed = std::time::Instant::now();
                 continue;
             }
             Ok(None) => return Err(EtcdError::Unreachable("watch stream ended".into())),
@@ -880,14 +942,27 @@ fn apply_events(m: &Master, etcd: &Etcd, events: &[Value], revision: u64) -> u64
 /// A health check: a one-key read, answered within [`PROBE_TIMEOUT`]; the error says why
 /// not (no answer, or etcd's refusal, such as authentication turned on).
 async fn healthy(etcd: &Etcd) -> Result<(), EtcdError> {
-    let probe = json!({"key": b64(etcd.prefix.as_bytes()), "limit": 1, "keys_only": true});
+    // Inside `<prefix>/`, where the node's user may read (a user granted the prefix with
+    // `--prefix` may not read the key `<prefix>` itself).
+    let prefix = format!("{}/", etcd.prefix);
+    let probe = json!({
+        "key": b64(prefix.as_bytes()),
+        "range_end": b64(&range_end(&prefix)),
+        "limit": 1,
+        "keys_only": true,
+    });
     let r = match tokio::time::timeout(PROBE_TIMEOUT, etcd.call("/v3/kv/range", probe)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(EtcdError::Unreachable(format!(
-            "health check: no answer within {} s",
-            PROBE_TIMEOUT.as_secs()
-        ))),
+        Err(_) => {
+            // A token from before etcd was wiped makes it wait rather than refuse: the next
+            // try signs in again.
+            etcd.forget_session();
+            Err(EtcdError::Unreachable(format!(
+                "health check: no answer within {} s",
+                PROBE_TIMEOUT.as_secs()
+            )))
+        }
     };
     etcd.reachable.store(r.is_ok(), Ordering::Relaxed);
     r

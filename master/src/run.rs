@@ -349,6 +349,7 @@ impl Loop {
             crate::publish::check_shm_size(&self.master.store(), new.config.wasmgate.shm_size)?;
         }
         keep_restart_only(&old, &mut new);
+        self.try_etcd_credentials(&old, &new).await?;
         let data_dir = self.opts.resolve(&new.config.wasmgate.data_dir);
         let keys = crate::keys::resolve(&new.config, &data_dir).map_err(|e| format!("{e:#}"))?;
         let moves = self.prepare_moves(&old.config, &new.config)?;
@@ -406,6 +407,37 @@ impl Loop {
         }
         self.apply_moves(moves);
         Ok(epoch)
+    }
+
+    /// A reload's new etcd user or password, tried before anything changes: one etcd refuses
+    /// would take a serving node off etcd, so it refuses the reload (the running ones stay).
+    /// An etcd that cannot be asked now does not hold the reload up.
+    async fn try_etcd_credentials(
+        &self,
+        old: &LoadedConfig,
+        new: &LoadedConfig,
+    ) -> Result<(), String> {
+        let (Some(etcd), Some(section)) = (&self.master.etcd, &new.config.deployment.etcd) else {
+            return Ok(());
+        };
+        let credentials = section.credentials()?;
+        let running = old.config.deployment.etcd.as_ref().map(|s| s.credentials());
+        let Some(credentials) = credentials.filter(|c| running != Some(Ok(Some(c.clone())))) else {
+            return Ok(());
+        };
+        match etcd.try_credentials(&credentials).await {
+            Ok(()) => Ok(()),
+            Err(e @ crate::etcd::EtcdError::Auth { .. }) => {
+                Err(format!("{e}; the running user and password are kept"))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "reload: the new etcd user and password could not be tried ({e}); taken as \
+                     they are"
+                );
+                Ok(())
+            }
+        }
     }
 
     /// Binds the Admin API's and the Prometheus export's new addresses and writes the new pid
@@ -625,12 +657,22 @@ fn keep_restart_only(old: &LoadedConfig, new: &mut LoadedConfig) {
     // The etcd user and password apply at once (`Master::set_config`): a password rotated in
     // etcd is then followed with a reload. Where the objects live does not change in place.
     let mut etcd = o.deployment.etcd.clone();
-    if let (Some(kept), Some(new)) = (&mut etcd, &n.deployment.etcd) {
-        kept.user = new.user.clone();
-        kept.password = new.password.clone();
-    }
-    if etcd != n.deployment.etcd {
-        changed.push("deployment.etcd");
+    match (&mut etcd, &n.deployment.etcd) {
+        (Some(kept), Some(new)) => {
+            kept.user = new.user.clone();
+            kept.password = new.password.clone();
+            for (key, differs) in [
+                ("deployment.etcd.host", kept.host != new.host),
+                ("deployment.etcd.prefix", kept.prefix != new.prefix),
+                ("deployment.etcd.timeout", kept.timeout != new.timeout),
+            ] {
+                if differs {
+                    changed.push(key);
+                }
+            }
+        }
+        (None, None) => {}
+        _ => changed.push("deployment.etcd"),
     }
     let (ow, nw) = (&o.wasmgate, &mut n.wasmgate);
     for (name, differs) in [

@@ -47,6 +47,8 @@ pub fn gateway(m: &Master) -> Value {
             "prefix": e.prefix,
             "reachable": e.reachable.load(Ordering::Relaxed),
             "revision": e.revision.load(Ordering::Relaxed),
+            // Why it is not serving this node (refused user, no answer, …), while it is not.
+            "error": e.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }),
     };
     json!({
