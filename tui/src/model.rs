@@ -349,6 +349,30 @@ pub struct GatewayStatus {
     pub master: MasterInfo,
     #[serde(deserialize_with = "de_list")]
     pub workers: Vec<WorkerInfo>,
+    /// Where the objects live (absent from gateways that do not report it).
+    pub store: Option<StoreInfo>,
+}
+
+/// `store` of `GET /wasmgate/status`: the data directory, or etcd.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct StoreInfo {
+    /// `local` or `etcd`.
+    pub kind: Option<String>,
+    pub revision: Option<u64>,
+    pub prefix: Option<String>,
+    #[serde(deserialize_with = "de_list")]
+    pub endpoints: Vec<String>,
+    pub reachable: Option<bool>,
+    /// Why etcd is not serving the node, while it is not.
+    pub error: Option<String>,
+}
+
+impl StoreInfo {
+    /// Whether the gateway serves without its etcd.
+    pub fn etcd_away(&self) -> bool {
+        self.kind.as_deref() == Some("etcd") && self.reachable == Some(false)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

@@ -112,17 +112,33 @@ fn tabs(f: &mut Frame, area: Rect, app: &App) {
             spans.push(Span::raw(label));
         }
     }
-    f.render_widget(Line::from(spans), area);
-    if let Some(m) = app.status.data.as_ref().map(|s| &s.master) {
-        let right = format!(
-            "gen {} · epoch {} ",
-            crate::fmt::opt(m.generation),
-            crate::fmt::opt(m.epoch)
+    let tabs = Line::from(spans);
+    let room = (area.width as usize).saturating_sub(tabs.width() + 1);
+    f.render_widget(tabs, area);
+    if let Some(status) = app.status.data.as_ref() {
+        let m = &status.master;
+        let away = Span::styled("etcd unreachable ", theme::error());
+        let generation = Span::styled(
+            format!(
+                "gen {} · epoch {} ",
+                crate::fmt::opt(m.generation),
+                crate::fmt::opt(m.epoch)
+            ),
+            theme::dim(),
         );
-        f.render_widget(
-            Line::styled(right, theme::dim()).alignment(Alignment::Right),
-            area,
-        );
+        // Seen from every screen: the gateway serves its last configuration without etcd.
+        // That goes first when both do not fit beside the tabs.
+        let right = match status.store.as_ref().is_some_and(|s| s.etcd_away()) {
+            false => vec![generation],
+            true if away.width() + 2 + generation.width() <= room => {
+                vec![away, Span::styled("· ", theme::dim()), generation]
+            }
+            true => vec![away],
+        };
+        let right = Line::from(right);
+        if right.width() <= room {
+            f.render_widget(right.alignment(Alignment::Right), area);
+        }
     }
 }
 

@@ -172,6 +172,23 @@ fn workers() {
     check("workers", &a);
 }
 
+/// Cluster mode with etcd refusing the node: said on every screen's top line, and why on the
+/// Workers screen.
+#[test]
+fn etcd_away() {
+    let mut a = app();
+    let mut status = a.status.data.clone().unwrap();
+    status.store = serde_json::from_value(json!({
+        "kind": "etcd", "endpoints": ["http://10.0.0.5:2379"], "prefix": "/apisix",
+        "reachable": false, "revision": 812,
+        "error": "etcd refused user \"gw\": etcdserver: authentication failed, invalid user ID or password (deployment.etcd.user and password)"
+    }))
+    .unwrap();
+    a.status.data = Some(status);
+    a.screen = Screen::Workers;
+    check("etcd_away", &a);
+}
+
 #[test]
 fn log() {
     let mut a = app();

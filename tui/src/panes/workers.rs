@@ -11,8 +11,8 @@ use ratatui::widgets::{Paragraph, Wrap};
 use ratatui::Frame;
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App) {
-    let [top, rest] = Layout::vertical([Constraint::Length(4), Constraint::Min(4)]).areas(area);
     let status = app.status.data.as_ref();
+    let store = status.and_then(|s| s.store.as_ref());
     let mut b = block(" Master ".into());
     if let Some(p) = feed_problem("status", &app.status) {
         b = b.title_bottom(p);
@@ -34,12 +34,18 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
         spans.extend(field("generation", fmt::opt(m.generation)));
         spans.extend(field("config", fmt::opt(m.config.as_deref())));
     }
-    f.render_widget(
-        Paragraph::new(Line::from(spans))
-            .wrap(Wrap { trim: true })
-            .block(b),
-        top,
-    );
+    let mut lines = vec![Line::from(spans)];
+    if let Some(store) = store {
+        lines.push(store_line(store));
+    }
+    let paragraph = Paragraph::new(lines).wrap(Wrap { trim: true });
+    // As tall as its wrapped text (the reason etcd is away can be long), within a third of
+    // the screen; at least the two lines it always had.
+    let wrapped = paragraph.line_count(area.width.saturating_sub(2)) as u16;
+    let master_rows = wrapped.clamp(2, (area.height / 3).max(2)) + 2;
+    let [top, rest] =
+        Layout::vertical([Constraint::Length(master_rows), Constraint::Min(4)]).areas(area);
+    f.render_widget(paragraph.block(b), top);
 
     let workers = status.map_or(&[][..], |s| s.workers.as_slice());
     let generation = master.and_then(|m| m.generation);
@@ -113,4 +119,32 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     let selected = (!workers.is_empty()).then_some(app.worker_selected);
     let mut state = super::table_state(selected);
     f.render_stateful_widget(table, rest, &mut state);
+}
+
+/// `store etcd http://10.0.0.5:2379 /apisix  reachable  revision 812`, or why etcd is away.
+fn store_line(store: &crate::model::StoreInfo) -> Line<'static> {
+    let mut spans = vec![Span::styled("store ", theme::dim())];
+    match store.kind.as_deref() {
+        Some("etcd") => {
+            spans.push(Span::raw(format!(
+                "etcd {} {}   ",
+                store.endpoints.join(","),
+                fmt::opt(store.prefix.as_deref())
+            )));
+            match store.reachable {
+                Some(false) => {
+                    let why = store.error.as_deref().unwrap_or("no answer");
+                    spans.push(Span::styled(
+                        format!("UNREACHABLE: {why} (serving the last configuration)   "),
+                        theme::error(),
+                    ));
+                }
+                _ => spans.push(Span::styled("reachable   ", theme::ok())),
+            }
+        }
+        kind => spans.push(Span::raw(format!("{}   ", fmt::opt(kind)))),
+    }
+    spans.push(Span::styled("revision ", theme::dim()));
+    spans.push(Span::raw(fmt::opt(store.revision)));
+    Line::from(spans)
 }
