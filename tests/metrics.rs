@@ -282,13 +282,14 @@ fn counters_go_on_across_a_reload_and_a_crash() {
     // A worker killed — one that served some of them: the master replaces it and keeps its
     // counts.
     let status = gw.status();
-    let victim = status["workers"]
+    let served = status["workers"]
         .as_array()
         .unwrap()
         .iter()
         .find(|w| w["requests"].as_u64() > Some(0))
-        .and_then(|w| w["pid"].as_i64())
-        .unwrap_or_else(|| panic!("no worker served: {status}")) as i32;
+        .unwrap_or_else(|| panic!("no worker served: {status}"));
+    let victim = served["pid"].as_i64().unwrap() as i32;
+    let number = served["worker_id"].to_string();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(victim),
         nix::sys::signal::Signal::SIGKILL,
@@ -300,6 +301,12 @@ fn counters_go_on_across_a_reload_and_a_crash() {
         pids.len() == 2 && !pids.contains(&victim) && pids.iter().all(|p| *p != 0)
     });
     reaches(15.0);
+    // The respawn is counted under the worker's number, one series whatever its pid.
+    let restarts = scrape(&gw).0;
+    let restarts = restarts.find("apisix_worker_restarts", &[("worker", number.as_str())]);
+    assert_eq!(restarts.len(), 1, "{restarts:?}");
+    assert_eq!(restarts[0].value, 1.0);
+    assert!(!restarts[0].labels.contains_key("pid"));
     send(5);
     reaches(20.0);
     // Connections accepted go on too (a connection per request here), as nginx's `accepts`.
@@ -454,7 +461,7 @@ fn counted(gw: &Gateway, name: &str, labels: &[(&str, &str)], n: f64) {
 /// Routes created and deleted through the Admin API for as long as a worker lives: a deleted
 /// route's series end once its requests are counted, and its records (route traffic, its
 /// plugin's context) are taken by the next route, so that a worker that saw more routes come
-/// and go than its tables hold (1 024 routes, 512 plugin contexts) still counts each live
+/// and go than its tables hold (4 096 routes, 4 096 plugin contexts) still counts each live
 /// route under its own id — not under `route="*"`, and not left out.
 #[test]
 fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {

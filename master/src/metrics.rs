@@ -12,7 +12,7 @@
 //! counters without `_total`, as APISIX's exporter names them; the families of wasmgate's own
 //! end their counters in `_total`, as the Prometheus conventions ask.
 
-use crate::prom_text::{Labels, Page};
+use crate::prom_text::{Kind as Family, Labels, Page};
 use crate::state::Master;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -28,31 +28,7 @@ use wasmgate_shared::traffic::{HistogramSnapshot, Latency, RouteSnapshot, LATENC
 
 pub use crate::prom_text::CONTENT_TYPE;
 
-/// The gateway's metric families, after the prefix. A plugin-defined metric with one of these
-/// names (prefix included) is not exported: the gateway's own family wins.
-pub const FAMILIES: [&str; 19] = [
-    "etcd_reachable",
-    "etcd_modify_indexes",
-    "http_status",
-    "http_latency",
-    "bandwidth",
-    "nginx_http_current_connections",
-    "http_requests",
-    "node_info",
-    "config_generation",
-    "worker_requests",
-    "worker_connections",
-    "worker_plugin_faults",
-    "worker_restarts",
-    "wasm_plugin_requests",
-    "wasm_plugin_local_replies",
-    "wasm_plugin_errors",
-    "wasm_plugin_traps",
-    "wasm_plugin_timeouts",
-    "wasm_plugin_memory_hits",
-];
-/// Also a gateway family (a histogram, listed apart to keep [`FAMILIES`] the counters'
-/// and gauges' names).
+/// The plugins' time histogram, after the prefix.
 const PLUGIN_TIME: &str = "wasm_plugin_time_seconds";
 
 /// Says once per name, in the error log, that a plugin's metric is not exported: its name
@@ -141,10 +117,10 @@ pub fn render(m: &Master) -> String {
         .routes
         .keys()
         .filter_map(|id| {
-            let service = store.get(Kind::Routes, id)?.value.get("service_id")?;
-            let service = match service {
+            let service = match store.get(Kind::Routes, id)?.value.get("service_id")? {
                 serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
+                serde_json::Value::Number(n) => n.to_string(),
+                _ => return None,
             };
             Some((id.clone(), service))
         })
@@ -374,10 +350,20 @@ impl Scrape {
             "Plugin traps and time or memory limit hits in each worker process.",
             self.workers.iter().map(|w| (labels(w), w.faults)),
         );
+        // By worker number alone: a restart brings a new pid, and the count must stay one
+        // series for an alert on its increase. During a reload a number has two processes,
+        // the draining one and its successor: the larger count is said.
+        let mut restarts: BTreeMap<u32, u32> = BTreeMap::new();
+        for w in &self.workers {
+            let n = restarts.entry(w.worker_id).or_default();
+            *n = (*n).max(w.restarts);
+        }
         enc.gauge(
             &format!("{p}worker_restarts"),
-            "Times the master respawned this worker number.",
-            self.workers.iter().map(|w| (labels(w), w.restarts as i64)),
+            "Times the master respawned this worker number in the current reload epoch.",
+            restarts
+                .into_iter()
+                .map(|(id, n)| (vec![("worker", id.to_string())], i64::from(n))),
         )
     }
 
@@ -445,32 +431,32 @@ impl Scrape {
         )
     }
 
-    /// Metrics plugins defined (`proxy_define_metric`), under their own sanitised names; one
-    /// that collides with a gateway family or, once sanitised, with another is skipped.
+    /// Metrics plugins defined (`proxy_define_metric`), under their own sanitised names (a
+    /// counter's ends in `_total`); one whose names a gateway family or another plugin metric
+    /// already claims (`prom_text::claims`: a histogram's `_bucket`, a counter's name without
+    /// `_total`, …) is skipped, with a warning.
     fn encode_plugin_metrics(&self, enc: &mut Page) {
-        let mut seen = HashSet::new();
+        // Written after every gateway family: what is taken now is the gateway's.
+        let gateway = enc.claims_only();
         for m in &self.plugin_metrics {
             let mut name = prometheus_name(&m.name);
-            if m.kind == MetricKind::Counter {
-                // A counter is exported with `_total` (added below): compared without it.
-                if let Some(stem) = name.strip_suffix("_total") {
-                    name = stem.to_string();
+            let kind = match m.kind {
+                MetricKind::Counter => {
+                    name = format!("{}_total", name.strip_suffix("_total").unwrap_or(&name));
+                    Family::Counter
                 }
-            }
-            let gateway_family = name
-                .strip_prefix(self.prefix.as_str())
-                .is_some_and(|f| FAMILIES.contains(&f) || f == PLUGIN_TIME);
-            if gateway_family || !seen.insert(name.clone()) {
-                warn_skipped(&m.name, &name, gateway_family);
+                MetricKind::Gauge => Family::Gauge,
+                MetricKind::Histogram => Family::Histogram,
+            };
+            if !enc.is_free(&name, kind) {
+                warn_skipped(&m.name, &name, !gateway.is_free(&name, kind));
                 continue;
             }
             let help = "Defined by a Proxy-Wasm plugin (proxy_define_metric).";
             match (&m.kind, &m.histogram) {
-                (MetricKind::Counter, _) => enc.counter(
-                    &format!("{name}_total"),
-                    help,
-                    [(Vec::new(), m.value.max(0) as u64)],
-                ),
+                (MetricKind::Counter, _) => {
+                    enc.counter(&name, help, [(Vec::new(), m.value.max(0) as u64)])
+                }
                 (MetricKind::Gauge, _) => enc.gauge(&name, help, [(Vec::new(), m.value)]),
                 (MetricKind::Histogram, Some(h)) => {
                     // The plugin segment keeps cumulative counts; the encoder wants per bucket.
@@ -500,13 +486,13 @@ pub async fn serve(
     stop: crate::listeners::Stop,
 ) {
     crate::listeners::serve_http(listener, "prometheus", stop, move |req, _| {
-        let answer = answer(&master, &req);
-        async move { answer }
+        let master = master.clone();
+        async move { answer(master, &req).await }
     })
     .await
 }
 
-fn answer<B>(m: &Master, req: &Request<B>) -> Response<Full<Bytes>> {
+async fn answer<B>(m: Arc<Master>, req: &Request<B>) -> Response<Full<Bytes>> {
     let uri = m.config().config.plugin_attr.prometheus.export_uri.clone();
     let (status, body) = if req.uri().path() != uri {
         (
@@ -516,7 +502,15 @@ fn answer<B>(m: &Master, req: &Request<B>) -> Response<Full<Bytes>> {
     } else if req.method() != Method::GET && req.method() != Method::HEAD {
         (StatusCode::METHOD_NOT_ALLOWED, "only GET\n".to_string())
     } else {
-        (StatusCode::OK, render(m))
+        // Off the master's thread: a page of thousands of routes takes tens of milliseconds,
+        // which the Admin API and the supervision would otherwise wait out.
+        match tokio::task::spawn_blocking(move || render(&m)).await {
+            Ok(page) => (StatusCode::OK, page),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the metrics page failed: {e}\n"),
+            ),
+        }
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -592,5 +586,55 @@ mod tests {
         assert!(lines.contains(&"lat_ms:x_bucket{le=\"+Inf\"} 3"), "{text}");
         assert!(lines.contains(&"lat_ms:x_count 3"), "{text}");
         assert!(!text.contains(" 99"), "{text}");
+    }
+
+    /// Names that would make a second family out of a sample name — a gateway counter's name
+    /// with `_total`, a histogram's `_bucket` or `_count`, a counter's name beside a gauge —
+    /// are skipped whoever wrote the first: one family per name, as scrapers require.
+    #[test]
+    fn plugin_metrics_never_share_a_name_with_another_family() {
+        let shm = PluginShm::create(1 << 20).unwrap();
+        for (kind, name) in [
+            (MetricKind::Gauge, "apisix_http_requests_total"),
+            (MetricKind::Gauge, "apisix_worker_requests_total"),
+            (MetricKind::Gauge, "apisix_http_latency_bucket"),
+            (MetricKind::Gauge, "apisix_http_status_total"),
+            (MetricKind::Gauge, "apisix_etcd_reachable"),
+            (MetricKind::Counter, "foo"),
+            (MetricKind::Gauge, "foo_total"),
+            (MetricKind::Histogram, "bar"),
+            (MetricKind::Gauge, "bar_count"),
+        ] {
+            let id = shm.define_metric(kind, name).unwrap();
+            if kind != MetricKind::Histogram {
+                shm.increment(id, 7).unwrap();
+            }
+        }
+        let text = page(shm.metrics());
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        for skipped in [
+            "apisix_http_requests_total gauge",
+            "apisix_worker_requests_total gauge",
+            "apisix_http_latency_bucket gauge",
+            "apisix_http_status_total gauge",
+            "apisix_etcd_reachable gauge",
+            "foo_total gauge",
+            "bar_count gauge",
+        ] {
+            assert!(!families.contains(&skipped), "{skipped}: {text}");
+        }
+        assert!(families.contains(&"foo_total counter"), "{text}");
+        assert!(families.contains(&"bar histogram"), "{text}");
+        let mut names: Vec<&str> = families
+            .iter()
+            .map(|f| f.split(' ').next().unwrap())
+            .collect();
+        let all = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all, "{text}");
     }
 }

@@ -6,6 +6,7 @@
 //! (`apisix_http_status`, `apisix_bandwidth`) and APISIX's Grafana dashboards found nothing.
 //! Format 0.0.4 leaves a counter's name to its owner; the rest of it is a few escaping rules.
 
+use std::collections::HashSet;
 use std::fmt::Write;
 
 /// What `Content-Type` says of a page written here.
@@ -35,11 +36,44 @@ impl Kind {
 #[derive(Default)]
 pub struct Page {
     text: String,
+    /// Every name a family written so far claims (see [`claims`]), written or empty.
+    taken: HashSet<String>,
+}
+
+/// The names a family of `kind` under `name` claims: its samples' (`_bucket`, `_sum`,
+/// `_count` of a histogram), and for a counter the name with and without `_total`, which a
+/// scraper would read as one family. Two families that share one cannot both be on a page.
+pub fn claims(name: &str, kind: Kind) -> Vec<String> {
+    match kind {
+        Kind::Gauge => vec![name.to_string()],
+        Kind::Counter => {
+            let stem = name.strip_suffix("_total").unwrap_or(name);
+            vec![stem.to_string(), format!("{stem}_total")]
+        }
+        Kind::Histogram => ["", "_bucket", "_sum", "_count"]
+            .iter()
+            .map(|suffix| format!("{name}{suffix}"))
+            .collect(),
+    }
 }
 
 impl Page {
     pub fn into_text(self) -> String {
         self.text
+    }
+
+    /// A page with nothing written that claims what this one claims now.
+    pub fn claims_only(&self) -> Page {
+        Page {
+            text: String::new(),
+            taken: self.taken.clone(),
+        }
+    }
+
+    /// Whether a family of `kind` under `name` can be added: none written so far claims any
+    /// of its names.
+    pub fn is_free(&self, name: &str, kind: Kind) -> bool {
+        claims(name, kind).iter().all(|n| !self.taken.contains(n))
     }
 
     /// A counter family under `name` as given (no suffix added); nothing when `rows` is empty.
@@ -98,6 +132,9 @@ impl Page {
         rows: impl IntoIterator<Item = (Labels, T)>,
         mut write: impl FnMut(&mut Page, &str, &Labels, T),
     ) {
+        // Claimed even when empty now: a family the gateway writes only at times (etcd's,
+        // the routes') keeps its names from plugin metrics all the same.
+        self.taken.extend(claims(name, kind));
         let mut rows = rows.into_iter().peekable();
         if rows.peek().is_none() {
             return;
@@ -180,6 +217,29 @@ impl Value for f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn families_claim_their_sample_names() {
+        let mut page = Page::default();
+        page.counter("req", "Counted.", []);
+        page.histogram("lat", "Timed.", []);
+        page.gauge("g", "Gauged.", [(Vec::new(), 1)]);
+        for (name, kind) in [
+            ("req", Kind::Gauge),
+            ("req_total", Kind::Gauge),
+            ("req_total", Kind::Counter),
+            ("lat_bucket", Kind::Gauge),
+            ("lat_count", Kind::Counter),
+            ("g", Kind::Histogram),
+            ("g_total", Kind::Counter),
+        ] {
+            assert!(!page.is_free(name, kind), "{name} {kind:?}");
+        }
+        assert!(page.is_free("g_count", Kind::Gauge));
+        assert!(page.is_free("lat_max", Kind::Gauge));
+        // The empty families wrote nothing.
+        assert_eq!(page.into_text(), "# HELP g Gauged.\n# TYPE g gauge\ng 1\n");
+    }
 
     #[test]
     fn families_samples_and_escapes() {

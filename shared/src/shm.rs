@@ -37,7 +37,7 @@ use std::time::Duration;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"WGATESHM");
 /// Bumped whenever the layout below changes; a mismatch fails loudly.
-pub const LAYOUT_VERSION: u64 = 7;
+pub const LAYOUT_VERSION: u64 = 8;
 const HEADER_SIZE: usize = 4096;
 /// Number of worker status slots (live workers plus draining ones during a reload).
 pub const SLOTS: usize = 256;

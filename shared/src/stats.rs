@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Plugins whose instance memory is reported (more are served, not reported).
 pub const MAX_PLUGINS: usize = 64;
 /// Context records per worker; beyond, new contexts are served without statistics.
-pub const CONTEXTS_PER_SLOT: usize = 512;
+pub const CONTEXTS_PER_SLOT: usize = 4096;
 const RECORD_SIZE: usize = 640;
 const MEMORY_TABLE: usize = MAX_PLUGINS * 8;
 /// Bytes of statistics per worker slot.

@@ -23,7 +23,7 @@ use crate::shm::WorkerSlot;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Route records per worker; later routes share the [`OVERFLOW`] record.
-pub const ROUTES_PER_SLOT: usize = 1024;
+pub const ROUTES_PER_SLOT: usize = 4096;
 const RECORD_SIZE: usize = 768;
 /// Bytes of traffic statistics per worker slot.
 pub const SLOT_TRAFFIC_SIZE: usize = ROUTES_PER_SLOT * RECORD_SIZE;
