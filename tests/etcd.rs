@@ -163,6 +163,12 @@ impl Etcd {
             self.call("/v3/auth/user/grant", json!({"user": user, "role": user}))
                 .unwrap();
         }
+        // A user with no role: it signs in and may read nothing.
+        self.call(
+            "/v3/auth/user/add",
+            json!({"name": "none", "password": "nonepw"}),
+        )
+        .unwrap();
         self.call("/v3/auth/enable", json!({})).unwrap();
         *self.root.lock().unwrap() = Some(self.sign_in("root", "rootpw"));
     }
@@ -210,16 +216,69 @@ fn node(etcd: &Etcd) -> Gateway {
 
 /// A node's set-up, with `etcd_extra` (whole lines) under `deployment.etcd`.
 fn node_setup(etcd: &Etcd, etcd_extra: &str) -> Setup {
+    node_setup_at(&etcd.endpoint(), etcd_extra)
+}
+
+/// A node's set-up with etcd at `endpoint`.
+fn node_setup_at(endpoint: &str, etcd_extra: &str) -> Setup {
     Setup {
         raw_yaml: Some(format!(
             "apisix:\n  node_listen: [{{ip: 127.0.0.1, port: {{proxy}}}}]\n\
              deployment:\n  admin:\n    admin_key: [{{name: admin, key: {KEY}}}]\n    admin_listen: {{ip: 127.0.0.1, port: {{admin}}}}\n\
-             \x20 etcd:\n    host: [\"{}\"]\n    prefix: /apisix\n    timeout: 5\n{etcd_extra}\
-             nginx_config:\n  worker_processes: 1\n",
-            etcd.endpoint()
+             \x20 etcd:\n    host: [\"{endpoint}\"]\n    prefix: /apisix\n    timeout: 5\n{etcd_extra}\
+             nginx_config:\n  worker_processes: 1\n"
         )),
         workers: 1,
         ..Setup::default()
+    }
+}
+
+/// A TCP relay to etcd that can stop passing bytes on the connections it holds — as a NAT or
+/// a load balancer that forgot them without closing them — while new ones go through.
+struct Relay {
+    port: u16,
+    cut_before: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+impl Relay {
+    fn start(to: u16) -> Relay {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut_before = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
+        let cut = cut_before.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let born = Instant::now();
+                let pairs = [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ];
+                for (mut from, mut into) in pairs {
+                    let cut = cut.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            let forgotten = cut.lock().unwrap().is_some_and(|t| born < t);
+                            if !forgotten && into.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = into.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Relay { port, cut_before }
+    }
+
+    /// From now on, the connections open so far pass nothing (and stay open).
+    fn forget_open_connections(&self) {
+        *self.cut_before.lock().unwrap() = Some(Instant::now());
     }
 }
 
@@ -717,10 +776,42 @@ fn etcd_with_authentication() {
             && said.contains("the running user and password are kept"),
         "{said}"
     );
-    std::fs::write(a.config_path(), yaml).unwrap();
+    // Nor is one with a user etcd lets sign in but not read, or with no user at all while etcd
+    // has authentication on.
+    let reload_with = |etcd_lines: &str| {
+        let changed = yaml.replace(&signed_in("gw", "gwpw"), etcd_lines);
+        assert_ne!(changed, yaml);
+        std::fs::write(a.config_path(), changed).unwrap();
+        let out = Command::new(common::bin())
+            .args(["reload", "-p"])
+            .arg(a.prefix())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), said.into_owned())
+    };
+    let (ok, said) = reload_with(&signed_in("none", "nonepw"));
+    assert!(!ok && said.contains("permission denied"), "{said}");
+    let (ok, said) = reload_with("");
+    assert!(
+        !ok && said.contains("etcd refused this node without a user"),
+        "{said}"
+    );
+    std::fs::write(a.config_path(), &yaml).unwrap();
     assert_eq!(a.status()["store"]["reachable"], true);
     let (s, v) = admin_put(&a, "put-c");
     assert_eq!(s, 201, "{v}");
+    // Users added in etcd meanwhile do not get in the way of writes (a token etcd calls
+    // "old" after such a change is renewed: `token_refused`'s unit test).
+    for i in 0..3 {
+        etcd.call(
+            "/v3/auth/user/add",
+            json!({"name": format!("extra{i}"), "password": "x"}),
+        )
+        .unwrap();
+        let (s, v) = admin_put(&a, &format!("put-d{i}"));
+        assert_eq!(s, 201, "{v}");
+    }
 
     // A user that may only read: served, and writes refused with the reason.
     let r = Gateway::start_with(node_setup(&etcd, &signed_in("ro", "ropw")));
@@ -777,4 +868,40 @@ fn etcd_with_authentication() {
         a.error_log()
     );
     a.wait_ready();
+}
+
+/// A watch whose connection stays open but passes nothing (a NAT or load balancer that forgot
+/// it) is found by the health checks — a key under the prefix changed after what the copy has,
+/// seen twice — and the node reads etcd again, rather than serve a stale copy as reachable.
+#[test]
+fn a_watch_that_stops_delivering_is_found() {
+    let Some(etcd) = Etcd::start() else { return };
+    let app = TestUpstream::start("app");
+    let relay = Relay::start(etcd.port);
+    let gw = Gateway::start_with(node_setup_at(
+        &format!("http://127.0.0.1:{}", relay.port),
+        "",
+    ));
+    let route = |uri: &str| json!({"uri": uri, "upstream": {"nodes": {app.addr(): 1}}}).to_string();
+    etcd.put("/apisix/routes/before", &route("/before"));
+    eventually(Duration::from_secs(10), "/before served", || {
+        status_of(&gw, "/before") == 200
+    });
+    relay.forget_open_connections();
+    etcd.put("/apisix/routes/unseen", &route("/unseen"));
+    let asked = Instant::now();
+    eventually(Duration::from_secs(30), "/unseen served", || {
+        status_of(&gw, "/unseen") == 200
+    });
+    eprintln!("the stalled watch was replaced after {:?}", asked.elapsed());
+    assert!(
+        gw.error_log().contains("the watch delivers nothing"),
+        "{}",
+        gw.error_log()
+    );
+    // The new watch delivers.
+    etcd.put("/apisix/routes/after", &route("/after"));
+    eventually(Duration::from_secs(10), "/after served", || {
+        status_of(&gw, "/after") == 200
+    });
 }

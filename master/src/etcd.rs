@@ -46,8 +46,19 @@ pub enum EtcdError {
     #[error("etcd canceled the watch: {0}")]
     Canceled(String),
     /// etcd refused the configured user and password.
-    #[error("etcd refused user {user:?}: {why} (deployment.etcd.user and password)")]
+    #[error(
+        "etcd refused {}: {why} (deployment.etcd.user and password)",
+        who(user)
+    )]
     Auth { user: String, why: String },
+}
+
+/// The user an [`EtcdError::Auth`] names, or that none was set.
+fn who(user: &str) -> String {
+    match user {
+        "" => "this node without a user".into(),
+        user => format!("user {user:?}"),
+    }
 }
 
 /// How long a health check waits for etcd's answer: a hung etcd (stopped, or behind a
@@ -215,17 +226,80 @@ impl Etcd {
         }
     }
 
-    /// Whether etcd takes `credentials` (a reload's, before they replace the running ones):
-    /// `Err(EtcdError::Auth)` when it refuses them; other errors say it could not be asked.
-    pub async fn try_credentials(&self, credentials: &EtcdCredentials) -> Result<(), EtcdError> {
-        let endpoint = self.current.load(Ordering::Relaxed) % self.endpoints.len();
-        match tokio::time::timeout(PROBE_TIMEOUT, self.sign_in(endpoint, credentials)).await {
-            Ok(signed_in) => signed_in.map(|_| ()),
-            Err(_) => Err(EtcdError::Unreachable(format!(
-                "no answer within {} s",
-                PROBE_TIMEOUT.as_secs()
-            ))),
+    /// Whether a reload's `credentials` (None: no user) would let this node in, tried before
+    /// they replace the running ones: signed in with (one endpoint after the other, as every
+    /// call goes), then one read of `<prefix>/` with the token. `Err(EtcdError::Auth)` when
+    /// etcd refuses them — the password, or the read (no permission; no user while
+    /// authentication is on); other errors say no endpoint could be asked.
+    pub async fn try_credentials(
+        &self,
+        credentials: Option<&EtcdCredentials>,
+    ) -> Result<(), EtcdError> {
+        let n = self.endpoints.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut last = EtcdError::Unreachable("no endpoint".into());
+        for endpoint in (0..n).map(|k| (first + k) % n) {
+            let tried = tokio::time::timeout(PROBE_TIMEOUT, self.try_at(endpoint, credentials));
+            match tried.await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e @ EtcdError::Auth { .. })) => return Err(e),
+                Ok(Err(e)) => last = e,
+                Err(_) => {
+                    last = EtcdError::Unreachable(format!(
+                        "{}: no answer within {} s",
+                        self.endpoints()[endpoint],
+                        PROBE_TIMEOUT.as_secs()
+                    ))
+                }
+            }
         }
+        Err(last)
+    }
+
+    async fn try_at(
+        &self,
+        endpoint: usize,
+        credentials: Option<&EtcdCredentials>,
+    ) -> Result<(), EtcdError> {
+        let token = match credentials {
+            Some(c) => match self.sign_in(endpoint, c).await? {
+                Session::Token { token, .. } => Some(token),
+                _ => None,
+            },
+            None => None,
+        };
+        let (status, incoming) = self
+            .send(
+                endpoint,
+                "/v3/kv/range",
+                &self.prefix_probe(),
+                token.as_deref(),
+            )
+            .await?;
+        match self.answer(status, incoming).await {
+            Ok(_) => Ok(()),
+            Err(EtcdError::Refused { body, .. })
+                if body.contains("permission denied") || body.contains("user name is empty") =>
+            {
+                Err(EtcdError::Auth {
+                    user: credentials.map_or_else(String::new, |c| c.user.clone()),
+                    why: body,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A one-key read inside `<prefix>/`, where the node's user may read (a user granted the
+    /// prefix with `--prefix` may not read the key `<prefix>` itself).
+    fn prefix_probe(&self) -> Value {
+        let prefix = format!("{}/", self.prefix);
+        json!({
+            "key": b64(prefix.as_bytes()),
+            "range_end": b64(&range_end(&prefix)),
+            "limit": 1,
+            "keys_only": true,
+        })
     }
 
     fn forget_session(&self) {
@@ -282,10 +356,17 @@ impl Etcd {
             {
                 Ok(Session::Open { endpoint })
             }
-            Err(EtcdError::Refused { body, .. }) => Err(EtcdError::Auth {
-                user: credentials.user.clone(),
-                why: body,
-            }),
+            // The credentials themselves; anything else (a leader election, a lost quorum)
+            // is etcd unable to answer now, not a refusal of the user.
+            Err(EtcdError::Refused { body, .. })
+                if body.contains("authentication failed")
+                    || body.contains("user name not found") =>
+            {
+                Err(EtcdError::Auth {
+                    user: credentials.user.clone(),
+                    why: body,
+                })
+            }
             Err(e) => Err(e),
         }
     }
@@ -411,7 +492,11 @@ impl Etcd {
 
     /// Whether etcd's refusal `why` asks for a new token, with a user configured.
     fn token_refused(&self, why: &str) -> bool {
-        let auth_message = why.contains("invalid auth token") || why.contains("user name is empty");
+        // `revision of auth store is old`: users or roles changed since the token was made
+        // (etcd's own client signs in again too).
+        let auth_message = why.contains("invalid auth token")
+            || why.contains("user name is empty")
+            || why.contains("revision of auth store is old");
         auth_message && self.auth().credentials.is_some()
     }
 
@@ -729,6 +814,9 @@ impl Outage {
 
 /// Replaces the copy with a full read and publishes it if anything changed.
 async fn resync(m: &Master, etcd: &Etcd) -> Result<u64, EtcdError> {
+    // Not between an Admin API write and its answer: a read made before the write, put in
+    // place after it, would take back what was just confirmed.
+    let _writes = etcd.writes.lock().await;
     let (rev, kvs) = etcd.range_all().await?;
     let (objects, refused) = objects(etcd, &m.catalog(), &kvs);
     for why in &refused {
@@ -825,12 +913,13 @@ async fn watch(m: &Master, etcd: &Etcd, from: u64) -> Result<u64, EtcdError> {
     let mut buf: Vec<u8> = Vec::new();
     let mut next = from;
     let mut probed = std::time::Instant::now();
+    let mut stall = Stall::default();
     loop {
         // A silent watch is normal; a health check every few seconds tells a dead peer. A busy
         // one is checked too, every PROBE_EVERY: a watch goes on delivering after the node's
         // user was refused (a password changed), which only a new request finds.
         if probed.elapsed() >= PROBE_EVERY {
-            healthy(etcd).await?;
+            stall.check(etcd).await?;
             probed = std::time::Instant::now();
         }
         let frame = tokio::select! {
@@ -839,7 +928,7 @@ async fn watch(m: &Master, etcd: &Etcd, from: u64) -> Result<u64, EtcdError> {
         };
         let frame = match frame {
             Err(_) => {
-                healthy(etcd).await?;
+                stall.check(etcd).await?;
                 probed = std::time::Instant::now();
                 continue;
             }
@@ -939,21 +1028,11 @@ fn apply_events(m: &Master, etcd: &Etcd, events: &[Value], revision: u64) -> u64
     revision + 1
 }
 
-/// A health check: a one-key read, answered within [`PROBE_TIMEOUT`]; the error says why
-/// not (no answer, or etcd's refusal, such as authentication turned on).
-async fn healthy(etcd: &Etcd) -> Result<(), EtcdError> {
-    // Inside `<prefix>/`, where the node's user may read (a user granted the prefix with
-    // `--prefix` may not read the key `<prefix>` itself).
-    let prefix = format!("{}/", etcd.prefix);
-    let probe = json!({
-        "key": b64(prefix.as_bytes()),
-        "range_end": b64(&range_end(&prefix)),
-        "limit": 1,
-        "keys_only": true,
-    });
-    let r = match tokio::time::timeout(PROBE_TIMEOUT, etcd.call("/v3/kv/range", probe)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e),
+/// A health check: one read within [`PROBE_TIMEOUT`], which sets `reachable`; the error says
+/// why not (no answer, or etcd's refusal, such as authentication turned on).
+async fn probe(etcd: &Etcd, request: Value) -> Result<Value, EtcdError> {
+    let r = match tokio::time::timeout(PROBE_TIMEOUT, etcd.call("/v3/kv/range", request)).await {
+        Ok(r) => r,
         Err(_) => {
             // A token from before etcd was wiped makes it wait rather than refuse: the next
             // try signs in again.
@@ -966,6 +1045,43 @@ async fn healthy(etcd: &Etcd) -> Result<(), EtcdError> {
     };
     etcd.reachable.store(r.is_ok(), Ordering::Relaxed);
     r
+}
+
+/// A health check that also asks whether the watch keeps up: the revision of a key under the
+/// prefix changed after `known` (the revision the copy has), if any.
+async fn changed_after(etcd: &Etcd, known: u64) -> Result<Option<u64>, EtcdError> {
+    let mut request = etcd.prefix_probe();
+    request["min_mod_revision"] = json!((known + 1).to_string());
+    let answer = probe(etcd, request).await?;
+    Ok(answer["kvs"]
+        .as_array()
+        .and_then(|kvs| kvs.first())
+        .map(|kv| int(&kv["mod_revision"])))
+}
+
+/// Finds a watch that stopped delivering while its connection stays open (a proxy or NAT that
+/// dropped it silently): a key changed after what the copy has, seen by two health checks in
+/// a row — the first may only be ahead of an event on its way.
+#[derive(Default)]
+struct Stall {
+    unseen: Option<u64>,
+}
+
+impl Stall {
+    async fn check(&mut self, etcd: &Etcd) -> Result<(), EtcdError> {
+        let known = etcd.revision.load(Ordering::Relaxed);
+        let newer = changed_after(etcd, known).await?;
+        match (newer, self.unseen) {
+            (Some(_), Some(first)) if first > known => Err(EtcdError::Unreachable(format!(
+                "the watch delivers nothing: etcd changed a key at revision {first}, the copy \
+                 is at {known}"
+            ))),
+            (newer, _) => {
+                self.unseen = newer;
+                Ok(())
+            }
+        }
+    }
 }
 
 /// An Admin API write in cluster mode: etcd first, then the local copy and the workers.
@@ -1035,6 +1151,37 @@ pub async fn commit(m: &Master, etcd: &Etcd, change: Change) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// etcd's refusals that a new token cures — a token it no longer knows, one made before
+    /// authentication was turned on, one made before users or roles changed (as etcd's own
+    /// client renews) — and only with a user to sign in as.
+    #[test]
+    fn refusals_that_ask_for_a_new_token() {
+        let section = |user: Option<&str>| EtcdSection {
+            host: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/apisix".into(),
+            timeout: 5,
+            user: user.map(String::from),
+            password: user.map(|_| wasmgate_shared::config::Secret("pw".into())),
+        };
+        let with_user = Etcd::new(&section(Some("gw"))).unwrap();
+        let without = Etcd::new(&section(None)).unwrap();
+        for why in [
+            "etcdserver: invalid auth token",
+            "etcdserver: user name is empty",
+            "etcdserver: revision of auth store is old",
+        ] {
+            assert!(with_user.token_refused(why), "{why}");
+            assert!(!without.token_refused(why), "{why}");
+        }
+        for why in [
+            "etcdserver: permission denied",
+            "etcdserver: leader changed",
+            "etcdserver: authentication failed, invalid user ID or password",
+        ] {
+            assert!(!with_user.token_refused(why), "{why}");
+        }
+    }
 
     #[test]
     fn range_end_is_the_prefix_incremented() {

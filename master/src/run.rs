@@ -409,9 +409,11 @@ impl Loop {
         Ok(epoch)
     }
 
-    /// A reload's new etcd user or password, tried before anything changes: one etcd refuses
-    /// would take a serving node off etcd, so it refuses the reload (the running ones stay).
-    /// An etcd that cannot be asked now does not hold the reload up.
+    /// A reload's new etcd user or password (or their removal), tried before anything
+    /// changes: signed in with and one read of the prefix made. What etcd refuses (the
+    /// password, the user's permission, no user while authentication is on) would take a
+    /// serving node off etcd, so it refuses the reload and the running ones stay. When no
+    /// endpoint can be asked now, the reload goes on with a warning.
     async fn try_etcd_credentials(
         &self,
         old: &LoadedConfig,
@@ -422,10 +424,10 @@ impl Loop {
         };
         let credentials = section.credentials()?;
         let running = old.config.deployment.etcd.as_ref().map(|s| s.credentials());
-        let Some(credentials) = credentials.filter(|c| running != Some(Ok(Some(c.clone())))) else {
+        if running == Some(Ok(credentials.clone())) {
             return Ok(());
-        };
-        match etcd.try_credentials(&credentials).await {
+        }
+        match etcd.try_credentials(credentials.as_ref()).await {
             Ok(()) => Ok(()),
             Err(e @ crate::etcd::EtcdError::Auth { .. }) => {
                 Err(format!("{e}; the running user and password are kept"))
