@@ -380,17 +380,7 @@ impl SpawnCtx {
         slot.restarts.store(w.restarts, Ordering::Relaxed);
         slot.epoch.store(w.epoch, Ordering::Relaxed);
         slot.started_at_ms.store(crate::now_ms(), Ordering::Relaxed);
-        slot.generation_seen.store(0, Ordering::Relaxed);
-        slot.requests.store(0, Ordering::Relaxed);
-        for counter in [
-            &slot.active_connections,
-            &slot.accepted,
-            &slot.plugin_faults,
-        ] {
-            counter.store(0, Ordering::Relaxed);
-        }
-        slot.reading.store(0, Ordering::Relaxed);
-        slot.writing.store(0, Ordering::Relaxed);
+        slot.zero_counters();
         let json = serde_json::to_vec(&boot).unwrap_or_default();
         let mut stdin = child.stdin.take();
         let exits = self.exits.clone();

@@ -222,18 +222,23 @@ impl WorkerSlot {
     /// Clears every counter, for a new process taking the slot.
     pub fn reset(&self) {
         self.fatal_len.store(0, Ordering::Relaxed);
-        for a in [
-            &self.pid,
-            &self.worker_id,
-            &self.restarts,
-            &self.reading,
-            &self.writing,
-        ] {
+        for a in [&self.pid, &self.worker_id, &self.restarts] {
             a.store(0, Ordering::Relaxed);
         }
+        for a in [&self.epoch, &self.started_at_ms] {
+            a.store(0, Ordering::Relaxed);
+        }
+        self.zero_counters();
+        // A new process starts with no context records: nothing stale is reported as live.
+        self.contexts.store(0, Ordering::Release);
+        self.routes.store(0, Ordering::Release);
+        self.set_state(SlotState::Free);
+    }
+
+    /// Zeroes what a process counts in its slot (requests, connections and their states,
+    /// faults, the generation it applied): for the process about to take the slot.
+    pub fn zero_counters(&self) {
         for a in [
-            &self.epoch,
-            &self.started_at_ms,
             &self.generation_seen,
             &self.requests,
             &self.active_connections,
@@ -242,10 +247,8 @@ impl WorkerSlot {
         ] {
             a.store(0, Ordering::Relaxed);
         }
-        // A new process starts with no context records: nothing stale is reported as live.
-        self.contexts.store(0, Ordering::Release);
-        self.routes.store(0, Ordering::Release);
-        self.set_state(SlotState::Free);
+        self.reading.store(0, Ordering::Relaxed);
+        self.writing.store(0, Ordering::Relaxed);
     }
 }
 
