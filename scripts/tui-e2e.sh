@@ -45,6 +45,7 @@ fail() {
 cleanup() {
     local rc=$?
     tmux -L "$SOCK" kill-server 2>/dev/null || true
+    pkill -f -- "--key gone-$$" 2>/dev/null || true
     if [ -n "$TMP" ]; then
         timeout 10 "$BIN" stop -p "$TMP" >/dev/null 2>&1 || true
     fi
@@ -220,4 +221,16 @@ say "route e2e deleted through the console"
 # q quits, and the console exits cleanly.
 keys q
 wait_screen "console exited with 0" "the console to quit"
+
+# A console whose terminal goes away (its tmux session killed, a terminal window closed) ends
+# too, rather than spin on an input that reads as an endless end of file.
+tmux -L "$SOCK" new-session -d -s gone -x 100 -y 30 \
+    "env LANG=C.UTF-8 TERM=xterm-256color '$BIN' tui -p '$TMP' --key gone-$$; true"
+console_running() { pgrep -f -- "--key gone-$$" >/dev/null; }
+wait_until "the second console to start" 10 console_running
+sleep 1
+tmux -L "$SOCK" kill-session -t gone
+console_gone() { ! console_running; }
+wait_until "the console to end once its terminal went away" 5 console_gone
+say "a console whose terminal went away ended"
 say "PASS ($SECONDS s)"

@@ -97,6 +97,22 @@ fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
             .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&stop)))
             .context("cannot handle signals")?;
     }
+    // The loop sees the flag between two waits for input. A terminal that hung up (its window
+    // closed, its tmux pane killed: SIGHUP) holds it elsewhere: its input reads as an endless
+    // end of file, on which crossterm's wait spins without returning. The process then ends
+    // all the same, a second later, the terminal restored.
+    let flag = Arc::clone(&stop);
+    std::thread::Builder::new()
+        .name("console-stop".into())
+        .spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            restore_terminal();
+            std::process::exit(0);
+        })
+        .context("cannot start the signal watch")?;
     Ok(stop)
 }
 
