@@ -48,16 +48,16 @@ pub enum EtcdError {
     /// etcd refused the configured user and password.
     #[error(
         "etcd refused {}: {why} (deployment.etcd.user and password)",
-        who(user)
+        who(user.as_deref())
     )]
-    Auth { user: String, why: String },
+    Auth { user: Option<String>, why: String },
 }
 
 /// The user an [`EtcdError::Auth`] names, or that none was set.
-fn who(user: &str) -> String {
+fn who(user: Option<&str>) -> String {
     match user {
-        "" => "this node without a user".into(),
-        user => format!("user {user:?}"),
+        None => "this node without a user".into(),
+        Some(user) => format!("user {user:?}"),
     }
 }
 
@@ -235,10 +235,8 @@ impl Etcd {
         &self,
         credentials: Option<&EtcdCredentials>,
     ) -> Result<(), EtcdError> {
-        let n = self.endpoints.len();
-        let first = self.current.load(Ordering::Relaxed) % n;
         let mut last = EtcdError::Unreachable("no endpoint".into());
-        for endpoint in (0..n).map(|k| (first + k) % n) {
+        for endpoint in self.endpoints_in_turn() {
             let tried = tokio::time::timeout(PROBE_TIMEOUT, self.try_at(endpoint, credentials));
             match tried.await {
                 Ok(Ok(())) => return Ok(()),
@@ -282,7 +280,7 @@ impl Etcd {
                 if body.contains("permission denied") || body.contains("user name is empty") =>
             {
                 Err(EtcdError::Auth {
-                    user: credentials.map_or_else(String::new, |c| c.user.clone()),
+                    user: credentials.map(|c| c.user.clone()),
                     why: body,
                 })
             }
@@ -290,16 +288,20 @@ impl Etcd {
         }
     }
 
-    /// A one-key read inside `<prefix>/`, where the node's user may read (a user granted the
+    /// Every key under `<prefix>/`, as etcd's requests name a range (`key`, `range_end`): what
+    /// the node reads, watches and checks, and where its user is granted (a user granted the
     /// prefix with `--prefix` may not read the key `<prefix>` itself).
-    fn prefix_probe(&self) -> Value {
+    fn prefix_range(&self) -> Value {
         let prefix = format!("{}/", self.prefix);
-        json!({
-            "key": b64(prefix.as_bytes()),
-            "range_end": b64(&range_end(&prefix)),
-            "limit": 1,
-            "keys_only": true,
-        })
+        json!({"key": b64(prefix.as_bytes()), "range_end": b64(&range_end(&prefix))})
+    }
+
+    /// A one-key read inside `<prefix>/`.
+    fn prefix_probe(&self) -> Value {
+        let mut probe = self.prefix_range();
+        probe["limit"] = json!(1);
+        probe["keys_only"] = json!(true);
+        probe
     }
 
     fn forget_session(&self) {
@@ -363,7 +365,7 @@ impl Etcd {
                     || body.contains("user name not found") =>
             {
                 Err(EtcdError::Auth {
-                    user: credentials.user.clone(),
+                    user: Some(credentials.user.clone()),
                     why: body,
                 })
             }
@@ -449,12 +451,17 @@ impl Etcd {
         Ok((resp.status().as_u16(), resp.into_body()))
     }
 
-    /// One request/answer call, trying each endpoint from the last good one.
-    async fn call(&self, path: &str, body: Value) -> Result<Value, EtcdError> {
+    /// Every endpoint once, from the one that answered last.
+    fn endpoints_in_turn(&self) -> impl Iterator<Item = usize> {
         let n = self.endpoints.len();
         let first = self.current.load(Ordering::Relaxed) % n;
+        (0..n).map(move |k| (first + k) % n)
+    }
+
+    /// One request/answer call, trying each endpoint from the last good one.
+    async fn call(&self, path: &str, body: Value) -> Result<Value, EtcdError> {
         let mut last = EtcdError::Unreachable("no endpoint".into());
-        for i in (0..n).map(|k| (first + k) % n) {
+        for i in self.endpoints_in_turn() {
             match self.call_one(i, path, &body).await {
                 Ok(v) => {
                     self.current.store(i, Ordering::Relaxed);
@@ -524,13 +531,11 @@ impl Etcd {
     /// What a refusal says: etcd's message (its JSON's `error`), or the start of the body.
     fn refusal(&self, body: &[u8]) -> String {
         let parsed = serde_json::from_slice::<Value>(body).ok();
-        let message = match parsed.as_ref().and_then(|v| v["error"].as_str()) {
-            Some(m) => m.chars().take(300).collect(),
-            None => String::from_utf8_lossy(body)
-                .chars()
-                .take(300)
-                .collect::<String>(),
+        let text = match parsed.as_ref().and_then(|v| v["error"].as_str()) {
+            Some(error) => std::borrow::Cow::Borrowed(error),
+            None => String::from_utf8_lossy(body),
         };
+        let message: String = text.chars().take(300).collect();
         if message.contains("permission denied") {
             return format!(
                 "{message} (the etcd user needs read and write permission on the keys under {}/)",
@@ -547,13 +552,7 @@ impl Etcd {
 
     /// Every key under the prefix, and the revision they were read at.
     pub async fn range_all(&self) -> Result<(u64, Vec<Kv>), EtcdError> {
-        let prefix = format!("{}/", self.prefix);
-        let v = self
-            .call(
-                "/v3/kv/range",
-                json!({"key": b64(prefix.as_bytes()), "range_end": b64(&range_end(&prefix))}),
-            )
-            .await?;
+        let v = self.call("/v3/kv/range", self.prefix_range()).await?;
         let kvs = v["kvs"]
             .as_array()
             .map(|a| a.iter().map(parse_kv).collect::<Result<Vec<_>, _>>())
@@ -888,12 +887,9 @@ fn publish(m: &Master) {
 /// Watches the prefix from revision `from` until the stream ends; returns the revision to
 /// continue from.
 async fn watch(m: &Master, etcd: &Etcd, from: u64) -> Result<u64, EtcdError> {
-    let prefix = format!("{}/", etcd.prefix);
-    let req = json!({"create_request": {
-        "key": b64(prefix.as_bytes()),
-        "range_end": b64(&range_end(&prefix)),
-        "start_revision": from.to_string(),
-    }});
+    let mut create = etcd.prefix_range();
+    create["start_revision"] = json!(from.to_string());
+    let req = json!({ "create_request": create });
     let n = etcd.endpoints.len();
     let i = etcd.current.load(Ordering::Relaxed) % n;
     let (status, mut body) = match etcd.open(i, "/v3/watch", &req).await {
@@ -957,9 +953,6 @@ async fn watch(m: &Master, etcd: &Etcd, from: u64) -> Result<u64, EtcdError> {
                 let why = result["cancel_reason"]
                     .as_str()
                     .unwrap_or("no reason given");
-                if etcd.token_refused(why) {
-                    etcd.forget_session();
-                }
                 return Err(EtcdError::Canceled(why.chars().take(300).collect()));
             }
             // Answering and watching: reachable (a 200 alone is not: a watch refused for
