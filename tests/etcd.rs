@@ -287,6 +287,15 @@ fn signed_in(user: &str, password: &str) -> String {
     format!("    user: {user}\n    password: {password}\n")
 }
 
+/// A route `/{id}` to `app`, written through `gw`'s Admin API: its status and answer.
+fn put_route(gw: &Gateway, id: &str, app: &TestUpstream) -> (u16, Value) {
+    gw.admin(
+        "PUT",
+        &format!("/apisix/admin/routes/{id}"),
+        Some(json!({"uri": format!("/{id}"), "upstream": {"nodes": {app.addr(): 1}}})),
+    )
+}
+
 fn status_of(gw: &Gateway, path: &str) -> u16 {
     http("GET", &gw.url(path), &[], None).status
 }
@@ -394,11 +403,7 @@ fn an_etcd_outage_keeps_the_last_configuration_serving() {
         assert_eq!(status_of(&a, "/r"), 200);
         assert_eq!(status_of(&b, "/r"), 200);
     }
-    let (s, v) = a.admin(
-        "PUT",
-        "/apisix/admin/routes/r2",
-        Some(json!({"uri": "/r2", "upstream": {"nodes": {app.addr(): 1}}})),
-    );
+    let (s, v) = put_route(&a, "r2", &app);
     assert_eq!(s, 503, "{v}");
     assert!(
         v["error_msg"]
@@ -420,11 +425,7 @@ fn an_etcd_outage_keeps_the_last_configuration_serving() {
     eventually(Duration::from_secs(15), "both nodes see etcd again", || {
         a.status()["store"]["reachable"] == true && b.status()["store"]["reachable"] == true
     });
-    let (s, v) = b.admin(
-        "PUT",
-        "/apisix/admin/routes/r2",
-        Some(json!({"uri": "/r2", "upstream": {"nodes": {app.addr(): 1}}})),
-    );
+    let (s, v) = put_route(&b, "r2", &app);
     assert_eq!(s, 201, "{v}");
     eventually(
         Duration::from_secs(10),
@@ -643,11 +644,7 @@ fn etcd_changed_behind_the_gateways_back() {
     assert_eq!(status_of(&a, "/same-b"), 200);
     // Writes are refused at once, not after etcd's timeout.
     let asked = Instant::now();
-    let (s, v) = a.admin(
-        "PUT",
-        "/apisix/admin/routes/late",
-        Some(json!({"uri": "/late", "upstream": {"nodes": {app.addr(): 1}}})),
-    );
+    let (s, v) = put_route(&a, "late", &app);
     assert_eq!(s, 503, "{v}");
     assert!(
         v["error_msg"]
@@ -722,13 +719,6 @@ fn etcd_with_authentication() {
     eventually(Duration::from_secs(10), "node a serves /before", || {
         status_of(&a, "/before") == 200
     });
-    let admin_put = |gw: &Gateway, id: &str| {
-        gw.admin(
-            "PUT",
-            &format!("/apisix/admin/routes/{id}"),
-            Some(json!({"uri": format!("/{id}"), "upstream": {"nodes": {app.addr(): 1}}})),
-        )
-    };
     // Quiet for longer than a health check's wait: the checks read where the user may read
     // (inside /apisix/, not the key /apisix), so etcd stays reachable.
     std::thread::sleep(Duration::from_millis(4500));
@@ -738,7 +728,7 @@ fn etcd_with_authentication() {
         "{}",
         a.error_log()
     );
-    let (s, v) = admin_put(&a, "put-a");
+    let (s, v) = put_route(&a, "put-a", &app);
     assert_eq!(s, 201, "{v}");
     assert_eq!(status_of(&a, "/put-a"), 200);
     let stored = etcd
@@ -754,7 +744,7 @@ fn etcd_with_authentication() {
     eventually(Duration::from_secs(20), "the node serves /after", || {
         status_of(&a, "/after") == 200
     });
-    let (s, v) = admin_put(&a, "put-b");
+    let (s, v) = put_route(&a, "put-b", &app);
     assert_eq!(s, 201, "{v}");
 
     // A reload with a password etcd refuses is refused, and the node keeps its user; so is
@@ -788,7 +778,7 @@ fn etcd_with_authentication() {
     );
     std::fs::write(a.config_path(), &yaml).unwrap();
     assert_eq!(a.status()["store"]["reachable"], true);
-    let (s, v) = admin_put(&a, "put-c");
+    let (s, v) = put_route(&a, "put-c", &app);
     assert_eq!(s, 201, "{v}");
     // Users added in etcd meanwhile do not get in the way of writes (a token etcd calls
     // "old" after such a change is renewed: `token_refused`'s unit test).
@@ -798,14 +788,14 @@ fn etcd_with_authentication() {
             json!({"name": format!("extra{i}"), "password": "x"}),
         )
         .unwrap();
-        let (s, v) = admin_put(&a, &format!("put-d{i}"));
+        let (s, v) = put_route(&a, &format!("put-d{i}"), &app);
         assert_eq!(s, 201, "{v}");
     }
 
     // A user that may only read: served, and writes refused with the reason.
     let r = Gateway::start_with(node_setup(&etcd, &signed_in("ro", "ropw")));
     assert_eq!(status_of(&r, "/after"), 200);
-    let (s, v) = admin_put(&r, "put-ro");
+    let (s, v) = put_route(&r, "put-ro", &app);
     assert_eq!(s, 503, "{v}");
     let msg = v["error_msg"].as_str().unwrap();
     assert!(
