@@ -399,6 +399,7 @@ where
                     put_fields(buf, &trailers);
                     buf.extend_from_slice(b"\r\n");
                     wr.write_all(buf).await?;
+                    wr.flush().await?;
                     return Ok(sent);
                 }
                 continue;
@@ -420,10 +421,17 @@ where
                 }
             }
         }
+        // A stream that buffers (TLS to a node) sends what it holds before the next frame
+        // is waited for; a socket's flush does nothing.
+        wr.flush().await?;
     }
     match out {
         BodyOut::Length(n) if sent != n => Err(SendError::Length(n)),
-        BodyOut::Chunked => Ok(wr.write_all(b"0\r\n\r\n").await.map(|_| sent)?),
+        BodyOut::Chunked => {
+            wr.write_all(b"0\r\n\r\n").await?;
+            wr.flush().await?;
+            Ok(sent)
+        }
         _ => Ok(sent),
     }
 }

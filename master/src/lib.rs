@@ -198,6 +198,19 @@ fn example_missing(loaded: &LoadedConfig, opts: &Options) -> bool {
 /// their nearest existing folder writable (`start` makes the rest). Checked, not created:
 /// files made here would belong to whoever runs the check (`wasmgate test`), and a reload
 /// refused later must leave nothing behind.
+/// The CA files `https` upstreams are checked against (`apisix.ssl.ssl_trusted_certificate`):
+/// read here so that a missing or broken one stops `start`, `reload` and `test` with its name,
+/// rather than failing verified handshakes later. (The system's store is read by the workers,
+/// when a handshake first needs it.)
+pub(crate) fn check_trusted_cas(opts: &Options, cfg: &GatewayConfig) -> anyhow::Result<()> {
+    cfg.apisix
+        .ssl
+        .trusted_cas()
+        .read_files(&opts.prefix)
+        .map(drop)
+        .map_err(anyhow::Error::msg)
+}
+
 pub(crate) fn check_logs(opts: &Options, cfg: &GatewayConfig) -> anyhow::Result<()> {
     let http = &cfg.nginx_config.http;
     let logs = [
@@ -303,6 +316,7 @@ pub fn check(opts: &Options) -> anyhow::Result<Vec<String>> {
         })?;
     }
     check_logs(opts, cfg)?;
+    check_trusted_cas(opts, cfg)?;
     let mut notes = cfg.warnings();
     let data_dir = opts.resolve(&cfg.wasmgate.data_dir);
     if cfg.deployment.etcd.is_some() {
@@ -380,6 +394,7 @@ fn prepare(opts: &Options, loaded: LoadedConfig) -> anyhow::Result<(Parts, std::
     install_example_plugin(&loaded, opts)?;
     let plugins = compile_plugins(&loaded, opts).map_err(anyhow::Error::msg)?;
     let cfg = &loaded.config;
+    check_trusted_cas(opts, cfg)?;
     let pid_path = opts.resolve(&cfg.wasmgate.pid_file);
     if let Some(pid) = cli::running_pid(&pid_path) {
         bail!(

@@ -342,6 +342,7 @@ impl Loop {
         }
         // A log file the new workers could not open would only show as workers failing.
         crate::check_logs(&self.opts, &new.config).map_err(|e| format!("{e:#}"))?;
+        crate::check_trusted_cas(&self.opts, &new.config).map_err(|e| format!("{e:#}"))?;
         let plugins = crate::compile_plugins(&new, &self.opts)?;
         crate::admin::objects::check_all(&self.master.store(), &new.catalog())?;
         let old = self.master.config();

@@ -54,7 +54,7 @@ const KEYS: &[(&[&str], Rule)] = &[
     (&["apisix", "normalize_uri_like_servlet"], OnlyWith(&["false"], "`;` is not special in paths")),
     (&["apisix", "proxy_mode"], OnlyWith(&["http"], "wasmgate proxies HTTP, not TCP or UDP streams")),
     (&["apisix", "router"], Check(router, "wasmgate routes as APISIX's radixtree_host_uri")),
-    (&["apisix", "ssl"], Check(ssl_off, "the listeners speak plain HTTP")),
+    (&["apisix", "ssl", "enable"], OnlyWith(&["false"], "TLS listeners are not supported: terminate TLS in front of wasmgate, or set ssl.enable: false")),
     (&["nginx_config", "user"], Ignore("the gateway runs as the user that starts it")),
     (&["nginx_config", "worker_rlimit_nofile"], Ignore("raise the limit with ulimit or the service manager's LimitNOFILE")),
     (&["nginx_config", "worker_rlimit_core"], Ignore("core dumps follow the service manager's limits")),
@@ -135,9 +135,17 @@ fn router(v: &Value, _: &Value) -> Option<String> {
     }
 }
 
-/// `apisix.ssl`: only `enable: false`.
-fn ssl_off(v: &Value, _: &Value) -> Option<String> {
-    (v.get("enable").and_then(Value::as_bool) != Some(false)).then(|| {
+const SSL_OFF: &str = "a setting of the TLS listener, which is off";
+
+/// The keys of `apisix.ssl` that wasmgate reads (the others are APISIX's TLS listener's).
+const SSL_READ: [&str; 2] = ["enable", "ssl_trusted_certificate"];
+
+/// A setting of APISIX's TLS listener (`apisix.ssl.listen`, `ssl_protocols`, `listen_port`,
+/// …): set aside when the listener is off (`ssl.enable: false`); APISIX's listener is on by
+/// default, so without that line the setting asks for what wasmgate does not do.
+fn ssl_listener_off(root: &Value) -> Option<String> {
+    let off = lookup(root, &["apisix", "ssl", "enable"]).and_then(Value::as_bool) == Some(false);
+    (!off).then(|| {
         "apisix.ssl: TLS listeners are not supported: terminate TLS in front of wasmgate \
          (or set ssl.enable: false)"
             .into()
@@ -239,6 +247,19 @@ pub fn set_aside(text: &str) -> Result<(Cow<'_, str>, Vec<String>), (usize, Stri
             }
         };
         found.push((path.to_vec(), why));
+    }
+    // The TLS listener's settings (every key of `apisix.ssl` but those read).
+    if let Some(ssl) = lookup(&root, &["apisix", "ssl"]).and_then(Value::as_mapping) {
+        for key in ssl.keys().filter_map(Value::as_str) {
+            if SSL_READ.contains(&key) {
+                continue;
+            }
+            let path = vec!["apisix", "ssl", key];
+            if let Some(refusal) = ssl_listener_off(&root) {
+                return Err((line(text, &path), refusal));
+            }
+            found.push((path, SSL_OFF.into()));
+        }
     }
     // Settings of plugins wasmgate does not have.
     if let Some(attrs) = root.get("plugin_attr").and_then(Value::as_mapping) {
@@ -399,6 +420,14 @@ mod tests {
         assert!(msg.contains("radixtree_uri is not supported"), "{msg}");
         let (_, msg) = set_aside("apisix:\n  ssl:\n    enable: true\n").unwrap_err();
         assert!(msg.contains("TLS listeners"), "{msg}");
+        // APISIX's listener is on unless switched off: its settings alone ask for it.
+        let (line, msg) = set_aside("apisix:\n  ssl:\n    listen: [9443]\n").unwrap_err();
+        assert_eq!(line, 3);
+        assert!(msg.contains("TLS listeners"), "{msg}");
+        let off = "apisix:\n  ssl:\n    enable: false\n    listen: [9443]\n    listen_port: 9443\n    ssl_trusted_certificate: system\n";
+        let (text, warnings) = set_aside(off).unwrap();
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(text.contains("ssl_trusted_certificate: system"), "{text}");
         let (_, msg) =
             set_aside("deployment:\n  admin:\n    allow_admin: [0.0.0.0/0]\n").unwrap_err();
         assert!(msg.contains("no address filter"), "{msg}");

@@ -152,6 +152,86 @@ pub struct ApisixSection {
     /// upstream as they came (a load balancer in front that terminates TLS); from any other
     /// client the gateway's own values replace them. APISIX's key; empty: trust none.
     pub trusted_addresses: Vec<String>,
+    /// `ssl:` — of APISIX's TLS settings only `ssl_trusted_certificate` is read here (the
+    /// others belong to its TLS listener: [`crate::apisix_keys`]).
+    pub ssl: SslSection,
+}
+
+/// `apisix.ssl:` — what `https` upstreams are checked against.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SslSection {
+    /// APISIX's TLS listener switch: only `false` (written inside `{…}`, where it cannot be
+    /// set aside; [`crate::apisix_keys`] takes the block form).
+    pub enable: Option<bool>,
+    /// The CAs a node's certificate must chain to when its upstream sets `tls.verify`:
+    /// `system` (the default: the system's store), a PEM file (relative to the prefix), or
+    /// both, comma-separated, as APISIX writes it.
+    pub ssl_trusted_certificate: Option<String>,
+}
+
+/// Where the CAs that `https` upstreams are checked against come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedCas {
+    /// The system's store (`system`).
+    pub system: bool,
+    /// PEM files, as written (relative ones are the prefix's).
+    pub files: Vec<PathBuf>,
+}
+
+impl SslSection {
+    /// `ssl_trusted_certificate` read: the system's store when it is not set.
+    pub fn trusted_cas(&self) -> TrustedCas {
+        let Some(v) = self.ssl_trusted_certificate.as_deref() else {
+            return TrustedCas {
+                system: true,
+                files: Vec::new(),
+            };
+        };
+        let mut cas = TrustedCas {
+            system: false,
+            files: Vec::new(),
+        };
+        for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            match item {
+                "system" => cas.system = true,
+                file => cas.files.push(PathBuf::from(file)),
+            }
+        }
+        cas
+    }
+}
+
+/// Largest CA file read for `ssl_trusted_certificate` (a system bundle is about 200 KiB).
+const MAX_CA_FILE: u64 = 8 << 20;
+
+impl TrustedCas {
+    /// The certificates of the PEM files, read under `prefix`; an error names the file and
+    /// what is wrong with it (unreadable, too large, not PEM, no certificate in it).
+    pub fn read_files(
+        &self,
+        prefix: &Path,
+    ) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+        use rustls_pki_types::pem::PemObject;
+        let mut out = Vec::new();
+        for file in &self.files {
+            let path = prefix.join(file);
+            let shown = || format!("apisix.ssl.ssl_trusted_certificate: {}", path.display());
+            let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", shown()))?;
+            if meta.len() > MAX_CA_FILE {
+                return Err(format!("{}: larger than {MAX_CA_FILE} bytes", shown()));
+            }
+            let pem = std::fs::read(&path).map_err(|e| format!("{}: {e}", shown()))?;
+            let before = out.len();
+            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                out.push(cert.map_err(|e| format!("{}: not PEM: {e}", shown()))?);
+            }
+            if out.len() == before {
+                return Err(format!("{}: no certificate in it", shown()));
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Default for ApisixSection {
@@ -163,6 +243,7 @@ impl Default for ApisixSection {
             ))],
             enable_admin: true,
             trusted_addresses: Vec::new(),
+            ssl: SslSection::default(),
         }
     }
 }
@@ -836,6 +917,24 @@ impl GatewayConfig {
             if let Some(why) = why {
                 return Err(err(&[Key("deployment"), Key("role")], why));
             }
+        }
+        let ssl_at = |k| [Key("apisix"), Key("ssl"), Key(k)];
+        if self.apisix.ssl.enable == Some(true) {
+            return Err(err(
+                &ssl_at("enable"),
+                "apisix.ssl.enable: true is not supported (TLS listeners are not supported: \
+                 terminate TLS in front of wasmgate, or set ssl.enable: false)"
+                    .into(),
+            ));
+        }
+        let cas = self.apisix.ssl.trusted_cas();
+        if !cas.system && cas.files.is_empty() {
+            return Err(err(
+                &ssl_at("ssl_trusted_certificate"),
+                "apisix.ssl.ssl_trusted_certificate names no CA: write `system`, a PEM file, \
+                 or both (`system, conf/ca.pem`)"
+                    .into(),
+            ));
         }
         if self.apisix.node_listen.is_empty() {
             return Err(err(

@@ -111,6 +111,8 @@ pub struct Entry<'a> {
     pub body_bytes_sent: u64,
     pub request_time: Duration,
     pub upstream_addr: &'a str,
+    /// `http` or `https`, as the upstream speaks to its nodes.
+    pub upstream_scheme: &'static str,
     pub upstream_status: Option<u16>,
     pub upstream_time: Option<Duration>,
     /// The `Host` and target the last attempt sent upstream (when the format shows them).
@@ -221,7 +223,7 @@ impl AccessLog {
                     .upstream_time
                     .map(|t| format!("{:.3}", t.as_secs_f64()))
                     .unwrap_or_default(),
-                "upstream_scheme" if !e.upstream_addr.is_empty() => "http".into(),
+                "upstream_scheme" if !e.upstream_addr.is_empty() => e.upstream_scheme.into(),
                 "upstream_host" => e.upstream_host.to_string(),
                 "upstream_uri" => e.upstream_uri.to_string(),
                 "route_id" | "apisix_route_id" => e.route_id.to_string(),

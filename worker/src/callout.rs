@@ -12,6 +12,7 @@ use crate::body::{self, ProxyBody};
 use crate::plugins::Callout;
 use crate::upstream::h1::ResponseBody;
 use crate::upstream::pool::Conn;
+use crate::upstream::tls::Handshake;
 use crate::Worker;
 use http::header::{HeaderName, HeaderValue};
 use http::Request;
@@ -67,33 +68,52 @@ impl Callout for WorkerCallout {
 
 /// A `host:port` target (as opposed to an upstream id).
 fn is_literal(target: &str) -> bool {
+    // A host is a name or an address: no scheme, user or path may come with it.
+    let plain_host = |h: &str| {
+        !h.is_empty()
+            && !h
+                .bytes()
+                .any(|b| matches!(b, b'/' | b'@' | b'?' | b'#') || b.is_ascii_whitespace())
+    };
     target
         .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        .is_some_and(|(h, p)| plain_host(h) && p.parse::<u16>().is_ok())
 }
 
-/// Where a target points: (authority, connect timeout, read timeout).
-fn resolve(w: &Worker, target: &str) -> Result<(Arc<str>, Duration, Duration), String> {
+/// Where a call goes: the node, the handshake a new connection to it makes, its timeouts.
+struct Destination {
+    authority: Arc<str>,
+    tls: Option<Handshake>,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+}
+
+/// Where a target points. An upstream's node is reached as the upstream says (over TLS for
+/// `scheme: https`, the call's `:authority` as the name); a `host:port` one over plain HTTP.
+fn resolve(w: &Worker, target: &str, host: Option<&HeaderValue>) -> Result<Destination, String> {
     let cfg = w.live.current();
     if let Some(up) = cfg.upstream(target) {
         let idx = up
             .balancer
             .pick(None, &[])
             .ok_or_else(|| format!("upstream {target} has no node"))?;
-        return Ok((
-            up.authorities[idx].clone(),
-            up.connect_timeout,
-            up.read_timeout,
-        ));
+        let tls = up.handshake(idx, host).map_err(|e| e.to_string())?;
+        return Ok(Destination {
+            authority: up.authorities[idx].clone(),
+            tls,
+            connect_timeout: up.connect_timeout,
+            read_timeout: up.read_timeout,
+        });
     }
     if !is_literal(target) {
         return Err("neither an upstream id nor host:port".into());
     }
-    Ok((
-        Arc::from(target),
-        LITERAL_CONNECT_TIMEOUT,
-        Duration::from_secs(60),
-    ))
+    Ok(Destination {
+        authority: Arc::from(target),
+        tls: None,
+        connect_timeout: LITERAL_CONNECT_TIMEOUT,
+        read_timeout: Duration::from_secs(60),
+    })
 }
 
 fn request(c: &HttpCall) -> Result<Request<ProxyBody>, String> {
@@ -130,13 +150,23 @@ fn request(c: &HttpCall) -> Result<Request<ProxyBody>, String> {
 }
 
 async fn perform(w: &Worker, c: HttpCall) -> Result<CallResponse, String> {
-    let (authority, connect_timeout, read_timeout) = resolve(w, &c.target)?;
     let req = request(&c)?;
-    let Conn { mut link, .. } = w
-        .pool
-        .checkout(&authority, connect_timeout, std::time::Instant::now())
-        .await
-        .map_err(|e| format!("connect to {authority}: {e}"))?;
+    let Destination {
+        authority,
+        tls,
+        connect_timeout,
+        read_timeout,
+    } = resolve(w, &c.target, req.headers().get(http::header::HOST))?;
+    let now = std::time::Instant::now();
+    let conn = match tls {
+        Some(tls) => {
+            w.pool
+                .checkout_tls(&authority, tls, connect_timeout, now)
+                .await
+        }
+        None => w.pool.checkout(&authority, connect_timeout, now).await,
+    };
+    let Conn { mut link, .. } = conn.map_err(|e| format!("connect to {authority}: {e}"))?;
     let (parts, body) = req.into_parts();
     let out = link
         .wire

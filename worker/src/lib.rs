@@ -161,6 +161,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let http = &config.nginx_config.http;
     let slot = boot.slot as usize;
+    upstream::tls::configure(boot.prefix.clone(), config.apisix.ssl.trusted_cas());
     let w = Arc::new(Worker {
         live: live::Live::new(segment.clone(), slot),
         plugins: Arc::new(plugins::Plugins::load(

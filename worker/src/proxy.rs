@@ -50,6 +50,8 @@ use wasmgate_wasm::{flags, AnswerDetails, Downstream, Head, Stream, Totals};
 struct UpstreamLog {
     /// Every node tried, in order (`$upstream_addr`): one, nearly always.
     addrs: SmallVec<[Arc<str>; 1]>,
+    /// The upstream speaks TLS to its nodes (`$upstream_scheme`).
+    https: bool,
     /// The last attempt's status; none when the client's body failed (`$upstream_status`).
     status: Option<u16>,
     time: Option<Duration>,
@@ -62,6 +64,16 @@ struct UpstreamLog {
     /// only when the access log's format shows them.
     host: Option<HeaderValue>,
     uri: Option<http::Uri>,
+}
+
+impl UpstreamLog {
+    /// `$upstream_scheme`.
+    fn scheme(&self) -> &'static str {
+        match self.https {
+            true => "https",
+            false => "http",
+        }
+    }
 }
 
 /// The client of a connection: its address, and the address as header text (`X-Real-IP`,
@@ -480,7 +492,12 @@ async fn serve_route(
     let up_log = &*up_log;
     let at = || {
         let host = parts.headers.get(header::HOST);
-        upstream_context(client, parts, up_log.addrs.last().map(|a| &**a), host)
+        upstream_context(
+            client,
+            parts,
+            up_log.addrs.last().map(|a| (up_log.scheme(), &**a)),
+            host,
+        )
     };
     match wasm.as_ref() {
         Some(shared) => response_phase(w, shared, resp, answered, &at).await,
@@ -786,6 +803,7 @@ async fn forward(
     let mut attempt_at = started;
     // Why the last attempt failed, for the answer made once no node is left.
     let mut why = AnswerDetails::of("no_healthy_upstream", flags::NO_HEALTHY_UPSTREAM);
+    log.https = up.tls.is_some();
     loop {
         let Some(idx) = up
             .balancer
@@ -803,17 +821,38 @@ async fn forward(
             return because(error_page(status.unwrap_or(StatusCode::BAD_GATEWAY)), why);
         };
         let authority = up.authorities[idx].clone();
-        let conn = match w
-            .pool
-            .checkout(&authority, up.connect_timeout, attempt_at)
-            .await
-        {
+        let host = node_host(up, client_host.as_ref(), &authority);
+        // A plain node's connections are pooled under its authority; a TLS one's under the
+        // name its session was opened for too (the key is made only then).
+        let dialed = match &up.tls {
+            None => {
+                w.pool
+                    .checkout(&authority, up.connect_timeout, attempt_at)
+                    .await
+            }
+            Some(_) => {
+                let tls = checkout_tls(w, up, idx, host.as_ref(), attempt_at);
+                Box::pin(tls).await
+            }
+        };
+        let conn = match dialed {
             Ok(c) => c,
             Err(e) => {
-                let at = upstream_context(client, parts, Some(&authority), client_host.as_ref());
-                tracing::error!(
-                    "connect() to {authority} failed ({e}) while connecting to upstream{at}"
+                let at = upstream_context(
+                    client,
+                    parts,
+                    Some((up.scheme(), &authority)),
+                    client_host.as_ref(),
                 );
+                match e {
+                    ConnectError::Tls(_) | ConnectError::TlsSettings(_) => tracing::error!(
+                        "TLS handshake with {authority} failed ({e}) while SSL handshaking to \
+                         upstream{at}"
+                    ),
+                    _ => tracing::error!(
+                        "connect() to {authority} failed ({e}) while connecting to upstream{at}"
+                    ),
+                }
                 // A connect that timed out is a gateway timeout, as nginx answers it.
                 let (status, reason) = match e {
                     ConnectError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, CONNECT_TIMEOUT),
@@ -832,7 +871,6 @@ async fn forward(
         let Some(b) = body.take() else {
             return error_page(StatusCode::BAD_GATEWAY);
         };
-        let host = node_host(up, client_host.as_ref(), &authority);
         let set = forwarding.fields(host.as_ref());
         let busy = Busy::start(up, idx);
         let request = (&*parts, &set[..], upgrade.is_some());
@@ -875,8 +913,12 @@ async fn forward(
                     || AnswerDetails::of(TERMINATED, flags::UPSTREAM_CONNECTION_TERMINATION);
                 let status = match outcome {
                     Exchange::Timeout(phase) => {
-                        let at =
-                            upstream_context(client, parts, Some(&authority), client_host.as_ref());
+                        let at = upstream_context(
+                            client,
+                            parts,
+                            Some((up.scheme(), &authority)),
+                            client_host.as_ref(),
+                        );
                         tracing::error!("upstream {authority} timed out while {phase}{at}");
                         why = AnswerDetails::of(
                             "upstream_response_timeout",
@@ -894,7 +936,12 @@ async fn forward(
                         }
                         None => {
                             let host = client_host.as_ref();
-                            let at = upstream_context(client, parts, Some(&authority), host);
+                            let at = upstream_context(
+                                client,
+                                parts,
+                                Some((up.scheme(), &authority)),
+                                host,
+                            );
                             tracing::error!(
                                 "upstream {authority} failed while reading response header \
                                  ({e}){at}"
@@ -956,7 +1003,7 @@ fn because(mut resp: Response<ProxyBody>, why: AnswerDetails) -> Response<ProxyB
 fn upstream_context(
     client: &Client,
     parts: &http::request::Parts,
-    node: Option<&str>,
+    node: Option<(&str, &str)>,
     host: Option<&HeaderValue>,
 ) -> String {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -964,8 +1011,8 @@ fn upstream_context(
     let host = host.and_then(|h| h.to_str().ok()).unwrap_or("");
     let client = client.addr.ip();
     match node {
-        Some(node) => format!(
-            ", client: {client}, request: \"{request}\", upstream: \"http://{node}{path}\", host: \"{host}\""
+        Some((scheme, node)) => format!(
+            ", client: {client}, request: \"{request}\", upstream: \"{scheme}://{node}{path}\", host: \"{host}\""
         ),
         None => format!(", client: {client}, request: \"{request}\", host: \"{host}\""),
     }
@@ -1220,6 +1267,27 @@ fn connection_is_plain(h: &HeaderMap) -> bool {
             .iter()
             .any(|f| v.as_bytes().eq_ignore_ascii_case(f.as_bytes())),
         _ => false,
+    }
+}
+
+/// A connection to node `idx` of an `https` upstream for a request sent with `host`. Kept
+/// out of [`forward`]: the handshake's state would otherwise weigh on every plain request's
+/// future.
+async fn checkout_tls(
+    w: &Worker,
+    up: &UpstreamRuntime,
+    idx: usize,
+    host: Option<&HeaderValue>,
+    now: Instant,
+) -> Result<Conn, ConnectError> {
+    let authority = &up.authorities[idx];
+    match up.handshake(idx, host)? {
+        Some(tls) => {
+            w.pool
+                .checkout_tls(authority, tls, up.connect_timeout, now)
+                .await
+        }
+        None => w.pool.checkout(authority, up.connect_timeout, now).await,
     }
 }
 
@@ -1541,6 +1609,7 @@ fn record(w: &Worker, log: &LogInfo, (status, sent): (u16, u64), ingress: u64, t
         body_bytes_sent: sent,
         request_time: took,
         upstream_addr: &up.addrs.join(", "),
+        upstream_scheme: up.scheme(),
         upstream_status: up.status,
         upstream_time,
         upstream_host: up.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
@@ -1624,6 +1693,7 @@ pub fn log_refused(w: &Worker, peer: SocketAddr, (status, sent): (u16, u64), too
         body_bytes_sent: sent,
         request_time: took,
         upstream_addr: "",
+        upstream_scheme: "http",
         upstream_status: None,
         upstream_time: None,
         upstream_host: "",

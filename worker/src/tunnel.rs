@@ -9,6 +9,7 @@
 //! flight still arrives), or when nothing has crossed it either way for the route's
 //! `timeout.read`.
 
+use crate::upstream::io::NodeIo;
 use crate::upstream::Busy;
 use bytes::BytesMut;
 use http::header::{self, HeaderValue};
@@ -65,7 +66,7 @@ pub struct Upstream {
 }
 
 struct Node {
-    io: TcpStream,
+    io: NodeIo,
     /// What the node sent after its 101.
     rest: BytesMut,
     held: Option<Busy>,
@@ -101,7 +102,7 @@ impl Drop for Closing {
 impl Upstream {
     /// `rest`: what the node sent after its 101; `idle`: how long the tunnel may carry
     /// nothing before it is closed.
-    pub fn new(io: TcpStream, rest: BytesMut, idle: Duration) -> Upstream {
+    pub fn new(io: NodeIo, rest: BytesMut, idle: Duration) -> Upstream {
         Upstream {
             node: Arc::new(Mutex::new(Some(Node {
                 io,
@@ -153,6 +154,7 @@ impl Upstream {
         let idle = self.idle;
         let early = async {
             node.write_all(&client_rest).await?;
+            node.flush().await?;
             client.write_all(&node_rest).await
         };
         if !matches!(tokio::time::timeout(idle, early).await, Ok(Ok(()))) {
@@ -205,7 +207,7 @@ enum End {
 /// watches the whole tunnel: moved on when it fires early, not for every chunk.
 async fn pipe(
     client: &mut TcpStream,
-    node: &mut TcpStream,
+    node: &mut NodeIo,
     idle: Duration,
     carried: &Counts,
 ) -> std::io::Result<End> {
@@ -257,6 +259,8 @@ where
         }
         touch();
         w.write_all(&buf[..n]).await?;
+        // TLS to the node holds back what the socket did not take; a socket sends it all.
+        w.flush().await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
         touch();
     }

@@ -14,7 +14,7 @@ pub mod vars;
 pub use common::{id_order, shown_id, valid_id, Id, Labels, Timeout};
 pub use plugins::{check_plugins, PluginCatalog, PluginConf, Plugins};
 pub use route::{GlobalRule, Route, Service};
-pub use upstream::{HashOn, LbType, Node, NodeAddr, Nodes, PassHost, Upstream};
+pub use upstream::{HashOn, LbType, Node, NodeAddr, Nodes, PassHost, Upstream, UpstreamTls};
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -207,7 +207,6 @@ fn unsupported_apisix_field(field: &str) -> Option<&'static str> {
         "discovery_type" | "service_name" | "discovery_args" => {
             "service discovery: list the nodes in `nodes`"
         }
-        "tls" => "TLS to nodes: nodes are reached over plain HTTP",
         "service_protocol" => "gRPC and Dubbo upstreams",
         _ => return None,
     })

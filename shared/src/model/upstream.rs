@@ -111,6 +111,99 @@ pub struct KeepalivePool {
     pub requests: Option<u32>,
 }
 
+/// `tls`: the TLS side of an `https` upstream, as APISIX's upstream `tls` object.
+#[derive(Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Check the node's certificate: it must chain to a trusted CA
+    /// (`apisix.ssl.ssl_trusted_certificate`) and name the host the request is sent for.
+    /// Off by default, as in APISIX (nginx's `proxy_ssl_verify off`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<bool>,
+    /// A certificate (PEM, with its chain) the gateway shows nodes that ask for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<String>,
+    /// The private key of `client_cert` (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<String>,
+    /// APISIX's reference to an SSL object: wasmgate has none (refused with what to do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_id: Option<serde_json::Value>,
+}
+
+/// The private key stays out of logs and panics.
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("verify", &self.verify)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key.as_ref().map(|_| "(hidden)"))
+            .field("client_cert_id", &self.client_cert_id)
+            .finish()
+    }
+}
+
+/// Largest `tls.client_cert` or `tls.client_key` taken.
+const MAX_PEM: usize = 64 * 1024;
+
+impl UpstreamTls {
+    /// Whether the node's certificate is checked.
+    pub fn verifies(&self) -> bool {
+        self.verify == Some(true)
+    }
+
+    /// The client certificate's chain and key, parsed; `None` when there is none.
+    #[allow(clippy::type_complexity)]
+    pub fn client_identity(
+        &self,
+    ) -> Result<
+        Option<(
+            Vec<rustls_pki_types::CertificateDer<'static>>,
+            rustls_pki_types::PrivateKeyDer<'static>,
+        )>,
+        (&'static str, String),
+    > {
+        use rustls_pki_types::pem::PemObject;
+        let (cert, key) = match (&self.client_cert, &self.client_key) {
+            (None, None) => return Ok(None),
+            (Some(_), None) => return Err(("client_key", "required with client_cert".into())),
+            (None, Some(_)) => return Err(("client_cert", "required with client_key".into())),
+            (Some(c), Some(k)) => (c, k),
+        };
+        if cert.len() > MAX_PEM {
+            return Err(("client_cert", format!("longer than {MAX_PEM} bytes")));
+        }
+        if key.len() > MAX_PEM {
+            return Err(("client_key", format!("longer than {MAX_PEM} bytes")));
+        }
+        let chain = rustls_pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ("client_cert", format!("not a PEM certificate: {e}")))?;
+        if chain.is_empty() {
+            return Err(("client_cert", "no PEM certificate in it".into()));
+        }
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| {
+            (
+                "client_key",
+                format!("not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
+            )
+        })?;
+        // The key must be one TLS can sign with and belong to the certificate: caught here,
+        // a mismatch would otherwise fail every handshake with a node that asks for it.
+        #[allow(deprecated)] // ring's provider, as the worker's (worker/src/upstream/tls.rs)
+        let provider = rustls::crypto::ring::default_provider();
+        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(
+            |e| {
+                (
+                    "client_key",
+                    format!("cannot be used with client_cert: {e}"),
+                )
+            },
+        )?;
+        Ok(Some((chain, key)))
+    }
+}
+
 /// An upstream.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -145,6 +238,9 @@ pub struct Upstream {
     pub upstream_host: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheme: Option<String>,
+    /// How the nodes of an `https` upstream are spoken to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive_pool: Option<KeepalivePool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,6 +272,11 @@ impl NodeAddr {
 }
 
 impl Upstream {
+    /// Whether its nodes are spoken to over TLS (`scheme: https`).
+    pub fn is_https(&self) -> bool {
+        self.scheme.as_deref() == Some("https")
+    }
+
     /// Checks a standalone upstream object.
     pub fn check(&self) -> Result<(), String> {
         self.check_as("")
@@ -197,12 +298,31 @@ impl Upstream {
             t.check(&field("timeout"))?;
         }
         if let Some(s) = &self.scheme {
-            if s != "http" {
+            let why = match s.as_str() {
+                "http" | "https" => None,
+                "grpc" | "grpcs" => Some("gRPC upstreams are not supported"),
+                "tcp" | "tls" | "udp" => Some("wasmgate proxies HTTP, not TCP or UDP streams"),
+                "kafka" => Some("Kafka upstreams are not supported"),
+                _ => Some("unknown scheme"),
+            };
+            if let Some(why) = why {
                 return Err(bad(
                     "scheme",
-                    format!("{s:?} is not supported (only \"http\")"),
+                    format!("{s:?}: {why} (expected \"http\" or \"https\")"),
                 ));
             }
+        }
+        if let Some(tls) = &self.tls {
+            if tls.client_cert_id.is_some() {
+                return Err(bad(
+                    "tls.client_cert_id",
+                    "not supported: wasmgate has no SSL objects; put the certificate and its \
+                     key in tls.client_cert and tls.client_key"
+                        .into(),
+                ));
+            }
+            tls.client_identity()
+                .map_err(|(f, why)| bad(&format!("tls.{f}"), why))?;
         }
         if self.pass_host == PassHost::Rewrite
             && self.upstream_host.as_deref().is_none_or(str::is_empty)

@@ -15,6 +15,7 @@
 //! (a 413, say) relayed, at most [`MAX_HEADERS`] headers in a head of at most
 //! [`MAX_HEAD_BYTES`].
 
+use super::io::NodeIo;
 use super::pool::Pool;
 use crate::body::BoxError;
 use bytes::{Bytes, BytesMut};
@@ -29,7 +30,6 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use wasmgate_http1::codec::{
     self, send_body, BodyOut, Chunk, Decoded, Delimiters, Framing, SendError, SetFields,
     MAX_HEADERS,
@@ -103,13 +103,17 @@ pub struct ResponseHead {
 pub struct Link {
     pub wire: Wire,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// A TLS connection's session identity (see [`super::tls::session_tag`]): the pool hands
+    /// it only to a request that would open the same session. None for a plain connection.
+    pub tag: Option<Arc<str>>,
 }
 
 impl Link {
-    pub fn new(io: TcpStream) -> Link {
+    pub fn new(io: NodeIo) -> Link {
         Link {
             wire: Wire::new(io),
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            tag: None,
         }
     }
 
@@ -131,14 +135,14 @@ impl Link {
 
     /// The socket and what was read past the answer's head: a connection switched to another
     /// protocol (101) is the tunnel's, never the pool's.
-    pub fn into_io(self) -> (TcpStream, BytesMut) {
+    pub fn into_io(self) -> (NodeIo, BytesMut) {
         (self.wire.io, self.wire.rbuf)
     }
 }
 
 /// One connection to a node: the socket, and the buffers its exchanges reuse.
 pub struct Wire {
-    io: TcpStream,
+    io: NodeIo,
     /// Bytes read and not yet taken. Heads and body chunks are split off it and shared (not
     /// copied) by the header values and body frames made from them.
     rbuf: BytesMut,
@@ -147,7 +151,7 @@ pub struct Wire {
 }
 
 impl Wire {
-    pub fn new(io: TcpStream) -> Wire {
+    pub fn new(io: NodeIo) -> Wire {
         Wire {
             io,
             rbuf: BytesMut::new(),
@@ -158,12 +162,8 @@ impl Wire {
     /// Whether an idle connection can carry a request: nothing has arrived on it since its
     /// last exchange (a close, or bytes nobody asked for). Uses the readiness the runtime has
     /// already seen: no system call when the socket is quiet.
-    pub fn is_idle_usable(&self) -> bool {
-        if !self.rbuf.is_empty() {
-            return false;
-        }
-        let mut probe = [0u8; 1];
-        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    pub fn is_idle_usable(&mut self) -> bool {
+        self.rbuf.is_empty() && self.io.is_quiet()
     }
 
     /// Puts a request head into the write buffer: request line (origin form: `uri`'s path
@@ -231,7 +231,14 @@ impl Wire {
 
     /// Writes the head put by [`encode_head`](Self::encode_head).
     pub async fn write_head(&mut self) -> io::Result<()> {
-        self.io.write_all(&self.wbuf).await
+        match &mut self.io {
+            NodeIo::Plain(tcp) => tcp.write_all(&self.wbuf).await,
+            // What TLS holds back when the socket is full goes with the flush.
+            NodeIo::Tls(tls) => {
+                tls.write_all(&self.wbuf).await?;
+                tls.flush().await
+            }
+        }
     }
 
     /// After [`write_head`](Self::write_head): sends `body` and returns the answer's head. An

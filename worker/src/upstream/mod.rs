@@ -3,7 +3,9 @@
 
 pub mod balancer;
 pub mod h1;
+pub mod io;
 pub mod pool;
+pub mod tls;
 
 use balancer::{Balancer, BalancerKind, BalancerNode};
 use std::sync::Arc;
@@ -32,6 +34,8 @@ pub struct UpstreamRuntime {
     pub upstream_host: Option<String>,
     pub hash_on: HashOn,
     pub key: Option<String>,
+    /// `scheme: https`: the TLS client settings, or why they cannot be used.
+    pub tls: Option<Result<tls::Settings, Arc<str>>>,
 }
 
 /// Node `idx` of an upstream counted busy by its balancer (`least_conn`) until this is dropped:
@@ -59,6 +63,28 @@ fn secs(v: Option<f64>) -> Duration {
 }
 
 impl UpstreamRuntime {
+    /// `http`, or `https` when the nodes are spoken to over TLS.
+    pub fn scheme(&self) -> &'static str {
+        match self.tls {
+            Some(_) => "https",
+            None => "http",
+        }
+    }
+
+    /// The handshake a new TLS connection to node `idx` makes for a request sent with
+    /// `host`; None for a plain upstream.
+    pub fn handshake(
+        &self,
+        idx: usize,
+        host: Option<&http::HeaderValue>,
+    ) -> Result<Option<tls::Handshake>, pool::ConnectError> {
+        match &self.tls {
+            None => Ok(None),
+            Some(Err(why)) => Err(pool::ConnectError::TlsSettings(why.clone())),
+            Some(Ok(settings)) => Ok(Some(settings.handshake(host, &self.nodes[idx].host))),
+        }
+    }
+
     /// Compiles a validated upstream; `route_timeout` (a route's `timeout`) wins over the
     /// upstream's own.
     pub fn new(u: &Upstream, route_timeout: Option<&Timeout>) -> UpstreamRuntime {
@@ -101,6 +127,12 @@ impl UpstreamRuntime {
             upstream_host: u.upstream_host.clone(),
             hash_on: u.hash_on.unwrap_or_default(),
             key: u.key.clone(),
+            tls: u.is_https().then(|| {
+                tls::Settings::new(u.tls.as_ref()).map_err(|e| {
+                    tracing::error!("upstream TLS settings cannot be used: {e}");
+                    Arc::from(e)
+                })
+            }),
             authorities: nodes.iter().map(|n| Arc::from(n.authority())).collect(),
             nodes,
         }

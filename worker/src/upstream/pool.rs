@@ -6,6 +6,8 @@
 //! at most `max_idle` are kept per node.
 
 pub use super::h1::Link;
+use super::io::NodeIo;
+use super::tls::Handshake;
 use crate::FastMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +24,16 @@ pub struct Conn {
     pub at: Instant,
 }
 
+impl Conn {
+    fn pooled(link: Link, now: Instant) -> Conn {
+        Conn {
+            link,
+            reused: true,
+            at: now,
+        }
+    }
+}
+
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -31,6 +43,12 @@ pub enum ConnectError {
     Io(#[from] std::io::Error),
     #[error("cannot resolve {0}")]
     Resolve(String),
+    /// The TLS handshake failed (a certificate not trusted, a node that does not speak TLS).
+    #[error("{0}")]
+    Tls(std::io::Error),
+    /// The upstream's TLS settings cannot be used (said when they were loaded too).
+    #[error("the upstream's TLS settings: {0}")]
+    TlsSettings(Arc<str>),
 }
 
 struct Idle {
@@ -64,39 +82,60 @@ impl Pool {
         connect_timeout: Duration,
         now: Instant,
     ) -> Result<Conn, ConnectError> {
-        if let Some(link) = self.take_idle(authority, now) {
-            return Ok(Conn {
-                link,
-                reused: true,
-                at: now,
-            });
+        match self.take_idle(authority, None, now) {
+            Some(link) => Ok(Conn::pooled(link, now)),
+            // Boxed: a new connection is rare next to a pooled one, and its state inline
+            // would make every checkout's future as large as it.
+            None => Box::pin(open(authority, None, connect_timeout)).await,
         }
-        let io = connect(authority, connect_timeout).await?;
-        Ok(Conn {
-            link: Link::new(io),
-            reused: false,
-            at: Instant::now(),
-        })
     }
 
-    fn take_idle(&self, authority: &str, now: Instant) -> Option<Link> {
+    /// [`checkout`](Self::checkout) for a TLS node: an idle session of the node that `tls`
+    /// would open again (the same settings and server name: its tag), or a new connection
+    /// with `tls`'s handshake, within `connect_timeout` as nginx's.
+    pub async fn checkout_tls(
+        &self,
+        authority: &str,
+        tls: Handshake,
+        connect_timeout: Duration,
+        now: Instant,
+    ) -> Result<Conn, ConnectError> {
+        match self.take_idle(authority, Some(&tls.tag), now) {
+            Some(link) => Ok(Conn::pooled(link, now)),
+            None => Box::pin(open(authority, Some(tls), connect_timeout)).await,
+        }
+    }
+
+    /// The newest idle connection to `authority` with session tag `tag` that can still carry
+    /// a request. The list is in time order, so the expired ones are a prefix.
+    fn take_idle(&self, authority: &str, tag: Option<&str>, now: Instant) -> Option<Link> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(authority)?;
-        // The newest went idle last: when it has expired, so have all the others.
-        while let Some(i) = list.pop() {
-            if now.duration_since(i.since) >= self.idle_timeout {
-                list.clear();
+        let mut i = list.len();
+        while i > 0 {
+            i -= 1;
+            if now.duration_since(list[i].since) >= self.idle_timeout {
+                // This one and all older ones.
+                list.drain(..=i);
                 return None;
             }
+            // A plain node's list holds plain connections only: the newest is the one.
+            if list[i].link.tag.as_deref() != tag {
+                continue;
+            }
+            let mut found = list.remove(i);
             // A node may have closed it while idle: the runtime has seen that already.
-            if i.link.wire.is_idle_usable() {
-                return Some(i.link);
+            if found.link.wire.is_idle_usable() {
+                return Some(found.link);
             }
         }
         None
     }
 
-    /// Returns a connection whose exchange completed.
+    /// Returns a connection whose exchange completed. At most `max_idle` are kept per node,
+    /// whatever their sessions: the oldest goes to make room, as nginx's keepalive cache
+    /// closes its least recently used (a node reached under many names — one per client
+    /// `Host` — keeps no more connections than one reached under one).
     pub fn checkin(&self, authority: &Arc<str>, link: Link) {
         if self.max_idle == 0 {
             return;
@@ -114,11 +153,13 @@ impl Pool {
             .count();
         list.drain(..expired);
         if list.len() >= self.max_idle {
-            list.retain(|i| i.link.wire.is_idle_usable());
+            list.retain_mut(|i| i.link.wire.is_idle_usable());
         }
-        if list.len() < self.max_idle {
-            list.push(Idle { link, since: now });
+        if list.len() >= self.max_idle {
+            let over = list.len() + 1 - self.max_idle;
+            list.drain(..over);
         }
+        list.push(Idle { link, since: now });
     }
 
     /// Idle connections kept for `authority` (tests).
@@ -129,27 +170,54 @@ impl Pool {
     }
 }
 
-async fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, ConnectError> {
+/// A new connection to `authority`, with a TLS session over it when `tls` says so, all within
+/// `connect_timeout`.
+async fn open(
+    authority: &str,
+    tls: Option<Handshake>,
+    connect_timeout: Duration,
+) -> Result<Conn, ConnectError> {
     let attempt = async {
-        let addrs: Vec<_> = tokio::net::lookup_host(authority)
-            .await
-            .map_err(|_| ConnectError::Resolve(authority.to_string()))?
-            .collect();
-        let mut last = ConnectError::Resolve(authority.to_string());
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    return Ok(s);
-                }
-                Err(e) => last = ConnectError::Io(e),
+        let tcp = connect(authority).await?;
+        match tls {
+            None => Ok(Link::new(NodeIo::Plain(tcp))),
+            Some(h) => {
+                let session = tokio_rustls::TlsConnector::from(h.config)
+                    .connect(h.name, tcp)
+                    .await
+                    .map_err(ConnectError::Tls)?;
+                let mut link = Link::new(NodeIo::Tls(Box::new(session)));
+                link.tag = Some(h.tag);
+                Ok(link)
             }
         }
-        Err(last)
     };
-    tokio::time::timeout(timeout, attempt)
+    let link = tokio::time::timeout(connect_timeout, attempt)
         .await
-        .unwrap_or(Err(ConnectError::Timeout(timeout)))
+        .unwrap_or(Err(ConnectError::Timeout(connect_timeout)))?;
+    Ok(Conn {
+        link,
+        reused: false,
+        at: Instant::now(),
+    })
+}
+
+async fn connect(authority: &str) -> Result<TcpStream, ConnectError> {
+    let addrs: Vec<_> = tokio::net::lookup_host(authority)
+        .await
+        .map_err(|_| ConnectError::Resolve(authority.to_string()))?
+        .collect();
+    let mut last = ConnectError::Resolve(authority.to_string());
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = ConnectError::Io(e),
+        }
+    }
+    Err(last)
 }
 
 #[cfg(test)]
@@ -180,7 +248,7 @@ mod tests {
         let pool = Pool::new(2, Duration::from_millis(300));
         for _ in 0..3 {
             let c = connection(addr).await;
-            pool.checkin(&authority, Link::new(c));
+            pool.checkin(&authority, Link::new(NodeIo::Plain(c)));
         }
         assert_eq!(pool.idle_count(&authority), 2, "max_idle caps the list");
         let c = pool
@@ -197,9 +265,9 @@ mod tests {
         assert!(!c.reused, "an expired connection is not handed out");
         assert_eq!(pool.idle_count(&authority), 0);
         // Checking in drops the expired ones before keeping the new one.
-        pool.checkin(&authority, Link::new(connection(addr).await));
+        pool.checkin(&authority, Link::new(NodeIo::Plain(connection(addr).await)));
         tokio::time::sleep(Duration::from_millis(400)).await;
-        pool.checkin(&authority, Link::new(connection(addr).await));
+        pool.checkin(&authority, Link::new(NodeIo::Plain(connection(addr).await)));
         assert_eq!(pool.idle_count(&authority), 1);
     }
 }

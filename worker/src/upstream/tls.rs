@@ -1,0 +1,264 @@
+//! TLS to nodes (`scheme: https`): the client settings of each upstream, the CAs they trust,
+//! and the handshake.
+//!
+//! As in APISIX (nginx's `proxy_ssl_verify off`), a node's certificate is checked only when
+//! its upstream sets `tls.verify: true`; the handshake's signatures are checked either way.
+//! The name sent (SNI) and checked is the host of the `Host` the request goes with, as
+//! APISIX's `proxy_ssl_name $upstream_host`. The CAs come from
+//! `apisix.ssl.ssl_trusted_certificate` (the system's store by default), read on the first
+//! verified handshake: most workers never make one.
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use wasmgate_shared::config::TrustedCas;
+use wasmgate_shared::model::UpstreamTls;
+
+/// Where this worker's trusted CAs come from (set once at start).
+static TRUST: OnceLock<(PathBuf, TrustedCas)> = OnceLock::new();
+/// The CAs, read on first use; an error says which file and why.
+static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
+
+/// Records where the CAs come from: the prefix that relative files are under, and
+/// `apisix.ssl.ssl_trusted_certificate`.
+pub fn configure(prefix: PathBuf, cas: TrustedCas) {
+    let _ = TRUST.set((prefix, cas));
+}
+
+/// ring's algorithms: they build with a C compiler alone (aws-lc-rs, rustls's default,
+/// needs cmake and adds minutes to a cold build), and cover the TLS 1.2 and 1.3 suites nodes
+/// offer. rustls deprecates it for lacking post-quantum key exchange, which matters for
+/// traffic recorded now and decrypted years later, far less for the hop to one's own nodes.
+#[allow(deprecated)]
+fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+fn roots() -> Result<Arc<RootCertStore>, String> {
+    ROOTS
+        .get_or_init(|| {
+            let (prefix, cas) = TRUST.get().cloned().unwrap_or_else(|| {
+                let system = TrustedCas {
+                    system: true,
+                    files: Vec::new(),
+                };
+                (PathBuf::from("/"), system)
+            });
+            let mut store = RootCertStore::empty();
+            if cas.system {
+                let found = rustls_native_certs::load_native_certs();
+                for e in &found.errors {
+                    tracing::warn!("the system's CA store: {e}");
+                }
+                let (added, _) = store.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    tracing::warn!("the system's CA store has no certificate");
+                }
+            }
+            for cert in cas.read_files(&prefix)? {
+                store
+                    .add(cert)
+                    .map_err(|e| format!("apisix.ssl.ssl_trusted_certificate: {e}"))?;
+            }
+            Ok(Arc::new(store))
+        })
+        .clone()
+}
+
+/// The client settings of an `https` upstream: its `tls` object made into rustls's
+/// configuration. An error (no CA could be read, a client key rustls cannot use) fails the
+/// upstream's connections with it, each one logged.
+fn client_config(tls: Option<&UpstreamTls>) -> Result<Arc<ClientConfig>, String> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let verify = tls.is_some_and(UpstreamTls::verifies);
+    let builder = match verify {
+        true => builder.with_root_certificates(roots()?),
+        false => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Unverified(provider()))),
+    };
+    let identity = tls
+        .map(UpstreamTls::client_identity)
+        .transpose()
+        .map_err(|(field, why)| format!("tls.{field}: {why}"))?
+        .flatten();
+    let mut config = match identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("tls.client_cert: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
+    // HTTP/1.1 only, said in the handshake (a node that offers h2 must not pick it).
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// An `https` upstream's client settings, and a fingerprint of the `tls` object they were
+/// made from: sessions opened with other settings are not its to reuse.
+#[derive(Debug)]
+pub struct Settings {
+    pub config: Arc<ClientConfig>,
+    fingerprint: u64,
+}
+
+impl Settings {
+    /// The settings of `tls` (none: unverified, no client certificate).
+    pub fn new(tls: Option<&UpstreamTls>) -> Result<Settings, String> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        tls.map(|t| (t.verifies(), &t.client_cert, &t.client_key))
+            .hash(&mut h);
+        Ok(Settings {
+            config: client_config(tls)?,
+            fingerprint: h.finish(),
+        })
+    }
+
+    /// What a new connection to a node needs for a request sent with `host`.
+    pub fn handshake(&self, host: Option<&http::HeaderValue>, node_host: &str) -> Handshake {
+        let name = server_name(host, node_host);
+        let tag = session_tag(self.fingerprint, &name);
+        Handshake {
+            config: self.config.clone(),
+            name,
+            tag,
+        }
+    }
+}
+
+/// What a new connection's handshake needs: the upstream's settings and the name to send,
+/// and the session's identity in the pool.
+pub struct Handshake {
+    pub config: Arc<ClientConfig>,
+    pub name: ServerName<'static>,
+    pub tag: Arc<str>,
+}
+
+/// The name a handshake sends and checks: the host of the request's `Host` (an IP address
+/// is checked as one and sends no SNI); the node's own host when that is not a name.
+/// A name is written in lower case and without a trailing dot, as certificates write it: a
+/// client's `API.Example.com.` opens the same session as `api.example.com`.
+pub fn server_name(host: Option<&http::HeaderValue>, node_host: &str) -> ServerName<'static> {
+    let name = |h: &str| {
+        let h = host_part(h);
+        let h = h.strip_suffix('.').unwrap_or(h);
+        ServerName::try_from(h.to_ascii_lowercase()).ok()
+    };
+    host.and_then(|h| h.to_str().ok())
+        .and_then(name)
+        .or_else(|| name(node_host))
+        .unwrap_or_else(|| ServerName::try_from("invalid").expect("a valid DNS name"))
+}
+
+/// `host` of `host[:port]`, brackets taken off an IPv6 literal.
+fn host_part(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match authority.rsplit_once(':') {
+        // One colon: a port. More: an IPv6 literal without brackets.
+        Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
+/// A TLS session's identity in the pool: the settings it was opened with and the name it was
+/// opened for. A session is reused only for a request that would open the same one: with
+/// other settings (`verify` on, another client certificate) or for another name it would
+/// skip a check or show the wrong identity.
+fn session_tag(fingerprint: u64, name: &ServerName<'_>) -> Arc<str> {
+    let name = match name {
+        ServerName::DnsName(d) => d.as_ref().to_string(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        _ => String::new(),
+    };
+    Arc::from(format!("{fingerprint:016x} {name}"))
+}
+
+/// Accepts any certificate (`tls.verify` off) while still checking that the node holds the
+/// key of the one it showed.
+#[derive(Debug)]
+struct Unverified(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_name_is_the_host_of_the_host_header() {
+        let v = |s: &'static str| http::HeaderValue::from_static(s);
+        let name = |h: Option<&http::HeaderValue>, node: &str| match server_name(h, node) {
+            ServerName::DnsName(d) => d.as_ref().to_string(),
+            ServerName::IpAddress(ip) => format!("ip {}", std::net::IpAddr::from(ip)),
+            _ => "?".into(),
+        };
+        assert_eq!(
+            name(Some(&v("api.example.com:8443")), "10.0.0.1:443"),
+            "api.example.com"
+        );
+        assert_eq!(
+            name(Some(&v("127.0.0.1:9080")), "10.0.0.1:443"),
+            "ip 127.0.0.1"
+        );
+        assert_eq!(name(Some(&v("[::1]:9080")), "10.0.0.1:443"), "ip ::1");
+        assert_eq!(name(None, "node.internal:443"), "node.internal");
+        // Not a name: the node's host instead.
+        assert_eq!(
+            name(Some(&v("bad name")), "node.internal:443"),
+            "node.internal"
+        );
+    }
+}
