@@ -103,9 +103,6 @@ pub struct ResponseHead {
 pub struct Link {
     pub wire: Wire,
     timer: Pin<Box<tokio::time::Sleep>>,
-    /// A TLS connection's session identity (see [`super::tls::session_tag`]): the pool hands
-    /// it only to a request that would open the same session. None for a plain connection.
-    pub tag: Option<Arc<str>>,
 }
 
 impl Link {
@@ -113,8 +110,12 @@ impl Link {
         Link {
             wire: Wire::new(io),
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            tag: None,
         }
+    }
+
+    /// A TLS connection's session identity (see [`NodeIo::tag`]); None for a plain one.
+    pub fn tag(&self) -> Option<&str> {
+        self.wire.io.tag()
     }
 
     /// The connection's timer, set to fire at `deadline`.
@@ -235,8 +236,8 @@ impl Wire {
             NodeIo::Plain(tcp) => tcp.write_all(&self.wbuf).await,
             // What TLS holds back when the socket is full goes with the flush.
             NodeIo::Tls(tls) => {
-                tls.write_all(&self.wbuf).await?;
-                tls.flush().await
+                tls.stream.write_all(&self.wbuf).await?;
+                tls.stream.flush().await
             }
         }
     }

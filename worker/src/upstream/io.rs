@@ -6,6 +6,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
@@ -14,10 +15,28 @@ use tokio_rustls::client::TlsStream;
 /// A connection to a node.
 pub enum NodeIo {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsLink>),
+}
+
+/// A TLS connection and its session's identity (see [`super::tls::Settings::handshake`]): the
+/// pool hands it only to a request that would open the same session. Kept here, boxed with
+/// the session, so that a plain connection, moved about with every request, stays as small
+/// as it was.
+pub struct TlsLink {
+    pub stream: TlsStream<TcpStream>,
+    pub tag: Arc<str>,
 }
 
 impl NodeIo {
+    /// The session's identity; None for a plain connection.
+    #[inline]
+    pub fn tag(&self) -> Option<&str> {
+        match self {
+            NodeIo::Plain(_) => None,
+            NodeIo::Tls(t) => Some(&t.tag),
+        }
+    }
+
     /// Whether an idle connection can carry a request: nothing has arrived on it since its
     /// last exchange (a close, or bytes nobody asked for). Uses the readiness the runtime has
     /// already seen: no system call when the socket is quiet.
@@ -29,7 +48,7 @@ impl NodeIo {
                 let outcome = tcp.try_read(&mut probe);
                 matches!(outcome, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
-            NodeIo::Tls(tls) => tls_is_quiet(tls),
+            NodeIo::Tls(tls) => tls_is_quiet(&mut tls.stream),
         }
     }
 
@@ -43,7 +62,7 @@ impl NodeIo {
                 (NodeRead::Plain(r), NodeWrite::Plain(w))
             }
             NodeIo::Tls(tls) => {
-                let (r, w) = tokio::io::split(&mut **tls);
+                let (r, w) = tokio::io::split(&mut tls.stream);
                 (NodeRead::Tls(r), NodeWrite::Tls(w))
             }
         }
@@ -99,7 +118,7 @@ macro_rules! each {
                 $e
             }
             NodeIo::Tls($s) => {
-                let $s = Pin::new(&mut **$s);
+                let $s = Pin::new(&mut $s.stream);
                 $e
             }
         }
@@ -107,6 +126,7 @@ macro_rules! each {
 }
 
 impl AsyncRead for NodeIo {
+    #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -114,7 +134,7 @@ impl AsyncRead for NodeIo {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             NodeIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            NodeIo::Tls(s) => without_close_notify(Pin::new(&mut **s).poll_read(cx, buf)),
+            NodeIo::Tls(s) => without_close_notify(Pin::new(&mut s.stream).poll_read(cx, buf)),
         }
     }
 }
@@ -130,6 +150,7 @@ fn without_close_notify(read: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
 }
 
 impl AsyncWrite for NodeIo {
+    #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -149,7 +170,7 @@ impl AsyncWrite for NodeIo {
     fn is_write_vectored(&self) -> bool {
         match self {
             NodeIo::Plain(s) => s.is_write_vectored(),
-            NodeIo::Tls(s) => s.is_write_vectored(),
+            NodeIo::Tls(s) => s.stream.is_write_vectored(),
         }
     }
 
@@ -191,6 +212,7 @@ macro_rules! half {
 }
 
 impl AsyncRead for NodeRead<'_> {
+    #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -204,6 +226,7 @@ impl AsyncRead for NodeRead<'_> {
 }
 
 impl AsyncWrite for NodeWrite<'_> {
+    #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -6,7 +6,7 @@
 //! at most `max_idle` are kept per node.
 
 pub use super::h1::Link;
-use super::io::NodeIo;
+use super::io::{NodeIo, TlsLink};
 use super::tls::Handshake;
 use crate::FastMap;
 use std::sync::{Arc, Mutex};
@@ -107,35 +107,31 @@ impl Pool {
     }
 
     /// The newest idle connection to `authority` with session tag `tag` that can still carry
-    /// a request. The list is in time order, so the expired ones are a prefix.
+    /// a request.
+    #[inline]
     fn take_idle(&self, authority: &str, tag: Option<&str>, now: Instant) -> Option<Link> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(authority)?;
-        let mut i = list.len();
-        while i > 0 {
-            i -= 1;
-            if now.duration_since(list[i].since) >= self.idle_timeout {
-                // This one and all older ones.
-                list.drain(..=i);
-                return None;
-            }
-            // A plain node's list holds plain connections only: the newest is the one.
-            if list[i].link.tag.as_deref() != tag {
-                continue;
-            }
-            let mut found = list.remove(i);
-            // A node may have closed it while idle: the runtime has seen that already.
+        // The usual case, a plain node's list or a TLS node reached under one name: the newest
+        // is of the session asked for, taken off the end. A node may have closed it while
+        // idle: the runtime has seen that already.
+        while list
+            .last()
+            .is_some_and(|l| l.link.tag() == tag && now.duration_since(l.since) < self.idle_timeout)
+        {
+            let Some(mut found) = list.pop() else { break };
             if found.link.wire.is_idle_usable() {
                 return Some(found.link);
             }
         }
-        None
+        take_older(list, tag, now, self.idle_timeout)
     }
 
     /// Returns a connection whose exchange completed. At most `max_idle` are kept per node,
     /// whatever their sessions: the oldest goes to make room, as nginx's keepalive cache
     /// closes its least recently used (a node reached under many names — one per client
     /// `Host` — keeps no more connections than one reached under one).
+    #[inline]
     pub fn checkin(&self, authority: &Arc<str>, link: Link) {
         if self.max_idle == 0 {
             return;
@@ -153,11 +149,7 @@ impl Pool {
             .count();
         list.drain(..expired);
         if list.len() >= self.max_idle {
-            list.retain_mut(|i| i.link.wire.is_idle_usable());
-        }
-        if list.len() >= self.max_idle {
-            let over = list.len() + 1 - self.max_idle;
-            list.drain(..over);
+            make_room(list, self.max_idle);
         }
         list.push(Idle { link, since: now });
     }
@@ -167,6 +159,45 @@ impl Pool {
     fn idle_count(&self, authority: &str) -> usize {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.get(authority).map_or(0, Vec::len)
+    }
+}
+
+/// [`Pool::take_idle`] past the newest connection: the newest one of session `tag` among
+/// those of other sessions. The list is in time order, so the expired ones are a prefix.
+#[cold]
+fn take_older(
+    list: &mut Vec<Idle>,
+    tag: Option<&str>,
+    now: Instant,
+    idle_timeout: Duration,
+) -> Option<Link> {
+    let mut i = list.len();
+    while i > 0 {
+        i -= 1;
+        if now.duration_since(list[i].since) >= idle_timeout {
+            // This one and all older ones.
+            list.drain(..=i);
+            return None;
+        }
+        if list[i].link.tag() != tag {
+            continue;
+        }
+        let mut found = list.remove(i);
+        if found.link.wire.is_idle_usable() {
+            return Some(found.link);
+        }
+    }
+    None
+}
+
+/// Room for one more idle connection in a full list: the ones the node closed go first, then
+/// the oldest. Kept out of line: the usual check-in is the short path above.
+#[cold]
+fn make_room(list: &mut Vec<Idle>, max_idle: usize) {
+    list.retain_mut(|i| i.link.wire.is_idle_usable());
+    if list.len() >= max_idle {
+        let over = list.len() + 1 - max_idle;
+        list.drain(..over);
     }
 }
 
@@ -186,9 +217,11 @@ async fn open(
                     .connect(h.name, tcp)
                     .await
                     .map_err(ConnectError::Tls)?;
-                let mut link = Link::new(NodeIo::Tls(Box::new(session)));
-                link.tag = Some(h.tag);
-                Ok(link)
+                let tls = TlsLink {
+                    stream: session,
+                    tag: h.tag,
+                };
+                Ok(Link::new(NodeIo::Tls(Box::new(tls))))
             }
         }
     };
