@@ -5,8 +5,8 @@
 //! its upstream sets `tls.verify: true`; the handshake's signatures are checked either way.
 //! The name sent (SNI) and checked is the host of the `Host` the request goes with, as
 //! APISIX's `proxy_ssl_name $upstream_host`. The CAs come from
-//! `apisix.ssl.ssl_trusted_certificate` (the system's store by default), read on the first
-//! verified handshake: most workers never make one.
+//! `apisix.ssl.ssl_trusted_certificate` (the system's store by default), read when the worker
+//! compiles its first upstream with `tls.verify`: most workers never have one.
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
