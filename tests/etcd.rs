@@ -361,7 +361,7 @@ fn apisix_written_etcd_data_is_served() {
         "/apisix/routes/1",
         &json!({"id": "1", "uri": "/legacy/*", "upstream_id": "1", "create_time": 1700000000, "update_time": 1700000000}).to_string(),
     );
-    etcd.put("/apisix/ssls/1", r#"{"cert":"x","key":"y"}"#);
+    etcd.put("/apisix/consumers/jack", r#"{"username":"jack"}"#);
     etcd.put("/apisix/routes/broken", r#"{"upstream_id":"1"}"#);
     let gw = node(&etcd);
     let r = http("GET", &gw.url("/legacy/a"), &[], None);

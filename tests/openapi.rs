@@ -614,6 +614,110 @@ fn admin_api_answers_match_openapi_document() {
     );
     api.expect(404, "DELETE", "/apisix/admin/global_rules/missing", None);
 
+    // ---- SSL objects --------------------------------------------------------------------------
+    let ca = common::tls::Ca::new("openapi CA");
+    let pem = |names: &[&str]| {
+        let (cert, key) = ca.issue(names[0], names);
+        (cert.pem(), key.serialize_pem())
+    };
+    let (a_cert, a_key) = pem(&["a.test", "*.a.test"]);
+    let (b_cert, b_key) = pem(&["b.test"]);
+    let c1 = json!({
+        "type": "server", "cert": a_cert, "key": a_key, "snis": ["a.test", "*.A.test"],
+        "name": "a", "labels": {"env": "test"}, "ssl_protocols": ["TLSv1.2", "TLSv1.3"],
+    });
+    let created = api.expect(201, "PUT", "/apisix/admin/ssls/c1", Some(c1.clone()));
+    assert_eq!(created["key"], "/apisix/ssls/c1");
+    let replaced = api.expect(200, "PUT", "/apisix/admin/ssls/c1", Some(c1));
+    assert_eq!(
+        created["value"]["create_time"],
+        replaced["value"]["create_time"]
+    );
+    let v = api.expect(
+        201,
+        "POST",
+        "/apisix/admin/ssls",
+        Some(json!({"cert": b_cert, "key": b_key, "sni": "b.test", "status": 0})),
+    );
+    let c2 = v["value"]["id"].as_str().unwrap().to_string();
+    assert!(c2.parse::<u64>().is_ok(), "generated id {c2}");
+    api.expect(
+        201,
+        "PUT",
+        "/apisix/admin/ssls",
+        Some(json!({
+            "id": "c3", "cert": b_cert, "key": b_key, "certs": [a_cert], "keys": [a_key],
+            "snis": ["c.test"], "desc": "two pairs", "validity_start": 1, "validity_end": 2,
+        })),
+    );
+    let entry = api.expect(200, "GET", "/apisix/admin/ssls/c1", None);
+    assert_eq!(entry["key"], "/apisix/ssls/c1");
+    assert_eq!(entry["value"]["cert"], json!(a_cert));
+    let list = api.expect(200, "GET", "/apisix/admin/ssls", None);
+    assert_eq!(list["total"], 3, "{list}");
+    let page = api.expect(200, "GET", "/apisix/admin/ssls?page=1&page_size=10", None);
+    assert_eq!(page["list"].as_array().unwrap().len(), 3, "{page}");
+    let v = api.expect(
+        200,
+        "PATCH",
+        "/apisix/admin/ssls/c1",
+        Some(json!({"desc": "patched", "labels": null})),
+    );
+    assert_eq!(v["value"]["desc"], "patched");
+    assert!(v["value"].get("labels").is_none(), "{v}");
+    let v = api.expect(
+        200,
+        "PATCH",
+        "/apisix/admin/ssls/c1/snis",
+        Some(json!(["a.test"])),
+    );
+    assert_eq!(v["value"]["snis"], json!(["a.test"]));
+    // APISIX 2's path is the same endpoint (not a path of the document: called directly).
+    let (s, v) = gw.admin("GET", "/apisix/admin/ssl/c1", None);
+    assert_eq!((s, &v["key"]), (200, &json!("/apisix/ssls/c1")), "{v}");
+    let c1_entry = api.expect(200, "GET", "/apisix/admin/ssls/c1", None);
+    // (method, path, body, whether the request schema can tell, what error_msg says)
+    let c = "/apisix/admin/ssls/c9";
+    #[rustfmt::skip]
+    let refusals = [
+        ("PUT", c, json!({"cert": a_cert, "key": b_key, "snis": ["a.test"]}), false,
+            "invalid configuration: property \"key\" validation failed: cannot be used with its certificate"),
+        ("PUT", c, json!({"cert": "not a certificate", "key": a_key, "snis": ["a.test"]}), false,
+            "property \"cert\" validation failed"),
+        ("PUT", c, json!({"cert": a_cert, "key": a_key}), true,
+            "invalid configuration: property \"snis\" is required"),
+        ("PUT", c, json!({"cert": a_cert, "key": a_key, "snis": ["a.test"], "sni": "a.test"}), true,
+            "only one of sni or snis is allowed"),
+        ("PUT", c, json!({"snis": ["a.test"], "key": a_key}), true,
+            "property \"cert\" is required"),
+        ("PUT", c, json!({"cert": a_cert, "key": a_key, "snis": ["*"]}), true,
+            "is not a host name"),
+        ("PUT", c, json!({"cert": a_cert, "key": a_key, "snis": ["a.test"], "type": "client"}), true,
+            "client SSL objects are not supported"),
+        ("PUT", c, json!({"cert": a_cert, "key": a_key, "snis": ["a.test"], "client": {"ca": a_cert}}), true,
+            "property \"client\" is not supported by wasmgate"),
+        ("PUT", c, json!({"cert": a_cert, "key": a_key, "snis": ["a.test"], "ssl_protocols": ["TLSv1.1"]}), true,
+            "RFC 8996"),
+        ("PUT", c, json!({"cert": a_cert, "key": a_key, "snis": ["a.test"], "status": 2}), true,
+            "property \"status\" validation failed"),
+        ("PUT", c, json!({"cert": a_cert, "key": a_key, "snis": ["a.test"], "certs": [b_cert]}), true,
+            "must list one key for each of certs"),
+        ("PUT", "/apisix/admin/ssls", json!({"cert": a_cert, "key": a_key, "snis": ["a.test"]}), true,
+            "missing ssl id"),
+        ("POST", "/apisix/admin/ssls", json!({"id": "c9", "cert": a_cert, "key": a_key, "snis": ["a.test"]}), true,
+            "wrong ssl id, do not need it"),
+        ("PATCH", "/apisix/admin/ssls/c1", json!({"colour": "red"}), true, "found colour"),
+        ("PATCH", "/apisix/admin/ssls/c1/key", json!(b_key), false,
+            "cannot be used with its certificate"),
+    ];
+    for (method, path, body, schema_refuses, msg) in refusals {
+        api.refused(method, path, body, schema_refuses, msg);
+    }
+    api.expect(404, "GET", "/apisix/admin/ssls/missing", None);
+    api.expect(404, "DELETE", "/apisix/admin/ssls/missing", None);
+    let list = api.expect(200, "GET", "/apisix/admin/ssls", None);
+    assert_eq!(list["total"], 3, "{list}");
+
     // ---- routes -----------------------------------------------------------------------------
     let r1 = json!({
         "uri": "/pub", "name": "pub", "methods": ["GET"], "upstream_id": "u1",
@@ -844,6 +948,7 @@ fn admin_api_answers_match_openapi_document() {
         "/wasmgate/traffic",
     );
     let e = &r1_entry;
+    let (c, c1e) = ("/apisix/admin/ssls/{id}", &c1_entry);
     #[rustfmt::skip]
     let mutations = [
         (t, "get", 200, renamed(e.clone(), "", "createdIndex", "created_index"), "a renamed createdIndex"),
@@ -867,6 +972,11 @@ fn admin_api_answers_match_openapi_document() {
         (lg, "get", 200, set(log.clone(), "/lines/0", json!(1)), "a non-string line"),
         (st, "get", 200, removed(status.clone(), "/master", "requests"), "a missing master.requests"),
         (tr, "get", 200, removed(traffic.clone(), "/routes/0", "5xx"), "a missing 5xx"),
+        (c, "get", 200, set(c1e.clone(), "/key", json!("/apisix/global_rules/c1")), "another kind's key"),
+        (c, "get", 200, removed(c1e.clone(), "/value", "key"), "a missing value.key"),
+        (c, "get", 200, set(c1e.clone(), "/value/snis", json!([])), "an empty snis"),
+        (c, "get", 200, set(c1e.clone(), "/value/sni", json!("a.test")), "both sni and snis"),
+        (c, "get", 200, set(c1e.clone(), "/value/type", json!("client")), "a client SSL object"),
     ];
     for (template, method, status, mutated, what) in mutations {
         refuses(&spec, template, method, status, mutated, what);
@@ -913,6 +1023,7 @@ fn admin_api_answers_match_openapi_document() {
         ("services", ["s1".into(), s2, "s3".into()]),
         ("upstreams", ["u1".into(), u2, "u3".into()]),
         ("global_rules", ["g1".into(), g2, "g3".into()]),
+        ("ssls", ["c1".into(), c2, "c3".into()]),
     ] {
         for id in &ids {
             let v = api.expect(200, "DELETE", &format!("/apisix/admin/{kind}/{id}"), None);

@@ -1551,51 +1551,6 @@ fn an_unknown_transfer_coding_from_a_node_is_a_502() {
     });
 }
 
-/// A node that switches to an echo protocol when asked (`Upgrade`), else answers `plain`;
-/// its address and the request heads it saw.
-fn switching_node() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = heads.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { return };
-            let seen = seen.clone();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut head = String::new();
-                while reader.read_line(&mut head).unwrap_or(0) > 2 {}
-                let head = head.to_ascii_lowercase();
-                seen.lock().unwrap().push(head.clone());
-                let mut conn = conn;
-                if !head.contains("\r\nupgrade: websocket\r\n") {
-                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain");
-                    return;
-                }
-                let _ = conn.write_all(
-                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-                      Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
-                );
-                let mut buf = [0u8; 1024];
-                loop {
-                    match reader.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            let mut out = b"echo:".to_vec();
-                            out.extend_from_slice(&buf[..n]);
-                            if conn.write_all(&out).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    (addr, heads)
-}
-
 /// Sends a WebSocket handshake for `path`; the connection and the answer's head.
 fn handshake(gw: &Gateway, path: &str) -> (TcpStream, String) {
     let mut c = TcpStream::connect(
@@ -1625,7 +1580,7 @@ fn handshake(gw: &Gateway, path: &str) -> (TcpStream, String) {
 /// `timeout.read` is closed.
 #[test]
 fn websocket_routes_tunnel_after_the_handshake() {
-    let (node, heads) = switching_node();
+    let (node, heads) = common::upstream::switching_node();
     let gw = Gateway::start();
     let upstream = nodes(&[(node, 1)]);
     put(

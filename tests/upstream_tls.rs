@@ -9,57 +9,16 @@
 mod common;
 
 use common::client::http;
+use common::tls::{private_key, provider, Ca};
 use common::{eventually, Gateway, Setup};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// A CA of the test's own.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate for `names` (DNS names or IP addresses) and its key.
-    fn issue(&self, common_name: &str, names: &[&str]) -> (rcgen::Certificate, KeyPair) {
-        let key = KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert, key)
-    }
-}
-
-fn private_key(key: &KeyPair) -> PrivateKeyDer<'static> {
-    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
-}
-
-#[allow(deprecated)] // ring's provider, as the gateway's (worker/src/upstream/tls.rs)
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 /// A TLS node answering every request with what it saw, as JSON.
 struct TlsNode {
@@ -512,7 +471,7 @@ fn what_cannot_work_is_refused_with_the_reason() {
     refused(
         json!({"scheme": "https", "tls": {"client_cert_id": "1"}}),
         "tls.client_cert_id",
-        "no SSL objects",
+        "SSL objects of type client are not supported",
     );
     refused(
         json!({"scheme": "https", "tls": {"client_cert": "x"}}),

@@ -19,7 +19,7 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 use wasmgate_shared::model::vars::{parse_cidr, Cidr, VarsExpr};
 use wasmgate_shared::model::{
-    validate, GlobalRule, Kind, Object, PluginCatalog, Route, Service, Timeout, Upstream,
+    validate, GlobalRule, Kind, Object, PluginCatalog, Route, Service, Ssl, Timeout, Upstream,
 };
 
 fn catalog() -> PluginCatalog {
@@ -100,6 +100,8 @@ fn check_object(obj: &Object) {
         }
         Object::Upstream(u) => check_upstream(u),
         Object::GlobalRule(g) => assert!(!g.plugins.is_empty()),
+        // Accepted only with a usable certificate and key, and at least one name.
+        Object::Ssl(s) => assert!(!s.names().is_empty() && !s.identities().unwrap().is_empty()),
     }
     let _ = obj.references();
 }
@@ -156,6 +158,7 @@ fn stored_form_revalidates(kind: Kind, body: &Value, catalog: &PluginCatalog) {
         Kind::Services => drop(serde_json::from_str::<Service>(&text).expect("worker parse")),
         Kind::Upstreams => drop(serde_json::from_str::<Upstream>(&text).expect("worker parse")),
         Kind::GlobalRules => drop(serde_json::from_str::<GlobalRule>(&text).expect("worker parse")),
+        Kind::Ssls => drop(serde_json::from_str::<Ssl>(&text).expect("worker parse")),
     }
 }
 

@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wasmgate_shared::model::{GlobalRule, Kind, Route, Service, Upstream};
+use wasmgate_shared::model::{GlobalRule, Kind, Route, Service, Ssl, Upstream};
 use wasmgate_shared::snapshot::{Delta, Snapshot};
 
 fuzz_target!(|data: &[u8]| {
@@ -50,6 +50,11 @@ fuzz_target!(|data: &[u8]| {
             }
             Kind::GlobalRules => {
                 let _ = serde_json::from_str::<GlobalRule>(json);
+            }
+            Kind::Ssls => {
+                if let Ok(s) = serde_json::from_str::<Ssl>(json) {
+                    let _ = (s.names(), s.identities());
+                }
             }
         }
     }

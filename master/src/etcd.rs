@@ -711,12 +711,13 @@ const NOTHING_STORED: &str = "nothing is stored under this prefix";
 fn loaded_line(etcd: &Etcd, rev: u64, objects: &[Object], refused: usize, keys: usize) -> String {
     let count = |kind: Kind| objects.iter().filter(|o| o.0 == kind).count();
     let mut line = format!(
-        "etcd: read {} routes, {} services, {} upstreams and {} global rules under {}/ at \
-         revision {rev}",
+        "etcd: read {} routes, {} services, {} upstreams, {} global rules and {} ssls under \
+         {}/ at revision {rev}",
         count(Kind::Routes),
         count(Kind::Services),
         count(Kind::Upstreams),
         count(Kind::GlobalRules),
+        count(Kind::Ssls),
         etcd.prefix,
     );
     if refused > 0 {
@@ -725,7 +726,7 @@ fn loaded_line(etcd: &Etcd, rev: u64, objects: &[Object], refused: usize, keys: 
     let others = keys - objects.len() - refused;
     if others > 0 {
         line += &format!(
-            "; {others} other keys (APISIX resources wasmgate does not serve: ssls, consumers, \
+            "; {others} other keys (APISIX resources wasmgate does not serve: consumers, \
              plugin metadata, …) not read"
         );
     }

@@ -430,7 +430,7 @@ fn prepare(opts: &Options, loaded: LoadedConfig) -> anyhow::Result<(Parts, std::
         )
     })?;
     let keys = keys::resolve(cfg, &data_dir)?;
-    let proxy = listeners::bind_all(&cfg.apisix.node_listen)?;
+    let proxy = listeners::bind_all(&cfg.apisix.proxy_listen())?;
     let admin_addr = cfg.deployment.admin.admin_listen.addr();
     let admin = listeners::bind(admin_addr).with_context(|| {
         format!("cannot listen on {admin_addr} (deployment.admin.admin_listen)")

@@ -27,8 +27,12 @@ pub fn bind_all(addrs: &[ListenAddr]) -> anyhow::Result<Vec<Listener>> {
     addrs
         .iter()
         .map(|a| {
-            let l = bind(a.0)
-                .with_context(|| format!("cannot listen on {} (apisix.node_listen)", a.0))?;
+            let l = bind(a.0).with_context(|| {
+                format!(
+                    "cannot listen on {} (apisix.node_listen, apisix.ssl.listen)",
+                    a.0
+                )
+            })?;
             Ok(Listener {
                 addr: a.0,
                 fd: high_fd(OwnedFd::from(l))?,

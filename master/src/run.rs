@@ -209,16 +209,27 @@ impl Loop {
         if !self.wait_ready(0).await {
             anyhow::bail!("workers {}", self.sup.failure());
         }
-        let proxy: Vec<String> = self
+        // The listeners in `proxy_listen`'s order: node_listen's, then the TLS listener's.
+        let plain = config.config.apisix.node_listen.len();
+        let shown = |l: &[crate::supervisor::Listener]| {
+            l.iter()
+                .map(|l| l.addr.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (http, tls) = self
             .sup
             .listeners()
-            .iter()
-            .map(|l| l.addr.to_string())
-            .collect();
+            .split_at(plain.min(self.sup.listeners().len()));
+        let tls = match tls.is_empty() {
+            true => String::new(),
+            false => format!(", TLS on {}", shown(tls)),
+        };
         tracing::warn!(
-            "wasmgate {} started: {n} workers, proxy on {}, Admin API on {admin_addr}, config {}",
+            "wasmgate {} started: {n} workers, proxy on {}{tls}, Admin API on {admin_addr}, \
+             config {}",
             wasmgate_shared::VERSION,
-            proxy.join(", "),
+            shown(http),
             config.origin
         );
         if config.origin.starts_with('<') {
@@ -354,7 +365,7 @@ impl Loop {
         let data_dir = self.opts.resolve(&new.config.wasmgate.data_dir);
         let keys = crate::keys::resolve(&new.config, &data_dir).map_err(|e| format!("{e:#}"))?;
         let moves = self.prepare_moves(&old.config, &new.config)?;
-        let listeners = listeners::rebind(self.sup.listeners(), &new.config.apisix.node_listen)
+        let listeners = listeners::rebind(self.sup.listeners(), &new.config.apisix.proxy_listen())
             .map_err(|e| format!("{e:#}"));
         let listeners = match listeners {
             Ok(l) => l,

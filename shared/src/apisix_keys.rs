@@ -5,7 +5,7 @@
 //! setting), or holds the value that is what wasmgate does anyway. Such a key is set aside
 //! before the file is parsed (its lines blanked, so errors keep their line numbers) and named
 //! in a warning at `start`, `reload` and `test`. A key whose value asks for what wasmgate does
-//! not do (a TLS listener, a Lua router that ignores hosts, an Admin API open to a network) is
+//! not do (a Lua router that ignores hosts, an Admin API open to a network) is
 //! refused with the reason; any key not listed stays an error, as a misspelt key must.
 
 use crate::yaml_lines::{line_of, Step};
@@ -54,7 +54,9 @@ const KEYS: &[(&[&str], Rule)] = &[
     (&["apisix", "normalize_uri_like_servlet"], OnlyWith(&["false"], "`;` is not special in paths")),
     (&["apisix", "proxy_mode"], OnlyWith(&["http"], "wasmgate proxies HTTP, not TCP or UDP streams")),
     (&["apisix", "router"], Check(router, "wasmgate routes as APISIX's radixtree_host_uri")),
-    (&["apisix", "ssl", "enable"], OnlyWith(&["false"], "TLS listeners are not supported: terminate TLS in front of wasmgate, or set ssl.enable: false")),
+    (&["apisix", "ssl", "ssl_ciphers"], Ignore("rustls's suites are offered: TLS 1.3's, and TLS 1.2's ECDHE with AES-GCM or ChaCha20-Poly1305")),
+    (&["apisix", "ssl", "ssl_trusted_combined_path"], Ignore("the CAs are read from ssl_trusted_certificate")),
+    (&["apisix", "ssl", "key_encrypt_salt"], Ignore("SSL objects' keys are stored as written")),
     (&["nginx_config", "user"], Ignore("the gateway runs as the user that starts it")),
     (&["nginx_config", "worker_rlimit_nofile"], Ignore("raise the limit with ulimit or the service manager's LimitNOFILE")),
     (&["nginx_config", "worker_rlimit_core"], Ignore("core dumps follow the service manager's limits")),
@@ -78,7 +80,7 @@ const KEYS: &[(&[&str], Rule)] = &[
     (&["nginx_config", "http", "variables_hash_max_size"], Ignore("an nginx internal")),
     (&["nginx_config", "http", "lua_shared_dict"], Ignore(NO_LUA)),
     (&["nginx_config", "http", "custom_lua_shared_dict"], Ignore(NO_LUA)),
-    (&["nginx_config", "http", "proxy_ssl_server_name"], Ignore("nodes are reached over plain HTTP")),
+    (&["nginx_config", "http", "proxy_ssl_server_name"], Ignore("SNI is sent to `https` nodes: the host of the request's Host")),
     (&["deployment", "role_traditional"], Check(etcd_provider, "routes live in deployment.etcd or the data directory")),
     (&["deployment", "admin", "admin_api_version"], OnlyWith(&["v3"], "the Admin API answers in APISIX's v3 shapes")),
     (&["deployment", "admin", "enable_admin_ui"], Ignore("there is no dashboard; `wasmgate tui` is the console")),
@@ -129,7 +131,7 @@ fn router(v: &Value, _: &Value) -> Option<String> {
              (routes with hosts first)"
         )),
         (_, Some(s)) if s != "radixtree_sni" => Some(format!(
-            "apisix.router.ssl: {s} is not supported (the listeners speak plain HTTP)"
+            "apisix.router.ssl: {s} is not supported (certificates are chosen as radixtree_sni does)"
         )),
         _ => None,
     }
@@ -137,19 +139,24 @@ fn router(v: &Value, _: &Value) -> Option<String> {
 
 const SSL_OFF: &str = "a setting of the TLS listener, which is off";
 
-/// The keys of `apisix.ssl` that wasmgate reads (the others are APISIX's TLS listener's).
-const SSL_READ: [&str; 2] = ["enable", "ssl_trusted_certificate"];
+/// The keys of `apisix.ssl` that wasmgate reads, or sets aside above.
+const SSL_KNOWN: [&str; 10] = [
+    "enable",
+    "listen",
+    "listen_port",
+    "ssl_protocols",
+    "ssl_session_tickets",
+    "fallback_sni",
+    "ssl_trusted_certificate",
+    "ssl_ciphers",
+    "ssl_trusted_combined_path",
+    "key_encrypt_salt",
+];
 
-/// A setting of APISIX's TLS listener (`apisix.ssl.listen`, `ssl_protocols`, `listen_port`,
-/// …): set aside when the listener is off (`ssl.enable: false`); APISIX's listener is on by
-/// default, so without that line the setting asks for what wasmgate does not do.
-fn ssl_listener_off(root: &Value) -> Option<String> {
-    let off = lookup(root, &["apisix", "ssl", "enable"]).and_then(Value::as_bool) == Some(false);
-    (!off).then(|| {
-        "apisix.ssl: TLS listeners are not supported: terminate TLS in front of wasmgate \
-         (or set ssl.enable: false)"
-            .into()
-    })
+/// Whether the file switches the TLS listener off (`ssl.enable: false`): then the settings
+/// of APISIX's listener that wasmgate does not know are set aside rather than refused.
+fn ssl_listener_off(root: &Value) -> bool {
+    lookup(root, &["apisix", "ssl", "enable"]).and_then(Value::as_bool) == Some(false)
 }
 
 /// `deployment.role_traditional`: the etcd provider (wasmgate's data directory stands in
@@ -248,17 +255,15 @@ pub fn set_aside(text: &str) -> Result<(Cow<'_, str>, Vec<String>), (usize, Stri
         };
         found.push((path.to_vec(), why));
     }
-    // The TLS listener's settings (every key of `apisix.ssl` but those read).
+    // Other settings of a TLS listener that is off: APISIX's, whatever they are. With the
+    // listener on, an unknown one stays an error (a misspelt key must not pass unnoticed).
     if let Some(ssl) = lookup(&root, &["apisix", "ssl"]).and_then(Value::as_mapping) {
-        for key in ssl.keys().filter_map(Value::as_str) {
-            if SSL_READ.contains(&key) {
-                continue;
+        if ssl_listener_off(&root) {
+            for key in ssl.keys().filter_map(Value::as_str) {
+                if !SSL_KNOWN.contains(&key) {
+                    found.push((vec!["apisix", "ssl", key], SSL_OFF.into()));
+                }
             }
-            let path = vec!["apisix", "ssl", key];
-            if let Some(refusal) = ssl_listener_off(&root) {
-                return Err((line(text, &path), refusal));
-            }
-            found.push((path, SSL_OFF.into()));
         }
     }
     // Settings of plugins wasmgate does not have.
@@ -418,15 +423,18 @@ mod tests {
         let (line, msg) = set_aside("apisix:\n  router:\n    http: radixtree_uri\n").unwrap_err();
         assert_eq!(line, 2);
         assert!(msg.contains("radixtree_uri is not supported"), "{msg}");
-        let (_, msg) = set_aside("apisix:\n  ssl:\n    enable: true\n").unwrap_err();
-        assert!(msg.contains("TLS listeners"), "{msg}");
-        // APISIX's listener is on unless switched off: its settings alone ask for it.
-        let (line, msg) = set_aside("apisix:\n  ssl:\n    listen: [9443]\n").unwrap_err();
-        assert_eq!(line, 3);
-        assert!(msg.contains("TLS listeners"), "{msg}");
-        let off = "apisix:\n  ssl:\n    enable: false\n    listen: [9443]\n    listen_port: 9443\n    ssl_trusted_certificate: system\n";
+        // The TLS listener's settings are read; APISIX's cipher list is set aside.
+        let on = "apisix:\n  ssl:\n    enable: true\n    listen: [9443]\n    ssl_ciphers: ECDHE-RSA-AES128-GCM-SHA256\n";
+        let (text, warnings) = set_aside(on).unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            text.contains("listen: [9443]") && !text.contains("ECDHE"),
+            "{text}"
+        );
+        // An unknown key of a listener that is off is APISIX's: set aside.
+        let off = "apisix:\n  ssl:\n    enable: false\n    ssl_protocols_x: 1\n    ssl_trusted_certificate: system\n";
         let (text, warnings) = set_aside(off).unwrap();
-        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(text.contains("ssl_trusted_certificate: system"), "{text}");
         let (_, msg) =
             set_aside("deployment:\n  admin:\n    allow_admin: [0.0.0.0/0]\n").unwrap_err();

@@ -152,22 +152,97 @@ pub struct ApisixSection {
     /// upstream as they came (a load balancer in front that terminates TLS); from any other
     /// client the gateway's own values replace them. APISIX's key; empty: trust none.
     pub trusted_addresses: Vec<String>,
-    /// `ssl:` — of APISIX's TLS settings only `ssl_trusted_certificate` is read here (the
-    /// others belong to its TLS listener: [`crate::apisix_keys`]).
+    /// `ssl:` — the TLS listener, and the CAs `https` upstreams are checked against.
     pub ssl: SslSection,
 }
 
-/// `apisix.ssl:` — what `https` upstreams are checked against.
+impl ApisixSection {
+    /// Every proxy listener's address: `node_listen`'s, then the TLS listener's. Workers
+    /// inherit the sockets in this order.
+    pub fn proxy_listen(&self) -> Vec<ListenAddr> {
+        let mut all = self.node_listen.clone();
+        all.extend(self.ssl.listeners());
+        all
+    }
+}
+
+/// `apisix.ssl:` — the TLS listener (its certificates are SSL objects, chosen by SNI) and what
+/// `https` upstreams are checked against.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SslSection {
-    /// APISIX's TLS listener switch: only `false` (written inside `{…}`, where it cannot be
-    /// set aside; [`crate::apisix_keys`] takes the block form).
+    /// The TLS listener's switch. Unset, it is on when `listen` or `listen_port` is given
+    /// (APISIX's listener is on by default; wasmgate's only when the file names a port, so
+    /// that an installation that never asked for TLS opens no port 9443).
     pub enable: Option<bool>,
+    /// The TLS listener's addresses, as `node_listen`'s (`9443`, `{ip, port}`); `[9443]`
+    /// with `enable: true` and no addresses.
+    #[serde(deserialize_with = "some_one_or_many")]
+    pub listen: Option<Vec<ListenAddr>>,
+    /// APISIX 2's single port.
+    pub listen_port: Option<u16>,
+    /// TLS versions offered, space-separated (`TLSv1.2 TLSv1.3`, the default); an SSL
+    /// object's own `ssl_protocols` narrows them for its names.
+    pub ssl_protocols: Option<String>,
+    /// Whether resumption tickets are issued (APISIX's default: no; sessions resume from the
+    /// worker's cache either way).
+    pub ssl_session_tickets: Option<bool>,
+    /// The name whose certificate a client that sends no SNI gets (otherwise its handshake
+    /// fails, as with APISIX).
+    pub fallback_sni: Option<String>,
     /// The CAs a node's certificate must chain to when its upstream sets `tls.verify`:
     /// `system` (the default: the system's store), a PEM file (relative to the prefix), or
     /// both, comma-separated, as APISIX writes it.
     pub ssl_trusted_certificate: Option<String>,
+}
+
+/// The TLS listener's default port (APISIX's).
+pub const DEFAULT_SSL_PORT: u16 = 9443;
+
+impl SslSection {
+    /// The TLS listener's addresses; empty when it is off.
+    pub fn listeners(&self) -> Vec<ListenAddr> {
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let port = |p| vec![ListenAddr(SocketAddr::new(any, p))];
+        let given = match (&self.listen, self.listen_port) {
+            (Some(l), _) => Some(l.clone()),
+            (None, Some(p)) => Some(port(p)),
+            (None, None) => None,
+        };
+        match (self.enable, given) {
+            (Some(false), _) | (None, None) => Vec::new(),
+            (_, Some(l)) => l,
+            (Some(true), None) => port(DEFAULT_SSL_PORT),
+        }
+    }
+
+    /// The TLS versions offered (`ssl_protocols`), or what is wrong with them.
+    pub fn versions(&self) -> Result<Vec<&'static rustls::SupportedProtocolVersion>, String> {
+        let Some(text) = self.ssl_protocols.as_deref() else {
+            return Ok(rustls::DEFAULT_VERSIONS.to_vec());
+        };
+        let mut out = Vec::new();
+        for v in text.split_whitespace() {
+            let v = crate::model::tls_version(v)?;
+            if !out
+                .iter()
+                .any(|o: &&rustls::SupportedProtocolVersion| o.version == v.version)
+            {
+                out.push(v);
+            }
+        }
+        if out.is_empty() {
+            return Err("names no TLS version (TLSv1.2 TLSv1.3)".into());
+        }
+        Ok(out)
+    }
+}
+
+/// `one_or_many` for an optional list.
+fn some_one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<ListenAddr>>, D::Error> {
+    one_or_many(d).map(Some)
 }
 
 /// Where the CAs that `https` upstreams are checked against come from.
@@ -263,6 +338,7 @@ impl<'de> Deserialize<'de> for ListenAddr {
                 ip: Option<String>,
                 port: Option<u16>,
                 enable_http2: Option<bool>,
+                enable_http3: Option<bool>,
                 // A misspelt key must not leave a listener on every address unnoticed.
                 #[serde(flatten)]
                 rest: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
@@ -283,6 +359,7 @@ impl<'de> Deserialize<'de> for ListenAddr {
                 ip,
                 port,
                 enable_http2,
+                enable_http3,
                 rest,
             } => {
                 if let Some(key) = rest.keys().next() {
@@ -293,6 +370,11 @@ impl<'de> Deserialize<'de> for ListenAddr {
                 if enable_http2 == Some(true) {
                     return Err(serde::de::Error::custom(
                         "enable_http2: HTTP/2 is not supported; listeners speak HTTP/1.1",
+                    ));
+                }
+                if enable_http3 == Some(true) {
+                    return Err(serde::de::Error::custom(
+                        "enable_http3: HTTP/3 (QUIC) is not supported; listeners speak HTTP/1.1",
                     ));
                 }
                 let Some(port) = port else {
@@ -919,13 +1001,20 @@ impl GatewayConfig {
             }
         }
         let ssl_at = |k| [Key("apisix"), Key("ssl"), Key(k)];
-        if self.apisix.ssl.enable == Some(true) {
+        let ssl = &self.apisix.ssl;
+        if let Err(why) = ssl.versions() {
             return Err(err(
-                &ssl_at("enable"),
-                "apisix.ssl.enable: true is not supported (TLS listeners are not supported: \
-                 terminate TLS in front of wasmgate, or set ssl.enable: false)"
-                    .into(),
+                &ssl_at("ssl_protocols"),
+                format!("apisix.ssl.ssl_protocols: {why}"),
             ));
+        }
+        if let Some(name) = &ssl.fallback_sni {
+            if !crate::model::valid_sni(name) || name.starts_with("*.") {
+                return Err(err(
+                    &ssl_at("fallback_sni"),
+                    format!("apisix.ssl.fallback_sni: {name:?} is not a host name"),
+                ));
+            }
         }
         let cas = self.apisix.ssl.trusted_cas();
         if !cas.system && cas.files.is_empty() {
@@ -935,6 +1024,23 @@ impl GatewayConfig {
                  or both (`system, conf/ca.pem`)"
                     .into(),
             ));
+        }
+        let mut tls_seen = HashSet::new();
+        for l in ssl.listeners() {
+            let at = ssl_at(if ssl.listen.is_some() {
+                "listen"
+            } else {
+                "listen_port"
+            });
+            if l.0.port() == 0 {
+                return Err(err(&at, "apisix.ssl.listen: port 0 is not allowed".into()));
+            }
+            if !tls_seen.insert(l.0) {
+                return Err(err(
+                    &at,
+                    format!("apisix.ssl.listen: {} is listed twice", l.0),
+                ));
+            }
         }
         if self.apisix.node_listen.is_empty() {
             return Err(err(
@@ -1018,11 +1124,13 @@ impl GatewayConfig {
                 && a.is_ipv4() == b.is_ipv4()
                 && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
         };
-        let listeners = self
+        let tls = ssl.listeners();
+        let listeners = (self
             .apisix
             .node_listen
             .iter()
-            .map(|l| ("apisix.node_listen", l.0));
+            .map(|l| ("apisix.node_listen", l.0)))
+        .chain(tls.iter().map(|l| ("apisix.ssl.listen", l.0)));
         let all: Vec<(&str, SocketAddr)> = listeners
             .chain(own.iter().map(|(what, _, a)| (*what, *a)))
             .collect();
@@ -1259,6 +1367,42 @@ mod tests {
             "{:?}",
             c.warnings()
         );
+    }
+
+    /// The TLS listener is on when asked for: `enable: true` (port 9443), or a port named
+    /// without `enable`; off with `enable: false` or without an `ssl` section.
+    #[test]
+    fn the_tls_listener_is_on_when_asked_for() {
+        let ports = |ssl: &str| {
+            let c = GatewayConfig::parse(&format!("apisix:\n  ssl:\n{ssl}"), "c.yaml").unwrap();
+            let l = c.apisix.ssl.listeners();
+            l.iter().map(|a| a.0.port()).collect::<Vec<_>>()
+        };
+        assert_eq!(ports("    enable: true\n"), [DEFAULT_SSL_PORT]);
+        assert_eq!(ports("    listen: [8443, 8444]\n"), [8443, 8444]);
+        assert_eq!(ports("    listen_port: 8443\n"), [8443]);
+        assert_eq!(ports("    enable: false\n    listen: [8443]\n"), [0u16; 0]);
+        assert_eq!(ports("    ssl_trusted_certificate: system\n"), [0u16; 0]);
+        let c = GatewayConfig::parse("apisix:\n  node_listen: [9080]\n", "c.yaml").unwrap();
+        assert_eq!(c.apisix.proxy_listen().len(), 1);
+        let e = GatewayConfig::parse(
+            "apisix:\n  node_listen: [9080]\n  ssl:\n    listen: [9080]\n",
+            "c.yaml",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("both want port 9080"), "{e}");
+        let e = GatewayConfig::parse(
+            "apisix:\n  ssl:\n    enable: true\n    ssl_protocols: TLSv1.1\n",
+            "c.yaml",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("c.yaml:4") && e.0.contains("RFC 8996"), "{e}");
+        let e = GatewayConfig::parse(
+            "apisix:\n  ssl:\n    enable: true\n    fallback_sni: '*.a.test'\n",
+            "c.yaml",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("fallback_sni"), "{e}");
     }
 
     /// A config.yaml as APISIX 3 installations write it loads: the keys wasmgate does not use

@@ -9,6 +9,7 @@
 //!   shared-memory segment every worker maps;
 //! - [`shm`]: the shared-memory segment that carries snapshots (seqlock + generation counter)
 //!   and the per-worker status slots;
+//! - [`tls`]: the crypto provider and PEM certificates with their keys, for TLS both ways;
 //! - [`units`]: durations and sizes written the nginx way (`60s`, `1m`).
 
 /// Set in a worker's environment by the master that starts it (`wasmgate: worker process`,
@@ -26,6 +27,7 @@ mod seqlock;
 pub mod shm;
 pub mod snapshot;
 pub mod stats;
+pub mod tls;
 pub mod traffic;
 pub mod units;
 pub mod yaml_env;

@@ -39,6 +39,7 @@ pub enum KindTag {
     Service,
     Upstream,
     GlobalRule,
+    Ssl,
 }
 
 impl From<Kind> for KindTag {
@@ -48,6 +49,7 @@ impl From<Kind> for KindTag {
             Kind::Services => KindTag::Service,
             Kind::Upstreams => KindTag::Upstream,
             Kind::GlobalRules => KindTag::GlobalRule,
+            Kind::Ssls => KindTag::Ssl,
         }
     }
 }
@@ -59,6 +61,7 @@ impl From<KindTag> for Kind {
             KindTag::Service => Kind::Services,
             KindTag::Upstream => Kind::Upstreams,
             KindTag::GlobalRule => Kind::GlobalRules,
+            KindTag::Ssl => Kind::Ssls,
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod prom;
+pub mod tls;
 pub mod upstream;
 
 pub use client::{admin, http, Resp};

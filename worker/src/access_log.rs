@@ -104,6 +104,8 @@ fn lines(data: &[u8]) -> u64 {
 pub struct Entry<'a> {
     pub remote_addr: &'a str,
     pub remote_port: u16,
+    /// `$scheme`: `http`, or `https` over the TLS listener.
+    pub scheme: &'static str,
     /// nginx's `$host`: the request's host, lower-cased, without its port.
     pub host: &'a str,
     pub request_line: &'a str,
@@ -213,7 +215,7 @@ impl AccessLog {
                 }
                 "args" => target.split_once('?').map_or("", |(_, q)| q).to_string(),
                 "server_protocol" => e.request_line.rsplit(' ').next().unwrap_or("").to_string(),
-                "scheme" => "http".into(),
+                "scheme" => e.scheme.into(),
                 "status" => e.status.to_string(),
                 "body_bytes_sent" => e.body_bytes_sent.to_string(),
                 "request_time" => format!("{:.3}", e.request_time.as_secs_f64()),

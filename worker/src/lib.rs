@@ -162,6 +162,7 @@ async fn serve(
     let http = &config.nginx_config.http;
     let slot = boot.slot as usize;
     upstream::tls::configure(boot.prefix.clone(), config.apisix.ssl.trusted_cas());
+    server::tls::configure(&config.apisix.ssl);
     let w = Arc::new(Worker {
         live: live::Live::new(segment.clone(), slot),
         plugins: Arc::new(plugins::Plugins::load(
@@ -191,18 +192,22 @@ async fn serve(
         // Checked when the configuration was loaded.
         trusted: wasmgate_shared::model::vars::CidrList::parse(&config.apisix.trusted_addresses),
         real_ip: proxy::RealIp::new(http),
-        listener_ports: config
-            .apisix
-            .node_listen
-            .iter()
+        listener_ports: (config.apisix.proxy_listen().iter())
             .map(|l| (l.0.port(), http::HeaderValue::from(l.0.port())))
             .collect(),
     });
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
-    for l in listeners {
+    // The master passes node_listen's sockets, then the TLS listener's (`apisix.ssl.listen`).
+    let plain = config.apisix.node_listen.len();
+    for (i, l) in listeners.into_iter().enumerate() {
         l.set_nonblocking(true)?;
         let l = tokio::net::TcpListener::from_std(l)?;
-        tokio::spawn(server::accept_loop(w.clone(), l, drain_rx.clone()));
+        tokio::spawn(server::accept_loop(
+            w.clone(),
+            l,
+            i >= plain,
+            drain_rx.clone(),
+        ));
     }
     tokio::spawn(housekeeping(w.clone()));
     w.plugins

@@ -10,6 +10,7 @@
 //! compared with what was compiled and applied the same way, as the changes it amounts to.
 
 use crate::router::{HostPattern, RouteEntry, Router};
+use crate::server::tls::{Certs, Site};
 use crate::traffic::RecordCell;
 use crate::upstream::UpstreamRuntime;
 use crate::FastMap;
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use wasmgate_shared::model::vars::{Cidr, VarsExpr};
 use wasmgate_shared::model::{
-    GlobalRule, Kind, PluginConf, Plugins, Route, Service, Timeout, Upstream,
+    GlobalRule, Kind, PluginConf, Plugins, Route, Service, Ssl, Timeout, Upstream,
 };
 use wasmgate_shared::shm::{Journal, Position, Segment};
 use wasmgate_shared::snapshot::{Change, Delta, KindTag, SnapshotRef};
@@ -42,6 +43,8 @@ pub struct Compiled {
     pub global_rules: Arc<[GlobalRuleEntry]>,
     /// Every upstream object by id (plugins' `proxy_http_call` names them).
     by_upstream_id: Arc<FastMap<String, Arc<UpstreamRuntime>>>,
+    /// The TLS listener's certificates by name (the SSL objects).
+    pub certs: Arc<Certs>,
 }
 
 impl Compiled {
@@ -187,7 +190,12 @@ struct Objects {
     services: HashMap<String, (u64, Service)>,
     upstreams: HashMap<String, (u64, Upstream)>,
     globals: BTreeMap<String, (u64, GlobalRule)>,
+    ssls: BTreeMap<String, SslEntry>,
 }
+
+/// An SSL object: its revision, the names it serves, and its compiled settings (None:
+/// disabled, or unusable — said in the error log).
+type SslEntry = (u64, Vec<String>, Option<Arc<Site>>);
 
 /// A route as compiled, kept for the next generation: a route whose own revision and whose
 /// service's and upstream's revisions did not change is served by the same entry, its JSON
@@ -240,6 +248,7 @@ struct Table {
     global_rules: Arc<[GlobalRuleEntry]>,
     /// The runtime of each upstream object, by id, as requests see it.
     serving_upstreams: Arc<FastMap<String, Arc<UpstreamRuntime>>>,
+    certs: Arc<Certs>,
 }
 
 /// What one generation changed, for the compiled configuration and the debug log.
@@ -252,6 +261,8 @@ struct Applied {
     globals: bool,
     /// A service or upstream changed.
     deps: bool,
+    /// An SSL object changed.
+    ssls: bool,
 }
 
 impl std::fmt::Display for Applied {
@@ -294,7 +305,8 @@ impl Table {
                 o.globals
                     .keys()
                     .map(|id| (KindTag::GlobalRule, id.as_str())),
-            );
+            )
+            .chain(o.ssls.keys().map(|id| (KindTag::Ssl, id.as_str())));
         let gone = compiled
             .filter(|key| !held.contains(key))
             .map(|(kind, id)| (kind, id.to_string()))
@@ -309,6 +321,7 @@ impl Table {
             Kind::Services => self.objects.services.get(id).map(|s| s.0),
             Kind::Upstreams => self.objects.upstreams.get(id).map(|u| u.0),
             Kind::GlobalRules => self.objects.globals.get(id).map(|g| g.0),
+            Kind::Ssls => self.objects.ssls.get(id).map(|s| s.0),
         }
     }
 
@@ -342,6 +355,18 @@ impl Table {
                         None => self.objects.globals.remove(id),
                     };
                     a.globals = true;
+                }
+                Kind::Ssls => {
+                    let ssl = json.and_then(|j| parse::<Ssl>("ssl", id, j));
+                    match ssl {
+                        Some(ssl) => {
+                            let site = compile_ssl(id, &ssl);
+                            let entry = (c.revision, ssl.names(), site);
+                            self.objects.ssls.insert(id.to_string(), entry)
+                        }
+                        None => self.objects.ssls.remove(id),
+                    };
+                    a.ssls = true;
                 }
             }
         }
@@ -452,6 +477,13 @@ impl Table {
                     .collect(),
             );
         }
+        if a.ssls {
+            let mut sites: Vec<_> = (self.objects.ssls.iter())
+                .filter_map(|(id, (_, names, site))| Some((id, &names[..], site.as_ref()?)))
+                .collect();
+            sites.sort_by(|a, b| wasmgate_shared::model::id_order(a.0, b.0));
+            self.certs = Arc::new(Certs::new(sites.into_iter().map(|(_, n, s)| (n, s))));
+        }
     }
 
     /// What requests are served with, as generation `generation`.
@@ -461,8 +493,21 @@ impl Table {
             router: self.router.clone(),
             global_rules: self.global_rules.clone(),
             by_upstream_id: self.serving_upstreams.clone(),
+            certs: self.certs.clone(),
         }
     }
+}
+
+/// SSL object `id` made ready to serve; None when it is disabled or cannot serve (logged:
+/// its names then get no certificate from it).
+fn compile_ssl(id: &str, ssl: &Ssl) -> Option<Arc<Site>> {
+    if !ssl.enabled() {
+        return None;
+    }
+    Site::compile(id, ssl)
+        .map_err(|e| tracing::error!("ssl {id}: cannot serve: {e}"))
+        .ok()
+        .map(Arc::new)
 }
 
 /// The key of upstream object `id`'s runtime at revision `rev`.

@@ -89,6 +89,8 @@ pub struct Client {
     /// The connection's peer is one of `apisix.trusted_addresses` (judged on the peer, before
     /// `real_ip_from` may name another client).
     pub trusted_peer: bool,
+    /// The connection came over TLS (`$scheme` is `https`).
+    pub tls: bool,
 }
 
 impl Client {
@@ -98,7 +100,15 @@ impl Client {
         Client { addr, ip, ..self }
     }
 
-    pub fn new(addr: SocketAddr, local: SocketAddr) -> Client {
+    /// `$scheme`: `https` over the TLS listener.
+    pub fn scheme(&self) -> &'static str {
+        match self.tls {
+            true => "https",
+            false => "http",
+        }
+    }
+
+    pub fn new(addr: SocketAddr, local: SocketAddr, tls: bool) -> Client {
         static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
         let ip = ip_text(addr.ip());
         let n = CONNECTIONS.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
@@ -109,6 +119,7 @@ impl Client {
             local,
             id,
             trusted_peer: false,
+            tls,
         }
     }
 }
@@ -218,7 +229,7 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, mut client: Client
     let (mut parts, body) = req.into_parts();
     // Boxed: it goes on to the log phase's closure, and moving it (some 300 bytes) from the
     // request's future into the body wrapper took several copies per request.
-    let mut log = Box::new(LogInfo::new(&parts, peer, &w.access_log));
+    let mut log = Box::new(LogInfo::new(&parts, &client, &w.access_log));
     // The head as the client sent it: before the request id the gateway may add.
     log.head_bytes = head_size(&parts) as u64;
     log.request_id = request_id(&mut parts.headers);
@@ -408,7 +419,11 @@ async fn serve_route(
         };
         // Made in its box: a stream is large, and the box would otherwise be filled by a copy.
         let stream = crate::boxed_in_place(|| {
-            Stream::new(wasm_glue::request_head(parts), route.clone(), from)
+            Stream::new(
+                wasm_glue::request_head(parts, client.scheme()),
+                route.clone(),
+                from,
+            )
         });
         let mut req = WasmRequest::new(w.plugins.clone(), stream, chain.len());
         let verdict = w.plugins.on_request(&chain, &mut req, no_body).await;
@@ -1369,7 +1384,10 @@ impl Forwarding {
             xff,
             real_ip: ip.clone(),
             host: theirs(&X_FORWARDED_HOST).or_else(|| client_host.cloned()),
-            proto: theirs(&X_FORWARDED_PROTO).unwrap_or_else(|| HTTP_SCHEME.clone()),
+            proto: theirs(&X_FORWARDED_PROTO).unwrap_or_else(|| match client.tls {
+                true => HTTPS_SCHEME.clone(),
+                false => HTTP_SCHEME.clone(),
+            }),
             port: theirs(&X_FORWARDED_PORT).unwrap_or(port),
         }
     }
@@ -1394,6 +1412,7 @@ impl Forwarding {
 }
 
 static HTTP_SCHEME: HeaderValue = HeaderValue::from_static("http");
+static HTTPS_SCHEME: HeaderValue = HeaderValue::from_static("https");
 
 /// Phase 4: response headers on their way to the client. An answer that switches protocols
 /// keeps its `Upgrade`, with `Connection: upgrade`.
@@ -1439,6 +1458,8 @@ struct LogInfo {
     started: Instant,
     remote: String,
     remote_port: u16,
+    /// `$scheme`.
+    scheme: &'static str,
     host: HostName,
     request_line: String,
     /// The access log format's captures (`$http_user_agent`, …), read off the head.
@@ -1469,7 +1490,8 @@ impl LogInfo {
     /// kept (formatting them costs every request otherwise). Text that is not ASCII (a UTF-8
     /// `User-Agent`) is kept, bytes that are not UTF-8 shown as U+FFFD; the log's writer
     /// escapes what could forge a line.
-    fn new(parts: &http::request::Parts, peer: SocketAddr, log: &AccessLog) -> LogInfo {
+    fn new(parts: &http::request::Parts, client: &Client, log: &AccessLog) -> LogInfo {
+        let peer = client.addr;
         let full = log.enabled();
         let captured = match full {
             true => (log.format().captures.iter())
@@ -1494,6 +1516,7 @@ impl LogInfo {
                 String::new()
             },
             remote_port: peer.port(),
+            scheme: client.scheme(),
             host: request_host(parts),
             request_line,
             captured,
@@ -1603,6 +1626,7 @@ fn record(w: &Worker, log: &LogInfo, (status, sent): (u16, u64), ingress: u64, t
     w.access_log.log(&Entry {
         remote_addr: &log.remote,
         remote_port: log.remote_port,
+        scheme: log.scheme,
         host: log.host.as_str(),
         request_line: &log.request_line,
         status,
@@ -1670,7 +1694,8 @@ fn log_abandoned(w: &Worker, log: &LogInfo) {
 /// the requests no route matched, and logged in the access log with what is known of it, as
 /// nginx logs its 400s, so that an operator sees them.
 /// `took`: how long the client had been sending what was refused (nginx's `$request_time`).
-pub fn log_refused(w: &Worker, peer: SocketAddr, (status, sent): (u16, u64), took: Duration) {
+pub fn log_refused(w: &Worker, client: &Client, (status, sent): (u16, u64), took: Duration) {
+    let peer = client.addr;
     w.traffic.record(
         None,
         &Observation {
@@ -1687,6 +1712,7 @@ pub fn log_refused(w: &Worker, peer: SocketAddr, (status, sent): (u16, u64), too
     w.access_log.log(&Entry {
         remote_addr: &peer.ip().to_string(),
         remote_port: peer.port(),
+        scheme: client.scheme(),
         host: "",
         request_line: "",
         status,
@@ -1837,7 +1863,7 @@ pub fn nginx_var<'a>(
         "request_method" => Cow::Borrowed(parts.method.as_str()),
         "remote_addr" => Cow::Owned(peer.ip().to_string()),
         "remote_port" => Cow::Owned(peer.port().to_string()),
-        "scheme" => Cow::Borrowed("http"),
+        "scheme" => Cow::Borrowed(client.scheme()),
         "is_args" => Cow::Borrowed(if parts.uri.query().is_some() { "?" } else { "" }),
         "server_addr" => Cow::Owned(client.local.ip().to_string()),
         "server_port" => Cow::Owned(client.local.port().to_string()),
@@ -1977,6 +2003,7 @@ mod tests {
         let client = Client::new(
             "10.0.0.1:5555".parse().unwrap(),
             "127.0.0.1:9080".parse().unwrap(),
+            false,
         );
         let names = wasmgate_shared::model::vars::VARIABLES
             .iter()

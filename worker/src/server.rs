@@ -1,4 +1,5 @@
-//! Client connections: accept, serve HTTP/1.1 with keep-alive ([`h1`]), drain on reload.
+//! Client connections: accept (over TLS on the `apisix.ssl` listener: [`tls`], [`io`]), serve
+//! HTTP/1.1 with keep-alive ([`h1`]), drain on reload.
 //!
 //! Draining (SIGQUIT from the master) stops accepting at once — the listening socket stays open
 //! in the master and the new workers, so no connection is refused — then lets each connection
@@ -6,6 +7,8 @@
 //! reconnect to a new worker between requests, after which idle connections are closed.
 
 pub mod h1;
+pub mod io;
+pub mod tls;
 
 pub use h1::ClientBody;
 
@@ -25,14 +28,19 @@ use wasmgate_http1::codec;
 /// How long a draining worker keeps serving keep-alive connections before closing idle ones.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
-/// Accepts on `listener` until the drain signal.
-pub async fn accept_loop(w: Arc<Worker>, listener: TcpListener, mut drain: watch::Receiver<bool>) {
+/// Accepts on `listener` until the drain signal; `tls`: the clients speak TLS (`apisix.ssl`).
+pub async fn accept_loop(
+    w: Arc<Worker>,
+    listener: TcpListener,
+    tls: bool,
+    mut drain: watch::Receiver<bool>,
+) {
     let for_conns = drain.clone();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    tokio::spawn(connection(w.clone(), stream, peer, for_conns.clone()));
+                    tokio::spawn(connection(w.clone(), stream, tls, peer, for_conns.clone()));
                 }
                 Err(e) => {
                     // EMFILE/ENFILE: pause instead of spinning; the backlog holds the clients.
@@ -84,6 +92,7 @@ impl Drop for ConnGuard {
 async fn connection(
     w: Arc<Worker>,
     stream: TcpStream,
+    tls: bool,
     peer: SocketAddr,
     mut drain: watch::Receiver<bool>,
 ) {
@@ -95,8 +104,16 @@ async fn connection(
     let local = stream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let conn = h1::Conn::new(stream, w.send_timeout);
-    let client = proxy::Client::new(peer, local);
+    let io = match tls {
+        false => io::ClientIo::Plain(stream),
+        // Boxed: the handshake's state would otherwise be part of every connection's future.
+        true => match Box::pin(handshake(&w, stream, peer)).await {
+            Some(io) => io,
+            None => return,
+        },
+    };
+    let client = proxy::Client::new(peer, local, tls);
+    let conn = h1::Conn::new(io, w.send_timeout);
     let mut wbuf = Vec::with_capacity(1024);
     let mut waiting = HeadWait::new(w.header_timeout, w.keepalive_timeout, &mut drain);
     loop {
@@ -108,7 +125,7 @@ async fn connection(
                 tracing::info!(
                     "client timed out while reading client request headers, client: {peer}"
                 );
-                proxy::log_refused(&w, peer, (408, 0), w.header_timeout);
+                proxy::log_refused(&w, &client, (408, 0), w.header_timeout);
                 return;
             }
             Err(h1::NoHead::Refused(why)) => {
@@ -117,7 +134,7 @@ async fn connection(
                 }
                 let page = proxy::error_page(why.status());
                 let sent = http_body::Body::size_hint(page.body()).exact().unwrap_or(0);
-                proxy::log_refused(&w, peer, (why.status().as_u16(), sent), Duration::ZERO);
+                proxy::log_refused(&w, &client, (why.status().as_u16(), sent), Duration::ZERO);
                 let set = proxy::answer_fields(None, false);
                 match conn
                     .respond(&mut wbuf, page, &h1::Meta::refusal(), &set, drop)
@@ -194,6 +211,16 @@ async fn connection(
             }
         }
     }
+}
+
+/// The TLS handshake of a client of the `apisix.ssl` listener, within `client_header_timeout`,
+/// with the certificate of the SSL object that serves the name it asks for.
+async fn handshake(w: &Arc<Worker>, stream: TcpStream, peer: SocketAddr) -> Option<io::ClientIo> {
+    let (stream, name) = tls::accept(stream, peer, w.header_timeout, || {
+        w.live.current().certs.clone()
+    })
+    .await?;
+    Some(io::ClientIo::Tls(Box::new(io::TlsClient { stream, name })))
 }
 
 /// An answer that could not be sent whole. One the client stopped taking (`send_timeout`) is

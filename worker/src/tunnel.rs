@@ -9,6 +9,7 @@
 //! flight still arrives), or when nothing has crossed it either way for the route's
 //! `timeout.read`.
 
+use crate::server::io::ClientIo;
 use crate::upstream::io::NodeIo;
 use crate::upstream::Busy;
 use bytes::BytesMut;
@@ -18,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// What one read of either side takes at most.
 const CHUNK: usize = 16 * 1024;
@@ -140,7 +140,7 @@ impl Upstream {
 
     /// Carries bytes between the client (`client`, with `client_rest` read past its request
     /// head) and the node until the tunnel ends.
-    pub async fn run(self, mut client: TcpStream, client_rest: BytesMut, peer: SocketAddr) {
+    pub async fn run(self, mut client: ClientIo, client_rest: BytesMut, peer: SocketAddr) {
         // Dropped last: the node stays counted busy until the log phase has run.
         let Some(Node {
             io: mut node,
@@ -155,7 +155,8 @@ impl Upstream {
         let early = async {
             node.write_all(&client_rest).await?;
             node.flush().await?;
-            client.write_all(&node_rest).await
+            client.write_all(&node_rest).await?;
+            client.flush().await
         };
         if !matches!(tokio::time::timeout(idle, early).await, Ok(Ok(()))) {
             return;
@@ -206,7 +207,7 @@ enum End {
 /// half-closes the other's writing — or nothing has moved either way for `idle`. One timer
 /// watches the whole tunnel: moved on when it fires early, not for every chunk.
 async fn pipe(
-    client: &mut TcpStream,
+    client: &mut ClientIo,
     node: &mut NodeIo,
     idle: Duration,
     carried: &Counts,
@@ -215,7 +216,8 @@ async fn pipe(
     // When bytes last moved, in nanoseconds since `start`.
     let last = AtomicU64::new(0);
     let touch = || last.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    let (mut cr, mut cw) = client.split();
+    // One lock per read or write over both halves: tunnels are rare, their frames large.
+    let (mut cr, mut cw) = tokio::io::split(client);
     let (mut nr, mut nw) = node.split();
     let both = async {
         tokio::try_join!(
@@ -259,7 +261,7 @@ where
         }
         touch();
         w.write_all(&buf[..n]).await?;
-        // TLS to the node holds back what the socket did not take; a socket sends it all.
+        // TLS holds back what the socket did not take; a socket sends it all.
         w.flush().await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
         touch();

@@ -11,8 +11,9 @@ use wasmgate_wasm::{AnswerDetails, Downstream, Head, LocalReply};
 
 /// The request as plugins see it: `:method`, `:path`, `:authority`, `:scheme`, then headers.
 /// The headers move into the head; [`apply_request`] gives them back.
-pub fn request_head(parts: &mut http::request::Parts) -> Head {
-    Head::request(parts, "http")
+/// `scheme`: `https` over the TLS listener.
+pub fn request_head(parts: &mut http::request::Parts, scheme: &'static str) -> Head {
+    Head::request(parts, scheme)
 }
 
 /// Gives `parts` the request as the plugins left it (method, path, Host, headers). Only the
@@ -264,7 +265,7 @@ fn var(head: &Head, peer: SocketAddr, name: &str) -> Option<String> {
         "request_method" => text(head, ":method").to_string(),
         "remote_addr" => peer.ip().to_string(),
         "remote_port" => peer.port().to_string(),
-        "scheme" => "http".to_string(),
+        "scheme" => text(head, ":scheme").to_string(),
         _ => return None,
     })
 }
@@ -287,7 +288,7 @@ mod tests {
     fn only_what_plugins_set_is_applied_to_the_request() {
         // A Host header set by a plugin stays: :authority was not touched.
         let mut p = parts();
-        let mut head = request_head(&mut p);
+        let mut head = request_head(&mut p, "http");
         head.replace("host", b"plugin.example");
         head.replace("x-added", b"1");
         apply_request(&mut head, &mut p, true).unwrap();
@@ -297,7 +298,7 @@ mod tests {
         assert_eq!(p.uri, "/a?b=1");
         // :path and :authority set by a plugin rewrite the URI and the Host.
         let mut p = parts();
-        let mut head = request_head(&mut p);
+        let mut head = request_head(&mut p, "http");
         head.replace(":path", b"/new?x=2");
         head.replace(":authority", b"other.example:8080");
         apply_request(&mut head, &mut p, true).unwrap();
@@ -305,7 +306,7 @@ mod tests {
         assert_eq!(p.headers["host"], "other.example:8080");
         // An untouched head gives the headers back as they were.
         let mut p = parts();
-        let mut head = request_head(&mut p);
+        let mut head = request_head(&mut p, "http");
         assert!(p.headers.is_empty());
         apply_request(&mut head, &mut p, true).unwrap();
         assert_eq!(p.headers["host"], "example.com");
@@ -313,7 +314,7 @@ mod tests {
         assert_eq!(head.headers()["host"], "example.com");
         // A path that is no URI fails the request with a reason.
         let mut p = parts();
-        let mut head = request_head(&mut p);
+        let mut head = request_head(&mut p, "http");
         head.replace(":path", b"no spaces allowed");
         assert_eq!(
             apply_request(&mut head, &mut p, true).unwrap_err(),
@@ -324,7 +325,7 @@ mod tests {
     #[test]
     fn request_headers_lent_upstream_come_back_as_sent() {
         let mut p = parts();
-        let mut head = request_head(&mut p);
+        let mut head = request_head(&mut p, "http");
         head.replace("x-added", b"1");
         apply_request(&mut head, &mut p, false).unwrap();
         // Moved, not copied: the head holds none while the request goes upstream.
@@ -340,7 +341,7 @@ mod tests {
         assert_eq!(head.get(":path"), Some(&b"/a?b=1"[..]));
         // A head that kept a copy keeps it: what the proxy did to its own is not given back.
         let mut p = parts();
-        let mut head = request_head(&mut p);
+        let mut head = request_head(&mut p, "http");
         apply_request(&mut head, &mut p, true).unwrap();
         p.headers.clear();
         restore_request(&mut head, &mut p);

@@ -209,7 +209,12 @@ async fn dispatch(
     }
     let mut parts = rest.trim_end_matches('/').splitn(3, '/');
     let kind_seg = parts.next().unwrap_or("");
-    let Some(kind) = Kind::parse(kind_seg) else {
+    // APISIX 2's path for SSL objects is `ssl`.
+    let kind = match kind_seg {
+        "ssl" => Some(Kind::Ssls),
+        _ => Kind::parse(kind_seg),
+    };
+    let Some(kind) = kind else {
         return err(404, format!("Unsupported resource type: {kind_seg}"));
     };
     let id = parts.next().filter(|s| !s.is_empty());

@@ -168,7 +168,7 @@ fn warn_unknown_variables(kind: Kind, id: &str, object: &model::Object) {
         Object::Route(r) => (r.vars.as_ref(), r.upstream.as_ref()),
         Object::Service(s) => (None, s.upstream.as_ref()),
         Object::Upstream(u) => (None, Some(u)),
-        Object::GlobalRule(_) => (None, None),
+        Object::GlobalRule(_) | Object::Ssl(_) => (None, None),
     };
     let mut unknown: Vec<String> = Vec::new();
     if let Some(expr) = vars.and_then(|v| VarsExpr::compile(v).ok()) {
@@ -341,7 +341,7 @@ fn missing_nodes(kind: Kind, body: &Value) -> Option<String> {
     let (up, field) = match kind {
         Kind::Upstreams => (body, "nodes"),
         Kind::Routes | Kind::Services => (body.get("upstream")?, "upstream.nodes"),
-        Kind::GlobalRules => return None,
+        Kind::GlobalRules | Kind::Ssls => return None,
     };
     (up.is_object() && up.get("nodes").is_none()).then(|| {
         format!("invalid configuration: property \"{field}\" is required: the upstream's nodes (may be empty); service discovery (service_name, discovery_type) is not supported")

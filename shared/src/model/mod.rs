@@ -1,4 +1,5 @@
-//! Admin API objects — routes, services, upstreams, global rules — with APISIX 3.x shapes.
+//! Admin API objects — routes, services, upstreams, global rules, SSL certificates — with
+//! APISIX 3.x shapes.
 //!
 //! [`validate`] turns a request body into a typed [`Object`] or an APISIX-style error message
 //! (`invalid configuration: property "upstream.nodes" validation failed: …`). The master stores
@@ -8,12 +9,14 @@
 mod common;
 mod plugins;
 mod route;
+mod ssl;
 mod upstream;
 pub mod vars;
 
 pub use common::{id_order, shown_id, valid_id, Id, Labels, Timeout};
 pub use plugins::{check_plugins, PluginCatalog, PluginConf, Plugins};
 pub use route::{GlobalRule, Route, Service};
+pub use ssl::{tls_version, valid_sni, Ssl};
 pub use upstream::{HashOn, LbType, Node, NodeAddr, Nodes, PassHost, Upstream, UpstreamTls};
 
 use serde::de::DeserializeOwned;
@@ -27,14 +30,16 @@ pub enum Kind {
     Services,
     Upstreams,
     GlobalRules,
+    Ssls,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::Routes,
         Kind::Services,
         Kind::Upstreams,
         Kind::GlobalRules,
+        Kind::Ssls,
     ];
 
     /// The path segment (`routes`, `global_rules`…), also the key segment in `/apisix/<kind>/<id>`.
@@ -44,6 +49,7 @@ impl Kind {
             Kind::Services => "services",
             Kind::Upstreams => "upstreams",
             Kind::GlobalRules => "global_rules",
+            Kind::Ssls => "ssls",
         }
     }
 
@@ -68,6 +74,7 @@ impl Kind {
             Kind::Services => "service",
             Kind::Upstreams => "upstream",
             Kind::GlobalRules => "global rule",
+            Kind::Ssls => "ssl",
         }
     }
 }
@@ -80,6 +87,7 @@ pub enum Object {
     Service(Service),
     Upstream(Upstream),
     GlobalRule(GlobalRule),
+    Ssl(Ssl),
 }
 
 impl Object {
@@ -136,6 +144,11 @@ pub fn validate(kind: Kind, body: &Value, catalog: &PluginCatalog) -> Result<Obj
             let g: GlobalRule = typed(body)?;
             g.check(catalog)?;
             Ok(Object::GlobalRule(g))
+        }
+        Kind::Ssls => {
+            let s: Ssl = typed(body)?;
+            s.check()?;
+            Ok(Object::Ssl(s))
         }
     }
 }

@@ -143,9 +143,6 @@ impl std::fmt::Debug for UpstreamTls {
     }
 }
 
-/// Largest `tls.client_cert` or `tls.client_key` taken.
-const MAX_PEM: usize = 64 * 1024;
-
 impl UpstreamTls {
     /// Whether the node's certificate is checked.
     pub fn verifies(&self) -> bool {
@@ -153,54 +150,21 @@ impl UpstreamTls {
     }
 
     /// The client certificate's chain and key, parsed; `None` when there is none.
-    #[allow(clippy::type_complexity)]
-    pub fn client_identity(
-        &self,
-    ) -> Result<
-        Option<(
-            Vec<rustls_pki_types::CertificateDer<'static>>,
-            rustls_pki_types::PrivateKeyDer<'static>,
-        )>,
-        (&'static str, String),
-    > {
-        use rustls_pki_types::pem::PemObject;
+    pub fn client_identity(&self) -> Result<Option<crate::tls::Identity>, (&'static str, String)> {
         let (cert, key) = match (&self.client_cert, &self.client_key) {
             (None, None) => return Ok(None),
             (Some(_), None) => return Err(("client_key", "required with client_cert".into())),
             (None, Some(_)) => return Err(("client_cert", "required with client_key".into())),
             (Some(c), Some(k)) => (c, k),
         };
-        if cert.len() > MAX_PEM {
-            return Err(("client_cert", format!("longer than {MAX_PEM} bytes")));
-        }
-        if key.len() > MAX_PEM {
-            return Err(("client_key", format!("longer than {MAX_PEM} bytes")));
-        }
-        let chain = rustls_pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ("client_cert", format!("not a PEM certificate: {e}")))?;
-        if chain.is_empty() {
-            return Err(("client_cert", "no PEM certificate in it".into()));
-        }
-        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| {
-            (
-                "client_key",
-                format!("not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
-            )
-        })?;
-        // The key must be one TLS can sign with and belong to the certificate: caught here,
-        // a mismatch would otherwise fail every handshake with a node that asks for it.
-        #[allow(deprecated)] // ring's provider, as the worker's (worker/src/upstream/tls.rs)
-        let provider = rustls::crypto::ring::default_provider();
-        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(
-            |e| {
-                (
-                    "client_key",
-                    format!("cannot be used with client_cert: {e}"),
-                )
-            },
-        )?;
-        Ok(Some((chain, key)))
+        crate::tls::identity(cert, key)
+            .map(Some)
+            .map_err(|(half, why)| match half {
+                crate::tls::Half::Cert => ("client_cert", why),
+                crate::tls::Half::Key => {
+                    ("client_key", why.replace("its certificate", "client_cert"))
+                }
+            })
     }
 }
 
@@ -316,7 +280,7 @@ impl Upstream {
             if tls.client_cert_id.is_some() {
                 return Err(bad(
                     "tls.client_cert_id",
-                    "not supported: wasmgate has no SSL objects; put the certificate and its \
+                    "not supported: SSL objects of type client are not supported; put the certificate and its \
                      key in tls.client_cert and tls.client_key"
                         .into(),
                 ));

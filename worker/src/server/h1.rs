@@ -15,6 +15,7 @@
 //! alone (501: the ways requests are smuggled), at most 100 headers in a head of `client_max_header_size` (431),
 //! `Date` on every answer, and a connection whose client left abandoned with its request.
 
+use super::io::ClientIo;
 use crate::body::{BoxError, ProxyBody};
 use bytes::{Bytes, BytesMut};
 use http::header;
@@ -27,7 +28,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use wasmgate_http1::codec::{self, BodyOut, Decoded, Delimiters, Framing, SetFields};
 pub use wasmgate_http1::request::{parse_head, Head, Meta, Refusal};
 
@@ -48,7 +48,7 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 pub struct Conn(Arc<Mutex<Inbound>>);
 
 struct Inbound {
-    io: TcpStream,
+    io: ClientIo,
     /// Bytes read and not yet taken: the rest of a head, body bytes, pipelined requests.
     /// Heads and body chunks are split off it and shared by the values and frames made of them.
     rbuf: BytesMut,
@@ -122,7 +122,7 @@ pub enum NoHead {
 
 impl Conn {
     /// A connection whose answers fail when the client takes nothing for `send_timeout`.
-    pub fn new(io: TcpStream, send_timeout: Duration) -> Conn {
+    pub fn new(io: ClientIo, send_timeout: Duration) -> Conn {
         Conn(Arc::new(Mutex::new(Inbound {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -141,7 +141,7 @@ impl Conn {
 
     /// The socket and what was read past the last request's head, for a tunnel
     /// ([`crate::tunnel`]); None while the request's body is still held elsewhere.
-    pub fn into_io(self) -> Option<(TcpStream, BytesMut)> {
+    pub fn into_io(self) -> Option<(ClientIo, BytesMut)> {
         let inbound = Arc::try_unwrap(self.0).ok()?;
         let inbound = inbound.into_inner().unwrap_or_else(|p| p.into_inner());
         Some((inbound.io, inbound.rbuf))
@@ -275,6 +275,7 @@ impl Conn {
         let Some(out) = out else {
             drop(body);
             w.write_all(wbuf).await?;
+            w.flush().await?;
             return Ok(keep_alive);
         };
         // A first piece of body that is there already goes out with the head.
@@ -309,6 +310,7 @@ impl Conn {
             }
         }
         w.write_all(wbuf).await?;
+        w.flush().await?;
         let rest = Prepend { first, body };
         // A client that leaves while a long answer streams ends it (and its upstream).
         let send = std::pin::pin!(codec::send_body(&mut w, wbuf, rest, out));
@@ -376,7 +378,7 @@ impl Conn {
             l_onoff: 1,
             l_linger: 0,
         };
-        let _ = nix::sys::socket::setsockopt(&g.io, nix::sys::socket::sockopt::Linger, &none);
+        let _ = nix::sys::socket::setsockopt(g.io.tcp(), nix::sys::socket::sockopt::Linger, &none);
     }
 }
 
@@ -400,7 +402,7 @@ fn head_may_end(buf: &[u8], scanned: usize) -> bool {
 
 /// Reads into `buf`, making room for `want` (within reason) first.
 fn poll_read(
-    io: &mut TcpStream,
+    io: &mut ClientIo,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
     want: usize,
@@ -583,8 +585,9 @@ impl AsyncWrite for Writer<'_> {
         self.0.lock().poll_send(cx, buf)
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // TLS holds back what a full socket did not take; a socket has nothing to flush.
+        Pin::new(&mut self.0.lock().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -9,13 +9,13 @@
 //! compiles its first upstream with `tls.verify`: most workers never have one.
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use wasmgate_shared::config::TrustedCas;
 use wasmgate_shared::model::UpstreamTls;
+use wasmgate_shared::tls::provider;
 
 /// Where this worker's trusted CAs come from (set once at start).
 static TRUST: OnceLock<(PathBuf, TrustedCas)> = OnceLock::new();
@@ -26,18 +26,6 @@ static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
 /// `apisix.ssl.ssl_trusted_certificate`.
 pub fn configure(prefix: PathBuf, cas: TrustedCas) {
     let _ = TRUST.set((prefix, cas));
-}
-
-/// ring's algorithms: they build with a C compiler alone (aws-lc-rs, rustls's default,
-/// needs cmake and adds minutes to a cold build), and cover the TLS 1.2 and 1.3 suites nodes
-/// offer. rustls deprecates it for lacking post-quantum key exchange, which matters for
-/// traffic recorded now and decrypted years later, far less for the hop to one's own nodes.
-#[allow(deprecated)]
-fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
-        .clone()
 }
 
 fn roots() -> Result<Arc<RootCertStore>, String> {
@@ -91,8 +79,8 @@ fn client_config(tls: Option<&UpstreamTls>) -> Result<Arc<ClientConfig>, String>
         .map_err(|(field, why)| format!("tls.{field}: {why}"))?
         .flatten();
     let mut config = match identity {
-        Some((chain, key)) => builder
-            .with_client_auth_cert(chain, key)
+        Some(id) => builder
+            .with_client_auth_cert(id.chain, id.key)
             .map_err(|e| format!("tls.client_cert: {e}"))?,
         None => builder.with_no_client_auth(),
     };
@@ -186,7 +174,7 @@ fn session_tag(fingerprint: u64, name: &ServerName<'_>) -> Arc<str> {
 /// Accepts any certificate (`tls.verify` off) while still checking that the node holds the
 /// key of the one it showed.
 #[derive(Debug)]
-struct Unverified(Arc<CryptoProvider>);
+struct Unverified(Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for Unverified {
     fn verify_server_cert(

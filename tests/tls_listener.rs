@@ -1,0 +1,352 @@
+//! The TLS listener (`apisix.ssl`) through a real gateway: certificates from SSL objects
+//! chosen by the name the client asks for, `https` as the scheme everywhere the request
+//! shows it, SSL objects changed and removed while serving, and the refusals of what cannot
+//! work.
+//!
+//! The clients are rustls clients of the test's own that trust a CA made here: a handshake
+//! that succeeds proves the certificate chains to it and names what was asked for.
+
+mod common;
+
+use common::client::{read_response, Resp};
+use common::tls::{provider, Ca};
+use common::{eventually, free_port, Gateway, Setup, TestUpstream};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use serde_json::{json, Value};
+use std::io::{BufReader, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+type Tls = StreamOwned<ClientConnection, TcpStream>;
+
+/// A client that trusts `ca` only, offering `versions`.
+fn client_config(
+    ca: &Ca,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// A TLS connection to `port` for `name` (an IP address: no SNI), its handshake done.
+fn connect(port: u16, name: &str, config: &Arc<ClientConfig>) -> Result<Tls, String> {
+    let server = ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
+    let conn = ClientConnection::new(config.clone(), server).map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(|e| format!("handshake: {e}"))?;
+    }
+    Ok(tls)
+}
+
+/// The certificate the server showed (the end-entity's, DER).
+fn shown_cert(tls: &Tls) -> Vec<u8> {
+    tls.conn.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// One request on `tls`, its answer read whole (the connection stays for the next).
+fn send(tls: &mut Tls, method: &str, path: &str, host: &str, body: &[u8]) -> Resp {
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).unwrap();
+    tls.write_all(body).unwrap();
+    tls.flush().unwrap();
+    let mut r = BufReader::new(tls);
+    read_response(&mut r, false).unwrap()
+}
+
+/// One GET on a new connection for `name`.
+fn get(port: u16, name: &str, config: &Arc<ClientConfig>, path: &str) -> Result<Resp, String> {
+    let mut tls = connect(port, name, config)?;
+    Ok(send(&mut tls, "GET", path, name, b""))
+}
+
+fn der_of(pem: &str) -> Vec<u8> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+fn put_ssl(gw: &Gateway, id: &str, body: Value) {
+    let (s, v) = gw.admin("PUT", &format!("/apisix/admin/ssls/{id}"), Some(body));
+    assert!(s == 200 || s == 201, "ssl {id}: {s} {v}");
+    gw.wait_propagated();
+}
+
+/// A certificate for `names` as an SSL object's `cert` and `key`.
+fn pair(ca: &Ca, names: &[&str]) -> (String, String) {
+    let (cert, key) = ca.issue(names[0], names);
+    (cert.pem(), key.serialize_pem())
+}
+
+/// A gateway with the TLS listener on `tls_port`, with `more` lines under `apisix.ssl`.
+fn gateway(tls_port: u16, more: &[&str]) -> Gateway {
+    let mut apisix_extra = vec![
+        "ssl:".to_string(),
+        "  enable: true".into(),
+        format!("  listen: [{{port: {tls_port}}}]"),
+    ];
+    apisix_extra.extend(more.iter().map(|l| format!("  {l}")));
+    Gateway::start_with(Setup {
+        http_extra: vec![r#"access_log_format: "$scheme $request $status""#.into()],
+        apisix_extra,
+        ..Setup::default()
+    })
+}
+
+#[test]
+fn https_is_served_with_the_certificate_of_the_name_asked_for() {
+    let ca = Ca::new("listener CA");
+    let app = TestUpstream::start("app");
+    let port = free_port();
+    let gw = gateway(port, &["fallback_sni: api.test"]);
+    gw.route("echo", json!({"uri": "/*"}), Some(&app));
+    let (api_cert, api_key) = pair(&ca, &["api.test", "127.0.0.1"]);
+    let (wild_cert, wild_key) = pair(&ca, &["*.wild.test", "a.b.wild.test"]);
+    put_ssl(
+        &gw,
+        "1",
+        json!({"cert": api_cert, "key": api_key, "snis": ["api.test"]}),
+    );
+    put_ssl(
+        &gw,
+        "2",
+        json!({"cert": wild_cert, "key": wild_key, "snis": ["*.wild.test"]}),
+    );
+    let config = client_config(&ca, rustls::DEFAULT_VERSIONS);
+
+    // The exact name, keep-alive: several requests on one session.
+    let mut tls = connect(port, "api.test", &config).unwrap();
+    assert_eq!(shown_cert(&tls), der_of(&api_cert));
+    assert_eq!(tls.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    for i in 0..3 {
+        let r = send(&mut tls, "GET", &format!("/k/{i}"), "api.test", b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let seen = r.json();
+        assert_eq!(seen["headers"]["x-forwarded-proto"], "https", "{seen}");
+        assert_eq!(seen["headers"]["x-forwarded-port"], port.to_string());
+    }
+    // A body each way, larger than a TLS record and than the socket takes at once.
+    let big = vec![b'x'; 1 << 20];
+    let r = send(&mut tls, "POST", "/upload", "api.test", &big);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], 1 << 20);
+    let r = send(&mut tls, "GET", "/big/3000000", "api.test", b"");
+    assert_eq!((r.status, r.body.len()), (200, 3_000_000));
+    let r = send(&mut tls, "GET", "/stream/40", "api.test", b"");
+    assert_eq!((r.status, r.body.len()), (200, 40 * 1024));
+
+    // A wildcard serves every name under it, deeper ones too.
+    let r = get(port, "a.b.wild.test", &config, "/w").unwrap();
+    assert_eq!(r.status, 200);
+    // No SNI (an IP address): `fallback_sni`'s certificate.
+    let tls = connect(port, "127.0.0.1", &config).unwrap();
+    assert_eq!(shown_cert(&tls), der_of(&api_cert));
+    // A name no SSL object serves: no handshake, and the error log says why.
+    let Err(e) = connect(port, "nope.test", &config) else {
+        panic!("a handshake for a name no SSL object serves");
+    };
+    assert!(e.contains("handshake"), "{e}");
+    eventually(
+        Duration::from_secs(5),
+        "the refusal in the error log",
+        || {
+            gw.error_log()
+                .contains("no SSL object serves \"nope.test\"")
+        },
+    );
+
+    // The plain listener still speaks HTTP, and says so.
+    let r = common::http("GET", &gw.url("/plain"), &[], None);
+    assert_eq!(r.json()["headers"]["x-forwarded-proto"], "http");
+    // `$scheme` in the access log, and in a route's vars: only TLS requests match.
+    let secure = TestUpstream::start("secure");
+    gw.route(
+        "secure",
+        json!({"uri": "/secure", "vars": [["scheme", "==", "https"]]}),
+        Some(&secure),
+    );
+    let plain = common::http("GET", &gw.url("/secure"), &[], None);
+    assert_eq!(plain.header("x-upstream"), Some("app"));
+    let r = get(port, "api.test", &config, "/secure").unwrap();
+    assert_eq!(r.header("x-upstream"), Some("secure"));
+    let log = || std::fs::read_to_string(gw.prefix().join("logs/access.log")).unwrap_or_default();
+    eventually(Duration::from_secs(5), "https in the access log", || {
+        log().contains("https GET /secure HTTP/1.1 200") && log().contains("http GET /plain")
+    });
+
+    // A WebSocket through the TLS listener: the tunnel carries TLS on the client's side.
+    let (node, _) = common::upstream::switching_node();
+    let up = json!({"nodes": {node: 1}});
+    let body = json!({"uri": "/ws", "enable_websocket": true, "upstream": up});
+    let (s, v) = gw.admin("PUT", "/apisix/admin/routes/ws", Some(body));
+    assert_eq!(s, 201, "{v}");
+    gw.wait_propagated();
+    let mut tls = connect(port, "api.test", &config).unwrap();
+    tls.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && std::io::Read::read(&mut tls, &mut byte).unwrap_or(0) == 1
+    {
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    for word in ["ping", "again"] {
+        tls.write_all(word.as_bytes()).unwrap();
+        let mut buf = [0u8; 64];
+        let n = std::io::Read::read(&mut tls, &mut buf).unwrap();
+        assert_eq!(&buf[..n], format!("echo:{word}").as_bytes());
+    }
+    drop(tls);
+
+    // A new certificate for the name: new handshakes get it, at once.
+    let (new_cert, new_key) = pair(&ca, &["api.test"]);
+    put_ssl(
+        &gw,
+        "1",
+        json!({"cert": new_cert, "key": new_key, "snis": ["api.test"]}),
+    );
+    for _ in 0..4 {
+        let tls = connect(port, "api.test", &config).unwrap();
+        assert_eq!(shown_cert(&tls), der_of(&new_cert));
+    }
+    // Disabled, then deleted: its names are served no more.
+    put_ssl(
+        &gw,
+        "1",
+        json!({"cert": new_cert, "key": new_key, "snis": ["api.test"], "status": 0}),
+    );
+    assert!(connect(port, "api.test", &config).is_err());
+    let (s, _) = gw.admin("DELETE", "/apisix/admin/ssls/2", None);
+    assert_eq!(s, 200);
+    gw.wait_propagated();
+    assert!(connect(port, "x.wild.test", &config).is_err());
+}
+
+#[test]
+fn an_ssl_objects_protocols_narrow_the_listeners() {
+    let ca = Ca::new("listener CA");
+    let app = TestUpstream::start("app");
+    let port = free_port();
+    let gw = gateway(port, &["ssl_protocols: TLSv1.2 TLSv1.3"]);
+    gw.route("echo", json!({"uri": "/*"}), Some(&app));
+    let (cert, key) = pair(&ca, &["modern.test"]);
+    put_ssl(
+        &gw,
+        "m",
+        json!({"cert": cert, "key": key, "snis": ["modern.test"], "ssl_protocols": ["TLSv1.3"]}),
+    );
+    let tls13 = client_config(&ca, &[&rustls::version::TLS13]);
+    let tls12 = client_config(&ca, &[&rustls::version::TLS12]);
+    assert_eq!(get(port, "modern.test", &tls13, "/").unwrap().status, 200);
+    assert!(get(port, "modern.test", &tls12, "/").is_err());
+}
+
+#[test]
+fn ssl_objects_are_checked_when_written() {
+    let ca = Ca::new("listener CA");
+    let port = free_port();
+    let gw = gateway(port, &[]);
+    let (cert, key) = pair(&ca, &["a.test"]);
+    let (_, other_key) = pair(&ca, &["b.test"]);
+    let refused = |body: Value, says: &str| {
+        let (s, v) = gw.admin("PUT", "/apisix/admin/ssls/x", Some(body.clone()));
+        let msg = v["error_msg"].as_str().unwrap_or_default().to_string();
+        assert_eq!(s, 400, "{v}");
+        assert!(msg.contains(says), "{says:?} not in {msg:?}");
+    };
+    refused(
+        json!({"cert": cert, "key": other_key, "snis": ["a.test"]}),
+        "\"key\" validation failed: cannot be used with its certificate",
+    );
+    refused(
+        json!({"cert": "not pem", "key": key, "snis": ["a.test"]}),
+        "\"cert\" validation failed",
+    );
+    refused(json!({"cert": cert, "key": key}), "\"snis\" is required");
+    refused(
+        json!({"cert": cert, "key": key, "snis": ["a b.test"]}),
+        "is not a host name",
+    );
+    refused(
+        json!({"cert": cert, "key": key, "snis": ["a.test"], "type": "client"}),
+        "client SSL objects are not supported",
+    );
+    refused(
+        json!({"cert": cert, "key": key, "snis": ["a.test"], "client": {"ca": cert}}),
+        "mTLS from clients",
+    );
+    refused(
+        json!({"cert": cert, "key": key, "snis": ["a.test"], "ssl_protocols": ["TLSv1.1"]}),
+        "RFC 8996",
+    );
+    refused(
+        json!({"cert": cert, "key": key, "snis": ["a.test"], "certs": [cert]}),
+        "one key for each of certs",
+    );
+    // APISIX 2's path and single `sni` are taken; the object is listed under ssls.
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/ssl/old",
+        Some(json!({"cert": cert, "key": key, "sni": "a.test"})),
+    );
+    assert!(s == 200 || s == 201, "{v}");
+    let (_, list) = gw.admin("GET", "/apisix/admin/ssls", None);
+    assert_eq!(list["total"], 1, "{list}");
+    assert_eq!(list["list"][0]["value"]["sni"], "a.test");
+    gw.wait_propagated();
+    let config = client_config(&ca, rustls::DEFAULT_VERSIONS);
+    assert!(connect(port, "a.test", &config).is_ok());
+}
+
+#[test]
+fn the_listeners_settings_are_checked_by_test_and_start() {
+    let port = free_port();
+    let check = |ssl: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("config.yaml");
+        let yaml = format!("apisix:\n  node_listen: [{port}]\n  ssl:\n{ssl}");
+        std::fs::write(&conf, yaml).unwrap();
+        let out = std::process::Command::new(common::bin())
+            .args(["test", "-p"])
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&conf)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = check(&format!("    enable: true\n    listen: [{port}]\n"));
+    assert!(!ok && text.contains("both want port"), "{text}");
+    let (ok, text) = check("    listen:\n      - port: 9443\n        enable_http3: true\n");
+    assert!(!ok && text.contains("HTTP/3"), "{text}");
+    let (ok, text) = check("    enable: true\n    ssl_protocols: TLSv1 TLSv1.1\n");
+    assert!(!ok && text.contains("RFC 8996"), "{text}");
+    let (ok, text) = check("    enable: true\n    ssl_ciphers: HIGH\n    fallback_sni: a.test\n");
+    assert!(ok && text.contains("ssl_ciphers"), "{text}");
+}

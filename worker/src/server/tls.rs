@@ -1,0 +1,258 @@
+//! The TLS listener (`apisix.ssl`): the certificate for each name, from the SSL objects, and
+//! the handshake with clients.
+//!
+//! As APISIX's `radixtree_sni`: a name an SSL object lists exactly wins, then the longest
+//! `*.` name that ends it (`*.example.com` serves `a.example.com` and `a.b.example.com`);
+//! a client that sends no name gets `fallback_sni`'s certificate, and with no match the
+//! handshake fails. The ClientHello is read first and the settings chosen from it, so each
+//! SSL object has its own: its certificates (one an ECDSA client can use, one for RSA) and
+//! its `ssl_protocols`.
+
+use crate::FastMap;
+use rustls::server::{Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+use rustls::{ProtocolVersion, ServerConfig, SupportedProtocolVersion};
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::LazyConfigAcceptor;
+use wasmgate_shared::config::SslSection;
+use wasmgate_shared::model::{tls_version, Ssl};
+use wasmgate_shared::tls::provider;
+
+/// The listener's own settings (config.yaml), shared by every SSL object's.
+struct Listener {
+    versions: Vec<&'static SupportedProtocolVersion>,
+    fallback_sni: Option<String>,
+    /// Resumption tickets (`ssl_session_tickets: true`); none by default, as APISIX.
+    tickets: bool,
+}
+
+static LISTENER: OnceLock<Listener> = OnceLock::new();
+
+/// Sessions one worker remembers for resumption, per SSL object.
+const SESSION_CACHE: usize = 1024;
+
+/// Records the listener's settings, once at start (the configuration was checked already).
+pub fn configure(ssl: &SslSection) {
+    let _ = LISTENER.set(Listener {
+        versions: (ssl.versions()).unwrap_or_else(|_| rustls::DEFAULT_VERSIONS.to_vec()),
+        fallback_sni: ssl.fallback_sni.as_ref().map(|n| n.to_ascii_lowercase()),
+        tickets: ssl.ssl_session_tickets == Some(true),
+    });
+}
+
+fn listener() -> &'static Listener {
+    LISTENER.get_or_init(|| Listener {
+        versions: rustls::DEFAULT_VERSIONS.to_vec(),
+        fallback_sni: None,
+        tickets: false,
+    })
+}
+
+/// One SSL object ready to serve: its id (for the log) and its server settings.
+pub struct Site {
+    pub id: String,
+    config: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for Site {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Site").field("id", &self.id).finish()
+    }
+}
+
+impl Site {
+    /// SSL object `id` made into server settings; an error says why it cannot serve.
+    pub fn compile(id: &str, ssl: &Ssl) -> Result<Site, String> {
+        let l = listener();
+        let versions: Vec<&'static SupportedProtocolVersion> = match &ssl.ssl_protocols {
+            None => l.versions.clone(),
+            Some(list) => {
+                let own: Vec<ProtocolVersion> = list
+                    .iter()
+                    .filter_map(|v| tls_version(v).ok())
+                    .map(|v| v.version)
+                    .collect();
+                let both: Vec<_> = (l.versions.iter().copied())
+                    .filter(|v| own.contains(&v.version))
+                    .collect();
+                if both.is_empty() {
+                    return Err(
+                        "its ssl_protocols and apisix.ssl.ssl_protocols share no version".into(),
+                    );
+                }
+                both
+            }
+        };
+        let keys = ssl.identities()?.into_iter().map(|i| i.certified).collect();
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&versions)
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Keys(keys)));
+        // HTTP/1.1 only, said in the handshake: a client that offers h2 must not pick it.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Sessions resume only with the settings they were made with: each revision of an
+        // SSL object has its own cache (and ticket keys), so a new certificate is shown from
+        // the next handshake on, not only to clients without a session.
+        config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
+        if l.tickets {
+            config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
+        }
+        Ok(Site {
+            id: id.to_string(),
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// An SSL object's certificates: the first one the client can check a signature of.
+#[derive(Debug)]
+struct Keys(Vec<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Keys {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let schemes = hello.signature_schemes();
+        (self.0.iter())
+            .find(|k| k.key.choose_scheme(schemes).is_some())
+            .or_else(|| self.0.first())
+            .cloned()
+    }
+}
+
+/// The sites by the names they serve.
+#[derive(Debug, Default)]
+pub struct Certs {
+    exact: FastMap<String, Arc<Site>>,
+    /// `*.example.com` under `.example.com`.
+    wildcard: FastMap<String, Arc<Site>>,
+}
+
+impl Certs {
+    /// The index of `sites` (in id order: of two objects that list a name, the first serves
+    /// it), each with the names it lists.
+    pub fn new<'a>(sites: impl Iterator<Item = (&'a [String], &'a Arc<Site>)>) -> Certs {
+        let mut c = Certs::default();
+        for (names, site) in sites {
+            for name in names {
+                let (map, key) = match name.strip_prefix('*') {
+                    Some(suffix) => (&mut c.wildcard, suffix),
+                    None => (&mut c.exact, name.as_str()),
+                };
+                map.entry(key.to_string()).or_insert_with(|| site.clone());
+            }
+        }
+        c
+    }
+
+    /// The site for `name` (lower-cased already): exact, then the longest wildcard.
+    fn find(&self, name: &str) -> Option<&Arc<Site>> {
+        if let Some(site) = self.exact.get(name) {
+            return Some(site);
+        }
+        let mut at = 0;
+        while let Some(dot) = name[at..].find('.') {
+            let suffix = &name[at + dot..];
+            if let Some(site) = self.wildcard.get(suffix) {
+                return Some(site);
+            }
+            at += dot + 1;
+        }
+        None
+    }
+}
+
+/// Reads the client's hello, picks the site for the name it asks for and completes the
+/// handshake, within `timeout`. None (logged) when the client leaves, times out, asks for a
+/// name no SSL object serves, or the handshake fails.
+pub async fn accept(
+    stream: TcpStream,
+    peer: SocketAddr,
+    timeout: Duration,
+    certs: impl FnOnce() -> Arc<Certs>,
+) -> Option<(TlsStream<TcpStream>, Arc<str>)> {
+    let handshake = async {
+        let start = LazyConfigAcceptor::new(Acceptor::default(), stream)
+            .await
+            .map_err(|e| format!("TLS handshake with client {peer} failed: {e}"))?;
+        let hello = start.client_hello();
+        let asked = hello.server_name().map(str::to_ascii_lowercase);
+        let name = match (asked, &listener().fallback_sni) {
+            (Some(n), _) => n,
+            (None, Some(fallback)) => fallback.clone(),
+            (None, None) => {
+                return Err(format!(
+                    "client {peer} sent no server name (SNI) and apisix.ssl.fallback_sni \
+                     is not set: please check if the client requests via IP"
+                ))
+            }
+        };
+        let certs = certs();
+        let Some(site) = certs.find(&name) else {
+            // At `warn`, as APISIX's "failed to match any SSL certificate by SNI": a name
+            // clients use and no SSL object serves is a configuration to mend.
+            tracing::warn!("no SSL object serves {name:?} (client: {peer}): handshake refused");
+            return Err(String::new());
+        };
+        let config = site.config.clone();
+        let stream = start
+            .into_stream(config)
+            .await
+            .map_err(|e| format!("TLS handshake with client {peer} for {name:?} failed: {e}"))?;
+        Ok((stream, Arc::from(name)))
+    };
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(done)) => Some(done),
+        Ok(Err(e)) => {
+            if !e.is_empty() {
+                tracing::info!("{e}");
+            }
+            None
+        }
+        Err(_) => {
+            tracing::info!("client {peer} timed out in the TLS handshake");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(id: &str) -> Arc<Site> {
+        Arc::new(Site {
+            id: id.into(),
+            config: Arc::new(
+                ServerConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_no_client_auth()
+                    .with_cert_resolver(Arc::new(Keys(Vec::new()))),
+            ),
+        })
+    }
+
+    #[test]
+    fn names_find_exact_then_the_longest_wildcard() {
+        let (a, b, c) = (site("a"), site("b"), site("c"));
+        let names_a = ["api.example.com".to_string()];
+        let names_b = ["*.example.com".to_string()];
+        let names_c = [
+            "*.eu.example.com".to_string(),
+            "api.example.com".to_string(),
+        ];
+        let certs =
+            Certs::new([(&names_a[..], &a), (&names_b[..], &b), (&names_c[..], &c)].into_iter());
+        let id = |n: &str| certs.find(n).map(|s| s.id.clone());
+        assert_eq!(id("api.example.com").as_deref(), Some("a"));
+        assert_eq!(id("www.example.com").as_deref(), Some("b"));
+        assert_eq!(id("a.b.example.com").as_deref(), Some("b"));
+        assert_eq!(id("x.eu.example.com").as_deref(), Some("c"));
+        assert_eq!(id("example.com"), None);
+        assert_eq!(id("other.org"), None);
+    }
+}
