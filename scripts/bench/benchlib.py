@@ -45,16 +45,18 @@ http {{ access_log off; server {{ listen 127.0.0.1:{port}; location / {{ return 
 """
 
 
-def gateway_config(proxy, admin, workers, plugins, nginx_extra="", tail="", level="warn"):
+def gateway_config(proxy, admin, workers, plugins, nginx_extra="", tail="", level="warn",
+                   apisix_extra=""):
     """config.yaml of a benchmarked gateway: loopback listeners, the benchmark key, no access
     log, `plugins` as (name, priority, file) in `wasm.plugins` (none: no `wasm` section),
-    `nginx_extra` lines in `nginx_config`, `tail` sections at the end."""
+    `nginx_extra` lines in `nginx_config`, `apisix_extra` lines in `apisix`, `tail` sections
+    at the end."""
     listed = "".join(f'    - {{name: {n}, priority: {p}, file: "{f}"{entry_extra(rest)}}}\n'
                      for n, p, f, *rest in plugins)
     wasm = f"wasm:\n  plugins:\n{listed}" if plugins else ""
     return f"""apisix:
   node_listen: [{{ip: 127.0.0.1, port: {proxy}}}]
-deployment:
+{apisix_extra}deployment:
   admin:
     admin_key: [{{name: admin, key: {KEY}}}]
     admin_listen: {{ip: 127.0.0.1, port: {admin}}}

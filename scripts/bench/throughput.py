@@ -19,13 +19,18 @@ Results go to stdout as a Markdown table, and with --json / --svg to files (the 
 plot in docs/BENCHMARKS.md). Needs wrk and nginx (Debian: wrk, nginx-light) and
 target/release/wasmgate.
 
+With --tls, the clients speak TLS to the proxies (wrk's keep-alive connections: a handshake
+per connection, then records): nginx terminates TLS with `listen … ssl`, the gateway with its
+`apisix.ssl` listener and an SSL object, both with the same ECDSA P-256 certificate (made
+with openssl); the upstream hop stays plain HTTP.
+
 With --rates, each case also (or only) runs at fixed offered loads: wrk sends on a schedule
 (a Lua `delay` hook), so every proxy serves the same requests per second and their latency
 compares at equal load, as a gateway runs in production, below its saturation. In a
 saturating run the latency is mostly queueing (connections / throughput), and a slower proxy's
 p99 is higher for that reason alone.
 
-usage: scripts/bench/throughput.py [--workers 1] [--duration 10] [--connections 32]
+usage: scripts/bench/throughput.py [--workers 1] [--duration 10] [--connections 32] [--tls]
                                    [--rates max,20000,40000] [--json out.json] [--svg out.svg]
 """
 import argparse
@@ -42,6 +47,21 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (BINARY, admin_put, bench_plugins, bench_routes, free_port,
                       gateway_config, median, upstream_conf, wait_port)
+
+# The name the benchmark's certificate is for; clients that send no name (wrk to an IP) get
+# it as `fallback_sni`.
+TLS_NAME = "bench.test"
+
+
+def make_certificate(d):
+    """An ECDSA P-256 certificate for TLS_NAME and 127.0.0.1 and its key, as files in `d`."""
+    cert, key = os.path.join(d, "bench.crt"), os.path.join(d, "bench.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                    "-subj", f"/CN={TLS_NAME}",
+                    "-addext", f"subjectAltName=DNS:{TLS_NAME},IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    return cert, key
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -118,6 +138,10 @@ class Bench:
         self.up, self.base, self.gw, self.admin = (free_port() for _ in range(4))
         self.procs = []
         self.gateways = []
+        # Other scripts (ab.py, bodies.py, cpu_split.py) build their own settings: no --tls.
+        tls = getattr(a, "tls", False)
+        self.tls = make_certificate(self.work) if tls else None
+        self.scheme = "https" if tls else "http"
 
     def start_nginx(self):
         d = os.path.join(self.work, "nginx")
@@ -134,7 +158,7 @@ events {{ worker_connections 4096; }}
 http {{
   access_log off;
   upstream backend {{ server 127.0.0.1:{self.up}; keepalive 64; }}
-  server {{ listen 127.0.0.1:{self.base};
+  server {{ listen 127.0.0.1:{self.base}{self.nginx_tls()}
     location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
 }}
 """)
@@ -145,6 +169,13 @@ http {{
         wait_port(self.up)
         wait_port(self.base)
 
+    def nginx_tls(self):
+        """The baseline server's TLS settings (after its `listen` address)."""
+        if not self.tls:
+            return ";"
+        cert, key = self.tls
+        return f" ssl; ssl_certificate {cert}; ssl_certificate_key {key};"
+
     def start_gateway(self, binary=BINARY):
         """Starts a gateway running `binary` with the benchmark's plugins and routes (`/none`,
         `/one`, `/three`, `/body`); the first one listens on self.gw. Returns its port and a
@@ -152,9 +183,13 @@ http {{
         port, admin = (self.gw, self.admin) if not self.gateways else (free_port(), free_port())
         d = os.path.join(self.work, f"gw{len(self.gateways)}")
         os.makedirs(os.path.join(d, "conf"))
+        # With TLS, the cases' port is the TLS listener's; plain HTTP moves to another.
+        plain, ssl = (free_port(), (f"  ssl: {{enable: true, listen: [{{ip: 127.0.0.1, "
+                                    f"port: {port}}}], fallback_sni: {TLS_NAME}}}\n")) \
+            if self.tls else (port, "")
         with open(os.path.join(d, "conf", "config.yaml"), "w") as f:
-            f.write(gateway_config(port, admin, self.a.workers,
-                                   bench_plugins(self.a.callback_timeout)))
+            f.write(gateway_config(plain, admin, self.a.workers,
+                                   bench_plugins(self.a.callback_timeout), apisix_extra=ssl))
         if not os.path.exists(binary):
             sys.exit(f"{binary} does not exist: build first (cargo build --release)")
         # Workers inherit the master's affinity.
@@ -166,6 +201,10 @@ http {{
         wait_port(admin)
         for rid, r in bench_routes(f"127.0.0.1:{self.up}").items():
             admin_put(admin, f"/apisix/admin/routes/{rid}", r, timeout=10)
+        if self.tls:
+            cert, key = (open(f).read() for f in self.tls)
+            admin_put(admin, "/apisix/admin/ssls/bench",
+                      {"cert": cert, "key": key, "snis": [TLS_NAME]}, timeout=10)
         wait_port(port)
         time.sleep(0.5)
         workers = lambda: [p for p in children("wasmgate: worker process")  # noqa: E731
@@ -210,12 +249,13 @@ http {{
         # The baseline's workers only (the upstream nginx runs under its own master).
         base_master = self.procs[1].pid
         base_workers = lambda: [p for p in nginx_workers() if ppid(p) == base_master]  # noqa: E731
+        at = f"{self.scheme}://127.0.0.1"
         cases = [
-            ("nginx-proxy_pass", f"http://127.0.0.1:{self.base}/none", base_workers),
-            ("wasmgate", f"http://127.0.0.1:{self.gw}/none", gw_workers),
-            ("wasmgate+1", f"http://127.0.0.1:{self.gw}/one", gw_workers),
-            ("wasmgate+3", f"http://127.0.0.1:{self.gw}/three", gw_workers),
-            ("wasmgate+body", f"http://127.0.0.1:{self.gw}/body", gw_workers),
+            ("nginx-proxy_pass", f"{at}:{self.base}/none", base_workers),
+            ("wasmgate", f"{at}:{self.gw}/none", gw_workers),
+            ("wasmgate+1", f"{at}:{self.gw}/one", gw_workers),
+            ("wasmgate+3", f"{at}:{self.gw}/three", gw_workers),
+            ("wasmgate+body", f"{at}:{self.gw}/body", gw_workers),
         ]
         rows = []
         loads = [None] if not self.a.rates else self.a.rates
@@ -392,6 +432,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="do not pin the proxy to its own cores")
+    ap.add_argument("--tls", action="store_true",
+                    help="clients speak TLS to the proxies (nginx `listen ssl`, the gateway's "
+                         "apisix.ssl listener)")
     ap.add_argument("--callback-timeout", help="the plugins' callback_timeout (off: no limit)")
     ap.add_argument("--rates", type=rates,
                     help="comma-separated offered loads in requests/s, `max` for as fast as "
@@ -420,7 +463,8 @@ def main():
                        "by_load": summaries}, f, indent=1)
     if a.svg:
         with open(a.svg, "w") as f:
-            f.write(svg(summary, f"wasmgate vs nginx proxy_pass, {a.workers} worker(s), "
+            f.write(svg(summary, f"wasmgate vs nginx proxy_pass{' over TLS' if a.tls else ''}, "
+                                 f"{a.workers} worker(s), "
                                  f"{os.cpu_count()} cores"))
 
 
