@@ -42,9 +42,14 @@ fn client_config(
 
 /// A TLS connection to `port` for `name` (an IP address: no SNI), its handshake done.
 fn connect(port: u16, name: &str, config: &Arc<ClientConfig>) -> Result<Tls, String> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    handshake(tcp, name, config)
+}
+
+/// The handshake for `name` over `tcp`.
+fn handshake(tcp: TcpStream, name: &str, config: &Arc<ClientConfig>) -> Result<Tls, String> {
     let server = ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
     let conn = ClientConnection::new(config.clone(), server).map_err(|e| e.to_string())?;
-    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut tls = StreamOwned::new(conn, tcp);
     while tls.conn.is_handshaking() {
@@ -99,6 +104,11 @@ fn pair(ca: &Ca, names: &[&str]) -> (String, String) {
 
 /// A gateway with the TLS listener on `tls_port`, with `more` lines under `apisix.ssl`.
 fn gateway(tls_port: u16, more: &[&str]) -> Gateway {
+    gateway_with(tls_port, more, &[], 2)
+}
+
+/// [`gateway`] with `http_extra` lines under `nginx_config.http` and `workers` workers.
+fn gateway_with(tls_port: u16, more: &[&str], http_extra: &[&str], workers: usize) -> Gateway {
     let mut apisix_extra = vec![
         "ssl:".to_string(),
         "  enable: true".into(),
@@ -106,8 +116,13 @@ fn gateway(tls_port: u16, more: &[&str]) -> Gateway {
     ];
     apisix_extra.extend(more.iter().map(|l| format!("  {l}")));
     Gateway::start_with(Setup {
-        http_extra: vec![r#"access_log_format: "$scheme $request $status""#.into()],
+        http_extra: [r#"access_log_format: "$scheme $request $status""#]
+            .iter()
+            .chain(http_extra)
+            .map(|l| l.to_string())
+            .collect(),
         apisix_extra,
+        workers,
         ..Setup::default()
     })
 }
@@ -193,6 +208,29 @@ fn https_is_served_with_the_certificate_of_the_name_asked_for() {
         log().contains("https GET /secure HTTP/1.1 200") && log().contains("http GET /plain")
     });
 
+    // Plugins see the scheme and the name the client asked for; routes can match that name.
+    gw.route(
+        "plugin",
+        json!({"uri": "/plugin", "vars": [["ssl_server_name", "==", "api.test"]],
+               "plugins": {"echo": {"conf": "tls"}}}),
+        Some(&app),
+    );
+    let seen = get(port, "api.test", &config, "/plugin").unwrap().json();
+    assert_eq!(
+        (&seen["scheme"], &seen["sni"]),
+        (&json!("https"), &json!("api.test")),
+        "{seen}"
+    );
+    let plain = common::http("GET", &gw.url("/plugin"), &[], None);
+    assert_eq!(
+        plain.header("x-upstream"),
+        Some("app"),
+        "the route needs the name"
+    );
+    let mut no_sni = connect(port, "127.0.0.1", &config).unwrap();
+    let r = send(&mut no_sni, "GET", "/plugin", "api.test", b"");
+    assert_eq!(r.header("x-upstream"), Some("app"), "no name was sent");
+
     // A WebSocket through the TLS listener: the tunnel carries TLS on the client's side.
     let (node, _) = common::upstream::switching_node();
     let up = json!({"nodes": {node: 1}});
@@ -201,25 +239,7 @@ fn https_is_served_with_the_certificate_of_the_name_asked_for() {
     assert_eq!(s, 201, "{v}");
     gw.wait_propagated();
     let mut tls = connect(port, "api.test", &config).unwrap();
-    tls.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && std::io::Read::read(&mut tls, &mut byte).unwrap_or(0) == 1
-    {
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-    for word in ["ping", "again"] {
-        tls.write_all(word.as_bytes()).unwrap();
-        let mut buf = [0u8; 64];
-        let n = std::io::Read::read(&mut tls, &mut buf).unwrap();
-        assert_eq!(&buf[..n], format!("echo:{word}").as_bytes());
-    }
+    common::client::websocket_echo(&mut tls, "api.test");
     drop(tls);
 
     // A new certificate for the name: new handshakes get it, at once.
@@ -246,23 +266,90 @@ fn https_is_served_with_the_certificate_of_the_name_asked_for() {
     assert!(connect(port, "x.wild.test", &config).is_err());
 }
 
+/// An SSL object's `ssl_protocols` replace the listener's for its names (APISIX: the object's
+/// setting wins); the others keep the listener's.
 #[test]
-fn an_ssl_objects_protocols_narrow_the_listeners() {
+fn an_ssl_objects_protocols_replace_the_listeners() {
     let ca = Ca::new("listener CA");
     let app = TestUpstream::start("app");
     let port = free_port();
-    let gw = gateway(port, &["ssl_protocols: TLSv1.2 TLSv1.3"]);
+    let gw = gateway(port, &["ssl_protocols: TLSv1.3"]);
     gw.route("echo", json!({"uri": "/*"}), Some(&app));
-    let (cert, key) = pair(&ca, &["modern.test"]);
+    let (cert, key) = pair(&ca, &["old.test"]);
     put_ssl(
         &gw,
-        "m",
-        json!({"cert": cert, "key": key, "snis": ["modern.test"], "ssl_protocols": ["TLSv1.3"]}),
+        "o",
+        json!({"cert": cert, "key": key, "snis": ["old.test"], "ssl_protocols": ["TLSv1.2"]}),
+    );
+    let (cert, key) = pair(&ca, &["new.test"]);
+    put_ssl(
+        &gw,
+        "n",
+        json!({"cert": cert, "key": key, "snis": ["new.test"]}),
     );
     let tls13 = client_config(&ca, &[&rustls::version::TLS13]);
     let tls12 = client_config(&ca, &[&rustls::version::TLS12]);
-    assert_eq!(get(port, "modern.test", &tls13, "/").unwrap().status, 200);
-    assert!(get(port, "modern.test", &tls12, "/").is_err());
+    assert_eq!(get(port, "old.test", &tls12, "/").unwrap().status, 200);
+    assert!(get(port, "old.test", &tls13, "/").is_err());
+    assert_eq!(get(port, "new.test", &tls13, "/").unwrap().status, 200);
+    assert!(get(port, "new.test", &tls12, "/").is_err());
+}
+
+/// A client's receive buffer made small, so that a client that stops reading fills the path
+/// quickly.
+fn small_rcvbuf(s: &TcpStream) {
+    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::RcvBuf, &4096);
+}
+
+/// The timeouts hold over TLS as over plain HTTP: a client that stops taking its answer is cut
+/// after `send_timeout` (TLS takes small frames whole, and the flush after each is what
+/// waits), and the handshake counts in the first head's `client_header_timeout`.
+#[test]
+fn timeouts_hold_over_tls() {
+    let ca = Ca::new("listener CA");
+    let up = TestUpstream::start("u");
+    let port = free_port();
+    let http = ["send_timeout: 1s", "client_header_timeout: 2s"];
+    let gw = gateway_with(port, &[], &http, 1);
+    gw.route("1", json!({"uri": "/*"}), Some(&up));
+    let (cert, key) = pair(&ca, &["a.test"]);
+    put_ssl(
+        &gw,
+        "1",
+        json!({"cert": cert, "key": key, "snis": ["a.test"]}),
+    );
+    let config = client_config(&ca, rustls::DEFAULT_VERSIONS);
+    let cuts = || common::log_lines(&gw.error_log(), "(send_timeout)").len();
+    // 1 KiB every 2 ms for far longer than the test.
+    let req = b"GET /stream/1000000 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    small_rcvbuf(&tcp);
+    let mut tls = handshake(tcp, "a.test", &config).unwrap();
+    tls.write_all(req).unwrap();
+    tls.flush().unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the TLS client cut after send_timeout",
+        || cuts() == 1,
+    );
+    drop(tls);
+
+    // A head finished 3 s after the connection began, the handshake taking 1.5 s of them.
+    let start = std::time::Instant::now();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut tls = handshake(tcp, "a.test", &config).unwrap();
+    tls.write_all(b"GET /slow HTTP/1.1\r\n").unwrap();
+    tls.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = tls.write_all(b"Host: a.test\r\n\r\n");
+    let _ = tls.flush();
+    let r = read_response(&mut BufReader::new(&mut tls), false);
+    assert!(
+        !matches!(&r, Ok(r) if r.status == 200),
+        "a head finished {:?} after the connection began was served",
+        start.elapsed()
+    );
 }
 
 #[test]

@@ -338,24 +338,7 @@ fn tunnels_and_call_outs_speak_tls_to_https_upstreams() {
     )
     .unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    c.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && std::io::Read::read(&mut c, &mut byte).unwrap_or(0) == 1 {
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-    for word in ["ping", "again"] {
-        c.write_all(word.as_bytes()).unwrap();
-        let mut buf = [0u8; 64];
-        let n = std::io::Read::read(&mut c, &mut buf).unwrap();
-        assert_eq!(&buf[..n], format!("echo:{word}").as_bytes());
-    }
+    common::client::websocket_echo(&mut c, "api.test");
 
     // http_auth asks auth-svc (the TLS node) and passes its answer's body on as x-auth-body.
     let (status, v) = get(&gw, "/private", "api.test");

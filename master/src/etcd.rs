@@ -1195,7 +1195,8 @@ mod tests {
         .unwrap();
         assert_eq!(e.split_key("/apisix/routes/1"), Some((Kind::Routes, "1")));
         assert_eq!(e.split_key("/apisix/routes/"), None);
-        assert_eq!(e.split_key("/apisix/ssls/1"), None);
+        assert_eq!(e.split_key("/apisix/ssls/1"), Some((Kind::Ssls, "1")));
+        assert_eq!(e.split_key("/apisix/consumers/jack"), None);
         assert_eq!(e.split_key("/apisixx/routes/1"), None);
         assert_eq!(e.key(Kind::Upstreams, "u"), "/apisix/upstreams/u");
     }

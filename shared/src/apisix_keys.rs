@@ -139,19 +139,8 @@ fn router(v: &Value, _: &Value) -> Option<String> {
 
 const SSL_OFF: &str = "a setting of the TLS listener, which is off";
 
-/// The keys of `apisix.ssl` that wasmgate reads, or sets aside above.
-const SSL_KNOWN: [&str; 10] = [
-    "enable",
-    "listen",
-    "listen_port",
-    "ssl_protocols",
-    "ssl_session_tickets",
-    "fallback_sni",
-    "ssl_trusted_certificate",
-    "ssl_ciphers",
-    "ssl_trusted_combined_path",
-    "key_encrypt_salt",
-];
+/// The keys of `apisix.ssl` read whether the TLS listener is on or off.
+const SSL_ALWAYS_READ: [&str; 2] = ["enable", "ssl_trusted_certificate"];
 
 /// Whether the file switches the TLS listener off (`ssl.enable: false`): then the settings
 /// of APISIX's listener that wasmgate does not know are set aside rather than refused.
@@ -255,13 +244,16 @@ pub fn set_aside(text: &str) -> Result<(Cow<'_, str>, Vec<String>), (usize, Stri
         };
         found.push((path.to_vec(), why));
     }
-    // Other settings of a TLS listener that is off: APISIX's, whatever they are. With the
+    // The settings of a TLS listener that is off, whatever they are (APISIX's, or ones wasmgate
+    // reads: they ask nothing of a listener that does not run, and are not checked). With the
     // listener on, an unknown one stays an error (a misspelt key must not pass unnoticed).
     if let Some(ssl) = lookup(&root, &["apisix", "ssl"]).and_then(Value::as_mapping) {
         if ssl_listener_off(&root) {
             for key in ssl.keys().filter_map(Value::as_str) {
-                if !SSL_KNOWN.contains(&key) {
-                    found.push((vec!["apisix", "ssl", key], SSL_OFF.into()));
+                let path = ["apisix", "ssl", key];
+                let ruled = KEYS.iter().any(|(p, _)| *p == path);
+                if !SSL_ALWAYS_READ.contains(&key) && !ruled {
+                    found.push((path.to_vec(), SSL_OFF.into()));
                 }
             }
         }
@@ -431,10 +423,10 @@ mod tests {
             text.contains("listen: [9443]") && !text.contains("ECDHE"),
             "{text}"
         );
-        // An unknown key of a listener that is off is APISIX's: set aside.
-        let off = "apisix:\n  ssl:\n    enable: false\n    ssl_protocols_x: 1\n    ssl_trusted_certificate: system\n";
+        // The settings of a listener that is off are set aside, whatever they say.
+        let off = "apisix:\n  ssl:\n    enable: false\n    ssl_protocols_x: 1\n    ssl_protocols: TLSv1.1\n    listen: [{port: 9443, enable_http2: true}]\n    ssl_trusted_certificate: system\n";
         let (text, warnings) = set_aside(off).unwrap();
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
         assert!(text.contains("ssl_trusted_certificate: system"), "{text}");
         let (_, msg) =
             set_aside("deployment:\n  admin:\n    allow_admin: [0.0.0.0/0]\n").unwrap_err();

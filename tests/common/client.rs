@@ -2,7 +2,7 @@
 //! [`KeepAlive`]), enough to see exactly what a user's curl would see.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -196,5 +196,30 @@ impl KeepAlive {
             self.conn = None;
         }
         resp
+    }
+}
+
+/// Opens a WebSocket on `s` (`GET /ws` for `host`) through a route to
+/// [`super::upstream::switching_node`], and checks that what is sent comes back echoed.
+pub fn websocket_echo<S: Read + Write>(s: &mut S, host: &str) {
+    write!(
+        s,
+        "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    for word in ["ping", "again"] {
+        s.write_all(word.as_bytes()).unwrap();
+        s.flush().unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], format!("echo:{word}").as_bytes());
     }
 }

@@ -75,10 +75,13 @@ fn fact<'a>(stream: &'a Stream, path: &[&str]) -> Option<Found<'a>> {
         ["destination", "port"] => int(from.local.port().into()),
         // A uint64 in Envoy: the same 8 bytes.
         ["connection", "id"] => Some(Found::Owned(from.connection.to_le_bytes().to_vec())),
-        // A bool is one byte; listeners speak plain HTTP, so no name came with TLS (Envoy's
-        // empty string).
+        // A bool is one byte: client certificates are not asked for.
         ["connection", "mtls"] => Some(Found::Borrowed(&[0])),
-        ["connection", "requested_server_name"] => Some(Found::Borrowed(&[])),
+        // Envoy's empty string when no name came with TLS (plain HTTP, or no SNI).
+        ["connection", "requested_server_name"] => Some(match &from.sni {
+            Some(name) => Found::Owned(name.as_bytes().to_vec()),
+            None => Found::Borrowed(&[]),
+        }),
         ["request", "time"] => {
             let at = match stream.wall_start.get() {
                 Some(at) => at,

@@ -19,7 +19,7 @@ pub trait Properties: Send + Sync {
 }
 
 /// The client side of a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Downstream {
     pub peer: SocketAddr,
     /// The gateway's address the client connected to (`destination.*`).
@@ -27,6 +27,9 @@ pub struct Downstream {
     /// The client connection's id, unique on the host (`connection.id`).
     pub connection: u64,
     pub version: http::Version,
+    /// The name the client asked for in its TLS handshake (SNI), on the TLS listener
+    /// (`connection.requested_server_name`).
+    pub sni: Option<std::sync::Arc<str>>,
     /// When the request's head was read (`request.time`; its wall-clock time is worked out
     /// only when a plugin asks, so requests pay no clock reading for it, and kept).
     pub started: Instant,

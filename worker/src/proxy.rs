@@ -91,6 +91,8 @@ pub struct Client {
     pub trusted_peer: bool,
     /// The connection came over TLS (`$scheme` is `https`).
     pub tls: bool,
+    /// The name its client asked for in the TLS handshake (`$ssl_server_name`).
+    pub sni: Option<Arc<str>>,
 }
 
 impl Client {
@@ -108,7 +110,8 @@ impl Client {
         }
     }
 
-    pub fn new(addr: SocketAddr, local: SocketAddr, tls: bool) -> Client {
+    /// `tls`: over the TLS listener, with the name (SNI) its client asked for, if any.
+    pub fn new(addr: SocketAddr, local: SocketAddr, tls: Option<Option<Arc<str>>>) -> Client {
         static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
         let ip = ip_text(addr.ip());
         let n = CONNECTIONS.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
@@ -119,7 +122,8 @@ impl Client {
             local,
             id,
             trusted_peer: false,
-            tls,
+            tls: tls.is_some(),
+            sni: tls.flatten(),
         }
     }
 }
@@ -415,6 +419,7 @@ async fn serve_route(
             local: client.local,
             connection: client.id,
             version: parts.version,
+            sni: client.sni.clone(),
             started,
         };
         // Made in its box: a stream is large, and the box would otherwise be filled by a copy.
@@ -1864,6 +1869,7 @@ pub fn nginx_var<'a>(
         "remote_addr" => Cow::Owned(peer.ip().to_string()),
         "remote_port" => Cow::Owned(peer.port().to_string()),
         "scheme" => Cow::Borrowed(client.scheme()),
+        "ssl_server_name" => Cow::Owned(client.sni.as_deref().unwrap_or("").to_string()),
         "is_args" => Cow::Borrowed(if parts.uri.query().is_some() { "?" } else { "" }),
         "server_addr" => Cow::Owned(client.local.ip().to_string()),
         "server_port" => Cow::Owned(client.local.port().to_string()),
@@ -2003,7 +2009,7 @@ mod tests {
         let client = Client::new(
             "10.0.0.1:5555".parse().unwrap(),
             "127.0.0.1:9080".parse().unwrap(),
-            false,
+            None,
         );
         let names = wasmgate_shared::model::vars::VARIABLES
             .iter()

@@ -100,22 +100,24 @@ async fn connection(
     slot.active_connections.fetch_add(1, Ordering::Relaxed);
     slot.accepted.fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(w.clone());
+    // The first head is due `client_header_timeout` from here, a TLS handshake included.
+    let opened = tokio::time::Instant::now();
     let _ = stream.set_nodelay(true);
     let local = stream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let io = match tls {
-        false => io::ClientIo::Plain(stream),
+    let (io, sni) = match tls {
+        false => (io::ClientIo::Plain(stream), None),
         // Boxed: the handshake's state would otherwise be part of every connection's future.
         true => match Box::pin(handshake(&w, stream, peer)).await {
-            Some(io) => io,
+            Some((io, sni)) => (io, Some(sni)),
             None => return,
         },
     };
-    let client = proxy::Client::new(peer, local, tls);
+    let client = proxy::Client::new(peer, local, sni);
     let conn = h1::Conn::new(io, w.send_timeout);
     let mut wbuf = Vec::with_capacity(1024);
-    let mut waiting = HeadWait::new(w.header_timeout, w.keepalive_timeout, &mut drain);
+    let mut waiting = HeadWait::new(opened, (w.header_timeout, w.keepalive_timeout), &mut drain);
     loop {
         let head = match waiting.next(&conn, w.max_header_size, &slot.reading).await {
             Ok(head) => head,
@@ -214,13 +216,18 @@ async fn connection(
 }
 
 /// The TLS handshake of a client of the `apisix.ssl` listener, within `client_header_timeout`,
-/// with the certificate of the SSL object that serves the name it asks for.
-async fn handshake(w: &Arc<Worker>, stream: TcpStream, peer: SocketAddr) -> Option<io::ClientIo> {
-    let (stream, name) = tls::accept(stream, peer, w.header_timeout, || {
+/// with the certificate of the SSL object that serves the name it asks for; the stream and
+/// that name (None: it sent none).
+async fn handshake(
+    w: &Arc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(io::ClientIo, Option<Arc<str>>)> {
+    let (stream, sni) = tls::accept(stream, peer, w.header_timeout, || {
         w.live.current().certs.clone()
     })
     .await?;
-    Some(io::ClientIo::Tls(Box::new(io::TlsClient { stream, name })))
+    Some((io::ClientIo::Tls(Box::new(io::TlsClient { stream })), sni))
 }
 
 /// An answer that could not be sent whole. One the client stopped taking (`send_timeout`) is
@@ -262,8 +269,9 @@ fn answer_cut(conn: &h1::Conn, peer: SocketAddr, e: &codec::SendError) {
 struct HeadWait<'a> {
     header: Duration,
     idle: Duration,
-    /// No request came yet.
-    first: bool,
+    /// No request came yet: when its head is due (`client_header_timeout` from the
+    /// connection's start, its TLS handshake included).
+    first: Option<tokio::time::Instant>,
     timer: Pin<Box<tokio::time::Sleep>>,
     drained: OnWake<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
     /// When draining: the end of the grace.
@@ -271,12 +279,17 @@ struct HeadWait<'a> {
 }
 
 impl<'a> HeadWait<'a> {
-    fn new(header: Duration, idle: Duration, drain: &'a mut watch::Receiver<bool>) -> HeadWait<'a> {
+    /// `opened`: when the connection was accepted (the first head is due `header` after it).
+    fn new(
+        opened: tokio::time::Instant,
+        (header, idle): (Duration, Duration),
+        drain: &'a mut watch::Receiver<bool>,
+    ) -> HeadWait<'a> {
         HeadWait {
             header,
             idle,
-            first: true,
-            timer: Box::pin(tokio::time::sleep(header)),
+            first: Some(opened + header),
+            timer: Box::pin(tokio::time::sleep_until(opened + header)),
             drained: OnWake::new(Box::pin(until_drain(drain))),
             grace_end: None,
         }
@@ -293,8 +306,9 @@ impl<'a> HeadWait<'a> {
         let now = tokio::time::Instant::now();
         // Idle until bytes come (not for the first request): a head already begun (pipelined)
         // is seen at the first poll, which switches to the header timeout.
-        let mut idle = !std::mem::take(&mut self.first);
-        let mut deadline = now + if idle { self.idle } else { self.header };
+        let first = self.first.take();
+        let mut idle = first.is_none();
+        let mut deadline = first.unwrap_or(now + self.idle);
         std::future::poll_fn(|cx| {
             if self.grace_end.is_none() && Pin::new(&mut self.drained).poll(cx).is_ready() {
                 self.grace_end = Some(tokio::time::Instant::now() + DRAIN_GRACE);

@@ -146,10 +146,20 @@ pub fn validate(kind: Kind, body: &Value, catalog: &PluginCatalog) -> Result<Obj
             Ok(Object::GlobalRule(g))
         }
         Kind::Ssls => {
-            let s: Ssl = typed(body)?;
+            let s: Ssl = typed(body).map_err(|e| unquoted(&e))?;
             s.check()?;
             Ok(Object::Ssl(s))
         }
+    }
+}
+
+/// `msg` without the value serde quotes in it (`invalid type: string "…", expected …`): in an
+/// SSL object the value may be a private key, and refusals of objects read from etcd go to the
+/// error log.
+fn unquoted(msg: &str) -> String {
+    match (msg.find("string \""), msg.rfind("\", expected")) {
+        (Some(a), Some(b)) if b > a => format!("{}string{}", &msg[..a], &msg[b + 1..]),
+        _ => msg.to_string(),
     }
 }
 
@@ -262,6 +272,15 @@ mod tests {
 
     fn catalog() -> PluginCatalog {
         PluginCatalog::new(["wasm_log".to_string()])
+    }
+
+    #[test]
+    fn a_refused_ssl_object_does_not_quote_its_values() {
+        let key = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAsecret\n-----END PRIVATE KEY-----\n";
+        let body = json!({"cert": "c", "key": "k", "snis": ["a.test"], "keys": key});
+        let e = validate(Kind::Ssls, &body, &catalog()).unwrap_err();
+        assert!(!e.contains("secret") && e.contains("\"keys\""), "{e}");
+        assert!(e.contains("invalid type: string, expected"), "{e}");
     }
 
     #[test]

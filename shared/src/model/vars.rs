@@ -21,7 +21,7 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 /// The variables the gateway gives `vars` and `chash` keys besides the families `arg_<name>`,
 /// `http_<header>` and `cookie_<name>` (the worker's `proxy::nginx_var`).
-pub const VARIABLES: [&str; 16] = [
+pub const VARIABLES: [&str; 17] = [
     "uri",
     "request_uri",
     "real_request_uri",
@@ -33,6 +33,7 @@ pub const VARIABLES: [&str; 16] = [
     "remote_addr",
     "remote_port",
     "scheme",
+    "ssl_server_name",
     "server_addr",
     "server_port",
     "server_protocol",

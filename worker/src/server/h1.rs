@@ -88,6 +88,26 @@ impl Inbound {
         r
     }
 
+    /// Pushes out what TLS held back (nothing for a socket), under `send_timeout` as writes.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if Pin::new(&mut self.io).poll_flush(cx).is_pending() {
+            return self.poll_stall(cx);
+        }
+        self.stalled = false;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Ends the writing side (TLS's `close_notify` first), under `send_timeout` as writes.
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.io).poll_shutdown(cx) {
+            Poll::Pending => self.poll_stall(cx),
+            Poll::Ready(r) => {
+                self.stalled = false;
+                Poll::Ready(r)
+            }
+        }
+    }
+
     /// Called while a write waits: Pending until `send_timeout` has passed since the wait
     /// began, then the error.
     fn poll_stall<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
@@ -587,11 +607,11 @@ impl AsyncWrite for Writer<'_> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // TLS holds back what a full socket did not take; a socket has nothing to flush.
-        Pin::new(&mut self.0.lock().io).poll_flush(cx)
+        self.0.lock().poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0.lock().io).poll_shutdown(cx)
+        self.0.lock().poll_shutdown(cx)
     }
 }
 

@@ -6,7 +6,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -18,10 +17,9 @@ pub enum ClientIo {
     Tls(Box<TlsClient>),
 }
 
-/// A TLS connection and the name its client asked for (its SNI, or `fallback_sni`).
+/// A TLS connection.
 pub struct TlsClient {
     pub stream: TlsStream<TcpStream>,
-    pub name: Arc<str>,
 }
 
 impl ClientIo {

@@ -6,12 +6,12 @@
 //! a client that sends no name gets `fallback_sni`'s certificate, and with no match the
 //! handshake fails. The ClientHello is read first and the settings chosen from it, so each
 //! SSL object has its own: its certificates (one an ECDSA client can use, one for RSA) and
-//! its `ssl_protocols`.
+//! its `ssl_protocols` (in place of the listener's, as APISIX).
 
 use crate::FastMap;
 use rustls::server::{Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
-use rustls::{ProtocolVersion, ServerConfig, SupportedProtocolVersion};
+use rustls::{ServerConfig, SupportedProtocolVersion};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -68,24 +68,11 @@ impl Site {
     /// SSL object `id` made into server settings; an error says why it cannot serve.
     pub fn compile(id: &str, ssl: &Ssl) -> Result<Site, String> {
         let l = listener();
+        // The object's own versions, when it names them, in place of the listener's (APISIX:
+        // dynamic configuration has the higher priority).
         let versions: Vec<&'static SupportedProtocolVersion> = match &ssl.ssl_protocols {
             None => l.versions.clone(),
-            Some(list) => {
-                let own: Vec<ProtocolVersion> = list
-                    .iter()
-                    .filter_map(|v| tls_version(v).ok())
-                    .map(|v| v.version)
-                    .collect();
-                let both: Vec<_> = (l.versions.iter().copied())
-                    .filter(|v| own.contains(&v.version))
-                    .collect();
-                if both.is_empty() {
-                    return Err(
-                        "its ssl_protocols and apisix.ssl.ssl_protocols share no version".into(),
-                    );
-                }
-                both
-            }
+            Some(list) => list.iter().filter_map(|v| tls_version(v).ok()).collect(),
         };
         let keys = ssl.identities()?.into_iter().map(|i| i.certified).collect();
         let mut config = ServerConfig::builder_with_provider(provider())
@@ -165,23 +152,42 @@ impl Certs {
     }
 }
 
+/// Lines per second, per worker, for names no SSL object serves.
+const UNKNOWN_NAME_LINES: u32 = 10;
+
+/// Says that no SSL object serves `name`: at `warn`, as APISIX's "failed to match any SSL
+/// certificate by SNI" (a name clients use and nothing serves is a configuration to mend), but
+/// at most [`UNKNOWN_NAME_LINES`] a second: any client can make up names.
+fn unknown_name(name: &str, peer: SocketAddr) {
+    use wasmgate_wasm::rate::{LogGate, Pass};
+    static GATE: std::sync::LazyLock<LogGate> = std::sync::LazyLock::new(LogGate::default);
+    let more = match GATE.pass(UNKNOWN_NAME_LINES) {
+        Pass::No => return,
+        Pass::Yes { dropped: 0 } => String::new(),
+        Pass::Yes { dropped } => format!(" ({dropped} similar lines suppressed)"),
+        Pass::Last => " (further such lines this second suppressed)".into(),
+    };
+    tracing::warn!("no SSL object serves {name:?} (client: {peer}): handshake refused{more}");
+}
+
 /// Reads the client's hello, picks the site for the name it asks for and completes the
-/// handshake, within `timeout`. None (logged) when the client leaves, times out, asks for a
-/// name no SSL object serves, or the handshake fails.
+/// handshake, within `timeout`: the stream, and the name the client sent (None: it sent none,
+/// and got `fallback_sni`'s certificate). None (logged) when the client leaves, times out,
+/// asks for a name no SSL object serves, or the handshake fails.
 pub async fn accept(
     stream: TcpStream,
     peer: SocketAddr,
     timeout: Duration,
     certs: impl FnOnce() -> Arc<Certs>,
-) -> Option<(TlsStream<TcpStream>, Arc<str>)> {
+) -> Option<(TlsStream<TcpStream>, Option<Arc<str>>)> {
     let handshake = async {
         let start = LazyConfigAcceptor::new(Acceptor::default(), stream)
             .await
             .map_err(|e| format!("TLS handshake with client {peer} failed: {e}"))?;
         let hello = start.client_hello();
         let asked = hello.server_name().map(str::to_ascii_lowercase);
-        let name = match (asked, &listener().fallback_sni) {
-            (Some(n), _) => n,
+        let name = match (&asked, &listener().fallback_sni) {
+            (Some(n), _) => n.clone(),
             (None, Some(fallback)) => fallback.clone(),
             (None, None) => {
                 return Err(format!(
@@ -192,9 +198,7 @@ pub async fn accept(
         };
         let certs = certs();
         let Some(site) = certs.find(&name) else {
-            // At `warn`, as APISIX's "failed to match any SSL certificate by SNI": a name
-            // clients use and no SSL object serves is a configuration to mend.
-            tracing::warn!("no SSL object serves {name:?} (client: {peer}): handshake refused");
+            unknown_name(&name, peer);
             return Err(String::new());
         };
         let config = site.config.clone();
@@ -202,11 +206,12 @@ pub async fn accept(
             .into_stream(config)
             .await
             .map_err(|e| format!("TLS handshake with client {peer} for {name:?} failed: {e}"))?;
-        Ok((stream, Arc::from(name)))
+        Ok((stream, asked.map(Arc::from)))
     };
     match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(done)) => Some(done),
         Ok(Err(e)) => {
+            // Empty: said already (`unknown_name`).
             if !e.is_empty() {
                 tracing::info!("{e}");
             }

@@ -82,7 +82,7 @@ impl HttpContext for Echo {
             .map(|(k, v)| format!("[\"{}\",\"{}\"]", esc(k), esc(v)))
             .collect();
         let body = format!(
-            "{{\"conf\":\"{}\",\"configures\":{},\"vm_starts\":{},\"context_id\":{},\"root_id\":{},\"plugin_name\":\"{}\",\"plugin_root_id\":\"{}\",\"route_name\":\"{}\",\"xds_route_name\":\"{}\",\"protocol\":\"{}\",\"route_id\":\"{}\",\"path\":\"{}\",\"method\":\"{}\",\"host\":\"{}\",\"source\":\"{}\",\"arg_a\":\"{}\",\"headers\":[{}]}}",
+            "{{\"conf\":\"{}\",\"configures\":{},\"vm_starts\":{},\"context_id\":{},\"root_id\":{},\"plugin_name\":\"{}\",\"plugin_root_id\":\"{}\",\"route_name\":\"{}\",\"xds_route_name\":\"{}\",\"protocol\":\"{}\",\"route_id\":\"{}\",\"path\":\"{}\",\"method\":\"{}\",\"host\":\"{}\",\"source\":\"{}\",\"arg_a\":\"{}\",\"scheme\":\"{}\",\"sni\":\"{}\",\"headers\":[{}]}}",
             esc(&self.conf),
             CONFIGURES.load(Ordering::Relaxed),
             VM_STARTS.load(Ordering::Relaxed),
@@ -99,6 +99,8 @@ impl HttpContext for Echo {
             esc(&self.prop(&["request", "host"])),
             esc(&self.prop(&["source", "address"])),
             esc(&self.prop(&["arg_a"])),
+            esc(&self.prop(&["request", "scheme"])),
+            esc(&self.prop(&["connection", "requested_server_name"])),
             headers.join(",")
         );
         self.send_http_response(200, vec![("content-type", "application/json"), ("x-echo", "1")], Some(body.as_bytes()));
