@@ -35,7 +35,7 @@ use http_body_util::BodyExt;
 use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmgate_http1::codec::{SetField, SetFields};
@@ -84,14 +84,20 @@ pub struct Client {
     pub ip: HeaderValue,
     /// The gateway's side of the connection.
     pub local: SocketAddr,
-    /// Unique on the host while the worker lives: its pid, then a count of its connections.
-    pub id: u64,
+    /// The worker's count of its connections ([`Client::id`]).
+    number: u32,
     /// The connection's peer is one of `apisix.trusted_addresses` (judged on the peer, before
     /// `real_ip_from` may name another client).
     pub trusted_peer: bool,
-    /// The connection came over TLS (`$scheme` is `https`).
-    pub tls: bool,
-    /// The name its client asked for in the TLS handshake (`$ssl_server_name`).
+    /// The connection came over TLS (`$scheme` is `https`): the name its client asked for.
+    /// One pointer, and the connection's number 32 bits: a client is moved with every
+    /// request, and stays at the 120 bytes it had before TLS.
+    pub tls: Option<Arc<TlsInfo>>,
+}
+
+/// What the TLS listener knows of a client connection.
+pub struct TlsInfo {
+    /// The name it asked for in the handshake (`$ssl_server_name`); None: it sent none.
     pub sni: Option<Arc<str>>,
 }
 
@@ -105,25 +111,35 @@ impl Client {
     /// `$scheme`: `https` over the TLS listener.
     pub fn scheme(&self) -> &'static str {
         match self.tls {
-            true => "https",
-            false => "http",
+            Some(_) => "https",
+            None => "http",
         }
     }
 
+    /// Unique on the host while the worker lives: its pid, then a count of its connections.
+    pub fn id(&self) -> u64 {
+        static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let pid = *PID.get_or_init(std::process::id);
+        (u64::from(pid) << 32) | u64::from(self.number)
+    }
+
+    /// The name the client asked for in its TLS handshake.
+    pub fn sni(&self) -> Option<&Arc<str>> {
+        self.tls.as_ref()?.sni.as_ref()
+    }
+
     /// `tls`: over the TLS listener, with the name (SNI) its client asked for, if any.
-    pub fn new(addr: SocketAddr, local: SocketAddr, tls: Option<Option<Arc<str>>>) -> Client {
-        static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+    pub fn new(addr: SocketAddr, local: SocketAddr, tls: Option<Arc<TlsInfo>>) -> Client {
+        static CONNECTIONS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let ip = ip_text(addr.ip());
-        let n = CONNECTIONS.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
-        let id = (u64::from(std::process::id()) << 32) | n;
+        let number = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
         Client {
             addr,
             ip,
             local,
-            id,
+            number,
             trusted_peer: false,
-            tls: tls.is_some(),
-            sni: tls.flatten(),
+            tls,
         }
     }
 }
@@ -417,9 +433,9 @@ async fn serve_route(
         let from = Downstream {
             peer: client.addr,
             local: client.local,
-            connection: client.id,
+            connection: client.id(),
             version: parts.version,
-            sni: client.sni.clone(),
+            sni: client.sni().cloned(),
             started,
         };
         // Made in its box: a stream is large, and the box would otherwise be filled by a copy.
@@ -1390,8 +1406,8 @@ impl Forwarding {
             real_ip: ip.clone(),
             host: theirs(&X_FORWARDED_HOST).or_else(|| client_host.cloned()),
             proto: theirs(&X_FORWARDED_PROTO).unwrap_or_else(|| match client.tls {
-                true => HTTPS_SCHEME.clone(),
-                false => HTTP_SCHEME.clone(),
+                Some(_) => HTTPS_SCHEME.clone(),
+                None => HTTP_SCHEME.clone(),
             }),
             port: theirs(&X_FORWARDED_PORT).unwrap_or(port),
         }
@@ -1869,7 +1885,7 @@ pub fn nginx_var<'a>(
         "remote_addr" => Cow::Owned(peer.ip().to_string()),
         "remote_port" => Cow::Owned(peer.port().to_string()),
         "scheme" => Cow::Borrowed(client.scheme()),
-        "ssl_server_name" => Cow::Owned(client.sni.as_deref().unwrap_or("").to_string()),
+        "ssl_server_name" => Cow::Owned(client.sni().map_or("", |n| n).to_string()),
         "is_args" => Cow::Borrowed(if parts.uri.query().is_some() { "?" } else { "" }),
         "server_addr" => Cow::Owned(client.local.ip().to_string()),
         "server_port" => Cow::Owned(client.local.port().to_string()),

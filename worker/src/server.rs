@@ -110,7 +110,7 @@ async fn connection(
         false => (io::ClientIo::Plain(stream), None),
         // Boxed: the handshake's state would otherwise be part of every connection's future.
         true => match Box::pin(handshake(&w, stream, peer)).await {
-            Some((io, sni)) => (io, Some(sni)),
+            Some((io, sni)) => (io, Some(Arc::new(proxy::TlsInfo { sni }))),
             None => return,
         },
     };

@@ -45,7 +45,15 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// A client connection, shared by its task and the body of the request being served.
 #[derive(Clone)]
-pub struct Conn(Arc<Mutex<Inbound>>);
+pub struct Conn(Arc<Shared>);
+
+/// A connection's state, and whether it speaks TLS: kept outside the lock, so that a plain
+/// connection's flushes take none (and in the same allocation, so that a `Conn`, moved with
+/// every request and its body, stays one pointer).
+struct Shared {
+    tls: bool,
+    inbound: Mutex<Inbound>,
+}
 
 struct Inbound {
     io: ClientIo,
@@ -143,7 +151,8 @@ pub enum NoHead {
 impl Conn {
     /// A connection whose answers fail when the client takes nothing for `send_timeout`.
     pub fn new(io: ClientIo, send_timeout: Duration) -> Conn {
-        Conn(Arc::new(Mutex::new(Inbound {
+        let tls = matches!(io, ClientIo::Tls(_));
+        let inbound = Mutex::new(Inbound {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             framing: Framing::Empty,
@@ -156,19 +165,20 @@ impl Conn {
             send_timeout,
             stall: None,
             stalled: false,
-        })))
+        });
+        Conn(Arc::new(Shared { tls, inbound }))
     }
 
     /// The socket and what was read past the last request's head, for a tunnel
     /// ([`crate::tunnel`]); None while the request's body is still held elsewhere.
     pub fn into_io(self) -> Option<(ClientIo, BytesMut)> {
-        let inbound = Arc::try_unwrap(self.0).ok()?;
-        let inbound = inbound.into_inner().unwrap_or_else(|p| p.into_inner());
+        let shared = Arc::try_unwrap(self.0).ok()?;
+        let inbound = (shared.inbound.into_inner()).unwrap_or_else(|p| p.into_inner());
         Some((inbound.io, inbound.rbuf))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inbound> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.inbound.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether no byte of a next request has arrived (empty lines before a request do not
@@ -295,7 +305,9 @@ impl Conn {
         let Some(out) = out else {
             drop(body);
             w.write_all(wbuf).await?;
-            w.flush().await?;
+            if self.0.tls {
+                w.flush().await?;
+            }
             return Ok(keep_alive);
         };
         // A first piece of body that is there already goes out with the head.
@@ -330,7 +342,10 @@ impl Conn {
             }
         }
         w.write_all(wbuf).await?;
-        w.flush().await?;
+        // TLS holds back what the socket did not take (a socket sends it all).
+        if self.0.tls {
+            w.flush().await?;
+        }
         let rest = Prepend { first, body };
         // A client that leaves while a long answer streams ends it (and its upstream).
         let send = std::pin::pin!(codec::send_body(&mut w, wbuf, rest, out));
@@ -421,6 +436,7 @@ fn head_may_end(buf: &[u8], scanned: usize) -> bool {
 }
 
 /// Reads into `buf`, making room for `want` (within reason) first.
+#[inline]
 fn poll_read(
     io: &mut ClientIo,
     buf: &mut BytesMut,
@@ -605,9 +621,13 @@ impl AsyncWrite for Writer<'_> {
         self.0.lock().poll_send(cx, buf)
     }
 
+    #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // TLS holds back what a full socket did not take; a socket has nothing to flush.
-        self.0.lock().poll_flush(cx)
+        match self.0 .0.tls {
+            false => Poll::Ready(Ok(())),
+            true => self.0.lock().poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
