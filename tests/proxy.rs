@@ -1560,18 +1560,8 @@ fn handshake(gw: &Gateway, path: &str) -> (TcpStream, String) {
     )
     .unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        c,
-        "GET {path} HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && c.read(&mut byte).unwrap_or(0) == 1 {
-        head.push(byte[0]);
-    }
-    (c, String::from_utf8_lossy(&head).to_ascii_lowercase())
+    let head = common::client::websocket_upgrade(&mut c, path, "ws.test");
+    (c, head.to_ascii_lowercase())
 }
 
 /// `enable_websocket`: the handshake reaches the node with its `Upgrade`, the client gets the

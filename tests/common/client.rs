@@ -199,21 +199,27 @@ impl KeepAlive {
     }
 }
 
-/// Opens a WebSocket on `s` (`GET /ws` for `host`) through a route to
-/// [`super::upstream::switching_node`], and checks that what is sent comes back echoed.
-pub fn websocket_echo<S: Read + Write>(s: &mut S, host: &str) {
+/// Sends a WebSocket handshake for `path` and `host` on `s`; the answer's head as it came.
+pub fn websocket_upgrade<S: Read + Write>(s: &mut S, path: &str, host: &str) -> String {
     write!(
         s,
-        "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     .unwrap();
+    s.flush().unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
         head.push(byte[0]);
     }
-    let head = String::from_utf8_lossy(&head);
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Opens a WebSocket on `s` (`GET /ws` for `host`) through a route to
+/// [`super::upstream::switching_node`], and checks that what is sent comes back echoed.
+pub fn websocket_echo<S: Read + Write>(s: &mut S, host: &str) {
+    let head = websocket_upgrade(s, "/ws", host);
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     for word in ["ping", "again"] {
         s.write_all(word.as_bytes()).unwrap();

@@ -183,37 +183,38 @@ pub async fn accept(
     let handshake = async {
         let start = LazyConfigAcceptor::new(Acceptor::default(), stream)
             .await
-            .map_err(|e| format!("TLS handshake with client {peer} failed: {e}"))?;
+            .map_err(|e| Some(format!("TLS handshake with client {peer} failed: {e}")))?;
         let hello = start.client_hello();
         let asked = hello.server_name().map(str::to_ascii_lowercase);
         let name = match (&asked, &listener().fallback_sni) {
             (Some(n), _) => n.clone(),
             (None, Some(fallback)) => fallback.clone(),
             (None, None) => {
-                return Err(format!(
+                return Err(Some(format!(
                     "client {peer} sent no server name (SNI) and apisix.ssl.fallback_sni \
                      is not set: please check if the client requests via IP"
-                ))
+                )))
             }
         };
         let certs = certs();
         let Some(site) = certs.find(&name) else {
             unknown_name(&name, peer);
-            return Err(String::new());
+            return Err(None);
         };
         let config = site.config.clone();
-        let stream = start
-            .into_stream(config)
-            .await
-            .map_err(|e| format!("TLS handshake with client {peer} for {name:?} failed: {e}"))?;
+        let stream = start.into_stream(config).await.map_err(|e| {
+            Some(format!(
+                "TLS handshake with client {peer} for {name:?} failed: {e}"
+            ))
+        })?;
         Ok((stream, asked.map(Arc::from)))
     };
     match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(done)) => Some(done),
-        Ok(Err(e)) => {
-            // Empty: said already (`unknown_name`).
-            if !e.is_empty() {
-                tracing::info!("{e}");
+        // None: said already, at its own level (`unknown_name`).
+        Ok(Err(why)) => {
+            if let Some(why) = why {
+                tracing::info!("{why}");
             }
             None
         }
