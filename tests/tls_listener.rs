@@ -116,7 +116,7 @@ fn gateway_with(tls_port: u16, more: &[&str], http_extra: &[&str], workers: usiz
     ];
     apisix_extra.extend(more.iter().map(|l| format!("  {l}")));
     Gateway::start_with(Setup {
-        http_extra: [r#"access_log_format: "$scheme $request $status""#]
+        http_extra: [r#"access_log_format: "$scheme $request $status $pid $ssl_session_reused $ssl_protocol $ssl_cipher""#]
             .iter()
             .chain(http_extra)
             .map(|l| l.to_string())
@@ -264,6 +264,120 @@ fn https_is_served_with_the_certificate_of_the_name_asked_for() {
     assert_eq!(s, 200);
     gw.wait_propagated();
     assert!(connect(port, "x.wild.test", &config).is_err());
+}
+
+/// Sessions resume whichever worker a client comes back to, and across a reload: the session
+/// cache and the ticket keys are in shared memory the master owns (nginx's `ssl_session_cache
+/// shared:` and its ticket keys), for TLS 1.3 and 1.2, with `ssl_session_tickets` off (the
+/// default: sessions kept by the gateway) and on. The access log says which worker served
+/// each connection (`$pid`) and whether it resumed (`$ssl_session_reused`).
+#[test]
+fn sessions_resume_on_every_worker_and_across_a_reload() {
+    let ca = Ca::new("resumption CA");
+    let app = TestUpstream::start("app");
+    let (cert, key) = pair(&ca, &["api.test"]);
+    for tickets in [false, true] {
+        let port = free_port();
+        let gw = gateway(port, &[&format!("ssl_session_tickets: {tickets}")]);
+        gw.route("echo", json!({"uri": "/*"}), Some(&app));
+        put_ssl(
+            &gw,
+            "1",
+            json!({"cert": cert, "key": key, "snis": ["api.test"]}),
+        );
+        let log =
+            || std::fs::read_to_string(gw.prefix().join("logs/access.log")).unwrap_or_default();
+        for (version, name) in [
+            (&rustls::version::TLS13, "TLSv1.3"),
+            (&rustls::version::TLS12, "TLSv1.2"),
+        ] {
+            // A client of its own: its session cache starts empty.
+            let config = client_config(&ca, &[version]);
+            let case = format!("tickets {tickets}, {name}");
+            let tag = format!("{tickets}-{name}");
+            let connections = 24;
+            for i in 0..connections {
+                let mut tls = connect(port, "api.test", &config).unwrap();
+                let resumed = tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                assert_eq!(resumed, i > 0, "{case}: connection {i} resumed: {resumed}");
+                let r = send(&mut tls, "GET", &format!("/r/{tag}/{i}"), "api.test", b"");
+                assert_eq!(r.status, 200);
+            }
+            // The log agrees, and names the workers: both served resumed sessions (a
+            // connection goes to whichever worker accepts first; 23 to one alone would be
+            // a rare draw, and the reload below checks another process deterministically).
+            let mut workers = std::collections::BTreeSet::new();
+            eventually(
+                Duration::from_secs(5),
+                "the connections in the access log",
+                || log().matches(&format!("/r/{tag}/")).count() == connections,
+            );
+            for line in log().lines().filter(|l| l.contains(&format!("/r/{tag}/"))) {
+                let fields: Vec<&str> = line.split(' ').collect();
+                // https GET /r/… HTTP/1.1 200 <pid> <reused> <protocol> <cipher>
+                let (pid, reused, protocol) = (fields[5], fields[6], fields[7]);
+                assert_eq!(protocol, name, "{line}");
+                assert!(!fields[8].is_empty(), "{line}");
+                let first = line.contains(&format!("/r/{tag}/0 "));
+                assert_eq!(reused, if first { "." } else { "r" }, "{line}");
+                if !first {
+                    workers.insert(pid.to_string());
+                }
+            }
+            if workers.len() < 2 {
+                eprintln!("{case}: every resumed connection went to one worker");
+            }
+
+            // A reload replaces both workers; the sessions are still there for the new ones.
+            let before = gw.worker_pids();
+            let mut tls = connect(port, "api.test", &config).unwrap();
+            let _ = send(&mut tls, "GET", "/before-reload", "api.test", b"");
+            drop(tls);
+            gw.signal(nix::sys::signal::Signal::SIGHUP);
+            eventually(
+                Duration::from_secs(20),
+                "new workers after the reload",
+                || {
+                    let now = gw.worker_pids();
+                    now.len() == 2 && now.iter().all(|p| !before.contains(p))
+                },
+            );
+            gw.wait_propagated();
+            let mut tls = connect(port, "api.test", &config).unwrap();
+            assert_eq!(
+                tls.conn.handshake_kind(),
+                Some(rustls::HandshakeKind::Resumed),
+                "{case}: a session made before the reload"
+            );
+            let r = send(
+                &mut tls,
+                "GET",
+                &format!("/after-reload/{tag}"),
+                "api.test",
+                b"",
+            );
+            assert_eq!(r.status, 200);
+        }
+        // A new certificate: no session made with the old one resumes.
+        let (new_cert, new_key) = pair(&ca, &["api.test"]);
+        let config = client_config(&ca, rustls::DEFAULT_VERSIONS);
+        let _ = get(port, "api.test", &config, "/warm").unwrap();
+        assert_eq!(
+            connect(port, "api.test", &config)
+                .unwrap()
+                .conn
+                .handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+        put_ssl(
+            &gw,
+            "1",
+            json!({"cert": new_cert, "key": new_key, "snis": ["api.test"]}),
+        );
+        let tls = connect(port, "api.test", &config).unwrap();
+        assert_eq!(tls.conn.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        assert_eq!(shown_cert(&tls), der_of(&new_cert));
+    }
 }
 
 /// An SSL object's `ssl_protocols` replace the listener's for its names (APISIX: the object's

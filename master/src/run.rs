@@ -14,6 +14,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use wasmgate_shared::config::GatewayConfig;
 use wasmgate_shared::plugin_shm::PluginShm;
 use wasmgate_shared::shm::Segment;
+use wasmgate_shared::tls_sessions::{SessionShm as TlsSessions, TICKET_KEY_LIFETIME};
 
 /// How long new workers may take to report ready before a start or reload is abandoned.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -167,11 +168,15 @@ pub fn run(
             None => None,
         };
         let shm_fd = listeners::dup_high(&master.plugin_shm.fd().try_clone_to_owned()?)?;
+        let sessions = TlsSessions::create().context("cannot create the TLS session cache")?;
+        let sessions_fd = listeners::dup_high(&sessions.fd().try_clone_to_owned()?)?;
+        tokio::spawn(rotate_ticket_keys(sessions));
         let (sup, exits) = Supervisor::new(
             master.clone(),
             proxy,
             plugins,
             shm_fd,
+            sessions_fd,
             opts.prefix.clone(),
             opts.foreground,
         );
@@ -193,6 +198,19 @@ pub fn run(
         crate::cli::remove_pid_file(&l.pid_path);
         result
     })
+}
+
+/// Gives the workers a new TLS ticket key every [`TICKET_KEY_LIFETIME`] and erases the one
+/// before: tickets stop decrypting after two lifetimes, whoever learns a worker's memory later.
+async fn rotate_ticket_keys(sessions: TlsSessions) {
+    let mut every = tokio::time::interval(TICKET_KEY_LIFETIME);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        if let Err(e) = sessions.rotate_ticket_keys() {
+            tracing::error!("TLS ticket keys not rotated: {e}");
+        }
+    }
 }
 
 impl Loop {

@@ -55,8 +55,10 @@ struct SpawnCtx {
     listeners: Vec<Listener>,
     /// Compiled plugin modules, passed after the listeners.
     plugins: Vec<OwnedFd>,
-    /// The plugins' shared memory at fd ≥ 64, passed last.
+    /// The plugins' shared memory at fd ≥ 64, passed after the plugins.
     plugin_shm: OwnedFd,
+    /// The TLS sessions every worker resumes (fd ≥ 64), passed last.
+    tls_sessions: OwnedFd,
     exits: mpsc::UnboundedSender<(u32, String)>,
     prefix: std::path::PathBuf,
     /// `start --foreground`: workers log to standard error too, as the master does.
@@ -79,6 +81,7 @@ impl Supervisor {
         listeners: Vec<Listener>,
         plugins: Vec<OwnedFd>,
         plugin_shm: OwnedFd,
+        tls_sessions: OwnedFd,
         prefix: std::path::PathBuf,
         stderr: bool,
     ) -> (Supervisor, mpsc::UnboundedReceiver<(u32, String)>) {
@@ -90,6 +93,7 @@ impl Supervisor {
                     listeners,
                     plugins,
                     plugin_shm,
+                    tls_sessions,
                     exits: tx,
                     prefix,
                     stderr,
@@ -338,8 +342,9 @@ impl SpawnCtx {
         let mut fds: Vec<RawFd> = vec![self.master.segment.fd().as_raw_fd()];
         fds.extend(self.listeners.iter().map(|l| l.fd.as_raw_fd()));
         fds.extend(self.plugins.iter().map(|p| p.as_raw_fd()));
-        // Last: the plugins' shared memory (see worker/src/lib.rs).
+        // Then the plugins' shared memory and the TLS sessions (see worker/src/lib.rs).
         fds.push(self.plugin_shm.as_raw_fd());
+        fds.push(self.tls_sessions.as_raw_fd());
         let master_pid = std::process::id() as libc::pid_t;
         let mut cmd = tokio::process::Command::new(worker_exe());
         // Told by the environment, not an argument, so that `ps` shows nginx's title alone.

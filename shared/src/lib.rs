@@ -10,6 +10,7 @@
 //! - [`shm`]: the shared-memory segment that carries snapshots (seqlock + generation counter)
 //!   and the per-worker status slots;
 //! - [`tls`]: the crypto provider and PEM certificates with their keys, for TLS both ways;
+//! - [`tls_sessions`]: the TLS sessions and ticket keys every worker shares;
 //! - [`units`]: durations and sizes written the nginx way (`60s`, `1m`).
 
 /// Set in a worker's environment by the master that starts it (`wasmgate: worker process`,
@@ -28,6 +29,7 @@ pub mod shm;
 pub mod snapshot;
 pub mod stats;
 pub mod tls;
+pub mod tls_sessions;
 pub mod traffic;
 pub mod units;
 pub mod yaml_env;

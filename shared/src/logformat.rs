@@ -4,7 +4,7 @@
 
 /// The variables a format may use by name; besides them, the families of [`Capture`]:
 /// `$http_<field>`, `$arg_<name>`, `$cookie_<name>`, and `$remote_user`.
-pub const VARIABLES: [&str; 25] = [
+pub const VARIABLES: [&str; 30] = [
     "remote_addr",
     "remote_port",
     "time_local",
@@ -18,6 +18,11 @@ pub const VARIABLES: [&str; 25] = [
     "args",
     "server_protocol",
     "scheme",
+    "ssl_protocol",
+    "ssl_cipher",
+    "ssl_session_reused",
+    "ssl_server_name",
+    "pid",
     "status",
     "body_bytes_sent",
     "request_time",

@@ -104,8 +104,8 @@ fn lines(data: &[u8]) -> u64 {
 pub struct Entry<'a> {
     pub remote_addr: &'a str,
     pub remote_port: u16,
-    /// `$scheme`: `http`, or `https` over the TLS listener.
-    pub scheme: &'static str,
+    /// The connection's TLS: `$scheme` (`https`, else `http`) and the `$ssl_*` variables.
+    pub tls: Option<&'a crate::proxy::TlsInfo>,
     /// nginx's `$host`: the request's host, lower-cased, without its port.
     pub host: &'a str,
     pub request_line: &'a str,
@@ -215,7 +215,12 @@ impl AccessLog {
                 }
                 "args" => target.split_once('?').map_or("", |(_, q)| q).to_string(),
                 "server_protocol" => e.request_line.rsplit(' ').next().unwrap_or("").to_string(),
-                "scheme" => e.scheme.into(),
+                "scheme" => if e.tls.is_some() { "https" } else { "http" }.into(),
+                "ssl_protocol" => e.tls.map_or("", |t| t.protocol).into(),
+                "ssl_cipher" => e.tls.map_or("", |t| t.cipher).into(),
+                "ssl_session_reused" => e.tls.map_or("", |t| t.reused_text()).into(),
+                "ssl_server_name" => e.tls.and_then(|t| t.sni.as_deref()).unwrap_or("").into(),
+                "pid" => std::process::id().to_string(),
                 "status" => e.status.to_string(),
                 "body_bytes_sent" => e.body_bytes_sent.to_string(),
                 "request_time" => format!("{:.3}", e.request_time.as_secs_f64()),

@@ -139,6 +139,11 @@ pub fn run() -> anyhow::Result<()> {
     let plugin_shm = wasmgate_shared::plugin_shm::PluginShm::open(plugin_shm)
         .context("mapping the plugins' shared memory")?;
     wasmgate_wasm::shared::install(Arc::new(plugin_shm));
+    // SAFETY: and the TLS sessions segment last (master/src/supervisor.rs).
+    let sessions = unsafe { OwnedFd::from_raw_fd(first_plugin + boot.plugins as i32 + 1) };
+    let sessions = wasmgate_shared::tls_sessions::SessionShm::open(sessions)
+        .context("mapping the TLS session cache")?;
+    server::tls::share_sessions(Arc::new(sessions));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

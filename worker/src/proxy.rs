@@ -99,6 +99,23 @@ pub struct Client {
 pub struct TlsInfo {
     /// The name it asked for in the handshake (`$ssl_server_name`); None: it sent none.
     pub sni: Option<Arc<str>>,
+    /// `$ssl_protocol`: `TLSv1.2` or `TLSv1.3`.
+    pub protocol: &'static str,
+    /// `$ssl_cipher`, as OpenSSL names it (nginx's log lines read the same).
+    pub cipher: &'static str,
+    /// `$ssl_session_reused`: the handshake resumed an earlier session.
+    pub reused: bool,
+}
+
+impl TlsInfo {
+    /// nginx's `$ssl_session_reused`: `r` for a resumed session, else `.`.
+    pub fn reused_text(&self) -> &'static str {
+        if self.reused {
+            "r"
+        } else {
+            "."
+        }
+    }
 }
 
 impl Client {
@@ -1479,8 +1496,8 @@ struct LogInfo {
     started: Instant,
     remote: String,
     remote_port: u16,
-    /// `$scheme`.
-    scheme: &'static str,
+    /// The connection's TLS (`$scheme`, `$ssl_*`); None: plain HTTP.
+    tls: Option<Arc<TlsInfo>>,
     host: HostName,
     request_line: String,
     /// The access log format's captures (`$http_user_agent`, …), read off the head.
@@ -1537,7 +1554,7 @@ impl LogInfo {
                 String::new()
             },
             remote_port: peer.port(),
-            scheme: client.scheme(),
+            tls: client.tls.clone(),
             host: request_host(parts),
             request_line,
             captured,
@@ -1647,7 +1664,7 @@ fn record(w: &Worker, log: &LogInfo, (status, sent): (u16, u64), ingress: u64, t
     w.access_log.log(&Entry {
         remote_addr: &log.remote,
         remote_port: log.remote_port,
-        scheme: log.scheme,
+        tls: log.tls.as_deref(),
         host: log.host.as_str(),
         request_line: &log.request_line,
         status,
@@ -1733,7 +1750,7 @@ pub fn log_refused(w: &Worker, client: &Client, (status, sent): (u16, u64), took
     w.access_log.log(&Entry {
         remote_addr: &peer.ip().to_string(),
         remote_port: peer.port(),
-        scheme: client.scheme(),
+        tls: client.tls.as_deref(),
         host: "",
         request_line: "",
         status,
@@ -1886,6 +1903,9 @@ pub fn nginx_var<'a>(
         "remote_port" => Cow::Owned(peer.port().to_string()),
         "scheme" => Cow::Borrowed(client.scheme()),
         "ssl_server_name" => Cow::Owned(client.sni().map_or("", |n| n).to_string()),
+        "ssl_protocol" => Cow::Borrowed(client.tls.as_ref().map_or("", |t| t.protocol)),
+        "ssl_cipher" => Cow::Borrowed(client.tls.as_ref().map_or("", |t| t.cipher)),
+        "ssl_session_reused" => Cow::Borrowed(client.tls.as_ref().map_or("", |t| t.reused_text())),
         "is_args" => Cow::Borrowed(if parts.uri.query().is_some() { "?" } else { "" }),
         "server_addr" => Cow::Owned(client.local.ip().to_string()),
         "server_port" => Cow::Owned(client.local.port().to_string()),

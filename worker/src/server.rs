@@ -8,6 +8,7 @@
 
 pub mod h1;
 pub mod io;
+mod resume;
 pub mod tls;
 
 pub use h1::ClientBody;
@@ -110,7 +111,7 @@ async fn connection(
         false => (io::ClientIo::Plain(stream), None),
         // Boxed: the handshake's state would otherwise be part of every connection's future.
         true => match Box::pin(handshake(&w, stream, peer)).await {
-            Some((io, sni)) => (io, Some(Arc::new(proxy::TlsInfo { sni }))),
+            Some((io, info)) => (io, Some(Arc::new(info))),
             None => return,
         },
     };
@@ -222,12 +223,12 @@ async fn handshake(
     w: &Arc<Worker>,
     stream: TcpStream,
     peer: SocketAddr,
-) -> Option<(io::ClientIo, Option<Arc<str>>)> {
-    let (stream, sni) = tls::accept(stream, peer, w.header_timeout, || {
+) -> Option<(io::ClientIo, proxy::TlsInfo)> {
+    let (stream, info) = tls::accept(stream, peer, w.header_timeout, || {
         w.live.current().certs.clone()
     })
     .await?;
-    Some((io::ClientIo::Tls(Box::new(io::TlsClient { stream })), sni))
+    Some((io::ClientIo::Tls(Box::new(io::TlsClient { stream })), info))
 }
 
 /// An answer that could not be sent whole. One the client stopped taking (`send_timeout`) is

@@ -8,6 +8,8 @@
 //! SSL object has its own: its certificates (one an ECDSA client can use, one for RSA) and
 //! its `ssl_protocols` (in place of the listener's, as APISIX).
 
+use super::resume::{SharedSessions, SharedTickets};
+use crate::proxy::TlsInfo;
 use crate::FastMap;
 use rustls::server::{Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
@@ -21,6 +23,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use wasmgate_shared::config::SslSection;
 use wasmgate_shared::model::{tls_version, Ssl};
 use wasmgate_shared::tls::provider;
+use wasmgate_shared::tls_sessions::{self, SessionShm};
 
 /// The listener's own settings (config.yaml), shared by every SSL object's.
 struct Listener {
@@ -32,8 +35,17 @@ struct Listener {
 
 static LISTENER: OnceLock<Listener> = OnceLock::new();
 
-/// Sessions one worker remembers for resumption, per SSL object.
+/// Sessions one process remembers for resumption, per SSL object, when there is no shared
+/// cache (a worker always has one; unit tests do not).
 const SESSION_CACHE: usize = 1024;
+
+/// The sessions and ticket keys every worker shares, mapped at start.
+static SESSIONS: OnceLock<Arc<SessionShm>> = OnceLock::new();
+
+/// Resumes sessions from `shm` (the master's segment) from now on.
+pub fn share_sessions(shm: Arc<SessionShm>) {
+    let _ = SESSIONS.set(shm);
+}
 
 /// Records the listener's settings, once at start (the configuration was checked already).
 pub fn configure(ssl: &SslSection) {
@@ -82,18 +94,79 @@ impl Site {
             .with_cert_resolver(Arc::new(Keys(keys)));
         // HTTP/1.1 only, said in the handshake: a client that offers h2 must not pick it.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        // Sessions resume only with the settings they were made with: each revision of an
-        // SSL object has its own cache (and ticket keys), so a new certificate is shown from
-        // the next handshake on, not only to clients without a session.
-        config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
-        if l.tickets {
-            config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
+        // Sessions resume only with the settings they were made with: each content of an
+        // SSL object has its own sessions (and ticket keys), so a new certificate is shown
+        // from the next handshake on, not only to clients without a session.
+        match SESSIONS.get() {
+            Some(shm) => {
+                let salt = salt(id, ssl);
+                config.session_storage = Arc::new(SharedSessions {
+                    shm: shm.clone(),
+                    salt,
+                });
+                if l.tickets {
+                    config.ticketer = Arc::new(SharedTickets {
+                        shm: shm.clone(),
+                        salt,
+                    });
+                }
+            }
+            None => {
+                config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
+                if l.tickets {
+                    config.ticketer =
+                        rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
+                }
+            }
         }
         Ok(Site {
             id: id.to_string(),
             config: Arc::new(config),
         })
     }
+}
+
+/// What the request phases and the log show of a finished handshake.
+fn describe(conn: &rustls::ServerConnection, sni: Option<Arc<str>>) -> TlsInfo {
+    use rustls::{CipherSuite as C, ProtocolVersion as V};
+    let protocol = match conn.protocol_version() {
+        Some(V::TLSv1_3) => "TLSv1.3",
+        Some(V::TLSv1_2) => "TLSv1.2",
+        _ => "",
+    };
+    // OpenSSL's names, as nginx's `$ssl_cipher` shows them, for the suites the provider has.
+    let cipher = match conn.negotiated_cipher_suite().map(|s| s.suite()) {
+        Some(C::TLS13_AES_128_GCM_SHA256) => "TLS_AES_128_GCM_SHA256",
+        Some(C::TLS13_AES_256_GCM_SHA384) => "TLS_AES_256_GCM_SHA384",
+        Some(C::TLS13_CHACHA20_POLY1305_SHA256) => "TLS_CHACHA20_POLY1305_SHA256",
+        Some(C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256) => "ECDHE-ECDSA-AES128-GCM-SHA256",
+        Some(C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384) => "ECDHE-ECDSA-AES256-GCM-SHA384",
+        Some(C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256) => "ECDHE-ECDSA-CHACHA20-POLY1305",
+        Some(C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256) => "ECDHE-RSA-AES128-GCM-SHA256",
+        Some(C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384) => "ECDHE-RSA-AES256-GCM-SHA384",
+        Some(C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256) => "ECDHE-RSA-CHACHA20-POLY1305",
+        Some(other) => other.as_str().unwrap_or(""),
+        None => "",
+    };
+    TlsInfo {
+        sni,
+        protocol,
+        cipher,
+        reused: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+    }
+}
+
+/// The name of an SSL object's sessions: its id and everything a session depends on.
+fn salt(id: &str, ssl: &Ssl) -> u64 {
+    let more = ssl.certs.iter().chain(&ssl.keys).flatten();
+    let protocols = ssl.ssl_protocols.iter().flatten();
+    let parts = [id, ssl.cert.as_str(), ssl.key.as_str()].into_iter();
+    tls_sessions::salt(
+        parts
+            .chain(more.map(String::as_str))
+            .chain(protocols.map(String::as_str))
+            .map(str::as_bytes),
+    )
 }
 
 /// An SSL object's certificates: the first one the client can check a signature of.
@@ -179,7 +252,7 @@ pub async fn accept(
     peer: SocketAddr,
     timeout: Duration,
     certs: impl FnOnce() -> Arc<Certs>,
-) -> Option<(TlsStream<TcpStream>, Option<Arc<str>>)> {
+) -> Option<(TlsStream<TcpStream>, TlsInfo)> {
     let handshake = async {
         let start = LazyConfigAcceptor::new(Acceptor::default(), stream)
             .await
@@ -207,7 +280,8 @@ pub async fn accept(
                 "TLS handshake with client {peer} for {name:?} failed: {e}"
             ))
         })?;
-        Ok((stream, asked.map(Arc::from)))
+        let info = describe(stream.get_ref().1, asked.map(Arc::from));
+        Ok((stream, info))
     };
     match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(done)) => Some(done),
