@@ -300,6 +300,67 @@ fn status_of(gw: &Gateway, path: &str) -> u16 {
     http("GET", &gw.url(path), &[], None).status
 }
 
+/// `startup_retry` (APISIX's key): a start tries etcd that many times, a second apart, so a
+/// gateway started along with its etcd (at boot) waits for it; one whose etcd does not come
+/// stops, saying how many attempts it made.
+#[test]
+fn a_start_waits_for_etcd_as_startup_retry_says() {
+    let Some(mut etcd) = Etcd::start() else {
+        return;
+    };
+    let app = TestUpstream::start("app");
+    let first = node(&etcd);
+    let (s, v) = put_route(&first, "r", &app);
+    assert_eq!(s, 201, "{v}");
+    drop(first);
+    etcd.kill();
+
+    // etcd down for good: two attempts, then the start fails and says why.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
+    let yaml = node_setup(&etcd, "    startup_retry: 2\n")
+        .raw_yaml
+        .unwrap();
+    let yaml = yaml
+        .replace("{proxy}", &free_port().to_string())
+        .replace("{admin}", &free_port().to_string());
+    std::fs::write(dir.path().join("conf/config.yaml"), yaml).unwrap();
+    let started = Instant::now();
+    let out = Command::new(common::bin())
+        .args(["start", "--foreground", "-p"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("trying again in 1 s (attempt 1 of 2"),
+        "{said}"
+    );
+    assert!(
+        said.contains("cannot read the configuration from etcd")
+            && said.contains("2 attempts of 2"),
+        "{said}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1), "{said}");
+
+    // etcd up 2 s after the start: the gateway waits for it and serves what it holds.
+    let endpoint = etcd.endpoint();
+    let later = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        etcd.run();
+        etcd
+    });
+    let gw = Gateway::start_with(node_setup_at(&endpoint, "    startup_retry: 30\n"));
+    let _etcd = later.join().unwrap();
+    assert_eq!(status_of(&gw, "/r"), 200);
+    assert!(
+        gw.stderr().contains("trying again in 1 s"),
+        "{}",
+        gw.stderr()
+    );
+}
+
 /// A route written on one node is served by both; a change on the other node reaches the
 /// first; a delete on either ends it everywhere; both list the same objects with etcd's
 /// revisions as indexes.

@@ -53,6 +53,18 @@ pub enum EtcdError {
     Auth { user: Option<String>, why: String },
 }
 
+impl EtcdError {
+    /// Whether the same request may succeed a moment later: etcd not up yet, or not answering
+    /// (a refusal of its own, credentials or a malformed answer will not change by waiting).
+    pub fn may_pass(&self) -> bool {
+        match self {
+            EtcdError::Unreachable(_) | EtcdError::Unanswered(_) => true,
+            EtcdError::Refused { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+}
+
 /// The user an [`EtcdError::Auth`] names, or that none was set.
 fn who(user: Option<&str>) -> String {
     match user {
@@ -1155,6 +1167,7 @@ mod tests {
             host: vec!["http://127.0.0.1:2379".into()],
             prefix: "/apisix".into(),
             timeout: 5,
+            startup_retry: 2,
             user: user.map(String::from),
             password: user.map(|_| wasmgate_shared::config::Secret("pw".into())),
         };
@@ -1189,6 +1202,7 @@ mod tests {
             host: vec!["http://127.0.0.1:2379".into()],
             prefix: "/apisix".into(),
             timeout: 5,
+            startup_retry: 2,
             user: None,
             password: None,
         })

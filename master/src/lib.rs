@@ -492,12 +492,30 @@ fn load_from_etcd(etcd: &etcd::Etcd, loaded: &LoadedConfig) -> anyhow::Result<et
         .enable_all()
         .build()?;
     let catalog = loaded.catalog();
-    let read = rt.block_on(etcd::load(etcd, &catalog)).with_context(|| {
-        format!(
-            "cannot read the configuration from etcd {} (deployment.etcd)",
-            etcd.endpoints().join(", ")
-        )
-    })?;
+    let attempts = (loaded.config.deployment.etcd.as_ref()).map_or(1, |e| e.startup_retry.max(1));
+    let mut attempt = 1;
+    let read = loop {
+        match rt.block_on(etcd::load(etcd, &catalog)) {
+            Ok(read) => break read,
+            // An etcd that is not up yet (started with the gateway, at boot) may be soon; one
+            // that answers with a refusal (its credentials, its permissions) will not be.
+            Err(e) if attempt < attempts && e.may_pass() => {
+                eprintln!(
+                    "wasmgate: etcd {}: {e}; trying again in 1 s (attempt {attempt} of {attempts}, deployment.etcd.startup_retry)",
+                    etcd.endpoints().join(", ")
+                );
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot read the configuration from etcd {} (deployment.etcd; {attempt} attempt{} of {attempts})",
+                    etcd.endpoints().join(", "),
+                    if attempt == 1 { "" } else { "s" }
+                )))
+            }
+        }
+    };
     for why in &read.refused {
         eprintln!("wasmgate: {why}");
     }

@@ -87,7 +87,6 @@ const KEYS: &[(&[&str], Rule)] = &[
     (&["deployment", "admin", "https_admin"], OnlyWith(&["false"], "the Admin API speaks plain HTTP: keep it on loopback")),
     (&["deployment", "admin", "allow_admin"], Check(loopback_admin, "the Admin API has no address filter")),
     (&["deployment", "etcd", "watch_timeout"], Ignore("an etcd client setting of APISIX's")),
-    (&["deployment", "etcd", "startup_retry"], Ignore("an etcd that does not answer stops `start` at once: let the service manager retry (systemd's Restart=on-failure)")),
     (&["deployment", "etcd", "tls"], Check(etcd_tls, "no TLS setting is made")),
     (&["deployment", "etcd", "resync_delay"], Ignore("an etcd client setting of APISIX's")),
     (&["deployment", "etcd", "health_check_timeout"], Ignore("an etcd client setting of APISIX's")),

@@ -419,6 +419,10 @@ pub struct EtcdSection {
     /// Seconds allowed for one etcd request.
     #[serde(default = "default_etcd_timeout")]
     pub timeout: u64,
+    /// How many times `start` tries its first read of etcd before giving up (APISIX's key;
+    /// a second apart), so that a gateway started with its etcd (at boot) waits for it.
+    #[serde(default = "default_startup_retry")]
+    pub startup_retry: u32,
     /// etcd user the nodes authenticate as (etcd's `auth enable`); with `password`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
@@ -451,6 +455,13 @@ fn default_etcd_prefix() -> String {
 fn default_etcd_timeout() -> u64 {
     30
 }
+
+fn default_startup_retry() -> u32 {
+    2
+}
+
+/// The most `startup_retry` may ask for (an hour of attempts a second apart).
+pub const MAX_STARTUP_RETRY: u32 = 3600;
 
 impl EtcdSection {
     /// The user and password, when both are set (empty ones count as unset, as in APISIX's
@@ -1253,6 +1264,14 @@ impl GatewayConfig {
                     "deployment.etcd.timeout must be at least 1 (seconds)".into(),
                 ));
             }
+            if !(1..=MAX_STARTUP_RETRY).contains(&etcd.startup_retry) {
+                return Err(err(
+                    &etcd_at("startup_retry"),
+                    format!(
+                        "deployment.etcd.startup_retry must be between 1 and {MAX_STARTUP_RETRY} (attempts)"
+                    ),
+                ));
+            }
         }
         let prom = &self.plugin_attr.prometheus;
         if !prom.export_uri.starts_with('/') || prom.export_uri.contains(char::is_whitespace) {
@@ -1493,6 +1512,7 @@ plugin_attr:
         assert_eq!(http.real_ip_from, ["127.0.0.1", "unix:"]);
         assert_eq!(c.deployment.admin.admin_key[0].key, "k-0123456789");
         assert_eq!(c.deployment.etcd.as_ref().unwrap().prefix, "/apisix");
+        assert_eq!(c.deployment.etcd.as_ref().unwrap().startup_retry, 2);
         let w = c.warnings();
         for key in [
             "apisix.enable_ipv6",
