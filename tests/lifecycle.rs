@@ -726,15 +726,26 @@ fn daemon_with_status_reload_and_stop_commands() {
             ok && out.contains(&format!("master  pid {pid}")) && out.matches("running").count() == 2
         },
     );
-    // `reload` reports the outcome, and its exit status says it (systemd's ExecReload).
+    // `reload` reports the outcome, and its exit status says it (systemd's ExecReload), with
+    // what the operator should know, as `test` prints it: an APISIX key set aside, a change
+    // that waits for a restart.
+    let conf = prefix.join("conf/config.yaml");
+    let good = std::fs::read_to_string(&conf).unwrap()
+        + "plugins:\n  - wasm\nwasmgate:\n  shm_size: 32m\n";
+    std::fs::write(&conf, &good).unwrap();
     let (ok, out, err) = cli(&["reload"], prefix);
     assert!(
         ok && out.contains("reload applied") && out.contains("epoch 1"),
         "{out}{err}"
     );
+    assert!(out.contains("wasmgate: note: plugins:"), "{out}");
+    assert!(
+        out.contains(
+            "wasmgate: note: changes to wasmgate.shm_size take effect at the next restart"
+        ),
+        "{out}"
+    );
     assert!(cli(&["status"], prefix).1.contains("epoch 1"));
-    let conf = prefix.join("conf/config.yaml");
-    let good = std::fs::read_to_string(&conf).unwrap();
     std::fs::write(prefix.join("bad.wasm"), b"not a module").unwrap();
     let bad_plugin = good.replace(&common::fixture("header_rewrite"), "bad.wasm");
     assert_ne!(bad_plugin, good);
@@ -757,6 +768,7 @@ fn daemon_with_status_reload_and_stop_commands() {
         "{out}{err}"
     );
     assert!(err.contains("could not be asked"), "{err}");
+    assert!(out.contains("wasmgate: note: plugins:"), "{out}");
     let refused = rekeyed
         .replace(
             "another-admin-key-0123456789",

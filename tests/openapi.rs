@@ -1001,7 +1001,18 @@ fn admin_api_answers_match_openapi_document() {
     );
     std::fs::write(gw.config_path(), config).unwrap();
     let v = api.expect(200, "POST", "/wasmgate/reload", None);
-    assert_eq!(v, json!({"reloaded": true, "epoch": 1}));
+    assert_eq!(
+        (&v["reloaded"], &v["epoch"]),
+        (&json!(true), &json!(1)),
+        "{v}"
+    );
+    // The test configuration uses APISIX's sample key: the reload says so, as `test` does.
+    assert!(
+        v["notes"][0]
+            .as_str()
+            .is_some_and(|n| n.contains("published sample key: anyone")),
+        "{v}"
+    );
     api.expect(200, "GET", "/wasmgate/status", None);
 
     // ---- deletes: refused while referenced, then in dependency order ------------------------

@@ -183,6 +183,10 @@ pub fn reload(opts: &Options) -> anyhow::Result<()> {
         _ => None,
     };
     if answering != Some(pid as i64) {
+        // No answer will carry the master's notes: the file's own, as this command read it.
+        for note in loaded.config.warnings() {
+            say(&format!("wasmgate: note: {note}\n"));
+        }
         let data_dir = opts.resolve(&loaded.config.wasmgate.data_dir);
         return reload_by_signal(pid, &data_dir, addr);
     }
@@ -195,6 +199,13 @@ pub fn reload(opts: &Options) -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
     match (status, v["error_msg"].as_str()) {
         (200, _) => {
+            // What the master found in the file it loaded (as `test` prints it).
+            for note in v["notes"].as_array().into_iter().flatten() {
+                say(&format!(
+                    "wasmgate: note: {}\n",
+                    note.as_str().unwrap_or_default()
+                ));
+            }
             say(&format!(
                 "reload applied by master {pid}: epoch {} serving\n",
                 v["epoch"]

@@ -1,7 +1,7 @@
 //! The master's main loop: signals, worker exits, reload requests, respawn timers.
 
 use crate::listeners;
-use crate::state::{Control, LoadedConfig, Master};
+use crate::state::{Control, LoadedConfig, Master, Reloaded};
 use crate::supervisor::Supervisor;
 use crate::Options;
 use anyhow::Context;
@@ -346,11 +346,11 @@ impl Loop {
     }
 
     /// Re-reads config.yaml and replaces the workers; the old set keeps serving on any error.
-    async fn reload(&mut self) -> Result<u64, String> {
+    async fn reload(&mut self) -> Result<Reloaded, String> {
         let started_ms = crate::now_ms();
         let result = self.try_reload().await;
         match &result {
-            Ok(epoch) => {
+            Ok(Reloaded { epoch, .. }) => {
                 tracing::warn!("reload applied: epoch {epoch} serving, previous workers draining")
             }
             Err(e) => {
@@ -358,15 +358,17 @@ impl Loop {
             }
         }
         // For `wasmgate reload` when it signalled: it reads the outcome there.
-        if let Err(e) = self.lock.record_reload(started_ms, &result) {
+        let outcome = result.as_ref().map(|r| r.epoch).map_err(String::clone);
+        if let Err(e) = self.lock.record_reload(started_ms, &outcome) {
             tracing::error!("cannot record the reload's outcome in the data directory's lock: {e}");
         }
         result
     }
 
-    async fn try_reload(&mut self) -> Result<u64, String> {
+    async fn try_reload(&mut self) -> Result<Reloaded, String> {
         let mut new = self.opts.load_config().map_err(|e| e.to_string())?;
-        for w in new.config.warnings() {
+        let mut notes = new.config.warnings();
+        for w in &notes {
             tracing::warn!("reload: {w}");
         }
         // A log file the new workers could not open would only show as workers failing.
@@ -378,7 +380,7 @@ impl Loop {
         if new.config.wasmgate.shm_size != old.config.wasmgate.shm_size {
             crate::publish::check_shm_size(&self.master.store(), new.config.wasmgate.shm_size)?;
         }
-        keep_restart_only(&old, &mut new);
+        notes.extend(keep_restart_only(&old, &mut new));
         self.try_etcd_credentials(&old, &new).await?;
         let data_dir = self.opts.resolve(&new.config.wasmgate.data_dir);
         let keys = crate::keys::resolve(&new.config, &data_dir).map_err(|e| format!("{e:#}"))?;
@@ -436,7 +438,7 @@ impl Loop {
             );
         }
         self.apply_moves(moves);
-        Ok(epoch)
+        Ok(Reloaded { epoch, notes })
     }
 
     /// A reload's new etcd user or password (or their removal), tried before anything
@@ -683,7 +685,7 @@ fn remove_empty(dirs: &[std::path::PathBuf]) {
 /// Settings a reload cannot change in place — what lives in the master's shared memory and
 /// its store — : say so, and keep the running values, so that nothing of them applies
 /// half-way.
-fn keep_restart_only(old: &LoadedConfig, new: &mut LoadedConfig) {
+fn keep_restart_only(old: &LoadedConfig, new: &mut LoadedConfig) -> Option<String> {
     let (o, n) = (&old.config, &mut new.config);
     let mut changed = Vec::new();
     // The etcd user and password apply at once (`Master::set_config`): a password rotated in
@@ -719,14 +721,18 @@ fn keep_restart_only(old: &LoadedConfig, new: &mut LoadedConfig) {
             changed.push(name);
         }
     }
-    if !changed.is_empty() {
-        tracing::warn!(
-            "reload: changes to {} take effect at the next restart",
+    let note = (!changed.is_empty()).then(|| {
+        format!(
+            "changes to {} take effect at the next restart",
             changed.join(", ")
-        );
+        )
+    });
+    if let Some(note) = &note {
+        tracing::warn!("reload: {note}");
     }
     n.deployment.etcd = etcd;
     nw.shm_size = ow.shm_size;
     nw.plugin_shm_size = ow.plugin_shm_size;
     nw.data_dir = ow.data_dir.clone();
+    note
 }

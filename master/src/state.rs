@@ -33,11 +33,19 @@ pub struct ApiKey {
     pub role: Role,
 }
 
+/// A reload that applied: the new epoch, and what the operator should know (keys set aside,
+/// changes that wait for a restart), for `wasmgate reload` to print.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    pub epoch: u64,
+    pub notes: Vec<String>,
+}
+
 /// Requests the Admin API hands to the master's main loop.
 #[derive(Debug)]
 pub enum Control {
     /// Reload config.yaml; the reply says whether it was applied.
-    Reload(tokio::sync::oneshot::Sender<Result<u64, String>>),
+    Reload(tokio::sync::oneshot::Sender<Result<Reloaded, String>>),
     /// A new configuration generation was published: tell the workers.
     Published,
 }

@@ -915,7 +915,7 @@ impl GatewayConfig {
         for k in &admin.admin_key {
             if PUBLISHED_KEYS.contains(&k.key.as_str()) {
                 out.push(format!(
-                    "deployment.admin.admin_key {:?} uses APISIX's published sample key:                      anyone who can reach the Admin API can guess it; leave key empty to have                      one generated, or set your own",
+                    "deployment.admin.admin_key {:?} uses APISIX's published sample key: anyone who can reach the Admin API can guess it; leave key empty to have one generated, or set your own",
                     k.name
                 ));
             }

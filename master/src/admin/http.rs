@@ -339,7 +339,10 @@ async fn wasmgate_endpoint(
                 return err(503, "the master is shutting down");
             }
             match rx.await {
-                Ok(Ok(epoch)) => reply(200, json!({ "reloaded": true, "epoch": epoch })),
+                Ok(Ok(r)) => reply(
+                    200,
+                    json!({ "reloaded": true, "epoch": r.epoch, "notes": r.notes }),
+                ),
                 Ok(Err(e)) => err(400, format!("reload refused: {e}")),
                 Err(_) => err(503, "the master is shutting down"),
             }
