@@ -424,7 +424,19 @@ fn apisix_written_etcd_data_is_served() {
     );
     etcd.put("/apisix/consumers/jack", r#"{"username":"jack"}"#);
     etcd.put("/apisix/routes/broken", r#"{"upstream_id":"1"}"#);
+    // An SSL object as APISIX 3 stores it: its key encrypted with the default keyring.
+    let ca = common::tls::Ca::new("etcd CA");
+    let (cert, key) = ca.issue("api.test", &["api.test"]);
+    let sealed = wasmgate_shared::keyring::Keyring::apisix_default()
+        .seal(&key.serialize_pem())
+        .unwrap();
+    etcd.put(
+        "/apisix/ssls/1",
+        &json!({"id": "1", "cert": cert.pem(), "key": sealed, "snis": ["api.test"]}).to_string(),
+    );
     let gw = node(&etcd);
+    let (s, v) = gw.admin("GET", "/apisix/admin/ssls/1", None);
+    assert_eq!((s, &v["value"]["key"]), (200, &json!(sealed)), "{v}");
     let r = http("GET", &gw.url("/legacy/a"), &[], None);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-upstream"), Some("app"));

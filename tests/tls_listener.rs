@@ -380,6 +380,95 @@ fn sessions_resume_on_every_worker_and_across_a_reload() {
     }
 }
 
+/// Private keys are stored encrypted with `apisix.data_encryption.keyring`, as APISIX stores
+/// them: a GET shows none in clear, a GET's answer written back still serves, keys APISIX
+/// encrypted with its default keyring (APISIX 3's and APISIX 2's `key_encrypt_salt`) are
+/// read, and with a keyring of the operator's own a key it cannot open is refused, saying so.
+#[test]
+fn private_keys_are_stored_encrypted_as_apisix_stores_them() {
+    use wasmgate_shared::keyring::{Keyring, APISIX_DEFAULT};
+    let ca = Ca::new("keyring CA");
+    let app = TestUpstream::start("app");
+    let port = free_port();
+    let gw = gateway_with(port, &[], &[], 1);
+    gw.route("echo", json!({"uri": "/*"}), Some(&app));
+    let config = client_config(&ca, rustls::DEFAULT_VERSIONS);
+    let (cert, key) = pair(&ca, &["api.test"]);
+    put_ssl(
+        &gw,
+        "1",
+        json!({"cert": cert, "key": key, "snis": ["api.test"]}),
+    );
+    let (_, v) = gw.admin("GET", "/apisix/admin/ssls/1", None);
+    let stored = v["value"]["key"].as_str().unwrap().to_string();
+    assert!(
+        !stored.contains("PRIVATE KEY") && stored.len() > 100,
+        "{stored}"
+    );
+    // What APISIX would have stored: its default keyring opens it.
+    assert_eq!(Keyring::apisix_default().open(&stored).unwrap(), key);
+    assert_eq!(get(port, "api.test", &config, "/a").unwrap().status, 200);
+    // A GET's answer written back (a dashboard's round trip) keeps serving, stored the same.
+    let (s, _) = gw.admin("PUT", "/apisix/admin/ssls/1", Some(v["value"].clone()));
+    assert_eq!(s, 200);
+    gw.wait_propagated();
+    let (_, again) = gw.admin("GET", "/apisix/admin/ssls/1", None);
+    assert_eq!(again["value"]["key"], stored.as_str());
+    assert_eq!(get(port, "api.test", &config, "/b").unwrap().status, 200);
+    // APISIX 2's default key (`ssl.key_encrypt_salt`), in a certificate pair of `keys`.
+    let (two_cert, two_key) = pair(&ca, &["two.test"]);
+    let (ec_cert, ec_key) = pair(&ca, &["two.test"]);
+    let apisix2 = Keyring::new(&[APISIX_DEFAULT[1]]).unwrap();
+    let body = json!({"cert": two_cert, "key": apisix2.seal(&two_key).unwrap(),
+                      "certs": [ec_cert], "keys": [apisix2.seal(&ec_key).unwrap()],
+                      "snis": ["two.test"]});
+    put_ssl(&gw, "2", body);
+    assert_eq!(get(port, "two.test", &config, "/c").unwrap().status, 200);
+    // An upstream's client key is stored encrypted too.
+    let (client_cert, client_key) = pair(&ca, &["client.test"]);
+    let up = json!({"scheme": "https", "nodes": {"127.0.0.1:1": 1},
+                    "tls": {"client_cert": client_cert, "client_key": client_key}});
+    let (s, v) = gw.admin("PUT", "/apisix/admin/upstreams/u", Some(up));
+    assert_eq!(s, 201, "{v}");
+    let sealed = v["value"]["tls"]["client_key"].as_str().unwrap();
+    assert_eq!(Keyring::apisix_default().open(sealed).unwrap(), client_key);
+
+    // The operator's own keyring: keys sealed with it; one it cannot open is refused.
+    let port = free_port();
+    let own = Gateway::start_with(Setup {
+        apisix_extra: vec![
+            "ssl:".into(),
+            format!("  listen: [{{port: {port}}}]"),
+            "data_encryption:".into(),
+            "  keyring: [0123456789abcdef]".into(),
+        ],
+        workers: 1,
+        ..Setup::default()
+    });
+    own.route("echo", json!({"uri": "/*"}), Some(&app));
+    let (s, v) = own.admin(
+        "PUT",
+        "/apisix/admin/ssls/1",
+        Some(json!({"cert": cert, "key": stored, "snis": ["api.test"]})),
+    );
+    assert_eq!(s, 400, "{v}");
+    let msg = v["error_msg"].as_str().unwrap();
+    assert!(
+        msg.contains("\"key\"") && msg.contains("not in apisix.data_encryption.keyring"),
+        "{msg}"
+    );
+    assert!(!msg.contains(&stored[..12]), "{msg}");
+    put_ssl(
+        &own,
+        "1",
+        json!({"cert": cert, "key": key, "snis": ["api.test"]}),
+    );
+    let (_, v) = own.admin("GET", "/apisix/admin/ssls/1", None);
+    let mine = Keyring::new(&["0123456789abcdef"]).unwrap();
+    assert_eq!(mine.open(v["value"]["key"].as_str().unwrap()).unwrap(), key);
+    assert_eq!(get(port, "api.test", &config, "/d").unwrap().status, 200);
+}
+
 /// An SSL object's `ssl_protocols` replace the listener's for its names (APISIX: the object's
 /// setting wins); the others keep the listener's.
 #[test]

@@ -285,6 +285,8 @@ const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub fn check(opts: &Options) -> anyhow::Result<Vec<String>> {
     let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
     let cfg = &loaded.config;
+    // The stored objects' keys are opened with it.
+    wasmgate_shared::keyring::install_from(cfg);
     let level = cfg.nginx_config.error_log_level;
     // The plugins' shared memory as large as the gateway's: a plugin filling it at start
     // must not fail here only.
@@ -345,6 +347,8 @@ pub fn start(opts: Options) -> anyhow::Result<()> {
         ..opts
     };
     let loaded = opts.load_config().map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Before the stored objects (or etcd's) are read: their private keys open with it.
+    wasmgate_shared::keyring::install_from(&loaded.config);
     let log_path = opts.resolve(&loaded.config.nginx_config.error_log);
     let (parts, pid_path) = prepare(&opts, loaded).inspect_err(|e| emerg(&log_path, e))?;
     // Everything that can fail because of the user's input has been checked above, while

@@ -348,7 +348,12 @@ impl Loop {
     /// Re-reads config.yaml and replaces the workers; the old set keeps serving on any error.
     async fn reload(&mut self) -> Result<Reloaded, String> {
         let started_ms = crate::now_ms();
+        let keyring = wasmgate_shared::keyring::current();
         let result = self.try_reload().await;
+        if result.is_err() {
+            // The new file's keyring checked the stored keys; the running one stays.
+            wasmgate_shared::keyring::install(keyring);
+        }
         match &result {
             Ok(Reloaded { epoch, .. }) => {
                 tracing::warn!("reload applied: epoch {epoch} serving, previous workers draining")
@@ -371,6 +376,9 @@ impl Loop {
         for w in &notes {
             tracing::warn!("reload: {w}");
         }
+        // The stored keys are checked with the new keyring below (the new workers open them
+        // with it); put back if the reload does not apply.
+        wasmgate_shared::keyring::install_from(&new.config);
         // A log file the new workers could not open would only show as workers failing.
         crate::check_logs(&self.opts, &new.config).map_err(|e| format!("{e:#}"))?;
         crate::check_trusted_cas(&self.opts, &new.config).map_err(|e| format!("{e:#}"))?;

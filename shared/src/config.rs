@@ -154,6 +154,52 @@ pub struct ApisixSection {
     pub trusted_addresses: Vec<String>,
     /// `ssl:` — the TLS listener, and the CAs `https` upstreams are checked against.
     pub ssl: SslSection,
+    /// `data_encryption:` — the keyring private keys are stored encrypted with.
+    pub data_encryption: DataEncryption,
+}
+
+/// `apisix.data_encryption:` — APISIX's keyring (see [`crate::keyring`]).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataEncryption {
+    /// APISIX's switch for its Lua plugins' `encrypt_fields`; private keys are encrypted
+    /// whatever it says, as APISIX encrypts them. Accepted for APISIX's files.
+    pub enable_encrypt_fields: bool,
+    /// 16-byte keys, the first for writing (one, or a list); empty: keys stored in clear.
+    #[serde(deserialize_with = "secrets_one_or_many")]
+    pub keyring: Vec<Secret>,
+}
+
+impl Default for DataEncryption {
+    fn default() -> Self {
+        DataEncryption {
+            enable_encrypt_fields: true,
+            keyring: (crate::keyring::APISIX_DEFAULT.iter())
+                .map(|k| Secret(k.to_string()))
+                .collect(),
+        }
+    }
+}
+
+impl DataEncryption {
+    /// The keyring (checked when the file was loaded).
+    pub fn keyring(&self) -> Result<crate::keyring::Keyring, String> {
+        let entries: Vec<&str> = self.keyring.iter().map(|s| s.0.as_str()).collect();
+        crate::keyring::Keyring::new(&entries)
+    }
+}
+
+fn secrets_one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Secret),
+        Many(Vec<Secret>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 impl ApisixSection {
@@ -319,6 +365,7 @@ impl Default for ApisixSection {
             enable_admin: true,
             trusted_addresses: Vec::new(),
             ssl: SslSection::default(),
+            data_encryption: DataEncryption::default(),
         }
     }
 }
@@ -1099,6 +1146,12 @@ impl GatewayConfig {
                 ),
             ));
         }
+        if let Err(e) = self.apisix.data_encryption.keyring() {
+            return Err(err(
+                &[Key("apisix"), Key("data_encryption"), Key("keyring")],
+                format!("apisix.data_encryption.keyring: {e}"),
+            ));
+        }
         for (i, a) in self.apisix.trusted_addresses.iter().enumerate() {
             if crate::model::vars::Cidr::parse(a).is_none() {
                 return Err(err(
@@ -1345,6 +1398,34 @@ mod tests {
         assert!(
             e.0.starts_with(&format!("c.yaml:{line}:")) && e.0.contains(says),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn the_keyring_is_apisix_s_by_default_and_its_keys_are_sixteen_bytes() {
+        let c = GatewayConfig::parse("apisix:\n  node_listen: 9080\n", "c.yaml").unwrap();
+        let default = c.apisix.data_encryption.keyring().unwrap();
+        assert_eq!(default, crate::keyring::Keyring::apisix_default());
+        let one = "apisix:\n  data_encryption:\n    enable_encrypt_fields: false\n    keyring: 0123456789abcdef\n";
+        let c = GatewayConfig::parse(one, "c.yaml").unwrap();
+        assert_eq!(
+            c.apisix.data_encryption.keyring().unwrap(),
+            crate::keyring::Keyring::new(&["0123456789abcdef"]).unwrap()
+        );
+        // Never in debug output.
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+        let none = "apisix:\n  data_encryption:\n    keyring: []\n";
+        let c = GatewayConfig::parse(none, "c.yaml").unwrap();
+        assert_eq!(
+            c.apisix.data_encryption.keyring().unwrap().seal("---x"),
+            None
+        );
+        let short =
+            "apisix:\n  data_encryption:\n    keyring:\n      - 0123456789abcdef\n      - short\n";
+        assert_refused_at(
+            short,
+            3,
+            "apisix.data_encryption.keyring: entry 1 is 5 bytes",
         );
     }
 

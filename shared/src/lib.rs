@@ -2,6 +2,7 @@
 //!
 //! - [`alloc`]: the process-wide allocator (mimalloc, without its aligned slow path);
 //! - [`config`]: the `config.yaml` model, parsed and validated once, with `file:line` errors;
+//! - [`keyring`]: APISIX's `data_encryption.keyring`, which private keys are stored encrypted with;
 //! - [`model`]: the Admin API objects (routes, services, upstreams, global rules), their
 //!   APISIX-compatible schemas and the messages that name the offending field;
 //! - [`snapshot`]: the immutable set of objects the master publishes to workers;
@@ -20,6 +21,7 @@ pub const WORKER_ENV: &str = "WASMGATE_WORKER";
 pub mod alloc;
 pub mod apisix_keys;
 pub mod config;
+pub mod keyring;
 pub mod logformat;
 pub mod logging;
 pub mod model;

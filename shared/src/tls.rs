@@ -39,14 +39,16 @@ pub struct Identity {
 }
 
 /// Reads a PEM certificate chain (`cert`, the end-entity's certificate first) and its PEM
-/// private key (PKCS#8, PKCS#1 or SEC1). The key must be one TLS can sign with and belong to
+/// private key (PKCS#8, PKCS#1 or SEC1; stored encrypted with the keyring, or PEM). The key
+/// must be one TLS can sign with and belong to
 /// the certificate: caught when the object is written, a mismatch would otherwise fail every
 /// handshake that uses it.
 pub fn identity(cert: &str, key: &str) -> Result<Identity, (Half, String)> {
     if cert.len() > MAX_PEM {
         return Err((Half::Cert, format!("longer than {MAX_PEM} bytes")));
     }
-    if key.len() > MAX_PEM {
+    // A key stored encrypted is longer than its PEM (base64 of it): bounded before opening.
+    if key.len() > MAX_PEM * 2 {
         return Err((Half::Key, format!("longer than {MAX_PEM} bytes")));
     }
     let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
@@ -54,6 +56,13 @@ pub fn identity(cert: &str, key: &str) -> Result<Identity, (Half, String)> {
         .map_err(|e| (Half::Cert, format!("not a PEM certificate: {e}")))?;
     if chain.is_empty() {
         return Err((Half::Cert, "no PEM certificate in it".into()));
+    }
+    // Stored encrypted, as APISIX stores keys (`crate::keyring`); PEM is taken as it is.
+    let key = crate::keyring::current()
+        .open(key)
+        .map_err(|why| (Half::Key, why))?;
+    if key.len() > MAX_PEM {
+        return Err((Half::Key, format!("longer than {MAX_PEM} bytes")));
     }
     let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| {
         (

@@ -111,6 +111,7 @@ pub fn run() -> anyhow::Result<()> {
     let boot: WorkerBoot = serde_json::from_slice(&input)
         .context("this command is started by the wasmgate master, not by hand")?;
     let config = GatewayConfig::parse(&boot.config_yaml, &boot.config_origin)?;
+    wasmgate_shared::keyring::install_from(&config);
     let log_path = boot.prefix.join(&config.nginx_config.error_log);
     let role = format!("worker-{}", boot.worker_id);
     wasmgate_shared::logging::init(

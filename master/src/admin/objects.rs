@@ -396,6 +396,7 @@ fn write(
     let t = now();
     let obj = body.as_object_mut().expect("validated as an object");
     obj.insert("id".into(), Value::String(id.to_string()));
+    seal_keys(kind, obj);
     // Timestamps the body gives are kept, as APISIX keeps them (an export restored keeps its
     // dates); else a create_time stays what it was, and update_time is now.
     let given =
@@ -443,6 +444,35 @@ fn write(
         json!({ "key": key(kind, id), "value": stored.value }),
     )
         .into()
+}
+
+/// Private keys are stored encrypted with the keyring's first key, as APISIX stores them
+/// (`wasmgate_shared::keyring`): GET answers and etcd hold none in clear. An SSL object's
+/// `key` and `keys`, an upstream's `tls.client_key` (inline in routes and services too); a
+/// key encrypted already (a GET's answer written back) stays as it is.
+fn seal_keys(kind: Kind, obj: &mut serde_json::Map<String, Value>) {
+    let keyring = wasmgate_shared::keyring::current();
+    let seal = |v: Option<&mut Value>| {
+        if let Some(Value::String(s)) = v {
+            if let Some(sealed) = keyring.seal(s) {
+                *s = sealed;
+            }
+        }
+    };
+    fn client_key(up: Option<&mut Value>) -> Option<&mut Value> {
+        up?.get_mut("tls")?.get_mut("client_key")
+    }
+    match kind {
+        Kind::Ssls => {
+            seal(obj.get_mut("key"));
+            if let Some(Value::Array(keys)) = obj.get_mut("keys") {
+                keys.iter_mut().for_each(|k| seal(Some(k)));
+            }
+        }
+        Kind::Upstreams => seal(obj.get_mut("tls").and_then(|t| t.get_mut("client_key"))),
+        Kind::Routes | Kind::Services => seal(client_key(obj.get_mut("upstream"))),
+        Kind::GlobalRules => {}
+    }
 }
 
 /// RFC 7396 JSON merge patch (APISIX's PATCH semantics: objects merge, `null` deletes,
