@@ -356,16 +356,20 @@ struct Held<'a>(&'a Slot);
 
 impl<'a> Held<'a> {
     fn take(slot: &'a Slot) -> Option<Held<'a>> {
-        let me = thread_id();
+        let tid = thread_id();
+        let now = unix_now();
+        let me = owner_word(tid, now);
         for spin in 0..SPINS {
             match slot
                 .owner
                 .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
             {
                 Ok(_) => return Some(Held(slot)),
-                // Held by a thread that is gone (or by this very thread's id in an earlier
-                // life): nobody will give it back.
-                Err(holder) if holder == me || (spin == SPINS / 2 && !alive(holder)) => {
+                // Held by a thread that is gone, by this very thread's id in an earlier life,
+                // or for longer than any use takes (a hold lasts microseconds; the thread id
+                // of one killed may have gone to another process since): nobody will give
+                // it back.
+                Err(holder) if stale(holder, tid, now) || (spin == SPINS / 2 && !alive(holder)) => {
                     if slot
                         .owner
                         .compare_exchange(holder, me, Ordering::Acquire, Ordering::Relaxed)
@@ -401,6 +405,8 @@ impl<'a> Held<'a> {
 
     fn write(&self, tag: u64, now: u64, salt: u64, key: &[u8], value: &[u8]) {
         let s = self.0;
+        // Empty while written: a writer killed halfway leaves no torn session behind.
+        s.tag.store(0, Ordering::Relaxed);
         s.salt.store(salt, Ordering::Relaxed);
         store_words(&s.key, key);
         store_words(&s.value, value);
@@ -412,9 +418,17 @@ impl<'a> Held<'a> {
         s.tag.store(tag, Ordering::Relaxed);
     }
 
+    /// Empties the slot, its secrets included: a used or expired session does not stay
+    /// readable in memory every worker maps.
     fn clear(&self) {
-        self.0.tag.store(0, Ordering::Relaxed);
-        self.0.stamp.store(0, Ordering::Relaxed);
+        let s = self.0;
+        s.tag.store(0, Ordering::Relaxed);
+        s.stamp.store(0, Ordering::Relaxed);
+        s.salt.store(0, Ordering::Relaxed);
+        s.lens.store(0, Ordering::Relaxed);
+        for w in s.key.iter().chain(&s.value) {
+            w.store(0, Ordering::Relaxed);
+        }
     }
 }
 
@@ -424,10 +438,15 @@ impl Drop for Held<'_> {
     }
 }
 
+/// `bytes` into `words`, the words after them zeroed (nothing of a longer earlier value
+/// stays).
 fn store_words(words: &[AtomicU64], bytes: &[u8]) {
-    for (w, chunk) in words.iter().zip(bytes.chunks(8)) {
+    let mut chunks = bytes.chunks(8);
+    for w in words {
         let mut b = [0u8; 8];
-        b[..chunk.len()].copy_from_slice(chunk);
+        if let Some(chunk) = chunks.next() {
+            b[..chunk.len()].copy_from_slice(chunk);
+        }
         w.store(u64::from_le_bytes(b), Ordering::Relaxed);
     }
 }
@@ -474,15 +493,31 @@ fn unix_now() -> u64 {
         .map_or(1, |d| d.as_secs())
 }
 
-fn thread_id() -> u64 {
+fn thread_id() -> u32 {
     // SAFETY: gettid has no preconditions.
-    (unsafe { libc::gettid() }) as u64
+    (unsafe { libc::gettid() }) as u32
 }
 
-/// Whether thread `tid` still exists (a signal 0 can be sent to it: the kernel finds threads
-/// by their id too).
-fn alive(tid: u64) -> bool {
-    let Ok(tid) = libc::pid_t::try_from(tid) else {
+/// What a slot's `owner` holds while used: the thread's id, and when it took the slot (the
+/// low 32 bits of Unix seconds).
+fn owner_word(tid: u32, now: u64) -> u64 {
+    (now << 32) | u64::from(tid)
+}
+
+/// Longest a slot may stay held before another process takes it over, whoever holds it.
+const LEASE_SECS: u32 = 2;
+
+/// Whether `holder` can no longer be using the slot: it is this thread (which never holds
+/// one across calls), or it took the slot [`LEASE_SECS`] or more ago.
+fn stale(holder: u64, tid: u32, now: u64) -> bool {
+    let (holder_tid, since) = (holder as u32, (holder >> 32) as u32);
+    holder_tid == tid || (now as u32).wrapping_sub(since) >= LEASE_SECS
+}
+
+/// Whether the thread that holds a slot (`holder`, an owner word) still exists (a signal 0
+/// can be sent to it: the kernel finds threads by their id too).
+fn alive(holder: u64) -> bool {
+    let Ok(tid) = libc::pid_t::try_from(holder as u32) else {
         return false;
     };
     // SAFETY: signal 0 only checks that the target exists.
@@ -577,22 +612,51 @@ mod tests {
     fn a_slot_left_held_by_a_dead_thread_is_taken_over() {
         let (a, _) = pair();
         let tag = tag(6, &[6; 32]);
-        // A thread id no live thread has (pid_max is at most 2^22).
+        // Taken just now by a thread id no live thread has (pid_max is at most 2^22).
         for s in a.set(tag) {
-            s.owner.store((1 << 22) + 5, Ordering::Relaxed);
+            s.owner
+                .store(owner_word((1 << 22) + 5, unix_now()), Ordering::Relaxed);
         }
         assert!(a.put(6, &[6; 32], b"taken over"));
         assert_eq!(a.get(6, &[6; 32]).as_deref(), Some(&b"taken over"[..]));
-        // A slot held by a live thread (init's) is skipped, not stolen.
+        // A slot held just now by a live thread (init's) is skipped, not stolen…
         for s in a.set(tag) {
-            s.owner.store(1, Ordering::Relaxed);
+            s.owner.store(owner_word(1, unix_now()), Ordering::Relaxed);
         }
         assert_eq!(a.get(6, &[6; 32]), None);
         assert!(!a.put(6, &[6; 32], b"x"));
+        // …until its lease is over: a thread id given to another process since, a worker
+        // that cannot be signalled.
         for s in a.set(tag) {
-            s.owner.store(0, Ordering::Relaxed);
+            let since = unix_now() - u64::from(LEASE_SECS);
+            s.owner.store(owner_word(1, since), Ordering::Relaxed);
         }
         assert_eq!(a.get(6, &[6; 32]).as_deref(), Some(&b"taken over"[..]));
+        // The slot taken over is given back after use.
+        let free = a.set(tag).filter(|s| s.owner.load(Ordering::Relaxed) == 0);
+        assert_eq!(free.count(), 1);
+    }
+
+    #[test]
+    fn used_and_replaced_sessions_leave_nothing_of_their_secrets() {
+        let shm = SessionShm::create().unwrap();
+        let segment = || {
+            // SAFETY: the mapping is TOTAL bytes long and lives as long as `shm`; the words
+            // are read while no other thread writes them.
+            unsafe { std::slice::from_raw_parts(shm.map.as_ptr(), TOTAL) }.to_vec()
+        };
+        let secret = [0xA5u8; 48];
+        assert!(shm.put(1, &[3; 32], &secret));
+        assert!(shm.take(1, &[3; 32]).is_some());
+        assert!(!segment().windows(48).any(|w| w == secret), "taken");
+        // A shorter value over a longer one leaves none of the longer one's tail.
+        assert!(shm.put(2, &[4; 32], &secret));
+        assert!(shm.put(2, &[4; 32], b"short"));
+        assert!(
+            !segment().windows(16).any(|w| w == &secret[..16]),
+            "overwritten"
+        );
+        assert_eq!(shm.get(2, &[4; 32]).as_deref(), Some(&b"short"[..]));
     }
 
     #[test]

@@ -1906,6 +1906,7 @@ pub fn nginx_var<'a>(
         "ssl_protocol" => Cow::Borrowed(client.tls.as_ref().map_or("", |t| t.protocol)),
         "ssl_cipher" => Cow::Borrowed(client.tls.as_ref().map_or("", |t| t.cipher)),
         "ssl_session_reused" => Cow::Borrowed(client.tls.as_ref().map_or("", |t| t.reused_text())),
+        "pid" => Cow::Owned(std::process::id().to_string()),
         "is_args" => Cow::Borrowed(if parts.uri.query().is_some() { "?" } else { "" }),
         "server_addr" => Cow::Owned(client.local.ip().to_string()),
         "server_port" => Cow::Owned(client.local.port().to_string()),

@@ -21,7 +21,7 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 /// The variables the gateway gives `vars` and `chash` keys besides the families `arg_<name>`,
 /// `http_<header>` and `cookie_<name>` (the worker's `proxy::nginx_var`).
-pub const VARIABLES: [&str; 17] = [
+pub const VARIABLES: [&str; 21] = [
     "uri",
     "request_uri",
     "real_request_uri",
@@ -34,6 +34,10 @@ pub const VARIABLES: [&str; 17] = [
     "remote_port",
     "scheme",
     "ssl_server_name",
+    "ssl_protocol",
+    "ssl_cipher",
+    "ssl_session_reused",
+    "pid",
     "server_addr",
     "server_port",
     "server_protocol",
