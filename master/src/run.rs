@@ -348,12 +348,7 @@ impl Loop {
     /// Re-reads config.yaml and replaces the workers; the old set keeps serving on any error.
     async fn reload(&mut self) -> Result<Reloaded, String> {
         let started_ms = crate::now_ms();
-        let keyring = wasmgate_shared::keyring::current();
         let result = self.try_reload().await;
-        if result.is_err() {
-            // The new file's keyring checked the stored keys; the running one stays.
-            wasmgate_shared::keyring::install(keyring);
-        }
         match &result {
             Ok(Reloaded { epoch, .. }) => {
                 tracing::warn!("reload applied: epoch {epoch} serving, previous workers draining")
@@ -376,14 +371,18 @@ impl Loop {
         for w in &notes {
             tracing::warn!("reload: {w}");
         }
-        // The stored keys are checked with the new keyring below (the new workers open them
-        // with it); put back if the reload does not apply.
-        wasmgate_shared::keyring::install_from(&new.config);
+        // The stored keys are checked with the new keyring (the new workers open them with
+        // it); writes keep sealing with the running one until the reload applies.
+        let keyring = Arc::new(
+            (new.config.apisix.data_encryption.keyring()).map_err(|e| format!("keyring: {e}"))?,
+        );
         // A log file the new workers could not open would only show as workers failing.
         crate::check_logs(&self.opts, &new.config).map_err(|e| format!("{e:#}"))?;
         crate::check_trusted_cas(&self.opts, &new.config).map_err(|e| format!("{e:#}"))?;
         let plugins = crate::compile_plugins(&new, &self.opts)?;
-        crate::admin::objects::check_all(&self.master.store(), &new.catalog())?;
+        wasmgate_shared::keyring::checking_with(keyring.clone(), || {
+            crate::admin::objects::check_all(&self.master.store(), &new.catalog())
+        })?;
         let old = self.master.config();
         if new.config.wasmgate.shm_size != old.config.wasmgate.shm_size {
             crate::publish::check_shm_size(&self.master.store(), new.config.wasmgate.shm_size)?;
@@ -424,7 +423,11 @@ impl Loop {
         );
         let applied = ready.and_then(|()| {
             let store = self.master.store();
-            crate::admin::objects::check_all(&store, &new.catalog())?;
+            wasmgate_shared::keyring::checking_with(keyring.clone(), || {
+                crate::admin::objects::check_all(&store, &new.catalog())
+            })?;
+            // Writes seal with the new keyring from here on, as the new workers open with it.
+            wasmgate_shared::keyring::install(keyring);
             self.master.set_config(new, keys);
             Ok(())
         });

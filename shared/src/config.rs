@@ -195,11 +195,15 @@ fn secrets_one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Sec
     enum OneOrMany {
         One(Secret),
         Many(Vec<Secret>),
+        Other(serde::de::IgnoredAny),
     }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => vec![s],
-        OneOrMany::Many(v) => v,
-    })
+    match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => Ok(vec![s]),
+        OneOrMany::Many(v) => Ok(v),
+        OneOrMany::Other(_) => Err(serde::de::Error::custom(
+            "expected a key of 16 characters, or a list of them ([] to store keys in clear)",
+        )),
+    }
 }
 
 impl ApisixSection {
@@ -1427,6 +1431,14 @@ mod tests {
             3,
             "apisix.data_encryption.keyring: entry 1 is 5 bytes",
         );
+        for bad in ["keyring:\n", "keyring: [1234]\n", "keyring: {a: b}\n"] {
+            let y = format!("apisix:\n  data_encryption:\n    {bad}");
+            let e = GatewayConfig::parse(&y, "c.yaml").unwrap_err();
+            assert!(
+                e.0.contains("a key of 16 characters, or a list of them"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -49,36 +49,53 @@ impl Keyring {
         Keyring::new(&APISIX_DEFAULT).expect("16-byte entries")
     }
 
-    /// `value` as stored: PEM encrypted with the first key; anything else (encrypted already)
-    /// unchanged, and everything unchanged with an empty keyring.
+    /// `value` as it is to be stored, when that differs: PEM (leading blanks dropped)
+    /// encrypted with the first key, and a key encrypted with a later key (a rotation)
+    /// encrypted again with the first. None: keep it as it is (encrypted with the first key
+    /// already, not a key this keyring opens, or an empty keyring).
     pub fn seal(&self, value: &str) -> Option<String> {
-        let key = self.0.first()?;
-        if !value.starts_with("---") {
-            return None;
-        }
-        let sealed = cbc::Encryptor::<aes::Aes128>::new(key.into(), key.into())
-            .encrypt_padded_vec_mut::<Pkcs7>(value.as_bytes());
+        let first = self.0.first()?;
+        let pem = value.trim_start();
+        let pem = match pem.starts_with("---") {
+            true => Cow::Borrowed(pem),
+            false => match self.open_with_index(value) {
+                Some((i, pem)) if i > 0 => Cow::Owned(pem),
+                _ => return None,
+            },
+        };
+        let sealed = cbc::Encryptor::<aes::Aes128>::new(first.into(), first.into())
+            .encrypt_padded_vec_mut::<Pkcs7>(pem.as_bytes());
         Some(base64::engine::general_purpose::STANDARD.encode(sealed))
+    }
+
+    /// The PEM of an encrypted value and the index of the key that opened it.
+    fn open_with_index(&self, value: &str) -> Option<(usize, String)> {
+        let sealed = base64::engine::general_purpose::STANDARD
+            .decode(value.trim())
+            .ok()?;
+        self.0.iter().enumerate().find_map(|(i, key)| {
+            let opened = cbc::Decryptor::<aes::Aes128>::new(key.into(), key.into())
+                .decrypt_padded_vec_mut::<Pkcs7>(&sealed)
+                .ok()?;
+            let pem = String::from_utf8(opened).ok()?;
+            pem.starts_with("---").then_some((i, pem))
+        })
     }
 
     /// The PEM of a stored value: PEM as it is, else decrypted with the first key that opens
     /// it. The error never quotes the value.
     pub fn open<'a>(&self, value: &'a str) -> Result<Cow<'a, str>, String> {
-        if value.starts_with("---") || value.trim_start().starts_with("-----BEGIN") {
+        if value.trim_start().starts_with("---") {
             return Ok(Cow::Borrowed(value));
         }
-        let sealed = base64::engine::general_purpose::STANDARD
+        if base64::engine::general_purpose::STANDARD
             .decode(value.trim())
-            .map_err(|_| "neither PEM nor a key encrypted with the keyring (base64)".to_string())?;
-        for key in &self.0 {
-            let opened = cbc::Decryptor::<aes::Aes128>::new(key.into(), key.into())
-                .decrypt_padded_vec_mut::<Pkcs7>(&sealed);
-            if let Ok(pem) = opened.map(String::from_utf8) {
-                match pem {
-                    Ok(pem) if pem.starts_with("---") => return Ok(Cow::Owned(pem)),
-                    _ => continue,
-                }
-            }
+            .is_err()
+        {
+            return Err("neither PEM nor a key encrypted with the keyring (base64)".into());
+        }
+        if let Some((_, pem)) = self.open_with_index(value) {
+            return Ok(Cow::Owned(pem));
         }
         Err(match self.0.len() {
             0 => "encrypted, and apisix.data_encryption.keyring is empty".into(),
@@ -104,10 +121,33 @@ pub fn install_from(config: &crate::config::GatewayConfig) {
     }
 }
 
-/// The process's keyring: the installed one, else APISIX's default.
+thread_local! {
+    /// A keyring this thread checks with for a while ([`checking_with`]).
+    static CHECKING: std::cell::RefCell<Option<Arc<Keyring>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The process's keyring: the installed one (or the one this thread checks with, see
+/// [`checking_with`]), else APISIX's default.
 pub fn current() -> Arc<Keyring> {
+    if let Some(k) = CHECKING.with(|c| c.borrow().clone()) {
+        return k;
+    }
     let installed = CURRENT.read().unwrap_or_else(|p| p.into_inner()).clone();
     installed.unwrap_or_else(|| Arc::new(Keyring::apisix_default()))
+}
+
+/// Runs `f` with `keyring` as this thread's, then the process's again: a reload checks the
+/// stored keys with its new keyring, and writes meanwhile keep sealing with the running one
+/// until the reload applies.
+pub fn checking_with<T>(keyring: Arc<Keyring>, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Arc<Keyring>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CHECKING.with(|c| *c.borrow_mut() = self.0.take());
+        }
+    }
+    let _restore = Restore(CHECKING.with(|c| c.borrow_mut().replace(keyring)));
+    f()
 }
 
 #[cfg(test)]
@@ -138,6 +178,19 @@ mod tests {
         // PEM stays as it is; sealing what is sealed already changes nothing.
         assert_eq!(other.open(PEM).unwrap(), PEM);
         assert_eq!(ring.seal(&sealed), None);
+        // A key sealed with a later key is sealed again with the first (a rotation); one
+        // the keyring cannot open is left for the check to refuse.
+        let resealed = rotated.seal(&sealed).unwrap();
+        assert_eq!(rotated.open(&resealed).unwrap(), PEM);
+        assert!(ring.open(&resealed).is_err());
+        assert_eq!(other.seal(&sealed), None);
+        // Leading blanks before the PEM: sealed all the same.
+        let blank = format!("\n  {PEM}");
+        assert_eq!(ring.open(&ring.seal(&blank).unwrap()).unwrap(), PEM);
+        // A reload's check uses its keyring on this thread only, for as long as it runs.
+        let seen = checking_with(Arc::new(other.clone()), current);
+        assert_eq!(*seen, other);
+        assert_ne!(*current(), other);
         assert_eq!(Keyring::new::<&str>(&[]).unwrap().seal(PEM), None);
         assert!(ring
             .open("not base64 !")

@@ -43,7 +43,7 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"WGTLSSES");
 /// Bumped whenever the layout changes; a mismatch fails [`SessionShm::open`].
@@ -229,7 +229,7 @@ impl SessionShm {
             return false;
         }
         let tag = tag(salt, key);
-        let now = unix_now();
+        let now = now_secs();
         // The slot to use: the key's own, else an empty or expired one, else the oldest.
         let rank = |s: &Slot| {
             let stamp = s.stamp.load(Ordering::Relaxed);
@@ -265,7 +265,7 @@ impl SessionShm {
             return None;
         }
         let tag = tag(salt, key);
-        let now = unix_now();
+        let now = now_secs();
         for slot in self.set(tag) {
             if slot.tag.load(Ordering::Relaxed) != tag {
                 continue;
@@ -351,20 +351,20 @@ impl SessionShm {
     }
 }
 
-/// A slot this thread uses; given back when dropped.
-struct Held<'a>(&'a Slot);
+/// A slot this thread uses, and the owner word it holds it with; given back when dropped.
+struct Held<'a>(&'a Slot, u64);
 
 impl<'a> Held<'a> {
     fn take(slot: &'a Slot) -> Option<Held<'a>> {
         let tid = thread_id();
-        let now = unix_now();
+        let now = now_secs();
         let me = owner_word(tid, now);
         for spin in 0..SPINS {
             match slot
                 .owner
                 .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
             {
-                Ok(_) => return Some(Held(slot)),
+                Ok(_) => return Some(Held(slot, me)),
                 // Held by a thread that is gone, by this very thread's id in an earlier life,
                 // or for longer than any use takes (a hold lasts microseconds; the thread id
                 // of one killed may have gone to another process since): nobody will give
@@ -375,7 +375,7 @@ impl<'a> Held<'a> {
                         .compare_exchange(holder, me, Ordering::Acquire, Ordering::Relaxed)
                         .is_ok()
                     {
-                        return Some(Held(slot));
+                        return Some(Held(slot, me));
                     }
                 }
                 Err(_) => std::hint::spin_loop(),
@@ -434,7 +434,9 @@ impl<'a> Held<'a> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.owner.store(0, Ordering::Release);
+        // Only this hold: one that stalled past its lease (a stopped process) and lost the
+        // slot to another must not free that other's hold when it wakes.
+        let _ = (self.0.owner).compare_exchange(self.1, 0, Ordering::Release, Ordering::Relaxed);
     }
 }
 
@@ -487,10 +489,17 @@ fn expired(stamp: u64, now: u64) -> bool {
     stamp == 0 || now.saturating_sub(stamp) >= SESSION_TIMEOUT.as_secs()
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| d.as_secs())
+/// Seconds on the machine's monotonic clock (the same in every process, and not moved by
+/// changes of the wall clock, which would expire sessions or leases at once), an hour ahead
+/// so that a stamp is never 0 (an empty slot) and "an hour ago" never underflows.
+fn now_secs() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 + 3600
 }
 
 fn thread_id() -> u32 {
@@ -604,7 +613,7 @@ mod tests {
             .find(|s| s.tag.load(Ordering::Relaxed) == tag)
             .unwrap();
         slot.stamp
-            .store(unix_now() - SESSION_TIMEOUT.as_secs(), Ordering::Relaxed);
+            .store(now_secs() - SESSION_TIMEOUT.as_secs(), Ordering::Relaxed);
         assert_eq!(a.get(5, &[5; 32]), None);
     }
 
@@ -615,26 +624,34 @@ mod tests {
         // Taken just now by a thread id no live thread has (pid_max is at most 2^22).
         for s in a.set(tag) {
             s.owner
-                .store(owner_word((1 << 22) + 5, unix_now()), Ordering::Relaxed);
+                .store(owner_word((1 << 22) + 5, now_secs()), Ordering::Relaxed);
         }
         assert!(a.put(6, &[6; 32], b"taken over"));
         assert_eq!(a.get(6, &[6; 32]).as_deref(), Some(&b"taken over"[..]));
         // A slot held just now by a live thread (init's) is skipped, not stolen…
         for s in a.set(tag) {
-            s.owner.store(owner_word(1, unix_now()), Ordering::Relaxed);
+            s.owner.store(owner_word(1, now_secs()), Ordering::Relaxed);
         }
         assert_eq!(a.get(6, &[6; 32]), None);
         assert!(!a.put(6, &[6; 32], b"x"));
         // …until its lease is over: a thread id given to another process since, a worker
         // that cannot be signalled.
         for s in a.set(tag) {
-            let since = unix_now() - u64::from(LEASE_SECS);
+            let since = now_secs() - u64::from(LEASE_SECS);
             s.owner.store(owner_word(1, since), Ordering::Relaxed);
         }
         assert_eq!(a.get(6, &[6; 32]).as_deref(), Some(&b"taken over"[..]));
         // The slot taken over is given back after use.
         let free = a.set(tag).filter(|s| s.owner.load(Ordering::Relaxed) == 0);
         assert_eq!(free.count(), 1);
+        // A hold that lost its slot to a takeover does not free the new holder's.
+        let slot = a.set(tag).next().unwrap();
+        let stalled = Held::take(slot).unwrap();
+        let other = owner_word((1 << 22) + 6, now_secs());
+        slot.owner.store(other, Ordering::Relaxed);
+        drop(stalled);
+        assert_eq!(slot.owner.load(Ordering::Relaxed), other);
+        slot.owner.store(0, Ordering::Relaxed);
     }
 
     #[test]
