@@ -5,6 +5,8 @@
 #                       p50/p99/p99.9, server CPU per request, ratios; a plot (SVG)
 #   2. throughput.py  — the same with 1…N workers (N = cores), unpinned: the scaling run
 #      bodies.py      — 64 KiB and 1 MiB answers streamed through, against nginx
+#      handshakes.py  — new TLS connections, full and resumed, over 2 workers, against nginx
+#                       with APISIX's session cache
 #   3. footprint.py   — 1 / 100 / 10,000 routes with a plugin: RSS per worker, worker start,
 #                       PluginContext creation
 #   4. propagation.py — Admin API PUT → every worker serving it, p50/p99 over 1,000 edits,
@@ -46,6 +48,11 @@ done
 
 echo "== large bodies"
 python3 scripts/bench/bodies.py --sizes 64k,1m --rounds 3 | tee "$out/bodies.md"
+
+echo "== TLS handshakes"
+python3 scripts/bench/handshakes.py --connections 3000 --rounds 2 | tee "$out/handshakes.md"
+python3 scripts/bench/handshakes.py --connections 3000 --rounds 2 --rsa --tls12 |
+  tee -a "$out/handshakes.md"
 
 echo "== footprint"
 python3 scripts/bench/footprint.py --routes 1,100,10000 --json "$out/footprint.json" |
