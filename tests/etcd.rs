@@ -233,6 +233,24 @@ fn node_setup_at(endpoint: &str, etcd_extra: &str) -> Setup {
     }
 }
 
+/// Starts a node with `setup` that must fail to start; what it said on standard error.
+fn failed_start(setup: &Setup) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = (setup.raw_yaml.clone().unwrap())
+        .replace("{proxy}", &free_port().to_string())
+        .replace("{admin}", &free_port().to_string());
+    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
+    std::fs::write(dir.path().join("conf/config.yaml"), yaml).unwrap();
+    let out = Command::new(common::bin())
+        .args(["start", "--foreground", "-p"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{said}");
+    said
+}
+
 /// A TCP relay to etcd that can stop passing bytes on the connections it holds — as a NAT or
 /// a load balancer that forgot them without closing them — while new ones go through.
 struct Relay {
@@ -316,23 +334,8 @@ fn a_start_waits_for_etcd_as_startup_retry_says() {
     etcd.kill();
 
     // etcd down for good: two attempts, then the start fails and says why.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
-    let yaml = node_setup(&etcd, "    startup_retry: 2\n")
-        .raw_yaml
-        .unwrap();
-    let yaml = yaml
-        .replace("{proxy}", &free_port().to_string())
-        .replace("{admin}", &free_port().to_string());
-    std::fs::write(dir.path().join("conf/config.yaml"), yaml).unwrap();
     let started = Instant::now();
-    let out = Command::new(common::bin())
-        .args(["start", "--foreground", "-p"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{said}");
+    let said = failed_start(&node_setup(&etcd, "    startup_retry: 2\n"));
     assert!(
         said.contains("trying again in 1 s (attempt 1 of 2"),
         "{said}"
@@ -767,22 +770,7 @@ fn etcd_with_authentication() {
     etcd.put("/apisix/routes/before", &route("/before"));
 
     // The wrong password: the start stops, and says why.
-    let wrong = tempfile::tempdir().unwrap();
-    let setup = node_setup(&etcd, &signed_in("gw", "wrong"));
-    let yaml = setup
-        .raw_yaml
-        .unwrap()
-        .replace("{proxy}", &free_port().to_string());
-    let yaml = yaml.replace("{admin}", &free_port().to_string());
-    std::fs::create_dir_all(wrong.path().join("conf")).unwrap();
-    std::fs::write(wrong.path().join("conf/config.yaml"), yaml).unwrap();
-    let out = Command::new(common::bin())
-        .args(["start", "--foreground", "-p"])
-        .arg(wrong.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let err = failed_start(&node_setup(&etcd, &signed_in("gw", "wrong")));
     assert!(
         err.contains(r#"etcd refused user "gw": etcdserver: authentication failed, invalid user ID or password (deployment.etcd.user and password)"#),
         "{err}"
