@@ -712,14 +712,8 @@ impl PluginShm {
         layout
             .validate(total)
             .map_err(|e| Error::BadSegment(format!("computed layout is invalid: {e}")))?;
-        let fd = nix::sys::memfd::memfd_create(
-            c"wasmgate-plugin-shm",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )
-        .map_err(std::io::Error::from)?;
-        let file = File::from(fd);
-        // Sparse: the zero pages are the empty state of every table (slot 0 = free/empty).
-        file.set_len(total as u64)?;
+        // The zero pages are the empty state of every table (slot 0 = free/empty).
+        let file = crate::shm::sparse_memfd(c"wasmgate-plugin-shm", total as u64)?;
         let map = memmap2::MmapRaw::map_raw(&file)?;
         if map.len() < total {
             return Err(Error::BadSegment("mapping shorter than the segment".into()));

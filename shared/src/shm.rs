@@ -267,12 +267,7 @@ impl Segment {
     /// Creates a segment with room for `data_capacity` snapshot bytes (master side).
     pub fn create(data_capacity: u64) -> Result<Segment, ShmError> {
         let data_capacity = Segment::data_capacity(data_capacity);
-        let fd =
-            nix::sys::memfd::memfd_create(c"wasmgate-shm", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-                .map_err(std::io::Error::from)?;
-        let file = File::from(fd);
-        // Sparse: pages cost memory only once written.
-        file.set_len((DATA_OFFSET + data_capacity) as u64)?;
+        let file = sparse_memfd(c"wasmgate-shm", (DATA_OFFSET + data_capacity) as u64)?;
         let seg = Segment::map(file)?;
         let h = seg.header();
         h.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
@@ -481,6 +476,17 @@ impl Segment {
                 .is_ok()
         })
     }
+}
+
+/// A new memfd of `len` zero bytes, for a segment workers inherit (close-on-exec: the master
+/// places it at the fd number workers expect). Sparse: pages cost memory only once written,
+/// and zero pages are every segment's empty state.
+pub fn sparse_memfd(name: &std::ffi::CStr, len: u64) -> std::io::Result<File> {
+    let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    let file = File::from(fd);
+    file.set_len(len)?;
+    Ok(file)
 }
 
 #[cfg(test)]

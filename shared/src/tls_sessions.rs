@@ -149,14 +149,8 @@ const TOTAL: usize = HEADER_SIZE + SLOTS * SLOT_WORDS * 8;
 impl SessionShm {
     /// Creates the segment (master), with its first ticket key.
     pub fn create() -> Result<SessionShm, Error> {
-        let fd = nix::sys::memfd::memfd_create(
-            c"wasmgate-tls-sessions",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )
-        .map_err(std::io::Error::from)?;
-        let file = File::from(fd);
-        // Sparse: zero pages are free slots.
-        file.set_len(TOTAL as u64)?;
+        // Zero pages are free slots.
+        let file = crate::shm::sparse_memfd(c"wasmgate-tls-sessions", TOTAL as u64)?;
         let shm = SessionShm::map(file)?;
         let h = shm.header();
         h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
