@@ -215,12 +215,6 @@ impl AccessLog {
                 }
                 "args" => target.split_once('?').map_or("", |(_, q)| q).to_string(),
                 "server_protocol" => e.request_line.rsplit(' ').next().unwrap_or("").to_string(),
-                "scheme" => if e.tls.is_some() { "https" } else { "http" }.into(),
-                "ssl_protocol" => e.tls.map_or("", |t| t.protocol).into(),
-                "ssl_cipher" => e.tls.map_or("", |t| t.cipher).into(),
-                "ssl_session_reused" => e.tls.map_or("", |t| t.reused_text()).into(),
-                "ssl_server_name" => e.tls.and_then(|t| t.sni.as_deref()).unwrap_or("").into(),
-                "pid" => std::process::id().to_string(),
                 "status" => e.status.to_string(),
                 "body_bytes_sent" => e.body_bytes_sent.to_string(),
                 "request_time" => format!("{:.3}", e.request_time.as_secs_f64()),
@@ -235,7 +229,10 @@ impl AccessLog {
                 "upstream_uri" => e.upstream_uri.to_string(),
                 "route_id" | "apisix_route_id" => e.route_id.to_string(),
                 "request_id" => e.request_id.to_string(),
-                _ => String::new(),
+                // `$scheme`, `$ssl_*`, `$pid`: as route `vars` read them.
+                _ => crate::proxy::connection_var(e.tls, var)
+                    .map(std::borrow::Cow::into_owned)
+                    .unwrap_or_default(),
             },
             e.captured,
         );

@@ -1854,7 +1854,7 @@ fn header_text(parts: &http::request::Parts, name: HeaderName) -> Option<Cow<'_,
 /// `wasmgate_shared::model::vars::known_variable` accepts.
 pub fn nginx_var<'a>(
     parts: &'a http::request::Parts,
-    client: &Client,
+    client: &'a Client,
     name: &str,
 ) -> Option<Cow<'a, str>> {
     let peer = client.addr;
@@ -1901,12 +1901,6 @@ pub fn nginx_var<'a>(
         "request_method" => Cow::Borrowed(parts.method.as_str()),
         "remote_addr" => Cow::Owned(peer.ip().to_string()),
         "remote_port" => Cow::Owned(peer.port().to_string()),
-        "scheme" => Cow::Borrowed(client.scheme()),
-        "ssl_server_name" => Cow::Owned(client.sni().map_or("", |n| n).to_string()),
-        "ssl_protocol" => Cow::Borrowed(client.tls.as_ref().map_or("", |t| t.protocol)),
-        "ssl_cipher" => Cow::Borrowed(client.tls.as_ref().map_or("", |t| t.cipher)),
-        "ssl_session_reused" => Cow::Borrowed(client.tls.as_ref().map_or("", |t| t.reused_text())),
-        "pid" => Cow::Owned(std::process::id().to_string()),
         "is_args" => Cow::Borrowed(if parts.uri.query().is_some() { "?" } else { "" }),
         "server_addr" => Cow::Owned(client.local.ip().to_string()),
         "server_port" => Cow::Owned(client.local.port().to_string()),
@@ -1916,8 +1910,23 @@ pub fn nginx_var<'a>(
         }),
         "content_type" => return header_text(parts, header::CONTENT_TYPE),
         "content_length" => return header_text(parts, header::CONTENT_LENGTH),
-        _ => return None,
+        _ => return connection_var(client.tls.as_deref(), name),
     })
+}
+
+/// The variables of the connection rather than the request — `$scheme`, the `$ssl_*` ones
+/// (empty on the plain listener), `$pid` — as route `vars` and the access log read them;
+/// None: `name` is none of them.
+pub fn connection_var<'a>(tls: Option<&'a TlsInfo>, name: &str) -> Option<Cow<'a, str>> {
+    Some(Cow::Borrowed(match name {
+        "scheme" => tls.map_or("http", |_| "https"),
+        "ssl_server_name" => tls.and_then(|t| t.sni.as_deref()).unwrap_or(""),
+        "ssl_protocol" => tls.map_or("", |t| t.protocol),
+        "ssl_cipher" => tls.map_or("", |t| t.cipher),
+        "ssl_session_reused" => tls.map_or("", TlsInfo::reused_text),
+        "pid" => return Some(Cow::Owned(std::process::id().to_string())),
+        _ => return None,
+    }))
 }
 
 fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
