@@ -459,19 +459,19 @@ fn seal_keys(kind: Kind, obj: &mut serde_json::Map<String, Value>) {
             }
         }
     };
-    fn client_key(up: Option<&mut Value>) -> Option<&mut Value> {
-        up?.get_mut("tls")?.get_mut("client_key")
-    }
-    match kind {
-        Kind::Ssls => {
-            seal(obj.get_mut("key"));
-            if let Some(Value::Array(keys)) = obj.get_mut("keys") {
-                keys.iter_mut().for_each(|k| seal(Some(k)));
-            }
+    // An upstream's `tls.client_key`: the object's own, or its inline upstream's.
+    let upstream = match kind {
+        Kind::Upstreams => Some(&mut *obj),
+        Kind::Routes | Kind::Services => obj.get_mut("upstream").and_then(Value::as_object_mut),
+        Kind::Ssls | Kind::GlobalRules => None,
+    };
+    let tls = upstream.and_then(|u| u.get_mut("tls"));
+    seal(tls.and_then(|t| t.get_mut("client_key")));
+    if kind == Kind::Ssls {
+        seal(obj.get_mut("key"));
+        if let Some(Value::Array(keys)) = obj.get_mut("keys") {
+            keys.iter_mut().for_each(|k| seal(Some(k)));
         }
-        Kind::Upstreams => seal(obj.get_mut("tls").and_then(|t| t.get_mut("client_key"))),
-        Kind::Routes | Kind::Services => seal(client_key(obj.get_mut("upstream"))),
-        Kind::GlobalRules => {}
     }
 }
 
