@@ -217,9 +217,28 @@ fn https_is_served_with_the_certificate_of_the_name_asked_for() {
     );
     let seen = get(port, "api.test", &config, "/plugin").unwrap().json();
     assert_eq!(
-        (&seen["scheme"], &seen["sni"]),
-        (&json!("https"), &json!("api.test")),
+        (&seen["scheme"], &seen["sni"], &seen["tls_version"]),
+        (&json!("https"), &json!("api.test"), &json!("TLSv1.3")),
         "{seen}"
+    );
+    // The connection's nginx variables, as APISIX's plugins read them.
+    assert_eq!(
+        (&seen["ssl_server_name"], &seen["ssl_protocol"]),
+        (&json!("api.test"), &json!("TLSv1.3")),
+        "{seen}"
+    );
+    assert_eq!(seen["server_port"], json!(port.to_string()), "{seen}");
+    gw.route(
+        "plain-echo",
+        json!({"uri": "/plain-echo", "plugins": {"echo": {"conf": "plain"}}}),
+        Some(&app),
+    );
+    let seen = common::http("GET", &gw.url("/plain-echo"), &[], None).json();
+    assert_eq!(
+        (&seen["sni"], &seen["tls_version"], &seen["ssl_protocol"]),
+        (&json!("<none>"), &json!("<none>"), &json!("<none>")),
+        // (The Rust SDK reads an empty value as none.)
+        "over plain HTTP, Envoy's empty name, no TLS version, nginx's empty variable: {seen}"
     );
     let plain = common::http("GET", &gw.url("/plugin"), &[], None);
     assert_eq!(
@@ -383,7 +402,8 @@ fn sessions_resume_on_every_worker_and_across_a_reload() {
 /// Private keys are stored encrypted with `apisix.data_encryption.keyring`, as APISIX stores
 /// them: a GET shows none in clear, a GET's answer written back still serves, keys APISIX
 /// encrypted with its default keyring (APISIX 3's and APISIX 2's `key_encrypt_salt`) are
-/// read, and with a keyring of the operator's own a key it cannot open is refused, saying so.
+/// read, and with a keyring of the operator's own a key it cannot open is refused, saying so,
+/// while one sealed with the file's `ssl.key_encrypt_salt` is read.
 #[test]
 fn private_keys_are_stored_encrypted_as_apisix_stores_them() {
     use wasmgate_shared::keyring::{Keyring, APISIX_DEFAULT};
@@ -439,6 +459,7 @@ fn private_keys_are_stored_encrypted_as_apisix_stores_them() {
         apisix_extra: vec![
             "ssl:".into(),
             format!("  listen: [{{port: {port}}}]"),
+            "  key_encrypt_salt: fedcba9876543210".into(),
             "data_encryption:".into(),
             "  keyring: [0123456789abcdef]".into(),
         ],
@@ -467,6 +488,17 @@ fn private_keys_are_stored_encrypted_as_apisix_stores_them() {
     let mine = Keyring::new(&["0123456789abcdef"]).unwrap();
     assert_eq!(mine.open(v["value"]["key"].as_str().unwrap()).unwrap(), key);
     assert_eq!(get(port, "api.test", &config, "/d").unwrap().status, 200);
+    // A key APISIX 3.0 encrypted with its `ssl.key_encrypt_salt` is read, and stored
+    // encrypted again with the keyring's first key.
+    let salt = Keyring::new(&["fedcba9876543210"]).unwrap();
+    let body = json!({"cert": two_cert, "key": salt.seal(&two_key).unwrap(), "snis": ["two.test"]});
+    put_ssl(&own, "2", body);
+    assert_eq!(get(port, "two.test", &config, "/e").unwrap().status, 200);
+    let (_, v) = own.admin("GET", "/apisix/admin/ssls/2", None);
+    assert_eq!(
+        mine.open(v["value"]["key"].as_str().unwrap()).unwrap(),
+        two_key
+    );
 }
 
 /// An SSL object's `ssl_protocols` replace the listener's for its names (APISIX: the object's

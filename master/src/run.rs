@@ -373,9 +373,7 @@ impl Loop {
         }
         // The stored keys are checked with the new keyring (the new workers open them with
         // it); writes keep sealing with the running one until the reload applies.
-        let keyring = Arc::new(
-            (new.config.apisix.data_encryption.keyring()).map_err(|e| format!("keyring: {e}"))?,
-        );
+        let keyring = Arc::new((new.config.apisix.keyring()).map_err(|e| format!("keyring: {e}"))?);
         // A log file the new workers could not open would only show as workers failing.
         crate::check_logs(&self.opts, &new.config).map_err(|e| format!("{e:#}"))?;
         crate::check_trusted_cas(&self.opts, &new.config).map_err(|e| format!("{e:#}"))?;

@@ -56,7 +56,6 @@ const KEYS: &[(&[&str], Rule)] = &[
     (&["apisix", "router"], Check(router, "wasmgate routes as APISIX's radixtree_host_uri")),
     (&["apisix", "ssl", "ssl_ciphers"], Ignore("rustls's suites are offered: TLS 1.3's, and TLS 1.2's ECDHE with AES-GCM or ChaCha20-Poly1305")),
     (&["apisix", "ssl", "ssl_trusted_combined_path"], Ignore("the CAs are read from ssl_trusted_certificate")),
-    (&["apisix", "ssl", "key_encrypt_salt"], Ignore("APISIX 2's key: keys are encrypted with apisix.data_encryption.keyring; list these keys there to read what they encrypted")),
     (&["nginx_config", "user"], Ignore("the gateway runs as the user that starts it")),
     (&["nginx_config", "worker_rlimit_nofile"], Ignore("raise the limit with ulimit or the service manager's LimitNOFILE")),
     (&["nginx_config", "worker_rlimit_core"], Ignore("core dumps follow the service manager's limits")),

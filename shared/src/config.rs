@@ -181,14 +181,6 @@ impl Default for DataEncryption {
     }
 }
 
-impl DataEncryption {
-    /// The keyring (checked when the file was loaded).
-    pub fn keyring(&self) -> Result<crate::keyring::Keyring, String> {
-        let entries: Vec<&str> = self.keyring.iter().map(|s| s.0.as_str()).collect();
-        crate::keyring::Keyring::new(&entries)
-    }
-}
-
 fn secrets_one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -213,6 +205,24 @@ impl ApisixSection {
         let mut all = self.node_listen.clone();
         all.extend(self.ssl.listeners());
         all
+    }
+
+    /// The keyring (checked when the file was loaded): `data_encryption.keyring`, then the
+    /// keys of `ssl.key_encrypt_salt` not in it — the setting APISIX 2 and 3.0 encrypted SSL
+    /// keys with — so that what they encrypted is read; writes use the keyring's first key.
+    pub fn keyring(&self) -> Result<crate::keyring::Keyring, String> {
+        let mut entries: Vec<&str> = Vec::new();
+        for (at, keys) in [
+            ("data_encryption.keyring", &self.data_encryption.keyring),
+            ("ssl.key_encrypt_salt", &self.ssl.key_encrypt_salt),
+        ] {
+            // Each list checked on its own, so the error names the setting at fault.
+            crate::keyring::Keyring::new(keys).map_err(|e| format!("apisix.{at}: {e}"))?;
+            entries.extend(keys.iter().map(|s| s.0.as_str()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        entries.retain(|e| seen.insert(*e));
+        crate::keyring::Keyring::new(&entries)
     }
 }
 
@@ -244,6 +254,10 @@ pub struct SslSection {
     /// `system` (the default: the system's store), a PEM file (relative to the prefix), or
     /// both, comma-separated, as APISIX writes it.
     pub ssl_trusted_certificate: Option<String>,
+    /// APISIX 2's and 3.0's keys for SSL objects' private keys (one, or a list): read after
+    /// `data_encryption.keyring`'s (see [`ApisixSection::keyring`]).
+    #[serde(deserialize_with = "secrets_one_or_many")]
+    pub key_encrypt_salt: Vec<Secret>,
 }
 
 /// The TLS listener's default port (APISIX's).
@@ -485,6 +499,12 @@ pub struct EtcdSection {
 #[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(transparent)]
 pub struct Secret(pub String);
+
+impl AsRef<str> for Secret {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1150,11 +1170,12 @@ impl GatewayConfig {
                 ),
             ));
         }
-        if let Err(e) = self.apisix.data_encryption.keyring() {
-            return Err(err(
-                &[Key("apisix"), Key("data_encryption"), Key("keyring")],
-                format!("apisix.data_encryption.keyring: {e}"),
-            ));
+        if let Err(e) = self.apisix.keyring() {
+            let at = match e.starts_with("apisix.ssl") {
+                true => [Key("apisix"), Key("ssl"), Key("key_encrypt_salt")],
+                false => [Key("apisix"), Key("data_encryption"), Key("keyring")],
+            };
+            return Err(err(&at, e));
         }
         for (i, a) in self.apisix.trusted_addresses.iter().enumerate() {
             if crate::model::vars::Cidr::parse(a).is_none() {
@@ -1408,22 +1429,19 @@ mod tests {
     #[test]
     fn the_keyring_is_apisix_s_by_default_and_its_keys_are_sixteen_bytes() {
         let c = GatewayConfig::parse("apisix:\n  node_listen: 9080\n", "c.yaml").unwrap();
-        let default = c.apisix.data_encryption.keyring().unwrap();
+        let default = c.apisix.keyring().unwrap();
         assert_eq!(default, crate::keyring::Keyring::apisix_default());
         let one = "apisix:\n  data_encryption:\n    enable_encrypt_fields: false\n    keyring: 0123456789abcdef\n";
         let c = GatewayConfig::parse(one, "c.yaml").unwrap();
         assert_eq!(
-            c.apisix.data_encryption.keyring().unwrap(),
+            c.apisix.keyring().unwrap(),
             crate::keyring::Keyring::new(&["0123456789abcdef"]).unwrap()
         );
         // Never in debug output.
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
         let none = "apisix:\n  data_encryption:\n    keyring: []\n";
         let c = GatewayConfig::parse(none, "c.yaml").unwrap();
-        assert_eq!(
-            c.apisix.data_encryption.keyring().unwrap().seal("---x"),
-            None
-        );
+        assert_eq!(c.apisix.keyring().unwrap().seal("---x"), None);
         let short =
             "apisix:\n  data_encryption:\n    keyring:\n      - 0123456789abcdef\n      - short\n";
         assert_refused_at(
@@ -1439,6 +1457,32 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn key_encrypt_salt_keys_are_read_after_the_keyring() {
+        let both = "apisix:\n  data_encryption:\n    keyring: 0123456789abcdef\n  ssl:\n    key_encrypt_salt: [fedcba9876543210, 0123456789abcdef]\n";
+        let c = GatewayConfig::parse(both, "c.yaml").unwrap();
+        let ring = c.apisix.keyring().unwrap();
+        assert_eq!(
+            ring,
+            crate::keyring::Keyring::new(&["0123456789abcdef", "fedcba9876543210"]).unwrap()
+        );
+        // What APISIX 3.0 sealed with the salt opens, and is sealed again with the keyring's.
+        let old = crate::keyring::Keyring::new(&["fedcba9876543210"]).unwrap();
+        let sealed = old.seal("-----BEGIN PRIVATE KEY-----\nx\n").unwrap();
+        let resealed = ring.seal(&sealed).expect("sealed again with the first key");
+        assert_eq!(
+            ring.open(&resealed).unwrap(),
+            "-----BEGIN PRIVATE KEY-----\nx\n"
+        );
+        assert!(crate::keyring::Keyring::new(&["0123456789abcdef"])
+            .unwrap()
+            .open(&sealed)
+            .is_err());
+        assert!(!format!("{c:?}").contains("fedcba9876543210"));
+        let short = "apisix:\n  ssl:\n    key_encrypt_salt: short\n";
+        assert_refused_at(short, 3, "apisix.ssl.key_encrypt_salt: entry 0 is 5 bytes");
     }
 
     #[test]

@@ -116,7 +116,7 @@ pub fn install(keyring: Arc<Keyring>) {
 
 /// Installs the keyring `config` names (checked when it was loaded).
 pub fn install_from(config: &crate::config::GatewayConfig) {
-    if let Ok(k) = config.apisix.data_encryption.keyring() {
+    if let Ok(k) = config.apisix.keyring() {
         install(Arc::new(k));
     }
 }

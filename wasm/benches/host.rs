@@ -33,7 +33,7 @@ fn downstream() -> Downstream {
         local: at(9080),
         connection: 1,
         version: http::Version::HTTP_11,
-        sni: None,
+        tls: None,
         started: std::time::Instant::now(),
     }
 }

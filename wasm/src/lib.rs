@@ -26,7 +26,7 @@ pub use head::{Head, HeaderList};
 pub use module::{PluginModule, Settings};
 pub use state::{
     flags, AnswerDetails, BodyBuf, CallResponse, CallTargets, Downstream, Foreign, HttpCall,
-    LocalReply, Properties, Stream, Targets, Totals,
+    LocalReply, Properties, Stream, Targets, TlsInfo, Totals,
 };
 pub use vm::{Action, Fault, HttpCtx, Outcome, PluginVm, VM_ROOT};
 /// The serialized map format (see `wasmgate-abi`).

@@ -78,10 +78,16 @@ fn fact<'a>(stream: &'a Stream, path: &[&str]) -> Option<Found<'a>> {
         // A bool is one byte: client certificates are not asked for.
         ["connection", "mtls"] => Some(Found::Borrowed(&[0])),
         // Envoy's empty string when no name came with TLS (plain HTTP, or no SNI).
-        ["connection", "requested_server_name"] => Some(match &from.sni {
-            Some(name) => Found::Owned(name.as_bytes().to_vec()),
-            None => Found::Borrowed(&[]),
-        }),
+        ["connection", "requested_server_name"] => {
+            Some(match from.tls.as_ref().and_then(|t| t.sni.as_ref()) {
+                Some(name) => Found::Owned(name.as_bytes().to_vec()),
+                None => Found::Borrowed(&[]),
+            })
+        }
+        // Envoy's `TLSv1.3`; absent over plain HTTP, as there.
+        ["connection", "tls_version"] => {
+            Some(Found::Borrowed(from.tls.as_ref()?.protocol.as_bytes()))
+        }
         ["request", "time"] => {
             let at = match stream.wall_start.get() {
                 Some(at) => at,

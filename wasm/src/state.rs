@@ -18,6 +18,30 @@ pub trait Properties: Send + Sync {
     fn get(&self, path: &[&str], request: &Head, from: &Downstream) -> Option<Vec<u8>>;
 }
 
+/// What the TLS listener knows of a client connection.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// The name it asked for in the handshake (`$ssl_server_name`); None: it sent none.
+    pub sni: Option<Arc<str>>,
+    /// `$ssl_protocol`: `TLSv1.2` or `TLSv1.3`.
+    pub protocol: &'static str,
+    /// `$ssl_cipher`, as OpenSSL names it (nginx's log lines read the same).
+    pub cipher: &'static str,
+    /// `$ssl_session_reused`: the handshake resumed an earlier session.
+    pub reused: bool,
+}
+
+impl TlsInfo {
+    /// nginx's `$ssl_session_reused`: `r` for a resumed session, else `.`.
+    pub fn reused_text(&self) -> &'static str {
+        if self.reused {
+            "r"
+        } else {
+            "."
+        }
+    }
+}
+
 /// The client side of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Downstream {
@@ -27,9 +51,9 @@ pub struct Downstream {
     /// The client connection's id, unique on the host (`connection.id`).
     pub connection: u64,
     pub version: http::Version,
-    /// The name the client asked for in its TLS handshake (SNI), on the TLS listener
-    /// (`connection.requested_server_name`).
-    pub sni: Option<std::sync::Arc<str>>,
+    /// The client came over the TLS listener: its SNI (`connection.requested_server_name`),
+    /// protocol (`connection.tls_version`) and the rest of `$ssl_*`.
+    pub tls: Option<Arc<TlsInfo>>,
     /// When the request's head was read (`request.time`; its wall-clock time is worked out
     /// only when a plugin asks, so requests pay no clock reading for it, and kept).
     pub started: Instant,

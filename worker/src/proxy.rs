@@ -95,28 +95,9 @@ pub struct Client {
     pub tls: Option<Arc<TlsInfo>>,
 }
 
-/// What the TLS listener knows of a client connection.
-pub struct TlsInfo {
-    /// The name it asked for in the handshake (`$ssl_server_name`); None: it sent none.
-    pub sni: Option<Arc<str>>,
-    /// `$ssl_protocol`: `TLSv1.2` or `TLSv1.3`.
-    pub protocol: &'static str,
-    /// `$ssl_cipher`, as OpenSSL names it (nginx's log lines read the same).
-    pub cipher: &'static str,
-    /// `$ssl_session_reused`: the handshake resumed an earlier session.
-    pub reused: bool,
-}
-
-impl TlsInfo {
-    /// nginx's `$ssl_session_reused`: `r` for a resumed session, else `.`.
-    pub fn reused_text(&self) -> &'static str {
-        if self.reused {
-            "r"
-        } else {
-            "."
-        }
-    }
-}
+/// What the TLS listener knows of a client connection (defined beside the plugins' view of
+/// the client, which holds it too).
+pub use wasmgate_wasm::TlsInfo;
 
 impl Client {
     /// The same connection, its client at `addr` (the address a trusted proxy named).
@@ -138,11 +119,6 @@ impl Client {
         static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
         let pid = *PID.get_or_init(std::process::id);
         (u64::from(pid) << 32) | u64::from(self.number)
-    }
-
-    /// The name the client asked for in its TLS handshake.
-    pub fn sni(&self) -> Option<&Arc<str>> {
-        self.tls.as_ref()?.sni.as_ref()
     }
 
     /// `tls`: over the TLS listener, with the name (SNI) its client asked for, if any.
@@ -452,7 +428,7 @@ async fn serve_route(
             local: client.local,
             connection: client.id(),
             version: parts.version,
-            sni: client.sni().cloned(),
+            tls: client.tls.clone(),
             started,
         };
         // Made in its box: a stream is large, and the box would otherwise be filled by a copy.

@@ -6,7 +6,6 @@ use crate::proxy::error_page;
 use crate::router::RouteEntry;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
-use std::net::SocketAddr;
 use wasmgate_wasm::{AnswerDetails, Downstream, Head, LocalReply};
 
 /// The request as plugins see it: `:method`, `:path`, `:authority`, `:scheme`, then headers.
@@ -217,7 +216,7 @@ impl wasmgate_wasm::Properties for RouteEntry {
             }
             ["route_id"] | ["route", "id"] => self.id.clone(),
             ["request", "protocol"] => format!("{:?}", from.version),
-            [name] => var(request, from.peer, name)?,
+            [name] => var(request, from, name)?,
             _ => return None,
         };
         Some(text.into_bytes())
@@ -230,8 +229,9 @@ fn text<'a>(head: &'a Head, name: &str) -> &'a str {
         .unwrap_or("")
 }
 
-/// An nginx variable of the request in `head`.
-fn var(head: &Head, peer: SocketAddr, name: &str) -> Option<String> {
+/// An nginx variable of the request in `head`, from the client `from`.
+fn var(head: &Head, from: &Downstream, name: &str) -> Option<String> {
+    let peer = from.peer;
     let path = text(head, ":path");
     let (uri, query) = path.split_once('?').unwrap_or((path, ""));
     if let Some(arg) = name.strip_prefix("arg_") {
@@ -266,7 +266,11 @@ fn var(head: &Head, peer: SocketAddr, name: &str) -> Option<String> {
         "remote_addr" => peer.ip().to_string(),
         "remote_port" => peer.port().to_string(),
         "scheme" => text(head, ":scheme").to_string(),
-        _ => return None,
+        "server_addr" => from.local.ip().to_string(),
+        "server_port" => from.local.port().to_string(),
+        // `$ssl_server_name`, `$ssl_protocol`, `$ssl_cipher`, `$ssl_session_reused`, `$pid`:
+        // as route `vars` and the access log read them.
+        _ => crate::proxy::connection_var(from.tls.as_deref(), name)?.into_owned(),
     })
 }
 

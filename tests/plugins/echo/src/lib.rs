@@ -82,7 +82,7 @@ impl HttpContext for Echo {
             .map(|(k, v)| format!("[\"{}\",\"{}\"]", esc(k), esc(v)))
             .collect();
         let body = format!(
-            "{{\"conf\":\"{}\",\"configures\":{},\"vm_starts\":{},\"context_id\":{},\"root_id\":{},\"plugin_name\":\"{}\",\"plugin_root_id\":\"{}\",\"route_name\":\"{}\",\"xds_route_name\":\"{}\",\"protocol\":\"{}\",\"route_id\":\"{}\",\"path\":\"{}\",\"method\":\"{}\",\"host\":\"{}\",\"source\":\"{}\",\"arg_a\":\"{}\",\"scheme\":\"{}\",\"sni\":\"{}\",\"headers\":[{}]}}",
+            "{{\"conf\":\"{}\",\"configures\":{},\"vm_starts\":{},\"context_id\":{},\"root_id\":{},\"plugin_name\":\"{}\",\"plugin_root_id\":\"{}\",\"route_name\":\"{}\",\"xds_route_name\":\"{}\",\"protocol\":\"{}\",\"route_id\":\"{}\",\"path\":\"{}\",\"method\":\"{}\",\"host\":\"{}\",\"source\":\"{}\",\"arg_a\":\"{}\",\"scheme\":\"{}\",\"sni\":\"{}\",\"tls_version\":\"{}\",\"ssl_protocol\":\"{}\",\"ssl_server_name\":\"{}\",\"server_port\":\"{}\",\"headers\":[{}]}}",
             esc(&self.conf),
             CONFIGURES.load(Ordering::Relaxed),
             VM_STARTS.load(Ordering::Relaxed),
@@ -101,6 +101,10 @@ impl HttpContext for Echo {
             esc(&self.prop(&["arg_a"])),
             esc(&self.prop(&["request", "scheme"])),
             esc(&self.prop(&["connection", "requested_server_name"])),
+            esc(&self.prop(&["connection", "tls_version"])),
+            esc(&self.prop(&["ssl_protocol"])),
+            esc(&self.prop(&["ssl_server_name"])),
+            esc(&self.prop(&["server_port"])),
             headers.join(",")
         );
         self.send_http_response(200, vec![("content-type", "application/json"), ("x-echo", "1")], Some(body.as_bytes()));
