@@ -40,6 +40,24 @@ fn client_config(
     Arc::new(config)
 }
 
+/// [`client_config`] with a client certificate: `chain` (PEM, the client's first) and its key.
+fn client_with_cert(ca: &Ca, chain: &str, key: &rcgen::KeyPair) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+        .unwrap();
+    let chain = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, common::tls::private_key(key))
+        .unwrap();
+    Arc::new(config)
+}
+
 /// A TLS connection to `port` for `name` (an IP address: no SNI), its handshake done.
 fn connect(port: u16, name: &str, config: &Arc<ClientConfig>) -> Result<Tls, String> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
@@ -116,7 +134,7 @@ fn gateway_with(tls_port: u16, more: &[&str], http_extra: &[&str], workers: usiz
     ];
     apisix_extra.extend(more.iter().map(|l| format!("  {l}")));
     Gateway::start_with(Setup {
-        http_extra: [r#"access_log_format: "$scheme $request $status $pid $ssl_session_reused $ssl_protocol $ssl_cipher""#]
+        http_extra: [r#"access_log_format: "$scheme $request $status $pid $ssl_session_reused $ssl_protocol $ssl_cipher $ssl_client_verify""#]
             .iter()
             .chain(http_extra)
             .map(|l| l.to_string())
@@ -501,6 +519,138 @@ fn private_keys_are_stored_encrypted_as_apisix_stores_them() {
     );
 }
 
+/// One GET for `name` on a new connection; None when the gateway ends it instead of
+/// answering (with TLS 1.3 a client learns that its certificate was refused only then).
+fn served(port: u16, name: &str, config: &Arc<ClientConfig>, path: &str) -> Option<Resp> {
+    let mut tls = connect(port, name, config).ok()?;
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {name}\r\n\r\n");
+    tls.write_all(head.as_bytes()).ok()?;
+    tls.flush().ok()?;
+    read_response(&mut BufReader::new(tls), false).ok()
+}
+
+/// Client certificates (mTLS from clients), as APISIX's `client` of an SSL object: a client
+/// must show one its CAs issued (within `depth`), or is let in without one only for the
+/// paths of `skip_mtls_uri_regex`; a certificate checked for one name does not open another
+/// name's routes; `$ssl_client_verify` and the plugins' `connection.mtls` say what was shown.
+#[test]
+fn client_certificates_are_checked_as_the_ssl_object_asks() {
+    let ca = Ca::new("listener CA");
+    let client_ca = Ca::new("client CA");
+    let app = TestUpstream::start("app");
+    let port = free_port();
+    let gw = gateway_with(port, &[], &[], 1);
+    gw.route("echo", json!({"uri": "/*"}), Some(&app));
+    gw.route(
+        "plugin",
+        json!({"uri": "/plugin", "plugins": {"echo": {"conf": "mtls"}}}),
+        Some(&app),
+    );
+    let (cert, key) = pair(&ca, &["api.test", "other.test"]);
+    let ssl = |client: Value| json!({"cert": cert, "key": key, "snis": ["api.test", "other.test"], "client": client});
+    put_ssl(&gw, "1", ssl(json!({"ca": client_ca.pem})));
+    let (alice_cert, alice_key) = client_ca.issue("alice", &["alice.client"]);
+    let alice = client_with_cert(&ca, &alice_cert.pem(), &alice_key);
+    assert_eq!(served(port, "api.test", &alice, "/a").unwrap().status, 200);
+    // Without a certificate, or with one another CA issued: no answer.
+    let anonymous = client_config(&ca, rustls::DEFAULT_VERSIONS);
+    assert!(served(port, "api.test", &anonymous, "/b").is_none());
+    let stranger = Ca::new("another CA");
+    let (m_cert, m_key) = stranger.issue("mallory", &["m.client"]);
+    let mallory = client_with_cert(&ca, &m_cert.pem(), &m_key);
+    assert!(served(port, "api.test", &mallory, "/c").is_none());
+    let log = || std::fs::read_to_string(gw.prefix().join("logs/access.log")).unwrap_or_default();
+    eventually(Duration::from_secs(5), "$ssl_client_verify logged", || {
+        log()
+            .lines()
+            .any(|l| l.contains("GET /a HTTP/1.1 200") && l.ends_with(" SUCCESS"))
+    });
+    // Plugins see the certificate's digest (Envoy's hex SHA-256 of its DER).
+    let seen = served(port, "api.test", &alice, "/plugin").unwrap().json();
+    let digest: String = ring_sha256(&der_of(&alice_cert.pem()));
+    assert_eq!(
+        (&seen["mtls"], &seen["peer_digest"], &seen["client_verify"]),
+        (&json!("true"), &json!(digest), &json!("SUCCESS")),
+        "{seen}"
+    );
+    // Checked for api.test, the connection does not reach other.test's routes.
+    let mut tls = connect(port, "api.test", &alice).unwrap();
+    assert_eq!(send(&mut tls, "GET", "/d", "other.test", b"").status, 400);
+
+    // `depth`: a certificate an intermediate issued is refused at 1 (the default), served
+    // at 2.
+    let mid = client_ca.intermediate("client intermediate");
+    let (bob_cert, bob_key) = mid.issue("bob", &["bob.client"]);
+    let bob = client_with_cert(&ca, &(bob_cert.pem() + &mid.pem), &bob_key);
+    assert!(served(port, "api.test", &bob, "/e").is_none(), "depth 1");
+    put_ssl(&gw, "1", ssl(json!({"ca": client_ca.pem, "depth": 2})));
+    assert_eq!(served(port, "api.test", &bob, "/f").unwrap().status, 200);
+
+    // `skip_mtls_uri_regex`: without a certificate, those paths only.
+    put_ssl(
+        &gw,
+        "1",
+        ssl(json!({"ca": client_ca.pem, "skip_mtls_uri_regex": ["^/public/"]})),
+    );
+    assert_eq!(
+        served(port, "api.test", &anonymous, "/public/x")
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        served(port, "api.test", &anonymous, "/private")
+            .unwrap()
+            .status,
+        400
+    );
+    assert_eq!(
+        served(port, "api.test", &alice, "/private").unwrap().status,
+        200
+    );
+    assert!(
+        served(port, "api.test", &mallory, "/public/y").is_none(),
+        "a bad one still fails"
+    );
+    let seen = served(port, "api.test", &anonymous, "/plugin");
+    assert_eq!(seen.unwrap().status, 400, "the plugin's path is not open");
+    eventually(Duration::from_secs(5), "NONE logged", || {
+        log()
+            .lines()
+            .any(|l| l.contains("GET /public/x HTTP/1.1 200") && l.ends_with(" NONE"))
+    });
+
+    // What cannot work is refused, naming the field.
+    let refused = |client: Value, says: &str| {
+        let (s, v) = gw.admin("PUT", "/apisix/admin/ssls/2", Some(ssl(client)));
+        assert_eq!(s, 400, "{v}");
+        let msg = v["error_msg"].as_str().unwrap();
+        assert!(msg.contains(says), "{says:?} not in {msg:?}");
+    };
+    refused(json!({}), "property \"ca\" is required");
+    refused(json!({"ca": "not pem"}), "\"client.ca\" validation failed");
+    refused(
+        json!({"ca": client_ca.pem, "depth": 99}),
+        "\"client.depth\" validation failed",
+    );
+    refused(
+        json!({"ca": client_ca.pem, "skip_mtls_uri_regex": ["("]}),
+        "\"client.skip_mtls_uri_regex\" validation failed: invalid regex",
+    );
+    refused(json!({"ca": client_ca.pem, "verify": true}), "found verify");
+    // The listener still serves what it did.
+    assert_eq!(served(port, "api.test", &alice, "/g").unwrap().status, 200);
+}
+
+/// The SHA-256 of `der`, in lower-case hex.
+fn ring_sha256(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// An SSL object's `ssl_protocols` replace the listener's for its names (APISIX: the object's
 /// setting wins); the others keep the listener's.
 #[test]
@@ -616,10 +766,6 @@ fn ssl_objects_are_checked_when_written() {
     refused(
         json!({"cert": cert, "key": key, "snis": ["a.test"], "type": "client"}),
         "client SSL objects are not supported",
-    );
-    refused(
-        json!({"cert": cert, "key": key, "snis": ["a.test"], "client": {"ca": cert}}),
-        "mTLS from clients",
     );
     refused(
         json!({"cert": cert, "key": key, "snis": ["a.test"], "ssl_protocols": ["TLSv1.1"]}),

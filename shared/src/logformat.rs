@@ -4,7 +4,7 @@
 
 /// The variables a format may use by name; besides them, the families of [`Capture`]:
 /// `$http_<field>`, `$arg_<name>`, `$cookie_<name>`, and `$remote_user`.
-pub const VARIABLES: [&str; 30] = [
+pub const VARIABLES: [&str; 31] = [
     "remote_addr",
     "remote_port",
     "time_local",
@@ -21,6 +21,7 @@ pub const VARIABLES: [&str; 30] = [
     "ssl_protocol",
     "ssl_cipher",
     "ssl_session_reused",
+    "ssl_client_verify",
     "ssl_server_name",
     "pid",
     "status",

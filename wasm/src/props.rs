@@ -75,8 +75,15 @@ fn fact<'a>(stream: &'a Stream, path: &[&str]) -> Option<Found<'a>> {
         ["destination", "port"] => int(from.local.port().into()),
         // A uint64 in Envoy: the same 8 bytes.
         ["connection", "id"] => Some(Found::Owned(from.connection.to_le_bytes().to_vec())),
-        // A bool is one byte: client certificates are not asked for.
-        ["connection", "mtls"] => Some(Found::Borrowed(&[0])),
+        // A bool is one byte: whether the client showed a certificate its SSL object's CAs
+        // issued.
+        ["connection", "mtls"] => {
+            let shown = from.tls.as_ref().is_some_and(|t| t.peer_sha256.is_some());
+            Some(Found::Borrowed(if shown { &[1] } else { &[0] }))
+        }
+        ["connection", "sha256_peer_certificate_digest"] => Some(Found::Borrowed(
+            from.tls.as_ref()?.peer_sha256.as_deref()?.as_bytes(),
+        )),
         // Envoy's empty string when no name came with TLS (plain HTTP, or no SNI).
         ["connection", "requested_server_name"] => {
             Some(match from.tls.as_ref().and_then(|t| t.sni.as_ref()) {

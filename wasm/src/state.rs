@@ -19,7 +19,7 @@ pub trait Properties: Send + Sync {
 }
 
 /// What the TLS listener knows of a client connection.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct TlsInfo {
     /// The name it asked for in the handshake (`$ssl_server_name`); None: it sent none.
     pub sni: Option<Arc<str>>,
@@ -29,6 +29,15 @@ pub struct TlsInfo {
     pub cipher: &'static str,
     /// `$ssl_session_reused`: the handshake resumed an earlier session.
     pub reused: bool,
+    /// Its SSL object asks for client certificates (`client`).
+    pub mtls: bool,
+    /// The SHA-256 (hex) of the certificate the client showed, checked against the object's
+    /// CAs: `$ssl_client_verify` `SUCCESS`, Envoy's `connection.mtls` and
+    /// `connection.sha256_peer_certificate_digest`. None: it showed none.
+    pub peer_sha256: Option<Box<str>>,
+    /// The only paths this client may ask for: its SSL object lets clients without a
+    /// certificate in for these (`client.skip_mtls_uri_regex`), and it showed none.
+    pub mtls_skip: Option<Arc<wasmgate_shared::model::MtlsSkip>>,
 }
 
 impl TlsInfo {
@@ -40,10 +49,19 @@ impl TlsInfo {
             "."
         }
     }
+
+    /// nginx's `$ssl_client_verify`: `SUCCESS` for a certificate the SSL object's CAs
+    /// issued, `NONE` without one (a certificate that fails the check fails the handshake).
+    pub fn client_verify(&self) -> &'static str {
+        match self.peer_sha256 {
+            Some(_) => "SUCCESS",
+            None => "NONE",
+        }
+    }
 }
 
 /// The client side of a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Downstream {
     pub peer: SocketAddr,
     /// The gateway's address the client connected to (`destination.*`).

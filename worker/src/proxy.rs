@@ -259,6 +259,14 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, mut client: Client
                 return refusal(w, StatusCode::BAD_REQUEST, log);
             }
         };
+        if let Some(why) = client
+            .tls
+            .as_deref()
+            .and_then(|t| mtls_refusal(t, &path, log.host.as_str()))
+        {
+            tracing::info!("client {peer}: {why}: answered 400");
+            return refusal(w, StatusCode::BAD_REQUEST, log);
+        }
         let route = {
             let lookup = |name: &str| nginx_var(&parts, &client, name);
             let view = RequestView {
@@ -1890,6 +1898,24 @@ pub fn nginx_var<'a>(
     })
 }
 
+/// Why a request over a connection whose SSL object asks for client certificates is refused
+/// (400), as APISIX refuses it: its client showed none and `path` (`$uri`) is not one of
+/// `client.skip_mtls_uri_regex`, or it showed one for another name than `host` (a
+/// certificate checked for one name does not open another's routes).
+fn mtls_refusal(tls: &TlsInfo, path: &str, host: &str) -> Option<String> {
+    if !tls.mtls {
+        return None;
+    }
+    if let Some(skip) = &tls.mtls_skip {
+        return (!skip.is_match(path)).then(|| {
+            format!("no client certificate, and {path:?} is not in client.skip_mtls_uri_regex")
+        });
+    }
+    let sni = tls.sni.as_deref()?;
+    (tls.peer_sha256.is_some() && !sni.eq_ignore_ascii_case(host))
+        .then(|| format!("client certificate verified with SNI {sni:?}, but the host is {host:?}"))
+}
+
 /// The variables of the connection rather than the request — `$scheme`, the `$ssl_*` ones
 /// (empty on the plain listener), `$pid` — as route `vars` and the access log read them;
 /// None: `name` is none of them.
@@ -1900,6 +1926,7 @@ pub fn connection_var<'a>(tls: Option<&'a TlsInfo>, name: &str) -> Option<Cow<'a
         "ssl_protocol" => tls.map_or("", |t| t.protocol),
         "ssl_cipher" => tls.map_or("", |t| t.cipher),
         "ssl_session_reused" => tls.map_or("", TlsInfo::reused_text),
+        "ssl_client_verify" => tls.map_or("", TlsInfo::client_verify),
         "pid" => return Some(Cow::Owned(std::process::id().to_string())),
         _ => return None,
     }))

@@ -8,6 +8,7 @@
 
 pub mod h1;
 pub mod io;
+mod mtls;
 mod resume;
 pub mod tls;
 

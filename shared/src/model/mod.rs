@@ -16,7 +16,7 @@ pub mod vars;
 pub use common::{id_order, shown_id, valid_id, Id, Labels, Timeout};
 pub use plugins::{check_plugins, PluginCatalog, PluginConf, Plugins};
 pub use route::{GlobalRule, Route, Service};
-pub use ssl::{tls_version, valid_sni, Ssl};
+pub use ssl::{tls_version, valid_sni, MtlsSkip, Ssl, SslClient};
 pub use upstream::{HashOn, LbType, Node, NodeAddr, Nodes, PassHost, Upstream, UpstreamTls};
 
 use serde::de::DeserializeOwned;

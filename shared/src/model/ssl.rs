@@ -3,7 +3,6 @@
 
 use super::common::{Id, Labels};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// Most names one SSL object may serve.
 const MAX_SNIS: usize = 1024;
@@ -48,9 +47,9 @@ pub struct Ssl {
     /// TLS versions offered to clients that reach it (`TLSv1.2`, `TLSv1.3`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssl_protocols: Option<Vec<String>>,
-    /// Client certificates (mTLS from clients): refused with what to do.
+    /// Client certificates (mTLS from clients): the CAs they must chain to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client: Option<Value>,
+    pub client: Option<SslClient>,
     /// Kept as written (APISIX fills them from the certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validity_start: Option<u64>,
@@ -60,6 +59,119 @@ pub struct Ssl {
     pub create_time: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_time: Option<u64>,
+}
+
+/// APISIX's `client` of an SSL object: clients of its names must show a certificate issued
+/// by `ca`, except, when `skip_mtls_uri_regex` is set, for the paths it matches.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SslClient {
+    /// The CAs (PEM, one or more) a client's certificate must chain to.
+    #[serde(default)]
+    pub ca: String,
+    /// The most certificates between a client's and the CA (nginx's `ssl_verify_depth`;
+    /// APISIX's default 1: issued by the CA itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<u32>,
+    /// Paths (regular expressions matched against the path without its query, as APISIX's)
+    /// served to clients without a certificate; for any other path such a client is answered
+    /// 400. Unset: the handshake itself needs a certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_mtls_uri_regex: Option<Vec<String>>,
+}
+
+/// Largest `client.depth` (OpenSSL's chains rarely pass a handful).
+pub const MAX_CLIENT_DEPTH: u32 = 16;
+/// Most patterns in `client.skip_mtls_uri_regex`.
+const MAX_SKIP_PATTERNS: usize = 64;
+
+/// `client.skip_mtls_uri_regex` compiled: the paths open to clients without a certificate.
+#[derive(Debug)]
+pub struct MtlsSkip(regex::RegexSet);
+
+impl MtlsSkip {
+    /// Whether `path` (without its query) is one of them.
+    pub fn is_match(&self, path: &str) -> bool {
+        self.0.is_match(path)
+    }
+}
+
+impl SslClient {
+    /// APISIX's default depth, 1, when unset.
+    pub fn depth(&self) -> u32 {
+        self.depth.unwrap_or(1)
+    }
+
+    /// The CAs, parsed, and as the handshake's trust anchors; the error names the field.
+    pub fn roots(
+        &self,
+    ) -> Result<
+        (
+            Vec<rustls_pki_types::CertificateDer<'static>>,
+            rustls::RootCertStore,
+        ),
+        String,
+    > {
+        use rustls_pki_types::pem::PemObject;
+        if self.ca.len() > crate::tls::MAX_PEM {
+            return Err(invalid(
+                "client.ca",
+                format!("longer than {} bytes", crate::tls::MAX_PEM),
+            ));
+        }
+        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(self.ca.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("client.ca", format!("not a PEM certificate: {e}")))?;
+        if certs.is_empty() {
+            return Err(invalid("client.ca", "no PEM certificate in it"));
+        }
+        let mut store = rustls::RootCertStore::empty();
+        for (i, c) in certs.iter().enumerate() {
+            store.add(c.clone()).map_err(|e| {
+                invalid(
+                    "client.ca",
+                    format!("certificate {i} is not one a CA can sign with: {e}"),
+                )
+            })?;
+        }
+        Ok((certs, store))
+    }
+
+    /// `skip_mtls_uri_regex` compiled (None: unset); the error names the pattern.
+    pub fn skip(&self) -> Result<Option<MtlsSkip>, String> {
+        let Some(list) = &self.skip_mtls_uri_regex else {
+            return Ok(None);
+        };
+        if list.is_empty() {
+            return Err(invalid(
+                "client.skip_mtls_uri_regex",
+                "must list at least one pattern",
+            ));
+        }
+        if list.len() > MAX_SKIP_PATTERNS {
+            return Err(invalid(
+                "client.skip_mtls_uri_regex",
+                format!("more than {MAX_SKIP_PATTERNS} patterns"),
+            ));
+        }
+        let set = crate::model::vars::regex_set(list)
+            .map_err(|e| invalid("client.skip_mtls_uri_regex", e))?;
+        Ok(Some(MtlsSkip(set)))
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.ca.is_empty() {
+            return Err(invalid("client", "property \"ca\" is required"));
+        }
+        self.roots()?;
+        if self.depth() > MAX_CLIENT_DEPTH {
+            return Err(invalid(
+                "client.depth",
+                format!("at most {MAX_CLIENT_DEPTH}"),
+            ));
+        }
+        self.skip().map(drop)
+    }
 }
 
 /// The private keys stay out of logs and panics.
@@ -144,13 +256,8 @@ impl Ssl {
             }
             Some(other) => return Err(invalid("type", format!("{other:?} is not server"))),
         }
-        if self.client.is_some() {
-            return Err(
-                "invalid configuration: property \"client\" is not supported by wasmgate \
-                 (client certificates, mTLS from clients, are not checked: terminate mTLS \
-                 in front of wasmgate)"
-                    .into(),
-            );
+        if let Some(client) = &self.client {
+            client.check()?;
         }
         if self.cert.is_empty() {
             return Err("invalid configuration: property \"cert\" is required".into());

@@ -21,7 +21,7 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 /// The variables the gateway gives `vars` and `chash` keys besides the families `arg_<name>`,
 /// `http_<header>` and `cookie_<name>` (the worker's `proxy::nginx_var`).
-pub const VARIABLES: [&str; 21] = [
+pub const VARIABLES: [&str; 22] = [
     "uri",
     "request_uri",
     "real_request_uri",
@@ -37,6 +37,7 @@ pub const VARIABLES: [&str; 21] = [
     "ssl_protocol",
     "ssl_cipher",
     "ssl_session_reused",
+    "ssl_client_verify",
     "pid",
     "server_addr",
     "server_port",
@@ -433,6 +434,20 @@ fn compile_regex(value: &Value, ignore_case: bool) -> Result<Regex, String> {
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
         .map_err(|e| format!("invalid regex {pattern:?}: {}", regex_error(&e)))
+}
+
+/// `patterns` as one set (each under the size cap), or the first one that is not a regex.
+pub(crate) fn regex_set(patterns: &[String]) -> Result<regex::RegexSet, String> {
+    for p in patterns {
+        RegexBuilder::new(p)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+            .map_err(|e| format!("invalid regex {p:?}: {}", regex_error(&e)))?;
+    }
+    regex::RegexSetBuilder::new(patterns)
+        .size_limit(REGEX_SIZE_LIMIT * patterns.len().max(1))
+        .build()
+        .map_err(|e| regex_error(&e))
 }
 
 /// One line of regex error text; syntax errors otherwise span several lines with a caret

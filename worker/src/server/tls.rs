@@ -8,6 +8,7 @@
 //! SSL object has its own: its certificates (one an ECDSA client can use, one for RSA) and
 //! its `ssl_protocols` (in place of the listener's, as APISIX).
 
+use super::mtls::{sha256_hex, Mtls};
 use super::resume::{SharedSessions, SharedTickets};
 use crate::proxy::TlsInfo;
 use crate::FastMap;
@@ -68,6 +69,8 @@ fn listener() -> &'static Listener {
 pub struct Site {
     pub id: String,
     config: Arc<ServerConfig>,
+    /// Its `client`: the certificates it asks clients for.
+    mtls: Option<Mtls>,
 }
 
 impl std::fmt::Debug for Site {
@@ -87,11 +90,15 @@ impl Site {
             Some(list) => list.iter().filter_map(|v| tls_version(v).ok()).collect(),
         };
         let keys = ssl.identities()?.into_iter().map(|i| i.certified).collect();
-        let mut config = ServerConfig::builder_with_provider(provider())
+        let mtls = ssl.client.as_ref().map(Mtls::compile).transpose()?;
+        let builder = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&versions)
-            .map_err(|e| e.to_string())?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(Keys(keys)));
+            .map_err(|e| e.to_string())?;
+        let builder = match &mtls {
+            Some(m) => builder.with_client_cert_verifier(m.verifier.clone()),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(Keys(keys)));
         // HTTP/1.1 only, said in the handshake: a client that offers h2 must not pick it.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         // Sessions resume only with the settings they were made with: each content of an
@@ -122,12 +129,13 @@ impl Site {
         Ok(Site {
             id: id.to_string(),
             config: Arc::new(config),
+            mtls,
         })
     }
 }
 
-/// What the request phases and the log show of a finished handshake.
-fn describe(conn: &rustls::ServerConnection, sni: Option<Arc<str>>) -> TlsInfo {
+/// What the request phases and the log show of a finished handshake with `site`.
+fn describe(conn: &rustls::ServerConnection, sni: Option<Arc<str>>, site: &Site) -> TlsInfo {
     use rustls::{CipherSuite as C, ProtocolVersion as V};
     let protocol = match conn.protocol_version() {
         Some(V::TLSv1_3) => "TLSv1.3",
@@ -148,11 +156,20 @@ fn describe(conn: &rustls::ServerConnection, sni: Option<Arc<str>>) -> TlsInfo {
         Some(other) => other.as_str().unwrap_or(""),
         None => "",
     };
+    // A resumed session keeps the certificate its first handshake checked.
+    let peer_sha256 = (conn.peer_certificates().and_then(<[_]>::first)).map(sha256_hex);
+    let mtls_skip = match (&site.mtls, &peer_sha256) {
+        (Some(m), None) => m.skip.clone(),
+        _ => None,
+    };
     TlsInfo {
         sni,
         protocol,
         cipher,
         reused: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        mtls: site.mtls.is_some(),
+        peer_sha256,
+        mtls_skip,
     }
 }
 
@@ -161,10 +178,17 @@ fn salt(id: &str, ssl: &Ssl) -> u64 {
     let more = ssl.certs.iter().chain(&ssl.keys).flatten();
     let protocols = ssl.ssl_protocols.iter().flatten();
     let parts = [id, ssl.cert.as_str(), ssl.key.as_str()].into_iter();
+    // A session keeps the client certificate its handshake checked: new CAs, new sessions.
+    let client = ssl.client.as_ref().map(|c| {
+        let skip = c.skip_mtls_uri_regex.iter().flatten();
+        let depth = c.depth().to_string();
+        (c.ca.clone() + &depth) + &skip.map(|s| format!("\n{s}")).collect::<String>()
+    });
     tls_sessions::salt(
         parts
             .chain(more.map(String::as_str))
             .chain(protocols.map(String::as_str))
+            .chain(client.as_deref())
             .map(str::as_bytes),
     )
 }
@@ -280,7 +304,7 @@ pub async fn accept(
                 "TLS handshake with client {peer} for {name:?} failed: {e}"
             ))
         })?;
-        let info = describe(stream.get_ref().1, asked.map(Arc::from));
+        let info = describe(stream.get_ref().1, asked.map(Arc::from), site);
         Ok((stream, info))
     };
     match tokio::time::timeout(timeout, handshake).await {
@@ -313,6 +337,7 @@ mod tests {
                     .with_no_client_auth()
                     .with_cert_resolver(Arc::new(Keys(Vec::new()))),
             ),
+            mtls: None,
         })
     }
 

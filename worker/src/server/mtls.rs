@@ -1,0 +1,123 @@
+//! Client certificates (mTLS from clients), as APISIX's `client` of an SSL object: the CAs a
+//! client's certificate must chain to (`client.ca`), how many certificates may stand between
+//! them (`client.depth`), and the paths open to clients without one
+//! (`client.skip_mtls_uri_regex`: the handshake then asks for a certificate without
+//! requiring it, and each request is checked).
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName};
+use rustls::{Error, SignatureScheme};
+use std::sync::Arc;
+use wasmgate_shared::model::{MtlsSkip, SslClient};
+use wasmgate_shared::tls::provider;
+
+/// What an SSL object asks of its clients' certificates.
+#[derive(Debug)]
+pub struct Mtls {
+    /// The handshake's check of the certificate.
+    pub verifier: Arc<dyn ClientCertVerifier>,
+    /// Paths open to clients that sent none; None: the handshake needs one.
+    pub skip: Option<Arc<MtlsSkip>>,
+}
+
+impl Mtls {
+    /// `client` made into the handshake's check; the error says why it cannot be.
+    pub fn compile(client: &SslClient) -> Result<Mtls, String> {
+        let (cas, roots) = client.roots()?;
+        let skip = client.skip()?.map(Arc::new);
+        let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+        let builder = match skip {
+            Some(_) => builder.allow_unauthenticated(),
+            None => builder,
+        };
+        let inner = builder.build().map_err(|e| format!("client.ca: {e}"))?;
+        let verifier = Arc::new(Depth {
+            inner,
+            cas,
+            most: client.depth().saturating_sub(1) as usize,
+        });
+        Ok(Mtls { verifier, skip })
+    }
+}
+
+/// webpki's check, and `client.depth`: at most `most` certificates the client sends between
+/// its own and a CA of `client.ca` (a CA it sends too is not counted; OpenSSL's depth 1, the
+/// default, is a certificate the CA issued itself).
+#[derive(Debug)]
+struct Depth {
+    inner: Arc<dyn ClientCertVerifier>,
+    cas: Vec<CertificateDer<'static>>,
+    most: usize,
+}
+
+impl ClientCertVerifier for Depth {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let between = intermediates
+            .iter()
+            .filter(|c| !self.cas.iter().any(|ca| ca.as_ref() == c.as_ref()))
+            .count();
+        if between > self.most {
+            return Err(Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The SHA-256 of a certificate, in lower-case hex (Envoy's
+/// `connection.sha256_peer_certificate_digest`).
+pub fn sha256_hex(cert: &CertificateDer<'_>) -> Box<str> {
+    use std::fmt::Write;
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+    let mut hex = String::with_capacity(64);
+    for b in digest.as_ref() {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex.into()
+}
