@@ -539,16 +539,24 @@ fn client_certificates_are_checked_as_the_ssl_object_asks() {
     let client_ca = Ca::new("client CA");
     let app = TestUpstream::start("app");
     let port = free_port();
-    let gw = gateway_with(port, &[], &[], 1);
+    let gw = gateway_with(port, &["fallback_sni: other.test"], &[], 1);
     gw.route("echo", json!({"uri": "/*"}), Some(&app));
     gw.route(
         "plugin",
         json!({"uri": "/plugin", "plugins": {"echo": {"conf": "mtls"}}}),
         Some(&app),
     );
-    let (cert, key) = pair(&ca, &["api.test", "other.test"]);
-    let ssl = |client: Value| json!({"cert": cert, "key": key, "snis": ["api.test", "other.test"], "client": client});
+    let (cert, key) = pair(&ca, &["api.test"]);
+    let ssl =
+        |client: Value| json!({"cert": cert, "key": key, "snis": ["api.test"], "client": client});
     put_ssl(&gw, "1", ssl(json!({"ca": client_ca.pem})));
+    // other.test asks for no certificate.
+    let (other_cert, other_key) = pair(&ca, &["other.test", "127.0.0.1"]);
+    put_ssl(
+        &gw,
+        "3",
+        json!({"cert": other_cert, "key": other_key, "snis": ["other.test"]}),
+    );
     let (alice_cert, alice_key) = client_ca.issue("alice", &["alice.client"]);
     let alice = client_with_cert(&ca, &alice_cert.pem(), &alice_key);
     assert_eq!(served(port, "api.test", &alice, "/a").unwrap().status, 200);
@@ -573,18 +581,34 @@ fn client_certificates_are_checked_as_the_ssl_object_asks() {
         (&json!("true"), &json!(digest), &json!("SUCCESS")),
         "{seen}"
     );
-    // Checked for api.test, the connection does not reach other.test's routes.
+    // api.test's routes are not reached over a connection made for another name: not for
+    // other.test (which asks for no certificate), nor with no name (fallback_sni's).
+    let mut tls = connect(port, "other.test", &anonymous).unwrap();
+    assert_eq!(send(&mut tls, "GET", "/d", "api.test", b"").status, 400);
+    assert_eq!(send(&mut tls, "GET", "/d", "other.test", b"").status, 200);
+    let mut tls = connect(port, "127.0.0.1", &anonymous).unwrap();
+    assert_eq!(send(&mut tls, "GET", "/d", "api.test", b"").status, 400);
+    // A certificate checked for api.test may go to a name that asks for none.
     let mut tls = connect(port, "api.test", &alice).unwrap();
-    assert_eq!(send(&mut tls, "GET", "/d", "other.test", b"").status, 400);
+    assert_eq!(send(&mut tls, "GET", "/d", "other.test", b"").status, 200);
+    assert_eq!(send(&mut tls, "GET", "/d", "api.test", b"").status, 200);
 
-    // `depth`: a certificate an intermediate issued is refused at 1 (the default), served
-    // at 2.
+    // `depth`, as OpenSSL counts it: at 1 (the default) one intermediate may stand between
+    // the client's certificate and the CA, two at 2.
     let mid = client_ca.intermediate("client intermediate");
     let (bob_cert, bob_key) = mid.issue("bob", &["bob.client"]);
     let bob = client_with_cert(&ca, &(bob_cert.pem() + &mid.pem), &bob_key);
-    assert!(served(port, "api.test", &bob, "/e").is_none(), "depth 1");
+    assert_eq!(served(port, "api.test", &bob, "/e").unwrap().status, 200);
+    let lower = mid.intermediate("client intermediate 2");
+    let (carol_cert, carol_key) = lower.issue("carol", &["carol.client"]);
+    let chain = carol_cert.pem() + &lower.pem + &mid.pem;
+    let carol = client_with_cert(&ca, &chain, &carol_key);
+    assert!(served(port, "api.test", &carol, "/e").is_none(), "depth 1");
+    // A connection made before the object changed is not served by its new rules.
+    let mut before = connect(port, "api.test", &alice).unwrap();
     put_ssl(&gw, "1", ssl(json!({"ca": client_ca.pem, "depth": 2})));
-    assert_eq!(served(port, "api.test", &bob, "/f").unwrap().status, 200);
+    assert_eq!(served(port, "api.test", &carol, "/f").unwrap().status, 200);
+    assert_eq!(send(&mut before, "GET", "/f", "api.test", b"").status, 400);
 
     // `skip_mtls_uri_regex`: without a certificate, those paths only.
     put_ssl(

@@ -198,6 +198,23 @@ fn secrets_one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Sec
     }
 }
 
+/// `ssl.key_encrypt_salt`: its strings, whatever else the value holds (APISIX 2 took
+/// anything there, and used it only when it was a 16-character key).
+fn salts<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => vec![Secret(s)],
+        serde_json::Value::Array(list) => list
+            .into_iter()
+            .map(|v| match v {
+                serde_json::Value::String(s) => Secret(s),
+                other => Secret(other.to_string()),
+            })
+            .collect(),
+        serde_json::Value::Null => Vec::new(),
+        other => vec![Secret(other.to_string())],
+    })
+}
+
 impl ApisixSection {
     /// Every proxy listener's address: `node_listen`'s, then the TLS listener's. Workers
     /// inherit the sockets in this order.
@@ -208,21 +225,20 @@ impl ApisixSection {
     }
 
     /// The keyring (checked when the file was loaded): `data_encryption.keyring`, then the
-    /// keys of `ssl.key_encrypt_salt` not in it — the setting APISIX 2 and 3.0 encrypted SSL
-    /// keys with — so that what they encrypted is read; writes use the keyring's first key.
+    /// 16-character keys of `ssl.key_encrypt_salt` not in it — the setting APISIX 2 and 3.0
+    /// encrypted SSL keys with — only to read what they encrypted: writes use the keyring's
+    /// first key, or stay in clear when the keyring is `[]`.
     pub fn keyring(&self) -> Result<crate::keyring::Keyring, String> {
-        let mut entries: Vec<&str> = Vec::new();
-        for (at, keys) in [
-            ("data_encryption.keyring", &self.data_encryption.keyring),
-            ("ssl.key_encrypt_salt", &self.ssl.key_encrypt_salt),
-        ] {
-            // Each list checked on its own, so the error names the setting at fault.
-            crate::keyring::Keyring::new(keys).map_err(|e| format!("apisix.{at}: {e}"))?;
-            entries.extend(keys.iter().map(|s| s.0.as_str()));
-        }
-        let mut seen = std::collections::HashSet::new();
-        entries.retain(|e| seen.insert(*e));
-        crate::keyring::Keyring::new(&entries)
+        let ring = crate::keyring::Keyring::new(&self.data_encryption.keyring)
+            .map_err(|e| format!("apisix.data_encryption.keyring: {e}"))?;
+        Ok(ring.reading_also(&self.ssl.key_encrypt_salt))
+    }
+
+    /// The entries of `ssl.key_encrypt_salt` that are not 16-character keys (set aside).
+    fn bad_salts(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (self.ssl.key_encrypt_salt.iter().enumerate())
+            .filter(|(_, s)| s.0.len() != 16)
+            .map(|(i, s)| (i, s.0.len()))
     }
 }
 
@@ -255,8 +271,9 @@ pub struct SslSection {
     /// both, comma-separated, as APISIX writes it.
     pub ssl_trusted_certificate: Option<String>,
     /// APISIX 2's and 3.0's keys for SSL objects' private keys (one, or a list): read after
-    /// `data_encryption.keyring`'s (see [`ApisixSection::keyring`]).
-    #[serde(deserialize_with = "secrets_one_or_many")]
+    /// `data_encryption.keyring`'s (see [`ApisixSection::keyring`]). Taken as APISIX 2 takes
+    /// it: what is not a 16-character key is set aside, with a warning.
+    #[serde(deserialize_with = "salts")]
     pub key_encrypt_salt: Vec<Secret>,
 }
 
@@ -975,6 +992,11 @@ impl GatewayConfig {
         let admin = &self.deployment.admin;
         let addr = admin.admin_listen.addr();
         let mut out = self.set_aside.clone();
+        for (i, len) in self.apisix.bad_salts() {
+            out.push(format!(
+                "apisix.ssl.key_encrypt_salt: entry {i} is {len} characters, not a key of 16: set aside (as APISIX 2 sets it aside)"
+            ));
+        }
         if !admin.admin_key_required && !addr.ip().is_loopback() {
             out.push(format!(
                 "deployment.admin.admin_key_required is false and the Admin API listens on \
@@ -1171,11 +1193,10 @@ impl GatewayConfig {
             ));
         }
         if let Err(e) = self.apisix.keyring() {
-            let at = match e.starts_with("apisix.ssl") {
-                true => [Key("apisix"), Key("ssl"), Key("key_encrypt_salt")],
-                false => [Key("apisix"), Key("data_encryption"), Key("keyring")],
-            };
-            return Err(err(&at, e));
+            return Err(err(
+                &[Key("apisix"), Key("data_encryption"), Key("keyring")],
+                e,
+            ));
         }
         for (i, a) in self.apisix.trusted_addresses.iter().enumerate() {
             if crate::model::vars::Cidr::parse(a).is_none() {
@@ -1481,8 +1502,37 @@ mod tests {
             .open(&sealed)
             .is_err());
         assert!(!format!("{c:?}").contains("fedcba9876543210"));
-        let short = "apisix:\n  ssl:\n    key_encrypt_salt: short\n";
-        assert_refused_at(short, 3, "apisix.ssl.key_encrypt_salt: entry 0 is 5 bytes");
+        // With the keyring `[]`, keys are written in clear and the salt's opened.
+        let clear = "apisix:\n  data_encryption:\n    keyring: []\n  ssl:\n    key_encrypt_salt: fedcba9876543210\n";
+        let ring = GatewayConfig::parse(clear, "c.yaml")
+            .unwrap()
+            .apisix
+            .keyring()
+            .unwrap();
+        assert_eq!(ring.seal("---x"), None);
+        assert!(ring.open(&sealed).is_ok());
+        // What APISIX 2 set aside is set aside, with a warning; so are null and numbers.
+        for (salt, says, read) in [
+            ("short", Some("entry 0 is 5 characters"), None),
+            ("", None, None),
+            ("1234", Some("entry 0 is 4"), None),
+            (
+                "[1234567890123456, x]",
+                Some("entry 1 is 1"),
+                Some("1234567890123456"),
+            ),
+        ] {
+            let y = format!("apisix:\n  ssl:\n    key_encrypt_salt: {salt}\n");
+            let c = GatewayConfig::parse(&y, "c.yaml").unwrap();
+            let read: Vec<&str> = read.into_iter().collect();
+            let expected = crate::keyring::Keyring::apisix_default().reading_also(&read);
+            assert_eq!(c.apisix.keyring().unwrap(), expected, "{salt}");
+            let w = c.warnings();
+            match says {
+                Some(s) => assert!(w.iter().any(|l| l.contains(s)), "{salt}: {w:?}"),
+                None => assert!(w.is_empty(), "{w:?}"),
+            }
+        }
     }
 
     #[test]

@@ -20,9 +20,18 @@ use std::sync::{Arc, RwLock};
 /// one encrypted its keys with. The second is APISIX 2's default `ssl.key_encrypt_salt`.
 pub const APISIX_DEFAULT: [&str; 2] = ["qeddd145sfvddff3", "edd1c9f0985e76a2"];
 
-/// The keys, in order.
+/// The keys, in order; the first seals what is written, unless the keyring only reads (its
+/// keys all came from `ssl.key_encrypt_salt`, with `data_encryption.keyring` empty).
 #[derive(Clone, PartialEq, Eq)]
-pub struct Keyring(Vec<[u8; 16]>);
+pub struct Keyring(Vec<[u8; 16]>, Seals);
+
+/// Whether a keyring's first key seals what is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seals {
+    Yes,
+    /// Keys are stored in clear; these keys only open what was sealed before.
+    No,
+}
 
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,7 +50,24 @@ impl Keyring {
                 )
             })
         });
-        keys.collect::<Result<_, _>>().map(Keyring)
+        keys.collect::<Result<_, _>>()
+            .map(|k| Keyring(k, Seals::Yes))
+    }
+
+    /// This keyring, also opening (never sealing with) the 16-byte entries of `more` it does
+    /// not have; the others are left out (see `ApisixSection::keyring`).
+    pub fn reading_also<S: AsRef<str>>(mut self, more: &[S]) -> Keyring {
+        if self.0.is_empty() {
+            self.1 = Seals::No;
+        }
+        for e in more {
+            if let Ok(k) = <[u8; 16]>::try_from(e.as_ref().as_bytes()) {
+                if !self.0.contains(&k) {
+                    self.0.push(k);
+                }
+            }
+        }
+        self
     }
 
     /// APISIX's default.
@@ -54,6 +80,9 @@ impl Keyring {
     /// encrypted again with the first. None: keep it as it is (encrypted with the first key
     /// already, not a key this keyring opens, or an empty keyring).
     pub fn seal(&self, value: &str) -> Option<String> {
+        if self.1 == Seals::No {
+            return None;
+        }
         let first = self.0.first()?;
         let pem = value.trim_start();
         let pem = match pem.starts_with("---") {

@@ -29,6 +29,11 @@ pub struct TlsInfo {
     pub cipher: &'static str,
     /// `$ssl_session_reused`: the handshake resumed an earlier session.
     pub reused: bool,
+    /// The name its certificate was chosen for: the SNI, else `fallback_sni`.
+    pub name: Arc<str>,
+    /// Which content of which SSL object the handshake was made with (the worker's `Site`
+    /// salt): requests are checked against the object as it is now.
+    pub site: u64,
     /// Its SSL object asks for client certificates (`client`).
     pub mtls: bool,
     /// The SHA-256 (hex) of the certificate the client showed, checked against the object's

@@ -19,6 +19,7 @@ use crate::body::{self, Observed, ProxyBody};
 use crate::live::Compiled;
 use crate::plugins::{Active, Dir, Verdict, WasmRequest};
 use crate::router::{RequestView, RouteEntry};
+use crate::server::tls::Certs;
 use crate::server::ClientBody;
 use crate::tunnel::{self, Carried};
 use crate::upstream::h1::{ExchangeError, ResponseBody};
@@ -262,7 +263,7 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, mut client: Client
         if let Some(why) = client
             .tls
             .as_deref()
-            .and_then(|t| mtls_refusal(t, &path, log.host.as_str()))
+            .and_then(|t| mtls_refusal(t, &cfg.certs, &path, log.host.as_str()))
         {
             tracing::info!("client {peer}: {why}: answered 400");
             return refusal(w, StatusCode::BAD_REQUEST, log);
@@ -1898,22 +1899,31 @@ pub fn nginx_var<'a>(
     })
 }
 
-/// Why a request over a connection whose SSL object asks for client certificates is refused
-/// (400), as APISIX refuses it: its client showed none and `path` (`$uri`) is not one of
-/// `client.skip_mtls_uri_regex`, or it showed one for another name than `host` (a
-/// certificate checked for one name does not open another's routes).
-fn mtls_refusal(tls: &TlsInfo, path: &str, host: &str) -> Option<String> {
-    if !tls.mtls {
+/// Why a request over TLS is refused (400) by the client certificates SSL objects ask for,
+/// as APISIX refuses it: the connection's object asks for one, its client showed none, and
+/// `path` (`$uri`) is not one of `client.skip_mtls_uri_regex`; or the object that serves
+/// `host` asks for one and the connection was not made with it, for that name, as it is now
+/// (a certificate checked for one name does not open another's routes, and a client with no
+/// certificate cannot reach them by naming another host in its handshake).
+fn mtls_refusal(tls: &TlsInfo, certs: &Certs, path: &str, host: &str) -> Option<String> {
+    if tls.mtls && tls.peer_sha256.is_none() {
+        let open = tls.mtls_skip.as_ref().is_some_and(|s| s.is_match(path));
+        if !open {
+            return Some(format!(
+                "no client certificate, and {path:?} is not in client.skip_mtls_uri_regex"
+            ));
+        }
+    }
+    let serving = certs.find(host)?;
+    if !serving.asks_client_cert() {
         return None;
     }
-    if let Some(skip) = &tls.mtls_skip {
-        return (!skip.is_match(path)).then(|| {
-            format!("no client certificate, and {path:?} is not in client.skip_mtls_uri_regex")
-        });
-    }
-    let sni = tls.sni.as_deref()?;
-    (tls.peer_sha256.is_some() && !sni.eq_ignore_ascii_case(host))
-        .then(|| format!("client certificate verified with SNI {sni:?}, but the host is {host:?}"))
+    let name = &*tls.name;
+    (serving.salt() != tls.site || !name.eq_ignore_ascii_case(host)).then(|| {
+        format!(
+            "the host {host:?} asks for a client certificate, and the connection was made for {name:?}"
+        )
+    })
 }
 
 /// The variables of the connection rather than the request — `$scheme`, the `$ssl_*` ones

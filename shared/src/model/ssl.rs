@@ -69,8 +69,8 @@ pub struct SslClient {
     /// The CAs (PEM, one or more) a client's certificate must chain to.
     #[serde(default)]
     pub ca: String,
-    /// The most certificates between a client's and the CA (nginx's `ssl_verify_depth`;
-    /// APISIX's default 1: issued by the CA itself).
+    /// The most intermediate CAs between a client's certificate and a CA of `ca` (nginx's
+    /// `ssl_verify_depth`, as OpenSSL counts it; APISIX's default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub depth: Option<u32>,
     /// Paths (regular expressions matched against the path without its query, as APISIX's)

@@ -444,8 +444,9 @@ pub(crate) fn regex_set(patterns: &[String]) -> Result<regex::RegexSet, String> 
             .build()
             .map_err(|e| format!("invalid regex {p:?}: {}", regex_error(&e)))?;
     }
+    // The whole set under a few times one pattern's cap: it is compiled in every worker.
     regex::RegexSetBuilder::new(patterns)
-        .size_limit(REGEX_SIZE_LIMIT * patterns.len().max(1))
+        .size_limit(REGEX_SIZE_LIMIT * 4)
         .build()
         .map_err(|e| regex_error(&e))
 }

@@ -37,15 +37,16 @@ impl Mtls {
         let verifier = Arc::new(Depth {
             inner,
             cas,
-            most: client.depth().saturating_sub(1) as usize,
+            most: client.depth() as usize,
         });
         Ok(Mtls { verifier, skip })
     }
 }
 
-/// webpki's check, and `client.depth`: at most `most` certificates the client sends between
-/// its own and a CA of `client.ca` (a CA it sends too is not counted; OpenSSL's depth 1, the
-/// default, is a certificate the CA issued itself).
+/// webpki's check, and `client.depth`: at most `most` intermediate CAs the client sends
+/// besides its own certificate (a CA of `client.ca` it sends too is not counted), as
+/// OpenSSL's verify depth (since 1.1.0): 1, APISIX's default, lets one intermediate stand
+/// between the client's certificate and a CA of `client.ca`; 0 none.
 #[derive(Debug)]
 struct Depth {
     inner: Arc<dyn ClientCertVerifier>,
@@ -80,9 +81,13 @@ impl ClientCertVerifier for Depth {
             .filter(|c| !self.cas.iter().any(|ca| ca.as_ref() == c.as_ref()))
             .count();
         if between > self.most {
-            return Err(Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ));
+            let why = format!(
+                "{between} intermediate certificates, more than client.depth ({})",
+                self.most
+            );
+            return Err(Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(std::io::Error::other(why))),
+            )));
         }
         Ok(verified)
     }

@@ -71,6 +71,8 @@ pub struct Site {
     config: Arc<ServerConfig>,
     /// Its `client`: the certificates it asks clients for.
     mtls: Option<Mtls>,
+    /// Its id and content hashed (sessions are stored under it).
+    salt: u64,
 }
 
 impl std::fmt::Debug for Site {
@@ -104,9 +106,9 @@ impl Site {
         // Sessions resume only with the settings they were made with: each content of an
         // SSL object has its own sessions (and ticket keys), so a new certificate is shown
         // from the next handshake on, not only to clients without a session.
+        let salt = salt(id, ssl);
         match SESSIONS.get() {
             Some(shm) => {
-                let salt = salt(id, ssl);
                 config.session_storage = Arc::new(SharedSessions {
                     shm: shm.clone(),
                     salt,
@@ -130,12 +132,29 @@ impl Site {
             id: id.to_string(),
             config: Arc::new(config),
             mtls,
+            salt,
         })
+    }
+
+    /// Whether it asks its clients for certificates (`client`).
+    pub fn asks_client_cert(&self) -> bool {
+        self.mtls.is_some()
+    }
+
+    /// What it is made of (its id and content, as [`salt`]): a connection made with another
+    /// content of it was checked by other rules.
+    pub fn salt(&self) -> u64 {
+        self.salt
     }
 }
 
-/// What the request phases and the log show of a finished handshake with `site`.
-fn describe(conn: &rustls::ServerConnection, sni: Option<Arc<str>>, site: &Site) -> TlsInfo {
+/// What the request phases and the log show of a finished handshake with `site`, chosen for
+/// `name` (the client's SNI, else `fallback_sni`).
+fn describe(
+    conn: &rustls::ServerConnection,
+    (sni, name): (Option<Arc<str>>, Arc<str>),
+    site: &Site,
+) -> TlsInfo {
     use rustls::{CipherSuite as C, ProtocolVersion as V};
     let protocol = match conn.protocol_version() {
         Some(V::TLSv1_3) => "TLSv1.3",
@@ -167,6 +186,8 @@ fn describe(conn: &rustls::ServerConnection, sni: Option<Arc<str>>, site: &Site)
         protocol,
         cipher,
         reused: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        name,
+        site: site.salt,
         mtls: site.mtls.is_some(),
         peer_sha256,
         mtls_skip,
@@ -233,7 +254,7 @@ impl Certs {
     }
 
     /// The site for `name` (lower-cased already): exact, then the longest wildcard.
-    fn find(&self, name: &str) -> Option<&Arc<Site>> {
+    pub fn find(&self, name: &str) -> Option<&Arc<Site>> {
         if let Some(site) = self.exact.get(name) {
             return Some(site);
         }
@@ -304,7 +325,9 @@ pub async fn accept(
                 "TLS handshake with client {peer} for {name:?} failed: {e}"
             ))
         })?;
-        let info = describe(stream.get_ref().1, asked.map(Arc::from), site);
+        let asked: Option<Arc<str>> = asked.map(Arc::from);
+        let name = asked.clone().unwrap_or_else(|| Arc::from(name));
+        let info = describe(stream.get_ref().1, (asked, name), site);
         Ok((stream, info))
     };
     match tokio::time::timeout(timeout, handshake).await {
@@ -338,6 +361,7 @@ mod tests {
                     .with_cert_resolver(Arc::new(Keys(Vec::new()))),
             ),
             mtls: None,
+            salt: 0,
         })
     }
 
