@@ -445,13 +445,26 @@ fn private_keys_are_stored_encrypted_as_apisix_stores_them() {
     );
     // What APISIX would have stored: its default keyring opens it.
     assert_eq!(Keyring::apisix_default().open(&stored).unwrap(), key);
+    // The validity period, from the certificate (rcgen's default: 1975 to 4096), as APISIX's
+    // dashboard fills it, whatever the body said.
+    assert_eq!(
+        (&v["value"]["validity_start"], &v["value"]["validity_end"]),
+        (&json!(157766400), &json!(67090118400u64)),
+        "{v}"
+    );
     assert_eq!(get(port, "api.test", &config, "/a").unwrap().status, 200);
     // A GET's answer written back (a dashboard's round trip) keeps serving, stored the same.
-    let (s, _) = gw.admin("PUT", "/apisix/admin/ssls/1", Some(v["value"].clone()));
+    let mut back = v["value"].clone();
+    back["validity_end"] = json!(1);
+    let (s, _) = gw.admin("PUT", "/apisix/admin/ssls/1", Some(back));
     assert_eq!(s, 200);
     gw.wait_propagated();
     let (_, again) = gw.admin("GET", "/apisix/admin/ssls/1", None);
     assert_eq!(again["value"]["key"], stored.as_str());
+    assert_eq!(
+        again["value"]["validity_end"], 67090118400u64,
+        "the certificate's, not 1"
+    );
     assert_eq!(get(port, "api.test", &config, "/b").unwrap().status, 200);
     // APISIX 2's default key (`ssl.key_encrypt_salt`), in a certificate pair of `keys`.
     let (two_cert, two_key) = pair(&ca, &["two.test"]);

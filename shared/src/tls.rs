@@ -83,3 +83,16 @@ pub fn identity(cert: &str, key: &str) -> Result<Identity, (Half, String)> {
         certified: Arc::new(certified),
     })
 }
+
+/// When the first certificate of `pem` is valid: its notBefore and notAfter, in Unix
+/// seconds.
+pub fn validity(pem: &str) -> Result<(i64, i64), String> {
+    let der = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .ok_or("no PEM certificate in it")?
+        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}

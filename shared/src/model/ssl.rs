@@ -50,7 +50,7 @@ pub struct Ssl {
     /// Client certificates (mTLS from clients): the CAs they must chain to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<SslClient>,
-    /// Kept as written (APISIX fills them from the certificate).
+    /// The certificate's validity, filled by the Admin API from `cert` when written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validity_start: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
