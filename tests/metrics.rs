@@ -577,3 +577,24 @@ fn deleted_routes_leave_the_metrics_and_their_records_serve_new_routes() {
         .collect();
     assert_eq!(routes.len(), 1, "{routes:?}");
 }
+
+/// When each served SSL object's certificate expires, for an alert on it: the certificate's
+/// notAfter; none for an object kept but not served.
+#[test]
+fn certificate_expiry_is_exported() {
+    let gw = Gateway::start();
+    let ca = common::tls::Ca::new("metrics CA");
+    let (cert, key) = ca.issue("a.test", &["a.test"]);
+    let mut body = json!({"cert": cert.pem(), "key": key.serialize_pem(), "snis": ["a.test"]});
+    let (s, v) = gw.admin("PUT", "/apisix/admin/ssls/1", Some(body.clone()));
+    assert_eq!(s, 201, "{v}");
+    let expiry = "apisix_ssl_certificate_not_after_seconds";
+    let (page, text) = scrape(&gw);
+    // rcgen's default notAfter: 4096-01-01.
+    assert_eq!(page.value(expiry, &[("id", "1")]), 67090118400.0, "{text}");
+    body["status"] = json!(0);
+    let (s, v) = gw.admin("PUT", "/apisix/admin/ssls/1", Some(body));
+    assert_eq!(s, 200, "{v}");
+    let (page, text) = scrape(&gw);
+    assert!(page.find(expiry, &[]).is_empty(), "{text}");
+}

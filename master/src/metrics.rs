@@ -89,6 +89,8 @@ struct Scrape {
     /// APISIX's `etcd_modify_indexes`: by key, the last change of each kind of object, their
     /// maximum and the store's revision (etcd's in cluster mode).
     modify_indexes: Vec<(String, u64)>,
+    /// Each served SSL object's certificate expiry (notAfter, Unix seconds), by id.
+    certificates: Vec<(String, i64)>,
 }
 
 /// Every route's traffic summed over the workers, those that left included (by route id;
@@ -126,8 +128,28 @@ pub fn render(m: &Master) -> String {
         })
         .collect();
     scrape.modify_indexes = modify_indexes(&store);
+    scrape.certificates = certificates(&store);
     drop(store);
     scrape.page()
+}
+
+/// When each served SSL object's certificate expires: the `validity_end` the Admin API
+/// filled, or, for one written without it (by APISIX into a shared etcd), its certificate's.
+fn certificates(store: &crate::store::Store) -> Vec<(String, i64)> {
+    let ssls = store.iter().filter(|(kind, _, _)| *kind == Kind::Ssls);
+    ssls.filter(|(_, _, s)| s.value.get("status").and_then(|v| v.as_u64()) != Some(0))
+        .filter_map(|(_, id, s)| {
+            let end = match s.value.get("validity_end").and_then(|v| v.as_i64()) {
+                Some(end) => end,
+                None => {
+                    wasmgate_shared::tls::validity(s.value.get("cert")?.as_str()?)
+                        .ok()?
+                        .1
+                }
+            };
+            Some((id.to_string(), end))
+        })
+        .collect()
 }
 
 /// The last change of each kind of object (the largest `modifiedIndex` among those stored),
@@ -171,6 +193,7 @@ impl Scrape {
             etcd_reachable: m.etcd.as_ref().map(|e| e.reachable.load(Ordering::Relaxed)),
             services: BTreeMap::new(),
             modify_indexes: Vec::new(),
+            certificates: Vec::new(),
         };
         for i in 0..SLOTS {
             let s = seg.slot(i);
@@ -297,6 +320,11 @@ impl Scrape {
             &format!("{p}etcd_reachable"),
             "Cluster mode: 1 while etcd answers, 0 while the last configuration is served without it.",
             self.etcd_reachable.map(|r| (Vec::new(), r as i64)),
+        );
+        enc.gauge(
+            &format!("{p}ssl_certificate_not_after_seconds"),
+            "When each served SSL object's certificate expires (its notAfter), Unix seconds: alert on it minus time().",
+            (self.certificates.iter()).map(|(id, end)| (vec![("id", id.clone())], *end)),
         );
         self.encode_workers(enc);
         self.encode_contexts(enc);
@@ -545,6 +573,7 @@ mod tests {
             etcd_reachable: None,
             services: BTreeMap::new(),
             modify_indexes: Vec::new(),
+            certificates: Vec::new(),
         };
         scrape.page()
     }
