@@ -572,3 +572,28 @@ fn disconnected_then_reconnected() {
     assert_line(&s, &["kept", "/k"]);
     drop(gw);
 }
+
+/// Screen 5: the SSL objects a real gateway stores, with their certificates' expiry as the
+/// Admin API filled it from each certificate.
+#[test]
+fn certificates_screen_lists_ssl_objects_by_expiry() {
+    let gw = Gateway::start();
+    let ca = common::tls::Ca::new("console CA");
+    for (id, name) in [("a", "a.example.com"), ("b", "b.example.com")] {
+        let (cert, key) = ca.issue(name, &[name]);
+        let body = json!({"cert": cert.pem(), "key": key.serialize_pem(), "snis": [name]});
+        put(&gw, &format!("/apisix/admin/ssls/{id}"), body);
+    }
+    let c = client(&gw);
+    let mut app = console(&gw);
+    press(&mut app, KeyCode::Char('5'));
+    app.on_update(Update::Poll(poll(&c)));
+    let s = screen(&app, (120, 30));
+    assert!(
+        s.contains("Certificates (2) — 0 served expire within 14 days"),
+        "{s}"
+    );
+    // rcgen's default notAfter, 4096-01-01.
+    assert_line(&s, &["a", "a.example.com", "4096-01-01", "on"]);
+    assert_line(&s, &["b", "b.example.com", "4096-01-01", "on"]);
+}

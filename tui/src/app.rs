@@ -12,21 +12,23 @@ use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-/// The four screens, in tab order.
+/// The five screens, in tab order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Screen {
     Routes,
     Plugins,
     Workers,
     Log,
+    Certificates,
 }
 
 impl Screen {
-    pub const ALL: [Screen; 4] = [
+    pub const ALL: [Screen; 5] = [
         Screen::Routes,
         Screen::Plugins,
         Screen::Workers,
         Screen::Log,
+        Screen::Certificates,
     ];
 
     pub fn title(self) -> &'static str {
@@ -35,6 +37,8 @@ impl Screen {
             Screen::Plugins => "Plugins",
             Screen::Workers => "Workers",
             Screen::Log => "Log",
+            // Short: the tab bar keeps the generation beside it at 80 columns.
+            Screen::Certificates => "Certs",
         }
     }
 
@@ -86,6 +90,8 @@ pub struct Poll {
     /// were last fetched (see [`crate::transport::Poller`]).
     pub routes: Option<Result<Vec<Route>, ApiError>>,
     pub services: Option<Result<Vec<Route>, ApiError>>,
+    /// The SSL objects, fetched with the routes.
+    pub ssls: Option<Result<Vec<Route>, ApiError>>,
     pub status: Result<GatewayStatus, ApiError>,
     pub plugins: Result<Plugins, ApiError>,
     pub stats: Result<Stats, ApiError>,
@@ -581,6 +587,12 @@ pub struct App {
     shown_at: u64,
     pub status: Feed<GatewayStatus>,
     pub worker_selected: usize,
+    /// The SSL objects (the Certificates screen), and the row selected there.
+    pub ssls: Feed<Vec<Route>>,
+    pub cert_selected: usize,
+    /// The time the Certificates screen counts days from (Unix seconds); None: now. Set by
+    /// tests, so that a drawing does not change from day to day.
+    pub fixed_now: Option<i64>,
     pub plugins: Feed<Plugins>,
     pub stats: StatsView,
     pub log: Feed<LogTail>,
@@ -625,6 +637,9 @@ impl App {
             shown_at: 0,
             status: Feed::default(),
             worker_selected: 0,
+            ssls: Feed::default(),
+            cert_selected: 0,
+            fixed_now: None,
             plugins: Feed::default(),
             stats: StatsView::default(),
             log: Feed::default(),
@@ -802,6 +817,11 @@ impl App {
                 if let Some(services) = p.services {
                     self.services.apply(services);
                     self.config_version += 1;
+                }
+                if let Some(ssls) = p.ssls {
+                    self.ssls.apply(ssls);
+                    let n = self.ssls.data.as_ref().map_or(0, Vec::len);
+                    self.cert_selected = self.cert_selected.min(n.saturating_sub(1));
                 }
                 self.keep_route_selection();
                 self.status.apply(p.status);
@@ -1099,16 +1119,18 @@ impl App {
                 self.modal = Some(Modal::Help);
                 return None;
             }
-            KeyCode::Char(c @ '1'..='4') => {
+            KeyCode::Char(c @ '1'..='5') => {
                 self.screen = Screen::ALL[c as usize - '1' as usize];
                 return None;
             }
             KeyCode::Tab => {
-                self.screen = Screen::ALL[(self.screen.index() + 1) % 4];
+                let n = Screen::ALL.len();
+                self.screen = Screen::ALL[(self.screen.index() + 1) % n];
                 return None;
             }
             KeyCode::BackTab => {
-                self.screen = Screen::ALL[(self.screen.index() + 3) % 4];
+                let n = Screen::ALL.len();
+                self.screen = Screen::ALL[(self.screen.index() + n - 1) % n];
                 return None;
             }
             _ => {}
@@ -1122,6 +1144,16 @@ impl App {
             Screen::Workers => self.workers_key(key),
             Screen::Log => {
                 self.log_key(key);
+                None
+            }
+            Screen::Certificates => {
+                if let Some(d) = self.movement(&key) {
+                    let n = self.ssls.data.as_ref().map_or(0, Vec::len);
+                    if n > 0 {
+                        self.cert_selected =
+                            (self.cert_selected as isize + d).clamp(0, n as isize - 1) as usize;
+                    }
+                }
                 None
             }
         }
@@ -1276,7 +1308,7 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
     (
         "Everywhere",
         &[
-            ("1-4, Tab, S-Tab", "switch screen"),
+            ("1-5, Tab, S-Tab", "switch screen"),
             ("Up/Down, j/k", "select, scroll"),
             ("PgUp/PgDn", "a page up/down"),
             ("Home/End, g/G", "top/bottom"),
@@ -1359,6 +1391,7 @@ mod tests {
             at,
             routes: Some(Ok(routes)),
             services: Some(Ok(vec![])),
+            ssls: None,
             status: Ok(GatewayStatus::default()),
             plugins: Ok(Plugins::default()),
             stats: Ok(stats),
@@ -1659,9 +1692,11 @@ mod tests {
         app.on_key(key(KeyCode::Tab));
         assert_eq!(app.screen, Screen::Log);
         app.on_key(key(KeyCode::Tab));
+        assert_eq!(app.screen, Screen::Certificates);
+        app.on_key(key(KeyCode::Tab));
         assert_eq!(app.screen, Screen::Routes);
         app.on_key(key(KeyCode::BackTab));
-        assert_eq!(app.screen, Screen::Log);
+        assert_eq!(app.screen, Screen::Certificates);
         app.on_key(ch('2'));
         assert_eq!(app.screen, Screen::Plugins);
         assert!(!app.quit);
@@ -2042,6 +2077,7 @@ mod tests {
             at: Instant::now(),
             routes: Some(Ok(vec![])),
             services: Some(Ok(vec![])),
+            ssls: None,
             status: Ok(GatewayStatus::default()),
             plugins: Ok(Plugins::default()),
             stats: Ok(Stats::default()),

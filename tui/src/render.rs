@@ -25,6 +25,7 @@ pub fn draw(f: &mut Frame, app: &App) {
         Screen::Plugins => panes::plugins::draw(f, body, app),
         Screen::Workers => panes::workers::draw(f, body, app),
         Screen::Log => panes::log::draw(f, body, app),
+        Screen::Certificates => panes::certs::draw(f, body, app),
     }
     status_bar(f, bar, app);
     let shown = modal(f, body, app);
@@ -172,6 +173,7 @@ fn hints(app: &App) -> &'static [(&'static str, &'static str)] {
             ],
             Screen::Workers => &[("R", "reload"), ("?", "help"), ("q", "quit")],
             Screen::Log => &[("←→", "scroll"), ("G", "end"), ("?", "help"), ("q", "quit")],
+            Screen::Certificates => &[("?", "help"), ("q", "quit")],
         },
     }
 }

@@ -103,10 +103,29 @@ fn app() -> App {
     .unwrap();
     let mut app = App::new("127.0.0.1:9180");
     let t0 = Instant::now();
+    // 2026-12-01: one certificate expired, one expiring in 9 days, one asking for client
+    // certificates, one not served, one written without its dates.
+    let day = 86_400;
+    let now = 1_796_083_200;
+    let ssls = parse_routes(&json!({"list": [
+        {"value": {"id": "api", "snis": ["api.example.com", "*.api.example.com"],
+                   "validity_end": now + 400 * day}},
+        {"value": {"id": "old", "snis": ["old.example.com"], "validity_end": now - 3 * day}},
+        {"value": {"id": "soon", "sni": "soon.example.com", "validity_end": now + 9 * day + 60,
+                   "ssl_protocols": ["TLSv1.3"]}},
+        {"value": {"id": "mtls", "snis": ["internal.example.com"], "validity_end": now + 90 * day,
+                   "client": {"ca": "-----BEGIN CERTIFICATE-----"}}},
+        {"value": {"id": "off", "snis": ["off.example.com"], "validity_end": now + 2 * day,
+                   "status": 0}},
+        {"value": {"id": "etcd", "snis": ["etcd.example.com"]}},
+    ]}))
+    .unwrap();
+    app.fixed_now = Some(now);
     let mut p = Poll {
         at: t0,
         routes: Some(Ok(routes)),
         services: Some(Ok(vec![])),
+        ssls: Some(Ok(ssls)),
         status: Ok(status),
         plugins: Ok(plugins),
         stats: Ok(stats([100, 40, 0])),
@@ -170,6 +189,25 @@ fn workers() {
     let mut a = app();
     a.screen = Screen::Workers;
     check("workers", &a);
+}
+
+/// The soonest to expire first, the days left coloured by how soon; those not served dimmed.
+#[test]
+fn certificates() {
+    let mut a = app();
+    key(&mut a, KeyCode::Char('5'));
+    assert_eq!(a.screen, Screen::Certificates);
+    check("certificates", &a);
+    let screen = text(&a, 120, 40);
+    let order: Vec<usize> = ["│old ", "│off ", "│soon ", "│mtls ", "│api ", "│etcd "]
+        .iter()
+        .map(|id| screen.find(id).unwrap_or_else(|| panic!("{id}: {screen}")))
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{screen}");
+    assert!(
+        screen.contains("Certificates (6) — 2 served expire within 14 days"),
+        "{screen}"
+    );
 }
 
 /// Cluster mode with etcd refusing the node: said on every screen's top line, and why on the
@@ -281,6 +319,7 @@ fn endpoints_not_there_yet() {
         at: Instant::now(),
         routes: Some(Ok(vec![])),
         services: Some(Ok(vec![])),
+        ssls: None,
         status: Ok(GatewayStatus::default()),
         plugins: Err(missing("plugins")),
         stats: Err(missing("stats")),
@@ -338,6 +377,7 @@ fn config_poll(routes: Vec<serde_json::Value>, services: Vec<serde_json::Value>)
         at: Instant::now(),
         routes: Some(Ok(list("routes", routes))),
         services: Some(Ok(list("services", services))),
+        ssls: None,
         status: Ok(GatewayStatus::default()),
         plugins: Ok(Plugins::default()),
         stats: Ok(Stats::default()),

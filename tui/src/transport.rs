@@ -64,17 +64,19 @@ impl Poller {
         let now = Instant::now();
         let fetch_config = self.stale(generation, now);
         let all = || -> Result<Poll, String> {
-            let (routes, services) = if fetch_config {
+            let (routes, services, ssls) = if fetch_config {
                 (
                     Some(reach(client.routes())?),
                     Some(reach(client.services())?),
+                    Some(reach(client.ssls())?),
                 )
             } else {
-                (None, None)
+                (None, None, None)
             };
             Ok(Poll {
                 routes,
                 services,
+                ssls,
                 status,
                 plugins: reach(client.plugins())?,
                 stats: reach(client.stats())?,

@@ -1,6 +1,7 @@
 //! One module per screen, plus the route editor drawn over them, and the table layout they
 //! share.
 
+pub mod certs;
 pub mod editor;
 pub mod log;
 pub mod plugins;
