@@ -590,7 +590,7 @@ fn certificates_screen_lists_ssl_objects_by_expiry() {
     app.on_update(Update::Poll(poll(&c)));
     let s = screen(&app, (120, 30));
     assert!(
-        s.contains("Certificates (2) — 0 served expire within 14 days"),
+        s.contains("Certificates (2) — 0 served expired or expire within 14 days"),
         "{s}"
     );
     // rcgen's default notAfter, 4096-01-01.

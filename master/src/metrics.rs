@@ -128,27 +128,64 @@ pub fn render(m: &Master) -> String {
         })
         .collect();
     scrape.modify_indexes = modify_indexes(&store);
-    scrape.certificates = certificates(&store);
+    let ssls = ssl_revisions(&store);
     drop(store);
+    scrape.certificates = certificates(ssls);
     scrape.page()
 }
 
-/// When each served SSL object's certificate expires: the `validity_end` the Admin API
-/// filled, or, for one written without it (by APISIX into a shared etcd), its certificate's.
-fn certificates(store: &crate::store::Store) -> Vec<(String, i64)> {
-    let ssls = store.iter().filter(|(kind, _, _)| *kind == Kind::Ssls);
-    ssls.filter(|(_, _, s)| s.value.get("status").and_then(|v| v.as_u64()) != Some(0))
-        .filter_map(|(_, id, s)| {
-            let end = match s.value.get("validity_end").and_then(|v| v.as_i64()) {
-                Some(end) => end,
-                None => {
-                    wasmgate_shared::tls::validity(s.value.get("cert")?.as_str()?)
-                        .ok()?
-                        .1
-                }
-            };
-            Some((id.to_string(), end))
+/// The served SSL objects: id, revision, and their certificates (PEM) when the revision is not
+/// one [`certificates`] has read already (copied under the store's lock, parsed after it).
+type SslRevision = (String, u64, Option<Vec<String>>);
+
+fn ssl_revisions(store: &crate::store::Store) -> Vec<SslRevision> {
+    let known = EXPIRY.lock().unwrap_or_else(|p| p.into_inner());
+    let served = store.list(Kind::Ssls).into_iter();
+    served
+        .filter(|(_, s)| s.value.get("status").and_then(|v| v.as_u64()) != Some(0))
+        .map(|(id, s)| {
+            let fresh = known
+                .get(id)
+                .is_some_and(|(rev, _)| *rev == s.modified_index);
+            let certs = (!fresh).then(|| {
+                let more = s.value.get("certs").and_then(serde_json::Value::as_array);
+                let all = std::iter::once(s.value.get("cert"))
+                    .chain(more.into_iter().flatten().map(Some));
+                all.flatten()
+                    .filter_map(serde_json::Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            });
+            (id.to_string(), s.modified_index, certs)
         })
+        .collect()
+}
+
+/// Each served SSL object's expiry by id, with the revision it was read at: read again only
+/// when the object changed.
+static EXPIRY: std::sync::Mutex<BTreeMap<String, (u64, Option<i64>)>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// When each served SSL object's certificates expire: the earliest notAfter of `cert` and
+/// `certs` (a client may be shown any of them), read from the certificates themselves, so
+/// that an object APISIX wrote into a shared etcd, or one whose dates were written by hand,
+/// counts as what clients are shown.
+fn certificates(ssls: Vec<SslRevision>) -> Vec<(String, i64)> {
+    let mut known = EXPIRY.lock().unwrap_or_else(|p| p.into_inner());
+    let mut now = BTreeMap::new();
+    for (id, rev, certs) in ssls {
+        let end = match certs {
+            None => known.get(&id).and_then(|(_, end)| *end),
+            Some(pems) => (pems.iter())
+                .filter_map(|p| wasmgate_shared::tls::validity(p).ok())
+                .map(|(_, end)| end)
+                .min(),
+        };
+        now.insert(id, (rev, end));
+    }
+    *known = now;
+    (known.iter())
+        .filter_map(|(id, (_, end))| Some((id.clone(), (*end)?)))
         .collect()
 }
 

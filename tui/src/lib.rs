@@ -1,7 +1,8 @@
 //! `wasmgate tui`: a terminal console for a running gateway, through its Admin API.
 //!
-//! Four screens — routes (create, edit, delete, enable/disable), plugins (loaded modules and
-//! live per-context counters with req/s), workers (live table, reload) and the error log.
+//! Five screens — routes (create, edit, delete, enable/disable), plugins (loaded modules and
+//! live per-context counters with req/s), workers (live table, reload), the error log, and
+//! the certificates by expiry.
 //! See `docs/tui.md`.
 //!
 //! The parts: [`app`] holds the state and turns keys and answers into state changes and

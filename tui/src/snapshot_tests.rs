@@ -205,7 +205,7 @@ fn certificates() {
         .collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{screen}");
     assert!(
-        screen.contains("Certificates (6) — 2 served expire within 14 days"),
+        screen.contains("Certificates (6) — 2 served expired or expire within 14 days"),
         "{screen}"
     );
 }

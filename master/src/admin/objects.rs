@@ -373,6 +373,10 @@ fn write(
     if let Some(e) = missing_nodes(kind, &body).filter(|_| !legacy) {
         return error(400, e).into();
     }
+    if kind == Kind::Ssls {
+        // Replaced from the certificate below: whatever the body said is not checked.
+        fill_validity(&mut body);
+    }
     let catalog = m.catalog();
     let object = match model::validate(kind, &body, &catalog) {
         Ok(o) => o,
@@ -397,9 +401,6 @@ fn write(
     let obj = body.as_object_mut().expect("validated as an object");
     obj.insert("id".into(), Value::String(id.to_string()));
     seal_keys(kind, obj);
-    if kind == Kind::Ssls {
-        fill_validity(obj);
-    }
     // Timestamps the body gives are kept, as APISIX keeps them (an export restored keeps its
     // dates); else a create_time stays what it was, and update_time is now.
     let given =
@@ -480,12 +481,16 @@ fn seal_keys(kind: Kind, obj: &mut serde_json::Map<String, Value>) {
 
 /// An SSL object's `validity_start` and `validity_end` (Unix seconds) from its certificate,
 /// as APISIX's dashboard fills them: what a client of the object is shown decides, not what
-/// the body said.
-fn fill_validity(obj: &mut serde_json::Map<String, Value>) {
+/// the body said (a certificate X.509 cannot read leaves them out).
+fn fill_validity(body: &mut Value) {
+    let Some(obj) = body.as_object_mut() else {
+        return;
+    };
+    obj.remove("validity_start");
+    obj.remove("validity_end");
     let Some(Value::String(cert)) = obj.get("cert") else {
         return;
     };
-    // Checked already: a certificate rustls takes and X.509 cannot read keeps the body's.
     if let Ok((start, end)) = wasmgate_shared::tls::validity(cert) {
         obj.insert("validity_start".into(), json!(start.max(0)));
         obj.insert("validity_end".into(), json!(end.max(0)));

@@ -44,7 +44,9 @@ impl Row {
         Row {
             id: r.id.clone(),
             names: names.join(","),
-            end: v.get("validity_end").and_then(Value::as_i64),
+            // A date chrono cannot show (another Admin API's) counts as none.
+            end: (v.get("validity_end").and_then(Value::as_i64))
+                .filter(|t| chrono::DateTime::from_timestamp(*t, 0).is_some()),
             enabled: v.get("status").and_then(Value::as_u64) != Some(0),
             mtls: v.get("client").is_some_and(Value::is_object),
             protocols: strings("ssl_protocols").join(" "),
@@ -68,12 +70,12 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     let mut rows: Vec<Row> = app.ssls.data.iter().flatten().map(Row::of).collect();
     // The soonest to expire first; those without a date (written elsewhere) last.
     rows.sort_by_key(|r| (r.end.is_none(), r.end, r.id.clone()));
-    let days = |r: &Row| r.end.map(|e| (e - now).div_euclid(86_400));
+    let days = |r: &Row| r.end.map(|e| e.saturating_sub(now).div_euclid(86_400));
     let soon = (rows.iter())
         .filter(|r| r.enabled && days(r).is_some_and(|d| d < SOON_DAYS))
         .count();
     let mut b = block(format!(
-        " Certificates ({}) — {soon} served expire within {SOON_DAYS} days ",
+        " Certificates ({}) — {soon} served expired or expire within {SOON_DAYS} days ",
         rows.len()
     ));
     if let Some(p) = feed_problem("ssls", &app.ssls) {
