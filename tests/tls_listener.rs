@@ -594,6 +594,25 @@ fn client_certificates_are_checked_as_the_ssl_object_asks() {
         (&json!("true"), &json!(digest), &json!("SUCCESS")),
         "{seen}"
     );
+    // Whom it names, as Envoy's attributes and nginx's `$ssl_client_s_dn` say it.
+    assert_eq!(
+        (&seen["subject"], &seen["dns_san"], &seen["client_dn"]),
+        (
+            &json!("CN=alice"),
+            &json!("alice.client"),
+            &json!("CN=alice")
+        ),
+        "{seen}"
+    );
+    // A route for one client only, by its certificate's subject.
+    let alice_app = TestUpstream::start("alice-app");
+    gw.route(
+        "alice-only",
+        json!({"uri": "/mine", "vars": [["ssl_client_s_dn", "==", "CN=alice"]]}),
+        Some(&alice_app),
+    );
+    let r = served(port, "api.test", &alice, "/mine").unwrap();
+    assert_eq!(r.header("x-upstream"), Some("alice-app"));
     // api.test's routes are not reached over a connection made for another name: not for
     // other.test (which asks for no certificate), nor with no name (fallback_sni's).
     let mut tls = connect(port, "other.test", &anonymous).unwrap();
@@ -612,6 +631,8 @@ fn client_certificates_are_checked_as_the_ssl_object_asks() {
     let (bob_cert, bob_key) = mid.issue("bob", &["bob.client"]);
     let bob = client_with_cert(&ca, &(bob_cert.pem() + &mid.pem), &bob_key);
     assert_eq!(served(port, "api.test", &bob, "/e").unwrap().status, 200);
+    let r = served(port, "api.test", &bob, "/mine").unwrap();
+    assert_eq!(r.header("x-upstream"), Some("app"), "not alice's route");
     let lower = mid.intermediate("client intermediate 2");
     let (carol_cert, carol_key) = lower.issue("carol", &["carol.client"]);
     let chain = carol_cert.pem() + &lower.pem + &mid.pem;

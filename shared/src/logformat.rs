@@ -4,7 +4,7 @@
 
 /// The variables a format may use by name; besides them, the families of [`Capture`]:
 /// `$http_<field>`, `$arg_<name>`, `$cookie_<name>`, and `$remote_user`.
-pub const VARIABLES: [&str; 31] = [
+pub const VARIABLES: [&str; 35] = [
     "remote_addr",
     "remote_port",
     "time_local",
@@ -22,6 +22,10 @@ pub const VARIABLES: [&str; 31] = [
     "ssl_cipher",
     "ssl_session_reused",
     "ssl_client_verify",
+    "ssl_client_s_dn",
+    "ssl_client_i_dn",
+    "ssl_client_serial",
+    "ssl_client_fingerprint",
     "ssl_server_name",
     "pid",
     "status",

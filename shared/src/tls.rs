@@ -96,3 +96,116 @@ pub fn validity(pem: &str) -> Result<(i64, i64), String> {
     let v = cert.validity();
     Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
+
+/// What a client's certificate says of its holder, as nginx's `$ssl_client_*` variables and
+/// Envoy's `connection.*_peer_certificate` attributes show it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holder {
+    /// The subject, in RFC 2253's form (`CN=alice,O=Example`: the most specific first).
+    pub subject: String,
+    /// The issuer, the same way.
+    pub issuer: String,
+    /// The serial number in hex, upper-case (nginx's `$ssl_client_serial`).
+    pub serial: String,
+    /// The first DNS name and the first URI among its subject alternative names.
+    pub dns_san: Option<String>,
+    pub uri_san: Option<String>,
+}
+
+/// The holder named by a certificate (DER); None when X.509 cannot read it.
+pub fn holder(der: &[u8]) -> Option<Holder> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let sans = cert.subject_alternative_name().ok().flatten();
+    let names = sans.map_or(&[][..], |s| s.value.general_names.as_slice());
+    let dns_san = names.iter().find_map(|n| match n {
+        GeneralName::DNSName(d) => Some(d.to_string()),
+        _ => None,
+    });
+    let uri_san = names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => Some(u.to_string()),
+        _ => None,
+    });
+    Some(Holder {
+        subject: rfc2253(cert.subject()),
+        issuer: rfc2253(cert.issuer()),
+        serial: cert
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect(),
+        dns_san,
+        uri_san,
+    })
+}
+
+/// A name in RFC 2253's form: its RDNs last to first, joined with `,` (several values of one
+/// RDN with `+`), the usual attributes by their short names, others by their OID, values
+/// escaped; a value that is not text is `#` and its DER in hex.
+fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let rdns: Vec<String> = name
+        .iter_rdn()
+        .map(|rdn| {
+            let avas: Vec<String> = rdn
+                .iter()
+                .map(|ava| {
+                    let oid = ava.attr_type().to_id_string();
+                    let key = match oid.as_str() {
+                        "2.5.4.3" => "CN",
+                        "2.5.4.7" => "L",
+                        "2.5.4.8" => "ST",
+                        "2.5.4.10" => "O",
+                        "2.5.4.11" => "OU",
+                        "2.5.4.6" => "C",
+                        "2.5.4.9" => "STREET",
+                        "2.5.4.5" => "serialNumber",
+                        "0.9.2342.19200300.100.1.25" => "DC",
+                        "0.9.2342.19200300.100.1.1" => "UID",
+                        "1.2.840.113549.1.9.1" => "emailAddress",
+                        other => other,
+                    };
+                    let value = match ava.as_str() {
+                        Ok(s) => escape_dn_value(s),
+                        Err(_) => {
+                            let hex: String =
+                                ava.as_slice().iter().map(|b| format!("{b:02x}")).collect();
+                            format!("#{hex}")
+                        }
+                    };
+                    format!("{key}={value}")
+                })
+                .collect();
+            avas.join("+")
+        })
+        .collect();
+    rdns.into_iter().rev().collect::<Vec<_>>().join(",")
+}
+
+/// RFC 2253's escapes: `,+"\<>;` anywhere, a leading `#` or space, a trailing space.
+fn escape_dn_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let last = s.chars().count().saturating_sub(1);
+    for (i, c) in s.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dn_values_are_escaped_as_rfc_2253_says() {
+        use super::escape_dn_value as e;
+        assert_eq!(e("alice"), "alice");
+        assert_eq!(e("Example, Inc."), "Example\\, Inc.");
+        assert_eq!(e("#1 a+b "), "\\#1 a\\+b\\ ");
+        assert_eq!(e(" x"), "\\ x");
+        assert_eq!(e(""), "");
+    }
+}

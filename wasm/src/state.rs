@@ -36,10 +36,9 @@ pub struct TlsInfo {
     pub site: u64,
     /// Its SSL object asks for client certificates (`client`).
     pub mtls: bool,
-    /// The SHA-256 (hex) of the certificate the client showed, checked against the object's
-    /// CAs: `$ssl_client_verify` `SUCCESS`, Envoy's `connection.mtls` and
-    /// `connection.sha256_peer_certificate_digest`. None: it showed none.
-    pub peer_sha256: Option<Box<str>>,
+    /// The certificate the client showed, checked against the object's CAs
+    /// (`$ssl_client_verify` `SUCCESS`, Envoy's `connection.mtls`). None: it showed none.
+    pub peer: Option<Box<PeerCert>>,
     /// The only paths this client may ask for: its SSL object lets clients without a
     /// certificate in for these (`client.skip_mtls_uri_regex`), and it showed none.
     pub mtls_skip: Option<Arc<wasmgate_shared::model::MtlsSkip>>,
@@ -58,11 +57,23 @@ impl TlsInfo {
     /// nginx's `$ssl_client_verify`: `SUCCESS` for a certificate the SSL object's CAs
     /// issued, `NONE` without one (a certificate that fails the check fails the handshake).
     pub fn client_verify(&self) -> &'static str {
-        match self.peer_sha256 {
+        match self.peer {
             Some(_) => "SUCCESS",
             None => "NONE",
         }
     }
+}
+
+/// The certificate a client showed, as variables and attributes show it.
+#[derive(Debug)]
+pub struct PeerCert {
+    /// The SHA-256 of its DER, lower-case hex (Envoy's
+    /// `connection.sha256_peer_certificate_digest`).
+    pub sha256: String,
+    /// The SHA-1 of its DER, lower-case hex (nginx's `$ssl_client_fingerprint`).
+    pub sha1: String,
+    /// Whom it names (None: X.509 cannot read it, though webpki took it).
+    pub holder: Option<wasmgate_shared::tls::Holder>,
 }
 
 /// The client side of a request.

@@ -1906,7 +1906,7 @@ pub fn nginx_var<'a>(
 /// (a certificate checked for one name does not open another's routes, and a client with no
 /// certificate cannot reach them by naming another host in its handshake).
 fn mtls_refusal(tls: &TlsInfo, certs: &Certs, path: &str, host: &str) -> Option<String> {
-    if tls.mtls && tls.peer_sha256.is_none() {
+    if tls.mtls && tls.peer.is_none() {
         let open = tls.mtls_skip.as_ref().is_some_and(|s| s.is_match(path));
         if !open {
             return Some(format!(
@@ -1937,6 +1937,19 @@ pub fn connection_var<'a>(tls: Option<&'a TlsInfo>, name: &str) -> Option<Cow<'a
         "ssl_cipher" => tls.map_or("", |t| t.cipher),
         "ssl_session_reused" => tls.map_or("", TlsInfo::reused_text),
         "ssl_client_verify" => tls.map_or("", TlsInfo::client_verify),
+        // The certificate the client showed (empty without one, as nginx's).
+        "ssl_client_s_dn" | "ssl_client_i_dn" | "ssl_client_serial" | "ssl_client_fingerprint" => {
+            let Some(peer) = tls.and_then(|t| t.peer.as_deref()) else {
+                return Some(Cow::Borrowed(""));
+            };
+            let holder = peer.holder.as_ref();
+            return Some(Cow::Borrowed(match name {
+                "ssl_client_s_dn" => holder.map_or("", |h| h.subject.as_str()),
+                "ssl_client_i_dn" => holder.map_or("", |h| h.issuer.as_str()),
+                "ssl_client_serial" => holder.map_or("", |h| h.serial.as_str()),
+                _ => peer.sha1.as_str(),
+            }));
+        }
         "pid" => return Some(Cow::Owned(std::process::id().to_string())),
         _ => return None,
     }))

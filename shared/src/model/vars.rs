@@ -21,7 +21,7 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 /// The variables the gateway gives `vars` and `chash` keys besides the families `arg_<name>`,
 /// `http_<header>` and `cookie_<name>` (the worker's `proxy::nginx_var`).
-pub const VARIABLES: [&str; 22] = [
+pub const VARIABLES: [&str; 26] = [
     "uri",
     "request_uri",
     "real_request_uri",
@@ -38,6 +38,10 @@ pub const VARIABLES: [&str; 22] = [
     "ssl_cipher",
     "ssl_session_reused",
     "ssl_client_verify",
+    "ssl_client_s_dn",
+    "ssl_client_i_dn",
+    "ssl_client_serial",
+    "ssl_client_fingerprint",
     "pid",
     "server_addr",
     "server_port",

@@ -13,6 +13,7 @@ use rustls::{Error, SignatureScheme};
 use std::sync::Arc;
 use wasmgate_shared::model::{MtlsSkip, SslClient};
 use wasmgate_shared::tls::provider;
+use wasmgate_wasm::state::PeerCert;
 
 /// What an SSL object asks of its clients' certificates.
 #[derive(Debug)]
@@ -115,14 +116,17 @@ impl ClientCertVerifier for Depth {
     }
 }
 
-/// The SHA-256 of a certificate, in lower-case hex (Envoy's
-/// `connection.sha256_peer_certificate_digest`).
-pub fn sha256_hex(cert: &CertificateDer<'_>) -> Box<str> {
-    use std::fmt::Write;
-    let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
-    let mut hex = String::with_capacity(64);
-    for b in digest.as_ref() {
-        let _ = write!(hex, "{b:02x}");
+/// What the variables and plugins show of the certificate a client showed: its digests
+/// and whom it names (read once, at the handshake).
+pub fn peer_cert(cert: &CertificateDer<'_>) -> PeerCert {
+    let hex = |alg| {
+        let digest = ring::digest::digest(alg, cert.as_ref());
+        let bytes = digest.as_ref().iter();
+        bytes.map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    PeerCert {
+        sha256: hex(&ring::digest::SHA256),
+        sha1: hex(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY),
+        holder: wasmgate_shared::tls::holder(cert.as_ref()),
     }
-    hex.into()
 }

@@ -8,7 +8,7 @@
 //! SSL object has its own: its certificates (one an ECDSA client can use, one for RSA) and
 //! its `ssl_protocols` (in place of the listener's, as APISIX).
 
-use super::mtls::{sha256_hex, Mtls};
+use super::mtls::{peer_cert, Mtls};
 use super::resume::{SharedSessions, SharedTickets};
 use crate::proxy::TlsInfo;
 use crate::FastMap;
@@ -176,8 +176,8 @@ fn describe(
         None => "",
     };
     // A resumed session keeps the certificate its first handshake checked.
-    let peer_sha256 = (conn.peer_certificates().and_then(<[_]>::first)).map(sha256_hex);
-    let mtls_skip = match (&site.mtls, &peer_sha256) {
+    let peer = (conn.peer_certificates().and_then(<[_]>::first)).map(|c| Box::new(peer_cert(c)));
+    let mtls_skip = match (&site.mtls, &peer) {
         (Some(m), None) => m.skip.clone(),
         _ => None,
     };
@@ -189,7 +189,7 @@ fn describe(
         name,
         site: site.salt,
         mtls: site.mtls.is_some(),
-        peer_sha256,
+        peer,
         mtls_skip,
     }
 }

@@ -82,7 +82,7 @@ impl HttpContext for Echo {
             .map(|(k, v)| format!("[\"{}\",\"{}\"]", esc(k), esc(v)))
             .collect();
         let body = format!(
-            "{{\"conf\":\"{}\",\"configures\":{},\"vm_starts\":{},\"context_id\":{},\"root_id\":{},\"plugin_name\":\"{}\",\"plugin_root_id\":\"{}\",\"route_name\":\"{}\",\"xds_route_name\":\"{}\",\"protocol\":\"{}\",\"route_id\":\"{}\",\"path\":\"{}\",\"method\":\"{}\",\"host\":\"{}\",\"source\":\"{}\",\"arg_a\":\"{}\",\"scheme\":\"{}\",\"sni\":\"{}\",\"tls_version\":\"{}\",\"ssl_protocol\":\"{}\",\"ssl_server_name\":\"{}\",\"server_port\":\"{}\",\"mtls\":\"{}\",\"peer_digest\":\"{}\",\"client_verify\":\"{}\",\"headers\":[{}]}}",
+            "{{\"conf\":\"{}\",\"configures\":{},\"vm_starts\":{},\"context_id\":{},\"root_id\":{},\"plugin_name\":\"{}\",\"plugin_root_id\":\"{}\",\"route_name\":\"{}\",\"xds_route_name\":\"{}\",\"protocol\":\"{}\",\"route_id\":\"{}\",\"path\":\"{}\",\"method\":\"{}\",\"host\":\"{}\",\"source\":\"{}\",\"arg_a\":\"{}\",\"scheme\":\"{}\",\"sni\":\"{}\",\"tls_version\":\"{}\",\"ssl_protocol\":\"{}\",\"ssl_server_name\":\"{}\",\"server_port\":\"{}\",\"mtls\":\"{}\",\"peer_digest\":\"{}\",\"client_verify\":\"{}\",\"subject\":\"{}\",\"dns_san\":\"{}\",\"client_dn\":\"{}\",\"headers\":[{}]}}",
             esc(&self.conf),
             CONFIGURES.load(Ordering::Relaxed),
             VM_STARTS.load(Ordering::Relaxed),
@@ -113,6 +113,9 @@ impl HttpContext for Echo {
             },
             esc(&self.prop(&["connection", "sha256_peer_certificate_digest"])),
             esc(&self.prop(&["ssl_client_verify"])),
+            esc(&self.prop(&["connection", "subject_peer_certificate"])),
+            esc(&self.prop(&["connection", "dns_san_peer_certificate"])),
+            esc(&self.prop(&["ssl_client_s_dn"])),
             headers.join(",")
         );
         self.send_http_response(200, vec![("content-type", "application/json"), ("x-echo", "1")], Some(body.as_bytes()));
