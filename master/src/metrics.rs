@@ -360,7 +360,7 @@ impl Scrape {
         );
         enc.gauge(
             &format!("{p}ssl_certificate_not_after_seconds"),
-            "When each served SSL object's certificate expires (its notAfter), Unix seconds: alert on it minus time().",
+            "When each served SSL object's certificates expire (the earliest notAfter of cert and certs), Unix seconds: alert on it minus time().",
             (self.certificates.iter()).map(|(id, end)| (vec![("id", id.clone())], *end)),
         );
         self.encode_workers(enc);
