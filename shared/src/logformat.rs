@@ -2,9 +2,10 @@
 //! `$variables`, parsed once when the configuration is loaded, so an unknown variable is a
 //! configuration error rather than a surprise in the log.
 
-/// The variables a format may use by name; besides them, the families of [`Capture`]:
+/// The variables a format may use by name, with the connection's
+/// ([`crate::model::vars::CONNECTION_VARIABLES`]); besides them, the families of [`Capture`]:
 /// `$http_<field>`, `$arg_<name>`, `$cookie_<name>`, and `$remote_user`.
-pub const VARIABLES: [&str; 35] = [
+pub const VARIABLES: [&str; 24] = [
     "remote_addr",
     "remote_port",
     "time_local",
@@ -17,17 +18,6 @@ pub const VARIABLES: [&str; 35] = [
     "uri",
     "args",
     "server_protocol",
-    "scheme",
-    "ssl_protocol",
-    "ssl_cipher",
-    "ssl_session_reused",
-    "ssl_client_verify",
-    "ssl_client_s_dn",
-    "ssl_client_i_dn",
-    "ssl_client_serial",
-    "ssl_client_fingerprint",
-    "ssl_server_name",
-    "pid",
     "status",
     "body_bytes_sent",
     "request_time",
@@ -41,6 +31,21 @@ pub const VARIABLES: [&str; 35] = [
     "apisix_route_id",
     "request_id",
 ];
+
+/// Every variable a format may name, in the order [`Piece::Var`] counts them.
+fn variables() -> impl Iterator<Item = &'static str> {
+    let connection = crate::model::vars::CONNECTION_VARIABLES.iter();
+    VARIABLES.iter().chain(connection).copied()
+}
+
+/// The variable [`Piece::Var`] `i` names.
+fn variable(i: usize) -> &'static str {
+    let connection = &crate::model::vars::CONNECTION_VARIABLES;
+    match VARIABLES.get(i) {
+        Some(v) => v,
+        None => connection.get(i - VARIABLES.len()).copied().unwrap_or(""),
+    }
+}
 
 /// Variables read from the request as it came, when its head is read (`$http_<field>` and
 /// the others): nginx's values, the request's before plugins change it.
@@ -66,7 +71,7 @@ pub const APISIX_DEFAULT: &str = "$remote_addr - $remote_user [$time_local] $htt
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Piece {
     Text(String),
-    /// An index into [`VARIABLES`].
+    /// An index into [`variables`].
     Var(usize),
     /// An index into [`LogFormat::captures`].
     Captured(usize),
@@ -195,7 +200,7 @@ impl LogFormat {
                     (&rest[..end], &rest[end..])
                 }
             };
-            let piece = match (VARIABLES.iter().position(|v| *v == name), capture(name)?) {
+            let piece = match (variables().position(|v| v == name), capture(name)?) {
                 (Some(var), _) => Piece::Var(var),
                 (None, Some(c)) => {
                     captures.push(c);
@@ -205,7 +210,7 @@ impl LogFormat {
                     return Err(format!(
                         "unknown variable ${name} in access_log_format (known: {}, \
                          $remote_user, $http_<field>, $arg_<name>, $cookie_<name>)",
-                        VARIABLES.join(", ")
+                        variables().collect::<Vec<_>>().join(", ")
                     ))
                 }
             };
@@ -235,7 +240,7 @@ impl LogFormat {
     pub fn uses(&self, names: &[&str]) -> bool {
         self.pieces
             .iter()
-            .any(|p| matches!(p, Piece::Var(i) if names.contains(&VARIABLES[*i])))
+            .any(|p| matches!(p, Piece::Var(i) if names.contains(&variable(*i))))
     }
 
     /// Renders a line: `value(name)` gives each variable's text, `captured` the captures' in
@@ -249,7 +254,7 @@ impl LogFormat {
                     out.push_str(t);
                     continue;
                 }
-                Piece::Var(i) => value(VARIABLES[*i]),
+                Piece::Var(i) => value(variable(*i)),
                 Piece::Captured(i) => captured.get(*i).cloned().unwrap_or_default(),
             };
             match self.escape {

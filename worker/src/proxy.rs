@@ -1926,9 +1926,10 @@ fn mtls_refusal(tls: &TlsInfo, certs: &Certs, path: &str, host: &str) -> Option<
     })
 }
 
-/// The variables of the connection rather than the request — `$scheme`, the `$ssl_*` ones
-/// (empty on the plain listener), `$pid` — as route `vars` and the access log read them;
-/// None: `name` is none of them.
+/// The variables of the connection rather than the request
+/// (`vars::CONNECTION_VARIABLES`: `$scheme`, the `$ssl_*` ones, empty on the plain listener,
+/// `$pid`), as route `vars`, the access log and plugins read them; None: `name` is none of
+/// them.
 pub fn connection_var<'a>(tls: Option<&'a TlsInfo>, name: &str) -> Option<Cow<'a, str>> {
     Some(Cow::Borrowed(match name {
         "scheme" => tls.map_or("http", |_| "https"),
@@ -2083,8 +2084,8 @@ mod tests {
             "127.0.0.1:9080".parse().unwrap(),
             None,
         );
-        let names = wasmgate_shared::model::vars::VARIABLES
-            .iter()
+        let names = (wasmgate_shared::model::vars::VARIABLES.iter())
+            .chain(&wasmgate_shared::model::vars::CONNECTION_VARIABLES)
             .copied()
             .chain(["arg_x", "http_host", "cookie_c"]);
         for name in names {

@@ -268,9 +268,8 @@ fn var(head: &Head, from: &Downstream, name: &str) -> Option<String> {
         "scheme" => text(head, ":scheme").to_string(),
         "server_addr" => from.local.ip().to_string(),
         "server_port" => from.local.port().to_string(),
-        // `$ssl_server_name`, `$ssl_protocol`, `$ssl_cipher`, `$ssl_session_reused`,
-        // `$ssl_client_verify`, `$pid`:
-        // as route `vars` and the access log read them.
+        // The connection's (`vars::CONNECTION_VARIABLES`), as route `vars` and the access
+        // log read them.
         _ => crate::proxy::connection_var(from.tls.as_deref(), name)?.into_owned(),
     })
 }

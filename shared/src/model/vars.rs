@@ -20,8 +20,9 @@ pub const MAX_DEPTH: usize = 8;
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 /// The variables the gateway gives `vars` and `chash` keys besides the families `arg_<name>`,
-/// `http_<header>` and `cookie_<name>` (the worker's `proxy::nginx_var`).
-pub const VARIABLES: [&str; 26] = [
+/// `http_<header>` and `cookie_<name>` (the worker's `proxy::nginx_var`), and besides
+/// [`CONNECTION_VARIABLES`].
+pub const VARIABLES: [&str; 15] = [
     "uri",
     "request_uri",
     "real_request_uri",
@@ -32,6 +33,17 @@ pub const VARIABLES: [&str; 26] = [
     "request_method",
     "remote_addr",
     "remote_port",
+    "server_addr",
+    "server_port",
+    "server_protocol",
+    "content_type",
+    "content_length",
+];
+
+/// The variables of the connection rather than the request — `$scheme`, the `$ssl_*` ones,
+/// `$pid` — which the worker's `proxy::connection_var` answers for route `vars`, the access
+/// log and plugins alike (and [`VARIABLES`] and the access log's list leave out).
+pub const CONNECTION_VARIABLES: [&str; 11] = [
     "scheme",
     "ssl_server_name",
     "ssl_protocol",
@@ -43,11 +55,6 @@ pub const VARIABLES: [&str; 26] = [
     "ssl_client_serial",
     "ssl_client_fingerprint",
     "pid",
-    "server_addr",
-    "server_port",
-    "server_protocol",
-    "content_type",
-    "content_length",
 ];
 
 /// Whether the gateway gives `name` a value (else it reads as absent).
@@ -56,6 +63,7 @@ pub fn known_variable(name: &str) -> bool {
         .iter()
         .any(|p| name.strip_prefix(p).is_some_and(|rest| !rest.is_empty()))
         || VARIABLES.contains(&name)
+        || CONNECTION_VARIABLES.contains(&name)
 }
 
 /// Splits a `vars_combinations` key (`"$remote_addr:$uri"`) into the text before its first
