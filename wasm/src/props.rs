@@ -77,48 +77,26 @@ fn fact<'a>(stream: &'a Stream, path: &[&str]) -> Option<Found<'a>> {
         ["connection", "id"] => Some(Found::Owned(from.connection.to_le_bytes().to_vec())),
         // A bool is one byte: whether the client showed a certificate its SSL object's CAs
         // issued.
-        ["connection", "mtls"] => {
-            let shown = from.tls.as_ref().is_some_and(|t| t.peer.is_some());
-            Some(Found::Borrowed(if shown { &[1] } else { &[0] }))
+        ["connection", "mtls"] => Some(Found::Borrowed(if from.peer().is_some() {
+            &[1]
+        } else {
+            &[0]
+        })),
+        ["connection", "sha256_peer_certificate_digest"] => {
+            Some(Found::Borrowed(from.peer()?.sha256.as_bytes()))
         }
-        ["connection", "sha256_peer_certificate_digest"] => Some(Found::Borrowed(
-            from.tls.as_ref()?.peer.as_ref()?.sha256.as_bytes(),
-        )),
         // RFC 2253's form, and the first DNS and URI names, as Envoy's.
         ["connection", "subject_peer_certificate"] => Some(Found::Borrowed(
-            from.tls
-                .as_ref()?
-                .peer
-                .as_ref()?
-                .holder
-                .as_ref()?
-                .subject
-                .as_bytes(),
+            from.peer()?.holder.as_ref()?.subject.as_bytes(),
         )),
-        ["connection", "dns_san_peer_certificate"] => Some(Found::Borrowed(
-            (from
-                .tls
-                .as_ref()?
-                .peer
-                .as_ref()?
-                .holder
-                .as_ref()?
-                .dns_san
-                .as_deref()?)
-            .as_bytes(),
-        )),
-        ["connection", "uri_san_peer_certificate"] => Some(Found::Borrowed(
-            (from
-                .tls
-                .as_ref()?
-                .peer
-                .as_ref()?
-                .holder
-                .as_ref()?
-                .uri_san
-                .as_deref()?)
-            .as_bytes(),
-        )),
+        ["connection", "dns_san_peer_certificate"] => {
+            let holder = from.peer()?.holder.as_ref()?;
+            Some(Found::Borrowed(holder.dns_san.as_deref()?.as_bytes()))
+        }
+        ["connection", "uri_san_peer_certificate"] => {
+            let holder = from.peer()?.holder.as_ref()?;
+            Some(Found::Borrowed(holder.uri_san.as_deref()?.as_bytes()))
+        }
         // Envoy's empty string when no name came with TLS (plain HTTP, or no SNI).
         ["connection", "requested_server_name"] => {
             Some(match from.tls.as_ref().and_then(|t| t.sni.as_ref()) {

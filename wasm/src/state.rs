@@ -93,6 +93,13 @@ pub struct Downstream {
     pub started: Instant,
 }
 
+impl Downstream {
+    /// The certificate its client showed (over TLS, to an SSL object that asked for one).
+    pub fn peer(&self) -> Option<&PeerCert> {
+        self.tls.as_ref()?.peer.as_deref()
+    }
+}
+
 /// What the log phase knows of a finished request: Envoy's `request.duration`,
 /// `request.total_size`, `response.size` (and the request body's size when it had no
 /// `Content-Length`).
