@@ -331,8 +331,7 @@ impl StatsView {
         if keys.is_empty() {
             return;
         }
-        let i = self.selected_index().unwrap_or(0) as isize;
-        let j = (i + delta).clamp(0, keys.len() as isize - 1) as usize;
+        let j = moved(self.selected_index().unwrap_or(0), delta, keys.len());
         self.selected = Some(keys[j].clone());
     }
 
@@ -768,8 +767,7 @@ impl App {
         if list.is_empty() {
             return;
         }
-        let i = self.route_index().unwrap_or(0) as isize;
-        let j = (i + delta).clamp(0, list.len() as isize - 1) as usize;
+        let j = moved(self.route_index().unwrap_or(0), delta, list.len());
         self.route_selected = Some(list[j].id.clone());
     }
 
@@ -1149,10 +1147,7 @@ impl App {
             Screen::Certificates => {
                 if let Some(d) = self.movement(&key) {
                     let n = self.ssls.data.as_ref().map_or(0, Vec::len);
-                    if n > 0 {
-                        self.cert_selected =
-                            (self.cert_selected as isize + d).clamp(0, n as isize - 1) as usize;
-                    }
+                    self.cert_selected = moved(self.cert_selected, d, n);
                 }
                 None
             }
@@ -1259,11 +1254,7 @@ impl App {
 
     fn workers_key(&mut self, key: KeyEvent) -> Option<Command> {
         if let Some(d) = self.movement(&key) {
-            let n = self.worker_count();
-            if n > 0 {
-                self.worker_selected =
-                    (self.worker_selected as isize + d).clamp(0, n as isize - 1) as usize;
-            }
+            self.worker_selected = moved(self.worker_selected, d, self.worker_count());
             return None;
         }
         if key.code == KeyCode::Char('R') && !self.reloading {
@@ -1299,6 +1290,11 @@ impl App {
             }
         }
     }
+}
+
+/// Row `at` of a list of `n` moved by `d`, within the list (0 for an empty one).
+fn moved(at: usize, d: isize, n: usize) -> usize {
+    (at as isize + d).clamp(0, (n as isize - 1).max(0)) as usize
 }
 
 /// Keys listed by the help overlay: (section, [(keys, what they do)]), as `on_key`, the

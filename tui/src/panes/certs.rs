@@ -126,8 +126,6 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
         })
         .collect();
     let table = super::grid(header, cells, area.width.saturating_sub(2)).block(b);
-    app.page.set(area.height.saturating_sub(3) as usize);
     let selected = (!rows.is_empty()).then_some(app.cert_selected);
-    let mut state = super::table_state(selected);
-    f.render_stateful_widget(table, area, &mut state);
+    super::draw_list(f, area, app, table, selected);
 }

@@ -19,6 +19,19 @@ pub fn table_state(selected: Option<usize>) -> TableState {
     TableState::default().with_selected(selected)
 }
 
+/// Draws a screen's list, `selected` highlighted, and keeps the rows it shows as the page
+/// PageUp/PageDown move by (inside its border, below its header).
+pub fn draw_list(
+    f: &mut ratatui::Frame,
+    area: ratatui::layout::Rect,
+    app: &crate::app::App,
+    table: Table<'static>,
+    selected: Option<usize>,
+) {
+    app.page.set(area.height.saturating_sub(3) as usize);
+    f.render_stateful_widget(table, area, &mut table_state(selected));
+}
+
 /// One row's cells: text and style.
 pub type Cells = Vec<(String, Style)>;
 

@@ -177,9 +177,7 @@ fn stats(f: &mut Frame, area: Rect, app: &App) {
         })
         .collect();
     let table = super::grid(header, table_rows, area.width.saturating_sub(2)).block(b);
-    app.page.set(area.height.saturating_sub(3) as usize);
-    let mut state = super::table_state(view.selection());
-    f.render_stateful_widget(table, area, &mut state);
+    super::draw_list(f, area, app, table, view.selection());
 }
 
 /// req/s over time, newest on the right.

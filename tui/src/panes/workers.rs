@@ -115,10 +115,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
         })
         .collect();
     let table = super::grid(header, rows, rest.width.saturating_sub(2)).block(b);
-    app.page.set(rest.height.saturating_sub(3) as usize);
     let selected = (!workers.is_empty()).then_some(app.worker_selected);
-    let mut state = super::table_state(selected);
-    f.render_stateful_widget(table, rest, &mut state);
+    super::draw_list(f, rest, app, table, selected);
 }
 
 /// `store etcd http://10.0.0.5:2379 /apisix  reachable  revision 812`, or why etcd is away.
