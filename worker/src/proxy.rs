@@ -109,10 +109,7 @@ impl Client {
 
     /// `$scheme`: `https` over the TLS listener.
     pub fn scheme(&self) -> &'static str {
-        match self.tls {
-            Some(_) => "https",
-            None => "http",
-        }
+        scheme_of(self.tls.as_deref())
     }
 
     /// Unique on the host while the worker lives: its pid, then a count of its connections.
@@ -1926,13 +1923,21 @@ fn mtls_refusal(tls: &TlsInfo, certs: &Certs, path: &str, host: &str) -> Option<
     })
 }
 
+/// `$scheme`: `https` for a connection over TLS.
+fn scheme_of(tls: Option<&TlsInfo>) -> &'static str {
+    match tls {
+        Some(_) => "https",
+        None => "http",
+    }
+}
+
 /// The variables of the connection rather than the request
 /// (`vars::CONNECTION_VARIABLES`: `$scheme`, the `$ssl_*` ones, empty on the plain listener,
 /// `$pid`), as route `vars`, the access log and plugins read them; None: `name` is none of
 /// them.
 pub fn connection_var<'a>(tls: Option<&'a TlsInfo>, name: &str) -> Option<Cow<'a, str>> {
     Some(Cow::Borrowed(match name {
-        "scheme" => tls.map_or("http", |_| "https"),
+        "scheme" => scheme_of(tls),
         "ssl_server_name" => tls.and_then(|t| t.sni.as_deref()).unwrap_or(""),
         "ssl_protocol" => tls.map_or("", |t| t.protocol),
         "ssl_cipher" => tls.map_or("", |t| t.cipher),
