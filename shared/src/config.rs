@@ -237,7 +237,7 @@ impl ApisixSection {
     /// The entries of `ssl.key_encrypt_salt` that are not 16-character keys (set aside).
     fn bad_salts(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         (self.ssl.key_encrypt_salt.iter().enumerate())
-            .filter(|(_, s)| s.0.len() != 16)
+            .filter(|(_, s)| crate::keyring::key(&s.0).is_none())
             .map(|(i, s)| (i, s.0.len()))
     }
 }

@@ -39,11 +39,16 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
+/// The AES-128 key an entry is: its 16 bytes, or None.
+pub fn key(entry: &str) -> Option<[u8; 16]> {
+    <[u8; 16]>::try_from(entry.as_bytes()).ok()
+}
+
 impl Keyring {
     /// The keyring of `entries` (each 16 bytes; none: keys are stored in clear).
     pub fn new<S: AsRef<str>>(entries: &[S]) -> Result<Keyring, String> {
         let keys = entries.iter().enumerate().map(|(i, e)| {
-            <[u8; 16]>::try_from(e.as_ref().as_bytes()).map_err(|_| {
+            key(e.as_ref()).ok_or_else(|| {
                 format!(
                     "entry {i} is {} bytes: AES-128 keys are 16 (APISIX's rule)",
                     e.as_ref().len()
@@ -60,11 +65,9 @@ impl Keyring {
         if self.0.is_empty() {
             self.1 = Seals::No;
         }
-        for e in more {
-            if let Ok(k) = <[u8; 16]>::try_from(e.as_ref().as_bytes()) {
-                if !self.0.contains(&k) {
-                    self.0.push(k);
-                }
+        for k in more.iter().filter_map(|e| key(e.as_ref())) {
+            if !self.0.contains(&k) {
+                self.0.push(k);
             }
         }
         self
