@@ -1911,10 +1911,7 @@ fn mtls_refusal(tls: &TlsInfo, certs: &Certs, path: &str, host: &str) -> Option<
             ));
         }
     }
-    let serving = certs.find(host)?;
-    if !serving.asks_client_cert() {
-        return None;
-    }
+    let serving = certs.asking_client_cert(host)?;
     let name = &*tls.name;
     (serving.salt() != tls.site || !name.eq_ignore_ascii_case(host)).then(|| {
         format!(

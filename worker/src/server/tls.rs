@@ -234,6 +234,8 @@ pub struct Certs {
     exact: FastMap<String, Arc<Site>>,
     /// `*.example.com` under `.example.com`.
     wildcard: FastMap<String, Arc<Site>>,
+    /// Some site asks its clients for certificates: requests' hosts are looked up.
+    asks_client_certs: bool,
 }
 
 impl Certs {
@@ -242,6 +244,7 @@ impl Certs {
     pub fn new<'a>(sites: impl Iterator<Item = (&'a [String], &'a Arc<Site>)>) -> Certs {
         let mut c = Certs::default();
         for (names, site) in sites {
+            c.asks_client_certs |= site.asks_client_cert();
             for name in names {
                 let (map, key) = match name.strip_prefix('*') {
                     Some(suffix) => (&mut c.wildcard, suffix),
@@ -253,8 +256,17 @@ impl Certs {
         c
     }
 
+    /// The site that serves `name` when it asks its clients for certificates (no lookup when
+    /// none does, the usual case).
+    pub fn asking_client_cert(&self, name: &str) -> Option<&Arc<Site>> {
+        match self.asks_client_certs {
+            true => self.find(name).filter(|s| s.asks_client_cert()),
+            false => None,
+        }
+    }
+
     /// The site for `name` (lower-cased already): exact, then the longest wildcard.
-    pub fn find(&self, name: &str) -> Option<&Arc<Site>> {
+    fn find(&self, name: &str) -> Option<&Arc<Site>> {
         if let Some(site) = self.exact.get(name) {
             return Some(site);
         }
