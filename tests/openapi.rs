@@ -418,6 +418,7 @@ fn admin_api_answers_match_openapi_document() {
         "timeout": {"connect": 5, "send": 5, "read": 5.5},
         "name": "main",
         "labels": {"team": "edge"},
+        "checks": {"active": {"type": "tcp"}, "passive": {"unhealthy": {"http_statuses": [502]}}},
     });
     let created = api.expect(201, "PUT", "/apisix/admin/upstreams/u1", Some(u1.clone()));
     let replaced = api.expect(200, "PUT", "/apisix/admin/upstreams/u1", Some(u1));
@@ -449,6 +450,11 @@ fn admin_api_answers_match_openapi_document() {
     );
     let entry = api.expect(200, "GET", "/apisix/admin/upstreams/u1", None);
     assert_eq!(entry["key"], "/apisix/upstreams/u1");
+    // Its node, probed (TCP) by the master: healthy.
+    eventually(Duration::from_secs(5), "u1's node checked", || {
+        let hc = api.expect(200, "GET", "/wasmgate/healthcheck", None);
+        hc[0]["nodes"][0]["status"] == "healthy" && hc[0]["name"] == "/apisix/upstreams/u1"
+    });
     let list = api.expect(200, "GET", "/apisix/admin/upstreams", None);
     assert_eq!(list["total"], 3);
     api.expect(

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod cli;
 mod daemon;
 pub mod etcd;
+pub mod health;
 mod keys;
 mod listeners;
 mod lock;

@@ -91,6 +91,8 @@ struct Scrape {
     modify_indexes: Vec<(String, u64)>,
     /// Each served SSL object's certificate expiry (notAfter, Unix seconds), by id.
     certificates: Vec<(String, i64)>,
+    /// Each checked node: its upstream's key, address, port and 1 when healthy.
+    upstream_status: Vec<(String, String, u16, bool)>,
 }
 
 /// Every route's traffic summed over the workers, those that left included (by route id;
@@ -131,6 +133,16 @@ pub fn render(m: &Master) -> String {
     let ssls = ssl_revisions(&store);
     drop(store);
     scrape.certificates = certificates(ssls);
+    scrape.upstream_status = (m.health.nodes().into_iter())
+        .map(|(l, state)| {
+            (
+                format!("/apisix/{}", l.owner),
+                l.host,
+                l.port,
+                state.healthy,
+            )
+        })
+        .collect();
     scrape.page()
 }
 
@@ -231,6 +243,7 @@ impl Scrape {
             services: BTreeMap::new(),
             modify_indexes: Vec::new(),
             certificates: Vec::new(),
+            upstream_status: Vec::new(),
         };
         for i in 0..SLOTS {
             let s = seg.slot(i);
@@ -362,6 +375,18 @@ impl Scrape {
             &format!("{p}ssl_certificate_not_after_seconds"),
             "When each served SSL object's certificates expire (the earliest notAfter of cert and certs), Unix seconds: alert on it minus time().",
             (self.certificates.iter()).map(|(id, end)| (vec![("id", id.clone())], *end)),
+        );
+        enc.gauge(
+            &format!("{p}upstream_status"),
+            "Health of each node of the upstreams with health checks: 1 healthy, 0 unhealthy.",
+            (self.upstream_status.iter()).map(|(name, ip, port, healthy)| {
+                let labels = vec![
+                    ("name", name.clone()),
+                    ("ip", ip.clone()),
+                    ("port", port.to_string()),
+                ];
+                (labels, i64::from(*healthy))
+            }),
         );
         self.encode_workers(enc);
         self.encode_contexts(enc);
@@ -611,6 +636,7 @@ mod tests {
             services: BTreeMap::new(),
             modify_indexes: Vec::new(),
             certificates: Vec::new(),
+            upstream_status: Vec::new(),
         };
         scrape.page()
     }

@@ -157,6 +157,7 @@ pub fn run(
             keys,
             control_tx,
             etcd.clone(),
+            crate::health::Checker::new().context("cannot create the health segment")?,
         ));
         master.publish_current().map_err(anyhow::Error::msg)?;
         let admin = Served::start(admin, Server::Admin, &master)?;
@@ -171,12 +172,14 @@ pub fn run(
         let sessions = TlsSessions::create().context("cannot create the TLS session cache")?;
         let sessions_fd = listeners::dup_high(&sessions.fd().try_clone_to_owned()?)?;
         tokio::spawn(rotate_ticket_keys(sessions));
+        let health_fd = listeners::dup_high(&master.health.shm().fd().try_clone_to_owned()?)?;
+        tokio::spawn(crate::health::run(master.clone()));
         let (sup, exits) = Supervisor::new(
             master.clone(),
             proxy,
             plugins,
             shm_fd,
-            sessions_fd,
+            (sessions_fd, health_fd),
             opts.prefix.clone(),
             opts.foreground,
         );

@@ -72,6 +72,8 @@ pub struct Master {
     pub etcd: Option<Arc<crate::etcd::Etcd>>,
     /// The counters of workers that left; every export adds them to the live workers'.
     retired: Mutex<crate::retired::Retired>,
+    /// Upstream nodes' health: the segment the workers share and what the master probes.
+    pub health: crate::health::Checker,
 }
 
 impl Master {
@@ -86,6 +88,7 @@ impl Master {
         keys: Vec<ApiKey>,
         control: tokio::sync::mpsc::UnboundedSender<Control>,
         etcd: Option<Arc<crate::etcd::Etcd>>,
+        health: crate::health::Checker,
     ) -> Master {
         let catalog = Arc::new(config.catalog());
         Master {
@@ -101,6 +104,7 @@ impl Master {
             epoch: std::sync::atomic::AtomicU64::new(0),
             etcd,
             retired: Mutex::default(),
+            health,
         }
     }
 

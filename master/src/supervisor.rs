@@ -57,8 +57,10 @@ struct SpawnCtx {
     plugins: Vec<OwnedFd>,
     /// The plugins' shared memory at fd ≥ 64, passed after the plugins.
     plugin_shm: OwnedFd,
-    /// The TLS sessions every worker resumes (fd ≥ 64), passed last.
+    /// The TLS sessions every worker resumes (fd ≥ 64), passed after the plugins' memory.
     tls_sessions: OwnedFd,
+    /// The upstream nodes' health (fd ≥ 64), passed last.
+    health: OwnedFd,
     exits: mpsc::UnboundedSender<(u32, String)>,
     prefix: std::path::PathBuf,
     /// `start --foreground`: workers log to standard error too, as the master does.
@@ -81,7 +83,7 @@ impl Supervisor {
         listeners: Vec<Listener>,
         plugins: Vec<OwnedFd>,
         plugin_shm: OwnedFd,
-        tls_sessions: OwnedFd,
+        (tls_sessions, health): (OwnedFd, OwnedFd),
         prefix: std::path::PathBuf,
         stderr: bool,
     ) -> (Supervisor, mpsc::UnboundedReceiver<(u32, String)>) {
@@ -94,6 +96,7 @@ impl Supervisor {
                     plugins,
                     plugin_shm,
                     tls_sessions,
+                    health,
                     exits: tx,
                     prefix,
                     stderr,
@@ -342,9 +345,11 @@ impl SpawnCtx {
         let mut fds: Vec<RawFd> = vec![self.master.segment.fd().as_raw_fd()];
         fds.extend(self.listeners.iter().map(|l| l.fd.as_raw_fd()));
         fds.extend(self.plugins.iter().map(|p| p.as_raw_fd()));
-        // Then the plugins' shared memory and the TLS sessions (see worker/src/lib.rs).
+        // Then the plugins' shared memory, the TLS sessions and the nodes' health (see
+        // worker/src/lib.rs).
         fds.push(self.plugin_shm.as_raw_fd());
         fds.push(self.tls_sessions.as_raw_fd());
+        fds.push(self.health.as_raw_fd());
         let master_pid = std::process::id() as libc::pid_t;
         let mut cmd = tokio::process::Command::new(worker_exe());
         // Told by the environment, not an argument, so that `ps` shows nginx's title alone.

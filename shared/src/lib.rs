@@ -21,6 +21,7 @@ pub const WORKER_ENV: &str = "WASMGATE_WORKER";
 pub mod alloc;
 pub mod apisix_keys;
 pub mod config;
+pub mod health;
 pub mod keyring;
 pub mod logformat;
 pub mod logging;

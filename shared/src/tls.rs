@@ -197,6 +197,86 @@ fn escape_dn_value(s: &str) -> String {
     out
 }
 
+/// The CAs a certificate is checked against: the system's store when `cas` asks for it, then
+/// the files of `apisix.ssl.ssl_trusted_certificate` (relative to `prefix`).
+pub fn trusted_roots(
+    prefix: &std::path::Path,
+    cas: &crate::config::TrustedCas,
+) -> Result<rustls::RootCertStore, String> {
+    let mut store = rustls::RootCertStore::empty();
+    if cas.system {
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::warn!("the system's CA store: {e}");
+        }
+        let (added, _) = store.add_parsable_certificates(found.certs);
+        if added == 0 {
+            tracing::warn!("the system's CA store has no certificate");
+        }
+    }
+    for cert in cas.read_files(prefix)? {
+        store
+            .add(cert)
+            .map_err(|e| format!("apisix.ssl.ssl_trusted_certificate: {e}"))?;
+    }
+    Ok(store)
+}
+
+/// A verifier that takes any certificate, for settings that turn checking off.
+pub fn unverified() -> Arc<Unverified> {
+    Arc::new(Unverified(provider()))
+}
+
+/// Accepts any certificate (`tls.verify` off) while still checking that the node holds the
+/// key of the one it showed.
+#[derive(Debug)]
+pub struct Unverified(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

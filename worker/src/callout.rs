@@ -94,7 +94,6 @@ fn resolve(w: &Worker, target: &str, host: Option<&HeaderValue>) -> Result<Desti
     let cfg = w.live.current();
     if let Some(up) = cfg.upstream(target) {
         let idx = up
-            .balancer
             .pick(None, &[])
             .ok_or_else(|| format!("upstream {target} has no node"))?;
         let tls = up.handshake(idx, host).map_err(|e| e.to_string())?;

@@ -140,11 +140,16 @@ pub fn run() -> anyhow::Result<()> {
     let plugin_shm = wasmgate_shared::plugin_shm::PluginShm::open(plugin_shm)
         .context("mapping the plugins' shared memory")?;
     wasmgate_wasm::shared::install(Arc::new(plugin_shm));
-    // SAFETY: and the TLS sessions segment last (master/src/supervisor.rs).
+    // SAFETY: then the TLS sessions segment (master/src/supervisor.rs).
     let sessions = unsafe { OwnedFd::from_raw_fd(first_plugin + boot.plugins as i32 + 1) };
     let sessions = wasmgate_shared::tls_sessions::SessionShm::open(sessions)
         .context("mapping the TLS session cache")?;
     server::tls::share_sessions(Arc::new(sessions));
+    // SAFETY: and the nodes' health after them (master/src/supervisor.rs).
+    let health = unsafe { OwnedFd::from_raw_fd(first_plugin + boot.plugins as i32 + 2) };
+    let health = wasmgate_shared::health::HealthShm::open(health)
+        .context("mapping the nodes' health segment")?;
+    upstream::health::install(health);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -428,8 +428,9 @@ impl Table {
     fn upstream_object(&mut self, id: &str, new: Option<(u64, Upstream)>) {
         let old = (self.objects.upstreams.get(id)).map(|(rev, _)| upstream_key(id, *rev).into());
         if let Some((revision, u)) = &new {
+            let key = upstream_key(id, *revision).into();
             self.build()
-                .upstream(upstream_key(id, *revision).into(), u, None);
+                .upstream(key, u, None, &format!("upstreams/{id}"));
         }
         release(&mut self.upstreams, old);
         put(&mut self.objects.upstreams, id, new);
@@ -662,23 +663,32 @@ impl Build<'_> {
             c.deps.upstream = Some((uid.to_string(), found.map(|u| u.0)));
             let (urev, u) = found?;
             *revision = (*revision).max(*urev);
-            Some((owner(upstream_key(uid, *urev)), u))
+            Some((
+                owner(upstream_key(uid, *urev)),
+                u,
+                format!("upstreams/{uid}"),
+            ))
         };
-        let (key, u): (String, &Upstream) = if let Some(uid) = &route.upstream_id {
+        let (key, u, holder): (String, &Upstream, String) = if let Some(uid) = &route.upstream_id {
             by_id(&uid.0)?
         } else if let Some(u) = &route.upstream {
-            (format!("route:{id}:{rev}"), u)
+            (format!("route:{id}:{rev}"), u, format!("routes/{id}"))
         } else if let Some((sid, (srev, s))) = service {
             if let Some(uid) = &s.upstream_id {
                 by_id(&uid.0)?
             } else {
-                (owner(format!("service:{sid}:{srev}")), s.upstream.as_ref()?)
+                let u = s.upstream.as_ref()?;
+                (
+                    owner(format!("service:{sid}:{srev}")),
+                    u,
+                    format!("services/{sid}"),
+                )
             }
         } else {
             return None;
         };
         let key: Arc<str> = key.into();
-        let rt = self.upstream(key.clone(), u, timeout);
+        let rt = self.upstream(key.clone(), u, timeout, &holder);
         Some((key, rt))
     }
 
@@ -688,11 +698,12 @@ impl Build<'_> {
         key: Arc<str>,
         u: &Upstream,
         timeout: Option<&Timeout>,
+        holder: &str,
     ) -> Arc<UpstreamRuntime> {
         let held = self
             .upstreams
             .entry(key)
-            .or_insert_with(|| (Arc::new(UpstreamRuntime::new(u, timeout)), 0));
+            .or_insert_with(|| (Arc::new(UpstreamRuntime::new(u, timeout, holder)), 0));
         held.1 += 1;
         held.0.clone()
     }

@@ -23,6 +23,7 @@ use crate::server::tls::Certs;
 use crate::server::ClientBody;
 use crate::tunnel::{self, Carried};
 use crate::upstream::h1::{ExchangeError, ResponseBody};
+use crate::upstream::health::Attempt;
 use crate::upstream::pool::{Conn, ConnectError};
 use crate::upstream::{Busy, UpstreamRuntime};
 use crate::wasm_body::{BodyFailure, PluginBody, Primed};
@@ -840,10 +841,7 @@ async fn forward(
     let mut why = AnswerDetails::of("no_healthy_upstream", flags::NO_HEALTHY_UPSTREAM);
     log.https = up.tls.is_some();
     loop {
-        let Some(idx) = up
-            .balancer
-            .pick(hash_key.as_deref().map(str::as_bytes), &tried)
-        else {
+        let Some(idx) = up.pick(hash_key.as_deref().map(str::as_bytes), &tried) else {
             // Nothing to pick at all (no node, or only weight-0 ones): APISIX's 502 and line.
             if tried.is_empty() {
                 let at = upstream_context(client, parts, None, client_host.as_ref());
@@ -889,10 +887,19 @@ async fn forward(
                     ),
                 }
                 // A connect that timed out is a gateway timeout, as nginx answers it.
-                let (status, reason) = match e {
-                    ConnectError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, CONNECT_TIMEOUT),
-                    _ => (StatusCode::BAD_GATEWAY, CONNECT_FAILURE),
+                let (status, reason, attempt) = match e {
+                    ConnectError::Timeout(_) => (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        CONNECT_TIMEOUT,
+                        Attempt::TimedOut,
+                    ),
+                    _ => (
+                        StatusCode::BAD_GATEWAY,
+                        CONNECT_FAILURE,
+                        Attempt::ConnectFailed,
+                    ),
                 };
+                up.observe(idx, attempt);
                 why = AnswerDetails::of(reason, flags::UPSTREAM_CONNECTION_FAILURE);
                 log.addrs.push(authority);
                 log.status = Some(status.as_u16());
@@ -917,6 +924,7 @@ async fn forward(
         match send(w, conn, request, (b, no_body), &authority, up).await {
             Exchange::Response(resp) => {
                 log.status = Some(resp.status().as_u16());
+                up.observe(idx, Attempt::Answered(resp.status().as_u16()));
                 let now = Instant::now();
                 log.time = Some(now - started);
                 log.answered = Some(now);
@@ -948,6 +956,7 @@ async fn forward(
                     || AnswerDetails::of(TERMINATED, flags::UPSTREAM_CONNECTION_TERMINATION);
                 let status = match outcome {
                     Exchange::Timeout(phase) => {
+                        up.observe(idx, Attempt::TimedOut);
                         let at = upstream_context(
                             client,
                             parts,
@@ -970,6 +979,7 @@ async fn forward(
                             return client_failed(status);
                         }
                         None => {
+                            up.observe(idx, Attempt::Broken);
                             let host = client_host.as_ref();
                             let at = upstream_context(
                                 client,
@@ -989,6 +999,7 @@ async fn forward(
                         }
                     },
                     _ => {
+                        up.observe(idx, Attempt::Broken);
                         why = terminated();
                         StatusCode::BAD_GATEWAY
                     }

@@ -314,6 +314,7 @@ async fn wasmgate_endpoint(
         (&Method::GET, "stats") => reply(200, status::stats(m)),
         (&Method::GET, "traffic") => reply(200, status::traffic(m)),
         (&Method::GET, "plugins") => reply(200, status::plugins(m)),
+        (&Method::GET, "healthcheck") => reply(200, status::healthcheck(m)),
         (&Method::GET, "log") => {
             let lines = query
                 .iter()

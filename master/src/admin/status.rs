@@ -267,6 +267,36 @@ pub fn plugins(m: &Master) -> Value {
     json!({ "plugins": list })
 }
 
+/// `GET /wasmgate/healthcheck`: the upstreams with health checks and each node's state, in
+/// the shape of APISIX's control API `GET /v1/healthcheck`.
+pub fn healthcheck(m: &Master) -> Value {
+    let mut upstreams: Vec<Value> = Vec::new();
+    let mut last: Option<String> = None;
+    for (l, state) in m.health.nodes() {
+        let name = format!("/apisix/{}", l.owner);
+        if last.as_ref() != Some(&name) {
+            upstreams.push(json!({"name": name, "type": l.kind, "nodes": []}));
+            last = Some(name);
+        }
+        let node = json!({
+            "ip": l.host,
+            "port": l.port,
+            "status": if state.healthy { "healthy" } else { "unhealthy" },
+            "since": (state.since > 0).then_some(state.since),
+            "counter": {
+                "success": state.successes,
+                "http_failure": state.http_failures,
+                "tcp_failure": state.tcp_failures,
+                "timeout_failure": state.timeouts,
+            },
+        });
+        if let Some(Value::Array(nodes)) = upstreams.last_mut().and_then(|u| u.get_mut("nodes")) {
+            nodes.push(node);
+        }
+    }
+    Value::Array(upstreams)
+}
+
 /// Most error-log lines `GET /wasmgate/log` returns.
 pub const MAX_LOG_LINES: usize = 2000;
 /// Bytes read from the end of the error log at most.

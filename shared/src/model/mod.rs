@@ -6,6 +6,7 @@
 //! the JSON text of validated objects; workers parse the same text back into these types, so both
 //! sides read one definition.
 
+pub mod checks;
 mod common;
 mod plugins;
 mod route;
@@ -221,10 +222,6 @@ fn typed<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
 /// Why wasmgate has no field APISIX has in its routes, services and upstreams.
 fn unsupported_apisix_field(field: &str) -> Option<&'static str> {
     Some(match field {
-        "checks" => {
-            "health checks: a node that cannot be reached is skipped for the request, which \
-             goes to the next node, up to `retries`"
-        }
         "plugin_config_id" => "plugin configs: put the plugins on the route or its service",
         "filter_func" | "script" | "script_id" => "Lua: match with `vars`, act with wasm plugins",
         "discovery_type" | "service_name" | "discovery_args" => {
@@ -319,11 +316,17 @@ mod tests {
     #[test]
     fn apisix_fields_wasmgate_lacks_say_so() {
         let e = |body| validate(Kind::Routes, &body, &catalog()).unwrap_err();
-        let msg = e(json!({"uri": "/", "upstream": {"nodes": {"a:1": 1}, "checks": {}}}));
+        let msg = e(json!({"uri": "/", "upstream": {"nodes": {"a:1": 1}, "service_name": "a"}}));
         assert!(
             msg.starts_with(
-                "invalid configuration: property \"upstream.checks\" is not supported by wasmgate (health checks"
+                "invalid configuration: property \"upstream.service_name\" is not supported by wasmgate (service discovery"
             ),
+            "{msg}"
+        );
+        // Health checks are taken, and checked.
+        let msg = e(json!({"uri": "/", "upstream": {"nodes": {"a:1": 1}, "checks": {}}}));
+        assert!(
+            msg.contains("property \"upstream.checks.active\" validation failed: required"),
             "{msg}"
         );
         let msg = e(json!({"uri": "/", "upstream_id": "1", "plugin_config_id": "p"}));

@@ -207,6 +207,9 @@ pub struct Upstream {
     pub tls: Option<UpstreamTls>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive_pool: Option<KeepalivePool>,
+    /// Health checks: nodes found unhealthy are left out while a healthy one remains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checks: Option<super::checks::Checks>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_time: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -275,6 +278,9 @@ impl Upstream {
                     format!("{s:?}: {why} (expected \"http\" or \"https\")"),
                 ));
             }
+        }
+        if let Some(checks) = &self.checks {
+            checks.check(&field("checks"))?;
         }
         if let Some(tls) = &self.tls {
             if tls.client_cert_id.is_some() {

@@ -3,6 +3,7 @@
 
 pub mod balancer;
 pub mod h1;
+pub mod health;
 pub mod io;
 pub mod pool;
 pub mod tls;
@@ -36,6 +37,8 @@ pub struct UpstreamRuntime {
     pub key: Option<String>,
     /// `scheme: https`: the TLS client settings, or why they cannot be used.
     pub tls: Option<Result<tls::Settings, Arc<str>>>,
+    /// `checks`: the nodes' health, read and (passive checks) counted.
+    pub health: Option<health::NodeHealth>,
 }
 
 /// Node `idx` of an upstream counted busy by its balancer (`least_conn`) until this is dropped:
@@ -85,9 +88,35 @@ impl UpstreamRuntime {
         }
     }
 
+    /// Picks a node for one attempt, leaving out the nodes already `tried` and, while another
+    /// remains, those found unhealthy.
+    pub fn pick(&self, hash_key: Option<&[u8]>, tried: &[usize]) -> Option<usize> {
+        let Some(health) = &self.health else {
+            return self.balancer.pick(hash_key, tried);
+        };
+        let mut skip = tried.to_vec();
+        health.unhealthy(&mut skip);
+        if skip.len() > tried.len() {
+            if let Some(i) = self.balancer.pick(hash_key, &skip) {
+                return Some(i);
+            }
+        }
+        // Every node left is unhealthy: they are tried all the same (APISIX's fallback), a
+        // node may be back before its checks say so.
+        self.balancer.pick(hash_key, tried)
+    }
+
+    /// Counts one attempt on node `idx` for passive health checks.
+    pub fn observe(&self, idx: usize, attempt: health::Attempt) {
+        if let Some(h) = &self.health {
+            h.observe(idx, attempt, &self.authorities[idx]);
+        }
+    }
+
     /// Compiles a validated upstream; `route_timeout` (a route's `timeout`) wins over the
-    /// upstream's own.
-    pub fn new(u: &Upstream, route_timeout: Option<&Timeout>) -> UpstreamRuntime {
+    /// upstream's own. `owner` names the object it belongs to (`upstreams/1`, `routes/7`,
+    /// `services/2`): nodes' health is kept under it.
+    pub fn new(u: &Upstream, route_timeout: Option<&Timeout>, owner: &str) -> UpstreamRuntime {
         let nodes = u.normalized_nodes().unwrap_or_default();
         let kind = match u.lb {
             LbType::Roundrobin => BalancerKind::RoundRobin,
@@ -134,6 +163,7 @@ impl UpstreamRuntime {
                 })
             }),
             authorities: nodes.iter().map(|n| Arc::from(n.authority())).collect(),
+            health: health::NodeHealth::new(owner, &nodes, u.checks.as_ref()),
             nodes,
         }
     }

@@ -8,9 +8,8 @@
 //! `apisix.ssl.ssl_trusted_certificate` (the system's store by default), read when the worker
 //! compiles its first upstream with `tls.verify`: most workers never have one.
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, RootCertStore};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use wasmgate_shared::config::TrustedCas;
@@ -38,23 +37,7 @@ fn roots() -> Result<Arc<RootCertStore>, String> {
                 };
                 (PathBuf::from("/"), system)
             });
-            let mut store = RootCertStore::empty();
-            if cas.system {
-                let found = rustls_native_certs::load_native_certs();
-                for e in &found.errors {
-                    tracing::warn!("the system's CA store: {e}");
-                }
-                let (added, _) = store.add_parsable_certificates(found.certs);
-                if added == 0 {
-                    tracing::warn!("the system's CA store has no certificate");
-                }
-            }
-            for cert in cas.read_files(&prefix)? {
-                store
-                    .add(cert)
-                    .map_err(|e| format!("apisix.ssl.ssl_trusted_certificate: {e}"))?;
-            }
-            Ok(Arc::new(store))
+            wasmgate_shared::tls::trusted_roots(&prefix, &cas).map(Arc::new)
         })
         .clone()
 }
@@ -71,7 +54,7 @@ fn client_config(tls: Option<&UpstreamTls>) -> Result<Arc<ClientConfig>, String>
         true => builder.with_root_certificates(roots()?),
         false => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unverified(provider()))),
+            .with_custom_certificate_verifier(wasmgate_shared::tls::unverified()),
     };
     let identity = tls
         .map(UpstreamTls::client_identity)
@@ -169,56 +152,6 @@ fn session_tag(fingerprint: u64, name: &ServerName<'_>) -> Arc<str> {
         _ => String::new(),
     };
     Arc::from(format!("{fingerprint:016x} {name}"))
-}
-
-/// Accepts any certificate (`tls.verify` off) while still checking that the node holds the
-/// key of the one it showed.
-#[derive(Debug)]
-struct Unverified(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]
