@@ -597,3 +597,35 @@ fn certificates_screen_lists_ssl_objects_by_expiry() {
     assert_line(&s, &["a", "a.example.com", "4096-01-01", "on"]);
     assert_line(&s, &["b", "b.example.com", "4096-01-01", "on"]);
 }
+
+/// The routes screen's `healthy` column: nodes the gateway's health checks found healthy, of
+/// all the nodes of the route's upstream (a node nothing listens on fails its TCP probes).
+#[test]
+fn routes_screen_shows_upstream_health() {
+    let gw = Gateway::start();
+    let up = TestUpstream::start("up");
+    let dead = format!("127.0.0.1:{}", common::free_port());
+    let checks =
+        json!({"active": {"type": "tcp", "unhealthy": {"interval": 1, "tcp_failures": 1}}});
+    let nodes = json!({up.addr(): 1, dead: 1});
+    put(
+        &gw,
+        "/apisix/admin/routes/checked",
+        json!({"uri": "/checked", "upstream": {"nodes": nodes, "checks": checks}}),
+    );
+    put(
+        &gw,
+        "/apisix/admin/routes/plain",
+        json!({"uri": "/plain", "upstream": {"nodes": {up.addr(): 1}}}),
+    );
+    let c = client(&gw);
+    let mut app = console(&gw);
+    let p = poll_until(&c, "the dead node found", |p| {
+        let h = p.health.as_ref().ok();
+        h.and_then(|h| h.of("/apisix/routes/checked")) == Some((1, 2))
+    });
+    app.on_update(Update::Poll(p));
+    let s = screen(&app, (120, 30));
+    assert_line(&s, &["checked", "/checked", "1/2", "enabled"]);
+    assert_line(&s, &["plain", "/plain", " - ", "enabled"]);
+}

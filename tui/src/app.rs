@@ -5,7 +5,7 @@
 use crate::client::ApiError;
 use crate::editor::TextArea;
 use crate::model::{
-    ContextKey, GatewayStatus, LogTail, Plugins, Route, StatContext, Stats, Traffic,
+    ContextKey, GatewayStatus, Health, LogTail, Plugins, Route, StatContext, Stats, Traffic,
 };
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use serde_json::Value;
@@ -97,6 +97,8 @@ pub struct Poll {
     pub stats: Result<Stats, ApiError>,
     pub log: Result<LogTail, ApiError>,
     pub traffic: Result<Traffic, ApiError>,
+    /// The health of checked upstreams' nodes.
+    pub health: Result<Health, ApiError>,
 }
 
 /// What the transport thread reports.
@@ -597,6 +599,7 @@ pub struct App {
     pub log: Feed<LogTail>,
     /// Each route's requests by status class (the Routes table's counts).
     pub traffic: Feed<Traffic>,
+    pub health: Feed<Health>,
     /// Lines scrolled up from the end of the log (0: follow it).
     pub log_scroll: usize,
     /// Lines the log's pane showed at its last drawing: scrolling back stops once its first
@@ -643,6 +646,7 @@ impl App {
             stats: StatsView::default(),
             log: Feed::default(),
             traffic: Feed::default(),
+            health: Feed::default(),
             log_scroll: 0,
             log_view: std::cell::Cell::new(0),
             log_hscroll: 0,
@@ -830,6 +834,7 @@ impl App {
                 self.stats.apply(p.stats, p.at);
                 self.apply_log(p.log);
                 self.traffic.apply(p.traffic);
+                self.health.apply(p.health);
             }
             Update::Done { command, result } => self.on_done(command, result),
         }
@@ -1392,6 +1397,7 @@ mod tests {
             plugins: Ok(Plugins::default()),
             stats: Ok(stats),
             traffic: Ok(Traffic::default()),
+            health: Ok(Health::default()),
             log: Ok(LogTail::default()),
         }))
     }
@@ -2079,6 +2085,7 @@ mod tests {
             stats: Ok(Stats::default()),
             log: Ok(lines(50)),
             traffic: Ok(Traffic::default()),
+            health: Ok(Health::default()),
         };
         app.on_update(Update::Poll(Box::new(p.clone())));
         app.on_key(key(KeyCode::Up));

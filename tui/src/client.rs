@@ -1,7 +1,7 @@
 //! A blocking client for the Admin API: the reads the console polls and the writes its keys
 //! make. It never runs on the UI thread (see [`crate::transport`]).
 
-use crate::model::{self, GatewayStatus, LogTail, Plugins, Route, Stats, Traffic};
+use crate::model::{self, GatewayStatus, Health, LogTail, Plugins, Route, Stats, Traffic};
 use serde_json::Value;
 use std::fmt;
 use std::time::Duration;
@@ -207,6 +207,11 @@ impl Client {
     /// `GET /wasmgate/plugins`.
     pub fn plugins(&self) -> Result<Plugins, ApiError> {
         self.get_as("/wasmgate/plugins")
+    }
+
+    /// `GET /wasmgate/healthcheck`.
+    pub fn health(&self) -> Result<Health, ApiError> {
+        self.get_as("/wasmgate/healthcheck")
     }
 
     /// `GET /wasmgate/traffic`.

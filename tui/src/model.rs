@@ -79,6 +79,20 @@ impl Route {
         "-".to_string()
     }
 
+    /// The key its upstream's health is kept under (`/apisix/upstreams/1`, its own
+    /// `/apisix/routes/ID`, or its service's), given its service.
+    pub fn upstream_key(&self, service: Option<&Route>) -> Option<String> {
+        let own = |r: &Route, kind: &str| {
+            if let Some(id) = r.value.get("upstream_id") {
+                return Some(format!("/apisix/upstreams/{}", scalar(id)));
+            }
+            r.value
+                .get("upstream")
+                .map(|_| format!("/apisix/{kind}/{}", r.id))
+        };
+        own(self, "routes").or_else(|| own(service?, "services"))
+    }
+
     /// `service_id`: the service whose hosts, plugins and upstream the route takes.
     pub fn service_id(&self) -> Option<String> {
         self.value.get("service_id").map(scalar)
@@ -218,6 +232,53 @@ pub struct PluginInstance {
 pub struct Plugins {
     #[serde(deserialize_with = "de_list")]
     pub plugins: Vec<PluginInfo>,
+}
+
+/// `GET /wasmgate/healthcheck`: the upstreams with health checks, by key
+/// (`/apisix/upstreams/1`), and how many of their nodes are healthy.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(from = "Vec<CheckedUpstream>")]
+pub struct Health {
+    by_key: std::collections::HashMap<String, (usize, usize)>,
+}
+
+/// One entry of [`Health`] as answered.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct CheckedUpstream {
+    name: String,
+    #[serde(deserialize_with = "de_list")]
+    nodes: Vec<CheckedNode>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct CheckedNode {
+    status: String,
+}
+
+impl From<Vec<CheckedUpstream>> for Health {
+    fn from(list: Vec<CheckedUpstream>) -> Health {
+        let by_key = (list.into_iter())
+            .map(|u| {
+                let healthy = u.nodes.iter().filter(|n| n.status == "healthy").count();
+                (u.name, (healthy, u.nodes.len()))
+            })
+            .collect();
+        Health { by_key }
+    }
+}
+
+impl Health {
+    /// Healthy nodes and all nodes of the upstream `key`, when it is checked.
+    pub fn of(&self, key: &str) -> Option<(usize, usize)> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Whether no upstream has health checks.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
 }
 
 /// `GET /wasmgate/traffic`: each route's requests by status class.

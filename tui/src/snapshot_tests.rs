@@ -131,6 +131,13 @@ fn app() -> App {
         stats: Ok(stats([100, 40, 0])),
         log: Ok(log),
         traffic: Ok(traffic),
+        // Route 1's own upstream is checked and healthy; one node of `backend` is down.
+        health: Ok(serde_json::from_value(json!([
+            {"name": "/apisix/routes/1", "type": "http", "nodes": [{"status": "healthy"}]},
+            {"name": "/apisix/upstreams/backend", "type": "tcp",
+             "nodes": [{"status": "healthy"}, {"status": "unhealthy"}]},
+        ]))
+        .unwrap()),
     };
     app.on_update(Update::Poll(Box::new(p.clone())));
     for (i, n) in [[120, 45, 2], [150, 46, 2], [190, 52, 5]]
@@ -325,6 +332,7 @@ fn endpoints_not_there_yet() {
         stats: Err(missing("stats")),
         log: Err(missing("log")),
         traffic: Err(missing("traffic")),
+        health: Err(missing("healthcheck")),
     })));
     a.screen = Screen::Plugins;
     check("plugins_missing", &a);
@@ -383,6 +391,7 @@ fn config_poll(routes: Vec<serde_json::Value>, services: Vec<serde_json::Value>)
         stats: Ok(Stats::default()),
         log: Ok(LogTail::default()),
         traffic: Ok(Traffic::default()),
+        health: Ok(Default::default()),
     }))
 }
 

@@ -82,6 +82,7 @@ impl Poller {
                 stats: reach(client.stats())?,
                 log: reach(client.log(LOG_LINES))?,
                 traffic: reach(client.traffic())?,
+                health: reach(client.health())?,
                 at: Instant::now(),
             })
         };

@@ -14,12 +14,34 @@ use ratatui::text::{Line, Text};
 use ratatui::widgets::Paragraph;
 use ratatui::Frame;
 
-const HEADER: [&str; 10] = [
-    "id", "uri", "hosts", "methods", "plugins", "upstream", "reqs", "4xx", "5xx", "status",
+const HEADER: [&str; 11] = [
+    "id", "uri", "hosts", "methods", "plugins", "upstream", "healthy", "reqs", "4xx", "5xx",
+    "status",
 ];
+/// Where `healthy` is in [`HEADER`]: the column is shown only while some upstream has health
+/// checks, so that the others keep its room.
+const HEALTHY: usize = 6;
+
+/// The header, with or without `healthy`.
+fn header(app: &App) -> Vec<String> {
+    let shown = shows_health(app);
+    (HEADER.iter().enumerate())
+        .filter(|(i, _)| shown || *i != HEALTHY)
+        .map(|(_, h)| h.to_string())
+        .collect()
+}
+
+fn shows_health(app: &App) -> bool {
+    app.health.data.as_ref().is_some_and(|h| !h.is_empty())
+}
 
 /// The columns counted from `GET /wasmgate/traffic` (they change with every poll).
-const COUNTS: std::ops::Range<usize> = 6..9;
+fn count_columns(app: &App) -> std::ops::Range<usize> {
+    match shows_health(app) {
+        true => 7..10,
+        false => 6..9,
+    }
+}
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     let routes = app.route_list();
@@ -55,7 +77,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     app.route_offset.set(offset);
     let shown = &routes[offset..(offset + height).min(routes.len())];
     let rows: Vec<Cells> = shown.iter().map(|r| cells(app, r)).collect();
-    let header = HEADER.map(String::from).to_vec();
+    let header = header(app);
     let natural = widths(app);
     let table =
         super::grid_sized(header, rows, &natural, table_area.width.saturating_sub(2)).block(b);
@@ -110,9 +132,10 @@ fn empty_note(app: &App) -> Line<'static> {
 fn widths(app: &App) -> Vec<u16> {
     let mut cache = app.route_widths.borrow_mut();
     let measured = match cache.as_ref() {
-        Some((version, w)) if *version == app.config_version => w,
+        // Measured for this list and these columns (`healthy` comes and goes).
+        Some((version, w)) if *version == app.config_version && w.len() == header(app).len() => w,
         _ => {
-            let header = HEADER.map(String::from);
+            let header = header(app);
             let all: Vec<Cells> = app.route_list().iter().map(|r| cells(app, r)).collect();
             &cache
                 .insert((app.config_version, super::natural_widths(&header, &all)))
@@ -127,7 +150,7 @@ fn widths(app: &App) -> Vec<u16> {
         .map_or(&[][..], |t| t.routes.as_slice());
     let digits = |n: Option<u64>| n.map_or(1, |n| n.to_string().len() as u16);
     for t in counts {
-        for (i, n) in COUNTS.zip([t.requests, t.client_errors, t.server_errors]) {
+        for (i, n) in count_columns(app).zip([t.requests, t.client_errors, t.server_errors]) {
             w[i] = w[i].max(digits(n));
         }
     }
@@ -150,13 +173,18 @@ fn cells(app: &App, r: &Route) -> Cells {
     let or_zero = |n: Option<u64>| t.map_or(traffic.map(|_| 0), |_| n);
     let errors = t.and_then(|t| t.server_errors).unwrap_or(0);
     let (hosts, plugins) = hosts_and_plugins(app, r);
-    vec![
+    let mut row = vec![
         (r.id.clone(), plain),
         (r.uris().join(" "), plain),
         (hosts, plain),
         (list(r.methods()), plain),
         (plugins, plain),
         (r.upstream(), plain),
+    ];
+    if shows_health(app) {
+        row.push(healthy(app, r));
+    }
+    row.extend([
         (count(or_zero(t.and_then(|t| t.requests))), plain),
         (count(or_zero(t.and_then(|t| t.client_errors))), plain),
         (
@@ -164,7 +192,22 @@ fn cells(app: &App, r: &Route) -> Cells {
             if errors > 0 { theme::error() } else { plain },
         ),
         status,
-    ]
+    ]);
+    row
+}
+
+/// Healthy nodes of all the nodes of the route's upstream, when it has health checks
+/// (`-` when not): yellow while some are down, red when all are.
+fn healthy(app: &App, r: &Route) -> (String, Style) {
+    let service = r.service_id().and_then(|id| app.service(&id));
+    let key = r.upstream_key(service);
+    let health = app.health.data.as_ref();
+    match key.and_then(|k| health?.of(&k)) {
+        None => ("-".into(), Style::new()),
+        Some((up, all)) if up == all => (format!("{up}/{all}"), theme::ok()),
+        Some((0, all)) => (format!("0/{all}"), theme::error()),
+        Some((up, all)) => (format!("{up}/{all}"), theme::warn()),
+    }
 }
 
 fn list(v: Vec<String>) -> String {
