@@ -263,6 +263,18 @@ fn passive_checks_take_a_node_out_from_its_answers() {
     );
     assert!(b.probes().is_empty(), "TCP probes send no request");
     assert_eq!(status_metric(&gw, "routes/p", &a).as_deref(), Some("1"));
+
+    // b recovers, and its checks are edited to probe every second: the new interval applies
+    // at once (not after the hour the old one would wait), and the node keeps its state.
+    b.set(200);
+    let checks = json!({"active": {"unhealthy": {"interval": 1}, "healthy": {"interval": 1}}});
+    let upstream = json!({"nodes": {a.addr.clone(): 1, b.addr.clone(): 1}, "checks": checks});
+    put(&gw, "routes/p", json!({"uri": "/p", "upstream": upstream}));
+    assert_eq!(status_metric(&gw, "routes/p", &b).as_deref(), Some("0"));
+    eventually(Duration::from_secs(6), "b back", || {
+        status_metric(&gw, "routes/p", &b).as_deref() == Some("1")
+    });
+    assert!(b.probes().len() >= 2, "{:?}", b.probes());
 }
 
 #[test]

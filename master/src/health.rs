@@ -17,9 +17,10 @@
 use crate::state::Master;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use wasmgate_shared::config::TrustedCas;
 use wasmgate_shared::health::{self, HealthShm, NodeState, Outcome, Thresholds};
 use wasmgate_shared::model::checks::{Active, ProbeType};
 use wasmgate_shared::model::Kind;
@@ -35,8 +36,11 @@ const MAX_STATUS_LINE: usize = 1024;
 pub struct Listed {
     /// The object that owns the upstream: `upstreams/1`, `routes/7`, `services/2`.
     pub owner: String,
+    /// The node's host and port, as its upstream lists it.
     pub host: String,
     pub port: u16,
+    /// The port probed (`checks.active.port`, else the node's).
+    pub probe_port: u16,
     /// How the node is probed: `http`, `https` or `tcp`.
     pub kind: &'static str,
     slot: usize,
@@ -47,6 +51,9 @@ pub struct Listed {
 pub struct Checker {
     shm: HealthShm,
     listed: Mutex<Vec<Listed>>,
+    /// The trusted CAs `https` probes check certificates against, with where they came from
+    /// (read again when `apisix.ssl.ssl_trusted_certificate` changes).
+    roots: Mutex<Option<(TrustedCas, Arc<rustls::RootCertStore>)>>,
 }
 
 impl Checker {
@@ -54,6 +61,7 @@ impl Checker {
         Ok(Checker {
             shm: HealthShm::create()?,
             listed: Mutex::default(),
+            roots: Mutex::default(),
         })
     }
 
@@ -71,7 +79,7 @@ impl Checker {
     }
 }
 
-/// How the nodes of one upstream are probed.
+/// How the nodes of one upstream are probed; one for all of an upstream's nodes.
 struct Probe {
     active: Active,
     thresholds: Thresholds,
@@ -87,18 +95,20 @@ struct Target {
     listed: Listed,
     probe: Arc<Probe>,
     next_at: Instant,
-    in_flight: bool,
+    /// The probe in flight, by its serial number: a report for another is stale.
+    in_flight: Option<u64>,
 }
 
-/// What a finished probe reports: the node's tag, its outcome (none for a status in
-/// neither list) and what was seen, for the log.
-type Report = (u64, Option<Outcome>, String);
+/// What a finished probe reports: the node's tag and the probe's serial number, its outcome
+/// (none for a status in neither list) and what was seen, for the log.
+type Report = (u64, u64, Option<Outcome>, String);
 
 /// Runs the checks for as long as the master runs.
 pub async fn run(master: Arc<Master>) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
     let mut targets: HashMap<u64, Target> = HashMap::new();
     let mut seen = None;
+    let mut serial = 0;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -109,11 +119,14 @@ pub async fn run(master: Arc<Master>) {
                     seen = Some(revision);
                     reconcile(&master, &mut targets);
                 }
-                start_due(&mut targets, &tx);
+                start_due(&mut targets, &tx, &mut serial);
             }
-            Some((tag, outcome, seen)) = rx.recv() => {
-                if let Some(t) = targets.get_mut(&tag) {
-                    finished(&master.health, t, outcome, &seen);
+            Some((tag, serial, outcome, seen)) = rx.recv() => {
+                match targets.get_mut(&tag) {
+                    Some(t) if t.in_flight == Some(serial) => {
+                        finished(&master.health, t, outcome, &seen);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -123,7 +136,7 @@ pub async fn run(master: Arc<Master>) {
 /// Counts a probe's outcome and schedules the next one by the node's state.
 fn finished(checker: &Checker, t: &mut Target, outcome: Option<Outcome>, seen: &str) {
     let Listed { slot, tag, .. } = t.listed;
-    t.in_flight = false;
+    t.in_flight = None;
     match outcome {
         Some(o) => {
             if let Some(change) = checker.shm.report(slot, tag, o, &t.probe.thresholds) {
@@ -136,12 +149,17 @@ fn finished(checker: &Checker, t: &mut Target, outcome: Option<Outcome>, seen: &
             t.listed.owner
         ),
     }
-    let a = &t.probe.active;
-    let every = match checker.shm.healthy(slot, tag) {
+    t.next_at = Instant::now() + interval(&t.probe, checker.shm.healthy(slot, tag));
+}
+
+/// How long after a probe the next one is due, by the node's state.
+fn interval(probe: &Probe, healthy: bool) -> Duration {
+    let a = &probe.active;
+    let every = match healthy {
         true => a.healthy.interval,
         false => a.unhealthy.interval,
     };
-    t.next_at = Instant::now() + Duration::from_secs(u64::from(every));
+    Duration::from_secs(u64::from(every))
 }
 
 /// Says that a node changed state, as an operator needs to read it.
@@ -161,10 +179,14 @@ fn node_name(l: &Listed) -> String {
 }
 
 /// Starts the probes that are due, within each upstream's concurrency.
-fn start_due(targets: &mut HashMap<u64, Target>, tx: &tokio::sync::mpsc::UnboundedSender<Report>) {
+fn start_due(
+    targets: &mut HashMap<u64, Target>,
+    tx: &tokio::sync::mpsc::UnboundedSender<Report>,
+    serial: &mut u64,
+) {
     let now = Instant::now();
     for t in targets.values_mut() {
-        if t.in_flight || t.next_at > now {
+        if t.in_flight.is_some() || t.next_at > now {
             continue;
         }
         let probe = t.probe.clone();
@@ -172,22 +194,38 @@ fn start_due(targets: &mut HashMap<u64, Target>, tx: &tokio::sync::mpsc::Unbound
             continue;
         }
         probe.busy.fetch_add(1, Ordering::Relaxed);
-        t.in_flight = true;
-        let (tx, tag) = (tx.clone(), t.listed.tag);
-        let (host, port) = (t.listed.host.clone(), t.listed.port);
+        *serial += 1;
+        t.in_flight = Some(*serial);
+        let (tx, tag, serial) = (tx.clone(), t.listed.tag, *serial);
+        let (host, port) = (t.listed.host.clone(), t.listed.probe_port);
         tokio::spawn(async move {
             let (outcome, seen) = probe_node(&probe, &host, port).await;
             probe.busy.fetch_sub(1, Ordering::Relaxed);
-            let _ = tx.send((tag, outcome, seen));
+            let _ = tx.send((tag, serial, outcome, seen));
         });
     }
 }
 
+/// A node the store says to check.
+struct Wanted {
+    owner: String,
+    host: String,
+    port: u16,
+    probe: Arc<Probe>,
+}
+
 /// Lists the checked nodes again from the store: new ones get a record, gone ones lose
-/// theirs, and a changed `checks.active` takes effect from the next probe.
+/// theirs, and a changed `checks.active` takes effect at once (a shorter interval is not
+/// waited out).
 fn reconcile(master: &Master, targets: &mut HashMap<u64, Target>) {
-    let wanted = checked_nodes(master);
     let shm = &master.health.shm;
+    // Each upstream's probe as it was, so that an unchanged one stays shared by its nodes,
+    // old and new (its `busy` counts them all).
+    let mut probes: HashMap<String, Arc<Probe>> = HashMap::new();
+    for t in targets.values() {
+        probes.insert(t.listed.owner.clone(), t.probe.clone());
+    }
+    let wanted = checked_nodes(master, &probes);
     targets.retain(|tag, t| {
         let keep = wanted.contains_key(tag);
         if !keep {
@@ -196,11 +234,15 @@ fn reconcile(master: &Master, targets: &mut HashMap<u64, Target>) {
         keep
     });
     let mut full = 0;
-    for (tag, (owner, host, port, probe)) in wanted {
+    let now = Instant::now();
+    for (tag, w) in wanted {
+        let probe_port = w.probe.active.port.map_or(w.port, |p| p as u16);
+        let kind = kind_name(w.probe.active.kind);
         if let Some(t) = targets.get_mut(&tag) {
-            if !same_probe(&t.probe, &probe) {
-                t.listed.kind = kind_name(probe.active.kind);
-                t.probe = probe;
+            if !Arc::ptr_eq(&t.probe, &w.probe) {
+                let healthy = shm.healthy(t.listed.slot, tag);
+                t.next_at = t.next_at.min(now + interval(&w.probe, healthy));
+                (t.listed.probe_port, t.listed.kind, t.probe) = (probe_port, kind, w.probe);
             }
             continue;
         }
@@ -208,30 +250,35 @@ fn reconcile(master: &Master, targets: &mut HashMap<u64, Target>) {
             full += 1;
             continue;
         };
-        let kind = kind_name(probe.active.kind);
+        let Wanted {
+            owner,
+            host,
+            port,
+            probe,
+        } = w;
         let listed = Listed {
             owner,
             host,
             port,
+            probe_port,
             kind,
             slot,
             tag,
         };
-        let next_at = Instant::now();
-        let in_flight = false;
         targets.insert(
             tag,
             Target {
                 listed,
                 probe,
-                next_at,
-                in_flight,
+                next_at: now,
+                in_flight: None,
             },
         );
     }
     if full > 0 {
         tracing::error!(
-            "health checks: {full} nodes left unchecked: the health segment holds {} checked nodes",
+            "health checks: {full} nodes left unchecked: the health segment holds {} checked \
+             nodes, fewer where their hashes collide",
             health::SLOTS
         );
     }
@@ -252,53 +299,63 @@ fn kind_name(k: ProbeType) -> &'static str {
     }
 }
 
-fn same_probe(a: &Probe, b: &Probe) -> bool {
-    a.active == b.active && a.host == b.host
-}
-
-type Wanted = HashMap<u64, (String, String, u16, Arc<Probe>)>;
-
-/// Every node of every upstream with `checks.active`, by tag.
-fn checked_nodes(master: &Master) -> Wanted {
-    let mut upstreams = Vec::new();
-    {
+/// Every node of every upstream with `checks.active` the workers use, by tag: upstream
+/// objects, and upstreams written in routes and services that do not name an `upstream_id`
+/// (which the workers take first). An upstream whose probe is unchanged keeps its `known` one.
+fn checked_nodes(master: &Master, known: &HashMap<String, Arc<Probe>>) -> HashMap<u64, Wanted> {
+    // The texts are copied under the store's lock and parsed after it: the Admin API waits
+    // on that lock.
+    let texts: Vec<(Kind, String, String)> = {
         let store = master.store();
-        for (kind, id, _, json) in store.iter_json() {
+        (store.iter_json())
             // Most objects have no checks: not parsed at all.
-            if !json.contains("\"checks\"") {
-                continue;
-            }
-            let up = match kind {
-                Kind::Upstreams => serde_json::from_str::<Upstream>(json).ok(),
-                Kind::Routes => serde_json::from_str::<Route>(json)
-                    .ok()
-                    .filter(Route::enabled)
-                    .and_then(|r| r.upstream),
-                Kind::Services => serde_json::from_str::<Service>(json)
-                    .ok()
-                    .and_then(|s| s.upstream),
-                _ => None,
-            };
-            if let Some(up) = up {
-                upstreams.push((format!("{}/{id}", kind.as_str()), up));
-            }
-        }
-    }
-    let mut wanted = Wanted::new();
-    for (owner, up) in upstreams {
+            .filter(|(kind, _, _, json)| {
+                matches!(kind, Kind::Upstreams | Kind::Routes | Kind::Services)
+                    && json.contains("\"checks\"")
+            })
+            .map(|(kind, id, _, json)| (kind, id.to_string(), json.to_string()))
+            .collect()
+    };
+    let mut wanted = HashMap::new();
+    for (kind, id, json) in texts {
+        let up = match kind {
+            Kind::Upstreams => serde_json::from_str::<Upstream>(&json).ok(),
+            Kind::Routes => serde_json::from_str::<Route>(&json)
+                .ok()
+                .filter(|r| r.enabled() && r.upstream_id.is_none())
+                .and_then(|r| r.upstream),
+            _ => serde_json::from_str::<Service>(&json)
+                .ok()
+                .filter(|s| s.upstream_id.is_none())
+                .and_then(|s| s.upstream),
+        };
+        let Some(up) = up else { continue };
         let Some(active) = up.checks.as_ref().and_then(|c| c.active.clone()) else {
             continue;
         };
-        let probe = Arc::new(Probe::new(active, &up, master));
+        let owner = format!("{}/{id}", kind.as_str());
+        let fresh = Probe::new(active, &up, master);
+        let probe = match known.get(&owner) {
+            Some(p) if p.active == fresh.active && p.host == fresh.host => p.clone(),
+            _ => Arc::new(fresh),
+        };
         for node in up.normalized_nodes().unwrap_or_default() {
             let tag = health::tag(&owner, &node.authority());
-            let port = probe.active.port.map_or(node.port, |p| p as u16);
             let host = node
                 .host
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string();
-            wanted.insert(tag, (owner.clone(), host, port, probe.clone()));
+            let (owner, probe, port) = (owner.clone(), probe.clone(), node.port);
+            wanted.insert(
+                tag,
+                Wanted {
+                    owner,
+                    host,
+                    port,
+                    probe,
+                },
+            );
         }
     }
     wanted
@@ -347,15 +404,24 @@ fn tls_connector(verify: bool, master: &Master) -> Result<tokio_rustls::TlsConne
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
-/// The CAs of `apisix.ssl.ssl_trusted_certificate`, read once, when a probe first needs them.
+/// The CAs of `apisix.ssl.ssl_trusted_certificate`, read when a probe first needs them and
+/// again when the setting changes (a failure is not kept: the next change of the store tries
+/// again).
 fn roots(master: &Master) -> Result<Arc<rustls::RootCertStore>, String> {
-    static ROOTS: OnceLock<Result<Arc<rustls::RootCertStore>, String>> = OnceLock::new();
-    ROOTS
-        .get_or_init(|| {
-            let cas = master.config().config.apisix.ssl.trusted_cas();
-            wasmgate_shared::tls::trusted_roots(&master.prefix, &cas).map(Arc::new)
-        })
-        .clone()
+    let cas = master.config().config.apisix.ssl.trusted_cas();
+    let mut kept = master
+        .health
+        .roots
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some((from, roots)) = kept.as_ref() {
+        if *from == cas {
+            return Ok(roots.clone());
+        }
+    }
+    let roots = Arc::new(wasmgate_shared::tls::trusted_roots(&master.prefix, &cas)?);
+    *kept = Some((cas, roots.clone()));
+    Ok(roots)
 }
 
 /// One probe of `host:port`, within the probe's timeout.

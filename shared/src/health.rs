@@ -38,8 +38,19 @@ const HEADER_SIZE: usize = 4096;
 pub const SLOTS: usize = 4096;
 const EMPTY: u64 = 0;
 const TOMBSTONE: u64 = 1;
+/// The farthest from its home slot a record is placed, and so the most slots a lookup reads:
+/// a full segment costs a lookup 64 loads, not 4,096.
+const MAX_PROBE: usize = 64;
 
 const UNHEALTHY: u64 = 1 << 32;
+/// The state word's top bits repeat part of its node's tag, so that a count computed for a
+/// record that was removed and replaced meanwhile fails its compare-and-swap.
+const CHECK_SHIFT: u32 = 40;
+const COUNTS: u64 = (1 << 32) - 1;
+
+fn check_bits(tag: u64) -> u64 {
+    (tag >> CHECK_SHIFT) << CHECK_SHIFT
+}
 
 #[repr(C)]
 struct Header {
@@ -53,7 +64,7 @@ struct Slot {
     /// EMPTY, TOMBSTONE or the node's tag.
     key: AtomicU64,
     /// Successes, HTTP failures, TCP failures and timeouts (a byte each, from the lowest),
-    /// and `UNHEALTHY`.
+    /// `UNHEALTHY`, and the tag's top bits from bit `CHECK_SHIFT`.
     state: AtomicU64,
     /// Unix seconds of the last change of state (0: never changed).
     since: AtomicU64,
@@ -131,8 +142,8 @@ impl Thresholds {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeState {
     pub healthy: bool,
-    /// The count of the outcome that leads to the other state: consecutive successes of an
-    /// unhealthy node, the largest of the failure counts of a healthy one.
+    /// Consecutive outcomes of each kind since the last change of state (a healthy node
+    /// counts no successes, an unhealthy one no failures that would change nothing).
     pub successes: u8,
     pub http_failures: u8,
     pub tcp_failures: u8,
@@ -254,7 +265,7 @@ impl HealthShm {
     /// The slots `tag` may be in, in probing order.
     fn probe(tag: u64) -> impl Iterator<Item = usize> {
         let start = (tag % SLOTS as u64) as usize;
-        (0..SLOTS).map(move |k| (start + k) % SLOTS)
+        (0..MAX_PROBE).map(move |k| (start + k) % SLOTS)
     }
 
     /// Where node `tag`'s record is, if the master placed one.
@@ -278,18 +289,35 @@ impl HealthShm {
         let i =
             Self::probe(tag).find(|&i| self.slot(i).key.load(Ordering::Acquire) <= TOMBSTONE)?;
         let s = self.slot(i);
-        s.state.store(0, Ordering::Relaxed);
+        s.state.store(check_bits(tag), Ordering::Release);
         s.since.store(0, Ordering::Relaxed);
         // Published last: a reader that finds the key finds a fresh record.
         s.key.store(tag, Ordering::Release);
         Some(i)
     }
 
-    /// Removes the record at `i` (master only), if it is still `tag`'s.
+    /// Removes the record at `i` (master only), if it is still `tag`'s. Where no lookup can
+    /// need to step over it (the next slot is empty), the slot becomes empty, and so do the
+    /// tombstones just before it: nodes that come and go do not fill the segment with them.
     pub fn remove(&self, i: usize, tag: u64) {
         let s = self.slot(i);
-        if s.key.load(Ordering::Acquire) == tag {
+        if s.key.load(Ordering::Acquire) != tag {
+            return;
+        }
+        s.state.store(0, Ordering::Release);
+        if self.slot(i + 1).key.load(Ordering::Acquire) != EMPTY {
             s.key.store(TOMBSTONE, Ordering::Release);
+            return;
+        }
+        s.key.store(EMPTY, Ordering::Release);
+        let mut j = i;
+        for _ in 1..SLOTS {
+            j = (j + SLOTS - 1) % SLOTS;
+            let before = self.slot(j);
+            if before.key.load(Ordering::Acquire) != TOMBSTONE {
+                break;
+            }
+            before.key.store(EMPTY, Ordering::Release);
         }
     }
 
@@ -301,6 +329,9 @@ impl HealthShm {
             return None;
         }
         let word = s.state.load(Ordering::Acquire);
+        if word & !COUNTS & !UNHEALTHY != check_bits(tag) {
+            return None;
+        }
         let count = |o: Outcome| (word >> o.shift()) as u8;
         Some(NodeState {
             healthy: word & UNHEALTHY == 0,
@@ -314,8 +345,7 @@ impl HealthShm {
 
     /// Whether node `tag` (at slot `i`) may be picked: unknown nodes are.
     pub fn healthy(&self, i: usize, tag: u64) -> bool {
-        let s = self.slot(i);
-        s.key.load(Ordering::Acquire) != tag || s.state.load(Ordering::Acquire) & UNHEALTHY == 0
+        self.state(i, tag).is_none_or(|s| s.healthy)
     }
 
     /// Counts `outcome` for node `tag` at slot `i` against `limits`; the change of state it
@@ -352,6 +382,11 @@ impl HealthShm {
 /// The state word after `outcome`, and the change it made.
 fn count(word: u64, outcome: Outcome, limits: &Thresholds) -> (u64, Option<Change>) {
     let healthy = word & UNHEALTHY == 0;
+    let check = word & !COUNTS & !UNHEALTHY;
+    if healthy && outcome == Outcome::Success {
+        // Successes lead nowhere for a healthy node: the failures are cleared, nothing counted.
+        return (check, None);
+    }
     let shift = outcome.shift();
     let n = ((word >> shift) as u8).saturating_add(1);
     // A success clears the failures, a failure the successes (the other failures stay: each
@@ -371,9 +406,9 @@ fn count(word: u64, outcome: Outcome, limits: &Thresholds) -> (u64, Option<Chang
             by: outcome,
             count: n,
         };
-        return (flag ^ UNHEALTHY, Some(change));
+        return (check | (flag ^ UNHEALTHY), Some(change));
     }
-    (flag | kept | (u64::from(n) << shift), None)
+    (check | flag | kept | (u64::from(n) << shift), None)
 }
 
 fn unix_now() -> u64 {
@@ -474,19 +509,61 @@ mod tests {
     }
 
     #[test]
-    fn colliding_tags_probe_on_and_a_full_segment_says_so() {
-        let (master, _) = pair();
-        // Tags that all start at slot 5.
-        let tags: Vec<u64> = (0..SLOTS as u64).map(|k| 5 + k * SLOTS as u64).collect();
-        for (k, t) in tags.iter().enumerate() {
-            assert_eq!(master.insert(*t), Some((5 + k) % SLOTS));
+    fn colliding_tags_probe_on_a_bounded_way_and_tombstones_go() {
+        let (master, worker) = pair();
+        // Tags that all start at slot 5: the first MAX_PROBE fit, the next does not.
+        let tags: Vec<u64> = (0..=MAX_PROBE as u64)
+            .map(|k| 5 + k * SLOTS as u64)
+            .collect();
+        for (k, t) in tags[..MAX_PROBE].iter().enumerate() {
+            assert_eq!(master.insert(*t), Some(5 + k));
         }
-        assert_eq!(master.insert(7 + 3 * SLOTS as u64), None);
-        assert_eq!(master.find(tags[SLOTS - 1]), Some(4));
+        assert_eq!(master.insert(tags[MAX_PROBE]), None);
+        assert_eq!(worker.find(tags[MAX_PROBE]), None);
+        assert_eq!(worker.find(tags[MAX_PROBE - 1]), Some(4 + MAX_PROBE));
+        // A removed record in the middle is a tombstone: found past, and reused.
+        master.remove(6, tags[1]);
+        assert_eq!(worker.find(tags[2]), Some(7));
+        assert_eq!(master.insert(tags[MAX_PROBE]), Some(6));
+        // Removed from the end, the run's tombstones go with it.
+        master.remove(6, tags[MAX_PROBE]);
+        for (k, t) in tags[2..MAX_PROBE].iter().enumerate().rev() {
+            master.remove(7 + k, *t);
+        }
         master.remove(5, tags[0]);
-        // Found past the tombstone; the tombstone reused.
-        assert_eq!(master.find(tags[1]), Some(6));
-        assert_eq!(master.insert(2), Some(5));
+        assert!((0..SLOTS).all(|i| master.slot(i).key.load(Ordering::Relaxed) == EMPTY));
+    }
+
+    #[test]
+    fn a_count_meant_for_a_replaced_record_is_not_taken() {
+        let (master, worker) = pair();
+        // Two tags with the same home slot and different top bits.
+        let (old, new) = (7 + (1 << 50), 7 + (2 << 50));
+        let i = master.insert(old).unwrap();
+        let word = master.slot(i).state.load(Ordering::Relaxed);
+        master.remove(i, old);
+        assert_eq!(master.insert(new), Some(i));
+        // A report for `old` computed on its word cannot land on `new`'s record.
+        let s = master.slot(i);
+        let (next, _) = count(word, Outcome::TcpFailure, &LIMITS);
+        assert!(s
+            .state
+            .compare_exchange(word, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_err());
+        assert_eq!(worker.report(i, old, Outcome::TcpFailure, &LIMITS), None);
+        assert_eq!(worker.state(i, new).unwrap().tcp_failures, 0);
+        assert_eq!(worker.state(i, old), None);
+    }
+
+    #[test]
+    fn a_healthy_node_counts_no_successes() {
+        let (master, _) = pair();
+        let t = tag("upstreams/1", "a:1");
+        let i = master.insert(t).unwrap();
+        master.report(i, t, Outcome::HttpFailure, &LIMITS);
+        master.report(i, t, Outcome::Success, &LIMITS);
+        let s = master.state(i, t).unwrap();
+        assert_eq!((s.successes, s.http_failures, s.healthy), (0, 0, true));
     }
 
     #[test]

@@ -899,7 +899,10 @@ async fn forward(
                         Attempt::ConnectFailed,
                     ),
                 };
-                up.observe(idx, attempt);
+                // TLS settings that cannot be used are the gateway's own fault, not the node's.
+                if !matches!(e, ConnectError::TlsSettings(_)) {
+                    up.observe(idx, attempt);
+                }
                 why = AnswerDetails::of(reason, flags::UPSTREAM_CONNECTION_FAILURE);
                 log.addrs.push(authority);
                 log.status = Some(status.as_u16());
@@ -979,7 +982,10 @@ async fn forward(
                             return client_failed(status);
                         }
                         None => {
-                            up.observe(idx, Attempt::Broken);
+                            // A body a plugin cut is not the node's failure.
+                            if !plugin_cut(&*e) {
+                                up.observe(idx, Attempt::Broken);
+                            }
                             let host = client_host.as_ref();
                             let at = upstream_context(
                                 client,
@@ -998,8 +1004,9 @@ async fn forward(
                             StatusCode::BAD_GATEWAY
                         }
                     },
+                    // Pooled connections found closed once too often: nothing the node did
+                    // with this request, not counted against it.
                     _ => {
-                        up.observe(idx, Attempt::Broken);
                         why = terminated();
                         StatusCode::BAD_GATEWAY
                     }
@@ -1016,6 +1023,12 @@ async fn forward(
             }
         }
     }
+}
+
+/// Whether a plugin ended the request body (its failure, not the node's).
+fn plugin_cut(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |c| c.source())
+        .any(|c| c.is::<crate::wasm_body::PluginBodyFailed>())
 }
 
 /// The last failure's details once no further node is tried, Envoy's `URX` flag added when

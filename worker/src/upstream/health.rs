@@ -65,7 +65,8 @@ impl NodeHealth {
     pub fn unhealthy(&self, out: &mut Vec<usize>) {
         let Some(shm) = SHM.get() else { return };
         for (i, &tag) in self.tags.iter().enumerate() {
-            if shm.find(tag).is_some_and(|slot| !shm.healthy(slot, tag)) && !out.contains(&i) {
+            // A node both tried and unhealthy is listed twice: the balancer does not mind.
+            if shm.find(tag).is_some_and(|slot| !shm.healthy(slot, tag)) {
                 out.push(i);
             }
         }
