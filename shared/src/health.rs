@@ -142,8 +142,8 @@ impl Thresholds {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeState {
     pub healthy: bool,
-    /// Consecutive outcomes of each kind since the last change of state (a healthy node
-    /// counts no successes, an unhealthy one no failures that would change nothing).
+    /// Consecutive outcomes of each kind since the last change of state, counted only where
+    /// they lead to a change: a healthy node counts failures, an unhealthy one successes.
     pub successes: u8,
     pub http_failures: u8,
     pub tcp_failures: u8,
@@ -167,9 +167,10 @@ impl Change {
     pub fn describe(&self, node: &str, owner: &str, by: &str, seen: &str) -> String {
         match self.healthy {
             true => format!(
-                "upstream node {node} of {owner} is healthy again: {} successes in a row ({by} \
+                "upstream node {node} of {owner} is healthy again: {} success{} in a row ({by} \
                  check: {seen})",
-                self.count
+                self.count,
+                if self.count == 1 { "" } else { "es" }
             ),
             false => format!(
                 "upstream node {node} of {owner} is unhealthy: {} × {} in a row ({by} check: \
@@ -383,9 +384,12 @@ impl HealthShm {
 fn count(word: u64, outcome: Outcome, limits: &Thresholds) -> (u64, Option<Change>) {
     let healthy = word & UNHEALTHY == 0;
     let check = word & !COUNTS & !UNHEALTHY;
-    if healthy && outcome == Outcome::Success {
-        // Successes lead nowhere for a healthy node: the failures are cleared, nothing counted.
-        return (check, None);
+    match (healthy, outcome) {
+        // Successes lead nowhere for a healthy node, failures nowhere for an unhealthy one:
+        // what they clear is cleared, nothing is counted.
+        (true, Outcome::Success) => return (check, None),
+        (false, o) if o != Outcome::Success => return (check | UNHEALTHY, None),
+        _ => {}
     }
     let shift = outcome.shift();
     let n = ((word >> shift) as u8).saturating_add(1);
@@ -456,6 +460,9 @@ mod tests {
         // Successes bring it back, a failure between them starts them again.
         assert_eq!(worker.report(i, t, Outcome::Success, &LIMITS), None);
         assert_eq!(worker.report(i, t, Outcome::Timeout, &LIMITS), None);
+        // The failure cleared the success and was not counted itself.
+        let s = worker.state(i, t).unwrap();
+        assert_eq!((s.successes, s.timeouts, s.healthy), (0, 0, false));
         assert_eq!(worker.report(i, t, Outcome::Success, &LIMITS), None);
         assert!(!worker.healthy(i, t));
         let c = worker.report(i, t, Outcome::Success, &LIMITS).unwrap();
