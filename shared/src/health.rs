@@ -26,13 +26,10 @@
 //! unhealthy; an unhealthy one whose successes reach theirs turns healthy; a change of state
 //! clears every count. A node starts healthy.
 
-use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use crate::shm::{Layout, Mapped};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-const MAGIC: u64 = u64::from_le_bytes(*b"WGHEALTH");
-/// Bumped whenever the layout changes; a mismatch fails [`HealthShm::open`].
-const LAYOUT_VERSION: u64 = 1;
 const HEADER_SIZE: usize = 4096;
 /// Checked nodes the segment holds (a node of two upstreams counts twice). 128 KiB.
 pub const SLOTS: usize = 4096;
@@ -53,13 +50,6 @@ fn check_bits(tag: u64) -> u64 {
 }
 
 #[repr(C)]
-struct Header {
-    magic: AtomicU64,
-    version: AtomicU64,
-    slots: AtomicU64,
-}
-
-#[repr(C)]
 struct Slot {
     /// EMPTY, TOMBSTONE or the node's tag.
     key: AtomicU64,
@@ -72,17 +62,20 @@ struct Slot {
 }
 
 const SLOT_SIZE: usize = std::mem::size_of::<Slot>();
-const TOTAL: usize = HEADER_SIZE + SLOTS * SLOT_SIZE;
 const _: () = assert!(SLOT_SIZE == 32);
 
+const LAYOUT: Layout = Layout {
+    name: c"wasmgate-health",
+    what: "health",
+    magic: u64::from_le_bytes(*b"WGHEALTH"),
+    // Bumped whenever the layout changes; a mismatch fails [`HealthShm::open`].
+    version: 1,
+    slots: SLOTS as u64,
+    len: HEADER_SIZE + SLOTS * SLOT_SIZE,
+};
+
 /// Why a segment cannot be made or mapped.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("not a health segment of this binary: {0}")]
-    BadSegment(String),
-}
+pub type Error = crate::shm::MappedError;
 
 /// What one check or one proxied request found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,8 +184,7 @@ pub fn tag(owner: &str, node: &str) -> u64 {
 
 /// The segment, mapped in this process.
 pub struct HealthShm {
-    file: File,
-    map: memmap2::MmapRaw,
+    mapped: Mapped,
 }
 
 impl std::fmt::Debug for HealthShm {
@@ -204,63 +196,29 @@ impl std::fmt::Debug for HealthShm {
 impl HealthShm {
     /// Creates an empty segment (master).
     pub fn create() -> Result<HealthShm, Error> {
-        let file = crate::shm::sparse_memfd(c"wasmgate-health", TOTAL as u64)?;
-        let shm = HealthShm::map(file)?;
-        let h = shm.header();
-        h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
-        h.slots.store(SLOTS as u64, Ordering::Relaxed);
-        h.magic.store(MAGIC, Ordering::Release);
-        Ok(shm)
+        let mapped = Mapped::create(&LAYOUT)?;
+        mapped.publish(&LAYOUT);
+        Ok(HealthShm { mapped })
     }
 
     /// Maps an inherited segment (worker) after checking that it is one of this layout.
     pub fn open(fd: OwnedFd) -> Result<HealthShm, Error> {
-        let file = File::from(fd);
-        let len = file.metadata()?.len();
-        if len != TOTAL as u64 {
-            return Err(Error::BadSegment(format!("{len} bytes, not {TOTAL}")));
-        }
-        let shm = HealthShm::map(file)?;
-        let h = shm.header();
-        let (magic, version) = (
-            h.magic.load(Ordering::Acquire),
-            h.version.load(Ordering::Relaxed),
-        );
-        if magic != MAGIC
-            || version != LAYOUT_VERSION
-            || h.slots.load(Ordering::Relaxed) != SLOTS as u64
-        {
-            return Err(Error::BadSegment(format!(
-                "magic {magic:#018x}, layout version {version} (this binary: {LAYOUT_VERSION})"
-            )));
-        }
-        Ok(shm)
-    }
-
-    fn map(file: File) -> Result<HealthShm, Error> {
-        let map = memmap2::MmapRaw::map_raw(&file)?;
-        if map.len() < TOTAL {
-            return Err(Error::BadSegment("mapping shorter than the segment".into()));
-        }
-        Ok(HealthShm { file, map })
+        Ok(HealthShm {
+            mapped: Mapped::open(fd, &LAYOUT)?,
+        })
     }
 
     /// The memfd, for passing to workers.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
-    }
-
-    fn header(&self) -> &Header {
-        // SAFETY: the mapping is page-aligned and at least TOTAL bytes (checked by `map`);
-        // Header is repr(C) of atomics, valid for any bit pattern, and lives as long as `map`.
-        unsafe { &*(self.map.as_ptr() as *const Header) }
+        self.mapped.fd()
     }
 
     fn slot(&self, i: usize) -> &Slot {
         let i = i % SLOTS;
-        // SAFETY: slot i < SLOTS lies inside the mapping (HEADER_SIZE + SLOTS slots = TOTAL ≤
-        // its length), 8-byte aligned (a page + multiples of 32); Slot is repr(C) of atomics.
-        unsafe { &*(self.map.as_ptr().add(HEADER_SIZE + i * SLOT_SIZE) as *const Slot) }
+        // SAFETY: slot i < SLOTS lies inside the mapping (HEADER_SIZE + SLOTS slots = its
+        // checked length), 8-byte aligned (a page + multiples of 32); Slot is repr(C) of
+        // atomics, valid for any bit pattern, and lives as long as the mapping.
+        unsafe { &*(self.mapped.ptr().add(HEADER_SIZE + i * SLOT_SIZE) as *const Slot) }
     }
 
     /// The slots `tag` may be in, in probing order.

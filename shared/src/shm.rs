@@ -489,6 +489,113 @@ pub fn sparse_memfd(name: &std::ffi::CStr, len: u64) -> std::io::Result<File> {
     Ok(file)
 }
 
+/// A fixed-size memfd segment mapped in this process, whose first three words are a magic
+/// number, a layout version and a slot count: what the TLS session cache and the nodes'
+/// health segment share (the master creates and stamps it, workers map it and check it).
+pub struct Mapped {
+    file: File,
+    map: memmap2::MmapRaw,
+}
+
+/// Why a [`Mapped`] segment cannot be made or mapped.
+#[derive(Debug, thiserror::Error)]
+pub enum MappedError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a {0} segment of this binary: {1}")]
+    BadSegment(&'static str, String),
+}
+
+/// The words every [`Mapped`] segment starts with.
+#[repr(C)]
+struct Stamp {
+    magic: AtomicU64,
+    version: AtomicU64,
+    slots: AtomicU64,
+}
+
+/// What a [`Mapped`] segment is: its name, magic, layout version, slot count and length.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    pub name: &'static std::ffi::CStr,
+    /// How errors name it (`TLS session`, `health`).
+    pub what: &'static str,
+    pub magic: u64,
+    pub version: u64,
+    pub slots: u64,
+    pub len: usize,
+}
+
+impl Mapped {
+    /// Creates the segment (master), zero-filled, with its stamp but for the magic: the
+    /// caller initialises what it needs, then calls [`Mapped::publish`].
+    pub fn create(layout: &Layout) -> Result<Mapped, MappedError> {
+        let file = sparse_memfd(layout.name, layout.len as u64)?;
+        let m = Mapped::map(file, layout)?;
+        let s = m.stamp();
+        s.version.store(layout.version, Ordering::Relaxed);
+        s.slots.store(layout.slots, Ordering::Relaxed);
+        Ok(m)
+    }
+
+    /// Publishes the magic: `open` trusts nothing before it sees it.
+    pub fn publish(&self, layout: &Layout) {
+        self.stamp().magic.store(layout.magic, Ordering::Release);
+    }
+
+    /// Maps an inherited segment (worker) after checking that it is one of `layout`.
+    pub fn open(fd: OwnedFd, layout: &Layout) -> Result<Mapped, MappedError> {
+        let file = File::from(fd);
+        let len = file.metadata()?.len();
+        let bad = |why: String| MappedError::BadSegment(layout.what, why);
+        if len != layout.len as u64 {
+            return Err(bad(format!("{len} bytes, not {}", layout.len)));
+        }
+        let m = Mapped::map(file, layout)?;
+        let s = m.stamp();
+        let (magic, version) = (
+            s.magic.load(Ordering::Acquire),
+            s.version.load(Ordering::Relaxed),
+        );
+        if magic != layout.magic
+            || version != layout.version
+            || s.slots.load(Ordering::Relaxed) != layout.slots
+        {
+            return Err(bad(format!(
+                "magic {magic:#018x}, layout version {version} (this binary: {})",
+                layout.version
+            )));
+        }
+        Ok(m)
+    }
+
+    fn map(file: File, layout: &Layout) -> Result<Mapped, MappedError> {
+        let map = memmap2::MmapRaw::map_raw(&file)?;
+        if map.len() < layout.len || layout.len < std::mem::size_of::<Stamp>() {
+            let why = "mapping shorter than the segment".into();
+            return Err(MappedError::BadSegment(layout.what, why));
+        }
+        Ok(Mapped { file, map })
+    }
+
+    /// The memfd, for passing to workers.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// The start of the mapping: page-aligned, and as long as the layout says (checked when
+    /// mapped); it lives as long as `self`.
+    pub fn ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    fn stamp(&self) -> &Stamp {
+        // SAFETY: the mapping is page-aligned and longer than Stamp (checked by `map`); Stamp
+        // is repr(C) of atomics, valid for any bit pattern, and lives as long as `map`.
+        unsafe { &*(self.map.as_ptr() as *const Stamp) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

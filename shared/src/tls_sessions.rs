@@ -40,14 +40,11 @@
 //! `ssl_session_timeout 10m`); a full set gives its oldest slot to a new session. `take`
 //! removes what it finds (TLS 1.3 tickets are single-use).
 
-use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use crate::shm::{Layout, Mapped};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::time::Duration;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"WGTLSSES");
-/// Bumped whenever the layout changes; a mismatch fails [`SessionShm::open`].
-const LAYOUT_VERSION: u64 = 1;
 const HEADER_SIZE: usize = 4096;
 
 /// Sessions the segment holds (16,384 × 512 bytes: 8 MiB, APISIX's 20 MB cache holds about
@@ -75,9 +72,8 @@ const SPINS: u32 = 64;
 
 #[repr(C)]
 struct Header {
-    magic: AtomicU64,
-    version: AtomicU64,
-    slots: AtomicU64,
+    /// Magic, layout version and slot count: `shm::Mapped`'s stamp.
+    _stamp: [AtomicU64; 3],
     /// Odd while the master writes the keys.
     key_seq: AtomicU64,
     /// 0: no key yet; counts rotations from 1.
@@ -106,13 +102,7 @@ const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_SIZE);
 const _: () = assert!(SLOTS.is_multiple_of(WAYS));
 
 /// Why a segment cannot be made or mapped.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("not a TLS session segment of this binary: {0}")]
-    BadSegment(String),
-}
+pub type Error = crate::shm::MappedError;
 
 /// The ticket keys as the master last published them.
 #[derive(Clone, PartialEq, Eq)]
@@ -134,8 +124,7 @@ impl std::fmt::Debug for TicketKeys {
 
 /// The segment, mapped in this process.
 pub struct SessionShm {
-    file: File,
-    map: memmap2::MmapRaw,
+    mapped: Mapped,
 }
 
 impl std::fmt::Debug for SessionShm {
@@ -146,69 +135,52 @@ impl std::fmt::Debug for SessionShm {
 
 const TOTAL: usize = HEADER_SIZE + SLOTS * SLOT_WORDS * 8;
 
+const LAYOUT: Layout = Layout {
+    name: c"wasmgate-tls-sessions",
+    what: "TLS session",
+    magic: u64::from_le_bytes(*b"WGTLSSES"),
+    // Bumped whenever the layout changes; a mismatch fails [`SessionShm::open`].
+    version: 1,
+    slots: SLOTS as u64,
+    len: TOTAL,
+};
+
 impl SessionShm {
     /// Creates the segment (master), with its first ticket key.
     pub fn create() -> Result<SessionShm, Error> {
         // Zero pages are free slots.
-        let file = crate::shm::sparse_memfd(c"wasmgate-tls-sessions", TOTAL as u64)?;
-        let shm = SessionShm::map(file)?;
-        let h = shm.header();
-        h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
-        h.slots.store(SLOTS as u64, Ordering::Relaxed);
+        let shm = SessionShm {
+            mapped: Mapped::create(&LAYOUT)?,
+        };
         shm.rotate_ticket_keys()?;
-        // Published last: `open` trusts nothing before it sees the magic.
-        h.magic.store(MAGIC, Ordering::Release);
+        shm.mapped.publish(&LAYOUT);
         Ok(shm)
     }
 
     /// Maps an inherited segment (worker) after checking that it is one of this layout.
     pub fn open(fd: OwnedFd) -> Result<SessionShm, Error> {
-        let file = File::from(fd);
-        let len = file.metadata()?.len();
-        if len != TOTAL as u64 {
-            return Err(Error::BadSegment(format!("{len} bytes, not {TOTAL}")));
-        }
-        let shm = SessionShm::map(file)?;
-        let h = shm.header();
-        let (magic, version) = (
-            h.magic.load(Ordering::Acquire),
-            h.version.load(Ordering::Relaxed),
-        );
-        if magic != MAGIC
-            || version != LAYOUT_VERSION
-            || h.slots.load(Ordering::Relaxed) != SLOTS as u64
-        {
-            return Err(Error::BadSegment(format!(
-                "magic {magic:#018x}, layout version {version} (this binary: {LAYOUT_VERSION})"
-            )));
-        }
-        Ok(shm)
-    }
-
-    fn map(file: File) -> Result<SessionShm, Error> {
-        let map = memmap2::MmapRaw::map_raw(&file)?;
-        if map.len() < TOTAL {
-            return Err(Error::BadSegment("mapping shorter than the segment".into()));
-        }
-        Ok(SessionShm { file, map })
+        Ok(SessionShm {
+            mapped: Mapped::open(fd, &LAYOUT)?,
+        })
     }
 
     /// The memfd, for passing to workers.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
+        self.mapped.fd()
     }
 
     fn header(&self) -> &Header {
-        // SAFETY: the mapping is page-aligned and at least TOTAL bytes (checked by `map`);
-        // Header is repr(C) of atomics, valid for any bit pattern, and lives as long as `map`.
-        unsafe { &*(self.map.as_ptr() as *const Header) }
+        // SAFETY: the mapping is page-aligned and TOTAL bytes (checked when mapped); Header
+        // is repr(C) of atomics (its first three words the stamp `Mapped` checks), valid for
+        // any bit pattern, and lives as long as the mapping.
+        unsafe { &*(self.mapped.ptr() as *const Header) }
     }
 
     fn slot(&self, i: usize) -> &Slot {
         debug_assert!(i < SLOTS);
         // SAFETY: slot i lies inside the mapping (HEADER_SIZE + SLOTS slots ≤ TOTAL ≤ its
         // length), 8-byte aligned (page + multiples of 512); Slot is repr(C) of atomics.
-        unsafe { &*(self.map.as_ptr().add(HEADER_SIZE + i * SLOT_WORDS * 8) as *const Slot) }
+        unsafe { &*(self.mapped.ptr().add(HEADER_SIZE + i * SLOT_WORDS * 8) as *const Slot) }
     }
 
     /// The slots of the set `tag` names.
@@ -654,7 +626,7 @@ mod tests {
         let segment = || {
             // SAFETY: the mapping is TOTAL bytes long and lives as long as `shm`; the words
             // are read while no other thread writes them.
-            unsafe { std::slice::from_raw_parts(shm.map.as_ptr(), TOTAL) }.to_vec()
+            unsafe { std::slice::from_raw_parts(shm.mapped.ptr(), TOTAL) }.to_vec()
         };
         let secret = [0xA5u8; 48];
         assert!(shm.put(1, &[3; 32], &secret));
