@@ -114,10 +114,13 @@ pub async fn run(master: Arc<Master>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let revision = master.store().revision();
-                if seen != Some(revision) {
-                    seen = Some(revision);
-                    reconcile(&master, &mut targets);
+                // A reload (another config.yaml: trusted CAs) makes every probe anew.
+                let epoch = master.epoch.load(Ordering::Relaxed);
+                let now = (master.store().revision(), epoch);
+                if seen != Some(now) {
+                    let reloaded = seen.is_some_and(|(_, before)| before != epoch);
+                    seen = Some(now);
+                    reconcile(&master, &mut targets, reloaded);
                 }
                 start_due(&mut targets, &tx, &mut serial);
             }
@@ -216,13 +219,13 @@ struct Wanted {
 
 /// Lists the checked nodes again from the store: new ones get a record, gone ones lose
 /// theirs, and a changed `checks.active` takes effect at once (a shorter interval is not
-/// waited out).
-fn reconcile(master: &Master, targets: &mut HashMap<u64, Target>) {
+/// waited out). After a reload every probe is made anew (the trusted CAs may have changed).
+fn reconcile(master: &Master, targets: &mut HashMap<u64, Target>, reloaded: bool) {
     let shm = &master.health.shm;
     // Each upstream's probe as it was, so that an unchanged one stays shared by its nodes,
-    // old and new (its `busy` counts them all).
+    // old and new (its `busy` counts them all); none after a reload.
     let mut probes: HashMap<String, Arc<Probe>> = HashMap::new();
-    for t in targets.values() {
+    for t in targets.values().filter(|_| !reloaded) {
         probes.insert(t.listed.owner.clone(), t.probe.clone());
     }
     let wanted = checked_nodes(master, &probes);

@@ -5,7 +5,8 @@ only the host's part that instructions.sh counts.
 
 The gateway runs under valgrind with its worker traced (WASMGATE_WORKER_EXE names the binary:
 under valgrind `/proc/self/exe` is valgrind itself); an nginx upstream answers `return 200`.
-For each route (no plugin, example_headers, three of them, shared_counter) the script warms
+For each route (no plugin, example_headers, three of them, shared_counter, no plugin with
+health checks on its upstream) the script warms
 up, zeroes the worker's counters, sends a fixed number of keep-alive requests one after the
 other, dumps the counters and divides; it also counts the calls to the allocator (mimalloc's entry points)
 per request. The count does not move with the machine's load, so two builds can be
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (ROOT, admin_put, bench_plugins, bench_routes, free_port, gateway_config,
                       upstream_conf, wait_port)
 
-ROUTES = ("none", "one", "three", "counter")
+ROUTES = ("none", "one", "three", "counter", "checked")
 
 # A plugin whose header value changes from request to request (shared_counter's
 # `x-counter: <n>`, the count kept in shared data), as an auth plugin's user id or a trace id
@@ -134,6 +135,11 @@ def main():
         routes = bench_routes(f"127.0.0.1:{up}")
         routes["counter"] = {"uri": "/counter", "plugins": {"counter": {"conf": "-"}},
                              "upstream": routes["none"]["upstream"]}
+        # No plugin, the upstream with health checks: each pick reads the node's record and
+        # each answer is counted (passive); the master's probes are not the worker's.
+        checked = dict(routes["none"]["upstream"])
+        checked["checks"] = {"active": {"type": "tcp"}, "passive": {}}
+        routes["checked"] = {"uri": "/checked", "upstream": checked}
         for r in ROUTES:
             admin_put(admin, f"/apisix/admin/routes/{r}", routes[r])
         wait_port(gw, 120)
