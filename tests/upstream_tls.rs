@@ -604,3 +604,74 @@ fn a_close_without_close_notify_ends_the_body() {
         gw.error_log()
     );
 }
+
+/// `https` health checks probe over TLS, with the name `checks.active.host` gives, and check
+/// the node's certificate against `apisix.ssl.ssl_trusted_certificate` unless told not to.
+#[test]
+fn https_health_checks_check_the_nodes_certificate() {
+    let ca = Ca::new("trusted CA");
+    let stranger = Ca::new("unknown CA");
+    let good = TlsNode::start(&ca, &["api.test"], None);
+    let bad = TlsNode::start(&stranger, &["api.test"], None);
+    let (gw, _cas) = gateway_trusting(&ca);
+    let checked = |verify: bool| {
+        json!({"scheme": "https", "nodes": {good.addr(): 1, bad.addr(): 1}, "checks": {"active": {
+            "type": "https", "host": "api.test", "https_verify_certificate": verify,
+            "healthy": {"interval": 1, "successes": 1},
+            "unhealthy": {"interval": 1, "tcp_failures": 1}
+        }}})
+    };
+    for (id, verify) in [("verified", true), ("unverified", false)] {
+        let (s, v) = gw.admin(
+            "PUT",
+            &format!("/apisix/admin/upstreams/{id}"),
+            Some(checked(verify)),
+        );
+        assert_eq!(s, 201, "{v}");
+    }
+    // Each node's state in each upstream, by port.
+    let states = || {
+        let (_, hc) = gw.admin("GET", "/wasmgate/healthcheck", None);
+        let mut out = Vec::new();
+        for u in hc.as_array().into_iter().flatten() {
+            for n in u["nodes"].as_array().into_iter().flatten() {
+                let node = format!("127.0.0.1:{}", n["port"]);
+                let status = n["status"].as_str().unwrap_or("").to_string();
+                out.push((u["name"].as_str().unwrap_or("").to_string(), node, status));
+            }
+        }
+        out.sort();
+        out
+    };
+    let want = |name: &str, node: &TlsNode, status: &str| {
+        (
+            format!("/apisix/upstreams/{name}"),
+            node.addr(),
+            status.to_string(),
+        )
+    };
+    let mut expected = vec![
+        want("unverified", &bad, "healthy"),
+        want("unverified", &good, "healthy"),
+        want("verified", &bad, "unhealthy"),
+        want("verified", &good, "healthy"),
+    ];
+    expected.sort();
+    eventually(
+        Duration::from_secs(6),
+        "the stranger's node found unhealthy",
+        || states() == expected,
+    );
+    let log = gw.error_log();
+    let lines = common::log_lines(
+        &log,
+        &format!("upstream node {} of upstreams/verified", bad.addr()),
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("TLS handshake failed") && l.contains("UnknownIssuer")),
+        "{log}"
+    );
+    assert!(good.connections() > 0 && bad.connections() > 0);
+}
