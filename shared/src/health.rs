@@ -317,20 +317,27 @@ impl HealthShm {
         limits: &Thresholds,
     ) -> Option<Change> {
         let s = self.slot(i);
-        let mut change = None;
-        let updated = s
-            .state
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
-                if s.key.load(Ordering::Acquire) != tag {
-                    return None;
-                }
-                let (next, made) = count(word, outcome, limits);
-                change = made;
-                Some(next)
-            });
-        if updated.is_err() {
-            return None;
-        }
+        let mut word = s.state.load(Ordering::Acquire);
+        let change = loop {
+            // Another node's record now (or being replaced): not this count's to change.
+            if s.key.load(Ordering::Acquire) != tag
+                || word & !COUNTS & !UNHEALTHY != check_bits(tag)
+            {
+                return None;
+            }
+            let (next, made) = count(word, outcome, limits);
+            if next == word {
+                // Nothing to write (a success of a healthy node): no shared cache line taken.
+                return None;
+            }
+            match s
+                .state
+                .compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break made,
+                Err(now) => word = now,
+            }
+        };
         if change.is_some() {
             s.since.store(unix_now(), Ordering::Relaxed);
         }

@@ -31,9 +31,32 @@ pub struct NodeHealth {
 struct PassiveRules {
     /// `tcp`: only connection failures and timeouts count, and any answer is a success.
     tcp_only: bool,
-    healthy: Vec<u16>,
-    unhealthy: Vec<u16>,
+    healthy: Statuses,
+    unhealthy: Statuses,
     thresholds: Thresholds,
+}
+
+/// A set of statuses from 200 to 599 (what `http_statuses` may hold), one bit each: looked up
+/// for every answer.
+#[derive(Debug)]
+struct Statuses([u64; 7]);
+
+impl Statuses {
+    fn of(list: &[u16]) -> Statuses {
+        let mut bits = [0u64; 7];
+        for &s in list.iter().filter(|s| (200..600).contains(*s)) {
+            let i = usize::from(s - 200);
+            bits[i / 64] |= 1 << (i % 64);
+        }
+        Statuses(bits)
+    }
+
+    fn contains(&self, status: u16) -> bool {
+        let Some(i) = status.checked_sub(200).map(usize::from) else {
+            return false;
+        };
+        self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
 }
 
 /// What one attempt on a node came to, for passive checks.
@@ -103,8 +126,8 @@ impl PassiveRules {
         let u = &p.unhealthy;
         PassiveRules {
             tcp_only: p.kind == ProbeType::Tcp,
-            healthy: p.healthy.http_statuses.clone(),
-            unhealthy: u.http_statuses.clone(),
+            healthy: Statuses::of(&p.healthy.http_statuses),
+            unhealthy: Statuses::of(&u.http_statuses),
             thresholds: Thresholds {
                 successes: p.healthy.successes as u8,
                 http_failures: u.http_failures as u8,
@@ -117,8 +140,8 @@ impl PassiveRules {
     fn outcome(&self, attempt: Attempt) -> Option<Outcome> {
         Some(match attempt {
             Attempt::Answered(_) if self.tcp_only => Outcome::Success,
-            Attempt::Answered(s) if self.healthy.contains(&s) => Outcome::Success,
-            Attempt::Answered(s) if self.unhealthy.contains(&s) => Outcome::HttpFailure,
+            Attempt::Answered(s) if self.healthy.contains(s) => Outcome::Success,
+            Attempt::Answered(s) if self.unhealthy.contains(s) => Outcome::HttpFailure,
             Attempt::Answered(_) => return None,
             Attempt::ConnectFailed | Attempt::Broken => Outcome::TcpFailure,
             Attempt::TimedOut => Outcome::Timeout,
@@ -140,6 +163,9 @@ mod tests {
             Some(Outcome::HttpFailure)
         );
         assert_eq!(r.outcome(Attempt::Answered(404)), None);
+        assert_eq!(r.outcome(Attempt::Answered(599)), None);
+        assert_eq!(r.outcome(Attempt::Answered(100)), None);
+        assert_eq!(r.outcome(Attempt::Answered(308)), Some(Outcome::Success));
         assert_eq!(r.outcome(Attempt::ConnectFailed), Some(Outcome::TcpFailure));
         assert_eq!(r.outcome(Attempt::TimedOut), Some(Outcome::Timeout));
         let p: Passive = serde_json::from_value(serde_json::json!({"type": "tcp"})).unwrap();
