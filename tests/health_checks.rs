@@ -168,6 +168,19 @@ fn active_checks_take_a_failing_node_out_and_bring_it_back() {
             .any(|l| l.contains("2 × unhealthy HTTP in a row (active check: status 500)")),
         "{log}"
     );
+    // `wasmgate status` names it, as the status endpoint does.
+    let out = common::run_ok(
+        std::process::Command::new(common::bin())
+            .args(["status", "-p"])
+            .arg(gw.prefix()),
+    );
+    let line = format!(
+        "upstream nodes 2 checked, 1 UNHEALTHY: {} (/apisix/upstreams/hc)",
+        b.addr
+    );
+    assert!(out.contains(&line), "{out}");
+    let status = gw.status();
+    assert_eq!(status["master"]["health"]["checked"], 2, "{status}");
     let (_, hc) = gw.admin("GET", "/wasmgate/healthcheck", None);
     let up = &hc.as_array().unwrap()[0];
     assert_eq!(up["name"], "/apisix/upstreams/hc");

@@ -419,6 +419,7 @@ fn render_status(v: &serde_json::Value, pid_file: &str) -> String {
         ));
     }
     out.push_str(&store_line(&v["store"]));
+    out.push_str(&health_line(&m["health"]));
     out.push_str(&format!(
         "{:<7} {:<5} {:<8} {:<9} {:<6} {:<9} {:<9} {:<10} {:<9} {:<6} {:<7} {}\n",
         "WORKER",
@@ -456,6 +457,32 @@ fn render_status(v: &serde_json::Value, pid_file: &str) -> String {
         ));
     }
     out
+}
+
+/// The nodes health checks watch, and those found unhealthy (nothing without checks).
+fn health_line(health: &serde_json::Value) -> String {
+    let checked = health["checked"].as_u64().unwrap_or(0);
+    if checked == 0 {
+        return String::new();
+    }
+    let down: Vec<String> = (health["unhealthy"].as_array().into_iter().flatten())
+        .map(|n| {
+            let upstream = n["upstream"].as_str().unwrap_or("?");
+            format!("{} ({upstream})", n["node"].as_str().unwrap_or("?"))
+        })
+        .collect();
+    match down.is_empty() {
+        true => format!(
+            "        upstream nodes {checked} checked, all healthy
+"
+        ),
+        false => format!(
+            "        upstream nodes {checked} checked, {} UNHEALTHY: {}
+",
+            down.len(),
+            down.join(", ")
+        ),
+    }
 }
 
 /// `12.3M`, as `ps` and `top` show memory.

@@ -62,9 +62,30 @@ pub fn gateway(m: &Master) -> Value {
             "config": m.config().origin,
             "shm": shm_usage(m),
             "requests": requests,
+            "health": health_summary(m),
         },
         "workers": workers,
     })
+}
+
+/// How many upstream nodes health checks watch, and which of them are unhealthy (the rest
+/// is `GET /wasmgate/healthcheck`).
+fn health_summary(m: &Master) -> Value {
+    let nodes = m.health.nodes();
+    let unhealthy: Vec<Value> = (nodes.iter())
+        .filter(|(_, state)| !state.healthy)
+        .map(|(l, state)| {
+            json!({
+                "upstream": format!("/apisix/{}", l.owner),
+                "node": match l.host.contains(':') {
+                    true => format!("[{}]:{}", l.host, l.port),
+                    false => format!("{}:{}", l.host, l.port),
+                },
+                "since": state.since,
+            })
+        })
+        .collect();
+    json!({"checked": nodes.len(), "unhealthy": unhealthy})
 }
 
 /// The configuration's share of `wasmgate.shm_size`: a whole snapshot of every object must fit
