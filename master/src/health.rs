@@ -337,7 +337,7 @@ fn checked_nodes(master: &Master, known: &HashMap<String, Arc<Probe>>) -> HashMa
             continue;
         };
         let owner = format!("{}/{id}", kind.as_str());
-        let fresh = Probe::new(active, &up, master);
+        let fresh = Probe::new(active, &up, master, &owner);
         let probe = match known.get(&owner) {
             Some(p) if p.active == fresh.active && p.host == fresh.host => p.clone(),
             _ => Arc::new(fresh),
@@ -365,7 +365,7 @@ fn checked_nodes(master: &Master, known: &HashMap<String, Arc<Probe>>) -> HashMa
 }
 
 impl Probe {
-    fn new(active: Active, up: &Upstream, master: &Master) -> Probe {
+    fn new(active: Active, up: &Upstream, master: &Master, owner: &str) -> Probe {
         let u = &active.unhealthy;
         let thresholds = Thresholds {
             successes: active.healthy.successes as u8,
@@ -379,6 +379,10 @@ impl Probe {
         });
         let tls = (active.kind == ProbeType::Https)
             .then(|| tls_connector(active.https_verify_certificate, master));
+        if let Some(Err(why)) = &tls {
+            // The gateway's own settings: no probe runs, and none counts against the nodes.
+            tracing::error!("health checks of {owner}: https probes cannot run: {why}");
+        }
         Probe {
             active,
             thresholds,
@@ -440,6 +444,9 @@ async fn probe_node(p: &Probe, host: &str, port: u16) -> (Option<Outcome>, Strin
 }
 
 async fn attempt(p: &Probe, host: &str, port: u16) -> (Option<Outcome>, String) {
+    if let Some(Err(why)) = &p.tls {
+        return (None, format!("TLS settings: {why}"));
+    }
     let tcp = match tokio::net::TcpStream::connect((host, port)).await {
         Ok(s) => s,
         Err(e) => return (Some(Outcome::TcpFailure), format!("connect() failed ({e})")),
@@ -448,8 +455,6 @@ async fn attempt(p: &Probe, host: &str, port: u16) -> (Option<Outcome>, String) 
     let name = p.host.as_deref().unwrap_or(host);
     match (&p.tls, p.active.kind) {
         (_, ProbeType::Tcp) => (Some(Outcome::Success), "connected".into()),
-        (None, _) => http_probe(p, tcp, name, port).await,
-        (Some(Err(why)), _) => (Some(Outcome::TcpFailure), format!("TLS settings: {why}")),
         (Some(Ok(tls)), _) => {
             let server =
                 rustls::pki_types::ServerName::try_from(name.to_string()).unwrap_or_else(|_| {
@@ -463,6 +468,8 @@ async fn attempt(p: &Probe, host: &str, port: u16) -> (Option<Outcome>, String) 
                 ),
             }
         }
+        // Plain HTTP (TLS settings that cannot be used were answered above).
+        _ => http_probe(p, tcp, name, port).await,
     }
 }
 
