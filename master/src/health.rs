@@ -246,6 +246,8 @@ fn reconcile(master: &Master, targets: &mut HashMap<u64, Target>, reloaded: bool
                 let healthy = shm.healthy(t.listed.slot, tag);
                 t.next_at = t.next_at.min(now + interval(&w.probe, healthy));
                 (t.listed.probe_port, t.listed.kind, t.probe) = (probe_port, kind, w.probe);
+                // A probe in flight under the old settings no longer counts.
+                t.in_flight = None;
             }
             continue;
         }
@@ -339,7 +341,14 @@ fn checked_nodes(master: &Master, known: &HashMap<String, Arc<Probe>>) -> HashMa
         let owner = format!("{}/{id}", kind.as_str());
         let fresh = Probe::new(active, &up, master, &owner);
         let probe = match known.get(&owner) {
-            Some(p) if p.active == fresh.active && p.host == fresh.host => p.clone(),
+            // Unchanged, and its TLS settings could be made (else they are tried again).
+            Some(p)
+                if p.active == fresh.active
+                    && p.host == fresh.host
+                    && !matches!(p.tls, Some(Err(_))) =>
+            {
+                p.clone()
+            }
             _ => Arc::new(fresh),
         };
         for node in up.normalized_nodes().unwrap_or_default() {
