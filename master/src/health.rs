@@ -36,7 +36,9 @@ const MAX_STATUS_LINE: usize = 1024;
 pub struct Listed {
     /// The object that owns the upstream: `upstreams/1`, `routes/7`, `services/2`.
     pub owner: String,
-    /// The node's host and port, as its upstream lists it.
+    /// The node as its upstream lists it: `host:port` (`NodeAddr::authority`), and its host
+    /// (brackets off an IPv6 address) and port.
+    pub node: String,
     pub host: String,
     pub port: u16,
     /// The port probed (`checks.active.port`, else the node's).
@@ -143,12 +145,12 @@ fn finished(checker: &Checker, t: &mut Target, outcome: Option<Outcome>, seen: &
     match outcome {
         Some(o) => {
             if let Some(change) = checker.shm.report(slot, tag, o, &t.probe.thresholds) {
-                log_change(&t.listed, change, "active", seen);
+                change.log(&t.listed.node, &t.listed.owner, "active", seen);
             }
         }
         None => tracing::debug!(
             "health check of {} of {}: {seen}, counted neither way",
-            node_name(&t.listed),
+            t.listed.node,
             t.listed.owner
         ),
     }
@@ -163,22 +165,6 @@ fn interval(probe: &Probe, healthy: bool) -> Duration {
         false => a.unhealthy.interval,
     };
     Duration::from_secs(u64::from(every))
-}
-
-/// Says that a node changed state, as an operator needs to read it.
-fn log_change(l: &Listed, change: health::Change, by: &str, seen: &str) {
-    let line = change.describe(&node_name(l), &l.owner, by, seen);
-    match change.healthy {
-        true => tracing::warn!("{line}"),
-        false => tracing::error!("{line}"),
-    }
-}
-
-fn node_name(l: &Listed) -> String {
-    match l.host.contains(':') {
-        true => format!("[{}]:{}", l.host, l.port),
-        false => format!("{}:{}", l.host, l.port),
-    }
 }
 
 /// Starts the probes that are due, within each upstream's concurrency.
@@ -212,6 +198,7 @@ fn start_due(
 /// A node the store says to check.
 struct Wanted {
     owner: String,
+    node: String,
     host: String,
     port: u16,
     probe: Arc<Probe>,
@@ -240,7 +227,7 @@ fn reconcile(master: &Master, targets: &mut HashMap<u64, Target>, reloaded: bool
     let now = Instant::now();
     for (tag, w) in wanted {
         let probe_port = w.probe.active.port.map_or(w.port, |p| p as u16);
-        let kind = kind_name(w.probe.active.kind);
+        let kind = w.probe.active.kind.as_str();
         if let Some(t) = targets.get_mut(&tag) {
             if !Arc::ptr_eq(&t.probe, &w.probe) {
                 let healthy = shm.healthy(t.listed.slot, tag);
@@ -257,12 +244,14 @@ fn reconcile(master: &Master, targets: &mut HashMap<u64, Target>, reloaded: bool
         };
         let Wanted {
             owner,
+            node,
             host,
             port,
             probe,
         } = w;
         let listed = Listed {
             owner,
+            node,
             host,
             port,
             probe_port,
@@ -294,14 +283,6 @@ fn reconcile(master: &Master, targets: &mut HashMap<u64, Target>, reloaded: bool
         .listed
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = listed;
-}
-
-fn kind_name(k: ProbeType) -> &'static str {
-    match k {
-        ProbeType::Http => "http",
-        ProbeType::Https => "https",
-        ProbeType::Tcp => "tcp",
-    }
 }
 
 /// Every node of every upstream with `checks.active` the workers use, by tag: upstream
@@ -339,20 +320,18 @@ fn checked_nodes(master: &Master, known: &HashMap<String, Arc<Probe>>) -> HashMa
             continue;
         };
         let owner = format!("{}/{id}", kind.as_str());
-        let fresh = Probe::new(active, &up, master, &owner);
+        let host = probe_host(&active, &up);
         let probe = match known.get(&owner) {
-            // Unchanged, and its TLS settings could be made (else they are tried again).
-            Some(p)
-                if p.active == fresh.active
-                    && p.host == fresh.host
-                    && !matches!(p.tls, Some(Err(_))) =>
-            {
+            // Unchanged, and its TLS settings could be made (else they are tried again): the
+            // probe in use, its TLS settings not made again.
+            Some(p) if p.active == active && p.host == host && !matches!(p.tls, Some(Err(_))) => {
                 p.clone()
             }
-            _ => Arc::new(fresh),
+            _ => Arc::new(Probe::new(active, host, master, &owner)),
         };
         for node in up.normalized_nodes().unwrap_or_default() {
-            let tag = health::tag(&owner, &node.authority());
+            let authority = node.authority();
+            let tag = health::tag(&owner, &authority);
             let host = node
                 .host
                 .trim_start_matches('[')
@@ -363,6 +342,7 @@ fn checked_nodes(master: &Master, known: &HashMap<String, Arc<Probe>>) -> HashMa
                 tag,
                 Wanted {
                     owner,
+                    node: authority,
                     host,
                     port,
                     probe,
@@ -373,19 +353,17 @@ fn checked_nodes(master: &Master, known: &HashMap<String, Arc<Probe>>) -> HashMa
     wanted
 }
 
+/// The `Host` of an upstream's HTTP probes: `active.host`, else its `upstream_host` when it
+/// rewrites the Host (none: each node's host).
+fn probe_host(active: &Active, up: &Upstream) -> Option<String> {
+    active.host.clone().or_else(|| match up.pass_host {
+        PassHost::Rewrite => up.upstream_host.clone(),
+        _ => None,
+    })
+}
+
 impl Probe {
-    fn new(active: Active, up: &Upstream, master: &Master, owner: &str) -> Probe {
-        let u = &active.unhealthy;
-        let thresholds = Thresholds {
-            successes: active.healthy.successes as u8,
-            http_failures: u.http_failures as u8,
-            tcp_failures: u.tcp_failures as u8,
-            timeouts: u.timeouts as u8,
-        };
-        let host = active.host.clone().or_else(|| match up.pass_host {
-            PassHost::Rewrite => up.upstream_host.clone(),
-            _ => None,
-        });
+    fn new(active: Active, host: Option<String>, master: &Master, owner: &str) -> Probe {
         let tls = (active.kind == ProbeType::Https)
             .then(|| tls_connector(active.https_verify_certificate, master));
         if let Some(Err(why)) = &tls {
@@ -393,8 +371,8 @@ impl Probe {
             tracing::error!("health checks of {owner}: https probes cannot run: {why}");
         }
         Probe {
+            thresholds: active.thresholds(),
             active,
-            thresholds,
             host,
             tls,
             busy: AtomicU32::new(0),

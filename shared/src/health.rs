@@ -155,9 +155,18 @@ pub struct Change {
 }
 
 impl Change {
-    /// The error log's line for it: node `node` of `owner`'s upstream, found by `by` (`active`
-    /// or `passive`) after seeing `seen`.
-    pub fn describe(&self, node: &str, owner: &str, by: &str, seen: &str) -> String {
+    /// Writes it to the error log, as an operator needs to read it: node `node` of `owner`'s
+    /// upstream, found by `by` (`active` or `passive`) after seeing `seen`. Taken out is an
+    /// error, back a warning.
+    pub fn log(&self, node: &str, owner: &str, by: &str, seen: &str) {
+        let line = self.describe(node, owner, by, seen);
+        match self.healthy {
+            true => tracing::warn!("{line}"),
+            false => tracing::error!("{line}"),
+        }
+    }
+
+    fn describe(&self, node: &str, owner: &str, by: &str, seen: &str) -> String {
         match self.healthy {
             true => format!(
                 "upstream node {node} of {owner} is healthy again: {} success{} in a row ({by} \

@@ -77,10 +77,7 @@ fn health_summary(m: &Master) -> Value {
         .map(|(l, state)| {
             json!({
                 "upstream": format!("/apisix/{}", l.owner),
-                "node": match l.host.contains(':') {
-                    true => format!("[{}]:{}", l.host, l.port),
-                    false => format!("{}:{}", l.host, l.port),
-                },
+                "node": l.node,
                 "since": state.since,
             })
         })

@@ -16,6 +16,17 @@ pub enum ProbeType {
     Tcp,
 }
 
+impl ProbeType {
+    /// As written in `type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeType::Http => "http",
+            ProbeType::Https => "https",
+            ProbeType::Tcp => "tcp",
+        }
+    }
+}
+
 /// `checks`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -299,6 +310,17 @@ impl Active {
 }
 
 impl Passive {
+    /// The counts that change a node's state under passive checks.
+    pub fn thresholds(&self) -> crate::health::Thresholds {
+        let u = &self.unhealthy;
+        thresholds([
+            self.healthy.successes,
+            u.http_failures,
+            u.tcp_failures,
+            u.timeouts,
+        ])
+    }
+
     fn check(&self) -> Result<(), FieldError> {
         counter("healthy.successes", self.healthy.successes)?;
         counter("unhealthy.http_failures", self.unhealthy.http_failures)?;
@@ -306,6 +328,18 @@ impl Passive {
         counter("unhealthy.timeouts", self.unhealthy.timeouts)?;
         statuses("healthy.http_statuses", &self.healthy.http_statuses)?;
         statuses("unhealthy.http_statuses", &self.unhealthy.http_statuses)
+    }
+}
+
+/// Successes, HTTP failures, TCP failures and timeouts, each checked to be 1 to 254 when
+/// written: a byte each.
+fn thresholds([successes, http, tcp, timeouts]: [u32; 4]) -> crate::health::Thresholds {
+    let byte = |n: u32| n.clamp(1, 254) as u8;
+    crate::health::Thresholds {
+        successes: byte(successes),
+        http_failures: byte(http),
+        tcp_failures: byte(tcp),
+        timeouts: byte(timeouts),
     }
 }
 
@@ -358,6 +392,18 @@ fn req_headers(list: &[String]) -> Result<(), FieldError> {
 }
 
 impl Active {
+    /// The counts that change a node's state under active checks (each checked to be 1 to
+    /// 254 when written).
+    pub fn thresholds(&self) -> crate::health::Thresholds {
+        let u = &self.unhealthy;
+        thresholds([
+            self.healthy.successes,
+            u.http_failures,
+            u.tcp_failures,
+            u.timeouts,
+        ])
+    }
+
     /// `req_headers` as name and value pairs (checked when written).
     pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
         (self.req_headers.iter().flatten())

@@ -112,28 +112,18 @@ impl NodeHealth {
                 Attempt::TimedOut => "timed out".into(),
                 Attempt::Broken => "connection broken".into(),
             };
-            let line = change.describe(node, &self.owner, "passive", &seen);
-            match change.healthy {
-                true => tracing::warn!("{line}"),
-                false => tracing::error!("{line}"),
-            }
+            change.log(node, &self.owner, "passive", &seen);
         }
     }
 }
 
 impl PassiveRules {
     fn new(p: &Passive) -> PassiveRules {
-        let u = &p.unhealthy;
         PassiveRules {
             tcp_only: p.kind == ProbeType::Tcp,
             healthy: Statuses::of(&p.healthy.http_statuses),
-            unhealthy: Statuses::of(&u.http_statuses),
-            thresholds: Thresholds {
-                successes: p.healthy.successes as u8,
-                http_failures: u.http_failures as u8,
-                tcp_failures: u.tcp_failures as u8,
-                timeouts: u.timeouts as u8,
-            },
+            unhealthy: Statuses::of(&p.unhealthy.http_statuses),
+            thresholds: p.thresholds(),
         }
     }
 
