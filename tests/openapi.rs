@@ -620,6 +620,72 @@ fn admin_api_answers_match_openapi_document() {
     );
     api.expect(404, "DELETE", "/apisix/admin/global_rules/missing", None);
 
+    // ---- plugin configs -----------------------------------------------------------------------
+    let pc = "/apisix/admin/plugin_configs";
+    let created = api.expect(
+        201,
+        "PUT",
+        &format!("{pc}/pc1"),
+        Some(json!({"desc": "shared", "labels": {"team": "a"}, "plugins": {"wasm_log": {"conf": "p"}}})),
+    );
+    assert_eq!(created["key"], "/apisix/plugin_configs/pc1");
+    api.expect(201, "PUT", pc, Some(json!({"id": "pc2", "plugins": {}})));
+    api.expect(
+        201,
+        "PUT",
+        &format!("{pc}/pc3"),
+        Some(json!({"plugins": {"rec_a": {"conf": "q"}}})),
+    );
+    api.expect(200, "GET", &format!("{pc}/pc1"), None);
+    let list = api.expect(200, "GET", &format!("{pc}?label=team"), None);
+    assert_eq!(list["total"], 1);
+    api.expect(
+        200,
+        "PATCH",
+        &format!("{pc}/pc2"),
+        Some(json!({"desc": "empty"})),
+    );
+    api.expect(
+        200,
+        "PATCH",
+        &format!("{pc}/pc2/plugins"),
+        Some(json!({"rec_b": {"conf": "r"}})),
+    );
+    api.refused(
+        "PUT",
+        &format!("{pc}/pc9"),
+        json!({"desc": "x"}),
+        true,
+        "\"plugins\" is required",
+    );
+    api.refused(
+        "PUT",
+        &format!("{pc}/pc9"),
+        json!({"plugins": {"nope": {"conf": "x"}}}),
+        false,
+        "unknown plugin [nope]",
+    );
+    api.refused(
+        "PUT",
+        "/apisix/admin/routes/rpc",
+        json!({"uri": "/pc", "plugin_config_id": "missing"}),
+        false,
+        "failed to fetch plugin config info by plugin config id [missing], response code: 404",
+    );
+    api.expect(
+        201,
+        "PUT",
+        "/apisix/admin/routes/rpc",
+        Some(json!({"uri": "/pc", "plugin_config_id": "pc1"})),
+    );
+    let v = api.expect(400, "DELETE", &format!("{pc}/pc1"), None);
+    assert_eq!(
+        v["error_msg"],
+        "can not delete this plugin config, route [rpc] is still using it now"
+    );
+    api.expect(200, "DELETE", "/apisix/admin/routes/rpc", None);
+    api.expect(404, "DELETE", &format!("{pc}/missing"), None);
+
     // ---- SSL objects --------------------------------------------------------------------------
     let ca = common::tls::Ca::new("openapi CA");
     let pem = |names: &[&str]| {
@@ -1037,6 +1103,7 @@ fn admin_api_answers_match_openapi_document() {
     );
     for (kind, ids) in [
         ("routes", ["r1".to_string(), "r2".into(), r3]),
+        ("plugin_configs", ["pc1".into(), "pc2".into(), "pc3".into()]),
         ("services", ["s1".into(), s2, "s3".into()]),
         ("upstreams", ["u1".into(), u2, "u3".into()]),
         ("global_rules", ["g1".into(), g2, "g3".into()]),

@@ -99,6 +99,123 @@ fn plugin_contexts_are_per_route_and_lazy() {
     assert_ne!(a2["root_id"], a["root_id"]);
 }
 
+/// APISIX's plugin configs: a route with `plugin_config_id` runs the plugin config's plugins
+/// under its own (a plugin it configures itself keeps the route's settings); an edit of the
+/// plugin config reaches its routes as new PluginContexts; deleting one in use is refused,
+/// and when forced, its routes answer 503 instead of running without the plugins.
+#[test]
+fn plugin_configs_give_routes_their_plugins() {
+    let gw = one_worker();
+    let pc = "/apisix/admin/plugin_configs";
+    let (s, v) = gw.admin(
+        "PUT",
+        &format!("{pc}/pc1"),
+        Some(json!({"desc": "shared", "plugins": {"echo": {"conf": "from-config"}}})),
+    );
+    assert_eq!(
+        (s, v["key"].as_str()),
+        (201, Some("/apisix/plugin_configs/pc1")),
+        "{v}"
+    );
+    // APISIX's rules: the id is required (no POST), and so are the plugins, known ones.
+    let (s, v) = gw.admin("POST", pc, Some(json!({"plugins": {}})));
+    assert_eq!(s, 405, "{v}");
+    let (s, v) = gw.admin(
+        "PUT",
+        &format!("{pc}/bad"),
+        Some(json!({"plugins": {"nope": {"conf": "x"}}})),
+    );
+    assert_eq!(
+        (s, v["error_msg"].as_str()),
+        (400, Some("unknown plugin [nope]"))
+    );
+    let (s, v) = gw.admin("PUT", &format!("{pc}/bad"), Some(json!({"desc": "x"})));
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("\"plugins\" is required"),
+        "{v}"
+    );
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/routes/x",
+        Some(json!({"uri": "/x", "plugin_config_id": "nope"})),
+    );
+    assert_eq!(
+        (s, v["error_msg"].as_str()),
+        (
+            400,
+            Some(
+                "failed to fetch plugin config info by plugin config id [nope], response code: 404"
+            )
+        )
+    );
+
+    gw.route("a", json!({"uri": "/a", "plugin_config_id": "pc1"}), None);
+    gw.route(
+        "b",
+        json!({"uri": "/b", "plugin_config_id": "pc1", "plugins": {"echo": {"conf": "own"}}}),
+        None,
+    );
+    let a = echo(&gw, "/a");
+    assert_eq!(a["conf"], "from-config");
+    assert_eq!(
+        echo(&gw, "/b")["conf"],
+        "own",
+        "the route's own settings win"
+    );
+
+    // Edited: its routes get a new context with the new settings; the route with its own
+    // settings keeps them.
+    let (s, v) = gw.admin(
+        "PATCH",
+        &format!("{pc}/pc1"),
+        Some(json!({"plugins": {"echo": {"conf": "v2"}}})),
+    );
+    assert_eq!(s, 200, "{v}");
+    gw.wait_propagated();
+    let a2 = echo(&gw, "/a");
+    assert_eq!(a2["conf"], "v2");
+    assert_ne!(a2["root_id"], a["root_id"]);
+    assert_eq!(echo(&gw, "/b")["conf"], "own");
+
+    // In use: kept, unless forced.
+    let (s, v) = gw.admin("DELETE", &format!("{pc}/pc1"), None);
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error_msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("can not delete this plugin config, route ["),
+        "{v}"
+    );
+    let (s, v) = gw.admin("DELETE", &format!("{pc}/pc1?force=true"), None);
+    assert_eq!(s, 200, "{v}");
+    gw.wait_propagated();
+    let r = http("GET", &gw.url("/a"), &[], None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("x-echo"), None, "no plugin ran");
+    assert!(
+        gw.error_log()
+            .contains("route a: failed to fetch plugin config by id: pc1"),
+        "{}",
+        gw.error_log()
+    );
+    // Written again: served again.
+    let (s, _) = gw.admin(
+        "PUT",
+        &format!("{pc}/pc1"),
+        Some(json!({"plugins": {"echo": {"conf": "v3"}}})),
+    );
+    assert_eq!(s, 201);
+    gw.wait_propagated();
+    assert_eq!(echo(&gw, "/a")["conf"], "v3");
+    let (s, v) = gw.admin("GET", pc, None);
+    assert_eq!((s, v["total"].as_u64()), (200, Some(1)), "{v}");
+}
+
 #[test]
 fn headers_are_rewritten_both_ways() {
     let up = TestUpstream::start("u");

@@ -19,7 +19,8 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 use wasmgate_shared::model::vars::{parse_cidr, Cidr, VarsExpr};
 use wasmgate_shared::model::{
-    validate, GlobalRule, Kind, Object, PluginCatalog, Route, Service, Ssl, Timeout, Upstream,
+    validate, GlobalRule, Kind, Object, PluginCatalog, PluginConfig, Route, Service, Ssl, Timeout,
+    Upstream,
 };
 
 fn catalog() -> PluginCatalog {
@@ -102,6 +103,7 @@ fn check_object(obj: &Object) {
         Object::GlobalRule(g) => assert!(!g.plugins.is_empty()),
         // Accepted only with a usable certificate and key, and at least one name.
         Object::Ssl(s) => assert!(!s.names().is_empty() && !s.identities().unwrap().is_empty()),
+        Object::PluginConfig(p) => assert!(p.plugins.is_some()),
     }
     let _ = obj.references();
 }
@@ -159,6 +161,9 @@ fn stored_form_revalidates(kind: Kind, body: &Value, catalog: &PluginCatalog) {
         Kind::Upstreams => drop(serde_json::from_str::<Upstream>(&text).expect("worker parse")),
         Kind::GlobalRules => drop(serde_json::from_str::<GlobalRule>(&text).expect("worker parse")),
         Kind::Ssls => drop(serde_json::from_str::<Ssl>(&text).expect("worker parse")),
+        Kind::PluginConfigs => {
+            drop(serde_json::from_str::<PluginConfig>(&text).expect("worker parse"))
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wasmgate_shared::model::{GlobalRule, Kind, Route, Service, Ssl, Upstream};
+use wasmgate_shared::model::{GlobalRule, Kind, PluginConfig, Route, Service, Ssl, Upstream};
 use wasmgate_shared::snapshot::{Delta, Snapshot};
 
 fuzz_target!(|data: &[u8]| {
@@ -55,6 +55,9 @@ fuzz_target!(|data: &[u8]| {
                 if let Ok(s) = serde_json::from_str::<Ssl>(json) {
                     let _ = (s.names(), s.identities());
                 }
+            }
+            Kind::PluginConfigs => {
+                let _ = serde_json::from_str::<PluginConfig>(json);
             }
         }
     }

@@ -723,11 +723,12 @@ const NOTHING_STORED: &str = "nothing is stored under this prefix";
 fn loaded_line(etcd: &Etcd, rev: u64, objects: &[Object], refused: usize, keys: usize) -> String {
     let count = |kind: Kind| objects.iter().filter(|o| o.0 == kind).count();
     let mut line = format!(
-        "etcd: read {} routes, {} services, {} upstreams, {} global rules and {} ssls under \
-         {}/ at revision {rev}",
+        "etcd: read {} routes, {} services, {} upstreams, {} plugin configs, {} global rules \
+         and {} ssls under {}/ at revision {rev}",
         count(Kind::Routes),
         count(Kind::Services),
         count(Kind::Upstreams),
+        count(Kind::PluginConfigs),
         count(Kind::GlobalRules),
         count(Kind::Ssls),
         etcd.prefix,

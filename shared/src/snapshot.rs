@@ -40,6 +40,7 @@ pub enum KindTag {
     Upstream,
     GlobalRule,
     Ssl,
+    PluginConfig,
 }
 
 impl From<Kind> for KindTag {
@@ -50,6 +51,7 @@ impl From<Kind> for KindTag {
             Kind::Upstreams => KindTag::Upstream,
             Kind::GlobalRules => KindTag::GlobalRule,
             Kind::Ssls => KindTag::Ssl,
+            Kind::PluginConfigs => KindTag::PluginConfig,
         }
     }
 }
@@ -62,6 +64,7 @@ impl From<KindTag> for Kind {
             KindTag::Upstream => Kind::Upstreams,
             KindTag::GlobalRule => Kind::GlobalRules,
             KindTag::Ssl => Kind::Ssls,
+            KindTag::PluginConfig => Kind::PluginConfigs,
         }
     }
 }

@@ -90,6 +90,8 @@ pub struct Poll {
     /// were last fetched (see [`crate::transport::Poller`]).
     pub routes: Option<Result<Vec<Route>, ApiError>>,
     pub services: Option<Result<Vec<Route>, ApiError>>,
+    /// The plugin configs, fetched with the routes.
+    pub plugin_configs: Option<Result<Vec<Route>, ApiError>>,
     /// The SSL objects, fetched with the routes.
     pub ssls: Option<Result<Vec<Route>, ApiError>>,
     pub status: Result<GatewayStatus, ApiError>,
@@ -568,6 +570,8 @@ pub struct App {
     pub routes: Feed<Vec<Route>>,
     /// The services, for what routes take from theirs (hosts, plugins).
     pub services: Feed<Vec<Route>>,
+    /// The plugin configs, for the plugins routes take from theirs.
+    pub plugin_configs: Feed<Vec<Route>>,
     /// Counts changes of the route and service lists: what is measured over the whole list
     /// is measured again only when it moved.
     pub config_version: u64,
@@ -629,6 +633,7 @@ impl App {
             refused: false,
             routes: Feed::default(),
             services: Feed::default(),
+            plugin_configs: Feed::default(),
             config_version: 0,
             route_widths: Default::default(),
             route_offset: Default::default(),
@@ -739,6 +744,15 @@ impl App {
         services.iter().find(|s| s.id == id)
     }
 
+    /// Plugin config `id`, as last read: Err(()) when the list was read and lacks it (the
+    /// route naming it answers 503), Ok(None) before the list was read.
+    pub fn plugin_config(&self, id: &str) -> Result<Option<&Route>, ()> {
+        match self.plugin_configs.data.as_deref() {
+            None => Ok(None),
+            Some(list) => list.iter().find(|p| p.id == id).map(Some).ok_or(()),
+        }
+    }
+
     pub fn route_index(&self) -> Option<usize> {
         let sel = self.route_selected.as_ref()?;
         self.route_list().iter().position(|r| &r.id == sel)
@@ -818,6 +832,10 @@ impl App {
                 }
                 if let Some(services) = p.services {
                     self.services.apply(services);
+                    self.config_version += 1;
+                }
+                if let Some(plugin_configs) = p.plugin_configs {
+                    self.plugin_configs.apply(plugin_configs);
                     self.config_version += 1;
                 }
                 if let Some(ssls) = p.ssls {
@@ -1392,6 +1410,7 @@ mod tests {
             at,
             routes: Some(Ok(routes)),
             services: Some(Ok(vec![])),
+            plugin_configs: Some(Ok(vec![])),
             ssls: None,
             status: Ok(GatewayStatus::default()),
             plugins: Ok(Plugins::default()),
@@ -2079,6 +2098,7 @@ mod tests {
             at: Instant::now(),
             routes: Some(Ok(vec![])),
             services: Some(Ok(vec![])),
+            plugin_configs: Some(Ok(vec![])),
             ssls: None,
             status: Ok(GatewayStatus::default()),
             plugins: Ok(Plugins::default()),

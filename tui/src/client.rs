@@ -193,6 +193,12 @@ impl Client {
         model::parse_routes(&v).map_err(ApiError::Invalid)
     }
 
+    /// `GET /apisix/admin/plugin_configs`, sorted by id (an id and a JSON each, as routes).
+    pub fn plugin_configs(&self) -> Result<Vec<Route>, ApiError> {
+        let v = self.call("GET", "/apisix/admin/plugin_configs", None)?;
+        model::parse_routes(&v).map_err(ApiError::Invalid)
+    }
+
     /// `GET /apisix/admin/ssls`, sorted by id (an id and a JSON each, as routes).
     pub fn ssls(&self) -> Result<Vec<Route>, ApiError> {
         let v = self.call("GET", "/apisix/admin/ssls", None)?;

@@ -93,6 +93,11 @@ impl Route {
         own(self, "routes").or_else(|| own(service?, "services"))
     }
 
+    /// `plugin_config_id`: the plugin config whose plugins the route takes.
+    pub fn plugin_config_id(&self) -> Option<String> {
+        self.value.get("plugin_config_id").map(scalar)
+    }
+
     /// `service_id`: the service whose hosts, plugins and upstream the route takes.
     pub fn service_id(&self) -> Option<String> {
         self.value.get("service_id").map(scalar)

@@ -125,6 +125,7 @@ fn app() -> App {
         at: t0,
         routes: Some(Ok(routes)),
         services: Some(Ok(vec![])),
+        plugin_configs: Some(Ok(vec![])),
         ssls: Some(Ok(ssls)),
         status: Ok(status),
         plugins: Ok(plugins),
@@ -326,6 +327,7 @@ fn endpoints_not_there_yet() {
         at: Instant::now(),
         routes: Some(Ok(vec![])),
         services: Some(Ok(vec![])),
+        plugin_configs: None,
         ssls: None,
         status: Ok(GatewayStatus::default()),
         plugins: Err(missing("plugins")),
@@ -374,6 +376,16 @@ fn a_deleted_routes_counts_are_marked() {
 
 /// A poll of `routes` and `services` (JSON objects with their ids) and nothing else.
 fn config_poll(routes: Vec<serde_json::Value>, services: Vec<serde_json::Value>) -> Update {
+    objects_poll(routes, services, vec![])
+}
+
+/// A poll of routes, services and plugin configs (JSON objects with their ids) and nothing
+/// else.
+fn objects_poll(
+    routes: Vec<serde_json::Value>,
+    services: Vec<serde_json::Value>,
+    plugin_configs: Vec<serde_json::Value>,
+) -> Update {
     let list = |kind: &str, objects: Vec<serde_json::Value>| {
         let list: Vec<_> = objects
             .into_iter()
@@ -385,6 +397,7 @@ fn config_poll(routes: Vec<serde_json::Value>, services: Vec<serde_json::Value>)
         at: Instant::now(),
         routes: Some(Ok(list("routes", routes))),
         services: Some(Ok(list("services", services))),
+        plugin_configs: Some(Ok(list("plugin_configs", plugin_configs))),
         ssls: None,
         status: Ok(GatewayStatus::default()),
         plugins: Ok(Plugins::default()),
@@ -488,6 +501,28 @@ fn routes_show_what_their_service_gives_them() {
         s.contains("own.example.com              -       echo + auth (service s1)"),
         "{s}"
     );
+}
+
+/// A route with a `plugin_config_id` shows the plugins it takes from it, after its own and
+/// before its service's; one whose plugin config is gone says so (it answers 503).
+#[test]
+fn routes_show_what_their_plugin_config_gives_them() {
+    let mut a = App::new("127.0.0.1:9180");
+    a.on_update(objects_poll(
+        vec![
+            json!({"id": "1", "uri": "/a", "plugin_config_id": "pc1", "service_id": "s1",
+                   "plugins": {"echo": {"conf": "x"}}}),
+            json!({"id": "2", "uri": "/b", "plugin_config_id": "gone"}),
+        ],
+        vec![json!({"id": "s1", "plugins": {"auth": {"conf": "y"}, "cors": {"conf": "z"}}})],
+        vec![json!({"id": "pc1", "plugins": {"echo": {"conf": "p"}, "cors": {"conf": "q"}}})],
+    ));
+    let s = text(&a, 160, 24);
+    assert!(
+        s.contains("echo + cors (plugin config pc1) + auth (service s1)"),
+        "{s}"
+    );
+    assert!(s.contains("plugin config gone MISSING"), "{s}");
 }
 
 /// A console that never got through says why in the table, and offers no new route.

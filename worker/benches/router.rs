@@ -285,6 +285,7 @@ fn build(c: &mut Criterion) {
                 owner: format!("route:r{i}:1").into(),
                 upstream: None,
                 websocket: false,
+                broken: None,
                 traffic_record: Default::default(),
             })
         })

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use wasmgate_shared::model::vars::{Cidr, VarsExpr};
 use wasmgate_shared::model::{
-    GlobalRule, Kind, PluginConf, Plugins, Route, Service, Ssl, Timeout, Upstream,
+    GlobalRule, Kind, PluginConf, PluginConfig, Plugins, Route, Service, Ssl, Timeout, Upstream,
 };
 use wasmgate_shared::shm::{Journal, Position, Segment};
 use wasmgate_shared::snapshot::{Change, Delta, KindTag, SnapshotRef};
@@ -183,12 +183,13 @@ fn parse<T: DeserializeOwned>(kind: &str, id: &str, json: &str) -> Option<T> {
         .ok()
 }
 
-/// The services, upstreams and global rules of the configuration, parsed, with their
-/// revisions.
+/// The services, upstreams, plugin configs and global rules of the configuration, parsed,
+/// with their revisions.
 #[derive(Default)]
 struct Objects {
     services: HashMap<String, (u64, Service)>,
     upstreams: HashMap<String, (u64, Upstream)>,
+    plugin_configs: HashMap<String, (u64, PluginConfig)>,
     globals: BTreeMap<String, (u64, GlobalRule)>,
     ssls: BTreeMap<String, SslEntry>,
 }
@@ -216,12 +217,13 @@ struct CompiledRoute {
     record: RecordCell,
 }
 
-/// The service and upstream objects a route was compiled from, by id, with the revision each
-/// had (None: it did not exist).
+/// The service, upstream and plugin config objects a route was compiled from, by id, with
+/// the revision each had (None: it did not exist).
 #[derive(Debug, Default)]
 struct Deps {
     service: Option<(String, Option<u64>)>,
     upstream: Option<(String, Option<u64>)>,
+    plugin_config: Option<(String, Option<u64>)>,
 }
 
 impl Deps {
@@ -230,7 +232,9 @@ impl Deps {
             dep.as_ref()
                 .is_none_or(|(id, rev)| now.get(id).map(|(r, _)| *r) == *rev)
         }
-        same(&self.service, &o.services) && same(&self.upstream, &o.upstreams)
+        same(&self.service, &o.services)
+            && same(&self.upstream, &o.upstreams)
+            && same(&self.plugin_config, &o.plugin_configs)
     }
 }
 
@@ -259,7 +263,7 @@ struct Applied {
     added: Vec<Arc<RouteEntry>>,
     /// A global rule changed.
     globals: bool,
-    /// A service or upstream changed.
+    /// A service, upstream or plugin config changed.
     deps: bool,
     /// An SSL object changed.
     ssls: bool,
@@ -306,6 +310,7 @@ impl Table {
                     .keys()
                     .map(|id| (KindTag::GlobalRule, id.as_str())),
             )
+            .chain((o.plugin_configs.keys()).map(|id| (KindTag::PluginConfig, id.as_str())))
             .chain(o.ssls.keys().map(|id| (KindTag::Ssl, id.as_str())));
         let gone = compiled
             .filter(|key| !held.contains(key))
@@ -322,6 +327,7 @@ impl Table {
             Kind::Upstreams => self.objects.upstreams.get(id).map(|u| u.0),
             Kind::GlobalRules => self.objects.globals.get(id).map(|g| g.0),
             Kind::Ssls => self.objects.ssls.get(id).map(|s| s.0),
+            Kind::PluginConfigs => self.objects.plugin_configs.get(id).map(|p| p.0),
         }
     }
 
@@ -346,6 +352,15 @@ impl Table {
                 Kind::Upstreams => {
                     let u = json.and_then(|j| parse::<Upstream>("upstream", id, j));
                     self.upstream_object(id, u.map(|u| (c.revision, u)));
+                    a.deps = true;
+                }
+                Kind::PluginConfigs => {
+                    let p = json.and_then(|j| parse::<PluginConfig>("plugin config", id, j));
+                    put(
+                        &mut self.objects.plugin_configs,
+                        id,
+                        p.map(|p| (c.revision, p)),
+                    );
                     a.deps = true;
                 }
                 Kind::GlobalRules => {
@@ -381,7 +396,7 @@ impl Table {
             self.replace_route(key, old, new, &mut a);
         }
         if a.deps {
-            // Routes compiled against a service or upstream that changed since.
+            // Routes compiled against a service, upstream or plugin config that changed since.
             let stale: Vec<Arc<str>> = self
                 .routes
                 .iter()
@@ -463,7 +478,7 @@ impl Table {
                     owner: format!("global_rule:{id}:{rev}").into(),
                     id: id.clone(),
                     revision: *rev,
-                    plugins: plugin_list(Some(&g.plugins), None),
+                    plugins: plugin_list(&[Some(&g.plugins)]),
                 })
                 .collect();
         }
@@ -589,6 +604,26 @@ impl Build<'_> {
             None => None,
         };
         let mut revision = rev.max(service.map(|(_, (r, _))| *r).unwrap_or(0));
+        let (plugin_config, broken) = match &route.plugin_config_id {
+            Some(pid) => {
+                // Copied out of `self`, so the plugins borrowed stay usable below.
+                let objects = self.objects;
+                let found = objects.plugin_configs.get(&pid.0);
+                c.deps.plugin_config = Some((pid.0.clone(), found.map(|p| p.0)));
+                match found {
+                    Some((prev, p)) => {
+                        revision = revision.max(*prev);
+                        (p.plugins.as_ref(), None)
+                    }
+                    None => {
+                        let why = format!("failed to fetch plugin config by id: {}", pid.0);
+                        tracing::error!("route {id}: {why}; its requests get 503");
+                        (None, Some(why.into()))
+                    }
+                }
+            }
+            None => (None, None),
+        };
         let upstream = self
             .resolve_upstream(id, rev, route, service, &mut revision, c)
             .map(|(key, rt)| {
@@ -627,15 +662,17 @@ impl Build<'_> {
                 .filter_map(Cidr::parse)
                 .collect(),
             vars: route.vars.as_ref().and_then(|v| VarsExpr::compile(v).ok()),
-            plugins: plugin_list(
-                route.plugins.as_ref(),
+            plugins: plugin_list(&[
                 service.and_then(|(_, (_, s))| s.plugins.as_ref()),
-            ),
+                plugin_config,
+                route.plugins.as_ref(),
+            ]),
             upstream,
             websocket: route
                 .enable_websocket
                 .or_else(|| service.and_then(|(_, (_, s))| s.enable_websocket))
                 .unwrap_or(false),
+            broken,
             traffic_record: Default::default(),
         })
     }
@@ -709,12 +746,13 @@ impl Build<'_> {
     }
 }
 
-/// The plugins of a route over those of its service (the route's configuration wins), sorted
-/// by name; the wasm host orders them by phase and priority.
-fn plugin_list(own: Option<&Plugins>, inherited: Option<&Plugins>) -> Vec<PluginConf> {
-    let mut merged: Plugins = inherited.cloned().unwrap_or_default();
-    if let Some(own) = own {
-        merged.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+/// The plugins of `layers` merged, a later layer's entry winning over an earlier one's (a
+/// route's over its plugin config's, over its service's, as APISIX merges them), sorted by
+/// name; the wasm host orders them by phase and priority.
+fn plugin_list(layers: &[Option<&Plugins>]) -> Vec<PluginConf> {
+    let mut merged = Plugins::default();
+    for layer in layers.iter().flatten() {
+        merged.extend(layer.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     merged
         .iter()
@@ -795,6 +833,96 @@ mod tests {
     }
 
     const NODES: &str = r#"{"nodes":{"127.0.0.1:1980":1},"type":"roundrobin"}"#;
+
+    /// A route takes its plugin config's plugins under its own and over its service's, as
+    /// APISIX merges them; an edit of the plugin config compiles its routes again (a new
+    /// owner key: new PluginContexts, configured with the new settings); a missing one leaves
+    /// the route serving 503 rather than without the plugins.
+    #[test]
+    fn plugin_configs_merge_between_route_and_service() {
+        let seg = Arc::new(Segment::create(1 << 20).unwrap());
+        let live = Live::new(seg.clone(), 0);
+        let confs = |e: &RouteEntry| -> Vec<(String, String)> {
+            let mut v: Vec<_> = (e.plugins.iter())
+                .map(|p| (p.name.to_string(), p.conf.to_string()))
+                .collect();
+            v.sort();
+            v
+        };
+        let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+        let mut objects = vec![
+            obj(
+                KindTag::Service,
+                "s",
+                1,
+                r#"{"plugins":{"a":{"conf":"svc"},"b":{"conf":"svc"},"c":{"conf":"svc"}}}"#,
+            ),
+            obj(
+                KindTag::PluginConfig,
+                "pc",
+                2,
+                r#"{"plugins":{"b":{"conf":"pc"},"c":{"conf":"pc"},"d":{"conf":"pc"}}}"#,
+            ),
+            obj(
+                KindTag::Route,
+                "r",
+                3,
+                r#"{"uri":"/r","service_id":"s","plugin_config_id":"pc","plugins":{"c":{"conf":"own"}}}"#,
+            ),
+            obj(
+                KindTag::Route,
+                "other",
+                4,
+                r#"{"uri":"/o","plugins":{"a":{"conf":"x"}}}"#,
+            ),
+        ];
+        let g1 = serve(&seg, &live, 1, &objects);
+        let r = entry(&g1, "r");
+        assert_eq!(
+            confs(r),
+            [
+                pair("a", "svc"),
+                pair("b", "pc"),
+                pair("c", "own"),
+                pair("d", "pc")
+            ]
+        );
+        assert_eq!((&*r.owner, r.broken.is_none()), ("route:r:3", true));
+
+        // The plugin config is edited: its route is compiled again, the other is not.
+        objects[1] = obj(
+            KindTag::PluginConfig,
+            "pc",
+            5,
+            r#"{"plugins":{"b":{"conf":"pc2"}}}"#,
+        );
+        let g2 = serve(&seg, &live, 2, &objects);
+        let r = entry(&g2, "r");
+        assert_eq!(
+            confs(r),
+            [pair("a", "svc"), pair("b", "pc2"), pair("c", "own")]
+        );
+        assert_eq!(&*r.owner, "route:r:5");
+        assert!(Arc::ptr_eq(entry(&g1, "other"), entry(&g2, "other")));
+
+        // Deleted (the Admin API allows it with force=true): the route stays, broken.
+        objects.remove(1);
+        let g3 = serve(&seg, &live, 3, &objects);
+        let r = find(&g3, "/r").expect("the route still matches");
+        assert_eq!(
+            r.broken.as_deref(),
+            Some("failed to fetch plugin config by id: pc")
+        );
+        // Back: served again.
+        objects.push(obj(KindTag::PluginConfig, "pc", 6, r#"{"plugins":{}}"#));
+        let g4 = serve(&seg, &live, 4, &objects);
+        let r = entry(&g4, "r");
+        assert!(r.broken.is_none());
+        assert_eq!(
+            confs(r),
+            [pair("a", "svc"), pair("b", "svc"), pair("c", "own")]
+        );
+    }
 
     /// Only the routes whose object, service or upstream changed are compiled again; the
     /// others keep their entry (and so their statistics record and PluginContexts' key).

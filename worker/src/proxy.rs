@@ -423,6 +423,20 @@ async fn serve_route(
     up_log: &mut UpstreamLog,
     wasm: &mut Option<SharedWasm>,
 ) -> Response<ProxyBody> {
+    if let Some(why) = &route.broken {
+        // APISIX's answer to a route whose plugin config is gone: 503 before any plugin, the
+        // global rules' included, rather than serving it without the plugins it names.
+        let host = parts.headers.get(http::header::HOST);
+        tracing::error!(
+            "route {}: {why}{}",
+            route.id,
+            upstream_context(client, parts, None, host)
+        );
+        return because(
+            error_page(StatusCode::SERVICE_UNAVAILABLE),
+            AnswerDetails::of("plugin_config_not_found", 0),
+        );
+    }
     let max = w.max_body_size;
     if max > 0 && declared.is_some_and(|n| n > max) {
         return client_failed(StatusCode::PAYLOAD_TOO_LARGE);

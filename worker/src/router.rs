@@ -69,6 +69,9 @@ pub struct RouteEntry {
     /// `enable_websocket` (the route's, else its service's): an `Upgrade` request is passed
     /// to the upstream and, once it answers 101, the connection becomes a tunnel.
     pub websocket: bool,
+    /// Why the route cannot serve — its plugin config is missing (deleted with `force=true`):
+    /// its requests get 503, as in APISIX, rather than run without plugins it names.
+    pub broken: Option<Box<str>>,
     /// This worker's statistics record for the route (`traffic::Traffic`), claimed on its
     /// first request; shared by the route's revisions, released after the last.
     pub traffic_record: crate::traffic::RecordCell,
@@ -107,6 +110,7 @@ impl RouteEntry {
                     owner: "unmatched".into(),
                     upstream: None,
                     websocket: false,
+                    broken: None,
                     traffic_record: Default::default(),
                 })
             })
@@ -472,6 +476,7 @@ mod tests {
             owner: format!("route:{id}:1").into(),
             upstream: None,
             websocket: false,
+            broken: None,
             traffic_record: Default::default(),
         }
     }

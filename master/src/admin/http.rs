@@ -270,6 +270,10 @@ async fn dispatch(
             Ok(b) => objects::put(m, kind, id, b),
             Err(e) => return err(400, e),
         },
+        // APISIX takes no POST for plugin configs: their id is required.
+        (&Method::POST, None, None) if !kind.takes_post() => {
+            return not_allowed(method, path, "GET, PUT");
+        }
         (&Method::POST, None, None) => match parse_body() {
             Ok(b) => objects::post(m, kind, b),
             Err(e) => return err(400, e),
@@ -286,6 +290,7 @@ async fn dispatch(
         }
         _ => {
             let allow = match (id, sub) {
+                (None, _) if !kind.takes_post() => "GET, PUT",
                 (None, _) => "GET, PUT, POST",
                 (Some(_), None) => "GET, PUT, PATCH, DELETE",
                 (Some(_), Some(_)) => "PATCH",

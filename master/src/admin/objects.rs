@@ -168,7 +168,7 @@ fn warn_unknown_variables(kind: Kind, id: &str, object: &model::Object) {
         Object::Route(r) => (r.vars.as_ref(), r.upstream.as_ref()),
         Object::Service(s) => (None, s.upstream.as_ref()),
         Object::Upstream(u) => (None, Some(u)),
-        Object::GlobalRule(_) | Object::Ssl(_) => (None, None),
+        Object::GlobalRule(_) | Object::Ssl(_) | Object::PluginConfig(_) => (None, None),
     };
     let mut unknown: Vec<String> = Vec::new();
     if let Some(expr) = vars.and_then(|v| VarsExpr::compile(v).ok()) {
@@ -302,14 +302,11 @@ pub fn delete(m: &Master, kind: Kind, id: &str, force: bool) -> Outcome {
 }
 
 fn still_used(store: &Store, kind: Kind, id: &str) -> Option<String> {
-    let users: &[Kind] = match kind {
-        Kind::Upstreams => &[Kind::Routes, Kind::Services],
-        Kind::Services => &[Kind::Routes],
-        _ => &[],
-    };
-    let field = match kind {
-        Kind::Upstreams => "upstream_id",
-        _ => "service_id",
+    let (users, field): (&[Kind], &str) = match kind {
+        Kind::Upstreams => (&[Kind::Routes, Kind::Services], "upstream_id"),
+        Kind::Services => (&[Kind::Routes], "service_id"),
+        Kind::PluginConfigs => (&[Kind::Routes], "plugin_config_id"),
+        Kind::Routes | Kind::GlobalRules | Kind::Ssls => return None,
     };
     for user in users {
         for (uid, s) in store.list(*user) {
@@ -341,7 +338,7 @@ fn missing_nodes(kind: Kind, body: &Value) -> Option<String> {
     let (up, field) = match kind {
         Kind::Upstreams => (body, "nodes"),
         Kind::Routes | Kind::Services => (body.get("upstream")?, "upstream.nodes"),
-        Kind::GlobalRules | Kind::Ssls => return None,
+        Kind::GlobalRules | Kind::Ssls | Kind::PluginConfigs => return None,
     };
     (up.is_object() && up.get("nodes").is_none()).then(|| {
         format!("invalid configuration: property \"{field}\" is required: the upstream's nodes (may be empty); service discovery (service_name, discovery_type) is not supported")
@@ -467,7 +464,7 @@ fn seal_keys(kind: Kind, obj: &mut serde_json::Map<String, Value>) {
     let upstream = match kind {
         Kind::Upstreams => Some(&mut *obj),
         Kind::Routes | Kind::Services => obj.get_mut("upstream").and_then(Value::as_object_mut),
-        Kind::Ssls | Kind::GlobalRules => None,
+        Kind::Ssls | Kind::GlobalRules | Kind::PluginConfigs => None,
     };
     let tls = upstream.and_then(|u| u.get_mut("tls"));
     seal(tls.and_then(|t| t.get_mut("client_key")));

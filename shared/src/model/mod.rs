@@ -1,5 +1,5 @@
-//! Admin API objects — routes, services, upstreams, global rules, SSL certificates — with
-//! APISIX 3.x shapes.
+//! Admin API objects — routes, services, upstreams, plugin configs, global rules, SSL
+//! certificates — with APISIX 3.x shapes.
 //!
 //! [`validate`] turns a request body into a typed [`Object`] or an APISIX-style error message
 //! (`invalid configuration: property "upstream.nodes" validation failed: …`). The master stores
@@ -16,7 +16,7 @@ pub mod vars;
 
 pub use common::{id_order, shown_id, valid_id, Id, Labels, Timeout};
 pub use plugins::{check_plugins, PluginCatalog, PluginConf, Plugins};
-pub use route::{GlobalRule, Route, Service};
+pub use route::{GlobalRule, PluginConfig, Route, Service};
 pub use ssl::{tls_version, valid_sni, MtlsSkip, Ssl, SslClient};
 pub use upstream::{HashOn, LbType, Node, NodeAddr, Nodes, PassHost, Upstream, UpstreamTls};
 
@@ -32,15 +32,17 @@ pub enum Kind {
     Upstreams,
     GlobalRules,
     Ssls,
+    PluginConfigs,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Routes,
         Kind::Services,
         Kind::Upstreams,
         Kind::GlobalRules,
         Kind::Ssls,
+        Kind::PluginConfigs,
     ];
 
     /// The path segment (`routes`, `global_rules`…), also the key segment in `/apisix/<kind>/<id>`.
@@ -51,6 +53,7 @@ impl Kind {
             Kind::Upstreams => "upstreams",
             Kind::GlobalRules => "global_rules",
             Kind::Ssls => "ssls",
+            Kind::PluginConfigs => "plugin_configs",
         }
     }
 
@@ -76,7 +79,14 @@ impl Kind {
             Kind::Upstreams => "upstream",
             Kind::GlobalRules => "global rule",
             Kind::Ssls => "ssl",
+            Kind::PluginConfigs => "plugin config",
         }
+    }
+
+    /// Whether the Admin API creates this kind with a generated id (`POST`). APISIX refuses
+    /// it for plugin configs, whose id is required.
+    pub fn takes_post(self) -> bool {
+        self != Kind::PluginConfigs
     }
 }
 
@@ -89,24 +99,30 @@ pub enum Object {
     Upstream(Upstream),
     GlobalRule(GlobalRule),
     Ssl(Ssl),
+    PluginConfig(PluginConfig),
 }
 
 impl Object {
-    /// Other objects this one refers to (`upstream_id`, `service_id`), which must exist.
+    /// Other objects this one refers to (`upstream_id`, `service_id`, `plugin_config_id`),
+    /// which must exist.
     pub fn references(&self) -> Vec<(Kind, String)> {
-        let mut out = Vec::new();
-        let (up, svc) = match self {
-            Object::Route(r) => (r.upstream_id.as_ref(), r.service_id.as_ref()),
-            Object::Service(s) => (s.upstream_id.as_ref(), None),
-            _ => (None, None),
+        let (up, svc, pc) = match self {
+            Object::Route(r) => (
+                r.upstream_id.as_ref(),
+                r.service_id.as_ref(),
+                r.plugin_config_id.as_ref(),
+            ),
+            Object::Service(s) => (s.upstream_id.as_ref(), None, None),
+            _ => (None, None, None),
         };
-        if let Some(id) = up {
-            out.push((Kind::Upstreams, id.0.clone()));
-        }
-        if let Some(id) = svc {
-            out.push((Kind::Services, id.0.clone()));
-        }
-        out
+        [
+            (Kind::Upstreams, up),
+            (Kind::Services, svc),
+            (Kind::PluginConfigs, pc),
+        ]
+        .into_iter()
+        .filter_map(|(kind, id)| Some((kind, id?.0.clone())))
+        .collect()
     }
 }
 
@@ -150,6 +166,11 @@ pub fn validate(kind: Kind, body: &Value, catalog: &PluginCatalog) -> Result<Obj
             let s: Ssl = typed(body).map_err(|e| unquoted(&e))?;
             s.check()?;
             Ok(Object::Ssl(s))
+        }
+        Kind::PluginConfigs => {
+            let p: PluginConfig = typed(body)?;
+            p.check(catalog)?;
+            Ok(Object::PluginConfig(p))
         }
     }
 }
@@ -222,7 +243,6 @@ fn typed<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
 /// Why wasmgate has no field APISIX has in its routes, services and upstreams.
 fn unsupported_apisix_field(field: &str) -> Option<&'static str> {
     Some(match field {
-        "plugin_config_id" => "plugin configs: put the plugins on the route or its service",
         "filter_func" | "script" | "script_id" => "Lua: match with `vars`, act with wasm plugins",
         "discovery_type" | "service_name" | "discovery_args" => {
             "service discovery: list the nodes in `nodes`"
@@ -327,11 +347,6 @@ mod tests {
         let msg = e(json!({"uri": "/", "upstream": {"nodes": {"a:1": 1}, "checks": {}}}));
         assert!(
             msg.contains("property \"upstream.checks.active\" validation failed: required"),
-            "{msg}"
-        );
-        let msg = e(json!({"uri": "/", "upstream_id": "1", "plugin_config_id": "p"}));
-        assert!(
-            msg.contains("\"plugin_config_id\" is not supported by wasmgate (plugin configs"),
             "{msg}"
         );
         let msg = e(json!({"uri": "/", "upstream_id": "1", "colour": "red"}));

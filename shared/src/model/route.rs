@@ -1,4 +1,4 @@
-//! Routes, services and global rules.
+//! Routes, services, plugin configs and global rules.
 
 use super::common::{Id, Labels, Timeout};
 use super::plugins::{check_plugins, PluginCatalog, Plugins};
@@ -54,6 +54,10 @@ pub struct Route {
     pub upstream_id: Option<Id>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_id: Option<Id>,
+    /// A plugin config whose plugins the route runs, under its own (a plugin the route names
+    /// itself keeps the route's configuration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_config_id: Option<Id>,
     /// 1 enabled (default), 0 disabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u8>,
@@ -127,9 +131,10 @@ impl Route {
         if self.upstream.is_none()
             && self.upstream_id.is_none()
             && self.service_id.is_none()
+            && self.plugin_config_id.is_none()
             && self.plugins.as_ref().is_none_or(|p| p.is_empty())
         {
-            return Err("invalid configuration: a route needs one of \"upstream\", \"upstream_id\", \"service_id\" or \"plugins\"".into());
+            return Err("invalid configuration: a route needs one of \"upstream\", \"upstream_id\", \"service_id\", \"plugin_config_id\" or \"plugins\"".into());
         }
         Ok(())
     }
@@ -293,6 +298,39 @@ impl Service {
             check_plugins(p, catalog)?;
         }
         Ok(())
+    }
+}
+
+/// A plugin config: a set of plugins that routes take by `plugin_config_id` (APISIX's
+/// `/apisix/admin/plugin_configs`). Its id is required: it is written with `PUT`, not `POST`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Id>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desc: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Labels>,
+    /// Required, as in APISIX's schema; may be empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugins: Option<Plugins>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_time: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_time: Option<u64>,
+}
+
+impl PluginConfig {
+    pub fn check(&self, catalog: &PluginCatalog) -> Result<(), String> {
+        check_text("name", &self.name)?;
+        check_text("desc", &self.desc)?;
+        match &self.plugins {
+            None => Err("invalid configuration: property \"plugins\" is required".into()),
+            Some(p) => check_plugins(p, catalog),
+        }
     }
 }
 

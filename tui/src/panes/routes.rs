@@ -218,42 +218,61 @@ fn list(v: Vec<String>) -> String {
     }
 }
 
-/// A column's values: the route's own, then those its service adds, followed by
-/// `(service ID)`.
-fn with_service(own: Vec<String>, from_service: Vec<String>, service: Option<&str>) -> String {
-    match service {
-        Some(id) if !from_service.is_empty() => {
-            let inherited = format!("{} (service {id})", from_service.join(","));
-            if own.is_empty() {
-                inherited
-            } else {
-                format!("{} + {inherited}", own.join(","))
-            }
-        }
-        _ => list(own),
+fn own_part(own: Vec<String>) -> Vec<String> {
+    match own.is_empty() {
+        true => Vec::new(),
+        false => vec![own.join(",")],
+    }
+}
+
+/// Adds `names` followed by `(from)`, unless there are none.
+fn taken_part(parts: &mut Vec<String>, names: Vec<String>, from: &str) {
+    if !names.is_empty() {
+        parts.push(format!("{} ({from})", names.join(",")));
+    }
+}
+
+fn joined(parts: Vec<String>) -> String {
+    match parts.is_empty() {
+        true => "-".to_string(),
+        false => parts.join(" + "),
     }
 }
 
 /// The hosts and plugins columns: a route with a `service_id` takes the service's hosts when
-/// it has none of its own, and the service's plugins it does not configure itself.
+/// it has none of its own; it runs its own plugins, then those of its plugin config it does
+/// not configure itself, then those of its service neither configures (APISIX's merge).
 fn hosts_and_plugins(app: &App, r: &Route) -> (String, String) {
-    let (hosts, plugins) = (r.hosts(), r.plugins());
-    let id = r.service_id();
-    let Some(service) = id.as_deref().and_then(|id| app.service(id)) else {
-        return (list(hosts), list(plugins));
+    let (hosts, own) = (r.hosts(), r.plugins());
+    let service_id = r.service_id();
+    let service = service_id.as_deref().and_then(|id| app.service(id));
+    let mut taken = own.clone();
+    let mut plugins = own_part(own);
+    if let Some(id) = r.plugin_config_id() {
+        match app.plugin_config(&id) {
+            Ok(config) => {
+                let names = (config.map(Route::plugins).unwrap_or_default().into_iter())
+                    .filter(|p| !taken.contains(p))
+                    .collect::<Vec<_>>();
+                taken.extend(names.iter().cloned());
+                taken_part(&mut plugins, names, &format!("plugin config {id}"));
+            }
+            Err(()) => plugins.push(format!("plugin config {id} MISSING")),
+        }
+    }
+    if let (Some(id), Some(service)) = (&service_id, service) {
+        let names = (service.plugins().into_iter())
+            .filter(|p| !taken.contains(p))
+            .collect();
+        taken_part(&mut plugins, names, &format!("service {id}"));
+    }
+    let hosts = match (&service_id, service) {
+        (Some(id), Some(service)) if hosts.is_empty() => {
+            let mut parts = Vec::new();
+            taken_part(&mut parts, service.hosts(), &format!("service {id}"));
+            joined(parts)
+        }
+        _ => list(hosts),
     };
-    let service_hosts = if hosts.is_empty() {
-        service.hosts()
-    } else {
-        Vec::new()
-    };
-    let service_plugins = service
-        .plugins()
-        .into_iter()
-        .filter(|p| !plugins.contains(p))
-        .collect();
-    (
-        with_service(hosts, service_hosts, id.as_deref()),
-        with_service(plugins, service_plugins, id.as_deref()),
-    )
+    (hosts, joined(plugins))
 }
