@@ -675,14 +675,20 @@ fn admin_write_storm_agrees_with_the_acknowledged_model() {
 // 4. The master killed under load (lifecycle.rs checks one kill without load)
 
 fn listings(gw: &Gateway) -> Vec<Value> {
-    ["routes", "services", "upstreams", "global_rules"]
-        .iter()
-        .map(|k| {
-            let (s, v) = gw.admin("GET", &format!("/apisix/admin/{k}"), None);
-            assert_eq!(s, 200, "{v}");
-            v
-        })
-        .collect()
+    [
+        "routes",
+        "services",
+        "upstreams",
+        "plugin_configs",
+        "global_rules",
+    ]
+    .iter()
+    .map(|k| {
+        let (s, v) = gw.admin("GET", &format!("/apisix/admin/{k}"), None);
+        assert_eq!(s, 200, "{v}");
+        v
+    })
+    .collect()
 }
 
 /// `kill -9` of the master, twice, under load, with routes, a service with a plugin, an upstream
@@ -703,6 +709,10 @@ fn master_killed_under_load_loses_nothing_and_leaves_no_worker() {
             "global_rules/g1",
             json!({"plugins": {"rewrite": {"conf": {"response_set": {"x-g": "1"}}}}}),
         ),
+        (
+            "plugin_configs/p1",
+            json!({"plugins": {"rewrite": {"conf": {"response_set": {"x-p": "1"}}}}}),
+        ),
     ] {
         let (s, v) = gw.admin("PUT", &format!("/apisix/admin/{path}"), Some(body));
         assert_eq!(s, 201, "{v}");
@@ -713,6 +723,9 @@ fn master_killed_under_load_loses_nothing_and_leaves_no_worker() {
             body["plugins"] =
                 json!({"rewrite": {"conf": {"response_set": {"x-r": i.to_string()}}}});
         }
+        if i % 3 == 1 {
+            body["plugin_config_id"] = json!("p1");
+        }
         assert_eq!(
             gw.admin("PUT", &format!("/apisix/admin/routes/{i}"), Some(body))
                 .0,
@@ -720,10 +733,13 @@ fn master_killed_under_load_loses_nothing_and_leaves_no_worker() {
         );
     }
     gw.wait_propagated();
-    let check: Check = Arc::new(|_, r| {
+    // Routes 1, 4, 7 and 10 take the plugin config's plugin.
+    let check: Check = Arc::new(|path, r| {
+        let from_config = path.trim_start_matches("/r").parse::<u32>().unwrap() % 3 == 1;
         if r.status == 200
             && r.header("x-upstream") == Some("persisted")
             && r.header("x-g") == Some("1")
+            && (r.header("x-p") == Some("1")) == from_config
         {
             Ok(())
         } else {

@@ -202,10 +202,14 @@ fn certificates(ssls: Vec<SslRevision>) -> Vec<(String, i64)> {
 }
 
 /// The last change of each kind of object (the largest `modifiedIndex` among those stored),
-/// their maximum and the store's revision, under APISIX's keys.
+/// their maximum and the store's revision, under APISIX's keys (which have no plugin configs).
 fn modify_indexes(store: &crate::store::Store) -> Vec<(String, u64)> {
-    let mut last: BTreeMap<&'static str, u64> = Kind::ALL.iter().map(|k| (k.as_str(), 0)).collect();
-    for (kind, _, stored) in store.iter() {
+    let listed = |k: &Kind| *k != Kind::PluginConfigs;
+    let mut last: BTreeMap<&'static str, u64> = (Kind::ALL.iter())
+        .filter(|k| listed(k))
+        .map(|k| (k.as_str(), 0))
+        .collect();
+    for (kind, _, stored) in store.iter().filter(|(k, _, _)| listed(k)) {
         let m = last.entry(kind.as_str()).or_default();
         *m = (*m).max(stored.modified_index);
     }

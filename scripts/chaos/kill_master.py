@@ -21,7 +21,7 @@ from gwlib import Gateway, Load, Upstream, alive, log, summary, wait_for, worker
 
 def everything(gw):
     out = {}
-    for kind in ("routes", "services", "upstreams", "global_rules"):
+    for kind in ("routes", "services", "upstreams", "plugin_configs", "global_rules"):
         st, v = gw.admin("GET", f"/apisix/admin/{kind}")
         assert st == 200, v
         out[kind] = v

@@ -589,21 +589,9 @@ impl Build<'_> {
         route: &Route,
         c: &mut CompiledRoute,
     ) -> Option<RouteEntry> {
-        let service = match &route.service_id {
-            Some(sid) => {
-                let found = self.objects.services.get(&sid.0);
-                c.deps.service = Some((sid.0.clone(), found.map(|s| s.0)));
-                match found {
-                    Some(s) => Some((sid.0.as_str(), s)),
-                    None => {
-                        tracing::error!("route {id}: service {} not found; route skipped", sid.0);
-                        return None;
-                    }
-                }
-            }
-            None => None,
-        };
-        let mut revision = rev.max(service.map(|(_, (r, _))| *r).unwrap_or(0));
+        // The plugin config first: a route whose plugin config is gone answers 503 (APISIX
+        // checks it before the service), whatever else is missing.
+        let mut revision = rev;
         let (plugin_config, broken) = match &route.plugin_config_id {
             Some(pid) => {
                 // Copied out of `self`, so the plugins borrowed stay usable below.
@@ -624,6 +612,23 @@ impl Build<'_> {
             }
             None => (None, None),
         };
+        let service = match &route.service_id {
+            Some(sid) => {
+                let found = self.objects.services.get(&sid.0);
+                c.deps.service = Some((sid.0.clone(), found.map(|s| s.0)));
+                match found {
+                    Some(s) => Some((sid.0.as_str(), s)),
+                    // Served broken (503) when its plugin config is gone too.
+                    None if broken.is_some() => None,
+                    None => {
+                        tracing::error!("route {id}: service {} not found; route skipped", sid.0);
+                        return None;
+                    }
+                }
+            }
+            None => None,
+        };
+        revision = revision.max(service.map(|(_, (r, _))| *r).unwrap_or(0));
         let upstream = self
             .resolve_upstream(id, rev, route, service, &mut revision, c)
             .map(|(key, rt)| {
@@ -875,8 +880,18 @@ mod tests {
                 4,
                 r#"{"uri":"/o","plugins":{"a":{"conf":"x"}}}"#,
             ),
+            obj(
+                KindTag::Route,
+                "both",
+                4,
+                r#"{"uri":"/both","service_id":"gone","plugin_config_id":"pc"}"#,
+            ),
         ];
         let g1 = serve(&seg, &live, 1, &objects);
+        assert!(
+            find(&g1, "/both").is_none(),
+            "its service is missing: not served"
+        );
         let r = entry(&g1, "r");
         assert_eq!(
             confs(r),
@@ -909,6 +924,9 @@ mod tests {
         objects.remove(1);
         let g3 = serve(&seg, &live, 3, &objects);
         let r = find(&g3, "/r").expect("the route still matches");
+        // Its plugin config is checked first, as APISIX does: 503 rather than 404.
+        let both = find(&g3, "/both").expect("served, broken");
+        assert!(both.broken.is_some());
         assert_eq!(
             r.broken.as_deref(),
             Some("failed to fetch plugin config by id: pc")

@@ -283,8 +283,8 @@ async fn dispatch(
             Err(e) => return err(400, e),
         },
         (&Method::DELETE, Some(id), None) => {
-            // APISIX's `?force=true`: deletes an upstream or service that routes still use
-            // (their requests then get 503, "missing upstream configuration").
+            // APISIX's `?force=true`: deletes an upstream, service or plugin config that routes
+            // still use (their requests then get 503, or 404 for a service's).
             let force = query.iter().any(|(n, v)| n == "force" && v == "true");
             objects::delete(m, kind, id, force)
         }
