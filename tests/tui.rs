@@ -607,7 +607,7 @@ fn routes_screen_shows_upstream_health() {
     let dead = format!("127.0.0.1:{}", common::free_port());
     let checks =
         json!({"active": {"type": "tcp", "unhealthy": {"interval": 1, "tcp_failures": 1}}});
-    let nodes = json!({up.addr(): 1, dead: 1});
+    let nodes = json!({up.addr(): 1, dead.clone(): 1});
     put(
         &gw,
         "/apisix/admin/routes/checked",
@@ -615,8 +615,13 @@ fn routes_screen_shows_upstream_health() {
     );
     put(
         &gw,
+        "/apisix/admin/upstreams/u1",
+        json!({"name": "pool", "nodes": {up.addr(): 3}}),
+    );
+    put(
+        &gw,
         "/apisix/admin/routes/plain",
-        json!({"uri": "/plain", "upstream": {"nodes": {up.addr(): 1}}}),
+        json!({"uri": "/plain", "upstream_id": "u1"}),
     );
     let c = client(&gw);
     let mut app = console(&gw);
@@ -628,4 +633,26 @@ fn routes_screen_shows_upstream_health() {
     let s = screen(&app, (120, 30));
     assert_line(&s, &["checked", "/checked", "1/2", "enabled"]);
     assert_line(&s, &["plain", "/plain", " - ", "enabled"]);
+
+    // The Upstreams screen: each node, what the checks find it, the routes using it.
+    press(&mut app, KeyCode::Char('6'));
+    let s = screen(&app, (120, 30));
+    assert_line(
+        &s,
+        &[
+            "upstreams/u1 (pool)",
+            "roundrobin http",
+            &up.addr(),
+            " 3 ",
+            " - ",
+            " 1 ",
+        ],
+    );
+    assert_line(&s, &["route checked", "roundrobin http", "tcp"]);
+    assert_line(
+        &s,
+        &[&format!("{} 1", up.addr()), "healthy", "0 ok, 0 failed"],
+    );
+    assert_line(&s, &[&format!("{dead} 1"), "UNHEALTHY"]);
+    assert!(s.contains("3 nodes, 1 unhealthy"), "{s}");
 }

@@ -12,7 +12,7 @@ use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-/// The five screens, in tab order.
+/// The six screens, in tab order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Screen {
     Routes,
@@ -20,15 +20,17 @@ pub enum Screen {
     Workers,
     Log,
     Certificates,
+    Upstreams,
 }
 
 impl Screen {
-    pub const ALL: [Screen; 5] = [
+    pub const ALL: [Screen; 6] = [
         Screen::Routes,
         Screen::Plugins,
         Screen::Workers,
         Screen::Log,
         Screen::Certificates,
+        Screen::Upstreams,
     ];
 
     pub fn title(self) -> &'static str {
@@ -39,12 +41,22 @@ impl Screen {
             Screen::Log => "Log",
             // Short: the tab bar keeps the generation beside it at 80 columns.
             Screen::Certificates => "Certs",
+            Screen::Upstreams => "Upstreams",
         }
     }
 
     pub fn index(self) -> usize {
         Screen::ALL.iter().position(|s| *s == self).unwrap_or(0)
     }
+}
+
+/// An object looked up in a list the console reads.
+pub enum Lookup<'a> {
+    Found(&'a Route),
+    /// The list was read and lacks it (a route naming a missing plugin config answers 503).
+    Missing,
+    /// The list was not read yet.
+    Unread,
 }
 
 /// A write for the transport thread to perform.
@@ -92,6 +104,8 @@ pub struct Poll {
     pub services: Option<Result<Vec<Route>, ApiError>>,
     /// The plugin configs, fetched with the routes.
     pub plugin_configs: Option<Result<Vec<Route>, ApiError>>,
+    /// The upstream objects, fetched with the routes.
+    pub upstreams: Option<Result<Vec<Route>, ApiError>>,
     /// The SSL objects, fetched with the routes.
     pub ssls: Option<Result<Vec<Route>, ApiError>>,
     pub status: Result<GatewayStatus, ApiError>,
@@ -572,6 +586,9 @@ pub struct App {
     pub services: Feed<Vec<Route>>,
     /// The plugin configs, for the plugins routes take from theirs.
     pub plugin_configs: Feed<Vec<Route>>,
+    /// The upstream objects (the Upstreams screen), and the row selected there.
+    pub upstreams: Feed<Vec<Route>>,
+    pub upstream_selected: usize,
     /// Counts changes of the route and service lists: what is measured over the whole list
     /// is measured again only when it moved.
     pub config_version: u64,
@@ -634,6 +651,8 @@ impl App {
             routes: Feed::default(),
             services: Feed::default(),
             plugin_configs: Feed::default(),
+            upstreams: Feed::default(),
+            upstream_selected: 0,
             config_version: 0,
             route_widths: Default::default(),
             route_offset: Default::default(),
@@ -744,12 +763,14 @@ impl App {
         services.iter().find(|s| s.id == id)
     }
 
-    /// Plugin config `id`, as last read: Err(()) when the list was read and lacks it (the
-    /// route naming it answers 503), Ok(None) before the list was read.
-    pub fn plugin_config(&self, id: &str) -> Result<Option<&Route>, ()> {
+    /// Plugin config `id`, as last read.
+    pub fn plugin_config(&self, id: &str) -> Lookup<'_> {
         match self.plugin_configs.data.as_deref() {
-            None => Ok(None),
-            Some(list) => list.iter().find(|p| p.id == id).map(Some).ok_or(()),
+            None => Lookup::Unread,
+            Some(list) => list
+                .iter()
+                .find(|p| p.id == id)
+                .map_or(Lookup::Missing, Lookup::Found),
         }
     }
 
@@ -837,6 +858,9 @@ impl App {
                 if let Some(plugin_configs) = p.plugin_configs {
                     self.plugin_configs.apply(plugin_configs);
                     self.config_version += 1;
+                }
+                if let Some(upstreams) = p.upstreams {
+                    self.upstreams.apply(upstreams);
                 }
                 if let Some(ssls) = p.ssls {
                     self.ssls.apply(ssls);
@@ -1140,7 +1164,7 @@ impl App {
                 self.modal = Some(Modal::Help);
                 return None;
             }
-            KeyCode::Char(c @ '1'..='5') => {
+            KeyCode::Char(c @ '1'..='6') => {
                 self.screen = Screen::ALL[c as usize - '1' as usize];
                 return None;
             }
@@ -1171,6 +1195,13 @@ impl App {
                 if let Some(d) = self.movement(&key) {
                     let n = self.ssls.data.as_ref().map_or(0, Vec::len);
                     self.cert_selected = moved(self.cert_selected, d, n);
+                }
+                None
+            }
+            Screen::Upstreams => {
+                if let Some(d) = self.movement(&key) {
+                    let n = crate::panes::upstreams::row_count(self);
+                    self.upstream_selected = moved(self.upstream_selected, d, n);
                 }
                 None
             }
@@ -1327,7 +1358,7 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
     (
         "Everywhere",
         &[
-            ("1-5, Tab, S-Tab", "switch screen"),
+            ("1-6, Tab, S-Tab", "switch screen"),
             ("Up/Down, j/k", "select, scroll"),
             ("PgUp/PgDn", "a page up/down"),
             ("Home/End, g/G", "top/bottom"),
@@ -1411,6 +1442,7 @@ mod tests {
             routes: Some(Ok(routes)),
             services: Some(Ok(vec![])),
             plugin_configs: Some(Ok(vec![])),
+            upstreams: None,
             ssls: None,
             status: Ok(GatewayStatus::default()),
             plugins: Ok(Plugins::default()),
@@ -1715,9 +1747,11 @@ mod tests {
         app.on_key(key(KeyCode::Tab));
         assert_eq!(app.screen, Screen::Certificates);
         app.on_key(key(KeyCode::Tab));
+        assert_eq!(app.screen, Screen::Upstreams);
+        app.on_key(key(KeyCode::Tab));
         assert_eq!(app.screen, Screen::Routes);
         app.on_key(key(KeyCode::BackTab));
-        assert_eq!(app.screen, Screen::Certificates);
+        assert_eq!(app.screen, Screen::Upstreams);
         app.on_key(ch('2'));
         assert_eq!(app.screen, Screen::Plugins);
         assert!(!app.quit);
@@ -2099,6 +2133,7 @@ mod tests {
             routes: Some(Ok(vec![])),
             services: Some(Ok(vec![])),
             plugin_configs: Some(Ok(vec![])),
+            upstreams: None,
             ssls: None,
             status: Ok(GatewayStatus::default()),
             plugins: Ok(Plugins::default()),

@@ -199,6 +199,12 @@ impl Client {
         model::parse_routes(&v).map_err(ApiError::Invalid)
     }
 
+    /// `GET /apisix/admin/upstreams`, sorted by id (an id and a JSON each, as routes).
+    pub fn upstreams(&self) -> Result<Vec<Route>, ApiError> {
+        let v = self.call("GET", "/apisix/admin/upstreams", None)?;
+        model::parse_routes(&v).map_err(ApiError::Invalid)
+    }
+
     /// `GET /apisix/admin/ssls`, sorted by id (an id and a JSON each, as routes).
     pub fn ssls(&self) -> Result<Vec<Route>, ApiError> {
         let v = self.call("GET", "/apisix/admin/ssls", None)?;

@@ -95,12 +95,17 @@ impl Route {
 
     /// `plugin_config_id`: the plugin config whose plugins the route takes.
     pub fn plugin_config_id(&self) -> Option<String> {
-        self.value.get("plugin_config_id").map(scalar)
+        self.id_field("plugin_config_id")
+    }
+
+    /// An id field's value; None when absent or `null` (stored as written, meaning none).
+    fn id_field(&self, field: &str) -> Option<String> {
+        self.value.get(field).filter(|v| !v.is_null()).map(scalar)
     }
 
     /// `service_id`: the service whose hosts, plugins and upstream the route takes.
     pub fn service_id(&self) -> Option<String> {
-        self.value.get("service_id").map(scalar)
+        self.id_field("service_id")
     }
 
     /// `status` 1 (the default) or 0.
@@ -140,17 +145,27 @@ impl Route {
 }
 
 /// An upstream's nodes as `host:port`, in either form (`{"host:port": w}` or `[{host, port}]`).
-fn nodes(u: &Value) -> Vec<String> {
+pub fn nodes(u: &Value) -> Vec<String> {
+    weighted_nodes(u).into_iter().map(|(n, _)| n).collect()
+}
+
+/// An upstream's nodes as `host:port` with their weights.
+pub fn weighted_nodes(u: &Value) -> Vec<(String, String)> {
+    let weight = |w: Option<&Value>| w.map(scalar).unwrap_or_else(|| "-".into());
     match u.get("nodes") {
-        Some(Value::Object(m)) => m.keys().cloned().collect(),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, w)| (k.clone(), weight(Some(w))))
+            .collect(),
         Some(Value::Array(a)) => a
             .iter()
             .map(|n| {
                 let host = n.get("host").map(scalar).unwrap_or_default();
-                match n.get("port") {
+                let addr = match n.get("port") {
                     Some(p) => format!("{host}:{}", scalar(p)),
                     None => host,
-                }
+                };
+                (addr, weight(n.get("weight")))
             })
             .collect(),
         _ => Vec::new(),
@@ -240,11 +255,52 @@ pub struct Plugins {
 }
 
 /// `GET /wasmgate/healthcheck`: the upstreams with health checks, by key
-/// (`/apisix/upstreams/1`), and how many of their nodes are healthy.
+/// (`/apisix/upstreams/1`), with each node's state.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(from = "Vec<CheckedUpstream>")]
 pub struct Health {
-    by_key: std::collections::HashMap<String, (usize, usize)>,
+    by_key: std::collections::BTreeMap<String, Checked>,
+}
+
+/// One checked upstream: its probe type and its nodes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Checked {
+    pub kind: String,
+    pub nodes: Vec<NodeHealth>,
+}
+
+/// One node of a checked upstream.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct NodeHealth {
+    pub ip: String,
+    pub port: u64,
+    pub status: String,
+    pub counter: NodeCounter,
+}
+
+/// The counts toward a change of state, as lua-resty-healthcheck keeps them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct NodeCounter {
+    pub success: u64,
+    pub http_failure: u64,
+    pub tcp_failure: u64,
+    pub timeout_failure: u64,
+}
+
+impl NodeHealth {
+    pub fn healthy(&self) -> bool {
+        self.status == "healthy"
+    }
+
+    /// `host:port`, as an upstream's `nodes` name it (`[::1]:80` for an IPv6 address).
+    pub fn addr(&self) -> String {
+        match self.ip.contains(':') && !self.ip.starts_with('[') {
+            true => format!("[{}]:{}", self.ip, self.port),
+            false => format!("{}:{}", self.ip, self.port),
+        }
+    }
 }
 
 /// One entry of [`Health`] as answered.
@@ -252,22 +308,21 @@ pub struct Health {
 #[serde(default)]
 struct CheckedUpstream {
     name: String,
+    #[serde(rename = "type")]
+    kind: String,
     #[serde(deserialize_with = "de_list")]
-    nodes: Vec<CheckedNode>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct CheckedNode {
-    status: String,
+    nodes: Vec<NodeHealth>,
 }
 
 impl From<Vec<CheckedUpstream>> for Health {
     fn from(list: Vec<CheckedUpstream>) -> Health {
         let by_key = (list.into_iter())
             .map(|u| {
-                let healthy = u.nodes.iter().filter(|n| n.status == "healthy").count();
-                (u.name, (healthy, u.nodes.len()))
+                let checked = Checked {
+                    kind: u.kind,
+                    nodes: u.nodes,
+                };
+                (u.name, checked)
             })
             .collect();
         Health { by_key }
@@ -277,7 +332,19 @@ impl From<Vec<CheckedUpstream>> for Health {
 impl Health {
     /// Healthy nodes and all nodes of the upstream `key`, when it is checked.
     pub fn of(&self, key: &str) -> Option<(usize, usize)> {
-        self.by_key.get(key).copied()
+        let c = self.by_key.get(key)?;
+        let healthy = c.nodes.iter().filter(|n| n.healthy()).count();
+        Some((healthy, c.nodes.len()))
+    }
+
+    /// The upstream `key`'s probe type and nodes, when it is checked.
+    pub fn checked(&self, key: &str) -> Option<&Checked> {
+        self.by_key.get(key)
+    }
+
+    /// Every checked upstream, by key.
+    pub fn all(&self) -> impl Iterator<Item = (&str, &Checked)> {
+        self.by_key.iter().map(|(k, c)| (k.as_str(), c))
     }
 
     /// Whether no upstream has health checks.

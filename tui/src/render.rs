@@ -26,6 +26,7 @@ pub fn draw(f: &mut Frame, app: &App) {
         Screen::Workers => panes::workers::draw(f, body, app),
         Screen::Log => panes::log::draw(f, body, app),
         Screen::Certificates => panes::certs::draw(f, body, app),
+        Screen::Upstreams => panes::upstreams::draw(f, body, app),
     }
     status_bar(f, bar, app);
     let shown = modal(f, body, app);
@@ -102,44 +103,73 @@ pub fn too_small(f: &mut Frame, area: Rect) {
     f.render_widget(line.alignment(Alignment::Center), middle);
 }
 
-/// ` wasmgate │ 1 Routes  2 Plugins  3 Workers  4 Log            gen 12 · epoch 1`
+/// ` wasmgate │ 1 Routes  2 Plugins  3 Workers  4 Log  …            gen 12 · epoch 1`; where
+/// that does not fit, the tabs close up and the name goes, so the generation stays in view.
 fn tabs(f: &mut Frame, area: Rect, app: &App) {
-    let mut spans = vec![Span::styled(" wasmgate ", theme::title()), Span::raw("│")];
+    let right = tabs_right(app);
+    let needed = right.first().map_or(0, |r| r.width() + 1);
+    let mut line = tab_line(app, true);
+    if line.width() + needed > area.width as usize {
+        line = tab_line(app, false);
+    }
+    let room = (area.width as usize).saturating_sub(line.width() + 1);
+    f.render_widget(line, area);
+    if let Some(right) = right.into_iter().find(|r| r.width() <= room) {
+        f.render_widget(right.alignment(Alignment::Right), area);
+    }
+}
+
+/// The tabs, after the name when `roomy`, or closed up without it.
+fn tab_line(app: &App, roomy: bool) -> Line<'static> {
+    let mut spans = match roomy {
+        true => vec![Span::styled(" wasmgate ", theme::title()), Span::raw("│")],
+        false => Vec::new(),
+    };
     for s in Screen::ALL {
         let label = format!(" {} {} ", s.index() + 1, s.title());
         if s == app.screen {
             spans.push(Span::styled(label, theme::tab_active()));
         } else {
+            // Closed up: one space between two tabs, not two.
+            let after_tab = spans.last().is_some_and(|l| l.content.ends_with(' '));
+            let label = match !roomy && after_tab {
+                true => label[1..].to_string(),
+                false => label,
+            };
             spans.push(Span::raw(label));
         }
     }
-    let tabs = Line::from(spans);
-    let room = (area.width as usize).saturating_sub(tabs.width() + 1);
-    f.render_widget(tabs, area);
-    if let Some(status) = app.status.data.as_ref() {
-        let m = &status.master;
-        let away = Span::styled("etcd unreachable ", theme::error());
-        let generation = Span::styled(
-            format!(
-                "gen {} · epoch {} ",
-                crate::fmt::opt(m.generation),
-                crate::fmt::opt(m.epoch)
-            ),
-            theme::dim(),
-        );
-        // Seen from every screen: the gateway serves its last configuration without etcd.
-        // That goes first when both do not fit beside the tabs.
-        let right = match status.store.as_ref().is_some_and(|s| s.etcd_away()) {
-            false => vec![generation],
-            true if away.width() + 2 + generation.width() <= room => {
-                vec![away, Span::styled("· ", theme::dim()), generation]
-            }
-            true => vec![away],
-        };
-        let right = Line::from(right);
-        if right.width() <= room {
-            f.render_widget(right.alignment(Alignment::Right), area);
-        }
+    Line::from(spans)
+}
+
+/// What is shown right of the tabs, the fullest first: the generation and epoch, and etcd's
+/// absence.
+fn tabs_right(app: &App) -> Vec<Line<'static>> {
+    let Some(status) = app.status.data.as_ref() else {
+        return Vec::new();
+    };
+    let m = &status.master;
+    let away = Span::styled("etcd unreachable ", theme::error());
+    let generation = Span::styled(
+        format!(
+            "gen {} · epoch {} ",
+            crate::fmt::opt(m.generation),
+            crate::fmt::opt(m.epoch)
+        ),
+        theme::dim(),
+    );
+    // Seen from every screen: the gateway serves its last configuration without etcd. That
+    // stays when both do not fit.
+    match status.store.as_ref().is_some_and(|s| s.etcd_away()) {
+        false => vec![Line::from(generation)],
+        true => vec![
+            Line::from(vec![
+                away.clone(),
+                Span::styled("· ", theme::dim()),
+                generation,
+            ]),
+            Line::from(away),
+        ],
     }
 }
 
@@ -173,7 +203,7 @@ fn hints(app: &App) -> &'static [(&'static str, &'static str)] {
             ],
             Screen::Workers => &[("R", "reload"), ("?", "help"), ("q", "quit")],
             Screen::Log => &[("←→", "scroll"), ("G", "end"), ("?", "help"), ("q", "quit")],
-            Screen::Certificates => &[("?", "help"), ("q", "quit")],
+            Screen::Certificates | Screen::Upstreams => &[("?", "help"), ("q", "quit")],
         },
     }
 }

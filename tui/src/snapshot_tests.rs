@@ -126,6 +126,13 @@ fn app() -> App {
         routes: Some(Ok(routes)),
         services: Some(Ok(vec![])),
         plugin_configs: Some(Ok(vec![])),
+        upstreams: Some(Ok(parse_routes(&json!({"list": [
+            {"value": {"id": "backend", "name": "pool", "type": "chash", "key": "remote_addr",
+                       "nodes": {"10.0.0.1:80": 1, "10.0.0.2:80": 2},
+                       "checks": {"active": {"type": "tcp"}}}},
+            {"value": {"id": "spare", "scheme": "https", "nodes": []}},
+        ]}))
+        .unwrap())),
         ssls: Some(Ok(ssls)),
         status: Ok(status),
         plugins: Ok(plugins),
@@ -134,9 +141,13 @@ fn app() -> App {
         traffic: Ok(traffic),
         // Route 1's own upstream is checked and healthy; one node of `backend` is down.
         health: Ok(serde_json::from_value(json!([
-            {"name": "/apisix/routes/1", "type": "http", "nodes": [{"status": "healthy"}]},
+            {"name": "/apisix/routes/1", "type": "http",
+             "nodes": [{"ip": "127.0.0.1", "port": 1980, "status": "healthy",
+                        "counter": {"success": 0}}]},
             {"name": "/apisix/upstreams/backend", "type": "tcp",
-             "nodes": [{"status": "healthy"}, {"status": "unhealthy"}]},
+             "nodes": [{"ip": "10.0.0.1", "port": 80, "status": "healthy"},
+                       {"ip": "10.0.0.2", "port": 80, "status": "unhealthy",
+                        "counter": {"tcp_failure": 1, "success": 1}}]},
         ]))
         .unwrap()),
     };
@@ -197,6 +208,32 @@ fn workers() {
     let mut a = app();
     a.screen = Screen::Workers;
     check("workers", &a);
+}
+
+/// Each upstream's nodes with what the health checks find them, and the routes using it; an
+/// upstream written inside a route shows when it is checked.
+#[test]
+fn upstreams() {
+    let mut a = app();
+    key(&mut a, KeyCode::Char('6'));
+    assert_eq!(a.screen, Screen::Upstreams);
+    check("upstreams", &a);
+    let screen = text(&a, 120, 40);
+    assert!(
+        screen.contains("Upstreams (3) — 3 nodes, 1 unhealthy"),
+        "{screen}"
+    );
+    let row = (screen.lines())
+        .find(|l| l.contains("10.0.0.2:80"))
+        .unwrap_or_else(|| panic!("{screen}"));
+    assert!(row.contains("UNHEALTHY 1 ok, 1 failed"), "{screen}");
+    assert!(screen.contains("route 1"), "{screen}");
+    assert!(screen.contains("no nodes"), "{screen}");
+    key(&mut a, KeyCode::End);
+    assert_eq!(
+        a.upstream_selected, 3,
+        "one row per node, one for the upstream without"
+    );
 }
 
 /// The soonest to expire first, the days left coloured by how soon; those not served dimmed.
@@ -328,6 +365,7 @@ fn endpoints_not_there_yet() {
         routes: Some(Ok(vec![])),
         services: Some(Ok(vec![])),
         plugin_configs: None,
+        upstreams: None,
         ssls: None,
         status: Ok(GatewayStatus::default()),
         plugins: Err(missing("plugins")),
@@ -398,6 +436,7 @@ fn objects_poll(
         routes: Some(Ok(list("routes", routes))),
         services: Some(Ok(list("services", services))),
         plugin_configs: Some(Ok(list("plugin_configs", plugin_configs))),
+        upstreams: None,
         ssls: None,
         status: Ok(GatewayStatus::default()),
         plugins: Ok(Plugins::default()),

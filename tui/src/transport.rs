@@ -64,20 +64,22 @@ impl Poller {
         let now = Instant::now();
         let fetch_config = self.stale(generation, now);
         let all = || -> Result<Poll, String> {
-            let (routes, services, plugin_configs, ssls) = if fetch_config {
+            let (routes, services, plugin_configs, upstreams, ssls) = if fetch_config {
                 (
                     Some(reach(client.routes())?),
                     Some(reach(client.services())?),
                     Some(reach(client.plugin_configs())?),
+                    Some(reach(client.upstreams())?),
                     Some(reach(client.ssls())?),
                 )
             } else {
-                (None, None, None, None)
+                (None, None, None, None, None)
             };
             Ok(Poll {
                 routes,
                 services,
                 plugin_configs,
+                upstreams,
                 ssls,
                 status,
                 plugins: reach(client.plugins())?,

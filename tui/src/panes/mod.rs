@@ -6,6 +6,7 @@ pub mod editor;
 pub mod log;
 pub mod plugins;
 pub mod routes;
+pub mod upstreams;
 pub mod workers;
 
 use crate::theme;

@@ -4,7 +4,7 @@
 //! the columns' widths over the whole list are measured once per change of the list.
 
 use super::Cells;
-use crate::app::App;
+use crate::app::{App, Lookup};
 use crate::model::Route;
 use crate::render::{block, feed_problem};
 use crate::theme;
@@ -250,14 +250,15 @@ fn hosts_and_plugins(app: &App, r: &Route) -> (String, String) {
     let mut plugins = own_part(own);
     if let Some(id) = r.plugin_config_id() {
         match app.plugin_config(&id) {
-            Ok(config) => {
-                let names = (config.map(Route::plugins).unwrap_or_default().into_iter())
+            Lookup::Found(config) => {
+                let names = (config.plugins().into_iter())
                     .filter(|p| !taken.contains(p))
                     .collect::<Vec<_>>();
                 taken.extend(names.iter().cloned());
                 taken_part(&mut plugins, names, &format!("plugin config {id}"));
             }
-            Err(()) => plugins.push(format!("plugin config {id} MISSING")),
+            Lookup::Missing => plugins.push(format!("plugin config {id} MISSING")),
+            Lookup::Unread => {}
         }
     }
     if let (Some(id), Some(service)) = (&service_id, service) {
