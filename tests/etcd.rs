@@ -425,6 +425,21 @@ fn apisix_written_etcd_data_is_served() {
         "/apisix/routes/1",
         &json!({"id": "1", "uri": "/legacy/*", "upstream_id": "1", "create_time": 1700000000, "update_time": 1700000000}).to_string(),
     );
+    // Plugin configs and routes that take them: one this node can serve (these nodes declare
+    // no wasm plugins), one naming an APISIX plugin it does not have, refused — its route
+    // answers 503 rather than run without it.
+    etcd.put("/apisix/plugin_configs/pc", r#"{"id":"pc","plugins":{}}"#);
+    etcd.put(
+        "/apisix/plugin_configs/lua",
+        r#"{"id":"lua","plugins":{"limit-count":{"count":2,"time_window":60}}}"#,
+    );
+    for (id, path, config) in [("2", "/shared/*", "pc"), ("3", "/lua/*", "lua")] {
+        etcd.put(
+            &format!("/apisix/routes/{id}"),
+            &json!({"id": id, "uri": path, "upstream_id": "1", "plugin_config_id": config})
+                .to_string(),
+        );
+    }
     etcd.put("/apisix/consumers/jack", r#"{"username":"jack"}"#);
     etcd.put("/apisix/routes/broken", r#"{"upstream_id":"1"}"#);
     // An SSL object as APISIX 3 stores it: its key encrypted with the default keyring.
@@ -446,11 +461,23 @@ fn apisix_written_etcd_data_is_served() {
     let (s, v) = gw.admin("GET", "/apisix/admin/routes/1", None);
     assert_eq!(s, 200);
     assert_eq!(v["value"]["create_time"], 1700000000);
+    let r = http("GET", &gw.url("/shared/a"), &[], None);
+    assert_eq!(
+        (r.status, r.header("x-upstream")),
+        (200, Some("app")),
+        "{}",
+        r.text()
+    );
+    assert_eq!(http("GET", &gw.url("/lua/a"), &[], None).status, 503);
     let (_, list) = gw.admin("GET", "/apisix/admin/routes", None);
-    assert_eq!(list["total"], 1, "{list}");
+    assert_eq!(list["total"], 3, "{list}");
     // Read at start, before the error log is open: the line is on the master's stderr.
     let logs = gw.stderr() + &gw.error_log();
     assert!(logs.contains("/apisix/routes/broken refused"), "{logs}");
+    assert!(
+        logs.contains("/apisix/plugin_configs/lua refused: unknown plugin [limit-count]"),
+        "{logs}"
+    );
 }
 
 /// etcd goes away: the node keeps serving its last configuration, says so in its status and
