@@ -28,7 +28,7 @@ fn strings(v: &Value, one: &str, many: &str) -> Vec<String> {
 }
 
 /// A JSON scalar as text (strings without quotes).
-fn scalar(v: &Value) -> String {
+pub fn scalar(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),

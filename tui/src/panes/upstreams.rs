@@ -3,13 +3,14 @@
 //! how many routes send requests to it.
 
 use crate::app::App;
-use crate::model::{weighted_nodes, Checked, NodeHealth, Route};
+use crate::model::{scalar, weighted_nodes, Checked, NodeHealth, Route};
 use crate::render::{block, feed_problem};
 use crate::theme;
 use ratatui::layout::Rect;
 use ratatui::style::Style;
 use ratatui::Frame;
 use serde_json::Value;
+use std::collections::HashMap;
 
 /// One upstream as the screen lists it.
 struct Upstream<'a> {
@@ -28,25 +29,25 @@ struct Upstream<'a> {
 fn upstreams<'a>(app: &'a App) -> Vec<Upstream<'a>> {
     let routes = app.routes.data.as_deref().unwrap_or(&[]);
     let services = app.services.data.as_deref().unwrap_or(&[]);
-    let id_of = |r: &Route, field: &str| r.value.get(field).map(scalar);
-    let users = |id: &str| {
-        let direct = |r: &Route| id_of(r, "upstream_id").as_deref() == Some(id);
-        (routes.iter())
-            .filter(|r| {
-                direct(r)
-                    || (id_of(r, "upstream_id").is_none() && r.value.get("upstream").is_none())
-                        && (id_of(r, "service_id"))
-                            .and_then(|s| services.iter().find(|x| x.id == s))
-                            .is_some_and(direct)
-            })
-            .count()
-    };
+    // Each route counted once, under the key of the upstream it sends requests to (as the
+    // routes screen's health column finds it).
+    let mut users: HashMap<String, usize> = HashMap::new();
+    for r in routes {
+        let service = r.service_id().and_then(|id| app.service(&id));
+        if let Some(key) = r.upstream_key(service) {
+            *users.entry(key).or_default() += 1;
+        }
+    }
+    let used = |key: &str| users.get(key).copied().unwrap_or(0);
     let mut list: Vec<Upstream> = (app.upstreams.data.iter().flatten())
-        .map(|u| Upstream {
-            label: format!("upstreams/{}", u.id),
-            key: format!("/apisix/upstreams/{}", u.id),
-            value: Some(&u.value),
-            routes: users(&u.id),
+        .map(|u| {
+            let key = format!("/apisix/upstreams/{}", u.id);
+            Upstream {
+                label: format!("upstreams/{}", u.id),
+                routes: used(&key),
+                key,
+                value: Some(&u.value),
+            }
         })
         .collect();
     let health = app.health.data.as_ref();
@@ -55,13 +56,10 @@ fn upstreams<'a>(app: &'a App) -> Vec<Upstream<'a>> {
             let id = key.strip_prefix(prefix)?;
             Some((id, within.iter().find(|r| r.id == id)))
         };
-        let (label, holder, routes) = if let Some((id, r)) = inline("/apisix/routes/", routes) {
-            (format!("route {id}"), r, 1)
+        let (label, holder) = if let Some((id, r)) = inline("/apisix/routes/", routes) {
+            (format!("route {id}"), r)
         } else if let Some((id, s)) = inline("/apisix/services/", services) {
-            let n = (routes.iter())
-                .filter(|r| id_of(r, "service_id").as_deref() == Some(id))
-                .count();
-            (format!("service {id}"), s, n)
+            (format!("service {id}"), s)
         } else {
             continue;
         };
@@ -69,17 +67,10 @@ fn upstreams<'a>(app: &'a App) -> Vec<Upstream<'a>> {
             label,
             key: key.to_string(),
             value: holder.and_then(|h| h.value.get("upstream")),
-            routes,
+            routes: used(key),
         });
     }
     list
-}
-
-fn scalar(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// One node's row: the upstream's node list with the checks' view of each, and the nodes the
