@@ -559,7 +559,7 @@ struct Build<'a> {
     upstreams: &'a mut FastMap<Arc<str>, (Arc<UpstreamRuntime>, usize)>,
 }
 
-impl Build<'_> {
+impl<'a> Build<'a> {
     /// Compiles route `id` from its JSON, noting what it read.
     fn route(&mut self, id: &str, rev: u64, json: Box<str>, record: RecordCell) -> CompiledRoute {
         let mut c = CompiledRoute {
@@ -591,27 +591,9 @@ impl Build<'_> {
     ) -> Option<RouteEntry> {
         // The plugin config first: a route whose plugin config is gone answers 503 (APISIX
         // checks it before the service), whatever else is missing.
-        let mut revision = rev;
-        let (plugin_config, broken) = match &route.plugin_config_id {
-            Some(pid) => {
-                // Copied out of `self`, so the plugins borrowed stay usable below.
-                let objects = self.objects;
-                let found = objects.plugin_configs.get(&pid.0);
-                c.deps.plugin_config = Some((pid.0.clone(), found.map(|p| p.0)));
-                match found {
-                    Some((prev, p)) => {
-                        revision = revision.max(*prev);
-                        (p.plugins.as_ref(), None)
-                    }
-                    None => {
-                        let why = format!("failed to fetch plugin config by id: {}", pid.0);
-                        tracing::error!("route {id}: {why}; its requests get 503");
-                        (None, Some(why.into()))
-                    }
-                }
-            }
-            None => (None, None),
-        };
+        let (plugin_config, broken) = self.plugin_config(id, route, c);
+        let mut revision = rev.max(plugin_config.map_or(0, |(r, _)| *r));
+        let plugin_config = plugin_config.and_then(|(_, p)| p.plugins.as_ref());
         let service = match &route.service_id {
             Some(sid) => {
                 let found = self.objects.services.get(&sid.0);
@@ -628,7 +610,7 @@ impl Build<'_> {
             }
             None => None,
         };
-        revision = revision.max(service.map(|(_, (r, _))| *r).unwrap_or(0));
+        revision = revision.max(service.map_or(0, |(_, (r, _))| *r));
         let upstream = self
             .resolve_upstream(id, rev, route, service, &mut revision, c)
             .map(|(key, rt)| {
@@ -680,6 +662,27 @@ impl Build<'_> {
             broken,
             traffic_record: Default::default(),
         })
+    }
+
+    /// The plugin config route `id` names, with its revision, noted among what the route
+    /// read; or, when it names one that is missing, why the route answers 503.
+    fn plugin_config(
+        &self,
+        id: &str,
+        route: &Route,
+        c: &mut CompiledRoute,
+    ) -> (Option<&'a (u64, PluginConfig)>, Option<Box<str>>) {
+        let Some(pid) = &route.plugin_config_id else {
+            return (None, None);
+        };
+        let found = self.objects.plugin_configs.get(&pid.0);
+        c.deps.plugin_config = Some((pid.0.clone(), found.map(|p| p.0)));
+        if found.is_some() {
+            return (found, None);
+        }
+        let why = format!("failed to fetch plugin config by id: {}", pid.0);
+        tracing::error!("route {id}: {why}; its requests get 503");
+        (None, Some(why.into()))
     }
 
     /// Where a route's requests go: its `upstream_id`, its inline `upstream`, else its
