@@ -20,6 +20,7 @@ pub const WORKER_ENV: &str = "WASMGATE_WORKER";
 
 pub mod alloc;
 pub mod apisix_keys;
+pub mod clock;
 pub mod config;
 pub mod health;
 pub mod keyring;

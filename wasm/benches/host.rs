@@ -34,7 +34,7 @@ fn downstream() -> Downstream {
         connection: 1,
         version: http::Version::HTTP_11,
         tls: None,
-        started: std::time::Instant::now(),
+        started: wasmgate_shared::clock::Tick::now(),
     }
 }
 

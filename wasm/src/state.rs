@@ -90,7 +90,7 @@ pub struct Downstream {
     pub tls: Option<Arc<TlsInfo>>,
     /// When the request's head was read (`request.time`; its wall-clock time is worked out
     /// only when a plugin asks, so requests pay no clock reading for it, and kept).
-    pub started: Instant,
+    pub started: wasmgate_shared::clock::Tick,
 }
 
 impl Downstream {

@@ -36,6 +36,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
+use wasmgate_shared::clock::{lap, Tick};
 use wasmgate_shared::config::{GatewayConfig, RequestPhase, WasmPluginDecl};
 use wasmgate_shared::model::PluginConf;
 use wasmgate_shared::shm::Segment;
@@ -248,14 +249,14 @@ impl WasmRequest {
     pub fn finish(&mut self) {
         // Dropping a finished request reads no clock.
         if !self.active.is_empty() {
-            self.finish_at(Instant::now(), None);
+            self.finish_at(Tick::now(), None);
         }
     }
 
     /// [`WasmRequest::finish`] with a clock reading just taken (`now`), which starts the
     /// phase's plugin timing, and what is known of the finished request (none when it was
     /// abandoned).
-    pub fn finish_at(&mut self, now: Instant, totals: Option<Totals>) {
+    pub fn finish_at(&mut self, now: Tick, totals: Option<Totals>) {
         let active = std::mem::take(&mut self.active);
         if active.is_empty() {
             return;
@@ -514,7 +515,7 @@ impl Plugins {
         end_of_stream: bool,
     ) -> Verdict {
         // Time per plugin: see `lap`.
-        let mut started = Instant::now();
+        let mut started = Tick::now();
         for link in chain {
             let p = &self.list[link.plugin];
             let (first, calls) = {
@@ -529,7 +530,7 @@ impl Plugins {
                     Err((f, phase)) => {
                         self.fault(p, &mut st, &f, phase, record);
                         if p.decl.fail_open {
-                            started = Instant::now();
+                            started = Tick::now();
                             continue;
                         }
                         return Verdict::Fail;
@@ -559,7 +560,7 @@ impl Plugins {
                         .await
                 }
             };
-            active.spent += nanos(lap(&mut started).saturating_sub(waited));
+            active.spent += lap(&mut started).saturating_sub(nanos(waited));
             match verdict {
                 Verdict::Continue => {}
                 other => return other,
@@ -577,9 +578,9 @@ impl Plugins {
         active: &mut [Active],
         stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
-        since: Option<Instant>,
+        since: Option<Tick>,
     ) -> Verdict {
-        let mut started = since.unwrap_or_else(Instant::now);
+        let mut started = since.unwrap_or_else(Tick::now);
         for a in active.iter_mut() {
             let p = &self.list[a.plugin];
             let (first, calls) = {
@@ -595,7 +596,7 @@ impl Plugins {
                 Ok(verdict) => (verdict, Duration::ZERO),
                 Err((first, calls)) => self.settle(a, first, calls, stream, Phase::Response).await,
             };
-            a.spent += nanos(lap(&mut started).saturating_sub(waited));
+            a.spent += lap(&mut started).saturating_sub(nanos(waited));
             match verdict {
                 Verdict::Continue => {}
                 other => return other,
@@ -1119,7 +1120,7 @@ impl Plugins {
         end_of_stream: bool,
         start: usize,
     ) -> BodyStep {
-        let mut started = Instant::now();
+        let mut started = Tick::now();
         // By index, each context's fields copied out: `req` lends its stream to the VM below.
         for i in start..req.active.len().min(bufs.len()) {
             let a = &req.active[i];
@@ -1165,7 +1166,7 @@ impl Plugins {
                 }
             };
             lend_body(&mut req.stream, dir, buf);
-            let spent = nanos(lap(&mut started));
+            let spent = lap(&mut started);
             if let Some(a) = req.active.get_mut(i) {
                 a.spent += spent;
             }
@@ -1453,12 +1454,7 @@ impl Plugins {
     }
 
     /// The log phase: `proxy_on_log`, then done and delete for every HttpContext.
-    fn on_log(
-        self: &Arc<Self>,
-        active: Vec<Active>,
-        stream: &mut Option<Box<Stream>>,
-        now: Instant,
-    ) {
+    fn on_log(self: &Arc<Self>, active: Vec<Active>, stream: &mut Option<Box<Stream>>, now: Tick) {
         let mut started = now;
         for a in active {
             let p = &self.list[a.plugin];
@@ -1478,7 +1474,7 @@ impl Plugins {
                 .map_err(|f| (f, "proxy_on_log"))
                 .and_then(|_| vm.finish_http(a.http));
             let memory = vm.memory_bytes();
-            let ns = a.spent + nanos(lap(&mut started));
+            let ns = a.spent + lap(&mut started);
             if let Some(rec) = self.stats(a.record) {
                 rec.record_time(ns);
             }
@@ -1921,15 +1917,6 @@ fn lend_body(stream: &mut Option<Box<Stream>>, dir: Dir, buf: &mut BodyBuf) {
         };
         std::mem::swap(lent, buf);
     }
-}
-
-/// The time since `started`, which moves to now: contexts run one after the other, so one
-/// clock reading ends one context's time and starts the next one's.
-fn lap(started: &mut Instant) -> Duration {
-    let now = Instant::now();
-    let spent = now - *started;
-    *started = now;
-    spent
 }
 
 fn nanos(d: Duration) -> u64 {

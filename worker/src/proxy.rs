@@ -42,6 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmgate_http1::codec::{SetField, SetFields};
 use wasmgate_http1::request::{host_name, normalized_path, resolve_path};
+use wasmgate_shared::clock::Tick;
 use wasmgate_shared::logformat;
 use wasmgate_shared::model::{HashOn, PassHost};
 use wasmgate_shared::traffic::Observation;
@@ -57,9 +58,10 @@ struct UpstreamLog {
     /// The last attempt's status; none when the client's body failed (`$upstream_status`).
     status: Option<u16>,
     time: Option<Duration>,
-    /// When the answer's head came (the reading `time` ends at): the response phase's plugin
-    /// timing starts from it instead of reading the clock again.
-    answered: Option<Instant>,
+    /// When the answer's head came: the response phase's plugin timing starts from it
+    /// instead of reading the clock again, and `$upstream_response_time` adds the body's
+    /// time from it.
+    answered: Option<Tick>,
     /// The node counted busy until the request ends (least_conn).
     active: Option<Busy>,
     /// The `Host` and target the last attempt sent (`$upstream_host`, `$upstream_uri`): kept
@@ -419,7 +421,7 @@ async fn serve_route(
     route: &Arc<RouteEntry>,
     parts: &mut http::request::Parts,
     (mut body, no_body, declared): (ProxyBody, bool, Option<u64>),
-    (client, started): (&Client, Instant),
+    (client, started): (&Client, Tick),
     up_log: &mut UpstreamLog,
     wasm: &mut Option<SharedWasm>,
 ) -> Response<ProxyBody> {
@@ -686,7 +688,7 @@ async fn response_phase(
     w: &Worker,
     shared: &SharedWasm,
     mut resp: Response<ProxyBody>,
-    answered: Option<Instant>,
+    answered: Option<Tick>,
     at: &Context<'_>,
 ) -> Response<ProxyBody> {
     if is_reset(&resp) {
@@ -942,9 +944,10 @@ async fn forward(
             Exchange::Response(resp) => {
                 log.status = Some(resp.status().as_u16());
                 up.observe(idx, Attempt::Answered(resp.status().as_u16()));
-                let now = Instant::now();
-                log.time = Some(now - started);
-                log.answered = Some(now);
+                // `started` is the pool's and the timers' `Instant`; the answer's reading is
+                // a `Tick`, which the later phases subtract from cheaply.
+                log.time = Some(started.elapsed());
+                log.answered = Some(Tick::now());
                 // A switched connection keeps its node busy until the tunnel ends.
                 match resp.extensions().get::<tunnel::Upstream>() {
                     Some(tunnel) => tunnel.hold(busy),
@@ -1513,7 +1516,7 @@ pub fn answer_fields(
 
 /// What the access log needs, captured before plugins may change the request.
 struct LogInfo {
-    started: Instant,
+    started: Tick,
     remote: String,
     remote_port: u16,
     /// The connection's TLS (`$scheme`, `$ssl_*`); None: plain HTTP.
@@ -1567,7 +1570,7 @@ impl LogInfo {
             false => String::new(),
         };
         LogInfo {
-            started: Instant::now(),
+            started: Tick::now(),
             remote: if full {
                 peer.ip().to_string()
             } else {
@@ -1633,14 +1636,14 @@ fn log_request(
 ) {
     // One reading ends the request's time and starts the log phase's plugin timing
     // (`proxy_on_log` is not counted in `$request_time`).
-    let now = Instant::now();
+    let now = Tick::now();
     let request_body = log
         .body_bytes
         .as_ref()
         .map_or(0, |b| b.load(Ordering::Relaxed));
     let sent = sent + carried.to_client;
     let totals = Totals {
-        duration: now - log.started,
+        duration: now.since(log.started),
         request_body,
         request_total: log.head_bytes + request_body + carried.from_client,
         response_body: sent,
@@ -1664,7 +1667,7 @@ fn record(w: &Worker, log: &LogInfo, (status, sent): (u16, u64), ingress: u64, t
     // body passed on), not to its head, so that a node slow to send its body is not taken for
     // the gateway's time (`type="apisix"` is the request's time less this).
     let upstream_time = match (up.time, up.answered) {
-        (Some(head), Some(at)) => Some(head + (log.started + took).saturating_duration_since(at)),
+        (Some(head), Some(at)) => Some(head + log.started.after(took).since(at)),
         (time, _) => time,
     };
     w.traffic.record(
