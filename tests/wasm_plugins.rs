@@ -501,8 +501,9 @@ fn local_replies_go_through_the_response_phase() {
 }
 
 /// global rules before the route (their access-phase plugins before the route's rewrite-phase
-/// ones, as APISIX runs global rules first); rewrite before access; higher priority first;
-/// a global rule plus a route make two HttpContexts for one request, each finished at the end.
+/// ones, as APISIX runs global rules first); rewrite before access; higher priority first —
+/// the plugins of all global rules ordered together, not rule by rule; a global rule plus a
+/// route make two HttpContexts for one request, each finished at the end.
 #[test]
 fn phases_priorities_and_global_rules() {
     let up = TestUpstream::start("u");
@@ -513,6 +514,14 @@ fn phases_priorities_and_global_rules() {
         Some(json!({"plugins": {"rec_a": {"conf": "global-a"}}})),
     );
     assert_eq!(s, 201, "{v}");
+    // A second rule's rewrite-phase plugin and its higher-priority access-phase one run
+    // before the first rule's rec_a.
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/global_rules/2",
+        Some(json!({"plugins": {"rec_b": {"conf": "global2-b"}, "wasm_log": {"conf": "global2-log"}}})),
+    );
+    assert_eq!(s, 201, "{v}");
     gw.route(
         "1",
         json!({"uri": "/o", "plugins": {"rec_b": {"conf": "route-b"}, "wasm_log": {"conf": "route-log"}, "rec_a": {"conf": "route-a"}}}),
@@ -520,23 +529,24 @@ fn phases_priorities_and_global_rules() {
     );
     let r = http("GET", &gw.url("/o"), &[], None);
     assert_eq!(r.status, 200, "{}", gw.error_log());
-    assert_eq!(
-        r.json()["headers"]["x-order"],
-        "global-a,route-b,route-log,route-a"
-    );
-    assert_eq!(
-        r.header("x-order-response"),
-        Some("global-a,route-b,route-log,route-a")
-    );
+    let order = "global2-b,global2-log,global-a,route-b,route-log,route-a";
+    assert_eq!(r.json()["headers"]["x-order"], order);
+    assert_eq!(r.header("x-order-response"), Some(order));
     assert_eq!(r.header("x-status-seen-by-global-a"), Some("200"));
     eventually(Duration::from_secs(5), "log and done callbacks", || {
         let log = gw.error_log();
-        ["global-a", "route-b", "route-log", "route-a"]
-            .iter()
-            .all(|l| {
-                log.contains(&format!("recorder {l}: on_log"))
-                    && log.contains(&format!("recorder {l}: on_done"))
-            })
+        let all = [
+            "global2-b",
+            "global2-log",
+            "global-a",
+            "route-b",
+            "route-log",
+            "route-a",
+        ];
+        all.iter().all(|l| {
+            log.contains(&format!("recorder {l}: on_log"))
+                && log.contains(&format!("recorder {l}: on_done"))
+        })
     });
 }
 

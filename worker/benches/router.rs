@@ -282,6 +282,7 @@ fn build(c: &mut Criterion) {
                 remote_addrs: vec![],
                 vars: None,
                 plugins: vec![],
+                resolved: Default::default(),
                 owner: format!("route:r{i}:1").into(),
                 upstream: None,
                 websocket: false,

@@ -31,6 +31,8 @@ pub struct GlobalRuleEntry {
     pub id: String,
     pub revision: u64,
     pub plugins: Vec<PluginConf>,
+    /// `plugins` resolved against the worker's, on the rule's first request.
+    pub resolved: crate::plugins::Resolved,
     /// `global_rule:<id>:<revision>`: the key of its PluginContexts.
     pub owner: Arc<str>,
 }
@@ -479,6 +481,7 @@ impl Table {
                     id: id.clone(),
                     revision: *rev,
                     plugins: plugin_list(&[Some(&g.plugins)]),
+                    resolved: Default::default(),
                 })
                 .collect();
         }
@@ -654,6 +657,7 @@ impl<'a> Build<'a> {
                 plugin_config,
                 route.plugins.as_ref(),
             ]),
+            resolved: Default::default(),
             upstream,
             websocket: route
                 .enable_websocket

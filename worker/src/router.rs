@@ -63,6 +63,8 @@ pub struct RouteEntry {
     pub vars: Option<VarsExpr>,
     /// Plugins with their configuration (service's merged under the route's).
     pub plugins: Vec<PluginConf>,
+    /// `plugins` resolved against the worker's, on the route's first request.
+    pub resolved: crate::plugins::Resolved,
     /// `route:<id>:<revision>`: what its PluginContexts are keyed by (made once, not per request).
     pub owner: Arc<str>,
     pub upstream: Option<Arc<UpstreamRuntime>>,
@@ -107,6 +109,7 @@ impl RouteEntry {
                     remote_addrs: Vec::new(),
                     vars: None,
                     plugins: Vec::new(),
+                    resolved: Default::default(),
                     owner: "unmatched".into(),
                     upstream: None,
                     websocket: false,
@@ -473,6 +476,7 @@ mod tests {
             remote_addrs: vec![],
             vars: None,
             plugins: vec![],
+            resolved: Default::default(),
             owner: format!("route:{id}:1").into(),
             upstream: None,
             websocket: false,
