@@ -804,6 +804,45 @@ fn plugin_fixtures_are_not_stale() {
     );
 }
 
+/// A route whose plugin config is deleted (forced) answers 503 without running a plugin, and
+/// the PluginContexts it had are finished as a deleted route's are — also when the route's own
+/// revision is the newer one, so that its contexts' key is unchanged.
+#[test]
+fn a_force_deleted_plugin_config_finishes_its_routes_contexts() {
+    let up = TestUpstream::start("u");
+    let gw = one_worker();
+    let (s, v) = gw.admin(
+        "PUT",
+        "/apisix/admin/plugin_configs/pc1",
+        Some(json!({"plugins": {"wasm_log": {"conf": "pc-ctx"}}})),
+    );
+    assert_eq!(s, 201, "{v}");
+    // Written after the plugin config: the route's revision is the newest of the two.
+    gw.route(
+        "1",
+        json!({"uri": "/p", "plugin_config_id": "pc1"}),
+        Some(&up),
+    );
+    let r = http("GET", &gw.url("/p"), &[], None);
+    assert_eq!(r.json()["headers"]["x-order"], "pc-ctx");
+    let (s, v) = gw.admin(
+        "DELETE",
+        "/apisix/admin/plugin_configs/pc1?force=true",
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    gw.wait_propagated();
+    assert_eq!(http("GET", &gw.url("/p"), &[], None).status, 503);
+    eventually(
+        Duration::from_secs(5),
+        "the route's context finished",
+        || {
+            gw.error_log()
+                .contains("recorder pc-ctx: plugin context on_done")
+        },
+    );
+}
+
 /// A route update creates a new PluginContext; the old one is finished (`proxy_on_done`) once
 /// it has no request in flight — or, without a request, once the worker applies the change,
 /// as it does for a deleted route.

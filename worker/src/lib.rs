@@ -325,9 +325,12 @@ async fn housekeeping(w: Arc<Worker>) {
         let changed = seen != Some(cfg.generation) || w.plugins.roots_added();
         if changed && !w.plugins.is_empty() {
             seen = Some(cfg.generation);
+            // A route that cannot serve (its plugin config is gone) runs no plugin: its
+            // contexts are finished as a deleted route's, not kept until it is written again.
             let owners: foldhash::HashSet<&str> = cfg
                 .router
                 .routes()
+                .filter(|r| r.broken.is_none())
                 .map(|r| &*r.owner)
                 .chain(cfg.global_rules.iter().map(|g| &*g.owner))
                 .collect();
