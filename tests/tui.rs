@@ -656,3 +656,55 @@ fn routes_screen_shows_upstream_health() {
     assert_line(&s, &[&format!("{dead} 1"), "UNHEALTHY"]);
     assert!(s.contains("3 nodes, 1 unhealthy"), "{s}");
 }
+
+/// Screen 7: each service with its hosts, plugins and upstream, the routes that name it and
+/// their requests added up.
+#[test]
+fn services_screen_counts_its_routes() {
+    let gw = Gateway::start();
+    let up = TestUpstream::start("up");
+    put(
+        &gw,
+        "/apisix/admin/services/s1",
+        json!({"name": "shop", "hosts": ["shop.test"], "upstream": {"nodes": {up.addr(): 1}}}),
+    );
+    put(
+        &gw,
+        "/apisix/admin/upstreams/u9",
+        json!({"nodes": {up.addr(): 1}}),
+    );
+    put(
+        &gw,
+        "/apisix/admin/services/lonely",
+        json!({"upstream_id": "u9"}),
+    );
+    for (id, uri) in [("a", "/a"), ("b", "/b")] {
+        put(
+            &gw,
+            &format!("/apisix/admin/routes/{id}"),
+            json!({"uri": uri, "service_id": "s1"}),
+        );
+    }
+    gw.wait_propagated();
+    for path in ["/a", "/a", "/b"] {
+        let r = http("GET", &gw.url(path), &[("host", "shop.test")], None);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    let c = client(&gw);
+    let mut app = console(&gw);
+    let p = poll_until(&c, "the requests counted", |p| {
+        p.traffic.as_ref().is_ok_and(|t| {
+            t.of("a").and_then(|r| r.requests) == Some(2)
+                && t.of("b").and_then(|r| r.requests) == Some(1)
+        })
+    });
+    app.on_update(Update::Poll(p));
+    press(&mut app, KeyCode::Char('7'));
+    let s = screen(&app, (120, 30));
+    assert!(s.contains("Services (2)"), "{s}");
+    assert_line(
+        &s,
+        &["s1 (shop)", "shop.test", &up.addr(), " 2 ", " 3 ", " 0"],
+    );
+    assert_line(&s, &["lonely", "upstream u9", " 0 "]);
+}

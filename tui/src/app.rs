@@ -12,7 +12,7 @@ use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-/// The six screens, in tab order.
+/// The seven screens, in tab order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Screen {
     Routes,
@@ -21,16 +21,18 @@ pub enum Screen {
     Log,
     Certificates,
     Upstreams,
+    Services,
 }
 
 impl Screen {
-    pub const ALL: [Screen; 6] = [
+    pub const ALL: [Screen; 7] = [
         Screen::Routes,
         Screen::Plugins,
         Screen::Workers,
         Screen::Log,
         Screen::Certificates,
         Screen::Upstreams,
+        Screen::Services,
     ];
 
     pub fn title(self) -> &'static str {
@@ -42,6 +44,7 @@ impl Screen {
             // Short: the tab bar keeps the generation beside it at 80 columns.
             Screen::Certificates => "Certs",
             Screen::Upstreams => "Upstreams",
+            Screen::Services => "Services",
         }
     }
 
@@ -589,6 +592,8 @@ pub struct App {
     /// The upstream objects (the Upstreams screen), and the row selected there.
     pub upstreams: Feed<Vec<Route>>,
     pub upstream_selected: usize,
+    /// The row selected on the Services screen.
+    pub service_selected: usize,
     /// Counts changes of the route and service lists: what is measured over the whole list
     /// is measured again only when it moved.
     pub config_version: u64,
@@ -653,6 +658,7 @@ impl App {
             plugin_configs: Feed::default(),
             upstreams: Feed::default(),
             upstream_selected: 0,
+            service_selected: 0,
             config_version: 0,
             route_widths: Default::default(),
             route_offset: Default::default(),
@@ -1164,7 +1170,7 @@ impl App {
                 self.modal = Some(Modal::Help);
                 return None;
             }
-            KeyCode::Char(c @ '1'..='6') => {
+            KeyCode::Char(c @ '1'..='7') => {
                 self.screen = Screen::ALL[c as usize - '1' as usize];
                 return None;
             }
@@ -1202,6 +1208,13 @@ impl App {
                 if let Some(d) = self.movement(&key) {
                     let n = crate::panes::upstreams::row_count(self);
                     self.upstream_selected = moved(self.upstream_selected, d, n);
+                }
+                None
+            }
+            Screen::Services => {
+                if let Some(d) = self.movement(&key) {
+                    let n = crate::panes::services::row_count(self);
+                    self.service_selected = moved(self.service_selected, d, n);
                 }
                 None
             }
@@ -1358,7 +1371,7 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
     (
         "Everywhere",
         &[
-            ("1-6, Tab, S-Tab", "switch screen"),
+            ("1-7, Tab, S-Tab", "switch screen"),
             ("Up/Down, j/k", "select, scroll"),
             ("PgUp/PgDn", "a page up/down"),
             ("Home/End, g/G", "top/bottom"),
@@ -1749,9 +1762,11 @@ mod tests {
         app.on_key(key(KeyCode::Tab));
         assert_eq!(app.screen, Screen::Upstreams);
         app.on_key(key(KeyCode::Tab));
+        assert_eq!(app.screen, Screen::Services);
+        app.on_key(key(KeyCode::Tab));
         assert_eq!(app.screen, Screen::Routes);
         app.on_key(key(KeyCode::BackTab));
-        assert_eq!(app.screen, Screen::Upstreams);
+        assert_eq!(app.screen, Screen::Services);
         app.on_key(ch('2'));
         assert_eq!(app.screen, Screen::Plugins);
         assert!(!app.quit);

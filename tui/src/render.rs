@@ -27,6 +27,7 @@ pub fn draw(f: &mut Frame, app: &App) {
         Screen::Log => panes::log::draw(f, body, app),
         Screen::Certificates => panes::certs::draw(f, body, app),
         Screen::Upstreams => panes::upstreams::draw(f, body, app),
+        Screen::Services => panes::services::draw(f, body, app),
     }
     status_bar(f, bar, app);
     let shown = modal(f, body, app);
@@ -107,32 +108,53 @@ pub fn too_small(f: &mut Frame, area: Rect) {
 /// that does not fit, the tabs close up and the name goes, so the generation stays in view.
 fn tabs(f: &mut Frame, area: Rect, app: &App) {
     let right = tabs_right(app);
-    let needed = right.first().map_or(0, |r| r.width() + 1);
-    let mut line = tab_line(app, true);
-    if line.width() + needed > area.width as usize {
-        line = tab_line(app, false);
+    let width = area.width as usize;
+    let fits =
+        |line: &Line, r: Option<&Line>| line.width() + r.map_or(0, |r| r.width() + 1) <= width;
+    let mut line = tab_line(app, Tabs::Roomy);
+    if !fits(&line, right.first()) {
+        line = tab_line(app, Tabs::Closed);
     }
-    let room = (area.width as usize).saturating_sub(line.width() + 1);
+    // etcd's absence is seen from every screen: the other tabs give up their names for it
+    // (an 80-column terminal has room for the seven names or for it, not both).
+    if etcd_away(app) && !fits(&line, right.last()) {
+        line = tab_line(app, Tabs::Numbers);
+    }
+    let room = width.saturating_sub(line.width() + 1);
     f.render_widget(line, area);
     if let Some(right) = right.into_iter().find(|r| r.width() <= room) {
         f.render_widget(right.alignment(Alignment::Right), area);
     }
 }
 
-/// The tabs, after the name when `roomy`, or closed up without it.
-fn tab_line(app: &App, roomy: bool) -> Line<'static> {
-    let mut spans = match roomy {
-        true => vec![Span::styled(" wasmgate ", theme::title()), Span::raw("│")],
-        false => Vec::new(),
+/// How much of the tab bar is spelled out.
+#[derive(Clone, Copy, PartialEq)]
+enum Tabs {
+    /// The name, then every tab with its title.
+    Roomy,
+    /// Every tab with its title, closed up.
+    Closed,
+    /// The current tab's title, the others' numbers only.
+    Numbers,
+}
+
+/// The tabs as `form` spells them.
+fn tab_line(app: &App, form: Tabs) -> Line<'static> {
+    let mut spans = match form {
+        Tabs::Roomy => vec![Span::styled(" wasmgate ", theme::title()), Span::raw("│")],
+        _ => Vec::new(),
     };
     for s in Screen::ALL {
-        let label = format!(" {} {} ", s.index() + 1, s.title());
+        let label = match (form, s == app.screen) {
+            (Tabs::Numbers, false) => format!(" {} ", s.index() + 1),
+            _ => format!(" {} {} ", s.index() + 1, s.title()),
+        };
         if s == app.screen {
             spans.push(Span::styled(label, theme::tab_active()));
         } else {
             // Closed up: one space between two tabs, not two.
             let after_tab = spans.last().is_some_and(|l| l.content.ends_with(' '));
-            let label = match !roomy && after_tab {
+            let label = match form != Tabs::Roomy && after_tab {
                 true => label[1..].to_string(),
                 false => label,
             };
@@ -140,6 +162,12 @@ fn tab_line(app: &App, roomy: bool) -> Line<'static> {
         }
     }
     Line::from(spans)
+}
+
+/// Whether the gateway reports etcd out of reach.
+fn etcd_away(app: &App) -> bool {
+    let store = app.status.data.as_ref().and_then(|s| s.store.as_ref());
+    store.is_some_and(|s| s.etcd_away())
 }
 
 /// What is shown right of the tabs, the fullest first: the generation and epoch, and etcd's
@@ -160,7 +188,7 @@ fn tabs_right(app: &App) -> Vec<Line<'static>> {
     );
     // Seen from every screen: the gateway serves its last configuration without etcd. That
     // stays when both do not fit.
-    match status.store.as_ref().is_some_and(|s| s.etcd_away()) {
+    match etcd_away(app) {
         false => vec![Line::from(generation)],
         true => vec![
             Line::from(vec![
@@ -203,7 +231,9 @@ fn hints(app: &App) -> &'static [(&'static str, &'static str)] {
             ],
             Screen::Workers => &[("R", "reload"), ("?", "help"), ("q", "quit")],
             Screen::Log => &[("←→", "scroll"), ("G", "end"), ("?", "help"), ("q", "quit")],
-            Screen::Certificates | Screen::Upstreams => &[("?", "help"), ("q", "quit")],
+            Screen::Certificates | Screen::Upstreams | Screen::Services => {
+                &[("?", "help"), ("q", "quit")]
+            }
         },
     }
 }

@@ -236,6 +236,52 @@ fn upstreams() {
     );
 }
 
+/// Each service with its hosts, plugins and upstream (its health when checked), and the
+/// routes that name it with their traffic added up.
+#[test]
+fn services() {
+    let mut a = app();
+    key(&mut a, KeyCode::Char('7'));
+    assert_eq!(a.screen, Screen::Services);
+    let screen = text(&a, 120, 30);
+    assert!(screen.contains("No services"), "{screen}");
+    a.services.data = Some(
+        parse_routes(&json!({"list": [
+            {"value": {"id": "s1", "name": "shop", "hosts": ["shop.example.com"],
+                       "plugins": {"auth": {"conf": "y"}, "example_headers": {"conf": "{}"}},
+                       "upstream_id": "backend"}},
+            {"value": {"id": "s2", "enable_websocket": true,
+                       "upstream": {"nodes": {"10.0.0.9:8080": 1}}}},
+        ]}))
+        .unwrap(),
+    );
+    // Routes 1 and api take their settings from s1.
+    let routes = a.routes.data.as_mut().unwrap();
+    for r in routes.iter_mut().filter(|r| r.id == "1" || r.id == "api") {
+        r.value["service_id"] = json!("s1");
+    }
+    check("services", &a);
+    let screen = text(&a, 120, 30);
+    assert!(screen.contains("Services (2)"), "{screen}");
+    let row = |id: &str| {
+        (screen.lines())
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("{id}: {screen}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // Two routes, 2480 + 35 requests, 20 + 35 answered 5xx; backend has one node down of two.
+    assert!(
+        row("s1 (shop)")
+            .contains("shop.example.com auth,example_headers upstream backend 1/2 2 2515 55"),
+        "{screen}"
+    );
+    assert!(row("s2").contains("10.0.0.9:8080 - 0 0 0"), "{screen}");
+    key(&mut a, KeyCode::End);
+    assert_eq!(a.service_selected, 1);
+}
+
 /// The soonest to expire first, the days left coloured by how soon; those not served dimmed.
 #[test]
 fn certificates() {

@@ -6,6 +6,7 @@ pub mod editor;
 pub mod log;
 pub mod plugins;
 pub mod routes;
+pub mod services;
 pub mod upstreams;
 pub mod workers;
 
@@ -35,6 +36,17 @@ pub fn draw_list(
 
 /// One row's cells: text and style.
 pub type Cells = Vec<(String, Style)>;
+
+/// An upstream's healthy nodes of all its nodes (`up/all`), when it has health checks: green
+/// when all are up, yellow while some are down, red when none is left; `-` without checks.
+pub fn health_cell(counts: Option<(usize, usize)>) -> (String, Style) {
+    match counts {
+        None => ("-".into(), Style::new()),
+        Some((up, all)) if up == all => (format!("{up}/{all}"), crate::theme::ok()),
+        Some((0, all)) => (format!("0/{all}"), crate::theme::error()),
+        Some((up, all)) => (format!("{up}/{all}"), crate::theme::warn()),
+    }
+}
 
 /// Narrowest a column is squeezed to.
 const MIN_COLUMN: u16 = 4;

@@ -202,12 +202,7 @@ fn healthy(app: &App, r: &Route) -> (String, Style) {
     let service = r.service_id().and_then(|id| app.service(&id));
     let key = r.upstream_key(service);
     let health = app.health.data.as_ref();
-    match key.and_then(|k| health?.of(&k)) {
-        None => ("-".into(), Style::new()),
-        Some((up, all)) if up == all => (format!("{up}/{all}"), theme::ok()),
-        Some((0, all)) => (format!("0/{all}"), theme::error()),
-        Some((up, all)) => (format!("{up}/{all}"), theme::warn()),
-    }
+    super::health_cell(key.and_then(|k| health?.of(&k)))
 }
 
 fn list(v: Vec<String>) -> String {
