@@ -710,6 +710,28 @@ fn request_hop_by_hop_headers_stop_at_the_proxy() {
         assert!(!c.to_ascii_lowercase().contains("x-secret"), "{h}");
     }
     assert_eq!(h["x-keep"], "yes");
+    // Naming a field takes away what the client sent, not what the gateway or a plugin sets
+    // (RFC 9110 §7.6.1): the request id and the plugin's field reach the node.
+    gw.route(
+        "2",
+        json!({"uri": "/p", "plugins": {"rewrite": {"conf": "{\"set\": {\"x-user\": \"alice\"}}"}}}),
+        Some(&up),
+    );
+    let r = send(
+        &gw,
+        "GET",
+        "/p",
+        &[
+            ("Connection", "x-user, x-request-id"),
+            ("X-User", "mallory"),
+            ("X-Request-Id", "mine"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-user"], "alice", "{h}");
+    let id = h["x-request-id"].as_str().unwrap_or_default();
+    assert!(id.len() == 36 && id != "mine", "{h}");
     let server = r.header("server").unwrap_or_default();
     assert!(server.starts_with("wasmgate/"), "server: {server:?}");
     // The upstream's own headers come back.
@@ -742,6 +764,22 @@ fn response_hop_by_hop_headers_stop_at_the_proxy() {
     assert_eq!(r.header("x-public"), Some("1"));
     assert_eq!(r.header("x-internal"), None, "{:?}", r.headers);
     assert_eq!(r.header("keep-alive"), None, "{:?}", r.headers);
+
+    // A field the node names is the node's: one a plugin sets in the response phase under
+    // that name reaches the client.
+    let up = RawUpstream::start(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x-frame-options\r\n\
+          X-Frame-Options: ALLOW\r\n\r\nok",
+    );
+    put(
+        &gw,
+        "routes/set",
+        json!({"uri": "/set", "upstream": nodes(&[(up.addr(), 1)]),
+               "plugins": {"rewrite": {"conf": "{\"response_set\": {\"x-frame-options\": \"DENY\"}}"}}}),
+    );
+    let r = send(&gw, "GET", "/set", &[]);
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    assert_eq!(r.header("x-frame-options"), Some("DENY"), "{:?}", r.headers);
 }
 
 /// X-Forwarded-For appends the client to what came in (several header lines being one

@@ -246,6 +246,7 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, mut client: Client
     let mut log = Box::new(LogInfo::new(&parts, &client, &w.access_log));
     // The head as the client sent it: before the request id the gateway may add.
     log.head_bytes = head_size(&parts) as u64;
+    strip_nominated(&mut parts.headers);
     log.request_id = request_id(&mut parts.headers);
     log.abandoned = Some(w.clone());
     if log.head_bytes as usize > w.max_header_size {
@@ -820,8 +821,8 @@ async fn forward(
     log: &mut UpstreamLog,
 ) -> Response<ProxyBody> {
     let hash_key = hash_key(up, parts, client);
-    // Read before the hop-by-hop headers go: a `Connection: host` must not take the Host the
-    // request was routed by away from the upstream.
+    // The Host the request was routed by (a `Connection: host` does not take it away:
+    // `strip_nominated` leaves it).
     let client_host = parts.headers.get(header::HOST).cloned();
     let no_body = body.is_end_stream();
     let upgrade = match websocket && no_body {
@@ -941,7 +942,8 @@ async fn forward(
             (log.host, log.uri) = (host.clone(), Some(parts.uri.clone()));
         }
         match send(w, conn, request, (b, no_body), &authority, up).await {
-            Exchange::Response(resp) => {
+            Exchange::Response(mut resp) => {
+                strip_nominated(resp.headers_mut());
                 log.status = Some(resp.status().as_u16());
                 up.observe(idx, Attempt::Answered(resp.status().as_u16()));
                 // `started` is the pool's and the timers' `Instant`; the answer's reading is
@@ -1300,12 +1302,14 @@ const NOT_LISTED: [&str; 9] = [
     "proxy-authenticate",
 ];
 
-/// Removes the hop-by-hop headers and those the `Connection` header names.
+/// Removes the hop-by-hop headers (the fixed list: `Connection` itself, `Keep-Alive`, `TE`,
+/// `Transfer-Encoding`, `Upgrade`…). Those the `Connection` header names went earlier, as the
+/// message came ([`strip_nominated`]).
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry at most `Connection: keep-alive` or `close`: one pass over the
-    // names finds what to remove, without parsing a name or allocating. Room for every name
-    // `is_hop_by_hop` takes (a map's names are distinct): one more name there needs one more
-    // slot here, or the last one found would cross (the unit test below sends them all).
+    // One pass over the names finds what to remove, without parsing a name or allocating.
+    // Room for every name `is_hop_by_hop` takes (a map's names are distinct): one more name
+    // there needs one more slot here, or the last one found would cross (the unit test below
+    // sends them all).
     let mut found: [Option<HeaderName>; 9] = Default::default();
     let mut n = 0;
     for k in h.keys().filter(|k| is_hop_by_hop(k)) {
@@ -1314,31 +1318,41 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
             n += 1;
         }
     }
-    if n == 0 {
-        return;
-    }
-    let listed: Vec<HeaderName> = match connection_is_plain(h) {
-        true => Vec::new(),
-        false => h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.is_empty() && !NOT_LISTED.iter().any(|f| t.eq_ignore_ascii_case(f)))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect(),
-    };
-    for name in found.iter().flatten().chain(&listed) {
+    for name in found.iter().flatten() {
         h.remove(name);
     }
 }
 
-/// `Connection: keep-alive` or `close` alone (nearly every message): it names nothing more to
-/// remove, and the list need not be split.
+/// Removes the fields the `Connection` header names (RFC 9110 §7.6.1) from a message as it was
+/// received — a client's request before the gateway adds its request id and before plugins
+/// run, a node's answer before the response phase — so that naming a field takes away only
+/// what the sender sent: not a field a plugin sets (an identity an auth plugin adds, a CORS
+/// or HSTS header) nor the gateway's own. Left for later: the fixed hop-by-hop names
+/// ([`strip_hop_by_hop`]; `Connection` and `Upgrade` tell a WebSocket request first) and
+/// `Host` (the upstream's `Host` is the gateway's to write).
+fn strip_nominated(h: &mut HeaderMap) {
+    if connection_is_plain(h) {
+        return;
+    }
+    let listed: SmallVec<[HeaderName; 4]> = (h.get_all(header::CONNECTION).iter())
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !NOT_LISTED.iter().any(|f| t.eq_ignore_ascii_case(f)))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .filter(|n| *n != header::HOST && !is_hop_by_hop(n))
+        .collect();
+    for name in &listed {
+        h.remove(name);
+    }
+}
+
+/// No `Connection` header, or `keep-alive` or `close` alone (nearly every message): it names
+/// nothing to remove, and the list need not be split.
 fn connection_is_plain(h: &HeaderMap) -> bool {
     let mut values = h.get_all(header::CONNECTION).iter();
     match (values.next(), values.next()) {
+        (None, _) => true,
         (Some(v), None) => NOT_LISTED[..2]
             .iter()
             .any(|f| v.as_bytes().eq_ignore_ascii_case(f.as_bytes())),
@@ -2221,14 +2235,21 @@ mod tests {
     #[test]
     fn headers_named_by_connection_are_stripped() {
         let mut h = headers(&[
-            ("connection", "close, X-Private , keep-alive"),
+            ("connection", "close, X-Private , keep-alive, host, upgrade"),
             ("connection", "x-other"),
             ("x-private", "secret"),
             ("x-other", "1"),
             ("x-kept", "1"),
+            ("host", "a"),
+            ("upgrade", "websocket"),
         ]);
+        strip_nominated(&mut h);
+        // `Host` is the gateway's to write; `Connection` and `Upgrade` go with the fixed list.
+        assert_eq!(names(&h), ["connection", "host", "upgrade", "x-kept"]);
+        // What is added after (a plugin's field, the request id) stays, named or not.
+        h.insert(HeaderName::from_static("x-private"), "set".parse().unwrap());
         strip_hop_by_hop(&mut h);
-        assert_eq!(names(&h), ["x-kept"]);
+        assert_eq!(names(&h), ["host", "x-kept", "x-private"]);
     }
 
     #[test]
