@@ -168,9 +168,20 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
     })
     .map_err(Refusal::Bad)?;
     check_host(version, hosts, hosts_valid)?;
+    if method == Method::CONNECT {
+        // A proxy's tunnel, which the gateway does not make: forwarded, a node's 2xx would
+        // turn the connection into a tunnel the gateway frames as a plain answer.
+        return Err(Refusal::Unsupported("CONNECT"));
+    }
     if uri.scheme().is_none() && uri.authority().is_some() {
         // Authority form (`GET host:80`): CONNECT's, which the gateway does not tunnel.
         return Err(Refusal::Bad("an authority-form request target"));
+    }
+    if uri.path() == "*" && method != Method::OPTIONS {
+        // Asterisk form is OPTIONS's alone (RFC 9112 §3.2.4).
+        return Err(Refusal::Bad(
+            "an asterisk-form request target other than OPTIONS",
+        ));
     }
     if let Some(authority) = uri.authority() {
         // Absolute form (RFC 9112 §3.2.2): the target names the host, and the `Host` field
@@ -638,9 +649,28 @@ mod tests {
                 "GET h.example:80 HTTP/1.1\r\nHost: h\r\n\r\n",
                 "an authority-form request target",
             ),
+            (
+                "GET * HTTP/1.1\r\nHost: h\r\n\r\n",
+                "an asterisk-form request target other than OPTIONS",
+            ),
         ] {
             assert_eq!(parse(head).err(), Some(Refusal::Bad(why)), "{head:?}");
         }
+        // CONNECT is not served, whatever its target: a 501 as for an unknown method.
+        for head in [
+            "CONNECT h.example:443 HTTP/1.1\r\nHost: h.example:443\r\n\r\n",
+            "CONNECT /x HTTP/1.1\r\nHost: h\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(head).err(),
+                Some(Refusal::Unsupported("CONNECT")),
+                "{head:?}"
+            );
+        }
+        let h = parse("OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.uri.path(), "*");
         let h = parse("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(h.headers.get("host").is_none());
         let h = parse("GET http://Target.example:81/p?q HTTP/1.1\r\nHost: other\r\n\r\n")
