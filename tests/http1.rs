@@ -195,6 +195,26 @@ fn a_broken_chunked_body_gets_400() {
         "POST /e/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n",
     );
     assert_eq!(resp.status, 400, "{}", resp.text());
+    // So is one whose framing outweighs its data: 4 KB chunk extensions on one-byte chunks
+    // (without a bound, gigabytes through the body limit, a write upstream per byte).
+    let chunk = format!("1;{}\r\nA\r\n", "e".repeat(4000));
+    let resp = ask(
+        &gw,
+        &format!(
+            "POST /e/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{}0\r\n\r\n",
+            chunk.repeat(10)
+        ),
+    );
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    // One-byte chunks without extensions are a body like any other.
+    let resp = ask(
+        &gw,
+        &format!(
+            "POST /e/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{}0\r\n\r\n",
+            "1\r\nA\r\n".repeat(5000)
+        ),
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
 }
 
 #[test]

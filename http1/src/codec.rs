@@ -21,19 +21,30 @@ const MAX_TRAILER_BYTES: usize = 64 * 1024;
 pub const COALESCE: usize = 8 * 1024;
 
 /// How a message body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
     /// Nothing (more) to read.
     Empty,
     /// So many bytes left.
     Length(u64),
-    Chunked(Chunk),
+    Chunked(Chunked),
     /// Until the peer closes the connection (answers only).
     Close,
 }
 
+/// A chunked body's reader: where it stands, and what it has seen of the framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunked {
+    at: Chunk,
+    /// Framing bytes beyond what the chunks' data warrants (see [`MAX_EXCESS`]).
+    excess: u32,
+    /// Bytes of the size line or trailer section at the buffer's front already looked at
+    /// without finding its end: the next read is searched from there, not from the start.
+    scanned: u32,
+}
+
 /// Where a chunked body's reader stands.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Chunk {
     /// Before a size line.
     Size,
@@ -57,6 +68,13 @@ pub enum Decoded {
 }
 
 impl Framing {
+    /// A chunked body, before its first size line.
+    pub const CHUNKED: Framing = Framing::Chunked(Chunked {
+        at: Chunk::Size,
+        excess: 0,
+        scanned: 0,
+    });
+
     /// How much the next read should ask for.
     pub fn wants(&self) -> usize {
         match self {
@@ -71,7 +89,7 @@ impl Framing {
 /// taken out of the way; its data comes as it arrives, not a whole chunk at a time.
 pub fn decode(buf: &mut BytesMut, framing: &mut Framing) -> Result<Decoded, &'static str> {
     loop {
-        let state = match *framing {
+        let mut c = match *framing {
             Framing::Empty => return Ok(Decoded::End),
             Framing::Close if buf.is_empty() => return Ok(Decoded::More),
             Framing::Close => return Ok(Decoded::Data(buf.split().freeze())),
@@ -84,26 +102,36 @@ pub fn decode(buf: &mut BytesMut, framing: &mut Framing) -> Result<Decoded, &'st
                 };
                 return Ok(Decoded::Data(data));
             }
-            Framing::Chunked(state) => state,
+            Framing::Chunked(c) => c,
         };
-        let next = match state {
+        c.at = match c.at {
+            Chunk::Size if !ended(buf, &mut c.scanned, &[b"\n"], MAX_SIZE_LINE + 2) => {
+                *framing = Framing::Chunked(c);
+                return Ok(Decoded::More);
+            }
             Chunk::Size => match parse_chunk_size(buf)? {
                 Some((used, size)) => {
                     buf.advance(used);
+                    c.scanned = 0;
+                    c.excess = excess(c.excess, used, size)?;
                     match size {
                         0 => Chunk::Trailers,
                         n => Chunk::Data(n),
                     }
                 }
-                None => return Ok(Decoded::More),
+                None => {
+                    *framing = Framing::Chunked(c);
+                    return Ok(Decoded::More);
+                }
             },
             Chunk::Data(_) if buf.is_empty() => return Ok(Decoded::More),
             Chunk::Data(left) => {
                 let data = take(buf, left);
-                *framing = Framing::Chunked(match left - data.len() as u64 {
+                c.at = match left - data.len() as u64 {
                     0 => Chunk::DataEnd,
                     n => Chunk::Data(n),
-                });
+                };
+                *framing = Framing::Chunked(c);
                 return Ok(Decoded::Data(data));
             }
             Chunk::DataEnd if buf.len() < 2 => return Ok(Decoded::More),
@@ -112,9 +140,26 @@ pub fn decode(buf: &mut BytesMut, framing: &mut Framing) -> Result<Decoded, &'st
                 Chunk::Size
             }
             Chunk::DataEnd => return Err("chunk data not followed by CRLF"),
+            // No trailers (CRLF at once), or a section whose empty line has come.
+            Chunk::Trailers
+                if !buf.starts_with(b"\r\n")
+                    && !ended(
+                        buf,
+                        &mut c.scanned,
+                        &[b"\n\r\n", b"\n\n"],
+                        MAX_TRAILER_BYTES,
+                    ) =>
+            {
+                *framing = Framing::Chunked(c);
+                return Ok(Decoded::More);
+            }
             Chunk::Trailers => {
                 return match parse_trailers(buf)? {
-                    None => Ok(Decoded::More),
+                    None => {
+                        c.scanned = buf.len() as u32;
+                        *framing = Framing::Chunked(c);
+                        Ok(Decoded::More)
+                    }
                     Some(trailers) => {
                         *framing = Framing::Empty;
                         Ok(trailers.map_or(Decoded::End, Decoded::Trailers))
@@ -122,7 +167,41 @@ pub fn decode(buf: &mut BytesMut, framing: &mut Framing) -> Result<Decoded, &'st
                 }
             }
         };
-        *framing = Framing::Chunked(next);
+        *framing = Framing::Chunked(c);
+    }
+}
+
+/// Whether one of `ends` may be in `buf` — searched from where the last look stopped
+/// (`scanned`, moved on), so that a line or a section arriving a byte at a time is searched
+/// once, not once per byte; or whether `buf` holds `max` bytes, enough for the parser to
+/// refuse.
+fn ended(buf: &[u8], scanned: &mut u32, ends: &[&[u8]], max: usize) -> bool {
+    let longest = ends.iter().map(|e| e.len()).max().unwrap_or(1);
+    let from = (*scanned as usize)
+        .saturating_sub(longest - 1)
+        .min(buf.len());
+    let rest = &buf[from..];
+    let found = buf.len() >= max || (ends.iter()).any(|e| rest.windows(e.len()).any(|w| w == *e));
+    if !found {
+        *scanned = buf.len() as u32;
+    }
+    found
+}
+
+/// Framing a chunked body may carry beyond what its data warrants, as Go's reader allows
+/// (CVE-2023-39326): each chunk brings up to 16 bytes of framing plus twice its size at no
+/// cost; past that, 16 KiB in all. Without a bound, a client sends 4 KiB size lines with one
+/// byte of data each — gigabytes through a body limit of a megabyte, each byte a write
+/// upstream and a plugin callback.
+const MAX_EXCESS: u64 = 16 * 1024;
+
+/// The excess after a chunk whose size line took `line` bytes (its data's CRLF counted too).
+fn excess(before: u32, line: usize, size: u64) -> Result<u32, &'static str> {
+    let allowance = size.saturating_mul(2).saturating_add(16);
+    let excess = (before as u64 + line as u64 + 2).saturating_sub(allowance);
+    match excess > MAX_EXCESS {
+        true => Err("chunk framing out of proportion to its data"),
+        false => Ok(excess as u32),
     }
 }
 
@@ -623,7 +702,7 @@ mod tests {
         let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 9\r\n\r\nNEXT";
         for step in [1, 3, wire.len()] {
             let mut buf = BytesMut::new();
-            let mut framing = Framing::Chunked(Chunk::Size);
+            let mut framing = Framing::CHUNKED;
             let (mut data, mut trailers, mut fed) = (Vec::new(), None, 0);
             loop {
                 match decode(&mut buf, &mut framing).unwrap() {
@@ -654,7 +733,7 @@ mod tests {
             b"2\r\nab\r\n0\r\nX: a\r\n\n",
         ] {
             let mut buf = BytesMut::from(bad);
-            let mut framing = Framing::Chunked(Chunk::Size);
+            let mut framing = Framing::CHUNKED;
             let r = std::iter::from_fn(|| Some(decode(&mut buf, &mut framing)))
                 .find(|r| !matches!(r, Ok(Decoded::Data(_))))
                 .unwrap();
@@ -664,5 +743,35 @@ mod tests {
         let mut framing = Framing::Length(4);
         assert!(matches!(decode(&mut buf, &mut framing), Ok(Decoded::Data(d)) if d == "abcd"));
         assert_eq!((framing, &buf[..]), (Framing::Empty, &b"ef"[..]));
+    }
+
+    /// Framing out of proportion to its data is refused, as Go bounds it: a long extension,
+    /// or a size padded with zeros, on one-byte chunks; one-byte chunks without them are taken
+    /// however many come, and so are a few long extensions.
+    #[test]
+    fn chunk_framing_is_bounded_by_its_data() {
+        let decode_all = |wire: Vec<u8>| -> Result<usize, &'static str> {
+            let mut buf = BytesMut::from(&wire[..]);
+            let mut framing = Framing::CHUNKED;
+            let mut data = 0;
+            loop {
+                match decode(&mut buf, &mut framing)? {
+                    Decoded::Data(d) => data += d.len(),
+                    Decoded::End | Decoded::Trailers(_) => return Ok(data),
+                    Decoded::More => return Err("incomplete"),
+                }
+            }
+        };
+        let repeated = |chunk: &str, n: usize| [chunk.repeat(n).as_bytes(), b"0\r\n\r\n"].concat();
+        assert_eq!(decode_all(repeated("1\r\nA\r\n", 100_000)), Ok(100_000));
+        let long = format!("1;{}\r\nA\r\n", "e".repeat(4000));
+        assert_eq!(decode_all(repeated(&long, 3)), Ok(3));
+        let padded = format!("{}1\r\nA\r\n", "0".repeat(4000));
+        for chunk in [long, padded] {
+            assert_eq!(
+                decode_all(repeated(&chunk, 10)),
+                Err("chunk framing out of proportion to its data")
+            );
+        }
     }
 }

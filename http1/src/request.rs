@@ -1,7 +1,7 @@
 //! Request heads as clients send them: parsed off the front of a connection's buffer, with
 //! what the server needs to know to read the body and to answer.
 
-use crate::codec::{field_spans, read_fields, Chunk, Framing, CLIENT_NAMES, MAX_HEADERS};
+use crate::codec::{field_spans, read_fields, Framing, CLIENT_NAMES, MAX_HEADERS};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, Uri, Version};
@@ -212,7 +212,7 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
         }
         // Chunked alone: any other coding would reach the upstream undeclared, since
         // Transfer-Encoding stops at this hop.
-        (Some(_), None) if !delimiters.other_coding => Framing::Chunked(Chunk::Size),
+        (Some(_), None) if !delimiters.other_coding => Framing::CHUNKED,
         (Some(_), None) => {
             return Err(Refusal::Unsupported("a transfer coding other than chunked"))
         }
@@ -535,7 +535,7 @@ mod tests {
 
         let h = parse("PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\nExpect: 100-continue\r\n\r\n");
         let h = h.unwrap().unwrap();
-        assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
+        assert_eq!(h.framing, Framing::CHUNKED);
         assert!(!h.meta.keep_alive && h.expect_continue);
 
         let h = parse("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();

@@ -31,8 +31,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use wasmgate_http1::codec::{
-    self, send_body, BodyOut, Chunk, Decoded, Delimiters, Framing, SendError, SetFields,
-    MAX_HEADERS,
+    self, send_body, BodyOut, Decoded, Delimiters, Framing, SendError, SetFields, MAX_HEADERS,
 };
 
 /// Largest response head (or trailer section) taken from an upstream.
@@ -451,7 +450,7 @@ fn response_framing(d: &Delimiters, status: StatusCode, head_request: bool) -> F
         return Framing::Empty;
     }
     match (d.chunked, d.length) {
-        (Some(true), _) => Framing::Chunked(Chunk::Size),
+        (Some(true), _) => Framing::CHUNKED,
         (Some(false), _) | (None, None) => Framing::Close,
         (None, Some(0)) => Framing::Empty,
         (None, Some(n)) => Framing::Length(n),
@@ -641,18 +640,12 @@ mod tests {
         }
         let h = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked \r\n\r\n");
         let h = h.unwrap().unwrap();
-        assert_eq!(
-            (h.framing, h.keep_alive),
-            (Framing::Chunked(Chunk::Size), true)
-        );
+        assert_eq!((h.framing, h.keep_alive), (Framing::CHUNKED, true));
 
         // Both lengths: Transfer-Encoding wins, and the connection is not trusted again.
         let h = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
         let h = parse(h).unwrap().unwrap();
-        assert_eq!(
-            (h.framing, h.keep_alive),
-            (Framing::Chunked(Chunk::Size), false)
-        );
+        assert_eq!((h.framing, h.keep_alive), (Framing::CHUNKED, false));
 
         let h = "HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 1\r\n\r\n";
         let h = parse(h).unwrap().unwrap();
