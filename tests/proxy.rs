@@ -1687,6 +1687,23 @@ fn websocket_routes_tunnel_after_the_handshake() {
     assert!(rest.is_empty(), "{rest:?}");
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(8), "closed after {waited:?}");
+
+    // A node that switches to another protocol than the one asked for, or does not say
+    // which, opens no tunnel: 502.
+    for answer in [
+        &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n"[..],
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n",
+    ] {
+        let odd = RawUpstream::start(answer);
+        put(
+            &gw,
+            "routes/odd",
+            json!({"uri": "/odd", "enable_websocket": true,
+                   "upstream": nodes(&[(odd.addr(), 1)])}),
+        );
+        let (_, head) = handshake(&gw, "/odd");
+        assert!(head.starts_with("http/1.1 502 "), "{head}");
+    }
 }
 
 /// Global rules run for a request no route matched, as APISIX runs them before its 404: an

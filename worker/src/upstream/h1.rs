@@ -326,7 +326,15 @@ async fn read_head<R: AsyncRead + Unpin>(
             match head.status.is_informational() {
                 // 100 Continue and the like: the real answer follows.
                 true if head.status != StatusCode::SWITCHING_PROTOCOLS => continue,
-                true if out.upgrade => return Ok(head),
+                // To the protocol asked for (the gateway asks for WebSocket only): a 101 must
+                // say what it switches to (RFC 9110 §7.8), and an h2c or unnamed one would
+                // open a tunnel the client did not ask for.
+                true if out.upgrade && upgrades_to_websocket(&head.headers) => return Ok(head),
+                true if out.upgrade => {
+                    return Err(ExchangeError::Invalid(
+                        "101 answer without Upgrade: websocket",
+                    ))
+                }
                 true => return Err(ExchangeError::Invalid("101 answer to a non-upgrade")),
                 false => return Ok(head),
             }
@@ -352,6 +360,14 @@ async fn read_head<R: AsyncRead + Unpin>(
         }
         received = true;
     }
+}
+
+/// Whether an answer's `Upgrade` names WebSocket, the one protocol the gateway asks a node
+/// to switch to.
+fn upgrades_to_websocket(headers: &HeaderMap) -> bool {
+    (headers.get_all(http::header::UPGRADE).iter())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"websocket"))
 }
 
 /// Parses a response head at the start of `rbuf`; `None` while incomplete.
