@@ -314,6 +314,25 @@ fn plugins_cannot_break_the_answers_framing() {
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json()["headers"]["content-length"], "0", "{}", r.text());
     }
+    // A length that is not a number is not sent beside the body's own framing (two lengths,
+    // or a length and chunks, which a node reads one way and a proxy in front of it another).
+    gw.route(
+        "badlen",
+        json!({"uri": "/badlen", "plugins": {"rewrite": {"conf": {"set": {"content-length": "0x5"}}}}}),
+        Some(&up),
+    );
+    let r = http("POST", &gw.url("/badlen"), &[], Some(b"hello"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(
+        (
+            j["headers"]["content-length"].as_str(),
+            j["body_len"].as_u64()
+        ),
+        (Some("5"), Some(5)),
+        "{j}"
+    );
+    assert!(j["headers"].get("transfer-encoding").is_none(), "{j}");
 }
 
 /// `callback_timeout: off` runs a plugin without a time limit, compiled without the checks a

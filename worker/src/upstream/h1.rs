@@ -188,19 +188,25 @@ impl Wire {
         w.extend_from_slice(b" HTTP/1.1\r\n");
         let mut length = None;
         let empty = body.is_end_stream();
+        let mut declared = None;
         codec::put_fields_setting(w, headers, set, |name, value| {
             if *name == header::CONTENT_LENGTH {
                 // One line, however many equal ones the client sent (unequal ones it was
-                // refused for); none for a request without a body (below).
+                // refused for); none for a request without a body (below). A length that is
+                // not a number (a plugin's `0x5`) is not written: the body's own framing is,
+                // rather than two the node could read differently.
                 let first = length.is_none();
                 length = length.or(Some(value));
-                return first && !empty;
+                if first {
+                    let digits = value.as_bytes().trim_ascii();
+                    declared = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+                        .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
+                        .flatten();
+                }
+                return first && !empty && declared.is_some();
             }
             true
         });
-        let declared = length
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
         let out = match (empty, declared, body.size_hint().exact()) {
             // No body goes: a length the request carried (a plugin may have set one) is
             // written as 0, as nginx writes the length of the body it sends. Another number
