@@ -12,6 +12,9 @@ use std::mem::MaybeUninit;
 pub enum Refusal {
     /// 431: over `client_max_header_size` or [`MAX_HEADERS`].
     TooLarge,
+    /// 414: the request line alone is over `client_max_header_size` (nginx's answer when its
+    /// line does not fit the large header buffers).
+    UriTooLong,
     /// 400, and why.
     Bad(&'static str),
     /// 501: a transfer coding other than chunked (nginx's answer too).
@@ -22,6 +25,7 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
             Refusal::Bad(_) => StatusCode::BAD_REQUEST,
             Refusal::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
         }
@@ -111,6 +115,15 @@ fn parse_escaped(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusa
     Ok(head)
 }
 
+/// A head over `max` bytes: 414 when its request line alone is, else 431.
+fn too_large(rbuf: &[u8], max: usize) -> Refusal {
+    let line = rbuf.iter().position(|&b| b == b'\n').unwrap_or(rbuf.len());
+    match line >= max {
+        true => Refusal::UriTooLong,
+        false => Refusal::TooLarge,
+    }
+}
+
 /// Parses a request head at the start of `rbuf` (its room: `max` bytes); `None` while
 /// incomplete. The head is taken off the buffer only once whole.
 pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusal> {
@@ -119,9 +132,9 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
     let len = match httparse::ParserConfig::default()
         .parse_request_with_uninit_headers(&mut req, rbuf, &mut slots)
     {
-        Ok(httparse::Status::Complete(len)) if len > max => return Err(Refusal::TooLarge),
+        Ok(httparse::Status::Complete(len)) if len > max => return Err(too_large(rbuf, max)),
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if rbuf.len() >= max => return Err(Refusal::TooLarge),
+        Ok(httparse::Status::Partial) if rbuf.len() >= max => return Err(too_large(rbuf, max)),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooLarge),
         Err(_) => return parse_escaped(rbuf, max),
@@ -608,6 +621,13 @@ mod tests {
             Refusal::TooLarge
         );
         let long = "v".repeat(8192);
+        // A request line over the limit is a 414, whole or still coming.
+        for head in [
+            format!("GET /{long} HTTP/1.1\r\nHost: x\r\n\r\n"),
+            format!("GET /{long}"),
+        ] {
+            assert_eq!(refused(&head), Refusal::UriTooLong);
+        }
         assert_eq!(
             refused(&format!("GET / HTTP/1.1\r\nHost: x\r\nx: {long}")),
             Refusal::TooLarge
