@@ -94,8 +94,13 @@ fn lenient_target(raw: &[u8]) -> Option<Uri> {
 /// the parser's error path; a line all ASCII is refused as it was.
 fn parse_escaped(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusal> {
     let malformed = Refusal::Bad("malformed request head");
-    let end = rbuf.iter().position(|&b| b == b'\n').unwrap_or(rbuf.len());
-    if rbuf[..end].is_ascii() || end == rbuf.len() {
+    // The request line, past the empty lines a client may send before it (RFC 9112 §2.2).
+    let start = rbuf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let end = (rbuf[start..].iter().position(|&b| b == b'\n')).map_or(rbuf.len(), |i| start + i);
+    if rbuf[start..end].is_ascii() || end == rbuf.len() {
         return Err(malformed);
     }
     let mut escaped = BytesMut::with_capacity(rbuf.len() + 32);
@@ -469,6 +474,9 @@ mod tests {
             Some("/caf%E9?q=%FF")
         );
         assert_eq!(&buf[..], b"next");
+        // After an empty line, as before any request line.
+        let mut buf = BytesMut::from(&b"\r\nGET /caf\xe9 HTTP/1.1\r\nHost: a\r\n\r\n"[..]);
+        assert_eq!(uri(parse_head(&mut buf, 8192)).as_deref(), Some("/caf%E9"));
         assert_eq!(
             head("/caf\u{e9}").ok().flatten().as_deref(),
             Some("/caf\u{e9}")
