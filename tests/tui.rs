@@ -422,7 +422,11 @@ fn workers_screen_and_reload() {
         for w in status["workers"].as_array().unwrap() {
             assert_line(&s, &[&w["pid"].to_string(), "running"]);
         }
-        assert_line(&s, &["gen ", "epoch 0"]);
+        // The tab line shows the generation where it has room (not at 80 columns, where
+        // the seven tabs fill it; the Master box above shows it there).
+        if size == LARGE {
+            assert_line(&s, &["gen ", "epoch 0"]);
+        }
     }
 
     // Reload through the transport thread, as the console does.
