@@ -82,15 +82,16 @@ impl Route {
     /// The key its upstream's health is kept under (`/apisix/upstreams/1`, its own
     /// `/apisix/routes/ID`, or its service's), given its service.
     pub fn upstream_key(&self, service: Option<&Route>) -> Option<String> {
-        let own = |r: &Route, kind: &str| {
-            if let Some(id) = r.value.get("upstream_id") {
-                return Some(format!("/apisix/upstreams/{}", scalar(id)));
-            }
-            r.value
-                .get("upstream")
-                .map(|_| format!("/apisix/{kind}/{}", r.id))
-        };
-        own(self, "routes").or_else(|| own(service?, "services"))
+        (self.own_upstream_key("routes")).or_else(|| service?.own_upstream_key("services"))
+    }
+
+    /// The key of the upstream this object (a route, or a service: `kind`) names itself: its
+    /// `upstream_id`'s, or its own for one written inside it.
+    pub fn own_upstream_key(&self, kind: &str) -> Option<String> {
+        if let Some(id) = self.id_field("upstream_id") {
+            return Some(format!("/apisix/upstreams/{id}"));
+        }
+        (self.value.get("upstream")).map(|_| format!("/apisix/{kind}/{}", self.id))
     }
 
     /// `plugin_config_id`: the plugin config whose plugins the route takes.

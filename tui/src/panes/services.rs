@@ -3,7 +3,7 @@
 
 use super::Cells;
 use crate::app::App;
-use crate::model::{scalar, Route};
+use crate::model::Route;
 use crate::render::{block, feed_problem};
 use crate::theme;
 use ratatui::layout::Rect;
@@ -120,10 +120,6 @@ fn cells(app: &App, s: &Route, users: &Users) -> Cells {
 
 /// Healthy nodes of all the nodes of the service's upstream, when it has health checks.
 fn healthy(app: &App, s: &Route) -> (String, Style) {
-    let key = match s.value.get("upstream_id").filter(|v| !v.is_null()) {
-        Some(id) => Some(format!("/apisix/upstreams/{}", scalar(id))),
-        None => (s.value.get("upstream")).map(|_| format!("/apisix/services/{}", s.id)),
-    };
     let health = app.health.data.as_ref();
-    super::health_cell(key.and_then(|k| health?.of(&k)))
+    super::health_cell(s.own_upstream_key("services").and_then(|k| health?.of(&k)))
 }
