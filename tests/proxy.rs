@@ -710,6 +710,20 @@ fn request_hop_by_hop_headers_stop_at_the_proxy() {
         assert!(!c.to_ascii_lowercase().contains("x-secret"), "{h}");
     }
     assert_eq!(h["x-keep"], "yes");
+    // Naming the body's length takes nothing away: the body goes on, framed as it came.
+    let r = http(
+        "POST",
+        &gw.url("/e"),
+        &[("Connection", "content-length, host")],
+        Some(b"hello"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = &r.json()["headers"];
+    assert_eq!(
+        (h["content-length"].as_str(), r.json()["body_len"].as_u64()),
+        (Some("5"), Some(5)),
+        "{h}"
+    );
     // Naming a field takes away what the client sent, not what the gateway or a plugin sets
     // (RFC 9110 §7.6.1): the request id and the plugin's field reach the node.
     gw.route(

@@ -5,7 +5,8 @@
 //! The first byte picks the head size limit. Besides "no panic":
 //! - a head is taken off the buffer only whole: every shorter prefix of it parses as
 //!   incomplete (or too large, past the limit), never as another head;
-//! - an accepted head was at most the limit, has one way to delimit its body (never both
+//! - an accepted head was at most the limit, says its size as received, keeps no field its
+//!   `Connection` header names, has one way to delimit its body (never both
 //!   `Content-Length` and `Transfer-Encoding`), and its `Content-Length` says what the framing
 //!   says;
 //! - a body's data is never more than its `Content-Length`; the buffer only shrinks;
@@ -18,7 +19,7 @@
 use bytes::BytesMut;
 use http::header;
 use libfuzzer_sys::fuzz_target;
-use wasmgate_http1::codec::{decode, Decoded, Framing};
+use wasmgate_http1::codec::{decode, kept_when_named, Decoded, Framing};
 use wasmgate_http1::request::{normalized_path, parse_head, Refusal};
 
 fuzz_target!(|data: &[u8]| {
@@ -50,6 +51,19 @@ fuzz_target!(|data: &[u8]| {
             match parse_head(&mut prefix, max) {
                 Ok(Some(_)) => panic!("a prefix of {cut} of {used} bytes parsed as a head"),
                 Ok(None) | Err(_) => {}
+            }
+        }
+        assert_eq!(head.size, used, "the head's size is its bytes as received");
+        // No field its `Connection` header names is left, but those the proxy keeps or
+        // handles itself (`close` is an option, not a field's name).
+        for v in head.headers.get_all(header::CONNECTION) {
+            for t in v.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if let Ok(n) = header::HeaderName::from_bytes(t) {
+                    assert!(
+                        n == "close" || kept_when_named(&n) || !head.headers.contains_key(&n),
+                        "{n} named by Connection and kept"
+                    );
+                }
             }
         }
         let hosts = head.headers.get_all(header::HOST).iter().count();

@@ -351,6 +351,10 @@ pub struct Delimiters {
     pub close: bool,
     /// `Connection: keep-alive` (what an HTTP/1.0 peer asks to keep its connection).
     pub keep_alive: bool,
+    /// `Connection` lists a field to remove ([`strip_nominated`]): an option other than
+    /// `close`, `keep-alive` or a name that goes anyway. Nearly no message does, and those
+    /// that do not need no lookup in their map.
+    pub nominates: bool,
 }
 
 impl Delimiters {
@@ -377,12 +381,84 @@ impl Delimiters {
             self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if *name == header::CONNECTION {
             for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                self.close |= token.eq_ignore_ascii_case(b"close");
-                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                let close = token.eq_ignore_ascii_case(b"close");
+                let keep_alive = !close && token.eq_ignore_ascii_case(b"keep-alive");
+                self.close |= close;
+                self.keep_alive |= keep_alive;
+                // The usual options compared once: the rest of the list only for others.
+                let usual = close || keep_alive || token.is_empty();
+                self.nominates |= !usual
+                    && !NOT_LISTED[2..]
+                        .iter()
+                        .any(|f| token.eq_ignore_ascii_case(f.as_bytes()));
             }
         }
         Ok(())
     }
+}
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never cross a proxy; nor does `Expect`, which the
+/// gateway answers itself (its `100 Continue` goes when the body is first read), as nginx.
+pub fn is_hop_by_hop(n: &HeaderName) -> bool {
+    // Standard names compare as enum tags, not strings.
+    *n == header::CONNECTION
+        || *n == header::EXPECT
+        || *n == header::TE
+        || *n == header::TRAILER
+        || *n == header::TRANSFER_ENCODING
+        || *n == header::UPGRADE
+        || *n == header::PROXY_AUTHENTICATE
+        || *n == KEEP_ALIVE
+        || *n == PROXY_CONNECTION
+}
+
+/// `Connection` options that name nothing to look up: `close`, `keep-alive`, or names that
+/// go anyway ([`is_hop_by_hop`]).
+const NOT_LISTED: [&str; 9] = [
+    "close",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "connection",
+    "proxy-connection",
+    "proxy-authenticate",
+];
+
+/// Removes the fields the `Connection` header names (RFC 9110 §7.6.1) from a message as it
+/// was received — called by the parsers when [`Delimiters::nominates`] says there are any —
+/// so that naming a field takes away only what the sender sent: not a field a plugin sets
+/// later (an identity an auth plugin adds, a CORS or HSTS header) nor the gateway's own. Left
+/// for the proxy: the fixed hop-by-hop names ([`is_hop_by_hop`]; `Connection` and `Upgrade`
+/// tell a WebSocket request first), and what [`kept_when_named`] keeps.
+pub fn strip_nominated(h: &mut HeaderMap) {
+    let listed: smallvec::SmallVec<[HeaderName; 4]> = (h.get_all(header::CONNECTION).iter())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| {
+            !t.is_empty()
+                && !NOT_LISTED
+                    .iter()
+                    .any(|f| t.eq_ignore_ascii_case(f.as_bytes()))
+        })
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
+        .filter(|n| !kept_when_named(n))
+        .collect();
+    for name in &listed {
+        h.remove(name);
+    }
+}
+
+/// Fields a `Connection` header's naming does not remove: the fixed hop-by-hop names (removed
+/// anyway, later), `Host` (the upstream's is the gateway's to write) and `Content-Length`
+/// (the body is framed by it: a map without it would describe another message than the one
+/// read, and the length the message goes on with is the gateway's to write too).
+pub fn kept_when_named(n: &HeaderName) -> bool {
+    *n == header::HOST || *n == header::CONTENT_LENGTH || is_hop_by_hop(n)
 }
 
 /// Header fields as HTTP/1 writes them: `name: value` lines.

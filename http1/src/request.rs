@@ -1,7 +1,7 @@
 //! Request heads as clients send them: parsed off the front of a connection's buffer, with
 //! what the server needs to know to read the body and to answer.
 
-use crate::codec::{field_spans, read_fields, Framing, CLIENT_NAMES, MAX_HEADERS};
+use crate::codec::{self, field_spans, read_fields, Framing, CLIENT_NAMES, MAX_HEADERS};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, Uri, Version};
@@ -38,6 +38,8 @@ pub struct Head {
     pub uri: Uri,
     pub version: Version,
     pub headers: HeaderMap,
+    /// Bytes of the head as received, up to its empty line.
+    pub size: usize,
     /// How the body is delimited.
     pub framing: Framing,
     /// `Expect: 100-continue` with a body to send: the client waits to be told to go on.
@@ -113,9 +115,10 @@ fn parse_escaped(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusa
     escaped.extend_from_slice(&rbuf[end..]);
     // The line is ASCII now: a second refusal does not come back here.
     let grown = escaped.len() - rbuf.len();
-    let head = parse_head(&mut escaped, max + grown)?;
-    if head.is_some() {
+    let mut head = parse_head(&mut escaped, max + grown)?;
+    if let Some(head) = &mut head {
         *rbuf = escaped;
+        head.size -= grown;
     }
     Ok(head)
 }
@@ -185,6 +188,9 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
         true
     })
     .map_err(Refusal::Bad)?;
+    if delimiters.nominates {
+        codec::strip_nominated(&mut headers);
+    }
     check_host(version, hosts, hosts_valid)?;
     if method == Method::CONNECT {
         // A proxy's tunnel, which the gateway does not make: forwarded, a node's 2xx would
@@ -251,6 +257,7 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
         uri,
         version,
         headers,
+        size: len,
         expect_continue: expect_continue
             && version == Version::HTTP_11
             && framing != Framing::Empty,
@@ -578,6 +585,24 @@ mod tests {
             parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none(),
             "incomplete"
         );
+    }
+
+    #[test]
+    fn fields_the_connection_header_names_are_gone_as_the_head_is_parsed() {
+        let h = "GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Secret,,te\r\n\
+                 X-Secret: 1\r\nX-Kept: 2\r\nConnection: x-other\r\nX-Other: 3\r\n\r\n";
+        let h = parse(h).unwrap().unwrap();
+        let mut names: Vec<_> = h.headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        // `Connection` itself goes later, with the fixed hop-by-hop names.
+        assert_eq!(names, ["connection", "host", "x-kept"]);
+        assert!(h.meta.keep_alive);
+        // Options that name nothing, `Host` or the body's length: the map is as sent.
+        let h = "POST / HTTP/1.1\r\nHost: x\r\nConnection: Keep-Alive, upgrade, host\r\n\
+                 Upgrade: websocket\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\n";
+        let h = parse(h).unwrap().unwrap();
+        assert_eq!(h.headers.len(), 5);
+        assert_eq!(h.framing, Framing::Length(2));
     }
 
     #[test]

@@ -244,14 +244,11 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, mut client: Client
     // Boxed: it goes on to the log phase's closure, and moving it (some 300 bytes) from the
     // request's future into the body wrapper took several copies per request.
     let mut log = Box::new(LogInfo::new(&parts, &client, &w.access_log));
-    // The head as the client sent it: before the request id the gateway may add.
-    log.head_bytes = head_size(&parts) as u64;
-    strip_nominated(&mut parts.headers);
+    // The head's bytes as the client sent them (the parser refused one over
+    // `client_max_header_size`).
+    log.head_bytes = body.head_size() as u64;
     log.request_id = request_id(&mut parts.headers);
     log.abandoned = Some(w.clone());
-    if log.head_bytes as usize > w.max_header_size {
-        return refusal(w, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, log);
-    }
     let (route, resolved) = {
         // Matched as nginx matches locations: on the path decoded and resolved (`$uri`).
         let (path, resolved) = match resolve_path(parts.uri.path()) {
@@ -821,8 +818,8 @@ async fn forward(
     log: &mut UpstreamLog,
 ) -> Response<ProxyBody> {
     let hash_key = hash_key(up, parts, client);
-    // The Host the request was routed by (a `Connection: host` does not take it away:
-    // `strip_nominated` leaves it).
+    // The Host the request was routed by (a `Connection: host` does not take it away: the
+    // parser leaves it).
     let client_host = parts.headers.get(header::HOST).cloned();
     let no_body = body.is_end_stream();
     let upgrade = match websocket && no_body {
@@ -942,8 +939,7 @@ async fn forward(
             (log.host, log.uri) = (host.clone(), Some(parts.uri.clone()));
         }
         match send(w, conn, request, (b, no_body), &authority, up).await {
-            Exchange::Response(mut resp) => {
-                strip_nominated(resp.headers_mut());
+            Exchange::Response(resp) => {
                 log.status = Some(resp.status().as_u16());
                 up.observe(idx, Attempt::Answered(resp.status().as_u16()));
                 // `started` is the pool's and the timers' `Instant`; the answer's reading is
@@ -1255,56 +1251,36 @@ fn request_id(h: &mut HeaderMap) -> Option<HeaderValue> {
     Some(v)
 }
 
-/// 128 bits as a UUID's text (8-4-4-4-12 lower-case hex digits).
+/// 128 bits as a UUID's text (8-4-4-4-12 lower-case hex digits). Every request without an
+/// id of its own makes one: a byte at a time through a table of digit pairs, to fixed places
+/// (a loop the compiler unrolls), which costs a third of a digit at a time.
 fn uuid_text(r: u128) -> [u8; 36] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [b'-'; 36];
-    let mut at = 0;
-    for (i, byte) in r.to_be_bytes().into_iter().enumerate() {
-        if let 4 | 6 | 8 | 10 = i {
-            at += 1;
+    const PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+            i += 1;
         }
-        out[at] = HEX[usize::from(byte >> 4)];
-        out[at + 1] = HEX[usize::from(byte & 0xf)];
-        at += 2;
+        t
+    };
+    // Where each byte's two digits go: the dashes' places are skipped.
+    const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+    let mut out = [b'-'; 36];
+    for (byte, at) in r.to_be_bytes().into_iter().zip(AT) {
+        out[at..at + 2].copy_from_slice(&PAIRS[usize::from(byte)]);
     }
     out
 }
 
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy; nor does `Expect`, which the
-/// gateway answers itself (its `100 Continue` goes when the body is first read), as nginx.
-pub(crate) fn is_hop_by_hop(n: &HeaderName) -> bool {
-    // Standard names compare as enum tags, not strings.
-    *n == header::CONNECTION
-        || *n == header::EXPECT
-        || *n == header::TE
-        || *n == header::TRAILER
-        || *n == header::TRANSFER_ENCODING
-        || *n == header::UPGRADE
-        || *n == header::PROXY_AUTHENTICATE
-        || *n == KEEP_ALIVE
-        || *n == PROXY_CONNECTION
-}
-
-/// `Connection` options that need no lookup: `close`, or names that go anyway.
-const NOT_LISTED: [&str; 9] = [
-    "close",
-    "keep-alive",
-    "upgrade",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "connection",
-    "proxy-connection",
-    "proxy-authenticate",
-];
+/// Hop-by-hop headers, and `Expect`: the codec's list, which the parsers also use when they
+/// remove the fields a `Connection` header names.
+pub(crate) use wasmgate_http1::codec::is_hop_by_hop;
 
 /// Removes the hop-by-hop headers (the fixed list: `Connection` itself, `Keep-Alive`, `TE`,
 /// `Transfer-Encoding`, `Upgrade`…). Those the `Connection` header names went earlier, as the
-/// message came ([`strip_nominated`]).
+/// message was parsed ([`wasmgate_http1::codec::strip_nominated`]).
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     // One pass over the names finds what to remove, without parsing a name or allocating.
     // Room for every name `is_hop_by_hop` takes (a map's names are distinct): one more name
@@ -1320,43 +1296,6 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
     for name in found.iter().flatten() {
         h.remove(name);
-    }
-}
-
-/// Removes the fields the `Connection` header names (RFC 9110 §7.6.1) from a message as it was
-/// received — a client's request before the gateway adds its request id and before plugins
-/// run, a node's answer before the response phase — so that naming a field takes away only
-/// what the sender sent: not a field a plugin sets (an identity an auth plugin adds, a CORS
-/// or HSTS header) nor the gateway's own. Left for later: the fixed hop-by-hop names
-/// ([`strip_hop_by_hop`]; `Connection` and `Upgrade` tell a WebSocket request first) and
-/// `Host` (the upstream's `Host` is the gateway's to write).
-fn strip_nominated(h: &mut HeaderMap) {
-    if connection_is_plain(h) {
-        return;
-    }
-    let listed: SmallVec<[HeaderName; 4]> = (h.get_all(header::CONNECTION).iter())
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && !NOT_LISTED.iter().any(|f| t.eq_ignore_ascii_case(f)))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .filter(|n| *n != header::HOST && !is_hop_by_hop(n))
-        .collect();
-    for name in &listed {
-        h.remove(name);
-    }
-}
-
-/// No `Connection` header, or `keep-alive` or `close` alone (nearly every message): it names
-/// nothing to remove, and the list need not be split.
-fn connection_is_plain(h: &HeaderMap) -> bool {
-    let mut values = h.get_all(header::CONNECTION).iter();
-    match (values.next(), values.next()) {
-        (None, _) => true,
-        (Some(v), None) => NOT_LISTED[..2]
-            .iter()
-            .any(|f| v.as_bytes().eq_ignore_ascii_case(f.as_bytes())),
-        _ => false,
     }
 }
 
@@ -1843,26 +1782,6 @@ impl HostName {
     }
 }
 
-/// Bytes of the request line and headers, as received (near enough: names, values, separators).
-/// The bytes of the request's head as HTTP/1.1 writes it: `METHOD target HTTP/1.1\r\n`,
-/// `name: value\r\n` per field, and the empty line (what a client sends, unless it spaced
-/// its fields unusually).
-fn head_size(parts: &http::request::Parts) -> usize {
-    let line = parts.method.as_str().len()
-        + parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().len())
-            .unwrap_or(1)
-        + 12;
-    line + parts
-        .headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum::<usize>()
-        + 2
-}
-
 fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
@@ -2053,7 +1972,6 @@ fn expand_vars(template: &str, parts: &http::request::Parts, client: &Client) ->
     out
 }
 
-/// Caps a streamed request body at `max` bytes (0 = unlimited).
 /// The client's request body with `client_body_timeout` and `client_max_body_size` applied;
 /// the bytes received are added to `received`.
 fn client_body(
@@ -2202,6 +2120,18 @@ mod tests {
     fn request_ids_are_uuid_text() {
         let id = uuid_text(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
         assert_eq!(&id, b"01234567-89ab-cdef-fedc-ba9876543210");
+        for r in [0, u128::MAX, rand::random(), rand::random()] {
+            let hex = format!("{r:032x}");
+            let text = [
+                &hex[..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &hex[20..],
+            ]
+            .join("-");
+            assert_eq!(std::str::from_utf8(&uuid_text(r)), Ok(text.as_str()));
+        }
         let mut h = HeaderMap::new();
         let v = request_id(&mut h).unwrap();
         assert_eq!(v.len(), 36);
@@ -2233,17 +2163,13 @@ mod tests {
     }
 
     #[test]
-    fn headers_named_by_connection_are_stripped() {
-        let mut h = headers(&[
-            ("connection", "close, X-Private , keep-alive, host, upgrade"),
-            ("connection", "x-other"),
-            ("x-private", "secret"),
-            ("x-other", "1"),
-            ("x-kept", "1"),
-            ("host", "a"),
-            ("upgrade", "websocket"),
-        ]);
-        strip_nominated(&mut h);
+    fn headers_named_by_connection_go_as_parsed_and_later_ones_stay() {
+        let raw = "GET / HTTP/1.1\r\nconnection: close, X-Private , keep-alive, host, upgrade\r\n\
+                   connection: x-other\r\nx-private: secret\r\nx-other: 1\r\nx-kept: 1\r\n\
+                   host: a\r\nupgrade: websocket\r\n\r\n";
+        let mut buf = bytes::BytesMut::from(raw);
+        let head = wasmgate_http1::request::parse_head(&mut buf, 8192);
+        let mut h = head.ok().flatten().expect("a whole head").headers;
         // `Host` is the gateway's to write; `Connection` and `Upgrade` go with the fixed list.
         assert_eq!(names(&h), ["connection", "host", "upgrade", "x-kept"]);
         // What is added after (a plugin's field, the request id) stays, named or not.

@@ -230,6 +230,7 @@ impl Conn {
             conn: self.clone(),
             seq,
             hint: head.framing,
+            head_size: head.size,
         };
         let mut req = Request::new(body);
         *req.method_mut() = head.method;
@@ -662,6 +663,15 @@ pub struct ClientBody {
     seq: u64,
     /// The framing the request came with, for its size.
     hint: Framing,
+    /// Bytes of the request's head as received.
+    head_size: usize,
+}
+
+impl ClientBody {
+    /// Bytes of the request's head as received (its request line, fields and empty line).
+    pub fn head_size(&self) -> usize {
+        self.head_size
+    }
 }
 
 /// The client's body broke HTTP/1 framing or stopped short: the client's fault (400).

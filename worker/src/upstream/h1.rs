@@ -427,6 +427,9 @@ fn parse_head(
         |n, v| !ends_here(n, v) || (switching && *n == header::UPGRADE),
     )
     .map_err(ExchangeError::Invalid)?;
+    if delimiters.nominates {
+        codec::strip_nominated(&mut headers);
+    }
     if delimiters.other_coding && !codec::bodiless(status, head_request) {
         // The coding would reach the client undeclared (the field stops at this hop):
         // nginx's 502 for an "unknown Transfer-Encoding".
@@ -455,14 +458,14 @@ fn parse_head(
 /// Whether a header of the answer stops at this hop (RFC 9110 §7.6.1): the proxy strips
 /// them from every answer, and a map that never holds them spares an insert and a removal per
 /// request (every nginx upstream sends `Connection: keep-alive`). A `Connection` header that
-/// names other headers stays, for the proxy to remove those too. Call-outs' answers reach
+/// names other headers stays, for [`codec::strip_nominated`] to remove those too. Call-outs' answers reach
 /// plugins without them, as Envoy's codec hands them over.
 fn ends_here(name: &HeaderName, value: &HeaderValue) -> bool {
     if *name == header::CONNECTION {
         let v = value.as_bytes().trim_ascii();
         return v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close");
     }
-    crate::proxy::is_hop_by_hop(name)
+    codec::is_hop_by_hop(name)
 }
 
 /// How an answer's body is delimited (RFC 9112 §6.3): `Transfer-Encoding` wins over
@@ -676,6 +679,13 @@ mod tests {
             h.headers.contains_key(header::CONNECTION),
             "kept: it may name headers"
         );
+        // The fields it names are gone as the answer is parsed, before any plugin sees it.
+        let h = "HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: 1\r\nX-Kept: 1\r\n\
+                 Content-Length: 0\r\n\r\n";
+        let h = parse(h).unwrap().unwrap();
+        let mut names: Vec<_> = h.headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["connection", "content-length", "x-kept"]);
 
         let h = parse("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n")
             .unwrap()
