@@ -352,7 +352,7 @@ fn map_in<'a>(
     let stream = stream.as_mut().ok_or(Status::NotFound)?;
     match map_type {
         0 => Ok(&mut stream.request),
-        2 => Ok(stream.response.as_mut().ok_or(Status::NotFound)?),
+        2 => Ok(stream.response_mut().ok_or(Status::NotFound)?),
         1 => Ok(&mut stream.request_trailers),
         3 => Ok(&mut stream.response_trailers),
         _ => Err(Status::NotFound),
@@ -575,6 +575,12 @@ fn properties(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 n += 1;
             }
             let path = &segments[..n];
+            if path.first() == Some(&"response") {
+                // The fields the proxy wrote with the answer's head read as sent.
+                if let Some(stream) = c.data_mut().stream.as_mut() {
+                    stream.response_mut();
+                }
+            }
             let len = match crate::props::lookup(c.data(), path) {
                 None => return ok(Status::NotFound),
                 Some(Found::Owned(v)) => return answer(&mut c, &v, ret_ptr, ret_len),

@@ -762,21 +762,17 @@ pub struct HeadersBack(Option<SharedWasm>);
 
 impl HeadersBack {
     /// Gives back `headers` as written, with the fields the server set on the way (`set`, see
-    /// [`answer_fields`]): plugins read the answer as the client got it. Only requests with
-    /// plugins pay for putting those into the map.
-    pub fn give(self, mut headers: HeaderMap, set: &SetFields<'_>) {
+    /// [`answer_fields`]): plugins read the answer as the client got it, as Envoy's filters
+    /// see the headers its codec sent. Those fields go into the map only if a plugin reads it
+    /// later ([`wasmgate_wasm::Stream::give_back_response`]).
+    pub fn give(self, headers: HeaderMap, set: &AnswerFields<'_>) {
         let Some(shared) = self.0 else {
             return;
         };
-        for (name, value) in set {
-            match value {
-                Some(v) => headers.insert((*name).clone(), (*v).clone()),
-                None => headers.remove(*name),
-            };
-        }
         let mut g = lock(&shared);
-        if let Some(head) = g.stream.as_mut().and_then(|s| s.response.as_mut()) {
-            wasm_glue::restore_response(head, headers);
+        if let Some(stream) = g.stream.as_mut() {
+            let written = set.iter().map(|(n, v)| (*n, v.cloned())).collect();
+            stream.give_back_response(headers, written);
         }
     }
 }
@@ -1445,6 +1441,9 @@ static SERVER: HeaderValue =
     HeaderValue::from_static(concat!("wasmgate/", env!("CARGO_PKG_VERSION")));
 static CLOSE: HeaderValue = HeaderValue::from_static("close");
 
+/// [`answer_fields`]: fields as [`SetFields`] lists them, their names the proxy's constants.
+pub type AnswerFields<'a> = SmallVec<[(&'static HeaderName, Option<&'a HeaderValue>); 3]>;
+
 /// The fields the server sets on every answer as it writes the head, in place of any of those
 /// names the answer carries: `Server`, the request's `X-Request-Id` (`request_id`), and
 /// `Connection: close` while the worker drains. Written with the head
@@ -1452,10 +1451,7 @@ static CLOSE: HeaderValue = HeaderValue::from_static("close");
 /// inserts of ~200 instructions per request): the plugins' response callbacks never saw them
 /// (nginx too adds its `Server` in its last header filter), and the callbacks after the head
 /// is sent find them in the map given back ([`HeadersBack::give`]).
-pub fn answer_fields(
-    request_id: Option<&HeaderValue>,
-    draining: bool,
-) -> SmallVec<[SetField<'_>; 3]> {
+pub fn answer_fields(request_id: Option<&HeaderValue>, draining: bool) -> AnswerFields<'_> {
     let mut set = SmallVec::new();
     set.push((&header::SERVER, Some(&SERVER)));
     if let Some(id) = request_id {

@@ -70,15 +70,6 @@ pub fn restore_request(head: &mut Head, parts: &mut http::request::Parts) {
     }
 }
 
-/// Gives the plugins' response head back the headers [`apply_response`] lent, as the client
-/// got them (with `Server`, `X-Request-Id` and the like), as Envoy's filters see the headers
-/// its codec sent.
-pub fn restore_response(head: &mut Head, headers: HeaderMap) {
-    if head.lent() {
-        head.put_headers(headers);
-    }
-}
-
 /// The response as plugins see it: `:status`, then headers (moved out of `resp`;
 /// [`apply_response`] gives them back).
 pub fn response_head(resp: &mut Response<ProxyBody>) -> Head {
