@@ -909,6 +909,18 @@ fn real_ip_from_a_trusted_proxy() {
     assert_eq!(named("unknown, 1.2.3.4"), "outside");
     // Nothing usable where the load balancer writes: the peer stays the client, as nginx.
     assert_eq!(named("not-an-address"), "lb");
+    // A client whose `Connection` (passed on by the load balancer) names the header cannot
+    // take away the address the load balancer wrote: it is read before the named fields go.
+    let r = send(
+        &gw,
+        "GET",
+        "/r",
+        &[
+            ("X-Forwarded-For", "10.1.9.9"),
+            ("Connection", "x-forwarded-for"),
+        ],
+    );
+    assert_eq!(r.header("x-upstream"), Some("inside"), "{:?}", r.headers);
     // The load balancer is a trusted address too: its X-Forwarded-Proto goes on, though
     // realip named another client.
     let h = &echo(

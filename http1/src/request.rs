@@ -1,7 +1,7 @@
 //! Request heads as clients send them: parsed off the front of a connection's buffer, with
 //! what the server needs to know to read the body and to answer.
 
-use crate::codec::{self, field_spans, read_fields, Framing, CLIENT_NAMES, MAX_HEADERS};
+use crate::codec::{field_spans, read_fields, Framing, CLIENT_NAMES, MAX_HEADERS};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, Uri, Version};
@@ -38,13 +38,31 @@ pub struct Head {
     pub uri: Uri,
     pub version: Version,
     pub headers: HeaderMap,
-    /// Bytes of the head as received, up to its empty line.
-    pub size: usize,
+    /// What the parser learned of the head besides its fields.
+    pub seen: Seen,
     /// How the body is delimited.
     pub framing: Framing,
     /// `Expect: 100-continue` with a body to send: the client waits to be told to go on.
     pub expect_continue: bool,
     pub meta: Meta,
+}
+
+/// What the parser learned of a request's head besides its fields, for the proxy to use
+/// without another look at them.
+///
+/// Kept small (16 bytes): a head is moved a few times per request, and past 256 bytes each
+/// copy takes twice the instructions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// Bytes of the head as received, up to its empty line (at most `u32::MAX`).
+    pub size: u32,
+    /// What the parser saw of the `Host` the request goes with (`None`: none, HTTP/1.0).
+    pub host: Option<HostSeen>,
+    /// `Connection` names fields to remove ([`codec::strip_nominated`]). Left in the map for
+    /// the proxy, which first reads the head as the client sent it (the client's address
+    /// from a trusted proxy's `X-Forwarded-For`, which naming it must not take away), then
+    /// removes them before adding its own fields and running plugins.
+    pub nominates: bool,
 }
 
 /// What answering a request needs to know of it.
@@ -118,7 +136,7 @@ fn parse_escaped(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refusa
     let mut head = parse_head(&mut escaped, max + grown)?;
     if let Some(head) = &mut head {
         *rbuf = escaped;
-        head.size -= grown;
+        head.seen.size = head.seen.size.saturating_sub(grown as u32);
     }
     Ok(head)
 }
@@ -177,20 +195,18 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
     // the forwarding fields are written with the upstream head, not stored.
     let mut headers = HeaderMap::with_capacity(spans.len() + 3);
     let mut expect_continue = false;
-    let (mut hosts, mut hosts_valid) = (0usize, true);
+    let (mut hosts, mut hosts_valid, mut host) = (0usize, true, None);
     let delimiters = read_fields(&CLIENT_NAMES, &head, spans, &mut headers, |name, value| {
         if name == header::EXPECT {
             expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
         } else if name == header::HOST {
             hosts += 1;
-            hosts_valid &= valid_host(value.as_bytes());
+            host = host_seen(value.as_bytes());
+            hosts_valid &= host.is_some();
         }
         true
     })
     .map_err(Refusal::Bad)?;
-    if delimiters.nominates {
-        codec::strip_nominated(&mut headers);
-    }
     check_host(version, hosts, hosts_valid)?;
     if method == Method::CONNECT {
         // A proxy's tunnel, which the gateway does not make: forwarded, a node's 2xx would
@@ -212,7 +228,8 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
         // is replaced by it, so that routing, `pass_host` and `X-Forwarded-Host` all see the
         // host the target names, as nginx's `$host` does.
         let authority = authority.as_str();
-        if authority.contains('@') || !valid_host(authority.as_bytes()) {
+        host = host_seen(authority.as_bytes()).filter(|_| !authority.contains('@'));
+        if host.is_none() {
             return Err(Refusal::Bad("invalid host in the request target"));
         }
         let value = header::HeaderValue::from_str(authority)
@@ -257,7 +274,11 @@ pub fn parse_head(rbuf: &mut BytesMut, max: usize) -> Result<Option<Head>, Refus
         uri,
         version,
         headers,
-        size: len,
+        seen: Seen {
+            size: u32::try_from(len).unwrap_or(u32::MAX),
+            host,
+            nominates: delimiters.nominates,
+        },
         expect_continue: expect_continue
             && version == Version::HTTP_11
             && framing != Framing::Empty,
@@ -290,32 +311,59 @@ fn rooted(uri: Uri) -> Option<Uri> {
 /// (nginx's check of `Host` refuses those too; it takes some bytes this refuses, such as raw
 /// UTF-8, which no URI carries).
 pub fn valid_host(host: &[u8]) -> bool {
-    // One pass, a table look-up a byte: every request's `Host` goes through here.
-    const ALLOWED: [bool; 256] = {
-        let mut t = [false; 256];
+    host_seen(host).is_some()
+}
+
+/// What the parser found of a `Host` it took: the length of its name ([`host_name`]) and
+/// whether it has upper-case letters — what routing by it needs, without another pass over
+/// its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSeen {
+    /// At most `u32::MAX` (a longer `Host` is refused).
+    pub name_len: u32,
+    /// An upper-case letter anywhere in the value (the name is routed by lower-cased).
+    pub upper: bool,
+}
+
+/// [`valid_host`], and what it saw: `None` for a `Host` to refuse.
+pub fn host_seen(host: &[u8]) -> Option<HostSeen> {
+    const ALLOWED: u8 = 1;
+    const UPPER: u8 = 2;
+    // One pass, a table look-up a byte and no branch: every request's `Host` goes through here.
+    const CLASS: [u8; 256] = {
+        let mut t = [0u8; 256];
         let mut i = 0;
         while i < 256 {
-            t[i] = (i as u8).is_ascii_alphanumeric();
+            let b = i as u8;
+            t[i] = (b.is_ascii_alphanumeric() as u8) | ((b.is_ascii_uppercase() as u8) << 1);
             i += 1;
         }
         let extra = b"-._~!$&'()*+,;=:[]%";
         let mut j = 0;
         while j < extra.len() {
-            t[extra[j] as usize] = true;
+            t[extra[j] as usize] = ALLOWED;
             j += 1;
         }
         t
     };
-    let mut prev = 0u8;
+    let (mut all, mut any, mut dots, mut prev) = (ALLOWED, 0u8, false, 0u8);
     for &b in host {
-        if !ALLOWED[b as usize] || (b == b'.' && prev == b'.') {
-            return false;
-        }
+        let class = CLASS[b as usize];
+        all &= class;
+        any |= class;
+        dots |= b == b'.' && prev == b'.';
         prev = b;
+    }
+    if all & ALLOWED == 0 || dots {
+        return None;
     }
     // A name before the port: not `:80`, `.` (the root alone) or `[]`.
     let name = host_name(host);
-    !name.is_empty() && name != b"[]"
+    let name_len = u32::try_from(name.len()).ok()?;
+    (!name.is_empty() && name != b"[]").then_some(HostSeen {
+        name_len,
+        upper: any & UPPER != 0,
+    })
 }
 
 /// The name in `host[:port]`: up to an IPv6 literal's `]`, else up to the first `:`, less a
@@ -455,6 +503,7 @@ fn needs_resolving(path: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec;
 
     #[test]
     fn targets_nginx_takes_are_served_with_those_bytes_encoded() {
@@ -588,20 +637,27 @@ mod tests {
     }
 
     #[test]
-    fn fields_the_connection_header_names_are_gone_as_the_head_is_parsed() {
+    fn heads_say_whether_connection_names_fields_and_those_go_when_stripped() {
         let h = "GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Secret,,te\r\n\
                  X-Secret: 1\r\nX-Kept: 2\r\nConnection: x-other\r\nX-Other: 3\r\n\r\n";
-        let h = parse(h).unwrap().unwrap();
+        let mut h = parse(h).unwrap().unwrap();
+        assert!(h.seen.nominates && h.meta.keep_alive);
+        // As sent until the proxy strips them (having read the client's address first).
+        assert_eq!(h.headers.len(), 6);
+        codec::strip_nominated(&mut h.headers);
         let mut names: Vec<_> = h.headers.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         // `Connection` itself goes later, with the fixed hop-by-hop names.
         assert_eq!(names, ["connection", "host", "x-kept"]);
-        assert!(h.meta.keep_alive);
-        // Options that name nothing, `Host` or the body's length: the map is as sent.
-        let h = "POST / HTTP/1.1\r\nHost: x\r\nConnection: Keep-Alive, upgrade, host\r\n\
-                 Upgrade: websocket\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\n";
-        let h = parse(h).unwrap().unwrap();
-        assert_eq!(h.headers.len(), 5);
+        // Options that name nothing, `Host` or the body's length: nothing to strip.
+        let h = "POST / HTTP/1.1\r\nHost: x\r\nConnection: Keep-Alive, upgrade\r\n\
+                 Upgrade: websocket\r\n\r\n";
+        assert!(!parse(h).unwrap().unwrap().seen.nominates);
+        let h = "POST / HTTP/1.1\r\nHost: x\r\nConnection: content-length, host\r\n\
+                 Content-Length: 2\r\n\r\n";
+        let mut h = parse(h).unwrap().unwrap();
+        codec::strip_nominated(&mut h.headers);
+        assert_eq!(h.headers.len(), 3);
         assert_eq!(h.framing, Framing::Length(2));
     }
 
@@ -758,5 +814,19 @@ mod tests {
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad:?}");
         }
+        // What routing needs of it: the name's length, and whether it needs lower-casing.
+        let seen = |h: &str| host_seen(h.as_bytes()).map(|s| (s.name_len, s.upper));
+        assert_eq!(seen("a.example:8080"), Some((9, false)));
+        assert_eq!(seen("A.Example."), Some((9, true)));
+        assert_eq!(seen("[::1]:80"), Some((5, false)));
+        let head = |raw: &str| parse(raw).unwrap().unwrap().seen;
+        let h = head("GET / HTTP/1.1\r\nHost: Api.example:80\r\n\r\n").host;
+        assert_eq!(h, host_seen(b"Api.example:80"));
+        assert_eq!(h.map(|h| (h.name_len, h.upper)), Some((11, true)));
+        // The target's host, in place of the field.
+        let h = head("GET http://up.example/ HTTP/1.1\r\nHost: x\r\n\r\n").host;
+        assert_eq!(h.map(|h| h.name_len), Some(10));
+        assert_eq!(head("GET / HTTP/1.0\r\n\r\n").host, None);
+        assert_eq!(head("GET / HTTP/1.0\r\n\r\n").size, 18);
     }
 }

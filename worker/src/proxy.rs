@@ -40,8 +40,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wasmgate_http1::codec::{SetField, SetFields};
-use wasmgate_http1::request::{host_name, normalized_path, resolve_path};
+use wasmgate_http1::codec::{self, SetField, SetFields};
+use wasmgate_http1::request::{host_name, normalized_path, resolve_path, HostSeen};
 use wasmgate_shared::clock::Tick;
 use wasmgate_shared::logformat;
 use wasmgate_shared::model::{HashOn, PassHost};
@@ -243,10 +243,18 @@ pub async fn handle(w: Arc<Worker>, req: Request<ClientBody>, mut client: Client
     let (mut parts, body) = req.into_parts();
     // Boxed: it goes on to the log phase's closure, and moving it (some 300 bytes) from the
     // request's future into the body wrapper took several copies per request.
-    let mut log = Box::new(LogInfo::new(&parts, &client, &w.access_log));
+    let seen = body.seen();
+    let mut log = Box::new(LogInfo::new(&parts, (&client, seen.host), &w.access_log));
     // The head's bytes as the client sent them (the parser refused one over
     // `client_max_header_size`).
-    log.head_bytes = body.head_size() as u64;
+    log.head_bytes = seen.size as u64;
+    // The fields `Connection` names go as the message came, once the client's address and
+    // the log's captures are read: before the request id is added and plugins run, so that
+    // naming a field takes away only what the client sent. Looked up only when the parser
+    // saw `Connection` name any.
+    if seen.nominates {
+        codec::strip_nominated(&mut parts.headers);
+    }
     log.request_id = request_id(&mut parts.headers);
     log.abandoned = Some(w.clone());
     let (route, resolved) = {
@@ -1500,7 +1508,12 @@ impl LogInfo {
     /// kept (formatting them costs every request otherwise). Text that is not ASCII (a UTF-8
     /// `User-Agent`) is kept, bytes that are not UTF-8 shown as U+FFFD; the log's writer
     /// escapes what could forge a line.
-    fn new(parts: &http::request::Parts, client: &Client, log: &AccessLog) -> LogInfo {
+    /// `host`: what the parser saw of the request's `Host`.
+    fn new(
+        parts: &http::request::Parts,
+        (client, host): (&Client, Option<HostSeen>),
+        log: &AccessLog,
+    ) -> LogInfo {
         let peer = client.addr;
         let full = log.enabled();
         let captured = match full {
@@ -1527,7 +1540,7 @@ impl LogInfo {
             },
             remote_port: peer.port(),
             tls: client.tls.clone(),
-            host: request_host(parts),
+            host: request_host(parts, host),
             request_line,
             captured,
             route: None,
@@ -1741,10 +1754,23 @@ pub fn log_refused(w: &Worker, client: &Client, (status, sent): (u16, u64), took
 }
 
 /// The request's host, lower-cased, without port (Host header, else the URI's authority):
-/// lent from the `Host` value when that is already lower-case (the usual case). One pass over
-/// the value's bytes; a value that is not text (`to_str` would refuse it) is not used.
-fn request_host(parts: &http::request::Parts) -> HostName {
-    if let Some(v) = parts.headers.get(header::HOST) {
+/// lent from the `Host` value when that is already lower-case (the usual case). `seen`: what
+/// the parser found of that value, if it is the one it checked; otherwise one pass over the
+/// value's bytes, and a value that is not text (`to_str` would refuse it) is not used.
+fn request_host(parts: &http::request::Parts, seen: Option<HostSeen>) -> HostName {
+    let host = parts.headers.get(header::HOST);
+    // The parser's look at the same value (checked then as a `host[:port]`, all visible
+    // ASCII): no second pass over its bytes.
+    if let (Some(v), Some(seen)) = (host, seen) {
+        let len = seen.name_len as usize;
+        if let Some(name) = v.as_bytes().get(..len) {
+            return match seen.upper {
+                false => HostName::Lent(v.clone(), len),
+                true => HostName::Owned(String::from_utf8_lossy(name).to_ascii_lowercase()),
+            };
+        }
+    }
+    if let Some(v) = host {
         let bytes = v.as_bytes();
         if bytes
             .iter()
@@ -1849,7 +1875,7 @@ pub fn nginx_var<'a>(
                 .unwrap_or("/"),
         ),
         "args" | "query_string" => Cow::Borrowed(parts.uri.query().unwrap_or("")),
-        "host" => Cow::Owned(request_host(parts).as_str().to_string()),
+        "host" => Cow::Owned(request_host(parts, None).as_str().to_string()),
         "request_method" => Cow::Borrowed(parts.method.as_str()),
         "remote_addr" => Cow::Owned(peer.ip().to_string()),
         "remote_port" => Cow::Owned(peer.port().to_string()),
@@ -2093,7 +2119,11 @@ mod tests {
                 b = b.header("host", h);
             }
             let parts = b.body(()).unwrap().into_parts().0;
-            request_host(&parts).as_str().to_string()
+            let slow = request_host(&parts, None).as_str().to_string();
+            // What the parser saw of the same value gives the same host.
+            let seen = h.and_then(|h| wasmgate_http1::request::host_seen(h.as_bytes()));
+            assert_eq!(request_host(&parts, seen).as_str(), slow, "{h:?}");
+            slow
         };
         assert_eq!(host("/", Some("example.com:8080")), "example.com");
         assert_eq!(host("/", Some("Example.COM")), "example.com");
@@ -2109,7 +2139,7 @@ mod tests {
             .0;
         let odd = HeaderValue::from_bytes(b"caf\xe9.example").unwrap();
         parts.headers.insert(header::HOST, odd);
-        assert_eq!(request_host(&parts).as_str(), "uri.example");
+        assert_eq!(request_host(&parts, None).as_str(), "uri.example");
     }
 
     #[test]
@@ -2159,13 +2189,16 @@ mod tests {
     }
 
     #[test]
-    fn headers_named_by_connection_go_as_parsed_and_later_ones_stay() {
+    fn headers_named_by_connection_go_and_later_ones_stay() {
         let raw = "GET / HTTP/1.1\r\nconnection: close, X-Private , keep-alive, host, upgrade\r\n\
                    connection: x-other\r\nx-private: secret\r\nx-other: 1\r\nx-kept: 1\r\n\
                    host: a\r\nupgrade: websocket\r\n\r\n";
         let mut buf = bytes::BytesMut::from(raw);
         let head = wasmgate_http1::request::parse_head(&mut buf, 8192);
-        let mut h = head.ok().flatten().expect("a whole head").headers;
+        let head = head.ok().flatten().expect("a whole head");
+        let mut h = head.headers;
+        assert!(head.seen.nominates);
+        codec::strip_nominated(&mut h);
         // `Host` is the gateway's to write; `Connection` and `Upgrade` go with the fixed list.
         assert_eq!(names(&h), ["connection", "host", "upgrade", "x-kept"]);
         // What is added after (a plugin's field, the request id) stays, named or not.

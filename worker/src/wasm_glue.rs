@@ -78,7 +78,7 @@ pub fn response_head(resp: &mut Response<ProxyBody>) -> Head {
 
 /// Gives `resp` the response headers as the plugins left them; headers the map could not
 /// take are left out, with an error-log line. They are lent, not copied: the server gives
-/// them back to the head once it has written them ([`restore_response`]), for the body
+/// them back to the head once it has written them (`proxy::HeadersBack`), for the body
 /// callbacks that follow and `proxy_on_log`.
 pub fn apply_response(head: &mut Head, resp: &mut Response<ProxyBody>) {
     if !head.changed() {

@@ -29,7 +29,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use wasmgate_http1::codec::{self, BodyOut, Decoded, Delimiters, Framing, SetFields};
-pub use wasmgate_http1::request::{parse_head, Head, Meta, Refusal};
+pub use wasmgate_http1::request::{parse_head, Head, Meta, Refusal, Seen};
 
 /// What one read asks of the socket for a head.
 const READ_CHUNK: usize = 4 * 1024;
@@ -230,7 +230,7 @@ impl Conn {
             conn: self.clone(),
             seq,
             hint: head.framing,
-            head_size: head.size,
+            seen: head.seen,
         };
         let mut req = Request::new(body);
         *req.method_mut() = head.method;
@@ -663,14 +663,15 @@ pub struct ClientBody {
     seq: u64,
     /// The framing the request came with, for its size.
     hint: Framing,
-    /// Bytes of the request's head as received.
-    head_size: usize,
+    /// What the parser learned of the request's head.
+    seen: Seen,
 }
 
 impl ClientBody {
-    /// Bytes of the request's head as received (its request line, fields and empty line).
-    pub fn head_size(&self) -> usize {
-        self.head_size
+    /// What the parser learned of the request's head: its size as received, its `Host`,
+    /// whether `Connection` names fields.
+    pub fn seen(&self) -> Seen {
+        self.seen
     }
 }
 
