@@ -430,8 +430,9 @@ const NOT_LISTED: [&str; 9] = [
 ];
 
 /// Removes the fields the `Connection` header names (RFC 9110 §7.6.1) from a message as it
-/// was received — called by the parsers when [`Delimiters::nominates`] says there are any —
-/// so that naming a field takes away only what the sender sent: not a field a plugin sets
+/// was received — called when [`Delimiters::nominates`] says there are any: by the proxy for
+/// a request, once it has read the client's address from it; by the parser of a node's
+/// answer — so that naming a field takes away only what the sender sent: not a field a plugin sets
 /// later (an identity an auth plugin adds, a CORS or HSTS header) nor the gateway's own. Left
 /// for the proxy: the fixed hop-by-hop names ([`is_hop_by_hop`]; `Connection` and `Upgrade`
 /// tell a WebSocket request first), and what [`kept_when_named`] keeps.

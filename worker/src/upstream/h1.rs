@@ -458,8 +458,8 @@ fn parse_head(
 /// Whether a header of the answer stops at this hop (RFC 9110 §7.6.1): the proxy strips
 /// them from every answer, and a map that never holds them spares an insert and a removal per
 /// request (every nginx upstream sends `Connection: keep-alive`). A `Connection` header that
-/// names other headers stays, for [`codec::strip_nominated`] to remove those too. Call-outs' answers reach
-/// plugins without them, as Envoy's codec hands them over.
+/// names other headers stays, for [`codec::strip_nominated`] to remove those too. Call-outs'
+/// answers reach plugins without them, as Envoy's codec hands them over.
 fn ends_here(name: &HeaderName, value: &HeaderValue) -> bool {
     if *name == header::CONNECTION {
         let v = value.as_bytes().trim_ascii();
