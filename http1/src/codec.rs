@@ -361,14 +361,7 @@ impl Delimiters {
     /// Notes one field; refuses a bad or a second, different `Content-Length`.
     pub fn note(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), &'static str> {
         if *name == header::CONTENT_LENGTH {
-            let digits = value.trim_ascii();
-            let n = match digits.iter().all(u8::is_ascii_digit) {
-                true => std::str::from_utf8(digits)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok()),
-                false => None,
-            }
-            .ok_or("bad Content-Length")?;
+            let n = content_length(value).ok_or("bad Content-Length")?;
             if self.length.is_some_and(|l| l != n) {
                 return Err("conflicting Content-Length headers");
             }
@@ -395,6 +388,22 @@ impl Delimiters {
         }
         Ok(())
     }
+}
+
+/// A `Content-Length` value: digits only (blanks around them allowed), at most `u64::MAX`.
+/// One pass: every message with a body has one, most have two on their way through.
+pub fn content_length(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -720,6 +729,28 @@ pub fn read_fields(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_lengths_are_digits_alone() {
+        for ok in ["0", "12", " 7 ", "007", "18446744073709551615"] {
+            let expected = ok.trim().parse::<u64>().ok();
+            assert_eq!(content_length(ok.as_bytes()), expected, "{ok:?}");
+            assert!(expected.is_some());
+        }
+        for bad in [
+            "",
+            " ",
+            "+1",
+            "-1",
+            "1 2",
+            "0x1",
+            "1.0",
+            "18446744073709551616",
+            "١",
+        ] {
+            assert_eq!(content_length(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn chunk_sizes_are_limited_by_value_as_nginx_limits_them() {

@@ -1805,8 +1805,9 @@ impl HostName {
     }
 }
 
+/// The message's `Content-Length`, read as the parsers read it (digits alone: not `+5`).
 fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    codec::content_length(h.get(header::CONTENT_LENGTH)?.as_bytes())
 }
 
 /// A body the plugins are done with goes with its final length, not chunked; a message that

@@ -198,10 +198,7 @@ impl Wire {
                 let first = length.is_none();
                 length = length.or(Some(value));
                 if first {
-                    let digits = value.as_bytes().trim_ascii();
-                    declared = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
-                        .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
-                        .flatten();
+                    declared = codec::content_length(value.as_bytes());
                 }
                 return first && !empty && declared.is_some();
             }
