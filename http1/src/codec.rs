@@ -378,12 +378,8 @@ impl Delimiters {
                 let keep_alive = !close && token.eq_ignore_ascii_case(b"keep-alive");
                 self.close |= close;
                 self.keep_alive |= keep_alive;
-                // The usual options compared once: the rest of the list only for others.
-                let usual = close || keep_alive || token.is_empty();
-                self.nominates |= !usual
-                    && !NOT_LISTED[2..]
-                        .iter()
-                        .any(|f| token.eq_ignore_ascii_case(f.as_bytes()));
+                // The usual options end here; the list is gone through only for others.
+                self.nominates |= !(close || keep_alive) && names_a_field(token);
             }
         }
         Ok(())
@@ -438,6 +434,14 @@ const NOT_LISTED: [&str; 9] = [
     "proxy-authenticate",
 ];
 
+/// Whether a `Connection` option (trimmed) names a field to look up and remove.
+fn names_a_field(token: &[u8]) -> bool {
+    !token.is_empty()
+        && !NOT_LISTED
+            .iter()
+            .any(|f| token.eq_ignore_ascii_case(f.as_bytes()))
+}
+
 /// Removes the fields the `Connection` header names (RFC 9110 §7.6.1) from a message as it
 /// was received — called when [`Delimiters::nominates`] says there are any: by the proxy for
 /// a request, once it has read the client's address from it; by the parser of a node's
@@ -449,12 +453,7 @@ pub fn strip_nominated(h: &mut HeaderMap) {
     let listed: smallvec::SmallVec<[HeaderName; 4]> = (h.get_all(header::CONNECTION).iter())
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .map(<[u8]>::trim_ascii)
-        .filter(|t| {
-            !t.is_empty()
-                && !NOT_LISTED
-                    .iter()
-                    .any(|f| t.eq_ignore_ascii_case(f.as_bytes()))
-        })
+        .filter(|t| names_a_field(t))
         .filter_map(|t| HeaderName::from_bytes(t).ok())
         .filter(|n| !kept_when_named(n))
         .collect();

@@ -305,15 +305,6 @@ fn rooted(uri: Uri) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
-/// Whether `host` is a `host[:port]` to route by: not empty, only the bytes a URI's authority
-/// holds (RFC 3986 §3.2.2: letters, digits, `-._~`, sub-delims, `%`, `:` and the brackets of
-/// an IPv6 literal) and no `..` — no path, no spaces, no way to name a parent directory
-/// (nginx's check of `Host` refuses those too; it takes some bytes this refuses, such as raw
-/// UTF-8, which no URI carries).
-pub fn valid_host(host: &[u8]) -> bool {
-    host_seen(host).is_some()
-}
-
 /// What the parser found of a `Host` it took: the length of its name ([`host_name`]) and
 /// whether it has upper-case letters — what routing by it needs, without another pass over
 /// its bytes.
@@ -325,7 +316,11 @@ pub struct HostSeen {
     pub upper: bool,
 }
 
-/// [`valid_host`], and what it saw: `None` for a `Host` to refuse.
+/// Whether `host` is a `host[:port]` to route by: not empty, only the bytes a URI's authority
+/// holds (RFC 3986 §3.2.2: letters, digits, `-._~`, sub-delims, `%`, `:` and the brackets of
+/// an IPv6 literal) and no `..` — no path, no spaces, no way to name a parent directory
+/// (nginx's check of `Host` refuses those too; it takes some bytes this refuses, such as raw
+/// UTF-8, which no URI carries) — and what routing needs of it; `None` for a `Host` to refuse.
 pub fn host_seen(host: &[u8]) -> Option<HostSeen> {
     const ALLOWED: u8 = 1;
     const UPPER: u8 = 2;
@@ -807,12 +802,12 @@ mod tests {
             "xn--bcher-kva.example",
             "a.example.",
         ] {
-            assert!(valid_host(ok.as_bytes()), "{ok}");
+            assert!(host_seen(ok.as_bytes()).is_some(), "{ok}");
         }
         for bad in [
             "", "a/b", "a\\b", "a..b", "a b", "a?b", "a#b", "a@b", ":80", ".", "[]", "[]:80",
         ] {
-            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+            assert!(host_seen(bad.as_bytes()).is_none(), "{bad:?}");
         }
         // What routing needs of it: the name's length, and whether it needs lower-casing.
         let seen = |h: &str| host_seen(h.as_bytes()).map(|s| (s.name_len, s.upper));

@@ -1279,21 +1279,17 @@ fn uuid_text(r: u128) -> [u8; 36] {
     out
 }
 
-/// Hop-by-hop headers, and `Expect`: the codec's list, which `codec::strip_nominated` also
-/// reads (those names go here, not there).
-pub(crate) use wasmgate_http1::codec::is_hop_by_hop;
-
 /// Removes the hop-by-hop headers (the fixed list: `Connection` itself, `Keep-Alive`, `TE`,
 /// `Transfer-Encoding`, `Upgrade`…). Those the `Connection` header names went earlier, as the
 /// message came ([`wasmgate_http1::codec::strip_nominated`]).
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     // One pass over the names finds what to remove, without parsing a name or allocating.
-    // Room for every name `is_hop_by_hop` takes (a map's names are distinct): one more name
+    // Room for every name `codec::is_hop_by_hop` takes (a map's names are distinct): one more name
     // there needs one more slot here, or the last one found would cross (the unit test below
     // sends them all).
     let mut found: [Option<HeaderName>; 9] = Default::default();
     let mut n = 0;
-    for k in h.keys().filter(|k| is_hop_by_hop(k)) {
+    for k in h.keys().filter(|k| codec::is_hop_by_hop(k)) {
         if n < found.len() {
             found[n] = Some(k.clone());
             n += 1;
