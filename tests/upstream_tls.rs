@@ -675,3 +675,62 @@ fn https_health_checks_check_the_nodes_certificate() {
     );
     assert!(good.connections() > 0 && bad.connections() > 0);
 }
+
+/// A node that requires a client certificate is probed with the upstream's `tls.client_cert`,
+/// as its requests are: without it every probe's handshake is refused and the node is taken
+/// out of service while it serves the gateway's requests well.
+#[test]
+fn https_health_checks_show_the_upstreams_client_certificate() {
+    let ca = Ca::new("node CA");
+    let clients = Ca::new("client CA");
+    let node = TlsNode::start(&ca, &["api.test"], Some(&clients));
+    let (gw, _cas) = gateway_trusting(&ca);
+    let (cert, key) = clients.issue("gateway", &["gateway.test"]);
+    let checks = json!({"active": {
+        "type": "https", "host": "api.test",
+        "healthy": {"interval": 1, "successes": 1},
+        "unhealthy": {"interval": 1, "tcp_failures": 1}
+    }});
+    let with_cert = json!({"scheme": "https", "nodes": {node.addr(): 1}, "checks": checks,
+        "tls": {"verify": true, "client_cert": cert.pem(), "client_key": key.serialize_pem()}});
+    let without = json!({"scheme": "https", "nodes": {node.addr(): 1}, "checks": checks});
+    for (id, upstream) in [("mtls", with_cert), ("anonymous", without)] {
+        let (s, v) = gw.admin(
+            "PUT",
+            &format!("/apisix/admin/upstreams/{id}"),
+            Some(upstream),
+        );
+        assert_eq!(s, 201, "{v}");
+    }
+    let states = || {
+        let (_, hc) = gw.admin("GET", "/wasmgate/healthcheck", None);
+        let mut out = Vec::new();
+        for u in hc.as_array().into_iter().flatten() {
+            for n in u["nodes"].as_array().into_iter().flatten() {
+                let name = u["name"].as_str().unwrap_or("").to_string();
+                out.push((name, n["status"].as_str().unwrap_or("").to_string()));
+            }
+        }
+        out.sort();
+        out
+    };
+    let expected = vec![
+        (
+            "/apisix/upstreams/anonymous".to_string(),
+            "unhealthy".to_string(),
+        ),
+        ("/apisix/upstreams/mtls".to_string(), "healthy".to_string()),
+    ];
+    eventually(
+        Duration::from_secs(6),
+        "the node healthy to probes with the certificate",
+        || states() == expected,
+    );
+    // And it stays so: the probes after the first keep finding it (the node saw the
+    // certificate on more than one connection).
+    let seen = node.connections();
+    eventually(Duration::from_secs(4), "more probes", || {
+        node.connections() >= seen + 2
+    });
+    assert_eq!(states(), expected);
+}

@@ -12,7 +12,8 @@
 //! A probe (`type`): `tcp` connects; `http` connects and sends `GET http_path HTTP/1.0` with
 //! the `Host` and `req_headers`, and reads the status line; `https` does the same over TLS,
 //! checking the node's certificate against `apisix.ssl.ssl_trusted_certificate` when
-//! `https_verify_certificate` (the default). The whole probe must end within `timeout`.
+//! `https_verify_certificate` (the default), and showing the upstream's `tls.client_cert` to
+//! a node that asks for one. The whole probe must end within `timeout`.
 
 use crate::state::Master;
 use std::collections::HashMap;
@@ -24,7 +25,7 @@ use wasmgate_shared::config::TrustedCas;
 use wasmgate_shared::health::{self, HealthShm, NodeState, Outcome, Thresholds};
 use wasmgate_shared::model::checks::{Active, ProbeType};
 use wasmgate_shared::model::Kind;
-use wasmgate_shared::model::{PassHost, Route, Service, Upstream};
+use wasmgate_shared::model::{PassHost, Route, Service, Upstream, UpstreamTls};
 
 /// How often the checker looks for probes that are due and for a changed store.
 const TICK: Duration = Duration::from_millis(100);
@@ -88,6 +89,9 @@ struct Probe {
     /// The `Host` of HTTP probes: `active.host`, else the upstream's `upstream_host` when it
     /// rewrites the Host, else each node's host.
     host: Option<String>,
+    /// The upstream's `tls` (its client certificate): a node that asks for one is probed
+    /// with it, as the requests it serves are.
+    client: Option<UpstreamTls>,
     tls: Option<Result<tokio_rustls::TlsConnector, String>>,
     /// Probes of this upstream in flight (at most `active.concurrency`).
     busy: AtomicU32,
@@ -324,10 +328,15 @@ fn checked_nodes(master: &Master, known: &HashMap<String, Arc<Probe>>) -> HashMa
         let probe = match known.get(&owner) {
             // Unchanged, and its TLS settings could be made (else they are tried again): the
             // probe in use, its TLS settings not made again.
-            Some(p) if p.active == active && p.host == host && !matches!(p.tls, Some(Err(_))) => {
+            Some(p)
+                if p.active == active
+                    && p.host == host
+                    && p.client == up.tls
+                    && !matches!(p.tls, Some(Err(_))) =>
+            {
                 p.clone()
             }
-            _ => Arc::new(Probe::new(active, host, master, &owner)),
+            _ => Arc::new(Probe::new(active, host, up.tls.clone(), master, &owner)),
         };
         for node in up.normalized_nodes().unwrap_or_default() {
             let authority = node.authority();
@@ -363,9 +372,15 @@ fn probe_host(active: &Active, up: &Upstream) -> Option<String> {
 }
 
 impl Probe {
-    fn new(active: Active, host: Option<String>, master: &Master, owner: &str) -> Probe {
+    fn new(
+        active: Active,
+        host: Option<String>,
+        client: Option<UpstreamTls>,
+        master: &Master,
+        owner: &str,
+    ) -> Probe {
         let tls = (active.kind == ProbeType::Https)
-            .then(|| tls_connector(active.https_verify_certificate, master));
+            .then(|| tls_connector(active.https_verify_certificate, client.as_ref(), master));
         if let Some(Err(why)) = &tls {
             // The gateway's own settings: no probe runs, and none counts against the nodes.
             tracing::error!("health checks of {owner}: https probes cannot run: {why}");
@@ -374,6 +389,7 @@ impl Probe {
             thresholds: active.thresholds(),
             active,
             host,
+            client,
             tls,
             busy: AtomicU32::new(0),
         }
@@ -381,8 +397,13 @@ impl Probe {
 }
 
 /// The TLS side of `https` probes: the node's certificate checked against the trusted CAs,
-/// or not at all.
-fn tls_connector(verify: bool, master: &Master) -> Result<tokio_rustls::TlsConnector, String> {
+/// or not at all; the upstream's client certificate shown to a node that asks for one (a
+/// node that requires it would otherwise refuse every probe, and be taken out of service).
+fn tls_connector(
+    verify: bool,
+    client: Option<&UpstreamTls>,
+    master: &Master,
+) -> Result<tokio_rustls::TlsConnector, String> {
     let provider = wasmgate_shared::tls::provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -393,7 +414,17 @@ fn tls_connector(verify: bool, master: &Master) -> Result<tokio_rustls::TlsConne
             .dangerous()
             .with_custom_certificate_verifier(wasmgate_shared::tls::unverified()),
     };
-    let mut config = builder.with_no_client_auth();
+    let identity = client
+        .map(UpstreamTls::client_identity)
+        .transpose()
+        .map_err(|(field, why)| format!("tls.{field}: {why}"))?
+        .flatten();
+    let mut config = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(id.chain, id.key)
+            .map_err(|e| format!("tls.client_cert: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
