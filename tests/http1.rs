@@ -6,7 +6,7 @@ mod common;
 
 use common::client::{read_response, Resp};
 use common::{eventually, Gateway, TestUpstream};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -360,6 +360,16 @@ fn the_host_is_one_valid_field_or_the_targets() {
     let r = get("GET /e/old HTTP/1.0\r\n\r\n");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["headers"]["host"], up.addr().as_str());
+    // With no `Host` there is no host to forward, and the client's claim is not passed on
+    // in its place: `X-Forwarded-Host` goes only from a trusted client.
+    let r = get("GET /e/old HTTP/1.0\r\nX-Forwarded-Host: evil.test\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["headers"]["x-forwarded-host"],
+        Value::Null,
+        "{}",
+        r.text()
+    );
 
     // A target with no path goes on as `/`, its query kept.
     gw.route(

@@ -1408,8 +1408,9 @@ impl Forwarding {
     }
 
     /// The fields to set on one attempt, whose `Host` is `host` (`None`: no `Host` line, as
-    /// `pass_host` decided). A field without a value here (no `X-Forwarded-Host` when the
-    /// client sent no `Host`) leaves the client's as it came.
+    /// `pass_host` decided). `X-Forwarded-Host` without a value (an HTTP/1.0 request with no
+    /// `Host`, from a client not trusted to say it) leaves the field out: the client's own
+    /// would otherwise reach the upstream as the gateway's word.
     fn fields<'a>(&'a self, host: Option<&'a HeaderValue>) -> SmallVec<[SetField<'a>; 6]> {
         let mut set = SmallVec::new();
         set.push((&header::HOST, host));
@@ -1418,9 +1419,7 @@ impl Forwarding {
         }
         set.push((&X_REAL_IP, Some(&self.real_ip)));
         set.push((&X_FORWARDED_PROTO, Some(&self.proto)));
-        if let Some(h) = &self.host {
-            set.push((&X_FORWARDED_HOST, Some(h)));
-        }
+        set.push((&X_FORWARDED_HOST, self.host.as_ref()));
         set.push((&X_FORWARDED_PORT, Some(&self.port)));
         set
     }
