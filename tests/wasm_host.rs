@@ -216,18 +216,13 @@ fn http_call_pauses_then_resumes_or_answers() {
     );
     assert_eq!(auth.hits(), hits_before + 1);
 
-    // Failure and timeout reach the plugin as an answer without headers.
+    // Failure and timeout reach the plugin as Envoy's answers: 503 for a node that cannot be
+    // reached, 504 for the call's timeout (the plugin denies any status but 200, saying it).
     let r = get(&gw, "/refused");
-    assert_eq!(
-        (r.status, r.header("x-auth-error")),
-        (503, Some("unavailable"))
-    );
+    assert_eq!((r.status, r.header("x-auth-status")), (403, Some("503")));
     let started = Instant::now();
     let r = get(&gw, "/silent");
-    assert_eq!(
-        (r.status, r.header("x-auth-error")),
-        (503, Some("unavailable"))
-    );
+    assert_eq!((r.status, r.header("x-auth-status")), (403, Some("504")));
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "the call's 300 ms timeout applies"
@@ -579,6 +574,11 @@ fn hostile_arguments_are_refused() {
         (call $count (call $ssd (i32.const -1) (i32.const 2) (i32.const 0) (i32.const 0) (i32.const 0)))
         (call $count (call $gp (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 4)))
         (call $count (call $log (i32.const 2) (i32.const -16) (i32.const 64)))
+        ;; informational statuses are no answer
+        (call $count (call $reply (i32.const 101) (i32.const 0) (i32.const 0) (i32.const 0)
+                               (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+        (call $count (call $reply (i32.const 100) (i32.const 0) (i32.const 0) (i32.const 0)
+                               (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
         (if (i32.eq (call $ff (i32.const 64) (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 4))
                     (i32.const 1))
           (then (local.set $extra (i32.const 40))))
@@ -591,12 +591,46 @@ fn hostile_arguments_are_refused() {
         (i32.const 1)))"#;
     wat_plugin_on_route(&gw, "hostile", wat, "/hostile");
     for _ in 0..5 {
-        // 4 BadArguments (lengths, maps), 4 InvalidMemoryAccess (pointers: +20), NotFound
-        // from the foreign function (+40), InternalFailure from gRPC (+80).
-        assert_eq!(get(&gw, "/hostile").status, 344);
+        // 6 BadArguments (lengths, maps, a local reply of 101 or 100), 4 InvalidMemoryAccess
+        // (pointers: +20), NotFound from the foreign function (+40), InternalFailure from
+        // gRPC (+80).
+        assert_eq!(get(&gw, "/hostile").status, 346);
     }
     let faults = gw.plugin_faults();
     assert_eq!(faults, 0);
+}
+
+/// A plugin that sets an answer's `:status` to an informational one does not make the
+/// gateway send a 1xx (or a 101 that switches nothing) as the answer: the upstream's status
+/// goes, with an error-log line, and the connection serves its next request.
+#[test]
+fn a_plugin_cannot_make_an_answer_informational() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let wat = r#"(module
+      (import "env" "proxy_replace_header_map_value" (func $rhv (param i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) ":status")
+      (data (i32.const 110) "103")
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+        (drop (call $rhv (i32.const 2) (i32.const 100) (i32.const 7) (i32.const 110) (i32.const 3)))
+        (i32.const 0)))"#;
+    wat_plugin_on_route(&gw, "early", wat, "/unused");
+    gw.route(
+        "early-hints",
+        json!({"uri": "/early", "plugins": {"early": {"conf": "-"}}}),
+        Some(&app),
+    );
+    let mut c = common::client::KeepAlive::new(&gw.url("/"));
+    for _ in 0..2 {
+        let r = c.get("/early").unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert!(gw
+        .error_log()
+        .contains("not sent: a final status is 200-599"));
 }
 
 /// `proxy_get_header_map_value` finds a header by its name in any case, the same way when the
@@ -1043,12 +1077,94 @@ fn call_outs_answer_the_root_and_held_headers_take_body_changes() {
     assert_eq!(r.json()["body_len"], 9);
 }
 
+/// A call that fails before its node answers reaches the plugin as Envoy's async client
+/// answers it, not as an answer without headers (which the SDKs' `:status` readers do not
+/// expect): 503 with the reset's reason when the node cannot be reached, 504 when the call's
+/// timeout ends first. The plugin answers with the status and the body it was given.
+#[test]
+fn failed_call_outs_are_answered_as_envoy_answers_them() {
+    let gw = Gateway::start();
+    let (escaped, len) = wat_map(&[
+        (":method", "GET"),
+        (":path", "/check"),
+        (":authority", "auth"),
+    ]);
+    let call = dispatch(len, 300);
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_get_header_map_value" (func $hget (param i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 300) "{escaped}")
+      (data (i32.const 700) ":status")
+      (data (i32.const 760) "no headers")
+      {BUMP_MALLOC}
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      {CALL_TARGET_FROM_CONF}
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (drop {call})
+        (i32.const 1))
+      ;; answers with the call's `:status` (three digits) and its body
+      (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+        (local $s i32)
+        (if (i32.eqz (local.get 2))
+          (then
+            (drop (call $reply (i32.const 502) (i32.const 0) (i32.const 0) (i32.const 760)
+                               (i32.const 10) (i32.const 0) (i32.const 0) (i32.const 0)))
+            (return)))
+        (drop (call $hget (i32.const 6) (i32.const 700) (i32.const 7) (i32.const 720) (i32.const 724)))
+        (local.set $s (i32.load (i32.const 720)))
+        (drop (call $gbb (i32.const 4) (i32.const 0) (local.get 3) (i32.const 728) (i32.const 732)))
+        (drop (call $reply
+          (i32.add (i32.add
+            (i32.mul (i32.sub (i32.load8_u (local.get $s)) (i32.const 48)) (i32.const 100))
+            (i32.mul (i32.sub (i32.load8_u offset=1 (local.get $s)) (i32.const 48)) (i32.const 10)))
+            (i32.sub (i32.load8_u offset=2 (local.get $s)) (i32.const 48)))
+          (i32.const 0) (i32.const 0)
+          (i32.load (i32.const 728)) (i32.load (i32.const 732))
+          (i32.const 0) (i32.const 0) (i32.const 0)))))"#
+    );
+    wat_plugin_on_route(&gw, "caller", &wat, "/unused");
+    // A peer that accepts connections (the kernel's backlog does) but never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let targets = [
+        ("/refused", "127.0.0.1:1".to_string()),
+        ("/silent", silent.local_addr().unwrap().to_string()),
+    ];
+    for (uri, target) in &targets {
+        let route = json!({"uri": uri, "plugins": {"caller": {"conf": target}}});
+        gw.route(uri.trim_start_matches('/'), route, None);
+    }
+    let r = get(&gw, "/refused");
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (
+            503,
+            "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+        )
+    );
+    let started = Instant::now();
+    let r = get(&gw, "/silent");
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (504, "upstream request timeout")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the call's 300 ms timeout"
+    );
+    assert!(!gw.error_log().contains("panicked"));
+}
+
 /// A body callback that pauses with a call-out of its own in flight holds the body until the
 /// answer (as Envoy holds a body a filter stopped): the answer's callback resumes the stream
 /// — the body then goes upstream — or answers in its place, and the body never leaves. The
 /// plugin dispatches at the body's end to the target its configuration names; an answer
-/// with headers resumes, a failed call (no headers) answers 403. A call-out dispatched in
-/// `proxy_on_log` goes out as well.
+/// of status 2xx resumes, another (the 503 of a call that cannot connect) answers 403. A
+/// call-out dispatched in `proxy_on_log` goes out as well.
 #[test]
 fn body_callbacks_wait_for_their_call_outs() {
     let gw = Gateway::start();
@@ -1066,9 +1182,11 @@ fn body_callbacks_wait_for_their_call_outs() {
       (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
       (import "env" "proxy_continue_stream" (func $cont (param i32) (result i32)))
       (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_get_header_map_value" (func $hget (param i32 i32 i32 i32 i32) (result i32)))
       (memory (export "memory") 1)
       (data (i32.const 300) "{escaped}")
       (data (i32.const 600) "denied")
+      (data (i32.const 700) ":status")
       {BUMP_MALLOC}
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_context_create") (param i32 i32))
@@ -1081,8 +1199,11 @@ fn body_callbacks_wait_for_their_call_outs() {
       ;; a call-out from the log phase goes out too (its answer comes to the root context)
       (func (export "proxy_on_log") (param i32)
         (drop {call_2000}))
+      ;; the answer's `:status` read into 720/724 (at 720, "denied" until it is read)
       (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
-        (if (i32.gt_u (local.get 2) (i32.const 0))
+        (i32.store (i32.const 720) (i32.const 600))
+        (drop (call $hget (i32.const 6) (i32.const 700) (i32.const 7) (i32.const 720) (i32.const 724)))
+        (if (i32.eq (i32.load8_u (i32.load (i32.const 720))) (i32.const 50))
           (then (drop (call $cont (i32.const 0))))
           (else (drop (call $reply (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 600)
                                    (i32.const 6) (i32.const 0) (i32.const 0) (i32.const 0)))))))"#

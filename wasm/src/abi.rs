@@ -636,7 +636,9 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
          hl: i32,
          _grpc: i32|
          -> R {
-            if !(100..=599).contains(&status) {
+            // A final status: an informational one (1xx) would leave the client waiting for
+            // the answer after it, and a 101 would switch nothing.
+            if !(200..=599).contains(&status) {
                 return ok(Status::BadArgument);
             }
             let details = String::from_utf8_lossy(&tri!(read(&mut c, dp, dl))).to_string();

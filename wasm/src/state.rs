@@ -505,10 +505,34 @@ impl std::fmt::Debug for Targets {
 /// The answer to an [`HttpCall`], readable during `proxy_on_http_call_response`.
 #[derive(Debug, Clone, Default)]
 pub struct CallResponse {
-    /// `:status` first. Empty when the call failed or timed out.
+    /// `:status` first. Empty when the call broke after its answer began (or its answer was
+    /// too long): Envoy's "reset", the only failure plugins see without headers.
     pub headers: Pairs,
     pub body: Vec<u8>,
     pub trailers: Pairs,
+}
+
+impl CallResponse {
+    /// The answer a call gets when it fails before its node answers, as Envoy's async client
+    /// makes it from its router's local reply: 503 when the node cannot be reached or drops
+    /// the call, 504 when the call's timeout ends first, with a text body saying why. Plugins
+    /// read `:status` of every call's answer; in Envoy only a reset has none.
+    pub fn local(status: u16, body: &str) -> CallResponse {
+        CallResponse {
+            headers: vec![
+                (":status".into(), status.to_string().into_bytes()),
+                ("content-length".into(), body.len().to_string().into_bytes()),
+                ("content-type".into(), b"text/plain".to_vec()),
+            ],
+            body: body.as_bytes().to_vec(),
+            trailers: Vec::new(),
+        }
+    }
+
+    /// The answer to a call whose timeout ended before its node answered.
+    pub fn timed_out() -> CallResponse {
+        CallResponse::local(504, "upstream request timeout")
+    }
 }
 
 /// The store data of one plugin VM.

@@ -439,8 +439,7 @@ impl PluginVm {
 
     /// `proxy_on_http_call_response` on the root context `id` of the context that dispatched
     /// call `token` (as Envoy: the SDKs find the dispatcher by the token, and the Go SDK
-    /// refuses any other id), with the answer readable (None: the call failed or timed out, 0
-    /// headers). `stream` is lent when the dispatcher is an HTTP context whose request waits
+    /// refuses any other id), with the answer readable (None: the call was reset, 0 headers). `stream` is lent when the dispatcher is an HTTP context whose request waits
     /// on the call.
     /// `owner`: the HttpContext whose stream is lent (the one that waits for this answer), or
     /// 0.

@@ -5,13 +5,15 @@
 //! must carry `:method`, `:path` and `:authority` (the host checks that before dispatching);
 //! `:authority` becomes the `Host` header. A target that is neither is refused when the plugin
 //! dispatches (BadArgument, as Envoy answers for an unknown cluster). The answer's body is read up to
-//! [`MAX_RESPONSE_BODY`]; a failure of any kind is an answer with no headers, which is how
-//! plugins learn of it.
+//! [`MAX_RESPONSE_BODY`]. A call that fails before its node answers gets the answer Envoy's
+//! async client makes then ([`CallResponse::local`]: 503 when the node cannot be reached or
+//! drops the call, 504 when its read timeout ends); one that breaks after (or whose answer is
+//! too long) gets an answer with no headers, as Envoy's reset.
 
 use crate::body::{self, ProxyBody};
 use crate::plugins::Callout;
 use crate::upstream::h1::ResponseBody;
-use crate::upstream::pool::Conn;
+use crate::upstream::pool::{Conn, ConnectError};
 use crate::upstream::tls::Handshake;
 use crate::Worker;
 use http::header::{HeaderName, HeaderValue};
@@ -57,8 +59,12 @@ impl Callout for WorkerCallout {
             let target = c.target.clone();
             match perform(&w, c).await {
                 Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!("http call to {target:?} failed: {e}");
+                Err(Failure::Answered(answer, why)) => {
+                    tracing::warn!("http call to {target:?} failed: {why}");
+                    Some(answer)
+                }
+                Err(Failure::Reset(why)) => {
+                    tracing::warn!("http call to {target:?} failed: {why}");
                     None
                 }
             }
@@ -90,13 +96,16 @@ struct Destination {
 
 /// Where a target points. An upstream's node is reached as the upstream says (over TLS for
 /// `scheme: https`, the call's `:authority` as the name); a `host:port` one over plain HTTP.
-fn resolve(w: &Worker, target: &str, host: Option<&HeaderValue>) -> Result<Destination, String> {
+fn resolve(w: &Worker, target: &str, host: Option<&HeaderValue>) -> Result<Destination, Failure> {
     let cfg = w.live.current();
     if let Some(up) = cfg.upstream(target) {
-        let idx = up
-            .pick(None, &[])
-            .ok_or_else(|| format!("upstream {target} has no node"))?;
-        let tls = up.handshake(idx, host).map_err(|e| e.to_string())?;
+        let idx = up.pick(None, &[]).ok_or_else(|| {
+            let why = format!("upstream {target} has no node");
+            Failure::Answered(CallResponse::local(503, "no healthy upstream"), why)
+        })?;
+        let tls = up
+            .handshake(idx, host)
+            .map_err(|e| unreached("connection failure", e.to_string()))?;
         return Ok(Destination {
             authority: up.authorities[idx].clone(),
             tls,
@@ -105,7 +114,12 @@ fn resolve(w: &Worker, target: &str, host: Option<&HeaderValue>) -> Result<Desti
         });
     }
     if !is_literal(target) {
-        return Err("neither an upstream id nor host:port".into());
+        // Checked when the call was dispatched: the upstream was deleted since.
+        let why = format!("{target}: neither an upstream id nor host:port");
+        return Err(Failure::Answered(
+            CallResponse::local(503, "no healthy upstream"),
+            why,
+        ));
     }
     Ok(Destination {
         authority: Arc::from(target),
@@ -148,8 +162,24 @@ fn request(c: &HttpCall) -> Result<Request<ProxyBody>, String> {
     Ok(req)
 }
 
-async fn perform(w: &Worker, c: HttpCall) -> Result<CallResponse, String> {
-    let req = request(&c)?;
+/// Why a call has no answer of its node's.
+enum Failure {
+    /// Before the node answered: the answer Envoy's router makes then, and what happened.
+    Answered(CallResponse, String),
+    /// After its answer began, or before it was sent: no answer at all.
+    Reset(String),
+}
+
+/// A call that never reached its node, or that the node dropped before answering.
+fn unreached(reason: &str, why: String) -> Failure {
+    let body = format!(
+        "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+    );
+    Failure::Answered(CallResponse::local(503, &body), why)
+}
+
+async fn perform(w: &Worker, c: HttpCall) -> Result<CallResponse, Failure> {
+    let req = request(&c).map_err(Failure::Reset)?;
     let Destination {
         authority,
         tls,
@@ -165,7 +195,13 @@ async fn perform(w: &Worker, c: HttpCall) -> Result<CallResponse, String> {
         }
         None => w.pool.checkout(&authority, connect_timeout, now).await,
     };
-    let Conn { mut link, .. } = conn.map_err(|e| format!("connect to {authority}: {e}"))?;
+    let Conn { mut link, .. } = conn.map_err(|e| {
+        let reason = match e {
+            ConnectError::Timeout(_) => "connection timeout",
+            _ => "connection failure",
+        };
+        unreached(reason, format!("connect to {authority}: {e}"))
+    })?;
     let (parts, body) = req.into_parts();
     let out = link
         .wire
@@ -177,14 +213,17 @@ async fn perform(w: &Worker, c: HttpCall) -> Result<CallResponse, String> {
     };
     let head = tokio::time::timeout(read_timeout, exchange)
         .await
-        .map_err(|_| format!("{authority}: no answer within {read_timeout:?}"))?
-        .map_err(|e| format!("{authority}: {e}"))?;
+        .map_err(|_| {
+            let why = format!("{authority}: no answer within {read_timeout:?}");
+            Failure::Answered(CallResponse::timed_out(), why)
+        })?
+        .map_err(|e| unreached("connection termination", format!("{authority}: {e}")))?;
     // Through the pool's body so the connection is reused once the answer is read.
     let body = ResponseBody::new(link, &head, w.pool.clone(), authority, read_timeout);
     let collected = http_body_util::Limited::new(body, MAX_RESPONSE_BODY)
         .collect()
         .await
-        .map_err(|e| format!("reading the answer: {e}"))?;
+        .map_err(|e| Failure::Reset(format!("reading the answer: {e}")))?;
     let trailers = collected
         .trailers()
         .map(crate::wasm_glue::header_pairs)

@@ -805,7 +805,11 @@ impl Plugins {
         Box::pin(async move {
             let resp = match fut {
                 Some(f) => match timeout {
-                    Some(t) => tokio::time::timeout(t, f).await.ok().flatten(),
+                    // Envoy's router answers 504 when a call's timeout ends first.
+                    Some(t) => match tokio::time::timeout(t, f).await {
+                        Ok(answer) => answer,
+                        Err(_) => Some(CallResponse::timed_out()),
+                    },
                     None => f.await,
                 },
                 None => None,

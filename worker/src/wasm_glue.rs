@@ -89,15 +89,26 @@ pub fn apply_response(head: &mut Head, resp: &mut Response<ProxyBody>) {
         tracing::error!("plugins left invalid response headers, not sent: {e}");
     }
     *resp.headers_mut() = head.take_headers();
-    if let Some(s) = head
-        .pseudo_set(":status")
-        .and_then(|s| std::str::from_utf8(s).ok())
-        .and_then(|s| s.parse::<u16>().ok())
-    {
-        if let Ok(code) = StatusCode::from_u16(s) {
-            *resp.status_mut() = code;
+    if let Some(set) = head.pseudo_set(":status") {
+        match final_status(set) {
+            Some(code) => *resp.status_mut() = code,
+            None => tracing::error!(
+                "plugins set the answer's :status to {:?}, not sent: a final status is 200-599",
+                String::from_utf8_lossy(set)
+            ),
         }
     }
+}
+
+/// A `:status` a plugin may give an answer: a final one. An informational status (1xx)
+/// would leave the client waiting for the answer that follows it, and a 101 that switches
+/// nothing would make a proxy in front take the connection for a tunnel.
+fn final_status(set: &[u8]) -> Option<StatusCode> {
+    let code = std::str::from_utf8(set).ok()?.parse::<u16>().ok()?;
+    (200..=599)
+        .contains(&code)
+        .then(|| StatusCode::from_u16(code).ok())
+        .flatten()
 }
 
 /// A plugin's `proxy_send_local_response` as an HTTP response; an empty body gets the default

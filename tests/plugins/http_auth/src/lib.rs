@@ -13,7 +13,7 @@
 //!   `http_auth: dispatch failed: <Status Debug>` and answers locally 500, header
 //!   `x-auth-error: dispatch`, body `auth dispatch failed`.
 //! - `on_http_call_response(token, num_headers, body_size, _)`:
-//!   - `num_headers == 0` (call failed or timed out) → local 503, header
+//!   - `num_headers == 0` (the call was reset after its answer began) → local 503, header
 //!     `x-auth-error: unavailable`, body `auth service unavailable`.
 //!   - otherwise reads the call's `:status` header and its body
 //!     (`get_http_call_response_body(0, body_size)`). Status `200` → sets request header
