@@ -695,3 +695,31 @@ fn upstreams_need_nodes_but_older_ones_stay_editable() {
     );
     assert_eq!(s, 400, "{v}");
 }
+
+/// A body that stops coming is answered 408 within `client_body_timeout` (and nothing is
+/// stored); the connection and its task are not held for ever.
+#[test]
+fn a_stalled_body_is_answered_408() {
+    use std::io::{Read, Write};
+    let gw = Gateway::start_with(common::Setup {
+        http_extra: vec!["client_body_timeout: 1s".into()],
+        ..common::Setup::default()
+    });
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.admin_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = std::time::Instant::now();
+    write!(
+        s,
+        "PUT /apisix/admin/routes/slow HTTP/1.1\r\nHost: admin\r\nX-API-KEY: {KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"uri\""
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("client_body_timeout"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let (s, _) = gw.admin("GET", "/apisix/admin/routes/slow", None);
+    assert_eq!(s, 404);
+}

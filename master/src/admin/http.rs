@@ -106,8 +106,22 @@ async fn answer(m: &Master, req: Request<Incoming>, peer: SocketAddr) -> Respons
             json!({"error_msg": "failed to check token", "description": "invalid method for role viewer"}),
         );
     }
-    let limit = m.config().config.deployment.admin.max_body_size as usize;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
+    let config = m.config();
+    let limit = config.config.deployment.admin.max_body_size as usize;
+    // A body that stops coming would hold its connection and task for ever (hyper times out
+    // heads only): the whole body within `client_body_timeout`, as the proxy's 408 says.
+    let wait = config.config.nginx_config.http.client_body_timeout;
+    drop(config);
+    let collected = tokio::time::timeout(wait, Limited::new(req.into_body(), limit).collect());
+    let Ok(collected) = collected.await else {
+        return err(
+            408,
+            format!(
+                "request body not received within {wait:?} (nginx_config.http.client_body_timeout)"
+            ),
+        );
+    };
+    let body = match collected {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return err(
