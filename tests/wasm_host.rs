@@ -362,6 +362,49 @@ fn shared_data_is_gateway_wide() {
     assert!(gw.error_log().contains("write refused"));
 }
 
+/// Setting a tick period starts it again, the same period included, as Envoy makes a new
+/// timer on each set: a plugin that sets 1.5 s on every request ticks 1.5 s after the last
+/// one, not every 1.5 s while they come. The plugin answers 200 + the ticks its worker saw.
+#[test]
+fn a_tick_period_set_again_starts_again() {
+    let gw = Gateway::start_with(Setup {
+        workers: 1,
+        ..Setup::default()
+    });
+    let wat = r#"(module
+      (import "env" "proxy_set_tick_period_milliseconds" (func $period (param i32) (result i32)))
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (global $ticks (mut i32) (i32.const 0))
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_tick") (param i32)
+        (global.set $ticks (i32.add (global.get $ticks) (i32.const 1))))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (drop (call $period (i32.const 1500)))
+        (drop (call $reply (i32.add (i32.const 200) (global.get $ticks)) (i32.const 0) (i32.const 0)
+                           (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+        (i32.const 1)))"#;
+    wat_plugin_on_route(&gw, "debounce", wat, "/debounce");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(3500) {
+        assert_eq!(
+            get(&gw, "/debounce").status,
+            200,
+            "a tick while requests came"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eventually(
+        Duration::from_secs(8),
+        "the tick after the last request",
+        || {
+            std::thread::sleep(Duration::from_millis(2000));
+            get(&gw, "/debounce").status == 201
+        },
+    );
+}
+
 /// `proxy_set_tick_period_milliseconds` → `proxy_on_tick` in every worker at that period until
 /// it is set to 0; a root context's `proxy_http_call` is answered to that root context.
 #[test]

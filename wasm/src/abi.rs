@@ -759,6 +759,9 @@ fn stream_control(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let id = s.root_context;
             s.tick_periods.insert(id, ms as u32);
             s.ticks_changed = true;
+            if !s.ticks_restarted.contains(&id) {
+                s.ticks_restarted.push(id);
+            }
             ok(Status::Ok)
         },
     )?;

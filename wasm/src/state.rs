@@ -596,6 +596,9 @@ pub struct HostState {
     pub tick_periods: HashMap<u32, u32>,
     /// Set when a tick period changed, so the gateway reschedules its tick timer.
     pub ticks_changed: bool,
+    /// The root contexts that set their period since the gateway last asked: each set starts
+    /// the period again from then, the same period included (as Envoy makes a new timer).
+    pub ticks_restarted: Vec<u32>,
     /// Call-outs dispatched since the gateway last collected them.
     pub calls: Vec<HttpCall>,
     pub next_token: u32,

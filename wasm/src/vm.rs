@@ -187,6 +187,7 @@ impl PluginVm {
             root_context: 0,
             tick_periods: HashMap::new(),
             ticks_changed: false,
+            ticks_restarted: Vec::new(),
             calls: Vec::new(),
             next_token: 0,
             call_response: None,
@@ -574,14 +575,18 @@ impl PluginVm {
         Some(d.queue_regs.clone())
     }
 
-    /// The tick periods by root context, when they changed since the last time this was asked.
-    pub fn changed_ticks(&mut self) -> Option<HashMap<u32, u32>> {
+    /// The tick periods by root context, when they changed since the last time this was
+    /// asked, with the root contexts that set theirs since (their periods start again now).
+    pub fn changed_ticks(&mut self) -> Option<(HashMap<u32, u32>, Vec<u32>)> {
         let d = self.store.data_mut();
         if !std::mem::take(&mut d.ticks_changed) {
             return None;
         }
         d.tick_periods.retain(|_, p| *p > 0);
-        Some(d.tick_periods.clone())
+        Some((
+            d.tick_periods.clone(),
+            std::mem::take(&mut d.ticks_restarted),
+        ))
     }
 
     /// `proxy_on_log` with the stream readable.

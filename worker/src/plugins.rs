@@ -1574,13 +1574,17 @@ impl Plugins {
                     let mut calls = Vec::new();
                     for id in due {
                         if let Some((period, at)) = st.ticks.get_mut(&id) {
-                            // Late ticks are not made up for: the next one is a period from now.
                             *at = now + *period;
                         }
                         let Some(vm) = st.vm.as_mut() else { break };
                         let started = Instant::now();
                         let r = vm.on_tick(id);
                         let ended = Instant::now();
+                        // Late ticks are not made up for: the next one is a period after this
+                        // one's end, as Envoy arms its timer again once `proxy_on_tick` returns.
+                        if let Some((period, at)) = st.ticks.get_mut(&id) {
+                            *at = ended + *period;
+                        }
                         if let Some(share) = st.tick_time.add(ended - started, ended) {
                             tracing::warn!(
                                 "{}: proxy_on_tick took {:.0}% of this worker's time over the \
@@ -1998,13 +2002,15 @@ impl VmState {
         for c in &calls {
             self.calls.insert(c.token, c.root);
         }
-        if let Some(periods) = vm.changed_ticks() {
+        if let Some((periods, restarted)) = vm.changed_ticks() {
             let now = Instant::now();
             let old = std::mem::take(&mut self.ticks);
             for (id, ms) in periods {
                 let period = Duration::from_millis(ms as u64);
+                // A period set again starts again, as Envoy's new timer does: a plugin that
+                // sets it on each request ticks once they stop coming.
                 let at = match old.get(&id) {
-                    Some((p, at)) if *p == period => *at,
+                    Some((p, at)) if *p == period && !restarted.contains(&id) => *at,
                     _ => now + period,
                 };
                 self.ticks.insert(id, (period, at));
