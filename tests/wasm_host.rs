@@ -484,6 +484,54 @@ fn shared_queues_cross_workers() {
     assert!(get(&gw, "/queue/stats").text().starts_with("consumed=41 "));
 }
 
+/// A queue at its item limit (10,000) takes a new item by dropping its oldest, and says so
+/// in the error log, rather than refusing it: the SDKs trap on a refused enqueue, so a queue
+/// whose consumer stopped would fail every request of its producer. The plugin enqueues
+/// 10,001 items (their numbers) and answers 200 + refusals + 10 × the first item left.
+#[test]
+fn a_full_queue_drops_its_oldest_item() {
+    let gw = Gateway::start();
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_register_shared_queue" (func $reg (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_enqueue_shared_queue" (func $enq (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_dequeue_shared_queue" (func $deq (param i32 i32 i32) (result i32)))
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 100) "bounded")
+      {BUMP_MALLOC}
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (local $i i32) (local $refused i32) (local $t i32)
+        (drop (call $reg (i32.const 100) (i32.const 7) (i32.const 200)))
+        (local.set $t (i32.load (i32.const 200)))
+        (block $done
+          (loop $next
+            (br_if $done (i32.ge_u (local.get $i) (i32.const 10001)))
+            (i32.store (i32.const 300) (local.get $i))
+            (if (i32.ne (call $enq (local.get $t) (i32.const 300) (i32.const 4)) (i32.const 0))
+              (then (local.set $refused (i32.add (local.get $refused) (i32.const 1)))))
+            (local.set $i (i32.add (local.get $i) (i32.const 1)))
+            (br $next)))
+        (drop (call $deq (local.get $t) (i32.const 204) (i32.const 208)))
+        (drop (call $reply
+          (i32.add (i32.add (i32.const 200) (local.get $refused))
+                   (i32.mul (i32.const 10) (i32.load (i32.load (i32.const 204)))))
+          (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+        (i32.const 1)))"#
+    );
+    wat_plugin_on_route(&gw, "producer", &wat, "/produce");
+    // No refusal, and item 0 made room for item 10,000: item 1 comes out first.
+    assert_eq!(get(&gw, "/produce").status, 210);
+    assert!(
+        gw.error_log().contains("oldest item(s) dropped"),
+        "{}",
+        gw.error_log()
+    );
+    assert_eq!(gw.plugin_faults(), 0);
+}
+
 /// `proxy_on_queue_ready` comes once per item enqueued, as proxy-wasm-cpp-host calls it once
 /// per enqueue: a plugin that takes one item a call (the Go SDK's example) gets them all, not
 /// one per look. Five items enqueued in one callback; each call dequeues one and counts it.

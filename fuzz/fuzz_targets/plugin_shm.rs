@@ -8,7 +8,8 @@
 //!   unconditionally, a missing key is created whatever the CAS, a mismatched CAS on an existing
 //!   key is `CasMismatch`; CAS values are never 0 and grow with each write (one counter);
 //! - queues: the same (vm_id, name) gives the same token, different ones different tokens;
-//!   items come out FIFO; `queue_len` and `queue_seq` follow;
+//!   items come out FIFO; `queue_len` and `queue_seq` follow; an enqueue drops the queue's
+//!   oldest items only when it is at its item limit or the arena cannot take the new one;
 //! - metrics: same name and kind → same id, another kind → BadArgument; counter, gauge and
 //!   histogram arithmetic as documented;
 //! - every error must be justified by the model: `TooLarge` only past a limit, `Full` only when
@@ -419,8 +420,23 @@ fn enqueue(shm: &PluginShm, m: &mut Model, token: u32, data: &[u8]) {
     let live = m.q_live();
     let idx = m.queues.iter().position(|q| q.token == token);
     match shm.enqueue(token, data) {
-        Ok(()) => {
+        Ok(dropped) => {
             let q = &mut m.queues[idx.expect("enqueue to an unknown token accepted")];
+            // Only a queue at its item limit, or one whose items keep the new one out of the
+            // arena, gives up its oldest.
+            if dropped > 0 {
+                let cap = shm.queue_arena_capacity();
+                assert!(
+                    q.items.len() as u64 >= MAX_QUEUE_ITEMS || live + need > cap,
+                    "dropped {dropped} with room: live {live} + need {need}, {} items",
+                    q.items.len()
+                );
+            }
+            for _ in 0..dropped {
+                q.items
+                    .pop_front()
+                    .expect("dropped more items than the queue had");
+            }
             q.items.push_back(data.to_vec());
             q.enqueued += 1;
             check_queue(shm, q);
@@ -434,11 +450,16 @@ fn enqueue(shm: &PluginShm, m: &mut Model, token: u32, data: &[u8]) {
         }
         Err(Error::Full { what, capacity, .. }) => {
             let i = idx.expect("Full for an unknown token");
+            // Refused only when even the queue's own items would not make room.
+            let own: u64 = m.queues[i]
+                .items
+                .iter()
+                .map(|it| record_size(it.len()))
+                .sum();
             match what {
-                "shared queue" => assert!(m.queues[i].items.len() as u64 >= MAX_QUEUE_ITEMS),
                 "shared queue arena" => assert!(
-                    live + need > capacity,
-                    "queue arena full: live {live} + need {need} ≤ {capacity}"
+                    live - own + need > capacity,
+                    "queue arena full: live {live} - own {own} + need {need} ≤ {capacity}"
                 ),
                 other => panic!("unexpected Full: {other}"),
             }

@@ -88,7 +88,10 @@
 //!   copy while the old one is still live;
 //! * queues: one descriptor per 2 KiB of the queue region (8 to 4096 queues), `vm_id` + name ≤
 //!   [`MAX_QUEUE_NAME_LEN`] (256 bytes), ≤ [`MAX_QUEUE_ITEMS`] (10 000) items per queue, item ≤
-//!   [`MAX_QUEUE_ITEM_LEN`] (1 MiB) and the arena;
+//!   [`MAX_QUEUE_ITEM_LEN`] (1 MiB) and the arena. A queue at its item limit, or whose own
+//!   items keep a new one out of the arena, drops its oldest to take the new one (Envoy's
+//!   queues have no limit, and the SDKs trap on a refused enqueue: a consumer that stopped
+//!   must not fail every request of the producer);
 //! * metrics: one 520-byte slot per 520 bytes of the metric region (up to 65 536), name ≤
 //!   [`MAX_METRIC_NAME_LEN`] (256 bytes); histograms use the fixed [`HISTOGRAM_BOUNDS`].
 //!
@@ -1039,6 +1042,12 @@ impl PluginShm {
         Some(q.1.seq.load(Ordering::Acquire))
     }
 
+    /// The bytes every queue's items share (each item takes its length and a 24-byte header,
+    /// rounded up to 8).
+    pub fn queue_arena_capacity(&self) -> u64 {
+        self.layout.q_arena.len as u64
+    }
+
     /// Items in queue `token` now (None: unknown token). Lock-free, approximate under races.
     pub fn queue_len(&self, token: u32) -> Option<u64> {
         let q = self.queue_slot(token).ok()?;
@@ -1054,8 +1063,9 @@ impl PluginShm {
         Ok((i, q))
     }
 
-    /// Appends `data` to queue `token`.
-    pub fn enqueue(&self, token: u32, data: &[u8]) -> Result<(), Error> {
+    /// Appends `data` to queue `token`, dropping the queue's oldest items when they keep it
+    /// out (at [`MAX_QUEUE_ITEMS`], or an arena full of them); returns how many were dropped.
+    pub fn enqueue(&self, token: u32, data: &[u8]) -> Result<u64, Error> {
         if data.len() > MAX_QUEUE_ITEM_LEN {
             return Err(Error::TooLarge {
                 what: "queue item",
@@ -1718,19 +1728,17 @@ impl<'a> Locked<'a> {
         self.write(self.shm.layout.q_arena, off + 16, &next.to_le_bytes())
     }
 
-    fn q_enqueue(&self, token: u32, data: &[u8], need: u64) -> Result<(), Fail> {
+    fn q_enqueue(&self, token: u32, data: &[u8], need: u64) -> Result<u64, Fail> {
         let h = self.shm.header();
         let arena = self.shm.layout.q_arena;
         let cap = arena.len as u64;
         let (i, q) = self.shm.queue_slot(token)?;
-        let count = q.count.load(Ordering::Relaxed);
-        if count >= MAX_QUEUE_ITEMS {
-            return Err(Error::Full {
-                what: "shared queue",
-                capacity: MAX_QUEUE_ITEMS,
-                unit: "items",
+        let mut dropped = 0;
+        while q.count.load(Ordering::Relaxed) >= MAX_QUEUE_ITEMS {
+            if self.q_unlink_head(i, q)?.is_none() {
+                return Err(Fail::Queue(i, "counted items it does not have"));
             }
-            .into());
+            dropped += 1;
         }
         let arena_full = || Error::Full {
             what: "shared queue arena",
@@ -1739,8 +1747,22 @@ impl<'a> Locked<'a> {
         };
         let mut top = self.q_top()?;
         if top.saturating_add(need) > cap {
-            if h.q_live.load(Ordering::Relaxed).saturating_add(need) > cap {
-                return Err(arena_full().into());
+            // The queue's own oldest items make room for its newest; other queues' are theirs
+            // (and when even all of its own would not, none goes).
+            let live = h.q_live.load(Ordering::Relaxed);
+            if live.saturating_add(need) > cap {
+                let own = self
+                    .q_walk(i, top, None)
+                    .map_err(|why| Fail::Queue(i, why))?;
+                if (live - own.bytes.min(live)).saturating_add(need) > cap {
+                    return Err(arena_full().into());
+                }
+            }
+            while h.q_live.load(Ordering::Relaxed).saturating_add(need) > cap {
+                if self.q_unlink_head(i, q)?.is_none() {
+                    return Err(arena_full().into());
+                }
+                dropped += 1;
             }
             self.q_compact()?;
             top = self.q_top()?;
@@ -1777,12 +1799,25 @@ impl<'a> Locked<'a> {
         q.count.store(count.saturating_add(1), Ordering::Relaxed);
         h.q_live.fetch_add(need, Ordering::Relaxed);
         q.seq.fetch_add(1, Ordering::Release);
-        Ok(())
+        Ok(dropped)
     }
 
     fn q_dequeue(&self, token: u32) -> Result<Option<Vec<u8>>, Fail> {
-        let h = self.shm.header();
         let (i, q) = self.shm.queue_slot(token)?;
+        let Some((head, rec)) = self.q_unlink_head(i, q)? else {
+            return Ok(None);
+        };
+        // Still in the arena: only a compaction, under this same lock, moves records.
+        let mut v = vec![0u8; rec.len];
+        self.read(self.shm.layout.q_arena, head + REC_HEADER as u64, &mut v)
+            .ok_or(Fail::Queue(i, "item out of bounds"))?;
+        Ok(Some(v))
+    }
+
+    /// Takes queue `i`'s oldest item out of its chain: where it is and its record (None: the
+    /// queue is empty).
+    fn q_unlink_head(&self, i: usize, q: &QueueSlot) -> Result<Option<(u64, QRec)>, Fail> {
+        let h = self.shm.header();
         let head = q.head.load(Ordering::Relaxed);
         if head == NIL {
             return Ok(None);
@@ -1792,9 +1827,6 @@ impl<'a> Locked<'a> {
             Some(r) if r.queue == i && (r.next == NIL || (r.next > head && r.next < top)) => r,
             _ => return Err(Fail::Queue(i, "head is not a valid item")),
         };
-        let mut v = vec![0u8; rec.len];
-        self.read(self.shm.layout.q_arena, head + REC_HEADER as u64, &mut v)
-            .ok_or(Fail::Queue(i, "item out of bounds"))?;
         // The store of `head` is the dequeue; tail and count follow (repaired after a crash).
         q.head.store(rec.next, Ordering::Relaxed);
         if rec.next == NIL {
@@ -1808,7 +1840,7 @@ impl<'a> Locked<'a> {
             h.q_live.load(Ordering::Relaxed).saturating_sub(rec.size),
             Ordering::Relaxed,
         );
-        Ok(Some(v))
+        Ok(Some((head, rec)))
     }
 
     /// Walks queue `i`'s chain from `head`, checking every link (in bounds, strictly increasing,
@@ -2329,16 +2361,15 @@ mod tests {
         let shm = PluginShm::create(4 << 20).unwrap();
         let t = shm.register_queue("vm", "q").unwrap();
         for i in 0..MAX_QUEUE_ITEMS {
-            shm.enqueue(t, &i.to_le_bytes()).unwrap();
+            assert_eq!(shm.enqueue(t, &i.to_le_bytes()).unwrap(), 0);
         }
-        let err = shm.enqueue(t, b"x").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "shared queue is full (capacity 10000 items)"
-        );
-        for i in 0..MAX_QUEUE_ITEMS {
+        // Full: the oldest goes to make room for the newest.
+        assert_eq!(shm.enqueue(t, b"x").unwrap(), 1);
+        assert_eq!(shm.queue_len(t), Some(MAX_QUEUE_ITEMS));
+        for i in 1..MAX_QUEUE_ITEMS {
             assert_eq!(shm.dequeue(t).unwrap().unwrap(), i.to_le_bytes());
         }
+        assert_eq!(shm.dequeue(t).unwrap().unwrap(), b"x");
         assert_eq!(shm.dequeue(t).unwrap(), None);
     }
 
@@ -2354,15 +2385,24 @@ mod tests {
             std::collections::VecDeque::new(),
         ];
         let mut n = 0u32;
-        let err = loop {
+        // Until the arena is full: the next item of a queue takes its oldest's room.
+        loop {
             let q = (n % 2) as usize;
-            match shm.enqueue(qs[q], &[n as u8; 1000]) {
-                Ok(()) => model[q].push_back(n),
-                Err(e) => break e,
+            let dropped = shm.enqueue(qs[q], &[n as u8; 1000]).unwrap();
+            for _ in 0..dropped {
+                model[q].pop_front();
             }
+            model[q].push_back(n);
             n += 1;
-        };
+            if dropped > 0 {
+                assert_eq!(dropped, 1);
+                break;
+            }
+        }
         assert!(n > 4, "only {n} items fit");
+        // A queue with nothing of its own to give up is refused.
+        let empty = shm.register_queue("vm", "c").unwrap();
+        let err = shm.enqueue(empty, &[0; 1000]).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -2386,7 +2426,7 @@ mod tests {
                 vec![want as u8; 1000],
                 "round {round}"
             );
-            shm.enqueue(qs[to], &[n as u8; 1000]).unwrap();
+            assert_eq!(shm.enqueue(qs[to], &[n as u8; 1000]).unwrap(), 0);
             model[to].push_back(n);
             n += 1;
         }
@@ -2414,7 +2454,12 @@ mod tests {
             if x % 5 < 3 {
                 let item = vec![step as u8; 100 + (x % 700) as usize];
                 match shm.enqueue(qs[q], &item) {
-                    Ok(()) => model[q].push_back(item),
+                    Ok(dropped) => {
+                        for _ in 0..dropped {
+                            model[q].pop_front();
+                        }
+                        model[q].push_back(item)
+                    }
                     Err(Error::Full { .. }) => {}
                     Err(e) => panic!("{e}"),
                 }

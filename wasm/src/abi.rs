@@ -939,7 +939,8 @@ fn queues(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_enqueue_shared_queue",
         |mut c: C<'_>, token: i32, vp: i32, vl: i32| -> R {
             let value = tri!(read(&mut c, vp, vl));
-            tri!(with(|s| s.enqueue(token as u32, &value)));
+            let dropped = tri!(with(|s| s.enqueue(token as u32, &value)));
+            crate::shared::dropped_from_queue(token as u32, dropped);
             ok(Status::Ok)
         },
     )?;

@@ -25,6 +25,15 @@ pub enum Pass {
 }
 
 impl LogGate {
+    /// A gate with its budget whole (for a `static`).
+    pub const fn new() -> LogGate {
+        LogGate {
+            window: AtomicU64::new(0),
+            used: AtomicU32::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
     /// Asks for one line out of `per_second`.
     pub fn pass(&self, per_second: u32) -> Pass {
         let now = std::time::SystemTime::now()

@@ -55,3 +55,25 @@ pub fn status(e: Error) -> Status {
         }
     }
 }
+
+/// Items dropped from full queues since the last warning about them, and the gate that lets
+/// one warning a second through: a producer whose consumer stopped drops on every request.
+static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static DROP_NOTICE: crate::rate::LogGate = crate::rate::LogGate::new();
+
+/// Notes `n` items dropped from a full `queue` (token) to take new ones, and says so in the
+/// error log at most once a second, with the count since the last time.
+pub fn dropped_from_queue(token: u32, n: u64) {
+    use std::sync::atomic::Ordering;
+    if n == 0 {
+        return;
+    }
+    DROPPED.fetch_add(n, Ordering::Relaxed);
+    if DROP_NOTICE.pass(1) != crate::rate::Pass::No {
+        let total = DROPPED.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            "shared queue {token} is full: {total} oldest item(s) dropped to take new ones \
+             (is its consumer running?)"
+        );
+    }
+}
