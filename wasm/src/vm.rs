@@ -575,6 +575,11 @@ impl PluginVm {
         Some(d.queue_regs.clone())
     }
 
+    /// The plugin's name (its `wasm.plugins` entry).
+    pub fn name(&self) -> &str {
+        &self.store.data().plugin_name
+    }
+
     /// The tick periods by root context, when they changed since the last time this was
     /// asked, with the root contexts that set theirs since (their periods start again now).
     pub fn changed_ticks(&mut self) -> Option<(HashMap<u32, u32>, Vec<u32>)> {

@@ -865,7 +865,7 @@ impl Plugins {
             return None;
         }
         if resp.is_none() {
-            tracing::warn!("{}: http call {token} failed or timed out", p.decl.name);
+            tracing::warn!("{}: http call {token} broke off (0 headers)", p.decl.name);
         }
         let vm = st.vm.as_mut()?;
         let r = vm.on_http_call_response(ctx, token, owner, stream, resp);
@@ -2018,7 +2018,15 @@ impl VmState {
             self.ticks_dirty = true;
         }
         for (ctx, action) in vm.take_foreign() {
-            self.tell_paused(ctx, action);
+            if !self.tell_paused(ctx, action) {
+                // Envoy would answer the request at once, even one that went on: here only a
+                // paused request can be answered from outside its own callbacks.
+                tracing::warn!(
+                    "{}: a local reply for context {ctx} from another callback was ignored: its \
+                     request is not paused (pause it to answer it from there)",
+                    vm.name()
+                );
+            }
         }
         let done = vm.take_done();
         if !done.is_empty() {
@@ -2040,8 +2048,9 @@ impl VmState {
     /// stream that is not paused (any more) has nothing to resume, as in Envoy. A resume names
     /// its stream — the request's (1), the response's (2) — except that with no request
     /// waiting, the request's means the response (the AssemblyScript SDK's contexts offer
-    /// `continueRequest` alone); a reply goes to the response's wait first.
-    fn tell_paused(&mut self, ctx: u32, action: Foreign) {
+    /// `continueRequest` alone); a reply goes to the response's wait first. False: a reply
+    /// found no wait to go to.
+    fn tell_paused(&mut self, ctx: u32, action: Foreign) -> bool {
         match action {
             Foreign::Resume(bits) => {
                 let request = bits & 1 != 0 && self.paused.contains_key(&(ctx, false));
@@ -2055,11 +2064,16 @@ impl VmState {
                         let _ = tx.send(Foreign::Resume(bits));
                     }
                 }
+                true
             }
             Foreign::Reply(reply) => {
                 let wait = self.paused.remove(&(ctx, true));
-                if let Some(tx) = wait.or_else(|| self.paused.remove(&(ctx, false))) {
-                    let _ = tx.send(Foreign::Reply(reply));
+                match wait.or_else(|| self.paused.remove(&(ctx, false))) {
+                    Some(tx) => {
+                        let _ = tx.send(Foreign::Reply(reply));
+                        true
+                    }
+                    None => false,
                 }
             }
         }
