@@ -1250,6 +1250,57 @@ fn failed_call_outs_are_answered_as_envoy_answers_them() {
     assert!(!gw.error_log().contains("panicked"));
 }
 
+/// A local reply sent from another callback to a request that went on (not paused) is not
+/// taken: the request gets its upstream's answer, and the error log says the reply was
+/// ignored and why. The plugin dispatches a call-out and lets the request go on; the call's
+/// answer, while the request waits on a slow upstream, makes its context effective and
+/// answers 403.
+#[test]
+fn a_reply_to_a_request_that_went_on_is_ignored_and_said() {
+    let gw = Gateway::start();
+    let app = TestUpstream::start("app");
+    let (escaped, len) = wat_map(&[
+        (":method", "GET"),
+        (":path", "/fast"),
+        (":authority", "app"),
+    ]);
+    let call = dispatch(len, 2000);
+    let wat = format!(
+        r#"(module
+      (import "env" "proxy_get_buffer_bytes" (func $gbb (param i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "env" "proxy_set_effective_context" (func $effective (param i32) (result i32)))
+      (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 300) "{escaped}")
+      {BUMP_MALLOC}
+      (func (export "proxy_abi_version_0_2_1"))
+      ;; the last HttpContext made, at 400
+      (func (export "proxy_on_context_create") (param i32 i32)
+        (if (local.get 1) (then (i32.store (i32.const 400) (local.get 0)))))
+      {CALL_TARGET_FROM_CONF}
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (drop {call})
+        (i32.const 0))
+      (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+        (if (i32.eqz (call $effective (i32.load (i32.const 400))))
+          (then (drop (call $reply (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 0)
+                                   (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)))))))"#
+    );
+    wat_plugin_on_route(&gw, "late", &wat, "/unused");
+    gw.route(
+        "slow",
+        json!({"uri": "/delay/*", "plugins": {"late": {"conf": app.addr()}}}),
+        Some(&app),
+    );
+    let r = get(&gw, "/delay/600/slow");
+    assert_eq!(r.status, 200, "{}", r.text());
+    eventually(Duration::from_secs(5), "the warning", || {
+        gw.error_log().contains("a local reply for context")
+    });
+    assert!(gw.error_log().contains("is not paused"));
+}
+
 /// A body callback that pauses with a call-out of its own in flight holds the body until the
 /// answer (as Envoy holds a body a filter stopped): the answer's callback resumes the stream
 /// — the body then goes upstream — or answers in its place, and the body never leaves. The
