@@ -518,6 +518,14 @@ pub fn merge_patch(target: &mut Value, patch: Value) {
 fn set_path(target: &mut Value, path: &str, value: Value) -> Result<(), String> {
     let mut cur = target;
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    // Refused before a level is built: an object that deep is refused anyway, and a value
+    // tens of thousands of levels deep is dropped recursively, on the master's stack.
+    if parts.len() > model::MAX_NESTING {
+        return Err(format!(
+            "invalid sub path: deeper than {} levels",
+            model::MAX_NESTING
+        ));
+    }
     let Some((last, parents)) = parts.split_last() else {
         return Err("invalid sub path".into());
     };
@@ -566,5 +574,9 @@ mod tests {
         set_path(&mut v, "upstream/nodes", json!({"b:2": 1})).unwrap();
         assert_eq!(v["upstream"]["nodes"], json!({"b:2": 1}));
         assert!(set_path(&mut v, "uri/x", json!(1)).is_err());
+        let deep = vec!["a"; model::MAX_NESTING + 1].join("/");
+        let e = set_path(&mut v, &deep, json!(1)).unwrap_err();
+        assert_eq!(e, "invalid sub path: deeper than 100 levels");
+        assert!(v.get("a").is_none(), "nothing built");
     }
 }
