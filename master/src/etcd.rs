@@ -956,7 +956,14 @@ async fn watch(m: &Master, etcd: &Etcd, from: u64) -> Result<u64, EtcdError> {
         let mut consumed = 0;
         let mut stream = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
         while let Some(msg) = stream.next() {
-            let Ok(msg) = msg else { break };
+            let msg = match msg {
+                Ok(msg) => msg,
+                // The rest of the message is in frames still to come.
+                Err(e) if e.is_eof() => break,
+                // Bytes no frame will make JSON: every change after them would wait behind
+                // them unseen. The watch starts again (from a full read).
+                Err(e) => return Err(EtcdError::Protocol(format!("watch: not JSON: {e}"))),
+            };
             consumed = stream.byte_offset();
             let result = &msg["result"];
             if int(&result["compact_revision"]) > 0 {
