@@ -462,7 +462,8 @@ fn list_nodes_and_upstream_id() {
         assert_eq!(who(&gw, "GET", "/zero", None), "a");
     }
     assert_eq!(b.hits(), 0);
-    // Nothing to pick — no node, or only weight-0 ones — is APISIX's 502, with its log line.
+    // Nothing to pick is APISIX's answer, with its log line: 503 for no node, 502 for
+    // weight-0 ones. A lone node is taken whatever its weight, as APISIX takes it.
     put(
         &gw,
         "routes/none",
@@ -471,13 +472,18 @@ fn list_nodes_and_upstream_id() {
     put(
         &gw,
         "routes/zeros",
-        json!({"uri": "/zeros", "upstream": {"nodes": {b.addr(): 0}}}),
+        json!({"uri": "/zeros", "upstream": {"nodes": {b.addr(): 0, a.addr(): 0}}}),
     );
-    for path in ["/none", "/zeros"] {
-        assert_eq!(http("GET", &gw.url(path), &[], None).status, 502, "{path}");
-    }
+    put(
+        &gw,
+        "routes/lone",
+        json!({"uri": "/lone", "upstream": {"nodes": {b.addr(): 0}}}),
+    );
+    assert_eq!(http("GET", &gw.url("/none"), &[], None).status, 503);
+    assert_eq!(http("GET", &gw.url("/zeros"), &[], None).status, 502);
     assert_eq!(b.hits(), 0);
     assert_eq!(gw.error_log().matches("no valid upstream node").count(), 2);
+    assert_eq!(who(&gw, "GET", "/lone", None), "b");
 
     put(&gw, "upstreams/u1", nodes(&[(a.addr(), 1)]));
     put(
@@ -1522,6 +1528,38 @@ fn idempotent_requests_move_on_from_a_node_that_fails_them() {
         "both nodes waited on"
     );
     drop(silent);
+}
+
+/// A lone node is tried again as `retries` says (APISIX takes a lone node for every attempt):
+/// one that closes its first connection without answering serves the request on the next.
+#[test]
+fn a_lone_node_is_tried_again() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            // The first connection closes unanswered; the others answer.
+            if count.fetch_add(1, Ordering::SeqCst) > 0 {
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            }
+        }
+    });
+    let gw = Gateway::start();
+    let mut upstream = nodes(&[(addr, 1)]);
+    upstream["retries"] = json!(1);
+    put(
+        &gw,
+        "routes/lone",
+        json!({"uri": "/lone", "upstream": upstream}),
+    );
+    let r = send(&gw, "GET", "/lone", &[]);
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
 /// An answer whose body the upstream cuts short (it closes before the `Content-Length` it

@@ -860,16 +860,21 @@ async fn forward(
     log.https = up.tls.is_some();
     loop {
         let Some(idx) = up.pick(hash_key.as_deref().map(str::as_bytes), &tried) else {
-            // Nothing to pick at all (no node, or only weight-0 ones): APISIX's 502 and line.
+            // Nothing to pick at all: no node is APISIX's 503, only weight-0 ones its 502;
+            // both with its line.
+            let mut none = StatusCode::BAD_GATEWAY;
             if tried.is_empty() {
                 let at = upstream_context(client, parts, None, client_host.as_ref());
                 tracing::error!("no valid upstream node{at}");
+                if up.authorities.is_empty() {
+                    none = StatusCode::SERVICE_UNAVAILABLE;
+                }
             }
             // Every node tried: the last attempt's answer (one that timed out stays a 504).
             let last = log.status.filter(|_| !tried.is_empty());
             let status = last.and_then(|s| StatusCode::from_u16(s).ok());
             let why = gave_up(why, &tried);
-            return because(error_page(status.unwrap_or(StatusCode::BAD_GATEWAY)), why);
+            return because(error_page(status.unwrap_or(none)), why);
         };
         let authority = up.authorities[idx].clone();
         let host = node_host(up, client_host.as_ref(), &authority);
@@ -1328,7 +1333,16 @@ fn node_host(
     client_host: Option<&HeaderValue>,
     authority: &str,
 ) -> Option<HeaderValue> {
-    let node = || HeaderValue::from_str(authority.strip_suffix(":80").unwrap_or(authority)).ok();
+    // The scheme's own port is left out, as a client writes `Host` (APISIX's
+    // `parse_server_for_upstream_host`).
+    let default_port = match up.tls {
+        Some(_) => ":443",
+        None => ":80",
+    };
+    let node = || {
+        let host = authority.strip_suffix(default_port).unwrap_or(authority);
+        HeaderValue::from_str(host).ok()
+    };
     match up.pass_host {
         PassHost::Pass => client_host.cloned().or_else(node),
         PassHost::Node => node(),
@@ -2089,6 +2103,24 @@ mod tests {
         assert_eq!(nginx_var(&parts, &client, "server_port").unwrap(), "9080");
         assert!(!wasmgate_shared::model::vars::known_variable("post_arg_x"));
         assert!(!wasmgate_shared::model::vars::known_variable("arg_"));
+    }
+
+    /// `pass_host: node` names the node as a client would: without its scheme's own port.
+    #[test]
+    fn the_node_host_leaves_out_the_schemes_port() {
+        let host = |scheme: &str, node: &str| {
+            let u: wasmgate_shared::model::Upstream = serde_json::from_value(serde_json::json!(
+                {"scheme": scheme, "pass_host": "node", "nodes": {node: 1}}
+            ))
+            .unwrap();
+            let up = UpstreamRuntime::new(&u, None, "upstreams/t");
+            let authority = up.authorities[0].clone();
+            node_host(&up, None, &authority).unwrap()
+        };
+        assert_eq!(host("https", "api.test"), "api.test");
+        assert_eq!(host("https", "api.test:8443"), "api.test:8443");
+        assert_eq!(host("http", "api.test:80"), "api.test");
+        assert_eq!(host("http", "api.test:443"), "api.test:443");
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -44,8 +44,9 @@ pub enum PassHost {
 #[serde(deny_unknown_fields)]
 pub struct Node {
     pub host: String,
-    #[serde(default = "default_port")]
-    pub port: u16,
+    /// None: the scheme's port (443 for `https`, 80 otherwise), as APISIX fills it in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     #[serde(default = "default_weight")]
     pub weight: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -54,9 +55,6 @@ pub struct Node {
     pub metadata: Option<serde_json::Value>,
 }
 
-fn default_port() -> u16 {
-    80
-}
 fn default_weight() -> u32 {
     1
 }
@@ -330,13 +328,22 @@ impl Upstream {
         Ok(())
     }
 
+    /// The port of a node written without one: the scheme's, as APISIX's `fill_node_info`.
+    pub fn default_port(&self) -> u16 {
+        match self.scheme.as_deref() {
+            Some("https" | "grpcs") => 443,
+            _ => 80,
+        }
+    }
+
     /// Nodes as a list of `host`, `port`, `weight`, in a stable order.
     pub fn normalized_nodes(&self) -> Result<Vec<NodeAddr>, String> {
         let mut out = Vec::new();
+        let default_port = self.default_port();
         match &self.nodes {
             Nodes::Map(map) => {
                 for (k, w) in map {
-                    let (host, port) = split_host_port(k).ok_or_else(|| {
+                    let (host, port) = split_host_port(k, default_port).ok_or_else(|| {
                         format!("invalid node address {k:?} (expected host:port)")
                     })?;
                     out.push(NodeAddr {
@@ -351,12 +358,12 @@ impl Upstream {
                 for n in list {
                     let host = list_node_host(&n.host)
                         .ok_or_else(|| format!("invalid node host {:?}", n.host))?;
-                    if n.port == 0 {
+                    if n.port == Some(0) {
                         return Err(format!("invalid port 0 for node {:?}", n.host));
                     }
                     out.push(NodeAddr {
                         host: host.to_string(),
-                        port: n.port,
+                        port: n.port.unwrap_or(default_port),
                         weight: n.weight,
                         priority: n.priority.unwrap_or(0),
                     });
@@ -395,14 +402,14 @@ fn list_node_host(h: &str) -> Option<&str> {
     valid_node_name(inner).then_some(inner)
 }
 
-/// Splits `host:port`, `[v6]:port` or a bare host (port 80).
-fn split_host_port(s: &str) -> Option<(String, u16)> {
+/// Splits `host:port`, `[v6]:port` or a bare host (`default_port`, the scheme's).
+fn split_host_port(s: &str, default_port: u16) -> Option<(String, u16)> {
     if let Some(rest) = s.strip_prefix('[') {
         let (host, after) = rest.split_once(']')?;
         host.parse::<std::net::Ipv6Addr>().ok()?;
         let port = match after.strip_prefix(':') {
             Some(p) => p.parse().ok().filter(|p| *p != 0)?,
-            None if after.is_empty() => 80,
+            None if after.is_empty() => default_port,
             None => return None,
         };
         return Some((host.to_string(), port));
@@ -410,7 +417,7 @@ fn split_host_port(s: &str) -> Option<(String, u16)> {
     let (host, port) = match s.rsplit_once(':') {
         Some((h, p)) if !h.contains(':') => (h, p.parse::<u16>().ok().filter(|p| *p != 0)?),
         Some(_) => return None, // a bare IPv6 address must be bracketed when it has a port
-        None => (s, 80),
+        None => (s, default_port),
     };
     if !valid_node_name(host) {
         return None;
@@ -453,6 +460,32 @@ mod tests {
         assert_eq!(
             b.normalized_nodes().unwrap()[0].authority(),
             "10.0.0.1:8080"
+        );
+    }
+
+    /// A node written without a port gets its scheme's, in both forms, and a list node read
+    /// back is as it was written (no port filled in).
+    #[test]
+    fn a_node_without_a_port_gets_its_schemes() {
+        let tls = up(json!({"scheme": "https", "nodes": {"api.example.com": 1, "[::1]": 1}}));
+        let ports: Vec<u16> = tls
+            .normalized_nodes()
+            .unwrap()
+            .iter()
+            .map(|n| n.port)
+            .collect();
+        assert_eq!(ports, [443, 443]);
+        let list = json!({"scheme": "https", "nodes": [{"host": "api.example.com", "weight": 1}]});
+        let tls = up(list.clone());
+        assert_eq!(
+            tls.normalized_nodes().unwrap()[0].authority(),
+            "api.example.com:443"
+        );
+        assert_eq!(serde_json::to_value(&tls).unwrap()["nodes"], list["nodes"]);
+        let plain = up(json!({"nodes": [{"host": "api.example.com", "weight": 1}]}));
+        assert_eq!(
+            plain.normalized_nodes().unwrap()[0].authority(),
+            "api.example.com:80"
         );
     }
 

@@ -92,12 +92,14 @@ impl Balancer {
     ///
     /// `hash_key` is used by `Chash` only (without a key it falls back to
     /// round robin). Indexes in `tried` are skipped; out-of-range ones are
-    /// ignored. Returns `None` when no node with weight > 0 is left untried.
+    /// ignored. Returns `None` when no node with weight > 0 is left untried —
+    /// except that a lone node is always picked.
     pub fn pick(&self, hash_key: Option<&[u8]>, tried: &[usize]) -> Option<usize> {
-        // One node (the common upstream): every policy picks it, and none keeps state
-        // that one node could change.
+        // One node (the common upstream: a service's name): every attempt goes to it, tried
+        // or not and whatever its weight, as APISIX's `pick_server` takes a lone node — so
+        // `retries` try it again.
         if self.nodes.len() == 1 {
-            return usable(&self.nodes, tried, 0).then_some(0);
+            return Some(0);
         }
         let eligible = Eligible::new(&self.nodes, tried)?;
         match (self.kind, hash_key) {

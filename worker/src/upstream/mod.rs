@@ -91,7 +91,8 @@ impl UpstreamRuntime {
     /// Picks a node for one attempt, leaving out the nodes already `tried` and, while another
     /// remains, those found unhealthy.
     pub fn pick(&self, hash_key: Option<&[u8]>, tried: &[usize]) -> Option<usize> {
-        let Some(health) = &self.health else {
+        // A lone node is taken whatever its health (APISIX checks none before taking it).
+        let Some(health) = self.health.as_ref().filter(|_| self.nodes.len() > 1) else {
             return self.balancer.pick(hash_key, tried);
         };
         let mut skip = tried.to_vec();
