@@ -367,6 +367,35 @@ fn a_start_waits_for_etcd_as_startup_retry_says() {
 /// A route written on one node is served by both; a change on the other node reaches the
 /// first; a delete on either ends it everywhere; both list the same objects with etcd's
 /// revisions as indexes.
+/// A node on a fresh prefix whose config.yaml leaves a key to generate keeps it in its data
+/// directory, which it makes (private) even though its objects live in etcd.
+#[test]
+fn a_node_on_a_fresh_prefix_generates_its_keys() {
+    let Some(etcd) = Etcd::start() else { return };
+    let mut setup = node_setup(&etcd, "");
+    let yaml = setup.raw_yaml.take().unwrap().replace(
+        &format!("admin_key: [{{name: admin, key: {KEY}}}]"),
+        &format!(
+            "admin_key: [{{name: admin, key: {KEY}}}, {{name: viewer, key: \"\", role: viewer}}]"
+        ),
+    );
+    assert!(yaml.contains("role: viewer"), "{yaml}");
+    setup.raw_yaml = Some(yaml);
+    let gw = Gateway::start_with(setup);
+    let keys = gw.prefix().join("data/admin_key");
+    let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(&keys).unwrap()).unwrap();
+    assert!(
+        stored["viewer"].as_str().is_some_and(|k| !k.is_empty()),
+        "{stored}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(gw.prefix().join("data"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "data/ is private: {mode:o}");
+}
+
 #[test]
 fn two_nodes_share_their_configuration_through_etcd() {
     let Some(etcd) = Etcd::start() else { return };

@@ -685,6 +685,33 @@ fn cli(args: &[&str], prefix: &std::path::Path) -> (bool, String, String) {
     )
 }
 
+/// A gateway started on the embedded default configuration (a fresh prefix: the README's
+/// first command) stays the operator's once `conf/config.yaml` is written there, as the start
+/// told them to: `reload` reads the file, and `status` and `stop` find the master by it.
+/// (The embedded default listens on 9080, 9180 and 9091.)
+#[test]
+fn a_gateway_on_the_embedded_default_takes_its_config_file_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path();
+    let _guard = StopOnDrop(prefix);
+    let (ok, _, err) = cli(&["start"], prefix);
+    assert!(ok, "{err}");
+    eventually(Duration::from_secs(10), "status answers", || {
+        cli(&["status"], prefix).0
+    });
+    let default = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/config.yaml"))
+        .unwrap()
+        .replace("error_log_level: warn", "error_log_level: info");
+    std::fs::create_dir_all(prefix.join("conf")).unwrap();
+    std::fs::write(prefix.join("conf/config.yaml"), default).unwrap();
+    let (ok, out, err) = cli(&["reload"], prefix);
+    assert!(ok && out.contains("reload applied"), "{out}{err}");
+    let (ok, out, err) = cli(&["status"], prefix);
+    assert!(ok && out.contains("epoch 1"), "{out}{err}");
+    let (ok, _, err) = cli(&["stop"], prefix);
+    assert!(ok, "{err}");
+}
+
 /// The README's way: a daemon managed through the pid file. With a plugin: the daemon
 /// compiles it again on reload, after it forked (a compile thread pool created before the fork
 /// once hung that reload for ever).

@@ -16,9 +16,15 @@ pub fn running_pid(path: &Path) -> Option<i32> {
     running_pid_is_master(pid).then_some(pid)
 }
 
-/// Whether `pid` is alive and a wasmgate master (a stale file may name a recycled pid).
+/// Whether `pid` is alive and a wasmgate master (a stale file may name a recycled pid). A
+/// process of another user answers EPERM: alive all the same (a master run by a service
+/// account, asked by an operator who may not signal it).
 pub(crate) fn running_pid_is_master(pid: i32) -> bool {
-    kill(Pid::from_raw(pid), None).is_ok() && is_master(pid)
+    let alive = matches!(
+        kill(Pid::from_raw(pid), None),
+        Ok(()) | Err(nix::errno::Errno::EPERM)
+    );
+    alive && is_master(pid)
 }
 
 /// Whether process `pid` is a wasmgate master: started with `start`, running this very binary
@@ -104,7 +110,11 @@ fn master_of(
     let Some(h) = crate::lock::holder(&data_dir) else {
         return Ok(by_file.map(|pid| (pid, None)));
     };
-    if let Some(origin) = origin.filter(|o| !same_config(o, &h.config)) {
+    // A master that started on the embedded default before `<prefix>/conf/config.yaml` was
+    // written is the one that file configures (its next reload reads it): a command that
+    // names no file finds it, as it found it before the file existed.
+    let embedded = h.config.starts_with('<') && opts.config.is_none();
+    if let Some(origin) = origin.filter(|o| !embedded && !same_config(o, &h.config)) {
         bail!(
             "master {} serving data directory {} was started with {}, not {origin}: run the \
              command with that configuration",
@@ -160,8 +170,19 @@ fn master_pid_even_if_broken(opts: &Options) -> anyhow::Result<(i32, Option<Load
 /// Sends `signal` to the master named by the pid file.
 pub fn signal_master(opts: &Options, signal: Signal) -> anyhow::Result<i32> {
     let (pid, _) = master_pid_even_if_broken(opts)?;
-    kill(Pid::from_raw(pid), signal).with_context(|| format!("cannot signal pid {pid}"))?;
+    send(pid, signal)?;
     Ok(pid)
+}
+
+/// Sends `signal` to master `pid`, saying what to do when it is another user's.
+fn send(pid: i32, signal: Signal) -> anyhow::Result<()> {
+    match kill(Pid::from_raw(pid), signal) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EPERM) => {
+            bail!("master {pid} runs as another user: run this command as that user (or root)")
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot signal pid {pid}")),
+    }
 }
 
 /// `wasmgate reload`: asks the master through its Admin API and reports the outcome — the
@@ -232,7 +253,7 @@ fn reload_by_signal(pid: i32, data_dir: &Path, addr: std::net::SocketAddr) -> an
     // Outcomes of reloads begun from here on are this signal's: one running already (asked
     // through the Admin API) began before, and the master takes the signal after it.
     let sent_ms = crate::now_ms();
-    kill(Pid::from_raw(pid), Signal::SIGHUP).with_context(|| format!("cannot signal pid {pid}"))?;
+    send(pid, Signal::SIGHUP)?;
     let why = format!(
         "the Admin API on {addr} could not be asked (no answer, another master, or a key it \
          does not know): reload signal sent to master {pid}"
@@ -281,11 +302,8 @@ fn admin_access(
 ) -> (std::net::SocketAddr, Option<String>) {
     let data_dir = opts.resolve(&loaded.config.wasmgate.data_dir);
     let key = admin_key_for(&loaded.config, &data_dir, to_write);
-    let mut addr = recorded.unwrap_or_else(|| loaded.config.deployment.admin.admin_listen.addr());
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    (addr, key)
+    let addr = recorded.unwrap_or_else(|| loaded.config.deployment.admin.admin_listen.addr());
+    (wasmgate_shared::config::reachable(addr), key)
 }
 
 /// `wasmgate stop`: signals the master and waits for it to exit (a graceful stop as long as
@@ -297,7 +315,7 @@ pub fn stop(opts: &Options, graceful: bool) -> anyhow::Result<()> {
         Signal::SIGTERM
     };
     let (pid, loaded) = master_pid_even_if_broken(opts)?;
-    kill(Pid::from_raw(pid), sig).with_context(|| format!("cannot signal pid {pid}"))?;
+    send(pid, sig)?;
     let drain = loaded.map_or(std::time::Duration::from_secs(300), |l| {
         l.config.nginx_config.worker_shutdown_timeout
     });

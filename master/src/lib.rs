@@ -418,6 +418,16 @@ fn prepare(opts: &Options, loaded: LoadedConfig) -> anyhow::Result<(Parts, std::
         );
     }
     lock::check_pid_file(&pid_path, &data_dir).map_err(anyhow::Error::msg)?;
+    // Private, as the store makes it: in cluster mode (no store on disk) it holds the
+    // generated Admin API key all the same.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&data_dir)
+            .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    }
     let mut etcd_read = None;
     let (store, etcd, notes) = match &cfg.deployment.etcd {
         None => (store::Store::open(&data_dir)?, None, Vec::new()),

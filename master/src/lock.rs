@@ -124,6 +124,12 @@ impl MasterLock {
         self.file.set_len(text.len() as u64)
     }
 
+    /// Notes the configuration the master runs now, written with the next record: a reload
+    /// may read a config.yaml the start did not have (the embedded default ran until then).
+    pub fn set_config(&mut self, config: &str) {
+        self.config = config.to_string();
+    }
+
     /// Records the outcome of a reload begun at `started_ms` (`wasmgate reload` waits for it
     /// after its signal).
     pub fn record_reload(

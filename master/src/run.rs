@@ -360,6 +360,10 @@ impl Loop {
                 tracing::error!("reload refused, the previous configuration keeps serving: {e}")
             }
         }
+        if result.is_ok() {
+            // The commands find this master by the configuration it runs.
+            self.lock.set_config(&self.master.config().origin);
+        }
         // For `wasmgate reload` when it signalled: it reads the outcome there.
         let outcome = result.as_ref().map(|r| r.epoch).map_err(String::clone);
         if let Err(e) = self.lock.record_reload(started_ms, &outcome) {

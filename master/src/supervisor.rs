@@ -378,6 +378,10 @@ impl SpawnCtx {
                 // while it still loads its plugins too.
                 libc::signal(libc::SIGHUP, libc::SIG_IGN);
                 libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+                // USR1 (reopen the logs) is the worker's too, but its default would end a
+                // worker still loading its plugins: ignored until the worker's own handler
+                // takes it, after which it reopens its logs once for any it missed.
+                libc::signal(libc::SIGUSR1, libc::SIG_IGN);
                 Ok(())
             });
         }

@@ -679,6 +679,18 @@ impl AdminListen {
     }
 }
 
+/// Where a client on this host reaches a listener bound to `addr`: a wildcard address means
+/// the loopback of its own family (an IPv6 listener is bound IPv6-only, so `::` is reached
+/// on `::1`, not on 127.0.0.1, where something else may listen).
+pub fn reachable(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
 /// `nginx_config:` — process and HTTP settings, named as nginx names them.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -1445,6 +1457,14 @@ mod tests {
             e.0.starts_with(&format!("c.yaml:{line}:")) && e.0.contains(says),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_wildcard_listener_is_reached_on_its_familys_loopback() {
+        let at = |a: &str| reachable(a.parse().unwrap()).to_string();
+        assert_eq!(at("0.0.0.0:9180"), "127.0.0.1:9180");
+        assert_eq!(at("[::]:9180"), "[::1]:9180");
+        assert_eq!(at("10.1.2.3:9180"), "10.1.2.3:9180");
     }
 
     #[test]

@@ -2,20 +2,13 @@
 
 use anyhow::Context;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use wasmgate_shared::config::{GatewayConfig, Role};
 
 /// `deployment.admin.admin_listen` as an address to connect to (a wildcard listen address
 /// means loopback).
 pub fn admin_address(cfg: &GatewayConfig) -> String {
-    let listen = cfg.deployment.admin.admin_listen.addr();
-    let ip = match listen.ip() {
-        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    SocketAddr::new(ip, listen.port()).to_string()
+    wasmgate_shared::config::reachable(cfg.deployment.admin.admin_listen.addr()).to_string()
 }
 
 /// The key to use: the first `admin` key of `deployment.admin.admin_key` (else the first key,

@@ -224,6 +224,17 @@ async fn serve(
     w.plugins
         .set_callout(Arc::new(callout::WorkerCallout::new(Arc::downgrade(&w))));
     tokio::spawn(w.plugins.clone().tick_loop());
+    // The handlers first: a signal the master sends once this worker is ready finds them.
+    let mut quit = signal(SignalKind::quit())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut published = signal(SignalKind::window_change())?;
+    // HUP and USR2 are the master's: ignored here from the start (master/src/supervisor.rs).
+    // USR1 was ignored until now: a rotation while the plugins loaded is caught up with
+    // (quietly: a failure keeps the file the worker opened, as the next USR1 will say).
+    let _ = wasmgate_shared::logging::reopen();
+    let _ = w.access_log.reopen();
     let s = segment.slot(slot);
     if s.state() == SlotState::Starting {
         s.set_state(SlotState::Ready);
@@ -234,12 +245,6 @@ async fn serve(
         boot.epoch
     );
 
-    let mut quit = signal(SignalKind::quit())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
-    let mut published = signal(SignalKind::window_change())?;
-    // HUP and USR2 are the master's: ignored here from the start (master/src/supervisor.rs).
     loop {
         tokio::select! {
             _ = quit.recv() => break,
@@ -256,10 +261,12 @@ async fn serve(
     w.traffic.draining();
     let _ = drain_tx.send(true);
     let deadline = Instant::now() + config.nginx_config.worker_shutdown_timeout;
+    // A draining worker still writes its logs: it reopens them when told, as the others do.
     while s.active_connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             _ = term.recv() => break,
+            _ = usr1.recv() => reopen_logs(&w),
         }
     }
     let open = s.active_connections.load(Ordering::Relaxed);
@@ -286,6 +293,7 @@ async fn serve(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
             _ = term.recv() => break,
+            _ = usr1.recv() => reopen_logs(&w),
         }
     }
     let left = w.plugins.finishing();
