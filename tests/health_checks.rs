@@ -290,6 +290,45 @@ fn passive_checks_take_a_node_out_from_its_answers() {
     assert!(b.probes().len() >= 2, "{:?}", b.probes());
 }
 
+/// Retries stay among the healthy nodes, as APISIX builds its picker from them: once they
+/// are tried the request has its answer, and a node found unhealthy is not asked again. Node
+/// `a` takes each request and closes without answering (retried: a GET); `b` answers 500,
+/// which the passive checks count once.
+#[test]
+fn retries_leave_unhealthy_nodes_out() {
+    let closing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = closing.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in closing.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut conn, &mut buf);
+        }
+    });
+    let b = Node::start("b");
+    b.set(500);
+    let gw = Gateway::start();
+    let checks = json!({
+        "active": {"type": "tcp", "healthy": {"interval": 3600}, "unhealthy": {"interval": 3600}},
+        "passive": {"unhealthy": {"http_statuses": [500], "http_failures": 1, "tcp_failures": 254}}
+    });
+    let upstream = json!({"nodes": {a: 1, b.addr.clone(): 1}, "checks": checks});
+    put(&gw, "routes/r", json!({"uri": "/r", "upstream": upstream}));
+    eventually(Duration::from_secs(5), "b out", || {
+        get(&gw, "/r");
+        status_metric(&gw, "routes/r", &b).as_deref() == Some("0")
+    });
+    let served = b.served.load(Ordering::Relaxed);
+    for _ in 0..5 {
+        assert_eq!(get(&gw, "/r").status, 502);
+    }
+    assert_eq!(
+        b.served.load(Ordering::Relaxed),
+        served,
+        "b was asked again"
+    );
+}
+
 #[test]
 fn checks_are_validated_with_named_fields() {
     let gw = Gateway::start();

@@ -1530,6 +1530,40 @@ fn idempotent_requests_move_on_from_a_node_that_fails_them() {
     drop(silent);
 }
 
+/// `retry_timeout` ending the retries `retries` still allowed is APISIX's 502 with its line,
+/// not the last attempt's answer: two nodes that never answer, a 1 s read timeout, retries
+/// allowed for 0.5 s — the first node is waited on, the second never.
+#[test]
+fn retry_timeout_ends_with_a_502() {
+    let silent: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<(String, u32)> = silent
+        .iter()
+        .map(|l| (l.local_addr().unwrap().to_string(), 1))
+        .collect();
+    let gw = Gateway::start();
+    let mut upstream = nodes(&addrs);
+    upstream["timeout"] = json!({"connect": 1, "send": 1, "read": 1});
+    upstream["retry_timeout"] = json!(0.5);
+    put(
+        &gw,
+        "routes/rt",
+        json!({"uri": "/rt", "upstream": upstream}),
+    );
+    let started = Instant::now();
+    let r = send(&gw, "GET", "/rt", &[]);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "one node waited on"
+    );
+    assert!(gw
+        .error_log()
+        .contains("proxy retry timeout, retry count: 0"));
+    drop(silent);
+}
+
 /// A lone node is tried again as `retries` says (APISIX takes a lone node for every attempt):
 /// one that closes its first connection without answering serves the request on the next.
 #[test]

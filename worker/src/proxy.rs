@@ -929,9 +929,9 @@ async fn forward(
                 why = AnswerDetails::of(reason, flags::UPSTREAM_CONNECTION_FAILURE);
                 log.addrs.push(authority);
                 log.status = Some(status.as_u16());
-                match another_node(&mut tried, idx, up, deadline) {
-                    Some(at) => attempt_at = at,
-                    None => return because(error_page(status), gave_up(why, &tried)),
+                match another_node(&mut tried, idx, up, deadline, status) {
+                    Ok(at) => attempt_at = at,
+                    Err(status) => return because(error_page(status), gave_up(why, &tried)),
                 }
                 continue;
             }
@@ -1039,9 +1039,9 @@ async fn forward(
                 if !replayable || invalid {
                     return because(error_page(status), why);
                 }
-                match another_node(&mut tried, idx, up, deadline) {
-                    Some(at) => attempt_at = at,
-                    None => return because(error_page(status), gave_up(why, &tried)),
+                match another_node(&mut tried, idx, up, deadline, status) {
+                    Ok(at) => attempt_at = at,
+                    Err(status) => return because(error_page(status), gave_up(why, &tried)),
                 }
                 body = Some(body::empty());
             }
@@ -1101,18 +1101,30 @@ fn upstream_context(
     }
 }
 
-/// After a failed attempt on node `idx`: notes it, and whether another node may be tried
-/// (within `retries` and `retry_timeout`, counted to `deadline`) — the time that attempt
-/// starts.
+/// After a failed attempt on node `idx`, answered `failed`: notes it, and whether another
+/// node may be tried (within `retries` and `retry_timeout`, counted to `deadline`) — the time
+/// that attempt starts — else the answer's status: the failed attempt's, or APISIX's 502 and
+/// line when `retry_timeout` ended the retries `retries` still allowed.
 fn another_node(
     tried: &mut Vec<usize>,
     idx: usize,
     up: &UpstreamRuntime,
     deadline: Option<Instant>,
-) -> Option<Instant> {
+    failed: StatusCode,
+) -> Result<Instant, StatusCode> {
     tried.push(idx);
     let now = Instant::now();
-    (tried.len() <= up.retries && deadline.is_none_or(|d| now < d)).then_some(now)
+    if tried.len() > up.retries {
+        return Err(failed);
+    }
+    match deadline {
+        Some(d) if now >= d => {
+            let retries = tried.len() - 1;
+            tracing::error!("proxy retry timeout, retry count: {retries}");
+            Err(StatusCode::BAD_GATEWAY)
+        }
+        _ => Ok(now),
+    }
 }
 
 enum Exchange {

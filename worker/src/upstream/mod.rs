@@ -97,14 +97,16 @@ impl UpstreamRuntime {
         };
         let mut skip = tried.to_vec();
         health.unhealthy(&mut skip);
-        if skip.len() > tried.len() {
-            if let Some(i) = self.balancer.pick(hash_key, &skip) {
-                return Some(i);
-            }
+        // Listed once each (one pass over the nodes).
+        let unhealthy = skip.len() - tried.len();
+        // Every node unhealthy: they are tried all the same (APISIX's "all upstream nodes is
+        // unhealthy, use default"), a node may be back before its checks say so. Otherwise
+        // the healthy ones alone, retries included: once they are tried, the request has
+        // its answer (APISIX builds its picker from the healthy nodes).
+        if unhealthy == 0 || unhealthy == self.nodes.len() {
+            return self.balancer.pick(hash_key, tried);
         }
-        // Every node left is unhealthy: they are tried all the same (APISIX's fallback), a
-        // node may be back before its checks say so.
-        self.balancer.pick(hash_key, tried)
+        self.balancer.pick(hash_key, &skip)
     }
 
     /// Counts one attempt on node `idx` for passive health checks.
