@@ -521,6 +521,34 @@ fn chash_on_a_query_argument_is_sticky() {
         used.insert(first);
     }
     assert_eq!(used.len(), 2, "16 users all on one node: {used:?}");
+    // Without the argument, the client's address is hashed (APISIX's fallback), not round
+    // robin: one client stays on one node.
+    let anonymous: HashSet<String> = (0..8).map(|_| who(&gw, "GET", "/c", None)).collect();
+    assert_eq!(anonymous.len(), 1, "{anonymous:?}");
+    // A header key is read as APISIX reads it (`$http_x_user`: `X-User` is found by
+    // `x_user`), and a request without the header stays on one node too.
+    put(
+        &gw,
+        "routes/ch",
+        json!({"uri": "/c", "upstream": {"type": "chash", "hash_on": "header", "key": "x_user",
+            "nodes": {a.addr(): 1, b.addr(): 1}}}),
+    );
+    let mut used = HashSet::new();
+    for user in 0..16 {
+        let u = format!("user-{user}");
+        let by = |gw: &Gateway| {
+            let r = send(gw, "GET", "/c", &[("X-User", u.as_str())]);
+            r.header("x-upstream").unwrap_or("-").to_string()
+        };
+        let first = by(&gw);
+        for _ in 0..3 {
+            assert_eq!(by(&gw), first, "{u} moved");
+        }
+        used.insert(first);
+    }
+    assert_eq!(used.len(), 2, "16 users all on one node: {used:?}");
+    let anonymous: HashSet<String> = (0..8).map(|_| who(&gw, "GET", "/c", None)).collect();
+    assert_eq!(anonymous.len(), 1, "{anonymous:?}");
 }
 
 /// Connect failures move on to the next node; with `retries: 0` they do not; all nodes dead

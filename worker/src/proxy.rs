@@ -1988,33 +1988,41 @@ fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
 
 /// The `chash` key of a request (`hash_on` + `key`), None for other balancers.
 fn hash_key(up: &UpstreamRuntime, parts: &http::request::Parts, client: &Client) -> Option<String> {
-    let peer = client.addr;
-    let key = up.key.as_deref()?;
-    match up.hash_on {
-        HashOn::Vars => nginx_var(parts, client, key).map(Cow::into_owned),
-        HashOn::Header => parts
-            .headers
-            .get(key)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
-        HashOn::Cookie => cookie(&parts.headers, key),
-        // No consumers in wasmgate: hash on the client address.
-        HashOn::Consumer => Some(peer.ip().to_string()),
-        HashOn::VarsCombinations => Some(expand_vars(key, parts, client)),
+    if !up.chash {
+        return None;
     }
+    let key = up.key.as_deref().unwrap_or_default();
+    let found = match up.hash_on {
+        HashOn::Vars => nginx_var(parts, client, key).map(Cow::into_owned),
+        // As APISIX reads it, `$http_<key>`: `X-User-Id` is found by `x_user_id` too.
+        HashOn::Header => {
+            let var = format!("http_{}", key.to_ascii_lowercase().replace('-', "_"));
+            nginx_var(parts, client, &var).map(Cow::into_owned)
+        }
+        HashOn::Cookie => cookie(&parts.headers, key),
+        // No consumers in wasmgate: the client's address, as APISIX hashes a request
+        // without one.
+        HashOn::Consumer => None,
+        HashOn::VarsCombinations => expand_vars(key, parts, client),
+    };
+    // A key with no value hashes the client's address (APISIX's `fetch_chash_hash_key`),
+    // rather than send the request round robin.
+    Some(found.unwrap_or_else(|| client.addr.ip().to_string()))
 }
 
-/// `$remote_addr$arg_x` → the concatenated values.
-fn expand_vars(template: &str, parts: &http::request::Parts, client: &Client) -> String {
+/// `$remote_addr$arg_x` → the concatenated values; None when no variable has one.
+fn expand_vars(template: &str, parts: &http::request::Parts, client: &Client) -> Option<String> {
     let (head, vars) = wasmgate_shared::model::vars::split_template(template);
     let mut out = head.to_string();
+    let mut resolved = false;
     for (name, text) in vars {
         if let Some(v) = nginx_var(parts, client, name) {
             out.push_str(&v);
+            resolved = true;
         }
         out.push_str(text);
     }
-    out
+    resolved.then_some(out)
 }
 
 /// The client's request body with `client_body_timeout` and `client_max_body_size` applied;

@@ -33,6 +33,8 @@ pub struct UpstreamRuntime {
     pub retry_timeout: Option<Duration>,
     pub pass_host: PassHost,
     pub upstream_host: Option<String>,
+    /// `type: chash`: requests carry a key to hash ([`crate::proxy`]'s `hash_key`).
+    pub chash: bool,
     pub hash_on: HashOn,
     pub key: Option<String>,
     /// `scheme: https`: the TLS client settings, or why they cannot be used.
@@ -157,6 +159,7 @@ impl UpstreamRuntime {
                 .map(Duration::from_secs_f64),
             pass_host: u.pass_host,
             upstream_host: u.upstream_host.clone(),
+            chash: kind == BalancerKind::Chash,
             hash_on: u.hash_on.unwrap_or_default(),
             key: u.key.clone(),
             tls: u.is_https().then(|| {
