@@ -517,6 +517,32 @@ fn the_test_command_refuses_what_start_would() {
     let (ok, out, err) = test(gw.prefix());
     assert!(!ok && err.contains("exceeded its time limit"), "{out}{err}");
     std::fs::write(gw.config_path(), &good).unwrap();
+    // What `start` would refuse in the data directory: a generated keys' file it cannot read,
+    // a pid file that is the directory's lock.
+    let keys = gw.prefix().join("data/admin_key");
+    let kept = std::fs::read(&keys).ok();
+    std::fs::write(&keys, b"not json").unwrap();
+    let (ok, out, err) = test(gw.prefix());
+    assert!(
+        !ok && err.contains("admin_key: not a JSON map"),
+        "{out}{err}"
+    );
+    match kept {
+        Some(k) => std::fs::write(&keys, k).unwrap(),
+        None => std::fs::remove_file(&keys).unwrap(),
+    }
+    std::fs::write(
+        gw.config_path(),
+        format!("{good}wasmgate:\n  pid_file: data/master.lock\n"),
+    )
+    .unwrap();
+    let (ok, out, err) = test(gw.prefix());
+    assert!(
+        !ok && err.contains("is the data directory's lock file"),
+        "{out}{err}"
+    );
+    std::fs::write(gw.config_path(), &good).unwrap();
+    assert!(test(gw.prefix()).0);
     let fresh = tempfile::tempdir().unwrap();
     let (ok, out, err) = test(fresh.path());
     assert!(ok && out.contains("embedded"), "{out}{err}");

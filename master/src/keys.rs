@@ -12,12 +12,7 @@ use wasmgate_shared::config::GatewayConfig;
 
 pub fn resolve(cfg: &GatewayConfig, data_dir: &Path) -> anyhow::Result<Vec<ApiKey>> {
     let path = data_dir.join("admin_key");
-    let mut stored: BTreeMap<String, String> = match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .with_context(|| format!("{}: not a JSON map of key names to keys", path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
+    let mut stored = stored(&path)?;
     let mut generated = Vec::new();
     let mut keys = Vec::new();
     for k in &cfg.deployment.admin.admin_key {
@@ -57,4 +52,15 @@ pub fn resolve(cfg: &GatewayConfig, data_dir: &Path) -> anyhow::Result<Vec<ApiKe
         }
     }
     Ok(keys)
+}
+
+/// The generated keys kept in `path` (`<data_dir>/admin_key`), by name; none when it does not
+/// exist yet. `wasmgate test` reads it too: a file `start` would refuse is refused there.
+pub fn stored(path: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .with_context(|| format!("{}: not a JSON map of key names to keys", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
 }

@@ -322,6 +322,10 @@ pub fn check(opts: &Options) -> anyhow::Result<Vec<String>> {
     check_trusted_cas(opts, cfg)?;
     let mut notes = cfg.warnings();
     let data_dir = opts.resolve(&cfg.wasmgate.data_dir);
+    let pid_path = opts.resolve(&cfg.wasmgate.pid_file);
+    lock::check_pid_file(&pid_path, &data_dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", loaded.origin))?;
+    keys::stored(&data_dir.join("admin_key"))?;
     if cfg.deployment.etcd.is_some() {
         notes.push("the objects in etcd are checked when the gateway starts".to_string());
     } else {
