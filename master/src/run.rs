@@ -384,7 +384,14 @@ impl Loop {
         // A log file the new workers could not open would only show as workers failing.
         crate::check_logs(&self.opts, &new.config).map_err(|e| format!("{e:#}"))?;
         crate::check_trusted_cas(&self.opts, &new.config).map_err(|e| format!("{e:#}"))?;
-        let plugins = crate::compile_plugins(&new, &self.opts)?;
+        // Off the master's thread: its Admin API is served meanwhile (a Go plugin compiles
+        // for seconds).
+        let plugins = {
+            let (config, opts) = (new.clone(), self.opts.clone());
+            tokio::task::spawn_blocking(move || crate::compile_plugins(&config, &opts))
+                .await
+                .map_err(|e| format!("compiling the plugins: {e}"))??
+        };
         wasmgate_shared::keyring::checking_with(keyring.clone(), || {
             crate::admin::objects::check_all(&self.master.store(), &new.catalog())
         })?;
