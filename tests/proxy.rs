@@ -1490,6 +1490,19 @@ fn a_left_request_gives_its_least_conn_node_back() {
     );
 }
 
+/// `n` nodes that take connections (the kernel's backlog does) and never answer, kept open
+/// while the listeners live, with their addresses at weight 1.
+fn silent_nodes(n: usize) -> (Vec<TcpListener>, Vec<(String, u32)>) {
+    let silent: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs = silent
+        .iter()
+        .map(|l| (l.local_addr().unwrap().to_string(), 1))
+        .collect();
+    (silent, addrs)
+}
+
 /// A node that reads one request's first bytes on each connection, writes `answer` and
 /// closes; its address.
 fn node_answering(answer: &'static [u8]) -> String {
@@ -1534,13 +1547,7 @@ fn idempotent_requests_move_on_from_a_node_that_fails_them() {
     assert!(posts.contains(&200), "{posts:?}");
 
     // Two nodes that never answer: both tried, and the answer is the last one's, a 504.
-    let silent: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<(String, u32)> = silent
-        .iter()
-        .map(|l| (l.local_addr().unwrap().to_string(), 1))
-        .collect();
+    let (silent, addrs) = silent_nodes(2);
     let mut upstream = nodes(&addrs);
     upstream["timeout"] = json!({"connect": 1, "send": 1, "read": 1});
     put(
@@ -1563,13 +1570,7 @@ fn idempotent_requests_move_on_from_a_node_that_fails_them() {
 /// allowed for 0.5 s — the first node is waited on, the second never.
 #[test]
 fn retry_timeout_ends_with_a_502() {
-    let silent: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<(String, u32)> = silent
-        .iter()
-        .map(|l| (l.local_addr().unwrap().to_string(), 1))
-        .collect();
+    let (silent, addrs) = silent_nodes(2);
     let gw = Gateway::start();
     let mut upstream = nodes(&addrs);
     upstream["timeout"] = json!({"connect": 1, "send": 1, "read": 1});

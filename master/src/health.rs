@@ -404,28 +404,8 @@ fn tls_connector(
     client: Option<&UpstreamTls>,
     master: &Master,
 ) -> Result<tokio_rustls::TlsConnector, String> {
-    let provider = wasmgate_shared::tls::provider();
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    let builder = match verify {
-        true => builder.with_root_certificates(roots(master)?),
-        false => builder
-            .dangerous()
-            .with_custom_certificate_verifier(wasmgate_shared::tls::unverified()),
-    };
-    let identity = client
-        .map(UpstreamTls::client_identity)
-        .transpose()
-        .map_err(|(field, why)| format!("tls.{field}: {why}"))?
-        .flatten();
-    let mut config = match identity {
-        Some(id) => builder
-            .with_client_auth_cert(id.chain, id.key)
-            .map_err(|e| format!("tls.client_cert: {e}"))?,
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let roots = verify.then(|| roots(master)).transpose()?;
+    let config = wasmgate_shared::tls::upstream_client(roots, client)?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 

@@ -222,6 +222,38 @@ pub fn trusted_roots(
     Ok(store)
 }
 
+/// The client side of a connection to an upstream's node: its certificate checked against
+/// `roots` (None: not checked, though the handshake's signatures are), the upstream's client
+/// certificate (`tls.client_cert`) shown to a node that asks for one, HTTP/1.1 said in the
+/// handshake (a node that offers h2 must not pick it). An error names the field at fault.
+pub fn upstream_client(
+    roots: Option<Arc<rustls::RootCertStore>>,
+    tls: Option<&crate::model::UpstreamTls>,
+) -> Result<rustls::ClientConfig, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match roots {
+        Some(roots) => builder.with_root_certificates(roots),
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(unverified()),
+    };
+    let identity = tls
+        .map(crate::model::UpstreamTls::client_identity)
+        .transpose()
+        .map_err(|(field, why)| format!("tls.{field}: {why}"))?
+        .flatten();
+    let mut config = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(id.chain, id.key)
+            .map_err(|e| format!("tls.client_cert: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// A verifier that takes any certificate, for settings that turn checking off.
 pub fn unverified() -> Arc<Unverified> {
     Arc::new(Unverified(provider()))

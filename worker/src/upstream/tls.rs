@@ -14,7 +14,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use wasmgate_shared::config::TrustedCas;
 use wasmgate_shared::model::UpstreamTls;
-use wasmgate_shared::tls::provider;
 
 /// Where this worker's trusted CAs come from (set once at start).
 static TRUST: OnceLock<(PathBuf, TrustedCas)> = OnceLock::new();
@@ -46,30 +45,9 @@ fn roots() -> Result<Arc<RootCertStore>, String> {
 /// configuration. An error (no CA could be read, a client key rustls cannot use) fails the
 /// upstream's connections with it, each one logged.
 fn client_config(tls: Option<&UpstreamTls>) -> Result<Arc<ClientConfig>, String> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
     let verify = tls.is_some_and(UpstreamTls::verifies);
-    let builder = match verify {
-        true => builder.with_root_certificates(roots()?),
-        false => builder
-            .dangerous()
-            .with_custom_certificate_verifier(wasmgate_shared::tls::unverified()),
-    };
-    let identity = tls
-        .map(UpstreamTls::client_identity)
-        .transpose()
-        .map_err(|(field, why)| format!("tls.{field}: {why}"))?
-        .flatten();
-    let mut config = match identity {
-        Some(id) => builder
-            .with_client_auth_cert(id.chain, id.key)
-            .map_err(|e| format!("tls.client_cert: {e}"))?,
-        None => builder.with_no_client_auth(),
-    };
-    // HTTP/1.1 only, said in the handshake (a node that offers h2 must not pick it).
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    let roots = verify.then(roots).transpose()?;
+    wasmgate_shared::tls::upstream_client(roots, tls).map(Arc::new)
 }
 
 /// An `https` upstream's client settings, and a fingerprint of the `tls` object they were
