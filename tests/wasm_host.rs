@@ -525,7 +525,7 @@ fn a_full_queue_drops_its_oldest_item() {
     // No refusal, and item 0 made room for item 10,000: item 1 comes out first.
     assert_eq!(get(&gw, "/produce").status, 210);
     assert!(
-        gw.error_log().contains("oldest item(s) dropped"),
+        gw.error_log().contains("oldest item(s) to take new ones"),
         "{}",
         gw.error_log()
     );

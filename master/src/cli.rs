@@ -113,7 +113,10 @@ fn master_of(
     // A master that started on the embedded default before `<prefix>/conf/config.yaml` was
     // written is the one that file configures (its next reload reads it): a command that
     // names no file finds it, as it found it before the file existed.
-    let embedded = h.config.starts_with('<') && opts.config.is_none();
+    // (Its data directory is then this prefix's default one: a config.yaml elsewhere that
+    // names that directory is not its own.)
+    let default_data = opts.resolve(&wasmgate_shared::config::WasmgateSection::default().data_dir);
+    let embedded = h.config.starts_with('<') && opts.config.is_none() && data_dir == default_data;
     if let Some(origin) = origin.filter(|o| !embedded && !same_config(o, &h.config)) {
         bail!(
             "master {} serving data directory {} was started with {}, not {origin}: run the \

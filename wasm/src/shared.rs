@@ -72,8 +72,8 @@ pub fn dropped_from_queue(token: u32, n: u64) {
     if DROP_NOTICE.pass(1) != crate::rate::Pass::No {
         let total = DROPPED.swap(0, Ordering::Relaxed);
         tracing::warn!(
-            "shared queue {token} is full: {total} oldest item(s) dropped to take new ones \
-             (is its consumer running?)"
+            "full shared queues dropped {total} oldest item(s) to take new ones since the last \
+             warning, the latest from queue {token} (is its consumer running?)"
         );
     }
 }

@@ -92,6 +92,8 @@ pub fn apply_response(head: &mut Head, resp: &mut Response<ProxyBody>) {
     if let Some(set) = head.pseudo_set(":status") {
         match final_status(set) {
             Some(code) => *resp.status_mut() = code,
+            // Set again as it was (a 101 that switches): nothing changes.
+            None if set == resp.status().as_str().as_bytes() => {}
             None => tracing::error!(
                 "plugins set the answer's :status to {:?}, not sent: a final status is 200-599",
                 String::from_utf8_lossy(set)

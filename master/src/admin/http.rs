@@ -110,7 +110,9 @@ async fn answer(m: &Master, req: Request<Incoming>, peer: SocketAddr) -> Respons
     let limit = config.config.deployment.admin.max_body_size as usize;
     // A body that stops coming would hold its connection and task for ever (hyper times out
     // heads only): the whole body within `client_body_timeout`, as the proxy's 408 says.
-    let wait = config.config.nginx_config.http.client_body_timeout;
+    // At least 100 ms, as the workers take it: `0s` would refuse nearly every body.
+    let wait = (config.config.nginx_config.http.client_body_timeout)
+        .max(std::time::Duration::from_millis(100));
     drop(config);
     let collected = tokio::time::timeout(wait, Limited::new(req.into_body(), limit).collect());
     let Ok(collected) = collected.await else {

@@ -67,6 +67,9 @@ fn secs(v: Option<f64>) -> Duration {
     Duration::from_secs_f64(v.unwrap_or(DEFAULT_TIMEOUT).clamp(0.001, 86_400.0))
 }
 
+/// The most retries a request makes on a lone node (further nodes bound them otherwise).
+pub const LONE_NODE_RETRIES: usize = 5;
+
 impl UpstreamRuntime {
     /// `http`, or `https` when the nodes are spoken to over TLS.
     pub fn scheme(&self) -> &'static str {
@@ -99,16 +102,18 @@ impl UpstreamRuntime {
         };
         let mut skip = tried.to_vec();
         health.unhealthy(&mut skip);
-        // Listed once each (one pass over the nodes).
-        let unhealthy = skip.len() - tried.len();
-        // Every node unhealthy: they are tried all the same (APISIX's "all upstream nodes is
-        // unhealthy, use default"), a node may be back before its checks say so. Otherwise
-        // the healthy ones alone, retries included: once they are tried, the request has
-        // its answer (APISIX builds its picker from the healthy nodes).
-        if unhealthy == 0 || unhealthy == self.nodes.len() {
-            return self.balancer.pick(hash_key, tried);
+        let unhealthy = &skip[tried.len()..];
+        // No healthy node that may be picked (weight 0 is never picked): they are all tried
+        // the same (APISIX's "all upstream nodes is unhealthy, use default"), a node may be
+        // back before its checks say so. Otherwise the healthy ones alone, retries included:
+        // once they are tried, the request has its answer (APISIX builds its picker from
+        // the healthy nodes).
+        let any_healthy =
+            (self.nodes.iter().enumerate()).any(|(i, n)| n.weight > 0 && !unhealthy.contains(&i));
+        match unhealthy.is_empty() || !any_healthy {
+            true => self.balancer.pick(hash_key, tried),
+            false => self.balancer.pick(hash_key, &skip),
         }
-        self.balancer.pick(hash_key, &skip)
     }
 
     /// Counts one attempt on node `idx` for passive health checks.
@@ -149,10 +154,13 @@ impl UpstreamRuntime {
             connect_timeout: t(|t| t.connect),
             send_timeout: t(|t| t.send),
             read_timeout: t(|t| t.read),
-            retries: u
-                .retries
-                .map(|r| r as usize)
-                .unwrap_or(usable.saturating_sub(1)),
+            retries: match u.retries.map(|r| r as usize) {
+                // A lone node is picked again for each retry: a few are worth it (a dropped
+                // connection), thousands would be a loop of connects and error-log lines.
+                Some(r) if nodes.len() == 1 => r.min(LONE_NODE_RETRIES),
+                Some(r) => r,
+                None => usable.saturating_sub(1),
+            },
             retry_timeout: u
                 .retry_timeout
                 .filter(|t| *t > 0.0)
