@@ -1763,8 +1763,12 @@ impl<'a> Locked<'a> {
             dropped += 1;
         }
         if top.saturating_add(need) > cap {
-            while h.q_live.load(Ordering::Relaxed).saturating_add(need) > cap
-                || (slack > 0 && h.q_live.load(Ordering::Relaxed) + need + slack > cap)
+            // (`slack` is 0 unless the arena is full, and the loop then ends at once.)
+            while h
+                .q_live
+                .load(Ordering::Relaxed)
+                .saturating_add(need + slack)
+                > cap
             {
                 if self.q_unlink_head(i, q)?.is_none() {
                     break;
